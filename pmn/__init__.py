@@ -1,0 +1,1 @@
+"""pmn package."""
