@@ -1,0 +1,232 @@
+"""`pmn`: the one command of operators, researchers, holders and newcomers.
+
+Every failure a user can cause ends with one line on stderr that says what to do, a non-zero exit
+status and no traceback (set PMN_DEBUG=1 to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+EXIT_USAGE = 2
+EXIT_ERROR = 1
+
+
+def _example(text: str) -> str:
+    return "example:\n  " + "\n  ".join(text.strip().splitlines())
+
+
+def _handler(module: str, func: str) -> Callable[[argparse.Namespace], int]:
+    """Import command handlers lazily: `pmn --help` stays fast and independent of torch/web3."""
+
+    def run(args: argparse.Namespace) -> int:
+        return int(getattr(importlib.import_module(f"pmn.{module}"), func)(args) or 0)
+
+    return run
+
+
+def _add_chain_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", type=Path, help="role TOML file (see configs/); PMN_<FIELD> env vars override it")
+    p.add_argument("--rpc-url", help="JSON-RPC URL of the chain (default: config rpc_url)")
+    p.add_argument("--deployment", type=Path, help="deployment file written by the deployer (chain id, addresses, ABIs)")
+
+
+def _add_key_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--keystore", type=Path, help="encrypted keystore file (default: the role config's)")
+    p.add_argument("--password-file", type=Path, help="file holding the keystore password (else $PMN_PASSWORD, else a prompt)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="pmn",
+        description="Protocol Model Network: train models across independent nodes, own them, earn from them.",
+        epilog=_example("pmn demo            # the whole loop on embedded defaults\npmn demo --json     # same, last line JSON"),
+        formatter_class=fmt,
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("demo", help="run the whole loop locally: chain, swarm, settlement, shares, paid inference",
+                       epilog=_example("pmn demo --json\npmn demo --chain-url http://127.0.0.1:8545"), formatter_class=fmt)
+    p.add_argument("--json", action="store_true", help="print a JSON object as the last line")
+    p.add_argument("--chain-url", help="use an external JSON-RPC chain (e.g. anvil) instead of the embedded one")
+    p.add_argument("--config", type=Path, help="demo TOML file overriding DemoConfig fields")
+    p.add_argument("--steps", type=int, help="training steps (default: the demo config's)")
+    p.add_argument("--stages", type=int, help="pipeline stages (default: the demo config's)")
+    p.add_argument("--data-dir", type=Path, help="where the demo keeps node data (default: a temporary dir)")
+    p.set_defaults(func=_handler("demo", "cmd_demo"))
+
+    # researcher
+    p = sub.add_parser("propose", help="validate a model spec, print its content hash, register it on-chain",
+                       epilog=_example("pmn propose configs/model-tiny.toml --rpc-url http://127.0.0.1:8545 --deployment deployment.json"),
+                       formatter_class=fmt)
+    p.add_argument("spec", type=Path, help="model spec TOML ([model], [training], [terms] tables)")
+    p.add_argument("--dry-run", action="store_true", help="only validate and print the hash")
+    _add_chain_flags(p)
+    _add_key_flags(p)
+    p.set_defaults(func=_handler("cmd_chain", "cmd_propose"))
+
+    p = sub.add_parser("models", help="list the proposed models and their state",
+                       epilog=_example("pmn models --rpc-url http://127.0.0.1:8545 --deployment deployment.json"), formatter_class=fmt)
+    _add_chain_flags(p)
+    p.add_argument("--json", action="store_true", help="print JSON")
+    p.set_defaults(func=_handler("cmd_chain", "cmd_models"))
+
+    # holder
+    p = sub.add_parser("shares", help="share balance, fraction of supply, claimable and claimed revenue, epoch history",
+                       epilog=_example("pmn shares --model 1 --holder 0xAbc... --rpc-url http://127.0.0.1:8545 --deployment deployment.json"),
+                       formatter_class=fmt)
+    p.add_argument("--model", type=int, required=True, help="model id")
+    p.add_argument("--holder", help="holder address (default: the keystore's)")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_chain_flags(p)
+    _add_key_flags(p)
+    p.set_defaults(func=_handler("cmd_chain", "cmd_shares"))
+
+    p = sub.add_parser("claim", help="claim the revenue accrued to your shares",
+                       epilog=_example("pmn claim --model 1 --keystore holder.json --rpc-url http://127.0.0.1:8545 --deployment deployment.json"),
+                       formatter_class=fmt)
+    p.add_argument("--model", type=int, required=True, help="model id")
+    _add_chain_flags(p)
+    _add_key_flags(p)
+    p.set_defaults(func=_handler("cmd_chain", "cmd_claim"))
+
+    p = sub.add_parser("infer", help="pay the inference fee, send the prompt through the stage peers, stream the text",
+                       epilog=_example('pmn infer --model 1 "def main(" --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/16U...'),
+                       formatter_class=fmt)
+    p.add_argument("--model", type=int, required=True, help="model id")
+    p.add_argument("prompt", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate")
+    p.add_argument("--bootstrap", action="append", default=None, help="multiaddr of a stage-0 peer (repeatable)")
+    _add_chain_flags(p)
+    _add_key_flags(p)
+    p.set_defaults(func=_handler("cmd_infer", "cmd_infer"))
+
+    # operator
+    p = sub.add_parser("node", help="run and inspect a node (operators)")
+    nsub = p.add_subparsers(dest="node_command", metavar="NODE_COMMAND")
+    nsub.required = True
+    q = nsub.add_parser("start", help="start a node daemon serving one pipeline stage",
+                        epilog=_example("pmn node start --model tiny --stage auto --data-dir ~/.pmn/node \\\n"
+                                        "  --listen /ip4/0.0.0.0/tcp/4001 --bootstrap /ip4/1.2.3.4/tcp/4001/p2p/16U..."),
+                        formatter_class=fmt)
+    q.add_argument("--model", help="model spec: preset name or spec TOML path")
+    q.add_argument("--stage", help="'auto' (the stage with the least capacity) or a stage index")
+    q.add_argument("--bootstrap", action="append", default=None, help="bootstrap multiaddr (repeatable)")
+    q.add_argument("--data-dir", type=Path, help="node state directory (peer key, checkpoints, receipts)")
+    q.add_argument("--listen", action="append", default=None, help="listen multiaddr (repeatable)")
+    q.add_argument("--metrics-port", type=int, help="Prometheus metrics port (0 = off)")
+    q.add_argument("--config", type=Path, help="operator TOML file")
+    q.set_defaults(func=_handler("cmd_node", "cmd_node_start"))
+    q = nsub.add_parser("status", help="stage, peers, throughput, compute credited and pending",
+                        epilog=_example("pmn node status --data-dir ~/.pmn/node"), formatter_class=fmt)
+    q.add_argument("--data-dir", type=Path, help="node state directory")
+    q.add_argument("--config", type=Path, help="operator TOML file")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=_handler("cmd_node", "cmd_node_status"))
+
+    p = sub.add_parser("swarm", help="run a local swarm of node processes on 127.0.0.1",
+                       epilog=_example("pmn swarm --stages 3 --steps 20"), formatter_class=fmt)
+    p.add_argument("--stages", type=int, default=3, help="pipeline stages (one node process each)")
+    p.add_argument("--steps", type=int, default=20, help="global training steps")
+    p.add_argument("--model", default="tiny", help="model preset")
+    p.add_argument("--codec", default=None, help="boundary codec (dense, bf16, int8, subspace)")
+    p.add_argument("--data-dir", type=Path, help="where node data dirs go (default: a temporary dir)")
+    p.add_argument("--json", action="store_true", help="print JSON as the last line")
+    p.set_defaults(func=_handler("cmd_node", "cmd_swarm"))
+
+    p = sub.add_parser("wallet", help="encrypted keystores (the key is never printed)")
+    wsub = p.add_subparsers(dest="wallet_command", metavar="WALLET_COMMAND")
+    wsub.required = True
+    q = wsub.add_parser("new", help="create an account in an encrypted keystore",
+                        epilog=_example("PMN_PASSWORD=... pmn wallet new --keystore ~/.pmn/operator.json"), formatter_class=fmt)
+    q.add_argument("--keystore", type=Path, required=True, help="where to write the keystore")
+    q.add_argument("--password-file", type=Path, help="file holding the new password (else $PMN_PASSWORD, else a prompt)")
+    q.add_argument("--force", action="store_true", help="overwrite an existing keystore")
+    q.set_defaults(func=_handler("cmd_wallet", "cmd_wallet_new"))
+    q = wsub.add_parser("show", help="show a keystore's address; with --check, verify the password",
+                        epilog=_example("pmn wallet show --keystore ~/.pmn/operator.json --check"), formatter_class=fmt)
+    q.add_argument("--keystore", type=Path, required=True, help="keystore file")
+    q.add_argument("--check", action="store_true", help="decrypt to verify the password")
+    q.add_argument("--password-file", type=Path, help="file holding the password")
+    q.set_defaults(func=_handler("cmd_wallet", "cmd_wallet_show"))
+
+    # chain tooling
+    p = sub.add_parser("contracts", help="Solidity toolchain")
+    csub = p.add_subparsers(dest="contracts_command", metavar="CONTRACTS_COMMAND")
+    csub.required = True
+    q = csub.add_parser("build", help="recompile contracts/src with solc-js into contracts/build",
+                        epilog=_example("pmn contracts build\npmn contracts build --check"), formatter_class=fmt)
+    q.add_argument("--check", action="store_true", help="fail if the committed artifacts differ from a fresh compile")
+    q.set_defaults(func=_handler("cmd_chain", "cmd_contracts_build"))
+    q = csub.add_parser("deploy", help="deploy every contract and write the deployment file",
+                        epilog=_example("pmn contracts deploy --rpc-url http://127.0.0.1:8545 --keystore admin.json --out deployment.json"),
+                        formatter_class=fmt)
+    q.add_argument("--out", type=Path, required=True, help="deployment file to write")
+    q.add_argument("--validator", action="append", default=[], help="validator address (repeatable)")
+    q.add_argument("--quorum", type=int, default=1, help="attester signatures required per epoch root")
+    _add_chain_flags(q)
+    _add_key_flags(q)
+    q.set_defaults(func=_handler("cmd_chain", "cmd_contracts_deploy"))
+
+    p = sub.add_parser("ledger", help="contribution ledger")
+    lsub = p.add_subparsers(dest="ledger_command", metavar="LEDGER_COMMAND")
+    lsub.required = True
+    q = lsub.add_parser("verify", help="recompute an epoch's Merkle root from its published receipts and compare with the chain",
+                        epilog=_example("pmn ledger verify --model 1 --epoch 0 --receipts epoch-1-0.json --rpc-url ... --deployment ..."),
+                        formatter_class=fmt)
+    q.add_argument("--model", type=int, required=True, help="model id")
+    q.add_argument("--epoch", type=int, required=True, help="epoch number")
+    q.add_argument("--receipts", type=Path, required=True, help="the epoch's published receipts file")
+    _add_chain_flags(q)
+    q.set_defaults(func=_handler("cmd_chain", "cmd_ledger_verify"))
+
+    p = sub.add_parser("simulate", help="discrete-event simulations")
+    ssub = p.add_subparsers(dest="simulate_command", metavar="SIMULATE_COMMAND")
+    ssub.required = True
+    q = ssub.add_parser("wan", help="WAN pipeline throughput and time to target loss",
+                        epilog=_example("pmn simulate wan --preset protocolnanogpt --json"), formatter_class=fmt)
+    q.add_argument("--preset", default="protocolnanogpt", help="scenario preset")
+    q.add_argument("--json", action="store_true", help="print JSON as the last line")
+    q.add_argument("--plots", type=Path, help="directory for PNG plots")
+    q.set_defaults(func=_handler("cmd_simulate", "cmd_wan"))
+    q = ssub.add_parser("incentives", help="net earnings of honest nodes and attacker classes",
+                        epilog=_example("pmn simulate incentives --json"), formatter_class=fmt)
+    q.add_argument("--json", action="store_true", help="print JSON as the last line")
+    q.add_argument("--plots", type=Path, help="directory for PNG plots")
+    q.set_defaults(func=_handler("cmd_simulate", "cmd_incentives"))
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) < 600 else text[:597] + "..."
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except SystemExit:
+        raise
+    except Exception as exc:  # the error boundary: one line, no traceback
+        if os.environ.get("PMN_DEBUG"):
+            raise
+        name = type(exc).__name__
+        print(f"error: {_one_line(exc)}" + ("" if name.endswith("Error") and name in str(exc) else f" [{name}]"),
+              file=sys.stderr)
+        return EXIT_ERROR
+
+
+if __name__ == "__main__":
+    sys.exit(main())
