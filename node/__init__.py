@@ -1,1 +1,1 @@
-"""node package."""
+"""Node package: libp2p host, wire frames, pipeline runtime and daemon."""

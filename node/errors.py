@@ -1,0 +1,118 @@
+"""Exceptions of the node package: one root, one subclass per failure."""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Root of every error raised by the node package."""
+
+
+class IdentityError(NodeError):
+    """The persisted node key is missing, unreadable or malformed."""
+
+
+class FrameError(NodeError):
+    """A wire frame was rejected; `reason` is a short machine-readable tag."""
+
+    reason = "frame"
+
+
+class BadMagicError(FrameError):
+    """The frame does not start with the protocol magic bytes."""
+
+    reason = "bad_magic"
+
+
+class UnsupportedVersionError(FrameError):
+    """The frame header carries a protocol version this node does not speak."""
+
+    reason = "unsupported_version"
+
+
+class UnknownKindError(FrameError):
+    """The frame kind (or codec / dtype id) is not one this node knows."""
+
+    reason = "unknown_kind"
+
+
+class FrameTooLargeError(FrameError):
+    """The header declares a body longer than the configured maximum frame size."""
+
+    reason = "too_large"
+
+
+class TruncatedFrameError(FrameError):
+    """The stream ended before the declared header or body was complete."""
+
+    reason = "truncated"
+
+
+class ChecksumError(FrameError):
+    """The body does not hash to the digest declared in the header."""
+
+    reason = "checksum"
+
+
+class SpecHashMismatchError(FrameError):
+    """The frame (or handshake) names a different model spec hash than ours."""
+
+    reason = "spec_hash"
+
+
+class ShapeMismatchError(FrameError):
+    """The declared tensor shape or lengths do not match the model spec."""
+
+    reason = "shape"
+
+
+class DtypeMismatchError(FrameError):
+    """The declared dtype is not the one the codec produces."""
+
+    reason = "dtype"
+
+
+class CodecMismatchError(FrameError):
+    """The frame uses a codec other than the one agreed for this model."""
+
+    reason = "codec"
+
+
+class NonFiniteError(FrameError):
+    """The decoded payload holds NaN or Inf values (or could not be decoded)."""
+
+    reason = "non_finite"
+
+
+class UnexpectedFrameError(FrameError):
+    """A well-formed frame arrived that this side of the protocol did not expect."""
+
+    reason = "unexpected"
+
+
+class HandshakeError(NodeError):
+    """The `/pmn/act/1.0.0` handshake failed (wrong stage, refused, closed)."""
+
+
+class RemoteError(NodeError):
+    """The remote peer answered with an ERROR frame; the message is its text."""
+
+
+class PeerBannedError(NodeError):
+    """The peer's score fell below the ban threshold; it is no longer served."""
+
+
+class PeerLostError(NodeError):
+    """A pipeline neighbour disappeared or stopped answering within the configured timeouts."""
+
+    def __init__(self, message: str, peer: str = "", stage: int = -1) -> None:
+        super().__init__(message)
+        self.peer = peer  # peer id of the neighbour that was lost ("" if none was ever found)
+        self.stage = stage  # stage index that neighbour served
+
+
+class DiscoveryError(NodeError):
+    """No usable peer for a needed stage was found within the discovery timeout."""
+
+
+class CheckpointError(NodeError):
+    """A checkpoint is missing, does not match its manifest, or belongs to another model/stage."""

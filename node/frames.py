@@ -1,0 +1,269 @@
+"""Wire frames of `/pmn/act/1.0.0`: a fixed-size versioned header followed by a body.
+
+Body layout: token window bytes | codec payload bytes | signature bytes. The header digest is
+blake2b-256 over window + payload (the signature signs a receipt over that digest, so it is not
+covered). Everything here is pure: no I/O, no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+from dataclasses import dataclass, field
+from enum import IntEnum
+
+from node.errors import (
+    BadMagicError,
+    ChecksumError,
+    CodecMismatchError,
+    DtypeMismatchError,
+    FrameTooLargeError,
+    ShapeMismatchError,
+    SpecHashMismatchError,
+    TruncatedFrameError,
+    UnknownKindError,
+    UnsupportedVersionError,
+)
+
+MAGIC = b"PMNF"
+VERSION = 1
+MAX_NDIM = 4
+# magic, version, kind, flags, spec hash, stage, step, microbatch, codec, dtype, ndim, reserved,
+# shape[4], window_len, payload_len, sig_len, reserved, digest
+_HEADER = struct.Struct(">4sBBH32sHQIBBBB4IIIHH32s")
+HEADER_SIZE = _HEADER.size
+DIGEST_SIZE = 32
+
+
+class Kind(IntEnum):
+    """What a frame carries."""
+
+    HELLO = 1  # handshake: JSON payload (stage, num_stages, credits, address)
+    ACTIVATION = 2  # forward boundary hidden state of one microbatch + its token window
+    GRADIENT = 3  # backward gradient w.r.t. the boundary hidden state of one microbatch
+    ACK = 4  # acknowledges one accepted frame: payload = acked digest + countersignature
+    CREDIT = 5  # grants `microbatch` more frames of credit to the other side
+    ERROR = 6  # the sender rejected something; payload = UTF-8 message
+    CLOSE = 7  # orderly end of the run (no more data frames will follow)
+    LOSS = 8  # tail -> upstream: JSON payload with the step's loss (progress reporting)
+
+
+class Codec(IntEnum):
+    """Codec ids on the wire (names match sharding.codecs)."""
+
+    NONE = 0
+    DENSE = 1
+    BF16 = 2
+    INT8 = 3
+    SUBSPACE = 4
+
+
+class Dtype(IntEnum):
+    """Element type of the codec payload."""
+
+    NONE = 0
+    FLOAT32 = 1
+    BFLOAT16 = 2
+    INT8 = 3
+    FLOAT16 = 4
+    UINT8 = 5
+
+
+CODEC_IDS: dict[str, Codec] = {
+    "dense": Codec.DENSE,
+    "bf16": Codec.BF16,
+    "int8": Codec.INT8,
+    "subspace": Codec.SUBSPACE,
+}
+CODEC_NAMES: dict[Codec, str] = {v: k for k, v in CODEC_IDS.items()}
+# dtype each codec puts on the wire (int8 carries per-row scales inside its payload, subspace sends bf16 z)
+CODEC_DTYPES: dict[Codec, Dtype] = {
+    Codec.DENSE: Dtype.FLOAT32,
+    Codec.BF16: Dtype.BFLOAT16,
+    Codec.INT8: Dtype.INT8,
+    Codec.SUBSPACE: Dtype.BFLOAT16,
+}
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    """Decoded fixed-size header."""
+
+    kind: Kind  # what the frame carries
+    spec_hash: bytes  # 32-byte model spec hash of the sender
+    stage: int  # sender's stage index
+    step: int  # global training step
+    microbatch: int  # microbatch index (CREDIT: number of credits granted)
+    codec: Codec = Codec.NONE  # codec of the payload
+    dtype: Dtype = Dtype.NONE  # element type of the payload
+    shape: tuple[int, ...] = ()  # logical tensor shape (B, T, d) of data frames
+    window_len: int = 0  # bytes of the (B, T+1) token-id window
+    payload_len: int = 0  # bytes of the codec payload
+    sig_len: int = 0  # bytes of the trailing signature
+    digest: bytes = field(default=b"\x00" * DIGEST_SIZE)  # blake2b-256 of window + payload
+    version: int = VERSION  # protocol version
+
+    @property
+    def body_len(self) -> int:
+        """Bytes following the header."""
+        return self.window_len + self.payload_len + self.sig_len
+
+
+@dataclass(frozen=True)
+class Frame:
+    """A header plus its body parts."""
+
+    header: FrameHeader  # decoded header
+    window: bytes = b""  # token-id window bytes
+    payload: bytes = b""  # codec payload bytes
+    signature: bytes = b""  # sender's signature (may be empty)
+
+
+@dataclass(frozen=True)
+class FrameSpec:
+    """What data frames for one model must look like (derived from the model spec and codec)."""
+
+    spec_hash: bytes  # 32-byte model spec hash both sides must share
+    codec: Codec  # the one codec used at stage boundaries
+    microbatch_size: int  # B
+    seq_len: int  # T
+    d_model: int  # d
+    bytes_per_token: int  # exact codec payload bytes per token
+    id_bytes: int  # bytes per token id in the window (2 for vocab <= 65536, else 4)
+    max_frame_bytes: int  # hard limit on header + body, checked before any body byte is read
+
+    @property
+    def dtype(self) -> Dtype:
+        """Payload dtype implied by the codec."""
+        return CODEC_DTYPES[self.codec]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        """(B, T, d) of every boundary tensor."""
+        return (self.microbatch_size, self.seq_len, self.d_model)
+
+    @property
+    def payload_len(self) -> int:
+        """Exact codec payload bytes of one microbatch."""
+        return self.bytes_per_token * self.microbatch_size * self.seq_len
+
+    @property
+    def window_len(self) -> int:
+        """Exact token window bytes of one microbatch."""
+        return self.id_bytes * self.microbatch_size * (self.seq_len + 1)
+
+
+def digest(*parts: bytes) -> bytes:
+    """blake2b-256 over the concatenation of `parts`."""
+    h = hashlib.blake2b(digest_size=DIGEST_SIZE)
+    for p in parts:
+        h.update(p)
+    return h.digest()
+
+
+def encode_header(h: FrameHeader) -> bytes:
+    """Pack a header into exactly HEADER_SIZE bytes (raises ValueError on out-of-range fields)."""
+    if len(h.spec_hash) != 32:
+        raise ValueError(f"spec_hash must be 32 bytes, got {len(h.spec_hash)}")
+    if len(h.shape) > MAX_NDIM:
+        raise ValueError(f"shape has {len(h.shape)} dims, at most {MAX_NDIM} allowed")
+    shape = tuple(h.shape) + (0,) * (MAX_NDIM - len(h.shape))
+    try:
+        return _HEADER.pack(
+            MAGIC, h.version, int(h.kind), 0, h.spec_hash, h.stage, h.step, h.microbatch,
+            int(h.codec), int(h.dtype), len(h.shape), 0, *shape,
+            h.window_len, h.payload_len, h.sig_len, 0, h.digest,
+        )
+    except struct.error as exc:
+        raise ValueError(f"header field out of range: {exc}") from exc
+
+
+def encode_frame(
+    kind: Kind,
+    spec_hash: bytes,
+    stage: int,
+    step: int,
+    microbatch: int,
+    *,
+    payload: bytes = b"",
+    window: bytes = b"",
+    signature: bytes = b"",
+    codec: Codec = Codec.NONE,
+    dtype: Dtype = Dtype.NONE,
+    shape: tuple[int, ...] = (),
+) -> bytes:
+    """Header + body bytes of one frame (the digest is computed here)."""
+    header = FrameHeader(
+        kind=kind, spec_hash=spec_hash, stage=stage, step=step, microbatch=microbatch, codec=codec,
+        dtype=dtype, shape=shape, window_len=len(window), payload_len=len(payload),
+        sig_len=len(signature), digest=digest(window, payload),
+    )
+    return b"".join((encode_header(header), window, payload, signature))
+
+
+def decode_header(buf: bytes, max_frame_bytes: int) -> FrameHeader:
+    """Unpack and sanity-check a header; the size limit is enforced here, before any body byte."""
+    if len(buf) < HEADER_SIZE:
+        raise TruncatedFrameError(f"header truncated: {len(buf)} of {HEADER_SIZE} bytes")
+    (magic, version, kind, _flags, spec_hash, stage, step, mb, codec, dtype, ndim, _r0,
+     s0, s1, s2, s3, window_len, payload_len, sig_len, _r1, dig) = _HEADER.unpack_from(buf)
+    if magic != MAGIC:
+        raise BadMagicError(f"bad magic {magic!r}, expected {MAGIC!r}")
+    if version != VERSION:
+        raise UnsupportedVersionError(f"unsupported frame version {version}, this node speaks {VERSION}")
+    try:
+        kind_e, codec_e, dtype_e = Kind(kind), Codec(codec), Dtype(dtype)
+    except ValueError as exc:
+        raise UnknownKindError(f"unknown enum value in header: {exc}") from exc
+    if ndim > MAX_NDIM:
+        raise ShapeMismatchError(f"header declares {ndim} dims, at most {MAX_NDIM} allowed")
+    total = HEADER_SIZE + window_len + payload_len + sig_len
+    if total > max_frame_bytes:
+        raise FrameTooLargeError(f"frame of {total} bytes declared, maximum is {max_frame_bytes}")
+    return FrameHeader(
+        kind=kind_e, spec_hash=spec_hash, stage=stage, step=step, microbatch=mb, codec=codec_e,
+        dtype=dtype_e, shape=(s0, s1, s2, s3)[:ndim], window_len=window_len, payload_len=payload_len,
+        sig_len=sig_len, digest=dig, version=version,
+    )
+
+
+def check_spec_hash(h: FrameHeader, expected: bytes) -> None:
+    """Raise SpecHashMismatchError naming both hashes if they differ."""
+    if h.spec_hash != expected:
+        raise SpecHashMismatchError(
+            f"model spec hash mismatch: peer has 0x{h.spec_hash.hex()}, we have 0x{expected.hex()}"
+        )
+
+
+def check_data_header(h: FrameHeader, spec: FrameSpec) -> None:
+    """Check an ACTIVATION/GRADIENT header against the model spec (before reading its body)."""
+    check_spec_hash(h, spec.spec_hash)
+    if h.codec != spec.codec:
+        raise CodecMismatchError(f"frame codec {h.codec.name.lower()}, model uses {spec.codec.name.lower()}")
+    if h.dtype != spec.dtype:
+        raise DtypeMismatchError(f"frame dtype {h.dtype.name.lower()}, codec sends {spec.dtype.name.lower()}")
+    if tuple(h.shape) != spec.shape:
+        raise ShapeMismatchError(f"frame shape {tuple(h.shape)}, model expects {spec.shape}")
+    if h.payload_len != spec.payload_len:
+        raise ShapeMismatchError(f"payload of {h.payload_len} bytes, shape implies {spec.payload_len}")
+    want_window = spec.window_len if h.kind == Kind.ACTIVATION else 0
+    if h.window_len != want_window:
+        raise ShapeMismatchError(f"token window of {h.window_len} bytes, expected {want_window}")
+
+
+def split_body(h: FrameHeader, body: bytes) -> Frame:
+    """Split a complete body, verifying its length and digest."""
+    if len(body) != h.body_len:
+        raise TruncatedFrameError(f"body truncated: {len(body)} of {h.body_len} bytes")
+    w_end = h.window_len
+    p_end = w_end + h.payload_len
+    window, payload, sig = body[:w_end], body[w_end:p_end], body[p_end:]
+    if digest(window, payload) != h.digest:
+        raise ChecksumError(f"checksum mismatch in {h.kind.name.lower()} frame step {h.step} mb {h.microbatch}")
+    return Frame(header=h, window=window, payload=payload, signature=sig)
+
+
+def decode_frame(buf: bytes, max_frame_bytes: int) -> Frame:
+    """Decode one complete frame from bytes (header checks, then body)."""
+    h = decode_header(buf[:HEADER_SIZE], max_frame_bytes)
+    return split_body(h, buf[HEADER_SIZE:])
