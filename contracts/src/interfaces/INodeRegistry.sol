@@ -1,0 +1,15 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+/// @title INodeRegistry
+/// @notice What the contribution ledger needs from the node registry.
+interface INodeRegistry {
+    /// @notice The operator (share recipient) of a registered node, or address(0) if never registered.
+    function operatorOf(address nodeKey) external view returns (address);
+
+    /// @notice Slashes up to `amount` wei of a node's stake; callable only by the ledger. Returns the amount slashed.
+    function slash(address nodeKey, uint256 amount, bytes32 evidence) external returns (uint256);
+
+    /// @notice The stake in wei currently bonded by a node.
+    function stakeOf(address nodeKey) external view returns (uint256);
+}
