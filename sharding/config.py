@@ -1,0 +1,132 @@
+"""Model configuration: a frozen, validated, hashable description of the sharded GPT."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from eth_hash.auto import keccak
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Decoder-only transformer; `subspace_rank` switches on the subspace-network architecture."""
+
+    vocab_size: int = 256  # token vocabulary (256 = raw bytes)
+    seq_len: int = 64  # context length in tokens
+    d_model: int = 64  # width of the residual stream
+    n_layers: int = 4  # number of transformer blocks
+    n_heads: int = 4  # attention heads per block; must divide d_model
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * d_model
+    subspace_rank: int | None = None  # k: residual stream kept in E_fixed[ids] + span(U); None = plain GPT
+    free_tail_layers: int = 0  # last blocks left unconstrained in subspace mode (must sit on the tail stage)
+    seed: int = 0  # model seed: every parameter, U and E_fixed derive from it
+    init_std: float = 0.02  # std of the normal init of linear and embedding weights
+    fixed_embed_std: float = 1.0  # std of the frozen token embedding E_fixed (subspace mode)
+    rope_base: float = 10000.0  # rotary position embedding base
+    norm_eps: float = 1e-6  # epsilon of every RMSNorm
+
+    def validate(self) -> ModelConfig:
+        """Raise ValueError naming the offending field and the fix; return self when valid."""
+        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be a positive integer")
+        if self.d_model % self.n_heads != 0:
+            raise ValueError(
+                f"ModelConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}: "
+                "choose n_heads that divides d_model"
+            )
+        if (self.d_model // self.n_heads) % 2 != 0:
+            raise ValueError(
+                f"ModelConfig: head size d_model/n_heads={self.d_model // self.n_heads} must be even "
+                "for rotary embeddings: change d_model or n_heads"
+            )
+        if self.vocab_size > 65536:
+            raise ValueError(
+                f"ModelConfig.vocab_size={self.vocab_size}: token ids travel as uint16; use <= 65536"
+            )
+        if self.subspace_rank is not None:
+            k = self.subspace_rank
+            if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+                raise ValueError(f"ModelConfig.subspace_rank={k!r}: must be a positive integer or None")
+            if k > self.d_model:
+                raise ValueError(
+                    f"ModelConfig.subspace_rank={k} exceeds d_model={self.d_model}: use k <= d_model"
+                )
+        ftl = self.free_tail_layers
+        if not isinstance(ftl, int) or isinstance(ftl, bool) or ftl < 0:
+            raise ValueError(f"ModelConfig.free_tail_layers={ftl!r}: must be an integer >= 0")
+        if ftl > 0 and self.subspace_rank is None:
+            raise ValueError(
+                "ModelConfig.free_tail_layers only applies in subspace mode: set subspace_rank or use 0"
+            )
+        if ftl >= self.n_layers and ftl > 0:
+            raise ValueError(
+                f"ModelConfig.free_tail_layers={ftl} must be < n_layers={self.n_layers}: "
+                "at least one block must be constrained"
+            )
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise ValueError(f"ModelConfig.seed={self.seed!r}: must be an integer >= 0")
+        for name in ("init_std", "fixed_embed_std", "rope_base", "norm_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be a positive number")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        """Width of one attention head."""
+        return self.d_model // self.n_heads
+
+    @property
+    def is_subspace(self) -> bool:
+        """True when the residual stream is constrained to E_fixed[ids] + span(U)."""
+        return self.subspace_rank is not None
+
+    def is_constrained(self, block: int) -> bool:
+        """True when block `block` writes only into span(U) (subspace mode, not a free tail layer)."""
+        return self.is_subspace and block < self.n_layers - self.free_tail_layers
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict of every field."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
+        """Build and validate a config; unknown keys raise ValueError."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"ModelConfig.from_dict: unknown field(s) {unknown}; known: {sorted(known)}")
+        return cls(**data).validate()
+
+    def canonical_json(self) -> bytes:
+        """Sorted-key, space-free JSON encoding (the input of spec_hash)."""
+        return json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":")).encode()
+
+    def spec_hash(self) -> bytes:
+        """32-byte keccak256 of canonical_json()."""
+        return bytes(keccak(self.canonical_json()))
+
+
+PRESETS: dict[str, ModelConfig] = {
+    # tests and demo: a few ms per step on one CPU core
+    "tiny": ModelConfig(vocab_size=256, seq_len=64, d_model=64, n_layers=4, n_heads=4),
+    # tiny with the subspace architecture (k = 8, last block free)
+    "tiny-subspace": ModelConfig(
+        vocab_size=256, seq_len=64, d_model=64, n_layers=4, n_heads=4, subspace_rank=8, free_tail_layers=1
+    ),
+    # compression benchmark: d_model 512 so that 100x against fp32 is measurable
+    "bench": ModelConfig(vocab_size=256, seq_len=128, d_model=512, n_layers=6, n_heads=8),
+    "bench-subspace": ModelConfig(
+        vocab_size=256,
+        seq_len=128,
+        d_model=512,
+        n_layers=6,
+        n_heads=8,
+        subspace_rank=8,
+        free_tail_layers=2,
+    ),
+}
