@@ -1,0 +1,524 @@
+"""`/pmn/act/1.0.0`: framed, credit-controlled, acknowledged channel between pipeline neighbours.
+
+One libp2p stream carries both directions between stage k (opener) and stage k+1 (acceptor):
+activations flow k -> k+1, gradients k+1 -> k. Each side grants the other `credits` frames at the
+handshake and one more each time the application consumes a frame, so a reader never stops
+reading (yamux resets a stream whose reader pauses > 5 s). Every accepted data frame is acked;
+the ack carries the acked digest and an optional countersignature from the `ReceiptHook`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import trio
+from libp2p.abc import INetStream
+from libp2p.custom_types import TProtocol
+
+from node import frames as F
+from node.config import TransportConfig
+from node.errors import (
+    FrameError,
+    HandshakeError,
+    NodeError,
+    NonFiniteError,
+    PeerBannedError,
+    PeerLostError,
+    RemoteError,
+    TruncatedFrameError,
+    UnexpectedFrameError,
+)
+
+ACT_PROTOCOL = TProtocol("/pmn/act/1.0.0")
+DATA_KINDS = (F.Kind.ACTIVATION, F.Kind.GRADIENT)
+
+
+class ReceiptHook(Protocol):
+    """Signs outgoing data frames and countersigns incoming ones (EIP-712 receipts live in `protocol`)."""
+
+    def sign(self, header: F.FrameHeader, peer_address: str) -> bytes:
+        """Sender's signature over the frame (its digest), or b"" when receipts are off."""
+        ...
+
+    def countersign(self, header: F.FrameHeader, signature: bytes, peer_address: str) -> bytes:
+        """Verify the sender's signature and return the receiver's countersignature (FrameError if bad)."""
+        ...
+
+    def on_ack(self, header: F.FrameHeader, countersignature: bytes, peer_address: str) -> None:
+        """Called on the sender when its frame was acknowledged."""
+        ...
+
+
+class NullReceipts:
+    """Receipts off: no signatures."""
+
+    def sign(self, header: F.FrameHeader, peer_address: str) -> bytes:
+        return b""
+
+    def countersign(self, header: F.FrameHeader, signature: bytes, peer_address: str) -> bytes:
+        return b""
+
+    def on_ack(self, header: F.FrameHeader, countersignature: bytes, peer_address: str) -> None:
+        return None
+
+
+class PeerScores:
+    """Per-peer score: starts at 0, drops by `reject_penalty` on each rejected frame."""
+
+    def __init__(self, cfg: TransportConfig) -> None:
+        self.cfg = cfg
+        self.scores: dict[str, float] = {}  # peer id -> score
+        self.rejections: dict[str, list[str]] = {}  # peer id -> reasons of rejected frames
+
+    def penalize(self, peer: str, reason: str) -> float:
+        """Record a rejection; returns the new score."""
+        self.scores[peer] = self.scores.get(peer, 0.0) - self.cfg.reject_penalty
+        self.rejections.setdefault(peer, []).append(reason)
+        return self.scores[peer]
+
+    def score(self, peer: str) -> float:
+        """Current score (0 for unknown peers)."""
+        return self.scores.get(peer, 0.0)
+
+    def is_banned(self, peer: str) -> bool:
+        """True once the score reached the ban threshold."""
+        return self.score(peer) <= self.cfg.ban_score
+
+
+@dataclass(frozen=True)
+class LocalInfo:
+    """What this node tells its neighbours at the handshake."""
+
+    spec_hash: bytes  # 32-byte model spec hash
+    stage: int  # our stage index
+    num_stages: int  # pipeline depth
+    address: str  # our Ethereum address (node key), for receipts
+
+
+@dataclass(frozen=True)
+class Hello:
+    """The remote side's handshake."""
+
+    stage: int  # its stage index
+    num_stages: int  # its pipeline depth
+    credits: int  # frames it lets us have in flight
+    address: str  # its Ethereum address
+
+
+@dataclass
+class Received:
+    """A data frame accepted from the neighbour, with its decoded value."""
+
+    frame: F.Frame  # the frame as received
+    value: Any  # what the decoder returned (a tensor in the runtime)
+
+
+@dataclass
+class ChannelStats:
+    """Byte and frame counters of one channel."""
+
+    bytes_in: int = 0  # bytes read (headers + bodies)
+    bytes_out: int = 0  # bytes written
+    frames_in: int = 0  # data frames accepted
+    frames_out: int = 0  # data frames sent
+
+
+class _Reader:
+    """Exact reads over a libp2p stream that returns arbitrary chunks."""
+
+    def __init__(self, stream: INetStream) -> None:
+        self.stream = stream
+        self.buf = bytearray()
+
+    async def read_exactly(self, n: int) -> bytes:
+        """n bytes, or TruncatedFrameError with how many arrived (EOFError if none at all)."""
+        if not self.buf:
+            first = await self._read(n)
+            if len(first) == n:
+                return first
+            self.buf += first
+        while len(self.buf) < n:
+            self.buf += await self._read(n - len(self.buf))
+        out = bytes(self.buf[:n])
+        del self.buf[:n]
+        return out
+
+    async def _read(self, n: int) -> bytes:
+        try:
+            chunk = await self.stream.read(n)
+        except EOFError:
+            chunk = b""
+        if not chunk:
+            raise EOFError(len(self.buf))
+        return chunk
+
+
+class ActChannel:
+    """One side of an activation-protocol stream."""
+
+    def __init__(
+        self,
+        stream: INetStream,
+        *,
+        local: LocalInfo,
+        frame_spec: F.FrameSpec,
+        cfg: TransportConfig,
+        scores: PeerScores,
+        receipts: ReceiptHook | None = None,
+        decoder: Callable[[F.Frame], Any] | None = None,
+    ) -> None:
+        self.stream = stream
+        self.local = local
+        self.spec = frame_spec
+        self.cfg = cfg
+        self.scores = scores
+        self.receipts: ReceiptHook = receipts or NullReceipts()
+        self.decoder = decoder  # runs off the event loop; raises FrameError on a bad payload
+        self.peer = stream.muxed_conn.peer_id.pretty()
+        self.remote: Hello | None = None
+        self.stats = ChannelStats()
+        self._reader = _Reader(stream)
+        self._write_lock = trio.Lock()
+        self._inbox_send, self._inbox = trio.open_memory_channel[Received | BaseException](math.inf)
+        self._credit_out = 0  # frames we may still send
+        self._credit_cv = trio.Condition()
+        self._granted_left = cfg.credits  # frames the peer may still send us
+        self._pending: dict[bytes, F.FrameHeader] = {}  # digest -> header of unacked sent frames
+        self._acks_cv = trio.Condition()
+        self.failure: NodeError | None = None  # why the channel died (None while healthy)
+        self.closed_by_peer = False  # True after an orderly CLOSE from the peer
+
+    # -- handshake ---------------------------------------------------------------------------------
+
+    def _hello_bytes(self) -> bytes:
+        body = json.dumps({
+            "stage": self.local.stage, "num_stages": self.local.num_stages,
+            "credits": self.cfg.credits, "address": self.local.address,
+        }).encode()
+        return F.encode_frame(F.Kind.HELLO, self.local.spec_hash, self.local.stage, 0, 0, payload=body)
+
+    async def _read_control(self) -> F.Frame:
+        try:
+            raw = await self._reader.read_exactly(F.HEADER_SIZE)
+            h = F.decode_header(raw, self.cfg.max_frame_bytes)
+            body = await self._reader.read_exactly(h.body_len) if h.body_len else b""
+        except EOFError as exc:
+            raise HandshakeError(f"peer {self.peer} closed the stream during the handshake") from exc
+        except NodeError:
+            raise
+        except Exception as exc:  # stream reset / connection errors
+            raise HandshakeError(f"peer {self.peer} reset the stream during the handshake: {exc!r}") from exc
+        return F.split_body(h, body)
+
+    async def handshake(self, initiator: bool) -> Hello:
+        """Exchange HELLO frames; refuse a different model spec hash naming both hashes."""
+        with trio.fail_after(self.cfg.handshake_timeout_s):
+            if initiator:
+                await self._write(self._hello_bytes())
+            fr = await self._read_control()
+            if fr.header.kind == F.Kind.ERROR:
+                raise RemoteError(f"peer {self.peer} refused the handshake: {fr.payload.decode(errors='replace')}")
+            if fr.header.kind != F.Kind.HELLO:
+                raise HandshakeError(f"peer {self.peer} sent {fr.header.kind.name} before HELLO")
+            try:
+                F.check_spec_hash(fr.header, self.local.spec_hash)
+                info = json.loads(fr.payload)
+                hello = Hello(int(info["stage"]), int(info["num_stages"]), int(info["credits"]), str(info["address"]))
+            except (FrameError, ValueError, KeyError, TypeError) as exc:
+                await self.send_error(str(exc))
+                raise HandshakeError(f"handshake with peer {self.peer} refused: {exc}") from exc
+            if hello.num_stages != self.local.num_stages or hello.credits < 1:
+                msg = (f"pipeline mismatch: peer has num_stages={hello.num_stages} credits={hello.credits}, "
+                       f"we have num_stages={self.local.num_stages}")
+                await self.send_error(msg)
+                raise HandshakeError(msg)
+            if not initiator:
+                await self._write(self._hello_bytes())
+        self.remote = hello
+        self._credit_out = hello.credits
+        return hello
+
+    @property
+    def remote_stage(self) -> int:
+        """Stage index the peer announced at the handshake."""
+        return self.remote.stage if self.remote else -1
+
+    # -- writing -----------------------------------------------------------------------------------
+
+    async def _write(self, raw: bytes) -> None:
+        async with self._write_lock:
+            try:
+                await self.stream.write(raw)
+            except Exception as exc:  # libp2p raises several stream/connection error types
+                err = PeerLostError(f"lost peer {self.peer} (stage {self.remote_stage}) while writing: {exc!r}",
+                                    self.peer, self.remote_stage)
+                self._fail(err)
+                raise err from exc
+        self.stats.bytes_out += len(raw)
+
+    async def write_raw(self, raw: bytes) -> None:
+        """Write arbitrary bytes (tests and benchmarks use this to inject frames)."""
+        await self._write(raw)
+
+    async def send_error(self, message: str) -> None:
+        """Tell the peer why something was rejected (best effort)."""
+        raw = F.encode_frame(F.Kind.ERROR, self.local.spec_hash, self.local.stage, 0, 0, payload=message.encode())
+        try:
+            await self._write(raw)
+        except NodeError:
+            pass
+
+    async def send_data(
+        self, kind: F.Kind, step: int, microbatch: int, payload: bytes, window: bytes = b""
+    ) -> F.FrameHeader:
+        """Send one ACTIVATION/GRADIENT frame once a credit is available; returns its header."""
+        if kind not in DATA_KINDS:
+            raise ValueError(f"send_data takes ACTIVATION or GRADIENT, got {kind.name}")
+        self._raise_if_failed()
+        async with self._credit_cv:
+            while self._credit_out <= 0:
+                self._raise_if_failed()
+                await self._credit_cv.wait()
+            self._credit_out -= 1
+        header = F.FrameHeader(
+            kind=kind, spec_hash=self.local.spec_hash, stage=self.local.stage, step=step, microbatch=microbatch,
+            codec=self.spec.codec, dtype=self.spec.dtype, shape=self.spec.shape, window_len=len(window),
+            payload_len=len(payload), digest=F.digest(window, payload),
+        )
+        sig = self.receipts.sign(header, self.remote.address if self.remote else "")
+        header = F.FrameHeader(**{**header.__dict__, "sig_len": len(sig)})
+        self._pending[header.digest] = header
+        await self._write(b"".join((F.encode_header(header), window, payload, sig)))
+        self.stats.frames_out += 1
+        return header
+
+    async def wait_acked(self, timeout_s: float | None = None) -> None:
+        """Block until every sent data frame was acknowledged (PeerLostError on timeout)."""
+        limit = self.cfg.ack_timeout_s if timeout_s is None else timeout_s
+        with trio.move_on_after(limit) as scope:
+            async with self._acks_cv:
+                while self._pending:
+                    self._raise_if_failed()
+                    await self._acks_cv.wait()
+        if scope.cancelled_caught:
+            raise PeerLostError(
+                f"peer {self.peer} (stage {self.remote_stage}) did not acknowledge {len(self._pending)} "
+                f"frame(s) within ack_timeout_s={limit}", self.peer, self.remote_stage)
+
+    async def close(self) -> None:
+        """Send CLOSE and half-close our side."""
+        if self.failure is None:
+            raw = F.encode_frame(F.Kind.CLOSE, self.local.spec_hash, self.local.stage, 0, 0)
+            try:
+                await self._write(raw)
+                await self.stream.close()
+            except Exception:  # the peer may already be gone
+                pass
+
+    async def linger_and_reset(self) -> None:
+        """Half-close, discard input until the peer closes or `error_linger_s` passes, then reset."""
+        try:
+            await self.stream.close()
+            with trio.move_on_after(self.cfg.error_linger_s):
+                while await self.stream.read(1 << 16):
+                    pass
+        except Exception:  # the peer closing or resetting is the expected way out
+            pass
+        try:
+            await self.stream.reset()
+        except Exception:
+            pass
+
+    # -- reading -----------------------------------------------------------------------------------
+
+    async def recv_data(self, timeout_s: float) -> Received:
+        """Next accepted data frame; grants the sender one more credit. PeerLostError on timeout/loss."""
+        with trio.move_on_after(timeout_s) as scope:
+            item = await self._inbox.receive()
+        if scope.cancelled_caught:
+            raise PeerLostError(
+                f"no frame from peer {self.peer} (stage {self.remote_stage}) within frame_timeout_s={timeout_s}",
+                self.peer, self.remote_stage)
+        if isinstance(item, BaseException):
+            raise item
+        self._granted_left += 1
+        credit = F.encode_frame(F.Kind.CREDIT, self.local.spec_hash, self.local.stage, 0, 1)
+        await self._write(credit)
+        return item
+
+    def _fail(self, err: NodeError) -> None:
+        if self.failure is None:
+            self.failure = err
+            self._inbox_send.send_nowait(err)
+
+    def _raise_if_failed(self) -> None:
+        if self.failure is not None:
+            raise self.failure
+
+    async def _wake_all(self) -> None:
+        async with self._credit_cv:
+            self._credit_cv.notify_all()
+        async with self._acks_cv:
+            self._acks_cv.notify_all()
+
+    async def run_reader(self) -> None:
+        """Read frames until the stream ends; rejects bad frames (peer score drops) and fails the channel."""
+        try:
+            while True:
+                if not await self._read_one():
+                    break
+        except FrameError as exc:
+            self.scores.penalize(self.peer, exc.reason)
+            await self.send_error(f"rejected: {exc}")
+            self._fail(exc)
+            await self.linger_and_reset()
+        except RemoteError as exc:
+            self._fail(exc)
+        except PeerLostError as exc:
+            self._fail(exc)
+        except Exception as exc:  # stream reset / connection closed surfaces as several libp2p types
+            self._fail(PeerLostError(f"lost peer {self.peer} (stage {self.remote_stage}): {exc!r}",
+                                     self.peer, self.remote_stage))
+        finally:
+            if self.failure is None:
+                self._fail(PeerLostError(f"peer {self.peer} (stage {self.remote_stage}) closed the stream",
+                                         self.peer, self.remote_stage))
+            await self._wake_all()
+
+    async def _read_one(self) -> bool:
+        try:
+            raw = await self._reader.read_exactly(F.HEADER_SIZE)
+        except EOFError as exc:
+            if exc.args and exc.args[0]:
+                raise TruncatedFrameError(f"stream ended inside a header ({exc.args[0]} bytes)") from exc
+            if self.closed_by_peer:
+                return False
+            raise PeerLostError(f"peer {self.peer} (stage {self.remote_stage}) closed the stream",
+                                self.peer, self.remote_stage) from exc
+        h = F.decode_header(raw, self.cfg.max_frame_bytes)
+        F.check_spec_hash(h, self.local.spec_hash)
+        if h.kind in DATA_KINDS:
+            self._check_direction(h)
+            F.check_data_header(h, self.spec)
+            if self._granted_left <= 0:
+                raise UnexpectedFrameError(f"peer {self.peer} sent a frame beyond its {self.cfg.credits} credits")
+        try:
+            body = await self._reader.read_exactly(h.body_len) if h.body_len else b""
+        except EOFError as exc:
+            got = exc.args[0] if exc.args else 0
+            raise TruncatedFrameError(
+                f"{h.kind.name.lower()} frame truncated: {got} of {h.body_len} body bytes arrived") from exc
+        self.stats.bytes_in += F.HEADER_SIZE + len(body)
+        fr = F.split_body(h, body)
+        if h.kind in DATA_KINDS:
+            await self._accept_data(fr)
+        elif h.kind == F.Kind.ACK:
+            await self._on_ack(fr)
+        elif h.kind == F.Kind.CREDIT:
+            async with self._credit_cv:
+                self._credit_out += h.microbatch
+                self._credit_cv.notify_all()
+        elif h.kind == F.Kind.ERROR:
+            raise RemoteError(f"peer {self.peer} (stage {self.remote_stage}) reported: "
+                              f"{fr.payload.decode(errors='replace')}")
+        elif h.kind == F.Kind.CLOSE:
+            self.closed_by_peer = True
+        else:
+            raise UnexpectedFrameError(f"unexpected {h.kind.name} frame after the handshake")
+        return True
+
+    def _check_direction(self, h: F.FrameHeader) -> None:
+        want_from = self.local.stage - 1 if h.kind == F.Kind.ACTIVATION else self.local.stage + 1
+        if h.stage != self.remote_stage or h.stage != want_from:
+            raise UnexpectedFrameError(
+                f"{h.kind.name.lower()} frame from stage {h.stage} (peer announced stage {self.remote_stage}); "
+                f"stage {self.local.stage} accepts it only from stage {want_from}")
+
+    async def _accept_data(self, fr: F.Frame) -> None:
+        peer_addr = self.remote.address if self.remote else ""
+        value = None
+        if self.decoder is not None:
+            try:
+                value = await trio.to_thread.run_sync(self.decoder, fr)
+            except FrameError:
+                raise
+            except Exception as exc:  # a codec error of any type means the payload is unusable
+                raise NonFiniteError(f"{fr.header.kind.name.lower()} payload rejected by the codec: {exc}") from exc
+        counter = self.receipts.countersign(fr.header, fr.signature, peer_addr)
+        self._granted_left -= 1
+        self.stats.frames_in += 1
+        ack = F.encode_frame(F.Kind.ACK, self.local.spec_hash, self.local.stage, fr.header.step,
+                             fr.header.microbatch, payload=fr.header.digest + counter)
+        await self._write(ack)
+        self._inbox_send.send_nowait(Received(frame=fr, value=value))
+
+    async def _on_ack(self, fr: F.Frame) -> None:
+        acked = fr.payload[: F.DIGEST_SIZE]
+        header = self._pending.pop(acked, None)
+        if header is None:
+            raise UnexpectedFrameError(f"ack for unknown digest 0x{acked.hex()[:16]}")
+        self.receipts.on_ack(header, fr.payload[F.DIGEST_SIZE:], self.remote.address if self.remote else "")
+        async with self._acks_cv:
+            self._acks_cv.notify_all()
+
+
+class ActEndpoint:
+    """Serves `/pmn/act/1.0.0` on a host and opens channels to neighbours."""
+
+    def __init__(
+        self,
+        host: Any,
+        *,
+        local: LocalInfo,
+        frame_spec: F.FrameSpec,
+        cfg: TransportConfig,
+        receipts: ReceiptHook | None = None,
+        decoder: Callable[[F.Frame], Any] | None = None,
+    ) -> None:
+        self.host = host
+        self.local = local
+        self.spec = frame_spec
+        self.cfg = cfg
+        self.receipts = receipts
+        self.decoder = decoder
+        self.scores = PeerScores(cfg)
+        self._incoming_send, self.incoming = trio.open_memory_channel[ActChannel](math.inf)
+        self.handshake_failures: list[str] = []  # messages of refused inbound handshakes
+        host.set_stream_handler(ACT_PROTOCOL, self._handle)
+
+    def _channel(self, stream: INetStream) -> ActChannel:
+        return ActChannel(stream, local=self.local, frame_spec=self.spec, cfg=self.cfg, scores=self.scores,
+                          receipts=self.receipts, decoder=self.decoder)
+
+    async def _handle(self, stream: INetStream) -> None:
+        ch = self._channel(stream)
+        if self.scores.is_banned(ch.peer):
+            await ch.send_error(f"peer {ch.peer} is banned (score {self.scores.score(ch.peer)})")
+            await ch.linger_and_reset()
+            return
+        try:
+            await ch.handshake(initiator=False)
+        except (NodeError, trio.TooSlowError) as exc:
+            self.handshake_failures.append(str(exc))
+            await ch.linger_and_reset()
+            return
+        await self._incoming_send.send(ch)
+        await ch.run_reader()
+
+    async def open(self, peer_addr: str | Any) -> ActChannel:
+        """Connect to a peer (multiaddr string with /p2p/ or PeerInfo) and handshake; run its reader next."""
+        from node.host import parse_peer_addr
+
+        info = parse_peer_addr(peer_addr) if isinstance(peer_addr, str) else peer_addr
+        if self.scores.is_banned(info.peer_id.pretty()):
+            raise PeerBannedError(f"peer {info.peer_id.pretty()} is banned")
+        with trio.fail_after(self.cfg.dial_timeout_s):
+            await self.host.connect(info)
+            stream = await self.host.new_stream(info.peer_id, [ACT_PROTOCOL])
+        ch = self._channel(stream)
+        await ch.handshake(initiator=True)
+        return ch

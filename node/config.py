@@ -1,0 +1,96 @@
+"""Typed configuration of the node subsystems (every timeout and limit is a named field)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class TransportConfig:
+    """The libp2p host and the `/pmn/act/1.0.0` activation protocol."""
+
+    max_frame_bytes: int = 64 * 1024 * 1024  # hard limit on header + body of one frame, checked from the header
+    credits: int = 4  # microbatches a receiver lets a sender have in flight (granted at the handshake)
+    yamux_frame_bytes: int = 256 * 1024  # payload bytes per yamux DATA frame this process sends (py default 64 KiB)
+    handshake_timeout_s: float = 10.0  # time allowed for the HELLO exchange on a new stream
+    ack_timeout_s: float = 60.0  # time allowed for all frames of a step to be acknowledged
+    reject_penalty: float = 1.0  # score subtracted from a peer for each rejected frame
+    ban_score: float = -5.0  # a peer whose score falls to this value or below is refused
+    dial_timeout_s: float = 10.0  # time allowed for one connect + stream open to a neighbour
+    error_linger_s: float = 2.0  # after sending ERROR, how long to wait for the peer to close before a reset
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        if self.max_frame_bytes < 1024:
+            raise ValueError(f"transport.max_frame_bytes must be >= 1024, got {self.max_frame_bytes}")
+        if self.credits < 1:
+            raise ValueError(f"transport.credits must be >= 1, got {self.credits}")
+        if not 1024 <= self.yamux_frame_bytes <= 16 * 1024 * 1024:
+            raise ValueError("transport.yamux_frame_bytes must be within [1 KiB, 16 MiB]")
+        for name in ("handshake_timeout_s", "ack_timeout_s", "dial_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"transport.{name} must be > 0")
+
+
+@dataclass
+class DiscoveryConfig:
+    """Bootstrap + announcement gossip over `/pmn/announce/1.0.0`."""
+
+    announce_interval_s: float = 0.5  # how often the node re-pulls peer tables from connected peers
+    entry_ttl_s: float = 30.0  # an announcement older than this is dropped from the table
+    discovery_timeout_s: float = 60.0  # how long to wait for a peer serving a needed stage
+
+
+@dataclass
+class RuntimeConfig:
+    """Pipeline schedule and fault handling."""
+
+    steps: int = 10  # global steps to train (the run ends after this step count; resume continues to it)
+    num_microbatches: int = 4  # microbatches per global step (gradient accumulation)
+    microbatch_size: int = 4  # sequences per microbatch
+    codec: str = "dense"  # boundary codec name (sharding.codecs); must match across the pipeline
+    frame_timeout_s: float = 120.0  # longest wait for the next frame from a neighbour within a step
+    step_retries: int = 2  # times a failed step is retried (after re-dialling) before giving up
+    redial_timeout_s: float = 30.0  # how long to look for a replacement neighbour before a retry
+    retry_backoff_s: float = 0.5  # wait before the first redial attempt, doubled per attempt
+    checkpoint_every: int = 1  # save a checkpoint every this many steps (0 = only on shutdown)
+    torch_threads: int = 0  # torch intra-op threads for this process (0 = leave torch's default)
+
+
+@dataclass
+class NodeConfig:
+    """Everything `run_node` needs."""
+
+    data_dir: str = "~/.pmn/node"  # peer key, checkpoints, progress files
+    model: str = "tiny"  # sharding preset name, or a path to a JSON ModelConfig
+    num_stages: int = 2  # pipeline depth the model is split into
+    stage: str = "auto"  # "auto" (least-served stage) or a stage index as a string
+    listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])  # libp2p listen multiaddrs
+    bootstrap: list[str] = field(default_factory=list)  # multiaddrs with /p2p/<id> of peers to join through
+    capacity: int = 1  # declared capacity (work units) announced to the swarm
+    metrics_port: int = 0  # Prometheus HTTP port (0 = disabled)
+    progress: bool = True  # show a live rich progress line on stderr
+    optim_lr: float | None = None  # override of OptimConfig.lr (None = sharding default)
+    transport: TransportConfig = field(default_factory=TransportConfig)  # activation protocol settings
+    discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # peer discovery settings
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # schedule and fault settings
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field and the fix."""
+        if self.num_stages < 1:
+            raise ValueError(f"num_stages must be >= 1, got {self.num_stages}")
+        if self.stage != "auto":
+            try:
+                s = int(self.stage)
+            except ValueError as exc:
+                raise ValueError(f"stage must be 'auto' or an integer, got {self.stage!r}") from exc
+            if not 0 <= s < self.num_stages:
+                raise ValueError(f"stage {s} out of range: num_stages is {self.num_stages}")
+        if self.capacity < 1:
+            raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        if not self.listen:
+            raise ValueError("listen must name at least one multiaddr, e.g. /ip4/127.0.0.1/tcp/0")
+        r = self.runtime
+        if r.steps < 0 or r.num_microbatches < 1 or r.microbatch_size < 1:
+            raise ValueError("runtime.steps must be >= 0, num_microbatches and microbatch_size >= 1")
+        self.transport.validate()

@@ -1,0 +1,62 @@
+"""One py-libp2p host per node: TCP + Noise + yamux with the node's secp256k1 identity."""
+
+from __future__ import annotations
+
+import multiaddr
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.stream_muxer.yamux import yamux as _yamux
+
+from node.identity import NodeIdentity
+
+
+def set_yamux_frame_bytes(n: int) -> None:
+    """Set the payload size of the yamux DATA frames this process sends (receivers accept up to 16 MiB).
+
+    py-libp2p sends 64 KiB frames; larger frames cut per-frame Python work, the dominant cost.
+    """
+    if not 1024 <= n <= _yamux.MAX_WINDOW_SIZE:
+        raise ValueError(f"yamux frame size must be within [1024, {_yamux.MAX_WINDOW_SIZE}], got {n}")
+    _yamux.MAX_MESSAGE_SIZE = n
+
+
+def make_host(identity: NodeIdentity, yamux_frame_bytes: int = 256 * 1024) -> IHost:
+    """A host with the node's key (Noise + yamux are py-libp2p's defaults)."""
+    set_yamux_frame_bytes(yamux_frame_bytes)
+    return new_host(key_pair=identity.key_pair)
+
+
+def parse_listen(addrs: list[str]) -> list[multiaddr.Multiaddr]:
+    """Parse listen multiaddrs (ValueError names the bad one)."""
+    out = []
+    for a in addrs:
+        try:
+            out.append(multiaddr.Multiaddr(a))
+        except Exception as exc:  # multiaddr raises several types
+            raise ValueError(f"bad listen multiaddr {a!r}: {exc}") from exc
+    return out
+
+
+def parse_peer_addr(addr: str) -> PeerInfo:
+    """Parse a full multiaddr ending in /p2p/<peer id> (ValueError names it)."""
+    try:
+        return info_from_p2p_addr(multiaddr.Multiaddr(addr))
+    except Exception as exc:
+        raise ValueError(f"bad peer multiaddr {addr!r} (expected .../p2p/<peer id>): {exc}") from exc
+
+
+def full_addrs(host: IHost) -> list[str]:
+    """The host's listen addresses with /p2p/<peer id> appended."""
+    pid = host.get_id().pretty()
+    out = []
+    for a in host.get_addrs():
+        s = str(a)
+        out.append(s if "/p2p/" in s else f"{s}/p2p/{pid}")
+    return out
+
+
+def peer_str(pid: ID) -> str:
+    """Printable peer id."""
+    return pid.pretty()

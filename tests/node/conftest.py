@@ -1,0 +1,45 @@
+"""Shared fixtures for node tests: in-process libp2p hosts on 127.0.0.1."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import multiaddr
+import numpy as np
+
+from node import frames as F
+from node.config import TransportConfig
+from node.errors import NonFiniteError
+from node.host import make_host
+from node.identity import identity_from_secret
+
+SPEC_HASH = b"\x11" * 32
+FSPEC = F.FrameSpec(spec_hash=SPEC_HASH, codec=F.Codec.DENSE, microbatch_size=2, seq_len=8, d_model=16,
+                    bytes_per_token=64, id_bytes=2, max_frame_bytes=64 * 1024)
+LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+
+
+def np_decoder(fr: F.Frame) -> np.ndarray:
+    """Test decoder: fp32 payload, NaN/Inf rejected."""
+    arr = np.frombuffer(fr.payload, dtype=np.float32)
+    if not np.isfinite(arr).all():
+        raise NonFiniteError("payload holds NaN or Inf")
+    return arr
+
+
+def tcfg(**kw: object) -> TransportConfig:
+    cfg = TransportConfig(max_frame_bytes=FSPEC.max_frame_bytes, handshake_timeout_s=5, ack_timeout_s=5,
+                          dial_timeout_s=5)
+    for k, v in kw.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+@contextlib.asynccontextmanager
+async def running_host(seed: int) -> AsyncIterator[object]:
+    """A host with a deterministic key listening on a free loopback port."""
+    ident = identity_from_secret(seed.to_bytes(32, "big"))
+    host = make_host(ident)
+    async with host.run(listen_addrs=LISTEN):
+        yield host, ident

@@ -1,0 +1,169 @@
+"""`/pmn/act/1.0.0` over real libp2p hosts on 127.0.0.1 (Noise + yamux)."""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+import pytest
+import trio
+
+from node import frames as F
+from node.channel import ActEndpoint, LocalInfo
+from node.errors import HandshakeError, PeerBannedError, RemoteError
+from node.host import full_addrs
+from tests.node.conftest import FSPEC, SPEC_HASH, np_decoder, running_host, tcfg
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
+
+
+def _payload(value: float = 1.0) -> bytes:
+    return np.full(FSPEC.payload_len // 4, value, dtype=np.float32).tobytes()
+
+
+WINDOW = b"\x00" * FSPEC.window_len
+
+
+def _endpoint(host, stage: int, spec_hash: bytes = SPEC_HASH, **kw) -> ActEndpoint:
+    local = LocalInfo(spec_hash=spec_hash, stage=stage, num_stages=3, address="0x" + "00" * 20)
+    spec = FSPEC if spec_hash == SPEC_HASH else F.FrameSpec(**{**FSPEC.__dict__, "spec_hash": spec_hash})
+    return ActEndpoint(host, local=local, frame_spec=spec, cfg=tcfg(**kw), decoder=np_decoder)
+
+
+async def _serve(ep: ActEndpoint, got: list, n: int) -> None:
+    ch = await ep.incoming.receive()
+    for _ in range(n):
+        r = await ch.recv_data(5)
+        got.append((ch.peer, r.frame.header.step, r.frame.header.microbatch, float(r.value[0])))
+
+
+def test_roundtrip_acks_and_credits() -> None:
+    async def main() -> None:
+        async with running_host(1) as (h1, _), running_host(2) as (h2, _), trio.open_nursery() as nursery:
+            recv_ep = _endpoint(h1, stage=1, credits=2)
+            send_ep = _endpoint(h2, stage=0)
+            ch = await send_ep.open(full_addrs(h1)[0])
+            nursery.start_soon(ch.run_reader)
+            inbound = await recv_ep.incoming.receive()
+            # receiver consumes nothing yet: only 2 credits, so the third send blocks
+            for mb in range(2):
+                await ch.send_data(F.Kind.ACTIVATION, 7, mb, _payload(mb), WINDOW)
+            with trio.move_on_after(0.3) as scope:
+                await ch.send_data(F.Kind.ACTIVATION, 7, 2, _payload(2), WINDOW)
+            assert scope.cancelled_caught
+            await ch.wait_acked()
+            r = await inbound.recv_data(5)
+            assert (r.frame.header.step, r.frame.header.microbatch, float(r.value[0])) == (7, 0, 0.0)
+            await ch.send_data(F.Kind.ACTIVATION, 7, 2, _payload(2), WINDOW)  # credit returned
+            assert [float((await inbound.recv_data(5)).value[0]) for _ in range(2)] == [1.0, 2.0]
+            # gradients flow back on the same stream
+            await inbound.send_data(F.Kind.GRADIENT, 7, 0, _payload(5.0))
+            g = await ch.recv_data(5)
+            assert g.frame.header.kind == F.Kind.GRADIENT and float(g.value[0]) == 5.0
+            await ch.wait_acked()
+            assert ch.stats.frames_out == 3 and inbound.stats.frames_in == 3
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_spec_hash_mismatch_refused_naming_both() -> None:
+    other = b"\x22" * 32
+
+    async def main() -> None:
+        async with running_host(3) as (h1, _), running_host(4) as (h2, _):
+            recv_ep = _endpoint(h1, stage=1)
+            send_ep = _endpoint(h2, stage=0, spec_hash=other)
+            with pytest.raises(RemoteError) as ei:
+                await send_ep.open(full_addrs(h1)[0])
+            assert other.hex() in str(ei.value) and SPEC_HASH.hex() in str(ei.value)
+            assert any(other.hex() in m for m in recv_ep.handshake_failures)
+
+    trio.run(main)
+
+
+def _hdr(**kw) -> F.FrameHeader:
+    base = dict(kind=F.Kind.ACTIVATION, spec_hash=SPEC_HASH, stage=0, step=1, microbatch=0, codec=F.Codec.DENSE,
+                dtype=F.Dtype.FLOAT32, shape=FSPEC.shape, window_len=FSPEC.window_len,
+                payload_len=FSPEC.payload_len)
+    base.update(kw)
+    return F.FrameHeader(**base)
+
+
+def _bad_frames() -> dict[str, tuple[bytes, bool, str]]:
+    """name -> (bytes, half-close after writing, expected text in the error)."""
+    good_payload = _payload()
+    nan = np.full(FSPEC.payload_len // 4, np.nan, dtype=np.float32).tobytes()
+    too_big = F.encode_header(_hdr(payload_len=10 * FSPEC.max_frame_bytes))
+    wrong_shape = F.encode_frame(F.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=good_payload, window=WINDOW,
+                                 codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT32, shape=(2, 8, 17))
+    wrong_dtype = F.encode_frame(F.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=good_payload, window=WINDOW,
+                                 codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT16, shape=FSPEC.shape)
+    nan_frame = F.encode_frame(F.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=nan, window=WINDOW,
+                               codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT32, shape=FSPEC.shape)
+    full = F.encode_frame(F.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=good_payload, window=WINDOW,
+                          codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT32, shape=FSPEC.shape)
+    bad_version = bytearray(full)
+    bad_version[4] = 99
+    return {
+        "too_large": (too_big, False, "maximum is"),
+        "wrong_shape": (wrong_shape, False, "frame shape (2, 8, 17)"),
+        "wrong_dtype": (wrong_dtype, False, "dtype float16"),
+        "nan": (nan_frame, False, "NaN"),
+        "truncated": (full[: F.HEADER_SIZE + 100], True, "truncated"),
+        "unknown_version": (bytes(bad_version), False, "version 99"),
+    }
+
+
+def test_malformed_frames_rejected_and_good_peer_served() -> None:
+    bad = _bad_frames()
+
+    async def main() -> None:
+        async with running_host(5) as (h1, _), running_host(6) as (h2, _), running_host(7) as (h3, _), \
+                trio.open_nursery() as nursery:
+            recv_ep = _endpoint(h1, stage=1, ban_score=-100)
+            bad_ep = _endpoint(h2, stage=0)
+            good_ep = _endpoint(h3, stage=0)
+            addr = full_addrs(h1)[0]
+            bad_peer = h2.get_id().pretty()
+            for i, (name, (raw, half_close, text)) in enumerate(bad.items()):
+                ch = await bad_ep.open(addr)
+                inbound = await recv_ep.incoming.receive()
+                await ch.write_raw(raw)
+                if half_close:
+                    await ch.stream.close()
+                await ch.run_reader()
+                assert isinstance(ch.failure, RemoteError), name
+                assert text in str(ch.failure), (name, str(ch.failure))
+                assert recv_ep.scores.score(bad_peer) == -(i + 1)
+                with pytest.raises(Exception, match=re.escape(text)):
+                    await inbound.recv_data(5)
+            assert len(recv_ep.scores.rejections[bad_peer]) == len(bad)
+            # the node keeps serving other peers
+            got: list = []
+            gch = await good_ep.open(addr)
+            nursery.start_soon(gch.run_reader)
+            await gch.send_data(F.Kind.ACTIVATION, 1, 0, _payload(3.0), WINDOW)
+            await _serve(recv_ep, got, 1)
+            await gch.wait_acked()
+            assert got == [(h3.get_id().pretty(), 1, 0, 3.0)]
+            assert recv_ep.scores.score(h3.get_id().pretty()) == 0
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_banned_peer_refused() -> None:
+    async def main() -> None:
+        async with running_host(8) as (h1, _), running_host(9) as (h2, _):
+            recv_ep = _endpoint(h1, stage=1, ban_score=-1)
+            bad_ep = _endpoint(h2, stage=0)
+            ch = await bad_ep.open(full_addrs(h1)[0])
+            await ch.write_raw(b"garbage" * 40)
+            await ch.run_reader()
+            assert "bad magic" in str(ch.failure)
+            assert recv_ep.scores.is_banned(h2.get_id().pretty())
+            with pytest.raises((RemoteError, HandshakeError, PeerBannedError), match="banned|closed"):
+                await bad_ep.open(full_addrs(h1)[0])
+
+    trio.run(main)
