@@ -1,0 +1,130 @@
+"""Typed parameters of the WAN pipeline simulation; every field is validated by `validate()`."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Literal
+
+Schedule = Literal["gpipe", "1f1b", "async"]
+SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "async")
+
+
+def _positive(owner: str, name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{owner}.{name}={value!r}: must be a finite number > 0")
+
+
+def _non_negative(owner: str, name: str, value: float) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{owner}.{name}={value!r}: must be a finite number >= 0")
+
+
+def _count(owner: str, name: str, value: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{owner}.{name}={value!r}: must be an integer >= 1")
+
+
+@dataclass(frozen=True)
+class LinkConfig:
+    """Per-node access links: bandwidth drawn per node, latency drawn per (sender, receiver) pair."""
+
+    bandwidth_mbps: float = 200.0  # median uplink bandwidth of a node, megabits per second
+    bandwidth_sigma: float = 0.0  # sigma of the lognormal spread of node bandwidth (0 = every node equal)
+    latency_ms: float = 50.0  # median one-way latency of a link, milliseconds
+    latency_sigma: float = 0.0  # sigma of the lognormal spread of link latency (0 = every link equal)
+
+    def validate(self) -> LinkConfig:
+        """Raise ValueError naming the bad field; return self."""
+        _positive("LinkConfig", "bandwidth_mbps", self.bandwidth_mbps)
+        _non_negative("LinkConfig", "bandwidth_sigma", self.bandwidth_sigma)
+        _non_negative("LinkConfig", "latency_ms", self.latency_ms)
+        _non_negative("LinkConfig", "latency_sigma", self.latency_sigma)
+        return self
+
+
+@dataclass(frozen=True)
+class ChurnConfig:
+    """Nodes leave after an exponential uptime and their slot is refilled after an exponential downtime."""
+
+    mean_uptime_s: float | None = None  # mean seconds a node stays before leaving; None = no churn
+    mean_downtime_s: float = 60.0  # mean seconds before a departed node's slot is taken by a joiner
+    join_sync_bytes: int = 0  # bytes a joiner downloads (its stage's weights) before it serves
+
+    def validate(self) -> ChurnConfig:
+        """Raise ValueError naming the bad field; return self."""
+        if self.mean_uptime_s is not None:
+            _positive("ChurnConfig", "mean_uptime_s", self.mean_uptime_s)
+        _positive("ChurnConfig", "mean_downtime_s", self.mean_downtime_s)
+        if isinstance(self.join_sync_bytes, bool) or not isinstance(self.join_sync_bytes, int) or self.join_sync_bytes < 0:
+            raise ValueError(f"ChurnConfig.join_sync_bytes={self.join_sync_bytes!r}: must be an integer >= 0")
+        return self
+
+
+@dataclass(frozen=True)
+class WanConfig:
+    """One pipeline-parallel training run: stages x replicas over WAN links, for `steps` optimizer steps."""
+
+    num_stages: int  # pipeline stages
+    fwd_s: tuple[float, ...]  # forward seconds per microbatch of each stage on a reference-speed node
+    bwd_s: tuple[float, ...]  # backward seconds per microbatch of each stage on a reference-speed node
+    opt_s: tuple[float, ...] = ()  # optimizer-step seconds of each stage per step (empty = 0)
+    replicas: int = 1  # nodes serving each stage (data-parallel inside a stage)
+    microbatches: int = 8  # microbatches per optimizer step, over all replicas
+    microbatch_tokens: int = 1024  # tokens per microbatch (batch size x sequence length)
+    steps: int = 4  # optimizer steps to simulate (async: steps x microbatches microbatches)
+    schedule: Schedule = "1f1b"  # gpipe (flush, all forwards first), 1f1b (flush), async (no flush)
+    fwd_bytes_per_token: float = 4096.0  # wire bytes per token of a forward activation (codec + token ids)
+    bwd_bytes_per_token: float = 4096.0  # wire bytes per token of a backward gradient frame
+    grad_sync_bytes: tuple[int, ...] = ()  # bytes each stage's replicas all-reduce per step (empty = 0)
+    speed_sigma: float = 0.0  # sigma of the lognormal spread of node compute speed (0 = all equal)
+    link: LinkConfig = field(default_factory=LinkConfig)  # access-link model
+    churn: ChurnConfig = field(default_factory=ChurnConfig)  # join/leave model
+    shared_cpus: int | None = None  # all nodes share this many compute slots (a local swarm on one host)
+    in_flight_per_stage: int | None = None  # 1F1B/async warm-up depth cap; None = num_stages - stage
+    max_sim_s: float = 1e9  # simulated-seconds bound; exceeding it raises DeadlockError
+    seed: int = 0  # seed of every random draw (bandwidths, latencies, speeds, churn)
+
+    def stage_list(self, values: tuple[float, ...] | tuple[int, ...], name: str) -> list[float]:
+        """Per-stage values, zeros when empty."""
+        if not values:
+            return [0.0] * self.num_stages
+        if len(values) != self.num_stages:
+            raise ValueError(
+                f"WanConfig.{name} has {len(values)} entries for num_stages={self.num_stages}: give one per stage"
+            )
+        return [float(v) for v in values]
+
+    def validate(self) -> WanConfig:
+        """Raise ValueError naming the bad field and the fix; return self."""
+        for name in ("num_stages", "replicas", "microbatches", "microbatch_tokens", "steps"):
+            _count("WanConfig", name, getattr(self, name))
+        for name in ("fwd_s", "bwd_s", "opt_s", "grad_sync_bytes"):
+            values = getattr(self, name)
+            if name in ("fwd_s", "bwd_s") and len(values) != self.num_stages:
+                raise ValueError(
+                    f"WanConfig.{name} has {len(values)} entries for num_stages={self.num_stages}: "
+                    "give one per stage"
+                )
+            for v in self.stage_list(values, name):
+                _non_negative("WanConfig", name, v)
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"WanConfig.schedule={self.schedule!r}: use one of {list(SCHEDULES)}")
+        _non_negative("WanConfig", "fwd_bytes_per_token", self.fwd_bytes_per_token)
+        _non_negative("WanConfig", "bwd_bytes_per_token", self.bwd_bytes_per_token)
+        _non_negative("WanConfig", "speed_sigma", self.speed_sigma)
+        _positive("WanConfig", "max_sim_s", self.max_sim_s)
+        if self.shared_cpus is not None:
+            _count("WanConfig", "shared_cpus", self.shared_cpus)
+        if self.in_flight_per_stage is not None:
+            _count("WanConfig", "in_flight_per_stage", self.in_flight_per_stage)
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"WanConfig.seed={self.seed!r}: must be an integer >= 0")
+        self.link.validate()
+        self.churn.validate()
+        return self
+
+    @property
+    def tokens_per_step(self) -> int:
+        """Tokens consumed by one optimizer step."""
+        return self.microbatches * self.microbatch_tokens

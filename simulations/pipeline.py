@@ -1,0 +1,367 @@
+"""SimPy model of pipeline-parallel training over WAN links (stages x replicas, churn, schedules).
+
+Each node has one compute slot (backward work has priority over forward work), one uplink that
+sends one frame at a time (bytes / min(sender, receiver bandwidth), then the link latency), and for
+1F1B/async a gate of `num_stages - stage` in-flight microbatches (the 1F1B warm-up depth). GPipe holds
+every backward until all of the step's forwards reached the tail. A microbatch is routed to the
+least-loaded live replica of each stage and returns through the same nodes; if any of them left in
+the meantime the attempt is lost and the microbatch restarts from the head.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import simpy
+
+from .errors import DeadlockError
+from .params import WanConfig
+
+FWD, BWD, OPT = "fwd", "bwd", "opt"
+_PRIO = {BWD: 0, OPT: 0, FWD: 1}
+
+
+@dataclass
+class TraceEvent:
+    """One compute interval (recorded only when tracing is on)."""
+
+    mb: int  # global microbatch id
+    attempt: int  # attempt number of that microbatch (0 = first)
+    stage: int  # stage index
+    replica: int  # replica index inside the stage
+    kind: str  # "fwd", "bwd" or "opt"
+    start: float  # simulated start time, seconds
+    end: float  # simulated end time, seconds
+
+
+@dataclass
+class WanResult:
+    """Outputs of one simulation run."""
+
+    sim_time_s: float  # simulated seconds until the last step finished
+    tokens_per_s: float  # trained tokens per simulated second
+    utilisation: float  # mean over nodes of compute-busy time / sim time
+    bubble_fraction: float  # idle fraction of the busiest stage (1 - its busy time / (replicas x sim time))
+    mean_step_s: float  # mean seconds per optimizer step
+    step_times_s: list[float]  # seconds of each step (async: between every `microbatches` completions)
+    microbatches_expected: int  # steps x microbatches
+    microbatches_completed: int  # microbatches whose forward and backward both finished
+    failed_attempts: int  # attempts lost to a departed node
+    forward_passes: list[int]  # forward computations started-and-finished per stage (incl. lost ones)
+    backward_passes: list[int]  # backward computations finished per stage (incl. lost ones)
+    departures: int  # node departures (churn)
+    bytes_sent: float  # bytes put on the wire by all nodes
+    stage_busy_s: list[float]  # compute-busy seconds per stage, summed over its replicas
+    trace: list[TraceEvent] = field(default_factory=list)  # compute intervals when tracing
+
+    def to_dict(self, with_trace: bool = False) -> dict[str, Any]:
+        """JSON-ready dict (the trace only when asked)."""
+        out = asdict(self)
+        if not with_trace:
+            out.pop("trace")
+        return out
+
+
+class _Node:
+    """One node: compute slot, uplink, 1F1B gate, liveness."""
+
+    def __init__(self, env: simpy.Environment, stage: int, replica: int, speed: float, bw: float, depth: int):
+        self.stage = stage
+        self.replica = replica
+        self.speed = speed  # multiplier on reference speed
+        self.bw = bw  # uplink bytes per second
+        self.compute = simpy.PriorityResource(env, capacity=1)
+        self.uplink = simpy.Resource(env, capacity=1)
+        self.gate = simpy.Resource(env, capacity=depth)
+        self.alive = True
+        self.generation = 0
+        self.busy = 0.0
+        self.pending = 0  # microbatches routed here whose forward has not finished yet
+        self.routed = 0  # microbatches ever routed here (tie-breaker)
+        self.bwd_since_opt = 0  # async: backward passes since this node's last optimizer step
+
+
+class PipelineSim:
+    """Build with a config, call `run()` once."""
+
+    def __init__(self, config: WanConfig, trace: bool = False):
+        self.cfg = config.validate()
+        self.env = simpy.Environment()
+        self.rng = np.random.default_rng(config.seed)
+        self.tracing = trace
+        self.trace: list[TraceEvent] = []
+        cfg = self.cfg
+        s_n, r_n = cfg.num_stages, cfg.replicas
+        self.fwd = cfg.stage_list(cfg.fwd_s, "fwd_s")
+        self.bwd = cfg.stage_list(cfg.bwd_s, "bwd_s")
+        self.opt = cfg.stage_list(cfg.opt_s, "opt_s")
+        self.sync_bytes = cfg.stage_list(cfg.grad_sync_bytes, "grad_sync_bytes")
+        speeds = self._lognormal(1.0, cfg.speed_sigma, (s_n, r_n))
+        bws = self._lognormal(cfg.link.bandwidth_mbps * 1e6 / 8.0, cfg.link.bandwidth_sigma, (s_n, r_n))
+        # latency[s][a][b]: one-way seconds from replica a of stage s to replica b of stage s+1 (and back)
+        self.latency = self._lognormal(cfg.link.latency_ms / 1e3, cfg.link.latency_sigma, (max(s_n - 1, 1), r_n, r_n))
+        self.nodes: list[list[_Node]] = []
+        for s in range(s_n):
+            depth = cfg.in_flight_per_stage if cfg.in_flight_per_stage is not None else s_n - s
+            self.nodes.append(
+                [_Node(self.env, s, r, float(speeds[s, r]), float(bws[s, r]), depth) for r in range(r_n)]
+            )
+        self.cpu = simpy.PriorityResource(self.env, capacity=cfg.shared_cpus) if cfg.shared_cpus else None
+        self.stage_up = [self.env.event() for _ in range(s_n)]
+        self.gated = cfg.schedule in ("1f1b", "async")
+        self.completed = 0
+        self.failed = 0
+        self.departures = 0
+        self.bytes_sent = 0.0
+        self.fwd_passes = [0] * s_n
+        self.bwd_passes = [0] * s_n
+        self.step_times: list[float] = []
+        self.completion_times: list[float] = []
+        self.gpipe_gate: simpy.Event | None = None
+        self.tail_done: set[int] = set()
+        self.churn_on = cfg.churn.mean_uptime_s is not None
+        self.finished = False
+
+    def _lognormal(self, median: float, sigma: float, shape: tuple[int, ...]) -> np.ndarray:
+        if sigma == 0:
+            return np.full(shape, median, dtype=float)
+        return median * np.exp(sigma * self.rng.standard_normal(shape))
+
+    # ------------------------------------------------------------------ building blocks
+    def _pick(self, stage: int) -> Generator[simpy.Event, Any, _Node]:
+        """Least-loaded live replica of `stage`; waits for a joiner when the stage is empty."""
+        while True:
+            live = [n for n in self.nodes[stage] if n.alive]
+            if live:
+                node = min(
+                    live,
+                    key=lambda n: ((n.pending + len(n.compute.queue) + len(n.compute.users) + 1) / n.speed, n.routed),
+                )
+                node.pending += 1
+                node.routed += 1
+                return node
+            yield self.stage_up[stage]
+
+    def _compute(self, node: _Node, seconds: float, kind: str, mb: int, attempt: int) -> Generator[simpy.Event, Any, bool]:
+        """Run `seconds / speed` of work on `node`; False when the node left before or during it."""
+        generation = node.generation
+        with node.compute.request(priority=_PRIO[kind]) as req:
+            yield req
+            cpu_req = None
+            if self.cpu is not None:
+                cpu_req = self.cpu.request(priority=_PRIO[kind])
+                yield cpu_req
+            try:
+                if not node.alive or node.generation != generation:
+                    return False
+                duration = seconds / node.speed
+                start = self.env.now
+                yield self.env.timeout(duration)
+                node.busy += duration
+                if self.tracing:
+                    self.trace.append(TraceEvent(mb, attempt, node.stage, node.replica, kind, start, self.env.now))
+            finally:
+                if cpu_req is not None and self.cpu is not None:
+                    self.cpu.release(cpu_req)
+        return node.alive and node.generation == generation
+
+    def _send(self, src: _Node, dst: _Node, nbytes: float) -> Generator[simpy.Event, Any, None]:
+        """Serialise `nbytes` on the sender's uplink, then wait the link latency."""
+        lo = min(src.stage, dst.stage)
+        a, b = (src.replica, dst.replica) if src.stage == lo else (dst.replica, src.replica)
+        with src.uplink.request() as req:
+            yield req
+            yield self.env.timeout(nbytes / min(src.bw, dst.bw))
+        self.bytes_sent += nbytes
+        yield self.env.timeout(float(self.latency[lo, a, b]))
+
+    # ------------------------------------------------------------------ one microbatch
+    def _attempt(self, mb: int, attempt: int) -> Generator[simpy.Event, Any, bool]:
+        cfg = self.cfg
+        s_n = cfg.num_stages
+        fwd_bytes = cfg.fwd_bytes_per_token * cfg.microbatch_tokens
+        bwd_bytes = cfg.bwd_bytes_per_token * cfg.microbatch_tokens
+        path: list[_Node] = []
+        generations: list[int] = []
+        gates: list[tuple[_Node, Any]] = []
+        node = yield from self._pick(0)
+        try:
+            for s in range(s_n):
+                if self.gated:
+                    greq = node.gate.request()
+                    gates.append((node, greq))
+                    yield greq
+                path.append(node)
+                generations.append(node.generation)
+                ok = yield from self._compute(node, self.fwd[s], FWD, mb, attempt)
+                node.pending -= 1
+                if not ok:
+                    return False
+                self.fwd_passes[s] += 1
+                if s < s_n - 1:
+                    nxt = yield from self._pick(s + 1)
+                    yield from self._send(node, nxt, fwd_bytes)
+                    node = nxt
+            if self.gpipe_gate is not None:
+                self.tail_done.add(mb)
+                if len(self.tail_done) == cfg.microbatches and not self.gpipe_gate.triggered:
+                    self.gpipe_gate.succeed()
+                yield self.gpipe_gate
+            for s in range(s_n - 1, -1, -1):
+                node = path[s]
+                if not node.alive or node.generation != generations[s]:
+                    return False
+                ok = yield from self._compute(node, self.bwd[s], BWD, mb, attempt)
+                if not ok:
+                    return False
+                self.bwd_passes[s] += 1
+                if self.gated:
+                    gnode, greq = gates.pop()
+                    gnode.gate.release(greq)
+                if cfg.schedule == "async":
+                    self._maybe_async_opt(node)
+                if s > 0:
+                    yield from self._send(node, path[s - 1], bwd_bytes)
+            return True
+        finally:
+            for gnode, greq in gates:
+                gnode.gate.release(greq)
+
+    def _microbatch(self, mb: int) -> Generator[simpy.Event, Any, None]:
+        attempt = 0
+        while True:
+            ok = yield from self._attempt(mb, attempt)
+            if ok:
+                break
+            self.failed += 1
+            attempt += 1
+        self.completed += 1
+        self.completion_times.append(self.env.now)
+
+    # ------------------------------------------------------------------ optimizer and churn
+    def _opt_node(self, node: _Node) -> Generator[simpy.Event, Any, None]:
+        if node.alive and self.opt[node.stage] > 0:
+            yield from self._compute(node, self.opt[node.stage], OPT, -1, 0)
+
+    def _grad_sync_s(self, stage: int) -> float:
+        """Ring all-reduce time among the live replicas of a stage."""
+        live = [n for n in self.nodes[stage] if n.alive]
+        r = len(live)
+        if r < 2 or self.sync_bytes[stage] <= 0:
+            return 0.0
+        bw = min(n.bw for n in live)
+        lat = float(np.max(self.latency[min(stage, self.latency.shape[0] - 1)]))
+        return 2.0 * (r - 1) / r * self.sync_bytes[stage] / bw + 2.0 * (r - 1) * lat
+
+    def _stage_step_end(self, stage: int) -> Generator[simpy.Event, Any, None]:
+        yield self.env.all_of([self.env.process(self._opt_node(n)) for n in self.nodes[stage]])
+        yield self.env.timeout(self._grad_sync_s(stage))
+
+    def _maybe_async_opt(self, node: _Node) -> None:
+        node.bwd_since_opt += 1
+        per_node = -(-self.cfg.microbatches // self.cfg.replicas)
+        if node.bwd_since_opt >= per_node:
+            node.bwd_since_opt = 0
+            self.env.process(self._opt_node(node))
+
+    def _churn(self, node: _Node) -> Generator[simpy.Event, Any, None]:
+        churn = self.cfg.churn
+        assert churn.mean_uptime_s is not None
+        while not self.finished:
+            yield self.env.timeout(float(self.rng.exponential(churn.mean_uptime_s)))
+            if self.finished:
+                return
+            node.alive = False
+            node.generation += 1
+            self.departures += 1
+            down = float(self.rng.exponential(churn.mean_downtime_s)) + churn.join_sync_bytes / node.bw
+            yield self.env.timeout(down)
+            node.alive = True
+            event = self.stage_up[node.stage]
+            self.stage_up[node.stage] = self.env.event()
+            event.succeed()
+
+    # ------------------------------------------------------------------ drivers
+    def _sync_driver(self) -> Generator[simpy.Event, Any, None]:
+        cfg = self.cfg
+        for step in range(cfg.steps):
+            t0 = self.env.now
+            if cfg.schedule == "gpipe":
+                self.gpipe_gate = self.env.event()
+                self.tail_done = set()
+            base = step * cfg.microbatches
+            yield self.env.all_of([self.env.process(self._microbatch(base + i)) for i in range(cfg.microbatches)])
+            yield self.env.all_of([self.env.process(self._stage_step_end(s)) for s in range(cfg.num_stages)])
+            self.step_times.append(self.env.now - t0)
+
+    def _async_driver(self) -> Generator[simpy.Event, Any, None]:
+        cfg = self.cfg
+        total = cfg.steps * cfg.microbatches
+        depth0 = cfg.in_flight_per_stage if cfg.in_flight_per_stage is not None else cfg.num_stages
+        window = simpy.Resource(self.env, capacity=depth0 * cfg.replicas)
+        procs = []
+
+        def one(mb: int, req: Any) -> Generator[simpy.Event, Any, None]:
+            try:
+                yield from self._microbatch(mb)
+            finally:
+                window.release(req)
+
+        for mb in range(total):
+            req = window.request()
+            yield req
+            procs.append(self.env.process(one(mb, req)))
+        yield self.env.all_of(procs)
+        times = [0.0] + [self.completion_times[i] for i in range(cfg.microbatches - 1, total, cfg.microbatches)]
+        self.step_times = [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
+
+    def run(self) -> WanResult:
+        """Simulate every step; raise DeadlockError if the run does not finish within max_sim_s."""
+        cfg = self.cfg
+        driver = self.env.process(self._async_driver() if cfg.schedule == "async" else self._sync_driver())
+        if self.churn_on:
+            for stage in self.nodes:
+                for node in stage:
+                    self.env.process(self._churn(node))
+        bound = self.env.timeout(cfg.max_sim_s)
+        try:
+            self.env.run(until=self.env.any_of([driver, bound]))
+        except RuntimeError as exc:  # event queue ran dry: nothing can progress
+            raise DeadlockError(f"pipeline made no progress at t={self.env.now:.3f}s: {exc}") from exc
+        if not driver.triggered:
+            raise DeadlockError(
+                f"pipeline did not finish {cfg.steps} steps within max_sim_s={cfg.max_sim_s}: "
+                f"{self.completed} of {cfg.steps * cfg.microbatches} microbatches done"
+            )
+        self.finished = True
+        end = self.env.now
+        busy = [sum(n.busy for n in stage) for stage in self.nodes]
+        n_nodes = cfg.num_stages * cfg.replicas
+        util = sum(busy) / (n_nodes * end) if end > 0 else 0.0
+        bubble = 1.0 - max(busy) / (cfg.replicas * end) if end > 0 else 0.0
+        tokens = self.completed * cfg.microbatch_tokens
+        return WanResult(
+            sim_time_s=end,
+            tokens_per_s=tokens / end if end > 0 else 0.0,
+            utilisation=util,
+            bubble_fraction=bubble,
+            mean_step_s=float(np.mean(self.step_times)) if self.step_times else 0.0,
+            step_times_s=list(self.step_times),
+            microbatches_expected=cfg.steps * cfg.microbatches,
+            microbatches_completed=self.completed,
+            failed_attempts=self.failed,
+            forward_passes=list(self.fwd_passes),
+            backward_passes=list(self.bwd_passes),
+            departures=self.departures,
+            bytes_sent=self.bytes_sent,
+            stage_busy_s=busy,
+            trace=self.trace,
+        )
+
+
+def simulate(config: WanConfig, trace: bool = False) -> WanResult:
+    """Run the SimPy pipeline model once."""
+    return PipelineSim(config, trace=trace).run()
