@@ -1,0 +1,91 @@
+"""Connecting to a chain: the embedded eth-tester/py-evm chain or a JSON-RPC URL with retries."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import requests
+from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from web3 import EthereumTesterProvider, HTTPProvider, Web3
+from web3.exceptions import ProviderConnectionError
+
+from contracts.config import ChainConfig
+from contracts.errors import ChainUnavailableError
+
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    ProviderConnectionError,
+    ConnectionError,
+    TimeoutError,
+)
+
+ANVIL_MNEMONIC = "test test test test test test test test test test test junk"
+
+
+def connect(url: str | None, config: ChainConfig | None = None) -> Web3:
+    """Return a Web3 for `url`, or for a fresh embedded chain when `url` is None.
+
+    A URL is probed with `eth_chainId`, retrying connection errors with backoff; raises
+    ChainUnavailableError (with the URL and attempts) when it never answers.
+    """
+    cfg = config or ChainConfig()
+    cfg.validate()
+    if url is None:
+        return Web3(EthereumTesterProvider())
+    provider = HTTPProvider(
+        url, request_kwargs={"timeout": cfg.request_timeout_s}, exception_retry_configuration=None
+    )
+    w3 = Web3(provider)
+    with_retries(lambda: w3.eth.chain_id, cfg, url)
+    return w3
+
+
+def with_retries(fn: Any, config: ChainConfig, url: str) -> Any:
+    """Call `fn()`, retrying connection errors per `config`; raise ChainUnavailableError at the end."""
+    last: BaseException | None = None
+    for attempt in range(1, config.connect_attempts + 1):
+        try:
+            return fn()
+        except CONNECTION_ERRORS as exc:
+            last = exc
+            if attempt < config.connect_attempts:
+                time.sleep(config.backoff_s(attempt))
+    raise ChainUnavailableError(url, config.connect_attempts, last)
+
+
+def endpoint_of(w3: Web3) -> str:
+    """A printable name of the chain endpoint."""
+    return str(getattr(w3.provider, "endpoint_uri", None) or "embedded")
+
+
+def is_embedded(w3: Web3) -> bool:
+    """True for an in-process eth-tester chain."""
+    return isinstance(w3.provider, EthereumTesterProvider)
+
+
+def test_accounts(w3: Web3, count: int = 10) -> list[LocalAccount]:
+    """Funded accounts: eth-tester's default keys (embedded) or anvil's default mnemonic (URL)."""
+    if is_embedded(w3):
+        keys = w3.provider.ethereum_tester.backend.account_keys  # type: ignore[attr-defined]
+        return [Account.from_key(k.to_bytes()) for k in keys[:count]]
+    Account.enable_unaudited_hdwallet_features()
+    return [
+        Account.from_mnemonic(ANVIL_MNEMONIC, account_path=f"m/44'/60'/0'/0/{i}") for i in range(count)
+    ]
+
+
+def advance_time(w3: Web3, seconds: int) -> int:
+    """Move chain time forward by `seconds` and mine a block; return the new block timestamp."""
+    if seconds < 0:
+        raise ValueError("advance_time: seconds must be >= 0")
+    if is_embedded(w3):
+        tester = w3.provider.ethereum_tester  # type: ignore[attr-defined]
+        now = w3.eth.get_block("latest")["timestamp"]
+        tester.time_travel(now + seconds)
+    else:
+        w3.provider.make_request("evm_increaseTime", [seconds])  # type: ignore[arg-type]
+        w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+    return int(w3.eth.get_block("latest")["timestamp"])
