@@ -56,6 +56,8 @@ class Codec(IntEnum):
     BF16 = 2
     INT8 = 3
     SUBSPACE = 4
+    SUBSPACE_FP32 = 5
+    SUBSPACE_INT8 = 6
 
 
 class Dtype(IntEnum):
@@ -74,6 +76,8 @@ CODEC_IDS: dict[str, Codec] = {
     "bf16": Codec.BF16,
     "int8": Codec.INT8,
     "subspace": Codec.SUBSPACE,
+    "subspace-fp32": Codec.SUBSPACE_FP32,
+    "subspace-int8": Codec.SUBSPACE_INT8,
 }
 CODEC_NAMES: dict[Codec, str] = {v: k for k, v in CODEC_IDS.items()}
 # dtype each codec puts on the wire (int8 carries per-row scales inside its payload, subspace sends bf16 z)
@@ -82,6 +86,8 @@ CODEC_DTYPES: dict[Codec, Dtype] = {
     Codec.BF16: Dtype.BFLOAT16,
     Codec.INT8: Dtype.INT8,
     Codec.SUBSPACE: Dtype.BFLOAT16,
+    Codec.SUBSPACE_FP32: Dtype.FLOAT32,
+    Codec.SUBSPACE_INT8: Dtype.INT8,
 }
 
 

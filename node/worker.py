@@ -1,0 +1,159 @@
+"""Stage worker: one pipeline stage's shard, optimiser and per-microbatch stash; no transport.
+
+The runtime (or the lead's inference path) calls forward / backward / step; all payloads are the
+codec's wire bytes, so the worker is the same whether the neighbour is local or remote.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from node import frames as F
+from node.errors import NonFiniteError, UnexpectedFrameError
+from sharding import (
+    Corpus,
+    ModelConfig,
+    OptimConfig,
+    StageSpec,
+    build_stage,
+    get_codec,
+    make_optimizer,
+    token_id_bytes,
+)
+from sharding.train import optimizer_step
+
+
+@dataclass
+class _Stash:
+    ids: torch.Tensor  # (B, T) token ids of the microbatch
+    out: torch.Tensor | None  # this stage's boundary output (non-tail), still attached to the graph
+    h_in: torch.Tensor | None  # received boundary input leaf (non-head)
+
+
+def window_to_bytes(window: torch.Tensor, id_bytes: int) -> bytes:
+    """(B, T+1) int64 token window -> little-endian uint16/uint32 bytes."""
+    dt = np.uint16 if id_bytes == 2 else np.uint32
+    return window.numpy().astype(dt).tobytes()
+
+
+def bytes_to_window(raw: bytes, batch: int, seq_len: int, id_bytes: int, vocab_size: int) -> torch.Tensor:
+    """Inverse of window_to_bytes; ids outside the vocabulary raise NonFiniteError."""
+    dt = np.uint16 if id_bytes == 2 else np.uint32
+    arr = np.frombuffer(raw, dtype=dt).astype(np.int64).reshape(batch, seq_len + 1)
+    if arr.size and int(arr.max()) >= vocab_size:
+        raise NonFiniteError(f"token window holds id {int(arr.max())} >= vocab_size {vocab_size}")
+    return torch.from_numpy(arr)
+
+
+class StageWorker:
+    """Forward/backward/step of one stage with GPipe-style gradient accumulation."""
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        spec: StageSpec,
+        *,
+        codec: str,
+        optim: OptimConfig,
+        num_microbatches: int,
+        microbatch_size: int,
+        corpus: Corpus | None = None,
+    ) -> None:
+        if spec.is_head and corpus is None:
+            raise ValueError("the head stage needs a corpus to read its data from")
+        self.config = config
+        self.spec = spec
+        self.codec = get_codec(codec, config)
+        self.optim = optim
+        self.num_microbatches = num_microbatches
+        self.microbatch_size = microbatch_size
+        self.corpus = corpus
+        self.module = build_stage(config, spec)
+        self.optimizer = make_optimizer(self.module, optim)
+        self.id_bytes = token_id_bytes(config)
+        self.next_step = 0  # first step not yet applied by the optimiser
+        self._stash: dict[tuple[int, int], _Stash] = {}
+        self._losses: dict[int, list[float]] = {}
+
+    def frame_spec(self, max_frame_bytes: int) -> F.FrameSpec:
+        """What this model's boundary frames must look like."""
+        if self.codec.name not in F.CODEC_IDS:
+            raise ValueError(f"codec {self.codec.name!r} has no wire id")
+        return F.FrameSpec(
+            spec_hash=self.config.spec_hash(), codec=F.CODEC_IDS[self.codec.name],
+            microbatch_size=self.microbatch_size, seq_len=self.config.seq_len, d_model=self.config.d_model,
+            bytes_per_token=self.codec.bytes_per_token, id_bytes=self.id_bytes, max_frame_bytes=max_frame_bytes,
+        )
+
+    # -- decoding (called off the event loop by the channel) --------------------------------------
+
+    def decode(self, fr: F.Frame) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+        """ACTIVATION -> (window, h); GRADIENT -> g. Codec errors (NaN/Inf, sizes) propagate."""
+        h = fr.header
+        if h.kind == F.Kind.ACTIVATION:
+            window = bytes_to_window(fr.window, self.microbatch_size, self.config.seq_len, self.id_bytes,
+                                     self.config.vocab_size)
+            return window, self.codec.decode_activation(fr.payload, window[:, :-1])
+        stash = self._stash.get((h.step, h.microbatch))
+        if stash is None:
+            raise UnexpectedFrameError(f"gradient for step {h.step} microbatch {h.microbatch} that was never sent")
+        return self.codec.decode_gradient(fr.payload, stash.ids)
+
+    # -- schedule pieces --------------------------------------------------------------------------
+
+    def head_window(self, step: int, mb: int) -> torch.Tensor:
+        """The (B, T+1) data window of (step, mb), a pure function of the corpus and optimiser seed."""
+        assert self.corpus is not None
+        return self.corpus.batch("train", step, mb, self.microbatch_size, self.config.seq_len, self.optim.data_seed)
+
+    def forward(self, step: int, mb: int, window: torch.Tensor, h_in: torch.Tensor | None) -> bytes | float:
+        """Non-tail: run the shard and return the encoded activation. Tail: loss, backward, return loss."""
+        ids, targets = window[:, :-1], window[:, 1:]
+        if h_in is not None:
+            h_in = h_in.detach().requires_grad_(True)
+        if self.spec.is_tail:
+            loss = self.module(ids, h_in, targets)
+            (loss / self.num_microbatches).backward()
+            self._stash[(step, mb)] = _Stash(ids=ids, out=None, h_in=h_in)
+            value = float(loss.detach())
+            self._losses.setdefault(step, []).append(value)
+            return value
+        out = self.module(ids, h_in)
+        self._stash[(step, mb)] = _Stash(ids=ids, out=out, h_in=h_in)
+        return self.codec.encode_activation(out.detach(), ids)
+
+    def backward(self, step: int, mb: int, grad_out: torch.Tensor | None) -> bytes | None:
+        """Backward of (step, mb) given d loss / d out (None at the tail, which already ran it).
+
+        Returns the encoded gradient for the upstream stage, or None at the head.
+        """
+        stash = self._stash.pop((step, mb), None)
+        if stash is None:
+            raise UnexpectedFrameError(f"backward for step {step} microbatch {mb} without a forward")
+        if grad_out is not None:
+            assert stash.out is not None
+            stash.out.backward(grad_out)
+        if stash.h_in is None:
+            return None
+        assert stash.h_in.grad is not None
+        return self.codec.encode_gradient(stash.h_in.grad, stash.ids)
+
+    def step(self, step: int) -> float | None:
+        """Apply the accumulated gradients (scheduled lr, re-projection); returns the tail's mean loss."""
+        if step != self.next_step:
+            raise UnexpectedFrameError(f"optimizer step {step} out of order: next is {self.next_step}")
+        if self._stash:
+            raise UnexpectedFrameError(f"step {step} has unfinished microbatches {sorted(self._stash)}")
+        optimizer_step(self.module, self.optimizer, step, self.optim)
+        self.next_step = step + 1
+        losses = self._losses.pop(step, None)
+        return sum(losses) / len(losses) if losses else None
+
+    def abort_step(self) -> None:
+        """Drop a partially run step (gradients and stashes) so it can be retried from scratch."""
+        self._stash.clear()
+        self._losses.clear()
+        self.optimizer.zero_grad(set_to_none=True)
