@@ -191,6 +191,7 @@ class ActChannel:
         self._acks_cv = trio.Condition()
         self.failure: NodeError | None = None  # why the channel died (None while healthy)
         self.closed_by_peer = False  # True after an orderly CLOSE from the peer
+        self.listeners: list[Callable[[], None]] = []  # called whenever a frame or a failure arrives
 
     # -- handshake ---------------------------------------------------------------------------------
 
@@ -350,10 +351,27 @@ class ActChannel:
         await self._write(credit)
         return item
 
+    async def try_recv(self) -> Received | None:
+        """The next accepted data frame if one is waiting (grants a credit), else None."""
+        try:
+            item = self._inbox.receive_nowait()
+        except trio.WouldBlock:
+            return None
+        if isinstance(item, BaseException):
+            raise item
+        self._granted_left += 1
+        await self._write(F.encode_frame(F.Kind.CREDIT, self.local.spec_hash, self.local.stage, 0, 1))
+        return item
+
+    def _notify(self) -> None:
+        for fn in self.listeners:
+            fn()
+
     def _fail(self, err: NodeError) -> None:
         if self.failure is None:
             self.failure = err
             self._inbox_send.send_nowait(err)
+            self._notify()
 
     def _raise_if_failed(self) -> None:
         if self.failure is not None:
@@ -455,6 +473,7 @@ class ActChannel:
                              fr.header.microbatch, payload=fr.header.digest + counter)
         await self._write(ack)
         self._inbox_send.send_nowait(Received(frame=fr, value=value))
+        self._notify()
 
     async def _on_ack(self, fr: F.Frame) -> None:
         acked = fr.payload[: F.DIGEST_SIZE]

@@ -1,0 +1,193 @@
+"""Discovery without a central server: bootstrap peers + announcement gossip on `/pmn/announce/1.0.0`.
+
+Each exchange: the dialer sends its own announcement, the responder answers with its table (its own
+announcement included). Tables merge by peer id, newest wins; entries expire after `entry_ttl_s`.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import trio
+from libp2p.custom_types import TProtocol
+
+from node.config import DiscoveryConfig
+from node.errors import DiscoveryError
+from node.host import parse_peer_addr
+
+ANNOUNCE_PROTOCOL = TProtocol("/pmn/announce/1.0.0")
+MAX_MESSAGE = 1 << 20  # bytes of one announcement message
+
+
+@dataclass(frozen=True)
+class Announcement:
+    """What a node tells the swarm about itself."""
+
+    peer_id: str  # libp2p peer id
+    addrs: tuple[str, ...]  # full multiaddrs with /p2p/<peer id>
+    spec_hash: str  # hex model spec hash
+    num_stages: int  # pipeline depth it trains in
+    stage: int  # stage it serves (-1 while still choosing)
+    capacity: int  # declared capacity units
+    address: str = ""  # Ethereum address of its node key
+    seq: int = 0  # sender's counter, bumps on every change (newest wins)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["addrs"] = list(self.addrs)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> Announcement:
+        return cls(str(d["peer_id"]), tuple(str(a) for a in d["addrs"]), str(d["spec_hash"]), int(d["num_stages"]),
+                   int(d["stage"]), int(d["capacity"]), str(d.get("address", "")), int(d.get("seq", 0)))
+
+
+def choose_stage(entries: Iterable[Announcement], spec_hash: str, num_stages: int, exclude: str = "") -> int:
+    """The stage with the least announced capacity for this model (lowest index on ties)."""
+    load = [0] * num_stages
+    for e in entries:
+        if e.peer_id != exclude and e.spec_hash == spec_hash and e.num_stages == num_stages and 0 <= e.stage < num_stages:
+            load[e.stage] += e.capacity
+    return min(range(num_stages), key=lambda s: (load[s], s))
+
+
+async def _write_msg(stream: Any, obj: Any) -> None:
+    body = json.dumps(obj).encode()
+    await stream.write(struct.pack(">I", len(body)) + body)
+
+
+async def _read_msg(stream: Any) -> Any:
+    buf = b""
+    while len(buf) < 4:
+        chunk = await stream.read(4 - len(buf))
+        if not chunk:
+            raise DiscoveryError("announce stream closed before a message")
+        buf += chunk
+    (n,) = struct.unpack(">I", buf)
+    if n > MAX_MESSAGE:
+        raise DiscoveryError(f"announce message of {n} bytes exceeds {MAX_MESSAGE}")
+    body = b""
+    while len(body) < n:
+        chunk = await stream.read(n - len(body))
+        if not chunk:
+            raise DiscoveryError("announce message truncated")
+        body += chunk
+    return json.loads(body)
+
+
+class Discovery:
+    """Keeps a table of announcements fresh by gossiping with known peers."""
+
+    def __init__(self, host: Any, me: Announcement, cfg: DiscoveryConfig, bootstrap: list[str]) -> None:
+        self.host = host
+        self.me = me
+        self.cfg = cfg
+        self.bootstrap = list(bootstrap)
+        for a in self.bootstrap:
+            parse_peer_addr(a)  # ValueError names a bad bootstrap address
+        self.table: dict[str, tuple[Announcement, float]] = {}  # peer id -> (announcement, local time seen)
+        self.changed = trio.Event()
+        host.set_stream_handler(ANNOUNCE_PROTOCOL, self._handle)
+
+    def update_me(self, **changes: Any) -> None:
+        """Change our own announcement (e.g. the chosen stage); bumps seq."""
+        d = {**self.me.__dict__, **changes, "seq": self.me.seq + 1}
+        self.me = Announcement(**d)
+
+    def entries(self) -> list[Announcement]:
+        """Live announcements of other peers."""
+        now = trio.current_time()
+        return [a for a, t in self.table.values() if now - t <= self.cfg.entry_ttl_s and a.peer_id != self.me.peer_id]
+
+    def _merge(self, items: list[Any]) -> None:
+        now = trio.current_time()
+        for raw in items:
+            try:
+                a = Announcement.from_json(raw)
+            except (KeyError, TypeError, ValueError):
+                continue
+            if a.peer_id == self.me.peer_id:
+                continue
+            old = self.table.get(a.peer_id)
+            if old is None or a.seq >= old[0].seq:
+                self.table[a.peer_id] = (a, now)
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def _payload(self) -> list[dict[str, Any]]:
+        return [self.me.to_json()] + [a.to_json() for a in self.entries()]
+
+    async def _handle(self, stream: Any) -> None:
+        try:
+            with trio.fail_after(self.cfg.discovery_timeout_s):
+                msg = await _read_msg(stream)
+                self._merge(msg if isinstance(msg, list) else [])
+                await _write_msg(stream, self._payload())
+                await stream.close()
+        except Exception:  # a misbehaving peer only loses its own exchange
+            try:
+                await stream.reset()
+            except Exception:
+                pass
+
+    async def exchange(self, addr: str) -> None:
+        """One gossip exchange with the peer at `addr` (a full multiaddr)."""
+        info = parse_peer_addr(addr)
+        if info.peer_id == self.host.get_id():
+            return
+        with trio.fail_after(self.cfg.discovery_timeout_s):
+            await self.host.connect(info)
+            stream = await self.host.new_stream(info.peer_id, [ANNOUNCE_PROTOCOL])
+            await _write_msg(stream, self._payload())
+            msg = await _read_msg(stream)
+            await stream.close()
+        self._merge(msg if isinstance(msg, list) else [])
+
+    def _targets(self) -> list[str]:
+        seen = set()
+        out = []
+        for a in self.bootstrap:
+            pid = parse_peer_addr(a).peer_id.pretty()
+            if pid not in seen:
+                seen.add(pid)
+                out.append(a)
+        for e in self.entries():
+            if e.peer_id not in seen and e.addrs:
+                seen.add(e.peer_id)
+                out.append(e.addrs[0])
+        return out
+
+    async def gossip_round(self) -> int:
+        """Exchange with every known peer once; returns how many answered."""
+        ok = 0
+        for addr in self._targets():
+            try:
+                await self.exchange(addr)
+                ok += 1
+            except Exception:  # unreachable peers are skipped until their entry expires
+                continue
+        return ok
+
+    async def run(self) -> None:
+        """Gossip forever every `announce_interval_s`."""
+        while True:
+            await self.gossip_round()
+            await trio.sleep(self.cfg.announce_interval_s)
+
+    async def wait_for_stage(self, stage: int, timeout_s: float | None = None) -> Announcement:
+        """A live peer serving `stage` of our model (DiscoveryError naming the stage on timeout)."""
+        limit = self.cfg.discovery_timeout_s if timeout_s is None else timeout_s
+        with trio.move_on_after(limit):
+            while True:
+                found = [e for e in self.entries()
+                         if e.stage == stage and e.spec_hash == self.me.spec_hash and e.num_stages == self.me.num_stages]
+                if found:
+                    return max(found, key=lambda e: (e.capacity, e.seq))
+                await self.changed.wait()
+        raise DiscoveryError(f"no peer serving stage {stage} of model 0x{self.me.spec_hash[:16]}... "
+                             f"was found within discovery_timeout_s={limit}")

@@ -1,0 +1,197 @@
+"""Synchronous pipeline schedule over `/pmn/act/1.0.0` channels.
+
+Each stage runs an event-driven loop per global step: whichever input is ready is processed
+(activation from upstream -> forward, gradient from downstream -> backward). Sends go through an
+unbounded local queue drained by one task per channel, so the loop never blocks on credits and
+neighbours cannot deadlock. The optimiser steps once all microbatches of the step are done and
+every frame is acknowledged, so the result equals the single-process run (GPipe semantics).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from node import frames as F
+from node.channel import ActChannel
+from node.config import RuntimeConfig
+from node.errors import NodeError, PeerLostError, UnexpectedFrameError
+from node.worker import StageWorker, window_to_bytes
+
+
+@dataclass
+class StepResult:
+    """What one stage reports after a global step."""
+
+    step: int  # global step index
+    stage: int  # this stage
+    loss: float | None  # mean microbatch loss (tail only)
+    tokens: int  # tokens processed in the step
+    seconds: float  # wall time of the step
+    comm_wait_s: float  # time the loop spent waiting for frames or acks
+    bytes_in: int = 0  # bytes received on both channels during the step
+    bytes_out: int = 0  # bytes sent on both channels during the step
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form additions
+
+
+class _Sender:
+    """Unbounded outgoing queue for one channel, drained by `run`."""
+
+    def __init__(self, ch: ActChannel) -> None:
+        self.ch = ch
+        self._send, self._recv = trio.open_memory_channel[tuple[F.Kind, int, int, bytes, bytes]](math.inf)
+        self.queued = 0
+        self.sent = 0
+        self.error: NodeError | None = None
+        self._idle = trio.Event()
+        self._idle.set()
+
+    def put(self, kind: F.Kind, step: int, mb: int, payload: bytes, window: bytes = b"") -> None:
+        if self.error is not None:
+            raise self.error
+        self.queued += 1
+        self._idle = trio.Event()
+        self._send.send_nowait((kind, step, mb, payload, window))
+
+    async def run(self) -> None:
+        async for kind, step, mb, payload, window in self._recv:
+            try:
+                await self.ch.send_data(kind, step, mb, payload, window)
+            except NodeError as exc:
+                self.error = exc
+                self._idle.set()
+                return
+            self.sent += 1
+            if self.sent == self.queued:
+                self._idle.set()
+
+    async def drain(self) -> None:
+        await self._idle.wait()
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self._send.close()
+
+
+class PipelineRuntime:
+    """Runs global steps of one stage given its live neighbour channels (None at the ends)."""
+
+    def __init__(
+        self,
+        worker: StageWorker,
+        cfg: RuntimeConfig,
+        upstream: ActChannel | None = None,
+        downstream: ActChannel | None = None,
+    ) -> None:
+        self.worker = worker
+        self.cfg = cfg
+        self.upstream = upstream
+        self.downstream = downstream
+        self.stage = worker.spec.index
+        self._wake = trio.Event()
+        for ch in (upstream, downstream):
+            if ch is not None:
+                ch.listeners.append(self._on_arrival)
+
+    def _on_arrival(self) -> None:
+        self._wake.set()
+
+    def detach(self) -> None:
+        """Stop listening to the channels (before they are replaced)."""
+        for ch in (self.upstream, self.downstream):
+            if ch is not None and self._on_arrival in ch.listeners:
+                ch.listeners.remove(self._on_arrival)
+
+    def _check(self, r: Any, step: int, kind: F.Kind) -> int:
+        h = r.frame.header
+        if h.step != step:
+            raise UnexpectedFrameError(f"stage {self.stage} at step {step} got a {kind.name.lower()} frame "
+                                       f"for step {h.step} from stage {h.stage}")
+        return int(h.microbatch)
+
+    def _stats(self) -> tuple[int, int]:
+        chans = [c for c in (self.upstream, self.downstream) if c is not None]
+        return sum(c.stats.bytes_in for c in chans), sum(c.stats.bytes_out for c in chans)
+
+    async def run_step(self, step: int) -> StepResult:
+        """Run global step `step` to completion (forward + backward of every microbatch, then AdamW)."""
+        w = self.worker
+        spec = w.spec
+        m = w.num_microbatches
+        t0 = time.perf_counter()
+        b_in0, b_out0 = self._stats()
+        waited = 0.0
+        up_tx = _Sender(self.upstream) if self.upstream is not None else None
+        down_tx = _Sender(self.downstream) if self.downstream is not None else None
+        fwd = bwd = 0
+        async with trio.open_nursery() as nursery:
+            for tx in (up_tx, down_tx):
+                if tx is not None:
+                    nursery.start_soon(tx.run)
+            try:
+                while fwd < m or bwd < m:
+                    self._wake = trio.Event()
+                    for tx in (up_tx, down_tx):
+                        if tx is not None and tx.error is not None:
+                            raise tx.error
+                    r = await self.downstream.try_recv() if self.downstream is not None else None
+                    if r is not None:
+                        mb = self._check(r, step, F.Kind.GRADIENT)
+                        grad = await trio.to_thread.run_sync(w.backward, step, mb, r.value)
+                        if up_tx is not None and grad is not None:
+                            up_tx.put(F.Kind.GRADIENT, step, mb, grad)
+                        bwd += 1
+                        continue
+                    window = h_in = None
+                    mb = fwd
+                    if self.upstream is not None:
+                        r = await self.upstream.try_recv()
+                        if r is not None:
+                            mb = self._check(r, step, F.Kind.ACTIVATION)
+                            window, h_in = r.value
+                    elif fwd < m:
+                        window = await trio.to_thread.run_sync(w.head_window, step, fwd)
+                    if window is not None:
+                        out = await trio.to_thread.run_sync(w.forward, step, mb, window, h_in)
+                        fwd += 1
+                        if spec.is_tail:
+                            grad = await trio.to_thread.run_sync(w.backward, step, mb, None)
+                            if up_tx is not None and grad is not None:
+                                up_tx.put(F.Kind.GRADIENT, step, mb, grad)
+                            bwd += 1
+                        else:
+                            assert down_tx is not None and isinstance(out, bytes)
+                            down_tx.put(F.Kind.ACTIVATION, step, mb, out, window_to_bytes(window, w.id_bytes))
+                        continue
+                    tw = time.perf_counter()
+                    with trio.move_on_after(self.cfg.frame_timeout_s) as scope:
+                        await self._wake.wait()
+                    waited += time.perf_counter() - tw
+                    if scope.cancelled_caught:
+                        ch = self.upstream if fwd < m and self.upstream is not None else self.downstream
+                        assert ch is not None
+                        raise PeerLostError(
+                            f"stage {self.stage}: no frame from peer {ch.peer} (stage {ch.remote_stage}) within "
+                            f"frame_timeout_s={self.cfg.frame_timeout_s} at step {step}", ch.peer, ch.remote_stage)
+                tw = time.perf_counter()
+                for tx in (up_tx, down_tx):
+                    if tx is not None:
+                        await tx.drain()
+                for ch in (self.upstream, self.downstream):
+                    if ch is not None:
+                        await ch.wait_acked()
+                waited += time.perf_counter() - tw
+            finally:
+                for tx in (up_tx, down_tx):
+                    if tx is not None:
+                        tx.close()
+        loss = await trio.to_thread.run_sync(w.step, step)
+        b_in, b_out = self._stats()
+        return StepResult(step=step, stage=self.stage, loss=loss, tokens=m * w.microbatch_size * w.config.seq_len,
+                          seconds=time.perf_counter() - t0, comm_wait_s=waited, bytes_in=b_in - b_in0,
+                          bytes_out=b_out - b_out0)
