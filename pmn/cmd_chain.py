@@ -1,0 +1,226 @@
+"""Chain-facing commands: propose, models, shares, claim, contracts build|deploy, ledger verify.
+
+A holder needs only an RPC URL and the deployment file; nothing here needs a running node.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+from eth_account.signers.local import LocalAccount
+from rich.console import Console
+from rich.table import Table
+
+from contracts.chain import connect
+from contracts.client import ProtocolContracts
+from contracts.config import ChainConfig
+from contracts.deploy import Deployment
+from pmn.config import ChainSettings, HolderConfig, ResearcherConfig, load_config
+from pmn.errors import CLIError, DeploymentError
+from pmn.wallet import read_password, unlock_keystore
+
+C = TypeVar("C", bound=ChainSettings)
+
+
+@dataclass
+class Session:
+    """A connected chain client plus the role config it came from."""
+
+    client: ProtocolContracts
+    config: ChainSettings
+
+
+def role_config(cls: type[C], args: argparse.Namespace) -> C:
+    """Role config from --config, PMN_* variables and the command's flags."""
+    cfg = load_config(cls, getattr(args, "config", None))
+    if getattr(args, "rpc_url", None):
+        cfg.rpc_url = args.rpc_url
+    if getattr(args, "deployment", None):
+        cfg.deployment = str(args.deployment)
+    if getattr(args, "keystore", None) and hasattr(cfg, "keystore"):
+        cfg.keystore = str(args.keystore)  # type: ignore[attr-defined]
+    return cfg
+
+
+def chain_config(cfg: ChainSettings) -> ChainConfig:
+    """Map a role's RPC settings onto the chain client's config."""
+    return ChainConfig(connect_attempts=max(1, cfg.rpc_retries), backoff_initial_s=cfg.rpc_backoff_s,
+                       request_timeout_s=cfg.rpc_timeout_s)
+
+
+def open_session(cfg: ChainSettings) -> Session:
+    """Connect to the configured RPC URL and bind the deployment; clear errors when either is missing."""
+    if not cfg.rpc_url:
+        raise CLIError("no chain: pass --rpc-url URL (or set rpc_url / PMN_RPC_URL); only `pmn demo` runs an embedded chain")
+    path = Path(cfg.deployment).expanduser()
+    if not path.exists():
+        raise DeploymentError(f"deployment file {path} not found: pass --deployment FILE (written by `pmn contracts deploy`)")
+    try:
+        deployment = Deployment.load(path)
+    except (ValueError, KeyError) as exc:
+        raise DeploymentError(f"{path} is not a deployment file: {exc}") from None
+    ccfg = chain_config(cfg)
+    w3 = connect(cfg.rpc_url, ccfg)
+    deployment.check_chain(w3)
+    return Session(ProtocolContracts(w3, deployment, ccfg), cfg)
+
+
+def unlock(cfg: Any, args: argparse.Namespace) -> LocalAccount:
+    """The role's account, decrypted from its keystore."""
+    return unlock_keystore(Path(cfg.keystore).expanduser(), read_password(getattr(args, "password_file", None)))
+
+
+def _require_model(client: ProtocolContracts, model_id: int) -> None:
+    count = client.model_count()
+    if not 1 <= model_id <= count:
+        raise CLIError(f"unknown model id {model_id}: this deployment has models 1..{count} (see `pmn models`)")
+
+
+# -- researcher ------------------------------------------------------------------------------------
+
+
+def cmd_propose(args: argparse.Namespace) -> int:
+    from pmn.spec import load_proposal
+    from protocol.accounting import accounting_function_hash
+
+    proposal = load_proposal(args.spec)
+    print(f"spec hash 0x{proposal.content_hash().hex()}")
+    if args.dry_run:
+        return 0
+    cfg = role_config(ResearcherConfig, args)
+    session = open_session(cfg)
+    account = unlock(cfg, args)
+    terms = proposal.terms
+    model_id = session.client.propose_model(
+        account, proposal.content_hash(), terms.metadata_uri or cfg.metadata_uri, proposal.training.stages,
+        accounting_function_hash(), terms.epoch_length, terms.challenge_window_s, proposal.audit_rate_bps,
+        terms.inference_fee_wei)
+    print(f"model id {model_id}")
+    return 0
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    session = open_session(role_config(HolderConfig, args))
+    models = session.client.list_models()
+    rows = [{"model_id": m.model_id, "status": m.status, "proposer": m.proposer, "stages": m.terms.num_stages,
+             "spec_hash": "0x" + m.terms.spec_hash.hex(), "share_token": m.share_token,
+             "fee_wei": m.terms.inference_fee_wei, "total_shares": session.client.total_supply(m.model_id)}
+            for m in models]
+    if args.json:
+        print(json.dumps(rows))
+        return 0
+    table = Table(title="models")
+    for col in ("id", "status", "stages", "spec hash", "shares", "fee (wei)", "proposer"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(str(r["model_id"]), r["status"], str(r["stages"]), r["spec_hash"][:18] + "…",
+                      str(r["total_shares"]), str(r["fee_wei"]), r["proposer"])
+    Console().print(table)
+    return 0
+
+
+# -- holder ----------------------------------------------------------------------------------------
+
+
+def share_report(client: ProtocolContracts, model_id: int, holder: str) -> dict[str, Any]:
+    """Balance, fraction, claimable, claimed and per-epoch history of one holder."""
+    _require_model(client, model_id)
+    balance = client.balance_of(model_id, holder)
+    supply = client.total_supply(model_id)
+    history = [{"epoch": e, "units": u, "node": n} for e, n, u in leaf_history(client, model_id, holder)]
+    return {"model_id": model_id, "holder": holder, "balance": balance, "total_supply": supply,
+            "fraction": balance / supply if supply else 0.0, "claimable_wei": client.claimable(model_id, holder),
+            "claimed_wei": client.claimed(model_id, holder), "history": history}
+
+
+def leaf_history(client: ProtocolContracts, model_id: int, holder: str) -> list[tuple[int, str, int]]:
+    """(epoch, node, units) of every leaf claim that minted shares to `holder`, from the ledger's events."""
+    events = getattr(client, "leaf_claims", None)
+    if events is None:
+        return []
+    return [(e, n, u) for e, n, u, operator in events(model_id) if operator.lower() == holder.lower()]
+
+
+def cmd_shares(args: argparse.Namespace) -> int:
+    cfg = role_config(HolderConfig, args)
+    session = open_session(cfg)
+    holder = args.holder or unlock(cfg, args).address
+    report = share_report(session.client, args.model, holder)
+    if args.json:
+        print(json.dumps(report))
+        return 0
+    table = Table(title=f"shares of model {args.model} held by {holder}")
+    table.add_column("figure")
+    table.add_column("value", justify="right")
+    for key in ("balance", "total_supply", "fraction", "claimable_wei", "claimed_wei"):
+        value = report[key]
+        table.add_row(key, f"{value:.6f}" if isinstance(value, float) else str(value))
+    for h in report["history"]:
+        table.add_row(f"epoch {h['epoch']}", f"{h['units']} units (node {h['node']})")
+    Console().print(table)
+    return 0
+
+
+def cmd_claim(args: argparse.Namespace) -> int:
+    cfg = role_config(HolderConfig, args)
+    session = open_session(cfg)
+    account = unlock(cfg, args)
+    _require_model(session.client, args.model)
+    paid = session.client.claim_revenue(args.model, account)
+    print(f"claimed {paid} wei for {account.address} (model {args.model})")
+    return 0
+
+
+# -- tooling ---------------------------------------------------------------------------------------
+
+
+def cmd_contracts_build(args: argparse.Namespace) -> int:
+    from contracts.build import build
+
+    changed = build(check=args.check)
+    if args.check:
+        if changed:
+            raise CLIError(f"committed artifacts differ from a fresh compile: {', '.join(changed)}; run `pmn contracts build`")
+        print("artifacts match a fresh compile")
+    else:
+        print("wrote " + (", ".join(changed) if changed else "nothing (artifacts already up to date)"))
+    return 0
+
+
+def cmd_contracts_deploy(args: argparse.Namespace) -> int:
+    from contracts.deploy import deploy_all
+
+    cfg = role_config(ResearcherConfig, args)
+    if not cfg.rpc_url:
+        raise CLIError("no chain: pass --rpc-url URL")
+    ccfg = chain_config(cfg)
+    w3 = connect(cfg.rpc_url, ccfg)
+    admin = unlock(cfg, args)
+    validators = args.validator or [admin.address]
+    deployment = deploy_all(w3, admin, validators, args.quorum, config=ccfg)
+    deployment.save(args.out)
+    print(f"deployed to chain {deployment.chain_id}; wrote {args.out}")
+    for name, addr in sorted(deployment.addresses.items()):
+        print(f"  {name:<22} {addr}")
+    return 0
+
+
+def cmd_ledger_verify(args: argparse.Namespace) -> int:
+    from protocol.epoch import verify_epoch
+
+    session = open_session(role_config(HolderConfig, args))
+    _require_model(session.client, args.model)
+    info = session.client.epoch_info(args.model, args.epoch)
+    if info.submitted_at == 0:
+        raise CLIError(f"model {args.model} has no root for epoch {args.epoch} on chain")
+    if not args.receipts.exists():
+        raise CLIError(f"receipts file {args.receipts} not found")
+    result = verify_epoch(args.receipts.read_bytes(), info.root, expected_receipts_hash=info.receipts_hash)
+    print(f"epoch {args.epoch} of model {args.model}: root 0x{info.root.hex()} matches "
+          f"{len(result.credits) if hasattr(result, 'credits') else ''} recomputed leaves "
+          f"(total units {info.total_units})")
+    return 0

@@ -1,0 +1,47 @@
+"""`pmn simulate wan|incentives`: thin wrappers over `simulations` printing a table and a JSON last line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _print(result: dict[str, Any], title: str, as_json: bool) -> None:
+    if not as_json:
+        table = Table(title=title)
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        for key, value in result.items():
+            if isinstance(value, (int, float, str)):
+                table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+            elif isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
+                for sub, v in value.items():
+                    table.add_row(f"{key}.{sub}", f"{v:.4g}" if isinstance(v, float) else str(v))
+        Console().print(table)
+    print(json.dumps(result, sort_keys=True, default=str))
+
+
+def cmd_wan(args: argparse.Namespace) -> int:
+    from simulations.wan import run_wan
+
+    kwargs: dict[str, Any] = {}
+    if args.plots is not None:
+        kwargs["plots_dir"] = args.plots
+    result = run_wan(args.preset, **kwargs)
+    _print(result, f"WAN pipeline simulation: {args.preset}", args.json)
+    return 0
+
+
+def cmd_incentives(args: argparse.Namespace) -> int:
+    from simulations.incentives import run_incentives
+
+    kwargs: dict[str, Any] = {}
+    if args.plots is not None:
+        kwargs["plots_dir"] = args.plots
+    result = run_incentives(**kwargs)
+    _print(result, "Incentive simulation: net earnings per class", args.json)
+    return 0
