@@ -12,7 +12,7 @@ from web3 import EthereumTesterProvider, HTTPProvider, Web3
 from web3.exceptions import ProviderConnectionError
 
 from contracts.config import ChainConfig
-from contracts.errors import ChainUnavailableError
+from contracts.errors import ChainUnavailableError, ContractsError
 
 CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
     requests.exceptions.ConnectionError,
@@ -84,8 +84,10 @@ def advance_time(w3: Web3, seconds: int) -> int:
     if is_embedded(w3):
         tester = w3.provider.ethereum_tester  # type: ignore[attr-defined]
         now = w3.eth.get_block("latest")["timestamp"]
-        tester.time_travel(now + seconds)
+        tester.time_travel(now + seconds + 1)  # eth-tester's mined block lands one second before the target
     else:
-        w3.provider.make_request("evm_increaseTime", [seconds])  # type: ignore[arg-type]
-        w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+        for method, params in (("evm_increaseTime", [seconds]), ("evm_mine", [])):
+            resp = w3.provider.make_request(method, params)  # type: ignore[arg-type]
+            if "error" in resp:
+                raise ContractsError(f"{method} failed at {endpoint_of(w3)}: {resp['error']}")
     return int(w3.eth.get_block("latest")["timestamp"])
