@@ -1,0 +1,185 @@
+"""Compression benchmark: dense vs int8 vs subspace stage boundaries, same seed, same tokens.
+
+Trains the same small byte-level GPT (d_model >= 512) split into pipeline stages, in one process,
+with every boundary crossing its codec's bytes:
+  dense     plain pre-norm GPT, fp32 boundaries (best of a learning-rate sweep = the fair baseline)
+  int8      plain GPT, int8 boundaries with a per-token scale, at the dense learning rate
+  control   subspace architecture with k = d_model (no compression), fp32 boundaries
+  subspace  subspace architecture with k = --k, bf16 z (or int8 z with --z-int8) at the boundaries
+Wire bytes per token = codec payload + 2 bytes of token id. Prints a table; the last line is JSON.
+
+    python benchmarks/compression.py --quick      # < 60 s, machinery check only
+    python benchmarks/compression.py              # the full run
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sharding.codecs import token_id_bytes  # noqa: E402
+from sharding.config import ModelConfig  # noqa: E402
+from sharding.data import load_corpus  # noqa: E402
+from sharding.pipeline import LocalPipeline  # noqa: E402
+from sharding.train import OptimConfig  # noqa: E402
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    """One benchmark run's shape and budget."""
+
+    d_model: int = 512  # model width (compression against fp32 scales with it)
+    n_layers: int = 4  # transformer blocks
+    n_heads: int = 8  # attention heads
+    mlp_ratio: int = 4  # MLP width multiple
+    seq_len: int = 64  # tokens per sequence
+    batch_size: int = 8  # sequences per optimizer step (one microbatch)
+    steps: int = 300  # optimizer steps per run (token budget = steps * batch_size * seq_len)
+    stages: int = 3  # pipeline stages (2-4)
+    k: int = 8  # subspace rank of the compressed run
+    free_tail_layers: int = 2  # last blocks left unconstrained in subspace mode (node0: 2)
+    lr: float = 3e-3  # learning rate of the subspace and control runs
+    dense_lrs: tuple[float, ...] = (1e-3, 2e-3, 3e-3)  # sweep for the dense baseline; best val wins
+    warmup_frac: float = 0.1  # warm-up steps as a fraction of steps
+    z_int8: bool = False  # send z as int8 + bf16 scale instead of bf16
+    eval_batches: int = 8  # validation windows: eval_batches * batch_size sequences
+    seed: int = 0  # model seed (and data seed)
+
+
+QUICK = BenchConfig(
+    n_layers=3, seq_len=32, batch_size=4, steps=6, stages=2, free_tail_layers=1, dense_lrs=(2e-3,), eval_batches=2
+)
+
+
+def model_config(b: BenchConfig, rank: int | None) -> ModelConfig:
+    return ModelConfig(
+        vocab_size=256,
+        seq_len=b.seq_len,
+        d_model=b.d_model,
+        n_layers=b.n_layers,
+        n_heads=b.n_heads,
+        mlp_ratio=b.mlp_ratio,
+        subspace_rank=rank,
+        free_tail_layers=b.free_tail_layers if rank is not None else 0,
+        seed=b.seed,
+    ).validate()
+
+
+def run(b: BenchConfig, cfg: ModelConfig, codec: str, lr: float, corpus) -> dict:
+    optim = OptimConfig(
+        lr=lr, warmup_steps=max(1, int(b.steps * b.warmup_frac)), decay_steps=b.steps, data_seed=b.seed
+    )
+    pipe = LocalPipeline(cfg, b.stages, codec, optim)
+    t0 = time.time()
+    losses = [pipe.train_step(s, corpus, 1, b.batch_size) for s in range(b.steps)]
+    train_bytes = pipe.bytes_sent + pipe.id_bytes_sent
+    val = pipe.evaluate(corpus, b.eval_batches, b.batch_size)
+    tokens = b.steps * b.batch_size * b.seq_len
+    boundaries = len(pipe.specs) - 1
+    # measured: forward payload + ids + backward payload, per token per boundary, halved = one direction
+    measured = train_bytes / (tokens * boundaries) / 2 + token_id_bytes(cfg) / 2 if boundaries else 0.0
+    return {
+        "codec": codec,
+        "k": cfg.subspace_rank,
+        "lr": lr,
+        "val_loss": val,
+        "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
+        "wire_bytes_per_token": pipe.wire_bytes_per_token,
+        "measured_bytes_per_token": measured,
+        "stages": [(s.block_start, s.block_end) for s in pipe.specs],
+        "seconds": time.time() - t0,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="tiny budget (< 60 s): checks the machinery only")
+    ap.add_argument("--steps", type=int, help="optimizer steps per run")
+    ap.add_argument("--k", type=int, help="subspace rank")
+    ap.add_argument("--lr", type=float, help="learning rate of subspace and control runs")
+    ap.add_argument("--dense-lrs", type=str, help="comma-separated dense learning rates to sweep")
+    ap.add_argument("--layers", type=int, help="n_layers")
+    ap.add_argument("--stages", type=int, help="pipeline stages")
+    ap.add_argument("--free-tail-layers", type=int, help="unconstrained last blocks")
+    ap.add_argument("--batch", type=int, help="sequences per step")
+    ap.add_argument("--seq", type=int, help="sequence length")
+    ap.add_argument("--z-int8", action="store_true", help="send z as int8 with a bf16 per-token scale")
+    ap.add_argument("--skip-int8", action="store_true", help="skip the int8-boundary run")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    args = ap.parse_args(argv)
+    b = QUICK if args.quick else BenchConfig()
+    overrides = {
+        "steps": args.steps, "k": args.k, "lr": args.lr, "n_layers": args.layers, "stages": args.stages,
+        "free_tail_layers": args.free_tail_layers, "batch_size": args.batch, "seq_len": args.seq,
+    }
+    b = dataclasses.replace(b, **{k: v for k, v in overrides.items() if v is not None})
+    if args.dense_lrs:
+        b = dataclasses.replace(b, dense_lrs=tuple(float(x) for x in args.dense_lrs.split(",")))
+    if args.z_int8:
+        b = dataclasses.replace(b, z_int8=True)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    corpus = load_corpus()
+    t0 = time.time()
+    dense_cfg = model_config(b, None)
+    dense_runs = [run(b, dense_cfg, "dense", lr, corpus) for lr in b.dense_lrs]
+    dense = min(dense_runs, key=lambda r: r["val_loss"])
+    int8 = None if args.skip_int8 else run(b, dense_cfg, "int8", dense["lr"], corpus)
+    control = run(b, model_config(b, b.d_model), "dense", b.lr, corpus)
+    sub = run(b, model_config(b, b.k), "subspace-int8" if b.z_int8 else "subspace", b.lr, corpus)
+
+    rows = [("dense", r) for r in dense_runs] + ([("int8", int8)] if int8 else [])
+    rows += [("control k=d", control), (f"subspace k={b.k}", sub)]
+    base = dense["wire_bytes_per_token"]
+    print(
+        f"d_model={b.d_model} layers={b.n_layers} stages={b.stages} free_tail={b.free_tail_layers} "
+        f"steps={b.steps} tokens/run={b.steps * b.batch_size * b.seq_len} corpus=stdlib ({corpus.num_files} files)"
+    )
+    print(f"{'run':<14}{'codec':<15}{'lr':>8}{'B/token':>9}{'measured':>10}{'x fp32':>8}{'val loss':>10}"
+          f"{'/dense':>8}{'/control':>9}{'train':>8}{'sec':>7}")
+    for label, r in rows:
+        print(
+            f"{label:<14}{r['codec']:<15}{r['lr']:>8.1e}{r['wire_bytes_per_token']:>9}"
+            f"{r['measured_bytes_per_token']:>10.2f}{base / r['wire_bytes_per_token']:>8.1f}{r['val_loss']:>10.4f}"
+            f"{r['val_loss'] / dense['val_loss']:>8.4f}{r['val_loss'] / control['val_loss']:>9.4f}"
+            f"{r['train_loss_last10']:>8.4f}{r['seconds']:>7.0f}"
+        )
+    result = {
+        "mode": "quick" if args.quick else "full",
+        "d_model": b.d_model,
+        "n_layers": b.n_layers,
+        "stages": b.stages,
+        "k": b.k,
+        "free_tail_layers": b.free_tail_layers,
+        "steps": b.steps,
+        "tokens_per_run": b.steps * b.batch_size * b.seq_len,
+        "codec": sub["codec"],
+        "bytes_per_token_dense": base,
+        "bytes_per_token": sub["wire_bytes_per_token"],
+        "compression": base / sub["wire_bytes_per_token"],
+        "dense_lr": dense["lr"],
+        "lr": b.lr,
+        "val_loss_dense": dense["val_loss"],
+        "val_loss": sub["val_loss"],
+        "loss_ratio": sub["val_loss"] / dense["val_loss"],
+        "val_loss_control": control["val_loss"],
+        "loss_ratio_control": sub["val_loss"] / control["val_loss"],
+        "bytes_per_token_int8": int8["wire_bytes_per_token"] if int8 else None,
+        "val_loss_int8": int8["val_loss"] if int8 else None,
+        "seconds": time.time() - t0,
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
