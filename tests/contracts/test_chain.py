@@ -1,0 +1,83 @@
+"""Connection, deployment files, configuration, and the embedded chain served over HTTP."""
+
+from __future__ import annotations
+
+import json
+import socket
+
+import pytest
+from eth_account import Account
+
+from contracts.chain import connect
+from contracts.client import ProtocolContracts
+from contracts.config import ChainConfig
+from contracts.deploy import Deployment
+from contracts.embedded import serve_embedded
+from contracts.errors import ChainUnavailableError, ContractRevertError, DeploymentError
+
+from .conftest import FAST, Env
+
+
+def _dead_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.mark.timeout(30)
+def test_unreachable_endpoint_names_url_and_attempts() -> None:
+    url = f"http://127.0.0.1:{_dead_port()}"
+    cfg = ChainConfig(connect_attempts=3, backoff_initial_s=0.01, backoff_max_s=0.02, request_timeout_s=1)
+    with pytest.raises(ChainUnavailableError) as err:
+        connect(url, cfg)
+    assert err.value.url == url and err.value.attempts == 3
+    assert url in str(err.value) and "3 attempt" in str(err.value)
+
+
+def test_config_validation_names_the_field() -> None:
+    with pytest.raises(ValueError, match="connect_attempts"):
+        ChainConfig(connect_attempts=0).validate()
+    with pytest.raises(ValueError, match="fixed_gas"):
+        ChainConfig(fixed_gas=5).validate()
+    assert ChainConfig(backoff_initial_s=1, backoff_factor=2, backoff_max_s=3).backoff_s(3) == 3
+
+
+def test_deployment_file_round_trip_and_checks(env: Env, tmp_path) -> None:
+    path = tmp_path / "deployment.json"
+    env.pc.deployment.save(path)
+    loaded = Deployment.load(path)
+    assert loaded == env.pc.deployment
+    loaded.check_chain(env.pc.w3)
+    pc2 = ProtocolContracts(env.pc.w3, loaded, FAST)
+    assert pc2.quorum_size() == 2 and pc2.is_validator(env.validators[0].address)
+    data = json.loads(path.read_text())
+    del data["addresses"]["ContributionLedger"]
+    path.write_text(json.dumps(data))
+    with pytest.raises(DeploymentError, match="ContributionLedger"):
+        Deployment.load(path)
+    with pytest.raises(DeploymentError, match="does not exist"):
+        Deployment.load(tmp_path / "nope.json")
+    wrong = Deployment(env.pc.chain_id + 1, {}, {})
+    with pytest.raises(DeploymentError, match="deployment is for chain"):
+        wrong.check_chain(env.pc.w3)
+
+
+@pytest.mark.timeout(60)
+def test_served_embedded_chain_shares_state(env: Env) -> None:
+    mid = env.propose()
+    url, stop = serve_embedded(env.pc.w3)
+    try:
+        remote = ProtocolContracts(connect(url, FAST), env.pc.deployment, FAST)
+        assert remote.get_model(mid).status == "Training"
+        key = Account.create()
+        remote.register_node(env.operators[0], key, 4)
+        assert env.pc.node_info(key.address).capacity == 4
+        with pytest.raises(ContractRevertError, match="NodeRegistryAlreadyRegistered"):
+            remote.register_node(env.operators[1], key, 4)
+        t0 = remote.w3.eth.get_block("latest")["timestamp"]
+        assert remote.advance_time(500) >= t0 + 500
+        assert env.pc.w3.eth.get_block("latest")["timestamp"] >= t0 + 500
+    finally:
+        stop()
+    with pytest.raises(ChainUnavailableError):
+        connect(url, ChainConfig(connect_attempts=1))
