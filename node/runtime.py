@@ -121,77 +121,91 @@ class PipelineRuntime:
     async def run_step(self, step: int) -> StepResult:
         """Run global step `step` to completion (forward + backward of every microbatch, then AdamW)."""
         w = self.worker
-        spec = w.spec
         m = w.num_microbatches
         t0 = time.perf_counter()
         b_in0, b_out0 = self._stats()
         waited = 0.0
         up_tx = _Sender(self.upstream) if self.upstream is not None else None
         down_tx = _Sender(self.downstream) if self.downstream is not None else None
-        fwd = bwd = 0
+        error: Exception | None = None
         async with trio.open_nursery() as nursery:
             for tx in (up_tx, down_tx):
                 if tx is not None:
                     nursery.start_soon(tx.run)
             try:
-                while fwd < m or bwd < m:
-                    self._wake = trio.Event()
-                    for tx in (up_tx, down_tx):
-                        if tx is not None and tx.error is not None:
-                            raise tx.error
-                    r = await self.downstream.try_recv() if self.downstream is not None else None
-                    if r is not None:
-                        mb = self._check(r, step, F.Kind.GRADIENT)
-                        grad = await trio.to_thread.run_sync(w.backward, step, mb, r.value)
-                        if up_tx is not None and grad is not None:
-                            up_tx.put(F.Kind.GRADIENT, step, mb, grad)
-                        bwd += 1
-                        continue
-                    window = h_in = None
-                    mb = fwd
-                    if self.upstream is not None:
-                        r = await self.upstream.try_recv()
-                        if r is not None:
-                            mb = self._check(r, step, F.Kind.ACTIVATION)
-                            window, h_in = r.value
-                    elif fwd < m:
-                        window = await trio.to_thread.run_sync(w.head_window, step, fwd)
-                    if window is not None:
-                        out = await trio.to_thread.run_sync(w.forward, step, mb, window, h_in)
-                        fwd += 1
-                        if spec.is_tail:
-                            grad = await trio.to_thread.run_sync(w.backward, step, mb, None)
-                            if up_tx is not None and grad is not None:
-                                up_tx.put(F.Kind.GRADIENT, step, mb, grad)
-                            bwd += 1
-                        else:
-                            assert down_tx is not None and isinstance(out, bytes)
-                            down_tx.put(F.Kind.ACTIVATION, step, mb, out, window_to_bytes(window, w.id_bytes))
-                        continue
-                    tw = time.perf_counter()
-                    with trio.move_on_after(self.cfg.frame_timeout_s) as scope:
-                        await self._wake.wait()
-                    waited += time.perf_counter() - tw
-                    if scope.cancelled_caught:
-                        ch = self.upstream if fwd < m and self.upstream is not None else self.downstream
-                        assert ch is not None
-                        raise PeerLostError(
-                            f"stage {self.stage}: no frame from peer {ch.peer} (stage {ch.remote_stage}) within "
-                            f"frame_timeout_s={self.cfg.frame_timeout_s} at step {step}", ch.peer, ch.remote_stage)
-                tw = time.perf_counter()
-                for tx in (up_tx, down_tx):
-                    if tx is not None:
-                        await tx.drain()
-                for ch in (self.upstream, self.downstream):
-                    if ch is not None:
-                        await ch.wait_acked()
-                waited += time.perf_counter() - tw
+                waited = await self._loop(step, up_tx, down_tx)
+            except Exception as exc:  # re-raised below, outside the nursery (no exception groups)
+                error = exc
             finally:
                 for tx in (up_tx, down_tx):
                     if tx is not None:
                         tx.close()
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
         loss = await trio.to_thread.run_sync(w.step, step)
         b_in, b_out = self._stats()
         return StepResult(step=step, stage=self.stage, loss=loss, tokens=m * w.microbatch_size * w.config.seq_len,
                           seconds=time.perf_counter() - t0, comm_wait_s=waited, bytes_in=b_in - b_in0,
                           bytes_out=b_out - b_out0)
+
+    async def _loop(self, step: int, up_tx: _Sender | None, down_tx: _Sender | None) -> float:
+        """The event loop of one step; returns the seconds spent waiting on the network."""
+        w = self.worker
+        spec = w.spec
+        m = w.num_microbatches
+        waited = 0.0
+        fwd = bwd = 0
+        while fwd < m or bwd < m:
+            self._wake = trio.Event()
+            for tx in (up_tx, down_tx):
+                if tx is not None and tx.error is not None:
+                    raise tx.error
+            r = await self.downstream.try_recv() if self.downstream is not None else None
+            if r is not None:
+                mb = self._check(r, step, F.Kind.GRADIENT)
+                grad = await trio.to_thread.run_sync(w.backward, step, mb, r.value)
+                if up_tx is not None and grad is not None:
+                    up_tx.put(F.Kind.GRADIENT, step, mb, grad)
+                bwd += 1
+                continue
+            window = h_in = None
+            mb = fwd
+            if self.upstream is not None:
+                r = await self.upstream.try_recv()
+                if r is not None:
+                    mb = self._check(r, step, F.Kind.ACTIVATION)
+                    window, h_in = r.value
+            elif fwd < m:
+                window = await trio.to_thread.run_sync(w.head_window, step, fwd)
+            if window is not None:
+                out = await trio.to_thread.run_sync(w.forward, step, mb, window, h_in)
+                fwd += 1
+                if spec.is_tail:
+                    grad = await trio.to_thread.run_sync(w.backward, step, mb, None)
+                    if up_tx is not None and grad is not None:
+                        up_tx.put(F.Kind.GRADIENT, step, mb, grad)
+                    bwd += 1
+                else:
+                    assert down_tx is not None and isinstance(out, bytes)
+                    down_tx.put(F.Kind.ACTIVATION, step, mb, out, window_to_bytes(window, w.id_bytes))
+                continue
+            tw = time.perf_counter()
+            with trio.move_on_after(self.cfg.frame_timeout_s) as scope:
+                await self._wake.wait()
+            waited += time.perf_counter() - tw
+            if scope.cancelled_caught:
+                ch = self.upstream if fwd < m and self.upstream is not None else self.downstream
+                assert ch is not None
+                raise PeerLostError(
+                    f"stage {self.stage}: no frame from peer {ch.peer} (stage {ch.remote_stage}) within "
+                    f"frame_timeout_s={self.cfg.frame_timeout_s} at step {step}", ch.peer, ch.remote_stage)
+        tw = time.perf_counter()
+        for tx in (up_tx, down_tx):
+            if tx is not None:
+                await tx.drain()
+        for ch in (self.upstream, self.downstream):
+            if ch is not None:
+                await ch.wait_acked()
+        waited += time.perf_counter() - tw
+        return waited

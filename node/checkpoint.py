@@ -1,0 +1,110 @@
+"""Per-stage checkpoints: safetensors (weights + AdamW state) and a manifest with sha256 hashes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from node.errors import CheckpointError
+from node.worker import StageWorker
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def stage_dir(data_dir: str | Path, stage: int) -> Path:
+    """Where the checkpoints of `stage` live."""
+    return Path(data_dir).expanduser() / "checkpoints" / f"stage{stage}"
+
+
+def save_checkpoint(worker: StageWorker, data_dir: str | Path, keep: int = 2) -> Path:
+    """Save the worker's state after its last completed step; returns the checkpoint directory."""
+    root = stage_dir(data_dir, worker.spec.index)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"step{worker.next_step:08d}"
+    tmp = root / f".tmp-step{worker.next_step:08d}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    weights = {k: v.detach().contiguous().clone() for k, v in worker.module.state_dict().items()}
+    save_file(weights, str(tmp / "model.safetensors"))
+    opt = worker.optimizer.state_dict()
+    optim_tensors: dict[str, torch.Tensor] = {}
+    for idx, st in opt["state"].items():
+        for key, val in st.items():
+            t = val if isinstance(val, torch.Tensor) else torch.tensor(val)
+            optim_tensors[f"{idx}/{key}"] = t.detach().contiguous().clone()
+    save_file(optim_tensors, str(tmp / "optim.safetensors"))
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "spec_hash": worker.config.spec_hash().hex(),
+        "stage": worker.spec.index,
+        "num_stages": worker.spec.num_stages,
+        "codec": worker.codec.name,
+        "next_step": worker.next_step,
+        "param_groups": opt["param_groups"],
+        "files": {name: _sha256(tmp / name) for name in ("model.safetensors", "optim.safetensors")},
+    }
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    (root / "LATEST.tmp").write_text(final.name)
+    os.replace(root / "LATEST.tmp", root / "LATEST")
+    old = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step"))
+    for p in old[:-keep] if keep > 0 else []:
+        shutil.rmtree(p, ignore_errors=True)
+    return final
+
+
+def latest_checkpoint(data_dir: str | Path, stage: int) -> Path | None:
+    """The newest checkpoint directory of `stage`, or None."""
+    root = stage_dir(data_dir, stage)
+    pointer = root / "LATEST"
+    if not pointer.exists():
+        return None
+    path = root / pointer.read_text().strip()
+    return path if path.exists() else None
+
+
+def load_checkpoint(worker: StageWorker, path: str | Path) -> int:
+    """Restore weights, AdamW state and the step counter; returns the next step. Verifies every hash."""
+    path = Path(path)
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: unreadable manifest ({exc})") from exc
+    want = {"spec_hash": worker.config.spec_hash().hex(), "stage": worker.spec.index,
+            "num_stages": worker.spec.num_stages, "codec": worker.codec.name}
+    for key, value in want.items():
+        if manifest.get(key) != value:
+            raise CheckpointError(f"{path}: checkpoint {key}={manifest.get(key)!r}, this node has {value!r}")
+    for name, digest in manifest["files"].items():
+        if _sha256(path / name) != digest:
+            raise CheckpointError(f"{path / name}: sha256 does not match the manifest")
+    weights = load_file(str(path / "model.safetensors"))
+    try:
+        worker.module.load_state_dict(weights, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: weights do not fit stage {worker.spec.index}: {exc}") from exc
+    flat = load_file(str(path / "optim.safetensors"))
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, val in flat.items():
+        idx, name = key.split("/", 1)
+        state.setdefault(int(idx), {})[name] = val
+    worker.optimizer.load_state_dict({"state": state, "param_groups": manifest["param_groups"]})
+    worker.next_step = int(manifest["next_step"])
+    return worker.next_step

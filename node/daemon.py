@@ -1,0 +1,347 @@
+"""The node daemon: host + discovery + activation protocol + pipeline runtime + checkpoints.
+
+`run_node(cfg)` is what `pmn node start` calls; `python -m node.daemon --help` runs it directly.
+On start it prints one JSON line `{"event": "ready", "peer_id": ..., "addrs": [...], "stage": ...}` to
+stdout (launchers parse it), then trains `cfg.runtime.steps` global steps and exits 0.
+SIGINT/SIGTERM: the partial step is dropped, a checkpoint of the last completed step is saved, the
+streams are closed, exit code 130/143.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+
+from node.channel import ActChannel, ActEndpoint, LocalInfo, ReceiptHook
+from node.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from node.config import NodeConfig
+from node.discovery import Announcement, Discovery, choose_stage
+from node.errors import NodeError, PeerLostError
+from node.host import full_addrs, make_host, parse_listen
+from node.identity import NodeIdentity, load_or_create_identity
+from node.metrics import NodeMetrics
+from node.runtime import PipelineRuntime, StepResult
+from node.status import append_progress, write_status
+from node.worker import StageWorker
+from sharding import PRESETS, ModelConfig, OptimConfig, load_corpus, partition
+
+RETRYABLE = (NodeError,)
+
+
+def load_model_config(model: str) -> ModelConfig:
+    """A preset name or a path to a JSON ModelConfig (ValueError names the choices)."""
+    if model in PRESETS:
+        return PRESETS[model]
+    path = Path(model).expanduser()
+    if path.exists():
+        return ModelConfig.from_dict(json.loads(path.read_text())).validate()
+    raise ValueError(f"model {model!r} is neither a preset ({sorted(PRESETS)}) nor a JSON file")
+
+
+@dataclass
+class _Links:
+    up: ActChannel | None = None
+    down: ActChannel | None = None
+
+
+class NodeDaemon:
+    """One node's lifetime inside a trio run."""
+
+    def __init__(self, cfg: NodeConfig, corpus_source: str | None = None, receipts: ReceiptHook | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.corpus_source = corpus_source
+        self.receipts = receipts
+        self.data_dir = Path(cfg.data_dir).expanduser()
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        self.identity: NodeIdentity = load_or_create_identity(self.data_dir)
+        self.model = load_model_config(cfg.model)
+        optim = OptimConfig() if cfg.optim_lr is None else OptimConfig(lr=cfg.optim_lr)
+        self.optim = optim.validate()
+        self.worker: StageWorker | None = None
+        self.links = _Links()
+        self.state = "starting"
+        self.results: list[StepResult] = []
+        self.metrics: NodeMetrics | None = None
+        self._status: dict[str, Any] = {}
+
+    # -- helpers -----------------------------------------------------------------------------------
+
+    def _write_status(self, **changes: Any) -> None:
+        self._status.update(changes, state=self.state, time=time.time())
+        write_status(self.data_dir, self._status)
+
+    def _build_worker(self, stage: int) -> StageWorker:
+        specs = partition(self.model, self.cfg.num_stages)
+        spec = specs[stage]
+        corpus = load_corpus(self.corpus_source) if spec.is_head else None
+        r = self.cfg.runtime
+        worker = StageWorker(self.model, spec, codec=r.codec, optim=self.optim, num_microbatches=r.num_microbatches,
+                             microbatch_size=r.microbatch_size, corpus=corpus)
+        ckpt = latest_checkpoint(self.data_dir, stage)
+        if ckpt is not None:
+            load_checkpoint(worker, ckpt)
+        return worker
+
+    async def _reset_links(self) -> None:
+        for ch in (self.links.up, self.links.down):
+            if ch is not None:
+                try:
+                    await ch.stream.reset()
+                except Exception:  # already gone
+                    pass
+        self.links = _Links()
+
+    async def _ensure_links(self, endpoint: ActEndpoint, discovery: Discovery, nursery: trio.Nursery) -> None:
+        """Dial the next stage and accept the previous one (named timeouts; PeerLostError names the stage)."""
+        assert self.worker is not None
+        spec = self.worker.spec
+        r = self.cfg.runtime
+        if not spec.is_tail and (self.links.down is None or self.links.down.failure is not None):
+            want = spec.index + 1
+            backoff = r.retry_backoff_s
+            deadline = trio.current_time() + r.redial_timeout_s
+            last: Exception | None = None
+            while self.links.down is None:
+                left = deadline - trio.current_time()
+                if left <= 0:
+                    raise PeerLostError(f"stage {spec.index}: could not reach a peer for stage {want} within "
+                                        f"redial_timeout_s={r.redial_timeout_s}: {last}", "", want)
+                try:
+                    ann = await discovery.wait_for_stage(want, timeout_s=left)
+                    ch = await endpoint.open(ann.addrs[0])
+                    nursery.start_soon(ch.run_reader)
+                    self.links.down = ch
+                except (NodeError, OSError, trio.TooSlowError, Exception) as exc:  # dial errors vary in libp2p
+                    last = exc
+                    await trio.sleep(min(backoff, max(0.0, deadline - trio.current_time())))
+                    backoff *= 2
+        if not spec.is_head and (self.links.up is None or self.links.up.failure is not None):
+            want = spec.index - 1
+            with trio.move_on_after(r.redial_timeout_s):
+                while self.links.up is None:
+                    ch = await endpoint.incoming.receive()
+                    if ch.failure is None and ch.remote_stage == want:
+                        self.links.up = ch
+                    else:
+                        await ch.send_error(f"stage {spec.index} accepts activations only from stage {want}")
+                        await ch.linger_and_reset()
+            if self.links.up is None:
+                raise PeerLostError(f"stage {spec.index}: no peer for stage {want} connected within "
+                                    f"redial_timeout_s={r.redial_timeout_s}", "", want)
+
+    # -- main --------------------------------------------------------------------------------------
+
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> int:
+        cfg = self.cfg
+        if cfg.runtime.torch_threads > 0:
+            torch.set_num_threads(cfg.runtime.torch_threads)
+        host = make_host(self.identity, cfg.transport.yamux_frame_bytes)
+        listen = parse_listen(cfg.listen)
+        spec_hash = self.model.spec_hash()
+        async with host.run(listen_addrs=listen), trio.open_nursery() as nursery:
+            addrs = full_addrs(host)
+            stage = -1 if cfg.stage == "auto" else int(cfg.stage)
+            me = Announcement(peer_id=host.get_id().pretty(), addrs=tuple(addrs), spec_hash=spec_hash.hex(),
+                              num_stages=cfg.num_stages, stage=stage, capacity=cfg.capacity,
+                              address=self.identity.address)
+            discovery = Discovery(host, me, cfg.discovery, cfg.bootstrap)
+            if stage < 0:
+                await discovery.gossip_round()
+                stage = choose_stage(discovery.entries(), spec_hash.hex(), cfg.num_stages)
+                discovery.update_me(stage=stage)
+            nursery.start_soon(discovery.run)
+            self.worker = self._build_worker(stage)
+            worker = self.worker
+            endpoint = ActEndpoint(
+                host, local=LocalInfo(spec_hash, stage, cfg.num_stages, self.identity.address),
+                frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport,
+                receipts=self.receipts, decoder=worker.decode)
+            if cfg.metrics_port:
+                self.metrics = NodeMetrics(stage)
+                self.metrics.serve(cfg.metrics_port)
+            self.state = "running"
+            ready = {"event": "ready", "peer_id": me.peer_id, "addrs": addrs, "stage": stage,
+                     "address": self.identity.address, "next_step": worker.next_step,
+                     "metrics_port": cfg.metrics_port}
+            self._write_status(**ready)
+            print(json.dumps(ready), flush=True)
+            task_status.started(ready)
+            code = 0
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                stop = trio.CancelScope()
+
+                async def watch_signals() -> None:
+                    nonlocal code
+                    async for signum in signals:
+                        code = 128 + int(signum)
+                        stop.cancel()
+                        return
+
+                nursery.start_soon(watch_signals)
+                with stop:
+                    await self._train(endpoint, discovery, nursery)
+            # interrupted or finished: drop a partial step, keep the last completed one
+            worker.abort_step()
+            save_checkpoint(worker, self.data_dir)
+            self.state = "stopped" if code else "finished"
+            self._write_status(next_step=worker.next_step)
+            for ch in (self.links.down, self.links.up):
+                if ch is not None:
+                    await ch.close()
+            nursery.cancel_scope.cancel()
+        return code
+
+    async def _train(self, endpoint: ActEndpoint, discovery: Discovery, nursery: trio.Nursery) -> None:
+        assert self.worker is not None
+        worker, cfg, r = self.worker, self.cfg, self.cfg.runtime
+        progress = _Progress(r.steps, worker.next_step, worker.spec.index) if cfg.progress else None
+        attempts = 0
+        try:
+            while worker.next_step < r.steps:
+                step = worker.next_step
+                try:
+                    await self._ensure_links(endpoint, discovery, nursery)
+                    runtime = PipelineRuntime(worker, r, self.links.up, self.links.down)
+                    try:
+                        res = await runtime.run_step(step)
+                    finally:
+                        runtime.detach()
+                except RETRYABLE as exc:
+                    attempts += 1
+                    worker.abort_step()
+                    await self._reset_links()
+                    if attempts > r.step_retries:
+                        self.state = "failed"
+                        self._write_status(error=str(exc))
+                        raise
+                    self._write_status(last_retry=str(exc))
+                    await trio.sleep(r.retry_backoff_s * 2 ** (attempts - 1))
+                    continue
+                attempts = 0
+                self._after_step(res, len(endpoint.host.get_connected_peers()))
+                if progress:
+                    progress.update(res)
+                if r.checkpoint_every and worker.next_step % r.checkpoint_every == 0:
+                    await trio.to_thread.run_sync(save_checkpoint, worker, self.data_dir)
+        finally:
+            if progress:
+                progress.close()
+
+    def _after_step(self, res: StepResult, peers: int) -> None:
+        self.results.append(res)
+        tok_s = res.tokens / res.seconds if res.seconds > 0 else 0.0
+        record = {"step": res.step, "stage": res.stage, "loss": res.loss, "tokens": res.tokens,
+                  "seconds": res.seconds, "tokens_per_s": tok_s, "comm_wait_s": res.comm_wait_s,
+                  "bytes_in": res.bytes_in, "bytes_out": res.bytes_out}
+        append_progress(self.data_dir, record)
+        self._write_status(step=res.step, next_step=res.step + 1, loss=res.loss, tokens_per_s=tok_s, peers=peers)
+        if self.metrics:
+            m = self.metrics
+            m.tokens_per_s.set(tok_s)
+            m.step.set(res.step)
+            if res.loss is not None:
+                m.loss.set(res.loss)
+            m.bytes_in.inc(res.bytes_in)
+            m.bytes_out.inc(res.bytes_out)
+            m.peers.set(peers)
+            m.comm_fraction.set(res.comm_wait_s / res.seconds if res.seconds > 0 else 0.0)
+
+
+class _Progress:
+    """Live progress line on stderr (rich)."""
+
+    def __init__(self, total: int, done: int, stage: int) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, Progress, TextColumn
+
+        self.progress = Progress(TextColumn(f"stage {stage}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                                 TextColumn("{task.description}"), console=Console(stderr=True))
+        self.task = self.progress.add_task("", total=total, completed=done)
+        self.progress.start()
+
+    def update(self, res: StepResult) -> None:
+        tok_s = res.tokens / res.seconds if res.seconds else 0.0
+        loss = f"loss {res.loss:.4f} " if res.loss is not None else ""
+        self.progress.update(self.task, completed=res.step + 1, description=f"{loss}{tok_s:,.0f} tok/s")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+def run_node(cfg: NodeConfig, corpus: str | None = None, receipts: ReceiptHook | None = None) -> int:
+    """Run a node until it has trained `cfg.runtime.steps` steps or is signalled; returns the exit code.
+
+    cfg: the node's configuration (see NodeConfig; `stage="auto"` picks the least-served stage).
+    corpus: sharding.load_corpus source for the head stage (None = the stdlib corpus).
+    receipts: optional ReceiptHook that signs/countersigns every data frame.
+    Errors (a neighbour lost after `step_retries` retries, bad config) raise NodeError / ValueError.
+    """
+    daemon = NodeDaemon(cfg, corpus_source=corpus, receipts=receipts)
+    return trio.run(daemon.run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """Arguments of `python -m node.daemon` (the same names `pmn node start` uses)."""
+    p = argparse.ArgumentParser(prog="python -m node.daemon", description="Run one pipeline-stage node.")
+    p.add_argument("--model", default="tiny", help="preset name or JSON ModelConfig path")
+    p.add_argument("--stages", type=int, default=2, help="pipeline depth")
+    p.add_argument("--stage", default="auto", help="'auto' or a stage index")
+    p.add_argument("--bootstrap", action="append", default=[], help="multiaddr with /p2p/<id> (repeatable)")
+    p.add_argument("--listen", action="append", default=None, help="listen multiaddr (repeatable)")
+    p.add_argument("--data-dir", default="~/.pmn/node")
+    p.add_argument("--metrics-port", type=int, default=0)
+    p.add_argument("--capacity", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--microbatches", type=int, default=4)
+    p.add_argument("--microbatch-size", type=int, default=4)
+    p.add_argument("--codec", default="dense")
+    p.add_argument("--corpus", default=None, help="sharding.load_corpus source (default: stdlib)")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    p.add_argument("--checkpoint-every", type=int, default=1)
+    p.add_argument("--frame-timeout", type=float, default=120.0)
+    p.add_argument("--redial-timeout", type=float, default=30.0)
+    p.add_argument("--step-retries", type=int, default=2)
+    p.add_argument("--credits", type=int, default=4)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def config_from_args(a: argparse.Namespace) -> NodeConfig:
+    """NodeConfig from parsed arguments."""
+    cfg = NodeConfig(data_dir=a.data_dir, model=a.model, num_stages=a.stages, stage=str(a.stage),
+                     bootstrap=list(a.bootstrap), capacity=a.capacity, metrics_port=a.metrics_port,
+                     progress=not a.no_progress, optim_lr=a.lr)
+    if a.listen:
+        cfg.listen = list(a.listen)
+    r = cfg.runtime
+    r.steps, r.num_microbatches, r.microbatch_size, r.codec = a.steps, a.microbatches, a.microbatch_size, a.codec
+    r.torch_threads, r.checkpoint_every = a.threads, a.checkpoint_every
+    r.frame_timeout_s, r.redial_timeout_s, r.step_retries = a.frame_timeout, a.redial_timeout, a.step_retries
+    cfg.transport.credits = a.credits
+    return cfg
+
+
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point: exit code 0 on success, 1 with a one-line error otherwise."""
+    a = build_parser().parse_args(argv)
+    try:
+        return run_node(config_from_args(a), corpus=a.corpus)
+    except (NodeError, ValueError) as exc:
+        print(json.dumps({"event": "error", "error": str(exc), "type": type(exc).__name__}), flush=True)
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

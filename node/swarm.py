@@ -1,0 +1,179 @@
+"""Local swarm launcher: P node processes on 127.0.0.1 (what `pmn swarm` runs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.errors import NodeError
+from node.status import read_progress
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class NodeProcess:
+    """One launched node."""
+
+    stage: int  # stage it was told to serve (or -1 for auto)
+    data_dir: Path  # its data directory
+    proc: subprocess.Popen[bytes]  # the process
+    ready: dict[str, Any] = field(default_factory=dict)  # its ready line (peer_id, addrs, stage, ...)
+    lines: list[str] = field(default_factory=list)  # stdout lines after the ready line
+
+
+@dataclass
+class SwarmResult:
+    """Outcome of a local swarm run."""
+
+    losses: list[float]  # per-step tail loss, in step order (only steps completed in this run and before)
+    steps: dict[int, list[dict[str, Any]]]  # stage -> progress records
+    peers: list[dict[str, Any]]  # ready lines of every node
+    exit_codes: list[int]  # per node, in launch order
+
+
+def _read_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout_s
+    buf = b""
+    fd = proc.stdout.fileno()
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            break
+        chunk = os.read(fd, 1)
+        if not chunk:
+            break
+        if chunk == b"\n":
+            return buf.decode()
+        buf += chunk
+    raise NodeError(f"node process {proc.pid} printed no ready line within {timeout_s} s "
+                    f"(exit code {proc.poll()}, partial output {buf[-300:]!r})")
+
+
+def node_command(stage: int | str, data_dir: Path, args: list[str]) -> list[str]:
+    """The command line of one node process."""
+    return [sys.executable, "-m", "node.daemon", "--stage", str(stage), "--data-dir", str(data_dir),
+            "--no-progress", *args]
+
+
+def start_node(stage: int | str, data_dir: Path, args: list[str], ready_timeout_s: float = 60.0,
+               env: dict[str, str] | None = None) -> NodeProcess:
+    """Start one node process and wait for its ready line."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    log = (data_dir / "stderr.log").open("ab")
+    proc = subprocess.Popen(node_command(stage, data_dir, args), stdout=subprocess.PIPE, stderr=log,
+                            env=full_env, cwd=str(REPO_ROOT))
+    node = NodeProcess(stage=int(stage) if str(stage) != "auto" else -1, data_dir=data_dir, proc=proc)
+    try:
+        line = _read_line(proc, ready_timeout_s)
+        msg = json.loads(line)
+        if msg.get("event") != "ready":
+            raise NodeError(f"node for stage {stage} failed to start: {msg.get('error', line)}")
+        node.ready = msg
+    except BaseException:
+        stop_nodes([node])
+        raise
+    return node
+
+
+def stop_nodes(nodes: list[NodeProcess], grace_s: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after `grace_s`, every node still running."""
+    for n in nodes:
+        if n.proc.poll() is None:
+            n.proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    for n in nodes:
+        try:
+            n.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            n.proc.kill()
+            n.proc.wait()
+        if n.proc.stdout is not None:
+            n.proc.stdout.close()
+
+
+def launch_swarm(root: Path, stages: int, node_args: list[str], ready_timeout_s: float = 60.0,
+                 threads: list[int] | None = None) -> list[NodeProcess]:
+    """Start stage 0 first, then stages 1..P-1 bootstrapping from it."""
+    nodes: list[NodeProcess] = []
+    try:
+        for s in range(stages):
+            extra = ["--stages", str(stages), *node_args]
+            if threads:
+                extra += ["--threads", str(threads[s])]
+            if nodes:
+                extra += ["--bootstrap", nodes[0].ready["addrs"][0]]
+            nodes.append(start_node(s, root / f"node{s}", extra, ready_timeout_s))
+    except BaseException:
+        stop_nodes(nodes)
+        raise
+    return nodes
+
+
+def wait_nodes(nodes: list[NodeProcess], timeout_s: float) -> list[int]:
+    """Wait for every node to exit; on timeout stop them all and raise NodeError."""
+    deadline = time.monotonic() + timeout_s
+    codes = []
+    try:
+        for n in nodes:
+            left = deadline - time.monotonic()
+            try:
+                codes.append(n.proc.wait(timeout=max(0.1, left)))
+            except subprocess.TimeoutExpired as exc:
+                raise NodeError(f"swarm did not finish within {timeout_s} s (stage {n.stage} still running)") from exc
+            assert n.proc.stdout is not None
+            n.lines = [ln for ln in n.proc.stdout.read().decode().splitlines() if ln.strip()]
+    finally:
+        stop_nodes(nodes)
+    return codes
+
+
+def run_local_swarm(
+    stages: int,
+    steps: int,
+    root: str | Path,
+    *,
+    model: str = "tiny",
+    codec: str = "dense",
+    microbatches: int = 4,
+    microbatch_size: int = 4,
+    corpus: str | None = None,
+    threads: list[int] | None = None,
+    timeout_s: float = 600.0,
+    extra_args: list[str] | None = None,
+) -> SwarmResult:
+    """Run a `stages`-stage swarm of node processes on 127.0.0.1 for `steps` global steps.
+
+    root: directory holding one data dir per node (`node0`, `node1`, ...); reusing it resumes from
+      the checkpoints there. model/codec/microbatches/microbatch_size: the training setup (all nodes
+      share it). corpus: sharding.load_corpus source (None = stdlib). threads: torch threads per node.
+    Returns per-step tail losses and every node's progress; raises NodeError if a node fails.
+    """
+    root = Path(root).expanduser()
+    args = ["--model", model, "--codec", codec, "--steps", str(steps), "--microbatches", str(microbatches),
+            "--microbatch-size", str(microbatch_size), *(extra_args or [])]
+    if corpus is not None:
+        args += ["--corpus", corpus]
+    nodes = launch_swarm(root, stages, args, threads=threads)
+    codes = wait_nodes(nodes, timeout_s)
+    for n, code in zip(nodes, codes, strict=True):
+        if code != 0:
+            err = (n.data_dir / "stderr.log").read_text()[-2000:]
+            msgs = [ln for ln in n.lines if '"error"' in ln]
+            raise NodeError(f"node for stage {n.stage} exited with {code}: {msgs[-1] if msgs else err}")
+    progress = {n.stage: read_progress(n.data_dir) for n in nodes}
+    tail = progress[stages - 1]
+    by_step = {int(r["step"]): float(r["loss"]) for r in tail}
+    return SwarmResult(losses=[by_step[s] for s in sorted(by_step)], steps=progress,
+                       peers=[n.ready for n in nodes], exit_codes=codes)
