@@ -61,7 +61,8 @@ def lr_at(step: int, optim: OptimConfig) -> float:
 def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
     """AdamW over `module`'s parameters: matrices decayed, vectors (norm gains) not."""
     optim.validate()
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for _, p in module.named_parameters():
         if not p.requires_grad:
             continue
