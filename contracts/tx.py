@@ -88,8 +88,11 @@ class Transactor:
             raise self._decoded(exc) from None
 
     def transact(self, account: LocalAccount, fn: Any = None, *, to: str | None = None, value: int = 0,
-                 data: bytes = b"", gas: int | None = None) -> SentTx:
-        """Send a contract call (`fn`) or a plain transaction (`to`, `data`); wait for success."""
+                 data: bytes = b"", gas: int | None = None, estimate: bool = False) -> SentTx:
+        """Send a contract call (`fn`) or a plain transaction (`to`, `data`); wait for success.
+
+        Gas: `gas` if given, else `config.fixed_gas` unless `estimate`, else an estimate plus margin.
+        """
         tx: dict[str, Any] = {"from": account.address, "value": value, "chainId": self._chain()}
         if fn is not None:
             tx["to"] = fn.address
@@ -99,7 +102,7 @@ class Transactor:
             tx["data"] = data
         if to is None and fn is None:
             tx.pop("to")
-        gas_limit = gas or self.config.fixed_gas
+        gas_limit = gas or (None if estimate else self.config.fixed_gas)
         if gas_limit is None:
             gas_limit = self._estimate(tx)
         tx["gas"] = gas_limit
@@ -116,7 +119,7 @@ class Transactor:
         """Deploy a contract; return its address."""
         factory = self.w3.eth.contract(abi=abi, bytecode=bytecode)
         data = HexBytes(factory.constructor(*args).data_in_transaction)
-        sent = self.transact(account, to=None, data=bytes(data), gas=gas)
+        sent = self.transact(account, to=None, data=bytes(data), gas=gas, estimate=True)
         address = sent.receipt["contractAddress"]
         if not address:
             raise TransactionFailedError("deployment receipt has no contract address")
@@ -206,7 +209,10 @@ class Transactor:
             self.retry(lambda: self.w3.eth.call(call, block_identifier=block))  # type: ignore[arg-type]
         except _REVERTS as exc:
             return self._decoded(exc)
-        return TransactionFailedError(f"transaction 0x{bytes(receipt['transactionHash']).hex()} failed (status 0)")
+        return TransactionFailedError(
+            f"transaction 0x{bytes(receipt['transactionHash']).hex()} failed (status 0) without revert data; "
+            f"gas used {receipt['gasUsed']} of limit {tx['gas']} (out of gas if equal)"
+        )
 
 
 ContractsErrorT = ContractRevertError | TransactionFailedError

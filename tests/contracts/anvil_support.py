@@ -1,0 +1,121 @@
+"""Start and stop a real anvil process; a flaky HTTP proxy to simulate an endpoint going down."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+ANVIL = Path(__file__).resolve().parents[2] / "contracts/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _answers(url: str) -> bool:
+    req = urllib.request.Request(url, data=b'{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":[]}',
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=1) as resp:
+            return b"result" in resp.read()
+    except OSError:
+        return False
+
+
+@contextmanager
+def anvil_process(start_timeout_s: float = 30.0) -> Iterator[str]:
+    """Run anvil on a free loopback port until the block exits; yield its URL."""
+    port = free_port()
+    proc = subprocess.Popen([str(ANVIL), "--host", "127.0.0.1", "--port", str(port), "--silent"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + start_timeout_s
+        while not _answers(url):
+            if proc.poll() is not None:
+                raise RuntimeError(f"anvil exited with {proc.returncode}: {proc.stderr.read().decode()[-500:]}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"anvil did not answer at {url} within {start_timeout_s} s")
+            time.sleep(0.05)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        if proc.stderr:
+            proc.stderr.close()
+
+
+class FlakyProxy:
+    """Forwards JSON-RPC to `upstream`; can refuse requests or swallow responses after forwarding."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = upstream
+        self.refuse_next = 0  # close the next N connections without forwarding
+        self.refuse_all = False  # close every connection without forwarding
+        self.swallow_method: str | None = None  # forward once, then drop the response, for this method
+        self.forwarded: list[str] = []  # methods forwarded upstream, in order
+        self.refused = 0
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                method = json.loads(body).get("method", "?") if body.startswith(b"{") else "batch"
+                with proxy._lock:
+                    refuse = proxy.refuse_all or proxy.refuse_next > 0
+                    if refuse:
+                        proxy.refuse_next = max(0, proxy.refuse_next - 1)
+                        proxy.refused += 1
+                    swallow = not refuse and method == proxy.swallow_method
+                    if swallow:
+                        proxy.swallow_method = None
+                if refuse:
+                    self.close_connection = True
+                    return
+                req = urllib.request.Request(proxy.upstream, data=body, headers={"Content-Type": "application/json"})
+                with urllib.request.urlopen(req, timeout=10) as resp:
+                    data = resp.read()
+                with proxy._lock:
+                    proxy.forwarded.append(method)
+                if swallow:
+                    self.close_connection = True
+                    return
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                return
+
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        self._thread.start()
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    def sends(self) -> int:
+        """How many eth_sendRawTransaction calls reached upstream."""
+        with self._lock:
+            return self.forwarded.count("eth_sendRawTransaction")
+
+    def close(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+        self._thread.join(timeout=5)
