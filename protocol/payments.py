@@ -1,0 +1,69 @@
+"""Chain-backed checks a node makes: is this peer key registered, did this transaction pay for this request.
+
+Both wrap the `contracts` client and cache positive answers, so a hot path (every hop of an inference
+request, every receipt of a step) costs one RPC per new key or payment, not one per message.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from contracts.client import ProtocolContracts
+from protocol.errors import ProtocolError
+
+
+class PaymentError(ProtocolError):
+    """A request's payment is missing, too small, for another request or another model."""
+
+
+@dataclass
+class ChainCheckConfig:
+    """Caching of chain lookups."""
+
+    registry_ttl_s: float = 60.0  # how long a positive "key is registered" answer is trusted
+    negative_ttl_s: float = 2.0  # how long a negative answer is trusted (registrations can land any time)
+
+
+class ChainKeyRegistry:
+    """`KeyRegistry` backed by the NodeRegistry contract: a key counts while its node is Active."""
+
+    def __init__(self, client: ProtocolContracts, config: ChainCheckConfig | None = None) -> None:
+        self.client = client
+        self.config = config or ChainCheckConfig()
+        self._cache: dict[str, tuple[bool, float]] = {}
+
+    def is_registered(self, address: str) -> bool:
+        now = time.monotonic()
+        hit = self._cache.get(address.lower())
+        if hit is not None:
+            ok, at = hit
+            if now - at < (self.config.registry_ttl_s if ok else self.config.negative_ttl_s):
+                return ok
+        ok = self.client.node_info(address).status == "Active"
+        self._cache[address.lower()] = (ok, now)
+        return ok
+
+
+class ChainPaymentVerifier:
+    """Checks `RevenueDeposited` events: the transaction paid this model at least its fee, for this request id."""
+
+    def __init__(self, client: ProtocolContracts, model_id: int, min_fee_wei: int | None = None) -> None:
+        self.client = client
+        self.model_id = model_id
+        self.min_fee_wei = client.get_model(model_id).terms.inference_fee_wei if min_fee_wei is None else min_fee_wei
+        self._paid: dict[bytes, bytes] = {}  # tx hash -> request id, verified
+
+    def verify(self, request_id: bytes, tx_hash: bytes) -> None:
+        if self._paid.get(tx_hash) == request_id:
+            return
+        payment = self.client.payment(self.model_id, tx_hash)
+        if payment is None:
+            raise PaymentError(f"transaction 0x{tx_hash.hex()} is not a revenue deposit to model {self.model_id}")
+        if payment.request_id != request_id:
+            raise PaymentError(f"transaction 0x{tx_hash.hex()} paid for request 0x{payment.request_id.hex()}, "
+                               f"not 0x{request_id.hex()}")
+        if payment.amount_wei < self.min_fee_wei:
+            raise PaymentError(f"transaction 0x{tx_hash.hex()} paid {payment.amount_wei} wei, below the fee of "
+                               f"{self.min_fee_wei} wei")
+        self._paid[tx_hash] = request_id
