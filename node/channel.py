@@ -107,6 +107,7 @@ class Hello:
     num_stages: int  # its pipeline depth
     credits: int  # frames it lets us have in flight
     address: str  # its Ethereum address
+    next_step: int = -1  # first global step it has not applied yet (-1 = not reported)
 
 
 @dataclass
@@ -170,8 +171,10 @@ class ActChannel:
         scores: PeerScores,
         receipts: ReceiptHook | None = None,
         decoder: Callable[[F.Frame], Any] | None = None,
+        step_fn: Callable[[], int] | None = None,
     ) -> None:
         self.stream = stream
+        self.step_fn = step_fn  # returns our next step for the HELLO (None = not reported)
         self.local = local
         self.spec = frame_spec
         self.cfg = cfg
@@ -199,6 +202,7 @@ class ActChannel:
         body = json.dumps({
             "stage": self.local.stage, "num_stages": self.local.num_stages,
             "credits": self.cfg.credits, "address": self.local.address,
+            "next_step": self.step_fn() if self.step_fn else -1,
         }).encode()
         return F.encode_frame(F.Kind.HELLO, self.local.spec_hash, self.local.stage, 0, 0, payload=body)
 
@@ -228,7 +232,8 @@ class ActChannel:
             try:
                 F.check_spec_hash(fr.header, self.local.spec_hash)
                 info = json.loads(fr.payload)
-                hello = Hello(int(info["stage"]), int(info["num_stages"]), int(info["credits"]), str(info["address"]))
+                hello = Hello(int(info["stage"]), int(info["num_stages"]), int(info["credits"]), str(info["address"]),
+                              int(info.get("next_step", -1)))
             except (FrameError, ValueError, KeyError, TypeError) as exc:
                 await self.send_error(str(exc))
                 raise HandshakeError(f"handshake with peer {self.peer} refused: {exc}") from exc
@@ -497,8 +502,10 @@ class ActEndpoint:
         cfg: TransportConfig,
         receipts: ReceiptHook | None = None,
         decoder: Callable[[F.Frame], Any] | None = None,
+        step_fn: Callable[[], int] | None = None,
     ) -> None:
         self.host = host
+        self.step_fn = step_fn
         self.local = local
         self.spec = frame_spec
         self.cfg = cfg
@@ -511,7 +518,7 @@ class ActEndpoint:
 
     def _channel(self, stream: INetStream) -> ActChannel:
         return ActChannel(stream, local=self.local, frame_spec=self.spec, cfg=self.cfg, scores=self.scores,
-                          receipts=self.receipts, decoder=self.decoder)
+                          receipts=self.receipts, decoder=self.decoder, step_fn=self.step_fn)
 
     async def _handle(self, stream: INetStream) -> None:
         ch = self._channel(stream)

@@ -80,6 +80,12 @@ def latest_checkpoint(data_dir: str | Path, stage: int) -> Path | None:
     return path if path.exists() else None
 
 
+def checkpoint_at(data_dir: str | Path, stage: int, next_step: int) -> Path | None:
+    """The checkpoint of `stage` taken when `next_step` was the next step, or None."""
+    path = stage_dir(data_dir, stage) / f"step{next_step:08d}"
+    return path if (path / MANIFEST).exists() else None
+
+
 def load_checkpoint(worker: StageWorker, path: str | Path) -> int:
     """Restore weights, AdamW state and the step counter; returns the next step. Verifies every hash."""
     path = Path(path)

@@ -50,7 +50,7 @@ class RuntimeConfig:
     microbatch_size: int = 4  # sequences per microbatch
     codec: str = "dense"  # boundary codec name (sharding.codecs); must match across the pipeline
     frame_timeout_s: float = 120.0  # longest wait for the next frame from a neighbour within a step
-    step_retries: int = 2  # times a failed step is retried (after re-dialling) before giving up
+    step_retries: int = 3  # times a failed step is retried (after re-dialling) before giving up
     redial_timeout_s: float = 30.0  # how long to look for a replacement neighbour before a retry
     retry_backoff_s: float = 0.5  # wait before the first redial attempt, doubled per attempt
     checkpoint_every: int = 1  # save a checkpoint every this many steps (0 = only on shutdown)

@@ -22,10 +22,10 @@ import torch
 import trio
 
 from node.channel import ActChannel, ActEndpoint, LocalInfo, ReceiptHook
-from node.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from node.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
 from node.config import NodeConfig
 from node.discovery import Announcement, Discovery, choose_stage
-from node.errors import NodeError, PeerLostError
+from node.errors import CheckpointError, NodeError, PeerLostError
 from node.host import full_addrs, make_host, parse_listen
 from node.identity import NodeIdentity, load_or_create_identity
 from node.metrics import NodeMetrics
@@ -101,11 +101,39 @@ class NodeDaemon:
                     pass
         self.links = _Links()
 
+    async def _align_step(self, ch: ActChannel) -> None:
+        """If the neighbour is behind us (it stopped before applying a step we applied), roll back to its step."""
+        assert self.worker is not None and ch.remote is not None
+        theirs, ours = ch.remote.next_step, self.worker.next_step
+        if theirs < 0 or theirs >= ours:
+            return
+        ckpt = checkpoint_at(self.data_dir, self.worker.spec.index, theirs)
+        if ckpt is None:
+            raise CheckpointError(f"stage {self.worker.spec.index} is at step {ours} but neighbour {ch.peer} "
+                                  f"(stage {ch.remote_stage}) is at step {theirs} and no checkpoint of step "
+                                  f"{theirs} is kept here")
+        await trio.to_thread.run_sync(load_checkpoint, self.worker, ckpt)
+        self._write_status(next_step=theirs, rolled_back_from=ours)
+
     async def _ensure_links(self, endpoint: ActEndpoint, discovery: Discovery, nursery: trio.Nursery) -> None:
         """Dial the next stage and accept the previous one (named timeouts; PeerLostError names the stage)."""
         assert self.worker is not None
         spec = self.worker.spec
         r = self.cfg.runtime
+        if not spec.is_head and (self.links.up is None or self.links.up.failure is not None):
+            want = spec.index - 1
+            with trio.move_on_after(r.redial_timeout_s):
+                while self.links.up is None:
+                    ch = await endpoint.incoming.receive()
+                    if ch.failure is None and ch.remote_stage == want:
+                        await self._align_step(ch)
+                        self.links.up = ch
+                    else:
+                        await ch.send_error(f"stage {spec.index} accepts activations only from stage {want}")
+                        await ch.linger_and_reset()
+            if self.links.up is None:
+                raise PeerLostError(f"stage {spec.index}: no peer for stage {want} connected within "
+                                    f"redial_timeout_s={r.redial_timeout_s}", "", want)
         if not spec.is_tail and (self.links.down is None or self.links.down.failure is not None):
             want = spec.index + 1
             backoff = r.retry_backoff_s
@@ -121,23 +149,11 @@ class NodeDaemon:
                     ch = await endpoint.open(ann.addrs[0])
                     nursery.start_soon(ch.run_reader)
                     self.links.down = ch
-                except (NodeError, OSError, trio.TooSlowError, Exception) as exc:  # dial errors vary in libp2p
+                except Exception as exc:  # dial errors come as many libp2p / OS types
                     last = exc
                     await trio.sleep(min(backoff, max(0.0, deadline - trio.current_time())))
                     backoff *= 2
-        if not spec.is_head and (self.links.up is None or self.links.up.failure is not None):
-            want = spec.index - 1
-            with trio.move_on_after(r.redial_timeout_s):
-                while self.links.up is None:
-                    ch = await endpoint.incoming.receive()
-                    if ch.failure is None and ch.remote_stage == want:
-                        self.links.up = ch
-                    else:
-                        await ch.send_error(f"stage {spec.index} accepts activations only from stage {want}")
-                        await ch.linger_and_reset()
-            if self.links.up is None:
-                raise PeerLostError(f"stage {spec.index}: no peer for stage {want} connected within "
-                                    f"redial_timeout_s={r.redial_timeout_s}", "", want)
+            await self._align_step(self.links.down)
 
     # -- main --------------------------------------------------------------------------------------
 
@@ -165,7 +181,7 @@ class NodeDaemon:
             endpoint = ActEndpoint(
                 host, local=LocalInfo(spec_hash, stage, cfg.num_stages, self.identity.address),
                 frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport,
-                receipts=self.receipts, decoder=worker.decode)
+                receipts=self.receipts, decoder=worker.decode, step_fn=lambda: worker.next_step)
             if cfg.metrics_port:
                 self.metrics = NodeMetrics(stage)
                 self.metrics.serve(cfg.metrics_port)
