@@ -56,9 +56,13 @@ class _Links:
 class NodeDaemon:
     """One node's lifetime inside a trio run."""
 
-    def __init__(self, cfg: NodeConfig, corpus_source: str | None = None, receipts: ReceiptHook | None = None) -> None:
+    def __init__(self, cfg: NodeConfig, corpus_source: str | None = None, receipts: ReceiptHook | None = None,
+                 services: list[Any] | None = None, linger: bool = False) -> None:
         cfg.validate()
         self.cfg = cfg
+        self.services = list(services or [])  # async hooks (daemon, host, discovery, nursery) run once at start
+        self.linger = linger  # keep serving (inference, announcements) after the last step until signalled
+        self.inference: Any = None  # the InferenceService, when a service hook installs one
         self.corpus_source = corpus_source
         self.receipts = receipts
         self.data_dir = Path(cfg.data_dir).expanduser()
@@ -182,6 +186,8 @@ class NodeDaemon:
                 host, local=LocalInfo(spec_hash, stage, cfg.num_stages, self.identity.address),
                 frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport,
                 receipts=self.receipts, decoder=worker.decode, step_fn=lambda: worker.next_step)
+            for hook in self.services:
+                await hook(self, host, discovery, nursery)
             if cfg.metrics_port:
                 self.metrics = NodeMetrics(stage)
                 self.metrics.serve(cfg.metrics_port)
@@ -206,6 +212,12 @@ class NodeDaemon:
                 nursery.start_soon(watch_signals)
                 with stop:
                     await self._train(endpoint, discovery, nursery)
+                    if self.linger:
+                        self.state = "serving"
+                        save_checkpoint(worker, self.data_dir)
+                        self._write_status(next_step=worker.next_step)
+                        print(json.dumps({"event": "trained", "next_step": worker.next_step}), flush=True)
+                        await trio.sleep_forever()
             # interrupted or finished: drop a partial step, keep the last completed one
             worker.abort_step()
             save_checkpoint(worker, self.data_dir)
@@ -294,7 +306,8 @@ class _Progress:
         self.progress.stop()
 
 
-def run_node(cfg: NodeConfig, corpus: str | None = None, receipts: ReceiptHook | None = None) -> int:
+def run_node(cfg: NodeConfig, corpus: str | None = None, receipts: ReceiptHook | None = None,
+             services: list[Any] | None = None, linger: bool = False) -> int:
     """Run a node until it has trained `cfg.runtime.steps` steps or is signalled; returns the exit code.
 
     cfg: the node's configuration (see NodeConfig; `stage="auto"` picks the least-served stage).
@@ -302,7 +315,7 @@ def run_node(cfg: NodeConfig, corpus: str | None = None, receipts: ReceiptHook |
     receipts: optional ReceiptHook that signs/countersigns every data frame.
     Errors (a neighbour lost after `step_retries` retries, bad config) raise NodeError / ValueError.
     """
-    daemon = NodeDaemon(cfg, corpus_source=corpus, receipts=receipts)
+    daemon = NodeDaemon(cfg, corpus_source=corpus, receipts=receipts, services=services, linger=linger)
     return trio.run(daemon.run)
 
 
@@ -330,6 +343,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--credits", type=int, default=4)
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--rpc-url", default=None, help="chain JSON-RPC URL: sign receipts and serve paid inference")
+    p.add_argument("--deployment", default=None, help="deployment file of the contracts (with --rpc-url)")
+    p.add_argument("--model-id", type=int, default=0, help="on-chain model id (with --rpc-url)")
+    p.add_argument("--linger", action="store_true", help="after the last step keep serving until signalled")
     return p
 
 
@@ -352,8 +369,20 @@ def main(argv: list[str] | None = None) -> int:
     """CLI entry point: exit code 0 on success, 1 with a one-line error otherwise."""
     a = build_parser().parse_args(argv)
     try:
-        return run_node(config_from_args(a), corpus=a.corpus)
-    except (NodeError, ValueError) as exc:
+        cfg = config_from_args(a)
+        receipts, services = None, []
+        if a.rpc_url:
+            if not a.deployment or a.model_id < 1:
+                raise ValueError("--rpc-url needs --deployment FILE and --model-id N")
+            from node.chain import chain_services
+
+            model = load_model_config(cfg.model)
+            ident = load_or_create_identity(Path(cfg.data_dir).expanduser())
+            _, receipts, serve = chain_services(cfg.data_dir, ident.account, cfg.runtime.microbatch_size,
+                                                model.seq_len, a.rpc_url, a.deployment, a.model_id)
+            services.append(serve)
+        return run_node(cfg, corpus=a.corpus, receipts=receipts, services=services, linger=a.linger)
+    except Exception as exc:  # NodeError, ValueError, chain and protocol errors: one line, no traceback
         print(json.dumps({"event": "error", "error": str(exc), "type": type(exc).__name__}), flush=True)
         print(f"error: {exc}", file=sys.stderr)
         return 1

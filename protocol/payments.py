@@ -67,3 +67,36 @@ class ChainPaymentVerifier:
             raise PaymentError(f"transaction 0x{tx_hash.hex()} paid {payment.amount_wei} wei, below the fee of "
                                f"{self.min_fee_wei} wei")
         self._paid[tx_hash] = request_id
+
+
+@dataclass
+class ChainLink:
+    """What a node reads from the chain for one model: the receipt domain, the terms and the checks above."""
+
+    client: ProtocolContracts  # connected contracts client
+    model_id: int  # the model this node trains
+    chain_id: int  # EVM chain id (receipt domain)
+    ledger: str  # ContributionLedger address (receipt domain)
+    epoch_length: int  # training steps per accounting epoch (model terms)
+    inference_fee_wei: int  # minimum fee per inference request (model terms)
+    spec_hash: bytes  # content hash registered by the researcher
+    keys: ChainKeyRegistry  # registered node keys
+    payments: ChainPaymentVerifier  # inference payment checks
+
+
+def connect_chain(rpc_url: str, deployment_path: str, model_id: int) -> ChainLink:
+    """Connect to a JSON-RPC chain with a deployment file and read one model's terms (errors name the cause)."""
+    from contracts.chain import connect
+    from contracts.deploy import Deployment
+
+    deployment = Deployment.load(deployment_path)
+    w3 = connect(rpc_url)
+    deployment.check_chain(w3)
+    client = ProtocolContracts(w3, deployment)
+    if not 1 <= model_id <= client.model_count():
+        raise ProtocolError(f"unknown model id {model_id} on chain {deployment.chain_id}")
+    terms = client.get_model(model_id).terms
+    return ChainLink(client=client, model_id=model_id, chain_id=deployment.chain_id,
+                     ledger=deployment.addresses["ContributionLedger"], epoch_length=terms.epoch_length,
+                     inference_fee_wei=terms.inference_fee_wei, spec_hash=terms.spec_hash,
+                     keys=ChainKeyRegistry(client), payments=ChainPaymentVerifier(client, model_id))
