@@ -35,6 +35,7 @@ class TraceEvent:
     kind: str  # "fwd", "bwd" or "opt"
     start: float  # simulated start time, seconds
     end: float  # simulated end time, seconds
+    lost: bool = False  # the node left during this interval, so its result was lost
 
 
 @dataclass
@@ -162,7 +163,8 @@ class PipelineSim:
                 yield self.env.timeout(duration)
                 node.busy += duration
                 if self.tracing:
-                    self.trace.append(TraceEvent(mb, attempt, node.stage, node.replica, kind, start, self.env.now))
+                    lost = not (node.alive and node.generation == generation)
+                    self.trace.append(TraceEvent(mb, attempt, node.stage, node.replica, kind, start, self.env.now, lost))
             finally:
                 if cpu_req is not None and self.cpu is not None:
                     self.cpu.release(cpu_req)

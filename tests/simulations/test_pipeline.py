@@ -1,0 +1,134 @@
+"""Invariants of the SimPy WAN pipeline model."""
+
+from __future__ import annotations
+
+import pytest
+
+from simulations.errors import DeadlockError
+from simulations.params import ChurnConfig, LinkConfig, WanConfig
+from simulations.pipeline import simulate
+
+NO_NET = LinkConfig(latency_ms=0.0)
+
+
+def _cfg(**kw: object) -> WanConfig:
+    base: dict[str, object] = dict(
+        num_stages=4, fwd_s=(1.0,) * 4, bwd_s=(2.0,) * 4, microbatches=8, steps=3,
+        fwd_bytes_per_token=0.0, bwd_bytes_per_token=0.0, link=NO_NET,
+    )
+    base.update(kw)
+    return WanConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b"])
+def test_flushed_schedules_match_the_analytic_bubble(schedule: str) -> None:
+    s, m = 4, 8
+    res = simulate(_cfg(schedule=schedule))
+    assert res.mean_step_s == pytest.approx((m + s - 1) * 3.0)
+    assert res.bubble_fraction == pytest.approx((s - 1) / (m + s - 1))
+    assert res.tokens_per_s == pytest.approx(m * 1024 / ((m + s - 1) * 3.0))
+
+
+def test_async_has_no_flush_bubble_in_steady_state() -> None:
+    sync = simulate(_cfg(schedule="1f1b", steps=6))
+    asyn = simulate(_cfg(schedule="async", steps=6))
+    # async: one fill of (S-1)(f+b) for the whole run instead of one per step
+    assert asyn.sim_time_s == pytest.approx(6 * 8 * 3.0 + 3 * 3.0)
+    assert asyn.tokens_per_s > sync.tokens_per_s
+    assert asyn.bubble_fraction < sync.bubble_fraction
+
+
+def test_shared_cpu_serialises_all_stages() -> None:
+    res = simulate(_cfg(shared_cpus=1, steps=2))
+    assert res.mean_step_s == pytest.approx(8 * 4 * 3.0)
+
+
+def test_bandwidth_bound_pipeline_runs_at_link_speed() -> None:
+    # 1 MB per microbatch at 8 Mb/s = 1 s per hop; compute negligible; the uplink is the bottleneck
+    cfg = _cfg(
+        num_stages=2, fwd_s=(1e-6,) * 2, bwd_s=(1e-6,) * 2, microbatches=50, steps=1, schedule="async",
+        microbatch_tokens=1000, fwd_bytes_per_token=1000.0, bwd_bytes_per_token=0.0,
+        link=LinkConfig(bandwidth_mbps=8.0, latency_ms=0.0),
+    )
+    res = simulate(cfg)
+    assert res.sim_time_s == pytest.approx(50.0, rel=1e-3)
+    assert res.bytes_sent == pytest.approx(50 * 1e6)
+
+
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "async"])
+def test_microbatches_conserved_and_times_causal_under_churn(schedule: str) -> None:
+    cfg = _cfg(
+        num_stages=3, fwd_s=(0.2,) * 3, bwd_s=(0.4,) * 3, opt_s=(0.1,) * 3, replicas=3, microbatches=12,
+        steps=4, schedule=schedule, fwd_bytes_per_token=100.0, bwd_bytes_per_token=100.0, speed_sigma=0.3,
+        link=LinkConfig(bandwidth_mbps=50.0, bandwidth_sigma=0.5, latency_ms=20.0, latency_sigma=0.5),
+        churn=ChurnConfig(mean_uptime_s=20.0, mean_downtime_s=2.0), seed=3,
+    )
+    res = simulate(cfg, trace=True)
+    assert res.departures > 0 and res.failed_attempts > 0  # churn really happened
+    assert res.microbatches_completed == res.microbatches_expected == 48
+    assert all(p >= res.microbatches_completed for p in res.forward_passes)
+    assert all(p >= res.microbatches_completed for p in res.backward_passes)
+    assert len(res.step_times_s) == 4 and all(t > 0 for t in res.step_times_s)
+    assert sum(res.step_times_s) == pytest.approx(res.sim_time_s)
+    assert 0.0 <= res.utilisation <= 1.0 and 0.0 <= res.bubble_fraction <= 1.0
+    by_attempt: dict[tuple[int, int], list] = {}
+    for ev in res.trace:
+        assert 0.0 <= ev.start <= ev.end <= res.sim_time_s
+        if ev.kind != "opt":
+            by_attempt.setdefault((ev.mb, ev.attempt), []).append(ev)
+    completed = 0
+    for events in by_attempt.values():
+        fwd = {e.stage: e for e in events if e.kind == "fwd"}
+        bwd = {e.stage: e for e in events if e.kind == "bwd"}
+        for s in range(1, 3):
+            if s in fwd:
+                assert fwd[s].start >= fwd[s - 1].end  # forward flows downstream in order
+        for s in bwd:
+            assert bwd[s].start >= fwd[2].end  # backward only after the tail's forward
+            if s < 2:
+                assert bwd[s].start >= bwd[s + 1].end
+        completed += 0 in bwd and not bwd[0].lost
+    assert completed == 48  # exactly one successful backward at stage 0 per microbatch
+
+
+def test_deterministic_for_a_seed_and_seed_sensitive() -> None:
+    cfg = _cfg(
+        replicas=2, speed_sigma=0.5, fwd_bytes_per_token=10.0, bwd_bytes_per_token=10.0,
+        link=LinkConfig(bandwidth_mbps=10.0, bandwidth_sigma=0.5, latency_ms=30.0, latency_sigma=0.5),
+        churn=ChurnConfig(mean_uptime_s=50.0, mean_downtime_s=5.0), seed=7,
+    )
+    a, b = simulate(cfg).to_dict(), simulate(cfg).to_dict()
+    assert a == b
+    from dataclasses import replace
+
+    assert simulate(replace(cfg, seed=8)).to_dict() != a
+
+
+def test_stage_with_no_live_replica_waits_for_a_joiner() -> None:
+    cfg = _cfg(num_stages=2, fwd_s=(1.0,) * 2, bwd_s=(1.0,) * 2, microbatches=4, steps=2,
+               churn=ChurnConfig(mean_uptime_s=3.0, mean_downtime_s=5.0, join_sync_bytes=10**6), seed=1)
+    res = simulate(cfg)
+    assert res.microbatches_completed == 8
+    assert res.departures > 0
+
+
+def test_run_bound_raises_deadlock_error() -> None:
+    with pytest.raises(DeadlockError, match="max_sim_s"):
+        simulate(_cfg(max_sim_s=5.0))
+
+
+@pytest.mark.parametrize(
+    ("kw", "field"),
+    [
+        ({"num_stages": 0}, "num_stages"),
+        ({"fwd_s": (1.0,) * 3}, "fwd_s"),
+        ({"bwd_s": (1.0, 1.0, -1.0, 1.0)}, "bwd_s"),
+        ({"schedule": "zigzag"}, "schedule"),
+        ({"link": LinkConfig(bandwidth_mbps=0.0)}, "bandwidth_mbps"),
+        ({"churn": ChurnConfig(mean_uptime_s=-1.0)}, "mean_uptime_s"),
+        ({"seed": -1}, "seed"),
+    ],
+)
+def test_bad_config_names_the_field(kw: dict[str, object], field: str) -> None:
+    with pytest.raises(ValueError, match=field):
+        simulate(_cfg(**kw))
