@@ -1,0 +1,400 @@
+"""`pmn demo`: the whole loop on one machine, with real components.
+
+An in-process EVM (or `--chain-url`) gets the contracts; a researcher proposes a model; node processes
+(one per stage, libp2p on 127.0.0.1) register with stake and train it, signing a receipt for every hop
+that the neighbour countersigns; attesters build each epoch's Merkle root from the co-signed receipts
+and submit it with a validator quorum; after the challenge window each node claims its leaf and is
+minted shares; an inference client pays the fee and gets text generated through the stage peers,
+which check the payment on chain; holders claim their revenue.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
+
+from contracts.chain import advance_time, connect, is_embedded, test_accounts
+from contracts.client import ProtocolContracts
+from contracts.deploy import deploy_all
+from contracts.embedded import serve_embedded
+from node.host import full_addrs, make_host, parse_peer_addr
+from node.identity import identity_from_secret, load_or_create_identity
+from node.inference import INFER_PROTOCOL, generate
+from node.status import node_status, read_progress
+from node.swarm import NodeProcess, launch_swarm, stop_nodes
+from pmn.errors import CLIError
+from pmn.spec import ModelProposal, ProposalTerms, TrainingRecipe
+from protocol.accounting import accounting_function_hash
+from protocol.epoch import EpochContext, build_epoch, sign_epoch_root
+from protocol.receipts import Domain, SignedReceipt, StaticKeyRegistry
+from protocol.store import ReceiptStore, StoreConfig
+from sharding.config import PRESETS
+from sharding.partition import partition
+
+
+@dataclass
+class DemoConfig:
+    """Everything the demo does, small enough for a 2-core machine in well under 5 minutes."""
+
+    preset: str = "tiny-subspace"  # sharding preset of the proposed model
+    stages: int = 3  # pipeline stages, one node process each
+    codec: str = "subspace"  # boundary codec (subspace: only z and token ids cross)
+    steps: int = 30  # global training steps
+    epoch_length: int = 15  # steps per accounting epoch (so steps / epoch_length epochs settle)
+    microbatches: int = 2  # microbatches per step
+    microbatch_size: int = 4  # sequences per microbatch
+    lr: float = 3e-3  # AdamW peak learning rate
+    threads_per_node: int = 1  # torch threads per node process
+    validators: int = 2  # attester accounts (validator role on chain)
+    quorum: int = 2  # attester signatures required per epoch root
+    challenge_window_s: int = 600  # seconds a root can be challenged (chain time is advanced past it)
+    audit_rate: float = 0.2  # published spot-check rate of the model terms
+    inference_fee_wei: int = 10**16  # fee per inference request
+    inference_requests: int = 2  # paid requests the client sends
+    prompt: str = "def "  # inference prompt
+    max_new_tokens: int = 24  # tokens generated per request
+    node_ready_timeout_s: float = 90.0  # time for a node process to print its ready line
+    train_timeout_s: float = 240.0  # time for the swarm to finish training
+    inference_timeout_s: float = 60.0  # time for one inference request
+    poll_s: float = 0.25  # how often the live display is refreshed
+    stake_funding_wei: int = 10**18  # ETH sent to each node key for stake and gas
+
+
+def _fmt_units(n: int) -> str:
+    return f"{n / 1e9:.2f} GFLOP" if n >= 1e7 else str(n)
+
+
+class Demo:
+    """One demo run; `run()` returns the summary dict."""
+
+    def __init__(self, cfg: DemoConfig, root: Path, chain_url: str | None, console: Console | None) -> None:
+        self.cfg = cfg
+        self.root = root
+        self.chain_url = chain_url
+        self.console = console
+        self.nodes: list[NodeProcess] = []
+        self.stop_chain: Any = None
+
+    def say(self, text: str) -> None:
+        if self.console is not None:
+            self.console.print(text)
+
+    # -- chain -------------------------------------------------------------------------------------
+
+    def setup_chain(self) -> None:
+        cfg = self.cfg
+        self.w3 = connect(self.chain_url)
+        if is_embedded(self.w3):
+            self.rpc_url, self.stop_chain = serve_embedded(self.w3)
+            self.say(f"[bold]chain[/] embedded py-evm, served at {self.rpc_url} for the node processes")
+        else:
+            self.rpc_url = self.chain_url or ""
+            self.say(f"[bold]chain[/] external RPC {self.rpc_url}")
+        accounts = test_accounts(self.w3)
+        self.admin, self.researcher, self.client_account = accounts[0], accounts[1], accounts[2]
+        self.validators = accounts[3:3 + cfg.validators]
+        self.funder = accounts[3 + cfg.validators]
+        deployment = deploy_all(self.w3, self.admin, [v.address for v in self.validators], cfg.quorum)
+        self.deployment_path = self.root / "deployment.json"
+        deployment.save(self.deployment_path)
+        self.client = ProtocolContracts(self.w3, deployment)
+        self.domain = Domain(deployment.chain_id, deployment.addresses["ContributionLedger"])
+        self.say(f"[bold]contracts[/] deployed on chain {deployment.chain_id}: "
+                 + ", ".join(f"{k} {v[:10]}…" for k, v in sorted(deployment.addresses.items())))
+
+    def propose(self) -> None:
+        cfg = self.cfg
+        model = PRESETS[cfg.preset]
+        self.proposal = ModelProposal(
+            model, TrainingRecipe(stages=cfg.stages, codec=cfg.codec, microbatches=cfg.microbatches,
+                                  microbatch_size=cfg.microbatch_size, lr=cfg.lr, warmup_steps=5),
+            ProposalTerms(metadata_uri=f"pmn-demo:{cfg.preset}", epoch_length=cfg.epoch_length,
+                          challenge_window_s=cfg.challenge_window_s, audit_rate=cfg.audit_rate,
+                          inference_fee_wei=cfg.inference_fee_wei)).validate()
+        t = self.proposal.terms
+        self.model_id = self.client.propose_model(
+            self.researcher, self.proposal.content_hash(), t.metadata_uri, cfg.stages, accounting_function_hash(),
+            t.epoch_length, t.challenge_window_s, self.proposal.audit_rate_bps, t.inference_fee_wei)
+        self.client.start_training(self.researcher, self.model_id)
+        self.specs = partition(model, cfg.stages)
+        self.say(f"[bold]researcher[/] proposed model {self.model_id} ({cfg.preset}, {cfg.stages} stages, "
+                 f"spec 0x{self.proposal.content_hash().hex()[:16]}…) and started training")
+
+    def register_nodes(self) -> None:
+        self.identities = []
+        for s in range(self.cfg.stages):
+            ident = load_or_create_identity(self.root / f"node{s}")
+            self.identities.append(ident)
+            self._fund(ident.address)
+            stake = self.client.stake_required(1)
+            self.client.register_node(ident.account, ident.account, 1, stake)
+        self.say(f"[bold]operators[/] registered {self.cfg.stages} node keys with stake (peer-key signatures checked on chain)")
+
+    def _fund(self, address: str) -> None:
+        tx = {"from": self.funder.address, "to": address, "value": self.cfg.stake_funding_wei, "gas": 21_000,
+              "nonce": self.w3.eth.get_transaction_count(self.funder.address), "chainId": self.w3.eth.chain_id,
+              "maxFeePerGas": 2 * self.w3.eth.get_block("latest")["baseFeePerGas"] + 10**9,
+              "maxPriorityFeePerGas": 10**9}
+        signed = self.funder.sign_transaction(tx)
+        self.w3.eth.wait_for_transaction_receipt(self.w3.eth.send_raw_transaction(signed.raw_transaction))
+
+    # -- swarm -------------------------------------------------------------------------------------
+
+    def train(self) -> tuple[float, float]:
+        cfg = self.cfg
+        args = ["--model", cfg.preset, "--codec", cfg.codec, "--steps", str(cfg.steps), "--microbatches",
+                str(cfg.microbatches), "--microbatch-size", str(cfg.microbatch_size), "--lr", str(cfg.lr),
+                "--rpc-url", self.rpc_url, "--deployment", str(self.deployment_path), "--model-id",
+                str(self.model_id), "--linger", "--checkpoint-every", "0"]
+        self.nodes = launch_swarm(self.root, cfg.stages, args, ready_timeout_s=cfg.node_ready_timeout_s,
+                                  threads=[cfg.threads_per_node] * cfg.stages)
+        for n in self.nodes:
+            self.say(f"[bold]node[/] stage {n.ready['stage']} peer {n.ready['peer_id'][:16]}… "
+                     f"address {n.ready['address']} at {n.ready['addrs'][0]}")
+        deadline = time.monotonic() + cfg.train_timeout_s
+        live = Live(self._table(), console=self.console, refresh_per_second=4, transient=False) \
+            if self.console is not None else None
+        try:
+            if live:
+                live.start()
+            while True:
+                states = [node_status(n.data_dir).get("state") for n in self.nodes]
+                if live:
+                    live.update(self._table())
+                if all(s == "serving" for s in states):
+                    break
+                for n, s in zip(self.nodes, states, strict=True):
+                    if n.proc.poll() is not None or s == "failed":
+                        err = (n.data_dir / "stderr.log").read_text()[-800:]
+                        raise CLIError(f"node for stage {n.stage} stopped during training: {err.strip()[-400:]}")
+                if time.monotonic() > deadline:
+                    raise CLIError(f"training did not finish within {cfg.train_timeout_s} s (states {states})")
+                time.sleep(cfg.poll_s)
+        finally:
+            if live:
+                live.stop()
+        tail = read_progress(self.nodes[-1].data_dir)
+        losses = [float(r["loss"]) for r in sorted(tail, key=lambda r: r["step"]) if r.get("loss") is not None]
+        if len(losses) < 2:
+            raise CLIError("the tail stage reported fewer than two losses")
+        k = min(3, len(losses) // 2)
+        return sum(losses[:k]) / k, sum(losses[-k:]) / k
+
+    def _table(self) -> Table:
+        table = Table(title=f"training model {getattr(self, 'model_id', '?')} — {self.cfg.stages} stages over libp2p")
+        for col in ("stage", "step", "epoch", "loss", "tokens/s", "receipts", "compute (co-signed)"):
+            table.add_column(col, justify="right")
+        per_unit = {s.index: self._units_per_hop(s.index) for s in self.specs}
+        for n in self.nodes:
+            prog = read_progress(n.data_dir)
+            last = prog[-1] if prog else {}
+            receipts = self._count_receipts(n.data_dir)
+            step = last.get("step", -1)
+            table.add_row(str(n.stage), str(step + 1), str(max(step, 0) // self.cfg.epoch_length),
+                          f"{last['loss']:.3f}" if last.get("loss") is not None else "",
+                          f"{last.get('tokens_per_s', 0):.0f}", str(receipts),
+                          _fmt_units(receipts * per_unit[n.stage] // 2 if n.stage not in (0, self.cfg.stages - 1)
+                                     else receipts * per_unit[n.stage]))
+        return table
+
+    def _units_per_hop(self, stage: int) -> int:
+        from protocol.accounting import compute_units
+
+        return compute_units(self.proposal.model, self.specs[stage], self.cfg.microbatch_size * self.proposal.model.seq_len)
+
+    @staticmethod
+    def _count_receipts(data_dir: Path) -> int:
+        import sqlite3
+
+        path = data_dir / "receipts.sqlite"
+        if not path.exists():
+            return 0
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=1) as db:
+                return int(db.execute("SELECT COUNT(*) FROM receipts WHERE receiver_signature IS NOT NULL").fetchone()[0])
+        except sqlite3.Error:
+            return 0
+
+    # -- settlement --------------------------------------------------------------------------------
+
+    def gather(self, epoch: int) -> list[SignedReceipt]:
+        """An attester collects the epoch's co-signed receipts from every node's store."""
+        registry = StaticKeyRegistry([i.address for i in self.identities])
+        seen: dict[tuple[int, ...], SignedReceipt] = {}
+        for n in self.nodes:
+            store = ReceiptStore(StoreConfig(data_dir=n.data_dir), self.domain, registry)
+            try:
+                for r in store.epoch_receipts(self.model_id, epoch, cosigned_only=True):
+                    seen.setdefault(r.receipt.key, r)
+            finally:
+                store.close()
+        return list(seen.values())
+
+    def settle(self) -> list[dict[str, Any]]:
+        cfg = self.cfg
+        registry = StaticKeyRegistry([i.address for i in self.identities])
+        results = []
+        for epoch in range(cfg.steps // cfg.epoch_length):
+            ctx = EpochContext(self.model_id, epoch, self.proposal.model, tuple(self.specs), self.domain)
+            result = build_epoch(self.gather(epoch), ctx, registry)
+            msg = result.attestation()
+            sigs = [sign_epoch_root(self.domain, msg, v) for v in self.validators[:cfg.quorum]]
+            self.client.submit_epoch_root(self.validators[0], self.model_id, epoch, result.root, result.total_units,
+                                          result.receipts_hash, sigs)
+            path = self.root / "receipts" / f"model{self.model_id}-epoch{epoch}.json"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(result.receipts_file)
+            results.append({"epoch": epoch, "result": result, "file": path})
+            self.say(f"[bold]attesters[/] epoch {epoch}: {len(result.receipts)} co-signed receipts, root "
+                     f"0x{result.root.hex()[:16]}…, {cfg.quorum}-of-{cfg.validators} signatures, published {path.name}")
+        if not results:
+            raise CLIError(f"no epoch completed: steps ({cfg.steps}) < epoch_length ({cfg.epoch_length})")
+        advance_time(self.w3, cfg.challenge_window_s + 1)
+        for item in results:
+            result = item["result"]
+            for ident in self.identities:
+                leaf = next((lf for lf in result.tree.leaves if lf.node == ident.address), None)
+                if leaf is None:
+                    continue
+                self.client.claim_leaf(ident.account, self.model_id, item["epoch"], ident.address, leaf.units,
+                                       result.tree.proof(ident.address))
+        self.say("[bold]ledger[/] challenge window passed; every node claimed its leaves and was minted shares")
+        return results
+
+    # -- inference ---------------------------------------------------------------------------------
+
+    def infer(self) -> list[str]:
+        texts = []
+        head = self.nodes[0].ready["addrs"][0]
+        for i in range(self.cfg.inference_requests):
+            request_id = os.urandom(32)
+            tx_hash = self.client.deposit_revenue(self.client_account, self.model_id, self.cfg.inference_fee_wei,
+                                                  request_id)
+            tokens = trio.run(self._generate, head, request_id, tx_hash)
+            text = bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
+            texts.append(text)
+            self.say(f"[bold]inference[/] request {i + 1}: paid {self.cfg.inference_fee_wei} wei "
+                     f"(tx 0x{tx_hash.hex()[:12]}…) → {self.cfg.prompt!r} + {text!r}")
+        return texts
+
+    async def _generate(self, head: str, request_id: bytes, tx_hash: bytes) -> list[int]:
+        ident = identity_from_secret(os.urandom(31).rjust(32, b"\x01"))
+        host = make_host(ident)
+        info = parse_peer_addr(head)
+        import multiaddr
+
+        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            assert full_addrs(host)
+
+            async def open_stream() -> Any:
+                await host.connect(info)
+                return await host.new_stream(info.peer_id, [INFER_PROTOCOL])
+
+            with trio.fail_after(self.cfg.inference_timeout_s):
+                return [t async for t in generate(open_stream, list(self.cfg.prompt.encode()), request_id=request_id,
+                                                  tx_hash=tx_hash, max_new_tokens=self.cfg.max_new_tokens)]
+
+    # -- the whole loop ----------------------------------------------------------------------------
+
+    def run(self) -> dict[str, Any]:
+        try:
+            self.setup_chain()
+            self.propose()
+            self.register_nodes()
+            loss_start, loss_end = self.train()
+            epochs = self.settle()
+            texts = self.infer()
+            deposited = self.cfg.inference_fee_wei * self.cfg.inference_requests
+            supply = self.client.total_supply(self.model_id)
+            nodes = []
+            for ident, n in zip(self.identities, self.nodes, strict=True):
+                units = sum(e["result"].totals.get(ident.address, 0) for e in epochs)
+                shares = self.client.balance_of(self.model_id, ident.address)
+                claimed = self.client.claim_revenue(self.model_id, ident.account) \
+                    if self.client.claimable(self.model_id, ident.address) > 0 else 0
+                nodes.append({"stage": n.stage, "peer_id": n.ready["peer_id"], "address": ident.address,
+                              "compute_units": units, "shares": shares, "fraction": shares / supply if supply else 0.0,
+                              "revenue_claimed_wei": claimed})
+            return {"model_id": self.model_id, "nodes": nodes, "loss_start": loss_start, "loss_end": loss_end,
+                    "epochs_settled": len(epochs), "revenue_deposited_wei": deposited,
+                    "inference_text": texts[0] if texts else "", "inference_texts": texts,
+                    "total_shares": supply, "receipts_files": [str(e["file"]) for e in epochs]}
+        finally:
+            stop_nodes(self.nodes)
+            if self.stop_chain is not None:
+                self.stop_chain()
+
+
+def summary_table(result: dict[str, Any]) -> Table:
+    table = Table(title=f"model {result['model_id']}: loss {result['loss_start']:.3f} → {result['loss_end']:.3f}, "
+                        f"{result['epochs_settled']} epochs settled, {result['revenue_deposited_wei']} wei of fees")
+    for col in ("stage", "peer id", "address", "verified compute", "shares", "fraction", "revenue claimed (wei)"):
+        table.add_column(col, justify="right")
+    for n in result["nodes"]:
+        table.add_row(str(n["stage"]), n["peer_id"][:14] + "…", n["address"][:12] + "…", _fmt_units(n["compute_units"]),
+                      str(n["shares"]), f"{n['fraction']:.4f}", str(n["revenue_claimed_wei"]))
+    return table
+
+
+def load_demo_config(path: Path | None) -> DemoConfig:
+    cfg = DemoConfig()
+    if path is None:
+        return cfg
+    import tomllib
+
+    if not path.exists():
+        raise CLIError(f"demo config {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as exc:
+        raise CLIError(f"{path} is not valid TOML: {exc}") from None
+    known = set(DemoConfig.__dataclass_fields__)
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise CLIError(f"{path}: unknown field(s) {', '.join(unknown)}")
+    return replace(cfg, **data)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    import warnings
+
+    warnings.simplefilter("ignore", ResourceWarning)  # the embedded RPC server's keep-alive sockets
+    cfg = load_demo_config(args.config)
+    if args.steps is not None:
+        cfg = replace(cfg, steps=args.steps)
+    if args.stages is not None:
+        cfg = replace(cfg, stages=args.stages)
+    if cfg.stages < 3:
+        raise CLIError("the demo needs at least 3 stages: pass --stages 3 or more")
+    console = None if args.json else Console()
+    tmp = None
+    if args.data_dir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="pmn-demo-")
+        root = Path(tmp.name)
+    else:
+        root = args.data_dir.expanduser()
+        root.mkdir(parents=True, exist_ok=True)
+    try:
+        result = Demo(cfg, root, args.chain_url, console).run()
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    if console is not None:
+        console.print(summary_table(result))
+    out = {k: v for k, v in result.items() if k != "receipts_files" or args.data_dir is not None}
+    print(json.dumps(out))
+    return 0
+
+
+__all__ = ["Demo", "DemoConfig", "cmd_demo"]
