@@ -54,15 +54,19 @@ class CalibrationConfig:
         return self
 
 
-def _median_time(fn: Any, warmup: int, repeats: int) -> float:
-    for _ in range(warmup):
-        fn()
-    samples = []
-    for _ in range(repeats):
+def _fwd_bwd_times(forward: Any, backward: Any, cal: CalibrationConfig) -> tuple[float, float]:
+    """Median forward and median backward seconds, each timed on its own in every repetition."""
+    fwd, bwd = [], []
+    for i in range(cal.warmup + cal.repeats):
         t0 = time.perf_counter()
-        fn()
-        samples.append(time.perf_counter() - t0)
-    return float(statistics.median(samples))
+        forward()
+        t1 = time.perf_counter()
+        backward()
+        t2 = time.perf_counter()
+        if i >= cal.warmup:
+            fwd.append(t1 - t0)
+            bwd.append(t2 - t1)
+    return float(statistics.median(fwd)), float(statistics.median(bwd))
 
 
 def _opt_time(stage: torch.nn.Module, step: Any, cal: CalibrationConfig) -> float:
@@ -124,12 +128,7 @@ def measure_stages(cal: CalibrationConfig) -> list[dict[str, Any]]:
             if h is not None and h.grad is not None:
                 codec.encode_gradient(h.grad, ids)
 
-        def fwd_bwd() -> None:
-            forward()
-            backward()
-
-        fwd_s = _median_time(forward, cal.warmup, cal.repeats)
-        total_s = _median_time(fwd_bwd, cal.warmup, cal.repeats)
+        fwd_s, bwd_s = _fwd_bwd_times(forward, backward, cal)
         opt_s = _opt_time(stage, lambda stage=stage, opt=opt: optimizer_step(stage, opt, 0, optim), cal)
         state.clear()
         out_rows.append(
@@ -138,7 +137,7 @@ def measure_stages(cal: CalibrationConfig) -> list[dict[str, Any]]:
                 "block_start": spec.block_start,
                 "block_end": spec.block_end,
                 "fwd_s": fwd_s,
-                "bwd_s": max(total_s - fwd_s, 0.0),
+                "bwd_s": bwd_s,
                 "opt_s": opt_s,
                 "flops_per_token": stage_flops_per_token(config, spec),
             }

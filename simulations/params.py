@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Schedule = Literal["gpipe", "1f1b", "async"]
-SCHEDULES: tuple[str, ...] = ("gpipe", "1f1b", "async")
+SCHEDULES: tuple[Schedule, ...] = ("gpipe", "1f1b", "async")
 
 
 def _positive(owner: str, name: str, value: float) -> None:
@@ -77,6 +77,8 @@ class WanConfig:
     fwd_bytes_per_token: float = 4096.0  # wire bytes per token of a forward activation (codec + token ids)
     bwd_bytes_per_token: float = 4096.0  # wire bytes per token of a backward gradient frame
     grad_sync_bytes: tuple[int, ...] = ()  # bytes each stage's replicas all-reduce per step (empty = 0)
+    frame_overhead_s: float = 0.0  # runtime seconds per forward/backward frame on a node's compute slot (framing, receipts, acks)
+    step_overhead_s: float = 0.0  # fixed seconds each stage spends at every step boundary (barrier, bookkeeping)
     speed_sigma: float = 0.0  # sigma of the lognormal spread of node compute speed (0 = all equal)
     link: LinkConfig = field(default_factory=LinkConfig)  # access-link model
     churn: ChurnConfig = field(default_factory=ChurnConfig)  # join/leave model
@@ -113,6 +115,8 @@ class WanConfig:
         _non_negative("WanConfig", "fwd_bytes_per_token", self.fwd_bytes_per_token)
         _non_negative("WanConfig", "bwd_bytes_per_token", self.bwd_bytes_per_token)
         _non_negative("WanConfig", "speed_sigma", self.speed_sigma)
+        _non_negative("WanConfig", "frame_overhead_s", self.frame_overhead_s)
+        _non_negative("WanConfig", "step_overhead_s", self.step_overhead_s)
         _positive("WanConfig", "max_sim_s", self.max_sim_s)
         if self.shared_cpus is not None:
             _count("WanConfig", "shared_cpus", self.shared_cpus)

@@ -96,8 +96,8 @@ class PipelineSim:
         self.trace: list[TraceEvent] = []
         cfg = self.cfg
         s_n, r_n = cfg.num_stages, cfg.replicas
-        self.fwd = cfg.stage_list(cfg.fwd_s, "fwd_s")
-        self.bwd = cfg.stage_list(cfg.bwd_s, "bwd_s")
+        self.fwd = [t + cfg.frame_overhead_s for t in cfg.stage_list(cfg.fwd_s, "fwd_s")]
+        self.bwd = [t + cfg.frame_overhead_s for t in cfg.stage_list(cfg.bwd_s, "bwd_s")]
         self.opt = cfg.stage_list(cfg.opt_s, "opt_s")
         self.sync_bytes = cfg.stage_list(cfg.grad_sync_bytes, "grad_sync_bytes")
         speeds = self._lognormal(1.0, cfg.speed_sigma, (s_n, r_n))
@@ -260,7 +260,7 @@ class PipelineSim:
 
     def _stage_step_end(self, stage: int) -> Generator[simpy.Event, Any, None]:
         yield self.env.all_of([self.env.process(self._opt_node(n)) for n in self.nodes[stage]])
-        yield self.env.timeout(self._grad_sync_s(stage))
+        yield self.env.timeout(self._grad_sync_s(stage) + self.cfg.step_overhead_s)
 
     def _maybe_async_opt(self, node: _Node) -> None:
         node.bwd_since_opt += 1

@@ -16,6 +16,7 @@ import os
 import statistics
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -158,6 +159,70 @@ def validate_local_swarm(
     out = compare(measured["tokens_per_s"], sim.tokens_per_s)
     out.update({"reference": "node.swarm.run_local_swarm (libp2p on 127.0.0.1)", "measured": measured,
                 "shared_cpus": cpus, "calibration": calibration})
+    return out
+
+
+def fit_runtime_overheads(
+    calibration: dict[str, Any], measured_step_s: dict[int, float], shared_cpus: int | None, steps: int = 3
+) -> tuple[float, float]:
+    """Fit (frame_overhead_s, step_overhead_s) so simulated step times match two measured ones.
+
+    `measured_step_s` maps microbatches per step -> measured seconds per step; the two smallest and
+    largest counts are used: the per-frame overhead matches the slope, the per-step overhead the level.
+    """
+    if len(measured_step_s) < 2:
+        raise ValidationDataError("fitting runtime overheads needs step times at two microbatch counts")
+    (m1, t1), (m2, t2) = sorted(measured_step_s.items())[0], sorted(measured_step_s.items())[-1]
+
+    def sim(m: int, frame: float) -> float:
+        cfg = replace(local_config(calibration, m, steps, shared_cpus), frame_overhead_s=frame)
+        return simulate(cfg).mean_step_s
+
+    target = t2 - t1
+    lo, hi = 0.0, 1.0
+    if sim(m2, lo) - sim(m1, lo) >= target:
+        frame = 0.0
+    else:
+        while sim(m2, hi) - sim(m1, hi) < target and hi < 1e3:
+            hi *= 2
+        for _ in range(50):
+            mid = (lo + hi) / 2
+            if sim(m2, mid) - sim(m1, mid) < target:
+                lo = mid
+            else:
+                hi = mid
+        frame = (lo + hi) / 2
+    return frame, max(0.0, t1 - sim(m1, frame))
+
+
+def validate_local_swarm_fitted(
+    cal: CalibrationConfig | None = None,
+    fit_microbatches: tuple[int, int] = (2, 8),
+    held_out_microbatches: int = 4,
+    steps: int = 4,
+    timeout_s: float = 300.0,
+) -> dict[str, Any]:
+    """Fit the runtime overheads on two real swarm runs, then predict a third (held-out) run and compare."""
+    cal = cal or CalibrationConfig()
+    calibration = calibrate(cal, out_path=None)
+    cpus = os.cpu_count() or 1
+    fit_runs = {m: measure_local_swarm(cal, m, steps, timeout_s) for m in fit_microbatches}
+    frame, step = fit_runtime_overheads(calibration, {m: r["step_s"] for m, r in fit_runs.items()}, cpus)
+    held = measure_local_swarm(cal, held_out_microbatches, steps, timeout_s)
+    base = local_config(calibration, held_out_microbatches, steps, shared_cpus=cpus)
+    raw = simulate(base)
+    fitted = simulate(replace(base, frame_overhead_s=frame, step_overhead_s=step))
+    out = compare(held["tokens_per_s"], fitted.tokens_per_s)
+    out.update({
+        "reference": "node.swarm.run_local_swarm (libp2p on 127.0.0.1), held-out microbatch count",
+        "error_without_runtime_overheads": compare(held["tokens_per_s"], raw.tokens_per_s)["error"],
+        "frame_overhead_s": frame,
+        "step_overhead_s": step,
+        "fit_runs": fit_runs,
+        "held_out": held,
+        "shared_cpus": cpus,
+        "calibration": calibration,
+    })
     return out
 
 

@@ -106,3 +106,20 @@ def test_stage_params_match_the_real_stage_modules() -> None:
         for spec in partition(config, 2):
             stage = build_stage(config, spec)
             assert stage_params(config, spec) == sum(p.numel() for p in stage.parameters() if p.requires_grad)
+
+
+def test_runtime_overhead_fit_recovers_known_overheads(calibration: tuple[dict, Path]) -> None:
+    from dataclasses import replace
+
+    from simulations.validation import fit_runtime_overheads
+
+    data, _ = calibration
+    truth = {}
+    for m in (2, 8):
+        cfg = replace(local_config(data, m, 3, shared_cpus=2), frame_overhead_s=0.004, step_overhead_s=0.05)
+        truth[m] = simulate(cfg).mean_step_s
+    frame, step = fit_runtime_overheads(data, truth, shared_cpus=2)
+    assert frame == pytest.approx(0.004, rel=1e-3)
+    assert step == pytest.approx(0.05, rel=1e-2)
+    with pytest.raises(ValidationDataError, match="two microbatch counts"):
+        fit_runtime_overheads(data, {2: 1.0}, shared_cpus=2)
