@@ -8,6 +8,7 @@ address sender,address receiver,bytes32 payloadDigest,uint32 tokens)`` under the
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
@@ -49,9 +50,15 @@ _UINT_FIELDS = {  # attribute -> (EIP-712 field name, bit width)
 }
 
 
-def payload_digest(payload: bytes) -> bytes:
-    """The `payloadDigest` of a hop: keccak256 of the exact payload bytes sent on the wire."""
-    return keccak(payload)
+def payload_digest(payload: bytes, window: bytes = b"") -> bytes:
+    """The `payloadDigest` of a hop: blake2b-256 over the token-window bytes then the codec payload bytes.
+
+    Same definition as the wire frame digest of `node.frames`, so a frame's digest is its receipt's digest.
+    """
+    h = hashlib.blake2b(digest_size=32)
+    h.update(window)
+    h.update(payload)
+    return h.digest()
 
 
 def check_uint(field: str, value: Any, bits: int, error: type[ReceiptError] = ReceiptError) -> int:
