@@ -104,12 +104,15 @@ def _render(artifact: dict[str, Any]) -> str:
     return json.dumps(artifact, indent=2, sort_keys=True) + "\n"
 
 
-def build(check: bool = False, settings: CompilerSettings | None = None) -> list[str]:
+def build(check: bool = False, settings: CompilerSettings | None = None,
+          artifacts: dict[str, dict[str, Any]] | None = None) -> list[str]:
     """Compile and write contracts/build/<Name>.json (removing stale ones); return the contract names.
 
     With `check=True` nothing is written; raises `BuildError` naming every artifact that differs.
+    `artifacts` (from `compile_sources`) skips the compile.
     """
-    artifacts = compile_sources(settings)
+    if artifacts is None:
+        artifacts = compile_sources(settings)
     rendered = {f"{name}.json": _render(a) for name, a in artifacts.items()}
     existing = {p.name: p for p in BUILD_DIR.glob("*.json")} if BUILD_DIR.is_dir() else {}
     if check:

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from contracts.build import BUILD_DIR, build, load_artifact
+from contracts.build import BUILD_DIR, build, compile_sources, load_artifact
 from contracts.errors import ArtifactError, BuildError
 
 NEEDS_NODE = pytest.mark.skipif(
@@ -15,21 +15,26 @@ NEEDS_NODE = pytest.mark.skipif(
 )
 
 
+@pytest.fixture(scope="module")
+def fresh() -> dict:
+    return compile_sources()
+
+
 @NEEDS_NODE
-def test_committed_artifacts_match_fresh_compile() -> None:
-    names = build(check=True)
+def test_committed_artifacts_match_fresh_compile(fresh: dict) -> None:
+    names = build(check=True, artifacts=fresh)
     assert {"ContributionLedger", "ModelRegistry", "NodeRegistry", "ShareToken", "ValidatorQuorum"} <= set(names)
 
 
 @NEEDS_NODE
-def test_check_reports_a_tampered_artifact(tmp_path, monkeypatch) -> None:
+def test_check_reports_a_tampered_artifact(fresh: dict, tmp_path, monkeypatch) -> None:
     fake = tmp_path / "build"
     shutil.copytree(BUILD_DIR, fake)
     (fake / "ShareToken.json").write_text("{}\n")
     (fake / "Stale.json").write_text("{}\n")
     monkeypatch.setattr("contracts.build.BUILD_DIR", fake)
     with pytest.raises(BuildError) as err:
-        build(check=True)
+        build(check=True, artifacts=fresh)
     assert "ShareToken.json: differs" in str(err.value)
     assert "Stale.json: stale" in str(err.value)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 from eth_account import Account
 
@@ -97,7 +99,6 @@ def test_reentrant_claim_reverts_without_state_change(env: Env) -> None:
     assert env.pc.w3.eth.get_balance(token) == 1000 and env.pc.w3.eth.get_balance(attacker) == 0
 
 
-@pytest.mark.filterwarnings("ignore:SELFDESTRUCT:DeprecationWarning")
 def test_direct_and_forced_eth_change_nobodys_fraction(env: Env) -> None:
     mid, _ = _holders(env, {0: 100, 1: 300})
     token = env.pc.share_token(mid)
@@ -107,7 +108,9 @@ def test_direct_and_forced_eth_change_nobodys_fraction(env: Env) -> None:
     assert err.value.error_name == "ShareTokenDirectTransferRefused"
     art = load_artifact("ForceSender")
     forcer = env.pc.w3.eth.contract(address=env.pc.tx.deploy(env.payer, art["abi"], art["bytecode"]), abi=art["abi"])
-    env.pc.tx.transact(env.payer, forcer.functions.force(token), value=10**18)
+    with warnings.catch_warnings():  # py-evm warns that SELFDESTRUCT is deprecated: that is the point here
+        warnings.simplefilter("ignore", DeprecationWarning)
+        env.pc.tx.transact(env.payer, forcer.functions.force(token), value=10**18)
     assert env.pc.w3.eth.get_balance(token) == 4000 + 10**18
     assert env.pc.claimable(mid, env.operators[0].address) == 1000
     assert env.pc.claimable(mid, env.operators[1].address) == 3000
