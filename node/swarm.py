@@ -104,8 +104,8 @@ def stop_nodes(nodes: list[NodeProcess], grace_s: float = 10.0) -> None:
 
 
 def launch_swarm(root: Path, stages: int, node_args: list[str], ready_timeout_s: float = 60.0,
-                 threads: list[int] | None = None) -> list[NodeProcess]:
-    """Start stage 0 first, then stages 1..P-1 bootstrapping from it."""
+                 threads: list[int] | None = None, auto_stage: bool = False) -> list[NodeProcess]:
+    """Start stage 0 first, then stages 1..P-1 bootstrapping from it (auto_stage: nodes pick their stage)."""
     nodes: list[NodeProcess] = []
     try:
         for s in range(stages):
@@ -114,7 +114,9 @@ def launch_swarm(root: Path, stages: int, node_args: list[str], ready_timeout_s:
                 extra += ["--threads", str(threads[s])]
             if nodes:
                 extra += ["--bootstrap", nodes[0].ready["addrs"][0]]
-            nodes.append(start_node(s, root / f"node{s}", extra, ready_timeout_s))
+            nodes.append(start_node("auto" if auto_stage else s, root / f"node{s}", extra, ready_timeout_s))
+            if auto_stage:
+                nodes[-1].stage = int(nodes[-1].ready["stage"])
     except BaseException:
         stop_nodes(nodes)
         raise
@@ -152,12 +154,14 @@ def run_local_swarm(
     threads: list[int] | None = None,
     timeout_s: float = 600.0,
     extra_args: list[str] | None = None,
+    auto_stage: bool = False,
 ) -> SwarmResult:
     """Run a `stages`-stage swarm of node processes on 127.0.0.1 for `steps` global steps.
 
     root: directory holding one data dir per node (`node0`, `node1`, ...); reusing it resumes from
       the checkpoints there. model/codec/microbatches/microbatch_size: the training setup (all nodes
       share it). corpus: sharding.load_corpus source (None = stdlib). threads: torch threads per node.
+    auto_stage: start every node with `--stage auto` (one after another) instead of explicit stages.
     Returns per-step tail losses and every node's progress; raises NodeError if a node fails.
     """
     root = Path(root).expanduser()
@@ -165,7 +169,7 @@ def run_local_swarm(
             "--microbatch-size", str(microbatch_size), *(extra_args or [])]
     if corpus is not None:
         args += ["--corpus", corpus]
-    nodes = launch_swarm(root, stages, args, threads=threads)
+    nodes = launch_swarm(root, stages, args, threads=threads, auto_stage=auto_stage)
     codes = wait_nodes(nodes, timeout_s)
     for n, code in zip(nodes, codes, strict=True):
         if code != 0:
