@@ -119,14 +119,21 @@ class NodeDaemon:
         await trio.to_thread.run_sync(load_checkpoint, self.worker, ckpt)
         self._write_status(next_step=theirs, rolled_back_from=ours)
 
-    async def _ensure_links(self, endpoint: ActEndpoint, discovery: Discovery, nursery: trio.Nursery) -> None:
-        """Dial the next stage and accept the previous one (named timeouts; PeerLostError names the stage)."""
+    async def _ensure_links(self, endpoint: ActEndpoint, discovery: Discovery, nursery: trio.Nursery,
+                            first: bool = False) -> None:
+        """Dial the next stage and accept the previous one (named timeouts; PeerLostError names the stage).
+
+        The first time the wait is `discovery.discovery_timeout_s` (neighbours may still be starting),
+        afterwards `runtime.redial_timeout_s`.
+        """
         assert self.worker is not None
         spec = self.worker.spec
         r = self.cfg.runtime
+        limit = self.cfg.discovery.discovery_timeout_s if first else r.redial_timeout_s
+        limit_name = "discovery_timeout_s" if first else "redial_timeout_s"
         if not spec.is_head and (self.links.up is None or self.links.up.failure is not None):
             want = spec.index - 1
-            with trio.move_on_after(r.redial_timeout_s):
+            with trio.move_on_after(limit):
                 while self.links.up is None:
                     ch = await endpoint.incoming.receive()
                     if ch.failure is None and ch.remote_stage == want:
@@ -137,17 +144,17 @@ class NodeDaemon:
                         await ch.linger_and_reset()
             if self.links.up is None:
                 raise PeerLostError(f"stage {spec.index}: no peer for stage {want} connected within "
-                                    f"redial_timeout_s={r.redial_timeout_s}", "", want)
+                                    f"{limit_name}={limit}", "", want)
         if not spec.is_tail and (self.links.down is None or self.links.down.failure is not None):
             want = spec.index + 1
             backoff = r.retry_backoff_s
-            deadline = trio.current_time() + r.redial_timeout_s
+            deadline = trio.current_time() + limit
             last: Exception | None = None
             while self.links.down is None:
                 left = deadline - trio.current_time()
                 if left <= 0:
                     raise PeerLostError(f"stage {spec.index}: could not reach a peer for stage {want} within "
-                                        f"redial_timeout_s={r.redial_timeout_s}: {last}", "", want)
+                                        f"{limit_name}={limit}: {last}", "", want)
                 try:
                     ann = await discovery.wait_for_stage(want, timeout_s=left)
                     ch = await endpoint.open(ann.addrs[0])
@@ -199,6 +206,7 @@ class NodeDaemon:
             print(json.dumps(ready), flush=True)
             task_status.started(ready)
             code = 0
+            failure: NodeError | None = None
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 stop = trio.CancelScope()
 
@@ -211,7 +219,10 @@ class NodeDaemon:
 
                 nursery.start_soon(watch_signals)
                 with stop:
-                    await self._train(endpoint, discovery, nursery)
+                    try:
+                        await self._train(endpoint, discovery, nursery)
+                    except NodeError as exc:  # re-raised outside the nursery, unwrapped
+                        failure = exc
                     if self.linger:
                         self.state = "serving"
                         save_checkpoint(worker, self.data_dir)
@@ -221,12 +232,14 @@ class NodeDaemon:
             # interrupted or finished: drop a partial step, keep the last completed one
             worker.abort_step()
             save_checkpoint(worker, self.data_dir)
-            self.state = "stopped" if code else "finished"
+            self.state = "failed" if failure else "stopped" if code else "finished"
             self._write_status(next_step=worker.next_step)
             for ch in (self.links.down, self.links.up):
                 if ch is not None:
                     await ch.close()
             nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
         return code
 
     async def _train(self, endpoint: ActEndpoint, discovery: Discovery, nursery: trio.Nursery) -> None:
@@ -234,11 +247,14 @@ class NodeDaemon:
         worker, cfg, r = self.worker, self.cfg, self.cfg.runtime
         progress = _Progress(r.steps, worker.next_step, worker.spec.index) if cfg.progress else None
         attempts = 0
+        first_error: NodeError | None = None
+        linked_once = False
         try:
             while worker.next_step < r.steps:
                 step = worker.next_step
                 try:
-                    await self._ensure_links(endpoint, discovery, nursery)
+                    await self._ensure_links(endpoint, discovery, nursery, first=not linked_once)
+                    linked_once = True
                     runtime = PipelineRuntime(worker, r, self.links.up, self.links.down)
                     try:
                         res = await runtime.run_step(step)
@@ -246,16 +262,23 @@ class NodeDaemon:
                         runtime.detach()
                 except RETRYABLE as exc:
                     attempts += 1
+                    first_error = first_error or exc
                     worker.abort_step()
                     await self._reset_links()
-                    if attempts > r.step_retries:
+                    if attempts > r.step_retries or not linked_once:
                         self.state = "failed"
+                        if first_error is not exc:
+                            peer = getattr(first_error, "peer", "")
+                            stage = getattr(first_error, "stage", -1)
+                            exc = PeerLostError(f"{first_error}; step {step} failed {attempts} time(s), "
+                                                f"last: {exc}", peer, stage)
                         self._write_status(error=str(exc))
-                        raise
+                        raise exc
                     self._write_status(last_retry=str(exc))
                     await trio.sleep(r.retry_backoff_s * 2 ** (attempts - 1))
                     continue
                 attempts = 0
+                first_error = None
                 self._after_step(res, len(endpoint.host.get_connected_peers()))
                 if progress:
                     progress.update(res)

@@ -104,7 +104,8 @@ def stop_nodes(nodes: list[NodeProcess], grace_s: float = 10.0) -> None:
 
 
 def launch_swarm(root: Path, stages: int, node_args: list[str], ready_timeout_s: float = 60.0,
-                 threads: list[int] | None = None, auto_stage: bool = False) -> list[NodeProcess]:
+                 threads: list[int] | None = None, auto_stage: bool = False,
+                 metrics_base_port: int = 0) -> list[NodeProcess]:
     """Start stage 0 first, then stages 1..P-1 bootstrapping from it (auto_stage: nodes pick their stage)."""
     nodes: list[NodeProcess] = []
     try:
@@ -112,6 +113,8 @@ def launch_swarm(root: Path, stages: int, node_args: list[str], ready_timeout_s:
             extra = ["--stages", str(stages), *node_args]
             if threads:
                 extra += ["--threads", str(threads[s])]
+            if metrics_base_port:
+                extra += ["--metrics-port", str(metrics_base_port + s)]
             if nodes:
                 extra += ["--bootstrap", nodes[0].ready["addrs"][0]]
             nodes.append(start_node("auto" if auto_stage else s, root / f"node{s}", extra, ready_timeout_s))

@@ -52,16 +52,20 @@ def test_three_stages_subspace_match_reference(tmp_path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_sigterm_checkpoints_and_restart_resumes(tmp_path) -> None:
-    nodes = launch_swarm(tmp_path, 2, ["--steps", "1000", *ARGS, "--metrics-port", "0"])
+def test_sigterm_checkpoints_metrics_and_restart_resumes(tmp_path) -> None:
+    port = 20000 + (int(time.time() * 1000) % 20000)
+    nodes = launch_swarm(tmp_path, 2, ["--steps", "1000", *ARGS], metrics_base_port=port)
     try:
         tail = nodes[1]
         _wait_for(lambda: len(read_progress(tail.data_dir)) >= 2, 120, "two completed steps")
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/metrics", timeout=10).read().decode()
         for n in nodes:
             n.proc.send_signal(signal.SIGTERM)
         codes = wait_nodes(nodes, 60)
     finally:
         stop_nodes(nodes)
+    for name in ("pmn_tokens_per_second", "pmn_step", "pmn_tail_loss", "pmn_bytes_in_total", "pmn_peers"):
+        assert name + "{" in text
     assert codes == [128 + signal.SIGTERM] * 2
     for n in nodes:
         st = node_status(n.data_dir)
@@ -79,9 +83,8 @@ def test_sigterm_checkpoints_and_restart_resumes(tmp_path) -> None:
 
 
 @pytest.mark.timeout(240)
-def test_metrics_and_lost_peer_named(tmp_path) -> None:
-    fast = ["--frame-timeout", "3", "--redial-timeout", "3", "--step-retries", "1"]
-    port = 19000 + (int(time.time() * 1000) % 5000)
+def test_lost_peer_named_after_retries(tmp_path) -> None:
+    fast = ["--frame-timeout", "3", "--redial-timeout", "2", "--step-retries", "1"]
     nodes = launch_swarm(tmp_path, 2, ["--steps", "1000", *ARGS, *fast])
     head, tail = nodes
     try:
@@ -95,20 +98,5 @@ def test_metrics_and_lost_peer_named(tmp_path) -> None:
         stop_nodes(nodes)
     assert code == 1
     err = [ln for ln in lines if ln.get("event") == "error"][-1]["error"]
-    assert "stage 1" in err
-    assert tail.ready["peer_id"] in err or "no peer" in err or "could not reach" in err
+    assert "stage 1" in err and tail.ready["peer_id"] in err
     assert node_status(head.data_dir)["state"] == "failed"
-    del port
-
-
-@pytest.mark.timeout(240)
-def test_prometheus_metrics_served(tmp_path) -> None:
-    port = 20000 + (int(time.time() * 1000) % 5000)
-    nodes = launch_swarm(tmp_path, 1, ["--steps", "1000", *ARGS, "--metrics-port", str(port)])
-    try:
-        _wait_for(lambda: len(read_progress(nodes[0].data_dir)) >= 1, 120, "a completed step")
-        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
-    finally:
-        stop_nodes(nodes)
-    for name in ("pmn_tokens_per_second", "pmn_step", "pmn_tail_loss", "pmn_bytes_in_total", "pmn_peers"):
-        assert name in text
