@@ -25,16 +25,19 @@ contract ShareToken is ERC20, Initializable, ReentrancyGuardTransient, IShareTok
     string private _tokenName;
     string private _tokenSymbol;
 
-    /// @notice The model these shares belong to.
-    uint256 public modelId;
+    // Storage is packed so that deposit and claim write slots made non-zero by `initialize`:
+    // the first deposit of a model then costs no more than later ones (except the accumulator itself).
+
     /// @notice The only account allowed to mint (the ContributionLedger).
     address public minter;
+    /// @notice Total wei deposited through `deposit` (uint96: up to 7.9e28 wei in a token's lifetime).
+    uint96 public totalDeposited;
+    /// @notice The model these shares belong to.
+    uint64 public modelId;
+    /// @notice Total wei paid out through `claim`.
+    uint128 public totalClaimed;
     /// @notice Revenue per share, scaled by MAGNITUDE.
     uint256 public magnifiedRevenuePerShare;
-    /// @notice Total wei deposited through `deposit`.
-    uint256 public totalDeposited;
-    /// @notice Total wei paid out through `claim`.
-    uint256 public totalClaimed;
 
     mapping(address account => int256) private _corrections;
     mapping(address account => uint256) private _withdrawn;
@@ -69,7 +72,7 @@ contract ShareToken is ERC20, Initializable, ReentrancyGuardTransient, IShareTok
         if (minter_ == address(0)) revert ShareTokenInvalidMinter();
         _tokenName = name_;
         _tokenSymbol = symbol_;
-        modelId = modelId_;
+        modelId = modelId_.toUint64();
         minter = minter_;
     }
 
@@ -91,7 +94,7 @@ contract ShareToken is ERC20, Initializable, ReentrancyGuardTransient, IShareTok
         uint256 supply = totalSupply();
         if (supply == 0) revert ShareTokenNoSupply();
         magnifiedRevenuePerShare += (msg.value * MAGNITUDE) / supply;
-        totalDeposited += msg.value;
+        totalDeposited += msg.value.toUint96();
         emit RevenueDeposited(requestId, msg.sender, msg.value, modelId);
     }
 
@@ -101,7 +104,7 @@ contract ShareToken is ERC20, Initializable, ReentrancyGuardTransient, IShareTok
         amount = claimableOf(msg.sender);
         if (amount == 0) revert ShareTokenNothingToClaim(msg.sender);
         _withdrawn[msg.sender] += amount;
-        totalClaimed += amount;
+        totalClaimed += amount.toUint128();
         emit RevenueClaimed(msg.sender, amount);
         Address.sendValue(payable(msg.sender), amount);
     }
