@@ -369,6 +369,16 @@ class ProtocolContracts:
         """Signatures needed."""
         return int(self._call(self.quorum.functions.quorum()))
 
+    def set_quorum(self, admin: LocalAccount, quorum: int) -> None:
+        """Change the number of validator signatures needed (quorum admin only)."""
+        self._send(admin, self.quorum.functions.setQuorum(_uint("quorum", quorum, 256)))
+
+    def set_validator(self, admin: LocalAccount, address: str, enabled: bool) -> None:
+        """Grant or revoke VALIDATOR_ROLE (quorum admin only)."""
+        role = self._call(self.quorum.functions.VALIDATOR_ROLE())
+        fn = self.quorum.functions.grantRole if enabled else self.quorum.functions.revokeRole
+        self._send(admin, fn(role, _addr("address", address)))
+
     def is_validator(self, address: str) -> bool:
         """Whether `address` holds VALIDATOR_ROLE."""
         role = self._call(self.quorum.functions.VALIDATOR_ROLE())
