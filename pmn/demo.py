@@ -249,7 +249,8 @@ class Demo:
             ctx = EpochContext(self.model_id, epoch, self.proposal.model, tuple(self.specs), self.domain)
             result = build_epoch(self.gather(epoch), ctx, registry)
             msg = result.attestation()
-            sigs = [sign_epoch_root(self.domain, msg, v) for v in self.validators[:cfg.quorum]]
+            signers = sorted(self.validators[:cfg.quorum], key=lambda v: int(v.address, 16))  # contract wants ascending
+            sigs = [sign_epoch_root(self.domain, msg, v) for v in signers]
             self.client.submit_epoch_root(self.validators[0], self.model_id, epoch, result.root, result.total_units,
                                           result.receipts_hash, sigs)
             path = self.root / "receipts" / f"model{self.model_id}-epoch{epoch}.json"

@@ -1,0 +1,106 @@
+"""`pmn demo --json` end to end (embedded chain, and anvil), and the holder/researcher commands on anvil."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.contracts.anvil_support import anvil_process
+from tests.pmn.conftest import assert_clean_error, run_pmn
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(400)]
+
+SHORT = """
+steps = 8
+epoch_length = 4
+microbatches = 2
+microbatch_size = 2
+inference_requests = 1
+max_new_tokens = 8
+"""
+
+
+def _demo(tmp_path: Path, *extra: str) -> dict[str, Any]:
+    cfg = tmp_path / "demo.toml"
+    cfg.write_text(SHORT)
+    proc = run_pmn("demo", "--json", "--config", str(cfg), "--data-dir", str(tmp_path / "run"), *extra, timeout=360)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def _check(out: dict[str, Any]) -> None:
+    nodes = out["nodes"]
+    assert len(nodes) == 3
+    assert out["epochs_settled"] == 2
+    for n in nodes:
+        assert n["compute_units"] > 0
+        assert n["shares"] == n["compute_units"]  # one share per verified compute unit, exactly
+        assert n["peer_id"].startswith("16U") and n["address"].startswith("0x")
+    total = sum(n["shares"] for n in nodes)
+    for n in nodes:
+        assert n["fraction"] == pytest.approx(n["shares"] / total, rel=1e-12)
+    assert sum(n["fraction"] for n in nodes) == pytest.approx(1.0, abs=1e-9)
+    claimed = sum(n["revenue_claimed_wei"] for n in nodes)
+    assert 0 < claimed <= out["revenue_deposited_wei"]
+    assert out["revenue_deposited_wei"] - claimed <= len(nodes)  # rounding dust only, in the pool's favour
+    assert out["loss_end"] < out["loss_start"]
+    assert len(out["inference_text"]) > 0
+
+
+def test_demo_json_on_embedded_chain(tmp_path: Path) -> None:
+    out = _demo(tmp_path)
+    _check(out)
+    # the published receipts files are what `pmn ledger verify` recomputes roots from
+    for f in out["receipts_files"]:
+        assert Path(f).exists() and json.loads(Path(f).read_bytes())
+
+
+def test_demo_on_anvil_then_holder_commands(tmp_path: Path) -> None:
+    with anvil_process() as url:
+        out = _demo(tmp_path, "--chain-url", url)
+        _check(out)
+        deployment = str(tmp_path / "run" / "deployment.json")
+        model = str(out["model_id"])
+        holder = out["nodes"][1]["address"]
+        shares = run_pmn("shares", "--model", model, "--holder", holder, "--json", "--rpc-url", url,
+                         "--deployment", deployment)
+        assert shares.returncode == 0, shares.stderr
+        report = json.loads(shares.stdout.strip().splitlines()[-1])
+        assert report["balance"] == out["nodes"][1]["shares"]
+        assert report["claimed_wei"] == out["nodes"][1]["revenue_claimed_wei"]
+        models = run_pmn("models", "--json", "--rpc-url", url, "--deployment", deployment)
+        assert models.returncode == 0 and json.loads(models.stdout)[0]["status"] == "Training"
+        for epoch, f in enumerate(out["receipts_files"]):
+            ok = run_pmn("ledger", "verify", "--model", model, "--epoch", str(epoch), "--receipts", f,
+                         "--rpc-url", url, "--deployment", deployment)
+            assert ok.returncode == 0 and "matches" in ok.stdout, ok.stderr
+        # the other epoch's file does not verify against this epoch's root
+        bad = run_pmn("ledger", "verify", "--model", model, "--epoch", "0", "--receipts", out["receipts_files"][1],
+                      "--rpc-url", url, "--deployment", deployment)
+        assert_clean_error(bad)
+        assert_clean_error(run_pmn("shares", "--model", "99", "--holder", holder, "--rpc-url", url,
+                                   "--deployment", deployment), "unknown model id 99")
+
+
+def test_commands_with_the_rpc_down_or_bad_input(tmp_path: Path) -> None:
+    from contracts.chain import connect, test_accounts
+    from contracts.deploy import deploy_all
+
+    w3 = connect(None)
+    admin = test_accounts(w3)[0]
+    dep = tmp_path / "deployment.json"
+    deploy_all(w3, admin, [admin.address], 1).save(dep)  # a real deployment file, of a chain now out of reach
+    down = "http://127.0.0.1:9"
+    env = {"PMN_RPC_RETRIES": "2", "PMN_RPC_BACKOFF_S": "0.01"}
+    for args in (("models",), ("shares", "--model", "1", "--holder", "0x" + "11" * 20), ("claim", "--model", "1")):
+        proc = run_pmn(*args, "--rpc-url", down, "--deployment", str(dep), env={**env, "PMN_PASSWORD": "x"})
+        assert_clean_error(proc, down)
+    bad_spec = tmp_path / "spec.toml"
+    bad_spec.write_text("[model]\nn_heads = 3\n")
+    assert_clean_error(run_pmn("propose", str(bad_spec), "--dry-run"), "n_heads")
+    bad_spec.write_text("[model\n")
+    assert_clean_error(run_pmn("propose", str(bad_spec), "--dry-run"), "not valid TOML")
+    assert_clean_error(run_pmn("demo", "--stages", "2"), "at least 3 stages")
