@@ -190,7 +190,8 @@ class ActChannel:
         self._credit_out = 0  # frames we may still send
         self._credit_cv = trio.Condition()
         self._granted_left = cfg.credits  # frames the peer may still send us
-        self._pending: dict[bytes, F.FrameHeader] = {}  # digest -> header of unacked sent frames
+        self._pending: dict[tuple[int, int, bytes], list[F.FrameHeader]] = {}  # (step, mb, digest) -> unacked
+        self._pending_count = 0  # data frames sent and not yet acknowledged
         self._acks_cv = trio.Condition()
         self.failure: NodeError | None = None  # why the channel died (None while healthy)
         self.closed_by_peer = False  # True after an orderly CLOSE from the peer
@@ -297,7 +298,8 @@ class ActChannel:
         )
         sig = self.receipts.sign(header, self.remote.address if self.remote else "")
         header = F.FrameHeader(**{**header.__dict__, "sig_len": len(sig)})
-        self._pending[header.digest] = header
+        self._pending.setdefault((step, microbatch, header.digest), []).append(header)
+        self._pending_count += 1
         await self._write(b"".join((F.encode_header(header), window, payload, sig)))
         self.stats.frames_out += 1
         return header
@@ -307,12 +309,12 @@ class ActChannel:
         limit = self.cfg.ack_timeout_s if timeout_s is None else timeout_s
         with trio.move_on_after(limit) as scope:
             async with self._acks_cv:
-                while self._pending:
+                while self._pending_count:
                     self._raise_if_failed()
                     await self._acks_cv.wait()
         if scope.cancelled_caught:
             raise PeerLostError(
-                f"peer {self.peer} (stage {self.remote_stage}) did not acknowledge {len(self._pending)} "
+                f"peer {self.peer} (stage {self.remote_stage}) did not acknowledge {self._pending_count} "
                 f"frame(s) within ack_timeout_s={limit}", self.peer, self.remote_stage)
 
     async def close(self) -> None:
@@ -482,9 +484,14 @@ class ActChannel:
 
     async def _on_ack(self, fr: F.Frame) -> None:
         acked = fr.payload[: F.DIGEST_SIZE]
-        header = self._pending.pop(acked, None)
-        if header is None:
-            raise UnexpectedFrameError(f"ack for unknown digest 0x{acked.hex()[:16]}")
+        waiting = self._pending.get((fr.header.step, fr.header.microbatch, acked))
+        if not waiting:
+            raise UnexpectedFrameError(f"ack for unknown frame step {fr.header.step} mb {fr.header.microbatch} "
+                                       f"digest 0x{acked.hex()[:16]}")
+        header = waiting.pop(0)
+        if not waiting:
+            del self._pending[(fr.header.step, fr.header.microbatch, acked)]
+        self._pending_count -= 1
         self.receipts.on_ack(header, fr.payload[F.DIGEST_SIZE:], self.remote.address if self.remote else "")
         async with self._acks_cv:
             self._acks_cv.notify_all()
