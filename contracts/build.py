@@ -106,32 +106,34 @@ def _render(artifact: dict[str, Any]) -> str:
 
 def build(check: bool = False, settings: CompilerSettings | None = None,
           artifacts: dict[str, dict[str, Any]] | None = None) -> list[str]:
-    """Compile and write contracts/build/<Name>.json (removing stale ones); return the contract names.
+    """Compile; return the names of artifacts that differ from contracts/build/ (missing, changed or stale).
 
-    With `check=True` nothing is written; raises `BuildError` naming every artifact that differs.
-    `artifacts` (from `compile_sources`) skips the compile.
+    Without `check` those files are (re)written and stale ones removed; with `check=True` nothing is
+    written. An empty list means the committed artifacts equal a fresh compile. `artifacts` (from
+    `compile_sources`) skips the compile.
     """
     if artifacts is None:
         artifacts = compile_sources(settings)
     rendered = {f"{name}.json": _render(a) for name, a in artifacts.items()}
     existing = {p.name: p for p in BUILD_DIR.glob("*.json")} if BUILD_DIR.is_dir() else {}
-    if check:
-        problems = []
-        for fname, text in sorted(rendered.items()):
-            if fname not in existing:
-                problems.append(f"{fname}: missing")
-            elif existing[fname].read_text() != text:
-                problems.append(f"{fname}: differs from a fresh compile")
-        problems += [f"{fname}: stale (no such contract)" for fname in sorted(set(existing) - set(rendered))]
-        if problems:
-            raise BuildError("committed artifacts are out of date (run `pmn contracts build`): " + "; ".join(problems))
-        return sorted(artifacts)
-    BUILD_DIR.mkdir(exist_ok=True)
-    for fname, text in rendered.items():
-        (BUILD_DIR / fname).write_text(text)
-    for fname in set(existing) - set(rendered):
-        existing[fname].unlink()
-    return sorted(artifacts)
+    changed = sorted(f for f, text in rendered.items() if f not in existing or existing[f].read_text() != text)
+    stale = sorted(set(existing) - set(rendered))
+    if not check:
+        BUILD_DIR.mkdir(exist_ok=True)
+        for fname in changed:
+            (BUILD_DIR / fname).write_text(rendered[fname])
+        for fname in stale:
+            existing[fname].unlink()
+    return [f.removesuffix(".json") for f in sorted(changed + stale)]
+
+
+def check_artifacts(settings: CompilerSettings | None = None) -> None:
+    """Raise BuildError naming every committed artifact that differs from a fresh compile."""
+    differing = build(check=True, settings=settings)
+    if differing:
+        raise BuildError(
+            "committed artifacts differ from a fresh compile (run `pmn contracts build`): " + ", ".join(differing)
+        )
 
 
 _CACHE: dict[str, dict[str, Any]] = {}
@@ -162,7 +164,10 @@ def main(argv: list[str] | None = None) -> int:
     except BuildError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(("up to date: " if args.check else "built: ") + ", ".join(names))
+    if args.check and names:
+        print("differ from a fresh compile: " + ", ".join(names), file=sys.stderr)
+        return 1
+    print(("rewrote: " + ", ".join(names)) if names else "artifacts up to date")
     return 0
 
 

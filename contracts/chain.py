@@ -77,6 +77,9 @@ def test_accounts(w3: Web3, count: int = 10) -> list[LocalAccount]:
     ]
 
 
+test_accounts.__test__ = False  # type: ignore[attr-defined]  # a helper, not a pytest test
+
+
 def advance_time(w3: Web3, seconds: int) -> int:
     """Move chain time forward by `seconds` and mine a block; return the new block timestamp."""
     if seconds < 0:

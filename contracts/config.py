@@ -19,7 +19,6 @@ class ChainConfig:
     fixed_gas: int | None = None  # explicit gas limit for every transaction; None = estimate (preflight)
     gas_margin_pct: int = 25  # added to an estimate, in percent
     priority_fee_wei: int = 1_000_000_000  # EIP-1559 tip per gas
-    embedded_accounts: int = 10  # funded accounts of the embedded chain (eth-tester default keys)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -36,8 +35,6 @@ class ChainConfig:
             raise ValueError("ChainConfig.gas_margin_pct must be >= 0")
         if self.priority_fee_wei < 0:
             raise ValueError("ChainConfig.priority_fee_wei must be >= 0")
-        if not 1 <= self.embedded_accounts <= 10:
-            raise ValueError("ChainConfig.embedded_accounts must be between 1 and 10")
 
     def backoff_s(self, attempt: int) -> float:
         """Wait after failed attempt number `attempt` (1-based)."""

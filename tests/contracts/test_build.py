@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from contracts.build import BUILD_DIR, build, compile_sources, load_artifact
+from contracts.build import BUILD_DIR, build, check_artifacts, compile_sources, load_artifact
 from contracts.errors import ArtifactError, BuildError
 
 NEEDS_NODE = pytest.mark.skipif(
@@ -22,8 +22,8 @@ def fresh() -> dict:
 
 @NEEDS_NODE
 def test_committed_artifacts_match_fresh_compile(fresh: dict) -> None:
-    names = build(check=True, artifacts=fresh)
-    assert {"ContributionLedger", "ModelRegistry", "NodeRegistry", "ShareToken", "ValidatorQuorum"} <= set(names)
+    assert build(check=True, artifacts=fresh) == []
+    assert {"ContributionLedger", "ModelRegistry", "NodeRegistry", "ShareToken", "ValidatorQuorum"} <= set(fresh)
 
 
 @NEEDS_NODE
@@ -33,10 +33,15 @@ def test_check_reports_a_tampered_artifact(fresh: dict, tmp_path, monkeypatch) -
     (fake / "ShareToken.json").write_text("{}\n")
     (fake / "Stale.json").write_text("{}\n")
     monkeypatch.setattr("contracts.build.BUILD_DIR", fake)
-    with pytest.raises(BuildError) as err:
-        build(check=True, artifacts=fresh)
-    assert "ShareToken.json: differs" in str(err.value)
-    assert "Stale.json: stale" in str(err.value)
+    (fake / "ModelRegistry.json").unlink()
+    assert build(check=True, artifacts=fresh) == ["ModelRegistry", "ShareToken", "Stale"]
+    assert (fake / "Stale.json").exists()  # check writes nothing
+    monkeypatch.setattr("contracts.build.compile_sources", lambda settings=None: fresh)
+    with pytest.raises(BuildError, match="ModelRegistry, ShareToken, Stale"):
+        check_artifacts()
+    assert build(artifacts=fresh) == ["ModelRegistry", "ShareToken", "Stale"]
+    assert not (fake / "Stale.json").exists()
+    assert build(check=True, artifacts=fresh) == []
 
 
 def test_artifacts_pin_compiler_settings() -> None:
