@@ -17,7 +17,14 @@ from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
 from eth_utils import is_address, keccak, to_checksum_address
 
-from protocol.errors import DomainError, ReceiptError, ReplayError, SignatureError, UnregisteredKeyError
+from protocol.errors import (
+    DomainError,
+    FieldError,
+    ReceiptError,
+    ReplayError,
+    SignatureError,
+    UnregisteredKeyError,
+)
 
 DOMAIN_NAME = "PMN ContributionLedger"
 DOMAIN_VERSION = "1"
@@ -61,7 +68,7 @@ def payload_digest(payload: bytes, window: bytes = b"") -> bytes:
     return h.digest()
 
 
-def check_uint(field: str, value: Any, bits: int, error: type[ReceiptError] = ReceiptError) -> int:
+def check_uint(field: str, value: Any, bits: int, error: type[FieldError] = ReceiptError) -> int:
     """Return `value` if it is an int in [0, 2**bits), else raise `error` naming `field`."""
     if isinstance(value, bool) or not isinstance(value, int):
         raise error(field, f"must be an integer, got {type(value).__name__}")
@@ -70,7 +77,7 @@ def check_uint(field: str, value: Any, bits: int, error: type[ReceiptError] = Re
     return value
 
 
-def check_address(field: str, value: Any, error: type[ReceiptError] = ReceiptError) -> str:
+def check_address(field: str, value: Any, error: type[FieldError] = ReceiptError) -> str:
     """Return the checksummed form of `value`, or raise `error` naming `field`."""
     if not isinstance(value, str) or not is_address(value):
         raise error(field, f"{value!r} is not a 20-byte hex address")
@@ -80,7 +87,7 @@ def check_address(field: str, value: Any, error: type[ReceiptError] = ReceiptErr
     return address
 
 
-def check_bytes32(field: str, value: Any, error: type[ReceiptError] = ReceiptError) -> bytes:
+def check_bytes32(field: str, value: Any, error: type[FieldError] = ReceiptError) -> bytes:
     """Return `value` if it is exactly 32 bytes, else raise `error` naming `field`."""
     if not isinstance(value, bytes | bytearray) or len(value) != 32:
         raise error(field, "must be exactly 32 bytes")

@@ -144,7 +144,8 @@ class ReceiptStore:
         ).fetchall()
         out = []
         for row in rows:
-            receipt = Receipt(int(row[0]), *row[1:8], bytes(row[8]), row[9])
+            receipt = Receipt(int(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7], bytes(row[8]),
+                              row[9])
             out.append(
                 SignedReceipt(
                     receipt,
