@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import nullcontext
 from typing import Any
 
 import requests
@@ -86,8 +87,9 @@ def advance_time(w3: Web3, seconds: int) -> int:
         raise ValueError("advance_time: seconds must be >= 0")
     if is_embedded(w3):
         tester = w3.provider.ethereum_tester  # type: ignore[attr-defined]
-        now = w3.eth.get_block("latest")["timestamp"]
-        tester.time_travel(now + seconds + 1)  # eth-tester's mined block lands one second before the target
+        with getattr(w3.manager, "_pmn_lock", None) or nullcontext():  # held while served over HTTP
+            now = w3.eth.get_block("latest")["timestamp"]
+            tester.time_travel(now + seconds + 1)  # eth-tester's mined block lands one second before the target
     else:
         for method, params in (("evm_increaseTime", [seconds]), ("evm_mine", [])):
             resp = w3.provider.make_request(method, params)  # type: ignore[arg-type]

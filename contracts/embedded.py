@@ -49,14 +49,32 @@ def _mine(w3: Web3, params: list[Any]) -> str:
 _TIME_METHODS: dict[str, Callable[[Web3, list[Any]], str]] = {"evm_increaseTime": _increase_time, "evm_mine": _mine}
 
 
+def chain_lock(w3: Web3) -> threading.RLock:
+    """The lock serialising every request to this embedded chain (installed on first use)."""
+    manager: Any = w3.manager
+    lock = getattr(manager, "_pmn_lock", None)
+    if lock is None:
+        lock = threading.RLock()
+        inner = manager._make_request
+
+        def locked(method: str, params: Any) -> Any:
+            with lock:
+                return inner(method, params)
+
+        manager._make_request = locked
+        manager._pmn_lock = lock
+    return lock
+
+
 def serve_embedded(w3: Web3, host: str = "127.0.0.1", port: int = 0) -> tuple[str, Callable[[], None]]:
     """Serve `w3`'s embedded chain at http://host:port (port 0 = any free port); return (url, stop).
 
-    Requests are executed one at a time (eth-tester is not thread-safe).
+    eth-tester is not thread-safe: from here on every request through `w3` (in-process callers and HTTP
+    clients alike) runs under one lock, `chain_lock(w3)`.
     """
     if not is_embedded(w3):
         raise ValueError("serve_embedded needs a Web3 on the embedded chain (connect(None, ...))")
-    lock = threading.Lock()
+    lock = chain_lock(w3)
 
     def handle(req: dict[str, Any]) -> dict[str, Any]:
         rid = req.get("id")

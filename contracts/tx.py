@@ -8,9 +8,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
+from eth_tester.exceptions import ValidationError as TesterValidationError
+from eth_utils import ValidationError as EthUtilsValidationError
 from hexbytes import HexBytes
 from web3 import Web3
-from web3.exceptions import TransactionNotFound
+from web3.exceptions import TransactionNotFound, Web3RPCError
 from web3.types import TxReceipt
 
 from contracts.chain import CONNECTION_ERRORS, endpoint_of, with_retries
@@ -19,6 +21,11 @@ from contracts.errors import ChainUnavailableError, ContractRevertError, Transac
 from contracts.revert import REVERT_EXCEPTIONS, decode_revert, revert_data_of
 
 _REVERTS = REVERT_EXCEPTIONS
+_REJECTIONS: tuple[type[BaseException], ...] = (ValueError, Web3RPCError, EthUtilsValidationError, TesterValidationError)
+
+
+class _NonceConflict(Exception):
+    """The node refused the nonce (another sender used it); re-sign with a fresh one."""
 
 
 class NonceManager:
@@ -146,37 +153,53 @@ class Transactor:
         return estimate * (100 + self.config.gas_margin_pct) // 100 + 10_000
 
     def _sign_and_send(self, account: LocalAccount, tx: dict[str, Any]) -> bytes:
-        """Sign once, then send with retries; a resend of the same bytes is recognised by its hash."""
+        """Allocate a nonce, sign, send with retries; a resend of the same bytes is recognised by its hash.
+
+        If the node reports a nonce conflict (another client used this account), re-sign with a fresh nonce,
+        up to `config.nonce_conflict_retries` times.
+        """
         with self.nonces.lock(account.address):
-            try:
-                tx["nonce"] = self.retry(lambda: self.nonces.allocate(account.address))
-            except ChainUnavailableError:
-                self.nonces.reset(account.address)
-                raise
-            signed = account.sign_transaction(tx)
-            raw, tx_hash = bytes(signed.raw_transaction), bytes(signed.hash)
-            last: BaseException | None = None
-            for attempt in range(1, self.config.connect_attempts + 1):
+            for conflict in range(self.config.nonce_conflict_retries + 1):
                 try:
-                    if attempt > 1 and self._known(tx_hash):
-                        return tx_hash
-                    self.w3.eth.send_raw_transaction(raw)
+                    tx["nonce"] = self.retry(lambda: self.nonces.allocate(account.address))
+                except ChainUnavailableError:
+                    self.nonces.reset(account.address)
+                    raise
+                signed = account.sign_transaction(tx)
+                try:
+                    return self._send_signed(account, bytes(signed.raw_transaction), bytes(signed.hash))
+                except _NonceConflict as exc:
+                    if conflict == self.config.nonce_conflict_retries:
+                        raise TransactionFailedError(
+                            f"nonce conflicts for {account.address} persisted after {conflict + 1} attempts: {exc}"
+                        ) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _send_signed(self, account: LocalAccount, raw: bytes, tx_hash: bytes) -> bytes:
+        last: BaseException | None = None
+        for attempt in range(1, self.config.connect_attempts + 1):
+            try:
+                if attempt > 1 and self._known(tx_hash):
                     return tx_hash
-                except CONNECTION_ERRORS as exc:
-                    last = exc
-                except _REVERTS as exc:  # eth-tester executes on send and raises on revert
-                    self.nonces.reset(account.address)
-                    raise self._decoded(exc) from None
-                except ValueError as exc:  # node rejected it, e.g. "already known" after a lost response
-                    if self._known(tx_hash):
-                        return tx_hash
-                    self.nonces.reset(account.address)
-                    raise TransactionFailedError(f"node rejected transaction {tx_hash.hex()}: {exc}") from exc
-                if attempt < self.config.connect_attempts:
-                    time.sleep(self.config.backoff_s(attempt))
-            # Unknown whether it reached the node: re-read the nonce next time so nothing is skipped.
-            self.nonces.reset(account.address)
-            raise ChainUnavailableError(self._url, self.config.connect_attempts, last)
+                self.w3.eth.send_raw_transaction(raw)
+                return tx_hash
+            except CONNECTION_ERRORS as exc:
+                last = exc
+            except _REVERTS as exc:  # eth-tester executes on send and raises on revert
+                self.nonces.reset(account.address)
+                raise self._decoded(exc) from None
+            except _REJECTIONS as exc:  # e.g. "already known" after a lost response, or a nonce conflict
+                if self._known(tx_hash):
+                    return tx_hash
+                self.nonces.reset(account.address)
+                if "nonce" in str(exc).lower():
+                    raise _NonceConflict(str(exc)) from exc
+                raise TransactionFailedError(f"node rejected transaction 0x{tx_hash.hex()}: {exc}") from exc
+            if attempt < self.config.connect_attempts:
+                time.sleep(self.config.backoff_s(attempt))
+        # Unknown whether it reached the node: re-read the nonce next time so nothing is skipped.
+        self.nonces.reset(account.address)
+        raise ChainUnavailableError(self._url, self.config.connect_attempts, last)
 
     def _known(self, tx_hash: bytes) -> bool:
         try:

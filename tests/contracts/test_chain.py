@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import socket
+import threading
 
 import pytest
 from eth_account import Account
@@ -81,3 +82,33 @@ def test_served_embedded_chain_shares_state(env: Env) -> None:
         stop()
     with pytest.raises(ChainUnavailableError):
         connect(url, ChainConfig(connect_attempts=1))
+
+
+@pytest.mark.timeout(120)
+def test_served_chain_survives_concurrent_local_and_remote_senders(env: Env) -> None:
+    mid = env.propose()
+    node = env.new_node(env.operators[0]).address
+    env.settle_and_claim(mid, 0, {node: 100})
+    url, stop = serve_embedded(env.pc.w3)
+    errors: list[BaseException] = []
+    try:
+        remote = ProtocolContracts(connect(url, FAST), env.pc.deployment, FAST)
+
+        def send(pc: ProtocolContracts, to: str) -> None:
+            try:
+                for _ in range(4):
+                    pc.transfer(env.operators[0], mid, to, 1)
+            except BaseException as exc:  # collected and asserted below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=send, args=(env.pc, env.payer.address)),
+                   threading.Thread(target=send, args=(remote, env.researcher.address))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=60)
+    finally:
+        stop()
+    assert errors == []
+    assert env.pc.balance_of(mid, env.payer.address) == 4 and env.pc.balance_of(mid, env.researcher.address) == 4
+    assert env.pc.balance_of(mid, env.operators[0].address) == 92
