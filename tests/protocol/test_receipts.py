@@ -177,3 +177,11 @@ def test_from_json_names_missing_and_bad_fields(keys, domain):
     with pytest.raises(DomainError) as err:
         SignedReceipt.from_json(dict(data, chainId=-3))
     assert err.value.field == "chainId"
+
+
+def test_payload_digest_equals_the_node_frame_digest():
+    from node.frames import digest
+
+    window, payload = b"\x01\x00\x02\x00", b"payload bytes"
+    assert payload_digest(payload, window) == digest(window, payload)
+    assert payload_digest(payload) == digest(b"", payload)
