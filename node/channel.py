@@ -18,6 +18,7 @@ from typing import Any, Protocol
 import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
+from libp2p.stream_muxer.yamux import yamux as _yamux
 
 from node import frames as F
 from node.config import TransportConfig
@@ -35,6 +36,15 @@ from node.errors import (
 
 ACT_PROTOCOL = TProtocol("/pmn/act/1.0.0")
 DATA_KINDS = (F.Kind.ACTIVATION, F.Kind.GRADIENT)
+READ_CHUNK = 1 << 22  # most bytes taken from the muxer per read call
+OFF_LOOP_BYTES = 64 * 1024  # bodies at least this large are hashed in a worker thread (hashlib drops the GIL)
+
+
+async def digest_off_loop(window: bytes, payload: bytes) -> bytes:
+    """F.digest, in a worker thread for large bodies so the event loop keeps serving other streams."""
+    if len(window) + len(payload) >= OFF_LOOP_BYTES:
+        return await trio.to_thread.run_sync(F.digest, window, payload)
+    return F.digest(window, payload)
 
 
 class ReceiptHook(Protocol):
@@ -136,26 +146,50 @@ class _Reader:
         self.buf = bytearray()
 
     async def read_exactly(self, n: int) -> bytes:
-        """n bytes, or TruncatedFrameError with how many arrived (EOFError if none at all)."""
-        if not self.buf:
-            first = await self._read(n)
-            if len(first) == n:
-                return first
-            self.buf += first
-        while len(self.buf) < n:
-            self.buf += await self._read(n - len(self.buf))
-        out = bytes(self.buf[:n])
-        del self.buf[:n]
-        return out
+        """n bytes, or EOFError(bytes that did arrive) if the stream ends first."""
+        if len(self.buf) >= n:
+            out = bytes(self.buf[:n])
+            del self.buf[:n]
+            return out
+        parts = [bytes(self.buf)] if self.buf else []
+        have = len(self.buf)
+        self.buf = bytearray()
+        while have < n:
+            chunk = await self._read(have)
+            parts.append(chunk)
+            have += len(chunk)
+        data = parts[0] if len(parts) == 1 else b"".join(parts)
+        if have > n:
+            self.buf = bytearray(data[n:])
+            data = data[:n]
+        return data
 
-    async def _read(self, n: int) -> bytes:
+    async def _read(self, have: int) -> bytes:
         try:
-            chunk = await self.stream.read(n)
+            chunk = await self.stream.read(READ_CHUNK)
         except EOFError:
             chunk = b""
         if not chunk:
-            raise EOFError(len(self.buf))
+            raise EOFError(have)
         return chunk
+
+
+async def grow_receive_window(stream: INetStream, size: int) -> None:
+    """Let the peer send up to `size` unread bytes on this yamux stream at once.
+
+    py-libp2p starts every stream at 256 KiB and grows it slowly; a sender whose window is
+    exhausted polls every 10 ms, which caps throughput. Credits already bound what a sender may
+    have in flight, so the window can be large.
+    """
+    muxed = getattr(stream, "muxed_stream", None)
+    if not isinstance(muxed, _yamux.YamuxStream) or size <= muxed.target_recv_window:
+        return
+    async with muxed.window_lock:
+        grow = size - muxed.recv_window
+        muxed.target_recv_window = size
+        muxed.recv_window = size
+    if grow > 0:
+        await muxed.send_window_update(grow)
 
 
 class ActChannel:
@@ -247,6 +281,7 @@ class ActChannel:
                 await self._write(self._hello_bytes())
         self.remote = hello
         self._credit_out = hello.credits
+        await grow_receive_window(self.stream, self.cfg.stream_window_bytes)
         return hello
 
     @property
@@ -294,7 +329,7 @@ class ActChannel:
         header = F.FrameHeader(
             kind=kind, spec_hash=self.local.spec_hash, stage=self.local.stage, step=step, microbatch=microbatch,
             codec=self.spec.codec, dtype=self.spec.dtype, shape=self.spec.shape, window_len=len(window),
-            payload_len=len(payload), digest=F.digest(window, payload),
+            payload_len=len(payload), digest=await digest_off_loop(window, payload),
         )
         sig = self.receipts.sign(header, self.remote.address if self.remote else "")
         header = F.FrameHeader(**{**header.__dict__, "sig_len": len(sig)})
@@ -438,7 +473,10 @@ class ActChannel:
             raise TruncatedFrameError(
                 f"{h.kind.name.lower()} frame truncated: {got} of {h.body_len} body bytes arrived") from exc
         self.stats.bytes_in += F.HEADER_SIZE + len(body)
-        fr = F.split_body(h, body)
+        if len(body) >= OFF_LOOP_BYTES:
+            fr = await trio.to_thread.run_sync(F.split_body, h, body)
+        else:
+            fr = F.split_body(h, body)
         if h.kind in DATA_KINDS:
             await self._accept_data(fr)
         elif h.kind == F.Kind.ACK:

@@ -7,24 +7,14 @@ from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
-from libp2p.stream_muxer.yamux import yamux as _yamux
 
 from node.identity import NodeIdentity
+from node.tuning import apply_transport_tuning
 
 
-def set_yamux_frame_bytes(n: int) -> None:
-    """Set the payload size of the yamux DATA frames this process sends (receivers accept up to 16 MiB).
-
-    py-libp2p sends 64 KiB frames; larger frames cut per-frame Python work, the dominant cost.
-    """
-    if not 1024 <= n <= _yamux.MAX_WINDOW_SIZE:
-        raise ValueError(f"yamux frame size must be within [1024, {_yamux.MAX_WINDOW_SIZE}], got {n}")
-    _yamux.MAX_MESSAGE_SIZE = n
-
-
-def make_host(identity: NodeIdentity, yamux_frame_bytes: int = 256 * 1024) -> IHost:
-    """A host with the node's key (Noise + yamux are py-libp2p's defaults)."""
-    set_yamux_frame_bytes(yamux_frame_bytes)
+def make_host(identity: NodeIdentity, yamux_frame_bytes: int = 256 * 1024, tcp_read_bytes: int = 1 << 20) -> IHost:
+    """A host with the node's key (Noise + yamux are py-libp2p's defaults), transport tuning applied."""
+    apply_transport_tuning(yamux_frame_bytes, tcp_read_bytes)
     return new_host(key_pair=identity.key_pair)
 
 
