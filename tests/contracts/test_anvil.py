@@ -130,3 +130,30 @@ def test_concurrent_senders_share_one_nonce_sequence(anvil_url: str) -> None:
     assert env.pc.w3.eth.get_transaction_count(sender.address) == nonce + 3 * len(receivers)
     assert all(env.pc.balance_of(mid, r) == 3 for r in receivers)
     assert env.pc.advance_time(WINDOW) > 0
+
+
+def test_two_clients_sharing_an_account_resolve_nonce_conflicts(anvil_url: str) -> None:
+    env = make_env(anvil_url, ChainConfig(fixed_gas=500_000))
+    mid = env.propose()
+    node = env.new_node(env.operators[0]).address
+    env.settle_and_claim(mid, 0, {node: 100})
+    other = ProtocolContracts(connect(anvil_url, ChainConfig(fixed_gas=500_000)), env.pc.deployment,
+                              ChainConfig(fixed_gas=500_000))
+    sender = env.operators[0]
+    errors: list[BaseException] = []
+
+    def work(pc: ProtocolContracts, to: str) -> None:
+        try:
+            for _ in range(5):
+                pc.transfer(sender, mid, to, 1)
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(env.pc, env.payer.address)),
+               threading.Thread(target=work, args=(other, env.researcher.address))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert errors == []
+    assert env.pc.balance_of(mid, env.payer.address) == 5 and env.pc.balance_of(mid, env.researcher.address) == 5
