@@ -116,3 +116,9 @@ class DiscoveryError(NodeError):
 
 class CheckpointError(NodeError):
     """A checkpoint is missing, does not match its manifest, or belongs to another model/stage."""
+
+
+class ReceiptRejectedError(FrameError):
+    """The sender's receipt signature on a data frame is missing or does not verify."""
+
+    reason = "receipt"

@@ -1,100 +1,85 @@
-"""EIP-712 receipts for every microbatch hop, plugged into the activation channel as its `ReceiptHook`.
+"""EIP-712 hop receipts on the activation protocol (a `ReceiptHook` built on `protocol.receipts`).
 
-The sender signs a `protocol.receipts.Receipt` over the frame digest when it sends a data frame; the
-receiver verifies that signature (registered key, right domain, no replay) and countersigns in its ack;
-the sender stores the co-signed receipt when the ack arrives, the receiver stores it when it countersigns.
-So both ends of a hop hold the same co-signed receipt in their sqlite store, and an attester can collect
-an epoch's receipts from any of them.
+The sender signs a Receipt over the frame digest (sha256 of window + payload, which is
+`protocol.receipts.payload_digest`) and ships the signature in the frame; the receiver checks it
+and countersigns in the ACK; the sender then holds a cosigned receipt for the epoch accounting.
 """
 
 from __future__ import annotations
 
-import threading
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import replace
 
 from eth_account.signers.local import LocalAccount
 
 from node import frames as F
-from node.errors import FrameError
+from node.errors import ReceiptRejectedError
 from protocol.errors import ProtocolError
 from protocol.receipts import (
     BACKWARD,
     FORWARD,
+    RECEIPT_TYPES,
     Domain,
-    KeyRegistry,
     Receipt,
     SignedReceipt,
     countersign,
+    recover_typed,
     sign_receipt,
 )
-from protocol.store import ReceiptStore
 
 
-class ReceiptRejectedError(FrameError):
-    """A data frame's receipt signature did not verify (wrong key, domain, unregistered sender, replay)."""
+class EIP712Receipts:
+    """Signs outgoing and countersigns incoming data frames with the node key."""
 
-
-@dataclass(frozen=True)
-class ReceiptContext:
-    """What a node needs to sign receipts for one model."""
-
-    model_id: int  # on-chain model id
-    epoch_length: int  # training steps per accounting epoch (model terms)
-    tokens_per_microbatch: int  # microbatch_size * seq_len: the tokens a hop carries
-    domain: Domain  # ContributionLedger EIP-712 domain (chain id + ledger address)
-
-
-class ChainReceipts:
-    """`ReceiptHook` that signs, countersigns and stores receipts (thread-safe: the channel may call it from threads)."""
-
-    def __init__(self, ctx: ReceiptContext, account: LocalAccount, store: ReceiptStore,
-                 registry: KeyRegistry) -> None:
-        if ctx.epoch_length < 1:
-            raise ValueError(f"epoch_length must be >= 1, got {ctx.epoch_length}")
-        self.ctx = ctx
-        self.account = account
-        self.store = store
-        self.registry = registry
-        self._pending: dict[tuple[int, ...], SignedReceipt] = {}
-        self._lock = threading.Lock()
-        self.rejected = 0  # incoming signatures refused
+    def __init__(
+        self,
+        account: LocalAccount,
+        domain: Domain,
+        model_id: int,
+        tokens_per_microbatch: int,
+        epoch_of_step: Callable[[int], int] = lambda step: 0,
+        on_cosigned: Callable[[SignedReceipt], None] | None = None,
+    ) -> None:
+        self.account = account  # the node key (its address is the receipt sender/receiver)
+        self.domain = domain  # ContributionLedger EIP-712 domain
+        self.model_id = model_id  # on-chain model id
+        self.tokens = tokens_per_microbatch  # tokens each hop carries
+        self.epoch_of_step = epoch_of_step  # accounting epoch of a global step
+        self.on_cosigned = on_cosigned  # called with each receipt once both signatures are in
+        self.sent: dict[tuple[int, int, int, bytes], SignedReceipt] = {}  # awaiting countersignature
+        self.cosigned: list[SignedReceipt] = []  # receipts we sent, countersigned by the receiver
+        self.received: list[SignedReceipt] = []  # receipts we countersigned as the receiver
 
     def _receipt(self, header: F.FrameHeader, sender: str, receiver: str) -> Receipt:
         direction = FORWARD if header.kind == F.Kind.ACTIVATION else BACKWARD
-        return Receipt(model_id=self.ctx.model_id, epoch=header.step // self.ctx.epoch_length, step=header.step,
+        return Receipt(model_id=self.model_id, epoch=self.epoch_of_step(header.step), step=header.step,
                        microbatch=header.microbatch, stage=header.stage, direction=direction, sender=sender,
-                       receiver=receiver, payload_digest=header.digest, tokens=self.ctx.tokens_per_microbatch)
+                       receiver=receiver, payload_digest=header.digest, tokens=self.tokens)
 
     def sign(self, header: F.FrameHeader, peer_address: str) -> bytes:
-        signed = sign_receipt(self._receipt(header, self.account.address, peer_address), self.ctx.domain, self.account)
-        with self._lock:
-            self._pending[signed.receipt.key] = signed
+        signed = sign_receipt(self._receipt(header, self.account.address, peer_address), self.domain, self.account)
+        self.sent[(int(header.kind), header.step, header.microbatch, header.digest)] = signed
         return signed.sender_signature
 
     def countersign(self, header: F.FrameHeader, signature: bytes, peer_address: str) -> bytes:
         try:
-            if not self.registry.is_registered(peer_address):
-                raise ProtocolError(f"sender {peer_address} is not a registered node key")
-            signed = SignedReceipt(self._receipt(header, peer_address, self.account.address), self.ctx.domain,
-                                   bytes(signature))
-            cosigned = countersign(signed, self.account)
-            with self._lock:
-                self.store.add(cosigned, require_cosigned=True)
+            receipt = self._receipt(header, peer_address, self.account.address)
+            signed = countersign(SignedReceipt(receipt, self.domain, signature), self.account)
         except (ProtocolError, ValueError) as exc:
-            self.rejected += 1
-            raise ReceiptRejectedError(f"receipt for step {header.step} microbatch {header.microbatch} from stage "
-                                       f"{header.stage} rejected: {exc}") from None
-        assert cosigned.receiver_signature is not None
-        return cosigned.receiver_signature
+            raise ReceiptRejectedError(f"receipt for step {header.step} mb {header.microbatch} rejected: {exc}") from exc
+        self.received.append(signed)
+        assert signed.receiver_signature is not None
+        return signed.receiver_signature
 
     def on_ack(self, header: F.FrameHeader, countersignature: bytes, peer_address: str) -> None:
-        key = self._receipt(header, self.account.address, peer_address).key
-        with self._lock:
-            signed = self._pending.pop(key, None)
-            if signed is None or not countersignature:
-                return
-            try:
-                self.store.add(SignedReceipt(signed.receipt, signed.domain, signed.sender_signature,
-                                             bytes(countersignature)), require_cosigned=True)
-            except ProtocolError:
-                self.rejected += 1  # a bad countersignature earns the hop no credit; training goes on
+        signed = self.sent.pop((int(header.kind), header.step, header.microbatch, header.digest), None)
+        if signed is None or not countersignature:
+            return
+        signer = recover_typed(self.domain, RECEIPT_TYPES, signed.receipt.message(), countersignature,
+                               "receiverSignature")
+        if signer != signed.receipt.receiver:
+            raise ReceiptRejectedError(f"countersignature recovers to {signer}, not the receiver {signed.receipt.receiver}")
+        done = replace(signed, receiver_signature=countersignature)
+        self.cosigned.append(done)
+        if self.on_cosigned is not None:
+            self.on_cosigned(done)
