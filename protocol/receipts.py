@@ -58,11 +58,11 @@ _UINT_FIELDS = {  # attribute -> (EIP-712 field name, bit width)
 
 
 def payload_digest(payload: bytes, window: bytes = b"") -> bytes:
-    """The `payloadDigest` of a hop: blake2b-256 over the token-window bytes then the codec payload bytes.
+    """The `payloadDigest` of a hop: sha256 over the token-window bytes then the codec payload bytes.
 
     Same definition as the wire frame digest of `node.frames`, so a frame's digest is its receipt's digest.
     """
-    h = hashlib.blake2b(digest_size=32)
+    h = hashlib.sha256()
     h.update(window)
     h.update(payload)
     return h.digest()
