@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from eth_abi import encode
 from eth_utils import keccak
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from protocol.errors import MerkleError
 from protocol.merkle import Leaf, MerkleTree, check_claim, hash_pair, leaf_hash, verify_proof
@@ -66,3 +68,17 @@ def test_bad_tree_input_names_field():
     with pytest.raises(MerkleError) as err:
         MerkleTree([Leaf(1, 0, keys[0].address, 1)]).proof(keys[1].address)
     assert err.value.field == "node"
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.lists(st.integers(min_value=1, max_value=2**64), min_size=1, max_size=12), st.integers(0, 2**64 - 1))
+def test_property_proofs_verify_and_do_not_transfer(units, epoch):
+    keys = make_keys(len(units), offset=300)
+    leaves = [Leaf(3, epoch, k.address, u) for k, u in zip(keys, units, strict=True)]
+    tree = MerkleTree(leaves)
+    assert MerkleTree(list(reversed(leaves))).root == tree.root
+    for leaf in leaves:
+        proof = tree.proof(leaf.node)
+        assert verify_proof(proof, tree.root, leaf.hash())
+        assert not verify_proof(proof, tree.root, leaf_hash(3, epoch, leaf.node, leaf.units + 1))
+        assert not verify_proof(proof, tree.root, leaf_hash(3, (epoch + 1) % 2**64, leaf.node, leaf.units))
