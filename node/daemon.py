@@ -293,7 +293,7 @@ class NodeDaemon:
         tok_s = res.tokens / res.seconds if res.seconds > 0 else 0.0
         record = {"step": res.step, "stage": res.stage, "loss": res.loss, "tokens": res.tokens,
                   "seconds": res.seconds, "tokens_per_s": tok_s, "comm_wait_s": res.comm_wait_s,
-                  "bytes_in": res.bytes_in, "bytes_out": res.bytes_out}
+                  "bytes_in": res.bytes_in, "bytes_out": res.bytes_out, "end_time": time.time()}
         append_progress(self.data_dir, record)
         self._write_status(step=res.step, next_step=res.step + 1, loss=res.loss, tokens_per_s=tok_s, peers=peers)
         if self.metrics:
