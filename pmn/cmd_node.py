@@ -31,10 +31,7 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             raise CLIError("rpc_url is set but model_id is not: set model_id (or PMN_MODEL_ID) to the on-chain model id")
         argv += ["--rpc-url", cfg.rpc_url, "--deployment", str(Path(cfg.deployment).expanduser()),
                  "--model-id", str(cfg.model_id), "--linger"]
-    code = daemon_main(argv)
-    if code not in (0, 130, 143):
-        raise CLIError(f"node exited with status {code}: see the error above")
-    return 0
+    return daemon_main(argv)  # the daemon prints its own one-line error; 130/143 = stopped by a signal
 
 
 def cmd_node_status(args: argparse.Namespace) -> int:
