@@ -1,0 +1,100 @@
+"""Checkpoint round trip and tamper detection; stage choice; announcement gossip between hosts."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import trio
+
+from node.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
+from node.config import DiscoveryConfig, NodeConfig
+from node.discovery import Announcement, Discovery, choose_stage
+from node.errors import CheckpointError, DiscoveryError
+from node.host import full_addrs
+from node.worker import StageWorker
+from sharding import PRESETS, OptimConfig, load_corpus, partition
+from tests.node.conftest import running_host
+
+CFG = PRESETS["tiny"]
+
+
+def _worker(stage: int = 1) -> StageWorker:
+    spec = partition(CFG, 2)[stage]
+    return StageWorker(CFG, spec, codec="dense", optim=OptimConfig(), num_microbatches=1, microbatch_size=2,
+                       corpus=load_corpus("synthetic") if spec.is_head else None)
+
+
+@pytest.mark.timeout(60)
+def test_checkpoint_roundtrip_and_tamper(tmp_path) -> None:
+    w = _worker(0)
+    window = w.head_window(0, 0)
+    w.forward(0, 0, window, None)
+    w.backward(0, 0, torch.ones(2, CFG.seq_len, CFG.d_model))
+    w.step(0)
+    path = save_checkpoint(w, tmp_path)
+    assert latest_checkpoint(tmp_path, 0) == path and checkpoint_at(tmp_path, 0, 1) == path
+    fresh = _worker(0)
+    assert load_checkpoint(fresh, path) == 1
+    for (k, a), b in zip(w.module.state_dict().items(), fresh.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    s1, s2 = w.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert all(torch.equal(s1[i]["exp_avg"], s2[i]["exp_avg"]) for i in s1)
+    with pytest.raises(CheckpointError, match="stage=0"):
+        load_checkpoint(_worker(1), path)
+    raw = bytearray((path / "model.safetensors").read_bytes())
+    raw[-1] ^= 1
+    (path / "model.safetensors").write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match="sha256"):
+        load_checkpoint(_worker(0), path)
+
+
+def _ann(pid: str, stage: int, cap: int, spec: str = "aa") -> Announcement:
+    return Announcement(peer_id=pid, addrs=(), spec_hash=spec, num_stages=3, stage=stage, capacity=cap)
+
+
+def test_choose_stage_least_capacity() -> None:
+    assert choose_stage([], "aa", 3) == 0
+    assert choose_stage([_ann("a", 0, 5), _ann("b", 1, 1)], "aa", 3) == 2
+    assert choose_stage([_ann("a", 0, 5), _ann("b", 1, 1), _ann("c", 2, 3)], "aa", 3) == 1
+    assert choose_stage([_ann("a", 0, 5), _ann("x", 1, 9, spec="bb")], "aa", 3) == 1  # other model ignored
+
+
+def test_node_config_validation() -> None:
+    NodeConfig().validate()
+    with pytest.raises(ValueError, match="stage 5 out of range"):
+        NodeConfig(stage="5", num_stages=2).validate()
+    with pytest.raises(ValueError, match="'auto' or an integer"):
+        NodeConfig(stage="middle").validate()
+    bad = NodeConfig()
+    bad.transport.credits = 0
+    with pytest.raises(ValueError, match="credits"):
+        bad.validate()
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+def test_gossip_spreads_announcements() -> None:
+    cfg = DiscoveryConfig(announce_interval_s=0.05, discovery_timeout_s=10)
+
+    async def main() -> None:
+        async with running_host(31) as (h0, _), running_host(32) as (h1, _), running_host(33) as (h2, _), \
+                trio.open_nursery() as nursery:
+            def me(h, stage: int) -> Announcement:
+                return Announcement(h.get_id().pretty(), tuple(full_addrs(h)), "aa", 3, stage, 1)
+
+            boot = full_addrs(h0)
+            d0 = Discovery(h0, me(h0, 0), cfg, [])
+            d1 = Discovery(h1, me(h1, 1), cfg, boot)
+            d2 = Discovery(h2, me(h2, 2), cfg, boot)
+            for d in (d1, d2):
+                nursery.start_soon(d.run)
+            # node 2 learns about node 1 only through the bootstrap node
+            found = await d2.wait_for_stage(1)
+            assert found.peer_id == h1.get_id().pretty()
+            assert (await d1.wait_for_stage(2)).peer_id == h2.get_id().pretty()
+            assert {e.stage for e in d0.entries()} == {1, 2}
+            with pytest.raises(DiscoveryError, match="no peer serving stage 7"):
+                await d2.wait_for_stage(7, timeout_s=0.2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
