@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -34,7 +35,8 @@ class Announcement:
     stage: int  # stage it serves (-1 while still choosing)
     capacity: int  # declared capacity units
     address: str = ""  # Ethereum address of its node key
-    seq: int = 0  # sender's counter, bumps on every change (newest wins)
+    seq: int = 0  # sender's version: milliseconds since the epoch at start, +1 per change (newest wins,
+    # so a restarted node's fresh addresses replace its old entry)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -87,6 +89,9 @@ class Discovery:
         self.host = host
         self.me = me
         self.cfg = cfg
+        if me.seq == 0:
+            me = Announcement(**{**me.__dict__, "seq": int(time.time() * 1000)})
+            self.me = me
         self.bootstrap = list(bootstrap)
         for a in self.bootstrap:
             parse_peer_addr(a)  # ValueError names a bad bootstrap address

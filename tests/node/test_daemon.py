@@ -11,7 +11,7 @@ import urllib.request
 import pytest
 
 from node.status import node_status, read_progress
-from node.swarm import launch_swarm, run_local_swarm, stop_nodes, wait_nodes
+from node.swarm import launch_swarm, run_local_swarm, start_node, stop_nodes, wait_nodes
 from sharding import PRESETS, OptimConfig, load_corpus, train_reference
 
 pytestmark = [pytest.mark.network]
@@ -100,3 +100,27 @@ def test_lost_peer_named_after_retries(tmp_path) -> None:
     err = [ln for ln in lines if ln.get("event") == "error"][-1]["error"]
     assert "stage 1" in err and tail.ready["peer_id"] in err
     assert node_status(head.data_dir)["state"] == "failed"
+
+
+@pytest.mark.timeout(300)
+def test_killed_peer_restarts_and_rejoins_without_losing_a_step(tmp_path) -> None:
+    patient = ["--frame-timeout", "60", "--redial-timeout", "90", "--step-retries", "4"]
+    steps = 6
+    nodes = launch_swarm(tmp_path, 2, ["--steps", str(steps), *ARGS, *patient])
+    head, tail = nodes
+    try:
+        _wait_for(lambda: len(read_progress(tail.data_dir)) >= 2, 120, "two completed steps")
+        tail.proc.kill()  # crash mid-run: no checkpoint on the way out
+        tail.proc.wait()
+        args = ["--stages", "2", "--steps", str(steps), *ARGS, *patient, "--bootstrap", head.ready["addrs"][0]]
+        restarted = start_node(1, tail.data_dir, args)
+        nodes.append(restarted)
+        assert restarted.ready["peer_id"] == tail.ready["peer_id"]  # same identity from the data dir
+        codes = wait_nodes([head, restarted], 200)
+    finally:
+        stop_nodes(nodes)
+    assert codes == [0, 0]
+    by_step = {r["step"]: r["loss"] for r in read_progress(tail.data_dir)}  # last record of each step wins
+    assert sorted(by_step) == list(range(steps))
+    assert [by_step[s] for s in range(steps)] == pytest.approx(_reference(steps), abs=1e-4)
+    assert "last_retry" in node_status(head.data_dir)  # the head retried the interrupted step
