@@ -2,7 +2,8 @@
 
 Both runs use the node daemon (same code path, same data, synchronous GPipe schedule); the
 pipeline's processes get total_threads / P torch threads each, the single run total_threads.
-Throughput is measured between step completions after warm-up steps. comm_fraction is the mean
+Throughput is measured between step completions after warm-up steps (checkpoints off in both).
+The machine's other load moves both figures; compare them from the same run only. comm_fraction is the mean
 share of a stage's step spent waiting for frames or acks (pipeline bubble included).
 Last line: JSON with single_tokens_per_s, pipeline_tokens_per_s, ratio, comm_fraction.
 """
@@ -41,7 +42,8 @@ def run(stages: int, steps: int, threads: int, codec: str, microbatches: int, mb
     """Progress records per stage of one swarm run."""
     per = max(1, threads // stages)
     res = run_local_swarm(stages, steps, root, model=str(model_path), codec=codec, microbatches=microbatches,
-                          microbatch_size=mb_size, corpus="synthetic", threads=[per] * stages, timeout_s=900)
+                          microbatch_size=mb_size, corpus="synthetic", threads=[per] * stages, timeout_s=900,
+                          extra_args=["--checkpoint-every", "0"])
     return res.steps
 
 
@@ -52,10 +54,10 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2, help="total torch threads (split across stages)")
     p.add_argument("--codec", default="subspace")
     p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--microbatches", type=int, default=8)
-    p.add_argument("--microbatch-size", type=int, default=4)
+    p.add_argument("--microbatches", type=int, default=16)
+    p.add_argument("--microbatch-size", type=int, default=2)
     a = p.parse_args()
-    steps = a.steps or (5 if a.quick else 12)
+    steps = a.steps or (4 if a.quick else 12)
     warmup = 1 if a.quick else 2
     with tempfile.TemporaryDirectory(prefix="pmn-bench-pipeline-") as tmp:
         model_path = Path(tmp) / "model.json"
