@@ -65,26 +65,37 @@ def node_command(stage: int | str, data_dir: Path, args: list[str]) -> list[str]
             "--no-progress", *args]
 
 
-def start_node(stage: int | str, data_dir: Path, args: list[str], ready_timeout_s: float = 60.0,
-               env: dict[str, str] | None = None) -> NodeProcess:
-    """Start one node process and wait for its ready line."""
+def spawn_node(stage: int | str, data_dir: Path, args: list[str], env: dict[str, str] | None = None) -> NodeProcess:
+    """Start one node process (stderr goes to data_dir/stderr.log); call await_ready next."""
     data_dir.mkdir(parents=True, exist_ok=True)
     full_env = {**os.environ, **(env or {})}
     full_env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    log = (data_dir / "stderr.log").open("ab")
-    proc = subprocess.Popen(node_command(stage, data_dir, args), stdout=subprocess.PIPE, stderr=log,
-                            env=full_env, cwd=str(REPO_ROOT))
-    node = NodeProcess(stage=int(stage) if str(stage) != "auto" else -1, data_dir=data_dir, proc=proc)
+    with (data_dir / "stderr.log").open("ab") as log:
+        proc = subprocess.Popen(node_command(stage, data_dir, args), stdout=subprocess.PIPE, stderr=log,
+                                env=full_env, cwd=str(REPO_ROOT))
+    return NodeProcess(stage=int(stage) if str(stage) != "auto" else -1, data_dir=data_dir, proc=proc)
+
+
+def await_ready(node: NodeProcess, ready_timeout_s: float = 60.0) -> NodeProcess:
+    """Wait for the node's ready line (NodeError with its output if it fails to start; the process is stopped)."""
     try:
-        line = _read_line(proc, ready_timeout_s)
+        line = _read_line(node.proc, ready_timeout_s)
         msg = json.loads(line)
         if msg.get("event") != "ready":
-            raise NodeError(f"node for stage {stage} failed to start: {msg.get('error', line)}")
+            raise NodeError(f"node for stage {node.stage} failed to start: {msg.get('error', line)}")
         node.ready = msg
+        if node.stage < 0:
+            node.stage = int(msg["stage"])
     except BaseException:
         stop_nodes([node])
         raise
     return node
+
+
+def start_node(stage: int | str, data_dir: Path, args: list[str], ready_timeout_s: float = 60.0,
+               env: dict[str, str] | None = None) -> NodeProcess:
+    """Start one node process and wait for its ready line."""
+    return await_ready(spawn_node(stage, data_dir, args, env), ready_timeout_s)
 
 
 def stop_nodes(nodes: list[NodeProcess], grace_s: float = 10.0) -> None:
@@ -106,20 +117,30 @@ def stop_nodes(nodes: list[NodeProcess], grace_s: float = 10.0) -> None:
 def launch_swarm(root: Path, stages: int, node_args: list[str], ready_timeout_s: float = 60.0,
                  threads: list[int] | None = None, auto_stage: bool = False,
                  metrics_base_port: int = 0) -> list[NodeProcess]:
-    """Start stage 0 first, then stages 1..P-1 bootstrapping from it (auto_stage: nodes pick their stage)."""
+    """Start stage 0, then stages 1..P-1 bootstrapping from it: together when stages are explicit,
+    one after another with auto_stage (each node picks the least-served stage it sees)."""
     nodes: list[NodeProcess] = []
+
+    def args_for(s: int) -> list[str]:
+        extra = ["--stages", str(stages), *node_args]
+        if threads:
+            extra += ["--threads", str(threads[s])]
+        if metrics_base_port:
+            extra += ["--metrics-port", str(metrics_base_port + s)]
+        if nodes:
+            extra += ["--bootstrap", nodes[0].ready["addrs"][0]]
+        return extra
+
     try:
-        for s in range(stages):
-            extra = ["--stages", str(stages), *node_args]
-            if threads:
-                extra += ["--threads", str(threads[s])]
-            if metrics_base_port:
-                extra += ["--metrics-port", str(metrics_base_port + s)]
-            if nodes:
-                extra += ["--bootstrap", nodes[0].ready["addrs"][0]]
-            nodes.append(start_node("auto" if auto_stage else s, root / f"node{s}", extra, ready_timeout_s))
-            if auto_stage:
-                nodes[-1].stage = int(nodes[-1].ready["stage"])
+        nodes.append(start_node("auto" if auto_stage else 0, root / "node0", args_for(0), ready_timeout_s))
+        if auto_stage:
+            for s in range(1, stages):
+                nodes.append(start_node("auto", root / f"node{s}", args_for(s), ready_timeout_s))
+        else:
+            rest = [spawn_node(s, root / f"node{s}", args_for(s)) for s in range(1, stages)]
+            nodes.extend(rest)
+            for n in rest:
+                await_ready(n, ready_timeout_s)
     except BaseException:
         stop_nodes(nodes)
         raise
