@@ -13,6 +13,7 @@ class TransportConfig:
     credits: int = 4  # microbatches a receiver lets a sender have in flight (granted at the handshake)
     yamux_frame_bytes: int = 256 * 1024  # payload bytes per yamux DATA frame this process sends (py default 64 KiB)
     stream_window_bytes: int = 16 * 1024 * 1024  # yamux receive window granted on act streams (py default 256 KiB)
+    tcp_read_bytes: int = 1 << 20  # read-ahead of each TCP connection (0 = py-libp2p's plain reads)
     handshake_timeout_s: float = 10.0  # time allowed for the HELLO exchange on a new stream
     ack_timeout_s: float = 60.0  # time allowed for all frames of a step to be acknowledged
     reject_penalty: float = 1.0  # score subtracted from a peer for each rejected frame

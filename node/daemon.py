@@ -172,7 +172,7 @@ class NodeDaemon:
         cfg = self.cfg
         if cfg.runtime.torch_threads > 0:
             torch.set_num_threads(cfg.runtime.torch_threads)
-        host = make_host(self.identity, cfg.transport.yamux_frame_bytes)
+        host = make_host(self.identity, cfg.transport.yamux_frame_bytes, cfg.transport.tcp_read_bytes)
         listen = parse_listen(cfg.listen)
         spec_hash = self.model.spec_hash()
         async with host.run(listen_addrs=listen), trio.open_nursery() as nursery:
@@ -204,6 +204,8 @@ class NodeDaemon:
                      "metrics_port": cfg.metrics_port}
             self._write_status(**ready)
             print(json.dumps(ready), flush=True)
+            print(f"node {me.peer_id} (address {self.identity.address}) serving stage {stage}/{cfg.num_stages} "
+                  f"of model 0x{spec_hash.hex()[:16]}..., listening on {' '.join(addrs)}", file=sys.stderr, flush=True)
             task_status.started(ready)
             code = 0
             failure: NodeError | None = None
