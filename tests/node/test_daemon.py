@@ -103,24 +103,25 @@ def test_lost_peer_named_after_retries(tmp_path) -> None:
 
 
 @pytest.mark.timeout(300)
-def test_killed_peer_restarts_and_rejoins_without_losing_a_step(tmp_path) -> None:
+def test_killed_middle_stage_restarts_and_rejoins_without_losing_a_step(tmp_path) -> None:
     patient = ["--frame-timeout", "60", "--redial-timeout", "90", "--step-retries", "4"]
     steps = 6
-    nodes = launch_swarm(tmp_path, 2, ["--steps", str(steps), *ARGS, *patient])
-    head, tail = nodes
+    nodes = launch_swarm(tmp_path, 3, ["--steps", str(steps), *ARGS, *patient])
+    head, middle, tail = nodes
     try:
         _wait_for(lambda: len(read_progress(tail.data_dir)) >= 2, 120, "two completed steps")
-        tail.proc.kill()  # crash mid-run: no checkpoint on the way out
-        tail.proc.wait()
-        args = ["--stages", "2", "--steps", str(steps), *ARGS, *patient, "--bootstrap", head.ready["addrs"][0]]
-        restarted = start_node(1, tail.data_dir, args)
+        middle.proc.kill()  # crash mid-run: no checkpoint on the way out
+        middle.proc.wait()
+        args = ["--stages", "3", "--steps", str(steps), *ARGS, *patient, "--bootstrap", head.ready["addrs"][0]]
+        restarted = start_node(1, middle.data_dir, args)
         nodes.append(restarted)
-        assert restarted.ready["peer_id"] == tail.ready["peer_id"]  # same identity from the data dir
-        codes = wait_nodes([head, restarted], 200)
+        assert restarted.ready["peer_id"] == middle.ready["peer_id"]  # same identity from the data dir
+        codes = wait_nodes([head, restarted, tail], 200)
     finally:
         stop_nodes(nodes)
-    assert codes == [0, 0]
+    assert codes == [0, 0, 0]
     by_step = {r["step"]: r["loss"] for r in read_progress(tail.data_dir)}  # last record of each step wins
     assert sorted(by_step) == list(range(steps))
     assert [by_step[s] for s in range(steps)] == pytest.approx(_reference(steps), abs=1e-4)
-    assert "last_retry" in node_status(head.data_dir)  # the head retried the interrupted step
+    # both neighbours noticed the loss and retried the interrupted step
+    assert "last_retry" in node_status(head.data_dir) and "last_retry" in node_status(tail.data_dir)
