@@ -24,6 +24,7 @@ from node import frames as F
 from node.config import TransportConfig
 from node.errors import (
     FrameError,
+    FrameTooLargeError,
     HandshakeError,
     NodeError,
     NonFiniteError,
@@ -37,6 +38,7 @@ from node.errors import (
 ACT_PROTOCOL = TProtocol("/pmn/act/1.0.0")
 DATA_KINDS = (F.Kind.ACTIVATION, F.Kind.GRADIENT)
 READ_CHUNK = 1 << 22  # most bytes taken from the muxer per read call
+MAX_CONTROL_BYTES = 64 * 1024  # limit on HELLO/ACK/CREDIT/ERROR/CLOSE/LOSS frames (header + body)
 OFF_LOOP_BYTES = 64 * 1024  # bodies at least this large are hashed in a worker thread (hashlib drops the GIL)
 
 
@@ -244,7 +246,7 @@ class ActChannel:
     async def _read_control(self) -> F.Frame:
         try:
             raw = await self._reader.read_exactly(F.HEADER_SIZE)
-            h = F.decode_header(raw, self.cfg.max_frame_bytes)
+            h = F.decode_header(raw, min(self.cfg.max_frame_bytes, MAX_CONTROL_BYTES))
             body = await self._reader.read_exactly(h.body_len) if h.body_len else b""
         except EOFError as exc:
             raise HandshakeError(f"peer {self.peer} closed the stream during the handshake") from exc
@@ -461,6 +463,9 @@ class ActChannel:
                                 self.peer, self.remote_stage) from exc
         h = F.decode_header(raw, self.cfg.max_frame_bytes)
         F.check_spec_hash(h, self.local.spec_hash)
+        if h.kind not in DATA_KINDS and F.HEADER_SIZE + h.body_len > MAX_CONTROL_BYTES:
+            raise FrameTooLargeError(f"{h.kind.name.lower()} frame of {F.HEADER_SIZE + h.body_len} bytes declared, "
+                                     f"control frames are limited to {MAX_CONTROL_BYTES}")
         if h.kind in DATA_KINDS:
             self._check_direction(h)
             F.check_data_header(h, self.spec)

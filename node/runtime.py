@@ -109,6 +109,9 @@ class PipelineRuntime:
 
     def _check(self, r: Any, step: int, kind: F.Kind) -> int:
         h = r.frame.header
+        if h.microbatch >= self.worker.num_microbatches:
+            raise UnexpectedFrameError(f"stage {self.stage} got microbatch {h.microbatch} from stage {h.stage}; "
+                                       f"steps have {self.worker.num_microbatches} microbatches")
         if h.step != step:
             raise UnexpectedFrameError(f"stage {self.stage} at step {step} got a {kind.name.lower()} frame "
                                        f"for step {h.step} from stage {h.stage}")

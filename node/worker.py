@@ -93,6 +93,8 @@ class StageWorker:
     def decode(self, fr: F.Frame) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """ACTIVATION -> (window, h); GRADIENT -> g. Codec errors (NaN/Inf, sizes) propagate."""
         h = fr.header
+        if h.microbatch >= self.num_microbatches:
+            raise UnexpectedFrameError(f"microbatch {h.microbatch} out of range: steps have {self.num_microbatches}")
         if h.kind == F.Kind.ACTIVATION:
             window = bytes_to_window(fr.window, self.microbatch_size, self.config.seq_len, self.id_bytes,
                                      self.config.vocab_size)
