@@ -2,10 +2,13 @@
 
 Trains the same small byte-level GPT (d_model >= 512) split into pipeline stages, in one process,
 with every boundary crossing its codec's bytes:
-  dense     plain pre-norm GPT, fp32 boundaries (best of a learning-rate sweep = the fair baseline)
-  int8      plain GPT, int8 boundaries with a per-token scale, at the dense learning rate
+  dense     plain pre-norm GPT, fp32 boundaries
+  int8      plain GPT, int8 boundaries with a per-token scale, at the best dense learning rate
   control   subspace architecture with k = d_model (no compression), fp32 boundaries
   subspace  subspace architecture with k = --k, bf16 z (or int8 z with --z-int8) at the boundaries
+dense, control and subspace each sweep the same learning-rate grid; each arm reports its best
+validation loss (so no arm is flattered by a learning rate tuned for another). Runs execute in
+`--workers` processes with one torch thread each.
 Wire bytes per token = codec payload + 2 bytes of token id. Prints a table; the last line is JSON.
 
     python benchmarks/compression.py --quick      # < 60 s, machinery check only
@@ -17,8 +20,10 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import multiprocessing
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sharding.codecs import token_id_bytes  # noqa: E402
 from sharding.config import ModelConfig  # noqa: E402
-from sharding.data import load_corpus  # noqa: E402
+from sharding.data import Corpus, load_corpus  # noqa: E402
 from sharding.pipeline import LocalPipeline  # noqa: E402
 from sharding.train import OptimConfig  # noqa: E402
 
@@ -47,8 +52,7 @@ class BenchConfig:
     stages: int = 3  # pipeline stages (2-4)
     k: int = 8  # subspace rank of the compressed run
     free_tail_layers: int = 2  # last blocks left unconstrained in subspace mode (node0: 2)
-    lr: float = 3e-3  # learning rate of the subspace and control runs
-    dense_lrs: tuple[float, ...] = (1e-3, 2e-3, 3e-3)  # sweep for the dense baseline; best val wins
+    lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3)  # learning-rate grid swept by every arm; best val wins
     warmup_frac: float = 0.1  # warm-up steps as a fraction of steps
     z_int8: bool = False  # send z as int8 + bf16 scale instead of bf16
     eval_batches: int = 8  # validation windows: eval_batches * batch_size sequences
@@ -56,7 +60,7 @@ class BenchConfig:
 
 
 QUICK = BenchConfig(
-    n_layers=3, seq_len=32, batch_size=4, steps=6, stages=2, free_tail_layers=1, dense_lrs=(2e-3,), eval_batches=2
+    n_layers=3, seq_len=32, batch_size=4, steps=6, stages=2, free_tail_layers=1, lrs=(1e-3,), eval_batches=2
 )
 
 
@@ -74,7 +78,7 @@ def model_config(b: BenchConfig, rank: int | None) -> ModelConfig:
     ).validate()
 
 
-def run(b: BenchConfig, cfg: ModelConfig, codec: str, lr: float, corpus) -> dict:
+def run(b: BenchConfig, cfg: ModelConfig, codec: str, lr: float, corpus: Corpus) -> dict:
     optim = OptimConfig(
         lr=lr, warmup_steps=max(1, int(b.steps * b.warmup_frac)), decay_steps=b.steps, data_seed=b.seed
     )
@@ -105,8 +109,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--quick", action="store_true", help="tiny budget (< 60 s): checks the machinery only")
     ap.add_argument("--steps", type=int, help="optimizer steps per run")
     ap.add_argument("--k", type=int, help="subspace rank")
-    ap.add_argument("--lr", type=float, help="learning rate of subspace and control runs")
-    ap.add_argument("--dense-lrs", type=str, help="comma-separated dense learning rates to sweep")
+    ap.add_argument("--lrs", type=str, help="comma-separated learning-rate grid swept by every arm")
     ap.add_argument("--layers", type=int, help="n_layers")
     ap.add_argument("--stages", type=int, help="pipeline stages")
     ap.add_argument("--free-tail-layers", type=int, help="unconstrained last blocks")
@@ -114,31 +117,38 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq", type=int, help="sequence length")
     ap.add_argument("--z-int8", action="store_true", help="send z as int8 with a bf16 per-token scale")
     ap.add_argument("--skip-int8", action="store_true", help="skip the int8-boundary run")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--workers", type=int, default=2, help="parallel run processes (one torch thread each)")
     args = ap.parse_args(argv)
     b = QUICK if args.quick else BenchConfig()
     overrides = {
-        "steps": args.steps, "k": args.k, "lr": args.lr, "n_layers": args.layers, "stages": args.stages,
+        "steps": args.steps, "k": args.k, "n_layers": args.layers, "stages": args.stages,
         "free_tail_layers": args.free_tail_layers, "batch_size": args.batch, "seq_len": args.seq,
     }
     b = dataclasses.replace(b, **{k: v for k, v in overrides.items() if v is not None})
-    if args.dense_lrs:
-        b = dataclasses.replace(b, dense_lrs=tuple(float(x) for x in args.dense_lrs.split(",")))
+    if args.lrs:
+        b = dataclasses.replace(b, lrs=tuple(float(x) for x in args.lrs.split(",")))
     if args.z_int8:
         b = dataclasses.replace(b, z_int8=True)
-    if args.threads:
-        torch.set_num_threads(args.threads)
     corpus = load_corpus()
     t0 = time.time()
     dense_cfg = model_config(b, None)
-    dense_runs = [run(b, dense_cfg, "dense", lr, corpus) for lr in b.dense_lrs]
-    dense = min(dense_runs, key=lambda r: r["val_loss"])
-    int8 = None if args.skip_int8 else run(b, dense_cfg, "int8", dense["lr"], corpus)
-    control = run(b, model_config(b, b.d_model), "dense", b.lr, corpus)
-    sub = run(b, model_config(b, b.k), "subspace-int8" if b.z_int8 else "subspace", b.lr, corpus)
+    sub_codec = "subspace-int8" if b.z_int8 else "subspace"
+    arms = {
+        "dense": (dense_cfg, "dense"),
+        "control": (model_config(b, b.d_model), "dense"),
+        "subspace": (model_config(b, b.k), sub_codec),
+    }
+    jobs = [(arm, lr) for arm in arms for lr in b.lrs]
+    results = _map(b, [(arms[a][0], arms[a][1], lr) for a, lr in jobs], args.workers)
+    by_arm: dict[str, list[dict]] = {a: [] for a in arms}
+    for (arm, _), r in zip(jobs, results, strict=True):
+        by_arm[arm].append(r)
+    dense, control, sub = (min(by_arm[a], key=lambda r: r["val_loss"]) for a in ("dense", "control", "subspace"))
+    int8 = None if args.skip_int8 else _map(b, [(dense_cfg, "int8", dense["lr"])], 1)[0]
 
-    rows = [("dense", r) for r in dense_runs] + ([("int8", int8)] if int8 else [])
-    rows += [("control k=d", control), (f"subspace k={b.k}", sub)]
+    rows = [("dense", r) for r in by_arm["dense"]] + ([("int8", int8)] if int8 else [])
+    rows += [("control k=d", r) for r in by_arm["control"]]
+    rows += [(f"subspace k={b.k}", r) for r in by_arm["subspace"]]
     base = dense["wire_bytes_per_token"]
     print(
         f"d_model={b.d_model} layers={b.n_layers} stages={b.stages} free_tail={b.free_tail_layers} "
@@ -167,7 +177,9 @@ def main(argv: list[str] | None = None) -> dict:
         "bytes_per_token": sub["wire_bytes_per_token"],
         "compression": base / sub["wire_bytes_per_token"],
         "dense_lr": dense["lr"],
-        "lr": b.lr,
+        "lr": sub["lr"],
+        "control_lr": control["lr"],
+        "lr_grid": list(b.lrs),
         "val_loss_dense": dense["val_loss"],
         "val_loss": sub["val_loss"],
         "loss_ratio": sub["val_loss"] / dense["val_loss"],
@@ -179,6 +191,26 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(result))
     return result
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)
+
+
+def _one(args: tuple[BenchConfig, ModelConfig, str, float]) -> dict:
+    b, cfg, codec, lr = args
+    return run(b, cfg, codec, lr, load_corpus())
+
+
+def _map(b: BenchConfig, tasks: list[tuple[ModelConfig, str, float]], workers: int) -> list[dict]:
+    """Run (config, codec, lr) tasks, in `workers` spawned processes when workers > 1."""
+    full = [(b, cfg, codec, lr) for cfg, codec, lr in tasks]
+    if workers <= 1 or len(full) == 1:
+        _worker_init()
+        return [_one(t) for t in full]
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
+        return list(pool.map(_one, full))
 
 
 if __name__ == "__main__":
