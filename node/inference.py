@@ -14,8 +14,10 @@ lengths are checked against `InferenceConfig.max_message_bytes` before anything 
 from __future__ import annotations
 
 import json
+import os
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -295,3 +297,21 @@ async def generate(open_stream: Callable[[], Awaitable[Any]], prompt_ids: list[i
                     raise InferenceError(f"unexpected message {kind!r} from the head stage")
     finally:
         await stream.close()
+
+
+@asynccontextmanager
+async def head_stream_opener(head_addr: str) -> AsyncIterator[Callable[[], Awaitable[Any]]]:
+    """A throwaway client host on 127.0.0.1 and a function opening `/pmn/infer/1.0.0` streams to `head_addr`."""
+    import multiaddr
+
+    from node.host import make_host, parse_peer_addr
+    from node.identity import identity_from_secret
+
+    info = parse_peer_addr(head_addr)
+    host = make_host(identity_from_secret(os.urandom(31).rjust(32, b"\x01")))
+    async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+        async def open_stream() -> Any:
+            await host.connect(info)
+            return await host.new_stream(info.peer_id, [INFER_PROTOCOL])
+
+        yield open_stream

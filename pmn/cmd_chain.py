@@ -138,11 +138,11 @@ def share_report(client: ProtocolContracts, model_id: int, holder: str) -> dict[
 
 
 def leaf_history(client: ProtocolContracts, model_id: int, holder: str) -> list[tuple[int, str, int]]:
-    """(epoch, node, units) of every leaf claim that minted shares to `holder`, from the ledger's events."""
-    events = getattr(client, "leaf_claims", None)
-    if events is None:
-        return []
-    return [(e, n, u) for e, n, u, operator in events(model_id) if operator.lower() == holder.lower()]
+    """(epoch, node, units) of every leaf claim that minted shares to `holder`, from the ledger's LeafClaimed events."""
+    logs = client.ledger.events.LeafClaimed().get_logs(from_block=client.deployment.block_number,
+                                                        argument_filters={"modelId": model_id})
+    return sorted((int(ev["args"]["epoch"]), str(ev["args"]["node"]), int(ev["args"]["units"])) for ev in logs
+                  if str(ev["args"]["operator"]).lower() == holder.lower())
 
 
 def cmd_shares(args: argparse.Namespace) -> int:
@@ -210,17 +210,14 @@ def cmd_contracts_deploy(args: argparse.Namespace) -> int:
 
 
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
-    from protocol.epoch import verify_epoch
+    from protocol.settlement import verify_onchain_epoch
 
     session = open_session(role_config(HolderConfig, args))
     _require_model(session.client, args.model)
-    info = session.client.epoch_info(args.model, args.epoch)
-    if info.submitted_at == 0:
-        raise CLIError(f"model {args.model} has no root for epoch {args.epoch} on chain")
     if not args.receipts.exists():
         raise CLIError(f"receipts file {args.receipts} not found")
-    result = verify_epoch(args.receipts.read_bytes(), info.root, expected_receipts_hash=info.receipts_hash)
-    print(f"epoch {args.epoch} of model {args.model}: root 0x{info.root.hex()} matches "
-          f"{len(result.credits) if hasattr(result, 'credits') else ''} recomputed leaves "
-          f"(total units {info.total_units})")
+    result = verify_onchain_epoch(session.client, args.model, args.epoch, args.receipts.read_bytes())
+    print(f"epoch {args.epoch} of model {args.model}: root 0x{result.root.hex()} matches the "
+          f"{len(result.tree.leaves)} leaves recomputed from {len(result.receipts)} receipts "
+          f"(total units {result.total_units})")
     return 0

@@ -28,16 +28,16 @@ from contracts.chain import advance_time, connect, is_embedded, test_accounts
 from contracts.client import ProtocolContracts
 from contracts.deploy import deploy_all
 from contracts.embedded import serve_embedded
-from node.host import full_addrs, make_host, parse_peer_addr
-from node.identity import identity_from_secret, load_or_create_identity
-from node.inference import INFER_PROTOCOL, generate
+from node.identity import load_or_create_identity
+from node.inference import generate, head_stream_opener
 from node.status import node_status, read_progress
 from node.swarm import NodeProcess, launch_swarm, stop_nodes
 from pmn.errors import CLIError
 from pmn.spec import ModelProposal, ProposalTerms, TrainingRecipe
 from protocol.accounting import accounting_function_hash
-from protocol.epoch import EpochContext, build_epoch, sign_epoch_root
+from protocol.epoch import EpochContext, build_epoch
 from protocol.receipts import Domain, SignedReceipt, StaticKeyRegistry
+from protocol.settlement import attest, claim_all, submit_epoch
 from protocol.store import ReceiptStore, StoreConfig
 from sharding.config import PRESETS
 from sharding.partition import partition
@@ -136,18 +136,10 @@ class Demo:
         for s in range(self.cfg.stages):
             ident = load_or_create_identity(self.root / f"node{s}")
             self.identities.append(ident)
-            self._fund(ident.address)
+            self.client.tx.transact(self.funder, to=ident.address, value=self.cfg.stake_funding_wei)
             stake = self.client.stake_required(1)
             self.client.register_node(ident.account, ident.account, 1, stake)
         self.say(f"[bold]operators[/] registered {self.cfg.stages} node keys with stake (peer-key signatures checked on chain)")
-
-    def _fund(self, address: str) -> None:
-        tx = {"from": self.funder.address, "to": address, "value": self.cfg.stake_funding_wei, "gas": 21_000,
-              "nonce": self.w3.eth.get_transaction_count(self.funder.address), "chainId": self.w3.eth.chain_id,
-              "maxFeePerGas": 2 * self.w3.eth.get_block("latest")["baseFeePerGas"] + 10**9,
-              "maxPriorityFeePerGas": 10**9}
-        signed = self.funder.sign_transaction(tx)
-        self.w3.eth.wait_for_transaction_receipt(self.w3.eth.send_raw_transaction(signed.raw_transaction))
 
     # -- swarm -------------------------------------------------------------------------------------
 
@@ -204,9 +196,12 @@ class Demo:
             table.add_row(str(n.stage), str(step + 1), str(max(step, 0) // self.cfg.epoch_length),
                           f"{last['loss']:.3f}" if last.get("loss") is not None else "",
                           f"{last.get('tokens_per_s', 0):.0f}", str(receipts),
-                          _fmt_units(receipts * per_unit[n.stage] // 2 if n.stage not in (0, self.cfg.stages - 1)
-                                     else receipts * per_unit[n.stage]))
+                          _fmt_units(receipts // self._hops_per_microbatch(n.stage) * per_unit[n.stage]))
         return table
+
+    def _hops_per_microbatch(self, stage: int) -> int:
+        """Co-signed receipts a stage's store holds per microbatch: both directions on each neighbour link."""
+        return 2 * ((stage > 0) + (stage < self.cfg.stages - 1))
 
     def _units_per_hop(self, stage: int) -> int:
         from protocol.accounting import compute_units
@@ -248,11 +243,8 @@ class Demo:
         for epoch in range(cfg.steps // cfg.epoch_length):
             ctx = EpochContext(self.model_id, epoch, self.proposal.model, tuple(self.specs), self.domain)
             result = build_epoch(self.gather(epoch), ctx, registry)
-            msg = result.attestation()
-            signers = sorted(self.validators[:cfg.quorum], key=lambda v: int(v.address, 16))  # contract wants ascending
-            sigs = [sign_epoch_root(self.domain, msg, v) for v in signers]
-            self.client.submit_epoch_root(self.validators[0], self.model_id, epoch, result.root, result.total_units,
-                                          result.receipts_hash, sigs)
+            submit_epoch(self.client, self.validators[0], result,
+                         attest(self.domain, result, self.validators[:cfg.quorum]))
             path = self.root / "receipts" / f"model{self.model_id}-epoch{epoch}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(result.receipts_file)
@@ -263,13 +255,7 @@ class Demo:
             raise CLIError(f"no epoch completed: steps ({cfg.steps}) < epoch_length ({cfg.epoch_length})")
         advance_time(self.w3, cfg.challenge_window_s + 1)
         for item in results:
-            result = item["result"]
-            for ident in self.identities:
-                leaf = next((lf for lf in result.tree.leaves if lf.node == ident.address), None)
-                if leaf is None:
-                    continue
-                self.client.claim_leaf(ident.account, self.model_id, item["epoch"], ident.address, leaf.units,
-                                       result.tree.proof(ident.address))
+            claim_all(self.client, self.validators[0], item["result"])  # shares go to each node's operator
         self.say("[bold]ledger[/] challenge window passed; every node claimed its leaves and was minted shares")
         return results
 
@@ -290,18 +276,7 @@ class Demo:
         return texts
 
     async def _generate(self, head: str, request_id: bytes, tx_hash: bytes) -> list[int]:
-        ident = identity_from_secret(os.urandom(31).rjust(32, b"\x01"))
-        host = make_host(ident)
-        info = parse_peer_addr(head)
-        import multiaddr
-
-        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
-            assert full_addrs(host)
-
-            async def open_stream() -> Any:
-                await host.connect(info)
-                return await host.new_stream(info.peer_id, [INFER_PROTOCOL])
-
+        async with head_stream_opener(head) as open_stream:
             with trio.fail_after(self.cfg.inference_timeout_s):
                 return [t async for t in generate(open_stream, list(self.cfg.prompt.encode()), request_id=request_id,
                                                   tx_hash=tx_hash, max_new_tokens=self.cfg.max_new_tokens)]

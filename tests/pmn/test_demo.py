@@ -71,6 +71,8 @@ def test_demo_on_anvil_then_holder_commands(tmp_path: Path) -> None:
         report = json.loads(shares.stdout.strip().splitlines()[-1])
         assert report["balance"] == out["nodes"][1]["shares"]
         assert report["claimed_wei"] == out["nodes"][1]["revenue_claimed_wei"]
+        assert [h["epoch"] for h in report["history"]] == [0, 1]  # from the ledger's LeafClaimed events
+        assert sum(h["units"] for h in report["history"]) == out["nodes"][1]["compute_units"]
         models = run_pmn("models", "--json", "--rpc-url", url, "--deployment", deployment)
         assert models.returncode == 0 and json.loads(models.stdout)[0]["status"] == "Training"
         for epoch, f in enumerate(out["receipts_files"]):
