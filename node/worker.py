@@ -7,6 +7,7 @@ codec's wire bytes, so the worker is the same whether the neighbour is local or 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,6 +78,8 @@ class StageWorker:
         self.next_step = 0  # first step not yet applied by the optimiser
         self._stash: dict[tuple[int, int], _Stash] = {}
         self._losses: dict[int, list[float]] = {}
+        # audit recorders: on_frame(frame) per decoded data frame, on_before_update(step, module) per step
+        self.observers: list[Any] = []
 
     def frame_spec(self, max_frame_bytes: int) -> F.FrameSpec:
         """What this model's boundary frames must look like."""
@@ -95,14 +98,19 @@ class StageWorker:
         h = fr.header
         if h.microbatch >= self.num_microbatches:
             raise UnexpectedFrameError(f"microbatch {h.microbatch} out of range: steps have {self.num_microbatches}")
+        decoded: tuple[torch.Tensor, torch.Tensor] | torch.Tensor
         if h.kind == F.Kind.ACTIVATION:
             window = bytes_to_window(fr.window, self.microbatch_size, self.config.seq_len, self.id_bytes,
                                      self.config.vocab_size)
-            return window, self.codec.decode_activation(fr.payload, window[:, :-1])
-        stash = self._stash.get((h.step, h.microbatch))
-        if stash is None:
-            raise UnexpectedFrameError(f"gradient for step {h.step} microbatch {h.microbatch} that was never sent")
-        return self.codec.decode_gradient(fr.payload, stash.ids)
+            decoded = window, self.codec.decode_activation(fr.payload, window[:, :-1])
+        else:
+            stash = self._stash.get((h.step, h.microbatch))
+            if stash is None:
+                raise UnexpectedFrameError(f"gradient for step {h.step} microbatch {h.microbatch} that was never sent")
+            decoded = self.codec.decode_gradient(fr.payload, stash.ids)
+        for obs in self.observers:
+            obs.on_frame(fr)
+        return decoded
 
     # -- schedule pieces --------------------------------------------------------------------------
 
@@ -149,6 +157,8 @@ class StageWorker:
             raise UnexpectedFrameError(f"optimizer step {step} out of order: next is {self.next_step}")
         if self._stash:
             raise UnexpectedFrameError(f"step {step} has unfinished microbatches {sorted(self._stash)}")
+        for obs in self.observers:
+            obs.on_before_update(step, self.module)
         optimizer_step(self.module, self.optimizer, step, self.optim)
         self.next_step = step + 1
         losses = self._losses.pop(step, None)
