@@ -16,7 +16,8 @@ class ChainConfig:
     request_timeout_s: float = 10.0  # HTTP timeout of one JSON-RPC request
     receipt_timeout_s: float = 60.0  # how long to wait for a transaction to be mined
     receipt_poll_s: float = 0.05  # polling interval while waiting for a receipt
-    nonce_conflict_retries: int = 3  # re-sign with a fresh nonce when another client used this account's nonce
+    nonce_conflict_retries: int = 8  # re-sign with a fresh nonce when another client used this account's nonce
+    nonce_conflict_backoff_s: float = 0.05  # max jittered wait before the first re-sign, doubled per conflict
     fixed_gas: int | None = None  # explicit gas limit for every transaction; None = estimate (preflight)
     gas_margin_pct: int = 25  # added to an estimate, in percent
     priority_fee_wei: int = 1_000_000_000  # EIP-1559 tip per gas
@@ -25,7 +26,8 @@ class ChainConfig:
         """Raise ValueError naming the first bad field."""
         if self.connect_attempts < 1:
             raise ValueError("ChainConfig.connect_attempts must be >= 1")
-        for name in ("backoff_initial_s", "backoff_max_s", "request_timeout_s", "receipt_timeout_s", "receipt_poll_s"):
+        for name in ("backoff_initial_s", "backoff_max_s", "request_timeout_s", "receipt_timeout_s", "receipt_poll_s",
+                     "nonce_conflict_backoff_s"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ChainConfig.{name} must be >= 0")
         if self.nonce_conflict_retries < 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from dataclasses import dataclass
@@ -25,7 +26,7 @@ _REJECTIONS: tuple[type[BaseException], ...] = (ValueError, Web3RPCError, EthUti
 
 
 class _NonceConflict(Exception):
-    """The node refused the nonce (another sender used it); re-sign with a fresh one."""
+    """Another sender used this account's nonce (refused at send, or our pending transaction was replaced)."""
 
 
 class NonceManager:
@@ -116,11 +117,10 @@ class Transactor:
         base_fee = int(self.retry(lambda: self.w3.eth.get_block("latest")).get("baseFeePerGas", 0))
         tx["maxPriorityFeePerGas"] = self.config.priority_fee_wei
         tx["maxFeePerGas"] = 2 * base_fee + self.config.priority_fee_wei
-        tx_hash = self._sign_and_send(account, tx)
-        receipt = self._wait(tx_hash)
+        receipt = self._send_until_mined(account, tx)
         if receipt["status"] != 1:
             raise self._replay_failure(tx, receipt)
-        return SentTx(bytes(tx_hash), receipt)
+        return SentTx(bytes(receipt["transactionHash"]), receipt)
 
     def deploy(self, account: LocalAccount, abi: list[Any], bytecode: str, *args: Any, gas: int | None = None) -> str:
         """Deploy a contract; return its address."""
@@ -152,28 +152,36 @@ class Transactor:
             raise self._decoded(exc) from None
         return estimate * (100 + self.config.gas_margin_pct) // 100 + 10_000
 
-    def _sign_and_send(self, account: LocalAccount, tx: dict[str, Any]) -> bytes:
-        """Allocate a nonce, sign, send with retries; a resend of the same bytes is recognised by its hash.
+    def _send_until_mined(self, account: LocalAccount, tx: dict[str, Any]) -> TxReceipt:
+        """Sign with the next nonce, send, and wait for the receipt.
 
-        If the node reports a nonce conflict (another client used this account), re-sign with a fresh nonce,
-        up to `config.nonce_conflict_retries` times.
+        Another client sharing this account can take our nonce: the node refuses ours at send time, or
+        (with a pool) our pending transaction is dropped once the other one is mined with that nonce. Both
+        are nonce conflicts: re-sign with a fresh nonce after a jittered backoff, up to
+        `config.nonce_conflict_retries` times.
         """
-        with self.nonces.lock(account.address):
-            for conflict in range(self.config.nonce_conflict_retries + 1):
-                try:
-                    tx["nonce"] = self.retry(lambda: self.nonces.allocate(account.address))
-                except ChainUnavailableError:
-                    self.nonces.reset(account.address)
-                    raise
-                signed = account.sign_transaction(tx)
-                try:
-                    return self._send_signed(account, bytes(signed.raw_transaction), bytes(signed.hash))
-                except _NonceConflict as exc:
-                    if conflict == self.config.nonce_conflict_retries:
-                        raise TransactionFailedError(
-                            f"nonce conflicts for {account.address} persisted after {conflict + 1} attempts: {exc}"
-                        ) from exc
+        for conflict in range(self.config.nonce_conflict_retries + 1):
+            try:
+                tx_hash, nonce = self._sign_and_send(account, tx)
+                return self._wait(tx_hash, account.address, nonce)
+            except _NonceConflict as exc:
+                if conflict == self.config.nonce_conflict_retries:
+                    raise TransactionFailedError(
+                        f"nonce conflicts for {account.address} persisted after {conflict + 1} attempts: {exc}"
+                    ) from exc
+                time.sleep(random.uniform(0, self.config.nonce_conflict_backoff_s * 2**conflict))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _sign_and_send(self, account: LocalAccount, tx: dict[str, Any]) -> tuple[bytes, int]:
+        """Allocate a nonce, sign and send (nonce order kept per account); return (hash, nonce)."""
+        with self.nonces.lock(account.address):
+            try:
+                tx["nonce"] = self.retry(lambda: self.nonces.allocate(account.address))
+            except ChainUnavailableError:
+                self.nonces.reset(account.address)
+                raise
+            signed = account.sign_transaction(tx)
+            return self._send_signed(account, bytes(signed.raw_transaction), bytes(signed.hash)), int(tx["nonce"])
 
     def _send_signed(self, account: LocalAccount, raw: bytes, tx_hash: bytes) -> bytes:
         last: BaseException | None = None
@@ -210,20 +218,39 @@ class Transactor:
         except CONNECTION_ERRORS:
             return False
 
-    def _wait(self, tx_hash: bytes) -> TxReceipt:
+    def _wait(self, tx_hash: bytes, address: str, nonce: int) -> TxReceipt:
+        """Poll for the receipt; _NonceConflict when the account's nonce moved past ours without it."""
         deadline = time.monotonic() + self.config.receipt_timeout_s
         while True:
-            try:
-                return self.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
-            except TransactionNotFound:
-                pass
-            except CONNECTION_ERRORS:
-                pass
+            receipt = self._receipt(tx_hash)
+            if receipt is not None:
+                return receipt
+            if self._nonce_consumed(address, nonce):
+                receipt = self._receipt(tx_hash)  # mined between the two reads
+                if receipt is not None:
+                    return receipt
+                self.nonces.reset(address)
+                raise _NonceConflict(f"transaction 0x{tx_hash.hex()} with nonce {nonce} was replaced by another "
+                                     "transaction from the same account")
             if time.monotonic() >= deadline:
                 raise TransactionFailedError(
                     f"transaction 0x{tx_hash.hex()} not mined within {self.config.receipt_timeout_s} s"
                 )
             time.sleep(self.config.receipt_poll_s)
+
+    def _receipt(self, tx_hash: bytes) -> TxReceipt | None:
+        try:
+            return self.w3.eth.get_transaction_receipt(tx_hash)  # type: ignore[arg-type]
+        except TransactionNotFound:
+            return None
+        except CONNECTION_ERRORS:
+            return None
+
+    def _nonce_consumed(self, address: str, nonce: int) -> bool:
+        try:
+            return int(self.w3.eth.get_transaction_count(address, "latest")) > nonce  # type: ignore[arg-type]
+        except CONNECTION_ERRORS:
+            return False
 
     def _replay_failure(self, tx: dict[str, Any], receipt: TxReceipt) -> ContractsErrorT:
         call = {k: tx[k] for k in ("from", "to", "value", "data") if k in tx}

@@ -156,5 +156,6 @@ def test_two_clients_sharing_an_account_resolve_nonce_conflicts(anvil_url: str) 
         t.start()
     for t in threads:
         t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a sender is still waiting for a replaced transaction"
     assert errors == []
     assert env.pc.balance_of(mid, env.payer.address) == 5 and env.pc.balance_of(mid, env.researcher.address) == 5
