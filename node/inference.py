@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import torch
 import trio
+from libp2p.custom_types import TProtocol
 
 from node.errors import NodeError
 from sharding.codecs import Codec
@@ -30,7 +31,7 @@ from sharding.config import ModelConfig
 from sharding.partition import StageSpec
 from sharding.stage import StageModule
 
-INFER_PROTOCOL = "/pmn/infer/1.0.0"
+INFER_PROTOCOL = TProtocol("/pmn/infer/1.0.0")
 _LEN = struct.Struct(">I")
 
 
