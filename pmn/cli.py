@@ -98,12 +98,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_handler("cmd_chain", "cmd_claim"))
 
     p = sub.add_parser("infer", help="pay the inference fee, send the prompt through the stage peers, stream the text",
-                       epilog=_example('pmn infer --model 1 "def main(" --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/16U...'),
+                       epilog=_example('pmn infer --model 1 "def main(" --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/16U... \\\n'
+                                      '  --rpc-url http://127.0.0.1:8545 --deployment deployment.json --keystore holder.json'),
                        formatter_class=fmt)
     p.add_argument("--model", type=int, required=True, help="model id")
     p.add_argument("prompt", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate")
+    p.add_argument("--max-new-tokens", type=int, default=48, help="tokens to generate (1..256)")
     p.add_argument("--bootstrap", action="append", default=None, help="multiaddr of a stage-0 peer (repeatable)")
+    p.add_argument("--tx-hash", help="use this earlier payment instead of paying now (no keystore needed)")
+    p.add_argument("--request-id", help="request id the --tx-hash payment was made for (default: read from the chain)")
+    p.add_argument("--timeout-s", type=float, default=120.0, help="longest wait to reach the peer, and for the answer")
     _add_chain_flags(p)
     _add_key_flags(p)
     p.set_defaults(func=_handler("cmd_infer", "cmd_infer"))
@@ -125,8 +129,11 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--config", type=Path, help="operator TOML file")
     q.set_defaults(func=_handler("cmd_node", "cmd_node_start"))
     q = nsub.add_parser("status", help="stage, peers, throughput, compute credited and pending",
-                        epilog=_example("pmn node status --data-dir ~/.pmn/node"), formatter_class=fmt)
+                        epilog=_example("pmn node status --data-dir ~/.pmn/node --model tiny-subspace --stages 3 --json"),
+                        formatter_class=fmt)
     q.add_argument("--data-dir", type=Path, help="node state directory")
+    q.add_argument("--model", help="model the node trains: preset name, spec TOML or ModelConfig JSON (default: config)")
+    q.add_argument("--stages", type=int, help="pipeline stages of the model (default: the spec's, else the config's)")
     q.add_argument("--config", type=Path, help="operator TOML file")
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=_handler("cmd_node", "cmd_node_status"))

@@ -1,43 +1,138 @@
-"""`pmn infer`: pay the model's fee on chain, then stream text generated through the stage peers."""
+"""`pmn infer`: pay the model's fee on chain, then stream text generated through the stage peers.
+
+The stage peer is dialled before anything is paid, so an unreachable peer costs no fee. With
+`--tx-hash` (and `--request-id`) a payment made earlier is used instead of paying again; the stages
+check it against the chain and serve each paid request once.
+"""
 
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import sys
+from collections.abc import Callable
+from typing import Any
 
 import trio
 
-from pmn.cmd_chain import _require_model, open_session, role_config, unlock
+from pmn.cmd_chain import Session, _require_model, open_session, role_config, unlock
 from pmn.config import HolderConfig
 from pmn.errors import CLIError
+
+MAX_NEW_TOKENS = 256  # node.inference.InferenceConfig.max_new_tokens: the most a head serves per request
+
+
+def _bytes32(flag: str, value: str) -> bytes:
+    try:
+        raw = bytes.fromhex(value.removeprefix("0x"))
+    except ValueError:
+        raw = b""
+    if len(raw) != 32:
+        raise CLIError(f"{flag} must be 32 bytes of hex (0x + 64 hex digits), got {value!r}")
+    return raw
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    """The single exception inside (nested) exception groups, or `exc` itself."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _payment(args: argparse.Namespace, session: Session, cfg: HolderConfig, fee: int) -> Callable[[], tuple[bytes, bytes]]:
+    """A function returning (request id, tx hash): paying now, or an earlier payment from the flags."""
+    if args.tx_hash is None:
+        if args.request_id is not None:
+            raise CLIError("--request-id needs --tx-hash: it names the request an earlier payment was made for")
+        account = unlock(cfg, args)  # before dialling: a wrong password fails fast
+
+        def pay() -> tuple[bytes, bytes]:
+            request_id = os.urandom(32)
+            tx_hash = session.client.deposit_revenue(account, args.model, fee, request_id)
+            print(f"paid {fee} wei for request 0x{request_id.hex()} in tx 0x{tx_hash.hex()}", file=sys.stderr)
+            return request_id, tx_hash
+
+        return pay
+    tx_hash = _bytes32("--tx-hash", args.tx_hash)
+    if args.request_id is not None:
+        request_id = _bytes32("--request-id", args.request_id)
+    else:
+        found = session.client.payment(args.model, tx_hash)
+        if found is None:
+            raise CLIError(f"transaction 0x{tx_hash.hex()} is not a revenue deposit to model {args.model}: "
+                           "pass the hash `pmn infer` printed, or leave out --tx-hash to pay now")
+        request_id = found.request_id
+    return lambda: (request_id, tx_hash)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
     from node.host import parse_peer_addr
-    from node.inference import generate, head_stream_opener
+    from node.inference import InferenceError, generate, head_stream_opener
 
+    if not args.prompt:
+        raise CLIError("empty prompt: pass the text to continue, e.g. pmn infer --model 1 \"def main(\"")
+    if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
+        raise CLIError(f"--max-new-tokens must be in 1..{MAX_NEW_TOKENS}, got {args.max_new_tokens}")
+    if args.timeout_s <= 0:
+        raise CLIError(f"--timeout-s must be > 0, got {args.timeout_s}")
     cfg = role_config(HolderConfig, args)
     peers = args.bootstrap or cfg.bootstrap
     if not peers:
         raise CLIError("no stage peer: pass --bootstrap MULTIADDR of a stage-0 node (printed by `pmn node start`)")
-    parse_peer_addr(peers[0])  # a malformed address fails here, before any fee is paid
+    try:
+        parse_peer_addr(peers[0])  # a malformed address fails here, before any fee is paid
+    except Exception as exc:
+        raise CLIError(f"--bootstrap {peers[0]!r} is not a peer multiaddr with /p2p/<peer id>: {exc}") from None
     session = open_session(cfg)
     _require_model(session.client, args.model)
     fee = session.client.get_model(args.model).terms.inference_fee_wei
-    account = unlock(cfg, args)
-    request_id = os.urandom(32)
-    tx_hash = session.client.deposit_revenue(account, args.model, fee, request_id)
-    print(f"paid {fee} wei for request 0x{request_id.hex()} in tx 0x{tx_hash.hex()}", file=sys.stderr)
+    get_payment = _payment(args, session, cfg, fee)
+    prompt_ids = list(args.prompt.encode())
+    paid: dict[str, bytes] = {}
+    phase = ["dial"]  # dial -> pay -> generate: what was under way when something failed
 
     async def run() -> None:
         async with head_stream_opener(peers[0]) as open_stream:
-            sys.stdout.write(args.prompt)
-            async for token in generate(open_stream, list(args.prompt.encode()), request_id=request_id,
-                                        tx_hash=tx_hash, max_new_tokens=args.max_new_tokens):
-                sys.stdout.write(bytes([token]).decode("latin-1"))
-                sys.stdout.flush()
-            sys.stdout.write("\n")
+            with trio.fail_after(args.timeout_s):
+                stream = await open_stream()  # reach the head before paying
 
-    trio.run(run)
+            async def reuse() -> Any:
+                return stream
+
+            phase[0] = "pay"
+            request_id, tx_hash = await trio.to_thread.run_sync(get_payment)
+            paid.update(request_id=request_id, tx_hash=tx_hash)
+            phase[0] = "generate"
+            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+            sys.stdout.write(args.prompt)
+            sys.stdout.flush()
+            with trio.fail_after(args.timeout_s):
+                async for token in generate(reuse, prompt_ids, request_id=request_id, tx_hash=tx_hash,
+                                            max_new_tokens=args.max_new_tokens):
+                    if token < 256:  # byte-level vocabulary; ids above are not text
+                        sys.stdout.write(decoder.decode(bytes([token])))
+                        sys.stdout.flush()
+            sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+            sys.stdout.flush()
+
+    try:
+        trio.run(run)
+    except BaseException as exc:  # trio wraps failures of the client host in exception groups
+        leaf = _leaf(exc)
+        if not isinstance(leaf, Exception) or isinstance(leaf, CLIError):
+            raise leaf from None
+        where = (f" (request 0x{paid['request_id'].hex()}, tx 0x{paid['tx_hash'].hex()})" if paid else
+                 " (nothing was paid)")
+        if phase[0] == "dial":
+            reason = "no answer" if isinstance(leaf, trio.TooSlowError) else str(leaf) or type(leaf).__name__
+            raise CLIError(f"cannot reach the stage peer {peers[0]} within {args.timeout_s} s: {reason}{where}; "
+                           "check the peer is running and its address") from None
+        if phase[0] == "generate":
+            if isinstance(leaf, trio.TooSlowError):
+                raise CLIError(f"the stages sent no complete answer within {args.timeout_s} s{where}; "
+                               "raise --timeout-s") from None
+            if isinstance(leaf, InferenceError):
+                raise CLIError(f"{leaf}{where}") from None
+        raise leaf from None
     return 0

@@ -4,24 +4,79 @@ from __future__ import annotations
 
 import argparse
 import json
+import sqlite3
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from rich.console import Console
 from rich.table import Table
 
+from node.errors import NodeError
 from pmn.config import OperatorConfig, load_config
 from pmn.errors import CLIError
+from pmn.spec import TrainingRecipe, load_proposal
+from sharding.config import PRESETS, ModelConfig
+from sharding.partition import partition
+
+
+@dataclass(frozen=True)
+class NodeModel:
+    """The model a node trains, as `pmn node start|status` resolve it from a preset, spec TOML or JSON."""
+
+    config: ModelConfig  # architecture (FLOPs, hence compute units, depend on it)
+    stages: int  # pipeline depth it is split into
+    daemon_model: str  # what the daemon's --model takes: a preset name or a ModelConfig JSON path
+    recipe: TrainingRecipe | None  # the spec's training recipe, when the model came from a spec TOML
+
+
+def resolve_model(model: str, stages: int | None, default_stages: int, json_dir: Path | None = None) -> NodeModel:
+    """Resolve `model` (preset, spec TOML, ModelConfig JSON); a spec's stage count wins over `default_stages`.
+
+    With `json_dir`, a spec TOML's architecture is written there as model.json for the daemon.
+    """
+    recipe = None
+    if model in PRESETS:
+        config, daemon_model = PRESETS[model], model
+    else:
+        path = Path(model).expanduser()
+        if not path.exists():
+            raise CLIError(f"model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a file: "
+                           "pass --model NAME or a spec TOML path")
+        if path.suffix == ".toml":
+            proposal = load_proposal(path)
+            config, recipe = proposal.model, proposal.training
+            daemon_model = str(path)
+            if json_dir is not None:
+                json_dir.mkdir(parents=True, exist_ok=True)
+                daemon_model = str(json_dir / "model.json")
+                Path(daemon_model).write_text(json.dumps(config.to_dict(), sort_keys=True))
+        else:
+            try:
+                config = ModelConfig.from_dict(json.loads(path.read_text())).validate()
+            except (ValueError, TypeError) as exc:
+                raise CLIError(f"{path} is not a ModelConfig JSON file: {exc}") from None
+            daemon_model = str(path)
+    n = stages if stages is not None else recipe.stages if recipe is not None else default_stages
+    if n < 1 or n > config.n_layers:
+        raise CLIError(f"--stages must be in 1..{config.n_layers} (the model's layers), got {n}")
+    return NodeModel(config, n, daemon_model, recipe)
 
 
 def cmd_node_start(args: argparse.Namespace) -> int:
     from node.daemon import main as daemon_main
 
     cfg = load_config(OperatorConfig, args.config)
-    argv = ["--model", args.model or cfg.model, "--stage", args.stage or cfg.stage,
-            "--data-dir", str(args.data_dir or cfg.data_dir),
+    data_dir = Path(args.data_dir or cfg.data_dir).expanduser()
+    m = resolve_model(args.model or cfg.model, None, cfg.stages, json_dir=data_dir)
+    argv = ["--model", m.daemon_model, "--stages", str(m.stages), "--stage", args.stage or cfg.stage,
+            "--data-dir", str(data_dir),
             "--metrics-port", str(args.metrics_port if args.metrics_port is not None else cfg.metrics_port),
             "--capacity", str(cfg.capacity)]
+    if m.recipe is not None:  # the spec's recipe: nodes with another one would not interoperate
+        argv += ["--codec", m.recipe.codec, "--microbatches", str(m.recipe.microbatches),
+                 "--microbatch-size", str(m.recipe.microbatch_size), "--lr", str(m.recipe.lr)]
     for addr in args.listen or cfg.listen:
         argv += ["--listen", addr]
     for addr in args.bootstrap or cfg.bootstrap:
@@ -34,35 +89,132 @@ def cmd_node_start(args: argparse.Namespace) -> int:
     return daemon_main(argv)  # the daemon prints its own one-line error; 130/143 = stopped by a signal
 
 
+def _node_address(data_dir: Path, status: dict[str, Any]) -> str | None:
+    """The node key's address: from the status file, else from the key file (never creates a key)."""
+    if status.get("address"):
+        return str(status["address"])
+    from node.identity import KEY_FILE, identity_from_secret
+
+    key = data_dir / KEY_FILE
+    if not key.exists():
+        return None
+    try:
+        return identity_from_secret(bytes.fromhex(key.read_text().strip().removeprefix("0x"))).address
+    except (ValueError, NodeError) as exc:
+        raise CLIError(f"{key} is not a node key: {exc}") from None
+
+
+def compute_report(data_dir: Path, model: NodeModel, address: str | None, stage: int | None) -> dict[str, Any]:
+    """Compute credited and pending of the node `address`, from its receipt store, by the attesters' rules.
+
+    Credited: microbatches the crediting rule (`protocol.epoch.credit`, units by `protocol.accounting`)
+    grants this node from its co-signed, verified receipts. Pending: microbatches it took part in that are
+    not credited yet (a hop not co-signed or missing), valued with the same accounting function.
+    """
+    from protocol.accounting import compute_units
+    from protocol.epoch import AnyKey, EpochContext, credit, select_receipts
+    from protocol.errors import ProtocolError
+    from protocol.receipts import Domain
+    from protocol.store import ReceiptStore, StoreConfig
+
+    out: dict[str, Any] = {"credited_units": 0, "credited_microbatches": 0, "pending_units": 0,
+                           "pending_microbatches": 0, "receipts_cosigned": 0, "receipts_pending": 0,
+                           "receipts_invalid": 0, "epochs": []}
+    db = data_dir / "receipts.sqlite"
+    if not db.exists() or address is None:
+        return out
+    try:
+        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=5) as conn:
+            groups = conn.execute("SELECT DISTINCT model_id, epoch, chain_id, verifying_contract FROM receipts "
+                                  "ORDER BY CAST(model_id AS INTEGER), epoch").fetchall()
+    except sqlite3.Error as exc:
+        raise CLIError(f"cannot read the receipt store {db}: {exc}") from None
+    specs = tuple(partition(model.config, model.stages))
+    me = address.lower()
+    for model_id, epoch, chain_id, contract in groups:
+        domain = Domain(int(chain_id), contract)
+        try:
+            with ReceiptStore(StoreConfig(data_dir=data_dir), domain, AnyKey()) as store:
+                rows = [r for r in store.epoch_receipts(int(model_id), int(epoch))
+                        if r.domain == domain and me in (r.receipt.sender.lower(), r.receipt.receiver.lower())]
+        except ProtocolError as exc:
+            raise CLIError(f"cannot read the receipt store {db}: {exc}") from None
+        for r in rows:
+            worst = max(r.receipt.stage, r.receipt.receiver_stage)
+            if worst >= model.stages:
+                raise CLIError(f"stored receipts name stage {worst} but the model has {model.stages} stages: "
+                               "pass --stages (or --model) of the model this node trains")
+        cosigned = [r for r in rows if r.cosigned]
+        ctx = EpochContext(int(model_id), int(epoch), model.config, specs, domain)
+        accepted, rejected = select_receipts(cosigned, ctx, AnyKey())
+        mine = [c for c in credit(accepted, model.config, specs).credits if c.node.lower() == me]
+        credited = {(c.step, c.microbatch) for c in mine}
+        tokens: dict[tuple[int, int], int] = {}
+        stage_of: dict[tuple[int, int], int] = {}
+        for r in rows:
+            mb = (r.receipt.step, r.receipt.microbatch)
+            tokens[mb] = min(tokens.get(mb, r.receipt.tokens), r.receipt.tokens)
+            own = r.receipt.stage if r.receipt.sender.lower() == me else r.receipt.receiver_stage
+            stage_of[mb] = stage if stage is not None else own
+        pending = {mb: t for mb, t in tokens.items() if mb not in credited}
+        pending_units = sum(compute_units(model.config, specs[stage_of[mb]], t) for mb, t in pending.items())
+        row = {"model_id": int(model_id), "epoch": int(epoch), "credited_units": sum(c.units for c in mine),
+               "credited_microbatches": len(mine), "pending_units": pending_units,
+               "pending_microbatches": len(pending), "receipts_cosigned": len(cosigned),
+               "receipts_pending": len(rows) - len(cosigned), "receipts_invalid": len(rejected)}
+        out["epochs"].append(row)
+        for key in row:
+            if key not in ("model_id", "epoch"):
+                out[key] += row[key]
+    return out
+
+
 def cmd_node_status(args: argparse.Namespace) -> int:
     from node.status import node_status, read_progress
 
     cfg = load_config(OperatorConfig, args.config)
     data_dir = Path(args.data_dir or cfg.data_dir).expanduser()
-    if not data_dir.exists():
+    if not data_dir.is_dir():
         raise CLIError(f"no node data in {data_dir}: pass --data-dir of a node started with `pmn node start`")
-    status = node_status(data_dir)
-    progress = read_progress(data_dir)
-    credited = pending = 0
-    db = data_dir / "receipts.sqlite"
-    if db.exists():
-        import sqlite3
-
-        with sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=2) as conn:
-            credited = int(conn.execute("SELECT COUNT(*) FROM receipts WHERE receiver_signature IS NOT NULL").fetchone()[0])
-            pending = int(conn.execute("SELECT COUNT(*) FROM receipts WHERE receiver_signature IS NULL").fetchone()[0])
-    report = {**status, "steps_recorded": len(progress), "receipts_cosigned": credited, "receipts_pending": pending}
+    if args.stages is not None and args.stages < 1:
+        raise CLIError(f"--stages must be >= 1, got {args.stages}")
+    model = resolve_model(args.model or cfg.model, args.stages, cfg.stages)
+    try:
+        status = node_status(data_dir)
+        progress = read_progress(data_dir)
+    except (ValueError, OSError) as exc:
+        raise CLIError(f"the status files in {data_dir} are unreadable: {exc}") from None
+    stage = status.get("stage")
+    stage = int(stage) if isinstance(stage, int) else None
+    if stage is not None and not 0 <= stage < model.stages:
+        raise CLIError(f"the node serves stage {stage} but the model has {model.stages} stages: pass --stages")
+    address = _node_address(data_dir, status)
+    tokens = sum(int(r.get("tokens", 0)) for r in progress)
+    seconds = sum(float(r.get("seconds", 0.0)) for r in progress)
+    report = {"data_dir": str(data_dir), "state": status.get("state"), "stage": stage, "stages": model.stages,
+              "peer_id": status.get("peer_id"), "address": address, "step": status.get("step"),
+              "loss": status.get("loss"), "peers": status.get("peers"),
+              "tokens_per_s": status.get("tokens_per_s"),
+              "tokens_per_s_mean": tokens / seconds if seconds > 0 else None, "steps_recorded": len(progress),
+              **compute_report(data_dir, model, address, stage)}
     if args.json:
         print(json.dumps(report, default=str))
         return 0
     table = Table(title=f"node in {data_dir}")
     table.add_column("field")
     table.add_column("value", justify="right")
-    for key in ("state", "stage", "peer_id", "address", "step", "loss", "tokens_per_s", "peers", "steps_recorded",
-                "receipts_cosigned", "receipts_pending"):
-        if key in report:
-            value = report[key]
-            table.add_row(key, f"{value:.4g}" if isinstance(value, float) else str(value))
+    for key in ("state", "stage", "peer_id", "address", "step", "loss", "peers", "tokens_per_s", "tokens_per_s_mean",
+                "steps_recorded"):
+        value = report[key]
+        table.add_row(key.replace("_", " "), "" if value is None else f"{value:.4g}" if isinstance(value, float)
+                      else str(value))
+    table.add_row("compute credited", f"{report['credited_units']} units ({report['credited_microbatches']} "
+                                      f"microbatches, {report['receipts_cosigned']} co-signed receipts)")
+    table.add_row("compute pending", f"{report['pending_units']} units ({report['pending_microbatches']} "
+                                     f"microbatches, {report['receipts_pending']} receipts not co-signed)")
+    for e in report["epochs"]:
+        table.add_row(f"model {e['model_id']} epoch {e['epoch']}",
+                      f"{e['credited_units']} credited, {e['pending_units']} pending")
     Console().print(table)
     return 0
 

@@ -37,7 +37,8 @@ class OperatorConfig(ChainSettings):
 
     keystore: str = f"{DEFAULT_HOME}/operator.json"  # encrypted keystore of the operator account (stake, payouts)
     data_dir: str = f"{DEFAULT_HOME}/node"  # node state: peer key, checkpoints, receipts database
-    model: str = "tiny"  # model spec: a preset name or a spec TOML path
+    model: str = "tiny"  # model spec: a preset name, a spec TOML path (`pmn propose` format) or a ModelConfig JSON path
+    stages: int = 3  # pipeline stages the model is split into (a spec TOML's [training] stages wins)
     stage: str = "auto"  # pipeline stage to serve: "auto" or a stage index
     listen: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])  # libp2p listen multiaddrs
     bootstrap: list[str] = field(default_factory=list)  # multiaddrs (with /p2p/<id>) of peers to join through
