@@ -1,4 +1,8 @@
-"""A node bound to a model on chain: receipts for every hop and paid inference, both checked against the chain."""
+"""A node bound to a model on chain: receipts for every hop, paid inference, and spot-check data.
+
+Before it trains, the node recomputes the model's spec hash from its own model config and training
+settings and refuses to start when the chain registered another one.
+"""
 
 from __future__ import annotations
 
@@ -7,10 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from node import frames as F
+from node.audit import AuditConfig, install_audit
 from node.errors import ReceiptRejectedError
 from node.inference import INFER_PROTOCOL, InferenceService
 from node.receipts import EIP712Receipts
 from protocol.errors import ProtocolError
+from protocol.modelspec import TrainingSection, require_spec_hash
 from protocol.payments import ChainLink, connect_chain
 from protocol.receipts import Domain, KeyRegistry, SignedReceipt
 from protocol.store import ReceiptStore, StoreConfig
@@ -49,16 +55,40 @@ class StoredReceipts(EIP712Receipts):
         return counter
 
 
+def training_section(daemon: Any) -> TrainingSection:
+    """The proposal `training` section this daemon actually runs (stages, codec, schedule, optimiser)."""
+    r = daemon.cfg.runtime
+    return TrainingSection(stages=daemon.cfg.num_stages, codec=r.codec, microbatches=r.num_microbatches,
+                           microbatch_size=r.microbatch_size, lr=daemon.optim.lr,
+                           warmup_steps=daemon.optim.warmup_steps, data_seed=daemon.optim.data_seed)
+
+
 def chain_services(data_dir: str | Path, account: Any, microbatch_size: int, seq_len: int, rpc_url: str,
-                   deployment: str, model_id: int) -> tuple[ChainLink, StoredReceipts, ServiceHook]:
-    """The receipt hook and an on-ready hook that serves `/pmn/infer/1.0.0` with chain-checked payments."""
+                   deployment: str, model_id: int, audit: AuditConfig | None = None,
+                   ) -> tuple[ChainLink, StoredReceipts, ServiceHook]:
+    """The receipt hook and an on-ready hook that checks the spec hash and serves inference and audits.
+
+    The hook raises `protocol.modelspec.SpecMismatchError` (the daemon exits before training) when the
+    on-chain spec hash differs from the node's own. It serves `/pmn/infer/1.0.0` with chain-checked
+    payments and `/pmn/audit/1.0.0` with what spot checks fetch, kept for at least the model's
+    challenge window (`audit.retain_s` is raised to it).
+    """
     link = connect_chain(rpc_url, deployment, model_id)
     domain = Domain(link.chain_id, link.ledger)
-    store = ReceiptStore(StoreConfig(data_dir=Path(data_dir).expanduser()), domain, link.keys)
+    data_path = Path(data_dir).expanduser()
+    store = ReceiptStore(StoreConfig(data_dir=data_path), domain, link.keys)
     receipts = StoredReceipts(account, domain, model_id, microbatch_size * seq_len, link.epoch_length, store,
                               link.keys)
+    window_s = float(link.client.get_model(model_id).terms.challenge_window)
+    audit_cfg = audit or AuditConfig()
+    audit_cfg = AuditConfig(**{**audit_cfg.__dict__, "retain_s": max(audit_cfg.retain_s, window_s)}).validate()
+
+    def epoch_receipts(epoch: int) -> list[SignedReceipt]:
+        with ReceiptStore(StoreConfig(data_dir=data_path), domain, link.keys) as reader:
+            return reader.epoch_receipts(model_id, epoch)
 
     async def serve_inference(daemon: Any, host: Any, discovery: Any, nursery: Any) -> None:
+        require_spec_hash(link.spec_hash, daemon.model, training_section(daemon), model_id)
         worker = daemon.worker
         spec = worker.spec
         next_hop = None
@@ -74,5 +104,6 @@ def chain_services(data_dir: str | Path, account: Any, microbatch_size: int, seq
         service = InferenceService(daemon.model, spec, worker.module, worker.codec, link.payments, next_hop)
         host.set_stream_handler(INFER_PROTOCOL, service.handle)
         daemon.inference = service
+        install_audit(daemon, host, model_id, link.epoch_length, epoch_receipts, audit_cfg)
 
     return link, receipts, serve_inference

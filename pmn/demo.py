@@ -41,6 +41,7 @@ from protocol.settlement import attest, claim_all, submit_epoch
 from protocol.store import ReceiptStore, StoreConfig
 from sharding.config import PRESETS
 from sharding.partition import partition
+from sharding.train import OptimConfig
 
 
 @dataclass
@@ -118,7 +119,8 @@ class Demo:
         model = PRESETS[cfg.preset]
         self.proposal = ModelProposal(
             model, TrainingRecipe(stages=cfg.stages, codec=cfg.codec, microbatches=cfg.microbatches,
-                                  microbatch_size=cfg.microbatch_size, lr=cfg.lr, warmup_steps=5),
+                                  microbatch_size=cfg.microbatch_size, lr=cfg.lr,
+                                  warmup_steps=OptimConfig().warmup_steps),  # what the nodes run
             ProposalTerms(metadata_uri=f"pmn-demo:{cfg.preset}", epoch_length=cfg.epoch_length,
                           challenge_window_s=cfg.challenge_window_s, audit_rate=cfg.audit_rate,
                           inference_fee_wei=cfg.inference_fee_wei)).validate()

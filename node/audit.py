@@ -1,0 +1,536 @@
+"""Spot checks over the network: `/pmn/audit/1.0.0`, what a node records for it, and the attester client.
+
+A node records, through the worker's observer hook, its stage parameters before each optimizer step
+(the parameters every hop of that step was computed with) and every data frame it received (token
+window + codec payload), under `<data_dir>/audit/epoch<E>/`, and keeps them while the epoch may
+still be challenged. It serves them on `/pmn/audit/1.0.0`.
+
+Messages (both ways): 4-byte big-endian header length, UTF-8 JSON header, 4-byte body length, body;
+both lengths are checked against `AuditConfig.max_message_bytes` before anything is read. Requests:
+
+- `{"type": "hop", "model_id", "step", "microbatch", "direction"}`: the parameters at `step`
+  (safetensors bytes) and the activation the node received for (step, microbatch) (at the head: the
+  data window and no payload). Reply header `{"type": "hop", "stage", "state_bytes", "window_bytes"}`,
+  body = state + window + payload.
+- `{"type": "received", "model_id", "step", "microbatch", "direction"}`: the frame of that direction
+  (0 forward = activation, 1 backward = gradient) the node received: what its neighbour sent.
+  Reply `{"type": "received", "window_bytes"}`, body = window + payload.
+- `{"type": "receipts", "model_id", "epoch"}`: the receipts of the epoch in the node's store: co-signed ones
+  and its own uncountersigned claims (JSON list in the body).
+
+Errors come back as `{"type": "error", "message": ...}` naming the unknown step, microbatch or field.
+The attester (`Attester`) samples co-signed hops at the audit rate, fetches the sender's state and
+input and the receiver's copy of what was sent, re-executes with `protocol.spotcheck`, and turns a
+mismatch into `FraudEvidence` that `submit_frauds` submits with the attester quorum.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from node import frames as F
+from node.errors import NodeError
+from protocol.errors import ProtocolError, SpotCheckError
+from protocol.receipts import BACKWARD, FORWARD, SignedReceipt, payload_digest
+from protocol.spotcheck import (
+    FraudEvidence,
+    HopInput,
+    SpotCheckConfig,
+    SpotCheckResult,
+    check_hop,
+    sample_hops,
+)
+from sharding.config import ModelConfig
+from sharding.partition import StageSpec
+
+AUDIT_PROTOCOL = "/pmn/audit/1.0.0"
+_LEN = struct.Struct(">I")
+
+
+class AuditError(NodeError):
+    """An audit request or reply is malformed, refused, or names data the node does not hold."""
+
+
+@dataclass
+class AuditConfig:
+    """What a node keeps for spot checks and the limits of the audit protocol."""
+
+    retain_epochs: int = 2  # most recent epochs always kept (the current one and the last settled ones)
+    retain_s: float = 3600.0  # seconds an older epoch's records are kept after its last write (>= challenge window)
+    max_message_bytes: int = 64 * 1024 * 1024  # largest header or body accepted, checked before it is read
+    request_timeout_s: float = 30.0  # longest one request may take, dial included
+
+    def validate(self) -> AuditConfig:
+        """Raise ValueError naming a bad field."""
+        if self.retain_epochs < 1:
+            raise ValueError(f"AuditConfig.retain_epochs={self.retain_epochs!r}: must be >= 1")
+        if self.retain_s < 0:
+            raise ValueError(f"AuditConfig.retain_s={self.retain_s!r}: must be >= 0")
+        if self.max_message_bytes < 1024:
+            raise ValueError(f"AuditConfig.max_message_bytes={self.max_message_bytes!r}: must be >= 1024")
+        if not self.request_timeout_s > 0:
+            raise ValueError(f"AuditConfig.request_timeout_s={self.request_timeout_s!r}: must be > 0")
+        return self
+
+
+# -- wire -------------------------------------------------------------------------------------------
+
+
+async def _read_exact(stream: Any, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = await stream.read(n - len(buf))
+        except EOFError:
+            chunk = b""
+        if not chunk:
+            raise AuditError(f"stream closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+async def write_message(stream: Any, header: dict[str, Any], body: bytes = b"") -> None:
+    """Send one message."""
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    await stream.write(_LEN.pack(len(raw)) + raw + _LEN.pack(len(body)) + body)
+
+
+async def read_message(stream: Any, max_bytes: int) -> tuple[dict[str, Any], bytes]:
+    """Receive one message; lengths over `max_bytes` raise AuditError before the part is read."""
+    (hlen,) = _LEN.unpack(await _read_exact(stream, 4))
+    if hlen > max_bytes:
+        raise AuditError(f"header of {hlen} bytes exceeds the limit of {max_bytes}")
+    try:
+        header = json.loads(await _read_exact(stream, hlen))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AuditError(f"malformed message header: {exc}") from None
+    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
+        raise AuditError("malformed message header: expected an object with a string 'type'")
+    (blen,) = _LEN.unpack(await _read_exact(stream, 4))
+    if blen > max_bytes:
+        raise AuditError(f"body of {blen} bytes exceeds the limit of {max_bytes}")
+    return header, await _read_exact(stream, blen)
+
+
+def _uint(header: dict[str, Any], key: str, limit: int | None = None) -> int:
+    value = header.get(key)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0 or (limit is not None and value >= limit):
+        bound = f" below {limit}" if limit is not None else ""
+        raise AuditError(f"field '{key}' must be an integer >= 0{bound}, got {value!r}")
+    return value
+
+
+# -- recording --------------------------------------------------------------------------------------
+
+
+class AuditRecorder:
+    """Worker observer: parameters before each optimizer step and every received data frame, on disk."""
+
+    def __init__(self, data_dir: str | Path, epoch_length: int, config: AuditConfig | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        if epoch_length < 1:
+            raise ValueError(f"epoch_length={epoch_length!r}: must be >= 1")
+        self.root = Path(data_dir).expanduser() / "audit"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.epoch_length = epoch_length  # optimizer steps per accounting epoch
+        self.config = (config or AuditConfig()).validate()
+        self.clock = clock
+        self._lock = threading.Lock()
+
+    def _dir(self, step: int) -> Path:
+        return self.root / f"epoch{step // self.epoch_length}"
+
+    @staticmethod
+    def _write(path: Path, data: bytes) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{threading.get_ident()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+
+    def _recv_path(self, direction: int, step: int, mb: int) -> Path:
+        return self._dir(step) / f"recv-{'fwd' if direction == FORWARD else 'bwd'}-{step}-{mb}.bin"
+
+    def on_frame(self, fr: F.Frame) -> None:
+        """Keep a received data frame's window and payload (called off the event loop)."""
+        h = fr.header
+        direction = FORWARD if h.kind == F.Kind.ACTIVATION else BACKWARD
+        with self._lock:
+            self._write(self._recv_path(direction, h.step, h.microbatch),
+                        _LEN.pack(len(fr.window)) + fr.window + fr.payload)
+
+    def on_before_update(self, step: int, module: torch.nn.Module) -> None:
+        """Keep the parameters every hop of `step` was computed with, then drop expired epochs."""
+        state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+        with self._lock:
+            self._write(self._dir(step) / f"state-{step}.safetensors", st_save(state))
+            self._prune(step // self.epoch_length)
+
+    def _prune(self, current_epoch: int) -> None:
+        now = self.clock()
+        for d in self.root.glob("epoch*"):
+            try:
+                epoch = int(d.name.removeprefix("epoch"))
+            except ValueError:
+                continue
+            if epoch <= current_epoch - self.config.retain_epochs and now - d.stat().st_mtime > self.config.retain_s:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def epochs(self) -> list[int]:
+        """Epochs whose records are still kept."""
+        return sorted(int(d.name.removeprefix("epoch")) for d in self.root.glob("epoch*") if d.is_dir())
+
+    def state_bytes(self, step: int) -> bytes:
+        """Safetensors bytes of the parameters at `step` (AuditError if not kept)."""
+        path = self._dir(step) / f"state-{step}.safetensors"
+        if not path.exists():
+            raise AuditError(f"no parameters kept for step {step} (kept epochs: {self.epochs()})")
+        return path.read_bytes()
+
+    def received(self, direction: int, step: int, mb: int) -> tuple[bytes, bytes]:
+        """(window, payload) of the frame of `direction` received for (step, mb) (AuditError if not kept)."""
+        path = self._recv_path(direction, step, mb)
+        if not path.exists():
+            name = "activation" if direction == FORWARD else "gradient"
+            raise AuditError(f"no {name} received for step {step} microbatch {mb} is kept")
+        raw = path.read_bytes()
+        (wlen,) = _LEN.unpack(raw[:4])
+        return raw[4:4 + wlen], raw[4 + wlen:]
+
+
+# -- serving ----------------------------------------------------------------------------------------
+
+
+class AuditService:
+    """Serves `/pmn/audit/1.0.0` for one stage of one model from an `AuditRecorder`."""
+
+    def __init__(self, recorder: AuditRecorder, worker: Any, model_id: int,
+                 receipts: Callable[[int], list[SignedReceipt]] | None = None,
+                 config: AuditConfig | None = None) -> None:
+        self.recorder = recorder
+        self.worker = worker  # the StageWorker (stage spec, head data window, microbatch count)
+        self.model_id = model_id  # the on-chain model this node trains
+        self.receipts = receipts  # epoch -> the node's co-signed receipts of it
+        self.config = (config or AuditConfig()).validate()
+        self.served = 0  # requests answered without error
+
+    def _answer(self, header: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        kind = header["type"]
+        if _uint(header, "model_id") != self.model_id:
+            raise AuditError(f"this node trains model {self.model_id}, not model {header.get('model_id')}")
+        if kind == "receipts":
+            epoch = _uint(header, "epoch")
+            if self.receipts is None:
+                raise AuditError("this node keeps no receipts")
+            body = json.dumps([s.to_json() for s in self.receipts(epoch)]).encode()
+            return {"type": "receipts", "epoch": epoch}, body
+        if kind not in ("hop", "received"):
+            raise AuditError(f"unknown request type {kind!r}: expected hop, received or receipts")
+        step = _uint(header, "step")
+        mb = _uint(header, "microbatch", self.worker.num_microbatches)
+        direction = _uint(header, "direction", 2)
+        if kind == "received":
+            window, payload = self.recorder.received(direction, step, mb)
+            return {"type": "received", "window_bytes": len(window)}, window + payload
+        state = self.recorder.state_bytes(step)
+        if self.worker.spec.is_head:
+            window = self.worker.head_window(step, mb).numpy().astype("<u2" if self.worker.id_bytes == 2
+                                                                       else "<u4").tobytes()
+            payload = b""
+        else:
+            window, payload = self.recorder.received(FORWARD, step, mb)
+        return ({"type": "hop", "stage": self.worker.spec.index, "state_bytes": len(state),
+                 "window_bytes": len(window)}, state + window + payload)
+
+    async def handle(self, stream: Any) -> None:
+        """Answer requests on one stream until the client closes it."""
+        try:
+            while True:
+                try:
+                    header, _ = await read_message(stream, self.config.max_message_bytes)
+                except AuditError:
+                    return  # closed by the client (or garbage: nothing more to answer)
+                try:
+                    reply, body = await trio.to_thread.run_sync(self._answer, header)
+                except AuditError as exc:
+                    await write_message(stream, {"type": "error", "message": str(exc)})
+                    continue
+                await write_message(stream, reply, body)
+                self.served += 1
+        except Exception:  # a reset stream: nothing to answer
+            return
+        finally:
+            try:
+                await stream.close()
+            except Exception:
+                pass
+
+
+def install_audit(daemon: Any, host: Any, model_id: int, epoch_length: int,
+                  receipts: Callable[[int], list[SignedReceipt]] | None = None,
+                  config: AuditConfig | None = None) -> AuditService:
+    """Attach a recorder to the daemon's worker and serve `/pmn/audit/1.0.0` on its host."""
+    recorder = AuditRecorder(daemon.data_dir, epoch_length, config)
+    daemon.worker.observers.append(recorder)
+    service = AuditService(recorder, daemon.worker, model_id, receipts, config)
+    host.set_stream_handler(AUDIT_PROTOCOL, service.handle)
+    daemon.audit = service
+    return service
+
+
+# -- client -----------------------------------------------------------------------------------------
+
+
+class AuditClient:
+    """Requests to nodes' audit protocol from one client host (any trio task)."""
+
+    def __init__(self, host: Any, model_id: int, config: AuditConfig | None = None) -> None:
+        self.host = host
+        self.model_id = model_id
+        self.config = (config or AuditConfig()).validate()
+
+    async def request(self, addr: str, header: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
+        """One request/reply to the node at full multiaddr `addr`; error replies raise AuditError."""
+        from node.host import parse_peer_addr
+
+        info = parse_peer_addr(addr)
+        with trio.fail_after(self.config.request_timeout_s):
+            await self.host.connect(info)
+            stream = await self.host.new_stream(info.peer_id, [AUDIT_PROTOCOL])
+            try:
+                await write_message(stream, {**header, "model_id": self.model_id})
+                reply, body = await read_message(stream, self.config.max_message_bytes)
+            finally:
+                await stream.close()
+        if reply["type"] == "error":
+            raise AuditError(f"{addr}: {reply.get('message')}")
+        if reply["type"] != header["type"]:
+            raise AuditError(f"{addr}: expected a {header['type']!r} reply, got {reply['type']!r}")
+        return reply, body
+
+    async def hop(self, addr: str, step: int, mb: int, direction: int) -> tuple[dict[str, torch.Tensor], bytes, bytes]:
+        """(state_dict, window, input payload) of a hop the node at `addr` sent."""
+        reply, body = await self.request(addr, {"type": "hop", "step": step, "microbatch": mb, "direction": direction})
+        n, w = int(reply["state_bytes"]), int(reply["window_bytes"])
+        if n + w > len(body):
+            raise AuditError(f"{addr}: hop reply declares {n + w} bytes of state and window, body has {len(body)}")
+        try:
+            state = st_load(body[:n])
+        except Exception as exc:  # safetensors raises its own error types
+            raise AuditError(f"{addr}: the parameters of step {step} do not parse: {exc}") from exc
+        return state, body[n:n + w], body[n + w:]
+
+    async def received(self, addr: str, step: int, mb: int, direction: int) -> tuple[bytes, bytes]:
+        """(window, payload) of the frame the node at `addr` received for (step, mb, direction)."""
+        reply, body = await self.request(addr, {"type": "received", "step": step, "microbatch": mb,
+                                                "direction": direction})
+        w = int(reply["window_bytes"])
+        if w > len(body):
+            raise AuditError(f"{addr}: received reply declares {w} window bytes, body has {len(body)}")
+        return body[:w], body[w:]
+
+    async def receipts(self, addr: str, epoch: int) -> list[SignedReceipt]:
+        """The co-signed receipts of `epoch` that the node at `addr` keeps (malformed ones raise)."""
+        _, body = await self.request(addr, {"type": "receipts", "epoch": epoch})
+        try:
+            return [SignedReceipt.from_json(r) for r in json.loads(body)]
+        except (ProtocolError, ValueError, TypeError) as exc:
+            raise AuditError(f"{addr}: malformed receipts of epoch {epoch}: {exc}") from exc
+
+
+# -- attester ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class AuditReport:
+    """What one attester found in one epoch."""
+
+    checked: int = 0  # hops re-executed
+    failed: int = 0  # hops whose check failed (recomputation mismatch or unservable data)
+    results: list[SpotCheckResult] = field(default_factory=list)  # passed and failed re-executions
+    evidence: list[FraudEvidence] = field(default_factory=list)  # one per failed hop
+    errors: list[str] = field(default_factory=list)  # why a hop could not be checked
+
+    def to_json(self) -> dict[str, int]:
+        """The counts the demo reports."""
+        return {"checked": self.checked, "failed": self.failed}
+
+
+def checkable(signed: SignedReceipt, num_stages: int) -> bool:
+    """Hops a spot check can re-execute: forward hops of non-tail stages and the tail's backward hop."""
+    r = signed.receipt
+    return (r.direction == FORWARD and r.stage < num_stages - 1) or (r.direction == BACKWARD and r.stage == num_stages - 1)
+
+
+class Attester:
+    """Samples co-signed hops, fetches what re-execution needs over libp2p, and checks them."""
+
+    def __init__(self, client: AuditClient, model: ModelConfig, specs: Sequence[StageSpec], codec: str,
+                 num_microbatches: int, peers: dict[str, str], check: SpotCheckConfig) -> None:
+        self.client = client
+        self.model = model  # the model's architecture
+        self.specs = list(specs)  # its stages
+        self.codec = codec  # boundary codec name
+        self.num_microbatches = num_microbatches  # the tail scales its loss by 1 / this before backward
+        self.peers = peers  # node address -> full multiaddr of its audit service
+        self.check = check.validate()
+
+    def _addr(self, node: str) -> str:
+        for address, addr in self.peers.items():
+            if address.lower() == node.lower():
+                return addr
+        raise AuditError(f"no address known for node {node}")
+
+    async def check_receipt(self, signed: SignedReceipt, upstream: SignedReceipt | None) -> SpotCheckResult:
+        """Fetch and re-execute one hop; `upstream` is the co-signed receipt of the activation the sender received."""
+        r = signed.receipt
+        state, in_window, in_payload = await self.client.hop(self._addr(r.sender), r.step, r.microbatch, r.direction)
+        spec = self.specs[r.stage]
+        if not spec.is_head:
+            if upstream is None:
+                raise SpotCheckError("input_payload", f"no co-signed receipt of the activation stage {r.stage} received")
+            if payload_digest(in_payload, in_window) != upstream.receipt.payload_digest:
+                raise SpotCheckError("input_payload", "the input the node served is not the one it countersigned")
+        sent_window, sent = await self.client.received(self._addr(r.receiver), r.step, r.microbatch, r.direction)
+        window_raw = sent_window if r.direction == FORWARD else in_window
+        window = _window_tensor(window_raw, self.model, len(in_window))
+        hop = HopInput(signed, sent, window, state, None if spec.is_head else in_payload)
+        return await trio.to_thread.run_sync(
+            lambda: check_hop(self.model, spec, self.codec, hop, self.check, grad_scale=1.0 / self.num_microbatches))
+
+    async def audit(self, receipts: Sequence[SignedReceipt], exclude: Callable[[SignedReceipt], bool] | None = None
+                    ) -> AuditReport:
+        """Spot-check the epoch's co-signed `receipts` at the audit rate (one hop at a time)."""
+        unique = {s.receipt.key: s for s in receipts if s.cosigned}
+        n = len(self.specs)
+        sampled = [s for s in sample_hops([unique[k] for k in sorted(unique)], self.check) if checkable(s, n)]
+        report = AuditReport()
+        for signed in sampled:
+            if exclude is not None and exclude(signed):
+                continue
+            r = signed.receipt
+            upstream = unique.get((r.model_id, r.epoch, r.step, r.microbatch, r.stage - 1, FORWARD))
+            report.checked += 1
+            try:
+                result = await self.check_receipt(signed, upstream)
+            except (AuditError, SpotCheckError, trio.TooSlowError) as exc:
+                # a node that cannot serve what it signed for, or serves something else, fails its check
+                report.failed += 1
+                report.errors.append(f"{r.sender} step {r.step} mb {r.microbatch} stage {r.stage}: {exc}")
+                report.evidence.append(FraudEvidence(signed, b"\x00" * 32, float("inf"), self.check.tolerance))
+                continue
+            report.results.append(result)
+            if not result.passed:
+                report.failed += 1
+                report.evidence.append(FraudEvidence(signed, result.recomputed_digest, result.relative_error,
+                                                     self.check.tolerance))
+        return report
+
+
+def _window_tensor(raw: bytes, model: ModelConfig, expect: int) -> torch.Tensor:
+    import numpy as np
+
+    from sharding.codecs import token_id_bytes
+
+    if expect and len(raw) != expect:
+        raise SpotCheckError("window", f"{len(raw)} bytes, the sender's input window has {expect}")
+    dt = np.dtype("<u2") if token_id_bytes(model) == 2 else np.dtype("<u4")
+    row = (model.seq_len + 1) * dt.itemsize
+    if not raw or len(raw) % row:
+        raise SpotCheckError("window", f"{len(raw)} bytes is not a whole number of ({model.seq_len + 1})-token rows")
+    return torch.from_numpy(np.frombuffer(raw, dtype=dt).astype(np.int64).reshape(-1, model.seq_len + 1))
+
+
+def submit_frauds(client: Any, submitter: Any, attesters: Sequence[Any], evidence: Sequence[FraudEvidence]) -> list[str]:
+    """Submit one fraud verdict per accused node and epoch (quorum-signed); returns the slashed nodes."""
+    from protocol.settlement import attest_fraud, submit_fraud
+
+    done: set[tuple[str, int]] = set()
+    slashed: list[str] = []
+    for ev in evidence:
+        key = (ev.node, ev.receipt.receipt.epoch)
+        if key in done or client.is_leaf_voided(ev.receipt.receipt.model_id, key[1], ev.node):
+            continue
+        domain = _ledger_domain(client)
+        submit_fraud(client, submitter, ev, attest_fraud(domain, ev, attesters))
+        done.add(key)
+        slashed.append(ev.node)
+    return slashed
+
+
+def _ledger_domain(client: Any) -> Any:
+    from protocol.settlement import ledger_domain
+
+    return ledger_domain(client)
+
+
+async def gather_receipts(client: AuditClient, addrs: Sequence[str], epoch: int) -> list[SignedReceipt]:
+    """An attester collects an epoch's receipts from every node over the audit protocol.
+
+    One receipt per hop key, a co-signed copy preferred; uncountersigned claims are kept so that
+    `protocol.epoch.build_epoch` can refuse them.
+    """
+    seen: dict[tuple[int, ...], SignedReceipt] = {}
+    for addr in addrs:
+        for s in await client.receipts(addr, epoch):
+            old = seen.get(s.receipt.key)
+            if old is None or (s.cosigned and not old.cosigned):
+                seen[s.receipt.key] = s
+    return list(seen.values())
+
+
+@dataclass
+class AttesterHost:
+    """A throwaway libp2p client host for attesters (127.0.0.1, random key)."""
+
+    listen: str = "/ip4/127.0.0.1/tcp/0"  # where the client host listens (it only dials out)
+
+
+async def run_with_client_host(fn: Callable[[Any], Any], cfg: AttesterHost | None = None) -> Any:
+    """Run `await fn(host)` with a fresh client host, closed afterwards."""
+    import multiaddr
+
+    from node.host import make_host
+    from node.identity import identity_from_secret
+
+    cfg = cfg or AttesterHost()
+    host = make_host(identity_from_secret(os.urandom(31).rjust(32, b"\x01")))
+    async with host.run(listen_addrs=[multiaddr.Multiaddr(cfg.listen)]):
+        return await fn(host)
+
+
+def fetch_epoch_receipts(model_id: int, addrs: Sequence[str], epoch: int,
+                         config: AuditConfig | None = None) -> list[SignedReceipt]:
+    """Blocking `gather_receipts` from a throwaway client host."""
+
+    async def go(host: Any) -> list[SignedReceipt]:
+        return await gather_receipts(AuditClient(host, model_id, config), addrs, epoch)
+
+    result: list[SignedReceipt] = trio.run(run_with_client_host, go)
+    return result
+
+
+def spot_check(model_id: int, peers: dict[str, str], receipts: Sequence[SignedReceipt], model: ModelConfig,
+               specs: Sequence[StageSpec], codec: str, num_microbatches: int, check: SpotCheckConfig,
+               config: AuditConfig | None = None) -> AuditReport:
+    """Blocking `Attester.audit` of one epoch's receipts from a throwaway client host."""
+
+    async def go(host: Any) -> AuditReport:
+        attester = Attester(AuditClient(host, model_id, config), model, specs, codec, num_microbatches, peers, check)
+        return await attester.audit(receipts)
+
+    report: AuditReport = trio.run(run_with_client_host, go)
+    return report
