@@ -1,78 +1,355 @@
-"""Process-wide py-libp2p transport tuning for bulk activation traffic.
+"""Process-wide py-libp2p transport tuning for bulk activation traffic (py-libp2p 0.8.1 only).
 
-py-libp2p spends its time on per-frame Python work, not on encryption (see shared/FACTS.md).
-Two knobs cut the number of frames and syscalls without changing anything on the wire:
+py-libp2p spends its time on per-frame Python work, not on encryption (see shared/FACTS.md): every
+yamux frame costs several awaits, locks and copies, every 64 KiB Noise message two exact reads and
+a socket call. The patches below keep the wire format byte-for-byte what Noise + yamux specify
+(any Noise/yamux peer can talk to a tuned one) and change only how much Python work each byte
+costs. Each patch names what it replaces and why. They are installed only on the exact py-libp2p
+version they were written against; any other version keeps stock behaviour (logged once).
 
-* yamux DATA frames of `yamux_frame_bytes` (default 256 KiB instead of 64 KiB) on send;
-  receivers accept frames up to the 16 MiB window, so peers need no change;
-* buffered TCP reads: the Noise reader asks for a 2-byte length, then the body, each one a
-  `recv` syscall and several trio checkpoints; reading up to `tcp_read_bytes` at once and
-  serving later reads from that buffer gives the same bytes with far fewer syscalls;
-* batched Noise writes: a write larger than one Noise message is still cut into <= 65535-byte
-  length-prefixed encrypted messages in order, but they go to the socket in one write instead of
-  one write (lock, checkpoint, syscall) each. Same bytes on the wire.
+* yamux DATA frames of `yamux_frame_bytes` payload on send (stock: 64 KiB). Receivers accept
+  frames up to the 16 MiB window, so peers need no change.
+* `YamuxStream.write`: takes all the send window it can at once, cuts it into frames and hands
+  them to the connection in one write; waits for a window update on an event instead of
+  polling every 10 ms (same 5 s limit and error as stock).
+* `NoiseTransportReadWriter.write_msg`: a write larger than one Noise message is still cut into
+  <= 65519-byte plaintexts, each encrypted and length-prefixed in order, but they leave in one
+  socket write and are encrypted from memoryview slices (no per-message copies).
+* `SecureSession.read` (Noise sessions only): reads up to `tcp_read_bytes` of ciphertext per
+  socket call, decrypts every complete Noise message in it into one plaintext buffer and serves
+  reads from there (stock: one 2-byte read, one body read and one BytesIO per message).
 """
 
 from __future__ import annotations
 
+import logging
+import struct
+from collections import deque
+from dataclasses import dataclass
+from importlib import metadata
+from typing import Any
+
 import trio
-from libp2p.io import trio as _io_trio
-from libp2p.io.exceptions import ConnectionClosedError
+from cryptography.exceptions import InvalidTag
+from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
+from libp2p.io.trio import TrioTCPStream
+from libp2p.security import secure_session as _secure_session
 from libp2p.security.noise import io as _noise_io
+from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux import yamux as _yamux
+from noise.exceptions import NoiseInvalidMessage
 
-_original_read = _io_trio.TrioTCPStream.read
-_original_noise_write = _noise_io.NoiseTransportReadWriter.write_msg
-_state = {"tcp_read_bytes": 0}
+log = logging.getLogger(__name__)
 
+SUPPORTED_LIBP2P = "0.8.1"  # the only py-libp2p version whose internals these patches were written against
+WRITE_BATCH_BYTES = 4 * 1024 * 1024  # most stream bytes one tuned yamux write hands to the socket at once
+WINDOW_WAIT_S = 5.0  # stock YamuxStream.write gives up after 5 s without a window update; kept as is
+_NOISE_LEN = _noise_io.SIZE_NOISE_MESSAGE_LEN  # 2-byte big-endian Noise message length prefix
+_NOISE_PLAIN = _noise_io.MAX_PLAINTEXT_LENGTH  # 65519 plaintext bytes per Noise message
+_NOISE_PACKET = _NOISE_LEN + _noise_io.MAX_NOISE_MESSAGE_LEN  # largest length prefix + Noise message
 
-async def _buffered_read(self: _io_trio.TrioTCPStream, n: int | None = None) -> bytes:
-    """TrioTCPStream.read with a per-connection read-ahead buffer (same semantics: up to n bytes)."""
-    if n is not None and n == 0:
-        return b""
-    buf: bytearray | None = getattr(self, "_pmn_buf", None)
-    if buf:
-        take = len(buf) if n is None else min(n, len(buf))
-        out = bytes(buf[:take])
-        del buf[:take]
-        return out
-    async with self.read_lock:
-        want = max(n or 0, _state["tcp_read_bytes"])
-        try:
-            data = await self.stream.receive_some(want)
-        except trio.BrokenResourceError as error:
-            raise ConnectionClosedError(f"TCP connection reset by remote peer: {error}", transport="tcp") from error
-        except trio.ClosedResourceError:
-            return b""
-    if n is None or len(data) <= n:
-        return bytes(data)
-    self._pmn_buf = bytearray(data[n:])  # type: ignore[attr-defined]
-    return bytes(data[:n])
+_ORIG: dict[str, Any] = {
+    "yamux_max_message": _yamux.MAX_MESSAGE_SIZE,
+    "yamux_write": _yamux.YamuxStream.write,
+    "noise_write": _noise_io.NoiseTransportReadWriter.write_msg,
+    "session_read": _secure_session.SecureSession.read,
+}
 
 
-async def _batched_noise_write(self: _noise_io.NoiseTransportReadWriter, msg: bytes, prefix_encoded: bool = False) -> None:
-    """NoiseTransportReadWriter.write_msg that sends all Noise messages of one write at once."""
-    limit = _noise_io.MAX_PLAINTEXT_LENGTH
-    if len(msg) <= limit or prefix_encoded:
-        await _original_noise_write(self, msg, prefix_encoded)
+@dataclass
+class _State:
+    """What apply_transport_tuning last installed."""
+
+    tuned: bool = False  # True while the tuned read/write paths are installed
+    read_bytes: int = 0  # ciphertext bytes asked of the socket per read on tuned Noise sessions
+    supported: bool | None = None  # result of the version check (None = not checked yet)
+
+
+_state = _State()
+
+
+def libp2p_version() -> str:
+    """Installed py-libp2p version ("" if unknown)."""
+    try:
+        return metadata.version("libp2p")
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def tuning_supported() -> bool:
+    """True when the installed py-libp2p is the version the patches were written for (logged once if not)."""
+    if _state.supported is None:
+        found = libp2p_version()
+        _state.supported = found == SUPPORTED_LIBP2P
+        if not _state.supported:
+            log.warning("py-libp2p %s installed, transport tuning is written for %s only: "
+                        "not patching, using py-libp2p's stock transport", found or "(unknown)", SUPPORTED_LIBP2P)
+    return _state.supported
+
+
+def tuning_active() -> bool:
+    """True while the tuned transport paths are installed."""
+    return _state.tuned
+
+
+# -- yamux send window: event instead of 10 ms polling ---------------------------------------------
+# Replaces the plain `send_window` attribute of YamuxStream with a property that stores the same
+# integer and wakes a tuned writer waiting for a window update. Stock code reads and writes it
+# exactly as before; it exists because stock writers poll the window every 10 ms.
+
+
+def _get_send_window(self: _yamux.YamuxStream) -> int:
+    d = self.__dict__
+    return d["_pmn_send_window"] if "_pmn_send_window" in d else d["send_window"]
+
+
+def _set_send_window(self: _yamux.YamuxStream, value: int) -> None:
+    d = self.__dict__
+    d["_pmn_send_window"] = value
+    event = d.get("_pmn_window_event")
+    if event is not None and value > 0:
+        event.set()
+
+
+async def _wait_send_window(stream: _yamux.YamuxStream) -> None:
+    """Wait until the peer opens the send window (MuxedStreamError after WINDOW_WAIT_S, as stock)."""
+    event = trio.Event()
+    stream.__dict__["_pmn_window_event"] = event
+    try:
+        with trio.move_on_after(WINDOW_WAIT_S) as scope:
+            while stream.send_window <= 0 and not stream.closed:
+                await event.wait()
+                event = trio.Event()
+                stream.__dict__["_pmn_window_event"] = event
+    finally:
+        stream.__dict__.pop("_pmn_window_event", None)
+    if scope.cancelled_caught:
+        raise MuxedStreamError(f"Timed out waiting for window update after {WINDOW_WAIT_S:g} seconds.")
+
+
+# -- yamux write: all available window in one connection write --------------------------------------
+# Replaces YamuxStream.write. Stock takes one frame per loop turn (two locks, a slice copy, a
+# header+chunk concatenation, one Noise write and one socket send per 64 KiB). Same frames, same
+# order, same window accounting; the frames of one turn go out in a single connection write.
+
+
+async def _tuned_yamux_write(self: _yamux.YamuxStream, data: bytes) -> None:
+    if self.send_closed:
+        raise MuxedStreamError("Stream is closed for sending")
+    view = memoryview(data).cast("B")
+    total = len(view)
+    frame_payload = max(1, _yamux.MAX_MESSAGE_SIZE - _yamux.HEADER_SIZE)
+    pack = struct.Struct(_yamux.YAMUX_HEADER_FORMAT).pack
+    sent = 0
+    while sent < total:
+        async with self.rw_lock.write_lock():
+            if self.send_closed:
+                raise MuxedStreamError("Stream is closed for sending")
+            async with self.window_lock:
+                if self.closed:
+                    raise MuxedStreamError("Stream is closed")
+                take = min(self.send_window, total - sent, WRITE_BATCH_BYTES)
+                if take > 0:
+                    self.send_window -= take
+        if take <= 0:
+            await _wait_send_window(self)
+            continue
+        parts: list[bytes | memoryview] = []
+        end = sent + take
+        for start in range(sent, end, frame_payload):
+            stop = min(start + frame_payload, end)
+            parts.append(pack(0, _yamux.TYPE_DATA, 0, self.stream_id, stop - start))
+            parts.append(view[start:stop])
+        await self.conn._write_frame(b"".join(parts))
+        sent = end
+
+
+# -- Noise write: one socket write per stream write -------------------------------------------------
+# Replaces NoiseTransportReadWriter.write_msg for writes longer than one Noise message. Stock
+# encrypts a bytes copy of each 65519-byte slice and awaits one socket write per message.
+
+
+async def _tuned_noise_write(self: _noise_io.NoiseTransportReadWriter, msg: bytes, prefix_encoded: bool = False) -> None:
+    if len(msg) <= _NOISE_PLAIN or prefix_encoded:
+        await _ORIG["noise_write"](self, msg, prefix_encoded)
         return
-    view = memoryview(msg)
-    parts = []
-    for start in range(0, len(msg), limit):
-        enc = self.encrypt(bytes(view[start : start + limit]))
-        parts.append(len(enc).to_bytes(_noise_io.SIZE_NOISE_MESSAGE_LEN, "big"))
+    encrypt = self.noise_state.noise_protocol.cipher_state_encrypt.encrypt_with_ad
+    view = memoryview(msg).cast("B")
+    parts: list[bytes] = []
+    for start in range(0, len(view), _NOISE_PLAIN):
+        enc = encrypt(None, view[start : start + _NOISE_PLAIN])
+        parts.append(len(enc).to_bytes(_NOISE_LEN, "big"))
         parts.append(enc)
     await self.read_writer.read_write_closer.write(b"".join(parts))
 
 
-def apply_transport_tuning(yamux_frame_bytes: int = 256 * 1024, tcp_read_bytes: int = 1 << 20) -> None:
-    """Install the tuning in this process (idempotent). tcp_read_bytes=0 restores plain reads and writes."""
+# -- Noise read: batched socket reads, decrypt every complete message at once -----------------------
+# Replaces SecureSession.read on Noise sessions. Stock reads each Noise message with two exact
+# reads (2-byte length, then the body; each one or more socket calls and awaits) and stores its
+# plaintext in a fresh BytesIO. Same semantics: read(n) returns n bytes (fewer only if the
+# connection ends after some arrived), read(None) returns what is decrypted so far (at least one
+# message), a Noise message that fails authentication raises, EOF raises IncompleteReadError.
+
+
+class _NoiseReceiver:
+    """Receive side of one Noise session: a fixed ciphertext buffer filled by recv_into, and the
+    decrypted messages kept as a queue of bytes (a read joins what it needs: one copy)."""
+
+    def __init__(self, conn: _noise_io.NoiseTransportReadWriter, read_bytes: int) -> None:
+        self.raw = conn.read_writer.read_write_closer
+        tcp = getattr(self.raw, "stream", None)
+        # Plain TCP: read straight from the trio socket into our buffer (stock TrioTCPStream.read
+        # allocates a fresh bytes object per call); any other transport goes through its read().
+        self.sock = tcp.stream.socket if isinstance(tcp, TrioTCPStream) and isinstance(tcp.stream, trio.SocketStream) else None
+        self.decrypt = conn.noise_state.noise_protocol.cipher_state_decrypt.decrypt_with_ad
+        self.cap = max(read_bytes, 4 * _NOISE_PACKET)
+        self.buf = bytearray(self.cap)  # ciphertext; [start, end) not yet decrypted
+        self.view = memoryview(self.buf)
+        self.start = 0
+        self.end = 0
+        self.chunks: deque[bytes] = deque()  # decrypted plaintexts, oldest first
+        self.offset = 0  # bytes of chunks[0] already returned
+        self.avail = 0  # plaintext bytes held in chunks
+
+    async def _recv(self) -> int:
+        room = self.view[self.end :]
+        if self.sock is not None:
+            try:
+                return await self.sock.recv_into(room)
+            except trio.ClosedResourceError:  # closed locally: EOF, as TrioTCPStream.read reports it
+                return 0
+            except OSError as exc:
+                raise ConnectionClosedError(f"TCP connection reset by remote peer: {exc}", transport="tcp") from exc
+        data = await self.raw.read(len(room))
+        room[: len(data)] = data
+        return len(data)
+
+    async def _fill(self, want: int) -> None:
+        """Read once and decrypt every complete Noise message (IncompleteReadError on EOF)."""
+        got = await self._recv()
+        if not got:
+            pending = self.end - self.start + self.avail
+            raise IncompleteReadError(
+                f"Connection closed during read operation: expected {want} bytes but received {pending} bytes",
+                expected_bytes=want, received_bytes=pending)
+        buf, view, end = self.buf, self.view, self.end + got
+        pos = self.start
+        while end - pos >= _NOISE_LEN:
+            mlen = (buf[pos] << 8) | buf[pos + 1]
+            body = pos + _NOISE_LEN
+            if end - body < mlen:
+                break
+            try:
+                plain = self.decrypt(None, view[body : body + mlen])
+            except InvalidTag as exc:
+                raise NoiseInvalidMessage("Failed authentication of message") from exc  # as stock
+            self.chunks.append(plain)
+            self.avail += len(plain)
+            pos = body + mlen
+        if pos == end:
+            self.start = self.end = 0
+        elif self.cap - end < self.cap // 4:  # keep room for big reads: move the partial message to the front
+            rest = bytes(view[pos:end])
+            self.buf[: len(rest)] = rest
+            self.start, self.end = 0, len(rest)
+        else:
+            self.start, self.end = pos, end
+
+    def _take(self, n: int) -> bytes:
+        chunks, off = self.chunks, self.offset
+        first = chunks[0]
+        if len(first) - off >= n:
+            out = first if off == 0 and n == len(first) else first[off : off + n]
+            off += n
+            if off == len(first):
+                chunks.popleft()
+                off = 0
+        else:
+            parts: list[bytes | memoryview] = []
+            need = n
+            while need:
+                first = chunks[0]
+                rest = len(first) - off
+                if rest <= need:
+                    parts.append(memoryview(first)[off:] if off else first)
+                    chunks.popleft()
+                    off = 0
+                    need -= rest
+                else:
+                    parts.append(memoryview(first)[off : off + need])
+                    off += need
+                    need = 0
+            out = b"".join(parts)
+        self.offset = off
+        self.avail -= n
+        return out
+
+    async def read(self, n: int | None) -> bytes:
+        if n is None or n < 0:
+            while not self.avail:
+                await self._fill(1)
+            return self._take(self.avail)
+        while self.avail < n:
+            try:
+                await self._fill(n - self.avail)
+            except IncompleteReadError:
+                if self.avail:  # stock returns the bytes it assembled when the connection ends mid-read
+                    return self._take(self.avail)
+                raise
+        return self._take(n)
+
+
+async def _tuned_session_read(self: _secure_session.SecureSession, n: int | None = None) -> bytes:
+    if n == 0:
+        return b""
+    rx: _NoiseReceiver | None = self.__dict__.get("_pmn_rx")
+    if rx is None:
+        noise = isinstance(self.conn, _noise_io.NoiseTransportReadWriter)
+        if not (_state.tuned and noise) or self.low_watermark != self.high_watermark:
+            return await _ORIG["session_read"](self, n)
+        rx = self._pmn_rx = _NoiseReceiver(self.conn, _state.read_bytes)  # type: ignore[attr-defined]
+    return await rx.read(n)
+
+
+_installed_property = False
+
+
+def _install_window_property() -> None:
+    global _installed_property
+    if not _installed_property:
+        _yamux.YamuxStream.send_window = property(_get_send_window, _set_send_window)  # type: ignore[assignment]
+        _installed_property = True
+
+
+def apply_transport_tuning(yamux_frame_bytes: int = 256 * 1024, tcp_read_bytes: int = 1 << 20) -> bool:
+    """Install the tuning in this process (idempotent); returns whether the tuned paths are active.
+
+    tcp_read_bytes=0 restores py-libp2p's stock reads and writes (yamux frames stay at
+    yamux_frame_bytes). On a py-libp2p other than SUPPORTED_LIBP2P nothing is patched (values
+    are still validated) and False is returned. Sessions keep the read path they started with.
+    """
     if not 1024 <= yamux_frame_bytes <= _yamux.MAX_WINDOW_SIZE:
         raise ValueError(f"yamux_frame_bytes must be within [1024, {_yamux.MAX_WINDOW_SIZE}], got {yamux_frame_bytes}")
     if tcp_read_bytes < 0:
         raise ValueError(f"tcp_read_bytes must be >= 0, got {tcp_read_bytes}")
+    if not tuning_supported():
+        return False
     _yamux.MAX_MESSAGE_SIZE = yamux_frame_bytes
-    _state["tcp_read_bytes"] = tcp_read_bytes
-    _io_trio.TrioTCPStream.read = _buffered_read if tcp_read_bytes else _original_read  # type: ignore[method-assign]
-    batched = _batched_noise_write if tcp_read_bytes else _original_noise_write
-    _noise_io.NoiseTransportReadWriter.write_msg = batched  # type: ignore[method-assign,assignment]
+    _install_window_property()
+    tuned = tcp_read_bytes > 0
+    _state.tuned, _state.read_bytes = tuned, tcp_read_bytes
+    _yamux.YamuxStream.write = _tuned_yamux_write if tuned else _ORIG["yamux_write"]  # type: ignore[method-assign]
+    _noise_io.NoiseTransportReadWriter.write_msg = (  # type: ignore[method-assign]
+        _tuned_noise_write if tuned else _ORIG["noise_write"])
+    # Installed in both modes: it dispatches to stock for sessions that began untuned.
+    _secure_session.SecureSession.read = _tuned_session_read  # type: ignore[method-assign]
+    return tuned
+
+
+def restore_stock_transport() -> None:
+    """Put back every stock py-libp2p method and constant (the window property stays; it is behaviour-neutral)."""
+    _yamux.MAX_MESSAGE_SIZE = _ORIG["yamux_max_message"]
+    _yamux.YamuxStream.write = _ORIG["yamux_write"]  # type: ignore[method-assign]
+    _noise_io.NoiseTransportReadWriter.write_msg = _ORIG["noise_write"]  # type: ignore[method-assign]
+    _secure_session.SecureSession.read = _ORIG["session_read"]  # type: ignore[method-assign]
+    _state.tuned, _state.read_bytes = False, 0
