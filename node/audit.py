@@ -150,6 +150,7 @@ class AuditRecorder:
         self.config = (config or AuditConfig()).validate()
         self.clock = clock
         self._lock = threading.Lock()
+        self._written: dict[int, float] = {}  # epoch -> clock time of its last record in this process
 
     def _dir(self, step: int) -> Path:
         return self.root / f"epoch{step // self.epoch_length}"
@@ -171,12 +172,14 @@ class AuditRecorder:
         with self._lock:
             self._write(self._recv_path(direction, h.step, h.microbatch),
                         _LEN.pack(len(fr.window)) + fr.window + fr.payload)
+            self._written[h.step // self.epoch_length] = self.clock()
 
     def on_before_update(self, step: int, module: torch.nn.Module) -> None:
         """Keep the parameters every hop of `step` was computed with, then drop expired epochs."""
         state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
         with self._lock:
             self._write(self._dir(step) / f"state-{step}.safetensors", st_save(state))
+            self._written[step // self.epoch_length] = self.clock()
             self._prune(step // self.epoch_length)
 
     def _prune(self, current_epoch: int) -> None:
@@ -186,8 +189,10 @@ class AuditRecorder:
                 epoch = int(d.name.removeprefix("epoch"))
             except ValueError:
                 continue
-            if epoch <= current_epoch - self.config.retain_epochs and now - d.stat().st_mtime > self.config.retain_s:
+            written = self._written.get(epoch, d.stat().st_mtime)  # records of an earlier run: file time
+            if epoch <= current_epoch - self.config.retain_epochs and now - written > self.config.retain_s:
                 shutil.rmtree(d, ignore_errors=True)
+                self._written.pop(epoch, None)
 
     def epochs(self) -> list[int]:
         """Epochs whose records are still kept."""

@@ -6,6 +6,8 @@ settings and refuses to start when the chain registered another one.
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ from node.errors import ReceiptRejectedError
 from node.inference import INFER_PROTOCOL, InferenceService
 from node.receipts import EIP712Receipts
 from protocol.errors import ProtocolError
-from protocol.modelspec import TrainingSection, require_spec_hash
+from protocol.modelspec import SpecMismatchError, TrainingSection, require_spec_hash
 from protocol.payments import ChainLink, connect_chain
 from protocol.receipts import Domain, KeyRegistry, SignedReceipt
 from protocol.store import ReceiptStore, StoreConfig
@@ -88,7 +90,13 @@ def chain_services(data_dir: str | Path, account: Any, microbatch_size: int, seq
             return reader.epoch_receipts(model_id, epoch)
 
     async def serve_inference(daemon: Any, host: Any, discovery: Any, nursery: Any) -> None:
-        require_spec_hash(link.spec_hash, daemon.model, training_section(daemon), model_id)
+        try:
+            require_spec_hash(link.spec_hash, daemon.model, training_section(daemon), model_id)
+        except SpecMismatchError as exc:
+            # the daemon reports hook errors wrapped in the nursery's ExceptionGroup: say it plainly first
+            print(json.dumps({"event": "error", "error": str(exc), "type": type(exc).__name__}), flush=True)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise
         worker = daemon.worker
         spec = worker.spec
         next_hop = None

@@ -1,0 +1,217 @@
+"""Spot checks over libp2p against node processes on the embedded chain served over JSON-RPC.
+
+One swarm: stage 0 inflates its receipts (node.adversary --behaviour inflate), stage 1 is lazy on
+about half of its microbatches (random activations), stage 2 is honest. Attesters gather every
+epoch's receipts over `/pmn/audit/1.0.0`, settle the roots, spot-check at the model's audit rate
+(1.0), submit fraud verdicts, and after the challenge window every leaf not voided is claimed.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from contracts.chain import advance_time, connect, test_accounts
+from contracts.client import ProtocolContracts
+from contracts.deploy import deploy_all
+from contracts.embedded import serve_embedded
+from node.adversary import Cheat, spawn_adversary
+from node.audit import AuditError, AuditRecorder, fetch_epoch_receipts, spot_check, submit_frauds
+from node.identity import load_or_create_identity
+from node.status import node_status
+from node.swarm import NodeProcess, await_ready, spawn_node, stop_nodes
+from protocol.accounting import accounting_function_hash
+from protocol.epoch import EpochContext, build_epoch
+from protocol.modelspec import proposal_spec_hash
+from protocol.receipts import Domain, StaticKeyRegistry
+from protocol.settlement import attest, claim_all, submit_epoch
+from protocol.spotcheck import SpotCheckConfig
+from sharding.config import PRESETS
+from sharding.partition import partition
+from sharding.train import OptimConfig
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
+
+MODEL = "tiny"
+CODEC = "dense"
+STAGES, STEPS, EPOCH_LENGTH, MICROBATCHES, MB_SIZE, LR = 3, 4, 2, 2, 2, 3e-3
+LAZY = Cheat("lazy", fraction=0.5, seed=3)
+WINDOW_S = 600
+
+
+def training(lr: float = LR) -> dict[str, Any]:
+    o = OptimConfig()
+    return {"stages": STAGES, "codec": CODEC, "microbatches": MICROBATCHES, "microbatch_size": MB_SIZE, "lr": lr,
+            "warmup_steps": o.warmup_steps, "data_seed": o.data_seed}
+
+
+@dataclass
+class Chain:
+    w3: Any
+    rpc_url: str
+    client: ProtocolContracts
+    deployment: Path
+    researcher: Any
+    validators: list[Any]
+    funder: Any
+
+
+@pytest.fixture
+def chain(tmp_path: Path) -> Iterator[Chain]:
+    w3 = connect(None)
+    rpc_url, stop = serve_embedded(w3)
+    try:
+        accounts = test_accounts(w3)
+        validators = accounts[3:5]
+        deployment = deploy_all(w3, accounts[0], [v.address for v in validators], 2)
+        path = tmp_path / "deployment.json"
+        deployment.save(path)
+        yield Chain(w3, rpc_url, ProtocolContracts(w3, deployment), path, accounts[1], validators, accounts[6])
+    finally:
+        stop()
+
+
+def propose(c: Chain, lr: float = LR) -> int:
+    model_id = c.client.propose_model(c.researcher, proposal_spec_hash(PRESETS[MODEL], training(lr)), "test:audit",
+                                      STAGES, accounting_function_hash(), EPOCH_LENGTH, WINDOW_S, 10_000, 0)
+    c.client.start_training(c.researcher, model_id)
+    return model_id
+
+
+def register(c: Chain, data_dir: Path) -> Any:
+    ident = load_or_create_identity(data_dir)
+    c.client.tx.transact(c.funder, to=ident.address, value=10**18)
+    c.client.register_node(ident.account, ident.account, 1, c.client.stake_required(1))
+    return ident
+
+
+def node_args(c: Chain, model_id: int) -> list[str]:
+    return ["--model", MODEL, "--codec", CODEC, "--stages", str(STAGES), "--steps", str(STEPS), "--microbatches",
+            str(MICROBATCHES), "--microbatch-size", str(MB_SIZE), "--lr", str(LR), "--threads", "1",
+            "--checkpoint-every", "0", "--rpc-url", c.rpc_url, "--deployment", str(c.deployment), "--model-id",
+            str(model_id), "--linger"]
+
+
+def wait_serving(nodes: list[NodeProcess], timeout_s: float = 180.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not all(node_status(n.data_dir).get("state") == "serving" for n in nodes):
+        for n in nodes:
+            assert n.proc.poll() is None, (n.data_dir / "stderr.log").read_text()[-2000:]
+        assert time.monotonic() < deadline, [node_status(n.data_dir).get("state") for n in nodes]
+        time.sleep(0.2)
+
+
+def test_lazy_node_caught_and_slashed_inflator_credited_only_cosigned(chain: Chain, tmp_path: Path) -> None:
+    c = chain
+    model_id = propose(c)
+    dirs = [tmp_path / f"node{s}" for s in range(STAGES)]
+    idents = [register(c, d) for d in dirs]
+    args = node_args(c, model_id)
+    nodes: list[NodeProcess] = []
+    try:
+        head = spawn_adversary(0, dirs[0], args, ["--behaviour", "inflate"])
+        nodes.append(head)
+        await_ready(head, 90)
+        boot = ["--bootstrap", head.ready["addrs"][0]]
+        nodes.append(spawn_adversary(1, dirs[1], args + boot, ["--behaviour", "lazy", "--fraction",
+                                                               str(LAZY.fraction), "--cheat-seed", str(LAZY.seed)]))
+        nodes.append(spawn_node(2, dirs[2], args + boot))
+        for n in nodes[1:]:
+            await_ready(n, 90)
+        wait_serving(nodes)
+
+        peers = {n.ready["address"]: n.ready["addrs"][0] for n in nodes}
+        addrs = list(peers.values())
+        domain = Domain(c.client.chain_id, c.client.ledger.address)
+        registry = StaticKeyRegistry(i.address for i in idents)
+        model, specs = PRESETS[MODEL], tuple(partition(PRESETS[MODEL], STAGES))
+        terms = c.client.get_model(model_id).terms
+        check = SpotCheckConfig(audit_rate=terms.audit_rate_bps / 10_000)
+        inflator, lazy, honest = (i.address for i in idents)
+        results, evidence, checked = [], [], 0
+        for epoch in range(STEPS // EPOCH_LENGTH):
+            gathered = fetch_epoch_receipts(model_id, addrs, epoch)
+            result = build_epoch(gathered, EpochContext(model_id, epoch, model, specs, domain), registry)
+            submit_epoch(c.client, c.validators[0], result, attest(domain, result, c.validators))
+            results.append(result)
+            # the inflator claims ten hops for each one its neighbour countersigned; only those are credited
+            own = [s for s in gathered if s.receipt.sender == inflator]
+            cosigned = [s for s in own if s.cosigned]
+            assert len(own) == 10 * len(cosigned) > 0
+            assert {s.receipt.key for s in result.receipts if s.receipt.sender == inflator} == \
+                {s.receipt.key for s in cosigned}
+            report = spot_check(model_id, peers, result.receipts, model, specs, CODEC, MICROBATCHES, check)
+            checked += report.checked
+            assert not report.errors, report.errors
+            faked = {(step, mb) for step in range(epoch * EPOCH_LENGTH, (epoch + 1) * EPOCH_LENGTH)
+                     for mb in range(MICROBATCHES) if LAZY.fakes(step, mb)}
+            failed = {(e.receipt.receipt.step, e.receipt.receipt.microbatch) for e in report.evidence}
+            assert {e.node for e in report.evidence} <= {lazy}  # the honest and inflating nodes never flagged
+            assert failed == faked
+            evidence += report.evidence
+        # audit rate 1.0: every checkable hop (2 forward, 1 tail backward per microbatch) was re-executed
+        assert checked == STEPS * MICROBATCHES * 3
+        assert evidence, "the lazy node faked no microbatch: pick another LAZY seed"
+        stake_before = c.client.node_info(lazy).stake_wei
+        slashed = submit_frauds(c.client, c.validators[0], c.validators, evidence)
+        assert set(slashed) == {lazy}
+        assert c.client.node_info(lazy).stake_wei < stake_before
+        voided = {e.receipt.receipt.epoch for e in evidence}
+        advance_time(c.w3, WINDOW_S + 1)
+        for result in results:
+            claim_all(c.client, c.validators[0], result)
+        for who in (inflator, honest):
+            assert c.client.balance_of(model_id, who) == sum(r.totals[who] for r in results) > 0
+        assert c.client.balance_of(model_id, lazy) == sum(r.totals[lazy] for r in results
+                                                          if r.context.epoch not in voided)
+        for e in voided:
+            assert c.client.is_leaf_voided(model_id, e, lazy)
+    finally:
+        stop_nodes(nodes)
+
+
+def test_node_refuses_a_model_registered_with_another_spec(chain: Chain, tmp_path: Path) -> None:
+    model_id = propose(chain, lr=1e-3)  # the researcher proposed lr 1e-3; this node runs LR
+    register(chain, tmp_path / "n")
+    node = spawn_node(0, tmp_path / "n", node_args(chain, model_id))
+    try:
+        out, _ = node.proc.communicate(timeout=120)
+    finally:
+        stop_nodes([node])
+    assert node.proc.returncode == 1
+    msg = json.loads(out.decode().strip().splitlines()[0])  # the line a launcher reads instead of "ready"
+    want = "0x" + proposal_spec_hash(PRESETS[MODEL], training(1e-3)).hex()
+    mine = "0x" + proposal_spec_hash(PRESETS[MODEL], training()).hex()
+    assert msg["event"] == "error" and want in msg["error"] and mine in msg["error"], msg
+    assert not (tmp_path / "n" / "audit").exists() or not any((tmp_path / "n" / "audit").iterdir())
+
+
+def test_recorder_keeps_epochs_inside_the_window_and_names_missing_data(tmp_path: Path) -> None:
+    import torch
+
+    from node import frames as F
+
+    now = [1000.0]
+    rec = AuditRecorder(tmp_path, epoch_length=2, clock=lambda: now[0])
+    module = torch.nn.Linear(2, 2)
+    header = F.FrameHeader(kind=F.Kind.ACTIVATION, spec_hash=b"\0" * 32, stage=0, step=0, microbatch=1)
+    rec.on_frame(F.Frame(header=header, window=b"ww", payload=b"pp"))
+    assert rec.received(0, 0, 1) == (b"ww", b"pp")
+    for step in range(6):
+        rec.on_before_update(step, module)
+    assert rec.epochs() == [0, 1, 2]  # epoch 0 is older than retain_epochs but still inside retain_s
+    with pytest.raises(AuditError, match="step 9"):
+        rec.state_bytes(9)
+    with pytest.raises(AuditError, match="gradient received for step 0 microbatch 1"):
+        rec.received(1, 0, 1)
+    now[0] += rec.config.retain_s + 10
+    rec.on_before_update(6, module)  # epoch 3 starts: epochs 0 and 1 left the window
+    assert rec.epochs() == [2, 3]
+    with pytest.raises(AuditError, match="no parameters kept for step 1"):
+        rec.state_bytes(1)
