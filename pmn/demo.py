@@ -3,8 +3,9 @@
 An in-process EVM (or `--chain-url`) gets the contracts; a researcher proposes a model; node processes
 (one per stage, libp2p on 127.0.0.1) register with stake and train it, signing a receipt for every hop
 that the neighbour countersigns; attesters build each epoch's Merkle root from the co-signed receipts
-and submit it with a validator quorum; after the challenge window each node claims its leaf and is
-minted shares; an inference client pays the fee and gets text generated through the stage peers,
+and submit it with a validator quorum, and spot-check a sample of hops at the model's audit rate (state
+and inputs fetched from the nodes over libp2p, re-executed on CPU; a failure becomes a fraud verdict);
+after the challenge window each node claims its leaf and is minted shares; an inference client pays the fee and gets text generated through the stage peers,
 which check the payment on chain; holders claim their revenue.
 """
 
@@ -28,6 +29,7 @@ from contracts.chain import advance_time, connect, is_embedded, test_accounts
 from contracts.client import ProtocolContracts
 from contracts.deploy import deploy_all
 from contracts.embedded import serve_embedded
+from node.audit import spot_check, submit_frauds
 from node.identity import load_or_create_identity
 from node.inference import generate, head_stream_opener
 from node.status import node_status, read_progress
@@ -38,6 +40,7 @@ from protocol.accounting import accounting_function_hash
 from protocol.epoch import EpochContext, build_epoch
 from protocol.receipts import Domain, SignedReceipt, StaticKeyRegistry
 from protocol.settlement import attest, claim_all, submit_epoch
+from protocol.spotcheck import FraudEvidence, SpotCheckConfig
 from protocol.store import ReceiptStore, StoreConfig
 from sharding.config import PRESETS
 from sharding.partition import partition
@@ -86,6 +89,8 @@ class Demo:
         self.console = console
         self.nodes: list[NodeProcess] = []
         self.stop_chain: Any = None
+        self.spot_checks = {"checked": 0, "failed": 0}  # hops re-executed by the attesters, and failures
+        self.evidence: list[FraudEvidence] = []  # failed spot checks, submitted as fraud verdicts
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -253,13 +258,29 @@ class Demo:
             results.append({"epoch": epoch, "result": result, "file": path})
             self.say(f"[bold]attesters[/] epoch {epoch}: {len(result.receipts)} co-signed receipts, root "
                      f"0x{result.root.hex()[:16]}…, {cfg.quorum}-of-{cfg.validators} signatures, published {path.name}")
+            self.spot_check(epoch, result.receipts)
         if not results:
             raise CLIError(f"no epoch completed: steps ({cfg.steps}) < epoch_length ({cfg.epoch_length})")
+        if self.evidence:
+            slashed = submit_frauds(self.client, self.validators[0], self.validators[:cfg.quorum], self.evidence)
+            self.say(f"[bold]attesters[/] fraud verdicts submitted inside the challenge window; slashed {slashed}")
         advance_time(self.w3, cfg.challenge_window_s + 1)
         for item in results:
             claim_all(self.client, self.validators[0], item["result"])  # shares go to each node's operator
         self.say("[bold]ledger[/] challenge window passed; every node claimed its leaves and was minted shares")
         return results
+
+    def spot_check(self, epoch: int, receipts: list[SignedReceipt]) -> None:
+        """Attesters re-execute a sample of the epoch's hops at the model's audit rate, fetched over libp2p."""
+        rate = self.client.get_model(self.model_id).terms.audit_rate_bps / 10_000
+        peers = {n.ready["address"]: n.ready["addrs"][0] for n in self.nodes}
+        report = spot_check(self.model_id, peers, receipts, self.proposal.model, self.specs, self.cfg.codec,
+                            self.cfg.microbatches, SpotCheckConfig(audit_rate=rate, seed=epoch))
+        self.spot_checks["checked"] += report.checked
+        self.spot_checks["failed"] += report.failed
+        self.evidence += report.evidence
+        self.say(f"[bold]attesters[/] epoch {epoch}: spot-checked {report.checked} hops at audit rate {rate:g} "
+                 f"(state and inputs fetched over /pmn/audit/1.0.0, re-executed on CPU): {report.failed} failed")
 
     # -- inference ---------------------------------------------------------------------------------
 
@@ -307,7 +328,8 @@ class Demo:
             return {"model_id": self.model_id, "nodes": nodes, "loss_start": loss_start, "loss_end": loss_end,
                     "epochs_settled": len(epochs), "revenue_deposited_wei": deposited,
                     "inference_text": texts[0] if texts else "", "inference_texts": texts,
-                    "total_shares": supply, "receipts_files": [str(e["file"]) for e in epochs]}
+                    "total_shares": supply, "receipts_files": [str(e["file"]) for e in epochs],
+                    "spot_checks": dict(self.spot_checks)}
         finally:
             stop_nodes(self.nodes)
             if self.stop_chain is not None:

@@ -48,6 +48,8 @@ def _check(out: dict[str, Any]) -> None:
     assert out["revenue_deposited_wei"] - claimed <= len(nodes)  # rounding dust only, in the pool's favour
     assert out["loss_end"] < out["loss_start"]
     assert len(out["inference_text"]) > 0
+    # attesters re-executed a sample of hops fetched over /pmn/audit/1.0.0; honest nodes pass every one
+    assert out["spot_checks"]["checked"] > 0 and out["spot_checks"]["failed"] == 0
 
 
 def test_demo_json_on_embedded_chain(tmp_path: Path) -> None:
