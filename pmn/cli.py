@@ -13,6 +13,8 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from pmn.errors import CLIError
+
 EXIT_USAGE = 2
 EXIT_ERROR = 1
 
@@ -230,8 +232,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if os.environ.get("PMN_DEBUG"):
             raise
         name = type(exc).__name__
-        print(f"error: {_one_line(exc)}" + ("" if name.endswith("Error") and name in str(exc) else f" [{name}]"),
-              file=sys.stderr)
+        crafted = isinstance(exc, CLIError) or (name.endswith("Error") and name in str(exc))
+        print(f"error: {_one_line(exc)}" + ("" if crafted else f" [{name}]"), file=sys.stderr)
         return EXIT_ERROR
 
 

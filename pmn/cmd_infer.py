@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import codecs
+import logging
 import os
 import sys
 from collections.abc import Callable
@@ -70,6 +71,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
     from node.host import parse_peer_addr
     from node.inference import InferenceError, generate, head_stream_opener
 
+    if not os.environ.get("PMN_DEBUG"):  # py-libp2p logs each failed dial attempt; the one-line error says it
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     if not args.prompt:
         raise CLIError("empty prompt: pass the text to continue, e.g. pmn infer --model 1 \"def main(\"")
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
@@ -86,6 +89,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
         raise CLIError(f"--bootstrap {peers[0]!r} is not a peer multiaddr with /p2p/<peer id>: {exc}") from None
     session = open_session(cfg)
     _require_model(session.client, args.model)
+    if session.client.total_supply(args.model) == 0:
+        raise CLIError(f"model {args.model} has no share holders yet, so its revenue contract takes no fees: "
+                       "inference opens once its first epoch has settled (see `pmn models`)")
     fee = session.client.get_model(args.model).terms.inference_fee_wei
     get_payment = _payment(args, session, cfg, fee)
     prompt_ids = list(args.prompt.encode())
