@@ -232,6 +232,7 @@ class ActChannel:
         self.failure: NodeError | None = None  # why the channel died (None while healthy)
         self.closed_by_peer = False  # True after an orderly CLOSE from the peer
         self.listeners: list[Callable[[], None]] = []  # called whenever a frame or a failure arrives
+        self.commits: list[dict[str, Any]] = []  # COMMIT payloads received from the upstream peer, oldest first
 
     # -- handshake ---------------------------------------------------------------------------------
 
@@ -316,8 +317,14 @@ class ActChannel:
         except NodeError:
             pass
 
+    async def send_commit(self, step: int, commit: dict[int, int]) -> None:
+        """Tell a downstream replica which attempt of each microbatch of `step` the head committed."""
+        body = json.dumps({"step": step, "commit": sorted([mb, a] for mb, a in commit.items())}).encode()
+        await self._write(F.encode_frame(F.Kind.COMMIT, self.local.spec_hash, self.local.stage, step, 0,
+                                         payload=body))
+
     async def send_data(
-        self, kind: F.Kind, step: int, microbatch: int, payload: bytes, window: bytes = b""
+        self, kind: F.Kind, step: int, microbatch: int, payload: bytes, window: bytes = b"", attempt: int = 0
     ) -> F.FrameHeader:
         """Send one ACTIVATION/GRADIENT frame once a credit is available; returns its header."""
         if kind not in DATA_KINDS:
@@ -331,7 +338,7 @@ class ActChannel:
         header = F.FrameHeader(
             kind=kind, spec_hash=self.local.spec_hash, stage=self.local.stage, step=step, microbatch=microbatch,
             codec=self.spec.codec, dtype=self.spec.dtype, shape=self.spec.shape, window_len=len(window),
-            payload_len=len(payload), digest=await digest_off_loop(window, payload),
+            payload_len=len(payload), digest=await digest_off_loop(window, payload), attempt=attempt,
         )
         sig = self.receipts.sign(header, self.remote.address if self.remote else "")
         header = F.FrameHeader(**{**header.__dict__, "sig_len": len(sig)})
@@ -495,6 +502,8 @@ class ActChannel:
                               f"{fr.payload.decode(errors='replace')}")
         elif h.kind == F.Kind.CLOSE:
             self.closed_by_peer = True
+        elif h.kind == F.Kind.COMMIT:
+            self._accept_commit(fr)
         else:
             raise UnexpectedFrameError(f"unexpected {h.kind.name} frame after the handshake")
         return True
@@ -505,6 +514,19 @@ class ActChannel:
             raise UnexpectedFrameError(
                 f"{h.kind.name.lower()} frame from stage {h.stage} (peer announced stage {self.remote_stage}); "
                 f"stage {self.local.stage} accepts it only from stage {want_from}")
+
+    def _accept_commit(self, fr: F.Frame) -> None:
+        if self.remote_stage != self.local.stage - 1:
+            raise UnexpectedFrameError(f"commit frame from stage {self.remote_stage}; stage {self.local.stage} "
+                                       f"accepts it only from stage {self.local.stage - 1}")
+        try:
+            info = json.loads(fr.payload)
+            commit = {int(mb): int(a) for mb, a in info["commit"]}
+            step = int(info["step"])
+        except (ValueError, KeyError, TypeError) as exc:
+            raise UnexpectedFrameError(f"malformed commit frame: {exc}") from exc
+        self.commits.append({"step": step, "commit": commit})
+        self._notify()
 
     async def _accept_data(self, fr: F.Frame) -> None:
         peer_addr = self.remote.address if self.remote else ""

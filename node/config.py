@@ -60,6 +60,46 @@ class RuntimeConfig:
 
 
 @dataclass
+class ReplicaConfig:
+    """Stage replicas: routing, failover, bans, averaging inside a stage, joining, rebalancing."""
+
+    enabled: bool = False  # replicated mode (several nodes per stage); False = the one-peer-per-stage runtime
+    max_inflight: int = 2  # microbatches one downstream replica may hold at once (<= transport.credits)
+    ewma_alpha: float = 0.3  # weight of the newest round-trip latency in a peer's EWMA
+    replica_timeout_s: float = 10.0  # round trip allowed for one attempt before it is re-routed and the peer banned
+    ban_base_s: float = 1.0  # first ban of a peer; the n-th ban lasts ban_base_s * 2**(n-1)
+    ban_max_s: float = 60.0  # cap on one ban's duration
+    no_replica_timeout_s: float = 30.0  # how long the next stage may have no usable replica before the step fails
+    avg_timeout_s: float = 10.0  # averaging deadline: contributions missing after this are dropped from the step
+    commit_poll_s: float = 1.0  # idle time after which a replica asks its stage peers for the step's commit
+    keep_steps: int = 4  # steps of contributions kept in memory for stage peers that pull them
+    aggregation: str = "mean"  # protocol.aggregation method combining per-microbatch contributions
+    state_timeout_s: float = 30.0  # time allowed to fetch a stage's state from a peer when joining
+    rebalance_period_s: float = 0.0  # how often stage throughputs are compared (0 = never rebalance)
+    rebalance_threshold: float = 1.5  # move a node when the best stage's throughput exceeds the worst by this factor
+    debug_delay_s: float = 0.0  # TEST ONLY: extra seconds of compute per microbatch (simulates a slow GPU)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        if self.max_inflight < 1:
+            raise ValueError(f"replicas.max_inflight must be >= 1, got {self.max_inflight}")
+        if not 0 < self.ewma_alpha <= 1:
+            raise ValueError(f"replicas.ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
+        for name in ("replica_timeout_s", "ban_base_s", "ban_max_s", "no_replica_timeout_s", "avg_timeout_s",
+                     "commit_poll_s", "state_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"replicas.{name} must be > 0, got {getattr(self, name)}")
+        if self.keep_steps < 1:
+            raise ValueError(f"replicas.keep_steps must be >= 1, got {self.keep_steps}")
+        if self.aggregation not in ("mean", "median", "centered_clip"):
+            raise ValueError(f"replicas.aggregation must be mean, median or centered_clip, got {self.aggregation!r}")
+        if self.rebalance_period_s < 0 or self.rebalance_threshold <= 1:
+            raise ValueError("replicas.rebalance_period_s must be >= 0 and rebalance_threshold > 1")
+        if self.debug_delay_s < 0:
+            raise ValueError(f"replicas.debug_delay_s must be >= 0, got {self.debug_delay_s}")
+
+
+@dataclass
 class NodeConfig:
     """Everything `run_node` needs."""
 
@@ -76,6 +116,7 @@ class NodeConfig:
     transport: TransportConfig = field(default_factory=TransportConfig)  # activation protocol settings
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # peer discovery settings
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # schedule and fault settings
+    replicas: ReplicaConfig = field(default_factory=ReplicaConfig)  # replicated-stage settings
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and the fix."""
@@ -96,3 +137,4 @@ class NodeConfig:
         if r.steps < 0 or r.num_microbatches < 1 or r.microbatch_size < 1:
             raise ValueError("runtime.steps must be >= 0, num_microbatches and microbatch_size >= 1")
         self.transport.validate()
+        self.replicas.validate()

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 import trio
 
+from node.averaging import AveragingService, ContributionStore, trainable
 from node.channel import ActChannel, ActEndpoint, LocalInfo, ReceiptHook
 from node.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
 from node.config import NodeConfig
@@ -29,7 +30,10 @@ from node.errors import CheckpointError, NodeError, PeerLostError
 from node.host import full_addrs, make_host, parse_listen
 from node.identity import NodeIdentity, load_or_create_identity
 from node.metrics import NodeMetrics
+from node.rebalance import Move
+from node.replicas import ReplicaEngine, StepOutcome
 from node.runtime import PipelineRuntime, StepResult
+from node.statesync import StateService, fetch_state, pack_state
 from node.status import append_progress, write_status
 from node.worker import StageWorker
 from sharding import PRESETS, ModelConfig, OptimConfig, load_corpus, partition
@@ -51,6 +55,18 @@ def load_model_config(model: str) -> ModelConfig:
 class _Links:
     up: ActChannel | None = None
     down: ActChannel | None = None
+
+
+def choose_replica_stage(entries: list[Announcement], spec_hash: str, num_stages: int) -> int:
+    """Replicated mode: stage 0 while nobody serves it (it is the step authority and stays single),
+    otherwise the other stage with the least announced capacity (lowest index on ties)."""
+    load = [0] * num_stages
+    for e in entries:
+        if e.spec_hash == spec_hash and e.num_stages == num_stages and 0 <= e.stage < num_stages:
+            load[e.stage] += e.capacity
+    if load[0] == 0 or num_stages == 1:
+        return 0
+    return min(range(1, num_stages), key=lambda s: (load[s], s))
 
 
 class NodeDaemon:
@@ -76,6 +92,8 @@ class NodeDaemon:
         self.state = "starting"
         self.results: list[StepResult] = []
         self.metrics: NodeMetrics | None = None
+        self.engine: ReplicaEngine | None = None  # replicated mode: the engine of the stage served now
+        self._serving = False  # replicated mode: state may be handed to joining peers
         self._status: dict[str, Any] = {}
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -172,6 +190,8 @@ class NodeDaemon:
         cfg = self.cfg
         if cfg.runtime.torch_threads > 0:
             torch.set_num_threads(cfg.runtime.torch_threads)
+        if cfg.replicas.enabled:
+            return await self._run_replicated(task_status)
         host = make_host(self.identity, cfg.transport.yamux_frame_bytes, cfg.transport.tcp_read_bytes)
         listen = parse_listen(cfg.listen)
         spec_hash = self.model.spec_hash()
@@ -290,6 +310,174 @@ class NodeDaemon:
             if progress:
                 progress.close()
 
+    # -- replicated mode ---------------------------------------------------------------------------
+
+    async def _run_replicated(self, task_status: Any) -> int:
+        """Replicated mode: several nodes per stage, routing, failover, averaging, joining, rebalancing."""
+        cfg = self.cfg
+        host = make_host(self.identity, cfg.transport.yamux_frame_bytes, cfg.transport.tcp_read_bytes)
+        spec_hex = self.model.spec_hash().hex()
+        async with host.run(listen_addrs=parse_listen(cfg.listen)), trio.open_nursery() as nursery:
+            addrs = full_addrs(host)
+            me = Announcement(peer_id=host.get_id().pretty(), addrs=tuple(addrs), spec_hash=spec_hex,
+                              num_stages=cfg.num_stages, stage=-1, capacity=cfg.capacity,
+                              address=self.identity.address)
+            discovery = Discovery(host, me, cfg.discovery, cfg.bootstrap)
+            await discovery.gossip_round()
+            stage = choose_replica_stage(discovery.entries(), spec_hex, cfg.num_stages) if cfg.stage == "auto" \
+                else int(cfg.stage)
+            nursery.start_soon(discovery.run)
+            rc = cfg.replicas
+            AveragingService(host, spec_hex, self._avg_target, rc.avg_timeout_s)
+            StateService(host, spec_hex, self._snapshot, rc.state_timeout_s)
+            if cfg.metrics_port:
+                self.metrics = NodeMetrics(stage)
+                self.metrics.serve(cfg.metrics_port)
+            self.state = "running"
+            ready = {"event": "ready", "peer_id": me.peer_id, "addrs": addrs, "stage": stage,
+                     "address": self.identity.address, "metrics_port": cfg.metrics_port, "replicated": True}
+            self._write_status(**ready)
+            print(json.dumps(ready), flush=True)
+            print(f"node {me.peer_id} serving stage {stage}/{cfg.num_stages} (replicated) of model "
+                  f"0x{spec_hex[:16]}..., listening on {' '.join(addrs)}", file=sys.stderr, flush=True)
+            task_status.started(ready)
+            code = 0
+            failure: NodeError | None = None
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                stop = trio.CancelScope()
+
+                async def watch_signals() -> None:
+                    nonlocal code
+                    async for signum in signals:
+                        code = 128 + int(signum)
+                        stop.cancel()
+                        return
+
+                nursery.start_soon(watch_signals)
+                with stop:
+                    try:
+                        await self._replicated_loop(host, discovery, stage)
+                    except NodeError as exc:
+                        failure = exc
+                        self._write_status(error=str(exc))
+                    if self.linger and failure is None:
+                        self.state = "serving"
+                        print(json.dumps({"event": "trained", "next_step": self.worker.next_step if self.worker
+                                          else 0}), flush=True)
+                        await trio.sleep_forever()
+            if self.worker is not None:
+                self.worker.abort_step()
+                save_checkpoint(self.worker, self.data_dir)
+            self.state = "failed" if failure else "stopped" if code else "finished"
+            self._write_status(next_step=self.worker.next_step if self.worker else 0)
+            if self.engine is not None:
+                with trio.move_on_after(2):
+                    await self.engine.close()
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return code
+
+    def _avg_target(self) -> tuple[int, ContributionStore | None]:
+        eng = self.engine
+        return (eng.stage, eng.store) if eng is not None else (-1, None)
+
+    async def _snapshot(self, stage: int) -> tuple[dict[str, Any], bytes] | None:
+        eng = self.engine
+        if eng is None or eng.stage != stage or not self._serving:
+            return None
+        async with eng.lock:
+            return await trio.to_thread.run_sync(pack_state, eng.worker)
+
+    async def _sync_state(self, eng: ReplicaEngine, discovery: Discovery) -> None:
+        """Joining: fetch the stage's state from the most advanced live peer ahead of us, if any."""
+        ahead = [e for e in discovery.stage_peers(eng.stage) if e.next_step > eng.worker.next_step and e.addrs]
+        for e in sorted(ahead, key=lambda e: (-e.next_step, e.peer_id)):
+            try:
+                got = await fetch_state(discovery.host, e.addrs[0], eng.worker, self.cfg.replicas.state_timeout_s)
+            except NodeError as exc:
+                self._write_status(last_sync_error=str(exc))
+                continue
+            eng.current_step = got
+            self._write_status(synced_from=e.peer_id, synced_step=got)
+            return
+
+    async def _replicated_loop(self, host: Any, discovery: Discovery, stage: int) -> None:
+        cfg, r, rc = self.cfg, self.cfg.runtime, self.cfg.replicas
+        moved_from: int | None = None
+        while True:
+            worker = await trio.to_thread.run_sync(self._build_worker, stage)
+            self.worker = worker
+            store = ContributionStore(sum(p.numel() for p in trainable(worker.module)))
+            endpoint = ActEndpoint(
+                host, local=LocalInfo(self.model.spec_hash(), stage, cfg.num_stages, self.identity.address),
+                frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport,
+                receipts=self.receipts, step_fn=lambda w=worker: w.next_step)  # type: ignore[misc]
+            eng = ReplicaEngine(cfg, worker, endpoint, discovery, host, store)
+            endpoint.decoder = eng.decode
+            self.engine = eng
+            self._serving = False
+            await self._sync_state(eng, discovery)
+            self._serving = True
+            discovery.update_me(stage=stage, next_step=worker.next_step)
+            self._write_status(stage=stage, next_step=worker.next_step, moved_from=moved_from)
+            move: Move | None = None
+            progress = _Progress(r.steps, worker.next_step, stage) if cfg.progress else None
+            try:
+                async with trio.open_nursery() as en:
+                    en.start_soon(eng.accept_loop)
+                    en.start_soon(eng.dial_loop, en)
+                    en.start_soon(eng.commit_poller)
+                    last_plan = trio.current_time()
+                    while worker.next_step < r.steps:
+                        out = await eng.run_step(worker.next_step)
+                        self._after_replica_step(out, eng)
+                        discovery.update_me(next_step=worker.next_step, throughput=eng.throughput)
+                        if progress:
+                            progress.update(StepResult(out.step, stage, out.loss, out.tokens, out.seconds, 0.0))
+                        if r.checkpoint_every and worker.next_step % r.checkpoint_every == 0:
+                            await trio.to_thread.run_sync(save_checkpoint, worker, self.data_dir)
+                        now = trio.current_time()
+                        if rc.rebalance_period_s and now - last_plan >= rc.rebalance_period_s:
+                            last_plan = now
+                            move = eng.plan(discovery.me.peer_id)
+                            if move is not None and worker.next_step < r.steps:
+                                break
+                            move = None
+                    if move is not None:
+                        discovery.update_me(stage=-1)
+                        self._serving = False
+                        await trio.to_thread.run_sync(save_checkpoint, worker, self.data_dir)
+                        with trio.move_on_after(2):
+                            await eng.close()
+                    en.cancel_scope.cancel()
+            finally:
+                if progress:
+                    progress.close()
+            if move is None:
+                return
+            moved_from = stage
+            stage = move.to_stage
+            self._write_status(moved_to=stage, move=json.dumps(move.__dict__))
+            print(json.dumps({"event": "move", "from_stage": move.from_stage, "to_stage": move.to_stage,
+                              "step": worker.next_step}), flush=True)
+
+    def _after_replica_step(self, out: StepOutcome, eng: ReplicaEngine) -> None:
+        tok_s = out.tokens / out.seconds if out.seconds > 0 else 0.0
+        record = {"step": out.step, "stage": eng.stage, "loss": out.loss, "tokens": out.tokens,
+                  "seconds": out.seconds, "tokens_per_s": tok_s, "comm_wait_s": max(0.0, out.seconds - out.compute_s),
+                  "bytes_in": 0, "bytes_out": 0, "end_time": time.time(), "applied": out.applied, "mine": out.mine,
+                  "computed": out.computed, "dropped": out.dropped, "rerouted": out.rerouted,
+                  "compute_s": out.compute_s, "throughput": eng.throughput}
+        append_progress(self.data_dir, record)
+        self._write_status(step=out.step, next_step=out.step + 1, loss=out.loss, tokens_per_s=tok_s,
+                           bans=eng.events[-20:], stage=eng.stage)
+        if self.metrics:
+            self.metrics.tokens_per_s.set(tok_s)
+            self.metrics.step.set(out.step)
+            if out.loss is not None:
+                self.metrics.loss.set(out.loss)
+
     def _after_step(self, res: StepResult, peers: int) -> None:
         self.results.append(res)
         tok_s = res.tokens / res.seconds if res.seconds > 0 else 0.0
@@ -372,6 +560,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deployment", default=None, help="deployment file of the contracts (with --rpc-url)")
     p.add_argument("--model-id", type=int, default=0, help="on-chain model id (with --rpc-url)")
     p.add_argument("--linger", action="store_true", help="after the last step keep serving until signalled")
+    p.add_argument("--replicated", action="store_true", help="replicated mode: several nodes may serve one stage")
+    p.add_argument("--max-inflight", type=int, default=2, help="microbatches one downstream replica may hold")
+    p.add_argument("--replica-timeout", type=float, default=10.0, help="round trip before re-route + ban (s)")
+    p.add_argument("--ban-base", type=float, default=1.0, help="first ban (s); doubles per ban")
+    p.add_argument("--ban-max", type=float, default=60.0, help="longest ban (s)")
+    p.add_argument("--no-replica-timeout", type=float, default=30.0, help="wait for any usable replica (s)")
+    p.add_argument("--avg-timeout", type=float, default=10.0, help="averaging deadline inside a stage (s)")
+    p.add_argument("--commit-poll", type=float, default=1.0, help="idle time before asking stage peers (s)")
+    p.add_argument("--aggregation", default="mean", help="mean, median or centered_clip")
+    p.add_argument("--rebalance-period", type=float, default=0.0, help="seconds between rebalance checks (0 = off)")
+    p.add_argument("--rebalance-threshold", type=float, default=1.5, help="throughput ratio that triggers a move")
+    p.add_argument("--debug-delay-s", type=float, default=0.0, help="TEST ONLY: extra compute seconds per microbatch")
     return p
 
 
@@ -387,6 +587,12 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
     r.torch_threads, r.checkpoint_every = a.threads, a.checkpoint_every
     r.frame_timeout_s, r.redial_timeout_s, r.step_retries = a.frame_timeout, a.redial_timeout, a.step_retries
     cfg.transport.credits = a.credits
+    rc = cfg.replicas
+    rc.enabled, rc.max_inflight, rc.replica_timeout_s = a.replicated, a.max_inflight, a.replica_timeout
+    rc.ban_base_s, rc.ban_max_s, rc.no_replica_timeout_s = a.ban_base, a.ban_max, a.no_replica_timeout
+    rc.avg_timeout_s, rc.commit_poll_s, rc.aggregation = a.avg_timeout, a.commit_poll, a.aggregation
+    rc.rebalance_period_s, rc.rebalance_threshold, rc.debug_delay_s = (a.rebalance_period, a.rebalance_threshold,
+                                                                       a.debug_delay_s)
     return cfg
 
 

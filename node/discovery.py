@@ -35,6 +35,8 @@ class Announcement:
     stage: int  # stage it serves (-1 while still choosing)
     capacity: int  # declared capacity units
     address: str = ""  # Ethereum address of its node key
+    next_step: int = -1  # replicated mode: the first step it has not applied (-1 = not reported)
+    throughput: float = 0.0  # replicated mode: tokens/s its compute sustained over its last step (0 = unknown)
     seq: int = 0  # sender's version: milliseconds since the epoch at start, +1 per change (newest wins,
     # so a restarted node's fresh addresses replace its old entry)
 
@@ -46,7 +48,8 @@ class Announcement:
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> Announcement:
         return cls(str(d["peer_id"]), tuple(str(a) for a in d["addrs"]), str(d["spec_hash"]), int(d["num_stages"]),
-                   int(d["stage"]), int(d["capacity"]), str(d.get("address", "")), int(d.get("seq", 0)))
+                   int(d["stage"]), int(d["capacity"]), str(d.get("address", "")), int(d.get("next_step", -1)),
+                   float(d.get("throughput", 0.0)), int(d.get("seq", 0)))
 
 
 def choose_stage(entries: Iterable[Announcement], spec_hash: str, num_stages: int, exclude: str = "") -> int:
@@ -183,6 +186,12 @@ class Discovery:
         while True:
             await self.gossip_round()
             await trio.sleep(self.cfg.announce_interval_s)
+
+    def stage_peers(self, stage: int) -> list[Announcement]:
+        """Live peers announcing `stage` of our model, by peer id."""
+        return sorted((e for e in self.entries()
+                       if e.stage == stage and e.spec_hash == self.me.spec_hash and e.num_stages == self.me.num_stages),
+                      key=lambda e: e.peer_id)
 
     async def wait_for_stage(self, stage: int, timeout_s: float | None = None) -> Announcement:
         """A live peer serving `stage` of our model (DiscoveryError naming the stage on timeout)."""

@@ -122,3 +122,15 @@ class ReceiptRejectedError(FrameError):
     """The sender's receipt signature on a data frame is missing or does not verify."""
 
     reason = "receipt"
+
+
+class AveragingError(NodeError):
+    """A stage peer's contribution or commit could not be exchanged or combined."""
+
+
+class StateSyncError(NodeError):
+    """A joining replica could not fetch its stage's state from a peer."""
+
+
+class NoReplicaError(PeerLostError):
+    """No usable replica of the next stage was available within `replicas.no_replica_timeout_s`."""

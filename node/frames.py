@@ -46,6 +46,7 @@ class Kind(IntEnum):
     ERROR = 6  # the sender rejected something; payload = UTF-8 message
     CLOSE = 7  # orderly end of the run (no more data frames will follow)
     LOSS = 8  # tail -> upstream: JSON payload with the step's loss (progress reporting)
+    COMMIT = 9  # head -> downstream replicas: JSON payload {"step", "commit": [[mb, attempt], ...]}
 
 
 class Codec(IntEnum):
@@ -108,6 +109,7 @@ class FrameHeader:
     sig_len: int = 0  # bytes of the trailing signature
     digest: bytes = field(default=b"\x00" * DIGEST_SIZE)  # sha256 of window + payload
     version: int = VERSION  # protocol version
+    attempt: int = 0  # data frames: the head's attempt id of this (step, microbatch) (header flags field)
 
     @property
     def body_len(self) -> int:
@@ -176,7 +178,7 @@ def encode_header(h: FrameHeader) -> bytes:
     shape = tuple(h.shape) + (0,) * (MAX_NDIM - len(h.shape))
     try:
         return _HEADER.pack(
-            MAGIC, h.version, int(h.kind), 0, h.spec_hash, h.stage, h.step, h.microbatch,
+            MAGIC, h.version, int(h.kind), h.attempt, h.spec_hash, h.stage, h.step, h.microbatch,
             int(h.codec), int(h.dtype), len(h.shape), 0, *shape,
             h.window_len, h.payload_len, h.sig_len, 0, h.digest,
         )
@@ -211,7 +213,7 @@ def decode_header(buf: bytes, max_frame_bytes: int) -> FrameHeader:
     """Unpack and sanity-check a header; the size limit is enforced here, before any body byte."""
     if len(buf) < HEADER_SIZE:
         raise TruncatedFrameError(f"header truncated: {len(buf)} of {HEADER_SIZE} bytes")
-    (magic, version, kind, _flags, spec_hash, stage, step, mb, codec, dtype, ndim, _r0,
+    (magic, version, kind, attempt, spec_hash, stage, step, mb, codec, dtype, ndim, _r0,
      s0, s1, s2, s3, window_len, payload_len, sig_len, _r1, dig) = _HEADER.unpack_from(buf)
     if magic != MAGIC:
         raise BadMagicError(f"bad magic {magic!r}, expected {MAGIC!r}")
@@ -229,7 +231,7 @@ def decode_header(buf: bytes, max_frame_bytes: int) -> FrameHeader:
     return FrameHeader(
         kind=kind_e, spec_hash=spec_hash, stage=stage, step=step, microbatch=mb, codec=codec_e,
         dtype=dtype_e, shape=(s0, s1, s2, s3)[:ndim], window_len=window_len, payload_len=payload_len,
-        sig_len=sig_len, digest=dig, version=version,
+        sig_len=sig_len, digest=dig, version=version, attempt=attempt,
     )
 
 

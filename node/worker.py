@@ -112,6 +112,11 @@ class StageWorker:
             obs.on_frame(fr)
         return decoded
 
+    def stash_ids(self, step: int, mb: int) -> torch.Tensor | None:
+        """Token ids stashed by the forward of (step, mb), or None if there is none (replicated runtime)."""
+        stash = self._stash.get((step, mb))
+        return None if stash is None else stash.ids
+
     # -- schedule pieces --------------------------------------------------------------------------
 
     def head_window(self, step: int, mb: int) -> torch.Tensor:

@@ -1,0 +1,264 @@
+"""Averaging inside a stage: per-(step, microbatch, attempt) gradient contributions and `/pmn/avg/1.0.0`.
+
+Every replica keeps the parameter gradient of each microbatch attempt it computed separately and
+pushes it to the other replicas of its stage. Once the head's commit of a step is known, each
+replica combines the committed contributions (one per microbatch) through `protocol.aggregation`
+in microbatch order, so every replica applies the same update and the synchronous result equals
+the single-replica run. A replica that lacks a step's commit or contributions pulls them from a
+peer of its stage (joining replicas catch up this way).
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import trio
+from libp2p.custom_types import TProtocol
+
+from node.errors import AveragingError
+from node.host import parse_peer_addr
+from protocol.aggregation import AggregationConfig, aggregate
+
+AVG_PROTOCOL = TProtocol("/pmn/avg/1.0.0")
+MAX_HEADER = 1 << 20  # bytes of one JSON message header
+
+
+# -- flat gradients (pure) ---------------------------------------------------------------------------
+
+
+def trainable(module: torch.nn.Module) -> list[torch.nn.Parameter]:
+    """Parameters that receive gradients, in a fixed order."""
+    return [p for p in module.parameters() if p.requires_grad]
+
+
+def take_grads(module: torch.nn.Module) -> torch.Tensor:
+    """The module's accumulated gradients as one flat fp32 vector; the gradients are reset to None."""
+    parts = []
+    for p in trainable(module):
+        parts.append(p.grad.detach().reshape(-1).float() if p.grad is not None else torch.zeros(p.numel()))
+        p.grad = None
+    return torch.cat(parts) if parts else torch.zeros(0)
+
+
+def set_grads(module: torch.nn.Module, flat: torch.Tensor) -> None:
+    """Install a flat gradient vector (inverse of take_grads)."""
+    params = trainable(module)
+    n = sum(p.numel() for p in params)
+    if flat.numel() != n:
+        raise AveragingError(f"gradient vector has {flat.numel()} values, the stage has {n} parameters")
+    off = 0
+    for p in params:
+        p.grad = flat[off: off + p.numel()].reshape(p.shape).to(p.dtype).clone()
+        off += p.numel()
+
+
+def combine(vectors: list[torch.Tensor], num_microbatches: int, method: str = "mean") -> torch.Tensor:
+    """Combine one contribution per committed microbatch (each already scaled by 1/M).
+
+    Each contribution times M estimates the step's gradient; their aggregate (a plain mean by
+    default) equals the sum of the contributions when all M are present.
+    """
+    if not vectors:
+        raise AveragingError("no contributions to combine")
+    updates = [v * num_microbatches for v in vectors]
+    return aggregate(updates, AggregationConfig(method=method))
+
+
+# -- the store ---------------------------------------------------------------------------------------
+
+
+class ContributionStore:
+    """Contributions and commits of recent steps (this replica's and its stage peers')."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size  # values per contribution vector (the stage's trainable parameters)
+        self.vecs: dict[int, dict[tuple[int, int], torch.Tensor]] = {}  # step -> (mb, attempt) -> vector
+        self.losses: dict[int, dict[tuple[int, int], float]] = {}  # step -> (mb, attempt) -> tail loss
+        self.commits: dict[int, dict[int, int]] = {}  # step -> mb -> committed attempt
+        self.changed = trio.Event()
+
+    def _poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def add(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None = None) -> None:
+        """Keep one contribution (AveragingError on a wrong size; nothing stored then)."""
+        if vec.numel() != self.size or vec.dim() != 1:
+            raise AveragingError(f"contribution of step {step} mb {mb} has {vec.numel()} values, expected {self.size}")
+        self.vecs.setdefault(step, {})[(mb, attempt)] = vec
+        if loss is not None:
+            self.losses.setdefault(step, {})[(mb, attempt)] = float(loss)
+        self._poke()
+
+    def commit(self, step: int, commit: dict[int, int]) -> None:
+        """Record the head's commit of `step` (first one wins; commits never change)."""
+        if step not in self.commits:
+            self.commits[step] = dict(commit)
+            self._poke()
+
+    def missing(self, step: int) -> list[int]:
+        """Committed microbatches of `step` whose contribution is not here."""
+        have = self.vecs.get(step, {})
+        return sorted(mb for mb, a in self.commits.get(step, {}).items() if (mb, a) not in have)
+
+    def committed(self, step: int) -> list[tuple[int, int, torch.Tensor, float | None]]:
+        """(mb, attempt, vector, loss) of each committed contribution present, in microbatch order."""
+        have = self.vecs.get(step, {})
+        losses = self.losses.get(step, {})
+        out = []
+        for mb, a in sorted(self.commits.get(step, {}).items()):
+            if (mb, a) in have:
+                out.append((mb, a, have[(mb, a)], losses.get((mb, a))))
+        return out
+
+    def prune(self, keep_from: int) -> None:
+        """Forget steps before `keep_from`."""
+        for d in (self.vecs, self.losses, self.commits):
+            for s in [s for s in d if s < keep_from]:
+                del d[s]
+
+
+# -- wire messages -----------------------------------------------------------------------------------
+
+
+async def write_msg(stream: Any, header: dict[str, Any], blob: bytes = b"") -> None:
+    """4-byte header length, JSON header (with the blob length), then the blob."""
+    body = json.dumps({**header, "blob": len(blob)}).encode()
+    await stream.write(struct.pack(">I", len(body)) + body + blob)
+
+
+async def _read_exactly(stream: Any, n: int) -> bytes:
+    parts, have = [], 0
+    while have < n:
+        chunk = await stream.read(min(n - have, 1 << 20))
+        if not chunk:
+            raise AveragingError(f"stream ended after {have} of {n} bytes")
+        parts.append(chunk)
+        have += len(chunk)
+    return b"".join(parts)
+
+
+async def read_msg(stream: Any, max_blob: int) -> tuple[dict[str, Any], bytes]:
+    """Inverse of write_msg (AveragingError on oversize or malformed input)."""
+    (n,) = struct.unpack(">I", await _read_exactly(stream, 4))
+    if n > MAX_HEADER:
+        raise AveragingError(f"message header of {n} bytes exceeds {MAX_HEADER}")
+    try:
+        header = json.loads(await _read_exactly(stream, n))
+        size = int(header["blob"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AveragingError(f"malformed message header: {exc}") from exc
+    if not 0 <= size <= max_blob:
+        raise AveragingError(f"message blob of {size} bytes exceeds {max_blob}")
+    return header, await _read_exactly(stream, size) if size else b""
+
+
+def vec_bytes(vec: torch.Tensor) -> bytes:
+    """fp32 little-endian bytes of a flat vector."""
+    return vec.detach().to(torch.float32).contiguous().numpy().tobytes()
+
+
+def bytes_vec(raw: bytes, size: int) -> torch.Tensor:
+    """Inverse of vec_bytes (AveragingError on a wrong length)."""
+    if len(raw) != 4 * size:
+        raise AveragingError(f"vector of {len(raw)} bytes, expected {4 * size}")
+    return torch.frombuffer(bytearray(raw), dtype=torch.float32)
+
+
+# -- the service -------------------------------------------------------------------------------------
+
+
+class AveragingService:
+    """Serves `/pmn/avg/1.0.0` for whatever stage the node serves now (`target()` gives it)."""
+
+    def __init__(self, host: Any, spec_hash: str, target: Callable[[], tuple[int, ContributionStore | None]],
+                 timeout_s: float) -> None:
+        self.host = host
+        self.spec_hash = spec_hash  # hex model spec hash; requests for another model are refused
+        self.target = target  # () -> (stage, store) of the current engine (store None while none runs)
+        self.timeout_s = timeout_s  # bound on one exchange
+        host.set_stream_handler(AVG_PROTOCOL, self._handle)
+
+    async def _handle(self, stream: Any) -> None:
+        try:
+            with trio.fail_after(self.timeout_s + 5):
+                stage, store = self.target()
+                max_blob = 4 * (store.size if store else 0) * 64
+                header, blob = await read_msg(stream, max(max_blob, 4))
+                if header.get("spec_hash") != self.spec_hash or store is None or header.get("stage") != stage:
+                    await write_msg(stream, {"error": f"this peer serves stage {stage} of model "
+                                                      f"0x{self.spec_hash[:16]}..., not the one asked for"})
+                elif header.get("op") == "push":
+                    store.add(int(header["step"]), int(header["mb"]), int(header["attempt"]),
+                              bytes_vec(blob, store.size), header.get("loss"))
+                    await write_msg(stream, {"ok": True})
+                elif header.get("op") == "pull":
+                    await self._answer_pull(stream, store, int(header["step"]), float(header.get("wait_s", 0)))
+                else:
+                    await write_msg(stream, {"error": f"unknown op {header.get('op')!r}"})
+                await stream.close()
+        except Exception:  # a misbehaving or vanished peer only loses its own exchange
+            try:
+                await stream.reset()
+            except Exception:
+                pass
+
+    async def _answer_pull(self, stream: Any, store: ContributionStore, step: int, wait_s: float) -> None:
+        with trio.move_on_after(min(wait_s, self.timeout_s)):
+            while step not in store.commits:
+                await store.changed.wait()
+        if step not in store.commits:
+            await write_msg(stream, {"commit": None})
+            return
+        items = store.committed(step)
+        blob = b"".join(vec_bytes(v) for _, _, v, _ in items)
+        await write_msg(stream, {"commit": sorted([mb, a] for mb, a in store.commits[step].items()),
+                                 "have": [[mb, a, loss] for mb, a, _, loss in items]}, blob)
+
+
+async def _request(host: Any, addr: str, header: dict[str, Any], blob: bytes, max_blob: int,
+                   timeout_s: float) -> tuple[dict[str, Any], bytes]:
+    info = parse_peer_addr(addr)
+    with trio.fail_after(timeout_s):
+        await host.connect(info)
+        stream = await host.new_stream(info.peer_id, [AVG_PROTOCOL])
+        try:
+            await write_msg(stream, header, blob)
+            reply, data = await read_msg(stream, max_blob)
+        finally:
+            try:
+                await stream.close()
+            except Exception:
+                pass
+    if "error" in reply:
+        raise AveragingError(f"peer {info.peer_id.pretty()} refused: {reply['error']}")
+    return reply, data
+
+
+async def push(host: Any, addr: str, spec_hash: str, stage: int, step: int, mb: int, attempt: int,
+               vec: torch.Tensor, loss: float | None, timeout_s: float) -> None:
+    """Give one contribution to a stage peer."""
+    await _request(host, addr, {"op": "push", "spec_hash": spec_hash, "stage": stage, "step": step, "mb": mb,
+                                "attempt": attempt, "loss": loss}, vec_bytes(vec), 0, timeout_s)
+
+
+async def pull(host: Any, addr: str, spec_hash: str, stage: int, step: int, size: int, wait_s: float,
+               timeout_s: float) -> tuple[dict[int, int] | None, list[tuple[int, int, torch.Tensor, float | None]]]:
+    """A stage peer's commit of `step` (None if it has none within wait_s) and its committed contributions."""
+    reply, data = await _request(host, addr, {"op": "pull", "spec_hash": spec_hash, "stage": stage, "step": step,
+                                              "wait_s": wait_s}, b"", 4 * size * 1024, timeout_s + wait_s)
+    if reply.get("commit") is None:
+        return None, []
+    commit = {int(mb): int(a) for mb, a in reply["commit"]}
+    have = reply.get("have", [])
+    if len(data) != 4 * size * len(have):
+        raise AveragingError(f"pull answer holds {len(data)} bytes for {len(have)} vectors of {size}")
+    out = []
+    for i, (mb, a, loss) in enumerate(have):
+        out.append((int(mb), int(a), bytes_vec(data[4 * size * i: 4 * size * (i + 1)], size),
+                    None if loss is None else float(loss)))
+    return commit, out

@@ -1,0 +1,492 @@
+"""Replicated-stage runtime: one node among possibly several serving a stage.
+
+* Channels to every live replica of the next stage (dialled from discovery) and from every replica
+  of the previous stage (accepted).
+* The head is the step's authority: it sends each microbatch (attempt id in the frame header) to
+  the replica the `Router` picks (EWMA latency, in-flight limit, bans), re-sends it with a new
+  attempt when that replica is lost or exceeds `replica_timeout_s`, and commits a microbatch when
+  its gradient returns. The step's commit (mb -> attempt) travels downstream in COMMIT frames.
+* Inner stages route the same way (keeping the head's attempt id) and send each gradient back to
+  whoever sent the activation; late answers are discarded.
+* Each replica keeps the parameter gradient of every (step, mb, attempt) separately, pushes it to
+  its stage peers, and applies only the committed ones (`node.averaging`), so every microbatch is
+  applied exactly once per stage and all replicas of a stage apply the same update.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import trio
+
+from node import averaging as A
+from node import frames as F
+from node.channel import ActChannel, ActEndpoint, Received
+from node.config import NodeConfig
+from node.discovery import Discovery
+from node.errors import AveragingError, NodeError, NoReplicaError
+from node.rebalance import Move, plan_move
+from node.routing import Router
+from node.worker import StageWorker, window_to_bytes
+
+
+@dataclass
+class _Work:
+    """A microbatch attempt this stage must send downstream (or has sent)."""
+
+    mb: int  # microbatch index
+    attempt: int  # the head's attempt id
+    payload: bytes  # encoded boundary activation
+    window: bytes  # token window bytes
+    up: str = ""  # peer that sent us the activation ("" at the head)
+    down: str = ""  # replica it was sent to ("" while waiting for one)
+    sent_at: float = 0.0  # trio clock when sent
+
+
+@dataclass
+class StepOutcome:
+    """What one replica did in one step (progress record fields)."""
+
+    step: int  # global step
+    loss: float | None  # mean committed loss (tail replicas)
+    applied: list[list[int]]  # committed [mb, attempt] pairs whose contributions were combined
+    mine: list[list[int]]  # committed [mb, attempt] pairs this replica computed
+    computed: list[list[int]]  # every [mb, attempt] this replica computed (committed or not)
+    dropped: list[int]  # committed microbatches whose contribution missed the averaging deadline
+    rerouted: int  # attempts re-sent to another replica
+    seconds: float  # wall time of the step
+    compute_s: float  # seconds spent computing (forward/backward, debug delay)
+    tokens: int  # tokens of the step
+    extra: dict[str, Any] = field(default_factory=dict)  # free-form additions
+
+
+class ReplicaEngine:
+    """Runs global steps of one stage in replicated mode until told to stop or move."""
+
+    def __init__(self, cfg: NodeConfig, worker: StageWorker, endpoint: ActEndpoint, discovery: Discovery,
+                 host: Any, store: A.ContributionStore) -> None:
+        self.cfg = cfg
+        self.rc = cfg.replicas
+        self.worker = worker
+        self.endpoint = endpoint
+        self.discovery = discovery
+        self.host = host
+        self.store = store
+        self.stage = worker.spec.index
+        self.m = worker.num_microbatches
+        self.spec_hash = worker.config.spec_hash().hex()
+        self.up: dict[str, ActChannel] = {}
+        self.down: dict[str, ActChannel] = {}
+        self.router = Router(self.rc)
+        self.lock = trio.Lock()  # held while an optimizer step is applied (state snapshots wait on it)
+        self._wake = trio.Event()
+        self._future: list[tuple[ActChannel, Received]] = []
+        self._work: dict[tuple[int, int], _Work] = {}  # (step, mb) -> outstanding or waiting attempt
+        self._queue: deque[tuple[int, int]] = deque()  # (step, mb) waiting for a replica
+        self._computed: dict[int, list[list[int]]] = {}
+        self._forwarded: set[int] = set()
+        self._rerouted = 0
+        self._compute_s = 0.0
+        self._last_event = trio.current_time()
+        self.current_step = worker.next_step
+        self.throughput = 0.0  # tokens/s of compute over the last step with work
+        self.events: list[dict[str, Any]] = []  # bans and reroutes, for the status file
+
+    # -- channels ----------------------------------------------------------------------------------
+
+    def poke(self) -> None:
+        """Wake the step loop."""
+        self._last_event = trio.current_time()
+        self._wake.set()
+
+    async def accept_loop(self) -> None:
+        """Accept channels from replicas of the previous stage."""
+        async for ch in self.endpoint.incoming:
+            if ch.failure is None and ch.remote_stage == self.stage - 1 and self.stage > 0:
+                old = self.up.get(ch.peer)
+                self.up[ch.peer] = ch
+                ch.listeners.append(self.poke)
+                if old is not None and old is not ch:
+                    await self._drop_channel(old)
+                self.poke()
+            else:
+                await ch.send_error(f"stage {self.stage} accepts activations only from stage {self.stage - 1}")
+                await ch.linger_and_reset()
+
+    async def dial_loop(self, nursery: trio.Nursery) -> None:
+        """Keep a channel open to every live, unbanned replica of the next stage."""
+        if self.worker.spec.is_tail:
+            return
+        while True:
+            now = trio.current_time()
+            for ann in self.discovery.stage_peers(self.stage + 1):
+                ch = self.down.get(ann.peer_id)
+                if ch is not None and ch.failure is None:
+                    continue
+                if self.router.is_banned(ann.peer_id, now) or not ann.addrs:
+                    continue
+                try:
+                    ch = await self.endpoint.open(ann.addrs[0])
+                except Exception:  # dial errors come as many libp2p / OS types; retried next round
+                    continue
+                nursery.start_soon(ch.run_reader)
+                ch.listeners.append(self.poke)
+                self.down[ann.peer_id] = ch
+                self.poke()
+            with trio.move_on_after(self.cfg.discovery.announce_interval_s):
+                await self.discovery.changed.wait()
+
+    async def _drop_channel(self, ch: ActChannel) -> None:
+        try:
+            await ch.stream.reset()
+        except Exception:  # already gone
+            pass
+
+    async def close(self) -> None:
+        """Close every channel (orderly CLOSE first)."""
+        for ch in [*self.down.values(), *self.up.values()]:
+            await ch.close()
+        self.down.clear()
+        self.up.clear()
+
+    def decode(self, fr: F.Frame) -> Any:
+        """Channel decoder: activations via the worker; gradients against the attempt's stash (None if stale)."""
+        h = fr.header
+        if h.kind == F.Kind.ACTIVATION:
+            return self.worker.decode(fr)
+        ids = self.worker.stash_ids(h.step, self._key(h.microbatch, h.attempt))
+        if ids is None:
+            return None  # late answer for an abandoned attempt: dropped by the loop
+        for obs in self.worker.observers:
+            obs.on_frame(fr)
+        return self.worker.codec.decode_gradient(fr.payload, ids)
+
+    def _key(self, mb: int, attempt: int) -> int:
+        """Stash key of a microbatch attempt (the head stashes one forward per microbatch)."""
+        return mb if self.worker.spec.is_head else mb + self.m * attempt
+
+    # -- compute -----------------------------------------------------------------------------------
+
+    async def _compute(self, fn: Any, *args: Any) -> Any:
+        delay = self.rc.debug_delay_s
+
+        def run() -> Any:
+            t0 = time.perf_counter()
+            out = fn(*args)
+            if delay:
+                time.sleep(delay)
+            return out, time.perf_counter() - t0
+
+        out, dt = await trio.to_thread.run_sync(run)
+        self._compute_s += dt
+        return out
+
+    def _grads_after(self, fn: Any, *args: Any) -> Any:
+        out = fn(*args)
+        return out, A.take_grads(self.worker.module)
+
+    async def _contribute(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> None:
+        """Keep our contribution and give it to the stage peers (bounded; failures are skipped)."""
+        self.store.add(step, mb, attempt, vec, loss)
+        self._computed.setdefault(step, []).append([mb, attempt])
+        peers = [e for e in self.discovery.stage_peers(self.stage) if e.addrs]
+        if not peers:
+            return
+
+        async def one(addr: str) -> None:
+            try:
+                await A.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
+                             self.rc.avg_timeout_s)
+            except Exception:  # a vanished peer pulls (or is dropped) later
+                pass
+
+        with trio.move_on_after(self.rc.avg_timeout_s):
+            async with trio.open_nursery() as n:
+                for e in peers:
+                    n.start_soon(one, e.addrs[0])
+
+    # -- routing -----------------------------------------------------------------------------------
+
+    def _candidates(self) -> list[str]:
+        return sorted(p for p, ch in self.down.items() if ch.failure is None)
+
+    def _abandon(self, w: _Work, step: int, reason: str) -> None:
+        """The replica holding `w` was lost or timed out: ban it and queue `w` again."""
+        now = trio.current_time()
+        if w.down:
+            self.router.abandoned(w.down)
+            if not self.router.is_banned(w.down, now):
+                ev = self.router.ban(w.down, reason, now)
+                self.events.append({"event": "ban", "peer": ev.peer, "reason": reason, "count": ev.count,
+                                    "duration_s": ev.duration_s, "step": step, "time": time.time()})
+        if self.worker.spec.is_head:
+            w.attempt += 1  # a new attempt id; the old one's late answers are discarded
+        w.down = ""
+        self._rerouted += 1
+        self._queue.append((step, w.mb))
+
+    async def _dispatch(self, step: int) -> None:
+        """Send queued work to replicas with room."""
+        now = trio.current_time()
+        while self._queue:
+            key = self._queue[0]
+            w = self._work.get(key)
+            if w is None or w.down:
+                self._queue.popleft()
+                continue
+            peer = self.router.choose(self._candidates(), now)
+            if peer is None:
+                return
+            self._queue.popleft()
+            w.down, w.sent_at = peer, now
+            self.router.sent(peer)
+            ch = self.down[peer]
+            try:
+                await ch.send_data(F.Kind.ACTIVATION, step, w.mb, w.payload, w.window, attempt=w.attempt)
+            except NodeError:
+                self._abandon(w, step, "lost")
+
+    def _check_timeouts(self, step: int) -> None:
+        now = trio.current_time()
+        for w in list(self._work.values()):
+            if not w.down:
+                continue
+            ch = self.down.get(w.down)
+            if ch is None or ch.failure is not None:
+                self._abandon(w, step, "lost")
+            elif now - w.sent_at > self.rc.replica_timeout_s:
+                self._abandon(w, step, "timeout")
+
+    # -- frames ------------------------------------------------------------------------------------
+
+    async def _take_frames(self) -> list[tuple[ActChannel, Received]]:
+        got: list[tuple[ActChannel, Received]] = []
+        for peer, ch in list(self.up.items()) + list(self.down.items()):
+            while True:
+                try:
+                    r = await ch.try_recv()
+                except NodeError:
+                    # a lost channel: its work is re-routed by _check_timeouts; upstream ones are just dropped
+                    if self.up.get(peer) is ch:
+                        del self.up[peer]
+                    break
+                if r is None:
+                    break
+                got.append((ch, r))
+            while ch.commits:
+                c = ch.commits.pop(0)
+                self.store.commit(c["step"], c["commit"])
+        return got
+
+    async def _on_activation(self, step: int, ch: ActChannel, r: Received) -> None:
+        h = r.frame.header
+        w = self.worker
+        key = self._key(h.microbatch, h.attempt)
+        if w.stash_ids(h.step, key) is not None or (h.step, h.microbatch) in self._work and \
+                self._work[(h.step, h.microbatch)].attempt == h.attempt:
+            return  # a duplicate of an attempt we already hold
+        window, h_in = r.value
+        if w.spec.is_tail:
+            (loss, vec) = await self._compute(self._grads_after, w.forward, h.step, key, window, h_in)
+            grad = await self._compute(w.backward, h.step, key, None)
+            await self._contribute(h.step, h.microbatch, h.attempt, vec, float(loss))
+            try:
+                await ch.send_data(F.Kind.GRADIENT, h.step, h.microbatch, grad, attempt=h.attempt)
+            except NodeError:
+                pass
+            return
+        out = await self._compute(w.forward, h.step, key, window, h_in)
+        self._work[(h.step, h.microbatch)] = _Work(h.microbatch, h.attempt, out, r.frame.window, up=ch.peer)
+        self._queue.append((h.step, h.microbatch))
+
+    async def _on_gradient(self, step: int, ch: ActChannel, r: Received) -> None:
+        h = r.frame.header
+        w = self._work.get((h.step, h.microbatch))
+        if r.value is None or w is None or w.attempt != h.attempt or w.down != ch.peer or h.step != step:
+            return  # late: the attempt was abandoned or re-routed
+        del self._work[(h.step, h.microbatch)]
+        self.router.answered(ch.peer, trio.current_time() - w.sent_at)
+        key = self._key(h.microbatch, h.attempt)
+        grad, vec = await self._compute(self._grads_after, self.worker.backward, h.step, key, r.value)
+        await self._contribute(h.step, h.microbatch, h.attempt, vec, None)
+        if self.worker.spec.is_head:
+            self._committed[h.microbatch] = h.attempt
+            return
+        up = self.up.get(w.up)
+        if up is not None and up.failure is None:
+            try:
+                await up.send_data(F.Kind.GRADIENT, h.step, h.microbatch, grad, attempt=h.attempt)
+            except NodeError:
+                pass
+
+    # -- the step ----------------------------------------------------------------------------------
+
+    async def _wait(self, limit: float) -> None:
+        self._wake = trio.Event()
+        with trio.move_on_after(limit):
+            await self._wake.wait()
+
+    async def run_step(self, step: int) -> StepOutcome:
+        """Run global step `step` on this replica until its commit is applied."""
+        t0 = time.perf_counter()
+        self._compute_s = 0.0
+        self._rerouted = 0
+        self._committed: dict[int, int] = {}
+        self.current_step = step
+        w = self.worker
+        head = w.spec.is_head
+        next_mb = 0
+        no_replica_since: float | None = None
+        tick = min(0.25, self.rc.replica_timeout_s / 4, self.rc.commit_poll_s)
+        # frames that arrived early for this step
+        early = [(ch, r) for ch, r in self._future if r.frame.header.step == step]
+        self._future = [(ch, r) for ch, r in self._future if r.frame.header.step > step]
+        while True:
+            frames = early + await self._take_frames()
+            early = []
+            for ch, r in frames:
+                h = r.frame.header
+                if h.step > step:
+                    self._future.append((ch, r))
+                elif h.step < step:
+                    continue
+                elif h.kind == F.Kind.ACTIVATION:
+                    await self._on_activation(step, ch, r)
+                else:
+                    await self._on_gradient(step, ch, r)
+            if head and len(self._committed) == self.m:
+                self.store.commit(step, self._committed)
+                break
+            if not head and step in self.store.commits:
+                break
+            if not w.spec.is_tail:
+                self._check_timeouts(step)
+                if head and next_mb < self.m and not self._queue:
+                    now = trio.current_time()
+                    if self.router.choose(self._candidates(), now) is not None:
+                        window = await self._compute(w.head_window, step, next_mb)
+                        out = await self._compute(w.forward, step, next_mb, window, None)
+                        self._work[(step, next_mb)] = _Work(next_mb, 0, out, window_to_bytes(window, w.id_bytes))
+                        self._queue.append((step, next_mb))
+                        next_mb += 1
+                        self.poke()
+                await self._dispatch(step)
+                now = trio.current_time()
+                waiting = bool(self._queue) or (head and next_mb < self.m)
+                if waiting and not self._candidates_usable(now):
+                    no_replica_since = no_replica_since if no_replica_since is not None else now
+                    if now - no_replica_since > self.rc.no_replica_timeout_s:
+                        lost = self.router.events[-1].peer if self.router.events else ""
+                        raise NoReplicaError(
+                            f"stage {self.stage}: no usable replica of stage {self.stage + 1} within "
+                            f"replicas.no_replica_timeout_s={self.rc.no_replica_timeout_s} at step {step}"
+                            + (f" (last lost: peer {lost})" if lost else ""), lost, self.stage + 1)
+                else:
+                    no_replica_since = None
+            if self._wake.is_set():
+                self._wake = trio.Event()
+                continue
+            await self._wait(tick)
+        return await self._finish(step, t0)
+
+    def _candidates_usable(self, now: float) -> bool:
+        return any(not self.router.is_banned(p, now) for p in self._candidates())
+
+    async def _forward_commit(self, step: int) -> None:
+        if step in self._forwarded or self.worker.spec.is_tail:
+            return
+        self._forwarded.add(step)
+        commit = self.store.commits[step]
+        for ch in list(self.down.values()):
+            if ch.failure is None:
+                try:
+                    await ch.send_commit(step, commit)
+                except NodeError:
+                    pass
+
+    async def pull_commit(self, step: int, wait_s: float) -> bool:
+        """Ask stage peers for `step`'s commit and contributions; True once the commit is known here."""
+        for e in self.discovery.stage_peers(self.stage):
+            if not e.addrs:
+                continue
+            try:
+                commit, items = await A.pull(self.host, e.addrs[0], self.spec_hash, self.stage, step,
+                                             self.store.size, wait_s, self.rc.avg_timeout_s)
+            except Exception:  # unreachable / refusing peers are skipped
+                continue
+            for mb, a, vec, loss in items:
+                try:
+                    self.store.add(step, mb, a, vec, loss)
+                except AveragingError:
+                    continue
+            if commit is not None:
+                self.store.commit(step, commit)
+            if step in self.store.commits and not self.store.missing(step):
+                return True
+        return step in self.store.commits
+
+    async def commit_poller(self) -> None:
+        """A replica idle for `commit_poll_s` without its step's commit asks its stage peers for it."""
+        while True:
+            await trio.sleep(self.rc.commit_poll_s)
+            step = self.current_step
+            idle = trio.current_time() - self._last_event >= self.rc.commit_poll_s
+            if self.worker.spec.is_head or step in self.store.commits:
+                continue
+            if idle or any(r.frame.header.step > step for _, r in self._future):
+                if await self.pull_commit(step, 0.0):
+                    self.poke()
+
+    async def _finish(self, step: int, t0: float) -> StepOutcome:
+        w = self.worker
+        await self._forward_commit(step)
+        deadline = trio.current_time() + self.rc.avg_timeout_s
+        pulled = False
+        while self.store.missing(step) and trio.current_time() < deadline:
+            with trio.move_on_after(min(0.5, max(0.0, deadline - trio.current_time()))):
+                await self.store.changed.wait()
+            if self.store.missing(step) and not pulled:
+                pulled = True
+                await self.pull_commit(step, 0.0)
+        dropped = self.store.missing(step)
+        items = self.store.committed(step)
+        commit = self.store.commits[step]
+        async with self.lock:
+            if items:
+                flat = await trio.to_thread.run_sync(A.combine, [v for _, _, v, _ in items], self.m,
+                                                     self.rc.aggregation)
+            else:
+                flat = torch.zeros(self.store.size)
+            w.abort_step()
+            A.set_grads(w.module, flat)
+            await trio.to_thread.run_sync(w.step, step)
+        # abandoned attempts of this step
+        for k, v in self._work.items():
+            if k[0] <= step and v.down:
+                self.router.abandoned(v.down)
+        self._work = {k: v for k, v in self._work.items() if k[0] > step}
+        self._queue = deque(k for k in self._queue if k[0] > step)
+        losses = [loss for _, _, _, loss in items if loss is not None]
+        computed = self._computed.pop(step, [])
+        mine = sorted(x for x in computed if commit.get(x[0]) == x[1])
+        tokens = self.m * w.microbatch_size * w.config.seq_len
+        mine_tokens = len(computed) * w.microbatch_size * w.config.seq_len
+        if mine_tokens and self._compute_s > 0:
+            self.throughput = mine_tokens / self._compute_s
+        self.store.prune(step + 1 - self.rc.keep_steps)
+        return StepOutcome(
+            step=step, loss=sum(losses) / len(losses) if losses and w.spec.is_tail else None,
+            applied=sorted([mb, a] for mb, a, _, _ in items), mine=mine, computed=sorted(computed), dropped=dropped,
+            rerouted=self._rerouted, seconds=time.perf_counter() - t0, compute_s=self._compute_s, tokens=tokens)
+
+    def plan(self, me: str) -> Move | None:
+        """This node's rebalancing move, if the announcements call for one."""
+        nodes = [(e.peer_id, e.stage, e.throughput) for e in self.discovery.entries()
+                 if e.spec_hash == self.spec_hash and e.num_stages == self.worker.spec.num_stages and e.stage >= 0]
+        nodes.append((me, self.stage, self.throughput))
+        move = plan_move(nodes, self.worker.spec.num_stages, self.rc.rebalance_threshold)
+        return move if move is not None and move.peer_id == me else None

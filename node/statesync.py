@@ -1,0 +1,116 @@
+"""`/pmn/state/1.0.0`: a joining replica fetches its stage's weights + optimizer state from a live peer."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import torch
+import trio
+from libp2p.custom_types import TProtocol
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from node.averaging import read_msg, write_msg
+from node.errors import AveragingError, StateSyncError
+from node.host import parse_peer_addr
+from node.worker import StageWorker
+
+STATE_PROTOCOL = TProtocol("/pmn/state/1.0.0")
+MAX_STATE_BYTES = 1 << 32  # largest state blob accepted
+
+
+def pack_state(worker: StageWorker) -> tuple[dict[str, Any], bytes]:
+    """(header, blob) of the worker's weights, AdamW state and step counter."""
+    weights = {k: v.detach().contiguous().clone() for k, v in worker.module.state_dict().items()}
+    opt = worker.optimizer.state_dict()
+    optim: dict[str, torch.Tensor] = {}
+    for idx, st in opt["state"].items():
+        for key, val in st.items():
+            t = val if isinstance(val, torch.Tensor) else torch.tensor(val)
+            optim[f"{idx}/{key}"] = t.detach().contiguous().clone()
+    wb, ob = st_save(weights), st_save(optim) if optim else b""
+    header = {"stage": worker.spec.index, "next_step": worker.next_step, "param_groups": opt["param_groups"],
+              "weights_len": len(wb), "optim_len": len(ob), "spec_hash": worker.config.spec_hash().hex()}
+    return header, wb + ob
+
+
+def unpack_state(worker: StageWorker, header: dict[str, Any], blob: bytes) -> int:
+    """Install a packed state into `worker` (StateSyncError if it is for another model/stage); returns next_step."""
+    if header.get("spec_hash") != worker.config.spec_hash().hex() or header.get("stage") != worker.spec.index:
+        raise StateSyncError(f"state is for stage {header.get('stage')} of model {str(header.get('spec_hash'))[:16]}, "
+                             f"this replica serves stage {worker.spec.index}")
+    wl, ol = int(header["weights_len"]), int(header["optim_len"])
+    if wl + ol != len(blob):
+        raise StateSyncError(f"state blob of {len(blob)} bytes, header declares {wl + ol}")
+    try:
+        weights = st_load(blob[:wl])
+        worker.module.load_state_dict(weights, strict=True)
+        state: dict[int, dict[str, torch.Tensor]] = {}
+        for key, val in (st_load(blob[wl:]) if ol else {}).items():
+            idx, name = key.split("/", 1)
+            state.setdefault(int(idx), {})[name] = val
+        worker.optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise StateSyncError(f"state does not fit stage {worker.spec.index}: {exc}") from exc
+    worker.next_step = int(header["next_step"])
+    return worker.next_step
+
+
+class StateService:
+    """Answers state requests with a snapshot taken between optimizer steps (`snapshot()`)."""
+
+    def __init__(self, host: Any, spec_hash: str,
+                 snapshot: Callable[[int], Awaitable[tuple[dict[str, Any], bytes] | None]], timeout_s: float) -> None:
+        self.spec_hash = spec_hash  # hex model spec hash
+        self.snapshot = snapshot  # stage -> (header, blob), or None when this node does not serve that stage
+        self.timeout_s = timeout_s  # bound on one exchange
+        host.set_stream_handler(STATE_PROTOCOL, self._handle)
+
+    async def _handle(self, stream: Any) -> None:
+        try:
+            with trio.fail_after(self.timeout_s):
+                req, _ = await read_msg(stream, 0)
+                snap = None
+                if req.get("spec_hash") == self.spec_hash:
+                    snap = await self.snapshot(int(req.get("stage", -1)))
+                if snap is None:
+                    await write_msg(stream, {"error": f"stage {req.get('stage')} of that model is not served here"})
+                else:
+                    await write_msg(stream, *snap)
+                await stream.close()
+        except Exception:  # a vanished peer only loses its own request
+            try:
+                await stream.reset()
+            except Exception:
+                pass
+
+
+async def fetch_state(host: Any, addr: str, worker: StageWorker, timeout_s: float) -> int:
+    """Fetch `worker`'s stage state from the peer at `addr` and install it; returns the next step."""
+    info = parse_peer_addr(addr)
+    try:
+        with trio.fail_after(timeout_s):
+            await host.connect(info)
+            stream = await host.new_stream(info.peer_id, [STATE_PROTOCOL])
+            await write_msg(stream, {"spec_hash": worker.config.spec_hash().hex(), "stage": worker.spec.index})
+            header, blob = await read_msg(stream, MAX_STATE_BYTES)
+            try:
+                await stream.close()
+            except Exception:
+                pass
+    except (AveragingError, trio.TooSlowError, OSError) as exc:
+        raise StateSyncError(f"could not fetch stage {worker.spec.index} state from {info.peer_id.pretty()}: "
+                             f"{exc!r}") from exc
+    except Exception as exc:  # libp2p dial/stream errors come as many types
+        raise StateSyncError(f"could not fetch stage {worker.spec.index} state from {info.peer_id.pretty()}: "
+                             f"{exc!r}") from exc
+    if "error" in header:
+        raise StateSyncError(f"peer {info.peer_id.pretty()} refused: {header['error']}")
+    return await trio.to_thread.run_sync(lambda: unpack_state(worker, header, blob))
+
+
+def describe(header: dict[str, Any]) -> str:
+    """One line about a packed state (logs)."""
+    return json.dumps({k: header[k] for k in ("stage", "next_step", "weights_len", "optim_len") if k in header})

@@ -1,0 +1,71 @@
+"""Helpers for replicated-mode process tests: launch nodes with explicit stages, read their records."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+from node.status import read_progress
+from node.swarm import NodeProcess, await_ready, spawn_node, start_node
+
+M, B = 4, 2  # microbatches per step, sequences per microbatch
+FAST = ["--replicated", "--microbatches", str(M), "--microbatch-size", str(B), "--corpus", "synthetic",
+        "--threads", "1", "--replica-timeout", "3", "--ban-base", "1", "--ban-max", "4", "--avg-timeout", "5",
+        "--commit-poll", "0.3", "--no-replica-timeout", "30", "--max-inflight", "2", "--checkpoint-every", "0"]
+
+
+def launch(root: Path, stages: list[int], steps: int, extra: dict[int, list[str]] | None = None,
+           common: list[str] | None = None) -> list[NodeProcess]:
+    """Node i serves stages[i]; node 0 (stage 0) starts first, the rest bootstrap from it together."""
+    extra = extra or {}
+    args = ["--stages", str(max(stages) + 1), "--steps", str(steps), *FAST, *(common or [])]
+    nodes = [start_node(stages[0], root / "node0", args + extra.get(0, []))]
+    boot = ["--bootstrap", nodes[0].ready["addrs"][0]]
+    rest = [spawn_node(s, root / f"node{i}", args + boot + extra.get(i, [])) for i, s in enumerate(stages) if i]
+    nodes += rest
+    for n in rest:
+        await_ready(n)
+    return nodes
+
+
+def join(root: Path, name: str, stage: int, steps: int, boot: NodeProcess, num_stages: int,
+         extra: list[str] | None = None) -> NodeProcess:
+    """Start one more replica that bootstraps from `boot`."""
+    args = ["--stages", str(num_stages), "--steps", str(steps), *FAST, "--bootstrap", boot.ready["addrs"][0],
+            *(extra or [])]
+    return start_node(stage, root / name, args)
+
+
+def wait_for(cond: Any, timeout_s: float, what: str) -> None:
+    """Poll `cond` every 0.1 s until true (AssertionError naming `what` after timeout_s)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if cond():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def records(node: NodeProcess) -> dict[int, dict[str, Any]]:
+    """The node's progress records by step (the last record of a step wins)."""
+    return {int(r["step"]): r for r in read_progress(node.data_dir)}
+
+
+def check_exactly_once(stage_nodes: list[NodeProcess], steps: range) -> None:
+    """Every step of the stage combined each microbatch exactly once, and the replicas that applied a step
+    agree on the committed attempts; every committed attempt was computed by exactly one replica's record or
+    (for a replica that died) is covered by a survivor's pull."""
+    recs = [records(n) for n in stage_nodes]
+    for s in steps:
+        applied = [r[s]["applied"] for r in recs if s in r]
+        assert applied, f"step {s}: no replica of the stage applied it"
+        for a in applied:
+            assert sorted(mb for mb, _ in a) == list(range(M)), f"step {s}: applied {a}"
+            assert a == applied[0], f"step {s}: replicas applied different commits {applied}"
+        for r in recs:
+            if s in r:
+                assert r[s]["dropped"] == [], f"step {s}: dropped contributions {r[s]['dropped']}"
+        # every committed microbatch is one replica's own work (no microbatch computed into the step twice)
+        mine = [tuple(x) for r in recs if s in r for x in r[s]["mine"]]
+        assert len(mine) == len(set(mine)), f"step {s}: a committed attempt was claimed twice: {mine}"
