@@ -10,6 +10,7 @@ import argparse
 import importlib
 import os
 import sys
+import typing
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -17,6 +18,13 @@ from pmn.errors import CLIError
 
 EXIT_USAGE = 2
 EXIT_ERROR = 1
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors, like every other failure of `pmn`."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(EXIT_USAGE, f"error: {self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 def _example(text: str) -> str:
@@ -45,7 +53,7 @@ def _add_key_flags(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pmn",
         description="Protocol Model Network: train models across independent nodes, own them, earn from them.",
         epilog=_example("pmn demo            # the whole loop on embedded defaults\npmn demo --json     # same, last line JSON"),

@@ -192,8 +192,16 @@ def cmd_contracts_build(args: argparse.Namespace) -> int:
 
 
 def cmd_contracts_deploy(args: argparse.Namespace) -> int:
+    from eth_utils import is_address
+
     from contracts.deploy import deploy_all
 
+    bad = [v for v in args.validator if not is_address(v)]
+    if bad:
+        raise CLIError(f"--validator {bad[0]!r} is not an address (0x + 40 hex digits)")
+    most = max(1, len(args.validator))
+    if not 1 <= args.quorum <= most:
+        raise CLIError(f"--quorum must be in 1..{most} (the number of validators), got {args.quorum}")
     cfg = role_config(ResearcherConfig, args)
     if not cfg.rpc_url:
         raise CLIError("no chain: pass --rpc-url URL")

@@ -1,4 +1,7 @@
-"""`pmn node status|start` and `pmn infer` argument errors, run as a user would."""
+"""Bad input to the commands not covered elsewhere (operator, tooling, simulations, usage errors), run as a
+user would: one line on stderr, non-zero exit, no traceback. `pmn infer` errors are in test_infer_cli.py,
+`pmn node status` errors in test_node_status.py, wallet errors in test_wallet.py, chain commands with
+the RPC down in test_demo.py."""
 
 from __future__ import annotations
 
@@ -8,10 +11,38 @@ import pytest
 
 from tests.pmn.conftest import assert_clean_error, run_pmn
 
-pytestmark = [pytest.mark.network, pytest.mark.timeout(180)]
+pytestmark = [pytest.mark.network, pytest.mark.timeout(240)]
 
 
-def test_operator_and_inference_errors(tmp_path: Path) -> None:
+def test_operator_errors(tmp_path: Path) -> None:
     assert_clean_error(run_pmn("node", "status", "--data-dir", str(tmp_path / "none")), "no node data")
     assert_clean_error(run_pmn("infer", "--model", "1", "hello"), "--bootstrap")
-    assert_clean_error(run_pmn("node", "start", "--data-dir", str(tmp_path / "n"), "--stage", "7"), "stage")
+    assert_clean_error(run_pmn("node", "start", "--data-dir", str(tmp_path / "n"), "--stage", "7"), "stage 7")
+    assert_clean_error(run_pmn("node", "start", "--data-dir", str(tmp_path / "n"), "--model", "no-such-model"),
+                       "no-such-model")
+    bad_spec = tmp_path / "spec.toml"
+    bad_spec.write_text("[training]\nstages = 0\n")
+    assert_clean_error(run_pmn("node", "start", "--data-dir", str(tmp_path / "n"), "--model", str(bad_spec)), "stages")
+    onchain = tmp_path / "op.toml"
+    onchain.write_text('rpc_url = "http://127.0.0.1:9"\n')
+    assert_clean_error(run_pmn("node", "start", "--config", str(onchain), "--data-dir", str(tmp_path / "n")),
+                       "model_id")
+    assert_clean_error(run_pmn("node", "start", "--config", str(tmp_path / "missing.toml")), "does not exist")
+    assert_clean_error(run_pmn("swarm", "--stages", "0"), "--stages")
+    assert not (tmp_path / "n" / "receipts.sqlite").exists()
+
+
+def test_tooling_and_usage_errors(tmp_path: Path) -> None:
+    out = str(tmp_path / "deployment.json")
+    assert_clean_error(run_pmn("contracts", "deploy", "--out", out, "--quorum", "2"), "--quorum")
+    assert_clean_error(run_pmn("contracts", "deploy", "--out", out, "--validator", "0x12"), "--validator")
+    assert_clean_error(run_pmn("contracts", "deploy", "--out", out), "--rpc-url")
+    assert_clean_error(run_pmn("contracts", "build", "--frob"), "unrecognized arguments: --frob")
+    assert_clean_error(run_pmn("simulate", "wan", "--preset", "nope"), "nope")
+    assert_clean_error(run_pmn("simulate", "incentives", "--frob"), "--frob")
+    assert_clean_error(run_pmn("ledger", "verify", "--model", "1", "--epoch", "0"), "--receipts")
+    assert_clean_error(run_pmn("shares", "--model", "x"), "invalid int value", "pmn shares --help")
+    assert_clean_error(run_pmn("node", "frob"), "invalid choice")
+    assert_clean_error(run_pmn("demo", "--config", str(tmp_path / "missing.toml")), "does not exist")
+    assert_clean_error(run_pmn(), "COMMAND")
+    assert not Path(out).exists()
