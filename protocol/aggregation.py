@@ -18,8 +18,9 @@ class AggregationConfig:
     """How replica updates are combined."""
 
     method: str = "centered_clip"  # "centered_clip", "median" or "mean" (not robust; for comparison)
-    clip_radius: float | None = None  # CenteredClip tau; None = median distance of updates to the median
-    iterations: int = 5  # CenteredClip fixed-point iterations
+    clip_radius: float | None = None  # CenteredClip tau; None = radius_scale * median distance to the median
+    radius_scale: float = 0.1  # adaptive tau as a fraction of the median distance (smaller: less attacker bias)
+    iterations: int = 20  # CenteredClip fixed-point iterations (v moves at most tau per iteration)
     min_finite: int = 1  # fewest finite updates required after NaN/Inf rejection
 
     def validate(self) -> AggregationConfig:
@@ -28,6 +29,8 @@ class AggregationConfig:
             raise ValueError(f"AggregationConfig.method={self.method!r}: use centered_clip, median or mean")
         if self.clip_radius is not None and not self.clip_radius > 0:
             raise ValueError(f"AggregationConfig.clip_radius={self.clip_radius!r}: must be > 0 or None")
+        if not self.radius_scale > 0:
+            raise ValueError(f"AggregationConfig.radius_scale={self.radius_scale!r}: must be > 0")
         if self.iterations < 1:
             raise ValueError(f"AggregationConfig.iterations={self.iterations!r}: must be >= 1")
         if self.min_finite < 1:
@@ -61,14 +64,17 @@ def coordinate_median(stacked: torch.Tensor) -> torch.Tensor:
     return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
 
 
-def centered_clip(stacked: torch.Tensor, radius: float | None = None, iterations: int = 5) -> torch.Tensor:
+def centered_clip(stacked: torch.Tensor, radius: float | None = None, iterations: int = 20,
+                  radius_scale: float = 0.1) -> torch.Tensor:
     """CenteredClip (Karimireddy et al. 2021) started at the coordinate-wise median.
 
-    v <- v + mean_i(clip(x_i - v, radius)), where clip scales a vector to norm <= radius.
+    v <- v + mean_i(clip(x_i - v, radius)), where clip scales a vector to norm <= radius. Each of f
+    attackers can pull v by at most radius / n per iteration, so a small radius (by default
+    `radius_scale` times the median distance of the updates to the median) keeps the bias small.
     """
     v = coordinate_median(stacked)
     if radius is None:
-        radius = float((stacked - v).norm(dim=1).median())
+        radius = radius_scale * float((stacked - v).norm(dim=1).median())
         if radius == 0.0:
             return v
     for _ in range(iterations):
@@ -88,5 +94,5 @@ def aggregate(updates: list[torch.Tensor], config: AggregationConfig | None = No
     elif config.method == "mean":
         out = stacked.mean(dim=0)
     else:
-        out = centered_clip(stacked, config.clip_radius, config.iterations)
+        out = centered_clip(stacked, config.clip_radius, config.iterations, config.radius_scale)
     return out.reshape(updates[0].shape).to(updates[0].dtype)

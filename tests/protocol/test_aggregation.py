@@ -101,3 +101,71 @@ def test_bad_input_named():
     assert err.value.field == "updates"
     with pytest.raises(ValueError, match="method"):
         aggregate([torch.zeros(2)], AggregationConfig(method="trimmed"))
+
+
+# -- the real sharded model: 16 replicas of the tail stage of a 2-stage transformer ------------------
+
+
+def _train_stage(method: str, attackers: int, steps: int = 30, lr: float = 0.5) -> tuple[float, float]:
+    """SGD on the tail stage (a `sharding` stage module) replicated 16 times over its own microbatches.
+
+    The head stage is shared and frozen; each replica backpropagates the real cross-entropy of its own
+    microbatch; attackers send their gradient sign-flipped x1000. Returns (initial, final) eval loss.
+    """
+    from sharding.config import ModelConfig
+    from sharding.data import load_corpus
+    from sharding.partition import partition
+    from sharding.stage import build_stage
+
+    config = ModelConfig(vocab_size=256, seq_len=16, d_model=32, n_layers=3, n_heads=2, mlp_ratio=2, seed=0)
+    head, tail = (build_stage(config, s) for s in partition(config, 2))
+    head.requires_grad_(False)
+    params = list(tail.parameters())
+    corpus = load_corpus("synthetic")
+
+    def loss_on(window: torch.Tensor) -> torch.Tensor:
+        ids, targets = window[:, :-1], window[:, 1:]
+        return tail(ids, head(ids), targets)
+
+    held_out = corpus.batch("val", 0, 0, 32, config.seq_len, 0)
+    with torch.no_grad():
+        initial = float(loss_on(held_out))
+    agg = AggregationConfig(method=method)
+    for step in range(steps):
+        grads = []
+        for r in range(REPLICAS):
+            tail.zero_grad()
+            loss_on(corpus.batch("train", step, r, 4, config.seq_len, 0)).backward()
+            flat = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
+            grads.append(-1000.0 * flat if r < attackers else flat.clone())
+        try:
+            update = aggregate(grads, agg)
+        except AggregationError:  # every update non-finite: training has diverged
+            return initial, float("nan")
+        with torch.no_grad():
+            offset = 0
+            for p in params:
+                p -= lr * update[offset:offset + p.numel()].reshape(p.shape)
+                offset += p.numel()
+    with torch.no_grad():
+        return initial, float(loss_on(held_out))
+
+
+@pytest.fixture(scope="module")
+def honest_stage_loss() -> tuple[float, float]:
+    torch.set_num_threads(1)
+    return _train_stage("mean", 0)
+
+
+def test_sharded_stage_honest_replicas_learn(honest_stage_loss):
+    initial, final = honest_stage_loss
+    assert final < 0.6 * initial
+
+
+@pytest.mark.parametrize("attackers", [3, 7])
+def test_sharded_stage_centered_clip_within_5_percent_and_mean_diverges(honest_stage_loss, attackers):
+    _, honest = honest_stage_loss
+    _, robust = _train_stage("centered_clip", attackers)
+    assert abs(robust - honest) <= 0.05 * honest, (attackers, robust, honest)
+    initial, plain = _train_stage("mean", attackers)
+    assert not (plain < initial)  # worse than untrained (NaN counts as diverged)
