@@ -215,3 +215,63 @@ def test_recorder_keeps_epochs_inside_the_window_and_names_missing_data(tmp_path
     assert rec.epochs() == [2, 3]
     with pytest.raises(AuditError, match="no parameters kept for step 1"):
         rec.state_bytes(1)
+
+
+def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path: Path) -> None:
+    import multiaddr
+    import torch
+    import trio
+
+    from node import frames as F
+    from node.audit import AUDIT_PROTOCOL, AuditClient, AuditService, read_message, write_message
+    from node.host import full_addrs, make_host
+    from node.identity import identity_from_secret
+    from node.worker import StageWorker
+
+    model = PRESETS[MODEL]
+    spec = partition(model, STAGES)[1]
+    worker = StageWorker(model, spec, codec=CODEC, optim=OptimConfig(), num_microbatches=2, microbatch_size=2)
+    rec = AuditRecorder(tmp_path, epoch_length=2)
+    worker.observers.append(rec)
+    window = torch.randint(0, 256, (2, model.seq_len + 1))
+    h = torch.randn(2, model.seq_len, model.d_model)
+    payload = worker.codec.encode_activation(h, window[:, :-1])
+    wbytes = window.numpy().astype("<u2").tobytes()
+    header = F.FrameHeader(kind=F.Kind.ACTIVATION, spec_hash=model.spec_hash(), stage=0, step=0, microbatch=1)
+    worker.decode(F.Frame(header=header, window=wbytes, payload=payload))  # the observer records it
+    before = {k: v.clone() for k, v in worker.module.state_dict().items()}
+    worker.step(0)  # the observer keeps the parameters step 0 ran with, before the update
+    service = AuditService(rec, worker, model_id=7)
+
+    async def main() -> None:
+        server = make_host(identity_from_secret(b"\x05" * 32))
+        client_host = make_host(identity_from_secret(b"\x06" * 32))
+        listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+        async with server.run(listen_addrs=listen), client_host.run(listen_addrs=listen):
+            server.set_stream_handler(AUDIT_PROTOCOL, service.handle)
+            addr = full_addrs(server)[0]
+            client = AuditClient(client_host, 7)
+            state, got_window, got_payload = await client.hop(addr, 0, 1, 0)
+            assert got_window == wbytes and got_payload == payload
+            assert all(torch.equal(state[k], before[k]) for k in before)
+            with pytest.raises(AuditError, match="no parameters kept for step 5"):
+                await client.hop(addr, 5, 1, 0)
+            with pytest.raises(AuditError, match="no activation received for step 0 microbatch 0"):
+                await client.hop(addr, 0, 0, 0)
+            with pytest.raises(AuditError, match="'microbatch' must be an integer >= 0 below 2"):
+                await client.received(addr, 0, 9, 0)
+            with pytest.raises(AuditError, match="trains model 7, not model 8"):
+                await AuditClient(client_host, 8).hop(addr, 0, 1, 0)
+            # a header larger than the limit is refused before it is read: the stream just closes
+            stream = await client_host.new_stream(server.get_id(), [AUDIT_PROTOCOL])
+            await stream.write((service.config.max_message_bytes + 1).to_bytes(4, "big"))
+            with pytest.raises(AuditError, match="stream closed"):
+                await read_message(stream, 1024)
+            stream = await client_host.new_stream(server.get_id(), [AUDIT_PROTOCOL])
+            await write_message(stream, {"type": "state?", "model_id": 7})
+            reply, _ = await read_message(stream, 1024)
+            assert reply["type"] == "error" and "unknown request type" in reply["message"]
+            await stream.close()
+
+    trio.run(main)
+    assert service.served == 1
