@@ -22,7 +22,10 @@ version they were written against; any other version keeps stock behaviour (logg
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
+import platform
 import struct
 from collections import deque
 from dataclasses import dataclass
@@ -31,21 +34,26 @@ from typing import Any
 
 import trio
 from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.security import secure_session as _secure_session
 from libp2p.security.noise import io as _noise_io
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux import yamux as _yamux
-from noise.exceptions import NoiseInvalidMessage
+from noise.constants import MAX_NONCE
+from noise.exceptions import NoiseInvalidMessage, NoiseMaxNonceError
 
 log = logging.getLogger(__name__)
 
 SUPPORTED_LIBP2P = "0.8.1"  # the only py-libp2p version whose internals these patches were written against
 WRITE_BATCH_BYTES = 4 * 1024 * 1024  # most stream bytes one tuned yamux write hands to the socket at once
+HEAP_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc: allocations below this come from the heap, not fresh mmaps
+HEAP_TRIM_THRESHOLD = 128 * 1024 * 1024  # glibc: free heap kept before returning memory to the kernel
 WINDOW_WAIT_S = 5.0  # stock YamuxStream.write gives up after 5 s without a window update; kept as is
 _NOISE_LEN = _noise_io.SIZE_NOISE_MESSAGE_LEN  # 2-byte big-endian Noise message length prefix
 _NOISE_PLAIN = _noise_io.MAX_PLAINTEXT_LENGTH  # 65519 plaintext bytes per Noise message
+_NOISE_TAG = 16  # Poly1305 tag bytes added to each Noise message
 _NOISE_PACKET = _NOISE_LEN + _noise_io.MAX_NOISE_MESSAGE_LEN  # largest length prefix + Noise message
 
 _ORIG: dict[str, Any] = {
@@ -63,6 +71,7 @@ class _State:
     tuned: bool = False  # True while the tuned read/write paths are installed
     read_bytes: int = 0  # ciphertext bytes asked of the socket per read on tuned Noise sessions
     supported: bool | None = None  # result of the version check (None = not checked yet)
+    malloc_tuned: bool = False  # mallopt already applied in this process
 
 
 _state = _State()
@@ -160,27 +169,87 @@ async def _tuned_yamux_write(self: _yamux.YamuxStream, data: bytes) -> None:
             stop = min(start + frame_payload, end)
             parts.append(pack(0, _yamux.TYPE_DATA, 0, self.stream_id, stop - start))
             parts.append(view[start:stop])
-        await self.conn._write_frame(b"".join(parts))
+        session = self.conn.secured_conn
+        noise = getattr(session, "conn", None)
+        if isinstance(session, _secure_session.SecureSession) and isinstance(noise, _noise_io.NoiseTransportReadWriter):
+            async with self.conn._write_lock:  # what Yamux._write_frame holds around a connection write
+                await _sender(noise).send(parts, take + _yamux.HEADER_SIZE * (len(parts) // 2))
+            await trio.lowlevel.checkpoint()
+        else:
+            await self.conn._write_frame(b"".join(parts))
         sent = end
 
 
-# -- Noise write: one socket write per stream write -------------------------------------------------
-# Replaces NoiseTransportReadWriter.write_msg for writes longer than one Noise message. Stock
-# encrypts a bytes copy of each 65519-byte slice and awaits one socket write per message.
+# -- Noise write: one socket write per stream write, into reused buffers -----------------------------
+# Replaces NoiseTransportReadWriter.write_msg for writes longer than one Noise message (and is
+# what the tuned yamux write calls). Stock encrypts a bytes copy of each 65519-byte slice into a
+# fresh object, prefixes it by concatenation and awaits one socket write per Noise message. Here
+# the messages are encrypted in order with the same nonces (encrypt_into a per-connection wire
+# buffer when the cipher offers it) and leave in one socket write. Same bytes on the wire.
+
+
+class _NoiseSender:
+    """Reusable plaintext and wire buffers of one Noise session's send side."""
+
+    def __init__(self, conn: _noise_io.NoiseTransportReadWriter) -> None:
+        self.raw = conn.read_writer.read_write_closer
+        self.state = conn.noise_state.noise_protocol.cipher_state_encrypt
+        aead = getattr(getattr(self.state, "cipher", None), "cipher", None)
+        self.encrypt_into = aead.encrypt_into if isinstance(aead, ChaCha20Poly1305) else None
+        self.lock = trio.Lock()  # the buffers are reused: one write at a time
+        self.plain = bytearray()  # gathered plaintext of a multi-part write
+        self.wire = bytearray()  # length-prefixed ciphertexts of one write
+
+    def _seal(self, piece: memoryview, out: memoryview) -> None:
+        """CipherState.encrypt_with_ad(None, piece) written into `out` (len(piece) + 16 bytes)."""
+        state = self.state
+        if self.encrypt_into is None:
+            out[:] = state.encrypt_with_ad(None, piece)
+            return
+        if state.n == MAX_NONCE:
+            raise NoiseMaxNonceError("Nonce has depleted!")
+        self.encrypt_into(state.cipher.format_nonce(state.n), piece, None, out)
+        state.n += 1
+
+    async def send(self, parts: list[bytes | memoryview], size: int) -> None:
+        """Encrypt the concatenation of `parts` (`size` bytes) as Noise messages and write them at once."""
+        wire_size = size + -(-size // _NOISE_PLAIN) * (_NOISE_LEN + _NOISE_TAG)
+        async with self.lock:
+            if len(self.wire) < wire_size:
+                self.wire = bytearray(wire_size)
+            if len(parts) > 1 and len(self.plain) < size:
+                self.plain = bytearray(size)
+            with memoryview(self.plain) as plain, memoryview(self.wire) as wire:
+                if len(parts) == 1:
+                    source = memoryview(parts[0]).cast("B")
+                else:
+                    pos = 0
+                    for part in parts:
+                        plain[pos : pos + len(part)] = part
+                        pos += len(part)
+                    source = plain
+                out = 0
+                for start in range(0, size, _NOISE_PLAIN):
+                    piece = source[start : min(start + _NOISE_PLAIN, size)]
+                    clen = len(piece) + _NOISE_TAG
+                    wire[out : out + _NOISE_LEN] = clen.to_bytes(_NOISE_LEN, "big")
+                    self._seal(piece, wire[out + _NOISE_LEN : out + _NOISE_LEN + clen])
+                    out += _NOISE_LEN + clen
+                await self.raw.write(wire[:out])
+
+
+def _sender(conn: _noise_io.NoiseTransportReadWriter) -> _NoiseSender:
+    tx: _NoiseSender | None = conn.__dict__.get("_pmn_tx")
+    if tx is None:
+        tx = conn._pmn_tx = _NoiseSender(conn)  # type: ignore[attr-defined]
+    return tx
 
 
 async def _tuned_noise_write(self: _noise_io.NoiseTransportReadWriter, msg: bytes, prefix_encoded: bool = False) -> None:
     if len(msg) <= _NOISE_PLAIN or prefix_encoded:
-        await _ORIG["noise_write"](self, msg, prefix_encoded)
+        await _ORIG["noise_write"](self, bytes(msg), prefix_encoded)
         return
-    encrypt = self.noise_state.noise_protocol.cipher_state_encrypt.encrypt_with_ad
-    view = memoryview(msg).cast("B")
-    parts: list[bytes] = []
-    for start in range(0, len(view), _NOISE_PLAIN):
-        enc = encrypt(None, view[start : start + _NOISE_PLAIN])
-        parts.append(len(enc).to_bytes(_NOISE_LEN, "big"))
-        parts.append(enc)
-    await self.read_writer.read_write_closer.write(b"".join(parts))
+    await _sender(self).send([msg], len(msg))
 
 
 # -- Noise read: batched socket reads, decrypt every complete message at once -----------------------
@@ -311,6 +380,26 @@ async def _tuned_session_read(self: _secure_session.SecureSession, n: int | None
     return await rx.read(n)
 
 
+# -- glibc heap: keep megabyte buffers warm ---------------------------------------------------------
+# Not a py-libp2p patch. Every layer (yamux buffers, stream reads, frame joins) allocates and frees
+# megabyte-sized bytes objects. glibc serves those with fresh mmaps (or trims the heap right after
+# they are freed), so each one costs a page fault per 4 KiB: about as much CPU as the Noise
+# encryption itself. Raising the mmap threshold and trim threshold keeps that memory in the heap
+# for reuse; the process may hold up to HEAP_TRIM_THRESHOLD of free heap.
+
+
+def _tune_malloc() -> None:
+    if _state.malloc_tuned or platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return
+    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    m_trim_threshold, m_mmap_threshold = -1, -3  # from <malloc.h>
+    ok = libc.mallopt(m_mmap_threshold, HEAP_MMAP_THRESHOLD) == 1
+    ok = libc.mallopt(m_trim_threshold, HEAP_TRIM_THRESHOLD) == 1 and ok
+    if not ok:
+        log.warning("mallopt refused the heap thresholds; large transport buffers will page-fault")
+    _state.malloc_tuned = True
+
+
 _installed_property = False
 
 
@@ -337,6 +426,8 @@ def apply_transport_tuning(yamux_frame_bytes: int = 256 * 1024, tcp_read_bytes: 
     _yamux.MAX_MESSAGE_SIZE = yamux_frame_bytes
     _install_window_property()
     tuned = tcp_read_bytes > 0
+    if tuned:
+        _tune_malloc()
     _state.tuned, _state.read_bytes = tuned, tcp_read_bytes
     _yamux.YamuxStream.write = _tuned_yamux_write if tuned else _ORIG["yamux_write"]  # type: ignore[method-assign]
     _noise_io.NoiseTransportReadWriter.write_msg = (  # type: ignore[method-assign]
