@@ -3,9 +3,10 @@
 Used by the audit benchmark and the settlement tests. Each stage is a real `sharding` stage trained
 with its own optimiser; each boundary crossing goes through the wire codec, and each hop produces an
 EIP-712 receipt signed by the sender, checked and countersigned by the receiver, and stored in both
-nodes' sqlite stores. Cheating is injected into the stage code itself (the libp2p node runtime has no
-hook for it): a node can send random activations for a fraction of its forward hops, and a node can
-inflate its self-reported work by fabricating receipts no neighbour countersigned.
+nodes' sqlite stores. Cheating is injected into the stage code itself: a node can send random
+activations for a fraction of its forward hops, and a node can inflate its self-reported work by
+fabricating receipts no neighbour countersigned (the same two cheats as node processes over libp2p:
+`node.adversary`, caught by the network attester in `node.audit`).
 It also keeps what an attester fetches for a spot check: each stage's parameters at each step and each
 hop's payload and input.
 """
