@@ -37,6 +37,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.io.trio import TrioTCPStream
+from libp2p.network.connection.exceptions import RawConnError
 from libp2p.security import secure_session as _secure_session
 from libp2p.security.noise import io as _noise_io
 from libp2p.stream_muxer.exceptions import MuxedStreamError
@@ -75,6 +76,14 @@ class _State:
 
 
 _state = _State()
+
+
+class NoiseAuthError(RawConnError, NoiseInvalidMessage):
+    """A received Noise transport message failed authentication: the connection is unusable.
+
+    Stock py-libp2p raises NoiseInvalidMessage, which yamux logs before reading on from a stream
+    that can no longer decrypt; as a RawConnError it makes yamux close the connection instead.
+    """
 
 
 def libp2p_version() -> str:
@@ -257,7 +266,9 @@ async def _tuned_noise_write(self: _noise_io.NoiseTransportReadWriter, msg: byte
 # reads (2-byte length, then the body; each one or more socket calls and awaits) and stores its
 # plaintext in a fresh BytesIO. Same semantics: read(n) returns n bytes (fewer only if the
 # connection ends after some arrived), read(None) returns what is decrypted so far (at least one
-# message), a Noise message that fails authentication raises, EOF raises IncompleteReadError.
+# message), EOF raises IncompleteReadError. One deliberate change: a message that fails
+# authentication raises NoiseAuthError (a NoiseInvalidMessage and a RawConnError), so yamux
+# closes the connection instead of reading on from a desynchronised cipher.
 
 
 class _NoiseReceiver:
@@ -270,7 +281,9 @@ class _NoiseReceiver:
         # Plain TCP: read straight from the trio socket into our buffer (stock TrioTCPStream.read
         # allocates a fresh bytes object per call); any other transport goes through its read().
         self.sock = tcp.stream.socket if isinstance(tcp, TrioTCPStream) and isinstance(tcp.stream, trio.SocketStream) else None
-        self.decrypt = conn.noise_state.noise_protocol.cipher_state_decrypt.decrypt_with_ad
+        self.state = conn.noise_state.noise_protocol.cipher_state_decrypt
+        self.decrypt = self.state.decrypt_with_ad
+        self.failed: NoiseAuthError | None = None  # set once a message fails authentication; every later read raises it
         self.cap = max(read_bytes, 4 * _NOISE_PACKET)
         self.buf = bytearray(self.cap)  # ciphertext; [start, end) not yet decrypted
         self.view = memoryview(self.buf)
@@ -295,6 +308,8 @@ class _NoiseReceiver:
 
     async def _fill(self, want: int) -> None:
         """Read once and decrypt every complete Noise message (IncompleteReadError on EOF)."""
+        if self.failed is not None:
+            raise self.failed
         got = await self._recv()
         if not got:
             pending = self.end - self.start + self.avail
@@ -310,8 +325,10 @@ class _NoiseReceiver:
                 break
             try:
                 plain = self.decrypt(None, view[body : body + mlen])
-            except InvalidTag as exc:
-                raise NoiseInvalidMessage("Failed authentication of message") from exc  # as stock
+            except InvalidTag as exc:  # raised by the next _fill, after what decrypted before it is read
+                self.failed = NoiseAuthError(f"Noise transport message {self.state.n} failed authentication")
+                self.failed.__cause__ = exc
+                break
             self.chunks.append(plain)
             self.avail += len(plain)
             pos = body + mlen

@@ -1,62 +1,175 @@
-"""Transport tuning keeps the byte stream exact (buffered reads, batched Noise writes, big yamux frames)."""
+"""node.tuning pieces on their own: Noise framing over a socket pair, version guard, bad values."""
 
 from __future__ import annotations
 
-import hashlib
+import logging
 import os
+import random
 
 import pytest
 import trio
-from libp2p.custom_types import TProtocol
+from libp2p.io.exceptions import IncompleteReadError
+from libp2p.io.trio import TrioTCPStream
+from libp2p.network.connection.raw_connection import RawConnection
+from libp2p.security.noise import io as noise_io
+from libp2p.stream_muxer.yamux import yamux
+from noise.connection import NoiseConnection
+from noise.exceptions import NoiseInvalidMessage
 
-from node.host import full_addrs, parse_peer_addr
-from node.tuning import apply_transport_tuning
-from tests.node.conftest import running_host
+from node import tuning
+from node.tuning import NoiseAuthError, apply_transport_tuning
 
-pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
-PROTO = TProtocol("/pmn/test-echo-hash/1.0.0")
+pytestmark = [pytest.mark.timeout(60)]
+STOCK_READ = tuning._ORIG["session_read"]
 
 
-def test_odd_sized_writes_arrive_exactly() -> None:
-    sizes = [1, 2, 65519, 65520, 65521, 262144, 262145, 3 * 1024 * 1024 + 7, 17]
+def _noise_pair() -> tuple[NoiseConnection, NoiseConnection]:
+    """Two Noise states after an in-memory NN handshake (the transport phase py-libp2p uses)."""
+    a = NoiseConnection.from_name(b"Noise_NN_25519_ChaChaPoly_SHA256")
+    b = NoiseConnection.from_name(b"Noise_NN_25519_ChaChaPoly_SHA256")
+    a.set_as_initiator()
+    b.set_as_responder()
+    a.start_handshake()
+    b.start_handshake()
+    b.read_message(a.write_message())
+    a.read_message(b.write_message())
+    assert a.handshake_finished and b.handshake_finished
+    return a, b
+
+
+def _raw_pair() -> tuple[RawConnection, RawConnection]:
+    sa, sb = trio.socket.socketpair()
+    return (RawConnection(TrioTCPStream(trio.SocketStream(sa)), True),
+            RawConnection(TrioTCPStream(trio.SocketStream(sb)), False))
+
+
+def _rw_pair() -> tuple[noise_io.NoiseTransportReadWriter, noise_io.NoiseTransportReadWriter]:
+    a, b = _noise_pair()
+    ra, rb = _raw_pair()
+    return noise_io.NoiseTransportReadWriter(ra, a), noise_io.NoiseTransportReadWriter(rb, b)
+
+
+def test_tuned_noise_writes_decode_with_stock_reader() -> None:
+    """Big writes leave as <= 65535-byte Noise messages, in nonce order, readable by stock py-libp2p."""
+    sizes = [1, 65519, 65520, 3 * 65519 + 7, 5 * 1024 * 1024 + 3]
     blobs = [os.urandom(n) for n in sizes]
-    want = hashlib.sha256(b"".join(blobs)).digest()
 
     async def main() -> None:
         apply_transport_tuning(256 * 1024, 1 << 20)
-        async with running_host(41) as (h0, _), running_host(42) as (h1, _):
-            got: list[bytes] = []
-            done = trio.Event()
+        tx, rx = _rw_pair()
+        got = bytearray()
+        async with trio.open_nursery() as nursery:
+            async def reader() -> None:
+                while len(got) < sum(sizes):
+                    got.extend(await rx.read_msg())  # stock: one Noise message per call
 
-            async def handler(stream) -> None:
-                h = hashlib.sha256()
-                total = 0
-                while total < sum(sizes):
-                    chunk = await stream.read(1 << 16)
-                    if not chunk:
-                        break
-                    h.update(chunk)
-                    total += len(chunk)
-                got.append(h.digest())
-                await stream.write(b"ok")
-                done.set()
-
-            h1.set_stream_handler(PROTO, handler)
-            info = parse_peer_addr(full_addrs(h1)[0])
-            await h0.connect(info)
-            stream = await h0.new_stream(info.peer_id, [PROTO])
+            nursery.start_soon(reader)
             for b in blobs:
-                await stream.write(b)
-            with trio.fail_after(30):
-                await done.wait()
-                assert await stream.read(2) == b"ok"
-            assert got == [want]
+                await tx.write_msg(b)
+        assert bytes(got) == b"".join(blobs)
 
     trio.run(main)
+
+
+def test_tuned_reader_odd_boundaries_and_stock_writer() -> None:
+    """Stock-written messages arrive byte-exact through the tuned reader, read in odd sizes."""
+    rng = random.Random(5)
+    data = rng.randbytes(2 * 1024 * 1024 + 11)
+    reads = [1, 11, 12, 65519, 65520, 7, 300000, 1 << 20]
+
+    async def main() -> None:
+        tx, rx = _rw_pair()
+        receiver = tuning._NoiseReceiver(rx, 4096 * 4)
+        out = bytearray()
+        async with trio.open_nursery() as nursery:
+            async def writer() -> None:
+                pos = 0
+                while pos < len(data):  # stock write_msg, one message per call of random size
+                    step = rng.randint(1, 65519)
+                    await tuning._ORIG["noise_write"](tx, data[pos : pos + step])
+                    pos += step
+
+            nursery.start_soon(writer)
+            i = 0
+            while len(out) < len(data):
+                want = min(reads[i % len(reads)], len(data) - len(out))
+                chunk = await receiver.read(want)
+                assert len(chunk) == want
+                out += chunk
+                i += 1
+        assert bytes(out) == data
+
+    trio.run(main)
+
+
+def test_tampered_noise_message_fails_and_stays_failed() -> None:
+    async def main() -> None:
+        a, b = _noise_pair()
+        ra, rb = _raw_pair()
+        rx = noise_io.NoiseTransportReadWriter(rb, b)
+        receiver = tuning._NoiseReceiver(rx, 1 << 16)
+        good = a.encrypt(b"x" * 100)
+        bad = bytearray(a.encrypt(b"y" * 100))
+        bad[10] ^= 1
+        await ra.write(len(good).to_bytes(2, "big") + good + len(bad).to_bytes(2, "big") + bytes(bad))
+        assert await receiver.read(100) == b"x" * 100
+        with pytest.raises(NoiseAuthError, match="failed authentication"):
+            await receiver.read(1)
+        with pytest.raises(NoiseInvalidMessage):  # same base type stock raises; every later read fails too
+            await receiver.read(1)
+
+    trio.run(main)
+
+
+def test_eof_inside_a_message_is_an_incomplete_read() -> None:
+    async def main() -> None:
+        a, b = _noise_pair()
+        ra, rb = _raw_pair()
+        receiver = tuning._NoiseReceiver(noise_io.NoiseTransportReadWriter(rb, b), 1 << 16)
+        msg = a.encrypt(b"z" * 50)
+        await ra.write(len(msg).to_bytes(2, "big") + msg + b"\x00\x40" + b"\x01" * 9)
+        await ra.close()
+        assert await receiver.read(50) == b"z" * 50
+        with pytest.raises(IncompleteReadError) as ei:
+            await receiver.read(12)
+        assert not ei.value.is_clean_close  # 11 bytes of a message were pending
+
+    trio.run(main)
+
+
+def test_other_libp2p_version_is_not_patched(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    tuning.restore_stock_transport()
+    monkeypatch.setattr(tuning, "libp2p_version", lambda: "0.9.0")
+    monkeypatch.setattr(tuning._state, "supported", None)
+    try:
+        with caplog.at_level(logging.WARNING, logger="node.tuning"):
+            assert apply_transport_tuning(256 * 1024, 1 << 20) is False
+        assert "0.9.0" in caplog.text and "0.8.1" in caplog.text and "not patching" in caplog.text
+        assert not tuning.tuning_active()
+        assert yamux.YamuxStream.write is tuning._ORIG["yamux_write"]
+        assert noise_io.NoiseTransportReadWriter.write_msg is tuning._ORIG["noise_write"]
+        assert tuning._secure_session.SecureSession.read is STOCK_READ
+        assert yamux.MAX_MESSAGE_SIZE == tuning._ORIG["yamux_max_message"]
+        with pytest.raises(ValueError, match="yamux_frame_bytes"):  # values are still checked
+            apply_transport_tuning(10, 0)
+    finally:
+        monkeypatch.undo()
+        assert apply_transport_tuning() is True
+
+
+def test_untuned_mode_restores_stock_paths() -> None:
+    assert apply_transport_tuning(64 * 1024, 0) is False
+    assert yamux.YamuxStream.write is tuning._ORIG["yamux_write"]
+    assert noise_io.NoiseTransportReadWriter.write_msg is tuning._ORIG["noise_write"]
+    assert yamux.MAX_MESSAGE_SIZE == 64 * 1024
+    assert apply_transport_tuning() is True
+    assert yamux.YamuxStream.write is tuning._tuned_yamux_write
 
 
 def test_bad_tuning_values_rejected() -> None:
     with pytest.raises(ValueError, match="yamux_frame_bytes"):
         apply_transport_tuning(10, 0)
+    with pytest.raises(ValueError, match="yamux_frame_bytes"):
+        apply_transport_tuning(32 * 1024 * 1024, 0)
     with pytest.raises(ValueError, match="tcp_read_bytes"):
         apply_transport_tuning(65536, -1)

@@ -1,0 +1,285 @@
+"""The tuned transport over real libp2p hosts on 127.0.0.1 (TCP + Noise + yamux).
+
+Byte-exact delivery (odd sizes, many small and a few huge writes, concurrent streams), interop
+with a stock py-libp2p peer in another process, and rejection of oversized or forged frames.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import struct
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamReset
+from libp2p.stream_muxer.exceptions import MuxedStreamError
+from libp2p.stream_muxer.yamux import yamux
+
+from node import frames as F
+from node import tuning
+from node.channel import ActEndpoint, LocalInfo
+from node.errors import RemoteError
+from node.host import full_addrs, parse_peer_addr
+from tests.node.conftest import FSPEC, SPEC_HASH, np_decoder, running_host, tcfg
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(90)]
+HASH_PROTO = TProtocol("/pmn/test-hash/1.0.0")
+
+
+async def _hash_handler(stream) -> None:
+    """Read to EOF, answer length + sha256 of everything read."""
+    h = hashlib.sha256()
+    total = 0
+    while True:
+        try:
+            chunk = await stream.read(1 << 20)
+        except Exception:  # EOF surfaces as an exception on yamux streams
+            break
+        if not chunk:
+            break
+        h.update(chunk)
+        total += len(chunk)
+    await stream.write(struct.pack("!Q", total) + h.digest())
+    await stream.close()
+
+
+async def _read_n(stream, n: int) -> bytes:
+    out = bytearray()
+    while len(out) < n:
+        chunk = await stream.read(n - len(out))
+        if not chunk:
+            break
+        out += chunk
+    return bytes(out)
+
+
+async def _send_and_check(host, info, blobs: list[bytes]) -> None:
+    stream = await host.new_stream(info.peer_id, [HASH_PROTO])
+    for b in blobs:
+        await stream.write(b)
+    await stream.close()
+    answer = await _read_n(stream, 40)
+    assert struct.unpack("!Q", answer[:8])[0] == sum(len(b) for b in blobs)
+    assert answer[8:] == hashlib.sha256(b"".join(blobs)).digest()
+
+
+def test_byte_exact_odd_small_huge_concurrent() -> None:
+    rng = random.Random(11)
+    odd = [rng.randbytes(n) for n in (1, 2, 11, 12, 13, 65519, 65520, 65521, 262131, 262144, 262145, 1048589)]
+    small = [rng.randbytes(rng.randint(1, 300)) for _ in range(1500)]
+    huge = [os.urandom(n) for n in (5 * 1024 * 1024 + 3, 17 * 1024 * 1024 + 1)]  # the second exceeds the 16 MiB window
+
+    async def main() -> None:
+        tuning.apply_transport_tuning(256 * 1024, 1 << 20)
+        async with running_host(61) as (h0, _), running_host(62) as (h1, _):
+            h1.set_stream_handler(HASH_PROTO, _hash_handler)
+            info = parse_peer_addr(full_addrs(h1)[0])
+            await h0.connect(info)
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:  # three streams share one connection at once
+                    for blobs in (odd, small, huge):
+                        nursery.start_soon(_send_and_check, h0, info, blobs)
+
+    trio.run(main)
+
+
+STOCK_PEER = textwrap.dedent('''
+    import hashlib, random, struct, sys
+    import multiaddr, trio
+    from libp2p import new_host
+    from libp2p.crypto.secp256k1 import create_new_key_pair
+
+    BACK = random.Random(7).randbytes(3 * 1024 * 1024 + 5)
+
+    async def handler(stream):
+        h, total = hashlib.sha256(), 0
+        while True:
+            try:
+                chunk = await stream.read(1 << 20)
+            except Exception:
+                break
+            if not chunk:
+                break
+            h.update(chunk)
+            total += len(chunk)
+        await stream.write(struct.pack("!Q", total) + h.digest())
+        for i in range(0, len(BACK), 100003):
+            await stream.write(BACK[i:i + 100003])
+        await stream.close()
+
+    async def main():
+        host = new_host(key_pair=create_new_key_pair(b"\\x07" * 32))
+        async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+            host.set_stream_handler("/pmn/test-hash/1.0.0", handler)
+            print(f"{host.get_addrs()[0]}/p2p/{host.get_id().pretty()}", flush=True)
+            await trio.to_thread.run_sync(sys.stdin.read)  # until the test closes stdin
+
+    trio.run(main)
+''')
+
+
+def test_interop_with_stock_py_libp2p_process() -> None:
+    """A stock py-libp2p 0.8.1 peer (no tuning, own process) reads our writes and we read its writes."""
+    rng = random.Random(3)
+    blobs = [rng.randbytes(n) for n in (7, 65521, 2 * 1024 * 1024 + 9, 300, 1048577)]
+    back = random.Random(7).randbytes(3 * 1024 * 1024 + 5)
+    proc = subprocess.Popen([sys.executable, "-c", STOCK_PEER], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": ""})
+    try:
+        assert proc.stdout is not None
+        addr = proc.stdout.readline().strip()
+        assert "/p2p/" in addr, f"stock peer did not start: {addr!r}"
+        assert "node.tuning" not in sys.modules or tuning.tuning_active()
+
+        async def main() -> None:
+            tuning.apply_transport_tuning(256 * 1024, 1 << 20)
+            async with running_host(63) as (h0, _):
+                info = parse_peer_addr(addr)
+                with trio.fail_after(60):
+                    await h0.connect(info)
+                    stream = await h0.new_stream(info.peer_id, [HASH_PROTO])
+                    for b in blobs:
+                        await stream.write(b)
+                    await stream.close()
+                    answer = await _read_n(stream, 40 + len(back))
+                assert struct.unpack("!Q", answer[:8])[0] == sum(len(b) for b in blobs)
+                assert answer[8:40] == hashlib.sha256(b"".join(blobs)).digest()
+                assert answer[40:] == back
+
+        trio.run(main)
+    finally:
+        assert proc.stdin is not None
+        proc.stdin.close()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+async def _wait_until(cond, what: str, limit_s: float = 10.0) -> None:
+    with trio.fail_after(limit_s):
+        while not cond():
+            await trio.sleep(0.01)
+    assert cond(), what
+
+
+def _accepting_host_handler(accepted: list):
+    async def handler(stream) -> None:
+        accepted.append(stream)
+        await trio.sleep_forever()
+    return handler
+
+
+def test_oversized_yamux_frame_closes_connection() -> None:
+    """A DATA frame declaring more than the 16 MiB window is refused before its body is read."""
+    async def main() -> None:
+        tuning.apply_transport_tuning(256 * 1024, 1 << 20)
+        async with running_host(64) as (h0, _), running_host(65) as (h1, _):
+            accepted: list = []
+            h1.set_stream_handler(HASH_PROTO, _accepting_host_handler(accepted))
+            info = parse_peer_addr(full_addrs(h1)[0])
+            await h0.connect(info)
+            stream = await h0.new_stream(info.peer_id, [HASH_PROTO])
+            await stream.write(b"hello")
+            await _wait_until(lambda: accepted, "stream accepted")
+            assert await accepted[0].read(5) == b"hello"
+            receiver_mux = accepted[0].muxed_stream.conn
+            sender_mux = stream.muxed_stream.conn
+            header = struct.pack(yamux.YAMUX_HEADER_FORMAT, 0, yamux.TYPE_DATA, 0,
+                                 stream.muxed_stream.stream_id, yamux.MAX_WINDOW_SIZE + 1)
+            await sender_mux._write_frame(header)
+            await _wait_until(receiver_mux.event_shutting_down.is_set, "receiver closed the connection")
+
+    trio.run(main)
+
+
+def test_forged_noise_message_closes_connection() -> None:
+    """Bytes that fail Noise authentication close the connection (stock would read on, desynchronised)."""
+    async def main() -> None:
+        tuning.apply_transport_tuning(256 * 1024, 1 << 20)
+        async with running_host(66) as (h0, _), running_host(67) as (h1, _):
+            accepted: list = []
+            h1.set_stream_handler(HASH_PROTO, _accepting_host_handler(accepted))
+            info = parse_peer_addr(full_addrs(h1)[0])
+            await h0.connect(info)
+            stream = await h0.new_stream(info.peer_id, [HASH_PROTO])
+            await stream.write(b"x" * 70000)
+            await _wait_until(lambda: accepted, "stream accepted")
+            assert await _read_n(accepted[0], 70000) == b"x" * 70000
+            receiver_mux = accepted[0].muxed_stream.conn
+            raw = stream.muxed_stream.conn.secured_conn.conn.read_writer.read_write_closer
+            await raw.write(b"\x00\x40" + os.urandom(64))  # a well-framed Noise message with a bad tag
+            await _wait_until(receiver_mux.event_shutting_down.is_set, "receiver closed the connection")
+
+    trio.run(main)
+
+
+def test_writer_waits_for_window_update_then_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A writer beyond the peer's window waits for its update (no polling) and keeps the stock timeout."""
+    monkeypatch.setattr(tuning, "WINDOW_WAIT_S", 0.5)
+
+    async def main() -> None:
+        tuning.apply_transport_tuning(64 * 1024, 1 << 20)
+        async with running_host(68) as (h0, _), running_host(69) as (h1, _):
+            accepted: list = []
+            h1.set_stream_handler(HASH_PROTO, _accepting_host_handler(accepted))
+            info = parse_peer_addr(full_addrs(h1)[0])
+            await h0.connect(info)
+            # 1) the reader drains late: the write resumes on the window update and the bytes are exact
+            stream = await h0.new_stream(info.peer_id, [HASH_PROTO])
+            blob = os.urandom(stream.muxed_stream.send_window + 300 * 1024)  # more than the peer lets us send
+            got = bytearray()
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(stream.write, blob)
+                await _wait_until(lambda: accepted, "stream accepted")
+                await _wait_until(lambda: stream.muxed_stream.send_window == 0, "sender used its window")
+                while len(got) < len(blob):
+                    got += await accepted[0].read(1 << 20)
+            assert bytes(got) == blob
+            # 2) nobody reads: the write gives up after WINDOW_WAIT_S with the stock error (stream reset)
+            stream2 = await h0.new_stream(info.peer_id, [HASH_PROTO])
+            with pytest.raises(StreamReset) as ei:
+                await stream2.write(blob)
+            assert isinstance(ei.value.__cause__, MuxedStreamError)
+            assert "Timed out waiting for window update after 0.5 seconds" in str(ei.value.__cause__)
+        tuning.apply_transport_tuning()
+
+    trio.run(main)
+
+
+def test_oversized_activation_frame_rejected_after_big_frames() -> None:
+    """The channel's header check still rejects a too-large frame over the tuned transport."""
+    payload = np.ones(FSPEC.payload_len // 4, dtype=np.float32).tobytes()
+    window = b"\x00" * FSPEC.window_len
+    too_big = F.encode_header(F.FrameHeader(
+        kind=F.Kind.ACTIVATION, spec_hash=SPEC_HASH, stage=0, step=1, microbatch=2, codec=F.Codec.DENSE,
+        dtype=F.Dtype.FLOAT32, shape=FSPEC.shape, window_len=FSPEC.window_len, payload_len=10 * FSPEC.max_frame_bytes))
+
+    async def main() -> None:
+        tuning.apply_transport_tuning(256 * 1024, 1 << 20)
+        async with running_host(70) as (h0, _), running_host(71) as (h1, _), trio.open_nursery() as nursery:
+            recv_ep = ActEndpoint(h1, local=LocalInfo(SPEC_HASH, 1, 2, ""), frame_spec=FSPEC, cfg=tcfg(),
+                                  decoder=np_decoder)
+            send_ep = ActEndpoint(h0, local=LocalInfo(SPEC_HASH, 0, 2, ""), frame_spec=FSPEC, cfg=tcfg())
+            ch = await send_ep.open(full_addrs(h1)[0])
+            nursery.start_soon(ch.run_reader)
+            inbound = await recv_ep.incoming.receive()
+            for mb in range(2):
+                await ch.send_data(F.Kind.ACTIVATION, 1, mb, payload, window)
+                assert (await inbound.recv_data(5)).frame.payload == payload
+            await ch.write_raw(too_big)
+            with pytest.raises(Exception, match="maximum is"):
+                await inbound.recv_data(5)
+            await _wait_until(lambda: ch.failure is not None, "sender told")
+            assert isinstance(ch.failure, RemoteError) and "maximum is" in str(ch.failure)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
