@@ -117,8 +117,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     for col in ("id", "status", "stages", "spec hash", "shares", "fee (wei)", "proposer"):
         table.add_column(col)
     for r in rows:
-        table.add_row(str(r["model_id"]), r["status"], str(r["stages"]), r["spec_hash"][:18] + "…",
-                      str(r["total_shares"]), str(r["fee_wei"]), r["proposer"])
+        table.add_row(str(r["model_id"]), str(r["status"]), str(r["stages"]), str(r["spec_hash"])[:18] + "…",
+                      str(r["total_shares"]), str(r["fee_wei"]), str(r["proposer"]))
     Console().print(table)
     return 0
 

@@ -137,7 +137,7 @@ def render_example(cls: type) -> str:
             comments[name] = stripped.split("#", 1)[1].strip()
     lines = [f"# {cls.__doc__.strip() if cls.__doc__ else cls.__name__}", "# Every field may be overridden by PMN_<FIELD>.", ""]
     for f in dataclasses.fields(cls):
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc,operator]
         lines.append(f"# {comments.get(f.name, '')}")
         if isinstance(default, str):
             lines.append(f'{f.name} = "{default}"')
