@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_handler("cmd_infer", "cmd_infer"))
 
     # operator
-    p = sub.add_parser("node", help="run and inspect a node (operators)")
+    p = sub.add_parser("node", help="run and inspect a node (operators)", formatter_class=fmt,
+                       epilog=_example("pmn node start --model configs/model-tiny.toml --data-dir ~/.pmn/node\n"
+                                       "pmn node status --data-dir ~/.pmn/node --model configs/model-tiny.toml"))
     nsub = p.add_subparsers(dest="node_command", metavar="NODE_COMMAND")
     nsub.required = True
     q = nsub.add_parser("start", help="start a node daemon serving one pipeline stage",
@@ -158,7 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print JSON as the last line")
     p.set_defaults(func=_handler("cmd_node", "cmd_swarm"))
 
-    p = sub.add_parser("wallet", help="encrypted keystores (the key is never printed)")
+    p = sub.add_parser("wallet", help="encrypted keystores (the key is never printed)", formatter_class=fmt,
+                       epilog=_example("pmn wallet new --keystore ~/.pmn/operator.json\n"
+                                       "pmn wallet show --keystore ~/.pmn/operator.json"))
     wsub = p.add_subparsers(dest="wallet_command", metavar="WALLET_COMMAND")
     wsub.required = True
     q = wsub.add_parser("new", help="create an account in an encrypted keystore",
@@ -175,7 +179,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.set_defaults(func=_handler("cmd_wallet", "cmd_wallet_show"))
 
     # chain tooling
-    p = sub.add_parser("contracts", help="Solidity toolchain")
+    p = sub.add_parser("contracts", help="Solidity toolchain", formatter_class=fmt,
+                       epilog=_example("pmn contracts build --check\n"
+                                       "pmn contracts deploy --rpc-url http://127.0.0.1:8545 --keystore admin.json "
+                                       "--out deployment.json"))
     csub = p.add_subparsers(dest="contracts_command", metavar="CONTRACTS_COMMAND")
     csub.required = True
     q = csub.add_parser("build", help="recompile contracts/src with solc-js into contracts/build",
@@ -192,7 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_key_flags(q)
     q.set_defaults(func=_handler("cmd_chain", "cmd_contracts_deploy"))
 
-    p = sub.add_parser("ledger", help="contribution ledger")
+    p = sub.add_parser("ledger", help="contribution ledger", formatter_class=fmt,
+                       epilog=_example("pmn ledger verify --model 1 --epoch 0 --receipts model1-epoch0.json "
+                                       "--rpc-url URL --deployment deployment.json"))
     lsub = p.add_subparsers(dest="ledger_command", metavar="LEDGER_COMMAND")
     lsub.required = True
     q = lsub.add_parser("verify", help="recompute an epoch's Merkle root from its published receipts and compare with the chain",
@@ -204,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_chain_flags(q)
     q.set_defaults(func=_handler("cmd_chain", "cmd_ledger_verify"))
 
-    p = sub.add_parser("simulate", help="discrete-event simulations")
+    p = sub.add_parser("simulate", help="discrete-event simulations", formatter_class=fmt,
+                       epilog=_example("pmn simulate wan --preset protocolnanogpt\npmn simulate incentives --json"))
     ssub = p.add_subparsers(dest="simulate_command", metavar="SIMULATE_COMMAND")
     ssub.required = True
     q = ssub.add_parser("wan", help="WAN pipeline throughput and time to target loss",

@@ -50,15 +50,41 @@ def test_every_command_help_has_an_example() -> None:
     parser = build_parser()
     stack = [parser]
     seen = 0
-    while stack:
+    while stack:  # every command and command group, the root included
         p = stack.pop()
+        seen += 1
+        assert p.epilog and "example:" in p.epilog, p.prog
+        example = p.epilog.split("example:", 1)[1]
+        assert all(line.strip().startswith(("pmn ", "PMN_")) or line.startswith("    ")
+                   for line in example.strip().splitlines()), p.prog  # the example runs `pmn`
         actions = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
         if actions:
             stack.extend(actions[0].choices.values())  # type: ignore[attr-defined]
-            continue
-        seen += 1
-        assert p.epilog and "example:" in p.epilog, p.prog
-    assert seen >= 15
+    assert seen >= 21
+    assert examples_parse() >= 21
+
+
+def examples_parse() -> int:
+    """Every example command line in every epilog parses with the real parser (flags and values exist)."""
+    import shlex
+
+    from pmn.cli import build_parser
+
+    stack = [build_parser()]
+    n = 0
+    while stack:
+        p = stack.pop()
+        text = p.epilog.split("example:", 1)[1].replace("\\\n", " ")
+        for line in text.strip().splitlines():
+            words = shlex.split(line.split("#", 1)[0])
+            words = words[words.index("pmn") + 1:]
+            ns = build_parser().parse_args(words)
+            assert callable(ns.func), line
+            n += 1
+        actions = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
+        if actions:
+            stack.extend(actions[0].choices.values())  # type: ignore[attr-defined]
+    return n
     out = subprocess.run([sys.executable, "-m", "pmn.cli", "--help"], capture_output=True, text=True)
     assert "pmn demo" in out.stdout
 
