@@ -246,7 +246,7 @@ class Demo:
     def settle(self) -> list[dict[str, Any]]:
         cfg = self.cfg
         registry = StaticKeyRegistry([i.address for i in self.identities])
-        results = []
+        results: list[dict[str, Any]] = []
         for epoch in range(cfg.steps // cfg.epoch_length):
             ctx = EpochContext(self.model_id, epoch, self.proposal.model, tuple(self.specs), self.domain)
             result = build_epoch(self.gather(epoch), ctx, registry)

@@ -1,0 +1,41 @@
+"""The node-side spec hash equals the one `pmn` registers; a mismatch names both hashes."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, replace
+
+import pytest
+
+from pmn.spec import ModelProposal, TrainingRecipe
+from protocol.modelspec import SpecMismatchError, TrainingSection, proposal_spec_hash, require_spec_hash
+from sharding.config import PRESETS
+
+
+def _section(recipe: TrainingRecipe) -> TrainingSection:
+    return TrainingSection(**asdict(recipe))
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-subspace"])
+def test_same_hash_as_the_registered_proposal(preset: str) -> None:
+    recipe = TrainingRecipe(stages=3, codec="dense", lr=1e-3, warmup_steps=10)
+    proposal = ModelProposal(PRESETS[preset], recipe).validate()
+    assert proposal_spec_hash(proposal.model, asdict(recipe)) == proposal.content_hash()
+    assert require_spec_hash(proposal.content_hash(), proposal.model, _section(recipe), 1) == proposal.content_hash()
+
+
+@pytest.mark.parametrize("change", [{"lr": 2e-3}, {"warmup_steps": 7}, {"codec": "bf16"}, {"stages": 2}])
+def test_other_training_settings_are_refused_naming_both_hashes(change: dict) -> None:
+    proposal = ModelProposal(PRESETS["tiny"], TrainingRecipe()).validate()
+    mine = replace(proposal.training, **change)
+    with pytest.raises(SpecMismatchError) as err:
+        require_spec_hash(proposal.content_hash(), proposal.model, _section(mine), 4)
+    assert err.value.field == "specHash"
+    assert "0x" + proposal.content_hash().hex() in str(err.value)
+    assert "0x" + proposal_spec_hash(proposal.model, asdict(mine)).hex() in str(err.value)
+
+
+def test_another_model_config_is_refused() -> None:
+    proposal = ModelProposal(PRESETS["tiny"], TrainingRecipe()).validate()
+    other = replace(PRESETS["tiny"], n_layers=3)
+    with pytest.raises(SpecMismatchError, match="model 2 is registered with spec hash"):
+        require_spec_hash(proposal.content_hash(), other, _section(proposal.training), 2)
