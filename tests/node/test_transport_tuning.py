@@ -247,7 +247,7 @@ def test_writer_waits_for_window_update_then_times_out(monkeypatch: pytest.Monke
             # 2) nobody reads: the write gives up after WINDOW_WAIT_S with the stock error (stream reset)
             stream2 = await h0.new_stream(info.peer_id, [HASH_PROTO])
             with pytest.raises(StreamReset) as ei:
-                await stream2.write(blob)
+                await stream2.write(bytes(stream2.muxed_stream.send_window + 300 * 1024))
             assert isinstance(ei.value.__cause__, MuxedStreamError)
             assert "Timed out waiting for window update after 0.5 seconds" in str(ei.value.__cause__)
         tuning.apply_transport_tuning()

@@ -173,3 +173,26 @@ def test_bad_tuning_values_rejected() -> None:
         apply_transport_tuning(32 * 1024 * 1024, 0)
     with pytest.raises(ValueError, match="tcp_read_bytes"):
         apply_transport_tuning(65536, -1)
+
+
+class _ChunkReader:
+    """Stands in for a tuned Noise session (has `_pmn_rx`) that returns preset chunks."""
+
+    def __init__(self, chunks: list[bytes]) -> None:
+        self._pmn_rx = object()
+        self.chunks = chunks
+
+    async def read(self, n: int) -> bytes:
+        return self.chunks.pop(0)[:n] if self.chunks else b""
+
+
+def test_yamux_exact_read_passes_through_and_keeps_eof_error() -> None:
+    async def main() -> None:
+        whole = b"x" * 12
+        assert await tuning._tuned_read_exactly(_ChunkReader([whole]), 12) is whole  # no copy
+        assert await tuning._tuned_read_exactly(_ChunkReader([b"ab", b"cd", b"e"]), 5) == b"abcde"
+        with pytest.raises(IncompleteReadError) as ei:
+            await tuning._tuned_read_exactly(_ChunkReader([b"abc"]), 12, retry_count=3)
+        assert ei.value.received_bytes == 3 and "expected 12 bytes" in str(ei.value)
+
+    trio.run(main)
