@@ -30,7 +30,7 @@ DEFAULT_PATH = Path(__file__).with_name("calibration.json")
 class CalibrationConfig:
     """What to measure and how often."""
 
-    model: str = "tiny"  # sharding.config.PRESETS name of the model to split
+    model: str = "tiny"  # sharding.config.PRESETS name, or a ModelConfig as inline JSON or a JSON file path
     num_stages: int = 2  # stages to partition it into
     microbatch_size: int = 4  # sequences per microbatch (tokens = microbatch_size x seq_len)
     codec: str = "dense"  # boundary codec whose encode/decode time is included
@@ -47,26 +47,46 @@ class CalibrationConfig:
                 raise ValueError(f"CalibrationConfig.{name}={value!r}: must be an integer >= 1")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"CalibrationConfig.warmup={self.warmup!r}: must be an integer >= 0")
-        from sharding.config import PRESETS
-
-        if self.model not in PRESETS:
-            raise ValueError(f"CalibrationConfig.model={self.model!r}: use one of {sorted(PRESETS)}")
+        model_config(self.model)
         return self
 
 
-def _fwd_bwd_times(forward: Any, backward: Any, cal: CalibrationConfig) -> tuple[float, float]:
-    """Median forward and median backward seconds, each timed on its own in every repetition."""
+def model_config(model: str) -> Any:
+    """The ModelConfig named by a preset, an inline JSON object or a JSON file (ValueError names the choices)."""
+    from sharding.config import PRESETS, ModelConfig
+
+    if model in PRESETS:
+        return PRESETS[model]
+    text = model.strip()
+    if not text.startswith("{") and Path(text).expanduser().is_file():
+        text = Path(text).expanduser().read_text()
+    if text.startswith("{"):
+        try:
+            return ModelConfig.from_dict(json.loads(text)).validate()
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"CalibrationConfig.model: bad ModelConfig JSON: {exc}") from exc
+    raise ValueError(
+        f"CalibrationConfig.model={model!r}: use one of {sorted(PRESETS)}, a ModelConfig JSON object or a JSON file"
+    )
+
+
+def _fwd_bwd_times(forward: Any, backward: Any, cal: CalibrationConfig) -> tuple[float, float, float]:
+    """Median forward, median backward seconds (each timed on its own), and the first repetition's
+    forward + backward seconds (the cold start: allocator, kernels, caches)."""
     fwd, bwd = [], []
+    first = 0.0
     for i in range(cal.warmup + cal.repeats):
         t0 = time.perf_counter()
         forward()
         t1 = time.perf_counter()
         backward()
         t2 = time.perf_counter()
+        if i == 0:
+            first = t2 - t0
         if i >= cal.warmup:
             fwd.append(t1 - t0)
             bwd.append(t2 - t1)
-    return float(statistics.median(fwd)), float(statistics.median(bwd))
+    return float(statistics.median(fwd)), float(statistics.median(bwd)), first
 
 
 def _opt_time(stage: torch.nn.Module, step: Any, cal: CalibrationConfig) -> float:
@@ -83,16 +103,25 @@ def _opt_time(stage: torch.nn.Module, step: Any, cal: CalibrationConfig) -> floa
     return float(statistics.median(samples))
 
 
-def measure_stages(cal: CalibrationConfig) -> list[dict[str, Any]]:
-    """Time forward, backward and optimizer step of every stage of `cal.model` (real stage code)."""
+@dataclass
+class StageOps:
+    """The real work of one stage per microbatch, as closures over one built stage."""
+
+    spec: Any  # sharding StageSpec
+    stage: torch.nn.Module  # the built stage
+    forward: Any  # () -> None: (decode input,) stage forward (tail: with loss), encode output
+    backward: Any  # () -> None: stage backward (decode incoming gradient), encode the input gradient
+    opt_step: Any  # () -> None: one optimizer step (needs gradients on the parameters)
+
+
+def stage_ops(cal: CalibrationConfig, indices: list[int] | None = None) -> list[StageOps]:
+    """Build the stages of `cal.model` (all, or `indices`) with their per-microbatch work as closures."""
     from sharding.codecs import get_codec
-    from sharding.config import PRESETS
-    from sharding.flops import stage_flops_per_token
     from sharding.partition import partition
     from sharding.stage import build_stage
     from sharding.train import OptimConfig, make_optimizer, optimizer_step
 
-    config = PRESETS[cal.model]
+    config = model_config(cal.model)
     specs = partition(config, cal.num_stages)
     codec = get_codec(cal.codec, config)
     optim = OptimConfig()
@@ -104,8 +133,10 @@ def measure_stages(cal: CalibrationConfig) -> list[dict[str, Any]]:
     if config.is_subspace:  # a realistic boundary state: decode(encode(h)) lies in E_fixed[ids] + span(U)
         h_in = codec.decode_activation(codec.encode_activation(h_in, ids), ids)
     grad_out = torch.randn(b, t, d, generator=gen) * 1e-3
-    out_rows = []
+    out = []
     for spec in specs:
+        if indices is not None and spec.index not in indices:
+            continue
         stage = build_stage(config, spec)
         opt = make_optimizer(stage, optim)
         state: dict[str, Any] = {}
@@ -120,7 +151,7 @@ def measure_stages(cal: CalibrationConfig) -> list[dict[str, Any]]:
             state["out"], state["h"] = out, h
 
         def backward(spec: Any = spec, state: dict[str, Any] = state) -> None:
-            out, h = state["out"], state["h"]
+            out, h = state.pop("out"), state.pop("h")
             if spec.has_head:
                 out.backward()
             else:
@@ -128,9 +159,23 @@ def measure_stages(cal: CalibrationConfig) -> list[dict[str, Any]]:
             if h is not None and h.grad is not None:
                 codec.encode_gradient(h.grad, ids)
 
-        fwd_s, bwd_s = _fwd_bwd_times(forward, backward, cal)
-        opt_s = _opt_time(stage, lambda stage=stage, opt=opt: optimizer_step(stage, opt, 0, optim), cal)
-        state.clear()
+        def opt_step(stage: Any = stage, opt: Any = opt) -> None:
+            optimizer_step(stage, opt, 0, optim)
+
+        out.append(StageOps(spec, stage, forward, backward, opt_step))
+    return out
+
+
+def measure_stages(cal: CalibrationConfig) -> list[dict[str, Any]]:
+    """Time forward, backward and optimizer step of every stage of `cal.model` (real stage code)."""
+    from sharding.flops import stage_flops_per_token
+
+    config = model_config(cal.model)
+    out_rows = []
+    for ops in stage_ops(cal):
+        spec = ops.spec
+        fwd_s, bwd_s, first_s = _fwd_bwd_times(ops.forward, ops.backward, cal)
+        opt_s = _opt_time(ops.stage, ops.opt_step, cal)
         out_rows.append(
             {
                 "index": spec.index,
@@ -139,6 +184,7 @@ def measure_stages(cal: CalibrationConfig) -> list[dict[str, Any]]:
                 "fwd_s": fwd_s,
                 "bwd_s": bwd_s,
                 "opt_s": opt_s,
+                "first_fwd_bwd_s": first_s,  # cold first repetition (warm-up cost = this - fwd_s - bwd_s)
                 "flops_per_token": stage_flops_per_token(config, spec),
             }
         )
@@ -151,9 +197,8 @@ def calibrate(
     """Measure every stage of `cal.model` here and write the calibration JSON to `out_path` (None: don't)."""
     cal = (cal or CalibrationConfig()).validate()
     from sharding.codecs import get_codec, token_id_bytes
-    from sharding.config import PRESETS
 
-    config = PRESETS[cal.model]
+    config = model_config(cal.model)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(cal.threads)
     try:

@@ -79,6 +79,9 @@ class WanConfig:
     grad_sync_bytes: tuple[int, ...] = ()  # bytes each stage's replicas all-reduce per step (empty = 0)
     frame_overhead_s: float = 0.0  # runtime seconds per forward/backward frame on a node's compute slot (framing, receipts, acks)
     step_overhead_s: float = 0.0  # fixed seconds each stage spends at every step boundary (barrier, bookkeeping)
+    startup_s: float = 0.0  # seconds before the first step starts (process start, model build, connects)
+    first_step_extra_s: float = 0.0  # extra seconds of the first step only (cold kernels, allocator, caches)
+    warmup_steps: int = 0  # leading steps left out of WanResult.steady_tokens_per_s
     speed_sigma: float = 0.0  # sigma of the lognormal spread of node compute speed (0 = all equal)
     link: LinkConfig = field(default_factory=LinkConfig)  # access-link model
     churn: ChurnConfig = field(default_factory=ChurnConfig)  # join/leave model
@@ -117,6 +120,12 @@ class WanConfig:
         _non_negative("WanConfig", "speed_sigma", self.speed_sigma)
         _non_negative("WanConfig", "frame_overhead_s", self.frame_overhead_s)
         _non_negative("WanConfig", "step_overhead_s", self.step_overhead_s)
+        _non_negative("WanConfig", "startup_s", self.startup_s)
+        _non_negative("WanConfig", "first_step_extra_s", self.first_step_extra_s)
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or not (
+            0 <= self.warmup_steps < self.steps
+        ):
+            raise ValueError(f"WanConfig.warmup_steps={self.warmup_steps!r}: must be an integer in [0, steps)")
         _positive("WanConfig", "max_sim_s", self.max_sim_s)
         if self.shared_cpus is not None:
             _count("WanConfig", "shared_cpus", self.shared_cpus)

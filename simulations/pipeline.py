@@ -56,6 +56,8 @@ class WanResult:
     departures: int  # node departures (churn)
     bytes_sent: float  # bytes put on the wire by all nodes
     stage_busy_s: list[float]  # compute-busy seconds per stage, summed over its replicas
+    startup_s: float = 0.0  # simulated seconds before the first step started (included in sim_time_s)
+    steady_tokens_per_s: float = 0.0  # tokens/s over the steps after `warmup_steps` (start-up excluded)
     trace: list[TraceEvent] = field(default_factory=list)  # compute intervals when tracing
 
     def to_dict(self, with_trace: bool = False) -> dict[str, Any]:
@@ -289,6 +291,8 @@ class PipelineSim:
     # ------------------------------------------------------------------ drivers
     def _sync_driver(self) -> Generator[simpy.Event, Any, None]:
         cfg = self.cfg
+        if cfg.startup_s > 0:
+            yield self.env.timeout(cfg.startup_s)
         for step in range(cfg.steps):
             t0 = self.env.now
             if cfg.schedule == "gpipe":
@@ -297,11 +301,15 @@ class PipelineSim:
             base = step * cfg.microbatches
             yield self.env.all_of([self.env.process(self._microbatch(base + i)) for i in range(cfg.microbatches)])
             yield self.env.all_of([self.env.process(self._stage_step_end(s)) for s in range(cfg.num_stages)])
+            if step == 0 and cfg.first_step_extra_s > 0:
+                yield self.env.timeout(cfg.first_step_extra_s)
             self.step_times.append(self.env.now - t0)
 
     def _async_driver(self) -> Generator[simpy.Event, Any, None]:
         cfg = self.cfg
         total = cfg.steps * cfg.microbatches
+        if cfg.startup_s + cfg.first_step_extra_s > 0:
+            yield self.env.timeout(cfg.startup_s + cfg.first_step_extra_s)
         depth0 = cfg.in_flight_per_stage if cfg.in_flight_per_stage is not None else cfg.num_stages
         window = simpy.Resource(self.env, capacity=depth0 * cfg.replicas)
         procs = []
@@ -317,7 +325,7 @@ class PipelineSim:
             yield req
             procs.append(self.env.process(one(mb, req)))
         yield self.env.all_of(procs)
-        times = [0.0] + [self.completion_times[i] for i in range(cfg.microbatches - 1, total, cfg.microbatches)]
+        times = [cfg.startup_s] + [self.completion_times[i] for i in range(cfg.microbatches - 1, total, cfg.microbatches)]
         self.step_times = [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
 
     def run(self) -> WanResult:
@@ -345,6 +353,8 @@ class PipelineSim:
         util = sum(busy) / (n_nodes * end) if end > 0 else 0.0
         bubble = 1.0 - max(busy) / (cfg.replicas * end) if end > 0 else 0.0
         tokens = self.completed * cfg.microbatch_tokens
+        steady = self.step_times[cfg.warmup_steps:]
+        steady_tps = len(steady) * cfg.tokens_per_step / sum(steady) if steady and sum(steady) > 0 else 0.0
         return WanResult(
             sim_time_s=end,
             tokens_per_s=tokens / end if end > 0 else 0.0,
@@ -360,6 +370,8 @@ class PipelineSim:
             departures=self.departures,
             bytes_sent=self.bytes_sent,
             stage_busy_s=busy,
+            startup_s=cfg.startup_s,
+            steady_tokens_per_s=steady_tps,
             trace=self.trace,
         )
 

@@ -81,11 +81,12 @@ def measure_in_process(cal: CalibrationConfig, microbatches: int, steps: int) ->
     """Tokens/s of `LocalPipeline.train_step` for `cal`'s model, stages and codec (first step untimed)."""
     import torch
 
-    from sharding.config import PRESETS
     from sharding.data import synthetic_corpus
     from sharding.pipeline import LocalPipeline
 
-    config = PRESETS[cal.model]
+    from .calibrate import model_config
+
+    config = model_config(cal.model)
     corpus = synthetic_corpus(seed=cal.seed)
     old = torch.get_num_threads()
     torch.set_num_threads(cal.threads)

@@ -1,0 +1,177 @@
+"""Simulate a real local swarm (P node processes over py-libp2p on this host) and check it against one.
+
+Inputs of the simulation, all measured, none taken from the run it is compared with:
+- per-stage forward/backward/optimizer seconds of the real stage code, alone (`calibrate`), scaled per
+  stage by the slow-down measured with every stage running at once in its own process
+  (`runtime_cal.measure_contention`): compute time under process contention;
+- the runtime's per-frame costs from `runtime_cal.measure_transport` (stored in the calibration file
+  under "runtime"): CPU of one frame at both ends (Noise, yamux, header checks, digest, ack, credit)
+  plus two thread hand-offs on the stage's compute slot per pass; one-way hop latency = half the
+  one-frame round trip; the step barrier (drain, wait for the last ack, optimizer hand-off) = one round
+  trip plus one hand-off; start-up = node process start-up + connect; the first step's extra time =
+  the slowest stage's cold first repetition.
+The runtime processes whichever input is ready, backward first, and flushes every step: `1f1b` with an
+unbounded in-flight window (senders queue locally beyond the peer's credits).
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+from .calibrate import CalibrationConfig, calibrate, check_calibration
+from .errors import CalibrationError
+from .params import LinkConfig, WanConfig
+from .pipeline import simulate
+from .runtime_cal import measure_contention, measure_transport
+from .swarm_run import SwarmSpec, run_swarm
+from .validation import LOOPBACK_MBPS, compare
+
+RUNTIME_KEYS = ("frame_cpu_s", "frame_rtt_s", "thread_dispatch_s", "connect_s", "process_start_s")
+
+
+def calibration_for(spec: SwarmSpec, repeats: int = 7) -> CalibrationConfig:
+    """The stage-code calibration matching a swarm run (same model, stages, codec, microbatch, threads)."""
+    return CalibrationConfig(model=spec.model, num_stages=spec.stages, microbatch_size=spec.microbatch_size,
+                             codec=spec.codec, threads=spec.threads, warmup=2, repeats=repeats)
+
+
+def measure_process_start(repeats: int = 3) -> float:
+    """Median seconds for a fresh interpreter to import the node daemon (torch, libp2p, sharding)."""
+    samples = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", "import node.daemon"], check=True, capture_output=True)
+        samples.append(time.perf_counter() - t0)
+    return float(statistics.median(samples))
+
+
+def measure_runtime(spec: SwarmSpec, frames: int = 200) -> dict[str, Any]:
+    """Runtime inputs for frames of `spec`'s size: transport costs and process start-up (see module doc)."""
+    from sharding.codecs import get_codec, token_id_bytes
+
+    from .calibrate import model_config
+
+    config = model_config(spec.model)
+    payload = get_codec(spec.codec, config).bytes_per_token * spec.microbatch_size * config.seq_len
+    window = token_id_bytes(config) * spec.microbatch_size * (config.seq_len + 1)
+    out = measure_transport(payload, window, frames)
+    out["process_start_s"] = measure_process_start()
+    out["how"] += "; process_start_s = median wall of `python -c 'import node.daemon'`"
+    out["measured_at_unix"] = int(time.time())
+    return out
+
+
+def check_runtime(runtime: Any) -> dict[str, Any]:
+    """Raise CalibrationError naming the first missing or bad runtime input; return it."""
+    if not isinstance(runtime, dict):
+        raise CalibrationError("calibration 'runtime' must be an object: run simulations.swarm_model.measure_runtime")
+    for key in RUNTIME_KEYS:
+        v = runtime.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == float("inf"):
+            raise CalibrationError(f"calibration runtime.{key}={v!r}: must be a finite number >= 0")
+    return runtime
+
+
+def swarm_config(
+    calibration: dict[str, Any],
+    runtime: dict[str, Any],
+    spec: SwarmSpec,
+    contended_s: dict[str, float] | None = None,
+) -> WanConfig:
+    """The WanConfig of a local swarm run: measured stage times under contention and runtime costs.
+
+    contended_s: stage -> fwd+bwd seconds with all stages running at once (None = the alone times).
+    """
+    check_calibration(calibration)
+    check_runtime(runtime)
+    stages = calibration["stages"]
+    if len(stages) != spec.stages:
+        raise CalibrationError(f"calibration has {len(stages)} stages, the swarm {spec.stages}")
+    scale = []
+    for s in stages:
+        alone = s["fwd_s"] + s["bwd_s"]
+        together = (contended_s or {}).get(str(s["index"]), alone)
+        scale.append(together / alone if alone > 0 else 1.0)
+    dispatch = float(runtime["thread_dispatch_s"])
+    rtt = float(runtime["frame_rtt_s"])
+    seq = calibration["model_config"]["seq_len"]
+    wire_fwd = calibration["codec_bytes_per_token"] + calibration["token_id_bytes"] * (seq + 1) / seq
+    cold = max(s.get("first_fwd_bwd_s", s["fwd_s"] + s["bwd_s"]) - s["fwd_s"] - s["bwd_s"] for s in stages)
+    return WanConfig(
+        num_stages=spec.stages,
+        fwd_s=tuple(s["fwd_s"] * k for s, k in zip(stages, scale, strict=True)),
+        bwd_s=tuple(s["bwd_s"] * k for s, k in zip(stages, scale, strict=True)),
+        opt_s=tuple(s["opt_s"] * k for s, k in zip(stages, scale, strict=True)),
+        microbatches=spec.microbatches,
+        microbatch_tokens=calibration["tokens_per_microbatch"],
+        steps=spec.steps,
+        warmup_steps=spec.warmup,
+        schedule="1f1b",
+        in_flight_per_stage=spec.microbatches,
+        fwd_bytes_per_token=float(wire_fwd),
+        bwd_bytes_per_token=float(calibration["codec_bytes_per_token"]),
+        frame_overhead_s=float(runtime["frame_cpu_s"]) + 2 * dispatch,
+        step_overhead_s=rtt + dispatch,
+        link=LinkConfig(bandwidth_mbps=LOOPBACK_MBPS, latency_ms=rtt / 2 * 1e3),
+        shared_cpus=None,  # contention is in the measured stage times
+        startup_s=2 * float(runtime["process_start_s"]) + float(runtime["connect_s"]),
+        first_step_extra_s=max(0.0, cold),
+    )
+
+
+def predict_swarm(
+    spec: SwarmSpec, runtime: dict[str, Any], contention: bool = True, repeats: int = 7
+) -> dict[str, Any]:
+    """Measure the stage code now (alone, and all stages at once) and simulate the swarm `spec`."""
+    cal = calibration_for(spec, repeats)
+    calibration = calibrate(cal, out_path=None)
+    contended = measure_contention(cal, repeats=repeats)["together_s"] if contention and spec.stages > 1 else None
+    cfg = swarm_config(calibration, runtime, spec, contended)
+    res = simulate(cfg)
+    return {
+        "tokens_per_s": res.steady_tokens_per_s,
+        "step_s": statistics.mean(res.step_times_s[spec.warmup:]),
+        "end_to_end_s": res.sim_time_s,
+        "stage_s_alone": [s["fwd_s"] + s["bwd_s"] for s in calibration["stages"]],
+        "stage_s_together": contended,
+        "config": {k: v for k, v in asdict(cfg).items() if k not in ("link", "churn")},
+    }
+
+
+def validate_swarm(spec: SwarmSpec, runtime: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
+    """Predict, then run the real swarm, `repeats` times back to back; medians of the figures.
+
+    Each repetition measures the stage code right before its swarm run (the host's other load moves
+    both); the error of the median measured vs the median simulated tokens/s is reported, with every
+    repetition's own error.
+    """
+    rows = []
+    for _ in range(repeats):
+        pred = predict_swarm(spec, runtime)
+        run = run_swarm(spec)
+        measured = run.tokens_per_s()
+        rows.append({
+            "measured_tokens_per_s": measured,
+            "simulated_tokens_per_s": pred["tokens_per_s"],
+            "error": compare(measured, pred["tokens_per_s"])["error"],
+            "measured_wall_s": run.wall_s,
+            "simulated_end_to_end_s": pred["end_to_end_s"],
+            "stage_s_alone": pred["stage_s_alone"],
+            "stage_s_together": pred["stage_s_together"],
+        })
+    med_meas = statistics.median(r["measured_tokens_per_s"] for r in rows)
+    med_sim = statistics.median(r["simulated_tokens_per_s"] for r in rows)
+    out = compare(med_meas, med_sim)
+    out.update({
+        "spec": asdict(spec),
+        "median_error_of_runs": statistics.median(r["error"] for r in rows),
+        "end_to_end_error": compare(statistics.median(r["measured_wall_s"] for r in rows),
+                                    statistics.median(r["simulated_end_to_end_s"] for r in rows))["error"],
+        "runs": rows,
+    })
+    return out
