@@ -255,7 +255,23 @@ def check_calibration(data: Any) -> dict[str, Any]:
     eff = data["effective_flops_per_s"]
     if not isinstance(eff, (int, float)) or not math.isfinite(eff) or eff <= 0:
         raise CalibrationError(f"calibration effective_flops_per_s={eff!r}: must be a finite number > 0")
+    if "runtime" in data:
+        check_runtime(data["runtime"])
     return data
+
+
+RUNTIME_KEYS = ("frame_cpu_s", "frame_rtt_s", "thread_dispatch_s", "connect_s", "process_start_s")
+
+
+def check_runtime(runtime: Any) -> dict[str, Any]:
+    """Raise CalibrationError naming the first missing or bad runtime input (see swarm_model); return it."""
+    if not isinstance(runtime, dict):
+        raise CalibrationError("calibration 'runtime' must be an object: run simulations.swarm_model.measure_runtime")
+    for key in RUNTIME_KEYS:
+        v = runtime.get(key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v) or v < 0:
+            raise CalibrationError(f"calibration runtime.{key}={v!r}: must be a finite number >= 0")
+    return runtime
 
 
 def load_calibration(path: str | Path = DEFAULT_PATH) -> dict[str, Any]:

@@ -23,15 +23,13 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from .calibrate import CalibrationConfig, calibrate, check_calibration
+from .calibrate import CalibrationConfig, calibrate, check_calibration, check_runtime
 from .errors import CalibrationError
 from .params import LinkConfig, WanConfig
 from .pipeline import simulate
 from .runtime_cal import measure_contention, measure_transport
 from .swarm_run import SwarmSpec, run_swarm
 from .validation import LOOPBACK_MBPS, compare
-
-RUNTIME_KEYS = ("frame_cpu_s", "frame_rtt_s", "thread_dispatch_s", "connect_s", "process_start_s")
 
 
 def calibration_for(spec: SwarmSpec, repeats: int = 7) -> CalibrationConfig:
@@ -64,17 +62,6 @@ def measure_runtime(spec: SwarmSpec, frames: int = 200) -> dict[str, Any]:
     out["how"] += "; process_start_s = median wall of `python -c 'import node.daemon'`"
     out["measured_at_unix"] = int(time.time())
     return out
-
-
-def check_runtime(runtime: Any) -> dict[str, Any]:
-    """Raise CalibrationError naming the first missing or bad runtime input; return it."""
-    if not isinstance(runtime, dict):
-        raise CalibrationError("calibration 'runtime' must be an object: run simulations.swarm_model.measure_runtime")
-    for key in RUNTIME_KEYS:
-        v = runtime.get(key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not v >= 0 or v == float("inf"):
-            raise CalibrationError(f"calibration runtime.{key}={v!r}: must be a finite number >= 0")
-    return runtime
 
 
 def swarm_config(
@@ -133,8 +120,10 @@ def predict_swarm(
     contended = measure_contention(cal, repeats=repeats)["together_s"] if contention and spec.stages > 1 else None
     cfg = swarm_config(calibration, runtime, spec, contended)
     res = simulate(cfg)
+    plain = simulate(swarm_config(calibration, runtime, spec, None))
     return {
         "tokens_per_s": res.steady_tokens_per_s,
+        "tokens_per_s_no_contention": plain.steady_tokens_per_s,
         "step_s": statistics.mean(res.step_times_s[spec.warmup:]),
         "end_to_end_s": res.sim_time_s,
         "stage_s_alone": [s["fwd_s"] + s["bwd_s"] for s in calibration["stages"]],
@@ -159,6 +148,7 @@ def validate_swarm(spec: SwarmSpec, runtime: dict[str, Any], repeats: int = 3) -
             "measured_tokens_per_s": measured,
             "simulated_tokens_per_s": pred["tokens_per_s"],
             "error": compare(measured, pred["tokens_per_s"])["error"],
+            "error_without_contention": compare(measured, pred["tokens_per_s_no_contention"])["error"],
             "measured_wall_s": run.wall_s,
             "simulated_end_to_end_s": pred["end_to_end_s"],
             "stage_s_alone": pred["stage_s_alone"],
