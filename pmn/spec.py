@@ -29,7 +29,7 @@ class TrainingRecipe:
     microbatches: int = 2  # microbatches per global step (gradient accumulation)
     microbatch_size: int = 4  # sequences per microbatch
     lr: float = 3e-3  # AdamW peak learning rate
-    warmup_steps: int = 5  # linear warm-up steps
+    warmup_steps: int = 10  # linear warm-up steps (nodes run sharding.OptimConfig, whose default is 10)
     data_seed: int = 0  # seed of the data order
 
 
