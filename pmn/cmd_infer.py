@@ -68,11 +68,6 @@ def _payment(args: argparse.Namespace, session: Session, cfg: HolderConfig, fee:
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
-    from node.host import parse_peer_addr
-    from node.inference import InferenceError, generate, head_stream_opener
-
-    if not os.environ.get("PMN_DEBUG"):  # py-libp2p logs each failed dial attempt; the one-line error says it
-        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     if not args.prompt:
         raise CLIError("empty prompt: pass the text to continue, e.g. pmn infer --model 1 \"def main(\"")
     if not 1 <= args.max_new_tokens <= MAX_NEW_TOKENS:
@@ -81,6 +76,11 @@ def cmd_infer(args: argparse.Namespace) -> int:
         raise CLIError(f"--timeout-s must be > 0, got {args.timeout_s}")
     cfg = role_config(HolderConfig, args)
     peers = args.bootstrap or cfg.bootstrap
+    from node.host import parse_peer_addr  # libp2p and torch load only once the arguments are sane
+    from node.inference import InferenceError, generate, head_stream_opener
+
+    if not os.environ.get("PMN_DEBUG"):  # py-libp2p logs each failed dial attempt; the one-line error says it
+        logging.getLogger("libp2p").setLevel(logging.CRITICAL)
     if not peers:
         raise CLIError("no stage peer: pass --bootstrap MULTIADDR of a stage-0 node (printed by `pmn node start`)")
     try:
