@@ -75,6 +75,13 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             "--metrics-port", str(args.metrics_port if args.metrics_port is not None else cfg.metrics_port),
             "--capacity", str(cfg.capacity)]
     if m.recipe is not None:  # the spec's recipe: nodes with another one would not interoperate
+        from sharding.train import OptimConfig
+
+        runs = OptimConfig()
+        for name in ("warmup_steps", "data_seed"):
+            if getattr(m.recipe, name) != getattr(runs, name):
+                raise CLIError(f"the spec asks [training] {name} = {getattr(m.recipe, name)} but this node software "
+                               f"runs {getattr(runs, name)}: its spec hash would not match the chain's")
         argv += ["--codec", m.recipe.codec, "--microbatches", str(m.recipe.microbatches),
                  "--microbatch-size", str(m.recipe.microbatch_size), "--lr", str(m.recipe.lr)]
     for addr in args.listen or cfg.listen:
