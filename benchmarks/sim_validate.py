@@ -41,8 +41,10 @@ from simulations.calibrate import (  # noqa: E402
 from simulations.pipeline import simulate  # noqa: E402
 from simulations.swarm_model import (  # noqa: E402
     calibration_for,
+    mean_inputs,
+    measure_inputs,
     measure_runtime,
-    predict_swarm,
+    predict_from,
     swarm_config,
     validate_swarm,
 )
@@ -69,8 +71,9 @@ def spec_for(stages: int, microbatches: int, steps: int) -> SwarmSpec:
 def calibration_phase(spec: SwarmSpec, write: bool) -> tuple[dict[str, Any], dict[str, Any]]:
     """Runtime inputs (micro-measurements) and the traced calibration run's breakdown and error."""
     runtime = measure_runtime(spec)
-    pred = predict_swarm(spec, runtime)
+    before = measure_inputs(spec)
     run = run_swarm(spec, trace=True)
+    pred = predict_from(mean_inputs([before, measure_inputs(spec)]), runtime, spec)
     breakdown = summarize(run.traces, spec.warmup)
     measured = run.tokens_per_s()
     runtime["calibration_run"] = {

@@ -16,6 +16,7 @@ unbounded in-flight window (senders queue locally beyond the peer's credits).
 
 from __future__ import annotations
 
+import copy
 import statistics
 import subprocess
 import sys
@@ -111,14 +112,30 @@ def swarm_config(
     )
 
 
-def predict_swarm(
-    spec: SwarmSpec, runtime: dict[str, Any], contention: bool = True, repeats: int = 7
-) -> dict[str, Any]:
-    """Measure the stage code now (alone, and all stages at once) and simulate the swarm `spec`."""
+def measure_inputs(spec: SwarmSpec, repeats: int = 7, contention: bool = True) -> dict[str, Any]:
+    """The stage code measured now: the calibration (alone) and, for P > 1, all stages at once."""
     cal = calibration_for(spec, repeats)
     calibration = calibrate(cal, out_path=None)
-    contended = measure_contention(cal, repeats=repeats)["together_s"] if contention and spec.stages > 1 else None
-    cfg = swarm_config(calibration, runtime, spec, contended)
+    together = measure_contention(cal, repeats=repeats)["together_s"] if contention and spec.stages > 1 else None
+    return {"calibration": calibration, "together_s": together}
+
+
+def mean_inputs(samples: list[dict[str, Any]]) -> dict[str, Any]:
+    """Per-stage means of several `measure_inputs` results (brackets around a run)."""
+    calibration = copy.deepcopy(samples[0]["calibration"])
+    for i, row in enumerate(calibration["stages"]):
+        for key in ("fwd_s", "bwd_s", "opt_s"):
+            row[key] = statistics.mean(s["calibration"]["stages"][i][key] for s in samples)
+    together = None
+    if all(s["together_s"] for s in samples):
+        together = {k: statistics.mean(s["together_s"][k] for s in samples) for k in samples[0]["together_s"]}
+    return {"calibration": calibration, "together_s": together}
+
+
+def predict_from(inputs: dict[str, Any], runtime: dict[str, Any], spec: SwarmSpec) -> dict[str, Any]:
+    """Simulate the swarm `spec` from measured inputs (`measure_inputs`) and the runtime inputs."""
+    calibration, together = inputs["calibration"], inputs["together_s"]
+    cfg = swarm_config(calibration, runtime, spec, together)
     res = simulate(cfg)
     plain = simulate(swarm_config(calibration, runtime, spec, None))
     return {
@@ -127,26 +144,36 @@ def predict_swarm(
         "step_s": statistics.mean(res.step_times_s[spec.warmup:]),
         "end_to_end_s": res.sim_time_s,
         "stage_s_alone": [s["fwd_s"] + s["bwd_s"] for s in calibration["stages"]],
-        "stage_s_together": contended,
+        "stage_s_together": together,
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("link", "churn")},
     }
 
 
-def validate_swarm(spec: SwarmSpec, runtime: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
-    """Predict, then run the real swarm, `repeats` times back to back; medians of the figures.
+def predict_swarm(
+    spec: SwarmSpec, runtime: dict[str, Any], contention: bool = True, repeats: int = 7
+) -> dict[str, Any]:
+    """Measure the stage code now (alone, and all stages at once) and simulate the swarm `spec`."""
+    return predict_from(measure_inputs(spec, repeats, contention), runtime, spec)
 
-    Each repetition measures the stage code right before its swarm run (the host's other load moves
-    both); the error of the median measured vs the median simulated tokens/s is reported, with every
-    repetition's own error.
+
+def validate_swarm(spec: SwarmSpec, runtime: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
+    """Measure, run the real swarm, measure again, simulate; `repeats` times back to back; medians.
+
+    The stage code is measured right before and right after each swarm run and the two are averaged,
+    so that the host's other load, which moves both, is sampled around the run. The error of the
+    median measured vs the median simulated tokens/s is reported, with every repetition's own error.
     """
     rows = []
     for _ in range(repeats):
-        pred = predict_swarm(spec, runtime)
+        before = measure_inputs(spec)
         run = run_swarm(spec)
+        after = measure_inputs(spec)
+        pred = predict_from(mean_inputs([before, after]), runtime, spec)
         measured = run.tokens_per_s()
         rows.append({
             "measured_tokens_per_s": measured,
             "simulated_tokens_per_s": pred["tokens_per_s"],
+            "simulated_before_only_tokens_per_s": predict_from(before, runtime, spec)["tokens_per_s"],
             "error": compare(measured, pred["tokens_per_s"])["error"],
             "error_without_contention": compare(measured, pred["tokens_per_s_no_contention"])["error"],
             "measured_wall_s": run.wall_s,
