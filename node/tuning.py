@@ -19,6 +19,8 @@ version they were written against; any other version keeps stock behaviour (logg
   socket call straight into a reused buffer, decrypts every complete Noise message in it and
   serves reads from the plaintexts (stock: one 2-byte read, one body read and one BytesIO per
   message). A message that fails authentication closes the connection.
+* `YamuxStream._auto_tune_and_send_window_update`: a WINDOW_UPDATE once half the window was
+  consumed, as go-yamux does (stock 0.8.1: after almost every read).
 * yamux's `read_exactly`: passes a tuned session's exact-length result through (stock copies
   every frame body twice more).
 * glibc heap thresholds (not a py-libp2p patch): megabyte buffers are reused from the heap
@@ -71,6 +73,8 @@ _ORIG: dict[str, Any] = {
     "noise_write": _noise_io.NoiseTransportReadWriter.write_msg,
     "session_read": _secure_session.SecureSession.read,
     "yamux_read_exactly": _yamux.read_exactly,
+    "yamux_window_update": _yamux.YamuxStream._auto_tune_and_send_window_update,
+    "yamux_read_timeout": _yamux._yamux_data_read_timeout,
 }
 
 
@@ -82,9 +86,11 @@ class _State:
     read_bytes: int = 0  # ciphertext bytes asked of the socket per read on tuned Noise sessions
     supported: bool | None = None  # result of the version check (None = not checked yet)
     malloc_tuned: bool = False  # mallopt already applied in this process
+    update_divisor: int = 2  # a WINDOW_UPDATE goes out once consumed bytes reach target // this (PY_YAMUX_BATCH_THRESHOLD_DIV)
 
 
 _state = _State()
+_ORIG_DIVISOR = _yamux._yamux_batch_threshold_divisor
 
 
 class NoiseAuthError(RawConnError, NoiseInvalidMessage):
@@ -429,6 +435,26 @@ async def _tuned_read_exactly(reader: Any, n: int, retry_count: int = _io_utils.
         expected_bytes=n, received_bytes=len(buffer))
 
 
+# -- yamux receive window: go-yamux hysteresis -------------------------------------------------------
+# Replaces YamuxStream._auto_tune_and_send_window_update. Stock 0.8.1 sends a WINDOW_UPDATE after
+# almost every read (its "partial slack" / release-on-read branches), so each small control
+# frame a channel reads costs the peer another frame to parse, and every bulk read another
+# write. go-yamux sends an update only once the bytes the reader consumed reach half the target
+# window; this does the same, with stock's window growth (GrowTo + the RTT auto-tune epoch).
+# A sender is never stalled by it: its window is at least half the target until the update.
+
+
+async def _tuned_window_update(self: _yamux.YamuxStream, *, bytes_read: int = 0) -> None:
+    increment = 0
+    async with self.window_lock:
+        buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
+        consumed = self.target_recv_window - (self.recv_window + buffered)
+        if consumed > 0 and consumed >= self.target_recv_window // _state.update_divisor:
+            increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+    if increment > 0:
+        await self.send_window_update(increment, skip_lock=True)
+
+
 # -- glibc heap: keep megabyte buffers warm ---------------------------------------------------------
 # Not a py-libp2p patch. Every layer (yamux buffers, stream reads, frame joins) allocates and frees
 # megabyte-sized bytes objects. glibc serves those with fresh mmaps (or trims the heap right after
@@ -479,6 +505,12 @@ def apply_transport_tuning(yamux_frame_bytes: int = 256 * 1024, tcp_read_bytes: 
         _tune_malloc()
     _state.tuned, _state.read_bytes = tuned, tcp_read_bytes
     _yamux.YamuxStream.write = _tuned_yamux_write if tuned else _ORIG["yamux_write"]  # type: ignore[method-assign]
+    _state.update_divisor = _ORIG_DIVISOR()
+    _yamux.YamuxStream._auto_tune_and_send_window_update = (  # type: ignore[method-assign]
+        _tuned_window_update if tuned else _ORIG["yamux_window_update"])
+    # Stock reads PY_YAMUX_DATA_READ_TIMEOUT from the environment for every frame; read it once here.
+    timeout_s = _ORIG["yamux_read_timeout"]()
+    _yamux._yamux_data_read_timeout = (lambda: timeout_s) if tuned else _ORIG["yamux_read_timeout"]
     _noise_io.NoiseTransportReadWriter.write_msg = (  # type: ignore[method-assign]
         _tuned_noise_write if tuned else _ORIG["noise_write"])
     # Installed in both modes: they dispatch to stock for sessions that began untuned.
@@ -494,4 +526,6 @@ def restore_stock_transport() -> None:
     _noise_io.NoiseTransportReadWriter.write_msg = _ORIG["noise_write"]  # type: ignore[method-assign]
     _secure_session.SecureSession.read = _ORIG["session_read"]  # type: ignore[method-assign]
     _yamux.read_exactly = _ORIG["yamux_read_exactly"]
+    _yamux.YamuxStream._auto_tune_and_send_window_update = _ORIG["yamux_window_update"]  # type: ignore[method-assign]
+    _yamux._yamux_data_read_timeout = _ORIG["yamux_read_timeout"]
     _state.tuned, _state.read_bytes = False, 0

@@ -283,3 +283,48 @@ def test_oversized_activation_frame_rejected_after_big_frames() -> None:
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_window_updates_batched_and_data_exact() -> None:
+    """The receiver grants window in half-window steps (not per read) and the bytes still arrive exact."""
+    rng = random.Random(9)
+    blobs = [rng.randbytes(rng.randint(1, 40000)) for _ in range(400)]  # ~8 MiB in small writes
+    total = sum(len(b) for b in blobs)
+
+    async def main() -> None:
+        tuning.apply_transport_tuning(256 * 1024, 1 << 20)
+        async with running_host(72) as (h0, _), running_host(73) as (h1, _):
+            accepted: list = []
+            h1.set_stream_handler(HASH_PROTO, _accepting_host_handler(accepted))
+            info = parse_peer_addr(full_addrs(h1)[0])
+            await h0.connect(info)
+            stream = await h0.new_stream(info.peer_id, [HASH_PROTO])
+            await stream.write(blobs[0])
+            await _wait_until(lambda: accepted, "stream accepted")
+            muxed = accepted[0].muxed_stream
+            increments: list[int] = []
+            send_update = muxed.send_window_update
+
+            async def counting_update(increment: int, skip_lock: bool = False) -> None:
+                increments.append(increment)
+                await send_update(increment, skip_lock)
+
+            muxed.send_window_update = counting_update
+            got = bytearray()
+            with trio.fail_after(60):
+                async with trio.open_nursery() as nursery:
+                    async def write_rest() -> None:
+                        for b in blobs[1:]:
+                            await stream.write(b)
+
+                    nursery.start_soon(write_rest)
+                    reads = 0
+                    while len(got) < total:
+                        got += await accepted[0].read(50000)
+                        reads += 1
+            assert bytes(got) == b"".join(blobs)
+            half = yamux.DEFAULT_WINDOW_SIZE // 2  # the target only grows from the 256 KiB default
+            assert increments and min(increments) >= half
+            assert len(increments) <= total // half + 1 < reads
+
+    trio.run(main)
