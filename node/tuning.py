@@ -213,7 +213,7 @@ async def _tuned_yamux_write(self: _yamux.YamuxStream, data: bytes) -> None:
 
 
 class _NoiseSender:
-    """Reusable plaintext and wire buffers of one Noise session's send side."""
+    """Reusable wire buffer of one Noise session's send side."""
 
     def __init__(self, conn: _noise_io.NoiseTransportReadWriter) -> None:
         self.raw = conn.read_writer.read_write_closer
@@ -221,7 +221,7 @@ class _NoiseSender:
         aead = getattr(getattr(self.state, "cipher", None), "cipher", None)
         self.encrypt_into = aead.encrypt_into if isinstance(aead, ChaCha20Poly1305) else None
         self.lock = trio.Lock()  # the buffers are reused: one write at a time
-        self.plain = bytearray()  # gathered plaintext of a multi-part write
+        self.scratch = bytearray(_NOISE_PLAIN)  # one Noise message's plaintext gathered across parts
         self.wire = bytearray()  # length-prefixed ciphertexts of one write
 
     def _seal(self, piece: memoryview, out: memoryview) -> None:
@@ -241,21 +241,29 @@ class _NoiseSender:
         async with self.lock:
             if len(self.wire) < wire_size:
                 self.wire = bytearray(wire_size)
-            if len(parts) > 1 and len(self.plain) < size:
-                self.plain = bytearray(size)
-            with memoryview(self.plain) as plain, memoryview(self.wire) as wire:
-                if len(parts) == 1:
-                    source = memoryview(parts[0]).cast("B")
-                else:
-                    pos = 0
-                    for part in parts:
-                        plain[pos : pos + len(part)] = part
-                        pos += len(part)
-                    source = plain
-                out = 0
+            with memoryview(self.scratch) as scratch, memoryview(self.wire) as wire:
+                views = [v for v in (memoryview(p).cast("B") for p in parts) if len(v)]
+                idx = off = out = 0  # current part, offset in it, bytes of wire written
                 for start in range(0, size, _NOISE_PLAIN):
-                    piece = source[start : min(start + _NOISE_PLAIN, size)]
-                    clen = len(piece) + _NOISE_TAG
+                    take = min(_NOISE_PLAIN, size - start)
+                    view = views[idx]
+                    if len(view) - off >= take:  # the message lies inside one part: encrypt from it
+                        piece = view[off : off + take]
+                        off += take
+                    else:  # it spans parts (a yamux header and the data around it): gather it
+                        got = 0
+                        while got < take:
+                            view = views[idx]
+                            n = min(len(view) - off, take - got)
+                            scratch[got : got + n] = view[off : off + n]
+                            got += n
+                            off += n
+                            if off == len(view) and got < take:
+                                idx, off = idx + 1, 0
+                        piece = scratch[:take]
+                    if off == len(views[idx]) and idx + 1 < len(views):
+                        idx, off = idx + 1, 0
+                    clen = take + _NOISE_TAG
                     wire[out : out + _NOISE_LEN] = clen.to_bytes(_NOISE_LEN, "big")
                     self._seal(piece, wire[out + _NOISE_LEN : out + _NOISE_LEN + clen])
                     out += _NOISE_LEN + clen
