@@ -70,37 +70,42 @@ def model_config(model: str) -> Any:
     )
 
 
-def _fwd_bwd_times(forward: Any, backward: Any, cal: CalibrationConfig) -> tuple[float, float, float]:
-    """Median forward, median backward seconds (each timed on its own), and the first repetition's
-    forward + backward seconds (the cold start: allocator, kernels, caches)."""
-    fwd, bwd = [], []
+def _fwd_bwd_times(forward: Any, backward: Any, cal: CalibrationConfig) -> dict[str, float]:
+    """Median forward and backward seconds (each timed on its own), wall and this thread's CPU, and
+    the first repetition's forward + backward wall seconds (the cold start: allocator, kernels, caches)."""
+    rows: dict[str, list[float]] = {"fwd_s": [], "bwd_s": [], "fwd_cpu_s": [], "bwd_cpu_s": []}
     first = 0.0
     for i in range(cal.warmup + cal.repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         forward()
-        t1 = time.perf_counter()
+        c1, t1 = time.thread_time(), time.perf_counter()
         backward()
-        t2 = time.perf_counter()
+        c2, t2 = time.thread_time(), time.perf_counter()
         if i == 0:
             first = t2 - t0
         if i >= cal.warmup:
-            fwd.append(t1 - t0)
-            bwd.append(t2 - t1)
-    return float(statistics.median(fwd)), float(statistics.median(bwd)), first
+            rows["fwd_s"].append(t1 - t0)
+            rows["bwd_s"].append(t2 - t1)
+            rows["fwd_cpu_s"].append(c1 - c0)
+            rows["bwd_cpu_s"].append(c2 - c1)
+    out = {k: float(statistics.median(v)) for k, v in rows.items()}
+    out["first_fwd_bwd_s"] = first
+    return out
 
 
-def _opt_time(stage: torch.nn.Module, step: Any, cal: CalibrationConfig) -> float:
-    """Median optimizer-step seconds, with fresh gradients on every parameter before each step."""
-    samples = []
+def _opt_time(stage: torch.nn.Module, step: Any, cal: CalibrationConfig) -> tuple[float, float]:
+    """Median optimizer-step wall and CPU seconds, with fresh gradients on every parameter before each step."""
+    wall, cpu = [], []
     for i in range(cal.warmup + cal.repeats):
         for p in stage.parameters():
             if p.requires_grad:
                 p.grad = torch.full_like(p, 1e-4)
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         step()
         if i >= cal.warmup:
-            samples.append(time.perf_counter() - t0)
-    return float(statistics.median(samples))
+            wall.append(time.perf_counter() - t0)
+            cpu.append(time.thread_time() - c0)
+    return float(statistics.median(wall)), float(statistics.median(cpu))
 
 
 @dataclass
@@ -174,17 +179,20 @@ def measure_stages(cal: CalibrationConfig) -> list[dict[str, Any]]:
     out_rows = []
     for ops in stage_ops(cal):
         spec = ops.spec
-        fwd_s, bwd_s, first_s = _fwd_bwd_times(ops.forward, ops.backward, cal)
-        opt_s = _opt_time(ops.stage, ops.opt_step, cal)
+        times = _fwd_bwd_times(ops.forward, ops.backward, cal)
+        opt_s, opt_cpu_s = _opt_time(ops.stage, ops.opt_step, cal)
         out_rows.append(
             {
                 "index": spec.index,
                 "block_start": spec.block_start,
                 "block_end": spec.block_end,
-                "fwd_s": fwd_s,
-                "bwd_s": bwd_s,
+                "fwd_s": times["fwd_s"],  # wall seconds (the host's other load included)
+                "bwd_s": times["bwd_s"],
                 "opt_s": opt_s,
-                "first_fwd_bwd_s": first_s,  # cold first repetition (warm-up cost = this - fwd_s - bwd_s)
+                "fwd_cpu_s": times["fwd_cpu_s"],  # this thread's CPU seconds (the work itself)
+                "bwd_cpu_s": times["bwd_cpu_s"],
+                "opt_cpu_s": opt_cpu_s,
+                "first_fwd_bwd_s": times["first_fwd_bwd_s"],  # cold first repetition, wall seconds
                 "flops_per_token": stage_flops_per_token(config, spec),
             }
         )

@@ -86,6 +86,10 @@ class WanConfig:
     link: LinkConfig = field(default_factory=LinkConfig)  # access-link model
     churn: ChurnConfig = field(default_factory=ChurnConfig)  # join/leave model
     shared_cpus: int | None = None  # all nodes share this many compute slots (a local swarm on one host)
+    host_cores: float | None = None  # all nodes on one host of this many cores, shared fairly (processor sharing)
+    background_load: float = 0.0  # with host_cores: other runnable threads sharing them thread-fairly
+    cores_by_busy: tuple[float, ...] = ()  # with host_cores: cores the nodes get when n of them are busy
+    # (entry n-1; the last entry holds for more); replaces host_cores/background_load when given
     in_flight_per_stage: int | None = None  # 1F1B/async warm-up depth cap; None = num_stages - stage
     max_sim_s: float = 1e9  # simulated-seconds bound; exceeding it raises DeadlockError
     seed: int = 0  # seed of every random draw (bandwidths, latencies, speeds, churn)
@@ -129,6 +133,13 @@ class WanConfig:
         _positive("WanConfig", "max_sim_s", self.max_sim_s)
         if self.shared_cpus is not None:
             _count("WanConfig", "shared_cpus", self.shared_cpus)
+        if self.host_cores is not None:
+            _positive("WanConfig", "host_cores", self.host_cores)
+            for v in self.cores_by_busy:
+                _positive("WanConfig", "cores_by_busy", v)
+            if self.shared_cpus is not None:
+                raise ValueError("WanConfig.host_cores and shared_cpus are two CPU models: set one of them")
+        _non_negative("WanConfig", "background_load", self.background_load)
         if self.in_flight_per_stage is not None:
             _count("WanConfig", "in_flight_per_stage", self.in_flight_per_stage)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:

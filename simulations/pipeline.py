@@ -68,6 +68,72 @@ class WanResult:
         return out
 
 
+class _SharedHost:
+    """Processor sharing: n busy jobs each run at min(1, cores / (n + background)) core-speed, or at
+    min(1, by_busy[n-1] / n) when a per-n table of granted cores is given.
+
+    This is how the OS shares a host's cores among runnable single-threaded processes (the local swarm's
+    nodes, each one torch thread). With autogroup scheduling the host's other sessions take their fair
+    share as groups, which the `by_busy` table expresses (see `swarm_run.LoadSampler`).
+    """
+
+    def __init__(self, env: simpy.Environment, cores: float, background: float, by_busy: tuple[float, ...] = ()):
+        self.env = env
+        self.cores = cores
+        self.background = background
+        self.by_busy = by_busy  # cores granted to n busy jobs (entry n-1), e.g. under group-fair scheduling
+        self.jobs: dict[int, list[Any]] = {}  # job id -> [remaining core-seconds, done event]
+        self.next_id = 0
+        self.last = env.now
+        self.kick = env.event()
+        env.process(self._run())
+
+    def rate(self) -> float:
+        """Core-seconds per second each busy job gets now."""
+        n = len(self.jobs)
+        if not n:
+            return 0.0
+        if self.by_busy:
+            return min(1.0, self.by_busy[min(n, len(self.by_busy)) - 1] / n)
+        return min(1.0, self.cores / (n + self.background))
+
+    def _advance(self) -> None:
+        dt = self.env.now - self.last
+        if dt > 0 and self.jobs:
+            r = self.rate()
+            for job in self.jobs.values():
+                job[0] -= dt * r
+        self.last = self.env.now
+
+    def work(self, core_seconds: float) -> simpy.Event:
+        """An event that fires once `core_seconds` of work got done at the shared rate."""
+        self._advance()
+        done = self.env.event()
+        self.jobs[self.next_id] = [core_seconds, done]
+        self.next_id += 1
+        if not self.kick.triggered:
+            self.kick.succeed()
+        return done
+
+    def _run(self) -> Generator[simpy.Event, Any, None]:
+        while True:
+            if not self.jobs:
+                yield self.kick
+                self.kick = self.env.event()
+                continue
+            self._advance()
+            for key in [k for k, job in self.jobs.items() if job[0] <= 1e-9]:
+                self.jobs.pop(key)[1].succeed()
+            if not self.jobs:
+                continue
+            wait = min(job[0] for job in self.jobs.values()) / self.rate()
+            if self.kick.triggered:
+                self.kick = self.env.event()
+            yield self.env.any_of([self.env.timeout(wait), self.kick])
+            if self.kick.triggered:
+                self.kick = self.env.event()
+
+
 class _Node:
     """One node: compute slot, uplink, 1F1B gate, liveness."""
 
@@ -113,6 +179,7 @@ class PipelineSim:
                 [_Node(self.env, s, r, float(speeds[s, r]), float(bws[s, r]), depth) for r in range(r_n)]
             )
         self.cpu = simpy.PriorityResource(self.env, capacity=cfg.shared_cpus) if cfg.shared_cpus else None
+        self.host = _SharedHost(self.env, cfg.host_cores, cfg.background_load, cfg.cores_by_busy) if cfg.host_cores else None
         self.stage_up = [self.env.event() for _ in range(s_n)]
         self.gated = cfg.schedule in ("1f1b", "async")
         self.completed = 0
@@ -162,8 +229,11 @@ class PipelineSim:
                     return False
                 duration = seconds / node.speed
                 start = self.env.now
-                yield self.env.timeout(duration)
-                node.busy += duration
+                if self.host is not None:
+                    yield self.host.work(duration)
+                else:
+                    yield self.env.timeout(duration)
+                node.busy += self.env.now - start
                 if self.tracing:
                     lost = not (node.alive and node.generation == generation)
                     self.trace.append(TraceEvent(mb, attempt, node.stage, node.replica, kind, start, self.env.now, lost))

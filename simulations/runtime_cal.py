@@ -32,17 +32,19 @@ def _contended_worker(cal_dict: dict[str, Any], index: int, repeats: int, barrie
         ops.forward()
         ops.backward()
     barrier.wait()
-    samples = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.thread_time(), time.perf_counter()
         ops.forward()
         ops.backward()
-        samples.append(time.perf_counter() - t0)
-    queue.put((index, float(statistics.median(samples))))
+        wall.append(time.perf_counter() - t0)
+        cpu.append(time.thread_time() - c0)
+    queue.put((index, (float(statistics.median(wall)), float(sum(cpu) / sum(wall)))))
 
 
-def _run_concurrently(cal: CalibrationConfig, indices: list[int], repeats: int) -> dict[int, float]:
-    """Median fwd+bwd seconds of each listed stage, all stages running at once in their own process."""
+def _run_concurrently(cal: CalibrationConfig, indices: list[int], repeats: int) -> dict[int, tuple[float, float]]:
+    """Per listed stage, all running at once in their own process: (median fwd+bwd wall seconds,
+    CPU share = its thread's CPU seconds / wall seconds)."""
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(len(indices))
     queue = ctx.Queue()
@@ -68,20 +70,33 @@ def measure_contention(cal: CalibrationConfig, repeats: int = 12, alone: bool = 
     """
     cal = cal.validate()
     indices = list(range(cal.num_stages))
-    together = _run_concurrently(cal, indices, repeats)
+    res = _run_concurrently(cal, indices, repeats)
+    cores = os.cpu_count() or 1
+    share = statistics.mean(v[1] for v in res.values())
     out: dict[str, Any] = {
         "processes": len(indices),
-        "together_s": {str(k): v for k, v in sorted(together.items())},
+        "together_s": {str(k): v[0] for k, v in sorted(res.items())},
+        "cpu_share": share,
+        "background_load": background_load(share, len(indices), cores),  # thread-fair reading
         "how": f"stage fwd+bwd (calibrate.stage_ops, {cal.threads} torch thread(s)) in {len(indices)} processes "
-               f"at once, median of {repeats} after 2 untimed; cpus here {os.cpu_count()}",
+               f"at once, median of {repeats} after 2 untimed; cpu_share = thread CPU / wall, mean over the "
+               f"processes; background_load = cores / cpu_share - processes (>= 0); cores here {cores}",
     }
     if alone:
-        solo: dict[int, float] = {}
+        solo: dict[int, tuple[float, float]] = {}
         for i in indices:
             solo.update(_run_concurrently(cal, [i], repeats))
-        out["alone_s"] = {str(k): v for k, v in sorted(solo.items())}
-        out["factor"] = float(statistics.median(together[i] / solo[i] for i in indices))
+        out["alone_s"] = {str(k): v[0] for k, v in sorted(solo.items())}
+        out["factor"] = float(statistics.median(res[i][0] / solo[i][0] for i in indices))
     return out
+
+
+def background_load(cpu_share: float, busy: int, cores: int) -> float:
+    """Other runnable threads on the host implied by `busy` threads each getting `cpu_share` of a core
+    under fair sharing (share = cores / (busy + background) when that is < 1); 0 when share is ~1."""
+    if not 0 < cpu_share <= 1.5 or busy < 1 or cores < 1:
+        raise ValueError(f"cpu_share={cpu_share!r}, busy={busy!r}, cores={cores!r}: need 0 < share, busy, cores >= 1")
+    return max(0.0, cores / min(cpu_share, 1.0) - busy)
 
 
 async def _transport(payload_len: int, window_len: int, n: int) -> dict[str, float]:

@@ -17,6 +17,7 @@ unbounded in-flight window (senders queue locally beyond the peer's credits).
 from __future__ import annotations
 
 import copy
+import os
 import statistics
 import subprocess
 import sys
@@ -29,7 +30,7 @@ from .errors import CalibrationError
 from .params import LinkConfig, WanConfig
 from .pipeline import simulate
 from .runtime_cal import measure_contention, measure_transport
-from .swarm_run import SwarmSpec, run_swarm
+from .swarm_run import SwarmSpec, granted_cores, run_swarm
 from .validation import LOOPBACK_MBPS, compare
 
 
@@ -69,22 +70,21 @@ def swarm_config(
     calibration: dict[str, Any],
     runtime: dict[str, Any],
     spec: SwarmSpec,
-    contended_s: dict[str, float] | None = None,
+    cores_by_busy: tuple[float, ...] = (),
+    cores: int | None = None,
 ) -> WanConfig:
-    """The WanConfig of a local swarm run: measured stage times under contention and runtime costs.
-
-    contended_s: stage -> fwd+bwd seconds with all stages running at once (None = the alone times).
-    """
+    """The WanConfig of a local swarm run on `cores` cores (default: this host's): the stage work is its
+    measured CPU seconds, run under processor sharing; `cores_by_busy[n-1]` = cores the node processes
+    get when n of them are busy (the host's other load; empty = all cores)."""
     check_calibration(calibration)
     check_runtime(runtime)
     stages = calibration["stages"]
     if len(stages) != spec.stages:
         raise CalibrationError(f"calibration has {len(stages)} stages, the swarm {spec.stages}")
-    scale = []
-    for s in stages:
-        alone = s["fwd_s"] + s["bwd_s"]
-        together = (contended_s or {}).get(str(s["index"]), alone)
-        scale.append(together / alone if alone > 0 else 1.0)
+
+    def cpu(row: dict[str, Any], key: str) -> float:  # CPU seconds; wall seconds for older calibrations
+        return float(row.get(key.replace("_s", "_cpu_s"), row[key]))
+
     dispatch = float(runtime["thread_dispatch_s"])
     rtt = float(runtime["frame_rtt_s"])
     seq = calibration["model_config"]["seq_len"]
@@ -92,9 +92,9 @@ def swarm_config(
     cold = max(s.get("first_fwd_bwd_s", s["fwd_s"] + s["bwd_s"]) - s["fwd_s"] - s["bwd_s"] for s in stages)
     return WanConfig(
         num_stages=spec.stages,
-        fwd_s=tuple(s["fwd_s"] * k for s, k in zip(stages, scale, strict=True)),
-        bwd_s=tuple(s["bwd_s"] * k for s, k in zip(stages, scale, strict=True)),
-        opt_s=tuple(s["opt_s"] * k for s, k in zip(stages, scale, strict=True)),
+        fwd_s=tuple(cpu(s, "fwd_s") for s in stages),
+        bwd_s=tuple(cpu(s, "bwd_s") for s in stages),
+        opt_s=tuple(cpu(s, "opt_s") for s in stages),
         microbatches=spec.microbatches,
         microbatch_tokens=calibration["tokens_per_microbatch"],
         steps=spec.steps,
@@ -106,45 +106,63 @@ def swarm_config(
         frame_overhead_s=float(runtime["frame_cpu_s"]) + 2 * dispatch,
         step_overhead_s=rtt + dispatch,
         link=LinkConfig(bandwidth_mbps=LOOPBACK_MBPS, latency_ms=rtt / 2 * 1e3),
-        shared_cpus=None,  # contention is in the measured stage times
+        host_cores=float(cores or os.cpu_count() or 1),
+        cores_by_busy=tuple(cores_by_busy),
         startup_s=2 * float(runtime["process_start_s"]) + float(runtime["connect_s"]),
         first_step_extra_s=max(0.0, cold),
     )
 
 
 def measure_inputs(spec: SwarmSpec, repeats: int = 7, contention: bool = True) -> dict[str, Any]:
-    """The stage code measured now: the calibration (alone) and, for P > 1, all stages at once."""
+    """The stage code measured now: the calibration (alone: wall and CPU seconds) and, with `contention`,
+    the cores all stages got running at once in their own processes (`measure_contention`: processes x
+    CPU share), an estimate of the host's other load from a probe."""
     cal = calibration_for(spec, repeats)
     calibration = calibrate(cal, out_path=None)
-    together = measure_contention(cal, repeats=repeats)["together_s"] if contention and spec.stages > 1 else None
-    return {"calibration": calibration, "together_s": together}
+    probe = None
+    if contention:
+        probe = spec.stages * float(measure_contention(cal, repeats=repeats)["cpu_share"])
+    return {"calibration": calibration, "probe_cores": probe}
 
 
 def mean_inputs(samples: list[dict[str, Any]]) -> dict[str, Any]:
     """Per-stage means of several `measure_inputs` results (brackets around a run)."""
     calibration = copy.deepcopy(samples[0]["calibration"])
     for i, row in enumerate(calibration["stages"]):
-        for key in ("fwd_s", "bwd_s", "opt_s"):
-            row[key] = statistics.mean(s["calibration"]["stages"][i][key] for s in samples)
-    together = None
-    if all(s["together_s"] for s in samples):
-        together = {k: statistics.mean(s["together_s"][k] for s in samples) for k in samples[0]["together_s"]}
-    return {"calibration": calibration, "together_s": together}
+        for key in ("fwd_s", "bwd_s", "opt_s", "fwd_cpu_s", "bwd_cpu_s", "opt_cpu_s"):
+            if key in row:
+                row[key] = statistics.mean(s["calibration"]["stages"][i][key] for s in samples)
+    probes = [s["probe_cores"] for s in samples if s["probe_cores"] is not None]
+    return {"calibration": calibration, "probe_cores": statistics.mean(probes) if probes else None}
 
 
-def predict_from(inputs: dict[str, Any], runtime: dict[str, Any], spec: SwarmSpec) -> dict[str, Any]:
-    """Simulate the swarm `spec` from measured inputs (`measure_inputs`) and the runtime inputs."""
-    calibration, together = inputs["calibration"], inputs["together_s"]
-    cfg = swarm_config(calibration, runtime, spec, together)
+def cores_from_load(load: dict[str, Any], stages: int, cores: int | None = None) -> tuple[float, ...]:
+    """cores_by_busy for n = 1..stages from a LoadSampler result (group-fair share next to the others)."""
+    c = float(cores or os.cpu_count() or 1)
+    return tuple(granted_cores(c, n, load.get("others", [])) for n in range(1, stages + 1))
+
+
+def cores_from_probe(probe_cores: float, stages: int) -> tuple[float, ...]:
+    """cores_by_busy for n = 1..stages from a probe's cores: at most n, at most the probe's figure."""
+    return tuple(min(float(n), probe_cores) for n in range(1, stages + 1))
+
+
+def predict_from(
+    inputs: dict[str, Any], runtime: dict[str, Any], spec: SwarmSpec, cores_by_busy: tuple[float, ...] = ()
+) -> dict[str, Any]:
+    """Simulate the swarm `spec` from measured inputs (`measure_inputs`), the runtime inputs and the
+    cores the host gives it (empty = all of them, i.e. an otherwise idle host)."""
+    calibration = inputs["calibration"]
+    cfg = swarm_config(calibration, runtime, spec, cores_by_busy)
     res = simulate(cfg)
-    plain = simulate(swarm_config(calibration, runtime, spec, None))
+    plain = simulate(swarm_config(calibration, runtime, spec, ()))
     return {
         "tokens_per_s": res.steady_tokens_per_s,
-        "tokens_per_s_no_contention": plain.steady_tokens_per_s,
+        "tokens_per_s_idle_host": plain.steady_tokens_per_s,
         "step_s": statistics.mean(res.step_times_s[spec.warmup:]),
         "end_to_end_s": res.sim_time_s,
-        "stage_s_alone": [s["fwd_s"] + s["bwd_s"] for s in calibration["stages"]],
-        "stage_s_together": together,
+        "stage_cpu_s": [s.get("fwd_cpu_s", 0.0) + s.get("bwd_cpu_s", 0.0) for s in calibration["stages"]],
+        "cores_by_busy": list(cores_by_busy),
         "config": {k: v for k, v in asdict(cfg).items() if k not in ("link", "churn")},
     }
 
@@ -153,33 +171,42 @@ def predict_swarm(
     spec: SwarmSpec, runtime: dict[str, Any], contention: bool = True, repeats: int = 7
 ) -> dict[str, Any]:
     """Measure the stage code now (alone, and all stages at once) and simulate the swarm `spec`."""
-    return predict_from(measure_inputs(spec, repeats, contention), runtime, spec)
+    inputs = measure_inputs(spec, repeats, contention)
+    cores = cores_from_probe(inputs["probe_cores"], spec.stages) if inputs["probe_cores"] else ()
+    return predict_from(inputs, runtime, spec, cores)
 
 
 def validate_swarm(spec: SwarmSpec, runtime: dict[str, Any], repeats: int = 3) -> dict[str, Any]:
     """Measure, run the real swarm, measure again, simulate; `repeats` times back to back; medians.
 
-    The stage code is measured right before and right after each swarm run and the two are averaged,
-    so that the host's other load, which moves both, is sampled around the run. The error of the
-    median measured vs the median simulated tokens/s is reported, with every repetition's own error.
+    The stage code (CPU seconds) is measured right before and right after each swarm run and averaged.
+    The host's other load is taken from `LoadSampler` during the run (primary: the other scheduling
+    groups' runnable threads -> cores granted to the swarm) and, for comparison, from the contention
+    probes around it. The error of the median measured vs the median simulated
+    tokens/s is reported, with every repetition's own error.
     """
     rows = []
     for _ in range(repeats):
         before = measure_inputs(spec)
         run = run_swarm(spec)
         after = measure_inputs(spec)
-        pred = predict_from(mean_inputs([before, after]), runtime, spec)
+        inputs = mean_inputs([before, after])
+        pred = predict_from(inputs, runtime, spec, cores_from_load(run.load, spec.stages))
+        probe = predict_from(inputs, runtime, spec, cores_from_probe(inputs["probe_cores"], spec.stages))
         measured = run.tokens_per_s()
         rows.append({
             "measured_tokens_per_s": measured,
             "simulated_tokens_per_s": pred["tokens_per_s"],
-            "simulated_before_only_tokens_per_s": predict_from(before, runtime, spec)["tokens_per_s"],
             "error": compare(measured, pred["tokens_per_s"])["error"],
-            "error_without_contention": compare(measured, pred["tokens_per_s_no_contention"])["error"],
+            "error_with_probe_load": compare(measured, probe["tokens_per_s"])["error"],
+            "error_idle_host_model": compare(measured, pred["tokens_per_s_idle_host"])["error"],
             "measured_wall_s": run.wall_s,
             "simulated_end_to_end_s": pred["end_to_end_s"],
-            "stage_s_alone": pred["stage_s_alone"],
-            "stage_s_together": pred["stage_s_together"],
+            "stage_cpu_s": pred["stage_cpu_s"],
+            "cores_by_busy_during": pred["cores_by_busy"],
+            "probe_cores": [before["probe_cores"], after["probe_cores"]],
+            "other_groups_during": run.load["other_groups"],
+            "other_running_during": run.load["other_running"],
         })
     med_meas = statistics.median(r["measured_tokens_per_s"] for r in rows)
     med_sim = statistics.median(r["simulated_tokens_per_s"] for r in rows)

@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import statistics
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -56,6 +60,7 @@ class SwarmRun:
     progress: dict[int, list[dict[str, Any]]]  # stage -> per-step progress records
     traces: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # stage -> trace events (traced runs)
     wall_s: float = 0.0  # launcher wall seconds (start-up included)
+    load: dict[str, Any] = field(default_factory=dict)  # LoadSampler.result() over the run (when sampled)
 
     def tokens_per_s(self) -> float:
         """Tail tokens per second between the end of step warmup-1 and the last step (benchmarks/pipeline.py)."""
@@ -93,6 +98,102 @@ def _traced_commands() -> Iterator[None]:
         swarm.node_command = original
 
 
+def waterfill(capacity: float, demands: list[float]) -> list[float]:
+    """Max-min fair split of `capacity` among `demands` (each gets at most its demand)."""
+    out = [0.0] * len(demands)
+    left = capacity
+    order = sorted(range(len(demands)), key=lambda i: demands[i])
+    for k, i in enumerate(order):
+        share = left / (len(order) - k)
+        out[i] = min(demands[i], share)
+        left -= out[i]
+    return out
+
+
+def granted_cores(cores: float, busy: int, others: list[list[int]]) -> float:
+    """Mean cores a session group with `busy` runnable threads gets next to the sampled runnable-thread
+    counts of the host's other groups (one list per sample), under group-fair (autogroup) scheduling."""
+    if busy < 1:
+        raise ValueError(f"busy={busy!r}: must be >= 1")
+    if not others:
+        return min(float(busy), cores)
+    return statistics.mean(waterfill(cores, [float(busy), *map(float, sample)])[0] for sample in others)
+
+
+class LoadSampler:
+    """Samples, while a swarm runs, the host's runnable threads per scheduling group (Linux autogroup,
+    /proc/<pid>/autogroup; all of our node processes share our session's group) and keeps the other
+    groups' counts: the host's other load as the scheduler sees it. A measurement of the environment,
+    not of the run's progress; about 1-3 ms of CPU per sample."""
+
+    def __init__(self, interval_s: float = 0.1) -> None:
+        self.interval_s = interval_s  # seconds between samples
+        self.others: list[list[int]] = []  # per sample: runnable threads of every other active group
+        self.own: list[int] = []  # per sample: runnable threads in our group (the sampler excluded)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+        self._group = self._autogroup(os.getpid())
+
+    @staticmethod
+    def _autogroup(pid: int | str) -> str:
+        try:
+            with open(f"/proc/{pid}/autogroup") as f:
+                return f.read().split()[0]
+        except (OSError, IndexError):  # gone, or no autogroup support: its own group
+            return f"pid-{pid}"
+
+    def sample(self) -> tuple[int, list[int]]:
+        """(runnable threads in our group, runnable threads of each other active group) right now."""
+        groups: dict[str, int] = {}
+        me = threading.get_native_id()
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit():
+                continue
+            try:
+                tids = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            n = 0
+            for tid in tids:
+                try:
+                    with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                        state = f.read().rsplit(")", 1)[1].split()[0]
+                except (OSError, IndexError):
+                    continue
+                n += state == "R" and int(tid) != me
+            if n:
+                g = self._autogroup(pid)
+                if not g.startswith("pid-") or os.path.exists(f"/proc/{pid}"):
+                    groups[g] = groups.get(g, 0) + n
+        own = groups.pop(self._group, 0)
+        return own, list(groups.values())
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            own, others = self.sample()
+            self.own.append(own)
+            self.others.append(others)
+
+    def __enter__(self) -> LoadSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def result(self) -> dict[str, Any]:
+        """Means over the samples, and the raw per-sample counts of the other groups."""
+        n = len(self.own)
+        return {
+            "samples": n,
+            "own_running": statistics.mean(self.own) if n else 0.0,
+            "other_running": statistics.mean(sum(o) for o in self.others) if n else 0.0,
+            "other_groups": statistics.mean(len(o) for o in self.others) if n else 0.0,
+            "others": [list(o) for o in self.others],
+        }
+
+
 def read_trace(path: Path) -> list[dict[str, Any]]:
     """Events of one node's trace file (empty when it has none)."""
     if not path.is_file():
@@ -101,9 +202,7 @@ def read_trace(path: Path) -> list[dict[str, Any]]:
 
 
 def run_swarm(spec: SwarmSpec, trace: bool = False, timeout_s: float = 600.0) -> SwarmRun:
-    """Run the swarm once in a temporary directory; return its progress (and traces)."""
-    import time
-
+    """Run the swarm once in a temporary directory, sampling the host's load; return its progress (and traces)."""
     from node.swarm import run_local_swarm
 
     spec = spec.validate()
@@ -115,7 +214,7 @@ def run_swarm(spec: SwarmSpec, trace: bool = False, timeout_s: float = 600.0) ->
             model = str(root / "model.json")
         t0 = time.monotonic()
         ctx = _traced_commands() if trace else contextlib.nullcontext()
-        with ctx:
+        with ctx, LoadSampler() as sampler:
             res = run_local_swarm(
                 spec.stages, spec.steps, root / "swarm", model=model, codec=spec.codec,
                 microbatches=spec.microbatches, microbatch_size=spec.microbatch_size, corpus=spec.corpus,
@@ -124,4 +223,4 @@ def run_swarm(spec: SwarmSpec, trace: bool = False, timeout_s: float = 600.0) ->
             )
         wall = time.monotonic() - t0
         traces = {s: read_trace(root / "swarm" / f"node{s}" / TRACE_NAME) for s in range(spec.stages)} if trace else {}
-    return SwarmRun(spec=spec, progress=res.steps, traces=traces, wall_s=wall)
+    return SwarmRun(spec=spec, progress=res.steps, traces=traces, wall_s=wall, load=sampler.result())
