@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+MIN_GAIN = 1.1  # a move must raise the slowest non-head stage's throughput by at least this factor
+
 
 @dataclass(frozen=True)
 class Move:
@@ -31,7 +33,7 @@ def plan_move(nodes: list[tuple[str, int, float]], num_stages: int, threshold: f
     non-head stage with the least summed throughput (stage 0 is the step authority and stays
     single); the donor is the stage with the most, among stages with at least two replicas. A move
     happens only when every node has reported a throughput, donor > threshold * bottleneck, and the
-    donor stays above the old bottleneck without the mover. Deterministic: every node computes
+    slowest stage gets at least MIN_GAIN faster by the move. Deterministic: every node computes
     the same plan from the same announcements.
     """
     if num_stages < 2 or not nodes or any(tp <= 0 for _, s, tp in nodes if s >= 0):
@@ -49,6 +51,9 @@ def plan_move(nodes: list[tuple[str, int, float]], num_stages: int, threshold: f
     if tps[best] <= threshold * tps[worst]:
         return None
     mover, mover_tp = min(members[best])
-    if tps[best] - mover_tp <= tps[worst]:
-        return None
+    after = list(tps)
+    after[best] -= mover_tp
+    after[worst] += mover_tp  # the mover's own rate stands in for what it will add to the bottleneck
+    if min(after[1:]) <= min(tps[1:]) * MIN_GAIN:
+        return None  # no clear gain (also stops a node from moving straight back)
     return Move(mover, best, worst, tuple(tps))

@@ -30,7 +30,7 @@ from node.config import NodeConfig
 from node.discovery import Discovery
 from node.errors import AveragingError, NodeError, NoReplicaError
 from node.rebalance import Move, plan_move
-from node.routing import Router
+from node.routing import Router, ban_duration
 from node.worker import StageWorker, window_to_bytes
 
 
@@ -89,6 +89,7 @@ class ReplicaEngine:
         self._queue: deque[tuple[int, int]] = deque()  # (step, mb) waiting for a replica
         self._computed: dict[int, list[list[int]]] = {}
         self._forwarded: set[int] = set()
+        self._peer_failures: dict[str, tuple[int, float]] = {}  # stage peer -> (failed exchanges, skip until)
         self._rerouted = 0
         self._compute_s = 0.0
         self._last_event = trio.current_time()
@@ -193,21 +194,33 @@ class ReplicaEngine:
         """Keep our contribution and give it to the stage peers (bounded; failures are skipped)."""
         self.store.add(step, mb, attempt, vec, loss)
         self._computed.setdefault(step, []).append([mb, attempt])
-        peers = [e for e in self.discovery.stage_peers(self.stage) if e.addrs]
+        peers = self._stage_peers()
         if not peers:
             return
 
-        async def one(addr: str) -> None:
+        async def one(peer: str, addr: str) -> None:
             try:
                 await A.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
                              self.rc.avg_timeout_s)
+                self._peer_failures.pop(peer, None)
             except Exception:  # a vanished peer pulls (or is dropped) later
-                pass
+                self._peer_failed(peer)
 
         with trio.move_on_after(self.rc.avg_timeout_s):
             async with trio.open_nursery() as n:
                 for e in peers:
-                    n.start_soon(one, e.addrs[0])
+                    n.start_soon(one, e.peer_id, e.addrs[0])
+
+    def _stage_peers(self) -> list[Any]:
+        """Announced peers of our stage, less those whose last exchange failed within their backoff."""
+        now = trio.current_time()
+        return [e for e in self.discovery.stage_peers(self.stage)
+                if e.addrs and self._peer_failures.get(e.peer_id, (0, 0.0))[1] <= now]
+
+    def _peer_failed(self, peer: str) -> None:
+        count = self._peer_failures.get(peer, (0, 0.0))[0] + 1
+        self._peer_failures[peer] = (count, trio.current_time() + ban_duration(count, self.rc.ban_base_s,
+                                                                               self.rc.ban_max_s))
 
     # -- routing -----------------------------------------------------------------------------------
 
@@ -410,13 +423,12 @@ class ReplicaEngine:
 
     async def pull_commit(self, step: int, wait_s: float) -> bool:
         """Ask stage peers for `step`'s commit and contributions; True once the commit is known here."""
-        for e in self.discovery.stage_peers(self.stage):
-            if not e.addrs:
-                continue
+        for e in self._stage_peers():
             try:
                 commit, items = await A.pull(self.host, e.addrs[0], self.spec_hash, self.stage, step,
                                              self.store.size, wait_s, self.rc.avg_timeout_s)
             except Exception:  # unreachable / refusing peers are skipped
+                self._peer_failed(e.peer_id)
                 continue
             for mb, a, vec, loss in items:
                 try:

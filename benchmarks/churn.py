@@ -1,0 +1,133 @@
+"""Training throughput under churn: a replicated 3-stage swarm (2 replicas of the middle stage) on
+127.0.0.1, once stable and once with middle replicas SIGKILLed and fresh ones joining at a given
+period. Prints a table; the last line is one JSON object.
+
+    python benchmarks/churn.py [--quick] [--steps N] [--churn-period S]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from node.status import read_progress  # noqa: E402
+from node.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes  # noqa: E402
+
+M, B = 4, 2
+
+
+def _args(steps: int, delay: float) -> list[str]:
+    return ["--stages", "3", "--steps", str(steps), "--replicated", "--microbatches", str(M), "--microbatch-size",
+            str(B), "--corpus", "synthetic", "--threads", "1", "--replica-timeout", "3", "--ban-base", "1",
+            "--ban-max", "4", "--avg-timeout", "5", "--commit-poll", "0.3", "--checkpoint-every", "0",
+            "--debug-delay-s", str(delay)]
+
+
+def _records(n: NodeProcess) -> dict[int, dict[str, Any]]:
+    return {int(r["step"]): r for r in read_progress(n.data_dir)}
+
+
+def run(root: Path, steps: int, delay: float, churn_period: float, timeout_s: float) -> dict[str, Any]:
+    """One run; churn_period 0 = stable. Returns tokens/s, final loss and the exactly-once counts."""
+    args = _args(steps, delay)
+    head = start_node(0, root / "head", args)
+    boot = ["--bootstrap", head.ready["addrs"][0]]
+    rest = [spawn_node(s, root / name, args + boot) for s, name in ((1, "mid0"), (1, "mid1"), (2, "tail"))]
+    nodes = [head, *rest]
+    kills = joins = 0
+    try:
+        for n in rest:
+            await_ready(n)
+        tail = rest[-1]
+        mids = rest[:2]
+        deadline = time.monotonic() + timeout_s
+        next_churn = time.monotonic() + churn_period
+        while tail.proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+            if churn_period and time.monotonic() >= next_churn and len(_records(tail)) < steps - 2:
+                live = [m for m in mids if m.proc.poll() is None]
+                if len(live) >= 2:  # kill the older one, keep one serving
+                    live[0].proc.kill()
+                    live[0].proc.wait()
+                    kills += 1
+                    fresh = spawn_node(1, root / f"mid{len(mids)}", args + boot)
+                    nodes.append(fresh)
+                    mids.append(fresh)
+                    await_ready(fresh)
+                    joins += 1
+                next_churn = time.monotonic() + churn_period
+        for n in nodes:
+            if n.proc.poll() is None:
+                try:
+                    n.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+                except Exception:
+                    break
+    finally:
+        stop_nodes(nodes)
+    tail_recs = _records(tail)
+    done = sorted(tail_recs)
+    lost = dup = 0
+    for group in ([head], mids, [tail]):
+        recs = [_records(n) for n in group]
+        for s in done:
+            applied = [r[s]["applied"] for r in recs if s in r]
+            if not applied:
+                lost += M
+                continue
+            mbs = [mb for mb, _ in applied[0]]
+            lost += len(set(range(M)) - set(mbs)) + len(recs_dropped(recs, s))
+            dup += len(mbs) - len(set(mbs))
+            mine = [tuple(x) for r in recs if s in r for x in r[s]["mine"]]
+            dup += len(mine) - len(set(mine))
+    span = tail_recs[done[-1]]["end_time"] - tail_recs[done[0]]["end_time"] if len(done) > 1 else 0.0
+    tokens = sum(tail_recs[s]["tokens"] for s in done[1:])
+    return {"steps_done": len(done), "tokens_per_s": tokens / span if span > 0 else 0.0,
+            "final_loss": tail_recs[done[-1]]["loss"] if done else None, "kills": kills, "joins": joins,
+            "lost_microbatches": lost, "duplicate_microbatches": dup}
+
+
+def recs_dropped(recs: list[dict[int, dict[str, Any]]], step: int) -> set[int]:
+    """Committed microbatches some replica could not combine at `step`."""
+    return {mb for r in recs if step in r for mb in r[step]["dropped"]}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short runs (< 60 s)")
+    p.add_argument("--steps", type=int, default=None, help="global steps per run")
+    p.add_argument("--churn-period", type=float, default=None, help="seconds between kill+join events")
+    p.add_argument("--delay", type=float, default=0.02, help="per-microbatch debug delay (slows the tiny model)")
+    a = p.parse_args(argv)
+    steps = a.steps or (30 if a.quick else 120)
+    period = a.churn_period or (3.0 if a.quick else 6.0)
+    root = Path(tempfile.mkdtemp(prefix="pmn-churn-"))
+    try:
+        stable = run(root / "stable", steps, a.delay, 0.0, 25 if a.quick else 600)
+        churn = run(root / "churn", steps, a.delay, period, 25 if a.quick else 600)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    print(f"{'run':8} {'steps':>5} {'tok/s':>9} {'final loss':>10} {'kills':>5} {'joins':>5} {'lost':>4} {'dup':>4}")
+    for name, r in (("stable", stable), ("churn", churn)):
+        loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
+        print(f"{name:8} {r['steps_done']:>5} {r['tokens_per_s']:>9.0f} {loss:>10} {r['kills']:>5} {r['joins']:>5} "
+              f"{r['lost_microbatches']:>4} {r['duplicate_microbatches']:>4}")
+    ratio = churn["tokens_per_s"] / stable["tokens_per_s"] if stable["tokens_per_s"] else 0.0
+    print(json.dumps({"tokens_per_s_churn": churn["tokens_per_s"], "tokens_per_s_stable": stable["tokens_per_s"],
+                      "ratio": ratio, "lost_microbatches": churn["lost_microbatches"],
+                      "duplicate_microbatches": churn["duplicate_microbatches"],
+                      "final_loss_churn": churn["final_loss"], "final_loss_stable": stable["final_loss"],
+                      "steps": steps, "churn_period_s": period, "kills": churn["kills"], "joins": churn["joins"],
+                      "stable_lost_microbatches": stable["lost_microbatches"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
