@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import copy
 import json
+import threading
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -40,21 +42,79 @@ def _spec(stages: int = 3, microbatches: int = 6) -> SwarmSpec:
 def test_swarm_config_maps_every_measured_input() -> None:
     cal = _calibration()
     rows = cal["stages"]
-    together = {str(r["index"]): 2.0 * (r["fwd_s"] + r["bwd_s"]) for r in rows}
-    cfg = swarm_config(cal, RUNTIME, _spec(), together)
-    assert cfg.fwd_s == pytest.approx(tuple(2.0 * r["fwd_s"] for r in rows))
-    assert cfg.bwd_s == pytest.approx(tuple(2.0 * r["bwd_s"] for r in rows))
-    assert cfg.opt_s == pytest.approx(tuple(2.0 * r["opt_s"] for r in rows))
+    for r in rows:  # CPU seconds are the work; wall seconds only when a calibration lacks them
+        r.update(fwd_cpu_s=r["fwd_s"] / 2, bwd_cpu_s=r["bwd_s"] / 2, opt_cpu_s=r["opt_s"] / 2)
+    cfg = swarm_config(cal, RUNTIME, _spec(), cores_by_busy=(0.5, 0.8, 0.8), cores=2)
+    assert cfg.fwd_s == pytest.approx(tuple(r["fwd_s"] / 2 for r in rows))
+    assert cfg.bwd_s == pytest.approx(tuple(r["bwd_s"] / 2 for r in rows))
+    assert cfg.opt_s == pytest.approx(tuple(r["opt_s"] / 2 for r in rows))
     assert cfg.frame_overhead_s == pytest.approx(0.001 + 2 * 0.0001)
     assert cfg.step_overhead_s == pytest.approx(0.002 + 0.0001)
     assert cfg.link.latency_ms == pytest.approx(1.0)
     assert cfg.startup_s == pytest.approx(2 * 2.0 + 0.25)
+    assert cfg.host_cores == 2.0 and cfg.cores_by_busy == (0.5, 0.8, 0.8)
     assert cfg.shared_cpus is None and cfg.schedule == "1f1b" and cfg.in_flight_per_stage == 6
     assert cfg.warmup_steps == 1
-    plain = swarm_config(cal, RUNTIME, _spec(), None)
-    assert plain.fwd_s == pytest.approx(tuple(r["fwd_s"] for r in rows))
-    # twice the compute under contention: the steady step is slower, never faster
-    assert simulate(cfg).steady_tokens_per_s < simulate(plain).steady_tokens_per_s
+    idle = swarm_config(cal, RUNTIME, _spec(), cores=2)
+    assert idle.cores_by_busy == ()
+    # fewer granted cores: the steady state is slower, never faster
+    assert simulate(cfg).steady_tokens_per_s < simulate(idle).steady_tokens_per_s
+
+
+def test_processor_sharing_host() -> None:
+    # two equal jobs on one core finish together at twice their work; one job alone runs at full speed
+    two = _flat(num_stages=2, fwd_s=(1.0, 1.0), bwd_s=(1.0, 1.0), microbatches=1, steps=1, host_cores=1.0)
+    res = simulate(two, trace=True)
+    assert res.sim_time_s == pytest.approx(4.0)  # a single microbatch never overlaps: 4 x 1 s
+    # thread-fair background: one busy job next to one background thread on one core runs at half speed
+    bg = simulate(replace(two, background_load=1.0))
+    assert bg.sim_time_s == pytest.approx(8.0)
+    # a per-busy-count table overrides it: 0.25 cores for one busy job
+    tab = simulate(replace(two, cores_by_busy=(0.25,)))
+    assert tab.sim_time_s == pytest.approx(16.0)
+    # many microbatches, 2 stages, 1 core: both stages' work shares it, total = all work
+    many = simulate(replace(two, microbatches=6, in_flight_per_stage=6))
+    assert many.sim_time_s == pytest.approx(6 * 4.0)
+    assert many.microbatches_completed == 6
+    with pytest.raises(ValueError, match="two CPU models"):
+        simulate(replace(two, shared_cpus=1))
+    with pytest.raises(ValueError, match="cores_by_busy"):
+        simulate(replace(two, cores_by_busy=(0.0,)))
+
+
+def test_waterfill_and_granted_cores() -> None:
+    from simulations.swarm_run import granted_cores, waterfill
+
+    assert waterfill(2.0, [2.0, 1.0, 3.0]) == pytest.approx([2 / 3, 2 / 3, 2 / 3])
+    assert waterfill(2.0, [0.2, 3.0]) == pytest.approx([0.2, 1.8])
+    assert sum(waterfill(2.0, [5.0, 5.0, 5.0, 5.0])) == pytest.approx(2.0)
+    assert granted_cores(2.0, 2, []) == 2.0 and granted_cores(2.0, 3, []) == 2.0
+    assert granted_cores(2.0, 2, [[1], [3, 1]]) == pytest.approx((1.0 + 2 / 3) / 2)
+    with pytest.raises(ValueError, match="busy"):
+        granted_cores(2.0, 0, [])
+
+
+def test_cores_from_load_and_probe() -> None:
+    from simulations.swarm_model import cores_from_load, cores_from_probe
+
+    assert cores_from_load({"others": [[4]]}, 3, cores=2) == pytest.approx((1.0, 1.0, 1.0))
+    assert cores_from_load({"others": []}, 2, cores=2) == (1.0, 2.0)
+    assert cores_from_probe(1.5, 3) == (1.0, 1.5, 1.5)
+
+
+def test_load_sampler_counts_runnable_threads() -> None:
+    from simulations.swarm_run import LoadSampler
+
+    sampler = LoadSampler(interval_s=0.01)
+    own, others = sampler.sample()
+    assert own >= 0 and all(isinstance(n, int) and n > 0 for n in others)
+    with sampler:
+        for _ in range(1000):  # at most ~10 s; a sample takes a few ms
+            if len(sampler.own) >= 3:
+                break
+            threading.Event().wait(0.01)
+    out = sampler.result()
+    assert out["samples"] >= 3 and len(out["others"]) == out["samples"]
 
 
 def test_swarm_config_rejects_mismatched_or_bad_inputs() -> None:
