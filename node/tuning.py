@@ -267,7 +267,7 @@ class _NoiseSender:
                     wire[out : out + _NOISE_LEN] = clen.to_bytes(_NOISE_LEN, "big")
                     self._seal(piece, wire[out + _NOISE_LEN : out + _NOISE_LEN + clen])
                     out += _NOISE_LEN + clen
-                await self.raw.write(wire[:out])
+                await self.raw.write(wire[:out])  # type: ignore[arg-type]  # any bytes-like reaches socket.send
 
 
 def _sender(conn: _noise_io.NoiseTransportReadWriter) -> _NoiseSender:
@@ -413,10 +413,12 @@ async def _tuned_session_read(self: _secure_session.SecureSession, n: int | None
         return b""
     rx: _NoiseReceiver | None = self.__dict__.get("_pmn_rx")
     if rx is None:
-        noise = isinstance(self.conn, _noise_io.NoiseTransportReadWriter)
+        conn = self.conn
+        noise = isinstance(conn, _noise_io.NoiseTransportReadWriter)
         if not (_state.tuned and noise) or self.low_watermark != self.high_watermark:
             return await _ORIG["session_read"](self, n)
-        rx = self._pmn_rx = _NoiseReceiver(self.conn, _state.read_bytes)  # type: ignore[attr-defined]
+        assert isinstance(conn, _noise_io.NoiseTransportReadWriter)
+        rx = self._pmn_rx = _NoiseReceiver(conn, _state.read_bytes)  # type: ignore[attr-defined]
     return await rx.read(n)
 
 
@@ -519,8 +521,8 @@ def apply_transport_tuning(yamux_frame_bytes: int = 256 * 1024, tcp_read_bytes: 
     # Stock reads PY_YAMUX_DATA_READ_TIMEOUT from the environment for every frame; read it once here.
     timeout_s = _ORIG["yamux_read_timeout"]()
     _yamux._yamux_data_read_timeout = (lambda: timeout_s) if tuned else _ORIG["yamux_read_timeout"]
-    _noise_io.NoiseTransportReadWriter.write_msg = (  # type: ignore[method-assign]
-        _tuned_noise_write if tuned else _ORIG["noise_write"])
+    noise_write = _tuned_noise_write if tuned else _ORIG["noise_write"]
+    _noise_io.NoiseTransportReadWriter.write_msg = noise_write  # type: ignore[method-assign,assignment]
     # Installed in both modes: they dispatch to stock for sessions that began untuned.
     _secure_session.SecureSession.read = _tuned_session_read  # type: ignore[method-assign]
     _yamux.read_exactly = _tuned_read_exactly
