@@ -307,7 +307,8 @@ class _NoiseReceiver:
         self.state = conn.noise_state.noise_protocol.cipher_state_decrypt
         self.decrypt = self.state.decrypt_with_ad
         self.failed: NoiseAuthError | None = None  # set once a message fails authentication; every later read raises it
-        self.cap = max(read_bytes, 4 * _NOISE_PACKET)
+        self.max_cap = max(read_bytes, 4 * _NOISE_PACKET)  # the buffer grows up to this on bulk traffic
+        self.cap = min(self.max_cap, 4 * _NOISE_PACKET)  # 256 KiB while a connection only carries small messages
         self.buf = bytearray(self.cap)  # ciphertext; [start, end) not yet decrypted
         self.view = memoryview(self.buf)
         self.start = 0
@@ -333,6 +334,7 @@ class _NoiseReceiver:
         """Read once and decrypt every complete Noise message (IncompleteReadError on EOF)."""
         if self.failed is not None:
             raise self.failed
+        room = self.cap - self.end
         got = await self._recv()
         if not got:
             pending = self.end - self.start + self.avail
@@ -363,6 +365,15 @@ class _NoiseReceiver:
             self.start, self.end = 0, len(rest)
         else:
             self.start, self.end = pos, end
+        if got == room and self.cap < self.max_cap:  # the socket had more than we could take: grow
+            self._grow(min(2 * self.cap, self.max_cap))
+
+    def _grow(self, cap: int) -> None:
+        pending = self.end - self.start
+        buf = bytearray(cap)
+        buf[:pending] = self.view[self.start : self.end]
+        self.buf, self.view, self.cap = buf, memoryview(buf), cap
+        self.start, self.end = 0, pending
 
     def _take(self, n: int) -> bytes:
         chunks, off = self.chunks, self.offset

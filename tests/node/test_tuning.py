@@ -222,3 +222,39 @@ def test_yamux_exact_read_passes_through_and_keeps_eof_error() -> None:
         assert ei.value.received_bytes == 3 and "expected 12 bytes" in str(ei.value)
 
     trio.run(main)
+
+
+class _BytesRaw:
+    """A raw connection that always has `data` ready: every read fills the room it is given."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        self.pos = 0
+
+    async def read(self, n: int) -> bytes:
+        out = self.data[self.pos : self.pos + n]
+        self.pos += len(out)
+        return out
+
+
+def test_read_buffer_grows_under_bulk_traffic_and_stays_exact() -> None:
+    a, b = _noise_pair()
+    plain = random.Random(4).randbytes(3 * 1024 * 1024 + 17)
+    wire = b"".join(
+        len(c).to_bytes(2, "big") + c
+        for c in (a.encrypt(plain[i : i + 65519]) for i in range(0, len(plain), 65519)))
+    rw = noise_io.NoiseTransportReadWriter(RawConnection(_BytesRaw(wire), False), b)  # type: ignore[arg-type]
+
+    async def main() -> None:
+        receiver = tuning._NoiseReceiver(rw, 2 * 1024 * 1024)
+        first_cap = receiver.cap
+        out = bytearray()
+        while len(out) < len(plain):
+            out += await receiver.read(min(100003, len(plain) - len(out)))
+        assert bytes(out) == plain
+        assert first_cap == 4 * tuning._NOISE_PACKET  # small until bulk traffic shows up
+        assert receiver.cap == receiver.max_cap == 2 * 1024 * 1024
+        with pytest.raises(IncompleteReadError):
+            await receiver.read(1)
+
+    trio.run(main)
