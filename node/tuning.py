@@ -12,9 +12,10 @@ version they were written against; any other version keeps stock behaviour (logg
 * `YamuxStream.write`: takes all the send window it can at once, cuts it into frames and hands
   them to the connection in one write; waits for a window update on an event instead of
   polling every 10 ms (same 5 s limit and error as stock).
-* `NoiseTransportReadWriter.write_msg`: a write larger than one Noise message is still cut into
-  <= 65519-byte plaintexts, each encrypted and length-prefixed in order, but they leave in one
-  socket write and are encrypted from memoryview slices (no per-message copies).
+* `NoiseTransportReadWriter.write_msg` (and the tuned yamux write): a write larger than one
+  Noise message is still cut into <= 65519-byte plaintexts, each encrypted with the next nonce
+  and length-prefixed in order, but straight into one reused per-connection buffer that leaves
+  in one socket write (stock: a copy, an encryption and an awaited socket write per message).
 * `SecureSession.read` (Noise sessions only): reads up to `tcp_read_bytes` of ciphertext per
   socket call straight into a reused buffer, decrypts every complete Noise message in it and
   serves reads from the plaintexts (stock: one 2-byte read, one body read and one BytesIO per
@@ -62,20 +63,30 @@ WRITE_BATCH_BYTES = 4 * 1024 * 1024  # most stream bytes one tuned yamux write h
 HEAP_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc: allocations below this come from the heap, not fresh mmaps
 HEAP_TRIM_THRESHOLD = 128 * 1024 * 1024  # glibc: free heap kept before returning memory to the kernel
 WINDOW_WAIT_S = 5.0  # stock YamuxStream.write gives up after 5 s without a window update; kept as is
-_NOISE_LEN = _noise_io.SIZE_NOISE_MESSAGE_LEN  # 2-byte big-endian Noise message length prefix
-_NOISE_PLAIN = _noise_io.MAX_PLAINTEXT_LENGTH  # 65519 plaintext bytes per Noise message
+_NOISE_LEN = 2  # libp2p Noise: 2-byte big-endian length prefix before each message
 _NOISE_TAG = 16  # Poly1305 tag bytes added to each Noise message
-_NOISE_PACKET = _NOISE_LEN + _noise_io.MAX_NOISE_MESSAGE_LEN  # largest length prefix + Noise message
+_NOISE_PLAIN = 65535 - _NOISE_TAG  # 65519 plaintext bytes per Noise message at most
+_NOISE_PACKET = _NOISE_LEN + 65535  # largest length prefix + Noise message
 
-_ORIG: dict[str, Any] = {
-    "yamux_max_message": _yamux.MAX_MESSAGE_SIZE,
-    "yamux_write": _yamux.YamuxStream.write,
-    "noise_write": _noise_io.NoiseTransportReadWriter.write_msg,
-    "session_read": _secure_session.SecureSession.read,
-    "yamux_read_exactly": _yamux.read_exactly,
-    "yamux_window_update": _yamux.YamuxStream._auto_tune_and_send_window_update,
-    "yamux_read_timeout": _yamux._yamux_data_read_timeout,
-}
+
+def _capture_originals() -> dict[str, Any]:
+    """The stock objects the patches replace ({} if this py-libp2p lacks one: then nothing is patched)."""
+    try:
+        return {
+            "yamux_max_message": _yamux.MAX_MESSAGE_SIZE,
+            "yamux_write": _yamux.YamuxStream.write,
+            "noise_write": _noise_io.NoiseTransportReadWriter.write_msg,
+            "session_read": _secure_session.SecureSession.read,
+            "yamux_read_exactly": _yamux.read_exactly,
+            "yamux_window_update": _yamux.YamuxStream._auto_tune_and_send_window_update,
+            "yamux_read_timeout": _yamux._yamux_data_read_timeout,
+            "yamux_divisor": _yamux._yamux_batch_threshold_divisor,
+        }
+    except AttributeError:
+        return {}
+
+
+_ORIG = _capture_originals()
 
 
 @dataclass
@@ -90,7 +101,6 @@ class _State:
 
 
 _state = _State()
-_ORIG_DIVISOR = _yamux._yamux_batch_threshold_divisor
 
 
 class NoiseAuthError(RawConnError, NoiseInvalidMessage):
@@ -113,7 +123,7 @@ def tuning_supported() -> bool:
     """True when the installed py-libp2p is the version the patches were written for (logged once if not)."""
     if _state.supported is None:
         found = libp2p_version()
-        _state.supported = found == SUPPORTED_LIBP2P
+        _state.supported = found == SUPPORTED_LIBP2P and bool(_ORIG)
         if not _state.supported:
             log.warning("py-libp2p %s installed, transport tuning is written for %s only: "
                         "not patching, using py-libp2p's stock transport", found or "(unknown)", SUPPORTED_LIBP2P)
@@ -526,7 +536,7 @@ def apply_transport_tuning(yamux_frame_bytes: int = 256 * 1024, tcp_read_bytes: 
         _tune_malloc()
     _state.tuned, _state.read_bytes = tuned, tcp_read_bytes
     _yamux.YamuxStream.write = _tuned_yamux_write if tuned else _ORIG["yamux_write"]  # type: ignore[method-assign]
-    _state.update_divisor = _ORIG_DIVISOR()
+    _state.update_divisor = _ORIG["yamux_divisor"]()
     _yamux.YamuxStream._auto_tune_and_send_window_update = (  # type: ignore[method-assign]
         _tuned_window_update if tuned else _ORIG["yamux_window_update"])
     # Stock reads PY_YAMUX_DATA_READ_TIMEOUT from the environment for every frame; read it once here.

@@ -183,6 +183,14 @@ def test_other_libp2p_version_is_not_patched(monkeypatch: pytest.MonkeyPatch, ca
         assert apply_transport_tuning() is True
 
 
+def test_noise_constants_match_py_libp2p() -> None:
+    assert tuning._NOISE_LEN == noise_io.SIZE_NOISE_MESSAGE_LEN
+    assert tuning._NOISE_PLAIN == noise_io.MAX_PLAINTEXT_LENGTH
+    assert tuning._NOISE_PACKET == noise_io.SIZE_NOISE_MESSAGE_LEN + noise_io.MAX_NOISE_MESSAGE_LEN
+    assert set(tuning._ORIG) >= {"yamux_write", "noise_write", "session_read", "yamux_read_exactly",
+                                 "yamux_window_update", "yamux_read_timeout", "yamux_divisor", "yamux_max_message"}
+
+
 def test_untuned_mode_restores_stock_paths() -> None:
     assert apply_transport_tuning(64 * 1024, 0) is False
     assert yamux.YamuxStream.write is tuning._ORIG["yamux_write"]
