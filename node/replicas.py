@@ -96,6 +96,7 @@ class ReplicaEngine:
         self.current_step = worker.next_step
         self.throughput = 0.0  # tokens/s of compute over the last step with work
         self.events: list[dict[str, Any]] = []  # bans and reroutes, for the status file
+        self.fatal: NodeError | None = None  # set by a background task; run_step raises it
 
     # -- channels ----------------------------------------------------------------------------------
 
@@ -359,6 +360,8 @@ class ReplicaEngine:
         early = [(ch, r) for ch, r in self._future if r.frame.header.step == step]
         self._future = [(ch, r) for ch, r in self._future if r.frame.header.step > step]
         while True:
+            if self.fatal is not None:
+                raise self.fatal
             frames = early + await self._take_frames()
             early = []
             for ch, r in frames:
@@ -442,16 +445,39 @@ class ReplicaEngine:
         return step in self.store.commits
 
     async def commit_poller(self) -> None:
-        """A replica idle for `commit_poll_s` without its step's commit asks its stage peers for it."""
+        """A replica idle for `commit_poll_s` without its step's commit asks its stage peers for it.
+
+        If the pipeline is already past our step and no peer can give us its commit within
+        `no_replica_timeout_s`, our state is lost (the peers that held it are gone): the engine fails
+        with a NodeError instead of waiting forever.
+        """
+        stuck_since: float | None = None
         while True:
             await trio.sleep(self.rc.commit_poll_s)
             step = self.current_step
             idle = trio.current_time() - self._last_event >= self.rc.commit_poll_s
             if self.worker.spec.is_head or step in self.store.commits:
+                stuck_since = None
                 continue
-            if idle or any(r.frame.header.step > step for _, r in self._future):
+            behind = any(r.frame.header.step > step for _, r in self._future)
+            if idle or behind:
                 if await self.pull_commit(step, 0.0):
                     self.poke()
+                    stuck_since = None
+                    continue
+            now = trio.current_time()
+            if not behind:
+                stuck_since = None
+            elif stuck_since is None:
+                stuck_since = now
+            elif now - stuck_since > self.rc.no_replica_timeout_s:
+                ahead = max(r.frame.header.step for _, r in self._future)
+                self.fatal = NodeError(
+                    f"stage {self.stage} replica is at step {step} while the pipeline is at step {ahead}, and no "
+                    f"peer of its stage gave step {step}'s commit within replicas.no_replica_timeout_s="
+                    f"{self.rc.no_replica_timeout_s}: the stage's newer state is lost")
+                self.poke()
+                return
 
     async def _finish(self, step: int, t0: float) -> StepOutcome:
         w = self.worker
