@@ -4,7 +4,8 @@ Wraps (at run time, without changing `node/`) the stage worker's forward/backwar
 channel's data sends, frame accepts and acks, the runtime's step and the checkpoint save, then runs
 `node.daemon.main`. Every interval is written to `<data-dir>/trace.jsonl` as one JSON object:
 `{"ev", "stage", "step", "mb", "t0", "t1", "cpu"}` with t0/t1 from the host-wide monotonic clock
-(comparable across the swarm's processes) and cpu the calling thread's CPU seconds. The trace is
+(comparable across the swarm's processes) and cpu the calling thread's CPU seconds (for "step": the
+whole process's CPU seconds during the step). The trace is
 what `simulations.runtime_cal` turns into the runtime inputs of the simulation.
 """
 
@@ -109,11 +110,12 @@ def install(data_dir: str | Path) -> None:
 
     @functools.wraps(orig_step)
     async def run_step(self: Any, step: int) -> Any:
-        t0 = time.monotonic()
+        t0, c0 = time.monotonic(), time.process_time()
         try:
             return await orig_step(self, step)
         finally:
-            _record("step", step, -1, t0, time.monotonic(), 0.0)
+            # cpu of a "step" event: the whole process's CPU seconds during the step (all threads)
+            _record("step", step, -1, t0, time.monotonic(), time.process_time() - c0)
             flush()
 
     rt.run_step = run_step  # type: ignore[method-assign]

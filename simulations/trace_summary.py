@@ -3,7 +3,9 @@
 Per stage, over the steps after the warm-up: step seconds; compute wall and CPU seconds (forward,
 backward, optimizer, data window); seconds the event loop spent accepting frames (digest, decode hand-off,
 countersign, ack write) and sending them (credit wait, digest, write); idle seconds (the rest: waiting
-for a neighbour, GIL and thread hand-offs); the first step's and the start-up's seconds.
+for a neighbour, GIL and thread hand-offs); the process's CPU seconds and the runtime's share of them
+(process CPU less compute and codec CPU: event loop, transport, frames, hand-offs) per frame sent or
+accepted; the first step's and the start-up's seconds.
 """
 
 from __future__ import annotations
@@ -34,12 +36,17 @@ def summarize_stage(events: list[dict[str, Any]], warmup: int) -> dict[str, Any]
             "step_s": step_s,
             "compute_wall_s": busy,
             "compute_cpu_s": sum(float(e["cpu"]) for e in comp),
+            "process_cpu_s": float(steps[k]["cpu"]),
+            "runtime_cpu_s": float(steps[k]["cpu"]) - sum(float(e["cpu"]) for e in comp + [
+                e for e in mine if e["ev"] == "decode"]),
+            "frames": sum(1 for e in mine if e["ev"] in ("send", "accept")),
             "accept_s": sum(_dur(e) for e in mine if e["ev"] == "accept"),
             "send_s": sum(_dur(e) for e in mine if e["ev"] == "send"),
             "decode_cpu_s": sum(float(e["cpu"]) for e in mine if e["ev"] == "decode"),
             "idle_s": step_s - busy,
         })
     out: dict[str, Any] = {k: float(statistics.median(r[k] for r in rows)) for k in rows[0]}
+    out["runtime_cpu_per_frame_s"] = out["runtime_cpu_s"] / out["frames"] if out["frames"] else 0.0
     out["compute_wall_over_cpu"] = out["compute_wall_s"] / out["compute_cpu_s"] if out["compute_cpu_s"] else 0.0
     for kind in ("fwd", "bwd"):
         xs = [e for e in events if e["ev"] == kind and int(e["step"]) >= warmup]

@@ -101,6 +101,13 @@ def run_wan(
         "inputs": scenario.inputs,
         "seed": seed,
     }
+    if isinstance(calibration.get("validation"), dict):  # measured by benchmarks/sim_validate.py
+        val = calibration["validation"]
+        out["local_swarm_validation"] = {
+            name: {"error": row["error"], "measured_tokens_per_s": row["measured_tokens_per_s"],
+                   "simulated_tokens_per_s": row["simulated_tokens_per_s"]}
+            for name, row in val.get("configs", {}).items()
+        }
     if compare_schedules:
         per_schedule: dict[str, dict[str, float]] = {}
         for sched in SCHEDULES:

@@ -45,10 +45,16 @@ def test_swarm_config_maps_every_measured_input() -> None:
     for r in rows:  # CPU seconds are the work; wall seconds only when a calibration lacks them
         r.update(fwd_cpu_s=r["fwd_s"] / 2, bwd_cpu_s=r["bwd_s"] / 2, opt_cpu_s=r["opt_s"] / 2)
     cfg = swarm_config(cal, RUNTIME, _spec(), cores_by_busy=(0.5, 0.8, 0.8), cores=2)
-    assert cfg.fwd_s == pytest.approx(tuple(r["fwd_s"] / 2 for r in rows))
-    assert cfg.bwd_s == pytest.approx(tuple(r["bwd_s"] / 2 for r in rows))
+    # without an in-node figure a frame side costs half the two-host per-frame CPU plus one hand-off;
+    # end stages handle one frame per pass, the middle stage two
+    side = 0.001 / 2 + 0.0001
+    sides = (1, 2, 1)
+    assert cfg.fwd_s == pytest.approx(tuple(r["fwd_s"] / 2 + n * side for r, n in zip(rows, sides, strict=True)))
+    assert cfg.bwd_s == pytest.approx(tuple(r["bwd_s"] / 2 + n * side for r, n in zip(rows, sides, strict=True)))
     assert cfg.opt_s == pytest.approx(tuple(r["opt_s"] / 2 for r in rows))
-    assert cfg.frame_overhead_s == pytest.approx(0.001 + 2 * 0.0001)
+    assert cfg.frame_overhead_s == 0.0
+    node = swarm_config(cal, {**RUNTIME, "frame_side_cpu_s": 0.003}, _spec(), cores=2)
+    assert node.fwd_s == pytest.approx(tuple(r["fwd_s"] / 2 + n * 0.003 for r, n in zip(rows, sides, strict=True)))
     assert cfg.step_overhead_s == pytest.approx(0.002 + 0.0001)
     assert cfg.link.latency_ms == pytest.approx(1.0)
     assert cfg.startup_s == pytest.approx(2 * 2.0 + 0.25)
