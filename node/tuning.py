@@ -63,6 +63,7 @@ WRITE_BATCH_BYTES = 4 * 1024 * 1024  # most stream bytes one tuned yamux write h
 HEAP_MMAP_THRESHOLD = 32 * 1024 * 1024  # glibc: allocations below this come from the heap, not fresh mmaps
 HEAP_TRIM_THRESHOLD = 128 * 1024 * 1024  # glibc: free heap kept before returning memory to the kernel
 WINDOW_WAIT_S = 5.0  # stock YamuxStream.write gives up after 5 s without a window update; kept as is
+WINDOW_POLL_S = 0.01  # a blocked writer wakes on the window update at once, and checks for a closed stream this often
 _NOISE_LEN = 2  # libp2p Noise: 2-byte big-endian length prefix before each message
 _NOISE_TAG = 16  # Poly1305 tag bytes added to each Noise message
 _NOISE_PLAIN = 65535 - _NOISE_TAG  # 65519 plaintext bytes per Noise message at most
@@ -135,10 +136,10 @@ def tuning_active() -> bool:
     return _state.tuned
 
 
-# -- yamux send window: event instead of 10 ms polling ---------------------------------------------
+# -- yamux send window: woken by the update instead of a 10 ms poll ---------------------------------
 # Replaces the plain `send_window` attribute of YamuxStream with a property that stores the same
 # integer and wakes a tuned writer waiting for a window update. Stock code reads and writes it
-# exactly as before; it exists because stock writers poll the window every 10 ms.
+# exactly as before; it exists because a stock writer notices an update only at its next 10 ms poll.
 
 
 def _get_send_window(self: _yamux.YamuxStream) -> int:
@@ -161,7 +162,8 @@ async def _wait_send_window(stream: _yamux.YamuxStream) -> None:
     try:
         with trio.move_on_after(WINDOW_WAIT_S) as scope:
             while stream.send_window <= 0 and not stream.closed:
-                await event.wait()
+                with trio.move_on_after(WINDOW_POLL_S):  # a reset/close sets no event: look again this often
+                    await event.wait()
                 event = trio.Event()
                 stream.__dict__["_pmn_window_event"] = event
     finally:

@@ -250,6 +250,19 @@ def test_writer_waits_for_window_update_then_times_out(monkeypatch: pytest.Monke
                 await stream2.write(bytes(stream2.muxed_stream.send_window + 300 * 1024))
             assert isinstance(ei.value.__cause__, MuxedStreamError)
             assert "Timed out waiting for window update after 0.5 seconds" in str(ei.value.__cause__)
+            # 3) the reader resets the stream: the blocked writer is released by the reset, not the timeout
+            monkeypatch.setattr(tuning, "WINDOW_WAIT_S", 60.0)
+            stream3 = await h0.new_stream(info.peer_id, [HASH_PROTO])
+            await _wait_until(lambda: len(accepted) == 3, "third stream accepted")
+            async with trio.open_nursery() as nursery:
+                async def reset_when_blocked() -> None:
+                    await _wait_until(lambda: stream3.muxed_stream.send_window == 0, "writer blocked")
+                    await accepted[2].reset()
+
+                nursery.start_soon(reset_when_blocked)
+                with trio.fail_after(10), pytest.raises(StreamReset) as ei:
+                    await stream3.write(bytes(stream3.muxed_stream.send_window + 300 * 1024))
+            assert "Timed out" not in str(ei.value.__cause__)
         tuning.apply_transport_tuning()
 
     trio.run(main)
