@@ -136,6 +136,20 @@ def tuning_active() -> bool:
     return _state.tuned
 
 
+# -- locks without a schedule point when free -------------------------------------------------------
+# `async with trio.Lock()` yields to the scheduler even when the lock is free; a stock small
+# yamux write passes five such locks (about 10 scheduler turns per message). The tuned paths
+# take a free lock synchronously and only wait when it is held. Every write still reaches the
+# socket's send, which is a checkpoint, so cancellation works as before.
+
+
+async def _lock(lock: trio.Lock | trio.Semaphore) -> None:
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+
+
 # -- yamux send window: woken by the update instead of a 10 ms poll ---------------------------------
 # Replaces the plain `send_window` attribute of YamuxStream with a property that stores the same
 # integer and wakes a tuned writer waiting for a window update. Stock code reads and writes it
@@ -186,16 +200,23 @@ async def _tuned_yamux_write(self: _yamux.YamuxStream, data: bytes) -> None:
     frame_payload = max(1, _yamux.MAX_MESSAGE_SIZE - _yamux.HEADER_SIZE)
     pack = struct.Struct(_yamux.YAMUX_HEADER_FORMAT).pack
     sent = 0
+    writer_lock = self.rw_lock._writer_lock  # what rw_lock.write_lock() holds
     while sent < total:
-        async with self.rw_lock.write_lock():
+        await _lock(writer_lock)
+        try:
             if self.send_closed:
                 raise MuxedStreamError("Stream is closed for sending")
-            async with self.window_lock:
+            await _lock(self.window_lock)
+            try:
                 if self.closed:
                     raise MuxedStreamError("Stream is closed")
                 take = min(self.send_window, total - sent, WRITE_BATCH_BYTES)
                 if take > 0:
                     self.send_window -= take
+            finally:
+                self.window_lock.release()
+        finally:
+            writer_lock.release()
         if take <= 0:
             await _wait_send_window(self)
             continue
@@ -208,9 +229,11 @@ async def _tuned_yamux_write(self: _yamux.YamuxStream, data: bytes) -> None:
         session = self.conn.secured_conn
         noise = getattr(session, "conn", None)
         if isinstance(session, _secure_session.SecureSession) and isinstance(noise, _noise_io.NoiseTransportReadWriter):
-            async with self.conn._write_lock:  # what Yamux._write_frame holds around a connection write
+            await _lock(self.conn._write_lock)  # what Yamux._write_frame holds around a connection write
+            try:
                 await _sender(noise).send(parts, take + _yamux.HEADER_SIZE * (len(parts) // 2))
-            await trio.lowlevel.checkpoint()
+            finally:
+                self.conn._write_lock.release()
         else:
             await self.conn._write_frame(b"".join(parts))
         sent = end
@@ -229,6 +252,8 @@ class _NoiseSender:
 
     def __init__(self, conn: _noise_io.NoiseTransportReadWriter) -> None:
         self.raw = conn.read_writer.read_write_closer
+        tcp = getattr(self.raw, "stream", None)
+        self.tcp = tcp if isinstance(tcp, TrioTCPStream) and isinstance(tcp.stream, trio.SocketStream) else None
         self.state = conn.noise_state.noise_protocol.cipher_state_encrypt
         aead = getattr(getattr(self.state, "cipher", None), "cipher", None)
         self.encrypt_into = aead.encrypt_into if isinstance(aead, ChaCha20Poly1305) else None
@@ -250,7 +275,8 @@ class _NoiseSender:
     async def send(self, parts: list[bytes | memoryview], size: int) -> None:
         """Encrypt the concatenation of `parts` (`size` bytes) as Noise messages and write them at once."""
         wire_size = size + -(-size // _NOISE_PLAIN) * (_NOISE_LEN + _NOISE_TAG)
-        async with self.lock:
+        await _lock(self.lock)
+        try:
             if len(self.wire) < wire_size:
                 self.wire = bytearray(wire_size)
             with memoryview(self.scratch) as scratch, memoryview(self.wire) as wire:
@@ -279,7 +305,24 @@ class _NoiseSender:
                     wire[out : out + _NOISE_LEN] = clen.to_bytes(_NOISE_LEN, "big")
                     self._seal(piece, wire[out + _NOISE_LEN : out + _NOISE_LEN + clen])
                     out += _NOISE_LEN + clen
-                await self.raw.write(wire[:out])  # type: ignore[arg-type]  # any bytes-like reaches socket.send
+                await self._write(wire[:out])
+        finally:
+            self.lock.release()
+
+    async def _write(self, data: memoryview) -> None:
+        """RawConnection.write -> TrioTCPStream.write, with its lock taken without a schedule point."""
+        if self.tcp is None:
+            await self.raw.write(data)  # type: ignore[arg-type]  # any bytes-like reaches the transport
+            return
+        await _lock(self.tcp.write_lock)
+        try:
+            await self.tcp.stream.send_all(data)
+        except trio.BrokenResourceError as exc:  # as TrioTCPStream.write
+            raise ConnectionClosedError(f"TCP connection reset by remote peer: {exc}", transport="tcp") from exc
+        except trio.ClosedResourceError:  # closed locally: TrioTCPStream.write returns silently
+            return
+        finally:
+            self.tcp.write_lock.release()
 
 
 def _sender(conn: _noise_io.NoiseTransportReadWriter) -> _NoiseSender:
@@ -479,11 +522,14 @@ async def _tuned_read_exactly(reader: Any, n: int, retry_count: int = _io_utils.
 
 async def _tuned_window_update(self: _yamux.YamuxStream, *, bytes_read: int = 0) -> None:
     increment = 0
-    async with self.window_lock:
+    await _lock(self.window_lock)
+    try:
         buffered = len(self.conn.stream_buffers.get(self.stream_id, b""))
         consumed = self.target_recv_window - (self.recv_window + buffered)
         if consumed > 0 and consumed >= self.target_recv_window // _state.update_divisor:
             increment = self._grow_to_delta(buffered) + self._apply_autotune_epoch(buffered)
+    finally:
+        self.window_lock.release()
     if increment > 0:
         await self.send_window_update(increment, skip_lock=True)
 
