@@ -7,6 +7,9 @@ Three measured references, from cheapest to most complete:
   (`node.swarm.run_local_swarm`), simulated with every node sharing this host's cores and
   loopback links (TCP+Noise+yamux bandwidth and round trip from docs/FACTS).
 - `compare_with_benchmark_json`: the last JSON line of `benchmarks/pipeline.py`, when it exists.
+The local-swarm comparison that models the host's load, the runtime's per-frame CPU and processor
+sharing from measured inputs is `simulations.swarm_model` (run by `benchmarks/sim_validate.py`); the
+swarm functions here keep the earlier slot model (both cores free, wall-clock stage times).
 """
 
 from __future__ import annotations
