@@ -60,7 +60,7 @@ class SwarmRun:
     progress: dict[int, list[dict[str, Any]]]  # stage -> per-step progress records
     traces: dict[int, list[dict[str, Any]]] = field(default_factory=dict)  # stage -> trace events (traced runs)
     wall_s: float = 0.0  # launcher wall seconds (start-up included)
-    load: dict[str, Any] = field(default_factory=dict)  # LoadSampler.result() over the run (when sampled)
+    load: dict[str, Any] = field(default_factory=dict)  # LoadSampler.result() over the measured window
 
     def tokens_per_s(self) -> float:
         """Tail tokens per second between the end of step warmup-1 and the last step (benchmarks/pipeline.py)."""
@@ -73,6 +73,13 @@ class SwarmRun:
         if span <= 0:
             raise ValidationDataError("the swarm's step end times do not increase")
         return sum(int(r["tokens"]) for r in window[1:]) / span
+
+    def measured_window(self) -> tuple[float, float]:
+        """Wall-clock span over which tokens_per_s is measured (tail step end times)."""
+        recs = sorted(self.progress[self.spec.stages - 1], key=lambda r: int(r["step"]))
+        w = self.spec.warmup
+        first = recs[w - 1] if w > 0 else recs[0]
+        return float(first["end_time"]), float(recs[-1]["end_time"])
 
     def step_s(self) -> float:
         """Mean tail seconds per step over the measured window."""
@@ -130,6 +137,7 @@ class LoadSampler:
         self.interval_s = interval_s  # seconds between samples
         self.others: list[list[int]] = []  # per sample: runnable threads of every other active group
         self.own: list[int] = []  # per sample: runnable threads in our group (the sampler excluded)
+        self.times: list[float] = []  # per sample: wall-clock time (time.time(), as progress end_time)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._group = self._autogroup(os.getpid())
@@ -173,6 +181,7 @@ class LoadSampler:
             own, others = self.sample()
             self.own.append(own)
             self.others.append(others)
+            self.times.append(time.time())
 
     def __enter__(self) -> LoadSampler:
         self._thread.start()
@@ -182,15 +191,20 @@ class LoadSampler:
         self._stop.set()
         self._thread.join()
 
-    def result(self) -> dict[str, Any]:
-        """Means over the samples, and the raw per-sample counts of the other groups."""
-        n = len(self.own)
+    def result(self, window: tuple[float, float] | None = None) -> dict[str, Any]:
+        """Means over the samples (those inside the wall-clock `window` when given), and the raw
+        per-sample counts of the other groups."""
+        keep = [i for i, t in enumerate(self.times) if window is None or window[0] <= t <= window[1]]
+        own = [self.own[i] for i in keep]
+        others = [self.others[i] for i in keep]
+        n = len(keep)
         return {
             "samples": n,
-            "own_running": statistics.mean(self.own) if n else 0.0,
-            "other_running": statistics.mean(sum(o) for o in self.others) if n else 0.0,
-            "other_groups": statistics.mean(len(o) for o in self.others) if n else 0.0,
-            "others": [list(o) for o in self.others],
+            "window": list(window) if window else None,
+            "own_running": statistics.mean(own) if n else 0.0,
+            "other_running": statistics.mean(sum(o) for o in others) if n else 0.0,
+            "other_groups": statistics.mean(len(o) for o in others) if n else 0.0,
+            "others": [list(o) for o in others],
         }
 
 
@@ -223,4 +237,8 @@ def run_swarm(spec: SwarmSpec, trace: bool = False, timeout_s: float = 600.0) ->
             )
         wall = time.monotonic() - t0
         traces = {s: read_trace(root / "swarm" / f"node{s}" / TRACE_NAME) for s in range(spec.stages)} if trace else {}
-    return SwarmRun(spec=spec, progress=res.steps, traces=traces, wall_s=wall, load=sampler.result())
+    out = SwarmRun(spec=spec, progress=res.steps, traces=traces, wall_s=wall)
+    # the host's other load while throughput is measured (start-up and warm-up steps left out)
+    out.load = sampler.result(out.measured_window())
+    out.load["whole_run"] = {k: v for k, v in sampler.result().items() if k != "others"}
+    return out

@@ -268,3 +268,16 @@ def test_traced_real_swarm_records_every_microbatch_of_every_stage() -> None:
     assert decoded == {(1, s, m) for s in range(3) for m in range(2)}
     breakdown = summarize(run.traces, warmup=1)
     assert set(breakdown) == {"0", "1"} and all(b["step_s"] > 0 for b in breakdown.values())
+
+
+def test_load_sampler_result_keeps_only_the_measured_window() -> None:
+    from simulations.swarm_run import LoadSampler
+
+    sampler = LoadSampler()
+    sampler.own, sampler.others, sampler.times = [1, 2, 3], [[5], [1, 1], []], [10.0, 20.0, 30.0]
+    whole = sampler.result()
+    assert whole["samples"] == 3 and whole["other_running"] == pytest.approx(7 / 3)
+    part = sampler.result((15.0, 30.0))
+    assert part["samples"] == 2 and part["others"] == [[1, 1], []]
+    assert part["other_groups"] == pytest.approx(1.0) and part["own_running"] == pytest.approx(2.5)
+    assert sampler.result((40.0, 50.0))["samples"] == 0
