@@ -454,8 +454,16 @@ class ActChannel:
                                      self.peer, self.remote_stage))
         finally:
             if self.failure is None:
-                self._fail(PeerLostError(f"peer {self.peer} (stage {self.remote_stage}) closed the stream",
-                                         self.peer, self.remote_stage))
+                err = PeerLostError(f"peer {self.peer} (stage {self.remote_stage}) closed the stream",
+                                    self.peer, self.remote_stage)
+                if self.closed_by_peer:
+                    # orderly end (CLOSE, then EOF): frames already received stay readable and reading
+                    # on returns nothing; only sending fails. A neighbour that finished its last step
+                    # first must not fail ours.
+                    self.failure = err
+                    self._notify()
+                else:
+                    self._fail(err)
             await self._wake_all()
 
     async def _read_one(self) -> bool:

@@ -193,6 +193,9 @@ class PipelineRuntime:
                     assert down_tx is not None and isinstance(out, bytes)
                     down_tx.put(F.Kind.ACTIVATION, step, mb, out, window_to_bytes(window, w.id_bytes))
                 continue
+            for ch in (self.upstream, self.downstream):
+                if ch is not None and ch.failure is not None:
+                    raise ch.failure  # a neighbour closed in order while we still wait for its frames
             tw = time.perf_counter()
             with trio.move_on_after(self.cfg.frame_timeout_s) as scope:
                 await self._wake.wait()

@@ -1,0 +1,45 @@
+"""Orderly shutdown: a neighbour that finished its last step and closed does not fail ours."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import trio
+
+from node import frames as F
+from node.channel import ActEndpoint, LocalInfo
+from node.errors import PeerLostError
+from node.host import full_addrs
+from tests.node.conftest import FSPEC, SPEC_HASH, np_decoder, running_host, tcfg
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
+
+
+def _endpoint(host, stage: int) -> ActEndpoint:
+    local = LocalInfo(spec_hash=SPEC_HASH, stage=stage, num_stages=3, address="0x" + "00" * 20)
+    return ActEndpoint(host, local=local, frame_spec=FSPEC, cfg=tcfg(), decoder=np_decoder)
+
+
+def test_frames_sent_before_an_orderly_close_stay_readable_without_error() -> None:
+    async def main() -> None:
+        async with running_host(41) as (h1, _), running_host(42) as (h2, _), trio.open_nursery() as nursery:
+            downstream = _endpoint(h1, stage=1)
+            mid = await _endpoint(h2, stage=0).open(full_addrs(h1)[0])
+            nursery.start_soon(mid.run_reader)
+            tail = await downstream.incoming.receive()
+            grad = np.full(FSPEC.payload_len // 4, 3.0, dtype=np.float32).tobytes()
+            await tail.send_data(F.Kind.GRADIENT, 9, 1, grad)  # the neighbour's last frame of the run
+            await tail.wait_acked()
+            await tail.close()  # it finished its last step and leaves
+            with trio.fail_after(10):
+                while mid.failure is None:
+                    await trio.sleep(0.01)
+            assert mid.closed_by_peer
+            r = await mid.try_recv()  # the last gradient is still there
+            assert r is not None and (r.frame.header.step, float(r.value[0])) == (9, 3.0)
+            assert await mid.try_recv() is None  # and the end of the stream is not an error
+            with pytest.raises(PeerLostError, match="closed the stream"):  # sending to it is
+                await mid.send_data(F.Kind.ACTIVATION, 10, 0, grad, b"\x00" * FSPEC.window_len)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
