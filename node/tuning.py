@@ -24,8 +24,9 @@ version they were written against; any other version keeps stock behaviour (logg
   consumed, as go-yamux does (stock 0.8.1: after almost every read).
 * yamux's `read_exactly`: passes a tuned session's exact-length result through (stock copies
   every frame body twice more).
-* locks on the tuned paths are taken without a schedule point when free (stock `async with`
-  yields to the scheduler at each of ~5 locks per small write).
+* locks on the tuned paths, yamux's `streams_lock` and NetStream's `_state_lock` are taken
+  without a schedule point when free (stock `async with` yields to the scheduler at each of
+  them: about 10 scheduler turns per small message).
 * glibc heap thresholds (not a py-libp2p patch): megabyte buffers are reused from the heap
   instead of fresh page-faulting mmaps.
 
@@ -51,6 +52,7 @@ from libp2p.io import utils as _io_utils
 from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.exceptions import RawConnError
+from libp2p.network.stream import net_stream as _net_stream
 from libp2p.security import secure_session as _secure_session
 from libp2p.security.noise import io as _noise_io
 from libp2p.stream_muxer.exceptions import MuxedStreamError
@@ -84,6 +86,8 @@ def _capture_originals() -> dict[str, Any]:
             "yamux_window_update": _yamux.YamuxStream._auto_tune_and_send_window_update,
             "yamux_read_timeout": _yamux._yamux_data_read_timeout,
             "yamux_divisor": _yamux._yamux_batch_threshold_divisor,
+            "yamux_init": _yamux.Yamux.__init__,
+            "net_stream_init": _net_stream.NetStream.__init__,
         }
     except AttributeError:
         return {}
@@ -150,6 +154,43 @@ async def _lock(lock: trio.Lock | trio.Semaphore) -> None:
         lock.acquire_nowait()
     except trio.WouldBlock:
         await lock.acquire()
+
+
+class _QuickLock:
+    """A trio.Lock whose `async with` takes it without a schedule point when it is free."""
+
+    __slots__ = ("_lock",)
+
+    def __init__(self, lock: trio.Lock) -> None:
+        self._lock = lock
+
+    async def __aenter__(self) -> None:
+        await _lock(self._lock)
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        self._lock.release()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lock, name)
+
+
+# Yamux.streams_lock (taken for every received frame and every stream read) and
+# NetStream._state_lock (taken for every stream read and write) become _QuickLock on objects
+# created while the tuning is active. Replaces nothing else in those constructors.
+_QUICK_LOCKS = {"yamux": ("streams_lock",), "net_stream": ("_state_lock",)}
+
+
+def _quick_lock_init(original: Any, attrs: tuple[str, ...]) -> Any:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        if _state.tuned:
+            for attr in attrs:
+                lock = getattr(self, attr, None)
+                if isinstance(lock, trio.Lock):
+                    setattr(self, attr, _QuickLock(lock))
+
+    __init__.__pmn_original__ = original  # type: ignore[attr-defined]
+    return __init__
 
 
 # -- yamux send window: woken by the update instead of a 10 ms poll ---------------------------------
@@ -560,9 +601,14 @@ _installed_property = False
 
 
 def _install_window_property() -> None:
+    """The send-window property and the quick-lock constructors: installed once, inert while untuned."""
     global _installed_property
     if not _installed_property:
-        _yamux.YamuxStream.send_window = property(_get_send_window, _set_send_window)  # type: ignore[assignment]
+        if not isinstance(_yamux.YamuxStream.__dict__.get("send_window"), property):
+            _yamux.YamuxStream.send_window = property(_get_send_window, _set_send_window)  # type: ignore[assignment]
+        _yamux.Yamux.__init__ = _quick_lock_init(_ORIG["yamux_init"], _QUICK_LOCKS["yamux"])  # type: ignore[method-assign]
+        _net_stream.NetStream.__init__ = _quick_lock_init(  # type: ignore[method-assign]
+            _ORIG["net_stream_init"], _QUICK_LOCKS["net_stream"])
         _installed_property = True
 
 
@@ -601,7 +647,15 @@ def apply_transport_tuning(yamux_frame_bytes: int = 256 * 1024, tcp_read_bytes: 
 
 
 def restore_stock_transport() -> None:
-    """Put back every stock py-libp2p method and constant (the window property stays; it is behaviour-neutral)."""
+    """Put back every stock py-libp2p method and constant.
+
+    The send-window property stays (it stores the same integer; streams made while it was
+    installed need it), and objects made while tuned keep their quick locks.
+    """
+    _yamux.Yamux.__init__ = _ORIG["yamux_init"]  # type: ignore[method-assign]
+    _net_stream.NetStream.__init__ = _ORIG["net_stream_init"]  # type: ignore[method-assign]
+    global _installed_property
+    _installed_property = False  # the next apply installs the quick-lock constructors again
     _yamux.MAX_MESSAGE_SIZE = _ORIG["yamux_max_message"]
     _yamux.YamuxStream.write = _ORIG["yamux_write"]  # type: ignore[method-assign]
     _noise_io.NoiseTransportReadWriter.write_msg = _ORIG["noise_write"]  # type: ignore[method-assign]

@@ -82,6 +82,10 @@ def test_byte_exact_odd_small_huge_concurrent() -> None:
             h1.set_stream_handler(HASH_PROTO, _hash_handler)
             info = parse_peer_addr(full_addrs(h1)[0])
             await h0.connect(info)
+            probe = await h0.new_stream(info.peer_id, [HASH_PROTO])  # the tuned objects carry quick locks
+            assert isinstance(probe._state_lock, tuning._QuickLock)
+            assert isinstance(probe.muxed_stream.conn.streams_lock, tuning._QuickLock)
+            await probe.close()
             with trio.fail_after(60):
                 async with trio.open_nursery() as nursery:  # three streams share one connection at once
                     for blobs in (odd, small, huge):

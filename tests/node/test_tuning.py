@@ -176,6 +176,7 @@ def test_other_libp2p_version_is_not_patched(monkeypatch: pytest.MonkeyPatch, ca
         assert noise_io.NoiseTransportReadWriter.write_msg is tuning._ORIG["noise_write"]
         assert tuning._secure_session.SecureSession.read is STOCK_READ
         assert yamux.MAX_MESSAGE_SIZE == tuning._ORIG["yamux_max_message"]
+        assert yamux.Yamux.__init__ is tuning._ORIG["yamux_init"]
         with pytest.raises(ValueError, match="yamux_frame_bytes"):  # values are still checked
             apply_transport_tuning(10, 0)
     finally:
@@ -264,5 +265,29 @@ def test_read_buffer_grows_under_bulk_traffic_and_stays_exact() -> None:
         assert receiver.cap == receiver.max_cap == 2 * 1024 * 1024
         with pytest.raises(IncompleteReadError):
             await receiver.read(1)
+
+    trio.run(main)
+
+
+def test_quick_lock_is_exclusive_and_waits_when_held() -> None:
+    async def main() -> None:
+        lock = tuning._QuickLock(trio.Lock())
+        order: list[str] = []
+        async with trio.open_nursery() as nursery:
+            async def holder() -> None:
+                async with lock:
+                    order.append("a-in")
+                    await trio.sleep(0.05)
+                    order.append("a-out")
+
+            async def waiter() -> None:
+                await trio.sleep(0.01)
+                assert lock.locked()  # delegated to the wrapped trio.Lock
+                async with lock:
+                    order.append("b-in")
+
+            nursery.start_soon(holder)
+            nursery.start_soon(waiter)
+        assert order == ["a-in", "a-out", "b-in"] and not lock.locked()
 
     trio.run(main)
