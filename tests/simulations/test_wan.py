@@ -29,6 +29,10 @@ def test_run_wan_is_deterministic_and_rejects_unknown_presets() -> None:
     a = run_wan("protocolnanogpt", compare_schedules=False, steps=2)
     b = run_wan("protocolnanogpt", compare_schedules=False, steps=2)
     assert a == b
+    # additive: the local-swarm validation recorded in the calibration file by benchmarks/sim_validate.py
+    val = a["local_swarm_validation"]
+    assert set(val) == {"2x16", "3x16"}
+    assert all(row["error"] >= 0 and row["measured_tokens_per_s"] > 0 for row in val.values())
     with pytest.raises(PresetError, match="unknown WAN preset"):
         run_wan("nope")
     with pytest.raises(ValueError, match="schedule"):
