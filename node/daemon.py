@@ -15,6 +15,7 @@ import os
 import signal
 import sys
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -233,12 +234,17 @@ class NodeDaemon:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 stop = trio.CancelScope()
 
+                watching = trio.CancelScope()
+
                 async def watch_signals() -> None:
                     nonlocal code
-                    async for signum in signals:
-                        code = 128 + int(signum)
-                        stop.cancel()
-                        return
+                    with watching:
+                        if watching.cancel_called:  # the receiver block already ended before this task ran
+                            return
+                        async for signum in signals:
+                            code = 128 + int(signum)
+                            stop.cancel()
+                            return
 
                 nursery.start_soon(watch_signals)
                 with stop:
@@ -252,6 +258,7 @@ class NodeDaemon:
                         self._write_status(next_step=worker.next_step)
                         print(json.dumps({"event": "trained", "next_step": worker.next_step}), flush=True)
                         await trio.sleep_forever()
+                watching.cancel()
             # interrupted or finished: drop a partial step, keep the last completed one
             worker.abort_step()
             save_checkpoint(worker, self.data_dir)
@@ -347,12 +354,17 @@ class NodeDaemon:
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
                 stop = trio.CancelScope()
 
+                watching = trio.CancelScope()
+
                 async def watch_signals() -> None:
                     nonlocal code
-                    async for signum in signals:
-                        code = 128 + int(signum)
-                        stop.cancel()
-                        return
+                    with watching:
+                        if watching.cancel_called:  # the receiver block already ended before this task ran
+                            return
+                        async for signum in signals:
+                            code = 128 + int(signum)
+                            stop.cancel()
+                            return
 
                 nursery.start_soon(watch_signals)
                 with stop:
@@ -366,6 +378,7 @@ class NodeDaemon:
                         print(json.dumps({"event": "trained", "next_step": self.worker.next_step if self.worker
                                           else 0}), flush=True)
                         await trio.sleep_forever()
+                watching.cancel()
             if self.worker is not None:
                 self.worker.abort_step()
                 save_checkpoint(self.worker, self.data_dir)
@@ -617,6 +630,8 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:  # NodeError, ValueError, chain and protocol errors: one line, no traceback
         print(json.dumps({"event": "error", "error": str(exc), "type": type(exc).__name__}), flush=True)
         print(f"error: {exc}", file=sys.stderr)
+        if not isinstance(exc, NodeError | ValueError):  # a bug: keep the whole story in the log
+            traceback.print_exception(exc, file=sys.stderr)
         return 1
 
 
