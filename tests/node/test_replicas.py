@@ -8,6 +8,7 @@ import signal
 import time
 
 import pytest
+import torch
 
 from node.status import node_status
 from node.swarm import stop_nodes, wait_nodes
@@ -18,6 +19,7 @@ pytestmark = [pytest.mark.network]
 
 
 def _reference(steps: int) -> list[float]:
+    torch.set_num_threads(1)  # several node processes share the cores; more threads only contend
     return train_reference(PRESETS["tiny"], OptimConfig(), steps, M, B, load_corpus("synthetic"))
 
 
