@@ -91,7 +91,8 @@ def run(root: Path, steps: int, delay: float, churn_period: float, timeout_s: fl
     tokens = sum(tail_recs[s]["tokens"] for s in done[1:])
     return {"steps_done": len(done), "tokens_per_s": tokens / span if span > 0 else 0.0,
             "final_loss": tail_recs[done[-1]]["loss"] if done else None, "kills": kills, "joins": joins,
-            "lost_microbatches": lost, "duplicate_microbatches": dup}
+            "lost_microbatches": lost, "duplicate_microbatches": dup,
+            "losses": {s: tail_recs[s]["loss"] for s in done}}
 
 
 def recs_dropped(recs: list[dict[int, dict[str, Any]]], step: int) -> set[int]:
@@ -120,10 +121,16 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:8} {r['steps_done']:>5} {r['tokens_per_s']:>9.0f} {loss:>10} {r['kills']:>5} {r['joins']:>5} "
               f"{r['lost_microbatches']:>4} {r['duplicate_microbatches']:>4}")
     ratio = churn["tokens_per_s"] / stable["tokens_per_s"] if stable["tokens_per_s"] else 0.0
+    common = sorted(set(stable["losses"]) & set(churn["losses"]))
+    at = common[-1] if common else -1
+    if common:
+        print(f"loss at step {at} (both runs): stable {stable['losses'][at]:.6f}, churn {churn['losses'][at]:.6f}")
     print(json.dumps({"tokens_per_s_churn": churn["tokens_per_s"], "tokens_per_s_stable": stable["tokens_per_s"],
                       "ratio": ratio, "lost_microbatches": churn["lost_microbatches"],
                       "duplicate_microbatches": churn["duplicate_microbatches"],
                       "final_loss_churn": churn["final_loss"], "final_loss_stable": stable["final_loss"],
+                      "loss_step": at, "loss_at_step_stable": stable["losses"].get(at),
+                      "loss_at_step_churn": churn["losses"].get(at),
                       "steps": steps, "churn_period_s": period, "kills": churn["kills"], "joins": churn["joins"],
                       "stable_lost_microbatches": stable["lost_microbatches"]}))
     return 0
