@@ -424,9 +424,12 @@ class ReplicaEngine:
                 except NodeError:
                     pass
 
-    async def pull_commit(self, step: int, wait_s: float) -> bool:
-        """Ask stage peers for `step`'s commit and contributions; True once the commit is known here."""
-        for e in self._stage_peers():
+    async def pull_commit(self, step: int, wait_s: float, every_peer: bool = False) -> bool:
+        """Ask stage peers for `step`'s commit and contributions; True once the commit is known here.
+
+        every_peer: include peers whose last exchange failed (still in their backoff)."""
+        peers = [e for e in self.discovery.stage_peers(self.stage) if e.addrs] if every_peer else self._stage_peers()
+        for e in peers:
             try:
                 commit, items = await A.pull(self.host, e.addrs[0], self.spec_hash, self.stage, step,
                                              self.store.size, wait_s, self.rc.avg_timeout_s)
@@ -483,13 +486,12 @@ class ReplicaEngine:
         w = self.worker
         await self._forward_commit(step)
         deadline = trio.current_time() + self.rc.avg_timeout_s
-        pulled = False
         while self.store.missing(step) and trio.current_time() < deadline:
             with trio.move_on_after(min(0.5, max(0.0, deadline - trio.current_time()))):
                 await self.store.changed.wait()
-            if self.store.missing(step) and not pulled:
-                pulled = True
-                await self.pull_commit(step, 0.0)
+            if self.store.missing(step):  # a push may have been lost: ask every stage peer, backoff or not
+                with trio.move_on_after(max(0.0, deadline - trio.current_time())):
+                    await self.pull_commit(step, 0.0, every_peer=True)
         dropped = self.store.missing(step)
         items = self.store.committed(step)
         commit = self.store.commits[step]
