@@ -211,13 +211,15 @@ class AveragingService:
         with trio.move_on_after(min(wait_s, self.timeout_s)):
             while step not in store.commits:
                 await store.changed.wait()
-        if step not in store.commits:
-            await write_msg(stream, {"commit": None})
-            return
-        items = store.committed(step)
+        if step in store.commits:
+            items = store.committed(step)
+            commit: list[list[int]] | None = sorted([mb, a] for mb, a in store.commits[step].items())
+        else:  # no commit here yet: everything we hold for the step (the asker knows which attempts count)
+            losses = store.losses.get(step, {})
+            items = [(mb, a, v, losses.get((mb, a))) for (mb, a), v in sorted(store.vecs.get(step, {}).items())]
+            commit = None
         blob = b"".join(vec_bytes(v) for _, _, v, _ in items)
-        await write_msg(stream, {"commit": sorted([mb, a] for mb, a in store.commits[step].items()),
-                                 "have": [[mb, a, loss] for mb, a, _, loss in items]}, blob)
+        await write_msg(stream, {"commit": commit, "have": [[mb, a, loss] for mb, a, _, loss in items]}, blob)
 
 
 async def _request(host: Any, addr: str, header: dict[str, Any], blob: bytes, max_blob: int,
@@ -248,12 +250,11 @@ async def push(host: Any, addr: str, spec_hash: str, stage: int, step: int, mb: 
 
 async def pull(host: Any, addr: str, spec_hash: str, stage: int, step: int, size: int, wait_s: float,
                timeout_s: float) -> tuple[dict[int, int] | None, list[tuple[int, int, torch.Tensor, float | None]]]:
-    """A stage peer's commit of `step` (None if it has none within wait_s) and its committed contributions."""
+    """A stage peer's commit of `step` (None if it has none within wait_s) and its contributions of the step
+    (the committed ones, or all it holds when it has no commit)."""
     reply, data = await _request(host, addr, {"op": "pull", "spec_hash": spec_hash, "stage": stage, "step": step,
                                               "wait_s": wait_s}, b"", 4 * size * 1024, timeout_s + wait_s)
-    if reply.get("commit") is None:
-        return None, []
-    commit = {int(mb): int(a) for mb, a in reply["commit"]}
+    commit = None if reply.get("commit") is None else {int(mb): int(a) for mb, a in reply["commit"]}
     have = reply.get("have", [])
     if len(data) != 4 * size * len(have):
         raise AveragingError(f"pull answer holds {len(data)} bytes for {len(have)} vectors of {size}")
