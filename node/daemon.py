@@ -28,7 +28,7 @@ from node.channel import ActChannel, ActEndpoint, LocalInfo, ReceiptHook
 from node.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
 from node.config import NodeConfig
 from node.discovery import Announcement, Discovery, choose_stage
-from node.errors import CheckpointError, NodeError, PeerLostError
+from node.errors import CheckpointError, NodeError, PeerLostError, ResyncNeededError
 from node.host import full_addrs, make_host, parse_listen
 from node.identity import NodeIdentity, load_or_create_identity
 from node.metrics import NodeMetrics
@@ -417,7 +417,7 @@ class NodeDaemon:
             return
 
     async def _replicated_loop(self, host: Any, discovery: Discovery, stage: int) -> None:
-        cfg, r, rc = self.cfg, self.cfg.runtime, self.cfg.replicas
+        cfg, r = self.cfg, self.cfg.runtime
         moved_from: int | None = None
         while True:
             worker = await trio.to_thread.run_sync(self._build_worker, stage)
@@ -436,29 +436,18 @@ class NodeDaemon:
             discovery.update_me(stage=stage, next_step=worker.next_step)
             self._write_status(stage=stage, next_step=worker.next_step, moved_from=moved_from)
             move: Move | None = None
+            outcome: NodeError | None = None  # raised outside the nursery (no exception groups)
             progress = _Progress(r.steps, worker.next_step, stage) if cfg.progress else None
             try:
                 async with trio.open_nursery() as en:
                     en.start_soon(eng.accept_loop)
                     en.start_soon(eng.dial_loop, en)
                     en.start_soon(eng.commit_poller)
-                    last_plan = trio.current_time()
-                    while worker.next_step < r.steps:
-                        out = await eng.run_step(worker.next_step)
-                        self._after_replica_step(out, eng)
-                        discovery.update_me(next_step=worker.next_step, throughput=eng.throughput)
-                        if progress:
-                            progress.update(StepResult(out.step, stage, out.loss, out.tokens, out.seconds, 0.0))
-                        if r.checkpoint_every and worker.next_step % r.checkpoint_every == 0:
-                            await trio.to_thread.run_sync(save_checkpoint, worker, self.data_dir)
-                        now = trio.current_time()
-                        if rc.rebalance_period_s and now - last_plan >= rc.rebalance_period_s:
-                            last_plan = now
-                            move = eng.plan(discovery.me.peer_id)
-                            if move is not None and worker.next_step < r.steps:
-                                break
-                            move = None
-                    if move is not None:
+                    try:
+                        move = await self._serve_stage(eng, discovery, worker, progress)
+                    except NodeError as exc:
+                        outcome = exc
+                    if move is not None or isinstance(outcome, ResyncNeededError):
                         discovery.update_me(stage=-1)
                         self._serving = False
                         await trio.to_thread.run_sync(save_checkpoint, worker, self.data_dir)
@@ -468,6 +457,11 @@ class NodeDaemon:
             finally:
                 if progress:
                     progress.close()
+            if isinstance(outcome, ResyncNeededError):
+                self._write_status(last_resync=str(outcome))
+                continue
+            if outcome is not None:
+                raise outcome
             if move is None:
                 return
             moved_from = stage
@@ -475,6 +469,27 @@ class NodeDaemon:
             self._write_status(moved_to=stage, move=json.dumps(move.__dict__))
             print(json.dumps({"event": "move", "from_stage": move.from_stage, "to_stage": move.to_stage,
                               "step": worker.next_step}), flush=True)
+
+    async def _serve_stage(self, eng: ReplicaEngine, discovery: Discovery, worker: StageWorker,
+                           progress: _Progress | None) -> Move | None:
+        """Steps until the run is done (None) or a rebalancing move is due (the move)."""
+        r, rc = self.cfg.runtime, self.cfg.replicas
+        last_plan = trio.current_time()
+        while worker.next_step < r.steps:
+            out = await eng.run_step(worker.next_step)
+            self._after_replica_step(out, eng)
+            discovery.update_me(next_step=worker.next_step, throughput=eng.throughput)
+            if progress:
+                progress.update(StepResult(out.step, eng.stage, out.loss, out.tokens, out.seconds, 0.0))
+            if r.checkpoint_every and worker.next_step % r.checkpoint_every == 0:
+                await trio.to_thread.run_sync(save_checkpoint, worker, self.data_dir)
+            now = trio.current_time()
+            if rc.rebalance_period_s and now - last_plan >= rc.rebalance_period_s:
+                last_plan = now
+                move = eng.plan(discovery.me.peer_id)
+                if move is not None and worker.next_step < r.steps:
+                    return move
+        return None
 
     def _after_replica_step(self, out: StepOutcome, eng: ReplicaEngine) -> None:
         tok_s = out.tokens / out.seconds if out.seconds > 0 else 0.0

@@ -134,3 +134,7 @@ class StateSyncError(NodeError):
 
 class NoReplicaError(PeerLostError):
     """No usable replica of the next stage was available within `replicas.no_replica_timeout_s`."""
+
+
+class ResyncNeededError(NodeError):
+    """A replica fell behind further than its stage peers keep contributions: fetch the stage state again."""

@@ -28,7 +28,7 @@ from node import frames as F
 from node.channel import ActChannel, ActEndpoint, Received
 from node.config import NodeConfig
 from node.discovery import Discovery
-from node.errors import AveragingError, NodeError, NoReplicaError
+from node.errors import AveragingError, NodeError, NoReplicaError, ResyncNeededError
 from node.rebalance import Move, plan_move
 from node.routing import Router, ban_duration
 from node.worker import StageWorker, window_to_bytes
@@ -468,15 +468,22 @@ class ReplicaEngine:
                     self.poke()
                     stuck_since = None
                     continue
+                peer_steps = [e.next_step for e in self.discovery.stage_peers(self.stage)]
+                if peer_steps and max(peer_steps) > step + 1:
+                    self.fatal = ResyncNeededError(
+                        f"stage {self.stage} replica is at step {step}, a stage peer is at step {max(peer_steps)} and "
+                        f"none gave step {step}'s commit: fetching the stage state again")
+                    self.poke()
+                    return
             now = trio.current_time()
             if not behind:
                 stuck_since = None
             elif stuck_since is None:
                 stuck_since = now
             elif now - stuck_since > self.rc.no_replica_timeout_s:
-                ahead = max(r.frame.header.step for _, r in self._future)
+                newest = max(r.frame.header.step for _, r in self._future)
                 self.fatal = NodeError(
-                    f"stage {self.stage} replica is at step {step} while the pipeline is at step {ahead}, and no "
+                    f"stage {self.stage} replica is at step {step} while the pipeline is at step {newest}, and no "
                     f"peer of its stage gave step {step}'s commit within replicas.no_replica_timeout_s="
                     f"{self.rc.no_replica_timeout_s}: the stage's newer state is lost")
                 self.poke()
