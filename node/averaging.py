@@ -175,23 +175,23 @@ def bytes_vec(raw: bytes, size: int) -> torch.Tensor:
 class AveragingService:
     """Serves `/pmn/avg/1.0.0` for whatever stage the node serves now (`target()` gives it)."""
 
-    def __init__(self, host: Any, spec_hash: str, target: Callable[[], tuple[int, ContributionStore | None]],
+    def __init__(self, host: Any, spec_hash: str, target: Callable[[int], ContributionStore | None],
                  timeout_s: float) -> None:
         self.host = host
         self.spec_hash = spec_hash  # hex model spec hash; requests for another model are refused
-        self.target = target  # () -> (stage, store) of the current engine (store None while none runs)
+        self.target = target  # stage -> the newest store this node kept for it (None if it never served it)
         self.timeout_s = timeout_s  # bound on one exchange
         host.set_stream_handler(AVG_PROTOCOL, self._handle)
 
     async def _handle(self, stream: Any) -> None:
         try:
             with trio.fail_after(self.timeout_s + 5):
-                stage, store = self.target()
-                max_blob = 4 * (store.size if store else 0) * 64
-                header, blob = await read_msg(stream, max(max_blob, 4))
-                if header.get("spec_hash") != self.spec_hash or store is None or header.get("stage") != stage:
-                    await write_msg(stream, {"error": f"this peer serves stage {stage} of model "
-                                                      f"0x{self.spec_hash[:16]}..., not the one asked for"})
+                header, blob = await read_msg(stream, 1 << 30)
+                stage = header.get("stage")
+                store = self.target(stage) if isinstance(stage, int) else None
+                if header.get("spec_hash") != self.spec_hash or store is None:
+                    await write_msg(stream, {"error": f"this peer holds no contributions of stage {stage} of model "
+                                                      f"0x{self.spec_hash[:16]}..."})
                 elif header.get("op") == "push":
                     store.add(int(header["step"]), int(header["mb"]), int(header["attempt"]),
                               bytes_vec(blob, store.size), header.get("loss"))

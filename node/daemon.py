@@ -96,6 +96,7 @@ class NodeDaemon:
         self.metrics: NodeMetrics | None = None
         self.engine: ReplicaEngine | None = None  # replicated mode: the engine of the stage served now
         self._serving = False  # replicated mode: state may be handed to joining peers
+        self._stores: dict[int, ContributionStore] = {}  # replicated mode: newest contribution store per stage
         self._status: dict[str, Any] = {}
 
     # -- helpers -----------------------------------------------------------------------------------
@@ -392,9 +393,9 @@ class NodeDaemon:
             raise failure
         return code
 
-    def _avg_target(self) -> tuple[int, ContributionStore | None]:
-        eng = self.engine
-        return (eng.stage, eng.store) if eng is not None else (-1, None)
+    def _avg_target(self, stage: int) -> ContributionStore | None:
+        """The newest contribution store of `stage` (a node that moved still answers for its old stage)."""
+        return self._stores.get(stage)
 
     async def _snapshot(self, stage: int) -> tuple[dict[str, Any], bytes] | None:
         eng = self.engine
@@ -429,6 +430,7 @@ class NodeDaemon:
                 receipts=self.receipts, step_fn=lambda w=worker: w.next_step)  # type: ignore[misc]
             eng = ReplicaEngine(cfg, worker, endpoint, discovery, host, store)
             endpoint.decoder = eng.decode
+            self._stores[stage] = store
             self.engine = eng
             self._serving = False
             await self._sync_state(eng, discovery)
