@@ -11,7 +11,7 @@ from node.swarm import NodeProcess, await_ready, spawn_node, start_node
 
 M, B = 4, 2  # microbatches per step, sequences per microbatch
 FAST = ["--replicated", "--microbatches", str(M), "--microbatch-size", str(B), "--corpus", "synthetic",
-        "--threads", "1", "--replica-timeout", "3", "--ban-base", "1", "--ban-max", "4", "--avg-timeout", "5",
+        "--threads", "1", "--replica-timeout", "3", "--ban-base", "1", "--ban-max", "4", "--avg-timeout", "10",
         "--commit-poll", "0.3", "--no-replica-timeout", "30", "--max-inflight", "2", "--checkpoint-every", "0"]
 
 
