@@ -404,8 +404,11 @@ class NodeDaemon:
         async with eng.lock:
             return await trio.to_thread.run_sync(pack_state, eng.worker)
 
-    async def _sync_state(self, eng: ReplicaEngine, discovery: Discovery) -> None:
-        """Joining: fetch the stage's state from the most advanced live peer ahead of us, if any."""
+    async def _sync_state(self, eng: ReplicaEngine, discovery: Discovery) -> int | None:
+        """Joining: fetch the stage's state from the most advanced live peer ahead of us, if any.
+
+        Returns None when synced or when no peer is ahead, else the newest step announced by the
+        peers ahead of us, none of which could give us their state."""
         ahead = [e for e in discovery.stage_peers(eng.stage) if e.next_step > eng.worker.next_step and e.addrs]
         for e in sorted(ahead, key=lambda e: (-e.next_step, e.peer_id)):
             try:
@@ -415,11 +418,13 @@ class NodeDaemon:
                 continue
             eng.current_step = got
             self._write_status(synced_from=e.peer_id, synced_step=got)
-            return
+            return None
+        return max((e.next_step for e in ahead), default=None)
 
     async def _replicated_loop(self, host: Any, discovery: Discovery, stage: int) -> None:
         cfg, r = self.cfg, self.cfg.runtime
         moved_from: int | None = None
+        unsynced_since: float | None = None  # when re-syncing first failed with every peer ahead of us
         while True:
             worker = await trio.to_thread.run_sync(self._build_worker, stage)
             self.worker = worker
@@ -433,7 +438,25 @@ class NodeDaemon:
             self._stores[stage] = store
             self.engine = eng
             self._serving = False
-            await self._sync_state(eng, discovery)
+            newest = await self._sync_state(eng, discovery)
+            if newest is None:
+                unsynced_since = None
+            else:
+                # Every peer ahead of us is unreachable. If they announced the run's last step, the run
+                # finished without us (we fell behind at its very end): stop cleanly. Otherwise retry
+                # until replicas.no_replica_timeout_s, then fail with the reason instead of hanging.
+                now = trio.current_time()
+                unsynced_since = now if unsynced_since is None else unsynced_since
+                if newest >= r.steps - 1:
+                    self._write_status(ended_behind=f"the other replicas of stage {stage} reached step {newest} of "
+                                                    f"{r.steps} and left while this one was at step "
+                                                    f"{worker.next_step}: the run finished without it")
+                    return
+                if now - unsynced_since > cfg.replicas.no_replica_timeout_s:
+                    raise NodeError(f"stage {stage} replica is at step {worker.next_step}, its stage peers announced "
+                                    f"step {newest} and none could give its state within "
+                                    f"replicas.no_replica_timeout_s={cfg.replicas.no_replica_timeout_s}")
+                await trio.sleep(r.retry_backoff_s)
             self._serving = True
             discovery.update_me(stage=stage, next_step=worker.next_step)
             self._write_status(stage=stage, next_step=worker.next_step, moved_from=moved_from)
