@@ -667,7 +667,10 @@ def main(argv: list[str] | None = None) -> int:
                                                 model.seq_len, a.rpc_url, a.deployment, a.model_id)
             services.append(serve)
         return run_node(cfg, corpus=a.corpus, receipts=receipts, services=services, linger=a.linger)
-    except Exception as exc:  # NodeError, ValueError, chain and protocol errors: one line, no traceback
+    except Exception as caught:  # NodeError, ValueError, chain and protocol errors: one line, no traceback
+        exc: BaseException = caught
+        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:  # a service hook's error
+            exc = exc.exceptions[0]
         print(json.dumps({"event": "error", "error": str(exc), "type": type(exc).__name__}), flush=True)
         print(f"error: {exc}", file=sys.stderr)
         if not isinstance(exc, NodeError | ValueError):  # a bug: keep the whole story in the log
