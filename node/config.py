@@ -75,6 +75,7 @@ class ReplicaConfig:
     keep_steps: int = 4  # steps of contributions kept in memory for stage peers that pull them
     aggregation: str = "mean"  # protocol.aggregation method combining per-microbatch contributions
     state_timeout_s: float = 30.0  # time allowed to fetch a stage's state from a peer when joining
+    finish_grace_s: float = 15.0  # after the last step, keep serving this long while a stage peer is still behind
     rebalance_period_s: float = 0.0  # how often stage throughputs are compared (0 = never rebalance)
     rebalance_threshold: float = 1.5  # move a node when the best stage's throughput exceeds the worst by this factor
     debug_delay_s: float = 0.0  # TEST ONLY: extra seconds of compute per microbatch (simulates a slow GPU)
@@ -97,6 +98,8 @@ class ReplicaConfig:
             raise ValueError("replicas.rebalance_period_s must be >= 0 and rebalance_threshold > 1")
         if self.debug_delay_s < 0:
             raise ValueError(f"replicas.debug_delay_s must be >= 0, got {self.debug_delay_s}")
+        if self.finish_grace_s < 0:
+            raise ValueError(f"replicas.finish_grace_s must be >= 0, got {self.finish_grace_s}")
 
 
 @dataclass

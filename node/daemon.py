@@ -514,7 +514,24 @@ class NodeDaemon:
                 move = eng.plan(discovery.me.peer_id)
                 if move is not None and worker.next_step < r.steps:
                     return move
+        await self._finish_grace(eng, discovery)
         return None
+
+    async def _finish_grace(self, eng: ReplicaEngine, discovery: Discovery) -> None:
+        """Last one out: keep serving state, commits and contributions for up to `replicas.finish_grace_s`
+        while a peer of this stage (or one re-syncing, announced as stage -1) is still behind, so a replica
+        that fell behind near the end of the run can catch up instead of finding nobody to sync from."""
+        steps, rc = self.cfg.runtime.steps, self.cfg.replicas
+        deadline = trio.current_time() + rc.finish_grace_s
+
+        def someone_behind() -> bool:
+            fresh = 4 * self.cfg.discovery.announce_interval_s  # a peer that stopped answering is not waited for
+            return any(e.next_step < steps for e in discovery.entries(max_age_s=fresh)
+                       if e.stage in (eng.stage, -1) and e.spec_hash == discovery.me.spec_hash
+                       and e.num_stages == discovery.me.num_stages)
+
+        while trio.current_time() < deadline and someone_behind():
+            await trio.sleep(min(rc.commit_poll_s, max(0.0, deadline - trio.current_time())))
 
     def _after_replica_step(self, out: StepOutcome, eng: ReplicaEngine) -> None:
         tok_s = out.tokens / out.seconds if out.seconds > 0 else 0.0

@@ -107,10 +107,11 @@ class Discovery:
         d = {**self.me.__dict__, **changes, "seq": self.me.seq + 1}
         self.me = Announcement(**d)
 
-    def entries(self) -> list[Announcement]:
-        """Live announcements of other peers."""
+    def entries(self, max_age_s: float | None = None) -> list[Announcement]:
+        """Live announcements of other peers (refreshed within `max_age_s`, default `entry_ttl_s`)."""
         now = trio.current_time()
-        return [a for a, t in self.table.values() if now - t <= self.cfg.entry_ttl_s and a.peer_id != self.me.peer_id]
+        limit = self.cfg.entry_ttl_s if max_age_s is None else min(max_age_s, self.cfg.entry_ttl_s)
+        return [a for a, t in self.table.values() if now - t <= limit and a.peer_id != self.me.peer_id]
 
     def _merge(self, items: list[Any]) -> None:
         now = trio.current_time()
