@@ -84,6 +84,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
                                f"runs {getattr(runs, name)}: its spec hash would not match the chain's")
         argv += ["--codec", m.recipe.codec, "--microbatches", str(m.recipe.microbatches),
                  "--microbatch-size", str(m.recipe.microbatch_size), "--lr", str(m.recipe.lr)]
+    if getattr(args, "replicated", False):
+        argv.append("--replicated")
     for addr in args.listen or cfg.listen:
         argv += ["--listen", addr]
     for addr in args.bootstrap or cfg.bootstrap:
