@@ -59,24 +59,62 @@ def unpack_state(worker: StageWorker, header: dict[str, Any], blob: bytes) -> in
 
 
 class StateService:
-    """Answers state requests with a snapshot taken between optimizer steps (`snapshot()`)."""
+    """Answers state requests with a snapshot taken between optimizer steps (`snapshot()`).
+
+    A state blob is the stage's whole weights and optimizer state, so serving it is rate limited: at
+    most `max_concurrent` transfers at once (each holds a snapshot in memory), and one peer is served
+    at most once per `min_interval_s`. A refused request gets an error naming the limit, so the asker
+    tries another replica or retries later; refusals are counted per peer in `refused`."""
 
     def __init__(self, host: Any, spec_hash: str,
-                 snapshot: Callable[[int], Awaitable[tuple[dict[str, Any], bytes] | None]], timeout_s: float) -> None:
+                 snapshot: Callable[[int], Awaitable[tuple[dict[str, Any], bytes] | None]], timeout_s: float,
+                 max_concurrent: int = 2, min_interval_s: float = 2.0) -> None:
         self.spec_hash = spec_hash  # hex model spec hash
         self.snapshot = snapshot  # stage -> (header, blob), or None when this node does not serve that stage
         self.timeout_s = timeout_s  # bound on one exchange
+        self.max_concurrent = max_concurrent  # transfers served at once
+        self.min_interval_s = min_interval_s  # least time between two transfers to one peer
+        self.active = 0  # transfers being served now
+        self.last_served: dict[str, float] = {}  # peer id -> trio time its last transfer started
+        self.served: dict[str, int] = {}  # peer id -> transfers served
+        self.refused: dict[str, int] = {}  # peer id -> requests refused by the rate limits
         host.set_stream_handler(STATE_PROTOCOL, self._handle)
 
+    def admit(self, peer: str, now: float) -> str | None:
+        """None when `peer` may be served now (and books the transfer), else why it may not."""
+        if self.active >= self.max_concurrent:
+            reason = f"busy: already serving {self.active} state transfers (replicas.state_max_concurrent)"
+        elif peer in self.last_served and now - self.last_served[peer] < self.min_interval_s:
+            wait = self.min_interval_s - (now - self.last_served[peer])
+            reason = (f"rate limited: one state transfer per {self.min_interval_s:g} s per peer "
+                      f"(replicas.state_min_interval_s); retry in {wait:.1f} s")
+        else:
+            self.active += 1
+            self.last_served[peer] = now
+            self.served[peer] = self.served.get(peer, 0) + 1
+            return None
+        self.refused[peer] = self.refused.get(peer, 0) + 1
+        return reason
+
     async def _handle(self, stream: Any) -> None:
+        peer = stream.muxed_conn.peer_id.pretty()
+        admitted = False
         try:
             with trio.fail_after(self.timeout_s):
                 req, _ = await read_msg(stream, 0)
                 snap = None
-                if req.get("spec_hash") == self.spec_hash:
-                    snap = await self.snapshot(int(req.get("stage", -1)))
+                refusal = None
+                if req.get("spec_hash") != self.spec_hash:
+                    refusal = "that model is not served here"
+                else:
+                    refusal = self.admit(peer, trio.current_time())
+                    admitted = refusal is None
+                    if admitted:
+                        snap = await self.snapshot(int(req.get("stage", -1)))
+                        if snap is None:
+                            refusal = f"stage {req.get('stage')} of that model is not served here"
                 if snap is None:
-                    await write_msg(stream, {"error": f"stage {req.get('stage')} of that model is not served here"})
+                    await write_msg(stream, {"error": refusal})
                 else:
                     await write_msg(stream, *snap)
                 await stream.close()
@@ -85,6 +123,9 @@ class StateService:
                 await stream.reset()
             except Exception:
                 pass
+        finally:
+            if admitted:
+                self.active -= 1
 
 
 async def fetch_state(host: Any, addr: str, worker: StageWorker, timeout_s: float) -> int:
