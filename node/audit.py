@@ -43,6 +43,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from node import frames as F
+from node import msgio
 from node.errors import NodeError
 from protocol.errors import ProtocolError, SpotCheckError
 from protocol.receipts import BACKWARD, FORWARD, SignedReceipt, payload_digest
@@ -90,40 +91,14 @@ class AuditConfig:
 # -- wire -------------------------------------------------------------------------------------------
 
 
-async def _read_exact(stream: Any, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            chunk = await stream.read(n - len(buf))
-        except EOFError:
-            chunk = b""
-        if not chunk:
-            raise AuditError(f"stream closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
 async def write_message(stream: Any, header: dict[str, Any], body: bytes = b"") -> None:
-    """Send one message."""
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    await stream.write(_LEN.pack(len(raw)) + raw + _LEN.pack(len(body)) + body)
+    """Send one message (node.msgio framing)."""
+    await msgio.write_message(stream, header, body)
 
 
 async def read_message(stream: Any, max_bytes: int) -> tuple[dict[str, Any], bytes]:
-    """Receive one message; lengths over `max_bytes` raise AuditError before the part is read."""
-    (hlen,) = _LEN.unpack(await _read_exact(stream, 4))
-    if hlen > max_bytes:
-        raise AuditError(f"header of {hlen} bytes exceeds the limit of {max_bytes}")
-    try:
-        header = json.loads(await _read_exact(stream, hlen))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AuditError(f"malformed message header: {exc}") from None
-    if not isinstance(header, dict) or not isinstance(header.get("type"), str):
-        raise AuditError("malformed message header: expected an object with a string 'type'")
-    (blen,) = _LEN.unpack(await _read_exact(stream, 4))
-    if blen > max_bytes:
-        raise AuditError(f"body of {blen} bytes exceeds the limit of {max_bytes}")
-    return header, await _read_exact(stream, blen)
+    """Receive one message; oversized or malformed messages raise AuditError before the part is read."""
+    return await msgio.read_message(stream, max_bytes, AuditError)
 
 
 def _uint(header: dict[str, Any], key: str, limit: int | None = None) -> int:

@@ -19,6 +19,7 @@ import torch
 import trio
 from libp2p.custom_types import TProtocol
 
+from node import msgio
 from node.errors import AveragingError
 from node.host import parse_peer_addr
 from protocol.aggregation import AggregationConfig, aggregate
@@ -132,14 +133,7 @@ async def write_msg(stream: Any, header: dict[str, Any], blob: bytes = b"") -> N
 
 
 async def _read_exactly(stream: Any, n: int) -> bytes:
-    parts, have = [], 0
-    while have < n:
-        chunk = await stream.read(min(n - have, 1 << 20))
-        if not chunk:
-            raise AveragingError(f"stream ended after {have} of {n} bytes")
-        parts.append(chunk)
-        have += len(chunk)
-    return b"".join(parts)
+    return await msgio.read_exact(stream, n, AveragingError)
 
 
 async def read_msg(stream: Any, max_blob: int) -> tuple[dict[str, Any], bytes]:

@@ -13,9 +13,7 @@ lengths are checked against `InferenceConfig.max_message_bytes` before anything 
 
 from __future__ import annotations
 
-import json
 import os
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -25,6 +23,7 @@ import torch
 import trio
 from libp2p.custom_types import TProtocol
 
+from node import msgio
 from node.errors import NodeError
 from sharding.codecs import Codec
 from sharding.config import ModelConfig
@@ -32,7 +31,6 @@ from sharding.partition import StageSpec
 from sharding.stage import StageModule
 
 INFER_PROTOCOL = TProtocol("/pmn/infer/1.0.0")
-_LEN = struct.Struct(">I")
 
 
 class InferenceError(NodeError):
@@ -67,40 +65,14 @@ class OpenPayments:
         return None
 
 
-async def _read_exact(stream: Any, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        try:
-            chunk = await stream.read(n - len(buf))
-        except EOFError:
-            chunk = b""
-        if not chunk:
-            raise InferenceError(f"stream closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
 async def write_message(stream: Any, header: dict[str, Any], body: bytes = b"") -> None:
-    """Send one message."""
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    await stream.write(_LEN.pack(len(raw)) + raw + _LEN.pack(len(body)) + body)
+    """Send one message (node.msgio framing)."""
+    await msgio.write_message(stream, header, body)
 
 
 async def read_message(stream: Any, max_bytes: int) -> tuple[dict[str, Any], bytes]:
-    """Receive one message; oversized or malformed messages raise InferenceError before the body is read."""
-    (hlen,) = _LEN.unpack(await _read_exact(stream, 4))
-    if hlen > max_bytes:
-        raise InferenceError(f"header of {hlen} bytes exceeds the limit of {max_bytes}")
-    try:
-        header = json.loads(await _read_exact(stream, hlen))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InferenceError(f"malformed message header: {exc}") from None
-    if not isinstance(header, dict) or "type" not in header:
-        raise InferenceError("malformed message header: expected an object with a 'type'")
-    (blen,) = _LEN.unpack(await _read_exact(stream, 4))
-    if blen > max_bytes:
-        raise InferenceError(f"body of {blen} bytes exceeds the limit of {max_bytes}")
-    return header, await _read_exact(stream, blen)
+    """Receive one message; oversized or malformed messages raise InferenceError before the part is read."""
+    return await msgio.read_message(stream, max_bytes, InferenceError)
 
 
 def _hex32(header: dict[str, Any], key: str) -> bytes:
