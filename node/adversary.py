@@ -140,37 +140,25 @@ def spawn_adversary(stage: int, data_dir: Path, args: list[str], cheat_args: lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the daemon with the chosen deviation; errors print one JSON line, exit code 1."""
+    """Run the daemon with the chosen deviation; errors print one JSON line (as node.daemon's), exit code 1."""
     from node.daemon import build_parser as daemon_parser
-    from node.daemon import config_from_args, load_model_config, run_node
-    from node.identity import load_or_create_identity
+    from node.daemon import config_from_args, run_node
+    from node.services import chain_hooks, report_error
 
     try:
         mine, rest = build_parser().parse_known_args(argv)
         cheat = Cheat(mine.behaviour, mine.fraction, seed=mine.cheat_seed).validate()
         a = daemon_parser().parse_args(rest)
         cfg = config_from_args(a)
-        receipts, services = None, []
-        if a.rpc_url:
-            if not a.deployment or a.model_id < 1:
-                raise ValueError("--rpc-url needs --deployment FILE and --model-id N")
-            from node.chain import chain_services
-
-            model = load_model_config(cfg.model)
-            ident = load_or_create_identity(Path(cfg.data_dir).expanduser())
-            _, receipts, serve = chain_services(cfg.data_dir, ident.account, cfg.runtime.microbatch_size,
-                                                model.seq_len, a.rpc_url, a.deployment, a.model_id)
-            services.append(serve)
-            if cheat.behaviour == "inflate":
-                make_inflating(receipts, cheat)
-        elif cheat.behaviour == "inflate":
+        if cheat.behaviour == "inflate" and not a.rpc_url:
             raise ValueError("--behaviour inflate needs --rpc-url (it inflates its stored receipts)")
+        receipts, services = chain_hooks(a, cfg)
+        if cheat.behaviour == "inflate":
+            make_inflating(receipts, cheat)
         services.append(cheat_service(cheat))
         return run_node(cfg, corpus=a.corpus, receipts=receipts, services=services, linger=a.linger)
     except Exception as exc:  # config, chain and node errors: one line, no traceback
-        print(json.dumps({"event": "error", "error": str(exc), "type": type(exc).__name__}), flush=True)
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
+        return report_error(exc)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,8 @@ import os
 import signal
 import sys
 import time
-import traceback
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ from node.metrics import NodeMetrics
 from node.rebalance import Move
 from node.replicas import ReplicaEngine, StepOutcome
 from node.runtime import PipelineRuntime, StepResult
+from node.services import chain_hooks, report_error
 from node.statesync import StateService, fetch_state, pack_state
 from node.status import append_progress, write_status
 from node.worker import StageWorker
@@ -69,6 +71,41 @@ def choose_replica_stage(entries: list[Announcement], spec_hash: str, num_stages
     if load[0] == 0 or num_stages == 1:
         return 0
     return min(range(1, num_stages), key=lambda s: (load[s], s))
+
+
+@dataclass
+class Signalled:
+    """How `stop_on_signal`'s body ended: `code` is 128 + the signal number, or 0 when no signal came."""
+
+    code: int = 0
+
+
+@asynccontextmanager
+async def stop_on_signal(nursery: trio.Nursery) -> AsyncIterator[Signalled]:
+    """Run the body until it ends or SIGINT/SIGTERM arrives; a signal cancels the body and sets `.code`.
+
+    The watcher runs in `nursery` and ends with the block (also when the body ends before it first ran).
+    """
+    result = Signalled()
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        stop = trio.CancelScope()
+        watching = trio.CancelScope()
+
+        async def watch_signals() -> None:
+            with watching:
+                if watching.cancel_called:  # the receiver block already ended before this task ran
+                    return
+                async for signum in signals:
+                    result.code = 128 + int(signum)
+                    stop.cancel()
+                    return
+
+        nursery.start_soon(watch_signals)
+        try:
+            with stop:
+                yield result
+        finally:
+            watching.cancel()
 
 
 class NodeDaemon:
@@ -230,36 +267,19 @@ class NodeDaemon:
             print(f"node {me.peer_id} (address {self.identity.address}) serving stage {stage}/{cfg.num_stages} "
                   f"of model 0x{spec_hash.hex()[:16]}..., listening on {' '.join(addrs)}", file=sys.stderr, flush=True)
             task_status.started(ready)
-            code = 0
             failure: NodeError | None = None
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                stop = trio.CancelScope()
-
-                watching = trio.CancelScope()
-
-                async def watch_signals() -> None:
-                    nonlocal code
-                    with watching:
-                        if watching.cancel_called:  # the receiver block already ended before this task ran
-                            return
-                        async for signum in signals:
-                            code = 128 + int(signum)
-                            stop.cancel()
-                            return
-
-                nursery.start_soon(watch_signals)
-                with stop:
-                    try:
-                        await self._train(endpoint, discovery, nursery)
-                    except NodeError as exc:  # re-raised outside the nursery, unwrapped
-                        failure = exc
-                    if self.linger:
-                        self.state = "serving"
-                        save_checkpoint(worker, self.data_dir)
-                        self._write_status(next_step=worker.next_step)
-                        print(json.dumps({"event": "trained", "next_step": worker.next_step}), flush=True)
-                        await trio.sleep_forever()
-                watching.cancel()
+            async with stop_on_signal(nursery) as signalled:
+                try:
+                    await self._train(endpoint, discovery, nursery)
+                except NodeError as exc:  # re-raised outside the nursery, unwrapped
+                    failure = exc
+                if self.linger:
+                    self.state = "serving"
+                    save_checkpoint(worker, self.data_dir)
+                    self._write_status(next_step=worker.next_step)
+                    print(json.dumps({"event": "trained", "next_step": worker.next_step}), flush=True)
+                    await trio.sleep_forever()
+            code = signalled.code
             # interrupted or finished: drop a partial step, keep the last completed one
             worker.abort_step()
             save_checkpoint(worker, self.data_dir)
@@ -350,36 +370,19 @@ class NodeDaemon:
             print(f"node {me.peer_id} serving stage {stage}/{cfg.num_stages} (replicated) of model "
                   f"0x{spec_hex[:16]}..., listening on {' '.join(addrs)}", file=sys.stderr, flush=True)
             task_status.started(ready)
-            code = 0
             failure: NodeError | None = None
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                stop = trio.CancelScope()
-
-                watching = trio.CancelScope()
-
-                async def watch_signals() -> None:
-                    nonlocal code
-                    with watching:
-                        if watching.cancel_called:  # the receiver block already ended before this task ran
-                            return
-                        async for signum in signals:
-                            code = 128 + int(signum)
-                            stop.cancel()
-                            return
-
-                nursery.start_soon(watch_signals)
-                with stop:
-                    try:
-                        await self._replicated_loop(host, discovery, stage)
-                    except NodeError as exc:
-                        failure = exc
-                        self._write_status(error=str(exc))
-                    if self.linger and failure is None:
-                        self.state = "serving"
-                        print(json.dumps({"event": "trained", "next_step": self.worker.next_step if self.worker
-                                          else 0}), flush=True)
-                        await trio.sleep_forever()
-                watching.cancel()
+            async with stop_on_signal(nursery) as signalled:
+                try:
+                    await self._replicated_loop(host, discovery, stage)
+                except NodeError as exc:
+                    failure = exc
+                    self._write_status(error=str(exc))
+                if self.linger and failure is None:
+                    self.state = "serving"
+                    print(json.dumps({"event": "trained", "next_step": self.worker.next_step if self.worker
+                                      else 0}), flush=True)
+                    await trio.sleep_forever()
+            code = signalled.code
             if self.worker is not None:
                 self.worker.abort_step()
                 save_checkpoint(self.worker, self.data_dir)
@@ -672,27 +675,10 @@ def main(argv: list[str] | None = None) -> int:
     a = build_parser().parse_args(argv)
     try:
         cfg = config_from_args(a)
-        receipts, services = None, []
-        if a.rpc_url:
-            if not a.deployment or a.model_id < 1:
-                raise ValueError("--rpc-url needs --deployment FILE and --model-id N")
-            from node.chain import chain_services
-
-            model = load_model_config(cfg.model)
-            ident = load_or_create_identity(Path(cfg.data_dir).expanduser())
-            _, receipts, serve = chain_services(cfg.data_dir, ident.account, cfg.runtime.microbatch_size,
-                                                model.seq_len, a.rpc_url, a.deployment, a.model_id)
-            services.append(serve)
+        receipts, services = chain_hooks(a, cfg)
         return run_node(cfg, corpus=a.corpus, receipts=receipts, services=services, linger=a.linger)
     except Exception as caught:  # NodeError, ValueError, chain and protocol errors: one line, no traceback
-        exc: BaseException = caught
-        while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:  # a service hook's error
-            exc = exc.exceptions[0]
-        print(json.dumps({"event": "error", "error": str(exc), "type": type(exc).__name__}), flush=True)
-        print(f"error: {exc}", file=sys.stderr)
-        if not isinstance(exc, NodeError | ValueError):  # a bug: keep the whole story in the log
-            traceback.print_exception(exc, file=sys.stderr)
-        return 1
+        return report_error(caught)
 
 
 def exit_now(code: int) -> None:

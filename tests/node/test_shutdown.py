@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import signal
+
 import numpy as np
 import pytest
 import trio
@@ -43,3 +46,20 @@ def test_frames_sent_before_an_orderly_close_stay_readable_without_error() -> No
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_stop_on_signal_cancels_the_body_and_reports_the_signal() -> None:
+    from node.daemon import stop_on_signal
+
+    async def main() -> tuple[int, bool, int]:
+        reached_end = False
+        async with trio.open_nursery() as nursery:
+            async with stop_on_signal(nursery) as signalled:
+                os.kill(os.getpid(), signal.SIGTERM)
+                await trio.sleep_forever()
+            reached_end = True
+            async with stop_on_signal(nursery) as quiet:  # a body that ends first leaves no watcher behind
+                await trio.sleep(0)
+        return signalled.code, reached_end, quiet.code
+
+    assert trio.run(main) == (128 + signal.SIGTERM, True, 0)
