@@ -35,12 +35,42 @@ class TransportConfig:
 
 
 @dataclass
+class DhtConfig:
+    """Kademlia DHT (libp2p `/ipfs/kad/1.0.0`, server mode) used to find peers of the same model."""
+
+    enabled: bool = True  # run the DHT; False = bootstrap peers + announcement gossip only
+    provide_interval_s: float = 30.0  # how often the node re-advertises itself as a provider of its model's keys
+    lookup_interval_s: float = 2.0  # how often the node looks up the providers of its model's key
+    query_timeout_s: float = 15.0  # time allowed for one provide or provider lookup (then counted as an error)
+    max_providers: int = 20  # providers taken from one lookup
+    error_backoff_s: float = 1.0  # wait before retrying a failed DHT operation, doubled per failure in a row
+    error_backoff_max_s: float = 30.0  # cap on that wait
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        for name in ("provide_interval_s", "lookup_interval_s", "query_timeout_s", "error_backoff_s",
+                     "error_backoff_max_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"discovery.dht.{name} must be > 0, got {getattr(self, name)}")
+        if self.max_providers < 1:
+            raise ValueError(f"discovery.dht.max_providers must be >= 1, got {self.max_providers}")
+
+
+@dataclass
 class DiscoveryConfig:
-    """Bootstrap + announcement gossip over `/pmn/announce/1.0.0`."""
+    """Bootstrap + announcement gossip over `/pmn/announce/1.0.0` + providers of the model key in the DHT."""
 
     announce_interval_s: float = 0.5  # how often the node re-pulls peer tables from connected peers
     entry_ttl_s: float = 30.0  # an announcement older than this is dropped from the table
     discovery_timeout_s: float = 60.0  # how long to wait for a peer serving a needed stage
+    dht: DhtConfig = field(default_factory=DhtConfig)  # Kademlia DHT settings (dht.enabled=False turns it off)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        for name in ("announce_interval_s", "entry_ttl_s", "discovery_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"discovery.{name} must be > 0, got {getattr(self, name)}")
+        self.dht.validate()
 
 
 @dataclass
@@ -146,4 +176,5 @@ class NodeConfig:
         if r.steps < 0 or r.num_microbatches < 1 or r.microbatch_size < 1:
             raise ValueError("runtime.steps must be >= 0, num_microbatches and microbatch_size >= 1")
         self.transport.validate()
+        self.discovery.validate()
         self.replicas.validate()
