@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -34,6 +35,7 @@ from node.errors import (
     TruncatedFrameError,
     UnexpectedFrameError,
 )
+from node.tuning import write_gather
 
 ACT_PROTOCOL = TProtocol("/pmn/act/1.0.0")
 DATA_KINDS = (F.Kind.ACTIVATION, F.Kind.GRADIENT)
@@ -47,6 +49,22 @@ async def digest_off_loop(window: bytes, payload: bytes) -> bytes:
     if len(window) + len(payload) >= OFF_LOOP_BYTES:
         return await trio.to_thread.run_sync(F.digest, window, payload)
     return F.digest(window, payload)
+
+
+def verify_and_decode(fr: F.Frame, decoder: Callable[[F.Frame], Any] | None) -> Any:
+    """Digest check, then the decoder (None without one): the whole per-frame work of one worker-thread hop.
+
+    FrameError passes through; any other decoder error becomes NonFiniteError (the payload is unusable).
+    """
+    F.verify_digest(fr.header, fr.window, fr.payload)
+    if decoder is None:
+        return None
+    try:
+        return decoder(fr)
+    except FrameError:
+        raise
+    except Exception as exc:  # a codec error of any type means the payload is unusable
+        raise NonFiniteError(f"{fr.header.kind.name.lower()} payload rejected by the codec: {exc}") from exc
 
 
 class ReceiptHook(Protocol):
@@ -141,30 +159,66 @@ class ChannelStats:
 
 
 class _Reader:
-    """Exact reads over a libp2p stream that returns arbitrary chunks."""
+    """Exact reads over a libp2p stream that returns arbitrary chunks.
+
+    Chunks are kept as received; a read returns a chunk as is when it matches exactly, else joins
+    the pieces it needs once (each received byte is copied at most once here).
+    """
 
     def __init__(self, stream: INetStream) -> None:
         self.stream = stream
-        self.buf = bytearray()
+        self.chunks: deque[bytes] = deque()  # received, not yet returned, oldest first
+        self.offset = 0  # bytes of chunks[0] already returned
+        self.avail = 0  # bytes held in chunks beyond offset
 
     async def read_exactly(self, n: int) -> bytes:
         """n bytes, or EOFError(bytes that did arrive) if the stream ends first."""
-        if len(self.buf) >= n:
-            out = bytes(self.buf[:n])
-            del self.buf[:n]
-            return out
-        parts = [bytes(self.buf)] if self.buf else []
-        have = len(self.buf)
-        self.buf = bytearray()
-        while have < n:
-            chunk = await self._read(have)
-            parts.append(chunk)
-            have += len(chunk)
-        data = parts[0] if len(parts) == 1 else b"".join(parts)
-        if have > n:
-            self.buf = bytearray(data[n:])
-            data = data[:n]
-        return data
+        await self.fill(n)
+        return self.take(n)
+
+    async def read_parts(self, sizes: Sequence[int]) -> list[bytes]:
+        """Consecutive pieces of the given sizes, once all of them arrived (EOFError(bytes that did) if not)."""
+        await self.fill(sum(sizes))
+        return [self.take(n) for n in sizes]
+
+    async def fill(self, n: int) -> None:
+        """Wait until n bytes are buffered (EOFError(bytes buffered) if the stream ends first)."""
+        while self.avail < n:
+            chunk = await self._read(self.avail)
+            self.chunks.append(chunk)
+            self.avail += len(chunk)
+
+    def take(self, n: int) -> bytes:
+        """The next n buffered bytes (n <= avail)."""
+        if n == 0:
+            return b""
+        chunks, off = self.chunks, self.offset
+        first = chunks[0]
+        if len(first) - off >= n:
+            out = first if off == 0 and n == len(first) else first[off : off + n]
+            off += n
+            if off == len(first):
+                chunks.popleft()
+                off = 0
+        else:
+            parts: list[bytes | memoryview] = []
+            need = n
+            while need:
+                first = chunks[0]
+                rest = len(first) - off
+                if rest <= need:
+                    parts.append(memoryview(first)[off:] if off else first)
+                    chunks.popleft()
+                    off = 0
+                    need -= rest
+                else:
+                    parts.append(memoryview(first)[off : off + need])
+                    off += need
+                    need = 0
+            out = b"".join(parts)
+        self.offset = off
+        self.avail -= n
+        return out
 
     async def _read(self, have: int) -> bytes:
         try:
@@ -225,7 +279,8 @@ class ActChannel:
         self._inbox_send, self._inbox = trio.open_memory_channel[Received | BaseException](math.inf)
         self._credit_out = 0  # frames we may still send
         self._credit_cv = trio.Condition()
-        self._granted_left = cfg.credits  # frames the peer may still send us
+        self._granted_left = cfg.credits  # frames the peer may still send us (credits sent to it)
+        self._credit_due = 0  # credits for consumed frames not sent yet (they ride along the next write)
         self._pending: dict[tuple[int, int, bytes], list[F.FrameHeader]] = {}  # (step, mb, digest) -> unacked
         self._pending_count = 0  # data frames sent and not yet acknowledged
         self._acks_cv = trio.Condition()
@@ -294,16 +349,20 @@ class ActChannel:
 
     # -- writing -----------------------------------------------------------------------------------
 
-    async def _write(self, raw: bytes) -> None:
+    async def _write(self, raw: bytes, *more: bytes) -> None:
+        """Write raw and then `more` back to back (one gathered stream write on the tuned transport)."""
         async with self._write_lock:
             try:
-                await self.stream.write(raw)
+                if more:
+                    await write_gather(self.stream, (raw, *more))
+                else:
+                    await self.stream.write(raw)
             except Exception as exc:  # libp2p raises several stream/connection error types
                 err = PeerLostError(f"lost peer {self.peer} (stage {self.remote_stage}) while writing: {exc!r}",
                                     self.peer, self.remote_stage)
                 self._fail(err)
                 raise err from exc
-        self.stats.bytes_out += len(raw)
+        self.stats.bytes_out += len(raw) + sum(len(m) for m in more)
 
     async def write_raw(self, raw: bytes) -> None:
         """Write arbitrary bytes (tests and benchmarks use this to inject frames)."""
@@ -344,7 +403,8 @@ class ActChannel:
         header = F.FrameHeader(**{**header.__dict__, "sig_len": len(sig)})
         self._pending.setdefault((step, microbatch, header.digest), []).append(header)
         self._pending_count += 1
-        await self._write(b"".join((F.encode_header(header), window, payload, sig)))
+        # credits due to the peer ride along (a CREDIT frame ahead of the data frame)
+        await self._write(self._take_credit() + F.encode_header(header) + window, payload, sig)
         self.stats.frames_out += 1
         return header
 
@@ -397,9 +457,7 @@ class ActChannel:
                 self.peer, self.remote_stage)
         if isinstance(item, BaseException):
             raise item
-        self._granted_left += 1
-        credit = F.encode_frame(F.Kind.CREDIT, self.local.spec_hash, self.local.stage, 0, 1)
-        await self._write(credit)
+        await self._grant_one()
         return item
 
     async def try_recv(self) -> Received | None:
@@ -410,9 +468,29 @@ class ActChannel:
             return None
         if isinstance(item, BaseException):
             raise item
-        self._granted_left += 1
-        await self._write(F.encode_frame(F.Kind.CREDIT, self.local.spec_hash, self.local.stage, 0, 1))
+        await self._grant_one()
         return item
+
+    async def _grant_one(self) -> None:
+        """Give the peer one more credit for a consumed frame.
+
+        Sent at once when the peer has no credit left with us; otherwise it rides along the next
+        ACK (or data frame) we write, saving a frame. That is never later than needed: while the
+        peer holds credit it can send, and if it ran out with credit left here, frames are in
+        flight whose ACKs carry it.
+        """
+        self._credit_due += 1
+        if self._granted_left <= 0:
+            await self._write(self._take_credit())
+
+    def _take_credit(self) -> bytes:
+        """The CREDIT frame granting every credit due so far (b"" if none); counts them as granted."""
+        due = self._credit_due
+        if not due:
+            return b""
+        self._credit_due = 0
+        self._granted_left += due
+        return F.encode_frame(F.Kind.CREDIT, self.local.spec_hash, self.local.stage, 0, due)
 
     def _notify(self) -> None:
         for fn in self.listeners:
@@ -487,19 +565,18 @@ class ActChannel:
             if self._granted_left <= 0:
                 raise UnexpectedFrameError(f"peer {self.peer} sent a frame beyond its {self.cfg.credits} credits")
         try:
-            body = await self._reader.read_exactly(h.body_len) if h.body_len else b""
+            window, payload, sig = await self._reader.read_parts((h.window_len, h.payload_len, h.sig_len))
         except EOFError as exc:
             got = exc.args[0] if exc.args else 0
             raise TruncatedFrameError(
                 f"{h.kind.name.lower()} frame truncated: {got} of {h.body_len} body bytes arrived") from exc
-        self.stats.bytes_in += F.HEADER_SIZE + len(body)
-        if len(body) >= OFF_LOOP_BYTES:
-            fr = await trio.to_thread.run_sync(F.split_body, h, body)
-        else:
-            fr = F.split_body(h, body)
+        self.stats.bytes_in += F.HEADER_SIZE + h.body_len
+        fr = F.Frame(header=h, window=window, payload=payload, signature=sig)
         if h.kind in DATA_KINDS:
             await self._accept_data(fr)
-        elif h.kind == F.Kind.ACK:
+            return True
+        F.verify_digest(h, window, payload)  # control bodies are small (MAX_CONTROL_BYTES)
+        if h.kind == F.Kind.ACK:
             await self._on_ack(fr)
         elif h.kind == F.Kind.CREDIT:
             async with self._credit_cv:
@@ -538,20 +615,16 @@ class ActChannel:
 
     async def _accept_data(self, fr: F.Frame) -> None:
         peer_addr = self.remote.address if self.remote else ""
-        value = None
-        if self.decoder is not None:
-            try:
-                value = await trio.to_thread.run_sync(self.decoder, fr)
-            except FrameError:
-                raise
-            except Exception as exc:  # a codec error of any type means the payload is unusable
-                raise NonFiniteError(f"{fr.header.kind.name.lower()} payload rejected by the codec: {exc}") from exc
+        if self.decoder is not None or fr.header.window_len + fr.header.payload_len >= OFF_LOOP_BYTES:
+            value = await trio.to_thread.run_sync(verify_and_decode, fr, self.decoder)  # one hop per frame
+        else:
+            value = verify_and_decode(fr, None)
         counter = self.receipts.countersign(fr.header, fr.signature, peer_addr)
         self._granted_left -= 1
         self.stats.frames_in += 1
         ack = F.encode_frame(F.Kind.ACK, self.local.spec_hash, self.local.stage, fr.header.step,
                              fr.header.microbatch, payload=fr.header.digest + counter)
-        await self._write(ack)
+        await self._write(ack + self._take_credit())  # credits consumed since the last ACK ride along
         self._inbox_send.send_nowait(Received(frame=fr, value=value))
         self._notify()
 

@@ -259,6 +259,12 @@ def check_data_header(h: FrameHeader, spec: FrameSpec) -> None:
         raise ShapeMismatchError(f"token window of {h.window_len} bytes, expected {want_window}")
 
 
+def verify_digest(h: FrameHeader, window: bytes, payload: bytes) -> None:
+    """Raise ChecksumError unless sha256(window + payload) equals the header's digest."""
+    if digest(window, payload) != h.digest:
+        raise ChecksumError(f"checksum mismatch in {h.kind.name.lower()} frame step {h.step} mb {h.microbatch}")
+
+
 def split_body(h: FrameHeader, body: bytes) -> Frame:
     """Split a complete body, verifying its length and digest."""
     if len(body) != h.body_len:
@@ -266,8 +272,7 @@ def split_body(h: FrameHeader, body: bytes) -> Frame:
     w_end = h.window_len
     p_end = w_end + h.payload_len
     window, payload, sig = body[:w_end], body[w_end:p_end], body[p_end:]
-    if digest(window, payload) != h.digest:
-        raise ChecksumError(f"checksum mismatch in {h.kind.name.lower()} frame step {h.step} mb {h.microbatch}")
+    verify_digest(h, window, payload)
     return Frame(header=h, window=window, payload=payload, signature=sig)
 
 

@@ -235,11 +235,43 @@ async def _wait_send_window(stream: _yamux.YamuxStream) -> None:
 # order, same window accounting; the frames of one turn go out in a single connection write.
 
 
+class Gather(tuple):  # type: ignore[type-arg]
+    """Buffers a tuned yamux write sends back to back, as if joined (see write_gather)."""
+
+
+async def write_gather(stream: Any, parts: Any) -> None:
+    """stream.write(b"".join(parts)), without the join on a tuned yamux stream (one write, no copy).
+
+    `stream` is a NetStream (or anything with write()); parts are bytes-like. Only a tuned yamux
+    write understands a Gather, so every other stream gets the joined bytes.
+    """
+    muxed = getattr(stream, "muxed_stream", stream)
+    if _state.tuned and isinstance(muxed, _yamux.YamuxStream) and _yamux.YamuxStream.write is _tuned_yamux_write:
+        await stream.write(Gather(parts))
+    else:
+        await stream.write(b"".join(parts))
+
+
+def _slices(views: list[memoryview], start: int, stop: int, out: list[bytes | memoryview]) -> None:
+    """Append to out the pieces of the concatenation of views covering [start, stop)."""
+    pos = 0
+    for v in views:
+        end = pos + len(v)
+        if end > start:
+            out.append(v[max(start - pos, 0) : min(stop - pos, len(v))])
+            if end >= stop:
+                return
+        pos = end
+
+
 async def _tuned_yamux_write(self: _yamux.YamuxStream, data: bytes) -> None:
     if self.send_closed:
         raise MuxedStreamError("Stream is closed for sending")
-    view = memoryview(data).cast("B")
-    total = len(view)
+    if isinstance(data, Gather):
+        views = [v for v in (memoryview(p).cast("B") for p in data) if len(v)]
+    else:
+        views = [memoryview(data).cast("B")]
+    total = sum(len(v) for v in views)
     frame_payload = max(1, _yamux.MAX_MESSAGE_SIZE - _yamux.HEADER_SIZE)
     pack = struct.Struct(_yamux.YAMUX_HEADER_FORMAT).pack
     sent = 0
@@ -268,13 +300,16 @@ async def _tuned_yamux_write(self: _yamux.YamuxStream, data: bytes) -> None:
         for start in range(sent, end, frame_payload):
             stop = min(start + frame_payload, end)
             parts.append(pack(0, _yamux.TYPE_DATA, 0, self.stream_id, stop - start))
-            parts.append(view[start:stop])
+            if len(views) == 1:
+                parts.append(views[0][start:stop])
+            else:
+                _slices(views, start, stop, parts)
         session = self.conn.secured_conn
         noise = getattr(session, "conn", None)
         if isinstance(session, _secure_session.SecureSession) and isinstance(noise, _noise_io.NoiseTransportReadWriter):
             await _lock(self.conn._write_lock)  # what Yamux._write_frame holds around a connection write
             try:
-                await _sender(noise).send(parts, take + _yamux.HEADER_SIZE * (len(parts) // 2))
+                await _sender(noise).send(parts, take + _yamux.HEADER_SIZE * -(-take // frame_payload))
             finally:
                 self.conn._write_lock.release()
         else:
