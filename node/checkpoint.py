@@ -9,10 +9,10 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from node.errors import CheckpointError
+from node.stagestate import install_stage_tensors, stage_tensors
 from node.worker import StageWorker
 
 MANIFEST = "manifest.json"
@@ -40,14 +40,8 @@ def save_checkpoint(worker: StageWorker, data_dir: str | Path, keep: int = 2) ->
     tmp = root / f".tmp-step{worker.next_step:08d}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
-    weights = {k: v.detach().contiguous().clone() for k, v in worker.module.state_dict().items()}
+    weights, optim_tensors, param_groups = stage_tensors(worker)
     save_file(weights, str(tmp / "model.safetensors"))
-    opt = worker.optimizer.state_dict()
-    optim_tensors: dict[str, torch.Tensor] = {}
-    for idx, st in opt["state"].items():
-        for key, val in st.items():
-            t = val if isinstance(val, torch.Tensor) else torch.tensor(val)
-            optim_tensors[f"{idx}/{key}"] = t.detach().contiguous().clone()
     save_file(optim_tensors, str(tmp / "optim.safetensors"))
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -56,7 +50,7 @@ def save_checkpoint(worker: StageWorker, data_dir: str | Path, keep: int = 2) ->
         "num_stages": worker.spec.num_stages,
         "codec": worker.codec.name,
         "next_step": worker.next_step,
-        "param_groups": opt["param_groups"],
+        "param_groups": param_groups,
         "files": {name: _sha256(tmp / name) for name in ("model.safetensors", "optim.safetensors")},
     }
     (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, sort_keys=True))
@@ -101,16 +95,10 @@ def load_checkpoint(worker: StageWorker, path: str | Path) -> int:
     for name, digest in manifest["files"].items():
         if _sha256(path / name) != digest:
             raise CheckpointError(f"{path / name}: sha256 does not match the manifest")
-    weights = load_file(str(path / "model.safetensors"))
     try:
-        worker.module.load_state_dict(weights, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit stage {worker.spec.index}: {exc}") from exc
-    flat = load_file(str(path / "optim.safetensors"))
-    state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, val in flat.items():
-        idx, name = key.split("/", 1)
-        state.setdefault(int(idx), {})[name] = val
-    worker.optimizer.load_state_dict({"state": state, "param_groups": manifest["param_groups"]})
+        install_stage_tensors(worker, load_file(str(path / "model.safetensors")),
+                              load_file(str(path / "optim.safetensors")), manifest["param_groups"])
+    except (RuntimeError, ValueError, KeyError) as exc:
+        raise CheckpointError(f"{path}: state does not fit stage {worker.spec.index}: {exc}") from exc
     worker.next_step = int(manifest["next_step"])
     return worker.next_step

@@ -6,7 +6,6 @@ import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-import torch
 import trio
 from libp2p.custom_types import TProtocol
 from safetensors.torch import load as st_load
@@ -15,6 +14,7 @@ from safetensors.torch import save as st_save
 from node.averaging import read_msg, write_msg
 from node.errors import AveragingError, StateSyncError
 from node.host import parse_peer_addr
+from node.stagestate import install_stage_tensors, stage_tensors
 from node.worker import StageWorker
 
 STATE_PROTOCOL = TProtocol("/pmn/state/1.0.0")
@@ -23,15 +23,9 @@ MAX_STATE_BYTES = 1 << 32  # largest state blob accepted
 
 def pack_state(worker: StageWorker) -> tuple[dict[str, Any], bytes]:
     """(header, blob) of the worker's weights, AdamW state and step counter."""
-    weights = {k: v.detach().contiguous().clone() for k, v in worker.module.state_dict().items()}
-    opt = worker.optimizer.state_dict()
-    optim: dict[str, torch.Tensor] = {}
-    for idx, st in opt["state"].items():
-        for key, val in st.items():
-            t = val if isinstance(val, torch.Tensor) else torch.tensor(val)
-            optim[f"{idx}/{key}"] = t.detach().contiguous().clone()
+    weights, optim, param_groups = stage_tensors(worker)
     wb, ob = st_save(weights), st_save(optim) if optim else b""
-    header = {"stage": worker.spec.index, "next_step": worker.next_step, "param_groups": opt["param_groups"],
+    header = {"stage": worker.spec.index, "next_step": worker.next_step, "param_groups": param_groups,
               "weights_len": len(wb), "optim_len": len(ob), "spec_hash": worker.config.spec_hash().hex()}
     return header, wb + ob
 
@@ -45,13 +39,7 @@ def unpack_state(worker: StageWorker, header: dict[str, Any], blob: bytes) -> in
     if wl + ol != len(blob):
         raise StateSyncError(f"state blob of {len(blob)} bytes, header declares {wl + ol}")
     try:
-        weights = st_load(blob[:wl])
-        worker.module.load_state_dict(weights, strict=True)
-        state: dict[int, dict[str, torch.Tensor]] = {}
-        for key, val in (st_load(blob[wl:]) if ol else {}).items():
-            idx, name = key.split("/", 1)
-            state.setdefault(int(idx), {})[name] = val
-        worker.optimizer.load_state_dict({"state": state, "param_groups": header["param_groups"]})
+        install_stage_tensors(worker, st_load(blob[:wl]), st_load(blob[wl:]) if ol else {}, header["param_groups"])
     except (RuntimeError, ValueError, KeyError) as exc:
         raise StateSyncError(f"state does not fit stage {worker.spec.index}: {exc}") from exc
     worker.next_step = int(header["next_step"])
