@@ -35,7 +35,7 @@ from node.errors import (
     TruncatedFrameError,
     UnexpectedFrameError,
 )
-from node.tuning import write_gather
+from node.tuning import read_some, write_gather
 
 ACT_PROTOCOL = TProtocol("/pmn/act/1.0.0")
 DATA_KINDS = (F.Kind.ACTIVATION, F.Kind.GRADIENT)
@@ -167,7 +167,7 @@ class _Reader:
 
     def __init__(self, stream: INetStream) -> None:
         self.stream = stream
-        self.chunks: deque[bytes] = deque()  # received, not yet returned, oldest first
+        self.chunks: deque[bytes | bytearray] = deque()  # received, not yet returned, oldest first
         self.offset = 0  # bytes of chunks[0] already returned
         self.avail = 0  # bytes held in chunks beyond offset
 
@@ -195,13 +195,16 @@ class _Reader:
         chunks, off = self.chunks, self.offset
         first = chunks[0]
         if len(first) - off >= n:
-            out = first if off == 0 and n == len(first) else first[off : off + n]
+            if off == 0 and n == len(first):
+                out = first if isinstance(first, bytes) else bytes(first)
+            else:
+                out = bytes(memoryview(first)[off : off + n])
             off += n
             if off == len(first):
                 chunks.popleft()
                 off = 0
         else:
-            parts: list[bytes | memoryview] = []
+            parts: list[bytes | bytearray | memoryview] = []
             need = n
             while need:
                 first = chunks[0]
@@ -220,9 +223,9 @@ class _Reader:
         self.avail -= n
         return out
 
-    async def _read(self, have: int) -> bytes:
+    async def _read(self, have: int) -> bytes | bytearray:
         try:
-            chunk = await self.stream.read(READ_CHUNK)
+            chunk = await read_some(self.stream, READ_CHUNK)
         except EOFError:
             chunk = b""
         if not chunk:

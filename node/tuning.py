@@ -53,6 +53,7 @@ from libp2p.io.exceptions import ConnectionClosedError, IncompleteReadError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.exceptions import RawConnError
 from libp2p.network.stream import net_stream as _net_stream
+from libp2p.network.stream.net_stream import StreamState
 from libp2p.security import secure_session as _secure_session
 from libp2p.security.noise import io as _noise_io
 from libp2p.stream_muxer.exceptions import MuxedStreamError
@@ -72,6 +73,7 @@ _NOISE_LEN = 2  # libp2p Noise: 2-byte big-endian length prefix before each mess
 _NOISE_TAG = 16  # Poly1305 tag bytes added to each Noise message
 _NOISE_PLAIN = 65535 - _NOISE_TAG  # 65519 plaintext bytes per Noise message at most
 _NOISE_PACKET = _NOISE_LEN + 65535  # largest length prefix + Noise message
+_OPEN = StreamState.OPEN
 
 
 def _capture_originals() -> dict[str, Any]:
@@ -250,6 +252,28 @@ async def write_gather(stream: Any, parts: Any) -> None:
         await stream.write(Gather(parts))
     else:
         await stream.write(b"".join(parts))
+
+
+async def read_some(stream: Any, n: int) -> bytes | bytearray:
+    """stream.read(n) for bulk readers: at most n bytes, at least one (EOF/reset raise as stream.read does).
+
+    On a tuned, open yamux stream whose buffer holds data and at most n bytes, the buffer object
+    itself is handed over (a bytearray the caller now owns) instead of a bytes copy of it, and a
+    fresh buffer takes its place: the same bytes, window accounting and window update as stock
+    read_stream, one copy of every received byte less. Anything else goes through stream.read(n).
+    """
+    muxed = getattr(stream, "muxed_stream", None)
+    if _state.tuned and isinstance(muxed, _yamux.YamuxStream) and getattr(stream, "_state", None) is _OPEN:
+        conn = muxed.conn
+        sid = muxed.stream_id
+        buf = conn.stream_buffers.get(sid)
+        if (buf and len(buf) <= n and not muxed.closed and not muxed.reset_received and sid in conn.streams
+                and not conn.event_shutting_down.is_set()):
+            conn.stream_buffers[sid] = bytearray()
+            await muxed._auto_tune_and_send_window_update(bytes_read=len(buf))
+            return buf
+    data: bytes = await stream.read(n)
+    return data
 
 
 def _slices(views: list[memoryview], start: int, stop: int, out: list[bytes | memoryview]) -> None:
