@@ -1,7 +1,10 @@
-"""Discovery without a central server: bootstrap peers + announcement gossip on `/pmn/announce/1.0.0`.
+"""Discovery without a central server: bootstrap peers + Kademlia DHT + announcement gossip.
 
-Each exchange: the dialer sends its own announcement, the responder answers with its table (its own
-announcement included). Tables merge by peer id, newest wins; entries expire after `entry_ttl_s`.
+Gossip on `/pmn/announce/1.0.0`: the dialer sends its own announcement, the responder answers with its
+table (its own announcement included). Tables merge by peer id, newest wins; entries expire after
+`entry_ttl_s`. With a `ModelDht` the node also provides its model's key in the DHT, looks up the key's
+other providers every `dht.lookup_interval_s` and exchanges announcements with each one it had not heard
+of, so it finds peers that neither its bootstrap list nor their tables lead to.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from node.config import DiscoveryConfig
+from node.dht import ModelDht, peer_addr
 from node.errors import DiscoveryError
 from node.host import parse_peer_addr
 
@@ -88,8 +92,10 @@ async def _read_msg(stream: Any) -> Any:
 class Discovery:
     """Keeps a table of announcements fresh by gossiping with known peers."""
 
-    def __init__(self, host: Any, me: Announcement, cfg: DiscoveryConfig, bootstrap: list[str]) -> None:
+    def __init__(self, host: Any, me: Announcement, cfg: DiscoveryConfig, bootstrap: list[str],
+                 dht: ModelDht | None = None) -> None:
         self.host = host
+        self.dht = dht  # None: bootstrap + gossip only
         self.me = me
         self.cfg = cfg
         if me.seq == 0:
@@ -100,6 +106,8 @@ class Discovery:
             parse_peer_addr(a)  # ValueError names a bad bootstrap address
         self.table: dict[str, tuple[Announcement, float]] = {}  # peer id -> (announcement, local time seen)
         self.changed = trio.Event()
+        self.dht_learned: set[str] = set()  # peer ids first heard of through a DHT provider lookup
+        self._dht_joined = False  # bootstrap peers added to the DHT routing table at least once
         host.set_stream_handler(ANNOUNCE_PROTOCOL, self._handle)
 
     def update_me(self, **changes: Any) -> None:
@@ -182,11 +190,74 @@ class Discovery:
                 continue
         return ok
 
-    async def run(self) -> None:
-        """Gossip forever every `announce_interval_s`."""
+    async def dht_round(self) -> int | None:
+        """Look up the model key's providers and exchange announcements with each one not in the table.
+
+        Returns how many peers it learned of; None when there is no DHT or the lookup failed (counted)."""
+        if self.dht is None:
+            return None
+        providers = await self.dht.find_providers()
+        if providers is None:
+            return None
+        known = {e.peer_id for e in self.entries()}
+        learned = 0
+        for info in providers:
+            pid, addr = info.peer_id.pretty(), peer_addr(info)
+            if pid in known or addr is None:
+                continue
+            try:
+                await self.exchange(addr)
+            except Exception as exc:  # a provider that went away: its record expires, we retry next round
+                self.dht.fail("exchange", f"{pid}: {exc!r}")
+                continue
+            if pid in {e.peer_id for e in self.entries()}:
+                learned += 1
+                self.dht_learned.add(pid)
+        return learned
+
+    async def _join_dht(self) -> None:
+        assert self.dht is not None
+        if self.bootstrap and (not self._dht_joined or self.dht.routing_table_size() == 0):
+            await self.dht.add_bootstrap(self.bootstrap)
+        self._dht_joined = True
+
+    async def first_round(self) -> int:
+        """Start-up: join the DHT through the bootstrap peers, provide the model key, look up its other
+        providers once, then one gossip round; returns how many peers answered the gossip."""
+        if self.dht is not None:
+            await self._join_dht()
+            await self.dht.provide()
+            await self.dht_round()
+        return await self.gossip_round()
+
+    async def _provide_loop(self) -> None:
+        assert self.dht is not None
+        failures = 0
         while True:
-            await self.gossip_round()
-            await trio.sleep(self.cfg.announce_interval_s)
+            await self._join_dht()  # again while the routing table is empty (bootstrap peers were down)
+            ok = await self.dht.provide()
+            failures = 0 if ok else failures + 1
+            await trio.sleep(self.dht.cfg.provide_interval_s if ok else self.dht.backoff(failures))
+
+    async def _lookup_loop(self) -> None:
+        assert self.dht is not None
+        failures = 0
+        while True:
+            ok = await self.dht_round() is not None
+            failures = 0 if ok else failures + 1
+            await trio.sleep(self.dht.cfg.lookup_interval_s if ok else self.dht.backoff(failures))
+
+    async def run(self) -> None:
+        """Gossip forever every `announce_interval_s`; with a DHT also serve it, re-provide the model key
+        every `dht.provide_interval_s` and look up its providers every `dht.lookup_interval_s`."""
+        async with trio.open_nursery() as nursery:
+            if self.dht is not None:
+                nursery.start_soon(self.dht.serve)
+                nursery.start_soon(self._provide_loop)
+                nursery.start_soon(self._lookup_loop)
+            while True:
+                await self.gossip_round()
+                await trio.sleep(self.cfg.announce_interval_s)
 
     def stage_peers(self, stage: int) -> list[Announcement]:
         """Live peers announcing `stage` of our model, by peer id."""
