@@ -28,6 +28,7 @@ from node.averaging import AveragingService, ContributionStore, trainable
 from node.channel import ActChannel, ActEndpoint, LocalInfo, ReceiptHook
 from node.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
 from node.config import NodeConfig
+from node.dht import ModelDht
 from node.discovery import Announcement, Discovery, choose_stage
 from node.errors import CheckpointError, NodeError, PeerLostError, ResyncNeededError
 from node.host import full_addrs, make_host, parse_listen
@@ -135,10 +136,23 @@ class NodeDaemon:
         self._serving = False  # replicated mode: state may be handed to joining peers
         self._stores: dict[int, ContributionStore] = {}  # replicated mode: newest contribution store per stage
         self._status: dict[str, Any] = {}
+        self.discovery: Discovery | None = None  # set when the host runs
 
     # -- helpers -----------------------------------------------------------------------------------
 
+    def _discovery(self, host: Any, me: Announcement) -> Discovery:
+        """Gossip discovery, with the Kademlia DHT unless `discovery.dht.enabled` is False."""
+        d = self.cfg.discovery
+        dht = ModelDht(host, me.spec_hash, d.dht) if d.dht.enabled else None
+        self.discovery = Discovery(host, me, d, self.cfg.bootstrap, dht)
+        return self.discovery
+
     def _write_status(self, **changes: Any) -> None:
+        dht = self.discovery.dht if self.discovery is not None else None
+        if dht is not None:
+            changes["dht"] = {"routing_table": dht.routing_table_size(), "provides": dht.provides,
+                              "lookups": dht.lookups, "errors": dict(dht.errors),
+                              "learned": len(self.discovery.dht_learned) if self.discovery else 0}
         self._status.update(changes, state=self.state, time=time.time())
         write_status(self.data_dir, self._status)
 
@@ -241,9 +255,9 @@ class NodeDaemon:
             me = Announcement(peer_id=host.get_id().pretty(), addrs=tuple(addrs), spec_hash=spec_hash.hex(),
                               num_stages=cfg.num_stages, stage=stage, capacity=cfg.capacity,
                               address=self.identity.address)
-            discovery = Discovery(host, me, cfg.discovery, cfg.bootstrap)
+            discovery = self._discovery(host, me)
             if stage < 0:
-                await discovery.gossip_round()
+                await discovery.first_round()
                 stage = choose_stage(discovery.entries(), spec_hash.hex(), cfg.num_stages)
                 discovery.update_me(stage=stage)
             nursery.start_soon(discovery.run)
@@ -351,8 +365,8 @@ class NodeDaemon:
             me = Announcement(peer_id=host.get_id().pretty(), addrs=tuple(addrs), spec_hash=spec_hex,
                               num_stages=cfg.num_stages, stage=-1, capacity=cfg.capacity,
                               address=self.identity.address)
-            discovery = Discovery(host, me, cfg.discovery, cfg.bootstrap)
-            await discovery.gossip_round()
+            discovery = self._discovery(host, me)
+            await discovery.first_round()
             stage = choose_replica_stage(discovery.entries(), spec_hex, cfg.num_stages) if cfg.stage == "auto" \
                 else int(cfg.stage)
             nursery.start_soon(discovery.run)
@@ -645,6 +659,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aggregation", default="mean", help="mean, median or centered_clip")
     p.add_argument("--rebalance-period", type=float, default=0.0, help="seconds between rebalance checks (0 = off)")
     p.add_argument("--rebalance-threshold", type=float, default=1.5, help="throughput ratio that triggers a move")
+    p.add_argument("--no-dht", action="store_true", help="discovery by bootstrap peers + gossip only (no Kademlia DHT)")
     p.add_argument("--debug-delay-s", type=float, default=0.0, help="TEST ONLY: extra compute seconds per microbatch")
     return p
 
@@ -661,6 +676,7 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
     r.torch_threads, r.checkpoint_every = a.threads, a.checkpoint_every
     r.frame_timeout_s, r.redial_timeout_s, r.step_retries = a.frame_timeout, a.redial_timeout, a.step_retries
     cfg.transport.credits = a.credits
+    cfg.discovery.dht.enabled = not a.no_dht
     rc = cfg.replicas
     rc.enabled, rc.max_inflight, rc.replica_timeout_s = a.replicated, a.max_inflight, a.replica_timeout
     rc.ban_base_s, rc.ban_max_s, rc.no_replica_timeout_s = a.ban_base, a.ban_max, a.no_replica_timeout
