@@ -140,3 +140,12 @@ def test_encode_rejects_bad_fields() -> None:
         F.encode_frame(F.Kind.HELLO, b"short", 0, 0, 0)
     with pytest.raises(ValueError, match="out of range"):
         F.encode_frame(F.Kind.HELLO, SPEC_HASH, 70000, 0, 0)
+
+
+def test_verify_digest_accepts_memoryviews_and_names_the_frame() -> None:
+    payload, window = bytes(range(256)) * 5, b"\x01\x02" * 9
+    h = F.FrameHeader(kind=F.Kind.GRADIENT, spec_hash=SPEC_HASH, stage=2, step=9, microbatch=4,
+                      payload_len=len(payload), window_len=len(window), digest=F.digest(window, payload))
+    F.verify_digest(h, memoryview(window), memoryview(payload))  # same bytes, any buffer type
+    with pytest.raises(ChecksumError, match="checksum mismatch in gradient frame step 9 mb 4"):
+        F.verify_digest(h, window, payload[:-1] + b"\x00")
