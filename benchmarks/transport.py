@@ -14,13 +14,19 @@ medians over rounds. Paths:
   socket (`tcp_same_work_MBps`, `ratio_same_work`), isolating the transport from the app work.
 
 Last line: a JSON object with libp2p_MBps, tcp_MBps, ratio, cpu_s_per_GiB (CPU seconds of both
-ends of the libp2p path, worker threads included, per GiB moved) and the extra figures.
+ends of the libp2p path, worker threads included, per GiB moved) and the extra figures, among them
+the floor of the libp2p path's CPU: `hash_cpu_s_per_GiB` (the sha256 frame digest, computed by
+the sender and checked by the receiver) and `noise_cpu_s_per_GiB` (ChaCha20-Poly1305 encryption
+and decryption), both timed alone here, and `ratio_cpu_ceiling` = tcp_cpu_s_per_GiB / (their
+sum): the ratio a run that gets one core's worth of CPU could reach even if nothing but hashing
+and encryption cost anything. Above it only when worker threads find idle cores.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import json
 import os
 import sys
@@ -192,6 +198,32 @@ async def bench_tcp(spec: F.FrameSpec, n: int, app_work: bool = True) -> tuple[f
     return out[0], out[1], n * size
 
 
+def primitive_cpu(spec: F.FrameSpec, n: int) -> tuple[float, float]:
+    """(sha256 digest CPU s/GiB at both ends, Noise ChaCha20-Poly1305 encrypt + decrypt CPU s/GiB), timed alone."""
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    window, payload = bytes(spec.window_len), os.urandom(spec.payload_len)
+    size = F.HEADER_SIZE + len(window) + len(payload)
+    c0 = time.process_time()
+    for _ in range(n):
+        h = hashlib.sha256(window)
+        h.update(payload)
+        h.digest()
+    hash_s = 2 * (time.process_time() - c0)  # sender computes it, receiver checks it
+    aead, nonce, plain = ChaCha20Poly1305(os.urandom(32)), bytes(12), memoryview(payload)
+    step = 65535 - 16  # plaintext bytes per Noise message
+    sealed = [aead.encrypt(nonce, plain[i : i + step], None) for i in range(0, len(plain), step)]
+    c0 = time.process_time()
+    for _ in range(n):
+        for i in range(0, len(plain), step):
+            aead.encrypt(nonce, plain[i : i + step], None)
+        for msg in sealed:
+            aead.decrypt(nonce, msg, None)
+    noise_s = time.process_time() - c0
+    gib = n * size / 2**30
+    return hash_s / gib, noise_s / gib
+
+
 def median_rate(runs: list[tuple[float, float, int]]) -> tuple[float, float]:
     """(MB/s, cpu s/GiB) medians over runs."""
     rates = sorted(b / t / 1e6 for t, _, b in runs)
@@ -225,6 +257,7 @@ def main() -> None:
                                        a.read_bytes))
         runs["tcp"].append(trio.run(bench_tcp, spec, n_tcp, False))
         runs["work"].append(trio.run(bench_tcp, spec, n, True))
+    prim = sorted(primitive_cpu(spec, 20) for _ in range(reps))[reps // 2]
     rate = {k: median_rate(v) for k, v in runs.items()}
     lib_mbps, cpu_per_gib = rate["lib"]
     tcp_mbps, work_mbps = rate["tcp"][0], rate["work"][0]
@@ -238,6 +271,9 @@ def main() -> None:
         print(f"{label:<28}{mbps:>9.1f}{cpu:>11.2f}{mbps / tcp_mbps:>8.3f}{frames:>8}")
     print(f"frames of {frame_bytes / 2**20:.2f} MiB, yamux frames {a.yamux_frame} B, read-ahead {a.read_bytes} B, "
           f"credits {a.credits}; CPU = both ends in one process, worker threads included")
+    ceiling = rate["tcp"][1] / (prim[0] + prim[1])
+    print(f"CPU floor of the libp2p path: sha256 digests {prim[0]:.2f} + Noise crypto {prim[1]:.2f} s/GiB; "
+          f"on one core's worth of CPU the ratio cannot exceed {ceiling:.3f}")
     print(json.dumps({
         "libp2p_MBps": round(lib_mbps, 1), "tcp_MBps": round(tcp_mbps, 1), "ratio": round(lib_mbps / tcp_mbps, 3),
         "cpu_s_per_GiB": round(cpu_per_gib, 2),
@@ -245,6 +281,8 @@ def main() -> None:
         "libp2p_stream_MBps": round(rate["stream"][0], 1), "ratio_stream": round(rate["stream"][0] / tcp_mbps, 3),
         "stream_cpu_s_per_GiB": round(rate["stream"][1], 2),
         "libp2p_untuned_MBps": round(rate["default"][0], 1), "untuned_cpu_s_per_GiB": round(rate["default"][1], 2),
+        "tcp_cpu_s_per_GiB": round(rate["tcp"][1], 2), "hash_cpu_s_per_GiB": round(prim[0], 2),
+        "noise_cpu_s_per_GiB": round(prim[1], 2), "ratio_cpu_ceiling": round(ceiling, 3),
         "frame_bytes": frame_bytes, "frames": n, "tcp_frames": n_tcp, "yamux_frame_bytes": a.yamux_frame,
         "read_bytes": a.read_bytes, "credits": a.credits, "repeats": reps}))
 
