@@ -137,3 +137,53 @@ def test_dht_failures_are_counted_logged_once_and_retried_until_a_peer_appears(c
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(180)
+def test_two_daemons_bootstrapped_only_to_a_dht_peer_find_each_other_and_train(tmp_path) -> None:
+    """Two stage daemons whose only bootstrap peer is a DHT-only host (no announcements) find each other
+    through the DHT and train the same losses as the single-process reference."""
+    from node.daemon import NodeDaemon
+    from sharding import PRESETS, OptimConfig, load_corpus, train_reference
+
+    steps, m, b = 2, 2, 2
+    daemons: list[NodeDaemon] = []
+    codes: list[int] = []
+
+    async def main() -> None:
+        async with running_host(81) as (r, _), trio.open_nursery() as nursery:
+            relay = ModelDht(r, SPEC, FAST)
+            nursery.start_soon(relay.serve)
+            for s in range(2):
+                cfg = NodeConfig(data_dir=str(tmp_path / f"n{s}"), model="tiny", num_stages=2, stage=str(s),
+                                 bootstrap=full_addrs(r), progress=False)
+                cfg.discovery = DiscoveryConfig(announce_interval_s=0.1, discovery_timeout_s=60, dht=FAST)
+                cfg.runtime.steps, cfg.runtime.num_microbatches, cfg.runtime.microbatch_size = steps, m, b
+                cfg.runtime.torch_threads = 1
+                daemons.append(NodeDaemon(cfg, corpus_source="synthetic"))
+
+            async def run(d: NodeDaemon) -> None:
+                codes.append(await d.run())
+
+            with trio.fail_after(150):
+                async with trio.open_nursery() as group:
+                    for d in daemons:
+                        group.start_soon(run, d)
+            nursery.cancel_scope.cancel()
+
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        trio.run(main)
+    finally:
+        torch.set_num_threads(threads)  # the daemons set one thread for this whole process
+    assert codes == [0, 0]
+    head, tail = daemons
+    assert head.discovery is not None and tail.discovery is not None
+    ids = [d.discovery.me.peer_id for d in daemons if d.discovery is not None]
+    assert ids[1] in head.discovery.dht_learned or ids[0] in tail.discovery.dht_learned
+    losses = [res.loss for res in tail.results]
+    ref = train_reference(PRESETS["tiny"], OptimConfig(), steps, m, b, load_corpus("synthetic"))
+    assert losses == pytest.approx(ref, abs=1e-4)
