@@ -372,7 +372,8 @@ class NodeDaemon:
             nursery.start_soon(discovery.run)
             rc = cfg.replicas
             AveragingService(host, spec_hex, self._avg_target, rc.avg_timeout_s)
-            StateService(host, spec_hex, self._snapshot, rc.state_timeout_s)
+            StateService(host, spec_hex, self._snapshot, rc.state_timeout_s, max_concurrent=rc.state_max_concurrent,
+                         min_interval_s=rc.state_min_interval_s)
             if cfg.metrics_port:
                 self.metrics = NodeMetrics(stage)
                 self.metrics.serve(cfg.metrics_port)

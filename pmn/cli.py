@@ -140,6 +140,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--metrics-port", type=int, help="Prometheus metrics port (0 = off)")
     q.add_argument("--replicated", action="store_true",
                    help="replicated mode: several nodes may serve one stage (routing, failover, averaging)")
+    q.add_argument("--no-dht", action="store_true",
+                   help="discover peers by bootstrap peers and announcement gossip only (no Kademlia DHT)")
     q.add_argument("--config", type=Path, help="operator TOML file")
     q.set_defaults(func=_handler("cmd_node", "cmd_node_start"))
     q = nsub.add_parser("status", help="stage, peers, throughput, compute credited and pending",

@@ -86,6 +86,8 @@ def cmd_node_start(args: argparse.Namespace) -> int:
                  "--microbatch-size", str(m.recipe.microbatch_size), "--lr", str(m.recipe.lr)]
     if getattr(args, "replicated", False):
         argv.append("--replicated")
+    if getattr(args, "no_dht", False):
+        argv.append("--no-dht")
     for addr in args.listen or cfg.listen:
         argv += ["--listen", addr]
     for addr in args.bootstrap or cfg.bootstrap:

@@ -49,3 +49,19 @@ def test_tooling_and_usage_errors(tmp_path: Path) -> None:
     assert_clean_error(run_pmn("demo", "--config", str(tmp_path / "missing.toml")), "does not exist")
     assert_clean_error(run_pmn(), "COMMAND")
     assert not Path(out).exists()
+
+
+def test_node_start_forwards_mode_flags_to_the_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pmn node start` turns its flags into the daemon's argv (the daemon itself is tested in tests/node)."""
+    import node.daemon
+    from pmn.cli import main
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr(node.daemon, "main", lambda argv: seen.append(list(argv)) or 0)
+    assert main(["node", "start", "--data-dir", str(tmp_path / "n"), "--model", "tiny", "--replicated",
+                 "--no-dht"]) == 0
+    assert main(["node", "start", "--data-dir", str(tmp_path / "n"), "--model", "tiny"]) == 0
+    with_flags, without = seen
+    assert "--replicated" in with_flags and "--no-dht" in with_flags
+    assert "--replicated" not in without and "--no-dht" not in without
+    assert with_flags[with_flags.index("--data-dir") + 1] == str(tmp_path / "n")
