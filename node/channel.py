@@ -5,6 +5,10 @@ activations flow k -> k+1, gradients k+1 -> k. Each side grants the other `credi
 handshake and one more each time the application consumes a frame, so a reader never stops
 reading (yamux resets a stream whose reader pauses > 5 s). Every accepted data frame is acked;
 the ack carries the acked digest and an optional countersignature from the `ReceiptHook`.
+
+Per received data frame the digest check and the decoder run in one worker-thread hop; a CREDIT
+for a consumed frame travels in the same write as the next ACK or data frame unless the peer is
+out of credit (then it goes at once). The wire format is unchanged: a peer sees the same frames.
 """
 
 from __future__ import annotations

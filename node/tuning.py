@@ -20,6 +20,10 @@ version they were written against; any other version keeps stock behaviour (logg
   socket call straight into a reused buffer, decrypts every complete Noise message in it and
   serves reads from the plaintexts (stock: one 2-byte read, one body read and one BytesIO per
   message). A message that fails authentication closes the connection.
+* `write_gather(stream, parts)` (not a patch; used by the activation channel): a tuned yamux
+  write of several buffers back to back, cut into frames and Noise messages without joining
+  them first. `read_some(stream, n)`: a bulk read that takes over a yamux stream's buffer
+  instead of copying it (same bytes, same window accounting).
 * `YamuxStream._auto_tune_and_send_window_update`: a WINDOW_UPDATE once half the window was
   consumed, as go-yamux does (stock 0.8.1: after almost every read).
 * yamux's `read_exactly`: passes a tuned session's exact-length result through (stock copies
