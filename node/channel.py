@@ -39,7 +39,7 @@ from node.errors import (
     TruncatedFrameError,
     UnexpectedFrameError,
 )
-from node.tuning import read_some, write_gather
+from node.tuning import QuickLock, read_some, write_gather
 
 ACT_PROTOCOL = TProtocol("/pmn/act/1.0.0")
 DATA_KINDS = (F.Kind.ACTIVATION, F.Kind.GRADIENT)
@@ -69,6 +69,21 @@ def verify_and_decode(fr: F.Frame, decoder: Callable[[F.Frame], Any] | None) -> 
         raise
     except Exception as exc:  # a codec error of any type means the payload is unusable
         raise NonFiniteError(f"{fr.header.kind.name.lower()} payload rejected by the codec: {exc}") from exc
+
+
+async def _notify_all(cv: trio.Condition) -> None:
+    """cv.notify_all(), without the scheduler turn of `async with cv` when its lock is free (usually:
+    waiters release it while they wait); when a woken waiter holds it, waits for it as before."""
+    try:
+        cv.acquire_nowait()
+    except trio.WouldBlock:
+        async with cv:
+            cv.notify_all()
+        return
+    try:
+        cv.notify_all()
+    finally:
+        cv.release()
 
 
 class ReceiptHook(Protocol):
@@ -282,7 +297,7 @@ class ActChannel:
         self.remote: Hello | None = None
         self.stats = ChannelStats()
         self._reader = _Reader(stream)
-        self._write_lock = trio.Lock()
+        self._write_lock = QuickLock(trio.Lock())  # taken without a scheduler turn when free
         self._inbox_send, self._inbox = trio.open_memory_channel[Received | BaseException](math.inf)
         self._credit_out = 0  # frames we may still send
         self._credit_cv = trio.Condition()
@@ -396,11 +411,12 @@ class ActChannel:
         if kind not in DATA_KINDS:
             raise ValueError(f"send_data takes ACTIVATION or GRADIENT, got {kind.name}")
         self._raise_if_failed()
-        async with self._credit_cv:
-            while self._credit_out <= 0:
-                self._raise_if_failed()
-                await self._credit_cv.wait()
-            self._credit_out -= 1
+        if self._credit_out <= 0:
+            async with self._credit_cv:
+                while self._credit_out <= 0:
+                    self._raise_if_failed()
+                    await self._credit_cv.wait()
+        self._credit_out -= 1  # no schedule point since the check: nobody took the credit meanwhile
         header = F.FrameHeader(
             kind=kind, spec_hash=self.local.spec_hash, stage=self.local.stage, step=step, microbatch=microbatch,
             codec=self.spec.codec, dtype=self.spec.dtype, shape=self.spec.shape, window_len=len(window),
@@ -586,9 +602,8 @@ class ActChannel:
         if h.kind == F.Kind.ACK:
             await self._on_ack(fr)
         elif h.kind == F.Kind.CREDIT:
-            async with self._credit_cv:
-                self._credit_out += h.microbatch
-                self._credit_cv.notify_all()
+            self._credit_out += h.microbatch
+            await _notify_all(self._credit_cv)
         elif h.kind == F.Kind.ERROR:
             raise RemoteError(f"peer {self.peer} (stage {self.remote_stage}) reported: "
                               f"{fr.payload.decode(errors='replace')}")
@@ -646,8 +661,7 @@ class ActChannel:
             del self._pending[(fr.header.step, fr.header.microbatch, acked)]
         self._pending_count -= 1
         self.receipts.on_ack(header, fr.payload[F.DIGEST_SIZE:], self.remote.address if self.remote else "")
-        async with self._acks_cv:
-            self._acks_cv.notify_all()
+        await _notify_all(self._acks_cv)
 
 
 class ActEndpoint:
