@@ -24,6 +24,8 @@ version they were written against; any other version keeps stock behaviour (logg
   write of several buffers back to back, cut into frames and Noise messages without joining
   them first. `read_some(stream, n)`: a bulk read that takes over a yamux stream's buffer
   instead of copying it (same bytes, same window accounting).
+* `Yamux._read_data_body`: a DATA body the tuned Noise session already holds decrypted is
+  returned without stock's per-frame timeout scope (bodies still to arrive keep the timeout).
 * `YamuxStream._auto_tune_and_send_window_update`: a WINDOW_UPDATE once half the window was
   consumed, as go-yamux does (stock 0.8.1: after almost every read).
 * yamux's `read_exactly`: passes a tuned session's exact-length result through (stock copies
@@ -91,6 +93,7 @@ def _capture_originals() -> dict[str, Any]:
             "yamux_read_exactly": _yamux.read_exactly,
             "yamux_window_update": _yamux.YamuxStream._auto_tune_and_send_window_update,
             "yamux_read_timeout": _yamux._yamux_data_read_timeout,
+            "yamux_read_data_body": _yamux.Yamux._read_data_body,
             "yamux_divisor": _yamux._yamux_batch_threshold_divisor,
             "yamux_init": _yamux.Yamux.__init__,
             "net_stream_init": _net_stream.NetStream.__init__,
@@ -620,6 +623,21 @@ async def _tuned_read_exactly(reader: Any, n: int, retry_count: int = _io_utils.
         expected_bytes=n, received_bytes=len(buffer))
 
 
+# -- yamux DATA bodies already decrypted: no timeout scope ---------------------------------------------
+# Replaces Yamux._read_data_body. Stock wraps every DATA body read in trio.fail_after (a cancel
+# scope and a deadline registration per frame) so a peer cannot stall it; a tuned session that
+# already holds the whole body decrypted returns it without waiting, so the scope is skipped then.
+# Anything else (bytes still to arrive, another session type) takes the stock path with its timeout.
+
+
+async def _tuned_read_data_body(self: _yamux.Yamux, length: int) -> bytes:
+    rx: _NoiseReceiver | None = getattr(self.secured_conn, "__dict__", {}).get("_pmn_rx")
+    if rx is not None and rx.failed is None and rx.avail >= length:
+        return rx._take(length)
+    data: bytes = await _ORIG["yamux_read_data_body"](self, length)
+    return data
+
+
 # -- yamux receive window: go-yamux hysteresis -------------------------------------------------------
 # Replaces YamuxStream._auto_tune_and_send_window_update. Stock 0.8.1 sends a WINDOW_UPDATE after
 # almost every read (its "partial slack" / release-on-read branches), so each small control
@@ -704,6 +722,7 @@ def apply_transport_tuning(yamux_frame_bytes: int = 256 * 1024, tcp_read_bytes: 
     # Stock reads PY_YAMUX_DATA_READ_TIMEOUT from the environment for every frame; read it once here.
     timeout_s = _ORIG["yamux_read_timeout"]()
     _yamux._yamux_data_read_timeout = (lambda: timeout_s) if tuned else _ORIG["yamux_read_timeout"]
+    _yamux.Yamux._read_data_body = _tuned_read_data_body if tuned else _ORIG["yamux_read_data_body"]  # type: ignore[method-assign]
     noise_write = _tuned_noise_write if tuned else _ORIG["noise_write"]
     _noise_io.NoiseTransportReadWriter.write_msg = noise_write  # type: ignore[method-assign,assignment]
     # Installed in both modes: they dispatch to stock for sessions that began untuned.
@@ -729,4 +748,5 @@ def restore_stock_transport() -> None:
     _yamux.read_exactly = _ORIG["yamux_read_exactly"]
     _yamux.YamuxStream._auto_tune_and_send_window_update = _ORIG["yamux_window_update"]  # type: ignore[method-assign]
     _yamux._yamux_data_read_timeout = _ORIG["yamux_read_timeout"]
+    _yamux.Yamux._read_data_body = _ORIG["yamux_read_data_body"]  # type: ignore[method-assign]
     _state.tuned, _state.read_bytes = False, 0

@@ -177,6 +177,7 @@ def test_other_libp2p_version_is_not_patched(monkeypatch: pytest.MonkeyPatch, ca
         assert tuning._secure_session.SecureSession.read is STOCK_READ
         assert yamux.MAX_MESSAGE_SIZE == tuning._ORIG["yamux_max_message"]
         assert yamux.Yamux.__init__ is tuning._ORIG["yamux_init"]
+        assert yamux.Yamux._read_data_body is tuning._ORIG["yamux_read_data_body"]
         with pytest.raises(ValueError, match="yamux_frame_bytes"):  # values are still checked
             apply_transport_tuning(10, 0)
     finally:
@@ -189,7 +190,8 @@ def test_noise_constants_match_py_libp2p() -> None:
     assert tuning._NOISE_PLAIN == noise_io.MAX_PLAINTEXT_LENGTH
     assert tuning._NOISE_PACKET == noise_io.SIZE_NOISE_MESSAGE_LEN + noise_io.MAX_NOISE_MESSAGE_LEN
     assert set(tuning._ORIG) >= {"yamux_write", "noise_write", "session_read", "yamux_read_exactly",
-                                 "yamux_window_update", "yamux_read_timeout", "yamux_divisor", "yamux_max_message"}
+                                 "yamux_window_update", "yamux_read_timeout", "yamux_divisor", "yamux_max_message",
+                                 "yamux_read_data_body"}
 
 
 def test_untuned_mode_restores_stock_paths() -> None:
@@ -197,8 +199,43 @@ def test_untuned_mode_restores_stock_paths() -> None:
     assert yamux.YamuxStream.write is tuning._ORIG["yamux_write"]
     assert noise_io.NoiseTransportReadWriter.write_msg is tuning._ORIG["noise_write"]
     assert yamux.MAX_MESSAGE_SIZE == 64 * 1024
+    assert yamux.Yamux._read_data_body is tuning._ORIG["yamux_read_data_body"]
     assert apply_transport_tuning() is True
     assert yamux.YamuxStream.write is tuning._tuned_yamux_write
+    assert yamux.Yamux._read_data_body is tuning._tuned_read_data_body
+
+
+def test_data_body_already_decrypted_is_returned_without_the_stock_timeout_path() -> None:
+    class Session:
+        def __init__(self, rx: object) -> None:
+            self._pmn_rx = rx
+
+    class Conn:
+        def __init__(self, rx: object) -> None:
+            self.secured_conn = Session(rx)
+
+    async def main() -> None:
+        rx = tuning._NoiseReceiver.__new__(tuning._NoiseReceiver)  # only its plaintext queue is used here
+        rx.failed, rx.chunks, rx.offset, rx.avail = None, tuning.deque([b"abc", b"defgh"]), 0, 8
+        conn = Conn(rx)
+        assert await tuning._tuned_read_data_body(conn, 6) == b"abcdef"  # type: ignore[arg-type]
+        assert (rx.avail, rx.offset) == (2, 3)
+        rx.avail = 2  # more than what is held: the stock path (with its timeout) would run
+        original = tuning._ORIG["yamux_read_data_body"]
+        calls: list[int] = []
+
+        async def stock(self: object, length: int) -> bytes:
+            calls.append(length)
+            return b"x" * length
+
+        tuning._ORIG["yamux_read_data_body"] = stock
+        try:
+            assert await tuning._tuned_read_data_body(conn, 5) == b"xxxxx"  # type: ignore[arg-type]
+        finally:
+            tuning._ORIG["yamux_read_data_body"] = original
+        assert calls == [5]
+
+    trio.run(main)
 
 
 def test_bad_tuning_values_rejected() -> None:
