@@ -13,6 +13,7 @@ from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.security.noise import io as noise_io
 from libp2p.stream_muxer.yamux import yamux
+from noise.backends.default.ciphers import ChaCha20Cipher
 from noise.connection import NoiseConnection
 from noise.exceptions import NoiseInvalidMessage
 
@@ -189,6 +190,8 @@ def test_noise_constants_match_py_libp2p() -> None:
     assert tuning._NOISE_LEN == noise_io.SIZE_NOISE_MESSAGE_LEN
     assert tuning._NOISE_PLAIN == noise_io.MAX_PLAINTEXT_LENGTH
     assert tuning._NOISE_PACKET == noise_io.SIZE_NOISE_MESSAGE_LEN + noise_io.MAX_NOISE_MESSAGE_LEN
+    for n in (0, 1, 255, 2**32 + 7, 2**64 - 2):  # the nonce the tuned paths build equals noise's own
+        assert ChaCha20Cipher.format_nonce(None, n) == tuning._CHACHA_NONCE_PAD + n.to_bytes(8, "little")
     assert set(tuning._ORIG) >= {"yamux_write", "noise_write", "session_read", "yamux_read_exactly",
                                  "yamux_window_update", "yamux_read_timeout", "yamux_divisor", "yamux_max_message",
                                  "yamux_read_data_body"}
