@@ -200,7 +200,7 @@ class Transactor:
                 if self._known(tx_hash):
                     return tx_hash
                 self.nonces.reset(account.address)
-                if "nonce" in str(exc).lower():
+                if _is_nonce_conflict(str(exc)):
                     raise _NonceConflict(str(exc)) from exc
                 raise TransactionFailedError(f"node rejected transaction 0x{tx_hash.hex()}: {exc}") from exc
             if attempt < self.config.connect_attempts:
@@ -266,3 +266,12 @@ class Transactor:
 
 
 ContractsErrorT = ContractRevertError | TransactionFailedError
+
+
+def _is_nonce_conflict(message: str) -> bool:
+    """Whether a node's rejection means another transaction holds our nonce.
+
+    "nonce too low" when it was mined; "replacement transaction underpriced" (geth, anvil) when it is
+    still pending in the pool with a fee ours does not beat by the replacement margin."""
+    m = message.lower()
+    return "nonce" in m or "replacement transaction" in m

@@ -112,3 +112,12 @@ def test_served_chain_survives_concurrent_local_and_remote_senders(env: Env) -> 
     assert errors == []
     assert env.pc.balance_of(mid, env.payer.address) == 4 and env.pc.balance_of(mid, env.researcher.address) == 4
     assert env.pc.balance_of(mid, env.operators[0].address) == 92
+
+
+def test_node_rejections_that_mean_a_taken_nonce_are_nonce_conflicts() -> None:
+    from contracts.tx import _is_nonce_conflict
+
+    assert _is_nonce_conflict("{'code': -32003, 'message': 'nonce too low'}")
+    assert _is_nonce_conflict("{'code': -32003, 'message': 'replacement transaction underpriced'}")
+    assert not _is_nonce_conflict("{'code': -32003, 'message': 'transaction underpriced'}")
+    assert not _is_nonce_conflict("insufficient funds for gas * price + value")
