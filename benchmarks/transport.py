@@ -29,9 +29,12 @@ import argparse
 import functools
 import hashlib
 import json
+import multiprocessing
 import os
 import sys
 import time
+from dataclasses import dataclass
+from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -199,6 +202,148 @@ async def bench_tcp(spec: F.FrameSpec, n: int, app_work: bool = True) -> tuple[f
     return out[0], out[1], n * size
 
 
+# -- two processes: the sender and the receiver are separate OS processes, as two nodes are ----------
+
+
+@dataclass(frozen=True)
+class TwoProcRun:
+    """What both ends of a two-process run need to know."""
+
+    path: str  # "lib" (the full /pmn/act/1.0.0 channel) or "tcp" (bare TCP, bytes only)
+    batch: int  # frame_spec dimensions
+    seq: int
+    d_model: int
+    n: int  # timed frames
+    credits: int  # channel credits (lib)
+    yamux_frame: int  # tuned yamux frame size (lib)
+    read_bytes: int  # tuned TCP read-ahead (lib)
+
+
+def _spec_of(run: TwoProcRun) -> F.FrameSpec:
+    return frame_spec(run.batch, run.seq, run.d_model, 64 * 1024 * 1024)
+
+
+def _lib_cfg(run: TwoProcRun) -> TransportConfig:
+    return TransportConfig(max_frame_bytes=_spec_of(run).max_frame_bytes, credits=run.credits,
+                           yamux_frame_bytes=run.yamux_frame, tcp_read_bytes=run.read_bytes)
+
+
+WARMUP_FRAMES = 4  # lib runs: frames sent before timing starts (window growth, first-frame costs)
+
+
+async def _receiver(run: TwoProcRun, out: Any, stop: Any) -> None:
+    """Receiving end: report where to connect, take the frames, report CPU seconds spent on the timed ones."""
+    spec = _spec_of(run)
+    la = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    if run.path == "tcp":
+        size = F.HEADER_SIZE + spec.window_len + spec.payload_len
+        done = trio.Event()
+
+        async def handler(stream: trio.SocketStream) -> None:
+            c0, got = time.process_time(), 0
+            while got < run.n * size:
+                chunk = await stream.receive_some(1 << 20)
+                if not chunk:
+                    break
+                got += len(chunk)
+            out.put(("receiver_cpu", time.process_time() - c0))
+            await stream.send_all(b"k")
+            done.set()
+
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
+            out.put(("addr", str(listeners[0].socket.getsockname()[1])))
+            await done.wait()
+            await trio.to_thread.run_sync(stop.wait, 120)
+            nursery.cancel_scope.cancel()
+        return
+    cfg = _lib_cfg(run)
+    h1 = make_host(identity_from_secret((112).to_bytes(32, "big")), cfg.yamux_frame_bytes, cfg.tcp_read_bytes)
+    async with h1.run(listen_addrs=la):
+        receiver = ActEndpoint(h1, local=LocalInfo(SPEC_HASH, 1, 2, ""), frame_spec=spec, cfg=cfg)
+        out.put(("addr", full_addrs(h1)[0]))
+        inbound = await receiver.incoming.receive()
+        await consume_n(inbound, WARMUP_FRAMES)
+        c0 = time.process_time()
+        await consume_n(inbound, run.n)
+        out.put(("receiver_cpu", time.process_time() - c0))
+        await trio.to_thread.run_sync(stop.wait, 120)  # keep serving until the sender has every ack
+
+
+async def _sender(run: TwoProcRun, addr: str, out: Any) -> None:
+    """Sending end: time the frames until the receiver has acknowledged (lib) or confirmed (tcp) all of them."""
+    spec = _spec_of(run)
+    payload, window = os.urandom(spec.payload_len), bytes(spec.window_len)
+    if run.path == "tcp":
+        raw = F.encode_frame(F.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=payload, window=window,
+                             codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT32, shape=spec.shape)
+        client = await trio.open_tcp_stream("127.0.0.1", int(addr))
+        t0, c0 = time.perf_counter(), time.process_time()
+        for _ in range(run.n):
+            await client.send_all(raw)
+        await client.receive_some(1)
+        out.put(("sender", (time.perf_counter() - t0, time.process_time() - c0, run.n * len(raw))))
+        await client.aclose()
+        return
+    cfg = _lib_cfg(run)
+    la = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+    h0 = make_host(identity_from_secret((111).to_bytes(32, "big")), cfg.yamux_frame_bytes, cfg.tcp_read_bytes)
+    async with h0.run(listen_addrs=la), trio.open_nursery() as nursery:
+        sender = ActEndpoint(h0, local=LocalInfo(SPEC_HASH, 0, 2, ""), frame_spec=spec, cfg=cfg)
+        ch = await sender.open(addr)
+        nursery.start_soon(ch.run_reader)
+        for i in range(WARMUP_FRAMES):
+            await ch.send_data(F.Kind.ACTIVATION, 0, i, payload, window)
+        await ch.wait_acked()
+        t0, c0 = time.perf_counter(), time.process_time()
+        for i in range(run.n):
+            await ch.send_data(F.Kind.ACTIVATION, 1, i, payload, window)
+        await ch.wait_acked()
+        frame_bytes = F.HEADER_SIZE + spec.window_len + spec.payload_len
+        out.put(("sender", (time.perf_counter() - t0, time.process_time() - c0, run.n * frame_bytes)))
+        nursery.cancel_scope.cancel()
+
+
+def _end_main(role: str, run: TwoProcRun, out: Any, stop: Any, addr: str = "") -> None:
+    """Entry point of one end's process."""
+    apply_transport_tuning(run.yamux_frame, run.read_bytes)
+    try:
+        if role == "receiver":
+            trio.run(_receiver, run, out, stop)
+        else:
+            trio.run(_sender, run, addr, out)
+    except BaseException as exc:  # reported to the parent, which raises it
+        out.put(("error", f"{role}: {exc!r}"))
+
+
+def bench_two_processes(run: TwoProcRun, timeout_s: float = 300.0) -> tuple[float, float, int]:
+    """(seconds, cpu seconds of both ends, bytes): the path with its sender and receiver in two processes."""
+    ctx = multiprocessing.get_context("spawn")
+    out, stop = ctx.Queue(), ctx.Event()
+    receiver = ctx.Process(target=_end_main, args=("receiver", run, out, stop), daemon=True)
+    receiver.start()
+    procs = [receiver]
+    got: dict[str, Any] = {}
+    try:
+        while "sender" not in got or "receiver_cpu" not in got:
+            key, value = out.get(timeout=timeout_s)
+            if key == "error":
+                raise RuntimeError(value)
+            got[key] = value
+            if key == "addr":
+                sender = ctx.Process(target=_end_main, args=("sender", run, out, stop, value), daemon=True)
+                sender.start()
+                procs.append(sender)
+    finally:
+        stop.set()
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    seconds, sender_cpu, nbytes = got["sender"]
+    return seconds, sender_cpu + got["receiver_cpu"], nbytes
+
+
 def primitive_cpu(spec: F.FrameSpec, n: int) -> tuple[float, float]:
     """(sha256 digest CPU s/GiB at both ends, Noise ChaCha20-Poly1305 encrypt + decrypt CPU s/GiB), timed alone."""
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
@@ -250,8 +395,13 @@ def main() -> None:
     reps = a.repeats
     spec = frame_spec(a.batch, a.seq, a.d_model, 64 * 1024 * 1024)
     apply_transport_tuning(a.yamux_frame, a.read_bytes)  # same process-wide settings for every path
-    runs: dict[str, list[tuple[float, float, int]]] = {k: [] for k in ("lib", "default", "stream", "tcp", "work")}
+    keys = ("lib2", "tcp2", "lib", "default", "stream", "tcp", "work")
+    runs: dict[str, list[tuple[float, float, int]]] = {k: [] for k in keys}
+    two = functools.partial(TwoProcRun, batch=a.batch, seq=a.seq, d_model=a.d_model, credits=a.credits,
+                            yamux_frame=a.yamux_frame, read_bytes=a.read_bytes)
     for _ in range(reps):
+        runs["lib2"].append(bench_two_processes(two(path="lib", n=n)))
+        runs["tcp2"].append(bench_two_processes(two(path="tcp", n=n_tcp)))
         runs["default"].append(trio.run(bench_libp2p, spec, n, a.credits, a.yamux_frame, False))
         runs["lib"].append(trio.run(bench_libp2p, spec, n, a.credits, a.yamux_frame, True, a.read_bytes))
         runs["stream"].append(trio.run(bench_libp2p_stream, spec, n, a.yamux_frame, cfg.stream_window_bytes,
@@ -260,26 +410,34 @@ def main() -> None:
         runs["work"].append(trio.run(bench_tcp, spec, n, True))
     prim = sorted(primitive_cpu(spec, 20) for _ in range(reps))[reps // 2]
     rate = {k: median_rate(v) for k, v in runs.items()}
-    lib_mbps, cpu_per_gib = rate["lib"]
-    tcp_mbps, work_mbps = rate["tcp"][0], rate["work"][0]
+    lib_mbps, cpu_per_gib = rate["lib2"]
+    tcp_mbps = rate["tcp2"][0]
+    lib1_mbps, tcp1_mbps, work_mbps = rate["lib"][0], rate["tcp"][0], rate["work"][0]
     frame_bytes = F.HEADER_SIZE + spec.window_len + spec.payload_len
+    print(f"{'path (medians of ' + str(reps) + ')':<36}{'MB/s':>9}{'CPU s/GiB':>11}{'vs TCP':>8}{'frames':>8}")
+    print("two processes (sender and receiver are separate processes, as two nodes are):")
+    for label, key, base in (("libp2p /pmn/act/1.0.0", "lib2", tcp_mbps), ("raw TCP, bytes only", "tcp2", tcp_mbps)):
+        mbps, cpu = rate[key]
+        print(f"  {label:<34}{mbps:>9.1f}{cpu:>11.2f}{mbps / base:>8.3f}{n_tcp if key == 'tcp2' else n:>8}")
+    print("one process (both ends share one interpreter and its GIL):")
     rows = [("libp2p /pmn/act/1.0.0", "lib"), ("libp2p, py-libp2p defaults", "default"),
             ("libp2p stream, bytes only", "stream"), ("raw TCP, bytes only", "tcp"), ("raw TCP, same frame work", "work")]
-    print(f"{'path (medians of ' + str(reps) + ')':<28}{'MB/s':>9}{'CPU s/GiB':>11}{'vs TCP':>8}{'frames':>8}")
     for label, key in rows:
         mbps, cpu = rate[key]
         frames = n_tcp if key == "tcp" else n
-        print(f"{label:<28}{mbps:>9.1f}{cpu:>11.2f}{mbps / tcp_mbps:>8.3f}{frames:>8}")
+        print(f"  {label:<34}{mbps:>9.1f}{cpu:>11.2f}{mbps / tcp1_mbps:>8.3f}{frames:>8}")
     print(f"frames of {frame_bytes / 2**20:.2f} MiB, yamux frames {a.yamux_frame} B, read-ahead {a.read_bytes} B, "
-          f"credits {a.credits}; CPU = both ends in one process, worker threads included")
+          f"credits {a.credits}; CPU = both ends, worker threads included")
     ceiling = rate["tcp"][1] / (rate["tcp"][1] + prim[0] + prim[1])
     print(f"CPU floor of the libp2p path: TCP {rate['tcp'][1]:.2f} + sha256 digests {prim[0]:.2f} + Noise crypto "
-          f"{prim[1]:.2f} s/GiB; on one core's worth of CPU the ratio cannot exceed {ceiling:.3f}")
+          f"{prim[1]:.2f} s/GiB; in one process (one core's worth of CPU) the ratio cannot exceed {ceiling:.3f}")
     print(json.dumps({
         "libp2p_MBps": round(lib_mbps, 1), "tcp_MBps": round(tcp_mbps, 1), "ratio": round(lib_mbps / tcp_mbps, 3),
-        "cpu_s_per_GiB": round(cpu_per_gib, 2),
-        "tcp_same_work_MBps": round(work_mbps, 1), "ratio_same_work": round(lib_mbps / work_mbps, 3),
-        "libp2p_stream_MBps": round(rate["stream"][0], 1), "ratio_stream": round(rate["stream"][0] / tcp_mbps, 3),
+        "cpu_s_per_GiB": round(cpu_per_gib, 2), "ends": "two processes",
+        "libp2p_one_process_MBps": round(lib1_mbps, 1), "tcp_one_process_MBps": round(tcp1_mbps, 1),
+        "ratio_one_process": round(lib1_mbps / tcp1_mbps, 3), "cpu_one_process_s_per_GiB": round(rate["lib"][1], 2),
+        "tcp_same_work_MBps": round(work_mbps, 1), "ratio_same_work": round(lib1_mbps / work_mbps, 3),
+        "libp2p_stream_MBps": round(rate["stream"][0], 1), "ratio_stream": round(rate["stream"][0] / tcp1_mbps, 3),
         "stream_cpu_s_per_GiB": round(rate["stream"][1], 2),
         "libp2p_untuned_MBps": round(rate["default"][0], 1), "untuned_cpu_s_per_GiB": round(rate["default"][1], 2),
         "tcp_cpu_s_per_GiB": round(rate["tcp"][1], 2), "hash_cpu_s_per_GiB": round(prim[0], 2),
