@@ -154,11 +154,14 @@ class InferenceService:
                     except InferenceError:
                         return
                     kind = header.get("type")
+                    if kind == "limits":  # free: lets a client check its request before it pays
+                        await write_message(stream, self.limits())
+                        continue
                     if kind == "generate":
                         await self._generate(stream, header)
                         return
                     if kind != "hop":
-                        raise InferenceError(f"unknown message type {kind!r}: expected 'generate' or 'hop'")
+                        raise InferenceError(f"unknown message type {kind!r}: expected 'limits', 'generate' or 'hop'")
                     downstream = await self._hop(stream, header, body, downstream)
         except (InferenceError, trio.TooSlowError) as exc:
             self.rejected += 1
@@ -180,6 +183,11 @@ class InferenceService:
                         await s.close()
                     except Exception:
                         pass
+
+    def limits(self) -> dict[str, Any]:
+        """What a request to this stage may ask: the LIMITS reply."""
+        return {"type": "limits", "stage": self.spec.index, "seq_len": self.config.seq_len,
+                "vocab_size": self.config.vocab_size, "max_new_tokens": self.cfg.max_new_tokens}
 
     def _check_payment(self, header: dict[str, Any]) -> tuple[bytes, bytes]:
         request_id, tx_hash = _hex32(header, "request_id"), _hex32(header, "tx_hash")
@@ -245,6 +253,35 @@ class InferenceService:
         finally:
             if downstream is not None:
                 await downstream.close()
+
+
+async def request_limits(stream: Any, cfg: InferenceConfig | None = None) -> dict[str, int]:
+    """Client side: ask a stage (free of charge) for its limits: seq_len, vocab_size, max_new_tokens.
+
+    The stream stays open for the GENERATE that follows."""
+    cfg = cfg or InferenceConfig()
+    await write_message(stream, {"type": "limits"})
+    with trio.fail_after(cfg.request_timeout_s):
+        header, _ = await read_message(stream, cfg.max_message_bytes)
+    if header.get("type") == "error":
+        raise InferenceError(f"stage {header.get('stage')} refused the limits request: {header.get('message')}")
+    out = {k: header.get(k) for k in ("seq_len", "vocab_size", "max_new_tokens")}
+    if header.get("type") != "limits" or not all(isinstance(v, int) and v > 0 for v in out.values()):
+        raise InferenceError(f"unexpected reply to a limits request: {header!r}")
+    return {k: int(v) for k, v in out.items()}  # type: ignore[arg-type]
+
+
+def check_request(limits: dict[str, int], prompt_ids: list[int], max_new_tokens: int) -> None:
+    """InferenceError naming the problem when a request would be refused by a stage with these limits."""
+    if not prompt_ids or len(prompt_ids) > limits["seq_len"]:
+        raise InferenceError(f"the prompt is {len(prompt_ids)} tokens; the model takes 1..{limits['seq_len']} "
+                             "(its context length): shorten it")
+    bad = [t for t in prompt_ids if not 0 <= t < limits["vocab_size"]]
+    if bad:
+        raise InferenceError(f"token id {bad[0]} is outside the model's vocabulary of {limits['vocab_size']}")
+    if not 1 <= max_new_tokens <= limits["max_new_tokens"]:
+        raise InferenceError(f"max_new_tokens must be in 1..{limits['max_new_tokens']} for this stage, "
+                             f"got {max_new_tokens}")
 
 
 async def generate(open_stream: Callable[[], Awaitable[Any]], prompt_ids: list[int], *, request_id: bytes,

@@ -77,7 +77,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
     cfg = role_config(HolderConfig, args)
     peers = args.bootstrap or cfg.bootstrap
     from node.host import parse_peer_addr  # libp2p and torch load only once the arguments are sane
-    from node.inference import InferenceError, generate, head_stream_opener
+    from node.inference import InferenceError, check_request, generate, head_stream_opener, request_limits
 
     if not os.environ.get("PMN_DEBUG"):  # py-libp2p logs each failed dial attempt; the one-line error says it
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
@@ -96,12 +96,15 @@ def cmd_infer(args: argparse.Namespace) -> int:
     get_payment = _payment(args, session, cfg, fee)
     prompt_ids = list(args.prompt.encode())
     paid: dict[str, bytes] = {}
-    phase = ["dial"]  # dial -> pay -> generate: what was under way when something failed
+    phase = ["dial"]  # dial -> check -> pay -> generate: what was under way when something failed
 
     async def run() -> None:
         async with head_stream_opener(peers[0]) as open_stream:
             with trio.fail_after(args.timeout_s):
                 stream = await open_stream()  # reach the head before paying
+                # and check the request against its limits: a request it would refuse is not paid for
+                phase[0] = "check"
+                check_request(await request_limits(stream), prompt_ids, args.max_new_tokens)
 
             async def reuse() -> Any:
                 return stream
@@ -134,7 +137,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
             reason = "no answer" if isinstance(leaf, trio.TooSlowError) else str(leaf) or type(leaf).__name__
             raise CLIError(f"cannot reach the stage peer {peers[0]} within {args.timeout_s} s: {reason}{where}; "
                            "check the peer is running and its address") from None
-        if phase[0] == "generate":
+        if phase[0] == "check" and isinstance(leaf, InferenceError):
+            raise CLIError(f"{leaf}{where}") from None
+        if phase[0] in ("check", "generate"):
             if isinstance(leaf, trio.TooSlowError):
                 raise CLIError(f"the stages sent no complete answer within {args.timeout_s} s{where}; "
                                "raise --timeout-s") from None

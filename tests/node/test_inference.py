@@ -10,7 +10,15 @@ import torch
 import trio
 
 from node.host import full_addrs, parse_peer_addr
-from node.inference import INFER_PROTOCOL, InferenceError, InferenceService, PaymentError, generate
+from node.inference import (
+    INFER_PROTOCOL,
+    InferenceError,
+    InferenceService,
+    PaymentError,
+    check_request,
+    generate,
+    request_limits,
+)
 from sharding.codecs import get_codec
 from sharding.config import PRESETS
 from sharding.partition import partition
@@ -125,3 +133,34 @@ def test_malformed_requests_get_clear_errors() -> None:
     trio.run(main)
     assert "ids" in errors[0] and "ids" in errors[1]
     assert "max_new_tokens" in errors[2] and "max_new_tokens" in errors[3]
+
+
+def test_limits_are_free_and_the_same_stream_then_serves_a_paid_request() -> None:
+    spec = partition(CONFIG, 1)[0]
+    ledger = Ledger()
+    ledger.paid[b"\x0d" * 32] = b"\x0c" * 32
+
+    async def main() -> None:
+        async with running_host(202) as (server, _), running_host(203) as (client, _):
+            svc = InferenceService(CONFIG, spec, build_stage(CONFIG, spec), get_codec("dense", CONFIG), ledger, None)
+            server.set_stream_handler(INFER_PROTOCOL, svc.handle)
+            stream = await _opener(client, full_addrs(server)[0])()
+            limits = await request_limits(stream)
+            assert limits == {"seq_len": CONFIG.seq_len, "vocab_size": CONFIG.vocab_size,
+                              "max_new_tokens": svc.cfg.max_new_tokens}
+            assert ledger.checks == 0  # nothing was asked of the chain
+
+            async def same() -> Any:
+                return stream
+
+            out = [t async for t in generate(same, list(b"ok"), request_id=b"\x0c" * 32, tx_hash=b"\x0d" * 32,
+                                             max_new_tokens=2)]
+            assert len(out) == 2 and ledger.checks == 1
+
+    trio.run(main)
+    limits = {"seq_len": 4, "vocab_size": 256, "max_new_tokens": 8}
+    check_request(limits, [1, 2, 3, 4], 8)
+    for ids, n, words in (([1] * 5, 1, "5 tokens"), ([], 1, "0 tokens"), ([300], 1, "token id 300"),
+                          ([1], 9, "max_new_tokens")):
+        with pytest.raises(InferenceError, match=words):
+            check_request(limits, ids, n)

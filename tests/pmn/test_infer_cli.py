@@ -113,6 +113,8 @@ def test_bad_input_fails_before_anything_is_paid(swarm: dict[str, Any], tmp_path
     assert_clean_error(_infer(swarm, "def ", *swarm["pay"], model=swarm["unsettled"]), "no share holders yet")
     assert_clean_error(_infer(swarm, "def ", *swarm["pay"], "--max-new-tokens", "0"), "--max-new-tokens")
     assert_clean_error(_infer(swarm, "", *swarm["pay"]), "empty prompt")
+    # longer than the model's context: the head's free limits answer stops it before the fee is paid
+    assert_clean_error(_infer(swarm, "x" * 4096, *swarm["pay"]), "shorten it", "nothing was paid")
     assert_clean_error(_infer(swarm, "def ", *swarm["chain"], "--bootstrap", "/ip4/127.0.0.1/tcp/1"), "--bootstrap")
     assert_clean_error(_infer(swarm, "def ", *swarm["chain"], "--bootstrap", swarm["head"], "--tx-hash", "0x12"),
                        "--tx-hash")
