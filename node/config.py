@@ -107,7 +107,8 @@ class ReplicaConfig:
     state_timeout_s: float = 30.0  # time allowed to fetch a stage's state from a peer when joining
     finish_grace_s: float = 15.0  # after the last step, keep serving this long while a stage peer is still behind
     state_max_concurrent: int = 2  # state transfers one node serves at once; more are refused as busy
-    state_min_interval_s: float = 2.0  # a peer asking for state again sooner than this is refused (rate limit)
+    state_burst: int = 8  # state transfers one peer may take back to back (a lagging replica re-syncing)
+    state_refill_s: float = 2.0  # beyond the burst, one more transfer per peer per this many seconds
     rebalance_period_s: float = 0.0  # how often stage throughputs are compared (0 = never rebalance)
     rebalance_threshold: float = 1.5  # move a node when the best stage's throughput exceeds the worst by this factor
     debug_delay_s: float = 0.0  # TEST ONLY: extra seconds of compute per microbatch (simulates a slow GPU)
@@ -134,8 +135,10 @@ class ReplicaConfig:
             raise ValueError(f"replicas.finish_grace_s must be >= 0, got {self.finish_grace_s}")
         if self.state_max_concurrent < 1:
             raise ValueError(f"replicas.state_max_concurrent must be >= 1, got {self.state_max_concurrent}")
-        if self.state_min_interval_s < 0:
-            raise ValueError(f"replicas.state_min_interval_s must be >= 0, got {self.state_min_interval_s}")
+        if self.state_burst < 1:
+            raise ValueError(f"replicas.state_burst must be >= 1, got {self.state_burst}")
+        if self.state_refill_s <= 0:
+            raise ValueError(f"replicas.state_refill_s must be > 0, got {self.state_refill_s}")
 
 
 @dataclass

@@ -373,7 +373,7 @@ class NodeDaemon:
             rc = cfg.replicas
             AveragingService(host, spec_hex, self._avg_target, rc.avg_timeout_s)
             StateService(host, spec_hex, self._snapshot, rc.state_timeout_s, max_concurrent=rc.state_max_concurrent,
-                         min_interval_s=rc.state_min_interval_s)
+                         burst=rc.state_burst, refill_s=rc.state_refill_s)
             if cfg.metrics_port:
                 self.metrics = NodeMetrics(stage)
                 self.metrics.serve(cfg.metrics_port)

@@ -50,35 +50,39 @@ class StateService:
     """Answers state requests with a snapshot taken between optimizer steps (`snapshot()`).
 
     A state blob is the stage's whole weights and optimizer state, so serving it is rate limited: at
-    most `max_concurrent` transfers at once (each holds a snapshot in memory), and one peer is served
-    at most once per `min_interval_s`. A refused request gets an error naming the limit, so the asker
-    tries another replica or retries later; refusals are counted per peer in `refused`."""
+    most `max_concurrent` transfers at once (each holds a snapshot in memory), and per peer a token
+    bucket: `burst` transfers back to back (a replica that keeps falling behind a fast stage re-syncs
+    several times in a row), then one per `refill_s`. A refused request gets an error naming the limit,
+    so the asker tries another replica or retries later; refusals are counted per peer in `refused`."""
 
     def __init__(self, host: Any, spec_hash: str,
                  snapshot: Callable[[int], Awaitable[tuple[dict[str, Any], bytes] | None]], timeout_s: float,
-                 max_concurrent: int = 2, min_interval_s: float = 2.0) -> None:
+                 max_concurrent: int = 2, burst: int = 8, refill_s: float = 2.0) -> None:
         self.spec_hash = spec_hash  # hex model spec hash
         self.snapshot = snapshot  # stage -> (header, blob), or None when this node does not serve that stage
         self.timeout_s = timeout_s  # bound on one exchange
         self.max_concurrent = max_concurrent  # transfers served at once
-        self.min_interval_s = min_interval_s  # least time between two transfers to one peer
+        self.burst = burst  # bucket size: transfers one peer may take back to back
+        self.refill_s = refill_s  # seconds per token added back to a peer's bucket
         self.active = 0  # transfers being served now
-        self.last_served: dict[str, float] = {}  # peer id -> trio time its last transfer started
+        self.tokens: dict[str, tuple[float, float]] = {}  # peer id -> (tokens, trio time they were counted)
         self.served: dict[str, int] = {}  # peer id -> transfers served
         self.refused: dict[str, int] = {}  # peer id -> requests refused by the rate limits
         host.set_stream_handler(STATE_PROTOCOL, self._handle)
 
     def admit(self, peer: str, now: float) -> str | None:
         """None when `peer` may be served now (and books the transfer), else why it may not."""
+        tokens, then = self.tokens.get(peer, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - then) / self.refill_s)
+        self.tokens[peer] = (tokens, now)
         if self.active >= self.max_concurrent:
             reason = f"busy: already serving {self.active} state transfers (replicas.state_max_concurrent)"
-        elif peer in self.last_served and now - self.last_served[peer] < self.min_interval_s:
-            wait = self.min_interval_s - (now - self.last_served[peer])
-            reason = (f"rate limited: one state transfer per {self.min_interval_s:g} s per peer "
-                      f"(replicas.state_min_interval_s); retry in {wait:.1f} s")
+        elif tokens < 1:
+            reason = (f"rate limited: {self.burst} state transfers per peer, then one per {self.refill_s:g} s "
+                      f"(replicas.state_burst, state_refill_s); retry in {(1 - tokens) * self.refill_s:.1f} s")
         else:
             self.active += 1
-            self.last_served[peer] = now
+            self.tokens[peer] = (tokens - 1, now)
             self.served[peer] = self.served.get(peer, 0) + 1
             return None
         self.refused[peer] = self.refused.get(peer, 0) + 1

@@ -26,18 +26,23 @@ def _params(w: StageWorker) -> list[torch.Tensor]:
     return [p.detach().clone() for p in w.module.parameters()]
 
 
-def test_admit_bounds_concurrency_and_per_peer_rate() -> None:
+def test_admit_bounds_concurrency_and_a_peer_gets_a_burst_then_a_refill_rate() -> None:
     svc = StateService.__new__(StateService)
-    svc.max_concurrent, svc.min_interval_s = 1, 5.0
-    svc.active, svc.last_served, svc.served, svc.refused = 0, {}, {}, {}
+    svc.max_concurrent, svc.burst, svc.refill_s = 1, 2, 5.0
+    svc.active, svc.tokens, svc.served, svc.refused = 0, {}, {}, {}
     assert svc.admit("a", 0.0) is None
     assert "busy" in (svc.admit("b", 0.1) or "")  # one transfer at a time
     svc.active -= 1
-    assert "rate limited" in (svc.admit("a", 1.0) or "")  # a again within 5 s
-    assert svc.admit("b", 1.0) is None
+    assert svc.admit("a", 0.2) is None  # the burst: two back to back
     svc.active -= 1
-    assert svc.admit("a", 5.5) is None  # the interval has passed
-    assert svc.served == {"a": 2, "b": 1} and svc.refused == {"b": 1, "a": 1}
+    refusal = svc.admit("a", 0.3) or ""
+    assert "rate limited" in refusal and "retry in" in refusal  # the bucket is empty
+    assert svc.admit("b", 0.3) is None  # other peers have their own bucket
+    svc.active -= 1
+    assert svc.admit("a", 5.5) is None  # one token back after refill_s
+    svc.active -= 1
+    assert "rate limited" in (svc.admit("a", 6.0) or "")
+    assert svc.served == {"a": 3, "b": 1} and svc.refused == {"b": 1, "a": 2}
 
 
 def test_joiner_fetches_state_and_a_too_early_second_request_is_refused_losing_nothing() -> None:
@@ -54,7 +59,7 @@ def test_joiner_fetches_state_and_a_too_early_second_request_is_refused_losing_n
     async def main() -> None:
         async with running_host(41) as (h_src, _), running_host(42) as (h_join, _), \
                 running_host(43) as (h_other, _):
-            svc = StateService(h_src, spec_hex, snapshot, timeout_s=10.0, max_concurrent=2, min_interval_s=60.0)
+            svc = StateService(h_src, spec_hex, snapshot, timeout_s=10.0, max_concurrent=2, burst=1, refill_s=60.0)
             joiner = _worker(1)
             assert await fetch_state(h_join, full_addrs(h_src)[0], joiner, 10.0) == 5
             for a, b in zip(source.module.parameters(), joiner.module.parameters(), strict=True):
