@@ -23,9 +23,11 @@ import json
 import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable
+from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -138,13 +140,17 @@ def main(argv: list[str] | None = None) -> dict:
         "control": (model_config(b, b.d_model), "dense"),
         "subspace": (model_config(b, b.k), sub_codec),
     }
-    jobs = [(arm, lr) for arm in arms for lr in b.lrs]
-    results = _map(b, [(arms[a][0], arms[a][1], lr) for a, lr in jobs], args.workers)
-    by_arm: dict[str, list[dict]] = {a: [] for a in arms}
-    for (arm, _), r in zip(jobs, results, strict=True):
-        by_arm[arm].append(r)
-    dense, control, sub = (min(by_arm[a], key=lambda r: r["val_loss"]) for a in ("dense", "control", "subspace"))
-    int8 = None if args.skip_int8 else _map(b, [(dense_cfg, "int8", dense["lr"])], 1)[0]
+    jobs = [(arm, lr) for arm in arms for lr in b.lrs]  # dense first: int8 starts once its lr is known
+    with _executor(args.workers) as pool:
+        futures = [pool.submit(_one, (b, arms[a][0], arms[a][1], lr)) for a, lr in jobs]
+        dense = min((f.result() for (a, _), f in zip(jobs, futures, strict=True) if a == "dense"),
+                    key=lambda r: r["val_loss"])
+        int8_future = None if args.skip_int8 else pool.submit(_one, (b, dense_cfg, "int8", dense["lr"]))
+        by_arm: dict[str, list[dict]] = {a: [] for a in arms}
+        for (arm, _), f in zip(jobs, futures, strict=True):
+            by_arm[arm].append(f.result())
+        int8 = int8_future.result() if int8_future is not None else None
+    control, sub = (min(by_arm[a], key=lambda r: r["val_loss"]) for a in ("control", "subspace"))
 
     rows = [("dense", r) for r in by_arm["dense"]] + ([("int8", int8)] if int8 else [])
     rows += [("control k=d", r) for r in by_arm["control"]]
@@ -202,15 +208,28 @@ def _one(args: tuple[BenchConfig, ModelConfig, str, float]) -> dict:
     return run(b, cfg, codec, lr, load_corpus())
 
 
-def _map(b: BenchConfig, tasks: list[tuple[ModelConfig, str, float]], workers: int) -> list[dict]:
-    """Run (config, codec, lr) tasks, in `workers` spawned processes when workers > 1."""
-    full = [(b, cfg, codec, lr) for cfg, codec, lr in tasks]
-    if workers <= 1 or len(full) == 1:
+class _InlineExecutor:
+    """`submit` runs the task at once in this process (workers <= 1)."""
+
+    def __enter__(self) -> _InlineExecutor:
         _worker_init()
-        return [_one(t) for t in full]
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        return None
+
+    def submit(self, fn: Callable[[Any], dict], arg: Any) -> Future[dict]:
+        fut: Future[dict] = Future()
+        fut.set_result(fn(arg))
+        return fut
+
+
+def _executor(workers: int) -> ProcessPoolExecutor | _InlineExecutor:
+    """Runs tasks in `workers` spawned processes (one torch thread each), or inline for workers <= 1."""
+    if workers <= 1:
+        return _InlineExecutor()
     ctx = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init) as pool:
-        return list(pool.map(_one, full))
+    return ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init)
 
 
 if __name__ == "__main__":
