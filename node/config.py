@@ -102,7 +102,9 @@ class ReplicaConfig:
     no_replica_timeout_s: float = 30.0  # how long the next stage may have no usable replica before the step fails
     avg_timeout_s: float = 10.0  # averaging deadline: contributions missing after this are dropped from the step
     commit_poll_s: float = 1.0  # idle time after which a replica asks its stage peers for the step's commit
-    keep_steps: int = 4  # steps of contributions kept in memory for stage peers that pull them
+    catchup_poll_s: float = 0.01  # while behind and catching up, wait this long between pulls of missed steps
+    keep_steps: int = 4  # steps of contributions kept in memory for stage peers that pull them (a replica
+    # more steps behind than this re-fetches the stage state: keep it above state-transfer time / step time)
     aggregation: str = "mean"  # protocol.aggregation method combining per-microbatch contributions
     state_timeout_s: float = 30.0  # time allowed to fetch a stage's state from a peer when joining
     finish_grace_s: float = 15.0  # after the last step, keep serving this long while a stage peer is still behind
@@ -120,7 +122,7 @@ class ReplicaConfig:
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"replicas.ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
         for name in ("replica_timeout_s", "ban_base_s", "ban_max_s", "no_replica_timeout_s", "avg_timeout_s",
-                     "commit_poll_s", "state_timeout_s"):
+                     "commit_poll_s", "catchup_poll_s", "state_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"replicas.{name} must be > 0, got {getattr(self, name)}")
         if self.keep_steps < 1:

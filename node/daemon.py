@@ -27,7 +27,7 @@ import trio
 from node.averaging import AveragingService, ContributionStore, trainable
 from node.channel import ActChannel, ActEndpoint, LocalInfo, ReceiptHook
 from node.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
-from node.config import NodeConfig
+from node.config import NodeConfig, ReplicaConfig
 from node.dht import ModelDht
 from node.discovery import Announcement, Discovery, choose_stage
 from node.errors import CheckpointError, NodeError, PeerLostError, ResyncNeededError
@@ -657,6 +657,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-replica-timeout", type=float, default=30.0, help="wait for any usable replica (s)")
     p.add_argument("--avg-timeout", type=float, default=10.0, help="averaging deadline inside a stage (s)")
     p.add_argument("--commit-poll", type=float, default=1.0, help="idle time before asking stage peers (s)")
+    p.add_argument("--keep-steps", type=int, default=ReplicaConfig.keep_steps,
+                   help="steps of contributions kept for stage peers that fall behind")
     p.add_argument("--aggregation", default="mean", help="mean, median or centered_clip")
     p.add_argument("--rebalance-period", type=float, default=0.0, help="seconds between rebalance checks (0 = off)")
     p.add_argument("--rebalance-threshold", type=float, default=1.5, help="throughput ratio that triggers a move")
@@ -682,6 +684,7 @@ def config_from_args(a: argparse.Namespace) -> NodeConfig:
     rc.enabled, rc.max_inflight, rc.replica_timeout_s = a.replicated, a.max_inflight, a.replica_timeout
     rc.ban_base_s, rc.ban_max_s, rc.no_replica_timeout_s = a.ban_base, a.ban_max, a.no_replica_timeout
     rc.avg_timeout_s, rc.commit_poll_s, rc.aggregation = a.avg_timeout, a.commit_poll, a.aggregation
+    rc.keep_steps = a.keep_steps
     rc.rebalance_period_s, rc.rebalance_threshold, rc.debug_delay_s = (a.rebalance_period, a.rebalance_threshold,
                                                                        a.debug_delay_s)
     return cfg

@@ -450,23 +450,31 @@ class ReplicaEngine:
     async def commit_poller(self) -> None:
         """A replica idle for `commit_poll_s` without its step's commit asks its stage peers for it.
 
+        While it is behind (frames of later steps are waiting) and pulls succeed, it pulls the next step
+        `catchup_poll_s` after the last one is applied, so a replica that just fetched the stage state
+        replays the steps since at network speed instead of one step per `commit_poll_s`.
+
         If the pipeline is already past our step and no peer can give us its commit within
         `no_replica_timeout_s`, our state is lost (the peers that held it are gone): the engine fails
         with a NodeError instead of waiting forever.
         """
         stuck_since: float | None = None
+        catching_up = False  # the last pull gave a step while we were behind: pull the next one soon
         while True:
-            await trio.sleep(self.rc.commit_poll_s)
+            await trio.sleep(self.rc.catchup_poll_s if catching_up else self.rc.commit_poll_s)
             step = self.current_step
             idle = trio.current_time() - self._last_event >= self.rc.commit_poll_s
+            behind = any(r.frame.header.step > step for _, r in self._future)
             if self.worker.spec.is_head or step in self.store.commits:
                 stuck_since = None
+                catching_up = catching_up and behind  # the engine is applying the pulled step
                 continue
-            behind = any(r.frame.header.step > step for _, r in self._future)
+            catching_up = False
             if idle or behind:
                 if await self.pull_commit(step, 0.0):
                     self.poke()
                     stuck_since = None
+                    catching_up = behind  # replay the steps we missed at network speed, not one per poll
                     continue
                 peer_steps = [e.next_step for e in self.discovery.stage_peers(self.stage)]
                 if peer_steps and max(peer_steps) > step + 1:

@@ -12,7 +12,10 @@ from node.swarm import NodeProcess, await_ready, spawn_node, start_node
 M, B = 4, 2  # microbatches per step, sequences per microbatch
 FAST = ["--replicated", "--microbatches", str(M), "--microbatch-size", str(B), "--corpus", "synthetic",
         "--threads", "1", "--replica-timeout", "3", "--ban-base", "1", "--ban-max", "4", "--avg-timeout", "10",
-        "--commit-poll", "0.3", "--no-replica-timeout", "30", "--max-inflight", "2", "--checkpoint-every", "0"]
+        "--commit-poll", "0.3", "--no-replica-timeout", "30", "--max-inflight", "2", "--checkpoint-every", "0",
+        # a step of this tiny model takes ~15 ms and a state transfer ~10 steps: peers keep enough steps for a
+        # replica that just fetched the state to replay the ones since (replicas.keep_steps)
+        "--keep-steps", "32"]
 
 
 def launch(root: Path, stages: list[int], steps: int, extra: dict[int, list[str]] | None = None,
