@@ -26,6 +26,7 @@ from libp2p.custom_types import TProtocol
 from libp2p.stream_muxer.yamux import yamux as _yamux
 
 from node import frames as F
+from node.chunks import take_chunks
 from node.config import TransportConfig
 from node.errors import (
     FrameError,
@@ -209,36 +210,7 @@ class _Reader:
 
     def take(self, n: int) -> bytes:
         """The next n buffered bytes (n <= avail)."""
-        if n == 0:
-            return b""
-        chunks, off = self.chunks, self.offset
-        first = chunks[0]
-        if len(first) - off >= n:
-            if off == 0 and n == len(first):
-                out = first if isinstance(first, bytes) else bytes(first)
-            else:
-                out = bytes(memoryview(first)[off : off + n])
-            off += n
-            if off == len(first):
-                chunks.popleft()
-                off = 0
-        else:
-            parts: list[bytes | bytearray | memoryview] = []
-            need = n
-            while need:
-                first = chunks[0]
-                rest = len(first) - off
-                if rest <= need:
-                    parts.append(memoryview(first)[off:] if off else first)
-                    chunks.popleft()
-                    off = 0
-                    need -= rest
-                else:
-                    parts.append(memoryview(first)[off : off + need])
-                    off += need
-                    need = 0
-            out = b"".join(parts)
-        self.offset = off
+        out, self.offset = take_chunks(self.chunks, self.offset, n)
         self.avail -= n
         return out
 

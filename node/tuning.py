@@ -67,6 +67,8 @@ from libp2p.stream_muxer.yamux import yamux as _yamux
 from noise.constants import MAX_NONCE
 from noise.exceptions import NoiseInvalidMessage, NoiseMaxNonceError
 
+from node.chunks import take_chunks
+
 log = logging.getLogger(__name__)
 
 SUPPORTED_LIBP2P = "0.8.1"  # the only py-libp2p version whose internals these patches were written against
@@ -486,7 +488,7 @@ class _NoiseReceiver:
         self.view = memoryview(self.buf)
         self.start = 0
         self.end = 0
-        self.chunks: deque[bytes] = deque()  # decrypted plaintexts, oldest first
+        self.chunks: deque[bytes | bytearray] = deque()  # decrypted plaintexts, oldest first
         self.offset = 0  # bytes of chunks[0] already returned
         self.avail = 0  # plaintext bytes held in chunks
 
@@ -562,31 +564,7 @@ class _NoiseReceiver:
         self.start, self.end = 0, pending
 
     def _take(self, n: int) -> bytes:
-        chunks, off = self.chunks, self.offset
-        first = chunks[0]
-        if len(first) - off >= n:
-            out = first if off == 0 and n == len(first) else first[off : off + n]
-            off += n
-            if off == len(first):
-                chunks.popleft()
-                off = 0
-        else:
-            parts: list[bytes | memoryview] = []
-            need = n
-            while need:
-                first = chunks[0]
-                rest = len(first) - off
-                if rest <= need:
-                    parts.append(memoryview(first)[off:] if off else first)
-                    chunks.popleft()
-                    off = 0
-                    need -= rest
-                else:
-                    parts.append(memoryview(first)[off : off + need])
-                    off += need
-                    need = 0
-            out = b"".join(parts)
-        self.offset = off
+        out, self.offset = take_chunks(self.chunks, self.offset, n)
         self.avail -= n
         return out
 
