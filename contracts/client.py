@@ -205,7 +205,7 @@ class ProtocolContracts:
 
     def register_node(self, operator: LocalAccount, node_key: LocalAccount, capacity: int,
                       stake_wei: int | None = None) -> None:
-        """Register `node_key` (the node's peer key) operated by `operator`, signing the proof with node_key."""
+        """Register `node_key` (the node's secp256k1 node key) operated by `operator`, signing the proof with node_key."""
         sig = eip712.sign(node_key, self.registration_typed_data(operator.address, node_key.address, capacity))
         self.register_node_signed(operator, node_key.address, capacity, sig, stake_wei)
 

@@ -19,6 +19,9 @@ both lengths are checked against `AuditConfig.max_message_bytes` before anything
   and its own uncountersigned claims (JSON list in the body).
 
 Errors come back as `{"type": "error", "message": ...}` naming the unknown step, microbatch or field.
+A node serving with its identity adds `"address"` (its node key) and `"binding"` (hex, `node.identity.bind`)
+to every reply header; a client that asks for a given node's data (`node=`) refuses a reply whose binding
+does not tie the answering peer id to that address, so data is never pinned on the wrong node key.
 The attester (`Attester`) samples co-signed hops at the audit rate, fetches the sender's state and
 input and the receiver's copy of what was sent, re-executes with `protocol.spotcheck`, and turns a
 mismatch into `FraudEvidence` that `submit_frauds` submits with the attester quorum.
@@ -44,7 +47,8 @@ from safetensors.torch import save as st_save
 
 from node import frames as F
 from node import msgio
-from node.errors import NodeError
+from node.errors import BindingError, NodeError
+from node.identity import NodeIdentity, bind, verify_binding
 from protocol.errors import ProtocolError, SpotCheckError
 from protocol.receipts import BACKWARD, FORWARD, SignedReceipt, payload_digest
 from protocol.spotcheck import (
@@ -199,13 +203,16 @@ class AuditService:
 
     def __init__(self, recorder: AuditRecorder, worker: Any, model_id: int,
                  receipts: Callable[[int], list[SignedReceipt]] | None = None,
-                 config: AuditConfig | None = None) -> None:
+                 config: AuditConfig | None = None, identity: NodeIdentity | None = None) -> None:
         self.recorder = recorder
         self.worker = worker  # the StageWorker (stage spec, head data window, microbatch count)
         self.model_id = model_id  # the on-chain model this node trains
         self.receipts = receipts  # epoch -> the node's co-signed receipts of it
         self.config = (config or AuditConfig()).validate()
         self.served = 0  # requests answered without error
+        # reply-header fields proving which node key this host speaks for (none without an identity)
+        self.proof: dict[str, str] = {} if identity is None else {
+            "address": identity.address, "binding": "0x" + bind(identity).hex()}
 
     def _answer(self, header: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         kind = header["type"]
@@ -246,9 +253,9 @@ class AuditService:
                 try:
                     reply, body = await trio.to_thread.run_sync(self._answer, header)
                 except AuditError as exc:
-                    await write_message(stream, {"type": "error", "message": str(exc)})
+                    await write_message(stream, {"type": "error", "message": str(exc), **self.proof})
                     continue
-                await write_message(stream, reply, body)
+                await write_message(stream, {**reply, **self.proof}, body)
                 self.served += 1
         except Exception:  # a reset stream: nothing to answer
             return
@@ -265,13 +272,26 @@ def install_audit(daemon: Any, host: Any, model_id: int, epoch_length: int,
     """Attach a recorder to the daemon's worker and serve `/pmn/audit/1.0.0` on its host."""
     recorder = AuditRecorder(daemon.data_dir, epoch_length, config)
     daemon.worker.observers.append(recorder)
-    service = AuditService(recorder, daemon.worker, model_id, receipts, config)
+    service = AuditService(recorder, daemon.worker, model_id, receipts, config, identity=daemon.identity)
     host.set_stream_handler(AUDIT_PROTOCOL, service.handle)
     daemon.audit = service
     return service
 
 
 # -- client -----------------------------------------------------------------------------------------
+
+
+def check_node_proof(addr: str, reply: dict[str, Any], node: str, peer_id: Any) -> None:
+    """AuditError unless `reply` names `node` and carries its node key's binding of `peer_id` (who answered)."""
+    claimed = str(reply.get("address") or "")
+    if not claimed:
+        raise AuditError(f"{addr}: the reply does not say which node key it speaks for (expected node {node})")
+    if claimed.lower() != node.lower():
+        raise AuditError(f"{addr} speaks for node {claimed}, not for node {node}")
+    try:
+        verify_binding(claimed, peer_id, bytes.fromhex(str(reply.get("binding", "")).removeprefix("0x")))
+    except (BindingError, ValueError) as exc:
+        raise AuditError(f"{addr} does not prove it speaks for node {node}: {exc}") from exc
 
 
 class AuditClient:
@@ -282,8 +302,12 @@ class AuditClient:
         self.model_id = model_id
         self.config = (config or AuditConfig()).validate()
 
-    async def request(self, addr: str, header: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
-        """One request/reply to the node at full multiaddr `addr`; error replies raise AuditError."""
+    async def request(self, addr: str, header: dict[str, Any], node: str | None = None
+                      ) -> tuple[dict[str, Any], bytes]:
+        """One request/reply to the node at full multiaddr `addr`; error replies raise AuditError.
+
+        With `node` (an address), the reply must prove that the answering peer id is bound to that node key.
+        """
         from node.host import parse_peer_addr
 
         info = parse_peer_addr(addr)
@@ -295,15 +319,19 @@ class AuditClient:
                 reply, body = await read_message(stream, self.config.max_message_bytes)
             finally:
                 await stream.close()
+        if node is not None:
+            check_node_proof(addr, reply, node, stream.muxed_conn.peer_id)
         if reply["type"] == "error":
             raise AuditError(f"{addr}: {reply.get('message')}")
         if reply["type"] != header["type"]:
             raise AuditError(f"{addr}: expected a {header['type']!r} reply, got {reply['type']!r}")
         return reply, body
 
-    async def hop(self, addr: str, step: int, mb: int, direction: int) -> tuple[dict[str, torch.Tensor], bytes, bytes]:
-        """(state_dict, window, input payload) of a hop the node at `addr` sent."""
-        reply, body = await self.request(addr, {"type": "hop", "step": step, "microbatch": mb, "direction": direction})
+    async def hop(self, addr: str, step: int, mb: int, direction: int, node: str | None = None
+                  ) -> tuple[dict[str, torch.Tensor], bytes, bytes]:
+        """(state_dict, window, input payload) of a hop the node at `addr` (node key `node`, if given) sent."""
+        reply, body = await self.request(addr, {"type": "hop", "step": step, "microbatch": mb, "direction": direction},
+                                         node)
         n, w = int(reply["state_bytes"]), int(reply["window_bytes"])
         if n + w > len(body):
             raise AuditError(f"{addr}: hop reply declares {n + w} bytes of state and window, body has {len(body)}")
@@ -313,10 +341,12 @@ class AuditClient:
             raise AuditError(f"{addr}: the parameters of step {step} do not parse: {exc}") from exc
         return state, body[n:n + w], body[n + w:]
 
-    async def received(self, addr: str, step: int, mb: int, direction: int) -> tuple[bytes, bytes]:
-        """(window, payload) of the frame the node at `addr` received for (step, mb, direction)."""
+    async def received(self, addr: str, step: int, mb: int, direction: int, node: str | None = None
+                       ) -> tuple[bytes, bytes]:
+        """(window, payload) of the frame the node at `addr` (node key `node`, if given) received for (step, mb,
+        direction)."""
         reply, body = await self.request(addr, {"type": "received", "step": step, "microbatch": mb,
-                                                "direction": direction})
+                                                "direction": direction}, node)
         w = int(reply["window_bytes"])
         if w > len(body):
             raise AuditError(f"{addr}: received reply declares {w} window bytes, body has {len(body)}")
@@ -356,7 +386,11 @@ def checkable(signed: SignedReceipt, num_stages: int) -> bool:
 
 
 class Attester:
-    """Samples co-signed hops, fetches what re-execution needs over libp2p, and checks them."""
+    """Samples co-signed hops, fetches what re-execution needs over libp2p, and checks them.
+
+    Each fetch names the node key of the receipt (sender or receiver): a reply without that node key's
+    binding of the answering peer id fails the check like data the node cannot serve.
+    """
 
     def __init__(self, client: AuditClient, model: ModelConfig, specs: Sequence[StageSpec], codec: str,
                  num_microbatches: int, peers: dict[str, str], check: SpotCheckConfig) -> None:
@@ -377,14 +411,16 @@ class Attester:
     async def check_receipt(self, signed: SignedReceipt, upstream: SignedReceipt | None) -> SpotCheckResult:
         """Fetch and re-execute one hop; `upstream` is the co-signed receipt of the activation the sender received."""
         r = signed.receipt
-        state, in_window, in_payload = await self.client.hop(self._addr(r.sender), r.step, r.microbatch, r.direction)
+        state, in_window, in_payload = await self.client.hop(self._addr(r.sender), r.step, r.microbatch, r.direction,
+                                                             node=r.sender)
         spec = self.specs[r.stage]
         if not spec.is_head:
             if upstream is None:
                 raise SpotCheckError("input_payload", f"no co-signed receipt of the activation stage {r.stage} received")
             if payload_digest(in_payload, in_window) != upstream.receipt.payload_digest:
                 raise SpotCheckError("input_payload", "the input the node served is not the one it countersigned")
-        sent_window, sent = await self.client.received(self._addr(r.receiver), r.step, r.microbatch, r.direction)
+        sent_window, sent = await self.client.received(self._addr(r.receiver), r.step, r.microbatch, r.direction,
+                                                       node=r.receiver)
         window_raw = sent_window if r.direction == FORWARD else in_window
         window = _window_tensor(window_raw, self.model, len(in_window))
         hop = HopInput(signed, sent, window, state, None if spec.is_head else in_payload)

@@ -6,6 +6,10 @@ handshake and one more each time the application consumes a frame, so a reader n
 reading (yamux resets a stream whose reader pauses > 5 s). Every accepted data frame is acked;
 the ack carries the acked digest and an optional countersignature from the `ReceiptHook`.
 
+HELLO names the sender's Ethereum address and carries its binding (`node.identity.bind`: the node
+key's signature over the peer id); the receiver checks it against the peer id Noise authenticated
+and refuses the handshake when it does not verify, so receipts name the node key that really sent.
+
 Per received data frame the digest check and the decoder run in one worker-thread hop; a CREDIT
 for a consumed frame travels in the same write as the next ACK or data frame unless the peer is
 out of credit (then it goes at once). The wire format is unchanged: a peer sees the same frames.
@@ -29,6 +33,7 @@ from node import frames as F
 from node.chunks import take_chunks
 from node.config import TransportConfig
 from node.errors import (
+    BindingError,
     FrameError,
     FrameTooLargeError,
     HandshakeError,
@@ -40,6 +45,7 @@ from node.errors import (
     TruncatedFrameError,
     UnexpectedFrameError,
 )
+from node.identity import NodeIdentity, bind, verify_binding
 from node.tuning import QuickLock, read_some, write_gather
 
 ACT_PROTOCOL = TProtocol("/pmn/act/1.0.0")
@@ -146,7 +152,13 @@ class LocalInfo:
     spec_hash: bytes  # 32-byte model spec hash
     stage: int  # our stage index
     num_stages: int  # pipeline depth
-    address: str  # our Ethereum address (node key), for receipts
+    address: str  # our Ethereum address (node key), for receipts; "" claims none (receipts off only)
+    binding: bytes = b""  # node key's signature over our peer id (`node.identity.bind`); b"" with address ""
+
+    @classmethod
+    def of(cls, identity: NodeIdentity, spec_hash: bytes, stage: int, num_stages: int) -> LocalInfo:
+        """Our handshake info with the identity's address and its binding to the identity's peer id."""
+        return cls(spec_hash, stage, num_stages, identity.address, bind(identity))
 
 
 @dataclass(frozen=True)
@@ -156,8 +168,9 @@ class Hello:
     stage: int  # its stage index
     num_stages: int  # its pipeline depth
     credits: int  # frames it lets us have in flight
-    address: str  # its Ethereum address
+    address: str  # its Ethereum address ("" = none claimed), checked against `binding` at the handshake
     next_step: int = -1  # first global step it has not applied yet (-1 = not reported)
+    binding: bytes = b""  # its node key's signature over its peer id (`node.identity.bind`)
 
 
 @dataclass
@@ -289,7 +302,7 @@ class ActChannel:
         body = json.dumps({
             "stage": self.local.stage, "num_stages": self.local.num_stages,
             "credits": self.cfg.credits, "address": self.local.address,
-            "next_step": self.step_fn() if self.step_fn else -1,
+            "next_step": self.step_fn() if self.step_fn else -1, "binding": "0x" + self.local.binding.hex(),
         }).encode()
         return F.encode_frame(F.Kind.HELLO, self.local.spec_hash, self.local.stage, 0, 0, payload=body)
 
@@ -320,7 +333,7 @@ class ActChannel:
                 F.check_spec_hash(fr.header, self.local.spec_hash)
                 info = json.loads(fr.payload)
                 hello = Hello(int(info["stage"]), int(info["num_stages"]), int(info["credits"]), str(info["address"]),
-                              int(info.get("next_step", -1)))
+                              int(info.get("next_step", -1)), bytes.fromhex(str(info.get("binding", "")).removeprefix("0x")))
             except (FrameError, ValueError, KeyError, TypeError) as exc:
                 await self.send_error(str(exc))
                 raise HandshakeError(f"handshake with peer {self.peer} refused: {exc}") from exc
@@ -329,12 +342,31 @@ class ActChannel:
                        f"we have num_stages={self.local.num_stages}")
                 await self.send_error(msg)
                 raise HandshakeError(msg)
+            await self._check_binding(hello)
             if not initiator:
                 await self._write(self._hello_bytes())
         self.remote = hello
         self._credit_out = hello.credits
         await grow_receive_window(self.stream, self.cfg.stream_window_bytes)
         return hello
+
+    async def _check_binding(self, hello: Hello) -> None:
+        """Refuse a peer whose claimed address is not bound to its peer id (which Noise authenticated).
+
+        A peer that claims no address is accepted only while our receipts are off: no receipt could name it.
+        """
+        if not hello.address:
+            if isinstance(self.receipts, NullReceipts):
+                return
+            msg = f"peer {self.peer} claims no address, and receipts need the node key of each neighbour"
+        else:
+            try:
+                verify_binding(hello.address, self.stream.muxed_conn.peer_id, hello.binding)
+                return
+            except BindingError as exc:
+                msg = f"peer {self.peer} claims address {hello.address} without a valid binding: {exc}"
+        await self.send_error(msg)
+        raise HandshakeError(msg)
 
     @property
     def remote_stage(self) -> int:

@@ -147,7 +147,7 @@ class ReplicaConfig:
 class NodeConfig:
     """Everything `run_node` needs."""
 
-    data_dir: str = "~/.pmn/node"  # peer key, checkpoints, progress files
+    data_dir: str = "~/.pmn/node"  # node key + peer key, checkpoints, progress files
     model: str = "tiny"  # sharding preset name, or a path to a JSON ModelConfig
     num_stages: int = 2  # pipeline depth the model is split into
     stage: str = "auto"  # "auto" (least-served stage) or a stage index as a string

@@ -32,7 +32,7 @@ from node.dht import ModelDht
 from node.discovery import Announcement, Discovery, choose_stage
 from node.errors import CheckpointError, NodeError, PeerLostError, ResyncNeededError
 from node.host import full_addrs, make_host, parse_listen
-from node.identity import NodeIdentity, load_or_create_identity
+from node.identity import NodeIdentity, bind, load_or_create_identity
 from node.metrics import NodeMetrics
 from node.rebalance import Move
 from node.replicas import ReplicaEngine, StepOutcome
@@ -124,6 +124,7 @@ class NodeDaemon:
         self.data_dir = Path(cfg.data_dir).expanduser()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.identity: NodeIdentity = load_or_create_identity(self.data_dir)
+        self.binding = bind(self.identity)  # node key's signature over the peer id (handshake, announcements)
         self.model = load_model_config(cfg.model)
         optim = OptimConfig() if cfg.optim_lr is None else OptimConfig(lr=cfg.optim_lr)
         self.optim = optim.validate()
@@ -254,7 +255,7 @@ class NodeDaemon:
             stage = -1 if cfg.stage == "auto" else int(cfg.stage)
             me = Announcement(peer_id=host.get_id().pretty(), addrs=tuple(addrs), spec_hash=spec_hash.hex(),
                               num_stages=cfg.num_stages, stage=stage, capacity=cfg.capacity,
-                              address=self.identity.address)
+                              address=self.identity.address, binding="0x" + self.binding.hex())
             discovery = self._discovery(host, me)
             if stage < 0:
                 await discovery.first_round()
@@ -264,7 +265,7 @@ class NodeDaemon:
             self.worker = self._build_worker(stage)
             worker = self.worker
             endpoint = ActEndpoint(
-                host, local=LocalInfo(spec_hash, stage, cfg.num_stages, self.identity.address),
+                host, local=LocalInfo(spec_hash, stage, cfg.num_stages, self.identity.address, self.binding),
                 frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport,
                 receipts=self.receipts, decoder=worker.decode, step_fn=lambda: worker.next_step)
             for hook in self.services:
@@ -364,7 +365,7 @@ class NodeDaemon:
             addrs = full_addrs(host)
             me = Announcement(peer_id=host.get_id().pretty(), addrs=tuple(addrs), spec_hash=spec_hex,
                               num_stages=cfg.num_stages, stage=-1, capacity=cfg.capacity,
-                              address=self.identity.address)
+                              address=self.identity.address, binding="0x" + self.binding.hex())
             discovery = self._discovery(host, me)
             await discovery.first_round()
             stage = choose_replica_stage(discovery.entries(), spec_hex, cfg.num_stages) if cfg.stage == "auto" \
@@ -448,7 +449,8 @@ class NodeDaemon:
             self.worker = worker
             store = ContributionStore(sum(p.numel() for p in trainable(worker.module)))
             endpoint = ActEndpoint(
-                host, local=LocalInfo(self.model.spec_hash(), stage, cfg.num_stages, self.identity.address),
+                host, local=LocalInfo(self.model.spec_hash(), stage, cfg.num_stages, self.identity.address,
+                                                 self.binding),
                 frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport,
                 receipts=self.receipts, step_fn=lambda w=worker: w.next_step)  # type: ignore[misc]
             eng = ReplicaEngine(cfg, worker, endpoint, discovery, host, store)

@@ -5,6 +5,11 @@ table (its own announcement included). Tables merge by peer id, newest wins; ent
 `entry_ttl_s`. With a `ModelDht` the node also provides its model's key in the DHT, looks up the key's
 other providers every `dht.lookup_interval_s` and exchanges announcements with each one it had not heard
 of, so it finds peers that neither its bootstrap list nor their tables lead to.
+
+An announcement that names an Ethereum address carries the node key's binding of its peer id
+(`node.identity.bind`, hex); entries whose binding does not verify are dropped at the merge (and counted
+in `Discovery.unbound`), so the address of a table entry is the node key of that peer id. The rest of an
+announcement (addrs, stage, seq) is not signed: the activation handshake checks what matters again.
 """
 
 from __future__ import annotations
@@ -21,8 +26,9 @@ from libp2p.custom_types import TProtocol
 
 from node.config import DiscoveryConfig
 from node.dht import ModelDht, peer_addr
-from node.errors import DiscoveryError
+from node.errors import BindingError, DiscoveryError
 from node.host import parse_peer_addr
+from node.identity import verify_binding
 
 ANNOUNCE_PROTOCOL = TProtocol("/pmn/announce/1.0.0")
 MAX_MESSAGE = 1 << 20  # bytes of one announcement message
@@ -38,11 +44,22 @@ class Announcement:
     num_stages: int  # pipeline depth it trains in
     stage: int  # stage it serves (-1 while still choosing)
     capacity: int  # declared capacity units
-    address: str = ""  # Ethereum address of its node key
+    address: str = ""  # Ethereum address of its node key ("" = none claimed)
     next_step: int = -1  # replicated mode: the first step it has not applied (-1 = not reported)
     throughput: float = 0.0  # replicated mode: tokens/s its compute sustained over its last step (0 = unknown)
     seq: int = 0  # sender's version: milliseconds since the epoch at start, +1 per change (newest wins,
     # so a restarted node's fresh addresses replace its old entry)
+    binding: str = ""  # hex node-key signature binding peer_id to address (`node.identity.bind`); "" without one
+
+    def check_binding(self) -> None:
+        """BindingError unless the address is empty or bound to the peer id by its node key."""
+        if not self.address:
+            return
+        try:
+            signature = bytes.fromhex(self.binding.removeprefix("0x"))
+        except ValueError as exc:
+            raise BindingError(f"announcement of peer {self.peer_id}: binding is not hex ({exc})") from exc
+        verify_binding(self.address, self.peer_id, signature)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -53,7 +70,7 @@ class Announcement:
     def from_json(cls, d: dict[str, Any]) -> Announcement:
         return cls(str(d["peer_id"]), tuple(str(a) for a in d["addrs"]), str(d["spec_hash"]), int(d["num_stages"]),
                    int(d["stage"]), int(d["capacity"]), str(d.get("address", "")), int(d.get("next_step", -1)),
-                   float(d.get("throughput", 0.0)), int(d.get("seq", 0)))
+                   float(d.get("throughput", 0.0)), int(d.get("seq", 0)), str(d.get("binding", "")))
 
 
 def choose_stage(entries: Iterable[Announcement], spec_hash: str, num_stages: int, exclude: str = "") -> int:
@@ -107,6 +124,7 @@ class Discovery:
         self.table: dict[str, tuple[Announcement, float]] = {}  # peer id -> (announcement, local time seen)
         self.changed = trio.Event()
         self.dht_learned: set[str] = set()  # peer ids first heard of through a DHT provider lookup
+        self.unbound = 0  # announcements dropped because their address was not bound to their peer id
         self._dht_joined = False  # bootstrap peers added to the DHT routing table at least once
         host.set_stream_handler(ANNOUNCE_PROTOCOL, self._handle)
 
@@ -129,6 +147,11 @@ class Discovery:
             except (KeyError, TypeError, ValueError):
                 continue
             if a.peer_id == self.me.peer_id:
+                continue
+            try:
+                a.check_binding()
+            except BindingError:
+                self.unbound += 1
                 continue
             old = self.table.get(a.peer_id)
             if old is None or a.seq >= old[0].seq:

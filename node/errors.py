@@ -8,7 +8,11 @@ class NodeError(Exception):
 
 
 class IdentityError(NodeError):
-    """The persisted node key is missing, unreadable or malformed."""
+    """A persisted key (node key or peer key) is missing, unreadable or malformed."""
+
+
+class BindingError(NodeError):
+    """A peer's binding signature is missing, malformed, or not made by the node key of the address it claims."""
 
 
 class FrameError(NodeError):

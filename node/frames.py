@@ -38,7 +38,7 @@ DIGEST_SIZE = 32
 class Kind(IntEnum):
     """What a frame carries."""
 
-    HELLO = 1  # handshake: JSON payload (stage, num_stages, credits, address)
+    HELLO = 1  # handshake: JSON payload (stage, num_stages, credits, address, next_step, binding)
     ACTIVATION = 2  # forward boundary hidden state of one microbatch + its token window
     GRADIENT = 3  # backward gradient w.r.t. the boundary hidden state of one microbatch
     ACK = 4  # acknowledges one accepted frame: payload = acked digest + countersignature

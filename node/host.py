@@ -1,4 +1,4 @@
-"""One py-libp2p host per node: TCP + Noise + yamux with the node's secp256k1 identity."""
+"""One py-libp2p host per node: TCP + Noise + yamux with the node's Ed25519 peer key."""
 
 from __future__ import annotations
 

@@ -108,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_handler("cmd_chain", "cmd_claim"))
 
     p = sub.add_parser("infer", help="pay the inference fee, send the prompt through the stage peers, stream the text",
-                       epilog=_example('pmn infer --model 1 "def main(" --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/16U... \\\n'
+                       epilog=_example('pmn infer --model 1 "def main(" --bootstrap /ip4/127.0.0.1/tcp/4001/p2p/12D3KooW... \\\n'
                                       '  --rpc-url http://127.0.0.1:8545 --deployment deployment.json --keystore holder.json'),
                        formatter_class=fmt)
     p.add_argument("--model", type=int, required=True, help="model id")
@@ -130,12 +130,12 @@ def build_parser() -> argparse.ArgumentParser:
     nsub.required = True
     q = nsub.add_parser("start", help="start a node daemon serving one pipeline stage",
                         epilog=_example("pmn node start --model tiny --stage auto --data-dir ~/.pmn/node \\\n"
-                                        "  --listen /ip4/0.0.0.0/tcp/4001 --bootstrap /ip4/1.2.3.4/tcp/4001/p2p/16U..."),
+                                        "  --listen /ip4/0.0.0.0/tcp/4001 --bootstrap /ip4/1.2.3.4/tcp/4001/p2p/12D3KooW..."),
                         formatter_class=fmt)
     q.add_argument("--model", help="model spec: preset name or spec TOML path")
     q.add_argument("--stage", help="'auto' (the stage with the least capacity) or a stage index")
     q.add_argument("--bootstrap", action="append", default=None, help="bootstrap multiaddr (repeatable)")
-    q.add_argument("--data-dir", type=Path, help="node state directory (peer key, checkpoints, receipts)")
+    q.add_argument("--data-dir", type=Path, help="node state directory (node key + peer key, checkpoints, receipts)")
     q.add_argument("--listen", action="append", default=None, help="listen multiaddr (repeatable)")
     q.add_argument("--metrics-port", type=int, help="Prometheus metrics port (0 = off)")
     q.add_argument("--replicated", action="store_true",

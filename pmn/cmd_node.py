@@ -104,13 +104,13 @@ def _node_address(data_dir: Path, status: dict[str, Any]) -> str | None:
     """The node key's address: from the status file, else from the key file (never creates a key)."""
     if status.get("address"):
         return str(status["address"])
-    from node.identity import KEY_FILE, identity_from_secret
+    from node.identity import KEY_FILE, node_account
 
     key = data_dir / KEY_FILE
     if not key.exists():
         return None
     try:
-        return identity_from_secret(bytes.fromhex(key.read_text().strip().removeprefix("0x"))).address
+        return str(node_account(bytes.fromhex(key.read_text().strip().removeprefix("0x"))).address)
     except (ValueError, NodeError) as exc:
         raise CLIError(f"{key} is not a node key: {exc}") from None
 

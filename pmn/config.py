@@ -36,7 +36,7 @@ class OperatorConfig(ChainSettings):
     """A GPU owner running a node (`pmn node start`, `pmn node status`, `pmn wallet`)."""
 
     keystore: str = f"{DEFAULT_HOME}/operator.json"  # encrypted keystore of the operator account (stake, payouts)
-    data_dir: str = f"{DEFAULT_HOME}/node"  # node state: peer key, checkpoints, receipts database
+    data_dir: str = f"{DEFAULT_HOME}/node"  # node state: node key + peer key, checkpoints, receipts database
     model: str = "tiny"  # model spec: a preset name, a spec TOML path (`pmn propose` format) or a ModelConfig JSON path
     stages: int = 3  # pipeline stages the model is split into (a spec TOML's [training] stages wins)
     stage: str = "auto"  # pipeline stage to serve: "auto" or a stage index

@@ -1,4 +1,4 @@
-"""Chain-backed checks a node makes: is this peer key registered, did this transaction pay for this request.
+"""Chain-backed checks a node makes: is this node key registered, did this transaction pay for this request.
 
 Both wrap the `contracts` client and cache positive answers, so a hot path (every hop of an inference
 request, every receipt of a step) costs one RPC per new key or payment, not one per message.

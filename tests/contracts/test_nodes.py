@@ -1,4 +1,4 @@
-"""NodeRegistry: peer-key proof, stake, unbonding, slashing only by the ledger."""
+"""NodeRegistry: node-key proof, stake, unbonding, slashing only by the ledger."""
 
 from __future__ import annotations
 

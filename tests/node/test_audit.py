@@ -225,7 +225,7 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
     from node import frames as F
     from node.audit import AUDIT_PROTOCOL, AuditClient, AuditService, read_message, write_message
     from node.host import full_addrs, make_host
-    from node.identity import identity_from_secret
+    from node.identity import bind, identity_from_secret
     from node.worker import StageWorker
 
     model = PRESETS[MODEL]
@@ -241,10 +241,11 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
     worker.decode(F.Frame(header=header, window=wbytes, payload=payload))  # the observer records it
     before = {k: v.clone() for k, v in worker.module.state_dict().items()}
     worker.step(0)  # the observer keeps the parameters step 0 ran with, before the update
-    service = AuditService(rec, worker, model_id=7)
+    server_ident, other = identity_from_secret(b"\x05" * 32), identity_from_secret(b"\x07" * 32)
+    service = AuditService(rec, worker, model_id=7, identity=server_ident)
 
     async def main() -> None:
-        server = make_host(identity_from_secret(b"\x05" * 32))
+        server = make_host(server_ident)
         client_host = make_host(identity_from_secret(b"\x06" * 32))
         listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
         async with server.run(listen_addrs=listen), client_host.run(listen_addrs=listen):
@@ -262,6 +263,16 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
                 await client.received(addr, 0, 9, 0)
             with pytest.raises(AuditError, match="trains model 7, not model 8"):
                 await AuditClient(client_host, 8).hop(addr, 0, 1, 0)
+            # asked for a node's data, the reply must carry that node key's binding of the answering peer id
+            await client.received(addr, 0, 1, 0, node=server_ident.address.lower())
+            with pytest.raises(AuditError, match=f"speaks for node {server_ident.address}, not for node {other.address}"):
+                await client.hop(addr, 0, 1, 0, node=other.address)
+            service.proof = {"address": other.address, "binding": "0x" + bind(other).hex()}  # a replayed binding
+            with pytest.raises(AuditError, match=f"does not prove it speaks for node {other.address}: .*recovers to"):
+                await client.hop(addr, 0, 1, 0, node=other.address)
+            service.proof = {}
+            with pytest.raises(AuditError, match="does not say which node key it speaks for"):
+                await client.hop(addr, 0, 1, 0, node=server_ident.address)
             # a header larger than the limit is refused before it is read: the stream just closes
             stream = await client_host.new_stream(server.get_id(), [AUDIT_PROTOCOL])
             await stream.write((service.config.max_message_bytes + 1).to_bytes(4, "big"))
@@ -274,4 +285,4 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
             await stream.close()
 
     trio.run(main)
-    assert service.served == 1
+    assert service.served == 5

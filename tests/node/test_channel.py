@@ -12,6 +12,9 @@ from node import frames as F
 from node.channel import ActEndpoint, LocalInfo
 from node.errors import HandshakeError, PeerBannedError, RemoteError
 from node.host import full_addrs
+from node.identity import NodeIdentity, bind
+from node.receipts import EIP712Receipts
+from protocol.receipts import Domain
 from tests.node.conftest import FSPEC, SPEC_HASH, np_decoder, running_host, tcfg
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
@@ -24,10 +27,12 @@ def _payload(value: float = 1.0) -> bytes:
 WINDOW = b"\x00" * FSPEC.window_len
 
 
-def _endpoint(host, stage: int, spec_hash: bytes = SPEC_HASH, **kw) -> ActEndpoint:
-    local = LocalInfo(spec_hash=spec_hash, stage=stage, num_stages=3, address="0x" + "00" * 20)
+def _endpoint(host, ident: NodeIdentity, stage: int, spec_hash: bytes = SPEC_HASH, local: LocalInfo | None = None,
+              receipts=None, **kw) -> ActEndpoint:
+    """An endpoint of `host` claiming `ident`'s address with its binding (or the given `local`)."""
+    local = local or LocalInfo.of(ident, spec_hash, stage, 3)
     spec = FSPEC if spec_hash == SPEC_HASH else F.FrameSpec(**{**FSPEC.__dict__, "spec_hash": spec_hash})
-    return ActEndpoint(host, local=local, frame_spec=spec, cfg=tcfg(**kw), decoder=np_decoder)
+    return ActEndpoint(host, local=local, frame_spec=spec, cfg=tcfg(**kw), decoder=np_decoder, receipts=receipts)
 
 
 async def _serve(ep: ActEndpoint, got: list, n: int) -> None:
@@ -39,9 +44,9 @@ async def _serve(ep: ActEndpoint, got: list, n: int) -> None:
 
 def test_roundtrip_acks_and_credits() -> None:
     async def main() -> None:
-        async with running_host(1) as (h1, _), running_host(2) as (h2, _), trio.open_nursery() as nursery:
-            recv_ep = _endpoint(h1, stage=1, credits=2)
-            send_ep = _endpoint(h2, stage=0)
+        async with running_host(1) as (h1, i1), running_host(2) as (h2, i2), trio.open_nursery() as nursery:
+            recv_ep = _endpoint(h1, i1, stage=1, credits=2)
+            send_ep = _endpoint(h2, i2, stage=0)
             ch = await send_ep.open(full_addrs(h1)[0])
             nursery.start_soon(ch.run_reader)
             inbound = await recv_ep.incoming.receive()
@@ -71,9 +76,9 @@ def test_spec_hash_mismatch_refused_naming_both() -> None:
     other = b"\x22" * 32
 
     async def main() -> None:
-        async with running_host(3) as (h1, _), running_host(4) as (h2, _):
-            recv_ep = _endpoint(h1, stage=1)
-            send_ep = _endpoint(h2, stage=0, spec_hash=other)
+        async with running_host(3) as (h1, i1), running_host(4) as (h2, i2):
+            recv_ep = _endpoint(h1, i1, stage=1)
+            send_ep = _endpoint(h2, i2, stage=0, spec_hash=other)
             with pytest.raises(RemoteError) as ei:
                 await send_ep.open(full_addrs(h1)[0])
             assert other.hex() in str(ei.value) and SPEC_HASH.hex() in str(ei.value)
@@ -119,11 +124,11 @@ def test_malformed_frames_rejected_and_good_peer_served() -> None:
     bad = _bad_frames()
 
     async def main() -> None:
-        async with running_host(5) as (h1, _), running_host(6) as (h2, _), running_host(7) as (h3, _), \
+        async with running_host(5) as (h1, i1), running_host(6) as (h2, i2), running_host(7) as (h3, i3), \
                 trio.open_nursery() as nursery:
-            recv_ep = _endpoint(h1, stage=1, ban_score=-100)
-            bad_ep = _endpoint(h2, stage=0)
-            good_ep = _endpoint(h3, stage=0)
+            recv_ep = _endpoint(h1, i1, stage=1, ban_score=-100)
+            bad_ep = _endpoint(h2, i2, stage=0)
+            good_ep = _endpoint(h3, i3, stage=0)
             addr = full_addrs(h1)[0]
             bad_peer = h2.get_id().pretty()
             for i, (name, (raw, half_close, text)) in enumerate(bad.items()):
@@ -155,9 +160,9 @@ def test_malformed_frames_rejected_and_good_peer_served() -> None:
 
 def test_banned_peer_refused() -> None:
     async def main() -> None:
-        async with running_host(8) as (h1, _), running_host(9) as (h2, _):
-            recv_ep = _endpoint(h1, stage=1, ban_score=-1)
-            bad_ep = _endpoint(h2, stage=0)
+        async with running_host(8) as (h1, i1), running_host(9) as (h2, i2):
+            recv_ep = _endpoint(h1, i1, stage=1, ban_score=-1)
+            bad_ep = _endpoint(h2, i2, stage=0)
             ch = await bad_ep.open(full_addrs(h1)[0])
             await ch.write_raw(b"garbage" * 40)
             await ch.run_reader()
@@ -165,5 +170,68 @@ def test_banned_peer_refused() -> None:
             assert recv_ep.scores.is_banned(h2.get_id().pretty())
             with pytest.raises((RemoteError, HandshakeError, PeerBannedError), match="banned|closed"):
                 await bad_ep.open(full_addrs(h1)[0])
+
+    trio.run(main)
+
+
+def _forged_binding(claimed: NodeIdentity, peer: NodeIdentity) -> bytes:
+    """`claimed`'s node key signing the binding of `peer`'s peer id (a key that is not `peer`'s own)."""
+    return bind(NodeIdentity(secret=claimed.secret, key_pair=peer.key_pair, account=claimed.account))
+
+
+def test_forged_binding_refuses_the_handshake_naming_peer_and_address() -> None:
+    """A peer that claims an address its node key did not bind to its peer id is refused, both ways."""
+
+    async def main() -> None:
+        async with running_host(10) as (h1, i1), running_host(11) as (h2, i2), running_host(12) as (_, i3), \
+                running_host(15) as (h4, i4), trio.open_nursery() as nursery:
+            recv_ep = _endpoint(h1, i1, stage=1)
+            addr, me = full_addrs(h1)[0], h2.get_id().pretty()
+            forged = {
+                # another node's address and its real binding (made for that node's peer id)
+                "replayed": LocalInfo(SPEC_HASH, 0, 3, i3.address, bind(i3)),
+                # our own address, bound by another node key
+                "other key": LocalInfo(SPEC_HASH, 0, 3, i2.address, _forged_binding(i3, i2)),
+                # another node's address, bound to our peer id by its node key... it never signed that
+                "claimed for us": LocalInfo(SPEC_HASH, 0, 3, i3.address, _forged_binding(i2, i2)),
+                "missing": LocalInfo(SPEC_HASH, 0, 3, i2.address),
+            }
+            for n, (name, local) in enumerate(forged.items()):
+                with pytest.raises(RemoteError) as ei:
+                    await _endpoint(h2, i2, stage=0, local=local).open(addr)
+                text = str(ei.value)
+                assert f"peer {me} claims address {local.address} without a valid binding" in text, (name, text)
+                assert len(recv_ep.handshake_failures) == n + 1 and me in recv_ep.handshake_failures[-1]
+            # the opener checks the acceptor the same way: here the acceptor claims another node's address
+            _endpoint(h4, i4, stage=1, local=LocalInfo(SPEC_HASH, 1, 3, i3.address, bind(i3)))
+            with pytest.raises(HandshakeError, match=f"peer {h4.get_id().pretty()} claims address {i3.address} "
+                                                     "without a valid binding"):
+                await _endpoint(h2, i2, stage=0).open(full_addrs(h4)[0])
+            # the honest binding still opens a working channel
+            ch = await _endpoint(h2, i2, stage=0).open(addr)
+            nursery.start_soon(ch.run_reader)
+            inbound = await recv_ep.incoming.receive()
+            assert inbound.remote is not None and inbound.remote.address == i2.address
+            assert ch.remote is not None and ch.remote.address == i1.address
+            await ch.send_data(F.Kind.ACTIVATION, 1, 0, _payload(4.0), WINDOW)
+            assert float((await inbound.recv_data(5)).value[0]) == 4.0
+            await ch.wait_acked()
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_no_address_is_accepted_only_while_receipts_are_off() -> None:
+    async def main() -> None:
+        async with running_host(13) as (h1, i1), running_host(14) as (h2, i2), running_host(16) as (h3, i3):
+            anonymous = LocalInfo(SPEC_HASH, 0, 3, "")  # the benchmarks' form: no address, no binding
+            _endpoint(h1, i1, stage=1, local=LocalInfo(SPEC_HASH, 1, 3, ""))
+            ch = await _endpoint(h2, i2, stage=0, local=anonymous).open(full_addrs(h1)[0])
+            assert ch.remote is not None and ch.remote.address == ""
+            await ch.close()
+            hook = EIP712Receipts(i3.account, Domain(31337, "0x" + "ab" * 20), model_id=1, tokens_per_microbatch=16)
+            _endpoint(h3, i3, stage=1, receipts=hook)
+            with pytest.raises(RemoteError, match=f"peer {h2.get_id().pretty()} claims no address"):
+                await _endpoint(h2, i2, stage=0, local=anonymous).open(full_addrs(h3)[0])
 
     trio.run(main)

@@ -1,4 +1,4 @@
-"""Checkpoint round trip and tamper detection; stage choice; announcement gossip between hosts."""
+"""Checkpoint round trip and tamper detection; stage choice; announcement gossip between hosts; bindings."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from node.config import DiscoveryConfig, NodeConfig
 from node.discovery import Announcement, Discovery, choose_stage
 from node.errors import CheckpointError, DiscoveryError
 from node.host import full_addrs
+from node.identity import NodeIdentity, bind, identity_from_secret
 from node.worker import StageWorker
 from sharding import PRESETS, OptimConfig, load_corpus, partition
 from tests.node.conftest import running_host
@@ -77,24 +78,52 @@ def test_gossip_spreads_announcements() -> None:
     cfg = DiscoveryConfig(announce_interval_s=0.05, discovery_timeout_s=10)
 
     async def main() -> None:
-        async with running_host(31) as (h0, _), running_host(32) as (h1, _), running_host(33) as (h2, _), \
+        async with running_host(31) as (h0, i0), running_host(32) as (h1, i1), running_host(33) as (h2, i2), \
                 trio.open_nursery() as nursery:
-            def me(h, stage: int) -> Announcement:
-                return Announcement(h.get_id().pretty(), tuple(full_addrs(h)), "aa", 3, stage, 1)
+            def me(h, ident: NodeIdentity, stage: int) -> Announcement:
+                return Announcement(h.get_id().pretty(), tuple(full_addrs(h)), "aa", 3, stage, 1,
+                                    address=ident.address, binding=bind(ident).hex())
 
             boot = full_addrs(h0)
-            d0 = Discovery(h0, me(h0, 0), cfg, [])
-            d1 = Discovery(h1, me(h1, 1), cfg, boot)
-            d2 = Discovery(h2, me(h2, 2), cfg, boot)
+            d0 = Discovery(h0, me(h0, i0, 0), cfg, [])
+            d1 = Discovery(h1, me(h1, i1, 1), cfg, boot)
+            d2 = Discovery(h2, me(h2, i2, 2), cfg, boot)
             for d in (d1, d2):
                 nursery.start_soon(d.run)
-            # node 2 learns about node 1 only through the bootstrap node
+            # node 2 learns about node 1 only through the bootstrap node; the relayed binding still verifies
             found = await d2.wait_for_stage(1)
-            assert found.peer_id == h1.get_id().pretty()
+            assert found.peer_id == h1.get_id().pretty() and found.address == i1.address
             assert (await d1.wait_for_stage(2)).peer_id == h2.get_id().pretty()
             assert {e.stage for e in d0.entries()} == {1, 2}
             with pytest.raises(DiscoveryError, match="no peer serving stage 7"):
                 await d2.wait_for_stage(7, timeout_s=0.2)
             nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+class _StubHost:
+    def set_stream_handler(self, protocol: object, handler: object) -> None:
+        return None
+
+
+def test_announcements_whose_address_is_not_bound_are_dropped() -> None:
+    me, a, b = (identity_from_secret((s).to_bytes(32, "big")) for s in (41, 42, 43))
+
+    def ann(ident: NodeIdentity, stage: int, address: str, binding: str) -> dict[str, object]:
+        return Announcement(ident.peer_id.pretty(), (), "aa", 3, stage, 1, address=address, binding=binding).to_json()
+
+    async def main() -> None:
+        d = Discovery(_StubHost(), Announcement(me.peer_id.pretty(), (), "aa", 3, 0, 1), DiscoveryConfig(), [])
+        d._merge([
+            ann(a, 1, a.address, "0x" + bind(a).hex()),  # bound: kept
+            ann(b, 2, a.address, "0x" + bind(a).hex()),  # a's binding replayed for b's peer id
+            ann(b, 2, b.address, ""),  # an address without a binding
+            ann(b, 2, b.address, "zz"),  # not hex
+        ])
+        assert [(e.peer_id, e.address) for e in d.entries()] == [(a.peer_id.pretty(), a.address)]
+        assert d.unbound == 3
+        d._merge([ann(b, 2, "", "")])  # no address claimed: nothing to bind
+        assert {e.stage for e in d.entries()} == {1, 2} and d.unbound == 3
 
     trio.run(main)

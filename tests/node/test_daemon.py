@@ -39,7 +39,7 @@ def test_two_stages_auto_stage_match_reference(tmp_path) -> None:
                           timeout_s=200, auto_stage=True)
     assert [p["stage"] for p in res.peers] == [0, 1]  # the second node picked the unserved stage
     assert res.losses == pytest.approx(_reference(3), abs=1e-4)
-    assert all(p["peer_id"].startswith("16Uiu2") for p in res.peers)
+    assert all(p["peer_id"].startswith("12D3KooW") for p in res.peers)
 
 
 @pytest.mark.timeout(240)

@@ -21,7 +21,7 @@ WINDOW = b"\x00" * FSPEC.window_len
 
 
 def _ep(host, ident, stage: int, hook: EIP712Receipts) -> ActEndpoint:
-    local = LocalInfo(spec_hash=SPEC_HASH, stage=stage, num_stages=2, address=ident.address)
+    local = LocalInfo.of(ident, SPEC_HASH, stage, 2)  # its address, bound to its peer id
     return ActEndpoint(host, local=local, frame_spec=FSPEC, cfg=tcfg(), receipts=hook, decoder=np_decoder)
 
 

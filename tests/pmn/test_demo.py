@@ -38,7 +38,7 @@ def _check(out: dict[str, Any]) -> None:
     for n in nodes:
         assert n["compute_units"] > 0
         assert n["shares"] == n["compute_units"]  # one share per verified compute unit, exactly
-        assert n["peer_id"].startswith("16U") and n["address"].startswith("0x")
+        assert n["peer_id"].startswith("12D3KooW") and n["address"].startswith("0x")
     total = sum(n["shares"] for n in nodes)
     for n in nodes:
         assert n["fraction"] == pytest.approx(n["shares"] / total, rel=1e-12)

@@ -51,7 +51,7 @@ def _middle_node(data_dir: Path) -> None:
             store.add(_hop(1, 1, 2, 0, stage, d, cosigned=(stage, d) != (1, FORWARD)))
         for stage, d in hops[:3]:  # step 3: the backward hop in never arrived
             store.add(_hop(1, 1, 3, 0, stage, d))
-    write_status(data_dir, {"state": "serving", "stage": 1, "peer_id": "16Uiu2HAmTest", "address": KEYS[1].address,
+    write_status(data_dir, {"state": "serving", "stage": 1, "peer_id": "12D3KooWTest", "address": KEYS[1].address,
                             "step": 3, "loss": 4.5, "tokens_per_s": 120.0, "peers": 2})
     for step, secs in ((0, 1.0), (1, 3.0)):
         append_progress(data_dir, {"step": step, "stage": 1, "loss": None, "tokens": 16, "seconds": secs,
