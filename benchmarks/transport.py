@@ -62,14 +62,15 @@ def frame_spec(batch: int, seq: int, d_model: int, max_frame: int) -> F.FrameSpe
                        d_model=d_model, bytes_per_token=4 * d_model, id_bytes=2, max_frame_bytes=max_frame)
 
 
-async def bench_libp2p(spec: F.FrameSpec, n: int, credits: int, yamux_frame: int,
-                       tuned: bool = True, read_bytes: int = TransportConfig.tcp_read_bytes) -> tuple[float, float, int]:
+async def bench_libp2p(spec: F.FrameSpec, n: int, credits: int, yamux_frame: int, tuned: bool = True,
+                       read_bytes: int = TransportConfig.tcp_read_bytes,
+                       hash_thread_bytes: int = TransportConfig.hash_thread_bytes) -> tuple[float, float, int]:
     """(seconds, cpu seconds, bytes) to move n activation frames over libp2p.
 
     tuned=False runs py-libp2p's defaults (64 KiB yamux frames, 256 KiB stream window, plain reads).
     """
     cfg = TransportConfig(max_frame_bytes=spec.max_frame_bytes, credits=credits, yamux_frame_bytes=yamux_frame,
-                          tcp_read_bytes=read_bytes)
+                          tcp_read_bytes=read_bytes, hash_thread_bytes=hash_thread_bytes)
     if not tuned:
         cfg.yamux_frame_bytes, cfg.stream_window_bytes, cfg.tcp_read_bytes = 64 * 1024, 256 * 1024, 0
     payload = os.urandom(spec.payload_len)
@@ -225,6 +226,7 @@ class TwoProcRun:
     credits: int  # channel credits (lib)
     yamux_frame: int  # tuned yamux frame size (lib)
     read_bytes: int  # tuned TCP read-ahead (lib)
+    hash_thread_bytes: int = TransportConfig.hash_thread_bytes  # bodies hashed in a worker thread from this size (lib)
 
 
 def _spec_of(run: TwoProcRun) -> F.FrameSpec:
@@ -233,7 +235,8 @@ def _spec_of(run: TwoProcRun) -> F.FrameSpec:
 
 def _lib_cfg(run: TwoProcRun) -> TransportConfig:
     return TransportConfig(max_frame_bytes=_spec_of(run).max_frame_bytes, credits=run.credits,
-                           yamux_frame_bytes=run.yamux_frame, tcp_read_bytes=run.read_bytes)
+                           yamux_frame_bytes=run.yamux_frame, tcp_read_bytes=run.read_bytes,
+                           hash_thread_bytes=run.hash_thread_bytes)
 
 
 WARMUP_FRAMES = 4  # lib runs: frames sent before timing starts (window growth, first-frame costs)
