@@ -4,7 +4,7 @@ Runs are interleaved (one round = every path once), repeated; figures are median
 Paths, each with both ends in one process:
 
 * libp2p `/pmn/act/1.0.0`: the full node path: TCP + Noise + yamux with the node's transport
-  tuning, credits, header checks before the body, sha256 digest check, per-frame ack;
+  tuning, credits, header checks before the body, BLAKE3 digest check, per-frame ack;
 * libp2p, py-libp2p defaults: the same channel on stock py-libp2p transport settings;
 * libp2p stream, bytes only: the same frame bytes written to a plain libp2p stream (tuned
   Noise + yamux, no channel work): the transport alone;
@@ -20,7 +20,7 @@ lower; `ratio` stays the one-process figure.
 Last line: a JSON object with libp2p_MBps, tcp_MBps, ratio, cpu_s_per_GiB (CPU seconds of both
 ends of the libp2p path, worker threads included, per GiB moved) and the extra figures, among them
 the floor of the libp2p path's CPU: it moves the same bytes over TCP (tcp_cpu_s_per_GiB) and on
-top hashes them (`hash_cpu_s_per_GiB`: the sha256 frame digest, computed by the sender and checked
+top hashes them (`hash_cpu_s_per_GiB`: the BLAKE3 frame digest, computed by the sender and checked
 by the receiver) and encrypts and decrypts them (`noise_cpu_s_per_GiB`: ChaCha20-Poly1305), both
 timed alone here. `ratio_cpu_ceiling` = tcp / (tcp + hash + noise) is the ratio a run that gets
 one core's worth of CPU could reach even if no Python, copy or thread hop cost anything; a run
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import multiprocessing
 import os
@@ -48,7 +47,7 @@ from libp2p.abc import INetStream  # noqa: E402
 from libp2p.custom_types import TProtocol  # noqa: E402
 
 from node import frames as F  # noqa: E402
-from node.channel import ActEndpoint, LocalInfo, grow_receive_window  # noqa: E402
+from node.channel import ActEndpoint, LocalInfo, digest_off_loop, grow_receive_window  # noqa: E402
 from node.config import TransportConfig  # noqa: E402
 from node.host import full_addrs, make_host, parse_peer_addr  # noqa: E402
 from node.identity import identity_from_secret  # noqa: E402
@@ -63,14 +62,15 @@ def frame_spec(batch: int, seq: int, d_model: int, max_frame: int) -> F.FrameSpe
                        d_model=d_model, bytes_per_token=4 * d_model, id_bytes=2, max_frame_bytes=max_frame)
 
 
-async def bench_libp2p(spec: F.FrameSpec, n: int, credits: int, yamux_frame: int,
-                       tuned: bool = True, read_bytes: int = TransportConfig.tcp_read_bytes) -> tuple[float, float, int]:
+async def bench_libp2p(spec: F.FrameSpec, n: int, credits: int, yamux_frame: int, tuned: bool = True,
+                       read_bytes: int = TransportConfig.tcp_read_bytes,
+                       hash_thread_bytes: int = TransportConfig.hash_thread_bytes) -> tuple[float, float, int]:
     """(seconds, cpu seconds, bytes) to move n activation frames over libp2p.
 
     tuned=False runs py-libp2p's defaults (64 KiB yamux frames, 256 KiB stream window, plain reads).
     """
     cfg = TransportConfig(max_frame_bytes=spec.max_frame_bytes, credits=credits, yamux_frame_bytes=yamux_frame,
-                          tcp_read_bytes=read_bytes)
+                          tcp_read_bytes=read_bytes, hash_thread_bytes=hash_thread_bytes)
     if not tuned:
         cfg.yamux_frame_bytes, cfg.stream_window_bytes, cfg.tcp_read_bytes = 64 * 1024, 256 * 1024, 0
     payload = os.urandom(spec.payload_len)
@@ -155,13 +155,14 @@ async def consume_n(ch: object, k: int) -> None:
 async def bench_tcp(spec: F.FrameSpec, n: int, app_work: bool = True) -> tuple[float, float, int]:
     """(seconds, cpu seconds, bytes) to move the same frames over a plain trio TCP socket.
 
-    app_work=True does the node's application work on both ends (sha256 digest on send, header
-    checks + digest verification on receive, hashing off the loop like the channel does) so only
+    app_work=True does the node's application work on both ends (BLAKE3 digest on send, header
+    checks + digest verification on receive, on the loop or off it by the same rule as the channel) so only
     the transport differs; app_work=False just pushes the bytes.
     """
     payload = os.urandom(spec.payload_len)
     window = bytes(spec.window_len)
     size = F.HEADER_SIZE + len(window) + len(payload)
+    thread_bytes = TransportConfig().hash_thread_bytes
     done = trio.Event()
     out: list[float] = []
 
@@ -177,7 +178,11 @@ async def bench_tcp(spec: F.FrameSpec, n: int, app_work: bool = True) -> tuple[f
                 if app_work:
                     h = F.decode_header(bytes(buf[: F.HEADER_SIZE]), spec.max_frame_bytes)
                     F.check_data_header(h, spec)
-                    await trio.to_thread.run_sync(F.split_body, h, bytes(buf[F.HEADER_SIZE:size]))
+                    body = bytes(buf[F.HEADER_SIZE:size])
+                    if 0 < thread_bytes <= len(body):
+                        await trio.to_thread.run_sync(F.split_body, h, body)
+                    else:
+                        F.split_body(h, body)
                 del buf[:size]
                 frames += 1
         await stream.send_all(b"k")
@@ -192,7 +197,7 @@ async def bench_tcp(spec: F.FrameSpec, n: int, app_work: bool = True) -> tuple[f
         t0, c0 = time.perf_counter(), time.process_time()
         for i in range(n):
             if app_work:
-                dig = await trio.to_thread.run_sync(F.digest, window, payload)
+                dig = await digest_off_loop(window, payload, thread_bytes)
                 h = F.FrameHeader(kind=F.Kind.ACTIVATION, spec_hash=SPEC_HASH, stage=0, step=1, microbatch=i,
                                   codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT32, shape=spec.shape,
                                   window_len=len(window), payload_len=len(payload), digest=dig)
@@ -221,6 +226,7 @@ class TwoProcRun:
     credits: int  # channel credits (lib)
     yamux_frame: int  # tuned yamux frame size (lib)
     read_bytes: int  # tuned TCP read-ahead (lib)
+    hash_thread_bytes: int = TransportConfig.hash_thread_bytes  # bodies hashed in a worker thread from this size (lib)
 
 
 def _spec_of(run: TwoProcRun) -> F.FrameSpec:
@@ -229,7 +235,8 @@ def _spec_of(run: TwoProcRun) -> F.FrameSpec:
 
 def _lib_cfg(run: TwoProcRun) -> TransportConfig:
     return TransportConfig(max_frame_bytes=_spec_of(run).max_frame_bytes, credits=run.credits,
-                           yamux_frame_bytes=run.yamux_frame, tcp_read_bytes=run.read_bytes)
+                           yamux_frame_bytes=run.yamux_frame, tcp_read_bytes=run.read_bytes,
+                           hash_thread_bytes=run.hash_thread_bytes)
 
 
 WARMUP_FRAMES = 4  # lib runs: frames sent before timing starts (window growth, first-frame costs)
@@ -349,16 +356,14 @@ def bench_two_processes(run: TwoProcRun, timeout_s: float = 300.0) -> tuple[floa
 
 
 def primitive_cpu(spec: F.FrameSpec, n: int) -> tuple[float, float]:
-    """(sha256 digest CPU s/GiB at both ends, Noise ChaCha20-Poly1305 encrypt + decrypt CPU s/GiB), timed alone."""
+    """(BLAKE3 digest CPU s/GiB at both ends, Noise ChaCha20-Poly1305 encrypt + decrypt CPU s/GiB), timed alone."""
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
     window, payload = bytes(spec.window_len), os.urandom(spec.payload_len)
     size = F.HEADER_SIZE + len(window) + len(payload)
     c0 = time.process_time()
     for _ in range(n):
-        h = hashlib.sha256(window)
-        h.update(payload)
-        h.digest()
+        F.digest(window, payload)
     hash_s = 2 * (time.process_time() - c0)  # sender computes it, receiver checks it
     aead, nonce, plain = ChaCha20Poly1305(os.urandom(32)), bytes(12), memoryview(payload)
     step = 65535 - 16  # plaintext bytes per Noise message
@@ -433,7 +438,7 @@ def main() -> None:
     print(f"frames of {frame_bytes / 2**20:.2f} MiB, yamux frames {a.yamux_frame} B, read-ahead {a.read_bytes} B, "
           f"credits {a.credits}; CPU = both ends, worker threads included")
     ceiling = rate["tcp"][1] / (rate["tcp"][1] + prim[0] + prim[1])
-    print(f"CPU floor of the libp2p path: TCP {rate['tcp'][1]:.2f} + sha256 digests {prim[0]:.2f} + Noise crypto "
+    print(f"CPU floor of the libp2p path: TCP {rate['tcp'][1]:.2f} + BLAKE3 digests {prim[0]:.2f} + Noise crypto "
           f"{prim[1]:.2f} s/GiB; in one process (one core's worth of CPU) the ratio cannot exceed {ceiling:.3f}")
     print(json.dumps({
         "libp2p_MBps": round(lib1_mbps, 1), "tcp_MBps": round(tcp1_mbps, 1), "ratio": round(lib1_mbps / tcp1_mbps, 3),

@@ -10,7 +10,9 @@ HELLO names the sender's Ethereum address and carries its binding (`node.identit
 key's signature over the peer id); the receiver checks it against the peer id Noise authenticated
 and refuses the handshake when it does not verify, so receipts name the node key that really sent.
 
-Per received data frame the digest check and the decoder run in one worker-thread hop; a CREDIT
+Per received data frame the digest check and the decoder (torch work) run in one worker-thread
+hop; without a decoder the BLAKE3 digest is checked on the loop unless the body reaches
+`hash_thread_bytes` (a hop costs the loop more than hashing a MiB does). A CREDIT
 for a consumed frame travels in the same write as the next ACK or data frame unless the peer is
 out of credit (then it goes at once). The wire format is unchanged: a peer sees the same frames.
 """
@@ -52,12 +54,15 @@ ACT_PROTOCOL = TProtocol("/pmn/act/1.0.0")
 DATA_KINDS = (F.Kind.ACTIVATION, F.Kind.GRADIENT)
 READ_CHUNK = 1 << 22  # most bytes taken from the muxer per read call
 MAX_CONTROL_BYTES = 64 * 1024  # limit on HELLO/ACK/CREDIT/ERROR/CLOSE/LOSS frames (header + body)
-OFF_LOOP_BYTES = 64 * 1024  # bodies at least this large are hashed in a worker thread (hashlib drops the GIL)
 
 
-async def digest_off_loop(window: bytes, payload: bytes) -> bytes:
-    """F.digest, in a worker thread for large bodies so the event loop keeps serving other streams."""
-    if len(window) + len(payload) >= OFF_LOOP_BYTES:
+async def digest_off_loop(window: bytes, payload: bytes, thread_bytes: int) -> bytes:
+    """F.digest; in a worker thread when the body has at least `thread_bytes` (0 = always on the loop).
+
+    BLAKE3 hashes a MiB in about a quarter of a millisecond, less than a worker-thread hop costs
+    the loop, so only very large bodies are worth the hop (TransportConfig.hash_thread_bytes).
+    """
+    if 0 < thread_bytes <= len(window) + len(payload):
         return await trio.to_thread.run_sync(F.digest, window, payload)
     return F.digest(window, payload)
 
@@ -424,7 +429,7 @@ class ActChannel:
         header = F.FrameHeader(
             kind=kind, spec_hash=self.local.spec_hash, stage=self.local.stage, step=step, microbatch=microbatch,
             codec=self.spec.codec, dtype=self.spec.dtype, shape=self.spec.shape, window_len=len(window),
-            payload_len=len(payload), digest=await digest_off_loop(window, payload), attempt=attempt,
+            payload_len=len(payload), digest=await digest_off_loop(window, payload, self.cfg.hash_thread_bytes), attempt=attempt,
         )
         sig = self.receipts.sign(header, self.remote.address if self.remote else "")
         header = F.FrameHeader(**{**header.__dict__, "sig_len": len(sig)})
@@ -641,7 +646,8 @@ class ActChannel:
 
     async def _accept_data(self, fr: F.Frame) -> None:
         peer_addr = self.remote.address if self.remote else ""
-        if self.decoder is not None or fr.header.window_len + fr.header.payload_len >= OFF_LOOP_BYTES:
+        body = fr.header.window_len + fr.header.payload_len
+        if self.decoder is not None or 0 < self.cfg.hash_thread_bytes <= body:
             value = await trio.to_thread.run_sync(verify_and_decode, fr, self.decoder)  # one hop per frame
         else:
             value = verify_and_decode(fr, None)

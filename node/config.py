@@ -20,6 +20,7 @@ class TransportConfig:
     ban_score: float = -5.0  # a peer whose score falls to this value or below is refused
     dial_timeout_s: float = 10.0  # time allowed for one connect + stream open to a neighbour
     error_linger_s: float = 2.0  # after sending ERROR, how long to wait for the peer to close before a reset
+    hash_thread_bytes: int = 8 * 1024 * 1024  # bodies this large are hashed in a worker thread, smaller ones on the loop (0 = never)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
@@ -27,6 +28,8 @@ class TransportConfig:
             raise ValueError(f"transport.max_frame_bytes must be >= 1024, got {self.max_frame_bytes}")
         if self.credits < 1:
             raise ValueError(f"transport.credits must be >= 1, got {self.credits}")
+        if self.hash_thread_bytes < 0:
+            raise ValueError(f"transport.hash_thread_bytes must be >= 0, got {self.hash_thread_bytes}")
         if not 1024 <= self.yamux_frame_bytes <= 16 * 1024 * 1024:
             raise ValueError("transport.yamux_frame_bytes must be within [1 KiB, 16 MiB]")
         for name in ("handshake_timeout_s", "ack_timeout_s", "dial_timeout_s"):

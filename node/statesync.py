@@ -88,6 +88,13 @@ class StateService:
         self.refused[peer] = self.refused.get(peer, 0) + 1
         return reason
 
+    def unbook(self, peer: str) -> None:
+        """Undo an admitted transfer that served nothing (the stage is not here): the peer gets its token back."""
+        self.active -= 1
+        tokens, then = self.tokens[peer]
+        self.tokens[peer] = (min(float(self.burst), tokens + 1), then)
+        self.served[peer] -= 1
+
     async def _handle(self, stream: Any) -> None:
         peer = stream.muxed_conn.peer_id.pretty()
         admitted = False
@@ -103,7 +110,9 @@ class StateService:
                     admitted = refusal is None
                     if admitted:
                         snap = await self.snapshot(int(req.get("stage", -1)))
-                        if snap is None:
+                        if snap is None:  # a probe for a stage we do not hold costs the peer no token
+                            self.unbook(peer)
+                            admitted = False
                             refusal = f"stage {req.get('stage')} of that model is not served here"
                 if snap is None:
                     await write_msg(stream, {"error": refusal})

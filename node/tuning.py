@@ -273,13 +273,24 @@ async def read_some(stream: Any, n: int) -> bytes | bytearray:
     On a tuned, open yamux stream whose buffer holds data and at most n bytes, the buffer object
     itself is handed over (a bytearray the caller now owns) instead of a bytes copy of it, and a
     fresh buffer takes its place: the same bytes, window accounting and window update as stock
-    read_stream, one copy of every received byte less. Anything else goes through stream.read(n).
+    read_stream, one copy of every received byte less. An empty buffer is waited for the way
+    read_stream waits (the stream's event, set by the muxer when data, a close or a reset
+    arrives), then handed over the same way. Anything else goes through stream.read(n).
     """
     muxed = getattr(stream, "muxed_stream", None)
     if _state.tuned and isinstance(muxed, _yamux.YamuxStream) and getattr(stream, "_state", None) is _OPEN:
         conn = muxed.conn
         sid = muxed.stream_id
         buf = conn.stream_buffers.get(sid)
+        for _ in range(2):  # an event already set by data taken earlier wakes at once: wait once more
+            if buf or buf is None or muxed.closed or muxed.recv_closed or muxed.reset_received:
+                break
+            event = conn.stream_events.get(sid)
+            if event is None:
+                break
+            await event.wait()
+            conn.stream_events[sid] = trio.Event()  # as read_stream does after its wait
+            buf = conn.stream_buffers.get(sid)
         if (buf and len(buf) <= n and not muxed.closed and not muxed.reset_received and sid in conn.streams
                 and not conn.event_shutting_down.is_set()):
             conn.stream_buffers[sid] = bytearray()

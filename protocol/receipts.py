@@ -8,11 +8,11 @@ address sender,address receiver,bytes32 payloadDigest,uint32 tokens)`` under the
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
+from blake3 import blake3
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
 from eth_utils import is_address, keccak, to_checksum_address
@@ -58,11 +58,11 @@ _UINT_FIELDS = {  # attribute -> (EIP-712 field name, bit width)
 
 
 def payload_digest(payload: bytes, window: bytes = b"") -> bytes:
-    """The `payloadDigest` of a hop: sha256 over the token-window bytes then the codec payload bytes.
+    """The `payloadDigest` of a hop: BLAKE3 over the token-window bytes then the codec payload bytes.
 
     Same definition as the wire frame digest of `node.frames`, so a frame's digest is its receipt's digest.
     """
-    h = hashlib.sha256()
+    h = blake3()
     h.update(window)
     h.update(payload)
     return h.digest()
@@ -178,7 +178,7 @@ class Receipt:
     direction: int  # 0 = forward (to stage+1), 1 = backward (to stage-1)
     sender: str  # node key address of the sending stage
     receiver: str  # node key address of the receiving stage
-    payload_digest: bytes  # keccak256 of the payload bytes (activation or gradient)
+    payload_digest: bytes  # BLAKE3 of the token window + payload bytes (activation or gradient), see payload_digest
     tokens: int  # tokens in the microbatch
 
     def __post_init__(self) -> None:

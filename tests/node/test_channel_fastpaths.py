@@ -7,15 +7,15 @@ stalling a sender, and the chunked exact reader.
 
 from __future__ import annotations
 
-import hashlib
 import random
 
 import numpy as np
 import pytest
 import trio
+from blake3 import blake3
 
 from node import frames as F
-from node.channel import OFF_LOOP_BYTES, ActChannel, ActEndpoint, LocalInfo, _Reader
+from node.channel import ActChannel, ActEndpoint, LocalInfo, _Reader
 from node.config import TransportConfig
 from node.errors import ChecksumError, NonFiniteError, RemoteError
 from node.host import full_addrs
@@ -32,11 +32,12 @@ def _spec(b: int, t: int, d: int, max_frame: int) -> F.FrameSpec:
 
 SMALL = _spec(3, 7, 13, 64 * 1024)  # 1092-byte payload, 48-byte window
 HUGE = _spec(2, 509, 1031, 8 * 1024 * 1024)  # 4,198,232-byte payload: spans yamux frames, Noise messages, reads
+HASH_THREAD_BYTES = 1 << 20  # bodies this large are hashed in a worker thread here (HUGE ones are, SMALL ones not)
 
 
 def _cfg(spec: F.FrameSpec, credits: int) -> TransportConfig:
     return TransportConfig(max_frame_bytes=spec.max_frame_bytes, credits=credits, handshake_timeout_s=10,
-                           ack_timeout_s=30, dial_timeout_s=10)
+                           ack_timeout_s=30, dial_timeout_s=10, hash_thread_bytes=HASH_THREAD_BYTES)
 
 
 def _endpoint(host, stage: int, spec: F.FrameSpec, credits: int, decoder=None) -> ActEndpoint:
@@ -69,7 +70,7 @@ async def _pump(ch: ActChannel, inbound: ActChannel, frames: list[tuple[bytes, b
             r = await inbound.recv_data(30)
             assert (r.frame.header.step, r.frame.header.microbatch) == (step, mb)
             assert r.frame.window == window and r.frame.payload == payload
-            assert r.frame.header.digest == hashlib.sha256(window + payload).digest()
+            assert r.frame.header.digest == blake3(window + payload).digest()
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(consume)
@@ -99,7 +100,7 @@ def test_many_small_and_few_huge_frames_byte_exact_on_concurrent_streams() -> No
             # multi-MiB frames without a decoder (the digest alone goes off the loop) on another connection
             hs_ep, hr_ep = _endpoint(h2, 0, HUGE, 2), _endpoint(h3, 1, HUGE, 2)
             c = await _pair(nursery, hs_ep, hr_ep, full_addrs(h3)[0])
-            assert HUGE.payload_len >= OFF_LOOP_BYTES > SMALL.payload_len
+            assert HUGE.payload_len >= HASH_THREAD_BYTES > SMALL.payload_len
             with trio.fail_after(60):
                 async with trio.open_nursery() as inner:
                     inner.start_soon(_pump, *a, small_a, 1)

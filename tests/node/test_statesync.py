@@ -45,6 +45,18 @@ def test_admit_bounds_concurrency_and_a_peer_gets_a_burst_then_a_refill_rate() -
     assert svc.served == {"a": 3, "b": 1} and svc.refused == {"b": 1, "a": 2}
 
 
+def test_a_transfer_that_served_nothing_gives_the_token_back() -> None:
+    svc = StateService.__new__(StateService)
+    svc.max_concurrent, svc.burst, svc.refill_s = 1, 1, 5.0
+    svc.active, svc.tokens, svc.served, svc.refused = 0, {}, {}, {}
+    assert svc.admit("a", 0.0) is None
+    svc.unbook("a")  # the stage it asked for is not served here
+    assert svc.active == 0 and svc.served == {"a": 0}
+    assert svc.admit("a", 0.1) is None  # the burst of 1 is still there
+    svc.active -= 1
+    assert "rate limited" in (svc.admit("a", 0.2) or "")
+
+
 def test_joiner_fetches_state_and_a_too_early_second_request_is_refused_losing_nothing() -> None:
     source = _worker(1)
     with torch.no_grad():
