@@ -488,6 +488,7 @@ class NodeDaemon:
                     en.start_soon(eng.accept_loop)
                     en.start_soon(eng.dial_loop, en)
                     en.start_soon(eng.commit_poller)
+                    en.start_soon(eng.probe_loop)
                     try:
                         move = await self._serve_stage(eng, discovery, worker, progress)
                     except NodeError as exc:

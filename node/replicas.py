@@ -90,6 +90,8 @@ class ReplicaEngine:
         self._computed: dict[int, list[list[int]]] = {}
         self._forwarded: set[int] = set()
         self._peer_failures: dict[str, tuple[int, float]] = {}  # stage peer -> (failed exchanges, skip until)
+        self._probing: set[str] = set()  # stage peers in backoff with a background push in flight
+        self._probe_send, self._probe_recv = trio.open_memory_channel[tuple[Any, ...]](float("inf"))
         self._rerouted = 0
         self._compute_s = 0.0
         self._last_event = trio.current_time()
@@ -192,10 +194,21 @@ class ReplicaEngine:
         return out, A.take_grads(self.worker.module)
 
     async def _contribute(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> None:
-        """Keep our contribution and give it to the stage peers (bounded; failures are skipped)."""
+        """Keep our contribution and give it to the stage peers (bounded; failures are skipped).
+
+        Peers in backoff are not waited for, but one background push per such peer probes it
+        (`probe_loop`): a peer whose last exchange failed only because it was still starting up
+        would otherwise miss every contribution of its backoff, and if this replica died in that
+        window those contributions would be lost to the stage.
+        """
         self.store.add(step, mb, attempt, vec, loss)
         self._computed.setdefault(step, []).append([mb, attempt])
         peers = self._stage_peers()
+        ready = {e.peer_id for e in peers}
+        for e in self.discovery.stage_peers(self.stage):
+            if e.addrs and e.peer_id not in ready and e.peer_id not in self._probing:
+                self._probing.add(e.peer_id)
+                self._probe_send.send_nowait((e.peer_id, e.addrs[0], step, mb, attempt, vec, loss))
         if not peers:
             return
 
@@ -211,6 +224,24 @@ class ReplicaEngine:
             async with trio.open_nursery() as n:
                 for e in peers:
                     n.start_soon(one, e.peer_id, e.addrs[0])
+
+    async def probe_loop(self) -> None:
+        """Run the background pushes `_contribute` queues for stage peers in backoff (one per peer at a time)."""
+        async with trio.open_nursery() as nursery:
+            async for item in self._probe_recv:
+                nursery.start_soon(self._probe, *item)
+
+    async def _probe(self, peer: str, addr: str, step: int, mb: int, attempt: int, vec: torch.Tensor,
+                     loss: float | None) -> None:
+        try:
+            with trio.fail_after(self.rc.avg_timeout_s):
+                await A.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
+                             self.rc.avg_timeout_s)
+            self._peer_failures.pop(peer, None)  # it answers again: pushes wait for it from now on
+        except Exception:  # still unreachable: the backoff grows
+            self._peer_failed(peer)
+        finally:
+            self._probing.discard(peer)
 
     def _stage_peers(self) -> list[Any]:
         """Announced peers of our stage, less those whose last exchange failed within their backoff."""
