@@ -29,7 +29,7 @@ from node.errors import (
 )
 
 MAGIC = b"PMNF"
-VERSION = 1
+VERSION = 2  # 2: BLAKE3 digests and HELLO bindings (1 had sha256 digests); a version-1 peer is refused by name
 MAX_NDIM = 4
 # magic, version, kind, flags, spec hash, stage, step, microbatch, codec, dtype, ndim, reserved,
 # shape[4], window_len, payload_len, sig_len, reserved, digest
