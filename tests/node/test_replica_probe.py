@@ -1,0 +1,104 @@
+"""A stage peer in backoff still receives contributions: one background push at a time (`probe_loop`).
+
+Real libp2p hosts on 127.0.0.1: the pushing replica's engine, and a stage peer serving
+`/pmn/avg/1.0.0` whose earlier exchange failed (it is in backoff).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import trio
+
+from node.averaging import AveragingService, ContributionStore, trainable
+from node.channel import ActEndpoint, LocalInfo
+from node.config import NodeConfig
+from node.discovery import Announcement, Discovery
+from node.host import full_addrs
+from node.identity import bind
+from node.replicas import ReplicaEngine
+from node.worker import StageWorker
+from sharding import PRESETS, OptimConfig, partition
+from tests.node.conftest import running_host
+
+pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
+
+
+def _worker() -> StageWorker:
+    cfg = PRESETS["tiny"]
+    return StageWorker(cfg, partition(cfg, 3)[1], codec="dense", optim=OptimConfig(), num_microbatches=2,
+                       microbatch_size=2, corpus=None)
+
+
+def test_a_stage_peer_in_backoff_gets_the_contribution_in_the_background_and_leaves_backoff() -> None:
+    async def main() -> None:
+        async with running_host(131) as (h0, id0), running_host(132) as (h1, id1), trio.open_nursery() as nursery:
+            cfg = NodeConfig(num_stages=3, stage="1")
+            worker = _worker()
+            size = sum(p.numel() for p in trainable(worker.module))
+            spec_hex = worker.config.spec_hash().hex()
+            peer_store = ContributionStore(size)
+            AveragingService(h1, spec_hex, lambda s: peer_store if s == 1 else None, 5.0)
+            me = Announcement(peer_id=h0.get_id().pretty(), addrs=tuple(full_addrs(h0)), spec_hash=spec_hex,
+                              num_stages=3, stage=1, capacity=1, address=id0.address, binding="0x" + bind(id0).hex())
+            discovery = Discovery(h0, me, cfg.discovery, [])
+            peer = Announcement(peer_id=h1.get_id().pretty(), addrs=tuple(full_addrs(h1)), spec_hash=spec_hex,
+                                num_stages=3, stage=1, capacity=1, address=id1.address,
+                                binding="0x" + bind(id1).hex(), seq=1)
+            discovery._merge([peer.to_json()])
+            endpoint = ActEndpoint(h0, local=LocalInfo(worker.config.spec_hash(), 1, 3, id0.address, bind(id0)),
+                                   frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport)
+            eng = ReplicaEngine(cfg, worker, endpoint, discovery, h0, ContributionStore(size))
+            eng._peer_failed(peer.peer_id)  # its last exchange failed: in backoff
+            assert eng._stage_peers() == []  # so pushes do not wait for it
+            nursery.start_soon(eng.probe_loop)
+            vec = torch.arange(size, dtype=torch.float32)
+            with trio.fail_after(10):
+                await eng._contribute(3, 0, 0, vec, None)  # returns at once: nothing waited for
+                while (0, 0) not in peer_store.vecs.get(3, {}):
+                    await trio.sleep(0.01)
+                while peer.peer_id in eng._probing:
+                    await trio.sleep(0.01)
+            assert torch.equal(peer_store.vecs[3][(0, 0)], vec)
+            assert peer.peer_id not in eng._peer_failures  # it answered: out of backoff
+            assert [e.peer_id for e in eng._stage_peers()] == [peer.peer_id]
+            with trio.fail_after(10):
+                await eng._contribute(3, 1, 0, vec + 1, None)  # pushed and waited for as usual now
+            assert torch.equal(peer_store.vecs[3][(1, 0)], vec + 1)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
+def test_a_dead_stage_peer_in_backoff_stays_there_and_is_probed_once_at_a_time() -> None:
+    async def main() -> None:
+        async with running_host(133) as (h0, id0), trio.open_nursery() as nursery:
+            cfg = NodeConfig(num_stages=3, stage="1")
+            worker = _worker()
+            size = sum(p.numel() for p in trainable(worker.module))
+            spec_hex = worker.config.spec_hash().hex()
+            me = Announcement(peer_id=h0.get_id().pretty(), addrs=tuple(full_addrs(h0)), spec_hash=spec_hex,
+                              num_stages=3, stage=1, capacity=1, address=id0.address, binding="0x" + bind(id0).hex())
+            discovery = Discovery(h0, me, cfg.discovery, [])
+            async with running_host(134) as (h1, id1):  # a peer that was announced and then went away
+                dead = Announcement(peer_id=h1.get_id().pretty(), addrs=tuple(full_addrs(h1)), spec_hash=spec_hex,
+                                    num_stages=3, stage=1, capacity=1, address=id1.address,
+                                    binding="0x" + bind(id1).hex(), seq=1)
+            discovery._merge([dead.to_json()])
+            endpoint = ActEndpoint(h0, local=LocalInfo(worker.config.spec_hash(), 1, 3, id0.address, bind(id0)),
+                                   frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport)
+            eng = ReplicaEngine(cfg, worker, endpoint, discovery, h0, ContributionStore(size))
+            eng._peer_failed(dead.peer_id)
+            vec = torch.zeros(size)
+            await eng._contribute(4, 0, 0, vec, None)
+            await eng._contribute(4, 1, 0, vec, None)  # a probe is already queued: no second one
+            assert eng._probing == {dead.peer_id}
+            nursery.start_soon(eng.probe_loop)
+            with trio.fail_after(30):
+                while eng._probing:
+                    await trio.sleep(0.01)
+            assert eng._peer_failures[dead.peer_id][0] == 2  # failed again: a longer backoff
+            assert eng.store.vecs[4].keys() == {(0, 0), (1, 0)}  # our own contributions are kept regardless
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
