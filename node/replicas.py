@@ -234,9 +234,8 @@ class ReplicaEngine:
     async def _probe(self, peer: str, addr: str, step: int, mb: int, attempt: int, vec: torch.Tensor,
                      loss: float | None) -> None:
         try:
-            with trio.fail_after(self.rc.avg_timeout_s):
-                await A.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
-                             self.rc.avg_timeout_s)
+            await A.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
+                         self.rc.avg_timeout_s)  # bounded by avg_timeout_s
             self._peer_failures.pop(peer, None)  # it answers again: pushes wait for it from now on
         except Exception:  # still unreachable: the backoff grows
             self._peer_failed(peer)
