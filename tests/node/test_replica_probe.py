@@ -30,26 +30,36 @@ def _worker() -> StageWorker:
                        microbatch_size=2, corpus=None)
 
 
+def _announcement(host, ident, spec_hex: str, seq: int = 0) -> Announcement:
+    """A stage-1 announcement of `host` with its node key's binding."""
+    return Announcement(peer_id=host.get_id().pretty(), addrs=tuple(full_addrs(host)), spec_hash=spec_hex,
+                        num_stages=3, stage=1, capacity=1, address=ident.address, binding="0x" + bind(ident).hex(),
+                        seq=seq)
+
+
+def _engine(host, ident, worker: StageWorker, peer: Announcement) -> ReplicaEngine:
+    """A stage-1 replica engine on `host` whose discovery knows `peer`, which is in backoff."""
+    cfg = NodeConfig(num_stages=3, stage="1")
+    discovery = Discovery(host, _announcement(host, ident, peer.spec_hash), cfg.discovery, [])
+    discovery._merge([peer.to_json()])
+    endpoint = ActEndpoint(host, local=LocalInfo(worker.config.spec_hash(), 1, 3, ident.address, bind(ident)),
+                           frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport)
+    size = sum(p.numel() for p in trainable(worker.module))
+    eng = ReplicaEngine(cfg, worker, endpoint, discovery, host, ContributionStore(size))
+    eng._peer_failed(peer.peer_id)  # its last exchange failed
+    return eng
+
+
 def test_a_stage_peer_in_backoff_gets_the_contribution_in_the_background_and_leaves_backoff() -> None:
     async def main() -> None:
         async with running_host(131) as (h0, id0), running_host(132) as (h1, id1), trio.open_nursery() as nursery:
-            cfg = NodeConfig(num_stages=3, stage="1")
             worker = _worker()
             size = sum(p.numel() for p in trainable(worker.module))
             spec_hex = worker.config.spec_hash().hex()
             peer_store = ContributionStore(size)
             AveragingService(h1, spec_hex, lambda s: peer_store if s == 1 else None, 5.0)
-            me = Announcement(peer_id=h0.get_id().pretty(), addrs=tuple(full_addrs(h0)), spec_hash=spec_hex,
-                              num_stages=3, stage=1, capacity=1, address=id0.address, binding="0x" + bind(id0).hex())
-            discovery = Discovery(h0, me, cfg.discovery, [])
-            peer = Announcement(peer_id=h1.get_id().pretty(), addrs=tuple(full_addrs(h1)), spec_hash=spec_hex,
-                                num_stages=3, stage=1, capacity=1, address=id1.address,
-                                binding="0x" + bind(id1).hex(), seq=1)
-            discovery._merge([peer.to_json()])
-            endpoint = ActEndpoint(h0, local=LocalInfo(worker.config.spec_hash(), 1, 3, id0.address, bind(id0)),
-                                   frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport)
-            eng = ReplicaEngine(cfg, worker, endpoint, discovery, h0, ContributionStore(size))
-            eng._peer_failed(peer.peer_id)  # its last exchange failed: in backoff
+            peer = _announcement(h1, id1, spec_hex, seq=1)
+            eng = _engine(h0, id0, worker, peer)
             assert eng._stage_peers() == []  # so pushes do not wait for it
             nursery.start_soon(eng.probe_loop)
             vec = torch.arange(size, dtype=torch.float32)
@@ -73,22 +83,11 @@ def test_a_stage_peer_in_backoff_gets_the_contribution_in_the_background_and_lea
 def test_a_dead_stage_peer_in_backoff_stays_there_and_is_probed_once_at_a_time() -> None:
     async def main() -> None:
         async with running_host(133) as (h0, id0), trio.open_nursery() as nursery:
-            cfg = NodeConfig(num_stages=3, stage="1")
             worker = _worker()
             size = sum(p.numel() for p in trainable(worker.module))
-            spec_hex = worker.config.spec_hash().hex()
-            me = Announcement(peer_id=h0.get_id().pretty(), addrs=tuple(full_addrs(h0)), spec_hash=spec_hex,
-                              num_stages=3, stage=1, capacity=1, address=id0.address, binding="0x" + bind(id0).hex())
-            discovery = Discovery(h0, me, cfg.discovery, [])
             async with running_host(134) as (h1, id1):  # a peer that was announced and then went away
-                dead = Announcement(peer_id=h1.get_id().pretty(), addrs=tuple(full_addrs(h1)), spec_hash=spec_hex,
-                                    num_stages=3, stage=1, capacity=1, address=id1.address,
-                                    binding="0x" + bind(id1).hex(), seq=1)
-            discovery._merge([dead.to_json()])
-            endpoint = ActEndpoint(h0, local=LocalInfo(worker.config.spec_hash(), 1, 3, id0.address, bind(id0)),
-                                   frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport)
-            eng = ReplicaEngine(cfg, worker, endpoint, discovery, h0, ContributionStore(size))
-            eng._peer_failed(dead.peer_id)
+                dead = _announcement(h1, id1, worker.config.spec_hash().hex(), seq=1)
+            eng = _engine(h0, id0, worker, dead)
             vec = torch.zeros(size)
             await eng._contribute(4, 0, 0, vec, None)
             await eng._contribute(4, 1, 0, vec, None)  # a probe is already queued: no second one
