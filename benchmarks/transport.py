@@ -162,7 +162,7 @@ async def bench_tcp(spec: F.FrameSpec, n: int, app_work: bool = True) -> tuple[f
     payload = os.urandom(spec.payload_len)
     window = bytes(spec.window_len)
     size = F.HEADER_SIZE + len(window) + len(payload)
-    thread_bytes = TransportConfig().hash_thread_bytes
+    cfg = TransportConfig()  # the node's rule for hashing in a worker thread or on the loop
     done = trio.Event()
     out: list[float] = []
 
@@ -179,7 +179,7 @@ async def bench_tcp(spec: F.FrameSpec, n: int, app_work: bool = True) -> tuple[f
                     h = F.decode_header(bytes(buf[: F.HEADER_SIZE]), spec.max_frame_bytes)
                     F.check_data_header(h, spec)
                     body = bytes(buf[F.HEADER_SIZE:size])
-                    if 0 < thread_bytes <= len(body):
+                    if cfg.hashes_in_thread(len(body)):
                         await trio.to_thread.run_sync(F.split_body, h, body)
                     else:
                         F.split_body(h, body)
@@ -197,7 +197,7 @@ async def bench_tcp(spec: F.FrameSpec, n: int, app_work: bool = True) -> tuple[f
         t0, c0 = time.perf_counter(), time.process_time()
         for i in range(n):
             if app_work:
-                dig = await digest_off_loop(window, payload, thread_bytes)
+                dig = await digest_off_loop(window, payload, cfg.hashes_in_thread(len(window) + len(payload)))
                 h = F.FrameHeader(kind=F.Kind.ACTIVATION, spec_hash=SPEC_HASH, stage=0, step=1, microbatch=i,
                                   codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT32, shape=spec.shape,
                                   window_len=len(window), payload_len=len(payload), digest=dig)

@@ -56,13 +56,13 @@ READ_CHUNK = 1 << 22  # most bytes taken from the muxer per read call
 MAX_CONTROL_BYTES = 64 * 1024  # limit on HELLO/ACK/CREDIT/ERROR/CLOSE/LOSS frames (header + body)
 
 
-async def digest_off_loop(window: bytes, payload: bytes, thread_bytes: int) -> bytes:
-    """F.digest; in a worker thread when the body has at least `thread_bytes` (0 = always on the loop).
+async def digest_off_loop(window: bytes, payload: bytes, in_thread: bool) -> bytes:
+    """F.digest; in a worker thread when `in_thread` (TransportConfig.hashes_in_thread of the body size).
 
     BLAKE3 hashes a MiB in about a quarter of a millisecond, less than a worker-thread hop costs
     the loop, so only very large bodies are worth the hop (TransportConfig.hash_thread_bytes).
     """
-    if 0 < thread_bytes <= len(window) + len(payload):
+    if in_thread:
         return await trio.to_thread.run_sync(F.digest, window, payload)
     return F.digest(window, payload)
 
@@ -429,7 +429,8 @@ class ActChannel:
         header = F.FrameHeader(
             kind=kind, spec_hash=self.local.spec_hash, stage=self.local.stage, step=step, microbatch=microbatch,
             codec=self.spec.codec, dtype=self.spec.dtype, shape=self.spec.shape, window_len=len(window),
-            payload_len=len(payload), digest=await digest_off_loop(window, payload, self.cfg.hash_thread_bytes), attempt=attempt,
+            payload_len=len(payload), digest=await digest_off_loop(window, payload, self.cfg.hashes_in_thread(len(window) + len(payload))),
+            attempt=attempt,
         )
         sig = self.receipts.sign(header, self.remote.address if self.remote else "")
         header = F.FrameHeader(**{**header.__dict__, "sig_len": len(sig)})
@@ -646,8 +647,7 @@ class ActChannel:
 
     async def _accept_data(self, fr: F.Frame) -> None:
         peer_addr = self.remote.address if self.remote else ""
-        body = fr.header.window_len + fr.header.payload_len
-        if self.decoder is not None or 0 < self.cfg.hash_thread_bytes <= body:
+        if self.decoder is not None or self.cfg.hashes_in_thread(fr.header.window_len + fr.header.payload_len):
             value = await trio.to_thread.run_sync(verify_and_decode, fr, self.decoder)  # one hop per frame
         else:
             value = verify_and_decode(fr, None)

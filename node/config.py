@@ -22,6 +22,10 @@ class TransportConfig:
     error_linger_s: float = 2.0  # after sending ERROR, how long to wait for the peer to close before a reset
     hash_thread_bytes: int = 8 * 1024 * 1024  # bodies this large are hashed in a worker thread, smaller ones on the loop (0 = never)
 
+    def hashes_in_thread(self, body_bytes: int) -> bool:
+        """Whether a frame body of this size is hashed in a worker thread rather than on the event loop."""
+        return 0 < self.hash_thread_bytes <= body_bytes
+
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
         if self.max_frame_bytes < 1024:
