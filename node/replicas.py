@@ -203,10 +203,9 @@ class ReplicaEngine:
         """
         self.store.add(step, mb, attempt, vec, loss)
         self._computed.setdefault(step, []).append([mb, attempt])
-        peers = self._stage_peers()
-        ready = {e.peer_id for e in peers}
-        for e in self.discovery.stage_peers(self.stage):
-            if e.addrs and e.peer_id not in ready and e.peer_id not in self._probing:
+        peers, backoff = self._split_stage_peers()
+        for e in backoff:
+            if e.peer_id not in self._probing:
                 self._probing.add(e.peer_id)
                 self._probe_send.send_nowait((e.peer_id, e.addrs[0], step, mb, attempt, vec, loss))
         if not peers:
@@ -244,9 +243,17 @@ class ReplicaEngine:
 
     def _stage_peers(self) -> list[Any]:
         """Announced peers of our stage, less those whose last exchange failed within their backoff."""
+        return self._split_stage_peers()[0]
+
+    def _split_stage_peers(self) -> tuple[list[Any], list[Any]]:
+        """Announced peers of our stage with addresses: (usable now, in backoff after a failed exchange)."""
         now = trio.current_time()
-        return [e for e in self.discovery.stage_peers(self.stage)
-                if e.addrs and self._peer_failures.get(e.peer_id, (0, 0.0))[1] <= now]
+        usable: list[Any] = []
+        backoff: list[Any] = []
+        for e in self.discovery.stage_peers(self.stage):
+            if e.addrs:
+                (usable if self._peer_failures.get(e.peer_id, (0, 0.0))[1] <= now else backoff).append(e)
+        return usable, backoff
 
     def _peer_failed(self, peer: str) -> None:
         count = self._peer_failures.get(peer, (0, 0.0))[0] + 1
