@@ -1,7 +1,7 @@
 """Audit benchmark: how often is cheating caught within an epoch, at audit rates 0.05, 0.2 and 1.0?
 
 Full mode: three node processes over libp2p on the embedded chain served over JSON-RPC
-(`node.adversary`): stage 0 reports 10x its work (receipts only it signed), stage 1 sends random
+(`node.testing.adversary`): stage 0 reports 10x its work (receipts only it signed), stage 1 sends random
 activations for a fraction of its microbatches, stage 2 is honest. An attester gathers each epoch's
 receipts and re-executes every checkable hop with state and inputs fetched over `/pmn/audit/1.0.0`.
 `--quick`: the same cheats in one process (`protocol.localswarm`), smaller.
@@ -145,11 +145,11 @@ def run_network(cfg: AuditBenchConfig, root: Path) -> dict[str, object]:
     from contracts.client import ProtocolContracts
     from contracts.deploy import deploy_all
     from contracts.embedded import serve_embedded
-    from node.adversary import Cheat, spawn_adversary
-    from node.audit import fetch_epoch_receipts, spot_check
-    from node.identity import load_or_create_identity
-    from node.status import node_status
-    from node.swarm import await_ready, spawn_node, stop_nodes
+    from node.net.identity import load_or_create_identity
+    from node.observability.status import node_status
+    from node.services.audit import fetch_epoch_receipts, spot_check
+    from node.testing.adversary import Cheat, spawn_adversary
+    from node.testing.swarm import await_ready, spawn_node, stop_nodes
     from protocol.accounting import accounting_function_hash
     from protocol.modelspec import proposal_spec_hash
     from sharding.partition import partition

@@ -18,8 +18,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from node.status import read_progress  # noqa: E402
-from node.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes  # noqa: E402
+from node.observability.status import read_progress  # noqa: E402
+from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes  # noqa: E402
 
 M, B = 4, 2
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from node.swarm import run_local_swarm  # noqa: E402
+from node.testing.swarm import run_local_swarm  # noqa: E402
 from sharding import ModelConfig  # noqa: E402
 
 # subspace model sized so that a step is dominated by compute, not by process overheads

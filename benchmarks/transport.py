@@ -46,23 +46,23 @@ import trio  # noqa: E402
 from libp2p.abc import INetStream  # noqa: E402
 from libp2p.custom_types import TProtocol  # noqa: E402
 
-from node import frames as F  # noqa: E402
-from node.channel import ActEndpoint, LocalInfo, digest_off_loop, grow_receive_window  # noqa: E402
 from node.config import TransportConfig  # noqa: E402
-from node.host import full_addrs, make_host, parse_peer_addr  # noqa: E402
-from node.identity import identity_from_secret  # noqa: E402
-from node.tuning import apply_transport_tuning  # noqa: E402
+from node.net.host import full_addrs, make_host, parse_peer_addr  # noqa: E402
+from node.net.identity import identity_from_secret  # noqa: E402
+from node.net.tuning import apply_transport_tuning  # noqa: E402
+from node.wire import frames  # noqa: E402
+from node.wire.channel import ActEndpoint, LocalInfo, digest_off_loop, grow_receive_window  # noqa: E402
 
 SPEC_HASH = b"\x42" * 32
 
 
-def frame_spec(batch: int, seq: int, d_model: int, max_frame: int) -> F.FrameSpec:
+def frame_spec(batch: int, seq: int, d_model: int, max_frame: int) -> frames.FrameSpec:
     """Dense fp32 activations of a (batch, seq, d_model) boundary."""
-    return F.FrameSpec(spec_hash=SPEC_HASH, codec=F.Codec.DENSE, microbatch_size=batch, seq_len=seq,
+    return frames.FrameSpec(spec_hash=SPEC_HASH, codec=frames.CodecId.DENSE, microbatch_size=batch, seq_len=seq,
                        d_model=d_model, bytes_per_token=4 * d_model, id_bytes=2, max_frame_bytes=max_frame)
 
 
-async def bench_libp2p(spec: F.FrameSpec, n: int, credits: int, yamux_frame: int, tuned: bool = True,
+async def bench_libp2p(spec: frames.FrameSpec, n: int, credits: int, yamux_frame: int, tuned: bool = True,
                        read_bytes: int = TransportConfig.tcp_read_bytes,
                        hash_thread_bytes: int = TransportConfig.hash_thread_bytes) -> tuple[float, float, int]:
     """(seconds, cpu seconds, bytes) to move n activation frames over libp2p.
@@ -94,27 +94,27 @@ async def bench_libp2p(spec: F.FrameSpec, n: int, credits: int, yamux_frame: int
         async with trio.open_nursery() as warm:
             warm.start_soon(consume_n, inbound, 4)
             for i in range(4):
-                await ch.send_data(F.Kind.ACTIVATION, 0, i, payload, window)
+                await ch.send_data(frames.Kind.ACTIVATION, 0, i, payload, window)
         await ch.wait_acked()
         t0, c0 = time.perf_counter(), time.process_time()
         async with trio.open_nursery() as inner:
             inner.start_soon(consume)
             for i in range(n):
-                await ch.send_data(F.Kind.ACTIVATION, 1, i, payload, window)
+                await ch.send_data(frames.Kind.ACTIVATION, 1, i, payload, window)
             await ch.wait_acked()
         result = [time.perf_counter() - t0, time.process_time() - c0]
         nursery.cancel_scope.cancel()
-    frame_bytes = F.HEADER_SIZE + spec.window_len + spec.payload_len
+    frame_bytes = frames.HEADER_SIZE + spec.window_len + spec.payload_len
     return result[0], result[1], n * frame_bytes
 
 
 STREAM_PROTO = TProtocol("/pmn/bench-bytes/1.0.0")
 
 
-async def bench_libp2p_stream(spec: F.FrameSpec, n: int, yamux_frame: int, window: int,
+async def bench_libp2p_stream(spec: frames.FrameSpec, n: int, yamux_frame: int, window: int,
                               read_bytes: int = TransportConfig.tcp_read_bytes) -> tuple[float, float, int]:
     """(seconds, cpu seconds, bytes) to write the frame bytes n times to a plain tuned libp2p stream."""
-    raw = os.urandom(F.HEADER_SIZE + spec.window_len + spec.payload_len)
+    raw = os.urandom(frames.HEADER_SIZE + spec.window_len + spec.payload_len)
     la = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
     h0 = make_host(identity_from_secret((103).to_bytes(32, "big")), yamux_frame, read_bytes)
     h1 = make_host(identity_from_secret((104).to_bytes(32, "big")), yamux_frame, read_bytes)
@@ -152,7 +152,7 @@ async def consume_n(ch: object, k: int) -> None:
         await ch.recv_data(60)  # type: ignore[attr-defined]
 
 
-async def bench_tcp(spec: F.FrameSpec, n: int, app_work: bool = True) -> tuple[float, float, int]:
+async def bench_tcp(spec: frames.FrameSpec, n: int, app_work: bool = True) -> tuple[float, float, int]:
     """(seconds, cpu seconds, bytes) to move the same frames over a plain trio TCP socket.
 
     app_work=True does the node's application work on both ends (BLAKE3 digest on send, header
@@ -161,30 +161,30 @@ async def bench_tcp(spec: F.FrameSpec, n: int, app_work: bool = True) -> tuple[f
     """
     payload = os.urandom(spec.payload_len)
     window = bytes(spec.window_len)
-    size = F.HEADER_SIZE + len(window) + len(payload)
+    size = frames.HEADER_SIZE + len(window) + len(payload)
     cfg = TransportConfig()  # the node's rule for hashing in a worker thread or on the loop
     done = trio.Event()
     out: list[float] = []
 
     async def handler(stream: trio.SocketStream) -> None:
         buf = bytearray()
-        frames = 0
-        while frames < n:
+        count = 0
+        while count < n:
             chunk = await stream.receive_some(1 << 20)
             if not chunk:
                 break
             buf += chunk
             while len(buf) >= size:
                 if app_work:
-                    h = F.decode_header(bytes(buf[: F.HEADER_SIZE]), spec.max_frame_bytes)
-                    F.check_data_header(h, spec)
-                    body = bytes(buf[F.HEADER_SIZE:size])
+                    h = frames.decode_header(bytes(buf[: frames.HEADER_SIZE]), spec.max_frame_bytes)
+                    frames.check_data_header(h, spec)
+                    body = bytes(buf[frames.HEADER_SIZE:size])
                     if cfg.hashes_in_thread(len(body)):
-                        await trio.to_thread.run_sync(F.split_body, h, body)
+                        await trio.to_thread.run_sync(frames.split_body, h, body)
                     else:
-                        F.split_body(h, body)
+                        frames.split_body(h, body)
                 del buf[:size]
-                frames += 1
+                count += 1
         await stream.send_all(b"k")
         done.set()
 
@@ -192,16 +192,16 @@ async def bench_tcp(spec: F.FrameSpec, n: int, app_work: bool = True) -> tuple[f
         listeners = await nursery.start(functools.partial(trio.serve_tcp, handler, 0, host="127.0.0.1"))
         port = listeners[0].socket.getsockname()[1]
         client = await trio.open_tcp_stream("127.0.0.1", port)
-        raw = F.encode_frame(F.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=payload, window=window,
-                             codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT32, shape=spec.shape)
+        raw = frames.encode_frame(frames.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=payload, window=window,
+                             codec=frames.CodecId.DENSE, dtype=frames.Dtype.FLOAT32, shape=spec.shape)
         t0, c0 = time.perf_counter(), time.process_time()
         for i in range(n):
             if app_work:
                 dig = await digest_off_loop(window, payload, cfg.hashes_in_thread(len(window) + len(payload)))
-                h = F.FrameHeader(kind=F.Kind.ACTIVATION, spec_hash=SPEC_HASH, stage=0, step=1, microbatch=i,
-                                  codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT32, shape=spec.shape,
+                h = frames.FrameHeader(kind=frames.Kind.ACTIVATION, spec_hash=SPEC_HASH, stage=0, step=1, microbatch=i,
+                                  codec=frames.CodecId.DENSE, dtype=frames.Dtype.FLOAT32, shape=spec.shape,
                                   window_len=len(window), payload_len=len(payload), digest=dig)
-                raw = b"".join((F.encode_header(h), window, payload))
+                raw = b"".join((frames.encode_header(h), window, payload))
             await client.send_all(raw)
         await client.receive_some(1)
         await done.wait()
@@ -229,7 +229,7 @@ class TwoProcRun:
     hash_thread_bytes: int = TransportConfig.hash_thread_bytes  # bodies hashed in a worker thread from this size (lib)
 
 
-def _spec_of(run: TwoProcRun) -> F.FrameSpec:
+def _spec_of(run: TwoProcRun) -> frames.FrameSpec:
     return frame_spec(run.batch, run.seq, run.d_model, 64 * 1024 * 1024)
 
 
@@ -247,7 +247,7 @@ async def _receiver(run: TwoProcRun, out: Any, stop: Any) -> None:
     spec = _spec_of(run)
     la = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
     if run.path == "tcp":
-        size = F.HEADER_SIZE + spec.window_len + spec.payload_len
+        size = frames.HEADER_SIZE + spec.window_len + spec.payload_len
         done = trio.Event()
 
         async def handler(stream: trio.SocketStream) -> None:
@@ -286,8 +286,8 @@ async def _sender(run: TwoProcRun, addr: str, out: Any) -> None:
     spec = _spec_of(run)
     payload, window = os.urandom(spec.payload_len), bytes(spec.window_len)
     if run.path == "tcp":
-        raw = F.encode_frame(F.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=payload, window=window,
-                             codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT32, shape=spec.shape)
+        raw = frames.encode_frame(frames.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=payload, window=window,
+                             codec=frames.CodecId.DENSE, dtype=frames.Dtype.FLOAT32, shape=spec.shape)
         client = await trio.open_tcp_stream("127.0.0.1", int(addr))
         t0, c0 = time.perf_counter(), time.process_time()
         for _ in range(run.n):
@@ -304,13 +304,13 @@ async def _sender(run: TwoProcRun, addr: str, out: Any) -> None:
         ch = await sender.open(addr)
         nursery.start_soon(ch.run_reader)
         for i in range(WARMUP_FRAMES):
-            await ch.send_data(F.Kind.ACTIVATION, 0, i, payload, window)
+            await ch.send_data(frames.Kind.ACTIVATION, 0, i, payload, window)
         await ch.wait_acked()
         t0, c0 = time.perf_counter(), time.process_time()
         for i in range(run.n):
-            await ch.send_data(F.Kind.ACTIVATION, 1, i, payload, window)
+            await ch.send_data(frames.Kind.ACTIVATION, 1, i, payload, window)
         await ch.wait_acked()
-        frame_bytes = F.HEADER_SIZE + spec.window_len + spec.payload_len
+        frame_bytes = frames.HEADER_SIZE + spec.window_len + spec.payload_len
         out.put(("sender", (time.perf_counter() - t0, time.process_time() - c0, run.n * frame_bytes)))
         nursery.cancel_scope.cancel()
 
@@ -355,15 +355,15 @@ def bench_two_processes(run: TwoProcRun, timeout_s: float = 300.0) -> tuple[floa
     return seconds, sender_cpu + got["receiver_cpu"], nbytes
 
 
-def primitive_cpu(spec: F.FrameSpec, n: int) -> tuple[float, float]:
+def primitive_cpu(spec: frames.FrameSpec, n: int) -> tuple[float, float]:
     """(BLAKE3 digest CPU s/GiB at both ends, Noise ChaCha20-Poly1305 encrypt + decrypt CPU s/GiB), timed alone."""
     from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
     window, payload = bytes(spec.window_len), os.urandom(spec.payload_len)
-    size = F.HEADER_SIZE + len(window) + len(payload)
+    size = frames.HEADER_SIZE + len(window) + len(payload)
     c0 = time.process_time()
     for _ in range(n):
-        F.digest(window, payload)
+        frames.digest(window, payload)
     hash_s = 2 * (time.process_time() - c0)  # sender computes it, receiver checks it
     aead, nonce, plain = ChaCha20Poly1305(os.urandom(32)), bytes(12), memoryview(payload)
     step = 65535 - 16  # plaintext bytes per Noise message
@@ -422,7 +422,7 @@ def main() -> None:
     lib_mbps, cpu_per_gib = rate["lib2"]
     tcp_mbps = rate["tcp2"][0]
     lib1_mbps, tcp1_mbps, work_mbps = rate["lib"][0], rate["tcp"][0], rate["work"][0]
-    frame_bytes = F.HEADER_SIZE + spec.window_len + spec.payload_len
+    frame_bytes = frames.HEADER_SIZE + spec.window_len + spec.payload_len
     print(f"{'path (medians of ' + str(reps) + ')':<36}{'MB/s':>9}{'CPU s/GiB':>11}{'vs TCP':>8}{'frames':>8}")
     print("two processes (sender and receiver are separate processes, as two nodes are):")
     for label, key, base in (("libp2p /pmn/act/1.0.0", "lib2", tcp_mbps), ("raw TCP, bytes only", "tcp2", tcp_mbps)):
@@ -433,8 +433,8 @@ def main() -> None:
             ("libp2p stream, bytes only", "stream"), ("raw TCP, bytes only", "tcp"), ("raw TCP, same frame work", "work")]
     for label, key in rows:
         mbps, cpu = rate[key]
-        frames = n_tcp if key == "tcp" else n
-        print(f"  {label:<34}{mbps:>9.1f}{cpu:>11.2f}{mbps / tcp1_mbps:>8.3f}{frames:>8}")
+        sent = n_tcp if key == "tcp" else n
+        print(f"  {label:<34}{mbps:>9.1f}{cpu:>11.2f}{mbps / tcp1_mbps:>8.3f}{sent:>8}")
     print(f"frames of {frame_bytes / 2**20:.2f} MiB, yamux frames {a.yamux_frame} B, read-ahead {a.read_bytes} B, "
           f"credits {a.credits}; CPU = both ends, worker threads included")
     ceiling = rate["tcp"][1] / (rate["tcp"][1] + prim[0] + prim[1])

@@ -24,23 +24,23 @@ from typing import Any
 import torch
 import trio
 
-from node.averaging import AveragingService, ContributionStore, trainable
-from node.channel import ActChannel, ActEndpoint, LocalInfo, ReceiptHook
-from node.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
 from node.config import NodeConfig, ReplicaConfig
-from node.dht import ModelDht
-from node.discovery import Announcement, Discovery, choose_stage
 from node.errors import CheckpointError, NodeError, PeerLostError, ResyncNeededError
-from node.host import full_addrs, make_host, parse_listen
-from node.identity import NodeIdentity, bind, load_or_create_identity
-from node.metrics import NodeMetrics
-from node.rebalance import Move
-from node.replicas import ReplicaEngine, StepOutcome
-from node.runtime import PipelineRuntime, StepResult
-from node.services import chain_hooks, report_error
-from node.statesync import StateService, fetch_state, pack_state
-from node.status import append_progress, write_status
-from node.worker import StageWorker
+from node.net.dht import ModelDht
+from node.net.discovery import Announcement, Discovery, choose_stage
+from node.net.host import full_addrs, make_host, parse_listen
+from node.net.identity import NodeIdentity, bind, load_or_create_identity
+from node.observability.metrics import NodeMetrics
+from node.observability.status import append_progress, write_status
+from node.pipeline.runtime import PipelineRuntime, StepResult
+from node.replicas.averaging import AveragingService, ContributionStore, trainable
+from node.replicas.engine import ReplicaEngine, StepOutcome
+from node.replicas.rebalance import Move
+from node.replicas.statesync import StateService, fetch_state, pack_state
+from node.services.hooks import chain_hooks, report_error
+from node.training.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
+from node.training.worker import StageWorker
+from node.wire.channel import ActChannel, ActEndpoint, LocalInfo, ReceiptHook
 from sharding import PRESETS, ModelConfig, OptimConfig, load_corpus, partition
 
 RETRYABLE = (NodeError,)
@@ -160,7 +160,7 @@ class NodeDaemon:
     def _build_worker(self, stage: int) -> StageWorker:
         specs = partition(self.model, self.cfg.num_stages)
         spec = specs[stage]
-        corpus = load_corpus(self.corpus_source) if spec.is_head else None
+        corpus = load_corpus(self.corpus_source) if spec.is_first else None
         r = self.cfg.runtime
         worker = StageWorker(self.model, spec, codec=r.codec, optim=self.optim, num_microbatches=r.num_microbatches,
                              microbatch_size=r.microbatch_size, corpus=corpus)
@@ -204,7 +204,7 @@ class NodeDaemon:
         r = self.cfg.runtime
         limit = self.cfg.discovery.discovery_timeout_s if first else r.redial_timeout_s
         limit_name = "discovery_timeout_s" if first else "redial_timeout_s"
-        if not spec.is_head and (self.links.up is None or self.links.up.failure is not None):
+        if not spec.is_first and (self.links.up is None or self.links.up.failure is not None):
             want = spec.index - 1
             with trio.move_on_after(limit):
                 while self.links.up is None:
@@ -218,7 +218,7 @@ class NodeDaemon:
             if self.links.up is None:
                 raise PeerLostError(f"stage {spec.index}: no peer for stage {want} connected within "
                                     f"{limit_name}={limit}", "", want)
-        if not spec.is_tail and (self.links.down is None or self.links.down.failure is not None):
+        if not spec.is_last and (self.links.down is None or self.links.down.failure is not None):
             want = spec.index + 1
             backoff = r.retry_backoff_s
             deadline = trio.current_time() + limit

@@ -21,7 +21,7 @@ from pmn.cmd_chain import Session, _require_model, open_session, role_config, un
 from pmn.config import HolderConfig
 from pmn.errors import CLIError
 
-MAX_NEW_TOKENS = 256  # node.inference.InferenceConfig.max_new_tokens: the most a head serves per request
+MAX_NEW_TOKENS = 256  # node.services.inference.InferenceConfig.max_new_tokens: the most a head serves per request
 
 
 def _bytes32(flag: str, value: str) -> bytes:
@@ -76,8 +76,14 @@ def cmd_infer(args: argparse.Namespace) -> int:
         raise CLIError(f"--timeout-s must be > 0, got {args.timeout_s}")
     cfg = role_config(HolderConfig, args)
     peers = args.bootstrap or cfg.bootstrap
-    from node.host import parse_peer_addr  # libp2p and torch load only once the arguments are sane
-    from node.inference import InferenceError, check_request, generate, head_stream_opener, request_limits
+    from node.net.host import parse_peer_addr  # libp2p and torch load only once the arguments are sane
+    from node.services.inference import (
+        InferenceError,
+        check_request,
+        generate,
+        head_stream_opener,
+        request_limits,
+    )
 
     if not os.environ.get("PMN_DEBUG"):  # py-libp2p logs each failed dial attempt; the one-line error says it
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)

@@ -104,7 +104,7 @@ def _node_address(data_dir: Path, status: dict[str, Any]) -> str | None:
     """The node key's address: from the status file, else from the key file (never creates a key)."""
     if status.get("address"):
         return str(status["address"])
-    from node.identity import KEY_FILE, node_account
+    from node.net.identity import KEY_FILE, node_account
 
     key = data_dir / KEY_FILE
     if not key.exists():
@@ -181,7 +181,7 @@ def compute_report(data_dir: Path, model: NodeModel, address: str | None, stage:
 
 
 def cmd_node_status(args: argparse.Namespace) -> int:
-    from node.status import node_status, read_progress
+    from node.observability.status import node_status, read_progress
 
     cfg = load_config(OperatorConfig, args.config)
     data_dir = Path(args.data_dir or cfg.data_dir).expanduser()
@@ -231,7 +231,7 @@ def cmd_node_status(args: argparse.Namespace) -> int:
 
 
 def cmd_swarm(args: argparse.Namespace) -> int:
-    from node.swarm import run_local_swarm
+    from node.testing.swarm import run_local_swarm
 
     if args.stages < 1 or args.steps < 1:
         raise CLIError("--stages and --steps must be >= 1")

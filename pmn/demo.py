@@ -29,11 +29,11 @@ from contracts.chain import advance_time, connect, is_embedded, test_accounts
 from contracts.client import ProtocolContracts
 from contracts.deploy import deploy_all
 from contracts.embedded import serve_embedded
-from node.audit import spot_check, submit_frauds
-from node.identity import load_or_create_identity
-from node.inference import generate, head_stream_opener
-from node.status import node_status, read_progress
-from node.swarm import NodeProcess, launch_swarm, stop_nodes
+from node.net.identity import load_or_create_identity
+from node.observability.status import node_status, read_progress
+from node.services.audit import spot_check, submit_frauds
+from node.services.inference import generate, head_stream_opener
+from node.testing.swarm import NodeProcess, launch_swarm, stop_nodes
 from pmn.errors import CLIError
 from pmn.spec import ModelProposal, ProposalTerms, TrainingRecipe
 from protocol.accounting import accounting_function_hash

@@ -16,13 +16,14 @@ from eth_utils import keccak
 from protocol.errors import AccountingError
 from sharding import flops as _flops
 from sharding.config import ModelConfig
-from sharding.partition import StageSpec, check_spec
+from sharding.partition import check_spec
+from sharding.stagespec import StageSpec
 
 ACCOUNTING_VERSION = 1
 
 FORMULA = (
     "units(config, spec, tokens) = tokens * stage_flops_per_token(config, spec); "
-    "stage_flops_per_token = 3 * (sum of block_forward_flops over spec's blocks + head_forward_flops if has_head)"
+    "stage_flops_per_token = 3 * (sum of block_forward_flops over spec's blocks + head_forward_flops if has_lm_head)"
 )
 
 

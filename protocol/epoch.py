@@ -32,7 +32,8 @@ from protocol.receipts import (
     verify_signed_receipt,
 )
 from sharding.config import ModelConfig
-from sharding.partition import StageSpec, validate_specs
+from sharding.partition import validate_specs
+from sharding.stagespec import StageSpec
 
 EPOCH_ROOT_TYPES: dict[str, list[dict[str, str]]] = {
     "EpochRoot": [

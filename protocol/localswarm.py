@@ -6,7 +6,7 @@ EIP-712 receipt signed by the sender, checked and countersigned by the receiver,
 nodes' sqlite stores. Cheating is injected into the stage code itself: a node can send random
 activations for a fraction of its forward hops, and a node can inflate its self-reported work by
 fabricating receipts no neighbour countersigned (the same two cheats as node processes over libp2p:
-`node.adversary`, caught by the network attester in `node.audit`).
+`node.testing.adversary`, caught by the network attester in `node.services.audit`).
 It also keeps what an attester fetches for a spot check: each stage's parameters at each step and each
 hop's payload and input.
 """
@@ -44,8 +44,9 @@ from protocol.store import ReceiptStore, StoreConfig
 from sharding.codecs import get_codec
 from sharding.config import ModelConfig
 from sharding.data import Corpus, load_corpus
-from sharding.partition import StageSpec, partition
+from sharding.partition import partition
 from sharding.stage import build_stage
+from sharding.stagespec import StageSpec
 from sharding.train import OptimConfig, make_optimizer, optimizer_step
 
 

@@ -60,7 +60,7 @@ _UINT_FIELDS = {  # attribute -> (EIP-712 field name, bit width)
 def payload_digest(payload: bytes, window: bytes = b"") -> bytes:
     """The `payloadDigest` of a hop: BLAKE3 over the token-window bytes then the codec payload bytes.
 
-    Same definition as the wire frame digest of `node.frames`, so a frame's digest is its receipt's digest.
+    Same definition as the wire frame digest of `node.wire.frames`, so a frame's digest is its receipt's digest.
     """
     h = blake3()
     h.update(window)

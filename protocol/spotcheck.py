@@ -36,8 +36,8 @@ from protocol.receipts import (
 )
 from sharding.codecs import get_codec, token_id_bytes
 from sharding.config import ModelConfig
-from sharding.partition import StageSpec
 from sharding.stage import build_stage
+from sharding.stagespec import StageSpec
 
 FRAUD_TYPES: dict[str, list[dict[str, str]]] = {
     "Fraud": [
@@ -150,17 +150,17 @@ def reexecute(
         except (RuntimeError, KeyError) as exc:
             raise SpotCheckError("state_dict", f"does not fit stage {spec.index}: {exc}") from exc
         h_in = None
-        if not spec.is_head:
+        if not spec.is_first:
             if hop.input_payload is None:
                 raise SpotCheckError("input_payload", f"stage {spec.index} needs the activation it received")
             h_in = codec.decode_activation(hop.input_payload, ids)
         if r.direction == FORWARD:
-            if spec.is_tail:
+            if spec.is_last:
                 raise SpotCheckError("direction", "the tail stage sends no forward hop")
             with torch.no_grad():
                 out = module(ids, h_in)
             return out, codec.encode_activation(out, ids)
-        if not spec.is_tail:
+        if not spec.is_last:
             raise SpotCheckError("direction", "only the tail's backward hop can be re-executed from its inputs")
         assert h_in is not None
         h_in = h_in.detach().requires_grad_(True)

@@ -5,9 +5,10 @@ from .config import PRESETS, ModelConfig
 from .data import Corpus, load_corpus
 from .errors import CodecError, DataError, ShardingError, StageError
 from .flops import model_flops_per_token, stage_flops_per_token
-from .partition import StageSpec, full_spec, partition
+from .partition import partition
 from .pipeline import LocalPipeline
 from .stage import StageModule, build_model, build_stage
+from .stagespec import StageSpec, full_spec
 from .train import OptimConfig, lr_at, make_optimizer, train_reference
 
 __all__ = [

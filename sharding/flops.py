@@ -2,12 +2,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from .config import ModelConfig
-
-if TYPE_CHECKING:
-    from .partition import StageSpec
+from .stagespec import StageSpec
 
 
 def block_forward_flops(config: ModelConfig, block: int) -> int:
@@ -30,7 +26,7 @@ def head_forward_flops(config: ModelConfig) -> int:
 def stage_flops_per_token(config: ModelConfig, spec: StageSpec) -> int:
     """Forward+backward FLOPs per token of the shard described by `spec`."""
     fwd = sum(block_forward_flops(config, b) for b in range(spec.block_start, spec.block_end))
-    if spec.has_head:
+    if spec.has_lm_head:
         fwd += head_forward_flops(config)
     return 3 * fwd
 

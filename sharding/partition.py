@@ -4,42 +4,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from .config import ModelConfig
 from .flops import block_forward_flops, head_forward_flops
-
-
-@dataclass(frozen=True)
-class StageSpec:
-    """One pipeline stage: blocks [block_start, block_end), plus embedding and/or LM head."""
-
-    index: int  # position of this stage in the pipeline, 0-based
-    num_stages: int  # total number of stages in the pipeline
-    block_start: int  # first block held by this stage
-    block_end: int  # one past the last block held by this stage
-    has_embedding: bool  # holds the token embedding (the head stage)
-    has_head: bool  # holds the final norm, LM head and loss (the tail stage)
-
-    @property
-    def is_head(self) -> bool:
-        """First stage of the pipeline."""
-        return self.index == 0
-
-    @property
-    def is_tail(self) -> bool:
-        """Last stage of the pipeline."""
-        return self.index == self.num_stages - 1
-
-    @property
-    def blocks(self) -> range:
-        """Global indices of the blocks held by this stage."""
-        return range(self.block_start, self.block_end)
-
-
-def full_spec(config: ModelConfig) -> StageSpec:
-    """The single stage holding the whole model."""
-    return StageSpec(0, 1, 0, config.n_layers, True, True)
+from .stagespec import StageSpec
 
 
 def partition(
@@ -117,7 +85,7 @@ def partition(
             block_start=bounds[i],
             block_end=bounds[i + 1],
             has_embedding=i == 0,
-            has_head=i == num_stages - 1,
+            has_lm_head=i == num_stages - 1,
         )
         for i in range(num_stages)
     ]
@@ -134,7 +102,7 @@ def validate_specs(config: ModelConfig, specs: Sequence[StageSpec]) -> None:
             raise ValueError(f"StageSpec {i}: index/num_stages must be {i}/{num}, got {s.index}/{s.num_stages}")
         if s.block_start != expect or s.block_end <= s.block_start:
             raise ValueError(f"StageSpec {i}: blocks [{s.block_start},{s.block_end}) must start at {expect}")
-        if s.has_embedding != (i == 0) or s.has_head != (i == num - 1):
+        if s.has_embedding != (i == 0) or s.has_lm_head != (i == num - 1):
             raise ValueError(f"StageSpec {i}: embedding goes on stage 0 and the head on the last stage")
         expect = s.block_end
     if expect != config.n_layers:
@@ -152,13 +120,13 @@ def check_spec(config: ModelConfig, spec: StageSpec) -> None:
             f"StageSpec blocks [{spec.block_start},{spec.block_end}) must be a non-empty range "
             f"inside [0,{config.n_layers})"
         )
-    if spec.has_embedding != spec.is_head or spec.has_head != spec.is_tail:
-        raise ValueError("StageSpec: has_embedding must equal is_head and has_head must equal is_tail")
+    if spec.has_embedding != spec.is_first or spec.has_lm_head != spec.is_last:
+        raise ValueError("StageSpec: has_embedding must equal is_first and has_lm_head must equal is_last")
     if spec.has_embedding and spec.block_start != 0:
         raise ValueError("StageSpec: the embedding stage must start at block 0")
-    if spec.has_head and spec.block_end != config.n_layers:
-        raise ValueError("StageSpec: the head stage must end at the last block")
-    if config.is_subspace and not spec.has_head and not config.is_constrained(spec.block_end - 1):
+    if spec.has_lm_head and spec.block_end != config.n_layers:
+        raise ValueError("StageSpec: the LM-head stage must end at the last block")
+    if config.is_subspace and not spec.has_lm_head and not config.is_constrained(spec.block_end - 1):
         raise ValueError(
             f"StageSpec {spec.index}: a boundary after free tail layer {spec.block_end - 1} cannot be "
             f"compressed; free_tail_layers={config.free_tail_layers} must all sit on the tail stage"

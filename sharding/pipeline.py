@@ -13,8 +13,9 @@ import torch
 from .codecs import Codec, get_codec, token_id_bytes
 from .config import ModelConfig
 from .data import Corpus
-from .partition import StageSpec, partition, validate_specs
+from .partition import partition, validate_specs
 from .stage import StageModule, build_stage
+from .stagespec import StageSpec
 from .train import OptimConfig, make_optimizer, optimizer_step
 
 
@@ -50,9 +51,9 @@ class LocalPipeline:
         h: torch.Tensor | None = None
         n = len(self.stages)
         for i, stage in enumerate(self.stages):
-            is_tail = i == n - 1
-            out = stage(ids, h, targets if is_tail else None)
-            if is_tail:
+            is_last = i == n - 1
+            out = stage(ids, h, targets if is_last else None)
+            if is_last:
                 return out, saved
             payload = self.codec.encode_activation(out.detach(), ids)
             self.bytes_sent += len(payload)

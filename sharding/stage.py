@@ -11,8 +11,9 @@ from torch import nn
 from .config import ModelConfig
 from .errors import StageError
 from .model import Block, RMSNorm, rope_tables
-from .partition import StageSpec, check_spec, full_spec
+from .partition import check_spec
 from .seeding import generator
+from .stagespec import StageSpec, full_spec
 from .subspace import fixed_embedding, restream, subspace_basis
 
 # parameters whose init std is divided by sqrt(2 * n_layers) (residual output projections)
@@ -37,9 +38,9 @@ class StageModule(nn.Module):
             self.blocks = nn.ModuleDict(
                 {str(i): Block(config, config.is_constrained(i)) for i in spec.blocks}
             )
-            self.norm_f = RMSNorm(config.d_model, config.norm_eps) if spec.has_head else None
+            self.norm_f = RMSNorm(config.d_model, config.norm_eps) if spec.has_lm_head else None
             self.lm_head = (
-                nn.Linear(config.d_model, config.vocab_size, bias=False) if spec.has_head else None
+                nn.Linear(config.d_model, config.vocab_size, bias=False) if spec.has_lm_head else None
             )
         self.to_empty(device=device)
         cos, sin = rope_tables(config, device)

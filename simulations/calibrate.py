@@ -150,14 +150,14 @@ def stage_ops(cal: CalibrationConfig, indices: list[int] | None = None) -> list[
             h = None
             if not spec.has_embedding:
                 h = codec.decode_activation(codec.encode_activation(h_in, ids), ids).requires_grad_(True)
-            out = stage(ids, h, targets if spec.has_head else None)
-            if not spec.has_head:
+            out = stage(ids, h, targets if spec.has_lm_head else None)
+            if not spec.has_lm_head:
                 codec.encode_activation(out.detach(), ids)
             state["out"], state["h"] = out, h
 
         def backward(spec: Any = spec, state: dict[str, Any] = state) -> None:
             out, h = state.pop("out"), state.pop("h")
-            if spec.has_head:
+            if spec.has_lm_head:
                 out.backward()
             else:
                 out.backward(codec.decode_gradient(codec.encode_gradient(grad_out, ids), ids))

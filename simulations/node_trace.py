@@ -79,7 +79,10 @@ def _frame_key(self: Any, fr: Any, *_: Any, **__: Any) -> tuple[int, int]:
 
 def install(data_dir: str | Path) -> None:
     """Patch the node classes so that their work is traced into `<data_dir>/trace.jsonl`."""
-    from node import channel, daemon, runtime, worker
+    from node import daemon
+    from node.pipeline import runtime
+    from node.training import worker
+    from node.wire import channel
 
     path = Path(data_dir).expanduser() / TRACE_NAME
     path.parent.mkdir(parents=True, exist_ok=True)

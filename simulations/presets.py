@@ -82,7 +82,7 @@ def stage_params(config: Any, spec: Any) -> int:
     n = per_block * (spec.block_end - spec.block_start)
     if spec.has_embedding:
         n += config.vocab_size * d
-    if spec.has_head:
+    if spec.has_lm_head:
         n += config.vocab_size * d + d  # LM head and final norm gain
     return n
 

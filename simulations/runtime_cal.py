@@ -103,17 +103,17 @@ async def _transport(payload_len: int, window_len: int, n: int) -> dict[str, flo
     import multiaddr
     import trio
 
-    from node import frames as F
-    from node.channel import ActEndpoint, LocalInfo
     from node.config import TransportConfig
-    from node.host import full_addrs, make_host
-    from node.identity import identity_from_secret
+    from node.net.host import full_addrs, make_host
+    from node.net.identity import identity_from_secret
+    from node.wire import frames
+    from node.wire.channel import ActEndpoint, LocalInfo
 
     spec_hash = b"\x42" * 32
     id_bytes = 2
     seq = 1
     batch = max(1, window_len // (id_bytes * (seq + 1)))
-    spec = F.FrameSpec(spec_hash=spec_hash, codec=F.Codec.DENSE, microbatch_size=batch, seq_len=seq, d_model=1,
+    spec = frames.FrameSpec(spec_hash=spec_hash, codec=frames.CodecId.DENSE, microbatch_size=batch, seq_len=seq, d_model=1,
                        bytes_per_token=max(1, payload_len // batch), id_bytes=id_bytes, max_frame_bytes=1 << 26)
     payload = os.urandom(spec.payload_len)
     window = bytes(spec.window_len)
@@ -140,13 +140,13 @@ async def _transport(payload_len: int, window_len: int, n: int) -> dict[str, flo
             async with trio.open_nursery() as warm:  # window growth, first frames
                 warm.start_soon(consume, 4)
                 for i in range(4):
-                    await ch.send_data(F.Kind.ACTIVATION, 0, i, payload, window)
+                    await ch.send_data(frames.Kind.ACTIVATION, 0, i, payload, window)
             await ch.wait_acked()
             t0, c0 = time.perf_counter(), time.process_time()
             async with trio.open_nursery() as inner:
                 inner.start_soon(consume, n)
                 for i in range(n):
-                    await ch.send_data(F.Kind.ACTIVATION, 1, i, payload, window)
+                    await ch.send_data(frames.Kind.ACTIVATION, 1, i, payload, window)
                 await ch.wait_acked()
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             if credits == 1:
@@ -164,13 +164,13 @@ async def _transport(payload_len: int, window_len: int, n: int) -> dict[str, flo
     return out
 
 
-def measure_transport(payload_len: int, window_len: int, frames: int = 200) -> dict[str, Any]:
+def measure_transport(payload_len: int, window_len: int, n_frames: int = 200) -> dict[str, Any]:
     """py-libp2p channel costs for frames of this size (see the module docstring)."""
     import trio
 
-    res: dict[str, Any] = dict(trio.run(_transport, payload_len, window_len, frames))
-    res["payload_len"], res["window_len"], res["frames"] = payload_len, window_len, frames
-    res["how"] = ("two py-libp2p hosts in one process on 127.0.0.1, node.channel.ActEndpoint (TCP+Noise+yamux, "
+    res: dict[str, Any] = dict(trio.run(_transport, payload_len, window_len, n_frames))
+    res["payload_len"], res["window_len"], res["frames"] = payload_len, window_len, n_frames
+    res["how"] = ("two py-libp2p hosts in one process on 127.0.0.1, node.wire.channel.ActEndpoint (TCP+Noise+yamux, "
                   "credits, digest, ack): connect_s = connect+stream+HELLO; frame_rtt_s = wall per frame with "
                   "credits=1; frame_cpu_s = process CPU per frame (both ends) with credits=4; "
                   "thread_dispatch_s = median trio.to_thread.run_sync(no-op)")

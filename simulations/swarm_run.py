@@ -1,6 +1,6 @@
 """Run a real local swarm (node processes over libp2p on 127.0.0.1), optionally traced, and read it back.
 
-Uses `node.swarm.run_local_swarm` as it is; with `trace=True` every node process is started through
+Uses `node.testing.swarm.run_local_swarm` as it is; with `trace=True` every node process is started through
 `simulations.node_trace` (same daemon, same arguments) so that its compute and frame events land in
 `<data-dir>/trace.jsonl`.
 """
@@ -89,7 +89,7 @@ class SwarmRun:
 
 @contextlib.contextmanager
 def _traced_commands() -> Iterator[None]:
-    import node.swarm as swarm
+    import node.testing.swarm as swarm
 
     original = swarm.node_command
 
@@ -217,7 +217,7 @@ def read_trace(path: Path) -> list[dict[str, Any]]:
 
 def run_swarm(spec: SwarmSpec, trace: bool = False, timeout_s: float = 600.0) -> SwarmRun:
     """Run the swarm once in a temporary directory, sampling the host's load; return its progress (and traces)."""
-    from node.swarm import run_local_swarm
+    from node.testing.swarm import run_local_swarm
 
     spec = spec.validate()
     with tempfile.TemporaryDirectory(prefix="pmn-sim-swarm-") as tmp:

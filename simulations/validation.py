@@ -4,7 +4,7 @@ Three measured references, from cheapest to most complete:
 - `validate_in_process`: `sharding.pipeline.LocalPipeline` (all stages in one process, one after
   another) — the calibration run itself; the model is one shared CPU slot and no network.
 - `validate_local_swarm`: a real swarm of node processes on 127.0.0.1 over libp2p
-  (`node.swarm.run_local_swarm`), simulated with every node sharing this host's cores and
+  (`node.testing.swarm.run_local_swarm`), simulated with every node sharing this host's cores and
   loopback links (TCP+Noise+yamux bandwidth and round trip from docs/FACTS).
 - `compare_with_benchmark_json`: the last JSON line of `benchmarks/pipeline.py`, when it exists.
 The local-swarm comparison that models the host's load, the runtime's per-frame CPU and processor
@@ -127,7 +127,7 @@ def measure_local_swarm(
 
     The first step (connection set-up, warm-up) is excluded; the median over the others is reported.
     """
-    from node.swarm import run_local_swarm
+    from node.testing.swarm import run_local_swarm
 
     with tempfile.TemporaryDirectory(prefix="pmn-sim-validate-") as root:
         result = run_local_swarm(
@@ -161,7 +161,7 @@ def validate_local_swarm(
     sim = simulate(local_config(calibration, microbatches, steps, shared_cpus=cpus))
     measured = measure_local_swarm(cal, microbatches, steps, timeout_s)
     out = compare(measured["tokens_per_s"], sim.tokens_per_s)
-    out.update({"reference": "node.swarm.run_local_swarm (libp2p on 127.0.0.1)", "measured": measured,
+    out.update({"reference": "node.testing.swarm.run_local_swarm (libp2p on 127.0.0.1)", "measured": measured,
                 "shared_cpus": cpus, "calibration": calibration})
     return out
 
@@ -218,7 +218,7 @@ def validate_local_swarm_fitted(
     fitted = simulate(replace(base, frame_overhead_s=frame, step_overhead_s=step))
     out = compare(held["tokens_per_s"], fitted.tokens_per_s)
     out.update({
-        "reference": "node.swarm.run_local_swarm (libp2p on 127.0.0.1), held-out microbatch count",
+        "reference": "node.testing.swarm.run_local_swarm (libp2p on 127.0.0.1), held-out microbatch count",
         "error_without_runtime_overheads": compare(held["tokens_per_s"], raw.tokens_per_s)["error"],
         "frame_overhead_s": frame,
         "step_overhead_s": step,

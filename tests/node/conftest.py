@@ -8,19 +8,19 @@ from collections.abc import AsyncIterator
 import multiaddr
 import numpy as np
 
-from node import frames as F
 from node.config import TransportConfig
 from node.errors import NonFiniteError
-from node.host import make_host
-from node.identity import identity_from_secret
+from node.net.host import make_host
+from node.net.identity import identity_from_secret
+from node.wire import frames
 
 SPEC_HASH = b"\x11" * 32
-FSPEC = F.FrameSpec(spec_hash=SPEC_HASH, codec=F.Codec.DENSE, microbatch_size=2, seq_len=8, d_model=16,
+FSPEC = frames.FrameSpec(spec_hash=SPEC_HASH, codec=frames.CodecId.DENSE, microbatch_size=2, seq_len=8, d_model=16,
                     bytes_per_token=64, id_bytes=2, max_frame_bytes=64 * 1024)
 LISTEN = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
 
 
-def np_decoder(fr: F.Frame) -> np.ndarray:
+def np_decoder(fr: frames.Frame) -> np.ndarray:
     """Test decoder: fp32 payload, NaN/Inf rejected."""
     arr = np.frombuffer(fr.payload, dtype=np.float32)
     if not np.isfinite(arr).all():

@@ -6,8 +6,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from node.status import read_progress
-from node.swarm import NodeProcess, await_ready, spawn_node, start_node
+from node.observability.status import read_progress
+from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node
 
 M, B = 4, 2  # microbatches per step, sequences per microbatch
 FAST = ["--replicated", "--microbatches", str(M), "--microbatch-size", str(B), "--corpus", "synthetic",

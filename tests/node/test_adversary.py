@@ -1,4 +1,4 @@
-"""node.adversary: the cheats' choices and argument errors (the processes are exercised in test_audit)."""
+"""node.testing.adversary: the cheats' choices and argument errors (the processes are exercised in test_audit)."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from node.adversary import Cheat, make_lazy
-from node.swarm import REPO_ROOT
-from node.worker import StageWorker
+from node.testing.adversary import Cheat, make_lazy
+from node.testing.swarm import REPO_ROOT
+from node.training.worker import StageWorker
 from sharding.config import PRESETS
 from sharding.partition import partition
 from sharding.train import OptimConfig
@@ -56,7 +56,7 @@ def test_lazy_stage_sends_noise_on_chosen_microbatches_and_keeps_training() -> N
 
 
 def test_inflate_without_a_chain_is_refused_with_one_line(tmp_path: Path) -> None:
-    proc = subprocess.run([sys.executable, "-m", "node.adversary", "--behaviour", "inflate", "--stage", "0",
+    proc = subprocess.run([sys.executable, "-m", "node.testing.adversary", "--behaviour", "inflate", "--stage", "0",
                            "--data-dir", str(tmp_path), "--no-progress"], capture_output=True, timeout=120,
                           cwd=str(REPO_ROOT))
     assert proc.returncode == 1

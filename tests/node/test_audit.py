@@ -1,6 +1,6 @@
 """Spot checks over libp2p against node processes on the embedded chain served over JSON-RPC.
 
-One swarm: stage 0 inflates its receipts (node.adversary --behaviour inflate), stage 1 is lazy on
+One swarm: stage 0 inflates its receipts (node.testing.adversary --behaviour inflate), stage 1 is lazy on
 about half of its microbatches (random activations), stage 2 is honest. Attesters gather every
 epoch's receipts over `/pmn/audit/1.0.0`, settle the roots, spot-check at the model's audit rate
 (1.0), submit fraud verdicts, and after the challenge window every leaf not voided is claimed.
@@ -21,11 +21,11 @@ from contracts.chain import advance_time, connect, test_accounts
 from contracts.client import ProtocolContracts
 from contracts.deploy import deploy_all
 from contracts.embedded import serve_embedded
-from node.adversary import Cheat, spawn_adversary
-from node.audit import AuditError, AuditRecorder, fetch_epoch_receipts, spot_check, submit_frauds
-from node.identity import load_or_create_identity
-from node.status import node_status
-from node.swarm import NodeProcess, await_ready, spawn_node, stop_nodes
+from node.net.identity import load_or_create_identity
+from node.observability.status import node_status
+from node.services.audit import AuditError, AuditRecorder, fetch_epoch_receipts, spot_check, submit_frauds
+from node.testing.adversary import Cheat, spawn_adversary
+from node.testing.swarm import NodeProcess, await_ready, spawn_node, stop_nodes
 from protocol.accounting import accounting_function_hash
 from protocol.epoch import EpochContext, build_epoch
 from protocol.modelspec import proposal_spec_hash
@@ -195,13 +195,13 @@ def test_node_refuses_a_model_registered_with_another_spec(chain: Chain, tmp_pat
 def test_recorder_keeps_epochs_inside_the_window_and_names_missing_data(tmp_path: Path) -> None:
     import torch
 
-    from node import frames as F
+    from node.wire import frames
 
     now = [1000.0]
     rec = AuditRecorder(tmp_path, epoch_length=2, clock=lambda: now[0])
     module = torch.nn.Linear(2, 2)
-    header = F.FrameHeader(kind=F.Kind.ACTIVATION, spec_hash=b"\0" * 32, stage=0, step=0, microbatch=1)
-    rec.on_frame(F.Frame(header=header, window=b"ww", payload=b"pp"))
+    header = frames.FrameHeader(kind=frames.Kind.ACTIVATION, spec_hash=b"\0" * 32, stage=0, step=0, microbatch=1)
+    rec.on_frame(frames.Frame(header=header, window=b"ww", payload=b"pp"))
     assert rec.received(0, 0, 1) == (b"ww", b"pp")
     for step in range(6):
         rec.on_before_update(step, module)
@@ -222,11 +222,11 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
     import torch
     import trio
 
-    from node import frames as F
-    from node.audit import AUDIT_PROTOCOL, AuditClient, AuditService, read_message, write_message
-    from node.host import full_addrs, make_host
-    from node.identity import bind, identity_from_secret
-    from node.worker import StageWorker
+    from node.net.host import full_addrs, make_host
+    from node.net.identity import bind, identity_from_secret
+    from node.services.audit import AUDIT_PROTOCOL, AuditClient, AuditService, read_message, write_message
+    from node.training.worker import StageWorker
+    from node.wire import frames
 
     model = PRESETS[MODEL]
     spec = partition(model, STAGES)[1]
@@ -237,8 +237,8 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
     h = torch.randn(2, model.seq_len, model.d_model)
     payload = worker.codec.encode_activation(h, window[:, :-1])
     wbytes = window.numpy().astype("<u2").tobytes()
-    header = F.FrameHeader(kind=F.Kind.ACTIVATION, spec_hash=model.spec_hash(), stage=0, step=0, microbatch=1)
-    worker.decode(F.Frame(header=header, window=wbytes, payload=payload))  # the observer records it
+    header = frames.FrameHeader(kind=frames.Kind.ACTIVATION, spec_hash=model.spec_hash(), stage=0, step=0, microbatch=1)
+    worker.decode(frames.Frame(header=header, window=wbytes, payload=payload))  # the observer records it
     before = {k: v.clone() for k, v in worker.module.state_dict().items()}
     worker.step(0)  # the observer keeps the parameters step 0 ran with, before the update
     server_ident, other = identity_from_secret(b"\x05" * 32), identity_from_secret(b"\x07" * 32)

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import trio
 
-from node import frames as F
-from node.channel import ActEndpoint, LocalInfo
 from node.errors import HandshakeError, PeerBannedError, RemoteError
-from node.host import full_addrs
-from node.identity import NodeIdentity, bind
-from node.receipts import EIP712Receipts
+from node.net.host import full_addrs
+from node.net.identity import NodeIdentity, bind
+from node.services.hop_receipts import EIP712Receipts
+from node.wire import frames
+from node.wire.channel import ActEndpoint, LocalInfo
 from protocol.receipts import Domain
 from tests.node.conftest import FSPEC, SPEC_HASH, np_decoder, running_host, tcfg
 
@@ -31,7 +31,7 @@ def _endpoint(host, ident: NodeIdentity, stage: int, spec_hash: bytes = SPEC_HAS
               receipts=None, **kw) -> ActEndpoint:
     """An endpoint of `host` claiming `ident`'s address with its binding (or the given `local`)."""
     local = local or LocalInfo.of(ident, spec_hash, stage, 3)
-    spec = FSPEC if spec_hash == SPEC_HASH else F.FrameSpec(**{**FSPEC.__dict__, "spec_hash": spec_hash})
+    spec = FSPEC if spec_hash == SPEC_HASH else frames.FrameSpec(**{**FSPEC.__dict__, "spec_hash": spec_hash})
     return ActEndpoint(host, local=local, frame_spec=spec, cfg=tcfg(**kw), decoder=np_decoder, receipts=receipts)
 
 
@@ -52,19 +52,19 @@ def test_roundtrip_acks_and_credits() -> None:
             inbound = await recv_ep.incoming.receive()
             # receiver consumes nothing yet: only 2 credits, so the third send blocks
             for mb in range(2):
-                await ch.send_data(F.Kind.ACTIVATION, 7, mb, _payload(mb), WINDOW)
+                await ch.send_data(frames.Kind.ACTIVATION, 7, mb, _payload(mb), WINDOW)
             with trio.move_on_after(0.3) as scope:
-                await ch.send_data(F.Kind.ACTIVATION, 7, 2, _payload(2), WINDOW)
+                await ch.send_data(frames.Kind.ACTIVATION, 7, 2, _payload(2), WINDOW)
             assert scope.cancelled_caught
             await ch.wait_acked()
             r = await inbound.recv_data(5)
             assert (r.frame.header.step, r.frame.header.microbatch, float(r.value[0])) == (7, 0, 0.0)
-            await ch.send_data(F.Kind.ACTIVATION, 7, 2, _payload(2), WINDOW)  # credit returned
+            await ch.send_data(frames.Kind.ACTIVATION, 7, 2, _payload(2), WINDOW)  # credit returned
             assert [float((await inbound.recv_data(5)).value[0]) for _ in range(2)] == [1.0, 2.0]
             # gradients flow back on the same stream
-            await inbound.send_data(F.Kind.GRADIENT, 7, 0, _payload(5.0))
+            await inbound.send_data(frames.Kind.GRADIENT, 7, 0, _payload(5.0))
             g = await ch.recv_data(5)
-            assert g.frame.header.kind == F.Kind.GRADIENT and float(g.value[0]) == 5.0
+            assert g.frame.header.kind == frames.Kind.GRADIENT and float(g.value[0]) == 5.0
             await ch.wait_acked()
             assert ch.stats.frames_out == 3 and inbound.stats.frames_in == 3
             nursery.cancel_scope.cancel()
@@ -87,27 +87,27 @@ def test_spec_hash_mismatch_refused_naming_both() -> None:
     trio.run(main)
 
 
-def _hdr(**kw) -> F.FrameHeader:
-    base = dict(kind=F.Kind.ACTIVATION, spec_hash=SPEC_HASH, stage=0, step=1, microbatch=0, codec=F.Codec.DENSE,
-                dtype=F.Dtype.FLOAT32, shape=FSPEC.shape, window_len=FSPEC.window_len,
+def _hdr(**kw) -> frames.FrameHeader:
+    base = dict(kind=frames.Kind.ACTIVATION, spec_hash=SPEC_HASH, stage=0, step=1, microbatch=0, codec=frames.CodecId.DENSE,
+                dtype=frames.Dtype.FLOAT32, shape=FSPEC.shape, window_len=FSPEC.window_len,
                 payload_len=FSPEC.payload_len)
     base.update(kw)
-    return F.FrameHeader(**base)
+    return frames.FrameHeader(**base)
 
 
 def _bad_frames() -> dict[str, tuple[bytes, bool, str]]:
     """name -> (bytes, half-close after writing, expected text in the error)."""
     good_payload = _payload()
     nan = np.full(FSPEC.payload_len // 4, np.nan, dtype=np.float32).tobytes()
-    too_big = F.encode_header(_hdr(payload_len=10 * FSPEC.max_frame_bytes))
-    wrong_shape = F.encode_frame(F.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=good_payload, window=WINDOW,
-                                 codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT32, shape=(2, 8, 17))
-    wrong_dtype = F.encode_frame(F.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=good_payload, window=WINDOW,
-                                 codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT16, shape=FSPEC.shape)
-    nan_frame = F.encode_frame(F.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=nan, window=WINDOW,
-                               codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT32, shape=FSPEC.shape)
-    full = F.encode_frame(F.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=good_payload, window=WINDOW,
-                          codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT32, shape=FSPEC.shape)
+    too_big = frames.encode_header(_hdr(payload_len=10 * FSPEC.max_frame_bytes))
+    wrong_shape = frames.encode_frame(frames.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=good_payload, window=WINDOW,
+                                 codec=frames.CodecId.DENSE, dtype=frames.Dtype.FLOAT32, shape=(2, 8, 17))
+    wrong_dtype = frames.encode_frame(frames.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=good_payload, window=WINDOW,
+                                 codec=frames.CodecId.DENSE, dtype=frames.Dtype.FLOAT16, shape=FSPEC.shape)
+    nan_frame = frames.encode_frame(frames.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=nan, window=WINDOW,
+                               codec=frames.CodecId.DENSE, dtype=frames.Dtype.FLOAT32, shape=FSPEC.shape)
+    full = frames.encode_frame(frames.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=good_payload, window=WINDOW,
+                          codec=frames.CodecId.DENSE, dtype=frames.Dtype.FLOAT32, shape=FSPEC.shape)
     bad_version = bytearray(full)
     bad_version[4] = 99
     return {
@@ -115,7 +115,7 @@ def _bad_frames() -> dict[str, tuple[bytes, bool, str]]:
         "wrong_shape": (wrong_shape, False, "frame shape (2, 8, 17)"),
         "wrong_dtype": (wrong_dtype, False, "dtype float16"),
         "nan": (nan_frame, False, "NaN"),
-        "truncated": (full[: F.HEADER_SIZE + 100], True, "truncated"),
+        "truncated": (full[: frames.HEADER_SIZE + 100], True, "truncated"),
         "unknown_version": (bytes(bad_version), False, "version 99"),
     }
 
@@ -148,7 +148,7 @@ def test_malformed_frames_rejected_and_good_peer_served() -> None:
             got: list = []
             gch = await good_ep.open(addr)
             nursery.start_soon(gch.run_reader)
-            await gch.send_data(F.Kind.ACTIVATION, 1, 0, _payload(3.0), WINDOW)
+            await gch.send_data(frames.Kind.ACTIVATION, 1, 0, _payload(3.0), WINDOW)
             await _serve(recv_ep, got, 1)
             await gch.wait_acked()
             assert got == [(h3.get_id().pretty(), 1, 0, 3.0)]
@@ -213,7 +213,7 @@ def test_forged_binding_refuses_the_handshake_naming_peer_and_address() -> None:
             inbound = await recv_ep.incoming.receive()
             assert inbound.remote is not None and inbound.remote.address == i2.address
             assert ch.remote is not None and ch.remote.address == i1.address
-            await ch.send_data(F.Kind.ACTIVATION, 1, 0, _payload(4.0), WINDOW)
+            await ch.send_data(frames.Kind.ACTIVATION, 1, 0, _payload(4.0), WINDOW)
             assert float((await inbound.recv_data(5)).value[0]) == 4.0
             await ch.wait_acked()
             nursery.cancel_scope.cancel()

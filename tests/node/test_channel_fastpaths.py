@@ -14,19 +14,19 @@ import pytest
 import trio
 from blake3 import blake3
 
-from node import frames as F
-from node.channel import ActChannel, ActEndpoint, LocalInfo, _Reader
 from node.config import TransportConfig
 from node.errors import ChecksumError, NonFiniteError, RemoteError
-from node.host import full_addrs
+from node.net.host import full_addrs
+from node.wire import frames
+from node.wire.channel import ActChannel, ActEndpoint, LocalInfo, _Reader
 from tests.node.conftest import running_host
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(90)]
 SPEC_HASH = b"\x5a" * 32
 
 
-def _spec(b: int, t: int, d: int, max_frame: int) -> F.FrameSpec:
-    return F.FrameSpec(spec_hash=SPEC_HASH, codec=F.Codec.DENSE, microbatch_size=b, seq_len=t, d_model=d,
+def _spec(b: int, t: int, d: int, max_frame: int) -> frames.FrameSpec:
+    return frames.FrameSpec(spec_hash=SPEC_HASH, codec=frames.CodecId.DENSE, microbatch_size=b, seq_len=t, d_model=d,
                        bytes_per_token=4 * d, id_bytes=2, max_frame_bytes=max_frame)
 
 
@@ -35,24 +35,24 @@ HUGE = _spec(2, 509, 1031, 8 * 1024 * 1024)  # 4,198,232-byte payload: spans yam
 HASH_THREAD_BYTES = 1 << 20  # bodies this large are hashed in a worker thread here (HUGE ones are, SMALL ones not)
 
 
-def _cfg(spec: F.FrameSpec, credits: int) -> TransportConfig:
+def _cfg(spec: frames.FrameSpec, credits: int) -> TransportConfig:
     return TransportConfig(max_frame_bytes=spec.max_frame_bytes, credits=credits, handshake_timeout_s=10,
                            ack_timeout_s=30, dial_timeout_s=10, hash_thread_bytes=HASH_THREAD_BYTES)
 
 
-def _endpoint(host, stage: int, spec: F.FrameSpec, credits: int, decoder=None) -> ActEndpoint:
+def _endpoint(host, stage: int, spec: frames.FrameSpec, credits: int, decoder=None) -> ActEndpoint:
     local = LocalInfo(spec_hash=SPEC_HASH, stage=stage, num_stages=2, address="")  # no address: receipts are off
     return ActEndpoint(host, local=local, frame_spec=spec, cfg=_cfg(spec, credits), decoder=decoder)
 
 
-def _finite(fr: F.Frame) -> np.ndarray:
+def _finite(fr: frames.Frame) -> np.ndarray:
     arr = np.frombuffer(fr.payload, dtype=np.float32)
     if not np.isfinite(arr).all():
         raise NonFiniteError("payload holds NaN or Inf")
     return arr
 
 
-def _frames(spec: F.FrameSpec, n: int, seed: int) -> list[tuple[bytes, bytes]]:
+def _frames(spec: frames.FrameSpec, n: int, seed: int) -> list[tuple[bytes, bytes]]:
     """n (window, payload) pairs of finite float32 payloads, all different."""
     rng = np.random.default_rng(seed)
     out = []
@@ -63,10 +63,10 @@ def _frames(spec: F.FrameSpec, n: int, seed: int) -> list[tuple[bytes, bytes]]:
     return out
 
 
-async def _pump(ch: ActChannel, inbound: ActChannel, frames: list[tuple[bytes, bytes]], step: int) -> None:
+async def _pump(ch: ActChannel, inbound: ActChannel, sent: list[tuple[bytes, bytes]], step: int) -> None:
     """Send every frame on ch while inbound consumes them; check each arrives byte-exact and in order."""
     async def consume() -> None:
-        for mb, (window, payload) in enumerate(frames):
+        for mb, (window, payload) in enumerate(sent):
             r = await inbound.recv_data(30)
             assert (r.frame.header.step, r.frame.header.microbatch) == (step, mb)
             assert r.frame.window == window and r.frame.payload == payload
@@ -74,8 +74,8 @@ async def _pump(ch: ActChannel, inbound: ActChannel, frames: list[tuple[bytes, b
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(consume)
-        for mb, (window, payload) in enumerate(frames):
-            await ch.send_data(F.Kind.ACTIVATION, step, mb, payload, window)
+        for mb, (window, payload) in enumerate(sent):
+            await ch.send_data(frames.Kind.ACTIVATION, step, mb, payload, window)
         await ch.wait_acked()
 
 
@@ -107,7 +107,7 @@ def test_many_small_and_few_huge_frames_byte_exact_on_concurrent_streams() -> No
                     inner.start_soon(_pump, *b, small_b, 2)
                     inner.start_soon(_pump, *c, huge, 3)
             assert a[1].stats.frames_in == b[1].stats.frames_in == 400 and c[1].stats.frames_in == 3
-            assert c[1].stats.bytes_in == 3 * (F.HEADER_SIZE + HUGE.window_len + HUGE.payload_len)
+            assert c[1].stats.bytes_in == 3 * (frames.HEADER_SIZE + HUGE.window_len + HUGE.payload_len)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
@@ -115,7 +115,7 @@ def test_many_small_and_few_huge_frames_byte_exact_on_concurrent_streams() -> No
 
 @pytest.mark.parametrize("credits", [1, 2, 3])
 def test_credits_ride_along_acks_and_never_stall_the_sender(credits: int) -> None:
-    frames = _frames(SMALL, 60, credits)
+    sent = _frames(SMALL, 60, credits)
     back = _frames(SMALL, 20, 10 + credits)
 
     async def main() -> None:
@@ -132,13 +132,13 @@ def test_credits_ride_along_acks_and_never_stall_the_sender(credits: int) -> Non
 
             inbound.stream.write = counting_write  # type: ignore[method-assign]
             with trio.fail_after(30):
-                await _pump(ch, inbound, frames, 1)
+                await _pump(ch, inbound, sent, 1)
             # one ACK per frame; with credit to spare, the credits of consumed frames travel in those
             # writes; with a single credit the peer is blocked after each frame, so it goes out at once
             if credits == 1:
-                assert writes == 2 * len(frames)
+                assert writes == 2 * len(sent)
             else:
-                assert len(frames) <= writes < 2 * len(frames)
+                assert len(sent) <= writes < 2 * len(sent)
             # the peer holds exactly its credits again once everything was consumed and acknowledged
             with trio.fail_after(10):
                 while ch._credit_out + inbound._credit_due != credits:
@@ -152,7 +152,7 @@ def test_credits_ride_along_acks_and_never_stall_the_sender(credits: int) -> Non
                             assert (r.frame.header.microbatch, r.frame.payload) == (mb, payload)
                     inner.start_soon(consume)
                     for mb, (_, payload) in enumerate(back):
-                        await inbound.send_data(F.Kind.GRADIENT, 1, mb, payload)
+                        await inbound.send_data(frames.Kind.GRADIENT, 1, mb, payload)
                     await inbound.wait_acked()
             nursery.cancel_scope.cancel()
 
@@ -168,8 +168,8 @@ def test_corrupt_body_rejected_in_the_worker_hop_and_node_keeps_serving() -> Non
             recv_ep = _endpoint(h1, 1, HUGE, 2, _finite)
             send_ep = _endpoint(h0, 0, HUGE, 2)
             ch, inbound = await _pair(nursery, send_ep, recv_ep, full_addrs(h1)[0])
-            raw = bytearray(F.encode_frame(F.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=payload, window=window,
-                                           codec=F.Codec.DENSE, dtype=F.Dtype.FLOAT32, shape=HUGE.shape))
+            raw = bytearray(frames.encode_frame(frames.Kind.ACTIVATION, SPEC_HASH, 0, 1, 0, payload=payload, window=window,
+                                           codec=frames.CodecId.DENSE, dtype=frames.Dtype.FLOAT32, shape=HUGE.shape))
             raw[-7] ^= 0x01  # one flipped payload bit: the header still matches the spec, the digest does not
             await ch.write_raw(bytes(raw))
             with pytest.raises(ChecksumError, match="checksum mismatch in activation frame step 1 mb 0"):

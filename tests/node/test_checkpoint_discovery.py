@@ -6,13 +6,13 @@ import pytest
 import torch
 import trio
 
-from node.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
 from node.config import DiscoveryConfig, NodeConfig
-from node.discovery import Announcement, Discovery, choose_stage
 from node.errors import CheckpointError, DiscoveryError
-from node.host import full_addrs
-from node.identity import NodeIdentity, bind, identity_from_secret
-from node.worker import StageWorker
+from node.net.discovery import Announcement, Discovery, choose_stage
+from node.net.host import full_addrs
+from node.net.identity import NodeIdentity, bind, identity_from_secret
+from node.training.checkpoint import checkpoint_at, latest_checkpoint, load_checkpoint, save_checkpoint
+from node.training.worker import StageWorker
 from sharding import PRESETS, OptimConfig, load_corpus, partition
 from tests.node.conftest import running_host
 
@@ -22,7 +22,7 @@ CFG = PRESETS["tiny"]
 def _worker(stage: int = 1) -> StageWorker:
     spec = partition(CFG, 2)[stage]
     return StageWorker(CFG, spec, codec="dense", optim=OptimConfig(), num_microbatches=1, microbatch_size=2,
-                       corpus=load_corpus("synthetic") if spec.is_head else None)
+                       corpus=load_corpus("synthetic") if spec.is_first else None)
 
 
 @pytest.mark.timeout(60)

@@ -7,7 +7,7 @@ from collections import deque
 from hypothesis import given
 from hypothesis import strategies as st
 
-from node.chunks import take_chunks
+from node.net.chunks import take_chunks
 
 
 @given(st.lists(st.binary(min_size=1, max_size=40), min_size=1, max_size=12),

@@ -10,8 +10,8 @@ import urllib.request
 
 import pytest
 
-from node.status import node_status, read_progress
-from node.swarm import launch_swarm, run_local_swarm, start_node, stop_nodes, wait_nodes
+from node.observability.status import node_status, read_progress
+from node.testing.swarm import launch_swarm, run_local_swarm, start_node, stop_nodes, wait_nodes
 from sharding import PRESETS, OptimConfig, load_corpus, train_reference
 
 pytestmark = [pytest.mark.network]

@@ -10,10 +10,10 @@ import trio
 from libp2p.peer.id import ID
 
 from node.config import DhtConfig, DiscoveryConfig, NodeConfig
-from node.dht import ModelDht, model_key
-from node.discovery import Announcement, Discovery
-from node.host import full_addrs
-from node.identity import identity_from_secret
+from node.net.dht import ModelDht, model_key
+from node.net.discovery import Announcement, Discovery
+from node.net.host import full_addrs
+from node.net.identity import identity_from_secret
 from tests.node.conftest import running_host
 
 SPEC = "ab" * 32
@@ -109,7 +109,7 @@ def test_without_the_dht_a_node_bootstrapped_to_a_dht_only_peer_learns_nothing()
 def test_dht_failures_are_counted_logged_once_and_retried_until_a_peer_appears(caplog) -> None:
     """D's only bootstrap peer is gone: bootstrap and provide fail again and again without ending D's
     discovery; each kind is logged once. When E joins through D, D finds E in the DHT."""
-    caplog.set_level(logging.DEBUG, logger="node.dht")
+    caplog.set_level(logging.DEBUG, logger="node.net.dht")
 
     async def main() -> None:
         with socket.socket() as sock:  # a port nobody listens on any more
@@ -124,7 +124,7 @@ def test_dht_failures_are_counted_logged_once_and_retried_until_a_peer_appears(c
             with trio.fail_after(30):
                 while nd.dht.errors.get("provide", 0) < 3 or nd.dht.errors.get("bootstrap", 0) < 3:
                     await trio.sleep(0.05)
-                warned = [r for r in caplog.records if r.name == "node.dht" and r.levelno == logging.WARNING]
+                warned = [r for r in caplog.records if r.name == "node.net.dht" and r.levelno == logging.WARNING]
                 kinds = [r.getMessage().split()[1] for r in warned]
                 assert len(kinds) == len(set(kinds)) and {"provide", "bootstrap"} <= set(kinds)
                 ne = Discovery(e, _me(e, 1), _cfg(), [], ModelDht(e, SPEC, FAST))

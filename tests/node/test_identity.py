@@ -8,7 +8,7 @@ from eth_account.messages import encode_defunct
 from libp2p.crypto.keys import KeyType
 
 from node.errors import BindingError, IdentityError, NodeError
-from node.identity import (
+from node.net.identity import (
     KEY_FILE,
     PEER_KEY_FILE,
     bind,

@@ -9,12 +9,12 @@ import pytest
 import torch
 import trio
 
-from node.host import full_addrs, parse_peer_addr
-from node.inference import (
+from node.net.host import full_addrs, parse_peer_addr
+from node.services.inference import (
     INFER_PROTOCOL,
     InferenceError,
     InferenceService,
-    PaymentError,
+    UnpaidRequestError,
     check_request,
     generate,
     request_limits,
@@ -40,7 +40,7 @@ class Ledger:
     def verify(self, request_id: bytes, tx_hash: bytes) -> None:
         self.checks += 1
         if self.paid.get(tx_hash) != request_id:
-            raise PaymentError(f"transaction 0x{tx_hash.hex()} did not pay for request 0x{request_id.hex()}")
+            raise UnpaidRequestError(f"transaction 0x{tx_hash.hex()} did not pay for request 0x{request_id.hex()}")
 
 
 def _greedy_reference(prompt: list[int], n: int) -> list[int]:

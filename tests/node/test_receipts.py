@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import trio
 
-from node import frames as F
-from node.channel import ActEndpoint, LocalInfo
 from node.errors import RemoteError
-from node.host import full_addrs
-from node.receipts import EIP712Receipts
+from node.net.host import full_addrs
+from node.services.hop_receipts import EIP712Receipts
+from node.wire import frames
+from node.wire.channel import ActEndpoint, LocalInfo
 from protocol.receipts import Domain, StaticKeyRegistry, payload_digest, verify_signed_receipt
 from tests.node.conftest import FSPEC, SPEC_HASH, np_decoder, running_host, tcfg
 
@@ -34,9 +34,9 @@ def test_cosigned_receipts_verify() -> None:
             ch = await send.open(full_addrs(h1)[0])
             nursery.start_soon(ch.run_reader)
             inbound = await recv.incoming.receive()
-            await ch.send_data(F.Kind.ACTIVATION, 3, 1, PAYLOAD, WINDOW)
+            await ch.send_data(frames.Kind.ACTIVATION, 3, 1, PAYLOAD, WINDOW)
             await inbound.recv_data(5)
-            await inbound.send_data(F.Kind.GRADIENT, 3, 1, PAYLOAD)
+            await inbound.send_data(frames.Kind.GRADIENT, 3, 1, PAYLOAD)
             await ch.recv_data(5)
             await ch.wait_acked()
             await inbound.wait_acked()
@@ -60,7 +60,7 @@ def test_forged_sender_signature_rejected() -> None:
             r1 = EIP712Receipts(i1.account, DOMAIN, model_id=7, tokens_per_microbatch=16)
             send, recv = _ep(h0, i0, 0, forger), _ep(h1, i1, 1, r1)
             ch = await send.open(full_addrs(h1)[0])
-            await ch.send_data(F.Kind.ACTIVATION, 0, 0, PAYLOAD, WINDOW)
+            await ch.send_data(frames.Kind.ACTIVATION, 0, 0, PAYLOAD, WINDOW)
             await ch.run_reader()
             assert isinstance(ch.failure, RemoteError) and "receipt" in str(ch.failure)
             assert recv.scores.score(h0.get_id().pretty()) < 0 and r1.received == []

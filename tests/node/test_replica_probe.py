@@ -10,14 +10,14 @@ import pytest
 import torch
 import trio
 
-from node.averaging import AveragingService, ContributionStore, trainable
-from node.channel import ActEndpoint, LocalInfo
 from node.config import NodeConfig
-from node.discovery import Announcement, Discovery
-from node.host import full_addrs
-from node.identity import bind
-from node.replicas import ReplicaEngine
-from node.worker import StageWorker
+from node.net.discovery import Announcement, Discovery
+from node.net.host import full_addrs
+from node.net.identity import bind
+from node.replicas.averaging import AveragingService, ContributionStore, trainable
+from node.replicas.engine import ReplicaEngine
+from node.training.worker import StageWorker
+from node.wire.channel import ActEndpoint, LocalInfo
 from sharding import PRESETS, OptimConfig, partition
 from tests.node.conftest import running_host
 

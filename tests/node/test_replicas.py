@@ -10,8 +10,8 @@ import time
 import pytest
 import torch
 
-from node.status import node_status
-from node.swarm import stop_nodes, wait_nodes
+from node.observability.status import node_status
+from node.testing.swarm import stop_nodes, wait_nodes
 from sharding import PRESETS, OptimConfig, load_corpus, train_reference
 from tests.node.replica_swarm import B, M, check_exactly_once, join, launch, records, wait_for
 

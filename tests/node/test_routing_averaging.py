@@ -5,14 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from node import frames as F
-from node.averaging import ContributionStore, combine, set_grads, take_grads
 from node.config import NodeConfig, ReplicaConfig
 from node.errors import AveragingError, StateSyncError
-from node.rebalance import plan_move, stage_throughputs
-from node.routing import Router, ban_duration, ewma
-from node.statesync import pack_state, unpack_state
-from node.worker import StageWorker
+from node.replicas.averaging import ContributionStore, combine, set_grads, take_grads
+from node.replicas.rebalance import plan_move, stage_throughputs
+from node.replicas.routing import Router, ban_duration, ewma
+from node.replicas.statesync import pack_state, unpack_state
+from node.training.worker import StageWorker
+from node.wire import frames
 from sharding import PRESETS, OptimConfig, load_corpus, partition
 
 pytestmark = pytest.mark.timeout(60)
@@ -84,7 +84,7 @@ def _worker(stage: int) -> StageWorker:
     cfg = PRESETS["tiny"]
     spec = partition(cfg, 3)[stage]
     return StageWorker(cfg, spec, codec="dense", optim=OptimConfig(), num_microbatches=2, microbatch_size=2,
-                       corpus=load_corpus("synthetic") if spec.is_head else None)
+                       corpus=load_corpus("synthetic") if spec.is_first else None)
 
 
 def test_state_pack_round_trip_and_wrong_stage_refused() -> None:
@@ -108,8 +108,8 @@ def test_state_pack_round_trip_and_wrong_stage_refused() -> None:
 
 
 def test_attempt_rides_in_the_header_and_config_names_bad_fields() -> None:
-    h = F.FrameHeader(kind=F.Kind.COMMIT, spec_hash=b"\x01" * 32, stage=0, step=3, microbatch=0, attempt=513)
-    assert F.decode_header(F.encode_header(h), 1 << 20).attempt == 513
+    h = frames.FrameHeader(kind=frames.Kind.COMMIT, spec_hash=b"\x01" * 32, stage=0, step=3, microbatch=0, attempt=513)
+    assert frames.decode_header(frames.encode_header(h), 1 << 20).attempt == 513
     cfg = NodeConfig()
     cfg.replicas.ban_max_s = 0
     with pytest.raises(ValueError, match="replicas.ban_max_s"):

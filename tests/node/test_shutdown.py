@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import trio
 
-from node import frames as F
-from node.channel import ActEndpoint, LocalInfo
 from node.errors import PeerLostError
-from node.host import full_addrs
+from node.net.host import full_addrs
+from node.wire import frames
+from node.wire.channel import ActEndpoint, LocalInfo
 from tests.node.conftest import FSPEC, SPEC_HASH, np_decoder, running_host, tcfg
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
@@ -31,7 +31,7 @@ def test_frames_sent_before_an_orderly_close_stay_readable_without_error() -> No
             nursery.start_soon(mid.run_reader)
             tail = await downstream.incoming.receive()
             grad = np.full(FSPEC.payload_len // 4, 3.0, dtype=np.float32).tobytes()
-            await tail.send_data(F.Kind.GRADIENT, 9, 1, grad)  # the neighbour's last frame of the run
+            await tail.send_data(frames.Kind.GRADIENT, 9, 1, grad)  # the neighbour's last frame of the run
             await tail.wait_acked()
             await tail.close()  # it finished its last step and leaves
             with trio.fail_after(10):
@@ -42,7 +42,7 @@ def test_frames_sent_before_an_orderly_close_stay_readable_without_error() -> No
             assert r is not None and (r.frame.header.step, float(r.value[0])) == (9, 3.0)
             assert await mid.try_recv() is None  # and the end of the stream is not an error
             with pytest.raises(PeerLostError, match="closed the stream"):  # sending to it is
-                await mid.send_data(F.Kind.ACTIVATION, 10, 0, grad, b"\x00" * FSPEC.window_len)
+                await mid.send_data(frames.Kind.ACTIVATION, 10, 0, grad, b"\x00" * FSPEC.window_len)
             nursery.cancel_scope.cancel()
 
     trio.run(main)

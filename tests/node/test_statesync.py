@@ -7,9 +7,9 @@ import torch
 import trio
 
 from node.errors import StateSyncError
-from node.host import full_addrs
-from node.statesync import StateService, fetch_state, pack_state
-from node.worker import StageWorker
+from node.net.host import full_addrs
+from node.replicas.statesync import StateService, fetch_state, pack_state
+from node.training.worker import StageWorker
 from sharding import PRESETS, OptimConfig, partition
 from tests.node.conftest import running_host
 

@@ -15,8 +15,8 @@ import pytest
 import trio
 from libp2p.custom_types import TProtocol
 
-from node import tuning
-from node.host import full_addrs, parse_peer_addr
+from node.net import tuning
+from node.net.host import full_addrs, parse_peer_addr
 from tests.node.conftest import running_host
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(90)]

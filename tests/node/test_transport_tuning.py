@@ -22,11 +22,11 @@ from libp2p.network.stream.exceptions import StreamReset
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux import yamux
 
-from node import frames as F
-from node import tuning
-from node.channel import ActEndpoint, LocalInfo
 from node.errors import RemoteError
-from node.host import full_addrs, parse_peer_addr
+from node.net import tuning
+from node.net.host import full_addrs, parse_peer_addr
+from node.wire import frames
+from node.wire.channel import ActEndpoint, LocalInfo
 from tests.node.conftest import FSPEC, SPEC_HASH, np_decoder, running_host, tcfg
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(90)]
@@ -140,7 +140,7 @@ def test_interop_with_stock_py_libp2p_process() -> None:
         assert proc.stdout is not None
         addr = proc.stdout.readline().strip()
         assert "/p2p/" in addr, f"stock peer did not start: {addr!r}"
-        assert "node.tuning" not in sys.modules or tuning.tuning_active()
+        assert "node.net.tuning" not in sys.modules or tuning.tuning_active()
 
         async def main() -> None:
             tuning.apply_transport_tuning(256 * 1024, 1 << 20)
@@ -276,9 +276,9 @@ def test_oversized_activation_frame_rejected_after_big_frames() -> None:
     """The channel's header check still rejects a too-large frame over the tuned transport."""
     payload = np.ones(FSPEC.payload_len // 4, dtype=np.float32).tobytes()
     window = b"\x00" * FSPEC.window_len
-    too_big = F.encode_header(F.FrameHeader(
-        kind=F.Kind.ACTIVATION, spec_hash=SPEC_HASH, stage=0, step=1, microbatch=2, codec=F.Codec.DENSE,
-        dtype=F.Dtype.FLOAT32, shape=FSPEC.shape, window_len=FSPEC.window_len, payload_len=10 * FSPEC.max_frame_bytes))
+    too_big = frames.encode_header(frames.FrameHeader(
+        kind=frames.Kind.ACTIVATION, spec_hash=SPEC_HASH, stage=0, step=1, microbatch=2, codec=frames.CodecId.DENSE,
+        dtype=frames.Dtype.FLOAT32, shape=FSPEC.shape, window_len=FSPEC.window_len, payload_len=10 * FSPEC.max_frame_bytes))
 
     async def main() -> None:
         tuning.apply_transport_tuning(256 * 1024, 1 << 20)
@@ -290,7 +290,7 @@ def test_oversized_activation_frame_rejected_after_big_frames() -> None:
             nursery.start_soon(ch.run_reader)
             inbound = await recv_ep.incoming.receive()
             for mb in range(2):
-                await ch.send_data(F.Kind.ACTIVATION, 1, mb, payload, window)
+                await ch.send_data(frames.Kind.ACTIVATION, 1, mb, payload, window)
                 assert (await inbound.recv_data(5)).frame.payload == payload
             await ch.write_raw(too_big)
             with pytest.raises(Exception, match="maximum is"):

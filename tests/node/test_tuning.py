@@ -1,4 +1,4 @@
-"""node.tuning pieces on their own: Noise framing over a socket pair, version guard, bad values."""
+"""node.net.tuning pieces on their own: Noise framing over a socket pair, version guard, bad values."""
 
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from noise.backends.default.ciphers import ChaCha20Cipher
 from noise.connection import NoiseConnection
 from noise.exceptions import NoiseInvalidMessage
 
-from node import tuning
-from node.tuning import NoiseAuthError, apply_transport_tuning
+from node.net import tuning
+from node.net.tuning import NoiseAuthError, apply_transport_tuning
 
 pytestmark = [pytest.mark.timeout(60)]
 STOCK_READ = tuning._ORIG["session_read"]
@@ -169,7 +169,7 @@ def test_other_libp2p_version_is_not_patched(monkeypatch: pytest.MonkeyPatch, ca
     monkeypatch.setattr(tuning, "libp2p_version", lambda: "0.9.0")
     monkeypatch.setattr(tuning._state, "supported", None)
     try:
-        with caplog.at_level(logging.WARNING, logger="node.tuning"):
+        with caplog.at_level(logging.WARNING, logger="node.net.tuning"):
             assert apply_transport_tuning(256 * 1024, 1 << 20) is False
         assert "0.9.0" in caplog.text and "0.8.1" in caplog.text and "not patching" in caplog.text
         assert not tuning.tuning_active()

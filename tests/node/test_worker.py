@@ -4,18 +4,18 @@ from __future__ import annotations
 
 import pytest
 
-from node import frames as F
-from node.worker import StageWorker, window_to_bytes
+from node.training.worker import StageWorker, window_to_bytes
+from node.wire import frames
 from sharding import PRESETS, OptimConfig, load_corpus, partition, train_reference
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def _frame(w: StageWorker, kind: F.Kind, step: int, mb: int, payload: bytes, window: bytes = b"") -> F.Frame:
+def _frame(w: StageWorker, kind: frames.Kind, step: int, mb: int, payload: bytes, window: bytes = b"") -> frames.Frame:
     spec = w.frame_spec(1 << 26)
-    raw = F.encode_frame(kind, spec.spec_hash, 0, step, mb, payload=payload, window=window, codec=spec.codec,
+    raw = frames.encode_frame(kind, spec.spec_hash, 0, step, mb, payload=payload, window=window, codec=spec.codec,
                          dtype=spec.dtype, shape=spec.shape)
-    return F.decode_frame(raw, 1 << 26)
+    return frames.decode_frame(raw, 1 << 26)
 
 
 def _run(num_stages: int, codec: str, preset: str, steps: int = 3, m: int = 2, b: int = 2) -> list[float]:
@@ -24,7 +24,7 @@ def _run(num_stages: int, codec: str, preset: str, steps: int = 3, m: int = 2, b
     optim = OptimConfig()
     specs = partition(config, num_stages)
     ws = [StageWorker(config, s, codec=codec, optim=optim, num_microbatches=m, microbatch_size=b,
-                      corpus=corpus if s.is_head else None) for s in specs]
+                      corpus=corpus if s.is_first else None) for s in specs]
     losses = []
     for step in range(steps):
         for mb in range(m):
@@ -33,13 +33,13 @@ def _run(num_stages: int, codec: str, preset: str, steps: int = 3, m: int = 2, b
             for i, w in enumerate(ws):
                 out = w.forward(step, mb, window, h)
                 if i + 1 < len(ws):
-                    fr = _frame(ws[i + 1], F.Kind.ACTIVATION, step, mb, out, window_to_bytes(window, w.id_bytes))
+                    fr = _frame(ws[i + 1], frames.Kind.ACTIVATION, step, mb, out, window_to_bytes(window, w.id_bytes))
                     window, h = ws[i + 1].decode(fr)
             g = None
             for i in reversed(range(len(ws))):
                 payload = ws[i].backward(step, mb, g)
                 if payload is not None:
-                    g = ws[i - 1].decode(_frame(ws[i - 1], F.Kind.GRADIENT, step, mb, payload))
+                    g = ws[i - 1].decode(_frame(ws[i - 1], frames.Kind.GRADIENT, step, mb, payload))
         results = [w.step(step) for w in ws]
         losses.append(results[-1])
     return losses

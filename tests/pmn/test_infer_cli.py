@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from node.swarm import stop_nodes
+from node.testing.swarm import stop_nodes
 from pmn.demo import Demo, DemoConfig
 from protocol.accounting import accounting_function_hash
 from tests.pmn.conftest import assert_clean_error, run_pmn

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from eth_account import Account
 
-from node.status import append_progress, write_status
+from node.observability.status import append_progress, write_status
 from protocol.accounting import compute_units
 from protocol.receipts import BACKWARD, FORWARD, Domain, Receipt, StaticKeyRegistry, countersign, sign_receipt
 from protocol.store import ReceiptStore, StoreConfig

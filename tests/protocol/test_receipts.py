@@ -180,7 +180,7 @@ def test_from_json_names_missing_and_bad_fields(keys, domain):
 
 
 def test_payload_digest_equals_the_node_frame_digest():
-    from node.frames import digest
+    from node.wire.frames import digest
 
     window, payload = b"\x01\x00\x02\x00", b"payload bytes"
     assert payload_digest(payload, window) == digest(window, payload)

@@ -4,7 +4,8 @@ import pytest
 
 from sharding.config import PRESETS
 from sharding.flops import model_flops_per_token, stage_flops_per_token
-from sharding.partition import StageSpec, check_spec, partition
+from sharding.partition import check_spec, partition
+from sharding.stagespec import StageSpec
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-subspace", "bench", "bench-subspace"])
@@ -16,8 +17,8 @@ def test_partition_covers_model(name, p):
     assert specs[0].block_start == 0 and specs[-1].block_end == cfg.n_layers
     assert all(a.block_end == b.block_start for a, b in zip(specs, specs[1:], strict=False))
     assert [s.has_embedding for s in specs] == [True] + [False] * (p - 1)
-    assert [s.has_head for s in specs] == [False] * (p - 1) + [True]
-    assert specs[0].is_head and specs[-1].is_tail
+    assert [s.has_lm_head for s in specs] == [False] * (p - 1) + [True]
+    assert specs[0].is_first and specs[-1].is_last
     assert sum(stage_flops_per_token(cfg, s) for s in specs) == model_flops_per_token(cfg)
     # free tail layers all sit on the tail stage
     assert specs[-1].block_start <= cfg.n_layers - cfg.free_tail_layers

@@ -2,9 +2,9 @@ import pytest
 
 from sharding.config import PRESETS
 from sharding.data import load_corpus
-from sharding.partition import StageSpec
 from sharding.pipeline import LocalPipeline
 from sharding.stage import build_stage
+from sharding.stagespec import StageSpec
 
 
 @pytest.mark.parametrize("codec", ["dense", "int8", "subspace", "subspace-int8"])

@@ -233,7 +233,7 @@ def test_calibration_accepts_an_inline_model_and_rejects_bad_json(tmp_path: Path
 def test_transport_measurement_runs_real_libp2p_hosts() -> None:
     from simulations.runtime_cal import measure_transport
 
-    out = measure_transport(payload_len=4096, window_len=516, frames=20)
+    out = measure_transport(payload_len=4096, window_len=516, n_frames=20)
     for key in ("connect_s", "frame_rtt_s", "frame_cpu_s", "thread_dispatch_s"):
         assert out[key] > 0, key
     assert out["frames"] == 20 and "how" in out

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from node import frames as F
 from node.errors import NonFiniteError, UnexpectedFrameError
+from node.wire import frames
 from sharding import (
     Corpus,
     ModelConfig,
@@ -63,7 +63,7 @@ class StageWorker:
         microbatch_size: int,
         corpus: Corpus | None = None,
     ) -> None:
-        if spec.is_head and corpus is None:
+        if spec.is_first and corpus is None:
             raise ValueError("the head stage needs a corpus to read its data from")
         self.config = config
         self.spec = spec
@@ -81,25 +81,25 @@ class StageWorker:
         # audit recorders: on_frame(frame) per decoded data frame, on_before_update(step, module) per step
         self.observers: list[Any] = []
 
-    def frame_spec(self, max_frame_bytes: int) -> F.FrameSpec:
+    def frame_spec(self, max_frame_bytes: int) -> frames.FrameSpec:
         """What this model's boundary frames must look like."""
-        if self.codec.name not in F.CODEC_IDS:
+        if self.codec.name not in frames.CODEC_IDS:
             raise ValueError(f"codec {self.codec.name!r} has no wire id")
-        return F.FrameSpec(
-            spec_hash=self.config.spec_hash(), codec=F.CODEC_IDS[self.codec.name],
+        return frames.FrameSpec(
+            spec_hash=self.config.spec_hash(), codec=frames.CODEC_IDS[self.codec.name],
             microbatch_size=self.microbatch_size, seq_len=self.config.seq_len, d_model=self.config.d_model,
             bytes_per_token=self.codec.bytes_per_token, id_bytes=self.id_bytes, max_frame_bytes=max_frame_bytes,
         )
 
     # -- decoding (called off the event loop by the channel) --------------------------------------
 
-    def decode(self, fr: F.Frame) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
+    def decode(self, fr: frames.Frame) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
         """ACTIVATION -> (window, h); GRADIENT -> g. Codec errors (NaN/Inf, sizes) propagate."""
         h = fr.header
         if h.microbatch >= self.num_microbatches:
             raise UnexpectedFrameError(f"microbatch {h.microbatch} out of range: steps have {self.num_microbatches}")
         decoded: tuple[torch.Tensor, torch.Tensor] | torch.Tensor
-        if h.kind == F.Kind.ACTIVATION:
+        if h.kind == frames.Kind.ACTIVATION:
             window = bytes_to_window(fr.window, self.microbatch_size, self.config.seq_len, self.id_bytes,
                                      self.config.vocab_size)
             decoded = window, self.codec.decode_activation(fr.payload, window[:, :-1])
@@ -129,7 +129,7 @@ class StageWorker:
         ids, targets = window[:, :-1], window[:, 1:]
         if h_in is not None:
             h_in = h_in.detach().requires_grad_(True)
-        if self.spec.is_tail:
+        if self.spec.is_last:
             loss = self.module(ids, h_in, targets)
             (loss / self.num_microbatches).backward()
             self._stash[(step, mb)] = _Stash(ids=ids, out=None, h_in=h_in)

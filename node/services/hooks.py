@@ -1,6 +1,6 @@
 """What the node's command-line entry points share: the chain service hooks and the one-line error report.
 
-Used by `node.daemon` and `node.adversary` (the same arguments, the same output on failure).
+Used by `node.daemon` and `node.testing.adversary` (the same arguments, the same output on failure).
 """
 
 from __future__ import annotations
@@ -25,9 +25,9 @@ def chain_hooks(a: argparse.Namespace, cfg: NodeConfig) -> tuple[Any, list[Any]]
         return None, []
     if not a.deployment or a.model_id < 1:
         raise ValueError("--rpc-url needs --deployment FILE and --model-id N")
-    from node.chain import chain_services
     from node.daemon import load_model_config
-    from node.identity import load_or_create_identity
+    from node.net.identity import load_or_create_identity
+    from node.services.chain_link import chain_services
 
     model = load_model_config(cfg.model)
     ident = load_or_create_identity(Path(cfg.data_dir).expanduser())

@@ -11,11 +11,11 @@ from libp2p.custom_types import TProtocol
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from node.averaging import read_msg, write_msg
 from node.errors import AveragingError, StateSyncError
-from node.host import parse_peer_addr
-from node.stagestate import install_stage_tensors, stage_tensors
-from node.worker import StageWorker
+from node.net.host import parse_peer_addr
+from node.replicas.averaging import read_msg, write_msg
+from node.training.stagestate import install_stage_tensors, stage_tensors
+from node.training.worker import StageWorker
 
 STATE_PROTOCOL = TProtocol("/pmn/state/1.0.0")
 MAX_STATE_BYTES = 1 << 32  # largest state blob accepted

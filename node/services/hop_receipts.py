@@ -12,8 +12,8 @@ from dataclasses import replace
 
 from eth_account.signers.local import LocalAccount
 
-from node import frames as F
 from node.errors import ReceiptRejectedError
+from node.wire import frames
 from protocol.errors import ProtocolError
 from protocol.receipts import (
     BACKWARD,
@@ -50,18 +50,18 @@ class EIP712Receipts:
         self.cosigned: list[SignedReceipt] = []  # receipts we sent, countersigned by the receiver
         self.received: list[SignedReceipt] = []  # receipts we countersigned as the receiver
 
-    def _receipt(self, header: F.FrameHeader, sender: str, receiver: str) -> Receipt:
-        direction = FORWARD if header.kind == F.Kind.ACTIVATION else BACKWARD
+    def _receipt(self, header: frames.FrameHeader, sender: str, receiver: str) -> Receipt:
+        direction = FORWARD if header.kind == frames.Kind.ACTIVATION else BACKWARD
         return Receipt(model_id=self.model_id, epoch=self.epoch_of_step(header.step), step=header.step,
                        microbatch=header.microbatch, stage=header.stage, direction=direction, sender=sender,
                        receiver=receiver, payload_digest=header.digest, tokens=self.tokens)
 
-    def sign(self, header: F.FrameHeader, peer_address: str) -> bytes:
+    def sign(self, header: frames.FrameHeader, peer_address: str) -> bytes:
         signed = sign_receipt(self._receipt(header, self.account.address, peer_address), self.domain, self.account)
         self.sent[(int(header.kind), header.step, header.microbatch, header.digest)] = signed
         return signed.sender_signature
 
-    def countersign(self, header: F.FrameHeader, signature: bytes, peer_address: str) -> bytes:
+    def countersign(self, header: frames.FrameHeader, signature: bytes, peer_address: str) -> bytes:
         try:
             receipt = self._receipt(header, peer_address, self.account.address)
             signed = countersign(SignedReceipt(receipt, self.domain, signature), self.account)
@@ -71,7 +71,7 @@ class EIP712Receipts:
         assert signed.receiver_signature is not None
         return signed.receiver_signature
 
-    def on_ack(self, header: F.FrameHeader, countersignature: bytes, peer_address: str) -> None:
+    def on_ack(self, header: frames.FrameHeader, countersignature: bytes, peer_address: str) -> None:
         signed = self.sent.pop((int(header.kind), header.step, header.microbatch, header.digest), None)
         if signed is None or not countersignature:
             return

@@ -2,7 +2,7 @@
 
 py-libp2p's `KadDHT` (`/ipfs/kad/1.0.0`) runs in server mode on the node's existing host. A node that
 trains a model provides `model_key(spec hash)`; `find_providers` returns the other providers of that key,
-which `node.discovery.Discovery` then contacts over the announcement protocol. Nothing here raises into
+which `node.net.discovery.Discovery` then contacts over the announcement protocol. Nothing here raises into
 the node: every failed operation is counted in `errors` by kind, logged once per kind, and the caller
 retries it after `error_backoff_s` (doubled per failure in a row, capped at `error_backoff_max_s`).
 """
@@ -20,7 +20,7 @@ from libp2p.peer.peerinfo import PeerInfo
 from libp2p.tools.anyio_service import background_trio_service
 
 from node.config import DhtConfig
-from node.host import parse_peer_addr
+from node.net.host import parse_peer_addr
 
 log = logging.getLogger(__name__)
 KEY_PREFIX = b"/pmn/model/"  # namespace of the content keys nodes provide

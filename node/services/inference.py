@@ -23,12 +23,12 @@ import torch
 import trio
 from libp2p.custom_types import TProtocol
 
-from node import msgio
 from node.errors import NodeError
+from node.net import msgio
 from sharding.codecs import Codec
 from sharding.config import ModelConfig
-from sharding.partition import StageSpec
 from sharding.stage import StageModule
+from sharding.stagespec import StageSpec
 
 INFER_PROTOCOL = TProtocol("/pmn/infer/1.0.0")
 
@@ -37,7 +37,7 @@ class InferenceError(NodeError):
     """An inference request failed; the message says where and why."""
 
 
-class PaymentError(InferenceError):
+class UnpaidRequestError(InferenceError):
     """The request's payment is missing, too small, for another request, or already used."""
 
 
@@ -53,7 +53,7 @@ class InferenceConfig:
 
 
 class PaymentVerifier(Protocol):
-    """Checks that `tx_hash` paid at least the model's fee for `request_id` (raises PaymentError)."""
+    """Checks that `tx_hash` paid at least the model's fee for `request_id` (raises UnpaidRequestError)."""
 
     def verify(self, request_id: bytes, tx_hash: bytes) -> None: ...
 
@@ -66,7 +66,7 @@ class OpenPayments:
 
 
 async def write_message(stream: Any, header: dict[str, Any], body: bytes = b"") -> None:
-    """Send one message (node.msgio framing)."""
+    """Send one message (node.net.msgio framing)."""
     await msgio.write_message(stream, header, body)
 
 
@@ -103,7 +103,7 @@ class InferenceService:
     def __init__(self, config: ModelConfig, spec: StageSpec, module: StageModule, codec: Codec,
                  verifier: PaymentVerifier, next_hop: NextHop | None, cfg: InferenceConfig | None = None,
                  module_lock: Any = None) -> None:
-        if not spec.is_tail and next_hop is None:
+        if not spec.is_last and next_hop is None:
             raise ValueError(f"stage {spec.index} is not the tail: it needs a next_hop to forward requests")
         self.config = config
         self.spec = spec
@@ -133,9 +133,9 @@ class InferenceService:
         """This stage's share of one token: ('token', id) at the tail, else ('act', encoded payload)."""
 
         def work() -> tuple[str, Any]:
-            h = None if self.spec.is_head else self.codec.decode_activation(body, ids)
+            h = None if self.spec.is_first else self.codec.decode_activation(body, ids)
             out = self._run(ids, h)
-            if self.spec.is_tail:
+            if self.spec.is_last:
                 return "token", int(out[0, -1].argmax())
             return "act", self.codec.encode_activation(out, ids)
 
@@ -195,7 +195,7 @@ class InferenceService:
         return request_id, tx_hash
 
     async def _hop(self, stream: Any, header: dict[str, Any], body: bytes, downstream: Any) -> Any:
-        if self.spec.is_head:
+        if self.spec.is_first:
             raise InferenceError("the head stage accepts 'generate' requests, not hops")
         self._check_payment(header)
         ids = _ids(header, self.config)
@@ -227,17 +227,17 @@ class InferenceService:
         return token
 
     async def _generate(self, stream: Any, header: dict[str, Any]) -> None:
-        if not self.spec.is_head:
+        if not self.spec.is_first:
             raise InferenceError(f"stage {self.spec.index} is not the head: send 'generate' to a stage-0 peer")
         request_id, tx_hash = self._check_payment(header)
         if request_id in self.served_requests:
-            raise PaymentError(f"request 0x{request_id.hex()} was already served: pay for a new request id")
+            raise UnpaidRequestError(f"request 0x{request_id.hex()} was already served: pay for a new request id")
         n_new = header.get("max_new_tokens")
         if not isinstance(n_new, int) or not 1 <= n_new <= self.cfg.max_new_tokens:
             raise InferenceError(f"field 'max_new_tokens' must be an integer in 1..{self.cfg.max_new_tokens}")
         ids = _ids(header, self.config)[0].tolist()
         self.served_requests.add(request_id)
-        downstream = None if self.spec.is_tail else await self._open_next()
+        downstream = None if self.spec.is_last else await self._open_next()
         try:
             for _ in range(n_new):
                 window = torch.tensor([ids[-self.config.seq_len:]], dtype=torch.long)
@@ -314,8 +314,8 @@ async def head_stream_opener(head_addr: str) -> AsyncIterator[Callable[[], Await
     """A throwaway client host on 127.0.0.1 and a function opening `/pmn/infer/1.0.0` streams to `head_addr`."""
     import multiaddr
 
-    from node.host import make_host, parse_peer_addr
-    from node.identity import identity_from_secret
+    from node.net.host import make_host, parse_peer_addr
+    from node.net.identity import identity_from_secret
 
     info = parse_peer_addr(head_addr)
     host = make_host(identity_from_secret(os.urandom(31).rjust(32, b"\x01")))

@@ -16,11 +16,11 @@ from typing import Any
 
 import trio
 
-from node import frames as F
-from node.channel import ActChannel
 from node.config import RuntimeConfig
 from node.errors import NodeError, PeerLostError, UnexpectedFrameError
-from node.worker import StageWorker, window_to_bytes
+from node.training.worker import StageWorker, window_to_bytes
+from node.wire import frames
+from node.wire.channel import ActChannel
 
 
 @dataclass
@@ -43,14 +43,14 @@ class _Sender:
 
     def __init__(self, ch: ActChannel) -> None:
         self.ch = ch
-        self._send, self._recv = trio.open_memory_channel[tuple[F.Kind, int, int, bytes, bytes]](math.inf)
+        self._send, self._recv = trio.open_memory_channel[tuple[frames.Kind, int, int, bytes, bytes]](math.inf)
         self.queued = 0
         self.sent = 0
         self.error: NodeError | None = None
         self._idle = trio.Event()
         self._idle.set()
 
-    def put(self, kind: F.Kind, step: int, mb: int, payload: bytes, window: bytes = b"") -> None:
+    def put(self, kind: frames.Kind, step: int, mb: int, payload: bytes, window: bytes = b"") -> None:
         if self.error is not None:
             raise self.error
         self.queued += 1
@@ -107,7 +107,7 @@ class PipelineRuntime:
             if ch is not None and self._on_arrival in ch.listeners:
                 ch.listeners.remove(self._on_arrival)
 
-    def _check(self, r: Any, step: int, kind: F.Kind) -> int:
+    def _check(self, r: Any, step: int, kind: frames.Kind) -> int:
         h = r.frame.header
         if h.microbatch >= self.worker.num_microbatches:
             raise UnexpectedFrameError(f"stage {self.stage} got microbatch {h.microbatch} from stage {h.stage}; "
@@ -166,10 +166,10 @@ class PipelineRuntime:
                     raise tx.error
             r = await self.downstream.try_recv() if self.downstream is not None else None
             if r is not None:
-                mb = self._check(r, step, F.Kind.GRADIENT)
+                mb = self._check(r, step, frames.Kind.GRADIENT)
                 grad = await trio.to_thread.run_sync(w.backward, step, mb, r.value)
                 if up_tx is not None and grad is not None:
-                    up_tx.put(F.Kind.GRADIENT, step, mb, grad)
+                    up_tx.put(frames.Kind.GRADIENT, step, mb, grad)
                 bwd += 1
                 continue
             window = h_in = None
@@ -177,21 +177,21 @@ class PipelineRuntime:
             if self.upstream is not None:
                 r = await self.upstream.try_recv()
                 if r is not None:
-                    mb = self._check(r, step, F.Kind.ACTIVATION)
+                    mb = self._check(r, step, frames.Kind.ACTIVATION)
                     window, h_in = r.value
             elif fwd < m:
                 window = await trio.to_thread.run_sync(w.head_window, step, fwd)
             if window is not None:
                 out = await trio.to_thread.run_sync(w.forward, step, mb, window, h_in)
                 fwd += 1
-                if spec.is_tail:
+                if spec.is_last:
                     grad = await trio.to_thread.run_sync(w.backward, step, mb, None)
                     if up_tx is not None and grad is not None:
-                        up_tx.put(F.Kind.GRADIENT, step, mb, grad)
+                        up_tx.put(frames.Kind.GRADIENT, step, mb, grad)
                     bwd += 1
                 else:
                     assert down_tx is not None and isinstance(out, bytes)
-                    down_tx.put(F.Kind.ACTIVATION, step, mb, out, window_to_bytes(window, w.id_bytes))
+                    down_tx.put(frames.Kind.ACTIVATION, step, mb, out, window_to_bytes(window, w.id_bytes))
                 continue
             for ch in (self.upstream, self.downstream):
                 if ch is not None and ch.failure is not None:

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import NodeError
-from node.status import read_progress
+from node.observability.status import read_progress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 

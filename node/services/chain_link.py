@@ -12,11 +12,11 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from node import frames as F
-from node.audit import AuditConfig, install_audit
 from node.errors import ReceiptRejectedError
-from node.inference import INFER_PROTOCOL, InferenceService
-from node.receipts import EIP712Receipts
+from node.services.audit import AuditConfig, install_audit
+from node.services.hop_receipts import EIP712Receipts
+from node.services.inference import INFER_PROTOCOL, InferenceService
+from node.wire import frames
 from protocol.errors import ProtocolError
 from protocol.modelspec import SpecMismatchError, TrainingSection, require_spec_hash
 from protocol.payments import ChainLink, connect_chain
@@ -47,7 +47,7 @@ class StoredReceipts(EIP712Receipts):
         self.cosigned.clear()
         self.received.clear()
 
-    def countersign(self, header: F.FrameHeader, signature: bytes, peer_address: str) -> bytes:
+    def countersign(self, header: frames.FrameHeader, signature: bytes, peer_address: str) -> bytes:
         if not self.registry.is_registered(peer_address):
             self.rejected += 1
             raise ReceiptRejectedError(f"sender {peer_address} of step {header.step} microbatch {header.microbatch} "
@@ -100,9 +100,9 @@ def chain_services(data_dir: str | Path, account: Any, microbatch_size: int, seq
         worker = daemon.worker
         spec = worker.spec
         next_hop = None
-        if not spec.is_tail:
+        if not spec.is_last:
             async def next_hop() -> Any:
-                from node.host import parse_peer_addr
+                from node.net.host import parse_peer_addr
 
                 entry = await discovery.wait_for_stage(spec.index + 1)
                 info = parse_peer_addr(entry.addrs[0])

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from node.worker import StageWorker
+from node.training.worker import StageWorker
 
 
 def stage_tensors(worker: StageWorker) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], list[Any]]:

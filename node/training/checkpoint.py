@@ -12,8 +12,8 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 
 from node.errors import CheckpointError
-from node.stagestate import install_stage_tensors, stage_tensors
-from node.worker import StageWorker
+from node.training.stagestate import install_stage_tensors, stage_tensors
+from node.training.worker import StageWorker
 
 MANIFEST = "manifest.json"
 FORMAT = 1

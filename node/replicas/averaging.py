@@ -19,9 +19,9 @@ import torch
 import trio
 from libp2p.custom_types import TProtocol
 
-from node import msgio
 from node.errors import AveragingError
-from node.host import parse_peer_addr
+from node.net import msgio
+from node.net.host import parse_peer_addr
 from protocol.aggregation import AggregationConfig, aggregate
 
 AVG_PROTOCOL = TProtocol("/pmn/avg/1.0.0")

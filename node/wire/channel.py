@@ -6,7 +6,7 @@ handshake and one more each time the application consumes a frame, so a reader n
 reading (yamux resets a stream whose reader pauses > 5 s). Every accepted data frame is acked;
 the ack carries the acked digest and an optional countersignature from the `ReceiptHook`.
 
-HELLO names the sender's Ethereum address and carries its binding (`node.identity.bind`: the node
+HELLO names the sender's Ethereum address and carries its binding (`node.net.identity.bind`: the node
 key's signature over the peer id); the receiver checks it against the peer id Noise authenticated
 and refuses the handshake when it does not verify, so receipts name the node key that really sent.
 
@@ -31,8 +31,6 @@ from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
 from libp2p.stream_muxer.yamux import yamux as _yamux
 
-from node import frames as F
-from node.chunks import take_chunks
 from node.config import TransportConfig
 from node.errors import (
     BindingError,
@@ -47,32 +45,34 @@ from node.errors import (
     TruncatedFrameError,
     UnexpectedFrameError,
 )
-from node.identity import NodeIdentity, bind, verify_binding
-from node.tuning import QuickLock, read_some, write_gather
+from node.net.chunks import take_chunks
+from node.net.identity import NodeIdentity, bind, verify_binding
+from node.net.tuning import QuickLock, read_some, write_gather
+from node.wire import frames
 
 ACT_PROTOCOL = TProtocol("/pmn/act/1.0.0")
-DATA_KINDS = (F.Kind.ACTIVATION, F.Kind.GRADIENT)
+DATA_KINDS = (frames.Kind.ACTIVATION, frames.Kind.GRADIENT)
 READ_CHUNK = 1 << 22  # most bytes taken from the muxer per read call
 MAX_CONTROL_BYTES = 64 * 1024  # limit on HELLO/ACK/CREDIT/ERROR/CLOSE/LOSS frames (header + body)
 
 
 async def digest_off_loop(window: bytes, payload: bytes, in_thread: bool) -> bytes:
-    """F.digest; in a worker thread when `in_thread` (TransportConfig.hashes_in_thread of the body size).
+    """frames.digest; in a worker thread when `in_thread` (TransportConfig.hashes_in_thread of the body size).
 
     BLAKE3 hashes a MiB in about a quarter of a millisecond, less than a worker-thread hop costs
     the loop, so only very large bodies are worth the hop (TransportConfig.hash_thread_bytes).
     """
     if in_thread:
-        return await trio.to_thread.run_sync(F.digest, window, payload)
-    return F.digest(window, payload)
+        return await trio.to_thread.run_sync(frames.digest, window, payload)
+    return frames.digest(window, payload)
 
 
-def verify_and_decode(fr: F.Frame, decoder: Callable[[F.Frame], Any] | None) -> Any:
+def verify_and_decode(fr: frames.Frame, decoder: Callable[[frames.Frame], Any] | None) -> Any:
     """Digest check, then the decoder (None without one): the whole per-frame work of one worker-thread hop.
 
     FrameError passes through; any other decoder error becomes NonFiniteError (the payload is unusable).
     """
-    F.verify_digest(fr.header, fr.window, fr.payload)
+    frames.verify_digest(fr.header, fr.window, fr.payload)
     if decoder is None:
         return None
     try:
@@ -101,15 +101,15 @@ async def _notify_all(cv: trio.Condition) -> None:
 class ReceiptHook(Protocol):
     """Signs outgoing data frames and countersigns incoming ones (EIP-712 receipts live in `protocol`)."""
 
-    def sign(self, header: F.FrameHeader, peer_address: str) -> bytes:
+    def sign(self, header: frames.FrameHeader, peer_address: str) -> bytes:
         """Sender's signature over the frame (its digest), or b"" when receipts are off."""
         ...
 
-    def countersign(self, header: F.FrameHeader, signature: bytes, peer_address: str) -> bytes:
+    def countersign(self, header: frames.FrameHeader, signature: bytes, peer_address: str) -> bytes:
         """Verify the sender's signature and return the receiver's countersignature (FrameError if bad)."""
         ...
 
-    def on_ack(self, header: F.FrameHeader, countersignature: bytes, peer_address: str) -> None:
+    def on_ack(self, header: frames.FrameHeader, countersignature: bytes, peer_address: str) -> None:
         """Called on the sender when its frame was acknowledged."""
         ...
 
@@ -117,13 +117,13 @@ class ReceiptHook(Protocol):
 class NullReceipts:
     """Receipts off: no signatures."""
 
-    def sign(self, header: F.FrameHeader, peer_address: str) -> bytes:
+    def sign(self, header: frames.FrameHeader, peer_address: str) -> bytes:
         return b""
 
-    def countersign(self, header: F.FrameHeader, signature: bytes, peer_address: str) -> bytes:
+    def countersign(self, header: frames.FrameHeader, signature: bytes, peer_address: str) -> bytes:
         return b""
 
-    def on_ack(self, header: F.FrameHeader, countersignature: bytes, peer_address: str) -> None:
+    def on_ack(self, header: frames.FrameHeader, countersignature: bytes, peer_address: str) -> None:
         return None
 
 
@@ -158,7 +158,7 @@ class LocalInfo:
     stage: int  # our stage index
     num_stages: int  # pipeline depth
     address: str  # our Ethereum address (node key), for receipts; "" claims none (receipts off only)
-    binding: bytes = b""  # node key's signature over our peer id (`node.identity.bind`); b"" with address ""
+    binding: bytes = b""  # node key's signature over our peer id (`node.net.identity.bind`); b"" with address ""
 
     @classmethod
     def of(cls, identity: NodeIdentity, spec_hash: bytes, stage: int, num_stages: int) -> LocalInfo:
@@ -175,14 +175,14 @@ class Hello:
     credits: int  # frames it lets us have in flight
     address: str  # its Ethereum address ("" = none claimed), checked against `binding` at the handshake
     next_step: int = -1  # first global step it has not applied yet (-1 = not reported)
-    binding: bytes = b""  # its node key's signature over its peer id (`node.identity.bind`)
+    binding: bytes = b""  # its node key's signature over its peer id (`node.net.identity.bind`)
 
 
 @dataclass
 class Received:
     """A data frame accepted from the neighbour, with its decoded value."""
 
-    frame: F.Frame  # the frame as received
+    frame: frames.Frame  # the frame as received
     value: Any  # what the decoder returned (a tensor in the runtime)
 
 
@@ -268,11 +268,11 @@ class ActChannel:
         stream: INetStream,
         *,
         local: LocalInfo,
-        frame_spec: F.FrameSpec,
+        frame_spec: frames.FrameSpec,
         cfg: TransportConfig,
         scores: PeerScores,
         receipts: ReceiptHook | None = None,
-        decoder: Callable[[F.Frame], Any] | None = None,
+        decoder: Callable[[frames.Frame], Any] | None = None,
         step_fn: Callable[[], int] | None = None,
     ) -> None:
         self.stream = stream
@@ -293,7 +293,7 @@ class ActChannel:
         self._credit_cv = trio.Condition()
         self._granted_left = cfg.credits  # frames the peer may still send us (credits sent to it)
         self._credit_due = 0  # credits for consumed frames not sent yet (they ride along the next write)
-        self._pending: dict[tuple[int, int, bytes], list[F.FrameHeader]] = {}  # (step, mb, digest) -> unacked
+        self._pending: dict[tuple[int, int, bytes], list[frames.FrameHeader]] = {}  # (step, mb, digest) -> unacked
         self._pending_count = 0  # data frames sent and not yet acknowledged
         self._acks_cv = trio.Condition()
         self.failure: NodeError | None = None  # why the channel died (None while healthy)
@@ -309,12 +309,12 @@ class ActChannel:
             "credits": self.cfg.credits, "address": self.local.address,
             "next_step": self.step_fn() if self.step_fn else -1, "binding": "0x" + self.local.binding.hex(),
         }).encode()
-        return F.encode_frame(F.Kind.HELLO, self.local.spec_hash, self.local.stage, 0, 0, payload=body)
+        return frames.encode_frame(frames.Kind.HELLO, self.local.spec_hash, self.local.stage, 0, 0, payload=body)
 
-    async def _read_control(self) -> F.Frame:
+    async def _read_control(self) -> frames.Frame:
         try:
-            raw = await self._reader.read_exactly(F.HEADER_SIZE)
-            h = F.decode_header(raw, min(self.cfg.max_frame_bytes, MAX_CONTROL_BYTES))
+            raw = await self._reader.read_exactly(frames.HEADER_SIZE)
+            h = frames.decode_header(raw, min(self.cfg.max_frame_bytes, MAX_CONTROL_BYTES))
             body = await self._reader.read_exactly(h.body_len) if h.body_len else b""
         except EOFError as exc:
             raise HandshakeError(f"peer {self.peer} closed the stream during the handshake") from exc
@@ -322,7 +322,7 @@ class ActChannel:
             raise
         except Exception as exc:  # stream reset / connection errors
             raise HandshakeError(f"peer {self.peer} reset the stream during the handshake: {exc!r}") from exc
-        return F.split_body(h, body)
+        return frames.split_body(h, body)
 
     async def handshake(self, initiator: bool) -> Hello:
         """Exchange HELLO frames; refuse a different model spec hash naming both hashes."""
@@ -330,12 +330,12 @@ class ActChannel:
             if initiator:
                 await self._write(self._hello_bytes())
             fr = await self._read_control()
-            if fr.header.kind == F.Kind.ERROR:
+            if fr.header.kind == frames.Kind.ERROR:
                 raise RemoteError(f"peer {self.peer} refused the handshake: {fr.payload.decode(errors='replace')}")
-            if fr.header.kind != F.Kind.HELLO:
+            if fr.header.kind != frames.Kind.HELLO:
                 raise HandshakeError(f"peer {self.peer} sent {fr.header.kind.name} before HELLO")
             try:
-                F.check_spec_hash(fr.header, self.local.spec_hash)
+                frames.check_spec_hash(fr.header, self.local.spec_hash)
                 info = json.loads(fr.payload)
                 hello = Hello(int(info["stage"]), int(info["num_stages"]), int(info["credits"]), str(info["address"]),
                               int(info.get("next_step", -1)), bytes.fromhex(str(info.get("binding", "")).removeprefix("0x")))
@@ -401,7 +401,7 @@ class ActChannel:
 
     async def send_error(self, message: str) -> None:
         """Tell the peer why something was rejected (best effort)."""
-        raw = F.encode_frame(F.Kind.ERROR, self.local.spec_hash, self.local.stage, 0, 0, payload=message.encode())
+        raw = frames.encode_frame(frames.Kind.ERROR, self.local.spec_hash, self.local.stage, 0, 0, payload=message.encode())
         try:
             await self._write(raw)
         except NodeError:
@@ -410,12 +410,12 @@ class ActChannel:
     async def send_commit(self, step: int, commit: dict[int, int]) -> None:
         """Tell a downstream replica which attempt of each microbatch of `step` the head committed."""
         body = json.dumps({"step": step, "commit": sorted([mb, a] for mb, a in commit.items())}).encode()
-        await self._write(F.encode_frame(F.Kind.COMMIT, self.local.spec_hash, self.local.stage, step, 0,
+        await self._write(frames.encode_frame(frames.Kind.COMMIT, self.local.spec_hash, self.local.stage, step, 0,
                                          payload=body))
 
     async def send_data(
-        self, kind: F.Kind, step: int, microbatch: int, payload: bytes, window: bytes = b"", attempt: int = 0
-    ) -> F.FrameHeader:
+        self, kind: frames.Kind, step: int, microbatch: int, payload: bytes, window: bytes = b"", attempt: int = 0
+    ) -> frames.FrameHeader:
         """Send one ACTIVATION/GRADIENT frame once a credit is available; returns its header."""
         if kind not in DATA_KINDS:
             raise ValueError(f"send_data takes ACTIVATION or GRADIENT, got {kind.name}")
@@ -426,18 +426,18 @@ class ActChannel:
                     self._raise_if_failed()
                     await self._credit_cv.wait()
         self._credit_out -= 1  # no schedule point since the check: nobody took the credit meanwhile
-        header = F.FrameHeader(
+        header = frames.FrameHeader(
             kind=kind, spec_hash=self.local.spec_hash, stage=self.local.stage, step=step, microbatch=microbatch,
             codec=self.spec.codec, dtype=self.spec.dtype, shape=self.spec.shape, window_len=len(window),
             payload_len=len(payload), digest=await digest_off_loop(window, payload, self.cfg.hashes_in_thread(len(window) + len(payload))),
             attempt=attempt,
         )
         sig = self.receipts.sign(header, self.remote.address if self.remote else "")
-        header = F.FrameHeader(**{**header.__dict__, "sig_len": len(sig)})
+        header = frames.FrameHeader(**{**header.__dict__, "sig_len": len(sig)})
         self._pending.setdefault((step, microbatch, header.digest), []).append(header)
         self._pending_count += 1
         # credits due to the peer ride along (a CREDIT frame ahead of the data frame)
-        await self._write(self._take_credit() + F.encode_header(header) + window, payload, sig)
+        await self._write(self._take_credit() + frames.encode_header(header) + window, payload, sig)
         self.stats.frames_out += 1
         return header
 
@@ -457,7 +457,7 @@ class ActChannel:
     async def close(self) -> None:
         """Send CLOSE and half-close our side."""
         if self.failure is None:
-            raw = F.encode_frame(F.Kind.CLOSE, self.local.spec_hash, self.local.stage, 0, 0)
+            raw = frames.encode_frame(frames.Kind.CLOSE, self.local.spec_hash, self.local.stage, 0, 0)
             try:
                 await self._write(raw)
                 await self.stream.close()
@@ -523,7 +523,7 @@ class ActChannel:
             return b""
         self._credit_due = 0
         self._granted_left += due
-        return F.encode_frame(F.Kind.CREDIT, self.local.spec_hash, self.local.stage, 0, due)
+        return frames.encode_frame(frames.Kind.CREDIT, self.local.spec_hash, self.local.stage, 0, due)
 
     def _notify(self) -> None:
         for fn in self.listeners:
@@ -579,7 +579,7 @@ class ActChannel:
 
     async def _read_one(self) -> bool:
         try:
-            raw = await self._reader.read_exactly(F.HEADER_SIZE)
+            raw = await self._reader.read_exactly(frames.HEADER_SIZE)
         except EOFError as exc:
             if exc.args and exc.args[0]:
                 raise TruncatedFrameError(f"stream ended inside a header ({exc.args[0]} bytes)") from exc
@@ -587,14 +587,14 @@ class ActChannel:
                 return False
             raise PeerLostError(f"peer {self.peer} (stage {self.remote_stage}) closed the stream",
                                 self.peer, self.remote_stage) from exc
-        h = F.decode_header(raw, self.cfg.max_frame_bytes)
-        F.check_spec_hash(h, self.local.spec_hash)
-        if h.kind not in DATA_KINDS and F.HEADER_SIZE + h.body_len > MAX_CONTROL_BYTES:
-            raise FrameTooLargeError(f"{h.kind.name.lower()} frame of {F.HEADER_SIZE + h.body_len} bytes declared, "
+        h = frames.decode_header(raw, self.cfg.max_frame_bytes)
+        frames.check_spec_hash(h, self.local.spec_hash)
+        if h.kind not in DATA_KINDS and frames.HEADER_SIZE + h.body_len > MAX_CONTROL_BYTES:
+            raise FrameTooLargeError(f"{h.kind.name.lower()} frame of {frames.HEADER_SIZE + h.body_len} bytes declared, "
                                      f"control frames are limited to {MAX_CONTROL_BYTES}")
         if h.kind in DATA_KINDS:
             self._check_direction(h)
-            F.check_data_header(h, self.spec)
+            frames.check_data_header(h, self.spec)
             if self._granted_left <= 0:
                 raise UnexpectedFrameError(f"peer {self.peer} sent a frame beyond its {self.cfg.credits} credits")
         try:
@@ -603,36 +603,36 @@ class ActChannel:
             got = exc.args[0] if exc.args else 0
             raise TruncatedFrameError(
                 f"{h.kind.name.lower()} frame truncated: {got} of {h.body_len} body bytes arrived") from exc
-        self.stats.bytes_in += F.HEADER_SIZE + h.body_len
-        fr = F.Frame(header=h, window=window, payload=payload, signature=sig)
+        self.stats.bytes_in += frames.HEADER_SIZE + h.body_len
+        fr = frames.Frame(header=h, window=window, payload=payload, signature=sig)
         if h.kind in DATA_KINDS:
             await self._accept_data(fr)
             return True
-        F.verify_digest(h, window, payload)  # control bodies are small (MAX_CONTROL_BYTES)
-        if h.kind == F.Kind.ACK:
+        frames.verify_digest(h, window, payload)  # control bodies are small (MAX_CONTROL_BYTES)
+        if h.kind == frames.Kind.ACK:
             await self._on_ack(fr)
-        elif h.kind == F.Kind.CREDIT:
+        elif h.kind == frames.Kind.CREDIT:
             self._credit_out += h.microbatch
             await _notify_all(self._credit_cv)
-        elif h.kind == F.Kind.ERROR:
+        elif h.kind == frames.Kind.ERROR:
             raise RemoteError(f"peer {self.peer} (stage {self.remote_stage}) reported: "
                               f"{fr.payload.decode(errors='replace')}")
-        elif h.kind == F.Kind.CLOSE:
+        elif h.kind == frames.Kind.CLOSE:
             self.closed_by_peer = True
-        elif h.kind == F.Kind.COMMIT:
+        elif h.kind == frames.Kind.COMMIT:
             self._accept_commit(fr)
         else:
             raise UnexpectedFrameError(f"unexpected {h.kind.name} frame after the handshake")
         return True
 
-    def _check_direction(self, h: F.FrameHeader) -> None:
-        want_from = self.local.stage - 1 if h.kind == F.Kind.ACTIVATION else self.local.stage + 1
+    def _check_direction(self, h: frames.FrameHeader) -> None:
+        want_from = self.local.stage - 1 if h.kind == frames.Kind.ACTIVATION else self.local.stage + 1
         if h.stage != self.remote_stage or h.stage != want_from:
             raise UnexpectedFrameError(
                 f"{h.kind.name.lower()} frame from stage {h.stage} (peer announced stage {self.remote_stage}); "
                 f"stage {self.local.stage} accepts it only from stage {want_from}")
 
-    def _accept_commit(self, fr: F.Frame) -> None:
+    def _accept_commit(self, fr: frames.Frame) -> None:
         if self.remote_stage != self.local.stage - 1:
             raise UnexpectedFrameError(f"commit frame from stage {self.remote_stage}; stage {self.local.stage} "
                                        f"accepts it only from stage {self.local.stage - 1}")
@@ -645,7 +645,7 @@ class ActChannel:
         self.commits.append({"step": step, "commit": commit})
         self._notify()
 
-    async def _accept_data(self, fr: F.Frame) -> None:
+    async def _accept_data(self, fr: frames.Frame) -> None:
         peer_addr = self.remote.address if self.remote else ""
         if self.decoder is not None or self.cfg.hashes_in_thread(fr.header.window_len + fr.header.payload_len):
             value = await trio.to_thread.run_sync(verify_and_decode, fr, self.decoder)  # one hop per frame
@@ -654,14 +654,14 @@ class ActChannel:
         counter = self.receipts.countersign(fr.header, fr.signature, peer_addr)
         self._granted_left -= 1
         self.stats.frames_in += 1
-        ack = F.encode_frame(F.Kind.ACK, self.local.spec_hash, self.local.stage, fr.header.step,
+        ack = frames.encode_frame(frames.Kind.ACK, self.local.spec_hash, self.local.stage, fr.header.step,
                              fr.header.microbatch, payload=fr.header.digest + counter)
         await self._write(ack + self._take_credit())  # credits consumed since the last ACK ride along
         self._inbox_send.send_nowait(Received(frame=fr, value=value))
         self._notify()
 
-    async def _on_ack(self, fr: F.Frame) -> None:
-        acked = fr.payload[: F.DIGEST_SIZE]
+    async def _on_ack(self, fr: frames.Frame) -> None:
+        acked = fr.payload[: frames.DIGEST_SIZE]
         waiting = self._pending.get((fr.header.step, fr.header.microbatch, acked))
         if not waiting:
             raise UnexpectedFrameError(f"ack for unknown frame step {fr.header.step} mb {fr.header.microbatch} "
@@ -670,7 +670,7 @@ class ActChannel:
         if not waiting:
             del self._pending[(fr.header.step, fr.header.microbatch, acked)]
         self._pending_count -= 1
-        self.receipts.on_ack(header, fr.payload[F.DIGEST_SIZE:], self.remote.address if self.remote else "")
+        self.receipts.on_ack(header, fr.payload[frames.DIGEST_SIZE:], self.remote.address if self.remote else "")
         await _notify_all(self._acks_cv)
 
 
@@ -682,10 +682,10 @@ class ActEndpoint:
         host: Any,
         *,
         local: LocalInfo,
-        frame_spec: F.FrameSpec,
+        frame_spec: frames.FrameSpec,
         cfg: TransportConfig,
         receipts: ReceiptHook | None = None,
-        decoder: Callable[[F.Frame], Any] | None = None,
+        decoder: Callable[[frames.Frame], Any] | None = None,
         step_fn: Callable[[], int] | None = None,
     ) -> None:
         self.host = host
@@ -721,7 +721,7 @@ class ActEndpoint:
 
     async def open(self, peer_addr: str | Any) -> ActChannel:
         """Connect to a peer (multiaddr string with /p2p/ or PeerInfo) and handshake; run its reader next."""
-        from node.host import parse_peer_addr
+        from node.net.host import parse_peer_addr
 
         info = parse_peer_addr(peer_addr) if isinstance(peer_addr, str) else peer_addr
         if self.scores.is_banned(info.peer_id.pretty()):

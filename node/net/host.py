@@ -8,8 +8,8 @@ from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
-from node.identity import NodeIdentity
-from node.tuning import apply_transport_tuning
+from node.net.identity import NodeIdentity
+from node.net.tuning import apply_transport_tuning
 
 
 def make_host(identity: NodeIdentity, yamux_frame_bytes: int = 256 * 1024, tcp_read_bytes: int = 1 << 20) -> IHost:

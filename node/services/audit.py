@@ -19,7 +19,7 @@ both lengths are checked against `AuditConfig.max_message_bytes` before anything
   and its own uncountersigned claims (JSON list in the body).
 
 Errors come back as `{"type": "error", "message": ...}` naming the unknown step, microbatch or field.
-A node serving with its identity adds `"address"` (its node key) and `"binding"` (hex, `node.identity.bind`)
+A node serving with its identity adds `"address"` (its node key) and `"binding"` (hex, `node.net.identity.bind`)
 to every reply header; a client that asks for a given node's data (`node=`) refuses a reply whose binding
 does not tie the answering peer id to that address, so data is never pinned on the wrong node key.
 The attester (`Attester`) samples co-signed hops at the audit rate, fetches the sender's state and
@@ -45,10 +45,10 @@ import trio
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from node import frames as F
-from node import msgio
 from node.errors import BindingError, NodeError
-from node.identity import NodeIdentity, bind, verify_binding
+from node.net import msgio
+from node.net.identity import NodeIdentity, bind, verify_binding
+from node.wire import frames
 from protocol.errors import ProtocolError, SpotCheckError
 from protocol.receipts import BACKWARD, FORWARD, SignedReceipt, payload_digest
 from protocol.spotcheck import (
@@ -60,7 +60,7 @@ from protocol.spotcheck import (
     sample_hops,
 )
 from sharding.config import ModelConfig
-from sharding.partition import StageSpec
+from sharding.stagespec import StageSpec
 
 AUDIT_PROTOCOL = "/pmn/audit/1.0.0"
 _LEN = struct.Struct(">I")
@@ -96,7 +96,7 @@ class AuditConfig:
 
 
 async def write_message(stream: Any, header: dict[str, Any], body: bytes = b"") -> None:
-    """Send one message (node.msgio framing)."""
+    """Send one message (node.net.msgio framing)."""
     await msgio.write_message(stream, header, body)
 
 
@@ -144,10 +144,10 @@ class AuditRecorder:
     def _recv_path(self, direction: int, step: int, mb: int) -> Path:
         return self._dir(step) / f"recv-{'fwd' if direction == FORWARD else 'bwd'}-{step}-{mb}.bin"
 
-    def on_frame(self, fr: F.Frame) -> None:
+    def on_frame(self, fr: frames.Frame) -> None:
         """Keep a received data frame's window and payload (called off the event loop)."""
         h = fr.header
-        direction = FORWARD if h.kind == F.Kind.ACTIVATION else BACKWARD
+        direction = FORWARD if h.kind == frames.Kind.ACTIVATION else BACKWARD
         with self._lock:
             self._write(self._recv_path(direction, h.step, h.microbatch),
                         _LEN.pack(len(fr.window)) + fr.window + fr.payload)
@@ -233,7 +233,7 @@ class AuditService:
             window, payload = self.recorder.received(direction, step, mb)
             return {"type": "received", "window_bytes": len(window)}, window + payload
         state = self.recorder.state_bytes(step)
-        if self.worker.spec.is_head:
+        if self.worker.spec.is_first:
             window = self.worker.head_window(step, mb).numpy().astype("<u2" if self.worker.id_bytes == 2
                                                                        else "<u4").tobytes()
             payload = b""
@@ -308,7 +308,7 @@ class AuditClient:
 
         With `node` (an address), the reply must prove that the answering peer id is bound to that node key.
         """
-        from node.host import parse_peer_addr
+        from node.net.host import parse_peer_addr
 
         info = parse_peer_addr(addr)
         with trio.fail_after(self.config.request_timeout_s):
@@ -414,7 +414,7 @@ class Attester:
         state, in_window, in_payload = await self.client.hop(self._addr(r.sender), r.step, r.microbatch, r.direction,
                                                              node=r.sender)
         spec = self.specs[r.stage]
-        if not spec.is_head:
+        if not spec.is_first:
             if upstream is None:
                 raise SpotCheckError("input_payload", f"no co-signed receipt of the activation stage {r.stage} received")
             if payload_digest(in_payload, in_window) != upstream.receipt.payload_digest:
@@ -423,7 +423,7 @@ class Attester:
                                                        node=r.receiver)
         window_raw = sent_window if r.direction == FORWARD else in_window
         window = _window_tensor(window_raw, self.model, len(in_window))
-        hop = HopInput(signed, sent, window, state, None if spec.is_head else in_payload)
+        hop = HopInput(signed, sent, window, state, None if spec.is_first else in_payload)
         return await trio.to_thread.run_sync(
             lambda: check_hop(self.model, spec, self.codec, hop, self.check, grad_scale=1.0 / self.num_microbatches))
 
@@ -519,8 +519,8 @@ async def run_with_client_host(fn: Callable[[Any], Any], cfg: AttesterHost | Non
     """Run `await fn(host)` with a fresh client host, closed afterwards."""
     import multiaddr
 
-    from node.host import make_host
-    from node.identity import identity_from_secret
+    from node.net.host import make_host
+    from node.net.identity import identity_from_secret
 
     cfg = cfg or AttesterHost()
     host = make_host(identity_from_secret(os.urandom(31).rjust(32, b"\x01")))

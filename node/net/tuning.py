@@ -67,7 +67,7 @@ from libp2p.stream_muxer.yamux import yamux as _yamux
 from noise.constants import MAX_NONCE
 from noise.exceptions import NoiseInvalidMessage, NoiseMaxNonceError
 
-from node.chunks import take_chunks
+from node.net.chunks import take_chunks
 
 log = logging.getLogger(__name__)
 

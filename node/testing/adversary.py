@@ -1,6 +1,6 @@
 """A cheating node, as a process: the normal daemon with one deviation, for audit tests and benchmarks.
 
-`python -m node.adversary --behaviour lazy|inflate [--fraction F] [--seed S] <python -m node.daemon args>`
+`python -m node.testing.adversary --behaviour lazy|inflate [--fraction F] [--seed S] <python -m node.daemon args>`
 
 - `lazy`: for a fraction F of its microbatches the stage sends random activations instead of its
   output (the tail: a random gradient) — work it skipped, signed like real work. Spot checks catch it.
@@ -64,14 +64,14 @@ def make_lazy(worker: Any, cheat: Cheat) -> None:
 
     def forward(step: int, mb: int, window: torch.Tensor, h_in: torch.Tensor | None) -> Any:
         out = honest_forward(step, mb, window, h_in)
-        if worker.spec.is_tail or not cheat.fakes(step, mb):
+        if worker.spec.is_last or not cheat.fakes(step, mb):
             return out
         return worker.codec.encode_activation(torch.randn(shape, generator=gen), window[:, :-1])
 
     def backward(step: int, mb: int, grad_out: torch.Tensor | None) -> Any:
         ids = worker._stash[(step, mb)].ids if (step, mb) in worker._stash else None
         out = honest_backward(step, mb, grad_out)
-        if out is None or not worker.spec.is_tail or ids is None or not cheat.fakes(step, mb):
+        if out is None or not worker.spec.is_last or ids is None or not cheat.fakes(step, mb):
             return out
         return worker.codec.encode_gradient(torch.randn(shape, generator=gen), ids)
 
@@ -115,7 +115,7 @@ def cheat_service(cheat: Cheat) -> Callable[[Any, Any, Any, Any], Any]:
 
 def build_parser() -> argparse.ArgumentParser:
     """The adversary's own arguments; everything else goes to node.daemon's parser."""
-    p = argparse.ArgumentParser(prog="python -m node.adversary", add_help=False)
+    p = argparse.ArgumentParser(prog="python -m node.testing.adversary", add_help=False)
     p.add_argument("--behaviour", required=True, choices=BEHAVIOURS, help="lazy or inflate")
     p.add_argument("--fraction", type=float, default=1.0, help="lazy: fraction of microbatches faked")
     p.add_argument("--cheat-seed", type=int, default=0, help="seed of which microbatches are faked")
@@ -123,16 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def spawn_adversary(stage: int, data_dir: Path, args: list[str], cheat_args: list[str]) -> Any:
-    """Start an adversary node process like `node.swarm.spawn_node` (then `node.swarm.await_ready` it)."""
+    """Start an adversary node process like `node.testing.swarm.spawn_node` (then `node.testing.swarm.await_ready` it)."""
     import os
     import subprocess
 
-    from node.swarm import REPO_ROOT, NodeProcess
+    from node.testing.swarm import REPO_ROOT, NodeProcess
 
     data_dir.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    cmd = [sys.executable, "-m", "node.adversary", *cheat_args, "--stage", str(stage), "--data-dir", str(data_dir),
+    cmd = [sys.executable, "-m", "node.testing.adversary", *cheat_args, "--stage", str(stage), "--data-dir", str(data_dir),
            "--no-progress", *args]
     with (data_dir / "stderr.log").open("ab") as log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=env, cwd=str(REPO_ROOT))
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     """Run the daemon with the chosen deviation; errors print one JSON line (as node.daemon's), exit code 1."""
     from node.daemon import build_parser as daemon_parser
     from node.daemon import config_from_args, run_node
-    from node.services import chain_hooks, report_error
+    from node.services.hooks import chain_hooks, report_error
 
     try:
         mine, rest = build_parser().parse_known_args(argv)

@@ -7,7 +7,7 @@ other providers every `dht.lookup_interval_s` and exchanges announcements with e
 of, so it finds peers that neither its bootstrap list nor their tables lead to.
 
 An announcement that names an Ethereum address carries the node key's binding of its peer id
-(`node.identity.bind`, hex); entries whose binding does not verify are dropped at the merge (and counted
+(`node.net.identity.bind`, hex); entries whose binding does not verify are dropped at the merge (and counted
 in `Discovery.unbound`), so the address of a table entry is the node key of that peer id. The rest of an
 announcement (addrs, stage, seq) is not signed: the activation handshake checks what matters again.
 """
@@ -25,10 +25,10 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from node.config import DiscoveryConfig
-from node.dht import ModelDht, peer_addr
 from node.errors import BindingError, DiscoveryError
-from node.host import parse_peer_addr
-from node.identity import verify_binding
+from node.net.dht import ModelDht, peer_addr
+from node.net.host import parse_peer_addr
+from node.net.identity import verify_binding
 
 ANNOUNCE_PROTOCOL = TProtocol("/pmn/announce/1.0.0")
 MAX_MESSAGE = 1 << 20  # bytes of one announcement message
@@ -49,7 +49,7 @@ class Announcement:
     throughput: float = 0.0  # replicated mode: tokens/s its compute sustained over its last step (0 = unknown)
     seq: int = 0  # sender's version: milliseconds since the epoch at start, +1 per change (newest wins,
     # so a restarted node's fresh addresses replace its old entry)
-    binding: str = ""  # hex node-key signature binding peer_id to address (`node.identity.bind`); "" without one
+    binding: str = ""  # hex node-key signature binding peer_id to address (`node.net.identity.bind`); "" without one
 
     def check_binding(self) -> None:
         """BindingError unless the address is empty or bound to the peer id by its node key."""

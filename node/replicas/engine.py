@@ -9,7 +9,7 @@
 * Inner stages route the same way (keeping the head's attempt id) and send each gradient back to
   whoever sent the activation; late answers are discarded.
 * Each replica keeps the parameter gradient of every (step, mb, attempt) separately, pushes it to
-  its stage peers, and applies only the committed ones (`node.averaging`), so every microbatch is
+  its stage peers, and applies only the committed ones (`node.replicas.averaging`), so every microbatch is
   applied exactly once per stage and all replicas of a stage apply the same update.
 """
 
@@ -23,15 +23,15 @@ from typing import Any
 import torch
 import trio
 
-from node import averaging as A
-from node import frames as F
-from node.channel import ActChannel, ActEndpoint, Received
 from node.config import NodeConfig
-from node.discovery import Discovery
 from node.errors import AveragingError, NodeError, NoReplicaError, ResyncNeededError
-from node.rebalance import Move, plan_move
-from node.routing import Router, ban_duration
-from node.worker import StageWorker, window_to_bytes
+from node.net.discovery import Discovery
+from node.replicas import averaging
+from node.replicas.rebalance import Move, plan_move
+from node.replicas.routing import Router, ban_duration
+from node.training.worker import StageWorker, window_to_bytes
+from node.wire import frames
+from node.wire.channel import ActChannel, ActEndpoint, Received
 
 
 @dataclass
@@ -68,7 +68,7 @@ class ReplicaEngine:
     """Runs global steps of one stage in replicated mode until told to stop or move."""
 
     def __init__(self, cfg: NodeConfig, worker: StageWorker, endpoint: ActEndpoint, discovery: Discovery,
-                 host: Any, store: A.ContributionStore) -> None:
+                 host: Any, store: averaging.ContributionStore) -> None:
         self.cfg = cfg
         self.rc = cfg.replicas
         self.worker = worker
@@ -123,7 +123,7 @@ class ReplicaEngine:
 
     async def dial_loop(self, nursery: trio.Nursery) -> None:
         """Keep a channel open to every live, unbanned replica of the next stage."""
-        if self.worker.spec.is_tail:
+        if self.worker.spec.is_last:
             return
         while True:
             now = trio.current_time()
@@ -157,10 +157,10 @@ class ReplicaEngine:
         self.down.clear()
         self.up.clear()
 
-    def decode(self, fr: F.Frame) -> Any:
+    def decode(self, fr: frames.Frame) -> Any:
         """Channel decoder: activations via the worker; gradients against the attempt's stash (None if stale)."""
         h = fr.header
-        if h.kind == F.Kind.ACTIVATION:
+        if h.kind == frames.Kind.ACTIVATION:
             return self.worker.decode(fr)
         ids = self.worker.stash_ids(h.step, self._key(h.microbatch, h.attempt))
         if ids is None:
@@ -171,7 +171,7 @@ class ReplicaEngine:
 
     def _key(self, mb: int, attempt: int) -> int:
         """Stash key of a microbatch attempt (the head stashes one forward per microbatch)."""
-        return mb if self.worker.spec.is_head else mb + self.m * attempt
+        return mb if self.worker.spec.is_first else mb + self.m * attempt
 
     # -- compute -----------------------------------------------------------------------------------
 
@@ -191,7 +191,7 @@ class ReplicaEngine:
 
     def _grads_after(self, fn: Any, *args: Any) -> Any:
         out = fn(*args)
-        return out, A.take_grads(self.worker.module)
+        return out, averaging.take_grads(self.worker.module)
 
     async def _contribute(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> None:
         """Keep our contribution and give it to the stage peers (bounded; failures are skipped).
@@ -213,7 +213,7 @@ class ReplicaEngine:
 
         async def one(peer: str, addr: str) -> None:
             try:
-                await A.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
+                await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
                              self.rc.avg_timeout_s)
                 self._peer_failures.pop(peer, None)
             except Exception:  # a vanished peer pulls (or is dropped) later
@@ -233,7 +233,7 @@ class ReplicaEngine:
     async def _probe(self, peer: str, addr: str, step: int, mb: int, attempt: int, vec: torch.Tensor,
                      loss: float | None) -> None:
         try:
-            await A.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
+            await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
                          self.rc.avg_timeout_s)  # bounded by avg_timeout_s
             self._peer_failures.pop(peer, None)  # it answers again: pushes wait for it from now on
         except Exception:  # still unreachable: the backoff grows
@@ -274,7 +274,7 @@ class ReplicaEngine:
                 ev = self.router.ban(w.down, reason, now)
                 self.events.append({"event": "ban", "peer": ev.peer, "reason": reason, "count": ev.count,
                                     "duration_s": ev.duration_s, "step": step, "time": time.time()})
-        if self.worker.spec.is_head:
+        if self.worker.spec.is_first:
             w.attempt += 1  # a new attempt id; the old one's late answers are discarded
         w.down = ""
         self._rerouted += 1
@@ -297,7 +297,7 @@ class ReplicaEngine:
             self.router.sent(peer)
             ch = self.down[peer]
             try:
-                await ch.send_data(F.Kind.ACTIVATION, step, w.mb, w.payload, w.window, attempt=w.attempt)
+                await ch.send_data(frames.Kind.ACTIVATION, step, w.mb, w.payload, w.window, attempt=w.attempt)
             except NodeError:
                 self._abandon(w, step, "lost")
 
@@ -341,12 +341,12 @@ class ReplicaEngine:
                 self._work[(h.step, h.microbatch)].attempt == h.attempt:
             return  # a duplicate of an attempt we already hold
         window, h_in = r.value
-        if w.spec.is_tail:
+        if w.spec.is_last:
             (loss, vec) = await self._compute(self._grads_after, w.forward, h.step, key, window, h_in)
             grad = await self._compute(w.backward, h.step, key, None)
             await self._contribute(h.step, h.microbatch, h.attempt, vec, float(loss))
             try:
-                await ch.send_data(F.Kind.GRADIENT, h.step, h.microbatch, grad, attempt=h.attempt)
+                await ch.send_data(frames.Kind.GRADIENT, h.step, h.microbatch, grad, attempt=h.attempt)
             except NodeError:
                 pass
             return
@@ -364,13 +364,13 @@ class ReplicaEngine:
         key = self._key(h.microbatch, h.attempt)
         grad, vec = await self._compute(self._grads_after, self.worker.backward, h.step, key, r.value)
         await self._contribute(h.step, h.microbatch, h.attempt, vec, None)
-        if self.worker.spec.is_head:
+        if self.worker.spec.is_first:
             self._committed[h.microbatch] = h.attempt
             return
         up = self.up.get(w.up)
         if up is not None and up.failure is None:
             try:
-                await up.send_data(F.Kind.GRADIENT, h.step, h.microbatch, grad, attempt=h.attempt)
+                await up.send_data(frames.Kind.GRADIENT, h.step, h.microbatch, grad, attempt=h.attempt)
             except NodeError:
                 pass
 
@@ -389,7 +389,7 @@ class ReplicaEngine:
         self._committed: dict[int, int] = {}
         self.current_step = step
         w = self.worker
-        head = w.spec.is_head
+        head = w.spec.is_first
         next_mb = 0
         no_replica_since: float | None = None
         tick = min(0.25, self.rc.replica_timeout_s / 4, self.rc.commit_poll_s)
@@ -399,15 +399,15 @@ class ReplicaEngine:
         while True:
             if self.fatal is not None:
                 raise self.fatal
-            frames = early + await self._take_frames()
+            arrived = early + await self._take_frames()
             early = []
-            for ch, r in frames:
+            for ch, r in arrived:
                 h = r.frame.header
                 if h.step > step:
                     self._future.append((ch, r))
                 elif h.step < step:
                     continue
-                elif h.kind == F.Kind.ACTIVATION:
+                elif h.kind == frames.Kind.ACTIVATION:
                     await self._on_activation(step, ch, r)
                 else:
                     await self._on_gradient(step, ch, r)
@@ -416,7 +416,7 @@ class ReplicaEngine:
                 break
             if not head and step in self.store.commits:
                 break
-            if not w.spec.is_tail:
+            if not w.spec.is_last:
                 self._check_timeouts(step)
                 if head and next_mb < self.m and not self._queue:
                     now = trio.current_time()
@@ -450,7 +450,7 @@ class ReplicaEngine:
         return any(not self.router.is_banned(p, now) for p in self._candidates())
 
     async def _forward_commit(self, step: int) -> None:
-        if step in self._forwarded or self.worker.spec.is_tail:
+        if step in self._forwarded or self.worker.spec.is_last:
             return
         self._forwarded.add(step)
         commit = self.store.commits[step]
@@ -468,7 +468,7 @@ class ReplicaEngine:
         peers = [e for e in self.discovery.stage_peers(self.stage) if e.addrs] if every_peer else self._stage_peers()
         for e in peers:
             try:
-                commit, items = await A.pull(self.host, e.addrs[0], self.spec_hash, self.stage, step,
+                commit, items = await averaging.pull(self.host, e.addrs[0], self.spec_hash, self.stage, step,
                                              self.store.size, wait_s, self.rc.avg_timeout_s)
             except Exception:  # unreachable / refusing peers are skipped
                 self._peer_failed(e.peer_id)
@@ -502,7 +502,7 @@ class ReplicaEngine:
             step = self.current_step
             idle = trio.current_time() - self._last_event >= self.rc.commit_poll_s
             behind = any(r.frame.header.step > step for _, r in self._future)
-            if self.worker.spec.is_head or step in self.store.commits:
+            if self.worker.spec.is_first or step in self.store.commits:
                 stuck_since = None
                 catching_up = catching_up and behind  # the engine is applying the pulled step
                 continue
@@ -549,12 +549,12 @@ class ReplicaEngine:
         commit = self.store.commits[step]
         async with self.lock:
             if items:
-                flat = await trio.to_thread.run_sync(A.combine, [v for _, _, v, _ in items], self.m,
+                flat = await trio.to_thread.run_sync(averaging.combine, [v for _, _, v, _ in items], self.m,
                                                      self.rc.aggregation)
             else:
                 flat = torch.zeros(self.store.size)
             w.abort_step()
-            A.set_grads(w.module, flat)
+            averaging.set_grads(w.module, flat)
             await trio.to_thread.run_sync(w.step, step)
         # abandoned attempts of this step
         for k, v in self._work.items():
@@ -571,7 +571,7 @@ class ReplicaEngine:
             self.throughput = mine_tokens / self._compute_s
         self.store.prune(step + 1 - self.rc.keep_steps)
         return StepOutcome(
-            step=step, loss=sum(losses) / len(losses) if losses and w.spec.is_tail else None,
+            step=step, loss=sum(losses) / len(losses) if losses and w.spec.is_last else None,
             applied=sorted([mb, a] for mb, a, _, _ in items), mine=mine, computed=sorted(computed), dropped=dropped,
             rerouted=self._rerouted, seconds=time.perf_counter() - t0, compute_s=self._compute_s, tokens=tokens)
 

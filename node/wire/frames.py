@@ -52,7 +52,7 @@ class Kind(IntEnum):
     COMMIT = 9  # head -> downstream replicas: JSON payload {"step", "commit": [[mb, attempt], ...]}
 
 
-class Codec(IntEnum):
+class CodecId(IntEnum):
     """Codec ids on the wire (names match sharding.codecs)."""
 
     NONE = 0
@@ -75,23 +75,23 @@ class Dtype(IntEnum):
     UINT8 = 5
 
 
-CODEC_IDS: dict[str, Codec] = {
-    "dense": Codec.DENSE,
-    "bf16": Codec.BF16,
-    "int8": Codec.INT8,
-    "subspace": Codec.SUBSPACE,
-    "subspace-fp32": Codec.SUBSPACE_FP32,
-    "subspace-int8": Codec.SUBSPACE_INT8,
+CODEC_IDS: dict[str, CodecId] = {
+    "dense": CodecId.DENSE,
+    "bf16": CodecId.BF16,
+    "int8": CodecId.INT8,
+    "subspace": CodecId.SUBSPACE,
+    "subspace-fp32": CodecId.SUBSPACE_FP32,
+    "subspace-int8": CodecId.SUBSPACE_INT8,
 }
-CODEC_NAMES: dict[Codec, str] = {v: k for k, v in CODEC_IDS.items()}
+CODEC_NAMES: dict[CodecId, str] = {v: k for k, v in CODEC_IDS.items()}
 # dtype each codec puts on the wire (int8 carries per-row scales inside its payload, subspace sends bf16 z)
-CODEC_DTYPES: dict[Codec, Dtype] = {
-    Codec.DENSE: Dtype.FLOAT32,
-    Codec.BF16: Dtype.BFLOAT16,
-    Codec.INT8: Dtype.INT8,
-    Codec.SUBSPACE: Dtype.BFLOAT16,
-    Codec.SUBSPACE_FP32: Dtype.FLOAT32,
-    Codec.SUBSPACE_INT8: Dtype.INT8,
+CODEC_DTYPES: dict[CodecId, Dtype] = {
+    CodecId.DENSE: Dtype.FLOAT32,
+    CodecId.BF16: Dtype.BFLOAT16,
+    CodecId.INT8: Dtype.INT8,
+    CodecId.SUBSPACE: Dtype.BFLOAT16,
+    CodecId.SUBSPACE_FP32: Dtype.FLOAT32,
+    CodecId.SUBSPACE_INT8: Dtype.INT8,
 }
 
 
@@ -104,7 +104,7 @@ class FrameHeader:
     stage: int  # sender's stage index
     step: int  # global training step
     microbatch: int  # microbatch index (CREDIT: number of credits granted)
-    codec: Codec = Codec.NONE  # codec of the payload
+    codec: CodecId = CodecId.NONE  # codec of the payload
     dtype: Dtype = Dtype.NONE  # element type of the payload
     shape: tuple[int, ...] = ()  # logical tensor shape (B, T, d) of data frames
     window_len: int = 0  # bytes of the (B, T+1) token-id window
@@ -135,7 +135,7 @@ class FrameSpec:
     """What data frames for one model must look like (derived from the model spec and codec)."""
 
     spec_hash: bytes  # 32-byte model spec hash both sides must share
-    codec: Codec  # the one codec used at stage boundaries
+    codec: CodecId  # the one codec used at stage boundaries
     microbatch_size: int  # B
     seq_len: int  # T
     d_model: int  # d
@@ -199,7 +199,7 @@ def encode_frame(
     payload: bytes = b"",
     window: bytes = b"",
     signature: bytes = b"",
-    codec: Codec = Codec.NONE,
+    codec: CodecId = CodecId.NONE,
     dtype: Dtype = Dtype.NONE,
     shape: tuple[int, ...] = (),
 ) -> bytes:
@@ -223,7 +223,7 @@ def decode_header(buf: bytes, max_frame_bytes: int) -> FrameHeader:
     if version != VERSION:
         raise UnsupportedVersionError(f"unsupported frame version {version}, this node speaks {VERSION}")
     try:
-        kind_e, codec_e, dtype_e = Kind(kind), Codec(codec), Dtype(dtype)
+        kind_e, codec_e, dtype_e = Kind(kind), CodecId(codec), Dtype(dtype)
     except ValueError as exc:
         raise UnknownKindError(f"unknown enum value in header: {exc}") from exc
     if ndim > MAX_NDIM:

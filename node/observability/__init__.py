@@ -1,0 +1,1 @@
+"""What a node shows: status files, Prometheus metrics."""

@@ -1,0 +1,1 @@
+"""The synchronous pipeline schedule and its runner."""

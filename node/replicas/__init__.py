@@ -1,0 +1,1 @@
+"""Replicated mode: the engine, routing, gradient averaging, state sync, rebalancing."""

@@ -1,0 +1,1 @@
+"""Services a node runs beside training: chain link, hop receipts, audit, paid inference."""

@@ -1,0 +1,1 @@
+"""Test and demo helpers: the local swarm launcher, adversary behaviours."""

@@ -1,0 +1,1 @@
+"""One stage's training state: the stage worker, its flat state, checkpoints."""

@@ -1,0 +1,1 @@
+"""The wire: activation frames and the credit-controlled activation channel."""
