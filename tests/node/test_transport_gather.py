@@ -16,9 +16,9 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from node.config import TransportConfig
+from node.net.host import full_addrs, parse_peer_addr
 from node.net.transport import io as tio
 from node.net.transport.yamux import _slices
-from node.net.host import full_addrs, parse_peer_addr
 from tests.node.conftest import running_host
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(90)]

@@ -20,12 +20,12 @@ import pytest
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamReset
-from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.security.secure_session import SecureSession
+from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux import yamux
 
-from node.errors import RemoteError
 from node.config import TransportConfig
+from node.errors import RemoteError
 from node.net.host import full_addrs, parse_peer_addr
 from node.net.transport.locks import QuickLock
 from node.net.transport.noise import BatchedNoiseSession
