@@ -49,9 +49,10 @@ from libp2p.custom_types import TProtocol  # noqa: E402
 from node.config import TransportConfig  # noqa: E402
 from node.net.host import full_addrs, make_host, parse_peer_addr  # noqa: E402
 from node.net.identity import identity_from_secret  # noqa: E402
-from node.net.tuning import apply_transport_tuning  # noqa: E402
+from node.net.transport.heap import keep_large_buffers_in_heap  # noqa: E402
+from node.net.transport.io import grow_receive_window  # noqa: E402
 from node.wire import frames  # noqa: E402
-from node.wire.channel import ActEndpoint, LocalInfo, digest_off_loop, grow_receive_window  # noqa: E402
+from node.wire.channel import ActEndpoint, LocalInfo, digest_off_loop  # noqa: E402
 
 SPEC_HASH = b"\x42" * 32
 
@@ -317,7 +318,8 @@ async def _sender(run: TwoProcRun, addr: str, out: Any) -> None:
 
 def _end_main(role: str, run: TwoProcRun, out: Any, stop: Any, addr: str = "") -> None:
     """Entry point of one end's process."""
-    apply_transport_tuning(run.yamux_frame, run.read_bytes)
+    if run.read_bytes > 0:  # the same process-wide heap settings a tuned node's make_host makes
+        keep_large_buffers_in_heap()
     try:
         if role == "receiver":
             trio.run(_receiver, run, out, stop)
@@ -403,7 +405,8 @@ def main() -> None:
     n_tcp = 4 * n  # bare TCP is ~10x faster: more frames so its timing is not dominated by noise
     reps = a.repeats
     spec = frame_spec(a.batch, a.seq, a.d_model, 64 * 1024 * 1024)
-    apply_transport_tuning(a.yamux_frame, a.read_bytes)  # same process-wide settings for every path
+    if a.read_bytes > 0:  # same process-wide heap settings for every path (TCP ones too), as a tuned node has
+        keep_large_buffers_in_heap()
     keys = ("lib2", "tcp2", "lib", "default", "stream", "tcp", "work")
     runs: dict[str, list[tuple[float, float, int]]] = {k: [] for k in keys}
     two = functools.partial(TwoProcRun, batch=a.batch, seq=a.seq, d_model=a.d_model, credits=a.credits,

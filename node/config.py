@@ -13,7 +13,9 @@ class TransportConfig:
     credits: int = 4  # microbatches a receiver lets a sender have in flight (granted at the handshake)
     yamux_frame_bytes: int = 256 * 1024  # payload bytes per yamux DATA frame this process sends (py default 64 KiB)
     stream_window_bytes: int = 16 * 1024 * 1024  # yamux receive window granted on act streams (py default 256 KiB)
-    tcp_read_bytes: int = 1 << 20  # read-ahead of each TCP connection (0 = py-libp2p's plain reads)
+    tcp_read_bytes: int = 1 << 20  # read-ahead of each TCP connection (0 = py-libp2p's stock Noise + yamux)
+    yamux_window_wait_s: float = 5.0  # a yamux writer out of send window gives up after this long (py-libp2p: 5 s)
+    tune_heap: bool = True  # make_host sets glibc's heap thresholds for megabyte buffers (process-wide; tuned hosts only)
     handshake_timeout_s: float = 10.0  # time allowed for the HELLO exchange on a new stream
     ack_timeout_s: float = 60.0  # time allowed for all frames of a step to be acknowledged
     reject_penalty: float = 1.0  # score subtracted from a peer for each rejected frame
@@ -36,7 +38,9 @@ class TransportConfig:
             raise ValueError(f"transport.hash_thread_bytes must be >= 0, got {self.hash_thread_bytes}")
         if not 1024 <= self.yamux_frame_bytes <= 16 * 1024 * 1024:
             raise ValueError("transport.yamux_frame_bytes must be within [1 KiB, 16 MiB]")
-        for name in ("handshake_timeout_s", "ack_timeout_s", "dial_timeout_s"):
+        if self.tcp_read_bytes < 0:
+            raise ValueError(f"transport.tcp_read_bytes must be >= 0, got {self.tcp_read_bytes}")
+        for name in ("handshake_timeout_s", "ack_timeout_s", "dial_timeout_s", "yamux_window_wait_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"transport.{name} must be > 0")
 

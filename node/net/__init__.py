@@ -1,1 +1,1 @@
-"""Networking: the libp2p host, node identity, discovery (bootstrap, DHT, gossip), length-prefixed messages, transport tuning."""
+"""Networking: the libp2p host, node identity, discovery (bootstrap, DHT, gossip), length-prefixed messages, transport speed-ups as host options."""

@@ -1,6 +1,6 @@
 """Taking exact byte counts off a queue of received chunks, copying each byte at most once.
 
-Shared by the channel's frame reader and the tuned yamux/Noise read path (node.net.tuning).
+Shared by the channel's frame reader and the batched Noise session (node.net.transport.noise).
 """
 
 from __future__ import annotations

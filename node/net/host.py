@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import multiaddr
-from libp2p import new_host
 from libp2p.abc import IHost
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
+from node.config import TransportConfig
 from node.net.identity import NodeIdentity
-from node.net.tuning import apply_transport_tuning
+from node.net.transport.heap import keep_large_buffers_in_heap
+from node.net.transport.options import is_tuned, new_tuned_host
 
 
-def make_host(identity: NodeIdentity, yamux_frame_bytes: int = 256 * 1024, tcp_read_bytes: int = 1 << 20) -> IHost:
-    """A host with the node's key (Noise + yamux are py-libp2p's defaults), transport tuning applied."""
-    apply_transport_tuning(yamux_frame_bytes, tcp_read_bytes)
-    return new_host(key_pair=identity.key_pair)
+def make_host(identity: NodeIdentity, yamux_frame_bytes: int | None = None, tcp_read_bytes: int | None = None,
+              *, config: TransportConfig | None = None) -> IHost:
+    """A host with the node's key over TCP + Noise + yamux, tuned as `config` says (default TransportConfig()).
+
+    yamux_frame_bytes / tcp_read_bytes override the config's fields; tcp_read_bytes=0 gives a host
+    on py-libp2p's stock Noise + yamux. The tuning belongs to this host only.
+    """
+    cfg = dataclasses.replace(config or TransportConfig())
+    if yamux_frame_bytes is not None:
+        cfg.yamux_frame_bytes = yamux_frame_bytes
+    if tcp_read_bytes is not None:
+        cfg.tcp_read_bytes = tcp_read_bytes
+    cfg.validate()
+    if is_tuned(cfg) and cfg.tune_heap:
+        keep_large_buffers_in_heap()
+    return new_tuned_host(identity.key_pair, cfg)
 
 
 def parse_listen(addrs: list[str]) -> list[multiaddr.Multiaddr]:

@@ -29,7 +29,6 @@ from typing import Any, Protocol
 import trio
 from libp2p.abc import INetStream
 from libp2p.custom_types import TProtocol
-from libp2p.stream_muxer.yamux import yamux as _yamux
 
 from node.config import TransportConfig
 from node.errors import (
@@ -47,7 +46,8 @@ from node.errors import (
 )
 from node.net.chunks import take_chunks
 from node.net.identity import NodeIdentity, bind, verify_binding
-from node.net.tuning import QuickLock, read_some, write_gather
+from node.net.transport.io import grow_receive_window, read_some, write_gather
+from node.net.transport.locks import QuickLock
 from node.wire import frames
 
 ACT_PROTOCOL = TProtocol("/pmn/act/1.0.0")
@@ -240,24 +240,6 @@ class _Reader:
         if not chunk:
             raise EOFError(have)
         return chunk
-
-
-async def grow_receive_window(stream: INetStream, size: int) -> None:
-    """Let the peer send up to `size` unread bytes on this yamux stream at once.
-
-    py-libp2p starts every stream at 256 KiB and grows it slowly; a sender whose window is
-    exhausted polls every 10 ms, which caps throughput. Credits already bound what a sender may
-    have in flight, so the window can be large.
-    """
-    muxed = getattr(stream, "muxed_stream", None)
-    if not isinstance(muxed, _yamux.YamuxStream) or size <= muxed.target_recv_window:
-        return
-    async with muxed.window_lock:
-        grow = size - muxed.recv_window
-        muxed.target_recv_window = size
-        muxed.recv_window = size
-    if grow > 0:
-        await muxed.send_window_update(grow)
 
 
 class ActChannel:

@@ -37,9 +37,9 @@ def tcfg(**kw: object) -> TransportConfig:
 
 
 @contextlib.asynccontextmanager
-async def running_host(seed: int) -> AsyncIterator[object]:
-    """A host with a deterministic key listening on a free loopback port."""
+async def running_host(seed: int, config: TransportConfig | None = None) -> AsyncIterator[object]:
+    """A host with a deterministic key listening on a free loopback port (transport as `config` says)."""
     ident = identity_from_secret(seed.to_bytes(32, "big"))
-    host = make_host(ident)
+    host = make_host(ident, config=config)
     async with host.run(listen_addrs=LISTEN):
         yield host, ident

@@ -1,4 +1,4 @@
-"""Gathered writes and buffer-taking reads of the tuned transport (node/tuning.py) over real hosts.
+"""Gathered writes and buffer-taking reads of the tuned transport (node/net/transport) over real hosts.
 
 write_gather sends parts back to back without joining them; read_some hands a yamux stream's
 buffer over instead of copying it. Both must keep the byte stream exact (odd part sizes across
@@ -15,8 +15,10 @@ import pytest
 import trio
 from libp2p.custom_types import TProtocol
 
-from node.net import tuning
+from node.config import TransportConfig
 from node.net.host import full_addrs, parse_peer_addr
+from node.net.transport import io as tio
+from node.net.transport.yamux import _slices
 from tests.node.conftest import running_host
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(90)]
@@ -34,7 +36,7 @@ async def _read_some_handler(stream) -> None:
     took_buffer = False
     while True:
         try:
-            chunk = await tuning.read_some(stream, 1 << 22)
+            chunk = await tio.read_some(stream, 1 << 22)
         except Exception:  # EOF surfaces as an exception on yamux streams
             break
         if not chunk:
@@ -46,10 +48,10 @@ async def _read_some_handler(stream) -> None:
     await stream.close()
 
 
-async def _send_parts(host, info, writes: list[list[bytes]]) -> None:
+async def _send_parts(host, info, writes: list[list[bytes]], tuned_reader: bool = True) -> None:
     stream = await host.new_stream(info.peer_id, [PROTO])
     for parts in writes:
-        await tuning.write_gather(stream, parts)
+        await tio.write_gather(stream, parts)
     await stream.close()
     answer = b""
     while len(answer) < 41:
@@ -58,7 +60,7 @@ async def _send_parts(host, info, writes: list[list[bytes]]) -> None:
     joined = b"".join(b"".join(p) for p in writes)
     assert total == len(joined)
     assert answer[9:] == hashlib.sha256(joined).digest()
-    assert took_buffer
+    assert took_buffer is tuned_reader
 
 
 def test_gathered_writes_and_taken_buffers_are_byte_exact_on_concurrent_streams() -> None:
@@ -69,7 +71,6 @@ def test_gathered_writes_and_taken_buffers_are_byte_exact_on_concurrent_streams(
     huge = [[rng.randbytes(200), rng.randbytes(5 * 1024 * 1024 + 3), b"", rng.randbytes(7)]]
 
     async def main() -> None:
-        tuning.apply_transport_tuning(256 * 1024, 1 << 20)
         async with running_host(101) as (h0, _), running_host(102) as (h1, _):
             h1.set_stream_handler(PROTO, _read_some_handler)
             info = parse_peer_addr(full_addrs(h1)[0])
@@ -78,6 +79,25 @@ def test_gathered_writes_and_taken_buffers_are_byte_exact_on_concurrent_streams(
                 async with trio.open_nursery() as nursery:  # three streams share one connection at once
                     for writes in (odd, small, huge):
                         nursery.start_soon(_send_parts, h0, info, writes)
+
+    trio.run(main)
+
+
+@pytest.mark.parametrize(("cfg0", "cfg1"), [(TransportConfig(tcp_read_bytes=0), TransportConfig()),
+                                          (TransportConfig(), TransportConfig(tcp_read_bytes=0))],
+                         ids=["stock-writer", "stock-reader"])
+def test_gather_and_read_some_fall_back_on_stock_streams(cfg0, cfg1) -> None:
+    """On a stock host's stream write_gather joins and read_some reads the stock way: same bytes."""
+    rng = random.Random(5)
+    writes = [[rng.randbytes(rng.randint(0, 70000)) for _ in range(3)] for _ in range(30)]
+
+    async def main() -> None:
+        async with running_host(103, cfg0) as (h0, _), running_host(104, cfg1) as (h1, _):
+            h1.set_stream_handler(PROTO, _read_some_handler)
+            info = parse_peer_addr(full_addrs(h1)[0])
+            await h0.connect(info)
+            with trio.fail_after(60):
+                await _send_parts(h0, info, writes, tuned_reader=cfg1.tcp_read_bytes > 0)
 
     trio.run(main)
 
@@ -92,7 +112,7 @@ def test_write_gather_joins_for_streams_it_cannot_gather_on() -> None:
 
     async def main() -> None:
         s = Plain()
-        await tuning.write_gather(s, [b"ab", memoryview(b"cd"), b"", bytearray(b"e")])
+        await tio.write_gather(s, [b"ab", memoryview(b"cd"), b"", bytearray(b"e")])
         assert s.got == [b"abcde"] and type(s.got[0]) is bytes
 
     trio.run(main)
@@ -106,6 +126,6 @@ def test_slices_cover_any_range_of_the_concatenation() -> None:
         start = rng.randrange(len(joined))
         stop = rng.randint(start + 1, len(joined))
         out: list[bytes | memoryview] = []
-        tuning._slices([memoryview(p) for p in parts], start, stop, out)
+        _slices([memoryview(p) for p in parts], start, stop, out)
         assert b"".join(out) == joined[start:stop]
         assert all(len(piece) for piece in out)

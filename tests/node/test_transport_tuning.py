@@ -1,7 +1,8 @@
-"""The tuned transport over real libp2p hosts on 127.0.0.1 (TCP + Noise + yamux).
+"""The tuned transport (node/net/transport) over real libp2p hosts on 127.0.0.1 (TCP + Noise + yamux).
 
-Byte-exact delivery (odd sizes, many small and a few huge writes, concurrent streams), interop
-with a stock py-libp2p peer in another process, and rejection of oversized or forged frames.
+Byte-exact delivery (odd sizes, many small and a few huge writes, concurrent streams), stock and
+tuned hosts side by side in one process, interop with a stock py-libp2p peer in another process,
+and rejection of oversized or forged frames.
 """
 
 from __future__ import annotations
@@ -19,12 +20,16 @@ import pytest
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamReset
+from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux import yamux
 
+from node.config import TransportConfig
 from node.errors import RemoteError
-from node.net import tuning
 from node.net.host import full_addrs, parse_peer_addr
+from node.net.transport.locks import QuickLock
+from node.net.transport.noise import BatchedNoiseSession
+from node.net.transport.yamux import TunedYamux, TunedYamuxStream
 from node.wire import frames
 from node.wire.channel import ActEndpoint, LocalInfo
 from tests.node.conftest import FSPEC, SPEC_HASH, np_decoder, running_host, tcfg
@@ -77,14 +82,13 @@ def test_byte_exact_odd_small_huge_concurrent() -> None:
     huge = [os.urandom(n) for n in (5 * 1024 * 1024 + 3, 17 * 1024 * 1024 + 1)]  # the second exceeds the 16 MiB window
 
     async def main() -> None:
-        tuning.apply_transport_tuning(256 * 1024, 1 << 20)
         async with running_host(61) as (h0, _), running_host(62) as (h1, _):
             h1.set_stream_handler(HASH_PROTO, _hash_handler)
             info = parse_peer_addr(full_addrs(h1)[0])
             await h0.connect(info)
             probe = await h0.new_stream(info.peer_id, [HASH_PROTO])  # the tuned objects carry quick locks
-            assert isinstance(probe._state_lock, tuning._QuickLock)
-            assert isinstance(probe.muxed_stream.conn.streams_lock, tuning._QuickLock)
+            assert isinstance(probe.muxed_stream, TunedYamuxStream)
+            assert isinstance(probe.muxed_stream.conn.streams_lock, QuickLock)
             await probe.close()
             with trio.fail_after(60):
                 async with trio.open_nursery() as nursery:  # three streams share one connection at once
@@ -140,10 +144,8 @@ def test_interop_with_stock_py_libp2p_process() -> None:
         assert proc.stdout is not None
         addr = proc.stdout.readline().strip()
         assert "/p2p/" in addr, f"stock peer did not start: {addr!r}"
-        assert "node.net.tuning" not in sys.modules or tuning.tuning_active()
 
         async def main() -> None:
-            tuning.apply_transport_tuning(256 * 1024, 1 << 20)
             async with running_host(63) as (h0, _):
                 info = parse_peer_addr(addr)
                 with trio.fail_after(60):
@@ -185,7 +187,6 @@ def _accepting_host_handler(accepted: list):
 def test_oversized_yamux_frame_closes_connection() -> None:
     """A DATA frame declaring more than the 16 MiB window is refused before its body is read."""
     async def main() -> None:
-        tuning.apply_transport_tuning(256 * 1024, 1 << 20)
         async with running_host(64) as (h0, _), running_host(65) as (h1, _):
             accepted: list = []
             h1.set_stream_handler(HASH_PROTO, _accepting_host_handler(accepted))
@@ -208,7 +209,6 @@ def test_oversized_yamux_frame_closes_connection() -> None:
 def test_forged_noise_message_closes_connection() -> None:
     """Bytes that fail Noise authentication close the connection (stock would read on, desynchronised)."""
     async def main() -> None:
-        tuning.apply_transport_tuning(256 * 1024, 1 << 20)
         async with running_host(66) as (h0, _), running_host(67) as (h1, _):
             accepted: list = []
             h1.set_stream_handler(HASH_PROTO, _accepting_host_handler(accepted))
@@ -228,11 +228,10 @@ def test_forged_noise_message_closes_connection() -> None:
 
 def test_writer_waits_for_window_update_then_times_out(monkeypatch: pytest.MonkeyPatch) -> None:
     """A writer beyond the peer's window waits for its update (no polling) and keeps the stock timeout."""
-    monkeypatch.setattr(tuning, "WINDOW_WAIT_S", 0.5)
+    cfg = TransportConfig(yamux_frame_bytes=64 * 1024, yamux_window_wait_s=0.5)
 
     async def main() -> None:
-        tuning.apply_transport_tuning(64 * 1024, 1 << 20)
-        async with running_host(68) as (h0, _), running_host(69) as (h1, _):
+        async with running_host(68, cfg) as (h0, _), running_host(69, cfg) as (h1, _):
             accepted: list = []
             h1.set_stream_handler(HASH_PROTO, _accepting_host_handler(accepted))
             info = parse_peer_addr(full_addrs(h1)[0])
@@ -255,8 +254,8 @@ def test_writer_waits_for_window_update_then_times_out(monkeypatch: pytest.Monke
             assert isinstance(ei.value.__cause__, MuxedStreamError)
             assert "Timed out waiting for window update after 0.5 seconds" in str(ei.value.__cause__)
             # 3) the reader resets the stream: the blocked writer is released by the reset, not the timeout
-            monkeypatch.setattr(tuning, "WINDOW_WAIT_S", 60.0)
             stream3 = await h0.new_stream(info.peer_id, [HASH_PROTO])
+            monkeypatch.setattr(type(stream3.muxed_stream.conn), "window_wait_s", 60.0)  # this host's own class
             await _wait_until(lambda: len(accepted) == 3, "third stream accepted")
             async with trio.open_nursery() as nursery:
                 async def reset_when_blocked() -> None:
@@ -267,7 +266,6 @@ def test_writer_waits_for_window_update_then_times_out(monkeypatch: pytest.Monke
                 with trio.fail_after(10), pytest.raises(StreamReset) as ei:
                     await stream3.write(bytes(stream3.muxed_stream.send_window + 300 * 1024))
             assert "Timed out" not in str(ei.value.__cause__)
-        tuning.apply_transport_tuning()
 
     trio.run(main)
 
@@ -281,7 +279,6 @@ def test_oversized_activation_frame_rejected_after_big_frames() -> None:
         dtype=frames.Dtype.FLOAT32, shape=FSPEC.shape, window_len=FSPEC.window_len, payload_len=10 * FSPEC.max_frame_bytes))
 
     async def main() -> None:
-        tuning.apply_transport_tuning(256 * 1024, 1 << 20)
         async with running_host(70) as (h0, _), running_host(71) as (h1, _), trio.open_nursery() as nursery:
             recv_ep = ActEndpoint(h1, local=LocalInfo(SPEC_HASH, 1, 2, ""), frame_spec=FSPEC, cfg=tcfg(),
                                   decoder=np_decoder)
@@ -309,7 +306,6 @@ def test_window_updates_batched_and_data_exact() -> None:
     total = sum(len(b) for b in blobs)
 
     async def main() -> None:
-        tuning.apply_transport_tuning(256 * 1024, 1 << 20)
         async with running_host(72) as (h0, _), running_host(73) as (h1, _):
             accepted: list = []
             h1.set_stream_handler(HASH_PROTO, _accepting_host_handler(accepted))
@@ -343,5 +339,40 @@ def test_window_updates_batched_and_data_exact() -> None:
             half = yamux.DEFAULT_WINDOW_SIZE // 2  # the target only grows from the 256 KiB default
             assert increments and min(increments) >= half
             assert len(increments) <= total // half + 1 < reads
+
+    trio.run(main)
+
+
+STOCK = TransportConfig(tcp_read_bytes=0)  # py-libp2p's own Noise + yamux
+
+
+@pytest.mark.parametrize(("cfg0", "cfg1", "tuned"), [
+    (STOCK, STOCK, (False, False)),
+    (TransportConfig(), TransportConfig(), (True, True)),
+    (TransportConfig(), STOCK, (True, False)),
+    (STOCK, TransportConfig(yamux_frame_bytes=1024 * 1024), (False, True)),
+], ids=["stock-stock", "tuned-tuned", "tuned-stock", "stock-tuned"])
+def test_stock_and_tuned_hosts_in_one_process_byte_exact(cfg0, cfg1, tuned) -> None:
+    """Stock and tuned hosts share this process: each keeps its own transport, every pairing is byte-exact."""
+    rng = random.Random(17)
+    blobs = [rng.randbytes(n) for n in (1, 13, 65519, 65521, 262145, 3 * 1024 * 1024 + 7)]
+    blobs += [rng.randbytes(rng.randint(1, 500)) for _ in range(200)]
+
+    async def main() -> None:
+        async with running_host(74, cfg0) as (h0, _), running_host(75, cfg1) as (h1, _):
+            h1.set_stream_handler(HASH_PROTO, _hash_handler)
+            info = parse_peer_addr(full_addrs(h1)[0])
+            with trio.fail_after(60):
+                await h0.connect(info)
+                await _send_and_check(h0, info, blobs)
+                probe = await h0.new_stream(info.peer_id, [HASH_PROTO])
+                for host, want in zip((h0, h1), tuned, strict=True):
+                    conn = host.get_network().connections[info.peer_id if host is h0 else h0.get_id()][0]
+                    muxed = conn.muxed_conn
+                    assert isinstance(muxed, TunedYamux) is want
+                    assert isinstance(muxed.secured_conn, BatchedNoiseSession) is want
+                    assert isinstance(muxed.secured_conn, SecureSession)  # Noise either way
+                assert isinstance(probe.muxed_stream, TunedYamuxStream) is tuned[0]
+                await probe.close()
 
     trio.run(main)

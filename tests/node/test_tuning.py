@@ -1,27 +1,30 @@
-"""node.net.tuning pieces on their own: Noise framing over a socket pair, version guard, bad values."""
+"""node.net.transport pieces on their own: the ChaChaPoly cipher state against the `noise` library,
+batched Noise sending/receiving over a socket pair against stock py-libp2p, quick locks, bad values,
+and no py-libp2p class or module touched by building tuned hosts."""
 
 from __future__ import annotations
 
-import logging
 import os
 import random
 
 import pytest
 import trio
+from cryptography.exceptions import InvalidTag
 from libp2p.io.exceptions import IncompleteReadError
 from libp2p.io.trio import TrioTCPStream
 from libp2p.network.connection.raw_connection import RawConnection
 from libp2p.security.noise import io as noise_io
-from libp2p.stream_muxer.yamux import yamux
-from noise.backends.default.ciphers import ChaCha20Cipher
 from noise.connection import NoiseConnection
 from noise.exceptions import NoiseInvalidMessage
+from noise.state import CipherState
 
-from node.net import tuning
-from node.net.tuning import NoiseAuthError, apply_transport_tuning
+from node.config import TransportConfig
+from node.net.transport.cipher import MAX_NONCE, ChaChaPolyState, NonceExhaustedError
+from node.net.transport.locks import QuickLock
+from node.net.transport.noise import NOISE_PACKET, BatchedNoiseTransport, NoiseAuthError, _Receiver, _Sender
+from node.net.transport.yamux import TunedYamux
 
 pytestmark = [pytest.mark.timeout(60)]
-STOCK_READ = tuning._ORIG["session_read"]
 
 
 def _noise_pair() -> tuple[NoiseConnection, NoiseConnection]:
@@ -50,23 +53,40 @@ def _rw_pair() -> tuple[noise_io.NoiseTransportReadWriter, noise_io.NoiseTranspo
     return noise_io.NoiseTransportReadWriter(ra, a), noise_io.NoiseTransportReadWriter(rb, b)
 
 
-def test_tuned_noise_writes_decode_with_stock_reader() -> None:
+def _state(cs: CipherState) -> ChaChaPolyState:
+    return ChaChaPolyState(cs.k, cs.n)
+
+
+def _tx(rw: noise_io.NoiseTransportReadWriter) -> _Sender:
+    """The batched sender taking over rw's send cipher (rw must not encrypt again)."""
+    return _Sender(rw.read_writer.read_write_closer, _state(rw.noise_state.noise_protocol.cipher_state_encrypt))
+
+
+def _rx(rw: noise_io.NoiseTransportReadWriter, read_bytes: int) -> _Receiver:
+    """The batched receiver taking over rw's receive cipher (rw must not decrypt again)."""
+    return _Receiver(rw.read_writer.read_write_closer, _state(rw.noise_state.noise_protocol.cipher_state_decrypt),
+                     read_bytes)
+
+
+def test_batched_noise_writes_decode_with_stock_reader() -> None:
     """Big writes leave as <= 65535-byte Noise messages, in nonce order, readable by stock py-libp2p."""
     sizes = [1, 65519, 65520, 3 * 65519 + 7, 5 * 1024 * 1024 + 3]
     blobs = [os.urandom(n) for n in sizes]
 
     async def main() -> None:
-        apply_transport_tuning(256 * 1024, 1 << 20)
         tx, rx = _rw_pair()
+        sender = _tx(tx)
         got = bytearray()
         async with trio.open_nursery() as nursery:
             async def reader() -> None:
                 while len(got) < sum(sizes):
-                    got.extend(await rx.read_msg())  # stock: one Noise message per call
+                    msg = await rx.read_msg()  # stock: one Noise message per call
+                    assert len(msg) <= noise_io.MAX_PLAINTEXT_LENGTH
+                    got.extend(msg)
 
             nursery.start_soon(reader)
             for b in blobs:
-                await tx.write_msg(b)
+                await sender.send((b,), len(b))
         assert bytes(got) == b"".join(blobs)
 
     trio.run(main)
@@ -90,7 +110,7 @@ def test_multi_part_sends_gathered_across_part_boundaries() -> None:
                     got.extend(msg)
 
             nursery.start_soon(reader)
-            sender = tuning._sender(tx)
+            sender = _tx(tx)
             await sender.send(list(parts), len(want))
             await sender.send([memoryview(p) for p in parts], len(want))
         assert bytes(got) == want + want
@@ -98,7 +118,7 @@ def test_multi_part_sends_gathered_across_part_boundaries() -> None:
     trio.run(main)
 
 
-def test_tuned_reader_odd_boundaries_and_stock_writer() -> None:
+def test_batched_reader_odd_boundaries_and_stock_writer() -> None:
     """Stock-written messages arrive byte-exact through the tuned reader, read in odd sizes."""
     rng = random.Random(5)
     data = rng.randbytes(2 * 1024 * 1024 + 11)
@@ -106,14 +126,14 @@ def test_tuned_reader_odd_boundaries_and_stock_writer() -> None:
 
     async def main() -> None:
         tx, rx = _rw_pair()
-        receiver = tuning._NoiseReceiver(rx, 4096 * 4)
+        receiver = _rx(rx, 4096 * 4)
         out = bytearray()
         async with trio.open_nursery() as nursery:
             async def writer() -> None:
                 pos = 0
                 while pos < len(data):  # stock write_msg, one message per call of random size
                     step = rng.randint(1, 65519)
-                    await tuning._ORIG["noise_write"](tx, data[pos : pos + step])
+                    await tx.write_msg(data[pos : pos + step])
                     pos += step
 
             nursery.start_soon(writer)
@@ -134,7 +154,7 @@ def test_tampered_noise_message_fails_and_stays_failed() -> None:
         a, b = _noise_pair()
         ra, rb = _raw_pair()
         rx = noise_io.NoiseTransportReadWriter(rb, b)
-        receiver = tuning._NoiseReceiver(rx, 1 << 16)
+        receiver = _rx(rx, 1 << 16)
         good = a.encrypt(b"x" * 100)
         bad = bytearray(a.encrypt(b"y" * 100))
         bad[10] ^= 1
@@ -152,7 +172,7 @@ def test_eof_inside_a_message_is_an_incomplete_read() -> None:
     async def main() -> None:
         a, b = _noise_pair()
         ra, rb = _raw_pair()
-        receiver = tuning._NoiseReceiver(noise_io.NoiseTransportReadWriter(rb, b), 1 << 16)
+        receiver = _rx(noise_io.NoiseTransportReadWriter(rb, b), 1 << 16)
         msg = a.encrypt(b"z" * 50)
         await ra.write(len(msg).to_bytes(2, "big") + msg + b"\x00\x40" + b"\x01" * 9)
         await ra.close()
@@ -160,115 +180,6 @@ def test_eof_inside_a_message_is_an_incomplete_read() -> None:
         with pytest.raises(IncompleteReadError) as ei:
             await receiver.read(12)
         assert not ei.value.is_clean_close  # 11 bytes of a message were pending
-
-    trio.run(main)
-
-
-def test_other_libp2p_version_is_not_patched(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
-    tuning.restore_stock_transport()
-    monkeypatch.setattr(tuning, "libp2p_version", lambda: "0.9.0")
-    monkeypatch.setattr(tuning._state, "supported", None)
-    try:
-        with caplog.at_level(logging.WARNING, logger="node.net.tuning"):
-            assert apply_transport_tuning(256 * 1024, 1 << 20) is False
-        assert "0.9.0" in caplog.text and "0.8.1" in caplog.text and "not patching" in caplog.text
-        assert not tuning.tuning_active()
-        assert yamux.YamuxStream.write is tuning._ORIG["yamux_write"]
-        assert noise_io.NoiseTransportReadWriter.write_msg is tuning._ORIG["noise_write"]
-        assert tuning._secure_session.SecureSession.read is STOCK_READ
-        assert yamux.MAX_MESSAGE_SIZE == tuning._ORIG["yamux_max_message"]
-        assert yamux.Yamux.__init__ is tuning._ORIG["yamux_init"]
-        assert yamux.Yamux._read_data_body is tuning._ORIG["yamux_read_data_body"]
-        with pytest.raises(ValueError, match="yamux_frame_bytes"):  # values are still checked
-            apply_transport_tuning(10, 0)
-    finally:
-        monkeypatch.undo()
-        assert apply_transport_tuning() is True
-
-
-def test_noise_constants_match_py_libp2p() -> None:
-    assert tuning._NOISE_LEN == noise_io.SIZE_NOISE_MESSAGE_LEN
-    assert tuning._NOISE_PLAIN == noise_io.MAX_PLAINTEXT_LENGTH
-    assert tuning._NOISE_PACKET == noise_io.SIZE_NOISE_MESSAGE_LEN + noise_io.MAX_NOISE_MESSAGE_LEN
-    for n in (0, 1, 255, 2**32 + 7, 2**64 - 2):  # the nonce the tuned paths build equals noise's own
-        assert ChaCha20Cipher.format_nonce(None, n) == tuning._CHACHA_NONCE_PAD + n.to_bytes(8, "little")
-    assert set(tuning._ORIG) >= {"yamux_write", "noise_write", "session_read", "yamux_read_exactly",
-                                 "yamux_window_update", "yamux_read_timeout", "yamux_divisor", "yamux_max_message",
-                                 "yamux_read_data_body"}
-
-
-def test_untuned_mode_restores_stock_paths() -> None:
-    assert apply_transport_tuning(64 * 1024, 0) is False
-    assert yamux.YamuxStream.write is tuning._ORIG["yamux_write"]
-    assert noise_io.NoiseTransportReadWriter.write_msg is tuning._ORIG["noise_write"]
-    assert yamux.MAX_MESSAGE_SIZE == 64 * 1024
-    assert yamux.Yamux._read_data_body is tuning._ORIG["yamux_read_data_body"]
-    assert apply_transport_tuning() is True
-    assert yamux.YamuxStream.write is tuning._tuned_yamux_write
-    assert yamux.Yamux._read_data_body is tuning._tuned_read_data_body
-
-
-def test_data_body_already_decrypted_is_returned_without_the_stock_timeout_path() -> None:
-    class Session:
-        def __init__(self, rx: object) -> None:
-            self._pmn_rx = rx
-
-    class Conn:
-        def __init__(self, rx: object) -> None:
-            self.secured_conn = Session(rx)
-
-    async def main() -> None:
-        rx = tuning._NoiseReceiver.__new__(tuning._NoiseReceiver)  # only its plaintext queue is used here
-        rx.failed, rx.chunks, rx.offset, rx.avail = None, tuning.deque([b"abc", b"defgh"]), 0, 8
-        conn = Conn(rx)
-        assert await tuning._tuned_read_data_body(conn, 6) == b"abcdef"  # type: ignore[arg-type]
-        assert (rx.avail, rx.offset) == (2, 3)
-        rx.avail = 2  # more than what is held: the stock path (with its timeout) would run
-        original = tuning._ORIG["yamux_read_data_body"]
-        calls: list[int] = []
-
-        async def stock(self: object, length: int) -> bytes:
-            calls.append(length)
-            return b"x" * length
-
-        tuning._ORIG["yamux_read_data_body"] = stock
-        try:
-            assert await tuning._tuned_read_data_body(conn, 5) == b"xxxxx"  # type: ignore[arg-type]
-        finally:
-            tuning._ORIG["yamux_read_data_body"] = original
-        assert calls == [5]
-
-    trio.run(main)
-
-
-def test_bad_tuning_values_rejected() -> None:
-    with pytest.raises(ValueError, match="yamux_frame_bytes"):
-        apply_transport_tuning(10, 0)
-    with pytest.raises(ValueError, match="yamux_frame_bytes"):
-        apply_transport_tuning(32 * 1024 * 1024, 0)
-    with pytest.raises(ValueError, match="tcp_read_bytes"):
-        apply_transport_tuning(65536, -1)
-
-
-class _ChunkReader:
-    """Stands in for a tuned Noise session (has `_pmn_rx`) that returns preset chunks."""
-
-    def __init__(self, chunks: list[bytes]) -> None:
-        self._pmn_rx = object()
-        self.chunks = chunks
-
-    async def read(self, n: int) -> bytes:
-        return self.chunks.pop(0)[:n] if self.chunks else b""
-
-
-def test_yamux_exact_read_passes_through_and_keeps_eof_error() -> None:
-    async def main() -> None:
-        whole = b"x" * 12
-        assert await tuning._tuned_read_exactly(_ChunkReader([whole]), 12) is whole  # no copy
-        assert await tuning._tuned_read_exactly(_ChunkReader([b"ab", b"cd", b"e"]), 5) == b"abcde"
-        with pytest.raises(IncompleteReadError) as ei:
-            await tuning._tuned_read_exactly(_ChunkReader([b"abc"]), 12, retry_count=3)
-        assert ei.value.received_bytes == 3 and "expected 12 bytes" in str(ei.value)
 
     trio.run(main)
 
@@ -292,16 +203,16 @@ def test_read_buffer_grows_under_bulk_traffic_and_stays_exact() -> None:
     wire = b"".join(
         len(c).to_bytes(2, "big") + c
         for c in (a.encrypt(plain[i : i + 65519]) for i in range(0, len(plain), 65519)))
-    rw = noise_io.NoiseTransportReadWriter(RawConnection(_BytesRaw(wire), False), b)  # type: ignore[arg-type]
+    raw = RawConnection(_BytesRaw(wire), False)  # type: ignore[arg-type]  # any object with read()
 
     async def main() -> None:
-        receiver = tuning._NoiseReceiver(rw, 2 * 1024 * 1024)
+        receiver = _Receiver(raw, _state(b.noise_protocol.cipher_state_decrypt), 2 * 1024 * 1024)
         first_cap = receiver.cap
         out = bytearray()
         while len(out) < len(plain):
             out += await receiver.read(min(100003, len(plain) - len(out)))
         assert bytes(out) == plain
-        assert first_cap == 4 * tuning._NOISE_PACKET  # small until bulk traffic shows up
+        assert first_cap == 4 * NOISE_PACKET  # small until bulk traffic shows up
         assert receiver.cap == receiver.max_cap == 2 * 1024 * 1024
         with pytest.raises(IncompleteReadError):
             await receiver.read(1)
@@ -311,7 +222,7 @@ def test_read_buffer_grows_under_bulk_traffic_and_stays_exact() -> None:
 
 def test_quick_lock_is_exclusive_and_waits_when_held() -> None:
     async def main() -> None:
-        lock = tuning._QuickLock(trio.Lock())
+        lock = QuickLock(trio.Lock())
         order: list[str] = []
         async with trio.open_nursery() as nursery:
             async def holder() -> None:
@@ -331,3 +242,116 @@ def test_quick_lock_is_exclusive_and_waits_when_held() -> None:
         assert order == ["a-in", "a-out", "b-in"] and not lock.locked()
 
     trio.run(main)
+
+
+def _cipher_pair() -> tuple[CipherState, ChaChaPolyState, CipherState, ChaChaPolyState]:
+    """The `noise` library's send and receive cipher states of a session and ours, from the same keys."""
+    a, b = _noise_pair()
+    theirs_tx, theirs_rx = a.noise_protocol.cipher_state_encrypt, b.noise_protocol.cipher_state_decrypt
+    return theirs_tx, _state(theirs_tx), theirs_rx, _state(theirs_rx)
+
+
+def test_cipher_state_matches_the_noise_library() -> None:
+    """Same ciphertexts as noise's CipherState, message after message, and each opens the other's."""
+    theirs_tx, ours_tx, theirs_rx, ours_rx = _cipher_pair()
+    rng = random.Random(12)
+    for n in (0, 1, 16, 65519, 1000, 3):
+        plain = rng.randbytes(n)
+        want = theirs_tx.encrypt_with_ad(None, plain)
+        out = bytearray(n + 16)
+        ours_tx.seal_into(plain, memoryview(out))
+        assert bytes(out) == want
+        assert ours_rx.open(want) == plain  # our receive state opens the library's messages
+    theirs_tx2, ours_tx2, theirs_rx2, _ = _cipher_pair()
+    for plain in (b"", b"abc", rng.randbytes(70000)):
+        assert ours_tx2.seal(plain) == theirs_tx2.encrypt_with_ad(None, plain)
+    assert ours_tx.n == theirs_tx.n == 6 and ours_rx.n == 6
+
+
+def test_cipher_state_forged_message_leaves_nonce_and_max_nonce_stops() -> None:
+    theirs_tx, _, _, ours_rx = _cipher_pair()
+    good = theirs_tx.encrypt_with_ad(None, b"hello")
+    forged = bytearray(good)
+    forged[0] ^= 1
+    with pytest.raises(InvalidTag):
+        ours_rx.open(bytes(forged))
+    assert ours_rx.n == 0  # not advanced: the genuine message still opens
+    assert ours_rx.open(good) == b"hello"
+    key = bytes(range(32))
+    last = ChaChaPolyState(key, MAX_NONCE - 1)
+    reference = CipherState(_noise_pair()[0].noise_protocol)
+    reference.initialize_key(key)
+    reference.set_nonce(MAX_NONCE - 1)
+    assert last.seal(b"x") == reference.encrypt_with_ad(None, b"x")  # the last usable nonce is usable
+    with pytest.raises(NonceExhaustedError):
+        last.seal(b"y")
+    with pytest.raises(NonceExhaustedError):
+        last.seal_into(b"y", memoryview(bytearray(17)))
+    with pytest.raises(ValueError):
+        ChaChaPolyState(b"short")
+    with pytest.raises(ValueError):
+        ChaChaPolyState(key, MAX_NONCE + 1)
+
+
+def test_bad_tuning_values_rejected() -> None:
+    with pytest.raises(ValueError, match="frame_bytes"):
+        TunedYamux.configured(10)
+    with pytest.raises(ValueError, match="frame_bytes"):
+        TunedYamux.configured(32 * 1024 * 1024)
+    with pytest.raises(ValueError, match="window_wait_s"):
+        TunedYamux.configured(65536, window_wait_s=0)
+    with pytest.raises(ValueError, match="tcp_read_bytes"):
+        TransportConfig(tcp_read_bytes=-1).validate()
+    with pytest.raises(ValueError, match="yamux_window_wait_s"):
+        TransportConfig(yamux_window_wait_s=0).validate()
+    from libp2p.crypto.ed25519 import create_new_key_pair
+    from libp2p.crypto.x25519 import create_new_key_pair as x25519
+    with pytest.raises(ValueError, match="read_bytes"):
+        BatchedNoiseTransport(create_new_key_pair(b"\x01" * 32), x25519().private_key, 0)
+
+
+def test_tuned_hosts_change_no_py_libp2p_class_or_module() -> None:
+    """Building and running tuned hosts leaves every py-libp2p class and module it could touch as it was."""
+    import libp2p.io.utils
+    import libp2p.network.stream.net_stream
+    import libp2p.security.noise.io
+    import libp2p.security.secure_session
+    import libp2p.stream_muxer.muxer_multistream
+    import libp2p.stream_muxer.yamux.yamux as yamux_mod
+    from libp2p.network.stream.net_stream import NetStream
+    from libp2p.security.noise.transport import Transport
+    from libp2p.stream_muxer.muxer_multistream import MuxerMultistream
+
+    from node.net.host import full_addrs, parse_peer_addr
+    from tests.node.conftest import running_host
+
+    watched = [yamux_mod, yamux_mod.Yamux, yamux_mod.YamuxStream, libp2p.network.stream.net_stream, NetStream,
+               libp2p.security.secure_session, libp2p.security.secure_session.SecureSession,
+               libp2p.security.noise.io, libp2p.security.noise.io.NoiseTransportReadWriter, Transport,
+               libp2p.stream_muxer.muxer_multistream, MuxerMultistream, libp2p.io.utils]
+    before = [dict(vars(obj)) for obj in watched]
+
+    async def main() -> None:
+        async with running_host(81) as (h0, _), running_host(82) as (h1, _):
+            h1.set_stream_handler("/pmn/test-echo/1.0.0", _echo)
+            info = parse_peer_addr(full_addrs(h1)[0])
+            await h0.connect(info)
+            stream = await h0.new_stream(info.peer_id, ["/pmn/test-echo/1.0.0"])
+            await stream.write(b"ping" * 100000)
+            got = bytearray()
+            while len(got) < 400000:
+                got += await stream.read(400000 - len(got))
+            assert got == b"ping" * 100000
+            await stream.close()
+
+    trio.run(main)
+    after = [dict(vars(obj)) for obj in watched]
+    for obj, was, now in zip(watched, before, after, strict=True):
+        assert was == now, f"{obj!r} changed"
+
+
+async def _echo(stream) -> None:
+    got = bytearray()
+    while len(got) < 400000:
+        got += await stream.read(400000 - len(got))
+    await stream.write(bytes(got))
