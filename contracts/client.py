@@ -68,6 +68,7 @@ class NodeInfo:
     unbonds_at: int
     capacity: int
     stake_wei: int
+    bonded_at: int  # when the current bond (registration) started
 
 
 @dataclass(frozen=True)
@@ -218,8 +219,9 @@ class ProtocolContracts:
 
     def node_info(self, node_key: str) -> NodeInfo:
         """The stored node (status "None" when never registered)."""
-        op, status, unbonds_at, capacity, stake = self._call(self.nodes.functions.getNode(_addr("node_key", node_key)))
-        return NodeInfo(to_checksum_address(node_key), op, NODE_STATUS[status], unbonds_at, capacity, stake)
+        op, status, unbonds_at, bonded_at, capacity, stake = self._call(
+            self.nodes.functions.getNode(_addr("node_key", node_key)))
+        return NodeInfo(to_checksum_address(node_key), op, NODE_STATUS[status], unbonds_at, capacity, stake, bonded_at)
 
     def begin_unbond(self, operator: LocalAccount, node_key: str) -> None:
         """Start the unbonding delay (operator only)."""
@@ -243,8 +245,16 @@ class ProtocolContracts:
                                             receipts_hash)
 
     def fraud_typed_data(self, model_id: int, epoch: int, node: str | None, evidence: bytes) -> dict[str, Any]:
-        """The EIP-712 Fraud message validators sign (node None: the whole root)."""
+        """The EIP-712 Fraud message validators sign against one node's leaf."""
         return eip712.fraud_typed_data(self.chain_id, self.ledger.address, model_id, epoch, node, evidence)
+
+    def root_fraud_typed_data(self, model_id: int, epoch: int, evidence: bytes,
+                              root: bytes | None = None) -> dict[str, Any]:
+        """The EIP-712 RootFraud message validators sign to void `root` (default: the epoch's root on chain)."""
+        if root is None:
+            root = self.epoch_info(model_id, epoch).root
+        return eip712.root_fraud_typed_data(self.chain_id, self.ledger.address, model_id, epoch, _b32("root", root),
+                                            evidence)
 
     def submit_epoch_root(self, account: LocalAccount, model_id: int, epoch: int, root: bytes, total_units: int,
                           receipts_hash: bytes, signatures: list[bytes]) -> None:
@@ -262,7 +272,7 @@ class ProtocolContracts:
 
     def challenge_root(self, account: LocalAccount, model_id: int, epoch: int, evidence: bytes,
                        signatures: list[bytes]) -> None:
-        """Void a whole epoch root with a quorum-signed Fraud verdict (node = 0)."""
+        """Void the epoch's live root for good with a quorum-signed RootFraud verdict naming it."""
         self._send(account, self.ledger.functions.challengeRoot(
             _uint("model_id", model_id, 256), _uint("epoch", epoch, 64), _b32("evidence", evidence),
             [bytes(s) for s in signatures]))
@@ -284,6 +294,11 @@ class ProtocolContracts:
     def is_leaf_claimed(self, model_id: int, epoch: int, node: str) -> bool:
         """Whether the node's leaf of that epoch was claimed."""
         return bool(self._call(self.ledger.functions.isLeafClaimed(model_id, epoch, _addr("node", node))))
+
+    def is_root_voided(self, model_id: int, epoch: int, root: bytes) -> bool:
+        """Whether `root` was voided for that epoch (it can then never be submitted again)."""
+        return bool(self._call(self.ledger.functions.isRootVoided(
+            _uint("model_id", model_id, 256), _uint("epoch", epoch, 64), _b32("root", root))))
 
     def is_leaf_voided(self, model_id: int, epoch: int, node: str) -> bool:
         """Whether the node's leaf of that epoch was voided."""

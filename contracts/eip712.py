@@ -1,4 +1,4 @@
-"""EIP-712 messages of docs/ARCHITECTURE.md (Registration, EpochRoot, Fraud), signed with eth-account."""
+"""EIP-712 messages of docs/ARCHITECTURE.md (Registration, EpochRoot, Fraud, RootFraud), signed with eth-account."""
 
 from __future__ import annotations
 
@@ -37,6 +37,12 @@ FRAUD_TYPE = [
     {"name": "modelId", "type": "uint256"},
     {"name": "epoch", "type": "uint64"},
     {"name": "node", "type": "address"},
+    {"name": "evidence", "type": "bytes32"},
+]
+ROOT_FRAUD_TYPE = [
+    {"name": "modelId", "type": "uint256"},
+    {"name": "epoch", "type": "uint64"},
+    {"name": "root", "type": "bytes32"},
     {"name": "evidence", "type": "bytes32"},
 ]
 ZERO_ADDRESS = "0x" + "00" * 20
@@ -87,6 +93,17 @@ def fraud_typed_data(chain_id: int, ledger: str, model_id: int, epoch: int, node
         "modelId": model_id,
         "epoch": epoch,
         "node": to_checksum_address(node or ZERO_ADDRESS),
+        "evidence": bytes(evidence),
+    })
+
+
+def root_fraud_typed_data(chain_id: int, ledger: str, model_id: int, epoch: int, root: bytes,
+                          evidence: bytes) -> dict[str, Any]:
+    """RootFraud(modelId, epoch, root, evidence): a verdict that voids the named root of an epoch."""
+    return _typed(LEDGER_DOMAIN_NAME, chain_id, ledger, "RootFraud", ROOT_FRAUD_TYPE, {
+        "modelId": model_id,
+        "epoch": epoch,
+        "root": bytes(root),
         "evidence": bytes(evidence),
     })
 

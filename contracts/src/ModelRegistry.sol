@@ -32,6 +32,16 @@ contract ModelRegistry is AccessControl, IModelRegistry {
         Terms terms;
     }
 
+    /// @notice Longest challenge window (365 days). The ledger computes submittedAt + challengeWindow in uint64;
+    /// with block timestamps below 2^40 for the next 30,000 years the sum can never overflow, and a window that
+    /// long is already beyond any unbonding delay a node registry accepts (NodeRegistry.MAX_UNBONDING_DELAY).
+    uint64 public constant MAX_CHALLENGE_WINDOW = 365 days;
+    /// @notice Largest inference fee: ShareToken accepts at most 2^128 - 1 wei of deposits in its lifetime, so a
+    /// larger fee could never be paid.
+    uint256 public constant MAX_INFERENCE_FEE_WEI = type(uint128).max;
+    /// @notice Longest metadata URI in bytes: keeps getModel cheap to read for every client.
+    uint256 public constant MAX_METADATA_URI_BYTES = 2048;
+
     /// @notice ShareToken implementation that every model's token clones.
     address public immutable shareTokenImplementation;
 
@@ -45,8 +55,12 @@ contract ModelRegistry is AccessControl, IModelRegistry {
 
     /// @notice The model id does not exist.
     error ModelRegistryUnknownModel(uint256 modelId);
-    /// @notice A term is out of range; `term` names it.
-    error ModelRegistryInvalidTerm(string term);
+    /// @notice A term is out of range.
+    /// @param term The term's name in Terms.
+    /// @param value The value given (a bytes32 as a number; a string by its length in bytes).
+    /// @param min The smallest value accepted.
+    /// @param max The largest value accepted.
+    error ModelRegistryInvalidTerm(string term, uint256 value, uint256 min, uint256 max);
     /// @notice The caller is not the model's proposer.
     error ModelRegistryNotProposer(uint256 modelId, address caller);
     /// @notice The model is not in the status the call needs.
@@ -169,13 +183,27 @@ contract ModelRegistry is AccessControl, IModelRegistry {
         if (m.proposer != msg.sender) revert ModelRegistryNotProposer(modelId, msg.sender);
     }
 
+    /// @dev Bounds of every term, and why. The chain does arithmetic only on challengeWindow (ledger: submittedAt +
+    /// window, bounded above); the others are read off chain, and are bounded by their type or by what the
+    /// contracts can honour.
     function _checkTerms(Terms calldata t) private pure {
-        if (t.specHash == bytes32(0)) revert ModelRegistryInvalidTerm("specHash");
-        if (bytes(t.metadataURI).length == 0) revert ModelRegistryInvalidTerm("metadataURI");
-        if (t.numStages == 0) revert ModelRegistryInvalidTerm("numStages");
-        if (t.accountingHash == bytes32(0)) revert ModelRegistryInvalidTerm("accountingHash");
-        if (t.epochLength == 0) revert ModelRegistryInvalidTerm("epochLength");
-        if (t.challengeWindow == 0) revert ModelRegistryInvalidTerm("challengeWindow");
-        if (t.auditRateBps > 10_000) revert ModelRegistryInvalidTerm("auditRateBps");
+        // commitments: zero means "unset"
+        _bound("specHash", uint256(t.specHash), 1, type(uint256).max);
+        _bound("accountingHash", uint256(t.accountingHash), 1, type(uint256).max);
+        _bound("metadataURI", bytes(t.metadataURI).length, 1, MAX_METADATA_URI_BYTES);
+        // at least one stage; the pipeline layout is off chain, so the type is the bound
+        _bound("numStages", t.numStages, 1, type(uint16).max);
+        // an epoch of zero units never ends; interpreted off chain, so the type is the bound
+        _bound("epochLength", t.epochLength, 1, type(uint64).max);
+        // a window of zero cannot be challenged; see MAX_CHALLENGE_WINDOW
+        _bound("challengeWindow", t.challengeWindow, 1, MAX_CHALLENGE_WINDOW);
+        // a rate, in basis points
+        _bound("auditRateBps", t.auditRateBps, 0, 10_000);
+        // see MAX_INFERENCE_FEE_WEI
+        _bound("inferenceFeeWei", t.inferenceFeeWei, 0, MAX_INFERENCE_FEE_WEI);
+    }
+
+    function _bound(string memory term, uint256 value, uint256 min, uint256 max) private pure {
+        if (value < min || value > max) revert ModelRegistryInvalidTerm(term, value, min, max);
     }
 }

@@ -26,7 +26,8 @@ contract NodeRegistry is AccessControl, EIP712, Nonces, ReentrancyGuardTransient
     struct Node {
         address operator; // receives shares and the returned stake
         Status status;
-        uint64 unbondsAt; // when withdraw becomes possible (Unbonding only)
+        uint64 unbondsAt; // when withdraw becomes possible (set by beginUnbond; kept after withdraw)
+        uint64 bondedAt; // when the current bond (registration) started
         uint256 capacity; // declared capacity, in the unit that stakePerUnit prices
         uint256 stake; // bonded stake in wei, after slashing
     }
@@ -41,6 +42,10 @@ contract NodeRegistry is AccessControl, EIP712, Nonces, ReentrancyGuardTransient
     /// @notice Seconds between beginUnbond and withdraw.
     uint64 public immutable unbondingDelay;
 
+    /// @notice Largest unbonding delay (365 days): beginUnbond computes block.timestamp + unbondingDelay in uint64,
+    /// and a delay near 2^64 would make that overflow and lock every stake for good.
+    uint64 public constant MAX_UNBONDING_DELAY = 365 days;
+
     /// @notice The ContributionLedger (the only slasher); set once.
     address public ledger;
 
@@ -52,27 +57,47 @@ contract NodeRegistry is AccessControl, EIP712, Nonces, ReentrancyGuardTransient
     /// @notice The node key is zero.
     error NodeRegistryInvalidNodeKey();
     /// @notice The node is already registered (active or unbonding).
+    /// @param nodeKey The node.
     error NodeRegistryAlreadyRegistered(address nodeKey);
     /// @notice The node is not registered.
+    /// @param nodeKey The node.
     error NodeRegistryUnknownNode(address nodeKey);
-    /// @notice Declared capacity is zero.
-    error NodeRegistryInvalidCapacity();
+    /// @notice Declared capacity is zero, or so large that capacity * stakePerUnit overflows.
+    /// @param capacity The capacity given.
+    /// @param maxCapacity The largest capacity accepted.
+    error NodeRegistryInvalidCapacity(uint256 capacity, uint256 maxCapacity);
     /// @notice The stake sent is below capacity * stakePerUnit.
+    /// @param sent Wei sent.
+    /// @param required Wei required.
     error NodeRegistryInsufficientStake(uint256 sent, uint256 required);
     /// @notice The peer-key signature is malformed or not by the node key.
+    /// @param nodeKey The node key that had to sign.
+    /// @param recovered The signer recovered (zero if none).
     error NodeRegistryInvalidPeerKeySignature(address nodeKey, address recovered);
     /// @notice The caller is not the node's operator.
+    /// @param nodeKey The node.
+    /// @param caller The caller.
     error NodeRegistryNotOperator(address nodeKey, address caller);
     /// @notice The node is not in the status the call needs.
+    /// @param nodeKey The node.
+    /// @param status Its current status.
     error NodeRegistryWrongStatus(address nodeKey, Status status);
     /// @notice The unbonding delay has not passed.
+    /// @param nodeKey The node.
+    /// @param unbondsAt When withdraw becomes possible.
     error NodeRegistryStillUnbonding(address nodeKey, uint64 unbondsAt);
     /// @notice The caller is not the ledger.
+    /// @param caller The caller.
     error NodeRegistryNotLedger(address caller);
     /// @notice The ledger is already set.
+    /// @param ledger The ledger already set.
     error NodeRegistryLedgerAlreadySet(address ledger);
     /// @notice The ledger address is zero.
     error NodeRegistryInvalidLedger();
+    /// @notice The unbonding delay is above MAX_UNBONDING_DELAY.
+    /// @param unbondingDelay The delay given.
+    /// @param maxUnbondingDelay The largest delay accepted.
+    error NodeRegistryInvalidUnbondingDelay(uint64 unbondingDelay, uint64 maxUnbondingDelay);
 
     /// @notice A node registered.
     event NodeRegistered(address indexed nodeKey, address indexed operator, uint256 capacity, uint256 stake);
@@ -89,6 +114,9 @@ contract NodeRegistry is AccessControl, EIP712, Nonces, ReentrancyGuardTransient
     /// @param stakePerUnit_ Wei of stake per unit of capacity.
     /// @param unbondingDelay_ Seconds from beginUnbond to withdraw.
     constructor(address admin, uint256 stakePerUnit_, uint64 unbondingDelay_) EIP712("PMN NodeRegistry", "1") {
+        if (unbondingDelay_ > MAX_UNBONDING_DELAY) {
+            revert NodeRegistryInvalidUnbondingDelay(unbondingDelay_, MAX_UNBONDING_DELAY);
+        }
         _grantRole(DEFAULT_ADMIN_ROLE, admin);
         stakePerUnit = stakePerUnit_;
         unbondingDelay = unbondingDelay_;
@@ -112,7 +140,8 @@ contract NodeRegistry is AccessControl, EIP712, Nonces, ReentrancyGuardTransient
         if (nodeKey == address(0)) revert NodeRegistryInvalidNodeKey();
         Node storage n = _nodes[nodeKey];
         if (n.status == Status.Active || n.status == Status.Unbonding) revert NodeRegistryAlreadyRegistered(nodeKey);
-        if (capacity == 0) revert NodeRegistryInvalidCapacity();
+        uint256 maxCapacity = stakePerUnit == 0 ? type(uint256).max : type(uint256).max / stakePerUnit;
+        if (capacity == 0 || capacity > maxCapacity) revert NodeRegistryInvalidCapacity(capacity, maxCapacity);
         uint256 required = capacity * stakePerUnit;
         if (msg.value < required) revert NodeRegistryInsufficientStake(msg.value, required);
         bytes32 digest = _hashTypedDataV4(
@@ -126,12 +155,14 @@ contract NodeRegistry is AccessControl, EIP712, Nonces, ReentrancyGuardTransient
         n.operator = msg.sender;
         n.status = Status.Active;
         n.unbondsAt = 0;
+        n.bondedAt = uint64(block.timestamp);
         n.capacity = capacity;
         n.stake = msg.value;
         emit NodeRegistered(nodeKey, msg.sender, capacity, msg.value);
     }
 
-    /// @notice Starts the unbonding delay; operator only. The node stays slashable until it withdraws.
+    /// @notice Starts the unbonding delay; operator only. The node stays slashable until it withdraws. The ledger
+    /// mints a leaf of this node only for roots whose challenge window closes by `unbondsAt`.
     /// @param nodeKey The node.
     function beginUnbond(address nodeKey) external {
         Node storage n = _operatorNode(nodeKey);
@@ -174,6 +205,14 @@ contract NodeRegistry is AccessControl, EIP712, Nonces, ReentrancyGuardTransient
     /// @inheritdoc INodeRegistry
     function operatorOf(address nodeKey) external view returns (address) {
         return _nodes[nodeKey].operator;
+    }
+
+    /// @inheritdoc INodeRegistry
+    function bondOf(address nodeKey) external view returns (address operator, uint64 bondedAt, uint64 withdrawableAt) {
+        Node storage n = _nodes[nodeKey];
+        operator = n.operator;
+        bondedAt = n.bondedAt;
+        withdrawableAt = n.status == Status.Active ? type(uint64).max : n.unbondsAt;
     }
 
     /// @inheritdoc INodeRegistry

@@ -108,7 +108,7 @@ def test_challenge_root_voids_epoch_and_allows_resubmission(env: Env) -> None:
     leaf_verdict = env.pc.fraud_typed_data(mid, 0, nodes[0], evidence)
     with pytest.raises(ContractRevertError):  # a leaf verdict does not void the root
         env.pc.challenge_root(env.payer, mid, 0, evidence, sign_quorum(env.validators[:2], leaf_verdict))
-    verdict = env.pc.fraud_typed_data(mid, 0, None, evidence)
+    verdict = env.pc.root_fraud_typed_data(mid, 0, evidence)
     env.pc.challenge_root(env.payer, mid, 0, evidence, sign_quorum(env.validators[:2], verdict))
     assert env.pc.epoch_info(mid, 0).voided
     env.pc.advance_time(WINDOW)
@@ -139,6 +139,8 @@ def test_digests_match_contract(env: Env) -> None:
     assert digest(typed) == bytes(on_chain)
     fraud = env.pc.fraud_typed_data(7, 2, None, RH)
     assert digest(fraud) == bytes(env.pc.ledger.functions.fraudDigest(7, 2, "0x" + "00" * 20, RH).call())
+    root_fraud = env.pc.root_fraud_typed_data(7, 2, RH, root=b"\x01" * 32)
+    assert digest(root_fraud) == bytes(env.pc.ledger.functions.rootFraudDigest(7, 2, b"\x01" * 32, RH).call())
     node = Account.create()
     assert bytes(env.pc.ledger.functions.leafHash(7, 2, node.address, 9).call()) == __import__(
         "contracts.eip712", fromlist=["leaf_hash"]).leaf_hash(7, 2, node.address, 9)

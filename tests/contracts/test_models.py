@@ -59,7 +59,10 @@ def test_invalid_terms_are_named_and_store_nothing(env: Env, field: str, kwargs:
     args.update(kwargs)
     with pytest.raises(ContractRevertError) as err:
         env.pc.propose_model(env.researcher, **args)
-    assert str(err.value) == f"ModelRegistryInvalidTerm(term={field})"
+    assert err.value.error_name == "ModelRegistryInvalidTerm" and err.value.error_args["term"] == field
+    args_ = err.value.error_args
+    assert not args_["min"] <= args_["value"] <= args_["max"]
+    assert str(err.value).startswith(f"ModelRegistryInvalidTerm(term={field}, value=")
     assert env.pc.model_count() == 0
 
 

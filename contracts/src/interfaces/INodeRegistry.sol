@@ -7,6 +7,11 @@ interface INodeRegistry {
     /// @notice The operator (share recipient) of a registered node, or address(0) if never registered.
     function operatorOf(address nodeKey) external view returns (address);
 
+    /// @notice The operator of a node (address(0) if never registered), when its current bond started, and when that
+    /// bond's stake can first be withdrawn (type(uint64).max while active; unbondsAt once unbonding or withdrawn).
+    /// Between bondedAt and withdrawableAt the stake is slashable.
+    function bondOf(address nodeKey) external view returns (address operator, uint64 bondedAt, uint64 withdrawableAt);
+
     /// @notice Slashes up to `amount` wei of a node's stake; callable only by the ledger. Returns the amount slashed.
     function slash(address nodeKey, uint256 amount, bytes32 evidence) external returns (uint256);
 
