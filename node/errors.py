@@ -142,3 +142,15 @@ class NoReplicaError(PeerLostError):
 
 class ResyncNeededError(NodeError):
     """A replica fell behind further than its stage peers keep contributions: fetch the stage state again."""
+
+
+class NotAuthorizedError(NodeError):
+    """The access policy refused a peer on a protocol (the message never names what the node trains)."""
+
+
+class MessageRejectedError(NodeError):
+    """A protocol message was refused before or while it was parsed (size, nesting, type, timeout)."""
+
+
+class PeerRefusedError(NodeError):
+    """A peer was refused a stream: it is banned, or holds too many open streams on the protocol."""

@@ -6,32 +6,71 @@ table (its own announcement included). Tables merge by peer id, newest wins; ent
 other providers every `dht.lookup_interval_s` and exchanges announcements with each one it had not heard
 of, so it finds peers that neither its bootstrap list nor their tables lead to.
 
-An announcement that names an Ethereum address carries the node key's binding of its peer id
-(`node.net.identity.bind`, hex); entries whose binding does not verify are dropped at the merge (and counted
-in `Discovery.unbound`), so the address of a table entry is the node key of that peer id. The rest of an
-announcement (addrs, stage, seq) is not signed: the activation handshake checks what matters again.
+Every announcement carries its node key's EIP-712 signature over all of its fields (`Announcement.sign`,
+`verify`); an entry without one, or whose fields were changed by whoever relayed it, is dropped at the
+merge (counted in `Discovery.unbound`), so the address of a table entry is the node key that signed it.
+Limits (`AnnounceLimits`): message size and nesting, entries taken per message, a table cap, a cap on
+entries one sender may contribute, and a maximum declared capacity; every refusal counts against the
+sender (`node.net.peerscore`).
 """
 
 from __future__ import annotations
 
-import json
-import struct
 import time
+from collections import Counter
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
+from functools import lru_cache
 from typing import Any
 
 import trio
+from eth_account import Account
+from eth_account.messages import SignableMessage, encode_typed_data
+from eth_utils import to_checksum_address
 from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
 
 from node.config import DiscoveryConfig
-from node.errors import BindingError, DiscoveryError
+from node.errors import BindingError, DiscoveryError, NotAuthorizedError, PeerRefusedError
+from node.net import msgio
+from node.net.access import AccessPolicy
 from node.net.dht import ModelDht, peer_addr
-from node.net.host import parse_peer_addr
-from node.net.identity import verify_binding
+from node.net.gate import ProtocolGate, reset_quietly
+from node.net.host import host_identity, parse_peer_addr
+from node.net.identity import NodeIdentity, bind, verify_binding
+from node.net.peerscore import PeerGuardConfig, PeerScores
 
 ANNOUNCE_PROTOCOL = TProtocol("/pmn/announce/1.0.0")
-MAX_MESSAGE = 1 << 20  # bytes of one announcement message
+ANNOUNCE_DOMAIN: dict[str, Any] = {"name": "PMN Announcement", "version": "1"}  # EIP-712 domain of announcements
+ANNOUNCE_TYPES = {"Announcement": [  # EIP-712 type: every field of an announcement but the signature itself
+    {"name": "peerId", "type": "string"}, {"name": "addrs", "type": "string[]"},
+    {"name": "specHash", "type": "string"}, {"name": "numStages", "type": "uint256"},
+    {"name": "stage", "type": "int256"}, {"name": "capacity", "type": "uint256"},
+    {"name": "nodeAddress", "type": "address"}, {"name": "nextStep", "type": "int256"},
+    {"name": "throughputMilli", "type": "uint256"}, {"name": "seq", "type": "uint256"},
+    {"name": "binding", "type": "bytes"}]}
+
+
+@dataclass
+class AnnounceLimits:
+    """Bounds of `/pmn/announce/1.0.0` and of the peer table (every refusal counts against the sender)."""
+
+    max_message_bytes: int = 256 * 1024  # longest announcement message, checked on its length prefix
+    max_depth: int = 4  # deepest JSON nesting of a message (a list of objects holding a list of addrs)
+    idle_timeout_s: float = 10.0  # longest wait for the next bytes of an announce stream
+    max_entries_per_message: int = 64  # entries read from one message (the rest are ignored)
+    max_table_entries: int = 512  # peers in the table (expired ones are dropped first; new ones refused when full)
+    max_entries_per_sender: int = 32  # table entries one sender may have introduced (its own entry not counted)
+    max_capacity: int = 1024  # largest capacity an entry may declare (a larger one is dropped)
+    max_addrs: int = 8  # multiaddrs one entry may list
+    max_string_bytes: int = 256  # longest peer id, multiaddr, spec hash or signature string in an entry
+    learn_interval_s: float = 5.0  # an unknown connected peer is asked for its announcement at most this often
+    guard: PeerGuardConfig = field(default_factory=PeerGuardConfig)  # bans, scores and stream caps
+
+    def message_limits(self) -> msgio.MessageLimits:
+        """The msgio limits of one announce message."""
+        return msgio.MessageLimits(max_header_bytes=self.max_message_bytes, max_body_bytes=0,
+                                   max_depth=self.max_depth, idle_timeout_s=self.idle_timeout_s).validate()
 
 
 @dataclass(frozen=True)
@@ -50,16 +89,39 @@ class Announcement:
     seq: int = 0  # sender's version: milliseconds since the epoch at start, +1 per change (newest wins,
     # so a restarted node's fresh addresses replace its old entry)
     binding: str = ""  # hex node-key signature binding peer_id to address (`node.net.identity.bind`); "" without one
+    signature: str = ""  # hex node-key EIP-712 signature over every field above (`sign`); "" = unsigned
 
     def check_binding(self) -> None:
         """BindingError unless the address is empty or bound to the peer id by its node key."""
         if not self.address:
             return
+        verify_binding(self.address, self.peer_id, _hex(self.binding, "binding", self.peer_id))
+
+    def message(self) -> SignableMessage:
+        """The EIP-712 message the node key signs: every field but the signature."""
+        return _announce_message(self.peer_id, self.addrs, self.spec_hash, self.num_stages, self.stage, self.capacity,
+                                 self.address, self.next_step, _milli(self.throughput), self.seq, self.binding)
+
+    def sign(self, identity: NodeIdentity) -> Announcement:
+        """This announcement with `identity`'s address, binding and signature over all its fields."""
+        bound = replace(self, address=identity.address, binding="0x" + bind(identity).hex(), signature="")
+        sig = identity.account.sign_message(bound.message()).signature
+        return replace(bound, signature="0x" + bytes(sig).hex())
+
+    def verify(self) -> None:
+        """BindingError unless the entry is signed, over its current fields, by the node key of `address`,
+        and that key's binding ties `peer_id` to it (a relay cannot change a field without the key)."""
+        if not self.address or not self.signature:
+            raise BindingError(f"announcement of peer {self.peer_id} is not signed by a node key")
+        self.check_binding()
+        sig = _hex(self.signature, "signature", self.peer_id)
         try:
-            signature = bytes.fromhex(self.binding.removeprefix("0x"))
-        except ValueError as exc:
-            raise BindingError(f"announcement of peer {self.peer_id}: binding is not hex ({exc})") from exc
-        verify_binding(self.address, self.peer_id, signature)
+            signer = _recover(self.message(), sig)
+        except Exception as exc:  # eth-keys / eth-account raise several types for a malformed signature
+            raise BindingError(f"announcement of peer {self.peer_id}: malformed signature ({exc})") from exc
+        if signer != to_checksum_address(self.address):
+            raise BindingError(f"announcement of peer {self.peer_id} was not signed by {self.address} "
+                               "(forged, or altered after signing)")
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -67,10 +129,63 @@ class Announcement:
         return d
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> Announcement:
-        return cls(str(d["peer_id"]), tuple(str(a) for a in d["addrs"]), str(d["spec_hash"]), int(d["num_stages"]),
-                   int(d["stage"]), int(d["capacity"]), str(d.get("address", "")), int(d.get("next_step", -1)),
-                   float(d.get("throughput", 0.0)), int(d.get("seq", 0)), str(d.get("binding", "")))
+    def from_json(cls, d: Any, limits: AnnounceLimits | None = None) -> Announcement:
+        """Parse one entry; ValueError names the field of a wrong type or size."""
+        lim = limits or AnnounceLimits()
+        if not isinstance(d, dict):
+            raise ValueError(f"an announcement must be an object, got {type(d).__name__}")
+        addrs = msgio.field(d, "addrs", list, ValueError)
+        if len(addrs) > lim.max_addrs:
+            raise ValueError(f"announcement lists {len(addrs)} addrs, more than {lim.max_addrs}")
+
+        def text(value: Any, name: str) -> str:
+            if not isinstance(value, str) or len(value) > lim.max_string_bytes:
+                raise ValueError(f"field '{name}' must be a string of at most {lim.max_string_bytes} characters")
+            return value
+
+        def num(name: str, lo: int, hi: int, default: int | None = None) -> int:
+            if default is not None and name not in d:
+                return default
+            return msgio.int_field(d, name, lo, hi, ValueError)
+
+        throughput = d.get("throughput", 0.0)
+        if isinstance(throughput, bool) or not isinstance(throughput, int | float) or not 0 <= throughput < 1e12:
+            raise ValueError("field 'throughput' must be a number within [0, 1e12)")
+        return cls(text(d.get("peer_id"), "peer_id"), tuple(text(a, "addrs") for a in addrs),
+                   text(d.get("spec_hash"), "spec_hash"), num("num_stages", 1, 1 << 16),
+                   num("stage", -1, 1 << 16), num("capacity", 0, 1 << 62), text(d.get("address", ""), "address"),
+                   num("next_step", -1, 1 << 62, -1), float(throughput), num("seq", 0, 1 << 62, 0),
+                   text(d.get("binding", ""), "binding"), text(d.get("signature", ""), "signature"))
+
+
+def _hex(value: str, name: str, peer: str) -> bytes:
+    try:
+        return bytes.fromhex(value.removeprefix("0x"))
+    except ValueError as exc:
+        raise BindingError(f"announcement of peer {peer}: {name} is not hex ({exc})") from exc
+
+
+def _milli(throughput: float) -> int:
+    """The signed form of a throughput: integer thousandths (EIP-712 has no floats)."""
+    return max(0, int(round(throughput * 1000)))
+
+
+def _announce_message(peer_id: str, addrs: tuple[str, ...], spec_hash: str, num_stages: int, stage: int,
+                      capacity: int, address: str, next_step: int, throughput_milli: int, seq: int,
+                      binding: str) -> SignableMessage:
+    return encode_typed_data(ANNOUNCE_DOMAIN, ANNOUNCE_TYPES, {
+        "peerId": peer_id, "addrs": list(addrs), "specHash": spec_hash, "numStages": num_stages, "stage": stage,
+        "capacity": capacity, "nodeAddress": to_checksum_address(address), "nextStep": next_step,
+        "throughputMilli": throughput_milli, "seq": seq, "binding": bytes.fromhex(binding.removeprefix("0x"))})
+
+
+@lru_cache(maxsize=4096)
+def _recover_cached(body: bytes, header: bytes, version: bytes, signature: bytes) -> str:
+    return str(Account.recover_message(SignableMessage(version, header, body), signature=signature))
+
+
+def _recover(message: SignableMessage, signature: bytes) -> str:
+    return _recover_cached(bytes(message.body), bytes(message.header), bytes(message.version), signature)
 
 
 def choose_stage(entries: Iterable[Announcement], spec_hash: str, num_stages: int, exclude: str = "") -> int:
@@ -82,56 +197,46 @@ def choose_stage(entries: Iterable[Announcement], spec_hash: str, num_stages: in
     return min(range(num_stages), key=lambda s: (load[s], s))
 
 
-async def _write_msg(stream: Any, obj: Any) -> None:
-    body = json.dumps(obj).encode()
-    await stream.write(struct.pack(">I", len(body)) + body)
-
-
-async def _read_msg(stream: Any) -> Any:
-    buf = b""
-    while len(buf) < 4:
-        chunk = await stream.read(4 - len(buf))
-        if not chunk:
-            raise DiscoveryError("announce stream closed before a message")
-        buf += chunk
-    (n,) = struct.unpack(">I", buf)
-    if n > MAX_MESSAGE:
-        raise DiscoveryError(f"announce message of {n} bytes exceeds {MAX_MESSAGE}")
-    body = b""
-    while len(body) < n:
-        chunk = await stream.read(n - len(body))
-        if not chunk:
-            raise DiscoveryError("announce message truncated")
-        body += chunk
-    return json.loads(body)
-
-
 class Discovery:
     """Keeps a table of announcements fresh by gossiping with known peers."""
 
     def __init__(self, host: Any, me: Announcement, cfg: DiscoveryConfig, bootstrap: list[str],
-                 dht: ModelDht | None = None) -> None:
+                 dht: ModelDht | None = None, *, identity: NodeIdentity | None = None,
+                 limits: AnnounceLimits | None = None, policy: AccessPolicy | None = None,
+                 scores: PeerScores | None = None) -> None:
         self.host = host
         self.dht = dht  # None: bootstrap + gossip only
-        self.me = me
         self.cfg = cfg
+        self.limits = limits or AnnounceLimits()  # message, table and per-sender bounds
+        self._msg_limits = self.limits.message_limits()
+        # the node key signing our announcement: given, or the one the host was made with (node.net.host)
+        self.identity = identity if identity is not None else host_identity(host)
         if me.seq == 0:
-            me = Announcement(**{**me.__dict__, "seq": int(time.time() * 1000)})
-            self.me = me
+            me = replace(me, seq=int(time.time() * 1000))
+        self.me = self._signed(me)
+        self.gate = ProtocolGate(ANNOUNCE_PROTOCOL, policy, self.limits.guard, scores)
+        self.sources: dict[str, str] = {}  # peer id of a table entry -> peer id of the sender that introduced it
+        self.per_sender: Counter[str] = Counter()  # sender peer id -> table entries it introduced
+        self.rejected: Counter[str] = Counter()  # reason -> entries dropped at a merge
+        self._learned_at: dict[str, float] = {}  # peer id -> trio time we last asked it for its announcement
         self.bootstrap = list(bootstrap)
         for a in self.bootstrap:
             parse_peer_addr(a)  # ValueError names a bad bootstrap address
         self.table: dict[str, tuple[Announcement, float]] = {}  # peer id -> (announcement, local time seen)
         self.changed = trio.Event()
         self.dht_learned: set[str] = set()  # peer ids first heard of through a DHT provider lookup
-        self.unbound = 0  # announcements dropped because their address was not bound to their peer id
+        self.unbound = 0  # announcements dropped because they were unsigned, forged or altered
         self._dht_joined = False  # bootstrap peers added to the DHT routing table at least once
         host.set_stream_handler(ANNOUNCE_PROTOCOL, self._handle)
 
+    def _signed(self, me: Announcement) -> Announcement:
+        if me.capacity > self.limits.max_capacity:
+            raise ValueError(f"capacity {me.capacity} exceeds AnnounceLimits.max_capacity={self.limits.max_capacity}")
+        return me if self.identity is None else me.sign(self.identity)
+
     def update_me(self, **changes: Any) -> None:
-        """Change our own announcement (e.g. the chosen stage); bumps seq."""
-        d = {**self.me.__dict__, **changes, "seq": self.me.seq + 1}
-        self.me = Announcement(**d)
+        """Change our own announcement (e.g. the chosen stage); bumps seq and signs it again."""
+        self.me = self._signed(replace(self.me, **{**changes, "seq": self.me.seq + 1}))
 
     def entries(self, max_age_s: float | None = None) -> list[Announcement]:
         """Live announcements of other peers (refreshed within `max_age_s`, default `entry_ttl_s`)."""
@@ -139,41 +244,96 @@ class Discovery:
         limit = self.cfg.entry_ttl_s if max_age_s is None else min(max_age_s, self.cfg.entry_ttl_s)
         return [a for a, t in self.table.values() if now - t <= limit and a.peer_id != self.me.peer_id]
 
-    def _merge(self, items: list[Any]) -> None:
+    def _expire(self, now: float) -> None:
+        for pid in [p for p, (_, t) in self.table.items() if now - t > self.cfg.entry_ttl_s]:
+            del self.table[pid]
+            src = self.sources.pop(pid, None)
+            if src is not None:
+                self.per_sender[src] -= 1
+                if self.per_sender[src] <= 0:
+                    del self.per_sender[src]
+
+    def _drop(self, reason: str) -> None:
+        self.rejected[reason] += 1
+
+    def _merge(self, items: list[Any], sender: str | None = None) -> int:
+        """Merge received entries (at most `max_entries_per_message`); returns how many were refused as
+        forged, malformed or over a limit (the caller counts them against `sender`)."""
+        lim = self.limits
         now = trio.current_time()
-        for raw in items:
+        self._expire(now)
+        bad = 0
+        for raw in items[: lim.max_entries_per_message]:
             try:
-                a = Announcement.from_json(raw)
+                a = Announcement.from_json(raw, lim)
             except (KeyError, TypeError, ValueError):
+                self._drop("malformed")
+                bad += 1
                 continue
             if a.peer_id == self.me.peer_id:
                 continue
+            old = self.table.get(a.peer_id)
+            if old is not None and a.seq < old[0].seq:
+                continue  # stale copy of an entry we hold a newer version of
+            if old is not None and a.seq == old[0].seq and a.signature == old[0].signature and a == old[0]:
+                self.table[a.peer_id] = (old[0], now)  # the same signed entry again: verified already
+                continue
+            if a.capacity > lim.max_capacity:
+                self._drop("capacity")
+                bad += 1
+                continue
             try:
-                a.check_binding()
+                a.verify()
             except BindingError:
                 self.unbound += 1
+                self._drop("unsigned")
+                bad += 1
                 continue
-            old = self.table.get(a.peer_id)
-            if old is None or a.seq >= old[0].seq:
-                self.table[a.peer_id] = (a, now)
+            if old is None:
+                own = sender is None or sender == a.peer_id
+                if len(self.table) >= lim.max_table_entries:
+                    self._drop("table_full")
+                    continue
+                if not own and sender is not None and self.per_sender[sender] >= lim.max_entries_per_sender:
+                    self._drop("per_sender")
+                    bad += 1
+                    continue
+                if not own and sender is not None:
+                    self.sources[a.peer_id] = sender
+                    self.per_sender[sender] += 1
+            self.table[a.peer_id] = (a, now)
         self.changed.set()
         self.changed = trio.Event()
+        return bad
 
     def _payload(self) -> list[dict[str, Any]]:
         return [self.me.to_json()] + [a.to_json() for a in self.entries()]
 
+    async def _read_table(self, stream: Any) -> list[Any]:
+        msg = await msgio.read_json(stream, self._msg_limits, DiscoveryError, "announce message")
+        if not isinstance(msg, list):
+            raise DiscoveryError(f"an announce message must be a list of entries, got {type(msg).__name__}")
+        return msg
+
     async def _handle(self, stream: Any) -> None:
         try:
-            with trio.fail_after(self.cfg.discovery_timeout_s):
-                msg = await _read_msg(stream)
-                self._merge(msg if isinstance(msg, list) else [])
-                await _write_msg(stream, self._payload())
-                await stream.close()
-        except Exception:  # a misbehaving peer only loses its own exchange
-            try:
-                await stream.reset()
-            except Exception:
-                pass
+            async with self.gate.serve(stream) as peer:
+                try:
+                    with trio.fail_after(self.cfg.discovery_timeout_s):
+                        await self.gate.authorize(peer, None)
+                        msg = await self._read_table(stream)
+                        if self._merge(msg, sender=peer.pretty()):
+                            self.gate.refuse(peer, "bad_entries")
+                        await msgio.write_json(stream, self._payload())
+                        await stream.close()
+                except (DiscoveryError, trio.TooSlowError, NotAuthorizedError) as exc:
+                    if not isinstance(exc, NotAuthorizedError):
+                        self.gate.refuse(peer, type(exc).__name__)
+                    await reset_quietly(stream)
+        except PeerRefusedError:
+            return
+        except Exception:  # a vanished peer only loses its own exchange
+            await reset_quietly(stream)
 
     async def exchange(self, addr: str) -> None:
         """One gossip exchange with the peer at `addr` (a full multiaddr)."""
@@ -183,10 +343,34 @@ class Discovery:
         with trio.fail_after(self.cfg.discovery_timeout_s):
             await self.host.connect(info)
             stream = await self.host.new_stream(info.peer_id, [ANNOUNCE_PROTOCOL])
-            await _write_msg(stream, self._payload())
-            msg = await _read_msg(stream)
+            await msgio.write_json(stream, self._payload())
+            msg = await self._read_table(stream)
             await stream.close()
-        self._merge(msg if isinstance(msg, list) else [])
+        self._merge(msg, sender=info.peer_id.pretty())
+
+    async def learn(self, peer_id: ID) -> None:
+        """Ask a connected peer that is not in the table for its announcement (once per `learn_interval_s`;
+        errors are swallowed: the caller decides on what the table holds afterwards)."""
+        key = peer_id.pretty()
+        now = trio.current_time()
+        if now - self._learned_at.get(key, -float("inf")) < self.limits.learn_interval_s:
+            return
+        self._learned_at[key] = now
+        if len(self._learned_at) > self.limits.max_table_entries * 4:
+            self._learned_at = {k: t for k, t in self._learned_at.items() if now - t < self.limits.learn_interval_s}
+        try:
+            with trio.fail_after(min(self.cfg.discovery_timeout_s, self.limits.idle_timeout_s)):
+                stream = await self.host.new_stream(peer_id, [ANNOUNCE_PROTOCOL])
+                try:
+                    await msgio.write_json(stream, self._payload())
+                    msg = await self._read_table(stream)
+                    await stream.close()
+                except BaseException:
+                    await reset_quietly(stream)
+                    raise
+            self._merge(msg, sender=key)
+        except Exception:  # an unreachable or silent peer stays unknown
+            return
 
     def _targets(self) -> list[str]:
         seen = set()

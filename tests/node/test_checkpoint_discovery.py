@@ -107,23 +107,30 @@ class _StubHost:
         return None
 
 
-def test_announcements_whose_address_is_not_bound_are_dropped() -> None:
+def test_announcements_unsigned_forged_or_altered_are_dropped() -> None:
     me, a, b = (identity_from_secret((s).to_bytes(32, "big")) for s in (41, 42, 43))
 
-    def ann(ident: NodeIdentity, stage: int, address: str, binding: str) -> dict[str, object]:
-        return Announcement(ident.peer_id.pretty(), (), "aa", 3, stage, 1, address=address, binding=binding).to_json()
+    def ann(ident: NodeIdentity, stage: int, **kw: object) -> Announcement:
+        return Announcement(ident.peer_id.pretty(), ("/ip4/127.0.0.1/tcp/1/p2p/" + ident.peer_id.pretty(),), "aa", 3,
+                            stage, 1, **kw)  # type: ignore[arg-type]
 
     async def main() -> None:
-        d = Discovery(_StubHost(), Announcement(me.peer_id.pretty(), (), "aa", 3, 0, 1), DiscoveryConfig(), [])
-        d._merge([
-            ann(a, 1, a.address, "0x" + bind(a).hex()),  # bound: kept
-            ann(b, 2, a.address, "0x" + bind(a).hex()),  # a's binding replayed for b's peer id
-            ann(b, 2, b.address, ""),  # an address without a binding
-            ann(b, 2, b.address, "zz"),  # not hex
-        ])
+        d = Discovery(_StubHost(), Announcement(me.peer_id.pretty(), (), "aa", 3, 0, 1), DiscoveryConfig(), [],
+                      identity=me)
+        good = ann(a, 1).sign(a)
+        replayed = {**good.to_json(), "peer_id": b.peer_id.pretty()}  # a's signature on b's peer id
+        altered = {**ann(b, 2).sign(b).to_json(), "capacity": 1000}  # a relay raises the capacity
+        moved = {**ann(b, 2).sign(b).to_json(), "stage": 1}  # or the stage
+        bad = d._merge([
+            good.to_json(),  # signed: kept
+            replayed, altered, moved,
+            ann(b, 2, address=b.address, binding="0x" + bind(b).hex()).to_json(),  # bound but unsigned
+            ann(b, 2).to_json(),  # no address, no signature
+            {**ann(b, 2).sign(b).to_json(), "signature": "zz"},  # not hex
+        ], sender=a.peer_id.pretty())
         assert [(e.peer_id, e.address) for e in d.entries()] == [(a.peer_id.pretty(), a.address)]
-        assert d.unbound == 3
-        d._merge([ann(b, 2, "", "")])  # no address claimed: nothing to bind
-        assert {e.stage for e in d.entries()} == {1, 2} and d.unbound == 3
+        assert bad == 6 and d.unbound == 6
+        assert d.me.address == me.address and d.me.signature  # our own announcement is signed too
+        d.me.verify()
 
     trio.run(main)

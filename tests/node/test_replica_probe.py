@@ -31,10 +31,10 @@ def _worker() -> StageWorker:
 
 
 def _announcement(host, ident, spec_hex: str, seq: int = 0) -> Announcement:
-    """A stage-1 announcement of `host` with its node key's binding."""
+    """A stage-1 announcement of `host` signed by its node key."""
     return Announcement(peer_id=host.get_id().pretty(), addrs=tuple(full_addrs(host)), spec_hash=spec_hex,
                         num_stages=3, stage=1, capacity=1, address=ident.address, binding="0x" + bind(ident).hex(),
-                        seq=seq)
+                        seq=seq).sign(ident)
 
 
 def _engine(host, ident, worker: StageWorker, peer: Announcement) -> ReplicaEngine:

@@ -1,0 +1,123 @@
+"""Who may use which protocol: the access-policy seam every protocol handler calls before reading a body.
+
+`AccessPolicy.check(peer_id, protocol, stage)` raises `NotAuthorizedError` when the peer (its
+Noise-authenticated id) may not use `protocol` for `stage`; handlers call it after reading at most a
+bounded header (to learn the stage) and before a body byte. What `stage` means per protocol:
+
+* `/pmn/state/1.0.0`, `/pmn/avg/1.0.0`: the stage whose state or contributions are asked for or pushed;
+* `/pmn/infer/1.0.0`: the stage of the node a hop is sent to (the sender must serve the stage before it);
+  None for the head's `limits` / `generate` (paid requests from clients);
+* `/pmn/audit/1.0.0`: the stage of the node being audited; each request is then checked again with
+  `check_audit` (which step, microbatch and epoch the asker may fetch);
+* `/pmn/announce/1.0.0`: None.
+
+Implementations here: `OpenPolicy` (off-chain mode: everyone allowed, logged once when built) and
+`StagePeersPolicy` (replicated off-chain mode: only peers that discovery knows, with a verified
+announcement, as serving the same stage). A chain-backed policy (registered + bonded for the model and
+stage, attester sampling) plugs in by implementing the same two methods.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from libp2p.peer.id import ID
+
+from node.errors import NotAuthorizedError
+
+STATE = "/pmn/state/1.0.0"
+AVG = "/pmn/avg/1.0.0"
+INFER = "/pmn/infer/1.0.0"
+AUDIT = "/pmn/audit/1.0.0"
+ANNOUNCE = "/pmn/announce/1.0.0"
+
+log = logging.getLogger("node.access")
+
+
+@dataclass(frozen=True)
+class AuditRequest:
+    """One audit request, as the policy sees it (the model id was already matched)."""
+
+    kind: str  # "hop" (parameters + input of a step: the stage's weights leave the node), "received", "receipts"
+    step: int  # training step asked for (-1 for "receipts")
+    microbatch: int  # microbatch asked for (-1 for "receipts")
+    direction: int  # 0 forward, 1 backward (-1 for "receipts")
+    epoch: int  # accounting epoch of the step (or the epoch asked for)
+
+
+class AccessPolicy(Protocol):
+    """Decides which peer may use which protocol of this node (raise NotAuthorizedError to refuse)."""
+
+    async def check(self, peer_id: ID, protocol: str, stage: int | None) -> None:
+        """Refuse `peer_id` on `protocol` for `stage` (see the module docstring for what stage means)."""
+        ...
+
+    async def check_audit(self, peer_id: ID, request: AuditRequest) -> None:
+        """Refuse one audit request: which steps' weights an attester may fetch is decided here."""
+        ...
+
+
+class OpenPolicy:
+    """Every peer may use every protocol (off-chain mode: `pmn swarm`, tests). Says so once, when built."""
+
+    def __init__(self, what: str = "every protocol of this node") -> None:
+        self.what = what
+        log.warning("open policy: any peer may use %s (off-chain mode: no registration or stake is checked)", what)
+
+    async def check(self, peer_id: ID, protocol: str, stage: int | None) -> None:
+        return None
+
+    async def check_audit(self, peer_id: ID, request: AuditRequest) -> None:
+        return None
+
+
+class PeerDirectory(Protocol):
+    """What StagePeersPolicy reads from discovery (node.net.discovery.Discovery implements it)."""
+
+    me: Any  # our own announcement (spec_hash, num_stages)
+
+    def entries(self, max_age_s: float | None = None) -> list[Any]:
+        """Live announcements whose signatures verified."""
+        ...
+
+    async def learn(self, peer_id: ID) -> None:
+        """Fetch the announcement of a connected peer not in the table yet (rate limited)."""
+        ...
+
+
+class StagePeersPolicy:
+    """Replicated off-chain mode: a protocol is open only to peers that discovery knows, from a verified
+    announcement of our model bound to a node key, as serving the right stage.
+
+    State and contributions (`/pmn/state`, `/pmn/avg`): the peer serves `stage` (or, for state, announces
+    -1: a replica joining or re-syncing, when `joining_may_fetch_state`). Inference hops: the peer serves
+    `stage - 1`. Other protocols are refused. An unknown peer is looked up once (`directory.learn`)."""
+
+    def __init__(self, directory: PeerDirectory, joining_may_fetch_state: bool = True,
+                 protocols: Iterable[str] = (STATE, AVG)) -> None:
+        self.directory = directory
+        self.joining_may_fetch_state = joining_may_fetch_state  # a stage -1 announcement may fetch state
+        self.protocols = frozenset(protocols)  # protocols this policy opens at all
+
+    def _stages(self, peer: str) -> set[int]:
+        me = self.directory.me
+        return {e.stage for e in self.directory.entries() if e.peer_id == peer and e.address
+                and e.spec_hash == me.spec_hash and e.num_stages == me.num_stages}
+
+    async def check(self, peer_id: ID, protocol: str, stage: int | None) -> None:
+        if protocol not in self.protocols or stage is None:
+            raise NotAuthorizedError(f"{protocol} is not open to this peer")
+        allowed = {stage - 1} if protocol == INFER else {stage}
+        if protocol == STATE and self.joining_may_fetch_state:
+            allowed.add(-1)
+        peer = peer_id.pretty()
+        if not self._stages(peer) & allowed:
+            await self.directory.learn(peer_id)
+            if not self._stages(peer) & allowed:
+                raise NotAuthorizedError(f"peer {peer} is not known as a peer of the requested stage")
+
+    async def check_audit(self, peer_id: ID, request: AuditRequest) -> None:
+        raise NotAuthorizedError("audits are not open to stage peers")

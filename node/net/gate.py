@@ -1,0 +1,95 @@
+"""Admission of streams on one protocol: bans, open-stream caps, the access policy, refusal accounting."""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from libp2p.peer.id import ID
+
+from node.errors import NotAuthorizedError, PeerRefusedError
+from node.net.access import AccessPolicy, AuditRequest, OpenPolicy
+from node.net.peerscore import PeerGuardConfig, PeerScores
+
+
+def stream_peer(stream: Any) -> ID:
+    """The Noise-authenticated peer id at the other end of a stream."""
+    pid: ID = stream.muxed_conn.peer_id
+    return pid
+
+
+async def reset_quietly(stream: Any) -> None:
+    """Reset a stream, ignoring one that is already gone."""
+    try:
+        await stream.reset()
+    except Exception:  # already closed or reset
+        pass
+
+
+class ProtocolGate:
+    """One protocol's doorkeeper: refuses banned peers and streams over the caps, asks the policy, and
+    counts every refusal against the peer (`PeerScores`, shareable between protocols)."""
+
+    def __init__(self, protocol: str, policy: AccessPolicy | None = None, cfg: PeerGuardConfig | None = None,
+                 scores: PeerScores | None = None) -> None:
+        self.protocol = protocol
+        self.policy: AccessPolicy = policy if policy is not None else OpenPolicy(protocol)
+        self.scores = scores if scores is not None else PeerScores(cfg)
+        self.cfg = self.scores.cfg if cfg is None else cfg.validate()
+        self.open: Counter[str] = Counter()  # peer id -> streams open now
+        self.total = 0  # streams open now, all peers
+        self.refused: Counter[str] = Counter()  # reason -> streams or messages refused
+
+    def refuse(self, peer: ID | str, reason: str) -> bool:
+        """Count one refusal against `peer`; True when that got it banned."""
+        self.refused[reason] += 1
+        key = peer if isinstance(peer, str) else peer.pretty()
+        return self.scores.penalize(key, f"{self.protocol}:{reason}")
+
+    @asynccontextmanager
+    async def serve(self, stream: Any) -> AsyncIterator[ID]:
+        """Hold one admitted stream (yields its peer id); PeerRefusedError when the peer is banned or the
+        protocol's stream caps are reached (the stream is reset, the refusal counted)."""
+        peer = stream_peer(stream)
+        key = peer.pretty()
+        reason = ""
+        if self.scores.is_banned(key):
+            reason = "banned"
+        elif self.open[key] >= self.cfg.max_streams_per_peer:
+            reason = "streams_per_peer"
+        elif self.total >= self.cfg.max_streams_total:
+            reason = "streams_total"
+        if reason:
+            if reason != "banned":
+                self.refuse(key, reason)
+            else:
+                self.refused[reason] += 1
+            await reset_quietly(stream)
+            raise PeerRefusedError(f"{self.protocol}: stream refused ({reason})")
+        self.open[key] += 1
+        self.total += 1
+        try:
+            yield peer
+        finally:
+            self.total -= 1
+            self.open[key] -= 1
+            if self.open[key] <= 0:
+                del self.open[key]
+
+    async def authorize(self, peer: ID, stage: int | None) -> None:
+        """The policy's verdict; a NotAuthorizedError is counted against the peer and re-raised."""
+        try:
+            await self.policy.check(peer, self.protocol, stage)
+        except NotAuthorizedError:
+            self.refuse(peer, "not_authorized")
+            raise
+
+    async def authorize_audit(self, peer: ID, request: AuditRequest) -> None:
+        """The policy's verdict on one audit request (counted like `authorize`)."""
+        try:
+            await self.policy.check_audit(peer, request)
+        except NotAuthorizedError:
+            self.refuse(peer, "not_authorized")
+            raise
