@@ -94,7 +94,8 @@ class StagePeersPolicy:
 
     State and contributions (`/pmn/state`, `/pmn/avg`): the peer serves `stage` (or, for state, announces
     -1: a replica joining or re-syncing, when `joining_may_fetch_state`). Inference hops: the peer serves
-    `stage - 1`. Other protocols are refused. An unknown peer is looked up once (`directory.learn`)."""
+    `stage - 1` (a client's `generate` to the head, stage None, is left to the payment check). Other
+    protocols are refused. An unknown peer is looked up once (`directory.learn`)."""
 
     def __init__(self, directory: PeerDirectory, joining_may_fetch_state: bool = True,
                  protocols: Iterable[str] = (STATE, AVG)) -> None:
@@ -108,6 +109,8 @@ class StagePeersPolicy:
                 and e.spec_hash == me.spec_hash and e.num_stages == me.num_stages}
 
     async def check(self, peer_id: ID, protocol: str, stage: int | None) -> None:
+        if protocol == INFER and stage is None and INFER in self.protocols:
+            return  # a client's paid request to the head: the payment decides
         if protocol not in self.protocols or stage is None:
             raise NotAuthorizedError(f"{protocol} is not open to this peer")
         allowed = {stage - 1} if protocol == INFER else {stage}

@@ -23,6 +23,12 @@ from node.net.jsonbound import loads_bounded
 
 _LEN = struct.Struct(">I")
 READ_CHUNK = 1 << 20  # most bytes asked of the stream per read call
+CLEAN_END = "stream closed before the next message"  # the error text when a stream ends between messages
+
+
+def is_clean_end(exc: BaseException) -> bool:
+    """True when `exc` says the stream ended between two messages (the peer closed it: not a fault)."""
+    return str(exc) == CLEAN_END
 
 
 @dataclass
@@ -61,7 +67,7 @@ async def read_exact(stream: Any, n: int, error: type[Exception], idle_timeout_s
         except trio.TooSlowError:
             raise error(f"stream idle for more than {idle_timeout_s} s after {have} of {n} bytes") from None
         if not chunk:
-            raise error(f"stream closed after {have} of {n} bytes")
+            raise error(f"stream closed after {have} of {n} bytes" if have or n != 4 else CLEAN_END)
         parts.append(chunk)
         have += len(chunk)
     return b"".join(parts)

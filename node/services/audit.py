@@ -45,9 +45,12 @@ import trio
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from node.errors import BindingError, NodeError
+from node.errors import BindingError, NodeError, NotAuthorizedError, PeerRefusedError
 from node.net import msgio
+from node.net.access import AUDIT, AccessPolicy, AuditRequest
+from node.net.gate import ProtocolGate, reset_quietly
 from node.net.identity import NodeIdentity, bind, verify_binding
+from node.net.peerscore import PeerGuardConfig, PeerScores
 from node.wire import frames
 from protocol.errors import ProtocolError, SpotCheckError
 from protocol.receipts import BACKWARD, FORWARD, SignedReceipt, payload_digest
@@ -76,8 +79,17 @@ class AuditConfig:
 
     retain_epochs: int = 2  # most recent epochs always kept (the current one and the last settled ones)
     retain_s: float = 3600.0  # seconds an older epoch's records are kept after its last write (>= challenge window)
-    max_message_bytes: int = 64 * 1024 * 1024  # largest header or body accepted, checked before it is read
+    max_message_bytes: int = 64 * 1024 * 1024  # largest reply header or body a client accepts, checked before reading
     request_timeout_s: float = 30.0  # longest one request may take, dial included
+    max_request_bytes: int = 4096  # largest request header a node reads (requests carry no body: one is refused unread)
+    max_request_depth: int = 2  # deepest JSON nesting of a request header
+    idle_timeout_s: float = 30.0  # a node closes an audit stream that sends nothing for this long
+    guard: PeerGuardConfig = field(default_factory=PeerGuardConfig)  # refusal scores, bans and stream caps
+
+    def request_limits(self) -> msgio.MessageLimits:
+        """What a node reads of one request: a small header and no body."""
+        return msgio.MessageLimits(max_header_bytes=self.max_request_bytes, max_body_bytes=0,
+                                   max_depth=self.max_request_depth, idle_timeout_s=self.idle_timeout_s).validate()
 
     def validate(self) -> AuditConfig:
         """Raise ValueError naming a bad field."""
@@ -90,6 +102,10 @@ class AuditConfig:
         if not self.request_timeout_s > 0:
             raise ValueError(f"AuditConfig.request_timeout_s={self.request_timeout_s!r}: must be > 0")
         return self
+
+
+class _OtherModelError(NotAuthorizedError):
+    """A request names another model id (answered like any refusal: the reply never names ours)."""
 
 
 # -- wire -------------------------------------------------------------------------------------------
@@ -203,21 +219,36 @@ class AuditService:
 
     def __init__(self, recorder: AuditRecorder, worker: Any, model_id: int,
                  receipts: Callable[[int], list[SignedReceipt]] | None = None,
-                 config: AuditConfig | None = None, identity: NodeIdentity | None = None) -> None:
+                 config: AuditConfig | None = None, identity: NodeIdentity | None = None,
+                 policy: AccessPolicy | None = None, scores: PeerScores | None = None) -> None:
         self.recorder = recorder
         self.worker = worker  # the StageWorker (stage spec, head data window, microbatch count)
         self.model_id = model_id  # the on-chain model this node trains
         self.receipts = receipts  # epoch -> the node's co-signed receipts of it
         self.config = (config or AuditConfig()).validate()
         self.served = 0  # requests answered without error
+        self.gate = ProtocolGate(AUDIT, policy, self.config.guard, scores)  # policy, bans, stream caps
+        self._limits = self.config.request_limits()
         # reply-header fields proving which node key this host speaks for (none without an identity)
         self.proof: dict[str, str] = {} if identity is None else {
             "address": identity.address, "binding": "0x" + bind(identity).hex()}
 
+    def parse(self, header: dict[str, Any]) -> AuditRequest:
+        """The request a header asks for (AuditError naming a bad field; never naming our model)."""
+        kind = header["type"]
+        if kind not in ("hop", "received", "receipts"):
+            raise AuditError(f"unknown request type {kind[:32]!r}: expected hop, received or receipts")
+        if _uint(header, "model_id") != self.model_id:
+            raise _OtherModelError("not authorized for this request")
+        if kind == "receipts":
+            return AuditRequest("receipts", -1, -1, -1, _uint(header, "epoch"))
+        step = _uint(header, "step")
+        mb = _uint(header, "microbatch", self.worker.num_microbatches)
+        direction = _uint(header, "direction", 2)
+        return AuditRequest(kind, step, mb, direction, step // self.recorder.epoch_length)
+
     def _answer(self, header: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         kind = header["type"]
-        if _uint(header, "model_id") != self.model_id:
-            raise AuditError(f"this node trains model {self.model_id}, not model {header.get('model_id')}")
         if kind == "receipts":
             epoch = _uint(header, "epoch")
             if self.receipts is None:
@@ -243,36 +274,67 @@ class AuditService:
                  "window_bytes": len(window)}, state + window + payload)
 
     async def handle(self, stream: Any) -> None:
-        """Answer requests on one stream until the client closes it."""
+        """Answer requests on one stream until the client closes it.
+
+        The peer is admitted (bans, stream caps) and authorized for this stage before a byte is read;
+        each request header (small, no body) is then checked by the policy before anything is served:
+        the stage's weights leave the node only for the step of a request the policy allows."""
         try:
-            while True:
-                try:
-                    header, _ = await read_message(stream, self.config.max_message_bytes)
-                except AuditError:
-                    return  # closed by the client (or garbage: nothing more to answer)
-                try:
-                    reply, body = await trio.to_thread.run_sync(self._answer, header)
-                except AuditError as exc:
-                    await write_message(stream, {"type": "error", "message": str(exc), **self.proof})
-                    continue
-                await write_message(stream, {**reply, **self.proof}, body)
-                self.served += 1
-        except Exception:  # a reset stream: nothing to answer
+            async with self.gate.serve(stream) as peer:
+                await self._serve(stream, peer)
+        except PeerRefusedError:
             return
-        finally:
+        except Exception:  # a reset stream: nothing to answer
+            await reset_quietly(stream)
+            return
+        try:
+            await stream.close()
+        except Exception:
+            pass
+
+    async def _serve(self, stream: Any, peer: Any) -> None:
+        try:
+            await self.gate.authorize(peer, self.worker.spec.index)
+        except NotAuthorizedError:
+            await write_message(stream, {"type": "error", "message": "not authorized"})
+            return
+        while True:
             try:
-                await stream.close()
-            except Exception:
-                pass
+                header, _ = await msgio.read_header(stream, self._limits, AuditError)
+            except AuditError as exc:
+                if not msgio.is_clean_end(exc):  # anything but a clean end: counted
+                    self.gate.refuse(peer, "malformed")
+                    await write_message(stream, {"type": "error", "message": str(exc)})
+                return
+            try:
+                try:
+                    request = self.parse(header)
+                except AuditError:
+                    self.gate.refuse(peer, "bad_request")
+                    raise
+                await self.gate.authorize_audit(peer, request)
+                reply, body = await trio.to_thread.run_sync(self._answer, header)
+            except NotAuthorizedError as exc:
+                if isinstance(exc, _OtherModelError):
+                    self.gate.refuse(peer, "not_authorized")
+                await write_message(stream, {"type": "error", "message": "not authorized"})
+                return
+            except AuditError as exc:  # a malformed request (counted above) or data this node does not keep
+                await write_message(stream, {"type": "error", "message": str(exc), **self.proof})
+                continue
+            await write_message(stream, {**reply, **self.proof}, body)
+            self.served += 1
 
 
 def install_audit(daemon: Any, host: Any, model_id: int, epoch_length: int,
                   receipts: Callable[[int], list[SignedReceipt]] | None = None,
-                  config: AuditConfig | None = None) -> AuditService:
-    """Attach a recorder to the daemon's worker and serve `/pmn/audit/1.0.0` on its host."""
+                  config: AuditConfig | None = None, policy: AccessPolicy | None = None) -> AuditService:
+    """Attach a recorder to the daemon's worker and serve `/pmn/audit/1.0.0` on its host (`policy`: who may
+    audit which hops; default OpenPolicy)."""
     recorder = AuditRecorder(daemon.data_dir, epoch_length, config)
     daemon.worker.observers.append(recorder)
-    service = AuditService(recorder, daemon.worker, model_id, receipts, config, identity=daemon.identity)
+    service = AuditService(recorder, daemon.worker, model_id, receipts, config, identity=daemon.identity,
+                           policy=policy)
     host.set_stream_handler(AUDIT_PROTOCOL, service.handle)
     daemon.audit = service
     return service

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import ReceiptRejectedError
+from node.net.access import INFER, StagePeersPolicy
 from node.services.audit import AuditConfig, install_audit
 from node.services.hop_receipts import EIP712Receipts
 from node.services.inference import INFER_PROTOCOL, InferenceService
@@ -109,7 +110,10 @@ def chain_services(data_dir: str | Path, account: Any, microbatch_size: int, seq
                 await host.connect(info)
                 return await host.new_stream(info.peer_id, [INFER_PROTOCOL])
 
-        service = InferenceService(daemon.model, spec, worker.module, worker.codec, link.payments, next_hop)
+        # hops only from peers discovery knows (signed announcement) as serving the stage before ours
+        hops_from_previous_stage = StagePeersPolicy(discovery, protocols=(INFER,))
+        service = InferenceService(daemon.model, spec, worker.module, worker.codec, link.payments, next_hop,
+                                   policy=hops_from_previous_stage)
         host.set_stream_handler(INFER_PROTOCOL, service.handle)
         daemon.inference = service
         install_audit(daemon, host, model_id, link.epoch_length, epoch_receipts, audit_cfg)

@@ -105,7 +105,8 @@ def test_three_stage_paid_generation_matches_unsplit_model() -> None:
     assert results["tokens"] == _greedy_reference(prompt, 12)
     assert results["served"] == [12, 12, 12]  # every stage took part in every token
     assert results["rejected"] == 2
-    assert ledger.checks >= 1 + 12 * 2  # the head once, every later stage on every hop
+    # every stage checks the payment once per request (its first hop), the head also the unpaid and replayed ones
+    assert ledger.checks == 1 + 3 + 1
 
 
 def test_malformed_requests_get_clear_errors() -> None:
