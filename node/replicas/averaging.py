@@ -10,22 +10,42 @@ peer of its stage (joining replicas catch up this way).
 
 from __future__ import annotations
 
-import json
-import struct
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import trio
 from libp2p.custom_types import TProtocol
 
-from node.errors import AveragingError
+from node.errors import AveragingError, NotAuthorizedError, PeerRefusedError
 from node.net import msgio
+from node.net.access import AVG, AccessPolicy
+from node.net.gate import ProtocolGate, reset_quietly
 from node.net.host import parse_peer_addr
+from node.net.peerscore import PeerGuardConfig, PeerScores
 from protocol.aggregation import AggregationConfig, aggregate
 
 AVG_PROTOCOL = TProtocol("/pmn/avg/1.0.0")
-MAX_HEADER = 1 << 20  # bytes of one JSON message header
+MAX_HEADER = 1 << 20  # bytes of one JSON message header a client accepts (a pull answer lists what it holds)
+
+
+@dataclass
+class AvgLimits:
+    """Bounds of `/pmn/avg/1.0.0` as a node serves it (every refusal counts against the sender)."""
+
+    max_header_bytes: int = 4096  # largest request header, checked on its length prefix
+    max_depth: int = 2  # deepest JSON nesting of a request header
+    idle_timeout_s: float = 10.0  # longest wait for the next bytes of a request
+    max_pending_per_peer: int = 64  # contributions pushed by one peer and still held (more are refused)
+    max_pending_total: int = 1024  # contributions pushed by peers and still held, all peers together
+    guard: PeerGuardConfig = field(default_factory=PeerGuardConfig)  # refusal scores, bans and stream caps
+
+    def message_limits(self, max_blob: int = 0) -> msgio.MessageLimits:
+        """msgio limits of a request header (the blob is checked against the store's vector size)."""
+        return msgio.MessageLimits(max_header_bytes=self.max_header_bytes, max_body_bytes=max_blob,
+                                   max_depth=self.max_depth, idle_timeout_s=self.idle_timeout_s).validate()
 
 
 # -- flat gradients (pure) ---------------------------------------------------------------------------
@@ -128,27 +148,29 @@ class ContributionStore:
 
 async def write_msg(stream: Any, header: dict[str, Any], blob: bytes = b"") -> None:
     """4-byte header length, JSON header (with the blob length), then the blob."""
-    body = json.dumps({**header, "blob": len(blob)}).encode()
-    await stream.write(struct.pack(">I", len(body)) + body + blob)
+    await msgio.write_json(stream, {**header, "blob": len(blob)}, blob)
 
 
-async def _read_exactly(stream: Any, n: int) -> bytes:
-    return await msgio.read_exact(stream, n, AveragingError)
+async def read_msg_header(stream: Any, limits: msgio.MessageLimits) -> tuple[dict[str, Any], int]:
+    """The JSON header of a message (an object) and the blob length it declares, blob not read."""
+    header = await msgio.read_json(stream, limits, AveragingError, "message header")
+    if not isinstance(header, dict):
+        raise AveragingError(f"malformed message header: expected an object, got {type(header).__name__}")
+    size = header.get("blob")
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0:
+        raise AveragingError(f"malformed message header: 'blob' must be an integer >= 0, got {size!r}")
+    return header, size
 
 
-async def read_msg(stream: Any, max_blob: int) -> tuple[dict[str, Any], bytes]:
-    """Inverse of write_msg (AveragingError on oversize or malformed input)."""
-    (n,) = struct.unpack(">I", await _read_exactly(stream, 4))
-    if n > MAX_HEADER:
-        raise AveragingError(f"message header of {n} bytes exceeds {MAX_HEADER}")
-    try:
-        header = json.loads(await _read_exactly(stream, n))
-        size = int(header["blob"])
-    except (ValueError, KeyError, TypeError) as exc:
-        raise AveragingError(f"malformed message header: {exc}") from exc
-    if not 0 <= size <= max_blob:
+async def read_msg(stream: Any, max_blob: int, limits: msgio.MessageLimits | None = None
+                   ) -> tuple[dict[str, Any], bytes]:
+    """Inverse of write_msg (AveragingError on oversize or malformed input, before the blob is read)."""
+    lim = limits or msgio.MessageLimits(max_header_bytes=MAX_HEADER, max_body_bytes=max_blob, max_depth=8,
+                                        idle_timeout_s=3600.0)
+    header, size = await read_msg_header(stream, lim)
+    if size > max_blob:
         raise AveragingError(f"message blob of {size} bytes exceeds {max_blob}")
-    return header, await _read_exactly(stream, size) if size else b""
+    return header, await msgio.read_exact(stream, size, AveragingError, lim.idle_timeout_s) if size else b""
 
 
 def vec_bytes(vec: torch.Tensor) -> bytes:
@@ -170,36 +192,104 @@ class AveragingService:
     """Serves `/pmn/avg/1.0.0` for whatever stage the node serves now (`target()` gives it)."""
 
     def __init__(self, host: Any, spec_hash: str, target: Callable[[int], ContributionStore | None],
-                 timeout_s: float) -> None:
+                 timeout_s: float, policy: AccessPolicy | None = None, limits: AvgLimits | None = None,
+                 scores: PeerScores | None = None) -> None:
         self.host = host
         self.spec_hash = spec_hash  # hex model spec hash; requests for another model are refused
         self.target = target  # stage -> the newest store this node kept for it (None if it never served it)
         self.timeout_s = timeout_s  # bound on one exchange
+        self.limits = limits or AvgLimits()
+        self.gate = ProtocolGate(AVG, policy, self.limits.guard, scores)  # policy, bans, stream caps
+        self.pushed: dict[str, deque[tuple[int, int, int, int]]] = {}  # peer -> (stage, step, mb, attempt) it pushed
         host.set_stream_handler(AVG_PROTOCOL, self._handle)
+
+    def _held(self, peer: str) -> int:
+        """Contributions `peer` pushed that a store still holds (forgotten ones are dropped from the count)."""
+        q = self.pushed.get(peer)
+        if not q:
+            return 0
+        kept: deque[tuple[int, int, int, int]] = deque()
+        for key in q:
+            store = self.target(key[0])
+            if store is not None and (key[2], key[3]) in store.vecs.get(key[1], {}):
+                kept.append(key)
+        if kept:
+            self.pushed[peer] = kept
+        else:
+            del self.pushed[peer]
+        return len(kept)
+
+    def _admit_push(self, peer: str) -> None:
+        if self._held(peer) >= self.limits.max_pending_per_peer:
+            raise AveragingError(f"{self.limits.max_pending_per_peer} contributions of this peer are already held")
+        if sum(len(q) for q in self.pushed.values()) >= self.limits.max_pending_total:
+            for p in list(self.pushed):
+                self._held(p)
+            if sum(len(q) for q in self.pushed.values()) >= self.limits.max_pending_total:
+                raise AveragingError("too many pushed contributions are held: retry later")
 
     async def _handle(self, stream: Any) -> None:
         try:
-            with trio.fail_after(self.timeout_s + 5):
-                header, blob = await read_msg(stream, 1 << 30)
-                stage = header.get("stage")
-                store = self.target(stage) if isinstance(stage, int) else None
-                if header.get("spec_hash") != self.spec_hash or store is None:
-                    await write_msg(stream, {"error": f"this peer holds no contributions of stage {stage} of model "
-                                                      f"0x{self.spec_hash[:16]}..."})
-                elif header.get("op") == "push":
-                    store.add(int(header["step"]), int(header["mb"]), int(header["attempt"]),
-                              bytes_vec(blob, store.size), header.get("loss"))
-                    await write_msg(stream, {"ok": True})
-                elif header.get("op") == "pull":
-                    await self._answer_pull(stream, store, int(header["step"]), float(header.get("wait_s", 0)))
-                else:
-                    await write_msg(stream, {"error": f"unknown op {header.get('op')!r}"})
-                await stream.close()
+            async with self.gate.serve(stream) as peer:
+                try:
+                    with trio.fail_after(self.timeout_s + 5):
+                        await self._exchange(stream, peer)
+                        await stream.close()
+                except (AveragingError, trio.TooSlowError) as exc:
+                    self.gate.refuse(peer, type(exc).__name__)
+                    try:
+                        await write_msg(stream, {"error": str(exc)})
+                    except Exception:
+                        pass
+                    await reset_quietly(stream)
+                except NotAuthorizedError:
+                    try:
+                        await write_msg(stream, {"error": "not authorized"})
+                    except Exception:
+                        pass
+                    await reset_quietly(stream)
+        except PeerRefusedError:
+            return
         except Exception:  # a misbehaving or vanished peer only loses its own exchange
-            try:
-                await stream.reset()
-            except Exception:
-                pass
+            await reset_quietly(stream)
+
+    async def _exchange(self, stream: Any, peer: Any) -> None:
+        """One request: header (bounded), authorization for its stage, then the blob only of a valid push."""
+        header, size = await read_msg_header(stream, self.limits.message_limits())
+        stage = header.get("stage")
+        if isinstance(stage, bool) or not isinstance(stage, int):
+            raise AveragingError(f"field 'stage' must be an integer, got {type(stage).__name__}")
+        await self.gate.authorize(peer, stage)
+        store = self.target(stage)
+        if header.get("spec_hash") != self.spec_hash or store is None:
+            await write_msg(stream, {"error": f"this peer holds no contributions of stage {stage} of that model"})
+            return
+        op = header.get("op")
+        if op == "push":
+            step = msgio.int_field(header, "step", 0, 1 << 40, AveragingError)
+            mb = msgio.int_field(header, "mb", 0, 1 << 20, AveragingError)
+            attempt = msgio.int_field(header, "attempt", 0, 1 << 20, AveragingError)
+            loss = header.get("loss")
+            if loss is not None and (isinstance(loss, bool) or not isinstance(loss, int | float)):
+                raise AveragingError("field 'loss' must be a number or null")
+            if size != 4 * store.size:
+                raise AveragingError(f"a contribution is {4 * store.size} bytes, this push declares {size}")
+            key = peer.pretty()
+            self._admit_push(key)
+            blob = await msgio.read_exact(stream, size, AveragingError, self.limits.idle_timeout_s)
+            store.add(step, mb, attempt, bytes_vec(blob, store.size), None if loss is None else float(loss))
+            self.pushed.setdefault(key, deque()).append((stage, step, mb, attempt))
+            await write_msg(stream, {"ok": True})
+        elif op == "pull":
+            if size:
+                raise AveragingError(f"a pull carries no blob, this one declares {size} bytes")
+            step = msgio.int_field(header, "step", 0, 1 << 40, AveragingError)
+            wait_s = header.get("wait_s", 0)
+            if isinstance(wait_s, bool) or not isinstance(wait_s, int | float):
+                raise AveragingError("field 'wait_s' must be a number")
+            await self._answer_pull(stream, store, step, max(0.0, float(wait_s)))
+        else:
+            raise AveragingError(f"unknown op {str(op)[:32]!r}")
 
     async def _answer_pull(self, stream: Any, store: ContributionStore, step: int, wait_s: float) -> None:
         with trio.move_on_after(min(wait_s, self.timeout_s)):

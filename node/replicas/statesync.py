@@ -11,14 +11,27 @@ from libp2p.custom_types import TProtocol
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from node.errors import AveragingError, StateSyncError
+from node.errors import AveragingError, NotAuthorizedError, PeerRefusedError, StateSyncError
+from node.net import msgio
+from node.net.access import STATE, AccessPolicy
+from node.net.gate import ProtocolGate, reset_quietly
 from node.net.host import parse_peer_addr
-from node.replicas.averaging import read_msg, write_msg
+from node.net.peerscore import PeerGuardConfig, PeerScores
+from node.replicas.averaging import read_msg, read_msg_header, write_msg
 from node.training.stagestate import install_stage_tensors, stage_tensors
 from node.training.worker import StageWorker
 
 STATE_PROTOCOL = TProtocol("/pmn/state/1.0.0")
-MAX_STATE_BYTES = 1 << 32  # largest state blob accepted
+MAX_STATE_BYTES = 1 << 32  # largest state blob accepted (a joining replica bounds it by its own stage's size)
+REQUEST_LIMITS = msgio.MessageLimits(max_header_bytes=1024, max_body_bytes=0, max_depth=1, idle_timeout_s=10.0)
+# a state request: one flat object {spec_hash, stage}, no blob; a peer silent for 10 s is dropped
+
+
+def state_bound(worker: StageWorker) -> int:
+    """Most bytes a packed state of `worker`'s stage can take: its tensors three times (weights and the two
+    AdamW moments) plus 1 MiB of safetensors headers; a peer declaring more is refused unread."""
+    n = sum(t.numel() * t.element_size() for t in worker.module.state_dict().values())
+    return 3 * n + (1 << 20)
 
 
 def pack_state(worker: StageWorker) -> tuple[dict[str, Any], bytes]:
@@ -57,7 +70,8 @@ class StateService:
 
     def __init__(self, host: Any, spec_hash: str,
                  snapshot: Callable[[int], Awaitable[tuple[dict[str, Any], bytes] | None]], timeout_s: float,
-                 max_concurrent: int = 2, burst: int = 8, refill_s: float = 2.0) -> None:
+                 max_concurrent: int = 2, burst: int = 8, refill_s: float = 2.0, policy: AccessPolicy | None = None,
+                 guard: PeerGuardConfig | None = None, scores: PeerScores | None = None) -> None:
         self.spec_hash = spec_hash  # hex model spec hash
         self.snapshot = snapshot  # stage -> (header, blob), or None when this node does not serve that stage
         self.timeout_s = timeout_s  # bound on one exchange
@@ -68,6 +82,7 @@ class StateService:
         self.tokens: dict[str, tuple[float, float]] = {}  # peer id -> (tokens, trio time they were counted)
         self.served: dict[str, int] = {}  # peer id -> transfers served
         self.refused: dict[str, int] = {}  # peer id -> requests refused by the rate limits
+        self.gate = ProtocolGate(STATE, policy, guard, scores)  # policy (same stage only), bans, stream caps
         host.set_stream_handler(STATE_PROTOCOL, self._handle)
 
     def admit(self, peer: str, now: float) -> str | None:
@@ -96,11 +111,35 @@ class StateService:
         self.served[peer] -= 1
 
     async def _handle(self, stream: Any) -> None:
-        peer = stream.muxed_conn.peer_id.pretty()
+        try:
+            async with self.gate.serve(stream) as peer:
+                await self._serve(stream, peer)
+        except PeerRefusedError:
+            return
+        except Exception:  # a vanished peer only loses its own request
+            await reset_quietly(stream)
+
+    async def _serve(self, stream: Any, peer_id: Any) -> None:
+        peer = peer_id.pretty()
         admitted = False
         try:
             with trio.fail_after(self.timeout_s):
-                req, _ = await read_msg(stream, 0)
+                try:
+                    req, size = await read_msg_header(stream, REQUEST_LIMITS)
+                    stage = req.get("stage")
+                    if size or isinstance(stage, bool) or not isinstance(stage, int):
+                        raise AveragingError("a state request is {spec_hash, stage} with an integer stage and no blob")
+                except AveragingError as exc:
+                    self.gate.refuse(peer_id, "malformed")
+                    await write_msg(stream, {"error": str(exc)})
+                    await stream.close()
+                    return
+                try:
+                    await self.gate.authorize(peer_id, stage)
+                except NotAuthorizedError:
+                    await write_msg(stream, {"error": "not authorized"})
+                    await stream.close()
+                    return
                 snap = None
                 refusal = None
                 if req.get("spec_hash") != self.spec_hash:
@@ -109,21 +148,18 @@ class StateService:
                     refusal = self.admit(peer, trio.current_time())
                     admitted = refusal is None
                     if admitted:
-                        snap = await self.snapshot(int(req.get("stage", -1)))
+                        snap = await self.snapshot(stage)
                         if snap is None:  # a probe for a stage we do not hold costs the peer no token
                             self.unbook(peer)
                             admitted = False
-                            refusal = f"stage {req.get('stage')} of that model is not served here"
+                            refusal = f"stage {stage} of that model is not served here"
                 if snap is None:
                     await write_msg(stream, {"error": refusal})
                 else:
                     await write_msg(stream, *snap)
                 await stream.close()
         except Exception:  # a vanished peer only loses its own request
-            try:
-                await stream.reset()
-            except Exception:
-                pass
+            await reset_quietly(stream)
         finally:
             if admitted:
                 self.active -= 1
@@ -137,7 +173,7 @@ async def fetch_state(host: Any, addr: str, worker: StageWorker, timeout_s: floa
             await host.connect(info)
             stream = await host.new_stream(info.peer_id, [STATE_PROTOCOL])
             await write_msg(stream, {"spec_hash": worker.config.spec_hash().hex(), "stage": worker.spec.index})
-            header, blob = await read_msg(stream, MAX_STATE_BYTES)
+            header, blob = await read_msg(stream, min(MAX_STATE_BYTES, state_bound(worker)))
             try:
                 await stream.close()
             except Exception:
