@@ -61,11 +61,8 @@ class ProtocolGate:
             reason = "streams_per_peer"
         elif self.total >= self.cfg.max_streams_total:
             reason = "streams_total"
-        if reason:
-            if reason != "banned":
-                self.refuse(key, reason)
-            else:
-                self.refused[reason] += 1
+        if reason:  # counted per protocol, not against the peer: a busy honest neighbour may hit a cap
+            self.refused[reason] += 1
             await reset_quietly(stream)
             raise PeerRefusedError(f"{self.protocol}: stream refused ({reason})")
         self.open[key] += 1

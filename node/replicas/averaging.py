@@ -38,9 +38,11 @@ class AvgLimits:
     max_header_bytes: int = 4096  # largest request header, checked on its length prefix
     max_depth: int = 2  # deepest JSON nesting of a request header
     idle_timeout_s: float = 10.0  # longest wait for the next bytes of a request
-    max_pending_per_peer: int = 64  # contributions pushed by one peer and still held (more are refused)
-    max_pending_total: int = 1024  # contributions pushed by peers and still held, all peers together
-    guard: PeerGuardConfig = field(default_factory=PeerGuardConfig)  # refusal scores, bans and stream caps
+    max_pending_per_peer: int = 256  # contributions pushed by one peer and still held (more are refused); an
+    # honest peer holds at most keep_steps x num_microbatches x attempts of them
+    max_pending_total: int = 2048  # contributions pushed by peers and still held, all peers together
+    guard: PeerGuardConfig = field(default_factory=lambda: PeerGuardConfig(max_streams_per_peer=16))  # scores,
+    # bans and stream caps (a stage peer pushes every microbatch's contribution and pulls commits concurrently)
 
     def message_limits(self, max_blob: int = 0) -> msgio.MessageLimits:
         """msgio limits of a request header (the blob is checked against the store's vector size)."""

@@ -59,7 +59,9 @@ class InferenceConfig:
     idle_timeout_s: float = 60.0  # a stage closes a stream that sends nothing for this long (a hop waits for
     # the stages after it and the head's next token: keep it above hop_timeout_s)
     max_tracked_requests: int = 100_000  # request ids remembered as used per stage (oldest forgotten first)
-    guard: PeerGuardConfig = field(default_factory=PeerGuardConfig)  # refusal scores, bans and stream caps
+    guard: PeerGuardConfig = field(default_factory=lambda: PeerGuardConfig(max_streams_per_peer=32,
+                                                                          max_streams_total=256))  # scores, bans,
+    # stream caps (the previous stage opens one stream per concurrent request)
 
     def limits(self) -> msgio.MessageLimits:
         """What a stage reads of one message."""

@@ -449,7 +449,7 @@ def test_replayed_payment_and_direct_hop_to_the_tail_buy_nothing() -> None:
 def test_avg_pushes_from_one_peer_are_capped_then_banned() -> None:
     size = 64
     store = ContributionStore(size)
-    limits = AvgLimits(max_pending_per_peer=8, guard=PeerGuardConfig(ban_score=-3.0))
+    limits = AvgLimits(max_pending_per_peer=8, guard=PeerGuardConfig(ban_score=-3.0, max_streams_per_peer=16))
 
     async def main() -> None:
         server = make_host(identity_from_secret((90).to_bytes(32, "big")))
