@@ -79,8 +79,7 @@ def _frame_key(self: Any, fr: Any, *_: Any, **__: Any) -> tuple[int, int]:
 
 def install(data_dir: str | Path) -> None:
     """Patch the node classes so that their work is traced into `<data_dir>/trace.jsonl`."""
-    from node import daemon
-    from node.pipeline import runtime
+    from node.pipeline import runner, runtime
     from node.training import worker
     from node.wire import channel
 
@@ -122,7 +121,7 @@ def install(data_dir: str | Path) -> None:
             flush()
 
     rt.run_step = run_step  # type: ignore[method-assign]
-    daemon.save_checkpoint = _timed_sync("checkpoint", lambda *a, **k: (-1, -1))(daemon.save_checkpoint)
+    runner.save_checkpoint = _timed_sync("checkpoint", lambda *a, **k: (-1, -1))(runner.save_checkpoint)
     atexit.register(flush)
 
 
