@@ -187,7 +187,7 @@ def run_node(cfg: NodeConfig, receipts: ReceiptHook | None = None, services: Seq
     return trio.run(daemon.run)
 
 
-if __name__ == "__main__":
-    from node.cli import exit_now, main
+if __name__ == "__main__":  # `python -m node.daemon ...` is `python -m node ...` (the flags live in node.cli)
+    import runpy
 
-    exit_now(main())
+    runpy.run_module("node", run_name="__main__", alter_sys=True)
