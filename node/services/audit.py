@@ -266,15 +266,14 @@ class AuditService:
                 pass
 
 
-def install_audit(daemon: Any, host: Any, model_id: int, epoch_length: int,
+def install_audit(host: Any, worker: Any, identity: NodeIdentity, data_dir: Path, model_id: int, epoch_length: int,
                   receipts: Callable[[int], list[SignedReceipt]] | None = None,
                   config: AuditConfig | None = None) -> AuditService:
-    """Attach a recorder to the daemon's worker and serve `/pmn/audit/1.0.0` on its host."""
-    recorder = AuditRecorder(daemon.data_dir, epoch_length, config)
-    daemon.worker.observers.append(recorder)
-    service = AuditService(recorder, daemon.worker, model_id, receipts, config, identity=daemon.identity)
+    """Attach a recorder to `worker` (records under `data_dir`) and serve `/pmn/audit/1.0.0` on `host`."""
+    recorder = AuditRecorder(data_dir, epoch_length, config)
+    worker.observers.append(recorder)
+    service = AuditService(recorder, worker, model_id, receipts, config, identity=identity)
     host.set_stream_handler(AUDIT_PROTOCOL, service.handle)
-    daemon.audit = service
     return service
 
 

@@ -160,8 +160,8 @@ def test_two_daemons_bootstrapped_only_to_a_dht_peer_find_each_other_and_train(t
                                  bootstrap=full_addrs(r), progress=False)
                 cfg.discovery = DiscoveryConfig(announce_interval_s=0.1, discovery_timeout_s=60, dht=FAST)
                 cfg.runtime.steps, cfg.runtime.num_microbatches, cfg.runtime.microbatch_size = steps, m, b
-                cfg.runtime.torch_threads = 1
-                daemons.append(NodeDaemon(cfg, corpus_source="synthetic"))
+                cfg.runtime.torch_threads, cfg.corpus = 1, "synthetic"
+                daemons.append(NodeDaemon(cfg))
 
             async def run(d: NodeDaemon) -> None:
                 codes.append(await d.run())
