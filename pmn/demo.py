@@ -146,7 +146,9 @@ class Demo:
             self.client.tx.transact(self.funder, to=ident.address, value=self.cfg.stake_funding_wei)
             stake = self.client.stake_required(1)
             self.client.register_node(ident.account, ident.account, 1, stake)
-        self.say(f"[bold]operators[/] registered {self.cfg.stages} node keys with stake (node-key signatures checked on chain)")
+            self.client.assign_stage(ident.account, ident.address, self.model_id, s)  # + stakePerStage
+        self.say(f"[bold]operators[/] registered {self.cfg.stages} node keys with stake (node-key signatures checked on chain)"
+                 f" and assigned each its stage (one stage per operator, {self.client.stake_per_stage()} wei per stage)")
 
     # -- swarm -------------------------------------------------------------------------------------
 
