@@ -32,6 +32,7 @@ from node.net.dht import ModelDht
 from node.net.discovery import Announcement, Discovery
 from node.net.host import full_addrs, make_host, parse_listen
 from node.net.identity import NodeIdentity, bind, load_or_create_identity
+from node.net.running import run_host
 from node.observability.steps import NodeLog, StepReport
 from node.pipeline.runner import PipelineRunner
 from node.replicas.runner import ReplicatedRunner
@@ -124,7 +125,7 @@ class NodeDaemon:
             torch.set_num_threads(cfg.runtime.torch_threads)
         host = make_host(self.identity, cfg.transport.yamux_frame_bytes, cfg.transport.tcp_read_bytes)
         spec_hex = self.model.spec_hash().hex()
-        async with host.run(listen_addrs=parse_listen(cfg.listen)), trio.open_nursery() as nursery:
+        async with run_host(host, parse_listen(cfg.listen)), trio.open_nursery() as nursery:
             addrs = full_addrs(host)
             me = Announcement(peer_id=host.get_id().pretty(), addrs=tuple(addrs), spec_hash=spec_hex,
                               num_stages=cfg.num_stages, stage=-1, capacity=cfg.capacity,

@@ -520,10 +520,11 @@ async def run_with_client_host(fn: Callable[[Any], Any], cfg: AttesterHost | Non
 
     from node.net.host import make_host
     from node.net.identity import identity_from_secret
+    from node.net.running import run_host
 
     cfg = cfg or AttesterHost()
     host = make_host(identity_from_secret(os.urandom(31).rjust(32, b"\x01")))
-    async with host.run(listen_addrs=[multiaddr.Multiaddr(cfg.listen)]):
+    async with run_host(host, [multiaddr.Multiaddr(cfg.listen)]):
         return await fn(host)
 
 

@@ -224,6 +224,7 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
 
     from node.net.host import full_addrs, make_host
     from node.net.identity import bind, identity_from_secret
+    from node.net.running import run_host
     from node.services.audit import AUDIT_PROTOCOL, AuditClient, AuditService, read_message, write_message
     from node.training.worker import StageWorker
     from node.wire import frames
@@ -233,8 +234,9 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
     worker = StageWorker(model, spec, codec=CODEC, optim=OptimConfig(), num_microbatches=2, microbatch_size=2)
     rec = AuditRecorder(tmp_path, epoch_length=2)
     worker.observers.append(rec)
-    window = torch.randint(0, 256, (2, model.seq_len + 1))
-    h = torch.randn(2, model.seq_len, model.d_model)
+    g = torch.Generator().manual_seed(0)
+    window = torch.randint(0, 256, (2, model.seq_len + 1), generator=g)
+    h = torch.randn(2, model.seq_len, model.d_model, generator=g)
     payload = worker.codec.encode_activation(h, window[:, :-1])
     wbytes = window.numpy().astype("<u2").tobytes()
     header = frames.FrameHeader(kind=frames.Kind.ACTIVATION, spec_hash=model.spec_hash(), stage=0, step=0, microbatch=1)
@@ -248,7 +250,7 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
         server = make_host(server_ident)
         client_host = make_host(identity_from_secret(b"\x06" * 32))
         listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
-        async with server.run(listen_addrs=listen), client_host.run(listen_addrs=listen):
+        async with run_host(server, listen), run_host(client_host, listen):
             server.set_stream_handler(AUDIT_PROTOCOL, service.handle)
             addr = full_addrs(server)[0]
             client = AuditClient(client_host, 7)
