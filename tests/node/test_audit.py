@@ -9,7 +9,6 @@ epoch's receipts over `/pmn/audit/1.0.0`, settle the roots, spot-check at the mo
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from protocol.spotcheck import SpotCheckConfig
 from sharding.config import PRESETS
 from sharding.partition import partition
 from sharding.train import OptimConfig
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 
@@ -99,12 +99,13 @@ def node_args(c: Chain, model_id: int) -> list[str]:
 
 
 def wait_serving(nodes: list[NodeProcess], timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not all(node_status(n.data_dir).get("state") == "serving" for n in nodes):
+    def serving() -> bool:
         for n in nodes:
             assert n.proc.poll() is None, (n.data_dir / "stderr.log").read_text()[-2000:]
-        assert time.monotonic() < deadline, [node_status(n.data_dir).get("state") for n in nodes]
-        time.sleep(0.2)
+        return all(node_status(n.data_dir).get("state") == "serving" for n in nodes)
+
+    wait_until(serving, timeout_s, "every node serving",
+               detail=lambda: [node_status(n.data_dir).get("state") for n in nodes])
 
 
 def test_lazy_node_caught_and_slashed_inflator_credited_only_cosigned(chain: Chain, tmp_path: Path) -> None:

@@ -13,6 +13,7 @@ import pytest
 from node.observability.status import node_status, read_progress
 from node.testing.swarm import launch_swarm, run_local_swarm, start_node, stop_nodes, wait_nodes
 from sharding import PRESETS, OptimConfig, load_corpus, train_reference
+from tests.ports import free_port_run
 
 pytestmark = [pytest.mark.network]
 
@@ -53,7 +54,7 @@ def test_three_stages_subspace_match_reference(tmp_path) -> None:
 
 @pytest.mark.timeout(300)
 def test_sigterm_checkpoints_metrics_and_restart_resumes(tmp_path) -> None:
-    port = 20000 + (int(time.time() * 1000) % 20000)
+    port = free_port_run(2)  # metrics ports of node 0 and node 1
     nodes = launch_swarm(tmp_path, 2, ["--steps", "1000", *ARGS], metrics_base_port=port)
     try:
         tail = nodes[1]
