@@ -168,6 +168,8 @@ def test_interop_with_stock_py_libp2p_process() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 async def _wait_until(cond, what: str, limit_s: float = 10.0) -> None:
