@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 import trio
+from libp2p.abc import IHost
 
 from node.config import NodeConfig
 from node.context import NodeContext, Runner
@@ -120,10 +121,18 @@ class NodeDaemon:
 
     async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> int:
         """Start, train, shut down; returns the exit code (0, or 128 + signal). NodeError when training failed."""
-        cfg, log, runner = self.cfg, self.log, self.runner
+        cfg = self.cfg
         if cfg.runtime.torch_threads > 0:
             torch.set_num_threads(cfg.runtime.torch_threads)
-        host = make_host(self.identity, cfg.transport.yamux_frame_bytes, cfg.transport.tcp_read_bytes)
+        host = make_host(self.identity, config=cfg.transport)
+        try:
+            return await self._run(host, task_status)
+        finally:
+            for service in reversed(self.services):
+                service.close()
+
+    async def _run(self, host: IHost, task_status: Any) -> int:
+        cfg, log, runner = self.cfg, self.log, self.runner
         spec_hex = self.model.spec_hash().hex()
         async with run_host(host, parse_listen(cfg.listen)), trio.open_nursery() as nursery:
             addrs = full_addrs(host)

@@ -82,6 +82,10 @@ class ChainLinkService:
         self.inference: InferenceService | None = None
         self.audit: AuditService | None = None
 
+    def close(self) -> None:
+        """Close the chain connection (its HTTP session)."""
+        self.link.close()
+
     async def start(self, ctx: NodeContext) -> None:
         link = self.link
         try:

@@ -116,6 +116,9 @@ class CheatService:
         print(json.dumps({"event": "adversary", "behaviour": self.cheat.behaviour, "fraction": self.cheat.fraction}),
               file=sys.stderr, flush=True)
 
+    def close(self) -> None:
+        """Nothing to release."""
+
 
 def build_parser() -> argparse.ArgumentParser:
     """The adversary's own arguments; everything else goes to node.daemon's parser."""
