@@ -1,4 +1,4 @@
-"""Gas of every on-chain step: propose, register, epoch settlement (10/100/1000 contributors), leaf claim,
+"""Gas of every on-chain step: propose, register, stage assignment, epoch settlement (10/100/1000 contributors), leaf claim,
 revenue deposit, holder claim, share transfer. Runs on the embedded chain (gas is deterministic) or --url.
 
 Usage: python benchmarks/chain_gas.py [--quick] [--url URL]. Last line: one JSON object.
@@ -47,6 +47,11 @@ def run(url: str | None = None, sizes: tuple[int, ...] = (10, 100, 1000)) -> dic
     for op, key in zip(ops, keys, strict=True):
         pc.register_node(op, key, 16)
     out["register_gas"] = pc.last_tx.gas_used  # type: ignore[union-attr]
+    for stage, (op, key) in enumerate(zip(ops, keys, strict=True)):
+        pc.assign_stage(op, key.address, mid, stage)  # one stage per operator, stakePerStage sent with it
+    out["assign_stage_gas"] = pc.last_tx.gas_used  # type: ignore[union-attr]
+    pc.leave_stage(ops[0], keys[0].address, mid)
+    out["leave_stage_gas"] = pc.last_tx.gas_used  # type: ignore[union-attr]
 
     trees: dict[int, ContributionTree] = {}
     for epoch, n in enumerate(sizes):

@@ -49,6 +49,7 @@ from libp2p.custom_types import TProtocol  # noqa: E402
 from node.config import TransportConfig  # noqa: E402
 from node.net.host import full_addrs, make_host, parse_peer_addr  # noqa: E402
 from node.net.identity import identity_from_secret  # noqa: E402
+from node.net.running import run_host  # noqa: E402
 from node.net.transport.heap import keep_large_buffers_in_heap  # noqa: E402
 from node.net.transport.io import grow_receive_window  # noqa: E402
 from node.wire import frames  # noqa: E402
@@ -80,7 +81,7 @@ async def bench_libp2p(spec: frames.FrameSpec, n: int, credits: int, yamux_frame
     h0 = make_host(identity_from_secret((101).to_bytes(32, "big")), cfg.yamux_frame_bytes, cfg.tcp_read_bytes)
     h1 = make_host(identity_from_secret((102).to_bytes(32, "big")), cfg.yamux_frame_bytes, cfg.tcp_read_bytes)
     result: list[float] = []
-    async with h0.run(listen_addrs=la), h1.run(listen_addrs=la), trio.open_nursery() as nursery:
+    async with run_host(h0, la), run_host(h1, la), trio.open_nursery() as nursery:
         sender = ActEndpoint(h0, local=LocalInfo(SPEC_HASH, 0, 2, ""), frame_spec=spec, cfg=cfg)
         receiver = ActEndpoint(h1, local=LocalInfo(SPEC_HASH, 1, 2, ""), frame_spec=spec, cfg=cfg)
         ch = await sender.open(full_addrs(h1)[0])
@@ -134,7 +135,7 @@ async def bench_libp2p_stream(spec: frames.FrameSpec, n: int, yamux_frame: int, 
         await stream.write(b"k")
         done.set()
 
-    async with h0.run(listen_addrs=la), h1.run(listen_addrs=la):
+    async with run_host(h0, la), run_host(h1, la):
         h1.set_stream_handler(STREAM_PROTO, handler)
         info = parse_peer_addr(full_addrs(h1)[0])
         await h0.connect(info)
@@ -271,7 +272,7 @@ async def _receiver(run: TwoProcRun, out: Any, stop: Any) -> None:
         return
     cfg = _lib_cfg(run)
     h1 = make_host(identity_from_secret((112).to_bytes(32, "big")), cfg.yamux_frame_bytes, cfg.tcp_read_bytes)
-    async with h1.run(listen_addrs=la):
+    async with run_host(h1, la):
         receiver = ActEndpoint(h1, local=LocalInfo(SPEC_HASH, 1, 2, ""), frame_spec=spec, cfg=cfg)
         out.put(("addr", full_addrs(h1)[0]))
         inbound = await receiver.incoming.receive()
@@ -300,7 +301,7 @@ async def _sender(run: TwoProcRun, addr: str, out: Any) -> None:
     cfg = _lib_cfg(run)
     la = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
     h0 = make_host(identity_from_secret((111).to_bytes(32, "big")), cfg.yamux_frame_bytes, cfg.tcp_read_bytes)
-    async with h0.run(listen_addrs=la), trio.open_nursery() as nursery:
+    async with run_host(h0, la), trio.open_nursery() as nursery:
         sender = ActEndpoint(h0, local=LocalInfo(SPEC_HASH, 0, 2, ""), frame_spec=spec, cfg=cfg)
         ch = await sender.open(addr)
         nursery.start_soon(ch.run_reader)

@@ -26,22 +26,49 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 ANVIL_MNEMONIC = "test test test test test test test test test test test junk"
 
 
+class ClosableHTTPProvider(HTTPProvider):
+    """An HTTPProvider on one `requests.Session` of its own, which `close()` releases.
+
+    web3's HTTPProvider keeps its sessions in a process-wide cache and offers no way to close them: their
+    keep-alive sockets stay open until garbage collection (a ResourceWarning each). Passing our own session
+    through the provider's `session=` option makes every request use it, and lets us close it.
+    """
+
+    def __init__(self, endpoint_uri: str, request_kwargs: dict[str, Any] | None = None) -> None:
+        self.session = requests.Session()
+        super().__init__(endpoint_uri, request_kwargs=request_kwargs, session=self.session,
+                         exception_retry_configuration=None)
+
+    def close(self) -> None:
+        """Close the session and its pooled connections (idempotent)."""
+        self.session.close()
+
+
 def connect(url: str | None, config: ChainConfig | None = None) -> Web3:
     """Return a Web3 for `url`, or for a fresh embedded chain when `url` is None.
 
     A URL is probed with `eth_chainId`, retrying connection errors with backoff; raises
-    ChainUnavailableError (with the URL and attempts) when it never answers.
+    ChainUnavailableError (with the URL and attempts) when it never answers. Call `disconnect(w3)`
+    when done with it: that closes the HTTP connections.
     """
     cfg = config or ChainConfig()
     cfg.validate()
     if url is None:
         return Web3(EthereumTesterProvider())
-    provider = HTTPProvider(
-        url, request_kwargs={"timeout": cfg.request_timeout_s}, exception_retry_configuration=None
-    )
+    provider = ClosableHTTPProvider(url, request_kwargs={"timeout": cfg.request_timeout_s})
     w3 = Web3(provider)
-    with_retries(lambda: w3.eth.chain_id, cfg, url)
+    try:
+        with_retries(lambda: w3.eth.chain_id, cfg, url)
+    except BaseException:
+        provider.close()
+        raise
     return w3
+
+
+def disconnect(w3: Web3) -> None:
+    """Release what `connect` opened: the HTTP session of a URL chain (nothing for the embedded chain)."""
+    if isinstance(w3.provider, ClosableHTTPProvider):
+        w3.provider.close()
 
 
 def with_retries(fn: Any, config: ChainConfig, url: str) -> Any:

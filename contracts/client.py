@@ -236,6 +236,58 @@ class ProtocolContracts:
         self._send(account, self.nodes.functions.slash(_addr("node_key", node_key), _uint("amount_wei", amount_wei, 256),
                                                        _b32("evidence", evidence)))
 
+    # -- stages (one operator, one stage per model; stake per stage) -----------------------------------
+
+    def stake_per_stage(self) -> int:
+        """Stake in wei each stage assignment needs on top of the capacity stake."""
+        return int(self._call(self.nodes.functions.stakePerStage()))
+
+    def assignments_of(self, node_key: str) -> int:
+        """Number of stages (over all models) the node holds."""
+        return int(self._call(self.nodes.functions.assignmentsOf(_addr("node_key", node_key))))
+
+    def stage_stake_missing(self, node_key: str) -> int:
+        """Wei the node must add to its stake to take one more stage (0 when its stake already covers it)."""
+        info = self.node_info(node_key)
+        required = int(self._call(self.nodes.functions.stageStakeRequired(
+            info.capacity, self.assignments_of(node_key) + 1)))
+        return max(0, required - info.stake_wei)
+
+    def assign_stage(self, operator: LocalAccount, node_key: str, model_id: int, stage: int,
+                     stake_wei: int | None = None) -> None:
+        """Assign the node to `stage` of the model (operator only), adding `stake_wei` to its stake.
+
+        Default `stake_wei`: exactly what the node lacks for one more stage (`stage_stake_missing`). Refusals raise
+        `StageAssignmentError` (another stage held by the operator, stake short, bad stage, closed model) or
+        `ContractRevertError` (unknown node, not the operator, node not active).
+        """
+        node_key = _addr("node_key", node_key)
+        value = self.stage_stake_missing(node_key) if stake_wei is None else _uint("stake_wei", stake_wei, 256)
+        self._send(operator, self.nodes.functions.assignStage(
+            node_key, _uint("model_id", model_id, 256), _uint("stage", stage, 16)), value=value)
+
+    def leave_stage(self, operator: LocalAccount, node_key: str, model_id: int) -> None:
+        """Drop the node's assignment to its stage of the model (operator only); its stake stays bonded."""
+        self._send(operator, self.nodes.functions.leaveStage(_addr("node_key", node_key),
+                                                             _uint("model_id", model_id, 256)))
+
+    def stage_of(self, model_id: int, node_key: str) -> int | None:
+        """The stage the node is assigned to in the model, or None (whatever its stake; see `serves_stage`)."""
+        assigned, stage = self._call(self.nodes.functions.stageOf(_uint("model_id", model_id, 256),
+                                                                  _addr("node_key", node_key)))
+        return int(stage) if assigned else None
+
+    def operator_stage_of(self, model_id: int, operator: str) -> int | None:
+        """The stage the operator holds in the model (through any of its node keys), or None."""
+        assigned, stage = self._call(self.nodes.functions.operatorStageOf(_uint("model_id", model_id, 256),
+                                                                          _addr("operator", operator)))
+        return int(stage) if assigned else None
+
+    def serves_stage(self, model_id: int, node_key: str, stage: int) -> bool:
+        """Whether the node may serve `stage` now: assigned to it, active, and its stake still covers all it holds."""
+        return bool(self._call(self.nodes.functions.servesStage(
+            _uint("model_id", model_id, 256), _addr("node_key", node_key), _uint("stage", stage, 16))))
+
     # -- epochs ------------------------------------------------------------------------------------
 
     def epoch_root_typed_data(self, model_id: int, epoch: int, root: bytes, total_units: int,
@@ -393,6 +445,11 @@ class ProtocolContracts:
         role = self._call(self.quorum.functions.VALIDATOR_ROLE())
         fn = self.quorum.functions.grantRole if enabled else self.quorum.functions.revokeRole
         self._send(admin, fn(role, _addr("address", address)))
+
+    def validators(self) -> list[str]:
+        """Every validator (= registered attester), sorted by address as the audit sampling rule expects."""
+        return sorted((to_checksum_address(a) for a in self._call(self.quorum.functions.validators())),
+                      key=lambda a: int(a, 16))
 
     def is_validator(self, address: str) -> bool:
         """Whether `address` holds VALIDATOR_ROLE."""

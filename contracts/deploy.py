@@ -27,6 +27,7 @@ class DeployParams:
     stake_per_unit_wei: int = 10**12  # stake per unit of declared node capacity
     unbonding_delay_s: int = 7 * 24 * 3600  # seconds from beginUnbond to withdraw
     slash_bps: int = 5_000  # share of a node's stake slashed per fraudulent leaf (basis points)
+    stake_per_stage_wei: int = 10**15  # stake per stage assignment, on top of the capacity stake (Sybil price)
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -36,6 +37,8 @@ class DeployParams:
             raise ValueError("DeployParams.unbonding_delay_s must fit uint64")
         if not 0 <= self.slash_bps <= 10_000:
             raise ValueError("DeployParams.slash_bps must be in 0..10000")
+        if not 0 <= self.stake_per_stage_wei < 2**128:
+            raise ValueError("DeployParams.stake_per_stage_wei must be in 0..2**128-1")
 
 
 @dataclass
@@ -120,7 +123,8 @@ def deploy_all(w3: Web3, admin: LocalAccount, validators: list[str], quorum: int
     quorum_addr = dep("ValidatorQuorum", admin.address, [Web3.to_checksum_address(v) for v in validators], quorum)
     impl = dep("ShareToken")
     models = dep("ModelRegistry", admin.address, impl)
-    nodes = dep("NodeRegistry", admin.address, p.stake_per_unit_wei, p.unbonding_delay_s)
+    nodes = dep("NodeRegistry", admin.address, p.stake_per_unit_wei, p.unbonding_delay_s, p.stake_per_stage_wei,
+                models)
     ledger = dep("ContributionLedger", models, nodes, quorum_addr, p.slash_bps)
     for name, target in (("ModelRegistry", models), ("NodeRegistry", nodes)):
         contract = w3.eth.contract(address=target, abi=arts[name]["abi"])  # type: ignore[call-overload]
@@ -131,6 +135,6 @@ def deploy_all(w3: Web3, admin: LocalAccount, validators: list[str], quorum: int
         addresses=addr,
         abis={c: arts[c]["abi"] for c in CONTRACTS},
         params={"stakePerUnitWei": p.stake_per_unit_wei, "unbondingDelayS": p.unbonding_delay_s,
-                "slashBps": p.slash_bps, "quorum": quorum},
+                "slashBps": p.slash_bps, "stakePerStageWei": p.stake_per_stage_wei, "quorum": quorum},
         block_number=int(sent.receipt["blockNumber"]),
     )

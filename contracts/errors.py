@@ -28,14 +28,55 @@ class ChainUnavailableError(ContractsError):
 
 
 class ContractRevertError(ContractsError):
-    """A call or transaction reverted; `error_name` and `args` are the decoded custom error."""
+    """A call or transaction reverted; `error_name` and `args` are the decoded custom error.
+
+    Subclasses add `explanation`, a sentence saying what was wrong in terms of the protocol's rules.
+    """
 
     def __init__(self, error_name: str, args: dict[str, Any] | None = None, raw: bytes = b"") -> None:
         self.error_name = error_name
         self.error_args = dict(args or {})
         self.raw = raw
         inner = ", ".join(f"{k}={_fmt(v)}" for k, v in self.error_args.items())
-        super().__init__(f"{error_name}({inner})")
+        self.explanation = self._explain()
+        super().__init__(f"{error_name}({inner})" + (f": {self.explanation}" if self.explanation else ""))
+
+    def _explain(self) -> str:
+        return ""
+
+
+class StageAssignmentError(ContractRevertError):
+    """NodeRegistry refused a stage assignment, a stage departure or an unbonding because of the stage rules.
+
+    The rules (contracts/SECURITY.md, "Extraction"): one operator serves at most one stage of a model; every
+    assignment is backed by `stakePerStage` of the node's own stake; a node leaves its stages before unbonding.
+    """
+
+    EXPLANATIONS: dict[str, str] = {
+        "NodeRegistryOperatorHoldsOtherStage": "operator {operator} already holds stage {heldStage} of model {modelId}"
+        " and cannot take stage {stage}: one operator serves at most one stage of a model",
+        "NodeRegistryStageAlreadyAssigned": "node {nodeKey} is already assigned to stage {stage} of model {modelId}",
+        "NodeRegistryInsufficientStageStake": "node {nodeKey} would hold {stake} wei but needs {required} wei"
+        " (capacity stake plus stakePerStage for every stage it holds); send the difference with the assignment",
+        "NodeRegistryInvalidStage": "model {modelId} has {numStages} stage(s); stage {stage} does not exist",
+        "NodeRegistryModelNotOpen": "model {modelId} is unknown or retired (status {status}); only proposed or"
+        " training models take stage assignments",
+        "NodeRegistryNotAssigned": "node {nodeKey} holds no stage of model {modelId}",
+        "NodeRegistryStagesAssigned": "node {nodeKey} still holds {assignments} stage assignment(s); leave them"
+        " (leaveStage) before unbonding",
+    }
+
+    MODEL_STATUS = ("None", "Proposed", "Training", "Retired")  # IModelRegistry.Status by value
+
+    def _explain(self) -> str:
+        args = {k: _fmt(v) for k, v in self.error_args.items()}
+        status = self.error_args.get("status")
+        if isinstance(status, int) and 0 <= status < len(self.MODEL_STATUS):
+            args["status"] = self.MODEL_STATUS[status]
+        try:
+            return self.EXPLANATIONS.get(self.error_name, "").format(**args)
+        except (KeyError, IndexError):  # malformed payload: the error name alone says it
+            return ""
 
 
 class TransactionFailedError(ContractsError):

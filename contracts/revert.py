@@ -9,7 +9,7 @@ from eth_abi import decode as abi_decode
 from eth_utils import function_signature_to_4byte_selector
 from web3.exceptions import ContractCustomError, ContractLogicError, ContractPanicError
 
-from contracts.errors import ContractRevertError
+from contracts.errors import ContractRevertError, StageAssignmentError
 
 try:  # the embedded chain's revert exception
     from eth_tester.exceptions import TransactionFailed as _TesterFailed
@@ -61,16 +61,17 @@ def decode_revert(data: bytes, table: dict[bytes, _ErrorSpec]) -> ContractRevert
     if spec is None:
         return ContractRevertError("UnknownError", {"selector": data[:4], "data": data[4:]}, data)
     name, types, names = spec
+    cls = StageAssignmentError if name in StageAssignmentError.EXPLANATIONS else ContractRevertError
     try:
         values = abi_decode(types, data[4:])
     except Exception:  # malformed payload: still name the error
-        return ContractRevertError(name, {"data": data[4:]}, data)
+        return cls(name, {"data": data[4:]}, data)
     from eth_utils import to_checksum_address
 
     args = {
         n: (to_checksum_address(v) if t == "address" else v) for n, t, v in zip(names, types, values, strict=True)
     }
-    return ContractRevertError(name, args, data)
+    return cls(name, args, data)
 
 
 def revert_data_of(exc: BaseException) -> bytes | None:

@@ -1,7 +1,5 @@
-"""`python -m node ...` runs the node daemon (same arguments as `python -m node.daemon`)."""
+"""`python -m node ...` runs a node (see `node.cli`; `python -m node.daemon ...` is the same)."""
 
-import sys
+from node.cli import exit_now, main
 
-from node.daemon import main
-
-sys.exit(main())
+exit_now(main())

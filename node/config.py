@@ -155,6 +155,20 @@ class ReplicaConfig:
 
 
 @dataclass
+class ChainConfig:
+    """The on-chain model this node is bound to (receipts for every hop, paid inference, audits)."""
+
+    rpc_url: str = ""  # chain JSON-RPC URL; empty = off chain (no receipts, no paid inference)
+    deployment: str = ""  # deployment file of the contracts (needed with rpc_url)
+    model_id: int = 0  # on-chain model id (>= 1, needed with rpc_url)
+
+    def validate(self) -> None:
+        """Raise ValueError naming the missing field."""
+        if self.rpc_url and (not self.deployment or self.model_id < 1):
+            raise ValueError("--rpc-url needs --deployment FILE and --model-id N (N >= 1)")
+
+
+@dataclass
 class NodeConfig:
     """Everything `run_node` needs."""
 
@@ -168,10 +182,13 @@ class NodeConfig:
     metrics_port: int = 0  # Prometheus HTTP port (0 = disabled)
     progress: bool = True  # show a live rich progress line on stderr
     optim_lr: float | None = None  # override of OptimConfig.lr (None = sharding default)
+    corpus: str | None = None  # sharding.load_corpus source read by the first stage (None = the stdlib corpus)
+    linger: bool = False  # after the last step keep serving (inference, audits, announcements) until signalled
     transport: TransportConfig = field(default_factory=TransportConfig)  # activation protocol settings
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # peer discovery settings
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # schedule and fault settings
     replicas: ReplicaConfig = field(default_factory=ReplicaConfig)  # replicated-stage settings
+    chain: ChainConfig = field(default_factory=ChainConfig)  # on-chain binding (off when chain.rpc_url is empty)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and the fix."""
@@ -194,3 +211,4 @@ class NodeConfig:
         self.transport.validate()
         self.discovery.validate()
         self.replicas.validate()
+        self.chain.validate()

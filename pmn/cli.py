@@ -132,17 +132,12 @@ def build_parser() -> argparse.ArgumentParser:
                         epilog=_example("pmn node start --model tiny --stage auto --data-dir ~/.pmn/node \\\n"
                                         "  --listen /ip4/0.0.0.0/tcp/4001 --bootstrap /ip4/1.2.3.4/tcp/4001/p2p/12D3KooW..."),
                         formatter_class=fmt)
-    q.add_argument("--model", help="model spec: preset name or spec TOML path")
-    q.add_argument("--stage", help="'auto' (the stage with the least capacity) or a stage index")
-    q.add_argument("--bootstrap", action="append", default=None, help="bootstrap multiaddr (repeatable)")
-    q.add_argument("--data-dir", type=Path, help="node state directory (node key + peer key, checkpoints, receipts)")
-    q.add_argument("--listen", action="append", default=None, help="listen multiaddr (repeatable)")
-    q.add_argument("--metrics-port", type=int, help="Prometheus metrics port (0 = off)")
-    q.add_argument("--replicated", action="store_true",
-                   help="replicated mode: several nodes may serve one stage (routing, failover, averaging)")
-    q.add_argument("--no-dht", action="store_true",
-                   help="discover peers by bootstrap peers and announcement gossip only (no Kademlia DHT)")
     q.add_argument("--config", type=Path, help="operator TOML file")
+    from node.cli import add_config_flags  # one flag per NodeConfig field (node.cli); no torch, no libp2p
+
+    add_config_flags(q, None, help_overrides={
+        "model": "model spec: preset name, spec TOML path or ModelConfig JSON path (default: the config's)",
+        "num_stages": "pipeline stages (default: the spec TOML's [training] stages, else the config's)"})
     q.set_defaults(func=_handler("cmd_node", "cmd_node_start"))
     q = nsub.add_parser("status", help="stage, peers, throughput, compute credited and pending",
                         epilog=_example("pmn node status --data-dir ~/.pmn/node --model tiny-subspace --stages 3 --json"),

@@ -15,7 +15,7 @@ from eth_account.signers.local import LocalAccount
 from rich.console import Console
 from rich.table import Table
 
-from contracts.chain import connect
+from contracts.chain import connect, disconnect
 from contracts.client import ProtocolContracts
 from contracts.config import ChainConfig
 from contracts.deploy import Deployment
@@ -32,6 +32,16 @@ class Session:
 
     client: ProtocolContracts
     config: ChainSettings
+
+    def close(self) -> None:
+        """Close the connection to the chain."""
+        disconnect(self.client.w3)
+
+    def __enter__(self) -> Session:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def role_config(cls: type[C], args: argparse.Namespace) -> C:
@@ -65,8 +75,12 @@ def open_session(cfg: ChainSettings) -> Session:
         raise DeploymentError(f"{path} is not a deployment file: {exc}") from None
     ccfg = chain_config(cfg)
     w3 = connect(cfg.rpc_url, ccfg)
-    deployment.check_chain(w3)
-    return Session(ProtocolContracts(w3, deployment, ccfg), cfg)
+    try:
+        deployment.check_chain(w3)
+        return Session(ProtocolContracts(w3, deployment, ccfg), cfg)
+    except BaseException:
+        disconnect(w3)
+        raise
 
 
 def unlock(cfg: Any, args: argparse.Namespace) -> LocalAccount:
@@ -92,35 +106,35 @@ def cmd_propose(args: argparse.Namespace) -> int:
     if args.dry_run:
         return 0
     cfg = role_config(ResearcherConfig, args)
-    session = open_session(cfg)
-    account = unlock(cfg, args)
-    terms = proposal.terms
-    model_id = session.client.propose_model(
-        account, proposal.content_hash(), terms.metadata_uri or cfg.metadata_uri, proposal.training.stages,
-        accounting_function_hash(), terms.epoch_length, terms.challenge_window_s, proposal.audit_rate_bps,
-        terms.inference_fee_wei)
-    print(f"model id {model_id}")
-    return 0
+    with open_session(cfg) as session:
+        account = unlock(cfg, args)
+        terms = proposal.terms
+        model_id = session.client.propose_model(
+            account, proposal.content_hash(), terms.metadata_uri or cfg.metadata_uri, proposal.training.stages,
+            accounting_function_hash(), terms.epoch_length, terms.challenge_window_s, proposal.audit_rate_bps,
+            terms.inference_fee_wei)
+        print(f"model id {model_id}")
+        return 0
 
 
 def cmd_models(args: argparse.Namespace) -> int:
-    session = open_session(role_config(HolderConfig, args))
-    models = session.client.list_models()
-    rows = [{"model_id": m.model_id, "status": m.status, "proposer": m.proposer, "stages": m.terms.num_stages,
-             "spec_hash": "0x" + m.terms.spec_hash.hex(), "share_token": m.share_token,
-             "fee_wei": m.terms.inference_fee_wei, "total_shares": session.client.total_supply(m.model_id)}
-            for m in models]
-    if args.json:
-        print(json.dumps(rows))
+    with open_session(role_config(HolderConfig, args)) as session:
+        models = session.client.list_models()
+        rows = [{"model_id": m.model_id, "status": m.status, "proposer": m.proposer, "stages": m.terms.num_stages,
+                 "spec_hash": "0x" + m.terms.spec_hash.hex(), "share_token": m.share_token,
+                 "fee_wei": m.terms.inference_fee_wei, "total_shares": session.client.total_supply(m.model_id)}
+                for m in models]
+        if args.json:
+            print(json.dumps(rows))
+            return 0
+        table = Table(title="models")
+        for col in ("id", "status", "stages", "spec hash", "shares", "fee (wei)", "proposer"):
+            table.add_column(col)
+        for r in rows:
+            table.add_row(str(r["model_id"]), str(r["status"]), str(r["stages"]), str(r["spec_hash"])[:18] + "…",
+                          str(r["total_shares"]), str(r["fee_wei"]), str(r["proposer"]))
+        Console().print(table)
         return 0
-    table = Table(title="models")
-    for col in ("id", "status", "stages", "spec hash", "shares", "fee (wei)", "proposer"):
-        table.add_column(col)
-    for r in rows:
-        table.add_row(str(r["model_id"]), str(r["status"]), str(r["stages"]), str(r["spec_hash"])[:18] + "…",
-                      str(r["total_shares"]), str(r["fee_wei"]), str(r["proposer"]))
-    Console().print(table)
-    return 0
 
 
 # -- holder ----------------------------------------------------------------------------------------
@@ -147,32 +161,32 @@ def leaf_history(client: ProtocolContracts, model_id: int, holder: str) -> list[
 
 def cmd_shares(args: argparse.Namespace) -> int:
     cfg = role_config(HolderConfig, args)
-    session = open_session(cfg)
-    holder = args.holder or unlock(cfg, args).address
-    report = share_report(session.client, args.model, holder)
-    if args.json:
-        print(json.dumps(report))
+    with open_session(cfg) as session:
+        holder = args.holder or unlock(cfg, args).address
+        report = share_report(session.client, args.model, holder)
+        if args.json:
+            print(json.dumps(report))
+            return 0
+        table = Table(title=f"shares of model {args.model} held by {holder}")
+        table.add_column("figure")
+        table.add_column("value", justify="right")
+        for key in ("balance", "total_supply", "fraction", "claimable_wei", "claimed_wei"):
+            value = report[key]
+            table.add_row(key, f"{value:.6f}" if isinstance(value, float) else str(value))
+        for h in report["history"]:
+            table.add_row(f"epoch {h['epoch']}", f"{h['units']} units (node {h['node']})")
+        Console().print(table)
         return 0
-    table = Table(title=f"shares of model {args.model} held by {holder}")
-    table.add_column("figure")
-    table.add_column("value", justify="right")
-    for key in ("balance", "total_supply", "fraction", "claimable_wei", "claimed_wei"):
-        value = report[key]
-        table.add_row(key, f"{value:.6f}" if isinstance(value, float) else str(value))
-    for h in report["history"]:
-        table.add_row(f"epoch {h['epoch']}", f"{h['units']} units (node {h['node']})")
-    Console().print(table)
-    return 0
 
 
 def cmd_claim(args: argparse.Namespace) -> int:
     cfg = role_config(HolderConfig, args)
-    session = open_session(cfg)
-    account = unlock(cfg, args)
-    _require_model(session.client, args.model)
-    paid = session.client.claim_revenue(args.model, account)
-    print(f"claimed {paid} wei for {account.address} (model {args.model})")
-    return 0
+    with open_session(cfg) as session:
+        account = unlock(cfg, args)
+        _require_model(session.client, args.model)
+        paid = session.client.claim_revenue(args.model, account)
+        print(f"claimed {paid} wei for {account.address} (model {args.model})")
+        return 0
 
 
 # -- tooling ---------------------------------------------------------------------------------------
@@ -207,9 +221,12 @@ def cmd_contracts_deploy(args: argparse.Namespace) -> int:
         raise CLIError("no chain: pass --rpc-url URL")
     ccfg = chain_config(cfg)
     w3 = connect(cfg.rpc_url, ccfg)
-    admin = unlock(cfg, args)
-    validators = args.validator or [admin.address]
-    deployment = deploy_all(w3, admin, validators, args.quorum, config=ccfg)
+    try:
+        admin = unlock(cfg, args)
+        validators = args.validator or [admin.address]
+        deployment = deploy_all(w3, admin, validators, args.quorum, config=ccfg)
+    finally:
+        disconnect(w3)
     deployment.save(args.out)
     print(f"deployed to chain {deployment.chain_id}; wrote {args.out}")
     for name, addr in sorted(deployment.addresses.items()):
@@ -220,12 +237,12 @@ def cmd_contracts_deploy(args: argparse.Namespace) -> int:
 def cmd_ledger_verify(args: argparse.Namespace) -> int:
     from protocol.settlement import verify_onchain_epoch
 
-    session = open_session(role_config(HolderConfig, args))
-    _require_model(session.client, args.model)
-    if not args.receipts.exists():
-        raise CLIError(f"receipts file {args.receipts} not found")
-    result = verify_onchain_epoch(session.client, args.model, args.epoch, args.receipts.read_bytes())
-    print(f"epoch {args.epoch} of model {args.model}: root 0x{result.root.hex()} matches the "
-          f"{len(result.tree.leaves)} leaves recomputed from {len(result.receipts)} receipts "
-          f"(total units {result.total_units})")
-    return 0
+    with open_session(role_config(HolderConfig, args)) as session:
+        _require_model(session.client, args.model)
+        if not args.receipts.exists():
+            raise CLIError(f"receipts file {args.receipts} not found")
+        result = verify_onchain_epoch(session.client, args.model, args.epoch, args.receipts.read_bytes())
+        print(f"epoch {args.epoch} of model {args.model}: root 0x{result.root.hex()} matches the "
+              f"{len(result.tree.leaves)} leaves recomputed from {len(result.receipts)} receipts "
+              f"(total units {result.total_units})")
+        return 0

@@ -93,63 +93,63 @@ def cmd_infer(args: argparse.Namespace) -> int:
         parse_peer_addr(peers[0])  # a malformed address fails here, before any fee is paid
     except Exception as exc:
         raise CLIError(f"--bootstrap {peers[0]!r} is not a peer multiaddr with /p2p/<peer id>: {exc}") from None
-    session = open_session(cfg)
-    _require_model(session.client, args.model)
-    if session.client.total_supply(args.model) == 0:
-        raise CLIError(f"model {args.model} has no share holders yet, so its revenue contract takes no fees: "
-                       "inference opens once its first epoch has settled (see `pmn models`)")
-    fee = session.client.get_model(args.model).terms.inference_fee_wei
-    get_payment = _payment(args, session, cfg, fee)
-    prompt_ids = list(args.prompt.encode())
-    paid: dict[str, bytes] = {}
-    phase = ["dial"]  # dial -> check -> pay -> generate: what was under way when something failed
+    with open_session(cfg) as session:
+        _require_model(session.client, args.model)
+        if session.client.total_supply(args.model) == 0:
+            raise CLIError(f"model {args.model} has no share holders yet, so its revenue contract takes no fees: "
+                           "inference opens once its first epoch has settled (see `pmn models`)")
+        fee = session.client.get_model(args.model).terms.inference_fee_wei
+        get_payment = _payment(args, session, cfg, fee)
+        prompt_ids = list(args.prompt.encode())
+        paid: dict[str, bytes] = {}
+        phase = ["dial"]  # dial -> check -> pay -> generate: what was under way when something failed
 
-    async def run() -> None:
-        async with head_stream_opener(peers[0]) as open_stream:
-            with trio.fail_after(args.timeout_s):
-                stream = await open_stream()  # reach the head before paying
-                # and check the request against its limits: a request it would refuse is not paid for
-                phase[0] = "check"
-                check_request(await request_limits(stream), prompt_ids, args.max_new_tokens)
+        async def run() -> None:
+            async with head_stream_opener(peers[0]) as open_stream:
+                with trio.fail_after(args.timeout_s):
+                    stream = await open_stream()  # reach the head before paying
+                    # and check the request against its limits: a request it would refuse is not paid for
+                    phase[0] = "check"
+                    check_request(await request_limits(stream), prompt_ids, args.max_new_tokens)
 
-            async def reuse() -> Any:
-                return stream
+                async def reuse() -> Any:
+                    return stream
 
-            phase[0] = "pay"
-            request_id, tx_hash = await trio.to_thread.run_sync(get_payment)
-            paid.update(request_id=request_id, tx_hash=tx_hash)
-            phase[0] = "generate"
-            decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-            sys.stdout.write(args.prompt)
-            sys.stdout.flush()
-            with trio.fail_after(args.timeout_s):
-                async for token in generate(reuse, prompt_ids, request_id=request_id, tx_hash=tx_hash,
-                                            max_new_tokens=args.max_new_tokens):
-                    if token < 256:  # byte-level vocabulary; ids above are not text
-                        sys.stdout.write(decoder.decode(bytes([token])))
-                        sys.stdout.flush()
-            sys.stdout.write(decoder.decode(b"", final=True) + "\n")
-            sys.stdout.flush()
+                phase[0] = "pay"
+                request_id, tx_hash = await trio.to_thread.run_sync(get_payment)
+                paid.update(request_id=request_id, tx_hash=tx_hash)
+                phase[0] = "generate"
+                decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+                sys.stdout.write(args.prompt)
+                sys.stdout.flush()
+                with trio.fail_after(args.timeout_s):
+                    async for token in generate(reuse, prompt_ids, request_id=request_id, tx_hash=tx_hash,
+                                                max_new_tokens=args.max_new_tokens):
+                        if token < 256:  # byte-level vocabulary; ids above are not text
+                            sys.stdout.write(decoder.decode(bytes([token])))
+                            sys.stdout.flush()
+                sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+                sys.stdout.flush()
 
-    try:
-        trio.run(run)
-    except BaseException as exc:  # trio wraps failures of the client host in exception groups
-        leaf = _leaf(exc)
-        if not isinstance(leaf, Exception) or isinstance(leaf, CLIError):
-            raise leaf from None
-        where = (f" (request 0x{paid['request_id'].hex()}, tx 0x{paid['tx_hash'].hex()})" if paid else
-                 " (nothing was paid)")
-        if phase[0] == "dial":
-            reason = "no answer" if isinstance(leaf, trio.TooSlowError) else str(leaf) or type(leaf).__name__
-            raise CLIError(f"cannot reach the stage peer {peers[0]} within {args.timeout_s} s: {reason}{where}; "
-                           "check the peer is running and its address") from None
-        if phase[0] == "check" and isinstance(leaf, InferenceError):
-            raise CLIError(f"{leaf}{where}") from None
-        if phase[0] in ("check", "generate"):
-            if isinstance(leaf, trio.TooSlowError):
-                raise CLIError(f"the stages sent no complete answer within {args.timeout_s} s{where}; "
-                               "raise --timeout-s") from None
-            if isinstance(leaf, InferenceError):
+        try:
+            trio.run(run)
+        except BaseException as exc:  # trio wraps failures of the client host in exception groups
+            leaf = _leaf(exc)
+            if not isinstance(leaf, Exception) or isinstance(leaf, CLIError):
+                raise leaf from None
+            where = (f" (request 0x{paid['request_id'].hex()}, tx 0x{paid['tx_hash'].hex()})" if paid else
+                     " (nothing was paid)")
+            if phase[0] == "dial":
+                reason = "no answer" if isinstance(leaf, trio.TooSlowError) else str(leaf) or type(leaf).__name__
+                raise CLIError(f"cannot reach the stage peer {peers[0]} within {args.timeout_s} s: {reason}{where}; "
+                               "check the peer is running and its address") from None
+            if phase[0] == "check" and isinstance(leaf, InferenceError):
                 raise CLIError(f"{leaf}{where}") from None
-        raise leaf from None
-    return 0
+            if phase[0] in ("check", "generate"):
+                if isinstance(leaf, trio.TooSlowError):
+                    raise CLIError(f"the stages sent no complete answer within {args.timeout_s} s{where}; "
+                                   "raise --timeout-s") from None
+                if isinstance(leaf, InferenceError):
+                    raise CLIError(f"{leaf}{where}") from None
+            raise leaf from None
+        return 0

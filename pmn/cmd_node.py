@@ -13,6 +13,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from node.config import ChainConfig, NodeConfig
 from node.errors import NodeError
 from pmn.config import OperatorConfig, load_config
 from pmn.errors import CLIError
@@ -34,46 +35,46 @@ class NodeModel:
 def resolve_model(model: str, stages: int | None, default_stages: int, json_dir: Path | None = None) -> NodeModel:
     """Resolve `model` (preset, spec TOML, ModelConfig JSON); a spec's stage count wins over `default_stages`.
 
-    With `json_dir`, a spec TOML's architecture is written there as model.json for the daemon.
+    Presets and JSON files go through the node's own resolver (`node.model.load_model_config`). With
+    `json_dir`, a spec TOML's architecture is written there as model.json for the node.
     """
+    from node.model import load_model_config
+
     recipe = None
-    if model in PRESETS:
-        config, daemon_model = PRESETS[model], model
+    path = Path(model).expanduser()
+    if model not in PRESETS and path.suffix == ".toml" and path.exists():
+        proposal = load_proposal(path)
+        config, recipe = proposal.model, proposal.training
+        daemon_model = str(path)
+        if json_dir is not None:
+            json_dir.mkdir(parents=True, exist_ok=True)
+            daemon_model = str(json_dir / "model.json")
+            Path(daemon_model).write_text(json.dumps(config.to_dict(), sort_keys=True))
     else:
-        path = Path(model).expanduser()
-        if not path.exists():
-            raise CLIError(f"model {model!r} is neither a preset ({', '.join(sorted(PRESETS))}) nor a file: "
-                           "pass --model NAME or a spec TOML path")
-        if path.suffix == ".toml":
-            proposal = load_proposal(path)
-            config, recipe = proposal.model, proposal.training
-            daemon_model = str(path)
-            if json_dir is not None:
-                json_dir.mkdir(parents=True, exist_ok=True)
-                daemon_model = str(json_dir / "model.json")
-                Path(daemon_model).write_text(json.dumps(config.to_dict(), sort_keys=True))
-        else:
-            try:
-                config = ModelConfig.from_dict(json.loads(path.read_text())).validate()
-            except (ValueError, TypeError) as exc:
-                raise CLIError(f"{path} is not a ModelConfig JSON file: {exc}") from None
-            daemon_model = str(path)
+        try:
+            config = load_model_config(model)
+        except ValueError as exc:
+            hint = "" if path.exists() else ": pass --model NAME or a spec TOML path"
+            raise CLIError(f"{exc}{hint}") from None
+        daemon_model = model if model in PRESETS else str(path)
     n = stages if stages is not None else recipe.stages if recipe is not None else default_stages
     if n < 1 or n > config.n_layers:
         raise CLIError(f"--stages must be in 1..{config.n_layers} (the model's layers), got {n}")
     return NodeModel(config, n, daemon_model, recipe)
 
 
-def cmd_node_start(args: argparse.Namespace) -> int:
-    from node.daemon import main as daemon_main
+def node_config(op: OperatorConfig, flags: dict[str, Any]) -> NodeConfig:
+    """The NodeConfig `pmn node start` runs: the operator config (file + PMN_* environment), the spec's
+    training recipe, then the NodeConfig flags given (`flags`: dotted path -> value, see node.cli)."""
+    from node.cli import apply_flags
 
-    cfg = load_config(OperatorConfig, args.config)
-    data_dir = Path(args.data_dir or cfg.data_dir).expanduser()
-    m = resolve_model(args.model or cfg.model, None, cfg.stages, json_dir=data_dir)
-    argv = ["--model", m.daemon_model, "--stages", str(m.stages), "--stage", args.stage or cfg.stage,
-            "--data-dir", str(data_dir),
-            "--metrics-port", str(args.metrics_port if args.metrics_port is not None else cfg.metrics_port),
-            "--capacity", str(cfg.capacity)]
+    flags = dict(flags)
+    data_dir = Path(flags.pop("data_dir", None) or op.data_dir).expanduser()
+    m = resolve_model(flags.pop("model", None) or op.model, flags.pop("num_stages", None), op.stages,
+                      json_dir=data_dir)
+    cfg = NodeConfig(data_dir=str(data_dir), model=m.daemon_model, num_stages=m.stages, stage=op.stage,
+                     listen=list(op.listen), bootstrap=list(op.bootstrap), metrics_port=op.metrics_port,
+                     capacity=op.capacity)
     if m.recipe is not None:  # the spec's recipe: nodes with another one would not interoperate
         from sharding.train import OptimConfig
 
@@ -82,22 +83,22 @@ def cmd_node_start(args: argparse.Namespace) -> int:
             if getattr(m.recipe, name) != getattr(runs, name):
                 raise CLIError(f"the spec asks [training] {name} = {getattr(m.recipe, name)} but this node software "
                                f"runs {getattr(runs, name)}: its spec hash would not match the chain's")
-        argv += ["--codec", m.recipe.codec, "--microbatches", str(m.recipe.microbatches),
-                 "--microbatch-size", str(m.recipe.microbatch_size), "--lr", str(m.recipe.lr)]
-    if getattr(args, "replicated", False):
-        argv.append("--replicated")
-    if getattr(args, "no_dht", False):
-        argv.append("--no-dht")
-    for addr in args.listen or cfg.listen:
-        argv += ["--listen", addr]
-    for addr in args.bootstrap or cfg.bootstrap:
-        argv += ["--bootstrap", addr]
-    if cfg.rpc_url:  # on-chain mode: co-signed receipts for every hop, paid inference after training
-        if cfg.model_id < 1:
+        r = cfg.runtime
+        r.codec, r.num_microbatches, r.microbatch_size = m.recipe.codec, m.recipe.microbatches, m.recipe.microbatch_size
+        cfg.optim_lr = m.recipe.lr
+    if op.rpc_url:  # on-chain mode: co-signed receipts for every hop, paid inference after training
+        if op.model_id < 1:
             raise CLIError("rpc_url is set but model_id is not: set model_id (or PMN_MODEL_ID) to the on-chain model id")
-        argv += ["--rpc-url", cfg.rpc_url, "--deployment", str(Path(cfg.deployment).expanduser()),
-                 "--model-id", str(cfg.model_id), "--linger"]
-    return daemon_main(argv)  # the daemon prints its own one-line error; 130/143 = stopped by a signal
+        cfg.chain = ChainConfig(op.rpc_url, str(Path(op.deployment).expanduser()), op.model_id)
+        cfg.linger = True
+    return apply_flags(cfg, flags)
+
+
+def cmd_node_start(args: argparse.Namespace) -> int:
+    from node import cli as node_cli
+
+    cfg = node_config(load_config(OperatorConfig, args.config), node_cli.flag_values(args))
+    return node_cli.start(cfg)  # the node prints its own one-line error; 130/143 = stopped by a signal
 
 
 def _node_address(data_dir: Path, status: dict[str, Any]) -> str | None:

@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.live import Live
 from rich.table import Table
 
-from contracts.chain import advance_time, connect, is_embedded, test_accounts
+from contracts.chain import advance_time, connect, disconnect, is_embedded, test_accounts
 from contracts.client import ProtocolContracts
 from contracts.deploy import deploy_all
 from contracts.embedded import serve_embedded
@@ -146,7 +146,9 @@ class Demo:
             self.client.tx.transact(self.funder, to=ident.address, value=self.cfg.stake_funding_wei)
             stake = self.client.stake_required(1)
             self.client.register_node(ident.account, ident.account, 1, stake)
-        self.say(f"[bold]operators[/] registered {self.cfg.stages} node keys with stake (node-key signatures checked on chain)")
+            self.client.assign_stage(ident.account, ident.address, self.model_id, s)  # + stakePerStage
+        self.say(f"[bold]operators[/] registered {self.cfg.stages} node keys with stake (node-key signatures checked on chain)"
+                 f" and assigned each its stage (one stage per operator, {self.client.stake_per_stage()} wei per stage)")
 
     # -- swarm -------------------------------------------------------------------------------------
 
@@ -334,6 +336,8 @@ class Demo:
             stop_nodes(self.nodes)
             if self.stop_chain is not None:
                 self.stop_chain()
+            if hasattr(self, "w3"):
+                disconnect(self.w3)
 
 
 def summary_table(result: dict[str, Any]) -> Table:
@@ -367,9 +371,6 @@ def load_demo_config(path: Path | None) -> DemoConfig:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import warnings
-
-    warnings.simplefilter("ignore", ResourceWarning)  # the embedded RPC server's keep-alive sockets
     cfg = load_demo_config(args.config)
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps)

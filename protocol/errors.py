@@ -61,3 +61,7 @@ class SpotCheckError(FieldError):
 
 class SettlementError(ProtocolError):
     """Submitting a root, claim or fraud verdict to the chain failed."""
+
+
+class AuditSamplingError(FieldError):
+    """The audit sampling rule cannot be evaluated (bad seed, attester set, stage count or rule)."""

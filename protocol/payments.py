@@ -83,19 +83,29 @@ class ChainLink:
     keys: ChainKeyRegistry  # registered node keys
     payments: ChainPaymentVerifier  # inference payment checks
 
+    def close(self) -> None:
+        """Close the connection to the chain."""
+        from contracts.chain import disconnect
+
+        disconnect(self.client.w3)
+
 
 def connect_chain(rpc_url: str, deployment_path: str, model_id: int) -> ChainLink:
     """Connect to a JSON-RPC chain with a deployment file and read one model's terms (errors name the cause)."""
-    from contracts.chain import connect
+    from contracts.chain import connect, disconnect
     from contracts.deploy import Deployment
 
     deployment = Deployment.load(deployment_path)
     w3 = connect(rpc_url)
-    deployment.check_chain(w3)
-    client = ProtocolContracts(w3, deployment)
-    if not 1 <= model_id <= client.model_count():
-        raise ProtocolError(f"unknown model id {model_id} on chain {deployment.chain_id}")
-    terms = client.get_model(model_id).terms
+    try:
+        deployment.check_chain(w3)
+        client = ProtocolContracts(w3, deployment)
+        if not 1 <= model_id <= client.model_count():
+            raise ProtocolError(f"unknown model id {model_id} on chain {deployment.chain_id}")
+        terms = client.get_model(model_id).terms
+    except BaseException:
+        disconnect(w3)
+        raise
     return ChainLink(client=client, model_id=model_id, chain_id=deployment.chain_id,
                      ledger=deployment.addresses["ContributionLedger"], epoch_length=terms.epoch_length,
                      inference_fee_wei=terms.inference_fee_wei, spec_hash=terms.spec_hash,

@@ -2,7 +2,7 @@
 
 Wraps (at run time, without changing `node/`) the stage worker's forward/backward/decode/step, the
 channel's data sends, frame accepts and acks, the runtime's step and the checkpoint save, then runs
-`node.daemon.main`. Every interval is written to `<data-dir>/trace.jsonl` as one JSON object:
+`node.cli.main` (what `python -m node.daemon` runs). Every interval is written to `<data-dir>/trace.jsonl` as one JSON object:
 `{"ev", "stage", "step", "mb", "t0", "t1", "cpu"}` with t0/t1 from the host-wide monotonic clock
 (comparable across the swarm's processes) and cpu the calling thread's CPU seconds (for "step": the
 whole process's CPU seconds during the step). The trace is
@@ -79,8 +79,7 @@ def _frame_key(self: Any, fr: Any, *_: Any, **__: Any) -> tuple[int, int]:
 
 def install(data_dir: str | Path) -> None:
     """Patch the node classes so that their work is traced into `<data_dir>/trace.jsonl`."""
-    from node import daemon
-    from node.pipeline import runtime
+    from node.pipeline import runner, runtime
     from node.training import worker
     from node.wire import channel
 
@@ -122,7 +121,7 @@ def install(data_dir: str | Path) -> None:
             flush()
 
     rt.run_step = run_step  # type: ignore[method-assign]
-    daemon.save_checkpoint = _timed_sync("checkpoint", lambda *a, **k: (-1, -1))(daemon.save_checkpoint)
+    runner.save_checkpoint = _timed_sync("checkpoint", lambda *a, **k: (-1, -1))(runner.save_checkpoint)
     atexit.register(flush)
 
 
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     if "--data-dir" not in args:
         raise SystemExit("simulations.node_trace needs --data-dir DIR (the trace goes to DIR/trace.jsonl)")
     install(args[args.index("--data-dir") + 1])
-    from node.daemon import main as daemon_main
+    from node.cli import main as daemon_main
 
     try:
         return daemon_main(args)

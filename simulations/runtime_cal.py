@@ -106,6 +106,7 @@ async def _transport(payload_len: int, window_len: int, n: int) -> dict[str, flo
     from node.config import TransportConfig
     from node.net.host import full_addrs, make_host
     from node.net.identity import identity_from_secret
+    from node.net.running import run_host
     from node.wire import frames
     from node.wire.channel import ActEndpoint, LocalInfo
 
@@ -123,7 +124,7 @@ async def _transport(payload_len: int, window_len: int, n: int) -> dict[str, flo
         cfg = TransportConfig(credits=credits)
         h0 = make_host(identity_from_secret((201).to_bytes(32, "big")), cfg.yamux_frame_bytes, cfg.tcp_read_bytes)
         h1 = make_host(identity_from_secret((202).to_bytes(32, "big")), cfg.yamux_frame_bytes, cfg.tcp_read_bytes)
-        async with h0.run(listen_addrs=la), h1.run(listen_addrs=la), trio.open_nursery() as nursery:
+        async with run_host(h0, la), run_host(h1, la), trio.open_nursery() as nursery:
             a = ActEndpoint(h0, local=LocalInfo(spec_hash, 0, 2, ""), frame_spec=spec, cfg=cfg)
             b = ActEndpoint(h1, local=LocalInfo(spec_hash, 1, 2, ""), frame_spec=spec, cfg=cfg)
             t0 = time.perf_counter()

@@ -173,6 +173,11 @@ contract ModelRegistry is AccessControl, IModelRegistry {
         return _existing(modelId).shareToken;
     }
 
+    /// @inheritdoc IModelRegistry
+    function numStagesOf(uint256 modelId) external view returns (uint16) {
+        return _existing(modelId).terms.numStages;
+    }
+
     function _existing(uint256 modelId) private view returns (Model storage m) {
         m = _models[modelId];
         if (m.status == Status.None) revert ModelRegistryUnknownModel(modelId);

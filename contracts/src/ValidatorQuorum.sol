@@ -1,14 +1,15 @@
 // SPDX-License-Identifier: Apache-2.0
 pragma solidity ^0.8.24;
 
-import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
+import {AccessControlEnumerable} from "@openzeppelin/contracts/access/extensions/AccessControlEnumerable.sol";
 import {ECDSA} from "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import {IAttestationQuorum} from "./interfaces/IAttestationQuorum.sol";
 
 /// @title ValidatorQuorum
 /// @notice M-of-N attestation by accounts holding VALIDATOR_ROLE. Signatures must be ordered by strictly
-/// increasing signer address, which rejects duplicates without storage.
-contract ValidatorQuorum is AccessControl, IAttestationQuorum {
+/// increasing signer address, which rejects duplicates without storage. The validators are also the registered
+/// attesters of the audit protocol; `validators()` lists them (off-chain sampling sorts the list by address).
+contract ValidatorQuorum is AccessControlEnumerable, IAttestationQuorum {
     /// @notice Role of the attesting validators.
     bytes32 public constant VALIDATOR_ROLE = keccak256("VALIDATOR_ROLE");
 
@@ -61,6 +62,11 @@ contract ValidatorQuorum is AccessControl, IAttestationQuorum {
         }
         if (signatures.length < quorum) revert ValidatorQuorumNotReached(signatures.length, quorum);
         return true;
+    }
+
+    /// @notice Every account holding VALIDATOR_ROLE, in no particular order (sort off chain).
+    function validators() external view returns (address[] memory) {
+        return getRoleMembers(VALIDATOR_ROLE);
     }
 
     function _setQuorum(uint256 newQuorum) private {

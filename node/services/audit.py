@@ -326,17 +326,15 @@ class AuditService:
             self.served += 1
 
 
-def install_audit(daemon: Any, host: Any, model_id: int, epoch_length: int,
+def install_audit(host: Any, worker: Any, identity: NodeIdentity, data_dir: Path, model_id: int, epoch_length: int,
                   receipts: Callable[[int], list[SignedReceipt]] | None = None,
                   config: AuditConfig | None = None, policy: AccessPolicy | None = None) -> AuditService:
-    """Attach a recorder to the daemon's worker and serve `/pmn/audit/1.0.0` on its host (`policy`: who may
-    audit which hops; default OpenPolicy)."""
-    recorder = AuditRecorder(daemon.data_dir, epoch_length, config)
-    daemon.worker.observers.append(recorder)
-    service = AuditService(recorder, daemon.worker, model_id, receipts, config, identity=daemon.identity,
-                           policy=policy)
+    """Attach a recorder to `worker` (records under `data_dir`) and serve `/pmn/audit/1.0.0` on `host`
+    (`policy`: who may audit which hops; default OpenPolicy)."""
+    recorder = AuditRecorder(data_dir, epoch_length, config)
+    worker.observers.append(recorder)
+    service = AuditService(recorder, worker, model_id, receipts, config, identity=identity, policy=policy)
     host.set_stream_handler(AUDIT_PROTOCOL, service.handle)
-    daemon.audit = service
     return service
 
 
@@ -583,10 +581,11 @@ async def run_with_client_host(fn: Callable[[Any], Any], cfg: AttesterHost | Non
 
     from node.net.host import make_host
     from node.net.identity import identity_from_secret
+    from node.net.running import run_host
 
     cfg = cfg or AttesterHost()
     host = make_host(identity_from_secret(os.urandom(31).rjust(32, b"\x01")))
-    async with host.run(listen_addrs=[multiaddr.Multiaddr(cfg.listen)]):
+    async with run_host(host, [multiaddr.Multiaddr(cfg.listen)]):
         return await fn(host)
 
 

@@ -8,13 +8,18 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from node.errors import ReceiptRejectedError
+from node.config import NodeConfig
+from node.context import NodeContext
+from node.errors import NodeError, ReceiptRejectedError
+from node.model import load_model_config
 from node.net.access import INFER, StagePeersPolicy
-from node.services.audit import AuditConfig, install_audit
+from node.net.identity import load_or_create_identity
+from node.services.audit import AuditConfig, AuditService, install_audit
+from node.services.base import NodeService
 from node.services.hop_receipts import EIP712Receipts
 from node.services.inference import INFER_PROTOCOL, InferenceService
 from node.wire import frames
@@ -23,8 +28,7 @@ from protocol.modelspec import SpecMismatchError, TrainingSection, require_spec_
 from protocol.payments import ChainLink, connect_chain
 from protocol.receipts import Domain, KeyRegistry, SignedReceipt
 from protocol.store import ReceiptStore, StoreConfig
-
-ServiceHook = Callable[[Any, Any, Any, Any], Awaitable[None]]
+from sharding import OptimConfig
 
 
 class StoredReceipts(EIP712Receipts):
@@ -58,20 +62,70 @@ class StoredReceipts(EIP712Receipts):
         return counter
 
 
-def training_section(daemon: Any) -> TrainingSection:
-    """The proposal `training` section this daemon actually runs (stages, codec, schedule, optimiser)."""
-    r = daemon.cfg.runtime
-    return TrainingSection(stages=daemon.cfg.num_stages, codec=r.codec, microbatches=r.num_microbatches,
-                           microbatch_size=r.microbatch_size, lr=daemon.optim.lr,
-                           warmup_steps=daemon.optim.warmup_steps, data_seed=daemon.optim.data_seed)
+def training_section(cfg: NodeConfig, optim: OptimConfig) -> TrainingSection:
+    """The proposal `training` section a node with this config actually runs (stages, codec, schedule, optimiser)."""
+    r = cfg.runtime
+    return TrainingSection(stages=cfg.num_stages, codec=r.codec, microbatches=r.num_microbatches,
+                           microbatch_size=r.microbatch_size, lr=optim.lr, warmup_steps=optim.warmup_steps,
+                           data_seed=optim.data_seed)
+
+
+class ChainLinkService:
+    """On start: checks the on-chain spec hash, serves paid inference (`/pmn/infer/1.0.0`) and audits
+    (`/pmn/audit/1.0.0`); `inference` and `audit` are the running services afterwards."""
+
+    def __init__(self, link: ChainLink, model_id: int, audit: AuditConfig,
+                 epoch_receipts: Callable[[int], list[SignedReceipt]]) -> None:
+        self.link = link
+        self.model_id = model_id
+        self.audit_cfg = audit
+        self.epoch_receipts = epoch_receipts
+        self.inference: InferenceService | None = None
+        self.audit: AuditService | None = None
+
+    def close(self) -> None:
+        """Close the chain connection (its HTTP session)."""
+        self.link.close()
+
+    async def start(self, ctx: NodeContext) -> None:
+        link = self.link
+        try:
+            require_spec_hash(link.spec_hash, ctx.model, training_section(ctx.cfg, ctx.optim), self.model_id)
+        except SpecMismatchError as exc:
+            # the daemon reports service errors wrapped in the nursery's ExceptionGroup: say it plainly first
+            print(json.dumps({"event": "error", "error": str(exc), "type": type(exc).__name__}), flush=True)
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise
+        worker = ctx.worker
+        if worker is None:
+            raise NodeError("chain services (--rpc-url) need a stage worker when the node starts: the replicated "
+                            "runner does not support them")
+        spec, host, discovery = worker.spec, ctx.host, ctx.discovery
+        next_hop = None
+        if not spec.is_last:
+            async def next_hop() -> Any:
+                from node.net.host import parse_peer_addr
+
+                entry = await discovery.wait_for_stage(spec.index + 1)
+                info = parse_peer_addr(entry.addrs[0])
+                await host.connect(info)
+                return await host.new_stream(info.peer_id, [INFER_PROTOCOL])
+
+        # hops only from peers discovery knows (signed announcement) as serving the stage before ours
+        hops_from_previous_stage = StagePeersPolicy(discovery, protocols=(INFER,))
+        self.inference = InferenceService(ctx.model, spec, worker.module, worker.codec, link.payments, next_hop,
+                                          policy=hops_from_previous_stage)
+        host.set_stream_handler(INFER_PROTOCOL, self.inference.handle)
+        self.audit = install_audit(host, worker, ctx.identity, ctx.data_dir, self.model_id, link.epoch_length,
+                                   self.epoch_receipts, self.audit_cfg)
 
 
 def chain_services(data_dir: str | Path, account: Any, microbatch_size: int, seq_len: int, rpc_url: str,
                    deployment: str, model_id: int, audit: AuditConfig | None = None,
-                   ) -> tuple[ChainLink, StoredReceipts, ServiceHook]:
-    """The receipt hook and an on-ready hook that checks the spec hash and serves inference and audits.
+                   ) -> tuple[ChainLink, StoredReceipts, ChainLinkService]:
+    """The chain link, the receipt hook and the service that checks the spec hash and serves inference and audits.
 
-    The hook raises `protocol.modelspec.SpecMismatchError` (the daemon exits before training) when the
+    The service raises `protocol.modelspec.SpecMismatchError` (the node exits before training) when the
     on-chain spec hash differs from the node's own. It serves `/pmn/infer/1.0.0` with chain-checked
     payments and `/pmn/audit/1.0.0` with what spot checks fetch, kept for at least the model's
     challenge window (`audit.retain_s` is raised to it).
@@ -90,32 +144,17 @@ def chain_services(data_dir: str | Path, account: Any, microbatch_size: int, seq
         with ReceiptStore(StoreConfig(data_dir=data_path), domain, link.keys) as reader:
             return reader.epoch_receipts(model_id, epoch)
 
-    async def serve_inference(daemon: Any, host: Any, discovery: Any, nursery: Any) -> None:
-        try:
-            require_spec_hash(link.spec_hash, daemon.model, training_section(daemon), model_id)
-        except SpecMismatchError as exc:
-            # the daemon reports hook errors wrapped in the nursery's ExceptionGroup: say it plainly first
-            print(json.dumps({"event": "error", "error": str(exc), "type": type(exc).__name__}), flush=True)
-            print(f"error: {exc}", file=sys.stderr, flush=True)
-            raise
-        worker = daemon.worker
-        spec = worker.spec
-        next_hop = None
-        if not spec.is_last:
-            async def next_hop() -> Any:
-                from node.net.host import parse_peer_addr
+    return link, receipts, ChainLinkService(link, model_id, audit_cfg, epoch_receipts)
 
-                entry = await discovery.wait_for_stage(spec.index + 1)
-                info = parse_peer_addr(entry.addrs[0])
-                await host.connect(info)
-                return await host.new_stream(info.peer_id, [INFER_PROTOCOL])
 
-        # hops only from peers discovery knows (signed announcement) as serving the stage before ours
-        hops_from_previous_stage = StagePeersPolicy(discovery, protocols=(INFER,))
-        service = InferenceService(daemon.model, spec, worker.module, worker.codec, link.payments, next_hop,
-                                   policy=hops_from_previous_stage)
-        host.set_stream_handler(INFER_PROTOCOL, service.handle)
-        daemon.inference = service
-        install_audit(daemon, host, model_id, link.epoch_length, epoch_receipts, audit_cfg)
-
-    return link, receipts, serve_inference
+def services_for(cfg: NodeConfig) -> tuple[StoredReceipts | None, list[NodeService]]:
+    """(receipt hook, services) of a node configured with `cfg.chain`; (None, []) off chain (empty rpc_url)."""
+    c = cfg.chain
+    if not c.rpc_url:
+        return None, []
+    c.validate()
+    model = load_model_config(cfg.model)
+    ident = load_or_create_identity(Path(cfg.data_dir).expanduser())
+    _, receipts, service = chain_services(cfg.data_dir, ident.account, cfg.runtime.microbatch_size, model.seq_len,
+                                          c.rpc_url, c.deployment, c.model_id)
+    return receipts, [service]

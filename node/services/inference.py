@@ -402,10 +402,11 @@ async def head_stream_opener(head_addr: str) -> AsyncIterator[Callable[[], Await
 
     from node.net.host import make_host, parse_peer_addr
     from node.net.identity import identity_from_secret
+    from node.net.running import run_host
 
     info = parse_peer_addr(head_addr)
     host = make_host(identity_from_secret(os.urandom(31).rjust(32, b"\x01")))
-    async with host.run(listen_addrs=[multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
+    async with run_host(host, [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]):
         async def open_stream() -> Any:
             await host.connect(info)
             return await host.new_stream(info.peer_id, [INFER_PROTOCOL])

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from eth_utils import keccak
 
+from node.context import NodeContext
 from protocol.errors import ProtocolError
 from protocol.receipts import SignedReceipt, sign_receipt
 
@@ -101,16 +102,22 @@ def make_inflating(receipts: Any, cheat: Cheat) -> None:
     receipts.on_cosigned = inflated
 
 
-def cheat_service(cheat: Cheat) -> Callable[[Any, Any, Any, Any], Any]:
-    """The daemon service hook that turns the node lazy (inflation is wired on the receipt hook)."""
+class CheatService:
+    """The node service that turns the node lazy (inflation is wired on the receipt hook)."""
 
-    async def hook(daemon: Any, host: Any, discovery: Any, nursery: Any) -> None:
-        if cheat.behaviour == "lazy":
-            make_lazy(daemon.worker, cheat)
-        print(json.dumps({"event": "adversary", "behaviour": cheat.behaviour, "fraction": cheat.fraction}),
+    def __init__(self, cheat: Cheat) -> None:
+        self.cheat = cheat
+
+    async def start(self, ctx: NodeContext) -> None:
+        if self.cheat.behaviour == "lazy":
+            if ctx.worker is None:
+                raise ValueError("--behaviour lazy needs the pipeline runner (a stage worker at start)")
+            make_lazy(ctx.worker, self.cheat)
+        print(json.dumps({"event": "adversary", "behaviour": self.cheat.behaviour, "fraction": self.cheat.fraction}),
               file=sys.stderr, flush=True)
 
-    return hook
+    def close(self) -> None:
+        """Nothing to release."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -124,14 +131,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def spawn_adversary(stage: int, data_dir: Path, args: list[str], cheat_args: list[str]) -> Any:
     """Start an adversary node process like `node.testing.swarm.spawn_node` (then `node.testing.swarm.await_ready` it)."""
-    import os
     import subprocess
 
-    from node.testing.swarm import REPO_ROOT, NodeProcess
+    from node.testing.swarm import REPO_ROOT, NodeProcess, node_env
 
     data_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = node_env()
     cmd = [sys.executable, "-m", "node.testing.adversary", *cheat_args, "--stage", str(stage), "--data-dir", str(data_dir),
            "--no-progress", *args]
     with (data_dir / "stderr.log").open("ab") as log:
@@ -140,23 +145,22 @@ def spawn_adversary(stage: int, data_dir: Path, args: list[str], cheat_args: lis
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run the daemon with the chosen deviation; errors print one JSON line (as node.daemon's), exit code 1."""
-    from node.daemon import build_parser as daemon_parser
-    from node.daemon import config_from_args, run_node
-    from node.services.hooks import chain_hooks, report_error
+    """Run the node with the chosen deviation; errors print one JSON line (as node.daemon's), exit code 1."""
+    from node.cli import parse_config, report_error
+    from node.daemon import run_node
+    from node.services.chain_link import services_for
 
     try:
         mine, rest = build_parser().parse_known_args(argv)
         cheat = Cheat(mine.behaviour, mine.fraction, seed=mine.cheat_seed).validate()
-        a = daemon_parser().parse_args(rest)
-        cfg = config_from_args(a)
-        if cheat.behaviour == "inflate" and not a.rpc_url:
-            raise ValueError("--behaviour inflate needs --rpc-url (it inflates its stored receipts)")
-        receipts, services = chain_hooks(a, cfg)
+        cfg = parse_config(rest)
+        cfg.validate()
+        receipts, services = services_for(cfg)
         if cheat.behaviour == "inflate":
+            if receipts is None:
+                raise ValueError("--behaviour inflate needs --rpc-url (it inflates its stored receipts)")
             make_inflating(receipts, cheat)
-        services.append(cheat_service(cheat))
-        return run_node(cfg, corpus=a.corpus, receipts=receipts, services=services, linger=a.linger)
+        return run_node(cfg, receipts=receipts, services=[*services, CheatService(cheat)])
     except Exception as exc:  # config, chain and node errors: one line, no traceback
         return report_error(exc)
 

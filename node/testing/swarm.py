@@ -60,19 +60,27 @@ def _read_line(proc: subprocess.Popen[bytes], timeout_s: float) -> str:
 
 
 def node_command(stage: int | str, data_dir: Path, args: list[str]) -> list[str]:
-    """The command line of one node process."""
+    """The command line of one node process (`python -m node.daemon`, flags of `node.cli`)."""
     return [sys.executable, "-m", "node.daemon", "--stage", str(stage), "--data-dir", str(data_dir),
             "--no-progress", *args]
+
+
+def node_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a node process: ours without `PMN_*` variables (a launched node is configured by
+    its flags alone, not by an operator's PMN_LISTEN or PMN_DATA_DIR), plus `extra`, with this tree first
+    on PYTHONPATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PMN_")}
+    env.update(extra or {})
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return env
 
 
 def spawn_node(stage: int | str, data_dir: Path, args: list[str], env: dict[str, str] | None = None) -> NodeProcess:
     """Start one node process (stderr goes to data_dir/stderr.log); call await_ready next."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, **(env or {})}
-    full_env["PYTHONPATH"] = os.pathsep.join([str(REPO_ROOT), full_env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     with (data_dir / "stderr.log").open("ab") as log:
         proc = subprocess.Popen(node_command(stage, data_dir, args), stdout=subprocess.PIPE, stderr=log,
-                                env=full_env, cwd=str(REPO_ROOT))
+                                env=node_env(env), cwd=str(REPO_ROOT))
     return NodeProcess(stage=int(stage) if str(stage) != "auto" else -1, data_dir=data_dir, proc=proc)
 
 

@@ -6,12 +6,13 @@ import json
 import socket
 import subprocess
 import threading
-import time
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+
+from tests.waiting import wait_until
 
 ANVIL = Path(__file__).resolve().parents[2] / "contracts/node_modules/@foundry-rs/anvil-linux-amd64/bin/anvil"
 
@@ -40,13 +41,12 @@ def anvil_process(start_timeout_s: float = 30.0) -> Iterator[str]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + start_timeout_s
-        while not _answers(url):
+        def answers() -> bool:
             if proc.poll() is not None:
                 raise RuntimeError(f"anvil exited with {proc.returncode}: {proc.stderr.read().decode()[-500:]}")
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"anvil did not answer at {url} within {start_timeout_s} s")
-            time.sleep(0.05)
+            return _answers(url)
+
+        wait_until(answers, start_timeout_s, f"anvil to answer at {url}")
         yield url
     finally:
         proc.terminate()

@@ -12,6 +12,7 @@ from node.config import TransportConfig
 from node.errors import NonFiniteError
 from node.net.host import make_host
 from node.net.identity import identity_from_secret
+from node.net.running import run_host
 from node.wire import frames
 
 SPEC_HASH = b"\x11" * 32
@@ -41,5 +42,5 @@ async def running_host(seed: int, config: TransportConfig | None = None) -> Asyn
     """A host with a deterministic key listening on a free loopback port (transport as `config` says)."""
     ident = identity_from_secret(seed.to_bytes(32, "big"))
     host = make_host(ident, config=config)
-    async with host.run(listen_addrs=LISTEN):
+    async with run_host(host, LISTEN):
         yield host, ident

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +37,6 @@ def join(root: Path, name: str, stage: int, steps: int, boot: NodeProcess, num_s
     args = ["--stages", str(num_stages), "--steps", str(steps), *FAST, "--bootstrap", boot.ready["addrs"][0],
             *(extra or [])]
     return start_node(stage, root / name, args)
-
-
-def wait_for(cond: Any, timeout_s: float, what: str) -> None:
-    """Poll `cond` every 0.1 s until true (AssertionError naming `what` after timeout_s)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def records(node: NodeProcess, stage: int | None = None) -> dict[int, dict[str, Any]]:

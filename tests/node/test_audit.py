@@ -9,7 +9,6 @@ epoch's receipts over `/pmn/audit/1.0.0`, settle the roots, spot-check at the mo
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +34,7 @@ from protocol.spotcheck import SpotCheckConfig
 from sharding.config import PRESETS
 from sharding.partition import partition
 from sharding.train import OptimConfig
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 
@@ -99,12 +99,13 @@ def node_args(c: Chain, model_id: int) -> list[str]:
 
 
 def wait_serving(nodes: list[NodeProcess], timeout_s: float = 180.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not all(node_status(n.data_dir).get("state") == "serving" for n in nodes):
+    def serving() -> bool:
         for n in nodes:
             assert n.proc.poll() is None, (n.data_dir / "stderr.log").read_text()[-2000:]
-        assert time.monotonic() < deadline, [node_status(n.data_dir).get("state") for n in nodes]
-        time.sleep(0.2)
+        return all(node_status(n.data_dir).get("state") == "serving" for n in nodes)
+
+    wait_until(serving, timeout_s, "every node serving",
+               detail=lambda: [node_status(n.data_dir).get("state") for n in nodes])
 
 
 def test_lazy_node_caught_and_slashed_inflator_credited_only_cosigned(chain: Chain, tmp_path: Path) -> None:
@@ -224,6 +225,7 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
 
     from node.net.host import full_addrs, make_host
     from node.net.identity import bind, identity_from_secret
+    from node.net.running import run_host
     from node.services.audit import AUDIT_PROTOCOL, AuditClient, AuditService, read_message, write_message
     from node.training.worker import StageWorker
     from node.wire import frames
@@ -233,8 +235,9 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
     worker = StageWorker(model, spec, codec=CODEC, optim=OptimConfig(), num_microbatches=2, microbatch_size=2)
     rec = AuditRecorder(tmp_path, epoch_length=2)
     worker.observers.append(rec)
-    window = torch.randint(0, 256, (2, model.seq_len + 1))
-    h = torch.randn(2, model.seq_len, model.d_model)
+    g = torch.Generator().manual_seed(0)
+    window = torch.randint(0, 256, (2, model.seq_len + 1), generator=g)
+    h = torch.randn(2, model.seq_len, model.d_model, generator=g)
     payload = worker.codec.encode_activation(h, window[:, :-1])
     wbytes = window.numpy().astype("<u2").tobytes()
     header = frames.FrameHeader(kind=frames.Kind.ACTIVATION, spec_hash=model.spec_hash(), stage=0, step=0, microbatch=1)
@@ -248,7 +251,7 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
         server = make_host(server_ident)
         client_host = make_host(identity_from_secret(b"\x06" * 32))
         listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
-        async with server.run(listen_addrs=listen), client_host.run(listen_addrs=listen):
+        async with run_host(server, listen), run_host(client_host, listen):
             server.set_stream_handler(AUDIT_PROTOCOL, service.handle)
             addr = full_addrs(server)[0]
             client = AuditClient(client_host, 7)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import signal
-import time
 import urllib.request
 
 import pytest
@@ -13,6 +12,8 @@ import pytest
 from node.observability.status import node_status, read_progress
 from node.testing.swarm import launch_swarm, run_local_swarm, start_node, stop_nodes, wait_nodes
 from sharding import PRESETS, OptimConfig, load_corpus, train_reference
+from tests.ports import free_port_run
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.network]
 
@@ -22,15 +23,6 @@ ARGS = ["--microbatches", str(M), "--microbatch-size", str(B), "--corpus", "synt
 
 def _reference(steps: int, preset: str = "tiny") -> list[float]:
     return train_reference(PRESETS[preset], OptimConfig(), steps, M, B, load_corpus("synthetic"))
-
-
-def _wait_for(cond, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.timeout(240)
@@ -53,11 +45,11 @@ def test_three_stages_subspace_match_reference(tmp_path) -> None:
 
 @pytest.mark.timeout(300)
 def test_sigterm_checkpoints_metrics_and_restart_resumes(tmp_path) -> None:
-    port = 20000 + (int(time.time() * 1000) % 20000)
+    port = free_port_run(2)  # metrics ports of node 0 and node 1
     nodes = launch_swarm(tmp_path, 2, ["--steps", "1000", *ARGS], metrics_base_port=port)
     try:
         tail = nodes[1]
-        _wait_for(lambda: len(read_progress(tail.data_dir)) >= 2, 120, "two completed steps")
+        wait_until(lambda: len(read_progress(tail.data_dir)) >= 2, 120, "two completed steps")
         text = urllib.request.urlopen(f"http://127.0.0.1:{port + 1}/metrics", timeout=10).read().decode()
         for n in nodes:
             n.proc.send_signal(signal.SIGTERM)
@@ -88,7 +80,7 @@ def test_lost_peer_named_after_retries(tmp_path) -> None:
     nodes = launch_swarm(tmp_path, 2, ["--steps", "1000", *ARGS, *fast])
     head, tail = nodes
     try:
-        _wait_for(lambda: len(read_progress(tail.data_dir)) >= 1, 120, "a completed step")
+        wait_until(lambda: len(read_progress(tail.data_dir)) >= 1, 120, "a completed step")
         tail.proc.kill()  # the tail disappears mid-run
         tail.proc.wait()
         code = head.proc.wait(timeout=120)
@@ -109,7 +101,7 @@ def test_killed_middle_stage_restarts_and_rejoins_without_losing_a_step(tmp_path
     nodes = launch_swarm(tmp_path, 3, ["--steps", str(steps), *ARGS, *patient])
     head, middle, tail = nodes
     try:
-        _wait_for(lambda: len(read_progress(tail.data_dir)) >= 2, 120, "two completed steps")
+        wait_until(lambda: len(read_progress(tail.data_dir)) >= 2, 120, "two completed steps")
         middle.proc.kill()  # crash mid-run: no checkpoint on the way out
         middle.proc.wait()
         args = ["--stages", "3", "--steps", str(steps), *ARGS, *patient, "--bootstrap", head.ready["addrs"][0]]

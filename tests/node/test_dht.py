@@ -15,6 +15,7 @@ from node.net.discovery import Announcement, Discovery
 from node.net.host import full_addrs
 from node.net.identity import identity_from_secret
 from tests.node.conftest import running_host
+from tests.waiting import until
 
 SPEC = "ab" * 32
 FAST = DhtConfig(provide_interval_s=0.5, lookup_interval_s=0.1, query_timeout_s=5, error_backoff_s=0.05,
@@ -122,8 +123,8 @@ def test_dht_failures_are_counted_logged_once_and_retried_until_a_peer_appears(c
             assert nd.dht is not None
             nursery.start_soon(nd.run)
             with trio.fail_after(30):
-                while nd.dht.errors.get("provide", 0) < 3 or nd.dht.errors.get("bootstrap", 0) < 3:
-                    await trio.sleep(0.05)
+                await until(lambda: nd.dht.errors.get("provide", 0) >= 3 and nd.dht.errors.get("bootstrap", 0) >= 3,
+                            30, "three failed provides and three failed bootstraps", detail=lambda: nd.dht.errors)
                 warned = [r for r in caplog.records if r.name == "node.net.dht" and r.levelno == logging.WARNING]
                 kinds = [r.getMessage().split()[1] for r in warned]
                 assert len(kinds) == len(set(kinds)) and {"provide", "bootstrap"} <= set(kinds)
@@ -132,8 +133,8 @@ def test_dht_failures_are_counted_logged_once_and_retried_until_a_peer_appears(c
                 await ne.dht.add_bootstrap(full_addrs(d))  # E knows D only as a DHT peer, gossips with nobody
                 nursery.start_soon(ne.run)
                 assert (await nd.wait_for_stage(1)).peer_id == e.get_id().pretty()
-                while nd.dht.provides == 0:  # D's provide loop kept retrying and now reaches E
-                    await trio.sleep(0.05)
+                # D's provide loop kept retrying and now reaches E
+                await until(lambda: nd.dht.provides > 0, 30, "a provide that reaches E")
             nursery.cancel_scope.cancel()
 
     trio.run(main)
@@ -160,8 +161,8 @@ def test_two_daemons_bootstrapped_only_to_a_dht_peer_find_each_other_and_train(t
                                  bootstrap=full_addrs(r), progress=False)
                 cfg.discovery = DiscoveryConfig(announce_interval_s=0.1, discovery_timeout_s=60, dht=FAST)
                 cfg.runtime.steps, cfg.runtime.num_microbatches, cfg.runtime.microbatch_size = steps, m, b
-                cfg.runtime.torch_threads = 1
-                daemons.append(NodeDaemon(cfg, corpus_source="synthetic"))
+                cfg.runtime.torch_threads, cfg.corpus = 1, "synthetic"
+                daemons.append(NodeDaemon(cfg))
 
             async def run(d: NodeDaemon) -> None:
                 codes.append(await d.run())

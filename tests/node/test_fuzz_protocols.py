@@ -29,6 +29,7 @@ from node.net.host import full_addrs, make_host, parse_peer_addr
 from node.net.identity import identity_from_secret
 from node.net.jsonbound import loads_bounded, nesting_depth_at_most
 from node.net.peerscore import PeerGuardConfig, PeerScores
+from node.net.running import run_host
 from node.replicas.averaging import (
     AVG_PROTOCOL,
     AveragingService,
@@ -120,7 +121,7 @@ def test_nesting_scan_matches_json_and_ignores_strings() -> None:
 @contextlib.asynccontextmanager
 async def _client(seed: int) -> Any:
     host = make_host(identity_from_secret(seed.to_bytes(32, "big")))
-    async with host.run(listen_addrs=LISTEN):
+    async with run_host(host, LISTEN):
         yield host
 
 
@@ -292,7 +293,7 @@ def test_audit_and_inference_survive_fuzz_and_keep_serving(tmp_path: Path) -> No
 
     async def main() -> None:
         server = make_host(identity_from_secret((70).to_bytes(32, "big")))
-        async with server.run(listen_addrs=LISTEN):
+        async with run_host(server, LISTEN):
             server.set_stream_handler(AUDIT_PROTOCOL, audit.handle)
             server.set_stream_handler(INFER_PROTOCOL, infer.handle)
             addr = full_addrs(server)[0]
@@ -383,7 +384,7 @@ def test_replayed_payment_and_direct_hop_to_the_tail_buy_nothing() -> None:
         hosts = [make_host(i) for i in idents]
         async with contextlib.AsyncExitStack() as stack:
             for h in hosts:
-                await stack.enter_async_context(h.run(listen_addrs=LISTEN))
+                await stack.enter_async_context(run_host(h, LISTEN))
             addrs = [full_addrs(h)[0] for h in hosts]
             anns = [Announcement(h.get_id().pretty(), (addrs[i],), "aa", 3, i, 1).sign(idents[i])
                     for i, h in enumerate(hosts[:3])]
@@ -453,7 +454,7 @@ def test_avg_pushes_from_one_peer_are_capped_then_banned() -> None:
 
     async def main() -> None:
         server = make_host(identity_from_secret((90).to_bytes(32, "big")))
-        async with server.run(listen_addrs=LISTEN), _client(91) as h:
+        async with run_host(server, LISTEN), _client(91) as h:
             svc = AveragingService(server, "aa", lambda s: store if s == 0 else None, 5.0, limits=limits,
                                    scores=PeerScores(limits.guard))
             addr = full_addrs(server)[0]

@@ -20,6 +20,7 @@ from node.training.worker import StageWorker
 from node.wire.channel import ActEndpoint, LocalInfo
 from sharding import PRESETS, OptimConfig, partition
 from tests.node.conftest import running_host
+from tests.waiting import until
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
 
@@ -65,10 +66,8 @@ def test_a_stage_peer_in_backoff_gets_the_contribution_in_the_background_and_lea
             vec = torch.arange(size, dtype=torch.float32)
             with trio.fail_after(10):
                 await eng._contribute(3, 0, 0, vec, None)  # returns at once: nothing waited for
-                while (0, 0) not in peer_store.vecs.get(3, {}):
-                    await trio.sleep(0.01)
-                while peer.peer_id in eng._probing:
-                    await trio.sleep(0.01)
+            await until(lambda: (0, 0) in peer_store.vecs.get(3, {}), 10, "the background push to reach the peer")
+            await until(lambda: peer.peer_id not in eng._probing, 10, "the probe to finish")
             assert torch.equal(peer_store.vecs[3][(0, 0)], vec)
             assert peer.peer_id not in eng._peer_failures  # it answered: out of backoff
             assert [e.peer_id for e in eng._stage_peers()] == [peer.peer_id]
@@ -93,9 +92,8 @@ def test_a_dead_stage_peer_in_backoff_stays_there_and_is_probed_once_at_a_time()
             await eng._contribute(4, 1, 0, vec, None)  # a probe is already queued: no second one
             assert eng._probing == {dead.peer_id}
             nursery.start_soon(eng.probe_loop)
-            with trio.fail_after(30):
-                while eng._probing:
-                    await trio.sleep(0.01)
+            await until(lambda: not eng._probing, 30, "the probe of the dead peer to finish",
+                        detail=lambda: eng._probing)
             assert eng._peer_failures[dead.peer_id][0] == 2  # failed again: a longer backoff
             assert eng.store.vecs[4].keys() == {(0, 0), (1, 0)}  # our own contributions are kept regardless
             nursery.cancel_scope.cancel()

@@ -13,9 +13,12 @@ import torch
 from node.observability.status import node_status
 from node.testing.swarm import stop_nodes, wait_nodes
 from sharding import PRESETS, OptimConfig, load_corpus, train_reference
-from tests.node.replica_swarm import B, M, check_exactly_once, join, launch, records, wait_for
+from tests.node.replica_swarm import B, M, check_exactly_once, join, launch, records
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.network]
+
+KILL_SEED = 7  # seeds the choice of the step at which a middle replica is killed
 
 
 def _reference(steps: int) -> list[float]:
@@ -36,14 +39,14 @@ def test_killed_middle_replica_fails_over_exactly_once(tmp_path) -> None:
     head, mid_a, mid_b, tail = nodes
     try:
         # both replicas serve (a replica killed before its peer ever caught up takes the stage's state along)
-        wait_for(lambda: all(any(r["mine"] for r in records(m).values()) for m in (mid_a, mid_b)), 120,
+        wait_until(lambda: all(any(r["mine"] for r in records(m).values()) for m in (mid_a, mid_b)), 120,
                  "work on both middle replicas")
-        kill_after = len(records(tail)) + random.Random().randint(0, 5)  # a random step of the run
-        wait_for(lambda: len(records(tail)) >= kill_after, 120, f"{kill_after} completed steps")
+        kill_after = len(records(tail)) + random.Random(KILL_SEED).randint(0, 5)  # a (seeded) random step of the run
+        wait_until(lambda: len(records(tail)) >= kill_after, 120, f"{kill_after} completed steps")
         mid_a.proc.kill()  # SIGKILL: no goodbye, no checkpoint
         mid_a.proc.wait()
         killed_at = time.time()
-        wait_for(lambda: len(records(tail)) >= kill_after + 10, 120, "ten steps after the kill")
+        wait_until(lambda: len(records(tail)) >= kill_after + 10, 120, "ten steps after the kill")
         codes = _stop([head, mid_b, tail])
     finally:
         stop_nodes(nodes)
@@ -97,11 +100,11 @@ def test_new_replica_joins_fetches_state_and_receives_work(tmp_path) -> None:
     nodes = launch(tmp_path, [0, 1, 2], steps, common=["--debug-delay-s", "0.01"])
     head, mid, tail = nodes
     try:
-        wait_for(lambda: len(records(tail)) >= 3, 120, "three completed steps")
+        wait_until(lambda: len(records(tail)) >= 3, 120, "three completed steps")
         joiner = join(tmp_path, "joiner", 1, steps, head, 3)
         nodes.append(joiner)
-        wait_for(lambda: any(r["mine"] for r in records(joiner).values()), 120, "work on the new replica")
-        wait_for(lambda: len(records(joiner)) >= 3, 60, "three steps on the new replica")
+        wait_until(lambda: any(r["mine"] for r in records(joiner).values()), 120, "work on the new replica")
+        wait_until(lambda: len(records(joiner)) >= 3, 60, "three steps on the new replica")
         codes = _stop(nodes)
     finally:
         stop_nodes(nodes)
@@ -124,8 +127,8 @@ def test_rebalancing_moves_a_tail_replica_to_the_starved_stage(tmp_path) -> None
     head, slow_mid, tail_a, tail_b = nodes
     mover = min((tail_a, tail_b), key=lambda n: n.ready["peer_id"])
     try:
-        wait_for(lambda: node_status(mover.data_dir).get("moved_to") == 1, 120, "a move to stage 1")
-        wait_for(lambda: any(r["stage"] == 1 and r["mine"] for r in records(mover).values()), 60,
+        wait_until(lambda: node_status(mover.data_dir).get("moved_to") == 1, 120, "a move to stage 1")
+        wait_until(lambda: any(r["stage"] == 1 and r["mine"] for r in records(mover).values()), 60,
                  "stage-1 work on the moved node")
         codes = _stop(nodes)
     finally:

@@ -14,6 +14,7 @@ from node.net.host import full_addrs
 from node.wire import frames
 from node.wire.channel import ActEndpoint, LocalInfo
 from tests.node.conftest import FSPEC, SPEC_HASH, np_decoder, running_host, tcfg
+from tests.waiting import until
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
 
@@ -34,9 +35,7 @@ def test_frames_sent_before_an_orderly_close_stay_readable_without_error() -> No
             await tail.send_data(frames.Kind.GRADIENT, 9, 1, grad)  # the neighbour's last frame of the run
             await tail.wait_acked()
             await tail.close()  # it finished its last step and leaves
-            with trio.fail_after(10):
-                while mid.failure is None:
-                    await trio.sleep(0.01)
+            await until(lambda: mid.failure is not None, 10, "the channel to notice the orderly close")
             assert mid.closed_by_peer
             r = await mid.try_recv()  # the last gradient is still there
             assert r is not None and (r.frame.header.step, float(r.value[0])) == (9, 3.0)

@@ -12,6 +12,7 @@ from node.replicas.statesync import StateService, fetch_state, pack_state
 from node.training.worker import StageWorker
 from sharding import PRESETS, OptimConfig, partition
 from tests.node.conftest import running_host
+from tests.waiting import until
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -90,8 +91,8 @@ def test_joiner_fetches_state_and_a_too_early_second_request_is_refused_losing_n
                 await fetch_state(h_other, full_addrs(h_src)[0], _worker(2), 10.0)
             joiner_id = h_join.get_id().pretty()
             assert svc.served[joiner_id] == 1 and svc.refused[joiner_id] == 1
-            with trio.fail_after(5):  # every handler releases its transfer slot once its stream is done
-                while svc.active:
-                    await trio.sleep(0.01)
+            # every handler releases its transfer slot once its stream is done
+            await until(lambda: svc.active == 0, 5, "every state transfer slot released",
+                        detail=lambda: svc.active)
 
     trio.run(main)

@@ -33,6 +33,7 @@ from node.net.transport.yamux import TunedYamux, TunedYamuxStream
 from node.wire import frames
 from node.wire.channel import ActEndpoint, LocalInfo
 from tests.node.conftest import FSPEC, SPEC_HASH, np_decoder, running_host, tcfg
+from tests.waiting import until
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(90)]
 HASH_PROTO = TProtocol("/pmn/test-hash/1.0.0")
@@ -168,13 +169,8 @@ def test_interop_with_stock_py_libp2p_process() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
-
-
-async def _wait_until(cond, what: str, limit_s: float = 10.0) -> None:
-    with trio.fail_after(limit_s):
-        while not cond():
-            await trio.sleep(0.01)
-    assert cond(), what
+        assert proc.stdout is not None
+        proc.stdout.close()
 
 
 def _accepting_host_handler(accepted: list):
@@ -194,14 +190,14 @@ def test_oversized_yamux_frame_closes_connection() -> None:
             await h0.connect(info)
             stream = await h0.new_stream(info.peer_id, [HASH_PROTO])
             await stream.write(b"hello")
-            await _wait_until(lambda: accepted, "stream accepted")
+            await until(lambda: accepted, 10, "stream accepted")
             assert await accepted[0].read(5) == b"hello"
             receiver_mux = accepted[0].muxed_stream.conn
             sender_mux = stream.muxed_stream.conn
             header = struct.pack(yamux.YAMUX_HEADER_FORMAT, 0, yamux.TYPE_DATA, 0,
                                  stream.muxed_stream.stream_id, yamux.MAX_WINDOW_SIZE + 1)
             await sender_mux._write_frame(header)
-            await _wait_until(receiver_mux.event_shutting_down.is_set, "receiver closed the connection")
+            await until(receiver_mux.event_shutting_down.is_set, 10, "receiver closed the connection")
 
     trio.run(main)
 
@@ -216,12 +212,12 @@ def test_forged_noise_message_closes_connection() -> None:
             await h0.connect(info)
             stream = await h0.new_stream(info.peer_id, [HASH_PROTO])
             await stream.write(b"x" * 70000)
-            await _wait_until(lambda: accepted, "stream accepted")
+            await until(lambda: accepted, 10, "stream accepted")
             assert await _read_n(accepted[0], 70000) == b"x" * 70000
             receiver_mux = accepted[0].muxed_stream.conn
             raw = stream.muxed_stream.conn.secured_conn.conn.read_writer.read_write_closer
             await raw.write(b"\x00\x40" + os.urandom(64))  # a well-framed Noise message with a bad tag
-            await _wait_until(receiver_mux.event_shutting_down.is_set, "receiver closed the connection")
+            await until(receiver_mux.event_shutting_down.is_set, 10, "receiver closed the connection")
 
     trio.run(main)
 
@@ -242,8 +238,8 @@ def test_writer_waits_for_window_update_then_times_out(monkeypatch: pytest.Monke
             got = bytearray()
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(stream.write, blob)
-                await _wait_until(lambda: accepted, "stream accepted")
-                await _wait_until(lambda: stream.muxed_stream.send_window == 0, "sender used its window")
+                await until(lambda: accepted, 10, "stream accepted")
+                await until(lambda: stream.muxed_stream.send_window == 0, 10, "sender used its window")
                 while len(got) < len(blob):
                     got += await accepted[0].read(1 << 20)
             assert bytes(got) == blob
@@ -256,10 +252,10 @@ def test_writer_waits_for_window_update_then_times_out(monkeypatch: pytest.Monke
             # 3) the reader resets the stream: the blocked writer is released by the reset, not the timeout
             stream3 = await h0.new_stream(info.peer_id, [HASH_PROTO])
             monkeypatch.setattr(type(stream3.muxed_stream.conn), "window_wait_s", 60.0)  # this host's own class
-            await _wait_until(lambda: len(accepted) == 3, "third stream accepted")
+            await until(lambda: len(accepted) == 3, 10, "third stream accepted")
             async with trio.open_nursery() as nursery:
                 async def reset_when_blocked() -> None:
-                    await _wait_until(lambda: stream3.muxed_stream.send_window == 0, "writer blocked")
+                    await until(lambda: stream3.muxed_stream.send_window == 0, 10, "writer blocked")
                     await accepted[2].reset()
 
                 nursery.start_soon(reset_when_blocked)
@@ -292,7 +288,7 @@ def test_oversized_activation_frame_rejected_after_big_frames() -> None:
             await ch.write_raw(too_big)
             with pytest.raises(Exception, match="maximum is"):
                 await inbound.recv_data(5)
-            await _wait_until(lambda: ch.failure is not None, "sender told")
+            await until(lambda: ch.failure is not None, 10, "sender told")
             assert isinstance(ch.failure, RemoteError) and "maximum is" in str(ch.failure)
             nursery.cancel_scope.cancel()
 
@@ -313,7 +309,7 @@ def test_window_updates_batched_and_data_exact() -> None:
             await h0.connect(info)
             stream = await h0.new_stream(info.peer_id, [HASH_PROTO])
             await stream.write(blobs[0])
-            await _wait_until(lambda: accepted, "stream accepted")
+            await until(lambda: accepted, 10, "stream accepted")
             muxed = accepted[0].muxed_stream
             increments: list[int] = []
             send_update = muxed.send_window_update

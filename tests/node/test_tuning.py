@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import random
+import socket
+from collections.abc import Iterator
 
 import pytest
 import trio
@@ -41,8 +43,20 @@ def _noise_pair() -> tuple[NoiseConnection, NoiseConnection]:
     return a, b
 
 
+_PAIRS: list[socket.socket] = []  # socketpairs made by the running test, closed after it (outside trio)
+
+
+@pytest.fixture(autouse=True)
+def _close_socketpairs() -> Iterator[None]:
+    yield
+    while _PAIRS:
+        _PAIRS.pop().close()
+
+
 def _raw_pair() -> tuple[RawConnection, RawConnection]:
-    sa, sb = trio.socket.socketpair()
+    pair = socket.socketpair()
+    _PAIRS.extend(pair)
+    sa, sb = (trio.socket.from_stdlib_socket(s) for s in pair)
     return (RawConnection(TrioTCPStream(trio.SocketStream(sa)), True),
             RawConnection(TrioTCPStream(trio.SocketStream(sb)), False))
 

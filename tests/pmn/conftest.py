@@ -13,10 +13,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def run_pmn(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
-    full_env = {**os.environ, "PYTHONPATH": str(REPO), **(env or {})}
+    """Run `pmn ARGS` with ResourceWarnings printed, and fail if the user would have seen one."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "PYTHONWARNINGS": "always::ResourceWarning", **(env or {})}
     full_env.pop("PMN_DEBUG", None)
-    return subprocess.run([sys.executable, "-m", "pmn.cli", *args], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pmn.cli", *args], capture_output=True, text=True,
                           env=full_env, timeout=timeout, cwd=REPO)
+    assert "ResourceWarning" not in proc.stderr, f"`pmn {' '.join(args)}` leaked resources:\n{proc.stderr[-3000:]}"
+    return proc
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:

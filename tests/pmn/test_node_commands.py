@@ -51,17 +51,23 @@ def test_tooling_and_usage_errors(tmp_path: Path) -> None:
     assert not Path(out).exists()
 
 
-def test_node_start_forwards_mode_flags_to_the_daemon(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """`pmn node start` turns its flags into the daemon's argv (the daemon itself is tested in tests/node)."""
-    import node.daemon
+def test_node_start_builds_the_node_config_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`pmn node start` builds a NodeConfig from operator config < flags and starts the node with it
+    (the node itself is tested in tests/node)."""
+    import node.cli
+    from node.config import NodeConfig
     from pmn.cli import main
 
-    seen: list[list[str]] = []
-    monkeypatch.setattr(node.daemon, "main", lambda argv: seen.append(list(argv)) or 0)
+    seen: list[NodeConfig] = []
+    monkeypatch.setattr(node.cli, "start", lambda cfg: seen.append(cfg) or 0)
+    monkeypatch.setenv("PMN_CAPACITY", "2")
     assert main(["node", "start", "--data-dir", str(tmp_path / "n"), "--model", "tiny", "--replicated",
-                 "--no-dht"]) == 0
-    assert main(["node", "start", "--data-dir", str(tmp_path / "n"), "--model", "tiny"]) == 0
+                 "--no-dht", "--steps", "7"]) == 0
+    assert main(["node", "start", "--data-dir", str(tmp_path / "n"), "--model", "tiny", "--capacity", "4"]) == 0
     with_flags, without = seen
-    assert "--replicated" in with_flags and "--no-dht" in with_flags
-    assert "--replicated" not in without and "--no-dht" not in without
-    assert with_flags[with_flags.index("--data-dir") + 1] == str(tmp_path / "n")
+    assert with_flags.replicas.enabled and not with_flags.discovery.dht.enabled and with_flags.runtime.steps == 7
+    assert not without.replicas.enabled and without.discovery.dht.enabled
+    assert without.runtime.steps == NodeConfig().runtime.steps
+    assert with_flags.data_dir == str(tmp_path / "n")
+    assert with_flags.num_stages == 3  # the operator config's default, not NodeConfig's
+    assert (with_flags.capacity, without.capacity) == (2, 4)  # PMN_CAPACITY, then the flag over it

@@ -20,4 +20,7 @@ interface IModelRegistry {
 
     /// @notice The ShareToken of a model.
     function shareTokenOf(uint256 modelId) external view returns (address);
+
+    /// @notice The number of pipeline stages of a model (reverts for an unknown model).
+    function numStagesOf(uint256 modelId) external view returns (uint16);
 }

@@ -1,0 +1,89 @@
+"""The contract between the node's lifecycle (`node.daemon`) and what it drives.
+
+The lifecycle owns identity, host, discovery, status files, signals and shutdown. It gives a
+`NodeContext` to one `Runner` (how the node trains: `node.pipeline.runner`, `node.replicas.runner`;
+an asynchronous schedule would be a third) and to the services that plug into it
+(`node.services.base.NodeService`: chain link, audit, paid inference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import trio
+from libp2p.abc import IHost
+
+from node.config import NodeConfig
+from node.net.discovery import Discovery
+from node.net.identity import NodeIdentity
+from node.observability.steps import NodeLog
+from node.training.checkpoint import latest_checkpoint, load_checkpoint
+from node.training.worker import StageWorker
+from node.wire.channel import LocalInfo, ReceiptHook
+from sharding import ModelConfig, OptimConfig, load_corpus, partition
+
+
+@dataclass
+class NodeContext:
+    """One running node, as its runner and services see it (built once the host listens)."""
+
+    cfg: NodeConfig  # the node's configuration (validated)
+    model: ModelConfig  # the architecture it trains
+    optim: OptimConfig  # the optimiser settings it runs (part of the on-chain spec hash)
+    identity: NodeIdentity  # node key + peer key
+    binding: bytes  # the node key's signature over the peer id (handshakes, announcements)
+    data_dir: Path  # keys, checkpoints, status and progress files, receipts
+    host: IHost  # the running libp2p host
+    discovery: Discovery  # this node's announcement and the peers it knows
+    nursery: trio.Nursery  # lives as long as the host: background tasks of runners and services
+    log: NodeLog  # status file, progress file, metrics, progress line
+    receipts: ReceiptHook | None = None  # signs/countersigns every data frame (on-chain mode)
+    worker: StageWorker | None = None  # the stage worker serving now (set by the runner; replaced on a move)
+
+    def build_worker(self, stage: int) -> StageWorker:
+        """A worker for `stage`, resumed from the newest checkpoint of that stage in `data_dir`."""
+        spec = partition(self.model, self.cfg.num_stages)[stage]
+        corpus = load_corpus(self.cfg.corpus) if spec.is_first else None
+        r = self.cfg.runtime
+        worker = StageWorker(self.model, spec, codec=r.codec, optim=self.optim, num_microbatches=r.num_microbatches,
+                             microbatch_size=r.microbatch_size, corpus=corpus)
+        ckpt = latest_checkpoint(self.data_dir, stage)
+        if ckpt is not None:
+            load_checkpoint(worker, ckpt)
+        return worker
+
+    def local_info(self, stage: int) -> LocalInfo:
+        """What this node tells a neighbour at the activation-protocol handshake when serving `stage`."""
+        return LocalInfo(self.model.spec_hash(), stage, self.cfg.num_stages, self.identity.address, self.binding)
+
+
+class Runner(Protocol):
+    """How a node trains, between the lifecycle's start (host, discovery) and its shutdown.
+
+    Call order: `prepare` (before the ready line and before the services start), `run`, then
+    `checkpoint` and `close` once, whether `run` finished, failed or was cancelled by a signal.
+    """
+
+    label: str  # shown in the start-up line after the stage ("" or " (replicated)")
+
+    async def prepare(self, ctx: NodeContext) -> int:
+        """Choose the stage, register the runner's protocols, set `ctx.worker` when it has one; return the stage."""
+        ...
+
+    def ready_fields(self) -> dict[str, Any]:
+        """Runner-specific fields of the ready line."""
+        ...
+
+    async def run(self, ctx: NodeContext) -> None:
+        """Train until `cfg.runtime.steps` steps are done; NodeError when the node cannot go on."""
+        ...
+
+    def checkpoint(self, ctx: NodeContext) -> int:
+        """Drop a partial step, checkpoint the last completed one; return the next step (0 without a worker)."""
+        ...
+
+    async def close(self, ctx: NodeContext) -> None:
+        """Close the runner's streams (bounded in time)."""
+        ...

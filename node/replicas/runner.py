@@ -1,0 +1,223 @@
+"""The replicated runner: several nodes per stage, routing, failover, averaging, joining, rebalancing.
+
+Stage 0 is the step authority and stays single; a joining node fetches its stage's state from the most
+advanced live peer, serves the stage with a `ReplicaEngine` until the run ends or a rebalancing move is
+due, then re-joins at the new stage.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import trio
+
+from node.context import NodeContext
+from node.errors import NodeError, ResyncNeededError
+from node.net.discovery import Announcement, Discovery
+from node.observability.steps import StepReport
+from node.replicas.averaging import AveragingService, ContributionStore, trainable
+from node.replicas.engine import ReplicaEngine, StepOutcome
+from node.replicas.rebalance import Move
+from node.replicas.statesync import StateService, fetch_state, pack_state
+from node.training.checkpoint import save_checkpoint
+from node.training.worker import StageWorker
+from node.wire.channel import ActEndpoint
+
+
+def choose_replica_stage(entries: list[Announcement], spec_hash: str, num_stages: int) -> int:
+    """Replicated mode: stage 0 while nobody serves it (it is the step authority and stays single),
+    otherwise the other stage with the least announced capacity (lowest index on ties)."""
+    load = [0] * num_stages
+    for e in entries:
+        if e.spec_hash == spec_hash and e.num_stages == num_stages and 0 <= e.stage < num_stages:
+            load[e.stage] += e.capacity
+    if load[0] == 0 or num_stages == 1:
+        return 0
+    return min(range(1, num_stages), key=lambda s: (load[s], s))
+
+
+def step_report(out: StepOutcome, eng: ReplicaEngine) -> StepReport:
+    """The node-level report of one replicated step."""
+    record = {"applied": out.applied, "mine": out.mine, "computed": out.computed, "dropped": out.dropped,
+              "rerouted": out.rerouted, "compute_s": out.compute_s, "throughput": eng.throughput}
+    return StepReport(out.step, eng.stage, out.loss, out.tokens, out.seconds, max(0.0, out.seconds - out.compute_s),
+                      record=record, status={"bans": eng.events[-20:], "stage": eng.stage})
+
+
+class ReplicatedRunner:
+    """The replicated schedule (see the module doc)."""
+
+    label = " (replicated)"
+
+    def __init__(self) -> None:
+        self.engine: ReplicaEngine | None = None  # the engine of the stage served now
+        self._stage = -1
+        self._serving = False  # state may be handed to joining peers
+        self._stores: dict[int, ContributionStore] = {}  # newest contribution store per stage
+
+    async def prepare(self, ctx: NodeContext) -> int:
+        cfg, discovery = ctx.cfg, ctx.discovery
+        await discovery.first_round()
+        spec_hex = discovery.me.spec_hash
+        self._stage = choose_replica_stage(discovery.entries(), spec_hex, cfg.num_stages) if cfg.stage == "auto" \
+            else int(cfg.stage)
+        rc = cfg.replicas
+        AveragingService(ctx.host, spec_hex, self._avg_target, rc.avg_timeout_s)
+        StateService(ctx.host, spec_hex, self._snapshot, rc.state_timeout_s, max_concurrent=rc.state_max_concurrent,
+                     burst=rc.state_burst, refill_s=rc.state_refill_s)
+        return self._stage
+
+    def ready_fields(self) -> dict[str, Any]:
+        return {"replicated": True}
+
+    def checkpoint(self, ctx: NodeContext) -> int:
+        if ctx.worker is None:
+            return 0
+        ctx.worker.abort_step()
+        save_checkpoint(ctx.worker, ctx.data_dir)
+        return ctx.worker.next_step
+
+    async def close(self, ctx: NodeContext) -> None:
+        if self.engine is not None:
+            with trio.move_on_after(2):
+                await self.engine.close()
+
+    # -- protocol handlers -------------------------------------------------------------------------
+
+    def _avg_target(self, stage: int) -> ContributionStore | None:
+        """The newest contribution store of `stage` (a node that moved still answers for its old stage)."""
+        return self._stores.get(stage)
+
+    async def _snapshot(self, stage: int) -> tuple[dict[str, Any], bytes] | None:
+        eng = self.engine
+        if eng is None or eng.stage != stage or not self._serving:
+            return None
+        async with eng.lock:
+            return await trio.to_thread.run_sync(pack_state, eng.worker)
+
+    # -- joining and serving -----------------------------------------------------------------------
+
+    async def _sync_state(self, ctx: NodeContext, eng: ReplicaEngine) -> int | None:
+        """Joining: fetch the stage's state from the most advanced live peer ahead of us, if any.
+
+        Returns None when synced or when no peer is ahead, else the newest step announced by the
+        peers ahead of us, none of which could give us their state."""
+        discovery = ctx.discovery
+        ahead = [e for e in discovery.stage_peers(eng.stage) if e.next_step > eng.worker.next_step and e.addrs]
+        for e in sorted(ahead, key=lambda e: (-e.next_step, e.peer_id)):
+            try:
+                got = await fetch_state(discovery.host, e.addrs[0], eng.worker, ctx.cfg.replicas.state_timeout_s)
+            except NodeError as exc:
+                ctx.log.status(last_sync_error=str(exc))
+                continue
+            eng.current_step = got
+            ctx.log.status(synced_from=e.peer_id, synced_step=got)
+            return None
+        return max((e.next_step for e in ahead), default=None)
+
+    async def run(self, ctx: NodeContext) -> None:
+        cfg, r, discovery = ctx.cfg, ctx.cfg.runtime, ctx.discovery
+        stage = self._stage
+        moved_from: int | None = None
+        unsynced_since: float | None = None  # when re-syncing first failed with every peer ahead of us
+        while True:
+            worker = await trio.to_thread.run_sync(ctx.build_worker, stage)
+            ctx.worker = worker
+            store = ContributionStore(sum(p.numel() for p in trainable(worker.module)))
+            endpoint = ActEndpoint(
+                ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
+                cfg=cfg.transport, receipts=ctx.receipts, step_fn=lambda w=worker: w.next_step)  # type: ignore[misc]
+            eng = ReplicaEngine(cfg, worker, endpoint, discovery, ctx.host, store)
+            endpoint.decoder = eng.decode
+            self._stores[stage] = store
+            self.engine = eng
+            self._serving = False
+            newest = await self._sync_state(ctx, eng)
+            if newest is None:
+                unsynced_since = None
+            else:
+                # Every peer ahead of us is unreachable. If they announced the run's last step, the run
+                # finished without us (we fell behind at its very end): stop cleanly. Otherwise retry
+                # until replicas.no_replica_timeout_s, then fail with the reason instead of hanging.
+                now = trio.current_time()
+                unsynced_since = now if unsynced_since is None else unsynced_since
+                if newest >= r.steps - 1:
+                    ctx.log.status(ended_behind=f"the other replicas of stage {stage} reached step {newest} of "
+                                                f"{r.steps} and left while this one was at step "
+                                                f"{worker.next_step}: the run finished without it")
+                    return
+                if now - unsynced_since > cfg.replicas.no_replica_timeout_s:
+                    raise NodeError(f"stage {stage} replica is at step {worker.next_step}, its stage peers announced "
+                                    f"step {newest} and none could give its state within "
+                                    f"replicas.no_replica_timeout_s={cfg.replicas.no_replica_timeout_s}")
+                await trio.sleep(r.retry_backoff_s)
+            self._serving = True
+            discovery.update_me(stage=stage, next_step=worker.next_step)
+            ctx.log.status(stage=stage, next_step=worker.next_step, moved_from=moved_from)
+            move: Move | None = None
+            outcome: NodeError | None = None  # raised outside the nursery (no exception groups)
+            with ctx.log.progress_line(cfg.progress, r.steps, worker.next_step, stage):
+                async with trio.open_nursery() as en:
+                    en.start_soon(eng.accept_loop)
+                    en.start_soon(eng.dial_loop, en)
+                    en.start_soon(eng.commit_poller)
+                    en.start_soon(eng.probe_loop)
+                    try:
+                        move = await self._serve_stage(ctx, eng, worker)
+                    except NodeError as exc:
+                        outcome = exc
+                    if move is not None or isinstance(outcome, ResyncNeededError):
+                        discovery.update_me(stage=-1)
+                        self._serving = False
+                        await trio.to_thread.run_sync(save_checkpoint, worker, ctx.data_dir)
+                        with trio.move_on_after(2):
+                            await eng.close()
+                    en.cancel_scope.cancel()
+            if isinstance(outcome, ResyncNeededError):
+                ctx.log.status(last_resync=str(outcome))
+                continue
+            if outcome is not None:
+                raise outcome
+            if move is None:
+                return
+            moved_from = stage
+            stage = move.to_stage
+            ctx.log.status(moved_to=stage, move=json.dumps(move.__dict__))
+            print(json.dumps({"event": "move", "from_stage": move.from_stage, "to_stage": move.to_stage,
+                              "step": worker.next_step}), flush=True)
+
+    async def _serve_stage(self, ctx: NodeContext, eng: ReplicaEngine, worker: StageWorker) -> Move | None:
+        """Steps until the run is done (None) or a rebalancing move is due (the move)."""
+        r, rc, discovery = ctx.cfg.runtime, ctx.cfg.replicas, ctx.discovery
+        last_plan = trio.current_time()
+        while worker.next_step < r.steps:
+            out = await eng.run_step(worker.next_step)
+            ctx.log.step(step_report(out, eng))
+            discovery.update_me(next_step=worker.next_step, throughput=eng.throughput)
+            if r.checkpoint_every and worker.next_step % r.checkpoint_every == 0:
+                await trio.to_thread.run_sync(save_checkpoint, worker, ctx.data_dir)
+            now = trio.current_time()
+            if rc.rebalance_period_s and now - last_plan >= rc.rebalance_period_s:
+                last_plan = now
+                move = eng.plan(discovery.me.peer_id)
+                if move is not None and worker.next_step < r.steps:
+                    return move
+        await self._finish_grace(ctx, eng, discovery)
+        return None
+
+    async def _finish_grace(self, ctx: NodeContext, eng: ReplicaEngine, discovery: Discovery) -> None:
+        """Last one out: keep serving state, commits and contributions for up to `replicas.finish_grace_s`
+        while a peer of this stage (or one re-syncing, announced as stage -1) is still behind, so a replica
+        that fell behind near the end of the run can catch up instead of finding nobody to sync from."""
+        steps, rc = ctx.cfg.runtime.steps, ctx.cfg.replicas
+        deadline = trio.current_time() + rc.finish_grace_s
+
+        def someone_behind() -> bool:
+            fresh = 4 * ctx.cfg.discovery.announce_interval_s  # a peer that stopped answering is not waited for
+            return any(e.next_step < steps for e in discovery.entries(max_age_s=fresh)
+                       if e.stage in (eng.stage, -1) and e.spec_hash == discovery.me.spec_hash
+                       and e.num_stages == discovery.me.num_stages)
+
+        while trio.current_time() < deadline and someone_behind():
+            await trio.sleep(min(rc.commit_poll_s, max(0.0, deadline - trio.current_time())))
