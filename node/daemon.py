@@ -141,7 +141,7 @@ class NodeDaemon:
                               address=self.identity.address, binding="0x" + self.binding.hex())
             d = cfg.discovery
             dht = ModelDht(host, spec_hex, d.dht) if d.dht.enabled else None
-            discovery = self.discovery = Discovery(host, me, d, cfg.bootstrap, dht)
+            discovery = self.discovery = Discovery(host, me, d, cfg.bootstrap, dht, identity=self.identity)
             ctx = self.context = NodeContext(cfg, self.model, self.optim, self.identity, self.binding, self.data_dir,
                                              host, discovery, nursery, log, self.receipts)
             stage = await runner.prepare(ctx)

@@ -36,7 +36,7 @@ from node.net import msgio
 from node.net.access import AccessPolicy
 from node.net.dht import ModelDht, peer_addr
 from node.net.gate import ProtocolGate, reset_quietly
-from node.net.host import host_identity, parse_peer_addr
+from node.net.host import parse_peer_addr
 from node.net.identity import NodeIdentity, bind, verify_binding
 from node.net.peerscore import PeerGuardConfig, PeerScores
 
@@ -201,7 +201,7 @@ class Discovery:
     """Keeps a table of announcements fresh by gossiping with known peers."""
 
     def __init__(self, host: Any, me: Announcement, cfg: DiscoveryConfig, bootstrap: list[str],
-                 dht: ModelDht | None = None, *, identity: NodeIdentity | None = None,
+                 dht: ModelDht | None = None, *, identity: NodeIdentity | None,
                  limits: AnnounceLimits | None = None, policy: AccessPolicy | None = None,
                  scores: PeerScores | None = None) -> None:
         self.host = host
@@ -209,8 +209,8 @@ class Discovery:
         self.cfg = cfg
         self.limits = limits or AnnounceLimits()  # message, table and per-sender bounds
         self._msg_limits = self.limits.message_limits()
-        # the node key signing our announcement: given, or the one the host was made with (node.net.host)
-        self.identity = identity if identity is not None else host_identity(host)
+        # the node key signing our announcement (None: a client that gossips unsigned, so peers drop its entry)
+        self.identity = identity
         if me.seq == 0:
             me = replace(me, seq=int(time.time() * 1000))
         self.me = self._signed(me)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import weakref
 
 import multiaddr
 from libp2p.abc import IHost
@@ -14,18 +13,6 @@ from node.config import TransportConfig
 from node.net.identity import NodeIdentity
 from node.net.transport.heap import keep_large_buffers_in_heap
 from node.net.transport.options import is_tuned, new_tuned_host
-
-_IDENTITIES: weakref.WeakKeyDictionary[IHost, NodeIdentity] = weakref.WeakKeyDictionary()
-
-
-def host_identity(host: object) -> NodeIdentity | None:
-    """The node identity `make_host` built `host` with (None for a host made elsewhere).
-
-    Lets a service that is handed only the host (discovery signing its announcements) find the node key."""
-    try:
-        return _IDENTITIES.get(host)  # type: ignore[call-overload, no-any-return]
-    except TypeError:  # not weak-referenceable: not one of ours
-        return None
 
 
 def make_host(identity: NodeIdentity, yamux_frame_bytes: int | None = None, tcp_read_bytes: int | None = None,
@@ -43,9 +30,7 @@ def make_host(identity: NodeIdentity, yamux_frame_bytes: int | None = None, tcp_
     cfg.validate()
     if is_tuned(cfg) and cfg.tune_heap:
         keep_large_buffers_in_heap()
-    host = new_tuned_host(identity.key_pair, cfg)
-    _IDENTITIES[host] = identity
-    return host
+    return new_tuned_host(identity.key_pair, cfg)
 
 
 def parse_listen(addrs: list[str]) -> list[multiaddr.Multiaddr]:

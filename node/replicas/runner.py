@@ -14,7 +14,9 @@ import trio
 
 from node.context import NodeContext
 from node.errors import NodeError, ResyncNeededError
+from node.net.access import StagePeersPolicy
 from node.net.discovery import Announcement, Discovery
+from node.net.peerscore import PeerScores
 from node.observability.steps import StepReport
 from node.replicas.averaging import AveragingService, ContributionStore, trainable
 from node.replicas.engine import ReplicaEngine, StepOutcome
@@ -63,9 +65,12 @@ class ReplicatedRunner:
         self._stage = choose_replica_stage(discovery.entries(), spec_hex, cfg.num_stages) if cfg.stage == "auto" \
             else int(cfg.stage)
         rc = cfg.replicas
-        AveragingService(ctx.host, spec_hex, self._avg_target, rc.avg_timeout_s)
+        # state and contributions only for peers discovery knows (verified announcements) as serving the stage;
+        # one score table, so a peer refused on one protocol is refused on the other too
+        policy, scores = StagePeersPolicy(discovery), PeerScores()
+        AveragingService(ctx.host, spec_hex, self._avg_target, rc.avg_timeout_s, policy=policy, scores=scores)
         StateService(ctx.host, spec_hex, self._snapshot, rc.state_timeout_s, max_concurrent=rc.state_max_concurrent,
-                     burst=rc.state_burst, refill_s=rc.state_refill_s)
+                     burst=rc.state_burst, refill_s=rc.state_refill_s, policy=policy, scores=scores)
         return self._stage
 
     def ready_fields(self) -> dict[str, Any]:

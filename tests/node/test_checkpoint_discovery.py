@@ -85,9 +85,9 @@ def test_gossip_spreads_announcements() -> None:
                                     address=ident.address, binding=bind(ident).hex())
 
             boot = full_addrs(h0)
-            d0 = Discovery(h0, me(h0, i0, 0), cfg, [])
-            d1 = Discovery(h1, me(h1, i1, 1), cfg, boot)
-            d2 = Discovery(h2, me(h2, i2, 2), cfg, boot)
+            d0 = Discovery(h0, me(h0, i0, 0), cfg, [], identity=i0)
+            d1 = Discovery(h1, me(h1, i1, 1), cfg, boot, identity=i1)
+            d2 = Discovery(h2, me(h2, i2, 2), cfg, boot, identity=i2)
             for d in (d1, d2):
                 nursery.start_soon(d.run)
             # node 2 learns about node 1 only through the bootstrap node; the relayed binding still verifies

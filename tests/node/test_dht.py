@@ -13,7 +13,7 @@ from node.config import DhtConfig, DiscoveryConfig, NodeConfig
 from node.net.dht import ModelDht, model_key
 from node.net.discovery import Announcement, Discovery
 from node.net.host import full_addrs
-from node.net.identity import identity_from_secret
+from node.net.identity import NodeIdentity, identity_from_secret
 from tests.node.conftest import running_host
 from tests.waiting import until
 
@@ -30,9 +30,10 @@ def _me(host, stage: int) -> Announcement:
     return Announcement(host.get_id().pretty(), tuple(full_addrs(host)), SPEC, 3, stage, 1)
 
 
-def _node(host, stage: int, bootstrap: list[str], use_dht: bool = True) -> Discovery:
+def _node(host, ident: NodeIdentity, stage: int, bootstrap: list[str], use_dht: bool = True) -> Discovery:
     cfg = _cfg()
-    return Discovery(host, _me(host, stage), cfg, bootstrap, ModelDht(host, SPEC, cfg.dht) if use_dht else None)
+    return Discovery(host, _me(host, stage), cfg, bootstrap, ModelDht(host, SPEC, cfg.dht) if use_dht else None,
+                     identity=ident)
 
 
 def test_model_key_is_a_sha256_multihash_per_spec_hash() -> None:
@@ -59,12 +60,12 @@ def test_dht_finds_peers_that_bootstrap_and_gossip_cannot_reach() -> None:
     each bootstrapped to R alone and learn of one another only as providers of the model key."""
 
     async def main() -> None:
-        async with running_host(51) as (r, _), running_host(52) as (a, _), running_host(53) as (b, _), \
-                running_host(54) as (d, _), trio.open_nursery() as nursery:
+        async with running_host(51) as (r, _), running_host(52) as (a, ai), running_host(53) as (b, bi), \
+                running_host(54) as (d, di), trio.open_nursery() as nursery:
             relay = ModelDht(r, SPEC, FAST)
             nursery.start_soon(relay.serve)
             boot = full_addrs(r)
-            na, nb, nd = _node(a, 0, boot), _node(b, 1, boot), _node(d, 2, boot)
+            na, nb, nd = _node(a, ai, 0, boot), _node(b, bi, 1, boot), _node(d, di, 2, boot)
             with trio.fail_after(30):
                 for n in (na, nb):
                     await n.first_round()
@@ -89,12 +90,12 @@ def test_dht_finds_peers_that_bootstrap_and_gossip_cannot_reach() -> None:
 @pytest.mark.timeout(60)
 def test_without_the_dht_a_node_bootstrapped_to_a_dht_only_peer_learns_nothing() -> None:
     async def main() -> None:
-        async with running_host(61) as (r, _), running_host(62) as (a, _), running_host(63) as (d, _), \
+        async with running_host(61) as (r, _), running_host(62) as (a, ai), running_host(63) as (d, di), \
                 trio.open_nursery() as nursery:
             relay = ModelDht(r, SPEC, FAST)
             nursery.start_soon(relay.serve)
             boot = full_addrs(r)
-            na, nd = _node(a, 0, boot, use_dht=False), _node(d, 2, boot, use_dht=False)
+            na, nd = _node(a, ai, 0, boot, use_dht=False), _node(d, di, 2, boot, use_dht=False)
             with trio.fail_after(30):
                 for n in (na, nd, na, nd):
                     assert await n.first_round() == 0
@@ -118,8 +119,8 @@ def test_dht_failures_are_counted_logged_once_and_retried_until_a_peer_appears(c
             port = sock.getsockname()[1]
         gone = identity_from_secret((71).to_bytes(32, "big")).key_pair.public_key
         dead = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{ID.from_pubkey(gone).pretty()}"]
-        async with running_host(72) as (d, _), running_host(73) as (e, _), trio.open_nursery() as nursery:
-            nd = _node(d, 0, dead)
+        async with running_host(72) as (d, di), running_host(73) as (e, ei), trio.open_nursery() as nursery:
+            nd = _node(d, di, 0, dead)
             assert nd.dht is not None
             nursery.start_soon(nd.run)
             with trio.fail_after(30):
@@ -128,7 +129,7 @@ def test_dht_failures_are_counted_logged_once_and_retried_until_a_peer_appears(c
                 warned = [r for r in caplog.records if r.name == "node.net.dht" and r.levelno == logging.WARNING]
                 kinds = [r.getMessage().split()[1] for r in warned]
                 assert len(kinds) == len(set(kinds)) and {"provide", "bootstrap"} <= set(kinds)
-                ne = Discovery(e, _me(e, 1), _cfg(), [], ModelDht(e, SPEC, FAST))
+                ne = Discovery(e, _me(e, 1), _cfg(), [], ModelDht(e, SPEC, FAST), identity=ei)
                 assert ne.dht is not None
                 await ne.dht.add_bootstrap(full_addrs(d))  # E knows D only as a DHT peer, gossips with nobody
                 nursery.start_soon(ne.run)

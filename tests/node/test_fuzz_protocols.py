@@ -163,7 +163,7 @@ def test_real_node_survives_announce_state_avg_floods(tmp_path: Path) -> None:
         # warm up: one honest exchange so lazily built state is in the baseline
         async with _client(900) as honest:
             d = Discovery(honest, Announcement(honest.get_id().pretty(), tuple(full_addrs(honest)), "aa", 1, 0, 1),
-                          DiscoveryConfig(), [])
+                          DiscoveryConfig(), [], identity=None)
             await d.exchange(addr)
         start = _rss(node.proc.pid)
         seed = 1000
@@ -207,7 +207,7 @@ def test_real_node_survives_announce_state_avg_floods(tmp_path: Path) -> None:
             # an honest peer is still served while the idle streams sit there
             async with _client(901) as honest:
                 d = Discovery(honest, Announcement(honest.get_id().pretty(), tuple(full_addrs(honest)), "aa", 1, 0,
-                                                   1), DiscoveryConfig(), [])
+                                                   1), DiscoveryConfig(), [], identity=None)
                 await d.exchange(addr)
                 report["honest_entries"] = [e.peer_id for e in d.entries()]
             for s in streams:

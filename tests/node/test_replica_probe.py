@@ -41,7 +41,7 @@ def _announcement(host, ident, spec_hex: str, seq: int = 0) -> Announcement:
 def _engine(host, ident, worker: StageWorker, peer: Announcement) -> ReplicaEngine:
     """A stage-1 replica engine on `host` whose discovery knows `peer`, which is in backoff."""
     cfg = NodeConfig(num_stages=3, stage="1")
-    discovery = Discovery(host, _announcement(host, ident, peer.spec_hash), cfg.discovery, [])
+    discovery = Discovery(host, _announcement(host, ident, peer.spec_hash), cfg.discovery, [], identity=ident)
     discovery._merge([peer.to_json()])
     endpoint = ActEndpoint(host, local=LocalInfo(worker.config.spec_hash(), 1, 3, ident.address, bind(ident)),
                            frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport)
