@@ -63,9 +63,9 @@ class ReplicatedRunner:
         self._stage = choose_replica_stage(discovery.entries(), spec_hex, cfg.num_stages) if cfg.stage == "auto" \
             else int(cfg.stage)
         rc = cfg.replicas
-        AveragingService(ctx.host, spec_hex, self._avg_target, rc.avg_timeout_s)
+        AveragingService(ctx.host, spec_hex, self._avg_target, rc.avg_timeout_s, policy=ctx.access)
         StateService(ctx.host, spec_hex, self._snapshot, rc.state_timeout_s, max_concurrent=rc.state_max_concurrent,
-                     burst=rc.state_burst, refill_s=rc.state_refill_s)
+                     burst=rc.state_burst, refill_s=rc.state_refill_s, policy=ctx.access)
         return self._stage
 
     def ready_fields(self) -> dict[str, Any]:
