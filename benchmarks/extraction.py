@@ -6,7 +6,7 @@ Then three classes of peer, each on its own libp2p host, try to collect paramete
 
 * outsider: a fresh identity registered nowhere: `/pmn/state` for every stage at every node, `/pmn/avg`
   pulls, `/pmn/audit` for every hop (without and with a forged attester claim), `/pmn/infer` (an unpaid
-  request to the head, a direct hop to stage 1), `/pmn/act` (a handshake claiming the stage before stage 1)
+  request to the head, a direct hop to stage 1), `/pmn/act` (a handshake claiming the stage after stage 1)
   and a forged announcement (signed by its own key, claiming stage 2) -- does the node table take it?
 * registered node: a second operator's node key, staked and assigned to stage 1 on chain, introduced by
   gossip; asks every node for every stage's state and audit data;
@@ -159,7 +159,6 @@ async def _act(host: Any, identity: Any, addr: str, model: ModelConfig, stages: 
     from node.training.worker import StageWorker
     from node.wire.channel import ActEndpoint, LocalInfo
     from sharding.partition import partition
-
     from sharding.train import OptimConfig
 
     worker = StageWorker(model, partition(model, stages)[claim], codec="dense", optim=OptimConfig(),
@@ -256,8 +255,8 @@ async def attack(cfg: ExtractionConfig, model: ModelConfig, model_id: int, peers
         await _try(take.outcomes, "/pmn/infer direct hop to stage 1",
                    lambda: _infer(host, mid, {"type": "hop", "request_id": "0x" + "00" * 32,
                                               "tx_hash": "0x" + "00" * 32, "ids": [1, 2, 3]}), t)
-        await _try(take.outcomes, "/pmn/act handshake claiming stage 0 at stage 1",
-                   lambda: _act(host, outsider, mid, model, cfg.stages, 0), t)
+        await _try(take.outcomes, "/pmn/act handshake claiming stage 2 at stage 1",
+                   lambda: _act(host, outsider, mid, model, cfg.stages, 2), t)
         kept = await _try(take.outcomes, "announce forged stage-2 entry at the head",
                           lambda: _announce(host, outsider, head, spec_hex, cfg.stages, 2), t)
         take.outcomes["announce forged stage-2 entry at the head"] = "kept in table" if kept else "not kept"
