@@ -147,11 +147,12 @@ def run_network(cfg: AuditBenchConfig, root: Path) -> dict[str, object]:
     from contracts.embedded import serve_embedded
     from node.net.identity import load_or_create_identity
     from node.observability.status import node_status
-    from node.services.audit import fetch_epoch_receipts, spot_check
+    from node.services.audit import AuditReport, attester_role, fetch_epoch_receipts, spot_check
     from node.testing.adversary import Cheat, spawn_adversary
     from node.testing.swarm import await_ready, spawn_node, stop_nodes
     from protocol.accounting import accounting_function_hash
     from protocol.modelspec import proposal_spec_hash
+    from protocol.settlement import attest, submit_epoch
     from sharding.partition import partition
     from sharding.train import OptimConfig
 
@@ -170,7 +171,8 @@ def run_network(cfg: AuditBenchConfig, root: Path) -> dict[str, object]:
     t0 = time.perf_counter()
     try:
         accounts = test_accounts(w3)
-        deployment = deploy_all(w3, accounts[0], [accounts[3].address], 1)
+        validators = accounts[3:6]  # three attesters: each audits one of the three stages per coverage window
+        deployment = deploy_all(w3, accounts[0], [v.address for v in validators], 1)
         deployment.save(root / "deployment.json")
         client = ProtocolContracts(w3, deployment)
         model_id = client.propose_model(accounts[1], proposal_spec_hash(model, training), "bench:audit", 3,
@@ -181,6 +183,7 @@ def run_network(cfg: AuditBenchConfig, root: Path) -> dict[str, object]:
             ident = load_or_create_identity(root / f"node{s}")
             client.tx.transact(accounts[6], to=ident.address, value=10**18)
             client.register_node(ident.account, ident.account, 1, client.stake_required(1))
+            client.assign_stage(ident.account, ident.address, model_id, s)  # one stage per operator, staked
             idents.append(ident)
         args = ["--model", str(model_path), "--codec", "dense", "--stages", "3", "--steps", str(steps),
                 "--microbatches", str(cfg.microbatches), "--microbatch-size", str(mb_size), "--lr", str(lr),
@@ -205,12 +208,18 @@ def run_network(cfg: AuditBenchConfig, root: Path) -> dict[str, object]:
         check = SpotCheckConfig(audit_rate=1.0, tolerance=cfg.tolerance)
         epochs, credited, verified, reported = [], 0, 0, 0
         for epoch in range(cfg.epochs):
-            gathered = fetch_epoch_receipts(model_id, list(peers.values()), epoch)
+            gathered = fetch_epoch_receipts(model_id, list(peers.values()), epoch, account=validators[0])
             result = build_epoch(gathered, EpochContext(model_id, epoch, model, specs, domain), registry)
             credited += result.totals.get(inflator, 0)
             verified += cfg.epoch_length * cfg.microbatches * compute_units(model, specs[0], mb_size * model.seq_len)
             reported += sum(1 for g in gathered if g.receipt.sender == inflator and g.receipt.direction == 0)
-            report = spot_check(model_id, peers, result.receipts, model, specs, "dense", cfg.microbatches, check)
+            submit_epoch(client, validators[0], result, attest(domain, result, validators[:1]))
+            report = AuditReport()  # each attester audits the hops the published rule assigns it (its one stage)
+            for v in validators:
+                part = spot_check(model_id, peers, result.receipts, model, specs, "dense", cfg.microbatches, check,
+                                  role=attester_role(client, v, model_id, epoch))
+                report.results += part.results
+                report.errors += part.errors
             if report.errors:
                 raise RuntimeError(f"hops could not be fetched: {report.errors[:3]}")
             outcomes = {r.key: r for r in report.results}

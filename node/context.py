@@ -16,6 +16,7 @@ import trio
 from libp2p.abc import IHost
 
 from node.config import NodeConfig
+from node.net.access import NodeAccess
 from node.net.discovery import Discovery
 from node.net.identity import NodeIdentity
 from node.observability.steps import NodeLog
@@ -41,6 +42,7 @@ class NodeContext:
     log: NodeLog  # status file, progress file, metrics, progress line
     receipts: ReceiptHook | None = None  # signs/countersigns every data frame (on-chain mode)
     worker: StageWorker | None = None  # the stage worker serving now (set by the runner; replaced on a move)
+    access: NodeAccess | None = None  # on-chain mode: who may use which protocol (None: off-chain defaults)
 
     def build_worker(self, stage: int) -> StageWorker:
         """A worker for `stage`, resumed from the newest checkpoint of that stage in `data_dir`."""

@@ -29,6 +29,7 @@ from node.config import NodeConfig
 from node.context import NodeContext, Runner
 from node.errors import NodeError
 from node.model import load_model_config
+from node.net.access import NodeAccess
 from node.net.dht import ModelDht
 from node.net.discovery import Announcement, Discovery
 from node.net.host import full_addrs, make_host, parse_listen
@@ -37,7 +38,7 @@ from node.net.running import run_host
 from node.observability.steps import NodeLog, StepReport
 from node.pipeline.runner import PipelineRunner
 from node.replicas.runner import ReplicatedRunner
-from node.services.base import NodeService
+from node.services.base import AccessProvider, NodeService
 from node.wire.channel import ReceiptHook
 from sharding import OptimConfig
 
@@ -95,6 +96,9 @@ class NodeDaemon:
         self.cfg = cfg
         self.receipts = receipts
         self.services = list(services)
+        # on-chain mode: the access policy a service provides (the chain link); None: off-chain defaults
+        self.access: NodeAccess | None = next((s.access for s in self.services if isinstance(s, AccessProvider)),
+                                              None)
         self.data_dir = Path(cfg.data_dir).expanduser()
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.identity: NodeIdentity = load_or_create_identity(self.data_dir)
@@ -141,9 +145,13 @@ class NodeDaemon:
                               address=self.identity.address, binding="0x" + self.binding.hex())
             d = cfg.discovery
             dht = ModelDht(host, spec_hex, d.dht) if d.dht.enabled else None
-            discovery = self.discovery = Discovery(host, me, d, cfg.bootstrap, dht, identity=self.identity)
+            access = self.access
+            discovery = self.discovery = Discovery(host, me, d, cfg.bootstrap, dht, identity=self.identity,
+                                                   policy=access, admit=None if access is None else access.admit)
+            if access is not None:
+                access.attach(discovery)
             ctx = self.context = NodeContext(cfg, self.model, self.optim, self.identity, self.binding, self.data_dir,
-                                             host, discovery, nursery, log, self.receipts)
+                                             host, discovery, nursery, log, self.receipts, access=access)
             stage = await runner.prepare(ctx)
             nursery.start_soon(discovery.run)
             for service in self.services:

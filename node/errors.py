@@ -148,6 +148,10 @@ class NotAuthorizedError(NodeError):
     """The access policy refused a peer on a protocol (the message never names what the node trains)."""
 
 
+class ChainUnavailableError(NotAuthorizedError):
+    """The chain did not answer (or failed) while a request was being authorized: the request is refused."""
+
+
 class MessageRejectedError(NodeError):
     """A protocol message was refused before or while it was parsed (size, nesting, type, timeout)."""
 

@@ -31,12 +31,13 @@ from contracts.deploy import deploy_all
 from contracts.embedded import serve_embedded
 from node.net.identity import load_or_create_identity
 from node.observability.status import node_status, read_progress
-from node.services.audit import spot_check, submit_frauds
+from node.services.audit import attester_role, spot_check, submit_frauds
 from node.services.inference import generate, head_stream_opener
 from node.testing.swarm import NodeProcess, launch_swarm, stop_nodes
 from pmn.errors import CLIError
 from pmn.spec import ModelProposal, ProposalTerms, TrainingRecipe
 from protocol.accounting import accounting_function_hash
+from protocol.audit_sampling import attester_stage
 from protocol.epoch import EpochContext, build_epoch
 from protocol.receipts import Domain, SignedReceipt, StaticKeyRegistry
 from protocol.settlement import attest, claim_all, submit_epoch
@@ -276,13 +277,22 @@ class Demo:
         """Attesters re-execute a sample of the epoch's hops at the model's audit rate, fetched over libp2p."""
         rate = self.client.get_model(self.model_id).terms.audit_rate_bps / 10_000
         peers = {n.ready["address"]: n.ready["addrs"][0] for n in self.nodes}
-        report = spot_check(self.model_id, peers, receipts, self.proposal.model, self.specs, self.cfg.codec,
-                            self.cfg.microbatches, SpotCheckConfig(audit_rate=rate, seed=epoch))
-        self.spot_checks["checked"] += report.checked
-        self.spot_checks["failed"] += report.failed
-        self.evidence += report.evidence
-        self.say(f"[bold]attesters[/] epoch {epoch}: spot-checked {report.checked} hops at audit rate {rate:g} "
-                 f"(state and inputs fetched over /pmn/audit/1.0.0, re-executed on CPU): {report.failed} failed")
+        checked = failed = 0
+        stages: list[int] = []
+        for validator in self.validators:  # each audits the one stage and the hops the published rule assigns it
+            role = attester_role(self.client, validator, self.model_id, epoch)
+            report = spot_check(self.model_id, peers, receipts, self.proposal.model, self.specs, self.cfg.codec,
+                                self.cfg.microbatches, SpotCheckConfig(audit_rate=rate, seed=epoch), role=role)
+            stage = attester_stage(validator.address, self.model_id, epoch, self.cfg.stages, role.attesters)
+            stages += [] if stage is None else [stage]
+            checked += report.checked
+            failed += report.failed
+            self.evidence += report.evidence
+        self.spot_checks["checked"] += checked
+        self.spot_checks["failed"] += failed
+        self.say(f"[bold]attesters[/] epoch {epoch}: spot-checked {checked} hops of stages {sorted(set(stages))} at "
+                 f"audit rate {rate:g}, each attester only its sampled hops (state and inputs fetched over "
+                 f"/pmn/audit/1.0.0, re-executed on CPU): {failed} failed")
 
     # -- inference ---------------------------------------------------------------------------------
 

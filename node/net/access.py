@@ -9,7 +9,11 @@ bounded header (to learn the stage) and before a body byte. What `stage` means p
   None for the head's `limits` / `generate` (paid requests from clients);
 * `/pmn/audit/1.0.0`: the stage of the node being audited; each request is then checked again with
   `check_audit` (which step, microbatch and epoch the asker may fetch);
-* `/pmn/announce/1.0.0`: None.
+* `/pmn/announce/1.0.0`: None;
+* `/pmn/act/1.0.0`: the stage the peer claimed in its HELLO (checked after the handshake, before any data frame).
+
+`note_binding(peer_id, address, binding)` hands the policy a peer's node-key binding that a handshake
+verified (the activation protocol's HELLO); policies that ignore node keys do nothing with it.
 
 Implementations here: `OpenPolicy` (off-chain mode: everyone allowed, logged once when built) and
 `StagePeersPolicy` (replicated off-chain mode: only peers that discovery knows, with a verified
@@ -33,6 +37,8 @@ AVG = "/pmn/avg/1.0.0"
 INFER = "/pmn/infer/1.0.0"
 AUDIT = "/pmn/audit/1.0.0"
 ANNOUNCE = "/pmn/announce/1.0.0"
+ACT = "/pmn/act/1.0.0"
+UNAVAILABLE = "chain_unavailable"  # NodeAccess.admit's reason when it could not decide (not the sender's fault)
 
 log = logging.getLogger("node.access")
 
@@ -46,6 +52,9 @@ class AuditRequest:
     microbatch: int  # microbatch asked for (-1 for "receipts")
     direction: int  # 0 forward, 1 backward (-1 for "receipts")
     epoch: int  # accounting epoch of the step (or the epoch asked for)
+    stage: int = -1  # stage of the hop's sender (the receipt's stage): ours for "hop", a neighbour's for "received"
+    attester: str = ""  # the node key the asker claims to speak for (an attester's validator address), "" if none
+    binding: bytes = b""  # that key's signature over the asker's peer id (node.net.identity.bind), b"" if none
 
 
 class AccessPolicy(Protocol):
@@ -57,6 +66,10 @@ class AccessPolicy(Protocol):
 
     async def check_audit(self, peer_id: ID, request: AuditRequest) -> None:
         """Refuse one audit request: which steps' weights an attester may fetch is decided here."""
+        ...
+
+    def note_binding(self, peer_id: ID, address: str, binding: bytes) -> None:
+        """A peer's node-key binding, verified by a handshake (policies without node keys ignore it)."""
         ...
 
 
@@ -71,6 +84,9 @@ class OpenPolicy:
         return None
 
     async def check_audit(self, peer_id: ID, request: AuditRequest) -> None:
+        return None
+
+    def note_binding(self, peer_id: ID, address: str, binding: bytes) -> None:
         return None
 
 
@@ -124,3 +140,18 @@ class StagePeersPolicy:
 
     async def check_audit(self, peer_id: ID, request: AuditRequest) -> None:
         raise NotAuthorizedError("audits are not open to stage peers")
+
+    def note_binding(self, peer_id: ID, address: str, binding: bytes) -> None:
+        return None  # stage membership comes from discovery's verified announcements
+
+
+class NodeAccess(AccessPolicy, Protocol):
+    """A policy for the whole node (on-chain mode): it also reads discovery and admits announcements."""
+
+    def attach(self, directory: PeerDirectory) -> None:
+        """Use `directory` (the node's discovery) to resolve peer ids and learn our own stage."""
+        ...
+
+    async def admit(self, entry: Any) -> str | None:
+        """None when a verified announcement may enter the peer table, else why not (counted against its sender)."""
+        ...

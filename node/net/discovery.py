@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from functools import lru_cache
 from typing import Any
@@ -33,7 +33,7 @@ from libp2p.peer.id import ID
 from node.config import DiscoveryConfig
 from node.errors import BindingError, DiscoveryError, NotAuthorizedError, PeerRefusedError
 from node.net import msgio
-from node.net.access import AccessPolicy
+from node.net.access import UNAVAILABLE, AccessPolicy
 from node.net.dht import ModelDht, peer_addr
 from node.net.gate import ProtocolGate, reset_quietly
 from node.net.host import parse_peer_addr
@@ -203,8 +203,11 @@ class Discovery:
     def __init__(self, host: Any, me: Announcement, cfg: DiscoveryConfig, bootstrap: list[str],
                  dht: ModelDht | None = None, *, identity: NodeIdentity | None,
                  limits: AnnounceLimits | None = None, policy: AccessPolicy | None = None,
-                 scores: PeerScores | None = None) -> None:
+                 scores: PeerScores | None = None,
+                 admit: Callable[[Announcement], Awaitable[str | None]] | None = None) -> None:
         self.host = host
+        # on-chain mode: a verified entry enters the table only when this says None (else: the refusal reason)
+        self.admit = admit
         self.dht = dht  # None: bootstrap + gossip only
         self.cfg = cfg
         self.limits = limits or AnnounceLimits()  # message, table and per-sender bounds
@@ -306,6 +309,35 @@ class Discovery:
         self.changed = trio.Event()
         return bad
 
+    async def _admitted(self, items: list[Any]) -> tuple[list[Any], int]:
+        """The entries of a message `admit` lets through (entries that do not parse or verify are left to
+        `_merge`, which drops them), and how many it refused."""
+        if self.admit is None or not isinstance(items, list):
+            return items, 0
+        kept: list[Any] = []
+        refused = 0
+        for raw in items[: self.limits.max_entries_per_message]:
+            try:
+                a = Announcement.from_json(raw, self.limits)
+                if a.peer_id != self.me.peer_id:
+                    a.verify()
+            except (KeyError, TypeError, ValueError, BindingError):
+                kept.append(raw)
+                continue
+            if a.peer_id != self.me.peer_id:
+                reason = await self.admit(a)
+                if reason is not None:
+                    self._drop(reason)
+                    refused += reason != UNAVAILABLE  # an unreachable chain is not the sender's fault
+                    continue
+            kept.append(raw)
+        return kept, refused
+
+    async def _merge_admitted(self, items: list[Any], sender: str | None = None) -> int:
+        """`_merge` of what `admit` lets through; returns the entries refused (admit and merge together)."""
+        kept, refused = await self._admitted(items)
+        return self._merge(kept, sender) + refused
+
     def _payload(self) -> list[dict[str, Any]]:
         return [self.me.to_json()] + [a.to_json() for a in self.entries()]
 
@@ -322,7 +354,7 @@ class Discovery:
                     with trio.fail_after(self.cfg.discovery_timeout_s):
                         await self.gate.authorize(peer, None)
                         msg = await self._read_table(stream)
-                        if self._merge(msg, sender=peer.pretty()):
+                        if await self._merge_admitted(msg, sender=peer.pretty()):
                             self.gate.refuse(peer, "bad_entries")
                         await msgio.write_json(stream, self._payload())
                         await stream.close()
@@ -346,7 +378,7 @@ class Discovery:
             await msgio.write_json(stream, self._payload())
             msg = await self._read_table(stream)
             await stream.close()
-        self._merge(msg, sender=info.peer_id.pretty())
+        await self._merge_admitted(msg, sender=info.peer_id.pretty())
 
     async def learn(self, peer_id: ID) -> None:
         """Ask a connected peer that is not in the table for its announcement (once per `learn_interval_s`;
@@ -368,7 +400,7 @@ class Discovery:
                 except BaseException:
                     await reset_quietly(stream)
                     raise
-            self._merge(msg, sender=key)
+            await self._merge_admitted(msg, sender=key)
         except Exception:  # an unreachable or silent peer stays unknown
             return
 

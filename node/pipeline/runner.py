@@ -58,7 +58,8 @@ class PipelineRunner:
         worker = ctx.worker = self._worker = ctx.build_worker(stage)
         self._endpoint = ActEndpoint(
             ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
-            cfg=cfg.transport, receipts=ctx.receipts, decoder=worker.decode, step_fn=lambda: worker.next_step)
+            cfg=cfg.transport, receipts=ctx.receipts, decoder=worker.decode, step_fn=lambda: worker.next_step,
+            policy=ctx.access)
         return stage
 
     def ready_fields(self) -> dict[str, Any]:

@@ -65,9 +65,10 @@ class ReplicatedRunner:
         self._stage = choose_replica_stage(discovery.entries(), spec_hex, cfg.num_stages) if cfg.stage == "auto" \
             else int(cfg.stage)
         rc = cfg.replicas
-        # state and contributions only for peers discovery knows (verified announcements) as serving the stage;
-        # one score table, so a peer refused on one protocol is refused on the other too
-        policy, scores = StagePeersPolicy(discovery), PeerScores()
+        # state and contributions only for peers allowed by the chain (on-chain mode) or, off chain, known to
+        # discovery (verified announcements) as serving the stage; one score table for both protocols
+        policy = ctx.access if ctx.access is not None else StagePeersPolicy(discovery)
+        scores = PeerScores()
         AveragingService(ctx.host, spec_hex, self._avg_target, rc.avg_timeout_s, policy=policy, scores=scores)
         StateService(ctx.host, spec_hex, self._snapshot, rc.state_timeout_s, max_concurrent=rc.state_max_concurrent,
                      burst=rc.state_burst, refill_s=rc.state_refill_s, policy=policy, scores=scores)

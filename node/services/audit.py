@@ -49,9 +49,10 @@ from node.errors import BindingError, NodeError, NotAuthorizedError, PeerRefused
 from node.net import msgio
 from node.net.access import AUDIT, AccessPolicy, AuditRequest
 from node.net.gate import ProtocolGate, reset_quietly
-from node.net.identity import NodeIdentity, bind, verify_binding
+from node.net.identity import NodeIdentity, bind, identity_from_secret, verify_binding
 from node.net.peerscore import PeerGuardConfig, PeerScores
 from node.wire import frames
+from protocol.audit_sampling import AuditRule, audit_assignment, seed_from_chain
 from protocol.errors import ProtocolError, SpotCheckError
 from protocol.receipts import BACKWARD, FORWARD, SignedReceipt, payload_digest
 from protocol.spotcheck import (
@@ -127,6 +128,17 @@ def _uint(header: dict[str, Any], key: str, limit: int | None = None) -> int:
         bound = f" below {limit}" if limit is not None else ""
         raise AuditError(f"field '{key}' must be an integer >= 0{bound}, got {value!r}")
     return value
+
+
+def _credentials(header: dict[str, Any]) -> tuple[str, bytes]:
+    """(attester address, binding) a request carries ("", b"" when it carries none)."""
+    attester, binding = header.get("attester", ""), header.get("attester_binding", "")
+    if not isinstance(attester, str) or not isinstance(binding, str) or len(attester) > 42 or len(binding) > 140:
+        raise AuditError("fields 'attester' and 'attester_binding' must be an address and a hex signature")
+    try:
+        return attester, bytes.fromhex(binding.removeprefix("0x"))
+    except ValueError:
+        raise AuditError("field 'attester_binding' is not hex") from None
 
 
 # -- recording --------------------------------------------------------------------------------------
@@ -240,12 +252,17 @@ class AuditService:
             raise AuditError(f"unknown request type {kind[:32]!r}: expected hop, received or receipts")
         if _uint(header, "model_id") != self.model_id:
             raise _OtherModelError("not authorized for this request")
+        attester, binding = _credentials(header)
         if kind == "receipts":
-            return AuditRequest("receipts", -1, -1, -1, _uint(header, "epoch"))
+            return AuditRequest("receipts", -1, -1, -1, _uint(header, "epoch"), attester=attester, binding=binding)
         step = _uint(header, "step")
         mb = _uint(header, "microbatch", self.worker.num_microbatches)
         direction = _uint(header, "direction", 2)
-        return AuditRequest(kind, step, mb, direction, step // self.recorder.epoch_length)
+        mine = self.worker.spec.index
+        # the hop's key names its sender's stage: ours for "hop", the neighbour that sent what we received otherwise
+        stage = mine if kind == "hop" else mine - 1 if direction == FORWARD else mine + 1
+        return AuditRequest(kind, step, mb, direction, step // self.recorder.epoch_length, stage=stage,
+                            attester=attester, binding=binding)
 
     def _answer(self, header: dict[str, Any]) -> tuple[dict[str, Any], bytes]:
         kind = header["type"]
@@ -357,10 +374,13 @@ def check_node_proof(addr: str, reply: dict[str, Any], node: str, peer_id: Any) 
 class AuditClient:
     """Requests to nodes' audit protocol from one client host (any trio task)."""
 
-    def __init__(self, host: Any, model_id: int, config: AuditConfig | None = None) -> None:
+    def __init__(self, host: Any, model_id: int, config: AuditConfig | None = None,
+                 credentials: dict[str, str] | None = None) -> None:
         self.host = host
         self.model_id = model_id
         self.config = (config or AuditConfig()).validate()
+        # {"attester", "attester_binding"} sent with every request (attester_credentials); {} for none
+        self.credentials = dict(credentials or {})
 
     async def request(self, addr: str, header: dict[str, Any], node: str | None = None
                       ) -> tuple[dict[str, Any], bytes]:
@@ -375,7 +395,7 @@ class AuditClient:
             await self.host.connect(info)
             stream = await self.host.new_stream(info.peer_id, [AUDIT_PROTOCOL])
             try:
-                await write_message(stream, {**header, "model_id": self.model_id})
+                await write_message(stream, {**header, **self.credentials, "model_id": self.model_id})
                 reply, body = await read_message(stream, self.config.max_message_bytes)
             finally:
                 await stream.close()
@@ -445,6 +465,39 @@ def checkable(signed: SignedReceipt, num_stages: int) -> bool:
     return (r.direction == FORWARD and r.stage < num_stages - 1) or (r.direction == BACKWARD and r.stage == num_stages - 1)
 
 
+@dataclass(frozen=True)
+class AttesterRole:
+    """An attester under the published sampling rule (on-chain mode): who it is and what it may ask for."""
+
+    account: Any  # the validator's eth-account signer (its key also derives the attester host's peer key)
+    seed: bytes  # the epoch's hop seed (protocol.audit_sampling.seed_from_chain: the epoch's live root)
+    attesters: tuple[str, ...]  # the attester set (ValidatorQuorum.validators())
+    audit_rate_bps: int  # the model's audit rate (terms)
+    rule: AuditRule = field(default_factory=AuditRule)  # the published rule's parameters
+
+    @property
+    def address(self) -> str:
+        """The attester's address."""
+        return str(self.account.address)
+
+    def identity(self) -> NodeIdentity:
+        """The attester host's identity: the validator key, with a peer key derived from it."""
+        return identity_from_secret(bytes(self.account.key))
+
+
+def attester_role(client: Any, account: Any, model_id: int, epoch: int, rule: AuditRule | None = None) -> AttesterRole:
+    """The role of validator `account` for `epoch` of the model, read from chain (`client`: the contracts
+    client). AuditSamplingError while the epoch has no live root."""
+    seed = seed_from_chain(client, model_id, epoch)
+    return AttesterRole(account, seed, tuple(client.validators()), int(client.get_model(model_id).terms.audit_rate_bps),
+                        rule or AuditRule())
+
+
+def attester_credentials(identity: NodeIdentity) -> dict[str, str]:
+    """The request fields proving that the attester host's peer id speaks for `identity`'s address."""
+    return {"attester": identity.address, "attester_binding": "0x" + bind(identity).hex()}
+
+
 class Attester:
     """Samples co-signed hops, fetches what re-execution needs over libp2p, and checks them.
 
@@ -453,8 +506,11 @@ class Attester:
     """
 
     def __init__(self, client: AuditClient, model: ModelConfig, specs: Sequence[StageSpec], codec: str,
-                 num_microbatches: int, peers: dict[str, str], check: SpotCheckConfig) -> None:
+                 num_microbatches: int, peers: dict[str, str], check: SpotCheckConfig,
+                 role: AttesterRole | None = None) -> None:
         self.client = client
+        # on-chain mode: audit only the hops the published rule assigns this attester (None: sample at check's rate)
+        self.role = role
         self.model = model  # the model's architecture
         self.specs = list(specs)  # its stages
         self.codec = codec  # boundary codec name
@@ -492,7 +548,8 @@ class Attester:
         """Spot-check the epoch's co-signed `receipts` at the audit rate (one hop at a time)."""
         unique = {s.receipt.key: s for s in receipts if s.cosigned}
         n = len(self.specs)
-        sampled = [s for s in sample_hops([unique[k] for k in sorted(unique)], self.check) if checkable(s, n)]
+        sampled = [s for s in sample_hops([unique[k] for k in sorted(unique)], self.check) if checkable(s, n)] \
+            if self.role is None else self.assigned([unique[k] for k in sorted(unique)])
         report = AuditReport()
         for signed in sampled:
             if exclude is not None and exclude(signed):
@@ -514,6 +571,21 @@ class Attester:
                 report.evidence.append(FraudEvidence(signed, result.recomputed_digest, result.relative_error,
                                                      self.check.tolerance))
         return report
+
+
+    def assigned(self, receipts: Sequence[SignedReceipt]) -> list[SignedReceipt]:
+        """The receipts of hops the published rule lets this attester request (`audit_assignment`), per epoch."""
+        role = self.role
+        assert role is not None
+        by_epoch: dict[tuple[int, int], list[SignedReceipt]] = {}
+        for s in receipts:
+            by_epoch.setdefault((s.receipt.model_id, s.receipt.epoch), []).append(s)
+        chosen: list[SignedReceipt] = []
+        for (model_id, epoch), group in sorted(by_epoch.items()):
+            keys = set(audit_assignment(role.seed, role.address, model_id, epoch, len(self.specs), role.attesters,
+                                        group, role.audit_rate_bps, role.rule).hops)
+            chosen += [s for s in group if s.receipt.key in keys]
+        return chosen
 
 
 def _window_tensor(raw: bytes, model: ModelConfig, expect: int) -> torch.Tensor:
@@ -575,39 +647,46 @@ class AttesterHost:
     listen: str = "/ip4/127.0.0.1/tcp/0"  # where the client host listens (it only dials out)
 
 
-async def run_with_client_host(fn: Callable[[Any], Any], cfg: AttesterHost | None = None) -> Any:
-    """Run `await fn(host)` with a fresh client host, closed afterwards."""
+async def run_with_client_host(fn: Callable[[Any], Any], cfg: AttesterHost | None = None,
+                               identity: NodeIdentity | None = None) -> Any:
+    """Run `await fn(host)` with a client host (a fresh random identity unless `identity`), closed afterwards."""
     import multiaddr
 
     from node.net.host import make_host
-    from node.net.identity import identity_from_secret
     from node.net.running import run_host
 
     cfg = cfg or AttesterHost()
-    host = make_host(identity_from_secret(os.urandom(31).rjust(32, b"\x01")))
+    host = make_host(identity or identity_from_secret(os.urandom(31).rjust(32, b"\x01")))
     async with run_host(host, [multiaddr.Multiaddr(cfg.listen)]):
         return await fn(host)
 
 
 def fetch_epoch_receipts(model_id: int, addrs: Sequence[str], epoch: int,
-                         config: AuditConfig | None = None) -> list[SignedReceipt]:
-    """Blocking `gather_receipts` from a throwaway client host."""
+                         config: AuditConfig | None = None, account: Any = None) -> list[SignedReceipt]:
+    """Blocking `gather_receipts` from a throwaway client host (speaking for validator `account`, if given:
+    on-chain nodes serve receipts only to attesters)."""
+    identity = None if account is None else identity_from_secret(bytes(account.key))
+    credentials = None if identity is None else attester_credentials(identity)
 
     async def go(host: Any) -> list[SignedReceipt]:
-        return await gather_receipts(AuditClient(host, model_id, config), addrs, epoch)
+        return await gather_receipts(AuditClient(host, model_id, config, credentials), addrs, epoch)
 
-    result: list[SignedReceipt] = trio.run(run_with_client_host, go)
+    result: list[SignedReceipt] = trio.run(run_with_client_host, go, None, identity)
     return result
 
 
 def spot_check(model_id: int, peers: dict[str, str], receipts: Sequence[SignedReceipt], model: ModelConfig,
                specs: Sequence[StageSpec], codec: str, num_microbatches: int, check: SpotCheckConfig,
-               config: AuditConfig | None = None) -> AuditReport:
-    """Blocking `Attester.audit` of one epoch's receipts from a throwaway client host."""
+               config: AuditConfig | None = None, role: AttesterRole | None = None) -> AuditReport:
+    """Blocking `Attester.audit` of one epoch's receipts from a throwaway client host; with `role` (on-chain
+    mode) the host speaks for the attester and audits only the hops the published rule assigns it."""
+    identity = None if role is None else role.identity()
+    credentials = None if identity is None else attester_credentials(identity)
 
     async def go(host: Any) -> AuditReport:
-        attester = Attester(AuditClient(host, model_id, config), model, specs, codec, num_microbatches, peers, check)
+        attester = Attester(AuditClient(host, model_id, config, credentials), model, specs, codec, num_microbatches,
+                            peers, check, role)
         return await attester.audit(receipts)
 
-    report: AuditReport = trio.run(run_with_client_host, go)
+    report: AuditReport = trio.run(run_with_client_host, go, None, identity)
     return report

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from node.context import NodeContext
+from node.net.access import NodeAccess
 
 
 class NodeService(Protocol):
@@ -22,3 +23,11 @@ class NodeService(Protocol):
         """Release what the service holds (chain connections, files); called once at shutdown, also after a
         failed start or run, in reverse order of the services."""
         ...
+
+
+@runtime_checkable
+class AccessProvider(Protocol):
+    """A service that decides who may use the node's protocols (the chain link in on-chain mode): the daemon
+    gives its `access` to discovery and the runner before anything is served."""
+
+    access: NodeAccess

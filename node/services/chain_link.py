@@ -12,14 +12,17 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import trio
+
 from node.config import NodeConfig
 from node.context import NodeContext
 from node.errors import NodeError, ReceiptRejectedError
 from node.model import load_model_config
-from node.net.access import INFER, StagePeersPolicy
 from node.net.identity import load_or_create_identity
+from node.replicas.statesync import StateService, pack_state
 from node.services.audit import AuditConfig, AuditService, install_audit
 from node.services.base import NodeService
+from node.services.chain_access import ChainAccessConfig, ChainAccessPolicy
 from node.services.hop_receipts import EIP712Receipts
 from node.services.inference import INFER_PROTOCOL, InferenceService
 from node.wire import frames
@@ -75,8 +78,13 @@ class ChainLinkService:
     (`/pmn/audit/1.0.0`); `inference` and `audit` are the running services afterwards."""
 
     def __init__(self, link: ChainLink, model_id: int, audit: AuditConfig,
-                 epoch_receipts: Callable[[int], list[SignedReceipt]]) -> None:
+                 epoch_receipts: Callable[[int], list[SignedReceipt]], access: ChainAccessConfig | None = None,
+                 state_timeout_s: float = 60.0) -> None:
         self.link = link
+        # who may use which protocol: registered, staked nodes of the right stage; sampled hops for attesters
+        self.access = ChainAccessPolicy(link, access)
+        self.state_timeout_s = state_timeout_s  # bound on one /pmn/state exchange
+        self.state: StateService | None = None
         self.model_id = model_id
         self.audit_cfg = audit
         self.epoch_receipts = epoch_receipts
@@ -111,13 +119,23 @@ class ChainLinkService:
                 await host.connect(info)
                 return await host.new_stream(info.peer_id, [INFER_PROTOCOL])
 
-        # hops only from peers discovery knows (signed announcement) as serving the stage before ours
-        hops_from_previous_stage = StagePeersPolicy(discovery, protocols=(INFER,))
+        # hops only from node keys the chain has on the stage before ours
         self.inference = InferenceService(ctx.model, spec, worker.module, worker.codec, link.payments, next_hop,
-                                          policy=hops_from_previous_stage)
+                                          policy=self.access)
         host.set_stream_handler(INFER_PROTOCOL, self.inference.handle)
         self.audit = install_audit(host, worker, ctx.identity, ctx.data_dir, self.model_id, link.epoch_length,
-                                   self.epoch_receipts, self.audit_cfg)
+                                   self.epoch_receipts, self.audit_cfg, policy=self.access)
+        log = ctx.log
+
+        async def snapshot(stage: int) -> tuple[dict[str, Any], bytes] | None:
+            # the pipeline has no step lock: the state is handed out only once training is done (lingering)
+            if stage != spec.index or log.state != "serving":
+                return None
+            return await trio.to_thread.run_sync(pack_state, worker)
+
+        # a replica of our stage (same stage on chain) may fetch the stage's state
+        self.state = StateService(host, ctx.model.spec_hash().hex(), snapshot, self.state_timeout_s,
+                                  policy=self.access)
 
 
 def chain_services(data_dir: str | Path, account: Any, microbatch_size: int, seq_len: int, rpc_url: str,

@@ -33,17 +33,20 @@ from libp2p.custom_types import TProtocol
 from node.config import TransportConfig
 from node.errors import (
     BindingError,
+    ChainUnavailableError,
     FrameError,
     FrameTooLargeError,
     HandshakeError,
     NodeError,
     NonFiniteError,
+    NotAuthorizedError,
     PeerBannedError,
     PeerLostError,
     RemoteError,
     TruncatedFrameError,
     UnexpectedFrameError,
 )
+from node.net.access import ACT, AccessPolicy
 from node.net.chunks import take_chunks
 from node.net.identity import NodeIdentity, bind, verify_binding
 from node.net.transport.io import grow_receive_window, read_some, write_gather
@@ -669,9 +672,13 @@ class ActEndpoint:
         receipts: ReceiptHook | None = None,
         decoder: Callable[[frames.Frame], Any] | None = None,
         step_fn: Callable[[], int] | None = None,
+        policy: AccessPolicy | None = None,
     ) -> None:
         self.host = host
         self.step_fn = step_fn
+        # on-chain mode: a neighbour must be registered for the stage it claims (checked after the HELLO
+        # exchange, before any data frame); None: every peer whose handshake matches the model
+        self.policy = policy
         self.local = local
         self.spec = frame_spec
         self.cfg = cfg
@@ -694,6 +701,7 @@ class ActEndpoint:
             return
         try:
             await ch.handshake(initiator=False)
+            await self._authorize(ch)
         except (NodeError, trio.TooSlowError) as exc:
             self.handshake_failures.append(str(exc))
             await ch.linger_and_reset()
@@ -713,4 +721,25 @@ class ActEndpoint:
             stream = await self.host.new_stream(info.peer_id, [ACT_PROTOCOL])
         ch = self._channel(stream)
         await ch.handshake(initiator=True)
+        try:
+            await self._authorize(ch)
+        except NotAuthorizedError:
+            await ch.linger_and_reset()
+            raise
         return ch
+
+    async def _authorize(self, ch: ActChannel) -> None:
+        """The policy's verdict on a handshaken peer (its verified binding handed over first); a refusal is
+        sent to the peer, counted against it and raised as NotAuthorizedError."""
+        if self.policy is None or ch.remote is None:
+            return
+        pid = ch.stream.muxed_conn.peer_id
+        if ch.remote.address:
+            self.policy.note_binding(pid, ch.remote.address, ch.remote.binding)
+        try:
+            await self.policy.check(pid, ACT, ch.remote.stage)
+        except NotAuthorizedError as exc:
+            if not isinstance(exc, ChainUnavailableError):  # a chain outage is not the peer's fault
+                self.scores.penalize(ch.peer, "not_authorized")
+            await ch.send_error("not authorized")
+            raise

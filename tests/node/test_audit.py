@@ -22,10 +22,19 @@ from contracts.deploy import deploy_all
 from contracts.embedded import serve_embedded
 from node.net.identity import load_or_create_identity
 from node.observability.status import node_status
-from node.services.audit import AuditError, AuditRecorder, fetch_epoch_receipts, spot_check, submit_frauds
+from node.services.audit import (
+    AuditError,
+    AuditRecorder,
+    AuditReport,
+    attester_role,
+    fetch_epoch_receipts,
+    spot_check,
+    submit_frauds,
+)
 from node.testing.adversary import Cheat, spawn_adversary
 from node.testing.swarm import NodeProcess, await_ready, spawn_node, stop_nodes
 from protocol.accounting import accounting_function_hash
+from protocol.audit_sampling import attester_stage
 from protocol.epoch import EpochContext, build_epoch
 from protocol.modelspec import proposal_spec_hash
 from protocol.receipts import Domain, StaticKeyRegistry
@@ -68,7 +77,7 @@ def chain(tmp_path: Path) -> Iterator[Chain]:
     rpc_url, stop = serve_embedded(w3)
     try:
         accounts = test_accounts(w3)
-        validators = accounts[3:5]
+        validators = accounts[3:6]  # three attesters: each audits one of the three stages per window
         deployment = deploy_all(w3, accounts[0], [v.address for v in validators], 2)
         path = tmp_path / "deployment.json"
         deployment.save(path)
@@ -89,6 +98,10 @@ def register(c: Chain, data_dir: Path) -> Any:
     c.client.tx.transact(c.funder, to=ident.address, value=10**18)
     c.client.register_node(ident.account, ident.account, 1, c.client.stake_required(1))
     return ident
+
+
+def assign(c: Chain, ident: Any, model_id: int, stage: int) -> None:
+    c.client.assign_stage(ident.account, ident.address, model_id, stage)
 
 
 def node_args(c: Chain, model_id: int) -> list[str]:
@@ -113,6 +126,8 @@ def test_lazy_node_caught_and_slashed_inflator_credited_only_cosigned(chain: Cha
     model_id = propose(c)
     dirs = [tmp_path / f"node{s}" for s in range(STAGES)]
     idents = [register(c, d) for d in dirs]
+    for s, ident in enumerate(idents):
+        assign(c, ident, model_id, s)
     args = node_args(c, model_id)
     nodes: list[NodeProcess] = []
     try:
@@ -137,9 +152,9 @@ def test_lazy_node_caught_and_slashed_inflator_credited_only_cosigned(chain: Cha
         inflator, lazy, honest = (i.address for i in idents)
         results, evidence, checked = [], [], 0
         for epoch in range(STEPS // EPOCH_LENGTH):
-            gathered = fetch_epoch_receipts(model_id, addrs, epoch)
+            gathered = fetch_epoch_receipts(model_id, addrs, epoch, account=c.validators[0])
             result = build_epoch(gathered, EpochContext(model_id, epoch, model, specs, domain), registry)
-            submit_epoch(c.client, c.validators[0], result, attest(domain, result, c.validators))
+            submit_epoch(c.client, c.validators[0], result, attest(domain, result, c.validators[:2]))
             results.append(result)
             # the inflator claims ten hops for each one its neighbour countersigned; only those are credited
             own = [s for s in gathered if s.receipt.sender == inflator]
@@ -147,7 +162,17 @@ def test_lazy_node_caught_and_slashed_inflator_credited_only_cosigned(chain: Cha
             assert len(own) == 10 * len(cosigned) > 0
             assert {s.receipt.key for s in result.receipts if s.receipt.sender == inflator} == \
                 {s.receipt.key for s in cosigned}
-            report = spot_check(model_id, peers, result.receipts, model, specs, CODEC, MICROBATCHES, check)
+            # each attester audits the one stage the published rule gives it (three attesters: every stage)
+            report = AuditReport()
+            covered = set()
+            for v in c.validators:
+                role = attester_role(c.client, v, model_id, epoch)
+                covered.add(attester_stage(v.address, model_id, epoch, STAGES, role.attesters))
+                part = spot_check(model_id, peers, result.receipts, model, specs, CODEC, MICROBATCHES, check, role=role)
+                report.checked += part.checked
+                report.errors += part.errors
+                report.evidence += part.evidence
+            assert covered == set(range(STAGES))
             checked += report.checked
             assert not report.errors, report.errors
             faked = {(step, mb) for step in range(epoch * EPOCH_LENGTH, (epoch + 1) * EPOCH_LENGTH)
@@ -160,7 +185,7 @@ def test_lazy_node_caught_and_slashed_inflator_credited_only_cosigned(chain: Cha
         assert checked == STEPS * MICROBATCHES * 3
         assert evidence, "the lazy node faked no microbatch: pick another LAZY seed"
         stake_before = c.client.node_info(lazy).stake_wei
-        slashed = submit_frauds(c.client, c.validators[0], c.validators, evidence)
+        slashed = submit_frauds(c.client, c.validators[0], c.validators[:2], evidence)
         assert set(slashed) == {lazy}
         assert c.client.node_info(lazy).stake_wei < stake_before
         voided = {e.receipt.receipt.epoch for e in evidence}
