@@ -147,9 +147,14 @@ class ResyncNeededError(NodeError):
 class NotAuthorizedError(NodeError):
     """The access policy refused a peer on a protocol (the message never names what the node trains)."""
 
+    peer_at_fault = True  # counted against the peer's score (see ChainUnavailableError for the exception)
+
 
 class ChainUnavailableError(NotAuthorizedError):
-    """The chain did not answer (or failed) while a request was being authorized: the request is refused."""
+    """The chain did not answer (or failed) while a request was being authorized: the request is refused,
+    but an outage is not the peer's fault, so it is not counted against it."""
+
+    peer_at_fault = False
 
 
 class MessageRejectedError(NodeError):

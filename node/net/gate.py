@@ -76,17 +76,23 @@ class ProtocolGate:
                 del self.open[key]
 
     async def authorize(self, peer: ID, stage: int | None) -> None:
-        """The policy's verdict; a NotAuthorizedError is counted against the peer and re-raised."""
+        """The policy's verdict; a NotAuthorizedError is counted against the peer (when it is at fault) and re-raised."""
         try:
             await self.policy.check(peer, self.protocol, stage)
-        except NotAuthorizedError:
-            self.refuse(peer, "not_authorized")
+        except NotAuthorizedError as exc:
+            self._refused(peer, exc)
             raise
 
     async def authorize_audit(self, peer: ID, request: AuditRequest) -> None:
         """The policy's verdict on one audit request (counted like `authorize`)."""
         try:
             await self.policy.check_audit(peer, request)
-        except NotAuthorizedError:
-            self.refuse(peer, "not_authorized")
+        except NotAuthorizedError as exc:
+            self._refused(peer, exc)
             raise
+
+    def _refused(self, peer: ID, exc: NotAuthorizedError) -> None:
+        if exc.peer_at_fault:
+            self.refuse(peer, "not_authorized")
+        else:
+            self.refused["unavailable"] += 1

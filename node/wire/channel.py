@@ -33,7 +33,6 @@ from libp2p.custom_types import TProtocol
 from node.config import TransportConfig
 from node.errors import (
     BindingError,
-    ChainUnavailableError,
     FrameError,
     FrameTooLargeError,
     HandshakeError,
@@ -739,7 +738,7 @@ class ActEndpoint:
         try:
             await self.policy.check(pid, ACT, ch.remote.stage)
         except NotAuthorizedError as exc:
-            if not isinstance(exc, ChainUnavailableError):  # a chain outage is not the peer's fault
+            if exc.peer_at_fault:  # a chain outage is not
                 self.scores.penalize(ch.peer, "not_authorized")
             await ch.send_error("not authorized")
             raise
