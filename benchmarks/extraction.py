@@ -190,6 +190,18 @@ async def _announce(host: Any, identity: Any, addr: str, spec_hex: str, stages: 
     return any(isinstance(e, dict) and e.get("peer_id") == me.peer_id for e in table)
 
 
+async def _state_all(host: Any, peers: list[dict[str, Any]], spec_hex: str, stages: int, take: Take,
+                     timeout_s: float) -> None:
+    """Ask every node for every stage's state over /pmn/state; keep what is served."""
+    for p in peers:
+        for s in range(stages):
+            got = await _try(take.outcomes, f"/pmn/state stage {s} at node {p['stage']}",
+                             lambda p=p, s=s: _state(host, p["addrs"][0], spec_hex, s), timeout_s)
+            if got:
+                take.tensors.update(got)
+                take.stages.add(s)
+
+
 async def _audit_all(host: Any, credentials: dict[str, str] | None, model_id: int, peers: list[dict[str, Any]],
                      cfg: ExtractionConfig, take: Take, label: str) -> None:
     from node.services.audit import AuditClient
@@ -234,13 +246,8 @@ async def attack(cfg: ExtractionConfig, model: ModelConfig, model_id: int, peers
     host = make_host(outsider)
     async with run_host(host, listen):
         take = takes["outsider"]
+        await _state_all(host, peers, spec_hex, cfg.stages, take, t)
         for p in peers:
-            for s in range(cfg.stages):
-                got = await _try(take.outcomes, f"/pmn/state stage {s} at node {p['stage']}",
-                                 lambda p=p, s=s: _state(host, p["addrs"][0], spec_hex, s), t)
-                if got:
-                    take.tensors.update(got)
-                    take.stages.add(s)
             await _try(take.outcomes, f"/pmn/avg pull at node {p['stage']}",
                        lambda p=p: _avg_pull(host, p["addrs"][0], int(p["stage"])), t)
         await _audit_all(host, None, model_id, peers, cfg, take, "no claim:")
@@ -269,13 +276,7 @@ async def attack(cfg: ExtractionConfig, model: ModelConfig, model_id: int, peers
             kept = await _try(take.outcomes, f"announce own stage-1 entry at node {p['stage']}",
                               lambda p=p: _announce(host, node_ident, p["addrs"][0], spec_hex, cfg.stages, 1), t)
             take.outcomes[f"announce own stage-1 entry at node {p['stage']}"] = "kept" if kept else "not kept"
-        for p in peers:
-            for s in range(cfg.stages):
-                got = await _try(take.outcomes, f"/pmn/state stage {s} at node {p['stage']}",
-                                 lambda p=p, s=s: _state(host, p["addrs"][0], spec_hex, s), t)
-                if got:
-                    take.tensors.update(got)
-                    take.stages.add(s)
+        await _state_all(host, peers, spec_hex, cfg.stages, take, t)
         await _audit_all(host, attester_credentials(node_ident), model_id, peers, cfg, take, "as itself:")
 
     # -- attester (validator 0), each epoch with its role ---------------------------------------------
