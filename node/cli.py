@@ -44,6 +44,8 @@ SHORT_FLAGS: dict[str, tuple[str, ...]] = {
     "runtime.microbatch_size": ("--microbatch-size",),
     "runtime.codec": ("--codec",),
     "runtime.torch_threads": ("--threads",),
+    "execution.precision": ("--precision",),
+    "execution.activation_checkpointing": ("--activation-checkpointing",),
     "runtime.checkpoint_every": ("--checkpoint-every",),
     "runtime.frame_timeout_s": ("--frame-timeout",),
     "runtime.redial_timeout_s": ("--redial-timeout",),
@@ -289,6 +291,18 @@ def report_error(caught: BaseException) -> int:
     return 1
 
 
+def describe_device(cfg: NodeConfig) -> str:
+    """The start-up line naming the node's device, its free memory and precision (ValueError if absent)."""
+    from sharding.device import device_info
+    from sharding.errors import DeviceError
+
+    try:
+        policy = cfg.execution.policy(cfg.device)
+    except DeviceError as exc:  # a usage error: one line, no traceback
+        raise ValueError(str(exc)) from None
+    return f"{device_info(policy.torch_device).line()}; compute {policy.compute_dtype_name}, AdamW {policy.adamw_kwargs()}"
+
+
 def start(cfg: NodeConfig) -> int:
     """Run a node with `cfg` (chain services when `cfg.chain.rpc_url` is set); errors: one line, exit code 1."""
     from node.daemon import run_node
@@ -296,6 +310,7 @@ def start(cfg: NodeConfig) -> int:
 
     try:
         cfg.validate()
+        print(describe_device(cfg), file=sys.stderr, flush=True)
         receipts, services = services_for(cfg)
         return run_node(cfg, receipts=receipts, services=services)
     except Exception as caught:  # NodeError, ValueError, chain and protocol errors: one line, no traceback

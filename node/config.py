@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from sharding.device import ExecutionPolicy, policy_for
+
 
 @dataclass
 class TransportConfig:
@@ -169,6 +171,33 @@ class ChainConfig:
 
 
 @dataclass
+class ExecutionConfig:
+    """How the stage computes on its device (`device` chooses the device; see sharding.device)."""
+
+    precision: str = "auto"  # auto (bf16 autocast on CUDA, fp32 elsewhere), fp32, or bf16 (autocast, also on CPU)
+    adamw: str = "auto"  # AdamW kernel: auto (fused on CUDA, single-tensor on CPU), fused, foreach, single
+    compile: bool = False  # torch.compile the stage (off until measured on the target device)
+    activation_checkpointing: bool = False  # recompute block activations in backward (less memory, ~1/3 more compute)
+    memory_headroom: float = 0.9  # refuse a stage whose estimated bytes exceed this fraction of the free memory
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field (the device itself is checked when the node starts)."""
+        from sharding.errors import DeviceError
+
+        try:
+            ExecutionPolicy(precision=self.precision, adamw=self.adamw, compile=self.compile,
+                            memory_headroom=self.memory_headroom).validate()
+        except DeviceError as exc:
+            raise ValueError(f"execution.{exc}") from None
+
+    def policy(self, device: str) -> ExecutionPolicy:
+        """The stage's ExecutionPolicy on `device` (auto|cpu|cuda|cuda:N|mps); sharding.DeviceError if absent."""
+        return policy_for(device, precision=self.precision, adamw=self.adamw, compile=self.compile,
+                          activation_checkpointing=self.activation_checkpointing,
+                          memory_headroom=self.memory_headroom)
+
+
+@dataclass
 class NodeConfig:
     """Everything `run_node` needs."""
 
@@ -184,6 +213,8 @@ class NodeConfig:
     optim_lr: float | None = None  # override of OptimConfig.lr (None = sharding default)
     corpus: str | None = None  # sharding.load_corpus source read by the first stage (None = the stdlib corpus)
     linger: bool = False  # after the last step keep serving (inference, audits, announcements) until signalled
+    device: str = "auto"  # compute device: auto (first CUDA device, else MPS, else CPU), cpu, cuda, cuda:N, mps
+    execution: ExecutionConfig = field(default_factory=ExecutionConfig)  # precision, optimizer kernel, memory
     transport: TransportConfig = field(default_factory=TransportConfig)  # activation protocol settings
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # peer discovery settings
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # schedule and fault settings
@@ -208,6 +239,7 @@ class NodeConfig:
         r = self.runtime
         if r.steps < 0 or r.num_microbatches < 1 or r.microbatch_size < 1:
             raise ValueError("runtime.steps must be >= 0, num_microbatches and microbatch_size >= 1")
+        self.execution.validate()
         self.transport.validate()
         self.discovery.validate()
         self.replicas.validate()

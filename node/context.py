@@ -50,7 +50,8 @@ class NodeContext:
         corpus = load_corpus(self.cfg.corpus) if spec.is_first else None
         r = self.cfg.runtime
         worker = StageWorker(self.model, spec, codec=r.codec, optim=self.optim, num_microbatches=r.num_microbatches,
-                             microbatch_size=r.microbatch_size, corpus=corpus)
+                             microbatch_size=r.microbatch_size, corpus=corpus,
+                             policy=self.cfg.execution.policy(self.cfg.device))
         ckpt = latest_checkpoint(self.data_dir, stage)
         if ckpt is not None:
             load_checkpoint(worker, ckpt)

@@ -70,6 +70,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps (default: the demo config's)")
     p.add_argument("--stages", type=int, help="pipeline stages (default: the demo config's)")
     p.add_argument("--data-dir", type=Path, help="where the demo keeps node data (default: a temporary dir)")
+    p.add_argument("--device", help="compute device of the node processes: auto, cpu, cuda, cuda:N, mps "
+                                    "(default: the demo config's)")
     p.set_defaults(func=_handler("demo", "cmd_demo"))
 
     # researcher
@@ -156,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="tiny", help="model preset")
     p.add_argument("--codec", default=None, help="boundary codec (dense, bf16, int8, subspace)")
     p.add_argument("--data-dir", type=Path, help="where node data dirs go (default: a temporary dir)")
+    p.add_argument("--device", default="auto", help="compute device of every node: auto, cpu, cuda, cuda:N, mps")
     p.add_argument("--json", action="store_true", help="print JSON as the last line")
     p.set_defaults(func=_handler("cmd_node", "cmd_swarm"))
 

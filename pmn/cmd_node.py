@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sqlite3
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -74,7 +75,7 @@ def node_config(op: OperatorConfig, flags: dict[str, Any]) -> NodeConfig:
                       json_dir=data_dir)
     cfg = NodeConfig(data_dir=str(data_dir), model=m.daemon_model, num_stages=m.stages, stage=op.stage,
                      listen=list(op.listen), bootstrap=list(op.bootstrap), metrics_port=op.metrics_port,
-                     capacity=op.capacity)
+                     capacity=op.capacity, device=op.device)
     if m.recipe is not None:  # the spec's recipe: nodes with another one would not interoperate
         from sharding.train import OptimConfig
 
@@ -236,6 +237,13 @@ def cmd_swarm(args: argparse.Namespace) -> int:
 
     if args.stages < 1 or args.steps < 1:
         raise CLIError("--stages and --steps must be >= 1")
+    from sharding.device import device_info, resolve_device
+    from sharding.errors import DeviceError
+
+    try:
+        print(device_info(resolve_device(getattr(args, "device", "auto"))).line(), file=sys.stderr, flush=True)
+    except DeviceError as exc:
+        raise CLIError(str(exc)) from None
     codec = args.codec or ("subspace" if "subspace" in args.model else "dense")
     tmp = None
     root = args.data_dir
@@ -243,7 +251,8 @@ def cmd_swarm(args: argparse.Namespace) -> int:
         tmp = tempfile.TemporaryDirectory(prefix="pmn-swarm-")
         root = Path(tmp.name)
     try:
-        result = run_local_swarm(args.stages, args.steps, root, model=args.model, codec=codec)
+        result = run_local_swarm(args.stages, args.steps, root, model=args.model, codec=codec,
+                                 extra_args=["--device", getattr(args, "device", "auto")])
     finally:
         if tmp is not None:
             tmp.cleanup()

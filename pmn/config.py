@@ -44,6 +44,7 @@ class OperatorConfig(ChainSettings):
     bootstrap: list[str] = field(default_factory=list)  # multiaddrs (with /p2p/<id>) of peers to join through
     metrics_port: int = 0  # Prometheus metrics HTTP port; 0 = disabled
     capacity: int = 1  # declared capacity units; the stake required scales with it
+    device: str = "auto"  # compute device: auto (first CUDA device, else MPS, else CPU), cpu, cuda, cuda:N, mps
     model_id: int = 0  # on-chain model id; with rpc_url set, the node signs receipts and serves paid inference
 
 

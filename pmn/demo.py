@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
 import time
 from dataclasses import dataclass, replace
@@ -61,6 +62,7 @@ class DemoConfig:
     microbatch_size: int = 4  # sequences per microbatch
     lr: float = 3e-3  # AdamW peak learning rate
     threads_per_node: int = 1  # torch threads per node process
+    device: str = "auto"  # compute device of the node processes (auto: first CUDA device, else MPS, else CPU)
     validators: int = 2  # attester accounts (validator role on chain)
     quorum: int = 2  # attester signatures required per epoch root
     challenge_window_s: int = 600  # seconds a root can be challenged (chain time is advanced past it)
@@ -158,7 +160,7 @@ class Demo:
         args = ["--model", cfg.preset, "--codec", cfg.codec, "--steps", str(cfg.steps), "--microbatches",
                 str(cfg.microbatches), "--microbatch-size", str(cfg.microbatch_size), "--lr", str(cfg.lr),
                 "--rpc-url", self.rpc_url, "--deployment", str(self.deployment_path), "--model-id",
-                str(self.model_id), "--linger", "--checkpoint-every", "0"]
+                str(self.model_id), "--linger", "--checkpoint-every", "0", "--device", cfg.device]
         self.nodes = launch_swarm(self.root, cfg.stages, args, ready_timeout_s=cfg.node_ready_timeout_s,
                                   threads=[cfg.threads_per_node] * cfg.stages)
         for n in self.nodes:
@@ -380,12 +382,26 @@ def load_demo_config(path: Path | None) -> DemoConfig:
     return replace(cfg, **data)
 
 
+def _check_device(choice: str) -> None:
+    """CLIError (one line) when the demo's device is not on this machine, before anything starts."""
+    from sharding.device import device_info, resolve_device
+    from sharding.errors import DeviceError
+
+    try:
+        print(device_info(resolve_device(choice)).line(), file=sys.stderr, flush=True)
+    except DeviceError as exc:
+        raise CLIError(str(exc)) from None
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     cfg = load_demo_config(args.config)
     if args.steps is not None:
         cfg = replace(cfg, steps=args.steps)
     if args.stages is not None:
         cfg = replace(cfg, stages=args.stages)
+    if getattr(args, "device", None) is not None:
+        cfg = replace(cfg, device=args.device)
+    _check_device(cfg.device)
     if cfg.stages < 3:
         raise CLIError("the demo needs at least 3 stages: pass --stages 3 or more")
     console = None if args.json else Console()

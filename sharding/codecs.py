@@ -6,6 +6,13 @@ Payload layouts (little-endian, row-major over (B, T, ...)):
 - int8:   fp32 per-token scale block (B*T*4 bytes), then int8 values (B*T*d); d+4 bytes per token.
 - subspace: bf16 z = U^T (h - E_fixed[ids]), 2*k bytes per token (gradient: bf16 U^T g).
 - subspace-fp32: as subspace with fp32 z (4*k); subspace-int8: bf16 per-token scales then int8 z (k+2).
+
+Device: encoding runs on the tensor's device (the projection U^T h, casts and quantisation there); only
+the wire vectors cross to host memory, through a pinned buffer and a non-blocking copy on CUDA. Decoding
+takes `device=` and moves the wire vectors there before expanding them (E_fixed[ids] + U z on the
+device). Inputs are fp32; a codec built with `low_precision_inputs=True` also takes bf16 and fp16
+tensors (exact in fp32, the codec's working precision; what goes on the wire is unchanged). float64 is
+always refused: narrowing it would be a silent cast.
 """
 
 from __future__ import annotations
@@ -32,13 +39,37 @@ def _describe(x: object) -> str:
     return type(x).__name__
 
 
+LOW_PRECISION_INPUTS = (torch.float32, torch.bfloat16, torch.float16)  # accepted with low_precision_inputs
+
+
 def _tensor_to_bytes(t: torch.Tensor) -> bytes:
-    """Raw little-endian bytes of a CPU tensor (fp32, int8 or int16 views)."""
-    return t.detach().contiguous().cpu().numpy().tobytes()
+    """Raw little-endian bytes of a tensor (fp32, int8 or int16 views) on any device.
+
+    CUDA: copied into a pinned host buffer (torch's caching host allocator) with a non-blocking copy,
+    then the stream is synchronised once before the bytes are read.
+    """
+    t = t.detach().contiguous()
+    if t.device.type == "cpu":
+        return t.numpy().tobytes()
+    if t.device.type == "cuda":
+        host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+        host.copy_(t, non_blocking=True)
+        torch.cuda.current_stream(t.device).synchronize()
+        return host.numpy().tobytes()
+    return t.cpu().numpy().tobytes()
 
 
 def _bytes_to_tensor(payload: bytes | bytearray | memoryview, dtype: torch.dtype, count: int) -> torch.Tensor:
     return torch.frombuffer(bytearray(payload), dtype=dtype, count=count)
+
+
+def _to_device(t: torch.Tensor, device: torch.device | None) -> torch.Tensor:
+    """Move a freshly decoded host tensor to `device` (pinned + non-blocking on CUDA); CPU: itself."""
+    if device is None or device.type == "cpu":
+        return t
+    if device.type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 class Codec:
@@ -49,6 +80,12 @@ class Codec:
     def __init__(self, config: ModelConfig) -> None:
         config.validate()
         self.config = config
+        self.input_dtypes: tuple[torch.dtype, ...] = (torch.float32,)  # dtypes encode_* accepts
+
+    def allow_low_precision_inputs(self) -> Codec:
+        """Also accept bf16 and fp16 tensors (autocast outputs); the wire format does not change."""
+        self.input_dtypes = LOW_PRECISION_INPUTS
+        return self
 
     @property
     def bytes_per_token(self) -> int:
@@ -75,8 +112,9 @@ class Codec:
         expect = (b, t, self.config.d_model)
         if not isinstance(x, torch.Tensor):
             raise CodecError(f"{self.name}: {what} must be a torch tensor, got {_describe(x)}")
-        if x.dtype != torch.float32:
-            raise CodecError(f"{self.name}: {what} must be float32, got {x.dtype} (no silent casts)")
+        if x.dtype not in self.input_dtypes:
+            names = " or ".join(str(d).removeprefix("torch.") for d in self.input_dtypes)
+            raise CodecError(f"{self.name}: {what} must be {names}, got {x.dtype} (no silent casts)")
         if tuple(x.shape) != expect:
             raise CodecError(f"{self.name}: {what} must have shape {expect}, got {tuple(x.shape)} (no reshapes)")
         if not bool(torch.isfinite(x).all()):
@@ -104,22 +142,23 @@ class Codec:
         b, t = self._check_tensor(h, ids, "activation")
         return self._encode(self._act_in(h, ids), b, t, "activation")
 
-    def decode_activation(self, payload: bytes, ids: torch.Tensor) -> torch.Tensor:
-        """Decode to the boundary hidden state (B, T, d) fp32."""
+    def decode_activation(self, payload: bytes, ids: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """Decode to the boundary hidden state (B, T, d) fp32, on `device` (default: CPU)."""
         b, t = self._check_ids(ids)
         self._check_payload(payload, b, t, "activation")
-        return self._check_decoded(self._act_out(self._decode(payload, b, t), ids), "activation")
+        v = self._decode(payload, b, t, device)
+        return self._check_decoded(self._act_out(v, ids.to(v.device)), "activation")
 
     def encode_gradient(self, g: torch.Tensor, ids: torch.Tensor) -> bytes:
         """Encode the gradient of the loss w.r.t. the boundary hidden state (B, T, d) fp32."""
         b, t = self._check_tensor(g, ids, "gradient")
         return self._encode(self._grad_in(g), b, t, "gradient")
 
-    def decode_gradient(self, payload: bytes, ids: torch.Tensor) -> torch.Tensor:
-        """Decode to a gradient w.r.t. the boundary hidden state (B, T, d) fp32."""
+    def decode_gradient(self, payload: bytes, ids: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        """Decode to a gradient w.r.t. the boundary hidden state (B, T, d) fp32, on `device` (default: CPU)."""
         b, t = self._check_ids(ids)
         self._check_payload(payload, b, t, "gradient")
-        return self._check_decoded(self._grad_out(self._decode(payload, b, t)), "gradient")
+        return self._check_decoded(self._grad_out(self._decode(payload, b, t, device)), "gradient")
 
     # -- hooks: map to/from the wire vectors (B, T, width) ----------------------------------------
     def _act_in(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
@@ -137,7 +176,7 @@ class Codec:
     def _encode(self, v: torch.Tensor, b: int, t: int, what: str) -> bytes:
         raise NotImplementedError
 
-    def _decode(self, payload: bytes, b: int, t: int) -> torch.Tensor:
+    def _decode(self, payload: bytes, b: int, t: int, device: torch.device | None) -> torch.Tensor:
         raise NotImplementedError
 
 
@@ -151,8 +190,9 @@ class _Fp32Wire(Codec):
     def _encode(self, v: torch.Tensor, b: int, t: int, what: str) -> bytes:
         return _tensor_to_bytes(v.to(torch.float32))
 
-    def _decode(self, payload: bytes, b: int, t: int) -> torch.Tensor:
-        return _bytes_to_tensor(payload, torch.float32, b * t * self.width).view(b, t, self.width)
+    def _decode(self, payload: bytes, b: int, t: int, device: torch.device | None) -> torch.Tensor:
+        raw = _bytes_to_tensor(payload, torch.float32, b * t * self.width)
+        return _to_device(raw, device).view(b, t, self.width)
 
 
 class _Bf16Wire(Codec):
@@ -168,8 +208,8 @@ class _Bf16Wire(Codec):
             raise CodecError(f"{self.name}: {what} overflows bfloat16")
         return _tensor_to_bytes(w.view(torch.int16))
 
-    def _decode(self, payload: bytes, b: int, t: int) -> torch.Tensor:
-        raw = _bytes_to_tensor(payload, torch.int16, b * t * self.width)
+    def _decode(self, payload: bytes, b: int, t: int, device: torch.device | None) -> torch.Tensor:
+        raw = _to_device(_bytes_to_tensor(payload, torch.int16, b * t * self.width), device)
         return raw.view(torch.bfloat16).to(torch.float32).view(b, t, self.width)
 
 
@@ -199,15 +239,16 @@ class _Int8Wire(Codec):
         raw_scale = scale if self.scale_dtype == torch.float32 else scale.view(torch.int16)
         return _tensor_to_bytes(raw_scale) + _tensor_to_bytes(q)
 
-    def _decode(self, payload: bytes, b: int, t: int) -> torch.Tensor:
+    def _decode(self, payload: bytes, b: int, t: int, device: torch.device | None) -> torch.Tensor:
         n = b * t
         sb = n * self._scale_bytes
         head = bytes(payload[:sb])
         if self.scale_dtype == torch.float32:
-            scale = _bytes_to_tensor(head, torch.float32, n)
+            scale = _to_device(_bytes_to_tensor(head, torch.float32, n), device)
         else:
-            scale = _bytes_to_tensor(head, torch.int16, n).view(self.scale_dtype).to(torch.float32)
-        q = _bytes_to_tensor(bytes(payload[sb:]), torch.int8, n * self.width).to(torch.float32)
+            raw = _to_device(_bytes_to_tensor(head, torch.int16, n), device)
+            scale = raw.view(self.scale_dtype).to(torch.float32)
+        q = _to_device(_bytes_to_tensor(bytes(payload[sb:]), torch.int8, n * self.width), device).to(torch.float32)
         return (q.view(n, self.width) * scale.view(n, 1)).view(b, t, self.width)
 
 
@@ -252,6 +293,15 @@ class _SubspaceMixin(Codec):
         self.width = config.subspace_rank
         self.u = subspace_basis(config)
         self.e_fixed = fixed_embedding(config)
+        self._on_device: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def _fixed(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """U and E_fixed on `device` (copied there once)."""
+        if device.type == "cpu":
+            return self.u, self.e_fixed
+        if device not in self._on_device:
+            self._on_device[device] = (self.u.to(device), self.e_fixed.to(device))
+        return self._on_device[device]
 
     def _check_ids(self, ids: torch.Tensor) -> tuple[int, int]:
         b, t = super()._check_ids(ids)
@@ -261,16 +311,18 @@ class _SubspaceMixin(Codec):
         return b, t
 
     def _act_in(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return (h - self.e_fixed[ids.long()]) @ self.u
+        u, e_fixed = self._fixed(h.device)
+        return (h.to(torch.float32) - e_fixed[ids.to(h.device).long()]) @ u
 
     def _act_out(self, v: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-        return self.e_fixed[ids.long()] + v @ self.u.t()
+        u, e_fixed = self._fixed(v.device)
+        return e_fixed[ids.long()] + v @ u.t()
 
     def _grad_in(self, g: torch.Tensor) -> torch.Tensor:
-        return g @ self.u
+        return g.to(torch.float32) @ self._fixed(g.device)[0]
 
     def _grad_out(self, v: torch.Tensor) -> torch.Tensor:
-        return v @ self.u.t()
+        return v @ self._fixed(v.device)[0].t()
 
 
 class SubspaceCodec(_SubspaceMixin, _Bf16Wire):
@@ -314,9 +366,10 @@ _REGISTRY: dict[str, type[Codec]] = {
 }
 
 
-def get_codec(name: str, config: ModelConfig) -> Codec:
-    """The codec called `name` for `config`; unknown names raise CodecError."""
+def get_codec(name: str, config: ModelConfig, *, low_precision_inputs: bool = False) -> Codec:
+    """The codec called `name` for `config` (also taking bf16/fp16 inputs when asked); unknown names raise CodecError."""
     cls = _REGISTRY.get(name)
     if cls is None:
         raise CodecError(f"unknown codec {name!r}; choose one of {list(CODEC_NAMES)}")
-    return cls(config)
+    codec = cls(config)
+    return codec.allow_low_precision_inputs() if low_precision_inputs else codec

@@ -15,3 +15,11 @@ class DataError(ShardingError):
 
 class StageError(ShardingError):
     """A stage module was called with inputs that do not fit its role."""
+
+
+class DeviceError(ShardingError):
+    """A device or execution setting was asked for that this machine or torch does not offer."""
+
+
+class StageMemoryError(StageError):
+    """A stage does not fit in the memory of its device; raised before any weight is allocated."""

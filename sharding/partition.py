@@ -7,16 +7,23 @@ from collections.abc import Sequence
 
 from .config import ModelConfig
 from .flops import block_forward_flops, head_forward_flops
+from .memory import MemoryPlan, estimate_stage
 from .stagespec import StageSpec
 
 
 def partition(
-    config: ModelConfig, num_stages: int, throughputs: Sequence[float] | None = None
+    config: ModelConfig,
+    num_stages: int,
+    throughputs: Sequence[float] | None = None,
+    memory_budgets: Sequence[int] | None = None,
+    memory_plan: MemoryPlan | None = None,
 ) -> list[StageSpec]:
     """Split the model into `num_stages` contiguous stages minimising the slowest stage's time.
 
     Cost of a stage = its forward FLOPs per token / its throughput (1.0 each when not given).
-    In subspace mode the free tail layers all stay on the last stage.
+    memory_budgets: bytes each stage's node can give it; a split whose stage needs more
+    (`sharding.memory.estimate_stage` under `memory_plan`) is not considered, and ValueError names the
+    tightest stage when no split fits. In subspace mode the free tail layers all stay on the last stage.
     """
     config.validate()
     if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
@@ -47,6 +54,19 @@ def partition(
         bad = [x for x in speeds if not (math.isfinite(x) and x > 0)]
         if bad:
             raise ValueError(f"throughputs must be finite and > 0, got {bad}: pass measured tokens/s")
+    budgets: list[int] | None = None
+    if memory_budgets is not None:
+        budgets = [int(x) for x in memory_budgets]
+        if len(budgets) != num_stages or any(x <= 0 for x in budgets):
+            raise ValueError(f"memory_budgets must hold {num_stages} byte counts > 0, got {list(memory_budgets)}")
+    plan = (memory_plan or MemoryPlan()).validate()
+
+    def fits(stage: int, start: int, end: int) -> bool:
+        if budgets is None:
+            return True
+        spec = StageSpec(stage, num_stages, start, end, stage == 0, stage == num_stages - 1)
+        return estimate_stage(config, spec, plan).total <= budgets[stage]
+
     cost = [float(block_forward_flops(config, b)) for b in range(n)]
     cost[-1] += float(head_forward_flops(config))
     prefix = [0.0]
@@ -64,14 +84,21 @@ def partition(
             if e < n and e > last_cut:
                 continue
             for b in range(s - 1, e):
-                if best[s - 1][b] == inf:
+                if best[s - 1][b] == inf or not fits(s - 1, b, e):
                     continue
                 t = max(best[s - 1][b], (prefix[e] - prefix[b]) / speeds[s - 1])
                 if t < best[s][e] - 1e-9 * max(1.0, t):
                     best[s][e] = t
                     choice[s][e] = b
-    if best[num_stages][n] == inf:  # pragma: no cover - guarded by the max_stages check above
-        raise ValueError(f"num_stages={num_stages}: no legal partition; use fewer stages")
+    if best[num_stages][n] == inf:
+        if budgets is not None:
+            need = max(estimate_stage(config, s, plan).total for s in partition(config, num_stages, throughputs))
+            raise ValueError(
+                f"no split of {n} blocks into {num_stages} stages fits memory_budgets "
+                f"{[round(x / 2**30, 2) for x in budgets]} GiB (the FLOP-balanced split's largest stage needs "
+                f"{need / 2**30:.2f} GiB): use more stages or nodes with more memory"
+            )
+        raise ValueError(f"num_stages={num_stages}: no legal partition; use fewer stages")  # pragma: no cover
     bounds = [n]
     e = n
     for s in range(num_stages, 0, -1):

@@ -7,9 +7,12 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from .config import ModelConfig
+from .device import ExecutionPolicy, device_info
 from .errors import StageError
+from .memory import MemoryPlan, estimate_stage, require_fit
 from .model import Block, RMSNorm, rope_tables
 from .partition import check_spec
 from .seeding import generator
@@ -33,6 +36,7 @@ class StageModule(nn.Module):
         check_spec(config, spec)
         self.config = config
         self.spec = spec
+        self.activation_checkpointing = False  # recompute each block in backward (set by build_stage_on)
         with torch.device("meta"):
             self.embed = nn.Embedding(config.vocab_size, config.d_model) if spec.has_embedding else None
             self.blocks = nn.ModuleDict(
@@ -112,8 +116,12 @@ class StageModule(nn.Module):
             if tuple(h.shape) != expect or h.dtype != torch.float32:
                 raise StageError(f"h must be float32 of shape {expect}, got {_describe(h)}")
             x = h
+        recompute = self.activation_checkpointing and torch.is_grad_enabled()
         for key, block in self.blocks.items():
-            x = block(x, self.rope_cos, self.rope_sin)
+            if recompute:
+                x = checkpoint(block, x, self.rope_cos, self.rope_sin, use_reentrant=False)
+            else:
+                x = block(x, self.rope_cos, self.rope_sin)
             if self.u is not None and self.e_fixed is not None and cfg.is_constrained(int(key)):
                 x = restream(x, ids, self.u, self.e_fixed)
         if self.lm_head is None or self.norm_f is None:
@@ -142,3 +150,24 @@ def build_stage(config: ModelConfig, spec: StageSpec, device: torch.device | str
 def build_model(config: ModelConfig, device: torch.device | str = "cpu") -> StageModule:
     """The unsplit model: a single stage holding everything."""
     return StageModule(config, full_spec(config), device)
+
+
+def plan_for(policy: ExecutionPolicy, microbatch_size: int, microbatches_in_flight: int,
+             train: bool = True) -> MemoryPlan:
+    """The memory plan of a stage run under `policy`."""
+    return MemoryPlan(microbatch_size=microbatch_size, microbatches_in_flight=microbatches_in_flight,
+                      compute_dtype=policy.compute_dtype_name,
+                      activation_checkpointing=policy.activation_checkpointing, optimizer=train)
+
+
+def build_stage_on(config: ModelConfig, spec: StageSpec, policy: ExecutionPolicy, plan: MemoryPlan,
+                   free_bytes: int | None = None) -> StageModule:
+    """Build one stage on `policy`'s device after checking it fits there (StageMemoryError before any weight
+    is allocated otherwise). `free_bytes` overrides the device's reported free memory (a per-node budget)."""
+    policy.validate()
+    device = policy.torch_device
+    free = free_bytes if free_bytes is not None else device_info(device).free_bytes
+    require_fit(estimate_stage(config, spec, plan), free, str(device), policy.memory_headroom)
+    module = StageModule(config, spec, device)
+    module.activation_checkpointing = policy.activation_checkpointing
+    return module

@@ -58,8 +58,12 @@ def lr_at(step: int, optim: OptimConfig) -> float:
     return floor + (optim.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
 
 
-def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over `module`'s parameters: matrices decayed, vectors (norm gains) not."""
+def make_optimizer(module: nn.Module, optim: OptimConfig, kernel: dict[str, bool] | None = None) -> torch.optim.AdamW:
+    """AdamW over `module`'s parameters: matrices decayed, vectors (norm gains) not.
+
+    kernel: AdamW's `fused` / `foreach` arguments (`ExecutionPolicy.adamw_kwargs()`); default: the
+    single-tensor loop (`foreach=False`), the reference the golden losses were recorded with.
+    """
     optim.validate()
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
@@ -71,7 +75,8 @@ def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, foreach=False)
+    kw: dict[str, bool] = dict(kernel) if kernel is not None else {"foreach": False}
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, **kw)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

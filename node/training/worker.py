@@ -19,11 +19,12 @@ from sharding import (
     ModelConfig,
     OptimConfig,
     StageSpec,
-    build_stage,
     get_codec,
     make_optimizer,
     token_id_bytes,
 )
+from sharding.device import ExecutionPolicy
+from sharding.stage import build_stage_on, plan_for
 from sharding.train import optimizer_step
 
 
@@ -62,18 +63,25 @@ class StageWorker:
         num_microbatches: int,
         microbatch_size: int,
         corpus: Corpus | None = None,
+        policy: ExecutionPolicy | None = None,
     ) -> None:
+        """policy: device, precision, AdamW kernel, compile, checkpointing (None: fp32 on CPU). The stage is
+        refused (sharding.StageMemoryError) before any weight is allocated when it does not fit its device."""
         if spec.is_first and corpus is None:
             raise ValueError("the head stage needs a corpus to read its data from")
         self.config = config
         self.spec = spec
-        self.codec = get_codec(codec, config)
+        self.policy = (policy or ExecutionPolicy()).validate()
+        self.device = self.policy.torch_device
+        self.codec = get_codec(codec, config, low_precision_inputs=True)
         self.optim = optim
         self.num_microbatches = num_microbatches
         self.microbatch_size = microbatch_size
         self.corpus = corpus
-        self.module = build_stage(config, spec)
-        self.optimizer = make_optimizer(self.module, optim)
+        self.module = build_stage_on(config, spec, self.policy, plan_for(self.policy, microbatch_size, num_microbatches))
+        self.optimizer = make_optimizer(self.module, optim, self.policy.adamw_kwargs())
+        # what forward calls: the module, or its torch.compile wrapper (same parameters)
+        self._run: Any = torch.compile(self.module) if self.policy.compile else self.module
         self.id_bytes = token_id_bytes(config)
         self.next_step = 0  # first step not yet applied by the optimiser
         self._stash: dict[tuple[int, int], _Stash] = {}
@@ -102,12 +110,12 @@ class StageWorker:
         if h.kind == frames.Kind.ACTIVATION:
             window = bytes_to_window(fr.window, self.microbatch_size, self.config.seq_len, self.id_bytes,
                                      self.config.vocab_size)
-            decoded = window, self.codec.decode_activation(fr.payload, window[:, :-1])
+            decoded = window, self.codec.decode_activation(fr.payload, window[:, :-1], self.device)
         else:
             stash = self._stash.get((h.step, h.microbatch))
             if stash is None:
                 raise UnexpectedFrameError(f"gradient for step {h.step} microbatch {h.microbatch} that was never sent")
-            decoded = self.codec.decode_gradient(fr.payload, stash.ids)
+            decoded = self.codec.decode_gradient(fr.payload, stash.ids, self.device)
         for obs in self.observers:
             obs.on_frame(fr)
         return decoded
@@ -126,17 +134,20 @@ class StageWorker:
 
     def forward(self, step: int, mb: int, window: torch.Tensor, h_in: torch.Tensor | None) -> bytes | float:
         """Non-tail: run the shard and return the encoded activation. Tail: loss, backward, return loss."""
+        window = window.to(self.device)
         ids, targets = window[:, :-1], window[:, 1:]
         if h_in is not None:
-            h_in = h_in.detach().requires_grad_(True)
+            h_in = h_in.to(self.device).detach().requires_grad_(True)
         if self.spec.is_last:
-            loss = self.module(ids, h_in, targets)
+            with self.policy.autocast():
+                loss = self._run(ids, h_in, targets)
             (loss / self.num_microbatches).backward()
             self._stash[(step, mb)] = _Stash(ids=ids, out=None, h_in=h_in)
             value = float(loss.detach())
             self._losses.setdefault(step, []).append(value)
             return value
-        out = self.module(ids, h_in)
+        with self.policy.autocast():
+            out = self._run(ids, h_in)
         self._stash[(step, mb)] = _Stash(ids=ids, out=out, h_in=h_in)
         return self.codec.encode_activation(out.detach(), ids)
 
@@ -150,7 +161,7 @@ class StageWorker:
             raise UnexpectedFrameError(f"backward for step {step} microbatch {mb} without a forward")
         if grad_out is not None:
             assert stash.out is not None
-            stash.out.backward(grad_out)
+            stash.out.backward(grad_out.to(self.device))
         if stash.h_in is None:
             return None
         assert stash.h_in.grad is not None

@@ -1,0 +1,148 @@
+"""Memory a stage needs on its device, estimated before anything is allocated (pure arithmetic).
+
+bytes = parameters (fp32 master weights) + gradients (fp32) + AdamW state (exp_avg, exp_avg_sq: fp32)
+      + buffers (rotary tables, U, E_fixed) + activations kept for backward.
+
+Activations are per token per block, with coefficients calibrated on CPU against the tensors autograd
+really saves (`torch.autograd.graph.saved_tensors_hooks`, see tests/sharding/test_memory.py): fp32
+`48 d + 8 r d` bytes (r = mlp_ratio), bf16 autocast `32 d + 4 r d` (bf16 copies plus the fp32
+residual stream and norms), plus `16 d` (fp32) / `8 d` (bf16) per constrained subspace block; the
+tail adds `16 V + 8 d` for logits and cross-entropy. Under bf16 autocast every microbatch's graph also
+keeps its own bf16 copy of each linear weight (2 bytes per matmul parameter per microbatch in flight). Attention is counted without a T x T matrix:
+`scaled_dot_product_attention` runs flash / memory-efficient kernels on CUDA and the flash kernel on
+CPU (only a (B, H, T) log-sum-exp is saved). With activation checkpointing a block keeps only its
+input (4 d) and one block's activations are live at a time. GPipe keeps every in-flight microbatch's
+activations until its backward.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import ModelConfig
+from .errors import StageMemoryError
+from .stagespec import StageSpec
+
+FP32 = 4  # bytes of one fp32 value
+ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32 each
+# activation bytes per token per block: (per d, per r*d, extra per d for a constrained subspace block)
+_BLOCK_ACT = {"fp32": (48, 8, 16), "bf16": (32, 4, 8)}
+_TAIL_PER_VOCAB = 16  # logits, log-softmax and their casts, per token per vocabulary entry
+_TAIL_PER_D = 8  # final norm input and output, per token per d
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """What a stage is trained with, as far as memory goes."""
+
+    microbatch_size: int = 4  # sequences per microbatch
+    microbatches_in_flight: int = 4  # microbatches whose activations are alive at once (GPipe: all of a step)
+    compute_dtype: str = "fp32"  # "fp32" or "bf16" (autocast): the dtype of saved activations
+    activation_checkpointing: bool = False  # blocks recompute their activations in backward
+    optimizer: bool = True  # the stage trains (gradients and AdamW state); False: inference only
+
+    def validate(self) -> MemoryPlan:
+        """Raise ValueError naming the bad field; return self."""
+        if self.microbatch_size < 1 or self.microbatches_in_flight < 1:
+            raise ValueError("MemoryPlan.microbatch_size and microbatches_in_flight must be >= 1")
+        if self.compute_dtype not in _BLOCK_ACT:
+            raise ValueError(f"MemoryPlan.compute_dtype={self.compute_dtype!r}: choose one of {sorted(_BLOCK_ACT)}")
+        return self
+
+
+@dataclass(frozen=True)
+class StageMemory:
+    """Bytes one stage needs on its device."""
+
+    stage: int  # stage index
+    param_count: int  # trainable parameters of the stage
+    params: int  # fp32 master weights
+    grads: int  # fp32 gradients
+    optimizer: int  # AdamW state
+    buffers: int  # non-trainable tensors (rotary tables, U, E_fixed)
+    activations: int  # saved for backward, all in-flight microbatches
+
+    @property
+    def total(self) -> int:
+        """Sum of every part."""
+        return self.params + self.grads + self.optimizer + self.buffers + self.activations
+
+    def describe(self) -> str:
+        """`2.10 GiB (params 0.50 + grads 0.50 + optimizer 1.00 + buffers 0.00 + activations 0.10 GiB)`."""
+        g = 2**30
+        return (f"{self.total / g:.2f} GiB (params {self.params / g:.2f} + grads {self.grads / g:.2f} + "
+                f"optimizer {self.optimizer / g:.2f} + buffers {self.buffers / g:.2f} + activations "
+                f"{self.activations / g:.2f} GiB; {self.param_count:,} parameters)")
+
+
+def block_params(config: ModelConfig) -> int:
+    """Parameters of one transformer block: qkv, proj, MLP up and down, two norm gains."""
+    d, r = config.d_model, config.mlp_ratio
+    return (4 + 2 * r) * d * d + 2 * d
+
+
+def stage_param_count(config: ModelConfig, spec: StageSpec) -> int:
+    """Trainable parameters of the shard `spec` (equals sum(p.numel()) of the built StageModule)."""
+    n = len(spec.blocks) * block_params(config)
+    if spec.has_embedding:
+        n += config.vocab_size * config.d_model
+    if spec.has_lm_head:
+        n += config.d_model + config.vocab_size * config.d_model
+    return n
+
+
+def stage_buffer_bytes(config: ModelConfig) -> int:
+    """Non-persistent buffers every stage holds: rotary cos/sin, and U and E_fixed in subspace mode."""
+    n = config.seq_len * config.head_dim  # cos and sin, head_dim / 2 each
+    if config.subspace_rank is not None:
+        n += config.d_model * config.subspace_rank + config.vocab_size * config.d_model
+    return n * FP32
+
+
+def _block_bytes(config: ModelConfig, spec: StageSpec, plan: MemoryPlan) -> list[int]:
+    d, r = config.d_model, config.mlp_ratio
+    per_d, per_rd, sub = _BLOCK_ACT[plan.compute_dtype]
+    return [per_d * d + per_rd * r * d + (sub * d if config.is_constrained(b) else 0) for b in spec.blocks]
+
+
+def activation_bytes_per_token(config: ModelConfig, spec: StageSpec, plan: MemoryPlan) -> int:
+    """Bytes saved for backward per token of one in-flight microbatch (checkpointing: block inputs only)."""
+    d = config.d_model
+    blocks = _block_bytes(config, spec, plan)
+    total = FP32 * d * len(blocks) if plan.activation_checkpointing else sum(blocks)
+    total += FP32 * d  # the stage's input (received h) or embedding output
+    if spec.has_lm_head:
+        total += _TAIL_PER_VOCAB * config.vocab_size + _TAIL_PER_D * d
+    return total
+
+
+def estimate_stage(config: ModelConfig, spec: StageSpec, plan: MemoryPlan | None = None) -> StageMemory:
+    """Bytes `spec`'s stage needs when trained (or run) as `plan` says."""
+    p = (plan or MemoryPlan()).validate()
+    count = stage_param_count(config, spec)
+    tokens = p.microbatch_size * config.seq_len * p.microbatches_in_flight
+    per_mb_casts = 0
+    if p.compute_dtype == "bf16":  # autocast's bf16 weight copies, saved by every microbatch's graph
+        d, r = config.d_model, config.mlp_ratio
+        per_mb_casts = 2 * (len(spec.blocks) * (4 + 2 * r) * d * d + (config.vocab_size * d if spec.has_lm_head else 0))
+    activations = tokens * activation_bytes_per_token(config, spec, p) + per_mb_casts * p.microbatches_in_flight
+    if p.activation_checkpointing:  # one block of one microbatch recomputed at a time in backward
+        activations += p.microbatch_size * config.seq_len * max(_block_bytes(config, spec, p))
+    return StageMemory(
+        stage=spec.index, param_count=count, params=FP32 * count, grads=FP32 * count if p.optimizer else 0,
+        optimizer=ADAMW_STATES * FP32 * count if p.optimizer else 0, buffers=stage_buffer_bytes(config),
+        activations=activations if p.optimizer else 0,
+    )
+
+
+def require_fit(need: StageMemory, free_bytes: int | None, device: str, headroom: float = 0.9) -> None:
+    """Raise StageMemoryError unless `need` fits in `headroom` x `free_bytes` (unknown free memory passes)."""
+    if free_bytes is None:
+        return
+    budget = int(free_bytes * headroom)
+    if need.total > budget:
+        raise StageMemoryError(
+            f"stage {need.stage} does not fit on {device}: it needs {need.describe()} but the device has "
+            f"{free_bytes / 2**30:.2f} GiB free ({headroom:.0%} usable = {budget / 2**30:.2f} GiB); use more "
+            "stages, smaller microbatches, bf16 or activation checkpointing"
+        )
