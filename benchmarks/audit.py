@@ -37,7 +37,7 @@ from protocol.accounting import compute_units  # noqa: E402
 from protocol.epoch import EpochContext, build_epoch  # noqa: E402
 from protocol.localswarm import Behaviour, LocalSwarm, LocalSwarmConfig  # noqa: E402
 from protocol.receipts import Domain, StaticKeyRegistry  # noqa: E402
-from protocol.spotcheck import SpotCheckConfig, detection_probability, is_sampled  # noqa: E402
+from protocol.spotcheck import TOLERANCES, SpotCheckConfig, detection_probability, is_sampled  # noqa: E402
 from sharding.config import ModelConfig  # noqa: E402
 
 RATES = (0.05, 0.2, 1.0)
@@ -53,7 +53,7 @@ class AuditBenchConfig:
     random_fraction: float = 0.25  # fraction of stage 1's forward hops replaced by random activations
     inflate: int = 10  # stage 0's self-reported work multiplier
     trials: int = 2000  # attester seeds per (rate, epoch)
-    tolerance: float = 1e-2  # spot-check relative L2 tolerance
+    tolerance: float = TOLERANCES["bf16"]  # spot-check score tolerance (protocol.spotcheck.SPOTCHECK_RULE)
 
 
 QUICK = AuditBenchConfig(epochs=2, epoch_length=2, microbatches=4, trials=400)

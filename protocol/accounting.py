@@ -14,6 +14,7 @@ from functools import lru_cache
 from eth_utils import keccak
 
 from protocol.errors import AccountingError
+from protocol.spotcheck import SPOTCHECK_RULE  # the audit metric and its tolerances are part of the terms
 from sharding import flops as _flops
 from sharding.config import ModelConfig
 from sharding.partition import check_spec
@@ -40,11 +41,12 @@ def compute_units(config: ModelConfig, spec: StageSpec, tokens: int) -> int:
 
 @lru_cache(maxsize=1)
 def accounting_function_hash() -> bytes:
-    """keccak256 of the canonical description: version, formula text and the source of the FLOP functions."""
+    """keccak256 of the canonical description: version, formula text, the source of the FLOP functions and the
+    spot-check rule (metric and tolerances, `protocol.spotcheck.SPOTCHECK_RULE`)."""
     sources = {
         name: "0x" + keccak(text=inspect.getsource(getattr(_flops, name))).hex()
         for name in ("block_forward_flops", "head_forward_flops", "stage_flops_per_token")
     }
     sources["compute_units"] = "0x" + keccak(text=inspect.getsource(compute_units)).hex()
-    description = {"version": ACCOUNTING_VERSION, "formula": FORMULA, "sources": sources}
+    description = {"version": ACCOUNTING_VERSION, "formula": FORMULA, "sources": sources, "spotcheck": SPOTCHECK_RULE}
     return keccak(json.dumps(description, sort_keys=True, separators=(",", ":")).encode())

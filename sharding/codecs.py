@@ -160,6 +160,11 @@ class Codec:
         self._check_payload(payload, b, t, "gradient")
         return self._check_decoded(self._grad_out(self._decode(payload, b, t, device)), "gradient")
 
+    def wire_vectors(self, x: torch.Tensor, ids: torch.Tensor, gradient: bool = False) -> torch.Tensor:
+        """The (B, T, width) vectors this codec puts on the wire for x, before rounding (z for subspace)."""
+        self._check_tensor(x, ids, "gradient" if gradient else "activation")
+        return self._grad_in(x) if gradient else self._act_in(x, ids)
+
     # -- hooks: map to/from the wire vectors (B, T, width) ----------------------------------------
     def _act_in(self, h: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
         return h
