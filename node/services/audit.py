@@ -183,7 +183,8 @@ class AuditRecorder:
 
     def on_before_update(self, step: int, module: torch.nn.Module) -> None:
         """Keep the parameters every hop of `step` was computed with, then drop expired epochs."""
-        state = {k: v.detach().contiguous().clone() for k, v in module.state_dict().items()}
+        # a copy in host memory (no second copy on the GPU); attesters re-execute from it on CPU
+        state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
         with self._lock:
             self._write(self._dir(step) / f"state-{step}.safetensors", st_save(state))
             self._written[step // self.epoch_length] = self.clock()
