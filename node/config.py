@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from sharding.device import ExecutionPolicy, policy_for
+if TYPE_CHECKING:  # torch is imported when a policy is built, not with the config
+    from sharding.device import ExecutionPolicy
 
 
 @dataclass
@@ -182,6 +184,7 @@ class ExecutionConfig:
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field (the device itself is checked when the node starts)."""
+        from sharding.device import ExecutionPolicy
         from sharding.errors import DeviceError
 
         try:
@@ -192,6 +195,8 @@ class ExecutionConfig:
 
     def policy(self, device: str) -> ExecutionPolicy:
         """The stage's ExecutionPolicy on `device` (auto|cpu|cuda|cuda:N|mps); sharding.DeviceError if absent."""
+        from sharding.device import policy_for
+
         return policy_for(device, precision=self.precision, adamw=self.adamw, compile=self.compile,
                           activation_checkpointing=self.activation_checkpointing,
                           memory_headroom=self.memory_headroom)
