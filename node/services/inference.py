@@ -160,8 +160,9 @@ class InferenceService:
 
     def _run(self, ids: torch.Tensor, h: torch.Tensor | None) -> torch.Tensor:
         def go() -> torch.Tensor:
+            device = next(self.module.parameters()).device  # the stage's device (--device)
             with torch.no_grad():
-                return self.module(ids, h)
+                return self.module(ids.to(device), None if h is None else h.to(device))
 
         if self.module_lock is None:
             return go()
