@@ -43,9 +43,10 @@ class ModelConfig:
                 f"ModelConfig: head size d_model/n_heads={self.d_model // self.n_heads} must be even "
                 "for rotary embeddings: change d_model or n_heads"
             )
-        if self.vocab_size > 65536:
+        if self.vocab_size > 2**32:
             raise ValueError(
-                f"ModelConfig.vocab_size={self.vocab_size}: token ids travel as uint16; use <= 65536"
+                f"ModelConfig.vocab_size={self.vocab_size}: token ids travel as uint32 (uint16 up to 65536); "
+                "use <= 4294967296"
             )
         if self.subspace_rank is not None:
             k = self.subspace_rank

@@ -414,7 +414,7 @@ class ActChannel:
             kind=kind, spec_hash=self.local.spec_hash, stage=self.local.stage, step=step, microbatch=microbatch,
             codec=self.spec.codec, dtype=self.spec.dtype, shape=self.spec.shape, window_len=len(window),
             payload_len=len(payload), digest=await digest_off_loop(window, payload, self.cfg.hashes_in_thread(len(window) + len(payload))),
-            attempt=attempt,
+            attempt=attempt, id_dtype=self.spec.id_dtype,
         )
         sig = self.receipts.sign(header, self.remote.address if self.remote else "")
         header = frames.FrameHeader(**{**header.__dict__, "sig_len": len(sig)})
