@@ -183,6 +183,8 @@ class NodeConfig:
     progress: bool = True  # show a live rich progress line on stderr
     optim_lr: float | None = None  # override of OptimConfig.lr (None = sharding default)
     corpus: str | None = None  # sharding.load_corpus source read by the first stage (None = the stdlib corpus)
+    dataset: str | None = None  # JSON of the spec's [data] section (pmn node start writes it): prepared, hash-checked
+    # token files instead of `corpus` (None = byte-level `corpus`, not pinned by the spec hash)
     linger: bool = False  # after the last step keep serving (inference, audits, announcements) until signalled
     transport: TransportConfig = field(default_factory=TransportConfig)  # activation protocol settings
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # peer discovery settings
@@ -203,6 +205,9 @@ class NodeConfig:
                 raise ValueError(f"stage {s} out of range: num_stages is {self.num_stages}")
         if self.capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {self.capacity}")
+        if self.dataset is not None and self.corpus is not None:
+            raise ValueError("corpus and dataset are both set: the spec's dataset is what the node trains on, "
+                             "drop --corpus")
         if not self.listen:
             raise ValueError("listen must name at least one multiaddr, e.g. /ip4/127.0.0.1/tcp/0")
         r = self.runtime

@@ -19,6 +19,7 @@ from pmn.config import OperatorConfig, load_config
 from pmn.errors import CLIError
 from pmn.spec import TrainingRecipe, load_proposal
 from sharding.config import PRESETS, ModelConfig
+from sharding.dataset import DataSpec
 from sharding.partition import partition
 
 
@@ -30,6 +31,7 @@ class NodeModel:
     stages: int  # pipeline depth it is split into
     daemon_model: str  # what the daemon's --model takes: a preset name or a ModelConfig JSON path
     recipe: TrainingRecipe | None  # the spec's training recipe, when the model came from a spec TOML
+    data: DataSpec | None = None  # the spec's [data] section (dataset and tokenizer), when it has one
 
 
 def resolve_model(model: str, stages: int | None, default_stages: int, json_dir: Path | None = None) -> NodeModel:
@@ -41,15 +43,19 @@ def resolve_model(model: str, stages: int | None, default_stages: int, json_dir:
     from node.model import load_model_config
 
     recipe = None
+    data = None
     path = Path(model).expanduser()
     if model not in PRESETS and path.suffix == ".toml" and path.exists():
         proposal = load_proposal(path)
-        config, recipe = proposal.model, proposal.training
+        config, recipe, data = proposal.model, proposal.training, proposal.data
         daemon_model = str(path)
         if json_dir is not None:
+            proposal.check_local_data()  # the tokenizer file matches the spec: before the node allocates a weight
             json_dir.mkdir(parents=True, exist_ok=True)
             daemon_model = str(json_dir / "model.json")
             Path(daemon_model).write_text(json.dumps(config.to_dict(), sort_keys=True))
+            if data is not None:
+                (json_dir / "data.json").write_text(json.dumps(data.to_dict(), sort_keys=True))
     else:
         try:
             config = load_model_config(model)
@@ -60,7 +66,7 @@ def resolve_model(model: str, stages: int | None, default_stages: int, json_dir:
     n = stages if stages is not None else recipe.stages if recipe is not None else default_stages
     if n < 1 or n > config.n_layers:
         raise CLIError(f"--stages must be in 1..{config.n_layers} (the model's layers), got {n}")
-    return NodeModel(config, n, daemon_model, recipe)
+    return NodeModel(config, n, daemon_model, recipe, data)
 
 
 def node_config(op: OperatorConfig, flags: dict[str, Any]) -> NodeConfig:
@@ -86,6 +92,11 @@ def node_config(op: OperatorConfig, flags: dict[str, Any]) -> NodeConfig:
         r = cfg.runtime
         r.codec, r.num_microbatches, r.microbatch_size = m.recipe.codec, m.recipe.microbatches, m.recipe.microbatch_size
         cfg.optim_lr = m.recipe.lr
+    if m.data is not None:  # the spec's dataset and tokenizer, hash-checked by the node at start
+        if flags.get("corpus") is not None:
+            raise CLIError("--corpus conflicts with the spec's [data] section: the node trains on what the spec "
+                           "pins; drop --corpus")
+        cfg.dataset = str(data_dir / "data.json")
     if op.rpc_url:  # on-chain mode: co-signed receipts for every hop, paid inference after training
         if op.model_id < 1:
             raise CLIError("rpc_url is set but model_id is not: set model_id (or PMN_MODEL_ID) to the on-chain model id")

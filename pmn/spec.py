@@ -1,7 +1,9 @@
 """A researcher's model proposal: architecture, training recipe and on-chain terms, from one TOML file.
 
 The content hash registered on-chain is keccak256 of the canonical JSON of `model` and `training`
-(sorted keys, no spaces); the terms are stored on-chain field by field.
+(sorted keys, no spaces), plus the hashed fields of `data` when the proposal has a [data] section (a
+spec without one keeps its hash: byte-level tokens, the node's own corpus); the terms are stored
+on-chain field by field.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from eth_utils import keccak
 from pmn.errors import ConfigError
 from sharding.codecs import get_codec
 from sharding.config import PRESETS, ModelConfig
+from sharding.dataset import DataSpec, check_tokenizer
+from sharding.errors import DataError
 from sharding.partition import partition
 
 
@@ -51,10 +55,19 @@ class ModelProposal:
     model: ModelConfig
     training: TrainingRecipe = field(default_factory=TrainingRecipe)
     terms: ProposalTerms = field(default_factory=ProposalTerms)
+    data: DataSpec | None = None  # dataset and tokenizer ([data]); None = byte-level, not pinned (old specs)
 
     def validate(self) -> ModelProposal:
-        """Raise ValueError naming the field and the fix."""
+        """Raise ValueError naming the field and the fix (no file is read)."""
         self.model.validate()
+        if self.data is not None:
+            try:
+                self.data.validate()
+            except DataError as exc:
+                raise ValueError(str(exc)) from None
+            if self.data.tokenizer == "byte" and self.model.vocab_size < 256:
+                raise ValueError(f"[model] vocab_size={self.model.vocab_size} is smaller than the byte-level "
+                                 "tokenizer's 256 ids: set vocab_size >= 256")
         partition(self.model, self.training.stages)
         get_codec(self.training.codec, self.model)
         if self.training.microbatches < 1 or self.training.microbatch_size < 1:
@@ -69,12 +82,22 @@ class ModelProposal:
 
     def canonical_json(self) -> bytes:
         """Sorted-key, whitespace-free JSON of model and training (what the hash covers)."""
-        body = {"model": self.model.to_dict(), "training": asdict(self.training)}
+        body: dict[str, Any] = {"model": self.model.to_dict(), "training": asdict(self.training)}
+        if self.data is not None:
+            body["data"] = self.data.hashed()
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     def content_hash(self) -> bytes:
         """keccak256 of `canonical_json()`: the spec hash registered on-chain."""
         return bytes(keccak(self.canonical_json()))
+
+    def check_local_data(self) -> None:
+        """The local tokenizer file matches [data] tokenizer_hash and fits the model (ConfigError otherwise)."""
+        if self.data is not None:
+            try:
+                check_tokenizer(self.data, self.model.vocab_size)
+            except DataError as exc:
+                raise ConfigError(str(exc)) from None
 
     @property
     def audit_rate_bps(self) -> int:
@@ -92,9 +115,10 @@ def _typed(cls: type, table: dict[str, Any], where: str) -> dict[str, Any]:
 
 def proposal_from_dict(data: dict[str, Any], where: str = "spec") -> ModelProposal:
     """Build and validate a proposal from parsed TOML tables `model`, `training`, `terms`."""
-    unknown = sorted(set(data) - {"model", "training", "terms"})
+    unknown = sorted(set(data) - {"model", "training", "terms", "data"})
     if unknown:
-        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown)}; expected [model], [training], [terms]")
+        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown)}; expected [model], [training], [terms], "
+                          "[data]")
     model_table = dict(data.get("model", {}))
     preset = model_table.pop("preset", None)
     if preset is not None and preset not in PRESETS:
@@ -104,9 +128,28 @@ def proposal_from_dict(data: dict[str, Any], where: str = "spec") -> ModelPropos
         model = replace(base, **_typed(ModelConfig, model_table, f"{where} [model]"))
         training = TrainingRecipe(**_typed(TrainingRecipe, data.get("training", {}), f"{where} [training]"))
         terms = ProposalTerms(**_typed(ProposalTerms, data.get("terms", {}), f"{where} [terms]"))
-        return ModelProposal(model, training, terms).validate()
+        data_spec = None
+        if "data" in data:
+            data_spec = _relative_to(DataSpec(**_typed(DataSpec, data["data"], f"{where} [data]")), where)
+        return ModelProposal(model, training, terms, data_spec).validate()
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _relative_to(spec: DataSpec, where: str) -> DataSpec:
+    """Local paths of [data] given relative to the spec file, made absolute (hashes do not depend on them)."""
+    base = Path(where).expanduser().parent
+    if not Path(where).exists():
+        return spec
+
+    def fix(p: str) -> str:
+        if not p or Path(p).expanduser().is_absolute():
+            return p
+        return str((base / p).resolve())
+
+    special = spec.source in ("stdlib", "synthetic") or spec.source.startswith("synthetic:")
+    return replace(spec, source=spec.source if special else fix(spec.source), tokenizer_path=fix(spec.tokenizer_path),
+                   prepared_dir=fix(spec.prepared_dir))
 
 
 def load_proposal(path: Path) -> ModelProposal:

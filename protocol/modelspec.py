@@ -1,7 +1,8 @@
 """The spec hash a researcher registers on chain, recomputed from what a node actually runs.
 
 The registry stores keccak256 of the canonical JSON of the proposal's `model` and `training`
-sections (sorted keys, no spaces; the encoding of `pmn.spec.ModelProposal.content_hash`). A node
+sections, plus the hashed fields of its `data` section when it has one (sorted keys, no spaces; the
+encoding of `pmn.spec.ModelProposal.content_hash`; a spec without [data] keeps its old hash). A node
 knows its `ModelConfig` and its training settings, so it can recompute that hash and refuse to train a
 model whose registered spec differs from its own.
 """
@@ -40,24 +41,31 @@ class TrainingSection:
         return dict(self.__dict__)
 
 
-def canonical_spec(model: ModelConfig, training: Mapping[str, Any]) -> bytes:
-    """Sorted-key, whitespace-free JSON of {"model": ..., "training": ...}."""
-    return json.dumps({"model": model.to_dict(), "training": dict(training)}, sort_keys=True,
-                      separators=(",", ":")).encode()
+def canonical_spec(model: ModelConfig, training: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> bytes:
+    """Sorted-key, whitespace-free JSON of {"model": ..., "training": ...[, "data": ...]}.
+
+    data: the hashed fields of the [data] section (`sharding.dataset.DataSpec.hashed()`), None without one.
+    """
+    body: dict[str, Any] = {"model": model.to_dict(), "training": dict(training)}
+    if data is not None:
+        body["data"] = dict(data)
+    return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
 
-def proposal_spec_hash(model: ModelConfig, training: Mapping[str, Any]) -> bytes:
-    """keccak256 of `canonical_spec(model, training)`: what the model registry stores as the spec hash."""
-    return bytes(keccak(canonical_spec(model, training)))
+def proposal_spec_hash(model: ModelConfig, training: Mapping[str, Any], data: Mapping[str, Any] | None = None) -> bytes:
+    """keccak256 of `canonical_spec(model, training, data)`: what the model registry stores as the spec hash."""
+    return bytes(keccak(canonical_spec(model, training, data)))
 
 
-def require_spec_hash(onchain: bytes, model: ModelConfig, training: TrainingSection, model_id: int) -> bytes:
+def require_spec_hash(onchain: bytes, model: ModelConfig, training: TrainingSection, model_id: int,
+                      data: Mapping[str, Any] | None = None) -> bytes:
     """Raise SpecMismatchError naming both hashes when the node's spec is not the registered one."""
-    mine = proposal_spec_hash(model, training.to_dict())
+    mine = proposal_spec_hash(model, training.to_dict(), data)
     if bytes(onchain) != mine:
         raise SpecMismatchError(
             "specHash",
             f"model {model_id} is registered with spec hash 0x{bytes(onchain).hex()}, this node runs spec hash "
-            f"0x{mine.hex()} (model config 0x{model.spec_hash().hex()[:16]}… with training {training.to_dict()}); "
+            f"0x{mine.hex()} (model config 0x{model.spec_hash().hex()[:16]}… with training {training.to_dict()}, "
+            f"data {dict(data) if data is not None else 'none (byte-level, unpinned)'}); "
             "start the node with the proposal's model and training settings")
     return mine

@@ -98,7 +98,8 @@ class ChainLinkService:
     async def start(self, ctx: NodeContext) -> None:
         link = self.link
         try:
-            require_spec_hash(link.spec_hash, ctx.model, training_section(ctx.cfg, ctx.optim), self.model_id)
+            require_spec_hash(link.spec_hash, ctx.model, training_section(ctx.cfg, ctx.optim), self.model_id,
+                              None if ctx.data is None else ctx.data.hashed())
         except SpecMismatchError as exc:
             # the daemon reports service errors wrapped in the nursery's ExceptionGroup: say it plainly first
             print(json.dumps({"event": "error", "error": str(exc), "type": type(exc).__name__}), flush=True)
