@@ -170,6 +170,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--out", type=Path, required=True, help="tokenizer.json to write")
     q.add_argument("--val-percent", type=int, default=5, help="validation share left out ([data] val_percent)")
     q.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to be merged")
+    q.add_argument("--max-mb", type=int, default=0, help="[data] max_mb: an evenly strided sample of at most this "
+                                                         "many MiB of documents (0 = all)")
     q.add_argument("--text-field", default="text", help="jsonl/parquet column holding the text")
     q.add_argument("--force", action="store_true", help="overwrite --out")
     q.set_defaults(func=_handler("cmd_data", "cmd_data_tokenizer"))

@@ -10,10 +10,18 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 from pmn.errors import CLIError
 from pmn.spec import load_proposal
-from sharding.dataset import manifest_hash, prepare, read_documents, split_documents
+from sharding.dataset import (
+    DataSpec,
+    manifest_hash,
+    prepare,
+    read_documents,
+    sample_documents,
+    split_documents,
+)
 from sharding.errors import DataError
 from sharding.tokenizer import train_bpe
 
@@ -36,7 +44,8 @@ def cmd_data_tokenizer(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     try:
         docs = read_documents(args.source, args.text_field)
-        train, _ = split_documents(docs, args.val_percent)  # the validation documents never shape the tokenizer
+        # the training split of [data] with this max_mb and val_percent: validation documents never shape it
+        train, _ = split_documents(sample_documents(docs, args.max_mb * 2**20), args.val_percent)
         tok = train_bpe([c for _, c in train], args.vocab_size, args.min_frequency)
     except DataError as exc:
         raise CLIError(str(exc).replace("vocab_size=", "--vocab-size=")) from None
@@ -70,3 +79,18 @@ def cmd_data_prepare(args: argparse.Namespace) -> int:
                       "seconds": round(time.perf_counter() - start, 2)}))
     return 0
 
+
+
+def local_bpe_data(root: Path, source: str, vocab_size: int, max_mb: int, val_percent: int = 5) -> DataSpec:
+    """Train a BPE on the training split of `source` (an evenly strided sample of at most `max_mb` MiB, 0 = all),
+    write root/tokenizer.json, tokenize that sample into root/data; return the [data] section pinning it all
+    (what `pmn demo` proposes)."""
+    docs = read_documents(source)
+    train, _ = split_documents(sample_documents(docs, max_mb * 2**20), val_percent)
+    tok = train_bpe([c for _, c in train], vocab_size)
+    path = tok.save(root / "tokenizer.json")
+    data = DataSpec(source=source, manifest_hash=manifest_hash(docs), tokenizer="bpe", tokenizer_path=str(path),
+                    tokenizer_hash=tok.content_hash, val_percent=val_percent, max_mb=max_mb,
+                    prepared_dir=str(root / "data"))
+    prepare(data.validate(), vocab_size)
+    return data

@@ -31,7 +31,7 @@ from .errors import DataError
 from .tokenizer import TOKENIZER_KINDS, ByteTokenizer, Tokenizer, load_tokenizer
 
 # fields of DataSpec the spec hash covers (the rest are local: where this machine keeps the files)
-HASHED_FIELDS = ("manifest_hash", "tokenizer", "tokenizer_hash", "val_percent", "text_field")
+HASHED_FIELDS = ("manifest_hash", "tokenizer", "tokenizer_hash", "val_percent", "text_field", "max_mb")
 # default directory of prepared token files (one sub-directory per data hash)
 DEFAULT_PREPARED_DIR = "~/.pmn/data"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -50,6 +50,7 @@ class DataSpec:
     tokenizer_hash: str = ""  # sha256 hex of the tokenizer's canonical JSON (bpe; `pmn data tokenizer` prints it)
     val_percent: int = 5  # share of documents (by hash of their content) in the validation split, 1..50
     text_field: str = "text"  # jsonl / parquet column holding each document's text
+    max_mb: int = 0  # train on an evenly strided sample of the manifest's documents of at most this many MiB (0 = all)
     prepared_dir: str = ""  # local, not hashed: where token files live ("" = ~/.pmn/data)
 
     def validate(self) -> DataSpec:
@@ -67,6 +68,8 @@ class DataSpec:
         if not isinstance(self.val_percent, int) or isinstance(self.val_percent, bool) \
                 or not 1 <= self.val_percent <= 50:
             raise DataError(f"[data] val_percent={self.val_percent!r} must be an integer in 1..50")
+        if not isinstance(self.max_mb, int) or isinstance(self.max_mb, bool) or self.max_mb < 0:
+            raise DataError(f"[data] max_mb={self.max_mb!r} must be an integer >= 0 (0 = every document)")
         if not self.source:
             raise DataError("[data] source is empty: name 'stdlib', 'synthetic', a directory or a .jsonl file")
         return self
@@ -176,6 +179,15 @@ def split_documents(documents: Sequence[tuple[str, bytes]], val_percent: int
     return train, val
 
 
+def sample_documents(documents: Sequence[tuple[str, bytes]], max_bytes: int) -> list[tuple[str, bytes]]:
+    """Every k-th document (k the smallest stride that keeps the total under `max_bytes`): deterministic."""
+    total = sum(len(c) for _, c in documents)
+    if max_bytes <= 0 or total <= max_bytes:
+        return list(documents)
+    stride = -(-total // max_bytes)
+    return list(documents[::stride])
+
+
 def id_dtype(vocab_size: int) -> np.dtype[Any]:
     """Storage (and wire) type of token ids: uint16 up to 65,536 ids, uint32 beyond."""
     if vocab_size > 2**32:
@@ -231,11 +243,12 @@ def prepare(spec: DataSpec, vocab_size: int, force: bool = False) -> PreparedDat
     if found != spec.manifest_hash:
         raise DataError(f"[data] manifest_hash: the spec pins 0x{spec.manifest_hash} but source {spec.source!r} "
                         f"hashes to 0x{found} ({len(docs)} documents): point [data] source at the proposal's documents")
-    train, val = split_documents(docs, spec.val_percent)
+    used = sample_documents(docs, spec.max_mb * 2**20)
+    train, val = split_documents(used, spec.val_percent)
     dt = id_dtype(vocab_size)
     out.mkdir(parents=True, exist_ok=True)
     meta: dict[str, Any] = {**spec.hashed(), "data_hash": spec.data_hash(), "vocab_size": vocab_size,
-                            "tokenizer_vocab": tok.vocab_size, "dtype": dt.str, "num_documents": len(docs)}
+                            "tokenizer_vocab": tok.vocab_size, "dtype": dt.str, "num_documents": len(used)}
     for split, part in zip(SPLITS, (train, val), strict=True):
         ids = np.asarray(tok.encode_documents([c for _, c in part]), dtype=dt)
         tmp = out / f"{split}.bin.tmp"

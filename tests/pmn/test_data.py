@@ -88,6 +88,9 @@ def test_node_refuses_data_that_differs_from_the_spec(made: dict, tmp_path: Path
     for args in (("data", "prepare", str(bad_tok)),
                  ("node", "start", "--model", str(bad_tok), "--data-dir", str(tmp_path / "n2"), "--steps", "1")):
         assert_clean_error(run_pmn(*args), "tokenizer_hash", "cd" * 32, made["tok"]["tokenizer_hash"])
+    # --corpus would train on something else than the spec pins
+    assert_clean_error(run_pmn("node", "start", "--model", str(made["spec"]), "--corpus", "synthetic", "--data-dir",
+                               str(tmp_path / "n3")), "--corpus conflicts with the spec's [data]")
     # a vocabulary larger than the model's
     small = root / "small.toml"
     small.write_text(_spec_text(made["tok"]["tokenizer_hash"], made["manifest"], tmp_path / "p", vocab=256))
