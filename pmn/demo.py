@@ -74,7 +74,7 @@ class DemoConfig:
     data_source: str = "stdlib"  # documents of the proposed [data] section (sharding.dataset.read_documents)
     tokenizer: str = "bpe"  # "bpe": trained here at start from data_source; "byte": byte-level ids
     bpe_vocab_size: int = 512  # vocabulary of that BPE (the model's vocab_size)
-    data_max_mb: int = 2  # [data] max_mb: MiB of documents tokenized and trained on (keeps the start fast)
+    data_max_mb: int = 1  # [data] max_mb: MiB of documents tokenized and trained on (keeps the start fast)
     node_ready_timeout_s: float = 90.0  # time for a node process to print its ready line
     train_timeout_s: float = 240.0  # time for the swarm to finish training
     inference_timeout_s: float = 60.0  # time for one inference request
