@@ -71,6 +71,36 @@ def test_clipping_is_refused_with_replicated_stages() -> None:
         cfg.validate()
 
 
+@pytest.mark.network
+@pytest.mark.timeout(60)
+def test_norms_travel_down_and_back_and_a_late_one_names_the_timeout() -> None:
+    import trio
+
+    from node.errors import PeerLostError
+    from node.net.host import full_addrs
+    from node.wire.channel import ActEndpoint, LocalInfo
+    from tests.node.conftest import FSPEC, SPEC_HASH, np_decoder, running_host, tcfg
+
+    async def main() -> None:
+        async with running_host(11) as (h1, i1), running_host(12) as (h2, i2), trio.open_nursery() as nursery:
+            down_ep = ActEndpoint(h1, local=LocalInfo.of(i1, SPEC_HASH, 1, 3), frame_spec=FSPEC, cfg=tcfg(),
+                                  decoder=np_decoder)
+            up_ep = ActEndpoint(h2, local=LocalInfo.of(i2, SPEC_HASH, 0, 3), frame_spec=FSPEC, cfg=tcfg(),
+                                decoder=np_decoder)
+            up = await up_ep.open(full_addrs(h1)[0])  # stage 0's link to stage 1
+            nursery.start_soon(up.run_reader)
+            down = await down_ep.incoming.receive()  # stage 1's link to stage 0
+            await up.send_norm(4, frames.NORM_PARTIAL, 2.5)
+            assert await down.recv_norm(4, frames.NORM_PARTIAL, 5) == 2.5
+            await down.send_norm(4, frames.NORM_TOTAL, 7.25)
+            assert await up.recv_norm(4, frames.NORM_TOTAL, 5) == 7.25
+            with pytest.raises(PeerLostError, match="grad_norm_timeout_s=0.2"):
+                await up.recv_norm(5, frames.NORM_TOTAL, 0.2)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+
+
 CLIP_ARGS = ["--recipe-grad-clip", "0.05", "--recipe-schedule", "cosine", "--recipe-total-steps", "4",
              "--recipe-warmup-steps", "2", "--lr", "0.01", "--threads", "1"]
 
