@@ -213,3 +213,14 @@ def test_subspace_residual_stays_in_the_subspace_with_swiglu_and_gqa():
                 for w in (block.attn.proj.weight, block.mlp.proj.weight):  # attention out, SwiGLU down
                     assert (w - u @ (u.t() @ w)).abs().max() < 1e-5
     assert math.isfinite(pipe.evaluate(corpus, 1, 2))
+
+
+@pytest.mark.parametrize("name", ["llama-125m", "llama-350m", "llama-1b", "llama-8b"])
+def test_subspace_option_with_each_large_preset_validates_and_partitions(name):
+    base = PRESETS[name]
+    cfg = dataclasses.replace(base, subspace_rank=max(1, base.d_model // 100), free_tail_layers=2).validate()
+    specs = partition(cfg, 4)
+    assert specs[-1].block_start <= cfg.n_layers - 2  # the two free layers sit on the tail stage
+    meta = GPT(cfg, device="meta")
+    posts = [int(k) for k, b in meta.blocks.items() if b.post is not None]
+    assert posts == list(range(cfg.n_layers - 2))  # the weightless post-norm in every constrained block
