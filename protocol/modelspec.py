@@ -72,9 +72,11 @@ class TrainingSection:
             raise ValueError(f"training.schedule = {self.schedule!r} needs training.total_steps (where the decay ends)")
         try:
             self.optim_config()
-        except ValueError as exc:  # OptimConfig names its own fields: say which training field that is
-            raise ValueError(f"training: {exc}".replace("OptimConfig.decay_steps", "total_steps")
-                             .replace("OptimConfig.eps", "adam_eps").replace("OptimConfig.", "")) from None
+        except ValueError as exc:  # OptimConfig names its own fields: say which training fields those are
+            message = str(exc)
+            for optim_name, name in _OPTIM_NAMES.items():
+                message = message.replace(f"OptimConfig.{optim_name}", f"training.{name}")
+            raise ValueError(message) from None
         return self
 
     def optim_config(self) -> OptimConfig:
@@ -86,6 +88,11 @@ class TrainingSection:
             cooldown_steps=self.cooldown_steps, grad_clip=self.grad_clip,
         ).validate()
 
+
+# OptimConfig field -> the training field(s) it comes from (for error messages)
+_OPTIM_NAMES = {"decay_steps": "total_steps", "eps": "adam_eps", "betas": "beta1/beta2", "lr": "lr",
+                "weight_decay": "weight_decay", "warmup_steps": "warmup_steps", "min_lr_ratio": "min_lr_ratio",
+                "schedule": "schedule", "cooldown_steps": "cooldown_steps", "grad_clip": "grad_clip"}
 
 # training fields added after specs were first registered, with the value that reproduces the run from before
 TRAINING_DEFAULTS: dict[str, Any] = {

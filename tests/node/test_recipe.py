@@ -55,7 +55,7 @@ def test_node_config_recipe_becomes_the_optimiser() -> None:
 @pytest.mark.parametrize(("change", "field"), [({"schedule": "linear"}, "schedule"),
                                                 ({"schedule": "cosine"}, "total_steps"),
                                                 ({"batch_tokens": 100}, "batch_tokens"),
-                                                ({"beta1": 1.5}, "betas")])
+                                                ({"beta1": 1.5}, "beta1")])
 def test_bad_recipe_names_the_field(change: dict, field: str) -> None:
     cfg = NodeConfig()
     cfg.recipe = dataclasses.replace(cfg.recipe, **change)
