@@ -23,7 +23,8 @@ from node.observability.steps import NodeLog
 from node.training.checkpoint import latest_checkpoint, load_checkpoint
 from node.training.worker import StageWorker
 from node.wire.channel import LocalInfo, ReceiptHook
-from sharding import ModelConfig, OptimConfig, load_corpus, partition
+from sharding import Corpus, ModelConfig, OptimConfig, load_corpus, partition
+from sharding.dataset import DataSpec
 
 
 @dataclass
@@ -43,11 +44,13 @@ class NodeContext:
     receipts: ReceiptHook | None = None  # signs/countersigns every data frame (on-chain mode)
     worker: StageWorker | None = None  # the stage worker serving now (set by the runner; replaced on a move)
     access: NodeAccess | None = None  # on-chain mode: who may use which protocol (None: off-chain defaults)
+    data: DataSpec | None = None  # the spec's [data] section (None: byte-level `cfg.corpus`, not in the spec hash)
+    corpus: Corpus | None = None  # its prepared, hash-checked token files (read by the head stage)
 
     def build_worker(self, stage: int) -> StageWorker:
         """A worker for `stage`, resumed from the newest checkpoint of that stage in `data_dir`."""
         spec = partition(self.model, self.cfg.num_stages)[stage]
-        corpus = load_corpus(self.cfg.corpus) if spec.is_first else None
+        corpus = (self.corpus or load_corpus(self.cfg.corpus)) if spec.is_first else None
         r = self.cfg.runtime
         worker = StageWorker(self.model, spec, codec=r.codec, optim=self.optim, num_microbatches=r.num_microbatches,
                              microbatch_size=r.microbatch_size, corpus=corpus,

@@ -27,8 +27,8 @@ from libp2p.abc import IHost
 
 from node.config import NodeConfig
 from node.context import NodeContext, Runner
-from node.errors import NodeError
-from node.model import load_model_config
+from node.errors import DataMismatchError, NodeError
+from node.model import load_model_config, optim_config
 from node.net.access import NodeAccess
 from node.net.dht import ModelDht
 from node.net.discovery import Announcement, Discovery
@@ -40,7 +40,9 @@ from node.pipeline.runner import PipelineRunner
 from node.replicas.runner import ReplicatedRunner
 from node.services.base import AccessProvider, NodeService
 from node.wire.channel import ReceiptHook
-from sharding import OptimConfig
+from sharding import Corpus, ModelConfig, OptimConfig
+from sharding.dataset import DataSpec, load_data_spec, load_prepared
+from sharding.errors import DataError
 
 
 @dataclass
@@ -78,6 +80,20 @@ async def stop_on_signal(nursery: trio.Nursery) -> AsyncIterator[Signalled]:
             watching.cancel()
 
 
+def load_node_data(cfg: NodeConfig, model: ModelConfig) -> tuple[DataSpec | None, Corpus | None]:
+    """The spec's [data] section (`cfg.dataset`) and its prepared token files, every hash checked.
+
+    DataMismatchError names the field, both hashes and the fix; (None, None) without `cfg.dataset`.
+    """
+    if cfg.dataset is None:
+        return None, None
+    try:
+        spec = load_data_spec(cfg.dataset)
+        return spec, load_prepared(spec, model.vocab_size)
+    except DataError as exc:
+        raise DataMismatchError(str(exc)) from None
+
+
 def make_runner(cfg: NodeConfig) -> Runner:
     """The runner the config asks for: replicated with `replicas.enabled`, else the synchronous pipeline."""
     return ReplicatedRunner() if cfg.replicas.enabled else PipelineRunner()
@@ -104,8 +120,9 @@ class NodeDaemon:
         self.identity: NodeIdentity = load_or_create_identity(self.data_dir)
         self.binding = bind(self.identity)  # node key's signature over the peer id (handshake, announcements)
         self.model = load_model_config(cfg.model)
-        optim = OptimConfig() if cfg.optim_lr is None else OptimConfig(lr=cfg.optim_lr)
-        self.optim = optim.validate()
+        # the spec's dataset, checked before any weight is allocated
+        self.data, self.corpus = load_node_data(cfg, self.model)
+        self.optim: OptimConfig = optim_config(cfg, self.model)  # the spec's recipe (schedule, clip, AdamW)
         self.runner = make_runner(cfg)
         self.discovery: Discovery | None = None  # set when the host runs
         self.context: NodeContext | None = None  # set when the host runs
@@ -151,7 +168,8 @@ class NodeDaemon:
             if access is not None:
                 access.attach(discovery)
             ctx = self.context = NodeContext(cfg, self.model, self.optim, self.identity, self.binding, self.data_dir,
-                                             host, discovery, nursery, log, self.receipts, access=access)
+                                             host, discovery, nursery, log, self.receipts, access=access,
+                                             data=self.data, corpus=self.corpus)
             stage = await runner.prepare(ctx)
             nursery.start_soon(discovery.run)
             for service in self.services:
@@ -161,6 +179,8 @@ class NodeDaemon:
             log.state = "running"
             ready = {"event": "ready", "peer_id": me.peer_id, "addrs": addrs, "stage": stage,
                      "address": self.identity.address, **runner.ready_fields(), "metrics_port": cfg.metrics_port}
+            if self.data is not None:  # the spec's dataset the head stage reads (hash-checked at start)
+                ready["data_hash"] = self.data.data_hash()
             log.status(**ready)
             print(json.dumps(ready), flush=True)
             print(f"node {me.peer_id} (address {self.identity.address}) serving stage {stage}/{cfg.num_stages}"

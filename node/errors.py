@@ -118,6 +118,10 @@ class DiscoveryError(NodeError):
     """No usable peer for a needed stage was found within the discovery timeout."""
 
 
+class DataMismatchError(NodeError):
+    """The node's local dataset or tokenizer is missing or differs from the spec's [data] (both hashes named)."""
+
+
 class CheckpointError(NodeError):
     """A checkpoint is missing, does not match its manifest, or belongs to another model/stage."""
 

@@ -151,6 +151,39 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--json", action="store_true", help="print JSON")
     q.set_defaults(func=_handler("cmd_node", "cmd_node_status"))
 
+    p = sub.add_parser("data", help="pin a dataset and tokenizer in a spec: manifest, tokenizer, prepare",
+                       formatter_class=fmt, epilog=_example("pmn data manifest stdlib\n"
+                                                            "pmn data tokenizer stdlib --vocab-size 4096 --out tok.json\n"
+                                                            "pmn data prepare spec.toml"))
+    dsub = p.add_subparsers(dest="data_command", metavar="DATA_COMMAND")
+    dsub.required = True
+    source_help = "'stdlib', 'synthetic[:SEED]', a directory, a .jsonl or .parquet file"
+    q = dsub.add_parser("manifest", help="print the manifest hash of a document source ([data] manifest_hash)",
+                        epilog=_example("pmn data manifest stdlib\npmn data manifest corpus.jsonl --text-field body"),
+                        formatter_class=fmt)
+    q.add_argument("source", help=source_help)
+    q.add_argument("--text-field", default="text", help="jsonl/parquet column holding the text")
+    q.set_defaults(func=_handler("cmd_data", "cmd_data_manifest"))
+    q = dsub.add_parser("tokenizer", help="train a byte-level BPE locally on a source's training split",
+                        epilog=_example("pmn data tokenizer stdlib --vocab-size 4096 --out tokenizer.json"),
+                        formatter_class=fmt)
+    q.add_argument("source", help=source_help)
+    q.add_argument("--vocab-size", type=int, required=True, help="ids in the vocabulary (>= 257, <= the model's)")
+    q.add_argument("--out", type=Path, required=True, help="tokenizer.json to write")
+    q.add_argument("--val-percent", type=int, default=5, help="validation share left out ([data] val_percent)")
+    q.add_argument("--min-frequency", type=int, default=2, help="least count of a pair to be merged")
+    q.add_argument("--max-mb", type=int, default=0, help="[data] max_mb: an evenly strided sample of at most this "
+                                                         "many MiB of documents (0 = all)")
+    q.add_argument("--text-field", default="text", help="jsonl/parquet column holding the text")
+    q.add_argument("--force", action="store_true", help="overwrite --out")
+    q.set_defaults(func=_handler("cmd_data", "cmd_data_tokenizer"))
+    q = dsub.add_parser("prepare", help="check a spec's document and tokenizer hashes, tokenize once per split",
+                        epilog=_example("pmn data prepare spec.toml"), formatter_class=fmt)
+    q.add_argument("spec", type=Path, help="spec TOML with a [data] section")
+    q.add_argument("--prepared-dir", type=Path, help="where token files go (default: [data] prepared_dir, else ~/.pmn/data)")
+    q.add_argument("--force", action="store_true", help="tokenize again even if matching files exist")
+    q.set_defaults(func=_handler("cmd_data", "cmd_data_prepare"))
+
     p = sub.add_parser("swarm", help="run a local swarm of node processes on 127.0.0.1",
                        epilog=_example("pmn swarm --stages 3 --steps 20"), formatter_class=fmt)
     p.add_argument("--stages", type=int, default=3, help="pipeline stages (one node process each)")

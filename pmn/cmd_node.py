@@ -20,6 +20,7 @@ from pmn.config import OperatorConfig, load_config
 from pmn.errors import CLIError
 from pmn.spec import TrainingRecipe, load_proposal
 from sharding.config import PRESETS, ModelConfig
+from sharding.dataset import DataSpec
 from sharding.partition import partition
 
 
@@ -31,6 +32,7 @@ class NodeModel:
     stages: int  # pipeline depth it is split into
     daemon_model: str  # what the daemon's --model takes: a preset name or a ModelConfig JSON path
     recipe: TrainingRecipe | None  # the spec's training recipe, when the model came from a spec TOML
+    data: DataSpec | None = None  # the spec's [data] section (dataset and tokenizer), when it has one
 
 
 def resolve_model(model: str, stages: int | None, default_stages: int, json_dir: Path | None = None) -> NodeModel:
@@ -42,15 +44,19 @@ def resolve_model(model: str, stages: int | None, default_stages: int, json_dir:
     from node.model import load_model_config
 
     recipe = None
+    data = None
     path = Path(model).expanduser()
     if model not in PRESETS and path.suffix == ".toml" and path.exists():
         proposal = load_proposal(path)
-        config, recipe = proposal.model, proposal.training
+        config, recipe, data = proposal.model, proposal.training, proposal.data
         daemon_model = str(path)
         if json_dir is not None:
+            proposal.check_local_data()  # the tokenizer file matches the spec: before the node allocates a weight
             json_dir.mkdir(parents=True, exist_ok=True)
             daemon_model = str(json_dir / "model.json")
             Path(daemon_model).write_text(json.dumps(config.to_dict(), sort_keys=True))
+            if data is not None:
+                (json_dir / "data.json").write_text(json.dumps(data.to_dict(), sort_keys=True))
     else:
         try:
             config = load_model_config(model)
@@ -61,7 +67,7 @@ def resolve_model(model: str, stages: int | None, default_stages: int, json_dir:
     n = stages if stages is not None else recipe.stages if recipe is not None else default_stages
     if n < 1 or n > config.n_layers:
         raise CLIError(f"--stages must be in 1..{config.n_layers} (the model's layers), got {n}")
-    return NodeModel(config, n, daemon_model, recipe)
+    return NodeModel(config, n, daemon_model, recipe, data)
 
 
 def node_config(op: OperatorConfig, flags: dict[str, Any]) -> NodeConfig:
@@ -76,17 +82,21 @@ def node_config(op: OperatorConfig, flags: dict[str, Any]) -> NodeConfig:
     cfg = NodeConfig(data_dir=str(data_dir), model=m.daemon_model, num_stages=m.stages, stage=op.stage,
                      listen=list(op.listen), bootstrap=list(op.bootstrap), metrics_port=op.metrics_port,
                      capacity=op.capacity, device=op.device)
-    if m.recipe is not None:  # the spec's recipe: nodes with another one would not interoperate
-        from sharding.train import OptimConfig
+    if m.recipe is not None:  # the spec's recipe, all of it: nodes with another one would not interoperate
+        from dataclasses import fields
 
-        runs = OptimConfig()
-        for name in ("warmup_steps", "data_seed"):
-            if getattr(m.recipe, name) != getattr(runs, name):
-                raise CLIError(f"the spec asks [training] {name} = {getattr(m.recipe, name)} but this node software "
-                               f"runs {getattr(runs, name)}: its spec hash would not match the chain's")
         r = cfg.runtime
         r.codec, r.num_microbatches, r.microbatch_size = m.recipe.codec, m.recipe.microbatches, m.recipe.microbatch_size
         cfg.optim_lr = m.recipe.lr
+        for f in fields(cfg.recipe):  # warm-up, data order, schedule, AdamW, clipping, batch tokens
+            setattr(cfg.recipe, f.name, getattr(m.recipe, f.name))
+        if m.recipe.total_steps is not None:
+            r.steps = m.recipe.total_steps
+    if m.data is not None:  # the spec's dataset and tokenizer, hash-checked by the node at start
+        if flags.get("corpus") is not None:
+            raise CLIError("--corpus conflicts with the spec's [data] section: the node trains on what the spec "
+                           "pins; drop --corpus")
+        cfg.dataset = str(data_dir / "data.json")
     if op.rpc_url:  # on-chain mode: co-signed receipts for every hop, paid inference after training
         if op.model_id < 1:
             raise CLIError("rpc_url is set but model_id is not: set model_id (or PMN_MODEL_ID) to the on-chain model id")

@@ -35,6 +35,7 @@ from node.observability.status import node_status, read_progress
 from node.services.audit import attester_role, spot_check, submit_frauds
 from node.services.inference import generate, head_stream_opener
 from node.testing.swarm import NodeProcess, launch_swarm, stop_nodes
+from pmn.cmd_data import local_bpe_data
 from pmn.errors import CLIError
 from pmn.spec import ModelProposal, ProposalTerms, TrainingRecipe
 from protocol.accounting import accounting_function_hash
@@ -45,6 +46,7 @@ from protocol.settlement import attest, claim_all, submit_epoch
 from protocol.spotcheck import FraudEvidence, SpotCheckConfig
 from protocol.store import ReceiptStore, StoreConfig
 from sharding.config import PRESETS
+from sharding.dataset import DataSpec, manifest_hash, prepare, read_documents, tokenizer_of
 from sharding.partition import partition
 from sharding.train import OptimConfig
 
@@ -71,6 +73,10 @@ class DemoConfig:
     inference_requests: int = 2  # paid requests the client sends
     prompt: str = "def "  # inference prompt
     max_new_tokens: int = 24  # tokens generated per request
+    data_source: str = "stdlib"  # documents of the proposed [data] section (sharding.dataset.read_documents)
+    tokenizer: str = "bpe"  # "bpe": trained here at start from data_source; "byte": byte-level ids
+    bpe_vocab_size: int = 512  # vocabulary of that BPE (the model's vocab_size)
+    data_max_mb: int = 1  # [data] max_mb: MiB of documents tokenized and trained on (keeps the start fast)
     node_ready_timeout_s: float = 90.0  # time for a node process to print its ready line
     train_timeout_s: float = 240.0  # time for the swarm to finish training
     inference_timeout_s: float = 60.0  # time for one inference request
@@ -124,14 +130,18 @@ class Demo:
 
     def propose(self) -> None:
         cfg = self.cfg
-        model = PRESETS[cfg.preset]
+        model, data = PRESETS[cfg.preset], self.prepare_data()
+        if data.tokenizer == "bpe":
+            model = replace(model, vocab_size=cfg.bpe_vocab_size)
         self.proposal = ModelProposal(
             model, TrainingRecipe(stages=cfg.stages, codec=cfg.codec, microbatches=cfg.microbatches,
                                   microbatch_size=cfg.microbatch_size, lr=cfg.lr,
                                   warmup_steps=OptimConfig().warmup_steps),  # what the nodes run
             ProposalTerms(metadata_uri=f"pmn-demo:{cfg.preset}", epoch_length=cfg.epoch_length,
                           challenge_window_s=cfg.challenge_window_s, audit_rate=cfg.audit_rate,
-                          inference_fee_wei=cfg.inference_fee_wei)).validate()
+                          inference_fee_wei=cfg.inference_fee_wei), data).validate()
+        (self.root / "model.json").write_text(json.dumps(model.to_dict(), sort_keys=True))
+        (self.root / "data.json").write_text(json.dumps(data.to_dict(), sort_keys=True))
         t = self.proposal.terms
         self.model_id = self.client.propose_model(
             self.researcher, self.proposal.content_hash(), t.metadata_uri, cfg.stages, accounting_function_hash(),
@@ -140,6 +150,23 @@ class Demo:
         self.specs = partition(model, cfg.stages)
         self.say(f"[bold]researcher[/] proposed model {self.model_id} ({cfg.preset}, {cfg.stages} stages, "
                  f"spec 0x{self.proposal.content_hash().hex()[:16]}…) and started training")
+
+    def prepare_data(self) -> DataSpec:
+        """The proposal's [data]: documents pinned by manifest, a BPE trained here (or bytes), tokenized once."""
+        cfg = self.cfg
+        start = time.perf_counter()
+        if cfg.tokenizer == "bpe":
+            data = local_bpe_data(self.root, cfg.data_source, cfg.bpe_vocab_size, cfg.data_max_mb)
+        else:
+            docs = read_documents(cfg.data_source)
+            data = DataSpec(source=cfg.data_source, manifest_hash=manifest_hash(docs), max_mb=cfg.data_max_mb,
+                            prepared_dir=str(self.root / "data"))
+            prepare(data.validate(), 256)
+        self.tokenizer = tokenizer_of(data)
+        self.say(f"[bold]data[/] {cfg.data_source} ({cfg.data_max_mb or 'all'} MiB), manifest "
+                 f"0x{data.manifest_hash[:16]}…, {cfg.tokenizer} tokenizer of {self.tokenizer.vocab_size} ids "
+                 f"(0x{self.tokenizer.content_hash[:16]}…), tokenized in {time.perf_counter() - start:.1f} s")
+        return data
 
     def register_nodes(self) -> None:
         self.identities = []
@@ -157,7 +184,7 @@ class Demo:
 
     def train(self) -> tuple[float, float]:
         cfg = self.cfg
-        args = ["--model", cfg.preset, "--codec", cfg.codec, "--steps", str(cfg.steps), "--microbatches",
+        args = ["--model", str(self.root / "model.json"), "--dataset", str(self.root / "data.json"), "--codec", cfg.codec, "--steps", str(cfg.steps), "--microbatches",
                 str(cfg.microbatches), "--microbatch-size", str(cfg.microbatch_size), "--lr", str(cfg.lr),
                 "--rpc-url", self.rpc_url, "--deployment", str(self.deployment_path), "--model-id",
                 str(self.model_id), "--linger", "--checkpoint-every", "0", "--device", cfg.device]
@@ -306,7 +333,7 @@ class Demo:
             tx_hash = self.client.deposit_revenue(self.client_account, self.model_id, self.cfg.inference_fee_wei,
                                                   request_id)
             tokens = trio.run(self._generate, head, request_id, tx_hash)
-            text = bytes(t for t in tokens if t < 256).decode("utf-8", errors="replace")
+            text = self.tokenizer.decode(tokens)
             texts.append(text)
             self.say(f"[bold]inference[/] request {i + 1}: paid {self.cfg.inference_fee_wei} wei "
                      f"(tx 0x{tx_hash.hex()[:12]}…) → {self.cfg.prompt!r} + {text!r}")
@@ -315,7 +342,7 @@ class Demo:
     async def _generate(self, head: str, request_id: bytes, tx_hash: bytes) -> list[int]:
         async with head_stream_opener(head) as open_stream:
             with trio.fail_after(self.cfg.inference_timeout_s):
-                return [t async for t in generate(open_stream, list(self.cfg.prompt.encode()), request_id=request_id,
+                return [t async for t in generate(open_stream, self.tokenizer.encode(self.cfg.prompt), request_id=request_id,
                                                   tx_hash=tx_hash, max_new_tokens=self.cfg.max_new_tokens)]
 
     # -- the whole loop ----------------------------------------------------------------------------

@@ -1,12 +1,13 @@
 """A researcher's model proposal: architecture, training recipe and on-chain terms, from one TOML file.
 
 The content hash registered on-chain is keccak256 of the canonical JSON of `model` and `training`
-(sorted keys, no spaces); the terms are stored on-chain field by field.
+(sorted keys, no spaces), plus the hashed fields of `data` when the proposal has a [data] section (a
+spec without one keeps its hash: byte-level tokens, the node's own corpus); the terms are stored
+on-chain field by field.
 """
 
 from __future__ import annotations
 
-import json
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -15,8 +16,11 @@ from typing import Any
 from eth_utils import keccak
 
 from pmn.errors import ConfigError
+from protocol.modelspec import TrainingSection, canonical_spec
 from sharding.codecs import get_codec
 from sharding.config import PRESETS, ModelConfig
+from sharding.dataset import DataSpec, check_tokenizer
+from sharding.errors import DataError
 from sharding.partition import partition
 
 
@@ -29,8 +33,23 @@ class TrainingRecipe:
     microbatches: int = 2  # microbatches per global step (gradient accumulation)
     microbatch_size: int = 4  # sequences per microbatch
     lr: float = 3e-3  # AdamW peak learning rate
-    warmup_steps: int = 10  # linear warm-up steps (nodes run sharding.OptimConfig, whose default is 10)
+    warmup_steps: int = 10  # linear warm-up steps
     data_seed: int = 0  # seed of the data order
+    # the rest of the recipe (protocol.modelspec.TrainingSection; these defaults are the run of older specs)
+    schedule: str = "constant"  # LR after the warm-up: constant | cosine | wsd
+    total_steps: int | None = None  # optimizer steps of the run; cosine and wsd reach the final LR here
+    min_lr_ratio: float = 0.1  # final LR of cosine and wsd, as a fraction of lr
+    cooldown_steps: int = 0  # wsd: the last steps, over which the LR falls linearly to the final LR
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+    adam_eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 0.0  # clip the global gradient norm (all stages together) to this; 0 = off
+    batch_tokens: int | None = None  # tokens per step; when given, must equal microbatches * microbatch_size * seq_len
+
+    def section(self) -> TrainingSection:
+        """The same recipe as the node-side `protocol.modelspec.TrainingSection`."""
+        return TrainingSection(**asdict(self))
 
 
 @dataclass(frozen=True)
@@ -51,14 +70,24 @@ class ModelProposal:
     model: ModelConfig
     training: TrainingRecipe = field(default_factory=TrainingRecipe)
     terms: ProposalTerms = field(default_factory=ProposalTerms)
+    data: DataSpec | None = None  # dataset and tokenizer ([data]); None = byte-level, not pinned (old specs)
 
     def validate(self) -> ModelProposal:
-        """Raise ValueError naming the field and the fix."""
+        """Raise ValueError naming the field and the fix (no file is read)."""
         self.model.validate()
+        if self.data is not None:
+            try:
+                self.data.validate()
+            except DataError as exc:
+                raise ValueError(str(exc)) from None
+            if self.data.tokenizer == "byte" and self.model.vocab_size < 256:
+                raise ValueError(f"[model] vocab_size={self.model.vocab_size} is smaller than the byte-level "
+                                 "tokenizer's 256 ids: set vocab_size >= 256")
         partition(self.model, self.training.stages)
         get_codec(self.training.codec, self.model)
         if self.training.microbatches < 1 or self.training.microbatch_size < 1:
             raise ValueError("training.microbatches and training.microbatch_size must be >= 1")
+        self.training.section().validate(self.model)
         if not 0 < self.terms.audit_rate <= 1:
             raise ValueError(f"terms.audit_rate={self.terms.audit_rate}: must be in (0, 1]")
         if self.terms.epoch_length < 1 or self.terms.challenge_window_s < 1:
@@ -68,13 +97,20 @@ class ModelProposal:
         return self
 
     def canonical_json(self) -> bytes:
-        """Sorted-key, whitespace-free JSON of model and training (what the hash covers)."""
-        body = {"model": self.model.to_dict(), "training": asdict(self.training)}
-        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        """Sorted-key, whitespace-free JSON of model, training and [data]'s hashed fields (what the hash covers)."""
+        return canonical_spec(self.model, asdict(self.training), None if self.data is None else self.data.hashed())
 
     def content_hash(self) -> bytes:
         """keccak256 of `canonical_json()`: the spec hash registered on-chain."""
         return bytes(keccak(self.canonical_json()))
+
+    def check_local_data(self) -> None:
+        """The local tokenizer file matches [data] tokenizer_hash and fits the model (ConfigError otherwise)."""
+        if self.data is not None:
+            try:
+                check_tokenizer(self.data, self.model.vocab_size)
+            except DataError as exc:
+                raise ConfigError(str(exc)) from None
 
     @property
     def audit_rate_bps(self) -> int:
@@ -92,9 +128,10 @@ def _typed(cls: type, table: dict[str, Any], where: str) -> dict[str, Any]:
 
 def proposal_from_dict(data: dict[str, Any], where: str = "spec") -> ModelProposal:
     """Build and validate a proposal from parsed TOML tables `model`, `training`, `terms`."""
-    unknown = sorted(set(data) - {"model", "training", "terms"})
+    unknown = sorted(set(data) - {"model", "training", "terms", "data"})
     if unknown:
-        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown)}; expected [model], [training], [terms]")
+        raise ConfigError(f"{where}: unknown table(s) {', '.join(unknown)}; expected [model], [training], [terms], "
+                          "[data]")
     model_table = dict(data.get("model", {}))
     preset = model_table.pop("preset", None)
     if preset is not None and preset not in PRESETS:
@@ -104,9 +141,28 @@ def proposal_from_dict(data: dict[str, Any], where: str = "spec") -> ModelPropos
         model = replace(base, **_typed(ModelConfig, model_table, f"{where} [model]"))
         training = TrainingRecipe(**_typed(TrainingRecipe, data.get("training", {}), f"{where} [training]"))
         terms = ProposalTerms(**_typed(ProposalTerms, data.get("terms", {}), f"{where} [terms]"))
-        return ModelProposal(model, training, terms).validate()
+        data_spec = None
+        if "data" in data:
+            data_spec = _relative_to(DataSpec(**_typed(DataSpec, data["data"], f"{where} [data]")), where)
+        return ModelProposal(model, training, terms, data_spec).validate()
     except (TypeError, ValueError) as exc:
         raise ConfigError(f"{where}: {exc}") from None
+
+
+def _relative_to(spec: DataSpec, where: str) -> DataSpec:
+    """Local paths of [data] given relative to the spec file, made absolute (hashes do not depend on them)."""
+    base = Path(where).expanduser().parent
+    if not Path(where).exists():
+        return spec
+
+    def fix(p: str) -> str:
+        if not p or Path(p).expanduser().is_absolute():
+            return p
+        return str((base / p).resolve())
+
+    special = spec.source in ("stdlib", "synthetic") or spec.source.startswith("synthetic:")
+    return replace(spec, source=spec.source if special else fix(spec.source), tokenizer_path=fix(spec.tokenizer_path),
+                   prepared_dir=fix(spec.prepared_dir))
 
 
 def load_proposal(path: Path) -> ModelProposal:

@@ -67,7 +67,8 @@ class Corpus:
         return data[idx].long()
 
 
-def _hash_files(entries: list[tuple[str, bytes]]) -> bytes:
+def hash_documents(entries: list[tuple[str, bytes]]) -> bytes:
+    """sha256 over the (name, sha256 of content) list, in the given order (the manifest hash)."""
     h = hashlib.sha256()
     for rel, content in entries:
         h.update(rel.encode() + b"\x00" + hashlib.sha256(content).digest())
@@ -95,7 +96,7 @@ def corpus_from_documents(name: str, entries: list[tuple[str, bytes]]) -> Corpus
         name=name,
         train=torch.frombuffer(bytearray(train_bytes), dtype=torch.uint8),
         val=torch.frombuffer(bytearray(val_bytes), dtype=torch.uint8),
-        manifest_hash=_hash_files(entries),
+        manifest_hash=hash_documents(entries),
         num_files=len(entries),
     )
 
@@ -118,18 +119,28 @@ def _read_tree(root: Path, suffixes: tuple[str, ...] | None, skip: set[str]) -> 
     return entries
 
 
+def stdlib_documents() -> list[tuple[str, bytes]]:
+    """The running interpreter's standard-library .py sources (no site-packages) as (path, content) pairs."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return _read_tree(root, (".py",), _SKIP_DIRS)
+
+
 def stdlib_corpus() -> Corpus:
     """The running interpreter's standard-library .py sources (no site-packages)."""
-    root = Path(sysconfig.get_paths()["stdlib"])
-    return corpus_from_documents("stdlib", _read_tree(root, (".py",), _SKIP_DIRS))
+    return corpus_from_documents("stdlib", stdlib_documents())
+
+
+def directory_documents(path: str | os.PathLike[str]) -> list[tuple[str, bytes]]:
+    """Every text file (no NUL byte) under a user-given directory, as (relative path, content) pairs."""
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"corpus directory {str(root)!r} does not exist or is not a directory")
+    return _read_tree(root, None, {"__pycache__"})
 
 
 def directory_corpus(path: str | os.PathLike[str]) -> Corpus:
     """Every text file (no NUL byte) under a user-given directory."""
-    root = Path(path)
-    if not root.is_dir():
-        raise DataError(f"corpus directory {str(root)!r} does not exist or is not a directory")
-    return corpus_from_documents(str(root), _read_tree(root, None, {"__pycache__"}))
+    return corpus_from_documents(str(Path(path)), directory_documents(path))
 
 
 def hf_corpus(name: str, text_field: str = "text") -> Corpus:
@@ -152,6 +163,11 @@ def hf_corpus(name: str, text_field: str = "text") -> Corpus:
 
 def synthetic_corpus(seed: int = 0, num_docs: int = 160, words_per_doc: int = 250) -> Corpus:
     """Deterministic pseudo-English text from Python's `random.Random` (stable across platforms)."""
+    return corpus_from_documents(f"synthetic:{seed}", synthetic_documents(seed, num_docs, words_per_doc))
+
+
+def synthetic_documents(seed: int = 0, num_docs: int = 160, words_per_doc: int = 250) -> list[tuple[str, bytes]]:
+    """The documents of `synthetic_corpus` as (name, content) pairs."""
     rng = random.Random(seed)
     syll = ["ka", "lo", "mi", "te", "ru", "sa", "no", "vi", "de", "po", "an", "el", "is", "or", "ut"]
     vocab = ["".join(rng.choice(syll) for _ in range(rng.randint(1, 3))) for _ in range(300)]
@@ -164,7 +180,7 @@ def synthetic_corpus(seed: int = 0, num_docs: int = 160, words_per_doc: int = 25
             prev = (prev * 7 + rng.choice((1, 2, 3, 5, rng.randrange(len(vocab))))) % len(vocab)
             words.append(vocab[prev] + ("." if w % 11 == 10 else ""))
         entries.append((f"doc{d:04d}.txt", (" ".join(words) + "\n").encode()))
-    return corpus_from_documents(f"synthetic:{seed}", entries)
+    return entries
 
 
 _CACHE: dict[str, Corpus] = {}

@@ -5,8 +5,9 @@ bytes = parameters (fp32 master weights) + gradients (fp32) + AdamW state (exp_a
 
 Activations are per token per block, with coefficients calibrated on CPU against the tensors autograd
 really saves (`torch.autograd.graph.saved_tensors_hooks`, see tests/sharding/test_memory.py): fp32
-`48 d + 8 r d` bytes (r = mlp_ratio), bf16 autocast `32 d + 4 r d` (bf16 copies plus the fp32
-residual stream and norms), plus `16 d` (fp32) / `8 d` (bf16) per constrained subspace block; the
+`48 d + 8 h` bytes (h = MLP hidden width, x 3/2 for SwiGLU), bf16 autocast `32 d + 4 h` (bf16 copies plus the fp32
+residual stream and norms), plus `16 d` (fp32) / `8 d` (bf16) per constrained subspace block and `16 d`
+with QK-norm; the
 tail adds `16 V + 8 d` for logits and cross-entropy. Under bf16 autocast every microbatch's graph also
 keeps its own bf16 copy of each linear weight (2 bytes per matmul parameter per microbatch in flight). Attention is counted without a T x T matrix:
 `scaled_dot_product_attention` runs flash / memory-efficient kernels on CUDA and the flash kernel on
@@ -18,15 +19,18 @@ activations until its backward.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .config import ModelConfig
 from .errors import StageMemoryError
+from .model import GPT
 from .stagespec import StageSpec
 
 FP32 = 4  # bytes of one fp32 value
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32 each
 # activation bytes per token per block: (per d, per r*d, extra per d for a constrained subspace block)
 _BLOCK_ACT = {"fp32": (48, 8, 16), "bf16": (32, 4, 8)}
+_QK_NORM_PER_D = 16  # QK-norm's saved inputs and outputs of q and k, per token per d
 _TAIL_PER_VOCAB = 16  # logits, log-softmax and their casts, per token per vocabulary entry
 _TAIL_PER_D = 8  # final norm input and output, per token per d
 
@@ -75,34 +79,35 @@ class StageMemory:
                 f"{self.activations / g:.2f} GiB; {self.param_count:,} parameters)")
 
 
-def block_params(config: ModelConfig) -> int:
-    """Parameters of one transformer block: qkv, proj, MLP up and down, two norm gains."""
-    d, r = config.d_model, config.mlp_ratio
-    return (4 + 2 * r) * d * d + 2 * d
+@lru_cache(maxsize=256)
+def _meta_counts(config: ModelConfig, spec: StageSpec) -> tuple[int, int, int]:
+    """(parameters, parameters outside the token embedding, buffer bytes) of the stage built on `meta`
+    (exact for every architecture option; nothing is allocated)."""
+    module = GPT(config, spec.blocks, spec.has_embedding, spec.has_lm_head, "meta")
+    params = sum(p.numel() for p in module.parameters())
+    embed = module.embed.weight.numel() if module.embed is not None and not config.tie_embeddings else 0
+    buffers = sum(b.numel() * FP32 for b in module.buffers())
+    return params, params - embed, buffers
 
 
 def stage_param_count(config: ModelConfig, spec: StageSpec) -> int:
     """Trainable parameters of the shard `spec` (equals sum(p.numel()) of the built StageModule)."""
-    n = len(spec.blocks) * block_params(config)
-    if spec.has_embedding:
-        n += config.vocab_size * config.d_model
-    if spec.has_lm_head:
-        n += config.d_model + config.vocab_size * config.d_model
-    return n
+    return _meta_counts(config, spec)[0]
 
 
-def stage_buffer_bytes(config: ModelConfig) -> int:
-    """Non-persistent buffers every stage holds: rotary cos/sin, and U and E_fixed in subspace mode."""
-    n = config.seq_len * config.head_dim  # cos and sin, head_dim / 2 each
-    if config.subspace_rank is not None:
-        n += config.d_model * config.subspace_rank + config.vocab_size * config.d_model
-    return n * FP32
+def stage_buffer_bytes(config: ModelConfig, spec: StageSpec | None = None) -> int:
+    """Non-persistent buffers of a stage: rotary cos/sin, and U and E_fixed in subspace mode."""
+    return _meta_counts(config, spec or StageSpec(0, 1, 0, config.n_layers, True, True))[2]
 
 
 def _block_bytes(config: ModelConfig, spec: StageSpec, plan: MemoryPlan) -> list[int]:
-    d, r = config.d_model, config.mlp_ratio
+    d = config.d_model
+    hidden = config.mlp_hidden if config.mlp_hidden is not None else config.mlp_ratio * d
+    if config.mlp == "swiglu":  # gate, up and their product are saved: 3/2 of the GELU MLP's hidden tensors
+        hidden = hidden * 3 // 2
     per_d, per_rd, sub = _BLOCK_ACT[plan.compute_dtype]
-    return [per_d * d + per_rd * r * d + (sub * d if config.is_constrained(b) else 0) for b in spec.blocks]
+    per_d += _QK_NORM_PER_D if config.qk_norm else 0
+    return [per_d * d + per_rd * hidden + (sub * d if config.is_constrained(b) else 0) for b in spec.blocks]
 
 
 def activation_bytes_per_token(config: ModelConfig, spec: StageSpec, plan: MemoryPlan) -> int:
@@ -122,15 +127,14 @@ def estimate_stage(config: ModelConfig, spec: StageSpec, plan: MemoryPlan | None
     count = stage_param_count(config, spec)
     tokens = p.microbatch_size * config.seq_len * p.microbatches_in_flight
     per_mb_casts = 0
-    if p.compute_dtype == "bf16":  # autocast's bf16 weight copies, saved by every microbatch's graph
-        d, r = config.d_model, config.mlp_ratio
-        per_mb_casts = 2 * (len(spec.blocks) * (4 + 2 * r) * d * d + (config.vocab_size * d if spec.has_lm_head else 0))
+    if p.compute_dtype == "bf16":  # autocast's bf16 weight copies (matmul weights), saved by every microbatch's graph
+        per_mb_casts = 2 * _meta_counts(config, spec)[1]
     activations = tokens * activation_bytes_per_token(config, spec, p) + per_mb_casts * p.microbatches_in_flight
     if p.activation_checkpointing:  # one block of one microbatch recomputed at a time in backward
         activations += p.microbatch_size * config.seq_len * max(_block_bytes(config, spec, p))
     return StageMemory(
         stage=spec.index, param_count=count, params=FP32 * count, grads=FP32 * count if p.optimizer else 0,
-        optimizer=ADAMW_STATES * FP32 * count if p.optimizer else 0, buffers=stage_buffer_bytes(config),
+        optimizer=ADAMW_STATES * FP32 * count if p.optimizer else 0, buffers=stage_buffer_bytes(config, spec),
         activations=activations if p.optimizer else 0,
     )
 

@@ -9,6 +9,7 @@ cheap enough to run on the event loop. Everything here is pure: no I/O, no torch
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -24,6 +25,7 @@ from node.errors import (
     ShapeMismatchError,
     SpecHashMismatchError,
     TruncatedFrameError,
+    UnexpectedFrameError,
     UnknownKindError,
     UnsupportedVersionError,
 )
@@ -31,7 +33,7 @@ from node.errors import (
 MAGIC = b"PMNF"
 VERSION = 2  # 2: BLAKE3 digests and HELLO bindings (1 had sha256 digests); a version-1 peer is refused by name
 MAX_NDIM = 4
-# magic, version, kind, flags, spec hash, stage, step, microbatch, codec, dtype, ndim, reserved,
+# magic, version, kind, flags, spec hash, stage, step, microbatch, codec, dtype, ndim, id dtype,
 # shape[4], window_len, payload_len, sig_len, reserved, digest
 _HEADER = struct.Struct(">4sBBH32sHQIBBBB4IIIHH32s")
 HEADER_SIZE = _HEADER.size
@@ -50,6 +52,28 @@ class Kind(IntEnum):
     CLOSE = 7  # orderly end of the run (no more data frames will follow)
     LOSS = 8  # tail -> upstream: JSON payload with the step's loss (progress reporting)
     COMMIT = 9  # head -> downstream replicas: JSON payload {"step", "commit": [[mb, attempt], ...]}
+    NORM = 10  # squared gradient norm of `step` for global-norm clipping: payload = float64 (big-endian);
+    # microbatch field = NORM_PARTIAL (running sum of stages <= sender, downstream) or NORM_TOTAL (upstream)
+
+
+NORM_PARTIAL = 0  # NORM frame: sum over stages 0..sender, sent to the next stage
+NORM_TOTAL = 1  # NORM frame: the whole model's squared norm, sent back towards stage 0
+_NORM = struct.Struct(">d")
+
+
+def encode_norm(value: float) -> bytes:
+    """Payload of a NORM frame."""
+    return _NORM.pack(value)
+
+
+def decode_norm(payload: bytes) -> float:
+    """A NORM payload's squared norm; UnexpectedFrameError unless it is 8 bytes of a finite float >= 0."""
+    if len(payload) != _NORM.size:
+        raise UnexpectedFrameError(f"norm frame payload of {len(payload)} bytes, expected {_NORM.size}")
+    (value,) = _NORM.unpack(payload)
+    if not (math.isfinite(value) and value >= 0):
+        raise UnexpectedFrameError(f"norm frame carries {value!r}, not a finite squared norm >= 0")
+    return float(value)
 
 
 class CodecId(IntEnum):
@@ -73,6 +97,24 @@ class Dtype(IntEnum):
     INT8 = 3
     FLOAT16 = 4
     UINT8 = 5
+
+
+class IdDtype(IntEnum):
+    """Element type of the token-id window (the byte after ndim; 0 was reserved, so version-2 peers send uint16)."""
+
+    UINT16 = 0  # vocabularies of at most 65,536 tokens
+    UINT32 = 1  # vocabularies of up to 2**32 tokens
+
+
+ID_DTYPE_BYTES: dict[IdDtype, int] = {IdDtype.UINT16: 2, IdDtype.UINT32: 4}
+
+
+def id_dtype_for(id_bytes: int) -> IdDtype:
+    """The window element type of `id_bytes` bytes per token id (2 or 4); ValueError otherwise."""
+    for dt, n in ID_DTYPE_BYTES.items():
+        if n == id_bytes:
+            return dt
+    raise ValueError(f"id_bytes={id_bytes}: token ids travel as uint16 (2) or uint32 (4)")
 
 
 CODEC_IDS: dict[str, CodecId] = {
@@ -113,6 +155,7 @@ class FrameHeader:
     digest: bytes = field(default=b"\x00" * DIGEST_SIZE)  # BLAKE3 of window + payload
     version: int = VERSION  # protocol version
     attempt: int = 0  # data frames: the head's attempt id of this (step, microbatch) (header flags field)
+    id_dtype: IdDtype = IdDtype.UINT16  # element type of the token-id window (uint32 for vocab > 65536)
 
     @property
     def body_len(self) -> int:
@@ -149,6 +192,11 @@ class FrameSpec:
         return CODEC_DTYPES[self.codec]
 
     @property
+    def id_dtype(self) -> IdDtype:
+        """Element type of the token-id window implied by the model's vocabulary."""
+        return id_dtype_for(self.id_bytes)
+
+    @property
     def shape(self) -> tuple[int, int, int]:
         """(B, T, d) of every boundary tensor."""
         return (self.microbatch_size, self.seq_len, self.d_model)
@@ -182,7 +230,7 @@ def encode_header(h: FrameHeader) -> bytes:
     try:
         return _HEADER.pack(
             MAGIC, h.version, int(h.kind), h.attempt, h.spec_hash, h.stage, h.step, h.microbatch,
-            int(h.codec), int(h.dtype), len(h.shape), 0, *shape,
+            int(h.codec), int(h.dtype), len(h.shape), int(h.id_dtype), *shape,
             h.window_len, h.payload_len, h.sig_len, 0, h.digest,
         )
     except struct.error as exc:
@@ -202,11 +250,12 @@ def encode_frame(
     codec: CodecId = CodecId.NONE,
     dtype: Dtype = Dtype.NONE,
     shape: tuple[int, ...] = (),
+    id_dtype: IdDtype = IdDtype.UINT16,
 ) -> bytes:
     """Header + body bytes of one frame (the digest is computed here)."""
     header = FrameHeader(
         kind=kind, spec_hash=spec_hash, stage=stage, step=step, microbatch=microbatch, codec=codec,
-        dtype=dtype, shape=shape, window_len=len(window), payload_len=len(payload),
+        dtype=dtype, shape=shape, id_dtype=id_dtype, window_len=len(window), payload_len=len(payload),
         sig_len=len(signature), digest=digest(window, payload),
     )
     return b"".join((encode_header(header), window, payload, signature))
@@ -216,14 +265,14 @@ def decode_header(buf: bytes, max_frame_bytes: int) -> FrameHeader:
     """Unpack and sanity-check a header; the size limit is enforced here, before any body byte."""
     if len(buf) < HEADER_SIZE:
         raise TruncatedFrameError(f"header truncated: {len(buf)} of {HEADER_SIZE} bytes")
-    (magic, version, kind, attempt, spec_hash, stage, step, mb, codec, dtype, ndim, _r0,
+    (magic, version, kind, attempt, spec_hash, stage, step, mb, codec, dtype, ndim, id_dtype,
      s0, s1, s2, s3, window_len, payload_len, sig_len, _r1, dig) = _HEADER.unpack_from(buf)
     if magic != MAGIC:
         raise BadMagicError(f"bad magic {magic!r}, expected {MAGIC!r}")
     if version != VERSION:
         raise UnsupportedVersionError(f"unsupported frame version {version}, this node speaks {VERSION}")
     try:
-        kind_e, codec_e, dtype_e = Kind(kind), CodecId(codec), Dtype(dtype)
+        kind_e, codec_e, dtype_e, id_dtype_e = Kind(kind), CodecId(codec), Dtype(dtype), IdDtype(id_dtype)
     except ValueError as exc:
         raise UnknownKindError(f"unknown enum value in header: {exc}") from exc
     if ndim > MAX_NDIM:
@@ -234,7 +283,7 @@ def decode_header(buf: bytes, max_frame_bytes: int) -> FrameHeader:
     return FrameHeader(
         kind=kind_e, spec_hash=spec_hash, stage=stage, step=step, microbatch=mb, codec=codec_e,
         dtype=dtype_e, shape=(s0, s1, s2, s3)[:ndim], window_len=window_len, payload_len=payload_len,
-        sig_len=sig_len, digest=dig, version=version, attempt=attempt,
+        sig_len=sig_len, digest=dig, version=version, attempt=attempt, id_dtype=id_dtype_e,
     )
 
 
@@ -253,6 +302,9 @@ def check_data_header(h: FrameHeader, spec: FrameSpec) -> None:
         raise CodecMismatchError(f"frame codec {h.codec.name.lower()}, model uses {spec.codec.name.lower()}")
     if h.dtype != spec.dtype:
         raise DtypeMismatchError(f"frame dtype {h.dtype.name.lower()}, codec sends {spec.dtype.name.lower()}")
+    if h.kind == Kind.ACTIVATION and h.id_dtype != spec.id_dtype:
+        raise DtypeMismatchError(f"frame token ids {h.id_dtype.name.lower()}, the model's vocabulary travels as "
+                                 f"{spec.id_dtype.name.lower()}")
     if tuple(h.shape) != spec.shape:
         raise ShapeMismatchError(f"frame shape {tuple(h.shape)}, model expects {spec.shape}")
     if h.payload_len != spec.payload_len:

@@ -21,7 +21,7 @@ def test_presets_are_valid_and_bench_is_wide():
         ({"n_layers": 0}, "n_layers"),
         ({"free_tail_layers": 1}, "free_tail_layers"),
         ({"subspace_rank": 8, "free_tail_layers": 4}, "free_tail_layers"),
-        ({"vocab_size": 70000}, "vocab_size"),
+        ({"vocab_size": 2**32 + 1}, "vocab_size"),
         ({"seed": -1}, "seed"),
         ({"init_std": 0.0}, "init_std"),
         ({"d_model": 12, "n_heads": 4}, "head size"),

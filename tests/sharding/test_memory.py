@@ -17,13 +17,13 @@ DENSE = ModelConfig(vocab_size=256, seq_len=64, d_model=128, n_layers=4, n_heads
 SUB = ModelConfig(vocab_size=256, seq_len=64, d_model=128, n_layers=4, n_heads=4, subspace_rank=8, free_tail_layers=1)
 
 
-@pytest.mark.parametrize("config", [DENSE, SUB, PRESETS["bench-subspace"]])
-def test_param_and_buffer_counts_match_the_module_built_on_meta(config):
+@pytest.mark.parametrize("config", [DENSE, SUB, PRESETS["tiny-llama"], PRESETS["tiny-llama-subspace"]])
+def test_param_and_buffer_counts_match_the_built_module(config):
     for spec in [*partition(config, 3), full_spec(config)]:
-        module = build_stage(config, spec, "meta")
+        module = build_stage(config, spec)
         assert stage_param_count(config, spec) == sum(p.numel() for p in module.parameters())
         buffers = sum(b.numel() * b.element_size() for b in module.buffers())
-        assert stage_buffer_bytes(config) == buffers
+        assert stage_buffer_bytes(config, spec) == buffers
 
 
 def _saved_bytes(config: ModelConfig, spec: StageSpec, batch: int, bf16: bool) -> int:
@@ -46,7 +46,7 @@ def _saved_bytes(config: ModelConfig, spec: StageSpec, batch: int, bf16: bool) -
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("config", [DENSE, SUB])
+@pytest.mark.parametrize("config", [DENSE, SUB, PRESETS["tiny-llama"], PRESETS["tiny-llama-subspace"]])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_activation_estimate_bounds_what_autograd_saves(config, dtype):
     batch = 2
