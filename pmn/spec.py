@@ -15,6 +15,7 @@ from typing import Any
 from eth_utils import keccak
 
 from pmn.errors import ConfigError
+from protocol.modelspec import hashed_training
 from sharding.codecs import get_codec
 from sharding.config import PRESETS, ModelConfig
 from sharding.partition import partition
@@ -31,6 +32,8 @@ class TrainingRecipe:
     lr: float = 3e-3  # AdamW peak learning rate
     warmup_steps: int = 10  # linear warm-up steps (nodes run sharding.OptimConfig, whose default is 10)
     data_seed: int = 0  # seed of the data order
+    replica_averaging: str = "dense"  # replica gradient exchange: dense or powersgd (hashed only when not dense)
+    powersgd_rank: int = 4  # PowerSGD rank r (hashed only with replica_averaging = powersgd)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class ModelProposal:
         get_codec(self.training.codec, self.model)
         if self.training.microbatches < 1 or self.training.microbatch_size < 1:
             raise ValueError("training.microbatches and training.microbatch_size must be >= 1")
+        if self.training.replica_averaging not in ("dense", "powersgd") or self.training.powersgd_rank < 1:
+            raise ValueError(f"training.replica_averaging={self.training.replica_averaging!r}: use dense or powersgd, "
+                             f"with training.powersgd_rank >= 1 (got {self.training.powersgd_rank})")
         if not 0 < self.terms.audit_rate <= 1:
             raise ValueError(f"terms.audit_rate={self.terms.audit_rate}: must be in (0, 1]")
         if self.terms.epoch_length < 1 or self.terms.challenge_window_s < 1:
@@ -69,7 +75,7 @@ class ModelProposal:
 
     def canonical_json(self) -> bytes:
         """Sorted-key, whitespace-free JSON of model and training (what the hash covers)."""
-        body = {"model": self.model.to_dict(), "training": asdict(self.training)}
+        body = {"model": self.model.to_dict(), "training": hashed_training(asdict(self.training))}
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     def content_hash(self) -> bytes:

@@ -34,15 +34,30 @@ class TrainingSection:
     lr: float  # AdamW peak learning rate
     warmup_steps: int  # linear warm-up steps
     data_seed: int  # seed of the data order
+    replica_averaging: str = "dense"  # replica gradient exchange: dense or powersgd (hashed only when not dense)
+    powersgd_rank: int = 4  # PowerSGD rank (hashed only with replica_averaging = powersgd)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict in field order."""
-        return dict(self.__dict__)
+        """Plain dict in field order, as hashed (`hashed_training`: dense averaging adds no keys)."""
+        return hashed_training(self.__dict__)
+
+
+AVERAGING_DEFAULTS = {"replica_averaging": "dense", "powersgd_rank": 4}  # training keys a dense spec leaves out
+
+
+def hashed_training(training: Mapping[str, Any]) -> dict[str, Any]:
+    """The training keys a spec hash covers: the averaging keys are left out with dense averaging, so specs
+    written before they existed keep their hash; with powersgd both are in."""
+    out = dict(training)
+    if out.get("replica_averaging", "dense") == "dense":
+        for key in AVERAGING_DEFAULTS:
+            out.pop(key, None)
+    return out
 
 
 def canonical_spec(model: ModelConfig, training: Mapping[str, Any]) -> bytes:
     """Sorted-key, whitespace-free JSON of {"model": ..., "training": ...}."""
-    return json.dumps({"model": model.to_dict(), "training": dict(training)}, sort_keys=True,
+    return json.dumps({"model": model.to_dict(), "training": hashed_training(training)}, sort_keys=True,
                       separators=(",", ":")).encode()
 
 

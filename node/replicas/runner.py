@@ -18,7 +18,7 @@ from node.net.access import StagePeersPolicy
 from node.net.discovery import Announcement, Discovery
 from node.net.peerscore import PeerScores
 from node.observability.steps import StepReport
-from node.replicas.averaging import AveragingService, ContributionStore, trainable
+from node.replicas.averaging import AveragingService, ContributionCodec, ContributionStore
 from node.replicas.engine import ReplicaEngine, StepOutcome
 from node.replicas.rebalance import Move
 from node.replicas.statesync import StateService, fetch_state, pack_state
@@ -130,7 +130,8 @@ class ReplicatedRunner:
         while True:
             worker = await trio.to_thread.run_sync(ctx.build_worker, stage)
             ctx.worker = worker
-            store = ContributionStore(sum(p.numel() for p in trainable(worker.module)))
+            codec = ContributionCodec.for_module(worker.module, r.replica_averaging, r.powersgd_rank, seed=stage)
+            store = ContributionStore(codec.words, codec)  # contributions in the spec's replica_averaging encoding
             endpoint = ActEndpoint(
                 ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
                 cfg=cfg.transport, receipts=ctx.receipts, step_fn=lambda w=worker: w.next_step)  # type: ignore[misc]
