@@ -216,6 +216,8 @@ class ContributionStore:
         self.vecs: dict[int, dict[tuple[int, int], torch.Tensor]] = {}  # step -> (mb, attempt) -> vector
         self.losses: dict[int, dict[tuple[int, int], float]] = {}  # step -> (mb, attempt) -> tail loss
         self.commits: dict[int, dict[int, int]] = {}  # step -> mb -> committed attempt
+        self.wire_bytes = 0  # /pmn/avg/1.0.0 bytes this node's server read and wrote for this store (pushes
+        # received, pull requests and answers): every contribution crossing between replicas is counted once
         self.changed = trio.Event()
 
     def _poke(self) -> None:
@@ -304,6 +306,27 @@ def bytes_vec(raw: bytes, size: int) -> torch.Tensor:
 # -- the service -------------------------------------------------------------------------------------
 
 
+class _Counted:
+    """A stream that counts the bytes read from and written to it (what `/pmn/avg` moves, headers included)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.count = 0  # bytes read + written
+        self.store: ContributionStore | None = None  # the store the request named, once known
+
+    async def read(self, n: int | None = None) -> bytes:
+        data = await self.stream.read(n)
+        self.count += len(data)
+        return bytes(data)
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.write(data)
+        self.count += len(data)
+
+    async def close(self) -> None:
+        await self.stream.close()
+
+
 class AveragingService:
     """Serves `/pmn/avg/1.0.0` for whatever stage the node serves now (`target()` gives it)."""
 
@@ -349,7 +372,11 @@ class AveragingService:
             async with self.gate.serve(stream) as peer:
                 try:
                     with trio.fail_after(self.timeout_s + 5):
-                        await self._exchange(stream, peer)
+                        counted = _Counted(stream)
+                        try:
+                            await self._exchange(counted, peer)
+                        finally:
+                            self._credit(counted)
                         await stream.close()
                 except (AveragingError, trio.TooSlowError) as exc:
                     self.gate.refuse(peer, type(exc).__name__)
@@ -369,6 +396,11 @@ class AveragingService:
         except Exception:  # a misbehaving or vanished peer only loses its own exchange
             await reset_quietly(stream)
 
+    def _credit(self, counted: _Counted) -> None:
+        """Add an exchange's bytes to the store of the stage it named (if it got that far)."""
+        if counted.store is not None:
+            counted.store.wire_bytes += counted.count
+
     async def _exchange(self, stream: Any, peer: Any) -> None:
         """One request: header (bounded), authorization for its stage, then the blob only of a valid push."""
         header, size = await read_msg_header(stream, self.limits.message_limits())
@@ -377,6 +409,8 @@ class AveragingService:
             raise AveragingError(f"field 'stage' must be an integer, got {type(stage).__name__}")
         await self.gate.authorize(peer, stage)
         store = self.target(stage)
+        if isinstance(stream, _Counted):
+            stream.store = store
         if header.get("spec_hash") != self.spec_hash or store is None:
             await write_msg(stream, {"error": f"this peer holds no contributions of stage {stage} of that model"})
             return

@@ -42,7 +42,8 @@ def choose_replica_stage(entries: list[Announcement], spec_hash: str, num_stages
 def step_report(out: StepOutcome, eng: ReplicaEngine) -> StepReport:
     """The node-level report of one replicated step."""
     record = {"applied": out.applied, "mine": out.mine, "computed": out.computed, "dropped": out.dropped,
-              "rerouted": out.rerouted, "compute_s": out.compute_s, "throughput": eng.throughput}
+              "rerouted": out.rerouted, "compute_s": out.compute_s, "throughput": eng.throughput,
+              "avg_wire_bytes": eng.store.wire_bytes}  # cumulative /pmn/avg bytes served for this stage
     return StepReport(out.step, eng.stage, out.loss, out.tokens, out.seconds, max(0.0, out.seconds - out.compute_s),
                       record=record, status={"bans": eng.events[-20:], "stage": eng.stage})
 
