@@ -201,7 +201,8 @@ class ReplicaEngine:
         would otherwise miss every contribution of its backoff, and if this replica died in that
         window those contributions would be lost to the stage.
         """
-        vec = self.store.codec.encode(vec)  # the spec's replica_averaging encoding (dense: unchanged)
+        if self.store.codec.compressed:  # the spec's replica_averaging encoding (torch work: off the event loop)
+            vec = await trio.to_thread.run_sync(self.store.codec.encode, vec)
         self.store.add(step, mb, attempt, vec, loss)
         self._computed.setdefault(step, []).append([mb, attempt])
         peers, backoff = self._split_stage_peers()
