@@ -43,6 +43,8 @@ SHORT_FLAGS: dict[str, tuple[str, ...]] = {
     "runtime.num_microbatches": ("--microbatches",),
     "runtime.microbatch_size": ("--microbatch-size",),
     "runtime.codec": ("--codec",),
+    "runtime.replica_averaging": ("--replica-averaging",),
+    "runtime.powersgd_rank": ("--powersgd-rank",),
     "runtime.torch_threads": ("--threads",),
     "execution.precision": ("--precision",),
     "execution.activation_checkpointing": ("--activation-checkpointing",),

@@ -96,6 +96,9 @@ class RuntimeConfig:
     num_microbatches: int = 4  # microbatches per global step (gradient accumulation)
     microbatch_size: int = 4  # sequences per microbatch
     codec: str = "dense"  # boundary codec name (sharding.codecs); must match across the pipeline
+    replica_averaging: str = "dense"  # how replicas of a stage exchange gradients: dense fp32 or powersgd (rank-r
+    # factors in bf16 with error feedback); part of the spec, must match across the stage's replicas
+    powersgd_rank: int = 4  # rank r of PowerSGD contributions (replica_averaging = powersgd)
     frame_timeout_s: float = 120.0  # longest wait for the next frame from a neighbour within a step
     step_retries: int = 3  # times a failed step is retried (after re-dialling) before giving up
     redial_timeout_s: float = 30.0  # how long to look for a replacement neighbour before a retry
@@ -276,6 +279,9 @@ class NodeConfig:
         if self.recipe.grad_clip > 0 and self.replicas.enabled:
             raise ValueError("recipe.grad_clip needs the one-peer-per-stage runner: replicated stages do not exchange "
                              "gradient norms yet; set recipe.grad_clip = 0 or turn replicas.enabled off")
+        if r.replica_averaging not in ("dense", "powersgd") or r.powersgd_rank < 1:
+            raise ValueError(f"runtime.replica_averaging must be dense or powersgd (got {r.replica_averaging!r}) "
+                             f"and runtime.powersgd_rank >= 1 (got {r.powersgd_rank})")
         self.transport.validate()
         self.discovery.validate()
         self.replicas.validate()

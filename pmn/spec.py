@@ -46,6 +46,8 @@ class TrainingRecipe:
     adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 0.0  # clip the global gradient norm (all stages together) to this; 0 = off
     batch_tokens: int | None = None  # tokens per step; when given, must equal microbatches * microbatch_size * seq_len
+    replica_averaging: str = "dense"  # replica gradient exchange: dense or powersgd (hashed only when not dense)
+    powersgd_rank: int = 4  # PowerSGD rank r (used with replica_averaging = powersgd)
 
     def section(self) -> TrainingSection:
         """The same recipe as the node-side `protocol.modelspec.TrainingSection`."""

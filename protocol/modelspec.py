@@ -53,6 +53,8 @@ class TrainingSection:
     grad_clip: float = 0.0  # clip the global gradient norm (all stages together) to this; 0 = off
     batch_tokens: int | None = None  # tokens per optimizer step; when given, must equal microbatches *
     # microbatch_size * model.seq_len
+    replica_averaging: str = "dense"  # replica gradient exchange: dense | powersgd (sharding.gradcompress)
+    powersgd_rank: int = 4  # PowerSGD rank r (used with replica_averaging = powersgd)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict in field order."""
@@ -67,6 +69,9 @@ class TrainingSection:
                              f"{tokens}: change one of them")
         if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
             raise ValueError(f"training.total_steps={self.total_steps!r}: must be an integer >= 1")
+        if self.replica_averaging not in ("dense", "powersgd") or self.powersgd_rank < 1:
+            raise ValueError(f"training.replica_averaging={self.replica_averaging!r}: use dense or powersgd, "
+                             f"with training.powersgd_rank >= 1 (got {self.powersgd_rank})")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"training.schedule = {self.schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
         if self.schedule != "constant" and self.total_steps is None:
@@ -99,6 +104,7 @@ _OPTIM_NAMES = {"decay_steps": "total_steps", "eps": "adam_eps", "betas": "beta1
 TRAINING_DEFAULTS: dict[str, Any] = {
     "schedule": "constant", "total_steps": None, "min_lr_ratio": 0.1, "cooldown_steps": 0, "beta1": 0.9,
     "beta2": 0.95, "weight_decay": 0.1, "adam_eps": 1e-8, "grad_clip": 0.0, "batch_tokens": None,
+    "replica_averaging": "dense", "powersgd_rank": 4,
 }
 _FLOAT_FIELDS = {f.name for f in fields(TrainingSection) if f.type in ("float", float)}
 

@@ -6,6 +6,14 @@ replica combines the committed contributions (one per microbatch) through `proto
 in microbatch order, so every replica applies the same update and the synchronous result equals
 the single-replica run. A replica that lacks a step's commit or contributions pulls them from a
 peer of its stage (joining replicas catch up this way).
+
+Contributions travel in the stage's `ContributionCodec` (the spec's `replica_averaging`): dense fp32,
+or PowerSGD factors (`sharding.gradcompress`) with the error feedback kept by the replica that
+computed the microbatch. Either way a contribution is a flat vector of 4-byte words of a size fixed
+by the spec, every replica decodes the same words to the same dense gradient, and the combination
+(CenteredClip by choice) runs on the decoded contributions, so replicas stay identical. A pushed or
+pulled contribution of another encoding, another size or with NaN/Inf is refused and counted against
+the sender.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ from node.net.gate import ProtocolGate, reset_quietly
 from node.net.host import parse_peer_addr
 from node.net.peerscore import PeerGuardConfig, PeerScores
 from protocol.aggregation import AggregationConfig, aggregate
+from sharding.gradcompress import GradCompressError, PowerSGDEncoder, PowerSGDLayout, powersgd_decode
 
 AVG_PROTOCOL = TProtocol("/pmn/avg/1.0.0")
 MAX_HEADER = 1 << 20  # bytes of one JSON message header a client accepts (a pull answer lists what it holds)
@@ -79,16 +88,118 @@ def set_grads(module: torch.nn.Module, flat: torch.Tensor) -> None:
         off += p.numel()
 
 
-def combine(vectors: list[torch.Tensor], num_microbatches: int, method: str = "mean") -> torch.Tensor:
+def combine(vectors: list[torch.Tensor], num_microbatches: int, method: str = "mean",
+            codec: ContributionCodec | None = None) -> torch.Tensor:
     """Combine one contribution per committed microbatch (each already scaled by 1/M).
 
     Each contribution times M estimates the step's gradient; their aggregate (a plain mean by
-    default) equals the sum of the contributions when all M are present.
+    default) equals the sum of the contributions when all M are present. Compressed contributions
+    are decoded first (the robust aggregate runs on the decoded low-rank gradients); one that fails
+    to decode is left out like a non-finite one.
     """
     if not vectors:
         raise AveragingError("no contributions to combine")
+    if codec is not None and codec.compressed:
+        dense = []
+        for v in vectors:
+            try:
+                dense.append(codec.decode(v))
+            except AveragingError:
+                continue
+        if not dense:
+            raise AveragingError("no contribution of the step decodes")
+        vectors = dense
     updates = [v * num_microbatches for v in vectors]
     return aggregate(updates, AggregationConfig(method=method))
+
+
+# -- contribution encodings --------------------------------------------------------------------------
+
+AVERAGING_METHODS = ("dense", "powersgd")  # values of the spec's replica_averaging
+
+
+def _words(values: torch.Tensor) -> torch.Tensor:
+    """bf16 values packed two per 4-byte word (a float32 view, zero-padded to an even count)."""
+    v = values.to(torch.bfloat16)
+    if v.numel() % 2:
+        v = torch.cat([v, torch.zeros(1, dtype=torch.bfloat16)])
+    return v.view(torch.int16).view(torch.float32).clone()
+
+
+def _unwords(words: torch.Tensor, count: int) -> torch.Tensor:
+    """Inverse of _words: the first `count` bf16 values as float32."""
+    return words.contiguous().view(torch.int16).view(torch.bfloat16)[:count].to(torch.float32)
+
+
+class ContributionCodec:
+    """How one stage's contributions travel: `dense` fp32 values, or `powersgd` rank-r factors in bf16.
+
+    `words` is the length of a contribution's flat 4-byte-word vector (what the store holds and the
+    protocol moves); `encode` is stateful (PowerSGD's error feedback and warm-started Q belong to the
+    replica that computed the microbatch), `decode` and `check` are pure.
+    """
+
+    def __init__(self, shapes: list[tuple[int, ...]], method: str = "dense", rank: int = 4, seed: int = 0) -> None:
+        if method not in AVERAGING_METHODS:
+            raise AveragingError(f"replica_averaging={method!r}: use one of {', '.join(AVERAGING_METHODS)}")
+        self.method = method  # the spec's replica_averaging
+        self.size = sum(int(torch.Size(s).numel()) for s in shapes)  # dense values (the stage's trainable params)
+        self.layout: PowerSGDLayout | None = None
+        self.encoder: PowerSGDEncoder | None = None
+        if method == "powersgd":
+            try:
+                self.layout = PowerSGDLayout.build(shapes, rank)
+            except GradCompressError as exc:
+                raise AveragingError(str(exc)) from exc
+            self.encoder = PowerSGDEncoder(self.layout, seed=seed, wire_dtype=torch.bfloat16)
+            self.values = self.layout.wire_size  # bf16 values of one contribution
+            self.words = (self.values + 1) // 2  # 4-byte words of one contribution
+            self.tag = f"powersgd-r{rank}-bf16"  # rides in push headers and pull answers
+        else:
+            self.values = self.words = self.size
+            self.tag = "dense"
+
+    @classmethod
+    def for_module(cls, module: torch.nn.Module, method: str = "dense", rank: int = 4,
+                   seed: int = 0) -> ContributionCodec:
+        """The codec of a stage module's trainable parameters."""
+        return cls([tuple(p.shape) for p in trainable(module)], method, rank, seed)
+
+    @property
+    def compressed(self) -> bool:
+        """True unless contributions travel dense."""
+        return self.layout is not None
+
+    @property
+    def ratio(self) -> float:
+        """Bytes of a dense contribution per byte of an encoded one."""
+        return self.size / self.words
+
+    def encode(self, vec: torch.Tensor) -> torch.Tensor:
+        """The words of this replica's contribution `vec` (dense: itself)."""
+        if self.encoder is None:
+            return vec
+        return _words(self.encoder.encode(vec.reshape(-1)))
+
+    def check(self, words: torch.Tensor) -> None:
+        """AveragingError unless `words` is one contribution of this encoding holding only finite values."""
+        if words.dim() != 1 or words.numel() != self.words:
+            raise AveragingError(f"{self.tag} contribution has shape {tuple(words.shape)}, expected ({self.words},)")
+        values = words if self.encoder is None else _unwords(words, self.values)
+        if not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).sum())
+            raise AveragingError(f"{self.tag} contribution holds {bad} non-finite value(s) (NaN/Inf)")
+
+    def decode(self, words: torch.Tensor) -> torch.Tensor:
+        """Dense fp32 gradient of a contribution (AveragingError on a wrong size or NaN/Inf factors)."""
+        if self.layout is None:
+            return words
+        if words.numel() != self.words:
+            raise AveragingError(f"{self.tag} contribution has {words.numel()} words, expected {self.words}")
+        try:
+            return powersgd_decode(self.layout, _unwords(words, self.values))
+        except GradCompressError as exc:
+            raise AveragingError(str(exc)) from exc
 
 
 # -- the store ---------------------------------------------------------------------------------------
@@ -97,11 +208,16 @@ def combine(vectors: list[torch.Tensor], num_microbatches: int, method: str = "m
 class ContributionStore:
     """Contributions and commits of recent steps (this replica's and its stage peers')."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size  # values per contribution vector (the stage's trainable parameters)
+    def __init__(self, size: int, codec: ContributionCodec | None = None) -> None:
+        if codec is not None and codec.words != size:
+            raise AveragingError(f"store of {size} words for a codec of {codec.words}")
+        self.codec = codec or ContributionCodec([(size,)])  # how contributions travel (dense by default)
+        self.size = size  # 4-byte words per contribution vector (dense: the stage's trainable parameters)
         self.vecs: dict[int, dict[tuple[int, int], torch.Tensor]] = {}  # step -> (mb, attempt) -> vector
         self.losses: dict[int, dict[tuple[int, int], float]] = {}  # step -> (mb, attempt) -> tail loss
         self.commits: dict[int, dict[int, int]] = {}  # step -> mb -> committed attempt
+        self.wire_bytes = 0  # /pmn/avg/1.0.0 bytes this node's server read and wrote for this store (pushes
+        # received, pull requests and answers): every contribution crossing between replicas is counted once
         self.changed = trio.Event()
 
     def _poke(self) -> None:
@@ -190,6 +306,27 @@ def bytes_vec(raw: bytes, size: int) -> torch.Tensor:
 # -- the service -------------------------------------------------------------------------------------
 
 
+class _Counted:
+    """A stream that counts the bytes read from and written to it (what `/pmn/avg` moves, headers included)."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.count = 0  # bytes read + written
+        self.store: ContributionStore | None = None  # the store the request named, once known
+
+    async def read(self, n: int | None = None) -> bytes:
+        data = await self.stream.read(n)
+        self.count += len(data)
+        return bytes(data)
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.write(data)
+        self.count += len(data)
+
+    async def close(self) -> None:
+        await self.stream.close()
+
+
 class AveragingService:
     """Serves `/pmn/avg/1.0.0` for whatever stage the node serves now (`target()` gives it)."""
 
@@ -235,7 +372,11 @@ class AveragingService:
             async with self.gate.serve(stream) as peer:
                 try:
                     with trio.fail_after(self.timeout_s + 5):
-                        await self._exchange(stream, peer)
+                        counted = _Counted(stream)
+                        try:
+                            await self._exchange(counted, peer)
+                        finally:
+                            self._credit(counted)
                         await stream.close()
                 except (AveragingError, trio.TooSlowError) as exc:
                     self.gate.refuse(peer, type(exc).__name__)
@@ -255,6 +396,11 @@ class AveragingService:
         except Exception:  # a misbehaving or vanished peer only loses its own exchange
             await reset_quietly(stream)
 
+    def _credit(self, counted: _Counted) -> None:
+        """Add an exchange's bytes to the store of the stage it named (if it got that far)."""
+        if counted.store is not None:
+            counted.store.wire_bytes += counted.count
+
     async def _exchange(self, stream: Any, peer: Any) -> None:
         """One request: header (bounded), authorization for its stage, then the blob only of a valid push."""
         header, size = await read_msg_header(stream, self.limits.message_limits())
@@ -263,6 +409,8 @@ class AveragingService:
             raise AveragingError(f"field 'stage' must be an integer, got {type(stage).__name__}")
         await self.gate.authorize(peer, stage)
         store = self.target(stage)
+        if isinstance(stream, _Counted):
+            stream.store = store
         if header.get("spec_hash") != self.spec_hash or store is None:
             await write_msg(stream, {"error": f"this peer holds no contributions of stage {stage} of that model"})
             return
@@ -274,12 +422,18 @@ class AveragingService:
             loss = header.get("loss")
             if loss is not None and (isinstance(loss, bool) or not isinstance(loss, int | float)):
                 raise AveragingError("field 'loss' must be a number or null")
+            enc = header.get("enc", "dense")
+            if enc != store.codec.tag:
+                raise AveragingError(f"contribution encoded as {str(enc)[:40]!r}, this stage averages {store.codec.tag}")
             if size != 4 * store.size:
                 raise AveragingError(f"a contribution is {4 * store.size} bytes, this push declares {size}")
             key = peer.pretty()
             self._admit_push(key)
             blob = await msgio.read_exact(stream, size, AveragingError, self.limits.idle_timeout_s)
-            store.add(step, mb, attempt, bytes_vec(blob, store.size), None if loss is None else float(loss))
+            vec = bytes_vec(blob, store.size)
+            if store.codec.compressed:
+                store.codec.check(vec)  # NaN/Inf in a factor: refused and counted, nothing stored
+            store.add(step, mb, attempt, vec, None if loss is None else float(loss))
             self.pushed.setdefault(key, deque()).append((stage, step, mb, attempt))
             await write_msg(stream, {"ok": True})
         elif op == "pull":
@@ -305,7 +459,8 @@ class AveragingService:
             items = [(mb, a, v, losses.get((mb, a))) for (mb, a), v in sorted(store.vecs.get(step, {}).items())]
             commit = None
         blob = b"".join(vec_bytes(v) for _, _, v, _ in items)
-        await write_msg(stream, {"commit": commit, "have": [[mb, a, loss] for mb, a, _, loss in items]}, blob)
+        await write_msg(stream, {"commit": commit, "have": [[mb, a, loss] for mb, a, _, loss in items],
+                                 "enc": store.codec.tag}, blob)
 
 
 async def _request(host: Any, addr: str, header: dict[str, Any], blob: bytes, max_blob: int,
@@ -328,24 +483,35 @@ async def _request(host: Any, addr: str, header: dict[str, Any], blob: bytes, ma
 
 
 async def push(host: Any, addr: str, spec_hash: str, stage: int, step: int, mb: int, attempt: int,
-               vec: torch.Tensor, loss: float | None, timeout_s: float) -> None:
-    """Give one contribution to a stage peer."""
-    await _request(host, addr, {"op": "push", "spec_hash": spec_hash, "stage": stage, "step": step, "mb": mb,
-                                "attempt": attempt, "loss": loss}, vec_bytes(vec), 0, timeout_s)
+               vec: torch.Tensor, loss: float | None, timeout_s: float, enc: str = "dense") -> None:
+    """Give one contribution (in encoding `enc`, the store codec's tag) to a stage peer."""
+    header = {"op": "push", "spec_hash": spec_hash, "stage": stage, "step": step, "mb": mb, "attempt": attempt,
+              "loss": loss}
+    if enc != "dense":  # dense pushes keep the header they always had
+        header["enc"] = enc
+    await _request(host, addr, header, vec_bytes(vec), 0, timeout_s)
 
 
 async def pull(host: Any, addr: str, spec_hash: str, stage: int, step: int, size: int, wait_s: float,
-               timeout_s: float) -> tuple[dict[int, int] | None, list[tuple[int, int, torch.Tensor, float | None]]]:
+               timeout_s: float, codec: ContributionCodec | None = None
+               ) -> tuple[dict[int, int] | None, list[tuple[int, int, torch.Tensor, float | None]]]:
     """A stage peer's commit of `step` (None if it has none within wait_s) and its contributions of the step
-    (the committed ones, or all it holds when it has no commit)."""
+    (the committed ones, or all it holds when it has no commit).
+
+    With `codec`, an answer in another encoding or holding a non-finite compressed contribution raises
+    AveragingError (the caller counts it against that peer) and nothing of it is kept."""
     reply, data = await _request(host, addr, {"op": "pull", "spec_hash": spec_hash, "stage": stage, "step": step,
                                               "wait_s": wait_s}, b"", 4 * size * 1024, timeout_s + wait_s)
     commit = None if reply.get("commit") is None else {int(mb): int(a) for mb, a in reply["commit"]}
+    if codec is not None and reply.get("enc", "dense") != codec.tag:
+        raise AveragingError(f"pull answer encoded as {str(reply.get('enc'))[:40]!r}, this stage averages {codec.tag}")
     have = reply.get("have", [])
     if len(data) != 4 * size * len(have):
         raise AveragingError(f"pull answer holds {len(data)} bytes for {len(have)} vectors of {size}")
     out = []
     for i, (mb, a, loss) in enumerate(have):
-        out.append((int(mb), int(a), bytes_vec(data[4 * size * i: 4 * size * (i + 1)], size),
-                    None if loss is None else float(loss)))
+        vec = bytes_vec(data[4 * size * i: 4 * size * (i + 1)], size)
+        if codec is not None and codec.compressed:
+            codec.check(vec)
+        out.append((int(mb), int(a), vec, None if loss is None else float(loss)))
     return commit, out

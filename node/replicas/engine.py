@@ -201,6 +201,8 @@ class ReplicaEngine:
         would otherwise miss every contribution of its backoff, and if this replica died in that
         window those contributions would be lost to the stage.
         """
+        if self.store.codec.compressed:  # the spec's replica_averaging encoding (torch work: off the event loop)
+            vec = await trio.to_thread.run_sync(self.store.codec.encode, vec)
         self.store.add(step, mb, attempt, vec, loss)
         self._computed.setdefault(step, []).append([mb, attempt])
         peers, backoff = self._split_stage_peers()
@@ -214,7 +216,7 @@ class ReplicaEngine:
         async def one(peer: str, addr: str) -> None:
             try:
                 await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
-                             self.rc.avg_timeout_s)
+                             self.rc.avg_timeout_s, enc=self.store.codec.tag)
                 self._peer_failures.pop(peer, None)
             except Exception:  # a vanished peer pulls (or is dropped) later
                 self._peer_failed(peer)
@@ -234,7 +236,7 @@ class ReplicaEngine:
                      loss: float | None) -> None:
         try:
             await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
-                         self.rc.avg_timeout_s)  # bounded by avg_timeout_s
+                         self.rc.avg_timeout_s, enc=self.store.codec.tag)  # bounded by avg_timeout_s
             self._peer_failures.pop(peer, None)  # it answers again: pushes wait for it from now on
         except Exception:  # still unreachable: the backoff grows
             self._peer_failed(peer)
@@ -469,7 +471,7 @@ class ReplicaEngine:
         for e in peers:
             try:
                 commit, items = await averaging.pull(self.host, e.addrs[0], self.spec_hash, self.stage, step,
-                                             self.store.size, wait_s, self.rc.avg_timeout_s)
+                                             self.store.size, wait_s, self.rc.avg_timeout_s, codec=self.store.codec)
             except Exception:  # unreachable / refusing peers are skipped
                 self._peer_failed(e.peer_id)
                 continue
@@ -550,7 +552,7 @@ class ReplicaEngine:
         async with self.lock:
             if items:
                 flat = await trio.to_thread.run_sync(averaging.combine, [v for _, _, v, _ in items], self.m,
-                                                     self.rc.aggregation)
+                                                     self.rc.aggregation, self.store.codec)
             else:
                 flat = torch.zeros(self.store.size)
             w.abort_step()

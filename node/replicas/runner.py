@@ -18,7 +18,7 @@ from node.net.access import StagePeersPolicy
 from node.net.discovery import Announcement, Discovery
 from node.net.peerscore import PeerScores
 from node.observability.steps import StepReport
-from node.replicas.averaging import AveragingService, ContributionStore, trainable
+from node.replicas.averaging import AveragingService, ContributionCodec, ContributionStore
 from node.replicas.engine import ReplicaEngine, StepOutcome
 from node.replicas.rebalance import Move
 from node.replicas.statesync import StateService, fetch_state, pack_state
@@ -42,7 +42,8 @@ def choose_replica_stage(entries: list[Announcement], spec_hash: str, num_stages
 def step_report(out: StepOutcome, eng: ReplicaEngine) -> StepReport:
     """The node-level report of one replicated step."""
     record = {"applied": out.applied, "mine": out.mine, "computed": out.computed, "dropped": out.dropped,
-              "rerouted": out.rerouted, "compute_s": out.compute_s, "throughput": eng.throughput}
+              "rerouted": out.rerouted, "compute_s": out.compute_s, "throughput": eng.throughput,
+              "avg_wire_bytes": eng.store.wire_bytes}  # cumulative /pmn/avg bytes served for this stage
     return StepReport(out.step, eng.stage, out.loss, out.tokens, out.seconds, max(0.0, out.seconds - out.compute_s),
                       record=record, status={"bans": eng.events[-20:], "stage": eng.stage})
 
@@ -130,7 +131,8 @@ class ReplicatedRunner:
         while True:
             worker = await trio.to_thread.run_sync(ctx.build_worker, stage)
             ctx.worker = worker
-            store = ContributionStore(sum(p.numel() for p in trainable(worker.module)))
+            codec = ContributionCodec.for_module(worker.module, r.replica_averaging, r.powersgd_rank, seed=stage)
+            store = ContributionStore(codec.words, codec)  # contributions in the spec's replica_averaging encoding
             endpoint = ActEndpoint(
                 ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
                 cfg=cfg.transport, receipts=ctx.receipts, step_fn=lambda w=worker: w.next_step)  # type: ignore[misc]

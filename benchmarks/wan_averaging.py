@@ -1,0 +1,301 @@
+"""Replica averaging traffic, dense vs compressed: a replicated local swarm on 127.0.0.1 (stage 0 is the
+step authority and stays single; stages 1 and 2 have 2 replicas each) trained the same number of steps
+(equal tokens) once with `replica_averaging = dense` and once with `powersgd`. Reports the
+`/pmn/avg/1.0.0` bytes per step between replicas (counted by each node's averaging server on the real
+streams: pushes received, pull requests and answers, headers included; Noise/yamux framing not
+included), the validation loss of the final model (every stage's shutdown checkpoint, 8 fixed
+validation batches) and whether the replicas of a stage ended bit-identical.
+
+`--math` instead compares the methods of `sharding.gradcompress` in one process (2 simulated replicas
+of the whole tiny model, 4 microbatches per step): dense, PowerSGD (rank r, bf16 factors), top-k and
+DiLoCo (H inner steps, outer Nesterov), loss at equal tokens against bytes.
+
+    python benchmarks/wan_averaging.py [--quick] [--steps N] [--rank R] [--model wide|tiny] [--math]
+
+Measured here (2 loaded cores, 40 steps = 20,480 tokens, rank 4): wide (d_model 256) 88.3x less replica
+traffic at a validation loss ratio of 1.40; tiny 21.2x at 1.030. The goal (>= 50x within 2 %) is not met
+by PowerSGD at this training length; see the report of branch `avg` for the in-process comparison
+(DiLoCo H=10 on the wide model: 40x at 0.998).
+
+The last line is one JSON object (`replica_compression` = dense bytes / compressed bytes per step,
+`loss_ratio_compressed_avg` = compressed / dense validation loss). `compare_averaging()` is the
+function benchmarks/wan.py calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from node.observability.status import read_progress  # noqa: E402
+from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes  # noqa: E402
+from node.training.checkpoint import latest_checkpoint  # noqa: E402
+from sharding import PRESETS, ModelConfig, OptimConfig, build_model, build_stage, load_corpus, partition  # noqa: E402
+from sharding.data import Corpus  # noqa: E402
+from sharding.gradcompress import (  # noqa: E402
+    OuterNesterov,
+    PowerSGDEncoder,
+    PowerSGDLayout,
+    TopKEncoder,
+    powersgd_decode,
+    topk_decode,
+)
+from sharding.train import make_optimizer, optimizer_step  # noqa: E402
+
+M, B, STAGES = 4, 2, 3  # microbatches per step, sequences per microbatch, pipeline stages
+MODELS = {  # --model choices: the tiny preset (64 wide) and a 256-wide one where rank-4 factors save more
+    "tiny": PRESETS["tiny"],
+    "wide": ModelConfig(vocab_size=256, seq_len=64, d_model=256, n_layers=3, n_heads=4),
+}
+VAL_BATCHES, VAL_SIZE, VAL_SEED = 8, 8, 1  # validation: batches, sequences per batch, seed
+
+
+def _args(steps: int, averaging: str, rank: int, model: str) -> list[str]:
+    return ["--model", model, "--stages", str(STAGES), "--steps", str(steps), "--replicated", "--microbatches", str(M),
+            "--microbatch-size", str(B), "--corpus", "synthetic", "--threads", "1", "--replica-timeout", "20",
+            "--avg-timeout", "20", "--commit-poll", "0.3", "--checkpoint-every", "0", "--no-replica-timeout", "120",
+            "--replica-averaging", averaging, "--powersgd-rank", str(rank)]
+
+
+def val_loss(modules: list[torch.nn.Module], corpus: Corpus, cfg: ModelConfig) -> float:
+    """Mean loss of the stage modules chained over the fixed validation batches."""
+    total = 0.0
+    with torch.no_grad():
+        for i in range(VAL_BATCHES):
+            w = corpus.batch("val", 0, i, VAL_SIZE, cfg.seq_len, VAL_SEED)
+            ids, targets = w[:, :-1], w[:, 1:]
+            h = None
+            for m in modules[:-1]:
+                h = m(ids, h)
+            total += float(modules[-1](ids, h, targets=targets))
+    return total / VAL_BATCHES
+
+
+def _stage_weights(data_dir: Path, stage: int) -> dict[str, torch.Tensor]:
+    ckpt = latest_checkpoint(data_dir, stage)
+    if ckpt is None:
+        raise RuntimeError(f"no checkpoint of stage {stage} in {data_dir}")
+    return load_file(str(ckpt / "model.safetensors"))
+
+
+def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: float,
+              cfg: ModelConfig) -> dict[str, Any]:
+    """One replicated run of model `cfg`; returns bytes per step between replicas, losses and the replica check."""
+    root.mkdir(parents=True, exist_ok=True)
+    model_file = root / "model.json"
+    model_file.write_text(json.dumps(cfg.to_dict()))
+    args = _args(steps, averaging, rank, str(model_file))
+    head = start_node(0, root / "head", args)
+    boot = ["--bootstrap", head.ready["addrs"][0]]
+    layout = [(1, "mid0"), (1, "mid1"), (2, "tail0"), (2, "tail1")]
+    rest = [spawn_node(s, root / name, args + boot) for s, name in layout]
+    nodes: list[NodeProcess] = [head, *rest]
+    t0 = time.monotonic()
+    try:
+        for n in rest:
+            await_ready(n, 120.0)
+        deadline = time.monotonic() + timeout_s
+        for n in nodes:
+            n.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+    finally:
+        stop_nodes(nodes)
+    wall = time.monotonic() - t0
+    recs = {name: {int(r["step"]): r for r in read_progress(root / name)} for name in
+            ["head", *(name for _, name in layout)]}
+    done = [s for s in range(steps) if all(s in recs[name] for name in recs)]
+    if len(done) < steps:
+        raise RuntimeError(f"{averaging}: only {len(done)} of {steps} steps completed by every node")
+    wire = {name: int(recs[name][steps - 1].get("avg_wire_bytes", 0)) for name in recs}
+    corpus = load_corpus("synthetic")
+    modules: list[torch.nn.Module] = []
+    for stage, name in ((0, "head"), (1, "mid0"), (2, "tail0")):
+        m = build_stage(cfg, partition(cfg, STAGES)[stage])
+        m.load_state_dict(_stage_weights(root / name, stage))
+        m.eval()
+        modules.append(m)
+    identical = all(
+        all(torch.equal(a[k], b[k]) for k in a)
+        for a, b in ((_stage_weights(root / "mid0", 1), _stage_weights(root / "mid1", 1)),
+                     (_stage_weights(root / "tail0", 2), _stage_weights(root / "tail1", 2))))
+    tail_losses = [recs["tail0"][s].get("loss") for s in done]
+    return {"steps": steps, "wall_s": wall, "replica_bytes_per_step": sum(wire.values()) / steps,
+            "bytes_by_node": wire, "val_loss": val_loss(modules, corpus, cfg),
+            "final_train_loss": tail_losses[-1], "replicas_identical": identical}
+
+
+def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, root: Path | None = None,
+                      model: str = "wide") -> dict[str, Any]:
+    """Dense vs PowerSGD rank `rank` on the replicated local swarm, same steps (equal tokens).
+
+    Returns `replica_compression` (dense / compressed replica bytes per step), `loss_ratio_compressed_avg`
+    (compressed / dense validation loss) and both runs' figures (`dense`, `compressed`)."""
+    cfg = MODELS[model]
+    base = root or Path(tempfile.mkdtemp(prefix="pmn-wan-avg-"))
+    try:
+        dense = run_swarm(base / "dense", steps, "dense", rank, timeout_s, cfg)
+        comp = run_swarm(base / "powersgd", steps, "powersgd", rank, timeout_s, cfg)
+    finally:
+        if root is None:
+            shutil.rmtree(base, ignore_errors=True)
+    return {"replica_compression": dense["replica_bytes_per_step"] / max(1.0, comp["replica_bytes_per_step"]),
+            "loss_ratio_compressed_avg": comp["val_loss"] / dense["val_loss"], "rank": rank, "steps": steps,
+            "model": model, "tokens": steps * M * B * cfg.seq_len, "dense": dense, "compressed": comp}
+
+
+# -- the in-process comparison of the methods (--math) ------------------------------------------------
+
+
+def _flat(model: torch.nn.Module, grads: bool) -> torch.Tensor:
+    ps = [p for p in model.parameters() if p.requires_grad]
+    if not grads:
+        return torch.cat([p.detach().reshape(-1) for p in ps])
+    out = torch.cat([p.grad.reshape(-1) if p.grad is not None else torch.zeros(p.numel()) for p in ps])
+    for p in ps:
+        p.grad = None
+    return out
+
+
+def _install(model: torch.nn.Module, flat: torch.Tensor, grads: bool) -> None:
+    off = 0
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad:
+                part = flat[off: off + p.numel()].reshape(p.shape).clone()
+                if grads:
+                    p.grad = part
+                else:
+                    p.copy_(part)
+                off += p.numel()
+
+
+def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inner: int = 25,
+             replicas: int = 2, half: bool = True, model_name: str = "tiny") -> dict[str, Any]:
+    """Train the whole model `steps` steps of M microbatches, microbatch i computed by replica i % replicas.
+
+    dense / powersgd / topk: each microbatch gradient travels (encoded by its replica, error feedback
+    there), every replica applies the mean of the decoded ones. diloco: each replica takes AdamW steps
+    on its own microbatches; every `inner` steps the mean parameter delta (bf16 if `half`) goes through
+    the outer Nesterov step. Returns the validation loss and the dense / method bytes ratio."""
+    torch.manual_seed(0)
+    cfg = MODELS[model_name]
+    corpus = load_corpus("synthetic")
+    optim = OptimConfig(lr=3e-3, warmup_steps=10)
+    model = build_model(cfg)
+    shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
+    size = sum(math.prod(s) for s in shapes)
+    dense_bytes = steps * M * (replicas - 1) * 4 * size
+    if method == "diloco":
+        reps = [copy.deepcopy(model) for _ in range(replicas)]
+        opts = [make_optimizer(m, optim) for m in reps]
+        outer = OuterNesterov(size)
+        start = _flat(model, False)
+        sent = 0
+        for step in range(steps):
+            for r, rep in enumerate(reps):
+                mine = range(r, M, replicas)
+                for mb in mine:
+                    w = corpus.batch("train", step, mb, B, cfg.seq_len, 0)
+                    (rep(w[:, :-1], targets=w[:, 1:]) / len(mine)).backward()
+                optimizer_step(rep, opts[r], step, optim)
+            if (step + 1) % inner == 0:
+                delta = start - torch.stack([_flat(m, False) for m in reps]).mean(0)
+                if half:
+                    delta = delta.to(torch.bfloat16).float()
+                sent += replicas * (replicas - 1) * (2 if half else 4) * size
+                start = outer.step(start, delta)
+                for m in reps:
+                    _install(m, start, False)
+        _install(model, start, False)
+        return {"method": method, "inner": inner, "val_loss": val_loss([model], corpus, cfg),
+                "compression": dense_bytes / max(1, sent)}
+    opt = make_optimizer(model, optim)
+    wire_dtype = torch.bfloat16 if half else torch.float32
+    if method == "powersgd":
+        lay = PowerSGDLayout.build(shapes, rank)
+        pencs = [PowerSGDEncoder(lay, seed=r, wire_dtype=wire_dtype) for r in range(replicas)]
+        per = lay.wire_size * (2 if half else 4)
+    elif method == "topk":
+        tencs = [TopKEncoder(size, fraction) for _ in range(replicas)]
+        per = tencs[0].wire_size * 4
+    else:
+        per = 4 * size
+    for step in range(steps):
+        vecs = []
+        for mb in range(M):
+            w = corpus.batch("train", step, mb, B, cfg.seq_len, 0)
+            (model(w[:, :-1], targets=w[:, 1:]) / M).backward()
+            v = _flat(model, True)
+            if method == "powersgd":
+                v = powersgd_decode(lay, pencs[mb % replicas].encode(v))
+            elif method == "topk":
+                v = topk_decode(tencs[mb % replicas].encode(v), size, fraction)
+            vecs.append(v)
+        _install(model, torch.stack(vecs).sum(0), True)
+        optimizer_step(model, opt, step, optim)
+    out: dict[str, Any] = {"method": method, "val_loss": val_loss([model], corpus, cfg),
+                           "compression": 4 * size / per}
+    if method == "powersgd":
+        out["rank"] = rank
+    if method == "topk":
+        out["fraction"] = fraction
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="short runs")
+    p.add_argument("--steps", type=int, default=None, help="global steps per run (equal tokens)")
+    p.add_argument("--rank", type=int, default=4, help="PowerSGD rank")
+    p.add_argument("--model", choices=sorted(MODELS), default=None, help="model (default: wide; --math: tiny)")
+    p.add_argument("--math", action="store_true", help="compare the methods in one process instead of the swarm")
+    a = p.parse_args(argv)
+    if a.math:
+        steps = a.steps or (60 if a.quick else 150)
+        mod = a.model or "tiny"
+        runs = [simulate("dense", steps, model_name=mod), simulate("powersgd", steps, rank=2, model_name=mod),
+                simulate("powersgd", steps, rank=4, model_name=mod), simulate("topk", steps, fraction=0.01, model_name=mod),
+                simulate("diloco", steps, inner=25, model_name=mod)]
+        dense = runs[0]["val_loss"]
+        print(f"{'method':22} {'compression':>11} {'val loss':>9} {'vs dense':>9}")
+        for r in runs:
+            name = r["method"] + (f" r{r['rank']}" if "rank" in r else "") + (
+                f" k={r['fraction']}" if "fraction" in r else "") + (f" H={r['inner']}" if "inner" in r else "")
+            print(f"{name:22} {r['compression']:>10.1f}x {r['val_loss']:>9.4f} {r['val_loss'] / dense:>9.4f}")
+        print(json.dumps({"steps": steps, "model": mod, "tokens": steps * M * B * MODELS[mod].seq_len,
+                          "runs": runs}))
+        return 0
+    steps = a.steps or (30 if a.quick else 150)
+    res = compare_averaging(steps, a.rank, timeout_s=600 if a.quick else 3600, model=a.model or "wide")
+    print(f"{'averaging':12} {'steps':>5} {'replica B/step':>15} {'val loss':>9} {'train loss':>10} {'identical':>9} "
+          f"{'wall s':>7}")
+    for name, r in (("dense", res["dense"]), (f"powersgd r{a.rank}", res["compressed"])):
+        print(f"{name:12} {r['steps']:>5} {r['replica_bytes_per_step']:>15.0f} {r['val_loss']:>9.4f} "
+              f"{r['final_train_loss']:>10.4f} {str(r['replicas_identical']):>9} {r['wall_s']:>7.1f}")
+    print(f"replica traffic {res['replica_compression']:.1f}x smaller, validation loss ratio "
+          f"{res['loss_ratio_compressed_avg']:.4f} at {res['tokens']} tokens")
+    print(json.dumps({"replica_compression": res["replica_compression"],
+                      "loss_ratio_compressed_avg": res["loss_ratio_compressed_avg"], "rank": a.rank, "steps": steps,
+                      "model": res["model"], "tokens": res["tokens"],
+                      "dense_replica_bytes_per_step": res["dense"]["replica_bytes_per_step"],
+                      "compressed_replica_bytes_per_step": res["compressed"]["replica_bytes_per_step"],
+                      "dense_val_loss": res["dense"]["val_loss"], "compressed_val_loss": res["compressed"]["val_loss"],
+                      "replicas_identical": res["dense"]["replicas_identical"] and
+                      res["compressed"]["replicas_identical"]}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

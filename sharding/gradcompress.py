@@ -1,0 +1,220 @@
+"""Compression of replica gradient contributions (pure math, no I/O).
+
+A stage's trainable parameters travel as one flat fp32 vector (their concatenation in a fixed
+order). A *layout* knows their shapes; a compressed contribution is again one flat fp32 vector, the
+*wire vector*, of a size fixed by the layout and the method, so that a receiver can check it before
+reading it and every replica decodes it to the same dense gradient.
+
+* PowerSGD (Vogels et al. 2019), one power iteration per contribution: each matrix-shaped gradient
+  M (m x n, trailing dims flattened) with r (m + n) < m n becomes P (m x r, orthonormal columns) and
+  Q = M^T P (n x r); the receiver rebuilds P Q^T. Q is warm-started from the sender's previous Q of
+  that parameter; vectors (norm gains) travel dense. Error feedback: what the approximation missed is
+  added to the sender's next contribution.
+* Top-k with error feedback: the k largest-magnitude entries of gradient + error, as (values,
+  indices) in the wire vector (indices as exact float32 integers, so stages up to 2**24 values).
+* DiLoCo outer step (Douillard et al. 2023): replicas run H inner optimizer steps alone, then average
+  their parameter deltas; `OuterNesterov` applies the averaged delta with Nesterov momentum.
+
+Every decoder validates its input (size, finiteness, index range) and raises `GradCompressError`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .errors import ShardingError
+
+METHODS = ("dense", "powersgd", "topk")  # per-contribution encodings (DiLoCo is a schedule, see OuterNesterov)
+MAX_TOPK_SIZE = 1 << 24  # largest vector top-k can index (float32 holds integers exactly up to 2**24)
+
+
+class GradCompressError(ShardingError):
+    """A compressed contribution does not fit the layout, or holds non-finite values or bad indices."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One parameter inside the flat vector."""
+
+    offset: int  # first index in the flat dense vector
+    numel: int  # values of the parameter
+    rows: int  # matrix view: first dimension (numel for a vector)
+    cols: int  # matrix view: product of the other dimensions (1 for a vector)
+    wire_offset: int  # first index of its encoding in the PowerSGD wire vector
+    compressed: bool  # True: P (rows x rank) then Q (cols x rank); False: the values themselves
+
+
+@dataclass(frozen=True)
+class PowerSGDLayout:
+    """Where each parameter sits in the dense vector and in the rank-`rank` wire vector."""
+
+    rank: int  # r: columns of P and Q
+    entries: tuple[Entry, ...]  # one per parameter, in flat order
+    size: int  # values of the dense vector
+    wire_size: int  # values of the wire vector
+
+    @classmethod
+    def build(cls, shapes: list[tuple[int, ...]], rank: int) -> PowerSGDLayout:
+        """Layout of parameters with `shapes` (in flat order); a matrix is compressed when rank (m + n) < m n."""
+        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+            raise GradCompressError(f"PowerSGD rank must be an integer >= 1, got {rank!r}")
+        entries = []
+        off = woff = 0
+        for shape in shapes:
+            numel = math.prod(shape)
+            rows, cols = (shape[0], numel // shape[0]) if len(shape) >= 2 and shape[0] > 0 else (numel, 1)
+            compressed = len(shape) >= 2 and rank * (rows + cols) < numel
+            entries.append(Entry(off, numel, rows, cols, woff, compressed))
+            off += numel
+            woff += rank * (rows + cols) if compressed else numel
+        return cls(rank, tuple(entries), off, woff)
+
+    @property
+    def ratio(self) -> float:
+        """Dense values per wire value."""
+        return self.size / max(1, self.wire_size)
+
+
+def check_finite(wire: torch.Tensor, size: int, what: str) -> None:
+    """GradCompressError unless `wire` is a flat vector of `size` finite values."""
+    if wire.dim() != 1 or wire.numel() != size:
+        raise GradCompressError(f"{what} has shape {tuple(wire.shape)}, expected ({size},)")
+    if not bool(torch.isfinite(wire).all()):
+        bad = int((~torch.isfinite(wire)).sum())
+        raise GradCompressError(f"{what} holds {bad} non-finite value(s) (NaN/Inf)")
+
+
+def orthonormalize(p: torch.Tensor) -> torch.Tensor:
+    """Columns of `p` made orthonormal (reduced QR with a fixed sign, so the result is deterministic)."""
+    q, r = torch.linalg.qr(p, mode="reduced")
+    sign = torch.sign(torch.diagonal(r))
+    sign[sign == 0] = 1.0
+    return q * sign
+
+
+def powersgd_decode(layout: PowerSGDLayout, wire: torch.Tensor) -> torch.Tensor:
+    """Dense fp32 vector of a PowerSGD wire vector (GradCompressError on a wrong size or NaN/Inf)."""
+    check_finite(wire, layout.wire_size, f"PowerSGD rank-{layout.rank} contribution")
+    w = wire.to(torch.float32)
+    out = torch.empty(layout.size, dtype=torch.float32)
+    r = layout.rank
+    for e in layout.entries:
+        if e.compressed:
+            p = w[e.wire_offset: e.wire_offset + e.rows * r].reshape(e.rows, r)
+            q = w[e.wire_offset + e.rows * r: e.wire_offset + r * (e.rows + e.cols)].reshape(e.cols, r)
+            out[e.offset: e.offset + e.numel] = (p @ q.T).reshape(-1)
+        else:
+            out[e.offset: e.offset + e.numel] = w[e.wire_offset: e.wire_offset + e.numel]
+    return out
+
+
+class PowerSGDEncoder:
+    """One sender's PowerSGD state: error-feedback buffer and warm-start Q of each matrix."""
+
+    def __init__(self, layout: PowerSGDLayout, seed: int = 0, error_feedback: bool = True,
+                 wire_dtype: torch.dtype = torch.float32) -> None:
+        self.layout = layout
+        self.wire_dtype = wire_dtype  # precision the wire vector travels in (the error buffer absorbs the rounding)
+        self.error_feedback = error_feedback  # keep what the approximation missed for the next contribution
+        self.error = torch.zeros(layout.size)  # residual of the previous contributions
+        g = torch.Generator().manual_seed(seed)
+        self.q: dict[int, torch.Tensor] = {  # entry index -> warm-start Q (cols x rank)
+            i: torch.randn(e.cols, layout.rank, generator=g) for i, e in enumerate(layout.entries) if e.compressed}
+
+    def encode(self, grad: torch.Tensor) -> torch.Tensor:
+        """Wire vector of `grad` (+ the error buffer); the error buffer and warm starts are updated."""
+        lay = self.layout
+        if grad.dim() != 1 or grad.numel() != lay.size:
+            raise GradCompressError(f"gradient has shape {tuple(grad.shape)}, expected ({lay.size},)")
+        g = grad.detach().to(torch.float32) + (self.error if self.error_feedback else 0.0)
+        wire = torch.empty(lay.wire_size, dtype=torch.float32)
+        r = lay.rank
+        for i, e in enumerate(lay.entries):
+            block = g[e.offset: e.offset + e.numel]
+            if not e.compressed:
+                wire[e.wire_offset: e.wire_offset + e.numel] = block
+                continue
+            m = block.reshape(e.rows, e.cols)
+            p = orthonormalize(m @ self.q[i])
+            q = m.T @ p
+            if bool(torch.isfinite(q).all()) and float(q.norm()) > 0:
+                self.q[i] = q  # warm start of the next power iteration
+            wire[e.wire_offset: e.wire_offset + e.rows * r] = p.reshape(-1)
+            wire[e.wire_offset + e.rows * r: e.wire_offset + r * (e.rows + e.cols)] = q.reshape(-1)
+        wire = wire.to(self.wire_dtype).to(torch.float32)
+        if self.error_feedback:
+            self.error = g - powersgd_decode(lay, wire)
+        return wire
+
+
+def topk_wire_size(size: int, fraction: float) -> int:
+    """Wire values of a top-k contribution keeping `fraction` of `size` entries: 2 k."""
+    if not 0 < fraction <= 1:
+        raise GradCompressError(f"top-k fraction must be in (0, 1], got {fraction!r}")
+    if size > MAX_TOPK_SIZE:
+        raise GradCompressError(f"top-k indexes at most {MAX_TOPK_SIZE} values, the vector has {size}")
+    return 2 * max(1, math.ceil(size * fraction))
+
+
+def topk_decode(wire: torch.Tensor, size: int, fraction: float) -> torch.Tensor:
+    """Dense vector of a top-k wire vector [values | indices] (GradCompressError on bad size, values or indices)."""
+    n = topk_wire_size(size, fraction)
+    check_finite(wire, n, "top-k contribution")
+    k = n // 2
+    vals, idx_f = wire[:k].to(torch.float32), wire[k:]
+    if bool((idx_f != idx_f.round()).any()) or bool((idx_f < 0).any()) or bool((idx_f >= size).any()):
+        raise GradCompressError(f"top-k contribution holds indices outside [0, {size}) or non-integers")
+    idx = idx_f.to(torch.int64)
+    if int(torch.unique(idx).numel()) != k:
+        raise GradCompressError("top-k contribution repeats an index")
+    out = torch.zeros(size, dtype=torch.float32)
+    out[idx] = vals
+    return out
+
+
+class TopKEncoder:
+    """One sender's top-k state: the error-feedback buffer."""
+
+    def __init__(self, size: int, fraction: float, error_feedback: bool = True) -> None:
+        self.size = size  # values of the dense vector
+        self.fraction = fraction  # share of entries kept per contribution
+        self.wire_size = topk_wire_size(size, fraction)
+        self.error_feedback = error_feedback
+        self.error = torch.zeros(size)
+
+    def encode(self, grad: torch.Tensor) -> torch.Tensor:
+        """Wire vector [values | indices] of the k largest |grad + error| entries; the error buffer is updated."""
+        if grad.dim() != 1 or grad.numel() != self.size:
+            raise GradCompressError(f"gradient has shape {tuple(grad.shape)}, expected ({self.size},)")
+        g = grad.detach().to(torch.float32) + (self.error if self.error_feedback else 0.0)
+        k = self.wire_size // 2
+        idx = torch.topk(g.abs(), k, sorted=False).indices.sort().values
+        vals = g[idx]
+        if self.error_feedback:
+            self.error = g.clone()
+            self.error[idx] = 0.0
+        return torch.cat([vals, idx.to(torch.float32)])
+
+
+class OuterNesterov:
+    """DiLoCo's outer optimizer: SGD with Nesterov momentum on the averaged outer delta.
+
+    delta = theta_start - mean(theta_replica) (a pseudo-gradient); v <- mu v + delta;
+    theta <- theta_start - lr (delta + mu v).
+    """
+
+    def __init__(self, size: int, lr: float = 0.7, momentum: float = 0.9) -> None:
+        if not lr > 0 or not 0 <= momentum < 1:
+            raise GradCompressError(f"outer lr must be > 0 and momentum in [0, 1), got {lr!r}, {momentum!r}")
+        self.lr = lr  # outer learning rate
+        self.momentum = momentum  # outer Nesterov momentum
+        self.v = torch.zeros(size)  # momentum buffer
+
+    def step(self, start: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """New flat parameters from the outer-round start and the averaged delta (GradCompressError on NaN/Inf)."""
+        check_finite(delta, self.v.numel(), "outer delta")
+        self.v = self.momentum * self.v + delta
+        return start - self.lr * (delta + self.momentum * self.v)

@@ -1,0 +1,46 @@
+"""PowerSGD replica averaging in a replicated swarm of real node processes on 127.0.0.1: every step applies
+each microbatch exactly once, the two replicas of the middle stage end bit-identical, and their averaging
+traffic is the compressed size."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from node.replicas.averaging import ContributionCodec
+from node.testing.swarm import stop_nodes, wait_nodes
+from node.training.checkpoint import latest_checkpoint
+from sharding import PRESETS, build_stage, partition
+from tests.node.replica_swarm import M, check_exactly_once, launch, records
+
+pytestmark = [pytest.mark.network]
+
+STEPS = 6
+
+
+@pytest.mark.timeout(480)
+def test_powersgd_swarm_applies_every_microbatch_once_and_keeps_replicas_identical(tmp_path) -> None:
+    # the head waits up to 120 s for the middle replicas to come up (processes start slowly on a busy machine)
+    nodes = launch(tmp_path, [0, 1, 1, 2], STEPS, common=["--replica-averaging", "powersgd", "--powersgd-rank", "2",
+                                                          "--no-replica-timeout", "120"])
+    try:
+        codes = wait_nodes(nodes, 360)
+    finally:
+        stop_nodes(nodes)
+    assert codes == [0, 0, 0, 0]
+    head, mid_a, mid_b, tail = nodes
+    check_exactly_once([mid_a, mid_b], range(STEPS))
+    losses = [records(tail)[s]["loss"] for s in range(STEPS)]
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    weights = [load_file(str(latest_checkpoint(n.data_dir, 1) / "model.safetensors")) for n in (mid_a, mid_b)]
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    # the averaging servers of the middle stage moved about STEPS * M compressed contributions (plus the
+    # pulls a replica makes while idle), far below one dense contribution per microbatch
+    codec = ContributionCodec.for_module(build_stage(PRESETS["tiny"], partition(PRESETS["tiny"], 3)[1]),
+                                         "powersgd", 2)
+    moved = sum(records(n)[STEPS - 1]["avg_wire_bytes"] for n in (mid_a, mid_b))
+    assert moved >= STEPS * M * 4 * codec.words
+    assert moved < STEPS * M * 4 * codec.size / 4

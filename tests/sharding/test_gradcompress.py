@@ -1,0 +1,110 @@
+"""Pure math of replica gradient compression: PowerSGD, top-k, DiLoCo's outer Nesterov step."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sharding.gradcompress import (
+    GradCompressError,
+    OuterNesterov,
+    PowerSGDEncoder,
+    PowerSGDLayout,
+    TopKEncoder,
+    powersgd_decode,
+    topk_decode,
+)
+
+SHAPES = [(32, 48), (48,), (16, 4, 4), (3, 3)]  # a matrix, a vector, a 3-d tensor (16 x 16), a small matrix
+
+
+def test_layout_compresses_only_matrices_where_it_saves() -> None:
+    lay = PowerSGDLayout.build(SHAPES, 2)
+    assert [e.compressed for e in lay.entries] == [True, False, True, False]  # 2 (3 + 3) > 9: 3x3 stays dense
+    assert lay.size == 32 * 48 + 48 + 256 + 9
+    assert lay.wire_size == 2 * (32 + 48) + 48 + 2 * (16 + 16) + 9
+    assert lay.ratio == pytest.approx(lay.size / lay.wire_size)
+    with pytest.raises(GradCompressError, match="rank"):
+        PowerSGDLayout.build(SHAPES, 0)
+
+
+def test_rank_one_gradients_are_rebuilt_exactly_and_vectors_pass_dense() -> None:
+    lay = PowerSGDLayout.build(SHAPES, 1)
+    g = torch.Generator().manual_seed(1)
+    parts = [torch.outer(torch.randn(32, generator=g), torch.randn(48, generator=g)).reshape(-1),
+             torch.randn(48, generator=g),
+             torch.outer(torch.randn(16, generator=g), torch.randn(16, generator=g)).reshape(-1),
+             torch.outer(torch.randn(3, generator=g), torch.randn(3, generator=g)).reshape(-1)]  # 1 (3 + 3) < 9
+    grad = torch.cat(parts)
+    enc = PowerSGDEncoder(lay, seed=3)
+    wire = enc.encode(grad)
+    assert wire.shape == (lay.wire_size,)
+    assert torch.allclose(powersgd_decode(lay, wire), grad, atol=1e-4)
+    assert float(enc.error.abs().max()) < 1e-4
+
+
+def test_error_feedback_loses_nothing_over_steps() -> None:
+    """sum(decoded) = sum(gradients) - final error: what rank r misses now is sent later."""
+    lay = PowerSGDLayout.build(SHAPES, 1)
+    g = torch.Generator().manual_seed(2)
+    enc = PowerSGDEncoder(lay, seed=0, wire_dtype=torch.bfloat16)
+    sent = torch.zeros(lay.size)
+    total = torch.zeros(lay.size)
+    for _ in range(20):
+        grad = torch.randn(lay.size, generator=g)
+        total += grad
+        sent += powersgd_decode(lay, enc.encode(grad))
+    assert torch.allclose(sent + enc.error, total, atol=1e-3)
+    # without error feedback nothing is kept and the missing part is lost
+    plain = PowerSGDEncoder(lay, error_feedback=False)
+    plain.encode(torch.randn(lay.size, generator=g))
+    assert float(plain.error.abs().max()) == 0.0
+
+
+def test_decode_refuses_wrong_sizes_and_nan_in_a_factor() -> None:
+    lay = PowerSGDLayout.build(SHAPES, 2)
+    wire = PowerSGDEncoder(lay).encode(torch.randn(lay.size))
+    with pytest.raises(GradCompressError, match="expected"):
+        powersgd_decode(lay, wire[:-1])
+    with pytest.raises(GradCompressError, match="expected"):
+        powersgd_decode(PowerSGDLayout.build(SHAPES, 3), wire)  # rank 2 words for a rank-3 layout
+    for bad in (float("nan"), float("inf")):
+        w = wire.clone()
+        w[5] = bad  # inside P of the first matrix
+        with pytest.raises(GradCompressError, match="non-finite"):
+            powersgd_decode(lay, w)
+
+
+def test_topk_keeps_the_largest_with_error_feedback_and_refuses_bad_indices() -> None:
+    enc = TopKEncoder(100, 0.05)
+    grad = torch.zeros(100)
+    grad[[3, 50, 97]] = torch.tensor([5.0, -7.0, 1.0])
+    grad[10] = 0.5
+    wire = enc.encode(grad)
+    assert wire.numel() == 10
+    dec = topk_decode(wire, 100, 0.05)
+    assert torch.equal(dec[[3, 50, 97, 10]], torch.tensor([5.0, -7.0, 1.0, 0.5]))
+    assert torch.allclose(dec + enc.error, grad)
+    for i, v in ((5, 100.0), (6, 1.5), (7, -1.0)):  # out of range, not an integer, negative
+        w = wire.clone()
+        w[i] = v
+        with pytest.raises(GradCompressError, match="indices"):
+            topk_decode(w, 100, 0.05)
+    w = wire.clone()
+    w[6] = w[5]
+    with pytest.raises(GradCompressError, match="repeats"):
+        topk_decode(w, 100, 0.05)
+
+
+def test_outer_nesterov_step() -> None:
+    opt = OuterNesterov(3, lr=0.5, momentum=0.9)
+    start = torch.tensor([1.0, 2.0, 3.0])
+    delta = torch.tensor([0.1, 0.0, -0.2])
+    new = opt.step(start, delta)
+    # v = delta; theta = start - lr (delta + mu v) = start - 0.5 * 1.9 delta
+    assert torch.allclose(new, start - 0.95 * delta)
+    new2 = opt.step(new, delta)
+    v2 = 0.9 * delta + delta
+    assert torch.allclose(new2, new - 0.5 * (delta + 0.9 * v2))
+    with pytest.raises(GradCompressError, match="non-finite"):
+        opt.step(start, torch.tensor([float("nan"), 0.0, 0.0]))
