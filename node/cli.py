@@ -44,6 +44,8 @@ SHORT_FLAGS: dict[str, tuple[str, ...]] = {
     "runtime.microbatch_size": ("--microbatch-size",),
     "runtime.codec": ("--codec",),
     "runtime.torch_threads": ("--threads",),
+    "runtime.schedule": ("--schedule",),
+    "runtime.max_staleness": ("--max-staleness",),
     "runtime.checkpoint_every": ("--checkpoint-every",),
     "runtime.frame_timeout_s": ("--frame-timeout",),
     "runtime.redial_timeout_s": ("--redial-timeout",),

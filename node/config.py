@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from protocol.modelspec import check_schedule
+
 
 @dataclass
 class TransportConfig:
@@ -98,6 +100,8 @@ class RuntimeConfig:
     retry_backoff_s: float = 0.5  # wait before the first redial attempt, doubled per attempt
     checkpoint_every: int = 1  # save a checkpoint every this many steps (0 = only on shutdown)
     torch_threads: int = 0  # torch intra-op threads for this process (0 = leave torch's default)
+    schedule: str = "gpipe"  # gpipe (all forwards eagerly), 1f1b (stage s keeps <= num_stages - s microbatches in flight), async
+    max_staleness: int = 0  # async: step k's forward and backward use the weights after step k - max_staleness - 1
 
 
 @dataclass
@@ -208,6 +212,9 @@ class NodeConfig:
         r = self.runtime
         if r.steps < 0 or r.num_microbatches < 1 or r.microbatch_size < 1:
             raise ValueError("runtime.steps must be >= 0, num_microbatches and microbatch_size >= 1")
+        check_schedule(r.schedule, r.max_staleness)
+        if r.schedule == "async" and self.replicas.enabled:
+            raise ValueError("runtime.schedule = async runs one peer per stage: it does not combine with replicas.enabled")
         self.transport.validate()
         self.discovery.validate()
         self.replicas.validate()

@@ -36,6 +36,7 @@ from node.net.host import full_addrs, make_host, parse_listen
 from node.net.identity import NodeIdentity, bind, load_or_create_identity
 from node.net.running import run_host
 from node.observability.steps import NodeLog, StepReport
+from node.pipeline.asyncrun import AsyncPipelineRunner
 from node.pipeline.runner import PipelineRunner
 from node.replicas.runner import ReplicatedRunner
 from node.services.base import AccessProvider, NodeService
@@ -79,8 +80,11 @@ async def stop_on_signal(nursery: trio.Nursery) -> AsyncIterator[Signalled]:
 
 
 def make_runner(cfg: NodeConfig) -> Runner:
-    """The runner the config asks for: replicated with `replicas.enabled`, else the synchronous pipeline."""
-    return ReplicatedRunner() if cfg.replicas.enabled else PipelineRunner()
+    """The runner the config asks for: replicated with `replicas.enabled`, the asynchronous pipeline with
+    `runtime.schedule = "async"`, else the synchronous pipeline (gpipe or 1f1b order)."""
+    if cfg.replicas.enabled:
+        return ReplicatedRunner()
+    return AsyncPipelineRunner() if cfg.runtime.schedule == "async" else PipelineRunner()
 
 
 class NodeDaemon:

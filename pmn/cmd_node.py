@@ -86,6 +86,7 @@ def node_config(op: OperatorConfig, flags: dict[str, Any]) -> NodeConfig:
         r = cfg.runtime
         r.codec, r.num_microbatches, r.microbatch_size = m.recipe.codec, m.recipe.microbatches, m.recipe.microbatch_size
         cfg.optim_lr = m.recipe.lr
+        r.schedule, r.max_staleness = m.recipe.schedule, m.recipe.max_staleness
     if op.rpc_url:  # on-chain mode: co-signed receipts for every hop, paid inference after training
         if op.model_id < 1:
             raise CLIError("rpc_url is set but model_id is not: set model_id (or PMN_MODEL_ID) to the on-chain model id")

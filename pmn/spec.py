@@ -15,6 +15,7 @@ from typing import Any
 from eth_utils import keccak
 
 from pmn.errors import ConfigError
+from protocol.modelspec import check_schedule, training_dict
 from sharding.codecs import get_codec
 from sharding.config import PRESETS, ModelConfig
 from sharding.partition import partition
@@ -31,6 +32,8 @@ class TrainingRecipe:
     lr: float = 3e-3  # AdamW peak learning rate
     warmup_steps: int = 10  # linear warm-up steps (nodes run sharding.OptimConfig, whose default is 10)
     data_seed: int = 0  # seed of the data order
+    schedule: str = "gpipe"  # pipeline schedule: gpipe, 1f1b (both exact) or async (delayed gradients, weight stashing)
+    max_staleness: int = 0  # async: optimiser steps a gradient may lag the weights it updates (0 for gpipe/1f1b)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class ModelProposal:
         get_codec(self.training.codec, self.model)
         if self.training.microbatches < 1 or self.training.microbatch_size < 1:
             raise ValueError("training.microbatches and training.microbatch_size must be >= 1")
+        check_schedule(self.training.schedule, self.training.max_staleness)
         if not 0 < self.terms.audit_rate <= 1:
             raise ValueError(f"terms.audit_rate={self.terms.audit_rate}: must be in (0, 1]")
         if self.terms.epoch_length < 1 or self.terms.challenge_window_s < 1:
@@ -69,7 +73,7 @@ class ModelProposal:
 
     def canonical_json(self) -> bytes:
         """Sorted-key, whitespace-free JSON of model and training (what the hash covers)."""
-        body = {"model": self.model.to_dict(), "training": asdict(self.training)}
+        body = {"model": self.model.to_dict(), "training": training_dict(asdict(self.training))}
         return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
 
     def content_hash(self) -> bytes:

@@ -34,15 +34,38 @@ class TrainingSection:
     lr: float  # AdamW peak learning rate
     warmup_steps: int  # linear warm-up steps
     data_seed: int  # seed of the data order
+    schedule: str = "gpipe"  # pipeline schedule: gpipe, 1f1b or async
+    max_staleness: int = 0  # async: optimiser steps a gradient may lag the weights it updates
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict in field order."""
-        return dict(self.__dict__)
+        """Plain dict in field order (schedule fields only when not the gpipe default, see `training_dict`)."""
+        return training_dict(dict(self.__dict__))
+
+
+SCHEDULES = ("gpipe", "1f1b", "async")  # pipeline schedules a spec may name
+SCHEDULE_DEFAULTS: dict[str, Any] = {"schedule": "gpipe", "max_staleness": 0}  # what a spec without them runs
+
+
+def check_schedule(schedule: str, max_staleness: int) -> None:
+    """Raise ValueError naming the bad field: an unknown schedule, or a staleness bound that does not fit it."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"training.schedule={schedule!r}: use one of {', '.join(SCHEDULES)}")
+    if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
+        raise ValueError(f"training.max_staleness={max_staleness!r}: must be an integer >= 0")
+    if schedule != "async" and max_staleness != 0:
+        raise ValueError(f"training.max_staleness={max_staleness} needs schedule = \"async\" "
+                         f"({schedule} applies every gradient to the weights it was computed with)")
+
+
+def training_dict(training: Mapping[str, Any]) -> dict[str, Any]:
+    """The training section as hashed: schedule fields left out at their defaults, so specs written before
+    the schedule option existed keep their spec hash (and run gpipe)."""
+    return {k: v for k, v in training.items() if not (k in SCHEDULE_DEFAULTS and v == SCHEDULE_DEFAULTS[k])}
 
 
 def canonical_spec(model: ModelConfig, training: Mapping[str, Any]) -> bytes:
     """Sorted-key, whitespace-free JSON of {"model": ..., "training": ...}."""
-    return json.dumps({"model": model.to_dict(), "training": dict(training)}, sort_keys=True,
+    return json.dumps({"model": model.to_dict(), "training": training_dict(training)}, sort_keys=True,
                       separators=(",", ":")).encode()
 
 

@@ -70,7 +70,7 @@ def training_section(cfg: NodeConfig, optim: OptimConfig) -> TrainingSection:
     r = cfg.runtime
     return TrainingSection(stages=cfg.num_stages, codec=r.codec, microbatches=r.num_microbatches,
                            microbatch_size=r.microbatch_size, lr=optim.lr, warmup_steps=optim.warmup_steps,
-                           data_seed=optim.data_seed)
+                           data_seed=optim.data_seed, schedule=r.schedule, max_staleness=r.max_staleness)
 
 
 class ChainLinkService:
