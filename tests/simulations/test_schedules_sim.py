@@ -10,6 +10,7 @@ import pytest
 
 from pmn.cmd_simulate import cmd_wan
 from pmn.errors import CLIError
+from sharding.partition import partition
 from simulations.averaging import Averaging, sync_bytes_per_step
 from simulations.calibrate import DEFAULT_PATH, load_calibration
 from simulations.datacenter import run_vs_datacenter
@@ -17,7 +18,6 @@ from simulations.params import LinkConfig, WanConfig
 from simulations.pipeline import simulate
 from simulations.presets import protocolnanogpt_model
 from simulations.wan_bench import validate
-from sharding.partition import partition
 
 
 def _latency_bound(schedule: str, staleness: int | None = None) -> WanConfig:
