@@ -1,11 +1,13 @@
 """Pipeline schedules over emulated WAN links: tokens/s and busiest-stage utilisation of gpipe, 1f1b, async.
 
-Emulation: one Linux network namespace per node, joined by veth pairs to a bridge in a namespace of its
-own; every node's uplink has `tc netem delay <ms> rate <Mbit>` on its egress (needs root and iproute2).
-So each one-way trip between two nodes takes the delay once and the sender's rate limits its bulk; the
-node processes, their libp2p hosts (TCP + Noise + yamux) and the activation protocol are the real ones,
-and nothing of ours knows about the emulation. The links are checked before the runs: TCP connect time
-(one round trip) and a bulk TCP transfer between two namespaces.
+Emulation: a shaper on the path, outside the node. `tc netem` is not available in this machine's
+kernel (no sch_netem; `tc qdisc add ... netem` fails), so the nodes run in one network namespace of
+their own whose nftables `output` NAT chain redirects every TCP connection made in it to a relay
+(`benchmarks/wan_shaper.py`) that forwards it to its original destination, each direction serialised at
+the rate and delivered the delay later. The node processes, their libp2p hosts (TCP + Noise + yamux) and
+the activation protocol are the real ones and know nothing of it (needs root, iproute2 and nft). The
+links are checked before the runs: a 1-byte request/response round trip and a bulk TCP transfer between
+two processes in the namespace.
 
 Swarm: 3 stages, one node each. Replicas are not combined with the schedules here: the async schedule
 is a one-peer-per-stage runner (`replicas.enabled` is refused with it), so the table compares the
@@ -218,10 +220,10 @@ def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microbatches: int, mb_size: int,
-                 model_path: Path, root: Path) -> dict[str, Any]:
+                 model_path: Path, root: Path, lr: float, corpus: str) -> dict[str, Any]:
     """One swarm run of `schedule` over the emulated links; its summary."""
     args = ["--model", str(model_path), "--stages", str(lab.n), "--steps", str(steps), "--microbatches",
-            str(microbatches), "--microbatch-size", str(mb_size), "--corpus", "synthetic", "--threads", "1",
+            str(microbatches), "--microbatch-size", str(mb_size), "--corpus", corpus, "--threads", "1", "--lr", str(lr),
             "--no-dht", "--checkpoint-every", "0", "--schedule", schedule,
             "--max-staleness", str(staleness if schedule == "async" else 0),
             "--discovery-discovery-timeout-s", "600", "--runtime-frame-timeout-s", "600"]
@@ -236,7 +238,8 @@ def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microba
     return out
 
 
-def loss_ratio(model: ModelConfig, staleness: int, steps: int, microbatches: int, mb_size: int) -> dict[str, float]:
+def loss_ratio(model: ModelConfig, staleness: int, steps: int, microbatches: int, mb_size: int, lr: float,
+               corpus_name: str) -> dict[str, float]:
     """Validation loss of async (staleness) over gpipe at equal tokens, from the single-process references."""
     import torch
 
@@ -244,8 +247,8 @@ def loss_ratio(model: ModelConfig, staleness: int, steps: int, microbatches: int
     from sharding.delayed import train_delayed
 
     torch.set_num_threads(1)
-    corpus = load_corpus("synthetic")
-    optim = OptimConfig()
+    corpus = load_corpus(corpus_name)
+    optim = OptimConfig(lr=lr)
 
     def val(m: Any) -> float:
         with torch.no_grad():
@@ -268,9 +271,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=None, help="training steps per schedule run")
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--microbatch-size", type=int, default=4)
-    p.add_argument("--max-staleness", type=int, default=2, help="async: the staleness bound")
+    p.add_argument("--max-staleness", type=int, default=1, help="async: the staleness bound")
     p.add_argument("--loss-steps", type=int, default=None, help="steps of the loss comparison (default 300, quick 60)")
     p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (the recipe's lr)")
+    p.add_argument("--corpus", default="stdlib", help="sharding.load_corpus source")
     a = p.parse_args(argv)
     steps = a.steps or (5 if a.quick else 12)
     loss_steps = a.loss_steps or (60 if a.quick else 300)
@@ -285,11 +290,11 @@ def main(argv: list[str] | None = None) -> None:
         model_path.write_text(json.dumps(BENCH_MODEL.to_dict()))
         for schedule in schedules:
             results[schedule] = run_schedule(lab, schedule, a.max_staleness, steps, a.microbatches,
-                                             a.microbatch_size, model_path, Path(tmp) / schedule)
+                                             a.microbatch_size, model_path, Path(tmp) / schedule, a.lr, a.corpus)
             r = results[schedule]
             print(f"{schedule}: utilisation {r['utilisation']:.3f} (stage {r['busiest_stage']}), "
                   f"{r['tokens_per_s']:.0f} tokens/s", flush=True)
-    losses = loss_ratio(BENCH_MODEL, a.max_staleness, loss_steps, a.microbatches, a.microbatch_size)
+    losses = loss_ratio(BENCH_MODEL, a.max_staleness, loss_steps, a.microbatches, a.microbatch_size, a.lr, a.corpus)
     print(f"model d={BENCH_MODEL.d_model} L={BENCH_MODEL.n_layers} T={BENCH_MODEL.seq_len}, 3 stages x 1 node, "
           f"{a.microbatches}x{a.microbatch_size} microbatches, {steps} steps, netem {a.delay_ms:g} ms / "
           f"{a.rate_mbit:g} Mbit/s per uplink, async max_staleness {a.max_staleness}")
@@ -314,11 +319,12 @@ def main(argv: list[str] | None = None) -> None:
         "val_loss": {"gpipe": round(losses["val_loss_gpipe"], 4), "async": round(losses["val_loss_async"], 4),
                      "steps": loss_steps},
         "goal_utilisation_async": 0.9,
-        "emulation": "tc netem in one network namespace per node (egress delay + rate), veth pairs to a bridge",
+        "emulation": "shaping relay (benchmarks/wan_shaper.py) behind an nftables redirect in the nodes' network "
+                     "namespace: per connection direction, rate then delay (tc netem is not in this kernel)",
         "link_check": {k: round(v, 2) for k, v in check.items()},
         "delay_ms": a.delay_ms, "rate_mbit": a.rate_mbit, "stages": 3, "replicas": 1,
         "max_staleness": a.max_staleness, "steps": steps, "microbatches": a.microbatches,
-        "microbatch_size": a.microbatch_size, "model": BENCH_MODEL.to_dict(),
+        "microbatch_size": a.microbatch_size, "model": BENCH_MODEL.to_dict(), "lr": a.lr, "corpus": a.corpus,
     }))
 
 
