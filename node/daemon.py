@@ -1,7 +1,7 @@
 """The node's lifecycle: identity, host, discovery, services, signals, status files, shutdown.
 
 `NodeDaemon(cfg).run()` drives one runner chosen by the config (`node.pipeline.runner` by default,
-`node.replicas.runner` with `replicas.enabled`) between start and shutdown. On start it prints one JSON
+`node.pipeline.asyncrun` with `runtime.schedule = "async"`, `node.replicas.runner` with `replicas.enabled`) between start and shutdown. On start it prints one JSON
 line `{"event": "ready", "peer_id": ..., "addrs": [...], "stage": ...}` to stdout (launchers parse it),
 then trains `cfg.runtime.steps` global steps and exits 0 (with `linger`, it keeps serving until signalled).
 SIGINT/SIGTERM: the partial step is dropped, a checkpoint of the last completed step is saved, the

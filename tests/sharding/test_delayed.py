@@ -46,7 +46,7 @@ def test_staleness_zero_is_the_synchronous_run() -> None:
 
 @pytest.mark.parametrize("staleness", [1, 2])
 def test_stash_equals_a_history_of_weights(staleness: int) -> None:
-    got = train_delayed(PRESETS["tiny"], OptimConfig(), 5, 2, 2, load_corpus("synthetic"), staleness)
+    got = train_delayed(PRESETS["tiny"], OptimConfig(), 5, 2, 2, load_corpus("synthetic"), staleness, lookahead=0.0)
     assert got == pytest.approx(_naive(5, staleness), abs=1e-6)
     assert got != train_reference(PRESETS["tiny"], OptimConfig(), 5, 2, 2, load_corpus("synthetic"))
 
@@ -66,11 +66,26 @@ def test_stash_applies_in_order_and_keeps_staleness_plus_one_copies() -> None:
         WeightStash(model, make_optimizer(model, OptimConfig()), OptimConfig(), -1)
 
 
+def test_lookahead_extrapolates_the_stashed_copy_along_the_last_update() -> None:
+    model = build_model(PRESETS["tiny"])
+    stash = WeightStash(model, make_optimizer(model, OptimConfig()), OptimConfig(), 2, lookahead=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    for p in stash.weights(0).parameters():
+        p.grad = torch.ones_like(p)
+    stash.apply(0)
+    after = list(model.parameters())
+    for used, w0, w1 in zip(stash.weights(3).parameters(), before, after, strict=True):
+        assert torch.allclose(used, w1 + 2 * (w1 - w0))  # S = 2 updates ahead
+    got = train_delayed(PRESETS["tiny"], OptimConfig(), 4, 2, 2, load_corpus("synthetic"), 1)
+    assert got != train_delayed(PRESETS["tiny"], OptimConfig(), 4, 2, 2, load_corpus("synthetic"), 1, lookahead=0.0)
+
+
 @pytest.mark.timeout(300)
 def test_async_golden_losses_reproduce() -> None:
     stored = json.loads(ASYNC_GOLDEN_PATH.read_text())
     fresh = run_golden_async()
     assert fresh["config"] == stored["config"] and fresh["staleness"] == stored["staleness"] == 2
+    assert fresh["lookahead"] == stored["lookahead"] == 1.0
     worst = max(abs(a - b) for a, b in zip(fresh["losses"], stored["losses"], strict=True))
     assert worst <= GOLDEN_ATOL
     assert stored["losses"][-1] < stored["losses"][0] - 1.0  # the golden async run learns
