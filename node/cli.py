@@ -48,6 +48,8 @@ SHORT_FLAGS: dict[str, tuple[str, ...]] = {
     "runtime.torch_threads": ("--threads",),
     "execution.precision": ("--precision",),
     "execution.activation_checkpointing": ("--activation-checkpointing",),
+    "runtime.schedule": ("--schedule",),
+    "runtime.max_staleness": ("--max-staleness",),
     "runtime.checkpoint_every": ("--checkpoint-every",),
     "runtime.frame_timeout_s": ("--frame-timeout",),
     "runtime.redial_timeout_s": ("--redial-timeout",),

@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported when a policy is built, not with the config
     from sharding.device import ExecutionPolicy
 
+from protocol.modelspec import check_schedule
+
 
 @dataclass
 class TransportConfig:
@@ -106,6 +108,8 @@ class RuntimeConfig:
     checkpoint_every: int = 1  # save a checkpoint every this many steps (0 = only on shutdown)
     grad_norm_timeout_s: float = 120.0  # longest wait for a neighbour's squared-gradient-norm message (grad clipping)
     torch_threads: int = 0  # torch intra-op threads for this process (0 = leave torch's default)
+    schedule: str = "gpipe"  # gpipe (all forwards eagerly), 1f1b (stage s keeps <= num_stages - s microbatches in flight), async
+    max_staleness: int = 0  # async: step k's forward and backward use the weights after step k - max_staleness - 1
 
 
 @dataclass
@@ -282,6 +286,11 @@ class NodeConfig:
         if r.replica_averaging not in ("dense", "powersgd") or r.powersgd_rank < 1:
             raise ValueError(f"runtime.replica_averaging must be dense or powersgd (got {r.replica_averaging!r}) "
                              f"and runtime.powersgd_rank >= 1 (got {r.powersgd_rank})")
+        check_schedule(r.schedule, r.max_staleness)
+        if r.schedule == "async" and self.recipe.grad_clip > 0:
+            raise ValueError("runtime.schedule = async does not exchange gradient norms: set recipe.grad_clip = 0")
+        if r.schedule == "async" and self.replicas.enabled:
+            raise ValueError("runtime.schedule = async runs one peer per stage: it does not combine with replicas.enabled")
         self.transport.validate()
         self.discovery.validate()
         self.replicas.validate()

@@ -1,8 +1,8 @@
 """The contract between the node's lifecycle (`node.daemon`) and what it drives.
 
 The lifecycle owns identity, host, discovery, status files, signals and shutdown. It gives a
-`NodeContext` to one `Runner` (how the node trains: `node.pipeline.runner`, `node.replicas.runner`;
-an asynchronous schedule would be a third) and to the services that plug into it
+`NodeContext` to one `Runner` (how the node trains: `node.pipeline.runner`, `node.pipeline.asyncrun`,
+`node.replicas.runner`) and to the services that plug into it
 (`node.services.base.NodeService`: chain link, audit, paid inference).
 """
 

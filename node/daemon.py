@@ -1,7 +1,7 @@
 """The node's lifecycle: identity, host, discovery, services, signals, status files, shutdown.
 
 `NodeDaemon(cfg).run()` drives one runner chosen by the config (`node.pipeline.runner` by default,
-`node.replicas.runner` with `replicas.enabled`) between start and shutdown. On start it prints one JSON
+`node.pipeline.asyncrun` with `runtime.schedule = "async"`, `node.replicas.runner` with `replicas.enabled`) between start and shutdown. On start it prints one JSON
 line `{"event": "ready", "peer_id": ..., "addrs": [...], "stage": ...}` to stdout (launchers parse it),
 then trains `cfg.runtime.steps` global steps and exits 0 (with `linger`, it keeps serving until signalled).
 SIGINT/SIGTERM: the partial step is dropped, a checkpoint of the last completed step is saved, the
@@ -36,6 +36,7 @@ from node.net.host import full_addrs, make_host, parse_listen
 from node.net.identity import NodeIdentity, bind, load_or_create_identity
 from node.net.running import run_host
 from node.observability.steps import NodeLog, StepReport
+from node.pipeline.asyncrun import AsyncPipelineRunner
 from node.pipeline.runner import PipelineRunner
 from node.replicas.runner import ReplicatedRunner
 from node.services.base import AccessProvider, NodeService
@@ -95,8 +96,11 @@ def load_node_data(cfg: NodeConfig, model: ModelConfig) -> tuple[DataSpec | None
 
 
 def make_runner(cfg: NodeConfig) -> Runner:
-    """The runner the config asks for: replicated with `replicas.enabled`, else the synchronous pipeline."""
-    return ReplicatedRunner() if cfg.replicas.enabled else PipelineRunner()
+    """The runner the config asks for: replicated with `replicas.enabled`, the asynchronous pipeline with
+    `runtime.schedule = "async"`, else the synchronous pipeline (gpipe or 1f1b order)."""
+    if cfg.replicas.enabled:
+        return ReplicatedRunner()
+    return AsyncPipelineRunner() if cfg.runtime.schedule == "async" else PipelineRunner()
 
 
 class NodeDaemon:

@@ -257,6 +257,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--preset", default="protocolnanogpt", help="scenario preset")
     q.add_argument("--json", action="store_true", help="print JSON as the last line")
     q.add_argument("--plots", type=Path, help="directory for PNG plots")
+    q.add_argument("--vs", choices=["datacenter"], help="compare time to target with the same model on 100 Gb/s links")
+    q.add_argument("--schedule", choices=["gpipe", "1f1b", "async"], help="pipeline schedule (--vs: default async)")
+    q.add_argument("--max-staleness", type=int, default=2, help="async: the staleness bound (--vs)")
+    q.add_argument("--averaging", default="diloco:100", help="replica averaging (--vs): dense, powersgd:R, diloco:H")
     q.set_defaults(func=_handler("cmd_simulate", "cmd_wan"))
     q = ssub.add_parser("incentives", help="net earnings of honest nodes and attacker classes",
                         epilog=_example("pmn simulate incentives --json"), formatter_class=fmt)

@@ -28,9 +28,25 @@ def _print(result: dict[str, Any], title: str, as_json: bool) -> None:
 def cmd_wan(args: argparse.Namespace) -> int:
     from simulations.wan import run_wan
 
+    if getattr(args, "vs", None) == "datacenter":
+        from pmn.errors import CLIError
+        from simulations.calibrate import DEFAULT_PATH, load_calibration
+        from simulations.datacenter import run_vs_datacenter
+
+        if args.preset != "protocolnanogpt":
+            raise CLIError(f"--vs datacenter compares the protocolnanogpt model; got --preset {args.preset}")
+        try:
+            result = run_vs_datacenter(load_calibration(DEFAULT_PATH), schedule=args.schedule or "async",
+                                       max_staleness=args.max_staleness, averaging=args.averaging)
+        except ValueError as exc:
+            raise CLIError(str(exc)) from None
+        _print(result, "WAN vs datacenter: protocolnanogpt, 8 stages x 16 replicas", args.json)
+        return 0
     kwargs: dict[str, Any] = {}
     if args.plots is not None:
         kwargs["plots_dir"] = args.plots
+    if getattr(args, "schedule", None):
+        kwargs["schedule"] = args.schedule
     result = run_wan(args.preset, **kwargs)
     _print(result, f"WAN pipeline simulation: {args.preset}", args.json)
     return 0

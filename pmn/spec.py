@@ -48,6 +48,8 @@ class TrainingRecipe:
     batch_tokens: int | None = None  # tokens per step; when given, must equal microbatches * microbatch_size * seq_len
     replica_averaging: str = "dense"  # replica gradient exchange: dense or powersgd (hashed only when not dense)
     powersgd_rank: int = 4  # PowerSGD rank r (used with replica_averaging = powersgd)
+    pipeline_schedule: str = "gpipe"  # pipeline schedule: gpipe, 1f1b (both exact) or async (delayed gradients, weight stashing)
+    max_staleness: int = 0  # async: optimiser steps a gradient may lag the weights it updates (0 for gpipe/1f1b)
 
     def section(self) -> TrainingSection:
         """The same recipe as the node-side `protocol.modelspec.TrainingSection`."""

@@ -55,6 +55,8 @@ class TrainingSection:
     # microbatch_size * model.seq_len
     replica_averaging: str = "dense"  # replica gradient exchange: dense | powersgd (sharding.gradcompress)
     powersgd_rank: int = 4  # PowerSGD rank r (used with replica_averaging = powersgd)
+    pipeline_schedule: str = "gpipe"  # pipeline schedule: gpipe, 1f1b (both exact) or async (delayed gradients)
+    max_staleness: int = 0  # async: optimiser steps a gradient may lag the weights it updates (0 for gpipe/1f1b)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict in field order."""
@@ -72,6 +74,7 @@ class TrainingSection:
         if self.replica_averaging not in ("dense", "powersgd") or self.powersgd_rank < 1:
             raise ValueError(f"training.replica_averaging={self.replica_averaging!r}: use dense or powersgd, "
                              f"with training.powersgd_rank >= 1 (got {self.powersgd_rank})")
+        check_schedule(self.pipeline_schedule, self.max_staleness)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"training.schedule = {self.schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
         if self.schedule != "constant" and self.total_steps is None:
@@ -104,8 +107,20 @@ _OPTIM_NAMES = {"decay_steps": "total_steps", "eps": "adam_eps", "betas": "beta1
 TRAINING_DEFAULTS: dict[str, Any] = {
     "schedule": "constant", "total_steps": None, "min_lr_ratio": 0.1, "cooldown_steps": 0, "beta1": 0.9,
     "beta2": 0.95, "weight_decay": 0.1, "adam_eps": 1e-8, "grad_clip": 0.0, "batch_tokens": None,
-    "replica_averaging": "dense", "powersgd_rank": 4,
+    "replica_averaging": "dense", "powersgd_rank": 4, "pipeline_schedule": "gpipe", "max_staleness": 0,
 }
+PIPELINE_SCHEDULES = ("gpipe", "1f1b", "async")  # pipeline schedules a spec may name
+
+
+def check_schedule(schedule: str, max_staleness: int) -> None:
+    """Raise ValueError naming the bad field: an unknown pipeline schedule, or a staleness bound that does not fit it."""
+    if schedule not in PIPELINE_SCHEDULES:
+        raise ValueError(f"training.pipeline_schedule={schedule!r}: use one of {', '.join(PIPELINE_SCHEDULES)}")
+    if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
+        raise ValueError(f"training.max_staleness={max_staleness!r}: must be an integer >= 0")
+    if schedule != "async" and max_staleness != 0:
+        raise ValueError(f"training.max_staleness={max_staleness} needs pipeline_schedule = \"async\" "
+                         f"({schedule} applies every gradient to the weights it was computed with)")
 _FLOAT_FIELDS = {f.name for f in fields(TrainingSection) if f.type in ("float", float)}
 
 

@@ -77,6 +77,7 @@ class WanConfig:
     fwd_bytes_per_token: float = 4096.0  # wire bytes per token of a forward activation (codec + token ids)
     bwd_bytes_per_token: float = 4096.0  # wire bytes per token of a backward gradient frame
     grad_sync_bytes: tuple[int, ...] = ()  # bytes each stage's replicas all-reduce per step (empty = 0)
+    sync_every: int = 1  # steps between two averagings (DiLoCo outer period H); its time is spread over them
     frame_overhead_s: float = 0.0  # runtime seconds per forward/backward frame on a node's compute slot (framing, receipts, acks)
     step_overhead_s: float = 0.0  # fixed seconds each stage spends at every step boundary (barrier, bookkeeping)
     startup_s: float = 0.0  # seconds before the first step starts (process start, model build, connects)
@@ -91,6 +92,7 @@ class WanConfig:
     cores_by_busy: tuple[float, ...] = ()  # with host_cores: cores the nodes get when n of them are busy
     # (entry n-1; the last entry holds for more); replaces host_cores/background_load when given
     in_flight_per_stage: int | None = None  # 1F1B/async warm-up depth cap; None = num_stages - stage
+    max_staleness: int | None = None  # async: the head starts step k once update k - S - 1 is done (None: depth window only)
     max_sim_s: float = 1e9  # simulated-seconds bound; exceeding it raises DeadlockError
     seed: int = 0  # seed of every random draw (bandwidths, latencies, speeds, churn)
 
@@ -106,7 +108,7 @@ class WanConfig:
 
     def validate(self) -> WanConfig:
         """Raise ValueError naming the bad field and the fix; return self."""
-        for name in ("num_stages", "replicas", "microbatches", "microbatch_tokens", "steps"):
+        for name in ("num_stages", "replicas", "microbatches", "microbatch_tokens", "steps", "sync_every"):
             _count("WanConfig", name, getattr(self, name))
         for name in ("fwd_s", "bwd_s", "opt_s", "grad_sync_bytes"):
             values = getattr(self, name)
@@ -142,6 +144,9 @@ class WanConfig:
         _non_negative("WanConfig", "background_load", self.background_load)
         if self.in_flight_per_stage is not None:
             _count("WanConfig", "in_flight_per_stage", self.in_flight_per_stage)
+        if self.max_staleness is not None and (isinstance(self.max_staleness, bool) or
+                                               not isinstance(self.max_staleness, int) or self.max_staleness < 0):
+            raise ValueError(f"WanConfig.max_staleness={self.max_staleness!r}: must be None or an integer >= 0")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
             raise ValueError(f"WanConfig.seed={self.seed!r}: must be an integer >= 0")
         self.link.validate()

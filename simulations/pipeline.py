@@ -3,7 +3,8 @@
 Each node has one compute slot (backward work has priority over forward work), one uplink that
 sends one frame at a time (bytes / min(sender, receiver bandwidth), then the link latency), and for
 1F1B/async a gate of `num_stages - stage` in-flight microbatches (the 1F1B warm-up depth). GPipe holds
-every backward until all of the step's forwards reached the tail. A microbatch is routed to the
+every backward until all of the step's forwards reached the tail. Async with `max_staleness` S (the
+node's schedule) starts step k's microbatches once every microbatch of step k - S - 1 came back. A microbatch is routed to the
 least-loaded live replica of each stage and returns through the same nodes; if any of them left in
 the meantime the attempt is lost and the microbatch restarts from the head.
 """
@@ -175,6 +176,8 @@ class PipelineSim:
         self.nodes: list[list[_Node]] = []
         for s in range(s_n):
             depth = cfg.in_flight_per_stage if cfg.in_flight_per_stage is not None else s_n - s
+            if cfg.schedule == "async" and cfg.max_staleness is not None:  # the node's async: the bound is the gate
+                depth = (cfg.max_staleness + 1) * cfg.microbatches
             self.nodes.append(
                 [_Node(self.env, s, r, float(speeds[s, r]), float(bws[s, r]), depth) for r in range(r_n)]
             )
@@ -190,6 +193,9 @@ class PipelineSim:
         self.bwd_passes = [0] * s_n
         self.step_times: list[float] = []
         self.completion_times: list[float] = []
+        # async with a staleness bound: microbatches of each step still to complete, and its completion event
+        self.step_left = [cfg.microbatches] * cfg.steps
+        self.step_done = [self.env.event() for _ in range(cfg.steps)]
         self.gpipe_gate: simpy.Event | None = None
         self.tail_done: set[int] = set()
         self.churn_on = cfg.churn.mean_uptime_s is not None
@@ -314,6 +320,10 @@ class PipelineSim:
             attempt += 1
         self.completed += 1
         self.completion_times.append(self.env.now)
+        step = mb // self.cfg.microbatches
+        self.step_left[step] -= 1
+        if self.step_left[step] == 0 and step < len(self.step_done):
+            self.step_done[step].succeed()
 
     # ------------------------------------------------------------------ optimizer and churn
     def _opt_node(self, node: _Node) -> Generator[simpy.Event, Any, None]:
@@ -328,7 +338,8 @@ class PipelineSim:
             return 0.0
         bw = min(n.bw for n in live)
         lat = float(np.max(self.latency[min(stage, self.latency.shape[0] - 1)]))
-        return 2.0 * (r - 1) / r * self.sync_bytes[stage] / bw + 2.0 * (r - 1) * lat
+        ring = 2.0 * (r - 1) / r * self.sync_bytes[stage] / bw + 2.0 * (r - 1) * lat
+        return ring / self.cfg.sync_every
 
     def _stage_step_end(self, stage: int) -> Generator[simpy.Event, Any, None]:
         yield self.env.all_of([self.env.process(self._opt_node(n)) for n in self.nodes[stage]])
@@ -339,7 +350,17 @@ class PipelineSim:
         per_node = -(-self.cfg.microbatches // self.cfg.replicas)
         if node.bwd_since_opt >= per_node:
             node.bwd_since_opt = 0
-            self.env.process(self._opt_node(node))
+            self.env.process(self._async_step_end(node))
+
+    def _async_step_end(self, node: _Node) -> Generator[simpy.Event, Any, None]:
+        """Async: the node's optimiser step, then its share of the stage's averaging, holding its compute slot
+        (not overlapped with compute: an upper bound on what averaging costs)."""
+        yield from self._opt_node(node)
+        sync = self._grad_sync_s(node.stage)
+        if node.alive and sync > 0:
+            with node.compute.request(priority=_PRIO[OPT]) as req:
+                yield req
+                yield self.env.timeout(sync)
 
     def _churn(self, node: _Node) -> Generator[simpy.Event, Any, None]:
         churn = self.cfg.churn
@@ -381,7 +402,8 @@ class PipelineSim:
         if cfg.startup_s + cfg.first_step_extra_s > 0:
             yield self.env.timeout(cfg.startup_s + cfg.first_step_extra_s)
         depth0 = cfg.in_flight_per_stage if cfg.in_flight_per_stage is not None else cfg.num_stages
-        window = simpy.Resource(self.env, capacity=depth0 * cfg.replicas)
+        cap = depth0 * cfg.replicas if cfg.max_staleness is None else (cfg.max_staleness + 1) * cfg.microbatches
+        window = simpy.Resource(self.env, capacity=cap)
         procs = []
 
         def one(mb: int, req: Any) -> Generator[simpy.Event, Any, None]:
@@ -391,6 +413,9 @@ class PipelineSim:
                 window.release(req)
 
         for mb in range(total):
+            gate = mb // cfg.microbatches - (cfg.max_staleness or 0) - 1  # update the head needs first
+            if cfg.max_staleness is not None and gate >= 0 and not self.step_done[gate].triggered:
+                yield self.step_done[gate]
             req = window.request()
             yield req
             procs.append(self.env.process(one(mb, req)))

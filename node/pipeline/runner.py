@@ -34,7 +34,7 @@ class _Links:
 def step_report(res: StepResult, peers: int) -> StepReport:
     """The node-level report of one pipeline step."""
     return StepReport(res.step, res.stage, res.loss, res.tokens, res.seconds, res.comm_wait_s, res.bytes_in,
-                      res.bytes_out, peers=peers)
+                      res.bytes_out, peers=peers, record={"busy_s": res.busy_s, **res.extra})
 
 
 class PipelineRunner:
@@ -55,12 +55,16 @@ class PipelineRunner:
         else:
             stage = int(cfg.stage)
         discovery.update_me(stage=stage)
-        worker = ctx.worker = self._worker = ctx.build_worker(stage)
+        worker = ctx.worker = self._worker = self.make_worker(ctx, stage)
         self._endpoint = ActEndpoint(
             ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
             cfg=cfg.transport, receipts=ctx.receipts, decoder=worker.decode, step_fn=lambda: worker.next_step,
             policy=ctx.access)
         return stage
+
+    def make_worker(self, ctx: NodeContext, stage: int) -> StageWorker:
+        """The stage worker this schedule runs (the async runner stashes weights)."""
+        return ctx.build_worker(stage)
 
     def ready_fields(self) -> dict[str, Any]:
         assert self._worker is not None
@@ -89,7 +93,7 @@ class PipelineRunner:
                 try:
                     await self._ensure_links(ctx, endpoint, first=not linked_once)
                     linked_once = True
-                    runtime = PipelineRuntime(worker, r, self.links.up, self.links.down)
+                    runtime = PipelineRuntime(worker, r, self.links.up, self.links.down, ctx.cfg.num_stages)
                     try:
                         res = await runtime.run_step(step)
                     finally:

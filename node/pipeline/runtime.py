@@ -6,6 +6,12 @@ unbounded local queue drained by one task per channel, so the loop never blocks 
 neighbours cannot deadlock. The optimiser steps once all microbatches of the step are done and
 every frame is acknowledged (and, with gradient clipping, once the stages agreed on the global
 gradient norm), so the result equals the single-process run (GPipe semantics).
+
+`runtime.schedule` picks the order inside a step: "gpipe" forwards every microbatch as soon as its
+input is there; "1f1b" lets stage s hold at most `num_stages - s` microbatches between forward and
+backward (the 1F1B warm-up depth), so it stashes fewer activations; a ready backward always goes
+first. Both apply the same gradients once per step, so both equal the single-process run.
+`StepResult.busy_s` is the time spent in stage compute (the utilisation numerator).
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ class StepResult:
     comm_wait_s: float  # time the loop spent waiting for frames or acks
     bytes_in: int = 0  # bytes received on both channels during the step
     bytes_out: int = 0  # bytes sent on both channels during the step
+    busy_s: float = 0.0  # seconds spent in stage compute (forward, backward, optimiser, data) during the step
     extra: dict[str, Any] = field(default_factory=dict)  # free-form additions
 
 
@@ -89,9 +96,15 @@ class PipelineRuntime:
         cfg: RuntimeConfig,
         upstream: ActChannel | None = None,
         downstream: ActChannel | None = None,
+        num_stages: int | None = None,
     ) -> None:
         self.worker = worker
         self.cfg = cfg
+        # 1F1B: microbatches this stage may hold between forward and backward (None: no bound, gpipe)
+        self.in_flight_limit = (None if cfg.schedule != "1f1b" or num_stages is None
+                                else max(1, num_stages - worker.spec.index))
+        self.busy_s = 0.0  # compute seconds in the current step
+        self.peak_in_flight = 0  # most microbatches held between forward and backward in the current step
         self.upstream = upstream
         self.downstream = downstream
         self.stage = worker.spec.index
@@ -119,6 +132,14 @@ class PipelineRuntime:
                                        f"for step {h.step} from stage {h.stage}")
         return int(h.microbatch)
 
+    async def _compute(self, fn: Any, *args: Any) -> Any:
+        """Run stage compute in a worker thread, adding its wall time to `busy_s`."""
+        t = time.perf_counter()
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        finally:
+            self.busy_s += time.perf_counter() - t
+
     def _stats(self) -> tuple[int, int]:
         chans = [c for c in (self.upstream, self.downstream) if c is not None]
         return sum(c.stats.bytes_in for c in chans), sum(c.stats.bytes_out for c in chans)
@@ -128,6 +149,7 @@ class PipelineRuntime:
         w = self.worker
         m = w.num_microbatches
         t0 = time.perf_counter()
+        self.busy_s = 0.0
         b_in0, b_out0 = self._stats()
         waited = 0.0
         up_tx = _Sender(self.upstream) if self.upstream is not None else None
@@ -149,11 +171,12 @@ class PipelineRuntime:
         if error is not None:
             raise error
         sq_norm = await self._exchange_sq_norm(step) if w.optim.grad_clip > 0 else None
-        loss = await trio.to_thread.run_sync(w.step, step, sq_norm)
+        loss = await self._compute(w.step, step, sq_norm)
         b_in, b_out = self._stats()
         return StepResult(step=step, stage=self.stage, loss=loss, tokens=m * w.microbatch_size * w.config.seq_len,
                           seconds=time.perf_counter() - t0, comm_wait_s=waited, bytes_in=b_in - b_in0,
-                          bytes_out=b_out - b_out0)
+                          bytes_out=b_out - b_out0, busy_s=self.busy_s,
+                          extra={"peak_in_flight": self.peak_in_flight})
 
     async def _exchange_sq_norm(self, step: int) -> float:
         """The whole model's squared gradient norm of `step`, for global-norm clipping.
@@ -182,7 +205,9 @@ class PipelineRuntime:
         m = w.num_microbatches
         waited = 0.0
         fwd = bwd = 0
+        self.peak_in_flight = 0
         while fwd < m or bwd < m:
+            self.peak_in_flight = max(self.peak_in_flight, fwd - bwd)
             self._wake = trio.Event()
             for tx in (up_tx, down_tx):
                 if tx is not None and tx.error is not None:
@@ -190,25 +215,26 @@ class PipelineRuntime:
             r = await self.downstream.try_recv() if self.downstream is not None else None
             if r is not None:
                 mb = self._check(r, step, frames.Kind.GRADIENT)
-                grad = await trio.to_thread.run_sync(w.backward, step, mb, r.value)
+                grad = await self._compute(w.backward, step, mb, r.value)
                 if up_tx is not None and grad is not None:
                     up_tx.put(frames.Kind.GRADIENT, step, mb, grad)
                 bwd += 1
                 continue
             window = h_in = None
             mb = fwd
-            if self.upstream is not None:
+            room = self.in_flight_limit is None or fwd - bwd < self.in_flight_limit
+            if self.upstream is not None and room:
                 r = await self.upstream.try_recv()
                 if r is not None:
                     mb = self._check(r, step, frames.Kind.ACTIVATION)
                     window, h_in = r.value
-            elif fwd < m:
-                window = await trio.to_thread.run_sync(w.head_window, step, fwd)
+            elif fwd < m and room and self.upstream is None:
+                window = await self._compute(w.head_window, step, fwd)
             if window is not None:
-                out = await trio.to_thread.run_sync(w.forward, step, mb, window, h_in)
+                out = await self._compute(w.forward, step, mb, window, h_in)
                 fwd += 1
                 if spec.is_last:
-                    grad = await trio.to_thread.run_sync(w.backward, step, mb, None)
+                    grad = await self._compute(w.backward, step, mb, None)
                     if up_tx is not None and grad is not None:
                         up_tx.put(frames.Kind.GRADIENT, step, mb, grad)
                     bwd += 1

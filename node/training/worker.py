@@ -132,22 +132,28 @@ class StageWorker:
         assert self.corpus is not None
         return self.corpus.batch("train", step, mb, self.microbatch_size, self.config.seq_len, self.optim.data_seed)
 
+    def weights_for(self, step: int) -> torch.nn.Module:
+        """The module the forward and backward of `step` run on (the live one; the async schedule stashes copies)."""
+        return self.module
+
     def forward(self, step: int, mb: int, window: torch.Tensor, h_in: torch.Tensor | None) -> bytes | float:
         """Non-tail: run the shard and return the encoded activation. Tail: loss, backward, return loss."""
         window = window.to(self.device)
         ids, targets = window[:, :-1], window[:, 1:]
         if h_in is not None:
             h_in = h_in.to(self.device).detach().requires_grad_(True)
+        module = self.weights_for(step)
+        run = self._run if module is self.module else module  # the async schedule runs a stashed copy
         if self.spec.is_last:
             with self.policy.autocast():
-                loss = self._run(ids, h_in, targets)
+                loss = run(ids, h_in, targets)
             (loss / self.num_microbatches).backward()
             self._stash[(step, mb)] = _Stash(ids=ids, out=None, h_in=h_in)
             value = float(loss.detach())
             self._losses.setdefault(step, []).append(value)
             return value
         with self.policy.autocast():
-            out = self._run(ids, h_in)
+            out = run(ids, h_in)
         self._stash[(step, mb)] = _Stash(ids=ids, out=out, h_in=h_in)
         return self.codec.encode_activation(out.detach(), ids)
 

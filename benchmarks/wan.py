@@ -1,0 +1,332 @@
+"""Pipeline schedules over emulated WAN links: tokens/s and busiest-stage utilisation of gpipe, 1f1b, async.
+
+Emulation: a shaper on the path, outside the node. `tc netem` is not available in this machine's
+kernel (no sch_netem; `tc qdisc add ... netem` fails), so the nodes run in one network namespace of
+their own whose nftables `output` NAT chain redirects every TCP connection made in it to a relay
+(`benchmarks/wan_shaper.py`) that forwards it to its original destination, each direction serialised at
+the rate and delivered the delay later. The node processes, their libp2p hosts (TCP + Noise + yamux) and
+the activation protocol are the real ones and know nothing of it (needs root, iproute2 and nft). The
+links are checked before the runs: a 1-byte request/response round trip and a bulk TCP transfer between
+two processes in the namespace.
+
+Swarm: 3 stages, one node each. Replicas are not combined with the schedules here: the async schedule
+is a one-peer-per-stage runner (`replicas.enabled` is refused with it), so the table compares the
+schedules without replicas; replica averaging is measured by benchmarks/wan_averaging.py (its figures go
+into `replica_compression` and `loss_ratio_compressed_avg`, null until that benchmark is merged).
+
+Utilisation of a stage = its compute seconds (forward, backward, optimiser, data; `busy_s` of the
+progress records) / the wall time between its first and last step ends (the first step, which holds
+start-up, is left out); the table and JSON give the busiest stage's. tokens/s is the tail's over the
+same window.
+
+`loss_ratio_async`: validation loss of the async schedule (delayed gradients, the bound used here) over
+gpipe's at equal tokens on the benchmark model, from the single-process references
+(`sharding.delayed.train_delayed` / `sharding.train_reference`), which the node swarm reproduces exactly
+(tests/node/test_schedules.py).
+
+Last line: JSON with `utilisation` (per schedule), `tokens_per_s` (per schedule), `replica_compression`,
+`loss_ratio_async`, `loss_ratio_compressed_avg`, the link check and the settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from node.observability.status import read_progress  # noqa: E402
+from node.testing.swarm import NodeProcess, await_ready, node_command, node_env, stop_nodes, wait_nodes  # noqa: E402
+from sharding import ModelConfig  # noqa: E402
+
+SCHEDULES = ("gpipe", "1f1b", "async")
+# compute per microbatch of a few tens of ms per stage on one CPU thread: a step of compute is of the
+# order of the 50 ms links, as a GPU stage of a 100M+ model is against home links
+BENCH_MODEL = ModelConfig(vocab_size=256, seq_len=128, d_model=128, n_layers=6, n_heads=4)
+SHAPER_PORT = 7000  # where the namespace's TCP connections are redirected to
+
+
+@dataclass(frozen=True)
+class WanLink:
+    """What every node's uplink gets."""
+
+    delay_ms: float = 50.0  # one-way delay added on egress
+    rate_mbit: float = 200.0  # egress rate limit, megabits per second
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True)
+
+
+class WanLab:
+    """Network namespace `<prefix>` with loopback only, an nftables redirect of every TCP connection made
+    in it to the shaper (`benchmarks/wan_shaper.py`), and the shaper running there; see the module doc."""
+
+    def __init__(self, nodes: int, link: WanLink) -> None:
+        self.n = nodes
+        self.link = link
+        self.prefix = f"pmnwan{os.getpid() % 100000}"
+        self.made = False
+        self.shaper: subprocess.Popen[bytes] | None = None
+
+    def addr(self, i: int) -> str:
+        """IPv4 address node i listens on (all share the namespace's loopback)."""
+        return "127.0.0.1"
+
+    def __enter__(self) -> WanLab:
+        ns, port = self.prefix, str(SHAPER_PORT)
+        try:
+            _ip("netns", "add", ns)
+            self.made = True
+            _ip("-n", ns, "link", "set", "lo", "up")
+            for rule in (["add", "table", "ip", "wan"],
+                         ["add", "chain", "ip", "wan", "out", "{ type nat hook output priority -100; }"],
+                         ["add", "rule", "ip", "wan", "out", "ip", "daddr", "127.0.0.0/8", "tcp", "dport", "!=", port,
+                          "meta", "mark", "!=", "1", "redirect", "to", f":{port}"]):
+                subprocess.run(self.exec(0, ["nft", *rule]), check=True, capture_output=True)
+            shaper = Path(__file__).with_name("wan_shaper.py")
+            self.shaper = subprocess.Popen(self.exec(0, [sys.executable, str(shaper), port, str(self.link.delay_ms),
+                                                         str(self.link.rate_mbit)]), stdout=subprocess.PIPE)
+            assert self.shaper.stdout is not None
+            if self.shaper.stdout.readline().strip() != b"ready":
+                raise RuntimeError("the WAN shaper did not start")
+        except BaseException:
+            self.__exit__()
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.shaper is not None:
+            self.shaper.kill()
+            self.shaper.wait()
+            if self.shaper.stdout is not None:
+                self.shaper.stdout.close()
+            self.shaper = None
+        if self.made:
+            subprocess.run(["ip", "netns", "del", self.prefix], capture_output=True)
+            self.made = False
+
+    def exec(self, i: int, argv: list[str]) -> list[str]:
+        """`argv` run inside the namespace (every node shares it)."""
+        return ["ip", "netns", "exec", self.prefix, *argv]
+
+
+_SERVER = """
+import socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind((sys.argv[1], 7001)); s.listen(8)
+print("up", flush=True)
+while True:
+    c, _ = s.accept()
+    n = int.from_bytes(c.recv(8, socket.MSG_WAITALL), "big")
+    if n == 0:
+        c.recv(1, socket.MSG_WAITALL)
+    got = 0
+    while got < n:
+        b = c.recv(1 << 20)
+        if not b: break
+        got += len(b)
+    c.sendall(b"k"); c.close()
+    if n == 0: pass
+"""
+
+_CLIENT = """
+import socket, sys, time, json
+host, nbytes = sys.argv[1], int(sys.argv[2])
+rtts = []
+for _ in range(5):
+    c = socket.create_connection((host, 7001)); c.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    c.sendall((0).to_bytes(8, "big")); time.sleep(0.3)
+    t = time.perf_counter(); c.sendall(b"p"); c.recv(1); rtts.append(time.perf_counter() - t); c.close()
+c = socket.create_connection((host, 7001)); buf = b"x" * (1 << 20)
+t = time.perf_counter(); c.sendall(nbytes.to_bytes(8, "big"))
+left = nbytes
+while left > 0:
+    c.sendall(buf[:min(left, len(buf))]); left -= min(left, len(buf))
+c.recv(1); dt = time.perf_counter() - t; c.close()
+print(json.dumps({"rtt_ms": sorted(rtts)[2] * 1e3, "bulk_mbit_s": nbytes * 8 / (dt - sorted(rtts)[2]) / 1e6,
+                  "bulk_bytes": nbytes}))
+"""
+
+
+def check_links(lab: WanLab, nbytes: int) -> dict[str, float]:
+    """Median request/response round trip (1 byte each way) and bulk throughput between two processes."""
+    server = subprocess.Popen(lab.exec(1, [sys.executable, "-c", _SERVER, lab.addr(1)]), stdout=subprocess.PIPE)
+    try:
+        assert server.stdout is not None
+        server.stdout.readline()
+        out = subprocess.run(lab.exec(0, [sys.executable, "-c", _CLIENT, lab.addr(1), str(nbytes)]),
+                             check=True, capture_output=True, text=True, timeout=300)
+        result: dict[str, float] = json.loads(out.stdout.strip().splitlines()[-1])
+        return result
+    finally:
+        server.kill()
+        server.wait()
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+@contextmanager
+def wan_swarm(lab: WanLab, root: Path, args: list[str], ready_timeout_s: float) -> Iterator[list[NodeProcess]]:
+    """Stage i's node in namespace i; stages 1.. bootstrap from stage 0."""
+    nodes: list[NodeProcess] = []
+
+    def spawn(i: int, extra: list[str]) -> NodeProcess:
+        data_dir = root / f"node{i}"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        argv = [*args, "--listen", f"/ip4/{lab.addr(i)}/tcp/0", *extra]
+        with (data_dir / "stderr.log").open("ab") as log:
+            proc = subprocess.Popen(lab.exec(i, node_command(i, data_dir, argv)), stdout=subprocess.PIPE, stderr=log,
+                                    env=node_env())
+        node = NodeProcess(stage=i, data_dir=data_dir, proc=proc)
+        nodes.append(node)
+        return node
+
+    try:
+        await_ready(spawn(0, []), ready_timeout_s)
+        rest = [spawn(i, ["--bootstrap", nodes[0].ready["addrs"][0]]) for i in range(1, lab.n)]
+        for n in rest:
+            await_ready(n, ready_timeout_s)
+        yield nodes
+    finally:
+        stop_nodes(nodes)
+
+
+def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
+    """Busiest-stage utilisation and the tail's tokens/s, first step (start-up) left out."""
+    util = {}
+    for stage, recs in progress.items():
+        recs = sorted(recs, key=lambda r: r["step"])
+        wall = recs[-1]["end_time"] - recs[0]["end_time"]
+        util[stage] = sum(r["busy_s"] for r in recs[1:]) / wall if wall > 0 else 0.0
+    tail = sorted(progress[max(progress)], key=lambda r: r["step"])
+    span = tail[-1]["end_time"] - tail[0]["end_time"]
+    busy = {s: sum(r["busy_s"] for r in recs[1:]) / max(1, len(recs) - 1) for s, recs in progress.items()}
+    out_bytes = {s: sum(r["bytes_out"] for r in recs[1:]) / max(1, len(recs) - 1) for s, recs in progress.items()}
+    return {"utilisation": max(util.values()), "busiest_stage": max(util, key=lambda s: util[s]),
+            "busy_s_per_step": busy, "bytes_out_per_step": out_bytes,
+            "stage_utilisation": util, "tokens_per_s": sum(r["tokens"] for r in tail[1:]) / span,
+            "last_train_loss": tail[-1]["loss"],
+            "stale_rejected": sum(r.get("stale_rejected", 0) for recs in progress.values() for r in recs)}
+
+
+def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microbatches: int, mb_size: int,
+                 model_path: Path, root: Path, lr: float, corpus: str) -> dict[str, Any]:
+    """One swarm run of `schedule` over the emulated links; its summary."""
+    args = ["--model", str(model_path), "--stages", str(lab.n), "--steps", str(steps), "--microbatches",
+            str(microbatches), "--microbatch-size", str(mb_size), "--corpus", corpus, "--threads", "1", "--lr", str(lr),
+            "--no-dht", "--checkpoint-every", "0", "--schedule", schedule,
+            "--max-staleness", str(staleness if schedule == "async" else 0),
+            "--discovery-discovery-timeout-s", "600", "--runtime-frame-timeout-s", "600"]
+    t0 = time.monotonic()
+    with wan_swarm(lab, root, args, ready_timeout_s=600) as nodes:
+        codes = wait_nodes(nodes, 3600)
+    if any(codes):
+        errs = {n.stage: (n.data_dir / "stderr.log").read_text()[-800:] for n in nodes}
+        raise RuntimeError(f"{schedule}: exit codes {codes}: {errs}")
+    out = summarise({n.stage: read_progress(n.data_dir) for n in nodes})
+    out["run_s"] = time.monotonic() - t0
+    return out
+
+
+def loss_ratio(model: ModelConfig, staleness: int, steps: int, microbatches: int, mb_size: int, lr: float,
+               corpus_name: str) -> dict[str, float]:
+    """Validation loss of async (staleness) over gpipe at equal tokens, from the single-process references."""
+    import torch
+
+    from sharding import OptimConfig, build_model, load_corpus, train_reference
+    from sharding.delayed import train_delayed
+
+    torch.set_num_threads(1)
+    corpus = load_corpus(corpus_name)
+    optim = OptimConfig(lr=lr)
+
+    def val(m: Any) -> float:
+        with torch.no_grad():
+            batches = [corpus.batch("val", 0, b, 8, model.seq_len, 1234) for b in range(8)]
+            return sum(float(m(w[:, :-1], targets=w[:, 1:])) for w in batches) / len(batches)
+
+    sync_model, async_model = build_model(model), build_model(model)
+    train_reference(model, optim, steps, microbatches, mb_size, corpus, model=sync_model)
+    train_delayed(model, optim, steps, microbatches, mb_size, corpus, staleness, model=async_model)
+    gpipe, delayed = val(sync_model), val(async_model)
+    return {"val_loss_gpipe": gpipe, "val_loss_async": delayed, "loss_ratio_async": delayed / gpipe,
+            "loss_steps": steps}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="fewer steps (a few minutes on an idle machine)")
+    p.add_argument("--delay-ms", type=float, default=50.0, help="one-way delay per link")
+    p.add_argument("--rate-mbit", type=float, default=200.0, help="uplink rate per node")
+    p.add_argument("--steps", type=int, default=None, help="training steps per schedule run")
+    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--microbatch-size", type=int, default=4)
+    p.add_argument("--max-staleness", type=int, default=1, help="async: the staleness bound")
+    p.add_argument("--loss-steps", type=int, default=None, help="steps of the loss comparison (default 300, quick 60)")
+    p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (the recipe's lr)")
+    p.add_argument("--corpus", default="stdlib", help="sharding.load_corpus source")
+    a = p.parse_args(argv)
+    steps = a.steps or (5 if a.quick else 12)
+    loss_steps = a.loss_steps or (60 if a.quick else 300)
+    schedules = [s for s in a.schedules.split(",") if s]
+    link = WanLink(a.delay_ms, a.rate_mbit)
+    results: dict[str, dict[str, Any]] = {}
+    with tempfile.TemporaryDirectory(prefix="pmn-bench-wan-") as tmp, WanLab(3, link) as lab:
+        check = check_links(lab, 4 << 20 if a.quick else 16 << 20)
+        print(f"link check (node 0 -> node 1): 1-byte round trip {check['rtt_ms']:.1f} ms (want {2 * a.delay_ms:.0f}), "
+              f"bulk {check['bulk_mbit_s']:.1f} Mbit/s (want {a.rate_mbit:.0f}) over {check['bulk_bytes']:,} bytes")
+        model_path = Path(tmp) / "model.json"
+        model_path.write_text(json.dumps(BENCH_MODEL.to_dict()))
+        for schedule in schedules:
+            results[schedule] = run_schedule(lab, schedule, a.max_staleness, steps, a.microbatches,
+                                             a.microbatch_size, model_path, Path(tmp) / schedule, a.lr, a.corpus)
+            r = results[schedule]
+            print(f"{schedule}: utilisation {r['utilisation']:.3f} (stage {r['busiest_stage']}), "
+                  f"{r['tokens_per_s']:.0f} tokens/s", flush=True)
+    losses = loss_ratio(BENCH_MODEL, a.max_staleness, loss_steps, a.microbatches, a.microbatch_size, a.lr, a.corpus)
+    print(f"model d={BENCH_MODEL.d_model} L={BENCH_MODEL.n_layers} T={BENCH_MODEL.seq_len}, 3 stages x 1 node, "
+          f"{a.microbatches}x{a.microbatch_size} microbatches, {steps} steps, netem {a.delay_ms:g} ms / "
+          f"{a.rate_mbit:g} Mbit/s per uplink, async max_staleness {a.max_staleness}")
+    print(f"{'schedule':<10}{'tokens/s':>10}{'util':>8}{'stage':>7}  per-stage utilisation")
+    for s, r in results.items():
+        per = " ".join(f"{v:.2f}" for _, v in sorted(r["stage_utilisation"].items()))
+        print(f"{s:<10}{r['tokens_per_s']:>10.0f}{r['utilisation']:>8.3f}{r['busiest_stage']:>7}  {per}")
+    print(f"val loss at equal tokens ({loss_steps} steps): gpipe {losses['val_loss_gpipe']:.4f}, async "
+          f"{losses['val_loss_async']:.4f}, ratio {losses['loss_ratio_async']:.4f}")
+    print(json.dumps({
+        "utilisation": {s: round(r["utilisation"], 4) for s, r in results.items()},
+        "tokens_per_s": {s: round(r["tokens_per_s"], 1) for s, r in results.items()},
+        "stage_utilisation": {s: {str(k): round(v, 4) for k, v in r["stage_utilisation"].items()}
+                              for s, r in results.items()},
+        "stale_rejected": {s: r["stale_rejected"] for s, r in results.items()},
+        "busy_s_per_step": {s: {str(k): round(v, 5) for k, v in r["busy_s_per_step"].items()} for s, r in results.items()},
+        "bytes_out_per_step": {s: {str(k): round(v) for k, v in r["bytes_out_per_step"].items()}
+                               for s, r in results.items()},
+        "replica_compression": None,  # filled by benchmarks/wan_averaging.py (part 2 of issue 19) once merged
+        "loss_ratio_async": round(losses["loss_ratio_async"], 4),
+        "loss_ratio_compressed_avg": None,  # likewise, from benchmarks/wan_averaging.py
+        "val_loss": {"gpipe": round(losses["val_loss_gpipe"], 4), "async": round(losses["val_loss_async"], 4),
+                     "steps": loss_steps},
+        "goal_utilisation_async": 0.9,
+        "emulation": "shaping relay (benchmarks/wan_shaper.py) behind an nftables redirect in the nodes' network "
+                     "namespace: per connection direction, rate then delay (tc netem is not in this kernel)",
+        "link_check": {k: round(v, 2) for k, v in check.items()},
+        "delay_ms": a.delay_ms, "rate_mbit": a.rate_mbit, "stages": 3, "replicas": 1,
+        "max_staleness": a.max_staleness, "steps": steps, "microbatches": a.microbatches,
+        "microbatch_size": a.microbatch_size, "model": BENCH_MODEL.to_dict(), "lr": a.lr, "corpus": a.corpus,
+    }))
+
+
+if __name__ == "__main__":
+    main()

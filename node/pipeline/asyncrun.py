@@ -1,0 +1,233 @@
+"""The asynchronous schedule: no flush between steps, bounded staleness, weight stashing.
+
+Every stage runs one event loop over the whole run. A ready gradient goes first (backward, then the
+gradient upstream); otherwise the next activation is forwarded if its step's weights are stashed
+(`AsyncStageWorker.ready`: update step - S - 1 applied here), and the head reads the next data
+window under the same rule. A stage applies update k as soon as every microbatch of step k came back
+through it, in step order, and reports the step then. So the head keeps forwarding steps k+1..k+S
+while the gradients of step k are still travelling, which hides the round trip of WAN links once S
+steps of compute cover it.
+
+A gradient that is staler than the bound (its step is already applied here, or its backward already
+ran) is rejected without failing the link: counted against the sender in the channel's peer scores
+(`transport.reject_penalty`) and in `stale_rejected`, and the run goes on. Frames are signed,
+countersigned and acknowledged by the channel as in the synchronous schedules, so hop receipts cover
+every microbatch; the audit recorder gets, for each step, the stashed weights that step's hops used.
+
+Failures are not retried inside a run (steps of several ages are in flight): the node fails with the
+error, keeps its last checkpoint, and a restart resumes from the last applied step with fresh stashes
+(so a resumed run is not bit-identical to an uninterrupted one).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import Any
+
+import trio
+
+from node.config import RuntimeConfig
+from node.context import NodeContext
+from node.errors import NodeError, PeerLostError, UnexpectedFrameError
+from node.pipeline.asyncworker import STALE, AsyncStageWorker
+from node.pipeline.runner import PipelineRunner, step_report
+from node.pipeline.runtime import StepResult, _Sender
+from node.training.checkpoint import save_checkpoint
+from node.training.worker import StageWorker, window_to_bytes
+from node.wire import frames
+from node.wire.channel import ActChannel, Received
+
+
+class AsyncPipelineRuntime:
+    """Runs steps [first, last) of one stage without a flush between steps (see the module doc)."""
+
+    def __init__(self, worker: AsyncStageWorker, cfg: RuntimeConfig, upstream: ActChannel | None,
+                 downstream: ActChannel | None) -> None:
+        self.worker = worker
+        self.cfg = cfg
+        self.upstream = upstream
+        self.downstream = downstream
+        self.stage = worker.spec.index
+        self.stale_rejected = 0  # gradients dropped as staler than the bound (or duplicates)
+        self._wake = trio.Event()
+        self._inbox: deque[Received] = deque()  # activations received, waiting for their step's weights
+        for ch in (upstream, downstream):
+            if ch is not None:
+                ch.listeners.append(self._on_arrival)
+
+    def _on_arrival(self) -> None:
+        self._wake.set()
+
+    def detach(self) -> None:
+        """Stop listening to the channels."""
+        for ch in (self.upstream, self.downstream):
+            if ch is not None and self._on_arrival in ch.listeners:
+                ch.listeners.remove(self._on_arrival)
+
+    def _stats(self) -> tuple[int, int]:
+        chans = [c for c in (self.upstream, self.downstream) if c is not None]
+        return sum(c.stats.bytes_in for c in chans), sum(c.stats.bytes_out for c in chans)
+
+    async def run(self, last: int, on_step: Any) -> None:
+        """Train until update `last - 1` is applied; `on_step(StepResult)` after every update."""
+        up_tx = _Sender(self.upstream) if self.upstream is not None else None
+        down_tx = _Sender(self.downstream) if self.downstream is not None else None
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            for tx in (up_tx, down_tx):
+                if tx is not None:
+                    nursery.start_soon(tx.run)
+            try:
+                await self._loop(last, up_tx, down_tx, on_step)
+            except Exception as exc:  # re-raised below, outside the nursery (no exception groups)
+                error = exc
+            finally:
+                for tx in (up_tx, down_tx):
+                    if tx is not None:
+                        tx.close()
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+
+    async def _loop(self, last: int, up_tx: _Sender | None, down_tx: _Sender | None, on_step: Any) -> None:
+        w = self.worker
+        m = w.num_microbatches
+        tokens = m * w.microbatch_size * w.config.seq_len
+        head_next = (w.next_step, 0)  # head: the next (step, microbatch) to read from the data
+        done: dict[int, int] = {}  # step -> microbatches whose backward ran here
+        busy = waited = 0.0
+        t_last = time.perf_counter()
+        b_last = self._stats()
+
+        async def compute(fn: Any, *args: Any) -> Any:
+            nonlocal busy
+            t = time.perf_counter()
+            try:
+                return await trio.to_thread.run_sync(fn, *args)
+            finally:
+                busy += time.perf_counter() - t
+
+        async def backward(step: int, mb: int, grad: Any) -> None:
+            out = await compute(w.backward, step, mb, grad)
+            if up_tx is not None and out is not None:
+                up_tx.put(frames.Kind.GRADIENT, step, mb, out)
+            done[step] = done.get(step, 0) + 1
+
+        while w.next_step < last:
+            self._wake = trio.Event()
+            for tx in (up_tx, down_tx):
+                if tx is not None and tx.error is not None:
+                    raise tx.error
+            # apply every complete step, in order
+            k = w.next_step
+            if done.get(k, 0) >= m:
+                loss = await compute(w.step, k)
+                done.pop(k)
+                now, b_now = time.perf_counter(), self._stats()
+                on_step(StepResult(step=k, stage=self.stage, loss=loss, tokens=tokens, seconds=now - t_last,
+                                   comm_wait_s=waited, bytes_in=b_now[0] - b_last[0], bytes_out=b_now[1] - b_last[1],
+                                   busy_s=busy, extra={"stale_rejected": self.stale_rejected,
+                                                       "max_staleness": w.max_staleness}))
+                t_last, b_last, busy, waited = now, b_now, 0.0, 0.0
+                continue
+            r = await self.downstream.try_recv() if self.downstream is not None else None
+            if r is not None:
+                h = r.frame.header
+                if r.value is STALE or (h.step, h.microbatch) not in w._stash:
+                    self._reject(self.downstream, h)
+                    continue
+                await backward(int(h.step), int(h.microbatch), r.value)
+                continue
+            if self.upstream is not None:
+                r = await self.upstream.try_recv()
+                if r is not None:
+                    self._inbox.append(r)
+                    continue
+                if self._inbox and w.ready(int(self._inbox[0].frame.header.step)):
+                    r = self._inbox.popleft()
+                    h = r.frame.header
+                    if h.microbatch >= m or h.step >= last:
+                        raise UnexpectedFrameError(f"stage {self.stage} got activation step {h.step} microbatch "
+                                                   f"{h.microbatch}; the run has {last} steps of {m} microbatches")
+                    window, h_in = r.value
+                    await self._forward(compute, backward, down_tx, int(h.step), int(h.microbatch), window, h_in)
+                    continue
+            elif head_next[0] < last and w.ready(head_next[0]):
+                step, mb = head_next
+                head_next = (step, mb + 1) if mb + 1 < m else (step + 1, 0)
+                window = await compute(w.head_window, step, mb)
+                await self._forward(compute, backward, down_tx, step, mb, window, None)
+                continue
+            for ch in (self.upstream, self.downstream):
+                if ch is not None and ch.failure is not None:
+                    raise ch.failure
+            tw = time.perf_counter()
+            with trio.move_on_after(self.cfg.frame_timeout_s) as scope:
+                await self._wake.wait()
+            waited += time.perf_counter() - tw
+            if scope.cancelled_caught:
+                ch = self.downstream or self.upstream
+                assert ch is not None
+                raise PeerLostError(f"stage {self.stage}: no frame from peer {ch.peer} (stage {ch.remote_stage}) "
+                                    f"within frame_timeout_s={self.cfg.frame_timeout_s} at step {w.next_step}",
+                                    ch.peer, ch.remote_stage)
+        for tx in (up_tx, down_tx):
+            if tx is not None:
+                await tx.drain()
+        for ch in (self.upstream, self.downstream):
+            if ch is not None:
+                await ch.wait_acked()
+
+    async def _forward(self, compute: Any, backward: Any, down_tx: _Sender | None, step: int, mb: int,
+                       window: Any, h_in: Any) -> None:
+        w = self.worker
+        out = await compute(w.forward, step, mb, window, h_in)
+        if w.spec.is_last:
+            await backward(step, mb, None)
+        else:
+            assert down_tx is not None and isinstance(out, bytes)
+            down_tx.put(frames.Kind.ACTIVATION, step, mb, out, window_to_bytes(window, w.id_bytes))
+
+    def _reject(self, ch: ActChannel | None, h: frames.FrameHeader) -> None:
+        """A gradient staler than the bound: counted against its sender, dropped, the run goes on."""
+        assert ch is not None
+        self.stale_rejected += 1
+        ch.scores.penalize(ch.peer, "stale-gradient")
+        if ch.scores.is_banned(ch.peer):
+            raise UnexpectedFrameError(f"stage {self.stage}: peer {ch.peer} (stage {ch.remote_stage}) sent "
+                                       f"{self.stale_rejected} gradient(s) staler than max_staleness="
+                                       f"{self.worker.max_staleness} (last: step {h.step} microbatch {h.microbatch}) "
+                                       "and is banned")
+
+
+class AsyncPipelineRunner(PipelineRunner):
+    """The one-peer-per-stage runner with the asynchronous schedule (`runtime.schedule = "async"`)."""
+
+    label = " (async)"
+
+    def make_worker(self, ctx: NodeContext, stage: int) -> StageWorker:
+        return AsyncStageWorker.wrap(ctx.build_worker(stage), ctx.cfg.runtime.max_staleness)
+
+    async def run(self, ctx: NodeContext) -> None:
+        assert isinstance(self._worker, AsyncStageWorker) and self._endpoint is not None
+        worker, r = self._worker, ctx.cfg.runtime
+        if worker.next_step >= r.steps:
+            return
+        with ctx.log.progress_line(ctx.cfg.progress, r.steps, worker.next_step, worker.spec.index):
+            await self._ensure_links(ctx, self._endpoint, first=True)
+            runtime = AsyncPipelineRuntime(worker, r, self.links.up, self.links.down)
+            peers = len(ctx.host.get_connected_peers())
+
+            def on_step(res: StepResult) -> None:
+                ctx.log.step(step_report(res, peers))
+                if r.checkpoint_every and worker.next_step % r.checkpoint_every == 0:
+                    save_checkpoint(worker, ctx.data_dir)  # live weights, optimiser, next step (not the stash)
+
+            try:
+                await runtime.run(r.steps, on_step)
+            except NodeError:
+                worker.abort_step()
+                raise
+            finally:
+                runtime.detach()

@@ -1,0 +1,91 @@
+"""The stage worker of the asynchronous schedule: weight stashing over `sharding.delayed.WeightStash`.
+
+Step k's forward and backward run on a stashed copy of the weights after update k - S - 1 (S =
+`runtime.max_staleness`; extrapolated along the last update, `sharding.delayed.ASYNC_LOOKAHEAD`), so a stage may work on steps up to S ahead of its last update while older
+gradients are still in flight, and the result is the same whatever the timing (the single-process
+reference is `sharding.delayed.train_delayed`). A gradient frame for a microbatch whose backward
+already ran, or for a step already applied (staler than the bound), decodes to `STALE` instead of
+failing the channel: the runtime counts it against the sender and goes on without it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from node.errors import UnexpectedFrameError
+from node.training.worker import StageWorker
+from node.wire import frames
+from sharding.delayed import ASYNC_LOOKAHEAD, WeightStash
+
+STALE = object()  # what `decode` returns for a gradient that is staler than the bound (or a duplicate)
+
+
+class AsyncStageWorker(StageWorker):
+    """A `StageWorker` whose steps run on stashed weight copies (see the module doc)."""
+
+    def __init__(self, *args: Any, max_staleness: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.max_staleness = max_staleness  # steps a gradient may lag the weights it updates
+        self.stash = WeightStash(self.module, self.optimizer, self.optim, max_staleness, first_step=self.next_step,
+                                 lookahead=ASYNC_LOOKAHEAD)
+
+    @classmethod
+    def wrap(cls, worker: StageWorker, max_staleness: int) -> AsyncStageWorker:
+        """The async worker over `worker`'s module, optimiser and step (a resumed checkpoint included)."""
+        me = cls.__new__(cls)
+        me.__dict__.update(worker.__dict__)
+        me.max_staleness = max_staleness
+        me.stash = WeightStash(me.module, me.optimizer, me.optim, max_staleness, first_step=me.next_step,
+                               lookahead=ASYNC_LOOKAHEAD)
+        return me
+
+    def ready(self, step: int) -> bool:
+        """Whether the weights of `step` are stashed (update step - S - 1 is applied)."""
+        return self.stash.ready(step)
+
+    def weights_for(self, step: int) -> torch.nn.Module:
+        if not self.stash.ready(step):
+            raise UnexpectedFrameError(f"stage {self.spec.index}: step {step} is more than {self.max_staleness} "
+                                       f"step(s) ahead of the last update ({self.next_step - 1})")
+        return self.stash.weights(step)
+
+    def decode(self, fr: frames.Frame) -> Any:
+        h = fr.header
+        if h.kind == frames.Kind.GRADIENT and (h.step, h.microbatch) not in self._stash:
+            if h.step < self.next_step or self.stash.ready(h.step):
+                for obs in self.observers:
+                    obs.on_frame(fr)
+                return STALE
+        return super().decode(fr)
+
+    def pending(self, step: int) -> int:
+        """Microbatches of `step` whose forward ran here and whose backward did not yet."""
+        return sum(1 for k, _ in self._stash if k == step)
+
+    def step(self, step: int, grad_sq_total: float | None = None) -> float | None:
+        """Apply update `step` with the gradients accumulated on its copy; returns the tail's mean loss.
+        Global-norm clipping is not run by the async schedule (NodeConfig refuses the pair)."""
+        if grad_sq_total is not None:
+            raise UnexpectedFrameError("the async schedule does not clip gradients: set recipe.grad_clip = 0")
+        if step != self.next_step:
+            raise UnexpectedFrameError(f"optimizer step {step} out of order: next is {self.next_step}")
+        if self.pending(step):
+            raise UnexpectedFrameError(f"step {step} has unfinished microbatches")
+
+        def before(k: int, used: torch.nn.Module) -> None:
+            for obs in self.observers:
+                obs.on_before_update(k, used)
+
+        self.stash.apply(step, before)
+        self.next_step = step + 1
+        losses = self._losses.pop(step, None)
+        return sum(losses) / len(losses) if losses else None
+
+    def abort_step(self) -> None:
+        """Drop every step in flight (stashes, partial gradients); the stashed weights stay."""
+        self._stash.clear()
+        self._losses.clear()
+        self.stash.reset()
+        self.optimizer.zero_grad(set_to_none=True)

@@ -1,0 +1,121 @@
+"""`pmn simulate wan --vs datacenter`: the protocolnanogpt model on home links against the same on 100 Gb/s.
+
+Both runs: 8 stages x 16 replicas, the preset's device and tokens per step (64 x 8 sequences of 1024
+tokens, here as 256 microbatches of 2 sequences so that every replica pipeline gets 16), one
+optimiser step per batch. WAN: 200 Mb/s uplinks and 50 ms one-way, the subspace boundary codec, the
+given schedule (async with a staleness bound by default) and replica averaging option. Datacenter:
+100 Gb/s and 0.01 ms, dense bf16 boundaries, 1F1B, dense averaging. Time to the target loss = steps to
+target x simulated seconds per step; the WAN's steps to target are the public dense run's times the
+steps multipliers of its loss penalties at equal tokens (subspace codec, async schedule, compressed
+averaging), each from a measurement where one exists and labelled assumed otherwise.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .averaging import Averaging, sync_bytes_per_step
+from .params import LinkConfig, Schedule, WanConfig
+from .pipeline import simulate
+from .presets import (
+    ASSUMED_SUBSPACE_LOSS_RATIO,
+    PUBLIC_DENSE_STEPS,
+    DeviceAssumption,
+    _wire,
+    calibration_ratio,
+    protocolnanogpt_model,
+    stage_params,
+    stage_times,
+    steps_multiplier,
+)
+
+STAGES, REPLICAS = 8, 16
+MICROBATCHES, MICROBATCH_SEQS = 256, 2  # 524,288 tokens per step, as the protocolnanogpt preset
+SLOWDOWN_GOAL = 1.3
+DATACENTER_LINK = LinkConfig(bandwidth_mbps=100_000.0, latency_ms=0.01)
+WAN_LINK = LinkConfig(bandwidth_mbps=200.0, latency_ms=50.0)
+# loss penalties at equal tokens used when nothing measured is recorded (labelled in the output)
+ASSUMED_ASYNC_LOSS_RATIO = 1.0
+ASSUMED_ASYNC_SOURCE = ("none measured at this scale; the local benchmark's ratio (benchmarks/wan.py "
+                        "loss_ratio_async) is used when recorded in the calibration file")
+ASSUMED_AVERAGING_LOSS_RATIO = {"dense": 1.0, "powersgd": 1.0, "diloco": 1.0}
+ASSUMED_AVERAGING_SOURCE = ("part 2 of issue 19 (benchmarks/wan_averaging.py loss_ratio_compressed_avg) not "
+                            "merged yet: no penalty assumed")
+
+
+def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: LinkConfig, averaging: Averaging,
+            max_staleness: int | None, steps: int, seed: int) -> WanConfig:
+    from sharding.partition import partition
+
+    device = DeviceAssumption()
+    model = protocolnanogpt_model(16 if codec == "subspace" else None)
+    specs = partition(model, STAGES)
+    tokens = MICROBATCH_SEQS * model.seq_len
+    fwd, bwd = stage_times(model, specs, tokens, device.effective_tflops * 1e12, calibration_ratio(calibration))
+    opt = tuple(stage_params(model, s) * device.optimizer_bytes_per_param / (device.memory_gbps * 1e9)
+                for s in specs)
+    fwd_b, bwd_b = _wire(model, codec) if codec == "subspace" else (model.d_model * 2 + 2, model.d_model * 2)
+    return WanConfig(num_stages=STAGES, fwd_s=fwd, bwd_s=bwd, opt_s=opt, replicas=REPLICAS, microbatches=MICROBATCHES,
+                     microbatch_tokens=tokens, steps=steps, schedule=schedule, fwd_bytes_per_token=float(fwd_b),
+                     bwd_bytes_per_token=float(bwd_b),
+                     grad_sync_bytes=tuple(int(sync_bytes_per_step(model, s, averaging) * averaging.outer_steps)
+                                           for s in specs), sync_every=averaging.outer_steps,
+                     link=link, max_staleness=max_staleness if schedule == "async" else None, seed=seed,
+                     warmup_steps=1 if steps > 1 else 0)
+
+
+def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async", max_staleness: int = 4,
+                      averaging: str = "powersgd:64", steps: int = 4, seed: int = 0) -> dict[str, Any]:
+    """Time to the target loss on home links over the same on 100 Gb/s; `slowdown_vs_datacenter` and its inputs."""
+    avg = Averaging.parse(averaging)
+    wan_cfg = _config(calibration, "subspace", schedule, WAN_LINK, avg, max_staleness, steps, seed)
+    dc_cfg = _config(calibration, "dense", "1f1b", DATACENTER_LINK, Averaging(), None, steps, seed)
+    wan, dc = simulate(wan_cfg), simulate(dc_cfg)
+    wan_step = wan_cfg.tokens_per_step / (wan.steady_tokens_per_s or wan.tokens_per_s)
+    dc_step = dc_cfg.tokens_per_step / (dc.steady_tokens_per_s or dc.tokens_per_s)
+    stored = calibration.get("wan_benchmark")
+    bench: dict[str, Any] = stored if isinstance(stored, dict) else {}
+    async_ratio, async_source = ASSUMED_ASYNC_LOSS_RATIO, ASSUMED_ASYNC_SOURCE
+    if schedule == "async" and bench.get("loss_ratio_async") is not None:
+        async_ratio = float(bench["loss_ratio_async"])
+        async_source = f"measured: benchmarks/wan.py loss_ratio_async (max_staleness {bench.get('max_staleness')})"
+    if schedule != "async":
+        async_ratio, async_source = 1.0, "synchronous schedule: exact"
+    avg_ratio, avg_source = ASSUMED_AVERAGING_LOSS_RATIO[avg.mode], ASSUMED_AVERAGING_SOURCE
+    if avg.mode != "dense" and bench.get("loss_ratio_compressed_avg") is not None:
+        avg_ratio = float(bench["loss_ratio_compressed_avg"])
+        avg_source = "measured: benchmarks/wan_averaging.py loss_ratio_compressed_avg"
+    mult = {"subspace": steps_multiplier(ASSUMED_SUBSPACE_LOSS_RATIO), "async": steps_multiplier(async_ratio),
+            "averaging": steps_multiplier(avg_ratio)}
+    wan_steps = PUBLIC_DENSE_STEPS * mult["subspace"] * mult["async"] * mult["averaging"]
+    wan_time, dc_time = wan_steps * wan_step, PUBLIC_DENSE_STEPS * dc_step
+    slowdown = wan_time / dc_time
+    return {
+        "slowdown_vs_datacenter": slowdown,
+        "goal_slowdown": SLOWDOWN_GOAL,
+        "goal_met": slowdown <= SLOWDOWN_GOAL,
+        "wan": {"schedule": schedule, "max_staleness": wan_cfg.max_staleness, "averaging": avg.label(),
+                "codec": "subspace", "step_s": wan_step, "utilisation": wan.utilisation,
+                "bubble_fraction": wan.bubble_fraction, "steps_to_target": wan_steps, "time_to_target_s": wan_time,
+                "replica_bytes_per_step": [b / wan_cfg.sync_every for b in wan_cfg.grad_sync_bytes],
+                "link": "200 Mb/s, 50 ms one-way"},
+        "datacenter": {"schedule": "1f1b", "averaging": "dense", "codec": "dense bf16", "step_s": dc_step,
+                       "utilisation": dc.utilisation, "bubble_fraction": dc.bubble_fraction,
+                       "steps_to_target": float(PUBLIC_DENSE_STEPS), "time_to_target_s": dc_time,
+                       "replica_bytes_per_step": list(dc_cfg.grad_sync_bytes), "link": "100 Gb/s, 0.01 ms"},
+        "steps_multipliers": mult,
+        "inputs": {"assumed": {"subspace_loss_ratio": ASSUMED_SUBSPACE_LOSS_RATIO, "async_loss_ratio": async_ratio,
+                               "async_loss_source": async_source, "averaging_loss_ratio": avg_ratio,
+                               "averaging_loss_source": avg_source, "device": DeviceAssumption().name,
+                               "layout": f"{STAGES} stages x {REPLICAS} replicas, {MICROBATCHES} microbatches of "
+                                         f"{MICROBATCH_SEQS} x 1024 tokens per step"}},
+        "stages": STAGES, "replicas": REPLICAS, "seed": seed,
+    }
+
+
+def with_bench(calibration: dict[str, Any], bench: dict[str, Any] | None) -> dict[str, Any]:
+    """The calibration with a wan benchmark record on top (tests, what-ifs)."""
+    return calibration if bench is None else {**calibration, "wan_benchmark": bench}
+
+
+

@@ -1,0 +1,91 @@
+"""Simulator: the async staleness bound, the averaging bytes model, the datacenter comparison, and the
+calibration against benchmarks/wan.py."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from pmn.cmd_simulate import cmd_wan
+from pmn.errors import CLIError
+from sharding.partition import partition
+from simulations.averaging import Averaging, sync_bytes_per_step
+from simulations.calibrate import DEFAULT_PATH, load_calibration
+from simulations.datacenter import run_vs_datacenter
+from simulations.params import LinkConfig, WanConfig
+from simulations.pipeline import simulate
+from simulations.presets import protocolnanogpt_model
+from simulations.wan_bench import validate
+
+
+def _latency_bound(schedule: str, staleness: int | None = None) -> WanConfig:
+    return WanConfig(num_stages=3, fwd_s=(0.01,) * 3, bwd_s=(0.02,) * 3, microbatches=8, microbatch_tokens=512,
+                     steps=6, schedule=schedule, fwd_bytes_per_token=256, bwd_bytes_per_token=256,  # type: ignore[arg-type]
+                     link=LinkConfig(200.0, 0.0, 50.0), max_staleness=staleness, warmup_steps=1)
+
+
+def test_async_with_a_staleness_bound_hides_the_links_and_zero_does_not() -> None:
+    gpipe = simulate(_latency_bound("gpipe"))
+    s0 = simulate(_latency_bound("async", 0))
+    s2 = simulate(_latency_bound("async", 2))
+    assert s2.steady_tokens_per_s > 1.5 * gpipe.steady_tokens_per_s
+    assert s0.steady_tokens_per_s < s2.steady_tokens_per_s
+    assert s2.microbatches_completed == s0.microbatches_completed == 48
+    with pytest.raises(ValueError, match="max_staleness"):
+        _latency_bound("async", -1).validate()
+
+
+def test_averaging_bytes_model() -> None:
+    model = protocolnanogpt_model(16)
+    spec = partition(model, 8)[3]
+    dense = sync_bytes_per_step(model, spec, Averaging())
+    assert dense == pytest.approx(2 * (2 * 12 * 1024 * 1024 + 2 * 2 * 1024), rel=1e-9)  # two blocks of bf16 grads
+    assert 10 <= dense / sync_bytes_per_step(model, spec, Averaging.parse("powersgd:64")) <= 14  # r(m+n) vs mn
+    assert dense / sync_bytes_per_step(model, spec, Averaging.parse("powersgd:4")) >= 100
+    assert sync_bytes_per_step(model, spec, Averaging.parse("diloco:100")) == pytest.approx(dense / 100)
+    assert Averaging.parse("powersgd:8").label() == "powersgd:8"
+    for bad in ("powersgd", "diloco:0", "topk:3", "dense:2"):
+        with pytest.raises(ValueError, match="averaging"):
+            Averaging.parse(bad)
+
+
+@pytest.mark.timeout(300)
+def test_datacenter_comparison_reports_the_slowdown() -> None:
+    cal = load_calibration(DEFAULT_PATH)
+    out = run_vs_datacenter(cal, max_staleness=2, averaging="diloco:100", steps=2)
+    assert out["slowdown_vs_datacenter"] == pytest.approx(out["wan"]["time_to_target_s"]
+                                                          / out["datacenter"]["time_to_target_s"])
+    assert out["slowdown_vs_datacenter"] > 1.0  # the same device behind slower links is never faster here
+    assert out["goal_met"] == (out["slowdown_vs_datacenter"] <= 1.3)
+    assert out["stages"] == 8 and out["replicas"] == 16
+    assert out["wan"]["averaging"] == "diloco:100" and out["datacenter"]["averaging"] == "dense"
+
+
+def test_cli_refuses_other_presets_for_the_datacenter_comparison() -> None:
+    args = argparse.Namespace(preset="home1000", vs="datacenter", schedule=None, max_staleness=2,
+                              averaging="dense", json=True, plots=None)
+    with pytest.raises(CLIError, match="protocolnanogpt"):
+        cmd_wan(args)
+
+
+def _bench_from_sim() -> dict:
+    """A benchmark record whose 'measurements' are the simulator's own (the fit must then be exact)."""
+    base = {"microbatches": 4, "stages": 3, "steps": 5, "max_staleness": 2, "microbatch_size": 2,
+            "model": {"seq_len": 64}, "link_check": {"bulk_mbit_s": 200.0, "rtt_ms": 100.0},
+            "busy_s_per_step": {"gpipe": {"0": 0.12, "1": 0.12, "2": 0.12}},
+            "bytes_out_per_step": {s: {"0": 4 * 128 * 256} for s in ("gpipe", "1f1b", "async")}}
+    from simulations.wan_bench import _tokens_per_s, bench_config
+
+    busy = {"0": 0.12, "1": 0.12, "2": 0.12}
+    base["tokens_per_s"] = {s: _tokens_per_s(bench_config(base, s, busy, 0.003)) for s in ("gpipe", "1f1b", "async")}
+    return base
+
+
+def test_calibration_recovers_a_known_overhead_and_predicts_held_out_schedules() -> None:
+    out = validate(_bench_from_sim())
+    assert out["frame_overhead_s"] == pytest.approx(0.003, abs=2e-4)
+    assert out["max_held_out_error"] < 0.02 and out["goal_met"]
+    assert {s for s, r in out["schedules"].items() if r["held_out"]} == {"1f1b", "async"}
+    json.dumps(out)
