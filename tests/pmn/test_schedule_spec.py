@@ -7,11 +7,11 @@ from dataclasses import asdict, replace
 import pytest
 
 from node.config import NodeConfig
+from node.model import optim_config
 from node.services.chain_link import training_section
 from pmn.errors import ConfigError
 from pmn.spec import ModelProposal, TrainingRecipe, proposal_from_dict
 from protocol.modelspec import TrainingSection, proposal_spec_hash
-from sharding import OptimConfig
 from sharding.config import PRESETS
 
 OLD_RECIPE = {"stages": 3, "codec": "dense", "microbatches": 2, "microbatch_size": 4, "lr": 3e-3,
@@ -31,7 +31,7 @@ def test_async_is_part_of_the_hash_and_the_node_recomputes_it() -> None:
     cfg = NodeConfig(num_stages=3)
     cfg.runtime.num_microbatches, cfg.runtime.microbatch_size = 2, 4
     cfg.runtime.schedule, cfg.runtime.max_staleness = "async", 2
-    section = training_section(cfg, OptimConfig(lr=3e-3))
+    section = training_section(cfg, optim_config(cfg, PRESETS["tiny"]))
     assert proposal_spec_hash(p.model, section.to_dict()) == p.content_hash()
     assert TrainingSection(**asdict(replace(p.training, pipeline_schedule="1f1b", max_staleness=0))).to_dict()["pipeline_schedule"] \
         == "1f1b"
