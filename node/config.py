@@ -125,6 +125,10 @@ class ReplicaConfig:
     rebalance_period_s: float = 0.0  # how often stage throughputs are compared (0 = never rebalance)
     rebalance_threshold: float = 1.5  # move a node when the best stage's throughput exceeds the worst by this factor
     debug_delay_s: float = 0.0  # TEST ONLY: extra seconds of compute per microbatch (simulates a slow GPU)
+    debug_push_delay_s: float = 0.0  # TEST ONLY: extra seconds before each contribution push to a stage peer
+    # (a slow or loaded link between the replicas of a stage)
+    debug_exit_after_forwards: int = 0  # TEST ONLY: SIGKILL this node right after it sent its n-th gradient
+    # upstream (0 = never): a crash at the exact point where a committed contribution may be held by it alone
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
@@ -142,8 +146,8 @@ class ReplicaConfig:
             raise ValueError(f"replicas.aggregation must be mean, median or centered_clip, got {self.aggregation!r}")
         if self.rebalance_period_s < 0 or self.rebalance_threshold <= 1:
             raise ValueError("replicas.rebalance_period_s must be >= 0 and rebalance_threshold > 1")
-        if self.debug_delay_s < 0:
-            raise ValueError(f"replicas.debug_delay_s must be >= 0, got {self.debug_delay_s}")
+        if self.debug_delay_s < 0 or self.debug_push_delay_s < 0 or self.debug_exit_after_forwards < 0:
+            raise ValueError("replicas.debug_delay_s, debug_push_delay_s and debug_exit_after_forwards must be >= 0")
         if self.finish_grace_s < 0:
             raise ValueError(f"replicas.finish_grace_s must be >= 0, got {self.finish_grace_s}")
         if self.state_max_concurrent < 1:

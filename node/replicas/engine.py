@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -93,6 +95,7 @@ class ReplicaEngine:
         self._probing: set[str] = set()  # stage peers in backoff with a background push in flight
         self._probe_send, self._probe_recv = trio.open_memory_channel[tuple[Any, ...]](float("inf"))
         self._rerouted = 0
+        self._forwards = 0  # gradients sent upstream (test hook)
         self._compute_s = 0.0
         self._last_event = trio.current_time()
         self.current_step = worker.next_step
@@ -213,6 +216,8 @@ class ReplicaEngine:
 
         async def one(peer: str, addr: str) -> None:
             try:
+                if self.rc.debug_push_delay_s:
+                    await trio.sleep(self.rc.debug_push_delay_s)
                 await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
                              self.rc.avg_timeout_s)
                 self._peer_failures.pop(peer, None)
@@ -349,6 +354,7 @@ class ReplicaEngine:
                 await ch.send_data(frames.Kind.GRADIENT, h.step, h.microbatch, grad, attempt=h.attempt)
             except NodeError:
                 pass
+            self._forwarded_one()
             return
         out = await self._compute(w.forward, h.step, key, window, h_in)
         self._work[(h.step, h.microbatch)] = _Work(h.microbatch, h.attempt, out, r.frame.window, up=ch.peer)
@@ -373,6 +379,14 @@ class ReplicaEngine:
                 await up.send_data(frames.Kind.GRADIENT, h.step, h.microbatch, grad, attempt=h.attempt)
             except NodeError:
                 pass
+            self._forwarded_one()
+
+    def _forwarded_one(self) -> None:
+        """A gradient went upstream (TEST ONLY hook: `debug_exit_after_forwards` kills the node here)."""
+        self._forwards += 1
+        if self.rc.debug_exit_after_forwards and self._forwards >= self.rc.debug_exit_after_forwards:
+            time.sleep(0.2)  # blocks the event loop (nothing more is served) while the kernel sends the gradient
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # -- the step ----------------------------------------------------------------------------------
 
@@ -432,11 +446,16 @@ class ReplicaEngine:
                 waiting = bool(self._queue) or (head and next_mb < self.m)
                 if waiting and not self._candidates_usable(now):
                     no_replica_since = no_replica_since if no_replica_since is not None else now
-                    if now - no_replica_since > self.rc.no_replica_timeout_s:
+                    # before any replica of the next stage was ever seen (a swarm starting on a loaded machine)
+                    # the wait is discovery's, for a peer serving a needed stage
+                    limit = self.rc.no_replica_timeout_s if self.router.peers else \
+                        max(self.rc.no_replica_timeout_s, self.cfg.discovery.discovery_timeout_s)
+                    if now - no_replica_since > limit:
                         lost = self.router.events[-1].peer if self.router.events else ""
                         raise NoReplicaError(
                             f"stage {self.stage}: no usable replica of stage {self.stage + 1} within "
-                            f"replicas.no_replica_timeout_s={self.rc.no_replica_timeout_s} at step {step}"
+                            f"replicas.no_replica_timeout_s={self.rc.no_replica_timeout_s} (discovery.discovery_timeout_s="
+                            f"{self.cfg.discovery.discovery_timeout_s} before the first) at step {step}"
                             + (f" (last lost: peer {lost})" if lost else ""), lost, self.stage + 1)
                 else:
                     no_replica_since = None
