@@ -112,6 +112,8 @@ class ReplicaConfig:
     ban_max_s: float = 60.0  # cap on one ban's duration
     no_replica_timeout_s: float = 30.0  # how long the next stage may have no usable replica before the step fails
     avg_timeout_s: float = 10.0  # averaging deadline: contributions missing after this are dropped from the step
+    hold_retry_s: float = 0.2  # a contribution no stage peer took yet is pushed again after this (it is committed
+    # only once a second live replica of the stage holds it)
     commit_poll_s: float = 1.0  # idle time after which a replica asks its stage peers for the step's commit
     catchup_poll_s: float = 0.01  # while behind and catching up, wait this long between pulls of missed steps
     keep_steps: int = 4  # steps of contributions kept in memory for stage peers that pull them (a replica
@@ -137,7 +139,7 @@ class ReplicaConfig:
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"replicas.ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
         for name in ("replica_timeout_s", "ban_base_s", "ban_max_s", "no_replica_timeout_s", "avg_timeout_s",
-                     "commit_poll_s", "catchup_poll_s", "state_timeout_s"):
+                     "commit_poll_s", "catchup_poll_s", "state_timeout_s", "hold_retry_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"replicas.{name} must be > 0, got {getattr(self, name)}")
         if self.keep_steps < 1:

@@ -92,6 +92,7 @@ class ReplicaEngine:
         self._computed: dict[int, list[list[int]]] = {}
         self._forwarded: set[int] = set()
         self._peer_failures: dict[str, tuple[int, float]] = {}  # stage peer -> (failed exchanges, skip until)
+        self._unreachable: dict[str, float] = {}  # stage peer -> until when it counts as gone (refused or no dial)
         self._probing: set[str] = set()  # stage peers in backoff with a background push in flight
         self._probe_send, self._probe_recv = trio.open_memory_channel[tuple[Any, ...]](float("inf"))
         self._rerouted = 0
@@ -196,13 +197,14 @@ class ReplicaEngine:
         out = fn(*args)
         return out, averaging.take_grads(self.worker.module)
 
-    async def _contribute(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> None:
-        """Keep our contribution and give it to the stage peers (bounded; failures are skipped).
+    async def _contribute(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> bool:
+        """Keep our contribution and give it to the stage peers; True once it may be committed.
 
-        Peers in backoff are not waited for, but one background push per such peer probes it
-        (`probe_loop`): a peer whose last exchange failed only because it was still starting up
-        would otherwise miss every contribution of its backoff, and if this replica died in that
-        window those contributions would be lost to the stage.
+        A contribution may be committed (its gradient sent upstream) only once a second replica of the stage
+        holds it, or no other replica of the stage is alive to hold it: otherwise this replica dying right
+        after sending the gradient would lose a committed microbatch to the stage. Usable peers are pushed to
+        and waited for (bounded by `avg_timeout_s`); peers in backoff are not waited for, but one background
+        push per such peer probes it (`probe_loop`). When no peer took it that way, `_hold` keeps trying.
         """
         self.store.add(step, mb, attempt, vec, loss)
         self._computed.setdefault(step, []).append([mb, attempt])
@@ -211,23 +213,78 @@ class ReplicaEngine:
             if e.peer_id not in self._probing:
                 self._probing.add(e.peer_id)
                 self._probe_send.send_nowait((e.peer_id, e.addrs[0], step, mb, attempt, vec, loss))
-        if not peers:
-            return
+        held = 0
 
         async def one(peer: str, addr: str) -> None:
+            nonlocal held
             try:
-                if self.rc.debug_push_delay_s:
-                    await trio.sleep(self.rc.debug_push_delay_s)
-                await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
-                             self.rc.avg_timeout_s)
+                await self._push(addr, step, mb, attempt, vec, loss, self.rc.avg_timeout_s)
                 self._peer_failures.pop(peer, None)
-            except Exception:  # a vanished peer pulls (or is dropped) later
+                self._unreachable.pop(peer, None)
+                held += 1
+            except trio.TooSlowError:  # a slow peer pulls (or is dropped) later
                 self._peer_failed(peer)
+            except Exception:  # a vanished peer: not waited for by `_hold` during its backoff
+                self._peer_failed(peer)
+                self._unreachable[peer] = self._peer_failures[peer][1]
 
-        with trio.move_on_after(self.rc.avg_timeout_s):
-            async with trio.open_nursery() as n:
-                for e in peers:
-                    n.start_soon(one, e.peer_id, e.addrs[0])
+        if peers:
+            with trio.move_on_after(self.rc.avg_timeout_s):
+                async with trio.open_nursery() as n:
+                    for e in peers:
+                        n.start_soon(one, e.peer_id, e.addrs[0])
+        return held > 0 or await self._hold(step, mb, attempt, vec, loss)
+
+    async def _push(self, addr: str, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None,
+                    timeout_s: float) -> None:
+        if self.rc.debug_push_delay_s:  # TEST ONLY: a slow link to the stage peers
+            await trio.sleep(self.rc.debug_push_delay_s)
+        await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss, timeout_s)
+
+    async def _hold(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> bool:
+        """Push to every announced stage peer, in backoff or not, until one holds the contribution (True).
+
+        A peer that refuses or cannot be reached at all (a dead process) is out for this contribution and,
+        while its backoff lasts, for the next ones (`_unreachable`: a dial to a dead process costs libp2p's
+        retries, and a dead peer stays announced for discovery's entry_ttl_s); when
+        every peer is out this replica is the stage's only live holder and the contribution may be committed
+        (True). A peer that is merely slow is tried again every `hold_retry_s` until `replica_timeout_s` has
+        passed (False: the gradient is not sent, the upstream re-routes the microbatch after its own timeout).
+        """
+        deadline = trio.current_time() + self.rc.replica_timeout_s
+        out: set[str] = set()
+        while True:
+            left = deadline - trio.current_time()
+            now = trio.current_time()
+            peers = [e for e in self.discovery.stage_peers(self.stage) if e.addrs and e.peer_id not in out
+                     and self._unreachable.get(e.peer_id, 0.0) <= now]
+            if not peers:
+                return True
+            if left <= 0:
+                return False
+            held = False
+
+            async def one(peer: str, addr: str, timeout_s: float, scope: trio.CancelScope) -> None:
+                nonlocal held
+                try:
+                    await self._push(addr, step, mb, attempt, vec, loss, timeout_s)
+                    held = True
+                    self._unreachable.pop(peer, None)
+                    scope.cancel()  # one holder is enough; the others pull it if they lack it
+                except trio.TooSlowError:  # slow, not gone: tried again
+                    pass
+                except Exception:  # refused or unreachable: out for this contribution and its backoff
+                    out.add(peer)
+                    self._peer_failed(peer)
+                    self._unreachable[peer] = self._peer_failures[peer][1]
+
+            with trio.move_on_after(left):
+                async with trio.open_nursery() as n:
+                    for e in peers:
+                        n.start_soon(one, e.peer_id, e.addrs[0], left, n.cancel_scope)
+            if held:
+                return True
+            await trio.sleep(min(self.rc.hold_retry_s, max(0.0, deadline - trio.current_time())))
 
     async def probe_loop(self) -> None:
         """Run the background pushes `_contribute` queues for stage peers in backoff (one per peer at a time)."""
@@ -238,9 +295,9 @@ class ReplicaEngine:
     async def _probe(self, peer: str, addr: str, step: int, mb: int, attempt: int, vec: torch.Tensor,
                      loss: float | None) -> None:
         try:
-            await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
-                         self.rc.avg_timeout_s)  # bounded by avg_timeout_s
+            await self._push(addr, step, mb, attempt, vec, loss, self.rc.avg_timeout_s)  # bounded by avg_timeout_s
             self._peer_failures.pop(peer, None)  # it answers again: pushes wait for it from now on
+            self._unreachable.pop(peer, None)
         except Exception:  # still unreachable: the backoff grows
             self._peer_failed(peer)
         finally:
@@ -349,7 +406,8 @@ class ReplicaEngine:
         if w.spec.is_last:
             (loss, vec) = await self._compute(self._grads_after, w.forward, h.step, key, window, h_in)
             grad = await self._compute(w.backward, h.step, key, None)
-            await self._contribute(h.step, h.microbatch, h.attempt, vec, float(loss))
+            if not await self._contribute(h.step, h.microbatch, h.attempt, vec, float(loss)):
+                return  # no stage peer could hold it: not committed, the upstream re-routes the microbatch
             try:
                 await ch.send_data(frames.Kind.GRADIENT, h.step, h.microbatch, grad, attempt=h.attempt)
             except NodeError:
@@ -369,7 +427,11 @@ class ReplicaEngine:
         self.router.answered(ch.peer, trio.current_time() - w.sent_at)
         key = self._key(h.microbatch, h.attempt)
         grad, vec = await self._compute(self._grads_after, self.worker.backward, h.step, key, r.value)
-        await self._contribute(h.step, h.microbatch, h.attempt, vec, None)
+        held = await self._contribute(h.step, h.microbatch, h.attempt, vec, None)
+        while not held and self.worker.spec.is_first:  # a head replica: its own commit waits for a holder
+            held = await self._hold(h.step, h.microbatch, h.attempt, vec, None)
+        if not held:
+            return  # not committed: the upstream re-routes the microbatch after its timeout
         if self.worker.spec.is_first:
             self._committed[h.microbatch] = h.attempt
             return
