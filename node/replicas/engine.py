@@ -97,6 +97,7 @@ class ReplicaEngine:
         self._probe_send, self._probe_recv = trio.open_memory_channel[tuple[Any, ...]](float("inf"))
         self._rerouted = 0
         self._forwards = 0  # gradients sent upstream (test hook)
+        self._had_next = False  # a replica of the next stage was usable at some point
         self._compute_s = 0.0
         self._last_event = trio.current_time()
         self.current_step = worker.next_step
@@ -506,11 +507,13 @@ class ReplicaEngine:
                 await self._dispatch(step)
                 now = trio.current_time()
                 waiting = bool(self._queue) or (head and next_mb < self.m)
-                if waiting and not self._candidates_usable(now):
+                usable = self._candidates_usable(now)
+                self._had_next = self._had_next or usable
+                if waiting and not usable:
                     no_replica_since = no_replica_since if no_replica_since is not None else now
-                    # before any replica of the next stage was ever seen (a swarm starting on a loaded machine)
+                    # before any replica of the next stage was ever usable (a swarm starting on a loaded machine)
                     # the wait is discovery's, for a peer serving a needed stage
-                    limit = self.rc.no_replica_timeout_s if self.router.peers else \
+                    limit = self.rc.no_replica_timeout_s if self._had_next else \
                         max(self.rc.no_replica_timeout_s, self.cfg.discovery.discovery_timeout_s)
                     if now - no_replica_since > limit:
                         lost = self.router.events[-1].peer if self.router.events else ""
