@@ -98,6 +98,7 @@ class ReplicaEngine:
         self._rerouted = 0
         self._forwards = 0  # gradients sent upstream (test hook)
         self._had_next = False  # a replica of the next stage was usable at some point
+        self._ahead_peers: list[str] = []  # stage peers last seen ahead of this replica (named if the state is lost)
         self._compute_s = 0.0
         self._last_event = trio.current_time()
         self.current_step = worker.next_step
@@ -597,6 +598,8 @@ class ReplicaEngine:
                     stuck_since = None
                     catching_up = behind  # replay the steps we missed at network speed, not one per poll
                     continue
+                ahead = [e.peer_id for e in self.discovery.stage_peers(self.stage) if e.next_step > step]
+                self._ahead_peers = ahead or self._ahead_peers  # the last peers known to hold the newer state
                 peer_steps = [e.next_step for e in self.discovery.stage_peers(self.stage)]
                 if peer_steps and max(peer_steps) > step + 1:
                     self.fatal = ResyncNeededError(
@@ -614,7 +617,8 @@ class ReplicaEngine:
                 self.fatal = NodeError(
                     f"stage {self.stage} replica is at step {step} while the pipeline is at step {newest}, and no "
                     f"peer of its stage gave step {step}'s commit within replicas.no_replica_timeout_s="
-                    f"{self.rc.no_replica_timeout_s}: the stage's newer state is lost")
+                    f"{self.rc.no_replica_timeout_s}: the stage's newer state is lost (last held by peer "
+                    f"{', '.join(self._ahead_peers) or 'unknown'})")
                 self.poke()
                 return
 
