@@ -1,6 +1,7 @@
 """Training throughput under churn: a replicated 3-stage swarm (2 replicas of the middle stage) on
 127.0.0.1, once stable and once with middle replicas SIGKILLed and fresh ones joining at a given
-period. Prints a table; the last line is one JSON object.
+period (the older replica is killed only once the newer one has caught up: killing the only holder of
+a stage's newer state loses it). Prints a table; the last line is one JSON object.
 
     python benchmarks/churn.py [--quick] [--steps N] [--churn-period S] [--repeat N] [--load]
 
@@ -62,7 +63,10 @@ def run(root: Path, steps: int, delay: float, churn_period: float, timeout_s: fl
             time.sleep(0.1)
             if churn_period and time.monotonic() >= next_churn and len(_records(tail)) < steps - 2:
                 live = [m for m in mids if m.proc.poll() is None]
-                if len(live) >= 2:  # kill the older one, keep one serving
+                # kill the older one once the newer one has caught up (it applied the step before the tail's newest:
+                # it holds the stage's state); a joiner still fetching or replaying the state does not, and killing
+                # the only holder of a stage's newer state loses it (no checkpoint rollback in replicated mode)
+                if len(live) >= 2 and max(_records(live[-1]), default=-1) >= max(_records(tail), default=0) - 1:
                     live[0].proc.kill()
                     live[0].proc.wait()
                     kills += 1
@@ -71,7 +75,7 @@ def run(root: Path, steps: int, delay: float, churn_period: float, timeout_s: fl
                     mids.append(fresh)
                     await_ready(fresh)
                     joins += 1
-                next_churn = time.monotonic() + churn_period
+                    next_churn = time.monotonic() + churn_period
         for n in nodes:
             if n.proc.poll() is None:
                 try:
