@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from node.observability.status import read_progress
-from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node
+from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes
 
 M, B = 4, 2  # microbatches per step, sequences per microbatch
 FAST = ["--replicated", "--microbatches", str(M), "--microbatch-size", str(B), "--corpus", "synthetic",
@@ -29,8 +29,12 @@ def launch(root: Path, stages: list[int], steps: int, extra: dict[int, list[str]
     boot = ["--bootstrap", nodes[0].ready["addrs"][0]]
     rest = [spawn_node(s, root / f"node{i}", args + boot + extra.get(i, [])) for i, s in enumerate(stages) if i]
     nodes += rest
-    for n in rest:
-        await_ready(n, READY_TIMEOUT_S)
+    try:
+        for n in rest:
+            await_ready(n, READY_TIMEOUT_S)
+    except BaseException:
+        stop_nodes(nodes)  # a node that failed to start must not leave the others running
+        raise
     return nodes
 
 
