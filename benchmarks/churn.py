@@ -31,6 +31,7 @@ from node.observability.status import read_progress  # noqa: E402
 from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes  # noqa: E402
 
 M, B = 4, 2
+READY_S = 180.0  # seconds a node may take to start (minutes on a loaded machine, with --load)
 
 
 def _args(steps: int, delay: float) -> list[str]:
@@ -47,14 +48,14 @@ def _records(n: NodeProcess) -> dict[int, dict[str, Any]]:
 def run(root: Path, steps: int, delay: float, churn_period: float, timeout_s: float) -> dict[str, Any]:
     """One run; churn_period 0 = stable. Returns tokens/s, final loss and the exactly-once counts."""
     args = _args(steps, delay)
-    head = start_node(0, root / "head", args)
+    head = start_node(0, root / "head", args, READY_S)
     boot = ["--bootstrap", head.ready["addrs"][0]]
     rest = [spawn_node(s, root / name, args + boot) for s, name in ((1, "mid0"), (1, "mid1"), (2, "tail"))]
     nodes = [head, *rest]
     kills = joins = 0
     try:
         for n in rest:
-            await_ready(n)
+            await_ready(n, READY_S)
         tail = rest[-1]
         mids = rest[:2]
         deadline = time.monotonic() + timeout_s
@@ -73,7 +74,7 @@ def run(root: Path, steps: int, delay: float, churn_period: float, timeout_s: fl
                     fresh = spawn_node(1, root / f"mid{len(mids)}", args + boot)
                     nodes.append(fresh)
                     mids.append(fresh)
-                    await_ready(fresh)
+                    await_ready(fresh, READY_S)
                     joins += 1
                     next_churn = time.monotonic() + churn_period
         for n in nodes:
