@@ -38,7 +38,7 @@ def _args(steps: int, delay: float) -> list[str]:
     return ["--stages", "3", "--steps", str(steps), "--replicated", "--microbatches", str(M), "--microbatch-size",
             str(B), "--corpus", "synthetic", "--threads", "1", "--replica-timeout", "3", "--ban-base", "1",
             "--ban-max", "4", "--avg-timeout", "5", "--commit-poll", "0.3", "--checkpoint-every", "0",
-            "--debug-delay-s", str(delay)]
+            "--debug-delay-s", str(delay), "--discovery-discovery-timeout-s", str(READY_S)]
 
 
 def _records(n: NodeProcess) -> dict[int, dict[str, Any]]:
