@@ -209,7 +209,9 @@ class ReplicaEngine:
         push per such peer probes it (`probe_loop`). When no peer took it that way, `_hold` keeps trying.
         """
         self.store.add(step, mb, attempt, vec, loss)
-        self._computed.setdefault(step, []).append([mb, attempt])
+        computed = self._computed.setdefault(step, [])
+        if [mb, attempt] not in computed:  # an inner stage may get an attempt again after not committing it
+            computed.append([mb, attempt])
         peers, backoff = self._split_stage_peers()
         for e in backoff:
             if e.peer_id not in self._probing:
