@@ -5,7 +5,7 @@ peer, and sends the activation gradient upstream, where the head commits the mic
 contribution has not reached the stage peer when the replica dies, the committed microbatch is lost to
 the stage: the survivor can only drop it from the step. The hooks put the replica exactly there:
 `debug_push_delay_s` slows its pushes to the stage peer (a loaded link, longer than the averaging
-deadline) and `debug_exit_after_forwards` SIGKILLs it right after it sent its second gradient upstream.
+deadline) and `debug_exit_after_forwards` SIGKILLs it right after it sent its first gradient upstream.
 The survivor's commit poller is slowed so it cannot pull the contribution by chance in between.
 """
 
@@ -26,8 +26,9 @@ pytestmark = [pytest.mark.network]
 @pytest.mark.timeout(600)  # node starts take minutes on a loaded shared machine
 def test_replica_killed_right_after_forwarding_a_slowly_pushed_contribution_loses_nothing(tmp_path) -> None:
     steps = 10
-    common = ["--avg-timeout", "2", "--replica-timeout", "20", "--commit-poll", "30"]
-    racer = ["--replicas-debug-push-delay-s", "3", "--replicas-debug-exit-after-forwards", "2"]
+    # one microbatch in flight per replica: the racer gets one of step 0's first two microbatches whatever the timing
+    common = ["--avg-timeout", "2", "--replica-timeout", "20", "--commit-poll", "30", "--max-inflight", "1"]
+    racer = ["--replicas-debug-push-delay-s", "3", "--replicas-debug-exit-after-forwards", "1"]
     nodes = launch(tmp_path, [0, 1, 1, 2], steps, common=common, extra={1: racer})
     head, mid_a, mid_b, tail = nodes
     try:
