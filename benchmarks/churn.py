@@ -1,18 +1,27 @@
 """Training throughput under churn: a replicated 3-stage swarm (2 replicas of the middle stage) on
 127.0.0.1, once stable and once with middle replicas SIGKILLed and fresh ones joining at a given
-period. Prints a table; the last line is one JSON object.
+period (the older replica is killed only once the newer one has caught up: killing the only holder of
+a stage's newer state loses it). Prints a table; the last line is one JSON object.
 
-    python benchmarks/churn.py [--quick] [--steps N] [--churn-period S]
+    python benchmarks/churn.py [--quick] [--steps N] [--churn-period S] [--repeat N] [--load]
+
+--repeat N runs the churn run N times (the stable run once) and reports the worst one: most lost or duplicated
+microbatches, then the lowest throughput. --load runs a CPU hog beside every run (stress-ng with one worker per
+core, or one busy process per core without it), at this process's niceness.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +31,14 @@ from node.observability.status import read_progress  # noqa: E402
 from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes  # noqa: E402
 
 M, B = 4, 2
+READY_S = 180.0  # seconds a node may take to start (minutes on a loaded machine, with --load)
 
 
 def _args(steps: int, delay: float) -> list[str]:
     return ["--stages", "3", "--steps", str(steps), "--replicated", "--microbatches", str(M), "--microbatch-size",
             str(B), "--corpus", "synthetic", "--threads", "1", "--replica-timeout", "3", "--ban-base", "1",
             "--ban-max", "4", "--avg-timeout", "5", "--commit-poll", "0.3", "--checkpoint-every", "0",
-            "--debug-delay-s", str(delay)]
+            "--debug-delay-s", str(delay), "--discovery-discovery-timeout-s", str(READY_S)]
 
 
 def _records(n: NodeProcess) -> dict[int, dict[str, Any]]:
@@ -38,14 +48,14 @@ def _records(n: NodeProcess) -> dict[int, dict[str, Any]]:
 def run(root: Path, steps: int, delay: float, churn_period: float, timeout_s: float) -> dict[str, Any]:
     """One run; churn_period 0 = stable. Returns tokens/s, final loss and the exactly-once counts."""
     args = _args(steps, delay)
-    head = start_node(0, root / "head", args)
+    head = start_node(0, root / "head", args, READY_S)
     boot = ["--bootstrap", head.ready["addrs"][0]]
     rest = [spawn_node(s, root / name, args + boot) for s, name in ((1, "mid0"), (1, "mid1"), (2, "tail"))]
     nodes = [head, *rest]
     kills = joins = 0
     try:
         for n in rest:
-            await_ready(n)
+            await_ready(n, READY_S)
         tail = rest[-1]
         mids = rest[:2]
         deadline = time.monotonic() + timeout_s
@@ -54,16 +64,19 @@ def run(root: Path, steps: int, delay: float, churn_period: float, timeout_s: fl
             time.sleep(0.1)
             if churn_period and time.monotonic() >= next_churn and len(_records(tail)) < steps - 2:
                 live = [m for m in mids if m.proc.poll() is None]
-                if len(live) >= 2:  # kill the older one, keep one serving
+                # kill the older one once the newer one has caught up (it applied the step before the tail's newest:
+                # it holds the stage's state); a joiner still fetching or replaying the state does not, and killing
+                # the only holder of a stage's newer state loses it (no checkpoint rollback in replicated mode)
+                if len(live) >= 2 and max(_records(live[-1]), default=-1) >= max(_records(tail), default=0) - 1:
                     live[0].proc.kill()
                     live[0].proc.wait()
                     kills += 1
                     fresh = spawn_node(1, root / f"mid{len(mids)}", args + boot)
                     nodes.append(fresh)
                     mids.append(fresh)
-                    await_ready(fresh)
+                    await_ready(fresh, READY_S)
                     joins += 1
-                next_churn = time.monotonic() + churn_period
+                    next_churn = time.monotonic() + churn_period
         for n in nodes:
             if n.proc.poll() is None:
                 try:
@@ -95,6 +108,34 @@ def run(root: Path, steps: int, delay: float, churn_period: float, timeout_s: fl
             "losses": {s: tail_recs[s]["loss"] for s in done}}
 
 
+@contextlib.contextmanager
+def cpu_hog(on: bool) -> Iterator[None]:
+    """While the block runs, one busy worker per core (stress-ng if installed, else busy Python processes)."""
+    if not on:
+        yield
+        return
+    if shutil.which("stress-ng"):
+        procs = [subprocess.Popen(["stress-ng", "--cpu", "0", "--quiet"])]
+    else:
+        procs = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(os.cpu_count() or 1)]
+    try:
+        yield
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def worst(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The worst run: most lost + duplicated microbatches, then fewest tokens/s."""
+    return max(runs, key=lambda r: (r["lost_microbatches"] + r["duplicate_microbatches"], -r["tokens_per_s"]))
+
+
 def recs_dropped(recs: list[dict[int, dict[str, Any]]], step: int) -> set[int]:
     """Committed microbatches some replica could not combine at `step`."""
     return {mb for r in recs if step in r for mb in r[step]["dropped"]}
@@ -106,17 +147,28 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, default=None, help="global steps per run")
     p.add_argument("--churn-period", type=float, default=None, help="seconds between kill+join events")
     p.add_argument("--delay", type=float, default=0.02, help="per-microbatch debug delay (slows the tiny model)")
+    p.add_argument("--repeat", type=int, default=1, help="churn runs; the worst one is reported")
+    p.add_argument("--load", action="store_true", help="a CPU hog (one worker per core) beside every run")
+    p.add_argument("--timeout", type=float, default=None, help="seconds allowed per run (default 25 quick, 600)")
     a = p.parse_args(argv)
+    if a.repeat < 1:
+        p.error("--repeat must be >= 1")
     steps = a.steps or (30 if a.quick else 120)
     period = a.churn_period or (3.0 if a.quick else 6.0)
+    limit = a.timeout or (25 if a.quick else 600)
     root = Path(tempfile.mkdtemp(prefix="pmn-churn-"))
+    runs: list[dict[str, Any]] = []
     try:
-        stable = run(root / "stable", steps, a.delay, 0.0, 25 if a.quick else 600)
-        churn = run(root / "churn", steps, a.delay, period, 25 if a.quick else 600)
+        with cpu_hog(a.load):
+            stable = run(root / "stable", steps, a.delay, 0.0, limit)
+            for i in range(a.repeat):
+                runs.append(run(root / f"churn{i}", steps, a.delay, period, limit))
     finally:
         shutil.rmtree(root, ignore_errors=True)
+    churn = worst(runs)
     print(f"{'run':8} {'steps':>5} {'tok/s':>9} {'final loss':>10} {'kills':>5} {'joins':>5} {'lost':>4} {'dup':>4}")
-    for name, r in (("stable", stable), ("churn", churn)):
+    named = [("stable", stable)] + [(f"churn{i}" if len(runs) > 1 else "churn", r) for i, r in enumerate(runs)]
+    for name, r in named:
         loss = f"{r['final_loss']:.4f}" if r["final_loss"] is not None else "-"
         print(f"{name:8} {r['steps_done']:>5} {r['tokens_per_s']:>9.0f} {loss:>10} {r['kills']:>5} {r['joins']:>5} "
               f"{r['lost_microbatches']:>4} {r['duplicate_microbatches']:>4}")
@@ -132,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                       "loss_step": at, "loss_at_step_stable": stable["losses"].get(at),
                       "loss_at_step_churn": churn["losses"].get(at),
                       "steps": steps, "churn_period_s": period, "kills": churn["kills"], "joins": churn["joins"],
-                      "stable_lost_microbatches": stable["lost_microbatches"]}))
+                      "stable_lost_microbatches": stable["lost_microbatches"], "repeat": a.repeat, "load": a.load,
+                      "runs": [{k: r[k] for k in ("steps_done", "tokens_per_s", "lost_microbatches",
+                                                  "duplicate_microbatches", "kills", "joins")} for r in runs],
+                      "lost_microbatches_total": sum(r["lost_microbatches"] for r in runs),
+                      "duplicate_microbatches_total": sum(r["duplicate_microbatches"] for r in runs)}))
     return 0
 
 

@@ -143,6 +143,8 @@ class ReplicaConfig:
     ban_max_s: float = 60.0  # cap on one ban's duration
     no_replica_timeout_s: float = 30.0  # how long the next stage may have no usable replica before the step fails
     avg_timeout_s: float = 10.0  # averaging deadline: contributions missing after this are dropped from the step
+    hold_retry_s: float = 0.2  # a contribution no stage peer took yet is pushed again after this (it is committed
+    # only once a second live replica of the stage holds it)
     commit_poll_s: float = 1.0  # idle time after which a replica asks its stage peers for the step's commit
     catchup_poll_s: float = 0.01  # while behind and catching up, wait this long between pulls of missed steps
     keep_steps: int = 4  # steps of contributions kept in memory for stage peers that pull them (a replica
@@ -156,6 +158,10 @@ class ReplicaConfig:
     rebalance_period_s: float = 0.0  # how often stage throughputs are compared (0 = never rebalance)
     rebalance_threshold: float = 1.5  # move a node when the best stage's throughput exceeds the worst by this factor
     debug_delay_s: float = 0.0  # TEST ONLY: extra seconds of compute per microbatch (simulates a slow GPU)
+    debug_push_delay_s: float = 0.0  # TEST ONLY: extra seconds before each contribution push to a stage peer
+    # (a slow or loaded link between the replicas of a stage)
+    debug_exit_after_forwards: int = 0  # TEST ONLY: SIGKILL this node right after it sent its n-th gradient
+    # upstream (0 = never): a crash at the exact point where a committed contribution may be held by it alone
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
@@ -164,7 +170,7 @@ class ReplicaConfig:
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"replicas.ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
         for name in ("replica_timeout_s", "ban_base_s", "ban_max_s", "no_replica_timeout_s", "avg_timeout_s",
-                     "commit_poll_s", "catchup_poll_s", "state_timeout_s"):
+                     "commit_poll_s", "catchup_poll_s", "state_timeout_s", "hold_retry_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"replicas.{name} must be > 0, got {getattr(self, name)}")
         if self.keep_steps < 1:
@@ -173,8 +179,8 @@ class ReplicaConfig:
             raise ValueError(f"replicas.aggregation must be mean, median or centered_clip, got {self.aggregation!r}")
         if self.rebalance_period_s < 0 or self.rebalance_threshold <= 1:
             raise ValueError("replicas.rebalance_period_s must be >= 0 and rebalance_threshold > 1")
-        if self.debug_delay_s < 0:
-            raise ValueError(f"replicas.debug_delay_s must be >= 0, got {self.debug_delay_s}")
+        if self.debug_delay_s < 0 or self.debug_push_delay_s < 0 or self.debug_exit_after_forwards < 0:
+            raise ValueError("replicas.debug_delay_s, debug_push_delay_s and debug_exit_after_forwards must be >= 0")
         if self.finish_grace_s < 0:
             raise ValueError(f"replicas.finish_grace_s must be >= 0, got {self.finish_grace_s}")
         if self.state_max_concurrent < 1:

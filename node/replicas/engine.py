@@ -15,6 +15,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -90,9 +92,13 @@ class ReplicaEngine:
         self._computed: dict[int, list[list[int]]] = {}
         self._forwarded: set[int] = set()
         self._peer_failures: dict[str, tuple[int, float]] = {}  # stage peer -> (failed exchanges, skip until)
+        self._unreachable: dict[str, float] = {}  # stage peer -> until when it counts as gone (refused or no dial)
         self._probing: set[str] = set()  # stage peers in backoff with a background push in flight
         self._probe_send, self._probe_recv = trio.open_memory_channel[tuple[Any, ...]](float("inf"))
         self._rerouted = 0
+        self._forwards = 0  # gradients sent upstream (test hook)
+        self._had_next = False  # a replica of the next stage was usable at some point
+        self._ahead_peers: list[str] = []  # stage peers last seen ahead of this replica (named if the state is lost)
         self._compute_s = 0.0
         self._last_event = trio.current_time()
         self.current_step = worker.next_step
@@ -193,38 +199,99 @@ class ReplicaEngine:
         out = fn(*args)
         return out, averaging.take_grads(self.worker.module)
 
-    async def _contribute(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> None:
-        """Keep our contribution and give it to the stage peers (bounded; failures are skipped).
+    async def _contribute(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> bool:
+        """Keep our contribution and give it to the stage peers; True once it may be committed.
 
-        Peers in backoff are not waited for, but one background push per such peer probes it
-        (`probe_loop`): a peer whose last exchange failed only because it was still starting up
-        would otherwise miss every contribution of its backoff, and if this replica died in that
-        window those contributions would be lost to the stage.
+        A contribution may be committed (its gradient sent upstream) only once a second replica of the stage
+        holds it, or no other replica of the stage is alive to hold it: otherwise this replica dying right
+        after sending the gradient would lose a committed microbatch to the stage. Usable peers are pushed to
+        and waited for (bounded by `avg_timeout_s`); peers in backoff are not waited for, but one background
+        push per such peer probes it (`probe_loop`). When no peer took it that way, `_hold` keeps trying.
         """
         if self.store.codec.compressed:  # the spec's replica_averaging encoding (torch work: off the event loop)
             vec = await trio.to_thread.run_sync(self.store.codec.encode, vec)
         self.store.add(step, mb, attempt, vec, loss)
-        self._computed.setdefault(step, []).append([mb, attempt])
+        computed = self._computed.setdefault(step, [])
+        if [mb, attempt] not in computed:  # an inner stage may get an attempt again after not committing it
+            computed.append([mb, attempt])
         peers, backoff = self._split_stage_peers()
         for e in backoff:
             if e.peer_id not in self._probing:
                 self._probing.add(e.peer_id)
                 self._probe_send.send_nowait((e.peer_id, e.addrs[0], step, mb, attempt, vec, loss))
-        if not peers:
-            return
+        held = 0
 
         async def one(peer: str, addr: str) -> None:
+            nonlocal held
             try:
-                await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
-                             self.rc.avg_timeout_s, enc=self.store.codec.tag)
+                await self._push(addr, step, mb, attempt, vec, loss, self.rc.avg_timeout_s)
                 self._peer_failures.pop(peer, None)
-            except Exception:  # a vanished peer pulls (or is dropped) later
+                self._unreachable.pop(peer, None)
+                held += 1
+            except trio.TooSlowError:  # a slow peer pulls (or is dropped) later
                 self._peer_failed(peer)
+            except Exception:  # a vanished peer: not waited for by `_hold` during its backoff
+                self._peer_failed(peer)
+                self._unreachable[peer] = self._peer_failures[peer][1]
 
-        with trio.move_on_after(self.rc.avg_timeout_s):
-            async with trio.open_nursery() as n:
-                for e in peers:
-                    n.start_soon(one, e.peer_id, e.addrs[0])
+        if peers:
+            with trio.move_on_after(self.rc.avg_timeout_s):
+                async with trio.open_nursery() as n:
+                    for e in peers:
+                        n.start_soon(one, e.peer_id, e.addrs[0])
+        return held > 0 or await self._hold(step, mb, attempt, vec, loss)
+
+    async def _push(self, addr: str, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None,
+                    timeout_s: float) -> None:
+        if self.rc.debug_push_delay_s:  # TEST ONLY: a slow link to the stage peers
+            await trio.sleep(self.rc.debug_push_delay_s)
+        await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss, timeout_s,
+                             enc=self.store.codec.tag)
+
+    async def _hold(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> bool:
+        """Push to every announced stage peer, in backoff or not, until one holds the contribution (True).
+
+        A peer that refuses or cannot be reached at all (a dead process) is out for this contribution and,
+        while its backoff lasts, for the next ones (`_unreachable`: a dial to a dead process costs libp2p's
+        retries, and a dead peer stays announced for discovery's entry_ttl_s); when
+        every peer is out this replica is the stage's only live holder and the contribution may be committed
+        (True). A peer that is merely slow is tried again every `hold_retry_s` until `replica_timeout_s` has
+        passed (False: the gradient is not sent, the upstream re-routes the microbatch after its own timeout).
+        """
+        deadline = trio.current_time() + self.rc.replica_timeout_s
+        out: set[str] = set()
+        while True:
+            left = deadline - trio.current_time()
+            now = trio.current_time()
+            peers = [e for e in self.discovery.stage_peers(self.stage) if e.addrs and e.peer_id not in out
+                     and self._unreachable.get(e.peer_id, 0.0) <= now]
+            if not peers:
+                return True
+            if left <= 0:
+                return False
+            held = False
+
+            async def one(peer: str, addr: str, timeout_s: float, scope: trio.CancelScope) -> None:
+                nonlocal held
+                try:
+                    await self._push(addr, step, mb, attempt, vec, loss, timeout_s)
+                    held = True
+                    self._unreachable.pop(peer, None)
+                    scope.cancel()  # one holder is enough; the others pull it if they lack it
+                except trio.TooSlowError:  # slow, not gone: tried again
+                    pass
+                except Exception:  # refused or unreachable: out for this contribution and its backoff
+                    out.add(peer)
+                    self._peer_failed(peer)
+                    self._unreachable[peer] = self._peer_failures[peer][1]
+
+            with trio.move_on_after(left):
+                async with trio.open_nursery() as n:
+                    for e in peers:
+                        n.start_soon(one, e.peer_id, e.addrs[0], left, n.cancel_scope)
+            if held:
+                return True
+            await trio.sleep(min(self.rc.hold_retry_s, max(0.0, deadline - trio.current_time())))
 
     async def probe_loop(self) -> None:
         """Run the background pushes `_contribute` queues for stage peers in backoff (one per peer at a time)."""
@@ -235,9 +302,9 @@ class ReplicaEngine:
     async def _probe(self, peer: str, addr: str, step: int, mb: int, attempt: int, vec: torch.Tensor,
                      loss: float | None) -> None:
         try:
-            await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss,
-                         self.rc.avg_timeout_s, enc=self.store.codec.tag)  # bounded by avg_timeout_s
+            await self._push(addr, step, mb, attempt, vec, loss, self.rc.avg_timeout_s)  # bounded by avg_timeout_s
             self._peer_failures.pop(peer, None)  # it answers again: pushes wait for it from now on
+            self._unreachable.pop(peer, None)
         except Exception:  # still unreachable: the backoff grows
             self._peer_failed(peer)
         finally:
@@ -346,11 +413,13 @@ class ReplicaEngine:
         if w.spec.is_last:
             (loss, vec) = await self._compute(self._grads_after, w.forward, h.step, key, window, h_in)
             grad = await self._compute(w.backward, h.step, key, None)
-            await self._contribute(h.step, h.microbatch, h.attempt, vec, float(loss))
+            if not await self._contribute(h.step, h.microbatch, h.attempt, vec, float(loss)):
+                return  # no stage peer could hold it: not committed, the upstream re-routes the microbatch
             try:
                 await ch.send_data(frames.Kind.GRADIENT, h.step, h.microbatch, grad, attempt=h.attempt)
             except NodeError:
                 pass
+            self._forwarded_one()
             return
         out = await self._compute(w.forward, h.step, key, window, h_in)
         self._work[(h.step, h.microbatch)] = _Work(h.microbatch, h.attempt, out, r.frame.window, up=ch.peer)
@@ -365,7 +434,11 @@ class ReplicaEngine:
         self.router.answered(ch.peer, trio.current_time() - w.sent_at)
         key = self._key(h.microbatch, h.attempt)
         grad, vec = await self._compute(self._grads_after, self.worker.backward, h.step, key, r.value)
-        await self._contribute(h.step, h.microbatch, h.attempt, vec, None)
+        held = await self._contribute(h.step, h.microbatch, h.attempt, vec, None)
+        while not held and self.worker.spec.is_first:  # a head replica: its own commit waits for a holder
+            held = await self._hold(h.step, h.microbatch, h.attempt, vec, None)
+        if not held:
+            return  # not committed: the upstream re-routes the microbatch after its timeout
         if self.worker.spec.is_first:
             self._committed[h.microbatch] = h.attempt
             return
@@ -375,6 +448,14 @@ class ReplicaEngine:
                 await up.send_data(frames.Kind.GRADIENT, h.step, h.microbatch, grad, attempt=h.attempt)
             except NodeError:
                 pass
+            self._forwarded_one()
+
+    def _forwarded_one(self) -> None:
+        """A gradient went upstream (TEST ONLY hook: `debug_exit_after_forwards` kills the node here)."""
+        self._forwards += 1
+        if self.rc.debug_exit_after_forwards and self._forwards >= self.rc.debug_exit_after_forwards:
+            time.sleep(0.2)  # blocks the event loop (nothing more is served) while the kernel sends the gradient
+            os.kill(os.getpid(), signal.SIGKILL)
 
     # -- the step ----------------------------------------------------------------------------------
 
@@ -432,13 +513,20 @@ class ReplicaEngine:
                 await self._dispatch(step)
                 now = trio.current_time()
                 waiting = bool(self._queue) or (head and next_mb < self.m)
-                if waiting and not self._candidates_usable(now):
+                usable = self._candidates_usable(now)
+                self._had_next = self._had_next or usable
+                if waiting and not usable:
                     no_replica_since = no_replica_since if no_replica_since is not None else now
-                    if now - no_replica_since > self.rc.no_replica_timeout_s:
+                    # before any replica of the next stage was ever usable (a swarm starting on a loaded machine)
+                    # the wait is discovery's, for a peer serving a needed stage
+                    limit = self.rc.no_replica_timeout_s if self._had_next else \
+                        max(self.rc.no_replica_timeout_s, self.cfg.discovery.discovery_timeout_s)
+                    if now - no_replica_since > limit:
                         lost = self.router.events[-1].peer if self.router.events else ""
                         raise NoReplicaError(
                             f"stage {self.stage}: no usable replica of stage {self.stage + 1} within "
-                            f"replicas.no_replica_timeout_s={self.rc.no_replica_timeout_s} at step {step}"
+                            f"replicas.no_replica_timeout_s={self.rc.no_replica_timeout_s} (discovery.discovery_timeout_s="
+                            f"{self.cfg.discovery.discovery_timeout_s} before the first) at step {step}"
                             + (f" (last lost: peer {lost})" if lost else ""), lost, self.stage + 1)
                 else:
                     no_replica_since = None
@@ -515,6 +603,8 @@ class ReplicaEngine:
                     stuck_since = None
                     catching_up = behind  # replay the steps we missed at network speed, not one per poll
                     continue
+                ahead = [e.peer_id for e in self.discovery.stage_peers(self.stage) if e.next_step > step]
+                self._ahead_peers = ahead or self._ahead_peers  # the last peers known to hold the newer state
                 peer_steps = [e.next_step for e in self.discovery.stage_peers(self.stage)]
                 if peer_steps and max(peer_steps) > step + 1:
                     self.fatal = ResyncNeededError(
@@ -532,7 +622,8 @@ class ReplicaEngine:
                 self.fatal = NodeError(
                     f"stage {self.stage} replica is at step {step} while the pipeline is at step {newest}, and no "
                     f"peer of its stage gave step {step}'s commit within replicas.no_replica_timeout_s="
-                    f"{self.rc.no_replica_timeout_s}: the stage's newer state is lost")
+                    f"{self.rc.no_replica_timeout_s}: the stage's newer state is lost (last held by peer "
+                    f"{', '.join(self._ahead_peers) or 'unknown'})")
                 self.poke()
                 return
 

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from node.observability.status import read_progress
-from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node
+from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes
 
 M, B = 4, 2  # microbatches per step, sequences per microbatch
 FAST = ["--replicated", "--microbatches", str(M), "--microbatch-size", str(B), "--corpus", "synthetic",
@@ -14,7 +14,10 @@ FAST = ["--replicated", "--microbatches", str(M), "--microbatch-size", str(B), "
         "--commit-poll", "0.3", "--no-replica-timeout", "30", "--max-inflight", "2", "--checkpoint-every", "0",
         # a step of this tiny model takes ~15 ms and a state transfer ~10 steps: peers keep enough steps for a
         # replica that just fetched the state to replay the ones since (replicas.keep_steps)
-        "--keep-steps", "32"]
+        "--keep-steps", "32",
+        # on a loaded shared machine a node may take minutes to start: the head waits that long for the first
+        "--discovery-discovery-timeout-s", "180"]
+READY_TIMEOUT_S = 180.0  # a node's start (imports, keys, first discovery round) on a loaded shared machine
 
 
 def launch(root: Path, stages: list[int], steps: int, extra: dict[int, list[str]] | None = None,
@@ -22,12 +25,16 @@ def launch(root: Path, stages: list[int], steps: int, extra: dict[int, list[str]
     """Node i serves stages[i]; node 0 (stage 0) starts first, the rest bootstrap from it together."""
     extra = extra or {}
     args = ["--stages", str(max(stages) + 1), "--steps", str(steps), *FAST, *(common or [])]
-    nodes = [start_node(stages[0], root / "node0", args + extra.get(0, []))]
+    nodes = [start_node(stages[0], root / "node0", args + extra.get(0, []), READY_TIMEOUT_S)]
     boot = ["--bootstrap", nodes[0].ready["addrs"][0]]
     rest = [spawn_node(s, root / f"node{i}", args + boot + extra.get(i, [])) for i, s in enumerate(stages) if i]
     nodes += rest
-    for n in rest:
-        await_ready(n)
+    try:
+        for n in rest:
+            await_ready(n, READY_TIMEOUT_S)
+    except BaseException:
+        stop_nodes(nodes)  # a node that failed to start must not leave the others running
+        raise
     return nodes
 
 
@@ -36,7 +43,7 @@ def join(root: Path, name: str, stage: int, steps: int, boot: NodeProcess, num_s
     """Start one more replica that bootstraps from `boot`."""
     args = ["--stages", str(num_stages), "--steps", str(steps), *FAST, "--bootstrap", boot.ready["addrs"][0],
             *(extra or [])]
-    return start_node(stage, root / name, args)
+    return start_node(stage, root / name, args, READY_TIMEOUT_S)
 
 
 def records(node: NodeProcess, stage: int | None = None) -> dict[int, dict[str, Any]]:

@@ -65,7 +65,7 @@ def test_a_stage_peer_in_backoff_gets_the_contribution_in_the_background_and_lea
             nursery.start_soon(eng.probe_loop)
             vec = torch.arange(size, dtype=torch.float32)
             with trio.fail_after(10):
-                await eng._contribute(3, 0, 0, vec, None)  # returns at once: nothing waited for
+                assert await eng._contribute(3, 0, 0, vec, None)  # not waited for, but held by it before commit
             await until(lambda: (0, 0) in peer_store.vecs.get(3, {}), 10, "the background push to reach the peer")
             await until(lambda: peer.peer_id not in eng._probing, 10, "the probe to finish")
             assert torch.equal(peer_store.vecs[3][(0, 0)], vec)
@@ -88,13 +88,14 @@ def test_a_dead_stage_peer_in_backoff_stays_there_and_is_probed_once_at_a_time()
                 dead = _announcement(h1, id1, worker.config.spec_hash().hex(), seq=1)
             eng = _engine(h0, id0, worker, dead)
             vec = torch.zeros(size)
-            await eng._contribute(4, 0, 0, vec, None)
-            await eng._contribute(4, 1, 0, vec, None)  # a probe is already queued: no second one
+            assert await eng._contribute(4, 0, 0, vec, None)  # nobody else alive holds it: committable alone
+            assert dead.peer_id in eng._unreachable  # the hold's push could not reach it
+            assert await eng._contribute(4, 1, 0, vec, None)  # not dialled again; a probe is already queued
             assert eng._probing == {dead.peer_id}
             nursery.start_soon(eng.probe_loop)
             await until(lambda: not eng._probing, 30, "the probe of the dead peer to finish",
                         detail=lambda: eng._probing)
-            assert eng._peer_failures[dead.peer_id][0] == 2  # failed again: a longer backoff
+            assert eng._peer_failures[dead.peer_id][0] == 3  # the hold's push and the probe failed: longer backoff
             assert eng.store.vecs[4].keys() == {(0, 0), (1, 0)}  # our own contributions are kept regardless
             nursery.cancel_scope.cancel()
 
