@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from tests.netns import PUBLIC_IP, NetnsError, available, leftover, nat_topology
+from node.testing.netns import PUBLIC_IP, NetnsError, available, leftover, nat_topology
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.skipif(available() is not None, reason=str(available()))]

@@ -1,4 +1,4 @@
-"""Real NAT for tests: network namespaces, veth links, a bridge and nftables masquerade (Linux, root).
+"""Real NAT for tests and benchmarks: network namespaces, veth links, a bridge and nftables masquerade (Linux, root).
 
     public segment (namespace `<tag>-pub`, bridge br0, 198.18.0.1/24: public nodes listen here)
         |-- r1 (veth) == wan of router `<tag>-r1` (198.18.0.11) -- masquerade -- lan 10.1.0.1/24 == home `<tag>-h1` (10.1.0.2)
@@ -24,12 +24,14 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from node.errors import NodeError
+
 PUBLIC_IP = "198.18.0.1"  # the public segment's address (public nodes listen on it)
 PUBLIC_NET = "198.18.0.0/24"
 CMD_TIMEOUT_S = 10.0  # longest run of one ip / nft command
 
 
-class NetnsError(RuntimeError):
+class NetnsError(NodeError):
     """A namespace could not be built or torn down."""
 
 

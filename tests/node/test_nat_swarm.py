@@ -1,0 +1,35 @@
+"""Pipeline training through real NAT (network namespaces, nftables masquerade): a stage behind a home router
+trains to the same per-step losses as on loopback; between two homes activations go through a relay, or
+through a direct connection DCUtR punched."""
+
+from __future__ import annotations
+
+import pytest
+
+from node.testing.nat_swarm import run_nat_swarm
+from node.testing.netns import available, nat_topology
+from sharding import PRESETS, OptimConfig, load_corpus, train_reference
+
+pytestmark = [pytest.mark.network, pytest.mark.skipif(available() is not None, reason=str(available()))]
+
+M, B, STEPS = 2, 2, 3
+ARGS = ["--steps", str(STEPS), "--microbatches", str(M), "--microbatch-size", str(B), "--corpus", "synthetic",
+        "--threads", "1", "--nat-relay-check-interval-s", "0.2", "--nat-relay-retry-backoff-s", "0.2"]
+ACT = "/pmn/act/1.0.0"
+
+
+def _reference() -> list[float]:
+    return train_reference(PRESETS["tiny"], OptimConfig(), STEPS, M, B, load_corpus("synthetic"))
+
+
+@pytest.mark.timeout(240)
+def test_middle_stage_behind_nat_matches_loopback(tmp_path) -> None:
+    with nat_topology(homes=1) as topo:
+        res = run_nat_swarm(topo, tmp_path, ["public", "home1", "public"], ARGS, timeout_s=200)
+    assert res.losses == pytest.approx(_reference(), abs=1e-4)
+    nat = [s["nat"] for s in res.statuses]
+    assert nat[1]["reachability"] == "private"
+    assert nat[0]["reachability"] in ("public", "unknown") and nat[2]["reachability"] != "private"
+    assert res.ready[1]["reachability"] == "private"
+    assert "/p2p-circuit/" in res.ready[1]["addrs"][0]  # announced through its relay first
+    assert nat[1]["relays"] == [res.ready[2]["peer_id"]] or nat[1]["relays"]
