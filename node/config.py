@@ -195,7 +195,7 @@ class NatConfig:
     relay_start_timeout_s: float = 30.0  # longest start-up wait for a first reservation of a private node
     direct_dial_timeout_s: float = 3.0  # a peer announcing relayed addresses is first dialed directly for this long
     holepunch: bool = True  # upgrade relayed connections to direct ones with DCUtR
-    holepunch_timeout_s: float = 10.0  # time allowed for one DCUtR attempt
+    holepunch_timeout_s: float = 5.0  # time allowed for one DCUtR attempt (the first runs inside a dial: keep it below transport.dial_timeout_s)
     holepunch_retries: int = 3  # attempts per relayed peer before it stays relayed
     holepunch_backoff_s: float = 2.0  # wait before the next attempt, doubled per failed attempt
 

@@ -18,7 +18,15 @@ from typing import Any
 from node.errors import NodeError
 from node.observability.status import node_status, read_progress
 from node.testing.netns import PUBLIC_IP, Topology
-from node.testing.swarm import REPO_ROOT, NodeProcess, await_ready, node_command, node_env, stop_nodes, wait_nodes
+from node.testing.swarm import (
+    REPO_ROOT,
+    NodeProcess,
+    await_ready,
+    node_command,
+    node_env,
+    stop_nodes,
+    wait_nodes,
+)
 
 
 @dataclass
@@ -53,11 +61,29 @@ def spawn_in(topo: Topology, place: str, stage: int, data_dir: Path, args: list[
     return NodeProcess(stage=stage, data_dir=data_dir, proc=proc)
 
 
+def _check_reachable(topo: Topology, places: list[str], addr: str, timeout_s: float = 10.0) -> None:
+    """Every place can open a TCP connection to the bootstrap node (NodeError with the listening sockets if not)."""
+    ip, port = addr.split("/")[2], int(addr.split("/")[4])
+    for place in sorted(set(places)):
+        ns, _ = place_ns(topo, place)
+        deadline = time.monotonic() + timeout_s
+        while not topo.can_connect(ns, ip, port):
+            if time.monotonic() > deadline:
+                listening = subprocess.run(topo.prefix(topo.public_ns) + ["ss", "-ltn"], capture_output=True,
+                                           text=True, timeout=10).stdout
+                raise NodeError(f"{place} cannot connect to the bootstrap node at {ip}:{port} within {timeout_s} s; "
+                                f"listening in the public segment:\n{listening}")
+
+
 def run_nat_swarm(topo: Topology, root: Path, places: list[str], node_args: list[str], *, bootstrap_stage: int = -1,
                   stage_args: dict[int, list[str]] | None = None, ready_timeout_s: float = 90.0,
-                  timeout_s: float = 300.0) -> NatSwarmResult:
+                  timeout_s: float = 300.0, linger_bootstrap: bool = True) -> NatSwarmResult:
     """Run len(places) stages, stage i in places[i]; `bootstrap_stage` (default the last) starts first and
-    every other node bootstraps from it. `stage_args` adds flags per stage. NodeError if a node fails."""
+    every other node bootstraps from it. `stage_args` adds flags per stage. NodeError if a node fails.
+
+    linger_bootstrap: the bootstrap node (the relay of the private nodes) keeps serving after its last
+    step (`--linger`) and is stopped once the others exited: a relay that is also the last stage would
+    otherwise leave, taking the circuits of the last step's gradients with it, before they arrived."""
     stages = len(places)
     boot = bootstrap_stage % stages
     extra = stage_args or {}
@@ -66,9 +92,11 @@ def run_nat_swarm(topo: Topology, root: Path, places: list[str], node_args: list
     t0_wall = time.time()
     nodes: dict[int, NodeProcess] = {}
     try:
-        nodes[boot] = await_ready(spawn_in(topo, places[boot], boot, root / f"node{boot}", common + extra.get(boot, [])),
-                                  ready_timeout_s)
+        linger = ["--linger"] if linger_bootstrap else []
+        nodes[boot] = await_ready(spawn_in(topo, places[boot], boot, root / f"node{boot}",
+                                           common + linger + extra.get(boot, [])), ready_timeout_s)
         addr = nodes[boot].ready["addrs"][0]
+        _check_reachable(topo, places, addr)
         for s in range(stages):
             if s != boot:
                 nodes[s] = spawn_in(topo, places[s], s, root / f"node{s}",
@@ -80,9 +108,16 @@ def run_nat_swarm(topo: Topology, root: Path, places: list[str], node_args: list
         stop_nodes(list(nodes.values()))
         raise
     ordered = [nodes[s] for s in range(stages)]
-    codes = wait_nodes(ordered, timeout_s)
+    waited = [n for n in ordered if not (linger_bootstrap and n.stage == boot)]
+    try:
+        codes = dict(zip([n.stage for n in waited], wait_nodes(waited, timeout_s), strict=True))
+    finally:
+        stop_nodes(ordered)
     seconds = time.monotonic() - t0
-    for n, code in zip(ordered, codes, strict=True):
+    if linger_bootstrap:
+        codes[boot] = 0 if nodes[boot].proc.returncode in (0, 143) else int(nodes[boot].proc.returncode)
+    for n in ordered:
+        code = codes[n.stage]
         if code != 0:
             err = (n.data_dir / "stderr.log").read_text()[-3000:]
             raise NodeError(f"node for stage {n.stage} in {places[n.stage]} exited with {code}: {err}")

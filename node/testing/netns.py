@@ -5,8 +5,9 @@
         |-- r2 (veth) == wan of router `<tag>-r2` (198.18.0.12) -- masquerade -- lan 10.2.0.1/24 == home `<tag>-h2` (10.2.0.2)
 
 Each router forwards what its home sends out (source-NATed to its wan address) and the replies of those
-connections (conntrack), and drops every new connection from the wan side: a home router with no
-inbound port. Addresses exist only inside namespaces created here (198.18.0.0/15 is the benchmarking
+connections (conntrack), and silently drops every new connection from the wan side, to its home or to
+itself: a home router with no inbound port that, as RFC 5382 (REQ-4) asks, does not answer an
+unsolicited SYN with a reset (which would also defeat TCP hole punching, whose SYNs cross). Addresses exist only inside namespaces created here (198.18.0.0/15 is the benchmarking
 range, 10/8 private); every link is created inside a namespace, so deleting the namespaces removes them.
 `nat_topology()` is a context manager that removes every namespace and process it started, also when the
 body fails, and checks that none is left.
@@ -61,6 +62,10 @@ table ip pmnnat {{
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
     oifname "{wan}" masquerade
+  }}
+  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname "{wan}" ct state new drop
   }}
   chain forward {{
     type filter hook forward priority filter; policy drop;

@@ -14,7 +14,8 @@ pytestmark = [pytest.mark.network, pytest.mark.skipif(available() is not None, r
 
 M, B, STEPS = 2, 2, 3
 ARGS = ["--steps", str(STEPS), "--microbatches", str(M), "--microbatch-size", str(B), "--corpus", "synthetic",
-        "--threads", "1", "--nat-relay-check-interval-s", "0.2", "--nat-relay-retry-backoff-s", "0.2"]
+        "--threads", "1", "--nat-relay-check-interval-s", "0.2", "--nat-relay-retry-backoff-s", "0.2",
+        "--nat-autonat-interval-s", "5", "--discovery-discovery-timeout-s", "120"]
 ACT = "/pmn/act/1.0.0"
 
 
@@ -33,3 +34,37 @@ def test_middle_stage_behind_nat_matches_loopback(tmp_path) -> None:
     assert res.ready[1]["reachability"] == "private"
     assert "/p2p-circuit/" in res.ready[1]["addrs"][0]  # announced through its relay first
     assert nat[1]["relays"] == [res.ready[2]["peer_id"]] or nat[1]["relays"]
+
+
+def _act_paths(status: dict, peer: str) -> dict[str, bool]:
+    """For each path the node saw to `peer`: whether activation streams ran on it."""
+    return {path: ACT in protos for path, protos in status["nat"]["stream_paths"].get(peer, {}).items()}
+
+
+@pytest.mark.timeout(300)
+def test_two_homes_relayed_without_hole_punching(tmp_path) -> None:
+    """Stages 0 and 1 each behind their own NAT, hole punching off: stage 0 reaches stage 1 only through the
+    relay (stage 2, public), and the activations between them went over that circuit."""
+    with nat_topology(homes=2) as topo:
+        res = run_nat_swarm(topo, tmp_path, ["home2", "home1", "public"], ARGS + ["--no-nat-holepunch"],
+                            timeout_s=250)
+    assert res.losses == pytest.approx(_reference(), abs=1e-4)
+    s0, s1 = res.statuses[0], res.statuses[1]
+    assert s0["nat"]["reachability"] == s1["nat"]["reachability"] == "private"
+    peer1 = res.ready[1]["peer_id"]
+    assert _act_paths(s0, peer1) == {"relayed": True}
+    assert s0["nat"]["relayed_dials"] >= 1
+
+
+@pytest.mark.timeout(300)
+def test_two_homes_hole_punched_direct(tmp_path) -> None:
+    """The same two homes with DCUtR: the relayed connection is upgraded to a direct one before the activation
+    stream opens, and the activations went over the punched path only."""
+    with nat_topology(homes=2) as topo:
+        res = run_nat_swarm(topo, tmp_path, ["home2", "home1", "public"], ARGS, timeout_s=250)
+    assert res.losses == pytest.approx(_reference(), abs=1e-4)
+    s0 = res.statuses[0]
+    peer1 = res.ready[1]["peer_id"]
+    assert s0["nat"]["holepunch"].get(peer1) == "direct (hole punched)", s0["nat"]
+    paths = _act_paths(s0, peer1)
+    assert paths.get("direct (hole punched)") is True and not paths.get("relayed"), paths

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import multiaddr
 import trio
 from libp2p.crypto.keys import KeyPair
 from libp2p.host.basic_host import BasicHost
@@ -39,7 +40,10 @@ class NatHost(BasicHost):
         self.last_dial_error = ""  # why the last relayed dial failed ("" = none failed)
 
     async def connect(self, peer_info: PeerInfo) -> None:
-        circuit = [a for a in peer_info.addrs if is_circuit(a)]
+        # a PeerInfo parsed from ".../p2p-circuit/p2p/<peer>" keeps the address without its last /p2p part
+        circuit = [a if str(a).endswith(f"/p2p/{peer_info.peer_id}")
+                   else multiaddr.Multiaddr(f"{a}/p2p/{peer_info.peer_id}")
+                   for a in peer_info.addrs if is_circuit(a)]
         if self.circuit is None or not circuit or peer_conns(self, peer_info.peer_id):
             await super().connect(peer_info)
             return

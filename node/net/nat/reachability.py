@@ -1,9 +1,14 @@
 """Whether this node is publicly dialable: AutoNAT v1 (`/libp2p/autonat/1.0.0`) dial-backs by its peers.
 
-`DialBackAutoNAT` serves dial-back requests on a *new* connection. py-libp2p 0.8.1's
-`AutoNATService._try_dial` calls `host.connect`, which returns at once when a connection to the peer
-exists, and the request itself always arrives over one, so every requester is told it is public.
-Upstream would need: dial back with `Swarm.dial_addr` (a fresh connection) and close it afterwards.
+`DialBackAutoNAT` serves dial-back requests with a *new* TCP connection to each offered address (on the
+IP the requester is observed at), closed at once. py-libp2p 0.8.1's `AutoNATService._try_dial` calls
+`host.connect`, which returns at once when a connection to the peer exists, and the request itself
+always arrives over one, so every requester is told it is public. Dialing back through the swarm
+instead (`Swarm.dial_addr`, then closing that connection) adds and drops a second connection to a peer
+we serve; in our namespace runs that broke the peer's other connections (relay reservation, relayed
+activation streams) within seconds, so the dial-back stays outside the swarm: it proves that the port
+opens from outside, which is what reachability means here. Upstream would need: a dial-back on a
+separate, unregistered connection.
 
 `Reachability` asks up to `autonat_peers` connected peers per check and decides once
 `autonat_confirmations` verdicts agree: OK votes public; a failed or refused dial-back (the server
@@ -38,19 +43,32 @@ class DialBackAutoNAT(AutoNATService):
         self.dial_timeout_s = dial_timeout_s
 
     async def _try_dial(self, peer_id: ID, addrs: list[bytes]) -> bytes | None:
-        network = self.host.get_network()
         for raw in addrs:
-            try:
-                with trio.fail_after(self.dial_timeout_s):
-                    conn = await network.dial_addr(Multiaddr(raw), peer_id)
-            except Exception:  # not dialable at this address
+            target = _tcp_target(Multiaddr(raw))
+            if target is None:
                 continue
             try:
-                await conn.close()
-            except Exception:  # already gone: the dial-back succeeded all the same
-                pass
+                with trio.fail_after(self.dial_timeout_s):
+                    stream = await trio.open_tcp_stream(*target)
+            except (OSError, trio.TooSlowError):  # not dialable at this address
+                continue
+            await stream.aclose()
             return bytes(raw)
         return None
+
+
+def _tcp_target(addr: Multiaddr) -> tuple[str, int] | None:
+    """(ip, port) of an /ip4|ip6/.../tcp/... address, None for anything else."""
+    try:
+        port = int(addr.value_for_protocol("tcp"))
+    except Exception:  # no tcp component
+        return None
+    for proto in ("ip4", "ip6"):
+        try:
+            return str(addr.value_for_protocol(proto)), port
+        except Exception:  # not this family
+            continue
+    return None
 
 
 class Reachability:
