@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -76,14 +77,16 @@ def _check_reachable(topo: Topology, places: list[str], addr: str, timeout_s: fl
 
 
 def run_nat_swarm(topo: Topology, root: Path, places: list[str], node_args: list[str], *, bootstrap_stage: int = -1,
-                  stage_args: dict[int, list[str]] | None = None, ready_timeout_s: float = 90.0,
-                  timeout_s: float = 300.0, linger_bootstrap: bool = True) -> NatSwarmResult:
+                  stage_args: dict[int, list[str]] | None = None, ready_timeout_s: float = 180.0,
+                  timeout_s: float = 300.0, linger_bootstrap: bool = True,
+                  during: Callable[[list[NodeProcess]], None] | None = None) -> NatSwarmResult:
     """Run len(places) stages, stage i in places[i]; `bootstrap_stage` (default the last) starts first and
     every other node bootstraps from it. `stage_args` adds flags per stage. NodeError if a node fails.
 
     linger_bootstrap: the bootstrap node (the relay of the private nodes) keeps serving after its last
     step (`--linger`) and is stopped once the others exited: a relay that is also the last stage would
-    otherwise leave, taking the circuits of the last step's gradients with it, before they arrived."""
+    otherwise leave, taking the circuits of the last step's gradients with it, before they arrived.
+    during: called with the nodes (by stage) once all are ready, while they train (a fault to inject)."""
     stages = len(places)
     boot = bootstrap_stage % stages
     extra = stage_args or {}
@@ -108,6 +111,12 @@ def run_nat_swarm(topo: Topology, root: Path, places: list[str], node_args: list
         stop_nodes(list(nodes.values()))
         raise
     ordered = [nodes[s] for s in range(stages)]
+    if during is not None:
+        try:
+            during(ordered)
+        except BaseException:
+            stop_nodes(ordered)
+            raise
     waited = [n for n in ordered if not (linger_bootstrap and n.stage == boot)]
     try:
         codes = dict(zip([n.stage for n in waited], wait_nodes(waited, timeout_s), strict=True))

@@ -92,6 +92,15 @@ class Home:
         sh("ip", "link", "set", "wan", "down", ns=self.router_ns)
         sh("ip", "link", "set", "wan", "up", ns=self.router_ns)
 
+    def renumber(self) -> str:
+        """The provider gives the router a new wan address (the old one is removed): masquerade drops every
+        mapping made with the old address, so each connection of the home breaks. Returns the new address."""
+        new = f"198.18.0.{int(self.wan_ip.rsplit('.', 1)[1]) + 100}"
+        sh("ip", "addr", "add", f"{new}/24", "dev", "wan", ns=self.router_ns)
+        sh("ip", "addr", "del", f"{self.wan_ip}/24", "dev", "wan", ns=self.router_ns)
+        self.wan_ip = new
+        return new
+
     def mappings(self) -> int:
         """How many conntrack entries the router holds (from /proc, no conntrack tool needed)."""
         res = sh("cat", "/proc/net/nf_conntrack", ns=self.router_ns, check=False)
