@@ -194,6 +194,9 @@ class NatConfig:
     relay_retry_backoff_max_s: float = 30.0  # cap on that wait
     relay_start_timeout_s: float = 30.0  # longest start-up wait for a first reservation of a private node
     direct_dial_timeout_s: float = 3.0  # a peer announcing relayed addresses is first dialed directly for this long
+    keepalive_interval_s: float = 5.0  # how often every connected peer is pinged (keeps NAT mappings, finds dead links)
+    keepalive_timeout_s: float = 10.0  # time allowed for one ping round trip
+    keepalive_failures: int = 2  # pings in a row a peer may miss before its connections are closed (then redialed)
     holepunch: bool = True  # upgrade relayed connections to direct ones with DCUtR
     holepunch_timeout_s: float = 5.0  # time allowed for one DCUtR attempt (the first runs inside a dial: keep it below transport.dial_timeout_s)
     holepunch_retries: int = 3  # attempts per relayed peer before it stays relayed
@@ -205,11 +208,12 @@ class NatConfig:
             raise ValueError(f"nat.reachability must be auto, public or private, got {self.reachability!r}")
         for name in ("autonat_timeout_s", "autonat_interval_s", "reachability_timeout_s", "reservation_timeout_s",
                      "relay_check_interval_s", "relay_retry_backoff_s", "relay_retry_backoff_max_s",
-                     "relay_start_timeout_s", "direct_dial_timeout_s", "holepunch_timeout_s", "holepunch_backoff_s"):
+                     "relay_start_timeout_s", "direct_dial_timeout_s", "holepunch_timeout_s", "holepunch_backoff_s",
+                     "keepalive_interval_s", "keepalive_timeout_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"nat.{name} must be > 0, got {getattr(self, name)}")
         for name in ("autonat_confirmations", "autonat_peers", "relay_max_circuits", "relay_reservation_ttl_s",
-                     "relay_circuit_bytes", "max_relays"):
+                     "relay_circuit_bytes", "max_relays", "keepalive_failures"):
             if getattr(self, name) < 1:
                 raise ValueError(f"nat.{name} must be >= 1, got {getattr(self, name)}")
         if self.relay_max_reservations < 0 or self.relay_circuit_duration_s < 0 or self.holepunch_retries < 0:

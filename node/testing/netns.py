@@ -96,8 +96,9 @@ class Home:
         """The provider gives the router a new wan address (the old one is removed): masquerade drops every
         mapping made with the old address, so each connection of the home breaks. Returns the new address."""
         new = f"198.18.0.{int(self.wan_ip.rsplit('.', 1)[1]) + 100}"
-        sh("ip", "addr", "add", f"{new}/24", "dev", "wan", ns=self.router_ns)
+        # the old address goes first: deleting a primary address also deletes the secondaries of its subnet
         sh("ip", "addr", "del", f"{self.wan_ip}/24", "dev", "wan", ns=self.router_ns)
+        sh("ip", "addr", "add", f"{new}/24", "dev", "wan", ns=self.router_ns)
         self.wan_ip = new
         return new
 
