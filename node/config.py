@@ -196,7 +196,7 @@ class NatConfig:
     direct_dial_timeout_s: float = 3.0  # a peer announcing relayed addresses is first dialed directly for this long
     keepalive_interval_s: float = 5.0  # how often every connected peer is pinged (keeps NAT mappings, finds dead links)
     keepalive_timeout_s: float = 10.0  # time allowed for one ping round trip
-    keepalive_failures: int = 2  # pings in a row a peer may miss before its connections are closed (then redialed)
+    keepalive_failures: int = 3  # pings in a row a peer may miss before its connections are closed (then redialed)
     holepunch: bool = True  # upgrade relayed connections to direct ones with DCUtR
     holepunch_timeout_s: float = 5.0  # time allowed for one DCUtR attempt (the first runs inside a dial: keep it below transport.dial_timeout_s)
     holepunch_retries: int = 3  # attempts per relayed peer before it stays relayed
