@@ -73,7 +73,7 @@ def test_router_loses_every_mapping_mid_run(tmp_path: Path) -> None:
 
         res = run_nat_swarm(topo, tmp_path, ["home2", "home1", "public"], ["--steps", str(steps), *ARGS,
                             "--no-nat-holepunch", "--nat-keepalive-interval-s", "2", "--nat-keepalive-timeout-s",
-                            "4"], timeout_s=350, during=renumber_after_first_step)
+                            "8", "--step-retries", "6"], timeout_s=350, during=renumber_after_first_step)
     assert res.losses == pytest.approx(_reference(steps), abs=1e-4)
     # the peers' ends of the broken links were found dead by keepalive pings and closed
     assert any("pings missed" in e for s in res.statuses for e in s["nat"].get("dead_links_closed", []))
