@@ -54,8 +54,11 @@ def test_hole_punch_timeout_falls_back_to_the_relay(tmp_path: Path) -> None:
                              "--nat-holepunch-backoff-s", "0.2"], timeout_s=250)
     assert res.losses == pytest.approx(_reference(steps), abs=1e-4)
     nat = res.statuses[0]["nat"]
-    peer1 = res.ready[1]["peer_id"]
-    assert nat["holepunch"][peer1].startswith("punch timed out"), nat["holepunch"]
+    peer0, peer1 = res.ready[0]["peer_id"], res.ready[1]["peer_id"]
+    # whichever of the two dialed the other through the relay attempted the punches
+    tried = [res.statuses[0]["nat"]["holepunch"].get(peer1), res.statuses[1]["nat"]["holepunch"].get(peer0)]
+    assert any(t and t.startswith("punch timed out") for t in tried), tried
+    assert "direct (hole punched)" not in tried
     paths = nat["stream_paths"][peer1]
     assert ACT in paths["relayed"] and ACT not in paths.get("direct (hole punched)", [])
 

@@ -66,8 +66,10 @@ def test_two_homes_hole_punched_direct(tmp_path) -> None:
     with nat_topology(homes=2) as topo:
         res = run_nat_swarm(topo, tmp_path, ["home2", "home1", "public"], ARGS, timeout_s=250)
     assert res.losses == pytest.approx(_reference(), abs=1e-4)
-    s0 = res.statuses[0]
-    peer1 = res.ready[1]["peer_id"]
-    assert s0["nat"]["holepunch"].get(peer1) == "direct (hole punched)", s0["nat"]
+    s0, s1 = res.statuses[0], res.statuses[1]
+    peer0, peer1 = res.ready[0]["peer_id"], res.ready[1]["peer_id"]
+    # whichever of the two dialed the other through the relay punched; both see the punched path
+    punched = [s0["nat"]["holepunch"].get(peer1), s1["nat"]["holepunch"].get(peer0)]
+    assert "direct (hole punched)" in punched, punched
     paths = _act_paths(s0, peer1)
     assert paths.get("direct (hole punched)") is True and not paths.get("relayed"), paths
