@@ -16,6 +16,7 @@ from typing import Any
 
 import multiaddr
 import trio
+from libp2p.connection_types import ConnectionType
 from libp2p.crypto.keys import KeyPair
 from libp2p.host.basic_host import BasicHost
 from libp2p.peer.id import ID
@@ -65,6 +66,9 @@ class NatHost(BasicHost):
                 started = getattr(conn, "event_started", None)
                 if started is not None:
                     await started.wait()
+                tag = getattr(conn, "set_transport_info", None)
+                if tag is not None:  # as the relay's side does: the swarm cannot tell a circuit from its upgrade
+                    tag([addr], ConnectionType.RELAYED)
             except Exception as exc:  # this relay is gone or refused: the next one
                 errors.append(f"{addr}: {exc}")
                 continue

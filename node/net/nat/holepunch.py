@@ -62,7 +62,7 @@ class HolePuncher:
 
     async def upgrade(self, peer: ID) -> None:
         """After a relayed dial: one attempt now; on failure, retries in the background with backoff."""
-        if not self.cfg.holepunch or peer_path(self.host, peer) != RELAYED:
+        if not self.cfg.holepunch or peer_path(self.host, peer) == DIRECT and self.results.get(peer.pretty()):
             return
         if await self.attempt(peer):
             return
