@@ -72,6 +72,9 @@ SHORT_FLAGS: dict[str, tuple[str, ...]] = {
     "chain.rpc_url": ("--rpc-url",),
     "chain.deployment": ("--deployment",),
     "chain.model_id": ("--model-id",),
+    "nat.relay_service": ("--relay-service",),  # so also --no-relay-service
+    "nat.reachability": ("--reachability",),
+    "nat.holepunch": ("--holepunch",),  # so also --no-holepunch
 }
 """Short names of some fields' flags (the canonical `--section-field` flag exists too)."""
 

@@ -236,6 +236,60 @@ class ExecutionConfig:
 
 
 @dataclass
+class NatConfig:
+    """Nodes behind home routers: reachability (AutoNAT v1), circuit relay v2 (serving and reserving), hole
+    punching (DCUtR). Relayed connections carry activations only through relays whose limits are ours."""
+
+    enabled: bool = True  # run the NAT service (reachability, relay, hole punching)
+    reachability: str = "auto"  # "auto" (AutoNAT dial-backs by peers), or forced "public" / "private"
+    autonat_confirmations: int = 1  # agreeing peer verdicts that decide public / private (libp2p's spec: 3)
+    autonat_timeout_s: float = 10.0  # time allowed for one peer's dial-back verdict
+    autonat_peers: int = 3  # peers asked per reachability check
+    autonat_interval_s: float = 60.0  # how often reachability is checked again while running
+    reachability_timeout_s: float = 20.0  # longest start-up wait for a verdict before going on as "unknown"
+    relay_service: bool = True  # serve circuit relay v2 (hop) while publicly reachable
+    relay_max_reservations: int = 32  # reservations this relay holds at once (more are refused)
+    relay_max_circuits: int = 16  # concurrent relayed connections per reserving peer
+    relay_reservation_ttl_s: int = 3600  # how long a reservation on this relay lasts before it must be renewed
+    relay_circuit_duration_s: int = 0  # longest life of one relayed connection (0 = no cap: a step never breaks on it)
+    relay_circuit_bytes: int = 1 << 50  # bytes one relayed connection may carry (relay v2's default is 1 GiB)
+    max_relays: int = 2  # reservations a private node keeps, on distinct relays
+    reservation_timeout_s: float = 10.0  # time allowed for connecting to a relay and reserving a slot
+    reservation_renew_fraction: float = 0.5  # renew a reservation once this fraction of its lifetime has passed
+    relay_check_interval_s: float = 1.0  # how often a private node checks that its relays are still connected
+    relay_retry_backoff_s: float = 1.0  # wait after a failed reservation round, doubled per failure in a row
+    relay_retry_backoff_max_s: float = 30.0  # cap on that wait
+    relay_start_timeout_s: float = 30.0  # longest start-up wait for a first reservation of a private node
+    direct_dial_timeout_s: float = 3.0  # a peer announcing relayed addresses is first dialed directly for this long
+    keepalive_interval_s: float = 5.0  # how often every connected peer is pinged (keeps NAT mappings, finds dead links)
+    keepalive_timeout_s: float = 10.0  # time allowed for one ping round trip
+    keepalive_failures: int = 3  # pings in a row a peer may miss before its connections are closed (then redialed)
+    holepunch: bool = True  # upgrade relayed connections to direct ones with DCUtR
+    holepunch_timeout_s: float = 5.0  # time allowed for one DCUtR attempt (the first runs inside a dial: keep it below transport.dial_timeout_s)
+    holepunch_retries: int = 3  # attempts per relayed peer before it stays relayed
+    holepunch_backoff_s: float = 2.0  # wait before the next attempt, doubled per failed attempt
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        if self.reachability not in ("auto", "public", "private"):
+            raise ValueError(f"nat.reachability must be auto, public or private, got {self.reachability!r}")
+        for name in ("autonat_timeout_s", "autonat_interval_s", "reachability_timeout_s", "reservation_timeout_s",
+                     "relay_check_interval_s", "relay_retry_backoff_s", "relay_retry_backoff_max_s",
+                     "relay_start_timeout_s", "direct_dial_timeout_s", "holepunch_timeout_s", "holepunch_backoff_s",
+                     "keepalive_interval_s", "keepalive_timeout_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"nat.{name} must be > 0, got {getattr(self, name)}")
+        for name in ("autonat_confirmations", "autonat_peers", "relay_max_circuits", "relay_reservation_ttl_s",
+                     "relay_circuit_bytes", "max_relays", "keepalive_failures"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"nat.{name} must be >= 1, got {getattr(self, name)}")
+        if self.relay_max_reservations < 0 or self.relay_circuit_duration_s < 0 or self.holepunch_retries < 0:
+            raise ValueError("nat.relay_max_reservations, relay_circuit_duration_s and holepunch_retries must be >= 0")
+        if not 0 < self.reservation_renew_fraction < 1:
+            raise ValueError(f"nat.reservation_renew_fraction must be in (0, 1), got {self.reservation_renew_fraction}")
+
+
+@dataclass
 class NodeConfig:
     """Everything `run_node` needs."""
 
@@ -261,6 +315,7 @@ class NodeConfig:
     replicas: ReplicaConfig = field(default_factory=ReplicaConfig)  # replicated-stage settings
     recipe: RecipeConfig = field(default_factory=RecipeConfig)  # optimiser, schedule, clipping, data order
     chain: ChainConfig = field(default_factory=ChainConfig)  # on-chain binding (off when chain.rpc_url is empty)
+    nat: NatConfig = field(default_factory=NatConfig)  # reachability, circuit relay v2, hole punching
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and the fix."""
@@ -301,3 +356,4 @@ class NodeConfig:
         self.discovery.validate()
         self.replicas.validate()
         self.chain.validate()
+        self.nat.validate()

@@ -40,6 +40,7 @@ from node.pipeline.asyncrun import AsyncPipelineRunner
 from node.pipeline.runner import PipelineRunner
 from node.replicas.runner import ReplicatedRunner
 from node.services.base import AccessProvider, NodeService
+from node.services.nat import NatService
 from node.wire.channel import ReceiptHook
 from sharding import Corpus, ModelConfig, OptimConfig
 from sharding.dataset import DataSpec, load_data_spec, load_prepared
@@ -116,6 +117,10 @@ class NodeDaemon:
         self.cfg = cfg
         self.receipts = receipts
         self.services = list(services)
+        # nodes behind home routers: reachability, circuit relay v2, hole punching (started first)
+        self.nat: NatService | None = NatService(cfg.nat, cfg.bootstrap) if cfg.nat.enabled else None
+        if self.nat is not None:
+            self.services.insert(0, self.nat)
         # on-chain mode: the access policy a service provides (the chain link); None: off-chain defaults
         self.access: NodeAccess | None = next((s.access for s in self.services if isinstance(s, AccessProvider)),
                                               None)
@@ -149,7 +154,7 @@ class NodeDaemon:
         cfg = self.cfg
         if cfg.runtime.torch_threads > 0:
             torch.set_num_threads(cfg.runtime.torch_threads)
-        host = make_host(self.identity, config=cfg.transport)
+        host = make_host(self.identity, config=cfg.transport, relay_dialing=cfg.nat.enabled)
         try:
             return await self._run(host, task_status)
         finally:
@@ -181,7 +186,9 @@ class NodeDaemon:
             if cfg.metrics_port:
                 log.serve_metrics(stage, cfg.metrics_port)
             log.state = "running"
-            ready = {"event": "ready", "peer_id": me.peer_id, "addrs": addrs, "stage": stage,
+            addrs = list(discovery.me.addrs)  # what the node announces (a private node: its relayed addresses first)
+            nat = {} if self.nat is None or self.nat.reach is None else {"reachability": self.nat.reach.state}
+            ready = {"event": "ready", "peer_id": me.peer_id, "addrs": addrs, "stage": stage, **nat,
                      "address": self.identity.address, **runner.ready_fields(), "metrics_port": cfg.metrics_port}
             if self.data is not None:  # the spec's dataset the head stage reads (hash-checked at start)
                 ready["data_hash"] = self.data.data_hash()

@@ -194,6 +194,23 @@ def compute_report(data_dir: Path, model: NodeModel, address: str | None, stage:
     return out
 
 
+def nat_rows(nat: dict[str, Any] | None) -> list[tuple[str, str]]:
+    """Status-table rows of a node's `nat` section: reachability and why, relays, each peer's path."""
+    if not nat:
+        return []
+    rows = [("reachability", f"{nat.get('reachability')} ({nat.get('reason', '')})"),
+            ("relay service", "on" if nat.get("relay_service") else "off")]
+    if nat.get("reachability") == "private":
+        rows.append(("relays", ", ".join(nat.get("relays") or []) or "none"))
+        for relay, why in sorted((nat.get("relay_refused") or {}).items()):
+            rows.append((f"relay {relay[:16]}...", f"not used: {why}"))
+    punch = nat.get("holepunch") or {}
+    for peer, path in sorted((nat.get("peers") or {}).items()):
+        extra = f" (hole punch: {punch[peer]})" if peer in punch and punch[peer] != path else ""
+        rows.append((f"peer {peer[:16]}...", f"{path}{extra}"))
+    return rows
+
+
 def cmd_node_status(args: argparse.Namespace) -> int:
     from node.observability.status import node_status, read_progress
 
@@ -221,6 +238,7 @@ def cmd_node_status(args: argparse.Namespace) -> int:
               "loss": status.get("loss"), "peers": status.get("peers"),
               "tokens_per_s": status.get("tokens_per_s"),
               "tokens_per_s_mean": tokens / seconds if seconds > 0 else None, "steps_recorded": len(progress),
+              "nat": status.get("nat"),
               **compute_report(data_dir, model, address, stage)}
     if args.json:
         print(json.dumps(report, default=str))
@@ -237,6 +255,8 @@ def cmd_node_status(args: argparse.Namespace) -> int:
                                       f"microbatches, {report['receipts_cosigned']} co-signed receipts)")
     table.add_row("compute pending", f"{report['pending_units']} units ({report['pending_microbatches']} "
                                      f"microbatches, {report['receipts_pending']} receipts not co-signed)")
+    for label, value in nat_rows(report["nat"]):
+        table.add_row(label, value)
     for e in report["epochs"]:
         table.add_row(f"model {e['model_id']} epoch {e['epoch']}",
                       f"{e['credited_units']} credited, {e['pending_units']} pending")

@@ -11,16 +11,18 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
 from node.config import TransportConfig
 from node.net.identity import NodeIdentity
+from node.net.nat.dialing import new_nat_host
 from node.net.transport.heap import keep_large_buffers_in_heap
 from node.net.transport.options import is_tuned, new_tuned_host
 
 
 def make_host(identity: NodeIdentity, yamux_frame_bytes: int | None = None, tcp_read_bytes: int | None = None,
-              *, config: TransportConfig | None = None) -> IHost:
+              *, config: TransportConfig | None = None, relay_dialing: bool = False) -> IHost:
     """A host with the node's key over TCP + Noise + yamux, tuned as `config` says (default TransportConfig()).
 
     yamux_frame_bytes / tcp_read_bytes override the config's fields; tcp_read_bytes=0 gives a host
-    on py-libp2p's stock Noise + yamux. The tuning belongs to this host only.
+    on py-libp2p's stock Noise + yamux. The tuning belongs to this host only. relay_dialing: a
+    `node.net.nat.dialing.NatHost`, whose connect also reaches peers through circuit relays.
     """
     cfg = dataclasses.replace(config or TransportConfig())
     if yamux_frame_bytes is not None:
@@ -30,6 +32,8 @@ def make_host(identity: NodeIdentity, yamux_frame_bytes: int | None = None, tcp_
     cfg.validate()
     if is_tuned(cfg) and cfg.tune_heap:
         keep_large_buffers_in_heap()
+    if relay_dialing:
+        return new_tuned_host(identity.key_pair, cfg, build=new_nat_host)
     return new_tuned_host(identity.key_pair, cfg)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from libp2p import new_host
@@ -64,14 +65,15 @@ class MuxerByOption(MuxerMultistream):
         return self._annotate_connection(muxed, conn, protocol)
 
 
-def new_tuned_host(key_pair: KeyPair, cfg: TransportConfig) -> IHost:
+def new_tuned_host(key_pair: KeyPair, cfg: TransportConfig, build: Callable[..., IHost] = new_host) -> IHost:
     """new_host(key_pair=...) with this config's transport options (stock ones if the config says so).
 
     The host's own upgrader gets a MuxerByOption (a setting of this host's object: nothing
     outside this host changes); see MuxerByOption for the upstream fix that would make it unneeded.
+    `build` makes the host from those options (default new_host; `node.net.nat.dialing.new_nat_host`).
     """
     opts = host_options(key_pair, cfg)
-    host = new_host(key_pair=key_pair, sec_opt=opts.sec_opt, muxer_opt=opts.muxer_opt)
+    host = build(key_pair=key_pair, sec_opt=opts.sec_opt, muxer_opt=opts.muxer_opt)
     if opts.muxer_opt is not None:
         network = host.get_network()
         if not isinstance(network, Swarm):

@@ -1,0 +1,86 @@
+"""Faults behind NAT: a relay refusing reservations, a hole punch that times out, a router losing every mapping
+mid-run. The node falls back (another relay, the relayed path, a new reservation), names the reason in its
+status, and trains to the same per-step losses (no microbatch lost)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from node.observability.status import read_progress
+from node.testing.nat_swarm import run_nat_swarm
+from node.testing.netns import available, nat_topology
+from sharding import PRESETS, OptimConfig, load_corpus, train_reference
+from tests.waiting import wait_until
+
+pytestmark = [pytest.mark.network, pytest.mark.skipif(available() is not None, reason=str(available()))]
+
+M, B = 2, 2
+ARGS = ["--microbatches", str(M), "--microbatch-size", str(B), "--corpus", "synthetic", "--threads", "1",
+        "--nat-relay-check-interval-s", "0.2", "--nat-relay-retry-backoff-s", "0.2", "--nat-autonat-interval-s", "5",
+        "--discovery-discovery-timeout-s", "120"]
+ACT = "/pmn/act/1.0.0"
+
+
+def _reference(steps: int) -> list[float]:
+    return train_reference(PRESETS["tiny"], OptimConfig(), steps, M, B, load_corpus("synthetic"))
+
+
+@pytest.mark.timeout(300)
+def test_refused_reservation_moves_to_another_relay(tmp_path: Path) -> None:
+    """The bootstrap relay takes no reservation; the private node reserves on the other public node instead,
+    and its status names the refusal."""
+    steps = 3
+    with nat_topology(homes=1) as topo:
+        res = run_nat_swarm(topo, tmp_path, ["public", "home1", "public"], ["--steps", str(steps), *ARGS],
+                            stage_args={2: ["--nat-relay-max-reservations", "0"]}, timeout_s=250)
+    assert res.losses == pytest.approx(_reference(steps), abs=1e-4)
+    nat = res.statuses[1]["nat"]
+    relay_refusing, other = res.ready[2]["peer_id"], res.ready[0]["peer_id"]
+    assert "RESOURCE_LIMIT_EXCEEDED" in nat["relay_refused"][relay_refusing]
+    assert nat["relays"] == [other]
+    assert any(f"/p2p/{other}/p2p-circuit/" in a for a in res.ready[1]["addrs"])
+
+
+@pytest.mark.timeout(300)
+def test_hole_punch_timeout_falls_back_to_the_relay(tmp_path: Path) -> None:
+    """Every DCUtR attempt is cut at a 50 ms budget: the link stays relayed, the status says why, training is
+    unchanged."""
+    steps = 3
+    with nat_topology(homes=2) as topo:
+        res = run_nat_swarm(topo, tmp_path, ["home2", "home1", "public"],
+                            ["--steps", str(steps), *ARGS, "--nat-holepunch-timeout-s", "0.05",
+                             "--nat-holepunch-backoff-s", "0.2"], timeout_s=250)
+    assert res.losses == pytest.approx(_reference(steps), abs=1e-4)
+    nat = res.statuses[0]["nat"]
+    peer0, peer1 = res.ready[0]["peer_id"], res.ready[1]["peer_id"]
+    # whichever of the two dialed the other through the relay attempted the punches
+    tried = [res.statuses[0]["nat"]["holepunch"].get(peer1), res.statuses[1]["nat"]["holepunch"].get(peer0)]
+    assert any(t and t.startswith("punch timed out") for t in tried), tried
+    assert "direct (hole punched)" not in tried
+    # stream paths are sampled every relay_check_interval_s: read both ends' samples of the 0 <-> 1 link
+    views = [nat["stream_paths"].get(peer1, {}), res.statuses[1]["nat"]["stream_paths"].get(peer0, {})]
+    assert any(ACT in v.get("relayed", []) for v in views), views
+    assert not any(ACT in v.get("direct (hole punched)", []) or ACT in v.get("direct", []) for v in views), views
+
+
+@pytest.mark.timeout(400)
+def test_router_loses_every_mapping_mid_run(tmp_path: Path) -> None:
+    """Mid-run the middle stage's router gets a new public address: all of its home's connections break (relay
+    reservation, activation links). The node re-reserves, the link is re-dialed, the interrupted step is retried,
+    and the per-step losses are those of loopback."""
+    steps = 6
+    with nat_topology(homes=2) as topo:
+        def renumber_after_first_step(nodes: list) -> None:
+            wait_until(lambda: len(read_progress(nodes[2].data_dir)) >= 2, 200, "two trained steps before the fault")
+            topo.homes[0].renumber()
+
+        res = run_nat_swarm(topo, tmp_path, ["home2", "home1", "public"], ["--steps", str(steps), *ARGS,
+                            "--no-nat-holepunch", "--nat-keepalive-interval-s", "2", "--nat-keepalive-timeout-s",
+                            "8", "--step-retries", "6"], timeout_s=350, during=renumber_after_first_step)
+    assert res.losses == pytest.approx(_reference(steps), abs=1e-4)
+    # the peers' ends of the broken links were found dead by keepalive pings and closed
+    assert any("pings missed" in e for s in res.statuses for e in s["nat"].get("dead_links_closed", []))
+    events = " | ".join(res.statuses[1]["nat"]["relay_events"])
+    assert "lost relay" in events and "reserved a slot" in events.split("lost relay", 1)[1], events
