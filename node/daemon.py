@@ -39,6 +39,7 @@ from node.observability.steps import NodeLog, StepReport
 from node.pipeline.runner import PipelineRunner
 from node.replicas.runner import ReplicatedRunner
 from node.services.base import AccessProvider, NodeService
+from node.services.status_page import StatusPageService
 from node.wire.channel import ReceiptHook
 from sharding import OptimConfig
 
@@ -158,9 +159,13 @@ class NodeDaemon:
                 await service.start(ctx)
             if cfg.metrics_port:
                 log.serve_metrics(stage, cfg.metrics_port)
+            page = StatusPageService(cfg.web, self.services) if cfg.web.port else None
+            if page is not None:
+                await page.start(ctx)
             log.state = "running"
             ready = {"event": "ready", "peer_id": me.peer_id, "addrs": addrs, "stage": stage,
-                     "address": self.identity.address, **runner.ready_fields(), "metrics_port": cfg.metrics_port}
+                     "address": self.identity.address, **runner.ready_fields(), "metrics_port": cfg.metrics_port,
+                     "status_url": page.url if page is not None else None}
             log.status(**ready)
             print(json.dumps(ready), flush=True)
             print(f"node {me.peer_id} (address {self.identity.address}) serving stage {stage}/{cfg.num_stages}"
