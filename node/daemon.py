@@ -39,6 +39,7 @@ from node.observability.steps import NodeLog, StepReport
 from node.pipeline.runner import PipelineRunner
 from node.replicas.runner import ReplicatedRunner
 from node.services.base import AccessProvider, NodeService
+from node.services.spec_exchange import serve_own_spec
 from node.services.status_page import StatusPageService
 from node.wire.channel import ReceiptHook
 from sharding import OptimConfig
@@ -159,6 +160,7 @@ class NodeDaemon:
                 await service.start(ctx)
             if cfg.metrics_port:
                 log.serve_metrics(stage, cfg.metrics_port)
+            serve_own_spec(ctx)  # /pmn/spec/1.0.0: newcomers fetch this model's spec by its on-chain hash
             page = StatusPageService(cfg.web, self.services) if cfg.web.port else None
             if page is not None:
                 await page.start(ctx)

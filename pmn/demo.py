@@ -14,7 +14,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +33,9 @@ from contracts.deploy import deploy_all
 from contracts.embedded import serve_embedded
 from node.net.identity import load_or_create_identity
 from node.observability.status import node_status, read_progress
+from node.observability.web.app import make_app
+from node.observability.web.server import PageThread
+from node.observability.web.snapshot import node_part, page
 from node.services.audit import attester_role, spot_check, submit_frauds
 from node.services.inference import generate, head_stream_opener
 from node.testing.swarm import NodeProcess, launch_swarm, stop_nodes
@@ -74,6 +79,9 @@ class DemoConfig:
     inference_timeout_s: float = 60.0  # time for one inference request
     poll_s: float = 0.25  # how often the live display is refreshed
     stake_funding_wei: int = 10**18  # ETH sent to each node key for stake and gas
+    status_host: str = "127.0.0.1"  # interface of the demo's status page (every stage on one page)
+    status_port: int = 0  # port of the demo's status page (0 = any free port)
+    status_poll_s: float = 1.0  # how often the open page asks for a new snapshot
 
 
 def _fmt_units(n: int) -> str:
@@ -92,6 +100,9 @@ class Demo:
         self.stop_chain: Any = None
         self.spot_checks = {"checked": 0, "failed": 0}  # hops re-executed by the attesters, and failures
         self.evidence: list[FraudEvidence] = []  # failed spot checks, submitted as fraud verdicts
+        self.page: PageThread | None = None  # the status page of every stage (`start_page`)
+        self.page_model: dict[str, Any] = {"name": cfg.preset, "stages": cfg.stages}  # model facts it shows
+        self.page_chain: dict[str, dict[str, Any]] = {}  # node address -> on-chain figures it shows
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -316,6 +327,49 @@ class Demo:
                 return [t async for t in generate(open_stream, list(self.cfg.prompt.encode()), request_id=request_id,
                                                   tx_hash=tx_hash, max_new_tokens=self.cfg.max_new_tokens)]
 
+    # -- status page -------------------------------------------------------------------------------
+
+    def start_page(self) -> str:
+        """Serve the page of every stage (node files + the chain figures this process reads); its URL."""
+        cfg = self.cfg
+        self.page = PageThread(make_app(self._page_source, cfg.status_poll_s), cfg.status_host, cfg.status_port)
+        self.say(f"[bold]status page[/] {self.page.url} (every stage, live)")
+        return self.page.url
+
+    def stop_page(self) -> None:
+        if self.page is not None:
+            self.page.stop()
+
+    async def _page_source(self) -> dict[str, Any]:
+        def read() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+            parts = []
+            for n in list(self.nodes):
+                address = n.ready.get("address", "")
+                per = self._units_per_hop(n.stage) / self._hops_per_microbatch(n.stage)
+                parts.append(node_part(n.data_dir, chain={**self.page_chain.get(address, {}),
+                                                          "units_per_cosigned": per}))
+            return parts
+
+        parts = await trio.to_thread.run_sync(read)
+        return page(f"pmn demo · model {self.page_model.get('model_id', '?')} · {self.cfg.stages} stages",
+                    dict(self.page_model), parts)
+
+    def update_page_chain(self) -> None:
+        """Re-read what the page shows from the chain (terms, shares, claimable revenue); main thread only."""
+        if not hasattr(self, "model_id"):
+            return
+        info = self.client.get_model(self.model_id)
+        t, supply = info.terms, self.client.total_supply(self.model_id)
+        self.page_model.update(model_id=self.model_id, spec_hash="0x" + self.proposal.content_hash().hex(), terms={
+            "epoch_length": t.epoch_length, "audit_rate": t.audit_rate_bps / 10_000,
+            "challenge_window_s": t.challenge_window, "inference_fee_wei": t.inference_fee_wei, "status": info.status,
+            "total_shares": supply,
+            "revenue_deposited_wei": int(self.client.token(self.model_id).functions.totalDeposited().call())})
+        for ident in getattr(self, "identities", []):
+            shares = self.client.balance_of(self.model_id, ident.address)
+            self.page_chain[ident.address] = {"shares": shares, "fraction": shares / supply if supply else 0.0,
+                                              "claimable_wei": self.client.claimable(self.model_id, ident.address)}
+
     # -- the whole loop ----------------------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
@@ -323,9 +377,13 @@ class Demo:
             self.setup_chain()
             self.propose()
             self.register_nodes()
+            self.update_page_chain()
+            self.start_page()
             loss_start, loss_end = self.train()
             epochs = self.settle()
+            self.update_page_chain()
             texts = self.infer()
+            self.update_page_chain()
             deposited = self.cfg.inference_fee_wei * self.cfg.inference_requests
             supply = self.client.total_supply(self.model_id)
             nodes = []
@@ -337,11 +395,13 @@ class Demo:
                 nodes.append({"stage": n.stage, "peer_id": n.ready["peer_id"], "address": ident.address,
                               "compute_units": units, "shares": shares, "fraction": shares / supply if supply else 0.0,
                               "revenue_claimed_wei": claimed})
+            self.update_page_chain()
             return {"model_id": self.model_id, "nodes": nodes, "loss_start": loss_start, "loss_end": loss_end,
                     "epochs_settled": len(epochs), "revenue_deposited_wei": deposited,
                     "inference_text": texts[0] if texts else "", "inference_texts": texts,
                     "total_shares": supply, "receipts_files": [str(e["file"]) for e in epochs],
-                    "spot_checks": dict(self.spot_checks)}
+                    "spot_checks": dict(self.spot_checks),
+                    "status_url": self.page.url if self.page is not None else None}
         finally:
             stop_nodes(self.nodes)
             if self.stop_chain is not None:
@@ -396,15 +456,24 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         root = args.data_dir.expanduser()
         root.mkdir(parents=True, exist_ok=True)
+    demo = Demo(cfg, root, args.chain_url, console)
     try:
-        result = Demo(cfg, root, args.chain_url, console).run()
+        result = demo.run()
+        if console is not None:
+            console.print(summary_table(result))
+        out = {k: v for k, v in result.items() if k != "receipts_files" or args.data_dir is not None}
+        print(json.dumps(out), flush=True)
+        if getattr(args, "serve", False) and demo.page is not None:
+            print(f"serving the status page at {demo.page.url} until interrupted (Ctrl-C)", file=sys.stderr,
+                  flush=True)
+            threading.Event().wait()  # until SIGINT (KeyboardInterrupt)
+    except KeyboardInterrupt:
+        if not getattr(args, "serve", False):
+            raise
     finally:
+        demo.stop_page()
         if tmp is not None:
             tmp.cleanup()
-    if console is not None:
-        console.print(summary_table(result))
-    out = {k: v for k, v in result.items() if k != "receipts_files" or args.data_dir is not None}
-    print(json.dumps(out))
     return 0
 
 
