@@ -70,7 +70,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="training steps (default: the demo config's)")
     p.add_argument("--stages", type=int, help="pipeline stages (default: the demo config's)")
     p.add_argument("--data-dir", type=Path, help="where the demo keeps node data (default: a temporary dir)")
-    p.add_argument("--serve", action="store_true", help="keep the status page up after the demo, until Ctrl-C")
+    p.add_argument("--serve", action="store_true", help="keep the status page (and an embedded chain) up after the "
+                   "demo, until Ctrl-C")
+    p.add_argument("--keep", type=Path, metavar="DIR", help="keep the deployment file, receipts and keystores in DIR "
+                   "and print the holder's commands for them (implied, in a named directory, by --chain-url)")
     p.set_defaults(func=_handler("demo", "cmd_demo"))
 
     # researcher
