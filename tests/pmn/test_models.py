@@ -14,10 +14,16 @@ from pathlib import Path
 import pytest
 
 from contracts.chain import disconnect
+from node.model import load_model_config
+from node.services.chain_link import training_section
 from node.testing.swarm import stop_nodes
 from pmn.cmd_models import all_reports, choose, resolve_onchain
+from pmn.cmd_node import node_config
+from pmn.config import OperatorConfig
 from pmn.demo import Demo, DemoConfig
 from pmn.errors import CLIError
+from protocol.modelspec import proposal_spec_hash
+from sharding.train import OptimConfig
 from tests.pmn.conftest import run_pmn
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(600)]
@@ -109,6 +115,13 @@ def test_two_models_on_one_chain_never_mix(tmp_path: Path) -> None:
         assert (mid, chosen, spec["training"]["lr"]) == (2, None, 1e-3)
         with pytest.raises(CLIError, match="no peer gave the spec"):
             resolve_onchain(a.rpc_url, dep, "2", [peer_a], tmp_path / "joiner3")  # model 1's peer has another spec
+        # what `pmn node start --model auto` runs: the chosen model, stage and recipe, whose hash the chain holds
+        cfg = node_config(OperatorConfig(rpc_url=a.rpc_url, deployment=dep, data_dir=str(tmp_path / "joiner4")),
+                          {"model": "auto", "bootstrap": [peer_a]})
+        assert (cfg.chain.model_id, cfg.stage, cfg.num_stages, cfg.optim_lr) == (1, str(stage.stage), 2, SMALL.lr)
+        optim = OptimConfig(lr=cfg.optim_lr)
+        runs = proposal_spec_hash(load_model_config(cfg.model), training_section(cfg, optim).to_dict())
+        assert runs == client.get_model(1).terms.spec_hash
     finally:
         stop_nodes(a.nodes + b.nodes)
         if a.stop_chain is not None:
