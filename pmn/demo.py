@@ -359,8 +359,9 @@ class Demo:
             for n in list(self.nodes):
                 address = n.ready.get("address", "")
                 per = self._units_per_hop(n.stage) / self._hops_per_microbatch(n.stage)
-                parts.append(node_part(n.data_dir, chain={**self.page_chain.get(address, {}),
-                                                          "units_per_cosigned": per}))
+                row, series = node_part(n.data_dir, chain={**self.page_chain.get(address, {}),
+                                                           "units_per_cosigned": per})
+                parts.append(({**row, "steps_total": self.cfg.steps}, series))
             return parts
 
         parts = await trio.to_thread.run_sync(read)

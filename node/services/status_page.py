@@ -93,6 +93,7 @@ class StatusPageService:
             announced = [(e.stage, e.peer_id, e.throughput) for e in ctx.discovery.entries()]
             chain = {**chain_node, "units_per_cosigned": units_per_cosigned()}
             part = await trio.to_thread.run_sync(node_part, ctx.data_dir, limits, chain)
+            part[0]["steps_total"] = ctx.cfg.runtime.steps
             title = f"node {ctx.identity.address[:10]}… · stage {part[0].get('stage')}"
             return page(title, {**model, **chain_model}, [part], announced)
 

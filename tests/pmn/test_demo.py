@@ -20,6 +20,7 @@ epoch_length = 4
 microbatches = 2
 microbatch_size = 2
 inference_requests = 1
+audit_rate = 0.2
 max_new_tokens = 8
 """
 

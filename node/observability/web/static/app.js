@@ -107,7 +107,8 @@
     const losses = s.nodes.filter((n) => typeof n.loss === "number");
     const tail = losses.sort((a, b) => b.stage - a.stage)[0];
     $("step").textContent = steps.length ? String(Math.max(...steps) + 1) : "–";
-    $("step").dataset.step = steps.length ? String(Math.max(...steps) + 1) : "";
+    const totals = s.nodes.map((n) => n.steps_total).filter((x) => typeof x === "number");
+    $("step-of").textContent = totals.length ? "of " + Math.max(...totals) : "";
     $("loss").textContent = tail ? tail.loss.toFixed(4) : "–";
     $("tokens").textContent = fmt(s.stages.reduce((a, st) => a + (st.tokens_per_s || 0), 0), 0);
     const cos = s.nodes.reduce((a, n) => a + (n.receipts_cosigned || 0), 0);
