@@ -60,8 +60,8 @@ class DemoConfig:
     preset: str = "tiny-subspace"  # sharding preset of the proposed model
     stages: int = 3  # pipeline stages, one node process each
     codec: str = "subspace"  # boundary codec (subspace: only z and token ids cross)
-    steps: int = 200  # global training steps (enough for the byte-level model to write Python-looking text)
-    epoch_length: int = 100  # steps per accounting epoch (so steps / epoch_length epochs settle)
+    steps: int = 300  # global training steps (enough for the byte-level model to write Python-looking text)
+    epoch_length: int = 150  # steps per accounting epoch (so steps / epoch_length epochs settle)
     microbatches: int = 2  # microbatches per step
     microbatch_size: int = 8  # sequences per microbatch
     lr: float = 3e-3  # AdamW peak learning rate
@@ -69,7 +69,7 @@ class DemoConfig:
     validators: int = 2  # attester accounts (validator role on chain)
     quorum: int = 2  # attester signatures required per epoch root
     challenge_window_s: int = 600  # seconds a root can be challenged (chain time is advanced past it)
-    audit_rate: float = 0.02  # published spot-check rate of the model terms (of 800 hops per epoch)
+    audit_rate: float = 0.02  # published spot-check rate of the model terms (of 1200 hops per epoch)
     inference_fee_wei: int = 10**16  # fee per inference request
     inference_requests: int = 2  # paid requests the client sends
     prompt: str = "def "  # inference prompt
