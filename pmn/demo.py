@@ -532,6 +532,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     serve = bool(getattr(args, "serve", False))
     keep_dir = getattr(args, "keep", None)
     keep = keep_dir is not None or args.chain_url is not None  # an external chain outlives the demo: so do its files
+    if keep_dir is not None and args.data_dir is not None:
+        raise CLIError("pass --keep DIR or --data-dir DIR, not both (--keep is a data dir that the demo keeps)")
     tmp = None
     if keep_dir is not None:
         root = keep_dir.expanduser().resolve()
