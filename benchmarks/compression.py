@@ -1,15 +1,31 @@
-"""Compression benchmark: dense vs int8 vs subspace stage boundaries, same seed, same tokens.
+"""Compression benchmark: what the subspace boundary saves, against the fairest baselines.
 
-Trains the same small byte-level GPT (d_model >= 512) split into pipeline stages, in one process,
-with every boundary crossing its codec's bytes:
-  dense     plain pre-norm GPT, fp32 boundaries
-  int8      plain GPT, int8 boundaries with a per-token scale, at the best dense learning rate
-  control   subspace architecture with k = d_model (no compression), fp32 boundaries
-  subspace  subspace architecture with k = --k, bf16 z (or int8 z with --z-int8) at the boundaries
-dense, control and subspace each sweep the same learning-rate grid; each arm reports its best
-validation loss (so no arm is flattered by a learning rate tuned for another). Runs execute in
-`--workers` processes with one torch thread each.
-Wire bytes per token = codec payload + 2 bytes of token id. Prints a table; the last line is JSON.
+Every boundary crossing travels inside real `/pmn/act/1.0.0` frames (node.wire.frames: header, token
+window, codec payload, a 65-byte receipt signature), is parsed back and digest-checked, and is
+acknowledged by a real ACK frame (digest + 65-byte countersignature) followed by a CREDIT frame, in
+both directions. Bytes per token are those frame bytes ÷ (tokens × boundaries), so ids, headers,
+signatures and acks are all counted.
+
+Arms, all with the same stage split, tokens and data:
+  dense     plain pre-norm GPT (fp32 boundaries): the architecture baseline
+  control   the subspace architecture with k = d_model (frozen embedding + post-norms, no compression)
+  subspace  the subspace architecture with k = --k, bf16 z on the wire
+Wire baselines (bytes only): the plain GPT with the `bf16` codec (main baseline) and the `dense` fp32 codec.
+
+Method:
+  1. Learning rate per arm, on a separate probe: each arm sweeps the grid for `probe_frac` of the
+     budget on a different data seed, scored on validation windows the final evaluation never uses.
+     A best rate at the edge of the grid prints a warning.
+  2. Main runs at the probe's rate: control and subspace with every seed in `seeds`, dense with the
+     first seed. Validation loss on `val_batches * batch_size` windows (>= 64k tokens in the full run),
+     and a loss curve on a smaller fixed subset at `curve_points` checkpoints.
+Reported:
+  compression_vs_bf16 (main figure), compression_vs_fp32;
+  loss_ratio_control = subspace ÷ control validation loss (mean over seeds, with min and max);
+  token_multiplier = tokens the subspace run needs to reach the control's final curve loss ÷ the
+    control's tokens (interpolated between checkpoints; extrapolated in log-tokens past the end, flagged);
+  loss_ratio_dense = subspace ÷ dense: the architecture effect, not compression.
+Runs execute in `--workers` processes with one torch thread each. Prints a table; the last line is JSON.
 
     python benchmarks/compression.py --quick      # < 60 s, machinery check only
     python benchmarks/compression.py              # the full run
@@ -20,7 +36,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 import multiprocessing
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -33,40 +51,51 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sharding.codecs import token_id_bytes  # noqa: E402
+from node.wire import frames  # noqa: E402
+from sharding.codecs import Codec, get_codec  # noqa: E402
 from sharding.config import ModelConfig  # noqa: E402
 from sharding.data import Corpus, load_corpus  # noqa: E402
 from sharding.pipeline import LocalPipeline  # noqa: E402
 from sharding.train import OptimConfig  # noqa: E402
 
+SIGNATURE_BYTES = 65  # secp256k1 EIP-712 receipt signature (sender) and countersignature (receiver)
+TODAY_TOKEN_BUDGET = 300 * 8 * 64  # the previous benchmark's tokens per run (the issue's 5x reference)
+
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """One benchmark run's shape and budget."""
+    """One benchmark's shape and budget."""
 
-    d_model: int = 512  # model width (compression against fp32 scales with it)
-    n_layers: int = 4  # transformer blocks
-    n_heads: int = 8  # attention heads
+    d_model: int = 256  # model width
+    n_layers: int = 6  # transformer blocks (every one but the last `free_tail_layers` constrained)
+    n_heads: int = 4  # attention heads (head size 64)
     mlp_ratio: int = 4  # MLP width multiple
     seq_len: int = 64  # tokens per sequence
-    batch_size: int = 8  # sequences per optimizer step (one microbatch)
-    steps: int = 300  # optimizer steps per run (token budget = steps * batch_size * seq_len)
-    stages: int = 3  # pipeline stages (2-4)
-    k: int = 8  # subspace rank of the compressed run
-    free_tail_layers: int = 2  # last blocks left unconstrained in subspace mode (node0: 2)
-    lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3)  # learning-rate grid swept by every arm; best val wins
-    warmup_frac: float = 0.1  # warm-up steps as a fraction of steps
-    z_int8: bool = False  # send z as int8 + bf16 scale instead of bf16
-    eval_batches: int = 8  # validation windows: eval_batches * batch_size sequences
-    seed: int = 0  # model seed (and data seed)
+    batch_size: int = 16  # sequences per optimizer step (one microbatch, one frame per boundary)
+    steps: int = 750  # optimizer steps per main run: 750 * 16 * 64 = 768k tokens = 5x the old budget
+    stages: int = 3  # pipeline stages (2 boundaries)
+    k: int = 2  # subspace rank of the compressed arm (d_model / 128)
+    free_tail_layers: int = 2  # last blocks left unconstrained (node0: 2)
+    lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)  # learning-rate grid of the probe, per arm
+    probe_frac: float = 0.2  # probe runs train for this fraction of `steps`
+    probe_data_seed: int = 1000  # data seed of the probe (main runs use their model seed)
+    probe_eval_seed: int = 777  # validation-window seed of the probe's score (final eval uses 1234)
+    warmup_frac: float = 0.05  # warm-up steps as a fraction of steps (cosine decay to 10 % after)
+    seeds: tuple[int, ...] = (0, 1)  # model + data seeds of the control and subspace main runs
+    val_batches: int = 64  # final validation: val_batches * batch_size windows of seq_len tokens
+    curve_points: int = 10  # validation checkpoints along each main run (for token_multiplier)
+    curve_batches: int = 8  # windows (x batch_size) of the fixed curve subset
+    int8: bool = False  # also run the plain GPT with int8 boundaries (one more main run)
 
 
 QUICK = BenchConfig(
-    n_layers=3, seq_len=32, batch_size=4, steps=6, stages=2, free_tail_layers=1, lrs=(1e-3,), eval_batches=2
+    d_model=128, n_layers=3, n_heads=2, seq_len=32, batch_size=4, steps=12, stages=2, k=2,
+    free_tail_layers=1, lrs=(1e-3, 2e-3), probe_frac=0.5, seeds=(0,), val_batches=2, curve_points=3,
+    curve_batches=1,
 )
 
 
-def model_config(b: BenchConfig, rank: int | None) -> ModelConfig:
+def model_config(b: BenchConfig, rank: int | None, seed: int) -> ModelConfig:
     return ModelConfig(
         vocab_size=256,
         seq_len=b.seq_len,
@@ -76,99 +105,230 @@ def model_config(b: BenchConfig, rank: int | None) -> ModelConfig:
         mlp_ratio=b.mlp_ratio,
         subspace_rank=rank,
         free_tail_layers=b.free_tail_layers if rank is not None else 0,
-        seed=b.seed,
+        seed=seed,
     ).validate()
 
 
-def run(b: BenchConfig, cfg: ModelConfig, codec: str, lr: float, corpus: Corpus) -> dict:
-    optim = OptimConfig(
-        lr=lr, warmup_steps=max(1, int(b.steps * b.warmup_frac)), decay_steps=b.steps, data_seed=b.seed
-    )
-    pipe = LocalPipeline(cfg, b.stages, codec, optim)
+class FramedCodec(Codec):
+    """Wraps a codec so every payload crosses as a real data frame, parsed back, acked and credited.
+
+    Counts every byte of the DATA frame (header, window, payload, signature) and of the receiver's ACK
+    (header, digest, countersignature) and CREDIT frames. Decoding goes through `frames.decode_frame`,
+    which checks the header and the BLAKE3 digest, so what the next stage sees is what the wire carried.
+    """
+
+    def __init__(self, inner: Codec, spec_hash: bytes) -> None:
+        super().__init__(inner.config)
+        self.inner = inner
+        self.name = inner.name
+        self.spec_hash = spec_hash
+        self.frame_bytes = 0  # bytes of every frame, both directions
+        self.frames = 0  # data frames sent
+        self.codec_id = frames.CODEC_IDS[inner.name]
+        self._sig = bytes(range(SIGNATURE_BYTES))
+        self._max = 1 << 30
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.inner.bytes_per_token
+
+    def _cross(self, kind: frames.Kind, payload: bytes, ids: torch.Tensor, window: bool) -> bytes:
+        b, t = ids.shape
+        win = b""
+        if window:  # the forward frame carries the (B, T+1) window: ids plus one target per row
+            width = 2 if self.config.vocab_size <= 65536 else 4
+            win = b"\x00" * (width * b * (t + 1))
+        raw = frames.encode_frame(
+            kind, self.spec_hash, 0, 0, self.frames, payload=payload, window=win, signature=self._sig,
+            codec=self.codec_id, dtype=frames.CODEC_DTYPES[self.codec_id], shape=(b, t, self.config.d_model),
+        )
+        fr = frames.decode_frame(raw, self._max)
+        ack = frames.encode_frame(frames.Kind.ACK, self.spec_hash, 1, 0, self.frames,
+                                  payload=fr.header.digest + self._sig)
+        credit = frames.encode_frame(frames.Kind.CREDIT, self.spec_hash, 1, 0, 1)
+        self.frame_bytes += len(raw) + len(ack) + len(credit)
+        self.frames += 1
+        return fr.payload
+
+    def encode_activation(self, h: torch.Tensor, ids: torch.Tensor) -> bytes:
+        return self._cross(frames.Kind.ACTIVATION, self.inner.encode_activation(h, ids), ids, window=True)
+
+    def decode_activation(self, payload: bytes, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode_activation(payload, ids)
+
+    def encode_gradient(self, g: torch.Tensor, ids: torch.Tensor) -> bytes:
+        return self._cross(frames.Kind.GRADIENT, self.inner.encode_gradient(g, ids), ids, window=False)
+
+    def decode_gradient(self, payload: bytes, ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.decode_gradient(payload, ids)
+
+
+def framed_pipeline(b: BenchConfig, cfg: ModelConfig, codec: str, optim: OptimConfig) -> tuple[LocalPipeline, FramedCodec]:
+    wrapped = FramedCodec(get_codec(codec, cfg), cfg.spec_hash())
+    return LocalPipeline(cfg, b.stages, wrapped, optim), wrapped
+
+
+def wire_bytes_per_token(b: BenchConfig, cfg: ModelConfig, codec: str, corpus: Corpus) -> float:
+    """Frame bytes per token per boundary (both directions) of one training step with `codec`."""
+    pipe, wire = framed_pipeline(b, cfg, codec, OptimConfig(lr=1e-3, warmup_steps=1))
+    pipe.train_step(0, corpus, 1, b.batch_size)
+    return wire.frame_bytes / (b.batch_size * b.seq_len * (b.stages - 1))
+
+
+def _optim(b: BenchConfig, steps: int, lr: float, data_seed: int) -> OptimConfig:
+    return OptimConfig(lr=lr, warmup_steps=max(1, int(steps * b.warmup_frac)), decay_steps=steps,
+                       data_seed=data_seed)
+
+
+def train_run(b: BenchConfig, arm: str, rank: int | None, codec: str, lr: float, seed: int, probe: bool,
+              corpus: Corpus) -> dict[str, Any]:
+    """One run: a probe (short, separate data, probe score) or a main run (curve + final validation)."""
+    steps = max(2, int(b.steps * b.probe_frac)) if probe else b.steps
+    data_seed = b.probe_data_seed + seed if probe else seed
+    cfg = model_config(b, rank, seed)
+    pipe, wire = framed_pipeline(b, cfg, codec, _optim(b, steps, lr, data_seed))
+    tokens_per_step = b.batch_size * b.seq_len
+    marks = {round(steps * (i + 1) / b.curve_points) for i in range(b.curve_points)} if not probe else set()
+    curve: list[tuple[int, float]] = []
     t0 = time.time()
-    losses = [pipe.train_step(s, corpus, 1, b.batch_size) for s in range(b.steps)]
-    train_bytes = pipe.bytes_sent + pipe.id_bytes_sent
-    val = pipe.evaluate(corpus, b.eval_batches, b.batch_size)
-    tokens = b.steps * b.batch_size * b.seq_len
-    boundaries = len(pipe.specs) - 1
-    # measured: forward payload + ids + backward payload, per token per boundary, halved = one direction
-    measured = train_bytes / (tokens * boundaries) / 2 + token_id_bytes(cfg) / 2 if boundaries else 0.0
+    losses = []
+    train_bytes = 0  # frame bytes of training steps only (evaluation forwards also cross the wire)
+    for s in range(steps):
+        before = wire.frame_bytes
+        losses.append(pipe.train_step(s, corpus, 1, b.batch_size))
+        train_bytes += wire.frame_bytes - before
+        if s + 1 in marks:
+            curve.append(((s + 1) * tokens_per_step, pipe.evaluate(corpus, b.curve_batches, b.batch_size, seed=4321)))
+    if probe:
+        val = pipe.evaluate(corpus, max(1, b.val_batches // 4), b.batch_size, seed=b.probe_eval_seed)
+    else:
+        val = pipe.evaluate(corpus, b.val_batches, b.batch_size)
     return {
-        "codec": codec,
-        "k": cfg.subspace_rank,
-        "lr": lr,
-        "val_loss": val,
+        "arm": arm, "codec": codec, "k": rank, "lr": lr, "seed": seed, "probe": probe, "steps": steps,
+        "tokens": steps * tokens_per_step, "val_loss": val, "curve": curve,
         "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
-        "wire_bytes_per_token": pipe.wire_bytes_per_token,
-        "measured_bytes_per_token": measured,
-        "stages": [(s.block_start, s.block_end) for s in pipe.specs],
+        "measured_bytes_per_token": train_bytes / (steps * tokens_per_step * (b.stages - 1)),
         "seconds": time.time() - t0,
     }
+
+
+def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> tuple[float, bool]:
+    """First token count where the (piecewise linear) curve reaches `target`; extrapolated in
+    log-tokens from the last two points when it never does. Returns (tokens, extrapolated)."""
+    prev: tuple[int, float] | None = None
+    for tok, loss in curve:
+        if loss <= target:
+            if prev is None or prev[1] == loss:
+                return float(tok), False
+            frac = (prev[1] - target) / (prev[1] - loss)
+            return prev[0] + frac * (tok - prev[0]), False
+        prev = (tok, loss)
+    (t1, l1), (t2, l2) = curve[-2], curve[-1]
+    slope = (l2 - l1) / (math.log(t2) - math.log(t1))  # loss per e-fold of tokens (< 0 while learning)
+    if slope >= 0:
+        return math.inf, True
+    return math.exp(math.log(t2) + (target - l2) / slope), True
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="tiny budget (< 60 s): checks the machinery only")
-    ap.add_argument("--steps", type=int, help="optimizer steps per run")
+    ap.add_argument("--steps", type=int, help="optimizer steps per main run")
     ap.add_argument("--k", type=int, help="subspace rank")
-    ap.add_argument("--lrs", type=str, help="comma-separated learning-rate grid swept by every arm")
+    ap.add_argument("--d-model", type=int, help="model width")
+    ap.add_argument("--heads", type=int, help="attention heads")
+    ap.add_argument("--lrs", type=str, help="comma-separated learning-rate grid of the probe")
+    ap.add_argument("--seeds", type=str, help="comma-separated seeds of the main runs")
     ap.add_argument("--layers", type=int, help="n_layers")
     ap.add_argument("--stages", type=int, help="pipeline stages")
     ap.add_argument("--free-tail-layers", type=int, help="unconstrained last blocks")
     ap.add_argument("--batch", type=int, help="sequences per step")
     ap.add_argument("--seq", type=int, help="sequence length")
-    ap.add_argument("--z-int8", action="store_true", help="send z as int8 with a bf16 per-token scale")
-    ap.add_argument("--skip-int8", action="store_true", help="skip the int8-boundary run")
+    ap.add_argument("--int8", action="store_true", help="also run the plain GPT with int8 boundaries")
     ap.add_argument("--workers", type=int, default=2, help="parallel run processes (one torch thread each)")
     args = ap.parse_args(argv)
     b = QUICK if args.quick else BenchConfig()
     overrides = {
-        "steps": args.steps, "k": args.k, "n_layers": args.layers, "stages": args.stages,
-        "free_tail_layers": args.free_tail_layers, "batch_size": args.batch, "seq_len": args.seq,
+        "steps": args.steps, "k": args.k, "d_model": args.d_model, "n_heads": args.heads, "n_layers": args.layers,
+        "stages": args.stages, "free_tail_layers": args.free_tail_layers, "batch_size": args.batch,
+        "seq_len": args.seq,
     }
     b = dataclasses.replace(b, **{k: v for k, v in overrides.items() if v is not None})
     if args.lrs:
         b = dataclasses.replace(b, lrs=tuple(float(x) for x in args.lrs.split(",")))
-    if args.z_int8:
-        b = dataclasses.replace(b, z_int8=True)
+    if args.seeds:
+        b = dataclasses.replace(b, seeds=tuple(int(x) for x in args.seeds.split(",")))
+    if args.int8:
+        b = dataclasses.replace(b, int8=True)
     corpus = load_corpus()
     t0 = time.time()
-    dense_cfg = model_config(b, None)
-    sub_codec = "subspace-int8" if b.z_int8 else "subspace"
-    arms = {
-        "dense": (dense_cfg, "dense"),
-        "control": (model_config(b, b.d_model), "dense"),
-        "subspace": (model_config(b, b.k), sub_codec),
+    arms: dict[str, tuple[int | None, str]] = {
+        "dense": (None, "dense"), "control": (b.d_model, "dense"), "subspace": (b.k, "subspace"),
     }
-    jobs = [(arm, lr) for arm in arms for lr in b.lrs]  # dense first: int8 starts once its lr is known
-    with _executor(args.workers) as pool:
-        futures = [pool.submit(_one, (b, arms[a][0], arms[a][1], lr)) for a, lr in jobs]
-        dense = min((f.result() for (a, _), f in zip(jobs, futures, strict=True) if a == "dense"),
-                    key=lambda r: r["val_loss"])
-        int8_future = None if args.skip_int8 else pool.submit(_one, (b, dense_cfg, "int8", dense["lr"]))
-        by_arm: dict[str, list[dict]] = {a: [] for a in arms}
-        for (arm, _), f in zip(jobs, futures, strict=True):
-            by_arm[arm].append(f.result())
-        int8 = int8_future.result() if int8_future is not None else None
-    control, sub = (min(by_arm[a], key=lambda r: r["val_loss"]) for a in ("control", "subspace"))
+    plain = model_config(b, None, b.seeds[0])
+    bytes_bf16 = wire_bytes_per_token(b, plain, "bf16", corpus)
+    bytes_fp32 = wire_bytes_per_token(b, plain, "dense", corpus)
+    bytes_sub = wire_bytes_per_token(b, model_config(b, b.k, b.seeds[0]), "subspace", corpus)
 
-    rows = [("dense", r) for r in by_arm["dense"]] + ([("int8", int8)] if int8 else [])
-    rows += [("control k=d", r) for r in by_arm["control"]]
-    rows += [(f"subspace k={b.k}", r) for r in by_arm["subspace"]]
-    base = dense["wire_bytes_per_token"]
-    print(
-        f"d_model={b.d_model} layers={b.n_layers} stages={b.stages} free_tail={b.free_tail_layers} "
-        f"steps={b.steps} tokens/run={b.steps * b.batch_size * b.seq_len} corpus=stdlib ({corpus.num_files} files)"
-    )
-    print(f"{'run':<14}{'codec':<15}{'lr':>8}{'B/token':>9}{'measured':>10}{'x fp32':>8}{'val loss':>10}"
-          f"{'/dense':>8}{'/control':>9}{'train':>8}{'sec':>7}")
-    for label, r in rows:
-        print(
-            f"{label:<14}{r['codec']:<15}{r['lr']:>8.1e}{r['wire_bytes_per_token']:>9}"
-            f"{r['measured_bytes_per_token']:>10.2f}{base / r['wire_bytes_per_token']:>8.1f}{r['val_loss']:>10.4f}"
-            f"{r['val_loss'] / dense['val_loss']:>8.4f}{r['val_loss'] / control['val_loss']:>9.4f}"
-            f"{r['train_loss_last10']:>8.4f}{r['seconds']:>7.0f}"
-        )
+    with _executor(args.workers) as pool:
+        probes = {(arm, lr): pool.submit(_one, (b, arm, rank, codec, lr, b.seeds[0], True))
+                  for arm, (rank, codec) in arms.items() for lr in b.lrs}
+        best_lr: dict[str, float] = {}
+        warnings: list[str] = []
+        for arm in arms:
+            scored = [(probes[(arm, lr)].result()["val_loss"], lr) for lr in b.lrs]
+            best_lr[arm] = min(scored)[1]
+            if len(b.lrs) > 1 and best_lr[arm] in (min(b.lrs), max(b.lrs)):
+                warnings.append(f"{arm}: best probe lr {best_lr[arm]:g} sits at the edge of the grid {list(b.lrs)}")
+        mains: list[tuple[str, Future[dict]]] = []
+        for arm in ("control", "subspace"):
+            rank, codec = arms[arm]
+            mains += [(arm, pool.submit(_one, (b, arm, rank, codec, best_lr[arm], s, False))) for s in b.seeds]
+        mains.append(("dense", pool.submit(_one, (b, "dense", None, "dense", best_lr["dense"], b.seeds[0], False))))
+        if b.int8:
+            mains.append(("int8", pool.submit(_one, (b, "int8", None, "int8", best_lr["dense"], b.seeds[0], False))))
+        results = [(arm, f.result()) for arm, f in mains]
+        probe_rows = [f.result() for f in probes.values()]
+
+    by_seed = {(r["arm"], r["seed"]): r for _, r in results}
+    ratios, multipliers, extrapolated = [], [], False
+    for s in b.seeds:
+        ctrl, sub = by_seed[("control", s)], by_seed[("subspace", s)]
+        ratios.append(sub["val_loss"] / ctrl["val_loss"])
+        reach, extra = tokens_to_reach(sub["curve"], ctrl["curve"][-1][1])
+        multipliers.append(reach / ctrl["curve"][-1][0])
+        extrapolated |= extra
+    dense = by_seed[("dense", b.seeds[0])]
+    sub0 = by_seed[("subspace", b.seeds[0])]
+    control0 = by_seed[("control", b.seeds[0])]
+    int8 = by_seed.get(("int8", b.seeds[0]))
+    val_tokens = b.val_batches * b.batch_size * b.seq_len
+    tokens = b.steps * b.batch_size * b.seq_len
+
+    print(f"d_model={b.d_model} layers={b.n_layers} heads={b.n_heads} stages={b.stages} k={b.k} "
+          f"free_tail={b.free_tail_layers} steps={b.steps} tokens/run={tokens} "
+          f"({tokens / TODAY_TOKEN_BUDGET:.1f}x the old budget) val tokens={val_tokens} seeds={list(b.seeds)} "
+          f"corpus={corpus.name} ({corpus.num_files} files)")
+    print(f"frame bytes/token/boundary, both directions: fp32 {bytes_fp32:.2f}  bf16 {bytes_bf16:.2f}  "
+          f"subspace k={b.k} {bytes_sub:.2f}  ->  {bytes_bf16 / bytes_sub:.1f}x vs bf16, "
+          f"{bytes_fp32 / bytes_sub:.1f}x vs fp32")
+    print("probe (lr per arm, separate data and validation windows):")
+    for r in sorted(probe_rows, key=lambda r: (r["arm"], r["lr"])):
+        mark = " <- best" if best_lr[r["arm"]] == r["lr"] else ""
+        print(f"  {r['arm']:<9}lr {r['lr']:.1e}  probe val {r['val_loss']:.4f}  ({r['steps']} steps){mark}")
+    for w in warnings:
+        print(f"WARNING: {w}")
+    print(f"{'run':<10}{'seed':>5}{'lr':>9}{'B/token':>9}{'val loss':>10}{'/control':>9}{'/dense':>8}"
+          f"{'train':>8}{'sec':>7}")
+    for arm, r in results:
+        ctrl = by_seed[("control", r["seed"])] if ("control", r["seed"]) in by_seed else control0
+        print(f"{arm:<10}{r['seed']:>5}{r['lr']:>9.1e}{r['measured_bytes_per_token']:>9.2f}{r['val_loss']:>10.4f}"
+              f"{r['val_loss'] / ctrl['val_loss']:>9.4f}{r['val_loss'] / dense['val_loss']:>8.4f}"
+              f"{r['train_loss_last10']:>8.4f}{r['seconds']:>7.0f}")
+    print(f"loss_ratio_control (subspace ÷ control) mean {statistics.fmean(ratios):.4f} "
+          f"range [{min(ratios):.4f}, {max(ratios):.4f}]; token_multiplier mean {statistics.fmean(multipliers):.3f} "
+          f"per seed {[round(m, 3) for m in multipliers]}{' (extrapolated)' if extrapolated else ''}; "
+          f"loss_ratio_dense (architecture effect) {sub0['val_loss'] / dense['val_loss']:.4f}")
     result = {
         "mode": "quick" if args.quick else "full",
         "d_model": b.d_model,
@@ -177,21 +337,37 @@ def main(argv: list[str] | None = None) -> dict:
         "k": b.k,
         "free_tail_layers": b.free_tail_layers,
         "steps": b.steps,
-        "tokens_per_run": b.steps * b.batch_size * b.seq_len,
-        "codec": sub["codec"],
-        "bytes_per_token_dense": base,
-        "bytes_per_token": sub["wire_bytes_per_token"],
-        "compression": base / sub["wire_bytes_per_token"],
-        "dense_lr": dense["lr"],
-        "lr": sub["lr"],
-        "control_lr": control["lr"],
+        "tokens_per_run": tokens,
+        "token_budget_multiple": tokens / TODAY_TOKEN_BUDGET,
+        "seeds": list(b.seeds),
+        "val_tokens": val_tokens,
+        "codec": "subspace",
+        "compression_vs_bf16": bytes_bf16 / bytes_sub,
+        "compression_vs_fp32": bytes_fp32 / bytes_sub,
+        "frame_bytes_per_token_bf16": bytes_bf16,
+        "frame_bytes_per_token_fp32": bytes_fp32,
+        "frame_bytes_per_token": bytes_sub,
+        "loss_ratio_control": statistics.fmean(ratios),
+        "loss_ratio_control_min": min(ratios),
+        "loss_ratio_control_max": max(ratios),
+        "token_multiplier": statistics.fmean(multipliers),
+        "token_multiplier_per_seed": multipliers,
+        "token_multiplier_extrapolated": extrapolated,
+        "loss_ratio_dense": sub0["val_loss"] / dense["val_loss"],
+        "lr_warnings": warnings,
+        # earlier keys, kept: `compression` is against fp32 frames, `loss_ratio` is the architecture effect
+        "bytes_per_token_dense": bytes_fp32,
+        "bytes_per_token": bytes_sub,
+        "compression": bytes_fp32 / bytes_sub,
+        "dense_lr": best_lr["dense"],
+        "lr": best_lr["subspace"],
+        "control_lr": best_lr["control"],
         "lr_grid": list(b.lrs),
         "val_loss_dense": dense["val_loss"],
-        "val_loss": sub["val_loss"],
-        "loss_ratio": sub["val_loss"] / dense["val_loss"],
-        "val_loss_control": control["val_loss"],
-        "loss_ratio_control": sub["val_loss"] / control["val_loss"],
-        "bytes_per_token_int8": int8["wire_bytes_per_token"] if int8 else None,
+        "val_loss": statistics.fmean(by_seed[("subspace", s)]["val_loss"] for s in b.seeds),
+        "loss_ratio": sub0["val_loss"] / dense["val_loss"],
+        "val_loss_control": statistics.fmean(by_seed[("control", s)]["val_loss"] for s in b.seeds),
+        "bytes_per_token_int8": int8["measured_bytes_per_token"] if int8 else None,
         "val_loss_int8": int8["val_loss"] if int8 else None,
         "seconds": time.time() - t0,
     }
@@ -203,9 +379,14 @@ def _worker_init() -> None:
     torch.set_num_threads(1)
 
 
-def _one(args: tuple[BenchConfig, ModelConfig, str, float]) -> dict:
-    b, cfg, codec, lr = args
-    return run(b, cfg, codec, lr, load_corpus())
+_CORPUS: list[Corpus] = []  # the corpus, read once per worker process
+
+
+def _one(args: tuple[BenchConfig, str, int | None, str, float, int, bool]) -> dict:
+    b, arm, rank, codec, lr, seed, probe = args
+    if not _CORPUS:
+        _CORPUS.append(load_corpus())
+    return train_run(b, arm, rank, codec, lr, seed, probe, _CORPUS[0])
 
 
 class _InlineExecutor:

@@ -97,7 +97,27 @@ class RuntimeConfig:
     redial_timeout_s: float = 30.0  # how long to look for a replacement neighbour before a retry
     retry_backoff_s: float = 0.5  # wait before the first redial attempt, doubled per attempt
     checkpoint_every: int = 1  # save a checkpoint every this many steps (0 = only on shutdown)
+    grad_norm_timeout_s: float = 120.0  # longest wait for a neighbour's squared-gradient-norm message (grad clipping)
     torch_threads: int = 0  # torch intra-op threads for this process (0 = leave torch's default)
+
+
+@dataclass
+class RecipeConfig:
+    """The spec's training recipe beyond stages, codec, microbatches and lr (protocol.modelspec.TrainingSection;
+    part of the spec hash). `pmn node start` copies it from the spec; these defaults are the run of older specs."""
+
+    warmup_steps: int = 10  # linear warm-up steps
+    data_seed: int = 0  # seed of the data order
+    schedule: str = "constant"  # LR after the warm-up: constant | cosine | wsd
+    total_steps: int | None = None  # optimizer steps of the run; cosine and wsd reach the final LR here
+    min_lr_ratio: float = 0.1  # final LR of cosine and wsd, as a fraction of lr
+    cooldown_steps: int = 0  # wsd: the last steps, over which the LR falls linearly to the final LR
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+    adam_eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 0.0  # clip the global gradient norm to this (stages exchange squared norms); 0 = off
+    batch_tokens: int | None = None  # tokens per step; when given, must equal microbatches * microbatch_size * seq_len
 
 
 @dataclass
@@ -210,6 +230,7 @@ class NodeConfig:
     discovery: DiscoveryConfig = field(default_factory=DiscoveryConfig)  # peer discovery settings
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # schedule and fault settings
     replicas: ReplicaConfig = field(default_factory=ReplicaConfig)  # replicated-stage settings
+    recipe: RecipeConfig = field(default_factory=RecipeConfig)  # optimiser, schedule, clipping, data order
     chain: ChainConfig = field(default_factory=ChainConfig)  # on-chain binding (off when chain.rpc_url is empty)
     web: WebConfig = field(default_factory=WebConfig)  # status page (off unless web.port is set)
 
@@ -231,6 +252,11 @@ class NodeConfig:
         r = self.runtime
         if r.steps < 0 or r.num_microbatches < 1 or r.microbatch_size < 1:
             raise ValueError("runtime.steps must be >= 0, num_microbatches and microbatch_size >= 1")
+        if r.grad_norm_timeout_s <= 0:
+            raise ValueError(f"runtime.grad_norm_timeout_s must be > 0, got {r.grad_norm_timeout_s}")
+        if self.recipe.grad_clip > 0 and self.replicas.enabled:
+            raise ValueError("recipe.grad_clip needs the one-peer-per-stage runner: replicated stages do not exchange "
+                             "gradient norms yet; set recipe.grad_clip = 0 or turn replicas.enabled off")
         self.transport.validate()
         self.discovery.validate()
         self.replicas.validate()

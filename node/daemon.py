@@ -28,7 +28,7 @@ from libp2p.abc import IHost
 from node.config import NodeConfig
 from node.context import NodeContext, Runner
 from node.errors import NodeError
-from node.model import load_model_config
+from node.model import load_model_config, optim_config
 from node.net.access import NodeAccess
 from node.net.dht import ModelDht
 from node.net.discovery import Announcement, Discovery
@@ -106,8 +106,7 @@ class NodeDaemon:
         self.identity: NodeIdentity = load_or_create_identity(self.data_dir)
         self.binding = bind(self.identity)  # node key's signature over the peer id (handshake, announcements)
         self.model = load_model_config(cfg.model)
-        optim = OptimConfig() if cfg.optim_lr is None else OptimConfig(lr=cfg.optim_lr)
-        self.optim = optim.validate()
+        self.optim: OptimConfig = optim_config(cfg, self.model)  # the spec's recipe (schedule, clip, AdamW)
         self.runner = make_runner(cfg)
         self.discovery: Discovery | None = None  # set when the host runs
         self.context: NodeContext | None = None  # set when the host runs

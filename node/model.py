@@ -1,4 +1,5 @@
-"""Which model a node trains: a sharding preset name or a JSON ModelConfig file (the one resolver).
+"""Which model a node trains (a sharding preset name or a JSON ModelConfig file: the one resolver), and the
+training recipe it runs (`training_section`: the spec's `training` section, from the node's config).
 
 `pmn node start` builds on it (it also accepts a spec TOML and hands the node its architecture as JSON).
 """
@@ -6,9 +7,12 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 
-from sharding import PRESETS, ModelConfig
+from node.config import NodeConfig
+from protocol.modelspec import TrainingSection
+from sharding import PRESETS, ModelConfig, OptimConfig
 
 
 def load_model_config(model: str) -> ModelConfig:
@@ -25,3 +29,17 @@ def load_model_config(model: str) -> ModelConfig:
         return ModelConfig.from_dict(json.loads(path.read_text())).validate()
     except (ValueError, TypeError) as exc:
         raise ValueError(f"{path} is not a ModelConfig JSON file: {exc}") from None
+
+
+def training_section(cfg: NodeConfig) -> TrainingSection:
+    """The proposal `training` section a node with this config runs: stages, codec, microbatches from the
+    runtime, lr from `optim_lr` (None = OptimConfig's default), everything else from `cfg.recipe`."""
+    r = cfg.runtime
+    lr = OptimConfig().lr if cfg.optim_lr is None else cfg.optim_lr
+    return TrainingSection(stages=cfg.num_stages, codec=r.codec, microbatches=r.num_microbatches,
+                           microbatch_size=r.microbatch_size, lr=lr, **asdict(cfg.recipe))
+
+
+def optim_config(cfg: NodeConfig, model: ModelConfig) -> OptimConfig:
+    """The optimiser settings every stage of this node runs; ValueError names the recipe field and the fix."""
+    return training_section(cfg).validate(model).optim_config()

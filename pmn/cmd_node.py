@@ -78,17 +78,16 @@ def node_config(op: OperatorConfig, flags: dict[str, Any]) -> NodeConfig:
     cfg = NodeConfig(data_dir=str(data_dir), model=m.daemon_model, num_stages=m.stages, stage=op.stage,
                      listen=list(op.listen), bootstrap=list(op.bootstrap), metrics_port=op.metrics_port,
                      capacity=op.capacity)
-    if m.recipe is not None:  # the spec's recipe: nodes with another one would not interoperate
-        from sharding.train import OptimConfig
+    if m.recipe is not None:  # the spec's recipe, all of it: nodes with another one would not interoperate
+        from dataclasses import fields
 
-        runs = OptimConfig()
-        for name in ("warmup_steps", "data_seed"):
-            if getattr(m.recipe, name) != getattr(runs, name):
-                raise CLIError(f"the spec asks [training] {name} = {getattr(m.recipe, name)} but this node software "
-                               f"runs {getattr(runs, name)}: its spec hash would not match the chain's")
         r = cfg.runtime
         r.codec, r.num_microbatches, r.microbatch_size = m.recipe.codec, m.recipe.microbatches, m.recipe.microbatch_size
         cfg.optim_lr = m.recipe.lr
+        for f in fields(cfg.recipe):  # warm-up, data order, schedule, AdamW, clipping, batch tokens
+            setattr(cfg.recipe, f.name, getattr(m.recipe, f.name))
+        if m.recipe.total_steps is not None:
+            r.steps = m.recipe.total_steps
     if op.rpc_url:  # on-chain mode: co-signed receipts for every hop, paid inference after training
         if op.model_id < 1:
             raise CLIError("rpc_url is set but model_id is not: set model_id (or PMN_MODEL_ID) to the on-chain model id")

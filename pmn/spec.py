@@ -6,7 +6,6 @@ The content hash registered on-chain is keccak256 of the canonical JSON of `mode
 
 from __future__ import annotations
 
-import json
 import tomllib
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 from eth_utils import keccak
 
 from pmn.errors import ConfigError
+from protocol.modelspec import TrainingSection, canonical_spec
 from sharding.codecs import get_codec
 from sharding.config import PRESETS, ModelConfig
 from sharding.partition import partition
@@ -29,8 +29,23 @@ class TrainingRecipe:
     microbatches: int = 2  # microbatches per global step (gradient accumulation)
     microbatch_size: int = 4  # sequences per microbatch
     lr: float = 3e-3  # AdamW peak learning rate
-    warmup_steps: int = 10  # linear warm-up steps (nodes run sharding.OptimConfig, whose default is 10)
+    warmup_steps: int = 10  # linear warm-up steps
     data_seed: int = 0  # seed of the data order
+    # the rest of the recipe (protocol.modelspec.TrainingSection; these defaults are the run of older specs)
+    schedule: str = "constant"  # LR after the warm-up: constant | cosine | wsd
+    total_steps: int | None = None  # optimizer steps of the run; cosine and wsd reach the final LR here
+    min_lr_ratio: float = 0.1  # final LR of cosine and wsd, as a fraction of lr
+    cooldown_steps: int = 0  # wsd: the last steps, over which the LR falls linearly to the final LR
+    beta1: float = 0.9  # AdamW beta1
+    beta2: float = 0.95  # AdamW beta2
+    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
+    adam_eps: float = 1e-8  # AdamW epsilon
+    grad_clip: float = 0.0  # clip the global gradient norm (all stages together) to this; 0 = off
+    batch_tokens: int | None = None  # tokens per step; when given, must equal microbatches * microbatch_size * seq_len
+
+    def section(self) -> TrainingSection:
+        """The same recipe as the node-side `protocol.modelspec.TrainingSection`."""
+        return TrainingSection(**asdict(self))
 
 
 @dataclass(frozen=True)
@@ -59,6 +74,7 @@ class ModelProposal:
         get_codec(self.training.codec, self.model)
         if self.training.microbatches < 1 or self.training.microbatch_size < 1:
             raise ValueError("training.microbatches and training.microbatch_size must be >= 1")
+        self.training.section().validate(self.model)
         if not 0 < self.terms.audit_rate <= 1:
             raise ValueError(f"terms.audit_rate={self.terms.audit_rate}: must be in (0, 1]")
         if self.terms.epoch_length < 1 or self.terms.challenge_window_s < 1:
@@ -69,8 +85,7 @@ class ModelProposal:
 
     def canonical_json(self) -> bytes:
         """Sorted-key, whitespace-free JSON of model and training (what the hash covers)."""
-        body = {"model": self.model.to_dict(), "training": asdict(self.training)}
-        return json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        return canonical_spec(self.model, asdict(self.training))
 
     def content_hash(self) -> bytes:
         """keccak256 of `canonical_json()`: the spec hash registered on-chain."""

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from eth_hash.auto import keccak
@@ -26,6 +26,12 @@ class ModelConfig:
     fixed_embed_std: float = 1.0  # std of the frozen token embedding E_fixed (subspace mode)
     rope_base: float = 10000.0  # rotary position embedding base
     norm_eps: float = 1e-6  # epsilon of every RMSNorm
+    # -- architecture options (added later: at these defaults they are left out of to_dict and the hash) --
+    mlp: str = "gelu"  # MLP of every block: "gelu" (fc, GELU, proj) or "swiglu" (Llama: proj(silu(gate) * up))
+    mlp_hidden: int | None = None  # MLP hidden width; None = mlp_ratio * d_model (Llama's SwiGLU uses ~8/3 d_model)
+    n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = n_heads (plain multi-head)
+    qk_norm: bool = False  # RMSNorm with a learned gain over head_dim on queries and keys, before RoPE
+    tie_embeddings: bool = False  # the LM head reuses the token embedding (embedding and head on one stage)
 
     def validate(self) -> ModelConfig:
         """Raise ValueError naming the offending field and the fix; return self when valid."""
@@ -67,6 +73,7 @@ class ModelConfig:
                 f"ModelConfig.free_tail_layers={ftl} must be < n_layers={self.n_layers}: "
                 "at least one block must be constrained"
             )
+        self._validate_options()
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise ValueError(f"ModelConfig.seed={self.seed!r}: must be an integer >= 0")
         for name in ("init_std", "fixed_embed_std", "rope_base", "norm_eps"):
@@ -74,6 +81,33 @@ class ModelConfig:
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
                 raise ValueError(f"ModelConfig.{name}={value!r}: must be a positive number")
         return self
+
+    def _validate_options(self) -> None:
+        """The architecture options: ValueError naming the field and the fix (before any weight exists)."""
+        if self.mlp not in MLP_KINDS:
+            raise ValueError(f"ModelConfig.mlp={self.mlp!r} is unknown: use one of {', '.join(MLP_KINDS)}")
+        for name in ("mlp_hidden", "n_kv_heads"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ValueError(f"ModelConfig.{name}={value!r}: must be a positive integer or None (the default)")
+        if self.n_kv_heads is not None and self.n_heads % self.n_kv_heads != 0:
+            raise ValueError(
+                f"ModelConfig.n_kv_heads={self.n_kv_heads} does not divide n_heads={self.n_heads}: "
+                "choose n_kv_heads that divides n_heads (each key/value head serves n_heads/n_kv_heads queries)"
+            )
+        for name in ("qk_norm", "tie_embeddings"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)!r}: must be true or false")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (n_heads unless grouped-query attention)."""
+        return self.n_kv_heads if self.n_kv_heads is not None else self.n_heads
+
+    @property
+    def hidden_dim(self) -> int:
+        """Hidden width of the MLP."""
+        return self.mlp_hidden if self.mlp_hidden is not None else self.mlp_ratio * self.d_model
 
     @property
     def head_dim(self) -> int:
@@ -90,8 +124,9 @@ class ModelConfig:
         return self.is_subspace and block < self.n_layers - self.free_tail_layers
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain dict of every field."""
-        return asdict(self)
+        """Plain dict of every field, except options added later that sit at their defaults (OPTION_DEFAULTS):
+        the dict, and so the spec hash, of every config that existed before them is unchanged."""
+        return {k: v for k, v in asdict(self).items() if k not in OPTION_DEFAULTS or OPTION_DEFAULTS[k] != v}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> ModelConfig:
@@ -109,6 +144,20 @@ class ModelConfig:
     def spec_hash(self) -> bytes:
         """32-byte keccak256 of canonical_json()."""
         return bytes(keccak(self.canonical_json()))
+
+
+MLP_KINDS = ("gelu", "swiglu")  # values of ModelConfig.mlp
+# fields added after specs were first registered, with the value that reproduces the model from before
+OPTION_DEFAULTS: dict[str, Any] = {
+    "mlp": "gelu", "mlp_hidden": None, "n_kv_heads": None, "qk_norm": False, "tie_embeddings": False,
+}
+
+
+def _llama(vocab_size: int, seq_len: int, d_model: int, n_layers: int, n_heads: int, n_kv_heads: int,
+           mlp_hidden: int, rope_base: float = 10000.0) -> ModelConfig:
+    """A Llama-style config: SwiGLU MLP, grouped-query attention, QK-norm, untied head."""
+    return ModelConfig(vocab_size=vocab_size, seq_len=seq_len, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=n_kv_heads, mlp="swiglu", mlp_hidden=mlp_hidden, qk_norm=True, rope_base=rope_base)
 
 
 PRESETS: dict[str, ModelConfig] = {
@@ -129,4 +178,16 @@ PRESETS: dict[str, ModelConfig] = {
         subspace_rank=8,
         free_tail_layers=2,
     ),
+    # tests: tiny with every Llama option (SwiGLU, 2 key/value heads for 4 query heads, QK-norm)
+    "tiny-llama": _llama(256, 64, 64, 4, 4, 2, 192),
+    # the same, subspace: every block constrained but the last two (as node0)
+    "tiny-llama-subspace": replace(_llama(256, 64, 64, 4, 4, 2, 192), subspace_rank=8, free_tail_layers=2),
+    # Llama-style presets for BPE vocabularies (override vocab_size with the tokenizer's in a spec);
+    # parameter counts (sharding.flops.param_count): 126M, 338M, 1.11B
+    "llama-125m": _llama(32768, 1024, 768, 12, 12, 4, 2048),
+    "llama-350m": _llama(32768, 1024, 1024, 24, 16, 4, 2816),
+    "llama-1b": _llama(32768, 2048, 2048, 16, 32, 8, 8192, rope_base=500000.0),
+    # 8B class (Llama 3 8B shape: 32 layers, d 4096, 32 heads, GQA 8, SwiGLU 14336): validates and partitions,
+    # never trained or allocated here; vocab 65536 until ids travel as uint32 (then 128256), 7.5B parameters
+    "llama-8b": _llama(65536, 8192, 4096, 32, 32, 8, 14336, rope_base=500000.0),
 }

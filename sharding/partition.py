@@ -21,6 +21,12 @@ def partition(
     config.validate()
     if not isinstance(num_stages, int) or isinstance(num_stages, bool) or num_stages < 1:
         raise ValueError(f"num_stages={num_stages!r}: must be a positive integer")
+    if config.tie_embeddings and num_stages > 1:
+        raise ValueError(
+            f"num_stages={num_stages} with ModelConfig.tie_embeddings: the embedding lives on stage 0 and the head "
+            "on the last stage, and tied weights across stages are not supported (no gradient exchange between "
+            "them): use one stage or tie_embeddings = false"
+        )
     n = config.n_layers
     # the last legal boundary: before the first free tail layer
     last_cut = n - config.free_tail_layers
@@ -122,6 +128,11 @@ def check_spec(config: ModelConfig, spec: StageSpec) -> None:
         )
     if spec.has_embedding != spec.is_first or spec.has_lm_head != spec.is_last:
         raise ValueError("StageSpec: has_embedding must equal is_first and has_lm_head must equal is_last")
+    if config.tie_embeddings and spec.has_embedding != spec.has_lm_head:
+        raise ValueError(
+            f"StageSpec {spec.index}: ModelConfig.tie_embeddings needs the embedding and the head on one stage: "
+            "use one stage or tie_embeddings = false"
+        )
     if spec.has_embedding and spec.block_start != 0:
         raise ValueError("StageSpec: the embedding stage must start at block 0")
     if spec.has_lm_head and spec.block_end != config.n_layers:

@@ -16,7 +16,7 @@ from .data import Corpus
 from .partition import partition, validate_specs
 from .stage import StageModule, build_stage
 from .stagespec import StageSpec
-from .train import OptimConfig, make_optimizer, optimizer_step
+from .train import OptimConfig, grad_sq_norm, make_optimizer, optimizer_step
 
 
 class LocalPipeline:
@@ -82,8 +82,13 @@ class LocalPipeline:
         for mb in range(num_microbatches):
             window = corpus.batch("train", step, mb, microbatch_size, self.config.seq_len, self.optim.data_seed)
             total += self.forward_backward(window, 1.0 / num_microbatches)
+        sq_norm = None
+        if self.optim.grad_clip > 0:  # the global squared norm, accumulated stage after stage (as the nodes do)
+            sq_norm = 0.0
+            for stage in self.stages:
+                sq_norm = grad_sq_norm(stage, sq_norm)
         for stage, opt in zip(self.stages, self.optimizers, strict=True):
-            optimizer_step(stage, opt, step, self.optim)
+            optimizer_step(stage, opt, step, self.optim, sq_norm)
         return total / num_microbatches
 
     @torch.no_grad()

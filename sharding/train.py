@@ -1,4 +1,4 @@
-"""Optimiser configuration, learning-rate schedule and the single-process reference training loop."""
+"""Optimiser configuration, the scheduled and clipped optimizer step, and the single-process reference loop."""
 
 from __future__ import annotations
 
@@ -10,22 +10,36 @@ from torch import nn
 
 from .config import ModelConfig
 from .data import Corpus
+from .schedule import SCHEDULES, accumulate_sq_norm, clip_coefficient, scheduled_lr
 from .stage import StageModule, build_model
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW with linear warm-up and optional cosine decay; no global grad-norm clipping (so that
-    per-stage optimisers reproduce the single-process run exactly)."""
+    """AdamW, a warm-up + constant/cosine/WSD schedule (sharding.schedule), optional global-norm clipping.
+
+    Pipeline stages clip with the global norm of the whole model (`optimizer_step(grad_sq_total=...)`,
+    the squared norms exchanged between stages), so per-stage optimisers reproduce the single-process run.
+    """
 
     lr: float = 3e-3  # peak learning rate
     betas: tuple[float, float] = (0.9, 0.95)  # AdamW beta1, beta2
     eps: float = 1e-8  # AdamW epsilon
     weight_decay: float = 0.1  # decoupled weight decay on matrices (not on norm gains)
     warmup_steps: int = 10  # linear warm-up from lr/warmup_steps to lr
-    decay_steps: int | None = None  # cosine decay to min_lr_ratio * lr by this step; None = constant
-    min_lr_ratio: float = 0.1  # floor of the cosine decay, as a fraction of lr
+    decay_steps: int | None = None  # step at which the decay reaches min_lr_ratio * lr (the total steps)
+    min_lr_ratio: float = 0.1  # final learning rate of cosine and wsd, as a fraction of lr
     data_seed: int = 0  # seed of Corpus.batch (which windows each step and microbatch sees)
+    schedule: str | None = None  # constant | cosine | wsd; None = cosine if decay_steps is set, else constant
+    cooldown_steps: int = 0  # wsd: the last steps before decay_steps, with lr falling linearly to the final lr
+    grad_clip: float = 0.0  # clip the global gradient norm (all stages together) to this; 0 = no clipping
+
+    @property
+    def schedule_name(self) -> str:
+        """The schedule this config runs (resolving None as before schedules had names)."""
+        if self.schedule is not None:
+            return self.schedule
+        return "constant" if self.decay_steps is None else "cosine"
 
     def validate(self) -> OptimConfig:
         """Raise ValueError naming the field and the fix; return self when valid."""
@@ -43,19 +57,24 @@ class OptimConfig:
             raise ValueError(f"OptimConfig.decay_steps={self.decay_steps!r}: must be None or an integer >= 1")
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"OptimConfig.min_lr_ratio={self.min_lr_ratio!r}: must be in [0, 1]")
+        if self.schedule is not None and self.schedule not in SCHEDULES:
+            raise ValueError(f"OptimConfig.schedule={self.schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
+        if self.schedule_name != "constant" and self.decay_steps is None:
+            raise ValueError(f"OptimConfig.schedule={self.schedule_name!r} needs decay_steps (the total steps)")
+        if self.schedule_name == "wsd":
+            span = (self.decay_steps or 0) - self.warmup_steps
+            if not isinstance(self.cooldown_steps, int) or not 1 <= self.cooldown_steps <= span:
+                raise ValueError(f"OptimConfig.cooldown_steps={self.cooldown_steps!r}: wsd needs 1 <= cooldown_steps "
+                                 f"<= total steps - warmup_steps = {span}")
+        if not (isinstance(self.grad_clip, (int, float)) and math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"OptimConfig.grad_clip={self.grad_clip!r}: must be a finite number >= 0 (0 = off)")
         return self
 
 
 def lr_at(step: int, optim: OptimConfig) -> float:
     """Learning rate used for optimizer step `step` (0-based)."""
-    if optim.warmup_steps > 0 and step < optim.warmup_steps:
-        return optim.lr * (step + 1) / optim.warmup_steps
-    if optim.decay_steps is None:
-        return optim.lr
-    span = max(1, optim.decay_steps - optim.warmup_steps)
-    frac = min(1.0, (step - optim.warmup_steps) / span)
-    floor = optim.min_lr_ratio * optim.lr
-    return floor + (optim.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * frac))
+    return scheduled_lr(step, optim.lr, optim.schedule_name, optim.warmup_steps, optim.decay_steps,
+                        optim.min_lr_ratio, optim.cooldown_steps)
 
 
 def make_optimizer(module: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
@@ -80,10 +99,42 @@ def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
+def grad_sq_norm(module: nn.Module, total: float = 0.0) -> float:
+    """`total` plus the squared gradient entries of `module`, parameter by parameter in order (float64).
+
+    Stage after stage this builds the global squared norm in the whole model's parameter order.
+    """
+    squares = [float(p.grad.detach().double().pow(2).sum()) for p in module.parameters() if p.grad is not None]
+    return accumulate_sq_norm(total, squares)
+
+
+def clip_gradients(module: nn.Module, total_sq_norm: float, max_norm: float) -> float:
+    """Scale `module`'s gradients by clip_coefficient(total_sq_norm, max_norm); returns the coefficient."""
+    coef = clip_coefficient(total_sq_norm, max_norm)
+    if coef < 1.0:
+        with torch.no_grad():
+            for p in module.parameters():
+                if p.grad is not None:
+                    p.grad.mul_(coef)
+    return coef
+
+
 def optimizer_step(
-    module: StageModule, optimizer: torch.optim.Optimizer, step: int, optim: OptimConfig
+    module: StageModule, optimizer: torch.optim.Optimizer, step: int, optim: OptimConfig,
+    grad_sq_total: float | None = None,
 ) -> None:
-    """Scheduled step, then re-projection of constrained weights, then zeroed gradients."""
+    """Clip (global norm), scheduled step, re-projection of constrained weights, zeroed gradients.
+
+    `grad_sq_total` is the squared gradient norm of the whole model; a stage of a pipeline must pass it
+    (exchanged with the other stages), a module holding the whole model may leave it to be computed here.
+    """
+    if optim.grad_clip > 0:
+        if grad_sq_total is None:
+            if module.spec.num_stages > 1:
+                raise ValueError(f"stage {module.spec.index} of {module.spec.num_stages} clips with the global "
+                                 "gradient norm: pass grad_sq_total, the squared norm summed over every stage")
+            grad_sq_total = grad_sq_norm(module)
+        clip_gradients(module, grad_sq_total, optim.grad_clip)
     set_lr(optimizer, lr_at(step, optim))
     optimizer.step()
     module.after_optimizer_step()

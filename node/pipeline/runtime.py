@@ -4,7 +4,8 @@ Each stage runs an event-driven loop per global step: whichever input is ready i
 (activation from upstream -> forward, gradient from downstream -> backward). Sends go through an
 unbounded local queue drained by one task per channel, so the loop never blocks on credits and
 neighbours cannot deadlock. The optimiser steps once all microbatches of the step are done and
-every frame is acknowledged, so the result equals the single-process run (GPipe semantics).
+every frame is acknowledged (and, with gradient clipping, once the stages agreed on the global
+gradient norm), so the result equals the single-process run (GPipe semantics).
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from node.errors import NodeError, PeerLostError, UnexpectedFrameError
 from node.training.worker import StageWorker, window_to_bytes
 from node.wire import frames
 from node.wire.channel import ActChannel
+from sharding.train import grad_sq_norm
 
 
 @dataclass
@@ -146,11 +148,32 @@ class PipelineRuntime:
                 nursery.cancel_scope.cancel()
         if error is not None:
             raise error
-        loss = await trio.to_thread.run_sync(w.step, step)
+        sq_norm = await self._exchange_sq_norm(step) if w.optim.grad_clip > 0 else None
+        loss = await trio.to_thread.run_sync(w.step, step, sq_norm)
         b_in, b_out = self._stats()
         return StepResult(step=step, stage=self.stage, loss=loss, tokens=m * w.microbatch_size * w.config.seq_len,
                           seconds=time.perf_counter() - t0, comm_wait_s=waited, bytes_in=b_in - b_in0,
                           bytes_out=b_out - b_out0)
+
+    async def _exchange_sq_norm(self, step: int) -> float:
+        """The whole model's squared gradient norm of `step`, for global-norm clipping.
+
+        A running float64 sum travels stage 0 -> last (each stage adding its parameters' squares in order,
+        `sharding.train.grad_sq_norm`), and the last stage's total travels back to stage 0, so every
+        stage clips with the same number the single process computes. Waits are bounded by
+        `runtime.grad_norm_timeout_s`.
+        """
+        w, limit = self.worker, self.cfg.grad_norm_timeout_s
+        total = 0.0
+        if self.upstream is not None:
+            total = await self.upstream.recv_norm(step, frames.NORM_PARTIAL, limit)
+        total = await trio.to_thread.run_sync(grad_sq_norm, w.module, total)
+        if self.downstream is not None:
+            await self.downstream.send_norm(step, frames.NORM_PARTIAL, total)
+            total = await self.downstream.recv_norm(step, frames.NORM_TOTAL, limit)
+        if self.upstream is not None:
+            await self.upstream.send_norm(step, frames.NORM_TOTAL, total)
+        return total
 
     async def _loop(self, step: int, up_tx: _Sender | None, down_tx: _Sender | None) -> float:
         """The event loop of one step; returns the seconds spent waiting on the network."""

@@ -18,6 +18,7 @@ from node.config import NodeConfig
 from node.context import NodeContext
 from node.errors import NodeError, ReceiptRejectedError
 from node.model import load_model_config
+from node.model import training_section as node_training_section
 from node.net.identity import load_or_create_identity
 from node.replicas.statesync import StateService, pack_state
 from node.services.audit import AuditConfig, AuditService, install_audit
@@ -67,10 +68,11 @@ class StoredReceipts(EIP712Receipts):
 
 def training_section(cfg: NodeConfig, optim: OptimConfig) -> TrainingSection:
     """The proposal `training` section a node with this config actually runs (stages, codec, schedule, optimiser)."""
-    r = cfg.runtime
-    return TrainingSection(stages=cfg.num_stages, codec=r.codec, microbatches=r.num_microbatches,
-                           microbatch_size=r.microbatch_size, lr=optim.lr, warmup_steps=optim.warmup_steps,
-                           data_seed=optim.data_seed)
+    section = node_training_section(cfg)
+    if section.optim_config() != optim:
+        raise NodeError("the node runs optimiser settings other than its config's recipe: build them with "
+                        "node.model.optim_config")
+    return section
 
 
 class ChainLinkService:

@@ -156,15 +156,16 @@ class StageWorker:
         assert stash.h_in.grad is not None
         return self.codec.encode_gradient(stash.h_in.grad, stash.ids)
 
-    def step(self, step: int) -> float | None:
-        """Apply the accumulated gradients (scheduled lr, re-projection); returns the tail's mean loss."""
+    def step(self, step: int, grad_sq_total: float | None = None) -> float | None:
+        """Apply the accumulated gradients (global-norm clip, scheduled lr, re-projection); returns the tail's
+        mean loss. `grad_sq_total`: the whole model's squared gradient norm (needed when the recipe clips)."""
         if step != self.next_step:
             raise UnexpectedFrameError(f"optimizer step {step} out of order: next is {self.next_step}")
         if self._stash:
             raise UnexpectedFrameError(f"step {step} has unfinished microbatches {sorted(self._stash)}")
         for obs in self.observers:
             obs.on_before_update(step, self.module)
-        optimizer_step(self.module, self.optimizer, step, self.optim)
+        optimizer_step(self.module, self.optimizer, step, self.optim, grad_sq_total)
         self.next_step = step + 1
         losses = self._losses.pop(step, None)
         return sum(losses) / len(losses) if losses else None

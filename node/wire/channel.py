@@ -55,7 +55,7 @@ from node.wire import frames
 ACT_PROTOCOL = TProtocol("/pmn/act/1.0.0")
 DATA_KINDS = (frames.Kind.ACTIVATION, frames.Kind.GRADIENT)
 READ_CHUNK = 1 << 22  # most bytes taken from the muxer per read call
-MAX_CONTROL_BYTES = 64 * 1024  # limit on HELLO/ACK/CREDIT/ERROR/CLOSE/LOSS frames (header + body)
+MAX_CONTROL_BYTES = 64 * 1024  # limit on HELLO/ACK/CREDIT/ERROR/CLOSE/LOSS/NORM frames (header + body)
 
 
 async def digest_off_loop(window: bytes, payload: bytes, in_thread: bool) -> bytes:
@@ -284,6 +284,8 @@ class ActChannel:
         self.closed_by_peer = False  # True after an orderly CLOSE from the peer
         self.listeners: list[Callable[[], None]] = []  # called whenever a frame or a failure arrives
         self.commits: list[dict[str, Any]] = []  # COMMIT payloads received from the upstream peer, oldest first
+        self.norms: dict[tuple[int, int], float] = {}  # (step, NORM_PARTIAL|NORM_TOTAL) -> squared norm received
+        self._norms_cv = trio.Condition()
 
     # -- handshake ---------------------------------------------------------------------------------
 
@@ -396,6 +398,24 @@ class ActChannel:
         body = json.dumps({"step": step, "commit": sorted([mb, a] for mb, a in commit.items())}).encode()
         await self._write(frames.encode_frame(frames.Kind.COMMIT, self.local.spec_hash, self.local.stage, step, 0,
                                          payload=body))
+
+    async def send_norm(self, step: int, phase: int, value: float) -> None:
+        """Send the squared gradient norm of `step` (NORM_PARTIAL downstream, NORM_TOTAL upstream)."""
+        self._raise_if_failed()
+        await self._write(frames.encode_frame(frames.Kind.NORM, self.local.spec_hash, self.local.stage, step, phase,
+                                              payload=frames.encode_norm(value)))
+
+    async def recv_norm(self, step: int, phase: int, timeout_s: float) -> float:
+        """The neighbour's squared gradient norm of `step` (PeerLostError naming the timeout field if it is late)."""
+        key = (step, phase)
+        with trio.move_on_after(timeout_s):
+            async with self._norms_cv:
+                while key not in self.norms:
+                    self._raise_if_failed()
+                    await self._norms_cv.wait()
+                return self.norms.pop(key)
+        raise PeerLostError(f"no gradient norm of step {step} from peer {self.peer} (stage {self.remote_stage}) "
+                            f"within grad_norm_timeout_s={timeout_s}", self.peer, self.remote_stage)
 
     async def send_data(
         self, kind: frames.Kind, step: int, microbatch: int, payload: bytes, window: bytes = b"", attempt: int = 0
@@ -528,6 +548,8 @@ class ActChannel:
             self._credit_cv.notify_all()
         async with self._acks_cv:
             self._acks_cv.notify_all()
+        async with self._norms_cv:
+            self._norms_cv.notify_all()
 
     async def run_reader(self) -> None:
         """Read frames until the stream ends; rejects bad frames (peer score drops) and fails the channel."""
@@ -605,6 +627,8 @@ class ActChannel:
             self.closed_by_peer = True
         elif h.kind == frames.Kind.COMMIT:
             self._accept_commit(fr)
+        elif h.kind == frames.Kind.NORM:
+            await self._accept_norm(fr)
         else:
             raise UnexpectedFrameError(f"unexpected {h.kind.name} frame after the handshake")
         return True
@@ -627,6 +651,20 @@ class ActChannel:
         except (ValueError, KeyError, TypeError) as exc:
             raise UnexpectedFrameError(f"malformed commit frame: {exc}") from exc
         self.commits.append({"step": step, "commit": commit})
+        self._notify()
+
+    async def _accept_norm(self, fr: frames.Frame) -> None:
+        h = fr.header
+        # partial sums come from the previous stage, the total from the next one
+        want = {frames.NORM_PARTIAL: self.local.stage - 1, frames.NORM_TOTAL: self.local.stage + 1}.get(h.microbatch)
+        if want is None or h.stage != self.remote_stage or h.stage != want:
+            raise UnexpectedFrameError(f"norm frame (phase {h.microbatch}) from stage {h.stage}; stage "
+                                       f"{self.local.stage} takes partial sums from stage {self.local.stage - 1} and "
+                                       f"totals from stage {self.local.stage + 1}")
+        if (h.step, h.microbatch) in self.norms:
+            raise UnexpectedFrameError(f"second norm frame for step {h.step} phase {h.microbatch}")
+        self.norms[(h.step, h.microbatch)] = frames.decode_norm(fr.payload)
+        await _notify_all(self._norms_cv)
         self._notify()
 
     async def _accept_data(self, fr: frames.Frame) -> None:

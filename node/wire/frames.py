@@ -9,6 +9,7 @@ cheap enough to run on the event loop. Everything here is pure: no I/O, no torch
 
 from __future__ import annotations
 
+import math
 import struct
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -24,6 +25,7 @@ from node.errors import (
     ShapeMismatchError,
     SpecHashMismatchError,
     TruncatedFrameError,
+    UnexpectedFrameError,
     UnknownKindError,
     UnsupportedVersionError,
 )
@@ -50,6 +52,28 @@ class Kind(IntEnum):
     CLOSE = 7  # orderly end of the run (no more data frames will follow)
     LOSS = 8  # tail -> upstream: JSON payload with the step's loss (progress reporting)
     COMMIT = 9  # head -> downstream replicas: JSON payload {"step", "commit": [[mb, attempt], ...]}
+    NORM = 10  # squared gradient norm of `step` for global-norm clipping: payload = float64 (big-endian);
+    # microbatch field = NORM_PARTIAL (running sum of stages <= sender, downstream) or NORM_TOTAL (upstream)
+
+
+NORM_PARTIAL = 0  # NORM frame: sum over stages 0..sender, sent to the next stage
+NORM_TOTAL = 1  # NORM frame: the whole model's squared norm, sent back towards stage 0
+_NORM = struct.Struct(">d")
+
+
+def encode_norm(value: float) -> bytes:
+    """Payload of a NORM frame."""
+    return _NORM.pack(value)
+
+
+def decode_norm(payload: bytes) -> float:
+    """A NORM payload's squared norm; UnexpectedFrameError unless it is 8 bytes of a finite float >= 0."""
+    if len(payload) != _NORM.size:
+        raise UnexpectedFrameError(f"norm frame payload of {len(payload)} bytes, expected {_NORM.size}")
+    (value,) = _NORM.unpack(payload)
+    if not (math.isfinite(value) and value >= 0):
+        raise UnexpectedFrameError(f"norm frame carries {value!r}, not a finite squared norm >= 0")
+    return float(value)
 
 
 class CodecId(IntEnum):

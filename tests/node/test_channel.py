@@ -110,6 +110,10 @@ def _bad_frames() -> dict[str, tuple[bytes, bool, str]]:
                           codec=frames.CodecId.DENSE, dtype=frames.Dtype.FLOAT32, shape=FSPEC.shape)
     bad_version = bytearray(full)
     bad_version[4] = 99
+    norm_as_total = frames.encode_frame(frames.Kind.NORM, SPEC_HASH, 0, 1, frames.NORM_TOTAL,
+                                        payload=frames.encode_norm(1.0))  # a total must come from downstream
+    norm_nan = frames.encode_frame(frames.Kind.NORM, SPEC_HASH, 0, 1, frames.NORM_PARTIAL,
+                                   payload=frames.encode_norm(float("nan")))
     return {
         "too_large": (too_big, False, "maximum is"),
         "wrong_shape": (wrong_shape, False, "frame shape (2, 8, 17)"),
@@ -117,6 +121,8 @@ def _bad_frames() -> dict[str, tuple[bytes, bool, str]]:
         "nan": (nan_frame, False, "NaN"),
         "truncated": (full[: frames.HEADER_SIZE + 100], True, "truncated"),
         "unknown_version": (bytes(bad_version), False, "version 99"),
+        "norm_wrong_direction": (norm_as_total, False, "norm frame (phase 1) from stage 0"),
+        "norm_nan": (norm_nan, False, "not a finite squared norm"),
     }
 
 

@@ -23,9 +23,9 @@ def test_operator_errors(tmp_path: Path) -> None:
     bad_spec = tmp_path / "spec.toml"
     bad_spec.write_text("[training]\nstages = 0\n")
     assert_clean_error(run_pmn("node", "start", "--data-dir", str(tmp_path / "n"), "--model", str(bad_spec)), "stages")
-    bad_spec.write_text("[training]\nwarmup_steps = 3\n")
+    bad_spec.write_text('[training]\nschedule = "linear"\n')
     assert_clean_error(run_pmn("node", "start", "--data-dir", str(tmp_path / "n"), "--model", str(bad_spec)),
-                       "warmup_steps")
+                       "schedule")
     onchain = tmp_path / "op.toml"
     onchain.write_text('rpc_url = "http://127.0.0.1:9"\n')
     assert_clean_error(run_pmn("node", "start", "--config", str(onchain), "--data-dir", str(tmp_path / "n")),
