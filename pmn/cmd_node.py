@@ -113,13 +113,11 @@ def onchain_model(op: OperatorConfig, model: str, flags: dict[str, Any], data_di
     model_id, stage, spec, why = resolve_onchain(rpc_url, deployment, model, list(bootstrap), data_dir)
     print(f"joining {why}", file=sys.stderr, flush=True)
     try:
-        training = TrainingSection(**spec["training"])
         config = ModelConfig.from_dict(spec["model"])
+        training = TrainingSection(**spec["training"]).validate(config)  # fields left out of the hash: defaults
     except (TypeError, ValueError) as exc:
         raise CLIError(f"model {model_id}: the fetched spec is not one this node software runs: {exc}") from None
-    recipe = TrainingRecipe(stages=training.stages, codec=training.codec, microbatches=training.microbatches,
-                            microbatch_size=training.microbatch_size, lr=training.lr,
-                            warmup_steps=training.warmup_steps, data_seed=training.data_seed)
+    recipe = TrainingRecipe(**training.to_dict())
     flags.pop("num_stages", None)  # the spec's stage count is the model's
     chosen = str(stage) if stage is not None and "stage" not in flags else op.stage
     op = replace(op, rpc_url=rpc_url, deployment=str(deployment), model_id=model_id, stage=chosen)

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from contracts.chain import disconnect
-from node.model import load_model_config
+from node.model import load_model_config, optim_config
 from node.services.chain_link import training_section
 from node.testing.swarm import stop_nodes
 from pmn.cmd_models import all_reports, choose, resolve_onchain
@@ -23,7 +23,6 @@ from pmn.config import OperatorConfig
 from pmn.demo import Demo, DemoConfig
 from pmn.errors import CLIError
 from protocol.modelspec import proposal_spec_hash
-from sharding.train import OptimConfig
 from tests.pmn.conftest import run_pmn
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(600)]
@@ -119,8 +118,8 @@ def test_two_models_on_one_chain_never_mix(tmp_path: Path) -> None:
         cfg = node_config(OperatorConfig(rpc_url=a.rpc_url, deployment=dep, data_dir=str(tmp_path / "joiner4")),
                           {"model": "auto", "bootstrap": [peer_a]})
         assert (cfg.chain.model_id, cfg.stage, cfg.num_stages, cfg.optim_lr) == (1, str(stage.stage), 2, SMALL.lr)
-        optim = OptimConfig(lr=cfg.optim_lr)
-        runs = proposal_spec_hash(load_model_config(cfg.model), training_section(cfg, optim).to_dict())
+        model = load_model_config(cfg.model)
+        runs = proposal_spec_hash(model, training_section(cfg, optim_config(cfg, model)).to_dict())
         assert runs == client.get_model(1).terms.spec_hash
     finally:
         stop_nodes(a.nodes + b.nodes)
