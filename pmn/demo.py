@@ -48,6 +48,7 @@ from protocol.receipts import Domain, SignedReceipt, StaticKeyRegistry
 from protocol.settlement import attest, claim_all, submit_epoch
 from protocol.spotcheck import FraudEvidence, SpotCheckConfig
 from protocol.store import ReceiptStore, StoreConfig
+from sharding import param_count
 from sharding.config import PRESETS
 from sharding.partition import partition
 from sharding.train import OptimConfig
@@ -374,7 +375,8 @@ class Demo:
             return
         info = self.client.get_model(self.model_id)
         t, supply = info.terms, self.client.total_supply(self.model_id)
-        self.page_model.update(model_id=self.model_id, spec_hash="0x" + self.proposal.content_hash().hex(), terms={
+        self.page_model.update(model_id=self.model_id, spec_hash="0x" + self.proposal.content_hash().hex(),
+                               params=param_count(self.proposal.model), terms={
             "epoch_length": t.epoch_length, "audit_rate": t.audit_rate_bps / 10_000,
             "challenge_window_s": t.challenge_window, "inference_fee_wei": t.inference_fee_wei, "status": info.status,
             "total_shares": supply,

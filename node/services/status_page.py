@@ -18,6 +18,7 @@ from node.observability.web.snapshot import SnapshotLimits, node_part, page
 from node.services.base import NodeService
 from protocol.accounting import compute_units
 from protocol.payments import ChainLink
+from sharding import param_count
 
 
 class ChainFigures:
@@ -77,7 +78,7 @@ class StatusPageService:
         cfg, limits = self.cfg, SnapshotLimits(history=self.cfg.history)
         figures = None if self.link is None else ChainFigures(self.link, ctx.identity.address, cfg.chain_refresh_s)
         model = {"name": ctx.cfg.model, "spec_hash": "0x" + ctx.model.spec_hash().hex(), "stages": ctx.cfg.num_stages,
-                 "params": None}
+                 "params": param_count(ctx.model)}
 
         def units_per_cosigned() -> float | None:
             worker = ctx.worker
