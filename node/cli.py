@@ -40,6 +40,7 @@ SHORT_FLAGS: dict[str, tuple[str, ...]] = {
     "num_stages": ("--stages",),
     "optim_lr": ("--lr",),
     "runtime.steps": ("--steps",),
+    "web.port": ("--status-port",),
     "runtime.num_microbatches": ("--microbatches",),
     "runtime.microbatch_size": ("--microbatch-size",),
     "runtime.codec": ("--codec",),

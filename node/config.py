@@ -290,6 +290,28 @@ class NatConfig:
 
 
 @dataclass
+class WebConfig:
+    """The status page (`node.observability.web`): HTTP beside the Prometheus endpoint, off unless a port is set."""
+
+    port: int = 0  # HTTP port of the status page (0 = no page; on 127.0.0.1 by default, see host)
+    host: str = "127.0.0.1"  # interface the page listens on (0.0.0.0 shows it to the whole network)
+    poll_s: float = 1.0  # how often an open page asks for a new snapshot
+    chain_refresh_s: float = 5.0  # on-chain figures (terms, shares, claimable revenue) are re-read at most this often
+    history: int = 2000  # most recent steps drawn in the loss and tokens/s curves
+    graceful_s: float = 1.0  # at shutdown, time open requests get to finish
+
+    def validate(self) -> None:
+        """Raise ValueError naming the bad field."""
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"web.port must be in 0..65535, got {self.port}")
+        for name in ("poll_s", "chain_refresh_s", "graceful_s"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"web.{name} must be > 0, got {getattr(self, name)}")
+        if self.history < 1:
+            raise ValueError(f"web.history must be >= 1, got {self.history}")
+
+
+@dataclass
 class NodeConfig:
     """Everything `run_node` needs."""
 
@@ -316,6 +338,7 @@ class NodeConfig:
     recipe: RecipeConfig = field(default_factory=RecipeConfig)  # optimiser, schedule, clipping, data order
     chain: ChainConfig = field(default_factory=ChainConfig)  # on-chain binding (off when chain.rpc_url is empty)
     nat: NatConfig = field(default_factory=NatConfig)  # reachability, circuit relay v2, hole punching
+    web: WebConfig = field(default_factory=WebConfig)  # status page (off unless web.port is set)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field and the fix."""
@@ -357,3 +380,4 @@ class NodeConfig:
         self.replicas.validate()
         self.chain.validate()
         self.nat.validate()
+        self.web.validate()

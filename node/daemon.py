@@ -41,6 +41,8 @@ from node.pipeline.runner import PipelineRunner
 from node.replicas.runner import ReplicatedRunner
 from node.services.base import AccessProvider, NodeService
 from node.services.nat import NatService
+from node.services.spec_exchange import serve_own_spec
+from node.services.status_page import StatusPageService
 from node.wire.channel import ReceiptHook
 from sharding import Corpus, ModelConfig, OptimConfig
 from sharding.dataset import DataSpec, load_data_spec, load_prepared
@@ -185,11 +187,16 @@ class NodeDaemon:
                 await service.start(ctx)
             if cfg.metrics_port:
                 log.serve_metrics(stage, cfg.metrics_port)
+            serve_own_spec(ctx)  # /pmn/spec/1.0.0: newcomers fetch this model's spec by its on-chain hash
+            page = StatusPageService(cfg.web, self.services) if cfg.web.port else None
+            if page is not None:
+                await page.start(ctx)
             log.state = "running"
             addrs = list(discovery.me.addrs)  # what the node announces (a private node: its relayed addresses first)
             nat = {} if self.nat is None or self.nat.reach is None else {"reachability": self.nat.reach.state}
             ready = {"event": "ready", "peer_id": me.peer_id, "addrs": addrs, "stage": stage, **nat,
-                     "address": self.identity.address, **runner.ready_fields(), "metrics_port": cfg.metrics_port}
+                     "address": self.identity.address, **runner.ready_fields(), "metrics_port": cfg.metrics_port,
+                     "status_url": page.url if page is not None else None}
             if self.data is not None:  # the spec's dataset the head stage reads (hash-checked at start)
                 ready["data_hash"] = self.data.data_hash()
             log.status(**ready)

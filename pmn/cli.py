@@ -72,6 +72,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-dir", type=Path, help="where the demo keeps node data (default: a temporary dir)")
     p.add_argument("--device", help="compute device of the node processes: auto, cpu, cuda, cuda:N, mps "
                                     "(default: the demo config's)")
+    p.add_argument("--serve", action="store_true", help="keep the status page (and an embedded chain) up after the "
+                   "demo, until Ctrl-C")
+    p.add_argument("--keep", type=Path, metavar="DIR", help="keep the deployment file, receipts and keystores in DIR "
+                   "and print the holder's commands for them (implied, in a named directory, by --chain-url)")
     p.set_defaults(func=_handler("demo", "cmd_demo"))
 
     # researcher
@@ -88,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=_example("pmn models --rpc-url http://127.0.0.1:8545 --deployment deployment.json"), formatter_class=fmt)
     _add_chain_flags(p)
     p.add_argument("--json", action="store_true", help="print JSON")
-    p.set_defaults(func=_handler("cmd_chain", "cmd_models"))
+    p.set_defaults(func=_handler("cmd_models", "cmd_models"))
 
     # holder
     p = sub.add_parser("shares", help="share balance, fraction of supply, claimable and claimed revenue, epoch history",
@@ -138,7 +142,9 @@ def build_parser() -> argparse.ArgumentParser:
     from node.cli import add_config_flags  # one flag per NodeConfig field (node.cli); no torch, no libp2p
 
     add_config_flags(q, None, help_overrides={
-        "model": "model spec: preset name, spec TOML path or ModelConfig JSON path (default: the config's)",
+        "model": "model spec: preset name, spec TOML path or ModelConfig JSON path; or an on-chain model id, or "
+                 "'auto' (best expected revenue per compute unit, docs/MODEL_CHOICE.md): its spec is fetched from "
+                 "--bootstrap peers and checked against the chain's hash (default: the config's)",
         "num_stages": "pipeline stages (default: the spec TOML's [training] stages, else the config's)"})
     q.set_defaults(func=_handler("cmd_node", "cmd_node_start"))
     q = nsub.add_parser("status", help="stage, peers, throughput, compute credited and pending",

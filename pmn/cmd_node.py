@@ -77,8 +77,11 @@ def node_config(op: OperatorConfig, flags: dict[str, Any]) -> NodeConfig:
 
     flags = dict(flags)
     data_dir = Path(flags.pop("data_dir", None) or op.data_dir).expanduser()
-    m = resolve_model(flags.pop("model", None) or op.model, flags.pop("num_stages", None), op.stages,
-                      json_dir=data_dir)
+    model = flags.pop("model", None) or op.model
+    if model == "auto" or model.isdigit():  # an on-chain model: its spec comes from its peers, checked by hash
+        m, op = onchain_model(op, model, flags, data_dir)
+    else:
+        m = resolve_model(model, flags.pop("num_stages", None), op.stages, json_dir=data_dir)
     cfg = NodeConfig(data_dir=str(data_dir), model=m.daemon_model, num_stages=m.stages, stage=op.stage,
                      listen=list(op.listen), bootstrap=list(op.bootstrap), metrics_port=op.metrics_port,
                      capacity=op.capacity, device=op.device)
@@ -105,6 +108,34 @@ def node_config(op: OperatorConfig, flags: dict[str, Any]) -> NodeConfig:
         cfg.chain = ChainConfig(op.rpc_url, str(Path(op.deployment).expanduser()), op.model_id)
         cfg.linger = True
     return apply_flags(cfg, flags)
+
+
+def onchain_model(op: OperatorConfig, model: str, flags: dict[str, Any], data_dir: Path
+                  ) -> tuple[NodeModel, OperatorConfig]:
+    """`--model auto|ID`: the model (and with auto, the stage) chosen from the chain, its spec fetched from the
+    bootstrap peers and checked against the on-chain hash; prints why. Returns the model and the operator
+    config bound to it (model_id, stage)."""
+    import sys
+    from dataclasses import replace
+
+    from pmn.cmd_models import resolve_onchain
+    from protocol.modelspec import TrainingSection
+
+    rpc_url = flags.pop("chain.rpc_url", None) or op.rpc_url
+    deployment = flags.pop("chain.deployment", None) or op.deployment
+    bootstrap = flags.get("bootstrap") or op.bootstrap
+    model_id, stage, spec, why = resolve_onchain(rpc_url, deployment, model, list(bootstrap), data_dir)
+    print(f"joining {why}", file=sys.stderr, flush=True)
+    try:
+        config = ModelConfig.from_dict(spec["model"])
+        training = TrainingSection(**spec["training"]).validate(config)  # fields left out of the hash: defaults
+    except (TypeError, ValueError) as exc:
+        raise CLIError(f"model {model_id}: the fetched spec is not one this node software runs: {exc}") from None
+    recipe = TrainingRecipe(**training.to_dict())
+    flags.pop("num_stages", None)  # the spec's stage count is the model's
+    chosen = str(stage) if stage is not None and "stage" not in flags else op.stage
+    op = replace(op, rpc_url=rpc_url, deployment=str(deployment), model_id=model_id, stage=chosen)
+    return NodeModel(config, training.stages, str(data_dir / "model.json"), recipe), op
 
 
 def cmd_node_start(args: argparse.Namespace) -> int:

@@ -16,6 +16,7 @@ import json
 import os
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -32,8 +33,11 @@ from contracts.deploy import deploy_all
 from contracts.embedded import serve_embedded
 from node.net.identity import load_or_create_identity
 from node.observability.status import node_status, read_progress
+from node.observability.web.app import make_app
+from node.observability.web.server import PageThread
+from node.observability.web.snapshot import node_part, page
 from node.services.audit import attester_role, spot_check, submit_frauds
-from node.services.inference import generate, head_stream_opener
+from node.services.inference import Sampling, generate, head_stream_opener
 from node.testing.swarm import NodeProcess, launch_swarm, stop_nodes
 from pmn.cmd_data import local_bpe_data
 from pmn.errors import CLIError
@@ -45,6 +49,7 @@ from protocol.receipts import Domain, SignedReceipt, StaticKeyRegistry
 from protocol.settlement import attest, claim_all, submit_epoch
 from protocol.spotcheck import FraudEvidence, SpotCheckConfig
 from protocol.store import ReceiptStore, StoreConfig
+from sharding import param_count
 from sharding.config import PRESETS
 from sharding.dataset import DataSpec, manifest_hash, prepare, read_documents, tokenizer_of
 from sharding.partition import partition
@@ -58,30 +63,37 @@ class DemoConfig:
     preset: str = "tiny-subspace"  # sharding preset of the proposed model
     stages: int = 3  # pipeline stages, one node process each
     codec: str = "subspace"  # boundary codec (subspace: only z and token ids cross)
-    steps: int = 30  # global training steps
-    epoch_length: int = 15  # steps per accounting epoch (so steps / epoch_length epochs settle)
+    steps: int = 300  # global training steps (enough for the byte-level model to write Python-looking text)
+    epoch_length: int = 150  # steps per accounting epoch (so steps / epoch_length epochs settle)
     microbatches: int = 2  # microbatches per step
-    microbatch_size: int = 4  # sequences per microbatch
+    microbatch_size: int = 8  # sequences per microbatch
     lr: float = 3e-3  # AdamW peak learning rate
     threads_per_node: int = 1  # torch threads per node process
     device: str = "auto"  # compute device of the node processes (auto: first CUDA device, else MPS, else CPU)
     validators: int = 2  # attester accounts (validator role on chain)
     quorum: int = 2  # attester signatures required per epoch root
     challenge_window_s: int = 600  # seconds a root can be challenged (chain time is advanced past it)
-    audit_rate: float = 0.2  # published spot-check rate of the model terms
+    audit_rate: float = 0.02  # published spot-check rate of the model terms (of 1200 hops per epoch)
     inference_fee_wei: int = 10**16  # fee per inference request
     inference_requests: int = 2  # paid requests the client sends
     prompt: str = "def "  # inference prompt
-    max_new_tokens: int = 24  # tokens generated per request
+    max_new_tokens: int = 48  # tokens generated per request
+    sample_temperature: float = 0.5  # sampling temperature of the answer (0 = greedy)
+    sample_top_k: int = 10  # the answer's tokens are drawn among the k most likely (0 = all)
+    sample_seed: int = 0  # seed of the draw (request i uses sample_seed + i)
     data_source: str = "stdlib"  # documents of the proposed [data] section (sharding.dataset.read_documents)
     tokenizer: str = "bpe"  # "bpe": trained here at start from data_source; "byte": byte-level ids
     bpe_vocab_size: int = 512  # vocabulary of that BPE (the model's vocab_size)
     data_max_mb: int = 1  # [data] max_mb: MiB of documents tokenized and trained on (keeps the start fast)
     node_ready_timeout_s: float = 90.0  # time for a node process to print its ready line
-    train_timeout_s: float = 240.0  # time for the swarm to finish training
+    discovery_timeout_s: float = 60.0  # how long a node looks for its neighbour stages (slow starts on a busy machine)
+    train_timeout_s: float = 600.0  # time for the swarm to finish training
     inference_timeout_s: float = 60.0  # time for one inference request
     poll_s: float = 0.25  # how often the live display is refreshed
     stake_funding_wei: int = 10**18  # ETH sent to each node key for stake and gas
+    status_host: str = "127.0.0.1"  # interface of the demo's status page (every stage on one page)
+    status_port: int = 0  # port of the demo's status page (0 = any free port)
+    status_poll_s: float = 1.0  # how often the open page asks for a new snapshot
 
 
 def _fmt_units(n: int) -> str:
@@ -91,15 +103,23 @@ def _fmt_units(n: int) -> str:
 class Demo:
     """One demo run; `run()` returns the summary dict."""
 
-    def __init__(self, cfg: DemoConfig, root: Path, chain_url: str | None, console: Console | None) -> None:
+    def __init__(self, cfg: DemoConfig, root: Path, chain_url: str | None, console: Console | None,
+                 keep: bool = False) -> None:
         self.cfg = cfg
         self.root = root
+        # keep: root stays after the demo with the deployment file, receipts and keystores, and stage 0's
+        # revenue is left for the holder's own `pmn claim` (see `holder_commands`)
+        self.keep = keep
+        self.keep_chain = False  # leave an embedded chain running after `run` (`close_chain` stops it)
         self.chain_url = chain_url
         self.console = console
         self.nodes: list[NodeProcess] = []
         self.stop_chain: Any = None
         self.spot_checks = {"checked": 0, "failed": 0}  # hops re-executed by the attesters, and failures
         self.evidence: list[FraudEvidence] = []  # failed spot checks, submitted as fraud verdicts
+        self.page: PageThread | None = None  # the status page of every stage (`start_page`)
+        self.page_model: dict[str, Any] = {"name": cfg.preset, "stages": cfg.stages}  # model facts it shows
+        self.page_chain: dict[str, dict[str, Any]] = {}  # node address -> on-chain figures it shows
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -187,7 +207,8 @@ class Demo:
         args = ["--model", str(self.root / "model.json"), "--dataset", str(self.root / "data.json"), "--codec", cfg.codec, "--steps", str(cfg.steps), "--microbatches",
                 str(cfg.microbatches), "--microbatch-size", str(cfg.microbatch_size), "--lr", str(cfg.lr),
                 "--rpc-url", self.rpc_url, "--deployment", str(self.deployment_path), "--model-id",
-                str(self.model_id), "--linger", "--checkpoint-every", "0", "--device", cfg.device]
+                str(self.model_id), "--linger", "--checkpoint-every", "0", "--device", cfg.device,
+                "--discovery-discovery-timeout-s", str(cfg.discovery_timeout_s)]
         self.nodes = launch_swarm(self.root, cfg.stages, args, ready_timeout_s=cfg.node_ready_timeout_s,
                                   threads=[cfg.threads_per_node] * cfg.stages)
         for n in self.nodes:
@@ -219,6 +240,7 @@ class Demo:
         losses = [float(r["loss"]) for r in sorted(tail, key=lambda r: r["step"]) if r.get("loss") is not None]
         if len(losses) < 2:
             raise CLIError("the tail stage reported fewer than two losses")
+        self.losses = losses
         k = min(3, len(losses) // 2)
         return sum(losses[:k]) / k, sum(losses[-k:]) / k
 
@@ -332,18 +354,65 @@ class Demo:
             request_id = os.urandom(32)
             tx_hash = self.client.deposit_revenue(self.client_account, self.model_id, self.cfg.inference_fee_wei,
                                                   request_id)
-            tokens = trio.run(self._generate, head, request_id, tx_hash)
+            sampling = Sampling(self.cfg.sample_temperature, self.cfg.sample_top_k, self.cfg.sample_seed + i)
+            tokens = trio.run(self._generate, head, request_id, tx_hash, sampling)
             text = self.tokenizer.decode(tokens)
             texts.append(text)
             self.say(f"[bold]inference[/] request {i + 1}: paid {self.cfg.inference_fee_wei} wei "
                      f"(tx 0x{tx_hash.hex()[:12]}…) → {self.cfg.prompt!r} + {text!r}")
         return texts
 
-    async def _generate(self, head: str, request_id: bytes, tx_hash: bytes) -> list[int]:
+    async def _generate(self, head: str, request_id: bytes, tx_hash: bytes, sampling: Sampling) -> list[int]:
         async with head_stream_opener(head) as open_stream:
             with trio.fail_after(self.cfg.inference_timeout_s):
                 return [t async for t in generate(open_stream, self.tokenizer.encode(self.cfg.prompt), request_id=request_id,
-                                                  tx_hash=tx_hash, max_new_tokens=self.cfg.max_new_tokens)]
+                                                  tx_hash=tx_hash, max_new_tokens=self.cfg.max_new_tokens,
+                                                  sampling=sampling)]
+
+    # -- status page -------------------------------------------------------------------------------
+
+    def start_page(self) -> str:
+        """Serve the page of every stage (node files + the chain figures this process reads); its URL."""
+        cfg = self.cfg
+        self.page = PageThread(make_app(self._page_source, cfg.status_poll_s), cfg.status_host, cfg.status_port)
+        self.say(f"[bold]status page[/] {self.page.url} (every stage, live)")
+        return self.page.url
+
+    def stop_page(self) -> None:
+        if self.page is not None:
+            self.page.stop()
+
+    async def _page_source(self) -> dict[str, Any]:
+        def read() -> list[tuple[dict[str, Any], dict[str, Any]]]:
+            parts = []
+            for n in list(self.nodes):
+                address = n.ready.get("address", "")
+                per = self._units_per_hop(n.stage) / self._hops_per_microbatch(n.stage)
+                row, series = node_part(n.data_dir, chain={**self.page_chain.get(address, {}),
+                                                           "units_per_cosigned": per})
+                parts.append(({**row, "steps_total": self.cfg.steps}, series))
+            return parts
+
+        parts = await trio.to_thread.run_sync(read)
+        return page(f"pmn demo · model {self.page_model.get('model_id', '?')} · {self.cfg.stages} stages",
+                    dict(self.page_model), parts)
+
+    def update_page_chain(self) -> None:
+        """Re-read what the page shows from the chain (terms, shares, claimable revenue); main thread only."""
+        if not hasattr(self, "model_id"):
+            return
+        info = self.client.get_model(self.model_id)
+        t, supply = info.terms, self.client.total_supply(self.model_id)
+        self.page_model.update(model_id=self.model_id, spec_hash="0x" + self.proposal.content_hash().hex(),
+                               params=param_count(self.proposal.model), terms={
+            "epoch_length": t.epoch_length, "audit_rate": t.audit_rate_bps / 10_000,
+            "challenge_window_s": t.challenge_window, "inference_fee_wei": t.inference_fee_wei, "status": info.status,
+            "total_shares": supply,
+            "revenue_deposited_wei": int(self.client.token(self.model_id).functions.totalDeposited().call())})
+        for ident in getattr(self, "identities", []):
+            shares = self.client.balance_of(self.model_id, ident.address)
+            self.page_chain[ident.address] = {"shares": shares, "fraction": shares / supply if supply else 0.0,
+                                              "claimable_wei": self.client.claimable(self.model_id, ident.address)}
 
     # -- the whole loop ----------------------------------------------------------------------------
 
@@ -352,42 +421,114 @@ class Demo:
             self.setup_chain()
             self.propose()
             self.register_nodes()
+            self.update_page_chain()
+            self.start_page()
             loss_start, loss_end = self.train()
             epochs = self.settle()
+            self.update_page_chain()
             texts = self.infer()
+            self.update_page_chain()
             deposited = self.cfg.inference_fee_wei * self.cfg.inference_requests
             supply = self.client.total_supply(self.model_id)
             nodes = []
             for ident, n in zip(self.identities, self.nodes, strict=True):
                 units = sum(e["result"].totals.get(ident.address, 0) for e in epochs)
                 shares = self.client.balance_of(self.model_id, ident.address)
+                left = self.keep and n.stage == 0  # left for the printed `pmn claim` line
                 claimed = self.client.claim_revenue(self.model_id, ident.account) \
-                    if self.client.claimable(self.model_id, ident.address) > 0 else 0
+                    if self.client.claimable(self.model_id, ident.address) > 0 and not left else 0
                 nodes.append({"stage": n.stage, "peer_id": n.ready["peer_id"], "address": ident.address,
                               "compute_units": units, "shares": shares, "fraction": shares / supply if supply else 0.0,
                               "revenue_claimed_wei": claimed})
+            self.update_page_chain()
             return {"model_id": self.model_id, "nodes": nodes, "loss_start": loss_start, "loss_end": loss_end,
                     "epochs_settled": len(epochs), "revenue_deposited_wei": deposited,
                     "inference_text": texts[0] if texts else "", "inference_texts": texts,
                     "total_shares": supply, "receipts_files": [str(e["file"]) for e in epochs],
-                    "spot_checks": dict(self.spot_checks)}
+                    "spot_checks": dict(self.spot_checks),
+                    "status_url": self.page.url if self.page is not None else None, "losses": self.losses,
+                    **(self.kept(epochs) if self.keep else {})}
         finally:
             stop_nodes(self.nodes)
-            if self.stop_chain is not None:
-                self.stop_chain()
-            if hasattr(self, "w3"):
-                disconnect(self.w3)
+            if not self.keep_chain:
+                self.close_chain()
+
+    def close_chain(self) -> None:
+        """Stop the embedded chain (if any) and close the connection (idempotent)."""
+        if self.stop_chain is not None:
+            self.stop_chain()
+            self.stop_chain = None
+        if hasattr(self, "w3"):
+            disconnect(self.w3)
+            del self.w3
+
+    # -- what a newcomer can try afterwards ------------------------------------------------------
+
+    def kept(self, epochs: list[dict[str, Any]]) -> dict[str, Any]:
+        """Keystores of the node keys (they are the operators, so they hold the shares) and the holder's
+        commands, ready to run against this chain with the kept files."""
+        from eth_account import Account
+
+        keys = self.root / "keystores"
+        keys.mkdir(exist_ok=True)
+        password = self.root / "password.txt"
+        if not password.exists():
+            password.write_text(os.urandom(12).hex())
+            password.chmod(0o600)
+        pw = password.read_text().strip()
+        for ident in self.identities:
+            path = keys / f"stage{self.identities.index(ident)}.json"
+            path.write_text(json.dumps(Account.encrypt(ident.account.key, pw)))
+            path.chmod(0o600)
+        chain = f"--rpc-url {self.rpc_url} --deployment {self.deployment_path}"
+        holder = self.identities[0].address
+        commands = [f"pmn shares --model {self.model_id} --holder {holder} {chain}",
+                    f"pmn claim --model {self.model_id} --keystore {keys / 'stage0.json'} --password-file {password} "
+                    f"{chain}"]
+        commands += [f"pmn ledger verify --model {self.model_id} --epoch {e['epoch']} --receipts {e['file']} {chain}"
+                     for e in epochs[:1]]
+        commands += [f"pmn models {chain}"]
+        return {"kept_dir": str(self.root), "holder_commands": commands}
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n:g}"
+
+
+def _eth(wei: int) -> str:
+    return f"{wei / 1e18:.6f} ETH"
 
 
 def summary_table(result: dict[str, Any]) -> Table:
-    table = Table(title=f"model {result['model_id']}: loss {result['loss_start']:.3f} → {result['loss_end']:.3f}, "
-                        f"{result['epochs_settled']} epochs settled, {result['revenue_deposited_wei']} wei of fees")
-    for col in ("stage", "peer id", "address", "verified compute", "shares", "fraction", "revenue claimed (wei)"):
-        table.add_column(col, justify="right")
+    """The nodes' outcome in at most 100 columns (full ids are in the --json line)."""
+    table = Table(title=f"model {result['model_id']}: loss {result['loss_start']:.2f} → {result['loss_end']:.2f}, "
+                        f"{result['epochs_settled']} epochs settled, {_eth(result['revenue_deposited_wei'])} of fees")
+    for col in ("stage", "peer id", "address", "compute", "shares", "fraction", "revenue claimed"):
+        table.add_column(col, justify="right", no_wrap=True)
     for n in result["nodes"]:
-        table.add_row(str(n["stage"]), n["peer_id"][:14] + "…", n["address"][:12] + "…", _fmt_units(n["compute_units"]),
-                      str(n["shares"]), f"{n['fraction']:.4f}", str(n["revenue_claimed_wei"]))
+        table.add_row(str(n["stage"]), n["peer_id"][:12] + "…", n["address"][:10] + "…", _fmt_units(n["compute_units"]),
+                      _count(n["shares"]), f"{100 * n['fraction']:.2f} %", _eth(n["revenue_claimed_wei"]))
     return table
+
+
+def print_summary(console: Console, result: dict[str, Any]) -> None:
+    """Loss chart, table and (when the demo kept its files) the holder's commands."""
+    from pmn.termchart import bar_chart
+
+    if result.get("losses"):
+        console.print(bar_chart(result["losses"], width=60, height=6, label="training loss (tail stage)"),
+                      highlight=False, markup=False)
+    console.print(summary_table(result))
+    for i, text in enumerate(result.get("inference_texts", [])):
+        console.print(f"answer {i + 1}: {text!r}", highlight=False, markup=False)
+    if result.get("kept_dir"):
+        console.print(f"[bold]kept[/] {result['kept_dir']} (deployment, receipts, keystores; password in "
+                      "password.txt). Try, as the holder of stage 0:")
+        for cmd in result["holder_commands"]:
+            console.print("  " + cmd, soft_wrap=True, highlight=False, markup=False)
 
 
 def load_demo_config(path: Path | None) -> DemoConfig:
@@ -432,22 +573,45 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if cfg.stages < 3:
         raise CLIError("the demo needs at least 3 stages: pass --stages 3 or more")
     console = None if args.json else Console()
+    serve = bool(getattr(args, "serve", False))
+    keep_dir = getattr(args, "keep", None)
+    keep = keep_dir is not None or args.chain_url is not None  # an external chain outlives the demo: so do its files
+    if keep_dir is not None and args.data_dir is not None:
+        raise CLIError("pass --keep DIR or --data-dir DIR, not both (--keep is a data dir that the demo keeps)")
     tmp = None
-    if args.data_dir is None:
+    if keep_dir is not None:
+        root = keep_dir.expanduser().resolve()
+    elif args.data_dir is not None:
+        root = args.data_dir.expanduser()
+    elif keep:
+        root = Path(tempfile.mkdtemp(prefix="pmn-demo-"))  # named in the summary and the --json line
+    else:
         tmp = tempfile.TemporaryDirectory(prefix="pmn-demo-")
         root = Path(tmp.name)
-    else:
-        root = args.data_dir.expanduser()
-        root.mkdir(parents=True, exist_ok=True)
+    root.mkdir(parents=True, exist_ok=True)
+    demo = Demo(cfg, root, args.chain_url, console, keep=keep)
+    demo.keep_chain = serve  # with --serve an embedded chain stays up too, for the printed commands
     try:
-        result = Demo(cfg, root, args.chain_url, console).run()
+        result = demo.run()
+        if console is not None:
+            print_summary(console, result)
+            if keep and args.chain_url is None and not serve:
+                console.print("(the embedded chain stopped with the demo: for these commands run the demo with "
+                              "--serve, or against anvil with --chain-url)")
+        out = {k: v for k, v in result.items() if k != "receipts_files" or args.data_dir is not None or keep}
+        print(json.dumps(out), flush=True)
+        if serve and demo.page is not None:
+            print(f"serving the status page at {demo.page.url} until interrupted (Ctrl-C)", file=sys.stderr,
+                  flush=True)
+            threading.Event().wait()  # until SIGINT (KeyboardInterrupt)
+    except KeyboardInterrupt:
+        if not serve:
+            raise
     finally:
+        demo.stop_page()
+        demo.close_chain()
         if tmp is not None:
             tmp.cleanup()
-    if console is not None:
-        console.print(summary_table(result))
-    out = {k: v for k, v in result.items() if k != "receipts_files" or args.data_dir is not None}
-    print(json.dumps(out))
     return 0
 
 

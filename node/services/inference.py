@@ -13,6 +13,7 @@ lengths are checked against `InferenceConfig.max_message_bytes` before anything 
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -111,6 +112,47 @@ def _ids(header: dict[str, Any], config: ModelConfig) -> torch.Tensor:
     return torch.tensor([ids], dtype=torch.long)
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """How the tail stage picks the next token (optional `sampling` object of a GENERATE, forwarded in hops)."""
+
+    temperature: float = 0.0  # softmax temperature; 0 = greedy (argmax)
+    top_k: int = 0  # sample among the k most likely tokens only (0 = all)
+    seed: int = 0  # seed of the draw: the same request and tokens give the same text
+
+    def to_json(self) -> dict[str, Any]:
+        return {"temperature": self.temperature, "top_k": self.top_k, "seed": self.seed}
+
+
+MAX_TEMPERATURE = 10.0  # largest sampling temperature a stage accepts
+
+
+def _sampling(header: dict[str, Any], vocab_size: int) -> Sampling | None:
+    raw = header.get("sampling")
+    if raw is None:
+        return None
+    t, k, seed = (raw.get(x) if isinstance(raw, dict) else None for x in ("temperature", "top_k", "seed"))
+    if (not isinstance(t, int | float) or isinstance(t, bool) or not 0 <= t <= MAX_TEMPERATURE
+            or not isinstance(k, int) or not 0 <= k <= vocab_size or not isinstance(seed, int) or not 0 <= seed < 2**63):
+        raise InferenceError(f"field 'sampling' must be {{temperature: 0..{MAX_TEMPERATURE}, top_k: 0..{vocab_size}, "
+                             "seed: 0..2^63-1}")
+    return Sampling(float(t), k, seed)
+
+
+def pick_token(logits: torch.Tensor, sampling: Sampling | None, ids: list[int]) -> int:
+    """The next token from the last position's logits: argmax, or a seeded draw at the request's temperature
+    among its top-k tokens (the draw depends on the seed and the tokens so far, so it is reproducible)."""
+    if sampling is None or sampling.temperature <= 0:
+        return int(logits.argmax())
+    scaled = logits.float() / sampling.temperature
+    if 0 < sampling.top_k < scaled.numel():
+        cut = torch.topk(scaled, sampling.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < cut, float("-inf"))
+    digest = hashlib.blake2b(repr((sampling.seed, ids)).encode(), digest_size=8).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest, "big") >> 1)
+    return int(torch.multinomial(torch.softmax(scaled, dim=-1), 1, generator=gen))
+
+
 NextHop = Callable[[], Awaitable[Any]]  # opens a stream to a peer of the next stage
 
 
@@ -169,14 +211,14 @@ class InferenceService:
         with self.module_lock:
             return go()
 
-    async def _compute(self, ids: torch.Tensor, body: bytes) -> tuple[str, Any]:
+    async def _compute(self, ids: torch.Tensor, body: bytes, sampling: Sampling | None = None) -> tuple[str, Any]:
         """This stage's share of one token: ('token', id) at the tail, else ('act', encoded payload)."""
 
         def work() -> tuple[str, Any]:
             h = None if self.spec.is_first else self.codec.decode_activation(body, ids)
             out = self._run(ids, h)
             if self.spec.is_last:
-                return "token", int(out[0, -1].argmax())
+                return "token", pick_token(out[0, -1], sampling, ids[0].tolist())
             return "act", self.codec.encode_activation(out, ids)
 
         return await trio.to_thread.run_sync(work)
@@ -286,7 +328,7 @@ class InferenceService:
                 raise InferenceError("a hop's tokens must extend the previous hop's by one generated token")
         session.hops += 1
         session.ids = ids[0].tolist()
-        kind, value = await self._compute(ids, body)
+        kind, value = await self._compute(ids, body, _sampling(header, self.config.vocab_size))
         if kind == "token":
             self.tokens_served += 1
             await write_message(stream, {"type": "token", "token": value})
@@ -323,15 +365,16 @@ class InferenceService:
         if not isinstance(n_new, int) or not 1 <= n_new <= self.cfg.max_new_tokens:
             raise InferenceError(f"field 'max_new_tokens' must be an integer in 1..{self.cfg.max_new_tokens}")
         ids = _ids(header, self.config)[0].tolist()
+        sampling = _sampling(header, self.config.vocab_size)
         self._claim(request_id)
         downstream = None if self.spec.is_last else await self._open_next()
         try:
             for _ in range(n_new):
                 window = torch.tensor([ids[-self.config.seq_len:]], dtype=torch.long)
-                kind, value = await self._compute(window, b"")
+                kind, value = await self._compute(window, b"", sampling)
                 if kind == "act":
                     hop = {"request_id": header["request_id"], "tx_hash": header["tx_hash"],
-                           "ids": window[0].tolist()}
+                           "ids": window[0].tolist(), **({} if sampling is None else {"sampling": sampling.to_json()})}
                     value = await self._forward(downstream, hop, value)
                 self.tokens_served += 1
                 ids.append(int(value))
@@ -372,14 +415,17 @@ def check_request(limits: dict[str, int], prompt_ids: list[int], max_new_tokens:
 
 
 async def generate(open_stream: Callable[[], Awaitable[Any]], prompt_ids: list[int], *, request_id: bytes,
-                   tx_hash: bytes, max_new_tokens: int, cfg: InferenceConfig | None = None) -> AsyncIterator[int]:
-    """Client side: send a paid GENERATE to a head-stage peer and yield tokens as they arrive."""
+                   tx_hash: bytes, max_new_tokens: int, cfg: InferenceConfig | None = None,
+                   sampling: Sampling | None = None) -> AsyncIterator[int]:
+    """Client side: send a paid GENERATE to a head-stage peer and yield tokens as they arrive (greedy, or
+    drawn as `sampling` says)."""
     cfg = cfg or InferenceConfig()
     stream = await open_stream()
     try:
         await write_message(stream, {"type": "generate", "request_id": "0x" + request_id.hex(),
                                      "tx_hash": "0x" + tx_hash.hex(), "ids": prompt_ids,
-                                     "max_new_tokens": max_new_tokens})
+                                     "max_new_tokens": max_new_tokens,
+                                     **({} if sampling is None else {"sampling": sampling.to_json()})})
         with trio.fail_after(cfg.request_timeout_s):
             while True:
                 header, _ = await read_message(stream, cfg.max_message_bytes)

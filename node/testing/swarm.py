@@ -124,7 +124,7 @@ def stop_nodes(nodes: list[NodeProcess], grace_s: float = 10.0) -> None:
 
 def launch_swarm(root: Path, stages: int, node_args: list[str], ready_timeout_s: float = 60.0,
                  threads: list[int] | None = None, auto_stage: bool = False,
-                 metrics_base_port: int = 0) -> list[NodeProcess]:
+                 metrics_base_port: int = 0, status_base_port: int = 0) -> list[NodeProcess]:
     """Start stage 0, then stages 1..P-1 bootstrapping from it: together when stages are explicit,
     one after another with auto_stage (each node picks the least-served stage it sees)."""
     nodes: list[NodeProcess] = []
@@ -135,6 +135,8 @@ def launch_swarm(root: Path, stages: int, node_args: list[str], ready_timeout_s:
             extra += ["--threads", str(threads[s])]
         if metrics_base_port:
             extra += ["--metrics-port", str(metrics_base_port + s)]
+        if status_base_port:
+            extra += ["--status-port", str(status_base_port + s)]
         if nodes:
             extra += ["--bootstrap", nodes[0].ready["addrs"][0]]
         return extra

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ epoch_length = 4
 microbatches = 2
 microbatch_size = 2
 inference_requests = 1
+audit_rate = 0.2
 max_new_tokens = 8
 """
 
@@ -31,7 +33,8 @@ def _demo(tmp_path: Path, *extra: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _check(out: dict[str, Any]) -> None:
+def _check(out: dict[str, Any], left_to_claim: int = 0) -> None:
+    """left_to_claim: the stage whose revenue the demo left for the holder's own `pmn claim` (kept runs)."""
     nodes = out["nodes"]
     assert len(nodes) == 3
     assert out["epochs_settled"] == 2
@@ -45,7 +48,10 @@ def _check(out: dict[str, Any]) -> None:
     assert sum(n["fraction"] for n in nodes) == pytest.approx(1.0, abs=1e-9)
     claimed = sum(n["revenue_claimed_wei"] for n in nodes)
     assert 0 < claimed <= out["revenue_deposited_wei"]
-    assert out["revenue_deposited_wei"] - claimed <= len(nodes)  # rounding dust only, in the pool's favour
+    unclaimed = 0 if not left_to_claim else int(out["revenue_deposited_wei"] * nodes[0]["fraction"])
+    if left_to_claim:
+        assert nodes[0]["revenue_claimed_wei"] == 0
+    assert abs(out["revenue_deposited_wei"] - claimed - unclaimed) <= len(nodes)  # rounding dust only
     assert out["loss_end"] < out["loss_start"]
     assert len(out["inference_text"]) > 0
     # attesters re-executed a sample of hops fetched over /pmn/audit/1.0.0; honest nodes pass every one
@@ -63,7 +69,19 @@ def test_demo_json_on_embedded_chain(tmp_path: Path) -> None:
 def test_demo_on_anvil_then_holder_commands(tmp_path: Path) -> None:
     with anvil_process() as url:
         out = _demo(tmp_path, "--chain-url", url)
-        _check(out)
+        _check(out, left_to_claim=1)
+        # an external chain outlives the demo: its files stay, and the printed holder commands run as printed
+        assert out["kept_dir"] == str(tmp_path / "run")
+        ran = {}
+        for line in out["holder_commands"]:
+            argv = shlex.split(line)
+            assert argv[0] == "pmn"
+            proc = run_pmn(*argv[1:])
+            assert proc.returncode == 0, (line, proc.stderr)
+            ran[argv[1]] = proc.stdout
+        assert {"shares", "claim", "ledger", "models"} <= set(ran)
+        assert "claimed" in ran["claim"] and "matches" in ran["ledger"]
+        assert int(ran["claim"].split()[1]) > 0  # stage 0's revenue, left for this command
         deployment = str(tmp_path / "run" / "deployment.json")
         model = str(out["model_id"])
         holder = out["nodes"][1]["address"]
@@ -108,3 +126,27 @@ def test_commands_with_the_rpc_down_or_bad_input(tmp_path: Path) -> None:
     bad_spec.write_text("[model\n")
     assert_clean_error(run_pmn("propose", str(bad_spec), "--dry-run"), "not valid TOML")
     assert_clean_error(run_pmn("demo", "--stages", "2"), "at least 3 stages")
+
+
+def test_summary_fits_100_columns_with_a_loss_chart_and_readable_units() -> None:
+    import io
+
+    from rich.console import Console
+
+    from pmn.demo import print_summary
+
+    node = {"peer_id": "12D3KooW" + "x" * 44, "address": "0x" + "ab" * 20, "compute_units": 1_434_451_968,
+            "shares": 1_434_451_968, "fraction": 0.4691358024691358, "revenue_claimed_wei": 4_691_358_024_691_358}
+    result = {"model_id": 1, "loss_start": 5.484, "loss_end": 2.1, "epochs_settled": 2,
+              "revenue_deposited_wei": 2 * 10**16, "nodes": [{**node, "stage": s} for s in range(3)],
+              "losses": [5.5 - 0.02 * i for i in range(200)], "inference_texts": ["def f(x):\n    return x"],
+              "kept_dir": "/tmp/d", "holder_commands": ["pmn shares --model 1 --holder 0xab --rpc-url u --deployment d"]}
+    out = io.StringIO()
+    print_summary(Console(file=out, width=100, color_system=None), result)
+    lines = out.getvalue().splitlines()
+    table = [x for x in lines if x.startswith(("│", "┃", "┏", "┡", "└"))]
+    assert max(len(x) for x in lines if not x.startswith("  pmn ")) <= 100
+    assert sum(1 for x in table if x.startswith("│")) == 3  # one line per node: nothing wrapped
+    assert "1.4 G" in out.getvalue() and "46.91 %" in out.getvalue() and "0.004691 ETH" in out.getvalue()
+    assert "training loss (tail stage) over 200 steps" in out.getvalue() and "█" in out.getvalue()
+    assert "pmn shares --model 1" in out.getvalue()
