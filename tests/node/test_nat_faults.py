@@ -8,11 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from node.observability.status import read_progress
 from node.testing.nat_swarm import run_nat_swarm
 from node.testing.netns import available, nat_topology
 from sharding import PRESETS, OptimConfig, load_corpus, train_reference
-from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.skipif(available() is not None, reason=str(available()))]
 
