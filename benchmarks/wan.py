@@ -11,8 +11,9 @@ two processes in the namespace.
 
 Swarm: 3 stages, one node each. Replicas are not combined with the schedules here: the async schedule
 is a one-peer-per-stage runner (`replicas.enabled` is refused with it), so the table compares the
-schedules without replicas; replica averaging is measured by benchmarks/wan_averaging.py (its figures go
-into `replica_compression` and `loss_ratio_compressed_avg`, null until that benchmark is merged).
+schedules without replicas; replica averaging (dense vs PowerSGD on 3 stages with the middle and tail
+stages replicated) is measured by benchmarks/wan_averaging.py, run from here after the schedules
+(`--averaging-steps`, 0 skips it): its figures are `replica_compression` and `loss_ratio_compressed_avg`.
 
 Utilisation of a stage = its compute seconds (forward, backward, optimiser, data; `busy_s` of the
 progress records) / the wall time between its first and last step ends (the first step, which holds
@@ -263,6 +264,18 @@ def loss_ratio(model: ModelConfig, staleness: int, steps: int, microbatches: int
             "loss_steps": steps}
 
 
+def _averaging(steps: int, model: str) -> dict[str, Any]:
+    """benchmarks/wan_averaging.py's dense vs PowerSGD comparison (loaded from beside this script)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("wan_averaging", Path(__file__).with_name("wan_averaging.py"))
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    result: dict[str, Any] = module.compare_averaging(steps=steps, model=model)
+    return result
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="fewer steps (a few minutes on an idle machine)")
@@ -276,6 +289,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--schedules", default=",".join(SCHEDULES))
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (the recipe's lr)")
     p.add_argument("--corpus", default="stdlib", help="sharding.load_corpus source")
+    p.add_argument("--averaging-steps", type=int, default=None,
+                   help="steps of the dense vs PowerSGD replica comparison (default 40, quick 10; 0 skips it)")
+    p.add_argument("--averaging-model", default="wide", help="wan_averaging model: wide (d 256) or tiny")
     a = p.parse_args(argv)
     steps = a.steps or (5 if a.quick else 12)
     loss_steps = a.loss_steps or (60 if a.quick else 300)
@@ -295,6 +311,11 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{schedule}: utilisation {r['utilisation']:.3f} (stage {r['busiest_stage']}), "
                   f"{r['tokens_per_s']:.0f} tokens/s", flush=True)
     losses = loss_ratio(BENCH_MODEL, a.max_staleness, loss_steps, a.microbatches, a.microbatch_size, a.lr, a.corpus)
+    avg_steps = a.averaging_steps if a.averaging_steps is not None else (10 if a.quick else 40)
+    averaging = _averaging(avg_steps, a.averaging_model) if avg_steps > 0 else None
+    if averaging is not None:
+        print(f"replica averaging ({avg_steps} steps, {a.averaging_model} model): dense vs PowerSGD bytes per step "
+              f"{averaging['replica_compression']:.1f}x less, val loss ratio {averaging['loss_ratio_compressed_avg']:.4f}")
     print(f"model d={BENCH_MODEL.d_model} L={BENCH_MODEL.n_layers} T={BENCH_MODEL.seq_len}, 3 stages x 1 node, "
           f"{a.microbatches}x{a.microbatch_size} microbatches, {steps} steps, netem {a.delay_ms:g} ms / "
           f"{a.rate_mbit:g} Mbit/s per uplink, async max_staleness {a.max_staleness}")
@@ -313,9 +334,9 @@ def main(argv: list[str] | None = None) -> None:
         "busy_s_per_step": {s: {str(k): round(v, 5) for k, v in r["busy_s_per_step"].items()} for s, r in results.items()},
         "bytes_out_per_step": {s: {str(k): round(v) for k, v in r["bytes_out_per_step"].items()}
                                for s, r in results.items()},
-        "replica_compression": None,  # filled by benchmarks/wan_averaging.py (part 2 of issue 19) once merged
+        "replica_compression": None if averaging is None else round(averaging["replica_compression"], 2),
         "loss_ratio_async": round(losses["loss_ratio_async"], 4),
-        "loss_ratio_compressed_avg": None,  # likewise, from benchmarks/wan_averaging.py
+        "loss_ratio_compressed_avg": None if averaging is None else round(averaging["loss_ratio_compressed_avg"], 4),
         "val_loss": {"gpipe": round(losses["val_loss_gpipe"], 4), "async": round(losses["val_loss_async"], 4),
                      "steps": loss_steps},
         "goal_utilisation_async": 0.9,
