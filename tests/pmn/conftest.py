@@ -23,9 +23,10 @@ def run_pmn(*args: str, env: dict[str, str] | None = None, timeout: float = 240)
 
 
 def assert_clean_error(proc: subprocess.CompletedProcess[str], *needles: str) -> None:
-    """A user error: non-zero exit, one line on stderr, no traceback, naming what was wrong."""
+    """A user error: non-zero exit, one line on stderr, no traceback, naming what was wrong (besides the
+    start-up line naming the device, which a node prints before its checks)."""
     assert proc.returncode != 0, proc.stdout
-    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and not line.startswith("device ")]
     assert "Traceback" not in proc.stderr, proc.stderr
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("error: "), lines
