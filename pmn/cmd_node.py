@@ -132,10 +132,21 @@ def onchain_model(op: OperatorConfig, model: str, flags: dict[str, Any], data_di
     except (TypeError, ValueError) as exc:
         raise CLIError(f"model {model_id}: the fetched spec is not one this node software runs: {exc}") from None
     recipe = TrainingRecipe(**training.to_dict())
+    data = None
+    if spec.get("data") is not None:  # the spec's [data] (hashed fields; the documents and tokenizer are local)
+        from sharding.dataset import DataSpec
+
+        try:
+            data = DataSpec(**spec["data"]).validate()
+        except (TypeError, ValueError) as exc:
+            raise CLIError(f"model {model_id}: the fetched spec's [data] is not one this node software reads: "
+                           f"{exc}") from None
+        data_dir.mkdir(parents=True, exist_ok=True)
+        (data_dir / "data.json").write_text(json.dumps(data.to_dict(), sort_keys=True))
     flags.pop("num_stages", None)  # the spec's stage count is the model's
     chosen = str(stage) if stage is not None and "stage" not in flags else op.stage
     op = replace(op, rpc_url=rpc_url, deployment=str(deployment), model_id=model_id, stage=chosen)
-    return NodeModel(config, training.stages, str(data_dir / "model.json"), recipe), op
+    return NodeModel(config, training.stages, str(data_dir / "model.json"), recipe, data), op
 
 
 def cmd_node_start(args: argparse.Namespace) -> int:

@@ -162,4 +162,5 @@ def serve_own_spec(ctx: Any) -> SpecService:
     from node.services.chain_link import training_section
     from protocol.modelspec import canonical_spec
 
-    return SpecService(canonical_spec(ctx.model, training_section(ctx.cfg, ctx.optim).to_dict())).install(ctx.host)
+    data = None if getattr(ctx, "data", None) is None else ctx.data.hashed()  # the spec's [data] section, if any
+    return SpecService(canonical_spec(ctx.model, training_section(ctx.cfg, ctx.optim).to_dict(), data)).install(ctx.host)

@@ -23,6 +23,7 @@ from pmn.config import OperatorConfig
 from pmn.demo import Demo, DemoConfig
 from pmn.errors import CLIError
 from protocol.modelspec import proposal_spec_hash
+from sharding.dataset import DataSpec
 from tests.pmn.conftest import run_pmn
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(600)]
@@ -119,7 +120,9 @@ def test_two_models_on_one_chain_never_mix(tmp_path: Path) -> None:
                           {"model": "auto", "bootstrap": [peer_a]})
         assert (cfg.chain.model_id, cfg.stage, cfg.num_stages, cfg.optim_lr) == (1, str(stage.stage), 2, SMALL.lr)
         model = load_model_config(cfg.model)
-        runs = proposal_spec_hash(model, training_section(cfg, optim_config(cfg, model)).to_dict())
+        data = None if cfg.dataset is None else json.loads(Path(cfg.dataset).read_text())  # the spec's [data]
+        hashed = None if data is None else DataSpec(**data).hashed()
+        runs = proposal_spec_hash(model, training_section(cfg, optim_config(cfg, model)).to_dict(), hashed)
         assert runs == client.get_model(1).terms.spec_hash
     finally:
         stop_nodes(a.nodes + b.nodes)

@@ -47,14 +47,14 @@ class _MismatchedBasis(Codec):
     def encode_activation(self, h: torch.Tensor, ids: torch.Tensor) -> bytes:
         return self._flip(self.inner.encode_activation(h, ids))
 
-    def decode_activation(self, payload: bytes, ids: torch.Tensor) -> torch.Tensor:
-        return self.inner.decode_activation(payload, ids)
+    def decode_activation(self, payload: bytes, ids: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        return self.inner.decode_activation(payload, ids, device)
 
     def encode_gradient(self, g: torch.Tensor, ids: torch.Tensor) -> bytes:
         return self._flip(self.inner.encode_gradient(g, ids))
 
-    def decode_gradient(self, payload: bytes, ids: torch.Tensor) -> torch.Tensor:
-        return self.inner.decode_gradient(payload, ids)
+    def decode_gradient(self, payload: bytes, ids: torch.Tensor, device: torch.device | None = None) -> torch.Tensor:
+        return self.inner.decode_gradient(payload, ids, device)
 
 
 def _config(rank: int) -> ModelConfig:
