@@ -139,7 +139,7 @@ def test_node_status_on_the_swarm_data_dirs(swarm: dict[str, Any]) -> None:
     ctx = EpochContext(demo.model_id, 0, demo.proposal.model, tuple(demo.specs), demo.domain)
     totals = build_epoch(demo.gather(0), ctx, StaticKeyRegistry([i.address for i in demo.identities])).totals
     for n, ident in zip(demo.nodes, demo.identities, strict=True):
-        proc = run_pmn("node", "status", "--data-dir", str(n.data_dir), "--model", CFG.preset,
+        proc = run_pmn("node", "status", "--data-dir", str(n.data_dir), "--model", str(demo.root / "model.json"),
                        "--stages", str(CFG.stages), "--json")
         assert proc.returncode == 0, proc.stderr
         report = json.loads(proc.stdout)
