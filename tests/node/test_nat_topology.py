@@ -62,7 +62,7 @@ def test_teardown_after_a_failure_leaves_nothing() -> None:
     with pytest.raises(ZeroDivisionError):
         with nat_topology(homes=1) as topo:
             tag = topo.tag
-            proc = topo.popen(topo.public_ns, [sys.executable, "-c", "import time; time.sleep(60)"])
+            proc = topo.popen(topo.public_ns, [sys.executable, "-c", "import signal; signal.pause()"])
             _ = 1 / 0
     assert tag and leftover(tag) == []
     assert proc.poll() is not None
