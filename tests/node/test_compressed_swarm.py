@@ -37,10 +37,14 @@ def test_powersgd_swarm_applies_every_microbatch_once_and_keeps_replicas_identic
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
     weights = [load_file(str(latest_checkpoint(n.data_dir, 1) / "model.safetensors")) for n in (mid_a, mid_b)]
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    # the averaging servers of the middle stage moved about STEPS * M compressed contributions (plus the
-    # pulls a replica makes while idle), far below one dense contribution per microbatch
+    # contributions a replica applied but did not compute crossed between the replicas (pushes the other's
+    # server received, pulls it answered; a replica that joined late fetched the state instead of the steps
+    # before it, and a pull answered after the last record is not in it): the servers moved at least one
+    # step of compressed contributions, and all of it far below one dense contribution per microbatch.
     codec = ContributionCodec.for_module(build_stage(PRESETS["tiny"], partition(PRESETS["tiny"], 3)[1]),
                                          "powersgd", 2)
+    crossed = sum(len(r["applied"]) - len(r["mine"]) for n in (mid_a, mid_b) for r in records(n).values())
+    assert crossed >= M, "the replicas never exchanged a contribution"
     moved = sum(records(n)[STEPS - 1]["avg_wire_bytes"] for n in (mid_a, mid_b))
-    assert moved >= STEPS * M * 4 * codec.words
+    assert moved >= M * 4 * codec.words
     assert moved < STEPS * M * 4 * codec.size / 4
