@@ -128,10 +128,10 @@ def onchain_model(op: OperatorConfig, model: str, flags: dict[str, Any], data_di
     print(f"joining {why}", file=sys.stderr, flush=True)
     try:
         config = ModelConfig.from_dict(spec["model"])
-        training = TrainingSection(**spec["training"]).validate(config)  # fields left out of the hash: defaults
+        training = TrainingSection.from_dict(spec["training"]).validate(config)  # later fields: defaults
     except (TypeError, ValueError) as exc:
         raise CLIError(f"model {model_id}: the fetched spec is not one this node software runs: {exc}") from None
-    recipe = TrainingRecipe(**training.to_dict())
+    recipe = training
     data = None
     if spec.get("data") is not None:  # the spec's [data] (hashed fields; the documents and tokenizer are local)
         from sharding.dataset import DataSpec

@@ -23,37 +23,7 @@ from sharding.dataset import DataSpec, check_tokenizer
 from sharding.errors import DataError
 from sharding.partition import partition
 
-
-@dataclass(frozen=True)
-class TrainingRecipe:
-    """How the swarm trains the model (part of the content hash: nodes with another recipe are refused)."""
-
-    stages: int = 3  # pipeline stages (one shard each)
-    codec: str = "dense"  # boundary codec: dense, bf16, int8, subspace (needs model.subspace_rank)
-    microbatches: int = 2  # microbatches per global step (gradient accumulation)
-    microbatch_size: int = 4  # sequences per microbatch
-    lr: float = 3e-3  # AdamW peak learning rate
-    warmup_steps: int = 10  # linear warm-up steps
-    data_seed: int = 0  # seed of the data order
-    # the rest of the recipe (protocol.modelspec.TrainingSection; these defaults are the run of older specs)
-    schedule: str = "constant"  # LR after the warm-up: constant | cosine | wsd
-    total_steps: int | None = None  # optimizer steps of the run; cosine and wsd reach the final LR here
-    min_lr_ratio: float = 0.1  # final LR of cosine and wsd, as a fraction of lr
-    cooldown_steps: int = 0  # wsd: the last steps, over which the LR falls linearly to the final LR
-    beta1: float = 0.9  # AdamW beta1
-    beta2: float = 0.95  # AdamW beta2
-    weight_decay: float = 0.1  # AdamW decoupled weight decay (matrices only)
-    adam_eps: float = 1e-8  # AdamW epsilon
-    grad_clip: float = 0.0  # clip the global gradient norm (all stages together) to this; 0 = off
-    batch_tokens: int | None = None  # tokens per step; when given, must equal microbatches * microbatch_size * seq_len
-    replica_averaging: str = "dense"  # replica gradient exchange: dense or powersgd (hashed only when not dense)
-    powersgd_rank: int = 4  # PowerSGD rank r (used with replica_averaging = powersgd)
-    pipeline_schedule: str = "gpipe"  # pipeline schedule: gpipe, 1f1b (both exact) or async (delayed gradients, weight stashing)
-    max_staleness: int = 0  # async: optimiser steps a gradient may lag the weights it updates (0 for gpipe/1f1b)
-
-    def section(self) -> TrainingSection:
-        """The same recipe as the node-side `protocol.modelspec.TrainingSection`."""
-        return TrainingSection(**asdict(self))
+TrainingRecipe = TrainingSection  # a proposal's [training] table (one declaration: protocol.modelspec)
 
 
 @dataclass(frozen=True)
@@ -91,7 +61,7 @@ class ModelProposal:
         get_codec(self.training.codec, self.model)
         if self.training.microbatches < 1 or self.training.microbatch_size < 1:
             raise ValueError("training.microbatches and training.microbatch_size must be >= 1")
-        self.training.section().validate(self.model)
+        self.training.validate(self.model)
         if not 0 < self.terms.audit_rate <= 1:
             raise ValueError(f"terms.audit_rate={self.terms.audit_rate}: must be in (0, 1]")
         if self.terms.epoch_length < 1 or self.terms.challenge_window_s < 1:

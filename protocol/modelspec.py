@@ -32,15 +32,18 @@ class SpecMismatchError(FieldError):
 
 @dataclass(frozen=True)
 class TrainingSection:
-    """The `training` section of a proposal, as a node runs it (same fields as pmn's TrainingRecipe)."""
+    """The `training` section of a proposal: how the swarm trains the model, all of it in the content hash
+    (nodes with another recipe are refused). `pmn`'s proposals hold it (`pmn.spec.TrainingRecipe` is this
+    class); a node copies it into its `node.config` settings. A spec received from the chain or a peer is read
+    with `from_dict`, which requires the fields every spec has had."""
 
-    stages: int  # pipeline stages
-    codec: str  # boundary codec name
-    microbatches: int  # microbatches per global step
-    microbatch_size: int  # sequences per microbatch
-    lr: float  # AdamW peak learning rate
-    warmup_steps: int  # linear warm-up steps
-    data_seed: int  # seed of the data order
+    stages: int = 3  # pipeline stages (one shard each)
+    codec: str = "dense"  # boundary codec: dense, bf16, int8, subspace (needs model.subspace_rank)
+    microbatches: int = 2  # microbatches per global step (gradient accumulation)
+    microbatch_size: int = 4  # sequences per microbatch
+    lr: float = 3e-3  # AdamW peak learning rate
+    warmup_steps: int = 10  # linear warm-up steps
+    data_seed: int = 0  # seed of the data order
     # -- added later (left out of the hash at the TRAINING_DEFAULTS value) --
     schedule: str = "constant"  # LR after the warm-up: constant | cosine | wsd (sharding.schedule)
     total_steps: int | None = None  # optimizer steps of the run; cosine and wsd reach the final LR here
@@ -57,6 +60,19 @@ class TrainingSection:
     powersgd_rank: int = 4  # PowerSGD rank r (used with replica_averaging = powersgd)
     pipeline_schedule: str = "gpipe"  # pipeline schedule: gpipe, 1f1b (both exact) or async (delayed gradients)
     max_staleness: int = 0  # async: optimiser steps a gradient may lag the weights it updates (0 for gpipe/1f1b)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TrainingSection:
+        """The section of a received spec (ValueError naming a missing or unknown field; not yet validated):
+        the fields of the first specs must be present, later ones default to their TRAINING_DEFAULTS value."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        missing = [name for name in REQUIRED_TRAINING if name not in data]
+        if unknown or missing:
+            raise ValueError("training: " + "; ".join(
+                ([f"unknown field(s) {', '.join(unknown)}"] if unknown else [])
+                + ([f"missing field(s) {', '.join(missing)}"] if missing else [])))
+        return cls(**data)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict in field order."""
@@ -102,6 +118,9 @@ class TrainingSection:
 _OPTIM_NAMES = {"decay_steps": "total_steps", "eps": "adam_eps", "betas": "beta1/beta2", "lr": "lr",
                 "weight_decay": "weight_decay", "warmup_steps": "warmup_steps", "min_lr_ratio": "min_lr_ratio",
                 "schedule": "schedule", "cooldown_steps": "cooldown_steps", "grad_clip": "grad_clip"}
+
+# training fields every spec has had (a received spec without one is refused)
+REQUIRED_TRAINING = ("stages", "codec", "microbatches", "microbatch_size", "lr", "warmup_steps", "data_seed")
 
 # training fields added after specs were first registered, with the value that reproduces the run from before
 TRAINING_DEFAULTS: dict[str, Any] = {

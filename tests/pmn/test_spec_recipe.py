@@ -42,7 +42,7 @@ def test_an_old_spec_file_keeps_its_hash_and_its_run() -> None:
     proposal = load_proposal(CONFIGS / "model-tiny.toml")
     # the content hash before the recipe fields existed
     assert proposal.content_hash().hex() == "30c7a35a0655a6cbaa7133504d5dc02a5aa427dbf3f2e45ca18937198ba6b047"
-    o = proposal.training.section().optim_config()
+    o = proposal.training.optim_config()
     assert (o.schedule_name, o.grad_clip, o.betas, o.weight_decay, o.warmup_steps, o.data_seed) == (
         "constant", 0.0, (0.9, 0.95), 0.1, 10, 0)
 
@@ -87,4 +87,4 @@ def test_bad_recipe_is_one_line_naming_the_field(tmp_path: Path, line: str, fiel
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("model-*.toml")), ids=lambda p: p.name)
 def test_example_specs_validate(path: Path) -> None:
     proposal = load_proposal(path)
-    assert proposal.training.section().validate(proposal.model).optim_config().validate()
+    assert proposal.training.validate(proposal.model).optim_config().validate()

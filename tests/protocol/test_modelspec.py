@@ -39,3 +39,15 @@ def test_another_model_config_is_refused() -> None:
     other = replace(PRESETS["tiny"], n_layers=3)
     with pytest.raises(SpecMismatchError, match="model 2 is registered with spec hash"):
         require_spec_hash(proposal.content_hash(), other, _section(proposal.training), 2)
+
+
+def test_a_received_training_section_must_hold_the_first_fields_and_no_unknown_one() -> None:
+    full = TrainingSection().to_dict()
+    assert TrainingSection.from_dict(full) == TrainingSection()
+    first = {k: full[k] for k in ("stages", "codec", "microbatches", "microbatch_size", "lr", "warmup_steps",
+                                  "data_seed")}
+    assert TrainingSection.from_dict(first) == TrainingSection()  # later fields: the run of older specs
+    with pytest.raises(ValueError, match="missing field\\(s\\) lr"):
+        TrainingSection.from_dict({k: v for k, v in first.items() if k != "lr"})
+    with pytest.raises(ValueError, match="unknown field\\(s\\) momentum"):
+        TrainingSection.from_dict({**full, "momentum": 0.9})
