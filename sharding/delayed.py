@@ -34,7 +34,7 @@ import torch
 from .config import ModelConfig
 from .data import Corpus
 from .stage import StageModule, build_model
-from .train import OptimConfig, make_optimizer, optimizer_step
+from .train import OptimConfig, accumulate_step, make_optimizer, optimizer_step
 
 ASYNC_LOOKAHEAD = 1.0  # what the async schedule runs: stashed copies extrapolated by S x the last update
 
@@ -119,15 +119,10 @@ def train_delayed(
     stash = WeightStash(model, make_optimizer(model, optim), optim, staleness, lookahead=lookahead)
     losses = []
     for step in range(steps):
-        used = stash.weights(step)
-        total = 0.0
-        for mb in range(num_microbatches):
-            window = corpus.batch("train", step, mb, microbatch_size, config.seq_len, optim.data_seed)
-            loss = used(window[:, :-1], targets=window[:, 1:])
-            (loss / num_microbatches).backward()
-            total += float(loss.detach())
+        # the step's gradients on the weights it was scheduled with (`staleness` updates behind)
+        losses.append(accumulate_step(stash.weights(step), corpus, step, num_microbatches, microbatch_size,
+                                      optim.data_seed))
         stash.apply(step)
-        losses.append(total / num_microbatches)
     return losses
 
 

@@ -146,6 +146,20 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
 
 
+def accumulate_step(model: StageModule, corpus: Corpus, step: int, num_microbatches: int, microbatch_size: int,
+                    data_seed: int) -> float:
+    """Forward and backward of every microbatch of `step` on the unsplit `model` (gradients accumulate as the
+    mean over microbatches); returns the step's mean training loss. The optimizer step is the caller's."""
+    seq_len = model.config.seq_len
+    total = 0.0
+    for mb in range(num_microbatches):
+        window = corpus.batch("train", step, mb, microbatch_size, seq_len, data_seed)  # (B, T+1)
+        loss = model(window[:, :-1], targets=window[:, 1:])
+        (loss / num_microbatches).backward()
+        total += float(loss.detach())
+    return total / num_microbatches
+
+
 def train_reference(
     config: ModelConfig,
     optim: OptimConfig,
@@ -165,12 +179,6 @@ def train_reference(
     opt = make_optimizer(model, optim)
     losses = []
     for step in range(steps):
-        total = 0.0
-        for mb in range(num_microbatches):
-            window = corpus.batch("train", step, mb, microbatch_size, config.seq_len, optim.data_seed)
-            loss = model(window[:, :-1], targets=window[:, 1:])
-            (loss / num_microbatches).backward()
-            total += float(loss.detach())
+        losses.append(accumulate_step(model, corpus, step, num_microbatches, microbatch_size, optim.data_seed))
         optimizer_step(model, opt, step, optim)
-        losses.append(total / num_microbatches)
     return losses

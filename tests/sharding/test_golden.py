@@ -9,7 +9,7 @@ from sharding.regression import (
     GOLDEN_CORPUS,
     GOLDEN_PATH,
     GOLDEN_STEPS,
-    cpu_capability,
+    cpu_record_key,
     expected_runs,
     run_golden,
 )
@@ -23,7 +23,7 @@ def _worst(a: list[float], b: list[float]) -> float:
 def test_golden_losses_reproduce():
     stored = json.loads(GOLDEN_PATH.read_text())
     assert stored["corpus_manifest_hash"] == load_corpus(GOLDEN_CORPUS).manifest_hash.hex()
-    expected = expected_runs(stored, cpu_capability())
+    expected = expected_runs(stored, cpu_record_key())
     fresh = run_golden()
     assert fresh["runs"].keys() == expected.keys() == stored["runs"].keys()
     for name, run in expected.items():
@@ -31,7 +31,7 @@ def test_golden_losses_reproduce():
         assert fresh["runs"][name]["config"] == run["config"] == stored["runs"][name]["config"]
         assert len(got) == len(run["losses"]) == GOLDEN_STEPS
         worst = _worst(got, run["losses"])
-        assert worst <= GOLDEN_ATOL, f"{name}: per-step loss moved by {worst:.2e} ({cpu_capability()} kernels)"
+        assert worst <= GOLDEN_ATOL, f"{name}: per-step loss moved by {worst:.2e} ({cpu_record_key()} kernels)"
         assert run["losses"][-1] < run["losses"][0] - 1.0  # the golden runs actually learn
 
 
@@ -50,3 +50,7 @@ def test_a_machine_uses_its_family_record_when_one_is_stored():
     stored = {"runs": base, "cpu_records": {"AVX512": {"runs": family}}}
     assert expected_runs(stored, "AVX512") is family
     assert expected_runs(stored, "AVX2") is base
+    assert expected_runs(stored, "AVX512-AMD") is family  # no record of its own: its kernel family's
+    amd = {"m": {"losses": [3.0]}}
+    stored["cpu_records"]["AVX2-AMD"] = {"runs": amd}
+    assert expected_runs(stored, "AVX2-AMD") is amd
