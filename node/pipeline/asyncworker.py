@@ -85,7 +85,5 @@ class AsyncStageWorker(StageWorker):
 
     def abort_step(self) -> None:
         """Drop every step in flight (stashes, partial gradients); the stashed weights stay."""
-        self._stash.clear()
-        self._losses.clear()
+        super().abort_step()
         self.stash.reset()
-        self.optimizer.zero_grad(set_to_none=True)

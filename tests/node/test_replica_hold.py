@@ -10,9 +10,8 @@ import pytest
 import torch
 import trio
 
-from node.replicas.averaging import AveragingService, ContributionStore, trainable
 from tests.node.conftest import running_host
-from tests.node.test_replica_probe import _announcement, _engine, _worker
+from tests.node.replica_pair import replica_pair
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
 
@@ -20,13 +19,8 @@ pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
 def test_a_push_slower_than_the_averaging_deadline_is_still_held_before_commit() -> None:
     async def main() -> None:
         async with running_host(141) as (h0, id0), running_host(142) as (h1, id1):
-            worker = _worker()
-            size = sum(p.numel() for p in trainable(worker.module))
-            spec_hex = worker.config.spec_hash().hex()
-            peer_store = ContributionStore(size)
-            AveragingService(h1, spec_hex, lambda s: peer_store if s == 1 else None, 5.0)
-            peer = _announcement(h1, id1, spec_hex, seq=1)
-            eng = _engine(h0, id0, worker, peer)
+            pair = replica_pair(h0, id0, h1, id1)
+            eng, peer_store, size = pair.eng, pair.peer_store, pair.size
             eng._peer_failures.clear()  # a usable peer
             eng.rc.avg_timeout_s, eng.rc.replica_timeout_s, eng.rc.debug_push_delay_s = 0.2, 5.0, 0.5
             vec = torch.arange(size, dtype=torch.float32)
@@ -41,13 +35,8 @@ def test_a_push_slower_than_the_averaging_deadline_is_still_held_before_commit()
 def test_a_peer_slower_than_the_replica_timeout_means_the_gradient_is_not_sent() -> None:
     async def main() -> None:
         async with running_host(143) as (h0, id0), running_host(144) as (h1, id1):
-            worker = _worker()
-            size = sum(p.numel() for p in trainable(worker.module))
-            spec_hex = worker.config.spec_hash().hex()
-            peer_store = ContributionStore(size)
-            AveragingService(h1, spec_hex, lambda s: peer_store if s == 1 else None, 5.0)
-            peer = _announcement(h1, id1, spec_hex, seq=1)
-            eng = _engine(h0, id0, worker, peer)
+            pair = replica_pair(h0, id0, h1, id1)
+            eng, peer, peer_store, size = pair.eng, pair.peer, pair.peer_store, pair.size
             eng._peer_failures.clear()
             eng.rc.avg_timeout_s, eng.rc.replica_timeout_s, eng.rc.debug_push_delay_s = 0.2, 1.0, 3.0
             vec = torch.ones(size)

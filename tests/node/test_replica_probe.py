@@ -10,57 +10,19 @@ import pytest
 import torch
 import trio
 
-from node.config import NodeConfig
-from node.net.discovery import Announcement, Discovery
-from node.net.host import full_addrs
-from node.net.identity import bind
-from node.replicas.averaging import AveragingService, ContributionStore, trainable
-from node.replicas.engine import ReplicaEngine
-from node.training.worker import StageWorker
-from node.wire.channel import ActEndpoint, LocalInfo
-from sharding import PRESETS, OptimConfig, partition
+from node.replicas.averaging import trainable
 from tests.node.conftest import running_host
+from tests.node.replica_pair import announcement, engine, replica_pair, stage_worker
 from tests.waiting import until
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
 
 
-def _worker() -> StageWorker:
-    cfg = PRESETS["tiny"]
-    return StageWorker(cfg, partition(cfg, 3)[1], codec="dense", optim=OptimConfig(), num_microbatches=2,
-                       microbatch_size=2, corpus=None)
-
-
-def _announcement(host, ident, spec_hex: str, seq: int = 0) -> Announcement:
-    """A stage-1 announcement of `host` signed by its node key."""
-    return Announcement(peer_id=host.get_id().pretty(), addrs=tuple(full_addrs(host)), spec_hash=spec_hex,
-                        num_stages=3, stage=1, capacity=1, address=ident.address, binding="0x" + bind(ident).hex(),
-                        seq=seq).sign(ident)
-
-
-def _engine(host, ident, worker: StageWorker, peer: Announcement) -> ReplicaEngine:
-    """A stage-1 replica engine on `host` whose discovery knows `peer`, which is in backoff."""
-    cfg = NodeConfig(num_stages=3, stage="1")
-    discovery = Discovery(host, _announcement(host, ident, peer.spec_hash), cfg.discovery, [], identity=ident)
-    discovery._merge([peer.to_json()])
-    endpoint = ActEndpoint(host, local=LocalInfo(worker.config.spec_hash(), 1, 3, ident.address, bind(ident)),
-                           frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport)
-    size = sum(p.numel() for p in trainable(worker.module))
-    eng = ReplicaEngine(cfg, worker, endpoint, discovery, host, ContributionStore(size))
-    eng._peer_failed(peer.peer_id)  # its last exchange failed
-    return eng
-
-
 def test_a_stage_peer_in_backoff_gets_the_contribution_in_the_background_and_leaves_backoff() -> None:
     async def main() -> None:
         async with running_host(131) as (h0, id0), running_host(132) as (h1, id1), trio.open_nursery() as nursery:
-            worker = _worker()
-            size = sum(p.numel() for p in trainable(worker.module))
-            spec_hex = worker.config.spec_hash().hex()
-            peer_store = ContributionStore(size)
-            AveragingService(h1, spec_hex, lambda s: peer_store if s == 1 else None, 5.0)
-            peer = _announcement(h1, id1, spec_hex, seq=1)
-            eng = _engine(h0, id0, worker, peer)
+            pair = replica_pair(h0, id0, h1, id1)
+            eng, peer, peer_store, size = pair.eng, pair.peer, pair.peer_store, pair.size
             assert eng._stage_peers() == []  # so pushes do not wait for it
             nursery.start_soon(eng.probe_loop)
             vec = torch.arange(size, dtype=torch.float32)
@@ -82,11 +44,11 @@ def test_a_stage_peer_in_backoff_gets_the_contribution_in_the_background_and_lea
 def test_a_dead_stage_peer_in_backoff_stays_there_and_is_probed_once_at_a_time() -> None:
     async def main() -> None:
         async with running_host(133) as (h0, id0), trio.open_nursery() as nursery:
-            worker = _worker()
+            worker = stage_worker()
             size = sum(p.numel() for p in trainable(worker.module))
             async with running_host(134) as (h1, id1):  # a peer that was announced and then went away
-                dead = _announcement(h1, id1, worker.config.spec_hash().hex(), seq=1)
-            eng = _engine(h0, id0, worker, dead)
+                dead = announcement(h1, id1, worker.config.spec_hash().hex(), seq=1)
+            eng = engine(h0, id0, worker, dead)
             vec = torch.zeros(size)
             assert await eng._contribute(4, 0, 0, vec, None)  # nobody else alive holds it: committable alone
             assert dead.peer_id in eng._unreachable  # the hold's push could not reach it
