@@ -5,13 +5,18 @@ circuit relay v2 of stage 2 (public). direct: the same homes with DCUtR, so that
 direct connection. Prints a table; the last line is one JSON object with tokens/s of each run,
 ratio_direct = direct / public, and the seconds from the first launch to the first trained step.
 
-    python benchmarks/nat.py [--quick] [--steps N] [--model NAME]
+With `--rounds R` the three runs are interleaved R times (public, relayed, direct, public, ...) so that a
+shared machine's load falls on every arm alike; each figure is the median over the rounds and
+`ratio_direct_range` gives the smallest and largest per-round ratio.
+
+    python benchmarks/nat.py [--quick] [--rounds R] [--steps N] [--model NAME]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -61,6 +66,7 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tiny model, 4 steps (a couple of minutes)")
     p.add_argument("--steps", type=int, default=None, help="global steps per run")
     p.add_argument("--model", default=None, help="model preset (default: tiny with --quick, else bench)")
+    p.add_argument("--rounds", type=int, default=1, help="interleaved rounds of the three runs (medians reported)")
     a = p.parse_args()
     reason = available()
     if reason is not None:
@@ -69,30 +75,41 @@ def main() -> int:
     model = a.model or ("tiny" if a.quick else "bench")
     steps = a.steps or (4 if a.quick else 8)
     m, b = (2, 2) if a.quick else (4, 2)
-    results: dict[str, dict[str, Any]] = {}
+    rounds: list[dict[str, dict[str, Any]]] = []
     with tempfile.TemporaryDirectory(prefix="pmn-nat-bench-") as tmp:
-        for name in RUNS:
-            results[name] = run(name, Path(tmp), steps, model, m, b)
-    print(f"3-stage swarm, model {model}, {steps} steps, {m} microbatches of {b}: link stage 0 -> stage 1")
-    print(f"{'run':8} {'link path':>22} {'tok/s':>9} {'first step s':>12} {'total s':>8} {'final loss':>10}")
-    for name, r in results.items():
-        loss = f"{r['final_loss']:.6f}" if r["final_loss"] is not None else "-"
-        print(f"{name:8} {r['path_0_1']:>22} {r['tokens_per_s']:>9.1f} {r['first_step_s']:>12.1f} "
-              f"{r['seconds']:>8.1f} {loss:>10}")
-    same = results["public"]["losses"] == results["relayed"]["losses"] == results["direct"]["losses"]
-    print(f"per-step losses identical in all three runs: {same}")
-    pub = results["public"]["tokens_per_s"]
-    print(json.dumps({"tokens_per_s_public": pub, "tokens_per_s_relayed": results["relayed"]["tokens_per_s"],
-                      "tokens_per_s_direct": results["direct"]["tokens_per_s"],
-                      "ratio_direct": results["direct"]["tokens_per_s"] / pub if pub else 0.0,
-                      "ratio_relayed": results["relayed"]["tokens_per_s"] / pub if pub else 0.0,
-                      "first_step_s_public": results["public"]["first_step_s"],
-                      "first_step_s_relayed": results["relayed"]["first_step_s"],
-                      "first_step_s_direct": results["direct"]["first_step_s"],
-                      "path_relayed": results["relayed"]["path_0_1"], "path_direct": results["direct"]["path_0_1"],
-                      "losses_identical": same, "model": model, "steps": steps}))
-    return 0
+        for i in range(a.rounds):
+            rounds.append({name: run(name, Path(tmp) / f"round{i}", steps, model, m, b) for name in RUNS})
+    print(f"3-stage swarm, model {model}, {steps} steps, {m} microbatches of {b}, {a.rounds} interleaved "
+          "round(s): link stage 0 -> stage 1")
+    print(f"{'round':>5} {'run':8} {'link path':>22} {'tok/s':>9} {'first step s':>12} {'total s':>8} "
+          f"{'final loss':>10}")
+    for i, results in enumerate(rounds):
+        for name, r in results.items():
+            loss = f"{r['final_loss']:.6f}" if r["final_loss"] is not None else "-"
+            print(f"{i:>5} {name:8} {r['path_0_1']:>22} {r['tokens_per_s']:>9.1f} {r['first_step_s']:>12.1f} "
+                  f"{r['seconds']:>8.1f} {loss:>10}")
+    same = all(r["public"]["losses"] == r["relayed"]["losses"] == r["direct"]["losses"] == rounds[0]["public"]["losses"]
+               for r in rounds)
+    print(f"per-step losses identical in every run: {same}")
 
+    def med(name: str, key: str) -> float:
+        return float(statistics.median(r[name][key] for r in rounds))
+
+    pub = med("public", "tokens_per_s")
+    ratios = [r["direct"]["tokens_per_s"] / r["public"]["tokens_per_s"] for r in rounds
+              if r["public"]["tokens_per_s"]]
+    print(json.dumps({"tokens_per_s_public": pub, "tokens_per_s_relayed": med("relayed", "tokens_per_s"),
+                      "tokens_per_s_direct": med("direct", "tokens_per_s"),
+                      "ratio_direct": med("direct", "tokens_per_s") / pub if pub else 0.0,
+                      "ratio_direct_range": [min(ratios), max(ratios)] if ratios else None,
+                      "ratio_relayed": med("relayed", "tokens_per_s") / pub if pub else 0.0,
+                      "first_step_s_public": med("public", "first_step_s"),
+                      "first_step_s_relayed": med("relayed", "first_step_s"),
+                      "first_step_s_direct": med("direct", "first_step_s"),
+                      "path_relayed": "/".join(sorted({r["relayed"]["path_0_1"] for r in rounds})),
+                      "path_direct": "/".join(sorted({r["direct"]["path_0_1"] for r in rounds})),
+                      "losses_identical": same, "model": model, "steps": steps, "rounds": a.rounds}))
+    return 0
 
 if __name__ == "__main__":
     sys.exit(main())
