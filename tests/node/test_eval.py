@@ -9,6 +9,8 @@ A 3-stage swarm records `val_loss` every `--eval-every` steps and still matches 
 from __future__ import annotations
 
 import dataclasses
+from contextlib import AbstractAsyncContextManager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,6 +30,10 @@ from sharding.data import Corpus
 from tests.node.conftest import FSPEC, SPEC_HASH, np_decoder, running_host, tcfg
 
 M, B, EVAL_BATCHES, SEED = 2, 2, 2, 77
+
+
+def _host(seed: int) -> AbstractAsyncContextManager[Any]:
+    return running_host(seed)
 
 
 def _frame(w: StageWorker, kind: frames.Kind, step: int, mb: int, payload: bytes, window: bytes = b"") -> frames.Frame:
@@ -53,7 +59,7 @@ def _train_step(ws: list[StageWorker], step: int) -> float:
                 assert isinstance(out, bytes)
                 window, h = ws[i + 1].decode(_frame(ws[i + 1], frames.Kind.ACTIVATION, step, mb, out,
                                                     window_to_bytes(window, w.id_bytes)))
-        g = None
+        g: Any = None
         for i in reversed(range(len(ws))):
             payload = ws[i].backward(step, mb, g)
             if payload is not None:
@@ -104,7 +110,7 @@ def test_eval_equals_one_process_forward_and_leaves_training_unchanged(stages: i
         before = _state(with_eval)
         vals.append(_evaluate(with_eval, step))
         after = _state(with_eval)
-        assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(before, after))
+        assert all(a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(before, after, strict=True))
         assert not any(w._stash for w in with_eval)  # nothing stashed for a backward
         ref_vals.append(ref.evaluate(corpus, EVAL_BATCHES, B, seed=SEED))
     assert losses == plain  # bit-identical training with evaluation between the steps
@@ -184,7 +190,7 @@ def test_hostile_eval_frames_are_refused_and_counted_and_good_ones_are_not_recei
     domain = Domain(31337, "0x" + "ab" * 20)
 
     async def main() -> None:
-        async with running_host(41) as (h1, i1), running_host(42) as (h2, i2), running_host(43) as (h3, i3), \
+        async with _host(41) as (h1, i1), _host(42) as (h2, i2), _host(43) as (h3, i3), \
                 trio.open_nursery() as nursery:
             hook_recv = EIP712Receipts(i1.account, domain, model_id=1, tokens_per_microbatch=16)
             recv_ep = _endpoint(h1, i1, 1, 2, receipts=hook_recv, ban_score=-100, credits=2)
@@ -226,7 +232,7 @@ def test_hostile_eval_frames_are_refused_and_counted_and_good_ones_are_not_recei
 @pytest.mark.timeout(60)
 def test_eval_frames_refused_where_no_evaluation_runs_and_plans_must_match() -> None:
     async def main() -> None:
-        async with running_host(44) as (h1, i1), running_host(45) as (h2, i2), running_host(46) as (h3, i3):
+        async with _host(44) as (h1, i1), _host(45) as (h2, i2), _host(46) as (h3, i3):
             plain = _endpoint(h1, i1, 1, 0)
             addr = full_addrs(h1)[0]
             ch = await _endpoint(h2, i2, 0, 0).open(addr)
