@@ -134,8 +134,8 @@ class PipelineRuntime:
             ch = self.upstream if kind == frames.Kind.ACTIVATION else self.downstream
             if ch is not None:
                 ch.scores.penalize(ch.peer, "unexpected-eval")
-            raise UnexpectedFrameError(f"stage {self.stage} at step {step} got a {h.kind.name.lower()} frame from "
-                                       f"stage {h.stage} while it expects a {kind.name.lower()} frame")
+            raise UnexpectedFrameError(f"stage {self.stage} at step {step} expected {kind.name} frames from "
+                                       f"stage {h.stage}, got {h.kind.name}")
         if h.microbatch >= self.worker.num_microbatches:
             raise UnexpectedFrameError(f"stage {self.stage} got microbatch {h.microbatch} from stage {h.stage}; "
                                        f"steps have {self.worker.num_microbatches} microbatches")
@@ -242,7 +242,7 @@ class PipelineRuntime:
                     ch.scores.penalize(ch.peer, "unexpected-eval")
                     raise UnexpectedFrameError(
                         f"stage {self.stage} evaluating after step {step} expected validation microbatch {index} "
-                        f"from stage {ch.remote_stage}, got a {h.kind.name.lower()} frame for step {h.step} "
+                        f"from stage {ch.remote_stage}, got {h.kind.name} for step {h.step} "
                         f"microbatch {h.microbatch}")
                 return r.value
             if ch.failure is not None:

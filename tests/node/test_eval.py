@@ -17,8 +17,10 @@ import pytest
 import torch
 import trio
 
-from node.errors import RemoteError
+from node.config import RuntimeConfig
+from node.errors import PeerLostError, RemoteError, UnexpectedFrameError
 from node.net.host import full_addrs
+from node.pipeline.runtime import PipelineRuntime
 from node.services.hop_receipts import EIP712Receipts
 from node.testing.swarm import run_local_swarm
 from node.training.worker import StageWorker, window_to_bytes
@@ -244,6 +246,59 @@ def test_eval_frames_refused_where_no_evaluation_runs_and_plans_must_match() -> 
             with pytest.raises(RemoteError, match="evaluation mismatch: peer evaluates every 5 steps on 2"):
                 await _endpoint(h3, i3, 0, 2).open(addr)
             assert any("evaluation mismatch" in m for m in plain.handshake_failures)
+
+    trio.run(main)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+def test_runtime_evaluates_what_upstream_sends_and_refuses_frames_out_of_place() -> None:
+    corpus = load_corpus("synthetic")
+    head, tail = _workers(corpus, 2, "dense", "tiny")
+    want = LocalPipeline(PRESETS["tiny"], 2, "dense", OptimConfig()).evaluate(corpus, EVAL_BATCHES, B, seed=SEED)
+    big = 1 << 26
+
+    async def send_eval(ch: Any, index: int) -> None:
+        window = head.eval_window(index)
+        out = head.forward_eval(window, None)
+        assert isinstance(out, bytes)
+        await ch.send_data(frames.Kind.EVAL, 0, index, out, window_to_bytes(window, head.id_bytes))
+
+    async def main() -> None:
+        async with _host(47) as (h1, i1), _host(48) as (h2, i2), trio.open_nursery() as nursery:
+            plan = (1, EVAL_BATCHES)
+            spec = tail.frame_spec(big)
+            recv_ep = ActEndpoint(h1, local=LocalInfo.of(i1, spec.spec_hash, 1, 2, plan), frame_spec=spec,
+                                  cfg=tcfg(max_frame_bytes=big, ban_score=-100), decoder=tail.decode)
+            send_ep = ActEndpoint(h2, local=LocalInfo.of(i2, spec.spec_hash, 0, 2, plan),
+                                  frame_spec=head.frame_spec(big), cfg=tcfg(max_frame_bytes=big))
+            ch = await send_ep.open(full_addrs(h1)[0])
+            nursery.start_soon(ch.run_reader)
+            inbound = await recv_ep.incoming.receive()
+            peer = h2.get_id().pretty()
+            rt = PipelineRuntime(tail, RuntimeConfig(frame_timeout_s=10), upstream=inbound)
+            for i in range(EVAL_BATCHES):
+                await send_eval(ch, i)
+            assert await rt.run_eval(0) == pytest.approx(want, rel=1e-5)  # the initial weights, as one process
+            await send_eval(ch, 0)  # while step 0 trains
+            with pytest.raises(UnexpectedFrameError, match="expected ACTIVATION frames from stage 0, got EVAL"):
+                await rt.run_step(0)
+            assert recv_ep.scores.score(peer) == -1
+            window = head.head_window(0, 0)
+            out = head.forward(0, 0, window, None)
+            assert isinstance(out, bytes)
+            await ch.send_data(frames.Kind.ACTIVATION, 0, 0, out, window_to_bytes(window, head.id_bytes))
+            with pytest.raises(UnexpectedFrameError, match="expected validation microbatch 0 from stage 0, got "
+                                                           "ACTIVATION for step 0"):
+                await rt.run_eval(0)  # a training frame while evaluating
+            assert recv_ep.scores.score(peer) == -2
+            quiet = PipelineRuntime(tail, RuntimeConfig(frame_timeout_s=0.5), upstream=inbound)
+            with pytest.raises(PeerLostError, match="no validation microbatch .* within frame_timeout_s=0.5"):
+                await quiet.run_eval(1)  # nothing comes: the wait is bounded
+            for r in (rt, quiet):
+                r.detach()
+            assert not tail._stash and all(p.grad is None for p in tail.module.parameters())
+            nursery.cancel_scope.cancel()
 
     trio.run(main)
 
