@@ -52,6 +52,8 @@ SHORT_FLAGS: dict[str, tuple[str, ...]] = {
     "runtime.schedule": ("--schedule",),
     "runtime.max_staleness": ("--max-staleness",),
     "runtime.checkpoint_every": ("--checkpoint-every",),
+    "runtime.eval_every": ("--eval-every",),
+    "runtime.eval_batches": ("--eval-batches",),
     "runtime.frame_timeout_s": ("--frame-timeout",),
     "runtime.redial_timeout_s": ("--redial-timeout",),
     "runtime.step_retries": ("--step-retries",),

@@ -110,6 +110,11 @@ class RuntimeConfig:
     torch_threads: int = 0  # torch intra-op threads for this process (0 = leave torch's default)
     schedule: str = "gpipe"  # gpipe (all forwards eagerly), 1f1b (stage s keeps <= num_stages - s microbatches in flight), async
     max_staleness: int = 0  # async: step k's forward and backward use the weights after step k - max_staleness - 1
+    eval_every: int = 50  # after the update of every this many steps, the pipeline forwards the validation
+    # microbatches (forward only, no weight change) and the tail records val_loss; 0 = off. gpipe and 1f1b
+    # one-peer-per-stage runs only (async and replicated runs do not evaluate); neighbours must agree
+    eval_batches: int = 4  # validation microbatches (of microbatch_size sequences) per evaluation: a fixed set
+    eval_seed: int = 1234  # seed of the validation windows (the corpus's val split, never train)
 
 
 @dataclass
@@ -370,6 +375,9 @@ class NodeConfig:
         if r.replica_averaging not in ("dense", "powersgd") or r.powersgd_rank < 1:
             raise ValueError(f"runtime.replica_averaging must be dense or powersgd (got {r.replica_averaging!r}) "
                              f"and runtime.powersgd_rank >= 1 (got {r.powersgd_rank})")
+        if r.eval_every < 0 or r.eval_batches < 1 or r.eval_seed < 0:
+            raise ValueError(f"runtime.eval_every must be >= 0 (0 = off), eval_batches >= 1 and eval_seed >= 0; got "
+                             f"{r.eval_every}, {r.eval_batches}, {r.eval_seed}")
         check_schedule(r.schedule, r.max_staleness)
         if r.schedule == "async" and self.recipe.grad_clip > 0:
             raise ValueError("runtime.schedule = async does not exchange gradient norms: set recipe.grad_clip = 0")

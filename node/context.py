@@ -60,9 +60,11 @@ class NodeContext:
             load_checkpoint(worker, ckpt)
         return worker
 
-    def local_info(self, stage: int) -> LocalInfo:
-        """What this node tells a neighbour at the activation-protocol handshake when serving `stage`."""
-        return LocalInfo(self.model.spec_hash(), stage, self.cfg.num_stages, self.identity.address, self.binding)
+    def local_info(self, stage: int, eval_plan: tuple[int, int] = (0, 0)) -> LocalInfo:
+        """What this node tells a neighbour at the activation-protocol handshake when serving `stage`
+        (eval_plan: the runner's (eval_every, eval_batches), (0, 0) when it does not evaluate)."""
+        return LocalInfo(self.model.spec_hash(), stage, self.cfg.num_stages, self.identity.address, self.binding,
+                         eval_plan)
 
 
 class Runner(Protocol):

@@ -68,6 +68,8 @@ class DemoConfig:
     microbatches: int = 2  # microbatches per step
     microbatch_size: int = 8  # sequences per microbatch
     lr: float = 3e-3  # AdamW peak learning rate
+    eval_every: int = 25  # the swarm evaluates on the validation split after every this many steps (0 = never)
+    eval_batches: int = 4  # validation microbatches per evaluation (a fixed set)
     threads_per_node: int = 1  # torch threads per node process
     device: str = "auto"  # compute device of the node processes (auto: first CUDA device, else MPS, else CPU)
     validators: int = 2  # attester accounts (validator role on chain)
@@ -120,6 +122,7 @@ class Demo:
         self.page: PageThread | None = None  # the status page of every stage (`start_page`)
         self.page_model: dict[str, Any] = {"name": cfg.preset, "stages": cfg.stages}  # model facts it shows
         self.page_chain: dict[str, dict[str, Any]] = {}  # node address -> on-chain figures it shows
+        self.val_loss: float | None = None  # the tail's last validation loss (`train`; None before an evaluation)
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -208,6 +211,7 @@ class Demo:
                 str(cfg.microbatches), "--microbatch-size", str(cfg.microbatch_size), "--lr", str(cfg.lr),
                 "--rpc-url", self.rpc_url, "--deployment", str(self.deployment_path), "--model-id",
                 str(self.model_id), "--linger", "--checkpoint-every", "0", "--device", cfg.device,
+                "--eval-every", str(cfg.eval_every), "--eval-batches", str(cfg.eval_batches),
                 "--discovery-discovery-timeout-s", str(cfg.discovery_timeout_s)]
         self.nodes = launch_swarm(self.root, cfg.stages, args, ready_timeout_s=cfg.node_ready_timeout_s,
                                   threads=[cfg.threads_per_node] * cfg.stages)
@@ -241,6 +245,8 @@ class Demo:
         if len(losses) < 2:
             raise CLIError("the tail stage reported fewer than two losses")
         self.losses = losses
+        vals = [float(r["val_loss"]) for r in sorted(tail, key=lambda r: r["step"]) if r.get("val_loss") is not None]
+        self.val_loss = vals[-1] if vals else None  # the last evaluation's mean validation loss
         k = min(3, len(losses) // 2)
         return sum(losses[:k]) / k, sum(losses[-k:]) / k
 
@@ -447,6 +453,7 @@ class Demo:
                     "total_shares": supply, "receipts_files": [str(e["file"]) for e in epochs],
                     "spot_checks": dict(self.spot_checks),
                     "status_url": self.page.url if self.page is not None else None, "losses": self.losses,
+                    "val_loss": self.val_loss,
                     **(self.kept(epochs) if self.keep else {})}
         finally:
             stop_nodes(self.nodes)
@@ -504,8 +511,11 @@ def _eth(wei: int) -> str:
 
 def summary_table(result: dict[str, Any]) -> Table:
     """The nodes' outcome in at most 100 columns (full ids are in the --json line)."""
-    table = Table(title=f"model {result['model_id']}: loss {result['loss_start']:.2f} → {result['loss_end']:.2f}, "
-                        f"{result['epochs_settled']} epochs settled, {_eth(result['revenue_deposited_wei'])} of fees")
+    val = result.get("val_loss")
+    val_text = f" (validation {val:.2f})" if isinstance(val, float) else ""
+    table = Table(title=f"model {result['model_id']}: loss {result['loss_start']:.2f} → {result['loss_end']:.2f}"
+                        f"{val_text}, {result['epochs_settled']} epochs settled, "
+                        f"{_eth(result['revenue_deposited_wei'])} of fees")
     for col in ("stage", "peer id", "address", "compute", "shares", "fraction", "revenue claimed"):
         table.add_column(col, justify="right", no_wrap=True)
     for n in result["nodes"]:

@@ -209,6 +209,10 @@ class AsyncPipelineRunner(PipelineRunner):
     def make_worker(self, ctx: NodeContext, stage: int) -> StageWorker:
         return AsyncStageWorker.wrap(ctx.build_worker(stage), ctx.cfg.runtime.max_staleness)
 
+    def eval_plan(self, ctx: NodeContext) -> tuple[int, int]:
+        """The asynchronous schedule does not evaluate (no flush between steps to evaluate at)."""
+        return (0, 0)
+
     async def run(self, ctx: NodeContext) -> None:
         assert isinstance(self._worker, AsyncStageWorker) and self._endpoint is not None
         worker, r = self._worker, ctx.cfg.runtime

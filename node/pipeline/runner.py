@@ -4,6 +4,11 @@ It dials the next stage and accepts the previous one, runs `PipelineRuntime` ste
 neighbour drops the partial step, re-dials and retries (`runtime.step_retries`, backoff doubling from
 `runtime.retry_backoff_s`). A neighbour that is behind makes this stage roll back to the neighbour's
 step from a kept checkpoint.
+
+Every `runtime.eval_every` steps, after the update, the stages evaluate the fixed validation
+microbatches (`PipelineRuntime.run_eval`) and the tail records their mean loss as `val_loss` in the
+progress record of that step. A failed evaluation does not fail the run: the step is recorded without
+it (`last_eval_error` in the status file), the links are re-made and training goes on.
 """
 
 from __future__ import annotations
@@ -56,8 +61,10 @@ class PipelineRunner:
             stage = int(cfg.stage)
         discovery.update_me(stage=stage)
         worker = ctx.worker = self._worker = self.make_worker(ctx, stage)
+        plan = self.eval_plan(ctx)
+        worker.eval_batches, worker.eval_seed = plan[1], cfg.runtime.eval_seed
         self._endpoint = ActEndpoint(
-            ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
+            ctx.host, local=ctx.local_info(stage, plan), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
             cfg=cfg.transport, receipts=ctx.receipts, decoder=worker.decode, step_fn=lambda: worker.next_step,
             policy=ctx.access)
         return stage
@@ -65,6 +72,11 @@ class PipelineRunner:
     def make_worker(self, ctx: NodeContext, stage: int) -> StageWorker:
         """The stage worker this schedule runs (the async runner stashes weights)."""
         return ctx.build_worker(stage)
+
+    def eval_plan(self, ctx: NodeContext) -> tuple[int, int]:
+        """(eval_every, eval_batches) this runner evaluates with, (0, 0) for none (told to neighbours at the handshake)."""
+        r = ctx.cfg.runtime
+        return (r.eval_every, r.eval_batches) if r.eval_every > 0 else (0, 0)
 
     def ready_fields(self) -> dict[str, Any]:
         assert self._worker is not None
@@ -94,8 +106,17 @@ class PipelineRunner:
                     await self._ensure_links(ctx, endpoint, first=not linked_once)
                     linked_once = True
                     runtime = PipelineRuntime(worker, r, self.links.up, self.links.down, ctx.cfg.num_stages)
+                    eval_error: NodeError | None = None
                     try:
                         res = await runtime.run_step(step)
+                        if worker.eval_batches and (step + 1) % r.eval_every == 0:
+                            try:
+                                val_loss = await runtime.run_eval(step)
+                            except RETRYABLE as exc:  # the update is applied: record the step without it
+                                eval_error = exc
+                            else:
+                                if val_loss is not None:
+                                    res.extra["val_loss"] = val_loss
                     finally:
                         runtime.detach()
                 except RETRYABLE as exc:
@@ -116,6 +137,9 @@ class PipelineRunner:
                 attempts = 0
                 first_error = None
                 ctx.log.step(step_report(res, len(ctx.host.get_connected_peers())))
+                if eval_error is not None:
+                    ctx.log.status(last_eval_error=f"evaluation after step {step}: {eval_error}")
+                    await self._reset_links()  # the failed evaluation may have left frames in flight
                 if r.checkpoint_every and worker.next_step % r.checkpoint_every == 0:
                     await trio.to_thread.run_sync(save_checkpoint, worker, ctx.data_dir)
 

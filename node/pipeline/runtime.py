@@ -12,6 +12,12 @@ input is there; "1f1b" lets stage s hold at most `num_stages - s` microbatches b
 backward (the 1F1B warm-up depth), so it stashes fewer activations; a ready backward always goes
 first. Both apply the same gradients once per step, so both equal the single-process run.
 `StepResult.busy_s` is the time spent in stage compute (the utilisation numerator).
+
+`run_eval` (called by the runner after the update of every `runtime.eval_every`-th step) sends the fixed
+validation microbatches through the pipeline forward only: the head reads them from the corpus's "val"
+split and sends them as EVAL frames, each stage forwards them without a graph and stashes nothing, and the
+tail returns their mean loss. Weights, gradients and optimiser state are not touched, so training is
+the same with or without evaluation.
 """
 
 from __future__ import annotations
@@ -124,6 +130,12 @@ class PipelineRuntime:
 
     def _check(self, r: Any, step: int, kind: frames.Kind) -> int:
         h = r.frame.header
+        if h.kind != kind:  # an EVAL frame while the step trains: counted against its sender
+            ch = self.upstream if kind == frames.Kind.ACTIVATION else self.downstream
+            if ch is not None:
+                ch.scores.penalize(ch.peer, "unexpected-eval")
+            raise UnexpectedFrameError(f"stage {self.stage} at step {step} expected {kind.name} frames from "
+                                       f"stage {h.stage}, got {h.kind.name}")
         if h.microbatch >= self.worker.num_microbatches:
             raise UnexpectedFrameError(f"stage {self.stage} got microbatch {h.microbatch} from stage {h.stage}; "
                                        f"steps have {self.worker.num_microbatches} microbatches")
@@ -177,6 +189,70 @@ class PipelineRuntime:
                           seconds=time.perf_counter() - t0, comm_wait_s=waited, bytes_in=b_in - b_in0,
                           bytes_out=b_out - b_out0, busy_s=self.busy_s,
                           extra={"peak_in_flight": self.peak_in_flight})
+
+    async def run_eval(self, step: int) -> float | None:
+        """Forward the `worker.eval_batches` validation microbatches with the weights after update `step`
+        (see the module doc); the tail's mean loss, None on the other stages."""
+        w = self.worker
+        down_tx = _Sender(self.downstream) if self.downstream is not None else None
+        losses: list[float] = []
+        error: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            if down_tx is not None:
+                nursery.start_soon(down_tx.run)
+            try:
+                for i in range(w.eval_batches):
+                    if self.upstream is None:
+                        window, h_in = await self._compute(w.eval_window, i), None
+                    else:
+                        window, h_in = await self._next_eval(step, i)
+                    out = await self._compute(w.forward_eval, window, h_in)
+                    if down_tx is None:
+                        assert isinstance(out, float)
+                        losses.append(out)
+                    else:
+                        assert isinstance(out, bytes)
+                        down_tx.put(frames.Kind.EVAL, step, i, out, window_to_bytes(window, w.id_bytes))
+                if down_tx is not None and self.downstream is not None:
+                    await down_tx.drain()
+                    await self.downstream.wait_acked()
+            except Exception as exc:  # re-raised below, outside the nursery (no exception groups)
+                error = exc
+            finally:
+                if down_tx is not None:
+                    down_tx.close()
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return sum(losses) / len(losses) if losses else None
+
+    async def _next_eval(self, step: int, index: int) -> Any:
+        """The (window, h) of validation microbatch `index` of the evaluation after `step`, from upstream.
+
+        Anything else the upstream peer sends meanwhile is refused and counted against it; the wait is
+        bounded by `runtime.frame_timeout_s`."""
+        ch = self.upstream
+        assert ch is not None
+        while True:
+            self._wake = trio.Event()
+            r = await ch.try_recv()
+            if r is not None:
+                h = r.frame.header
+                if h.kind != frames.Kind.EVAL or h.step != step or h.microbatch != index:
+                    ch.scores.penalize(ch.peer, "unexpected-eval")
+                    raise UnexpectedFrameError(
+                        f"stage {self.stage} evaluating after step {step} expected validation microbatch {index} "
+                        f"from stage {ch.remote_stage}, got {h.kind.name} for step {h.step} "
+                        f"microbatch {h.microbatch}")
+                return r.value
+            if ch.failure is not None:
+                raise ch.failure
+            with trio.move_on_after(self.cfg.frame_timeout_s) as scope:
+                await self._wake.wait()
+            if scope.cancelled_caught:
+                raise PeerLostError(f"stage {self.stage}: no validation microbatch from peer {ch.peer} (stage "
+                                    f"{ch.remote_stage}) within frame_timeout_s={self.cfg.frame_timeout_s} after "
+                                    f"step {step}", ch.peer, ch.remote_stage)
 
     async def _exchange_sq_norm(self, step: int) -> float:
         """The whole model's squared gradient norm of `step`, for global-norm clipping.

@@ -64,9 +64,12 @@ class StageWorker:
         microbatch_size: int,
         corpus: Corpus | None = None,
         policy: ExecutionPolicy | None = None,
+        eval_batches: int = 0,
+        eval_seed: int = 1234,
     ) -> None:
         """policy: device, precision, AdamW kernel, compile, checkpointing (None: fp32 on CPU). The stage is
-        refused (sharding.StageMemoryError) before any weight is allocated when it does not fit its device."""
+        refused (sharding.StageMemoryError) before any weight is allocated when it does not fit its device.
+        eval_batches / eval_seed: the fixed validation microbatches `eval_window` reads (0 = no evaluation)."""
         if spec.is_first and corpus is None:
             raise ValueError("the head stage needs a corpus to read its data from")
         self.config = config
@@ -78,6 +81,8 @@ class StageWorker:
         self.num_microbatches = num_microbatches
         self.microbatch_size = microbatch_size
         self.corpus = corpus
+        self.eval_batches = eval_batches  # validation microbatches per evaluation (0 = this stage does not evaluate)
+        self.eval_seed = eval_seed  # seed of the validation windows (Corpus.batch on the "val" split)
         self.module = build_stage_on(config, spec, self.policy, plan_for(self.policy, microbatch_size, num_microbatches))
         self.optimizer = make_optimizer(self.module, optim, self.policy.adamw_kwargs())
         # what forward calls: the module, or its torch.compile wrapper (same parameters)
@@ -97,13 +102,22 @@ class StageWorker:
             spec_hash=self.config.spec_hash(), codec=frames.CODEC_IDS[self.codec.name],
             microbatch_size=self.microbatch_size, seq_len=self.config.seq_len, d_model=self.config.d_model,
             bytes_per_token=self.codec.bytes_per_token, id_bytes=self.id_bytes, max_frame_bytes=max_frame_bytes,
+            eval_batches=self.eval_batches,
         )
 
     # -- decoding (called off the event loop by the channel) --------------------------------------
 
     def decode(self, fr: frames.Frame) -> tuple[torch.Tensor, torch.Tensor] | torch.Tensor:
-        """ACTIVATION -> (window, h); GRADIENT -> g. Codec errors (NaN/Inf, sizes) propagate."""
+        """ACTIVATION and EVAL -> (window, h); GRADIENT -> g. Codec errors (NaN/Inf, sizes) propagate.
+        EVAL frames are not shown to the observers (the audit recorder): they are no training hop."""
         h = fr.header
+        if h.kind == frames.Kind.EVAL:
+            if h.microbatch >= self.eval_batches:
+                raise UnexpectedFrameError(f"eval microbatch {h.microbatch} out of range: evaluations have "
+                                           f"{self.eval_batches}")
+            window = bytes_to_window(fr.window, self.microbatch_size, self.config.seq_len, self.id_bytes,
+                                     self.config.vocab_size)
+            return window, self.codec.decode_activation(fr.payload, window[:, :-1], self.device)
         if h.microbatch >= self.num_microbatches:
             raise UnexpectedFrameError(f"microbatch {h.microbatch} out of range: steps have {self.num_microbatches}")
         decoded: tuple[torch.Tensor, torch.Tensor] | torch.Tensor
@@ -131,6 +145,25 @@ class StageWorker:
         """The (B, T+1) data window of (step, mb), a pure function of the corpus and optimiser seed."""
         assert self.corpus is not None
         return self.corpus.batch("train", step, mb, self.microbatch_size, self.config.seq_len, self.optim.data_seed)
+
+    def eval_window(self, index: int) -> torch.Tensor:
+        """The (B, T+1) window of validation microbatch `index`: the same for every evaluation, read from the
+        corpus's "val" split only (never the train split)."""
+        assert self.corpus is not None
+        if not 0 <= index < self.eval_batches:
+            raise ValueError(f"validation microbatch {index} out of range: evaluations have {self.eval_batches}")
+        return self.corpus.batch("val", 0, index, self.microbatch_size, self.config.seq_len, self.eval_seed)
+
+    def forward_eval(self, window: torch.Tensor, h_in: torch.Tensor | None) -> bytes | float:
+        """Forward only, with the live weights and no graph: non-tail returns the encoded activation, the tail
+        the microbatch's loss. Nothing is stashed and no gradient, weight or optimiser state changes."""
+        window = window.to(self.device)
+        ids, targets = window[:, :-1], window[:, 1:]
+        with torch.no_grad(), self.policy.autocast():
+            if self.spec.is_last:
+                return float(self._run(ids, None if h_in is None else h_in.to(self.device), targets))
+            out = self._run(ids, None if h_in is None else h_in.to(self.device))
+        return self.codec.encode_activation(out, ids)
 
     def weights_for(self, step: int) -> torch.nn.Module:
         """The module the forward and backward of `step` run on (the live one; the async schedule stashes copies)."""

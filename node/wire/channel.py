@@ -53,7 +53,7 @@ from node.net.transport.locks import QuickLock
 from node.wire import frames
 
 ACT_PROTOCOL = TProtocol("/pmn/act/1.0.0")
-DATA_KINDS = (frames.Kind.ACTIVATION, frames.Kind.GRADIENT)
+DATA_KINDS = (frames.Kind.ACTIVATION, frames.Kind.GRADIENT, frames.Kind.EVAL)  # EVAL: forward only, no receipt
 READ_CHUNK = 1 << 22  # most bytes taken from the muxer per read call
 MAX_CONTROL_BYTES = 64 * 1024  # limit on HELLO/ACK/CREDIT/ERROR/CLOSE/LOSS/NORM frames (header + body)
 
@@ -161,11 +161,13 @@ class LocalInfo:
     num_stages: int  # pipeline depth
     address: str  # our Ethereum address (node key), for receipts; "" claims none (receipts off only)
     binding: bytes = b""  # node key's signature over our peer id (`node.net.identity.bind`); b"" with address ""
+    eval_plan: tuple[int, int] = (0, 0)  # (runtime.eval_every, eval_batches) this node evaluates with; (0, 0) = none
 
     @classmethod
-    def of(cls, identity: NodeIdentity, spec_hash: bytes, stage: int, num_stages: int) -> LocalInfo:
+    def of(cls, identity: NodeIdentity, spec_hash: bytes, stage: int, num_stages: int,
+           eval_plan: tuple[int, int] = (0, 0)) -> LocalInfo:
         """Our handshake info with the identity's address and its binding to the identity's peer id."""
-        return cls(spec_hash, stage, num_stages, identity.address, bind(identity))
+        return cls(spec_hash, stage, num_stages, identity.address, bind(identity), eval_plan)
 
 
 @dataclass(frozen=True)
@@ -178,6 +180,7 @@ class Hello:
     address: str  # its Ethereum address ("" = none claimed), checked against `binding` at the handshake
     next_step: int = -1  # first global step it has not applied yet (-1 = not reported)
     binding: bytes = b""  # its node key's signature over its peer id (`node.net.identity.bind`)
+    eval_plan: tuple[int, int] = (0, 0)  # its (eval_every, eval_batches); must equal ours
 
 
 @dataclass
@@ -294,6 +297,7 @@ class ActChannel:
             "stage": self.local.stage, "num_stages": self.local.num_stages,
             "credits": self.cfg.credits, "address": self.local.address,
             "next_step": self.step_fn() if self.step_fn else -1, "binding": "0x" + self.local.binding.hex(),
+            "eval": list(self.local.eval_plan),
         }).encode()
         return frames.encode_frame(frames.Kind.HELLO, self.local.spec_hash, self.local.stage, 0, 0, payload=body)
 
@@ -323,11 +327,19 @@ class ActChannel:
             try:
                 frames.check_spec_hash(fr.header, self.local.spec_hash)
                 info = json.loads(fr.payload)
+                every, batches = info.get("eval", (0, 0))
                 hello = Hello(int(info["stage"]), int(info["num_stages"]), int(info["credits"]), str(info["address"]),
-                              int(info.get("next_step", -1)), bytes.fromhex(str(info.get("binding", "")).removeprefix("0x")))
+                              int(info.get("next_step", -1)), bytes.fromhex(str(info.get("binding", "")).removeprefix("0x")),
+                              (int(every), int(batches)))
             except (FrameError, ValueError, KeyError, TypeError) as exc:
                 await self.send_error(str(exc))
                 raise HandshakeError(f"handshake with peer {self.peer} refused: {exc}") from exc
+            if hello.eval_plan != self.local.eval_plan:
+                msg = (f"evaluation mismatch: peer evaluates every {hello.eval_plan[0]} steps on {hello.eval_plan[1]} "
+                       f"validation microbatches, we every {self.local.eval_plan[0]} on {self.local.eval_plan[1]} "
+                       "(runtime.eval_every / eval_batches must match; 0 = off)")
+                await self.send_error(msg)
+                raise HandshakeError(msg)
             if hello.num_stages != self.local.num_stages or hello.credits < 1:
                 msg = (f"pipeline mismatch: peer has num_stages={hello.num_stages} credits={hello.credits}, "
                        f"we have num_stages={self.local.num_stages}")
@@ -422,7 +434,7 @@ class ActChannel:
     ) -> frames.FrameHeader:
         """Send one ACTIVATION/GRADIENT frame once a credit is available; returns its header."""
         if kind not in DATA_KINDS:
-            raise ValueError(f"send_data takes ACTIVATION or GRADIENT, got {kind.name}")
+            raise ValueError(f"send_data takes ACTIVATION, GRADIENT or EVAL, got {kind.name}")
         self._raise_if_failed()
         if self._credit_out <= 0:
             async with self._credit_cv:
@@ -436,7 +448,8 @@ class ActChannel:
             payload_len=len(payload), digest=await digest_off_loop(window, payload, self.cfg.hashes_in_thread(len(window) + len(payload))),
             attempt=attempt, id_dtype=self.spec.id_dtype,
         )
-        sig = self.receipts.sign(header, self.remote.address if self.remote else "")
+        # evaluation hops are not training work: no receipt is signed for them
+        sig = b"" if kind == frames.Kind.EVAL else self.receipts.sign(header, self.remote.address if self.remote else "")
         header = frames.FrameHeader(**{**header.__dict__, "sig_len": len(sig)})
         self._pending.setdefault((step, microbatch, header.digest), []).append(header)
         self._pending_count += 1
@@ -634,7 +647,7 @@ class ActChannel:
         return True
 
     def _check_direction(self, h: frames.FrameHeader) -> None:
-        want_from = self.local.stage - 1 if h.kind == frames.Kind.ACTIVATION else self.local.stage + 1
+        want_from = self.local.stage - 1 if h.kind in frames.FORWARD_KINDS else self.local.stage + 1
         if h.stage != self.remote_stage or h.stage != want_from:
             raise UnexpectedFrameError(
                 f"{h.kind.name.lower()} frame from stage {h.stage} (peer announced stage {self.remote_stage}); "
@@ -673,7 +686,8 @@ class ActChannel:
             value = await trio.to_thread.run_sync(verify_and_decode, fr, self.decoder)  # one hop per frame
         else:
             value = verify_and_decode(fr, None)
-        counter = self.receipts.countersign(fr.header, fr.signature, peer_addr)
+        counter = b"" if fr.header.kind == frames.Kind.EVAL else self.receipts.countersign(fr.header, fr.signature,
+                                                                                            peer_addr)
         self._granted_left -= 1
         self.stats.frames_in += 1
         ack = frames.encode_frame(frames.Kind.ACK, self.local.spec_hash, self.local.stage, fr.header.step,
@@ -692,7 +706,8 @@ class ActChannel:
         if not waiting:
             del self._pending[(fr.header.step, fr.header.microbatch, acked)]
         self._pending_count -= 1
-        self.receipts.on_ack(header, fr.payload[frames.DIGEST_SIZE:], self.remote.address if self.remote else "")
+        if header.kind != frames.Kind.EVAL:
+            self.receipts.on_ack(header, fr.payload[frames.DIGEST_SIZE:], self.remote.address if self.remote else "")
         await _notify_all(self._acks_cv)
 
 

@@ -54,6 +54,12 @@ class Kind(IntEnum):
     COMMIT = 9  # head -> downstream replicas: JSON payload {"step", "commit": [[mb, attempt], ...]}
     NORM = 10  # squared gradient norm of `step` for global-norm clipping: payload = float64 (big-endian);
     # microbatch field = NORM_PARTIAL (running sum of stages <= sender, downstream) or NORM_TOTAL (upstream)
+    EVAL = 11  # forward-only boundary hidden state of validation microbatch `microbatch` (+ its token window),
+    # evaluated with the weights after update `step`; no gradient comes back and no receipt is signed
+
+
+# kinds that travel forward (stage k -> k+1) with a token window
+FORWARD_KINDS = (Kind.ACTIVATION, Kind.EVAL)
 
 
 NORM_PARTIAL = 0  # NORM frame: sum over stages 0..sender, sent to the next stage
@@ -185,6 +191,7 @@ class FrameSpec:
     bytes_per_token: int  # exact codec payload bytes per token
     id_bytes: int  # bytes per token id in the window (2 for vocab <= 65536, else 4)
     max_frame_bytes: int  # hard limit on header + body, checked before any body byte is read
+    eval_batches: int = 0  # validation microbatches per evaluation this node takes as EVAL frames (0 = refuses them)
 
     @property
     def dtype(self) -> Dtype:
@@ -302,16 +309,31 @@ def check_data_header(h: FrameHeader, spec: FrameSpec) -> None:
         raise CodecMismatchError(f"frame codec {h.codec.name.lower()}, model uses {spec.codec.name.lower()}")
     if h.dtype != spec.dtype:
         raise DtypeMismatchError(f"frame dtype {h.dtype.name.lower()}, codec sends {spec.dtype.name.lower()}")
-    if h.kind == Kind.ACTIVATION and h.id_dtype != spec.id_dtype:
+    if h.kind == Kind.EVAL:
+        check_eval_header(h, spec)
+    if h.kind in FORWARD_KINDS and h.id_dtype != spec.id_dtype:
         raise DtypeMismatchError(f"frame token ids {h.id_dtype.name.lower()}, the model's vocabulary travels as "
                                  f"{spec.id_dtype.name.lower()}")
     if tuple(h.shape) != spec.shape:
         raise ShapeMismatchError(f"frame shape {tuple(h.shape)}, model expects {spec.shape}")
     if h.payload_len != spec.payload_len:
         raise ShapeMismatchError(f"payload of {h.payload_len} bytes, shape implies {spec.payload_len}")
-    want_window = spec.window_len if h.kind == Kind.ACTIVATION else 0
+    want_window = spec.window_len if h.kind in FORWARD_KINDS else 0
     if h.window_len != want_window:
         raise ShapeMismatchError(f"token window of {h.window_len} bytes, expected {want_window}")
+
+
+def check_eval_header(h: FrameHeader, spec: FrameSpec) -> None:
+    """An EVAL frame is taken only by a node that evaluates, within its validation microbatches, unsigned."""
+    if spec.eval_batches < 1:
+        raise UnexpectedFrameError("eval frame refused: this node runs no evaluation (runtime.eval_every = 0, "
+                                   "or a schedule that does not evaluate)")
+    if h.microbatch >= spec.eval_batches:
+        raise UnexpectedFrameError(f"eval frame for validation microbatch {h.microbatch}; evaluations have "
+                                   f"{spec.eval_batches}")
+    if h.sig_len:
+        raise UnexpectedFrameError(f"eval frame carries a {h.sig_len}-byte signature: evaluation hops are not "
+                                   "receipted")
 
 
 def verify_digest(h: FrameHeader, window: bytes, payload: bytes) -> None:

@@ -22,13 +22,14 @@ def test_snapshot_reads_status_progress_and_skips_a_torn_line(tmp_path: Path) ->
                             "loss": 3.5, "tokens_per_s": 120.0})
     for step in range(5):
         append_progress(tmp_path, {"step": step, "loss": 4.0 - step * 0.1, "tokens_per_s": 100.0 + step,
-                                    "end_time": 1.0 + step})
+                                    "end_time": 1.0 + step, **({"val_loss": 5.0 - step} if step % 2 else {})})
     with (tmp_path / "progress.jsonl").open("a") as fh:
         fh.write('{"step": 5, "lo')  # a writer caught mid-line
     row, series = node_part(tmp_path, chain={"shares": 10, "fraction": 0.5, "claimable_wei": 7,
                                               "units_per_cosigned": 3})
     assert row["step"] == 4 and row["loss"] == 3.5 and row["shares"] == 10 and row["compute_units"] == 0
     assert series["step"] == [0, 1, 2, 3, 4] and math.isclose(series["loss"][-1], 3.6)
+    assert series["val_loss"] == [None, 4.0, None, 2.0, None] and row["val_loss"] == 2.0  # the latest evaluation
     snap = page("t", {"stages": 2}, [(row, series)], announced=[(0, "12D3KooWY", 50.0)])
     assert [s["peers"] for s in snap["stages"]] == [["12D3KooWY"], ["12D3KooWX"]]
     assert snap["stages"][1]["reachability"] is None  # filled once nodes report reachability
@@ -39,7 +40,8 @@ def test_snapshot_reads_status_progress_and_skips_a_torn_line(tmp_path: Path) ->
 def test_browser_shows_live_steps_and_loss_of_a_running_swarm(tmp_path: Path) -> None:
     base = free_port_run(2)
     nodes = launch_swarm(tmp_path / "swarm", 2, ["--model", "tiny", "--steps", "400", "--microbatches", "2",
-                                                 "--checkpoint-every", "0"], threads=[1, 1], status_base_port=base)
+                                                 "--checkpoint-every", "0", "--eval-every", "3", "--eval-batches", "2"],
+                         threads=[1, 1], status_base_port=base)
     browser = None
     try:
         url = nodes[1].ready["status_url"]  # the tail stage: it knows the loss
@@ -60,6 +62,9 @@ def test_browser_shows_live_steps_and_loss_of_a_running_swarm(tmp_path: Path) ->
                                f"the shown step to advance past {first}", detail=shown_step)
             loss = wait_until(lambda: (t := tab.text("#loss")) and t != "–" and t, 30, "a loss value on the page")
             assert 0 < float(loss) < 20
+            val = wait_until(lambda: (t := tab.text("#val-loss")) and t != "–" and t, 60,
+                             "a validation loss value on the page")
+            assert 0 < float(val) < 20
             # the stage map lists both stages' peers and the node table this node's row
             assert nodes[1].ready["peer_id"][:8] in (tab.text("#stages") or "")
             assert wait_until(lambda: tab.eval("document.querySelectorAll('#loss-chart canvas').length"), 30,

@@ -22,6 +22,8 @@ microbatch_size = 2
 inference_requests = 1
 audit_rate = 0.2
 max_new_tokens = 8
+eval_every = 4
+eval_batches = 2
 """
 
 
@@ -53,6 +55,7 @@ def _check(out: dict[str, Any], left_to_claim: int = 0) -> None:
         assert nodes[0]["revenue_claimed_wei"] == 0
     assert abs(out["revenue_deposited_wei"] - claimed - unclaimed) <= len(nodes)  # rounding dust only
     assert out["loss_end"] < out["loss_start"]
+    assert 0 < out["val_loss"] < out["loss_start"]  # the last evaluation (after step 8) of the validation split
     assert len(out["inference_text"]) > 0
     # attesters re-executed a sample of hops fetched over /pmn/audit/1.0.0; honest nodes pass every one
     assert out["spot_checks"]["checked"] > 0 and out["spot_checks"]["failed"] == 0
@@ -137,7 +140,7 @@ def test_summary_fits_100_columns_with_a_loss_chart_and_readable_units() -> None
 
     node = {"peer_id": "12D3KooW" + "x" * 44, "address": "0x" + "ab" * 20, "compute_units": 1_434_451_968,
             "shares": 1_434_451_968, "fraction": 0.4691358024691358, "revenue_claimed_wei": 4_691_358_024_691_358}
-    result = {"model_id": 1, "loss_start": 5.484, "loss_end": 2.1, "epochs_settled": 2,
+    result = {"model_id": 1, "loss_start": 5.484, "loss_end": 2.1, "val_loss": 2.345, "epochs_settled": 2,
               "revenue_deposited_wei": 2 * 10**16, "nodes": [{**node, "stage": s} for s in range(3)],
               "losses": [5.5 - 0.02 * i for i in range(200)], "inference_texts": ["def f(x):\n    return x"],
               "kept_dir": "/tmp/d", "holder_commands": ["pmn shares --model 1 --holder 0xab --rpc-url u --deployment d"]}
@@ -150,3 +153,4 @@ def test_summary_fits_100_columns_with_a_loss_chart_and_readable_units() -> None
     assert "1.4 G" in out.getvalue() and "46.91 %" in out.getvalue() and "0.004691 ETH" in out.getvalue()
     assert "training loss (tail stage) over 200 steps" in out.getvalue() and "█" in out.getvalue()
     assert "pmn shares --model 1" in out.getvalue()
+    assert "loss 5.48 → 2.10 (validation 2.35)" in out.getvalue()

@@ -7,7 +7,7 @@ the same code serves one node's own page and the demo's page of every stage. On-
 Shape of a page snapshot (every key always present; unknown values are null):
 
     {"title", "time", "model": {"name", "spec_hash", "model_id", "stages", "params", "terms": {...} | null},
-     "nodes": [{"stage", "peer_id", "address", "state", "step", "steps_total", "loss", "tokens_per_s",
+     "nodes": [{"stage", "peer_id", "address", "state", "step", "steps_total", "loss", "val_loss", "tokens_per_s",
                 "peers", "receipts_cosigned", "receipts_pending", "compute_units", "shares", "fraction",
                 "claimable_wei", "reachability"}],
      "stages": [{"stage", "peers": [peer ids], "tokens_per_s", "reachability"}],
@@ -103,10 +103,12 @@ def node_part(data_dir: str | Path, limits: SnapshotLimits = SnapshotLimits(),
     stage = st.get("stage")
     per = chain.get("units_per_cosigned")
     last = records[-1] if records else {}
+    val = [v for v in (_num(r.get("val_loss")) for r in records) if v is not None]
     row = {
         "stage": stage, "peer_id": st.get("peer_id"), "address": st.get("address"), "state": st.get("state"),
         "step": st.get("step", last.get("step")), "steps_total": st.get("steps_total"),
-        "loss": _num(st.get("loss")), "tokens_per_s": _num(st.get("tokens_per_s", last.get("tokens_per_s"))),
+        "loss": _num(st.get("loss")), "val_loss": val[-1] if val else None,  # the latest evaluation's (tail)
+        "tokens_per_s": _num(st.get("tokens_per_s", last.get("tokens_per_s"))),
         "peers": st.get("peers"), "receipts_cosigned": cosigned, "receipts_pending": pending,
         "compute_units": int(cosigned * per) if isinstance(per, int | float) else None,
         "shares": chain.get("shares"), "fraction": chain.get("fraction"), "claimable_wei": chain.get("claimable_wei"),

@@ -53,6 +53,7 @@
       const tr = [cell(fmt(n.stage)), cell(short(n.peer_id), "text mono", n.peer_id || ""),
         cell(short(n.address), "text mono", n.address || ""), cell(n.state || "–", "text"),
         cell(n.step === null || n.step === undefined ? "–" : String(n.step + 1)), cell(fmt(n.loss, 4)),
+        cell(fmt(n.val_loss, 4)),
         cell(fmt(n.tokens_per_s, 0)), cell(fmt(n.receipts_cosigned)), cell(fmt(n.receipts_pending)),
         cell(n.compute_units === null ? "–" : fmt(n.compute_units) + " FLOP"), cell(fmt(n.shares)),
         cell(n.fraction === null || n.fraction === undefined ? "–" : (100 * n.fraction).toFixed(2) + " %"),
@@ -80,7 +81,7 @@
     if (!charts[id] || charts[id].names !== names) {
       if (charts[id]) charts[id].plot.destroy();
       const series = [{ label: "step" }].concat(parts.map((p, i) => ({ label: p.label, stroke: COLORS[i % COLORS.length],
-        width: 2, dash: p.dash, spanGaps: true })));
+        width: 2, dash: p.dash, spanGaps: true, points: p.points ? { show: true, size: 6 } : undefined })));
       const plot = new uPlot({ width: Math.max(el.clientWidth - 4, 320), height: 240, series: series,
         axes: [{ label: "step" }, { label: yLabel }], scales: { x: { time: false } } }, data, el);
       charts[id] = { plot: plot, names: names };
@@ -95,7 +96,7 @@
     const align = (cd, i) => { const at = new Map(cd.data[0].map((s, j) => [s, cd.data[i + 1][j]]));
       return steps.map((s) => (at.has(s) ? at.get(s) : null)); };
     const lossParts = loss.labels.map((l, i) => ({ label: "train " + l, x: steps, y: align(loss, i) }))
-      .concat(val.labels.map((l, i) => ({ label: "validation " + l, x: steps, y: align(val, i), dash: [6, 4] })));
+      .concat(val.labels.map((l, i) => ({ label: "validation " + l, x: steps, y: align(val, i), dash: [6, 4], points: true })));
     drawChart("loss-chart", lossParts, "loss");
     drawChart("tps-chart", tps.labels.map((l, i) => ({ label: l, x: tps.data[0], y: tps.data[i + 1] })), "tokens/s");
   }
@@ -110,6 +111,8 @@
     const totals = s.nodes.map((n) => n.steps_total).filter((x) => typeof x === "number");
     $("step-of").textContent = totals.length ? "of " + Math.max(...totals) : "";
     $("loss").textContent = tail ? tail.loss.toFixed(4) : "–";
+    const vals = s.nodes.filter((n) => typeof n.val_loss === "number").sort((a, b) => b.stage - a.stage);
+    $("val-loss").textContent = vals.length ? vals[0].val_loss.toFixed(4) : "–";
     $("tokens").textContent = fmt(s.stages.reduce((a, st) => a + (st.tokens_per_s || 0), 0), 0);
     const cos = s.nodes.reduce((a, n) => a + (n.receipts_cosigned || 0), 0);
     const pen = s.nodes.reduce((a, n) => a + (n.receipts_pending || 0), 0);
