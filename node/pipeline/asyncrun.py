@@ -32,63 +32,27 @@ from node.context import NodeContext
 from node.errors import NodeError, PeerLostError, UnexpectedFrameError
 from node.pipeline.asyncworker import STALE, AsyncStageWorker
 from node.pipeline.runner import PipelineRunner, step_report
-from node.pipeline.runtime import StepResult, _Sender
+from node.pipeline.runtime import ChannelLoop, StepResult, _Sender
 from node.training.checkpoint import save_checkpoint
 from node.training.worker import StageWorker, window_to_bytes
 from node.wire import frames
 from node.wire.channel import ActChannel, Received
 
 
-class AsyncPipelineRuntime:
+class AsyncPipelineRuntime(ChannelLoop):
     """Runs steps [first, last) of one stage without a flush between steps (see the module doc)."""
+
+    worker: AsyncStageWorker
 
     def __init__(self, worker: AsyncStageWorker, cfg: RuntimeConfig, upstream: ActChannel | None,
                  downstream: ActChannel | None) -> None:
-        self.worker = worker
-        self.cfg = cfg
-        self.upstream = upstream
-        self.downstream = downstream
-        self.stage = worker.spec.index
+        super().__init__(worker, cfg, upstream, downstream)
         self.stale_rejected = 0  # gradients dropped as staler than the bound (or duplicates)
-        self._wake = trio.Event()
         self._inbox: deque[Received] = deque()  # activations received, waiting for their step's weights
-        for ch in (upstream, downstream):
-            if ch is not None:
-                ch.listeners.append(self._on_arrival)
-
-    def _on_arrival(self) -> None:
-        self._wake.set()
-
-    def detach(self) -> None:
-        """Stop listening to the channels."""
-        for ch in (self.upstream, self.downstream):
-            if ch is not None and self._on_arrival in ch.listeners:
-                ch.listeners.remove(self._on_arrival)
-
-    def _stats(self) -> tuple[int, int]:
-        chans = [c for c in (self.upstream, self.downstream) if c is not None]
-        return sum(c.stats.bytes_in for c in chans), sum(c.stats.bytes_out for c in chans)
 
     async def run(self, last: int, on_step: Any) -> None:
         """Train until update `last - 1` is applied; `on_step(StepResult)` after every update."""
-        up_tx = _Sender(self.upstream) if self.upstream is not None else None
-        down_tx = _Sender(self.downstream) if self.downstream is not None else None
-        error: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            for tx in (up_tx, down_tx):
-                if tx is not None:
-                    nursery.start_soon(tx.run)
-            try:
-                await self._loop(last, up_tx, down_tx, on_step)
-            except Exception as exc:  # re-raised below, outside the nursery (no exception groups)
-                error = exc
-            finally:
-                for tx in (up_tx, down_tx):
-                    if tx is not None:
-                        tx.close()
-                nursery.cancel_scope.cancel()
-        if error is not None:
-            raise error
+        await self._with_senders(lambda up_tx, down_tx: self._loop(last, up_tx, down_tx, on_step))
 
     async def _loop(self, last: int, up_tx: _Sender | None, down_tx: _Sender | None, on_step: Any) -> None:
         w = self.worker

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast
 
 import trio
 
@@ -35,6 +36,8 @@ from node.training.worker import StageWorker, window_to_bytes
 from node.wire import frames
 from node.wire.channel import ActChannel
 from sharding.train import grad_sq_norm
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -93,24 +96,14 @@ class _Sender:
         self._send.close()
 
 
-class PipelineRuntime:
-    """Runs global steps of one stage given its live neighbour channels (None at the ends)."""
+class ChannelLoop:
+    """What the schedules' runtimes share: the stage's neighbour channels (None at the ends), a wake-up on every
+    arrival, their byte counts, and running a loop body beside one sender task per channel."""
 
-    def __init__(
-        self,
-        worker: StageWorker,
-        cfg: RuntimeConfig,
-        upstream: ActChannel | None = None,
-        downstream: ActChannel | None = None,
-        num_stages: int | None = None,
-    ) -> None:
+    def __init__(self, worker: StageWorker, cfg: RuntimeConfig, upstream: ActChannel | None,
+                 downstream: ActChannel | None) -> None:
         self.worker = worker
         self.cfg = cfg
-        # 1F1B: microbatches this stage may hold between forward and backward (None: no bound, gpipe)
-        self.in_flight_limit = (None if cfg.schedule != "1f1b" or num_stages is None
-                                else max(1, num_stages - worker.spec.index))
-        self.busy_s = 0.0  # compute seconds in the current step
-        self.peak_in_flight = 0  # most microbatches held between forward and backward in the current step
         self.upstream = upstream
         self.downstream = downstream
         self.stage = worker.spec.index
@@ -127,6 +120,54 @@ class PipelineRuntime:
         for ch in (self.upstream, self.downstream):
             if ch is not None and self._on_arrival in ch.listeners:
                 ch.listeners.remove(self._on_arrival)
+
+    def _stats(self) -> tuple[int, int]:
+        chans = [c for c in (self.upstream, self.downstream) if c is not None]
+        return sum(c.stats.bytes_in for c in chans), sum(c.stats.bytes_out for c in chans)
+
+    async def _with_senders(self, body: Callable[[_Sender | None, _Sender | None], Awaitable[T]],
+                            upstream: bool = True) -> T:
+        """`body(up_tx, down_tx)` while a task per channel drains its sender (`upstream=False`: no upstream
+        sender); the senders are closed when it ends and its error is re-raised outside the nursery."""
+        up_tx = _Sender(self.upstream) if self.upstream is not None and upstream else None
+        down_tx = _Sender(self.downstream) if self.downstream is not None else None
+        error: Exception | None = None
+        result: T | None = None
+        async with trio.open_nursery() as nursery:
+            for tx in (up_tx, down_tx):
+                if tx is not None:
+                    nursery.start_soon(tx.run)
+            try:
+                result = await body(up_tx, down_tx)
+            except Exception as exc:  # re-raised below, outside the nursery (no exception groups)
+                error = exc
+            finally:
+                for tx in (up_tx, down_tx):
+                    if tx is not None:
+                        tx.close()
+                nursery.cancel_scope.cancel()
+        if error is not None:
+            raise error
+        return cast(T, result)
+
+
+class PipelineRuntime(ChannelLoop):
+    """Runs global steps of one stage given its live neighbour channels (None at the ends)."""
+
+    def __init__(
+        self,
+        worker: StageWorker,
+        cfg: RuntimeConfig,
+        upstream: ActChannel | None = None,
+        downstream: ActChannel | None = None,
+        num_stages: int | None = None,
+    ) -> None:
+        super().__init__(worker, cfg, upstream, downstream)
+        # 1F1B: microbatches this stage may hold between forward and backward (None: no bound, gpipe)
+        self.in_flight_limit = (None if cfg.schedule != "1f1b" or num_stages is None
+                                else max(1, num_stages - worker.spec.index))
+        self.busy_s = 0.0  # compute seconds in the current step
+        self.peak_in_flight = 0  # most microbatches held between forward and backward in the current step
 
     def _check(self, r: Any, step: int, kind: frames.Kind) -> int:
         h = r.frame.header
@@ -152,10 +193,6 @@ class PipelineRuntime:
         finally:
             self.busy_s += time.perf_counter() - t
 
-    def _stats(self) -> tuple[int, int]:
-        chans = [c for c in (self.upstream, self.downstream) if c is not None]
-        return sum(c.stats.bytes_in for c in chans), sum(c.stats.bytes_out for c in chans)
-
     async def run_step(self, step: int) -> StepResult:
         """Run global step `step` to completion (forward + backward of every microbatch, then AdamW)."""
         w = self.worker
@@ -163,25 +200,7 @@ class PipelineRuntime:
         t0 = time.perf_counter()
         self.busy_s = 0.0
         b_in0, b_out0 = self._stats()
-        waited = 0.0
-        up_tx = _Sender(self.upstream) if self.upstream is not None else None
-        down_tx = _Sender(self.downstream) if self.downstream is not None else None
-        error: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            for tx in (up_tx, down_tx):
-                if tx is not None:
-                    nursery.start_soon(tx.run)
-            try:
-                waited = await self._loop(step, up_tx, down_tx)
-            except Exception as exc:  # re-raised below, outside the nursery (no exception groups)
-                error = exc
-            finally:
-                for tx in (up_tx, down_tx):
-                    if tx is not None:
-                        tx.close()
-                nursery.cancel_scope.cancel()
-        if error is not None:
-            raise error
+        waited = await self._with_senders(lambda up_tx, down_tx: self._loop(step, up_tx, down_tx))
         sq_norm = await self._exchange_sq_norm(step) if w.optim.grad_clip > 0 else None
         loss = await self._compute(w.step, step, sq_norm)
         b_in, b_out = self._stats()
@@ -194,36 +213,26 @@ class PipelineRuntime:
         """Forward the `worker.eval_batches` validation microbatches with the weights after update `step`
         (see the module doc); the tail's mean loss, None on the other stages."""
         w = self.worker
-        down_tx = _Sender(self.downstream) if self.downstream is not None else None
         losses: list[float] = []
-        error: Exception | None = None
-        async with trio.open_nursery() as nursery:
-            if down_tx is not None:
-                nursery.start_soon(down_tx.run)
-            try:
-                for i in range(w.eval_batches):
-                    if self.upstream is None:
-                        window, h_in = await self._compute(w.eval_window, i), None
-                    else:
-                        window, h_in = await self._next_eval(step, i)
-                    out = await self._compute(w.forward_eval, window, h_in)
-                    if down_tx is None:
-                        assert isinstance(out, float)
-                        losses.append(out)
-                    else:
-                        assert isinstance(out, bytes)
-                        down_tx.put(frames.Kind.EVAL, step, i, out, window_to_bytes(window, w.id_bytes))
-                if down_tx is not None and self.downstream is not None:
-                    await down_tx.drain()
-                    await self.downstream.wait_acked()
-            except Exception as exc:  # re-raised below, outside the nursery (no exception groups)
-                error = exc
-            finally:
-                if down_tx is not None:
-                    down_tx.close()
-                nursery.cancel_scope.cancel()
-        if error is not None:
-            raise error
+
+        async def forward_all(_up: _Sender | None, down_tx: _Sender | None) -> None:
+            for i in range(w.eval_batches):
+                if self.upstream is None:
+                    window, h_in = await self._compute(w.eval_window, i), None
+                else:
+                    window, h_in = await self._next_eval(step, i)
+                out = await self._compute(w.forward_eval, window, h_in)
+                if down_tx is None:
+                    assert isinstance(out, float)
+                    losses.append(out)
+                else:
+                    assert isinstance(out, bytes)
+                    down_tx.put(frames.Kind.EVAL, step, i, out, window_to_bytes(window, w.id_bytes))
+            if down_tx is not None and self.downstream is not None:
+                await down_tx.drain()
+                await self.downstream.wait_acked()
+
+        await self._with_senders(forward_all, upstream=False)
         return sum(losses) / len(losses) if losses else None
 
     async def _next_eval(self, step: int, index: int) -> Any:
