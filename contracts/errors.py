@@ -83,6 +83,10 @@ class TransactionFailedError(ContractsError):
     """A transaction was mined but failed without decodable revert data, or was not mined in time."""
 
 
+class ReceiptTimeoutError(TransactionFailedError):
+    """A sent transaction was not mined in time: whether it lands later is unknown (check the chain before resending)."""
+
+
 class DeploymentError(ContractsError):
     """A deployment file is missing, malformed, or does not match the chain."""
 
