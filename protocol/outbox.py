@@ -97,7 +97,7 @@ class Entry:
     """One recorded chain write."""
 
     seq: int  # insertion order (the send order)
-    key: str  # idempotency key, e.g. "root:1:0", "claim:1:0:0xabc…", "deposit:1:0x…"
+    key: str  # idempotency key, e.g. "31337:0xLedger…/root:1:0", ".../claim:1:0:0xNode…", ".../deposit:1:0xRequest…"
     kind: str  # one of KINDS
     sender: str  # address of the account that signs it
     payload: dict[str, Any]  # the call's arguments (JSON)
@@ -141,6 +141,8 @@ class ChainOutbox:
         self.failures = 0  # consecutive passes stopped by an outage
         self.retry_at = -float("inf")  # clock time before which `flush` does not try the chain again
         self.owns_client = False  # `open` made the client: `close` disconnects it
+        # keys name the chain and the ledger, so one file never mixes up two deployments' writes
+        self.scope = f"{client.chain_id}:{client.ledger.address}"
         path = Path(config.data_dir).expanduser()
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -202,7 +204,7 @@ class ChainOutbox:
     def submit_root(self, sender: str, model_id: int, epoch: int, root: bytes, total_units: int,
                     receipts_hash: bytes, signatures: list[bytes]) -> str:
         """Queue `submitEpochRoot`; its key."""
-        key = f"{ROOT}:{model_id}:{epoch}"
+        key = f"{self.scope}/{ROOT}:{model_id}:{epoch}"
         self.enqueue(ROOT, key, sender, {"model_id": model_id, "epoch": epoch, "root": root.hex(),
                                          "total_units": total_units, "receipts_hash": receipts_hash.hex(),
                                          "signatures": [s.hex() for s in signatures]})
@@ -211,14 +213,14 @@ class ChainOutbox:
     def claim_leaf(self, sender: str, model_id: int, epoch: int, node: str, units: int, proof: list[bytes]) -> str:
         """Queue `claimLeaf`; its key."""
         node = to_checksum_address(node)
-        key = f"{CLAIM}:{model_id}:{epoch}:{node}"
+        key = f"{self.scope}/{CLAIM}:{model_id}:{epoch}:{node}"
         self.enqueue(CLAIM, key, sender, {"model_id": model_id, "epoch": epoch, "node": node, "units": units,
                                           "proof": [p.hex() for p in proof]})
         return key
 
     def deposit(self, sender: str, model_id: int, value_wei: int, request_id: bytes) -> str:
         """Queue a revenue deposit (an inference fee payment) for `request_id`; its key."""
-        key = f"{DEPOSIT}:{model_id}:0x{request_id.hex()}"
+        key = f"{self.scope}/{DEPOSIT}:{model_id}:0x{request_id.hex()}"
         self.enqueue(DEPOSIT, key, sender, {"model_id": model_id, "value_wei": value_wei,
                                             "request_id": request_id.hex()})
         return key
@@ -226,7 +228,7 @@ class ChainOutbox:
     def claim_revenue(self, sender: str, model_id: int, label: str) -> str:
         """Queue the holder's revenue claim; `label` names this claim among the holder's claims (e.g. "final")."""
         holder = to_checksum_address(sender)
-        key = f"{CLAIM_REVENUE}:{model_id}:{holder}:{label}"
+        key = f"{self.scope}/{CLAIM_REVENUE}:{model_id}:{holder}:{label}"
         self.enqueue(CLAIM_REVENUE, key, holder, {"model_id": model_id})
         return key
 
@@ -270,6 +272,7 @@ class ChainOutbox:
                 self.failures += 1
                 self.retry_at = self.clock() + self.config.backoff_s(self.failures)
                 report.chain_down = _one_line(exc)
+                self._db.execute("UPDATE outbox SET error=? WHERE key=?", (report.chain_down, entry.key))
                 log.warning("chain outbox: %s stays queued (%s); next pass in %.1f s", entry.key,
                             report.chain_down, self.config.backoff_s(self.failures))
                 break

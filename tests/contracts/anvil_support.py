@@ -87,6 +87,7 @@ class RestartableAnvil:
     def __init__(self, state_dir: Path, start_timeout_s: float = 30.0) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        Path(state_dir).mkdir(parents=True, exist_ok=True)  # anvil does not create it (and then dumps nothing)
         self.state = Path(state_dir) / "anvil-state.json"
         self.start_timeout_s = start_timeout_s
         self.proc: subprocess.Popen[bytes] | None = None
