@@ -28,7 +28,8 @@ from contracts.client import ProtocolContracts
 from contracts.deploy import Deployment
 from node.observability.status import read_progress
 from pmn.demo import Demo, DemoConfig
-from tests.contracts.anvil_support import RestartableAnvil, restartable_anvil
+from tests.contracts.anvil_support import RestartableAnvil, free_port, restartable_anvil
+from tests.pmn.conftest import assert_clean_error, run_pmn
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(600)]
@@ -121,6 +122,8 @@ def test_training_and_settlement_survive_a_chain_outage(tmp_path: Path, outage_s
         assert seen["step_at_restart"] > seen["step_at_stop"] >= STOP_AT_STEP
         assert seen["step_at_restart"] == CONFIG.steps - 1 and seen["down_s"] >= outage_s
         assert seen["queued_at_restart"] >= 1  # the first root waited in the outbox, on disk
+        print(f"outage: down {seen['down_s']:.1f} s, tail step {seen['step_at_stop']} -> {seen['step_at_restart']}, "
+              f"{seen['queued_at_restart']} write(s) queued at restart")
 
         # the demo's own account of it
         assert out["epochs_settled"] == CONFIG.steps // CONFIG.epoch_length
@@ -136,6 +139,8 @@ def test_training_and_settlement_survive_a_chain_outage(tmp_path: Path, outage_s
             roots = _events(client, client.ledger, "EpochRootSubmitted")
             assert Counter((e["args"]["modelId"], e["args"]["epoch"]) for e in roots) == {
                 (mid, epoch): 1 for epoch in range(out["epochs_settled"])}
+            # every epoch has a root with units; the last ones were trained while the chain was down
+            assert all(client.epoch_info(mid, e).total_units > 0 for e in range(out["epochs_settled"]))
             claims = _events(client, client.ledger, "LeafClaimed")
             nodes = [n["address"] for n in out["nodes"]]
             assert Counter((e["args"]["epoch"], e["args"]["node"]) for e in claims) == {
@@ -156,3 +161,10 @@ def test_training_and_settlement_survive_a_chain_outage(tmp_path: Path, outage_s
             assert client.total_supply(mid) == sum(n["shares"] for n in out["nodes"])
         finally:
             disconnect(w3)
+
+
+def test_dead_rpc_at_start_is_one_line_naming_the_url(tmp_path: Path) -> None:
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = run_pmn("demo", "--json", "--chain-url", url, "--data-dir", str(tmp_path / "run"), timeout=120)
+    assert_clean_error(proc, url, "unavailable after", "Connection refused")
+    assert not (tmp_path / "run" / "chain-outbox.sqlite").exists()  # nothing was recorded for a chain never reached
