@@ -130,7 +130,10 @@ def outbox_client(rpc_url: str, deployment: Deployment, config: OutboxConfig) ->
 
 
 class ChainOutbox:
-    """The durable, exactly-once queue of one process's chain writes (see the module doc)."""
+    """The durable, exactly-once queue of one process's chain writes (see the module doc); one thread at a time.
+
+    Exactly once holds while the outbox is the only sender of its entries' writes for those accounts (another
+    client claiming the same holder's revenue, say, would move the baseline it compares with)."""
 
     def __init__(self, config: OutboxConfig, client: ProtocolContracts, signers: Iterable[LocalAccount] = (),
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] = time.sleep) -> None:
@@ -320,8 +323,9 @@ class ChainOutbox:
         if entry.baseline is None:
             entry.baseline = self._baseline(entry)
             self._db.execute("UPDATE outbox SET baseline=? WHERE key=?", (json.dumps(entry.baseline), entry.key))
-        if entry.uncertain and self._has_pending(entry.sender):
-            # a transaction of ours is still in the pool: it may yet be the write; look again next pass
+        if entry.attempts and self._has_pending(entry.sender):
+            # sent before (answer lost, or the process died before recording it) and a transaction of ours is
+            # still in the pool: it may yet be this write; look again next pass
             raise ChainUnavailableError(endpoint_of(self.client.w3), 1, RuntimeError("own transaction still pending"))
         found = self._on_chain(entry)
         if found is not None:
