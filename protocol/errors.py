@@ -67,6 +67,10 @@ class AuditSamplingError(FieldError):
     """The audit sampling rule cannot be evaluated (bad seed, attester set, stage count or rule)."""
 
 
+class ChainLookupError(ProtocolError):
+    """A chain lookup (is this key registered?) got no answer: the RPC endpoint is down."""
+
+
 class OutboxError(ProtocolError):
     """A chain write cannot be recorded in, or read from, the durable chain outbox."""
 
