@@ -61,8 +61,8 @@ class StoredReceipts(EIP712Receipts):
             registered = self.registry.is_registered(peer_address)
         except ChainLookupError as exc:  # a key never confirmed, and the chain does not answer
             self.rejected += 1
-            raise ReceiptRejectedError(f"sender {peer_address} of step {header.step} microbatch {header.microbatch}: "
-                                       f"registration unknown, {exc}") from exc
+            raise ReceiptRejectedError(f"sender {peer_address} (stage {header.stage}) of step {header.step} microbatch "
+                                       f"{header.microbatch}: registration unknown, {exc}") from exc
         if not registered:
             self.rejected += 1
             raise ReceiptRejectedError(f"sender {peer_address} of step {header.step} microbatch {header.microbatch} "

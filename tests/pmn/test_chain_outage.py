@@ -37,10 +37,11 @@ pytestmark = [pytest.mark.network, pytest.mark.timeout(600)]
 
 # minimum time the RPC stays down: the 60 s, shortened for a shared 2-core machine (PMN_OUTAGE_S=60 for it)
 OUTAGE_S = float(os.environ.get("PMN_OUTAGE_S", "5"))
-STOP_AT_STEP = 2  # the tail stage's step at which the RPC goes away: the middle of epoch 0 (epoch_length 4)
+STEPS = int(os.environ.get("PMN_OUTAGE_STEPS", "12"))  # training steps, three epochs (more: training spans the outage)
+STOP_AT_STEP = STEPS // 6  # the tail stage's step at which the RPC goes away: the middle of epoch 0
 WAIT_S = 400.0  # bound on each wait of the outage driver
 
-CONFIG = DemoConfig(steps=12, epoch_length=4, microbatches=2, microbatch_size=2, inference_requests=1,
+CONFIG = DemoConfig(steps=STEPS, epoch_length=STEPS // 3, microbatches=2, microbatch_size=2, inference_requests=1,
                     audit_rate=0.2, max_new_tokens=8, outbox_retry_interval_s=0.2, outbox_max_backoff_s=1.0,
                     outbox_call_timeout_s=2.0, chain_outage_timeout_s=WAIT_S)
 
