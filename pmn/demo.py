@@ -29,7 +29,7 @@ from rich.table import Table
 
 from contracts.chain import advance_time, connect, disconnect, is_embedded, test_accounts
 from contracts.client import ProtocolContracts
-from contracts.deploy import deploy_all
+from contracts.deploy import Deployment, deploy_all
 from contracts.embedded import serve_embedded
 from node.net.identity import load_or_create_identity
 from node.observability.status import node_status, read_progress
@@ -156,13 +156,20 @@ class Demo:
         self.say(f"[bold]contracts[/] deployed on chain {deployment.chain_id}: "
                  + ", ".join(f"{k} {v[:10]}…" for k, v in sorted(deployment.addresses.items())))
 
-    def open_outbox(self, deployment: Any) -> None:
-        """The durable outbox of this run's chain writes (a fresh deployment: nothing older can be pending)."""
+    def open_outbox(self, deployment: Deployment) -> None:
+        """The durable outbox of this run's chain writes. The outbox of an earlier run in the same directory
+        (another deployment, whose keys a fresh anvil could repeat) is moved aside, not deleted."""
         cfg = self.cfg
         out = OutboxConfig(data_dir=self.root, retry_interval_s=cfg.outbox_retry_interval_s,
                            max_backoff_s=cfg.outbox_max_backoff_s, call_timeout_s=cfg.outbox_call_timeout_s,
                            drain_timeout_s=cfg.chain_outage_timeout_s)
-        (self.root / out.filename).unlink(missing_ok=True)
+        path = self.root / out.filename
+        if path.exists():
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for suffix in ("", "-wal", "-shm"):
+                old = path.with_name(path.name + suffix)
+                if old.exists():
+                    old.rename(path.with_name(f"{path.stem}.{stamp}{path.suffix}{suffix}"))
         self.outbox = ChainOutbox.open(out, self.rpc_url, deployment, [self.validators[0], self.client_account])
 
     def write(self, *keys: str) -> list[dict[str, Any]]:
