@@ -318,8 +318,9 @@ class ChainOutbox:
     def _write(self, entry: Entry) -> None:
         """Write one entry: read its baseline, look for it on chain, else send it once."""
         account = self.signers.get(entry.sender)
-        if account is None:
-            raise self._refuse(entry, f"no signing account {entry.sender} was given to the outbox")
+        if account is None:  # a setup error, not the chain's answer: the entry stays queued for an outbox that can
+            raise OutboxError(f"chain write {entry.key} needs the signing account {entry.sender}, which was not "
+                              "given to this outbox (signers / add_signer); it stays queued")
         if entry.baseline is None:
             entry.baseline = self._baseline(entry)
             self._db.execute("UPDATE outbox SET baseline=? WHERE key=?", (json.dumps(entry.baseline), entry.key))
