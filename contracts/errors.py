@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 
@@ -24,7 +25,7 @@ class ChainUnavailableError(ContractsError):
         self.url = url
         self.attempts = attempts
         self.cause = cause
-        super().__init__(f"chain at {url} unavailable after {attempts} attempt(s): {cause!r}")
+        super().__init__(f"chain at {url} unavailable after {attempts} attempt(s): {_reason(cause)}")
 
 
 class ContractRevertError(ContractsError):
@@ -83,12 +84,31 @@ class TransactionFailedError(ContractsError):
     """A transaction was mined but failed without decodable revert data, or was not mined in time."""
 
 
+class ReceiptTimeoutError(TransactionFailedError):
+    """A sent transaction was not mined in time: whether it lands later is unknown (check the chain before resending)."""
+
+
 class DeploymentError(ContractsError):
     """A deployment file is missing, malformed, or does not match the chain."""
 
 
 class InvalidInputError(ContractsError):
     """A client call was given a value it cannot encode (wrong length, range or type)."""
+
+
+def _reason(cause: BaseException | None) -> str:
+    """The innermost words of a connection error ("[Errno 111] Connection refused", "Read timed out"), not the
+    nested reprs requests and urllib3 wrap it in."""
+    if cause is None:
+        return "no answer"
+    text = str(cause)
+    errno = re.search(r"\[Errno -?\d+\] [^'\")\]]+", text)
+    if errno:
+        return errno.group(0).strip()
+    timed_out = re.search(r"(Read|Connect) timed out\.?( \(\w+ timeout=[\d.]+\))?", text)
+    if timed_out:
+        return timed_out.group(0).strip()
+    return f"{type(cause).__name__}: {' '.join(text.split())[:200]}"
 
 
 def _fmt(value: Any) -> str:

@@ -18,7 +18,12 @@ from web3.types import TxReceipt
 
 from contracts.chain import CONNECTION_ERRORS, endpoint_of, with_retries
 from contracts.config import ChainConfig
-from contracts.errors import ChainUnavailableError, ContractRevertError, TransactionFailedError
+from contracts.errors import (
+    ChainUnavailableError,
+    ContractRevertError,
+    ReceiptTimeoutError,
+    TransactionFailedError,
+)
 from contracts.revert import REVERT_EXCEPTIONS, decode_revert, revert_data_of
 
 _REVERTS = REVERT_EXCEPTIONS
@@ -233,7 +238,7 @@ class Transactor:
                 raise _NonceConflict(f"transaction 0x{tx_hash.hex()} with nonce {nonce} was replaced by another "
                                      "transaction from the same account")
             if time.monotonic() >= deadline:
-                raise TransactionFailedError(
+                raise ReceiptTimeoutError(
                     f"transaction 0x{tx_hash.hex()} not mined within {self.config.receipt_timeout_s} s"
                 )
             time.sleep(self.config.receipt_poll_s)

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from contracts.chain import advance_time, connect, disconnect, is_embedded, test_accounts
 from contracts.client import ProtocolContracts
-from contracts.deploy import deploy_all
+from contracts.deploy import Deployment, deploy_all
 from contracts.embedded import serve_embedded
 from node.net.identity import load_or_create_identity
 from node.observability.status import node_status, read_progress
@@ -45,8 +45,10 @@ from pmn.spec import ModelProposal, ProposalTerms, TrainingRecipe
 from protocol.accounting import accounting_function_hash
 from protocol.audit_sampling import attester_stage
 from protocol.epoch import EpochContext, build_epoch
+from protocol.errors import OutboxError
+from protocol.outbox import ChainOutbox, OutboxConfig
 from protocol.receipts import Domain, SignedReceipt, StaticKeyRegistry
-from protocol.settlement import attest, claim_all, submit_epoch
+from protocol.settlement import attest, queue_claims, queue_epoch
 from protocol.spotcheck import FraudEvidence, SpotCheckConfig
 from protocol.store import ReceiptStore, StoreConfig
 from sharding import param_count
@@ -96,6 +98,10 @@ class DemoConfig:
     status_host: str = "127.0.0.1"  # interface of the demo's status page (every stage on one page)
     status_port: int = 0  # port of the demo's status page (0 = any free port)
     status_poll_s: float = 1.0  # how often the open page asks for a new snapshot
+    outbox_retry_interval_s: float = 0.5  # chain writes (roots, claims, fees) wait this long after an RPC failure
+    outbox_max_backoff_s: float = 5.0  # cap on that wait while the RPC stays down (doubled per failed pass)
+    outbox_call_timeout_s: float = 5.0  # HTTP timeout of one JSON-RPC request of the chain outbox
+    chain_outage_timeout_s: float = 600.0  # longest the settlement waits for the chain to come back (writes stay queued)
 
 
 def _fmt_units(n: int) -> str:
@@ -123,6 +129,7 @@ class Demo:
         self.page_model: dict[str, Any] = {"name": cfg.preset, "stages": cfg.stages}  # model facts it shows
         self.page_chain: dict[str, dict[str, Any]] = {}  # node address -> on-chain figures it shows
         self.val_loss: float | None = None  # the tail's last validation loss (`train`; None before an evaluation)
+        self.outbox: ChainOutbox | None = None  # every chain write of the settlement, inference and claims
 
     def say(self, text: str) -> None:
         if self.console is not None:
@@ -148,8 +155,34 @@ class Demo:
         deployment.save(self.deployment_path)
         self.client = ProtocolContracts(self.w3, deployment)
         self.domain = Domain(deployment.chain_id, deployment.addresses["ContributionLedger"])
+        self.open_outbox(deployment)
         self.say(f"[bold]contracts[/] deployed on chain {deployment.chain_id}: "
                  + ", ".join(f"{k} {v[:10]}…" for k, v in sorted(deployment.addresses.items())))
+
+    def open_outbox(self, deployment: Deployment) -> None:
+        """The durable outbox of this run's chain writes. The outbox of an earlier run in the same directory
+        (another deployment, whose keys a fresh anvil could repeat) is moved aside, not deleted."""
+        cfg = self.cfg
+        out = OutboxConfig(data_dir=self.root, retry_interval_s=cfg.outbox_retry_interval_s,
+                           max_backoff_s=cfg.outbox_max_backoff_s, call_timeout_s=cfg.outbox_call_timeout_s,
+                           drain_timeout_s=cfg.chain_outage_timeout_s)
+        path = self.root / out.filename
+        if path.exists():
+            stamp = time.strftime("%Y%m%dT%H%M%S")
+            for suffix in ("", "-wal", "-shm"):
+                old = path.with_name(path.name + suffix)
+                if old.exists():
+                    old.rename(path.with_name(f"{path.stem}.{stamp}{path.suffix}{suffix}"))
+        self.outbox = ChainOutbox.open(out, self.rpc_url, deployment, [self.validators[0], self.client_account])
+
+    def write(self, *keys: str) -> list[dict[str, Any]]:
+        """Send the queued chain writes (waiting out an RPC outage, bounded); the results of `keys`."""
+        assert self.outbox is not None
+        try:
+            self.outbox.drain()
+        except OutboxError as exc:
+            raise CLIError(str(exc)) from None
+        return [self.outbox.result(k) for k in keys]
 
     def propose(self) -> None:
         cfg = self.cfg
@@ -196,6 +229,8 @@ class Demo:
         for s in range(self.cfg.stages):
             ident = load_or_create_identity(self.root / f"node{s}")
             self.identities.append(ident)
+            assert self.outbox is not None
+            self.outbox.add_signer(ident.account)  # each node claims its own revenue
             self.client.tx.transact(self.funder, to=ident.address, value=self.cfg.stake_funding_wei)
             stake = self.client.stake_required(1)
             self.client.register_node(ident.account, ident.account, 1, stake)
@@ -310,8 +345,9 @@ class Demo:
         for epoch in range(cfg.steps // cfg.epoch_length):
             ctx = EpochContext(self.model_id, epoch, self.proposal.model, tuple(self.specs), self.domain)
             result = build_epoch(self.gather(epoch), ctx, registry)
-            submit_epoch(self.client, self.validators[0], result,
-                         attest(self.domain, result, self.validators[:cfg.quorum]))
+            assert self.outbox is not None
+            self.write(queue_epoch(self.outbox, self.validators[0].address, result,
+                                   attest(self.domain, result, self.validators[:cfg.quorum])))
             path = self.root / "receipts" / f"model{self.model_id}-epoch{epoch}.json"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(result.receipts_file)
@@ -325,8 +361,11 @@ class Demo:
             slashed = submit_frauds(self.client, self.validators[0], self.validators[:cfg.quorum], self.evidence)
             self.say(f"[bold]attesters[/] fraud verdicts submitted inside the challenge window; slashed {slashed}")
         advance_time(self.w3, cfg.challenge_window_s + 1)
-        for item in results:
-            claim_all(self.client, self.validators[0], item["result"])  # shares go to each node's operator
+        voided = [e.node for e in self.evidence]
+        assert self.outbox is not None
+        for item in results:  # shares go to each node's operator
+            queue_claims(self.outbox, self.validators[0].address, item["result"], skip=voided)
+        self.write()
         self.say("[bold]ledger[/] challenge window passed; every node claimed its leaves and was minted shares")
         return results
 
@@ -358,8 +397,10 @@ class Demo:
         head = self.nodes[0].ready["addrs"][0]
         for i in range(self.cfg.inference_requests):
             request_id = os.urandom(32)
-            tx_hash = self.client.deposit_revenue(self.client_account, self.model_id, self.cfg.inference_fee_wei,
-                                                  request_id)
+            assert self.outbox is not None
+            (paid,) = self.write(self.outbox.deposit(self.client_account.address, self.model_id,
+                                                     self.cfg.inference_fee_wei, request_id))
+            tx_hash = bytes.fromhex(paid["tx_hash"][2:])
             sampling = Sampling(self.cfg.sample_temperature, self.cfg.sample_top_k, self.cfg.sample_seed + i)
             tokens = trio.run(self._generate, head, request_id, tx_hash, sampling)
             text = self.tokenizer.decode(tokens)
@@ -441,8 +482,11 @@ class Demo:
                 units = sum(e["result"].totals.get(ident.address, 0) for e in epochs)
                 shares = self.client.balance_of(self.model_id, ident.address)
                 left = self.keep and n.stage == 0  # left for the printed `pmn claim` line
-                claimed = self.client.claim_revenue(self.model_id, ident.account) \
-                    if self.client.claimable(self.model_id, ident.address) > 0 and not left else 0
+                claimed = 0
+                if self.client.claimable(self.model_id, ident.address) > 0 and not left:
+                    assert self.outbox is not None
+                    (got,) = self.write(self.outbox.claim_revenue(ident.address, self.model_id, "demo"))
+                    claimed = int(got["amount_wei"])
                 nodes.append({"stage": n.stage, "peer_id": n.ready["peer_id"], "address": ident.address,
                               "compute_units": units, "shares": shares, "fraction": shares / supply if supply else 0.0,
                               "revenue_claimed_wei": claimed})
@@ -461,7 +505,10 @@ class Demo:
                 self.close_chain()
 
     def close_chain(self) -> None:
-        """Stop the embedded chain (if any) and close the connection (idempotent)."""
+        """Stop the embedded chain (if any) and close the connection and the outbox (idempotent)."""
+        if self.outbox is not None:
+            self.outbox.close()
+            self.outbox = None
         if self.stop_chain is not None:
             self.stop_chain()
             self.stop_chain = None

@@ -65,3 +65,25 @@ class SettlementError(ProtocolError):
 
 class AuditSamplingError(FieldError):
     """The audit sampling rule cannot be evaluated (bad seed, attester set, stage count or rule)."""
+
+
+class ChainLookupError(ProtocolError):
+    """A chain lookup (is this key registered?) got no answer: the RPC endpoint is down."""
+
+
+class OutboxError(ProtocolError):
+    """A chain write cannot be recorded in, or read from, the durable chain outbox."""
+
+
+class OutboxRefusedError(OutboxError):
+    """The chain refused a queued write (a contract error that is not "already done"); it is not retried."""
+
+    def __init__(self, key: str, error: str, count: int = 1) -> None:
+        more = f" (and {count - 1} more refused)" if count > 1 else ""
+        super().__init__(f"chain write {key} refused: {error}{more}")
+        self.key = key
+        self.error = error
+
+
+class OutboxTimeoutError(OutboxError):
+    """Chain writes were still queued (the chain did not answer) when a bounded wait ran out."""

@@ -6,11 +6,14 @@ request, every receipt of a step) costs one RPC per new key or payment, not one 
 
 from __future__ import annotations
 
+import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from contracts.client import ProtocolContracts
-from protocol.errors import ProtocolError
+from contracts.errors import ChainUnavailableError
+from protocol.errors import ChainLookupError, ProtocolError
 
 
 class PaymentError(ProtocolError):
@@ -23,26 +26,76 @@ class ChainCheckConfig:
 
     registry_ttl_s: float = 60.0  # how long a positive "key is registered" answer is trusted
     negative_ttl_s: float = 2.0  # how long a negative answer is trusted (registrations can land any time)
+    stale_ok_s: float = 900.0  # an expired positive answer keeps counting this long while it is re-read in the
+    # background (a node's hot path never waits on the chain for a key it knows; an RPC outage does not stop it)
 
 
 class ChainKeyRegistry:
-    """`KeyRegistry` backed by the NodeRegistry contract: a key counts while its node is Active."""
+    """`KeyRegistry` backed by the NodeRegistry contract: a key counts while its node is Active.
 
-    def __init__(self, client: ProtocolContracts, config: ChainCheckConfig | None = None) -> None:
+    A positive answer older than `registry_ttl_s` is re-read in a background thread while the old one keeps
+    counting (up to `stale_ok_s`), so receipts of known neighbours are verified and stored through an RPC
+    outage; a key never seen (or not re-confirmed within `stale_ok_s`) is read at once, and a dead chain then
+    raises `ChainLookupError`.
+    """
+
+    def __init__(self, client: ProtocolContracts, config: ChainCheckConfig | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.client = client
         self.config = config or ChainCheckConfig()
+        self.clock = clock
         self._cache: dict[str, tuple[bool, float]] = {}
+        self._lock = threading.Lock()
+        self._refreshing: set[str] = set()  # keys being re-read in the background
+        self.stale_served = 0  # answers given from an expired positive entry
+        self.refresh_failures = 0  # background re-reads that failed (the chain did not answer)
 
     def is_registered(self, address: str) -> bool:
-        now = time.monotonic()
-        hit = self._cache.get(address.lower())
+        key = address.lower()
+        now = self.clock()
+        with self._lock:
+            hit = self._cache.get(key)
         if hit is not None:
             ok, at = hit
             if now - at < (self.config.registry_ttl_s if ok else self.config.negative_ttl_s):
                 return ok
-        ok = self.client.node_info(address).status == "Active"
-        self._cache[address.lower()] = (ok, now)
+            if ok and now - at < self.config.stale_ok_s:
+                self._refresh_in_background(address)
+                self.stale_served += 1
+                return True
+        return self._read(address)
+
+    def refreshing(self) -> int:
+        """Background re-reads in flight."""
+        with self._lock:
+            return len(self._refreshing)
+
+    def _read(self, address: str) -> bool:
+        try:
+            ok = self.client.node_info(address).status == "Active"
+        except ChainUnavailableError as exc:
+            raise ChainLookupError(f"cannot tell whether {address} is a registered node key: {exc}") from exc
+        with self._lock:
+            self._cache[address.lower()] = (ok, self.clock())
         return ok
+
+    def _refresh_in_background(self, address: str) -> None:
+        key = address.lower()
+        with self._lock:
+            if key in self._refreshing:
+                return
+            self._refreshing.add(key)
+
+        def refresh() -> None:
+            try:
+                self._read(address)
+            except Exception:  # the chain is down: the stale answer stays until stale_ok_s
+                self.refresh_failures += 1
+            finally:
+                with self._lock:
+                    self._refreshing.discard(key)
+
+        threading.Thread(target=refresh, name=f"key-refresh-{key[:10]}", daemon=True).start()
 
 
 class ChainPaymentVerifier:

@@ -16,6 +16,7 @@ from contracts.client import ProtocolContracts
 from contracts.errors import ContractsError
 from protocol.epoch import EPOCH_ROOT_TYPES, EpochResult, sign_epoch_root, verify_epoch
 from protocol.errors import EpochError, SettlementError
+from protocol.outbox import ChainOutbox
 from protocol.receipts import Domain, KeyRegistry, recover_typed
 from protocol.spotcheck import FRAUD_TYPES, FraudEvidence, fraud_message, sign_fraud
 
@@ -71,6 +72,21 @@ def submit_epoch(client: ProtocolContracts, submitter: LocalAccount, result: Epo
     except ContractsError as exc:
         raise SettlementError(f"epoch {ctx.epoch} of model {ctx.model_id}: root rejected: {exc}") from exc
     return SubmittedEpoch(ctx.model_id, ctx.epoch, result.root, result.total_units, result.receipts_hash)
+
+
+def queue_epoch(outbox: ChainOutbox, submitter: str, result: EpochResult, signatures: Sequence[bytes]) -> str:
+    """Record the root of `result` in the durable outbox (sent by its next flush, exactly once); its key."""
+    ordered = _by_signer(ledger_domain(outbox.client), EPOCH_ROOT_TYPES, result.attestation(), signatures)
+    ctx = result.context
+    return outbox.submit_root(submitter, ctx.model_id, ctx.epoch, result.root, result.total_units,
+                              result.receipts_hash, ordered)
+
+
+def queue_claims(outbox: ChainOutbox, caller: str, result: EpochResult, skip: Sequence[str] = ()) -> list[str]:
+    """Record a claim of every leaf of an epoch but those of `skip` (voided nodes) in the outbox; their keys."""
+    ctx, skipped = result.context, {s.lower() for s in skip}
+    return [outbox.claim_leaf(caller, ctx.model_id, ctx.epoch, leaf.node, leaf.units, result.tree.proof(leaf.node))
+            for leaf in result.tree.leaves if leaf.node.lower() not in skipped]
 
 
 def claim_all(client: ProtocolContracts, caller: LocalAccount, result: EpochResult) -> dict[str, int]:

@@ -74,6 +74,14 @@ class AuditError(NodeError):
     """An audit request or reply is malformed, refused, or names data the node does not hold."""
 
 
+UNAVAILABLE_MESSAGE = "chain unavailable"  # the refusal of a node whose chain did not answer (not the asker's fault)
+
+
+def _refusal(exc: NotAuthorizedError) -> dict[str, Any]:
+    """The error reply of a refused request: "not authorized", or "chain unavailable" during an RPC outage."""
+    return {"type": "error", "message": "not authorized" if exc.peer_at_fault else UNAVAILABLE_MESSAGE}
+
+
 @dataclass
 class AuditConfig:
     """What a node keeps for spot checks and the limits of the audit protocol."""
@@ -82,6 +90,8 @@ class AuditConfig:
     retain_s: float = 3600.0  # seconds an older epoch's records are kept after its last write (>= challenge window)
     max_message_bytes: int = 64 * 1024 * 1024  # largest reply header or body a client accepts, checked before reading
     request_timeout_s: float = 30.0  # longest one request may take, dial included
+    unavailable_retries: int = 4  # re-asks of a node whose reply says its chain view is down (RPC outage)
+    unavailable_backoff_s: float = 1.0  # wait before the first re-ask, doubled for each further one
     max_request_bytes: int = 4096  # largest request header a node reads (requests carry no body: one is refused unread)
     max_request_depth: int = 2  # deepest JSON nesting of a request header
     idle_timeout_s: float = 30.0  # a node closes an audit stream that sends nothing for this long
@@ -102,7 +112,13 @@ class AuditConfig:
             raise ValueError(f"AuditConfig.max_message_bytes={self.max_message_bytes!r}: must be >= 1024")
         if not self.request_timeout_s > 0:
             raise ValueError(f"AuditConfig.request_timeout_s={self.request_timeout_s!r}: must be > 0")
+        if self.unavailable_retries < 0 or self.unavailable_backoff_s < 0:
+            raise ValueError("AuditConfig.unavailable_retries and unavailable_backoff_s must be >= 0")
         return self
+
+
+class _UnavailableReply(Exception):
+    """A node answered "chain unavailable" (internal to AuditClient.request: it asks again)."""
 
 
 class _OtherModelError(NotAuthorizedError):
@@ -313,8 +329,8 @@ class AuditService:
     async def _serve(self, stream: Any, peer: Any) -> None:
         try:
             await self.gate.authorize(peer, self.worker.spec.index)
-        except NotAuthorizedError:
-            await write_message(stream, {"type": "error", "message": "not authorized"})
+        except NotAuthorizedError as exc:
+            await write_message(stream, _refusal(exc))
             return
         while True:
             try:
@@ -335,7 +351,7 @@ class AuditService:
             except NotAuthorizedError as exc:
                 if isinstance(exc, _OtherModelError):
                     self.gate.refuse(peer, "not_authorized")
-                await write_message(stream, {"type": "error", "message": "not authorized"})
+                await write_message(stream, _refusal(exc))
                 return
             except AuditError as exc:  # a malformed request (counted above) or data this node does not keep
                 await write_message(stream, {"type": "error", "message": str(exc), **self.proof})
@@ -388,7 +404,19 @@ class AuditClient:
         """One request/reply to the node at full multiaddr `addr`; error replies raise AuditError.
 
         With `node` (an address), the reply must prove that the answering peer id is bound to that node key.
+        A node whose chain view is down ("chain unavailable": an RPC outage, not its fault) is asked again up to
+        `unavailable_retries` times with a doubling backoff; after that its refusal is an AuditError like any other.
         """
+        for attempt in range(self.config.unavailable_retries + 1):
+            try:
+                return await self._request_once(addr, header, node)
+            except _UnavailableReply:
+                if attempt == self.config.unavailable_retries:
+                    raise AuditError(f"{addr}: {UNAVAILABLE_MESSAGE} after {attempt + 1} attempt(s)") from None
+                await trio.sleep(self.config.unavailable_backoff_s * 2**attempt)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def _request_once(self, addr: str, header: dict[str, Any], node: str | None) -> tuple[dict[str, Any], bytes]:
         from node.net.host import parse_peer_addr
 
         info = parse_peer_addr(addr)
@@ -400,6 +428,8 @@ class AuditClient:
                 reply, body = await read_message(stream, self.config.max_message_bytes)
             finally:
                 await stream.close()
+        if reply["type"] == "error" and reply.get("message") == UNAVAILABLE_MESSAGE:
+            raise _UnavailableReply()
         if node is not None:
             check_node_proof(addr, reply, node, stream.muxed_conn.peer_id)
         if reply["type"] == "error":

@@ -21,8 +21,10 @@ then decides:
   served to any validator.
 
 Chain answers are cached (`ChainAccessConfig.ttl_s` / `negative_ttl_s`); a chain that does not answer
-within `rpc_timeout_s`, or fails, refuses the request (`ChainUnavailableError`, a NotAuthorizedError the
-protocol gate counts against the peer like any refusal) and never crashes the node.
+within `rpc_timeout_s`, or fails, refuses the request (`ChainUnavailableError`, a NotAuthorizedError that is
+not counted against the peer) and never crashes the node. During such an outage a positive answer that
+expired less than `stale_ok_s` ago still counts, so peers the node already worked with keep training
+together until the chain is back; a peer the chain never vouched for stays refused.
 """
 
 from __future__ import annotations
@@ -56,14 +58,15 @@ class ChainAccessConfig:
     ttl_s: float = 30.0  # how long a positive chain answer (serves stage, validator set, epoch seed) is trusted
     negative_ttl_s: float = 2.0  # how long a negative answer is trusted (assignments can land any time)
     rpc_timeout_s: float = 5.0  # longest wait for one chain call; a slower or failed call refuses the request
+    stale_ok_s: float = 900.0  # while the chain does not answer, a positive answer up to this old still counts
     max_cached: int = 4096  # chain answers remembered (the oldest is forgotten first)
     max_bindings: int = 4096  # peer id -> node key bindings remembered from handshakes and audit requests
     audit_rule: AuditRule = field(default_factory=AuditRule)  # the published audit sampling rule
 
     def validate(self) -> ChainAccessConfig:
         """Raise ValueError naming a bad field."""
-        if not (self.ttl_s >= 0 and self.negative_ttl_s >= 0 and self.rpc_timeout_s > 0):
-            raise ValueError("ChainAccessConfig: ttl_s and negative_ttl_s must be >= 0, rpc_timeout_s > 0")
+        if not (self.ttl_s >= 0 and self.negative_ttl_s >= 0 and self.stale_ok_s >= 0 and self.rpc_timeout_s > 0):
+            raise ValueError("ChainAccessConfig: ttl_s, negative_ttl_s and stale_ok_s must be >= 0, rpc_timeout_s > 0")
         if min(self.max_cached, self.max_bindings) < 1:
             raise ValueError("ChainAccessConfig: max_cached and max_bindings must be >= 1")
         self.audit_rule.validate()
@@ -87,6 +90,7 @@ class ChainAccessPolicy:
         self._cache: OrderedDict[tuple[Any, ...], tuple[Any, float]] = OrderedDict()
         self.refused: dict[str, int] = {}  # reason -> refusals
         self._down_until = -float("inf")  # clock time until which the chain counts as down (after a failure)
+        self.stale_served = 0  # answers given from an expired positive cache entry while the chain was down
         log.info("chain access policy for model %d (%d stages): registered, staked peers only", self.model_id,
                  self.num_stages)
 
@@ -111,31 +115,43 @@ class ChainAccessPolicy:
     async def _chain(self, key: tuple[Any, ...], fn: Callable[[], T], positive: Callable[[T], bool] = bool) -> T:
         now = self.clock()
         hit = self._cache.get(key)
+        stale: tuple[T] | None = None  # an expired positive answer, still good while the chain is down
         if hit is not None:
             value, at = hit
             if now - at < (self.config.ttl_s if positive(value) else self.config.negative_ttl_s):
                 return value  # type: ignore[no-any-return]
+            if positive(value) and now - at < self.config.stale_ok_s:
+                stale = (value,)
         if now < self._down_until:  # failed a moment ago: refuse at once rather than wait again
-            raise self._refuse("chain", ChainUnavailableError("chain unavailable (a recent call failed): "
-                                                              "request refused"))
+            return self._stale_or_refuse(stale, ChainUnavailableError(
+                "chain unavailable (a recent call failed): request refused"))
         try:
             with trio.fail_after(self.config.rpc_timeout_s):
                 # abandon_on_cancel: a hung RPC call is left to finish in its thread (mypy cannot type the kwarg)
                 value = await trio.to_thread.run_sync(fn, abandon_on_cancel=True)  # type: ignore[call-arg]
         except trio.TooSlowError:
             self._down_until = self.clock() + self.config.negative_ttl_s
-            raise self._refuse("chain", ChainUnavailableError(
-                f"chain did not answer within rpc_timeout_s={self.config.rpc_timeout_s}: request refused")) from None
+            return self._stale_or_refuse(stale, ChainUnavailableError(
+                f"chain did not answer within rpc_timeout_s={self.config.rpc_timeout_s}: request refused"))
         except Exception as exc:  # requests / web3 / OS errors of a dead or failing RPC
             log.warning("chain call %s failed: %r", key[0], exc)
             self._down_until = self.clock() + self.config.negative_ttl_s
-            raise self._refuse("chain", ChainUnavailableError(
-                f"chain unavailable ({type(exc).__name__}): request refused")) from exc
+            return self._stale_or_refuse(stale, ChainUnavailableError(
+                f"chain unavailable ({type(exc).__name__}): request refused"), exc)
         self._cache.pop(key, None)
         self._cache[key] = (value, self.clock())
         while len(self._cache) > self.config.max_cached:
             self._cache.popitem(last=False)
         return value
+
+    def _stale_or_refuse(self, stale: tuple[T] | None, error: ChainUnavailableError,
+                         cause: BaseException | None = None) -> T:
+        """During an outage: the last positive answer if it is younger than `stale_ok_s` (an ongoing
+        collaboration goes on), else the refusal (not counted against the peer)."""
+        if stale is not None:
+            self.stale_served += 1
+            return stale[0]
+        raise self._refuse("chain", error) from cause
 
     async def serves(self, node_key: str, stage: int) -> bool:
         """servesStage(model, node_key, stage) on chain (cached)."""

@@ -27,7 +27,7 @@ from node.services.chain_access import ChainAccessConfig, ChainAccessPolicy
 from node.services.hop_receipts import EIP712Receipts
 from node.services.inference import INFER_PROTOCOL, InferenceService
 from node.wire import frames
-from protocol.errors import ProtocolError
+from protocol.errors import ChainLookupError, ProtocolError
 from protocol.modelspec import SpecMismatchError, TrainingSection, require_spec_hash
 from protocol.payments import ChainLink, connect_chain
 from protocol.receipts import Domain, KeyRegistry, SignedReceipt
@@ -51,13 +51,19 @@ class StoredReceipts(EIP712Receipts):
     def _keep(self, signed: SignedReceipt) -> None:
         try:
             self.store.add(signed, require_cosigned=True)
-        except ProtocolError:
+        except ProtocolError:  # refused, or a key the chain could not confirm (ChainLookupError: RPC down)
             self.rejected += 1  # no credit for this hop; training goes on
         self.cosigned.clear()
         self.received.clear()
 
     def countersign(self, header: frames.FrameHeader, signature: bytes, peer_address: str) -> bytes:
-        if not self.registry.is_registered(peer_address):
+        try:
+            registered = self.registry.is_registered(peer_address)
+        except ChainLookupError as exc:  # a key never confirmed, and the chain does not answer
+            self.rejected += 1
+            raise ReceiptRejectedError(f"sender {peer_address} (stage {header.stage}) of step {header.step} microbatch "
+                                       f"{header.microbatch}: registration unknown, {exc}") from exc
+        if not registered:
             self.rejected += 1
             raise ReceiptRejectedError(f"sender {peer_address} of step {header.step} microbatch {header.microbatch} "
                                        "is not a registered node key")

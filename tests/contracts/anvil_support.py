@@ -6,8 +6,9 @@ import json
 import socket
 import subprocess
 import threading
+import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -33,30 +34,99 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _start_anvil(port: int, start_timeout_s: float, *extra: str) -> subprocess.Popen[bytes]:
+    """Start anvil on `port` and wait until it answers (killed again if it does not)."""
+    proc = subprocess.Popen([str(ANVIL), "--host", "127.0.0.1", "--port", str(port), "--silent", *extra],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> bool:
+        if proc.poll() is not None:
+            err = proc.stderr.read().decode()[-500:] if proc.stderr else ""
+            raise RuntimeError(f"anvil exited with {proc.returncode}: {err}")
+        return _answers(url)
+
+    try:
+        wait_until(answers, start_timeout_s, f"anvil to answer at {url}")
+    except BaseException:
+        _stop_anvil(proc)
+        raise
+    return proc
+
+
+def _stop_anvil(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM (anvil dumps its --state file on the way out), SIGKILL after 10 s; close its pipe."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    if proc.stderr:
+        proc.stderr.close()
+
+
 @contextmanager
 def anvil_process(start_timeout_s: float = 30.0) -> Iterator[str]:
     """Run anvil on a free loopback port until the block exits; yield its URL."""
     port = free_port()
-    proc = subprocess.Popen([str(ANVIL), "--host", "127.0.0.1", "--port", str(port), "--silent"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    proc = _start_anvil(port, start_timeout_s)
     try:
-        def answers() -> bool:
-            if proc.poll() is not None:
-                raise RuntimeError(f"anvil exited with {proc.returncode}: {proc.stderr.read().decode()[-500:]}")
-            return _answers(url)
-
-        wait_until(answers, start_timeout_s, f"anvil to answer at {url}")
-        yield url
+        yield f"http://127.0.0.1:{port}"
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        if proc.stderr:
-            proc.stderr.close()
+        _stop_anvil(proc)
+
+
+class RestartableAnvil:
+    """One anvil on a fixed loopback port that can be stopped and started again with its chain intact.
+
+    `--state FILE` loads the file at start (when it exists) and dumps the chain to it on exit: blocks,
+    receipts, logs and balances survive a `stop()` / `start()`; the URL stays the same (an RPC outage).
+    """
+
+    def __init__(self, state_dir: Path, start_timeout_s: float = 30.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        Path(state_dir).mkdir(parents=True, exist_ok=True)  # anvil does not create it (and then dumps nothing)
+        self.state = Path(state_dir) / "anvil-state.json"
+        self.start_timeout_s = start_timeout_s
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.restarts = 0  # completed stop/start cycles
+
+    @property
+    def running(self) -> bool:
+        return self.proc is not None
+
+    def start(self) -> None:
+        if self.proc is None:
+            self.proc = _start_anvil(self.port, self.start_timeout_s, "--state", str(self.state))
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            proc, self.proc = self.proc, None
+            _stop_anvil(proc)
+            if not self.state.exists():
+                raise RuntimeError(f"anvil did not dump its state to {self.state} on exit")
+
+    def restart_after(self, outage_s: float, wait: Callable[[float], None] = time.sleep) -> None:
+        """Stop, stay down `outage_s`, start again (same port, same chain)."""
+        self.stop()
+        wait(outage_s)
+        self.start()
+        self.restarts += 1
+
+
+@contextmanager
+def restartable_anvil(state_dir: Path, start_timeout_s: float = 30.0) -> Iterator[RestartableAnvil]:
+    """A started `RestartableAnvil`, stopped when the block exits (whatever happened inside)."""
+    anvil = RestartableAnvil(state_dir, start_timeout_s)
+    anvil.start()
+    try:
+        yield anvil
+    finally:
+        if anvil.proc is not None:
+            proc, anvil.proc = anvil.proc, None
+            _stop_anvil(proc)
 
 
 class FlakyProxy:

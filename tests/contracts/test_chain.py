@@ -33,6 +33,8 @@ def test_unreachable_endpoint_names_url_and_attempts() -> None:
         connect(url, cfg)
     assert err.value.url == url and err.value.attempts == 3
     assert url in str(err.value) and "3 attempt" in str(err.value)
+    # one line with the cause in plain words, not the nested reprs of requests and urllib3
+    assert str(err.value).endswith("Connection refused") and "MaxRetryError" not in str(err.value)
 
 
 def test_config_validation_names_the_field() -> None:

@@ -317,3 +317,72 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
 
     trio.run(main)
     assert service.served == 5
+
+
+def test_audit_client_asks_again_while_the_nodes_chain_is_down(tmp_path: Path) -> None:
+    """A node whose chain view is down answers "chain unavailable" (not its fault): the attester asks again with
+    backoff and gets the data once the chain is back; a node still down after every retry fails like a refusal."""
+    import multiaddr
+    import torch
+    import trio
+
+    from node.errors import ChainUnavailableError
+    from node.net.host import full_addrs, make_host
+    from node.net.identity import identity_from_secret
+    from node.net.running import run_host
+    from node.services.audit import AUDIT_PROTOCOL, AuditClient, AuditConfig, AuditService
+    from node.training.worker import StageWorker
+    from node.wire import frames
+
+    model = PRESETS[MODEL]
+    spec = partition(model, STAGES)[1]
+    worker = StageWorker(model, spec, codec=CODEC, optim=OptimConfig(), num_microbatches=2, microbatch_size=2)
+    rec = AuditRecorder(tmp_path, epoch_length=2)
+    worker.observers.append(rec)
+    g = torch.Generator().manual_seed(0)
+    window = torch.randint(0, 256, (2, model.seq_len + 1), generator=g)
+    h = torch.randn(2, model.seq_len, model.d_model, generator=g)
+    header = frames.FrameHeader(kind=frames.Kind.ACTIVATION, spec_hash=model.spec_hash(), stage=0, step=0, microbatch=0)
+    worker.decode(frames.Frame(header=header, window=window.numpy().astype("<u2").tobytes(),
+                               payload=worker.codec.encode_activation(h, window[:, :-1])))
+    worker.step(0)  # parameters of step 0 kept, and the activation it ran on
+
+    class Outage:  # the node's chain-backed policy while the RPC is down for the next `down` checks
+        down = 3
+        checks = 0
+
+        async def check(self, peer_id: Any, protocol: str, stage: int | None) -> None:
+            return None
+
+        async def check_audit(self, peer_id: Any, request: Any) -> None:
+            self.checks += 1
+            if self.down > 0:
+                self.down -= 1
+                raise ChainUnavailableError("chain unavailable (a recent call failed): request refused")
+
+        def note_binding(self, peer_id: Any, address: str, binding: bytes) -> None:
+            return None
+
+    policy = Outage()
+    ident = identity_from_secret(b"\x15" * 32)
+    service = AuditService(rec, worker, model_id=7, identity=ident, policy=policy)
+    fast = AuditConfig(unavailable_retries=3, unavailable_backoff_s=0.05)
+
+    async def main() -> str:
+        server, client_host = make_host(ident), make_host(identity_from_secret(b"\x16" * 32))
+        listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
+        async with run_host(server, listen), run_host(client_host, listen):
+            server.set_stream_handler(AUDIT_PROTOCOL, service.handle)
+            addr = full_addrs(server)[0]
+            state, _, _ = await AuditClient(client_host, 7, fast).hop(addr, 0, 0, 0, node=ident.address)
+            assert set(state) == set(worker.module.state_dict()) and all(isinstance(v, torch.Tensor)
+                                                                         for v in state.values())
+            policy.down = 10  # longer than the attester's patience
+            with pytest.raises(AuditError, match="chain unavailable after 4 attempt") as exc:
+                await AuditClient(client_host, 7, fast).hop(addr, 0, 0, 0, node=ident.address)
+            return str(exc.value)
+
+    message = trio.run(main)
+    assert policy.checks == 4 + 4  # 3 refused + 1 served; then 4 refused
+    assert service.gate.refused.get("not_authorized", 0) == 0  # an outage is not held against the attester
+    assert "\n" not in message

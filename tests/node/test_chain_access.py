@@ -299,6 +299,37 @@ def test_dead_rpc_refuses_cleanly(world: World) -> None:
     assert "refused" in errors[0]
 
 
+def test_outage_keeps_peers_the_chain_vouched_for(world: World) -> None:
+    """During an outage an expired positive answer still counts (training goes on); nothing else does."""
+    link, policy = _policy(world, ttl_s=0.0, negative_ttl_s=0.0, rpc_timeout_s=2.0)
+    known, unknown = world.nodes["peer1"], world.nodes["server"]  # both serve stage 1 on chain
+    for ident in (known, unknown):
+        policy.note_binding(ident.peer_id, ident.address, bind(ident))
+
+    async def verdict(ident: NodeIdentity) -> str:
+        try:
+            with trio.fail_after(10):
+                await policy.check(ident.peer_id, STATE, 1)
+            return "ok"
+        except ChainUnavailableError:
+            return "unavailable"
+
+    async def main() -> list[str]:
+        before = await verdict(known)  # asked while the chain was up: cached, expires at once (ttl_s=0)
+        world.stop()  # the chain goes away
+        during = [await verdict(known), await verdict(unknown), await verdict(known)]
+        policy.config.stale_ok_s = 0.0  # an operator who trusts no stale answer
+        return [before, *during, await verdict(known)]
+
+    try:
+        out = trio.run(main)
+    finally:
+        link.close()
+    assert out == ["ok", "ok", "unavailable", "ok", "unavailable"]
+    assert policy.stale_served == 2
+    assert policy.refused == {"chain": 2}  # refusals not counted against the peers
+
+
 @pytest.mark.timeout(240)
 def test_extraction_benchmark_quick() -> None:
     root = Path(__file__).resolve().parents[2]
