@@ -147,6 +147,18 @@ def build_parser() -> argparse.ArgumentParser:
                  "--bootstrap peers and checked against the chain's hash (default: the config's)",
         "num_stages": "pipeline stages (default: the spec TOML's [training] stages, else the config's)"})
     q.set_defaults(func=_handler("cmd_node", "cmd_node_start"))
+    q = nsub.add_parser("join", help="register this node on chain and assign it a model's stage (operator stakes)",
+                        epilog=_example("pmn node join --model auto --data-dir ~/.pmn/node --keystore operator.json \\\n"
+                                        "  --rpc-url http://127.0.0.1:8545 --deployment deployment.json"),
+                        formatter_class=fmt)
+    _add_chain_flags(q)
+    _add_key_flags(q)
+    q.add_argument("--model", help="on-chain model id, or 'auto' (docs/MODEL_CHOICE.md) (default: the config's)")
+    q.add_argument("--stage", type=int, help="stage to serve (default: where a newcomer does the largest part of the work)")
+    q.add_argument("--data-dir", type=Path, help="node state directory holding the node key (created when missing)")
+    q.add_argument("--capacity", type=int, help="declared capacity units; the stake scales with it (default: config)")
+    q.add_argument("--json", action="store_true", help="print JSON")
+    q.set_defaults(func=_handler("cmd_join", "cmd_node_join"))
     q = nsub.add_parser("status", help="stage, peers, throughput, compute credited and pending",
                         epilog=_example("pmn node status --data-dir ~/.pmn/node --model tiny-subspace --stages 3 --json"),
                         formatter_class=fmt)
