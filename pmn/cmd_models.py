@@ -166,10 +166,11 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def resolve_onchain(rpc_url: str, deployment: str, model: str, bootstrap: list[str], json_dir: Path
-                    ) -> tuple[int, int | None, dict[str, Any], str]:
+def resolve_onchain(rpc_url: str, deployment: str, model: str, bootstrap: list[str], json_dir: Path,
+                    node_address: str | None = None) -> tuple[int, int | None, dict[str, Any], str]:
     """For `--model auto|ID`: (model id, chosen stage or None, the spec fetched from a peer and checked against
-    the on-chain hash, why). The spec's architecture is written to json_dir/model.json."""
+    the on-chain hash, why). The spec's architecture is written to json_dir/model.json. A node
+    (`node_address`) the chain already assigned to a stage of the model serves that stage (`pmn node join`)."""
     import trio
 
     from contracts.chain import connect, disconnect
@@ -193,6 +194,9 @@ def resolve_onchain(rpc_url: str, deployment: str, model: str, bootstrap: list[s
                 raise CLIError(f"model {model_id} is {report.status}: it cannot be joined")
             chosen, why = None, f"model {model_id} chosen by --model"
         spec_hash = client.get_model(model_id).terms.spec_hash
+        assigned = client.stage_of(model_id, node_address) if node_address else None
+        if assigned is not None and assigned != chosen:
+            chosen, why = assigned, f"{why}; stage {assigned}: the chain assigned this node to it"
     finally:
         disconnect(w3)
     try:

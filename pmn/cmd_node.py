@@ -124,7 +124,8 @@ def onchain_model(op: OperatorConfig, model: str, flags: dict[str, Any], data_di
     rpc_url = flags.pop("chain.rpc_url", None) or op.rpc_url
     deployment = flags.pop("chain.deployment", None) or op.deployment
     bootstrap = flags.get("bootstrap") or op.bootstrap
-    model_id, stage, spec, why = resolve_onchain(rpc_url, deployment, model, list(bootstrap), data_dir)
+    model_id, stage, spec, why = resolve_onchain(rpc_url, deployment, model, list(bootstrap), data_dir,
+                                                 _node_address(data_dir, {}))
     print(f"joining {why}", file=sys.stderr, flush=True)
     try:
         config = ModelConfig.from_dict(spec["model"])
