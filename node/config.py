@@ -163,7 +163,8 @@ class ReplicaConfig:
     debug_push_delay_s: float = 0.0  # TEST ONLY: extra seconds before each contribution push to a stage peer
     # (a slow or loaded link between the replicas of a stage)
     debug_exit_after_forwards: int = 0  # TEST ONLY: SIGKILL this node right after it sent its n-th gradient
-    # upstream (0 = never): a crash at the exact point where a committed contribution may be held by it alone
+    # upstream (0 = never): a crash at the exact point where a committed contribution may be held by it alone;
+    # on a leading head, right after its n-th commit made while a standby head replica is announced
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""

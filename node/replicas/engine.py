@@ -453,6 +453,8 @@ class ReplicaEngine:
             return  # not committed: the upstream re-routes the microbatch after its timeout
         if self.worker.spec.is_first:
             self._committed[h.microbatch] = h.attempt
+            if self.discovery.stage_peers(self.stage):  # TEST hook: a leader dies right after a commit a standby holds
+                self._forwarded_one()
             return
         up = self.up.get(w.up)
         if up is not None and up.failure is None:
@@ -463,7 +465,8 @@ class ReplicaEngine:
             self._forwarded_one()
 
     def _forwarded_one(self) -> None:
-        """A gradient went upstream (TEST ONLY hook: `debug_exit_after_forwards` kills the node here)."""
+        """A gradient went upstream, or a leading head committed a microbatch while a standby head replica is
+        announced (TEST ONLY hook: `debug_exit_after_forwards` kills the node here)."""
         self._forwards += 1
         if self.rc.debug_exit_after_forwards and self._forwards >= self.rc.debug_exit_after_forwards:
             time.sleep(0.2)  # blocks the event loop (nothing more is served) while the kernel sends the gradient

@@ -100,3 +100,32 @@ def test_head_kill_the_standby_takes_over_and_training_goes_on_exactly_once(tmp_
     assert any(e["event"] == "takeover" and e["peer"] == lead.ready["peer_id"] and e["term"] == 1 for e in events)
     ref = _reference(steps)  # the new leader's weights carry on the same curve
     assert [records(tail)[s]["loss"] for s in range(steps)] == pytest.approx(ref, rel=1e-3)
+
+
+@pytest.mark.timeout(900)
+def test_head_kill_right_after_a_held_commit_the_standby_adopts_it_and_generates_only_the_rest(tmp_path) -> None:
+    steps = 10
+    # the leader is SIGKILLed right after its second commit made while the standby is announced: mid-step, with
+    # committed microbatches whose COMMIT never went downstream
+    racer = ["--replicas-debug-exit-after-forwards", "2"]
+    nodes = launch(tmp_path, [0, 0, 1, 2], steps, extra={0: racer})
+    lead, standby, mid, tail = nodes
+    try:
+        codes = wait_nodes(nodes, 2 * WAIT_S)
+    finally:
+        stop_nodes(nodes)
+    assert codes == [-signal.SIGKILL, 0, 0, 0], codes
+    sr = records(standby)
+    assert sorted(sr) == list(range(min(sr), steps))
+    takeover = [e for e in node_status(standby.data_dir)["bans"] if e["event"] == "takeover"]
+    assert len(takeover) == 1 and takeover[0]["peer"] == lead.ready["peer_id"] and takeover[0]["term"] == 1
+    s, adopted = takeover[0]["step"], takeover[0]["adopted"]
+    assert 1 <= adopted < M  # the commits it held survived the leader; it did not generate them again
+    old = [[mb, a] for mb, a in sr[s]["applied"] if a < attempt_base(1)]
+    assert len(old) == adopted and not [x for x in old if x in sr[s]["mine"]]
+    assert sorted(sr[s]["mine"] + old) == sr[s]["applied"]  # the rest it generated itself, in its term
+    assert all(a >= attempt_base(1) for _, a in sr[s]["mine"])
+    assert s not in records(lead)  # the leader never finished that step
+    for stage_nodes in ([lead, standby], [mid], [tail]):
+        check_exactly_once(stage_nodes, range(steps))
+    assert [records(tail)[s]["loss"] for s in range(steps)] == pytest.approx(_reference(steps), rel=1e-3)
