@@ -586,10 +586,11 @@ class ReplicaEngine:
     async def _leader_lost(self, step: int) -> bool:
         """A standby head replica: True when it must take over the step authority now.
 
-        Every `commit_poll_s` (at most every third of `head_takeover_s`) it asks the announced leader for
-        `step` (what it answers is kept, like a pull). The leader is lost once every ask for
-        `head_takeover_s` failed to connect (a refusal or a slow answer means it is alive), or when no leader
-        is announced any more; the lowest-id reachable standby then takes over (`heads.successor`).
+        Every `commit_poll_s` (at most every third of `head_takeover_s`) it pings the announced leader (a
+        pull of `heads.PING_STEP`, which nobody holds: an empty answer; the step's contributions come by push,
+        or by `commit_poller`'s pull when idle). The leader is lost once every ping for `head_takeover_s`
+        failed to connect (a refusal or a slow answer means it is alive), or when no leader is announced any
+        more; the lowest-id reachable standby then takes over (`heads.successor`).
         """
         now = trio.current_time()
         if now - self._last_probe < min(self.rc.commit_poll_s, self.rc.head_takeover_s / 3):
@@ -599,9 +600,8 @@ class ReplicaEngine:
         lead = heads.leader(peers)
         if lead is not None and lead.addrs:
             try:
-                commit, items = await averaging.pull(self.host, lead.addrs[0], self.spec_hash, 0, step,
-                                                     self.store.size, 0.0, self.rc.avg_timeout_s,
-                                                     codec=self.store.codec)
+                await averaging.pull(self.host, lead.addrs[0], self.spec_hash, 0, heads.PING_STEP, self.store.size,
+                                     0.0, self.rc.avg_timeout_s, codec=self.store.codec)
             except (trio.TooSlowError, AveragingError):  # slow or refusing: alive
                 self._leader_down_since = None
                 return False
@@ -611,10 +611,6 @@ class ReplicaEngine:
                     return False
             else:
                 self._leader_down_since = None
-                for mb, a, vec, loss in items:
-                    self.store.add(step, mb, a, vec, loss)
-                if commit is not None:
-                    self.store.commit(step, commit)
                 return False
         standbys = [e.peer_id for e in peers if e.head_term < 0 and e.addrs
                     and self._unreachable.get(e.peer_id, 0.0) <= now]
@@ -706,7 +702,10 @@ class ReplicaEngine:
                 ahead = [e.peer_id for e in self.discovery.stage_peers(self.stage) if e.next_step > step]
                 self._ahead_peers = ahead or self._ahead_peers  # the last peers known to hold the newer state
                 peer_steps = [e.next_step for e in self.discovery.stage_peers(self.stage)]
-                if peer_steps and max(peer_steps) > step + 1:
+                # a standby head whose leader stopped answering goes on by itself (it holds what it needs, or
+                # takes over): re-fetching the state would only wait for the dead leader
+                if peer_steps and max(peer_steps) > step + 1 and not (self.worker.spec.is_first
+                                                                      and self._leader_down_since is not None):
                     self.fatal = ResyncNeededError(
                         f"stage {self.stage} replica is at step {step}, a stage peer is at step {max(peer_steps)} and "
                         f"none gave step {step}'s commit: fetching the stage state again")

@@ -30,6 +30,8 @@ from typing import Any
 ATTEMPT_STRIDE = 1024  # attempts one leader may use per microbatch (re-routes included)
 MAX_ATTEMPT = 0xFFFF  # the frame header's attempt field is 16 bits wide
 MAX_TERM = MAX_ATTEMPT // ATTEMPT_STRIDE  # highest term whose attempts fit the header
+PING_STEP = 1 << 40  # the step a standby pulls to learn that the leader answers (the largest `/pmn/avg` accepts;
+# no store holds it, so the answer is empty)
 
 
 def attempt_base(term: int) -> int:

@@ -141,12 +141,13 @@ def test_a_standby_head_learns_commits_from_the_live_leader_and_takes_over_only_
                 AveragingService(h1, spec_hex, lambda s: lead_store if s == 0 else None, 5.0)
                 leader = _head_ann(h1, id1, spec_hex, 0)
                 eng = _standby(h0, id0, worker, leader, takeover_s=0.5)
-                lead_store.add(7, 0, 0, torch.ones(size))  # the leader committed mb 0 of step 7 (attempt 0)
-                with trio.move_on_after(2.0):  # while the leader answers, the standby never takes over
+                lead_store.add(7, 0, 0, torch.ones(size))  # the leader committed mb 0 of step 7 (attempt 0) ...
+                eng.store.add(7, 0, 0, torch.ones(size))  # ... once the standby held it (its push)
+                with trio.move_on_after(2.0):  # while the leader answers its pings, the standby never takes over
                     await _lost_within(eng, 7, 10)
                     raise AssertionError("a standby took over from a live leader")
-                assert heads.held_commits(eng.store.vecs[7]) == {0: 0}  # pulled from the leader meanwhile
                 assert eng._leader_down_since is None and eng.leads is False
+                assert lead_store.wire_bytes < 4 * size  # the pings moved no contribution
             # the leader's host is gone (its announcement is still in discovery): the standby takes over
             took = await _lost_within(eng, 7, 30)
             assert took >= 0.5  # not before head_takeover_s of failed dials
