@@ -129,3 +129,25 @@ def test_head_kill_right_after_a_held_commit_the_standby_adopts_it_and_generates
     for stage_nodes in ([lead, standby], [mid], [tail]):
         check_exactly_once(stage_nodes, range(steps))
     assert [records(tail)[s]["loss"] for s in range(steps)] == pytest.approx(_reference(steps), rel=1e-3)
+
+
+@pytest.mark.timeout(900)
+def test_head_kill_of_the_standby_leaves_the_leader_training_exactly_once(tmp_path) -> None:
+    nodes = launch(tmp_path, [0, 0, 1, 2], 1000)
+    lead, standby, mid, tail = nodes
+    try:
+        wait_until(lambda: len(records(standby)) >= 3, WAIT_S, "three steps applied by the standby head")
+        standby.proc.kill()
+        standby.proc.wait()
+        after = len(records(tail))
+        wait_until(lambda: len(records(tail)) >= after + 10, WAIT_S, "ten steps after the kill")
+        codes = _stop([lead, mid, tail])
+    finally:
+        stop_nodes(nodes)
+    assert codes == [128 + signal.SIGTERM] * 3
+    steps = min(max(records(n)) for n in (lead, mid, tail)) + 1
+    lr = records(lead)
+    assert all(lr[s]["head_term"] == 0 for s in range(steps))  # it kept the step authority throughout
+    for stage_nodes in ([lead, standby], [mid], [tail]):
+        check_exactly_once(stage_nodes, range(steps))
+    assert [records(tail)[s]["loss"] for s in range(steps)] == pytest.approx(_reference(steps), rel=1e-3)
