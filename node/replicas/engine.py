@@ -114,6 +114,7 @@ class ReplicaEngine:
         self._terms_seen: set[int] = set()  # head terms announced by stage-0 peers (a new leader's term exceeds them)
         self._leader_down_since: float | None = None  # when dials to the leading head replica began to fail
         self._last_probe = float("-inf")  # when a standby last asked the leader for its step
+        self._holders: dict[tuple[int, int, int], set[str]] = {}  # (step, mb, attempt) -> stage peers that took it
 
     # -- channels ----------------------------------------------------------------------------------
 
@@ -236,6 +237,7 @@ class ReplicaEngine:
                 await self._push(addr, step, mb, attempt, vec, loss, self.rc.avg_timeout_s)
                 self._peer_failures.pop(peer, None)
                 self._unreachable.pop(peer, None)
+                self._holders.setdefault((step, mb, attempt), set()).add(peer)
                 held += 1
             except trio.TooSlowError:  # a slow peer pulls (or is dropped) later
                 self._peer_failed(peer)
@@ -286,6 +288,7 @@ class ReplicaEngine:
                     await self._push(addr, step, mb, attempt, vec, loss, timeout_s)
                     held = True
                     self._unreachable.pop(peer, None)
+                    self._holders.setdefault((step, mb, attempt), set()).add(peer)
                     scope.cancel()  # one holder is enough; the others pull it if they lack it
                 except trio.TooSlowError:  # slow, not gone: tried again
                     pass
@@ -314,6 +317,7 @@ class ReplicaEngine:
             await self._push(addr, step, mb, attempt, vec, loss, self.rc.avg_timeout_s)  # bounded by avg_timeout_s
             self._peer_failures.pop(peer, None)  # it answers again: pushes wait for it from now on
             self._unreachable.pop(peer, None)
+            self._holders.setdefault((step, mb, attempt), set()).add(peer)
         except Exception:  # still unreachable: the backoff grows
             self._peer_failed(peer)
         finally:
@@ -512,6 +516,8 @@ class ReplicaEngine:
                 else:
                     await self._on_gradient(step, ch, r)
             if head and len(self._committed) == self.m:
+                if w.spec.is_first:
+                    await self._hand_to_standbys(step)
                 self.store.commit(step, self._committed)
                 break
             if standby and step not in self.store.commits:
@@ -616,9 +622,39 @@ class ReplicaEngine:
                     and self._unreachable.get(e.peer_id, 0.0) <= now]
         return heads.successor(self.discovery.me.peer_id, standbys)
 
+    async def _hand_to_standbys(self, step: int) -> None:
+        """A leader's step is complete: before its COMMIT goes downstream, every reachable standby gets each
+        committed contribution no push gave it yet (one that joined mid-step missed the earlier ones), so a
+        standby never lacks a step the pipeline applied. A standby that fails or is slower than
+        `avg_timeout_s` is skipped (refused or undialable: also for its backoff)."""
+        now = trio.current_time()
+        for e in self._head_peers():
+            if not e.addrs or self._unreachable.get(e.peer_id, 0.0) > now:
+                continue
+            for mb, a in sorted(self._committed.items()):
+                vec = self.store.vecs.get(step, {}).get((mb, a))
+                if vec is None or e.peer_id in self._holders.get((step, mb, a), set()):
+                    continue
+                try:
+                    await self._push(e.addrs[0], step, mb, a, vec, None, self.rc.avg_timeout_s)
+                except trio.TooSlowError:
+                    self._peer_failed(e.peer_id)
+                    break
+                except Exception:  # refused or unreachable (many libp2p / OS types)
+                    self._peer_failed(e.peer_id)
+                    self._unreachable[e.peer_id] = self._peer_failures[e.peer_id][1]
+                    break
+                self._holders.setdefault((step, mb, a), set()).add(e.peer_id)
+
     def _take_over(self, step: int) -> None:
-        """Become the leader in the next term (announced at once); NodeError past the last term."""
+        """Become the leader in the next term (announced at once); NodeError past the last term, or when the
+        next stage already applied this step (its commit went downstream without this standby holding it)."""
         lost = heads.leader(self._head_peers())
+        ahead = [e for e in self.discovery.stage_peers(1) if e.next_step > step]
+        if ahead:
+            raise NodeError(f"stage 0 head replica at step {step}: cannot take over from peer "
+                            f"{lost.peer_id if lost else 'unknown'}: stage 1 peer {ahead[0].peer_id} already applied "
+                            f"step {step}, whose committed contributions this standby does not all hold")
         attempts = [a for vecs in self.store.vecs.values() for _, a in vecs]
         term = heads.next_term(self._terms_seen, attempts)
         try:
@@ -762,6 +798,7 @@ class ReplicaEngine:
         if mine_tokens and self._compute_s > 0:
             self.throughput = mine_tokens / self._compute_s
         self.store.prune(step + 1 - self.rc.keep_steps)
+        self._holders = {k: v for k, v in self._holders.items() if k[0] > step}
         return StepOutcome(
             step=step, loss=sum(losses) / len(losses) if losses and w.spec.is_last else None,
             applied=sorted([mb, a] for mb, a, _, _ in items), mine=mine, computed=sorted(computed), dropped=dropped,

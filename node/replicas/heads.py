@@ -14,6 +14,9 @@ The rule (see docs/ARCHITECTURE.md, "Replicated mode"):
   standby's store holds a subset of the leader's commits, with the same attempts: once it holds one
   contribution for every microbatch of a step it knows the step's commit (`held_commits`) and applies it,
   exactly as the leader does, and forwards the same COMMIT frames downstream.
+* Before a step's COMMIT goes downstream the leader pushes every committed contribution a reachable
+  standby has not acknowledged (one that joined mid-step missed earlier pushes), so a standby holds every
+  step the pipeline applied; one that does not (it was unreachable) stops instead of taking over.
 * When the leader has refused or failed every dial for `replicas.head_takeover_s` (or its announcement
   expired), the standby with the lowest peer id among those still reachable (`successor`) takes over in
   the term after the highest it has seen (`next_term`): it adopts the commits it holds for its current

@@ -174,3 +174,50 @@ def test_a_leader_outranked_by_a_newer_term_stops_naming_the_peer_stage_and_step
                 eng._check_rival(4)
 
     trio.run(main)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+def test_a_leader_hands_every_committed_contribution_a_standby_missed_before_the_commit_goes_on() -> None:
+    async def main() -> None:
+        async with running_host(156) as (h0, id0), running_host(157) as (h1, id1):
+            worker = _worker()
+            size = sum(p.numel() for p in trainable(worker.module))
+            spec_hex = worker.config.spec_hash().hex()
+            standby_store = ContributionStore(size)
+            AveragingService(h1, spec_hex, lambda s: standby_store if s == 0 else None, 5.0)
+            eng = _standby(h0, id0, worker, _head_ann(h1, id1, spec_hex, -1), takeover_s=1.0)
+            eng.head_term = 0  # this engine leads; the announced peer stands by
+            for mb in range(M):
+                eng.store.add(3, mb, 0, torch.full((size,), float(mb)))
+            eng._committed = {0: 0, 1: 0}
+            eng._holders[(3, 0, 0)] = {h1.get_id().pretty()}  # mb 0 reached it by push; mb 1 was committed before
+            with trio.fail_after(20):
+                await eng._hand_to_standbys(3)
+            assert set(standby_store.vecs[3]) == {(1, 0)}  # only what it missed, nothing twice
+            assert torch.equal(standby_store.vecs[3][(1, 0)], torch.ones(size))
+            assert h1.get_id().pretty() in eng._holders[(3, 1, 0)]
+
+    trio.run(main)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(60)
+def test_a_standby_missing_a_step_the_pipeline_applied_stops_naming_the_peer_stage_and_step() -> None:
+    async def main() -> None:
+        async with running_host(158) as (h0, id0), running_host(159) as (h1, id1):
+            worker = _worker()
+            spec_hex = worker.config.spec_hash().hex()
+            leader = _head_ann(h1, id1, spec_hex, 0)
+            eng = _standby(h0, id0, worker, leader, takeover_s=1.0)
+            ident = identity_from_secret((160).to_bytes(32, "big"))
+            pid = ident.peer_id.pretty()
+            mid = Announcement(pid, (f"/ip4/127.0.0.1/tcp/1/p2p/{pid}",), spec_hex, 3, 1, 1, next_step=8,
+                               address=ident.address, binding="0x" + bind(ident).hex(), seq=1).sign(ident)
+            eng.discovery._merge([mid.to_json()])
+            with pytest.raises(NodeError, match=rf"stage 0 head replica at step 7: cannot take over from peer "
+                                                rf"{leader.peer_id}: stage 1 peer {pid} already applied step 7"):
+                eng._take_over(7)
+            assert not eng.leads  # it did not claim the step authority
+
+    trio.run(main)
