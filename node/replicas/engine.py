@@ -625,11 +625,10 @@ class ReplicaEngine:
     async def _hand_to_standbys(self, step: int) -> None:
         """A leader's step is complete: before its COMMIT goes downstream, every reachable standby gets each
         committed contribution no push gave it yet (one that joined mid-step missed the earlier ones), so a
-        standby never lacks a step the pipeline applied. A standby that fails or is slower than
-        `avg_timeout_s` is skipped (refused or undialable: also for its backoff)."""
-        now = trio.current_time()
+        standby never lacks a step the pipeline applied. Every announced standby is tried, even one in
+        backoff (it may be back); one that fails or is slower than `avg_timeout_s` is skipped."""
         for e in self._head_peers():
-            if not e.addrs or self._unreachable.get(e.peer_id, 0.0) > now:
+            if not e.addrs:
                 continue
             for mb, a in sorted(self._committed.items()):
                 vec = self.store.vecs.get(step, {}).get((mb, a))
