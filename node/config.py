@@ -151,6 +151,8 @@ class ReplicaConfig:
     hold_retry_s: float = 0.2  # a contribution no stage peer took yet is pushed again after this (it is committed
     # only once a second live replica of the stage holds it)
     commit_poll_s: float = 1.0  # idle time after which a replica asks its stage peers for the step's commit
+    head_takeover_s: float = 3.0  # a standby head replica takes over the step authority once the leading head
+    # has refused or failed every dial for this long (or its announcement expired); a slow leader is not replaced
     catchup_poll_s: float = 0.01  # while behind and catching up, wait this long between pulls of missed steps
     keep_steps: int = 4  # steps of contributions kept in memory for stage peers that pull them (a replica
     # more steps behind than this re-fetches the stage state: keep it above state-transfer time / step time)
@@ -166,7 +168,8 @@ class ReplicaConfig:
     debug_push_delay_s: float = 0.0  # TEST ONLY: extra seconds before each contribution push to a stage peer
     # (a slow or loaded link between the replicas of a stage)
     debug_exit_after_forwards: int = 0  # TEST ONLY: SIGKILL this node right after it sent its n-th gradient
-    # upstream (0 = never): a crash at the exact point where a committed contribution may be held by it alone
+    # upstream (0 = never): a crash at the exact point where a committed contribution may be held by it alone;
+    # on a leading head, right after its n-th commit made while a standby head replica is announced
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
@@ -175,7 +178,7 @@ class ReplicaConfig:
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"replicas.ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
         for name in ("replica_timeout_s", "ban_base_s", "ban_max_s", "no_replica_timeout_s", "avg_timeout_s",
-                     "commit_poll_s", "catchup_poll_s", "state_timeout_s", "hold_retry_s"):
+                     "commit_poll_s", "catchup_poll_s", "state_timeout_s", "hold_retry_s", "head_takeover_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"replicas.{name} must be > 0, got {getattr(self, name)}")
         if self.keep_steps < 1:

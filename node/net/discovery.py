@@ -47,7 +47,8 @@ ANNOUNCE_TYPES = {"Announcement": [  # EIP-712 type: every field of an announcem
     {"name": "specHash", "type": "string"}, {"name": "numStages", "type": "uint256"},
     {"name": "stage", "type": "int256"}, {"name": "capacity", "type": "uint256"},
     {"name": "nodeAddress", "type": "address"}, {"name": "nextStep", "type": "int256"},
-    {"name": "throughputMilli", "type": "uint256"}, {"name": "seq", "type": "uint256"},
+    {"name": "throughputMilli", "type": "uint256"}, {"name": "headTerm", "type": "int256"},
+    {"name": "seq", "type": "uint256"},
     {"name": "binding", "type": "bytes"}]}
 
 
@@ -86,6 +87,8 @@ class Announcement:
     address: str = ""  # Ethereum address of its node key ("" = none claimed)
     next_step: int = -1  # replicated mode: the first step it has not applied (-1 = not reported)
     throughput: float = 0.0  # replicated mode: tokens/s its compute sustained over its last step (0 = unknown)
+    head_term: int = -1  # replicated mode, stage 0: the term in which it holds the head's step authority (-1 = none:
+    # a standby head replica or another stage; `node.replicas.heads`)
     seq: int = 0  # sender's version: milliseconds since the epoch at start, +1 per change (newest wins,
     # so a restarted node's fresh addresses replace its old entry)
     binding: str = ""  # hex node-key signature binding peer_id to address (`node.net.identity.bind`); "" without one
@@ -100,7 +103,8 @@ class Announcement:
     def message(self) -> SignableMessage:
         """The EIP-712 message the node key signs: every field but the signature."""
         return _announce_message(self.peer_id, self.addrs, self.spec_hash, self.num_stages, self.stage, self.capacity,
-                                 self.address, self.next_step, _milli(self.throughput), self.seq, self.binding)
+                                 self.address, self.next_step, _milli(self.throughput), self.head_term, self.seq,
+                                 self.binding)
 
     def sign(self, identity: NodeIdentity) -> Announcement:
         """This announcement with `identity`'s address, binding and signature over all its fields."""
@@ -154,7 +158,8 @@ class Announcement:
         return cls(text(d.get("peer_id"), "peer_id"), tuple(text(a, "addrs") for a in addrs),
                    text(d.get("spec_hash"), "spec_hash"), num("num_stages", 1, 1 << 16),
                    num("stage", -1, 1 << 16), num("capacity", 0, 1 << 62), text(d.get("address", ""), "address"),
-                   num("next_step", -1, 1 << 62, -1), float(throughput), num("seq", 0, 1 << 62, 0),
+                   num("next_step", -1, 1 << 62, -1), float(throughput), num("head_term", -1, 1 << 16, -1),
+                   num("seq", 0, 1 << 62, 0),
                    text(d.get("binding", ""), "binding"), text(d.get("signature", ""), "signature"))
 
 
@@ -171,12 +176,12 @@ def _milli(throughput: float) -> int:
 
 
 def _announce_message(peer_id: str, addrs: tuple[str, ...], spec_hash: str, num_stages: int, stage: int,
-                      capacity: int, address: str, next_step: int, throughput_milli: int, seq: int,
+                      capacity: int, address: str, next_step: int, throughput_milli: int, head_term: int, seq: int,
                       binding: str) -> SignableMessage:
     return encode_typed_data(ANNOUNCE_DOMAIN, ANNOUNCE_TYPES, {
         "peerId": peer_id, "addrs": list(addrs), "specHash": spec_hash, "numStages": num_stages, "stage": stage,
         "capacity": capacity, "nodeAddress": to_checksum_address(address), "nextStep": next_step,
-        "throughputMilli": throughput_milli, "seq": seq, "binding": bytes.fromhex(binding.removeprefix("0x"))})
+        "throughputMilli": throughput_milli, "headTerm": head_term, "seq": seq, "binding": bytes.fromhex(binding.removeprefix("0x"))})
 
 
 @lru_cache(maxsize=4096)

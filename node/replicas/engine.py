@@ -6,6 +6,10 @@
   the replica the `Router` picks (EWMA latency, in-flight limit, bans), re-sends it with a new
   attempt when that replica is lost or exceeds `replica_timeout_s`, and commits a microbatch when
   its gradient returns. The step's commit (mb -> attempt) travels downstream in COMMIT frames.
+* The head stage may have replicas (`node.replicas.heads`): one leads (the step authority above, with
+  attempt ids of its term), the others stand by, generate nothing, learn each step's commit from the
+  leader's contributions they hold, apply it, and take over (adopting the commits they hold, generating
+  only the rest) when the leader is gone for `head_takeover_s`.
 * Inner stages route the same way (keeping the head's attempt id) and send each gradient back to
   whoever sent the activation; late answers are discarded.
 * Each replica keeps the parameter gradient of every (step, mb, attempt) separately, pushes it to
@@ -28,7 +32,7 @@ import trio
 from node.config import NodeConfig
 from node.errors import AveragingError, NodeError, NoReplicaError, ResyncNeededError
 from node.net.discovery import Discovery
-from node.replicas import averaging
+from node.replicas import averaging, heads
 from node.replicas.rebalance import Move, plan_move
 from node.replicas.routing import Router, ban_duration
 from node.training.worker import StageWorker, window_to_bytes
@@ -105,6 +109,12 @@ class ReplicaEngine:
         self.throughput = 0.0  # tokens/s of compute over the last step with work
         self.events: list[dict[str, Any]] = []  # bans and reroutes, for the status file
         self.fatal: NodeError | None = None  # set by a background task; run_step raises it
+        # stage 0: the term this replica leads in (-1 = a standby head replica; the runner sets it)
+        self.head_term = 0 if worker.spec.is_first else -1
+        self._terms_seen: set[int] = set()  # head terms announced by stage-0 peers (a new leader's term exceeds them)
+        self._leader_down_since: float | None = None  # when dials to the leading head replica began to fail
+        self._last_probe = float("-inf")  # when a standby last asked the leader for its step
+        self._holders: dict[tuple[int, int, int], set[str]] = {}  # (step, mb, attempt) -> stage peers that took it
 
     # -- channels ----------------------------------------------------------------------------------
 
@@ -227,6 +237,7 @@ class ReplicaEngine:
                 await self._push(addr, step, mb, attempt, vec, loss, self.rc.avg_timeout_s)
                 self._peer_failures.pop(peer, None)
                 self._unreachable.pop(peer, None)
+                self._holders.setdefault((step, mb, attempt), set()).add(peer)
                 held += 1
             except trio.TooSlowError:  # a slow peer pulls (or is dropped) later
                 self._peer_failed(peer)
@@ -277,6 +288,7 @@ class ReplicaEngine:
                     await self._push(addr, step, mb, attempt, vec, loss, timeout_s)
                     held = True
                     self._unreachable.pop(peer, None)
+                    self._holders.setdefault((step, mb, attempt), set()).add(peer)
                     scope.cancel()  # one holder is enough; the others pull it if they lack it
                 except trio.TooSlowError:  # slow, not gone: tried again
                     pass
@@ -305,6 +317,7 @@ class ReplicaEngine:
             await self._push(addr, step, mb, attempt, vec, loss, self.rc.avg_timeout_s)  # bounded by avg_timeout_s
             self._peer_failures.pop(peer, None)  # it answers again: pushes wait for it from now on
             self._unreachable.pop(peer, None)
+            self._holders.setdefault((step, mb, attempt), set()).add(peer)
         except Exception:  # still unreachable: the backoff grows
             self._peer_failed(peer)
         finally:
@@ -344,6 +357,9 @@ class ReplicaEngine:
                 self.events.append({"event": "ban", "peer": ev.peer, "reason": reason, "count": ev.count,
                                     "duration_s": ev.duration_s, "step": step, "time": time.time()})
         if self.worker.spec.is_first:
+            if heads.term_of(w.attempt + 1) != self.head_term:
+                raise NodeError(f"stage 0 head at step {step}: microbatch {w.mb} was re-sent "
+                                f"{heads.ATTEMPT_STRIDE} times (last to peer {w.down or 'none'}): giving up")
             w.attempt += 1  # a new attempt id; the old one's late answers are discarded
         w.down = ""
         self._rerouted += 1
@@ -441,6 +457,8 @@ class ReplicaEngine:
             return  # not committed: the upstream re-routes the microbatch after its timeout
         if self.worker.spec.is_first:
             self._committed[h.microbatch] = h.attempt
+            if self.discovery.stage_peers(self.stage):  # TEST hook: a leader dies right after a commit a standby holds
+                self._forwarded_one()
             return
         up = self.up.get(w.up)
         if up is not None and up.failure is None:
@@ -451,7 +469,8 @@ class ReplicaEngine:
             self._forwarded_one()
 
     def _forwarded_one(self) -> None:
-        """A gradient went upstream (TEST ONLY hook: `debug_exit_after_forwards` kills the node here)."""
+        """A gradient went upstream, or a leading head committed a microbatch while a standby head replica is
+        announced (TEST ONLY hook: `debug_exit_after_forwards` kills the node here)."""
         self._forwards += 1
         if self.rc.debug_exit_after_forwards and self._forwards >= self.rc.debug_exit_after_forwards:
             time.sleep(0.2)  # blocks the event loop (nothing more is served) while the kernel sends the gradient
@@ -469,11 +488,13 @@ class ReplicaEngine:
         t0 = time.perf_counter()
         self._compute_s = 0.0
         self._rerouted = 0
-        self._committed: dict[int, int] = {}
         self.current_step = step
         w = self.worker
-        head = w.spec.is_first
-        next_mb = 0
+        head = self.leads
+        standby = w.spec.is_first and not head
+        # a leader adopts the commits of the step its held contributions prove (after a takeover, the old leader's)
+        self._committed = heads.held_commits(self.store.vecs.get(step, {})) if head else {}
+        pending = deque(mb for mb in range(self.m) if mb not in self._committed)  # microbatches still to generate
         no_replica_since: float | None = None
         tick = min(0.25, self.rc.replica_timeout_s / 4, self.rc.commit_poll_s)
         # frames that arrived early for this step
@@ -495,24 +516,39 @@ class ReplicaEngine:
                 else:
                     await self._on_gradient(step, ch, r)
             if head and len(self._committed) == self.m:
+                if w.spec.is_first:
+                    await self._hand_to_standbys(step)
                 self.store.commit(step, self._committed)
                 break
+            if standby and step not in self.store.commits:
+                held = heads.held_commits(self.store.vecs.get(step, {}))
+                if len(held) == self.m:  # every microbatch's committed contribution is here: the leader's commit
+                    self.store.commit(step, held)
             if not head and step in self.store.commits:
                 break
+            if standby and await self._leader_lost(step):
+                self._take_over(step)
+                head, standby = True, False
+                self._committed = heads.held_commits(self.store.vecs.get(step, {}))
+                pending = deque(mb for mb in range(self.m) if mb not in self._committed)
+                continue
+            if head and w.spec.is_first:
+                self._check_rival(step)
             if not w.spec.is_last:
                 self._check_timeouts(step)
-                if head and next_mb < self.m and not self._queue:
+                if head and pending and not self._queue:
                     now = trio.current_time()
                     if self.router.choose(self._candidates(), now) is not None:
-                        window = await self._compute(w.head_window, step, next_mb)
-                        out = await self._compute(w.forward, step, next_mb, window, None)
-                        self._work[(step, next_mb)] = _Work(next_mb, 0, out, window_to_bytes(window, w.id_bytes))
-                        self._queue.append((step, next_mb))
-                        next_mb += 1
+                        mb = pending.popleft()
+                        window = await self._compute(w.head_window, step, mb)
+                        out = await self._compute(w.forward, step, mb, window, None)
+                        self._work[(step, mb)] = _Work(mb, heads.attempt_base(self.head_term), out,
+                                                       window_to_bytes(window, w.id_bytes))
+                        self._queue.append((step, mb))
                         self.poke()
                 await self._dispatch(step)
                 now = trio.current_time()
-                waiting = bool(self._queue) or (head and next_mb < self.m)
+                waiting = bool(self._queue) or (head and bool(pending))
                 usable = self._candidates_usable(now)
                 self._had_next = self._had_next or usable
                 if waiting and not usable:
@@ -535,6 +571,101 @@ class ReplicaEngine:
                 continue
             await self._wait(tick)
         return await self._finish(step, t0)
+
+    @property
+    def leads(self) -> bool:
+        """True on the head stage's step authority (a single head replica always leads)."""
+        return self.worker.spec.is_first and self.head_term >= 0
+
+    def _head_peers(self) -> list[Any]:
+        peers = self.discovery.stage_peers(0)
+        self._terms_seen.update(e.head_term for e in peers if e.head_term >= 0)
+        return peers
+
+    def _check_rival(self, step: int) -> None:
+        """A leader outranked by another announced leader stops (two leaders must not both commit)."""
+        r = heads.rival(self.discovery.me.peer_id, self.head_term, self._head_peers())
+        if r is not None:
+            raise NodeError(f"stage 0 head replica at step {step}: peer {r.peer_id} leads in term {r.head_term}, "
+                            f"this one in term {self.head_term}: stopping, the step authority is theirs")
+
+    async def _leader_lost(self, step: int) -> bool:
+        """A standby head replica: True when it must take over the step authority now.
+
+        Every `commit_poll_s` (at most every third of `head_takeover_s`) it pings the announced leader (a
+        pull of `heads.PING_STEP`, which nobody holds: an empty answer; the step's contributions come by push,
+        or by `commit_poller`'s pull when idle). The leader is lost once every ping for `head_takeover_s`
+        failed to connect (a refusal or a slow answer means it is alive), or when no leader is announced any
+        more; the lowest-id reachable standby then takes over (`heads.successor`).
+        """
+        now = trio.current_time()
+        if now - self._last_probe < min(self.rc.commit_poll_s, self.rc.head_takeover_s / 3):
+            return False
+        self._last_probe = now
+        peers = self._head_peers()
+        lead = heads.leader(peers)
+        if lead is not None and lead.addrs:
+            try:
+                await averaging.pull(self.host, lead.addrs[0], self.spec_hash, 0, heads.PING_STEP, self.store.size,
+                                     0.0, self.rc.avg_timeout_s, codec=self.store.codec)
+            except (trio.TooSlowError, AveragingError):  # slow or refusing: alive
+                self._leader_down_since = None
+                return False
+            except Exception:  # dial or stream failures of many libp2p / OS types: it may be gone
+                self._leader_down_since = self._leader_down_since if self._leader_down_since is not None else now
+                if trio.current_time() - self._leader_down_since < self.rc.head_takeover_s:
+                    return False
+            else:
+                self._leader_down_since = None
+                return False
+        standbys = [e.peer_id for e in peers if e.head_term < 0 and e.addrs
+                    and self._unreachable.get(e.peer_id, 0.0) <= now]
+        return heads.successor(self.discovery.me.peer_id, standbys)
+
+    async def _hand_to_standbys(self, step: int) -> None:
+        """A leader's step is complete: before its COMMIT goes downstream, every reachable standby gets each
+        committed contribution no push gave it yet (one that joined mid-step missed the earlier ones), so a
+        standby never lacks a step the pipeline applied. Every announced standby is tried, even one in
+        backoff (it may be back); one that fails or is slower than `avg_timeout_s` is skipped."""
+        for e in self._head_peers():
+            if not e.addrs:
+                continue
+            for mb, a in sorted(self._committed.items()):
+                vec = self.store.vecs.get(step, {}).get((mb, a))
+                if vec is None or e.peer_id in self._holders.get((step, mb, a), set()):
+                    continue
+                try:
+                    await self._push(e.addrs[0], step, mb, a, vec, None, self.rc.avg_timeout_s)
+                except trio.TooSlowError:
+                    self._peer_failed(e.peer_id)
+                    break
+                except Exception:  # refused or unreachable (many libp2p / OS types)
+                    self._peer_failed(e.peer_id)
+                    self._unreachable[e.peer_id] = self._peer_failures[e.peer_id][1]
+                    break
+                self._holders.setdefault((step, mb, a), set()).add(e.peer_id)
+
+    def _take_over(self, step: int) -> None:
+        """Become the leader in the next term (announced at once); NodeError past the last term, or when the
+        next stage already applied this step (its commit went downstream without this standby holding it)."""
+        lost = heads.leader(self._head_peers())
+        ahead = [e for e in self.discovery.stage_peers(1) if e.next_step > step]
+        if ahead:
+            raise NodeError(f"stage 0 head replica at step {step}: cannot take over from peer "
+                            f"{lost.peer_id if lost else 'unknown'}: stage 1 peer {ahead[0].peer_id} already applied "
+                            f"step {step}, whose committed contributions this standby does not all hold")
+        attempts = [a for vecs in self.store.vecs.values() for _, a in vecs]
+        term = heads.next_term(self._terms_seen, attempts)
+        try:
+            heads.attempt_base(term)
+        except ValueError as exc:
+            raise NodeError(f"stage 0 head replica at step {step}: cannot take over from peer "
+                            f"{lost.peer_id if lost else 'unknown'}: {exc}") from exc
+        self.head_term = term
+        self._terms_seen.add(term)
+        self.discovery.update_me(head_term=term)
+        self.events.append({"event": "takeover", "peer": lost.peer_id if lost else "", "term": term, "step": step,
+                            "adopted": len(heads.held_commits(self.store.vecs.get(step, {}))), "time": time.time()})
 
     def _candidates_usable(self, now: float) -> bool:
         return any(not self.router.is_banned(p, now) for p in self._candidates())
@@ -592,7 +723,7 @@ class ReplicaEngine:
             step = self.current_step
             idle = trio.current_time() - self._last_event >= self.rc.commit_poll_s
             behind = any(r.frame.header.step > step for _, r in self._future)
-            if self.worker.spec.is_first or step in self.store.commits:
+            if self.leads or step in self.store.commits:
                 stuck_since = None
                 catching_up = catching_up and behind  # the engine is applying the pulled step
                 continue
@@ -606,7 +737,10 @@ class ReplicaEngine:
                 ahead = [e.peer_id for e in self.discovery.stage_peers(self.stage) if e.next_step > step]
                 self._ahead_peers = ahead or self._ahead_peers  # the last peers known to hold the newer state
                 peer_steps = [e.next_step for e in self.discovery.stage_peers(self.stage)]
-                if peer_steps and max(peer_steps) > step + 1:
+                # a standby head whose leader stopped answering goes on by itself (it holds what it needs, or
+                # takes over): re-fetching the state would only wait for the dead leader
+                if peer_steps and max(peer_steps) > step + 1 and not (self.worker.spec.is_first
+                                                                      and self._leader_down_since is not None):
                     self.fatal = ResyncNeededError(
                         f"stage {self.stage} replica is at step {step}, a stage peer is at step {max(peer_steps)} and "
                         f"none gave step {step}'s commit: fetching the stage state again")
@@ -663,15 +797,19 @@ class ReplicaEngine:
         if mine_tokens and self._compute_s > 0:
             self.throughput = mine_tokens / self._compute_s
         self.store.prune(step + 1 - self.rc.keep_steps)
+        self._holders = {k: v for k, v in self._holders.items() if k[0] > step}
         return StepOutcome(
             step=step, loss=sum(losses) / len(losses) if losses and w.spec.is_last else None,
             applied=sorted([mb, a] for mb, a, _, _ in items), mine=mine, computed=sorted(computed), dropped=dropped,
             rerouted=self._rerouted, seconds=time.perf_counter() - t0, compute_s=self._compute_s, tokens=tokens)
 
     def plan(self, me: str) -> Move | None:
-        """This node's rebalancing move, if the announcements call for one."""
+        """This node's rebalancing move, if the announcements call for one (head replicas never move: a
+        standby head computes nothing and stays for the takeover)."""
+        if self.worker.spec.is_first:
+            return None
         nodes = [(e.peer_id, e.stage, e.throughput) for e in self.discovery.entries()
-                 if e.spec_hash == self.spec_hash and e.num_stages == self.worker.spec.num_stages and e.stage >= 0]
+                 if e.spec_hash == self.spec_hash and e.num_stages == self.worker.spec.num_stages and e.stage > 0]
         nodes.append((me, self.stage, self.throughput))
         move = plan_move(nodes, self.worker.spec.num_stages, self.rc.rebalance_threshold)
         return move if move is not None and move.peer_id == me else None

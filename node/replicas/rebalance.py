@@ -30,8 +30,8 @@ def plan_move(nodes: list[tuple[str, int, float]], num_stages: int, threshold: f
     """The move to make now, or None.
 
     nodes: (peer id, stage, tokens/s) of every live node, this one included. The bottleneck is the
-    non-head stage with the least summed throughput (stage 0 is the step authority and stays
-    single); the donor is the stage with the most, among stages with at least two replicas. A move
+    non-head stage with the least summed throughput (stage 0 is the step authority; its standby
+    replicas compute nothing, and `ReplicaEngine.plan` leaves head replicas out of `nodes`); the donor is the stage with the most, among stages with at least two replicas. A move
     happens only when every node has reported a throughput, donor > threshold * bottleneck, and the
     slowest stage gets at least MIN_GAIN faster by the move. Deterministic: every node computes
     the same plan from the same announcements.

@@ -1,6 +1,8 @@
 """The replicated runner: several nodes per stage, routing, failover, averaging, joining, rebalancing.
 
-Stage 0 is the step authority and stays single; a joining node fetches its stage's state from the most
+Stage 0 is the step authority: the first node to serve it leads (announces `head_term` 0); a node started
+with `--stage 0` while a head is announced becomes a standby head replica that applies every step and takes
+over when the leader dies (`node.replicas.heads`). A joining node fetches its stage's state from the most
 advanced live peer, serves the stage with a `ReplicaEngine` until the run ends or a rebalancing move is
 due, then re-joins at the new stage.
 """
@@ -28,8 +30,9 @@ from node.wire.channel import ActEndpoint
 
 
 def choose_replica_stage(entries: list[Announcement], spec_hash: str, num_stages: int) -> int:
-    """Replicated mode: stage 0 while nobody serves it (it is the step authority and stays single),
-    otherwise the other stage with the least announced capacity (lowest index on ties)."""
+    """Replicated mode: stage 0 while nobody serves it (it is the step authority; standby head replicas are
+    added only on request, `--stage 0`, as they add no throughput), otherwise the other stage with the least
+    announced capacity (lowest index on ties)."""
     load = [0] * num_stages
     for e in entries:
         if e.spec_hash == spec_hash and e.num_stages == num_stages and 0 <= e.stage < num_stages:
@@ -44,6 +47,8 @@ def step_report(out: StepOutcome, eng: ReplicaEngine) -> StepReport:
     record = {"applied": out.applied, "mine": out.mine, "computed": out.computed, "dropped": out.dropped,
               "rerouted": out.rerouted, "compute_s": out.compute_s, "throughput": eng.throughput,
               "avg_wire_bytes": eng.store.wire_bytes}  # cumulative /pmn/avg bytes served for this stage
+    if eng.stage == 0:
+        record["head_term"] = eng.head_term  # the term it led the step in (-1: a standby head replica)
     return StepReport(out.step, eng.stage, out.loss, out.tokens, out.seconds, max(0.0, out.seconds - out.compute_s),
                       record=record, status={"bans": eng.events[-20:], "stage": eng.stage})
 
@@ -65,6 +70,9 @@ class ReplicatedRunner:
         spec_hex = discovery.me.spec_hash
         self._stage = choose_replica_stage(discovery.entries(), spec_hex, cfg.num_stages) if cfg.stage == "auto" \
             else int(cfg.stage)
+        if self._stage == 0 and not any(e.stage == 0 or e.head_term >= 0 for e in discovery.entries()
+                                        if e.spec_hash == spec_hex and e.num_stages == cfg.num_stages):
+            discovery.update_me(head_term=0)  # the first head leads; announced before the ready line
         rc = cfg.replicas
         # state and contributions only for peers allowed by the chain (on-chain mode) or, off chain, known to
         # discovery (verified announcements) as serving the stage; one score table for both protocols
@@ -137,6 +145,7 @@ class ReplicatedRunner:
                 ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
                 cfg=cfg.transport, receipts=ctx.receipts, step_fn=lambda w=worker: w.next_step)  # type: ignore[misc]
             eng = ReplicaEngine(cfg, worker, endpoint, discovery, ctx.host, store)
+            eng.head_term = discovery.me.head_term if stage == 0 else -1  # kept across re-syncs (and takeovers)
             endpoint.decoder = eng.decode
             self._stores[stage] = store
             self.engine = eng
