@@ -31,7 +31,7 @@ pytestmark = [pytest.mark.network, pytest.mark.timeout(600)]
 SMALL = DemoConfig(stages=2, steps=4, epoch_length=2, microbatches=2, microbatch_size=2, inference_requests=1,
                    max_new_tokens=4, validators=2, quorum=2, discovery_timeout_s=240.0)
 SHARED = ("w3", "rpc_url", "admin", "researcher", "client_account", "validators", "funder", "deployment_path",
-          "client", "domain")
+          "client", "domain", "outbox")  # one chain: one deployment, one outbox of chain writes
 
 
 def _train_both(demos: list[Demo]) -> None:
