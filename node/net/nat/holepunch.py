@@ -7,6 +7,12 @@ auto-drive loop (every 2 s, at most 3 attempts, hard-coded) is replaced here: `N
 `HolePuncher.upgrade` is called right after a relayed dial (`NatHost.upgrader`), bounded by
 `holepunch_timeout_s`, then retried in the background `holepunch_retries` times with a doubling
 `holepunch_backoff_s`. Each peer's outcome and the reason of the last failure go to the status.
+
+Known bug: the timeout cancels `initiate_hole_punch`, and a cancel that lands inside a write on the relayed
+stream leaves trio's socket stream to the relay in an unknown state (its `send_all` was cut), which can break
+every circuit over it. A very short `holepunch_timeout_s` (the removed 50 ms fault test) made that likely. The
+fix needs a hook py-libp2p 0.8.1 lacks: the DCUtR stream (to reset it instead of cancelling I/O) or a
+per-attempt deadline inside `DCUtRProtocol`.
 """
 
 from __future__ import annotations
