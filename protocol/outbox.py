@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,7 +31,8 @@ from contracts.client import ProtocolContracts
 from contracts.config import ChainConfig
 from contracts.deploy import Deployment
 from contracts.errors import ChainUnavailableError, ContractRevertError, ContractsError, ReceiptTimeoutError
-from protocol.errors import OutboxError, OutboxRefusedError, OutboxTimeoutError, StoreError
+from protocol.errors import OutboxError, OutboxRefusedError, OutboxTimeoutError
+from protocol.store import open_durable_db
 
 log = logging.getLogger("protocol.outbox")
 
@@ -147,14 +147,7 @@ class ChainOutbox:
         # keys name the chain and the ledger, so one file never mixes up two deployments' writes
         self.scope = f"{client.chain_id}:{client.ledger.address}"
         path = Path(config.data_dir).expanduser()
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path / config.filename, timeout=config.busy_timeout_s, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open the chain outbox in {path}: {exc}") from exc
+        self._db = open_durable_db(path, config.filename, config.busy_timeout_s, _SCHEMA, "the chain outbox")
         self.path = path / config.filename
 
     @classmethod

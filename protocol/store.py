@@ -49,6 +49,24 @@ class StoreConfig:
     busy_timeout_s: float = 5.0  # how long sqlite waits for a concurrent writer's lock
 
 
+def open_durable_db(path: Path, filename: str, busy_timeout_s: float, schema: str, what: str) -> sqlite3.Connection:
+    """`path/filename` opened for durable writes (WAL, synchronous=FULL, autocommit) with `schema` (one statement) applied;
+    StoreError naming `what` and the directory when it cannot be."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        db = sqlite3.connect(path / filename, timeout=busy_timeout_s, isolation_level=None)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreError(f"cannot open {what} in {path}: {exc}") from exc
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute(schema)
+    except sqlite3.Error as exc:
+        db.close()
+        raise StoreError(f"cannot open {what} in {path}: {exc}") from exc
+    return db
+
+
 class ReceiptStore:
     """Verified, replay-free receipts of one node, keyed by (modelId, epoch, step, microbatch, stage, direction)."""
 
@@ -57,16 +75,9 @@ class ReceiptStore:
             raise ValueError("StoreConfig.busy_timeout_s must be > 0 (seconds to wait for a lock)")
         self.domain = domain
         self.registry = registry
-        path = Path(config.data_dir)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(path / config.filename, timeout=config.busy_timeout_s, isolation_level=None)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute(_SCHEMA)
-        except (OSError, sqlite3.Error) as exc:
-            raise StoreError(f"cannot open the receipt store in {path}: {exc}") from exc
-        self.path = path / config.filename
+        self._db = open_durable_db(Path(config.data_dir), config.filename, config.busy_timeout_s, _SCHEMA,
+                                   "the receipt store")
+        self.path = Path(config.data_dir) / config.filename
 
     def close(self) -> None:
         """Close the database."""
