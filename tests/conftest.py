@@ -18,6 +18,9 @@ from pathlib import Path
 
 import pytest
 
+# fixtures of an anvil a test may stop and restart (`anvil`, `chain`: tests/contracts/restart_fixtures.py)
+pytest_plugins = ["tests.contracts.restart_fixtures"]
+
 CHILD_WARNINGS = "always::ResourceWarning"  # what child processes print instead of dropping
 GLOBAL_SEED = 0  # the global RNGs (random, numpy, torch) are seeded with this before every test
 

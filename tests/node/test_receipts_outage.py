@@ -8,14 +8,12 @@ Time is a fake clock: TTLs expire without waiting.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from contracts.chain import disconnect
 from node.errors import ReceiptRejectedError
 from node.services.chain_link import StoredReceipts
 from node.wire import frames
@@ -23,8 +21,8 @@ from protocol.errors import ChainLookupError
 from protocol.payments import ChainCheckConfig, ChainKeyRegistry
 from protocol.receipts import Domain
 from protocol.store import ReceiptStore, StoreConfig
-from tests.contracts.anvil_support import RestartableAnvil, restartable_anvil
-from tests.contracts.conftest import Env, make_env
+from tests.contracts.anvil_support import RestartableAnvil
+from tests.contracts.conftest import Env
 from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(120)]
@@ -35,21 +33,6 @@ class Clock:
 
     def __call__(self) -> float:
         return self.now
-
-
-@pytest.fixture
-def anvil(tmp_path: Path) -> Iterator[RestartableAnvil]:
-    with restartable_anvil(tmp_path / "anvil") as a:
-        yield a
-
-
-@pytest.fixture
-def chain(anvil: RestartableAnvil) -> Iterator[Env]:
-    env = make_env(anvil.url)
-    try:
-        yield env
-    finally:
-        disconnect(env.pc.w3)
 
 
 def _header(step: int) -> frames.FrameHeader:

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import os
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from eth_account.signers.local import LocalAccount
 
-from contracts.chain import disconnect
 from contracts.merkle import ContributionTree
 from protocol.errors import OutboxError, OutboxRefusedError, OutboxTimeoutError
 from protocol.outbox import DONE, QUEUED, REFUSED, ChainOutbox, OutboxConfig
-from tests.contracts.anvil_support import FlakyProxy, RestartableAnvil, restartable_anvil
+from tests.contracts.anvil_support import FlakyProxy, RestartableAnvil
 from tests.contracts.conftest import WINDOW, Env, make_env
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(240)]
@@ -35,21 +33,6 @@ def _config(tmp_path: Path, **over: Any) -> OutboxConfig:
                             "call_timeout_s": 2.0, "connect_attempts": 1, "receipt_timeout_s": 10.0,
                             "drain_timeout_s": 60.0}
     return OutboxConfig(**{**base, **over})
-
-
-@pytest.fixture
-def anvil(tmp_path: Path) -> Iterator[RestartableAnvil]:
-    with restartable_anvil(tmp_path) as a:
-        yield a
-
-
-@pytest.fixture
-def chain(anvil: RestartableAnvil) -> Iterator[Env]:
-    env = make_env(anvil.url)
-    try:
-        yield env
-    finally:
-        disconnect(env.pc.w3)
 
 
 def _events(env: Env, contract: Any, name: str) -> list[Any]:
