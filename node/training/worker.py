@@ -111,20 +111,18 @@ class StageWorker:
         """ACTIVATION and EVAL -> (window, h); GRADIENT -> g. Codec errors (NaN/Inf, sizes) propagate.
         EVAL frames are not shown to the observers (the audit recorder): they are no training hop."""
         h = fr.header
-        if h.kind == frames.Kind.EVAL:
-            if h.microbatch >= self.eval_batches:
-                raise UnexpectedFrameError(f"eval microbatch {h.microbatch} out of range: evaluations have "
-                                           f"{self.eval_batches}")
-            window = bytes_to_window(fr.window, self.microbatch_size, self.config.seq_len, self.id_bytes,
-                                     self.config.vocab_size)
-            return window, self.codec.decode_activation(fr.payload, window[:, :-1], self.device)
-        if h.microbatch >= self.num_microbatches:
-            raise UnexpectedFrameError(f"microbatch {h.microbatch} out of range: steps have {self.num_microbatches}")
+        evaluating = h.kind == frames.Kind.EVAL
+        limit, what = (self.eval_batches, "evaluations") if evaluating else (self.num_microbatches, "steps")
+        if h.microbatch >= limit:
+            raise UnexpectedFrameError(f"{'eval ' if evaluating else ''}microbatch {h.microbatch} out of range: "
+                                       f"{what} have {limit}")
         decoded: tuple[torch.Tensor, torch.Tensor] | torch.Tensor
-        if h.kind == frames.Kind.ACTIVATION:
+        if h.kind in (frames.Kind.ACTIVATION, frames.Kind.EVAL):
             window = bytes_to_window(fr.window, self.microbatch_size, self.config.seq_len, self.id_bytes,
                                      self.config.vocab_size)
             decoded = window, self.codec.decode_activation(fr.payload, window[:, :-1], self.device)
+            if evaluating:
+                return decoded
         else:
             stash = self._stash.get((h.step, h.microbatch))
             if stash is None:
