@@ -273,7 +273,11 @@ class NatConfig:
     keepalive_timeout_s: float = 10.0  # time allowed for one ping round trip
     keepalive_failures: int = 3  # pings in a row a peer may miss before its connections are closed (then redialed)
     holepunch: bool = True  # upgrade relayed connections to direct ones with DCUtR
-    holepunch_timeout_s: float = 5.0  # time allowed for one DCUtR attempt (the first runs inside a dial: keep it below transport.dial_timeout_s)
+    holepunch_timeout_s: float = 5.0  # how long a dial waits for one DCUtR attempt before going on relayed (the
+    # attempt itself is never cancelled: it ends within its own io/dial timeouts below and upgrades late if it
+    # succeeds); the first runs inside a dial: keep it below transport.dial_timeout_s
+    holepunch_io_timeout_s: int = 5  # one read or write of the DCUtR exchange on the relayed stream (whole seconds)
+    holepunch_dial_timeout_s: int = 5  # the simultaneous direct dials of one attempt (whole seconds)
     holepunch_retries: int = 3  # attempts per relayed peer before it stays relayed
     holepunch_backoff_s: float = 2.0  # wait before the next attempt, doubled per failed attempt
 
@@ -288,7 +292,8 @@ class NatConfig:
             if getattr(self, name) <= 0:
                 raise ValueError(f"nat.{name} must be > 0, got {getattr(self, name)}")
         for name in ("autonat_confirmations", "autonat_peers", "relay_max_circuits", "relay_reservation_ttl_s",
-                     "relay_circuit_bytes", "max_relays", "keepalive_failures"):
+                     "relay_circuit_bytes", "max_relays", "keepalive_failures", "holepunch_io_timeout_s",
+                     "holepunch_dial_timeout_s"):
             if getattr(self, name) < 1:
                 raise ValueError(f"nat.{name} must be >= 1, got {getattr(self, name)}")
         if self.relay_max_reservations < 0 or self.relay_circuit_duration_s < 0 or self.holepunch_retries < 0:

@@ -104,8 +104,8 @@ class NatService:
             host.circuit = CircuitV2Transport(host, proto, RelayConfig(roles=RelayRole.STOP, limits=relay_limits(cfg)))
             host.direct_timeout_s = cfg.direct_dial_timeout_s
         if cfg.holepunch:
-            half = max(1, int(cfg.holepunch_timeout_s / 2))
-            dcutr = NodeDCUtR(host, read_timeout=half, write_timeout=half, dial_timeout=half)
+            dcutr = NodeDCUtR(host, read_timeout=cfg.holepunch_io_timeout_s, write_timeout=cfg.holepunch_io_timeout_s,
+                              dial_timeout=cfg.holepunch_dial_timeout_s)
             await ctx.nursery.start(_run_service, dcutr)
             self.puncher = HolePuncher(host, cfg, dcutr)
             self.puncher.nursery = ctx.nursery

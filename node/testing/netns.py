@@ -55,13 +55,16 @@ def sh(*args: str, ns: str | None = None, check: bool = True) -> subprocess.Comp
     return res
 
 
-def router_rules(wan: str, lan: str) -> str:
-    """The nftables ruleset of a home router: masquerade out of `wan`, no inbound connections."""
+def router_rules(wan: str, lan: str, symmetric: bool = False) -> str:
+    """The nftables ruleset of a home router: masquerade out of `wan`, no inbound connections. `symmetric`
+    randomises the source port of every outbound connection (a symmetric NAT, as carrier-grade NATs are):
+    a peer cannot predict the mapping, so TCP hole punching cannot work through it."""
+    masquerade = "masquerade random" if symmetric else "masquerade"
     return f"""
 table ip pmnnat {{
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
-    oifname "{wan}" masquerade
+    oifname "{wan}" {masquerade}
   }}
   chain input {{
     type filter hook input priority filter; policy accept;
@@ -143,7 +146,7 @@ class Topology:
         return res.stdout.strip() == "ok"
 
 
-def _build(topo: Topology, homes: int) -> None:
+def _build(topo: Topology, homes: int, symmetric: bool) -> None:
     pub = topo.public_ns
     sh("ip", "netns", "add", pub)
     sh("ip", "-n", pub, "link", "set", "lo", "up")
@@ -170,7 +173,7 @@ def _build(topo: Topology, homes: int) -> None:
         sh("ip", "-n", r, "link", "set", "lan", "up")
         sh("ip", "-n", r, "route", "add", "unreachable", "10.0.0.0/8")  # other homes: fail fast, no route
         sh("sysctl", "-q", "-w", "net.ipv4.ip_forward=1", ns=r)
-        res = subprocess.run(["ip", "netns", "exec", r, "nft", "-f", "-"], input=router_rules("wan", "lan"),
+        res = subprocess.run(["ip", "netns", "exec", r, "nft", "-f", "-"], input=router_rules("wan", "lan", symmetric),
                              capture_output=True, text=True, timeout=CMD_TIMEOUT_S)
         if res.returncode != 0:
             raise NetnsError(f"nft in {r} failed: {res.stderr.strip()}")
@@ -211,15 +214,16 @@ def teardown(topo: Topology) -> None:
 
 
 @contextlib.contextmanager
-def nat_topology(homes: int = 1) -> Iterator[Topology]:
-    """A public segment and `homes` homes behind their own NAT routers; torn down on exit, whatever happened."""
+def nat_topology(homes: int = 1, symmetric: bool = False) -> Iterator[Topology]:
+    """A public segment and `homes` homes behind their own NAT routers (symmetric NATs when `symmetric`, see
+    `router_rules`); torn down on exit, whatever happened."""
     reason = available()
     if reason is not None:
         raise NetnsError(reason)
     tag = f"pmn{uuid.uuid4().hex[:8]}"
     topo = Topology(tag=tag, public_ns=f"{tag}-pub")
     try:
-        _build(topo, homes)
+        _build(topo, homes, symmetric)
         yield topo
     finally:
         teardown(topo)

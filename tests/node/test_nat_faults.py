@@ -1,7 +1,6 @@
-"""Faults behind NAT: a relay refusing reservations. (The hole-punch-timeout test was removed: its 50 ms budget
-cancels py-libp2p's DCUtR exchange mid-write and can corrupt the node's connection to the relay; see
-node/net/nat/holepunch.py.) The node falls back (another relay, the relayed path, a new reservation), names the reason in its
-status, and trains to the same per-step losses (no microbatch lost)."""
+"""Faults behind NAT: a relay refusing reservations, a hole punch that times out (symmetric NATs). The node falls
+back (another relay, the relayed path), names the reason in its status, and trains to the same per-step losses
+(no microbatch lost)."""
 
 from __future__ import annotations
 
@@ -40,3 +39,28 @@ def test_refused_reservation_moves_to_another_relay(tmp_path: Path) -> None:
     assert "RESOURCE_LIMIT_EXCEEDED" in nat["relay_refused"][relay_refusing]
     assert nat["relays"] == [other]
     assert any(f"/p2p/{other}/p2p-circuit/" in a for a in res.ready[1]["addrs"])
+
+
+@pytest.mark.timeout(300)
+def test_hole_punch_timeout_falls_back_to_the_relay(tmp_path: Path) -> None:
+    """Both homes sit behind symmetric NATs (random source ports), so DCUtR's simultaneous dials go to ports no
+    mapping exists for and time out. The dial waits `holepunch_timeout_s` (1 s, below the 2 s the punch's own
+    dials get), goes on relayed and retries with backoff; the status says the punch timed out, activations go
+    through the relay, and training is unchanged."""
+    steps = 3
+    with nat_topology(homes=2, symmetric=True) as topo:
+        res = run_nat_swarm(topo, tmp_path, ["home2", "home1", "public"],
+                            ["--steps", str(steps), *ARGS, "--nat-holepunch-timeout-s", "1",
+                             "--nat-holepunch-dial-timeout-s", "2", "--nat-holepunch-backoff-s", "0.5"],
+                            timeout_s=250)
+    assert res.losses == pytest.approx(_reference(steps), abs=1e-4)
+    nat0, nat1 = res.statuses[0]["nat"], res.statuses[1]["nat"]
+    peer0, peer1 = res.ready[0]["peer_id"], res.ready[1]["peer_id"]
+    # whichever of the two dialed the other through the relay attempted the punches
+    tried = [nat0["holepunch"].get(peer1), nat1["holepunch"].get(peer0)]
+    assert any(t and t.startswith("punch timed out") for t in tried), tried
+    assert "direct (hole punched)" not in tried
+    # stream paths are sampled every relay_check_interval_s: read both ends' samples of the 0 <-> 1 link
+    views = [nat0["stream_paths"].get(peer1, {}), nat1["stream_paths"].get(peer0, {})]
+    assert any(ACT in v.get("relayed", []) for v in views), views
+    assert not any(ACT in v.get("direct (hole punched)", []) or ACT in v.get("direct", []) for v in views), views

@@ -13,7 +13,8 @@ from pmn.cmd_node import nat_rows
 def test_config_defaults_validate_and_bad_fields_are_named() -> None:
     NodeConfig().validate()
     for field, value in (("reachability", "maybe"), ("holepunch_timeout_s", 0), ("max_relays", 0),
-                         ("reservation_renew_fraction", 1.0), ("relay_circuit_bytes", 0)):
+                         ("reservation_renew_fraction", 1.0), ("relay_circuit_bytes", 0),
+                         ("holepunch_io_timeout_s", 0), ("holepunch_dial_timeout_s", 0)):
         cfg = NatConfig(**{field: value})
         with pytest.raises(ValueError, match=field):
             cfg.validate()

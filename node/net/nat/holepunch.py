@@ -4,15 +4,17 @@ py-libp2p 0.8.1's `DCUtRProtocol` does the exchange (CONNECT with observed addre
 <router's address>:<our listen port>, SYNC, simultaneous TCP dials bound to the listen port, one
 connection kept per simultaneous open) and closes the relayed leg after a grace period. Its own
 auto-drive loop (every 2 s, at most 3 attempts, hard-coded) is replaced here: `NodeDCUtR` has none, and
-`HolePuncher.upgrade` is called right after a relayed dial (`NatHost.upgrader`), bounded by
-`holepunch_timeout_s`, then retried in the background `holepunch_retries` times with a doubling
-`holepunch_backoff_s`. Each peer's outcome and the reason of the last failure go to the status.
+`HolePuncher.upgrade` is called right after a relayed dial (`NatHost.upgrader`), then retried in the
+background `holepunch_retries` times with a doubling `holepunch_backoff_s`. Each peer's outcome and the reason
+of the last failure go to the status.
 
-Known bug: the timeout cancels `initiate_hole_punch`, and a cancel that lands inside a write on the relayed
-stream leaves trio's socket stream to the relay in an unknown state (its `send_all` was cut), which can break
-every circuit over it. A very short `holepunch_timeout_s` (the removed 50 ms fault test) made that likely. The
-fix needs a hook py-libp2p 0.8.1 lacks: the DCUtR stream (to reset it instead of cancelling I/O) or a
-per-attempt deadline inside `DCUtRProtocol`.
+An attempt is never cancelled from outside. Cancelling `initiate_hole_punch` could land inside a write on the
+relayed stream (trio's `send_all` cut mid-frame leaves the Noise/yamux connection to the relay corrupt, which
+breaks every circuit over it). Instead each attempt runs as its own task in the NAT service's nursery, bounded
+by the library's own per-operation timeouts (`holepunch_io_timeout_s`, `holepunch_dial_timeout_s`); the dial
+that asked for it waits at most `holepunch_timeout_s` and goes on relayed ("punch timed out"), and an attempt
+that succeeds later still upgrades the link. (Upstream hook that would allow a hard deadline: a way to reach the
+DCUtR stream, or a per-attempt deadline in `DCUtRProtocol` that resets the stream instead of cancelling I/O.)
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.dcutr import DCUtRProtocol
 
 from node.config import NatConfig
+from node.net.nat.errors import HolePunchError
 from node.net.nat.paths import DIRECT, PUNCHED, RELAYED, peer_path
 
 
@@ -45,26 +48,42 @@ class HolePuncher:
         self.attempts: dict[str, int] = {}  # peer id -> attempts made
         self.nursery: trio.Nursery | None = None  # where background retries run (set by the NAT service)
         self._retrying: set[str] = set()
+        self._inflight: dict[str, trio.Event] = {}  # peer id -> set when its running attempt ends
 
     async def attempt(self, peer: ID) -> bool:
-        """One DCUtR attempt bounded by `holepunch_timeout_s`; True when a direct connection exists after it."""
+        """One DCUtR attempt, waited for at most `holepunch_timeout_s`; True when a direct connection exists.
+
+        The attempt runs in its own task (see the module doc) and is never cancelled; while one is in flight for
+        `peer`, a new call waits on it instead of starting another."""
         key = peer.pretty()
-        self.attempts[key] = self.attempts.get(key, 0) + 1
-        ok = False
-        with trio.move_on_after(self.cfg.holepunch_timeout_s) as scope:
-            try:
-                ok = await self.dcutr.initiate_hole_punch(peer)
-            except Exception as exc:  # the relayed connection went away mid-exchange
-                self.results[key] = f"punch failed: {exc}"
-                return False
-        if scope.cancelled_caught:
-            self.results[key] = f"punch timed out after holepunch_timeout_s={self.cfg.holepunch_timeout_s}"
+        done = self._inflight.get(key)
+        if done is None:
+            if self.nursery is None:
+                raise HolePunchError("HolePuncher.nursery is not set: the NAT service sets it before any dial")
+            self.attempts[key] = self.attempts.get(key, 0) + 1
+            done = self._inflight[key] = trio.Event()
+            self.nursery.start_soon(self._run_attempt, peer, done)
+        with trio.move_on_after(self.cfg.holepunch_timeout_s):
+            await done.wait()
+        if not done.is_set():
+            self.results[key] = (f"punch timed out after holepunch_timeout_s={self.cfg.holepunch_timeout_s} "
+                                 f"(still relayed)")
             return False
-        if ok and peer_path(self.host, peer) == DIRECT:
-            self.results[key] = PUNCHED
-            return True
-        self.results[key] = "punch failed: no direct connection (NAT mapping not reachable)"
-        return False
+        return self.results.get(key) == PUNCHED
+
+    async def _run_attempt(self, peer: ID, done: trio.Event) -> None:
+        key = peer.pretty()
+        try:
+            ok = await self.dcutr.initiate_hole_punch(peer)
+            if ok and peer_path(self.host, peer) == DIRECT:
+                self.results[key] = PUNCHED
+            elif not self.results.get(key, "").startswith("punch timed out"):  # a late failure keeps the timeout
+                self.results[key] = "punch failed: no direct connection (NAT mapping not reachable)"
+        except Exception as exc:  # the relayed connection went away mid-exchange
+            self.results[key] = f"punch failed: {exc}"
+        finally:
+            self._inflight.pop(key, None)
+            done.set()
 
     async def upgrade(self, peer: ID) -> None:
         """After a relayed dial: one attempt now; on failure, retries in the background with backoff."""
