@@ -22,8 +22,8 @@ from eth_utils import keccak
 
 from protocol.errors import FieldError
 from sharding.config import ModelConfig
+from sharding.optimconfig import OptimConfig
 from sharding.schedule import SCHEDULES
-from sharding.train import OptimConfig
 
 
 class SpecMismatchError(FieldError):

@@ -23,7 +23,6 @@ from functools import lru_cache
 
 from .config import ModelConfig
 from .errors import StageMemoryError
-from .model import GPT
 from .stagespec import StageSpec
 
 FP32 = 4  # bytes of one fp32 value
@@ -82,7 +81,10 @@ class StageMemory:
 @lru_cache(maxsize=256)
 def _meta_counts(config: ModelConfig, spec: StageSpec) -> tuple[int, int, int]:
     """(parameters, parameters outside the token embedding, buffer bytes) of the stage built on `meta`
-    (exact for every architecture option; nothing is allocated)."""
+    (exact for every architecture option; nothing is allocated). The model code (torch) loads here, not at
+    import: partitioning a spec's layers needs no torch until a stage's memory is estimated."""
+    from .model import GPT
+
     module = GPT(config, spec.blocks, spec.has_embedding, spec.has_lm_head, "meta")
     params = sum(p.numel() for p in module.parameters())
     embed = module.embed.weight.numel() if module.embed is not None and not config.tie_embeddings else 0

@@ -246,7 +246,8 @@ def test_forged_flood_is_bounded_and_capacity_capped() -> None:
     async def main() -> None:
         d = Discovery(Stub(), Announcement(me.peer_id.pretty(), (), "aa", 3, 0, 1), DiscoveryConfig(), [],
                       identity=me, limits=limits)
-        forged = [{**entry(60), "peer_id": f"fake{i}"} for i in range(50_000)]  # 50,000 forged entries
+        signed = entry(60)  # one real signature, 50,000 forged copies claiming other peer ids
+        forged = [{**signed, "peer_id": f"fake{i}"} for i in range(50_000)]
         d._merge(forged, sender="attacker")
         assert d.entries() == [] and d.unbound == limits.max_entries_per_message  # only one message's worth read
         assert d._merge([entry(61, capacity=10**9)], sender="attacker") == 1  # capacity 10^9: dropped

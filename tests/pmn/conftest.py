@@ -5,11 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+CLI_WORKERS = 3  # `pmn` processes run at once by run_pmn_many (start-up is mostly imports: CPU, then chain waits)
 
 
 def run_pmn(*args: str, env: dict[str, str] | None = None, timeout: float = 240) -> subprocess.CompletedProcess[str]:
@@ -32,6 +35,22 @@ def assert_clean_error(proc: subprocess.CompletedProcess[str], *needles: str) ->
     assert lines[0].startswith("error: "), lines
     for needle in needles:
         assert needle in lines[0], lines[0]
+
+
+def run_pmn_many(calls: Sequence[Sequence[str]]) -> list[subprocess.CompletedProcess[str]]:
+    """Run independent `pmn` invocations side by side (CLI_WORKERS at a time); results in the order given."""
+    with ThreadPoolExecutor(max_workers=CLI_WORKERS) as pool:
+        return list(pool.map(lambda args: run_pmn(*args), calls))
+
+
+def assert_clean_errors(cases: Sequence[tuple[Sequence[str], Sequence[str]]]) -> None:
+    """Each (args, needles): `pmn ARGS` fails with one clean line naming every needle. The invocations must not
+    depend on each other: they run side by side (run_pmn_many)."""
+    for (args, needles), proc in zip(cases, run_pmn_many([a for a, _ in cases]), strict=True):
+        try:
+            assert_clean_error(proc, *needles)
+        except AssertionError as exc:
+            raise AssertionError(f"`pmn {' '.join(args)}`: {exc}") from exc
 
 
 @pytest.fixture

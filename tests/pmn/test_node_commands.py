@@ -9,45 +9,46 @@ from pathlib import Path
 
 import pytest
 
-from tests.pmn.conftest import assert_clean_error, run_pmn
+from tests.pmn.conftest import assert_clean_errors
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(240)]
 
 
 def test_operator_errors(tmp_path: Path) -> None:
-    assert_clean_error(run_pmn("node", "status", "--data-dir", str(tmp_path / "none")), "no node data")
-    assert_clean_error(run_pmn("infer", "--model", "1", "hello"), "--bootstrap")
-    assert_clean_error(run_pmn("node", "start", "--data-dir", str(tmp_path / "n"), "--stage", "7"), "stage 7")
-    assert_clean_error(run_pmn("node", "start", "--data-dir", str(tmp_path / "n"), "--model", "no-such-model"),
-                       "no-such-model")
-    bad_spec = tmp_path / "spec.toml"
-    bad_spec.write_text("[training]\nstages = 0\n")
-    assert_clean_error(run_pmn("node", "start", "--data-dir", str(tmp_path / "n"), "--model", str(bad_spec)), "stages")
-    bad_spec.write_text('[training]\nschedule = "linear"\n')
-    assert_clean_error(run_pmn("node", "start", "--data-dir", str(tmp_path / "n"), "--model", str(bad_spec)),
-                       "schedule")
-    onchain = tmp_path / "op.toml"
+    n = str(tmp_path / "n")
+    bad_stages, bad_schedule, onchain = tmp_path / "stages.toml", tmp_path / "schedule.toml", tmp_path / "op.toml"
+    bad_stages.write_text("[training]\nstages = 0\n")
+    bad_schedule.write_text('[training]\nschedule = "linear"\n')
     onchain.write_text('rpc_url = "http://127.0.0.1:9"\n')
-    assert_clean_error(run_pmn("node", "start", "--config", str(onchain), "--data-dir", str(tmp_path / "n")),
-                       "model_id")
-    assert_clean_error(run_pmn("node", "start", "--config", str(tmp_path / "missing.toml")), "does not exist")
-    assert_clean_error(run_pmn("swarm", "--stages", "0"), "--stages")
+    assert_clean_errors([
+        (("node", "status", "--data-dir", str(tmp_path / "none")), ("no node data",)),
+        (("infer", "--model", "1", "hello"), ("--bootstrap",)),
+        (("node", "start", "--data-dir", n, "--stage", "7"), ("stage 7",)),
+        (("node", "start", "--data-dir", n, "--model", "no-such-model"), ("no-such-model",)),
+        (("node", "start", "--data-dir", n, "--model", str(bad_stages)), ("stages",)),
+        (("node", "start", "--data-dir", n, "--model", str(bad_schedule)), ("schedule",)),
+        (("node", "start", "--config", str(onchain), "--data-dir", n), ("model_id",)),
+        (("node", "start", "--config", str(tmp_path / "missing.toml")), ("does not exist",)),
+        (("swarm", "--stages", "0"), ("--stages",)),
+    ])
     assert not (tmp_path / "n" / "receipts.sqlite").exists()
 
 
 def test_tooling_and_usage_errors(tmp_path: Path) -> None:
     out = str(tmp_path / "deployment.json")
-    assert_clean_error(run_pmn("contracts", "deploy", "--out", out, "--quorum", "2"), "--quorum")
-    assert_clean_error(run_pmn("contracts", "deploy", "--out", out, "--validator", "0x12"), "--validator")
-    assert_clean_error(run_pmn("contracts", "deploy", "--out", out), "--rpc-url")
-    assert_clean_error(run_pmn("contracts", "build", "--frob"), "unrecognized arguments: --frob")
-    assert_clean_error(run_pmn("simulate", "wan", "--preset", "nope"), "nope")
-    assert_clean_error(run_pmn("simulate", "incentives", "--frob"), "--frob")
-    assert_clean_error(run_pmn("ledger", "verify", "--model", "1", "--epoch", "0"), "--receipts")
-    assert_clean_error(run_pmn("shares", "--model", "x"), "invalid int value", "pmn shares --help")
-    assert_clean_error(run_pmn("node", "frob"), "invalid choice")
-    assert_clean_error(run_pmn("demo", "--config", str(tmp_path / "missing.toml")), "does not exist")
-    assert_clean_error(run_pmn(), "COMMAND")
+    assert_clean_errors([
+        (("contracts", "deploy", "--out", out, "--quorum", "2"), ("--quorum",)),
+        (("contracts", "deploy", "--out", out, "--validator", "0x12"), ("--validator",)),
+        (("contracts", "deploy", "--out", out), ("--rpc-url",)),
+        (("contracts", "build", "--frob"), ("unrecognized arguments: --frob",)),
+        (("simulate", "wan", "--preset", "nope"), ("nope",)),
+        (("simulate", "incentives", "--frob"), ("--frob",)),
+        (("ledger", "verify", "--model", "1", "--epoch", "0"), ("--receipts",)),
+        (("shares", "--model", "x"), ("invalid int value", "pmn shares --help")),
+        (("node", "frob"), ("invalid choice",)),
+        (("demo", "--config", str(tmp_path / "missing.toml")), ("does not exist",)),
+        ((), ("COMMAND",)),
+    ])
     assert not Path(out).exists()
 
 
