@@ -48,6 +48,8 @@ ANNOUNCE_TYPES = {"Announcement": [  # EIP-712 type: every field of an announcem
     {"name": "stage", "type": "int256"}, {"name": "capacity", "type": "uint256"},
     {"name": "nodeAddress", "type": "address"}, {"name": "nextStep", "type": "int256"},
     {"name": "throughputMilli", "type": "uint256"}, {"name": "headTerm", "type": "int256"},
+    {"name": "ckptSteps", "type": "uint256[]"}, {"name": "rollbackGen", "type": "uint256"},
+    {"name": "rollbackStep", "type": "int256"},
     {"name": "seq", "type": "uint256"},
     {"name": "binding", "type": "bytes"}]}
 
@@ -64,6 +66,7 @@ class AnnounceLimits:
     max_entries_per_sender: int = 32  # table entries one sender may have introduced (its own entry not counted)
     max_capacity: int = 1024  # largest capacity an entry may declare (a larger one is dropped)
     max_addrs: int = 8  # multiaddrs one entry may list
+    max_ckpt_steps: int = 256  # checkpoint steps one entry may list (replicated mode: `Announcement.ckpt_steps`)
     max_string_bytes: int = 256  # longest peer id, multiaddr, spec hash or signature string in an entry
     learn_interval_s: float = 5.0  # an unknown connected peer is asked for its announcement at most this often
     guard: PeerGuardConfig = field(default_factory=PeerGuardConfig)  # bans, scores and stream caps
@@ -89,6 +92,11 @@ class Announcement:
     throughput: float = 0.0  # replicated mode: tokens/s its compute sustained over its last step (0 = unknown)
     head_term: int = -1  # replicated mode, stage 0: the term in which it holds the head's step authority (-1 = none:
     # a standby head replica or another stage; `node.replicas.heads`)
+    ckpt_steps: tuple[int, ...] = ()  # replicated mode: the next steps of the checkpoints it holds of its stage (the
+    # steps a rollback may rewind it to; the newest `AnnounceLimits.max_ckpt_steps` only)
+    rollback_gen: int = 0  # replicated mode: the rollback generation it trains in (`node.replicas.rollback`);
+    # replicas of different generations never exchange frames, contributions or state
+    rollback_step: int = -1  # replicated mode: the step its generation rewound to (-1 = generation 0, no rollback)
     seq: int = 0  # sender's version: milliseconds since the epoch at start, +1 per change (newest wins,
     # so a restarted node's fresh addresses replace its old entry)
     binding: str = ""  # hex node-key signature binding peer_id to address (`node.net.identity.bind`); "" without one
@@ -103,8 +111,8 @@ class Announcement:
     def message(self) -> SignableMessage:
         """The EIP-712 message the node key signs: every field but the signature."""
         return _announce_message(self.peer_id, self.addrs, self.spec_hash, self.num_stages, self.stage, self.capacity,
-                                 self.address, self.next_step, _milli(self.throughput), self.head_term, self.seq,
-                                 self.binding)
+                                 self.address, self.next_step, _milli(self.throughput), self.head_term,
+                                 self.ckpt_steps, self.rollback_gen, self.rollback_step, self.seq, self.binding)
 
     def sign(self, identity: NodeIdentity) -> Announcement:
         """This announcement with `identity`'s address, binding and signature over all its fields."""
@@ -130,6 +138,7 @@ class Announcement:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["addrs"] = list(self.addrs)
+        d["ckpt_steps"] = list(self.ckpt_steps)
         return d
 
     @classmethod
@@ -152,6 +161,10 @@ class Announcement:
                 return default
             return msgio.int_field(d, name, lo, hi, ValueError)
 
+        ckpt = d.get("ckpt_steps", [])
+        if not isinstance(ckpt, list) or len(ckpt) > lim.max_ckpt_steps or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 62 for x in ckpt):
+            raise ValueError(f"field 'ckpt_steps' must be a list of at most {lim.max_ckpt_steps} steps in [0, 2**62)")
         throughput = d.get("throughput", 0.0)
         if isinstance(throughput, bool) or not isinstance(throughput, int | float) or not 0 <= throughput < 1e12:
             raise ValueError("field 'throughput' must be a number within [0, 1e12)")
@@ -159,6 +172,7 @@ class Announcement:
                    text(d.get("spec_hash"), "spec_hash"), num("num_stages", 1, 1 << 16),
                    num("stage", -1, 1 << 16), num("capacity", 0, 1 << 62), text(d.get("address", ""), "address"),
                    num("next_step", -1, 1 << 62, -1), float(throughput), num("head_term", -1, 1 << 16, -1),
+                   tuple(ckpt), num("rollback_gen", 0, 1 << 16, 0), num("rollback_step", -1, 1 << 62, -1),
                    num("seq", 0, 1 << 62, 0),
                    text(d.get("binding", ""), "binding"), text(d.get("signature", ""), "signature"))
 
@@ -176,12 +190,14 @@ def _milli(throughput: float) -> int:
 
 
 def _announce_message(peer_id: str, addrs: tuple[str, ...], spec_hash: str, num_stages: int, stage: int,
-                      capacity: int, address: str, next_step: int, throughput_milli: int, head_term: int, seq: int,
+                      capacity: int, address: str, next_step: int, throughput_milli: int, head_term: int,
+                      ckpt_steps: tuple[int, ...], rollback_gen: int, rollback_step: int, seq: int,
                       binding: str) -> SignableMessage:
     return encode_typed_data(ANNOUNCE_DOMAIN, ANNOUNCE_TYPES, {
         "peerId": peer_id, "addrs": list(addrs), "specHash": spec_hash, "numStages": num_stages, "stage": stage,
         "capacity": capacity, "nodeAddress": to_checksum_address(address), "nextStep": next_step,
-        "throughputMilli": throughput_milli, "headTerm": head_term, "seq": seq, "binding": bytes.fromhex(binding.removeprefix("0x"))})
+        "throughputMilli": throughput_milli, "headTerm": head_term,
+        "ckptSteps": list(ckpt_steps), "rollbackGen": rollback_gen, "rollbackStep": rollback_step, "seq": seq, "binding": bytes.fromhex(binding.removeprefix("0x"))})
 
 
 @lru_cache(maxsize=4096)
@@ -504,9 +520,11 @@ class Discovery:
                 await trio.sleep(self.cfg.announce_interval_s)
 
     def stage_peers(self, stage: int) -> list[Announcement]:
-        """Live peers announcing `stage` of our model, by peer id."""
-        return sorted((e for e in self.entries()
-                       if e.stage == stage and e.spec_hash == self.me.spec_hash and e.num_stages == self.me.num_stages),
+        """Live peers announcing `stage` of our model in our rollback generation (`Announcement.rollback_gen`:
+        always 0 without a rollback), by peer id."""
+        me = self.me
+        return sorted((e for e in self.entries() if e.stage == stage and e.spec_hash == me.spec_hash
+                       and e.num_stages == me.num_stages and e.rollback_gen == me.rollback_gen),
                       key=lambda e: e.peer_id)
 
     async def wait_for_stage(self, stage: int, timeout_s: float | None = None) -> Announcement:

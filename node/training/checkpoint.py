@@ -80,6 +80,31 @@ def checkpoint_at(data_dir: str | Path, stage: int, next_step: int) -> Path | No
     return path if (path / MANIFEST).exists() else None
 
 
+def checkpoint_steps(data_dir: str | Path, stage: int) -> list[int]:
+    """The next steps of the complete checkpoints of `stage` held in `data_dir`, ascending."""
+    root = stage_dir(data_dir, stage)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name[4:]) for p in root.iterdir()
+                  if p.is_dir() and p.name.startswith("step") and p.name[4:].isdigit() and (p / MANIFEST).exists())
+
+
+def drop_checkpoints_after(data_dir: str | Path, stage: int, next_step: int) -> list[int]:
+    """Delete the checkpoints of `stage` taken after `next_step` (a rollback abandons them) and point LATEST at
+    the newest one left (removed when none is); returns the steps deleted."""
+    root = stage_dir(data_dir, stage)
+    gone = [s for s in checkpoint_steps(data_dir, stage) if s > next_step]
+    for s in gone:
+        shutil.rmtree(root / f"step{s:08d}", ignore_errors=True)
+    left = checkpoint_steps(data_dir, stage)
+    if left:
+        (root / "LATEST.tmp").write_text(f"step{left[-1]:08d}")
+        os.replace(root / "LATEST.tmp", root / "LATEST")
+    elif (root / "LATEST").exists():
+        (root / "LATEST").unlink()
+    return gone
+
+
 def load_checkpoint(worker: StageWorker, path: str | Path) -> int:
     """Restore weights, AdamW state and the step counter; returns the next step. Verifies every hash."""
     path = Path(path)
