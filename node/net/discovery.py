@@ -168,6 +168,8 @@ class Announcement:
         throughput = d.get("throughput", 0.0)
         if isinstance(throughput, bool) or not isinstance(throughput, int | float) or not 0 <= throughput < 1e12:
             raise ValueError("field 'throughput' must be a number within [0, 1e12)")
+        if (num("rollback_gen", 0, 1 << 16, 0) > 0) != (num("rollback_step", -1, 1 << 62, -1) >= 0):
+            raise ValueError("fields 'rollback_gen' and 'rollback_step' must be both set (a rollback) or both unset")
         return cls(text(d.get("peer_id"), "peer_id"), tuple(text(a, "addrs") for a in addrs),
                    text(d.get("spec_hash"), "spec_hash"), num("num_stages", 1, 1 << 16),
                    num("stage", -1, 1 << 16), num("capacity", 0, 1 << 62), text(d.get("address", ""), "address"),

@@ -88,7 +88,9 @@ def test_rollback_fields_are_signed_and_bounded_and_split_generations() -> None:
         altered = {**good.to_json(), "rollback_step": 0}  # a relay changes the rollback step
         too_many = ann(b, 1, ckpt_steps=tuple(range(300))).to_json()
         not_steps = {**ann(b, 1).to_json(), "ckpt_steps": [1, "2"]}
-        assert d._merge([good.to_json(), altered, too_many, not_steps]) == 3
+        no_step = ann(b, 1, rollback_gen=2).to_json()  # a generation without its step: malformed
+        assert d._merge([good.to_json(), altered, too_many, not_steps, no_step], sender=b.peer_id.pretty()) == 4
+        assert d.rejected["malformed"] == 3 and d.rejected["unsigned"] == 1  # counted against the sender
         assert [e.peer_id for e in d.entries()] == [a.peer_id.pretty()]
         assert d.stage_peers(1) == []  # generation 1: not a stage peer of this generation-0 node
         d.update_me(rollback_gen=1, rollback_step=2)
