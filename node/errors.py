@@ -161,10 +161,11 @@ class StateLostError(NodeError):
 class RollbackError(NodeError):
     """The swarm rewinds (`node.replicas.rollback`): this replica restarts its stage from `step`."""
 
-    def __init__(self, message: str, gen: int, step: int, by: str, lost: tuple[str, ...]) -> None:
+    def __init__(self, message: str, gen: int, step: int, by: str, lost: tuple[str, ...], stage: int) -> None:
         super().__init__(message)
         self.gen = gen  # the new rollback generation
         self.step = step  # the step every stage restarts from
+        self.stage = stage  # the stage whose newer state was lost
         self.by = by  # the peer that announced it ("" = this node)
         self.lost = lost  # the peers whose state was lost (known to the node that started it)
 

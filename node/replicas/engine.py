@@ -27,6 +27,7 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -120,6 +121,9 @@ class ReplicaEngine:
         self.throughput = 0.0  # tokens/s of compute over the last step with work
         self.events: list[dict[str, Any]] = []  # bans and reroutes, for the status file
         self.fatal: NodeError | None = None  # set by a background task; run_step raises it
+        # the runner's judge of an announced rollback: the RollbackError to stop with, or None (none to follow;
+        # None here: announced rollbacks are not followed)
+        self.follow_rollback: Callable[[], RollbackError | None] | None = None
         # stage 0: the term this replica leads in (-1 = a standby head replica; the runner sets it)
         self.head_term = 0 if worker.spec.is_first else -1
         self._terms_seen: set[int] = set()  # head terms announced by stage-0 peers (a new leader's term exceeds them)
@@ -163,12 +167,12 @@ class ReplicaEngine:
         return ""
 
     def check_rollback(self) -> None:
-        """RollbackError when a replica announces a higher rollback generation (the swarm rewinds)."""
-        seen = rollback.pending(self.discovery.entries(), self.discovery.me)
-        if seen is not None:
-            raise RollbackError(f"peer {seen.peer_id} announced rollback generation {seen.rollback_gen} to step "
-                                f"{seen.rollback_step}: stage {self.stage} rewinds from step {self.current_step}",
-                                seen.rollback_gen, seen.rollback_step, seen.peer_id, ())
+        """RollbackError when a replica announces a higher rollback generation that this node follows (the swarm
+        rewinds): `follow_rollback`, set by the runner, judges it (`node.replicas.rollback.unjustified`)."""
+        if self.follow_rollback is not None and rollback.candidates(self.discovery.entries(), self.discovery.me):
+            rb = self.follow_rollback()
+            if rb is not None:
+                raise rb
 
     async def dial_loop(self, nursery: trio.Nursery) -> None:
         """Keep a channel open to every live, unbanned replica of the next stage."""

@@ -10,19 +10,29 @@ The rule (see docs/ARCHITECTURE.md, "Replicated mode"):
   other than the lost peers, holding a checkpoint at exactly R or running at R (itself included). It announces
   generation g+1 with R (g: the highest generation announced). When no such R exists it stops with the one-line
   error naming the lost peer, its stage and step, and why no rollback was possible.
-* A replica that sees a higher generation announced (`pending`: the highest generation, then the lowest step,
-  wins, so two replicas that start a rollback at once agree) stops its engine as for a re-sync, deletes its
-  checkpoints after R (they belong to the abandoned generation), restores its checkpoint at R (or saves its live
-  state first when it is at R; or, holding neither, fetches the state from a peer of the new generation), announces
-  the new generation and continues from R. The head, the step authority, generates again from R.
+* A replica that sees a higher generation announced follows it only when the rollback is justified from its own
+  view (`unjustified`): the announcement names the lost stage (`rollback_stage`); no *fresh* peer of that stage in
+  this node's generation other than the announcer (one it had a sign of life from within 4 x
+  `discovery.announce_interval_s`, `Discovery.recent`; this node included) is at a step after R; and R is a step
+  this node can restart from (a checkpoint it holds, or its live state). An unjustified or unfollowable
+  announcement is ignored, logged once with the reason and counted against its sender (peer scores). Among the
+  followable ones (`candidates`: the highest generation, then the lowest step, wins, so two replicas that start
+  a rollback at once agree) it stops its engine as for a re-sync, saves its live state when it is at R, moves its
+  checkpoints after R aside into `abandoned/gen<g>/` (`node.training.checkpoint.abandon_checkpoints_after`;
+  nothing stored is deleted but the oldest abandoned generations beyond `runtime.abandoned_keep`), restores its
+  checkpoint at R explicitly (`checkpoint_at`), announces the new generation and continues from R. The head, the
+  step authority, generates again from R. The replica that starts a rollback applies the same freshness check
+  to its own stage first: while a lost peer still shows signs of life it keeps re-syncing instead.
 * Replicas of different generations are strangers: discovery's `stage_peers` (channels, pushes, pulls, state
   sync) and the stage-peer access policy see only peers of our generation, so no frame, contribution, commit or
   state of the old generation reaches the new one, though steps >= R are numbered again. Exactly-once holds per
   generation; the progress records carry the generation (`rollback_gen`).
 * Data sampling depends on the seed, the step and the microbatch only: the re-run steps see the same data and
   the loss curve continues from R as if the steps after it had never run.
-* A node that starts while a generation > 0 is announced adopts it and deletes its own checkpoints after that
-  generation's R (it cannot tell whether they predate the rollback).
+* A node that starts while a generation > 0 is announced adopts it when it is justified the same way (for a
+  starting node, R is restartable when it holds a checkpoint at R or a fresh peer of its stage trains in the new
+  generation to sync from) and moves its own checkpoints after that generation's R aside (it cannot tell whether
+  they predate the rollback).
 """
 
 from __future__ import annotations
@@ -63,16 +73,52 @@ def invalid(e: Any) -> str:
     """Why an announced rollback is malformed ("" if it is not)."""
     if e.rollback_gen > 0 and e.rollback_step < 0:
         return f"generation {e.rollback_gen} without a rollback step"
+    if e.rollback_gen > 0 and not 0 <= e.rollback_stage < e.num_stages:
+        return f"generation {e.rollback_gen} without its lost stage"
     return ""
 
 
-def pending(entries: Iterable[Any], me: Any) -> Any | None:
-    """The announcement of the rollback this node must follow: among the announcements of our model of a higher
-    generation than ours, the highest generation, then the lowest step, then the lowest peer id; None if none
-    (malformed ones, `invalid`, are skipped)."""
+def candidates(entries: Iterable[Any], me: Any) -> list[Any]:
+    """The announcements of our model of a higher rollback generation than ours, the one to follow first: the
+    highest generation, then the lowest step, then the lowest peer id (malformed ones, `invalid`, are skipped)."""
     newer = [e for e in entries if e.spec_hash == me.spec_hash and e.num_stages == me.num_stages
              and e.rollback_gen > me.rollback_gen and not invalid(e)]
-    return min(newer, key=lambda e: (-e.rollback_gen, e.rollback_step, e.peer_id)) if newer else None
+    return sorted(newer, key=lambda e: (-e.rollback_gen, e.rollback_step, e.peer_id))
+
+
+def pending(entries: Iterable[Any], me: Any) -> Any | None:
+    """The first of `candidates`, None if none."""
+    newer = candidates(entries, me)
+    return newer[0] if newer else None
+
+
+def holders(fresh: Iterable[Any], me: Any, stage: int, step: int, but: str = "") -> list[Any]:
+    """The `fresh` announcements of our model and generation, other than `but`, serving `stage` at a step after
+    `step`: replicas that still hold the stage's newer state, so it is not lost."""
+    return [e for e in fresh if e.peer_id != but and e.stage == stage and e.next_step > step
+            and e.spec_hash == me.spec_hash and e.num_stages == me.num_stages and e.rollback_gen == me.rollback_gen]
+
+
+def unjustified(e: Any, fresh: Iterable[Any], me: Any, mine: Iterable[int], fresh_s: float) -> str:
+    """Why this node must not follow the rollback `e` announces ("" = it follows): `fresh`, the announcements of
+    the peers it had a sign of life from within `fresh_s`; `me`, its own announcement (its generation, and its
+    stage and step when it serves one); `mine`, the steps it can restart from."""
+    lost, step = e.rollback_stage, e.rollback_step
+    if not 0 <= lost < me.num_stages:
+        return f"rollback generation {e.rollback_gen} to step {step} names no lost stage"
+    alive = holders(fresh, me, lost, step, but=e.peer_id)
+    if me.stage == lost and me.next_step > step:
+        return (f"rollback generation {e.rollback_gen} to step {step}: this node serves stage {lost} at step "
+                f"{me.next_step}, its newer state is not lost")
+    if alive:
+        a = min(alive, key=lambda a: a.peer_id)
+        return (f"rollback generation {e.rollback_gen} to step {step}: peer {a.peer_id} of stage {lost} announced "
+                f"step {a.next_step} within {fresh_s:g} s, the stage's newer state is not lost")
+    held = sorted(set(mine))
+    if step not in held:
+        return (f"rollback generation {e.rollback_gen} to step {step}: this node cannot restart from that step "
+                f"(it holds {held[-3:] or 'none'})")
+    return ""
 
 
 def next_gen(entries: Iterable[Any], me: Any) -> int:
