@@ -11,7 +11,7 @@ import torch
 
 from node.observability.status import node_status
 from node.testing.swarm import stop_nodes, wait_nodes
-from node.training.checkpoint import checkpoint_at, stage_dir
+from node.training.checkpoint import abandoned_folders, checkpoint_at, stage_dir
 from sharding import PRESETS, OptimConfig, load_corpus, train_reference
 from tests.node.replica_swarm import B, M, check_exactly_once, join, launch, records
 from tests.waiting import wait_until
@@ -62,10 +62,16 @@ def test_rollback_when_every_holder_of_a_stage_state_died(tmp_path) -> None:
     started = json.loads(node_status(repl.data_dir)["last_rollback"])
     assert started["from_step"] == BACKUP_STEP and started["to_step"] == BACKUP_STEP
     assert started["generation"] == 1 and started["by"] == repl.ready["peer_id"] and lost in started["lost"]
-    for n in (head, tail):
-        seen = json.loads(node_status(n.data_dir)["last_rollback"])
+    for n, stage in ((head, 0), (tail, 2)):
+        status = node_status(n.data_dir)
+        seen = json.loads(status["last_rollback"])
         assert seen["to_step"] == BACKUP_STEP and seen["generation"] == 1 and seen["by"] == repl.ready["peer_id"]
         assert seen["from_step"] >= killed_at >= 4  # they had gone past the lost state, and came back
+        assert seen["lost_stage"] == 1 and "ignored_rollback" not in status  # justified from their own view
+        # the checkpoints of the abandoned steps were moved aside, not deleted
+        [gen0] = abandoned_folders(n.data_dir, stage)
+        assert gen0.name == "gen0" and seen["abandoned_checkpoints"] == list(range(BACKUP_STEP + 1, seen["from_step"] + 1))
+        assert sorted(p.name for p in gen0.iterdir()) == [f"step{s:08d}" for s in seen["abandoned_checkpoints"]]
     # generation 0: the steps every stage applied before the loss; generation 1: BACKUP_STEP to the end
     before = sorted(set(records(head, gen=0)) & set(records(mid, gen=0)) & set(records(tail, gen=0)))
     assert before == list(range(len(before))) and len(before) > BACKUP_STEP
