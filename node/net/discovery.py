@@ -349,7 +349,7 @@ class Discovery:
                     self.sources[a.peer_id] = sender
                     self.per_sender[sender] += 1
             self.table[a.peer_id] = (a, now)
-            if sender is None or sender == a.peer_id or old is None or a.seq > old[0].seq:
+            if sender is None or sender == a.peer_id or (old is not None and a.seq > old[0].seq):
                 self.heard_at[a.peer_id] = now
         self.changed.set()
         self.changed = trio.Event()

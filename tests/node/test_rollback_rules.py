@@ -166,10 +166,14 @@ class _Scene:
         self.worker = _worker()
         self.worker.next_step = 6
 
-    def hear(self, name: str, stage: int, next_step: int, **kw) -> None:  # type: ignore[no-untyped-def]
+    def signed(self, name: str, stage: int, next_step: int, **kw) -> Announcement:  # type: ignore[no-untyped-def]
         pid = self.pid[name]
         ann = Announcement(pid, (f"/ip4/127.0.0.1/tcp/1/p2p/{pid}",), "aa", 3, stage, 1, next_step=next_step, **kw)
-        assert self.discovery._merge([ann.sign(self.ids[name]).to_json()], sender=pid) == 0  # from the peer itself
+        return ann.sign(self.ids[name])
+
+    def hear(self, name: str, stage: int, next_step: int, **kw) -> None:  # type: ignore[no-untyped-def]
+        entry = self.signed(name, stage, next_step, **kw).to_json()
+        assert self.discovery._merge([entry], sender=self.pid[name]) == 0  # from the peer itself
 
     def follow(self) -> RollbackError | None:
         return self.runner._follow(self.ctx, 0, self.worker)
@@ -181,7 +185,10 @@ def test_an_unjustified_rollback_is_ignored_logged_once_and_counted_against_its_
     clock = trio.testing.MockClock()
 
     async def main() -> None:
+        d._merge([scene.signed("b", 1, 6).to_json()], sender=pid["c"])  # b's entry relayed by c: no sign of life
+        assert pid["b"] in {e.peer_id for e in d.entries()} and d.recent(2.0) == []
         scene.hear("b", 1, 6)  # stage 1's replica b, alive at step 6
+        assert [e.peer_id for e in d.recent(2.0)] == [pid["b"]]
         scene.hear("a", -1, 2, rollback_gen=1, rollback_step=2, rollback_stage=1)  # a: "stage 1 is lost, go to 2"
         scene.hear("c", -1, 1, rollback_gen=1, rollback_step=1, rollback_stage=1)  # c: "... go to 1"
         for _ in range(3):  # ignored each time it is checked, logged and counted once per announcement
