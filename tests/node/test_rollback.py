@@ -69,7 +69,9 @@ def test_rollback_when_every_holder_of_a_stage_state_died(tmp_path) -> None:
         # every node of the new generation announces it: the one followed is the replacement or, when it saw both,
         # the other follower (same generation and step, the lower peer id wins: `rollback.candidates`)
         assert seen["by"] in {repl.ready["peer_id"], head.ready["peer_id"], tail.ready["peer_id"]} - {n.ready["peer_id"]}
-        assert seen["from_step"] >= killed_at >= 4  # they had gone past the lost state, and came back
+        # they had gone past the lost state, and came back (the dead replica's own record of the step the tail
+        # finished last may not have been written when it was killed: killed_at is BACKUP_STEP + 1 or later)
+        assert seen["from_step"] >= killed_at > BACKUP_STEP
         assert seen["lost_stage"] == 1 and "ignored_rollback" not in status  # justified from their own view
         # the checkpoints of the abandoned steps were moved aside, not deleted
         [gen0] = abandoned_folders(n.data_dir, stage)
