@@ -52,6 +52,8 @@ SHORT_FLAGS: dict[str, tuple[str, ...]] = {
     "runtime.schedule": ("--schedule",),
     "runtime.max_staleness": ("--max-staleness",),
     "runtime.checkpoint_every": ("--checkpoint-every",),
+    "runtime.checkpoint_keep": ("--checkpoint-keep",),
+    "runtime.abandoned_keep": ("--abandoned-keep",),
     "runtime.eval_every": ("--eval-every",),
     "runtime.eval_batches": ("--eval-batches",),
     "runtime.frame_timeout_s": ("--frame-timeout",),

@@ -106,6 +106,10 @@ class RuntimeConfig:
     redial_timeout_s: float = 30.0  # how long to look for a replacement neighbour before a retry
     retry_backoff_s: float = 0.5  # wait before the first redial attempt, doubled per attempt
     checkpoint_every: int = 1  # save a checkpoint every this many steps (0 = only on shutdown)
+    checkpoint_keep: int = 2  # checkpoints a node keeps per stage (older ones are deleted; 0 = all); replicated mode: a
+    # rollback rewinds only to a step every stage still holds (or runs at), so keep enough to cover how far stages drift
+    abandoned_keep: int = 2  # replicated mode: generations of checkpoints abandoned by a rollback a node keeps per stage
+    # (moved aside into checkpoints/stage<s>/abandoned/gen<g>/, never deleted otherwise; older ones are deleted; 0 = all)
     grad_norm_timeout_s: float = 120.0  # longest wait for a neighbour's squared-gradient-norm message (grad clipping)
     torch_threads: int = 0  # torch intra-op threads for this process (0 = leave torch's default)
     schedule: str = "gpipe"  # gpipe (all forwards eagerly), 1f1b (stage s keeps <= num_stages - s microbatches in flight), async

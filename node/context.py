@@ -47,15 +47,16 @@ class NodeContext:
     data: DataSpec | None = None  # the spec's [data] section (None: byte-level `cfg.corpus`, not in the spec hash)
     corpus: Corpus | None = None  # its prepared, hash-checked token files (read by the head stage)
 
-    def build_worker(self, stage: int) -> StageWorker:
-        """A worker for `stage`, resumed from the newest checkpoint of that stage in `data_dir`."""
+    def build_worker(self, stage: int, checkpoint: Path | None = None) -> StageWorker:
+        """A worker for `stage`, resumed from `checkpoint` when given (an explicit restore), else from the newest
+        checkpoint of that stage in `data_dir`."""
         spec = partition(self.model, self.cfg.num_stages)[stage]
         corpus = (self.corpus or load_corpus(self.cfg.corpus)) if spec.is_first else None
         r = self.cfg.runtime
         worker = StageWorker(self.model, spec, codec=r.codec, optim=self.optim, num_microbatches=r.num_microbatches,
                              microbatch_size=r.microbatch_size, corpus=corpus,
                              policy=self.cfg.execution.policy(self.cfg.device))
-        ckpt = latest_checkpoint(self.data_dir, stage)
+        ckpt = checkpoint if checkpoint is not None else latest_checkpoint(self.data_dir, stage)
         if ckpt is not None:
             load_checkpoint(worker, ckpt)
         return worker

@@ -148,6 +148,28 @@ class ResyncNeededError(NodeError):
     """A replica fell behind further than its stage peers keep contributions: fetch the stage state again."""
 
 
+class StateLostError(NodeError):
+    """Every live holder of the stage's newer state is gone (`node.replicas.rollback` decides whether the swarm
+    rewinds to an earlier step or the replica stops)."""
+
+    def __init__(self, message: str, step: int, lost: tuple[str, ...]) -> None:
+        super().__init__(message)
+        self.step = step  # the first step this replica has not applied
+        self.lost = lost  # the peers last known to hold the newer state
+
+
+class RollbackError(NodeError):
+    """The swarm rewinds (`node.replicas.rollback`): this replica restarts its stage from `step`."""
+
+    def __init__(self, message: str, gen: int, step: int, by: str, lost: tuple[str, ...], stage: int) -> None:
+        super().__init__(message)
+        self.gen = gen  # the new rollback generation
+        self.step = step  # the step every stage restarts from
+        self.stage = stage  # the stage whose newer state was lost
+        self.by = by  # the peer that announced it ("" = this node)
+        self.lost = lost  # the peers whose state was lost (known to the node that started it)
+
+
 class NotAuthorizedError(NodeError):
     """The access policy refused a peer on a protocol (the message never names what the node trains)."""
 

@@ -106,7 +106,7 @@ class PeerDirectory(Protocol):
 
 class StagePeersPolicy:
     """Replicated off-chain mode: a protocol is open only to peers that discovery knows, from a verified
-    announcement of our model bound to a node key, as serving the right stage.
+    announcement of our model bound to a node key, as serving the right stage in our rollback generation.
 
     State and contributions (`/pmn/state`, `/pmn/avg`): the peer serves `stage` (or, for state, announces
     -1: a replica joining or re-syncing, when `joining_may_fetch_state`). Inference hops: the peer serves
@@ -122,7 +122,8 @@ class StagePeersPolicy:
     def _stages(self, peer: str) -> set[int]:
         me = self.directory.me
         return {e.stage for e in self.directory.entries() if e.peer_id == peer and e.address
-                and e.spec_hash == me.spec_hash and e.num_stages == me.num_stages}
+                and e.spec_hash == me.spec_hash and e.num_stages == me.num_stages
+                and e.rollback_gen == me.rollback_gen}  # a replica of another rollback generation is a stranger
 
     async def check(self, peer_id: ID, protocol: str, stage: int | None) -> None:
         if protocol == INFER and stage is None and INFER in self.protocols:

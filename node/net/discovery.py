@@ -48,6 +48,8 @@ ANNOUNCE_TYPES = {"Announcement": [  # EIP-712 type: every field of an announcem
     {"name": "stage", "type": "int256"}, {"name": "capacity", "type": "uint256"},
     {"name": "nodeAddress", "type": "address"}, {"name": "nextStep", "type": "int256"},
     {"name": "throughputMilli", "type": "uint256"}, {"name": "headTerm", "type": "int256"},
+    {"name": "ckptSteps", "type": "uint256[]"}, {"name": "rollbackGen", "type": "uint256"},
+    {"name": "rollbackStep", "type": "int256"}, {"name": "rollbackStage", "type": "int256"},
     {"name": "seq", "type": "uint256"},
     {"name": "binding", "type": "bytes"}]}
 
@@ -64,6 +66,7 @@ class AnnounceLimits:
     max_entries_per_sender: int = 32  # table entries one sender may have introduced (its own entry not counted)
     max_capacity: int = 1024  # largest capacity an entry may declare (a larger one is dropped)
     max_addrs: int = 8  # multiaddrs one entry may list
+    max_ckpt_steps: int = 256  # checkpoint steps one entry may list (replicated mode: `Announcement.ckpt_steps`)
     max_string_bytes: int = 256  # longest peer id, multiaddr, spec hash or signature string in an entry
     learn_interval_s: float = 5.0  # an unknown connected peer is asked for its announcement at most this often
     guard: PeerGuardConfig = field(default_factory=PeerGuardConfig)  # bans, scores and stream caps
@@ -89,6 +92,13 @@ class Announcement:
     throughput: float = 0.0  # replicated mode: tokens/s its compute sustained over its last step (0 = unknown)
     head_term: int = -1  # replicated mode, stage 0: the term in which it holds the head's step authority (-1 = none:
     # a standby head replica or another stage; `node.replicas.heads`)
+    ckpt_steps: tuple[int, ...] = ()  # replicated mode: the next steps of the checkpoints it holds of its stage (the
+    # steps a rollback may rewind it to; the newest `AnnounceLimits.max_ckpt_steps` only)
+    rollback_gen: int = 0  # replicated mode: the rollback generation it trains in (`node.replicas.rollback`);
+    # replicas of different generations never exchange frames, contributions or state
+    rollback_step: int = -1  # replicated mode: the step its generation rewound to (-1 = generation 0, no rollback)
+    rollback_stage: int = -1  # replicated mode: the stage whose newer state its generation's rollback declared lost
+    # (-1 = generation 0); a node follows the rollback only when its own view of that stage agrees
     seq: int = 0  # sender's version: milliseconds since the epoch at start, +1 per change (newest wins,
     # so a restarted node's fresh addresses replace its old entry)
     binding: str = ""  # hex node-key signature binding peer_id to address (`node.net.identity.bind`); "" without one
@@ -103,7 +113,8 @@ class Announcement:
     def message(self) -> SignableMessage:
         """The EIP-712 message the node key signs: every field but the signature."""
         return _announce_message(self.peer_id, self.addrs, self.spec_hash, self.num_stages, self.stage, self.capacity,
-                                 self.address, self.next_step, _milli(self.throughput), self.head_term, self.seq,
+                                 self.address, self.next_step, _milli(self.throughput), self.head_term,
+                                 self.ckpt_steps, self.rollback_gen, self.rollback_step, self.rollback_stage, self.seq,
                                  self.binding)
 
     def sign(self, identity: NodeIdentity) -> Announcement:
@@ -130,6 +141,7 @@ class Announcement:
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
         d["addrs"] = list(self.addrs)
+        d["ckpt_steps"] = list(self.ckpt_steps)
         return d
 
     @classmethod
@@ -152,13 +164,24 @@ class Announcement:
                 return default
             return msgio.int_field(d, name, lo, hi, ValueError)
 
+        ckpt = d.get("ckpt_steps", [])
+        if not isinstance(ckpt, list) or len(ckpt) > lim.max_ckpt_steps or not all(
+                isinstance(x, int) and not isinstance(x, bool) and 0 <= x < 1 << 62 for x in ckpt):
+            raise ValueError(f"field 'ckpt_steps' must be a list of at most {lim.max_ckpt_steps} steps in [0, 2**62)")
         throughput = d.get("throughput", 0.0)
         if isinstance(throughput, bool) or not isinstance(throughput, int | float) or not 0 <= throughput < 1e12:
             raise ValueError("field 'throughput' must be a number within [0, 1e12)")
+        gen, step = num("rollback_gen", 0, 1 << 16, 0), num("rollback_step", -1, 1 << 62, -1)
+        lost_stage = num("rollback_stage", -1, 1 << 16, -1)
+        if not (gen > 0 and step >= 0 and 0 <= lost_stage < num("num_stages", 1, 1 << 16)) \
+                and not (gen == 0 and step == -1 and lost_stage == -1):
+            raise ValueError("fields 'rollback_gen', 'rollback_step' and 'rollback_stage' (a stage of the model) must "
+                             "be all set (a rollback) or all unset")
         return cls(text(d.get("peer_id"), "peer_id"), tuple(text(a, "addrs") for a in addrs),
                    text(d.get("spec_hash"), "spec_hash"), num("num_stages", 1, 1 << 16),
                    num("stage", -1, 1 << 16), num("capacity", 0, 1 << 62), text(d.get("address", ""), "address"),
                    num("next_step", -1, 1 << 62, -1), float(throughput), num("head_term", -1, 1 << 16, -1),
+                   tuple(ckpt), gen, step, lost_stage,
                    num("seq", 0, 1 << 62, 0),
                    text(d.get("binding", ""), "binding"), text(d.get("signature", ""), "signature"))
 
@@ -176,12 +199,15 @@ def _milli(throughput: float) -> int:
 
 
 def _announce_message(peer_id: str, addrs: tuple[str, ...], spec_hash: str, num_stages: int, stage: int,
-                      capacity: int, address: str, next_step: int, throughput_milli: int, head_term: int, seq: int,
+                      capacity: int, address: str, next_step: int, throughput_milli: int, head_term: int,
+                      ckpt_steps: tuple[int, ...], rollback_gen: int, rollback_step: int, rollback_stage: int, seq: int,
                       binding: str) -> SignableMessage:
     return encode_typed_data(ANNOUNCE_DOMAIN, ANNOUNCE_TYPES, {
         "peerId": peer_id, "addrs": list(addrs), "specHash": spec_hash, "numStages": num_stages, "stage": stage,
         "capacity": capacity, "nodeAddress": to_checksum_address(address), "nextStep": next_step,
-        "throughputMilli": throughput_milli, "headTerm": head_term, "seq": seq, "binding": bytes.fromhex(binding.removeprefix("0x"))})
+        "throughputMilli": throughput_milli, "headTerm": head_term,
+        "ckptSteps": list(ckpt_steps), "rollbackGen": rollback_gen, "rollbackStep": rollback_step,
+        "rollbackStage": rollback_stage, "seq": seq, "binding": bytes.fromhex(binding.removeprefix("0x"))})
 
 
 @lru_cache(maxsize=4096)
@@ -231,6 +257,10 @@ class Discovery:
         for a in self.bootstrap:
             parse_peer_addr(a)  # ValueError names a bad bootstrap address
         self.table: dict[str, tuple[Announcement, float]] = {}  # peer id -> (announcement, local time seen)
+        # peer id -> local time we last had a sign of life from it: its entry from itself, or a new version of it
+        # (gossip refreshes `table`'s time with every relayed copy, so a dead peer's entry stays in the table until
+        # its relays drop it; `recent` tells the peers that are still alive)
+        self.heard_at: dict[str, float] = {}
         self.changed = trio.Event()
         self.dht_learned: set[str] = set()  # peer ids first heard of through a DHT provider lookup
         self.unbound = 0  # announcements dropped because they were unsigned, forged or altered
@@ -252,9 +282,16 @@ class Discovery:
         limit = self.cfg.entry_ttl_s if max_age_s is None else min(max_age_s, self.cfg.entry_ttl_s)
         return [a for a, t in self.table.values() if now - t <= limit and a.peer_id != self.me.peer_id]
 
+    def recent(self, max_age_s: float) -> list[Announcement]:
+        """The announcements of peers we had a sign of life from within `max_age_s`: an entry sent by the peer
+        itself or a new version of its entry (a relayed copy of an unchanged entry does not count)."""
+        now = trio.current_time()
+        return [a for a in self.entries() if now - self.heard_at.get(a.peer_id, -float("inf")) <= max_age_s]
+
     def _expire(self, now: float) -> None:
         for pid in [p for p, (_, t) in self.table.items() if now - t > self.cfg.entry_ttl_s]:
             del self.table[pid]
+            self.heard_at.pop(pid, None)
             src = self.sources.pop(pid, None)
             if src is not None:
                 self.per_sender[src] -= 1
@@ -285,6 +322,8 @@ class Discovery:
                 continue  # stale copy of an entry we hold a newer version of
             if old is not None and a.seq == old[0].seq and a.signature == old[0].signature and a == old[0]:
                 self.table[a.peer_id] = (old[0], now)  # the same signed entry again: verified already
+                if sender == a.peer_id:
+                    self.heard_at[a.peer_id] = now
                 continue
             if a.capacity > lim.max_capacity:
                 self._drop("capacity")
@@ -310,6 +349,8 @@ class Discovery:
                     self.sources[a.peer_id] = sender
                     self.per_sender[sender] += 1
             self.table[a.peer_id] = (a, now)
+            if sender is None or sender == a.peer_id or (old is not None and a.seq > old[0].seq):
+                self.heard_at[a.peer_id] = now
         self.changed.set()
         self.changed = trio.Event()
         return bad
@@ -504,9 +545,11 @@ class Discovery:
                 await trio.sleep(self.cfg.announce_interval_s)
 
     def stage_peers(self, stage: int) -> list[Announcement]:
-        """Live peers announcing `stage` of our model, by peer id."""
-        return sorted((e for e in self.entries()
-                       if e.stage == stage and e.spec_hash == self.me.spec_hash and e.num_stages == self.me.num_stages),
+        """Live peers announcing `stage` of our model in our rollback generation (`Announcement.rollback_gen`:
+        always 0 without a rollback), by peer id."""
+        me = self.me
+        return sorted((e for e in self.entries() if e.stage == stage and e.spec_hash == me.spec_hash
+                       and e.num_stages == me.num_stages and e.rollback_gen == me.rollback_gen),
                       key=lambda e: e.peer_id)
 
     async def wait_for_stage(self, stage: int, timeout_s: float | None = None) -> Announcement:

@@ -15,6 +15,10 @@
 * Each replica keeps the parameter gradient of every (step, mb, attempt) separately, pushes it to
   its stage peers, and applies only the committed ones (`node.replicas.averaging`), so every microbatch is
   applied exactly once per stage and all replicas of a stage apply the same update.
+* When every holder of the stage's newer state is gone, `commit_poller` fails the engine with a
+  `StateLostError` and the runner starts a rollback; an engine that sees a rollback announced stops with a
+  `RollbackError` (`node.replicas.rollback`). Channels and contributions are exchanged only with replicas of
+  this engine's rollback generation.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import os
 import signal
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -30,9 +35,16 @@ import torch
 import trio
 
 from node.config import NodeConfig
-from node.errors import AveragingError, NodeError, NoReplicaError, ResyncNeededError
+from node.errors import (
+    AveragingError,
+    NodeError,
+    NoReplicaError,
+    ResyncNeededError,
+    RollbackError,
+    StateLostError,
+)
 from node.net.discovery import Discovery
-from node.replicas import averaging, heads
+from node.replicas import averaging, heads, rollback
 from node.replicas.rebalance import Move, plan_move
 from node.replicas.routing import Router, ban_duration
 from node.training.worker import StageWorker, window_to_bytes
@@ -109,6 +121,9 @@ class ReplicaEngine:
         self.throughput = 0.0  # tokens/s of compute over the last step with work
         self.events: list[dict[str, Any]] = []  # bans and reroutes, for the status file
         self.fatal: NodeError | None = None  # set by a background task; run_step raises it
+        # the runner's judge of an announced rollback: the RollbackError to stop with, or None (none to follow;
+        # None here: announced rollbacks are not followed)
+        self.follow_rollback: Callable[[], RollbackError | None] | None = None
         # stage 0: the term this replica leads in (-1 = a standby head replica; the runner sets it)
         self.head_term = 0 if worker.spec.is_first else -1
         self._terms_seen: set[int] = set()  # head terms announced by stage-0 peers (a new leader's term exceeds them)
@@ -126,7 +141,11 @@ class ReplicaEngine:
     async def accept_loop(self) -> None:
         """Accept channels from replicas of the previous stage."""
         async for ch in self.endpoint.incoming:
-            if ch.failure is None and ch.remote_stage == self.stage - 1 and self.stage > 0:
+            other = self._other_generation(ch.peer)
+            if other:
+                await ch.send_error(other)
+                await ch.linger_and_reset()
+            elif ch.failure is None and ch.remote_stage == self.stage - 1 and self.stage > 0:
                 old = self.up.get(ch.peer)
                 self.up[ch.peer] = ch
                 ch.listeners.append(self.poke)
@@ -136,6 +155,24 @@ class ReplicaEngine:
             else:
                 await ch.send_error(f"stage {self.stage} accepts activations only from stage {self.stage - 1}")
                 await ch.linger_and_reset()
+
+    def _other_generation(self, peer: str) -> str:
+        """Why a channel from `peer` is refused as one of another rollback generation ("" = it is not known to be:
+        a replica announces a new generation only after its old engine is closed)."""
+        me = self.discovery.me
+        for e in self.discovery.entries():
+            if e.peer_id == peer and e.rollback_gen != me.rollback_gen:
+                return (f"stage {self.stage} at step {self.current_step} trains in rollback generation "
+                        f"{me.rollback_gen}, peer {peer} announces generation {e.rollback_gen}")
+        return ""
+
+    def check_rollback(self) -> None:
+        """RollbackError when a replica announces a higher rollback generation that this node follows (the swarm
+        rewinds): `follow_rollback`, set by the runner, judges it (`node.replicas.rollback.unjustified`)."""
+        if self.follow_rollback is not None and rollback.candidates(self.discovery.entries(), self.discovery.me):
+            rb = self.follow_rollback()
+            if rb is not None:
+                raise rb
 
     async def dial_loop(self, nursery: trio.Nursery) -> None:
         """Keep a channel open to every live, unbanned replica of the next stage."""
@@ -503,6 +540,7 @@ class ReplicaEngine:
         while True:
             if self.fatal is not None:
                 raise self.fatal
+            self.check_rollback()
             arrived = early + await self._take_frames()
             early = []
             for ch, r in arrived:
@@ -714,7 +752,7 @@ class ReplicaEngine:
 
         If the pipeline is already past our step and no peer can give us its commit within
         `no_replica_timeout_s`, our state is lost (the peers that held it are gone): the engine fails
-        with a NodeError instead of waiting forever.
+        with a StateLostError (the runner rolls the swarm back, or stops) instead of waiting forever.
         """
         stuck_since: float | None = None
         catching_up = False  # the last pull gave a step while we were behind: pull the next one soon
@@ -753,11 +791,11 @@ class ReplicaEngine:
                 stuck_since = now
             elif now - stuck_since > self.rc.no_replica_timeout_s:
                 newest = max(r.frame.header.step for _, r in self._future)
-                self.fatal = NodeError(
+                self.fatal = StateLostError(
                     f"stage {self.stage} replica is at step {step} while the pipeline is at step {newest}, and no "
                     f"peer of its stage gave step {step}'s commit within replicas.no_replica_timeout_s="
                     f"{self.rc.no_replica_timeout_s}: the stage's newer state is lost (last held by peer "
-                    f"{', '.join(self._ahead_peers) or 'unknown'})")
+                    f"{', '.join(self._ahead_peers) or 'unknown'})", step, tuple(self._ahead_peers))
                 self.poke()
                 return
 

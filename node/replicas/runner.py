@@ -4,27 +4,35 @@ Stage 0 is the step authority: the first node to serve it leads (announces `head
 with `--stage 0` while a head is announced becomes a standby head replica that applies every step and takes
 over when the leader dies (`node.replicas.heads`). A joining node fetches its stage's state from the most
 advanced live peer, serves the stage with a `ReplicaEngine` until the run ends or a rebalancing move is
-due, then re-joins at the new stage.
+due, then re-joins at the new stage. When every holder of a stage's newer state is gone the swarm rolls back to
+the newest step every stage holds (`node.replicas.rollback`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from typing import Any
 
 import trio
 
 from node.context import NodeContext
-from node.errors import NodeError, ResyncNeededError
+from node.errors import NodeError, ResyncNeededError, RollbackError, StateLostError
 from node.net.access import StagePeersPolicy
 from node.net.discovery import Announcement, Discovery
 from node.net.peerscore import PeerScores
 from node.observability.steps import StepReport
+from node.replicas import rollback
 from node.replicas.averaging import AveragingService, ContributionCodec, ContributionStore
 from node.replicas.engine import ReplicaEngine, StepOutcome
 from node.replicas.rebalance import Move
 from node.replicas.statesync import StateService, fetch_state, pack_state
-from node.training.checkpoint import save_checkpoint
+from node.training.checkpoint import (
+    abandon_checkpoints_after,
+    checkpoint_at,
+    checkpoint_steps,
+    save_checkpoint,
+)
 from node.training.worker import StageWorker
 from node.wire.channel import ActEndpoint
 
@@ -47,6 +55,7 @@ def step_report(out: StepOutcome, eng: ReplicaEngine) -> StepReport:
     record = {"applied": out.applied, "mine": out.mine, "computed": out.computed, "dropped": out.dropped,
               "rerouted": out.rerouted, "compute_s": out.compute_s, "throughput": eng.throughput,
               "avg_wire_bytes": eng.store.wire_bytes}  # cumulative /pmn/avg bytes served for this stage
+    record["rollback_gen"] = eng.discovery.me.rollback_gen  # exactly-once holds per rollback generation
     if eng.stage == 0:
         record["head_term"] = eng.head_term  # the term it led the step in (-1: a standby head replica)
     return StepReport(out.step, eng.stage, out.loss, out.tokens, out.seconds, max(0.0, out.seconds - out.compute_s),
@@ -63,6 +72,10 @@ class ReplicatedRunner:
         self._stage = -1
         self._serving = False  # state may be handed to joining peers
         self._stores: dict[int, ContributionStore] = {}  # newest contribution store per stage
+        self._unsynced: list[str] = []  # stage peers ahead of us none of which gave its state at the last sync
+        self._rollbacks = 0  # rollbacks this node went through
+        self._restore: tuple[int, int] | None = None  # (stage, step) of the checkpoint a rollback restores next
+        self._ignored: dict[tuple[str, int, int, int], None] = {}  # rollback announcements ignored (logged once)
 
     async def prepare(self, ctx: NodeContext) -> int:
         cfg, discovery = ctx.cfg, ctx.discovery
@@ -73,6 +86,17 @@ class ReplicatedRunner:
         if self._stage == 0 and not any(e.stage == 0 or e.head_term >= 0 for e in discovery.entries()
                                         if e.spec_hash == spec_hex and e.num_stages == cfg.num_stages):
             discovery.update_me(head_term=0)  # the first head leads; announced before the ready line
+        if rollback.candidates(discovery.entries(), discovery.me):
+            await discovery.gossip_round()  # a sign of life from every live peer before judging the rollback
+        seen = self._adoptable(ctx, self._stage)
+        if seen is not None:  # the swarm rolled back before we came: its generation, none of our newer checkpoints
+            moved = abandon_checkpoints_after(ctx.data_dir, self._stage, seen.rollback_step,
+                                              discovery.me.rollback_gen, cfg.runtime.abandoned_keep)
+            discovery.update_me(rollback_gen=seen.rollback_gen, rollback_step=seen.rollback_step,
+                                rollback_stage=seen.rollback_stage)
+            ctx.log.status(adopted_rollback=json.dumps({"generation": seen.rollback_gen, "step": seen.rollback_step,
+                                                        "by": seen.peer_id, "abandoned_checkpoints": moved}))
+        self._announce_checkpoints(ctx, self._stage)
         rc = cfg.replicas
         # state and contributions only for peers allowed by the chain (on-chain mode) or, off chain, known to
         # discovery (verified announcements) as serving the stage; one score table for both protocols
@@ -90,8 +114,17 @@ class ReplicatedRunner:
         if ctx.worker is None:
             return 0
         ctx.worker.abort_step()
-        save_checkpoint(ctx.worker, ctx.data_dir)
+        save_checkpoint(ctx.worker, ctx.data_dir, ctx.cfg.runtime.checkpoint_keep)
         return ctx.worker.next_step
+
+    def _announce_checkpoints(self, ctx: NodeContext, stage: int) -> None:
+        """Announce the steps of the checkpoints held of `stage` (the newest that fit an announcement)."""
+        steps = checkpoint_steps(ctx.data_dir, stage)[-ctx.discovery.limits.max_ckpt_steps:]
+        ctx.discovery.update_me(ckpt_steps=tuple(steps))
+
+    async def _save(self, ctx: NodeContext, worker: StageWorker) -> None:
+        await trio.to_thread.run_sync(save_checkpoint, worker, ctx.data_dir, ctx.cfg.runtime.checkpoint_keep)
+        self._announce_checkpoints(ctx, worker.spec.index)
 
     async def close(self, ctx: NodeContext) -> None:
         if self.engine is not None:
@@ -120,6 +153,7 @@ class ReplicatedRunner:
         peers ahead of us, none of which could give us their state."""
         discovery = ctx.discovery
         ahead = [e for e in discovery.stage_peers(eng.stage) if e.next_step > eng.worker.next_step and e.addrs]
+        self._unsynced = []
         for e in sorted(ahead, key=lambda e: (-e.next_step, e.peer_id)):
             try:
                 got = await fetch_state(discovery.host, e.addrs[0], eng.worker, ctx.cfg.replicas.state_timeout_s)
@@ -129,7 +163,105 @@ class ReplicatedRunner:
             eng.current_step = got
             ctx.log.status(synced_from=e.peer_id, synced_step=got)
             return None
+        self._unsynced = [e.peer_id for e in ahead]
         return max((e.next_step for e in ahead), default=None)
+
+    # -- rollback (node.replicas.rollback) ---------------------------------------------------------------
+
+    def _fresh_s(self, ctx: NodeContext) -> float:
+        """How recent a peer's sign of life must be for it to count as alive (as in `_finish_grace`)."""
+        return 4 * ctx.cfg.discovery.announce_interval_s
+
+    def _ignore(self, ctx: NodeContext, e: Announcement, why: str) -> None:
+        """An unjustified or unfollowable rollback announcement: logged once, counted against its sender."""
+        key = (e.peer_id, e.rollback_gen, e.rollback_step, e.rollback_stage)
+        if key in self._ignored:
+            return
+        self._ignored[key] = None
+        while len(self._ignored) > ctx.discovery.limits.max_table_entries:
+            del self._ignored[next(iter(self._ignored))]
+        ctx.discovery.rejected["rollback_unjustified"] += 1
+        ctx.discovery.gate.refuse(e.peer_id, "rollback_unjustified")
+        line = f"ignored the rollback announced by peer {e.peer_id}: {why}"
+        ctx.log.status(ignored_rollback=line)
+        print(json.dumps({"event": "rollback_ignored", "by": e.peer_id, "generation": e.rollback_gen,
+                          "step": e.rollback_step, "stage": e.rollback_stage, "why": why}), flush=True)
+
+    def _follow(self, ctx: NodeContext, stage: int, worker: StageWorker) -> RollbackError | None:
+        """The announced rollback this replica (serving `stage` at `worker.next_step`) follows: the first of
+        `rollback.candidates` justified from its own view (`rollback.unjustified`; the others are ignored)."""
+        discovery = ctx.discovery
+        me = replace(discovery.me, stage=stage, next_step=worker.next_step)
+        mine = {*checkpoint_steps(ctx.data_dir, stage), worker.next_step}
+        fresh_s = self._fresh_s(ctx)
+        for e in rollback.candidates(discovery.entries(), discovery.me):
+            why = rollback.unjustified(e, discovery.recent(fresh_s), me, mine, fresh_s)
+            if not why:
+                return RollbackError(f"peer {e.peer_id} announced rollback generation {e.rollback_gen} to step "
+                                     f"{e.rollback_step} (stage {e.rollback_stage} lost): stage {stage} rewinds "
+                                     f"from step {worker.next_step}", e.rollback_gen, e.rollback_step, e.peer_id,
+                                     (), e.rollback_stage)
+            self._ignore(ctx, e, why)
+        return None
+
+    def _adoptable(self, ctx: NodeContext, stage: int) -> Announcement | None:
+        """A starting node: the announced rollback it adopts (justified as for `_follow`; it can restart from the
+        rollback step when it holds a checkpoint there or a fresh peer of its stage trains in the new generation)."""
+        discovery = ctx.discovery
+        fresh_s = self._fresh_s(ctx)
+        fresh = discovery.recent(fresh_s)
+        held = set(checkpoint_steps(ctx.data_dir, stage))
+        for e in rollback.candidates(discovery.entries(), discovery.me):
+            mine = held | ({e.rollback_step} if any(
+                p.stage == stage and p.rollback_gen == e.rollback_gen and p.spec_hash == e.spec_hash
+                and p.num_stages == e.num_stages for p in fresh) else set())
+            why = rollback.unjustified(e, fresh, replace(discovery.me, stage=-1), mine, fresh_s)
+            if not why:
+                return e
+            self._ignore(ctx, e, why)
+        return None
+
+    def _start_rollback(self, ctx: NodeContext, stage: int, lost: StateLostError) -> RollbackError | None:
+        """This replica found its stage's newer state lost: the rollback it announces, None while a peer of its
+        stage ahead of the rollback step still shows signs of life (the state is not lost: keep re-syncing), or a
+        NodeError naming the lost peer, the stage and the step when no step is held by every stage."""
+        discovery = ctx.discovery
+        entries = discovery.entries()
+        mine = [*checkpoint_steps(ctx.data_dir, stage), lost.step]
+        step, why = rollback.choose_step(entries, discovery.me, stage, mine, lost.lost, lost.step)
+        if step is None:
+            raise NodeError(f"{lost}; no rollback possible: {why}")
+        alive = rollback.holders(discovery.recent(self._fresh_s(ctx)), discovery.me, stage, step)
+        if alive:
+            ctx.log.status(rollback_waiting=f"stage {stage} at step {lost.step}: peer {alive[0].peer_id} announced "
+                                            f"step {alive[0].next_step} recently; re-syncing instead of rolling back")
+            return None
+        gen = rollback.next_gen(entries, discovery.me)
+        return RollbackError(f"stage {stage} replica at step {lost.step}: the stage's newer state is lost (last held "
+                             f"by peer {', '.join(lost.lost) or 'unknown'}): rolling back to step {step}, generation "
+                             f"{gen}", gen, step, "", lost.lost, stage)
+
+    async def _rewind(self, ctx: NodeContext, stage: int, worker: StageWorker, rb: RollbackError) -> None:
+        """Enter the rollback's generation at its step: the engine is closed; the live state is saved if it is at
+        the step, the checkpoints after it are moved aside (`abandon_checkpoints_after`), and the next worker
+        restores the one at the step explicitly (or, holding none, syncs from a peer of the new generation)."""
+        discovery = ctx.discovery
+        from_step = worker.next_step
+        worker.abort_step()
+        if from_step == rb.step and rb.step not in checkpoint_steps(ctx.data_dir, stage):
+            await self._save(ctx, worker)
+        moved = await trio.to_thread.run_sync(abandon_checkpoints_after, ctx.data_dir, stage, rb.step,
+                                              discovery.me.rollback_gen, ctx.cfg.runtime.abandoned_keep)
+        self._restore = (stage, rb.step)
+        # announced only now, with the old engine closed: no peer of the new generation ever meets it
+        discovery.update_me(stage=-1, rollback_gen=rb.gen, rollback_step=rb.step, rollback_stage=rb.stage)
+        self._announce_checkpoints(ctx, stage)
+        self._rollbacks += 1
+        event = {"event": "rollback", "stage": stage, "from_step": from_step, "to_step": rb.step,
+                 "generation": rb.gen, "by": rb.by or discovery.me.peer_id, "lost": list(rb.lost),
+                 "lost_stage": rb.stage, "abandoned_checkpoints": moved}
+        ctx.log.status(last_rollback=json.dumps(event), rollbacks=self._rollbacks)
+        print(json.dumps(event), flush=True)
 
     async def run(self, ctx: NodeContext) -> None:
         cfg, r, discovery = ctx.cfg, ctx.cfg.runtime, ctx.discovery
@@ -137,7 +269,10 @@ class ReplicatedRunner:
         moved_from: int | None = None
         unsynced_since: float | None = None  # when re-syncing first failed with every peer ahead of us
         while True:
-            worker = await trio.to_thread.run_sync(ctx.build_worker, stage)
+            restore = checkpoint_at(ctx.data_dir, stage, self._restore[1]) \
+                if self._restore is not None and self._restore[0] == stage else None
+            self._restore = None
+            worker = await trio.to_thread.run_sync(ctx.build_worker, stage, restore)
             ctx.worker = worker
             codec = ContributionCodec.for_module(worker.module, r.replica_averaging, r.powersgd_rank, seed=stage)
             store = ContributionStore(codec.words, codec)  # contributions in the spec's replica_averaging encoding
@@ -146,6 +281,7 @@ class ReplicatedRunner:
                 cfg=cfg.transport, receipts=ctx.receipts, step_fn=lambda w=worker: w.next_step)  # type: ignore[misc]
             eng = ReplicaEngine(cfg, worker, endpoint, discovery, ctx.host, store)
             eng.head_term = discovery.me.head_term if stage == 0 else -1  # kept across re-syncs (and takeovers)
+            eng.follow_rollback = lambda s=stage, w=worker: self._follow(ctx, s, w)  # type: ignore[misc]
             endpoint.decoder = eng.decode
             self._stores[stage] = store
             self.engine = eng
@@ -156,7 +292,7 @@ class ReplicatedRunner:
             else:
                 # Every peer ahead of us is unreachable. If they announced the run's last step, the run
                 # finished without us (we fell behind at its very end): stop cleanly. Otherwise retry
-                # until replicas.no_replica_timeout_s, then fail with the reason instead of hanging.
+                # until replicas.no_replica_timeout_s, then roll the swarm back (or fail with the reason).
                 now = trio.current_time()
                 unsynced_since = now if unsynced_since is None else unsynced_since
                 if newest >= r.steps - 1:
@@ -164,10 +300,22 @@ class ReplicatedRunner:
                                                 f"{r.steps} and left while this one was at step "
                                                 f"{worker.next_step}: the run finished without it")
                     return
+                rb: RollbackError | None = None
                 if now - unsynced_since > cfg.replicas.no_replica_timeout_s:
-                    raise NodeError(f"stage {stage} replica is at step {worker.next_step}, its stage peers announced "
-                                    f"step {newest} and none could give its state within "
-                                    f"replicas.no_replica_timeout_s={cfg.replicas.no_replica_timeout_s}")
+                    rb = self._start_rollback(ctx, stage, StateLostError(
+                        f"stage {stage} replica is at step {worker.next_step}, its stage peers announced step "
+                        f"{newest} and none could give its state within replicas.no_replica_timeout_s="
+                        f"{cfg.replicas.no_replica_timeout_s} (last held by peer {', '.join(self._unsynced)})",
+                        worker.next_step, tuple(self._unsynced)))
+                if rb is None:
+                    try:
+                        eng.check_rollback()
+                    except RollbackError as exc:
+                        rb = exc
+                if rb is not None:
+                    await self._rewind(ctx, stage, worker, rb)
+                    unsynced_since = None
+                    continue
                 await trio.sleep(r.retry_backoff_s)
             self._serving = True
             discovery.update_me(stage=stage, next_step=worker.next_step)
@@ -184,15 +332,26 @@ class ReplicatedRunner:
                         move = await self._serve_stage(ctx, eng, worker)
                     except NodeError as exc:
                         outcome = exc
-                    if move is not None or isinstance(outcome, ResyncNeededError):
+                    if isinstance(outcome, StateLostError):  # every holder of the newer state is gone: rewind
+                        try:
+                            outcome = self._start_rollback(ctx, stage, outcome) or ResyncNeededError(
+                                f"{outcome}; a peer of the stage still shows signs of life: re-syncing")
+                        except NodeError as exc:
+                            outcome = exc
+                    if move is not None or isinstance(outcome, ResyncNeededError | RollbackError):
                         discovery.update_me(stage=-1)
                         self._serving = False
-                        await trio.to_thread.run_sync(save_checkpoint, worker, ctx.data_dir)
+                        if not isinstance(outcome, RollbackError):  # a rollback abandons the steps since
+                            await self._save(ctx, worker)
                         with trio.move_on_after(2):
                             await eng.close()
                     en.cancel_scope.cancel()
             if isinstance(outcome, ResyncNeededError):
                 ctx.log.status(last_resync=str(outcome))
+                continue
+            if isinstance(outcome, RollbackError):
+                await self._rewind(ctx, stage, worker, outcome)
+                unsynced_since = None
                 continue
             if outcome is not None:
                 raise outcome
@@ -213,7 +372,7 @@ class ReplicatedRunner:
             ctx.log.step(step_report(out, eng))
             discovery.update_me(next_step=worker.next_step, throughput=eng.throughput)
             if r.checkpoint_every and worker.next_step % r.checkpoint_every == 0:
-                await trio.to_thread.run_sync(save_checkpoint, worker, ctx.data_dir)
+                await self._save(ctx, worker)
             now = trio.current_time()
             if rc.rebalance_period_s and now - last_plan >= rc.rebalance_period_s:
                 last_plan = now
@@ -233,7 +392,8 @@ class ReplicatedRunner:
         def someone_behind() -> bool:
             fresh = 4 * ctx.cfg.discovery.announce_interval_s  # a peer that stopped answering is not waited for
             return any(e.next_step < steps for e in discovery.entries(max_age_s=fresh)
-                       if e.stage in (eng.stage, -1) and e.spec_hash == discovery.me.spec_hash
+                       if e.stage in (eng.stage, -1) and e.rollback_gen == discovery.me.rollback_gen
+                       and e.spec_hash == discovery.me.spec_hash
                        and e.num_stages == discovery.me.num_stages)
 
         while trio.current_time() < deadline and someone_behind():

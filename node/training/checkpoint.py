@@ -80,6 +80,68 @@ def checkpoint_at(data_dir: str | Path, stage: int, next_step: int) -> Path | No
     return path if (path / MANIFEST).exists() else None
 
 
+def checkpoint_steps(data_dir: str | Path, stage: int) -> list[int]:
+    """The next steps of the complete checkpoints of `stage` held in `data_dir`, ascending."""
+    root = stage_dir(data_dir, stage)
+    if not root.is_dir():
+        return []
+    return sorted(int(p.name[4:]) for p in root.iterdir()
+                  if p.is_dir() and p.name.startswith("step") and p.name[4:].isdigit() and (p / MANIFEST).exists())
+
+
+ABANDONED = "abandoned"  # beside a stage's checkpoints: the ones a rollback abandoned, one folder per generation
+
+
+def _abandoned_key(p: Path) -> tuple[int, int] | None:
+    """(generation, n) of an abandoned folder named gen<g> or gen<g>.<n> (n >= 2: abandoned again), else None."""
+    gen, _, n = p.name.removeprefix("gen").partition(".")
+    if not p.name.startswith("gen") or not gen.isdigit() or (n and not n.isdigit()):
+        return None
+    return int(gen), int(n or 1)
+
+
+def abandoned_folders(data_dir: str | Path, stage: int) -> list[Path]:
+    """The folders of abandoned checkpoints of `stage`, oldest generation first."""
+    base = stage_dir(data_dir, stage) / ABANDONED
+    if not base.is_dir():
+        return []
+    keyed = [(k, p) for p in base.iterdir() if p.is_dir() and (k := _abandoned_key(p)) is not None]
+    return [p for _, p in sorted(keyed)]
+
+
+def abandon_checkpoints_after(data_dir: str | Path, stage: int, next_step: int, gen: int,
+                              keep_gens: int = 2) -> list[int]:
+    """Move the checkpoints of `stage` taken after `next_step` (a rollback abandons them; they belong to rollback
+    generation `gen`) into `abandoned/gen<gen>/` beside them (`gen<gen>.<n>` when that folder exists: a
+    restarted node abandons a generation again), keep only the newest `keep_gens` abandoned folders (0 = all),
+    and point LATEST at the newest checkpoint left (removed when none is); returns the steps moved. Nothing
+    else is deleted: a restore is explicit (`checkpoint_at`)."""
+    root = stage_dir(data_dir, stage)
+    moved = [s for s in checkpoint_steps(data_dir, stage) if s > next_step]
+    if moved:
+        base = root / ABANDONED
+        dest, n = base / f"gen{gen}", 1
+        while dest.exists():
+            n += 1
+            dest = base / f"gen{gen}.{n}"
+        tmp = base / f".tmp-{dest.name}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for s in moved:
+            os.replace(root / f"step{s:08d}", tmp / f"step{s:08d}")
+        os.replace(tmp, dest)
+        folders = abandoned_folders(data_dir, stage)
+        for p in folders[:-keep_gens] if keep_gens > 0 else []:
+            shutil.rmtree(p, ignore_errors=True)
+    left = checkpoint_steps(data_dir, stage)
+    if left:
+        (root / "LATEST.tmp").write_text(f"step{left[-1]:08d}")
+        os.replace(root / "LATEST.tmp", root / "LATEST")
+    elif (root / "LATEST").exists():
+        (root / "LATEST").unlink()
+    return moved
+
+
 def load_checkpoint(worker: StageWorker, path: str | Path) -> int:
     """Restore weights, AdamW state and the step counter; returns the next step. Verifies every hash."""
     path = Path(path)

@@ -46,17 +46,20 @@ def join(root: Path, name: str, stage: int, steps: int, boot: NodeProcess, num_s
     return start_node(stage, root / name, args, READY_TIMEOUT_S)
 
 
-def records(node: NodeProcess, stage: int | None = None) -> dict[int, dict[str, Any]]:
+def records(node: NodeProcess, stage: int | None = None, gen: int | None = None) -> dict[int, dict[str, Any]]:
     """The node's progress records by step (the last record of a step wins), only those of `stage` if given
-    (a node that moved has records of two stages)."""
-    return {int(r["step"]): r for r in read_progress(node.data_dir) if stage is None or r["stage"] == stage}
+    (a node that moved has records of two stages) and of rollback generation `gen` if given (steps after a
+    rollback's step are recorded once per generation)."""
+    return {int(r["step"]): r for r in read_progress(node.data_dir) if (stage is None or r["stage"] == stage)
+            and (gen is None or r.get("rollback_gen", 0) == gen)}
 
 
-def check_exactly_once(stage_nodes: list[NodeProcess], steps: range | list[int], stage: int | None = None) -> None:
-    """Every step of the stage combined each microbatch exactly once, and the replicas that applied a step
+def check_exactly_once(stage_nodes: list[NodeProcess], steps: range | list[int], stage: int | None = None,
+                       gen: int | None = None) -> None:
+    """Every step of the stage (of rollback generation `gen`, if given) combined each microbatch exactly once, and the replicas that applied a step
     agree on the committed attempts; every committed attempt was computed by exactly one replica's record or
     (for a replica that died) is covered by a survivor's pull."""
-    recs = [records(n, stage) for n in stage_nodes]
+    recs = [records(n, stage, gen) for n in stage_nodes]
     for s in steps:
         applied = [r[s]["applied"] for r in recs if s in r]
         assert applied, f"step {s}: no replica of the stage applied it"
