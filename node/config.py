@@ -21,6 +21,8 @@ class TransportConfig:
     stream_window_bytes: int = 16 * 1024 * 1024  # yamux receive window granted on act streams (py default 256 KiB)
     tcp_read_bytes: int = 1 << 20  # read-ahead of each TCP connection (0 = py-libp2p's stock Noise + yamux)
     yamux_window_wait_s: float = 5.0  # a yamux writer out of send window gives up after this long (py-libp2p: 5 s)
+    write_stall_s: float = 30.0  # a sealed Noise write is never cut by a caller's timeout (half a message would
+    # desynchronise the connection's cipher); one that cannot reach the socket in this long closes its connection
     tune_heap: bool = True  # make_host sets glibc's heap thresholds for megabyte buffers (process-wide; tuned hosts only)
     handshake_timeout_s: float = 10.0  # time allowed for the HELLO exchange on a new stream
     ack_timeout_s: float = 60.0  # time allowed for all frames of a step to be acknowledged
@@ -46,7 +48,7 @@ class TransportConfig:
             raise ValueError("transport.yamux_frame_bytes must be within [1 KiB, 16 MiB]")
         if self.tcp_read_bytes < 0:
             raise ValueError(f"transport.tcp_read_bytes must be >= 0, got {self.tcp_read_bytes}")
-        for name in ("handshake_timeout_s", "ack_timeout_s", "dial_timeout_s", "yamux_window_wait_s"):
+        for name in ("handshake_timeout_s", "ack_timeout_s", "dial_timeout_s", "yamux_window_wait_s", "write_stall_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"transport.{name} must be > 0")
 

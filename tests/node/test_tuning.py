@@ -23,7 +23,14 @@ from noise.state import CipherState
 from node.config import TransportConfig
 from node.net.transport.cipher import MAX_NONCE, ChaChaPolyState, NonceExhaustedError
 from node.net.transport.locks import QuickLock
-from node.net.transport.noise import NOISE_PACKET, BatchedNoiseTransport, NoiseAuthError, _Receiver, _Sender
+from node.net.transport.noise import (
+    NOISE_PACKET,
+    BatchedNoiseTransport,
+    NoiseAuthError,
+    WriteStalledError,
+    _Receiver,
+    _Sender,
+)
 from node.net.transport.yamux import TunedYamux
 
 pytestmark = [pytest.mark.timeout(60)]
@@ -71,9 +78,10 @@ def _state(cs: CipherState) -> ChaChaPolyState:
     return ChaChaPolyState(cs.k, cs.n)
 
 
-def _tx(rw: noise_io.NoiseTransportReadWriter) -> _Sender:
+def _tx(rw: noise_io.NoiseTransportReadWriter, write_stall_s: float = 30.0) -> _Sender:
     """The batched sender taking over rw's send cipher (rw must not encrypt again)."""
-    return _Sender(rw.read_writer.read_write_closer, _state(rw.noise_state.noise_protocol.cipher_state_encrypt))
+    return _Sender(rw.read_writer.read_write_closer, _state(rw.noise_state.noise_protocol.cipher_state_encrypt),
+                   write_stall_s)
 
 
 def _rx(rw: noise_io.NoiseTransportReadWriter, read_bytes: int) -> _Receiver:
@@ -102,6 +110,38 @@ def test_batched_noise_writes_decode_with_stock_reader() -> None:
             for b in blobs:
                 await sender.send((b,), len(b))
         assert bytes(got) == b"".join(blobs)
+
+    trio.run(main)
+
+
+def test_a_caller_timeout_never_cuts_a_sealed_write() -> None:
+    """A write whose caller's deadline has already passed (a ping or dial timeout expiring at the wrong moment)
+    still sends every sealed message: the peer decodes it and the next one. (Before the fix the cancel landed in
+    the socket write after sealing, the nonce was spent, and every later message failed authentication.)
+    A write that cannot reach the socket within write_stall_s closes the connection with WriteStalledError."""
+    first, second = os.urandom(3 * 65519 + 11), os.urandom(100)
+
+    async def main() -> None:
+        tx, rx = _rw_pair()
+        sender = _tx(tx)
+        got = bytearray()
+        async with trio.open_nursery() as nursery:
+            async def reader() -> None:
+                while len(got) < len(first) + len(second):
+                    got.extend(await rx.read_msg())
+
+            nursery.start_soon(reader)
+            with trio.CancelScope(deadline=trio.current_time() - 1):  # already expired
+                await sender.send((first,), len(first))
+            await sender.send((second,), len(second))
+        assert bytes(got) == first + second
+
+        # nobody reads: the socket buffer fills and the write stalls past write_stall_s
+        tx2, _rx2 = _rw_pair()
+        stalled = _tx(tx2, write_stall_s=0.2)
+        big = os.urandom(16 * 1024 * 1024)
+        with pytest.raises(WriteStalledError, match="write_stall_s=0.2"):
+            await stalled.send((big,), len(big))
 
     trio.run(main)
 

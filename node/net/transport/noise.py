@@ -13,6 +13,11 @@ then does all transport encryption of that connection:
   complete message decrypted and queued (stock: a 2-byte read, a body read and a BytesIO per
   message). A message that fails authentication closes the connection (NoiseAuthError, a
   RawConnError, so yamux stops reading instead of reading on from a desynchronised cipher).
+* cancellation: once a write is sealed (its nonces spent), the socket write is shielded from the caller's
+  cancel scopes. A timeout elsewhere (a ping, a dial, a hole punch) that expired between sealing and sending
+  used to drop a sealed message or cut it in half: every later message then failed authentication at the
+  peer, and the connection stayed "established" while every new stream on it failed. A write that cannot
+  reach the socket within `write_stall_s` closes the connection instead (WriteStalledError).
 
 The bytes on the wire are exactly Noise's: a stock peer cannot tell the difference.
 """
@@ -53,11 +58,16 @@ class NoiseAuthError(RawConnError, NoiseInvalidMessage):
     """A received Noise transport message failed authentication: the connection is unusable."""
 
 
+class WriteStalledError(ConnectionClosedError):
+    """A sealed Noise write could not reach the socket within `write_stall_s`: the connection was closed."""
+
+
 class _Sender:
     """Send side of one session: seals into a reused wire buffer, one socket write per call."""
 
-    def __init__(self, raw: ReadWriteCloser, cipher: ChaChaPolyState) -> None:
+    def __init__(self, raw: ReadWriteCloser, cipher: ChaChaPolyState, write_stall_s: float) -> None:
         self.raw = raw
+        self.write_stall_s = write_stall_s  # longest a sealed write may take to reach the socket
         tcp = getattr(raw, "stream", None)
         self.tcp = tcp if isinstance(tcp, TrioTCPStream) and isinstance(tcp.stream, trio.SocketStream) else None
         self.cipher = cipher
@@ -100,9 +110,21 @@ class _Sender:
                     wire[out : out + NOISE_LEN] = clen.to_bytes(NOISE_LEN, "big")
                     self.cipher.seal_into(piece, wire[out + NOISE_LEN : out + NOISE_LEN + clen])
                     out += NOISE_LEN + clen
-                await self._write(wire[:out])
+                # sealed: from here the bytes must all go out, whatever the caller's timeouts (module doc)
+                with trio.CancelScope(shield=True, deadline=trio.current_time() + self.write_stall_s) as scope:
+                    await self._write(wire[:out])
+            if scope.cancelled_caught:
+                await self._close()
+                raise WriteStalledError(f"a Noise write of {out} bytes did not reach the socket within "
+                                        f"transport.write_stall_s={self.write_stall_s}: connection closed",
+                                        transport="tcp")
         finally:
             self.lock.release()
+
+    async def _close(self) -> None:
+        """Close the connection under a stalled write (part of a message may be on the wire)."""
+        with trio.CancelScope(shield=True):
+            await self.raw.close()
 
     async def _write(self, data: memoryview) -> None:
         """RawConnection.write -> TrioTCPStream.write, with its lock taken without a schedule point."""
@@ -227,7 +249,8 @@ class BatchedNoiseSession(SecureSession):
     is decrypted so far (at least one message); EOF raises IncompleteReadError, as stock.
     """
 
-    def __init__(self, session: SecureSession, noise: NoiseTransportReadWriter, read_bytes: int) -> None:
+    def __init__(self, session: SecureSession, noise: NoiseTransportReadWriter, read_bytes: int,
+                 write_stall_s: float = 30.0) -> None:
         super().__init__(local_peer=session.local_peer, local_private_key=session.local_private_key,
                          remote_peer=session.remote_peer, remote_permanent_pubkey=session.remote_permanent_pubkey,
                          is_initiator=session.is_initiator, conn=noise)
@@ -235,7 +258,7 @@ class BatchedNoiseSession(SecureSession):
         raw = noise.read_writer.read_write_closer
         enc, dec = protocol.cipher_state_encrypt, protocol.cipher_state_decrypt
         # From here on these two states own the session's nonces; noise_state is not used again.
-        self._tx = _Sender(raw, ChaChaPolyState(enc.k, enc.n))
+        self._tx = _Sender(raw, ChaChaPolyState(enc.k, enc.n), write_stall_s)
         self._rx = _Receiver(raw, ChaChaPolyState(dec.k, dec.n), read_bytes)
 
     @staticmethod
@@ -282,20 +305,25 @@ class BatchedNoiseTransport(NoiseTransport):
     """py-libp2p's Noise transport (`/noise`), handing out BatchedNoiseSessions.
 
     read_bytes: most ciphertext bytes read from the socket per call (the receive buffer grows to
-    this on bulk traffic). A session it cannot take over (not ChaChaPoly) stays stock.
+    this on bulk traffic). write_stall_s: longest a sealed write may take to reach the socket before its
+    connection is closed (module doc). A session it cannot take over (not ChaChaPoly) stays stock.
     """
 
-    def __init__(self, libp2p_keypair: KeyPair, noise_privkey: PrivateKey, read_bytes: int) -> None:
+    def __init__(self, libp2p_keypair: KeyPair, noise_privkey: PrivateKey, read_bytes: int,
+                 write_stall_s: float = 30.0) -> None:
         super().__init__(libp2p_keypair, noise_privkey)
         if read_bytes < 1:
             raise ValueError(f"read_bytes must be >= 1, got {read_bytes}")
+        if write_stall_s <= 0:
+            raise ValueError(f"write_stall_s must be > 0, got {write_stall_s}")
         self.read_bytes = read_bytes
+        self.write_stall_s = write_stall_s
 
     def _batched(self, session: ISecureConn) -> ISecureConn:
         if not BatchedNoiseSession.supports(session):
             return session
         assert isinstance(session, SecureSession) and isinstance(session.conn, NoiseTransportReadWriter)
-        return BatchedNoiseSession(session, session.conn, self.read_bytes)
+        return BatchedNoiseSession(session, session.conn, self.read_bytes, self.write_stall_s)
 
     async def secure_inbound(self, conn: IRawConnection) -> ISecureConn:
         return self._batched(await super().secure_inbound(conn))

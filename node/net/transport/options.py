@@ -42,7 +42,8 @@ def host_options(key_pair: KeyPair, cfg: TransportConfig) -> HostOptions:
     """
     if not is_tuned(cfg):
         return HostOptions(sec_opt=None, muxer_opt=None)
-    noise = BatchedNoiseTransport(key_pair, new_x25519_key_pair().private_key, cfg.tcp_read_bytes)
+    noise = BatchedNoiseTransport(key_pair, new_x25519_key_pair().private_key, cfg.tcp_read_bytes,
+                                  cfg.write_stall_s)
     muxer = TunedYamux.configured(cfg.yamux_frame_bytes, cfg.yamux_window_wait_s)
     return HostOptions(sec_opt={NOISE_PROTOCOL_ID: noise}, muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): muxer})
 
