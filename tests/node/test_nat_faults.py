@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 
 from node.testing.nat_swarm import run_nat_swarm
+from node.observability.status import read_progress
 from node.testing.netns import available, nat_topology
 from sharding import PRESETS, OptimConfig, load_corpus, train_reference
+from tests.waiting import wait_until
 
 pytestmark = [pytest.mark.network, pytest.mark.skipif(available() is not None, reason=str(available()))]
 
@@ -64,3 +66,39 @@ def test_hole_punch_timeout_falls_back_to_the_relay(tmp_path: Path) -> None:
     views = [nat0["stream_paths"].get(peer1, {}), nat1["stream_paths"].get(peer0, {})]
     assert any(ACT in v.get("relayed", []) for v in views), views
     assert not any(ACT in v.get("direct (hole punched)", []) or ACT in v.get("direct", []) for v in views), views
+
+
+@pytest.mark.timeout(360)
+def test_router_dropping_its_mappings_mid_run_loses_no_microbatch(tmp_path: Path) -> None:
+    """The middle stage's router forgets every NAT mapping after the tail trained step `DROP_AFTER` (wan link
+    down and up, as a reconnecting router does). The router is symmetric, so the mappings its home's next
+    packets create get new random ports and every connection of the home breaks (with a port-preserving
+    router they would be re-created on the same ports and survive unnoticed). The home node finds its dead
+    links, reserves a relay slot again and re-dials its neighbours; the swarm trains to the same per-step
+    losses as the single-process reference, so no microbatch was lost."""
+    steps, drop_after = 6, 2
+    dropped: list[int] = []
+
+    def drop(nodes: list) -> None:
+        tail = nodes[-1].data_dir
+        wait_until(lambda: any(int(r["step"]) >= drop_after for r in read_progress(tail)), 200,
+                   f"the tail to train step {drop_after}", detail=lambda: read_progress(tail)[-1:])
+        home = topo.homes[0]
+        before = home.mappings()
+        home.drop_mappings()
+        wait_until(lambda: home.mappings() < before, 10, "the router to forget its NAT mappings",
+                   detail=home.mappings)
+        dropped.append(max(int(r["step"]) for r in read_progress(tail)))
+
+    with nat_topology(homes=1, symmetric=True) as topo:
+        res = run_nat_swarm(topo, tmp_path, ["public", "home1", "public"], ["--steps", str(steps), *ARGS],
+                            timeout_s=300, during=drop)
+    assert dropped and dropped[0] < steps - 1, dropped  # the fault hit mid-run, with steps left to train
+    assert res.losses == pytest.approx(_reference(steps), abs=1e-4)
+    nat = res.statuses[1]["nat"]
+    relay = res.ready[2]["peer_id"]
+    events = nat["relay_events"]
+    lost = [i for i, e in enumerate(events) if f"lost relay {relay}" in e]
+    assert lost, events  # the drop broke the home's connection to its relay ...
+    assert any("reserved a slot" in e for e in events[lost[0]:]), events  # ... and it reserved again
+    assert nat["relays"], nat

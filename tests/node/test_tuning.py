@@ -90,6 +90,14 @@ def _rx(rw: noise_io.NoiseTransportReadWriter, read_bytes: int) -> _Receiver:
                      read_bytes)
 
 
+async def _read_stock(rx: noise_io.NoiseTransportReadWriter, total: int, got: bytearray) -> None:
+    """Read with stock py-libp2p (one Noise message per call) until `total` plaintext bytes arrived."""
+    while len(got) < total:
+        msg = await rx.read_msg()
+        assert len(msg) <= noise_io.MAX_PLAINTEXT_LENGTH
+        got.extend(msg)
+
+
 def test_batched_noise_writes_decode_with_stock_reader() -> None:
     """Big writes leave as <= 65535-byte Noise messages, in nonce order, readable by stock py-libp2p."""
     sizes = [1, 65519, 65520, 3 * 65519 + 7, 5 * 1024 * 1024 + 3]
@@ -100,13 +108,7 @@ def test_batched_noise_writes_decode_with_stock_reader() -> None:
         sender = _tx(tx)
         got = bytearray()
         async with trio.open_nursery() as nursery:
-            async def reader() -> None:
-                while len(got) < sum(sizes):
-                    msg = await rx.read_msg()  # stock: one Noise message per call
-                    assert len(msg) <= noise_io.MAX_PLAINTEXT_LENGTH
-                    got.extend(msg)
-
-            nursery.start_soon(reader)
+            nursery.start_soon(_read_stock, rx, sum(sizes), got)
             for b in blobs:
                 await sender.send((b,), len(b))
         assert bytes(got) == b"".join(blobs)
@@ -126,11 +128,7 @@ def test_a_caller_timeout_never_cuts_a_sealed_write() -> None:
         sender = _tx(tx)
         got = bytearray()
         async with trio.open_nursery() as nursery:
-            async def reader() -> None:
-                while len(got) < len(first) + len(second):
-                    got.extend(await rx.read_msg())
-
-            nursery.start_soon(reader)
+            nursery.start_soon(_read_stock, rx, len(first) + len(second), got)
             with trio.CancelScope(deadline=trio.current_time() - 1):  # already expired
                 await sender.send((first,), len(first))
             await sender.send((second,), len(second))
