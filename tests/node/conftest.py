@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import multiaddr
 import numpy as np
@@ -11,7 +12,7 @@ import numpy as np
 from node.config import TransportConfig
 from node.errors import NonFiniteError
 from node.net.host import make_host
-from node.net.identity import identity_from_secret
+from node.net.identity import NodeIdentity, identity_from_secret
 from node.net.running import run_host
 from node.wire import frames
 
@@ -38,7 +39,7 @@ def tcfg(**kw: object) -> TransportConfig:
 
 
 @contextlib.asynccontextmanager
-async def running_host(seed: int, config: TransportConfig | None = None) -> AsyncIterator[object]:
+async def running_host(seed: int, config: TransportConfig | None = None) -> AsyncIterator[tuple[Any, NodeIdentity]]:
     """A host with a deterministic key listening on a free loopback port (transport as `config` says)."""
     ident = identity_from_secret(seed.to_bytes(32, "big"))
     host = make_host(ident, config=config)

@@ -1,4 +1,4 @@
-"""Faults behind NAT: a relay refusing reservations, a hole punch that times out (symmetric NATs). The node falls
+"""Faults behind NAT: a relay refusing reservations, a hole punch that times out (symmetric NATs), a router that drops its mappings mid-run. The node falls
 back (another relay, the relayed path), names the reason in its status, and trains to the same per-step losses
 (no microbatch lost)."""
 
@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from node.testing.nat_swarm import run_nat_swarm
 from node.observability.status import read_progress
+from node.testing.nat_swarm import run_nat_swarm
 from node.testing.netns import available, nat_topology
 from sharding import PRESETS, OptimConfig, load_corpus, train_reference
 from tests.waiting import wait_until
