@@ -277,7 +277,7 @@ class NatConfig:
     direct_dial_timeout_s: float = 3.0  # a peer announcing relayed addresses is first dialed directly for this long
     keepalive_interval_s: float = 5.0  # how often every connected peer is pinged (keeps NAT mappings, finds dead links)
     keepalive_timeout_s: float = 10.0  # time allowed for one ping round trip
-    keepalive_failures: int = 3  # pings in a row a peer may miss before its connections are closed (then redialed)
+    keepalive_failures: int = 3  # pings in a row one connection may miss before it is closed (1 when another answers)
     holepunch: bool = True  # upgrade relayed connections to direct ones with DCUtR
     holepunch_timeout_s: float = 5.0  # how long a dial waits for one DCUtR attempt before going on relayed (the
     # attempt itself is never cancelled: it ends within its own io/dial timeouts below and upgrades late if it

@@ -12,23 +12,20 @@ At start (after the runner chose the stage, before the ready line) it
    waits up to `nat.relay_start_timeout_s` for the first one, and announces its `/p2p-circuit` addresses
    first in its signed announcement, its own addresses after them.
 While running it keeps the reservations (renew, replace a lost relay), re-checks reachability every
-`nat.autonat_interval_s`, pings every peer every `nat.keepalive_interval_s` (closing the connections of one
-that misses `nat.keepalive_failures` pings: a lost NAT mapping leaves links that look established), and writes `nat` into the status file: reachability and its reason, relays,
+`nat.autonat_interval_s`, pings every connection of every peer every `nat.keepalive_interval_s` (closing one
+that misses `nat.keepalive_failures` pings, or one ping while another connection to the same peer answers: a
+lost NAT mapping leaves links that look established, `node.net.nat.keepalive`), and writes `nat` into the status file: reachability and its reason, relays,
 reservation events and refusals, each connected peer's path (public / relayed / direct after hole punch)
 and which protocols' streams ran over which path.
 """
 
 from __future__ import annotations
 
-import secrets
 import sys
-import time
 from collections.abc import Sequence
 from typing import Any
 
 import trio
-from libp2p.host.ping import ID as PING_ID
-from libp2p.host.ping import PING_LENGTH
 from libp2p.peer.id import ID
 from libp2p.relay.circuit_v2.config import RelayConfig, RelayRole
 from libp2p.relay.circuit_v2.transport import CircuitV2Transport
@@ -39,6 +36,7 @@ from node.context import NodeContext
 from node.net.host import parse_peer_addr
 from node.net.nat.dialing import NatHost
 from node.net.nat.holepunch import HolePuncher, NodeDCUtR
+from node.net.nat.keepalive import Keepalive
 from node.net.nat.paths import DIRECT, PUNCHED, RELAYED, conn_is_relayed, is_circuit, peer_conns
 from node.net.nat.reachability import PRIVATE, PUBLIC, Reachability
 from node.net.nat.relay import RelayClient, relay_limits, relay_protocol
@@ -66,8 +64,7 @@ class NatService:
         self.puncher: HolePuncher | None = None
         self.hop = False  # serving as a relay
         self.stream_paths: dict[str, dict[str, set[str]]] = {}  # peer -> path -> protocols seen on it
-        self.missed: dict[str, int] = {}  # peer id -> keepalive pings missed in a row
-        self.dead_closed: list[str] = []  # the latest "closed the connections of <peer>: <why>" events
+        self.keepalive: Keepalive | None = None  # per-connection pings, set at start
         self._last: dict[str, Any] = {}
 
     # --- start -------------------------------------------------------------------------------------
@@ -114,6 +111,7 @@ class NatService:
         if reach.state == PRIVATE:
             await self._start_relays()
         ctx.nursery.start_soon(self._watch)
+        self.keepalive = Keepalive(host, cfg.keepalive_timeout_s, cfg.keepalive_failures)
         ctx.nursery.start_soon(self._keepalive)
         self._write_status(force=True)
         relays = ", ".join(self.relays.slots) if self.relays is not None and self.relays.slots else "none"
@@ -194,8 +192,8 @@ class NatService:
                        relay_events=self.relays.events[-8:], relay_refused=dict(self.relays.refused))
         if self.puncher is not None:
             out["holepunch"] = dict(self.puncher.results)
-        if self.dead_closed:
-            out["dead_links_closed"] = list(self.dead_closed)
+        if self.keepalive is not None and self.keepalive.closed:
+            out["dead_links_closed"] = list(self.keepalive.closed)
         host = self.ctx.host if self.ctx is not None else None
         if isinstance(host, NatHost):
             out.update(relayed_dials=host.relayed_dials, last_dial_error=host.last_dial_error)
@@ -231,58 +229,14 @@ class NatService:
                     print(f"reachability: now public ({self.reach.reason})", file=sys.stderr, flush=True)
             self._write_status()
 
-    async def _ping(self, peer: ID) -> None:
-        """One ping round trip on the peer's connection (raises on failure or after keepalive_timeout_s)."""
-        assert self.ctx is not None
-        host = self.ctx.host
-        with trio.fail_after(self.cfg.keepalive_timeout_s):
-            stream = await host.new_stream(peer, [PING_ID])
-            try:
-                payload = secrets.token_bytes(PING_LENGTH)
-                await stream.write(payload)
-                got = b""
-                while len(got) < PING_LENGTH:
-                    chunk = await stream.read(PING_LENGTH - len(got))
-                    if not chunk:
-                        raise ConnectionError("ping stream closed")
-                    got += chunk
-                if got != payload:
-                    raise ConnectionError("ping answered with other bytes")
-            finally:
-                await stream.close()
-
-    async def _keepalive_one(self, peer: ID) -> None:
-        assert self.ctx is not None
-        key = peer.pretty()
-        try:
-            await self._ping(peer)
-            self.missed.pop(key, None)
-            return
-        except Exception as exc:  # timeout, reset, refused stream: a missed ping
-            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-        self.missed[key] = self.missed.get(key, 0) + 1
-        if self.missed[key] < self.cfg.keepalive_failures:
-            return
-        self.missed.pop(key, None)
-        self.dead_closed = (self.dead_closed + [f"{time.strftime('%H:%M:%S')} closed the connections of {key}: "
-                                                f"{self.cfg.keepalive_failures} pings missed ({why})"])[-8:]
-        for conn in peer_conns(self.ctx.host, peer):
-            with trio.move_on_after(self.cfg.keepalive_timeout_s):
-                try:
-                    await conn.close()
-                except Exception:  # already half gone
-                    pass
-
     async def _keepalive(self) -> None:
-        """Ping every connected peer every `keepalive_interval_s`: traffic keeps the routers' NAT mappings, and a
-        peer that misses `keepalive_failures` pings in a row (its mapping lost, its router renumbered) has its
-        connections closed, so the next dial makes a fresh one instead of reusing a dead link."""
-        assert self.ctx is not None
+        """Ping every connection of every connected peer every `keepalive_interval_s`: traffic keeps the routers'
+        NAT mappings, and a connection that stops answering (its mapping lost, its router renumbered) is closed,
+        so new streams and the next dial use a live link (`node.net.nat.keepalive`)."""
+        assert self.keepalive is not None
         while True:
             await trio.sleep(self.cfg.keepalive_interval_s)
-            async with trio.open_nursery() as nursery:
-                for peer in self.ctx.host.get_connected_peers():
-                    nursery.start_soon(self._keepalive_one, peer)
+            await self.keepalive.round()
 
     def close(self) -> None:
         """Nothing to release: the relay and DCUtR services end with the node's nursery."""
