@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
 import multiaddr
 import trio
@@ -47,54 +48,54 @@ class FreezableProxy:
     def freeze(self) -> None:
         self.frozen.set()
 
-    async def run(self, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+    async def run(self, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
         task_status.started(listeners[0].socket.getsockname()[1])
         await trio.serve_listeners(self._handle, listeners)
 
 
 @asynccontextmanager
-async def two_hosts() -> AsyncIterator[tuple[object, object, trio.Nursery]]:
+async def two_hosts() -> AsyncIterator[tuple[Any, Any, trio.Nursery]]:
     async with running_host(201) as (h0, _), running_host(202) as (h1, _), trio.open_nursery() as nursery:
         yield h0, h1, nursery
         nursery.cancel_scope.cancel()
 
 
-def _port(host: object) -> int:
-    return int(full_addrs(host)[0].split("/")[4])  # type: ignore[arg-type]
+def _port(host: Any) -> int:
+    return int(full_addrs(host)[0].split("/")[4])
 
 
-async def _dial_through(h0: object, h1: object, nursery: trio.Nursery) -> FreezableProxy:
+async def _dial_through(h0: Any, h1: Any, nursery: trio.Nursery) -> FreezableProxy:
     """h0 connects to h1 through a fresh proxy; returns the proxy."""
     proxy = FreezableProxy(_port(h1))
     port = await nursery.start(proxy.run)
     addr = multiaddr.Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")
-    await h0.connect(PeerInfo(h1.get_id(), [addr]))  # type: ignore[attr-defined]
+    await h0.connect(PeerInfo(h1.get_id(), [addr]))
     return proxy
 
 
 def test_a_silent_connection_is_closed_and_a_live_one_to_the_same_peer_kept() -> None:
     async def main() -> None:
         async with two_hosts() as (h0, h1, nursery):
-            peer = h1.get_id()  # type: ignore[attr-defined]
+            peer = h1.get_id()
             proxy = await _dial_through(h0, h1, nursery)
-            [old] = peer_conns(h0, peer)  # type: ignore[arg-type]
+            [old] = peer_conns(h0, peer)
             await ping_connection(old, TIMEOUT_S)  # it works while the path moves bytes
             # h1 reaches h0 again over a new link (as a home does after its router forgot the old mapping)
             # (a second connection of its own: the swarm's dial_addr, as connect() reuses a live one)
-            await h1.get_network().dial_addr(multiaddr.Multiaddr(full_addrs(h0)[0].rsplit("/p2p/", 1)[0]),  # type: ignore[attr-defined]
-                                             h0.get_id())  # type: ignore[attr-defined]
+            await h1.get_network().dial_addr(multiaddr.Multiaddr(full_addrs(h0)[0].rsplit("/p2p/", 1)[0]),
+                                             h0.get_id())
             with trio.fail_after(10):
-                while len(peer_conns(h0, peer)) < 2:  # type: ignore[arg-type]
+                while len(peer_conns(h0, peer)) < 2:
                     await trio.sleep(0.01)
-            [new] = [c for c in peer_conns(h0, peer) if c is not old]  # type: ignore[arg-type]
+            [new] = [c for c in peer_conns(h0, peer) if c is not old]
             proxy.freeze()
             keep = Keepalive(h0, TIMEOUT_S, failures=3)
             await keep.peer(peer)
             # the silent one missed a single ping while the new one answered: closed at once, the new one kept
-            assert peer_conns(h0, peer) == [new], keep.closed  # type: ignore[arg-type]
+            assert peer_conns(h0, peer) == [new], keep.closed
             assert len(keep.closed) == 1 and "while another connection answered" in keep.closed[0]
-            stream = await h0.new_stream(peer, [PING_ID])  # type: ignore[attr-defined]
+            stream = await h0.new_stream(peer, [PING_ID])
             assert stream.muxed_conn is new.muxed_conn
             await stream.close()
 
@@ -104,17 +105,17 @@ def test_a_silent_connection_is_closed_and_a_live_one_to_the_same_peer_kept() ->
 def test_a_lone_silent_connection_is_closed_after_the_configured_misses() -> None:
     async def main() -> None:
         async with two_hosts() as (h0, h1, nursery):
-            peer = h1.get_id()  # type: ignore[attr-defined]
+            peer = h1.get_id()
             proxy = await _dial_through(h0, h1, nursery)
-            [conn] = peer_conns(h0, peer)  # type: ignore[arg-type]
+            [conn] = peer_conns(h0, peer)
             keep = Keepalive(h0, TIMEOUT_S, failures=2)
             await keep.round()
             assert keep.missed == {} and keep.closed == []  # healthy: nothing counted
             proxy.freeze()
             await keep.round()
-            assert peer_conns(h0, peer) == [conn] and keep.missed == {id(conn): 1}  # type: ignore[arg-type]
+            assert peer_conns(h0, peer) == [conn] and keep.missed == {id(conn): 1}
             await keep.round()
-            assert peer_conns(h0, peer) == []  # type: ignore[arg-type]
+            assert peer_conns(h0, peer) == []
             assert len(keep.closed) == 1 and "2 pings missed" in keep.closed[0]
             assert keep.missed == {}
 
