@@ -190,8 +190,9 @@ def cmd_shares(args: argparse.Namespace) -> int:
 def cmd_claim(args: argparse.Namespace) -> int:
     """Claim through the holder's durable outbox (pmn/holder_outbox.py): recorded, then sent exactly once;
     while the chain is down the claim stays queued and a re-run sends it."""
-    from pmn.holder_outbox import HolderOutbox, connection_lost
+    from pmn.holder_outbox import HolderOutbox, connection_lost, quiet_outbox_log
 
+    quiet_outbox_log()
     cfg = role_config(HolderConfig, args)
     deployment = load_deployment(cfg)
     account = unlock(cfg, args)

@@ -116,6 +116,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     if not os.environ.get("PMN_DEBUG"):  # py-libp2p logs each failed dial attempt; the one-line error says it
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    from pmn.holder_outbox import quiet_outbox_log
+
+    quiet_outbox_log()
     if not peers:
         raise CLIError("no stage peer: pass --bootstrap MULTIADDR of a stage-0 node (printed by `pmn node start`)")
     try:

@@ -18,6 +18,7 @@ the `used_requests` table of the same file.
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from dataclasses import dataclass
@@ -51,7 +52,8 @@ def outbox_config(cfg: HolderConfig, holder: str) -> OutboxConfig:
     """The ChainOutbox settings of `holder`'s outbox file, from the holder's config."""
     return OutboxConfig(data_dir=Path(cfg.outbox_dir).expanduser(), filename=f"{holder.lower()}.sqlite",
                         retry_interval_s=cfg.outbox_retry_interval_s, max_backoff_s=cfg.outbox_max_backoff_s,
-                        call_timeout_s=cfg.outbox_call_timeout_s, drain_timeout_s=cfg.outbox_wait_s)
+                        call_timeout_s=cfg.outbox_call_timeout_s, connect_attempts=max(1, cfg.rpc_retries),
+                        drain_timeout_s=cfg.outbox_wait_s)
 
 
 @dataclass
@@ -123,12 +125,12 @@ class HolderOutbox:
         (bounded by `outbox_wait_s`). OutboxQueuedError when the chain did not take it in time."""
         while True:
             entry = self.open_payment(model_id)
+            resumed = entry is not None
             if entry is None:
                 key = self.box.deposit(self.holder, model_id, fee_wei, os.urandom(32))
                 entry = self.box.get(key)
                 assert entry is not None
             request_id = bytes.fromhex(entry.payload["request_id"])
-            resumed = entry.attempts > 0 or entry.state == DONE
             self._drain(entry.key, f"the payment of {entry.payload['value_wei']} wei for request 0x{request_id.hex()} "
                                    f"(model {model_id})", f"re-running `pmn infer --model {model_id}` resumes it")
             tx_hash = bytes.fromhex(self.box.result(entry.key)["tx_hash"].removeprefix("0x"))
@@ -146,7 +148,7 @@ class HolderOutbox:
         queued = [e for e in self._mine(CLAIM_REVENUE, model_id) if e.state == QUEUED]
         key = queued[0].key if queued else self.box.claim_revenue(self.holder, model_id, os.urandom(8).hex())
         self._drain(key, f"the revenue claim of model {model_id} for {self.holder}",
-                    f"re-running `pmn claim --model {model_id}` (or any `pmn infer` / `pmn claim`) sends it once")
+                    f"re-running `pmn claim --model {model_id}` (or any later `pmn claim` / `pmn infer`) sends it")
         return self.box.result(key)
 
     def queued_claim(self, model_id: int) -> bool:
@@ -180,6 +182,13 @@ class HolderOutbox:
             raise OutboxRefusal(f"the chain refused {what}: {entry.error} (recorded in {self.path}; not retried)")
         if entry.state != DONE:  # queued behind an earlier write the drain could not finish
             raise OutboxQueuedError(f"{what} is queued in the outbox {self.path}; {resume}, exactly once")
+
+
+def quiet_outbox_log() -> None:
+    """A command reports its queued or refused writes in its one-line error: the outbox's own log lines (one per
+    pass while the chain is down) show only with PMN_DEBUG set."""
+    if not os.environ.get("PMN_DEBUG"):
+        logging.getLogger("protocol.outbox").setLevel(logging.CRITICAL)
 
 
 def connection_lost(exc: BaseException) -> bool:
