@@ -166,3 +166,24 @@ def test_refused_payment_is_a_clear_error_and_not_retried(tmp_path: Path, anvil:
             outbox.pay(model_id, FEE)
         assert "not retried" in str(err.value)
         assert outbox.open_payment(model_id) is None  # the next run pays for a new request id
+
+
+def test_claim_whose_answer_is_lost_is_found_not_claimed_again(tmp_path: Path, anvil: RestartableAnvil,
+                                                               chain: Env) -> None:
+    env = chain
+    model_id, holder = _model_with_holder(env)
+    env.pc.deposit_revenue(env.payer, model_id, FEE, os.urandom(32))
+    accrued = env.pc.claimable(model_id, holder.address)
+    proxy = FlakyProxy(anvil.url)
+    try:
+        cfg = _holder_config(proxy.url, tmp_path)
+        with HolderOutbox(cfg, env.pc.deployment, holder) as outbox:
+            proxy.swallow_method = "eth_sendRawTransaction"  # the claim reaches the chain, its answer does not
+            got = outbox.claim(model_id)
+            assert got["amount_wei"] == accrued and got["found"] == "claimedOf grew"
+            assert not outbox.queued_claim(model_id)
+        assert proxy.sends() == 1
+    finally:
+        proxy.close()
+    claims = _events(env, model_id, "RevenueClaimed")
+    assert [(e["args"]["account"], int(e["args"]["amount"])) for e in claims] == [(holder.address, accrued)]
