@@ -51,6 +51,11 @@ def _add_key_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--password-file", type=Path, help="file holding the keystore password (else $PMN_PASSWORD, else a prompt)")
 
 
+def _add_outbox_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--outbox-dir", type=Path, help="the holder's durable chain outbox: payments and claims are "
+                   "recorded there before they are sent, and a re-run resumes them (default: config outbox_dir)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
     parser = _Parser(
@@ -111,6 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", type=int, required=True, help="model id")
     _add_chain_flags(p)
     _add_key_flags(p)
+    _add_outbox_flag(p)
     p.set_defaults(func=_handler("cmd_chain", "cmd_claim"))
 
     p = sub.add_parser("infer", help="pay the inference fee, send the prompt through the stage peers, stream the text",
@@ -126,6 +132,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout-s", type=float, default=120.0, help="longest wait to reach the peer, and for the answer")
     _add_chain_flags(p)
     _add_key_flags(p)
+    _add_outbox_flag(p)
     p.set_defaults(func=_handler("cmd_infer", "cmd_infer"))
 
     # operator

@@ -53,6 +53,8 @@ def role_config(cls: type[C], args: argparse.Namespace) -> C:
         cfg.deployment = str(args.deployment)
     if getattr(args, "keystore", None) and hasattr(cfg, "keystore"):
         cfg.keystore = str(args.keystore)  # type: ignore[attr-defined]
+    if getattr(args, "outbox_dir", None) and hasattr(cfg, "outbox_dir"):
+        cfg.outbox_dir = str(args.outbox_dir)  # type: ignore[attr-defined]
     return cfg
 
 
@@ -62,17 +64,23 @@ def chain_config(cfg: ChainSettings) -> ChainConfig:
                        request_timeout_s=cfg.rpc_timeout_s)
 
 
-def open_session(cfg: ChainSettings) -> Session:
-    """Connect to the configured RPC URL and bind the deployment; clear errors when either is missing."""
+def load_deployment(cfg: ChainSettings) -> Deployment:
+    """The configured deployment file (nothing is asked of the chain); clear errors when the RPC URL or the
+    file is missing."""
     if not cfg.rpc_url:
         raise CLIError("no chain: pass --rpc-url URL (or set rpc_url / PMN_RPC_URL); only `pmn demo` runs an embedded chain")
     path = Path(cfg.deployment).expanduser()
     if not path.exists():
         raise DeploymentError(f"deployment file {path} not found: pass --deployment FILE (written by `pmn contracts deploy`)")
     try:
-        deployment = Deployment.load(path)
+        return Deployment.load(path)
     except (ValueError, KeyError) as exc:
         raise DeploymentError(f"{path} is not a deployment file: {exc}") from None
+
+
+def open_session(cfg: ChainSettings) -> Session:
+    """Connect to the configured RPC URL and bind the deployment; clear errors when either is missing."""
+    deployment = load_deployment(cfg)
     ccfg = chain_config(cfg)
     w3 = connect(cfg.rpc_url, ccfg)
     try:
@@ -180,12 +188,27 @@ def cmd_shares(args: argparse.Namespace) -> int:
 
 
 def cmd_claim(args: argparse.Namespace) -> int:
+    """Claim through the holder's durable outbox (pmn/holder_outbox.py): recorded, then sent exactly once;
+    while the chain is down the claim stays queued and a re-run sends it."""
+    from pmn.holder_outbox import HolderOutbox, connection_lost, quiet_outbox_log
+
+    quiet_outbox_log()
     cfg = role_config(HolderConfig, args)
-    with open_session(cfg) as session:
-        account = unlock(cfg, args)
-        _require_model(session.client, args.model)
-        paid = session.client.claim_revenue(args.model, account)
-        print(f"claimed {paid} wei for {account.address} (model {args.model})")
+    deployment = load_deployment(cfg)
+    account = unlock(cfg, args)
+    with HolderOutbox(cfg, deployment, account) as outbox:
+        if not outbox.queued_claim(args.model):  # a new claim: check it is worth sending (when the chain answers)
+            try:
+                _require_model(outbox.box.client, args.model)
+                if outbox.box.client.claimable(args.model, account.address) == 0:
+                    raise CLIError(f"nothing to claim: {account.address} has 0 wei of model {args.model}'s revenue "
+                                   "accrued (see `pmn shares`)")
+            except Exception as exc:
+                if not connection_lost(exc):
+                    raise
+                # the chain is down: record the claim anyway; an unknown model is refused when it is sent
+        got = outbox.claim(args.model)
+        print(f"claimed {got['amount_wei']} wei for {account.address} (model {args.model})")
         return 0
 
 

@@ -1,8 +1,11 @@
 """`pmn infer`: pay the model's fee on chain, then stream text generated through the stage peers.
 
-The stage peer is dialled before anything is paid, so an unreachable peer costs no fee. With
-`--tx-hash` (and `--request-id`) a payment made earlier is used instead of paying again; the stages
-check it against the chain and serve each paid request once.
+The stage peer is dialled before anything is paid, so an unreachable peer costs no fee. The fee goes
+through the holder's durable chain outbox (pmn/holder_outbox.py): the request id is recorded before the
+payment is sent, a payment whose answer was lost (RPC down, no receipt) stays queued and a re-run for the
+same model resumes it (paid exactly once), and a payment no generation has used yet is reused by the next
+run instead of paying again. With `--tx-hash` (and `--request-id`) a payment made earlier is used instead;
+the stages check it against the chain and serve each paid request once.
 """
 
 from __future__ import annotations
@@ -12,10 +15,10 @@ import codecs
 import logging
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
 import trio
+from eth_account.signers.local import LocalAccount
 
 from pmn.cmd_chain import Session, _require_model, open_session, role_config, unlock
 from pmn.config import HolderConfig
@@ -41,30 +44,56 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
-def _payment(args: argparse.Namespace, session: Session, cfg: HolderConfig, fee: int) -> Callable[[], tuple[bytes, bytes]]:
-    """A function returning (request id, tx hash): paying now, or an earlier payment from the flags."""
-    if args.tx_hash is None:
+class _Payment:
+    """The fee payment of one `pmn infer` run: through the holder's outbox (pmn/holder_outbox.py), or an
+    earlier payment named by --tx-hash (and --request-id)."""
+
+    def __init__(self, args: argparse.Namespace, session: Session, cfg: HolderConfig, fee: int) -> None:
+        self.model, self.cfg, self.fee = args.model, cfg, fee
+        self.deployment = session.client.deployment
+        self.account: LocalAccount | None = None
+        self.given: tuple[bytes, bytes] | None = None
+        self.request_id: bytes | None = None
+        if args.tx_hash is None:
+            if args.request_id is not None:
+                raise CLIError("--request-id needs --tx-hash: it names the request an earlier payment was made for")
+            self.account = unlock(cfg, args)  # before dialling: a wrong password fails fast
+            return
+        tx_hash = _bytes32("--tx-hash", args.tx_hash)
         if args.request_id is not None:
-            raise CLIError("--request-id needs --tx-hash: it names the request an earlier payment was made for")
-        account = unlock(cfg, args)  # before dialling: a wrong password fails fast
+            request_id = _bytes32("--request-id", args.request_id)
+        else:
+            found = session.client.payment(args.model, tx_hash)
+            if found is None:
+                raise CLIError(f"transaction 0x{tx_hash.hex()} is not a revenue deposit to model {args.model}: "
+                               "pass the hash `pmn infer` printed, or leave out --tx-hash to pay now")
+            request_id = found.request_id
+        self.given = (request_id, tx_hash)
 
-        def pay() -> tuple[bytes, bytes]:
-            request_id = os.urandom(32)
-            tx_hash = session.client.deposit_revenue(account, args.model, fee, request_id)
-            print(f"paid {fee} wei for request 0x{request_id.hex()} in tx 0x{tx_hash.hex()}", file=sys.stderr)
-            return request_id, tx_hash
+    def get(self) -> tuple[bytes, bytes]:
+        """(request id, tx hash): the given payment, or one paid (or resumed, or reused) through the outbox.
+        Blocking: run it in a thread (it opens and closes the outbox there)."""
+        if self.given is not None:
+            return self.given
+        from pmn.holder_outbox import HolderOutbox
 
-        return pay
-    tx_hash = _bytes32("--tx-hash", args.tx_hash)
-    if args.request_id is not None:
-        request_id = _bytes32("--request-id", args.request_id)
-    else:
-        found = session.client.payment(args.model, tx_hash)
-        if found is None:
-            raise CLIError(f"transaction 0x{tx_hash.hex()} is not a revenue deposit to model {args.model}: "
-                           "pass the hash `pmn infer` printed, or leave out --tx-hash to pay now")
-        request_id = found.request_id
-    return lambda: (request_id, tx_hash)
+        assert self.account is not None
+        with HolderOutbox(self.cfg, self.deployment, self.account) as outbox:
+            paid = outbox.pay(self.model, self.fee)
+        self.request_id = paid.request_id
+        how = " (recorded by an earlier run: not paid again)" if paid.resumed else ""
+        print(f"paid {paid.fee_wei} wei for request 0x{paid.request_id.hex()} in tx 0x{paid.tx_hash.hex()}{how}",
+              file=sys.stderr)
+        return paid.request_id, paid.tx_hash
+
+    def mark_used(self, why: str) -> None:
+        """The head served (or refused as served) the outbox's payment: a later run pays for a new request."""
+        if self.account is None or self.request_id is None:
+            return
+        from pmn.holder_outbox import HolderOutbox
+
+        with HolderOutbox(self.cfg, self.deployment, self.account) as outbox:
+            outbox.mark_used(self.model, self.request_id, why)
 
 
 def cmd_infer(args: argparse.Namespace) -> int:
@@ -87,6 +116,9 @@ def cmd_infer(args: argparse.Namespace) -> int:
 
     if not os.environ.get("PMN_DEBUG"):  # py-libp2p logs each failed dial attempt; the one-line error says it
         logging.getLogger("libp2p").setLevel(logging.CRITICAL)
+    from pmn.holder_outbox import quiet_outbox_log
+
+    quiet_outbox_log()
     if not peers:
         raise CLIError("no stage peer: pass --bootstrap MULTIADDR of a stage-0 node (printed by `pmn node start`)")
     try:
@@ -99,7 +131,7 @@ def cmd_infer(args: argparse.Namespace) -> int:
             raise CLIError(f"model {args.model} has no share holders yet, so its revenue contract takes no fees: "
                            "inference opens once its first epoch has settled (see `pmn models`)")
         fee = session.client.get_model(args.model).terms.inference_fee_wei
-        get_payment = _payment(args, session, cfg, fee)
+        payment = _Payment(args, session, cfg, fee)
         prompt_ids = list(args.prompt.encode())
         paid: dict[str, bytes] = {}
         phase = ["dial"]  # dial -> check -> pay -> generate: what was under way when something failed
@@ -116,15 +148,19 @@ def cmd_infer(args: argparse.Namespace) -> int:
                     return stream
 
                 phase[0] = "pay"
-                request_id, tx_hash = await trio.to_thread.run_sync(get_payment)
+                request_id, tx_hash = await trio.to_thread.run_sync(payment.get)
                 paid.update(request_id=request_id, tx_hash=tx_hash)
                 phase[0] = "generate"
                 decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
                 sys.stdout.write(args.prompt)
                 sys.stdout.flush()
+                first = True
                 with trio.fail_after(args.timeout_s):
                     async for token in generate(reuse, prompt_ids, request_id=request_id, tx_hash=tx_hash,
                                                 max_new_tokens=args.max_new_tokens):
+                        if first:  # the head has recorded the request as served: never reuse its payment
+                            first = False
+                            await trio.to_thread.run_sync(payment.mark_used, "served")
                         if token < 256:  # byte-level vocabulary; ids above are not text
                             sys.stdout.write(decoder.decode(bytes([token])))
                             sys.stdout.flush()
@@ -145,6 +181,8 @@ def cmd_infer(args: argparse.Namespace) -> int:
                                "check the peer is running and its address") from None
             if phase[0] == "check" and isinstance(leaf, InferenceError):
                 raise CLIError(f"{leaf}{where}") from None
+            if phase[0] == "generate" and isinstance(leaf, InferenceError) and "already served" in str(leaf):
+                payment.mark_used("refused as already served")  # a re-run pays for a new request
             if phase[0] in ("check", "generate"):
                 if isinstance(leaf, trio.TooSlowError):
                     raise CLIError(f"the stages sent no complete answer within {args.timeout_s} s{where}; "

@@ -62,6 +62,11 @@ class HolderConfig(ChainSettings):
 
     keystore: str = f"{DEFAULT_HOME}/holder.json"  # encrypted keystore of the holder account
     bootstrap: list[str] = field(default_factory=list)  # stage peers to send inference requests through
+    outbox_dir: str = f"{DEFAULT_HOME}/outbox"  # chain outbox: fees and claims recorded before sending (a file per account)
+    outbox_retry_interval_s: float = 0.5  # wait after the first outbox pass the chain did not answer
+    outbox_max_backoff_s: float = 5.0  # cap on that wait while the chain stays down (doubled per failed pass)
+    outbox_call_timeout_s: float = 5.0  # HTTP timeout of one JSON-RPC request of the outbox
+    outbox_wait_s: float = 60.0  # longest one command waits for the chain to take a payment or claim (it stays queued)
 
 
 C = TypeVar("C")

@@ -538,7 +538,7 @@ class Demo:
         holder = self.identities[0].address
         commands = [f"pmn shares --model {self.model_id} --holder {holder} {chain}",
                     f"pmn claim --model {self.model_id} --keystore {keys / 'stage0.json'} --password-file {password} "
-                    f"{chain}"]
+                    f"--outbox-dir {self.root / 'holder-outbox'} {chain}"]
         commands += [f"pmn ledger verify --model {self.model_id} --epoch {e['epoch']} --receipts {e['file']} {chain}"
                      for e in epochs[:1]]
         commands += [f"pmn models {chain}"]

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from eth_account import Account
 
 from tests.contracts.anvil_support import anvil_process
 from tests.pmn.conftest import assert_clean_error, run_pmn
@@ -119,10 +120,15 @@ def test_commands_with_the_rpc_down_or_bad_input(tmp_path: Path) -> None:
     dep = tmp_path / "deployment.json"
     deploy_all(w3, admin, [admin.address], 1).save(dep)  # a real deployment file, of a chain now out of reach
     down = "http://127.0.0.1:9"
-    env = {"PMN_RPC_RETRIES": "2", "PMN_RPC_BACKOFF_S": "0.01"}
-    for args in (("models",), ("shares", "--model", "1", "--holder", "0x" + "11" * 20), ("claim", "--model", "1")):
+    env = {"PMN_RPC_RETRIES": "2", "PMN_RPC_BACKOFF_S": "0.01", "PMN_OUTBOX_WAIT_S": "1"}
+    keystore = tmp_path / "holder.json"
+    keystore.write_text(json.dumps(Account.encrypt(Account.create().key, "x")))
+    # a claim is recorded in the holder's outbox and stays queued (a re-run sends it): the error names the chain
+    claim = ("claim", "--model", "1", "--keystore", str(keystore), "--outbox-dir", str(tmp_path / "outbox"))
+    for args in (("models",), ("shares", "--model", "1", "--holder", "0x" + "11" * 20), claim):
         proc = run_pmn(*args, "--rpc-url", down, "--deployment", str(dep), env={**env, "PMN_PASSWORD": "x"})
         assert_clean_error(proc, down)
+    assert_clean_error(proc, "is queued", "re-running `pmn claim --model 1`")
     bad_spec = tmp_path / "spec.toml"
     bad_spec.write_text("[model]\nn_heads = 3\n")
     assert_clean_error(run_pmn("propose", str(bad_spec), "--dry-run"), "n_heads")

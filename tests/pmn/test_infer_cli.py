@@ -50,8 +50,10 @@ def swarm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
         demo.client.tx.transact(demo.funder, to=address, value=10**18)
         chain = ["--rpc-url", demo.rpc_url, "--deployment", str(demo.deployment_path)]
         head = demo.nodes[0].ready["addrs"][0]
+        outbox = ["--outbox-dir", str(root / "outbox")]  # the client's chain outbox (not the user's ~/.pmn)
         yield {"demo": demo, "address": address, "unsettled": unsettled, "chain": chain, "head": head,
-               "pay": [*chain, "--keystore", str(ks), "--password-file", str(pw), "--bootstrap", head]}
+               "outbox_dir": root / "outbox", "keystore": ks, "password": pw,
+               "pay": [*chain, *outbox, "--keystore", str(ks), "--password-file", str(pw), "--bootstrap", head]}
     finally:
         stop_nodes(demo.nodes)
         if demo.stop_chain is not None:
@@ -93,6 +95,34 @@ def test_paid_request_streams_text_and_the_payment_serves_once(swarm: dict[str, 
     replay = _infer(swarm, "def ", *swarm["chain"], "--bootstrap", swarm["head"], "--tx-hash", "0x" + tx_hex)
     assert_clean_error(replay, "already served")
     assert _revenue_balance(demo) - before == CFG.inference_fee_wei  # nothing more was paid
+    # the outbox marked the request used when its first token came: the next run pays for a new one
+    proc = _infer(swarm, "def ", *swarm["pay"])
+    assert proc.returncode == 0, proc.stderr
+    _, second_hex, _ = PAID.search(proc.stderr).groups()  # type: ignore[union-attr]
+    assert second_hex != request_hex and "not paid again" not in proc.stderr
+    assert _revenue_balance(demo) - before == 2 * CFG.inference_fee_wei
+
+
+def test_a_payment_no_generation_used_is_reused_not_paid_again(swarm: dict[str, Any]) -> None:
+    """An earlier run paid through the outbox, then its generation failed (here: it stopped after paying):
+    the next `pmn infer` uses that payment and pays nothing."""
+    from pmn.config import HolderConfig
+    from pmn.holder_outbox import HolderOutbox
+    from pmn.wallet import unlock_keystore
+
+    demo: Demo = swarm["demo"]
+    account = unlock_keystore(swarm["keystore"], swarm["password"].read_text())
+    cfg = HolderConfig(rpc_url=demo.rpc_url, outbox_dir=str(swarm["outbox_dir"]))
+    with HolderOutbox(cfg, demo.client.deployment, account) as outbox:
+        earlier = outbox.pay(demo.model_id, CFG.inference_fee_wei)
+    before = _revenue_balance(demo)
+    proc = _infer(swarm, "def ", *swarm["pay"])
+    assert proc.returncode == 0, proc.stderr
+    fee, request_hex, tx_hex = PAID.search(proc.stderr).groups()  # type: ignore[union-attr]
+    assert (request_hex, tx_hex) == (earlier.request_id.hex(), earlier.tx_hash.hex())
+    assert "not paid again" in proc.stderr and int(fee) == CFG.inference_fee_wei
+    assert proc.stdout.startswith("def ") and len(proc.stdout.rstrip("\n")) > len("def ")
+    assert _revenue_balance(demo) == before  # this run paid nothing
 
 
 def test_unpaid_and_underpaid_requests_are_refused_by_the_stages(swarm: dict[str, Any]) -> None:
