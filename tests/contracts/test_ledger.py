@@ -16,7 +16,7 @@ RH = b"\x33" * 32
 
 def _setup(env: Env) -> tuple[int, list[str]]:
     mid = env.propose()
-    nodes = [env.new_node(env.operators[i % 3]).address for i in range(3)]
+    nodes: list[str] = [env.new_node(env.operators[i % 3]).address for i in range(3)]
     return mid, nodes
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from contracts.client import ModelTerms
@@ -53,8 +55,8 @@ def test_only_proposer_controls_model(env: Env) -> None:
         ("metadataURI", {"metadata_uri": ""}),
     ],
 )
-def test_invalid_terms_are_named_and_store_nothing(env: Env, field: str, kwargs: dict) -> None:
-    args = dict(spec_hash=SPEC, metadata_uri="ipfs://m", num_stages=2, accounting_hash=ACCT, epoch_length=10,
+def test_invalid_terms_are_named_and_store_nothing(env: Env, field: str, kwargs: dict[str, Any]) -> None:
+    args: dict[str, Any] = dict(spec_hash=SPEC, metadata_uri="ipfs://m", num_stages=2, accounting_hash=ACCT, epoch_length=10,
                 challenge_window=10, audit_rate_bps=0, inference_fee_wei=0)
     args.update(kwargs)
     with pytest.raises(ContractRevertError) as err:

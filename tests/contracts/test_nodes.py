@@ -72,6 +72,7 @@ def test_unbond_then_withdraw_after_delay(env: Env) -> None:
     env.pc.advance_time(100)
     before = env.pc.w3.eth.get_balance(op.address)
     env.pc.withdraw_stake(op, key.address)
+    assert env.pc.last_tx is not None
     receipt = env.pc.last_tx.receipt
     fee = receipt["gasUsed"] * receipt["effectiveGasPrice"]
     assert env.pc.w3.eth.get_balance(op.address) == before + 3 * 10**12 - fee

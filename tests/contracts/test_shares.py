@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import warnings
+from typing import cast
 
 import pytest
 from eth_account import Account
+from eth_typing import ChecksumAddress
 
 from contracts.build import load_artifact
 from contracts.errors import ContractRevertError
@@ -18,7 +20,7 @@ RID = b"\x01" * 32
 def _holders(env: Env, units: dict[int, int]) -> tuple[int, dict[int, str]]:
     """Model with shares minted through ledger claims: operator index -> units."""
     mid = env.propose()
-    nodes = {i: env.new_node(env.operators[i]).address for i in units}
+    nodes: dict[int, str] = {i: env.new_node(env.operators[i]).address for i in units}
     env.settle_and_claim(mid, 0, {nodes[i]: u for i, u in units.items()})
     return mid, nodes
 
@@ -36,6 +38,7 @@ def test_revenue_accrues_pro_rata_and_is_claimed(env: Env) -> None:
     assert env.pc.claimable(mid, a.address) == 2000 and env.pc.claimable(mid, b.address) == 1000
     before = env.pc.w3.eth.get_balance(a.address)
     assert env.pc.claim_revenue(mid, a) == 2000
+    assert env.pc.last_tx is not None
     assert env.pc.w3.eth.get_balance(a.address) == before + 2000 - _fee(env.pc.last_tx.receipt)
     assert env.pc.claimed(mid, a.address) == 2000 and env.pc.claimable(mid, a.address) == 0
     with pytest.raises(ContractRevertError) as err:
@@ -47,7 +50,7 @@ def test_deposit_without_shares_is_refused(env: Env) -> None:
     mid = env.propose()
     with pytest.raises(ContractRevertError, match=r"ShareTokenNoSupply\(\)"):
         env.pc.deposit_revenue(env.payer, mid, 1000, RID)
-    assert env.pc.w3.eth.get_balance(env.pc.share_token(mid)) == 0
+    assert env.pc.w3.eth.get_balance(cast(ChecksumAddress, env.pc.share_token(mid))) == 0  # checksummed, typed as str
 
 
 def test_claim_transfer_claim_pays_nothing_extra(env: Env) -> None:
@@ -81,14 +84,14 @@ def test_rounding_favours_the_pool(env: Env) -> None:
     env.pc.deposit_revenue(env.payer, mid, 10, RID)
     paid = sum(env.pc.claim_revenue(mid, env.operators[i]) for i in range(3))
     assert paid == 9  # 1 wei of dust stays in the pool
-    assert env.pc.w3.eth.get_balance(env.pc.share_token(mid)) == 1
+    assert env.pc.w3.eth.get_balance(cast(ChecksumAddress, env.pc.share_token(mid))) == 1  # checksummed, typed as str
 
 
 def test_reentrant_claim_reverts_without_state_change(env: Env) -> None:
     mid, _ = _holders(env, {0: 100})
     art = load_artifact("ReentrantClaimer")
-    token = env.pc.share_token(mid)
-    attacker = env.pc.tx.deploy(env.payer, art["abi"], art["bytecode"], token)
+    token = cast(ChecksumAddress, env.pc.share_token(mid))  # checksummed, typed as str
+    attacker = cast(ChecksumAddress, env.pc.tx.deploy(env.payer, art["abi"], art["bytecode"], token))  # checksummed
     env.pc.transfer(env.operators[0], mid, attacker, 40)
     env.pc.deposit_revenue(env.payer, mid, 1000, RID)
     claimer = env.pc.w3.eth.contract(address=attacker, abi=art["abi"])
@@ -101,13 +104,14 @@ def test_reentrant_claim_reverts_without_state_change(env: Env) -> None:
 
 def test_direct_and_forced_eth_change_nobodys_fraction(env: Env) -> None:
     mid, _ = _holders(env, {0: 100, 1: 300})
-    token = env.pc.share_token(mid)
+    token = cast(ChecksumAddress, env.pc.share_token(mid))  # checksummed, typed as str
     env.pc.deposit_revenue(env.payer, mid, 4000, RID)
     with pytest.raises(ContractRevertError) as err:
         env.pc.tx.transact(env.payer, to=token, value=10**18)
     assert err.value.error_name == "ShareTokenDirectTransferRefused"
     art = load_artifact("ForceSender")
-    forcer = env.pc.w3.eth.contract(address=env.pc.tx.deploy(env.payer, art["abi"], art["bytecode"]), abi=art["abi"])
+    forcer_address = cast(ChecksumAddress, env.pc.tx.deploy(env.payer, art["abi"], art["bytecode"]))  # checksummed
+    forcer = env.pc.w3.eth.contract(address=forcer_address, abi=art["abi"])
     with warnings.catch_warnings():  # py-evm warns that SELFDESTRUCT is deprecated: that is the point here
         warnings.simplefilter("ignore", DeprecationWarning)
         env.pc.tx.transact(env.payer, forcer.functions.force(token), value=10**18)
@@ -138,5 +142,6 @@ def test_verify_payment_checks_the_deposit_event(env: Env) -> None:
     p = env.pc.payment(mid, h)
     assert p is not None and p.request_id == b"\x07" * 32 and p.payer == env.payer.address
     env.pc.transfer(env.operators[0], mid, env.payer.address, 1)
+    assert env.pc.last_tx is not None
     assert not env.pc.verify_payment(mid, env.pc.last_tx.tx_hash, 0)
     assert not env.pc.verify_payment(mid, b"\x99" * 32, 0)

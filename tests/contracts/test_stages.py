@@ -6,6 +6,7 @@ exactly as it was.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +36,7 @@ class Snapshot:
     registry_balance: int
 
 
-def snapshot(env: Env, models: list[int], keys: list[str], operators: list[str]) -> Snapshot:
+def snapshot(env: Env, models: Sequence[int], keys: Sequence[str], operators: Sequence[str]) -> Snapshot:
     pc = env.pc
     return Snapshot(
         tuple(pc.stage_of(m, k) for m in models for k in keys),
@@ -46,7 +47,7 @@ def snapshot(env: Env, models: list[int], keys: list[str], operators: list[str])
     )
 
 
-def refused(env: Env, name: str, call: Any, models: list[int], keys: list[str], operators: list[str]
+def refused(env: Env, name: str, call: Any, models: Sequence[int], keys: Sequence[str], operators: Sequence[str]
             ) -> ContractRevertError:
     """Run `call`, expect the named revert, and check that nothing changed."""
     before = snapshot(env, models, keys, operators)

@@ -8,8 +8,10 @@ than their exact (rational) entitlement, nor trails it by more than one wei per 
 from __future__ import annotations
 
 from fractions import Fraction
+from typing import cast
 
 import pytest
+from eth_typing import ChecksumAddress
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule
@@ -37,14 +39,14 @@ class RevenueMachine(RuleBasedStateMachine):
         self.env = _shared_env()
         self.pc = self.env.pc
         self.mid = self.env.propose()
-        self.token = self.pc.share_token(self.mid)
+        self.token = cast(ChecksumAddress, self.pc.share_token(self.mid))  # share_token returns a checksummed address typed as str
         self.holders = [*self.env.operators, self.env.researcher, self.env.admin]
         self.balances = {h.address: 0 for h in self.holders}
         self.entitled = {h.address: Fraction(0) for h in self.holders}
         self.claimed = {h.address: 0 for h in self.holders}
         self.deposited = 0
         self.epoch = 0
-        self.ever_held: set[str] = set()
+        self.ever_held: set[ChecksumAddress] = set()
         self.touches = {h.address: 1 for h in self.holders}  # checkpoints + deposits: bound on rounding
 
     @rule(op=st.integers(0, 2), units=st.integers(1, 10**9))

@@ -17,10 +17,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from fractions import Fraction
+from typing import cast
 
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -69,7 +71,7 @@ class IncentiveMachine(RuleBasedStateMachine):
         self.env = _env()
         self.pc = self.env.pc
         self.mid = self.env.propose()
-        self.token = self.pc.share_token(self.mid)
+        self.token = cast(ChecksumAddress, self.pc.share_token(self.mid))  # share_token returns a checksummed address typed as str
         self.nodes: list[NodeModel] = []
         for op in self.env.operators:
             key = Account.create()
@@ -149,7 +151,7 @@ class IncentiveMachine(RuleBasedStateMachine):
 
     @rule(units=st.lists(st.one_of(st.integers(1, 1000), st.integers(1, 2**96)), min_size=1, max_size=3))
     def submit(self, units: list[int]) -> None:
-        contrib = {self.nodes[i].key.address: u for i, u in enumerate(units)}
+        contrib: dict[str, int] = {self.nodes[i].key.address: u for i, u in enumerate(units)}
         self._submit(self.next_epoch, ContributionTree(self.mid, self.next_epoch, contrib))
         self.next_epoch += 1
 
