@@ -59,7 +59,9 @@ def test_every_command_help_has_an_example() -> None:
                    for line in example.strip().splitlines()), p.prog  # the example runs `pmn`
         actions = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
         if actions:
-            stack.extend(actions[0].choices.values())  # type: ignore[attr-defined]
+            choices = actions[0].choices
+            assert isinstance(choices, dict)  # a _SubParsersAction maps command names to parsers
+            stack.extend(choices.values())
     assert seen >= 21
     assert examples_parse() >= 21
 
@@ -74,6 +76,7 @@ def examples_parse() -> int:
     n = 0
     while stack:
         p = stack.pop()
+        assert p.epilog is not None
         text = p.epilog.split("example:", 1)[1].replace("\\\n", " ")
         for line in text.strip().splitlines():
             words = shlex.split(line.split("#", 1)[0])
@@ -83,7 +86,9 @@ def examples_parse() -> int:
             n += 1
         actions = [a for a in p._actions if a.__class__.__name__ == "_SubParsersAction"]
         if actions:
-            stack.extend(actions[0].choices.values())  # type: ignore[attr-defined]
+            choices = actions[0].choices
+            assert isinstance(choices, dict)  # a _SubParsersAction maps command names to parsers
+            stack.extend(choices.values())
     return n
     out = subprocess.run([sys.executable, "-m", "pmn.cli", "--help"], capture_output=True, text=True)
     assert "pmn demo" in out.stdout

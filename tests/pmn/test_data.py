@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -52,7 +53,8 @@ def test_spec_hash_covers_data_and_old_specs_keep_theirs(made: dict) -> None:
                                                                    tokenizer_path="/x.json", prepared_dir="/y"))
     assert local.content_hash() == h  # where this machine keeps the files is not part of the hash
     for field, value in (("tokenizer_hash", "00" * 32), ("manifest_hash", "00" * 32), ("val_percent", 6)):
-        other = dataclasses.replace(proposal, data=dataclasses.replace(proposal.data, **{field: value}))
+        change: dict[str, Any] = {field: value}
+        other = dataclasses.replace(proposal, data=dataclasses.replace(proposal.data, **change))
         assert other.content_hash() != h, field
 
 

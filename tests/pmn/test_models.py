@@ -111,10 +111,10 @@ def test_two_models_on_one_chain_never_mix(tmp_path: Path) -> None:
         mid, chosen, spec, why = resolve_onchain(a.rpc_url, dep, "auto", [peer_b, peer_a], tmp_path / "joiner")
         assert (mid, chosen) == (1, stage.stage) and spec["training"]["lr"] == SMALL.lr
         assert json.loads((tmp_path / "joiner" / "model.json").read_text()) == spec["model"]
-        other = 1 - stage.stage  # a node the chain already assigned keeps its stage, whatever the rule says
+        other_stage = 1 - stage.stage  # a node the chain already assigned keeps its stage, whatever the rule says
         mid, chosen, _, why = resolve_onchain(a.rpc_url, dep, "auto", [peer_a], tmp_path / "joiner5",
-                                              a.identities[other].address)
-        assert (mid, chosen) == (1, other) and "assigned this node" in why
+                                              a.identities[other_stage].address)
+        assert (mid, chosen) == (1, other_stage) and "assigned this node" in why
         mid, chosen, spec, _ = resolve_onchain(a.rpc_url, dep, "2", [peer_b], tmp_path / "joiner2")
         assert (mid, chosen, spec["training"]["lr"]) == (2, None, 1e-3)
         with pytest.raises(CLIError, match="no peer gave the spec"):

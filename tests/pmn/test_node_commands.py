@@ -60,7 +60,12 @@ def test_node_start_builds_the_node_config_once(tmp_path: Path, monkeypatch: pyt
     from pmn.cli import main
 
     seen: list[NodeConfig] = []
-    monkeypatch.setattr(node.cli, "start", lambda cfg: seen.append(cfg) or 0)
+
+    def fake_start(cfg: NodeConfig) -> int:
+        seen.append(cfg)
+        return 0
+
+    monkeypatch.setattr(node.cli, "start", fake_start)
     monkeypatch.setenv("PMN_CAPACITY", "2")
     assert main(["node", "start", "--data-dir", str(tmp_path / "n"), "--model", "tiny", "--replicated",
                  "--no-dht", "--steps", "7"]) == 0
