@@ -7,10 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from sharding.codecs import SubspaceCodec
 from sharding.config import OPTION_DEFAULTS, PRESETS, ModelConfig
 from sharding.data import load_corpus
 from sharding.flops import model_flops_per_token, param_count
-from sharding.model import GPT, CausalSelfAttention, SwiGLU, apply_rope, rope_tables
+from sharding.model import GPT, Block, CausalSelfAttention, SwiGLU, apply_rope, rope_tables
 from sharding.partition import check_spec, partition
 from sharding.pipeline import LocalPipeline
 from sharding.stage import build_model, build_stage
@@ -189,6 +190,7 @@ def test_subspace_residual_stays_in_the_subspace_with_swiglu_and_gqa():
         pipe.train_step(s, corpus, 1, 4)
     window = _window(cfg, seed=7)
     ids = window[:, :-1]
+    assert isinstance(pipe.codec, SubspaceCodec)
     u, e = pipe.codec.u, pipe.codec.e_fixed
     stage0 = pipe.stages[0]
     checked = 0
@@ -210,6 +212,7 @@ def test_subspace_residual_stays_in_the_subspace_with_swiglu_and_gqa():
     for st in pipe.stages:
         for key, block in st.blocks.items():
             if cfg.is_constrained(int(key)):
+                assert isinstance(block, Block) and isinstance(block.mlp, SwiGLU)
                 for w in (block.attn.proj.weight, block.mlp.proj.weight):  # attention out, SwiGLU down
                     assert (w - u @ (u.t() @ w)).abs().max() < 1e-5
     assert math.isfinite(pipe.evaluate(corpus, 1, 2))

@@ -5,7 +5,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from sharding.codecs import CODEC_NAMES, get_codec, token_id_bytes
+from sharding.codecs import (
+    CODEC_NAMES,
+    SubspaceCodec,
+    SubspaceFp32Codec,
+    SubspaceInt8Codec,
+    get_codec,
+    token_id_bytes,
+)
 from sharding.config import PRESETS
 from sharding.errors import CodecError, ShardingError
 from sharding.subspace import from_subspace
@@ -70,6 +77,7 @@ def test_int8_round_trip_within_half_step(shape, seed, scale):
 )
 def test_subspace_round_trip_of_states_in_the_subspace(shape, seed, scale, name):
     codec = get_codec(name, SUB_CFG)
+    assert isinstance(codec, (SubspaceCodec, SubspaceFp32Codec, SubspaceInt8Codec))
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, SUB_CFG.vocab_size, shape, generator=g)
     z = _tensor(seed + 1, (*shape, 4), scale)
@@ -94,6 +102,7 @@ def test_subspace_bytes_per_token_meet_100x_at_bench_width():
     cfg = PRESETS["bench-subspace"]
     codec = get_codec("subspace", cfg)
     dense = get_codec("dense", cfg)
+    assert cfg.subspace_rank is not None
     assert codec.bytes_per_token == 2 * cfg.subspace_rank
     ratio = (dense.bytes_per_token + token_id_bytes(cfg)) / (codec.bytes_per_token + token_id_bytes(cfg))
     assert ratio >= 100

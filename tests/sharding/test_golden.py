@@ -1,4 +1,5 @@
 import json
+from typing import Any
 
 import pytest
 
@@ -47,7 +48,7 @@ def test_kernel_family_records_stay_near_the_base():
 def test_a_machine_uses_its_family_record_when_one_is_stored():
     base = {"m": {"losses": [1.0]}}
     family = {"m": {"losses": [2.0]}}
-    stored = {"runs": base, "cpu_records": {"AVX512": {"runs": family}}}
+    stored: dict[str, Any] = {"runs": base, "cpu_records": {"AVX512": {"runs": family}}}
     assert expected_runs(stored, "AVX512") is family
     assert expected_runs(stored, "AVX2") is base
     assert expected_runs(stored, "AVX512-AMD") is family  # no record of its own: its kernel family's

@@ -69,10 +69,14 @@ def test_clip_equals_torch_clip_grad_norm():
     norm = torch.nn.utils.clip_grad_norm_(b.parameters(), 0.05)
     assert math.sqrt(grad_sq_norm(a)) == pytest.approx(float(norm), rel=1e-6)
     assert float(norm) > 0.05  # the clip is active
-    before = {n: p.grad.clone() for n, p in a.named_parameters()}
+    before: dict[str, torch.Tensor] = {}
+    for n, p in a.named_parameters():
+        assert p.grad is not None
+        before[n] = p.grad.clone()
     assert clip_gradients(a, grad_sq_norm(a), 0.05) < 1.0
     for (n, p), q in zip(a.named_parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-9, msg=n)
+        assert p.grad is not None
         assert not torch.equal(p.grad, before[n])
 
 

@@ -3,9 +3,11 @@ import dataclasses
 import pytest
 import torch
 
+from sharding.codecs import SubspaceCodec
 from sharding.config import PRESETS
 from sharding.data import load_corpus
 from sharding.errors import StageError
+from sharding.model import Block
 from sharding.partition import partition
 from sharding.pipeline import LocalPipeline
 from sharding.stage import build_model, build_stage
@@ -23,7 +25,7 @@ def _window(cfg, b=3, seed=0):
 @pytest.mark.parametrize("cfg", [PRESETS["tiny"], SUB], ids=["dense", "subspace"])
 def test_stage_holds_only_its_shard_and_union_is_the_model(cfg):
     full = build_model(cfg).state_dict()
-    union = {}
+    union: dict[str, torch.Tensor] = {}
     for spec in partition(cfg, 3):
         sd = build_stage(cfg, spec).state_dict()
         for name in sd:
@@ -76,8 +78,10 @@ def test_subspace_invariant_holds_after_training():
         pipe.train_step(s, corpus, 1, 4)
     window = _window(SUB, seed=7)
     ids = window[:, :-1]
+    assert isinstance(pipe.codec, SubspaceCodec)
     u, e = pipe.codec.u, pipe.codec.e_fixed
     stage0 = pipe.stages[0]
+    assert stage0.embed is not None
     with torch.no_grad():
         x = stage0.embed(ids) + e[ids]
         assert off_subspace_residual(x, ids, u, e) < 1e-5
@@ -95,6 +99,7 @@ def test_subspace_invariant_holds_after_training():
     for st in pipe.stages:
         for key, block in st.blocks.items():
             if SUB.is_constrained(int(key)):
+                assert isinstance(block, Block)
                 w = block.attn.proj.weight
                 assert (w - u @ (u.t() @ w)).abs().max() < 1e-5
 
