@@ -27,7 +27,7 @@ def _train(method: str, attackers: int) -> float:
     torch.manual_seed(1)
     x, y = _task()
     model = torch.nn.Linear(8, 1)
-    params = list(model.parameters())
+    params: list[torch.Tensor] = list(model.parameters())
     loss_fn = torch.nn.MSELoss()
     g = torch.Generator().manual_seed(2)
     config = AggregationConfig(method=method)
@@ -120,7 +120,7 @@ def _train_stage(method: str, attackers: int, steps: int = 30, lr: float = 0.5) 
     config = ModelConfig(vocab_size=256, seq_len=16, d_model=32, n_layers=3, n_heads=2, mlp_ratio=2, seed=0)
     head, tail = (build_stage(config, s) for s in partition(config, 2))
     head.requires_grad_(False)
-    params = list(tail.parameters())
+    params: list[torch.Tensor] = list(tail.parameters())
     corpus = load_corpus("synthetic")
 
     def loss_on(window: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,7 @@ the sample rate is the model's audit rate, and the hop seed comes from the epoch
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import pytest
 from eth_account import Account
@@ -177,9 +178,10 @@ def test_malformed_requests_are_refused_and_bad_local_inputs_raise() -> None:
                     (1, 0, 0, 2**32, 0, FORWARD), "hop", None, (1.0, 0, 0, 0, 0, 0)]:
         assert may_request(seed, a, 1, 0, 2, [a], bad_hop, 10_000) is False, bad_hop
     assert may_request(seed, "not an address", 1, 0, 2, [a], good, 10_000) is False
-    for kwargs, field in [({"seed": b"short"}, "seed"), ({"num_stages": 0}, "num_stages"),
-                          ({"attesters": ["0x12"]}, "attesters"), ({"audit_rate_bps": 10_001}, "audit_rate_bps"),
-                          ({"rule": AuditRule(window_epochs=0)}, "window_epochs")]:
+    bad_args: list[tuple[dict[str, Any], str]] = [
+        ({"seed": b"short"}, "seed"), ({"num_stages": 0}, "num_stages"), ({"attesters": ["0x12"]}, "attesters"),
+        ({"audit_rate_bps": 10_001}, "audit_rate_bps"), ({"rule": AuditRule(window_epochs=0)}, "window_epochs")]
+    for kwargs, field in bad_args:
         args = {"seed": seed, "attester": a, "model_id": 1, "epoch": 0, "num_stages": 2, "attesters": [a],
                 "hop": good, "audit_rate_bps": 10_000} | kwargs
         with pytest.raises(AuditSamplingError) as err:

@@ -175,9 +175,9 @@ def test_from_json_names_missing_and_bad_fields(keys, domain):
     with pytest.raises(ReceiptError) as err:
         SignedReceipt.from_json(broken)
     assert err.value.field == "payloadDigest"
-    with pytest.raises(DomainError) as err:
+    with pytest.raises(DomainError) as domain_err:
         SignedReceipt.from_json(dict(data, chainId=-3))
-    assert err.value.field == "chainId"
+    assert domain_err.value.field == "chainId"
 
 
 def test_payload_digest_equals_the_node_frame_digest():

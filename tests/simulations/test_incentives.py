@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -61,7 +62,7 @@ def test_deterministic_for_a_seed() -> None:
         ({"lazy_fraction": 1.5}, "lazy_fraction"),
     ],
 )
-def test_bad_config_names_the_field(kw: dict[str, object], field: str) -> None:
+def test_bad_config_names_the_field(kw: dict[str, Any], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         run_incentives(SMALL, **kw)
 
