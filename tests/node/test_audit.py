@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from libp2p.custom_types import TProtocol
 
 from contracts.chain import advance_time, connect, test_accounts
 from contracts.client import ProtocolContracts
@@ -277,7 +278,7 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
         client_host = make_host(identity_from_secret(b"\x06" * 32))
         listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
         async with run_host(server, listen), run_host(client_host, listen):
-            server.set_stream_handler(AUDIT_PROTOCOL, service.handle)
+            server.set_stream_handler(TProtocol(AUDIT_PROTOCOL), service.handle)
             addr = full_addrs(server)[0]
             client = AuditClient(client_host, 7)
             state, got_window, got_payload = await client.hop(addr, 0, 1, 0)
@@ -303,13 +304,13 @@ def test_audit_protocol_serves_recorded_data_and_names_what_is_missing(tmp_path:
             with pytest.raises(AuditError, match="does not say which node key it speaks for"):
                 await client.hop(addr, 0, 1, 0, node=server_ident.address)
             # a header larger than the limit is refused before it is read, then the stream closes
-            stream = await client_host.new_stream(server.get_id(), [AUDIT_PROTOCOL])
+            stream = await client_host.new_stream(server.get_id(), [TProtocol(AUDIT_PROTOCOL)])
             await stream.write((service.config.max_request_bytes + 1).to_bytes(4, "big"))
             reply, _ = await read_message(stream, 1024)
             assert reply["type"] == "error" and "exceeds the limit of 4096" in reply["message"]
             with pytest.raises(AuditError, match="closed"):
                 await read_message(stream, 1024)
-            stream = await client_host.new_stream(server.get_id(), [AUDIT_PROTOCOL])
+            stream = await client_host.new_stream(server.get_id(), [TProtocol(AUDIT_PROTOCOL)])
             await write_message(stream, {"type": "state?", "model_id": 7})
             reply, _ = await read_message(stream, 1024)
             assert reply["type"] == "error" and "unknown request type" in reply["message"]
@@ -372,7 +373,7 @@ def test_audit_client_asks_again_while_the_nodes_chain_is_down(tmp_path: Path) -
         server, client_host = make_host(ident), make_host(identity_from_secret(b"\x16" * 32))
         listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
         async with run_host(server, listen), run_host(client_host, listen):
-            server.set_stream_handler(AUDIT_PROTOCOL, service.handle)
+            server.set_stream_handler(TProtocol(AUDIT_PROTOCOL), service.handle)
             addr = full_addrs(server)[0]
             state, _, _ = await AuditClient(client_host, 7, fast).hop(addr, 0, 0, 0, node=ident.address)
             assert set(state) == set(worker.module.state_dict()) and all(isinstance(v, torch.Tensor)

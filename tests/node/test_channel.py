@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
 import pytest
@@ -87,8 +88,8 @@ def test_spec_hash_mismatch_refused_naming_both() -> None:
     trio.run(main)
 
 
-def _hdr(**kw) -> frames.FrameHeader:
-    base = dict(kind=frames.Kind.ACTIVATION, spec_hash=SPEC_HASH, stage=0, step=1, microbatch=0, codec=frames.CodecId.DENSE,
+def _hdr(**kw: Any) -> frames.FrameHeader:
+    base: dict[str, Any] = dict(kind=frames.Kind.ACTIVATION, spec_hash=SPEC_HASH, stage=0, step=1, microbatch=0, codec=frames.CodecId.DENSE,
                 dtype=frames.Dtype.FLOAT32, shape=FSPEC.shape, window_len=FSPEC.window_len,
                 payload_len=FSPEC.payload_len)
     base.update(kw)

@@ -35,7 +35,11 @@ def test_powersgd_swarm_applies_every_microbatch_once_and_keeps_replicas_identic
     check_exactly_once([mid_a, mid_b], range(STEPS))
     losses = [records(tail)[s]["loss"] for s in range(STEPS)]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
-    weights = [load_file(str(latest_checkpoint(n.data_dir, 1) / "model.safetensors")) for n in (mid_a, mid_b)]
+    weights: list[dict[str, torch.Tensor]] = []
+    for n in (mid_a, mid_b):
+        ckpt = latest_checkpoint(n.data_dir, 1)
+        assert ckpt is not None
+        weights.append(load_file(str(ckpt / "model.safetensors")))
     assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
     # contributions a replica applied but did not compute crossed between the replicas (pushes the other's
     # server received, pulls it answered; a replica that joined late fetched the state instead of the steps

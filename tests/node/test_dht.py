@@ -121,11 +121,12 @@ def test_dht_failures_are_counted_logged_once_and_retried_until_a_peer_appears(c
         dead = [f"/ip4/127.0.0.1/tcp/{port}/p2p/{ID.from_pubkey(gone).pretty()}"]
         async with running_host(72) as (d, di), running_host(73) as (e, ei), trio.open_nursery() as nursery:
             nd = _node(d, di, 0, dead)
-            assert nd.dht is not None
+            dht = nd.dht
+            assert dht is not None
             nursery.start_soon(nd.run)
             with trio.fail_after(30):
-                await until(lambda: nd.dht.errors.get("provide", 0) >= 3 and nd.dht.errors.get("bootstrap", 0) >= 3,
-                            30, "three failed provides and three failed bootstraps", detail=lambda: nd.dht.errors)
+                await until(lambda: dht.errors.get("provide", 0) >= 3 and dht.errors.get("bootstrap", 0) >= 3,
+                            30, "three failed provides and three failed bootstraps", detail=lambda: dht.errors)
                 warned = [r for r in caplog.records if r.name == "node.net.dht" and r.levelno == logging.WARNING]
                 kinds = [r.getMessage().split()[1] for r in warned]
                 assert len(kinds) == len(set(kinds)) and {"provide", "bootstrap"} <= set(kinds)
@@ -135,7 +136,7 @@ def test_dht_failures_are_counted_logged_once_and_retried_until_a_peer_appears(c
                 nursery.start_soon(ne.run)
                 assert (await nd.wait_for_stage(1)).peer_id == e.get_id().pretty()
                 # D's provide loop kept retrying and now reaches E
-                await until(lambda: nd.dht.provides > 0, 30, "a provide that reaches E")
+                await until(lambda: dht.provides > 0, 30, "a provide that reaches E")
             nursery.cancel_scope.cancel()
 
     trio.run(main)

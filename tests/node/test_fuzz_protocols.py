@@ -20,6 +20,7 @@ import multiaddr
 import pytest
 import torch
 import trio
+from libp2p.custom_types import TProtocol
 
 from node.config import DiscoveryConfig
 from node.errors import NotAuthorizedError
@@ -295,7 +296,7 @@ def test_audit_and_inference_survive_fuzz_and_keep_serving(tmp_path: Path) -> No
     async def main() -> None:
         server = make_host(identity_from_secret((70).to_bytes(32, "big")))
         async with run_host(server, LISTEN):
-            server.set_stream_handler(AUDIT_PROTOCOL, audit.handle)
+            server.set_stream_handler(TProtocol(AUDIT_PROTOCOL), audit.handle)
             server.set_stream_handler(INFER_PROTOCOL, infer.handle)
             addr = full_addrs(server)[0]
             seed = 2000

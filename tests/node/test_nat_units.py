@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from node.config import NatConfig, NodeConfig
@@ -15,7 +17,8 @@ def test_config_defaults_validate_and_bad_fields_are_named() -> None:
     for field, value in (("reachability", "maybe"), ("holepunch_timeout_s", 0), ("max_relays", 0),
                          ("reservation_renew_fraction", 1.0), ("relay_circuit_bytes", 0),
                          ("holepunch_io_timeout_s", 0), ("holepunch_dial_timeout_s", 0)):
-        cfg = NatConfig(**{field: value})
+        change: dict[str, Any] = {field: value}
+        cfg = NatConfig(**change)
         with pytest.raises(ValueError, match=field):
             cfg.validate()
 

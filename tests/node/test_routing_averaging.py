@@ -63,7 +63,9 @@ def test_plan_move_picks_lowest_peer_of_the_richest_stage() -> None:
 def test_combine_equals_the_sum_and_store_rejects_bad_sizes() -> None:
     g = torch.Generator().manual_seed(0)
     vs = [torch.randn(10, generator=g) / 4 for _ in range(4)]
-    assert torch.allclose(combine(vs, 4), sum(vs), atol=1e-6)
+    total = sum(vs)
+    assert isinstance(total, torch.Tensor)
+    assert torch.allclose(combine(vs, 4), total, atol=1e-6)
     robust = combine(vs, 4, "median")
     assert robust.shape == (10,)
     store = ContributionStore(10)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 
 from node.training.worker import StageWorker, window_to_bytes
 from node.wire import frames
@@ -33,15 +34,20 @@ def _run(num_stages: int, codec: str, preset: str, steps: int = 3, m: int = 2, b
             for i, w in enumerate(ws):
                 out = w.forward(step, mb, window, h)
                 if i + 1 < len(ws):
+                    assert isinstance(out, bytes)  # a non-tail stage returns its encoded activation
                     fr = _frame(ws[i + 1], frames.Kind.ACTIVATION, step, mb, out, window_to_bytes(window, w.id_bytes))
                     window, h = ws[i + 1].decode(fr)
-            g = None
+            g: torch.Tensor | None = None
             for i in reversed(range(len(ws))):
                 payload = ws[i].backward(step, mb, g)
                 if payload is not None:
-                    g = ws[i - 1].decode(_frame(ws[i - 1], frames.Kind.GRADIENT, step, mb, payload))
+                    grad = ws[i - 1].decode(_frame(ws[i - 1], frames.Kind.GRADIENT, step, mb, payload))
+                    assert isinstance(grad, torch.Tensor)  # a GRADIENT frame decodes to one tensor
+                    g = grad
         results = [w.step(step) for w in ws]
-        losses.append(results[-1])
+        loss = results[-1]
+        assert loss is not None  # the tail reports the step's loss
+        losses.append(loss)
     return losses
 
 
