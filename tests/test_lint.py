@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PACKAGES = ["sharding", "contracts", "protocol", "node", "pmn", "simulations", "benchmarks"]
+PACKAGES = ["sharding", "contracts", "protocol", "node", "pmn", "simulations", "benchmarks", "tests"]
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
