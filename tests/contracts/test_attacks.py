@@ -17,7 +17,7 @@ from .conftest import WINDOW, Env, make_env, rich_chain
 RH = b"\x33" * 32
 
 
-def _revert(fn, *args) -> ContractRevertError:  # type: ignore[no-untyped-def]
+def _revert(fn, *args) -> ContractRevertError:
     with pytest.raises(ContractRevertError) as err:
         fn(*args)
     return err.value

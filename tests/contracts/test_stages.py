@@ -71,7 +71,8 @@ def test_assignment_records_stage_operator_and_stake(env: Env) -> None:
     assert env.pc.stage_of(mid, key.address) is None and env.pc.operator_stage_of(mid, op.address) is None
     assert env.pc.stage_stake_missing(key.address) == STAGE_STAKE
     env.pc.assign_stage(op, key.address, mid, 2)
-    (event,) = env.pc.nodes.events.StageAssigned().process_receipt(env.pc.last_tx.receipt)  # type: ignore[union-attr]
+    assert env.pc.last_tx is not None
+    (event,) = env.pc.nodes.events.StageAssigned().process_receipt(env.pc.last_tx.receipt)
     assert dict(event["args"]) == {"modelId": mid, "nodeKey": key.address, "operator": op.address, "stage": 2,
                                    "stake": 10 * STAKE_PER_UNIT + STAGE_STAKE}
     assert env.pc.stage_of(mid, key.address) == 2
@@ -198,7 +199,8 @@ def test_unbonding_requires_leaving_first(env: Env) -> None:
                   ops)
     assert err.error_args == {"nodeKey": key.address, "assignments": 2}
     env.pc.leave_stage(op, key.address, mid)
-    (event,) = env.pc.nodes.events.StageLeft().process_receipt(env.pc.last_tx.receipt)  # type: ignore[union-attr]
+    assert env.pc.last_tx is not None
+    (event,) = env.pc.nodes.events.StageLeft().process_receipt(env.pc.last_tx.receipt)
     assert dict(event["args"]) == {"modelId": mid, "nodeKey": key.address, "operator": op.address, "stage": 1}
     refused(env, "NodeRegistryStagesAssigned", lambda: env.pc.begin_unbond(op, key.address), [mid, mid2], keys, ops)
     env.pc.leave_stage(op, key.address, mid2)
@@ -210,7 +212,8 @@ def test_unbonding_requires_leaving_first(env: Env) -> None:
     env.pc.advance_time(100)
     before = env.pc.w3.eth.get_balance(op.address)
     env.pc.withdraw_stake(op, key.address)
-    receipt = env.pc.last_tx.receipt  # type: ignore[union-attr]
+    assert env.pc.last_tx is not None
+    receipt = env.pc.last_tx.receipt
     gas = receipt["gasUsed"] * receipt["effectiveGasPrice"]
     assert env.pc.w3.eth.get_balance(op.address) == before - gas + 10 * STAKE_PER_UNIT + 2 * STAGE_STAKE
     refused(env, "NodeRegistryWrongStatus",

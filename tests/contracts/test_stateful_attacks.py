@@ -92,7 +92,7 @@ class IncentiveMachine(RuleBasedStateMachine):
     def now(self) -> int:
         return int(self.pc.w3.eth.get_block("latest")["timestamp"])
 
-    def expect(self, name: str, fn, *args) -> ContractRevertError:  # type: ignore[no-untyped-def]
+    def expect(self, name: str, fn, *args) -> ContractRevertError:
         with pytest.raises(ContractRevertError) as err:
             fn(*args)
         assert err.value.error_name == name, str(err.value)
@@ -101,7 +101,8 @@ class IncentiveMachine(RuleBasedStateMachine):
     def _submit(self, epoch: int, tree: ContributionTree) -> None:
         self.pc.submit_epoch_root(self.env.payer, self.mid, epoch, tree.root, tree.total_units, RH,
                                   self.env.root_signatures(tree))
-        at = int(self.pc.w3.eth.get_block(self.pc.last_tx.receipt["blockNumber"])["timestamp"])  # type: ignore[union-attr]
+        assert self.pc.last_tx is not None
+        at = int(self.pc.w3.eth.get_block(self.pc.last_tx.receipt["blockNumber"])["timestamp"])
         old = self.roots.get(epoch)
         root = RootModel(tree, at, at + WINDOW, {n.key.address: n.bond for n in self.nodes})
         if old is not None:  # a replacement keeps the epoch's leaf verdicts

@@ -93,7 +93,7 @@ class _StubHost:
 def test_rollback_fields_are_signed_and_bounded_and_split_generations() -> None:
     me, a, b = (identity_from_secret(s.to_bytes(32, "big")) for s in (51, 52, 53))
 
-    def ann(ident, stage: int, **kw) -> Announcement:  # type: ignore[no-untyped-def]
+    def ann(ident, stage: int, **kw) -> Announcement:
         pid = ident.peer_id.pretty()
         return Announcement(pid, (f"/ip4/127.0.0.1/tcp/1/p2p/{pid}",), "aa", 3, stage, 1, **kw).sign(ident)
 
@@ -151,7 +151,7 @@ def test_a_rollback_is_followed_only_when_justified_from_the_nodes_own_view() ->
 class _Scene:
     """A stage-0 node's runner and context (real Discovery and status file) with checkpoints at `steps`."""
 
-    def __init__(self, tmp_path, steps: tuple[int, ...]) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, tmp_path, steps: tuple[int, ...]) -> None:
         self.ids = {name: identity_from_secret(s.to_bytes(32, "big")) for name, s in
                     (("me", 61), ("a", 62), ("b", 63), ("c", 64))}
         self.pid = {name: i.peer_id.pretty() for name, i in self.ids.items()}
@@ -166,12 +166,12 @@ class _Scene:
         self.worker = _worker()
         self.worker.next_step = 6
 
-    def signed(self, name: str, stage: int, next_step: int, **kw) -> Announcement:  # type: ignore[no-untyped-def]
+    def signed(self, name: str, stage: int, next_step: int, **kw) -> Announcement:
         pid = self.pid[name]
         ann = Announcement(pid, (f"/ip4/127.0.0.1/tcp/1/p2p/{pid}",), "aa", 3, stage, 1, next_step=next_step, **kw)
         return ann.sign(self.ids[name])
 
-    def hear(self, name: str, stage: int, next_step: int, **kw) -> None:  # type: ignore[no-untyped-def]
+    def hear(self, name: str, stage: int, next_step: int, **kw) -> None:
         entry = self.signed(name, stage, next_step, **kw).to_json()
         assert self.discovery._merge([entry], sender=self.pid[name]) == 0  # from the peer itself
 

@@ -29,7 +29,7 @@ TOKENS = 8
 
 
 def _hop(model_id: int, epoch: int, step: int, mb: int, stage: int, direction: int, tokens: int = TOKENS,
-         cosigned: bool = True):  # type: ignore[no-untyped-def]
+         cosigned: bool = True):
     to = stage + 1 if direction == FORWARD else stage - 1
     r = Receipt(model_id, epoch, step, mb, stage, direction, KEYS[stage].address, KEYS[to].address,
                 os.urandom(32), tokens)

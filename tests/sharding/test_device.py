@@ -69,7 +69,7 @@ def test_policy_defaults_per_device():
     assert ExecutionPolicy("cpu", adamw="foreach").adamw_kwargs() == {"foreach": True}
     for bad in ({"precision": "fp8"}, {"adamw": "apex"}, {"memory_headroom": 0.0}):
         with pytest.raises(DeviceError):
-            ExecutionPolicy("cpu", **bad).validate()  # type: ignore[arg-type]
+            ExecutionPolicy("cpu", **bad).validate()
     assert policy_for("auto", NONE).device == "cpu"
 
 
