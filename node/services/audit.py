@@ -42,6 +42,7 @@ from typing import Any
 
 import torch
 import trio
+from libp2p.custom_types import TProtocol
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -66,7 +67,7 @@ from protocol.spotcheck import (
 from sharding.config import ModelConfig
 from sharding.stagespec import StageSpec
 
-AUDIT_PROTOCOL = "/pmn/audit/1.0.0"
+AUDIT_PROTOCOL = TProtocol("/pmn/audit/1.0.0")
 _LEN = struct.Struct(">I")
 
 

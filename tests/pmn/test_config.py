@@ -90,7 +90,11 @@ def examples_parse() -> int:
             assert isinstance(choices, dict)  # a _SubParsersAction maps command names to parsers
             stack.extend(choices.values())
     return n
-    out = subprocess.run([sys.executable, "-m", "pmn.cli", "--help"], capture_output=True, text=True)
+
+
+def test_root_help_names_the_demo() -> None:
+    out = subprocess.run([sys.executable, "-m", "pmn.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
     assert "pmn demo" in out.stdout
 
 

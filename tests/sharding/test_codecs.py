@@ -65,7 +65,8 @@ def test_int8_round_trip_within_half_step(shape, seed, scale):
     assert len(payload) == (32 + 4) * shape[0] * shape[1]
     out = codec.decode_gradient(payload, ids)
     step = h.abs().amax(dim=-1, keepdim=True) / 127.0
-    assert bool(((out - h).abs() <= step * 0.5 + 1e-6 * step).all())
+    # half a step, plus fp32 rounding of values up to 127 steps large (a few ulps of 127 steps, < 1e-4 step)
+    assert bool(((out - h).abs() <= step * (0.5 + 1e-4)).all())
 
 
 @FAST
