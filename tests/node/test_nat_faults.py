@@ -4,6 +4,7 @@ back (another relay, the relayed path), names the reason in its status, and trai
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -70,30 +71,36 @@ def test_hole_punch_timeout_falls_back_to_the_relay(tmp_path: Path) -> None:
 
 @pytest.mark.timeout(360)
 def test_router_dropping_its_mappings_mid_run_loses_no_microbatch(tmp_path: Path) -> None:
-    """The middle stage's router forgets every NAT mapping after the tail trained step `DROP_AFTER` (wan link
-    down and up, as a reconnecting router does). The router is symmetric, so the mappings its home's next
-    packets create get new random ports and every connection of the home breaks (with a port-preserving
-    router they would be re-created on the same ports and survive unnoticed). The home node finds its dead
-    links, reserves a relay slot again and re-dials its neighbours; the swarm trains to the same per-step
-    losses as the single-process reference, so no microbatch was lost."""
+    """The middle stage's router forgets every NAT mapping mid-run (wan link down and up, as a reconnecting
+    router does). The router is symmetric, so the mappings its home's next packets create get new random ports
+    and every connection of the home breaks (with a port-preserving router they would be re-created on the same
+    ports and survive unnoticed). The fault lands while the head is paused (SIGSTOP) after the tail trained
+    step `drop_after`, so the steps after it all train through the broken links: the home finds its dead
+    links, reserves a relay slot again and re-dials its neighbours; the public nodes close their dead
+    connections to the home and keep its new ones; the swarm trains to the same per-step losses as the
+    single-process reference, so no microbatch was lost."""
     steps, drop_after = 6, 2
     dropped: list[int] = []
 
     def drop(nodes: list) -> None:
-        tail = nodes[-1].data_dir
+        tail, head = nodes[-1].data_dir, nodes[0].proc
         wait_until(lambda: any(int(r["step"]) >= drop_after for r in read_progress(tail)), 200,
                    f"the tail to train step {drop_after}", detail=lambda: read_progress(tail)[-1:])
-        home = topo.homes[0]
-        before = home.mappings()
-        home.drop_mappings()
-        wait_until(lambda: home.mappings() < before, 10, "the router to forget its NAT mappings",
-                   detail=home.mappings)
-        dropped.append(max(int(r["step"]) for r in read_progress(tail)))
+        head.send_signal(signal.SIGSTOP)  # no step can finish until the fault is in place
+        try:
+            home = topo.homes[0]
+            before = home.mappings()
+            home.drop_mappings()
+            wait_until(lambda: home.mappings() < before, 10, "the router to forget its NAT mappings",
+                       detail=home.mappings)
+            dropped.append(max(int(r["step"]) for r in read_progress(tail)))
+        finally:
+            head.send_signal(signal.SIGCONT)
 
     with nat_topology(homes=1, symmetric=True) as topo:
         res = run_nat_swarm(topo, tmp_path, ["public", "home1", "public"], ["--steps", str(steps), *ARGS],
                             timeout_s=300, during=drop)
-    assert dropped and dropped[0] < steps - 1, dropped  # the fault hit mid-run, with steps left to train
+    assert dropped and dropped[0] < steps - 1, dropped  # steps were left to train through the fault
     assert res.losses == pytest.approx(_reference(steps), abs=1e-4)
     nat = res.statuses[1]["nat"]
     relay = res.ready[2]["peer_id"]
