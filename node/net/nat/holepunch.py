@@ -75,15 +75,29 @@ class HolePuncher:
         key = peer.pretty()
         try:
             ok = await self.dcutr.initiate_hole_punch(peer)
-            if ok and peer_path(self.host, peer) == DIRECT:
+            # direct either way: our dial, or the peer's simultaneous one that won the open (DCUtR then reports
+            # failure on our side although the link was upgraded)
+            if peer_path(self.host, peer) == DIRECT:
                 self.results[key] = PUNCHED
-            elif not self.results.get(key, "").startswith("punch timed out"):  # a late failure keeps the timeout
-                self.results[key] = "punch failed: no direct connection (NAT mapping not reachable)"
+            else:
+                self._failed(key, "no direct connection (NAT mapping not reachable)" if ok is False
+                             else "DCUtR reported success but no direct connection exists")
         except Exception as exc:  # the relayed connection went away mid-exchange
-            self.results[key] = f"punch failed: {exc}"
+            if peer_path(self.host, peer) == DIRECT:
+                self.results[key] = PUNCHED
+            else:
+                self._failed(key, str(exc) or type(exc).__name__)
         finally:
             self._inflight.pop(key, None)
             done.set()
+
+    def _failed(self, key: str, why: str) -> None:
+        """Record a failed attempt; one whose dial already gave up keeps saying so first ("punch timed out ...")."""
+        before = self.results.get(key, "")
+        if before.startswith("punch timed out"):
+            self.results[key] = f"{before.split(';', 1)[0]}; then failed: {why}"
+        else:
+            self.results[key] = f"punch failed: {why}"
 
     async def upgrade(self, peer: ID) -> None:
         """After a relayed dial: one attempt now; on failure, retries in the background with backoff."""
