@@ -1,0 +1,107 @@
+"""The async schedule's loss at equal tokens against GPipe's, per recipe: where the delayed gradient costs.
+
+For each (learning rate, warm-up steps) of the grid, trains the benchmark model of benchmarks/wan.py twice
+with the same recipe and data: synchronously (`sharding.train_reference`, what gpipe and 1f1b compute)
+and with gradients `--staleness` steps late plus the async runner's look-ahead
+(`sharding.delayed.train_delayed`, what the async schedule computes: the node swarm reproduces both
+exactly, tests/node/test_schedules.py). Validation loss on 64 windows of the corpus's validation split.
+
+Reported: the ratio async / sync per recipe (`loss_ratio_same_recipe`), and the ratio of the best async
+run over the best sync run of the grid (`loss_ratio_tuned`, each arm at its own best recipe: the fair
+figure for issue 19's "within 2 % at equal tokens"). Runs go to `--workers` processes, one torch thread
+each. Prints a table; the last line is JSON.
+
+    python benchmarks/async_recipe.py --quick     # tiny model, machinery check (< 60 s)
+    python benchmarks/async_recipe.py             # bench model, 300 steps, 3 recipes (about 30 min on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing
+import sys
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from sharding import PRESETS, ModelConfig  # noqa: E402
+
+BENCH_MODEL = ModelConfig(vocab_size=256, seq_len=128, d_model=128, n_layers=6, n_heads=4)  # benchmarks/wan.py's
+VAL_WINDOWS, VAL_SEED = 64, 1234  # validation: 8 batches of 8 windows (benchmarks/wan.py's)
+
+
+def run(model: ModelConfig, arm: str, lr: float, warmup: int, steps: int, staleness: int, lookahead: float,
+        microbatches: int, mb_size: int, corpus_name: str) -> dict[str, Any]:
+    """One training run; arm "sync" or "async". Returns its validation loss and a 25-step train-loss curve."""
+    import torch
+
+    from sharding import OptimConfig, build_model, load_corpus, train_reference
+    from sharding.delayed import train_delayed
+
+    torch.set_num_threads(1)
+    corpus = load_corpus(corpus_name)
+    optim = OptimConfig(lr=lr, warmup_steps=warmup)
+    net = build_model(model)
+    if arm == "sync":
+        losses = train_reference(model, optim, steps, microbatches, mb_size, corpus, model=net)
+    else:
+        losses = train_delayed(model, optim, steps, microbatches, mb_size, corpus, staleness, model=net,
+                               lookahead=lookahead)
+    with torch.no_grad():
+        batches = [corpus.batch("val", 0, b, 8, model.seq_len, VAL_SEED) for b in range(VAL_WINDOWS // 8)]
+        val = sum(float(net(w[:, :-1], targets=w[:, 1:])) for w in batches) / len(batches)
+    curve = [sum(losses[i:i + 25]) / len(losses[i:i + 25]) for i in range(0, len(losses), 25)]
+    return {"val_loss": val, "curve": curve}
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--quick", action="store_true", help="tiny model, 30 steps, one recipe")
+    p.add_argument("--steps", type=int, default=None, help="training steps per run (default 300, quick 30)")
+    p.add_argument("--grid", default=None, help="recipes as lr:warmup,... (default 1e-3:10,1e-3:100,5e-4:10)")
+    p.add_argument("--staleness", type=int, default=1, help="async: steps a gradient is late")
+    p.add_argument("--lookahead", type=float, default=None, help="async look-ahead (default: the runner's)")
+    p.add_argument("--microbatches", type=int, default=8)
+    p.add_argument("--microbatch-size", type=int, default=4)
+    p.add_argument("--corpus", default="stdlib")
+    p.add_argument("--workers", type=int, default=2)
+    a = p.parse_args()
+    from sharding.delayed import ASYNC_LOOKAHEAD
+
+    model = PRESETS["tiny"] if a.quick else BENCH_MODEL
+    steps = a.steps or (30 if a.quick else 300)
+    grid_text = a.grid or ("1e-3:10" if a.quick else "1e-3:10,1e-3:100,5e-4:10")
+    grid = [(float(lr), int(wu)) for lr, wu in (item.split(":") for item in grid_text.split(","))]
+    lookahead = ASYNC_LOOKAHEAD if a.lookahead is None else a.lookahead
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(max_workers=a.workers, mp_context=ctx) as pool:
+        futures = {(arm, lr, wu): pool.submit(run, model, arm, lr, wu, steps, a.staleness, lookahead,
+                                               a.microbatches, a.microbatch_size, a.corpus)
+                   for lr, wu in grid for arm in ("sync", "async")}
+        results = {key: f.result() for key, f in futures.items()}
+    print(f"model d{model.d_model} x{model.n_layers}, {steps} steps of {a.microbatches} x {a.microbatch_size} "
+          f"windows of {model.seq_len}, staleness {a.staleness}, look-ahead {lookahead}, corpus {a.corpus}")
+    print(f"{'lr':>8} {'warmup':>6} {'sync val':>9} {'async val':>9} {'ratio':>7}")
+    same: dict[str, float] = {}
+    for lr, wu in grid:
+        s, d = results[("sync", lr, wu)]["val_loss"], results[("async", lr, wu)]["val_loss"]
+        same[f"{lr:g}:{wu}"] = d / s
+        print(f"{lr:>8g} {wu:>6} {s:>9.4f} {d:>9.4f} {d / s:>7.4f}")
+    best_sync = min(results[("sync", lr, wu)]["val_loss"] for lr, wu in grid)
+    best_async = min(results[("async", lr, wu)]["val_loss"] for lr, wu in grid)
+    print(f"each arm at its best recipe: sync {best_sync:.4f}, async {best_async:.4f}, "
+          f"ratio {best_async / best_sync:.4f}")
+    print(json.dumps({"loss_ratio_same_recipe": same, "loss_ratio_tuned": best_async / best_sync,
+                      "val_loss_best_sync": best_sync, "val_loss_best_async": best_async,
+                      "curves": {f"{arm}:{lr:g}:{wu}": [round(x, 3) for x in r["curve"]]
+                                 for (arm, lr, wu), r in results.items()},
+                      "steps": steps, "staleness": a.staleness, "lookahead": lookahead, "model": model.to_dict(),
+                      "grid": grid_text}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
