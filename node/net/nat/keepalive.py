@@ -13,7 +13,9 @@ So `Keepalive.round` pings every connection of every connected peer separately (
 that connection, `SwarmConn.new_stream`, protocol negotiated with py-libp2p's multiselect client) and
 closes a connection that missed `failures` pings in a row, or, at its first miss, when another
 connection to the same peer answered in the same round (the peer evidently reached us again over a
-new link). Upstream would need: a swarm that retires a connection whose streams stall, or a
+new link). A busy connection is not mistaken for a dead one: yamux's per-stream windows bound what is queued
+ahead of a ping (a few hundred KiB per stream), far below what `keepalive_timeout_s` carries on a home link.
+Upstream would need: a swarm that retires a connection whose streams stall, or a
 stream-opening hook that picks among live connections.
 """
 
