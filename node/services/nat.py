@@ -160,12 +160,13 @@ class NatService:
         assert self.ctx is not None
         host = self.ctx.host
         peers: dict[str, str] = {}
+        outcomes = self.puncher.outcomes() if self.puncher is not None else {}
         for pid in host.get_connected_peers():
             conns = peer_conns(host, pid)
             if not conns:
                 continue
             key = pid.pretty()
-            punched = self.puncher is not None and self.puncher.results.get(key) == PUNCHED
+            punched = key in outcomes and outcomes[key] == PUNCHED
             direct_name = PUNCHED if punched else DIRECT
             paths = []
             for conn in conns:
@@ -191,7 +192,7 @@ class NatService:
             out.update(relays=sorted(self.relays.slots), circuit_addrs=self.relays.circuit_addrs(),
                        relay_events=self.relays.events[-8:], relay_refused=dict(self.relays.refused))
         if self.puncher is not None:
-            out["holepunch"] = dict(self.puncher.results)
+            out["holepunch"] = self.puncher.outcomes()
         if self.keepalive is not None and self.keepalive.closed:
             out["dead_links_closed"] = list(self.keepalive.closed)
         host = self.ctx.host if self.ctx is not None else None

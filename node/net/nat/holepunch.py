@@ -31,10 +31,17 @@ from node.net.nat.paths import DIRECT, PUNCHED, RELAYED, peer_path
 
 
 class NodeDCUtR(DCUtRProtocol):
-    """DCUtR without py-libp2p's fixed auto-drive loop: the node decides when to punch (HolePuncher)."""
+    """DCUtR without py-libp2p's fixed auto-drive loop (the node decides when to punch: HolePuncher) and without
+    its unilateral direct dial before the exchange: `NatHost.connect` has just tried the peer's direct addresses
+    (`direct_dial_timeout_s`) before going through the relay, and a second try, to an address a home router
+    silently drops, used up the whole `holepunch_dial_timeout_s` before the punch even began (the dial's wait,
+    `holepunch_timeout_s`, then ran out first)."""
 
     async def _auto_drive_loop(self) -> None:
         return
+
+    async def _try_unilateral_upgrade(self, peer_id: ID) -> bool:
+        return False
 
 
 class HolePuncher:
@@ -49,6 +56,12 @@ class HolePuncher:
         self.nursery: trio.Nursery | None = None  # where background retries run (set by the NAT service)
         self._retrying: set[str] = set()
         self._inflight: dict[str, trio.Event] = {}  # peer id -> set when its running attempt ends
+
+    def outcomes(self) -> dict[str, str]:
+        """Each attempted peer's outcome as of now: PUNCHED once a direct connection to it exists (an attempt the
+        dial stopped waiting for may have upgraded the link since), else its last result."""
+        return {key: PUNCHED if peer_path(self.host, ID.from_base58(key)) == DIRECT else why
+                for key, why in self.results.items()}
 
     async def attempt(self, peer: ID) -> bool:
         """One DCUtR attempt, waited for at most `holepunch_timeout_s`; True when a direct connection exists.
