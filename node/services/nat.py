@@ -66,6 +66,7 @@ class NatService:
         self.stream_paths: dict[str, dict[str, set[str]]] = {}  # peer -> path -> protocols seen on it
         self.keepalive: Keepalive | None = None  # per-connection pings, set at start
         self._last: dict[str, Any] = {}
+        self._checking = False  # a reachability re-check is running
 
     # --- start -------------------------------------------------------------------------------------
 
@@ -209,26 +210,38 @@ class NatService:
             self.ctx.log.status(nat=snap)
 
     async def _watch(self) -> None:
-        """Refresh the status, re-check reachability every `autonat_interval_s` through directly connected
-        peers, and start reserving if the node turns out private."""
-        assert self.ctx is not None and self.reach is not None
-        host, cfg = self.ctx.host, self.cfg
+        """Refresh the status every `relay_check_interval_s`, and every `autonat_interval_s` start a re-check of
+        reachability (its own task: a check waits up to `autonat_timeout_s`, and the status must not go stale
+        meanwhile, or a node that stops during a check leaves an outdated one)."""
+        assert self.ctx is not None
+        cfg = self.cfg
         next_check = trio.current_time() + cfg.autonat_interval_s
         while True:
             await trio.sleep(cfg.relay_check_interval_s)
-            if cfg.reachability == "auto" and trio.current_time() >= next_check:
+            if cfg.reachability == "auto" and trio.current_time() >= next_check and not self._checking:
                 next_check = trio.current_time() + cfg.autonat_interval_s
-                direct = [p for p in host.get_connected_peers()
-                          if any(not conn_is_relayed(c) for c in peer_conns(host, p))]
-                before = self.reach.state
-                await self.reach.check(direct)
-                if self.reach.state == PRIVATE and before != PRIVATE:
-                    print(f"reachability: now private ({self.reach.reason}): reserving relay slots",
-                          file=sys.stderr, flush=True)
-                    self.ctx.nursery.start_soon(self._start_relays)
-                elif self.reach.state == PUBLIC and before != PUBLIC:
-                    print(f"reachability: now public ({self.reach.reason})", file=sys.stderr, flush=True)
+                self._checking = True
+                self.ctx.nursery.start_soon(self._recheck)
             self._write_status()
+
+    async def _recheck(self) -> None:
+        """One reachability re-check through directly connected peers; start reserving if now private."""
+        assert self.ctx is not None and self.reach is not None
+        host = self.ctx.host
+        try:
+            direct = [p for p in host.get_connected_peers()
+                      if any(not conn_is_relayed(c) for c in peer_conns(host, p))]
+            before = self.reach.state
+            await self.reach.check(direct)
+            if self.reach.state == PRIVATE and before != PRIVATE:
+                print(f"reachability: now private ({self.reach.reason}): reserving relay slots",
+                      file=sys.stderr, flush=True)
+                self.ctx.nursery.start_soon(self._start_relays)
+            elif self.reach.state == PUBLIC and before != PUBLIC:
+                print(f"reachability: now public ({self.reach.reason})", file=sys.stderr, flush=True)
+        finally:
+            self._checking = False
+        self._write_status()
 
     async def _keepalive(self) -> None:
         """Ping every connection of every connected peer every `keepalive_interval_s`: traffic keeps the routers'
