@@ -87,19 +87,18 @@ class HolePuncher:
     async def _run_attempt(self, peer: ID, done: trio.Event) -> None:
         key = peer.pretty()
         try:
-            ok = await self.dcutr.initiate_hole_punch(peer)
+            try:
+                ok = await self.dcutr.initiate_hole_punch(peer)
+                why = ("no direct connection (NAT mapping not reachable)" if ok is False
+                       else "DCUtR reported success but no direct connection exists")
+            except Exception as exc:  # the relayed connection went away mid-exchange
+                why = str(exc) or type(exc).__name__
             # direct either way: our dial, or the peer's simultaneous one that won the open (DCUtR then reports
             # failure on our side although the link was upgraded)
             if peer_path(self.host, peer) == DIRECT:
                 self.results[key] = PUNCHED
             else:
-                self._failed(key, "no direct connection (NAT mapping not reachable)" if ok is False
-                             else "DCUtR reported success but no direct connection exists")
-        except Exception as exc:  # the relayed connection went away mid-exchange
-            if peer_path(self.host, peer) == DIRECT:
-                self.results[key] = PUNCHED
-            else:
-                self._failed(key, str(exc) or type(exc).__name__)
+                self._failed(key, why)
         finally:
             self._inflight.pop(key, None)
             done.set()

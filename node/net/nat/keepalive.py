@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import secrets
 import time
-from collections.abc import Callable
 from typing import Any
 
 import trio
@@ -70,18 +69,16 @@ def _why(exc: BaseException) -> str:
 class Keepalive:
     """Missed pings per connection, and the connections closed for them (see the module doc)."""
 
-    def __init__(self, host: Any, timeout_s: float, failures: int,
-                 ping: Callable[[Any, float], Any] = ping_connection) -> None:
+    def __init__(self, host: Any, timeout_s: float, failures: int) -> None:
         self.host = host
         self.timeout_s = timeout_s  # one ping round trip
         self.failures = failures  # misses in a row before a connection is closed (1 when superseded)
-        self.ping = ping  # async (connection, timeout_s) -> None, raising on a missed ping
         self.missed: dict[int, int] = {}  # id(connection) -> pings missed in a row
         self.closed: list[str] = []  # the latest "closed a connection of <peer>: <why>" events
 
     async def _check(self, conn: Any, answered: list[Any], misses: list[tuple[Any, str]]) -> None:
         try:
-            await self.ping(conn, self.timeout_s)
+            await ping_connection(conn, self.timeout_s)
             answered.append(conn)
         except Exception as exc:  # timeout, reset, refused stream: a missed ping
             misses.append((conn, _why(exc)))
