@@ -26,8 +26,35 @@ CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
 ANVIL_MNEMONIC = "test test test test test test test test test test test junk"
 
 
+class ClosableSession(requests.Session):
+    """A `requests.Session` that stays closed: once `close()` ran, every request is refused.
+
+    A plain Session re-opens connection pools on the next request after `close()`. A chain call left
+    running in an abandoned worker thread (a node shutting down mid-request) would then open a socket that
+    nothing closes (a ResourceWarning at exit). Here such a request is refused, and one that raced `close()`
+    releases the pools again when it returns, so its connection is closed too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.closed = False  # set by close(); requests are refused from then on
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
+        if self.closed:
+            raise requests.exceptions.ConnectionError(f"{method!r} {url!r}: the chain connection was closed")
+        try:
+            return super().request(method, url, *args, **kwargs)
+        finally:
+            if self.closed:  # close() ran during this request: release the pool it may have re-opened
+                super().close()
+
+    def close(self) -> None:
+        self.closed = True
+        super().close()
+
+
 class ClosableHTTPProvider(HTTPProvider):
-    """An HTTPProvider on one `requests.Session` of its own, which `close()` releases.
+    """An HTTPProvider on one `ClosableSession` of its own, which `close()` releases.
 
     web3's HTTPProvider keeps its sessions in a process-wide cache and offers no way to close them: their
     keep-alive sockets stay open until garbage collection (a ResourceWarning each). Passing our own session
@@ -35,12 +62,12 @@ class ClosableHTTPProvider(HTTPProvider):
     """
 
     def __init__(self, endpoint_uri: str, request_kwargs: dict[str, Any] | None = None) -> None:
-        self.session = requests.Session()
+        self.session = ClosableSession()
         super().__init__(endpoint_uri, request_kwargs=request_kwargs, session=self.session,
                          exception_retry_configuration=None)
 
     def close(self) -> None:
-        """Close the session and its pooled connections (idempotent)."""
+        """Close the session and its pooled connections (idempotent); later requests are refused."""
         self.session.close()
 
 

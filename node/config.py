@@ -168,6 +168,8 @@ class ReplicaConfig:
     state_max_concurrent: int = 2  # state transfers one node serves at once; more are refused as busy
     state_burst: int = 8  # state transfers one peer may take back to back (a lagging replica re-syncing)
     state_refill_s: float = 2.0  # beyond the burst, one more transfer per peer per this many seconds
+    start_quorum: int = 0  # the leading head's first step waits until this many nodes of the other stages are
+    # announced serving (0 = one per stage suffices); it starts anyway after discovery.discovery_timeout_s
     rebalance_period_s: float = 0.0  # how often stage throughputs are compared (0 = never rebalance)
     rebalance_threshold: float = 1.5  # move a node when the best stage's throughput exceeds the worst by this factor
     debug_delay_s: float = 0.0  # TEST ONLY: extra seconds of compute per microbatch (simulates a slow GPU)
@@ -189,6 +191,8 @@ class ReplicaConfig:
                 raise ValueError(f"replicas.{name} must be > 0, got {getattr(self, name)}")
         if self.keep_steps < 1:
             raise ValueError(f"replicas.keep_steps must be >= 1, got {self.keep_steps}")
+        if self.start_quorum < 0:
+            raise ValueError(f"replicas.start_quorum must be >= 0, got {self.start_quorum}")
         if self.aggregation not in ("mean", "median", "centered_clip"):
             raise ValueError(f"replicas.aggregation must be mean, median or centered_clip, got {self.aggregation!r}")
         if self.rebalance_period_s < 0 or self.rebalance_threshold <= 1:

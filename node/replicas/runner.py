@@ -367,6 +367,8 @@ class ReplicatedRunner:
         """Steps until the run is done (None) or a rebalancing move is due (the move)."""
         r, rc, discovery = ctx.cfg.runtime, ctx.cfg.replicas, ctx.discovery
         last_plan = trio.current_time()
+        if eng.leads and worker.next_step == 0 and rc.start_quorum:
+            await self._await_quorum(ctx, rc.start_quorum)
         while worker.next_step < r.steps:
             out = await eng.run_step(worker.next_step)
             ctx.log.step(step_report(out, eng))
@@ -381,6 +383,23 @@ class ReplicatedRunner:
                     return move
         await self._finish_grace(ctx, eng, discovery)
         return None
+
+    async def _await_quorum(self, ctx: NodeContext, quorum: int) -> None:
+        """Before the run's first step: wait until `quorum` nodes of the other stages are announced serving, at
+        most `discovery.discovery_timeout_s` (then start with those there are, and say so)."""
+        discovery, d = ctx.discovery, ctx.cfg.discovery
+
+        def serving() -> int:
+            return sum(len(discovery.stage_peers(s)) for s in range(1, ctx.cfg.num_stages))
+
+        with trio.move_on_after(d.discovery_timeout_s):
+            while serving() < quorum:
+                with trio.move_on_after(d.announce_interval_s):
+                    await discovery.changed.wait()
+            return
+        ctx.log.status(start_quorum=f"{serving()} of replicas.start_quorum={quorum} nodes of the other stages "
+                                    f"were announced within discovery.discovery_timeout_s={d.discovery_timeout_s}: "
+                                    "started with those")
 
     async def _finish_grace(self, ctx: NodeContext, eng: ReplicaEngine, discovery: Discovery) -> None:
         """Last one out: keep serving state, commits and contributions for up to `replicas.finish_grace_s`

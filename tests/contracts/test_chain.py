@@ -123,3 +123,83 @@ def test_node_rejections_that_mean_a_taken_nonce_are_nonce_conflicts() -> None:
     assert _is_nonce_conflict("{'code': -32003, 'message': 'replacement transaction underpriced'}")
     assert not _is_nonce_conflict("{'code': -32003, 'message': 'transaction underpriced'}")
     assert not _is_nonce_conflict("insufficient funds for gas * price + value")
+
+
+class _SlowRpc:
+    """A JSON-RPC endpoint on a real socket that answers `eth_chainId` after `delay_s` and counts connections."""
+
+    def __init__(self, delay_s: float) -> None:
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        rpc = self
+        self.connections = 0
+        self.started = threading.Event()  # a request reached the handler
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"  # keep-alive, as a real RPC node
+
+            def setup(self) -> None:
+                rpc.connections += 1
+                super().setup()
+
+            def do_POST(self) -> None:
+                req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                rpc.started.set()
+                threading.Event().wait(delay_s)
+                body = json.dumps({"jsonrpc": "2.0", "id": req["id"], "result": "0x7a69"}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.mark.timeout(30)
+def test_closed_chain_connection_refuses_requests_and_a_racing_request_leaves_no_socket() -> None:
+    import gc
+    import warnings
+
+    import requests
+    from web3 import Web3
+
+    from contracts.chain import ClosableHTTPProvider, disconnect
+
+    rpc = _SlowRpc(delay_s=0.5)
+    try:
+        w3 = Web3(ClosableHTTPProvider(rpc.url, request_kwargs={"timeout": 10}))
+        assert w3.eth.chain_id == 31337 and rpc.connections == 1
+        disconnect(w3)
+        # a chain read left running in an abandoned worker thread, started after the node closed its link
+        with pytest.raises(requests.exceptions.ConnectionError, match="the chain connection was closed"):
+            _ = w3.eth.chain_id
+        assert rpc.connections == 1  # refused before any dial
+        # a read that was already on the wire when the link closed: it returns, and its socket is closed
+        w3 = Web3(ClosableHTTPProvider(rpc.url, request_kwargs={"timeout": 10}))
+        answers: list[int] = []
+        reader = threading.Thread(target=lambda w=w3: answers.append(w.eth.chain_id))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            reader.start()
+            assert rpc.started.wait(10)
+            disconnect(w3)
+            reader.join(timeout=10)
+            del reader, w3
+            gc.collect()
+        assert answers == [31337]
+        assert [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)] == []
+    finally:
+        rpc.stop()

@@ -24,7 +24,10 @@ def launch(root: Path, stages: list[int], steps: int, extra: dict[int, list[str]
            common: list[str] | None = None) -> list[NodeProcess]:
     """Node i serves stages[i]; node 0 (stage 0) starts first, the rest bootstrap from it together."""
     extra = extra or {}
-    args = ["--stages", str(max(stages) + 1), "--steps", str(steps), *FAST, *(common or [])]
+    # the leading head starts once every other node launched here is announced: on a loaded machine a node may
+    # be ready seconds after its stage peer, and a run of a few steps would then end before it got any work
+    quorum = ["--replicas-start-quorum", str(sum(1 for s in stages if s))]
+    args = ["--stages", str(max(stages) + 1), "--steps", str(steps), *FAST, *quorum, *(common or [])]
     nodes = [start_node(stages[0], root / "node0", args + extra.get(0, []), READY_TIMEOUT_S)]
     boot = ["--bootstrap", nodes[0].ready["addrs"][0]]
     rest = [spawn_node(s, root / f"node{i}", args + boot + extra.get(i, [])) for i, s in enumerate(stages) if i]

@@ -74,3 +74,10 @@ def test_leaves_cover_nested_sections_once() -> None:
     assert "discovery.dht.enabled" in paths and "chain.rpc_url" in paths
     flags = [flag for leaf in leaves() for flag in leaf.flags]
     assert len(flags) == len(set(flags))
+
+
+def test_a_negative_start_quorum_is_refused_by_name() -> None:
+    cfg = parse_config(["--replicas-start-quorum", "-1"], {})
+    with pytest.raises(ValueError, match="replicas.start_quorum must be >= 0, got -1"):
+        cfg.validate()
+    parse_config(["--replicas-start-quorum", "3"], {}).validate()
