@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from node.errors import NodeError
-from node.observability.status import read_progress
+from node.observability.status import node_status, read_progress
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -157,6 +157,23 @@ def launch_swarm(root: Path, stages: int, node_args: list[str], ready_timeout_s:
     return nodes
 
 
+DESCRIBE_STDERR_LINES = 5  # stderr lines of a stuck node quoted in a timeout's error
+
+
+def describe(node: NodeProcess) -> str:
+    """One line on a running node for an error: its status (state, stage, next step, last events) and the
+    last lines of its stderr, so a swarm that hangs on a CI machine says where."""
+    status = node_status(node.data_dir)
+    keys = ("state", "stage", "next_step", "head_term", "last_resync", "ended_behind", "start_quorum", "error")
+    shown = {k: status[k] for k in keys if k in status}
+    bans = status.get("bans") or []
+    if bans:
+        shown["last_events"] = bans[-3:]
+    log = node.data_dir / "stderr.log"
+    tail = log.read_text(errors="replace").splitlines()[-DESCRIBE_STDERR_LINES:] if log.exists() else []
+    return f"{node.data_dir.name} (stage {node.stage}) status {json.dumps(shown)} stderr tail {tail}"
+
+
 def wait_nodes(nodes: list[NodeProcess], timeout_s: float) -> list[int]:
     """Wait for every node to exit; on timeout stop them all and raise NodeError."""
     deadline = time.monotonic() + timeout_s
@@ -167,7 +184,9 @@ def wait_nodes(nodes: list[NodeProcess], timeout_s: float) -> list[int]:
             try:
                 codes.append(n.proc.wait(timeout=max(0.1, left)))
             except subprocess.TimeoutExpired as exc:
-                raise NodeError(f"swarm did not finish within {timeout_s} s (stage {n.stage} still running)") from exc
+                stuck = "; ".join(describe(m) for m in nodes if m.proc.poll() is None)
+                raise NodeError(f"swarm did not finish within {timeout_s} s (stage {n.stage} still running): "
+                                f"{stuck}") from exc
             assert n.proc.stdout is not None
             n.lines = [ln for ln in n.proc.stdout.read().decode().splitlines() if ln.strip()]
     finally:
