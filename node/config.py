@@ -168,8 +168,9 @@ class ReplicaConfig:
     state_max_concurrent: int = 2  # state transfers one node serves at once; more are refused as busy
     state_burst: int = 8  # state transfers one peer may take back to back (a lagging replica re-syncing)
     state_refill_s: float = 2.0  # beyond the burst, one more transfer per peer per this many seconds
-    start_quorum: int = 0  # the leading head's first step waits until this many nodes of the other stages are
-    # announced serving (0 = one per stage suffices); it starts anyway after discovery.discovery_timeout_s
+    start_quorum: int = 0  # the leading head's first step waits until this many other nodes (standby head
+    # replicas included) are announced serving (0 = one per stage suffices); it starts anyway after
+    # discovery.discovery_timeout_s
     rebalance_period_s: float = 0.0  # how often stage throughputs are compared (0 = never rebalance)
     rebalance_threshold: float = 1.5  # move a node when the best stage's throughput exceeds the worst by this factor
     debug_delay_s: float = 0.0  # TEST ONLY: extra seconds of compute per microbatch (simulates a slow GPU)

@@ -385,19 +385,19 @@ class ReplicatedRunner:
         return None
 
     async def _await_quorum(self, ctx: NodeContext, quorum: int) -> None:
-        """Before the run's first step: wait until `quorum` nodes of the other stages are announced serving, at
-        most `discovery.discovery_timeout_s` (then start with those there are, and say so)."""
+        """Before the run's first step: wait until `quorum` other nodes (standby head replicas included) are
+        announced serving, at most `discovery.discovery_timeout_s` (then start with those there are, and say so)."""
         discovery, d = ctx.discovery, ctx.cfg.discovery
 
         def serving() -> int:
-            return sum(len(discovery.stage_peers(s)) for s in range(1, ctx.cfg.num_stages))
+            return sum(len(discovery.stage_peers(s)) for s in range(ctx.cfg.num_stages))
 
         with trio.move_on_after(d.discovery_timeout_s):
             while serving() < quorum:
                 with trio.move_on_after(d.announce_interval_s):
                     await discovery.changed.wait()
             return
-        ctx.log.status(start_quorum=f"{serving()} of replicas.start_quorum={quorum} nodes of the other stages "
+        ctx.log.status(start_quorum=f"{serving()} of replicas.start_quorum={quorum} other nodes "
                                     f"were announced within discovery.discovery_timeout_s={d.discovery_timeout_s}: "
                                     "started with those")
 

@@ -26,7 +26,7 @@ def launch(root: Path, stages: list[int], steps: int, extra: dict[int, list[str]
     extra = extra or {}
     # the leading head starts once every other node launched here is announced: on a loaded machine a node may
     # be ready seconds after its stage peer, and a run of a few steps would then end before it got any work
-    quorum = ["--replicas-start-quorum", str(sum(1 for s in stages if s))]
+    quorum = ["--replicas-start-quorum", str(len(stages) - 1)]
     args = ["--stages", str(max(stages) + 1), "--steps", str(steps), *FAST, *quorum, *(common or [])]
     nodes = [start_node(stages[0], root / "node0", args + extra.get(0, []), READY_TIMEOUT_S)]
     boot = ["--bootstrap", nodes[0].ready["addrs"][0]]
