@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
+from eth_typing import ChecksumAddress
 from eth_utils import is_address, to_checksum_address
 from web3 import Web3
 from web3.contract import Contract
@@ -358,9 +359,9 @@ class ProtocolContracts:
 
     # -- shares and revenue ------------------------------------------------------------------------
 
-    def share_token(self, model_id: int) -> str:
+    def share_token(self, model_id: int) -> ChecksumAddress:
         """Address of the model's ShareToken."""
-        return str(self._call(self.models.functions.shareTokenOf(_uint("model_id", model_id, 256))))
+        return to_checksum_address(self._call(self.models.functions.shareTokenOf(_uint("model_id", model_id, 256))))
 
     def token(self, model_id: int) -> Contract:
         """The model's ShareToken contract object."""

@@ -10,7 +10,9 @@ from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from eth_tester.exceptions import ValidationError as TesterValidationError
+from eth_typing import ChecksumAddress
 from eth_utils import ValidationError as EthUtilsValidationError
+from eth_utils import to_checksum_address
 from hexbytes import HexBytes
 from web3 import Web3
 from web3.exceptions import TransactionNotFound, Web3RPCError
@@ -127,7 +129,8 @@ class Transactor:
             raise self._replay_failure(tx, receipt)
         return SentTx(bytes(receipt["transactionHash"]), receipt)
 
-    def deploy(self, account: LocalAccount, abi: list[Any], bytecode: str, *args: Any, gas: int | None = None) -> str:
+    def deploy(self, account: LocalAccount, abi: list[Any], bytecode: str, *args: Any,
+               gas: int | None = None) -> ChecksumAddress:
         """Deploy a contract; return its address."""
         factory = self.w3.eth.contract(abi=abi, bytecode=bytecode)
         data = HexBytes(factory.constructor(*args).data_in_transaction)
@@ -135,7 +138,7 @@ class Transactor:
         address = sent.receipt["contractAddress"]
         if not address:
             raise TransactionFailedError("deployment receipt has no contract address")
-        return str(address)
+        return to_checksum_address(address)
 
     # -- internals -------------------------------------------------------------------------------
 
