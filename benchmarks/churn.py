@@ -3,7 +3,7 @@
 period (the older replica is killed only once the newer one has caught up: killing the only holder of
 a stage's newer state loses it). Prints a table; the last line is one JSON object.
 
-    python benchmarks/churn.py [--quick] [--steps N] [--churn-period S] [--repeat N] [--load]
+    python benchmarks/churn.py [--quick] [--steps N] [--churn-period S] [--repeat N] [--load] [--keep-failed DIR]
 
 --repeat N runs the churn run N times (the stable run once) and reports the worst one: most lost or duplicated
 microbatches, then the lowest throughput. --load runs a CPU hog beside every run (stress-ng with one worker per
@@ -38,11 +38,19 @@ def _args(steps: int, delay: float) -> list[str]:
     return ["--stages", "3", "--steps", str(steps), "--replicated", "--microbatches", str(M), "--microbatch-size",
             str(B), "--corpus", "synthetic", "--threads", "1", "--replica-timeout", "3", "--ban-base", "1",
             "--ban-max", "4", "--avg-timeout", "5", "--commit-poll", "0.3", "--checkpoint-every", "0",
-            "--debug-delay-s", str(delay), "--discovery-discovery-timeout-s", str(READY_S)]
+            "--debug-delay-s", str(delay), "--discovery-discovery-timeout-s", str(READY_S),
+            # the head's first step waits for both middle replicas and the tail (a late one would get no work)
+            "--replicas-start-quorum", "3"]
 
 
 def _records(n: NodeProcess) -> dict[int, dict[str, Any]]:
     return {int(r["step"]): r for r in read_progress(n.data_dir)}
+
+
+def _holds_state(recs: dict[int, dict[str, Any]], tail_newest: int) -> bool:
+    """Whether a replica with these records holds every contribution its stage committed up to `tail_newest`."""
+    newest = max(recs, default=-1)
+    return newest >= tail_newest and any(recs[s]["mine"] for s in recs if s < newest)
 
 
 def run(root: Path, steps: int, delay: float, churn_period: float, timeout_s: float) -> dict[str, Any]:
@@ -64,10 +72,12 @@ def run(root: Path, steps: int, delay: float, churn_period: float, timeout_s: fl
             time.sleep(0.1)
             if churn_period and time.monotonic() >= next_churn and len(_records(tail)) < steps - 2:
                 live = [m for m in mids if m.proc.poll() is None]
-                # kill the older one once the newer one has caught up (it applied the step before the tail's newest:
-                # it holds the stage's state); a joiner still fetching or replaying the state does not, and killing
-                # the only holder of a stage's newer state loses it (no checkpoint rollback in replicated mode)
-                if len(live) >= 2 and max(_records(live[-1]), default=-1) >= max(_records(tail), default=0) - 1:
+                # kill the older one once the newer one holds the stage's state: its peers commit as sole holders
+                # while it fetches the state (it pulls those contributions after), so it must have computed work of
+                # its own in some step Y (a stage peer since before step Y+1: every later commit was pushed to it)
+                # and applied every step after Y up to the tail's newest. Killing the only holder of a stage's newer
+                # state loses it: the survivor drops what it cannot get (counted as lost), nothing rolls back
+                if len(live) >= 2 and _holds_state(_records(live[-1]), max(_records(tail), default=0)):
                     live[0].proc.kill()
                     live[0].proc.wait()
                     kills += 1
@@ -150,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeat", type=int, default=1, help="churn runs; the worst one is reported")
     p.add_argument("--load", action="store_true", help="a CPU hog (one worker per core) beside every run")
     p.add_argument("--timeout", type=float, default=None, help="seconds allowed per run (default 25 quick, 600)")
+    p.add_argument("--keep-failed", type=Path, default=None,
+                   help="copy the node data dirs of every run that lost or doubled a microbatch here")
     a = p.parse_args(argv)
     if a.repeat < 1:
         p.error("--repeat must be >= 1")
@@ -163,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
             stable = run(root / "stable", steps, a.delay, 0.0, limit)
             for i in range(a.repeat):
                 runs.append(run(root / f"churn{i}", steps, a.delay, period, limit))
+                if a.keep_failed is not None and runs[-1]["lost_microbatches"] + runs[-1]["duplicate_microbatches"]:
+                    shutil.copytree(root / f"churn{i}", a.keep_failed / f"churn{i}", dirs_exist_ok=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     churn = worst(runs)
