@@ -224,6 +224,8 @@ class NodeDaemon:
             next_step = runner.checkpoint(ctx)
             log.state = "failed" if failure else "stopped" if code else "finished"
             log.status(next_step=next_step)
+            if self.nat is not None:
+                self.nat.flush_status()  # the last paths and dials, before the connections close
             await runner.close(ctx)
             nursery.cancel_scope.cancel()
         if failure is not None:

@@ -201,6 +201,12 @@ class NatService:
             out.update(relayed_dials=host.relayed_dials, last_dial_error=host.last_dial_error)
         return out
 
+    def flush_status(self) -> None:
+        """Write the `nat` section now (the daemon calls it when training ends, while the connections are still
+        up): the periodic refresh samples every `relay_check_interval_s`, and a short run could end between two
+        samples with its last dials and streams unreported."""
+        self._write_status(force=True)
+
     def _write_status(self, force: bool = False) -> None:
         if self.ctx is None or self.reach is None:
             return
