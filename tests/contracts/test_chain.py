@@ -126,14 +126,17 @@ def test_node_rejections_that_mean_a_taken_nonce_are_nonce_conflicts() -> None:
 
 
 class _SlowRpc:
-    """A JSON-RPC endpoint on a real socket that answers `eth_chainId` after `delay_s` and counts connections."""
+    """A JSON-RPC endpoint on a real socket that answers `eth_chainId` and counts connections; while `release`
+    is clear it holds each answer until the test sets it (at most `hold_s`)."""
 
-    def __init__(self, delay_s: float) -> None:
+    def __init__(self, hold_s: float) -> None:
         from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
         rpc = self
         self.connections = 0
         self.started = threading.Event()  # a request reached the handler
+        self.release = threading.Event()  # answers go out at once while set
+        self.release.set()
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"  # keep-alive, as a real RPC node
@@ -145,7 +148,7 @@ class _SlowRpc:
             def do_POST(self) -> None:
                 req = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 rpc.started.set()
-                threading.Event().wait(delay_s)
+                rpc.release.wait(hold_s)
                 body = json.dumps({"jsonrpc": "2.0", "id": req["id"], "result": "0x7a69"}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -163,6 +166,7 @@ class _SlowRpc:
         self.thread.start()
 
     def stop(self) -> None:
+        self.release.set()  # a held answer goes out: its handler thread ends
         self.server.shutdown()
         self.server.server_close()
         self.thread.join(timeout=10)
@@ -178,7 +182,7 @@ def test_closed_chain_connection_refuses_requests_and_a_racing_request_leaves_no
 
     from contracts.chain import ClosableHTTPProvider, disconnect
 
-    rpc = _SlowRpc(delay_s=0.5)
+    rpc = _SlowRpc(hold_s=10)
     try:
         w3 = Web3(ClosableHTTPProvider(rpc.url, request_kwargs={"timeout": 10}))
         assert w3.eth.chain_id == 31337 and rpc.connections == 1
@@ -191,11 +195,14 @@ def test_closed_chain_connection_refuses_requests_and_a_racing_request_leaves_no
         w3 = Web3(ClosableHTTPProvider(rpc.url, request_kwargs={"timeout": 10}))
         answers: list[int] = []
         reader = threading.Thread(target=lambda w=w3: answers.append(w.eth.chain_id))
+        rpc.started.clear()  # set again when the reader's request reaches the endpoint
+        rpc.release.clear()  # the answer waits until the link is closed
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", ResourceWarning)
             reader.start()
             assert rpc.started.wait(10)
             disconnect(w3)
+            rpc.release.set()
             reader.join(timeout=10)
             del reader, w3
             gc.collect()

@@ -23,7 +23,9 @@ def test_a_hung_swarm_is_stopped_and_the_error_names_each_running_nodes_state(tm
                                                     "bans": [{"event": "takeover", "step": 6}]}))
     (hung_dir / "stderr.log").write_text("starting\nwaiting for the commit of step 7\n")
     done = subprocess.Popen([sys.executable, "-c", "pass"], stdout=subprocess.PIPE)
-    hung = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], stdout=subprocess.PIPE)
+    # a node that never exits: it blocks reading its stdin, which nobody writes or closes until the end
+    hung = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
     nodes = [NodeProcess(stage=0, data_dir=done_dir, proc=done), NodeProcess(stage=1, data_dir=hung_dir, proc=hung)]
     try:
         with pytest.raises(NodeError) as err:
@@ -33,8 +35,9 @@ def test_a_hung_swarm_is_stopped_and_the_error_names_each_running_nodes_state(tm
         for p in (done, hung):
             p.kill()
             p.wait()
-            assert p.stdout is not None
-            p.stdout.close()
+            for pipe in (p.stdin, p.stdout):
+                if pipe is not None:
+                    pipe.close()
     msg = str(err.value)
     assert "stage 1 still running" in msg and "node1 (stage 1)" in msg and "node0" not in msg
     assert '"next_step": 7' in msg and "takeover" in msg and "waiting for the commit of step 7" in msg
