@@ -142,8 +142,10 @@ def cpu_hog(on: bool) -> Iterator[None]:
 
 
 def worst(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The worst run: most lost + duplicated microbatches, then fewest tokens/s."""
-    return max(runs, key=lambda r: (r["lost_microbatches"] + r["duplicate_microbatches"], -r["tokens_per_s"]))
+    """The worst run: most lost + duplicated microbatches, then fewest steps done (a run whose tail stopped early),
+    then fewest tokens/s."""
+    return max(runs, key=lambda r: (r["lost_microbatches"] + r["duplicate_microbatches"], -r["steps_done"],
+                                    -r["tokens_per_s"]))
 
 
 def recs_dropped(recs: list[dict[int, dict[str, Any]]], step: int) -> set[int]:
@@ -202,7 +204,8 @@ def main(argv: list[str] | None = None) -> int:
                       "runs": [{k: r[k] for k in ("steps_done", "tokens_per_s", "lost_microbatches",
                                                   "duplicate_microbatches", "kills", "joins")} for r in runs],
                       "lost_microbatches_total": sum(r["lost_microbatches"] for r in runs),
-                      "duplicate_microbatches_total": sum(r["duplicate_microbatches"] for r in runs)}))
+                      "duplicate_microbatches_total": sum(r["duplicate_microbatches"] for r in runs),
+                      "short_runs": sum(r["steps_done"] < steps for r in runs)}))
     return 0
 
 

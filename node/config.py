@@ -153,7 +153,9 @@ class ReplicaConfig:
     ban_base_s: float = 1.0  # first ban of a peer; the n-th ban lasts ban_base_s * 2**(n-1)
     ban_max_s: float = 60.0  # cap on one ban's duration
     no_replica_timeout_s: float = 30.0  # how long the next stage may have no usable replica before the step fails
-    avg_timeout_s: float = 10.0  # averaging deadline: contributions missing after this are dropped from the step
+    avg_timeout_s: float = 10.0  # averaging deadline: committed contributions still missing after this are pulled
+    # from every stage peer, the state is fetched from a peer that applied the step, or (no live holder left, or
+    # none gave them within no_replica_timeout_s) the swarm rolls back: a step is never applied without them
     hold_retry_s: float = 0.2  # a contribution no stage peer took yet is pushed again after this (it is committed
     # only once a second live replica of the stage holds it)
     commit_poll_s: float = 1.0  # idle time after which a replica asks its stage peers for the step's commit

@@ -144,6 +144,11 @@ class NoReplicaError(PeerLostError):
     """No usable replica of the next stage was available within `replicas.no_replica_timeout_s`."""
 
 
+class UpstreamLostError(PeerLostError):
+    """No replica of the previous stage kept a channel open to this replica within `replicas.no_replica_timeout_s`
+    (the head stage or the whole upstream pipeline is gone: a non-head replica stops instead of waiting forever)."""
+
+
 class ResyncNeededError(NodeError):
     """A replica fell behind further than its stage peers keep contributions: fetch the stage state again."""
 

@@ -42,6 +42,7 @@ from node.errors import (
     ResyncNeededError,
     RollbackError,
     StateLostError,
+    UpstreamLostError,
 )
 from node.net.discovery import Discovery
 from node.replicas import averaging, heads, rollback
@@ -74,7 +75,8 @@ class StepOutcome:
     applied: list[list[int]]  # committed [mb, attempt] pairs whose contributions were combined
     mine: list[list[int]]  # committed [mb, attempt] pairs this replica computed
     computed: list[list[int]]  # every [mb, attempt] this replica computed (committed or not)
-    dropped: list[int]  # committed microbatches whose contribution missed the averaging deadline
+    dropped: list[int]  # committed microbatches applied without their contribution: always empty (a step waits
+    # for them, re-syncs or rolls back: `_await_missing`), kept so records can be checked for exactly-once
     rerouted: int  # attempts re-sent to another replica
     seconds: float  # wall time of the step
     compute_s: float  # seconds spent computing (forward/backward, debug delay)
@@ -130,6 +132,9 @@ class ReplicaEngine:
         self._leader_down_since: float | None = None  # when dials to the leading head replica began to fail
         self._last_probe = float("-inf")  # when a standby last asked the leader for its step
         self._holders: dict[tuple[int, int, int], set[str]] = {}  # (step, mb, attempt) -> stage peers that took it
+        self._had_up = False  # a replica of the previous stage had a channel open to this one at some point
+        self._upless_since: float | None = None  # since when no channel from the previous stage is open
+        self._last_up: str = ""  # the last previous-stage replica that had a channel open to this one
 
     # -- channels ----------------------------------------------------------------------------------
 
@@ -604,6 +609,8 @@ class ReplicaEngine:
                             + (f" (last lost: peer {lost})" if lost else ""), lost, self.stage + 1)
                 else:
                     no_replica_since = None
+            if not w.spec.is_first:
+                self._check_upstream(step)
             if self._wake.is_set():
                 self._wake = trio.Event()
                 continue
@@ -704,6 +711,29 @@ class ReplicaEngine:
         self.discovery.update_me(head_term=term)
         self.events.append({"event": "takeover", "peer": lost.peer_id if lost else "", "term": term, "step": step,
                             "adopted": len(heads.held_commits(self.store.vecs.get(step, {}))), "time": time.time()})
+
+    def _check_upstream(self, step: int) -> None:
+        """A non-head replica waiting for its step: UpstreamLostError once no replica of the previous stage has had
+        a channel open to it for `no_replica_timeout_s` (before the first one: at least `discovery_timeout_s`, as
+        the head waits that long for its start quorum), naming the last one, the stage and the step."""
+        now = trio.current_time()
+        live = [p for p, ch in self.up.items() if ch.failure is None]
+        if live:
+            self._had_up, self._upless_since, self._last_up = True, None, live[0]
+            return
+        if self._upless_since is None:
+            self._upless_since = now
+            return
+        limit = self.rc.no_replica_timeout_s if self._had_up else \
+            max(self.rc.no_replica_timeout_s, self.cfg.discovery.discovery_timeout_s)
+        if now - self._upless_since > limit:
+            raise UpstreamLostError(
+                f"stage {self.stage} replica at step {step}: no replica of stage {self.stage - 1} had a channel open "
+                f"to it for {limit:g} s (replicas.no_replica_timeout_s={self.rc.no_replica_timeout_s}"
+                + ("" if self._had_up else
+                   f", discovery.discovery_timeout_s={self.cfg.discovery.discovery_timeout_s} before the first")
+                + ")" + (f"; last: peer {self._last_up}" if self._last_up else "") + ": the pipeline upstream is gone",
+                self._last_up, self.stage - 1)
 
     def _candidates_usable(self, now: float) -> bool:
         return any(not self.router.is_banned(p, now) for p in self._candidates())
@@ -809,7 +839,13 @@ class ReplicaEngine:
             if self.store.missing(step):  # a push may have been lost: ask every stage peer, backoff or not
                 with trio.move_on_after(max(0.0, deadline - trio.current_time())):
                     await self.pull_commit(step, 0.0, every_peer=True)
-        dropped = self.store.missing(step)
+        if self.store.missing(step):  # never applied without every committed contribution
+            since = trio.current_time()
+            self.events.append({"event": "contributions_missing", "step": step,
+                                "microbatches": self.store.missing(step), "time": time.time()})
+            while self.store.missing(step):
+                await self._await_missing(step, since)
+        dropped = self.store.missing(step)  # always empty: kept in the record for exactly-once checks
         items = self.store.committed(step)
         commit = self.store.commits[step]
         async with self.lock:
@@ -840,6 +876,49 @@ class ReplicaEngine:
             step=step, loss=sum(losses) / len(losses) if losses and w.spec.is_last else None,
             applied=sorted([mb, a] for mb, a, _, _ in items), mine=mine, computed=sorted(computed), dropped=dropped,
             rerouted=self._rerouted, seconds=time.perf_counter() - t0, compute_s=self._compute_s, tokens=tokens)
+
+    def _live_stage_peers(self) -> list[Any]:
+        """Stage peers of our generation that showed a sign of life within 4 x `announce_interval_s` (their own
+        announcement, as for rollbacks) and whose last dial did not fail (`_unreachable`)."""
+        fresh = {e.peer_id for e in self.discovery.recent(4 * self.cfg.discovery.announce_interval_s)}
+        now = trio.current_time()
+        return [e for e in self.discovery.stage_peers(self.stage)
+                if e.peer_id in fresh and self._unreachable.get(e.peer_id, 0.0) <= now]
+
+    async def _await_missing(self, step: int, since: float) -> None:
+        """`step` is committed but some committed contributions are still not here `avg_timeout_s` after the
+        commit (since `since`). The step is never applied without them: every replica must apply the same update
+        and a committed microbatch must be applied. One round: pull them from every stage peer; when a live peer
+        has already applied the step, fetch its state instead (ResyncNeededError); when no live stage peer is
+        left, or none gave them within `no_replica_timeout_s`, they are lost with their holder: StateLostError
+        (the runner rolls the swarm back to a step every stage holds, or stops naming the peer, the stage and the
+        step)."""
+        if self.fatal is not None:
+            raise self.fatal
+        self.check_rollback()  # a peer that found the same contributions lost may have started the rollback
+        with trio.move_on_after(0.5):
+            await self.store.changed.wait()
+        if not self.store.missing(step):
+            return
+        with trio.move_on_after(self.rc.avg_timeout_s):
+            await self.pull_commit(step, 0.0, every_peer=True)
+        if not self.store.missing(step):
+            return
+        live = self._live_stage_peers()
+        ahead = [e for e in live if e.next_step > step]
+        what = (f"stage {self.stage} replica at step {step} lacks the committed contributions of microbatches "
+                f"{self.store.missing(step)} after replicas.avg_timeout_s={self.rc.avg_timeout_s}")
+        if ahead:
+            raise ResyncNeededError(f"{what}; peer {ahead[0].peer_id} of the stage already applied the step: "
+                                    "fetching the stage state again")
+        if live and trio.current_time() - since <= self.rc.no_replica_timeout_s:
+            return
+        gone = sorted({e.peer_id for e in self.discovery.stage_peers(self.stage)} - {e.peer_id for e in live})
+        lost = tuple(gone or self._ahead_peers)
+        raise StateLostError(
+            f"{what} and no live peer of its stage gave them"
+            + (f" within replicas.no_replica_timeout_s={self.rc.no_replica_timeout_s}" if live else "")
+            + f": they are lost with their holder (last stage peers: {', '.join(lost) or 'none'})", step, lost)
 
     def plan(self, me: str) -> Move | None:
         """This node's rebalancing move, if the announcements call for one (head replicas never move: a
