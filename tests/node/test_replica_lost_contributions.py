@@ -31,6 +31,15 @@ def _params(eng) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
     return [p.detach().clone() for p in eng.worker.module.parameters()]
 
 
+def _lacking(pair) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
+    """Step 2 committed as microbatches 0 and 1 (attempt 0), only microbatch 0's contribution held by the engine
+    (averaging deadline 0.3 s); returns its parameters before the step."""
+    pair.eng.rc.avg_timeout_s = 0.3
+    pair.eng.store.add(2, 0, 0, torch.ones(pair.size), None)
+    pair.eng.store.commit(2, {0: 0, 1: 0})
+    return _params(pair.eng)
+
+
 def test_a_committed_contribution_whose_only_holder_died_fails_the_step_instead_of_being_dropped() -> None:
     async def main() -> None:
         async with running_host(151) as (h0, id0):
@@ -38,10 +47,7 @@ def test_a_committed_contribution_whose_only_holder_died_fails_the_step_instead_
                 pair = replica_pair(h0, id0, h1, id1)
             # the peer's host is stopped: it held microbatch 1's committed contribution alone
             eng = pair.eng
-            eng.rc.avg_timeout_s = 0.3
-            eng.store.add(2, 0, 0, torch.ones(pair.size), None)
-            eng.store.commit(2, {0: 0, 1: 0})
-            before = _params(eng)
+            before = _lacking(pair)
             with trio.fail_after(30), pytest.raises(StateLostError) as err:
                 await eng._finish(2, 0.0)
             assert err.value.step == 2
@@ -61,14 +67,11 @@ def test_a_live_peer_that_already_applied_the_step_is_synced_from_instead() -> N
         async with running_host(153) as (h0, id0), running_host(154) as (h1, id1):
             pair = replica_pair(h0, id0, h1, id1)
             eng = pair.eng
-            eng.rc.avg_timeout_s = 0.3
             # the peer announces (itself: a sign of life) that it is at step 3, past the step we lack
             ahead = replace(pair.peer, next_step=3, seq=2).sign(id1)
             assert eng.discovery._merge([ahead.to_json()], sender=ahead.peer_id) == 0  # none refused
             assert [e.next_step for e in eng._live_stage_peers()] == [3]
-            eng.store.add(2, 0, 0, torch.ones(pair.size), None)
-            eng.store.commit(2, {0: 0, 1: 0})
-            before = _params(eng)
+            before = _lacking(pair)
             with trio.fail_after(30), pytest.raises(ResyncNeededError, match=f"peer {ahead.peer_id}.*applied"):
                 await eng._finish(2, 0.0)
             assert all(torch.equal(a, b) for a, b in zip(before, _params(eng), strict=True))
@@ -81,11 +84,9 @@ def test_a_contribution_a_live_peer_still_holds_is_pulled_and_the_step_applied_w
         async with running_host(155) as (h0, id0), running_host(156) as (h1, id1):
             pair = replica_pair(h0, id0, h1, id1)
             eng = pair.eng
-            eng.rc.avg_timeout_s = 0.3
             assert eng.discovery._merge([pair.peer.to_json()], sender=pair.peer.peer_id) == 0
             eng.worker.next_step = 2
-            eng.store.add(2, 0, 0, torch.ones(pair.size), None)
-            eng.store.commit(2, {0: 0, 1: 0})
+            _lacking(pair)
             pair.peer_store.add(2, 1, 0, torch.full((pair.size,), 2.0), None)
             pair.peer_store.commit(2, {0: 0, 1: 0})
             with trio.fail_after(30):
