@@ -26,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from wan import BENCH_MODEL, VAL_SEED, VAL_WINDOWS  # noqa: E402  (the model and validation of benchmarks/wan.py)
 
 from sharding import PRESETS, ModelConfig  # noqa: E402
-
-BENCH_MODEL = ModelConfig(vocab_size=256, seq_len=128, d_model=128, n_layers=6, n_heads=4)  # benchmarks/wan.py's
-VAL_WINDOWS, VAL_SEED = 64, 1234  # validation: 8 batches of 8 windows (benchmarks/wan.py's)
 
 
 def run(model: ModelConfig, arm: str, lr: float, warmup: int, steps: int, staleness: int, lookahead: float,
@@ -38,7 +38,7 @@ def run(model: ModelConfig, arm: str, lr: float, warmup: int, steps: int, stalen
     """One training run; arm "sync" or "async". Returns its validation loss and a 25-step train-loss curve."""
     import torch
 
-    from sharding import OptimConfig, build_model, load_corpus, train_reference
+    from sharding import OptimConfig, build_model, load_corpus, train_reference, validation_loss
     from sharding.delayed import train_delayed
 
     torch.set_num_threads(1)
@@ -50,9 +50,7 @@ def run(model: ModelConfig, arm: str, lr: float, warmup: int, steps: int, stalen
     else:
         losses = train_delayed(model, optim, steps, microbatches, mb_size, corpus, staleness, model=net,
                                lookahead=lookahead)
-    with torch.no_grad():
-        batches = [corpus.batch("val", 0, b, 8, model.seq_len, VAL_SEED) for b in range(VAL_WINDOWS // 8)]
-        val = sum(float(net(w[:, :-1], targets=w[:, 1:])) for w in batches) / len(batches)
+    val = validation_loss(net, corpus, model.seq_len, VAL_WINDOWS, seed=VAL_SEED)
     curve = [sum(losses[i:i + 25]) / len(losses[i:i + 25]) for i in range(0, len(losses), 25)]
     return {"val_loss": val, "curve": curve}
 

@@ -54,6 +54,7 @@ SCHEDULES = ("gpipe", "1f1b", "async")
 # compute per microbatch of a few tens of ms per stage on one CPU thread: a step of compute is of the
 # order of the 50 ms links, as a GPU stage of a 100M+ model is against home links
 BENCH_MODEL = ModelConfig(vocab_size=256, seq_len=128, d_model=128, n_layers=6, n_heads=4)
+VAL_WINDOWS, VAL_SEED = 64, 1234  # validation: windows of the corpus's validation split (sharding.validation_loss)
 SHAPER_PORT = 7000  # where the namespace's TCP connections are redirected to
 
 
@@ -244,7 +245,7 @@ def loss_ratio(model: ModelConfig, staleness: int, steps: int, microbatches: int
     """Validation loss of async (staleness) over gpipe at equal tokens, from the single-process references."""
     import torch
 
-    from sharding import OptimConfig, build_model, load_corpus, train_reference
+    from sharding import OptimConfig, build_model, load_corpus, train_reference, validation_loss
     from sharding.delayed import train_delayed
 
     torch.set_num_threads(1)
@@ -252,9 +253,7 @@ def loss_ratio(model: ModelConfig, staleness: int, steps: int, microbatches: int
     optim = OptimConfig(lr=lr)
 
     def val(m: Any) -> float:
-        with torch.no_grad():
-            batches = [corpus.batch("val", 0, b, 8, model.seq_len, 1234) for b in range(8)]
-            return sum(float(m(w[:, :-1], targets=w[:, 1:])) for w in batches) / len(batches)
+        return validation_loss(m, corpus, model.seq_len, VAL_WINDOWS, seed=VAL_SEED)
 
     sync_model, async_model = build_model(model), build_model(model)
     train_reference(model, optim, steps, microbatches, mb_size, corpus, model=sync_model)

@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .schedule import SCHEDULES, clip_coefficient, scheduled_lr
     from .stage import StageModule, build_model, build_stage
     from .stagespec import StageSpec, full_spec
-    from .train import lr_at, make_optimizer, train_reference
+    from .train import lr_at, make_optimizer, train_reference, validation_loss
 
 _WHERE = {  # public name -> submodule that defines it
     "CODEC_NAMES": "codecs",
@@ -54,6 +54,7 @@ _WHERE = {  # public name -> submodule that defines it
     "stage_flops_per_token": "flops",
     "token_id_bytes": "codecs",
     "train_reference": "train",
+    "validation_loss": "train",
 }
 
 
@@ -101,4 +102,5 @@ __all__ = [
     "stage_flops_per_token",
     "token_id_bytes",
     "train_reference",
+    "validation_loss",
 ]

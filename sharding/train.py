@@ -123,3 +123,17 @@ def train_reference(
         losses.append(accumulate_step(model, corpus, step, num_microbatches, microbatch_size, optim.data_seed))
         optimizer_step(model, opt, step, optim)
     return losses
+
+
+@torch.no_grad()
+def validation_loss(model: StageModule, corpus: Corpus, seq_len: int, windows: int = 64, batch_size: int = 8,
+                    seed: int = 1234) -> float:
+    """Mean loss of the unsplit `model` over `windows` deterministic windows of the corpus's validation split, in
+    batches of `batch_size` (the same windows for every model: the benchmarks' equal-tokens comparisons)."""
+    if windows < batch_size or windows % batch_size:
+        raise ValueError(f"validation_loss: windows={windows} must be a positive multiple of batch_size={batch_size}")
+    total = 0.0
+    for b in range(windows // batch_size):
+        w = corpus.batch("val", 0, b, batch_size, seq_len, seed)  # (batch_size, seq_len + 1)
+        total += float(model(w[:, :-1], targets=w[:, 1:]))
+    return total / (windows // batch_size)

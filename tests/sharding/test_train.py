@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from sharding.config import PRESETS
+from sharding.data import load_corpus
 from sharding.stage import build_model
-from sharding.train import OptimConfig, lr_at, make_optimizer
+from sharding.train import OptimConfig, lr_at, make_optimizer, validation_loss
 
 
 def test_lr_schedule():
@@ -36,3 +37,15 @@ def test_optimizer_groups_decay_only_matrices():
     n = sum(p.numel() for p in model.parameters())
     assert n == sum(p.numel() for g in opt.param_groups for p in g["params"])
     assert isinstance(opt, torch.optim.AdamW)
+
+
+def test_validation_loss_averages_the_same_validation_windows_for_every_model() -> None:
+    cfg = PRESETS["tiny"]
+    corpus = load_corpus("synthetic")
+    net = build_model(cfg)
+    with torch.no_grad():
+        want = [float(net(w[:, :-1], targets=w[:, 1:]))
+                for w in (corpus.batch("val", 0, b, 4, cfg.seq_len, 7) for b in range(2))]
+        assert validation_loss(net, corpus, cfg.seq_len, windows=8, batch_size=4, seed=7) == sum(want) / 2
+    with pytest.raises(ValueError, match="windows=6 must be a positive multiple of batch_size=4"):
+        validation_loss(net, corpus, cfg.seq_len, windows=6, batch_size=4)
