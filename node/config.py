@@ -29,6 +29,9 @@ class TransportConfig:
     reject_penalty: float = 1.0  # score subtracted from a peer for each rejected frame
     ban_score: float = -5.0  # a peer whose score falls to this value or below is refused
     dial_timeout_s: float = 10.0  # time allowed for one connect + stream open to a neighbour
+    dial_retries: int = 1  # more attempts libp2p makes after a failed dial (its RetryConfig.max_retries; py-libp2p's
+    # default 3 makes every dial to a dead peer, e.g. a killed replica still announced, cost 0.7 s of backoff)
+    dial_retry_delay_s: float = 0.1  # wait before the first of those attempts (doubled for each next one)
     error_linger_s: float = 2.0  # after sending ERROR, how long to wait for the peer to close before a reset
     hash_thread_bytes: int = 8 * 1024 * 1024  # bodies this large are hashed in a worker thread, smaller ones on the loop (0 = never)
 
@@ -51,6 +54,9 @@ class TransportConfig:
         for name in ("handshake_timeout_s", "ack_timeout_s", "dial_timeout_s", "yamux_window_wait_s", "write_stall_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"transport.{name} must be > 0")
+        if self.dial_retries < 0 or self.dial_retry_delay_s < 0:
+            raise ValueError(f"transport.dial_retries and transport.dial_retry_delay_s must be >= 0, got "
+                             f"{self.dial_retries} and {self.dial_retry_delay_s}")
 
 
 @dataclass

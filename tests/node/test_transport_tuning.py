@@ -7,6 +7,7 @@ and rejection of oversized or forged frames.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import random
@@ -20,9 +21,11 @@ import pytest
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamReset
+from libp2p.peer.peerinfo import PeerInfo
 from libp2p.security.secure_session import SecureSession
 from libp2p.stream_muxer.exceptions import MuxedStreamError
 from libp2p.stream_muxer.yamux import yamux
+from multiaddr import Multiaddr
 
 from node.config import TransportConfig
 from node.errors import RemoteError
@@ -372,3 +375,37 @@ def test_stock_and_tuned_hosts_in_one_process_byte_exact(cfg0, cfg1, tuned) -> N
                 await probe.close()
 
     trio.run(main)
+
+
+@pytest.mark.parametrize("retries", [0, 2])
+def test_a_failed_dial_is_retried_exactly_dial_retries_times(retries: int) -> None:
+    """transport.dial_retries sets this host's libp2p retries (py-libp2p's default 3 costs 0.7 s of backoff per dial
+    to a dead peer): a listener that accepts and drops every connection sees 1 + dial_retries of them."""
+    accepted = 0
+
+    async def main() -> None:
+        nonlocal accepted
+
+        async def drop(stream: trio.SocketStream) -> None:
+            nonlocal accepted
+            accepted += 1
+            await stream.aclose()
+
+        async with trio.open_nursery() as n:
+            listeners = await n.start(functools.partial(trio.serve_tcp, drop, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            cfg = TransportConfig(dial_retries=retries, dial_retry_delay_s=0.01)
+            async with running_host(171, cfg) as (h0, _), running_host(172) as (h1, _):
+                peer = parse_peer_addr(full_addrs(h1)[0]).peer_id  # a real peer id, at the dropping listener
+            async with running_host(173, cfg) as (h2, _):
+                with trio.fail_after(30), pytest.raises(Exception, match="unable to connect|failed"):
+                    await h2.connect(PeerInfo(peer, [Multiaddr(f"/ip4/127.0.0.1/tcp/{port}")]))
+            n.cancel_scope.cancel()
+
+    trio.run(main)
+    assert accepted == 1 + retries
+
+
+def test_negative_dial_retries_are_refused_by_name() -> None:
+    with pytest.raises(ValueError, match="transport.dial_retries"):
+        TransportConfig(dial_retries=-1).validate()

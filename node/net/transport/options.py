@@ -10,6 +10,7 @@ from libp2p.abc import IHost, IMuxedConn, ISecureConn
 from libp2p.crypto.keys import KeyPair
 from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
 from libp2p.custom_types import TMuxerOptions, TProtocol, TSecurityOptions
+from libp2p.network.config import RetryConfig
 from libp2p.network.swarm import Swarm
 from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -75,10 +76,12 @@ def new_tuned_host(key_pair: KeyPair, cfg: TransportConfig, build: Callable[...,
     """
     opts = host_options(key_pair, cfg)
     host = build(key_pair=key_pair, sec_opt=opts.sec_opt, muxer_opt=opts.muxer_opt)
+    network = host.get_network()
+    if not isinstance(network, Swarm):
+        raise TypeError(f"expected py-libp2p's Swarm, got {type(network).__name__}")
+    # this host's dial retries (new_host takes no RetryConfig; the Swarm's attribute is per host object)
+    network.retry_config = RetryConfig(max_retries=cfg.dial_retries, initial_delay=cfg.dial_retry_delay_s)
     if opts.muxer_opt is not None:
-        network = host.get_network()
-        if not isinstance(network, Swarm):
-            raise TypeError(f"expected py-libp2p's Swarm, got {type(network).__name__}")
         upgrader = network.upgrader
         upgrader.muxer_multistream = MuxerByOption(opts.muxer_opt, upgrader.muxer_multistream.negotiate_timeout)
     return host
