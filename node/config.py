@@ -88,14 +88,20 @@ class DiscoveryConfig:
     announce_interval_s: float = 0.5  # how often the node re-pulls peer tables from connected peers
     entry_ttl_s: float = 30.0  # an announcement older than this is dropped from the table
     discovery_timeout_s: float = 60.0  # how long to wait for a peer serving a needed stage
+    liveness_intervals: float = 4.0  # a peer counts as alive while its own last announcement is younger than this
+    # many announce intervals (rollbacks, missing contributions, the finish grace)
     dht: DhtConfig = field(default_factory=DhtConfig)  # Kademlia DHT settings (dht.enabled=False turns it off)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
-        for name in ("announce_interval_s", "entry_ttl_s", "discovery_timeout_s"):
+        for name in ("announce_interval_s", "entry_ttl_s", "discovery_timeout_s", "liveness_intervals"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"discovery.{name} must be > 0, got {getattr(self, name)}")
         self.dht.validate()
+
+    def liveness_s(self) -> float:
+        """How recent a peer's own announcement must be for the peer to count as alive."""
+        return self.liveness_intervals * self.announce_interval_s
 
 
 @dataclass

@@ -878,9 +878,9 @@ class ReplicaEngine:
             rerouted=self._rerouted, seconds=time.perf_counter() - t0, compute_s=self._compute_s, tokens=tokens)
 
     def _live_stage_peers(self) -> list[Any]:
-        """Stage peers of our generation that showed a sign of life within 4 x `announce_interval_s` (their own
+        """Stage peers of our generation that showed a sign of life within `discovery.liveness_s()` (their own
         announcement, as for rollbacks) and whose last dial did not fail (`_unreachable`)."""
-        fresh = {e.peer_id for e in self.discovery.recent(4 * self.cfg.discovery.announce_interval_s)}
+        fresh = {e.peer_id for e in self.discovery.recent(self.cfg.discovery.liveness_s())}
         now = trio.current_time()
         return [e for e in self.discovery.stage_peers(self.stage)
                 if e.peer_id in fresh and self._unreachable.get(e.peer_id, 0.0) <= now]

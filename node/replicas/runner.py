@@ -170,7 +170,7 @@ class ReplicatedRunner:
 
     def _fresh_s(self, ctx: NodeContext) -> float:
         """How recent a peer's sign of life must be for it to count as alive (as in `_finish_grace`)."""
-        return 4 * ctx.cfg.discovery.announce_interval_s
+        return ctx.cfg.discovery.liveness_s()
 
     def _ignore(self, ctx: NodeContext, e: Announcement, why: str) -> None:
         """An unjustified or unfollowable rollback announcement: logged once, counted against its sender."""
@@ -409,7 +409,7 @@ class ReplicatedRunner:
         deadline = trio.current_time() + rc.finish_grace_s
 
         def someone_behind() -> bool:
-            fresh = 4 * ctx.cfg.discovery.announce_interval_s  # a peer that stopped answering is not waited for
+            fresh = ctx.cfg.discovery.liveness_s()  # a peer that stopped answering is not waited for
             return any(e.next_step < steps for e in discovery.entries(max_age_s=fresh)
                        if e.stage in (eng.stage, -1) and e.rollback_gen == discovery.me.rollback_gen
                        and e.spec_hash == discovery.me.spec_hash

@@ -21,6 +21,8 @@ import torch
 import trio
 
 from node.errors import ResyncNeededError, StateLostError, UpstreamLostError
+from node.net.discovery import Announcement
+from node.replicas.engine import ReplicaEngine
 from tests.node.conftest import running_host
 from tests.node.replica_pair import replica_pair
 
@@ -29,6 +31,11 @@ pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
 
 def _params(eng) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
     return [p.detach().clone() for p in eng.worker.module.parameters()]
+
+
+def _announce(eng: ReplicaEngine, entry: Announcement) -> None:
+    """`entry` reaches the engine's table from its own peer (a sign of life), and is accepted."""
+    assert eng.discovery._merge([entry.to_json()], sender=entry.peer_id) == 0  # none refused
 
 
 def _lacking(pair) -> list[torch.Tensor]:  # type: ignore[no-untyped-def]
@@ -69,7 +76,7 @@ def test_a_live_peer_that_already_applied_the_step_is_synced_from_instead() -> N
             eng = pair.eng
             # the peer announces (itself: a sign of life) that it is at step 3, past the step we lack
             ahead = replace(pair.peer, next_step=3, seq=2).sign(id1)
-            assert eng.discovery._merge([ahead.to_json()], sender=ahead.peer_id) == 0  # none refused
+            _announce(eng, ahead)
             assert [e.next_step for e in eng._live_stage_peers()] == [3]
             before = _lacking(pair)
             with trio.fail_after(30), pytest.raises(ResyncNeededError, match=f"peer {ahead.peer_id}.*applied"):
@@ -84,7 +91,7 @@ def test_a_contribution_a_live_peer_still_holds_is_pulled_and_the_step_applied_w
         async with running_host(155) as (h0, id0), running_host(156) as (h1, id1):
             pair = replica_pair(h0, id0, h1, id1)
             eng = pair.eng
-            assert eng.discovery._merge([pair.peer.to_json()], sender=pair.peer.peer_id) == 0
+            _announce(eng, pair.peer)
             eng.worker.next_step = 2
             _lacking(pair)
             pair.peer_store.add(2, 1, 0, torch.full((pair.size,), 2.0), None)
