@@ -86,6 +86,8 @@ class BenchConfig:
     curve_points: int = 10  # validation checkpoints along each main run (for token_multiplier)
     curve_batches: int = 8  # windows (x batch_size) of the fixed curve subset
     int8: bool = False  # also run the plain GPT with int8 boundaries (one more main run)
+    param: str = "projected"  # ModelConfig.subspace_param of the control and subspace arms ("coordinates": the
+    # constrained stream writers trained in k coordinates, as Pluralis's reference code does)
 
 
 QUICK = BenchConfig(
@@ -105,6 +107,7 @@ def model_config(b: BenchConfig, rank: int | None, seed: int) -> ModelConfig:
         mlp_ratio=b.mlp_ratio,
         subspace_rank=rank,
         free_tail_layers=b.free_tail_layers if rank is not None else 0,
+        subspace_param=b.param if rank is not None else "projected",
         seed=seed,
     ).validate()
 
@@ -245,13 +248,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch", type=int, help="sequences per step")
     ap.add_argument("--seq", type=int, help="sequence length")
     ap.add_argument("--int8", action="store_true", help="also run the plain GPT with int8 boundaries")
+    ap.add_argument("--param", choices=("projected", "coordinates"),
+                    help="subspace_param of the control and subspace arms (default projected)")
     ap.add_argument("--workers", type=int, default=2, help="parallel run processes (one torch thread each)")
     args = ap.parse_args(argv)
     b = QUICK if args.quick else BenchConfig()
     overrides = {
         "steps": args.steps, "k": args.k, "d_model": args.d_model, "n_heads": args.heads, "n_layers": args.layers,
         "stages": args.stages, "free_tail_layers": args.free_tail_layers, "batch_size": args.batch,
-        "seq_len": args.seq,
+        "seq_len": args.seq, "param": args.param,
     }
     b = dataclasses.replace(b, **{k: v for k, v in overrides.items() if v is not None})
     if args.lrs:
@@ -336,6 +341,7 @@ def main(argv: list[str] | None = None) -> dict:
         "stages": b.stages,
         "k": b.k,
         "free_tail_layers": b.free_tail_layers,
+        "subspace_param": b.param,
         "steps": b.steps,
         "tokens_per_run": tokens,
         "token_budget_multiple": tokens / TODAY_TOKEN_BUDGET,

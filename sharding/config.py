@@ -32,6 +32,9 @@ class ModelConfig:
     n_kv_heads: int | None = None  # key/value heads (grouped-query attention); None = n_heads (plain multi-head)
     qk_norm: bool = False  # RMSNorm with a learned gain over head_dim on queries and keys, before RoPE
     tie_embeddings: bool = False  # the LM head reuses the token embedding (embedding and head on one stage)
+    subspace_param: str = "projected"  # subspace mode, how the constrained blocks' stream writers (attention out,
+    # MLP down) are held: "projected" full (d, d_in) weights projected onto span(U) after every optimizer step, or
+    # "coordinates" a (k, d_in) matrix A applied as U A (Pluralis's reference: the optimizer works in k coordinates)
 
     def validate(self) -> ModelConfig:
         """Raise ValueError naming the offending field and the fix; return self when valid."""
@@ -62,6 +65,11 @@ class ModelConfig:
                 raise ValueError(
                     f"ModelConfig.subspace_rank={k} exceeds d_model={self.d_model}: use k <= d_model"
                 )
+        if self.subspace_param not in SUBSPACE_PARAMS:
+            raise ValueError(f"ModelConfig.subspace_param={self.subspace_param!r}: use one of {list(SUBSPACE_PARAMS)}")
+        if self.subspace_param != "projected" and self.subspace_rank is None:
+            raise ValueError("ModelConfig.subspace_param only applies in subspace mode: set subspace_rank or use "
+                             "'projected'")
         ftl = self.free_tail_layers
         if not isinstance(ftl, int) or isinstance(ftl, bool) or ftl < 0:
             raise ValueError(f"ModelConfig.free_tail_layers={ftl!r}: must be an integer >= 0")
@@ -124,6 +132,10 @@ class ModelConfig:
         """True when block `block` writes only into span(U) (subspace mode, not a free tail layer)."""
         return self.is_subspace and block < self.n_layers - self.free_tail_layers
 
+    def in_coordinates(self, block: int) -> bool:
+        """True when block `block` is constrained and holds its stream writers in k coordinates (subspace_param)."""
+        return self.is_constrained(block) and self.subspace_param == "coordinates"
+
     def to_dict(self) -> dict[str, Any]:
         """Plain dict of every field, except options added later that sit at their defaults (OPTION_DEFAULTS):
         the dict, and so the spec hash, of every config that existed before them is unchanged."""
@@ -148,9 +160,11 @@ class ModelConfig:
 
 
 MLP_KINDS = ("gelu", "swiglu")  # values of ModelConfig.mlp
+SUBSPACE_PARAMS = ("projected", "coordinates")  # values of ModelConfig.subspace_param
 # fields added after specs were first registered, with the value that reproduces the model from before
 OPTION_DEFAULTS: dict[str, Any] = {
     "mlp": "gelu", "mlp_hidden": None, "n_kv_heads": None, "qk_norm": False, "tie_embeddings": False,
+    "subspace_param": "projected",
 }
 
 

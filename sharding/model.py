@@ -5,7 +5,9 @@ F MLP hidden width, k subspace_rank. RMSNorm everywhere, rotary position embeddi
 
 Options (sharding.config.ModelConfig): `mlp` GELU or SwiGLU, `n_kv_heads` (grouped-query attention),
 `qk_norm`, `tie_embeddings`, and `subspace_rank`: the residual stream of the constrained blocks stays in
-E_fixed[ids] + span(U), each of their sublayer outputs passing a weightless RMSNorm before the add.
+E_fixed[ids] + span(U), each of their sublayer outputs passing a weightless RMSNorm before the add; with
+`subspace_param = "coordinates"` their stream writers hold k coordinates A (k, d_in), applied as U A, instead
+of full weights projected onto span(U) after every optimizer step.
 
 `GPT(config)` is the whole model. A pipeline stage (`sharding.stage.StageModule`) is the same class holding
 a contiguous slice: blocks [first, last), the embedding on the first stage, the final norm and head on
@@ -63,7 +65,7 @@ class CausalSelfAttention(nn.Module):
     """Causal self-attention with rotary embeddings; grouped-query (H/Hkv queries per key/value head) when
     n_kv_heads < n_heads, optional QK-norm. One fused projection `qkv` (d -> d + 2 Hkv hd) as in nanoGPT."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, out_dim: int | None = None) -> None:
         super().__init__()
         self.n_heads = config.n_heads  # H
         self.n_kv_heads = config.kv_heads  # Hkv
@@ -73,7 +75,8 @@ class CausalSelfAttention(nn.Module):
         self.qkv = nn.Linear(d, d + 2 * self.kv_dim, bias=False)  # weight (d + 2 Hkv hd, d)
         self.q_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
         self.k_norm = RMSNorm(self.head_dim, config.norm_eps) if config.qk_norm else None
-        self.proj = nn.Linear(d, d, bias=False)  # output projection, weight (d, d): written into the stream
+        # output projection, weight (d, d) written into the stream (or (k, d): its coordinates in span(U))
+        self.proj = nn.Linear(d, out_dim or d, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape  # (B, T, d)
@@ -86,16 +89,17 @@ class CausalSelfAttention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         # each group of H/Hkv query heads attends with one key/value head
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
-        return self.proj(y.transpose(1, 2).reshape(b, t, d))  # (B, H, T, hd) -> (B, T, d)
+        return self.proj(y.transpose(1, 2).reshape(b, t, d))  # (B, H, T, hd) -> (B, T, d) (or (B, T, k))
 
 
 class MLP(nn.Module):
     """Two-layer GELU MLP: proj(gelu(fc(x)))."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, out_dim: int | None = None) -> None:
         super().__init__()
         self.fc = nn.Linear(config.d_model, config.hidden_dim, bias=False)  # weight (F, d)
-        self.proj = nn.Linear(config.hidden_dim, config.d_model, bias=False)  # weight (d, F): written into the stream
+        # weight (d, F) written into the stream (or (k, F): its coordinates in span(U))
+        self.proj = nn.Linear(config.hidden_dim, out_dim or config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
         return self.proj(F.gelu(self.fc(x)))  # hidden (B, T, F)
@@ -104,11 +108,12 @@ class MLP(nn.Module):
 class SwiGLU(nn.Module):
     """Llama's gated MLP: proj(silu(gate(x)) * up(x)), gate and up fused in `fc`; `proj` is the down projection."""
 
-    def __init__(self, config: ModelConfig) -> None:
+    def __init__(self, config: ModelConfig, out_dim: int | None = None) -> None:
         super().__init__()
         self.hidden = config.hidden_dim  # F
         self.fc = nn.Linear(config.d_model, 2 * self.hidden, bias=False)  # weight (2F, d): [gate; up]
-        self.proj = nn.Linear(self.hidden, config.d_model, bias=False)  # weight (d, F): written into the stream
+        # weight (d, F) written into the stream (or (k, F): its coordinates in span(U))
+        self.proj = nn.Linear(self.hidden, out_dim or config.d_model, bias=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, T, d) -> (B, T, d)
         gate, up = self.fc(x).split(self.hidden, dim=-1)  # (B, T, F) each
@@ -116,22 +121,32 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block; when `constrained`, sublayer outputs pass a weightless RMSNorm before the add."""
+    """Pre-norm block; when `constrained`, sublayer outputs pass a weightless RMSNorm before the add. With
+    `coordinates` (constrained blocks of subspace_param "coordinates") the sublayers output k coordinates z and
+    the block writes U z into the stream (`forward` gets U)."""
 
-    def __init__(self, config: ModelConfig, constrained: bool) -> None:
+    def __init__(self, config: ModelConfig, constrained: bool, coordinates: bool = False) -> None:
         super().__init__()
         self.constrained = constrained
+        self.coordinates = coordinates
+        out = int(config.subspace_rank or 0) if coordinates else None  # k, or d (None)
         self.ln1 = RMSNorm(config.d_model, config.norm_eps)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, out)
         self.ln2 = RMSNorm(config.d_model, config.norm_eps)
-        self.mlp: nn.Module = SwiGLU(config) if config.mlp == "swiglu" else MLP(config)
+        self.mlp: nn.Module = SwiGLU(config, out) if config.mlp == "swiglu" else MLP(config, out)
         self.post = RMSNorm(config.d_model, config.norm_eps, learnable=False) if constrained else None
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # (B, T, d)
-        a = self.attn(self.ln1(x), cos, sin)
-        x = x + (self.post(a) if self.post is not None else a)
-        m = self.mlp(self.ln2(x))
-        return x + (self.post(m) if self.post is not None else m)
+    def _write(self, y: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+        """A sublayer's output as added to the stream: (B, T, d), or (B, T, k) coordinates -> U z (B, T, d)."""
+        if self.coordinates:
+            assert u is not None, "a block in k coordinates needs U"
+            y = y @ u.t()  # (B, T, k) -> (B, T, d)
+        return self.post(y) if self.post is not None else y
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                u: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, d); u (d, k) the subspace basis
+        x = x + self._write(self.attn(self.ln1(x), cos, sin), u)
+        return x + self._write(self.mlp(self.ln2(x)), u)
 
     def stream_writers(self) -> tuple[nn.Linear, nn.Linear]:
         """The two projections whose outputs are added to the stream: attention out, MLP down (proj)."""
@@ -162,7 +177,8 @@ class GPT(nn.Module):
         d, v = config.d_model, config.vocab_size
         with torch.device("meta"):
             self.embed = nn.Embedding(v, d) if embedding else None  # weight (V, d)
-            self.blocks = nn.ModuleDict({str(i): Block(config, config.is_constrained(i)) for i in blocks})
+            self.blocks = nn.ModuleDict({str(i): Block(config, config.is_constrained(i), config.in_coordinates(i))
+                                         for i in blocks})
             self.norm_f = RMSNorm(d, config.norm_eps) if head else None
             untied = head and not config.tie_embeddings
             self.lm_head = nn.Linear(d, v, bias=False) if untied else None  # weight (V, d)
@@ -183,9 +199,12 @@ class GPT(nn.Module):
             self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """Initialise every parameter from (model seed, global parameter name), then project."""
+        """Initialise every parameter from (model seed, global parameter name), then project. A stream writer held in
+        k coordinates starts at U^T W0 for the W0 (d, d_in) its projected twin draws: both start as the same model."""
         cfg = self.config
         gains = {id(m.weight) for m in self.modules() if isinstance(m, RMSNorm) and m.weight is not None}
+        coords = {id(lin.weight) for b in self.blocks.values() if isinstance(b, Block) and b.coordinates
+                  for lin in b.stream_writers()}
         with torch.no_grad():
             for name, p in self.named_parameters():
                 if id(p) in gains:  # norm gains start at 1
@@ -195,7 +214,12 @@ class GPT(nn.Module):
                 if name.endswith(RESIDUAL_OUT):
                     std = std / math.sqrt(2 * cfg.n_layers)
                 g = generator(cfg.seed, "param", name)
-                p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
+                if id(p) in coords:
+                    assert self.u is not None
+                    w0 = torch.randn((cfg.d_model, p.shape[1]), generator=g, dtype=torch.float32) * std  # (d, d_in)
+                    p.copy_(self.u.t() @ w0)  # (k, d_in)
+                else:
+                    p.copy_(torch.randn(p.shape, generator=g, dtype=torch.float32) * std)
         self.after_optimizer_step()
 
     def after_optimizer_step(self) -> None:
@@ -208,8 +232,8 @@ class GPT(nn.Module):
                 w = self.embed.weight  # (V, d): rows are written into the stream
                 w.copy_((w @ u) @ u.t())
             for key, block in self.blocks.items():
-                if not self.config.is_constrained(int(key)):
-                    continue
+                if not self.config.is_constrained(int(key)) or self.config.in_coordinates(int(key)):
+                    continue  # free, or in k coordinates: U A is in span(U) by construction
                 assert isinstance(block, Block)
                 for lin in block.stream_writers():
                     w = lin.weight  # (d, d_in): columns are written into the stream
@@ -240,7 +264,7 @@ class GPT(nn.Module):
         x = self.embed_tokens(ids) if self.embed is not None else h
         assert x is not None
         for key, block in self.blocks.items():
-            x = block(x, self.rope_cos, self.rope_sin)  # (B, T, d)
+            x = block(x, self.rope_cos, self.rope_sin, self.u)  # (B, T, d)
             if self.u is not None and self.e_fixed is not None and cfg.is_constrained(int(key)):
                 x = restream(x, ids, self.u, self.e_fixed)  # E_fixed[ids] + U U^T (x - E_fixed[ids])
         if not self.has_head:
