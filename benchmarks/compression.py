@@ -25,7 +25,10 @@ Reported:
   token_multiplier = tokens the subspace run needs to reach the control's final curve loss ÷ the
     control's tokens (interpolated between checkpoints; extrapolated in log-tokens past the end, flagged);
   loss_ratio_dense = subspace ÷ dense: the architecture effect, not compression.
-Runs execute in `--workers` processes with one torch thread each. Prints a table; the last line is JSON.
+`--variants 'k=1;param=coordinates;free=1'` trains more compressed arms side by side in the same run, each
+overriding the main arm's k, parametrisation or free tail; each is compared with a control of its own free
+tail (reported under the JSON key `variants`, with the main arm's keys). Runs execute in `--workers`
+processes with one torch thread each. Prints a table; the last line is JSON.
 
     python benchmarks/compression.py --quick      # < 60 s, machinery check only
     python benchmarks/compression.py              # the full run
@@ -76,7 +79,7 @@ class BenchConfig:
     stages: int = 3  # pipeline stages (2 boundaries)
     k: int = 2  # subspace rank of the compressed arm (d_model / 128)
     free_tail_layers: int = 2  # last blocks left unconstrained (node0: 2)
-    lrs: tuple[float, ...] = (1e-3, 2e-3, 4e-3)  # learning-rate grid of the probe, per arm
+    lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3)  # learning-rate grid of the probe, per arm
     probe_frac: float = 0.2  # probe runs train for this fraction of `steps`
     probe_data_seed: int = 1000  # data seed of the probe (main runs use their model seed)
     probe_eval_seed: int = 777  # validation-window seed of the probe's score (final eval uses 1234)
@@ -86,8 +89,8 @@ class BenchConfig:
     curve_points: int = 10  # validation checkpoints along each main run (for token_multiplier)
     curve_batches: int = 8  # windows (x batch_size) of the fixed curve subset
     int8: bool = False  # also run the plain GPT with int8 boundaries (one more main run)
-    param: str = "projected"  # ModelConfig.subspace_param of the control and subspace arms ("coordinates": the
-    # constrained stream writers trained in k coordinates, as Pluralis's reference code does)
+    param: str = "projected"  # ModelConfig.subspace_param of the subspace arm ("coordinates": the constrained
+    # stream writers trained in k coordinates, as Pluralis's reference code does); controls hold plain weights
 
 
 QUICK = BenchConfig(
@@ -97,7 +100,23 @@ QUICK = BenchConfig(
 )
 
 
-def model_config(b: BenchConfig, rank: int | None, seed: int) -> ModelConfig:
+@dataclass(frozen=True)
+class Arm:
+    """One model variant the benchmark trains: its probe picks its learning rate, its main runs use every seed."""
+
+    name: str  # row label: dense, control, subspace, or a variant's label (k=1, param=coordinates, ...)
+    rank: int | None  # subspace rank k (d_model for a control), None for the plain GPT
+    codec: str  # boundary codec of its runs: dense (fp32) or subspace
+    free_tail_layers: int  # last blocks left unconstrained (0 for the plain GPT)
+    param: str = "projected"  # ModelConfig.subspace_param of a subspace or control arm
+    control: str = ""  # name of the control arm its loss is compared with ('' for controls and the plain GPT)
+
+    @property
+    def compressed(self) -> bool:
+        return bool(self.control)
+
+
+def model_config(b: BenchConfig, arm: Arm, seed: int) -> ModelConfig:
     return ModelConfig(
         vocab_size=256,
         seq_len=b.seq_len,
@@ -105,11 +124,44 @@ def model_config(b: BenchConfig, rank: int | None, seed: int) -> ModelConfig:
         n_layers=b.n_layers,
         n_heads=b.n_heads,
         mlp_ratio=b.mlp_ratio,
-        subspace_rank=rank,
-        free_tail_layers=b.free_tail_layers if rank is not None else 0,
-        subspace_param=b.param if rank is not None else "projected",
+        subspace_rank=arm.rank,
+        free_tail_layers=arm.free_tail_layers,
+        subspace_param=arm.param,
         seed=seed,
     ).validate()
+
+
+def arms_of(b: BenchConfig, variants: tuple[dict[str, Any], ...] = ()) -> dict[str, Arm]:
+    """The plain GPT, the main subspace arm, each variant (k, param, free overriding the main arm's), and one
+    control (k = d_model, projected) per distinct free_tail_layers among them, so each compressed arm is compared
+    with the same architecture uncompressed."""
+    main = Arm("subspace", b.k, "subspace", b.free_tail_layers, b.param, "control")
+    out = {"dense": Arm("dense", None, "dense", 0), "control": Arm("control", b.d_model, "dense", b.free_tail_layers)}
+    out["subspace"] = main
+    for v in variants:
+        free = int(v.get("free", main.free_tail_layers))
+        control = "control" if free == main.free_tail_layers else f"control free={free}"
+        if control not in out:
+            out[control] = Arm(control, b.d_model, "dense", free)
+        arm = Arm("", int(v["k"]) if "k" in v else b.k, "subspace", free, str(v.get("param", main.param)), control)
+        label = ",".join(f"{key}={val}" for key, val in (("k", arm.rank), ("param", arm.param), ("free", free)))
+        out[label] = dataclasses.replace(arm, name=label)
+    return out
+
+
+def parse_variants(text: str) -> tuple[dict[str, Any], ...]:
+    """'k=1;k=2,param=coordinates;free=1' -> one dict per variant (keys k, param, free)."""
+    out = []
+    for item in filter(None, (x.strip() for x in text.split(";"))):
+        v: dict[str, Any] = {}
+        for pair in item.split(","):
+            key, _, val = pair.partition("=")
+            key = key.strip()
+            if key not in ("k", "param", "free") or not val:
+                raise SystemExit(f"--variants: {pair!r} in {item!r}: use k=INT, param=projected|coordinates, free=INT")
+            v[key] = val.strip() if key == "param" else int(val)
+        out.append(v)
+    return tuple(out)
 
 
 class FramedCodec(Codec):
@@ -183,13 +235,12 @@ def _optim(b: BenchConfig, steps: int, lr: float, data_seed: int) -> OptimConfig
                        data_seed=data_seed)
 
 
-def train_run(b: BenchConfig, arm: str, rank: int | None, codec: str, lr: float, seed: int, probe: bool,
-              corpus: Corpus) -> dict[str, Any]:
+def train_run(b: BenchConfig, arm: Arm, lr: float, seed: int, probe: bool, corpus: Corpus) -> dict[str, Any]:
     """One run: a probe (short, separate data, probe score) or a main run (curve + final validation)."""
     steps = max(2, int(b.steps * b.probe_frac)) if probe else b.steps
     data_seed = b.probe_data_seed + seed if probe else seed
-    cfg = model_config(b, rank, seed)
-    pipe, wire = framed_pipeline(b, cfg, codec, _optim(b, steps, lr, data_seed))
+    cfg = model_config(b, arm, seed)
+    pipe, wire = framed_pipeline(b, cfg, arm.codec, _optim(b, steps, lr, data_seed))
     tokens_per_step = b.batch_size * b.seq_len
     marks = {round(steps * (i + 1) / b.curve_points) for i in range(b.curve_points)} if not probe else set()
     curve: list[tuple[int, float]] = []
@@ -207,7 +258,7 @@ def train_run(b: BenchConfig, arm: str, rank: int | None, codec: str, lr: float,
     else:
         val = pipe.evaluate(corpus, b.val_batches, b.batch_size)
     return {
-        "arm": arm, "codec": codec, "k": rank, "lr": lr, "seed": seed, "probe": probe, "steps": steps,
+        "arm": arm.name, "codec": arm.codec, "k": arm.rank, "lr": lr, "seed": seed, "probe": probe, "steps": steps,
         "tokens": steps * tokens_per_step, "val_loss": val, "curve": curve,
         "train_loss_last10": sum(losses[-10:]) / len(losses[-10:]),
         "measured_bytes_per_token": train_bytes / (steps * tokens_per_step * (b.stages - 1)),
@@ -249,7 +300,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seq", type=int, help="sequence length")
     ap.add_argument("--int8", action="store_true", help="also run the plain GPT with int8 boundaries")
     ap.add_argument("--param", choices=("projected", "coordinates"),
-                    help="subspace_param of the control and subspace arms (default projected)")
+                    help="subspace_param of the subspace arm (default projected; the control is always plain weights)")
+    ap.add_argument("--variants", type=str,
+                    help="more compressed arms side by side, ';'-separated, each overriding the main arm's k, param "
+                         "or free tail layers: e.g. 'k=1;param=coordinates;free=1' (a changed free tail gets its own "
+                         "control)")
     ap.add_argument("--workers", type=int, default=2, help="parallel run processes (one torch thread each)")
     args = ap.parse_args(argv)
     b = QUICK if args.quick else BenchConfig()
@@ -267,73 +322,67 @@ def main(argv: list[str] | None = None) -> dict:
         b = dataclasses.replace(b, int8=True)
     corpus = load_corpus()
     t0 = time.time()
-    arms: dict[str, tuple[int | None, str]] = {
-        "dense": (None, "dense"), "control": (b.d_model, "dense"), "subspace": (b.k, "subspace"),
-    }
-    plain = model_config(b, None, b.seeds[0])
-    bytes_bf16 = wire_bytes_per_token(b, plain, "bf16", corpus)
-    bytes_fp32 = wire_bytes_per_token(b, plain, "dense", corpus)
-    bytes_sub = wire_bytes_per_token(b, model_config(b, b.k, b.seeds[0]), "subspace", corpus)
+    arms = arms_of(b, parse_variants(args.variants or ""))
+    seed0 = b.seeds[0]
+    bytes_bf16 = wire_bytes_per_token(b, model_config(b, arms["dense"], seed0), "bf16", corpus)
+    bytes_fp32 = wire_bytes_per_token(b, model_config(b, arms["dense"], seed0), "dense", corpus)
+    compressed = [a for a in arms.values() if a.compressed]
+    bytes_of = {a.name: wire_bytes_per_token(b, model_config(b, a, seed0), "subspace", corpus) for a in compressed}
 
     with _executor(args.workers) as pool:
-        probes = {(arm, lr): pool.submit(_one, (b, arm, rank, codec, lr, b.seeds[0], True))
-                  for arm, (rank, codec) in arms.items() for lr in b.lrs}
+        probes = {(name, lr): pool.submit(_one, (b, arm, lr, seed0, True)) for name, arm in arms.items() for lr in b.lrs}
         best_lr: dict[str, float] = {}
         warnings: list[str] = []
-        for arm in arms:
-            scored = [(probes[(arm, lr)].result()["val_loss"], lr) for lr in b.lrs]
-            best_lr[arm] = min(scored)[1]
-            if len(b.lrs) > 1 and best_lr[arm] in (min(b.lrs), max(b.lrs)):
-                warnings.append(f"{arm}: best probe lr {best_lr[arm]:g} sits at the edge of the grid {list(b.lrs)}")
-        mains: list[tuple[str, Future[dict]]] = []
-        for arm in ("control", "subspace"):
-            rank, codec = arms[arm]
-            mains += [(arm, pool.submit(_one, (b, arm, rank, codec, best_lr[arm], s, False))) for s in b.seeds]
-        mains.append(("dense", pool.submit(_one, (b, "dense", None, "dense", best_lr["dense"], b.seeds[0], False))))
+        for name in arms:
+            scored = [(probes[(name, lr)].result()["val_loss"], lr) for lr in b.lrs]
+            best_lr[name] = min(scored)[1]
+            if len(b.lrs) > 1 and best_lr[name] in (min(b.lrs), max(b.lrs)):
+                warnings.append(f"{name}: best probe lr {best_lr[name]:g} sits at the edge of the grid {list(b.lrs)}")
+        mains: list[Future[dict]] = []
+        for name, arm in arms.items():
+            seeds = b.seeds if name != "dense" else (seed0,)
+            mains += [pool.submit(_one, (b, arm, best_lr[name], s, False)) for s in seeds]
         if b.int8:
-            mains.append(("int8", pool.submit(_one, (b, "int8", None, "int8", best_lr["dense"], b.seeds[0], False))))
-        results = [(arm, f.result()) for arm, f in mains]
+            mains.append(pool.submit(_one, (b, dataclasses.replace(arms["dense"], name="int8", codec="int8"),
+                                            best_lr["dense"], seed0, False)))
+        results = [f.result() for f in mains]
         probe_rows = [f.result() for f in probes.values()]
 
-    by_seed = {(r["arm"], r["seed"]): r for _, r in results}
-    ratios, multipliers, extrapolated = [], [], False
-    for s in b.seeds:
-        ctrl, sub = by_seed[("control", s)], by_seed[("subspace", s)]
-        ratios.append(sub["val_loss"] / ctrl["val_loss"])
-        reach, extra = tokens_to_reach(sub["curve"], ctrl["curve"][-1][1])
-        multipliers.append(reach / ctrl["curve"][-1][0])
-        extrapolated |= extra
-    dense = by_seed[("dense", b.seeds[0])]
-    sub0 = by_seed[("subspace", b.seeds[0])]
-    control0 = by_seed[("control", b.seeds[0])]
-    int8 = by_seed.get(("int8", b.seeds[0]))
+    by_seed = {(r["arm"], r["seed"]): r for r in results}
+    dense = by_seed[("dense", seed0)]
+    summaries = {a.name: _summary(b, a, by_seed, bytes_of[a.name], bytes_bf16, bytes_fp32, dense) for a in compressed}
+    main_sum = summaries["subspace"]
+    int8 = by_seed.get(("int8", seed0))
     val_tokens = b.val_batches * b.batch_size * b.seq_len
     tokens = b.steps * b.batch_size * b.seq_len
 
     print(f"d_model={b.d_model} layers={b.n_layers} heads={b.n_heads} stages={b.stages} k={b.k} "
-          f"free_tail={b.free_tail_layers} steps={b.steps} tokens/run={tokens} "
+          f"free_tail={b.free_tail_layers} param={b.param} steps={b.steps} tokens/run={tokens} "
           f"({tokens / TODAY_TOKEN_BUDGET:.1f}x the old budget) val tokens={val_tokens} seeds={list(b.seeds)} "
           f"corpus={corpus.name} ({corpus.num_files} files)")
-    print(f"frame bytes/token/boundary, both directions: fp32 {bytes_fp32:.2f}  bf16 {bytes_bf16:.2f}  "
-          f"subspace k={b.k} {bytes_sub:.2f}  ->  {bytes_bf16 / bytes_sub:.1f}x vs bf16, "
-          f"{bytes_fp32 / bytes_sub:.1f}x vs fp32")
+    print(f"frame bytes/token/boundary, both directions: fp32 {bytes_fp32:.2f}  bf16 {bytes_bf16:.2f}")
     print("probe (lr per arm, separate data and validation windows):")
     for r in sorted(probe_rows, key=lambda r: (r["arm"], r["lr"])):
         mark = " <- best" if best_lr[r["arm"]] == r["lr"] else ""
-        print(f"  {r['arm']:<9}lr {r['lr']:.1e}  probe val {r['val_loss']:.4f}  ({r['steps']} steps){mark}")
+        print(f"  {r['arm']:<30}lr {r['lr']:.1e}  probe val {r['val_loss']:.4f}  ({r['steps']} steps){mark}")
     for w in warnings:
         print(f"WARNING: {w}")
-    print(f"{'run':<10}{'seed':>5}{'lr':>9}{'B/token':>9}{'val loss':>10}{'/control':>9}{'/dense':>8}"
+    print(f"{'run':<30}{'seed':>5}{'lr':>9}{'B/token':>9}{'val loss':>10}{'/control':>9}{'/dense':>8}"
           f"{'train':>8}{'sec':>7}")
-    for arm, r in results:
-        ctrl = by_seed[("control", r["seed"])] if ("control", r["seed"]) in by_seed else control0
-        print(f"{arm:<10}{r['seed']:>5}{r['lr']:>9.1e}{r['measured_bytes_per_token']:>9.2f}{r['val_loss']:>10.4f}"
-              f"{r['val_loss'] / ctrl['val_loss']:>9.4f}{r['val_loss'] / dense['val_loss']:>8.4f}"
+    for r in results:
+        of = arms.get(r["arm"])
+        ctrl = by_seed.get((of.control, r["seed"])) if of and of.control else None
+        print(f"{r['arm']:<30}{r['seed']:>5}{r['lr']:>9.1e}{r['measured_bytes_per_token']:>9.2f}{r['val_loss']:>10.4f}"
+              f"{(r['val_loss'] / ctrl['val_loss']) if ctrl else 1.0:>9.4f}{r['val_loss'] / dense['val_loss']:>8.4f}"
               f"{r['train_loss_last10']:>8.4f}{r['seconds']:>7.0f}")
-    print(f"loss_ratio_control (subspace ÷ control) mean {statistics.fmean(ratios):.4f} "
-          f"range [{min(ratios):.4f}, {max(ratios):.4f}]; token_multiplier mean {statistics.fmean(multipliers):.3f} "
-          f"per seed {[round(m, 3) for m in multipliers]}{' (extrapolated)' if extrapolated else ''}; "
-          f"loss_ratio_dense (architecture effect) {sub0['val_loss'] / dense['val_loss']:.4f}")
+    print(f"{'compressed arm':<30}{'vs bf16':>8}{'vs fp32':>8}{'loss/control (range)':>26}{'token mult':>11}"
+          f"{'/dense':>8}")
+    for name, v in summaries.items():
+        rng = f"{v['loss_ratio_control']:.4f} [{v['loss_ratio_control_min']:.4f}, {v['loss_ratio_control_max']:.4f}]"
+        print(f"{name:<30}{v['compression_vs_bf16']:>7.1f}x{v['compression_vs_fp32']:>7.1f}x{rng:>26}"
+              f"{v['token_multiplier']:>10.3f}{'*' if v['token_multiplier_extrapolated'] else ' '}"
+              f"{v['loss_ratio_dense']:>8.4f}")
+    print("(* extrapolated past the end of the run; /dense is the architecture effect, not compression)")
     result = {
         "mode": "quick" if args.quick else "full",
         "d_model": b.d_model,
@@ -348,30 +397,32 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": list(b.seeds),
         "val_tokens": val_tokens,
         "codec": "subspace",
-        "compression_vs_bf16": bytes_bf16 / bytes_sub,
-        "compression_vs_fp32": bytes_fp32 / bytes_sub,
+        "compression_vs_bf16": main_sum["compression_vs_bf16"],
+        "compression_vs_fp32": main_sum["compression_vs_fp32"],
         "frame_bytes_per_token_bf16": bytes_bf16,
         "frame_bytes_per_token_fp32": bytes_fp32,
-        "frame_bytes_per_token": bytes_sub,
-        "loss_ratio_control": statistics.fmean(ratios),
-        "loss_ratio_control_min": min(ratios),
-        "loss_ratio_control_max": max(ratios),
-        "token_multiplier": statistics.fmean(multipliers),
-        "token_multiplier_per_seed": multipliers,
-        "token_multiplier_extrapolated": extrapolated,
-        "loss_ratio_dense": sub0["val_loss"] / dense["val_loss"],
+        "frame_bytes_per_token": bytes_of["subspace"],
+        "loss_ratio_control": main_sum["loss_ratio_control"],
+        "loss_ratio_control_min": main_sum["loss_ratio_control_min"],
+        "loss_ratio_control_max": main_sum["loss_ratio_control_max"],
+        "token_multiplier": main_sum["token_multiplier"],
+        "token_multiplier_per_seed": main_sum["token_multiplier_per_seed"],
+        "token_multiplier_extrapolated": main_sum["token_multiplier_extrapolated"],
+        "loss_ratio_dense": main_sum["loss_ratio_dense"],
         "lr_warnings": warnings,
+        # the other compressed arms (--variants), each against its own control, same keys as above
+        "variants": [v for name, v in summaries.items() if name != "subspace"],
         # earlier keys, kept: `compression` is against fp32 frames, `loss_ratio` is the architecture effect
         "bytes_per_token_dense": bytes_fp32,
-        "bytes_per_token": bytes_sub,
-        "compression": bytes_fp32 / bytes_sub,
+        "bytes_per_token": bytes_of["subspace"],
+        "compression": main_sum["compression_vs_fp32"],
         "dense_lr": best_lr["dense"],
         "lr": best_lr["subspace"],
         "control_lr": best_lr["control"],
         "lr_grid": list(b.lrs),
         "val_loss_dense": dense["val_loss"],
-        "val_loss": statistics.fmean(by_seed[("subspace", s)]["val_loss"] for s in b.seeds),
-        "loss_ratio": sub0["val_loss"] / dense["val_loss"],
+        "val_loss": main_sum["val_loss"],
+        "loss_ratio": main_sum["loss_ratio_dense"],
         "val_loss_control": statistics.fmean(by_seed[("control", s)]["val_loss"] for s in b.seeds),
         "bytes_per_token_int8": int8["measured_bytes_per_token"] if int8 else None,
         "val_loss_int8": int8["val_loss"] if int8 else None,
@@ -381,6 +432,31 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+def _summary(b: BenchConfig, arm: Arm, by_seed: dict[tuple[str, int], dict], frame_bytes: float, bytes_bf16: float,
+             bytes_fp32: float, dense: dict) -> dict[str, Any]:
+    """A compressed arm against its control: compression from frame bytes, loss ratio and token multiplier per seed."""
+    ratios, multipliers, extrapolated = [], [], False
+    for s in b.seeds:
+        ctrl, sub = by_seed[(arm.control, s)], by_seed[(arm.name, s)]
+        ratios.append(sub["val_loss"] / ctrl["val_loss"])
+        reach, extra = tokens_to_reach(sub["curve"], ctrl["curve"][-1][1])
+        multipliers.append(reach / ctrl["curve"][-1][0])
+        extrapolated |= extra
+    first = by_seed[(arm.name, b.seeds[0])]
+    return {
+        "arm": arm.name, "k": arm.rank, "subspace_param": arm.param, "free_tail_layers": arm.free_tail_layers,
+        "lr": first["lr"], "frame_bytes_per_token": frame_bytes,
+        "compression_vs_bf16": bytes_bf16 / frame_bytes, "compression_vs_fp32": bytes_fp32 / frame_bytes,
+        "loss_ratio_control": statistics.fmean(ratios), "loss_ratio_control_min": min(ratios),
+        "loss_ratio_control_max": max(ratios), "token_multiplier": statistics.fmean(multipliers),
+        "token_multiplier_per_seed": multipliers, "token_multiplier_extrapolated": extrapolated,
+        "loss_ratio_dense": first["val_loss"] / dense["val_loss"],
+        "val_loss": statistics.fmean(by_seed[(arm.name, s)]["val_loss"] for s in b.seeds),
+        "control": arm.control,
+        "val_loss_control": statistics.fmean(by_seed[(arm.control, s)]["val_loss"] for s in b.seeds),
+    }
+
+
 def _worker_init() -> None:
     torch.set_num_threads(1)
 
@@ -388,11 +464,11 @@ def _worker_init() -> None:
 _CORPUS: list[Corpus] = []  # the corpus, read once per worker process
 
 
-def _one(args: tuple[BenchConfig, str, int | None, str, float, int, bool]) -> dict:
-    b, arm, rank, codec, lr, seed, probe = args
+def _one(args: tuple[BenchConfig, Arm, float, int, bool]) -> dict:
+    b, arm, lr, seed, probe = args
     if not _CORPUS:
         _CORPUS.append(load_corpus())
-    return train_run(b, arm, rank, codec, lr, seed, probe, _CORPUS[0])
+    return train_run(b, arm, lr, seed, probe, _CORPUS[0])
 
 
 class _InlineExecutor:

@@ -1,0 +1,51 @@
+"""`benchmarks/compression.py --quick --variants`: every compressed arm is measured against its own control.
+
+The quick budget only checks the machinery (the losses mean nothing at 12 steps): the variants run side by side,
+the frame bytes follow k, a changed free tail gets its own uncompressed control, and a malformed variant is
+refused with a line naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(300)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "benchmarks/compression.py", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=280)
+
+
+def test_quick_variants_each_against_its_own_control() -> None:
+    proc = _run("--quick", "--variants", "k=1;free=0,param=coordinates", "--workers", "2")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["mode"] == "quick" and out["k"] == 2 and out["subspace_param"] == "projected"
+    k1, free0 = out["variants"]
+    assert (k1["arm"], k1["k"], k1["free_tail_layers"]) == ("k=1,param=projected,free=1", 1, 1)
+    assert (free0["arm"], free0["subspace_param"], free0["free_tail_layers"]) == ("k=2,param=coordinates,free=0",
+                                                                                  "coordinates", 0)
+    # bytes: half the z coordinates -> fewer frame bytes, a higher compression; same k -> the same bytes
+    assert k1["frame_bytes_per_token"] < out["frame_bytes_per_token"] == free0["frame_bytes_per_token"]
+    assert k1["compression_vs_bf16"] > out["compression_vs_bf16"] > 1
+    for v in (out, k1, free0):
+        assert v["compression_vs_bf16"] == pytest.approx(out["frame_bytes_per_token_bf16"] / v["frame_bytes_per_token"])
+        assert v["loss_ratio_control_min"] <= v["loss_ratio_control"] <= v["loss_ratio_control_max"]
+    # the free=0 arm's ratio is against a free=0 control run (one seed: the ratio of the two losses)
+    assert (out["variants"][0]["control"], free0["control"]) == ("control", "control free=0")
+    assert k1["val_loss_control"] == pytest.approx(out["val_loss_control"])
+    assert free0["val_loss_control"] != pytest.approx(out["val_loss_control"])
+    assert free0["loss_ratio_control"] == pytest.approx(free0["val_loss"] / free0["val_loss_control"])
+
+
+def test_a_malformed_variant_is_refused_naming_it() -> None:
+    proc = _run("--quick", "--variants", "k=1;rank=3")
+    assert proc.returncode != 0
+    assert "rank=3" in proc.stderr and "use k=INT" in proc.stderr
