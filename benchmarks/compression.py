@@ -79,7 +79,7 @@ class BenchConfig:
     stages: int = 3  # pipeline stages (2 boundaries)
     k: int = 2  # subspace rank of the compressed arm (d_model / 128)
     free_tail_layers: int = 2  # last blocks left unconstrained (node0: 2)
-    lrs: tuple[float, ...] = (5e-4, 1e-3, 2e-3, 4e-3)  # learning-rate grid of the probe, per arm
+    lrs: tuple[float, ...] = (2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3)  # learning-rate grid of the probe, per arm
     probe_frac: float = 0.2  # probe runs train for this fraction of `steps`
     probe_data_seed: int = 1000  # data seed of the probe (main runs use their model seed)
     probe_eval_seed: int = 777  # validation-window seed of the probe's score (final eval uses 1234)
@@ -267,8 +267,10 @@ def train_run(b: BenchConfig, arm: Arm, lr: float, seed: int, probe: bool, corpu
 
 
 def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> tuple[float, bool]:
-    """First token count where the (piecewise linear) curve reaches `target`; extrapolated in
-    log-tokens from the last two points when it never does. Returns (tokens, extrapolated)."""
+    """First token count where the (piecewise linear) curve reaches `target`. When it never does, extrapolated
+    from a least-squares line of loss against log-tokens through the last half of the curve (at least two
+    points: a single noisy pair would make the slope, and the estimate, arbitrary). Returns (tokens,
+    extrapolated); inf when the fitted loss is not falling."""
     prev: tuple[int, float] | None = None
     for tok, loss in curve:
         if loss <= target:
@@ -277,11 +279,15 @@ def tokens_to_reach(curve: list[tuple[int, float]], target: float) -> tuple[floa
             frac = (prev[1] - target) / (prev[1] - loss)
             return prev[0] + frac * (tok - prev[0]), False
         prev = (tok, loss)
-    (t1, l1), (t2, l2) = curve[-2], curve[-1]
-    slope = (l2 - l1) / (math.log(t2) - math.log(t1))  # loss per e-fold of tokens (< 0 while learning)
-    if slope >= 0:
+    tail = curve[-max(2, len(curve) // 2):]
+    xs = [math.log(t) for t, _ in tail]
+    ys = [loss for _, loss in tail]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    slope = sum((x - mx) * (y - my) for x, y in zip(xs, ys, strict=True)) / sum((x - mx) ** 2 for x in xs)
+    if slope >= 0:  # loss per e-fold of tokens (< 0 while learning)
         return math.inf, True
-    return math.exp(math.log(t2) + (target - l2) / slope), True
+    last_fit = my + slope * (xs[-1] - mx)  # the line at the last point: extrapolate from the fit, not the noise
+    return math.exp(xs[-1] + (target - last_fit) / slope), True
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -427,6 +433,8 @@ def main(argv: list[str] | None = None) -> dict:
         "bytes_per_token_int8": int8["measured_bytes_per_token"] if int8 else None,
         "val_loss_int8": int8["val_loss"] if int8 else None,
         "seconds": time.time() - t0,
+        # every main run: arm, seed, lr, validation loss and its curve [(tokens, loss)], to recompute the above
+        "runs": [{key: r[key] for key in ("arm", "seed", "lr", "val_loss", "curve")} for r in results],
     }
     print(json.dumps(result))
     return result

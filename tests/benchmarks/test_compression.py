@@ -7,10 +7,13 @@ refused with a line naming it.
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -49,3 +52,29 @@ def test_a_malformed_variant_is_refused_naming_it() -> None:
     proc = _run("--quick", "--variants", "k=1;rank=3")
     assert proc.returncode != 0
     assert "rank=3" in proc.stderr and "use k=INT" in proc.stderr
+
+
+def _bench_module() -> Any:
+    spec = importlib.util.spec_from_file_location("compression_bench", ROOT / "benchmarks" / "compression.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up while being built
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_tokens_to_reach_interpolates_and_extrapolates_from_a_fit_of_the_last_half() -> None:
+    reach = _bench_module().tokens_to_reach
+    # reached inside the run: linear interpolation between the two checkpoints around the target
+    assert reach([(100, 3.0), (200, 2.0), (300, 1.5)], 1.75) == (250.0, False)
+    # a curve exactly linear in log-tokens, never reaching the target: the fit finds the exact crossing
+    exact = [(t, 5.0 - math.log(t)) for t in (100, 200, 400, 800, 1600, 3200)]
+    tokens, extrapolated = reach(exact, 5.0 - math.log(6400))
+    assert extrapolated and tokens == pytest.approx(6400)
+    # the same curve with a last point that happens to sit level with the one before: the last pair alone
+    # gives slope 0 (inf); the fit over the last half (3 points) stays finite and near 6400
+    noisy = exact[:-1] + [(3200, exact[-2][1])]
+    tokens, _ = reach(noisy, 5.0 - math.log(6400))
+    assert 6400 < tokens < 1e5
+    # a curve that is not falling never reaches a lower loss
+    assert reach([(100, 2.0), (200, 2.0), (300, 2.1)], 1.0) == (math.inf, True)
