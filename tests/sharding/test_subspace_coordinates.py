@@ -14,7 +14,7 @@ import torch
 
 from sharding.config import PRESETS, ModelConfig
 from sharding.data import load_corpus
-from sharding.model import GPT
+from sharding.model import GPT, Block
 from sharding.subspace import off_subspace_residual
 from sharding.train import OptimConfig, make_optimizer
 
@@ -35,9 +35,10 @@ def test_the_coordinates_model_starts_as_its_projected_twin_with_fewer_parameter
     proj, coords = GPT(BASE), GPT(COORDS)
     with torch.no_grad():
         assert torch.allclose(_loss(proj, w), _loss(coords, w), atol=1e-5)
-    a = coords.blocks["0"].attn.proj.weight
-    assert a.shape == (BASE.subspace_rank, BASE.d_model)  # (k, d): coordinates in span(U)
-    assert coords.blocks[str(BASE.n_layers - 1)].attn.proj.weight.shape == (BASE.d_model, BASE.d_model)  # free block
+    first, last = coords.blocks["0"], coords.blocks[str(BASE.n_layers - 1)]
+    assert isinstance(first, Block) and isinstance(last, Block)
+    assert first.attn.proj.weight.shape == (BASE.subspace_rank, BASE.d_model)  # (k, d): coordinates in span(U)
+    assert last.attn.proj.weight.shape == (BASE.d_model, BASE.d_model)  # free block
     n = sum(p.numel() for p in proj.parameters()) - sum(p.numel() for p in coords.parameters())
     per_block = (BASE.d_model - 8) * (BASE.d_model + BASE.hidden_dim)  # attn out (d, d) and MLP down (d, F)
     assert n == per_block * (BASE.n_layers - BASE.free_tail_layers)
