@@ -168,10 +168,6 @@ class ReplicatedRunner:
 
     # -- rollback (node.replicas.rollback) ---------------------------------------------------------------
 
-    def _fresh_s(self, ctx: NodeContext) -> float:
-        """How recent a peer's sign of life must be for it to count as alive (as in `_finish_grace`)."""
-        return ctx.cfg.discovery.liveness_s()
-
     def _ignore(self, ctx: NodeContext, e: Announcement, why: str) -> None:
         """An unjustified or unfollowable rollback announcement: logged once, counted against its sender."""
         key = (e.peer_id, e.rollback_gen, e.rollback_step, e.rollback_stage)
@@ -193,7 +189,7 @@ class ReplicatedRunner:
         discovery = ctx.discovery
         me = replace(discovery.me, stage=stage, next_step=worker.next_step)
         mine = {*checkpoint_steps(ctx.data_dir, stage), worker.next_step}
-        fresh_s = self._fresh_s(ctx)
+        fresh_s = ctx.cfg.discovery.liveness_s()
         for e in rollback.candidates(discovery.entries(), discovery.me):
             why = rollback.unjustified(e, discovery.recent(fresh_s), me, mine, fresh_s)
             if not why:
@@ -208,7 +204,7 @@ class ReplicatedRunner:
         """A starting node: the announced rollback it adopts (justified as for `_follow`; it can restart from the
         rollback step when it holds a checkpoint there or a fresh peer of its stage trains in the new generation)."""
         discovery = ctx.discovery
-        fresh_s = self._fresh_s(ctx)
+        fresh_s = ctx.cfg.discovery.liveness_s()
         fresh = discovery.recent(fresh_s)
         held = set(checkpoint_steps(ctx.data_dir, stage))
         for e in rollback.candidates(discovery.entries(), discovery.me):
@@ -231,7 +227,7 @@ class ReplicatedRunner:
         step, why = rollback.choose_step(entries, discovery.me, stage, mine, lost.lost, lost.step)
         if step is None:
             raise NodeError(f"{lost}; no rollback possible: {why}")
-        alive = rollback.holders(discovery.recent(self._fresh_s(ctx)), discovery.me, stage, step)
+        alive = rollback.holders(discovery.recent(ctx.cfg.discovery.liveness_s()), discovery.me, stage, step)
         if alive:
             ctx.log.status(rollback_waiting=f"stage {stage} at step {lost.step}: peer {alive[0].peer_id} announced "
                                             f"step {alive[0].next_step} recently; re-syncing instead of rolling back")
