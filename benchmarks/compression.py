@@ -25,9 +25,10 @@ Reported:
   token_multiplier = tokens the subspace run needs to reach the control's final curve loss ÷ the
     control's tokens (interpolated between checkpoints; extrapolated in log-tokens past the end, flagged);
   loss_ratio_dense = subspace ÷ dense: the architecture effect, not compression.
-`--variants 'k=1;param=coordinates;free=1'` trains more compressed arms side by side in the same run, each
-overriding the main arm's k, parametrisation or free tail; each is compared with a control of its own free
-tail (reported under the JSON key `variants`, with the main arm's keys). Runs execute in `--workers`
+`--variants 'k=1;param=coordinates;free=1;norm=none'` trains more compressed arms side by side in the same run,
+each overriding the main arm's k, parametrisation, free tail or post-sublayer norm (weightless, scalar, none);
+each is compared with a control of its own free tail and norm (reported under the JSON key `variants`, with the
+main arm's keys). Runs execute in `--workers`
 processes with one torch thread each. Prints a table; the last line is JSON.
 
     python benchmarks/compression.py --quick      # < 60 s, machinery check only
@@ -109,6 +110,7 @@ class Arm:
     codec: str  # boundary codec of its runs: dense (fp32) or subspace
     free_tail_layers: int  # last blocks left unconstrained (0 for the plain GPT)
     param: str = "projected"  # ModelConfig.subspace_param of a subspace or control arm
+    post_norm: str = "weightless"  # ModelConfig.post_norm of a subspace or control arm
     control: str = ""  # name of the control arm its loss is compared with ('' for controls and the plain GPT)
 
     @property
@@ -127,39 +129,45 @@ def model_config(b: BenchConfig, arm: Arm, seed: int) -> ModelConfig:
         subspace_rank=arm.rank,
         free_tail_layers=arm.free_tail_layers,
         subspace_param=arm.param,
+        post_norm=arm.post_norm,
         seed=seed,
     ).validate()
 
 
 def arms_of(b: BenchConfig, variants: tuple[dict[str, Any], ...] = ()) -> dict[str, Arm]:
-    """The plain GPT, the main subspace arm, each variant (k, param, free overriding the main arm's), and one
-    control (k = d_model, projected) per distinct free_tail_layers among them, so each compressed arm is compared
-    with the same architecture uncompressed."""
-    main = Arm("subspace", b.k, "subspace", b.free_tail_layers, b.param, "control")
+    """The plain GPT, the main subspace arm, each variant (k, param, free, norm overriding the main arm's), and one
+    control (k = d_model, projected) per distinct (free_tail_layers, post_norm) among them, so each compressed arm
+    is compared with the same architecture uncompressed."""
+    main = Arm("subspace", b.k, "subspace", b.free_tail_layers, b.param, control="control")
     out = {"dense": Arm("dense", None, "dense", 0), "control": Arm("control", b.d_model, "dense", b.free_tail_layers)}
     out["subspace"] = main
     for v in variants:
         free = int(v.get("free", main.free_tail_layers))
-        control = "control" if free == main.free_tail_layers else f"control free={free}"
+        norm = str(v.get("norm", main.post_norm))
+        control = "control" + "".join(f" {key}={val}" for key, val, base in (
+            ("free", free, main.free_tail_layers), ("norm", norm, main.post_norm)) if val != base)
         if control not in out:
-            out[control] = Arm(control, b.d_model, "dense", free)
-        arm = Arm("", int(v["k"]) if "k" in v else b.k, "subspace", free, str(v.get("param", main.param)), control)
-        label = ",".join(f"{key}={val}" for key, val in (("k", arm.rank), ("param", arm.param), ("free", free)))
+            out[control] = Arm(control, b.d_model, "dense", free, post_norm=norm)
+        arm = Arm("", int(v["k"]) if "k" in v else b.k, "subspace", free, str(v.get("param", main.param)), norm,
+                  control)
+        label = ",".join(f"{key}={val}" for key, val in (("k", arm.rank), ("param", arm.param), ("free", free))) + (
+            f",norm={norm}" if norm != main.post_norm else "")
         out[label] = dataclasses.replace(arm, name=label)
     return out
 
 
 def parse_variants(text: str) -> tuple[dict[str, Any], ...]:
-    """'k=1;k=2,param=coordinates;free=1' -> one dict per variant (keys k, param, free)."""
+    """'k=1;k=2,param=coordinates;free=1;norm=none' -> one dict per variant (keys k, param, free, norm)."""
     out = []
     for item in filter(None, (x.strip() for x in text.split(";"))):
         v: dict[str, Any] = {}
         for pair in item.split(","):
             key, _, val = pair.partition("=")
             key = key.strip()
-            if key not in ("k", "param", "free") or not val:
-                raise SystemExit(f"--variants: {pair!r} in {item!r}: use k=INT, param=projected|coordinates, free=INT")
-            v[key] = val.strip() if key == "param" else int(val)
+            if key not in ("k", "param", "free", "norm") or not val:
+                raise SystemExit(f"--variants: {pair!r} in {item!r}: use k=INT, param=projected|coordinates, free=INT, "
+                                 "norm=weightless|scalar|none")
+            v[key] = val.strip() if key in ("param", "norm") else int(val)
         out.append(v)
     return tuple(out)
 
@@ -452,7 +460,8 @@ def _summary(b: BenchConfig, arm: Arm, by_seed: dict[tuple[str, int], dict], fra
         extrapolated |= extra
     first = by_seed[(arm.name, b.seeds[0])]
     return {
-        "arm": arm.name, "k": arm.rank, "subspace_param": arm.param, "free_tail_layers": arm.free_tail_layers,
+        "arm": arm.name, "k": arm.rank, "subspace_param": arm.param, "post_norm": arm.post_norm,
+        "free_tail_layers": arm.free_tail_layers,
         "lr": first["lr"], "frame_bytes_per_token": frame_bytes,
         "compression_vs_bf16": bytes_bf16 / frame_bytes, "compression_vs_fp32": bytes_fp32 / frame_bytes,
         "loss_ratio_control": statistics.fmean(ratios), "loss_ratio_control_min": min(ratios),

@@ -35,6 +35,9 @@ class ModelConfig:
     subspace_param: str = "projected"  # subspace mode, how the constrained blocks' stream writers (attention out,
     # MLP down) are held: "projected" full (d, d_in) weights projected onto span(U) after every optimizer step, or
     # "coordinates" a (k, d_in) matrix A applied as U A (Pluralis's reference: the optimizer works in k coordinates)
+    post_norm: str = "weightless"  # subspace mode, the norm on each sublayer output of a constrained block before it
+    # is added to the stream: "weightless" RMSNorm (node0's), "scalar" RMSNorm times one learned gain per sublayer
+    # (a per-coordinate gain would leave span(U)), or "none"
 
     def validate(self) -> ModelConfig:
         """Raise ValueError naming the offending field and the fix; return self when valid."""
@@ -70,6 +73,11 @@ class ModelConfig:
         if self.subspace_param != "projected" and self.subspace_rank is None:
             raise ValueError("ModelConfig.subspace_param only applies in subspace mode: set subspace_rank or use "
                              "'projected'")
+        if self.post_norm not in POST_NORMS:
+            raise ValueError(f"ModelConfig.post_norm={self.post_norm!r}: use one of {list(POST_NORMS)}")
+        if self.post_norm != "weightless" and self.subspace_rank is None:
+            raise ValueError("ModelConfig.post_norm only applies in subspace mode: set subspace_rank or use "
+                             "'weightless'")
         ftl = self.free_tail_layers
         if not isinstance(ftl, int) or isinstance(ftl, bool) or ftl < 0:
             raise ValueError(f"ModelConfig.free_tail_layers={ftl!r}: must be an integer >= 0")
@@ -161,10 +169,11 @@ class ModelConfig:
 
 MLP_KINDS = ("gelu", "swiglu")  # values of ModelConfig.mlp
 SUBSPACE_PARAMS = ("projected", "coordinates")  # values of ModelConfig.subspace_param
+POST_NORMS = ("weightless", "scalar", "none")  # values of ModelConfig.post_norm
 # fields added after specs were first registered, with the value that reproduces the model from before
 OPTION_DEFAULTS: dict[str, Any] = {
     "mlp": "gelu", "mlp_hidden": None, "n_kv_heads": None, "qk_norm": False, "tie_embeddings": False,
-    "subspace_param": "projected",
+    "subspace_param": "projected", "post_norm": "weightless",
 }
 
 

@@ -32,12 +32,13 @@ RESIDUAL_OUT = ("attn.proj.weight", "mlp.proj.weight")
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) over the last dimension, times a learned gain when `learnable` (the subspace post-norm has none)."""
+    """x / rms(x) over the last dimension, times a learned gain when `learnable`: one per coordinate, or one for
+    all of them with `scalar` (the subspace post-norm: weightless, or scalar so that its output stays in span(U))."""
 
-    def __init__(self, dim: int, eps: float, learnable: bool = True) -> None:
+    def __init__(self, dim: int, eps: float, learnable: bool = True, scalar: bool = False) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.empty(dim)) if learnable else None  # (dim,)
+        self.weight = nn.Parameter(torch.empty(1 if scalar else dim)) if learnable else None  # (dim,) or (1,)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # (..., dim) -> (..., dim)
         y = x * torch.rsqrt(x.pow(2).mean(dim=-1, keepdim=True) + self.eps)
@@ -121,7 +122,8 @@ class SwiGLU(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-norm block; when `constrained`, sublayer outputs pass a weightless RMSNorm before the add. With
+    """Pre-norm block; when `constrained`, sublayer outputs pass the post-norm (`post_norm`: a weightless RMSNorm
+    by default, one with a learned scalar gain, or none) before the add. With
     `coordinates` (constrained blocks of subspace_param "coordinates") the sublayers output k coordinates z and
     the block writes U z into the stream (`forward` gets U)."""
 
@@ -134,19 +136,23 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config, out)
         self.ln2 = RMSNorm(config.d_model, config.norm_eps)
         self.mlp: nn.Module = SwiGLU(config, out) if config.mlp == "swiglu" else MLP(config, out)
-        self.post = RMSNorm(config.d_model, config.norm_eps, learnable=False) if constrained else None
+        post = constrained and config.post_norm != "none"
+        scalar = config.post_norm == "scalar"
+        # post-norms of the attention and MLP writes (weightless ones hold no state: sharing one would do)
+        self.post_attn = RMSNorm(config.d_model, config.norm_eps, learnable=scalar, scalar=True) if post else None
+        self.post_mlp = RMSNorm(config.d_model, config.norm_eps, learnable=scalar, scalar=True) if post else None
 
-    def _write(self, y: torch.Tensor, u: torch.Tensor | None) -> torch.Tensor:
+    def _write(self, y: torch.Tensor, u: torch.Tensor | None, post: RMSNorm | None) -> torch.Tensor:
         """A sublayer's output as added to the stream: (B, T, d), or (B, T, k) coordinates -> U z (B, T, d)."""
         if self.coordinates:
             assert u is not None, "a block in k coordinates needs U"
             y = y @ u.t()  # (B, T, k) -> (B, T, d)
-        return self.post(y) if self.post is not None else y
+        return post(y) if post is not None else y
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 u: torch.Tensor | None = None) -> torch.Tensor:  # (B, T, d); u (d, k) the subspace basis
-        x = x + self._write(self.attn(self.ln1(x), cos, sin), u)
-        return x + self._write(self.mlp(self.ln2(x)), u)
+        x = x + self._write(self.attn(self.ln1(x), cos, sin), u, self.post_attn)
+        return x + self._write(self.mlp(self.ln2(x)), u, self.post_mlp)
 
     def stream_writers(self) -> tuple[nn.Linear, nn.Linear]:
         """The two projections whose outputs are added to the stream: attention out, MLP down (proj)."""

@@ -78,3 +78,16 @@ def test_tokens_to_reach_interpolates_and_extrapolates_from_a_fit_of_the_last_ha
     assert 6400 < tokens < 1e5
     # a curve that is not falling never reaches a lower loss
     assert reach([(100, 2.0), (200, 2.0), (300, 2.1)], 1.0) == (math.inf, True)
+
+
+def test_a_post_norm_variant_gets_a_control_of_the_same_norm() -> None:
+    bench = _bench_module()
+    arms = bench.arms_of(bench.QUICK, bench.parse_variants("norm=none;k=1,norm=scalar;k=1"))
+    assert arms["k=2,param=projected,free=1,norm=none"].control == "control norm=none"
+    assert arms["k=1,param=projected,free=1,norm=scalar"].control == "control norm=scalar"
+    assert arms["k=1,param=projected,free=1"].control == "control"  # the main arm's norm: the main control
+    for norm in ("none", "scalar"):
+        control = arms[f"control norm={norm}"]
+        assert (control.rank, control.post_norm, control.compressed) == (bench.QUICK.d_model, norm, False)
+        assert bench.model_config(bench.QUICK, control, 0).post_norm == norm
+    assert arms["subspace"].post_norm == arms["control"].post_norm == "weightless"

@@ -203,11 +203,11 @@ def test_subspace_residual_stays_in_the_subspace_with_swiglu_and_gqa():
             for key, block in st.blocks.items():
                 x = block(x, st.rope_cos, st.rope_sin)  # raw block output, before re-expression
                 if cfg.is_constrained(int(key)):
-                    assert block.post is not None  # the weightless post-sublayer RMSNorm
+                    assert block.post_attn is not None and block.post_mlp is not None  # the weightless post-norms
                     assert off_subspace_residual(x, ids, u, e) < 1e-5, key
                     checked += 1
                 else:
-                    assert block.post is None
+                    assert block.post_attn is None and block.post_mlp is None
     assert checked == cfg.n_layers - 2
     for st in pipe.stages:
         for key, block in st.blocks.items():
@@ -225,5 +225,5 @@ def test_subspace_option_with_each_large_preset_validates_and_partitions(name):
     specs = partition(cfg, 4)
     assert specs[-1].block_start <= cfg.n_layers - 2  # the two free layers sit on the tail stage
     meta = GPT(cfg, device="meta")
-    posts = [int(k) for k, b in meta.blocks.items() if b.post is not None]
+    posts = [int(k) for k, b in meta.blocks.items() if b.post_attn is not None]
     assert posts == list(range(cfg.n_layers - 2))  # the weightless post-norm in every constrained block
