@@ -6,6 +6,13 @@ acknowledged by a real ACK frame (digest + 65-byte countersignature) followed by
 both directions. Bytes per token are those frame bytes ÷ (tokens × boundaries), so ids, headers,
 signatures and acks are all counted.
 
+Token windows: a node started from a spec with a [data] section reads the (step, microbatch) window from its
+own copy of the dataset, so activation frames travel without it (FrameSpec.local_windows; the digest still
+covers it). That is the headline (`local_windows: true`); `--windows-on-wire` makes the window-carrying
+frames of the byte-level corpus the headline instead. Either way the other mode's bytes and compression are
+reported too (keys ending in `_windows_on_wire` or `_local_windows`), and the bf16 and fp32 baselines are
+always framed the same way as the arm they are compared with.
+
 Arms, all with the same stage split, tokens and data:
   dense     plain pre-norm GPT (fp32 boundaries): the architecture baseline
   control   the subspace architecture with k = d_model (frozen embedding + post-norms, no compression)
@@ -92,6 +99,9 @@ class BenchConfig:
     int8: bool = False  # also run the plain GPT with int8 boundaries (one more main run)
     param: str = "projected"  # ModelConfig.subspace_param of the subspace arm ("coordinates": the constrained
     # stream writers trained in k coordinates, as Pluralis's reference code does); controls hold plain weights
+    local_windows: bool = True  # activation frames without the token window, as nodes run a spec with a [data]
+    # section (every stage reads the window from its own copy; the digest still covers it); False: the window on
+    # the wire, as with the byte-level corpus. Both figures are reported; this one is the headline.
 
 
 QUICK = BenchConfig(
@@ -180,9 +190,10 @@ class FramedCodec(Codec):
     which checks the header and the BLAKE3 digest, so what the next stage sees is what the wire carried.
     """
 
-    def __init__(self, inner: Codec, spec_hash: bytes) -> None:
+    def __init__(self, inner: Codec, spec_hash: bytes, local_windows: bool = False) -> None:
         super().__init__(inner.config)
         self.inner = inner
+        self.local_windows = local_windows  # activation frames leave the window out of the body (digest covers it)
         self.name = inner.name
         self.spec_hash = spec_hash
         self.frame_bytes = 0  # bytes of every frame, both directions
@@ -201,11 +212,13 @@ class FramedCodec(Codec):
         if window:  # the forward frame carries the (B, T+1) window: ids plus one target per row
             width = 2 if self.config.vocab_size <= 65536 else 4
             win = b"\x00" * (width * b * (t + 1))
+        local = self.local_windows and bool(win)
         raw = frames.encode_frame(
             kind, self.spec_hash, 0, 0, self.frames, payload=payload, window=win, signature=self._sig,
             codec=self.codec_id, dtype=frames.CODEC_DTYPES[self.codec_id], shape=(b, t, self.config.d_model),
+            window_in_body=not local,
         )
-        fr = frames.decode_frame(raw, self._max)
+        fr = frames.decode_frame(raw, self._max, local_window=win if local else None)
         ack = frames.encode_frame(frames.Kind.ACK, self.spec_hash, 1, 0, self.frames,
                                   payload=fr.header.digest + self._sig)
         credit = frames.encode_frame(frames.Kind.CREDIT, self.spec_hash, 1, 0, 1)
@@ -227,12 +240,13 @@ class FramedCodec(Codec):
 
 
 def framed_pipeline(b: BenchConfig, cfg: ModelConfig, codec: str, optim: OptimConfig) -> tuple[LocalPipeline, FramedCodec]:
-    wrapped = FramedCodec(get_codec(codec, cfg), cfg.spec_hash())
+    wrapped = FramedCodec(get_codec(codec, cfg), cfg.spec_hash(), b.local_windows)
     return LocalPipeline(cfg, b.stages, wrapped, optim), wrapped
 
 
 def wire_bytes_per_token(b: BenchConfig, cfg: ModelConfig, codec: str, corpus: Corpus) -> float:
-    """Frame bytes per token per boundary (both directions) of one training step with `codec`."""
+    """Frame bytes per token per boundary (both directions) of one training step with `codec` (windows as
+    `b.local_windows` says)."""
     pipe, wire = framed_pipeline(b, cfg, codec, OptimConfig(lr=1e-3, warmup_steps=1))
     pipe.train_step(0, corpus, 1, b.batch_size)
     return wire.frame_bytes / (b.batch_size * b.seq_len * (b.stages - 1))
@@ -319,6 +333,9 @@ def main(argv: list[str] | None = None) -> dict:
                     help="more compressed arms side by side, ';'-separated, each overriding the main arm's k, param "
                          "or free tail layers: e.g. 'k=1;param=coordinates;free=1' (a changed free tail gets its own "
                          "control)")
+    ap.add_argument("--windows-on-wire", action="store_true",
+                    help="headline with the token window in every activation frame (as with the byte-level corpus) "
+                         "instead of read by each stage from the spec's dataset")
     ap.add_argument("--workers", type=int, default=2, help="parallel run processes (one torch thread each)")
     args = ap.parse_args(argv)
     b = QUICK if args.quick else BenchConfig()
@@ -334,6 +351,8 @@ def main(argv: list[str] | None = None) -> dict:
         b = dataclasses.replace(b, seeds=tuple(int(x) for x in args.seeds.split(",")))
     if args.int8:
         b = dataclasses.replace(b, int8=True)
+    if args.windows_on_wire:
+        b = dataclasses.replace(b, local_windows=False)
     corpus = load_corpus()
     t0 = time.time()
     arms = arms_of(b, parse_variants(args.variants or ""))
@@ -342,6 +361,10 @@ def main(argv: list[str] | None = None) -> dict:
     bytes_fp32 = wire_bytes_per_token(b, model_config(b, arms["dense"], seed0), "dense", corpus)
     compressed = [a for a in arms.values() if a.compressed]
     bytes_of = {a.name: wire_bytes_per_token(b, model_config(b, a, seed0), "subspace", corpus) for a in compressed}
+    other = dataclasses.replace(b, local_windows=not b.local_windows)  # the other window mode: bytes only
+    other_bf16 = wire_bytes_per_token(other, model_config(b, arms["dense"], seed0), "bf16", corpus)
+    other_of = {a.name: wire_bytes_per_token(other, model_config(b, a, seed0), "subspace", corpus) for a in compressed}
+    other_key = "windows_on_wire" if b.local_windows else "local_windows"
 
     with _executor(args.workers) as pool:
         probes = {(name, lr): pool.submit(_one, (b, arm, lr, seed0, True)) for name, arm in arms.items() for lr in b.lrs}
@@ -365,6 +388,9 @@ def main(argv: list[str] | None = None) -> dict:
     by_seed = {(r["arm"], r["seed"]): r for r in results}
     dense = by_seed[("dense", seed0)]
     summaries = {a.name: _summary(b, a, by_seed, bytes_of[a.name], bytes_bf16, bytes_fp32, dense) for a in compressed}
+    for name, v in summaries.items():  # the same arm's compression in the other window mode
+        v[f"frame_bytes_per_token_{other_key}"] = other_of[name]
+        v[f"compression_vs_bf16_{other_key}"] = other_bf16 / other_of[name]
     main_sum = summaries["subspace"]
     int8 = by_seed.get(("int8", seed0))
     val_tokens = b.val_batches * b.batch_size * b.seq_len
@@ -374,7 +400,10 @@ def main(argv: list[str] | None = None) -> dict:
           f"free_tail={b.free_tail_layers} param={b.param} steps={b.steps} tokens/run={tokens} "
           f"({tokens / TODAY_TOKEN_BUDGET:.1f}x the old budget) val tokens={val_tokens} seeds={list(b.seeds)} "
           f"corpus={corpus.name} ({corpus.num_files} files)")
-    print(f"frame bytes/token/boundary, both directions: fp32 {bytes_fp32:.2f}  bf16 {bytes_bf16:.2f}")
+    mode = "windows read locally" if b.local_windows else "windows on the wire"
+    print(f"frame bytes/token/boundary, both directions ({mode}): fp32 {bytes_fp32:.2f}  bf16 {bytes_bf16:.2f}  "
+          f"subspace {bytes_of['subspace']:.2f}; {other_key.replace('_', ' ')}: bf16 {other_bf16:.2f}  "
+          f"subspace {other_of['subspace']:.2f} ({other_bf16 / other_of['subspace']:.1f}x)")
     print("probe (lr per arm, separate data and validation windows):")
     for r in sorted(probe_rows, key=lambda r: (r["arm"], r["lr"])):
         mark = " <- best" if best_lr[r["arm"]] == r["lr"] else ""
@@ -411,7 +440,11 @@ def main(argv: list[str] | None = None) -> dict:
         "seeds": list(b.seeds),
         "val_tokens": val_tokens,
         "codec": "subspace",
+        "local_windows": b.local_windows,  # True: activation frames carry no token window (a spec with [data])
         "compression_vs_bf16": main_sum["compression_vs_bf16"],
+        f"compression_vs_bf16_{other_key}": main_sum[f"compression_vs_bf16_{other_key}"],
+        f"frame_bytes_per_token_bf16_{other_key}": other_bf16,
+        f"frame_bytes_per_token_{other_key}": other_of["subspace"],
         "compression_vs_fp32": main_sum["compression_vs_fp32"],
         "frame_bytes_per_token_bf16": bytes_bf16,
         "frame_bytes_per_token_fp32": bytes_fp32,

@@ -45,17 +45,20 @@ class NodeContext:
     worker: StageWorker | None = None  # the stage worker serving now (set by the runner; replaced on a move)
     access: NodeAccess | None = None  # on-chain mode: who may use which protocol (None: off-chain defaults)
     data: DataSpec | None = None  # the spec's [data] section (None: byte-level `cfg.corpus`, not in the spec hash)
-    corpus: Corpus | None = None  # its prepared, hash-checked token files (read by the head stage)
+    corpus: Corpus | None = None  # its prepared, hash-checked token files (every stage reads its windows)
 
     def build_worker(self, stage: int, checkpoint: Path | None = None) -> StageWorker:
         """A worker for `stage`, resumed from `checkpoint` when given (an explicit restore), else from the newest
         checkpoint of that stage in `data_dir`."""
         spec = partition(self.model, self.cfg.num_stages)[stage]
-        corpus = (self.corpus or load_corpus(self.cfg.corpus)) if spec.is_first else None
+        # with the spec's dataset (prepared and hash-checked on every node) each stage reads the training windows
+        # itself and activation frames carry none; the byte-level corpus (not in the spec) stays with the head
+        local = self.corpus is not None
+        corpus = self.corpus if local else load_corpus(self.cfg.corpus) if spec.is_first else None
         r = self.cfg.runtime
         worker = StageWorker(self.model, spec, codec=r.codec, optim=self.optim, num_microbatches=r.num_microbatches,
                              microbatch_size=r.microbatch_size, corpus=corpus,
-                             policy=self.cfg.execution.policy(self.cfg.device))
+                             policy=self.cfg.execution.policy(self.cfg.device), local_windows=local)
         ckpt = checkpoint if checkpoint is not None else latest_checkpoint(self.data_dir, stage)
         if ckpt is not None:
             load_checkpoint(worker, ckpt)

@@ -197,8 +197,9 @@ class NodeDaemon:
             ready = {"event": "ready", "peer_id": me.peer_id, "addrs": addrs, "stage": stage, **nat,
                      "address": self.identity.address, **runner.ready_fields(), "metrics_port": cfg.metrics_port,
                      "status_url": page.url if page is not None else None}
-            if self.data is not None:  # the spec's dataset the head stage reads (hash-checked at start)
+            if self.data is not None:  # the spec's dataset every stage reads its windows from (hash-checked at start)
                 ready["data_hash"] = self.data.data_hash()
+                ready["local_windows"] = self.corpus is not None  # NodeContext.build_worker's rule
             log.status(**ready)
             print(json.dumps(ready), flush=True)
             print(f"node {me.peer_id} (address {self.identity.address}) serving stage {stage}/{cfg.num_stages}"

@@ -274,7 +274,8 @@ class ReplicatedRunner:
             store = ContributionStore(codec.words, codec)  # contributions in the spec's replica_averaging encoding
             endpoint = ActEndpoint(
                 ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
-                cfg=cfg.transport, receipts=ctx.receipts, step_fn=lambda w=worker: w.next_step)  # type: ignore[misc]
+                cfg=cfg.transport, receipts=ctx.receipts, step_fn=lambda w=worker: w.next_step,  # type: ignore[misc]
+                window_source=worker.local_window if worker.local_windows else None)
             eng = ReplicaEngine(cfg, worker, endpoint, discovery, ctx.host, store)
             eng.head_term = discovery.me.head_term if stage == 0 else -1  # kept across re-syncs (and takeovers)
             eng.follow_rollback = lambda s=stage, w=worker: self._follow(ctx, s, w)  # type: ignore[misc]

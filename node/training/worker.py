@@ -66,12 +66,17 @@ class StageWorker:
         policy: ExecutionPolicy | None = None,
         eval_batches: int = 0,
         eval_seed: int = 1234,
+        local_windows: bool = False,
     ) -> None:
         """policy: device, precision, AdamW kernel, compile, checkpointing (None: fp32 on CPU). The stage is
         refused (sharding.StageMemoryError) before any weight is allocated when it does not fit its device.
-        eval_batches / eval_seed: the fixed validation microbatches `eval_window` reads (0 = no evaluation)."""
+        eval_batches / eval_seed: the fixed validation microbatches `eval_window` reads (0 = no evaluation).
+        local_windows: every stage reads training windows from `corpus` (the spec's dataset), so activation frames
+        travel without them (FrameSpec.local_windows)."""
         if spec.is_first and corpus is None:
             raise ValueError("the head stage needs a corpus to read its data from")
+        if local_windows and corpus is None:
+            raise ValueError("local_windows needs the spec's dataset on every stage (corpus is None)")
         self.config = config
         self.spec = spec
         self.policy = (policy or ExecutionPolicy()).validate()
@@ -81,6 +86,7 @@ class StageWorker:
         self.num_microbatches = num_microbatches
         self.microbatch_size = microbatch_size
         self.corpus = corpus
+        self.local_windows = local_windows  # training windows read from `corpus` on every stage, not sent
         self.eval_batches = eval_batches  # validation microbatches per evaluation (0 = this stage does not evaluate)
         self.eval_seed = eval_seed  # seed of the validation windows (Corpus.batch on the "val" split)
         self.module = build_stage_on(config, spec, self.policy, plan_for(self.policy, microbatch_size, num_microbatches))
@@ -102,7 +108,7 @@ class StageWorker:
             spec_hash=self.config.spec_hash(), codec=frames.CODEC_IDS[self.codec.name],
             microbatch_size=self.microbatch_size, seq_len=self.config.seq_len, d_model=self.config.d_model,
             bytes_per_token=self.codec.bytes_per_token, id_bytes=self.id_bytes, max_frame_bytes=max_frame_bytes,
-            eval_batches=self.eval_batches,
+            eval_batches=self.eval_batches, local_windows=self.local_windows,
         )
 
     # -- decoding (called off the event loop by the channel) --------------------------------------
@@ -143,6 +149,10 @@ class StageWorker:
         """The (B, T+1) data window of (step, mb), a pure function of the corpus and optimiser seed."""
         assert self.corpus is not None
         return self.corpus.batch("train", step, mb, self.microbatch_size, self.config.seq_len, self.optim.data_seed)
+
+    def local_window(self, step: int, mb: int) -> bytes:
+        """Wire bytes of the (step, mb) training window read from this node's dataset (FrameSpec.local_windows)."""
+        return window_to_bytes(self.head_window(step, mb), self.id_bytes)
 
     def eval_window(self, index: int) -> torch.Tensor:
         """The (B, T+1) window of validation microbatch `index`: the same for every evaluation, read from the

@@ -33,6 +33,7 @@ from libp2p.custom_types import TProtocol
 from node.config import TransportConfig
 from node.errors import (
     BindingError,
+    ChecksumError,
     FrameError,
     FrameTooLargeError,
     HandshakeError,
@@ -69,12 +70,28 @@ async def digest_off_loop(window: bytes, payload: bytes, in_thread: bool) -> byt
     return frames.digest(window, payload)
 
 
+def fill_window(fr: frames.Frame, source: Callable[[int, int], bytes] | None) -> frames.Frame:
+    """The frame with the token window of (step, microbatch) read from this node's dataset (`source`), for an
+    ACTIVATION frame that travelled without one (FrameSpec.local_windows); any other frame unchanged."""
+    h = fr.header
+    if h.kind != frames.Kind.ACTIVATION or h.window_len or source is None:
+        return fr
+    return frames.Frame(header=h, window=source(h.step, h.microbatch), payload=fr.payload, signature=fr.signature)
+
+
 def verify_and_decode(fr: frames.Frame, decoder: Callable[[frames.Frame], Any] | None) -> Any:
     """Digest check, then the decoder (None without one): the whole per-frame work of one worker-thread hop.
 
     FrameError passes through; any other decoder error becomes NonFiniteError (the payload is unusable).
     """
-    frames.verify_digest(fr.header, fr.window, fr.payload)
+    try:
+        frames.verify_digest(fr.header, fr.window, fr.payload)
+    except ChecksumError as exc:
+        if fr.header.kind == frames.Kind.ACTIVATION and not fr.header.window_len:
+            raise ChecksumError(f"{exc}: the frame's digest does not cover the token window this node reads from the "
+                                "spec's dataset for that step and microbatch (the sender trains on other data, or "
+                                "sent another payload)") from None
+        raise
     if decoder is None:
         return None
     try:
@@ -261,8 +278,12 @@ class ActChannel:
         receipts: ReceiptHook | None = None,
         decoder: Callable[[frames.Frame], Any] | None = None,
         step_fn: Callable[[], int] | None = None,
+        window_source: Callable[[int, int], bytes] | None = None,
     ) -> None:
         self.stream = stream
+        # (step, microbatch) -> token window bytes from this node's dataset: fills ACTIVATION frames that travel
+        # without their window (FrameSpec.local_windows); None when windows travel on the wire
+        self.window_source = window_source
         self.step_fn = step_fn  # returns our next step for the HELLO (None = not reported)
         self.local = local
         self.spec = frame_spec
@@ -442,9 +463,11 @@ class ActChannel:
                     self._raise_if_failed()
                     await self._credit_cv.wait()
         self._credit_out -= 1  # no schedule point since the check: nobody took the credit meanwhile
+        # with local windows the digest covers the window, but the body leaves it out (the receiver reads its own)
+        body_window = window if self.spec.carries_window(kind) else b""
         header = frames.FrameHeader(
             kind=kind, spec_hash=self.local.spec_hash, stage=self.local.stage, step=step, microbatch=microbatch,
-            codec=self.spec.codec, dtype=self.spec.dtype, shape=self.spec.shape, window_len=len(window),
+            codec=self.spec.codec, dtype=self.spec.dtype, shape=self.spec.shape, window_len=len(body_window),
             payload_len=len(payload), digest=await digest_off_loop(window, payload, self.cfg.hashes_in_thread(len(window) + len(payload))),
             attempt=attempt, id_dtype=self.spec.id_dtype,
         )
@@ -454,7 +477,7 @@ class ActChannel:
         self._pending.setdefault((step, microbatch, header.digest), []).append(header)
         self._pending_count += 1
         # credits due to the peer ride along (a CREDIT frame ahead of the data frame)
-        await self._write(self._take_credit() + frames.encode_header(header) + window, payload, sig)
+        await self._write(self._take_credit() + frames.encode_header(header) + body_window, payload, sig)
         self.stats.frames_out += 1
         return header
 
@@ -682,6 +705,11 @@ class ActChannel:
 
     async def _accept_data(self, fr: frames.Frame) -> None:
         peer_addr = self.remote.address if self.remote else ""
+        if not self.spec.carries_window(fr.header.kind) and fr.header.kind == frames.Kind.ACTIVATION:
+            if self.window_source is None:
+                raise UnexpectedFrameError("activation frame without a token window, and this node has no dataset "
+                                           "to read it from")
+            fr = await trio.to_thread.run_sync(fill_window, fr, self.window_source)
         if self.decoder is not None or self.cfg.hashes_in_thread(fr.header.window_len + fr.header.payload_len):
             value = await trio.to_thread.run_sync(verify_and_decode, fr, self.decoder)  # one hop per frame
         else:
@@ -725,8 +753,10 @@ class ActEndpoint:
         decoder: Callable[[frames.Frame], Any] | None = None,
         step_fn: Callable[[], int] | None = None,
         policy: AccessPolicy | None = None,
+        window_source: Callable[[int, int], bytes] | None = None,
     ) -> None:
         self.host = host
+        self.window_source = window_source  # token windows from this node's dataset (FrameSpec.local_windows)
         self.step_fn = step_fn
         # on-chain mode: a neighbour must be registered for the stage it claims (checked after the HELLO
         # exchange, before any data frame); None: every peer whose handshake matches the model
@@ -743,7 +773,8 @@ class ActEndpoint:
 
     def _channel(self, stream: INetStream) -> ActChannel:
         return ActChannel(stream, local=self.local, frame_spec=self.spec, cfg=self.cfg, scores=self.scores,
-                          receipts=self.receipts, decoder=self.decoder, step_fn=self.step_fn)
+                          receipts=self.receipts, decoder=self.decoder, step_fn=self.step_fn,
+                          window_source=self.window_source)
 
     async def _handle(self, stream: INetStream) -> None:
         ch = self._channel(stream)

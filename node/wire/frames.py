@@ -192,6 +192,13 @@ class FrameSpec:
     id_bytes: int  # bytes per token id in the window (2 for vocab <= 65536, else 4)
     max_frame_bytes: int  # hard limit on header + body, checked before any body byte is read
     eval_batches: int = 0  # validation microbatches per evaluation this node takes as EVAL frames (0 = refuses them)
+    local_windows: bool = False  # training ACTIVATION frames carry no token window: every stage reads the window of
+    # (step, microbatch) from its own copy of the spec's dataset, and the header digest still covers it (a sender
+    # whose data differs fails the receiver's digest check). EVAL frames always carry theirs.
+
+    def carries_window(self, kind: Kind) -> bool:
+        """Whether a frame of `kind` carries its token window in the body."""
+        return kind in FORWARD_KINDS and not (self.local_windows and kind == Kind.ACTIVATION)
 
     @property
     def dtype(self) -> Dtype:
@@ -258,14 +265,17 @@ def encode_frame(
     dtype: Dtype = Dtype.NONE,
     shape: tuple[int, ...] = (),
     id_dtype: IdDtype = IdDtype.UINT16,
+    window_in_body: bool = True,
 ) -> bytes:
-    """Header + body bytes of one frame (the digest is computed here)."""
+    """Header + body bytes of one frame (the digest is computed here). `window_in_body=False`: the digest covers
+    `window` but the body leaves it out (FrameSpec.local_windows: the receiver reads its own copy)."""
+    body_window = window if window_in_body else b""
     header = FrameHeader(
         kind=kind, spec_hash=spec_hash, stage=stage, step=step, microbatch=microbatch, codec=codec,
-        dtype=dtype, shape=shape, id_dtype=id_dtype, window_len=len(window), payload_len=len(payload),
+        dtype=dtype, shape=shape, id_dtype=id_dtype, window_len=len(body_window), payload_len=len(payload),
         sig_len=len(signature), digest=digest(window, payload),
     )
-    return b"".join((encode_header(header), window, payload, signature))
+    return b"".join((encode_header(header), body_window, payload, signature))
 
 
 def decode_header(buf: bytes, max_frame_bytes: int) -> FrameHeader:
@@ -318,9 +328,16 @@ def check_data_header(h: FrameHeader, spec: FrameSpec) -> None:
         raise ShapeMismatchError(f"frame shape {tuple(h.shape)}, model expects {spec.shape}")
     if h.payload_len != spec.payload_len:
         raise ShapeMismatchError(f"payload of {h.payload_len} bytes, shape implies {spec.payload_len}")
-    want_window = spec.window_len if h.kind in FORWARD_KINDS else 0
+    want_window = spec.window_len if spec.carries_window(h.kind) else 0
     if h.window_len != want_window:
-        raise ShapeMismatchError(f"token window of {h.window_len} bytes, expected {want_window}")
+        why = ""
+        if h.kind == Kind.ACTIVATION and spec.local_windows:
+            why = (": this node reads training windows from the spec's dataset (local_windows); start the sender "
+                   "from the same spec with its [data] section")
+        elif h.kind == Kind.ACTIVATION and h.window_len == 0:
+            why = (": the sender reads training windows from a dataset (local_windows) and this node has none; "
+                   "start it from the spec with its [data] section")
+        raise ShapeMismatchError(f"token window of {h.window_len} bytes, expected {want_window}{why}")
 
 
 def check_eval_header(h: FrameHeader, spec: FrameSpec) -> None:
@@ -342,18 +359,21 @@ def verify_digest(h: FrameHeader, window: bytes, payload: bytes) -> None:
         raise ChecksumError(f"checksum mismatch in {h.kind.name.lower()} frame step {h.step} mb {h.microbatch}")
 
 
-def split_body(h: FrameHeader, body: bytes) -> Frame:
-    """Split a complete body, verifying its length and digest."""
+def split_body(h: FrameHeader, body: bytes, local_window: bytes | None = None) -> Frame:
+    """Split a complete body, verifying its length and digest. `local_window`: the receiver's own copy of the
+    token window of a frame whose body carries none (FrameSpec.local_windows), checked by the digest."""
     if len(body) != h.body_len:
         raise TruncatedFrameError(f"body truncated: {len(body)} of {h.body_len} bytes")
     w_end = h.window_len
     p_end = w_end + h.payload_len
     window, payload, sig = body[:w_end], body[w_end:p_end], body[p_end:]
+    if local_window is not None and not w_end:
+        window = local_window
     verify_digest(h, window, payload)
     return Frame(header=h, window=window, payload=payload, signature=sig)
 
 
-def decode_frame(buf: bytes, max_frame_bytes: int) -> Frame:
-    """Decode one complete frame from bytes (header checks, then body)."""
+def decode_frame(buf: bytes, max_frame_bytes: int, local_window: bytes | None = None) -> Frame:
+    """Decode one complete frame from bytes (header checks, then body; `local_window` as in split_body)."""
     h = decode_header(buf[:HEADER_SIZE], max_frame_bytes)
-    return split_body(h, buf[HEADER_SIZE:])
+    return split_body(h, buf[HEADER_SIZE:], local_window)

@@ -19,6 +19,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.timeout(300)
+QUICK_SEQ = 32  # tokens per sequence of the --quick setting
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -41,6 +42,14 @@ def test_quick_variants_each_against_its_own_control() -> None:
     for v in (out, k1, free0):
         assert v["compression_vs_bf16"] == pytest.approx(out["frame_bytes_per_token_bf16"] / v["frame_bytes_per_token"])
         assert v["loss_ratio_control_min"] <= v["loss_ratio_control"] <= v["loss_ratio_control_max"]
+    # the headline frames carry no token window (a spec with a dataset); with it on the wire every frame of the arm
+    # and of the bf16 baseline is larger by the window's bytes per token: ids plus one target per row, uint16
+    assert out["local_windows"] is True
+    window = 2 * (QUICK_SEQ + 1) / QUICK_SEQ
+    for v in (out, k1, free0):
+        assert v["frame_bytes_per_token_windows_on_wire"] == pytest.approx(v["frame_bytes_per_token"] + window)
+        assert v["compression_vs_bf16_windows_on_wire"] < v["compression_vs_bf16"]
+    assert out["frame_bytes_per_token_bf16_windows_on_wire"] == pytest.approx(out["frame_bytes_per_token_bf16"] + window)
     # the free=0 arm's ratio is against a free=0 control run (one seed: the ratio of the two losses)
     assert (out["variants"][0]["control"], free0["control"]) == ("control", "control free=0")
     assert k1["val_loss_control"] == pytest.approx(out["val_loss_control"])
