@@ -151,7 +151,10 @@ class StageWorker:
         return self.corpus.batch("train", step, mb, self.microbatch_size, self.config.seq_len, self.optim.data_seed)
 
     def local_window(self, step: int, mb: int) -> bytes:
-        """Wire bytes of the (step, mb) training window read from this node's dataset (FrameSpec.local_windows)."""
+        """Wire bytes of the (step, mb) training window read from this node's dataset (FrameSpec.local_windows);
+        UnexpectedFrameError for a microbatch outside the step (checked before any data is read)."""
+        if mb >= self.num_microbatches:
+            raise UnexpectedFrameError(f"activation for microbatch {mb} out of range: steps have {self.num_microbatches}")
         return window_to_bytes(self.head_window(step, mb), self.id_bytes)
 
     def eval_window(self, index: int) -> torch.Tensor:

@@ -97,3 +97,21 @@ def test_a_node_pair_that_disagrees_on_local_windows_is_refused_naming_the_fix(s
                 await inbound.recv_data(5)
 
     trio.run(main)
+
+
+def test_a_stage_worker_reads_the_heads_window_and_refuses_a_microbatch_outside_the_step() -> None:
+    from node.errors import UnexpectedFrameError
+    from node.training.worker import StageWorker, window_to_bytes
+    from sharding import PRESETS, OptimConfig, load_corpus, partition
+
+    cfg = PRESETS["tiny"]
+    corpus = load_corpus("synthetic")
+    head, tail = (StageWorker(cfg, spec, codec="bf16", optim=OptimConfig(), num_microbatches=2, microbatch_size=2,
+                              corpus=corpus, local_windows=True) for spec in partition(cfg, 2))
+    assert tail.frame_spec(1 << 20).local_windows
+    assert tail.local_window(5, 1) == window_to_bytes(head.head_window(5, 1), head.id_bytes)
+    with pytest.raises(UnexpectedFrameError, match="microbatch 2 out of range"):
+        tail.local_window(5, 2)
+    with pytest.raises(ValueError, match="local_windows needs the spec's dataset"):
+        StageWorker(cfg, partition(cfg, 2)[1], codec="bf16", optim=OptimConfig(), num_microbatches=2,
+                    microbatch_size=2, local_windows=True)
