@@ -79,11 +79,14 @@ def fill_window(fr: frames.Frame, source: Callable[[int, int], bytes] | None) ->
     return frames.Frame(header=h, window=source(h.step, h.microbatch), payload=fr.payload, signature=fr.signature)
 
 
-def verify_and_decode(fr: frames.Frame, decoder: Callable[[frames.Frame], Any] | None) -> Any:
-    """Digest check, then the decoder (None without one): the whole per-frame work of one worker-thread hop.
+def verify_and_decode(fr: frames.Frame, decoder: Callable[[frames.Frame], Any] | None,
+                      window_source: Callable[[int, int], bytes] | None = None) -> tuple[frames.Frame, Any]:
+    """The window filled in from this node's dataset (`fill_window`), the digest check, then the decoder (None
+    without one): the whole per-frame work of one worker-thread hop. Returns the (filled) frame and the value.
 
     FrameError passes through; any other decoder error becomes NonFiniteError (the payload is unusable).
     """
+    fr = fill_window(fr, window_source)
     try:
         frames.verify_digest(fr.header, fr.window, fr.payload)
     except ChecksumError as exc:
@@ -93,9 +96,9 @@ def verify_and_decode(fr: frames.Frame, decoder: Callable[[frames.Frame], Any] |
                                 "sent another payload)") from None
         raise
     if decoder is None:
-        return None
+        return fr, None
     try:
-        return decoder(fr)
+        return fr, decoder(fr)
     except FrameError:
         raise
     except Exception as exc:  # a codec error of any type means the payload is unusable
@@ -709,11 +712,12 @@ class ActChannel:
             if self.window_source is None:
                 raise UnexpectedFrameError("activation frame without a token window, and this node has no dataset "
                                            "to read it from")
-            fr = await trio.to_thread.run_sync(fill_window, fr, self.window_source)
-        if self.decoder is not None or self.cfg.hashes_in_thread(fr.header.window_len + fr.header.payload_len):
-            value = await trio.to_thread.run_sync(verify_and_decode, fr, self.decoder)  # one hop per frame
+        if (self.decoder is not None or self.window_source is not None
+                or self.cfg.hashes_in_thread(fr.header.window_len + fr.header.payload_len)):
+            fr, value = await trio.to_thread.run_sync(verify_and_decode, fr, self.decoder,  # one hop per frame
+                                                      self.window_source)
         else:
-            value = verify_and_decode(fr, None)
+            fr, value = verify_and_decode(fr, None)
         counter = b"" if fr.header.kind == frames.Kind.EVAL else self.receipts.countersign(fr.header, fr.signature,
                                                                                             peer_addr)
         self._granted_left -= 1
