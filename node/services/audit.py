@@ -52,6 +52,7 @@ from node.net.access import AUDIT, AccessPolicy, AuditRequest
 from node.net.gate import ProtocolGate, reset_quietly
 from node.net.identity import NodeIdentity, bind, identity_from_secret, verify_binding
 from node.net.peerscore import PeerGuardConfig, PeerScores
+from node.training.worker import window_to_bytes
 from node.wire import frames
 from protocol.audit_sampling import AuditRule, audit_assignment, seed_from_chain
 from protocol.errors import ProtocolError, SpotCheckError
@@ -300,8 +301,7 @@ class AuditService:
             return {"type": "received", "window_bytes": len(window)}, window + payload
         state = self.recorder.state_bytes(step)
         if self.worker.spec.is_first:
-            window = self.worker.head_window(step, mb).numpy().astype("<u2" if self.worker.id_bytes == 2
-                                                                       else "<u4").tobytes()
+            window = window_to_bytes(self.worker.head_window(step, mb), self.worker.id_bytes)
             payload = b""
         else:
             window, payload = self.recorder.received(FORWARD, step, mb)
