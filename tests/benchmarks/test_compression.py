@@ -32,6 +32,7 @@ def test_quick_variants_each_against_its_own_control() -> None:
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["mode"] == "quick" and out["k"] == 2 and out["subspace_param"] == "projected"
+    assert out["post_norm"] == "scalar"
     k1, free0 = out["variants"]
     assert (k1["arm"], k1["k"], k1["free_tail_layers"]) == ("k=1,param=projected,free=1", 1, 1)
     assert (free0["arm"], free0["subspace_param"], free0["free_tail_layers"]) == ("k=2,param=coordinates,free=0",
@@ -91,12 +92,14 @@ def test_tokens_to_reach_interpolates_and_extrapolates_from_a_fit_of_the_last_ha
 
 def test_a_post_norm_variant_gets_a_control_of_the_same_norm() -> None:
     bench = _bench_module()
-    arms = bench.arms_of(bench.QUICK, bench.parse_variants("norm=none;k=1,norm=scalar;k=1"))
+    assert bench.QUICK.post_norm == "scalar"  # the main arm's default
+    arms = bench.arms_of(bench.QUICK, bench.parse_variants("norm=none;k=1,norm=weightless;k=1"))
     assert arms["k=2,param=projected,free=1,norm=none"].control == "control norm=none"
-    assert arms["k=1,param=projected,free=1,norm=scalar"].control == "control norm=scalar"
+    assert arms["k=1,param=projected,free=1,norm=weightless"].control == "control norm=weightless"
     assert arms["k=1,param=projected,free=1"].control == "control"  # the main arm's norm: the main control
-    for norm in ("none", "scalar"):
+    for norm in ("none", "weightless"):
         control = arms[f"control norm={norm}"]
         assert (control.rank, control.post_norm, control.compressed) == (bench.QUICK.d_model, norm, False)
         assert bench.model_config(bench.QUICK, control, 0).post_norm == norm
-    assert arms["subspace"].post_norm == arms["control"].post_norm == "weightless"
+    assert arms["subspace"].post_norm == arms["control"].post_norm == "scalar"
+    assert arms["dense"].post_norm == "weightless"  # the plain GPT has no post-norm option
