@@ -65,7 +65,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from node.wire import frames  # noqa: E402
-from sharding.codecs import Codec, get_codec  # noqa: E402
+from sharding.codecs import Codec, get_codec, token_id_bytes  # noqa: E402
 from sharding.config import ModelConfig  # noqa: E402
 from sharding.data import Corpus, load_corpus  # noqa: E402
 from sharding.pipeline import LocalPipeline  # noqa: E402
@@ -215,7 +215,7 @@ class FramedCodec(Codec):
         b, t = ids.shape
         win = b""
         if window:  # the forward frame carries the (B, T+1) window: ids plus one target per row
-            width = 2 if self.config.vocab_size <= 65536 else 4
+            width = token_id_bytes(self.config)
             win = b"\x00" * (width * b * (t + 1))
         local = self.local_windows and bool(win)
         raw = frames.encode_frame(

@@ -47,13 +47,19 @@ class NodeContext:
     data: DataSpec | None = None  # the spec's [data] section (None: byte-level `cfg.corpus`, not in the spec hash)
     corpus: Corpus | None = None  # its prepared, hash-checked token files (every stage reads its windows)
 
+    @property
+    def local_windows(self) -> bool:
+        """Whether every stage reads its training windows from the spec's dataset (activation frames carry none):
+        true when the node holds the spec's prepared, hash-checked data."""
+        return self.corpus is not None
+
     def build_worker(self, stage: int, checkpoint: Path | None = None) -> StageWorker:
         """A worker for `stage`, resumed from `checkpoint` when given (an explicit restore), else from the newest
         checkpoint of that stage in `data_dir`."""
         spec = partition(self.model, self.cfg.num_stages)[stage]
         # with the spec's dataset (prepared and hash-checked on every node) each stage reads the training windows
         # itself and activation frames carry none; the byte-level corpus (not in the spec) stays with the head
-        local = self.corpus is not None
+        local = self.local_windows
         corpus = self.corpus if local else load_corpus(self.cfg.corpus) if spec.is_first else None
         r = self.cfg.runtime
         worker = StageWorker(self.model, spec, codec=r.codec, optim=self.optim, num_microbatches=r.num_microbatches,

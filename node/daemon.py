@@ -199,7 +199,7 @@ class NodeDaemon:
                      "status_url": page.url if page is not None else None}
             if self.data is not None:  # the spec's dataset every stage reads its windows from (hash-checked at start)
                 ready["data_hash"] = self.data.data_hash()
-                ready["local_windows"] = self.corpus is not None  # NodeContext.build_worker's rule
+                ready["local_windows"] = ctx.local_windows
             log.status(**ready)
             print(json.dumps(ready), flush=True)
             print(f"node {me.peer_id} (address {self.identity.address}) serving stage {stage}/{cfg.num_stages}"
