@@ -226,7 +226,8 @@ class NodeDaemon:
             log.state = "failed" if failure else "stopped" if code else "finished"
             log.status(next_step=next_step)
             if self.nat is not None:
-                self.nat.flush_status()  # the last paths and dials, before the connections close
+                # the last paths, dials and punches, before the connections close (a signalled stop waits on none)
+                await self.nat.flush_status(settle=not code)
             await runner.close(ctx)
             nursery.cancel_scope.cancel()
         if failure is not None:

@@ -201,10 +201,13 @@ class NatService:
             out.update(relayed_dials=host.relayed_dials, last_dial_error=host.last_dial_error)
         return out
 
-    def flush_status(self) -> None:
+    async def flush_status(self, settle: bool = True) -> None:
         """Write the `nat` section now (the daemon calls it when training ends, while the connections are still
         up): the periodic refresh samples every `relay_check_interval_s`, and a short run could end between two
-        samples with its last dials and streams unreported."""
+        samples with its last dials and streams unreported. With `settle`, hole punches a dial still waits on are
+        given their bound first (`HolePuncher.settle`), so the status names how they ended."""
+        if settle and self.puncher is not None:
+            await self.puncher.settle()
         self._write_status(force=True)
 
     def _write_status(self, force: bool = False) -> None:

@@ -56,6 +56,9 @@ class HolePuncher:
         self.nursery: trio.Nursery | None = None  # where background retries run (set by the NAT service)
         self._retrying: set[str] = set()
         self._inflight: dict[str, trio.Event] = {}  # peer id -> set when its running attempt ends
+        self._waiting = 0  # dials waiting on an attempt right now
+        self._none_waiting = trio.Event()  # set while no dial waits (see `settle`)
+        self._none_waiting.set()
 
     def outcomes(self) -> dict[str, str]:
         """Each attempted peer's outcome as of now: PUNCHED once a direct connection to it exists (an attempt the
@@ -76,13 +79,29 @@ class HolePuncher:
             self.attempts[key] = self.attempts.get(key, 0) + 1
             done = self._inflight[key] = trio.Event()
             self.nursery.start_soon(self._run_attempt, peer, done)
-        with trio.move_on_after(self.cfg.holepunch_timeout_s):
-            await done.wait()
-        if not done.is_set():
-            self.results[key] = (f"punch timed out after holepunch_timeout_s={self.cfg.holepunch_timeout_s} "
-                                 f"(still relayed)")
-            return False
-        return self.results.get(key) == PUNCHED
+        if self._waiting == 0:
+            self._none_waiting = trio.Event()
+        self._waiting += 1
+        try:
+            with trio.move_on_after(self.cfg.holepunch_timeout_s):
+                await done.wait()
+        finally:  # also when the dial itself is cancelled: it goes on (or gives up) without the punch
+            if not done.is_set():
+                self.results[key] = (f"punch timed out after holepunch_timeout_s={self.cfg.holepunch_timeout_s} "
+                                     f"(still relayed)")
+            self._waiting -= 1
+            if self._waiting == 0:
+                self._none_waiting.set()
+        return done.is_set() and self.results.get(key) == PUNCHED
+
+    async def settle(self) -> None:
+        """Wait until no dial waits on an attempt, so that a status written next says how each punch a dial asked
+        for ended. A short run can finish training over the relayed connection while the dial that opened it still
+        waits on its punch (the neighbour opened its streams on the connection meanwhile): without this, the last
+        status would name no outcome at all. Each dial waits at most `holepunch_timeout_s` and records its outcome
+        when it stops; the cap of twice that only matters if new dials keep starting."""
+        with trio.move_on_after(2 * self.cfg.holepunch_timeout_s):
+            await self._none_waiting.wait()
 
     async def _run_attempt(self, peer: ID, done: trio.Event) -> None:
         key = peer.pretty()
