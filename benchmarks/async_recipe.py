@@ -11,8 +11,16 @@ run over the best sync run of the grid (`loss_ratio_tuned`, each arm at its own 
 figure for issue 19's "within 2 % at equal tokens"). Runs go to `--workers` processes, one torch thread
 each. Prints a table; the last line is JSON.
 
+`--horizons 300,1500,3000` trains every recipe once per horizon (equal tokens within a horizon) and adds
+`loss_ratio_by_steps` (async / sync per horizon, same recipe): what one step of delay costs shrinks as the
+run grows, so a short comparison overstates it. `--model tiny` runs the tests' model instead of wan.py's.
+
     python benchmarks/async_recipe.py --quick     # tiny model, machinery check (< 60 s)
     python benchmarks/async_recipe.py             # bench model, 300 steps, 3 recipes (about 30 min on 2 cores)
+    python benchmarks/async_recipe.py --model tiny --grid 1e-3:10 --horizons 300,1500,3000   # about 8 min
+
+Measured (2 cores, tiny, lr 1e-3, warm-up 10, staleness 1, look-ahead 1): see the closing note of the
+session that added `--horizons`; the figures are printed by the run itself.
 """
 
 from __future__ import annotations
@@ -66,20 +74,33 @@ def main() -> int:
     p.add_argument("--microbatch-size", type=int, default=4)
     p.add_argument("--corpus", default="stdlib")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--model", choices=("bench", "tiny"), default=None,
+                   help="bench: benchmarks/wan.py's model (default); tiny: the tests' model (default with --quick)")
+    p.add_argument("--horizons", default="",
+                   help="comma-separated step counts: train every recipe at each (adds loss_ratio_by_steps)")
     a = p.parse_args()
     from sharding.delayed import ASYNC_LOOKAHEAD
 
-    model = PRESETS["tiny"] if a.quick else BENCH_MODEL
-    steps = a.steps or (30 if a.quick else 300)
+    model = PRESETS["tiny"] if (a.model or ("tiny" if a.quick else "bench")) == "tiny" else BENCH_MODEL
+    horizons = sorted({int(h) for h in a.horizons.split(",") if h.strip()})
+    if any(h <= 0 for h in horizons):
+        p.error(f"--horizons {a.horizons!r}: every horizon must be a positive step count")
+    steps = horizons[-1] if horizons else (a.steps or (30 if a.quick else 300))
     grid_text = a.grid or ("1e-3:10" if a.quick else "1e-3:10,1e-3:100,5e-4:10")
     grid = [(float(lr), int(wu)) for lr, wu in (item.split(":") for item in grid_text.split(","))]
     lookahead = ASYNC_LOOKAHEAD if a.lookahead is None else a.lookahead
+    shorter = [h for h in horizons if h != steps]
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=a.workers, mp_context=ctx) as pool:
-        futures = {(arm, lr, wu): pool.submit(run, model, arm, lr, wu, steps, a.staleness, lookahead,
-                                               a.microbatches, a.microbatch_size, a.corpus)
-                   for lr, wu in grid for arm in ("sync", "async")}
+        def submit(arm: str, lr: float, wu: int, n: int) -> Any:
+            return pool.submit(run, model, arm, lr, wu, n, a.staleness, lookahead, a.microbatches, a.microbatch_size,
+                               a.corpus)
+
+        futures = {(arm, lr, wu): submit(arm, lr, wu, steps) for lr, wu in grid for arm in ("sync", "async")}
+        short = {(arm, lr, wu, n): submit(arm, lr, wu, n) for n in shorter for lr, wu in grid
+                 for arm in ("sync", "async")}
         results = {key: f.result() for key, f in futures.items()}
+        short_results = {key: f.result() for key, f in short.items()}
     print(f"model d{model.d_model} x{model.n_layers}, {steps} steps of {a.microbatches} x {a.microbatch_size} "
           f"windows of {model.seq_len}, staleness {a.staleness}, look-ahead {lookahead}, corpus {a.corpus}")
     print(f"{'lr':>8} {'warmup':>6} {'sync val':>9} {'async val':>9} {'ratio':>7}")
@@ -92,7 +113,19 @@ def main() -> int:
     best_async = min(results[("async", lr, wu)]["val_loss"] for lr, wu in grid)
     print(f"each arm at its best recipe: sync {best_sync:.4f}, async {best_async:.4f}, "
           f"ratio {best_async / best_sync:.4f}")
+    by_steps: dict[str, dict[str, float]] = {}
+    if horizons:
+        print(f"by horizon (same recipe, equal tokens within each horizon):\n{'steps':>6} {'lr':>8} {'warmup':>6} "
+              f"{'sync val':>9} {'async val':>9} {'ratio':>7}")
+        for n in horizons:
+            for lr, wu in grid:
+                got = (results[("sync", lr, wu)], results[("async", lr, wu)]) if n == steps else \
+                    (short_results[("sync", lr, wu, n)], short_results[("async", lr, wu, n)])
+                s, d = got[0]["val_loss"], got[1]["val_loss"]
+                by_steps.setdefault(str(n), {})[f"{lr:g}:{wu}"] = d / s
+                print(f"{n:>6} {lr:>8g} {wu:>6} {s:>9.4f} {d:>9.4f} {d / s:>7.4f}")
     print(json.dumps({"loss_ratio_same_recipe": same, "loss_ratio_tuned": best_async / best_sync,
+                      "loss_ratio_by_steps": by_steps,
                       "val_loss_best_sync": best_sync, "val_loss_best_async": best_async,
                       "curves": {f"{arm}:{lr:g}:{wu}": [round(x, 3) for x in r["curve"]]
                                  for (arm, lr, wu), r in results.items()},

@@ -32,6 +32,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +189,10 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
     dense / powersgd / topk: each microbatch gradient travels (encoded by its replica, error feedback
     there), every replica applies the mean of the decoded ones. diloco: each replica takes AdamW steps
     on its own microbatches; every `inner` steps the mean parameter delta (bf16 if `half`) goes through
-    the outer Nesterov step. Returns the validation loss and the dense / method bytes ratio."""
+    the outer Nesterov step. diloco-delayed: the same, but the replicas do not wait for the average: the
+    outer step of round r arrives at the end of round r + 1 (its exchange overlapped with that round's compute)
+    and each replica then sits at the new global weights plus its own progress of round r + 1 (the final model
+    applies the last round's step). Returns the validation loss and the dense / method bytes ratio."""
     torch.manual_seed(0)
     cfg = MODELS[model_name]
     corpus = load_corpus("synthetic")
@@ -197,12 +201,14 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
     shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
     size = sum(math.prod(s) for s in shapes)
     dense_bytes = steps * M * (replicas - 1) * 4 * size
-    if method == "diloco":
+    if method in ("diloco", "diloco-delayed"):
         reps = [copy.deepcopy(model) for _ in range(replicas)]
         opts = [make_optimizer(m, optim) for m in reps]
         outer = OuterNesterov(size)
         start = _flat(model, False)
         sent = 0
+        prev = [start.clone() for _ in reps]  # diloco-delayed: where each replica began this round
+        pending: torch.Tensor | None = None  # diloco-delayed: the averaged delta of the round before, in flight
         for step in range(steps):
             for r, rep in enumerate(reps):
                 mine = range(r, M, replicas)
@@ -210,7 +216,7 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
                     w = corpus.batch("train", step, mb, B, cfg.seq_len, 0)
                     (rep(w[:, :-1], targets=w[:, 1:]) / len(mine)).backward()
                 optimizer_step(rep, opts[r], step, optim)
-            if (step + 1) % inner == 0:
+            if (step + 1) % inner == 0 and method == "diloco":
                 delta = start - torch.stack([_flat(m, False) for m in reps]).mean(0)
                 if half:
                     delta = delta.to(torch.bfloat16).float()
@@ -218,6 +224,22 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
                 start = outer.step(start, delta)
                 for m in reps:
                     _install(m, start, False)
+            elif (step + 1) % inner == 0:
+                ends = [_flat(m, False) for m in reps]
+                delta = torch.stack([p - e for p, e in zip(prev, ends, strict=True)]).mean(0)
+                if half:
+                    delta = delta.to(torch.bfloat16).float()
+                sent += replicas * (replicas - 1) * (2 if half else 4) * size
+                if pending is None:  # the first round: nothing has arrived yet
+                    prev = ends
+                else:
+                    start = outer.step(start, pending)
+                    prev = [start + (e - p) for p, e in zip(prev, ends, strict=True)]
+                    for m, w in zip(reps, prev, strict=True):
+                        _install(m, w, False)
+                pending = delta
+        if pending is not None:
+            start = outer.step(start, pending)
         _install(model, start, False)
         return {"method": method, "inner": inner, "val_loss": val_loss([model], corpus, cfg),
                 "compression": dense_bytes / max(1, sent)}
@@ -254,6 +276,15 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
     return out
 
 
+MATH_METHODS: dict[str, Callable[[int, int, str], list[dict[str, Any]]]] = {  # --math runs: (steps, H, model)
+    "dense": lambda n, h, mod: [simulate("dense", n, model_name=mod)],
+    "powersgd": lambda n, h, mod: [simulate("powersgd", n, rank=r, model_name=mod) for r in (2, 4)],
+    "topk": lambda n, h, mod: [simulate("topk", n, fraction=0.01, model_name=mod)],
+    "diloco": lambda n, h, mod: [simulate("diloco", n, inner=h, model_name=mod)],
+    "diloco-delayed": lambda n, h, mod: [simulate("diloco-delayed", n, inner=h, model_name=mod)],
+}
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short runs")
@@ -261,13 +292,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rank", type=int, default=4, help="PowerSGD rank")
     p.add_argument("--model", choices=sorted(MODELS), default=None, help="model (default: wide; --math: tiny)")
     p.add_argument("--math", action="store_true", help="compare the methods in one process instead of the swarm")
+    p.add_argument("--inner", type=int, default=25, help="--math: DiLoCo inner steps per outer round (H)")
+    p.add_argument("--methods", default=",".join(MATH_METHODS), help="--math: comma-separated methods to compare")
     a = p.parse_args(argv)
     if a.math:
         steps = a.steps or (60 if a.quick else 150)
         mod = a.model or "tiny"
-        runs = [simulate("dense", steps, model_name=mod), simulate("powersgd", steps, rank=2, model_name=mod),
-                simulate("powersgd", steps, rank=4, model_name=mod), simulate("topk", steps, fraction=0.01, model_name=mod),
-                simulate("diloco", steps, inner=25, model_name=mod)]
+        methods = [m for m in a.methods.split(",") if m]
+        unknown = sorted(set(methods) - set(MATH_METHODS))
+        if unknown or "dense" not in methods:
+            p.error(f"--methods {a.methods!r}: use dense (required: the baseline) and any of {list(MATH_METHODS)}")
+        runs = [run for m in MATH_METHODS if m in methods for run in MATH_METHODS[m](steps, a.inner, mod)]
         dense = runs[0]["val_loss"]
         print(f"{'method':22} {'compression':>11} {'val loss':>9} {'vs dense':>9}")
         for r in runs:

@@ -286,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--schedule", choices=["gpipe", "1f1b", "async"], help="pipeline schedule (--vs: default async)")
     q.add_argument("--max-staleness", type=int, default=2, help="async: the staleness bound (--vs)")
     q.add_argument("--averaging", default="diloco:100", help="replica averaging (--vs): dense, powersgd:R, diloco:H")
+    q.add_argument("--overlap-averaging", action="store_true",
+                   help="--vs: DiLoCo's exchange on the uplinks while compute goes on (outer step one round late)")
+    q.add_argument("--async-loss-ratio", type=float, default=None,
+                   help="--vs what-if: the async loss penalty at equal tokens (default: the calibration file's)")
+    q.add_argument("--averaging-loss-ratio", type=float, default=None,
+                   help="--vs what-if: the averaging loss penalty at equal tokens (default: the calibration file's)")
     q.set_defaults(func=_handler("cmd_simulate", "cmd_wan"))
     q = ssub.add_parser("incentives", help="net earnings of honest nodes and attacker classes",
                         epilog=_example("pmn simulate incentives --json"), formatter_class=fmt)

@@ -37,7 +37,10 @@ def cmd_wan(args: argparse.Namespace) -> int:
             raise CLIError(f"--vs datacenter compares the protocolnanogpt model; got --preset {args.preset}")
         try:
             result = run_vs_datacenter(load_calibration(DEFAULT_PATH), schedule=args.schedule or "async",
-                                       max_staleness=args.max_staleness, averaging=args.averaging)
+                                       max_staleness=args.max_staleness, averaging=args.averaging,
+                                       overlap_averaging=args.overlap_averaging,
+                                       async_loss_ratio=args.async_loss_ratio,
+                                       averaging_loss_ratio=args.averaging_loss_ratio)
         except ValueError as exc:
             raise CLIError(str(exc)) from None
         _print(result, "WAN vs datacenter: protocolnanogpt, 8 stages x 16 replicas", args.json)

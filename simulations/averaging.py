@@ -5,7 +5,9 @@
 - `diloco:H`: the dense pseudo-gradient once every H inner steps (bytes / H per step on average;
   the simulator runs the dense exchange with `WanConfig.sync_every = H`).
 
-Exchange cost is a ring all-reduce of those bytes among the stage's replicas (`pipeline._grad_sync_s`).
+Exchange cost is a ring all-reduce of those bytes among the stage's replicas (`pipeline._grad_sync_s`), holding
+the stage's compute, or with `WanConfig.overlap_sync` sent on the uplinks in the background (an outer step
+applied one round late, measured by `benchmarks/wan_averaging.py --math`'s diloco-delayed run).
 """
 
 from __future__ import annotations

@@ -8,6 +8,11 @@ given schedule (async with a staleness bound by default) and replica averaging o
 target x simulated seconds per step; the WAN's steps to target are the public dense run's times the
 steps multipliers of its loss penalties at equal tokens (subspace codec, async schedule, compressed
 averaging), each from a measurement where one exists and labelled assumed otherwise.
+
+`--overlap-averaging` sends DiLoCo's outer exchange on the WAN nodes' uplinks while they compute (the outer
+step then lands one round late: `benchmarks/wan_averaging.py --math` measures that variant, diloco-delayed)
+instead of holding their compute for it. `--async-loss-ratio` / `--averaging-loss-ratio` are what-ifs: loss
+penalties the caller gives instead of the calibration file's, labelled "given by the caller" in the output.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ ASSUMED_AVERAGING_SOURCE = ("no benchmarks/wan_averaging.py loss_ratio_compresse
 
 
 def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: LinkConfig, averaging: Averaging,
-            max_staleness: int | None, steps: int, seed: int) -> WanConfig:
+            max_staleness: int | None, steps: int, seed: int, overlap: bool = False) -> WanConfig:
     from sharding.partition import partition
 
     device = DeviceAssumption()
@@ -59,16 +64,29 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
                      microbatch_tokens=tokens, steps=steps, schedule=schedule, fwd_bytes_per_token=float(fwd_b),
                      bwd_bytes_per_token=float(bwd_b),
                      grad_sync_bytes=tuple(int(sync_bytes_per_step(model, s, averaging) * averaging.outer_steps)
-                                           for s in specs), sync_every=averaging.outer_steps,
+                                           for s in specs), sync_every=averaging.outer_steps, overlap_sync=overlap,
                      link=link, max_staleness=max_staleness if schedule == "async" else None, seed=seed,
                      warmup_steps=1 if steps > 1 else 0)
 
 
 def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async", max_staleness: int = 4,
-                      averaging: str = "powersgd:64", steps: int = 4, seed: int = 0) -> dict[str, Any]:
-    """Time to the target loss on home links over the same on 100 Gb/s; `slowdown_vs_datacenter` and its inputs."""
+                      averaging: str = "powersgd:64", steps: int = 4, seed: int = 0, overlap_averaging: bool = False,
+                      async_loss_ratio: float | None = None,
+                      averaging_loss_ratio: float | None = None) -> dict[str, Any]:
+    """Time to the target loss on home links over the same on 100 Gb/s; `slowdown_vs_datacenter` and its inputs.
+
+    overlap_averaging: the WAN replicas' averaging goes out on their uplinks while they compute (a DiLoCo outer step
+    applied one round late) instead of holding their compute. async_loss_ratio / averaging_loss_ratio: loss penalties
+    at equal tokens given by the caller (what-ifs; labelled so in the output) instead of the calibration file's."""
     avg = Averaging.parse(averaging)
-    wan_cfg = _config(calibration, "subspace", schedule, WAN_LINK, avg, max_staleness, steps, seed)
+    for name, value in (("async_loss_ratio", async_loss_ratio), ("averaging_loss_ratio", averaging_loss_ratio)):
+        if value is not None and not (value > 0 and value == value and value != float("inf")):
+            raise ValueError(f"{name}={value!r}: must be a positive finite loss ratio (e.g. 1.014)")
+    if overlap_averaging and avg.mode != "diloco":
+        raise ValueError(f"overlap_averaging needs averaging=diloco:<H> (an outer step can arrive a round late; "
+                         f"{avg.label()} gradients are needed before the step they update)")
+    wan_cfg = _config(calibration, "subspace", schedule, WAN_LINK, avg, max_staleness, steps, seed,
+                      overlap=overlap_averaging)
     dc_cfg = _config(calibration, "dense", "1f1b", DATACENTER_LINK, Averaging(), None, steps, seed)
     wan, dc = simulate(wan_cfg), simulate(dc_cfg)
     wan_step = wan_cfg.tokens_per_step / (wan.steady_tokens_per_s or wan.tokens_per_s)
@@ -85,6 +103,10 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     if avg.mode != "dense" and bench.get("loss_ratio_compressed_avg") is not None:
         avg_ratio = float(bench["loss_ratio_compressed_avg"])
         avg_source = "measured: benchmarks/wan_averaging.py loss_ratio_compressed_avg"
+    if schedule == "async" and async_loss_ratio is not None:
+        async_ratio, async_source = async_loss_ratio, "given by the caller (--async-loss-ratio)"
+    if averaging_loss_ratio is not None:
+        avg_ratio, avg_source = averaging_loss_ratio, "given by the caller (--averaging-loss-ratio)"
     mult = {"subspace": steps_multiplier(ASSUMED_SUBSPACE_LOSS_RATIO), "async": steps_multiplier(async_ratio),
             "averaging": steps_multiplier(avg_ratio)}
     wan_steps = PUBLIC_DENSE_STEPS * mult["subspace"] * mult["async"] * mult["averaging"]
@@ -95,6 +117,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
         "goal_slowdown": SLOWDOWN_GOAL,
         "goal_met": slowdown <= SLOWDOWN_GOAL,
         "wan": {"schedule": schedule, "max_staleness": wan_cfg.max_staleness, "averaging": avg.label(),
+                "averaging_overlapped": overlap_averaging,
                 "codec": "subspace", "step_s": wan_step, "utilisation": wan.utilisation,
                 "bubble_fraction": wan.bubble_fraction, "steps_to_target": wan_steps, "time_to_target_s": wan_time,
                 "replica_bytes_per_step": [b / wan_cfg.sync_every for b in wan_cfg.grad_sync_bytes],

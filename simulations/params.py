@@ -78,6 +78,9 @@ class WanConfig:
     bwd_bytes_per_token: float = 4096.0  # wire bytes per token of a backward gradient frame
     grad_sync_bytes: tuple[int, ...] = ()  # bytes each stage's replicas all-reduce per step (empty = 0)
     sync_every: int = 1  # steps between two averagings (DiLoCo outer period H); its time is spread over them
+    overlap_sync: bool = False  # averaging bytes go out on the nodes' uplinks in the background while compute goes on
+    # (a DiLoCo outer step applied one round late); False: each step's share holds the stage's compute (upper bound)
+    sync_chunk_bytes: int = 1 << 16  # overlap_sync: bytes per uplink hold (frames queued meanwhile go first)
     frame_overhead_s: float = 0.0  # runtime seconds per forward/backward frame on a node's compute slot (framing, receipts, acks)
     step_overhead_s: float = 0.0  # fixed seconds each stage spends at every step boundary (barrier, bookkeeping)
     startup_s: float = 0.0  # seconds before the first step starts (process start, model build, connects)
@@ -108,7 +111,8 @@ class WanConfig:
 
     def validate(self) -> WanConfig:
         """Raise ValueError naming the bad field and the fix; return self."""
-        for name in ("num_stages", "replicas", "microbatches", "microbatch_tokens", "steps", "sync_every"):
+        for name in ("num_stages", "replicas", "microbatches", "microbatch_tokens", "steps", "sync_every",
+                     "sync_chunk_bytes"):
             _count("WanConfig", name, getattr(self, name))
         for name in ("fwd_s", "bwd_s", "opt_s", "grad_sync_bytes"):
             values = getattr(self, name)

@@ -144,7 +144,7 @@ class _Node:
         self.speed = speed  # multiplier on reference speed
         self.bw = bw  # uplink bytes per second
         self.compute = simpy.PriorityResource(env, capacity=1)
-        self.uplink = simpy.Resource(env, capacity=1)
+        self.uplink = simpy.PriorityResource(env, capacity=1)  # frames before background averaging chunks
         self.gate = simpy.Resource(env, capacity=depth)
         self.alive = True
         self.generation = 0
@@ -152,6 +152,7 @@ class _Node:
         self.pending = 0  # microbatches routed here whose forward has not finished yet
         self.routed = 0  # microbatches ever routed here (tie-breaker)
         self.bwd_since_opt = 0  # async: backward passes since this node's last optimizer step
+        self.syncs: list[simpy.Process] = []  # overlapped averaging: this node's background sends, oldest first
 
 
 class PipelineSim:
@@ -331,7 +332,7 @@ class PipelineSim:
             yield from self._compute(node, self.opt[node.stage], OPT, -1, 0)
 
     def _grad_sync_s(self, stage: int) -> float:
-        """Ring all-reduce time among the live replicas of a stage."""
+        """Ring all-reduce time among the live replicas of a stage, per step."""
         live = [n for n in self.nodes[stage] if n.alive]
         r = len(live)
         if r < 2 or self.sync_bytes[stage] <= 0:
@@ -341,9 +342,43 @@ class PipelineSim:
         ring = 2.0 * (r - 1) / r * self.sync_bytes[stage] / bw + 2.0 * (r - 1) * lat
         return ring / self.cfg.sync_every
 
+    def _start_overlapped_sync(self, stage: int, node: _Node | None = None) -> list[simpy.Process]:
+        """Overlapped averaging: each live replica (or just `node`, async) sends its ring all-reduce share of one
+        step (2 (r - 1) / r x bytes / sync_every) on its uplink in `sync_chunk_bytes` pieces, in the background.
+        An outer step may arrive one round late, not two: returns the sends older than `sync_every` steps that
+        are still running, which the caller must wait for before its next step."""
+        live = [n for n in self.nodes[stage] if n.alive]
+        r = len(live)
+        if r < 2 or self.sync_bytes[stage] <= 0:
+            return []
+        share = 2.0 * (r - 1) / r * self.sync_bytes[stage] / self.cfg.sync_every
+        late: list[simpy.Process] = []
+        for n in live if node is None else [node]:
+            n.syncs = [p for p in n.syncs if p.is_alive]
+            n.syncs.append(self.env.process(self._background_send(n, share, min(m.bw for m in live))))
+            if len(n.syncs) > self.cfg.sync_every:
+                late.append(n.syncs[0])
+        return late
+
+    def _background_send(self, node: _Node, nbytes: float, bw: float) -> Generator[simpy.Event, Any, None]:
+        left = nbytes
+        while left > 0 and node.alive and not self.finished:
+            chunk = min(left, float(self.cfg.sync_chunk_bytes))
+            with node.uplink.request(priority=1) as req:  # queued frames go first
+                yield req
+                yield self.env.timeout(chunk / min(node.bw, bw))
+            self.bytes_sent += chunk
+            left -= chunk
+
     def _stage_step_end(self, stage: int) -> Generator[simpy.Event, Any, None]:
         yield self.env.all_of([self.env.process(self._opt_node(n)) for n in self.nodes[stage]])
-        yield self.env.timeout(self._grad_sync_s(stage) + self.cfg.step_overhead_s)
+        if self.cfg.overlap_sync:
+            late = self._start_overlapped_sync(stage)
+            if late:
+                yield self.env.all_of(late)
+            yield self.env.timeout(self.cfg.step_overhead_s)
+        else:
+            yield self.env.timeout(self._grad_sync_s(stage) + self.cfg.step_overhead_s)
 
     def _maybe_async_opt(self, node: _Node) -> None:
         node.bwd_since_opt += 1
@@ -353,9 +388,17 @@ class PipelineSim:
             self.env.process(self._async_step_end(node))
 
     def _async_step_end(self, node: _Node) -> Generator[simpy.Event, Any, None]:
-        """Async: the node's optimiser step, then its share of the stage's averaging, holding its compute slot
-        (not overlapped with compute: an upper bound on what averaging costs)."""
+        """Async: the node's optimiser step, then its share of the stage's averaging: holding its compute slot (not
+        overlapped with compute: an upper bound on what averaging costs), or on its uplink in the background
+        (`overlap_sync`)."""
         yield from self._opt_node(node)
+        if self.cfg.overlap_sync:
+            late = self._start_overlapped_sync(node.stage, node)
+            if late and node.alive:  # the round before last has not gone out yet: compute waits for it
+                with node.compute.request(priority=_PRIO[OPT]) as req:
+                    yield req
+                    yield self.env.all_of(late)
+            return
         sync = self._grad_sync_s(node.stage)
         if node.alive and sync > 0:
             with node.compute.request(priority=_PRIO[OPT]) as req:

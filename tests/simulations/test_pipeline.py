@@ -132,3 +132,35 @@ def test_run_bound_raises_deadlock_error() -> None:
 def test_bad_config_names_the_field(kw: dict[str, object], field: str) -> None:
     with pytest.raises(ValueError, match=field):
         simulate(_cfg(**kw))
+
+
+def _replicated(**kw: object) -> WanConfig:
+    """2 stages x 2 replicas, async, 1 MB/s uplinks, no latency: 4 microbatches of 3 s per node and step."""
+    return _cfg(num_stages=2, fwd_s=(1.0,) * 2, bwd_s=(2.0,) * 2, replicas=2, microbatches=8, steps=6,
+                schedule="async", max_staleness=1, link=LinkConfig(bandwidth_mbps=8.0, latency_ms=0.0), **kw)
+
+
+def test_overlapped_averaging_leaves_compute_alone_while_the_uplink_keeps_up() -> None:
+    """1 MB per stage and step: held on the compute slot it costs 1 s a step (2 (r-1)/r x 1 MB at 1 MB/s);
+    sent on the uplinks in the background it costs nothing while it fits in the step's 12 s, and its bytes
+    are on the wire either way."""
+    none = simulate(_replicated())
+    held = simulate(_replicated(grad_sync_bytes=(1_000_000,) * 2))
+    overlapped = simulate(_replicated(grad_sync_bytes=(1_000_000,) * 2, overlap_sync=True))
+    assert held.sim_time_s > none.sim_time_s + 4.0  # about 1 s a step
+    assert overlapped.sim_time_s == pytest.approx(none.sim_time_s)
+    # 4 nodes x 1 MB a step on the wire (the last step's sends are cut when the run ends)
+    assert 4 * 5 * 1_000_000 <= overlapped.bytes_sent - none.bytes_sent <= 4 * 6 * 1_000_000
+
+
+def test_overlapped_averaging_waits_when_a_round_would_arrive_two_late() -> None:
+    """30 MB per step (30 s of uplink against 12 s of compute) cannot go out in the background: a node waits
+    once its sends fall a round behind, so the run is bounded by the uplink, not by compute."""
+    none = simulate(_replicated())
+    overlapped = simulate(_replicated(grad_sync_bytes=(30_000_000,) * 2, overlap_sync=True))
+    assert overlapped.sim_time_s > none.sim_time_s + 4 * 15.0
+
+
+def test_sync_chunk_bytes_is_validated() -> None:
+    with pytest.raises(ValueError, match="sync_chunk_bytes"):
+        _replicated(sync_chunk_bytes=0).validate()

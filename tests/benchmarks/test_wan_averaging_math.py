@@ -1,0 +1,37 @@
+"""`benchmarks/wan_averaging.py --math`: the in-process averaging comparison, including DiLoCo with its outer
+step a round late (diloco-delayed, the variant whose exchange overlaps compute)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.timeout(300)
+
+
+def _run(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "benchmarks/wan_averaging.py", "--math", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=280)
+
+
+def test_delayed_diloco_sends_what_diloco_sends_and_trains_differently() -> None:
+    proc = _run("--steps", "8", "--inner", "2", "--methods", "dense,diloco,diloco-delayed")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {r["method"]: r for r in json.loads(proc.stdout.strip().splitlines()[-1])["runs"]}
+    assert sorted(runs) == ["dense", "diloco", "diloco-delayed"]
+    # per 2 steps, dense: 2 x 4 fp32 microbatch gradients (4 B each); DiLoCo: one bf16 delta (2 B) each way
+    assert runs["diloco"]["compression"] == pytest.approx((2 * 4 * 4) / (2 * 2))
+    assert runs["diloco-delayed"]["compression"] == runs["diloco"]["compression"]
+    assert runs["diloco-delayed"]["val_loss"] != runs["diloco"]["val_loss"]  # the outer steps land a round later
+
+
+def test_unknown_method_or_missing_baseline_is_refused() -> None:
+    for methods in ("dense,diloco-late", "diloco"):
+        proc = _run("--steps", "2", "--methods", methods)
+        assert proc.returncode != 0
+        assert f"--methods '{methods}'" in proc.stderr and "dense (required" in proc.stderr
