@@ -19,8 +19,9 @@ run grows, so a short comparison overstates it. `--model tiny` runs the tests' m
     python benchmarks/async_recipe.py             # bench model, 300 steps, 3 recipes (about 30 min on 2 cores)
     python benchmarks/async_recipe.py --model tiny --grid 1e-3:10 --horizons 300,1500,3000   # about 8 min
 
-Measured (2 cores, tiny, lr 1e-3, warm-up 10, staleness 1, look-ahead 1): see the closing note of the
-session that added `--horizons`; the figures are printed by the run itself.
+Measured (the command above; tiny, lr 1e-3, warm-up 10 then constant, staleness 1, look-ahead 1), validation
+loss sync -> async: 300 steps 2.0219 -> 2.1349 (1.056), 1500 steps 1.5318 -> 1.5535 (1.014), 3000 steps
+1.3880 -> 1.3951 (1.005). Not measured at these lengths: the bench model (about 10 min per 300 steps here).
 """
 
 from __future__ import annotations
