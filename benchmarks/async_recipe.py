@@ -21,7 +21,9 @@ run grows, so a short comparison overstates it. `--model tiny` runs the tests' m
 
 Measured (the command above; tiny, lr 1e-3, warm-up 10 then constant, staleness 1, look-ahead 1), validation
 loss sync -> async: 300 steps 2.0219 -> 2.1349 (1.056), 1500 steps 1.5318 -> 1.5535 (1.014), 3000 steps
-1.3880 -> 1.3951 (1.005). Not measured at these lengths: the bench model (about 10 min per 300 steps here).
+1.3880 -> 1.3951 (1.005). With `--staleness 2`: 3000 steps 1.4376 (1.036); `--staleness 4`: 1500 steps 2.0465
+(1.336), 3000 steps 1.7189 (1.238); look-ahead 1 was the best of 0.25 / 0.5 / 1 / 1.5 / 2 at staleness 4, 1500
+steps. Not measured at these lengths: the bench model (about 10 min per 300 steps here).
 """
 
 from __future__ import annotations
