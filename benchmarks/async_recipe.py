@@ -92,18 +92,13 @@ def main() -> int:
     grid_text = a.grid or ("1e-3:10" if a.quick else "1e-3:10,1e-3:100,5e-4:10")
     grid = [(float(lr), int(wu)) for lr, wu in (item.split(":") for item in grid_text.split(","))]
     lookahead = ASYNC_LOOKAHEAD if a.lookahead is None else a.lookahead
-    shorter = [h for h in horizons if h != steps]
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=a.workers, mp_context=ctx) as pool:
-        def submit(arm: str, lr: float, wu: int, n: int) -> Any:
-            return pool.submit(run, model, arm, lr, wu, n, a.staleness, lookahead, a.microbatches, a.microbatch_size,
-                               a.corpus)
-
-        futures = {(arm, lr, wu): submit(arm, lr, wu, steps) for lr, wu in grid for arm in ("sync", "async")}
-        short = {(arm, lr, wu, n): submit(arm, lr, wu, n) for n in shorter for lr, wu in grid
-                 for arm in ("sync", "async")}
-        results = {key: f.result() for key, f in futures.items()}
-        short_results = {key: f.result() for key, f in short.items()}
+        futures = {(arm, lr, wu, n): pool.submit(run, model, arm, lr, wu, n, a.staleness, lookahead, a.microbatches,
+                                                 a.microbatch_size, a.corpus)
+                   for n in horizons or [steps] for lr, wu in grid for arm in ("sync", "async")}
+        by_run = {key: f.result() for key, f in futures.items()}
+    results = {(arm, lr, wu): r for (arm, lr, wu, n), r in by_run.items() if n == steps}  # the headline runs
     print(f"model d{model.d_model} x{model.n_layers}, {steps} steps of {a.microbatches} x {a.microbatch_size} "
           f"windows of {model.seq_len}, staleness {a.staleness}, look-ahead {lookahead}, corpus {a.corpus}")
     print(f"{'lr':>8} {'warmup':>6} {'sync val':>9} {'async val':>9} {'ratio':>7}")
@@ -122,9 +117,7 @@ def main() -> int:
               f"{'sync val':>9} {'async val':>9} {'ratio':>7}")
         for n in horizons:
             for lr, wu in grid:
-                got = (results[("sync", lr, wu)], results[("async", lr, wu)]) if n == steps else \
-                    (short_results[("sync", lr, wu, n)], short_results[("async", lr, wu, n)])
-                s, d = got[0]["val_loss"], got[1]["val_loss"]
+                s, d = by_run[("sync", lr, wu, n)]["val_loss"], by_run[("async", lr, wu, n)]["val_loss"]
                 by_steps.setdefault(str(n), {})[f"{lr:g}:{wu}"] = d / s
                 print(f"{n:>6} {lr:>8g} {wu:>6} {s:>9.4f} {d:>9.4f} {d / s:>7.4f}")
     print(json.dumps({"loss_ratio_same_recipe": same, "loss_ratio_tuned": best_async / best_sync,

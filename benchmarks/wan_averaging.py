@@ -207,7 +207,7 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
         outer = OuterNesterov(size)
         start = _flat(model, False)
         sent = 0
-        prev = [start.clone() for _ in reps]  # diloco-delayed: where each replica began this round
+        prev = [start] * replicas  # where each replica began this round (diloco: all at `start`)
         pending: torch.Tensor | None = None  # diloco-delayed: the averaged delta of the round before, in flight
         for step in range(steps):
             for r, rep in enumerate(reps):
@@ -216,28 +216,23 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
                     w = corpus.batch("train", step, mb, B, cfg.seq_len, 0)
                     (rep(w[:, :-1], targets=w[:, 1:]) / len(mine)).backward()
                 optimizer_step(rep, opts[r], step, optim)
-            if (step + 1) % inner == 0 and method == "diloco":
-                delta = start - torch.stack([_flat(m, False) for m in reps]).mean(0)
-                if half:
-                    delta = delta.to(torch.bfloat16).float()
-                sent += replicas * (replicas - 1) * (2 if half else 4) * size
+            if (step + 1) % inner:
+                continue
+            ends = [_flat(m, False) for m in reps]
+            delta = torch.stack(prev).mean(0) - torch.stack(ends).mean(0)  # the round's mean progress
+            if half:
+                delta = delta.to(torch.bfloat16).float()
+            sent += replicas * (replicas - 1) * (2 if half else 4) * size
+            if method == "diloco":  # everyone waits for the average and restarts from the outer step
                 start = outer.step(start, delta)
-                for m in reps:
-                    _install(m, start, False)
-            elif (step + 1) % inner == 0:
-                ends = [_flat(m, False) for m in reps]
-                delta = torch.stack([p - e for p, e in zip(prev, ends, strict=True)]).mean(0)
-                if half:
-                    delta = delta.to(torch.bfloat16).float()
-                sent += replicas * (replicas - 1) * (2 if half else 4) * size
-                if pending is None:  # the first round: nothing has arrived yet
-                    prev = ends
-                else:
-                    start = outer.step(start, pending)
-                    prev = [start + (e - p) for p, e in zip(prev, ends, strict=True)]
-                    for m, w in zip(reps, prev, strict=True):
-                        _install(m, w, False)
-                pending = delta
+                prev = [start] * replicas
+            elif pending is None:  # diloco-delayed, first round: nothing has arrived yet, go on from here
+                prev, pending = ends, delta
+            else:  # diloco-delayed: last round's outer step arrived; keep this round's own progress on top
+                start = outer.step(start, pending)
+                prev, pending = [start + (e - p) for p, e in zip(prev, ends, strict=True)], delta
+            for m, w in zip(reps, prev, strict=True):
+                _install(m, w, False)
         if pending is not None:
             start = outer.step(start, pending)
         _install(model, start, False)

@@ -17,6 +17,7 @@ penalties the caller gives instead of the calibration file's, labelled "given by
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 from .averaging import Averaging, sync_bytes_per_step
@@ -80,7 +81,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     at equal tokens given by the caller (what-ifs; labelled so in the output) instead of the calibration file's."""
     avg = Averaging.parse(averaging)
     for name, value in (("async_loss_ratio", async_loss_ratio), ("averaging_loss_ratio", averaging_loss_ratio)):
-        if value is not None and not (value > 0 and value == value and value != float("inf")):
+        if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name}={value!r}: must be a positive finite loss ratio (e.g. 1.014)")
     if overlap_averaging and avg.mode != "diloco":
         raise ValueError(f"overlap_averaging needs averaging=diloco:<H> (an outer step can arrive a round late; "

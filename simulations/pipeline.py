@@ -331,31 +331,36 @@ class PipelineSim:
         if node.alive and self.opt[node.stage] > 0:
             yield from self._compute(node, self.opt[node.stage], OPT, -1, 0)
 
-    def _grad_sync_s(self, stage: int) -> float:
-        """Ring all-reduce time among the live replicas of a stage, per step."""
+    def _ring_share(self, stage: int) -> tuple[list[_Node], float]:
+        """The live replicas of a stage and the bytes each sends per step in a ring all-reduce of its averaging
+        (2 (r - 1) / r x bytes / sync_every; 0 with fewer than 2 replicas or nothing to average)."""
         live = [n for n in self.nodes[stage] if n.alive]
         r = len(live)
         if r < 2 or self.sync_bytes[stage] <= 0:
+            return live, 0.0
+        return live, 2.0 * (r - 1) / r * self.sync_bytes[stage] / self.cfg.sync_every
+
+    def _grad_sync_s(self, stage: int) -> float:
+        """Ring all-reduce time among the live replicas of a stage, per step."""
+        live, share = self._ring_share(stage)
+        if not share:
             return 0.0
-        bw = min(n.bw for n in live)
         lat = float(np.max(self.latency[min(stage, self.latency.shape[0] - 1)]))
-        ring = 2.0 * (r - 1) / r * self.sync_bytes[stage] / bw + 2.0 * (r - 1) * lat
-        return ring / self.cfg.sync_every
+        return share / min(n.bw for n in live) + 2.0 * (len(live) - 1) * lat / self.cfg.sync_every
 
     def _start_overlapped_sync(self, stage: int, node: _Node | None = None) -> list[simpy.Process]:
         """Overlapped averaging: each live replica (or just `node`, async) sends its ring all-reduce share of one
-        step (2 (r - 1) / r x bytes / sync_every) on its uplink in `sync_chunk_bytes` pieces, in the background.
-        An outer step may arrive one round late, not two: returns the sends older than `sync_every` steps that
-        are still running, which the caller must wait for before its next step."""
-        live = [n for n in self.nodes[stage] if n.alive]
-        r = len(live)
-        if r < 2 or self.sync_bytes[stage] <= 0:
+        step on its uplink in `sync_chunk_bytes` pieces, in the background. An outer step may arrive one round
+        late, not two: returns the sends older than `sync_every` steps that are still running, which the caller
+        must wait for before its next step."""
+        live, share = self._ring_share(stage)
+        if not share:
             return []
-        share = 2.0 * (r - 1) / r * self.sync_bytes[stage] / self.cfg.sync_every
+        bw = min(n.bw for n in live)
         late: list[simpy.Process] = []
         for n in live if node is None else [node]:
             n.syncs = [p for p in n.syncs if p.is_alive]
-            n.syncs.append(self.env.process(self._background_send(n, share, min(m.bw for m in live))))
+            n.syncs.append(self.env.process(self._background_send(n, share, bw)))
             if len(n.syncs) > self.cfg.sync_every:
                 late.append(n.syncs[0])
         return late

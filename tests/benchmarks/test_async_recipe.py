@@ -8,18 +8,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.scripts import run_script
+
 pytestmark = pytest.mark.timeout(300)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "benchmarks/async_recipe.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=280)
+    return run_script("async_recipe.py", *args)
 
 
 def test_quick_horizons_give_one_ratio_per_horizon() -> None:

@@ -12,19 +12,18 @@ import json
 import math
 import subprocess
 import sys
-from pathlib import Path
 from typing import Any
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.scripts import ROOT, run_script
+
 pytestmark = pytest.mark.timeout(300)
 QUICK_SEQ = 32  # tokens per sequence of the --quick setting
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "benchmarks/compression.py", *args], cwd=ROOT, capture_output=True,
-                          text=True, timeout=280)
+    return run_script("compression.py", *args)
 
 
 def test_quick_variants_each_against_its_own_control() -> None:

@@ -5,18 +5,16 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.benchmarks.scripts import run_script
+
 pytestmark = pytest.mark.timeout(300)
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "benchmarks/wan_averaging.py", "--math", *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=280)
+    return run_script("wan_averaging.py", "--math", *args)
 
 
 def test_delayed_diloco_sends_what_diloco_sends_and_trains_differently() -> None:
