@@ -51,6 +51,7 @@ from sharding.gradcompress import (  # noqa: E402
     PowerSGDEncoder,
     PowerSGDLayout,
     TopKEncoder,
+    dequantize_int8,
     powersgd_decode,
     topk_decode,
 )
@@ -61,11 +62,12 @@ MODELS = {  # --model choices: the tiny preset (64 wide) and a 256-wide one wher
     "tiny": PRESETS["tiny"],
     "wide": ModelConfig(vocab_size=256, seq_len=64, d_model=256, n_layers=3, n_heads=4),
 }
+MATH_LR = {"tiny": 3e-3, "wide": 1e-3}  # --math peak lr per model (wide: dense trains better at 1e-3 than 3e-3)
 VAL_BATCHES, VAL_SIZE, VAL_SEED = 8, 8, 1  # validation: batches, sequences per batch, seed
 
 
-def _args(steps: int, averaging: str, rank: int, model: str) -> list[str]:
-    return ["--model", model, "--stages", str(STAGES), "--steps", str(steps), "--replicated", "--microbatches", str(M),
+def _args(steps: int, averaging: str, rank: int, model: str, bits: int = 16, lr: float | None = None) -> list[str]:
+    return ["--model", model, *(["--lr", str(lr)] if lr is not None else []), "--powersgd-bits", str(bits), "--stages", str(STAGES), "--steps", str(steps), "--replicated", "--microbatches", str(M),
             "--microbatch-size", str(B), "--corpus", "synthetic", "--threads", "1", "--replica-timeout", "20",
             "--avg-timeout", "20", "--commit-poll", "0.3", "--checkpoint-every", "0", "--no-replica-timeout", "120",
             "--replica-averaging", averaging, "--powersgd-rank", str(rank)]
@@ -93,12 +95,13 @@ def _stage_weights(data_dir: Path, stage: int) -> dict[str, torch.Tensor]:
 
 
 def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: float,
-              cfg: ModelConfig) -> dict[str, Any]:
-    """One replicated run of model `cfg`; returns bytes per step between replicas, losses and the replica check."""
+              cfg: ModelConfig, bits: int = 16, lr: float | None = None) -> dict[str, Any]:
+    """One replicated run of model `cfg` (PowerSGD factors in `bits`, the node's default lr unless `lr`);
+    returns bytes per step between replicas, losses and the replica check."""
     root.mkdir(parents=True, exist_ok=True)
     model_file = root / "model.json"
     model_file.write_text(json.dumps(cfg.to_dict()))
-    args = _args(steps, averaging, rank, str(model_file))
+    args = _args(steps, averaging, rank, str(model_file), bits, lr)
     head = start_node(0, root / "head", args)
     boot = ["--bootstrap", head.ready["addrs"][0]]
     layout = [(1, "mid0"), (1, "mid1"), (2, "tail0"), (2, "tail1")]
@@ -111,15 +114,21 @@ def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: floa
         deadline = time.monotonic() + timeout_s
         for n in nodes:
             n.proc.wait(timeout=max(1.0, deadline - time.monotonic()))
+        codes = [n.proc.returncode for n in nodes]
+        if any(codes):
+            raise RuntimeError(f"{averaging}: node exit codes {codes} (logs under {root})")
     finally:
         stop_nodes(nodes)
     wall = time.monotonic() - t0
     recs = {name: {int(r["step"]): r for r in read_progress(root / name)} for name in
             ["head", *(name for _, name in layout)]}
-    done = [s for s in range(steps) if all(s in recs[name] for name in recs)]
+    stages = {0: ["head"], 1: ["mid0", "mid1"], 2: ["tail0", "tail1"]}
+    done = [s for s in range(steps) if all(any(s in recs[n] for n in names) for names in stages.values())]
     if len(done) < steps:
-        raise RuntimeError(f"{averaging}: only {len(done)} of {steps} steps completed by every node")
-    wire = {name: int(recs[name][steps - 1].get("avg_wire_bytes", 0)) for name in recs}
+        raise RuntimeError(f"{averaging}: only {len(done)} of {steps} steps completed by a replica of every stage")
+    # a replica that missed a step's contributions past avg_timeout fetches the state instead (no record of it)
+    synced = {name: steps - len(r) for name, r in recs.items() if len(r) < steps}
+    wire = {name: int(r[max(r)].get("avg_wire_bytes", 0)) if r else 0 for name, r in recs.items()}
     corpus = load_corpus("synthetic")
     modules: list[torch.nn.Module] = []
     for stage, name in ((0, "head"), (1, "mid0"), (2, "tail0")):
@@ -131,29 +140,30 @@ def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: floa
         all(torch.equal(a[k], b[k]) for k in a)
         for a, b in ((_stage_weights(root / "mid0", 1), _stage_weights(root / "mid1", 1)),
                      (_stage_weights(root / "tail0", 2), _stage_weights(root / "tail1", 2))))
-    tail_losses = [recs["tail0"][s].get("loss") for s in done]
+    tail_losses = [next(recs[n][s] for n in stages[2] if s in recs[n]).get("loss") for s in done]
     return {"steps": steps, "wall_s": wall, "replica_bytes_per_step": sum(wire.values()) / steps,
             "bytes_by_node": wire, "val_loss": val_loss(modules, corpus, cfg),
-            "final_train_loss": tail_losses[-1], "replicas_identical": identical}
+            "final_train_loss": tail_losses[-1], "replicas_identical": identical, "steps_fetched_by_node": synced}
 
 
 def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, root: Path | None = None,
-                      model: str = "wide") -> dict[str, Any]:
-    """Dense vs PowerSGD rank `rank` on the replicated local swarm, same steps (equal tokens).
+                      model: str = "wide", bits: int = 16, lr: float | None = None) -> dict[str, Any]:
+    """Dense vs PowerSGD rank `rank` (factors in `bits`: 16 bf16, 8 int8) on the replicated local swarm, same
+    steps (equal tokens) and lr (None: the node's default).
 
     Returns `replica_compression` (dense / compressed replica bytes per step), `loss_ratio_compressed_avg`
     (compressed / dense validation loss) and both runs' figures (`dense`, `compressed`)."""
     cfg = MODELS[model]
     base = root or Path(tempfile.mkdtemp(prefix="pmn-wan-avg-"))
     try:
-        dense = run_swarm(base / "dense", steps, "dense", rank, timeout_s, cfg)
-        comp = run_swarm(base / "powersgd", steps, "powersgd", rank, timeout_s, cfg)
+        dense = run_swarm(base / "dense", steps, "dense", rank, timeout_s, cfg, lr=lr)
+        comp = run_swarm(base / "powersgd", steps, "powersgd", rank, timeout_s, cfg, bits, lr)
     finally:
         if root is None:
             shutil.rmtree(base, ignore_errors=True)
     return {"replica_compression": dense["replica_bytes_per_step"] / max(1.0, comp["replica_bytes_per_step"]),
-            "loss_ratio_compressed_avg": comp["val_loss"] / dense["val_loss"], "rank": rank, "steps": steps,
-            "model": model, "tokens": steps * M * B * cfg.seq_len, "dense": dense, "compressed": comp}
+            "loss_ratio_compressed_avg": comp["val_loss"] / dense["val_loss"], "rank": rank, "bits": bits,
+            "steps": steps, "model": model, "tokens": steps * M * B * cfg.seq_len, "dense": dense, "compressed": comp}
 
 
 # -- the in-process comparison of the methods (--math) ------------------------------------------------
@@ -183,7 +193,8 @@ def _install(model: torch.nn.Module, flat: torch.Tensor, grads: bool) -> None:
 
 
 def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inner: int = 25,
-             replicas: int = 2, half: bool = True, model_name: str = "tiny") -> dict[str, Any]:
+             replicas: int = 2, half: bool = True, model_name: str = "tiny", bits: int = 16,
+             lr: float | None = None, seed: int = 0) -> dict[str, Any]:
     """Train the whole model `steps` steps of M microbatches, microbatch i computed by replica i % replicas.
 
     dense / powersgd / topk: each microbatch gradient travels (encoded by its replica, error feedback
@@ -192,11 +203,13 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
     the outer Nesterov step. diloco-delayed: the same, but the replicas do not wait for the average: the
     outer step of round r arrives at the end of round r + 1 (its exchange overlapped with that round's compute)
     and each replica then sits at the new global weights plus its own progress of round r + 1 (the final model
-    applies the last round's step). Returns the validation loss and the dense / method bytes ratio."""
-    torch.manual_seed(0)
+    applies the last round's step). powersgd `bits` 8: int8 factors with a bf16 scale per column (the
+    error feedback absorbs the rounding). lr: MATH_LR[model_name] unless given; seed: initial weights and
+    data order. Returns the validation loss and the dense / method bytes ratio."""
+    torch.manual_seed(seed)
     cfg = MODELS[model_name]
     corpus = load_corpus("synthetic")
-    optim = OptimConfig(lr=3e-3, warmup_steps=10)
+    optim = OptimConfig(lr=MATH_LR[model_name] if lr is None else lr, warmup_steps=10)
     model = build_model(cfg)
     shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
     size = sum(math.prod(s) for s in shapes)
@@ -213,7 +226,7 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
             for r, rep in enumerate(reps):
                 mine = range(r, M, replicas)
                 for mb in mine:
-                    w = corpus.batch("train", step, mb, B, cfg.seq_len, 0)
+                    w = corpus.batch("train", step, mb, B, cfg.seq_len, seed)
                     (rep(w[:, :-1], targets=w[:, 1:]) / len(mine)).backward()
                 optimizer_step(rep, opts[r], step, optim)
             if (step + 1) % inner:
@@ -243,7 +256,7 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
     if method == "powersgd":
         lay = PowerSGDLayout.build(shapes, rank)
         pencs = [PowerSGDEncoder(lay, seed=r, wire_dtype=wire_dtype) for r in range(replicas)]
-        per = lay.wire_size * (2 if half else 4)
+        per = lay.wire_size + 2 * lay.scale_count if bits == 8 else lay.wire_size * (2 if half else 4)
     elif method == "topk":
         tencs = [TopKEncoder(size, fraction) for _ in range(replicas)]
         per = tencs[0].wire_size * 4
@@ -252,10 +265,12 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
     for step in range(steps):
         vecs = []
         for mb in range(M):
-            w = corpus.batch("train", step, mb, B, cfg.seq_len, 0)
+            w = corpus.batch("train", step, mb, B, cfg.seq_len, seed)
             (model(w[:, :-1], targets=w[:, 1:]) / M).backward()
             v = _flat(model, True)
-            if method == "powersgd":
+            if method == "powersgd" and bits == 8:
+                v = powersgd_decode(lay, dequantize_int8(lay, *pencs[mb % replicas].encode_int8(v)))
+            elif method == "powersgd":
                 v = powersgd_decode(lay, pencs[mb % replicas].encode(v))
             elif method == "topk":
                 v = topk_decode(tencs[mb % replicas].encode(v), size, fraction)
@@ -265,18 +280,20 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
     out: dict[str, Any] = {"method": method, "val_loss": val_loss([model], corpus, cfg),
                            "compression": 4 * size / per}
     if method == "powersgd":
-        out["rank"] = rank
+        out["rank"], out["bits"] = rank, bits
     if method == "topk":
         out["fraction"] = fraction
     return out
 
 
-MATH_METHODS: dict[str, Callable[[int, int, str], list[dict[str, Any]]]] = {  # --math runs: (steps, H, model)
-    "dense": lambda n, h, mod: [simulate("dense", n, model_name=mod)],
-    "powersgd": lambda n, h, mod: [simulate("powersgd", n, rank=r, model_name=mod) for r in (2, 4)],
-    "topk": lambda n, h, mod: [simulate("topk", n, fraction=0.01, model_name=mod)],
-    "diloco": lambda n, h, mod: [simulate("diloco", n, inner=h, model_name=mod)],
-    "diloco-delayed": lambda n, h, mod: [simulate("diloco-delayed", n, inner=h, model_name=mod)],
+MATH_METHODS: dict[str, Callable[[int, int, str, int], list[dict[str, Any]]]] = {  # --math: (steps, H, model, seed)
+    "dense": lambda n, h, mod, sd: [simulate("dense", n, model_name=mod, seed=sd)],
+    "powersgd": lambda n, h, mod, sd: [simulate("powersgd", n, rank=r, model_name=mod, seed=sd) for r in (2, 4)],
+    "powersgd-int8": lambda n, h, mod, sd: [simulate("powersgd", n, rank=r, bits=8, model_name=mod, seed=sd)
+                                            for r in (4, 8)],
+    "topk": lambda n, h, mod, sd: [simulate("topk", n, fraction=0.01, model_name=mod, seed=sd)],
+    "diloco": lambda n, h, mod, sd: [simulate("diloco", n, inner=h, model_name=mod, seed=sd)],
+    "diloco-delayed": lambda n, h, mod, sd: [simulate("diloco-delayed", n, inner=h, model_name=mod, seed=sd)],
 }
 
 
@@ -289,6 +306,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--math", action="store_true", help="compare the methods in one process instead of the swarm")
     p.add_argument("--inner", type=int, default=25, help="--math: DiLoCo inner steps per outer round (H)")
     p.add_argument("--methods", default=",".join(MATH_METHODS), help="--math: comma-separated methods to compare")
+    p.add_argument("--seed", type=int, default=0, help="--math: initial weights and data order")
+    p.add_argument("--bits", type=int, choices=(16, 8), default=16, help="swarm: PowerSGD factors in bf16 or int8")
+    p.add_argument("--lr", type=float, default=None, help="swarm: the nodes' peak lr (default: the node's, 3e-3)")
     a = p.parse_args(argv)
     if a.math:
         steps = a.steps or (60 if a.quick else 150)
@@ -297,27 +317,31 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(methods) - set(MATH_METHODS))
         if unknown or "dense" not in methods:
             p.error(f"--methods {a.methods!r}: use dense (required: the baseline) and any of {list(MATH_METHODS)}")
-        runs = [run for m in MATH_METHODS if m in methods for run in MATH_METHODS[m](steps, a.inner, mod)]
+        runs = [run for m in MATH_METHODS if m in methods for run in MATH_METHODS[m](steps, a.inner, mod, a.seed)]
         dense = runs[0]["val_loss"]
         print(f"{'method':22} {'compression':>11} {'val loss':>9} {'vs dense':>9}")
         for r in runs:
             name = r["method"] + (f" r{r['rank']}" if "rank" in r else "") + (
+                " int8" if r.get("bits") == 8 else "") + (
                 f" k={r['fraction']}" if "fraction" in r else "") + (f" H={r['inner']}" if "inner" in r else "")
             print(f"{name:22} {r['compression']:>10.1f}x {r['val_loss']:>9.4f} {r['val_loss'] / dense:>9.4f}")
         print(json.dumps({"steps": steps, "model": mod, "tokens": steps * M * B * MODELS[mod].seq_len,
-                          "runs": runs}))
+                          "lr": MATH_LR[mod], "seed": a.seed, "runs": runs}))
         return 0
     steps = a.steps or (30 if a.quick else 150)
-    res = compare_averaging(steps, a.rank, timeout_s=600 if a.quick else 3600, model=a.model or "wide")
+    res = compare_averaging(steps, a.rank, timeout_s=600 if a.quick else 3600, model=a.model or "wide", bits=a.bits,
+                            lr=a.lr)
     print(f"{'averaging':12} {'steps':>5} {'replica B/step':>15} {'val loss':>9} {'train loss':>10} {'identical':>9} "
           f"{'wall s':>7}")
-    for name, r in (("dense", res["dense"]), (f"powersgd r{a.rank}", res["compressed"])):
+    for name, r in (("dense", res["dense"]), (f"powersgd r{a.rank}" + (" int8" if a.bits == 8 else ""),
+                                              res["compressed"])):
         print(f"{name:12} {r['steps']:>5} {r['replica_bytes_per_step']:>15.0f} {r['val_loss']:>9.4f} "
               f"{r['final_train_loss']:>10.4f} {str(r['replicas_identical']):>9} {r['wall_s']:>7.1f}")
     print(f"replica traffic {res['replica_compression']:.1f}x smaller, validation loss ratio "
           f"{res['loss_ratio_compressed_avg']:.4f} at {res['tokens']} tokens")
     print(json.dumps({"replica_compression": res["replica_compression"],
-                      "loss_ratio_compressed_avg": res["loss_ratio_compressed_avg"], "rank": a.rank, "steps": steps,
+                      "loss_ratio_compressed_avg": res["loss_ratio_compressed_avg"], "rank": a.rank, "bits": a.bits,
+                      "lr": a.lr, "steps": steps,
                       "model": res["model"], "tokens": res["tokens"],
                       "dense_replica_bytes_per_step": res["dense"]["replica_bytes_per_step"],
                       "compressed_replica_bytes_per_step": res["compressed"]["replica_bytes_per_step"],

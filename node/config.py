@@ -115,6 +115,8 @@ class RuntimeConfig:
     replica_averaging: str = "dense"  # how replicas of a stage exchange gradients: dense fp32 or powersgd (rank-r
     # factors in bf16 with error feedback); part of the spec, must match across the stage's replicas
     powersgd_rank: int = 4  # rank r of PowerSGD contributions (replica_averaging = powersgd)
+    powersgd_bits: int = 16  # PowerSGD factors on the wire: 16 (bf16) or 8 (int8 codes with a bf16 scale per column;
+    # half the bytes, the rounding goes into the error feedback); part of the spec like replica_averaging
     frame_timeout_s: float = 120.0  # longest wait for the next frame from a neighbour within a step
     step_retries: int = 3  # times a failed step is retried (after re-dialling) before giving up
     redial_timeout_s: float = 30.0  # how long to look for a replacement neighbour before a retry
@@ -408,6 +410,8 @@ class NodeConfig:
         if r.replica_averaging not in ("dense", "powersgd") or r.powersgd_rank < 1:
             raise ValueError(f"runtime.replica_averaging must be dense or powersgd (got {r.replica_averaging!r}) "
                              f"and runtime.powersgd_rank >= 1 (got {r.powersgd_rank})")
+        if type(r.powersgd_bits) is not int or r.powersgd_bits not in (16, 8):
+            raise ValueError(f"runtime.powersgd_bits must be 16 (bf16 factors) or 8 (int8), got {r.powersgd_bits!r}")
         if r.eval_every < 0 or r.eval_batches < 1 or r.eval_seed < 0:
             raise ValueError(f"runtime.eval_every must be >= 0 (0 = off), eval_batches >= 1 and eval_seed >= 0; got "
                              f"{r.eval_every}, {r.eval_batches}, {r.eval_seed}")

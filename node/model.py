@@ -38,7 +38,8 @@ def training_section(cfg: NodeConfig) -> TrainingSection:
     lr = OptimConfig().lr if cfg.optim_lr is None else cfg.optim_lr
     return TrainingSection(stages=cfg.num_stages, codec=r.codec, microbatches=r.num_microbatches,
                            microbatch_size=r.microbatch_size, lr=lr, replica_averaging=r.replica_averaging,
-                           powersgd_rank=r.powersgd_rank, pipeline_schedule=r.schedule,
+                           powersgd_rank=r.powersgd_rank, powersgd_bits=r.powersgd_bits,
+                           pipeline_schedule=r.schedule,
                            max_staleness=r.max_staleness, **asdict(cfg.recipe))
 
 

@@ -10,6 +10,9 @@ reading it and every replica decodes it to the same dense gradient.
   Q = M^T P (n x r); the receiver rebuilds P Q^T. Q is warm-started from the sender's previous Q of
   that parameter; vectors (norm gains) travel dense. Error feedback: what the approximation missed is
   added to the sender's next contribution.
+* int8 factors (optional): each column of P and of Q, and each dense vector, travels as int8 codes
+  with one bf16 absmax scale, half the bytes of bf16 factors; the sender's error feedback absorbs
+  the rounding, as it absorbs the low-rank approximation.
 * Top-k with error feedback: the k largest-magnitude entries of gradient + error, as (values,
   indices) in the wire vector (indices as exact float32 integers, so stages up to 2**24 values).
 * DiLoCo outer step (Douillard et al. 2023): replicas run H inner optimizer steps alone, then average
@@ -77,6 +80,24 @@ class PowerSGDLayout:
         """Dense values per wire value."""
         return self.size / max(1, self.wire_size)
 
+    @property
+    def scale_count(self) -> int:
+        """Scales of an int8 wire vector: one per column of P and of Q, one per dense vector."""
+        return sum(2 * self.rank if e.compressed else 1 for e in self.entries)
+
+    def blocks(self, wire: torch.Tensor) -> list[torch.Tensor]:
+        """Views of `wire` (wire_size values) as the 2-D blocks int8 scales apply to, column by column:
+        P (rows x rank) and Q (cols x rank) of a compressed entry, (numel x 1) of a dense one."""
+        out = []
+        r = self.rank
+        for e in self.entries:
+            if e.compressed:
+                q0 = e.wire_offset + e.rows * r
+                out += [wire[e.wire_offset: q0].view(e.rows, r), wire[q0: q0 + e.cols * r].view(e.cols, r)]
+            else:
+                out.append(wire[e.wire_offset: e.wire_offset + e.numel].view(e.numel, 1))
+        return out
+
 
 def check_finite(wire: torch.Tensor, size: int, what: str) -> None:
     """GradCompressError unless `wire` is a flat vector of `size` finite values."""
@@ -111,6 +132,42 @@ def powersgd_decode(layout: PowerSGDLayout, wire: torch.Tensor) -> torch.Tensor:
     return out
 
 
+INT8_MAX = 127  # largest int8 code (codes are symmetric: -127 .. 127)
+
+
+def quantize_int8(layout: PowerSGDLayout, wire: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 codes (wire_size) and bf16-exact fp32 scales (scale_count) of a finite fp32 wire vector:
+    each column's values divided by its absmax / 127, rounded to the nearest code."""
+    check_finite(wire, layout.wire_size, f"PowerSGD rank-{layout.rank} wire vector")
+    values = wire.to(torch.float32).clone()
+    scales = []
+    for block in layout.blocks(values):
+        scale = (block.abs().amax(0) / INT8_MAX).to(torch.bfloat16).to(torch.float32)  # (columns,)
+        safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+        block.copy_((block / safe).round().clamp(-INT8_MAX, INT8_MAX))
+        scales.append(scale)
+    return values.to(torch.int8), torch.cat(scales)
+
+
+def dequantize_int8(layout: PowerSGDLayout, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The fp32 wire vector of int8 `codes` and their column `scales` (GradCompressError on wrong sizes, a
+    code of -128, or a scale that is negative, NaN or Inf)."""
+    if codes.dtype != torch.int8 or codes.dim() != 1 or codes.numel() != layout.wire_size:
+        raise GradCompressError(f"int8 PowerSGD codes have shape {tuple(codes.shape)} and dtype {codes.dtype}, "
+                                f"expected ({layout.wire_size},) int8")
+    check_finite(scales, layout.scale_count, f"int8 PowerSGD rank-{layout.rank} scales")
+    if bool((scales < 0).any()):
+        raise GradCompressError(f"int8 PowerSGD rank-{layout.rank} scales hold {int((scales < 0).sum())} negative value(s)")
+    if bool((codes == -INT8_MAX - 1).any()):
+        raise GradCompressError("int8 PowerSGD codes hold -128 (codes are -127 .. 127)")
+    wire = codes.to(torch.float32)
+    off = 0
+    for block in layout.blocks(wire):
+        block.mul_(scales[off: off + block.shape[1]].to(torch.float32))
+        off += block.shape[1]
+    return wire
+
+
 class PowerSGDEncoder:
     """One sender's PowerSGD state: error-feedback buffer and warm-start Q of each matrix."""
 
@@ -126,10 +183,30 @@ class PowerSGDEncoder:
 
     def encode(self, grad: torch.Tensor) -> torch.Tensor:
         """Wire vector of `grad` (+ the error buffer); the error buffer and warm starts are updated."""
+        g = self._with_error(grad)
+        wire = self._factors(g).to(self.wire_dtype).to(torch.float32)
+        if self.error_feedback:
+            self.error = g - powersgd_decode(self.layout, wire)
+        return wire
+
+    def encode_int8(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """int8 codes and column scales of `grad` (+ the error buffer), see quantize_int8; the error buffer
+        (which then holds the rounding too) and warm starts are updated."""
+        g = self._with_error(grad)
+        codes, scales = quantize_int8(self.layout, self._factors(g))
+        if self.error_feedback:
+            self.error = g - powersgd_decode(self.layout, dequantize_int8(self.layout, codes, scales))
+        return codes, scales
+
+    def _with_error(self, grad: torch.Tensor) -> torch.Tensor:
+        """`grad` as fp32 plus the error buffer (GradCompressError on a wrong shape)."""
+        if grad.dim() != 1 or grad.numel() != self.layout.size:
+            raise GradCompressError(f"gradient has shape {tuple(grad.shape)}, expected ({self.layout.size},)")
+        return grad.detach().to(torch.float32) + (self.error if self.error_feedback else 0.0)
+
+    def _factors(self, g: torch.Tensor) -> torch.Tensor:
+        """The fp32 wire vector of `g`: one warm-started power iteration per matrix (updates the warm starts)."""
         lay = self.layout
-        if grad.dim() != 1 or grad.numel() != lay.size:
-            raise GradCompressError(f"gradient has shape {tuple(grad.shape)}, expected ({lay.size},)")
-        g = grad.detach().to(torch.float32) + (self.error if self.error_feedback else 0.0)
         wire = torch.empty(lay.wire_size, dtype=torch.float32)
         r = lay.rank
         for i, e in enumerate(lay.entries):
@@ -144,9 +221,6 @@ class PowerSGDEncoder:
                 self.q[i] = q  # warm start of the next power iteration
             wire[e.wire_offset: e.wire_offset + e.rows * r] = p.reshape(-1)
             wire[e.wire_offset + e.rows * r: e.wire_offset + r * (e.rows + e.cols)] = q.reshape(-1)
-        wire = wire.to(self.wire_dtype).to(torch.float32)
-        if self.error_feedback:
-            self.error = g - powersgd_decode(lay, wire)
         return wire
 
 

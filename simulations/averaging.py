@@ -2,11 +2,13 @@
 
 - `dense`: every gradient element, every step (bf16: 2 bytes each).
 - `powersgd:R`: rank-R factors P (m x R) and Q (n x R) of every matrix gradient, vectors dense (bf16).
+- `powersgd:R:int8`: the same factors and vectors as int8 codes, plus one bf16 scale per factor column and
+  per vector (the node's `powersgd_bits = 8`).
 - `diloco:H`: the dense pseudo-gradient once every H inner steps (bytes / H per step on average;
   the simulator runs the dense exchange with `WanConfig.sync_every = H`).
 
-Exchange cost is a ring all-reduce of those bytes among the stage's replicas (`pipeline._grad_sync_s`), holding
-the stage's compute, or with `WanConfig.overlap_sync` sent on the uplinks in the background (an outer step
+Exchange cost is a ring all-reduce of those bytes among the stage's replicas, or direct pushes to every other
+replica (`WanConfig.sync_collective`, `pipeline._grad_sync_s`), holding the stage's compute, or with `WanConfig.overlap_sync` sent on the uplinks in the background (an outer step
 applied one round late, measured by `benchmarks/wan_averaging.py --math`'s diloco-delayed run).
 """
 
@@ -16,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 BYTES_PER_ELEMENT = 2  # bf16 on the wire
+INT8_BYTES, SCALE_BYTES = 1, 2  # powersgd int8: bytes of a code and of a column's bf16 scale
 
 
 @dataclass(frozen=True)
@@ -25,26 +28,28 @@ class Averaging:
     mode: str = "dense"  # dense, powersgd or diloco
     rank: int = 0  # powersgd: rank of the factors
     outer_steps: int = 1  # diloco: inner steps between two outer (averaging) steps
+    int8: bool = False  # powersgd: factors as int8 codes with a bf16 scale per column (else bf16)
 
     @classmethod
     def parse(cls, text: str) -> Averaging:
-        """`dense`, `powersgd:<rank>` or `diloco:<H>` (ValueError names the forms)."""
+        """`dense`, `powersgd:<rank>[:int8]` or `diloco:<H>` (ValueError names the forms)."""
         mode, _, arg = text.partition(":")
+        rank, _, wire = arg.partition(":")
         try:
             if mode == "dense" and not arg:
                 return cls()
-            if mode == "powersgd" and int(arg) >= 1:
-                return cls("powersgd", rank=int(arg))
+            if mode == "powersgd" and int(rank) >= 1 and wire in ("", "int8"):
+                return cls("powersgd", rank=int(rank), int8=wire == "int8")
             if mode == "diloco" and int(arg) >= 1:
                 return cls("diloco", outer_steps=int(arg))
         except ValueError:
             pass
-        raise ValueError(f"averaging={text!r}: use dense, powersgd:<rank >= 1> or diloco:<H >= 1>")
+        raise ValueError(f"averaging={text!r}: use dense, powersgd:<rank >= 1>[:int8] or diloco:<H >= 1>")
 
     def label(self) -> str:
         """The option as `parse` reads it."""
-        return {"dense": "dense", "powersgd": f"powersgd:{self.rank}", "diloco": f"diloco:{self.outer_steps}"}[
-            self.mode]
+        return {"dense": "dense", "powersgd": f"powersgd:{self.rank}" + (":int8" if self.int8 else ""),
+                "diloco": f"diloco:{self.outer_steps}"}[self.mode]
 
 
 def stage_shapes(config: Any, spec: Any) -> tuple[list[tuple[int, int]], int]:
@@ -62,6 +67,11 @@ def stage_shapes(config: Any, spec: Any) -> tuple[list[tuple[int, int]], int]:
     return mats, vectors
 
 
+def spec_blocks(spec: Any) -> int:
+    """Transformer blocks of a stage."""
+    return int(spec.block_end - spec.block_start)
+
+
 def sync_bytes_per_step(config: Any, spec: Any, option: Averaging) -> float:
     """Bytes each replica contributes to one step's averaging (before the all-reduce's 2(r-1)/r factor)."""
     mats, vectors = stage_shapes(config, spec)
@@ -70,5 +80,9 @@ def sync_bytes_per_step(config: Any, spec: Any, option: Averaging) -> float:
         return float(dense * BYTES_PER_ELEMENT)
     if option.mode == "powersgd":
         low = sum(min(m * n, option.rank * (m + n)) for m, n in mats) + vectors
-        return float(low * BYTES_PER_ELEMENT)
+        if not option.int8:
+            return float(low * BYTES_PER_ELEMENT)
+        scales = sum(2 * option.rank if option.rank * (m + n) < m * n else 1 for m, n in mats)  # a dense matrix: 1
+        scales += 2 * spec_blocks(spec) + (1 if spec.has_lm_head else 0)  # the norm-gain vectors: one each
+        return float(low * INT8_BYTES + scales * SCALE_BYTES)
     return float(dense * BYTES_PER_ELEMENT) / option.outer_steps

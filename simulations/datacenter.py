@@ -50,7 +50,8 @@ ASSUMED_AVERAGING_SOURCE = ("no benchmarks/wan_averaging.py loss_ratio_compresse
 
 
 def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: LinkConfig, averaging: Averaging,
-            max_staleness: int | None, steps: int, seed: int, overlap: bool = False) -> WanConfig:
+            max_staleness: int | None, steps: int, seed: int, overlap: bool = False,
+            collective: str = "fastest") -> WanConfig:
     from sharding.partition import partition
 
     device = DeviceAssumption()
@@ -66,6 +67,7 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
                      bwd_bytes_per_token=float(bwd_b),
                      grad_sync_bytes=tuple(int(sync_bytes_per_step(model, s, averaging) * averaging.outer_steps)
                                            for s in specs), sync_every=averaging.outer_steps, overlap_sync=overlap,
+                     sync_collective=collective,
                      link=link, max_staleness=max_staleness if schedule == "async" else None, seed=seed,
                      warmup_steps=1 if steps > 1 else 0)
 
@@ -118,7 +120,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
         "goal_slowdown": SLOWDOWN_GOAL,
         "goal_met": slowdown <= SLOWDOWN_GOAL,
         "wan": {"schedule": schedule, "max_staleness": wan_cfg.max_staleness, "averaging": avg.label(),
-                "averaging_overlapped": overlap_averaging,
+                "averaging_overlapped": overlap_averaging, "averaging_collective": wan_cfg.sync_collective,
                 "codec": "subspace", "step_s": wan_step, "utilisation": wan.utilisation,
                 "bubble_fraction": wan.bubble_fraction, "steps_to_target": wan_steps, "time_to_target_s": wan_time,
                 "replica_bytes_per_step": [b / wan_cfg.sync_every for b in wan_cfg.grad_sync_bytes],

@@ -8,6 +8,7 @@ from typing import Literal
 
 Schedule = Literal["gpipe", "1f1b", "async"]
 SCHEDULES: tuple[Schedule, ...] = ("gpipe", "1f1b", "async")
+SYNC_COLLECTIVES = ("ring", "direct", "fastest")  # WanConfig.sync_collective values
 
 
 def _positive(owner: str, name: str, value: float) -> None:
@@ -81,6 +82,9 @@ class WanConfig:
     overlap_sync: bool = False  # averaging bytes go out on the nodes' uplinks in the background while compute goes on
     # (a DiLoCo outer step applied one round late); False: each step's share holds the stage's compute (upper bound)
     sync_chunk_bytes: int = 1 << 16  # overlap_sync: bytes per uplink hold (frames queued meanwhile go first)
+    sync_collective: str = "ring"  # how replicas average: ring (all-reduce: 2 (r - 1) / r x bytes each, 2 (r - 1)
+    # latencies), direct (each pushes its bytes to every other replica, as the node's /pmn/avg pushes: (r - 1) x bytes,
+    # one latency; fits small compressed contributions) or fastest (whichever of the two takes less time)
     frame_overhead_s: float = 0.0  # runtime seconds per forward/backward frame on a node's compute slot (framing, receipts, acks)
     step_overhead_s: float = 0.0  # fixed seconds each stage spends at every step boundary (barrier, bookkeeping)
     startup_s: float = 0.0  # seconds before the first step starts (process start, model build, connects)
@@ -125,6 +129,8 @@ class WanConfig:
                 _non_negative("WanConfig", name, v)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"WanConfig.schedule={self.schedule!r}: use one of {list(SCHEDULES)}")
+        if self.sync_collective not in SYNC_COLLECTIVES:
+            raise ValueError(f"WanConfig.sync_collective={self.sync_collective!r}: use one of {list(SYNC_COLLECTIVES)}")
         _non_negative("WanConfig", "fwd_bytes_per_token", self.fwd_bytes_per_token)
         _non_negative("WanConfig", "bwd_bytes_per_token", self.bwd_bytes_per_token)
         _non_negative("WanConfig", "speed_sigma", self.speed_sigma)

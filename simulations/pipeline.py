@@ -331,29 +331,41 @@ class PipelineSim:
         if node.alive and self.opt[node.stage] > 0:
             yield from self._compute(node, self.opt[node.stage], OPT, -1, 0)
 
-    def _ring_share(self, stage: int) -> tuple[list[_Node], float]:
-        """The live replicas of a stage and the bytes each sends per step in a ring all-reduce of its averaging
-        (2 (r - 1) / r x bytes / sync_every; 0 with fewer than 2 replicas or nothing to average)."""
+    def _sync_share(self, stage: int) -> tuple[list[_Node], float, float]:
+        """The live replicas of a stage, the bytes each sends per step of its averaging and the latencies the
+        exchange waits, per step (both 0 with fewer than 2 replicas or nothing to average): a ring all-reduce
+        sends 2 (r - 1) / r x bytes over 2 (r - 1) latencies, direct pushes (r - 1) x bytes over one (see
+        `WanConfig.sync_collective`); spread over `sync_every` steps."""
         live = [n for n in self.nodes[stage] if n.alive]
         r = len(live)
         if r < 2 or self.sync_bytes[stage] <= 0:
-            return live, 0.0
-        return live, 2.0 * (r - 1) / r * self.sync_bytes[stage] / self.cfg.sync_every
+            return live, 0.0, 0.0
+        b, every = self.sync_bytes[stage], self.cfg.sync_every
+        ring = (2.0 * (r - 1) / r * b / every, 2.0 * (r - 1) / every)
+        direct = ((r - 1) * b / every, 1.0 / every)
+        choice = {"ring": ring, "direct": direct}.get(self.cfg.sync_collective)
+        if choice is None:  # fastest
+            bw, lat = min(n.bw for n in live), self._sync_latency(stage)
+            choice = min(ring, direct, key=lambda c: c[0] / bw + c[1] * lat)
+        return live, choice[0], choice[1]
+
+    def _sync_latency(self, stage: int) -> float:
+        """One-way latency an averaging message of `stage` waits (the stage's slowest link)."""
+        return float(np.max(self.latency[min(stage, self.latency.shape[0] - 1)]))
 
     def _grad_sync_s(self, stage: int) -> float:
-        """Ring all-reduce time among the live replicas of a stage, per step."""
-        live, share = self._ring_share(stage)
+        """Averaging time among the live replicas of a stage, per step (`WanConfig.sync_collective`)."""
+        live, share, hops = self._sync_share(stage)
         if not share:
             return 0.0
-        lat = float(np.max(self.latency[min(stage, self.latency.shape[0] - 1)]))
-        return share / min(n.bw for n in live) + 2.0 * (len(live) - 1) * lat / self.cfg.sync_every
+        return share / min(n.bw for n in live) + hops * self._sync_latency(stage)
 
     def _start_overlapped_sync(self, stage: int, node: _Node | None = None) -> list[simpy.Process]:
-        """Overlapped averaging: each live replica (or just `node`, async) sends its ring all-reduce share of one
+        """Overlapped averaging: each live replica (or just `node`, async) sends its averaging share of one
         step on its uplink in `sync_chunk_bytes` pieces, in the background. An outer step may arrive one round
         late, not two: returns the sends older than `sync_every` steps that are still running, which the caller
         must wait for before its next step."""
-        live, share = self._ring_share(stage)
+        live, share, _ = self._sync_share(stage)
         if not share:
             return []
         bw = min(n.bw for n in live)

@@ -8,9 +8,9 @@ the single-replica run. A replica that lacks a step's commit or contributions pu
 peer of its stage (joining replicas catch up this way).
 
 Contributions travel in the stage's `ContributionCodec` (the spec's `replica_averaging`): dense fp32,
-or PowerSGD factors (`sharding.gradcompress`) with the error feedback kept by the replica that
-computed the microbatch. Either way a contribution is a flat vector of 4-byte words of a size fixed
-by the spec, every replica decodes the same words to the same dense gradient, and the combination
+or PowerSGD factors (`sharding.gradcompress`) in bf16 or int8 (`powersgd_bits`) with the error
+feedback kept by the replica that computed the microbatch. Either way a contribution is a flat vector
+of 4-byte words of a size fixed by the spec, every replica decodes the same words to the same dense gradient, and the combination
 (CenteredClip by choice) runs on the decoded contributions, so replicas stay identical. A pushed or
 pulled contribution of another encoding, another size or with NaN/Inf is refused and counted against
 the sender.
@@ -34,7 +34,13 @@ from node.net.gate import ProtocolGate, reset_quietly
 from node.net.host import parse_peer_addr
 from node.net.peerscore import PeerGuardConfig, PeerScores
 from protocol.aggregation import AggregationConfig, aggregate
-from sharding.gradcompress import GradCompressError, PowerSGDEncoder, PowerSGDLayout, powersgd_decode
+from sharding.gradcompress import (
+    GradCompressError,
+    PowerSGDEncoder,
+    PowerSGDLayout,
+    dequantize_int8,
+    powersgd_decode,
+)
 
 AVG_PROTOCOL = TProtocol("/pmn/avg/1.0.0")
 MAX_HEADER = 1 << 20  # bytes of one JSON message header a client accepts (a pull answer lists what it holds)
@@ -116,6 +122,7 @@ def combine(vectors: list[torch.Tensor], num_microbatches: int, method: str = "m
 # -- contribution encodings --------------------------------------------------------------------------
 
 AVERAGING_METHODS = ("dense", "powersgd")  # values of the spec's replica_averaging
+FACTOR_BITS = (16, 8)  # values of the spec's powersgd_bits: bf16 factors, or int8 codes with bf16 column scales
 
 
 def _words(values: torch.Tensor) -> torch.Tensor:
@@ -132,17 +139,22 @@ def _unwords(words: torch.Tensor, count: int) -> torch.Tensor:
 
 
 class ContributionCodec:
-    """How one stage's contributions travel: `dense` fp32 values, or `powersgd` rank-r factors in bf16.
+    """How one stage's contributions travel: `dense` fp32 values, or `powersgd` rank-r factors in bf16
+    (`bits` 16) or as int8 codes with one bf16 scale per factor column (`bits` 8).
 
     `words` is the length of a contribution's flat 4-byte-word vector (what the store holds and the
     protocol moves); `encode` is stateful (PowerSGD's error feedback and warm-started Q belong to the
     replica that computed the microbatch), `decode` and `check` are pure.
     """
 
-    def __init__(self, shapes: list[tuple[int, ...]], method: str = "dense", rank: int = 4, seed: int = 0) -> None:
+    def __init__(self, shapes: list[tuple[int, ...]], method: str = "dense", rank: int = 4, seed: int = 0,
+                 bits: int = 16) -> None:
         if method not in AVERAGING_METHODS:
             raise AveragingError(f"replica_averaging={method!r}: use one of {', '.join(AVERAGING_METHODS)}")
+        if bits not in FACTOR_BITS:
+            raise AveragingError(f"powersgd_bits={bits!r}: use one of {', '.join(map(str, FACTOR_BITS))}")
         self.method = method  # the spec's replica_averaging
+        self.bits = bits  # the spec's powersgd_bits: 16 (bf16 factors) or 8 (int8 codes + bf16 column scales)
         self.size = sum(int(torch.Size(s).numel()) for s in shapes)  # dense values (the stage's trainable params)
         self.layout: PowerSGDLayout | None = None
         self.encoder: PowerSGDEncoder | None = None
@@ -152,18 +164,22 @@ class ContributionCodec:
             except GradCompressError as exc:
                 raise AveragingError(str(exc)) from exc
             self.encoder = PowerSGDEncoder(self.layout, seed=seed, wire_dtype=torch.bfloat16)
-            self.values = self.layout.wire_size  # bf16 values of one contribution
-            self.words = (self.values + 1) // 2  # 4-byte words of one contribution
-            self.tag = f"powersgd-r{rank}-bf16"  # rides in push headers and pull answers
+            self.values = self.layout.wire_size  # factor values of one contribution
+            if bits == 8:  # int8 codes, then the bf16 scales
+                self.words = (self.values + 2 * self.layout.scale_count + 3) // 4
+                self.tag = f"powersgd-r{rank}-int8"  # rides in push headers and pull answers
+            else:
+                self.words = (self.values + 1) // 2  # bf16 values, two per word
+                self.tag = f"powersgd-r{rank}-bf16"
         else:
             self.values = self.words = self.size
             self.tag = "dense"
 
     @classmethod
     def for_module(cls, module: torch.nn.Module, method: str = "dense", rank: int = 4,
-                   seed: int = 0) -> ContributionCodec:
+                   seed: int = 0, bits: int = 16) -> ContributionCodec:
         """The codec of a stage module's trainable parameters."""
-        return cls([tuple(p.shape) for p in trainable(module)], method, rank, seed)
+        return cls([tuple(p.shape) for p in trainable(module)], method, rank, seed, bits)
 
     @property
     def compressed(self) -> bool:
@@ -177,27 +193,53 @@ class ContributionCodec:
 
     def encode(self, vec: torch.Tensor) -> torch.Tensor:
         """The words of this replica's contribution `vec` (dense: itself)."""
-        if self.encoder is None:
+        if self.encoder is None or self.layout is None:
             return vec
-        return _words(self.encoder.encode(vec.reshape(-1)))
+        if self.bits == 16:
+            return _words(self.encoder.encode(vec.reshape(-1)))
+        codes, scales = self.encoder.encode_int8(vec.reshape(-1))
+        raw = torch.cat([codes.view(torch.uint8), scales.to(torch.bfloat16).view(torch.uint8)])
+        pad = 4 * self.words - raw.numel()
+        return torch.cat([raw, torch.zeros(pad, dtype=torch.uint8)]).view(torch.float32).clone()
+
+    def _factors(self, words: torch.Tensor) -> torch.Tensor:
+        """The fp32 PowerSGD wire vector of a contribution's words (AveragingError on a wrong size, NaN/Inf)."""
+        if words.dim() != 1 or words.numel() != self.words:
+            raise AveragingError(f"{self.tag} contribution has shape {tuple(words.shape)}, expected ({self.words},)")
+        assert self.layout is not None
+        if self.bits == 16:
+            values = _unwords(words, self.values)
+            if not bool(torch.isfinite(values).all()):
+                bad = int((~torch.isfinite(values)).sum())
+                raise AveragingError(f"{self.tag} contribution holds {bad} non-finite value(s) (NaN/Inf)")
+            return values
+        raw = words.contiguous().view(torch.uint8)
+        n, k = self.values, self.layout.scale_count
+        codes = raw[:n].view(torch.int8)
+        scales = raw[n: n + 2 * k].clone().view(torch.bfloat16).to(torch.float32)
+        try:
+            return dequantize_int8(self.layout, codes, scales)
+        except GradCompressError as exc:
+            raise AveragingError(f"{self.tag} contribution: {exc}") from exc
 
     def check(self, words: torch.Tensor) -> None:
         """AveragingError unless `words` is one contribution of this encoding holding only finite values."""
-        if words.dim() != 1 or words.numel() != self.words:
-            raise AveragingError(f"{self.tag} contribution has shape {tuple(words.shape)}, expected ({self.words},)")
-        values = words if self.encoder is None else _unwords(words, self.values)
-        if not bool(torch.isfinite(values).all()):
-            bad = int((~torch.isfinite(values)).sum())
-            raise AveragingError(f"{self.tag} contribution holds {bad} non-finite value(s) (NaN/Inf)")
+        if self.layout is None:
+            if words.dim() != 1 or words.numel() != self.words:
+                raise AveragingError(f"{self.tag} contribution has shape {tuple(words.shape)}, "
+                                     f"expected ({self.words},)")
+            if not bool(torch.isfinite(words).all()):
+                bad = int((~torch.isfinite(words)).sum())
+                raise AveragingError(f"{self.tag} contribution holds {bad} non-finite value(s) (NaN/Inf)")
+            return
+        self._factors(words)
 
     def decode(self, words: torch.Tensor) -> torch.Tensor:
         """Dense fp32 gradient of a contribution (AveragingError on a wrong size or NaN/Inf factors)."""
         if self.layout is None:
             return words
-        if words.numel() != self.words:
-            raise AveragingError(f"{self.tag} contribution has {words.numel()} words, expected {self.words}")
         try:
-            return powersgd_decode(self.layout, _unwords(words, self.values))
+            return powersgd_decode(self.layout, self._factors(words))
         except GradCompressError as exc:
             raise AveragingError(str(exc)) from exc
 

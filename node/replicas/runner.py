@@ -270,7 +270,8 @@ class ReplicatedRunner:
             self._restore = None
             worker = await trio.to_thread.run_sync(ctx.build_worker, stage, restore)
             ctx.worker = worker
-            codec = ContributionCodec.for_module(worker.module, r.replica_averaging, r.powersgd_rank, seed=stage)
+            codec = ContributionCodec.for_module(worker.module, r.replica_averaging, r.powersgd_rank, seed=stage,
+                                                 bits=r.powersgd_bits)
             store = ContributionStore(codec.words, codec)  # contributions in the spec's replica_averaging encoding
             endpoint = ActEndpoint(
                 ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),

@@ -33,3 +33,16 @@ def test_unknown_method_or_missing_baseline_is_refused() -> None:
         proc = _run("--steps", "2", "--methods", methods)
         assert proc.returncode != 0
         assert f"--methods '{methods}'" in proc.stderr and "dense (required" in proc.stderr
+
+
+def test_int8_powersgd_sends_about_half_of_bf16_at_the_same_rank() -> None:
+    proc = _run("--steps", "3", "--methods", "dense,powersgd,powersgd-int8")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {(r["method"], r.get("rank"), r.get("bits")): r for r in json.loads(proc.stdout.strip().splitlines()[-1])["runs"]}
+    assert set(runs) == {("dense", None, None), ("powersgd", 2, 16), ("powersgd", 4, 16), ("powersgd", 4, 8),
+                         ("powersgd", 8, 8)}
+    bf16, int8 = runs[("powersgd", 4, 16)], runs[("powersgd", 4, 8)]
+    # 1 byte a factor value plus a 2-byte scale per column, against 2 bytes a value
+    assert 1.8 * bf16["compression"] < int8["compression"] < 2 * bf16["compression"]
+    assert int8["val_loss"] != bf16["val_loss"]  # the rounding changes what is applied
+    assert "powersgd r4 int8" in proc.stdout

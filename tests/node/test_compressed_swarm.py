@@ -1,6 +1,7 @@
-"""PowerSGD replica averaging in a replicated swarm of real node processes on 127.0.0.1: every step applies
-each microbatch exactly once, the two replicas of the middle stage end bit-identical, and their averaging
-traffic is the compressed size."""
+"""PowerSGD replica averaging (rank 2, int8 factors: the encoding with the most steps between the gradient and
+what a replica applies) in a replicated swarm of real node processes on 127.0.0.1: every step applies each
+microbatch exactly once, the two replicas of the middle stage end bit-identical, and their averaging traffic
+is the compressed size. bf16 factors share all of this but the codec, tested in test_compressed_averaging."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ STEPS = 6
 def test_powersgd_swarm_applies_every_microbatch_once_and_keeps_replicas_identical(tmp_path) -> None:
     # the head waits up to 120 s for the middle replicas to come up (processes start slowly on a busy machine)
     nodes = launch(tmp_path, [0, 1, 1, 2], STEPS, common=["--replica-averaging", "powersgd", "--powersgd-rank", "2",
-                                                          "--no-replica-timeout", "120"])
+                                                          "--powersgd-bits", "8", "--no-replica-timeout", "120"])
     try:
         codes = wait_nodes(nodes, 360)
     finally:
@@ -46,7 +47,7 @@ def test_powersgd_swarm_applies_every_microbatch_once_and_keeps_replicas_identic
     # before it, and a pull answered after the last record is not in it): the servers moved at least one
     # step of compressed contributions, and all of it far below one dense contribution per microbatch.
     codec = ContributionCodec.for_module(build_stage(PRESETS["tiny"], partition(PRESETS["tiny"], 3)[1]),
-                                         "powersgd", 2)
+                                         "powersgd", 2, bits=8)
     crossed = sum(len(r["applied"]) - len(r["mine"]) for n in (mid_a, mid_b) for r in records(n).values())
     assert crossed >= M, "the replicas never exchanged a contribution"
     moved = sum(records(n)[STEPS - 1]["avg_wire_bytes"] for n in (mid_a, mid_b))

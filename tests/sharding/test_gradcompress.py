@@ -11,7 +11,9 @@ from sharding.gradcompress import (
     PowerSGDEncoder,
     PowerSGDLayout,
     TopKEncoder,
+    dequantize_int8,
     powersgd_decode,
+    quantize_int8,
     topk_decode,
 )
 
@@ -73,6 +75,63 @@ def test_decode_refuses_wrong_sizes_and_nan_in_a_factor() -> None:
         w[5] = bad  # inside P of the first matrix
         with pytest.raises(GradCompressError, match="non-finite"):
             powersgd_decode(lay, w)
+
+
+def test_int8_codes_scale_each_factor_column_and_round_trip_within_half_a_step() -> None:
+    lay = PowerSGDLayout.build(SHAPES, 2)
+    assert lay.scale_count == 2 * 2 + 1 + 2 * 2 + 1  # P and Q columns of the 2 matrices, one per dense entry
+    wire = PowerSGDEncoder(lay, seed=1).encode(torch.randn(lay.size, generator=torch.Generator().manual_seed(5)))
+    wire[:32 * 2].view(32, 2)[:, 1] *= 1000.0  # one column of P far larger than the rest: its own scale
+    codes, scales = quantize_int8(lay, wire)
+    assert codes.dtype == torch.int8 and codes.shape == (lay.wire_size,) and scales.shape == (lay.scale_count,)
+    assert int(codes.abs().max()) == 127 and int(codes.min()) >= -127
+    assert torch.equal(scales, scales.to(torch.bfloat16).float())  # the scales travel in bf16 exactly
+    back = dequantize_int8(lay, codes, scales)
+    for block, orig in zip(lay.blocks(back), lay.blocks(wire.clone()), strict=True):
+        step = block.abs().amax(0) / 127  # one code of this column
+        assert bool(((block - orig).abs() <= 0.51 * step + 1e-12).all())  # each value within half a code
+    zero = torch.zeros(lay.wire_size)
+    zc, zs = quantize_int8(lay, zero)
+    assert not zc.any() and not zs.any() and not dequantize_int8(lay, zc, zs).any()  # an all-zero column
+
+
+def test_int8_error_feedback_carries_the_rounding_to_later_contributions() -> None:
+    lay = PowerSGDLayout.build(SHAPES, 1)
+    g = torch.Generator().manual_seed(6)
+    enc = PowerSGDEncoder(lay, seed=0)
+    sent = torch.zeros(lay.size)
+    total = torch.zeros(lay.size)
+    for _ in range(20):
+        grad = torch.randn(lay.size, generator=g)
+        total += grad
+        sent += powersgd_decode(lay, dequantize_int8(lay, *enc.encode_int8(grad)))
+    assert torch.allclose(sent + enc.error, total, atol=1e-3)
+    # a vector entry (dense in PowerSGD) is only rounded: its error is about half a code (gradients ~ 1, codes ~ 0.03)
+    assert float(enc.error[32 * 48: 32 * 48 + 48].abs().max()) < 0.05
+
+
+def test_int8_decode_refuses_bad_codes_and_scales() -> None:
+    lay = PowerSGDLayout.build(SHAPES, 2)
+    codes, scales = quantize_int8(lay, PowerSGDEncoder(lay).encode(torch.randn(lay.size)))
+    with pytest.raises(GradCompressError, match="expected"):
+        dequantize_int8(lay, codes[:-1], scales)
+    with pytest.raises(GradCompressError, match="int8"):
+        dequantize_int8(lay, codes.to(torch.int16), scales)
+    with pytest.raises(GradCompressError, match="expected"):
+        dequantize_int8(PowerSGDLayout.build(SHAPES, 3), codes, scales)  # a rank-2 contribution, rank-3 layout
+    for bad, why in ((float("nan"), "non-finite"), (float("inf"), "non-finite"), (-1.0, "negative")):
+        s = scales.clone()
+        s[2] = bad
+        with pytest.raises(GradCompressError, match=why):
+            dequantize_int8(lay, codes, s)
+    c = codes.clone()
+    c[0] = -128
+    with pytest.raises(GradCompressError, match="-128"):
+        dequantize_int8(lay, c, scales)
+    w = PowerSGDEncoder(lay).encode(torch.randn(lay.size))
+    w[3] = float("nan")
+    with pytest.raises(GradCompressError, match="non-finite"):
+        quantize_int8(lay, w)
 
 
 def test_topk_keeps_the_largest_with_error_feedback_and_refuses_bad_indices() -> None:

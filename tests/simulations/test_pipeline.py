@@ -127,6 +127,7 @@ def test_run_bound_raises_deadlock_error() -> None:
         ({"link": LinkConfig(bandwidth_mbps=0.0)}, "bandwidth_mbps"),
         ({"churn": ChurnConfig(mean_uptime_s=-1.0)}, "mean_uptime_s"),
         ({"seed": -1}, "seed"),
+        ({"sync_collective": "tree"}, "sync_collective"),
     ],
 )
 def test_bad_config_names_the_field(kw: dict[str, object], field: str) -> None:
@@ -164,3 +165,24 @@ def test_overlapped_averaging_waits_when_a_round_would_arrive_two_late() -> None
 def test_sync_chunk_bytes_is_validated() -> None:
     with pytest.raises(ValueError, match="sync_chunk_bytes"):
         _replicated(sync_chunk_bytes=0).validate()
+
+
+def _fanned(collective: str, sync_bytes: int) -> WanConfig:
+    """1 stage x 8 replicas, 1F1B, 1 MB/s uplinks, 100 ms one-way: only the averaging differs between runs."""
+    return _cfg(num_stages=1, fwd_s=(1.0,), bwd_s=(2.0,), replicas=8, microbatches=8, steps=4,
+                link=LinkConfig(bandwidth_mbps=8.0, latency_ms=100.0), grad_sync_bytes=(sync_bytes,),
+                sync_collective=collective)
+
+
+def test_direct_pushes_trade_bytes_for_latency_and_fastest_takes_the_better() -> None:
+    """8 replicas: a ring sends 2 x 7/8 of the bytes over 14 latencies, direct pushes send 7 x the bytes over
+    one. 10 kB (compressed factors): direct wins by the latencies; 10 MB (dense): the ring wins by the bytes."""
+    for sync_bytes, winner in ((10_000, "direct"), (10_000_000, "ring")):
+        t = {c: simulate(_fanned(c, sync_bytes)).sim_time_s for c in ("ring", "direct", "fastest")}
+        loser = "ring" if winner == "direct" else "direct"
+        assert t[winner] < t[loser]
+        assert t["fastest"] == pytest.approx(t[winner])
+    # 4 steps of 10 kB direct: 7 x 10 kB at 1 MB/s (0.07 s) plus 0.1 s a step; the ring: 0.0175 s plus 1.4 s
+    none = simulate(_fanned("ring", 0)).sim_time_s
+    assert simulate(_fanned("direct", 10_000)).sim_time_s - none == pytest.approx(4 * 0.17, rel=0.05)
+    assert simulate(_fanned("ring", 10_000)).sim_time_s - none == pytest.approx(4 * 1.4175, rel=0.05)
