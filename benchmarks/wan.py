@@ -263,7 +263,7 @@ def loss_ratio(model: ModelConfig, staleness: int, steps: int, microbatches: int
             "loss_steps": steps}
 
 
-def _averaging(steps: int, model: str) -> dict[str, Any]:
+def _averaging(steps: int, model: str, rank: int, bits: int, lr: float) -> dict[str, Any]:
     """benchmarks/wan_averaging.py's dense vs PowerSGD comparison (loaded from beside this script)."""
     import importlib.util
 
@@ -271,7 +271,7 @@ def _averaging(steps: int, model: str) -> dict[str, Any]:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    result: dict[str, Any] = module.compare_averaging(steps=steps, model=model)
+    result: dict[str, Any] = module.compare_averaging(steps=steps, rank=rank, model=model, bits=bits, lr=lr)
     return result
 
 
@@ -289,7 +289,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (the recipe's lr)")
     p.add_argument("--corpus", default="stdlib", help="sharding.load_corpus source")
     p.add_argument("--averaging-steps", type=int, default=None,
-                   help="steps of the dense vs PowerSGD replica comparison (default 40, quick 10; 0 skips it)")
+                   help="steps of the dense vs PowerSGD replica comparison (default 150, quick 10; 0 skips it)")
+    p.add_argument("--averaging-rank", type=int, default=8, help="PowerSGD rank of the replica comparison")
+    p.add_argument("--averaging-bits", type=int, choices=(16, 8), default=8,
+                   help="PowerSGD factors of the replica comparison: 16 (bf16) or 8 (int8)")
     p.add_argument("--averaging-model", default="wide", help="wan_averaging model: wide (d 256) or tiny")
     a = p.parse_args(argv)
     steps = a.steps or (5 if a.quick else 12)
@@ -310,10 +313,12 @@ def main(argv: list[str] | None = None) -> None:
             print(f"{schedule}: utilisation {r['utilisation']:.3f} (stage {r['busiest_stage']}), "
                   f"{r['tokens_per_s']:.0f} tokens/s", flush=True)
     losses = loss_ratio(BENCH_MODEL, a.max_staleness, loss_steps, a.microbatches, a.microbatch_size, a.lr, a.corpus)
-    avg_steps = a.averaging_steps if a.averaging_steps is not None else (10 if a.quick else 40)
-    averaging = _averaging(avg_steps, a.averaging_model) if avg_steps > 0 else None
+    avg_steps = a.averaging_steps if a.averaging_steps is not None else (10 if a.quick else 150)
+    averaging = _averaging(avg_steps, a.averaging_model, a.averaging_rank, a.averaging_bits, a.lr) \
+        if avg_steps > 0 else None
     if averaging is not None:
-        print(f"replica averaging ({avg_steps} steps, {a.averaging_model} model): dense vs PowerSGD bytes per step "
+        print(f"replica averaging ({avg_steps} steps, {a.averaging_model} model, lr {a.lr:g}): dense vs PowerSGD "
+              f"r{a.averaging_rank} {'int8' if a.averaging_bits == 8 else 'bf16'}: bytes per step "
               f"{averaging['replica_compression']:.1f}x less, val loss ratio {averaging['loss_ratio_compressed_avg']:.4f}")
     print(f"model d={BENCH_MODEL.d_model} L={BENCH_MODEL.n_layers} T={BENCH_MODEL.seq_len}, 3 stages x 1 node, "
           f"{a.microbatches}x{a.microbatch_size} microbatches, {steps} steps, netem {a.delay_ms:g} ms / "
@@ -336,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         "replica_compression": None if averaging is None else round(averaging["replica_compression"], 2),
         "loss_ratio_async": round(losses["loss_ratio_async"], 4),
         "loss_ratio_compressed_avg": None if averaging is None else round(averaging["loss_ratio_compressed_avg"], 4),
+        "averaging": None if averaging is None else {"steps": avg_steps, "model": a.averaging_model,
+                                                     "rank": a.averaging_rank, "bits": a.averaging_bits},
         "val_loss": {"gpipe": round(losses["val_loss_gpipe"], 4), "async": round(losses["val_loss_async"], 4),
                      "steps": loss_steps},
         "goal_utilisation_async": 0.9,
