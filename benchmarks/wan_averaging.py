@@ -7,15 +7,25 @@ included), the validation loss of the final model (every stage's shutdown checkp
 validation batches) and whether the replicas of a stage ended bit-identical.
 
 `--math` instead compares the methods of `sharding.gradcompress` in one process (2 simulated replicas
-of the whole tiny model, 4 microbatches per step): dense, PowerSGD (rank r, bf16 factors), top-k and
+of the whole model, 4 microbatches per step): dense, PowerSGD (rank r, bf16 or int8 factors), top-k and
 DiLoCo (H inner steps, outer Nesterov), loss at equal tokens against bytes.
 
-    python benchmarks/wan_averaging.py [--quick] [--steps N] [--rank R] [--model wide|tiny] [--math]
+    python benchmarks/wan_averaging.py [--quick] [--steps N] [--rank R] [--bits 16|8] [--lr LR] [--model wide|tiny]
+    python benchmarks/wan_averaging.py --math [--steps N] [--model tiny|wide] [--methods ...] [--seed S]
 
-Measured here (2 loaded cores, 40 steps = 20,480 tokens, rank 4): wide (d_model 256) 88.3x less replica
-traffic at a validation loss ratio of 1.40; tiny 21.2x at 1.030. The goal (>= 50x within 2 %) is not met
-by PowerSGD at this training length; see the report of branch `avg` for the in-process comparison
-(DiLoCo H=10 on the wide model: 40x at 0.998).
+Measured here (session 15, 2 cores), the swarm, wide model (d 256), 150 steps = 76,800 tokens, lr 1e-3:
+dense 26.30 MB per step at validation loss 1.3140; PowerSGD rank 8 with int8 factors (`--rank 8 --bits 8`)
+370.9 kB per step at 1.3297: 70.9x less replica traffic at a loss ratio of 1.012 (the two arms ran as two
+`run_swarm` calls with these settings). Dense contributions travel fp32, so against a bf16 dense exchange
+the same run is about 35x. A first try of the int8 arm, with other runs on the machine, stopped with one
+node short of one step record; its files went with it, so the cause is not known. The swarm now needs each
+step recorded by one replica of every stage and reports what each node lacks (`steps_fetched_by_node`).
+`--math`, same model and lr, one process: rank 8 int8 (90.2x) at 1.017 and 1.003 over dense for seeds 0 and 1
+(150 steps) and 1.0005 at 600 steps (seed 0); rank 4 bf16, the same bytes, 1.035 and 1.025 (150 steps);
+rank 4 int8 (175x) 1.039 / 1.024 (150 steps) and 1.024 (600 steps); rank 6 int8 (119x) 1.012 (seed 1, 150).
+At lr 3e-3 the wide model's dense run is worse (1.450 against 1.314 at 150 steps), so the figures use 1e-3.
+On the tiny model (d 64) rank 4 int8 is 45x at 1.014 (600 steps), rank 3 int8 59x at 1.031: narrow
+matrices leave little to compress. DiLoCo H 25 (100x): 1.020 at 150 steps, 1.043 at 600 (tiny).
 
 The last line is one JSON object (`replica_compression` = dense bytes / compressed bytes per step,
 `loss_ratio_compressed_avg` = compressed / dense validation loss). `compare_averaging()` is the

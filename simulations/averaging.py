@@ -8,8 +8,10 @@
   the simulator runs the dense exchange with `WanConfig.sync_every = H`).
 
 Exchange cost is a ring all-reduce of those bytes among the stage's replicas, or direct pushes to every other
-replica (`WanConfig.sync_collective`, `pipeline._grad_sync_s`), holding the stage's compute, or with `WanConfig.overlap_sync` sent on the uplinks in the background (an outer step
-applied one round late, measured by `benchmarks/wan_averaging.py --math`'s diloco-delayed run).
+replica (`WanConfig.sync_collective`, `pipeline._grad_sync_s`), holding the stage's compute; or sent on the
+uplinks in the background: with `WanConfig.overlap_sync` an outer step applied one round late (measured by
+`benchmarks/wan_averaging.py --math`'s diloco-delayed run), with `WanConfig.sync_push` each microbatch's share
+pushed after its backward and the step's update waiting for the last (the node's PowerSGD exchange).
 """
 
 from __future__ import annotations

@@ -11,7 +11,10 @@ averaging), each from a measurement where one exists and labelled assumed otherw
 
 `--overlap-averaging` sends DiLoCo's outer exchange on the WAN nodes' uplinks while they compute (the outer
 step then lands one round late: `benchmarks/wan_averaging.py --math` measures that variant, diloco-delayed)
-instead of holding their compute for it. `--async-loss-ratio` / `--averaging-loss-ratio` are what-ifs: loss
+instead of holding their compute for it; with PowerSGD it runs the node's own exchange: each microbatch's
+factors pushed to every other replica right after its backward, behind frames, the update waiting for the
+last (`WanConfig.sync_push`). Without it averaging holds compute, over the faster of a ring all-reduce and
+direct pushes. `--async-loss-ratio` / `--averaging-loss-ratio` are what-ifs: loss
 penalties the caller gives instead of the calibration file's, labelled "given by the caller" in the output.
 """
 
@@ -51,7 +54,7 @@ ASSUMED_AVERAGING_SOURCE = ("no benchmarks/wan_averaging.py loss_ratio_compresse
 
 def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: LinkConfig, averaging: Averaging,
             max_staleness: int | None, steps: int, seed: int, overlap: bool = False,
-            collective: str = "fastest") -> WanConfig:
+            collective: str = "fastest", push: bool = False) -> WanConfig:
     from sharding.partition import partition
 
     device = DeviceAssumption()
@@ -67,7 +70,7 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
                      bwd_bytes_per_token=float(bwd_b),
                      grad_sync_bytes=tuple(int(sync_bytes_per_step(model, s, averaging) * averaging.outer_steps)
                                            for s in specs), sync_every=averaging.outer_steps, overlap_sync=overlap,
-                     sync_collective=collective,
+                     sync_collective=collective, sync_push=push,
                      link=link, max_staleness=max_staleness if schedule == "async" else None, seed=seed,
                      warmup_steps=1 if steps > 1 else 0)
 
@@ -79,17 +82,18 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     """Time to the target loss on home links over the same on 100 Gb/s; `slowdown_vs_datacenter` and its inputs.
 
     overlap_averaging: the WAN replicas' averaging goes out on their uplinks while they compute (a DiLoCo outer step
-    applied one round late) instead of holding their compute. async_loss_ratio / averaging_loss_ratio: loss penalties
+    applied one round late; PowerSGD factors pushed during the step) instead of holding their compute. async_loss_ratio / averaging_loss_ratio: loss penalties
     at equal tokens given by the caller (what-ifs; labelled so in the output) instead of the calibration file's."""
     avg = Averaging.parse(averaging)
     for name, value in (("async_loss_ratio", async_loss_ratio), ("averaging_loss_ratio", averaging_loss_ratio)):
         if value is not None and not (math.isfinite(value) and value > 0):
             raise ValueError(f"{name}={value!r}: must be a positive finite loss ratio (e.g. 1.014)")
-    if overlap_averaging and avg.mode != "diloco":
-        raise ValueError(f"overlap_averaging needs averaging=diloco:<H> (an outer step can arrive a round late; "
-                         f"{avg.label()} gradients are needed before the step they update)")
+    if overlap_averaging and avg.mode == "dense":
+        raise ValueError("overlap_averaging needs averaging=diloco:<H> (an outer step a round late) or "
+                         "powersgd:<R> (factors pushed during the step); dense gradients are a ring all-reduce here")
+    push = overlap_averaging and avg.mode == "powersgd"
     wan_cfg = _config(calibration, "subspace", schedule, WAN_LINK, avg, max_staleness, steps, seed,
-                      overlap=overlap_averaging)
+                      overlap=overlap_averaging and not push, collective="direct" if push else "fastest", push=push)
     dc_cfg = _config(calibration, "dense", "1f1b", DATACENTER_LINK, Averaging(), None, steps, seed)
     wan, dc = simulate(wan_cfg), simulate(dc_cfg)
     wan_step = wan_cfg.tokens_per_step / (wan.steady_tokens_per_s or wan.tokens_per_s)

@@ -82,6 +82,9 @@ class WanConfig:
     overlap_sync: bool = False  # averaging bytes go out on the nodes' uplinks in the background while compute goes on
     # (a DiLoCo outer step applied one round late); False: each step's share holds the stage's compute (upper bound)
     sync_chunk_bytes: int = 1 << 16  # overlap_sync: bytes per uplink hold (frames queued meanwhile go first)
+    sync_push: bool = False  # the node's per-microbatch pushes (sync_every 1, sync_collective direct): each backward's
+    # share of the step's averaging goes out on the uplink right after it, behind frames, and the step's update waits
+    # for the last share to arrive (a gradient is needed by the step it updates: PowerSGD, dense), not holding compute
     sync_collective: str = "ring"  # how replicas average: ring (all-reduce: 2 (r - 1) / r x bytes each, 2 (r - 1)
     # latencies), direct (each pushes its bytes to every other replica, as the node's /pmn/avg pushes: (r - 1) x bytes,
     # one latency; fits small compressed contributions) or fastest (whichever of the two takes less time)
@@ -131,6 +134,10 @@ class WanConfig:
             raise ValueError(f"WanConfig.schedule={self.schedule!r}: use one of {list(SCHEDULES)}")
         if self.sync_collective not in SYNC_COLLECTIVES:
             raise ValueError(f"WanConfig.sync_collective={self.sync_collective!r}: use one of {list(SYNC_COLLECTIVES)}")
+        if self.sync_push and (self.overlap_sync or self.sync_every != 1 or self.sync_collective != "direct"):
+            raise ValueError(f"WanConfig.sync_push needs sync_every = 1, sync_collective = 'direct' and no overlap_sync "
+                             f"(got {self.sync_every}, {self.sync_collective!r}, {self.overlap_sync}): pushes carry one "
+                             f"step's gradients to every replica")
         _non_negative("WanConfig", "fwd_bytes_per_token", self.fwd_bytes_per_token)
         _non_negative("WanConfig", "bwd_bytes_per_token", self.bwd_bytes_per_token)
         _non_negative("WanConfig", "speed_sigma", self.speed_sigma)

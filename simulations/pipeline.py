@@ -153,6 +153,8 @@ class _Node:
         self.routed = 0  # microbatches ever routed here (tie-breaker)
         self.bwd_since_opt = 0  # async: backward passes since this node's last optimizer step
         self.syncs: list[simpy.Process] = []  # overlapped averaging: this node's background sends, oldest first
+        self.pushes: list[simpy.Process] = []  # sync_push: this step's per-microbatch sends so far
+        self.arrival: simpy.Process | None = None  # sync_push, async: the last step's pushes arriving
 
 
 class PipelineSim:
@@ -302,6 +304,8 @@ class PipelineSim:
                 if self.gated:
                     gnode, greq = gates.pop()
                     gnode.gate.release(greq)
+                if cfg.sync_push:
+                    self._push_share(node)
                 if cfg.schedule == "async":
                     self._maybe_async_opt(node)
                 if s > 0:
@@ -377,6 +381,23 @@ class PipelineSim:
                 late.append(n.syncs[0])
         return late
 
+    def _push_share(self, node: _Node) -> None:
+        """sync_push: one backward's share of the node's averaging bytes leaves on its uplink, behind frames."""
+        live, share, _ = self._sync_share(node.stage)
+        if share and node.alive:
+            per_node = -(-self.cfg.microbatches // len(live))  # microbatches a replica computes per step
+            bw = min(n.bw for n in live)
+            node.pushes.append(self.env.process(self._background_send(node, share / per_node, bw)))
+
+    def _pushed(self, nodes: list[_Node]) -> Generator[simpy.Event, Any, None]:
+        """sync_push: wait until the step's pushes of `nodes` are out and one latency later have arrived."""
+        sends = [p for n in nodes for p in n.pushes]
+        for n in nodes:
+            n.pushes = []
+        if sends:
+            yield self.env.all_of(sends)
+            yield self.env.timeout(self._sync_latency(nodes[0].stage))
+
     def _background_send(self, node: _Node, nbytes: float, bw: float) -> Generator[simpy.Event, Any, None]:
         left = nbytes
         while left > 0 and node.alive and not self.finished:
@@ -388,6 +409,11 @@ class PipelineSim:
             left -= chunk
 
     def _stage_step_end(self, stage: int) -> Generator[simpy.Event, Any, None]:
+        if self.cfg.sync_push:  # the update needs every replica's pushed contributions
+            yield from self._pushed(self.nodes[stage])
+            yield self.env.all_of([self.env.process(self._opt_node(n)) for n in self.nodes[stage]])
+            yield self.env.timeout(self.cfg.step_overhead_s)
+            return
         yield self.env.all_of([self.env.process(self._opt_node(n)) for n in self.nodes[stage]])
         if self.cfg.overlap_sync:
             late = self._start_overlapped_sync(stage)
@@ -407,7 +433,16 @@ class PipelineSim:
     def _async_step_end(self, node: _Node) -> Generator[simpy.Event, Any, None]:
         """Async: the node's optimiser step, then its share of the stage's averaging: holding its compute slot (not
         overlapped with compute: an upper bound on what averaging costs), or on its uplink in the background
-        (`overlap_sync`)."""
+        (`overlap_sync`). sync_push: the update waits for the step's pushes, off the compute slot; an update still
+        waiting when the next is due holds the compute slot until it is done (updates lag at most one step)."""
+        if self.cfg.sync_push:
+            behind, node.arrival = node.arrival, self.env.process(self._pushed([node]))
+            self.env.process(self._update_on(node.arrival, node))
+            if behind is not None and not behind.triggered and node.alive:  # a step's pushes still out: wait
+                with node.compute.request(priority=_PRIO[OPT]) as req:
+                    yield req
+                    yield behind
+            return
         yield from self._opt_node(node)
         if self.cfg.overlap_sync:
             late = self._start_overlapped_sync(node.stage, node)
@@ -421,6 +456,10 @@ class PipelineSim:
             with node.compute.request(priority=_PRIO[OPT]) as req:
                 yield req
                 yield self.env.timeout(sync)
+
+    def _update_on(self, arrival: simpy.Process, node: _Node) -> Generator[simpy.Event, Any, None]:
+        yield arrival
+        yield from self._opt_node(node)
 
     def _churn(self, node: _Node) -> Generator[simpy.Event, Any, None]:
         churn = self.cfg.churn

@@ -136,9 +136,11 @@ def test_bad_config_names_the_field(kw: dict[str, object], field: str) -> None:
 
 
 def _replicated(**kw: object) -> WanConfig:
-    """2 stages x 2 replicas, async, 1 MB/s uplinks, no latency: 4 microbatches of 3 s per node and step."""
+    """2 stages x 2 replicas, async (unless kw says otherwise), 1 MB/s uplinks, no latency: 4 microbatches of
+    3 s per node and step."""
+    base: dict[str, object] = {"schedule": "async", "max_staleness": 1}
     return _cfg(num_stages=2, fwd_s=(1.0,) * 2, bwd_s=(2.0,) * 2, replicas=2, microbatches=8, steps=6,
-                schedule="async", max_staleness=1, link=LinkConfig(bandwidth_mbps=8.0, latency_ms=0.0), **kw)
+                link=LinkConfig(bandwidth_mbps=8.0, latency_ms=0.0), **{**base, **kw})
 
 
 def test_overlapped_averaging_leaves_compute_alone_while_the_uplink_keeps_up() -> None:
@@ -186,3 +188,26 @@ def test_direct_pushes_trade_bytes_for_latency_and_fastest_takes_the_better() ->
     none = simulate(_fanned("ring", 0)).sim_time_s
     assert simulate(_fanned("direct", 10_000)).sim_time_s - none == pytest.approx(4 * 0.17, rel=0.05)
     assert simulate(_fanned("ring", 10_000)).sim_time_s - none == pytest.approx(4 * 1.4175, rel=0.05)
+
+
+def test_pushed_contributions_hide_behind_compute_and_the_update_waits_for_them() -> None:
+    """sync_push, 2 replicas, 1 MB per step: each of a node's 4 backwards pushes 250 kB to the other replica
+    behind its frames, so while the uplink keeps up the step costs what it costs without averaging; 30 MB a
+    step (30 s of uplink against 12 s of compute) cannot hide, and the updates wait for the pushes."""
+    none = simulate(_replicated())
+    held = simulate(_replicated(grad_sync_bytes=(1_000_000,) * 2, sync_collective="direct"))
+    pushed = simulate(_replicated(grad_sync_bytes=(1_000_000,) * 2, sync_collective="direct", sync_push=True))
+    assert held.sim_time_s > none.sim_time_s + 4.0
+    assert pushed.sim_time_s == pytest.approx(none.sim_time_s, rel=0.02)
+    assert 4 * 5 * 1_000_000 <= pushed.bytes_sent - none.bytes_sent <= 4 * 6 * 1_000_000
+    slow = simulate(_replicated(grad_sync_bytes=(30_000_000,) * 2, sync_collective="direct", sync_push=True))
+    assert slow.sim_time_s > none.sim_time_s + 4 * 15.0
+    for sync in ("gpipe", "1f1b"):  # the flushed schedules: the stage's update after every replica's pushes
+        cfg = {"schedule": sync, "max_staleness": None, "sync_collective": "direct"}
+        base = simulate(_replicated(**cfg))
+        pushed_sync = simulate(_replicated(grad_sync_bytes=(30_000_000,) * 2, sync_push=True, **cfg))
+        assert pushed_sync.sim_time_s > base.sim_time_s + 5 * 20.0  # 30 s of uplink a step against 12 s of compute
+    for bad in ({"sync_collective": "ring"}, {"overlap_sync": True, "sync_collective": "direct"},
+                {"sync_every": 2, "sync_collective": "direct"}):
+        with pytest.raises(ValueError, match="sync_push"):
+            _replicated(sync_push=True, **bad).validate()
