@@ -48,8 +48,8 @@ ASSUMED_ASYNC_LOSS_RATIO = 1.0
 ASSUMED_ASYNC_SOURCE = ("none measured at this scale; the local benchmark's ratio (benchmarks/wan.py "
                         "loss_ratio_async) is used when recorded in the calibration file")
 ASSUMED_AVERAGING_LOSS_RATIO = {"dense": 1.0, "powersgd": 1.0, "diloco": 1.0}
-ASSUMED_AVERAGING_SOURCE = ("no benchmarks/wan_averaging.py loss_ratio_compressed_avg recorded in the calibration "
-                            "file: no penalty assumed (optimistic)")
+ASSUMED_AVERAGING_SOURCE = ("no loss ratio of this averaging method recorded in the calibration file (benchmarks/wan.py "
+                            "measures PowerSGD's): no penalty assumed (optimistic)")
 
 
 def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: LinkConfig, averaging: Averaging,
@@ -107,9 +107,12 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     if schedule != "async":
         async_ratio, async_source = 1.0, "synchronous schedule: exact"
     avg_ratio, avg_source = ASSUMED_AVERAGING_LOSS_RATIO[avg.mode], ASSUMED_AVERAGING_SOURCE
-    if avg.mode != "dense" and bench.get("loss_ratio_compressed_avg") is not None:
-        avg_ratio = float(bench["loss_ratio_compressed_avg"])
-        avg_source = "measured: benchmarks/wan_averaging.py loss_ratio_compressed_avg"
+    measured = bench.get("averaging") if isinstance(bench.get("averaging"), dict) else {}
+    if avg.mode == "powersgd" and bench.get("loss_ratio_compressed_avg") is not None and measured:
+        avg_ratio = float(bench["loss_ratio_compressed_avg"])  # PowerSGD's, whatever rank it was measured at
+        avg_source = (f"measured: benchmarks/wan.py loss_ratio_compressed_avg (PowerSGD rank {measured.get('rank')}, "
+                      f"{'int8' if measured.get('bits') == 8 else 'bf16'} factors, {measured.get('model')} model, "
+                      f"{measured.get('steps')} steps)")
     if schedule == "async" and async_loss_ratio is not None:
         async_ratio, async_source = async_loss_ratio, "given by the caller (--async-loss-ratio)"
     if averaging_loss_ratio is not None:

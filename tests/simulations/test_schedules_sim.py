@@ -117,3 +117,22 @@ def test_calibration_recovers_a_known_overhead_and_predicts_held_out_schedules()
     assert out["max_held_out_error"] < 0.02 and out["goal_met"]
     assert {s for s, r in out["schedules"].items() if r["held_out"]} == {"1f1b", "async"}
     json.dumps(out)
+
+
+def test_the_measured_averaging_ratio_applies_to_the_method_it_was_measured_for() -> None:
+    """benchmarks/wan.py measures PowerSGD's loss ratio: the comparison takes it for powersgd, naming the rank and
+    factors it was measured at, and assumes nothing measured for DiLoCo; the PowerSGD run with the node's pushes
+    sends direct."""
+    cal = load_calibration(DEFAULT_PATH)
+    bench = {**cal.get("wan_benchmark", {}), "loss_ratio_compressed_avg": 1.03,
+             "averaging": {"steps": 150, "model": "wide", "rank": 8, "bits": 8}}
+    cal = {**cal, "wan_benchmark": bench}
+    ps = run_vs_datacenter(cal, averaging="powersgd:8:int8", steps=2, overlap_averaging=True)
+    assumed = ps["inputs"]["assumed"]
+    assert assumed["averaging_loss_ratio"] == 1.03
+    assert "PowerSGD rank 8, int8 factors, wide model, 150 steps" in assumed["averaging_loss_source"]
+    assert ps["wan"]["averaging_collective"] == "direct" and ps["wan"]["averaging"] == "powersgd:8:int8"
+    dl = run_vs_datacenter(cal, averaging="diloco:100", steps=2)["inputs"]["assumed"]
+    assert dl["averaging_loss_ratio"] == 1.0 and "no penalty assumed" in dl["averaging_loss_source"]
+    old = {**cal, "wan_benchmark": {k: v for k, v in bench.items() if k != "averaging"}}  # a record without the method
+    assert run_vs_datacenter(old, averaging="powersgd:8", steps=2)["inputs"]["assumed"]["averaging_loss_ratio"] == 1.0
