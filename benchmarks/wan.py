@@ -28,11 +28,12 @@ gpipe's at equal tokens on the benchmark model, from the single-process referenc
 Last line: JSON with `utilisation` (per schedule), `tokens_per_s` (per schedule), `replica_compression`,
 `loss_ratio_async`, `loss_ratio_compressed_avg`, the link check and the settings.
 
-Measured here (session 15, defaults, 2 cores, nothing else running after the first schedule): link check
+Measured here (session 15, defaults, 2 cores; another training process ran during the gpipe run and an
+in-process averaging comparison during the loss and replica parts, so gpipe's speed may read low): link check
 104.1 ms round trip, 198.7 Mbit/s; utilisation gpipe 0.516 (5878 tokens/s), 1f1b 0.254 (3369), async 0.887
 (8045); loss_ratio_async 1.1596 (300 steps, staleness 1); replicas: PowerSGD rank 8 int8 93.3x below dense
 at a loss ratio of 1.0176 (wide model, 150 steps). `python -m simulations.wan_bench` on this output: held-out
-error 0.065 (1f1b) and 0.115 (async). The gpipe run overlapped another job's last minutes on this machine.
+error 0.065 (1f1b) and 0.115 (async).
 """
 
 from __future__ import annotations
