@@ -10,10 +10,8 @@ import trio
 from node.config import NodeConfig
 from node.errors import AveragingError
 from node.net.host import full_addrs
-from node.net.peerscore import PeerGuardConfig, PeerScores
+from node.net.peerscore import PeerGuardConfig
 from node.replicas.averaging import (
-    AveragingService,
-    AvgLimits,
     ContributionCodec,
     ContributionStore,
     combine,
@@ -24,6 +22,7 @@ from node.replicas.averaging import (
 from pmn.spec import ModelProposal, TrainingRecipe, proposal_from_dict
 from protocol.modelspec import TrainingSection, proposal_spec_hash
 from sharding import PRESETS, build_stage, partition
+from tests.node.avg_pushes import assert_pushes_refused, serve
 from tests.node.conftest import running_host
 
 SHAPES = [(64, 64), (64,), (256, 64), (64, 256)]
@@ -107,12 +106,6 @@ def test_centered_clip_runs_on_the_decoded_contributions() -> None:
     assert float((clipped - target).norm()) < 0.1 * float((mean - target).norm())
 
 
-def _service(host, store: ContributionStore, guard: PeerGuardConfig) -> AveragingService:
-    limits = AvgLimits(guard=guard)
-    return AveragingService(host, "aa", lambda s: store if s == 0 else None, 5.0, limits=limits,
-                            scores=PeerScores(guard))
-
-
 @pytest.mark.network
 @pytest.mark.timeout(60)
 def test_bad_pushes_are_refused_counted_and_the_step_goes_on_without_them() -> None:
@@ -128,9 +121,8 @@ def test_bad_pushes_are_refused_counted_and_the_step_goes_on_without_them() -> N
 
     async def main() -> None:
         async with running_host(141) as (server, _), running_host(142) as (client, _):
-            svc = _service(server, store, guard)
+            svc = serve(server, store, guard)
             addr = full_addrs(server)[0]
-            me = client.get_id().pretty()
             await push(client, addr, "aa", 0, 5, 0, 0, good, 1.0, 5.0, enc=c.tag)
             cases = [
                 (nan, c.tag, "non-finite"),  # Inf in a factor
@@ -138,18 +130,7 @@ def test_bad_pushes_are_refused_counted_and_the_step_goes_on_without_them() -> N
                 (rank2, c.tag, "bytes"),  # another rank under the spec's tag: the size gives it away
                 (good, "dense", "encoded as"),  # a dense push to a compressed stage (no tag = dense)
             ]
-            for i, (vec, enc, why) in enumerate(cases, start=1):
-                before = svc.gate.scores.score(me)
-                try:
-                    await push(client, addr, "aa", 0, 5, i, 0, vec, None, 5.0, enc=enc)
-                except AveragingError as exc:
-                    assert why in str(exc)
-                except Exception:  # the server's reset may overtake its error message
-                    pass
-                else:
-                    raise AssertionError(f"push {i} ({why}) was accepted")
-                assert svc.gate.scores.score(me) < before  # counted against the sender
-            assert sum(svc.gate.refused.values()) == len(cases)
+            await assert_pushes_refused(client, addr, svc, 5, cases)
             assert list(store.vecs[5]) == [(0, 0)]  # nothing of the bad pushes was kept
             # the step goes on with what is good: mb 1 (whose push was refused) is dropped from the combine
             store.commit(5, {0: 0, 1: 0})
@@ -178,8 +159,8 @@ def test_a_pull_answer_with_a_nan_factor_or_another_encoding_is_refused() -> Non
 
     async def main() -> None:
         async with running_host(151) as (s1, _), running_host(152) as (s2, _), running_host(153) as (client, _):
-            _service(s1, bad_store, guard)
-            _service(s2, other_store, guard)
+            serve(s1, bad_store, guard)
+            serve(s2, other_store, guard)
             with pytest.raises(AveragingError, match="non-finite"):
                 await pull(client, full_addrs(s1)[0], "aa", 0, 2, c.words, 0.0, 5.0, codec=c)
             with pytest.raises(AveragingError, match="encoded as"):

@@ -10,16 +10,15 @@ import trio
 from node.config import NodeConfig
 from node.errors import AveragingError
 from node.net.host import full_addrs
-from node.net.peerscore import PeerGuardConfig, PeerScores
+from node.net.peerscore import PeerGuardConfig
 from node.replicas.averaging import (
-    AveragingService,
-    AvgLimits,
     ContributionCodec,
     ContributionStore,
     combine,
     push,
 )
 from pmn.spec import proposal_from_dict
+from tests.node.avg_pushes import assert_pushes_refused, serve
 from tests.node.conftest import running_host
 
 SHAPES = [(64, 64), (64,), (256, 64), (64, 256)]
@@ -94,26 +93,13 @@ def test_bad_int8_pushes_are_refused_counted_and_nothing_is_stored() -> None:
 
     async def main() -> None:
         async with running_host(161) as (server, _), running_host(162) as (client, _):
-            svc = AveragingService(server, "aa", lambda s: store if s == 0 else None, 5.0,
-                                   limits=AvgLimits(guard=guard), scores=PeerScores(guard))
+            svc = serve(server, store, guard)
             addr = full_addrs(server)[0]
-            me = client.get_id().pretty()
             await push(client, addr, "aa", 0, 5, 0, 0, good, 1.0, 5.0, enc=c.tag)
             cases = [(inf_scale, c.tag, "non-finite"),  # Inf in a column scale
                      (bf16, "powersgd-r4-bf16", "encoded as"),  # bf16 factors, declared honestly
                      (bf16, c.tag, "bytes")]  # bf16 factors under the int8 tag: the size gives them away
-            for i, (vec, enc, why) in enumerate(cases, start=1):
-                before = svc.gate.scores.score(me)
-                try:
-                    await push(client, addr, "aa", 0, 5, i, 0, vec, None, 5.0, enc=enc)
-                except AveragingError as exc:
-                    assert why in str(exc)
-                except Exception:  # the server's reset may overtake its error message
-                    pass
-                else:
-                    raise AssertionError(f"push {i} ({why}) was accepted")
-                assert svc.gate.scores.score(me) < before
-            assert sum(svc.gate.refused.values()) == len(cases)
+            await assert_pushes_refused(client, addr, svc, 5, cases)
             assert list(store.vecs[5]) == [(0, 0)]
             assert torch.equal(store.vecs[5][(0, 0)].view(torch.int32), good.view(torch.int32))  # bit for bit
 
