@@ -20,12 +20,24 @@ dense 26.30 MB per step at validation loss 1.3140; PowerSGD rank 8 with int8 fac
 the same run is about 35x. A first try of the int8 arm, with other runs on the machine, stopped with one
 node short of one step record; its files went with it, so the cause is not known. The swarm now needs each
 step recorded by one replica of every stage and reports what each node lacks (`steps_fetched_by_node`).
-`--math`, same model and lr, one process: rank 8 int8 (90.2x) at 1.017 and 1.003 over dense for seeds 0 and 1
-(150 steps) and 1.0005 at 600 steps (seed 0); rank 4 bf16, the same bytes, 1.035 and 1.025 (150 steps);
-rank 4 int8 (175x) 1.039 / 1.024 (150 steps) and 1.024 (600 steps); rank 6 int8 (119x) 1.012 (seed 1, 150).
-At lr 3e-3 the wide model's dense run is worse (1.450 against 1.314 at 150 steps), so the figures use 1e-3.
-On the tiny model (d 64) rank 4 int8 is 45x at 1.014 (600 steps), rank 3 int8 59x at 1.031: narrow
-matrices leave little to compress. DiLoCo H 25 (100x): 1.020 at 150 steps, 1.043 at 600 (tiny).
+`benchmarks/wan.py` ran the same comparison (its defaults): 93.3x at 1.0176.
+`--math` (one process, wide, lr 1e-3; `--methods dense,powersgd-int8 --seed S`), loss over dense:
+
+| steps | seed | rank 4 int8 (180x) | rank 8 int8 (92x) |
+|---|---|---|---|
+| 150 | 0 | 1.044 | 1.039 |
+| 150 | 1 | 1.016 | 1.006 |
+| 150 | 2 | 1.063 | 1.016 |
+| 600 | 0 | 1.048 | 0.994 |
+| 600 | 1 | 1.031 | 1.018 |
+
+Rank 8 int8: mean 1.015, 4 of 5 runs within 2 %. At the bytes of rank 8 int8, rank 4 bf16 (91x) gave 1.035
+(150 steps, seed 0), rank 2 bf16 (175x) 1.070. Single runs differ by a few percent with the seed, so no one
+run decides. At lr 3e-3 the wide model's dense run was worse (1.450 against 1.314 at 150 steps, the ad-hoc
+script below, whose dense arm is this one's), hence 1e-3.
+On the tiny model (d 64; an ad-hoc script, not this one) rank 4 int8 was 45x at 1.014 (600 steps), rank 3
+int8 59x at 1.031: narrow matrices leave little to compress. DiLoCo H 25 (100x, tiny, session 14): 1.020 at
+150 steps, 1.043 at 600.
 
 The last line is one JSON object (`replica_compression` = dense bytes / compressed bytes per step,
 `loss_ratio_compressed_avg` = compressed / dense validation loss). `compare_averaging()` is the
