@@ -433,8 +433,9 @@ class PipelineSim:
     def _async_step_end(self, node: _Node) -> Generator[simpy.Event, Any, None]:
         """Async: the node's optimiser step, then its share of the stage's averaging: holding its compute slot (not
         overlapped with compute: an upper bound on what averaging costs), or on its uplink in the background
-        (`overlap_sync`). sync_push: the update waits for the step's pushes, off the compute slot; an update still
-        waiting when the next is due holds the compute slot until it is done (updates lag at most one step)."""
+        (`overlap_sync`). sync_push: the update waits for the step's pushes, off the compute slot; while the pushes
+        of the step before have not all arrived, the node holds its compute slot until they have (updates lag at
+        most one step)."""
         if self.cfg.sync_push:
             behind, node.arrival = node.arrival, self.env.process(self._pushed([node]))
             self.env.process(self._update_on(node.arrival, node))
@@ -458,6 +459,7 @@ class PipelineSim:
                 yield self.env.timeout(sync)
 
     def _update_on(self, arrival: simpy.Process, node: _Node) -> Generator[simpy.Event, Any, None]:
+        """sync_push, async: the node's optimiser step once its step's pushes have arrived."""
         yield arrival
         yield from self._opt_node(node)
 

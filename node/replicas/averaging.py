@@ -10,10 +10,10 @@ peer of its stage (joining replicas catch up this way).
 Contributions travel in the stage's `ContributionCodec` (the spec's `replica_averaging`): dense fp32,
 or PowerSGD factors (`sharding.gradcompress`) in bf16 or int8 (`powersgd_bits`) with the error
 feedback kept by the replica that computed the microbatch. Either way a contribution is a flat vector
-of 4-byte words of a size fixed by the spec, every replica decodes the same words to the same dense gradient, and the combination
-(CenteredClip by choice) runs on the decoded contributions, so replicas stay identical. A pushed or
-pulled contribution of another encoding, another size or with NaN/Inf is refused and counted against
-the sender.
+of 4-byte words of a size fixed by the spec, every replica decodes the same words to the same dense
+gradient, and the combination (CenteredClip by choice) runs on the decoded contributions, so replicas
+stay identical. A pushed or pulled contribution of another encoding, another size, with NaN/Inf (an
+int8 one: in a scale, or a negative scale or a -128 code) is refused and counted against the sender.
 """
 
 from __future__ import annotations
