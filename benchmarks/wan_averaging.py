@@ -20,7 +20,9 @@ dense 26.30 MB per step at validation loss 1.3140; PowerSGD rank 8 with int8 fac
 the same run is about 35x. A first try of the int8 arm, with other runs on the machine, stopped with one
 node short of one step record; its files went with it, so the cause is not known. The swarm now needs each
 step recorded by one replica of every stage and reports what each node lacks (`steps_fetched_by_node`).
-`benchmarks/wan.py` ran the same comparison (its defaults): 93.3x at 1.0176.
+`benchmarks/wan.py` ran the same comparison (its defaults): 93.3x at 1.0176. At 600 steps (307,200 tokens;
+`--steps 600 --rank 8 --bits 8 --lr 1e-3`, nothing else running): dense 26.33 MB per step at 1.1152, rank 8
+int8 287.8 kB at 1.1193: 91.5x at a loss ratio of 1.0037, replicas bit-identical.
 `--math` (one process, wide, lr 1e-3; `--methods dense,powersgd-int8 --seed S`), loss over dense:
 
 | steps | seed | rank 4 int8 (180x) | rank 8 int8 (92x) |
