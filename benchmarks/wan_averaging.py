@@ -146,7 +146,9 @@ def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: floa
     wall = time.monotonic() - t0
     recs = {name: {int(r["step"]): r for r in read_progress(root / name)} for name in
             ["head", *(name for _, name in layout)]}
-    stages = {0: ["head"], 1: ["mid0", "mid1"], 2: ["tail0", "tail1"]}
+    stages: dict[int, list[str]] = {0: ["head"]}
+    for s, name in layout:
+        stages.setdefault(s, []).append(name)
     done = [s for s in range(steps) if all(any(s in recs[n] for n in names) for names in stages.values())]
     if len(done) < steps:
         raise RuntimeError(f"{averaging}: only {len(done)} of {steps} steps completed by a replica of every stage")

@@ -160,6 +160,11 @@ def dequantize_int8(layout: PowerSGDLayout, codes: torch.Tensor, scales: torch.T
         raise GradCompressError(f"int8 PowerSGD rank-{layout.rank} scales hold {int((scales < 0).sum())} negative value(s)")
     if bool((codes == -INT8_MAX - 1).any()):
         raise GradCompressError("int8 PowerSGD codes hold -128 (codes are -127 .. 127)")
+    return _scaled(layout, codes, scales)
+
+
+def _scaled(layout: PowerSGDLayout, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """The fp32 wire vector of checked int8 `codes` times their column `scales`."""
     wire = codes.to(torch.float32)
     off = 0
     for block in layout.blocks(wire):
@@ -195,7 +200,7 @@ class PowerSGDEncoder:
         g = self._with_error(grad)
         codes, scales = quantize_int8(self.layout, self._factors(g))
         if self.error_feedback:
-            self.error = g - powersgd_decode(self.layout, dequantize_int8(self.layout, codes, scales))
+            self.error = g - powersgd_decode(self.layout, _scaled(self.layout, codes, scales))  # ours: unchecked
         return codes, scales
 
     def _with_error(self, grad: torch.Tensor) -> torch.Tensor:

@@ -69,11 +69,6 @@ def stage_shapes(config: Any, spec: Any) -> tuple[list[tuple[int, int]], int]:
     return mats, vectors
 
 
-def spec_blocks(spec: Any) -> int:
-    """Transformer blocks of a stage."""
-    return int(spec.block_end - spec.block_start)
-
-
 def sync_bytes_per_step(config: Any, spec: Any, option: Averaging) -> float:
     """Bytes each replica contributes to one step's averaging (before the all-reduce's 2(r-1)/r factor)."""
     mats, vectors = stage_shapes(config, spec)
@@ -85,6 +80,6 @@ def sync_bytes_per_step(config: Any, spec: Any, option: Averaging) -> float:
         if not option.int8:
             return float(low * BYTES_PER_ELEMENT)
         scales = sum(2 * option.rank if option.rank * (m + n) < m * n else 1 for m, n in mats)  # a dense matrix: 1
-        scales += 2 * spec_blocks(spec) + (1 if spec.has_lm_head else 0)  # the norm-gain vectors: one each
+        scales += vectors // config.d_model  # the norm-gain vectors (d_model each): one scale each
         return float(low * INT8_BYTES + scales * SCALE_BYTES)
     return float(dense * BYTES_PER_ELEMENT) / option.outer_steps

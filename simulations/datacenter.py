@@ -14,8 +14,8 @@ step then lands one round late: `benchmarks/wan_averaging.py --math` measures th
 instead of holding their compute for it; with PowerSGD it runs the node's own exchange: each microbatch's
 factors pushed to every other replica right after its backward, behind frames, the update waiting for the
 last (`WanConfig.sync_push`). Without it averaging holds compute, over the faster of a ring all-reduce and
-direct pushes. `--async-loss-ratio` / `--averaging-loss-ratio` are what-ifs: loss
-penalties the caller gives instead of the calibration file's, labelled "given by the caller" in the output.
+direct pushes. `--async-loss-ratio` / `--averaging-loss-ratio` are what-ifs: loss penalties the caller gives
+instead of the calibration file's, labelled "given by the caller" in the output.
 """
 
 from __future__ import annotations
@@ -82,8 +82,9 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     """Time to the target loss on home links over the same on 100 Gb/s; `slowdown_vs_datacenter` and its inputs.
 
     overlap_averaging: the WAN replicas' averaging goes out on their uplinks while they compute (a DiLoCo outer step
-    applied one round late; PowerSGD factors pushed during the step) instead of holding their compute. async_loss_ratio / averaging_loss_ratio: loss penalties
-    at equal tokens given by the caller (what-ifs; labelled so in the output) instead of the calibration file's."""
+    applied one round late; PowerSGD factors pushed during the step) instead of holding their compute.
+    async_loss_ratio / averaging_loss_ratio: loss penalties at equal tokens given by the caller (what-ifs; labelled
+    so in the output) instead of the calibration file's."""
     avg = Averaging.parse(averaging)
     for name, value in (("async_loss_ratio", async_loss_ratio), ("averaging_loss_ratio", averaging_loss_ratio)):
         if value is not None and not (math.isfinite(value) and value > 0):

@@ -193,27 +193,35 @@ class ContributionCodec:
 
     def encode(self, vec: torch.Tensor) -> torch.Tensor:
         """The words of this replica's contribution `vec` (dense: itself)."""
-        if self.encoder is None or self.layout is None:
+        if self.encoder is None:
             return vec
         if self.bits == 16:
             return _words(self.encoder.encode(vec.reshape(-1)))
         codes, scales = self.encoder.encode_int8(vec.reshape(-1))
-        raw = torch.cat([codes.view(torch.uint8), scales.to(torch.bfloat16).view(torch.uint8)])
-        pad = 4 * self.words - raw.numel()
-        return torch.cat([raw, torch.zeros(pad, dtype=torch.uint8)]).view(torch.float32).clone()
+        raw = torch.zeros(4 * self.words, dtype=torch.uint8)  # codes, the bf16 scales, zero padding
+        raw[: codes.numel()] = codes.view(torch.uint8)
+        raw[codes.numel(): codes.numel() + 2 * scales.numel()] = scales.to(torch.bfloat16).view(torch.uint8)
+        return raw.view(torch.float32)
+
+    def _sized(self, words: torch.Tensor) -> torch.Tensor:
+        """`words` unless they are not one contribution of this encoding (AveragingError)."""
+        if words.dim() != 1 or words.numel() != self.words:
+            raise AveragingError(f"{self.tag} contribution has shape {tuple(words.shape)}, expected ({self.words},)")
+        return words
+
+    def _finite(self, values: torch.Tensor) -> torch.Tensor:
+        """`values` unless they hold NaN/Inf (AveragingError)."""
+        if not bool(torch.isfinite(values).all()):
+            bad = int((~torch.isfinite(values)).sum())
+            raise AveragingError(f"{self.tag} contribution holds {bad} non-finite value(s) (NaN/Inf)")
+        return values
 
     def _factors(self, words: torch.Tensor) -> torch.Tensor:
         """The fp32 PowerSGD wire vector of a contribution's words (AveragingError on a wrong size, NaN/Inf)."""
-        if words.dim() != 1 or words.numel() != self.words:
-            raise AveragingError(f"{self.tag} contribution has shape {tuple(words.shape)}, expected ({self.words},)")
         assert self.layout is not None
         if self.bits == 16:
-            values = _unwords(words, self.values)
-            if not bool(torch.isfinite(values).all()):
-                bad = int((~torch.isfinite(values)).sum())
-                raise AveragingError(f"{self.tag} contribution holds {bad} non-finite value(s) (NaN/Inf)")
-            return values
-        raw = words.contiguous().view(torch.uint8)
+            return self._finite(_unwords(self._sized(words), self.values))
+        raw = self._sized(words).contiguous().view(torch.uint8)  # int8 codes are finite; scales checked below
         n, k = self.values, self.layout.scale_count
         codes = raw[:n].view(torch.int8)
         scales = raw[n: n + 2 * k].clone().view(torch.bfloat16).to(torch.float32)
@@ -225,14 +233,9 @@ class ContributionCodec:
     def check(self, words: torch.Tensor) -> None:
         """AveragingError unless `words` is one contribution of this encoding holding only finite values."""
         if self.layout is None:
-            if words.dim() != 1 or words.numel() != self.words:
-                raise AveragingError(f"{self.tag} contribution has shape {tuple(words.shape)}, "
-                                     f"expected ({self.words},)")
-            if not bool(torch.isfinite(words).all()):
-                bad = int((~torch.isfinite(words)).sum())
-                raise AveragingError(f"{self.tag} contribution holds {bad} non-finite value(s) (NaN/Inf)")
-            return
-        self._factors(words)
+            self._finite(self._sized(words))
+        else:
+            self._factors(words)
 
     def decode(self, words: torch.Tensor) -> torch.Tensor:
         """Dense fp32 gradient of a contribution (AveragingError on a wrong size or NaN/Inf factors)."""
