@@ -13,7 +13,9 @@ each. Prints a table; the last line is JSON.
 
 `--horizons 300,1500,3000` trains every recipe once per horizon (equal tokens within a horizon) and adds
 `loss_ratio_by_steps` (async / sync per horizon, same recipe): what one step of delay costs shrinks as the
-run grows, so a short comparison overstates it. `--model tiny` runs the tests' model instead of wan.py's.
+run grows, so a short comparison overstates it. `--staleness 1,2` adds an async arm per bound beside the one
+sync run (the first bound is the headline's) and `loss_ratio_by_staleness` (bound -> horizon -> recipe ->
+async / sync). `--model tiny` runs the tests' model instead of wan.py's.
 
     python benchmarks/async_recipe.py --quick     # tiny model, machinery check (< 60 s)
     python benchmarks/async_recipe.py             # bench model, 300 steps, 3 recipes (about 30 min on 2 cores)
@@ -71,7 +73,9 @@ def main() -> int:
     p.add_argument("--quick", action="store_true", help="tiny model, 30 steps, one recipe")
     p.add_argument("--steps", type=int, default=None, help="training steps per run (default 300, quick 30)")
     p.add_argument("--grid", default=None, help="recipes as lr:warmup,... (default 1e-3:10,1e-3:100,5e-4:10)")
-    p.add_argument("--staleness", type=int, default=1, help="async: steps a gradient is late")
+    p.add_argument("--staleness", default="1",
+                   help="async: steps a gradient is late; comma-separated for one async arm per bound (the first "
+                        "is the headline's)")
     p.add_argument("--lookahead", type=float, default=None, help="async look-ahead (default: the runner's)")
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--microbatch-size", type=int, default=4)
@@ -88,19 +92,30 @@ def main() -> int:
     horizons = sorted({int(h) for h in a.horizons.split(",") if h.strip()})
     if any(h <= 0 for h in horizons):
         p.error(f"--horizons {a.horizons!r}: every horizon must be a positive step count")
+    bounds = list(dict.fromkeys(int(s) for s in a.staleness.split(",") if s.strip()))
+    if not bounds or any(b < 1 for b in bounds):
+        p.error(f"--staleness {a.staleness!r}: every bound must be an integer >= 1")
+    staleness = bounds[0]
+    arms = ["sync"] + [f"async{b}" for b in bounds]
     steps = horizons[-1] if horizons else (a.steps or (30 if a.quick else 300))
     grid_text = a.grid or ("1e-3:10" if a.quick else "1e-3:10,1e-3:100,5e-4:10")
     grid = [(float(lr), int(wu)) for lr, wu in (item.split(":") for item in grid_text.split(","))]
     lookahead = ASYNC_LOOKAHEAD if a.lookahead is None else a.lookahead
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=a.workers, mp_context=ctx) as pool:
-        futures = {(arm, lr, wu, n): pool.submit(run, model, arm, lr, wu, n, a.staleness, lookahead, a.microbatches,
+        # longest runs first, so that the workers finish together
+        jobs = sorted(((arm, lr, wu, n) for n in horizons or [steps] for lr, wu in grid for arm in arms),
+                      key=lambda job: -job[3])
+        futures = {(arm, lr, wu, n): pool.submit(run, model, "sync" if arm == "sync" else "async", lr, wu, n,
+                                                 int(arm[5:]) if arm != "sync" else 0, lookahead, a.microbatches,
                                                  a.microbatch_size, a.corpus)
-                   for n in horizons or [steps] for lr, wu in grid for arm in ("sync", "async")}
+                   for arm, lr, wu, n in jobs}
         by_run = {key: f.result() for key, f in futures.items()}
-    results = {(arm, lr, wu): r for (arm, lr, wu, n), r in by_run.items() if n == steps}  # the headline runs
+    by_run.update({("async", lr, wu, n): r for (arm, lr, wu, n), r in by_run.items() if arm == f"async{staleness}"})
+    results = {(arm, lr, wu): r for (arm, lr, wu, n), r in by_run.items()
+               if n == steps and arm in ("sync", "async")}  # the headline runs
     print(f"model d{model.d_model} x{model.n_layers}, {steps} steps of {a.microbatches} x {a.microbatch_size} "
-          f"windows of {model.seq_len}, staleness {a.staleness}, look-ahead {lookahead}, corpus {a.corpus}")
+          f"windows of {model.seq_len}, staleness {staleness}, look-ahead {lookahead}, corpus {a.corpus}")
     print(f"{'lr':>8} {'warmup':>6} {'sync val':>9} {'async val':>9} {'ratio':>7}")
     same: dict[str, float] = {}
     for lr, wu in grid:
@@ -120,12 +135,22 @@ def main() -> int:
                 s, d = by_run[("sync", lr, wu, n)]["val_loss"], by_run[("async", lr, wu, n)]["val_loss"]
                 by_steps.setdefault(str(n), {})[f"{lr:g}:{wu}"] = d / s
                 print(f"{n:>6} {lr:>8g} {wu:>6} {s:>9.4f} {d:>9.4f} {d / s:>7.4f}")
+    by_bound: dict[str, dict[str, dict[str, float]]] = {}
+    if len(bounds) > 1:
+        print(f"by staleness bound (same recipe, equal tokens within each horizon):\n{'bound':>5} {'steps':>6} "
+              f"{'lr':>8} {'warmup':>6} {'sync val':>9} {'async val':>9} {'ratio':>7}")
+        for b in bounds:
+            for n in horizons or [steps]:
+                for lr, wu in grid:
+                    s, d = by_run[("sync", lr, wu, n)]["val_loss"], by_run[(f"async{b}", lr, wu, n)]["val_loss"]
+                    by_bound.setdefault(str(b), {}).setdefault(str(n), {})[f"{lr:g}:{wu}"] = d / s
+                    print(f"{b:>5} {n:>6} {lr:>8g} {wu:>6} {s:>9.4f} {d:>9.4f} {d / s:>7.4f}")
     print(json.dumps({"loss_ratio_same_recipe": same, "loss_ratio_tuned": best_async / best_sync,
-                      "loss_ratio_by_steps": by_steps,
+                      "loss_ratio_by_steps": by_steps, "loss_ratio_by_staleness": by_bound,
                       "val_loss_best_sync": best_sync, "val_loss_best_async": best_async,
                       "curves": {f"{arm}:{lr:g}:{wu}": [round(x, 3) for x in r["curve"]]
                                  for (arm, lr, wu), r in results.items()},
-                      "steps": steps, "staleness": a.staleness, "lookahead": lookahead, "model": model.to_dict(),
+                      "steps": steps, "staleness": staleness, "lookahead": lookahead, "model": model.to_dict(),
                       "grid": grid_text}))
     return 0
 

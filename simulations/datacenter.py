@@ -7,7 +7,9 @@ given schedule (async with a staleness bound by default) and replica averaging o
 100 Gb/s and 0.01 ms, dense bf16 boundaries, 1F1B, dense averaging. Time to the target loss = steps to
 target x simulated seconds per step; the WAN's steps to target are the public dense run's times the
 steps multipliers of its loss penalties at equal tokens (subspace codec, async schedule, compressed
-averaging), each from a measurement where one exists and labelled assumed otherwise.
+averaging), each from a measurement where one exists and labelled assumed otherwise. The async penalty is
+the one measured at the WAN's staleness bound over the training length nearest the target's steps
+(`simulations.async_loss`, from `benchmarks/async_recipe.py`); failing that, `benchmarks/wan.py`'s.
 
 `--overlap-averaging` sends DiLoCo's outer exchange on the WAN nodes' uplinks while they compute (the outer
 step then lands one round late: `benchmarks/wan_averaging.py --math` measures that variant, diloco-delayed)
@@ -23,6 +25,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from .async_loss import pick as pick_async_loss
 from .averaging import Averaging, sync_bytes_per_step
 from .params import LinkConfig, Schedule, WanConfig
 from .pipeline import simulate
@@ -102,9 +105,13 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     stored = calibration.get("wan_benchmark")
     bench: dict[str, Any] = stored if isinstance(stored, dict) else {}
     async_ratio, async_source = ASSUMED_ASYNC_LOSS_RATIO, ASSUMED_ASYNC_SOURCE
-    if schedule == "async" and bench.get("loss_ratio_async") is not None:
+    by_length = pick_async_loss(calibration.get("async_loss"), wan_cfg.max_staleness or 0, PUBLIC_DENSE_STEPS)
+    if schedule == "async" and by_length is not None:
+        async_ratio, async_source = by_length.ratio, by_length.label
+    elif schedule == "async" and bench.get("loss_ratio_async") is not None:
         async_ratio = float(bench["loss_ratio_async"])
-        async_source = f"measured: benchmarks/wan.py loss_ratio_async (max_staleness {bench.get('max_staleness')})"
+        async_source = (f"measured: benchmarks/wan.py loss_ratio_async (max_staleness {bench.get('max_staleness')}, "
+                        f"{bench.get('loss_steps') or 'unrecorded'} steps)")
     if schedule != "async":
         async_ratio, async_source = 1.0, "synchronous schedule: exact"
     avg_ratio, avg_source = ASSUMED_AVERAGING_LOSS_RATIO[avg.mode], ASSUMED_AVERAGING_SOURCE

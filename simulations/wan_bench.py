@@ -111,7 +111,8 @@ def main(argv: list[str] | None = None) -> None:
         stored["wan_benchmark"] = {"validation": out, "loss_ratio_async": bench.get("loss_ratio_async"),
                                    "loss_ratio_compressed_avg": bench.get("loss_ratio_compressed_avg"),
                                    "averaging": bench.get("averaging"), "replica_compression": bench.get("replica_compression"),
-                                   "max_staleness": bench.get("max_staleness"), "utilisation": bench.get("utilisation"),
+                                   "max_staleness": bench.get("max_staleness"),
+                                   "loss_steps": (bench.get("val_loss") or {}).get("steps"), "utilisation": bench.get("utilisation"),
                                    "tokens_per_s": bench.get("tokens_per_s")}
         a.calibration.write_text(json.dumps(stored, indent=1) + "\n")
     print(json.dumps(out, sort_keys=True))
