@@ -1,4 +1,4 @@
-"""`benchmarks/async_recipe.py --quick --horizons`: every recipe trained once per horizon, side by side.
+"""`benchmarks/async_recipe.py --quick --horizons --staleness`: every recipe trained once per horizon and bound.
 
 The quick budget checks the machinery only: each horizon is its own pair of runs at equal tokens, the longest
 horizon is the headline run, and a bad horizon is refused with a line naming it.
@@ -20,8 +20,8 @@ def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return run_script("async_recipe.py", *args)
 
 
-def test_quick_horizons_give_one_ratio_per_horizon() -> None:
-    proc = _run("--quick", "--horizons", "12,6", "--workers", "2")
+def test_quick_horizons_give_one_ratio_per_horizon_and_bound() -> None:
+    proc = _run("--quick", "--horizons", "12,6", "--staleness", "1,2", "--workers", "2")
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["steps"] == 12 and out["model"]["d_model"] == 64  # the longest horizon; --quick is the tiny model
@@ -30,9 +30,15 @@ def test_quick_horizons_give_one_ratio_per_horizon() -> None:
     assert by["12"] == out["loss_ratio_same_recipe"]  # the headline run is the longest horizon's
     assert by["6"]["0.001:10"] != by["12"]["0.001:10"]  # a separate, shorter pair of runs
     assert all(0.5 < r < 2.0 for d in by.values() for r in d.values())
+    bounds = out["loss_ratio_by_staleness"]
+    assert out["staleness"] == 1 and bounds["1"] == by  # the first bound is the headline's
+    assert sorted(bounds["2"], key=int) == ["6", "12"] and bounds["2"]["12"] != by["12"]  # its own async arm
 
 
-def test_a_bad_horizon_is_refused_naming_it() -> None:
+def test_a_bad_horizon_or_bound_is_refused_naming_it() -> None:
     proc = _run("--quick", "--horizons", "10,0")
     assert proc.returncode != 0
     assert "--horizons '10,0'" in proc.stderr and "positive step count" in proc.stderr
+    proc = _run("--quick", "--staleness", "1,0")
+    assert proc.returncode != 0
+    assert "--staleness '1,0'" in proc.stderr and "integer >= 1" in proc.stderr
