@@ -25,7 +25,21 @@ Measured (the command above; tiny, lr 1e-3, warm-up 10 then constant, staleness 
 loss sync -> async: 300 steps 2.0219 -> 2.1349 (1.056), 1500 steps 1.5318 -> 1.5535 (1.014), 3000 steps
 1.3880 -> 1.3951 (1.005). With `--staleness 2`: 3000 steps 1.4376 (1.036); `--staleness 4`: 1500 steps 2.0465
 (1.336), 3000 steps 1.7189 (1.238); look-ahead 1 was the best of 0.25 / 0.5 / 1 / 1.5 / 2 at staleness 4, 1500
-steps. Not measured at these lengths: the bench model (about 10 min per 300 steps here).
+steps.
+
+Measured on the bench model (session 16: `--grid 1e-3:10 --horizons 300,1000,3000 --staleness 1,2`, 2 workers,
+about 55 min), validation loss sync -> async: staleness 1: 300 steps 1.9192 -> 2.2254 (1.1596), 1000 steps
+1.4829 -> 1.5597 (1.0518), 3000 steps 1.2042 -> 1.2485 (1.0367); staleness 2: 2.5470 (1.3271), 1.8605
+(1.2547), 1.3444 (1.1164). Unlike the tiny model's, the bench model's penalty does not fade by 3000 steps:
+at the same train loss the async run is 20-30 % more steps behind throughout (the 25-step curves).
+`python -m simulations.async_loss` stores these for the datacenter comparison.
+
+Recipe probes on the bench model (300 steps, staleness 1, an ad-hoc script over the same functions, not this
+script's grid): global-norm clipping helps async most. Sync 1.9192 (no clip), 1.8970 (clip 1), 1.8957 (0.5),
+1.8954 (0.25); async 2.2254 (no clip), 2.0845 (clip 1), 2.0315 (0.5), 2.0502 (0.25), 2.0121 (0.25 with
+look-ahead 1.5): 1.06 against the best sync. Warm-up 100 instead of 10: async 2.0925, sync 1.9569.
+Look-ahead 0.5 or 2 instead of 1: worse (2.5760, 2.5251). The node's async schedule does not clip yet (the
+global norm needs every stage's share of a step without a flush), so these recipes are not what it runs.
 """
 
 from __future__ import annotations
