@@ -18,9 +18,8 @@ stages replicated) is measured by benchmarks/wan_averaging.py, run from here aft
 Utilisation of a stage = its compute seconds (forward, backward, optimiser, data; `busy_s` of the
 progress records) / the wall time between its first and last step ends (the first step, which holds
 start-up, is left out); the table and JSON give the busiest stage's. tokens/s is the tail's over the
-same window. A run is 40 steps by default: the async schedule's last step drains its gradients with nothing
-left to overlap them (once per run, as the first step fills), a tail that 12 steps (the old default) weighed
-three times as much as 40 do.
+same window. A run is 40 steps by default (12 before session 16), so that the once-per-run fill and the async
+schedule's final drain weigh less.
 
 `loss_ratio_async`: validation loss of the async schedule (delayed gradients, the bound used here) over
 gpipe's at equal tokens on the benchmark model, from the single-process references
@@ -30,7 +29,14 @@ gpipe's at equal tokens on the benchmark model, from the single-process referenc
 Last line: JSON with `utilisation` (per schedule), `tokens_per_s` (per schedule), `replica_compression`,
 `loss_ratio_async`, `loss_ratio_compressed_avg`, the link check and the settings.
 
-Measured here (session 15, defaults, 2 cores; another training process ran during the gpipe run and an
+Measured here (session 16, defaults, 40 steps, nothing else running): link check 101.8 ms round trip, 199.3
+Mbit/s; utilisation gpipe 0.355 (6770 tokens/s), 1f1b 0.186 (4034), async 0.789 (11427); loss_ratio_async
+1.1596 (300 steps, staleness 1); replicas 92.1x below dense at a loss ratio of 1.018 (PowerSGD rank 8 int8,
+wide model, 150 steps). The stages computed faster than in session 15 (async busy 0.28 s per step at stage 1)
+and the links did not, so utilisation is lower. `python -m simulations.wan_bench` on it: held-out error 0.045
+(1f1b), 0.002 (async).
+
+Session 15 (defaults with 12 steps, 2 cores; another training process ran during the gpipe run and an
 in-process averaging comparison during the loss and replica parts, so gpipe's speed may read low): link check
 104.1 ms round trip, 198.7 Mbit/s; utilisation gpipe 0.516 (5878 tokens/s), 1f1b 0.254 (3369), async 0.887
 (8045); loss_ratio_async 1.1596 (300 steps, staleness 1); replicas: PowerSGD rank 8 int8 93.3x below dense
