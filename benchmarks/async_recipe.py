@@ -113,7 +113,7 @@ def main() -> int:
     if not bounds or any(b < 1 for b in bounds):
         p.error(f"--staleness {a.staleness!r}: every bound must be an integer >= 1")
     staleness = bounds[0]
-    arms = ["sync"] + [f"async{b}" for b in bounds]
+    arms = [0] + bounds  # the staleness of each arm: 0 is the sync run
     steps = horizons[-1] if horizons else (a.steps or (30 if a.quick else 300))
     grid_text = a.grid or ("1e-3:10" if a.quick else "1e-3:10,1e-3:100,5e-4:10")
     grid = [(float(lr), int(wu)) for lr, wu in (item.split(":") for item in grid_text.split(","))]
@@ -123,14 +123,12 @@ def main() -> int:
         # longest runs first, so that the workers finish together
         jobs = sorted(((arm, lr, wu, n) for n in horizons or [steps] for lr, wu in grid for arm in arms),
                       key=lambda job: -job[3])
-        futures = {(arm, lr, wu, n): pool.submit(run, model, "sync" if arm == "sync" else "async", lr, wu, n,
-                                                 int(arm[5:]) if arm != "sync" else 0, lookahead, a.microbatches,
-                                                 a.microbatch_size, a.corpus)
-                   for arm, lr, wu, n in jobs}
+        futures = {(b, lr, wu, n): pool.submit(run, model, "async" if b else "sync", lr, wu, n, b, lookahead,
+                                               a.microbatches, a.microbatch_size, a.corpus)
+                   for b, lr, wu, n in jobs}
         by_run = {key: f.result() for key, f in futures.items()}
-    by_run.update({("async", lr, wu, n): r for (arm, lr, wu, n), r in by_run.items() if arm == f"async{staleness}"})
-    results = {(arm, lr, wu): r for (arm, lr, wu, n), r in by_run.items()
-               if n == steps and arm in ("sync", "async")}  # the headline runs
+    results = {("async" if b else "sync", lr, wu): r for (b, lr, wu, n), r in by_run.items()
+               if n == steps and b in (0, staleness)}  # the headline runs
     print(f"model d{model.d_model} x{model.n_layers}, {steps} steps of {a.microbatches} x {a.microbatch_size} "
           f"windows of {model.seq_len}, staleness {staleness}, look-ahead {lookahead}, corpus {a.corpus}")
     print(f"{'lr':>8} {'warmup':>6} {'sync val':>9} {'async val':>9} {'ratio':>7}")
@@ -149,7 +147,7 @@ def main() -> int:
               f"{'sync val':>9} {'async val':>9} {'ratio':>7}")
         for n in horizons:
             for lr, wu in grid:
-                s, d = by_run[("sync", lr, wu, n)]["val_loss"], by_run[("async", lr, wu, n)]["val_loss"]
+                s, d = by_run[(0, lr, wu, n)]["val_loss"], by_run[(staleness, lr, wu, n)]["val_loss"]
                 by_steps.setdefault(str(n), {})[f"{lr:g}:{wu}"] = d / s
                 print(f"{n:>6} {lr:>8g} {wu:>6} {s:>9.4f} {d:>9.4f} {d / s:>7.4f}")
     by_bound: dict[str, dict[str, dict[str, float]]] = {}
@@ -159,7 +157,7 @@ def main() -> int:
         for b in bounds:
             for n in horizons or [steps]:
                 for lr, wu in grid:
-                    s, d = by_run[("sync", lr, wu, n)]["val_loss"], by_run[(f"async{b}", lr, wu, n)]["val_loss"]
+                    s, d = by_run[(0, lr, wu, n)]["val_loss"], by_run[(b, lr, wu, n)]["val_loss"]
                     by_bound.setdefault(str(b), {}).setdefault(str(n), {})[f"{lr:g}:{wu}"] = d / s
                     print(f"{b:>5} {n:>6} {lr:>8g} {wu:>6} {s:>9.4f} {d:>9.4f} {d / s:>7.4f}")
     print(json.dumps({"loss_ratio_same_recipe": same, "loss_ratio_tuned": best_async / best_sync,
