@@ -172,6 +172,9 @@ class ReplicaConfig:
     # none gave them within no_replica_timeout_s) the swarm rolls back: a step is never applied without them
     hold_retry_s: float = 0.2  # a contribution no stage peer took yet is pushed again after this (it is committed
     # only once a second live replica of the stage holds it)
+    alone_recheck_s: float = 5.0  # a replica that knows no peer of its stage runs a discovery round (bounded by
+    # avg_timeout_s) before it holds a contribution alone, at most this often: a peer that started with it may
+    # not have reached its table yet, and a contribution held alone is lost with its holder
     commit_poll_s: float = 1.0  # idle time after which a replica asks its stage peers for the step's commit
     head_takeover_s: float = 3.0  # a standby head replica takes over the step authority once the leading head
     # has refused or failed every dial for this long (or its announcement expired); a slow leader is not replaced
@@ -203,7 +206,8 @@ class ReplicaConfig:
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"replicas.ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
         for name in ("replica_timeout_s", "ban_base_s", "ban_max_s", "no_replica_timeout_s", "avg_timeout_s",
-                     "commit_poll_s", "catchup_poll_s", "state_timeout_s", "hold_retry_s", "head_takeover_s"):
+                     "commit_poll_s", "catchup_poll_s", "state_timeout_s", "hold_retry_s", "head_takeover_s",
+                     "alone_recheck_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"replicas.{name} must be > 0, got {getattr(self, name)}")
         if self.keep_steps < 1:

@@ -112,6 +112,7 @@ class ReplicaEngine:
         self._peer_failures: dict[str, tuple[int, float]] = {}  # stage peer -> (failed exchanges, skip until)
         self._unreachable: dict[str, float] = {}  # stage peer -> until when it counts as gone (refused or no dial)
         self._probing: set[str] = set()  # stage peers in backoff with a background push in flight
+        self._alone_checked = -float("inf")  # trio time of the last discovery round run because no stage peer was known
         self._probe_send, self._probe_recv = trio.open_memory_channel[tuple[Any, ...]](float("inf"))
         self._rerouted = 0
         self._forwards = 0  # gradients sent upstream (test hook)
@@ -308,7 +309,8 @@ class ReplicaEngine:
         while its backoff lasts, for the next ones (`_unreachable`: a dial to a dead process costs libp2p's
         retries, and a dead peer stays announced for discovery's entry_ttl_s); when
         every peer is out this replica is the stage's only live holder and the contribution may be committed
-        (True). A peer that is merely slow is tried again every `hold_retry_s` until `replica_timeout_s` has
+        (True); when it knows no stage peer at all, it first runs a discovery round (`alone_recheck_s`). A peer
+        that is merely slow is tried again every `hold_retry_s` until `replica_timeout_s` has
         passed (False: the gradient is not sent, the upstream re-routes the microbatch after its own timeout).
         """
         deadline = trio.current_time() + self.rc.replica_timeout_s
@@ -319,6 +321,12 @@ class ReplicaEngine:
             peers = [e for e in self.discovery.stage_peers(self.stage) if e.addrs and e.peer_id not in out
                      and self._unreachable.get(e.peer_id, 0.0) <= now]
             if not peers:
+                if not out and trio.current_time() - self._alone_checked >= self.rc.alone_recheck_s:
+                    # no stage peer known at all: ask the swarm once more before holding it alone (config field doc)
+                    self._alone_checked = trio.current_time()
+                    with trio.move_on_after(self.rc.avg_timeout_s):
+                        await self.discovery.gossip_round()
+                    continue
                 return True
             if left <= 0:
                 return False

@@ -31,16 +31,21 @@ def announcement(host: Any, ident: Any, spec_hex: str, seq: int = 0) -> Announce
                         seq=seq).sign(ident)
 
 
-def engine(host: Any, ident: Any, worker: StageWorker, peer: Announcement) -> ReplicaEngine:
-    """A stage-1 replica engine on `host` whose discovery knows `peer`, which is in backoff."""
+def engine(host: Any, ident: Any, worker: StageWorker, peer: Announcement | None,
+           bootstrap: list[str] | None = None) -> ReplicaEngine:
+    """A stage-1 replica engine on `host` whose discovery knows `peer`, which is in backoff (with `peer` None:
+    knows no peer, only the `bootstrap` addresses)."""
     cfg = NodeConfig(num_stages=3, stage="1")
-    discovery = Discovery(host, announcement(host, ident, peer.spec_hash), cfg.discovery, [], identity=ident)
-    discovery._merge([peer.to_json()])
+    spec_hex = worker.config.spec_hash().hex()
+    discovery = Discovery(host, announcement(host, ident, spec_hex), cfg.discovery, bootstrap or [], identity=ident)
+    if peer is not None:
+        discovery._merge([peer.to_json()])
     endpoint = ActEndpoint(host, local=LocalInfo(worker.config.spec_hash(), 1, 3, ident.address, bind(ident)),
                            frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes), cfg=cfg.transport)
     size = sum(p.numel() for p in trainable(worker.module))
     eng = ReplicaEngine(cfg, worker, endpoint, discovery, host, ContributionStore(size))
-    eng._peer_failed(peer.peer_id)  # its last exchange failed
+    if peer is not None:
+        eng._peer_failed(peer.peer_id)  # its last exchange failed
     return eng
 
 

@@ -10,8 +10,12 @@ import pytest
 import torch
 import trio
 
+from node.config import NodeConfig
+from node.net.discovery import Discovery
+from node.net.host import full_addrs
+from node.replicas.averaging import AveragingService, ContributionStore, trainable
 from tests.node.conftest import running_host
-from tests.node.replica_pair import replica_pair
+from tests.node.replica_pair import announcement, engine, replica_pair, stage_worker
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
 
@@ -45,5 +49,27 @@ def test_a_peer_slower_than_the_replica_timeout_means_the_gradient_is_not_sent()
             assert (1, 0) not in peer_store.vecs.get(2, {})
             assert peer.peer_id not in eng._unreachable  # slow is not gone
             assert (1, 0) in eng.store.vecs[2]  # our own copy is kept
+
+    trio.run(main)
+
+
+def test_a_replica_that_knows_no_stage_peer_asks_the_swarm_before_holding_a_contribution_alone() -> None:
+    # a replica that started with its stage peer may not have it in its table yet: holding a contribution alone
+    # (and sending the gradient upstream) would lose the committed microbatch if it died (tests/node/test_replica_race.py)
+    async def main() -> None:
+        async with running_host(145) as (h0, id0), running_host(146) as (h1, id1):
+            worker = stage_worker()
+            size = sum(p.numel() for p in trainable(worker.module))
+            spec_hex = worker.config.spec_hash().hex()
+            peer_store = ContributionStore(size)
+            AveragingService(h1, spec_hex, lambda s: peer_store if s == 1 else None, 5.0)
+            Discovery(h1, announcement(h1, id1, spec_hex, seq=1), NodeConfig().discovery, [], identity=id1)
+            eng = engine(h0, id0, worker, None, bootstrap=[full_addrs(h1)[0]])  # knows the peer's address only
+            assert eng.discovery.stage_peers(1) == []
+            vec = torch.arange(size, dtype=torch.float32)
+            with trio.fail_after(20):
+                assert await eng._contribute(2, 0, 0, vec, None)
+            assert [e.peer_id for e in eng.discovery.stage_peers(1)] == [h1.get_id().pretty()]
+            assert torch.equal(peer_store.vecs[2][(0, 0)], vec)  # held by the peer it learned of
 
     trio.run(main)
