@@ -34,6 +34,7 @@ class TransportConfig:
     dial_retry_delay_s: float = 0.1  # wait before the first of those attempts (doubled for each next one)
     error_linger_s: float = 2.0  # after sending ERROR, how long to wait for the peer to close before a reset
     hash_thread_bytes: int = 8 * 1024 * 1024  # bodies this large are hashed in a worker thread, smaller ones on the loop (0 = never)
+    max_pending_norms: int = 64  # gradient-norm frames a channel holds unclaimed; one more fails the channel (a flood)
 
     def hashes_in_thread(self, body_bytes: int) -> bool:
         """Whether a frame body of this size is hashed in a worker thread rather than on the event loop."""
@@ -43,6 +44,8 @@ class TransportConfig:
         """Raise ValueError naming the bad field."""
         if self.max_frame_bytes < 1024:
             raise ValueError(f"transport.max_frame_bytes must be >= 1024, got {self.max_frame_bytes}")
+        if self.max_pending_norms < 2:
+            raise ValueError(f"transport.max_pending_norms must be >= 2, got {self.max_pending_norms}")
         if self.credits < 1:
             raise ValueError(f"transport.credits must be >= 1, got {self.credits}")
         if self.hash_thread_bytes < 0:
@@ -420,8 +423,6 @@ class NodeConfig:
             raise ValueError(f"runtime.eval_every must be >= 0 (0 = off), eval_batches >= 1 and eval_seed >= 0; got "
                              f"{r.eval_every}, {r.eval_batches}, {r.eval_seed}")
         check_schedule(r.schedule, r.max_staleness)
-        if r.schedule == "async" and self.recipe.grad_clip > 0:
-            raise ValueError("runtime.schedule = async does not exchange gradient norms: set recipe.grad_clip = 0")
         if r.schedule == "async" and self.replicas.enabled:
             raise ValueError("runtime.schedule = async runs one peer per stage: it does not combine with replicas.enabled")
         self.transport.validate()

@@ -8,6 +8,15 @@ through it, in step order, and reports the step then. So the head keeps forwardi
 while the gradients of step k are still travelling, which hides the round trip of WAN links once S
 steps of compute cover it.
 
+Global-norm clipping (`recipe.grad_clip`) without a flush: when stage j has run every backward of step k
+and holds the running sum of step k's squared gradient norm over stages j+1..last (a NORM_UP frame from
+downstream; 0 at the last stage), it adds its own share and sends the sum upstream; stage 0 then holds the
+whole model's, clips and applies update k, and the total travels down (NORM_DOWN), each stage clipping and
+applying update k with it and passing it on. A stage needs update k only before step k+S+1's forward, which
+stage 0 sends after the same update, so the exchange adds no wait to a stage whose work is ahead (it is
+the synchronous schedules' exchange, `PipelineRuntime._exchange_sq_norm`, run backwards). Stage norms are
+added last stage first, so the total may differ from the single process's stage-0-first sum in the last bit.
+
 A gradient that is staler than the bound (its step is already applied here, or its backward already
 ran) is rejected without failing the link: counted against the sender in the channel's peer scores
 (`transport.reject_penalty`) and in `stale_rejected`, and the run goes on. Frames are signed,
@@ -49,6 +58,7 @@ class AsyncPipelineRuntime(ChannelLoop):
         super().__init__(worker, cfg, upstream, downstream)
         self.stale_rejected = 0  # gradients dropped as staler than the bound (or duplicates)
         self._inbox: deque[Received] = deque()  # activations received, waiting for their step's weights
+        self._norm_sums: dict[int, float] = {}  # step -> squared norm over stages >= this one, once sent upstream
 
     async def run(self, last: int, on_step: Any) -> None:
         """Train until update `last - 1` is applied; `on_step(StepResult)` after every update."""
@@ -59,6 +69,7 @@ class AsyncPipelineRuntime(ChannelLoop):
         m = w.num_microbatches
         tokens = m * w.microbatch_size * w.config.seq_len
         head_next = (w.next_step, 0)  # head: the next (step, microbatch) to read from the data
+        clip = w.optim.grad_clip > 0  # updates wait for their step's global gradient norm (module doc)
         done: dict[int, int] = {}  # step -> microbatches whose backward ran here
         busy = waited = 0.0
         t_last = time.perf_counter()
@@ -85,8 +96,11 @@ class AsyncPipelineRuntime(ChannelLoop):
                     raise tx.error
             # apply every complete step, in order
             k = w.next_step
-            if done.get(k, 0) >= m:
-                loss = await compute(w.step, k)
+            total = await self._step_norm(k, compute) if clip and done.get(k, 0) >= m else None
+            if done.get(k, 0) >= m and (total is not None or not clip):
+                loss = await compute(w.step, k, total)
+                if total is not None and self.downstream is not None:
+                    await self.downstream.send_norm(k, frames.NORM_DOWN, total)
                 done.pop(k)
                 now, b_now = time.perf_counter(), self._stats()
                 on_step(StepResult(step=k, stage=self.stage, loss=loss, tokens=tokens, seconds=now - t_last,
@@ -142,6 +156,25 @@ class AsyncPipelineRuntime(ChannelLoop):
         for ch in (self.upstream, self.downstream):
             if ch is not None:
                 await ch.wait_acked()
+
+    async def _step_norm(self, k: int, compute: Any) -> float | None:
+        """Step `k`'s squared gradient norm over the whole model once it is known here, else None (the loop waits
+        for a NORM frame). Called once every backward of step k ran here: sends this stage's running sum upstream
+        once the stages below sent theirs (module doc)."""
+        if k not in self._norm_sums:
+            below = 0.0
+            if self.downstream is not None:
+                got = self.downstream.take_norm(k, frames.NORM_UP)
+                if got is None:
+                    return None
+                below = got
+            self._norm_sums[k] = await compute(self.worker.step_sq_norm, k, below)
+            if self.upstream is not None:
+                await self.upstream.send_norm(k, frames.NORM_UP, self._norm_sums[k])
+        total = self._norm_sums[k] if self.upstream is None else self.upstream.take_norm(k, frames.NORM_DOWN)
+        if total is not None:
+            del self._norm_sums[k]
+        return total
 
     async def _forward(self, compute: Any, backward: Any, down_tx: _Sender | None, step: int, mb: int,
                        window: Any, h_in: Any) -> None:

@@ -5,7 +5,9 @@ Step k's forward and backward run on a stashed copy of the weights after update 
 gradients are still in flight, and the result is the same whatever the timing (the single-process
 reference is `sharding.delayed.train_delayed`). A gradient frame for a microbatch whose backward
 already ran, or for a step already applied (staler than the bound), decodes to `STALE` instead of
-failing the channel: the runtime counts it against the sender and goes on without it.
+failing the channel: the runtime counts it against the sender and goes on without it. With
+`recipe.grad_clip`, update k is clipped by step k's squared gradient norm summed over every stage
+(`step_sq_norm` gives this stage's share; the runtime carries the sums, `node.pipeline.asyncrun`).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from node.errors import UnexpectedFrameError
 from node.training.worker import StageWorker
 from node.wire import frames
 from sharding.delayed import ASYNC_LOOKAHEAD, WeightStash
+from sharding.train import grad_sq_norm
 
 STALE = object()  # what `decode` returns for a gradient that is staler than the bound (or a duplicate)
 
@@ -64,11 +67,16 @@ class AsyncStageWorker(StageWorker):
         """Microbatches of `step` whose forward ran here and whose backward did not yet."""
         return sum(1 for k, _ in self._stash if k == step)
 
+    def step_sq_norm(self, step: int, below: float = 0.0) -> float:
+        """`below` (the stages after this one) plus this stage's squared gradient norm of `step` (float64)."""
+        if step != self.next_step or self.pending(step):
+            raise UnexpectedFrameError(f"the gradient norm of step {step} is asked before its backward finished here "
+                                       f"(next update {self.next_step})")
+        return grad_sq_norm(self.stash.weights(step), below)
+
     def step(self, step: int, grad_sq_total: float | None = None) -> float | None:
-        """Apply update `step` with the gradients accumulated on its copy; returns the tail's mean loss.
-        Global-norm clipping is not run by the async schedule (NodeConfig refuses the pair)."""
-        if grad_sq_total is not None:
-            raise UnexpectedFrameError("the async schedule does not clip gradients: set recipe.grad_clip = 0")
+        """Apply update `step` with the gradients accumulated on its copy (clipped by `grad_sq_total`, the whole
+        model's squared norm of the step, when `recipe.grad_clip` is on); returns the tail's mean loss."""
         if step != self.next_step:
             raise UnexpectedFrameError(f"optimizer step {step} out of order: next is {self.next_step}")
         if self.pending(step):
@@ -78,7 +86,7 @@ class AsyncStageWorker(StageWorker):
             for obs in self.observers:
                 obs.on_before_update(k, used)
 
-        self.stash.apply(step, before)
+        self.stash.apply(step, before, grad_sq_total)
         self.next_step = step + 1
         losses = self._losses.pop(step, None)
         return sum(losses) / len(losses) if losses else None

@@ -311,7 +311,7 @@ class ActChannel:
         self.closed_by_peer = False  # True after an orderly CLOSE from the peer
         self.listeners: list[Callable[[], None]] = []  # called whenever a frame or a failure arrives
         self.commits: list[dict[str, Any]] = []  # COMMIT payloads received from the upstream peer, oldest first
-        self.norms: dict[tuple[int, int], float] = {}  # (step, NORM_PARTIAL|NORM_TOTAL) -> squared norm received
+        self.norms: dict[tuple[int, int], float] = {}  # (step, frames.NORM_* phase) -> squared norm received
         self._norms_cv = trio.Condition()
 
     # -- handshake ---------------------------------------------------------------------------------
@@ -436,10 +436,16 @@ class ActChannel:
                                          payload=body))
 
     async def send_norm(self, step: int, phase: int, value: float) -> None:
-        """Send the squared gradient norm of `step` (NORM_PARTIAL downstream, NORM_TOTAL upstream)."""
+        """Send the squared gradient norm of `step` (NORM_PARTIAL and NORM_DOWN downstream, NORM_TOTAL and
+        NORM_UP upstream)."""
         self._raise_if_failed()
         await self._write(frames.encode_frame(frames.Kind.NORM, self.local.spec_hash, self.local.stage, step, phase,
                                               payload=frames.encode_norm(value)))
+
+    def take_norm(self, step: int, phase: int) -> float | None:
+        """The neighbour's squared gradient norm of `step` in `phase` if it arrived (removed), else None."""
+        self._raise_if_failed()
+        return self.norms.pop((step, phase), None)
 
     async def recv_norm(self, step: int, phase: int, timeout_s: float) -> float:
         """The neighbour's squared gradient norm of `step` (PeerLostError naming the timeout field if it is late)."""
@@ -694,14 +700,21 @@ class ActChannel:
 
     async def _accept_norm(self, fr: frames.Frame) -> None:
         h = fr.header
-        # partial sums come from the previous stage, the total from the next one
-        want = {frames.NORM_PARTIAL: self.local.stage - 1, frames.NORM_TOTAL: self.local.stage + 1}.get(h.microbatch)
+        # synchronous schedules: partial sums come from the previous stage, the total from the next one;
+        # the async schedule runs the other way (partial sums from the next stage, the total from the previous)
+        up, down = self.local.stage - 1, self.local.stage + 1
+        want = {frames.NORM_PARTIAL: up, frames.NORM_TOTAL: down, frames.NORM_UP: down,
+                frames.NORM_DOWN: up}.get(h.microbatch)
         if want is None or h.stage != self.remote_stage or h.stage != want:
             raise UnexpectedFrameError(f"norm frame (phase {h.microbatch}) from stage {h.stage}; stage "
-                                       f"{self.local.stage} takes partial sums from stage {self.local.stage - 1} and "
-                                       f"totals from stage {self.local.stage + 1}")
+                                       f"{self.local.stage} takes partial sums from stage {up} (sync) or {down} "
+                                       f"(async) and totals from stage {down} (sync) or {up} (async)")
         if (h.step, h.microbatch) in self.norms:
             raise UnexpectedFrameError(f"second norm frame for step {h.step} phase {h.microbatch}")
+        if len(self.norms) >= self.cfg.max_pending_norms:
+            raise UnexpectedFrameError(f"norm frame for step {h.step}: {len(self.norms)} norms from peer {self.peer} "
+                                       f"are unclaimed already (transport.max_pending_norms="
+                                       f"{self.cfg.max_pending_norms})")
         self.norms[(h.step, h.microbatch)] = frames.decode_norm(fr.payload)
         await _notify_all(self._norms_cv)
         self._notify()

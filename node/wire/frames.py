@@ -53,7 +53,8 @@ class Kind(IntEnum):
     LOSS = 8  # tail -> upstream: JSON payload with the step's loss (progress reporting)
     COMMIT = 9  # head -> downstream replicas: JSON payload {"step", "commit": [[mb, attempt], ...]}
     NORM = 10  # squared gradient norm of `step` for global-norm clipping: payload = float64 (big-endian);
-    # microbatch field = NORM_PARTIAL (running sum of stages <= sender, downstream) or NORM_TOTAL (upstream)
+    # microbatch field = NORM_PARTIAL (running sum of stages <= sender, downstream) or NORM_TOTAL (upstream),
+    # or for the async schedule NORM_UP (running sum of stages >= sender, upstream) or NORM_DOWN (the total, downstream)
     EVAL = 11  # forward-only boundary hidden state of validation microbatch `microbatch` (+ its token window),
     # evaluated with the weights after update `step`; no gradient comes back and no receipt is signed
 
@@ -64,6 +65,8 @@ FORWARD_KINDS = (Kind.ACTIVATION, Kind.EVAL)
 
 NORM_PARTIAL = 0  # NORM frame: sum over stages 0..sender, sent to the next stage
 NORM_TOTAL = 1  # NORM frame: the whole model's squared norm, sent back towards stage 0
+NORM_UP = 2  # NORM frame (async schedule): sum over stages sender..last, sent to the previous stage
+NORM_DOWN = 3  # NORM frame (async schedule): the whole model's squared norm, sent from stage 0 towards the last
 _NORM = struct.Struct(">d")
 
 

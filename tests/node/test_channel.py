@@ -115,6 +115,12 @@ def _bad_frames() -> dict[str, tuple[bytes, bool, str]]:
                                         payload=frames.encode_norm(1.0))  # a total must come from downstream
     norm_nan = frames.encode_frame(frames.Kind.NORM, SPEC_HASH, 0, 1, frames.NORM_PARTIAL,
                                    payload=frames.encode_norm(float("nan")))
+    # the async schedule's partial sums travel upstream: one from the previous stage is refused
+    norm_up_from_upstream = frames.encode_frame(frames.Kind.NORM, SPEC_HASH, 0, 1, frames.NORM_UP,
+                                                payload=frames.encode_norm(1.0))
+    # totals from upstream are fine, but a peer may not leave more than max_pending_norms of them unclaimed
+    norm_flood = b"".join(frames.encode_frame(frames.Kind.NORM, SPEC_HASH, 0, step, frames.NORM_DOWN,
+                                              payload=frames.encode_norm(1.0)) for step in range(65))
     return {
         "too_large": (too_big, False, "maximum is"),
         "wrong_shape": (wrong_shape, False, "frame shape (2, 8, 17)"),
@@ -124,6 +130,8 @@ def _bad_frames() -> dict[str, tuple[bytes, bool, str]]:
         "unknown_version": (bytes(bad_version), False, "version 99"),
         "norm_wrong_direction": (norm_as_total, False, "norm frame (phase 1) from stage 0"),
         "norm_nan": (norm_nan, False, "not a finite squared norm"),
+        "norm_up_wrong_direction": (norm_up_from_upstream, False, "norm frame (phase 2) from stage 0"),
+        "norm_flood": (norm_flood, False, "64 norms from peer"),
     }
 
 

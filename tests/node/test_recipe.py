@@ -97,6 +97,15 @@ def test_norms_travel_down_and_back_and_a_late_one_names_the_timeout() -> None:
             assert await up.recv_norm(4, frames.NORM_TOTAL, 5) == 7.25
             with pytest.raises(PeerLostError, match="grad_norm_timeout_s=0.2"):
                 await up.recv_norm(5, frames.NORM_TOTAL, 0.2)
+            # the async schedule's way: partial sums upstream, the total downstream, taken without waiting
+            assert up.take_norm(6, frames.NORM_UP) is None
+            await down.send_norm(6, frames.NORM_UP, 1.5)
+            with trio.fail_after(5):  # the frame is on its way: poll the condition, as the async loop does on wake-ups
+                while (got := up.take_norm(6, frames.NORM_UP)) is None:
+                    await trio.sleep(0.01)
+            assert got == 1.5 and up.take_norm(6, frames.NORM_UP) is None
+            await up.send_norm(6, frames.NORM_DOWN, 4.0)
+            assert await down.recv_norm(6, frames.NORM_DOWN, 5) == 4.0
             nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -23,10 +23,11 @@ M, B = 2, 2
 SLOW_START = ["--discovery-discovery-timeout-s", "180"]
 
 
-def _swarm(tmp_path, schedule: str, staleness: int, steps: int):
+def _swarm(tmp_path, schedule: str, staleness: int, steps: int, extra: list[str] | None = None):
     return run_local_swarm(3, steps, tmp_path, microbatches=M, microbatch_size=B, corpus="synthetic",
                            threads=[1, 1, 1], timeout_s=300,
-                           extra_args=["--schedule", schedule, "--max-staleness", str(staleness), *SLOW_START])
+                           extra_args=["--schedule", schedule, "--max-staleness", str(staleness), *SLOW_START,
+                                       *(extra or [])])
 
 
 @pytest.mark.network
@@ -51,6 +52,22 @@ def test_async_equals_the_delayed_gradient_reference(tmp_path) -> None:
     for records in res.steps.values():
         assert [r["step"] for r in records] == [0, 1, 2, 3]
         assert all(r["stale_rejected"] == 0 and r["max_staleness"] == 1 for r in records)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(360)
+def test_async_with_global_norm_clipping_equals_the_clipped_delayed_reference(tmp_path) -> None:
+    # the norms travel up and down between steps without a flush; every stage clips update k by step k's norm
+    clip = OptimConfig(lr=0.01, grad_clip=0.01)
+    res = _swarm(tmp_path, "async", 1, 5, ["--lr", "0.01", "--recipe-grad-clip", "0.01"])
+    corpus = load_corpus("synthetic")
+    want = train_delayed(PRESETS["tiny"], clip, 5, M, B, corpus, 1)
+    assert res.losses == pytest.approx(want, abs=1e-4)
+    unclipped = train_delayed(PRESETS["tiny"], OptimConfig(lr=0.01), 5, M, B, corpus, 1)
+    assert abs(unclipped[-1] - res.losses[-1]) > 1e-3  # the clip is active (AdamW is nearly scale-free: small)
+    for records in res.steps.values():
+        assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
+        assert all(r["stale_rejected"] == 0 for r in records)
 
 
 def _head(staleness: int) -> AsyncStageWorker:

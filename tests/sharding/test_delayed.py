@@ -8,9 +8,18 @@ import json
 import pytest
 import torch
 
-from sharding import PRESETS, OptimConfig, build_model, load_corpus, make_optimizer, train_reference
+from sharding import (
+    PRESETS,
+    OptimConfig,
+    build_model,
+    load_corpus,
+    make_optimizer,
+    partition,
+    train_reference,
+)
 from sharding.delayed import ASYNC_GOLDEN_PATH, WeightStash, run_golden_async, train_delayed
 from sharding.regression import GOLDEN_ATOL
+from sharding.stage import StageModule
 from sharding.train import optimizer_step
 
 
@@ -42,6 +51,19 @@ def test_staleness_zero_is_the_synchronous_run() -> None:
     corpus = load_corpus("synthetic")
     assert train_delayed(PRESETS["tiny"], OptimConfig(), 4, 2, 2, corpus, 0) == \
         train_reference(PRESETS["tiny"], OptimConfig(), 4, 2, 2, corpus)
+
+
+def test_clipped_staleness_zero_is_the_clipped_synchronous_run_and_a_stage_must_pass_the_global_norm() -> None:
+    corpus, clip = load_corpus("synthetic"), OptimConfig(lr=0.01, grad_clip=0.01)
+    got = train_delayed(PRESETS["tiny"], clip, 4, 2, 2, corpus, 0)
+    assert got == train_reference(PRESETS["tiny"], clip, 4, 2, 2, corpus)
+    assert got != train_reference(PRESETS["tiny"], OptimConfig(lr=0.01), 4, 2, 2, corpus)
+    stage = StageModule(PRESETS["tiny"], partition(PRESETS["tiny"], 2)[0])
+    stash = WeightStash(stage, make_optimizer(stage, clip), clip, 1)
+    with pytest.raises(ValueError, match="pass grad_sq_total"):
+        stash.apply(0)
+    stash.apply(0, grad_sq_total=4.0)  # a stage clips by the whole model's norm, given
+    assert stash.next_update == 1
 
 
 @pytest.mark.parametrize("staleness", [1, 2])
