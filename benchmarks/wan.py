@@ -26,6 +26,10 @@ gpipe's at equal tokens on the benchmark model, from the single-process referenc
 (`sharding.delayed.train_delayed` / `sharding.train_reference`), which the node swarm reproduces exactly
 (tests/node/test_schedules.py).
 
+`--grad-clip C` runs every schedule and both loss arms with global-norm clipping (`recipe.grad_clip`): the
+synchronous schedules exchange the norm at each step's flush (a round trip through the stages), the async one
+carries it on NORM frames between steps (`node.pipeline.asyncrun`).
+
 Last line: JSON with `utilisation` (per schedule), `tokens_per_s` (per schedule), `replica_compression`,
 `loss_ratio_async`, `loss_ratio_compressed_avg`, the link check and the settings.
 
@@ -238,11 +242,11 @@ def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microbatches: int, mb_size: int,
-                 model_path: Path, root: Path, lr: float, corpus: str) -> dict[str, Any]:
+                 model_path: Path, root: Path, lr: float, corpus: str, grad_clip: float = 0.0) -> dict[str, Any]:
     """One swarm run of `schedule` over the emulated links; its summary."""
     args = ["--model", str(model_path), "--stages", str(lab.n), "--steps", str(steps), "--microbatches",
             str(microbatches), "--microbatch-size", str(mb_size), "--corpus", corpus, "--threads", "1", "--lr", str(lr),
-            "--no-dht", "--checkpoint-every", "0", "--schedule", schedule,
+            "--no-dht", "--checkpoint-every", "0", "--schedule", schedule, "--recipe-grad-clip", str(grad_clip),
             "--max-staleness", str(staleness if schedule == "async" else 0),
             "--discovery-discovery-timeout-s", "600", "--runtime-frame-timeout-s", "600"]
     t0 = time.monotonic()
@@ -257,7 +261,7 @@ def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microba
 
 
 def loss_ratio(model: ModelConfig, staleness: int, steps: int, microbatches: int, mb_size: int, lr: float,
-               corpus_name: str) -> dict[str, float]:
+               corpus_name: str, grad_clip: float = 0.0) -> dict[str, float]:
     """Validation loss of async (staleness) over gpipe at equal tokens, from the single-process references."""
     import torch
 
@@ -266,7 +270,7 @@ def loss_ratio(model: ModelConfig, staleness: int, steps: int, microbatches: int
 
     torch.set_num_threads(1)
     corpus = load_corpus(corpus_name)
-    optim = OptimConfig(lr=lr)
+    optim = OptimConfig(lr=lr, grad_clip=grad_clip)
 
     def val(m: Any) -> float:
         return validation_loss(m, corpus, model.seq_len, VAL_WINDOWS, seed=VAL_SEED)
@@ -304,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--schedules", default=",".join(SCHEDULES))
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (the recipe's lr)")
     p.add_argument("--corpus", default="stdlib", help="sharding.load_corpus source")
+    p.add_argument("--grad-clip", type=float, default=0.0,
+                   help="global-norm clipping (recipe.grad_clip) in every schedule run and both loss arms; 0 = off")
     p.add_argument("--averaging-steps", type=int, default=None,
                    help="steps of the dense vs PowerSGD replica comparison (default 150, quick 10; 0 skips it)")
     p.add_argument("--averaging-rank", type=int, default=8, help="PowerSGD rank of the replica comparison")
@@ -324,11 +330,13 @@ def main(argv: list[str] | None = None) -> None:
         model_path.write_text(json.dumps(BENCH_MODEL.to_dict()))
         for schedule in schedules:
             results[schedule] = run_schedule(lab, schedule, a.max_staleness, steps, a.microbatches,
-                                             a.microbatch_size, model_path, Path(tmp) / schedule, a.lr, a.corpus)
+                                             a.microbatch_size, model_path, Path(tmp) / schedule, a.lr, a.corpus,
+                                             a.grad_clip)
             r = results[schedule]
             print(f"{schedule}: utilisation {r['utilisation']:.3f} (stage {r['busiest_stage']}), "
                   f"{r['tokens_per_s']:.0f} tokens/s", flush=True)
-    losses = loss_ratio(BENCH_MODEL, a.max_staleness, loss_steps, a.microbatches, a.microbatch_size, a.lr, a.corpus)
+    losses = loss_ratio(BENCH_MODEL, a.max_staleness, loss_steps, a.microbatches, a.microbatch_size, a.lr, a.corpus,
+                        a.grad_clip)
     avg_steps = a.averaging_steps if a.averaging_steps is not None else (10 if a.quick else 150)
     averaging = _averaging(avg_steps, a.averaging_model, a.averaging_rank, a.averaging_bits, a.lr) \
         if avg_steps > 0 else None
@@ -338,7 +346,7 @@ def main(argv: list[str] | None = None) -> None:
               f"{averaging['replica_compression']:.1f}x less, val loss ratio {averaging['loss_ratio_compressed_avg']:.4f}")
     print(f"model d={BENCH_MODEL.d_model} L={BENCH_MODEL.n_layers} T={BENCH_MODEL.seq_len}, 3 stages x 1 node, "
           f"{a.microbatches}x{a.microbatch_size} microbatches, {steps} steps, netem {a.delay_ms:g} ms / "
-          f"{a.rate_mbit:g} Mbit/s per uplink, async max_staleness {a.max_staleness}")
+          f"{a.rate_mbit:g} Mbit/s per uplink, async max_staleness {a.max_staleness}, grad clip {a.grad_clip:g}")
     print(f"{'schedule':<10}{'tokens/s':>10}{'util':>8}{'stage':>7}  per-stage utilisation")
     for s, r in results.items():
         per = " ".join(f"{v:.2f}" for _, v in sorted(r["stage_utilisation"].items()))
@@ -368,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         "delay_ms": a.delay_ms, "rate_mbit": a.rate_mbit, "stages": 3, "replicas": 1,
         "max_staleness": a.max_staleness, "steps": steps, "microbatches": a.microbatches,
         "microbatch_size": a.microbatch_size, "model": BENCH_MODEL.to_dict(), "lr": a.lr, "corpus": a.corpus,
+        "grad_clip": a.grad_clip,
     }))
 
 
