@@ -6,9 +6,11 @@ datacenter` therefore takes, from the record this module stores in the calibrati
 measured at the WAN's staleness bound over the training length nearest (in log steps) to the steps
 the target run takes, and labels it with both.
 
-`python -m simulations.async_loss RECIPE_OUTPUT [--write]` reads the last JSON line of a saved
-`benchmarks/async_recipe.py` output (`--staleness 1,2 --horizons 300,1000,3000` gives every pair), prints
-the ratios, and with `--write` stores them under `async_loss` in the calibration file.
+`python -m simulations.async_loss RECIPE_OUTPUT... [--write]` reads the last JSON line of saved
+`benchmarks/async_recipe.py` outputs (`--staleness 1,2 --horizons 300,1000,3000` gives every pair), prints
+the ratios, and with `--write` stores them under `async_loss` in the calibration file. With several outputs,
+a later one's bounds replace an earlier one's (e.g. a clipped run at bound 1 over an unclipped run of 1 and
+2); each bound keeps the recipe it was measured with (`recipes`: lr:warmup and the clip, if any).
 """
 
 from __future__ import annotations
@@ -42,8 +44,24 @@ def record_from_recipe(out: dict[str, Any]) -> dict[str, Any]:
         str(out["staleness"]): out.get("loss_ratio_by_steps") or {str(out["steps"]): out["loss_ratio_same_recipe"]}}
     ratios = {str(b): {str(n): float(r[key]) for n, r in by_steps.items()} for b, by_steps in by_bound.items()}
     model = out["model"]
-    return {"ratios": ratios, "recipe": key, "lookahead": out.get("lookahead"),
+    clip = float(out.get("grad_clip") or 0.0)
+    label = key + (f", grad clip {clip:g}" if clip else "")
+    return {"ratios": ratios, "recipe": key, "recipes": {b: label for b in ratios}, "lookahead": out.get("lookahead"),
             "model": f"d_model {model['d_model']} x {model['n_layers']} layers, seq {model['seq_len']}"}
+
+
+def merge_records(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """One record from several (`record_from_recipe`): a later record's bounds replace an earlier one's; the
+    model and look-ahead must agree (ValueError otherwise: the ratios would not be comparable)."""
+    merged = dict(records[0])
+    merged["ratios"], merged["recipes"] = dict(records[0]["ratios"]), dict(records[0].get("recipes") or {})
+    for rec in records[1:]:
+        for field in ("model", "lookahead"):
+            if rec.get(field) != merged.get(field):
+                raise ValueError(f"async_loss records disagree on {field}: {merged.get(field)!r} vs {rec.get(field)!r}")
+        merged["ratios"].update(rec["ratios"])
+        merged["recipes"].update(rec.get("recipes") or {b: rec["recipe"] for b in rec["ratios"]})
+    return merged
 
 
 def pick(record: dict[str, Any] | None, staleness: int, target_steps: float) -> AsyncLoss | None:
@@ -57,21 +75,24 @@ def pick(record: dict[str, Any] | None, staleness: int, target_steps: float) -> 
     steps = min((int(n) for n in by_steps), key=lambda n: (abs(math.log(n / target_steps)), -n))
     ratio = float(by_steps[str(steps)])
     label = (f"measured: benchmarks/async_recipe.py, staleness {staleness}, {steps} steps (the measured length "
-             f"nearest the target's {target_steps:g}), {record.get('model')}, recipe lr:warmup {record.get('recipe')}")
+             f"nearest the target's {target_steps:g}), {record.get('model')}, recipe lr:warmup "
+             f"{(record.get('recipes') or {}).get(str(staleness), record.get('recipe'))}")
     return AsyncLoss(ratio=ratio, staleness=staleness, steps=steps, label=label)
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("recipe_output", type=Path, help="saved output of benchmarks/async_recipe.py (its last line)")
+    p.add_argument("recipe_output", type=Path, nargs="+",
+                   help="saved outputs of benchmarks/async_recipe.py (their last lines); later bounds replace earlier")
     p.add_argument("--write", action="store_true", help="store the record in the calibration file")
     p.add_argument("--calibration", type=Path, default=DEFAULT_PATH)
     a = p.parse_args(argv)
-    record = record_from_recipe(json.loads(a.recipe_output.read_text().strip().splitlines()[-1]))
-    print(f"{record['model']}, recipe {record['recipe']}\n{'bound':>5} {'steps':>6} {'ratio':>7}")
+    record = merge_records([record_from_recipe(json.loads(path.read_text().strip().splitlines()[-1]))
+                            for path in a.recipe_output])
+    print(f"{record['model']}\n{'bound':>5} {'steps':>6} {'ratio':>7}  recipe")
     for b, by_steps in sorted(record["ratios"].items(), key=lambda kv: int(kv[0])):
         for n, r in sorted(by_steps.items(), key=lambda kv: int(kv[0])):
-            print(f"{b:>5} {n:>6} {r:>7.4f}")
+            print(f"{b:>5} {n:>6} {r:>7.4f}  {record['recipes'][b]}")
     if a.write:
         stored = json.loads(a.calibration.read_text())
         stored["async_loss"] = record

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from simulations.async_loss import main, pick, record_from_recipe
+from simulations.async_loss import main, merge_records, pick, record_from_recipe
 from simulations.calibrate import DEFAULT_PATH, load_calibration
 from simulations.datacenter import run_vs_datacenter
 from simulations.presets import steps_multiplier
@@ -66,3 +66,23 @@ def test_the_cli_writes_the_record_into_the_calibration_file(tmp_path: Path,
     stored = json.loads(cal_file.read_text())
     assert stored["version"] == 1 and stored["async_loss"]["ratios"]["2"]["3000"] == 1.04
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["recipe"] == "0.001:10"
+
+
+def test_a_later_output_replaces_its_bounds_and_keeps_its_recipe(tmp_path: Path) -> None:
+    clipped = {**RECIPE_LINE, "loss_ratio_by_staleness": {}, "staleness": 1, "grad_clip": 0.5,
+               "loss_ratio_by_steps": {"3000": {"0.001:10": 1.005}}}
+    merged = merge_records([record_from_recipe(RECIPE_LINE), record_from_recipe(clipped)])
+    assert merged["ratios"] == {"1": {"3000": 1.005}, "2": {"300": 1.30, "3000": 1.04}}
+    at_1, at_2 = pick(merged, 1, 2925), pick(merged, 2, 2925)
+    assert at_1 is not None and at_1.ratio == 1.005 and "0.001:10, grad clip 0.5" in at_1.label
+    assert at_2 is not None and at_2.ratio == 1.04 and "grad clip" not in at_2.label
+    other_model = {**clipped, "model": {"d_model": 64, "n_layers": 2, "seq_len": 64}}
+    with pytest.raises(ValueError, match="disagree on model"):
+        merge_records([record_from_recipe(RECIPE_LINE), record_from_recipe(other_model)])
+    # the CLI takes both outputs in that order
+    a, b, cal = tmp_path / "a.log", tmp_path / "b.log", tmp_path / "cal.json"
+    a.write_text(json.dumps(RECIPE_LINE) + "\n")
+    b.write_text(json.dumps(clipped) + "\n")
+    cal.write_text("{}")
+    main([str(a), str(b), "--write", "--calibration", str(cal)])
+    assert json.loads(cal.read_text())["async_loss"]["ratios"]["1"] == {"3000": 1.005}
