@@ -13,7 +13,8 @@ and holds the running sum of step k's squared gradient norm over stages j+1..las
 downstream; 0 at the last stage), it adds its own share and sends the sum upstream; stage 0 then holds the
 whole model's, clips and applies update k, and the total travels down (NORM_DOWN), each stage clipping and
 applying update k with it and passing it on. A stage needs update k only before step k+S+1's forward, which
-stage 0 sends after the same update, so the exchange adds no wait to a stage whose work is ahead (it is
+stage 0 sends after the same update, so the exchange adds no wait to a stage whose work is ahead; the NORM
+frames go through the channels' send queues, behind the data frames queued before them (it is
 the synchronous schedules' exchange, `PipelineRuntime._exchange_sq_norm`, run backwards). Stage norms are
 added last stage first, so the total may differ from the single process's stage-0-first sum in the last bit.
 
@@ -96,11 +97,11 @@ class AsyncPipelineRuntime(ChannelLoop):
                     raise tx.error
             # apply every complete step, in order
             k = w.next_step
-            total = await self._step_norm(k, compute) if clip and done.get(k, 0) >= m else None
+            total = await self._step_norm(k, compute, up_tx) if clip and done.get(k, 0) >= m else None
             if done.get(k, 0) >= m and (total is not None or not clip):
                 loss = await compute(w.step, k, total)
-                if total is not None and self.downstream is not None:
-                    await self.downstream.send_norm(k, frames.NORM_DOWN, total)
+                if total is not None and down_tx is not None:
+                    down_tx.put_norm(k, frames.NORM_DOWN, total)  # ahead of step k+S+1's activations
                 done.pop(k)
                 now, b_now = time.perf_counter(), self._stats()
                 on_step(StepResult(step=k, stage=self.stage, loss=loss, tokens=tokens, seconds=now - t_last,
@@ -157,7 +158,7 @@ class AsyncPipelineRuntime(ChannelLoop):
             if ch is not None:
                 await ch.wait_acked()
 
-    async def _step_norm(self, k: int, compute: Any) -> float | None:
+    async def _step_norm(self, k: int, compute: Any, up_tx: _Sender | None) -> float | None:
         """Step `k`'s squared gradient norm over the whole model once it is known here, else None (the loop waits
         for a NORM frame). Called once every backward of step k ran here: sends this stage's running sum upstream
         once the stages below sent theirs (module doc)."""
@@ -169,8 +170,8 @@ class AsyncPipelineRuntime(ChannelLoop):
                     return None
                 below = got
             self._norm_sums[k] = await compute(self.worker.step_sq_norm, k, below)
-            if self.upstream is not None:
-                await self.upstream.send_norm(k, frames.NORM_UP, self._norm_sums[k])
+            if up_tx is not None:
+                up_tx.put_norm(k, frames.NORM_UP, self._norm_sums[k])  # behind step k's last gradient frames
         total = self._norm_sums[k] if self.upstream is None else self.upstream.take_norm(k, frames.NORM_DOWN)
         if total is not None:
             del self._norm_sums[k]

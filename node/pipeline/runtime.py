@@ -75,10 +75,17 @@ class _Sender:
         self._idle = trio.Event()
         self._send.send_nowait((kind, step, mb, payload, window))
 
+    def put_norm(self, step: int, phase: int, value: float) -> None:
+        """Queue a NORM frame behind the data frames already queued (the loop does not wait for the write)."""
+        self.put(frames.Kind.NORM, step, phase, frames.encode_norm(value))
+
     async def run(self) -> None:
         async for kind, step, mb, payload, window in self._recv:
             try:
-                await self.ch.send_data(kind, step, mb, payload, window)
+                if kind == frames.Kind.NORM:
+                    await self.ch.send_norm(step, mb, frames.decode_norm(payload))
+                else:
+                    await self.ch.send_data(kind, step, mb, payload, window)
             except NodeError as exc:
                 self.error = exc
                 self._idle.set()
