@@ -43,6 +43,14 @@ script's grid): global-norm clipping helps async most. Sync 1.9192 (no clip), 1.
 look-ahead 1.5): 1.06 against the best sync. Warm-up 100 instead of 10: async 2.0925, sync 1.9569.
 Look-ahead 0.5 or 2 instead of 1: worse (2.5760, 2.5251). The node's async schedule does not clip yet (the
 global norm needs every stage's share of a step without a flush), so these recipes are not what it runs.
+
+Session 17: the async schedule now clips (`recipe.grad_clip`, norms carried on NORM frames between steps), and
+`--grad-clip C` runs both arms with it. `--grid 1e-3:10 --horizons 1000,3000 --grad-clip 0.5` (staleness 1,
+2 workers, other work on the machine): sync -> async 1000 steps 1.4904 -> 1.5324 (1.0282), 3000 steps 1.2536 ->
+1.2809 (1.0218). The same-recipe gap narrows (1.0367 unclipped), but clip 0.5 costs sync more than it gains
+async at this length: against the best sync run (unclipped, 1.2042) clipped async is 1.064 and unclipped async
+1.0367, so at 3000 steps clipping is not the better recipe and the simulator's calibration keeps the unclipped
+ratios. The clip helps short runs (300 steps, above) and was not probed at other values over 3000 steps.
 """
 
 from __future__ import annotations
