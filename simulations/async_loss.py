@@ -45,7 +45,8 @@ def record_from_recipe(out: dict[str, Any]) -> dict[str, Any]:
     ratios = {str(b): {str(n): float(r[key]) for n, r in by_steps.items()} for b, by_steps in by_bound.items()}
     model = out["model"]
     clip = float(out.get("grad_clip") or 0.0)
-    label = key + (f", grad clip {clip:g}" if clip else "")
+    schedule = str(out.get("schedule") or "constant")
+    label = key + (f", grad clip {clip:g}" if clip else "") + (f", lr {schedule}" if schedule != "constant" else "")
     return {"ratios": ratios, "recipe": key, "recipes": {b: label for b in ratios}, "lookahead": out.get("lookahead"),
             "model": f"d_model {model['d_model']} x {model['n_layers']} layers, seq {model['seq_len']}"}
 

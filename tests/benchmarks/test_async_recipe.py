@@ -42,3 +42,15 @@ def test_a_bad_horizon_or_bound_is_refused_naming_it() -> None:
     proc = _run("--quick", "--staleness", "1,0")
     assert proc.returncode != 0
     assert "--staleness '1,0'" in proc.stderr and "integer >= 1" in proc.stderr
+
+
+def test_cosine_schedule_decays_both_arms_over_the_run_and_is_recorded() -> None:
+    constant = json.loads(_run("--quick", "--steps", "12", "--workers", "1").stdout.strip().splitlines()[-1])
+    proc = _run("--quick", "--steps", "12", "--workers", "1", "--schedule", "cosine")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    cosine = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert constant["schedule"] == "constant" and cosine["schedule"] == "cosine"
+    assert "lr schedule cosine" in proc.stdout
+    # warm-up (10 steps) is shared, the decay changes the last steps of both arms (one recipe: best = its run)
+    for arm in ("sync", "async"):
+        assert cosine[f"val_loss_best_{arm}"] != constant[f"val_loss_best_{arm}"]
