@@ -51,6 +51,21 @@ Session 17: the async schedule now clips (`recipe.grad_clip`, norms carried on N
 async at this length: against the best sync run (unclipped, 1.2042) clipped async is 1.064 and unclipped async
 1.0367, so at 3000 steps clipping is not the better recipe and the simulator's calibration keeps the unclipped
 ratios. The clip helps short runs (300 steps, above) and was not probed at other values over 3000 steps.
+
+Session 18: `--schedule cosine` (both arms decay to 0.1 x lr over the run, what a spec's `total_steps` gives).
+`--grid 1e-3:10 --horizons 3000 --staleness 1,2 --schedule cosine` (3 workers on 2 cores): sync 1.2164, async
+1.2700 (1.0440) at staleness 1, 1.4358 (1.1803) at staleness 2: the decay does not close the gap, and it costs
+sync (constant: 1.2042). The async train-loss curve stalls early (2.98 from step 50 to 100 while sync falls
+through 2.39 to 2.29) and stays behind: the lag is made in the first few hundred steps, which a decay at the
+end does not undo. Tiny (`--model tiny --horizons 300,600 --staleness 1,2 --schedule cosine`): 1.0472 / 1.0468
+at staleness 1, 1.1818 / 1.1533 at staleness 2. Ad-hoc probes on tiny, 600 steps, cosine: lr 2e-3 in both arms
+widens the gap (sync 1.7634, async 1.9408: 1.10), so the penalty grows with lr x delay rather than async
+wanting a larger step; a fresh tail stage (delays 1, 1, 0 over 3 stages, what a FIFO tail could run without
+waiting) was worse than the uniform delay (2.0013 against 1.9939): stages out of step with each other cost more
+than the shared delay.
+Warm-up: `--grid 1e-3:200 --horizons 3000` (constant after 200 warm-up steps, 2 workers): sync 1.2462, async
+1.2595, **1.0107** for the same recipe, the first recipe within 2 % on the bench model; but the long warm-up
+costs sync more (1.2042 with 10 warm-up steps), so against the best sync run async is 1.046 (1.0367 with 10).
 """
 
 from __future__ import annotations
