@@ -52,10 +52,11 @@ async at this length: against the best sync run (unclipped, 1.2042) clipped asyn
 1.0367, so at 3000 steps clipping is not the better recipe and the simulator's calibration keeps the unclipped
 ratios. The clip helps short runs (300 steps, above) and was not probed at other values over 3000 steps.
 
-Session 18: `--schedule cosine` (both arms decay to 0.1 x lr over the run, what a spec's `total_steps` gives).
+Session 18: `--schedule cosine` (both arms decay to `OptimConfig.min_lr_ratio` x lr over the run, what a spec's
+`total_steps` gives).
 `--grid 1e-3:10 --horizons 3000 --staleness 1,2 --schedule cosine` (3 workers on 2 cores): sync 1.2164, async
 1.2700 (1.0440) at staleness 1, 1.4358 (1.1803) at staleness 2: the decay does not close the gap, and it costs
-sync (constant: 1.2042). The async train-loss curve stalls early (2.98 from step 50 to 100 while sync falls
+sync (constant: 1.2042, session 16). The async train-loss curve stalls early (2.98 from step 50 to 100 while sync falls
 through 2.39 to 2.29) and stays behind: the lag is made in the first few hundred steps, which a decay at the
 end does not undo. Tiny (`--model tiny --horizons 300,600 --staleness 1,2 --schedule cosine`): 1.0472 / 1.0468
 at staleness 1, 1.1818 / 1.1533 at staleness 2. Ad-hoc probes on tiny, 600 steps, cosine: lr 2e-3 in both arms
@@ -65,7 +66,8 @@ waiting) was worse than the uniform delay (2.0013 against 1.9939): stages out of
 than the shared delay.
 Warm-up: `--grid 1e-3:200 --horizons 3000` (constant after 200 warm-up steps, 2 workers): sync 1.2462, async
 1.2595, **1.0107** for the same recipe, the first recipe within 2 % on the bench model; but the long warm-up
-costs sync more (1.2042 with 10 warm-up steps), so against the best sync run async is 1.046 (1.0367 with 10).
+costs sync more (1.2042 with 10 warm-up steps, session 16), so against the best sync run async is 1.046 (1.0367
+with 10, session 16). Not tried: warm-ups between 10 and 200, and warm-up 200 at staleness 2.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from wan import BENCH_MODEL, VAL_SEED, VAL_WINDOWS  # noqa: E402  (the model and validation of benchmarks/wan.py)
 
-from sharding import PRESETS, ModelConfig  # noqa: E402
+from sharding import PRESETS, ModelConfig, OptimConfig  # noqa: E402
 
 
 def run(model: ModelConfig, arm: str, lr: float, warmup: int, steps: int, staleness: int, lookahead: float,
@@ -124,8 +126,8 @@ def main() -> int:
     p.add_argument("--grad-clip", type=float, default=0.0,
                    help="global-norm clipping in both arms (what recipe.grad_clip runs); 0 = off")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
-                   help="learning rate after the warm-up: constant, or cosine decay to 0.1 x lr over each run's "
-                        "horizon (both arms)")
+                   help="learning rate after the warm-up: constant, or cosine decay to "
+                        f"{OptimConfig.min_lr_ratio:g} x lr (OptimConfig.min_lr_ratio) over each run's horizon (both arms)")
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--microbatch-size", type=int, default=4)
     p.add_argument("--corpus", default="stdlib")

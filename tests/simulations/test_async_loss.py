@@ -76,6 +76,9 @@ def test_a_later_output_replaces_its_bounds_and_keeps_its_recipe(tmp_path: Path)
     at_1, at_2 = pick(merged, 1, 2925), pick(merged, 2, 2925)
     assert at_1 is not None and at_1.ratio == 1.005 and "0.001:10, grad clip 0.5" in at_1.label
     assert at_2 is not None and at_2.ratio == 1.04 and "grad clip" not in at_2.label
+    assert "lr " not in at_2.label  # the constant schedule goes unnamed
+    cosine = record_from_recipe({**RECIPE_LINE, "schedule": "cosine"})
+    assert cosine["recipes"] == {"1": "0.001:10, lr cosine", "2": "0.001:10, lr cosine"}
     other_model = {**clipped, "model": {"d_model": 64, "n_layers": 2, "seq_len": 64}}
     with pytest.raises(ValueError, match="disagree on model"):
         merge_records([record_from_recipe(RECIPE_LINE), record_from_recipe(other_model)])
