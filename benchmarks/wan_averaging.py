@@ -88,6 +88,7 @@ MODELS = {  # --model choices: the tiny preset (64 wide) and a 256-wide one wher
 }
 MATH_LR = {"tiny": 3e-3, "wide": 1e-3}  # --math peak lr per model (wide: dense trains better at 1e-3 than 3e-3)
 VAL_BATCHES, VAL_SIZE, VAL_SEED = 8, 8, 1  # validation: batches, sequences per batch, seed
+DENSE_BASELINES = ("dense-bf16", "dense")  # the swarm's dense arm: the node's bf16 exchange (the fair one) or fp32
 
 
 def _args(steps: int, averaging: str, rank: int, model: str, bits: int = 16, lr: float | None = None) -> list[str]:
@@ -173,23 +174,28 @@ def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: floa
 
 
 def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, root: Path | None = None,
-                      model: str = "wide", bits: int = 16, lr: float | None = None) -> dict[str, Any]:
-    """Dense vs PowerSGD rank `rank` (factors in `bits`: 16 bf16, 8 int8) on the replicated local swarm, same
-    steps (equal tokens) and lr (None: the node's default).
+                      model: str = "wide", bits: int = 16, lr: float | None = None,
+                      dense: str = "dense-bf16") -> dict[str, Any]:
+    """A dense baseline (`dense`: the node's `dense-bf16`, the fair one, or fp32 `dense`) vs PowerSGD rank `rank`
+    (factors in `bits`: 16 bf16, 8 int8) on the replicated local swarm, same steps (equal tokens) and lr (None:
+    the node's default).
 
     Returns `replica_compression` (dense / compressed replica bytes per step), `loss_ratio_compressed_avg`
     (compressed / dense validation loss) and both runs' figures (`dense`, `compressed`)."""
+    if dense not in DENSE_BASELINES:
+        raise ValueError(f"dense baseline {dense!r}: use one of {', '.join(DENSE_BASELINES)}")
     cfg = MODELS[model]
     base = root or Path(tempfile.mkdtemp(prefix="pmn-wan-avg-"))
     try:
-        dense = run_swarm(base / "dense", steps, "dense", rank, timeout_s, cfg, lr=lr)
+        base_run = run_swarm(base / "dense", steps, dense, rank, timeout_s, cfg, lr=lr)
         comp = run_swarm(base / "powersgd", steps, "powersgd", rank, timeout_s, cfg, bits, lr)
     finally:
         if root is None:
             shutil.rmtree(base, ignore_errors=True)
-    return {"replica_compression": dense["replica_bytes_per_step"] / max(1.0, comp["replica_bytes_per_step"]),
-            "loss_ratio_compressed_avg": comp["val_loss"] / dense["val_loss"], "rank": rank, "bits": bits,
-            "steps": steps, "model": model, "tokens": steps * M * B * cfg.seq_len, "dense": dense, "compressed": comp}
+    return {"replica_compression": base_run["replica_bytes_per_step"] / max(1.0, comp["replica_bytes_per_step"]),
+            "loss_ratio_compressed_avg": comp["val_loss"] / base_run["val_loss"], "rank": rank, "bits": bits,
+            "steps": steps, "model": model, "tokens": steps * M * B * cfg.seq_len, "dense_baseline": dense,
+            "dense": base_run, "compressed": comp}
 
 
 # -- the in-process comparison of the methods (--math) ------------------------------------------------
@@ -220,7 +226,7 @@ def _install(model: torch.nn.Module, flat: torch.Tensor, grads: bool) -> None:
 
 def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inner: int = 25,
              replicas: int = 2, half: bool = True, model_name: str = "tiny", bits: int = 16,
-             lr: float | None = None, seed: int = 0) -> dict[str, Any]:
+             lr: float | None = None, seed: int = 0, iterations: int = 1) -> dict[str, Any]:
     """Train the whole model `steps` steps of M microbatches, microbatch i computed by replica i % replicas.
 
     dense / powersgd / topk: each microbatch gradient travels (encoded by its replica, error feedback
@@ -276,16 +282,18 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
             start = outer.step(start, pending)
         _install(model, start, False)
         return {"method": method, "inner": inner, "val_loss": val_loss([model], corpus, cfg),
-                "compression": dense_bytes / max(1, sent)}
+                "compression": dense_bytes / max(1, sent), "compression_vs_bf16": dense_bytes / 2 / max(1, sent)}
     opt = make_optimizer(model, optim)
     wire_dtype = torch.bfloat16 if half else torch.float32
     if method == "powersgd":
         lay = PowerSGDLayout.build(shapes, rank)
-        pencs = [PowerSGDEncoder(lay, seed=r, wire_dtype=wire_dtype) for r in range(replicas)]
+        pencs = [PowerSGDEncoder(lay, seed=r, wire_dtype=wire_dtype, iterations=iterations) for r in range(replicas)]
         per = lay.wire_size + 2 * lay.scale_count if bits == 8 else lay.wire_size * (2 if half else 4)
     elif method == "topk":
         tencs = [TopKEncoder(size, fraction) for _ in range(replicas)]
         per = tencs[0].wire_size * 4
+    elif method == "dense-bf16":
+        per = 2 * size
     else:
         per = 4 * size
     for step in range(steps):
@@ -300,11 +308,13 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
                 v = powersgd_decode(lay, pencs[mb % replicas].encode(v))
             elif method == "topk":
                 v = topk_decode(tencs[mb % replicas].encode(v), size, fraction)
+            elif method == "dense-bf16":  # the node's dense-bf16 exchange: every value rounded once
+                v = v.to(torch.bfloat16).float()
             vecs.append(v)
         _install(model, torch.stack(vecs).sum(0), True)
         optimizer_step(model, opt, step, optim)
     out: dict[str, Any] = {"method": method, "val_loss": val_loss([model], corpus, cfg),
-                           "compression": 4 * size / per}
+                           "compression": 4 * size / per, "compression_vs_bf16": 2 * size / per}
     if method == "powersgd":
         out["rank"], out["bits"] = rank, bits
     if method == "topk":
@@ -312,14 +322,17 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
     return out
 
 
-MATH_METHODS: dict[str, Callable[[int, int, str, int], list[dict[str, Any]]]] = {  # --math: (steps, H, model, seed)
-    "dense": lambda n, h, mod, sd: [simulate("dense", n, model_name=mod, seed=sd)],
-    "powersgd": lambda n, h, mod, sd: [simulate("powersgd", n, rank=r, model_name=mod, seed=sd) for r in (2, 4)],
-    "powersgd-int8": lambda n, h, mod, sd: [simulate("powersgd", n, rank=r, bits=8, model_name=mod, seed=sd)
-                                            for r in (4, 8)],
-    "topk": lambda n, h, mod, sd: [simulate("topk", n, fraction=0.01, model_name=mod, seed=sd)],
-    "diloco": lambda n, h, mod, sd: [simulate("diloco", n, inner=h, model_name=mod, seed=sd)],
-    "diloco-delayed": lambda n, h, mod, sd: [simulate("diloco-delayed", n, inner=h, model_name=mod, seed=sd)],
+MathArm = Callable[[int, int, str, int, "tuple[int, ...] | None"], list[dict[str, Any]]]
+MATH_METHODS: dict[str, MathArm] = {  # --math: (steps, H, model, seed, --ranks or None for each arm's own)
+    "dense": lambda n, h, mod, sd, rs: [simulate("dense", n, model_name=mod, seed=sd)],
+    "dense-bf16": lambda n, h, mod, sd, rs: [simulate("dense-bf16", n, model_name=mod, seed=sd)],
+    "powersgd": lambda n, h, mod, sd, rs: [simulate("powersgd", n, rank=r, model_name=mod, seed=sd)
+                                           for r in rs or (2, 4)],
+    "powersgd-int8": lambda n, h, mod, sd, rs: [simulate("powersgd", n, rank=r, bits=8, model_name=mod, seed=sd)
+                                                for r in rs or (4, 8)],
+    "topk": lambda n, h, mod, sd, rs: [simulate("topk", n, fraction=0.01, model_name=mod, seed=sd)],
+    "diloco": lambda n, h, mod, sd, rs: [simulate("diloco", n, inner=h, model_name=mod, seed=sd)],
+    "diloco-delayed": lambda n, h, mod, sd, rs: [simulate("diloco-delayed", n, inner=h, model_name=mod, seed=sd)],
 }
 
 
@@ -333,6 +346,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--inner", type=int, default=25, help="--math: DiLoCo inner steps per outer round (H)")
     p.add_argument("--methods", default=",".join(MATH_METHODS), help="--math: comma-separated methods to compare")
     p.add_argument("--seed", type=int, default=0, help="--math: initial weights and data order")
+    p.add_argument("--ranks", default=None,
+                   help="--math: comma-separated PowerSGD ranks of the powersgd arms (default: bf16 2,4; int8 4,8)")
+    p.add_argument("--dense", choices=DENSE_BASELINES, default=DENSE_BASELINES[0],
+                   help="swarm: the dense arm, the node's dense-bf16 exchange (the fair baseline) or fp32 dense")
     p.add_argument("--bits", type=int, choices=(16, 8), default=16, help="swarm: PowerSGD factors in bf16 or int8")
     p.add_argument("--lr", type=float, default=None, help="swarm: the nodes' peak lr (default: the node's, 3e-3)")
     a = p.parse_args(argv)
@@ -343,23 +360,31 @@ def main(argv: list[str] | None = None) -> int:
         unknown = sorted(set(methods) - set(MATH_METHODS))
         if unknown or "dense" not in methods:
             p.error(f"--methods {a.methods!r}: use dense (required: the baseline) and any of {list(MATH_METHODS)}")
-        runs = [run for m in MATH_METHODS if m in methods for run in MATH_METHODS[m](steps, a.inner, mod, a.seed)]
+        try:
+            ranks = tuple(int(r) for r in a.ranks.split(",")) if a.ranks else None
+        except ValueError:
+            p.error(f"--ranks {a.ranks!r}: comma-separated integers >= 1")
+        if ranks is not None and min(ranks) < 1:
+            p.error(f"--ranks {a.ranks!r}: comma-separated integers >= 1")
+        runs = [run for m in MATH_METHODS if m in methods
+                for run in MATH_METHODS[m](steps, a.inner, mod, a.seed, ranks)]
         dense = runs[0]["val_loss"]
-        print(f"{'method':22} {'compression':>11} {'val loss':>9} {'vs dense':>9}")
+        print(f"{'method':22} {'vs fp32':>8} {'vs bf16':>8} {'val loss':>9} {'vs dense':>9}")
         for r in runs:
             name = r["method"] + (f" r{r['rank']}" if "rank" in r else "") + (
                 " int8" if r.get("bits") == 8 else "") + (
                 f" k={r['fraction']}" if "fraction" in r else "") + (f" H={r['inner']}" if "inner" in r else "")
-            print(f"{name:22} {r['compression']:>10.1f}x {r['val_loss']:>9.4f} {r['val_loss'] / dense:>9.4f}")
+            print(f"{name:22} {r['compression']:>7.1f}x {r['compression_vs_bf16']:>7.1f}x {r['val_loss']:>9.4f} "
+                  f"{r['val_loss'] / dense:>9.4f}")
         print(json.dumps({"steps": steps, "model": mod, "tokens": steps * M * B * MODELS[mod].seq_len,
                           "lr": MATH_LR[mod], "seed": a.seed, "runs": runs}))
         return 0
     steps = a.steps or (30 if a.quick else 150)
     res = compare_averaging(steps, a.rank, timeout_s=600 if a.quick else 3600, model=a.model or "wide", bits=a.bits,
-                            lr=a.lr)
+                            lr=a.lr, dense=a.dense)
     print(f"{'averaging':12} {'steps':>5} {'replica B/step':>15} {'val loss':>9} {'train loss':>10} {'identical':>9} "
           f"{'wall s':>7}")
-    for name, r in (("dense", res["dense"]), (f"powersgd r{a.rank}" + (" int8" if a.bits == 8 else ""),
+    for name, r in ((a.dense, res["dense"]), (f"powersgd r{a.rank}" + (" int8" if a.bits == 8 else ""),
                                               res["compressed"])):
         print(f"{name:12} {r['steps']:>5} {r['replica_bytes_per_step']:>15.0f} {r['val_loss']:>9.4f} "
               f"{r['final_train_loss']:>10.4f} {str(r['replicas_identical']):>9} {r['wall_s']:>7.1f}")
@@ -367,7 +392,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['loss_ratio_compressed_avg']:.4f} at {res['tokens']} tokens")
     print(json.dumps({"replica_compression": res["replica_compression"],
                       "loss_ratio_compressed_avg": res["loss_ratio_compressed_avg"], "rank": a.rank, "bits": a.bits,
-                      "lr": a.lr, "steps": steps,
+                      "lr": a.lr, "steps": steps, "dense_baseline": a.dense,
                       "model": res["model"], "tokens": res["tokens"],
                       "dense_replica_bytes_per_step": res["dense"]["replica_bytes_per_step"],
                       "compressed_replica_bytes_per_step": res["compressed"]["replica_bytes_per_step"],

@@ -47,6 +47,7 @@ SHORT_FLAGS: dict[str, tuple[str, ...]] = {
     "runtime.replica_averaging": ("--replica-averaging",),
     "runtime.powersgd_rank": ("--powersgd-rank",),
     "runtime.powersgd_bits": ("--powersgd-bits",),
+    "runtime.powersgd_iterations": ("--powersgd-iterations",),
     "runtime.torch_threads": ("--threads",),
     "execution.precision": ("--precision",),
     "execution.activation_checkpointing": ("--activation-checkpointing",),

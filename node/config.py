@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported when a policy is built, not with the config
     from sharding.device import ExecutionPolicy
 
-from protocol.modelspec import check_schedule
+from protocol.modelspec import MAX_POWER_ITERATIONS, check_schedule
 
 
 @dataclass
@@ -115,11 +115,13 @@ class RuntimeConfig:
     num_microbatches: int = 4  # microbatches per global step (gradient accumulation)
     microbatch_size: int = 4  # sequences per microbatch
     codec: str = "dense"  # boundary codec name (sharding.codecs); must match across the pipeline
-    replica_averaging: str = "dense"  # how replicas of a stage exchange gradients: dense fp32 or powersgd (rank-r
-    # factors in bf16 with error feedback); part of the spec, must match across the stage's replicas
+    replica_averaging: str = "dense"  # how replicas of a stage exchange gradients: dense fp32, dense-bf16 (half the
+    # bytes) or powersgd (rank-r factors with error feedback); part of the spec, must match across the stage's replicas
     powersgd_rank: int = 4  # rank r of PowerSGD contributions (replica_averaging = powersgd)
     powersgd_bits: int = 16  # PowerSGD factors on the wire: 16 (bf16) or 8 (int8 codes with a bf16 scale per column;
     # half the bytes, the rounding goes into the error feedback); part of the spec like replica_averaging
+    powersgd_iterations: int = 1  # PowerSGD power iterations per contribution: more fit the rank-r factors closer to
+    # the gradient for the same bytes (compute only: each replica encodes its own); part of the spec
     frame_timeout_s: float = 120.0  # longest wait for the next frame from a neighbour within a step
     step_retries: int = 3  # times a failed step is retried (after re-dialling) before giving up
     redial_timeout_s: float = 30.0  # how long to look for a replacement neighbour before a retry
@@ -414,11 +416,14 @@ class NodeConfig:
         if self.recipe.grad_clip > 0 and self.replicas.enabled:
             raise ValueError("recipe.grad_clip needs the one-peer-per-stage runner: replicated stages do not exchange "
                              "gradient norms yet; set recipe.grad_clip = 0 or turn replicas.enabled off")
-        if r.replica_averaging not in ("dense", "powersgd") or r.powersgd_rank < 1:
-            raise ValueError(f"runtime.replica_averaging must be dense or powersgd (got {r.replica_averaging!r}) "
+        if r.replica_averaging not in ("dense", "dense-bf16", "powersgd") or r.powersgd_rank < 1:
+            raise ValueError(f"runtime.replica_averaging must be dense, dense-bf16 or powersgd (got {r.replica_averaging!r}) "
                              f"and runtime.powersgd_rank >= 1 (got {r.powersgd_rank})")
         if type(r.powersgd_bits) is not int or r.powersgd_bits not in (16, 8):
             raise ValueError(f"runtime.powersgd_bits must be 16 (bf16 factors) or 8 (int8), got {r.powersgd_bits!r}")
+        if type(r.powersgd_iterations) is not int or not 1 <= r.powersgd_iterations <= MAX_POWER_ITERATIONS:
+            raise ValueError(f"runtime.powersgd_iterations must be an integer from 1 to {MAX_POWER_ITERATIONS}, "
+                             f"got {r.powersgd_iterations!r}")
         if r.eval_every < 0 or r.eval_batches < 1 or r.eval_seed < 0:
             raise ValueError(f"runtime.eval_every must be >= 0 (0 = off), eval_batches >= 1 and eval_seed >= 0; got "
                              f"{r.eval_every}, {r.eval_batches}, {r.eval_seed}")

@@ -39,6 +39,7 @@ def training_section(cfg: NodeConfig) -> TrainingSection:
     return TrainingSection(stages=cfg.num_stages, codec=r.codec, microbatches=r.num_microbatches,
                            microbatch_size=r.microbatch_size, lr=lr, replica_averaging=r.replica_averaging,
                            powersgd_rank=r.powersgd_rank, powersgd_bits=r.powersgd_bits,
+                           powersgd_iterations=r.powersgd_iterations,
                            pipeline_schedule=r.schedule,
                            max_staleness=r.max_staleness, **asdict(cfg.recipe))
 

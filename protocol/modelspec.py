@@ -56,9 +56,10 @@ class TrainingSection:
     grad_clip: float = 0.0  # clip the global gradient norm (all stages together) to this; 0 = off
     batch_tokens: int | None = None  # tokens per optimizer step; when given, must equal microbatches *
     # microbatch_size * model.seq_len
-    replica_averaging: str = "dense"  # replica gradient exchange: dense | powersgd (sharding.gradcompress)
+    replica_averaging: str = "dense"  # replica gradient exchange: dense (fp32) | dense-bf16 | powersgd (sharding.gradcompress)
     powersgd_rank: int = 4  # PowerSGD rank r (used with replica_averaging = powersgd)
     powersgd_bits: int = 16  # PowerSGD factors on the wire: 16 (bf16) or 8 (int8 codes, one bf16 scale per column)
+    powersgd_iterations: int = 1  # PowerSGD power iterations per contribution (more: a closer rank-r fit, same bytes)
     pipeline_schedule: str = "gpipe"  # pipeline schedule: gpipe, 1f1b (both exact) or async (delayed gradients)
     max_staleness: int = 0  # async: optimiser steps a gradient may lag the weights it updates (0 for gpipe/1f1b)
 
@@ -88,11 +89,14 @@ class TrainingSection:
                              f"{tokens}: change one of them")
         if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
             raise ValueError(f"training.total_steps={self.total_steps!r}: must be an integer >= 1")
-        if self.replica_averaging not in ("dense", "powersgd") or self.powersgd_rank < 1:
-            raise ValueError(f"training.replica_averaging={self.replica_averaging!r}: use dense or powersgd, "
+        if self.replica_averaging not in ("dense", "dense-bf16", "powersgd") or self.powersgd_rank < 1:
+            raise ValueError(f"training.replica_averaging={self.replica_averaging!r}: use dense, dense-bf16 or powersgd, "
                              f"with training.powersgd_rank >= 1 (got {self.powersgd_rank})")
         if type(self.powersgd_bits) is not int or self.powersgd_bits not in (16, 8):
             raise ValueError(f"training.powersgd_bits={self.powersgd_bits!r}: use 16 (bf16 factors) or 8 (int8)")
+        if type(self.powersgd_iterations) is not int or not 1 <= self.powersgd_iterations <= MAX_POWER_ITERATIONS:
+            raise ValueError(f"training.powersgd_iterations={self.powersgd_iterations!r}: use an integer from 1 to "
+                             f"{MAX_POWER_ITERATIONS}")
         check_schedule(self.pipeline_schedule, self.max_staleness)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"training.schedule = {self.schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
@@ -130,8 +134,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "schedule": "constant", "total_steps": None, "min_lr_ratio": 0.1, "cooldown_steps": 0, "beta1": 0.9,
     "beta2": 0.95, "weight_decay": 0.1, "adam_eps": 1e-8, "grad_clip": 0.0, "batch_tokens": None,
     "replica_averaging": "dense", "powersgd_rank": 4, "pipeline_schedule": "gpipe", "max_staleness": 0,
-    "powersgd_bits": 16,
+    "powersgd_bits": 16, "powersgd_iterations": 1,
 }
+MAX_POWER_ITERATIONS = 8  # most PowerSGD power iterations a spec may ask of every replica per contribution
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "async")  # pipeline schedules a spec may name
 
 

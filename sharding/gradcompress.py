@@ -177,8 +177,12 @@ class PowerSGDEncoder:
     """One sender's PowerSGD state: error-feedback buffer and warm-start Q of each matrix."""
 
     def __init__(self, layout: PowerSGDLayout, seed: int = 0, error_feedback: bool = True,
-                 wire_dtype: torch.dtype = torch.float32) -> None:
+                 wire_dtype: torch.dtype = torch.float32, iterations: int = 1) -> None:
+        if type(iterations) is not int or iterations < 1:
+            raise GradCompressError(f"PowerSGD power iterations must be an integer >= 1, got {iterations!r}")
         self.layout = layout
+        self.iterations = iterations  # power iterations per matrix and contribution (more: nearer the best rank-r
+        # approximation, same bytes; the sender encodes alone, so iterations cost compute, not round trips)
         self.wire_dtype = wire_dtype  # precision the wire vector travels in (the error buffer absorbs the rounding)
         self.error_feedback = error_feedback  # keep what the approximation missed for the next contribution
         self.error = torch.zeros(layout.size)  # residual of the previous contributions
@@ -210,7 +214,8 @@ class PowerSGDEncoder:
         return grad.detach().to(torch.float32) + (self.error if self.error_feedback else 0.0)
 
     def _factors(self, g: torch.Tensor) -> torch.Tensor:
-        """The fp32 wire vector of `g`: one warm-started power iteration per matrix (updates the warm starts)."""
+        """The fp32 wire vector of `g`: `iterations` warm-started power iterations per matrix (updates the warm
+        starts)."""
         lay = self.layout
         wire = torch.empty(lay.wire_size, dtype=torch.float32)
         r = lay.rank
@@ -220,8 +225,10 @@ class PowerSGDEncoder:
                 wire[e.wire_offset: e.wire_offset + e.numel] = block
                 continue
             m = block.reshape(e.rows, e.cols)
-            p = orthonormalize(m @ self.q[i])
-            q = m.T @ p
+            q = self.q[i]
+            for _ in range(self.iterations):
+                p = orthonormalize(m @ q)
+                q = m.T @ p
             if bool(torch.isfinite(q).all()) and float(q.norm()) > 0:
                 self.q[i] = q  # warm start of the next power iteration
             wire[e.wire_offset: e.wire_offset + e.rows * r] = p.reshape(-1)

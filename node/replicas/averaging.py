@@ -8,8 +8,9 @@ the single-replica run. A replica that lacks a step's commit or contributions pu
 peer of its stage (joining replicas catch up this way).
 
 Contributions travel in the stage's `ContributionCodec` (the spec's `replica_averaging`): dense fp32,
-or PowerSGD factors (`sharding.gradcompress`) in bf16 or int8 (`powersgd_bits`) with the error
-feedback kept by the replica that computed the microbatch. Either way a contribution is a flat vector
+dense bf16 (`dense-bf16`: half the bytes, each value rounded once), or PowerSGD factors
+(`sharding.gradcompress`, `powersgd_iterations` power iterations each) in bf16 or int8 (`powersgd_bits`) with
+the error feedback kept by the replica that computed the microbatch. Either way a contribution is a flat vector
 of 4-byte words of a size fixed by the spec, every replica decodes the same words to the same dense
 gradient, and the combination (CenteredClip by choice) runs on the decoded contributions, so replicas
 stay identical. A pushed or pulled contribution of another encoding, another size, with NaN/Inf (an
@@ -121,7 +122,7 @@ def combine(vectors: list[torch.Tensor], num_microbatches: int, method: str = "m
 
 # -- contribution encodings --------------------------------------------------------------------------
 
-AVERAGING_METHODS = ("dense", "powersgd")  # values of the spec's replica_averaging
+AVERAGING_METHODS = ("dense", "dense-bf16", "powersgd")  # values of the spec's replica_averaging
 FACTOR_BITS = (16, 8)  # values of the spec's powersgd_bits: bf16 factors, or int8 codes with bf16 column scales
 
 
@@ -139,8 +140,9 @@ def _unwords(words: torch.Tensor, count: int) -> torch.Tensor:
 
 
 class ContributionCodec:
-    """How one stage's contributions travel: `dense` fp32 values, or `powersgd` rank-r factors in bf16
-    (`bits` 16) or as int8 codes with one bf16 scale per factor column (`bits` 8).
+    """How one stage's contributions travel: `dense` fp32 values, `dense-bf16` values (every replica,
+    the sender too, combines the rounded values), or `powersgd` rank-r factors in bf16 (`bits` 16) or as
+    int8 codes with one bf16 scale per factor column (`bits` 8).
 
     `words` is the length of a contribution's flat 4-byte-word vector (what the store holds and the
     protocol moves); `encode` is stateful (PowerSGD's error feedback and warm-started Q belong to the
@@ -148,7 +150,7 @@ class ContributionCodec:
     """
 
     def __init__(self, shapes: list[tuple[int, ...]], method: str = "dense", rank: int = 4, seed: int = 0,
-                 bits: int = 16) -> None:
+                 bits: int = 16, iterations: int = 1) -> None:
         if method not in AVERAGING_METHODS:
             raise AveragingError(f"replica_averaging={method!r}: use one of {', '.join(AVERAGING_METHODS)}")
         if bits not in FACTOR_BITS:
@@ -163,7 +165,10 @@ class ContributionCodec:
                 self.layout = PowerSGDLayout.build(shapes, rank)
             except GradCompressError as exc:
                 raise AveragingError(str(exc)) from exc
-            self.encoder = PowerSGDEncoder(self.layout, seed=seed, wire_dtype=torch.bfloat16)
+            try:
+                self.encoder = PowerSGDEncoder(self.layout, seed=seed, wire_dtype=torch.bfloat16, iterations=iterations)
+            except GradCompressError as exc:
+                raise AveragingError(f"powersgd_iterations: {exc}") from exc
             self.values = self.layout.wire_size  # factor values of one contribution
             if bits == 8:  # int8 codes, then the bf16 scales
                 self.words = (self.values + 2 * self.layout.scale_count + 3) // 4
@@ -171,20 +176,24 @@ class ContributionCodec:
             else:
                 self.words = (self.values + 1) // 2  # bf16 values, two per word
                 self.tag = f"powersgd-r{rank}-bf16"
+        elif method == "dense-bf16":
+            self.values = self.size
+            self.words = (self.size + 1) // 2  # bf16 values, two per word
+            self.tag = "dense-bf16"
         else:
             self.values = self.words = self.size
             self.tag = "dense"
 
     @classmethod
     def for_module(cls, module: torch.nn.Module, method: str = "dense", rank: int = 4,
-                   seed: int = 0, bits: int = 16) -> ContributionCodec:
+                   seed: int = 0, bits: int = 16, iterations: int = 1) -> ContributionCodec:
         """The codec of a stage module's trainable parameters."""
-        return cls([tuple(p.shape) for p in trainable(module)], method, rank, seed, bits)
+        return cls([tuple(p.shape) for p in trainable(module)], method, rank, seed, bits, iterations)
 
     @property
     def compressed(self) -> bool:
-        """True unless contributions travel dense."""
-        return self.layout is not None
+        """True unless contributions travel as the dense fp32 gradient itself (they need encoding and decoding)."""
+        return self.method != "dense"
 
     @property
     def ratio(self) -> float:
@@ -193,6 +202,8 @@ class ContributionCodec:
 
     def encode(self, vec: torch.Tensor) -> torch.Tensor:
         """The words of this replica's contribution `vec` (dense: itself)."""
+        if self.method == "dense-bf16":
+            return _words(vec.reshape(-1))
         if self.encoder is None:
             return vec
         if self.bits == 16:
@@ -232,13 +243,17 @@ class ContributionCodec:
 
     def check(self, words: torch.Tensor) -> None:
         """AveragingError unless `words` is one contribution of this encoding holding only finite values."""
-        if self.layout is None:
+        if self.method == "dense-bf16":
+            self._finite(_unwords(self._sized(words), self.values))
+        elif self.layout is None:
             self._finite(self._sized(words))
         else:
             self._factors(words)
 
     def decode(self, words: torch.Tensor) -> torch.Tensor:
         """Dense fp32 gradient of a contribution (AveragingError on a wrong size or NaN/Inf factors)."""
+        if self.method == "dense-bf16":
+            return self._finite(_unwords(self._sized(words), self.values))
         if self.layout is None:
             return words
         try:

@@ -46,3 +46,19 @@ def test_int8_powersgd_sends_about_half_of_bf16_at_the_same_rank() -> None:
     assert 1.8 * bf16["compression"] < int8["compression"] < 2 * bf16["compression"]
     assert int8["val_loss"] != bf16["val_loss"]  # the rounding changes what is applied
     assert "powersgd r4 int8" in proc.stdout
+
+
+def test_bf16_dense_arm_sends_half_and_ranks_choose_the_powersgd_arms() -> None:
+    proc = _run("--steps", "3", "--methods", "dense,dense-bf16,powersgd-int8", "--ranks", "6")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    runs = {(r["method"], r.get("rank")): r for r in json.loads(proc.stdout.strip().splitlines()[-1])["runs"]}
+    assert set(runs) == {("dense", None), ("dense-bf16", None), ("powersgd", 6)}
+    assert runs[("dense", None)]["compression"] == 1 and runs[("dense", None)]["compression_vs_bf16"] == 0.5
+    assert runs[("dense-bf16", None)]["compression"] == 2 and runs[("dense-bf16", None)]["compression_vs_bf16"] == 1
+    # the rounding of the gradients changes what is applied, a little
+    assert runs[("dense-bf16", None)]["val_loss"] != runs[("dense", None)]["val_loss"]
+    assert runs[("dense-bf16", None)]["val_loss"] == pytest.approx(runs[("dense", None)]["val_loss"], rel=0.01)
+    low = runs[("powersgd", 6)]
+    assert low["compression"] == pytest.approx(2 * low["compression_vs_bf16"])
+    bad = _run("--steps", "2", "--methods", "dense,powersgd", "--ranks", "0")
+    assert bad.returncode != 0 and "--ranks '0'" in bad.stderr

@@ -198,3 +198,35 @@ def test_spec_option_keeps_old_hashes_and_hashes_powersgd() -> None:
     cfg.runtime.replica_averaging = "diloco"
     with pytest.raises(ValueError, match="runtime.replica_averaging"):
         cfg.validate()
+
+
+def test_power_iterations_are_a_spec_option_that_keeps_the_wire_size() -> None:
+    one = proposal_from_dict({"model": {"preset": "tiny"}, "training": {"replica_averaging": "powersgd"}})
+    same = proposal_from_dict({"model": {"preset": "tiny"},
+                               "training": {"replica_averaging": "powersgd", "powersgd_iterations": 1}})
+    assert same.content_hash() == one.content_hash() and b"powersgd_iterations" not in one.canonical_json()
+    three = proposal_from_dict({"model": {"preset": "tiny"},
+                                "training": {"replica_averaging": "powersgd", "powersgd_iterations": 3}})
+    assert b'"powersgd_iterations":3' in three.canonical_json() and three.content_hash() != one.content_hash()
+    t = three.training
+    mine = TrainingSection(stages=t.stages, codec=t.codec, microbatches=t.microbatches,
+                           microbatch_size=t.microbatch_size, lr=t.lr, warmup_steps=t.warmup_steps,
+                           data_seed=t.data_seed, replica_averaging="powersgd", powersgd_iterations=3)
+    assert proposal_spec_hash(PRESETS["tiny"], mine.to_dict()) == three.content_hash()  # what the node recomputes
+    for bad in (0, 9, 2.0, True):
+        with pytest.raises(Exception, match="powersgd_iterations"):
+            proposal_from_dict({"model": {"preset": "tiny"}, "training": {"powersgd_iterations": bad}})
+    cfg = NodeConfig()
+    cfg.runtime.powersgd_iterations = 0
+    with pytest.raises(ValueError, match="runtime.powersgd_iterations"):
+        cfg.validate()
+    shapes = [(64, 64), (64,), (256, 64)]
+    c1, c3 = (ContributionCodec(shapes, "powersgd", 2, 0, 8, iterations=i) for i in (1, 3))
+    assert c1.words == c3.words and c1.tag == c3.tag  # the same wire format: only the fit differs
+    grad = torch.randn(c1.size, generator=torch.Generator().manual_seed(4))
+    w3 = c3.encode(grad)
+    d1, d3 = c1.decode(c1.encode(grad)), c3.decode(w3)
+    assert torch.equal(c1.decode(w3.clone()), d3)  # decoding does not depend on the sender's iterations
+    assert float((grad - d3).norm()) < float((grad - d1).norm())  # a closer fit of the same bytes
+    with pytest.raises(AveragingError, match="powersgd_iterations"):
+        ContributionCodec(shapes, "powersgd", 2, 0, 8, iterations=0)

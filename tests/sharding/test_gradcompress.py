@@ -167,3 +167,26 @@ def test_outer_nesterov_step() -> None:
     assert torch.allclose(new2, new - 0.5 * (delta + 0.9 * v2))
     with pytest.raises(GradCompressError, match="non-finite"):
         opt.step(start, torch.tensor([float("nan"), 0.0, 0.0]))
+
+
+def test_more_power_iterations_fit_the_best_rank_r_approximation_closer_at_the_same_size() -> None:
+    """A cold start (random Q) of one iteration is far from the truncated SVD; each further iteration of the
+    same encoder call gets nearer, and the wire vector keeps its size."""
+    lay = PowerSGDLayout.build([(64, 96)], 4)
+    g = torch.Generator().manual_seed(5)
+    spectrum = torch.logspace(0, -2, 64)  # a decaying spectrum, as gradients have
+    u, _ = torch.linalg.qr(torch.randn(64, 64, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(96, 64, generator=g))
+    m = (u * spectrum) @ v.T
+    best = torch.linalg.matrix_norm(m - (u[:, :4] * spectrum[:4]) @ v[:, :4].T)  # the rank-4 truncated SVD's error
+    errors = []
+    for iterations in (1, 2, 4):
+        enc = PowerSGDEncoder(lay, seed=0, error_feedback=False, iterations=iterations)
+        wire = enc.encode(m.reshape(-1))
+        assert wire.shape == (lay.wire_size,)
+        errors.append(float(torch.linalg.matrix_norm(powersgd_decode(lay, wire).reshape(64, 96) - m)))
+    assert errors[0] > errors[1] > errors[2] >= float(best) * (1 - 1e-4)
+    assert errors[2] < 1.1 * float(best) < errors[0]
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(GradCompressError, match="power iterations"):
+            PowerSGDEncoder(lay, iterations=bad)  # type: ignore[arg-type]
