@@ -283,7 +283,8 @@ def loss_ratio(model: ModelConfig, staleness: int, steps: int, microbatches: int
             "loss_steps": steps}
 
 
-def _averaging(steps: int, model: str, rank: int, bits: int, lr: float, dense: str) -> dict[str, Any]:
+def _averaging(steps: int, model: str, rank: int, bits: int, lr: float, dense: str, iterations: int
+               ) -> dict[str, Any]:
     """benchmarks/wan_averaging.py's dense (`dense`: dense-bf16 or fp32 dense) vs PowerSGD comparison (loaded from
     beside this script)."""
     import importlib.util
@@ -293,7 +294,7 @@ def _averaging(steps: int, model: str, rank: int, bits: int, lr: float, dense: s
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     result: dict[str, Any] = module.compare_averaging(steps=steps, rank=rank, model=model, bits=bits, lr=lr,
-                                                     dense=dense)
+                                                     dense=dense, iterations=iterations)
     return result
 
 
@@ -318,6 +319,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--averaging-bits", type=int, choices=(16, 8), default=8,
                    help="PowerSGD factors of the replica comparison: 16 (bf16) or 8 (int8)")
     p.add_argument("--averaging-model", default="wide", help="wan_averaging model: wide (d 256) or tiny")
+    p.add_argument("--averaging-iterations", type=int, default=1,
+                   help="PowerSGD power iterations per contribution in the replica comparison (powersgd_iterations)")
     p.add_argument("--averaging-dense", choices=("dense-bf16", "dense"), default="dense-bf16",
                    help="the replica comparison's dense arm: bf16 values (the fair baseline) or fp32")
     a = p.parse_args(argv)
@@ -342,7 +345,8 @@ def main(argv: list[str] | None = None) -> None:
     losses = loss_ratio(BENCH_MODEL, a.max_staleness, loss_steps, a.microbatches, a.microbatch_size, a.lr, a.corpus,
                         a.grad_clip)
     avg_steps = a.averaging_steps if a.averaging_steps is not None else (10 if a.quick else 150)
-    averaging = _averaging(avg_steps, a.averaging_model, a.averaging_rank, a.averaging_bits, a.lr, a.averaging_dense) \
+    averaging = _averaging(avg_steps, a.averaging_model, a.averaging_rank, a.averaging_bits, a.lr, a.averaging_dense,
+                           a.averaging_iterations) \
         if avg_steps > 0 else None
     if averaging is not None:
         print(f"replica averaging ({avg_steps} steps, {a.averaging_model} model, lr {a.lr:g}): {a.averaging_dense} vs PowerSGD "
@@ -371,7 +375,8 @@ def main(argv: list[str] | None = None) -> None:
         "loss_ratio_compressed_avg": None if averaging is None else round(averaging["loss_ratio_compressed_avg"], 4),
         "averaging": None if averaging is None else {"steps": avg_steps, "model": a.averaging_model,
                                                      "rank": a.averaging_rank, "bits": a.averaging_bits,
-                                                     "dense_baseline": a.averaging_dense},
+                                                     "dense_baseline": a.averaging_dense,
+                                                     "iterations": a.averaging_iterations},
         "val_loss": {"gpipe": round(losses["val_loss_gpipe"], 4), "async": round(losses["val_loss_async"], 4),
                      "steps": loss_steps},
         "goal_utilisation_async": 0.9,

@@ -57,6 +57,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -91,8 +92,9 @@ VAL_BATCHES, VAL_SIZE, VAL_SEED = 8, 8, 1  # validation: batches, sequences per 
 DENSE_BASELINES = ("dense-bf16", "dense")  # the swarm's dense arm: the node's bf16 exchange (the fair one) or fp32
 
 
-def _args(steps: int, averaging: str, rank: int, model: str, bits: int = 16, lr: float | None = None) -> list[str]:
-    return ["--model", model, *(["--lr", str(lr)] if lr is not None else []), "--powersgd-bits", str(bits), "--stages", str(STAGES), "--steps", str(steps), "--replicated", "--microbatches", str(M),
+def _args(steps: int, averaging: str, rank: int, model: str, bits: int = 16, lr: float | None = None,
+          iterations: int = 1) -> list[str]:
+    return ["--powersgd-iterations", str(iterations), "--model", model, *(["--lr", str(lr)] if lr is not None else []), "--powersgd-bits", str(bits), "--stages", str(STAGES), "--steps", str(steps), "--replicated", "--microbatches", str(M),
             "--microbatch-size", str(B), "--corpus", "synthetic", "--threads", "1", "--replica-timeout", "20",
             "--avg-timeout", "20", "--commit-poll", "0.3", "--checkpoint-every", "0", "--no-replica-timeout", "120",
             "--replica-averaging", averaging, "--powersgd-rank", str(rank)]
@@ -120,13 +122,13 @@ def _stage_weights(data_dir: Path, stage: int) -> dict[str, torch.Tensor]:
 
 
 def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: float,
-              cfg: ModelConfig, bits: int = 16, lr: float | None = None) -> dict[str, Any]:
-    """One replicated run of model `cfg` (PowerSGD factors in `bits`, the node's default lr unless `lr`);
-    returns bytes per step between replicas, losses and the replica check."""
+              cfg: ModelConfig, bits: int = 16, lr: float | None = None, iterations: int = 1) -> dict[str, Any]:
+    """One replicated run of model `cfg` (PowerSGD factors in `bits` from `iterations` power iterations, the
+    node's default lr unless `lr`); returns bytes per step between replicas, losses and the replica check."""
     root.mkdir(parents=True, exist_ok=True)
     model_file = root / "model.json"
     model_file.write_text(json.dumps(cfg.to_dict()))
-    args = _args(steps, averaging, rank, str(model_file), bits, lr)
+    args = _args(steps, averaging, rank, str(model_file), bits, lr, iterations)
     head = start_node(0, root / "head", args)
     boot = ["--bootstrap", head.ready["addrs"][0]]
     layout = [(1, "mid0"), (1, "mid1"), (2, "tail0"), (2, "tail1")]
@@ -175,9 +177,9 @@ def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: floa
 
 def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, root: Path | None = None,
                       model: str = "wide", bits: int = 16, lr: float | None = None,
-                      dense: str = "dense-bf16") -> dict[str, Any]:
+                      dense: str = "dense-bf16", iterations: int = 1) -> dict[str, Any]:
     """A dense baseline (`dense`: the node's `dense-bf16`, the fair one, or fp32 `dense`) vs PowerSGD rank `rank`
-    (factors in `bits`: 16 bf16, 8 int8) on the replicated local swarm, same steps (equal tokens) and lr (None:
+    (factors in `bits`: 16 bf16, 8 int8; `iterations` power iterations) on the replicated local swarm, same steps (equal tokens) and lr (None:
     the node's default).
 
     Returns `replica_compression` (dense / compressed replica bytes per step), `loss_ratio_compressed_avg`
@@ -188,13 +190,13 @@ def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, 
     base = root or Path(tempfile.mkdtemp(prefix="pmn-wan-avg-"))
     try:
         base_run = run_swarm(base / "dense", steps, dense, rank, timeout_s, cfg, lr=lr)
-        comp = run_swarm(base / "powersgd", steps, "powersgd", rank, timeout_s, cfg, bits, lr)
+        comp = run_swarm(base / "powersgd", steps, "powersgd", rank, timeout_s, cfg, bits, lr, iterations)
     finally:
         if root is None:
             shutil.rmtree(base, ignore_errors=True)
     return {"replica_compression": base_run["replica_bytes_per_step"] / max(1.0, comp["replica_bytes_per_step"]),
             "loss_ratio_compressed_avg": comp["val_loss"] / base_run["val_loss"], "rank": rank, "bits": bits,
-            "steps": steps, "model": model, "tokens": steps * M * B * cfg.seq_len, "dense_baseline": dense,
+            "iterations": iterations, "steps": steps, "model": model, "tokens": steps * M * B * cfg.seq_len, "dense_baseline": dense,
             "dense": base_run, "compressed": comp}
 
 
@@ -316,23 +318,34 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
     out: dict[str, Any] = {"method": method, "val_loss": val_loss([model], corpus, cfg),
                            "compression": 4 * size / per, "compression_vs_bf16": 2 * size / per}
     if method == "powersgd":
-        out["rank"], out["bits"] = rank, bits
+        out["rank"], out["bits"], out["iterations"] = rank, bits, iterations
     if method == "topk":
         out["fraction"] = fraction
     return out
 
 
-MathArm = Callable[[int, int, str, int, "tuple[int, ...] | None"], list[dict[str, Any]]]
-MATH_METHODS: dict[str, MathArm] = {  # --math: (steps, H, model, seed, --ranks or None for each arm's own)
-    "dense": lambda n, h, mod, sd, rs: [simulate("dense", n, model_name=mod, seed=sd)],
-    "dense-bf16": lambda n, h, mod, sd, rs: [simulate("dense-bf16", n, model_name=mod, seed=sd)],
-    "powersgd": lambda n, h, mod, sd, rs: [simulate("powersgd", n, rank=r, model_name=mod, seed=sd)
-                                           for r in rs or (2, 4)],
-    "powersgd-int8": lambda n, h, mod, sd, rs: [simulate("powersgd", n, rank=r, bits=8, model_name=mod, seed=sd)
-                                                for r in rs or (4, 8)],
-    "topk": lambda n, h, mod, sd, rs: [simulate("topk", n, fraction=0.01, model_name=mod, seed=sd)],
-    "diloco": lambda n, h, mod, sd, rs: [simulate("diloco", n, inner=h, model_name=mod, seed=sd)],
-    "diloco-delayed": lambda n, h, mod, sd, rs: [simulate("diloco-delayed", n, inner=h, model_name=mod, seed=sd)],
+@dataclass(frozen=True)
+class MathArgs:
+    """What every --math arm is run with."""
+
+    steps: int  # global steps (equal tokens for every arm)
+    inner: int  # DiLoCo inner steps per outer round (H)
+    model: str  # MODELS key
+    seed: int  # initial weights and data order
+    ranks: tuple[int, ...] | None  # PowerSGD ranks (None: each powersgd arm's own)
+    iterations: int  # PowerSGD power iterations per contribution
+
+
+MATH_METHODS: dict[str, Callable[[MathArgs], list[dict[str, Any]]]] = {  # --math arms
+    "dense": lambda a: [simulate("dense", a.steps, model_name=a.model, seed=a.seed)],
+    "dense-bf16": lambda a: [simulate("dense-bf16", a.steps, model_name=a.model, seed=a.seed)],
+    "powersgd": lambda a: [simulate("powersgd", a.steps, rank=r, model_name=a.model, seed=a.seed,
+                                    iterations=a.iterations) for r in a.ranks or (2, 4)],
+    "powersgd-int8": lambda a: [simulate("powersgd", a.steps, rank=r, bits=8, model_name=a.model, seed=a.seed,
+                                         iterations=a.iterations) for r in a.ranks or (4, 8)],
+    "topk": lambda a: [simulate("topk", a.steps, fraction=0.01, model_name=a.model, seed=a.seed)],
+    "diloco": lambda a: [simulate("diloco", a.steps, inner=a.inner, model_name=a.model, seed=a.seed)],
+    "diloco-delayed": lambda a: [simulate("diloco-delayed", a.steps, inner=a.inner, model_name=a.model, seed=a.seed)],
 }
 
 
@@ -348,11 +361,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0, help="--math: initial weights and data order")
     p.add_argument("--ranks", default=None,
                    help="--math: comma-separated PowerSGD ranks of the powersgd arms (default: bf16 2,4; int8 4,8)")
+    p.add_argument("--iterations", type=int, default=1,
+                   help="PowerSGD power iterations per contribution (the spec's powersgd_iterations)")
     p.add_argument("--dense", choices=DENSE_BASELINES, default=DENSE_BASELINES[0],
                    help="swarm: the dense arm, the node's dense-bf16 exchange (the fair baseline) or fp32 dense")
     p.add_argument("--bits", type=int, choices=(16, 8), default=16, help="swarm: PowerSGD factors in bf16 or int8")
     p.add_argument("--lr", type=float, default=None, help="swarm: the nodes' peak lr (default: the node's, 3e-3)")
     a = p.parse_args(argv)
+    if a.iterations < 1:
+        p.error(f"--iterations {a.iterations}: PowerSGD needs at least one power iteration")
     if a.math:
         steps = a.steps or (60 if a.quick else 150)
         mod = a.model or "tiny"
@@ -366,13 +383,13 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--ranks {a.ranks!r}: comma-separated integers >= 1")
         if ranks is not None and min(ranks) < 1:
             p.error(f"--ranks {a.ranks!r}: comma-separated integers >= 1")
-        runs = [run for m in MATH_METHODS if m in methods
-                for run in MATH_METHODS[m](steps, a.inner, mod, a.seed, ranks)]
+        margs = MathArgs(steps, a.inner, mod, a.seed, ranks, a.iterations)
+        runs = [run for m in MATH_METHODS if m in methods for run in MATH_METHODS[m](margs)]
         dense = runs[0]["val_loss"]
         print(f"{'method':22} {'vs fp32':>8} {'vs bf16':>8} {'val loss':>9} {'vs dense':>9}")
         for r in runs:
             name = r["method"] + (f" r{r['rank']}" if "rank" in r else "") + (
-                " int8" if r.get("bits") == 8 else "") + (
+                " int8" if r.get("bits") == 8 else "") + (f" it{r['iterations']}" if r.get("iterations", 1) > 1 else "") + (
                 f" k={r['fraction']}" if "fraction" in r else "") + (f" H={r['inner']}" if "inner" in r else "")
             print(f"{name:22} {r['compression']:>7.1f}x {r['compression_vs_bf16']:>7.1f}x {r['val_loss']:>9.4f} "
                   f"{r['val_loss'] / dense:>9.4f}")
@@ -381,7 +398,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     steps = a.steps or (30 if a.quick else 150)
     res = compare_averaging(steps, a.rank, timeout_s=600 if a.quick else 3600, model=a.model or "wide", bits=a.bits,
-                            lr=a.lr, dense=a.dense)
+                            lr=a.lr, dense=a.dense, iterations=a.iterations)
     print(f"{'averaging':12} {'steps':>5} {'replica B/step':>15} {'val loss':>9} {'train loss':>10} {'identical':>9} "
           f"{'wall s':>7}")
     for name, r in ((a.dense, res["dense"]), (f"powersgd r{a.rank}" + (" int8" if a.bits == 8 else ""),
@@ -393,6 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"replica_compression": res["replica_compression"],
                       "loss_ratio_compressed_avg": res["loss_ratio_compressed_avg"], "rank": a.rank, "bits": a.bits,
                       "lr": a.lr, "steps": steps, "dense_baseline": a.dense,
+                      "iterations": a.iterations,
                       "model": res["model"], "tokens": res["tokens"],
                       "dense_replica_bytes_per_step": res["dense"]["replica_bytes_per_step"],
                       "compressed_replica_bytes_per_step": res["compressed"]["replica_bytes_per_step"],
