@@ -57,6 +57,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -223,6 +224,65 @@ def wan_swarm(lab: WanLab, root: Path, args: list[str], ready_timeout_s: float) 
         stop_nodes(nodes)
 
 
+def _proc_cpu_s(pid: int) -> float | None:
+    """CPU seconds (user + system) process `pid` has used, None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime, stime (fields 14, 15)
+
+
+def _host_jiffies() -> tuple[int, int]:
+    """(busy, total) clock ticks of all CPUs since boot (/proc/stat; idle and iowait are not busy)."""
+    with open("/proc/stat") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
+
+
+class CpuSampler:
+    """Samples, while a swarm runs, the host's busy CPU ticks and the CPU seconds of named processes (the
+    nodes, the shaper), so a run can say whether the host had a core free for every stage: on a host with
+    fewer cores than busy processes, a stage's idle time is partly time it waited for a core, not for the
+    links. A measurement of the environment, not of the run (one /proc read per process and sample)."""
+
+    def __init__(self, pids: dict[str, int], interval_s: float = 0.2) -> None:
+        self.pids = pids  # name -> pid of the processes to account
+        self.interval_s = interval_s  # seconds between samples
+        self.samples: list[tuple[float, tuple[int, int], dict[str, float | None]]] = []  # (time.time(), host, cpu)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.samples.append((time.time(), _host_jiffies(), {k: _proc_cpu_s(p) for k, p in self.pids.items()}))
+            self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> CpuSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def window(self, t0: float, t1: float) -> dict[str, Any]:
+        """Over the samples spanning [t0, t1]: the host's busy fraction of all its cores, and each process's
+        CPU seconds per wall second (1.0 = one core all the time); {} when fewer than two samples span it."""
+        inside = [x for x in self.samples if t0 <= x[0] <= t1]
+        if len(inside) < 2:
+            return {}
+        (ta, ha, ca), (tb, hb, cb) = inside[0], inside[-1]
+        cpu = {}
+        for k in self.pids:
+            first, last = ca.get(k), cb.get(k)
+            if first is not None and last is not None:
+                cpu[k] = round((last - first) / (tb - ta), 4)
+        return {"cores": os.cpu_count(), "host_busy_fraction": round((hb[0] - ha[0]) / max(1, hb[1] - ha[1]), 4),
+                "cpu_per_wall": cpu, "seconds": round(tb - ta, 2)}
+
+
 def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
     """Busiest-stage utilisation and the tail's tokens/s, first step (start-up) left out."""
     util = {}
@@ -251,11 +311,18 @@ def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microba
             "--discovery-discovery-timeout-s", "600", "--runtime-frame-timeout-s", "600"]
     t0 = time.monotonic()
     with wan_swarm(lab, root, args, ready_timeout_s=600) as nodes:
-        codes = wait_nodes(nodes, 3600)
+        pids = {f"stage{n.stage}": n.proc.pid for n in nodes}
+        if lab.shaper is not None:
+            pids["shaper"] = lab.shaper.pid
+        with CpuSampler(pids) as cpu:
+            codes = wait_nodes(nodes, 3600)
     if any(codes):
         errs = {n.stage: (n.data_dir / "stderr.log").read_text()[-800:] for n in nodes}
         raise RuntimeError(f"{schedule}: exit codes {codes}: {errs}")
-    out = summarise({n.stage: read_progress(n.data_dir) for n in nodes})
+    progress = {n.stage: read_progress(n.data_dir) for n in nodes}
+    out = summarise(progress)
+    busiest = sorted(progress[out["busiest_stage"]], key=lambda r: r["step"])
+    out["host_cpu"] = cpu.window(busiest[0]["end_time"], busiest[-1]["end_time"])  # the utilisation's window
     out["run_s"] = time.monotonic() - t0
     return out
 
@@ -292,6 +359,7 @@ def _averaging(steps: int, model: str, rank: int, bits: int, lr: float, dense: s
     spec = importlib.util.spec_from_file_location("wan_averaging", Path(__file__).with_name("wan_averaging.py"))
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses resolve their annotations through it
     spec.loader.exec_module(module)
     result: dict[str, Any] = module.compare_averaging(steps=steps, rank=rank, model=model, bits=bits, lr=lr,
                                                      dense=dense, iterations=iterations)
@@ -358,7 +426,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{'schedule':<10}{'tokens/s':>10}{'util':>8}{'stage':>7}  per-stage utilisation")
     for s, r in results.items():
         per = " ".join(f"{v:.2f}" for _, v in sorted(r["stage_utilisation"].items()))
-        print(f"{s:<10}{r['tokens_per_s']:>10.0f}{r['utilisation']:>8.3f}{r['busiest_stage']:>7}  {per}")
+        host = r["host_cpu"]
+        cpu = " ".join(f"{k} {v:.2f}" for k, v in host.get("cpu_per_wall", {}).items())
+        print(f"{s:<10}{r['tokens_per_s']:>10.0f}{r['utilisation']:>8.3f}{r['busiest_stage']:>7}  {per}"
+              f"   host busy {host.get('host_busy_fraction', float('nan')):.2f} of {host.get('cores')} cores; "
+              f"cores used: {cpu}")
     print(f"val loss at equal tokens ({loss_steps} steps): gpipe {losses['val_loss_gpipe']:.4f}, async "
           f"{losses['val_loss_async']:.4f}, ratio {losses['loss_ratio_async']:.4f}")
     print(json.dumps({
@@ -383,6 +455,7 @@ def main(argv: list[str] | None = None) -> None:
         "emulation": "shaping relay (benchmarks/wan_shaper.py) behind an nftables redirect in the nodes' network "
                      "namespace: per connection direction, rate then delay (tc netem is not in this kernel)",
         "link_check": {k: round(v, 2) for k, v in check.items()},
+        "host_cpu": {s: r["host_cpu"] for s, r in results.items()},
         "delay_ms": a.delay_ms, "rate_mbit": a.rate_mbit, "stages": 3, "replicas": 1,
         "max_staleness": a.max_staleness, "steps": steps, "microbatches": a.microbatches,
         "microbatch_size": a.microbatch_size, "model": BENCH_MODEL.to_dict(), "lr": a.lr, "corpus": a.corpus,

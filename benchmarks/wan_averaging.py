@@ -93,8 +93,8 @@ DENSE_BASELINES = ("dense-bf16", "dense")  # the swarm's dense arm: the node's b
 
 
 def _args(steps: int, averaging: str, rank: int, model: str, bits: int = 16, lr: float | None = None,
-          iterations: int = 1) -> list[str]:
-    return ["--powersgd-iterations", str(iterations), "--model", model, *(["--lr", str(lr)] if lr is not None else []), "--powersgd-bits", str(bits), "--stages", str(STAGES), "--steps", str(steps), "--replicated", "--microbatches", str(M),
+          iterations: int = 1, data_seed: int = 0) -> list[str]:
+    return ["--recipe-data-seed", str(data_seed), "--powersgd-iterations", str(iterations), "--model", model, *(["--lr", str(lr)] if lr is not None else []), "--powersgd-bits", str(bits), "--stages", str(STAGES), "--steps", str(steps), "--replicated", "--microbatches", str(M),
             "--microbatch-size", str(B), "--corpus", "synthetic", "--threads", "1", "--replica-timeout", "20",
             "--avg-timeout", "20", "--commit-poll", "0.3", "--checkpoint-every", "0", "--no-replica-timeout", "120",
             "--replica-averaging", averaging, "--powersgd-rank", str(rank)]
@@ -122,13 +122,15 @@ def _stage_weights(data_dir: Path, stage: int) -> dict[str, torch.Tensor]:
 
 
 def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: float,
-              cfg: ModelConfig, bits: int = 16, lr: float | None = None, iterations: int = 1) -> dict[str, Any]:
+              cfg: ModelConfig, bits: int = 16, lr: float | None = None, iterations: int = 1,
+              data_seed: int = 0) -> dict[str, Any]:
     """One replicated run of model `cfg` (PowerSGD factors in `bits` from `iterations` power iterations, the
-    node's default lr unless `lr`); returns bytes per step between replicas, losses and the replica check."""
+    node's default lr unless `lr`, the data order of `data_seed`); returns bytes per step between replicas, losses
+    and the replica check."""
     root.mkdir(parents=True, exist_ok=True)
     model_file = root / "model.json"
     model_file.write_text(json.dumps(cfg.to_dict()))
-    args = _args(steps, averaging, rank, str(model_file), bits, lr, iterations)
+    args = _args(steps, averaging, rank, str(model_file), bits, lr, iterations, data_seed)
     head = start_node(0, root / "head", args)
     boot = ["--bootstrap", head.ready["addrs"][0]]
     layout = [(1, "mid0"), (1, "mid1"), (2, "tail0"), (2, "tail1")]
@@ -177,10 +179,10 @@ def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: floa
 
 def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, root: Path | None = None,
                       model: str = "wide", bits: int = 16, lr: float | None = None,
-                      dense: str = "dense-bf16", iterations: int = 1) -> dict[str, Any]:
+                      dense: str = "dense-bf16", iterations: int = 1, data_seed: int = 0) -> dict[str, Any]:
     """A dense baseline (`dense`: the node's `dense-bf16`, the fair one, or fp32 `dense`) vs PowerSGD rank `rank`
     (factors in `bits`: 16 bf16, 8 int8; `iterations` power iterations) on the replicated local swarm, same steps (equal tokens) and lr (None:
-    the node's default).
+    the node's default), both with the data order of `data_seed`.
 
     Returns `replica_compression` (dense / compressed replica bytes per step), `loss_ratio_compressed_avg`
     (compressed / dense validation loss) and both runs' figures (`dense`, `compressed`)."""
@@ -189,14 +191,14 @@ def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, 
     cfg = MODELS[model]
     base = root or Path(tempfile.mkdtemp(prefix="pmn-wan-avg-"))
     try:
-        base_run = run_swarm(base / "dense", steps, dense, rank, timeout_s, cfg, lr=lr)
-        comp = run_swarm(base / "powersgd", steps, "powersgd", rank, timeout_s, cfg, bits, lr, iterations)
+        base_run = run_swarm(base / "dense", steps, dense, rank, timeout_s, cfg, lr=lr, data_seed=data_seed)
+        comp = run_swarm(base / "powersgd", steps, "powersgd", rank, timeout_s, cfg, bits, lr, iterations, data_seed)
     finally:
         if root is None:
             shutil.rmtree(base, ignore_errors=True)
     return {"replica_compression": base_run["replica_bytes_per_step"] / max(1.0, comp["replica_bytes_per_step"]),
             "loss_ratio_compressed_avg": comp["val_loss"] / base_run["val_loss"], "rank": rank, "bits": bits,
-            "iterations": iterations, "steps": steps, "model": model, "tokens": steps * M * B * cfg.seq_len, "dense_baseline": dense,
+            "iterations": iterations, "data_seed": data_seed, "steps": steps, "model": model, "tokens": steps * M * B * cfg.seq_len, "dense_baseline": dense,
             "dense": base_run, "compressed": comp}
 
 
@@ -358,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--math", action="store_true", help="compare the methods in one process instead of the swarm")
     p.add_argument("--inner", type=int, default=25, help="--math: DiLoCo inner steps per outer round (H)")
     p.add_argument("--methods", default=",".join(MATH_METHODS), help="--math: comma-separated methods to compare")
-    p.add_argument("--seed", type=int, default=0, help="--math: initial weights and data order")
+    p.add_argument("--seed", type=int, default=0,
+                   help="--math: initial weights and data order; swarm: the data order (the spec's data_seed)")
     p.add_argument("--ranks", default=None,
                    help="--math: comma-separated PowerSGD ranks of the powersgd arms (default: bf16 2,4; int8 4,8)")
     p.add_argument("--iterations", type=int, default=1,
@@ -398,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     steps = a.steps or (30 if a.quick else 150)
     res = compare_averaging(steps, a.rank, timeout_s=600 if a.quick else 3600, model=a.model or "wide", bits=a.bits,
-                            lr=a.lr, dense=a.dense, iterations=a.iterations)
+                            lr=a.lr, dense=a.dense, iterations=a.iterations, data_seed=a.seed)
     print(f"{'averaging':12} {'steps':>5} {'replica B/step':>15} {'val loss':>9} {'train loss':>10} {'identical':>9} "
           f"{'wall s':>7}")
     for name, r in ((a.dense, res["dense"]), (f"powersgd r{a.rank}" + (" int8" if a.bits == 8 else ""),
@@ -410,7 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     print(json.dumps({"replica_compression": res["replica_compression"],
                       "loss_ratio_compressed_avg": res["loss_ratio_compressed_avg"], "rank": a.rank, "bits": a.bits,
                       "lr": a.lr, "steps": steps, "dense_baseline": a.dense,
-                      "iterations": a.iterations,
+                      "iterations": a.iterations, "seed": a.seed,
                       "model": res["model"], "tokens": res["tokens"],
                       "dense_replica_bytes_per_step": res["dense"]["replica_bytes_per_step"],
                       "compressed_replica_bytes_per_step": res["compressed"]["replica_bytes_per_step"],
