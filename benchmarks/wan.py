@@ -383,11 +383,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="global-norm clipping (recipe.grad_clip) in every schedule run and both loss arms; 0 = off")
     p.add_argument("--averaging-steps", type=int, default=None,
                    help="steps of the dense vs PowerSGD replica comparison (default 150, quick 10; 0 skips it)")
-    p.add_argument("--averaging-rank", type=int, default=8, help="PowerSGD rank of the replica comparison")
+    p.add_argument("--averaging-rank", type=int, default=6, help="PowerSGD rank of the replica comparison")
     p.add_argument("--averaging-bits", type=int, choices=(16, 8), default=8,
                    help="PowerSGD factors of the replica comparison: 16 (bf16) or 8 (int8)")
     p.add_argument("--averaging-model", default="wide", help="wan_averaging model: wide (d 256) or tiny")
-    p.add_argument("--averaging-iterations", type=int, default=1,
+    p.add_argument("--averaging-iterations", type=int, default=3,
                    help="PowerSGD power iterations per contribution in the replica comparison (powersgd_iterations)")
     p.add_argument("--averaging-dense", choices=("dense-bf16", "dense"), default="dense-bf16",
                    help="the replica comparison's dense arm: bf16 values (the fair baseline) or fp32")

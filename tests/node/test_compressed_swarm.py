@@ -1,5 +1,5 @@
-"""PowerSGD replica averaging (rank 2, int8 factors: the encoding with the most steps between the gradient and
-what a replica applies) in a replicated swarm of real node processes on 127.0.0.1: every step applies each
+"""PowerSGD replica averaging (rank 2, int8 factors, 2 power iterations: the encoding with the most steps between
+the gradient and what a replica applies) in a replicated swarm of real node processes on 127.0.0.1: every step applies each
 microbatch exactly once, the two replicas of the middle stage end bit-identical, and their averaging traffic
 is the compressed size. bf16 factors share all of this but the codec, tested in test_compressed_averaging."""
 
@@ -26,7 +26,8 @@ STEPS = 6
 def test_powersgd_swarm_applies_every_microbatch_once_and_keeps_replicas_identical(tmp_path) -> None:
     # the head waits up to 120 s for the middle replicas to come up (processes start slowly on a busy machine)
     nodes = launch(tmp_path, [0, 1, 1, 2], STEPS, common=["--replica-averaging", "powersgd", "--powersgd-rank", "2",
-                                                          "--powersgd-bits", "8", "--no-replica-timeout", "120"])
+                                                          "--powersgd-bits", "8", "--powersgd-iterations", "2",
+                                                          "--no-replica-timeout", "120"])
     try:
         codes = wait_nodes(nodes, 360)
     finally:
