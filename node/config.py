@@ -417,7 +417,8 @@ class NodeConfig:
             raise ValueError("recipe.grad_clip needs the one-peer-per-stage runner: replicated stages do not exchange "
                              "gradient norms yet; set recipe.grad_clip = 0 or turn replicas.enabled off")
         if r.replica_averaging not in ("dense", "dense-bf16", "powersgd") or r.powersgd_rank < 1:
-            raise ValueError(f"runtime.replica_averaging must be dense, dense-bf16 or powersgd (got {r.replica_averaging!r}) "
+            raise ValueError(f"runtime.replica_averaging must be dense, dense-bf16 or powersgd "
+                             f"(got {r.replica_averaging!r}) "
                              f"and runtime.powersgd_rank >= 1 (got {r.powersgd_rank})")
         if type(r.powersgd_bits) is not int or r.powersgd_bits not in (16, 8):
             raise ValueError(f"runtime.powersgd_bits must be 16 (bf16 factors) or 8 (int8), got {r.powersgd_bits!r}")

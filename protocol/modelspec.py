@@ -56,7 +56,8 @@ class TrainingSection:
     grad_clip: float = 0.0  # clip the global gradient norm (all stages together) to this; 0 = off
     batch_tokens: int | None = None  # tokens per optimizer step; when given, must equal microbatches *
     # microbatch_size * model.seq_len
-    replica_averaging: str = "dense"  # replica gradient exchange: dense (fp32) | dense-bf16 | powersgd (sharding.gradcompress)
+    replica_averaging: str = "dense"  # replica gradient exchange: dense (fp32) | dense-bf16 | powersgd
+    # (sharding.gradcompress)
     powersgd_rank: int = 4  # PowerSGD rank r (used with replica_averaging = powersgd)
     powersgd_bits: int = 16  # PowerSGD factors on the wire: 16 (bf16) or 8 (int8 codes, one bf16 scale per column)
     powersgd_iterations: int = 1  # PowerSGD power iterations per contribution (more: a closer rank-r fit, same bytes)
@@ -90,7 +91,8 @@ class TrainingSection:
         if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
             raise ValueError(f"training.total_steps={self.total_steps!r}: must be an integer >= 1")
         if self.replica_averaging not in ("dense", "dense-bf16", "powersgd") or self.powersgd_rank < 1:
-            raise ValueError(f"training.replica_averaging={self.replica_averaging!r}: use dense, dense-bf16 or powersgd, "
+            raise ValueError(f"training.replica_averaging={self.replica_averaging!r}: use dense, dense-bf16 or "
+                             "powersgd, "
                              f"with training.powersgd_rank >= 1 (got {self.powersgd_rank})")
         if type(self.powersgd_bits) is not int or self.powersgd_bits not in (16, 8):
             raise ValueError(f"training.powersgd_bits={self.powersgd_bits!r}: use 16 (bf16 factors) or 8 (int8)")
