@@ -119,7 +119,9 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     if avg.mode == "powersgd" and bench.get("loss_ratio_compressed_avg") is not None and measured:
         avg_ratio = float(bench["loss_ratio_compressed_avg"])  # PowerSGD's, whatever rank it was measured at
         avg_source = (f"measured: benchmarks/wan.py loss_ratio_compressed_avg (PowerSGD rank {measured.get('rank')}, "
-                      f"{'int8' if measured.get('bits') == 8 else 'bf16'} factors, {measured.get('model')} model, "
+                      f"{'int8' if measured.get('bits') == 8 else 'bf16'} factors, "
+                      f"{measured.get('iterations', 1)} power iteration(s), against "
+                      f"{measured.get('dense_baseline', 'dense')}, {measured.get('model')} model, "
                       f"{measured.get('steps')} steps)")
     if schedule == "async" and async_loss_ratio is not None:
         async_ratio, async_source = async_loss_ratio, "given by the caller (--async-loss-ratio)"

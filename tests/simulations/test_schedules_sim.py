@@ -130,7 +130,13 @@ def test_the_measured_averaging_ratio_applies_to_the_method_it_was_measured_for(
     ps = run_vs_datacenter(cal, averaging="powersgd:8:int8", steps=2, overlap_averaging=True)
     assumed = ps["inputs"]["assumed"]
     assert assumed["averaging_loss_ratio"] == 1.03
-    assert "PowerSGD rank 8, int8 factors, wide model, 150 steps" in assumed["averaging_loss_source"]
+    # a record from before iterations and the bf16 baseline were recorded: one iteration, against fp32 dense
+    assert ("PowerSGD rank 8, int8 factors, 1 power iteration(s), against dense, wide model, 150 steps"
+            in assumed["averaging_loss_source"])
+    newer = {**cal, "wan_benchmark": {**bench, "averaging": {"steps": 150, "model": "wide", "rank": 6, "bits": 8,
+                                                             "iterations": 3, "dense_baseline": "dense-bf16"}}}
+    src = run_vs_datacenter(newer, averaging="powersgd:6:int8", steps=2)["inputs"]["assumed"]["averaging_loss_source"]
+    assert "PowerSGD rank 6, int8 factors, 3 power iteration(s), against dense-bf16, wide model" in src
     assert ps["wan"]["averaging_collective"] == "direct" and ps["wan"]["averaging"] == "powersgd:8:int8"
     dl = run_vs_datacenter(cal, averaging="diloco:100", steps=2)["inputs"]["assumed"]
     assert dl["averaging_loss_ratio"] == 1.0 and "no penalty assumed" in dl["averaging_loss_source"]
