@@ -91,6 +91,22 @@ def validate(bench: dict[str, Any], calibrate_on: str = "gpipe", own_compute: bo
             "goal_met": bool(held) and max(held) <= ERROR_GOAL}
 
 
+def async_utilisation(bench: dict[str, Any], busy: dict[str, float], overhead_s: float,
+                      bounds: tuple[int, ...] = (1, 2, 3)) -> dict[str, float]:
+    """Simulated busiest-stage utilisation of the async schedule at each staleness bound in `bounds`, with stage
+    compute `busy` (seconds per step) and the fitted per-frame overhead, over the benchmark's links.
+
+    Given a run with a core per stage (the calibration run's compute: gpipe leaves most of a small host idle)
+    it says what the schedule makes of the links where the benchmark's own async run shared too few cores;
+    `busy` x simulated steps per second, the first step left out as in benchmarks/wan.py."""
+    out = {}
+    for bound in bounds:
+        cfg = bench_config({**bench, "max_staleness": bound}, "async", busy, overhead_s)
+        steps_per_s = _tokens_per_s(cfg) / cfg.tokens_per_step
+        out[str(bound)] = max(busy.values()) * steps_per_s
+    return out
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("bench_output", type=Path, help="saved output of benchmarks/wan.py (its last line is read)")
@@ -102,10 +118,14 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     bench = json.loads(a.bench_output.read_text().strip().splitlines()[-1])
     out = validate(bench, a.calibrate_on, own_compute=not a.calibration_compute)
+    busy = {k: float(v) for k, v in bench["busy_s_per_step"][a.calibrate_on].items()}
+    out["async_utilisation_calibration_compute"] = async_utilisation(bench, busy, out["frame_overhead_s"])
     print(f"{'schedule':<10}{'measured':>10}{'simulated':>11}{'error':>8}  held out")
     for s, r in out["schedules"].items():
         print(f"{s:<10}{r['measured_tokens_per_s']:>10.0f}{r['simulated_tokens_per_s']:>11.0f}{r['error']:>8.3f}  "
               f"{r['held_out']}")
+    print("async utilisation with the calibration run's compute, by staleness bound: " + ", ".join(
+        f"{b}: {u:.3f}" for b, u in out["async_utilisation_calibration_compute"].items()))
     if a.write:
         stored = json.loads(a.calibration.read_text())
         stored["wan_benchmark"] = {"validation": out, "loss_ratio_async": bench.get("loss_ratio_async"),

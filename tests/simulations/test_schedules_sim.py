@@ -142,3 +142,18 @@ def test_the_measured_averaging_ratio_applies_to_the_method_it_was_measured_for(
     assert dl["averaging_loss_ratio"] == 1.0 and "no penalty assumed" in dl["averaging_loss_source"]
     old = {**cal, "wan_benchmark": {k: v for k, v in bench.items() if k != "averaging"}}  # a record without the method
     assert run_vs_datacenter(old, averaging="powersgd:8", steps=2)["inputs"]["assumed"]["averaging_loss_ratio"] == 1.0
+
+
+def test_async_utilisation_by_bound_rises_towards_the_frame_overhead_ceiling() -> None:
+    """With 50 ms links a bound of 0 would idle through the round trip; each step of staleness hides more of it,
+    until the per-frame overhead, not the links, is what keeps a stage from its compute."""
+    from simulations.wan_bench import async_utilisation
+
+    bench = _bench_from_sim()
+    busy = {"0": 0.12, "1": 0.12, "2": 0.12}
+    util = async_utilisation(bench, busy, 0.003, bounds=(0, 1, 2, 4))
+    assert list(util) == ["0", "1", "2", "4"] and all(0 < u <= 1 for u in util.values())
+    assert util["0"] < util["1"] <= util["2"] <= util["4"]
+    assert util["4"] < 1  # frames cost 3 ms each outside compute
+    free = async_utilisation(bench, busy, 0.0, bounds=(4,))
+    assert free["4"] > util["4"]  # without the overhead the deepest bound is busier
