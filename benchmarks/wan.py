@@ -33,7 +33,24 @@ carries it on NORM frames between steps (`node.pipeline.asyncrun`).
 Last line: JSON with `utilisation` (per schedule), `tokens_per_s` (per schedule), `replica_compression`,
 `loss_ratio_async`, `loss_ratio_compressed_avg`, the link check and the settings.
 
-Measured here (session 16, defaults, 40 steps, nothing else running): link check 101.8 ms round trip, 199.3
+`host_cpu` (per schedule, over the busiest stage's utilisation window): the host's busy fraction of its cores and
+the CPU each node and the shaper used per wall second, sampled from /proc while the run goes on. On a host with
+fewer cores than stage processes a stage's busy time includes time it waited for a core inside its compute,
+and its idle time time it waited for one between computations: the utilisation then measures the host as much
+as the schedule. `python -m simulations.wan_bench OUTPUT` prints what the calibrated simulator makes of the same
+links with the calibration (gpipe) run's compute, a core per stage (`async_utilisation_calibration_compute`).
+
+Measured here (session 19, defaults, nothing else running, 2 cores): link check 101.4 ms round trip, 199.7
+Mbit/s; utilisation gpipe 0.367 (6809 tokens/s), 1f1b 0.196 (4082), async 0.803 (11020); loss_ratio_async
+1.1396 (300 steps, staleness 1); replicas 59.8x below a dense-bf16 exchange at a loss ratio of 1.018 (PowerSGD
+rank 6 int8, 3 power iterations, wide model, 150 steps). Host CPU: gpipe 0.57 of the 2 cores busy (each stage
+0.34-0.38 of a core: its busy fraction), async 0.94 busy, each stage 0.58-0.62 of a core while its busy
+fraction read 0.75-0.80: the async run was short of cores, and its compute took about 30 % longer per step than
+gpipe's (0.299 s against 0.221 s at stage 1). With gpipe's compute the simulator (held-out error 0.020 on
+async) gives async 0.721 at staleness 1 and 0.770 at 2 and 3: with a core per stage, what keeps a stage from
+0.9 here is mostly the runtime's time per frame outside compute (fitted 4.1 ms), not the links.
+
+Session 16 (defaults, 40 steps, nothing else running): link check 101.8 ms round trip, 199.3
 Mbit/s; utilisation gpipe 0.355 (6770 tokens/s), 1f1b 0.186 (4034), async 0.789 (11427); loss_ratio_async
 1.1596 (300 steps, staleness 1); replicas 92.1x below dense at a loss ratio of 1.018 (PowerSGD rank 8 int8,
 wide model, 150 steps). The stages computed faster than in session 15 (async busy 0.28 s per step at stage 1)
