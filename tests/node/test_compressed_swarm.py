@@ -1,7 +1,8 @@
 """PowerSGD replica averaging (rank 2, int8 factors, 2 power iterations: the encoding with the most steps between
 the gradient and what a replica applies) in a replicated swarm of real node processes on 127.0.0.1: every step applies each
 microbatch exactly once, the two replicas of the middle stage end bit-identical, and their averaging traffic
-is the compressed size. bf16 factors share all of this but the codec, tested in test_compressed_averaging."""
+is the compressed size; the same for dense bf16 contributions (half of fp32). bf16 factors share all of this but
+the codec, tested in test_compressed_averaging."""
 
 from __future__ import annotations
 
@@ -22,12 +23,19 @@ pytestmark = [pytest.mark.network]
 STEPS = 6
 
 
+ENCODINGS = {  # name -> (node flags, the codec they give the middle stage, most bytes per dense fp32 byte)
+    "powersgd": (["--replica-averaging", "powersgd", "--powersgd-rank", "2", "--powersgd-bits", "8",
+                  "--powersgd-iterations", "2"], ("powersgd", 2, 8), 1 / 4),
+    "dense-bf16": (["--replica-averaging", "dense-bf16"], ("dense-bf16", 4, 16), 1 / 1.9),
+}
+
+
 @pytest.mark.timeout(480)
-def test_powersgd_swarm_applies_every_microbatch_once_and_keeps_replicas_identical(tmp_path) -> None:
+@pytest.mark.parametrize("encoding", sorted(ENCODINGS))
+def test_encoded_swarm_applies_every_microbatch_once_and_keeps_replicas_identical(tmp_path, encoding) -> None:
+    flags, (method, rank, bits), most = ENCODINGS[encoding]
     # the head waits up to 120 s for the middle replicas to come up (processes start slowly on a busy machine)
-    nodes = launch(tmp_path, [0, 1, 1, 2], STEPS, common=["--replica-averaging", "powersgd", "--powersgd-rank", "2",
-                                                          "--powersgd-bits", "8", "--powersgd-iterations", "2",
-                                                          "--no-replica-timeout", "120"])
+    nodes = launch(tmp_path, [0, 1, 1, 2], STEPS, common=[*flags, "--no-replica-timeout", "120"])
     try:
         codes = wait_nodes(nodes, 360)
     finally:
@@ -46,11 +54,12 @@ def test_powersgd_swarm_applies_every_microbatch_once_and_keeps_replicas_identic
     # contributions a replica applied but did not compute crossed between the replicas (pushes the other's
     # server received, pulls it answered; a replica that joined late fetched the state instead of the steps
     # before it, and a pull answered after the last record is not in it): the servers moved at least one
-    # step of compressed contributions, and all of it far below one dense contribution per microbatch.
+    # step of encoded contributions, and all of it below one dense fp32 contribution per microbatch by the
+    # encoding's factor.
     codec = ContributionCodec.for_module(build_stage(PRESETS["tiny"], partition(PRESETS["tiny"], 3)[1]),
-                                         "powersgd", 2, bits=8)
+                                         method, rank, bits=bits)
     crossed = sum(len(r["applied"]) - len(r["mine"]) for n in (mid_a, mid_b) for r in records(n).values())
     assert crossed >= M, "the replicas never exchanged a contribution"
     moved = sum(records(n)[STEPS - 1]["avg_wire_bytes"] for n in (mid_a, mid_b))
     assert moved >= M * 4 * codec.words
-    assert moved < STEPS * M * 4 * codec.size / 4
+    assert moved < STEPS * M * 4 * codec.size * most
