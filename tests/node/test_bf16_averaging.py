@@ -6,17 +6,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import trio
 
 from node.config import NodeConfig
 from node.errors import AveragingError
-from node.net.host import full_addrs
-from node.net.peerscore import PeerGuardConfig
-from node.replicas.averaging import ContributionCodec, ContributionStore, combine, push
+from node.replicas.averaging import ContributionCodec, combine
 from pmn.errors import ConfigError
 from pmn.spec import proposal_from_dict
-from tests.node.avg_pushes import assert_pushes_refused, serve
-from tests.node.conftest import running_host
+from tests.node.avg_pushes import assert_bad_pushes_keep_the_store
 
 SHAPES = [(64, 64), (63,)]  # an odd value count: the last word is zero-padded
 
@@ -65,26 +61,15 @@ def test_bf16_check_refuses_nan_and_inf_and_combine_leaves_them_out() -> None:
 @pytest.mark.timeout(60)
 def test_bad_bf16_pushes_are_refused_counted_and_nothing_is_stored() -> None:
     c = _codec()
-    store = ContributionStore(c.words, c)
-    guard = PeerGuardConfig(ban_score=-100.0, max_streams_per_peer=16)
     good = c.encode(torch.randn(c.size))
     nan = good.clone().view(torch.bfloat16)
     nan[5] = float("nan")
     fp32 = torch.randn(c.size)
-
-    async def main() -> None:
-        async with running_host(171) as (server, _), running_host(172) as (client, _):
-            svc = serve(server, store, guard)
-            addr = full_addrs(server)[0]
-            await push(client, addr, "aa", 0, 5, 0, 0, good, 1.0, 5.0, enc=c.tag)
-            cases = [(nan.view(torch.float32), c.tag, "non-finite"),  # NaN in one value
-                     (fp32, "dense", "encoded as"),  # fp32 values, declared honestly
-                     (fp32, c.tag, "bytes")]  # fp32 values under the bf16 tag: the size gives them away
-            await assert_pushes_refused(client, addr, svc, 5, cases)
-            assert list(store.vecs[5]) == [(0, 0)]
-            assert torch.equal(store.vecs[5][(0, 0)].view(torch.int32), good.view(torch.int32))  # bit for bit
-
-    trio.run(main)
+    assert_bad_pushes_keep_the_store(c, good, [
+        (nan.view(torch.float32), c.tag, "non-finite"),  # NaN in one value
+        (fp32, "dense", "encoded as"),  # fp32 values, declared honestly
+        (fp32, c.tag, "bytes"),  # fp32 values under the bf16 tag: the size gives them away
+    ], seeds=(171, 172))
 
 
 def test_spec_and_node_options_for_dense_bf16() -> None:

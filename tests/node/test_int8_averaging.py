@@ -5,21 +5,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-import trio
 
 from node.config import NodeConfig
 from node.errors import AveragingError
-from node.net.host import full_addrs
-from node.net.peerscore import PeerGuardConfig
 from node.replicas.averaging import (
     ContributionCodec,
-    ContributionStore,
     combine,
-    push,
 )
 from pmn.spec import proposal_from_dict
-from tests.node.avg_pushes import assert_pushes_refused, serve
-from tests.node.conftest import running_host
+from tests.node.avg_pushes import assert_bad_pushes_keep_the_store
 
 SHAPES = [(64, 64), (64,), (256, 64), (64, 256)]
 
@@ -83,27 +77,15 @@ def test_int8_check_refuses_bad_scales_codes_and_sizes() -> None:
 @pytest.mark.timeout(60)
 def test_bad_int8_pushes_are_refused_counted_and_nothing_is_stored() -> None:
     c = _codec()
-    store = ContributionStore(c.words, c)
-    guard = PeerGuardConfig(ban_score=-100.0, max_streams_per_peer=16)
     good = _codec(seed=1).encode(torch.randn(c.size))
     raw = good.view(torch.uint8).clone()
     raw[_scale_byte(c, 1): _scale_byte(c, 1) + 2] = torch.tensor([float("inf")], dtype=torch.bfloat16).view(torch.uint8)
-    inf_scale = raw.view(torch.float32)
     bf16 = _codec(16).encode(torch.randn(c.size))
-
-    async def main() -> None:
-        async with running_host(161) as (server, _), running_host(162) as (client, _):
-            svc = serve(server, store, guard)
-            addr = full_addrs(server)[0]
-            await push(client, addr, "aa", 0, 5, 0, 0, good, 1.0, 5.0, enc=c.tag)
-            cases = [(inf_scale, c.tag, "non-finite"),  # Inf in a column scale
-                     (bf16, "powersgd-r4-bf16", "encoded as"),  # bf16 factors, declared honestly
-                     (bf16, c.tag, "bytes")]  # bf16 factors under the int8 tag: the size gives them away
-            await assert_pushes_refused(client, addr, svc, 5, cases)
-            assert list(store.vecs[5]) == [(0, 0)]
-            assert torch.equal(store.vecs[5][(0, 0)].view(torch.int32), good.view(torch.int32))  # bit for bit
-
-    trio.run(main)
+    assert_bad_pushes_keep_the_store(c, good, [
+        (raw.view(torch.float32), c.tag, "non-finite"),  # Inf in a column scale
+        (bf16, "powersgd-r4-bf16", "encoded as"),  # bf16 factors, declared honestly
+        (bf16, c.tag, "bytes"),  # bf16 factors under the int8 tag: the size gives them away
+    ], seeds=(161, 162))
 
 
 def test_spec_and_node_options_for_int8_factors() -> None:
