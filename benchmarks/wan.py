@@ -49,6 +49,10 @@ fraction read 0.75-0.80: the async run was short of cores, and its compute took 
 gpipe's (0.299 s against 0.221 s at stage 1). With gpipe's compute the simulator (held-out error 0.020 on
 async) gives async 0.721 at staleness 1 and 0.770 at 2 and 3: with a core per stage, what keeps a stage from
 0.9 here is mostly the runtime's time per frame outside compute (fitted 4.1 ms), not the links.
+With `--grad-clip 1.0 --averaging-steps 0` (session 19, the first run with clipping): gpipe 0.286 (5000
+tokens/s: each step's norm round trip through the stages costs it a quarter of its speed), 1f1b 0.176 (3276),
+async 0.807 (11083: the NORM frames cost it nothing measurable); loss_ratio_async 1.0934 (300 steps, staleness
+1; gpipe 1.8970, async 2.0742): clipping narrows the short-run async gap (1.1396 unclipped).
 
 Session 16 (defaults, 40 steps, nothing else running): link check 101.8 ms round trip, 199.3
 Mbit/s; utilisation gpipe 0.355 (6770 tokens/s), 1f1b 0.186 (4034), async 0.789 (11427); loss_ratio_async
