@@ -413,6 +413,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--averaging-dense", choices=("dense-bf16", "dense"), default="dense-bf16",
                    help="the replica comparison's dense arm: bf16 values (the fair baseline) or fp32")
     a = p.parse_args(argv)
+    if a.averaging_iterations < 1 or a.averaging_rank < 1:
+        p.error(f"--averaging-rank {a.averaging_rank} / --averaging-iterations {a.averaging_iterations}: PowerSGD needs "
+                "a rank and an iteration count of at least 1")
     steps = a.steps or (5 if a.quick else 40)
     loss_steps = a.loss_steps or (60 if a.quick else 300)
     schedules = [s for s in a.schedules.split(",") if s]

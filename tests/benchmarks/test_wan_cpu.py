@@ -1,5 +1,6 @@
-"""`benchmarks/wan.py`'s CPU sampler: the host's busy fraction and each process's cores in use over a window,
-which say whether a WAN run's stages had a core each (real processes, one busy and one asleep)."""
+"""`benchmarks/wan.py`: its CPU sampler (the host's busy fraction and each process's cores in use over a window,
+which say whether a WAN run's stages had a core each; real processes, one busy and one asleep) and its refusal
+of a PowerSGD comparison without a power iteration."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from types import ModuleType
 
 import pytest
 
-from tests.benchmarks.scripts import ROOT
+from tests.benchmarks.scripts import ROOT, run_script
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -49,3 +50,8 @@ def test_sampler_tells_a_busy_process_from_a_sleeping_one() -> None:
         while len(gone.samples) < 2:
             time.sleep(0.05)
     assert gone.window(0, time.time() + 1)["cpu_per_wall"] == {}
+
+
+def test_a_replica_comparison_without_a_power_iteration_is_refused_before_anything_starts() -> None:
+    proc = run_script("wan.py", "--averaging-iterations", "0")
+    assert proc.returncode == 2 and "--averaging-iterations 0" in proc.stderr and "at least 1" in proc.stderr
