@@ -67,11 +67,14 @@ than the shared delay.
 Warm-up: `--grid 1e-3:200 --horizons 3000` (constant after 200 warm-up steps, 2 workers): sync 1.2462, async
 1.2595, **1.0107** for the same recipe, the first recipe within 2 % on the bench model; but the long warm-up
 costs sync more (1.2042 with 10 warm-up steps, session 16), so against the best sync run async is 1.046 (1.0367
-with 10, session 16). Not tried: warm-ups between 10 and 200, and warm-up 200 at staleness 2.
+with 10, session 16).
 Session 19, AdamW beta1 (an ad-hoc script; tiny, 600 steps, lr 1e-3, warm-up 10, constant, staleness 1,
 look-ahead 1), validation loss: async 1.9764 / 1.9154 / 1.8733 / 1.8992 at beta1 0.7 / 0.8 / 0.9 / 0.95; sync
 1.8080 at 0.9 and 1.8287 at 0.95. Less momentum does not offset the delay here (the "asynchrony begets
 momentum" argument would have it help); the default 0.9 is best for both arms.
+Session 19, warm-up 100 (`--grid 1e-3:100 --horizons 3000 --staleness 1`, 2 workers): sync 1.2475, async 1.2817
+(1.0275 same recipe; 1.064 against the best sync run, warm-up 10, session 16): no better than 10 or 200 for
+either arm. Warm-up 50, and warm-up 200 at staleness 2, were not tried.
 """
 
 from __future__ import annotations
