@@ -28,8 +28,9 @@ def _wan() -> ModuleType:
 
 def test_sampler_tells_a_busy_process_from_a_sleeping_one() -> None:
     wan = _wan()
-    busy = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 30: pass"])
-    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    # the busy one spins until killed; the idle one blocks reading its stdin (nothing is ever written) until killed
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:
         with wan.CpuSampler({"busy": busy.pid, "idle": idle.pid}, interval_s=0.05) as cpu:
             t0 = time.time()
@@ -41,6 +42,8 @@ def test_sampler_tells_a_busy_process_from_a_sleeping_one() -> None:
         for p in (busy, idle):
             p.kill()
             p.wait()
+        assert idle.stdin is not None
+        idle.stdin.close()
     assert out["cores"] >= 1 and 1.0 <= out["seconds"] <= t1 - t0
     assert out["cpu_per_wall"]["busy"] > 0.3  # a core most of the time (less if the host is loaded)
     assert out["cpu_per_wall"]["idle"] < 0.05
