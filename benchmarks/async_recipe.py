@@ -96,11 +96,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from wan import BENCH_MODEL, VAL_SEED, VAL_WINDOWS  # noqa: E402  (the model and validation of benchmarks/wan.py)
 
 from sharding import PRESETS, ModelConfig, OptimConfig  # noqa: E402
+from sharding.optimconfig import OPTIMIZERS  # noqa: E402
 
 
 def run(model: ModelConfig, arm: str, lr: float, warmup: int, steps: int, staleness: int, lookahead: float,
         microbatches: int, mb_size: int, corpus_name: str, grad_clip: float = 0.0,
-        schedule: str = "constant") -> dict[str, Any]:
+        schedule: str = "constant", optimizer: str = "adamw") -> dict[str, Any]:
     """One training run; arm "sync" or "async". Returns its validation loss and a 25-step train-loss curve.
 
     schedule "cosine" decays the learning rate to `OptimConfig.min_lr_ratio` x lr over this run's `steps`."""
@@ -112,7 +113,7 @@ def run(model: ModelConfig, arm: str, lr: float, warmup: int, steps: int, stalen
     torch.set_num_threads(1)
     corpus = load_corpus(corpus_name)
     optim = OptimConfig(lr=lr, warmup_steps=warmup, grad_clip=grad_clip, schedule=schedule,
-                        decay_steps=steps if schedule != "constant" else None)
+                        decay_steps=steps if schedule != "constant" else None, optimizer=optimizer)
     net = build_model(model)
     if arm == "sync":
         losses = train_reference(model, optim, steps, microbatches, mb_size, corpus, model=net)
@@ -138,6 +139,8 @@ def main() -> int:
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                    help="learning rate after the warm-up: constant, or cosine decay to "
                         f"{OptimConfig.min_lr_ratio:g} x lr (OptimConfig.min_lr_ratio) over each run's horizon (both arms)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="both arms: adamw, or muon (Muon on the blocks' matrices, AdamW on the rest; recipe.optimizer)")
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--microbatch-size", type=int, default=4)
     p.add_argument("--corpus", default="stdlib")
@@ -169,14 +172,14 @@ def main() -> int:
                       key=lambda job: -job[3])
         futures = {(b, lr, wu, n): pool.submit(run, model, "async" if b else "sync", lr, wu, n, b, lookahead,
                                                a.microbatches, a.microbatch_size, a.corpus, a.grad_clip,
-                                               a.schedule)
+                                               a.schedule, a.optimizer)
                    for b, lr, wu, n in jobs}
         by_run = {key: f.result() for key, f in futures.items()}
     results = {("async" if b else "sync", lr, wu): r for (b, lr, wu, n), r in by_run.items()
                if n == steps and b in (0, staleness)}  # the headline runs
     print(f"model d{model.d_model} x{model.n_layers}, {steps} steps of {a.microbatches} x {a.microbatch_size} "
           f"windows of {model.seq_len}, staleness {staleness}, look-ahead {lookahead}, grad clip {a.grad_clip:g}, "
-          f"lr schedule {a.schedule}, "
+          f"lr schedule {a.schedule}, optimizer {a.optimizer}, "
           f"corpus {a.corpus}")
     print(f"{'lr':>8} {'warmup':>6} {'sync val':>9} {'async val':>9} {'ratio':>7}")
     same: dict[str, float] = {}
@@ -213,7 +216,7 @@ def main() -> int:
                       "curves": {f"{arm}:{lr:g}:{wu}": [round(x, 3) for x in r["curve"]]
                                  for (arm, lr, wu), r in results.items()},
                       "steps": steps, "staleness": staleness, "lookahead": lookahead, "grad_clip": a.grad_clip,
-                      "schedule": a.schedule, "model": model.to_dict(),
+                      "schedule": a.schedule, "optimizer": a.optimizer, "model": model.to_dict(),
                       "grid": grid_text}))
     return 0
 

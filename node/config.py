@@ -159,6 +159,8 @@ class RecipeConfig:
     adam_eps: float = 1e-8  # AdamW epsilon
     grad_clip: float = 0.0  # clip the global gradient norm to this (stages exchange squared norms); 0 = off
     batch_tokens: int | None = None  # tokens per step; when given, must equal microbatches * microbatch_size * seq_len
+    optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on embedding, head and norms)
+    muon_momentum: float = 0.95  # muon: Nesterov momentum of the Muon part
 
 
 @dataclass

@@ -63,6 +63,9 @@ class TrainingSection:
     powersgd_iterations: int = 1  # PowerSGD power iterations per contribution (more: a closer rank-r fit, same bytes)
     pipeline_schedule: str = "gpipe"  # pipeline schedule: gpipe, 1f1b (both exact) or async (delayed gradients)
     max_staleness: int = 0  # async: optimiser steps a gradient may lag the weights it updates (0 for gpipe/1f1b)
+    optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on embedding, head and norms;
+    # sharding.optimizers: the async schedule's delayed gradients cost Muon less)
+    muon_momentum: float = 0.95  # muon: Nesterov momentum of the Muon part
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TrainingSection:
@@ -119,14 +122,16 @@ class TrainingSection:
             lr=self.lr, betas=(self.beta1, self.beta2), eps=self.adam_eps, weight_decay=self.weight_decay,
             warmup_steps=self.warmup_steps, decay_steps=None if self.schedule == "constant" else self.total_steps,
             min_lr_ratio=self.min_lr_ratio, data_seed=self.data_seed, schedule=self.schedule,
-            cooldown_steps=self.cooldown_steps, grad_clip=self.grad_clip,
+            cooldown_steps=self.cooldown_steps, grad_clip=self.grad_clip, optimizer=self.optimizer,
+            muon_momentum=self.muon_momentum,
         ).validate()
 
 
 # OptimConfig field -> the training field(s) it comes from (for error messages)
 _OPTIM_NAMES = {"decay_steps": "total_steps", "eps": "adam_eps", "betas": "beta1/beta2", "lr": "lr",
                 "weight_decay": "weight_decay", "warmup_steps": "warmup_steps", "min_lr_ratio": "min_lr_ratio",
-                "schedule": "schedule", "cooldown_steps": "cooldown_steps", "grad_clip": "grad_clip"}
+                "schedule": "schedule", "cooldown_steps": "cooldown_steps", "grad_clip": "grad_clip",
+                "optimizer": "optimizer", "muon_momentum": "muon_momentum"}
 
 # training fields every spec has had (a received spec without one is refused)
 REQUIRED_TRAINING = ("stages", "codec", "microbatches", "microbatch_size", "lr", "warmup_steps", "data_seed")
@@ -136,7 +141,7 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "schedule": "constant", "total_steps": None, "min_lr_ratio": 0.1, "cooldown_steps": 0, "beta1": 0.9,
     "beta2": 0.95, "weight_decay": 0.1, "adam_eps": 1e-8, "grad_clip": 0.0, "batch_tokens": None,
     "replica_averaging": "dense", "powersgd_rank": 4, "pipeline_schedule": "gpipe", "max_staleness": 0,
-    "powersgd_bits": 16, "powersgd_iterations": 1,
+    "powersgd_bits": 16, "powersgd_iterations": 1, "optimizer": "adamw", "muon_momentum": 0.95,
 }
 MAX_POWER_ITERATIONS = 8  # most PowerSGD power iterations a spec may ask of every replica per contribution
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "async")  # pipeline schedules a spec may name

@@ -1,4 +1,4 @@
-"""The optimiser recipe of a training run (AdamW, LR schedule, clipping): plain data, no torch, so configs and
+"""The optimiser recipe of a training run (AdamW or Muon, LR schedule, clipping): plain data, no torch, so configs and
 specs can be read and validated without importing the model code."""
 
 from __future__ import annotations
@@ -8,10 +8,12 @@ from dataclasses import dataclass
 
 from .schedule import SCHEDULES
 
+OPTIMIZERS = ("adamw", "muon")  # adamw: AdamW everywhere; muon: Muon on the blocks' matrices, AdamW on the rest
+
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW, a warm-up + constant/cosine/WSD schedule (sharding.schedule), optional global-norm clipping.
+    """AdamW (or Muon on the blocks' matrices, `sharding.optimizers`), a warm-up + constant/cosine/WSD schedule (sharding.schedule), optional global-norm clipping.
 
     Pipeline stages clip with the global norm of the whole model (`optimizer_step(grad_sq_total=...)`,
     the squared norms exchanged between stages), so per-stage optimisers reproduce the single-process run.
@@ -28,6 +30,8 @@ class OptimConfig:
     schedule: str | None = None  # constant | cosine | wsd; None = cosine if decay_steps is set, else constant
     cooldown_steps: int = 0  # wsd: the last steps before decay_steps, with lr falling linearly to the final lr
     grad_clip: float = 0.0  # clip the global gradient norm (all stages together) to this; 0 = no clipping
+    optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on embedding, head and norms)
+    muon_momentum: float = 0.95  # muon: Nesterov momentum of the Muon part (AdamW's part keeps betas)
 
     @property
     def schedule_name(self) -> str:
@@ -63,4 +67,8 @@ class OptimConfig:
                                  f"<= total steps - warmup_steps = {span}")
         if not (isinstance(self.grad_clip, (int, float)) and math.isfinite(self.grad_clip) and self.grad_clip >= 0):
             raise ValueError(f"OptimConfig.grad_clip={self.grad_clip!r}: must be a finite number >= 0 (0 = off)")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"OptimConfig.optimizer={self.optimizer!r} is unknown: use one of {', '.join(OPTIMIZERS)}")
+        if not (isinstance(self.muon_momentum, (int, float)) and 0 <= self.muon_momentum < 1):
+            raise ValueError(f"OptimConfig.muon_momentum={self.muon_momentum!r}: must be in [0, 1)")
         return self

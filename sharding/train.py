@@ -8,6 +8,7 @@ from torch import nn
 from .config import ModelConfig
 from .data import Corpus
 from .optimconfig import OptimConfig
+from .optimizers import build_muon_adamw
 from .schedule import accumulate_sq_norm, clip_coefficient, scheduled_lr
 from .stage import StageModule, build_model
 
@@ -18,13 +19,18 @@ def lr_at(step: int, optim: OptimConfig) -> float:
                         optim.min_lr_ratio, optim.cooldown_steps)
 
 
-def make_optimizer(module: nn.Module, optim: OptimConfig, kernel: dict[str, bool] | None = None) -> torch.optim.AdamW:
-    """AdamW over `module`'s parameters: matrices decayed, vectors (norm gains) not.
+def make_optimizer(module: nn.Module, optim: OptimConfig,
+                   kernel: dict[str, bool] | None = None) -> torch.optim.Optimizer:
+    """AdamW over `module`'s parameters: matrices decayed, vectors (norm gains) not; with `optim.optimizer` "muon",
+    the blocks' matrices go to Muon instead (`sharding.optimizers.MuonAdamW`).
 
     kernel: AdamW's `fused` / `foreach` arguments (`ExecutionPolicy.adamw_kwargs()`); default: the
     single-tensor loop (`foreach=False`), the reference the golden losses were recorded with.
     """
     optim.validate()
+    if optim.optimizer == "muon":
+        return build_muon_adamw(module, optim.lr, optim.weight_decay, optim.muon_momentum, optim.betas, optim.eps,
+                                dict(kernel) if kernel is not None else {"foreach": False})
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for _, p in module.named_parameters():
