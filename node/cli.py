@@ -53,6 +53,7 @@ SHORT_FLAGS: dict[str, tuple[str, ...]] = {
     "execution.activation_checkpointing": ("--activation-checkpointing",),
     "runtime.schedule": ("--schedule",),
     "runtime.max_staleness": ("--max-staleness",),
+    "runtime.async_lookahead": ("--async-lookahead",),
     "runtime.checkpoint_every": ("--checkpoint-every",),
     "runtime.checkpoint_keep": ("--checkpoint-keep",),
     "runtime.abandoned_keep": ("--abandoned-keep",),

@@ -135,6 +135,8 @@ class RuntimeConfig:
     torch_threads: int = 0  # torch intra-op threads for this process (0 = leave torch's default)
     schedule: str = "gpipe"  # gpipe (all forwards eagerly), 1f1b (stage s keeps <= num_stages - s microbatches in flight), async
     max_staleness: int = 0  # async: step k's forward and backward use the weights after step k - max_staleness - 1
+    async_lookahead: float = 1.0  # async: step k's stashed weights are extrapolated along the last update by this x
+    # max_staleness updates (the delay correction, sharding.delayed.WeightStash; 0 = plain weight stashing)
     eval_every: int = 50  # after the update of every this many steps, the pipeline forwards the validation
     # microbatches (forward only, no weight change) and the tail records val_loss; 0 = off. gpipe and 1f1b
     # one-peer-per-stage runs only (async and replicated runs do not evaluate); neighbours must agree
@@ -430,7 +432,7 @@ class NodeConfig:
         if r.eval_every < 0 or r.eval_batches < 1 or r.eval_seed < 0:
             raise ValueError(f"runtime.eval_every must be >= 0 (0 = off), eval_batches >= 1 and eval_seed >= 0; got "
                              f"{r.eval_every}, {r.eval_batches}, {r.eval_seed}")
-        check_schedule(r.schedule, r.max_staleness)
+        check_schedule(r.schedule, r.max_staleness, r.async_lookahead)
         if r.schedule == "async" and self.replicas.enabled:
             raise ValueError("runtime.schedule = async runs one peer per stage: it does not combine with replicas.enabled")
         self.transport.validate()

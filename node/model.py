@@ -41,7 +41,7 @@ def training_section(cfg: NodeConfig) -> TrainingSection:
                            powersgd_rank=r.powersgd_rank, powersgd_bits=r.powersgd_bits,
                            powersgd_iterations=r.powersgd_iterations,
                            pipeline_schedule=r.schedule,
-                           max_staleness=r.max_staleness, **asdict(cfg.recipe))
+                           max_staleness=r.max_staleness, async_lookahead=r.async_lookahead, **asdict(cfg.recipe))
 
 
 def optim_config(cfg: NodeConfig, model: ModelConfig) -> OptimConfig:

@@ -63,6 +63,7 @@ class TrainingSection:
     powersgd_iterations: int = 1  # PowerSGD power iterations per contribution (more: a closer rank-r fit, same bytes)
     pipeline_schedule: str = "gpipe"  # pipeline schedule: gpipe, 1f1b (both exact) or async (delayed gradients)
     max_staleness: int = 0  # async: optimiser steps a gradient may lag the weights it updates (0 for gpipe/1f1b)
+    async_lookahead: float = 1.0  # async: stashed weights extrapolated along the last update by this x max_staleness
     optimizer: str = "adamw"  # adamw | muon (Muon on the blocks' matrices, AdamW on embedding, head and norms;
     # sharding.optimizers: the async schedule's delayed gradients cost Muon less)
     muon_momentum: float = 0.95  # muon: Nesterov momentum of the Muon part
@@ -102,7 +103,7 @@ class TrainingSection:
         if type(self.powersgd_iterations) is not int or not 1 <= self.powersgd_iterations <= MAX_POWER_ITERATIONS:
             raise ValueError(f"training.powersgd_iterations={self.powersgd_iterations!r}: use an integer from 1 to "
                              f"{MAX_POWER_ITERATIONS}")
-        check_schedule(self.pipeline_schedule, self.max_staleness)
+        check_schedule(self.pipeline_schedule, self.max_staleness, self.async_lookahead)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"training.schedule = {self.schedule!r} is unknown: use one of {', '.join(SCHEDULES)}")
         if self.schedule != "constant" and self.total_steps is None:
@@ -142,13 +143,16 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "beta2": 0.95, "weight_decay": 0.1, "adam_eps": 1e-8, "grad_clip": 0.0, "batch_tokens": None,
     "replica_averaging": "dense", "powersgd_rank": 4, "pipeline_schedule": "gpipe", "max_staleness": 0,
     "powersgd_bits": 16, "powersgd_iterations": 1, "optimizer": "adamw", "muon_momentum": 0.95,
+    "async_lookahead": 1.0,
 }
+MAX_LOOKAHEAD = 8.0  # largest async look-ahead factor a spec may ask for
 MAX_POWER_ITERATIONS = 8  # most PowerSGD power iterations a spec may ask of every replica per contribution
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "async")  # pipeline schedules a spec may name
 
 
-def check_schedule(schedule: str, max_staleness: int) -> None:
-    """Raise ValueError naming the bad field: an unknown pipeline schedule, or a staleness bound that does not fit it."""
+def check_schedule(schedule: str, max_staleness: int, lookahead: float = 1.0) -> None:
+    """Raise ValueError naming the bad field: an unknown pipeline schedule, or a staleness bound or look-ahead that
+    does not fit it."""
     if schedule not in PIPELINE_SCHEDULES:
         raise ValueError(f"training.pipeline_schedule={schedule!r}: use one of {', '.join(PIPELINE_SCHEDULES)}")
     if isinstance(max_staleness, bool) or not isinstance(max_staleness, int) or max_staleness < 0:
@@ -156,6 +160,11 @@ def check_schedule(schedule: str, max_staleness: int) -> None:
     if schedule != "async" and max_staleness != 0:
         raise ValueError(f"training.max_staleness={max_staleness} needs pipeline_schedule = \"async\" "
                          f"({schedule} applies every gradient to the weights it was computed with)")
+    if isinstance(lookahead, bool) or not isinstance(lookahead, (int, float)) or not 0 <= lookahead <= MAX_LOOKAHEAD:
+        raise ValueError(f"training.async_lookahead={lookahead!r}: must be a number from 0 to {MAX_LOOKAHEAD:g}")
+    if schedule != "async" and lookahead != TRAINING_DEFAULTS["async_lookahead"]:
+        raise ValueError(f"training.async_lookahead={lookahead} needs pipeline_schedule = \"async\" ({schedule} "
+                         "computes every gradient on the weights it updates: there is no delay to correct)")
 _FLOAT_FIELDS = {f.name for f in fields(TrainingSection) if f.type in ("float", float)}
 
 

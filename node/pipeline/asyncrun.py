@@ -205,7 +205,8 @@ class AsyncPipelineRunner(PipelineRunner):
     label = " (async)"
 
     def make_worker(self, ctx: NodeContext, stage: int) -> StageWorker:
-        return AsyncStageWorker.wrap(ctx.build_worker(stage), ctx.cfg.runtime.max_staleness)
+        r = ctx.cfg.runtime
+        return AsyncStageWorker.wrap(ctx.build_worker(stage), r.max_staleness, r.async_lookahead)
 
     def eval_plan(self, ctx: NodeContext) -> tuple[int, int]:
         """The asynchronous schedule does not evaluate (no flush between steps to evaluate at)."""

@@ -1,8 +1,8 @@
 """The stage worker of the asynchronous schedule: weight stashing over `sharding.delayed.WeightStash`.
 
 Step k's forward and backward run on a stashed copy of the weights after update k - S - 1 (S =
-`runtime.max_staleness`; extrapolated along the last update, `sharding.delayed.ASYNC_LOOKAHEAD`), so a stage may work on steps up to S ahead of its last update while older
-gradients are still in flight, and the result is the same whatever the timing (the single-process
+`runtime.max_staleness`; extrapolated along the last update by `runtime.async_lookahead` x S), so a stage
+may work on steps up to S ahead of its last update while older gradients are still in flight, and the result is the same whatever the timing (the single-process
 reference is `sharding.delayed.train_delayed`). A gradient frame for a microbatch whose backward
 already ran, or for a step already applied (staler than the bound), decodes to `STALE` instead of
 failing the channel: the runtime counts it against the sender and goes on without it. With
@@ -28,20 +28,20 @@ STALE = object()  # what `decode` returns for a gradient that is staler than the
 class AsyncStageWorker(StageWorker):
     """A `StageWorker` whose steps run on stashed weight copies (see the module doc)."""
 
-    def __init__(self, *args: Any, max_staleness: int, **kwargs: Any) -> None:
+    def __init__(self, *args: Any, max_staleness: int, lookahead: float = ASYNC_LOOKAHEAD, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.max_staleness = max_staleness  # steps a gradient may lag the weights it updates
         self.stash = WeightStash(self.module, self.optimizer, self.optim, max_staleness, first_step=self.next_step,
-                                 lookahead=ASYNC_LOOKAHEAD)
+                                 lookahead=lookahead)
 
     @classmethod
-    def wrap(cls, worker: StageWorker, max_staleness: int) -> AsyncStageWorker:
+    def wrap(cls, worker: StageWorker, max_staleness: int, lookahead: float = ASYNC_LOOKAHEAD) -> AsyncStageWorker:
         """The async worker over `worker`'s module, optimiser and step (a resumed checkpoint included)."""
         me = cls.__new__(cls)
         me.__dict__.update(worker.__dict__)
         me.max_staleness = max_staleness
         me.stash = WeightStash(me.module, me.optimizer, me.optim, max_staleness, first_step=me.next_step,
-                               lookahead=ASYNC_LOOKAHEAD)
+                               lookahead=lookahead)
         return me
 
     def ready(self, step: int) -> bool:

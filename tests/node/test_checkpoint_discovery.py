@@ -19,10 +19,16 @@ from tests.node.conftest import running_host
 CFG = PRESETS["tiny"]
 
 
-def _worker(stage: int = 1) -> StageWorker:
+def _worker(stage: int = 1, optim: OptimConfig | None = None) -> StageWorker:
     spec = partition(CFG, 2)[stage]
-    return StageWorker(CFG, spec, codec="dense", optim=OptimConfig(), num_microbatches=1, microbatch_size=2,
+    return StageWorker(CFG, spec, codec="dense", optim=optim or OptimConfig(), num_microbatches=1, microbatch_size=2,
                        corpus=load_corpus("synthetic") if spec.is_first else None)
+
+
+def _train_step(w: StageWorker, step: int) -> None:
+    w.forward(step, 0, w.head_window(step, 0), None)
+    w.backward(step, 0, torch.ones(2, CFG.seq_len, CFG.d_model))
+    w.step(step)
 
 
 @pytest.mark.timeout(60)
@@ -47,6 +53,25 @@ def test_checkpoint_roundtrip_and_tamper(tmp_path) -> None:
     (path / "model.safetensors").write_bytes(bytes(raw))
     with pytest.raises(CheckpointError, match="sha256"):
         load_checkpoint(_worker(0), path)
+
+
+@pytest.mark.timeout(60)
+def test_a_muon_checkpoint_resumes_bit_for_bit_and_does_not_load_into_adamw(tmp_path) -> None:
+    muon = OptimConfig(optimizer="muon")
+    w = _worker(0, muon)
+    _train_step(w, 0)
+    path = save_checkpoint(w, tmp_path)
+    fresh = _worker(0, muon)
+    assert load_checkpoint(fresh, path) == 1
+    s1, s2 = w.optimizer.state_dict()["state"], fresh.optimizer.state_dict()["state"]
+    assert set(s1) == set(s2) and any("momentum_buffer" in st for st in s1.values())
+    assert all(torch.equal(s1[i][k], s2[i][k]) for i in s1 for k in s1[i])
+    for worker in (w, fresh):
+        _train_step(worker, 1)
+    for (k, a), b in zip(w.module.state_dict().items(), fresh.module.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    with pytest.raises(CheckpointError, match="does not fit"):
+        load_checkpoint(_worker(0), path)  # an AdamW node: other optimiser state
 
 
 def _ann(pid: str, stage: int, cap: int, spec: str = "aa") -> Announcement:

@@ -30,7 +30,7 @@ def test_norm_payload_round_trip_and_bad_payloads() -> None:
 def test_recipe_section_has_every_training_field() -> None:
     runtime_fields = {"stages", "codec", "microbatches", "microbatch_size", "lr",  # from cfg.runtime:
                       "replica_averaging", "powersgd_rank", "powersgd_bits", "powersgd_iterations", "pipeline_schedule",
-                      "max_staleness"}
+                      "max_staleness", "async_lookahead"}
     assert {f.name for f in dataclasses.fields(RecipeConfig)} | runtime_fields == {
         f.name for f in dataclasses.fields(TrainingSection)}
 
@@ -45,9 +45,10 @@ def test_node_config_recipe_becomes_the_optimiser() -> None:
     cfg = NodeConfig()
     cfg.recipe = RecipeConfig(warmup_steps=3, data_seed=5, schedule="wsd", total_steps=20, cooldown_steps=4,
                               min_lr_ratio=0.0, beta1=0.8, beta2=0.99, weight_decay=0.0, adam_eps=1e-6,
-                              grad_clip=1.0)
+                              grad_clip=1.0, optimizer="muon", muon_momentum=0.9)
     cfg.optim_lr = 1e-3
     o = optim_config(cfg, PRESETS["tiny"])
+    assert (o.optimizer, o.muon_momentum) == ("muon", 0.9)
     assert (o.lr, o.warmup_steps, o.data_seed, o.schedule, o.decay_steps, o.cooldown_steps) == (
         1e-3, 3, 5, "wsd", 20, 4)
     assert (o.betas, o.weight_decay, o.eps, o.grad_clip, o.min_lr_ratio) == ((0.8, 0.99), 0.0, 1e-6, 1.0, 0.0)
@@ -57,7 +58,9 @@ def test_node_config_recipe_becomes_the_optimiser() -> None:
 @pytest.mark.parametrize(("change", "field"), [({"schedule": "linear"}, "schedule"),
                                                 ({"schedule": "cosine"}, "total_steps"),
                                                 ({"batch_tokens": 100}, "batch_tokens"),
-                                                ({"beta1": 1.5}, "beta1")])
+                                                ({"beta1": 1.5}, "beta1"),
+                                                ({"optimizer": "lion"}, "training.optimizer"),
+                                                ({"muon_momentum": -0.1}, "training.muon_momentum")])
 def test_bad_recipe_names_the_field(change: dict, field: str) -> None:
     cfg = NodeConfig()
     cfg.recipe = dataclasses.replace(cfg.recipe, **change)

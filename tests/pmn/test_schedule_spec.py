@@ -33,6 +33,12 @@ def test_async_is_part_of_the_hash_and_the_node_recomputes_it() -> None:
     cfg.runtime.schedule, cfg.runtime.max_staleness = "async", 2
     section = training_section(cfg, optim_config(cfg, PRESETS["tiny"]))
     assert proposal_spec_hash(p.model, section.to_dict()) == p.content_hash()
+    corrected = proposal_from_dict({"model": {"preset": "tiny"}, "training": {
+        **OLD_RECIPE, "pipeline_schedule": "async", "max_staleness": 2, "async_lookahead": 2.0, "optimizer": "muon"}})
+    assert corrected.content_hash() != p.content_hash()  # the look-ahead and the optimiser are part of the hash
+    cfg.runtime.async_lookahead, cfg.recipe.optimizer = 2.0, "muon"
+    section = training_section(cfg, optim_config(cfg, PRESETS["tiny"]))
+    assert proposal_spec_hash(p.model, section.to_dict()) == corrected.content_hash()
     assert TrainingSection(**asdict(replace(p.training, pipeline_schedule="1f1b", max_staleness=0))).to_dict()["pipeline_schedule"] \
         == "1f1b"
 
@@ -41,6 +47,9 @@ def test_async_is_part_of_the_hash_and_the_node_recomputes_it() -> None:
     ({"pipeline_schedule": "zigzag"}, "schedule"),
     ({"pipeline_schedule": "gpipe", "max_staleness": 2}, "needs pipeline_schedule"),
     ({"pipeline_schedule": "async", "max_staleness": -1}, "max_staleness"),
+    ({"pipeline_schedule": "gpipe", "async_lookahead": 2.0}, "needs pipeline_schedule"),
+    ({"pipeline_schedule": "async", "max_staleness": 1, "async_lookahead": -1.0}, "async_lookahead"),
+    ({"pipeline_schedule": "async", "max_staleness": 1, "async_lookahead": float("nan")}, "async_lookahead"),
 ])
 def test_bad_schedules_are_refused(training: dict, match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -48,6 +57,7 @@ def test_bad_schedules_are_refused(training: dict, match: str) -> None:
     cfg = NodeConfig()
     cfg.runtime.schedule = training["pipeline_schedule"]
     cfg.runtime.max_staleness = training.get("max_staleness", 0)
+    cfg.runtime.async_lookahead = training.get("async_lookahead", 1.0)
     with pytest.raises(ValueError, match=match):
         cfg.validate()
 
