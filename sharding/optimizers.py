@@ -56,6 +56,11 @@ class MuonAdamW(torch.optim.Optimizer):
             part.state = self.state
             first += count
 
+    @property
+    def parts(self) -> list[torch.optim.Optimizer]:
+        """The torch optimisers this one steps: Muon (when the module has blocks), then AdamW."""
+        return [part for part, _ in self._parts]
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         self._link()

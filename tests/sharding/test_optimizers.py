@@ -20,9 +20,8 @@ from sharding.train import OptimConfig, accumulate_step, make_optimizer, optimiz
 MUON = OptimConfig(lr=1e-2, warmup_steps=2, optimizer="muon")
 
 
-def _params_of(opt: torch.optim.Optimizer, part: type) -> set[int]:
-    return {id(p) for inner, _ in opt._parts if isinstance(inner, part)  # type: ignore[attr-defined]
-            for g in inner.param_groups for p in g["params"]}
+def _params_of(opt: MuonAdamW, part: type) -> set[int]:
+    return {id(p) for inner in opt.parts if isinstance(inner, part) for g in inner.param_groups for p in g["params"]}
 
 
 def test_blocks_matrices_go_to_muon_and_the_rest_to_adamw() -> None:
