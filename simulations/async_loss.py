@@ -10,7 +10,8 @@ the target run takes, and labels it with both.
 `benchmarks/async_recipe.py` outputs (`--staleness 1,2 --horizons 300,1000,3000` gives every pair), prints
 the ratios, and with `--write` stores them under `async_loss` in the calibration file. With several outputs,
 a later one's bounds replace an earlier one's (e.g. a clipped run at bound 1 over an unclipped run of 1 and
-2); each bound keeps the recipe it was measured with (`recipes`: lr:warmup and the clip, if any).
+2); each bound keeps the recipe it was measured with (`recipes`: lr:warmup, the clip and LR schedule if any, the
+optimiser if not AdamW, and the look-ahead).
 """
 
 from __future__ import annotations
@@ -46,20 +47,23 @@ def record_from_recipe(out: dict[str, Any]) -> dict[str, Any]:
     model = out["model"]
     clip = float(out.get("grad_clip") or 0.0)
     schedule = str(out.get("schedule") or "constant")
+    optimizer = str(out.get("optimizer") or "adamw")
     label = key + (f", grad clip {clip:g}" if clip else "") + (f", lr {schedule}" if schedule != "constant" else "")
+    label += (f", {optimizer}" if optimizer != "adamw" else "") + f", look-ahead {float(out.get('lookahead') or 0):g}"
     return {"ratios": ratios, "recipe": key, "recipes": {b: label for b in ratios}, "lookahead": out.get("lookahead"),
+            "optimizer": optimizer,
             "model": f"d_model {model['d_model']} x {model['n_layers']} layers, seq {model['seq_len']}"}
 
 
 def merge_records(records: list[dict[str, Any]]) -> dict[str, Any]:
-    """One record from several (`record_from_recipe`): a later record's bounds replace an earlier one's; the
-    model and look-ahead must agree (ValueError otherwise: the ratios would not be comparable)."""
+    """One record from several (`record_from_recipe`): a later record's bounds replace an earlier one's, each with
+    its recipe label (optimiser and look-ahead included); the model must agree (ValueError otherwise: the ratios
+    would not describe one model)."""
     merged = dict(records[0])
     merged["ratios"], merged["recipes"] = dict(records[0]["ratios"]), dict(records[0].get("recipes") or {})
     for rec in records[1:]:
-        for field in ("model", "lookahead"):
-            if rec.get(field) != merged.get(field):
-                raise ValueError(f"async_loss records disagree on {field}: {merged.get(field)!r} vs {rec.get(field)!r}")
+        if rec.get("model") != merged.get("model"):
+            raise ValueError(f"async_loss records disagree on model: {merged.get('model')!r} vs {rec.get('model')!r}")
         merged["ratios"].update(rec["ratios"])
         merged["recipes"].update(rec.get("recipes") or {b: rec["recipe"] for b in rec["ratios"]})
     return merged
@@ -76,7 +80,7 @@ def pick(record: dict[str, Any] | None, staleness: int, target_steps: float) -> 
     steps = min((int(n) for n in by_steps), key=lambda n: (abs(math.log(n / target_steps)), -n))
     ratio = float(by_steps[str(steps)])
     label = (f"measured: benchmarks/async_recipe.py, staleness {staleness}, {steps} steps (the measured length "
-             f"nearest the target's {target_steps:g}), {record.get('model')}, recipe lr:warmup "
+             f"nearest the target's {target_steps:g}), {record.get('model')}, recipe lr:warmup[, ...] "
              f"{(record.get('recipes') or {}).get(str(staleness), record.get('recipe'))}")
     return AsyncLoss(ratio=ratio, staleness=staleness, steps=steps, label=label)
 

@@ -78,7 +78,14 @@ def test_a_later_output_replaces_its_bounds_and_keeps_its_recipe(tmp_path: Path)
     assert at_2 is not None and at_2.ratio == 1.04 and "grad clip" not in at_2.label
     assert "lr " not in at_2.label  # the constant schedule goes unnamed
     cosine = record_from_recipe({**RECIPE_LINE, "schedule": "cosine"})
-    assert cosine["recipes"] == {"1": "0.001:10, lr cosine", "2": "0.001:10, lr cosine"}
+    assert cosine["recipes"] == {"1": "0.001:10, lr cosine, look-ahead 1", "2": "0.001:10, lr cosine, look-ahead 1"}
+    muon = {**clipped, "grad_clip": 0.0, "optimizer": "muon", "lookahead": 2.0, "grid": "1e-2:10",
+            "loss_ratio_by_steps": {"3000": {"0.01:10": 1.004}}}
+    with_muon = merge_records([record_from_recipe(RECIPE_LINE), record_from_recipe(muon)])
+    at_1 = pick(with_muon, 1, 2925)
+    assert at_1 is not None and at_1.ratio == 1.004 and "0.01:10, muon, look-ahead 2" in at_1.label
+    at_2 = pick(with_muon, 2, 2925)
+    assert at_2 is not None and "0.001:10, look-ahead 1" in at_2.label and "muon" not in at_2.label
     other_model = {**clipped, "model": {"d_model": 64, "n_layers": 2, "seq_len": 64}}
     with pytest.raises(ValueError, match="disagree on model"):
         merge_records([record_from_recipe(RECIPE_LINE), record_from_recipe(other_model)])
