@@ -91,6 +91,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from node.observability.status import read_progress  # noqa: E402
 from node.testing.swarm import NodeProcess, await_ready, node_command, node_env, stop_nodes, wait_nodes  # noqa: E402
 from sharding import ModelConfig  # noqa: E402
+from sharding.optimconfig import OPTIMIZERS  # noqa: E402
 
 SCHEDULES = ("gpipe", "1f1b", "async")
 # compute per microbatch of a few tens of ms per stage on one CPU thread: a step of compute is of the
@@ -323,12 +324,14 @@ def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
 
 
 def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microbatches: int, mb_size: int,
-                 model_path: Path, root: Path, lr: float, corpus: str, grad_clip: float = 0.0) -> dict[str, Any]:
+                 model_path: Path, root: Path, lr: float, corpus: str, grad_clip: float = 0.0,
+                 optimizer: str = "adamw", lookahead: float = 1.0) -> dict[str, Any]:
     """One swarm run of `schedule` over the emulated links; its summary."""
     args = ["--model", str(model_path), "--stages", str(lab.n), "--steps", str(steps), "--microbatches",
             str(microbatches), "--microbatch-size", str(mb_size), "--corpus", corpus, "--threads", "1", "--lr", str(lr),
             "--no-dht", "--checkpoint-every", "0", "--schedule", schedule, "--recipe-grad-clip", str(grad_clip),
-            "--max-staleness", str(staleness if schedule == "async" else 0),
+            "--max-staleness", str(staleness if schedule == "async" else 0), "--recipe-optimizer", optimizer,
+            "--async-lookahead", str(lookahead if schedule == "async" else 1.0),
             "--discovery-discovery-timeout-s", "600", "--runtime-frame-timeout-s", "600"]
     t0 = time.monotonic()
     with wan_swarm(lab, root, args, ready_timeout_s=600) as nodes:
@@ -349,8 +352,10 @@ def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microba
 
 
 def loss_ratio(model: ModelConfig, staleness: int, steps: int, microbatches: int, mb_size: int, lr: float,
-               corpus_name: str, grad_clip: float = 0.0) -> dict[str, float]:
-    """Validation loss of async (staleness) over gpipe at equal tokens, from the single-process references."""
+               corpus_name: str, grad_clip: float = 0.0, optimizer: str = "adamw",
+               lookahead: float = 1.0) -> dict[str, float]:
+    """Validation loss of async (staleness, look-ahead) over gpipe at equal tokens, from the single-process
+    references, both arms with `optimizer`."""
     import torch
 
     from sharding import OptimConfig, build_model, load_corpus, train_reference, validation_loss
@@ -358,14 +363,15 @@ def loss_ratio(model: ModelConfig, staleness: int, steps: int, microbatches: int
 
     torch.set_num_threads(1)
     corpus = load_corpus(corpus_name)
-    optim = OptimConfig(lr=lr, grad_clip=grad_clip)
+    optim = OptimConfig(lr=lr, grad_clip=grad_clip, optimizer=optimizer)
 
     def val(m: Any) -> float:
         return validation_loss(m, corpus, model.seq_len, VAL_WINDOWS, seed=VAL_SEED)
 
     sync_model, async_model = build_model(model), build_model(model)
     train_reference(model, optim, steps, microbatches, mb_size, corpus, model=sync_model)
-    train_delayed(model, optim, steps, microbatches, mb_size, corpus, staleness, model=async_model)
+    train_delayed(model, optim, steps, microbatches, mb_size, corpus, staleness, model=async_model,
+                  lookahead=lookahead)
     gpipe, delayed = val(sync_model), val(async_model)
     return {"val_loss_gpipe": gpipe, "val_loss_async": delayed, "loss_ratio_async": delayed / gpipe,
             "loss_steps": steps}
@@ -398,7 +404,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-staleness", type=int, default=1, help="async: the staleness bound")
     p.add_argument("--loss-steps", type=int, default=None, help="steps of the loss comparison (default 300, quick 60)")
     p.add_argument("--schedules", default=",".join(SCHEDULES))
-    p.add_argument("--lr", type=float, default=1e-3, help="AdamW peak learning rate (the recipe's lr)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="the recipe's optimiser, every schedule and both loss arms (recipe.optimizer)")
+    p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the recipe's lr)")
+    p.add_argument("--lookahead", type=float, default=1.0,
+                   help="async: the delay correction (training.async_lookahead), swarm and loss arm")
     p.add_argument("--corpus", default="stdlib", help="sharding.load_corpus source")
     p.add_argument("--grad-clip", type=float, default=0.0,
                    help="global-norm clipping (recipe.grad_clip) in every schedule run and both loss arms; 0 = off")
@@ -430,12 +440,12 @@ def main(argv: list[str] | None = None) -> None:
         for schedule in schedules:
             results[schedule] = run_schedule(lab, schedule, a.max_staleness, steps, a.microbatches,
                                              a.microbatch_size, model_path, Path(tmp) / schedule, a.lr, a.corpus,
-                                             a.grad_clip)
+                                             a.grad_clip, a.optimizer, a.lookahead)
             r = results[schedule]
             print(f"{schedule}: utilisation {r['utilisation']:.3f} (stage {r['busiest_stage']}), "
                   f"{r['tokens_per_s']:.0f} tokens/s", flush=True)
     losses = loss_ratio(BENCH_MODEL, a.max_staleness, loss_steps, a.microbatches, a.microbatch_size, a.lr, a.corpus,
-                        a.grad_clip)
+                        a.grad_clip, a.optimizer, a.lookahead)
     avg_steps = a.averaging_steps if a.averaging_steps is not None else (10 if a.quick else 150)
     averaging = _averaging(avg_steps, a.averaging_model, a.averaging_rank, a.averaging_bits, a.lr, a.averaging_dense,
                            a.averaging_iterations) \
@@ -446,7 +456,8 @@ def main(argv: list[str] | None = None) -> None:
               f"{averaging['replica_compression']:.1f}x less, val loss ratio {averaging['loss_ratio_compressed_avg']:.4f}")
     print(f"model d={BENCH_MODEL.d_model} L={BENCH_MODEL.n_layers} T={BENCH_MODEL.seq_len}, 3 stages x 1 node, "
           f"{a.microbatches}x{a.microbatch_size} microbatches, {steps} steps, netem {a.delay_ms:g} ms / "
-          f"{a.rate_mbit:g} Mbit/s per uplink, async max_staleness {a.max_staleness}, grad clip {a.grad_clip:g}")
+          f"{a.rate_mbit:g} Mbit/s per uplink, async max_staleness {a.max_staleness} look-ahead {a.lookahead:g}, "
+          f"{a.optimizer} lr {a.lr:g}, grad clip {a.grad_clip:g}")
     print(f"{'schedule':<10}{'tokens/s':>10}{'util':>8}{'stage':>7}  per-stage utilisation")
     for s, r in results.items():
         per = " ".join(f"{v:.2f}" for _, v in sorted(r["stage_utilisation"].items()))
@@ -483,7 +494,7 @@ def main(argv: list[str] | None = None) -> None:
         "delay_ms": a.delay_ms, "rate_mbit": a.rate_mbit, "stages": 3, "replicas": 1,
         "max_staleness": a.max_staleness, "steps": steps, "microbatches": a.microbatches,
         "microbatch_size": a.microbatch_size, "model": BENCH_MODEL.to_dict(), "lr": a.lr, "corpus": a.corpus,
-        "grad_clip": a.grad_clip,
+        "grad_clip": a.grad_clip, "optimizer": a.optimizer, "lookahead": a.lookahead,
     }))
 
 
