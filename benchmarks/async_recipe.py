@@ -133,7 +133,9 @@ def main() -> int:
     p.add_argument("--staleness", default="1",
                    help="async: steps a gradient is late; comma-separated for one async arm per bound (the first "
                         "is the headline's)")
-    p.add_argument("--lookahead", type=float, default=None, help="async look-ahead (default: the runner's)")
+    p.add_argument("--lookahead", default=None,
+                   help="async look-ahead (training.async_lookahead; default: the runner's): one value, or one per "
+                        "--staleness bound, comma-separated")
     p.add_argument("--grad-clip", type=float, default=0.0,
                    help="global-norm clipping in both arms (what recipe.grad_clip runs); 0 = off")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
@@ -164,13 +166,20 @@ def main() -> int:
     steps = horizons[-1] if horizons else (a.steps or (30 if a.quick else 300))
     grid_text = a.grid or ("1e-3:10" if a.quick else "1e-3:10,1e-3:100,5e-4:10")
     grid = [(float(lr), int(wu)) for lr, wu in (item.split(":") for item in grid_text.split(","))]
-    lookahead = ASYNC_LOOKAHEAD if a.lookahead is None else a.lookahead
+    try:
+        given = [float(x) for x in a.lookahead.split(",")] if a.lookahead is not None else [ASYNC_LOOKAHEAD]
+    except ValueError:
+        p.error(f"--lookahead {a.lookahead!r}: give numbers, comma-separated")
+    if len(given) not in (1, len(bounds)) or not all(0 <= x <= 8 for x in given):
+        p.error(f"--lookahead {a.lookahead!r}: one value from 0 to 8, or one per --staleness bound ({len(bounds)})")
+    lookaheads = {b: given[i] if len(given) > 1 else given[0] for i, b in enumerate(bounds)}
+    lookahead = lookaheads[staleness]  # the headline's
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=a.workers, mp_context=ctx) as pool:
         # longest runs first, so that the workers finish together
         jobs = sorted(((arm, lr, wu, n) for n in horizons or [steps] for lr, wu in grid for arm in arms),
                       key=lambda job: -job[3])
-        futures = {(b, lr, wu, n): pool.submit(run, model, "async" if b else "sync", lr, wu, n, b, lookahead,
+        futures = {(b, lr, wu, n): pool.submit(run, model, "async" if b else "sync", lr, wu, n, b, lookaheads.get(b, 0.0),
                                                a.microbatches, a.microbatch_size, a.corpus, a.grad_clip,
                                                a.schedule, a.optimizer)
                    for b, lr, wu, n in jobs}
@@ -178,7 +187,8 @@ def main() -> int:
     results = {("async" if b else "sync", lr, wu): r for (b, lr, wu, n), r in by_run.items()
                if n == steps and b in (0, staleness)}  # the headline runs
     print(f"model d{model.d_model} x{model.n_layers}, {steps} steps of {a.microbatches} x {a.microbatch_size} "
-          f"windows of {model.seq_len}, staleness {staleness}, look-ahead {lookahead}, grad clip {a.grad_clip:g}, "
+          f"windows of {model.seq_len}, staleness {staleness}, look-ahead "
+          f"{', '.join(f'{x:g} (bound {b})' for b, x in lookaheads.items())}, grad clip {a.grad_clip:g}, "
           f"lr schedule {a.schedule}, optimizer {a.optimizer}, "
           f"corpus {a.corpus}")
     print(f"{'lr':>8} {'warmup':>6} {'sync val':>9} {'async val':>9} {'ratio':>7}")
@@ -215,7 +225,8 @@ def main() -> int:
                       "val_loss_best_sync": best_sync, "val_loss_best_async": best_async,
                       "curves": {f"{arm}:{lr:g}:{wu}": [round(x, 3) for x in r["curve"]]
                                  for (arm, lr, wu), r in results.items()},
-                      "steps": steps, "staleness": staleness, "lookahead": lookahead, "grad_clip": a.grad_clip,
+                      "steps": steps, "staleness": staleness, "lookahead": lookahead,
+                      "lookahead_by_staleness": {str(b): x for b, x in lookaheads.items()}, "grad_clip": a.grad_clip,
                       "schedule": a.schedule, "optimizer": a.optimizer, "model": model.to_dict(),
                       "grid": grid_text}))
     return 0

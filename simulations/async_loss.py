@@ -49,8 +49,10 @@ def record_from_recipe(out: dict[str, Any]) -> dict[str, Any]:
     schedule = str(out.get("schedule") or "constant")
     optimizer = str(out.get("optimizer") or "adamw")
     label = key + (f", grad clip {clip:g}" if clip else "") + (f", lr {schedule}" if schedule != "constant" else "")
-    label += (f", {optimizer}" if optimizer != "adamw" else "") + f", look-ahead {float(out.get('lookahead') or 0):g}"
-    return {"ratios": ratios, "recipe": key, "recipes": {b: label for b in ratios}, "lookahead": out.get("lookahead"),
+    label += f", {optimizer}" if optimizer != "adamw" else ""
+    lookaheads = out.get("lookahead_by_staleness") or {}  # per bound (older outputs: one for all)
+    recipes = {b: f"{label}, look-ahead {float(lookaheads.get(b, out.get('lookahead') or 0)):g}" for b in ratios}
+    return {"ratios": ratios, "recipe": key, "recipes": recipes, "lookahead": out.get("lookahead"),
             "optimizer": optimizer,
             "model": f"d_model {model['d_model']} x {model['n_layers']} layers, seq {model['seq_len']}"}
 

@@ -58,13 +58,17 @@ def test_cosine_schedule_decays_both_arms_over_the_run_and_is_recorded() -> None
 
 def test_the_muon_recipe_runs_both_arms_and_is_recorded() -> None:
     adamw = json.loads(_run("--quick", "--steps", "12", "--workers", "1").stdout.strip().splitlines()[-1])
-    proc = _run("--quick", "--steps", "12", "--workers", "1", "--optimizer", "muon", "--lookahead", "2")
+    proc = _run("--quick", "--steps", "12", "--workers", "2", "--optimizer", "muon", "--staleness", "1,2",
+                "--lookahead", "2,1.5")
     assert proc.returncode == 0, proc.stderr[-2000:]
     muon = json.loads(proc.stdout.strip().splitlines()[-1])
     assert (adamw["optimizer"], muon["optimizer"], muon["lookahead"]) == ("adamw", "muon", 2.0)
+    assert muon["lookahead_by_staleness"] == {"1": 2.0, "2": 1.5}  # one look-ahead per bound
     assert "optimizer muon" in proc.stdout
     for arm in ("sync", "async"):  # the same data and initial weights, another optimiser in both arms
         assert muon[f"val_loss_best_{arm}"] != adamw[f"val_loss_best_{arm}"]
     assert 0.5 < muon["loss_ratio_tuned"] < 2.0
     bad = _run("--quick", "--optimizer", "sgd")
     assert bad.returncode != 0 and "--optimizer" in bad.stderr
+    bad = _run("--quick", "--staleness", "1,2", "--lookahead", "1,2,3")
+    assert bad.returncode != 0 and "one per --staleness bound (2)" in bad.stderr
