@@ -37,7 +37,9 @@ from .data import Corpus
 from .stage import StageModule, build_model
 from .train import OptimConfig, accumulate_step, make_optimizer, optimizer_step
 
-ASYNC_LOOKAHEAD = 1.0  # what the async schedule runs: stashed copies extrapolated by S x the last update
+ASYNC_LOOKAHEAD = 1.0  # the async schedule's default (training.async_lookahead): copies extrapolated by S x the
+# last update; with Muon (recipe.optimizer), (S + 1) / S measured best: the copy then sits where the weights will be
+# after the update its gradient makes (benchmarks/async_recipe.py)
 
 
 class WeightStash:
