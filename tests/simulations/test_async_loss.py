@@ -57,6 +57,18 @@ def test_the_datacenter_comparison_takes_the_penalty_at_its_bound_and_length() -
     assert "wan.py loss_ratio_async (max_staleness 1, 300 steps)" in other["async_loss_source"]
 
 
+def test_a_measured_gain_is_not_credited_to_the_wan_run() -> None:
+    cal = load_calibration(DEFAULT_PATH)
+    better = {**RECIPE_LINE, "loss_ratio_by_staleness": {"1": {"3000": {"0.001:10": 0.991}}}}
+    out = run_vs_datacenter({**cal, "async_loss": record_from_recipe(better)}, max_staleness=1,
+                            averaging="diloco:100", steps=2)
+    assumed = out["inputs"]["assumed"]
+    assert assumed["async_loss_ratio"] == 1.0 and out["steps_multipliers"]["async"] == 1.0
+    assert "measured 0.9910, below 1: counted as 1 (no gain credited)" in assumed["async_loss_source"]
+    given = run_vs_datacenter(cal, max_staleness=1, averaging="diloco:100", steps=2, averaging_loss_ratio=0.99)
+    assert given["inputs"]["assumed"]["averaging_loss_ratio"] == 1.0
+
+
 def test_the_cli_writes_the_record_into_the_calibration_file(tmp_path: Path,
                                                              capsys: pytest.CaptureFixture[str]) -> None:
     out_file, cal_file = tmp_path / "recipe.log", tmp_path / "calibration.json"
