@@ -78,6 +78,22 @@ either arm. Warm-up 200 at staleness 2 (`--grid 1e-3:200 --horizons 3000 --stale
 1.3272, 1.0650 for the same recipe and 1.102 against the best sync run; the warm-up-10 run at staleness 2 was
 1.116 against the same sync (session 16), so at the simulator's bound the long warm-up is the better async
 recipe. The calibration keeps the warm-up-10 ratios (one recipe for every bound). Warm-up 50 was not tried.
+
+Session 20, why AdamW loses: on tiny, 300 synchronous steps then staleness 1, the train loss jumps by 0.2 within
+10 steps of the switch (0.4 without the look-ahead) and stays 0.07 above sync; halving the lr at the switch cuts
+the gap to 0.025: a delay lowers the step size AdamW tolerates. A synchronous start of 100 / 300 / 550 of 600
+steps still left 1.0327 / 1.0206 / 1.0163 (the switch itself costs). Muon (`--optimizer muon`: torch's Muon on
+the blocks' matrices, AdamW on embedding, head and norms; the spec's `optimizer`) tolerates it (as Zmushko et
+al. 2026 report for a one-step delay). Tiny, 600 steps, ad-hoc script over the same functions: sync Muon 1.8719
+/ 1.5875 / 1.5322 / 1.5617 at lr 1e-3 / 3e-3 / 1e-2 / 2e-2 (AdamW 1.8080 / 1.6802 / 1.8067 at 1e-3 / 3e-3 /
+1e-2); async Muon lr 1e-2, staleness 1, look-ahead 0 / 0.5 / 1 / 1.5 / 2 / 2.5 / 3: 1.6320 / 1.6185 / 1.5522 /
+1.5464 / 1.5384 / 1.5062 / 1.5364; staleness 2, look-ahead 1 / 1.5 / 2: 1.6129 / 1.5949 / 1.6184, so (S+1)/S
+(the copy where the weights will be after the update its gradient makes); momentum 0.98 worse in both arms.
+Bench model, `--optimizer muon --grid 1e-2:10 --horizons 3000 --staleness 1 --lookahead 2`: sync 1.2011, async
+1.1904, **0.9911** (AdamW's best sync run is 1.2042, so within 2 % of the best sync of either optimiser);
+`--staleness 2,3 --lookahead 1.5,1.3333`: 1.2176 (1.0138), 1.2366 (1.0296). One run each (2 workers, about
+30 min a pair). The calibration's `async_loss` now holds these Muon ratios. At 1000 steps, look-ahead 1: sync
+1.2941, async 1.3308 (1.0284).
 """
 
 from __future__ import annotations
