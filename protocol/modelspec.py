@@ -41,7 +41,7 @@ class TrainingSection:
     codec: str = "dense"  # boundary codec: dense, bf16, int8, subspace (needs model.subspace_rank)
     microbatches: int = 2  # microbatches per global step (gradient accumulation)
     microbatch_size: int = 4  # sequences per microbatch
-    lr: float = 3e-3  # AdamW peak learning rate
+    lr: float = 3e-3  # peak learning rate (AdamW and Muon alike)
     warmup_steps: int = 10  # linear warm-up steps
     data_seed: int = 0  # seed of the data order
     # -- added later (left out of the hash at the TRAINING_DEFAULTS value) --
