@@ -53,6 +53,11 @@ With `--grad-clip 1.0 --averaging-steps 0` (session 19, the first run with clipp
 tokens/s: each step's norm round trip through the stages costs it a quarter of its speed), 1f1b 0.176 (3276),
 async 0.807 (11083: the NORM frames cost it nothing measurable); loss_ratio_async 1.0934 (300 steps, staleness
 1; gpipe 1.8970, async 2.0742): clipping narrows the short-run async gap (1.1396 unclipped).
+With the Muon recipe, `--optimizer muon --lr 1e-2 --lookahead 2 --averaging-steps 0` (session 20, nothing else
+running): link check 101.6 ms, 198.8 Mbit/s; gpipe 0.446 (6282 tokens/s), 1f1b 0.224 (3854), async 0.838 (9626;
+host 0.94 busy, stages 0.57-0.63 of a core): Muon's step adds compute, so every schedule reads busier and runs
+fewer tokens/s; loss_ratio_async 1.0442 (300 steps; gpipe 1.5818, async 1.6517), against AdamW's 1.1396 at this
+length (over 3000 steps the Muon recipe reaches 0.991, benchmarks/async_recipe.py).
 
 Session 16 (defaults, 40 steps, nothing else running): link check 101.8 ms round trip, 199.3
 Mbit/s; utilisation gpipe 0.355 (6770 tokens/s), 1f1b 0.186 (4034), async 0.789 (11427); loss_ratio_async
