@@ -105,6 +105,7 @@ from sharding.gradcompress import (  # noqa: E402
     powersgd_decode,
     topk_decode,
 )
+from sharding.optimconfig import OPTIMIZERS  # noqa: E402
 from sharding.train import make_optimizer, optimizer_step  # noqa: E402
 
 M, B, STAGES = 4, 2, 3  # microbatches per step, sequences per microbatch, pipeline stages
@@ -118,8 +119,8 @@ DENSE_BASELINES = ("dense-bf16", "dense")  # the swarm's dense arm: the node's b
 
 
 def _args(steps: int, averaging: str, rank: int, model: str, bits: int = 16, lr: float | None = None,
-          iterations: int = 1, data_seed: int = 0) -> list[str]:
-    return ["--recipe-data-seed", str(data_seed), "--powersgd-iterations", str(iterations), "--model", model, *(["--lr", str(lr)] if lr is not None else []), "--powersgd-bits", str(bits), "--stages", str(STAGES), "--steps", str(steps), "--replicated", "--microbatches", str(M),
+          iterations: int = 1, data_seed: int = 0, optimizer: str = "adamw") -> list[str]:
+    return ["--recipe-optimizer", optimizer, "--recipe-data-seed", str(data_seed), "--powersgd-iterations", str(iterations), "--model", model, *(["--lr", str(lr)] if lr is not None else []), "--powersgd-bits", str(bits), "--stages", str(STAGES), "--steps", str(steps), "--replicated", "--microbatches", str(M),
             "--microbatch-size", str(B), "--corpus", "synthetic", "--threads", "1", "--replica-timeout", "20",
             "--avg-timeout", "20", "--commit-poll", "0.3", "--checkpoint-every", "0", "--no-replica-timeout", "120",
             "--replica-averaging", averaging, "--powersgd-rank", str(rank)]
@@ -148,14 +149,14 @@ def _stage_weights(data_dir: Path, stage: int) -> dict[str, torch.Tensor]:
 
 def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: float,
               cfg: ModelConfig, bits: int = 16, lr: float | None = None, iterations: int = 1,
-              data_seed: int = 0) -> dict[str, Any]:
+              data_seed: int = 0, optimizer: str = "adamw") -> dict[str, Any]:
     """One replicated run of model `cfg` (PowerSGD factors in `bits` from `iterations` power iterations, the
-    node's default lr unless `lr`, the data order of `data_seed`); returns bytes per step between replicas, losses
+    node's default lr unless `lr`, the data order of `data_seed`, the recipe's `optimizer`); returns bytes per step between replicas, losses
     and the replica check."""
     root.mkdir(parents=True, exist_ok=True)
     model_file = root / "model.json"
     model_file.write_text(json.dumps(cfg.to_dict()))
-    args = _args(steps, averaging, rank, str(model_file), bits, lr, iterations, data_seed)
+    args = _args(steps, averaging, rank, str(model_file), bits, lr, iterations, data_seed, optimizer)
     head = start_node(0, root / "head", args)
     boot = ["--bootstrap", head.ready["addrs"][0]]
     layout = [(1, "mid0"), (1, "mid1"), (2, "tail0"), (2, "tail1")]
@@ -204,7 +205,8 @@ def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: floa
 
 def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, root: Path | None = None,
                       model: str = "wide", bits: int = 16, lr: float | None = None,
-                      dense: str = "dense-bf16", iterations: int = 1, data_seed: int = 0) -> dict[str, Any]:
+                      dense: str = "dense-bf16", iterations: int = 1, data_seed: int = 0,
+                      optimizer: str = "adamw") -> dict[str, Any]:
     """A dense baseline (`dense`: the node's `dense-bf16`, the fair one, or fp32 `dense`) vs PowerSGD rank `rank`
     (factors in `bits`: 16 bf16, 8 int8; `iterations` power iterations) on the replicated local swarm, same steps (equal tokens) and lr (None:
     the node's default), both with the data order of `data_seed`.
@@ -216,8 +218,10 @@ def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, 
     cfg = MODELS[model]
     base = root or Path(tempfile.mkdtemp(prefix="pmn-wan-avg-"))
     try:
-        base_run = run_swarm(base / "dense", steps, dense, rank, timeout_s, cfg, lr=lr, data_seed=data_seed)
-        comp = run_swarm(base / "powersgd", steps, "powersgd", rank, timeout_s, cfg, bits, lr, iterations, data_seed)
+        base_run = run_swarm(base / "dense", steps, dense, rank, timeout_s, cfg, lr=lr, data_seed=data_seed,
+                             optimizer=optimizer)
+        comp = run_swarm(base / "powersgd", steps, "powersgd", rank, timeout_s, cfg, bits, lr, iterations, data_seed,
+                         optimizer)
     finally:
         if root is None:
             shutil.rmtree(base, ignore_errors=True)
@@ -395,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="swarm: the dense arm, the node's dense-bf16 exchange (the fair baseline) or fp32 dense")
     p.add_argument("--bits", type=int, choices=(16, 8), default=16, help="swarm: PowerSGD factors in bf16 or int8")
     p.add_argument("--lr", type=float, default=None, help="swarm: the nodes' peak lr (default: the node's, 3e-3)")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
+                   help="swarm: the recipe's optimiser in both arms (recipe.optimizer)")
     a = p.parse_args(argv)
     if a.iterations < 1:
         p.error(f"--iterations {a.iterations}: PowerSGD needs at least one power iteration")
@@ -426,7 +432,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     steps = a.steps or (30 if a.quick else 150)
     res = compare_averaging(steps, a.rank, timeout_s=600 if a.quick else 3600, model=a.model or "wide", bits=a.bits,
-                            lr=a.lr, dense=a.dense, iterations=a.iterations, data_seed=a.seed)
+                            lr=a.lr, dense=a.dense, iterations=a.iterations, data_seed=a.seed,
+                            optimizer=a.optimizer)
     print(f"{'averaging':12} {'steps':>5} {'replica B/step':>15} {'val loss':>9} {'train loss':>10} {'identical':>9} "
           f"{'wall s':>7}")
     for name, r in ((a.dense, res["dense"]), (f"powersgd r{a.rank}" + (" int8" if a.bits == 8 else ""),
@@ -437,7 +444,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['loss_ratio_compressed_avg']:.4f} at {res['tokens']} tokens")
     print(json.dumps({"replica_compression": res["replica_compression"],
                       "loss_ratio_compressed_avg": res["loss_ratio_compressed_avg"], "rank": a.rank, "bits": a.bits,
-                      "lr": a.lr, "steps": steps, "dense_baseline": a.dense,
+                      "lr": a.lr, "optimizer": a.optimizer, "steps": steps, "dense_baseline": a.dense,
                       "iterations": a.iterations, "seed": a.seed,
                       "model": res["model"], "tokens": res["tokens"],
                       "dense_replica_bytes_per_step": res["dense"]["replica_bytes_per_step"],
