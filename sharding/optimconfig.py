@@ -13,7 +13,8 @@ OPTIMIZERS = ("adamw", "muon")  # adamw: AdamW everywhere; muon: Muon on the blo
 
 @dataclass(frozen=True)
 class OptimConfig:
-    """AdamW (or Muon on the blocks' matrices, `sharding.optimizers`), a warm-up + constant/cosine/WSD schedule (sharding.schedule), optional global-norm clipping.
+    """AdamW (or Muon on the blocks' matrices, `sharding.optimizers`), a warm-up + constant/cosine/WSD schedule
+    (sharding.schedule), optional global-norm clipping.
 
     Pipeline stages clip with the global norm of the whole model (`optimizer_step(grad_sq_total=...)`,
     the squared norms exchanged between stages), so per-stage optimisers reproduce the single-process run.

@@ -78,18 +78,19 @@ class MuonAdamW(torch.optim.Optimizer):
         return None
 
 
+def split_params(module: nn.Module, muon: bool) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """`module`'s trainable parameters in order as (Muon's, decayed matrices, undecayed vectors); Muon's stays
+    empty unless `muon`."""
+    parts: tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]] = ([], [], [])
+    for name, p in module.named_parameters():
+        if p.requires_grad:
+            parts[0 if muon and is_muon_param(name, p) else 1 if p.dim() >= 2 else 2].append(p)
+    return parts
+
+
 def build_muon_adamw(module: nn.Module, lr: float, weight_decay: float, momentum: float,
                      betas: tuple[float, float], eps: float, kernel: dict[str, bool] | None = None) -> MuonAdamW:
     """`MuonAdamW` over `module`: blocks' matrices on Muon; other matrices decayed and vectors not, on AdamW."""
-    muon: list[nn.Parameter] = []
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for name, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        if is_muon_param(name, p):
-            muon.append(p)
-        else:
-            (decay if p.dim() >= 2 else no_decay).append(p)
+    muon, decay, no_decay = split_params(module, muon=True)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return MuonAdamW(muon, groups, lr, weight_decay, momentum, betas, eps, kernel)

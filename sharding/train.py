@@ -8,7 +8,7 @@ from torch import nn
 from .config import ModelConfig
 from .data import Corpus
 from .optimconfig import OptimConfig
-from .optimizers import build_muon_adamw
+from .optimizers import build_muon_adamw, split_params
 from .schedule import accumulate_sq_norm, clip_coefficient, scheduled_lr
 from .stage import StageModule, build_model
 
@@ -28,20 +28,14 @@ def make_optimizer(module: nn.Module, optim: OptimConfig,
     single-tensor loop (`foreach=False`), the reference the golden losses were recorded with.
     """
     optim.validate()
+    kw: dict[str, bool] = dict(kernel) if kernel is not None else {"foreach": False}
     if optim.optimizer == "muon":
-        return build_muon_adamw(module, optim.lr, optim.weight_decay, optim.muon_momentum, optim.betas, optim.eps,
-                                dict(kernel) if kernel is not None else {"foreach": False})
-    decay: list[nn.Parameter] = []
-    no_decay: list[nn.Parameter] = []
-    for _, p in module.named_parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.dim() >= 2 else no_decay).append(p)
+        return build_muon_adamw(module, optim.lr, optim.weight_decay, optim.muon_momentum, optim.betas, optim.eps, kw)
+    _, decay, no_decay = split_params(module, muon=False)
     groups = [
         {"params": decay, "weight_decay": optim.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    kw: dict[str, bool] = dict(kernel) if kernel is not None else {"foreach": False}
     return torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, eps=optim.eps, **kw)
 
 

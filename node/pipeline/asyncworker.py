@@ -2,8 +2,8 @@
 
 Step k's forward and backward run on a stashed copy of the weights after update k - S - 1 (S =
 `runtime.max_staleness`; extrapolated along the last update by `runtime.async_lookahead` x S), so a stage
-may work on steps up to S ahead of its last update while older gradients are still in flight, and the result is the same whatever the timing (the single-process
-reference is `sharding.delayed.train_delayed`). A gradient frame for a microbatch whose backward
+may work on steps up to S ahead of its last update while older gradients are still in flight, and the result
+is the same whatever the timing (the single-process reference is `sharding.delayed.train_delayed`). A gradient frame for a microbatch whose backward
 already ran, or for a step already applied (staler than the bound), decodes to `STALE` instead of
 failing the channel: the runtime counts it against the sender and goes on without it. With
 `recipe.grad_clip`, update k is clipped by step k's squared gradient norm summed over every stage
