@@ -420,8 +420,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--averaging-steps", type=int, default=None,
                    help="steps of the dense vs PowerSGD replica comparison (default 150, quick 10; 0 skips it)")
     p.add_argument("--averaging-rank", type=int, default=6, help="PowerSGD rank of the replica comparison")
-    p.add_argument("--averaging-bits", type=int, choices=(16, 8), default=8,
-                   help="PowerSGD factors of the replica comparison: 16 (bf16) or 8 (int8)")
+    p.add_argument("--averaging-bits", type=int, choices=(16, 8, 4), default=8,
+                   help="PowerSGD factors of the replica comparison: 16 (bf16), 8 (int8) or 4 (int4)")
     p.add_argument("--averaging-model", default="wide", help="wan_averaging model: wide (d 256) or tiny")
     p.add_argument("--averaging-iterations", type=int, default=3,
                    help="PowerSGD power iterations per contribution in the replica comparison (powersgd_iterations)")
@@ -457,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         if avg_steps > 0 else None
     if averaging is not None:
         print(f"replica averaging ({avg_steps} steps, {a.averaging_model} model, lr {a.lr:g}): {a.averaging_dense} vs PowerSGD "
-              f"r{a.averaging_rank} {'int8' if a.averaging_bits == 8 else 'bf16'}: bytes per step "
+              f"r{a.averaging_rank} {f'int{a.averaging_bits}' if a.averaging_bits < 16 else 'bf16'}: bytes per step "
               f"{averaging['replica_compression']:.1f}x less, val loss ratio {averaging['loss_ratio_compressed_avg']:.4f}")
     print(f"model d={BENCH_MODEL.d_model} L={BENCH_MODEL.n_layers} T={BENCH_MODEL.seq_len}, 3 stages x 1 node, "
           f"{a.microbatches}x{a.microbatch_size} microbatches, {steps} steps, netem {a.delay_ms:g} ms / "

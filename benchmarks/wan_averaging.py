@@ -8,11 +8,11 @@ included), the validation loss of the final model (every stage's shutdown checkp
 validation batches) and whether the replicas of a stage ended bit-identical.
 
 `--math` instead compares the methods of `sharding.gradcompress` in one process (2 simulated replicas
-of the whole model, 4 microbatches per step): dense (fp32 or bf16), PowerSGD (rank r, bf16 or int8 factors,
+of the whole model, 4 microbatches per step): dense (fp32 or bf16), PowerSGD (rank r, bf16, int8 or int4 factors,
 `--iterations` power iterations), top-k and DiLoCo (H inner steps, outer Nesterov), loss at equal tokens
 against bytes (`compression` against fp32, `compression_vs_bf16` against a bf16 dense exchange).
 
-    python benchmarks/wan_averaging.py [--quick] [--steps N] [--rank R] [--bits 16|8] [--iterations I] [--seed S]
+    python benchmarks/wan_averaging.py [--quick] [--steps N] [--rank R] [--bits 16|8|4] [--iterations I] [--seed S]
                                        [--dense dense-bf16|dense] [--lr LR] [--model wide|tiny]
     python benchmarks/wan_averaging.py --math [--steps N] [--model tiny|wide] [--methods ...] [--ranks R,..]
                                        [--iterations I] [--seed S]
@@ -105,7 +105,7 @@ from sharding.gradcompress import (  # noqa: E402
     PowerSGDEncoder,
     PowerSGDLayout,
     TopKEncoder,
-    dequantize_int8,
+    dequantize_factors,
     powersgd_decode,
     topk_decode,
 )
@@ -212,7 +212,7 @@ def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, 
                       dense: str = "dense-bf16", iterations: int = 1, data_seed: int = 0,
                       optimizer: str = "adamw") -> dict[str, Any]:
     """A dense baseline (`dense`: the node's `dense-bf16`, the fair one, or fp32 `dense`) vs PowerSGD rank `rank`
-    (factors in `bits`: 16 bf16, 8 int8; `iterations` power iterations) on the replicated local swarm, same steps (equal tokens) and lr (None:
+    (factors in `bits`: 16 bf16, 8 int8, 4 int4; `iterations` power iterations) on the replicated local swarm, same steps (equal tokens) and lr (None:
     the node's default), both with the data order of `data_seed`.
 
     Returns `replica_compression` (dense / compressed replica bytes per step), `loss_ratio_compressed_avg`
@@ -325,7 +325,8 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
     if method == "powersgd":
         lay = PowerSGDLayout.build(shapes, rank)
         pencs = [PowerSGDEncoder(lay, seed=r, wire_dtype=wire_dtype, iterations=iterations) for r in range(replicas)]
-        per = lay.wire_size + 2 * lay.scale_count if bits == 8 else lay.wire_size * (2 if half else 4)
+        per = (lay.wire_size * bits // 8 + 2 * lay.scale_count if bits in (8, 4)
+               else lay.wire_size * (2 if half else 4))
     elif method == "topk":
         tencs = [TopKEncoder(size, fraction) for _ in range(replicas)]
         per = tencs[0].wire_size * 4
@@ -339,8 +340,9 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
             w = corpus.batch("train", step, mb, B, cfg.seq_len, seed)
             (model(w[:, :-1], targets=w[:, 1:]) / M).backward()
             v = _flat(model, True)
-            if method == "powersgd" and bits == 8:
-                v = powersgd_decode(lay, dequantize_int8(lay, *pencs[mb % replicas].encode_int8(v)))
+            if method == "powersgd" and bits in (8, 4):
+                codes, scales = pencs[mb % replicas].encode_quantized(v, bits)
+                v = powersgd_decode(lay, dequantize_factors(lay, codes, scales, bits))
             elif method == "powersgd":
                 v = powersgd_decode(lay, pencs[mb % replicas].encode(v))
             elif method == "topk":
@@ -378,6 +380,8 @@ MATH_METHODS: dict[str, Callable[[MathArgs], list[dict[str, Any]]]] = {  # --mat
                                     iterations=a.iterations) for r in a.ranks or (2, 4)],
     "powersgd-int8": lambda a: [simulate("powersgd", a.steps, rank=r, bits=8, model_name=a.model, seed=a.seed,
                                          iterations=a.iterations) for r in a.ranks or (4, 8)],
+    "powersgd-int4": lambda a: [simulate("powersgd", a.steps, rank=r, bits=4, model_name=a.model, seed=a.seed,
+                                         iterations=a.iterations) for r in a.ranks or (6, 8)],
     "topk": lambda a: [simulate("topk", a.steps, fraction=0.01, model_name=a.model, seed=a.seed)],
     "diloco": lambda a: [simulate("diloco", a.steps, inner=a.inner, model_name=a.model, seed=a.seed)],
     "diloco-delayed": lambda a: [simulate("diloco-delayed", a.steps, inner=a.inner, model_name=a.model, seed=a.seed)],
@@ -401,7 +405,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="PowerSGD power iterations per contribution (the spec's powersgd_iterations)")
     p.add_argument("--dense", choices=DENSE_BASELINES, default=DENSE_BASELINES[0],
                    help="swarm: the dense arm, the node's dense-bf16 exchange (the fair baseline) or fp32 dense")
-    p.add_argument("--bits", type=int, choices=(16, 8), default=16, help="swarm: PowerSGD factors in bf16 or int8")
+    p.add_argument("--bits", type=int, choices=(16, 8, 4), default=16,
+                   help="PowerSGD factors in bf16, int8 or int4 (codes with a bf16 scale per column)")
     p.add_argument("--lr", type=float, default=None, help="swarm: the nodes' peak lr (default: the node's, 3e-3)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="swarm: the recipe's optimiser in both arms (recipe.optimizer)")
@@ -427,7 +432,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{'method':22} {'vs fp32':>8} {'vs bf16':>8} {'val loss':>9} {'vs dense':>9}")
         for r in runs:
             name = r["method"] + (f" r{r['rank']}" if "rank" in r else "") + (
-                " int8" if r.get("bits") == 8 else "") + (f" it{r['iterations']}" if r.get("iterations", 1) > 1 else "") + (
+                f" int{r['bits']}" if r.get("bits") in (8, 4) else "") + (f" it{r['iterations']}" if r.get("iterations", 1) > 1 else "") + (
                 f" k={r['fraction']}" if "fraction" in r else "") + (f" H={r['inner']}" if "inner" in r else "")
             print(f"{name:22} {r['compression']:>7.1f}x {r['compression_vs_bf16']:>7.1f}x {r['val_loss']:>9.4f} "
                   f"{r['val_loss'] / dense:>9.4f}")
@@ -440,7 +445,7 @@ def main(argv: list[str] | None = None) -> int:
                             optimizer=a.optimizer)
     print(f"{'averaging':12} {'steps':>5} {'replica B/step':>15} {'val loss':>9} {'train loss':>10} {'identical':>9} "
           f"{'wall s':>7}")
-    for name, r in ((a.dense, res["dense"]), (f"powersgd r{a.rank}" + (" int8" if a.bits == 8 else ""),
+    for name, r in ((a.dense, res["dense"]), (f"powersgd r{a.rank}" + (f" int{a.bits}" if a.bits < 16 else ""),
                                               res["compressed"])):
         print(f"{name:12} {r['steps']:>5} {r['replica_bytes_per_step']:>15.0f} {r['val_loss']:>9.4f} "
               f"{r['final_train_loss']:>10.4f} {str(r['replicas_identical']):>9} {r['wall_s']:>7.1f}")

@@ -118,8 +118,9 @@ class RuntimeConfig:
     replica_averaging: str = "dense"  # how replicas of a stage exchange gradients: dense fp32, dense-bf16 (half the
     # bytes) or powersgd (rank-r factors with error feedback); part of the spec, must match across the stage's replicas
     powersgd_rank: int = 4  # rank r of PowerSGD contributions (replica_averaging = powersgd)
-    powersgd_bits: int = 16  # PowerSGD factors on the wire: 16 (bf16) or 8 (int8 codes with a bf16 scale per column;
-    # half the bytes, the rounding goes into the error feedback); part of the spec like replica_averaging
+    powersgd_bits: int = 16  # PowerSGD factors on the wire: 16 (bf16), 8 (int8 codes with a bf16 scale per column;
+    # half the bytes, the rounding goes into the error feedback) or 4 (int4 codes, two to a byte: a quarter); part of
+    # the spec like replica_averaging
     powersgd_iterations: int = 1  # PowerSGD power iterations per contribution: more fit the rank-r factors closer to
     # the gradient for the same bytes (compute only: each replica encodes its own); part of the spec
     frame_timeout_s: float = 120.0  # longest wait for the next frame from a neighbour within a step
@@ -424,8 +425,9 @@ class NodeConfig:
             raise ValueError(f"runtime.replica_averaging must be dense, dense-bf16 or powersgd "
                              f"(got {r.replica_averaging!r}) "
                              f"and runtime.powersgd_rank >= 1 (got {r.powersgd_rank})")
-        if type(r.powersgd_bits) is not int or r.powersgd_bits not in (16, 8):
-            raise ValueError(f"runtime.powersgd_bits must be 16 (bf16 factors) or 8 (int8), got {r.powersgd_bits!r}")
+        if type(r.powersgd_bits) is not int or r.powersgd_bits not in (16, 8, 4):
+            raise ValueError(f"runtime.powersgd_bits must be 16 (bf16 factors), 8 (int8) or 4 (int4), "
+                             f"got {r.powersgd_bits!r}")
         if type(r.powersgd_iterations) is not int or not 1 <= r.powersgd_iterations <= MAX_POWER_ITERATIONS:
             raise ValueError(f"runtime.powersgd_iterations must be an integer from 1 to {MAX_POWER_ITERATIONS}, "
                              f"got {r.powersgd_iterations!r}")

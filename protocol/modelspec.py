@@ -59,7 +59,7 @@ class TrainingSection:
     replica_averaging: str = "dense"  # replica gradient exchange: dense (fp32) | dense-bf16 | powersgd
     # (sharding.gradcompress)
     powersgd_rank: int = 4  # PowerSGD rank r (used with replica_averaging = powersgd)
-    powersgd_bits: int = 16  # PowerSGD factors on the wire: 16 (bf16) or 8 (int8 codes, one bf16 scale per column)
+    powersgd_bits: int = 16  # PowerSGD factors on the wire: 16 (bf16), 8 or 4 (int8 / int4 codes, one bf16 scale per column)
     powersgd_iterations: int = 1  # PowerSGD power iterations per contribution (more: a closer rank-r fit, same bytes)
     pipeline_schedule: str = "gpipe"  # pipeline schedule: gpipe, 1f1b (both exact) or async (delayed gradients)
     max_staleness: int = 0  # async: optimiser steps a gradient may lag the weights it updates (0 for gpipe/1f1b)
@@ -98,8 +98,9 @@ class TrainingSection:
             raise ValueError(f"training.replica_averaging={self.replica_averaging!r}: use dense, dense-bf16 or "
                              "powersgd, "
                              f"with training.powersgd_rank >= 1 (got {self.powersgd_rank})")
-        if type(self.powersgd_bits) is not int or self.powersgd_bits not in (16, 8):
-            raise ValueError(f"training.powersgd_bits={self.powersgd_bits!r}: use 16 (bf16 factors) or 8 (int8)")
+        if type(self.powersgd_bits) is not int or self.powersgd_bits not in (16, 8, 4):
+            raise ValueError(f"training.powersgd_bits={self.powersgd_bits!r}: use 16 (bf16 factors), 8 (int8) or 4 "
+                             f"(int4)")
         if type(self.powersgd_iterations) is not int or not 1 <= self.powersgd_iterations <= MAX_POWER_ITERATIONS:
             raise ValueError(f"training.powersgd_iterations={self.powersgd_iterations!r}: use an integer from 1 to "
                              f"{MAX_POWER_ITERATIONS}")

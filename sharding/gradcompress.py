@@ -10,9 +10,10 @@ reading it and every replica decodes it to the same dense gradient.
   Q = M^T P (n x r); the receiver rebuilds P Q^T. Q is warm-started from the sender's previous Q of
   that parameter; vectors (norm gains) travel dense. Error feedback: what the approximation missed is
   added to the sender's next contribution.
-* int8 factors (optional): each column of P and of Q, and each dense vector, travels as int8 codes
-  with one bf16 absmax scale, half the bytes of bf16 factors; the sender's error feedback absorbs
-  the rounding, as it absorbs the low-rank approximation.
+* int8 or int4 factors (optional): each column of P and of Q, and each dense vector, travels as int8
+  codes (or 4-bit codes, two to a byte) with one bf16 absmax scale, half (a quarter) of the bytes of
+  bf16 factors; the sender's error feedback absorbs the rounding, as it absorbs the low-rank
+  approximation.
 * Top-k with error feedback: the k largest-magnitude entries of gradient + error, as (values,
   indices) in the wire vector (indices as exact float32 integers, so stages up to 2**24 values).
 * DiLoCo outer step (Douillard et al. 2023): replicas run H inner optimizer steps alone, then average
@@ -132,35 +133,68 @@ def powersgd_decode(layout: PowerSGDLayout, wire: torch.Tensor) -> torch.Tensor:
     return out
 
 
-INT8_MAX = 127  # largest int8 code (codes are symmetric: -127 .. 127)
+CODE_MAX = {8: 127, 4: 7}  # bits of a factor code -> its largest value (codes are symmetric: -max .. max)
 
 
-def quantize_int8(layout: PowerSGDLayout, wire: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 codes (wire_size) and bf16-exact fp32 scales (scale_count) of a finite fp32 wire vector:
-    each column's values divided by its absmax / 127, rounded to the nearest code."""
+def _code_max(bits: int) -> int:
+    """Largest code of `bits`-bit factors (GradCompressError unless bits is 8 or 4)."""
+    if type(bits) is not int or bits not in CODE_MAX:
+        raise GradCompressError(f"PowerSGD factor codes must have 8 or 4 bits, got {bits!r}")
+    return CODE_MAX[bits]
+
+
+def quantize_factors(layout: PowerSGDLayout, wire: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """`bits`-bit codes (an int8 tensor of wire_size values in -max .. max, max = 127 or 7) and bf16-exact fp32
+    scales (scale_count) of a finite fp32 wire vector: each column's values divided by its absmax / max, rounded
+    to the nearest code."""
+    top = _code_max(bits)
     check_finite(wire, layout.wire_size, f"PowerSGD rank-{layout.rank} wire vector")
     values = wire.to(torch.float32).clone()
     scales = []
     for block in layout.blocks(values):
-        scale = (block.abs().amax(0) / INT8_MAX).to(torch.bfloat16).to(torch.float32)  # (columns,)
+        scale = (block.abs().amax(0) / top).to(torch.bfloat16).to(torch.float32)  # (columns,)
         safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-        block.copy_((block / safe).round().clamp(-INT8_MAX, INT8_MAX))
+        block.copy_((block / safe).round().clamp(-top, top))
         scales.append(scale)
     return values.to(torch.int8), torch.cat(scales)
 
 
-def dequantize_int8(layout: PowerSGDLayout, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """The fp32 wire vector of int8 `codes` and their column `scales` (GradCompressError on wrong sizes, a
-    code of -128, or a scale that is negative, NaN or Inf)."""
+def dequantize_factors(layout: PowerSGDLayout, codes: torch.Tensor, scales: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """The fp32 wire vector of `bits`-bit `codes` (an int8 tensor) and their column `scales` (GradCompressError on
+    wrong sizes, a code outside -max .. max, or a scale that is negative, NaN or Inf)."""
+    top = _code_max(bits)
+    what = f"int{bits} PowerSGD rank-{layout.rank}"
     if codes.dtype != torch.int8 or codes.dim() != 1 or codes.numel() != layout.wire_size:
-        raise GradCompressError(f"int8 PowerSGD codes have shape {tuple(codes.shape)} and dtype {codes.dtype}, "
+        raise GradCompressError(f"{what} codes have shape {tuple(codes.shape)} and dtype {codes.dtype}, "
                                 f"expected ({layout.wire_size},) int8")
-    check_finite(scales, layout.scale_count, f"int8 PowerSGD rank-{layout.rank} scales")
+    check_finite(scales, layout.scale_count, f"{what} scales")
     if bool((scales < 0).any()):
-        raise GradCompressError(f"int8 PowerSGD rank-{layout.rank} scales hold {int((scales < 0).sum())} negative value(s)")
-    if bool((codes == -INT8_MAX - 1).any()):
-        raise GradCompressError("int8 PowerSGD codes hold -128 (codes are -127 .. 127)")
+        raise GradCompressError(f"{what} scales hold {int((scales < 0).sum())} negative value(s)")
+    outside = (codes < -top) | (codes > top)
+    if bool(outside.any()):
+        raise GradCompressError(f"{what} codes hold {int(outside.sum())} value(s) outside -{top} .. {top} "
+                                f"(e.g. {int(codes[outside][0])})")
     return _scaled(layout, codes, scales)
+
+
+def pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """4-bit codes (int8 values in -8 .. 7) packed two to a byte, the first in the low nibble: ceil(n / 2)
+    uint8 values (an odd count ends with a zero high nibble)."""
+    n = codes.numel()
+    u = (codes.reshape(-1).to(torch.int16) & 0xF).to(torch.uint8)
+    if n % 2:
+        u = torch.cat([u, torch.zeros(1, dtype=torch.uint8)])
+    return u[0::2] | (u[1::2] << 4)
+
+
+def unpack_nibbles(packed: torch.Tensor, count: int) -> torch.Tensor:
+    """The first `count` 4-bit codes of `packed` (uint8, two to a byte, low nibble first) as int8 values in
+    -8 .. 7 (GradCompressError when `packed` is not uint8 or holds fewer than `count` codes)."""
+    if packed.dtype != torch.uint8 or packed.dim() != 1 or 2 * packed.numel() < count:
+        raise GradCompressError(f"packed 4-bit codes have shape {tuple(packed.shape)} and dtype {packed.dtype}, "
+                                f"expected at least ({(count + 1) // 2},) uint8")
+    nibbles = torch.stack([packed & 0xF, packed >> 4], dim=1).reshape(-1)[:count].to(torch.int8)  # 0 .. 15
+    return torch.where(nibbles > 7, nibbles - 16, nibbles).to(torch.int8)
 
 
 def _scaled(layout: PowerSGDLayout, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
@@ -198,11 +232,11 @@ class PowerSGDEncoder:
             self.error = g - powersgd_decode(self.layout, wire)
         return wire
 
-    def encode_int8(self, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """int8 codes and column scales of `grad` (+ the error buffer), see quantize_int8; the error buffer
-        (which then holds the rounding too) and warm starts are updated."""
+    def encode_quantized(self, grad: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+        """`bits`-bit codes and column scales of `grad` (+ the error buffer), see quantize_factors; the error
+        buffer (which then holds the rounding too) and warm starts are updated."""
         g = self._with_error(grad)
-        codes, scales = quantize_int8(self.layout, self._factors(g))
+        codes, scales = quantize_factors(self.layout, self._factors(g), bits)
         if self.error_feedback:
             self.error = g - powersgd_decode(self.layout, _scaled(self.layout, codes, scales))  # ours: unchecked
         return codes, scales

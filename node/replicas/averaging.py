@@ -9,12 +9,12 @@ peer of its stage (joining replicas catch up this way).
 
 Contributions travel in the stage's `ContributionCodec` (the spec's `replica_averaging`): dense fp32,
 dense bf16 (`dense-bf16`: half the bytes, each value rounded once), or PowerSGD factors
-(`sharding.gradcompress`, `powersgd_iterations` power iterations each) in bf16 or int8 (`powersgd_bits`) with
-the error feedback kept by the replica that computed the microbatch. Either way a contribution is a flat vector
+(`sharding.gradcompress`, `powersgd_iterations` power iterations each) in bf16, int8 or int4 (`powersgd_bits`)
+with the error feedback kept by the replica that computed the microbatch. Either way a contribution is a flat vector
 of 4-byte words of a size fixed by the spec, every replica decodes the same words to the same dense
 gradient, and the combination (CenteredClip by choice) runs on the decoded contributions, so replicas
 stay identical. A pushed or pulled contribution of another encoding, another size, with NaN/Inf (an
-int8 one: in a scale, or a negative scale or a -128 code) is refused and counted against the sender.
+int8 or int4 one: in a scale, or a negative scale or a code outside -127 .. 127 / -7 .. 7) is refused and counted against the sender.
 """
 
 from __future__ import annotations
@@ -39,8 +39,10 @@ from sharding.gradcompress import (
     GradCompressError,
     PowerSGDEncoder,
     PowerSGDLayout,
-    dequantize_int8,
+    dequantize_factors,
+    pack_nibbles,
     powersgd_decode,
+    unpack_nibbles,
 )
 
 AVG_PROTOCOL = TProtocol("/pmn/avg/1.0.0")
@@ -123,7 +125,8 @@ def combine(vectors: list[torch.Tensor], num_microbatches: int, method: str = "m
 # -- contribution encodings --------------------------------------------------------------------------
 
 AVERAGING_METHODS = ("dense", "dense-bf16", "powersgd")  # values of the spec's replica_averaging
-FACTOR_BITS = (16, 8)  # values of the spec's powersgd_bits: bf16 factors, or int8 codes with bf16 column scales
+FACTOR_BITS = (16, 8, 4)  # values of the spec's powersgd_bits: bf16 factors, or int8 / int4 codes (two int4 codes
+# to a byte) with bf16 column scales
 
 
 def _words(values: torch.Tensor) -> torch.Tensor:
@@ -142,7 +145,7 @@ def _unwords(words: torch.Tensor, count: int) -> torch.Tensor:
 class ContributionCodec:
     """How one stage's contributions travel: `dense` fp32 values, `dense-bf16` values (every replica,
     the sender too, combines the rounded values), or `powersgd` rank-r factors in bf16 (`bits` 16) or as
-    int8 codes with one bf16 scale per factor column (`bits` 8).
+    int8 codes (`bits` 8) or 4-bit codes two to a byte (`bits` 4) with one bf16 scale per factor column.
 
     `words` is the length of a contribution's flat 4-byte-word vector (what the store holds and the
     protocol moves); `encode` is stateful (PowerSGD's error feedback and warm-started Q belong to the
@@ -156,9 +159,10 @@ class ContributionCodec:
         if bits not in FACTOR_BITS:
             raise AveragingError(f"powersgd_bits={bits!r}: use one of {', '.join(map(str, FACTOR_BITS))}")
         self.method = method  # the spec's replica_averaging
-        self.bits = bits  # the spec's powersgd_bits: 16 (bf16 factors) or 8 (int8 codes + bf16 column scales)
+        self.bits = bits  # the spec's powersgd_bits: 16 (bf16 factors), 8 or 4 (int8 / int4 codes + bf16 column scales)
         self.size = sum(int(torch.Size(s).numel()) for s in shapes)  # dense values (the stage's trainable params)
         self.layout: PowerSGDLayout | None = None
+        self.code_bytes = 0  # powersgd_bits 8 / 4: bytes the factor codes fill at the head of a contribution
         self.encoder: PowerSGDEncoder | None = None
         if method == "powersgd":
             try:
@@ -170,9 +174,10 @@ class ContributionCodec:
             except GradCompressError as exc:
                 raise AveragingError(f"powersgd_iterations: {exc}") from exc
             self.values = self.layout.wire_size  # factor values of one contribution
-            if bits == 8:  # int8 codes, then the bf16 scales
-                self.words = (self.values + 2 * self.layout.scale_count + 3) // 4
-                self.tag = f"powersgd-r{rank}-int8"  # rides in push headers and pull answers
+            if bits in (8, 4):  # the codes (int4: two to a byte), then the bf16 scales
+                self.code_bytes = self.values if bits == 8 else (self.values + 1) // 2
+                self.words = (self.code_bytes + 2 * self.layout.scale_count + 3) // 4
+                self.tag = f"powersgd-r{rank}-int{bits}"  # rides in push headers and pull answers
             else:
                 self.words = (self.values + 1) // 2  # bf16 values, two per word
                 self.tag = f"powersgd-r{rank}-bf16"
@@ -208,10 +213,11 @@ class ContributionCodec:
             return vec
         if self.bits == 16:
             return _words(self.encoder.encode(vec.reshape(-1)))
-        codes, scales = self.encoder.encode_int8(vec.reshape(-1))
+        codes, scales = self.encoder.encode_quantized(vec.reshape(-1), self.bits)
+        packed = codes.view(torch.uint8) if self.bits == 8 else pack_nibbles(codes)
         raw = torch.zeros(4 * self.words, dtype=torch.uint8)  # codes, the bf16 scales, zero padding
-        raw[: codes.numel()] = codes.view(torch.uint8)
-        raw[codes.numel(): codes.numel() + 2 * scales.numel()] = scales.to(torch.bfloat16).view(torch.uint8)
+        raw[: self.code_bytes] = packed
+        raw[self.code_bytes: self.code_bytes + 2 * scales.numel()] = scales.to(torch.bfloat16).view(torch.uint8)
         return raw.view(torch.float32)
 
     def _sized(self, words: torch.Tensor) -> torch.Tensor:
@@ -232,12 +238,12 @@ class ContributionCodec:
         assert self.layout is not None
         if self.bits == 16:
             return self._finite(_unwords(self._sized(words), self.values))
-        raw = self._sized(words).contiguous().view(torch.uint8)  # int8 codes are finite; scales checked below
-        n, k = self.values, self.layout.scale_count
-        codes = raw[:n].view(torch.int8)
+        raw = self._sized(words).contiguous().view(torch.uint8)  # codes are finite; their range and scales checked below
+        n, k = self.code_bytes, self.layout.scale_count
         scales = raw[n: n + 2 * k].clone().view(torch.bfloat16).to(torch.float32)
         try:
-            return dequantize_int8(self.layout, codes, scales)
+            codes = raw[:n].view(torch.int8) if self.bits == 8 else unpack_nibbles(raw[:n], self.values)
+            return dequantize_factors(self.layout, codes, scales, self.bits)
         except GradCompressError as exc:
             raise AveragingError(f"{self.tag} contribution: {exc}") from exc
 

@@ -35,17 +35,17 @@ def test_unknown_method_or_missing_baseline_is_refused() -> None:
         assert f"--methods '{methods}'" in proc.stderr and "dense (required" in proc.stderr
 
 
-def test_int8_powersgd_sends_about_half_of_bf16_at_the_same_rank() -> None:
-    proc = _run("--steps", "3", "--methods", "dense,powersgd,powersgd-int8")
+def test_int8_and_int4_powersgd_send_about_half_and_a_quarter_of_bf16_at_the_same_rank() -> None:
+    proc = _run("--steps", "3", "--methods", "dense,powersgd,powersgd-int8,powersgd-int4", "--ranks", "4")
     assert proc.returncode == 0, proc.stderr[-2000:]
     runs = {(r["method"], r.get("rank"), r.get("bits")): r for r in json.loads(proc.stdout.strip().splitlines()[-1])["runs"]}
-    assert set(runs) == {("dense", None, None), ("powersgd", 2, 16), ("powersgd", 4, 16), ("powersgd", 4, 8),
-                         ("powersgd", 8, 8)}
-    bf16, int8 = runs[("powersgd", 4, 16)], runs[("powersgd", 4, 8)]
-    # 1 byte a factor value plus a 2-byte scale per column, against 2 bytes a value
+    assert set(runs) == {("dense", None, None), ("powersgd", 4, 16), ("powersgd", 4, 8), ("powersgd", 4, 4)}
+    bf16, int8, int4 = runs[("powersgd", 4, 16)], runs[("powersgd", 4, 8)], runs[("powersgd", 4, 4)]
+    # 1 byte (half a byte) a factor value plus a 2-byte scale per column, against 2 bytes a value
     assert 1.8 * bf16["compression"] < int8["compression"] < 2 * bf16["compression"]
-    assert int8["val_loss"] != bf16["val_loss"]  # the rounding changes what is applied
-    assert "powersgd r4 int8" in proc.stdout
+    assert 1.8 * int8["compression"] < int4["compression"] < 2 * int8["compression"]
+    assert len({bf16["val_loss"], int8["val_loss"], int4["val_loss"]}) == 3  # the rounding changes what is applied
+    assert "powersgd r4 int8" in proc.stdout and "powersgd r4 int4" in proc.stdout
 
 
 def test_bf16_dense_arm_sends_half_and_ranks_choose_the_powersgd_arms() -> None:

@@ -11,10 +11,12 @@ from sharding.gradcompress import (
     PowerSGDEncoder,
     PowerSGDLayout,
     TopKEncoder,
-    dequantize_int8,
+    dequantize_factors,
+    pack_nibbles,
     powersgd_decode,
-    quantize_int8,
+    quantize_factors,
     topk_decode,
+    unpack_nibbles,
 )
 
 SHAPES = [(32, 48), (48,), (16, 4, 4), (3, 3)]  # a matrix, a vector, a 3-d tensor (16 x 16), a small matrix
@@ -82,17 +84,17 @@ def test_int8_codes_scale_each_factor_column_and_round_trip_within_half_a_step()
     assert lay.scale_count == 2 * 2 + 1 + 2 * 2 + 1  # P and Q columns of the 2 matrices, one per dense entry
     wire = PowerSGDEncoder(lay, seed=1).encode(torch.randn(lay.size, generator=torch.Generator().manual_seed(5)))
     wire[:32 * 2].view(32, 2)[:, 1] *= 1000.0  # one column of P far larger than the rest: its own scale
-    codes, scales = quantize_int8(lay, wire)
+    codes, scales = quantize_factors(lay, wire)
     assert codes.dtype == torch.int8 and codes.shape == (lay.wire_size,) and scales.shape == (lay.scale_count,)
     assert int(codes.abs().max()) == 127 and int(codes.min()) >= -127
     assert torch.equal(scales, scales.to(torch.bfloat16).float())  # the scales travel in bf16 exactly
-    back = dequantize_int8(lay, codes, scales)
+    back = dequantize_factors(lay, codes, scales)
     for block, orig in zip(lay.blocks(back), lay.blocks(wire.clone()), strict=True):
         step = block.abs().amax(0) / 127  # one code of this column
         assert bool(((block - orig).abs() <= 0.51 * step + 1e-12).all())  # each value within half a code
     zero = torch.zeros(lay.wire_size)
-    zc, zs = quantize_int8(lay, zero)
-    assert not zc.any() and not zs.any() and not dequantize_int8(lay, zc, zs).any()  # an all-zero column
+    zc, zs = quantize_factors(lay, zero)
+    assert not zc.any() and not zs.any() and not dequantize_factors(lay, zc, zs).any()  # an all-zero column
 
 
 def test_int8_error_feedback_carries_the_rounding_to_later_contributions() -> None:
@@ -104,7 +106,7 @@ def test_int8_error_feedback_carries_the_rounding_to_later_contributions() -> No
     for _ in range(20):
         grad = torch.randn(lay.size, generator=g)
         total += grad
-        sent += powersgd_decode(lay, dequantize_int8(lay, *enc.encode_int8(grad)))
+        sent += powersgd_decode(lay, dequantize_factors(lay, *enc.encode_quantized(grad)))
     assert torch.allclose(sent + enc.error, total, atol=1e-3)
     # a vector entry (dense in PowerSGD) is only rounded: its error is about half a code (gradients ~ 1, codes ~ 0.03)
     assert float(enc.error[32 * 48: 32 * 48 + 48].abs().max()) < 0.05
@@ -112,26 +114,75 @@ def test_int8_error_feedback_carries_the_rounding_to_later_contributions() -> No
 
 def test_int8_decode_refuses_bad_codes_and_scales() -> None:
     lay = PowerSGDLayout.build(SHAPES, 2)
-    codes, scales = quantize_int8(lay, PowerSGDEncoder(lay).encode(torch.randn(lay.size)))
+    codes, scales = quantize_factors(lay, PowerSGDEncoder(lay).encode(torch.randn(lay.size)))
     with pytest.raises(GradCompressError, match="expected"):
-        dequantize_int8(lay, codes[:-1], scales)
+        dequantize_factors(lay, codes[:-1], scales)
     with pytest.raises(GradCompressError, match="int8"):
-        dequantize_int8(lay, codes.to(torch.int16), scales)
+        dequantize_factors(lay, codes.to(torch.int16), scales)
     with pytest.raises(GradCompressError, match="expected"):
-        dequantize_int8(PowerSGDLayout.build(SHAPES, 3), codes, scales)  # a rank-2 contribution, rank-3 layout
+        dequantize_factors(PowerSGDLayout.build(SHAPES, 3), codes, scales)  # a rank-2 contribution, rank-3 layout
     for bad, why in ((float("nan"), "non-finite"), (float("inf"), "non-finite"), (-1.0, "negative")):
         s = scales.clone()
         s[2] = bad
         with pytest.raises(GradCompressError, match=why):
-            dequantize_int8(lay, codes, s)
+            dequantize_factors(lay, codes, s)
     c = codes.clone()
     c[0] = -128
-    with pytest.raises(GradCompressError, match="-128"):
-        dequantize_int8(lay, c, scales)
+    with pytest.raises(GradCompressError, match="outside -127 .. 127"):
+        dequantize_factors(lay, c, scales)
     w = PowerSGDEncoder(lay).encode(torch.randn(lay.size))
     w[3] = float("nan")
     with pytest.raises(GradCompressError, match="non-finite"):
-        quantize_int8(lay, w)
+        quantize_factors(lay, w)
+
+
+def test_int4_codes_round_trip_within_half_a_step_and_pack_two_to_a_byte() -> None:
+    lay = PowerSGDLayout.build(SHAPES, 2)
+    wire = PowerSGDEncoder(lay, seed=1).encode(torch.randn(lay.size, generator=torch.Generator().manual_seed(5)))
+    codes, scales = quantize_factors(lay, wire, bits=4)
+    assert codes.dtype == torch.int8 and int(codes.abs().max()) == 7 and int(codes.min()) >= -7
+    back = dequantize_factors(lay, codes, scales, bits=4)
+    for block, orig in zip(lay.blocks(back), lay.blocks(wire.clone()), strict=True):
+        step = block.abs().amax(0) / 7  # one code of this column
+        assert bool(((block - orig).abs() <= 0.51 * step + 1e-12).all())
+    for n in (1, 2, 7, codes.numel()):  # odd counts end with a zero high nibble
+        packed = pack_nibbles(codes[:n])
+        assert packed.dtype == torch.uint8 and packed.numel() == (n + 1) // 2
+        assert torch.equal(unpack_nibbles(packed, n), codes[:n])
+    every = torch.arange(-8, 8, dtype=torch.int8)  # all 16 nibbles survive packing (the decoder refuses -8)
+    assert torch.equal(unpack_nibbles(pack_nibbles(every), 16), every)
+    with pytest.raises(GradCompressError, match="expected at least"):
+        unpack_nibbles(pack_nibbles(codes)[:-1], codes.numel())
+    with pytest.raises(GradCompressError, match="uint8"):
+        unpack_nibbles(pack_nibbles(codes).to(torch.int8), codes.numel())
+
+
+def test_int4_decode_refuses_the_code_minus_8_and_unknown_widths() -> None:
+    lay = PowerSGDLayout.build(SHAPES, 2)
+    codes, scales = quantize_factors(lay, PowerSGDEncoder(lay).encode(torch.randn(lay.size)), bits=4)
+    c = codes.clone()
+    c[7] = -8
+    with pytest.raises(GradCompressError, match=r"int4 .* outside -7 \.\. 7"):
+        dequantize_factors(lay, c, scales, bits=4)
+    c[7] = 100  # an int8 code is not an int4 one
+    with pytest.raises(GradCompressError, match="outside"):
+        dequantize_factors(lay, c, scales, bits=4)
+    for bits in (2, 16, 8.0):
+        with pytest.raises(GradCompressError, match="8 or 4 bits"):
+            quantize_factors(lay, torch.zeros(lay.wire_size), bits=bits)  # type: ignore[arg-type]
+
+
+def test_int4_error_feedback_carries_the_coarser_rounding() -> None:
+    lay = PowerSGDLayout.build(SHAPES, 1)
+    g = torch.Generator().manual_seed(6)
+    enc = PowerSGDEncoder(lay, seed=0)
+    sent = torch.zeros(lay.size)
+    total = torch.zeros(lay.size)
+    for _ in range(20):
+        grad = torch.randn(lay.size, generator=g)
+        total += grad
+        sent += powersgd_decode(lay, dequantize_factors(lay, *enc.encode_quantized(grad, bits=4), bits=4))
+    assert torch.allclose(sent + enc.error, total, atol=1e-3)
 
 
 def test_topk_keeps_the_largest_with_error_feedback_and_refuses_bad_indices() -> None:

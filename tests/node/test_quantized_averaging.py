@@ -1,5 +1,5 @@
-"""int8 PowerSGD contributions (`powersgd_bits = 8`): the codec's words, its checks, bad pushes over real
-libp2p hosts (refused, counted against the sender, nothing stored), and the spec and node options."""
+"""int8 and int4 PowerSGD contributions (`powersgd_bits = 8 | 4`): the codec's words, its checks, bad pushes over
+real libp2p hosts (refused, counted against the sender, nothing stored), and the spec and node options."""
 
 from __future__ import annotations
 
@@ -23,8 +23,8 @@ def _codec(bits: int = 8, rank: int = 4, seed: int = 0) -> ContributionCodec:
 
 
 def _scale_byte(c: ContributionCodec, i: int) -> int:
-    """Byte offset of scale `i` inside a contribution's words (int8 codes first, then the bf16 scales)."""
-    return c.values + 2 * i
+    """Byte offset of scale `i` inside a contribution's words (the codes first, then the bf16 scales)."""
+    return c.code_bytes + 2 * i
 
 
 def test_int8_words_are_half_of_bf16_and_decode_alike_on_every_replica() -> None:
@@ -42,8 +42,47 @@ def test_int8_words_are_half_of_bf16_and_decode_alike_on_every_replica() -> None
     assert c8.encoder is not None and torch.allclose(dense + c8.encoder.error, grad, atol=1e-5)  # EF keeps the rest
     # the 64 norm gains are rounded to 255 levels of their absmax
     assert float((dense[4096:4160] - grad[4096:4160]).abs().max()) <= 0.51 * float(grad[4096:4160].abs().max()) / 127
-    with pytest.raises(AveragingError, match="powersgd_bits"):
-        ContributionCodec(SHAPES, "powersgd", 4, 0, 4)
+    for bad in (2, 12, 32):
+        with pytest.raises(AveragingError, match="powersgd_bits"):
+            ContributionCodec(SHAPES, "powersgd", 4, 0, bad)
+
+
+def test_int4_words_are_a_quarter_of_bf16_and_decode_alike_on_every_replica() -> None:
+    c4, c8 = _codec(4), _codec(8)
+    assert c4.tag == "powersgd-r4-int4" and c4.values == c8.values
+    assert c4.code_bytes == (c4.values + 1) // 2  # two codes to a byte
+    assert c4.words == (c4.code_bytes + 2 * 2 * 4 * 3 + 2 + 3) // 4  # packed codes + the same bf16 scales
+    assert c4.ratio > 1.8 * c8.ratio
+    grad = torch.randn(c4.size, generator=torch.Generator().manual_seed(0))
+    words = c4.encode(grad)
+    assert words.dtype == torch.float32 and words.shape == (c4.words,)
+    c4.check(words)
+    dense = c4.decode(words)
+    assert torch.equal(dense, _codec(4).decode(words.clone()))  # a receiver decodes what the sender sent
+    assert c4.encoder is not None and torch.allclose(dense + c4.encoder.error, grad, atol=1e-5)  # EF keeps the rest
+    # the 64 norm gains are rounded to 15 levels of their absmax
+    gains = grad[4096:4160]
+    assert float((dense[4096:4160] - gains).abs().max()) <= 0.51 * float(gains.abs().max()) / 7
+    assert float((dense[4096:4160] - gains).abs().max()) > 0.51 * float(gains.abs().max()) / 127  # coarser than int8
+    assert not torch.equal(dense, c8.decode(c8.encode(grad)))
+
+
+def test_int4_check_refuses_the_code_minus_8_bad_scales_and_int8_words() -> None:
+    c = _codec(4)
+    words = c.encode(torch.randn(c.size))
+    raw = words.view(torch.uint8)
+    bad = raw.clone()
+    bad[5] = (int(bad[5]) & 0x0F) | 0x80  # the high nibble of byte 5 is 8: the code -8, outside -7 .. 7
+    for fn in (c.check, c.decode):
+        with pytest.raises(AveragingError, match=r"outside -7 \.\. 7"):
+            fn(bad.view(torch.float32))
+    bad = raw.clone()
+    at = _scale_byte(c, 2)
+    bad[at: at + 2] = torch.tensor([float("nan")], dtype=torch.bfloat16).view(torch.uint8)
+    with pytest.raises(AveragingError, match="non-finite"):
+        c.check(bad.view(torch.float32))
+    with pytest.raises(AveragingError, match="shape"):
+        c.check(_codec(8).encode(torch.randn(c.size)))  # int8 words where the spec says int4
 
 
 def test_int8_check_refuses_bad_scales_codes_and_sizes() -> None:
@@ -60,7 +99,7 @@ def test_int8_check_refuses_bad_scales_codes_and_sizes() -> None:
             c.decode(bad.view(torch.float32))
     bad = raw.clone()
     bad[0] = 128  # int8 -128
-    with pytest.raises(AveragingError, match="-128"):
+    with pytest.raises(AveragingError, match=r"outside -127 \.\. 127"):
         c.check(bad.view(torch.float32))
     with pytest.raises(AveragingError, match=r"shape \("):
         c.check(words[:-1])
@@ -75,17 +114,21 @@ def test_int8_check_refuses_bad_scales_codes_and_sizes() -> None:
 
 @pytest.mark.network
 @pytest.mark.timeout(60)
-def test_bad_int8_pushes_are_refused_counted_and_nothing_is_stored() -> None:
-    c = _codec()
-    good = _codec(seed=1).encode(torch.randn(c.size))
+@pytest.mark.parametrize("bits", [8, 4])
+def test_bad_quantized_pushes_are_refused_counted_and_nothing_is_stored(bits: int) -> None:
+    c = _codec(bits)
+    good = _codec(bits, seed=1).encode(torch.randn(c.size))
     raw = good.view(torch.uint8).clone()
     raw[_scale_byte(c, 1): _scale_byte(c, 1) + 2] = torch.tensor([float("inf")], dtype=torch.bfloat16).view(torch.uint8)
+    out_of_range = good.view(torch.uint8).clone()
+    out_of_range[0] = 0x80 if bits == 8 else 0x08  # int8: the code -128; int4: a low nibble of 8, the code -8
     bf16 = _codec(16).encode(torch.randn(c.size))
     assert_bad_pushes_keep_the_store(c, good, [
         (raw.view(torch.float32), c.tag, "non-finite"),  # Inf in a column scale
+        (out_of_range.view(torch.float32), c.tag, "outside"),  # a code the sender's quantiser never makes
         (bf16, "powersgd-r4-bf16", "encoded as"),  # bf16 factors, declared honestly
-        (bf16, c.tag, "bytes"),  # bf16 factors under the int8 tag: the size gives them away
-    ], seeds=(161, 162))
+        (bf16, c.tag, "bytes"),  # bf16 factors under the int8 / int4 tag: the size gives them away
+    ], seeds=(161 + bits, 162 + bits))
 
 
 def test_spec_and_node_options_for_int8_factors() -> None:
@@ -97,11 +140,16 @@ def test_spec_and_node_options_for_int8_factors() -> None:
     int8 = proposal_from_dict({"model": {"preset": "tiny"},
                                "training": {"replica_averaging": "powersgd", "powersgd_bits": 8}})
     assert b'"powersgd_bits":8' in int8.canonical_json() and int8.content_hash() != base.content_hash()
-    for bad in (4, 8.0, True):
+    int4 = proposal_from_dict({"model": {"preset": "tiny"},
+                               "training": {"replica_averaging": "powersgd", "powersgd_bits": 4}})
+    assert b'"powersgd_bits":4' in int4.canonical_json() and int4.content_hash() != int8.content_hash()
+    for bad in (2, 8.0, True):
         with pytest.raises(Exception, match="powersgd_bits"):
             proposal_from_dict({"model": {"preset": "tiny"}, "training": {"powersgd_bits": bad}}).training.validate(
                 base.model)
     cfg = NodeConfig()
     cfg.runtime.powersgd_bits = 4
+    cfg.validate()
+    cfg.runtime.powersgd_bits = 2
     with pytest.raises(ValueError, match="runtime.powersgd_bits"):
         cfg.validate()
