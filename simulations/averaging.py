@@ -2,8 +2,8 @@
 
 - `dense`: every gradient element, every step (bf16: 2 bytes each).
 - `powersgd:R`: rank-R factors P (m x R) and Q (n x R) of every matrix gradient, vectors dense (bf16).
-- `powersgd:R:int8`: the same factors and vectors as int8 codes, plus one bf16 scale per factor column and
-  per vector (the node's `powersgd_bits = 8`).
+- `powersgd:R:int8` / `powersgd:R:int4`: the same factors and vectors as int8 codes (int4: two to a byte),
+  plus one bf16 scale per factor column and per vector (the node's `powersgd_bits = 8` / `4`).
 - `diloco:H`: the dense pseudo-gradient once every H inner steps (bytes / H per step on average;
   the simulator runs the dense exchange with `WanConfig.sync_every = H`).
 
@@ -16,11 +16,13 @@ pushed after its backward and the step's update waiting for the last (the node's
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
 BYTES_PER_ELEMENT = 2  # bf16 on the wire
-INT8_BYTES, SCALE_BYTES = 1, 2  # powersgd int8: bytes of a code and of a column's bf16 scale
+SCALE_BYTES = 2  # powersgd int8 / int4: bytes of a column's bf16 scale
+CODE_BITS = {"int8": 8, "int4": 4}  # powersgd wire suffix -> bits of a factor code
 
 
 @dataclass(frozen=True)
@@ -30,27 +32,27 @@ class Averaging:
     mode: str = "dense"  # dense, powersgd or diloco
     rank: int = 0  # powersgd: rank of the factors
     outer_steps: int = 1  # diloco: inner steps between two outer (averaging) steps
-    int8: bool = False  # powersgd: factors as int8 codes with a bf16 scale per column (else bf16)
+    bits: int = 16  # powersgd: bits of a factor value on the wire: 16 (bf16), 8 or 4 (codes with a bf16 scale per column)
 
     @classmethod
     def parse(cls, text: str) -> Averaging:
-        """`dense`, `powersgd:<rank>[:int8]` or `diloco:<H>` (ValueError names the forms)."""
+        """`dense`, `powersgd:<rank>[:int8|:int4]` or `diloco:<H>` (ValueError names the forms)."""
         mode, _, arg = text.partition(":")
         rank, _, wire = arg.partition(":")
         try:
             if mode == "dense" and not arg:
                 return cls()
-            if mode == "powersgd" and int(rank) >= 1 and wire in ("", "int8"):
-                return cls("powersgd", rank=int(rank), int8=wire == "int8")
+            if mode == "powersgd" and int(rank) >= 1 and (wire == "" or wire in CODE_BITS):
+                return cls("powersgd", rank=int(rank), bits=CODE_BITS.get(wire, 16))
             if mode == "diloco" and int(arg) >= 1:
                 return cls("diloco", outer_steps=int(arg))
         except ValueError:
             pass
-        raise ValueError(f"averaging={text!r}: use dense, powersgd:<rank >= 1>[:int8] or diloco:<H >= 1>")
+        raise ValueError(f"averaging={text!r}: use dense, powersgd:<rank >= 1>[:int8|:int4] or diloco:<H >= 1>")
 
     def label(self) -> str:
         """The option as `parse` reads it."""
-        return {"dense": "dense", "powersgd": f"powersgd:{self.rank}" + (":int8" if self.int8 else ""),
+        return {"dense": "dense", "powersgd": f"powersgd:{self.rank}" + (f":int{self.bits}" if self.bits < 16 else ""),
                 "diloco": f"diloco:{self.outer_steps}"}[self.mode]
 
 
@@ -77,9 +79,9 @@ def sync_bytes_per_step(config: Any, spec: Any, option: Averaging) -> float:
         return float(dense * BYTES_PER_ELEMENT)
     if option.mode == "powersgd":
         low = sum(min(m * n, option.rank * (m + n)) for m, n in mats) + vectors
-        if not option.int8:
+        if option.bits == 16:
             return float(low * BYTES_PER_ELEMENT)
         scales = sum(2 * option.rank if option.rank * (m + n) < m * n else 1 for m, n in mats)  # a dense matrix: 1
         scales += vectors // config.d_model  # the norm-gain vectors (d_model each): one scale each
-        return float(low * INT8_BYTES + scales * SCALE_BYTES)
+        return float(math.ceil(low * option.bits / 8) + scales * SCALE_BYTES)
     return float(dense * BYTES_PER_ELEMENT) / option.outer_steps

@@ -7,9 +7,14 @@ given schedule (async with a staleness bound by default) and replica averaging o
 100 Gb/s and 0.01 ms, dense bf16 boundaries, 1F1B, dense averaging. Time to the target loss = steps to
 target x simulated seconds per step; the WAN's steps to target are the public dense run's times the
 steps multipliers of its loss penalties at equal tokens (subspace codec, async schedule, compressed
-averaging), each from a measurement where one exists and labelled assumed otherwise. The async penalty is
+averaging), each from a measurement where one exists and labelled assumed otherwise. Seconds per step are
+the steady ones: `SIMULATED_STEPS` steps, timed over the second half. The async penalty is
 the one measured at the WAN's staleness bound over the training length nearest the target's steps
 (`simulations.async_loss`, from `benchmarks/async_recipe.py`); failing that, `benchmarks/wan.py`'s.
+
+The averaging penalty is the one measured for the WAN's own averaging option (rank and factor bits):
+from `simulations.averaging_loss` (`benchmarks/wan_averaging.py` runs, the mean over seeds, with the async
+penalty's optimiser where measured), else `benchmarks/wan.py`'s when it ran that option.
 
 `--overlap-averaging` sends DiLoCo's outer exchange on the WAN nodes' uplinks while they compute (the outer
 step then lands one round late: `benchmarks/wan_averaging.py --math` measures that variant, diloco-delayed)
@@ -27,6 +32,7 @@ from typing import Any
 
 from .async_loss import pick as pick_async_loss
 from .averaging import Averaging, sync_bytes_per_step
+from .averaging_loss import pick as pick_averaging_loss
 from .params import LinkConfig, Schedule, WanConfig
 from .pipeline import simulate
 from .presets import (
@@ -51,8 +57,12 @@ ASSUMED_ASYNC_LOSS_RATIO = 1.0
 ASSUMED_ASYNC_SOURCE = ("none measured at this scale; the local benchmark's ratio (benchmarks/wan.py "
                         "loss_ratio_async) is used when recorded in the calibration file")
 ASSUMED_AVERAGING_LOSS_RATIO = {"dense": 1.0, "powersgd": 1.0, "diloco": 1.0}
-ASSUMED_AVERAGING_SOURCE = ("no loss ratio of this averaging method recorded in the calibration file (benchmarks/wan.py "
-                            "measures PowerSGD's): no penalty assumed (optimistic)")
+ASSUMED_AVERAGING_SOURCE = ("no loss ratio of this averaging option recorded in the calibration file "
+                            "(benchmarks/wan_averaging.py measures PowerSGD's at a rank and factor width): no penalty "
+                            "assumed (optimistic)")
+# optimiser steps simulated: the async pipeline and the PowerSGD pushes' backlog settle over about 8 steps, and the
+# steady steps after the first are what time to target uses (4 steps understated the WAN step by 8 %)
+SIMULATED_STEPS = 16
 
 
 def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: LinkConfig, averaging: Averaging,
@@ -75,11 +85,12 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
                                            for s in specs), sync_every=averaging.outer_steps, overlap_sync=overlap,
                      sync_collective=collective, sync_push=push,
                      link=link, max_staleness=max_staleness if schedule == "async" else None, seed=seed,
-                     warmup_steps=1 if steps > 1 else 0)
+                     warmup_steps=max(1, steps // 2) if steps > 1 else 0)  # the steady second half
 
 
 def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async", max_staleness: int = 4,
-                      averaging: str = "powersgd:64", steps: int = 4, seed: int = 0, overlap_averaging: bool = False,
+                      averaging: str = "powersgd:64", steps: int = SIMULATED_STEPS, seed: int = 0,
+                      overlap_averaging: bool = False,
                       async_loss_ratio: float | None = None,
                       averaging_loss_ratio: float | None = None) -> dict[str, Any]:
     """Time to the target loss on home links over the same on 100 Gb/s; `slowdown_vs_datacenter` and its inputs.
@@ -116,10 +127,16 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
         async_ratio, async_source = 1.0, "synchronous schedule: exact"
     avg_ratio, avg_source = ASSUMED_AVERAGING_LOSS_RATIO[avg.mode], ASSUMED_AVERAGING_SOURCE
     measured = bench.get("averaging") if isinstance(bench.get("averaging"), dict) else {}
-    if avg.mode == "powersgd" and bench.get("loss_ratio_compressed_avg") is not None and measured:
-        avg_ratio = float(bench["loss_ratio_compressed_avg"])  # PowerSGD's, whatever rank it was measured at
+    recipe = (calibration.get("async_loss") or {}).get("optimizer") if schedule == "async" else None
+    by_option = pick_averaging_loss(calibration.get("averaging_loss"), avg.label(), recipe)
+    if by_option is not None:
+        avg_ratio, avg_source = by_option.ratio, by_option.label
+    elif (avg.mode == "powersgd" and bench.get("loss_ratio_compressed_avg") is not None and measured
+          and int(measured.get("rank") or 0) == avg.rank and int(measured.get("bits") or 16) == avg.bits):
+        avg_ratio = float(bench["loss_ratio_compressed_avg"])  # measured at this rank and factor width
+        bits = int(measured.get("bits") or 16)
         avg_source = (f"measured: benchmarks/wan.py loss_ratio_compressed_avg (PowerSGD rank {measured.get('rank')}, "
-                      f"{'int8' if measured.get('bits') == 8 else 'bf16'} factors, "
+                      f"{f'int{bits}' if bits < 16 else 'bf16'} factors, "
                       f"{measured.get('iterations', 1)} power iteration(s), against "
                       f"{measured.get('dense_baseline', 'dense')}, {measured.get('model')} model, "
                       f"{measured.get('steps')} steps)")

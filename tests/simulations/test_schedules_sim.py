@@ -48,11 +48,14 @@ def test_averaging_bytes_model() -> None:
     assert Averaging.parse("powersgd:8").label() == "powersgd:8"
     # int8: a byte per factor value plus a bf16 scale per column and per norm-gain vector (4 here, 2 blocks)
     r8, r8q = Averaging.parse("powersgd:8"), Averaging.parse("powersgd:8:int8")
-    assert r8q.label() == "powersgd:8:int8" and r8q.int8 and not r8.int8
+    assert r8q.label() == "powersgd:8:int8" and r8q.bits == 8 and r8.bits == 16
     low = sum(8 * (m + n) for m, n in [(3 * 1024, 1024), (1024, 1024), (4 * 1024, 1024), (1024, 4 * 1024)]) * 2
     assert sync_bytes_per_step(model, spec, r8q) == pytest.approx(low + 4 * 1024 + 2 * (2 * 8 * 4 * 2 + 4))
     assert sync_bytes_per_step(model, spec, r8) == pytest.approx(2 * (low + 4 * 1024))
-    for bad in ("powersgd", "diloco:0", "topk:3", "dense:2", "powersgd:8:int4", "powersgd::int8"):
+    r8h = Averaging.parse("powersgd:8:int4")  # int4: half a byte per value, the same scales
+    assert r8h.label() == "powersgd:8:int4" and r8h.bits == 4
+    assert sync_bytes_per_step(model, spec, r8h) == pytest.approx((low + 4 * 1024) / 2 + 2 * (2 * 8 * 4 * 2 + 4))
+    for bad in ("powersgd", "diloco:0", "topk:3", "dense:2", "powersgd:8:int2", "powersgd::int8"):
         with pytest.raises(ValueError, match="averaging"):
             Averaging.parse(bad)
 

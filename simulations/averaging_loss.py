@@ -1,0 +1,108 @@
+"""Measured loss penalties of compressed replica averaging, per averaging option and optimiser, for the simulator.
+
+`benchmarks/wan_averaging.py` trains the replicated local swarm twice at equal tokens, dense bf16 against a
+compressed exchange, and ends with a JSON line. `python -m simulations.averaging_loss OUTPUT... [--write]` reads
+those lines (several seeds of one setting, or several settings), prints one row per setting, and with `--write`
+stores them under `averaging_loss` in the calibration file: one record per setting (averaging option, optimiser,
+lr, power iterations, steps, model, dense baseline) holding each seed's ratio; a stored record of the same setting
+is replaced, others are kept. `pmn simulate wan --vs datacenter` takes the record of its own averaging option
+(rank and factor bits), measured with the optimiser of the async penalty it uses where there is one, and uses the
+mean over its seeds, naming every seed's ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from .calibrate import DEFAULT_PATH
+
+SETTING_KEYS = ("averaging", "optimizer", "lr", "iterations", "steps", "model", "dense_baseline")  # one record each
+
+
+@dataclass(frozen=True)
+class AveragingLoss:
+    """One measured penalty: compressed over dense validation loss at equal tokens, the mean over seeds."""
+
+    ratio: float  # mean over the record's seeds
+    label: str  # where it comes from, for the output
+
+
+def option_of(out: dict[str, Any]) -> str:
+    """The averaging option (`simulations.averaging.Averaging.label`) a wan_averaging JSON line measured."""
+    bits = int(out.get("bits") or 16)
+    return f"powersgd:{int(out['rank'])}" + (f":int{bits}" if bits < 16 else "")
+
+
+def records_from_outputs(outs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One record per setting of `benchmarks/wan_averaging.py` JSON lines: seed -> loss ratio and compression
+    (ValueError on a line that is not a swarm comparison)."""
+    records: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for out in outs:
+        if "loss_ratio_compressed_avg" not in out or "rank" not in out:
+            raise ValueError("not a benchmarks/wan_averaging.py swarm line (no loss_ratio_compressed_avg or rank)")
+        setting = {"averaging": option_of(out), "optimizer": str(out.get("optimizer") or "adamw"),
+                   "lr": out.get("lr"), "iterations": int(out.get("iterations") or 1), "steps": int(out["steps"]),
+                   "model": str(out.get("model")), "dense_baseline": str(out.get("dense_baseline") or "dense")}
+        rec = records.setdefault(_setting(setting), {**setting, "ratios": {}, "compression": {}})
+        seed = str(out.get("seed", 0))
+        rec["ratios"][seed] = float(out["loss_ratio_compressed_avg"])
+        rec["compression"][seed] = float(out["replica_compression"])
+    return list(records.values())
+
+
+def merge_records(stored: list[dict[str, Any]] | None, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """`stored` with each record of `new` replacing the stored record of the same setting (or added)."""
+    fresh = {_setting(r) for r in new}
+    return [r for r in stored or [] if _setting(r) not in fresh] + list(new)
+
+
+def _setting(record: dict[str, Any]) -> tuple[Any, ...]:
+    return tuple(record.get(k) for k in SETTING_KEYS)
+
+
+def pick(records: Any, option: str, optimizer: str | None) -> AveragingLoss | None:
+    """The penalty measured for averaging `option`: among its records, those of `optimizer` first (the recipe whose
+    async penalty the comparison uses), then the most seeds, then the longest run; None when nothing was measured
+    for `option`."""
+    if not isinstance(records, list):
+        return None
+    found = [r for r in records if isinstance(r, dict) and r.get("averaging") == option and r.get("ratios")]
+    if not found:
+        return None
+    rec = max(found, key=lambda r: (r.get("optimizer") == optimizer, len(r["ratios"]), int(r.get("steps") or 0)))
+    ratios = [float(v) for _, v in sorted(rec["ratios"].items(), key=lambda kv: int(kv[0]))]
+    seeds = " / ".join(sorted(rec["ratios"], key=int))
+    label = (f"measured: benchmarks/wan_averaging.py, {option}, {rec.get('optimizer')} lr {rec.get('lr')}, "
+             f"{rec.get('iterations')} power iteration(s), against {rec.get('dense_baseline')}, {rec.get('model')} "
+             f"model, {rec.get('steps')} steps; seeds {seeds}: " + " / ".join(f"{r:.4f}" for r in ratios)
+             + ", mean used")
+    if optimizer is not None and rec.get("optimizer") != optimizer:
+        label += f"; measured with {rec.get('optimizer')}, the async penalty with {optimizer}"
+    return AveragingLoss(ratio=statistics.fmean(ratios), label=label)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("outputs", type=Path, nargs="+", help="saved outputs of benchmarks/wan_averaging.py (last lines)")
+    p.add_argument("--write", action="store_true", help="store the records in the calibration file")
+    p.add_argument("--calibration", type=Path, default=DEFAULT_PATH)
+    a = p.parse_args(argv)
+    records = records_from_outputs([json.loads(path.read_text().strip().splitlines()[-1]) for path in a.outputs])
+    print(f"{'averaging':18} {'optimizer':>9} {'lr':>7} {'steps':>5}  seed: ratio (compression)")
+    for r in records:
+        per_seed = ", ".join(f"{s}: {r['ratios'][s]:.4f} ({r['compression'][s]:.1f}x)" for s in sorted(r["ratios"], key=int))
+        print(f"{r['averaging']:18} {r['optimizer']:>9} {r['lr']!s:>7} {r['steps']:>5}  {per_seed}")
+    if a.write:
+        stored = json.loads(a.calibration.read_text())
+        stored["averaging_loss"] = merge_records(stored.get("averaging_loss"), records)
+        a.calibration.write_text(json.dumps(stored, indent=1) + "\n")
+    print(json.dumps(records, sort_keys=True))
+
+
+if __name__ == "__main__":
+    main()
