@@ -70,6 +70,11 @@ def test_datacenter_comparison_reports_the_slowdown() -> None:
     assert out["goal_met"] == (out["slowdown_vs_datacenter"] <= 1.3)
     assert out["stages"] == 8 and out["replicas"] == 16
     assert out["wan"]["averaging"] == "diloco:100" and out["datacenter"]["averaging"] == "dense"
+    # beside it, against the datacenter's busiest-stage compute per step: no bubble, so a larger slowdown
+    dc = out["datacenter"]
+    assert 0 < dc["bubble_free_step_s"] < dc["step_s"]
+    assert out["slowdown_vs_bubble_free_datacenter"] == pytest.approx(
+        out["slowdown_vs_datacenter"] * dc["step_s"] / dc["bubble_free_step_s"])
 
 
 def test_overlapped_averaging_and_what_if_penalties_are_labelled() -> None:
