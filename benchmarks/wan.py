@@ -40,6 +40,9 @@ and its idle time time it waited for one between computations: the utilisation t
 as the schedule. `python -m simulations.wan_bench OUTPUT` prints what the calibrated simulator makes of the same
 links with the calibration (gpipe) run's compute, a core per stage (`async_utilisation_calibration_compute`).
 
+The replica part runs PowerSGD rank 6 with int4 factors by default since session 21 (`--averaging-bits 4`: 119-120x
+below dense-bf16 at 0.9991 / 1.0119 on seeds 0 / 1, `benchmarks/wan_averaging.py`); the runs below used int8.
+
 Measured here (session 19, defaults, nothing else running, 2 cores): link check 101.4 ms round trip, 199.7
 Mbit/s; utilisation gpipe 0.367 (6809 tokens/s), 1f1b 0.196 (4082), async 0.803 (11020); loss_ratio_async
 1.1396 (300 steps, staleness 1); replicas 59.8x below a dense-bf16 exchange at a loss ratio of 1.018 (PowerSGD
@@ -420,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--averaging-steps", type=int, default=None,
                    help="steps of the dense vs PowerSGD replica comparison (default 150, quick 10; 0 skips it)")
     p.add_argument("--averaging-rank", type=int, default=6, help="PowerSGD rank of the replica comparison")
-    p.add_argument("--averaging-bits", type=int, choices=(16, 8, 4), default=8,
+    p.add_argument("--averaging-bits", type=int, choices=(16, 8, 4), default=4,
                    help="PowerSGD factors of the replica comparison: 16 (bf16), 8 (int8) or 4 (int4)")
     p.add_argument("--averaging-model", default="wide", help="wan_averaging model: wide (d 256) or tiny")
     p.add_argument("--averaging-iterations", type=int, default=3,
