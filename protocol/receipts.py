@@ -17,6 +17,7 @@ from typing import Any, Protocol
 from blake3 import blake3
 from eth_account import Account
 from eth_account.messages import SignableMessage, encode_typed_data
+from eth_keys.datatypes import PrivateKey
 from eth_utils import is_address, keccak, to_checksum_address
 
 from protocol.errors import (
@@ -81,12 +82,19 @@ def check_uint(field: str, value: Any, bits: int, error: type[FieldError] = Rece
 
 def check_address(field: str, value: Any, error: type[FieldError] = ReceiptError) -> str:
     """Return the checksummed form of `value`, or raise `error` naming `field`."""
-    if not isinstance(value, str) or not is_address(value):
+    address = _checksummed(value) if isinstance(value, str) else None
+    if address is None:
         raise error(field, f"{value!r} is not a 20-byte hex address")
-    address = to_checksum_address(value)
     if int(address, 16) == 0:
         raise error(field, "the zero address is not a node key")
     return address
+
+
+@functools.lru_cache(maxsize=1024)
+def _checksummed(value: str) -> str | None:
+    """The checksummed form of a hex address, None if it is none (cached: every frame's receipt names the same
+    few neighbours)."""
+    return to_checksum_address(value) if is_address(value) else None
 
 
 def check_bytes32(field: str, value: Any, error: type[FieldError] = ReceiptError) -> bytes:
@@ -169,11 +177,17 @@ def _word(kind: str, value: Any) -> bytes | None:
         ok = type(value) is int and 0 <= value < 1 << int(kind[4:])
         return value.to_bytes(32, "big") if ok else None
     if kind == "address":
-        ok = isinstance(value, str) and len(value) == 42 and value[:2] in ("0x", "0X") and is_address(value)
-        return bytes(12) + bytes.fromhex(value[2:]) if ok else None
+        return _address_word(value) if isinstance(value, str) else None
     if kind == "bool":
         return (b"\x00" * 31 + (b"\x01" if value else b"\x00")) if type(value) is bool else None
     return bytes(value) if isinstance(value, bytes) and len(value) == 32 else None
+
+
+@functools.lru_cache(maxsize=1024)
+def _address_word(address: str) -> bytes | None:
+    """The ABI word of a 0x-hex address (its checksum checked once: a node meets the same few addresses)."""
+    ok = len(address) == 42 and address[:2] in ("0x", "0X") and is_address(address)
+    return bytes(12) + bytes.fromhex(address[2:]) if ok else None
 
 
 @functools.lru_cache(maxsize=16)
@@ -197,8 +211,12 @@ def _domain_separator(domain: Domain) -> bytes:
 
 def sign_typed(domain: Domain, types: dict[str, list[dict[str, str]]], message: dict[str, Any], key: Any) -> bytes:
     """Sign an EIP-712 message with `key` (private key bytes/hex or an eth-account account); 65 bytes."""
-    signed = Account.sign_message(_signable(domain, types, message), private_key=_key(key))
-    return bytes(signed.signature)
+    signable = _signable(domain, types, message)
+    raw = _key(key)
+    if not isinstance(raw, bytes | bytearray) or len(raw) != 32:  # hex strings and other forms: eth-account's
+        return bytes(Account.sign_message(signable, private_key=raw).signature)
+    sig = _signing_key(bytes(raw)).sign_msg_hash(keccak(b"\x19" + signable.version + signable.header + signable.body))
+    return sig.to_bytes()[:64] + bytes([27 + sig.v])  # r, s, v as eth-account writes them (v = 27 + recovery id)
 
 
 def recover_typed(
@@ -223,6 +241,13 @@ def key_address(key: Any) -> str:
     raw = _key(key)
     return _address_of(bytes(raw)) if isinstance(raw, bytes | bytearray) else to_checksum_address(
         Account.from_key(raw).address)
+
+
+@functools.lru_cache(maxsize=8)
+def _signing_key(key: bytes) -> PrivateKey:
+    """The node's own key as an eth-keys object, built once (eth-account rebuilds it, public key included, at
+    every signature)."""
+    return PrivateKey(key)
 
 
 @functools.lru_cache(maxsize=8)

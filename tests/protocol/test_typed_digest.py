@@ -75,3 +75,15 @@ def test_other_value_forms_take_the_general_encoder_and_its_errors() -> None:
             typed_digest(domain, FRAUD_TYPES, bad)
     with pytest.raises(Exception, match="evidence"):  # eth-account's own error for a missing field
         typed_digest(domain, FRAUD_TYPES, {k: v for k, v in plain.items() if k != "evidence"})
+
+
+def test_signatures_from_a_cached_key_equal_eth_accounts_for_every_key_form() -> None:
+    domain = Domain(5, "0x" + "12" * 20)
+    message = {"modelId": 9, "epoch": 1, "node": "0x" + "34" * 20, "evidence": b"\x05" * 32}
+    general = encode_typed_data(domain.to_eip712(), FRAUD_TYPES, message)
+    for seed in range(1, 6):
+        acct = Account.from_key(bytes([seed]) * 32)
+        want = bytes(Account.sign_message(general, acct.key).signature)
+        for form in (acct, acct.key, bytes(acct.key), acct.key.hex()):  # account, HexBytes, bytes, hex string
+            assert sign_typed(domain, FRAUD_TYPES, message, form) == want
+        assert want[64] in (27, 28)
