@@ -15,7 +15,7 @@ the one measured at the WAN's staleness bound over the training length nearest t
 (`simulations.async_loss`, from `benchmarks/async_recipe.py`); failing that, `benchmarks/wan.py`'s.
 
 The averaging penalty is the one measured for the WAN's own averaging option (rank and factor bits):
-from `simulations.averaging_loss` (`benchmarks/wan_averaging.py` runs, the mean over seeds, with the async
+from `simulations.averaging_loss` (`benchmarks/wan_averaging.py` runs, the median over seeds, with the async
 penalty's optimiser where measured), else `benchmarks/wan.py`'s when it ran that option.
 
 `--overlap-averaging` sends DiLoCo's outer exchange on the WAN nodes' uplinks while they compute (the outer
