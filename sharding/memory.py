@@ -1,6 +1,7 @@
 """Memory a stage needs on its device, estimated before anything is allocated (pure arithmetic).
 
-bytes = parameters (fp32 master weights) + gradients (fp32) + AdamW state (exp_avg, exp_avg_sq: fp32)
+bytes = parameters (fp32 master weights) + gradients (fp32) + optimiser state (AdamW: exp_avg and exp_avg_sq,
+      fp32; the Muon recipe: one fp32 momentum buffer per block matrix, AdamW's two for the rest)
       + buffers (rotary tables, U, E_fixed) + activations kept for backward.
 
 Activations are per token per block, with coefficients calibrated on CPU against the tensors autograd
@@ -27,6 +28,7 @@ from .stagespec import StageSpec
 
 FP32 = 4  # bytes of one fp32 value
 ADAMW_STATES = 2  # exp_avg and exp_avg_sq, fp32 each
+MUON_STATES = 1  # momentum_buffer, fp32 (torch.optim.Muon), for each matrix inside a block
 # activation bytes per token per block: (per d, per r*d, extra per d for a constrained subspace block)
 _BLOCK_ACT = {"fp32": (48, 8, 16), "bf16": (32, 4, 8)}
 _QK_NORM_PER_D = 16  # QK-norm's saved inputs and outputs of q and k, per token per d
@@ -42,12 +44,15 @@ class MemoryPlan:
     microbatches_in_flight: int = 4  # microbatches whose activations are alive at once (GPipe: all of a step)
     compute_dtype: str = "fp32"  # "fp32" or "bf16" (autocast): the dtype of saved activations
     activation_checkpointing: bool = False  # blocks recompute their activations in backward
-    optimizer: bool = True  # the stage trains (gradients and AdamW state); False: inference only
+    optimizer: bool = True  # the stage trains (gradients and optimiser state); False: inference only
+    optimizer_name: str = "adamw"  # the recipe's optimiser (sharding.optimconfig.OPTIMIZERS): what its state holds
 
     def validate(self) -> MemoryPlan:
         """Raise ValueError naming the bad field; return self."""
         if self.microbatch_size < 1 or self.microbatches_in_flight < 1:
             raise ValueError("MemoryPlan.microbatch_size and microbatches_in_flight must be >= 1")
+        if self.optimizer_name not in _STATES_OF:
+            raise ValueError(f"MemoryPlan.optimizer_name={self.optimizer_name!r}: choose one of {sorted(_STATES_OF)}")
         if self.compute_dtype not in _BLOCK_ACT:
             raise ValueError(f"MemoryPlan.compute_dtype={self.compute_dtype!r}: choose one of {sorted(_BLOCK_ACT)}")
         return self
@@ -61,7 +66,7 @@ class StageMemory:
     param_count: int  # trainable parameters of the stage
     params: int  # fp32 master weights
     grads: int  # fp32 gradients
-    optimizer: int  # AdamW state
+    optimizer: int  # optimiser state (AdamW's two moments; Muon's momentum on block matrices)
     buffers: int  # non-trainable tensors (rotary tables, U, E_fixed)
     activations: int  # saved for backward, all in-flight microbatches
 
@@ -79,8 +84,9 @@ class StageMemory:
 
 
 @lru_cache(maxsize=256)
-def _meta_counts(config: ModelConfig, spec: StageSpec) -> tuple[int, int, int]:
-    """(parameters, parameters outside the token embedding, buffer bytes) of the stage built on `meta`
+def _meta_counts(config: ModelConfig, spec: StageSpec) -> tuple[int, int, int, int]:
+    """(parameters, parameters outside the token embedding, buffer bytes, parameters of the matrices inside blocks:
+    what the Muon recipe's Muon takes, sharding.optimizers.is_muon_param) of the stage built on `meta`
     (exact for every architecture option; nothing is allocated). The model code (torch) loads here, not at
     import: partitioning a spec's layers needs no torch until a stage's memory is estimated."""
     from .model import GPT
@@ -89,12 +95,23 @@ def _meta_counts(config: ModelConfig, spec: StageSpec) -> tuple[int, int, int]:
     params = sum(p.numel() for p in module.parameters())
     embed = module.embed.weight.numel() if module.embed is not None and not config.tie_embeddings else 0
     buffers = sum(b.numel() * FP32 for b in module.buffers())
-    return params, params - embed, buffers
+    block_matrices = sum(p.numel() for name, p in module.named_parameters() if p.dim() == 2 and name.startswith("blocks."))
+    return params, params - embed, buffers, block_matrices
 
 
 def stage_param_count(config: ModelConfig, spec: StageSpec) -> int:
     """Trainable parameters of the shard `spec` (equals sum(p.numel()) of the built StageModule)."""
     return _meta_counts(config, spec)[0]
+
+
+def optimizer_state_bytes(config: ModelConfig, spec: StageSpec, optimizer_name: str = "adamw") -> int:
+    """Bytes of the optimiser state of `spec`'s stage under the recipe's optimiser (fp32 throughout)."""
+    params, _, _, block_matrices = _meta_counts(config, spec)
+    muon = block_matrices if optimizer_name == "muon" else 0
+    return FP32 * (ADAMW_STATES * (params - muon) + MUON_STATES * muon)
+
+
+_STATES_OF = {"adamw", "muon"}  # optimisers whose state optimizer_state_bytes knows (sharding.optimconfig.OPTIMIZERS)
 
 
 def stage_buffer_bytes(config: ModelConfig, spec: StageSpec | None = None) -> int:
@@ -136,7 +153,7 @@ def estimate_stage(config: ModelConfig, spec: StageSpec, plan: MemoryPlan | None
         activations += p.microbatch_size * config.seq_len * max(_block_bytes(config, spec, p))
     return StageMemory(
         stage=spec.index, param_count=count, params=FP32 * count, grads=FP32 * count if p.optimizer else 0,
-        optimizer=ADAMW_STATES * FP32 * count if p.optimizer else 0, buffers=stage_buffer_bytes(config, spec),
+        optimizer=optimizer_state_bytes(config, spec, p.optimizer_name) if p.optimizer else 0, buffers=stage_buffer_bytes(config, spec),
         activations=activations if p.optimizer else 0,
     )
 

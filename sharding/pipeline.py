@@ -51,7 +51,7 @@ class LocalPipeline:
         else:
             self.device = policy.validate().torch_device
             self.codec.allow_low_precision_inputs()
-            plan = plan_for(policy, microbatch_size, num_microbatches)
+            plan = plan_for(policy, microbatch_size, num_microbatches, optimizer_name=self.optim.optimizer)
             self.stages = [build_stage_on(config, s, policy, plan) for s in self.specs]
             self.optimizers = [make_optimizer(st, self.optim, policy.adamw_kwargs()) for st in self.stages]
         self.bytes_sent = 0  # codec payload bytes that crossed boundaries, both directions

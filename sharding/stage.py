@@ -101,11 +101,12 @@ def build_model(config: ModelConfig, device: torch.device | str = "cpu") -> Stag
 
 
 def plan_for(policy: ExecutionPolicy, microbatch_size: int, microbatches_in_flight: int,
-             train: bool = True) -> MemoryPlan:
-    """The memory plan of a stage run under `policy`."""
+             train: bool = True, optimizer_name: str = "adamw") -> MemoryPlan:
+    """The memory plan of a stage run under `policy`, trained with the recipe's `optimizer_name`."""
     return MemoryPlan(microbatch_size=microbatch_size, microbatches_in_flight=microbatches_in_flight,
                       compute_dtype=policy.compute_dtype_name,
-                      activation_checkpointing=policy.activation_checkpointing, optimizer=train)
+                      activation_checkpointing=policy.activation_checkpointing, optimizer=train,
+                      optimizer_name=optimizer_name)
 
 
 def build_stage_on(config: ModelConfig, spec: StageSpec, policy: ExecutionPolicy, plan: MemoryPlan,

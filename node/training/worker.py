@@ -89,7 +89,8 @@ class StageWorker:
         self.local_windows = local_windows  # training windows read from `corpus` on every stage, not sent
         self.eval_batches = eval_batches  # validation microbatches per evaluation (0 = this stage does not evaluate)
         self.eval_seed = eval_seed  # seed of the validation windows (Corpus.batch on the "val" split)
-        self.module = build_stage_on(config, spec, self.policy, plan_for(self.policy, microbatch_size, num_microbatches))
+        plan = plan_for(self.policy, microbatch_size, num_microbatches, optimizer_name=optim.optimizer)
+        self.module = build_stage_on(config, spec, self.policy, plan)
         self.optimizer = make_optimizer(self.module, optim, self.policy.adamw_kwargs())
         # what forward calls: the module, or its torch.compile wrapper (same parameters)
         self._run: Any = torch.compile(self.module) if self.policy.compile else self.module

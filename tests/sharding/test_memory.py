@@ -8,10 +8,19 @@ import torch
 from sharding.config import PRESETS, ModelConfig
 from sharding.device import ExecutionPolicy
 from sharding.errors import StageMemoryError
-from sharding.memory import MemoryPlan, estimate_stage, require_fit, stage_buffer_bytes, stage_param_count
+from sharding.memory import (
+    MemoryPlan,
+    estimate_stage,
+    optimizer_state_bytes,
+    require_fit,
+    stage_buffer_bytes,
+    stage_param_count,
+)
+from sharding.optimconfig import OptimConfig
 from sharding.partition import partition
 from sharding.stage import build_stage, build_stage_on, plan_for
 from sharding.stagespec import StageSpec, full_spec
+from sharding.train import make_optimizer, optimizer_step
 
 DENSE = ModelConfig(vocab_size=256, seq_len=64, d_model=128, n_layers=4, n_heads=4)
 SUB = ModelConfig(vocab_size=256, seq_len=64, d_model=128, n_layers=4, n_heads=4, subspace_rank=8, free_tail_layers=1)
@@ -55,6 +64,28 @@ def test_activation_estimate_bounds_what_autograd_saves(config, dtype):
         measured = _saved_bytes(config, spec, batch, dtype == "bf16")
         estimated = estimate_stage(config, spec, plan).activations
         assert measured <= estimated <= 1.6 * measured, (spec, measured, estimated)
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_optimizer_state_estimate_equals_the_state_after_a_step(optimizer):
+    """AdamW keeps two fp32 moments per parameter; the Muon recipe one momentum buffer per block matrix and AdamW's
+    two for the embedding, head and norms: the estimate equals the bytes of the real state after one step."""
+    for spec in partition(SUB, 3):
+        module = build_stage(SUB, spec)
+        opt = make_optimizer(module, OptimConfig(optimizer=optimizer))
+        for p in module.parameters():
+            p.grad = torch.ones_like(p)
+        optimizer_step(module, opt, 0, OptimConfig(optimizer=optimizer))
+        real = sum(t.numel() * t.element_size() for st in opt.state.values() for t in st.values()
+                   if isinstance(t, torch.Tensor) and t.numel() > 1)  # the moments, not AdamW's step counters
+        assert optimizer_state_bytes(SUB, spec, optimizer) == real
+        plan = MemoryPlan(optimizer_name=optimizer)
+        assert estimate_stage(SUB, spec, plan).optimizer == real
+    with pytest.raises(ValueError, match="optimizer_name"):
+        MemoryPlan(optimizer_name="sgd").validate()
+    muon, adamw = (estimate_stage(SUB, partition(SUB, 3)[1], MemoryPlan(optimizer_name=o)).optimizer
+                   for o in ("muon", "adamw"))
+    assert muon < adamw  # a middle stage is almost all block matrices: about half the state
 
 
 def test_estimate_parts_and_checkpointing():
