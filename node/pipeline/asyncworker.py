@@ -30,19 +30,21 @@ class AsyncStageWorker(StageWorker):
 
     def __init__(self, *args: Any, max_staleness: int, lookahead: float = ASYNC_LOOKAHEAD, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self.max_staleness = max_staleness  # steps a gradient may lag the weights it updates
-        self.stash = WeightStash(self.module, self.optimizer, self.optim, max_staleness, first_step=self.next_step,
-                                 lookahead=lookahead)
+        self._start_stash(max_staleness, lookahead)
 
     @classmethod
     def wrap(cls, worker: StageWorker, max_staleness: int, lookahead: float = ASYNC_LOOKAHEAD) -> AsyncStageWorker:
         """The async worker over `worker`'s module, optimiser and step (a resumed checkpoint included)."""
         me = cls.__new__(cls)
         me.__dict__.update(worker.__dict__)
-        me.max_staleness = max_staleness
-        me.stash = WeightStash(me.module, me.optimizer, me.optim, max_staleness, first_step=me.next_step,
-                               lookahead=lookahead)
+        me._start_stash(max_staleness, lookahead)
         return me
+
+    def _start_stash(self, max_staleness: int, lookahead: float) -> None:
+        """The stash over this worker's module and optimiser, from its next step on."""
+        self.max_staleness = max_staleness  # steps a gradient may lag the weights it updates
+        self.stash = WeightStash(self.module, self.optimizer, self.optim, max_staleness, first_step=self.next_step,
+                                 lookahead=lookahead)
 
     def ready(self, step: int) -> bool:
         """Whether the weights of `step` are stashed (update step - S - 1 is applied)."""
