@@ -284,11 +284,14 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plots", type=Path, help="directory for PNG plots")
     q.add_argument("--vs", choices=["datacenter"], help="compare time to target with the same model on 100 Gb/s links")
     q.add_argument("--schedule", choices=["gpipe", "1f1b", "async"], help="pipeline schedule (--vs: default async)")
-    q.add_argument("--max-staleness", type=int, default=2, help="async: the staleness bound (--vs)")
-    q.add_argument("--averaging", default="diloco:100", help="replica averaging (--vs): dense, powersgd:R[:int8], diloco:H")
-    q.add_argument("--overlap-averaging", action="store_true",
+    q.add_argument("--max-staleness", type=int, default=3, help="async: the staleness bound (--vs)")
+    q.add_argument("--averaging", default="powersgd:6:int4",
+                   help="replica averaging (--vs): dense, powersgd:R[:int8|:int4], diloco:H (default: the node's "
+                        "PowerSGD rank 6 with int4 factors)")
+    q.add_argument("--overlap-averaging", action=argparse.BooleanOptionalAction, default=None,
                    help="--vs: averaging on the uplinks while compute goes on (DiLoCo: outer step one round late; "
-                        "PowerSGD: each microbatch's factors pushed after its backward, the update waiting for them)")
+                        "PowerSGD: each microbatch's factors pushed after its backward, the update waiting for them, "
+                        "as the node does); default: on unless --averaging dense")
     q.add_argument("--async-loss-ratio", type=float, default=None,
                    help="--vs what-if: the async loss penalty at equal tokens (default: the calibration file's)")
     q.add_argument("--averaging-loss-ratio", type=float, default=None,

@@ -25,6 +25,12 @@ def _print(result: dict[str, Any], title: str, as_json: bool) -> None:
     print(json.dumps(result, sort_keys=True, default=str))
 
 
+def _overlap(args: argparse.Namespace) -> bool:
+    """--overlap-averaging as given, else on for every averaging option but dense (PowerSGD: the node's exchange)."""
+    given = getattr(args, "overlap_averaging", None)
+    return bool(given) if given is not None else not str(args.averaging).startswith("dense")
+
+
 def cmd_wan(args: argparse.Namespace) -> int:
     from simulations.wan import run_wan
 
@@ -38,7 +44,7 @@ def cmd_wan(args: argparse.Namespace) -> int:
         try:
             result = run_vs_datacenter(load_calibration(DEFAULT_PATH), schedule=args.schedule or "async",
                                        max_staleness=args.max_staleness, averaging=args.averaging,
-                                       overlap_averaging=args.overlap_averaging,
+                                       overlap_averaging=_overlap(args),
                                        async_loss_ratio=args.async_loss_ratio,
                                        averaging_loss_ratio=args.averaging_loss_ratio)
         except ValueError as exc:

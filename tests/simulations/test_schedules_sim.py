@@ -99,6 +99,20 @@ def test_overlapped_averaging_and_what_if_penalties_are_labelled() -> None:
             run_vs_datacenter(cal, steps=2, async_loss_ratio=bad)
 
 
+def test_cli_defaults_run_the_nodes_averaging_overlapped_and_dense_held() -> None:
+    """Unless told otherwise the comparison runs what the node runs: PowerSGD rank 6 int4 pushed during the step
+    at staleness 3; dense averaging is a held all-reduce; an explicit flag wins."""
+    from pmn.cli import build_parser
+    from pmn.cmd_simulate import _overlap
+
+    parse = build_parser().parse_args
+    args = parse(["simulate", "wan", "--vs", "datacenter"])
+    assert (args.averaging, args.max_staleness, _overlap(args)) == ("powersgd:6:int4", 3, True)
+    assert _overlap(parse(["simulate", "wan", "--vs", "datacenter", "--averaging", "dense"])) is False
+    assert _overlap(parse(["simulate", "wan", "--vs", "datacenter", "--no-overlap-averaging"])) is False
+    assert _overlap(parse(["simulate", "wan", "--vs", "datacenter", "--averaging", "diloco:50"])) is True
+
+
 def test_cli_refuses_other_presets_for_the_datacenter_comparison() -> None:
     args = argparse.Namespace(preset="home1000", vs="datacenter", schedule=None, max_staleness=2,
                               averaging="dense", json=True, plots=None)
