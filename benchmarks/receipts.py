@@ -15,6 +15,10 @@ speed-up. Prints a table; the last line is JSON.
 
     python benchmarks/receipts.py --quick    # a few hundred frames, seconds
     python benchmarks/receipts.py            # 2000 frames x 5 rounds
+
+Measured here (session 21, 2 cores, a replica-averaging benchmark running beside it): general 1.306 ms of CPU per
+frame, node 0.593 ms: 2.20x, signatures identical. The local swarm benchmarks run without chain services, so
+they sign no receipts and their per-frame figures do not include this cost.
 """
 
 from __future__ import annotations
