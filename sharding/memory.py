@@ -24,6 +24,7 @@ from functools import lru_cache
 
 from .config import ModelConfig
 from .errors import StageMemoryError
+from .optimconfig import OPTIMIZERS
 from .stagespec import StageSpec
 
 FP32 = 4  # bytes of one fp32 value
@@ -51,8 +52,8 @@ class MemoryPlan:
         """Raise ValueError naming the bad field; return self."""
         if self.microbatch_size < 1 or self.microbatches_in_flight < 1:
             raise ValueError("MemoryPlan.microbatch_size and microbatches_in_flight must be >= 1")
-        if self.optimizer_name not in _STATES_OF:
-            raise ValueError(f"MemoryPlan.optimizer_name={self.optimizer_name!r}: choose one of {sorted(_STATES_OF)}")
+        if self.optimizer_name not in OPTIMIZERS:
+            raise ValueError(f"MemoryPlan.optimizer_name={self.optimizer_name!r}: choose one of {', '.join(OPTIMIZERS)}")
         if self.compute_dtype not in _BLOCK_ACT:
             raise ValueError(f"MemoryPlan.compute_dtype={self.compute_dtype!r}: choose one of {sorted(_BLOCK_ACT)}")
         return self
@@ -109,9 +110,6 @@ def optimizer_state_bytes(config: ModelConfig, spec: StageSpec, optimizer_name: 
     params, _, _, block_matrices = _meta_counts(config, spec)
     muon = block_matrices if optimizer_name == "muon" else 0
     return FP32 * (ADAMW_STATES * (params - muon) + MUON_STATES * muon)
-
-
-_STATES_OF = {"adamw", "muon"}  # optimisers whose state optimizer_state_bytes knows (sharding.optimconfig.OPTIMIZERS)
 
 
 def stage_buffer_bytes(config: ModelConfig, spec: StageSpec | None = None) -> int:
