@@ -63,7 +63,8 @@ ASSUMED_AVERAGING_SOURCE = ("no loss ratio of this averaging option recorded in 
                             "(benchmarks/wan_averaging.py measures PowerSGD's at a rank and factor width): no penalty "
                             "assumed (optimistic)")
 # optimiser steps simulated: the async pipeline and the PowerSGD pushes' backlog settle over about 8 steps, and the
-# steady steps after the first are what time to target uses (4 steps understated the WAN step by 8 %)
+# second half's steady steps are what time to target uses (4 steps, the first left out, understated the WAN step
+# by 8 % at staleness 3 with int8 factors)
 SIMULATED_STEPS = 16
 
 
