@@ -14,7 +14,8 @@ with the error feedback kept by the replica that computed the microbatch. Either
 of 4-byte words of a size fixed by the spec, every replica decodes the same words to the same dense
 gradient, and the combination (CenteredClip by choice) runs on the decoded contributions, so replicas
 stay identical. A pushed or pulled contribution of another encoding, another size, with NaN/Inf (an
-int8 or int4 one: in a scale, or a negative scale or a code outside -127 .. 127 / -7 .. 7) is refused and counted against the sender.
+int8 or int4 one: in a scale, or a negative scale or a code outside -127 .. 127 / -7 .. 7) is refused and
+counted against the sender.
 """
 
 from __future__ import annotations
