@@ -41,7 +41,8 @@ as the schedule. `python -m simulations.wan_bench OUTPUT` prints what the calibr
 links with the calibration (gpipe) run's compute, a core per stage (`async_utilisation_calibration_compute`).
 
 The replica part runs PowerSGD rank 6 with int4 factors by default since session 21 (`--averaging-bits 4`: 119-120x
-below dense-bf16 at 0.9991 / 1.0119 on seeds 0 / 1, `benchmarks/wan_averaging.py`); the runs below used int8.
+below dense-bf16 at 0.9991 / 1.0119 / 1.0099 on seeds 0 / 1 / 2 with AdamW, `benchmarks/wan_averaging.py`); the runs
+below used int8.
 
 Measured here (session 19, defaults, nothing else running, 2 cores): link check 101.4 ms round trip, 199.7
 Mbit/s; utilisation gpipe 0.367 (6809 tokens/s), 1f1b 0.196 (4082), async 0.803 (11020); loss_ratio_async
