@@ -6,7 +6,8 @@ those lines (several seeds of one setting, or several settings), prints one row 
 stores them under `averaging_loss` in the calibration file: one record per setting (averaging option, optimiser,
 lr, power iterations, steps, model, dense baseline) holding each seed's ratio; a stored record of the same setting
 is replaced, others are kept. `pmn simulate wan --vs datacenter` takes the record of its own averaging option
-(rank and factor bits), measured with the optimiser of the async penalty it uses where there is one, and uses the
+(rank and factor bits), measured with the optimiser of the async penalty it uses where there is one and over the
+longest training (nearest the target run's thousands of steps, as `simulations.async_loss` does), and uses the
 median over its seeds, naming every seed's ratio. The median, not the mean: single 150-step runs of the Muon recipe
 (lr 1e-2) on the wide model spike now and then (seed 2's dense control ended at 1.4063 against 1.23-1.24 on seeds
 0 and 1, which made its ratio 0.90), and one such run should not move the figure.
@@ -69,14 +70,14 @@ def _setting(record: dict[str, Any]) -> tuple[Any, ...]:
 
 def pick(records: Any, option: str, optimizer: str | None) -> AveragingLoss | None:
     """The penalty measured for averaging `option`: among its records, those of `optimizer` first (the recipe whose
-    async penalty the comparison uses), then the most seeds, then the longest run; None when nothing was measured
+    async penalty the comparison uses), then the longest run, then the most seeds; None when nothing was measured
     for `option`."""
     if not isinstance(records, list):
         return None
     found = [r for r in records if isinstance(r, dict) and r.get("averaging") == option and r.get("ratios")]
     if not found:
         return None
-    rec = max(found, key=lambda r: (r.get("optimizer") == optimizer, len(r["ratios"]), int(r.get("steps") or 0)))
+    rec = max(found, key=lambda r: (r.get("optimizer") == optimizer, int(r.get("steps") or 0), len(r["ratios"])))
     ratios = [float(v) for _, v in sorted(rec["ratios"].items(), key=lambda kv: int(kv[0]))]
     seeds = " / ".join(sorted(rec["ratios"], key=int))
     label = (f"measured: benchmarks/wan_averaging.py, {option}, {rec.get('optimizer')} lr {rec.get('lr')}, "

@@ -34,6 +34,9 @@ def test_records_group_seeds_by_setting_and_pick_prefers_the_async_recipes_optim
     other = pick(recs, "powersgd:6:int8", "muon")  # nothing measured with muon at int8: adamw's, labelled so
     assert other is not None and "measured with adamw, the async penalty with muon" in other.label
     assert pick(recs, "powersgd:4:int4", "adamw") is None and pick(None, "powersgd:6:int4", None) is None
+    longer = records_from_outputs([_line(0, 1.01), _line(1, 1.03), _line(2, 0.90), _line(0, 1.004, steps=600)])
+    best = pick(longer, "powersgd:6:int4", "adamw")  # the longer run, one seed, over three seeds of a shorter one
+    assert best is not None and best.ratio == pytest.approx(1.004) and "600 steps" in best.label
     with pytest.raises(ValueError, match="wan_averaging"):
         records_from_outputs([{"utilisation": {}}])
 
