@@ -27,6 +27,7 @@ stored these for the simulator):
 | muon, 1e-2 | 6 | 120.1x / 120.7x / 113.1x / 114.8x | 1.0756 / 1.0401 / 0.9023 / 1.0192 | 1.0297 |
 | muon, 1e-2 | 8 | 90.6x / 90.6x / 91.3x / 90.4x | 1.0544 / 1.0070 / 0.8899 / 0.9969 | 1.0020 |
 | muon, 1e-2, 600 steps | 6 | 121.4x / 120.0x | 1.0338 / 1.0776 | 1.0557 |
+| muon, 1e-2, 600 steps | 8 | 90.9x / 76.9x | 1.0123 / 1.1123 | 1.0623 |
 
 With AdamW the int4 factors keep the loss of the int8 ones (session 19 below: 1.0200 / 1.0030) at twice the
 compression: replica traffic 119x below dense-bf16 within 2 % on all three seeds. The Muon recipe's ratios
@@ -36,7 +37,8 @@ settings, so the Muon swarm is not run-to-run deterministic under load). Four se
 8 there; the medians are what `simulations.averaging_loss` hands the simulator. An in-process probe (not kept)
 lowering the lr of Muon's AdamW part (embedding, head, norms) made the compressed arm worse, not better.
 Over 600 steps (307,200 tokens) the Muon penalty does not shrink as AdamW's int8 one did (1.0045, session 19):
-1.0338 and 1.0776, while the dense Muon control trained well (val 1.0938 and 1.0270). Muon with compressed
+rank 6 1.0338 and 1.0776, rank 8 1.0123 and 1.1123, while the dense Muon control trained well (val 1.0938 and
+1.0270; seed 1's rank-8 run also moved more bytes, 76.9x, its replicas pulling more). Muon with compressed
 averaging carries a real penalty of a few per cent here; `simulations.averaging_loss` hands the simulator the
 longest run's median. Replicas ended bit-identical in every run.
 
