@@ -71,7 +71,7 @@ def run_general(sender: EIP712Receipts, receiver: EIP712Receipts, headers: list[
                                    signature=sig.signature) != sender.account.address:
             raise AssertionError("the sender's signature does not recover")
         counter = Account.sign_message(encode_typed_data(domain, RECEIPT_TYPES, receipt.message()),
-                                       Account.from_key(receiver.account.key).key)
+                                       receiver.account.key)
         if Account.recover_message(encode_typed_data(domain, RECEIPT_TYPES, receipt.message()),
                                    signature=counter.signature) != receiver.account.address:
             raise AssertionError("the countersignature does not recover")

@@ -186,10 +186,9 @@ def _word(kind: str, value: Any) -> bytes | None:
     return bytes(value) if isinstance(value, bytes) and len(value) == 32 else None
 
 
-@functools.lru_cache(maxsize=1024)
 def _address_word(address: str) -> bytes | None:
-    """The ABI word of a 0x-hex address (its checksum checked once: a node meets the same few addresses)."""
-    ok = len(address) == 42 and address[:2] in ("0x", "0X") and is_address(address)
+    """The ABI word of a 0x-hex address (checked through the cache of `check_address`)."""
+    ok = len(address) == 42 and address[:2] in ("0x", "0X") and _checksummed(address) is not None
     return bytes(12) + bytes.fromhex(address[2:]) if ok else None
 
 
@@ -242,21 +241,24 @@ def _key(key: Any) -> Any:
 def key_address(key: Any) -> str:
     """The checksummed address of a private key or account."""
     raw = _key(key)
-    return _address_of(bytes(raw)) if isinstance(raw, bytes | bytearray) else to_checksum_address(
-        Account.from_key(raw).address)
+    if isinstance(raw, bytes | bytearray) and len(raw) == 32:
+        return _address_of(bytes(raw))
+    return to_checksum_address(Account.from_key(raw).address)
+
+
+@functools.lru_cache(maxsize=8)
+def _address_of(key: bytes) -> str:
+    """The address of a node's own key, derived once from its cached key object."""
+    return _signing_key(key).public_key.to_checksum_address()
 
 
 @functools.lru_cache(maxsize=8)
 def _signing_key(key: bytes) -> PrivateKey:
     """The node's own key as an eth-keys object, built once (eth-account rebuilds it, public key included, at
-    every signature)."""
+    every signature); its address too comes from here (`key_address`)."""
     return PrivateKey(key)
 
 
-@functools.lru_cache(maxsize=8)
-def _address_of(key: bytes) -> str:
-    """The address of a node's own key, derived once (each frame's receipt is signed with it)."""
-    return to_checksum_address(Account.from_key(key).address)
 
 
 @dataclass(frozen=True)
