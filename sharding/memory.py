@@ -87,16 +87,17 @@ class StageMemory:
 @lru_cache(maxsize=256)
 def _meta_counts(config: ModelConfig, spec: StageSpec) -> tuple[int, int, int, int]:
     """(parameters, parameters outside the token embedding, buffer bytes, parameters of the matrices inside blocks:
-    what the Muon recipe's Muon takes, sharding.optimizers.is_muon_param) of the stage built on `meta`
+    what the Muon recipe's Muon takes: sharding.optimizers.is_muon_param) of the stage built on `meta`
     (exact for every architecture option; nothing is allocated). The model code (torch) loads here, not at
     import: partitioning a spec's layers needs no torch until a stage's memory is estimated."""
     from .model import GPT
+    from .optimizers import is_muon_param
 
     module = GPT(config, spec.blocks, spec.has_embedding, spec.has_lm_head, "meta")
     params = sum(p.numel() for p in module.parameters())
     embed = module.embed.weight.numel() if module.embed is not None and not config.tie_embeddings else 0
     buffers = sum(b.numel() * FP32 for b in module.buffers())
-    block_matrices = sum(p.numel() for name, p in module.named_parameters() if p.dim() == 2 and name.startswith("blocks."))
+    block_matrices = sum(p.numel() for name, p in module.named_parameters() if is_muon_param(name, p))
     return params, params - embed, buffers, block_matrices
 
 
