@@ -99,6 +99,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from node.observability.status import read_progress  # noqa: E402
 from node.testing.swarm import NodeProcess, await_ready, node_command, node_env, stop_nodes, wait_nodes  # noqa: E402
+from protocol.modelspec import POWERSGD_BITS  # noqa: E402
 from sharding import ModelConfig  # noqa: E402
 from sharding.optimconfig import OPTIMIZERS  # noqa: E402
 
@@ -424,7 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--averaging-steps", type=int, default=None,
                    help="steps of the dense vs PowerSGD replica comparison (default 150, quick 10; 0 skips it)")
     p.add_argument("--averaging-rank", type=int, default=6, help="PowerSGD rank of the replica comparison")
-    p.add_argument("--averaging-bits", type=int, choices=(16, 8, 4), default=4,
+    p.add_argument("--averaging-bits", type=int, choices=POWERSGD_BITS, default=4,
                    help="PowerSGD factors of the replica comparison: 16 (bf16), 8 (int8) or 4 (int4)")
     p.add_argument("--averaging-model", default="wide", help="wan_averaging model: wide (d 256) or tiny")
     p.add_argument("--averaging-iterations", type=int, default=3,

@@ -123,6 +123,7 @@ from safetensors.torch import load_file  # noqa: E402
 from node.observability.status import read_progress  # noqa: E402
 from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes  # noqa: E402
 from node.training.checkpoint import latest_checkpoint  # noqa: E402
+from protocol.modelspec import POWERSGD_BITS  # noqa: E402
 from sharding import PRESETS, ModelConfig, OptimConfig, build_model, build_stage, load_corpus, partition  # noqa: E402
 from sharding.data import Corpus  # noqa: E402
 from sharding.gradcompress import (  # noqa: E402
@@ -430,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="PowerSGD power iterations per contribution (the spec's powersgd_iterations)")
     p.add_argument("--dense", choices=DENSE_BASELINES, default=DENSE_BASELINES[0],
                    help="swarm: the dense arm, the node's dense-bf16 exchange (the fair baseline) or fp32 dense")
-    p.add_argument("--bits", type=int, choices=(16, 8, 4), default=16,
+    p.add_argument("--bits", type=int, choices=POWERSGD_BITS, default=16,
                    help="PowerSGD factors in bf16, int8 or int4 (codes with a bf16 scale per column)")
     p.add_argument("--lr", type=float, default=None, help="swarm: the nodes' peak lr (default: the node's, 3e-3)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported when a policy is built, not with the config
     from sharding.device import ExecutionPolicy
 
-from protocol.modelspec import MAX_POWER_ITERATIONS, check_schedule
+from protocol.modelspec import MAX_POWER_ITERATIONS, POWERSGD_BITS, REPLICA_AVERAGING, check_schedule
 
 
 @dataclass
@@ -421,11 +421,11 @@ class NodeConfig:
         if self.recipe.grad_clip > 0 and self.replicas.enabled:
             raise ValueError("recipe.grad_clip needs the one-peer-per-stage runner: replicated stages do not exchange "
                              "gradient norms yet; set recipe.grad_clip = 0 or turn replicas.enabled off")
-        if r.replica_averaging not in ("dense", "dense-bf16", "powersgd") or r.powersgd_rank < 1:
+        if r.replica_averaging not in REPLICA_AVERAGING or r.powersgd_rank < 1:
             raise ValueError(f"runtime.replica_averaging must be dense, dense-bf16 or powersgd "
                              f"(got {r.replica_averaging!r}) "
                              f"and runtime.powersgd_rank >= 1 (got {r.powersgd_rank})")
-        if type(r.powersgd_bits) is not int or r.powersgd_bits not in (16, 8, 4):
+        if type(r.powersgd_bits) is not int or r.powersgd_bits not in POWERSGD_BITS:
             raise ValueError(f"runtime.powersgd_bits must be 16 (bf16 factors), 8 (int8) or 4 (int4), "
                              f"got {r.powersgd_bits!r}")
         if type(r.powersgd_iterations) is not int or not 1 <= r.powersgd_iterations <= MAX_POWER_ITERATIONS:

@@ -94,11 +94,11 @@ class TrainingSection:
                              f"{tokens}: change one of them")
         if self.total_steps is not None and (not isinstance(self.total_steps, int) or self.total_steps < 1):
             raise ValueError(f"training.total_steps={self.total_steps!r}: must be an integer >= 1")
-        if self.replica_averaging not in ("dense", "dense-bf16", "powersgd") or self.powersgd_rank < 1:
+        if self.replica_averaging not in REPLICA_AVERAGING or self.powersgd_rank < 1:
             raise ValueError(f"training.replica_averaging={self.replica_averaging!r}: use dense, dense-bf16 or "
                              "powersgd, "
                              f"with training.powersgd_rank >= 1 (got {self.powersgd_rank})")
-        if type(self.powersgd_bits) is not int or self.powersgd_bits not in (16, 8, 4):
+        if type(self.powersgd_bits) is not int or self.powersgd_bits not in POWERSGD_BITS:
             raise ValueError(f"training.powersgd_bits={self.powersgd_bits!r}: use 16 (bf16 factors), 8 (int8) or 4 "
                              f"(int4)")
         if type(self.powersgd_iterations) is not int or not 1 <= self.powersgd_iterations <= MAX_POWER_ITERATIONS:
@@ -149,6 +149,9 @@ TRAINING_DEFAULTS: dict[str, Any] = {
 MAX_LOOKAHEAD = 8.0  # largest async look-ahead factor a spec may ask for
 MAX_POWER_ITERATIONS = 8  # most PowerSGD power iterations a spec may ask of every replica per contribution
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "async")  # pipeline schedules a spec may name
+REPLICA_AVERAGING = ("dense", "dense-bf16", "powersgd")  # replica exchanges a spec may name (fp32, bf16, PowerSGD)
+POWERSGD_BITS = (16, 8, 4)  # PowerSGD factor widths a spec may name: bf16 factors, or int8 / int4 codes (two int4
+# codes to a byte) with bf16 column scales (sharding.gradcompress.CODE_MAX holds the codes' ranges)
 
 
 def check_schedule(schedule: str, max_staleness: int, lookahead: float = 1.0) -> None:

@@ -20,9 +20,11 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from protocol.modelspec import POWERSGD_BITS
+
 BYTES_PER_ELEMENT = 2  # bf16 on the wire
 SCALE_BYTES = 2  # powersgd int8 / int4: bytes of a column's bf16 scale
-CODE_BITS = {"int8": 8, "int4": 4}  # powersgd wire suffix -> bits of a factor code
+CODE_BITS = {f"int{b}": b for b in POWERSGD_BITS if b < 16}  # powersgd wire suffix -> bits of a factor code
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,7 @@ from node.net.gate import ProtocolGate, reset_quietly
 from node.net.host import parse_peer_addr
 from node.net.peerscore import PeerGuardConfig, PeerScores
 from protocol.aggregation import AggregationConfig, aggregate
+from protocol.modelspec import POWERSGD_BITS, REPLICA_AVERAGING
 from sharding.gradcompress import (
     GradCompressError,
     PowerSGDEncoder,
@@ -125,10 +126,6 @@ def combine(vectors: list[torch.Tensor], num_microbatches: int, method: str = "m
 
 # -- contribution encodings --------------------------------------------------------------------------
 
-AVERAGING_METHODS = ("dense", "dense-bf16", "powersgd")  # values of the spec's replica_averaging
-FACTOR_BITS = (16, 8, 4)  # values of the spec's powersgd_bits: bf16 factors, or int8 / int4 codes (two int4 codes
-# to a byte) with bf16 column scales
-
 
 def _words(values: torch.Tensor) -> torch.Tensor:
     """bf16 values packed two per 4-byte word (a float32 view, zero-padded to an even count)."""
@@ -155,10 +152,10 @@ class ContributionCodec:
 
     def __init__(self, shapes: list[tuple[int, ...]], method: str = "dense", rank: int = 4, seed: int = 0,
                  bits: int = 16, iterations: int = 1) -> None:
-        if method not in AVERAGING_METHODS:
-            raise AveragingError(f"replica_averaging={method!r}: use one of {', '.join(AVERAGING_METHODS)}")
-        if bits not in FACTOR_BITS:
-            raise AveragingError(f"powersgd_bits={bits!r}: use one of {', '.join(map(str, FACTOR_BITS))}")
+        if method not in REPLICA_AVERAGING:
+            raise AveragingError(f"replica_averaging={method!r}: use one of {', '.join(REPLICA_AVERAGING)}")
+        if bits not in POWERSGD_BITS:
+            raise AveragingError(f"powersgd_bits={bits!r}: use one of {', '.join(map(str, POWERSGD_BITS))}")
         self.method = method  # the spec's replica_averaging
         self.bits = bits  # the spec's powersgd_bits: 16 (bf16 factors), 8 or 4 (int8 / int4 codes + bf16 column scales)
         self.size = sum(int(torch.Size(s).numel()) for s in shapes)  # dense values (the stage's trainable params)

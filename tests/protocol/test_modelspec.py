@@ -51,3 +51,16 @@ def test_a_received_training_section_must_hold_the_first_fields_and_no_unknown_o
         TrainingSection.from_dict({k: v for k, v in first.items() if k != "lr"})
     with pytest.raises(ValueError, match="unknown field\\(s\\) momentum"):
         TrainingSection.from_dict({**full, "momentum": 0.9})
+
+
+def test_every_factor_width_a_spec_may_name_has_a_codec() -> None:
+    """The spec's powersgd_bits are bf16 (16) and the code widths sharding.gradcompress quantises to; a width
+    added to one and not the other fails here."""
+    from protocol.modelspec import POWERSGD_BITS
+    from sharding.gradcompress import CODE_MAX
+
+    assert set(POWERSGD_BITS) == {16, *CODE_MAX}
+    for bits in POWERSGD_BITS:
+        TrainingSection(replica_averaging="powersgd", powersgd_bits=bits).validate(PRESETS["tiny"])
+    with pytest.raises(ValueError, match="powersgd_bits=2"):
+        TrainingSection(replica_averaging="powersgd", powersgd_bits=2).validate(PRESETS["tiny"])
