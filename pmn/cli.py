@@ -292,6 +292,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--vs: averaging on the uplinks while compute goes on (DiLoCo: outer step one round late; "
                         "PowerSGD: each microbatch's factors pushed after its backward, the update waiting for them, "
                         "as the node does); default: on unless --averaging dense")
+    q.add_argument("--contributions", choices=["microbatch", "step"], default="microbatch",
+                   help="--vs, PowerSGD overlapped: factors per microbatch a replica computes (the node) or one per "
+                        "replica and step after its last backward (a what-if: not built in the node)")
+    q.add_argument("--microbatch-seqs", type=int, default=2,
+                   help="--vs: sequences per WAN microbatch (512 per step; the datacenter keeps 2): fewer, larger "
+                        "microbatches mean fewer per-microbatch contributions")
     q.add_argument("--async-loss-ratio", type=float, default=None,
                    help="--vs what-if: the async loss penalty at equal tokens (default: the calibration file's)")
     q.add_argument("--averaging-loss-ratio", type=float, default=None,

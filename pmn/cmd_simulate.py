@@ -45,6 +45,8 @@ def cmd_wan(args: argparse.Namespace) -> int:
             result = run_vs_datacenter(load_calibration(DEFAULT_PATH), schedule=args.schedule or "async",
                                        max_staleness=args.max_staleness, averaging=args.averaging,
                                        overlap_averaging=_overlap(args),
+                                       contributions=getattr(args, "contributions", "microbatch"),
+                                       microbatch_seqs=getattr(args, "microbatch_seqs", 2),
                                        async_loss_ratio=args.async_loss_ratio,
                                        averaging_loss_ratio=args.averaging_loss_ratio)
         except ValueError as exc:

@@ -21,8 +21,12 @@ penalty's optimiser where measured), else `benchmarks/wan.py`'s when it ran that
 `--overlap-averaging` sends DiLoCo's outer exchange on the WAN nodes' uplinks while they compute (the outer
 step then lands one round late: `benchmarks/wan_averaging.py --math` measures that variant, diloco-delayed)
 instead of holding their compute for it; with PowerSGD it runs the node's own exchange: each microbatch's
-factors pushed to every other replica right after its backward, behind frames, the update waiting for the
-last (`WanConfig.sync_push`). Without it averaging holds compute, over the faster of a ring all-reduce and
+factors (a whole rank-R contribution: 16 per replica and step in this layout) pushed to every other replica right
+after its backward, behind frames, the update waiting for the last (`WanConfig.sync_push`). Until session 22 the
+comparison sent one contribution per replica and step, spread over its backwards: 16 times fewer bytes than the
+node moves. `--contributions step` is that exchange done right (one contribution after a replica's last backward
+of the step), a what-if the node does not have; `--microbatch-seqs` trades fewer contributions for fewer, larger
+microbatches on the WAN side (the datacenter keeps its layout). Without it averaging holds compute, over the faster of a ring all-reduce and
 direct pushes. `--async-loss-ratio` / `--averaging-loss-ratio` are what-ifs: loss penalties the caller gives
 instead of the calibration file's, labelled "given by the caller" in the output.
 """
@@ -50,7 +54,9 @@ from .presets import (
 )
 
 STAGES, REPLICAS = 8, 16
-MICROBATCHES, MICROBATCH_SEQS = 256, 2  # 524,288 tokens per step, as the protocolnanogpt preset
+STEP_SEQS, MICROBATCH_SEQS = 512, 2  # sequences per step (524,288 tokens, as the protocolnanogpt preset); per
+# microbatch: the datacenter's (16 microbatches per replica pipeline keep 1F1B's bubble small), the WAN's default
+MICROBATCHES = STEP_SEQS // MICROBATCH_SEQS
 SLOWDOWN_GOAL = 1.3
 DATACENTER_LINK = LinkConfig(bandwidth_mbps=100_000.0, latency_ms=0.01)
 WAN_LINK = LinkConfig(bandwidth_mbps=200.0, latency_ms=50.0)
@@ -66,40 +72,57 @@ ASSUMED_AVERAGING_SOURCE = ("no loss ratio of this averaging option recorded in 
 # second half's steady steps are what time to target uses (4 steps, the first left out, understated the WAN step
 # by 8 % at staleness 3 with int8 factors)
 SIMULATED_STEPS = 16
+CONTRIBUTIONS = {  # --contributions: how a WAN replica's PowerSGD factors leave, as the output names it
+    "microbatch": "one per microbatch a replica computes, pushed after its backward (the node)",
+    "step": "one per replica and step, pushed after its last backward (a what-if: not built in the node)",
+}
 
 
 def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: LinkConfig, averaging: Averaging,
             max_staleness: int | None, steps: int, seed: int, overlap: bool = False,
-            collective: str = "fastest", push: bool = False) -> WanConfig:
+            collective: str = "fastest", push: bool = False, per_step: bool = False,
+            microbatch_seqs: int = MICROBATCH_SEQS) -> WanConfig:
+    """push: the node's exchange, one contribution per microbatch a replica computes (per_step: one per replica and
+    step, after its last backward; not built in the node)."""
     from sharding.partition import partition
 
     device = DeviceAssumption()
     model = protocolnanogpt_model(16 if codec == "subspace" else None)
     specs = partition(model, STAGES)
-    tokens = MICROBATCH_SEQS * model.seq_len
+    tokens = microbatch_seqs * model.seq_len
+    microbatches = STEP_SEQS // microbatch_seqs
     fwd, bwd = stage_times(model, specs, tokens, device.effective_tflops * 1e12, calibration_ratio(calibration))
     opt = tuple(stage_params(model, s) * device.optimizer_bytes_per_param / (device.memory_gbps * 1e9)
                 for s in specs)
     fwd_b, bwd_b = _wire(model, codec) if codec == "subspace" else (model.d_model * 2 + 2, model.d_model * 2)
-    return WanConfig(num_stages=STAGES, fwd_s=fwd, bwd_s=bwd, opt_s=opt, replicas=REPLICAS, microbatches=MICROBATCHES,
+    # contributions a replica sends per step: the node pushes one per microbatch it computed
+    contributions = -(-microbatches // REPLICAS) if push and not per_step else 1
+    return WanConfig(num_stages=STAGES, fwd_s=fwd, bwd_s=bwd, opt_s=opt, replicas=REPLICAS, microbatches=microbatches,
                      microbatch_tokens=tokens, steps=steps, schedule=schedule, fwd_bytes_per_token=float(fwd_b),
                      bwd_bytes_per_token=float(bwd_b),
-                     grad_sync_bytes=tuple(int(sync_bytes_per_step(model, s, averaging) * averaging.outer_steps)
-                                           for s in specs), sync_every=averaging.outer_steps, overlap_sync=overlap,
-                     sync_collective=collective, sync_push=push,
+                     grad_sync_bytes=tuple(int(sync_bytes_per_step(model, s, averaging) * averaging.outer_steps
+                                               * contributions) for s in specs),
+                     sync_every=averaging.outer_steps, overlap_sync=overlap,
+                     sync_collective=collective, sync_push=push, push_per_step=push and per_step,
                      link=link, max_staleness=max_staleness if schedule == "async" else None, seed=seed,
                      warmup_steps=max(1, steps // 2) if steps > 1 else 0)  # the steady second half
 
 
 def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async", max_staleness: int = 4,
                       averaging: str = "powersgd:64", steps: int = SIMULATED_STEPS, seed: int = 0,
-                      overlap_averaging: bool = False,
+                      overlap_averaging: bool = False, contributions: str = "microbatch",
+                      microbatch_seqs: int = MICROBATCH_SEQS,
                       async_loss_ratio: float | None = None,
                       averaging_loss_ratio: float | None = None) -> dict[str, Any]:
     """Time to the target loss on home links over the same on 100 Gb/s; `slowdown_vs_datacenter` and its inputs.
 
     overlap_averaging: the WAN replicas' averaging goes out on their uplinks while they compute (a DiLoCo outer step
     applied one round late; PowerSGD factors pushed during the step) instead of holding their compute.
+    contributions: with PowerSGD overlapped, `microbatch` (the node: one contribution per microbatch a replica computes,
+    each pushed after its backward) or `step` (one per replica and step, pushed after its last backward: a what-if,
+    not built in the node, labelled so in the output).
+    microbatch_seqs: sequences per WAN microbatch (a divisor of STEP_SEQS; the datacenter keeps MICROBATCH_SEQS):
+    fewer, larger microbatches mean fewer per-microbatch contributions.
     async_loss_ratio / averaging_loss_ratio: loss penalties at equal tokens given by the caller (what-ifs; labelled
     so in the output) instead of the calibration file's."""
     avg = Averaging.parse(averaging)
@@ -109,9 +132,19 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     if overlap_averaging and avg.mode == "dense":
         raise ValueError("overlap_averaging needs averaging=diloco:<H> (an outer step a round late) or "
                          "powersgd:<R> (factors pushed during the step); dense gradients are a ring all-reduce here")
+    if (isinstance(microbatch_seqs, bool) or not isinstance(microbatch_seqs, int) or microbatch_seqs < 1
+            or STEP_SEQS % microbatch_seqs or STEP_SEQS // microbatch_seqs < REPLICAS):
+        raise ValueError(f"microbatch_seqs={microbatch_seqs!r}: must divide the {STEP_SEQS} sequences of a step and "
+                         f"leave every one of the {REPLICAS} replicas a microbatch (1 .. {STEP_SEQS // REPLICAS})")
+    if contributions not in CONTRIBUTIONS:
+        raise ValueError(f"contributions={contributions!r}: use one of {', '.join(CONTRIBUTIONS)}")
     push = overlap_averaging and avg.mode == "powersgd"
+    if contributions == "step" and not push:
+        raise ValueError("contributions='step' sets when PowerSGD pushes go out: it needs averaging=powersgd:<R> "
+                         "with overlap_averaging")
     wan_cfg = _config(calibration, "subspace", schedule, WAN_LINK, avg, max_staleness, steps, seed,
-                      overlap=overlap_averaging and not push, collective="direct" if push else "fastest", push=push)
+                      overlap=overlap_averaging and not push, collective="direct" if push else "fastest", push=push,
+                      per_step=contributions == "step", microbatch_seqs=microbatch_seqs)
     dc_cfg = _config(calibration, "dense", "1f1b", DATACENTER_LINK, Averaging(), None, steps, seed)
     wan, dc = simulate(wan_cfg), simulate(dc_cfg)
     wan_step = wan_cfg.tokens_per_step / (wan.steady_tokens_per_s or wan.tokens_per_s)
@@ -165,10 +198,13 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
         "goal_met": slowdown <= SLOWDOWN_GOAL,
         "wan": {"schedule": schedule, "max_staleness": wan_cfg.max_staleness, "averaging": avg.label(),
                 "averaging_overlapped": overlap_averaging, "averaging_collective": wan_cfg.sync_collective,
+                "contributions": (CONTRIBUTIONS[contributions] if push else
+                                  "one exchange per step (the option's bytes per replica)"),
                 "codec": "subspace", "step_s": wan_step, "utilisation": wan.utilisation,
                 "bubble_fraction": wan.bubble_fraction, "steps_to_target": wan_steps, "time_to_target_s": wan_time,
                 "replica_bytes_per_step": [b / wan_cfg.sync_every for b in wan_cfg.grad_sync_bytes],
-                "link": "200 Mb/s, 50 ms one-way"},
+                "link": "200 Mb/s, 50 ms one-way", "microbatches": wan_cfg.microbatches,
+                "microbatch_seqs": microbatch_seqs},
         "datacenter": {"schedule": "1f1b", "averaging": "dense", "codec": "dense bf16", "step_s": dc_step,
                        "utilisation": dc.utilisation, "bubble_fraction": dc.bubble_fraction,
                        "bubble_free_step_s": dc_floor,
@@ -178,8 +214,9 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
         "inputs": {"assumed": {"subspace_loss_ratio": ASSUMED_SUBSPACE_LOSS_RATIO, "async_loss_ratio": async_ratio,
                                "async_loss_source": async_source, "averaging_loss_ratio": avg_ratio,
                                "averaging_loss_source": avg_source, "device": DeviceAssumption().name,
-                               "layout": f"{STAGES} stages x {REPLICAS} replicas, {MICROBATCHES} microbatches of "
-                                         f"{MICROBATCH_SEQS} x 1024 tokens per step"}},
+                               "layout": f"{STAGES} stages x {REPLICAS} replicas, {STEP_SEQS} x 1024 tokens per step: "
+                                         f"datacenter {MICROBATCHES} microbatches of {MICROBATCH_SEQS} sequences, "
+                                         f"WAN {wan_cfg.microbatches} of {microbatch_seqs}"}},
         "stages": STAGES, "replicas": REPLICAS, "seed": seed,
     }
 

@@ -85,6 +85,8 @@ class WanConfig:
     sync_push: bool = False  # the node's per-microbatch pushes (sync_every 1, sync_collective direct): each backward's
     # share of the step's averaging goes out on the uplink right after it, behind frames, and the step's update waits
     # for the last share to arrive (a gradient is needed by the step it updates: PowerSGD, dense), not holding compute
+    push_per_step: bool = False  # sync_push: a replica's averaging bytes of a step go out at once after its last
+    # backward of the step (one contribution per replica and step) instead of a share after every backward
     sync_collective: str = "ring"  # how replicas average: ring (all-reduce: 2 (r - 1) / r x bytes each, 2 (r - 1)
     # latencies), direct (each pushes its bytes to every other replica, as the node's /pmn/avg pushes: (r - 1) x bytes,
     # one latency; fits small compressed contributions) or fastest (whichever of the two takes less time)
@@ -134,6 +136,8 @@ class WanConfig:
             raise ValueError(f"WanConfig.schedule={self.schedule!r}: use one of {list(SCHEDULES)}")
         if self.sync_collective not in SYNC_COLLECTIVES:
             raise ValueError(f"WanConfig.sync_collective={self.sync_collective!r}: use one of {list(SYNC_COLLECTIVES)}")
+        if self.push_per_step and not self.sync_push:
+            raise ValueError("WanConfig.push_per_step needs sync_push (it says when a replica's pushes go out)")
         if self.sync_push and (self.overlap_sync or self.sync_every != 1 or self.sync_collective != "direct"):
             raise ValueError(f"WanConfig.sync_push needs sync_every = 1, sync_collective = 'direct' and no overlap_sync "
                              f"(got {self.sync_every}, {self.sync_collective!r}, {self.overlap_sync}): pushes carry one "

@@ -154,6 +154,7 @@ class _Node:
         self.bwd_since_opt = 0  # async: backward passes since this node's last optimizer step
         self.syncs: list[simpy.Process] = []  # overlapped averaging: this node's background sends, oldest first
         self.pushes: list[simpy.Process] = []  # sync_push: this step's per-microbatch sends so far
+        self.bwd_unpushed = 0  # push_per_step: backward passes of this step whose bytes have not gone out yet
         self.arrival: simpy.Process | None = None  # sync_push, async: the last step's pushes arriving
 
 
@@ -382,10 +383,16 @@ class PipelineSim:
         return late
 
     def _push_share(self, node: _Node) -> None:
-        """sync_push: one backward's share of the node's averaging bytes leaves on its uplink, behind frames."""
+        """sync_push: one backward's share of the node's averaging bytes leaves on its uplink, behind frames
+        (push_per_step: the whole step's after its last backward)."""
         live, share, _ = self._sync_share(node.stage)
         if share and node.alive:
             per_node = -(-self.cfg.microbatches // len(live))  # microbatches a replica computes per step
+            if self.cfg.push_per_step:
+                node.bwd_unpushed += 1
+                if node.bwd_unpushed < per_node:
+                    return
+                node.bwd_unpushed, per_node = 0, 1
             bw = min(n.bw for n in live)
             node.pushes.append(self.env.process(self._background_send(node, share / per_node, bw)))
 

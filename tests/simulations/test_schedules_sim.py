@@ -77,6 +77,35 @@ def test_datacenter_comparison_reports_the_slowdown() -> None:
         out["slowdown_vs_datacenter"] * dc["step_s"] / dc["bubble_free_step_s"])
 
 
+
+@pytest.mark.timeout(300)
+def test_the_wan_replicas_push_one_contribution_per_microbatch_as_the_node_does() -> None:
+    """The node pushes a PowerSGD contribution for every microbatch a replica computes (16 per replica and step
+    here), so the comparison's WAN bytes are 16 times one contribution; one contribution per replica and step (a
+    what-if, labelled as not built) and fewer, larger microbatches cut them; bad layouts are refused."""
+    cal = load_calibration(DEFAULT_PATH)
+    model = protocolnanogpt_model(16)
+    one = [sync_bytes_per_step(model, s, Averaging.parse("powersgd:6:int4")) for s in partition(model, 8)]
+    runs = {name: run_vs_datacenter(cal, max_staleness=3, averaging="powersgd:6:int4", overlap_averaging=True,
+                                    steps=4, **kw)
+            for name, kw in (("node", {}), ("step", {"contributions": "step"}), ("large", {"microbatch_seqs": 16}))}
+    for name, per in (("node", 16), ("step", 1), ("large", 2)):
+        wan = runs[name]["wan"]
+        assert wan["replica_bytes_per_step"] == pytest.approx([per * b for b in one], rel=1e-6)
+    assert "(the node)" in runs["node"]["wan"]["contributions"]
+    assert "not built in the node" in runs["step"]["wan"]["contributions"]
+    assert runs["large"]["wan"]["microbatches"] == 32 and runs["node"]["wan"]["microbatches"] == 256
+    assert runs["step"]["wan"]["step_s"] < runs["node"]["wan"]["step_s"]
+    assert runs["large"]["datacenter"] == runs["node"]["datacenter"]  # the datacenter keeps its own layout
+    for bad in (0, 3, 64, True):
+        with pytest.raises(ValueError, match="microbatch_seqs"):
+            run_vs_datacenter(cal, steps=2, microbatch_seqs=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="contributions="):
+        run_vs_datacenter(cal, steps=2, averaging="powersgd:6:int4", overlap_averaging=True, contributions="replica")
+    with pytest.raises(ValueError, match="needs averaging=powersgd"):
+        run_vs_datacenter(cal, steps=2, averaging="diloco:100", contributions="step")
+
+
 def test_overlapped_averaging_and_what_if_penalties_are_labelled() -> None:
     """DiLoCo's exchange sent while the replicas compute shortens the WAN step (here the 8 stages' outer
     exchanges every 100 steps held their compute); loss penalties given by the caller replace the calibration
@@ -108,6 +137,7 @@ def test_cli_defaults_run_the_nodes_averaging_overlapped_and_dense_held() -> Non
     parse = build_parser().parse_args
     args = parse(["simulate", "wan", "--vs", "datacenter"])
     assert (args.averaging, args.max_staleness, _overlap(args)) == ("powersgd:6:int4", 3, True)
+    assert (args.contributions, args.microbatch_seqs) == ("microbatch", 2)  # the node as built, its layout
     assert _overlap(parse(["simulate", "wan", "--vs", "datacenter", "--averaging", "dense"])) is False
     assert _overlap(parse(["simulate", "wan", "--vs", "datacenter", "--no-overlap-averaging"])) is False
     assert _overlap(parse(["simulate", "wan", "--vs", "datacenter", "--averaging", "diloco:50"])) is True
