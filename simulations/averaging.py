@@ -74,7 +74,8 @@ def stage_shapes(config: Any, spec: Any) -> tuple[list[tuple[int, int]], int]:
 
 
 def sync_bytes_per_step(config: Any, spec: Any, option: Averaging) -> float:
-    """Bytes each replica contributes to one step's averaging (before the all-reduce's 2(r-1)/r factor)."""
+    """Bytes of one replica's contribution to a step's averaging (before the all-reduce's 2(r-1)/r factor): the
+    whole step's under a per-step exchange; the node sends one such contribution per microbatch it computes."""
     mats, vectors = stage_shapes(config, spec)
     dense = sum(m * n for m, n in mats) + vectors
     if option.mode == "dense":
