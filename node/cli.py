@@ -48,6 +48,7 @@ SHORT_FLAGS: dict[str, tuple[str, ...]] = {
     "runtime.powersgd_rank": ("--powersgd-rank",),
     "runtime.powersgd_bits": ("--powersgd-bits",),
     "runtime.powersgd_iterations": ("--powersgd-iterations",),
+    "runtime.powersgd_block_rank": ("--powersgd-block-rank",),
     "runtime.torch_threads": ("--threads",),
     "execution.precision": ("--precision",),
     "execution.activation_checkpointing": ("--activation-checkpointing",),

@@ -123,6 +123,8 @@ class RuntimeConfig:
     # the spec like replica_averaging
     powersgd_iterations: int = 1  # PowerSGD power iterations per contribution: more fit the rank-r factors closer to
     # the gradient for the same bytes (compute only: each replica encodes its own); part of the spec
+    powersgd_block_rank: int = 0  # PowerSGD rank of the transformer blocks' matrices (0: powersgd_rank); part of the
+    # spec like powersgd_rank
     frame_timeout_s: float = 120.0  # longest wait for the next frame from a neighbour within a step
     step_retries: int = 3  # times a failed step is retried (after re-dialling) before giving up
     redial_timeout_s: float = 30.0  # how long to look for a replacement neighbour before a retry
@@ -428,6 +430,9 @@ class NodeConfig:
         if type(r.powersgd_bits) is not int or r.powersgd_bits not in POWERSGD_BITS:
             raise ValueError(f"runtime.powersgd_bits must be 16 (bf16 factors), 8 (int8) or 4 (int4), "
                              f"got {r.powersgd_bits!r}")
+        if type(r.powersgd_block_rank) is not int or r.powersgd_block_rank < 0:
+            raise ValueError(f"runtime.powersgd_block_rank must be an integer >= 1, or 0 for runtime.powersgd_rank, "
+                             f"got {r.powersgd_block_rank!r}")
         if type(r.powersgd_iterations) is not int or not 1 <= r.powersgd_iterations <= MAX_POWER_ITERATIONS:
             raise ValueError(f"runtime.powersgd_iterations must be an integer from 1 to {MAX_POWER_ITERATIONS}, "
                              f"got {r.powersgd_iterations!r}")

@@ -39,7 +39,7 @@ def training_section(cfg: NodeConfig) -> TrainingSection:
     return TrainingSection(stages=cfg.num_stages, codec=r.codec, microbatches=r.num_microbatches,
                            microbatch_size=r.microbatch_size, lr=lr, replica_averaging=r.replica_averaging,
                            powersgd_rank=r.powersgd_rank, powersgd_bits=r.powersgd_bits,
-                           powersgd_iterations=r.powersgd_iterations,
+                           powersgd_iterations=r.powersgd_iterations, powersgd_block_rank=r.powersgd_block_rank,
                            pipeline_schedule=r.schedule,
                            max_staleness=r.max_staleness, async_lookahead=r.async_lookahead, **asdict(cfg.recipe))
 

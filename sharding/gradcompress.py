@@ -25,6 +25,7 @@ Every decoder validates its input (size, finiteness, index range) and raises `Gr
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -49,31 +50,40 @@ class Entry:
     cols: int  # matrix view: product of the other dimensions (1 for a vector)
     wire_offset: int  # first index of its encoding in the PowerSGD wire vector
     compressed: bool  # True: P (rows x rank) then Q (cols x rank); False: the values themselves
+    rank: int = 0  # columns of P and Q when compressed (0 for a dense entry)
 
 
 @dataclass(frozen=True)
 class PowerSGDLayout:
     """Where each parameter sits in the dense vector and in the rank-`rank` wire vector."""
 
-    rank: int  # r: columns of P and Q
-    entries: tuple[Entry, ...]  # one per parameter, in flat order
+    rank: int  # r: columns of P and Q of every matrix `build`'s `ranks` gives no rank of its own
+    entries: tuple[Entry, ...]  # one per parameter, in flat order (each compressed one with its rank)
     size: int  # values of the dense vector
     wire_size: int  # values of the wire vector
 
     @classmethod
-    def build(cls, shapes: list[tuple[int, ...]], rank: int) -> PowerSGDLayout:
-        """Layout of parameters with `shapes` (in flat order); a matrix is compressed when rank (m + n) < m n."""
-        if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-            raise GradCompressError(f"PowerSGD rank must be an integer >= 1, got {rank!r}")
+    def build(cls, shapes: list[tuple[int, ...]], rank: int,
+              ranks: Sequence[int | None] | None = None) -> PowerSGDLayout:
+        """Layout of parameters with `shapes` (in flat order); a matrix is compressed at rank r when
+        r (m + n) < m n. ranks: one entry per shape, a rank of its own or None for `rank` (e.g. a higher rank
+        for the matrices Muon orthogonalises)."""
+        per = list(ranks) if ranks is not None else [None] * len(shapes)
+        if len(per) != len(shapes):
+            raise GradCompressError(f"PowerSGD ranks has {len(per)} entries for {len(shapes)} parameters")
+        for r in (rank, *(x for x in per if x is not None)):
+            if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+                raise GradCompressError(f"PowerSGD rank must be an integer >= 1, got {r!r}")
         entries = []
         off = woff = 0
-        for shape in shapes:
+        for shape, own in zip(shapes, per, strict=True):
+            r = rank if own is None else own
             numel = math.prod(shape)
             rows, cols = (shape[0], numel // shape[0]) if len(shape) >= 2 and shape[0] > 0 else (numel, 1)
-            compressed = len(shape) >= 2 and rank * (rows + cols) < numel
-            entries.append(Entry(off, numel, rows, cols, woff, compressed))
+            compressed = len(shape) >= 2 and r * (rows + cols) < numel
+            entries.append(Entry(off, numel, rows, cols, woff, compressed, r if compressed else 0))
             off += numel
-            woff += rank * (rows + cols) if compressed else numel
+            woff += r * (rows + cols) if compressed else numel
         return cls(rank, tuple(entries), off, woff)
 
     @property
@@ -84,15 +94,15 @@ class PowerSGDLayout:
     @property
     def scale_count(self) -> int:
         """Scales of an int8 wire vector: one per column of P and of Q, one per dense vector."""
-        return sum(2 * self.rank if e.compressed else 1 for e in self.entries)
+        return sum(2 * e.rank if e.compressed else 1 for e in self.entries)
 
     def blocks(self, wire: torch.Tensor) -> list[torch.Tensor]:
         """Views of `wire` (wire_size values) as the 2-D blocks int8 scales apply to, column by column:
         P (rows x rank) and Q (cols x rank) of a compressed entry, (numel x 1) of a dense one."""
         out = []
-        r = self.rank
         for e in self.entries:
             if e.compressed:
+                r = e.rank
                 q0 = e.wire_offset + e.rows * r
                 out += [wire[e.wire_offset: q0].view(e.rows, r), wire[q0: q0 + e.cols * r].view(e.cols, r)]
             else:
@@ -122,9 +132,9 @@ def powersgd_decode(layout: PowerSGDLayout, wire: torch.Tensor) -> torch.Tensor:
     check_finite(wire, layout.wire_size, f"PowerSGD rank-{layout.rank} contribution")
     w = wire.to(torch.float32)
     out = torch.empty(layout.size, dtype=torch.float32)
-    r = layout.rank
     for e in layout.entries:
         if e.compressed:
+            r = e.rank
             p = w[e.wire_offset: e.wire_offset + e.rows * r].reshape(e.rows, r)
             q = w[e.wire_offset + e.rows * r: e.wire_offset + r * (e.rows + e.cols)].reshape(e.cols, r)
             out[e.offset: e.offset + e.numel] = (p @ q.T).reshape(-1)
@@ -222,7 +232,7 @@ class PowerSGDEncoder:
         self.error = torch.zeros(layout.size)  # residual of the previous contributions
         g = torch.Generator().manual_seed(seed)
         self.q: dict[int, torch.Tensor] = {  # entry index -> warm-start Q (cols x rank)
-            i: torch.randn(e.cols, layout.rank, generator=g) for i, e in enumerate(layout.entries) if e.compressed}
+            i: torch.randn(e.cols, e.rank, generator=g) for i, e in enumerate(layout.entries) if e.compressed}
 
     def encode(self, grad: torch.Tensor) -> torch.Tensor:
         """Wire vector of `grad` (+ the error buffer); the error buffer and warm starts are updated."""
@@ -252,8 +262,8 @@ class PowerSGDEncoder:
         starts)."""
         lay = self.layout
         wire = torch.empty(lay.wire_size, dtype=torch.float32)
-        r = lay.rank
         for i, e in enumerate(lay.entries):
+            r = e.rank
             block = g[e.offset: e.offset + e.numel]
             if not e.compressed:
                 wire[e.wire_offset: e.wire_offset + e.numel] = block

@@ -4,6 +4,8 @@
 - `powersgd:R`: rank-R factors P (m x R) and Q (n x R) of every matrix gradient, vectors dense (bf16).
 - `powersgd:R:int8` / `powersgd:R:int4`: the same factors and vectors as int8 codes (int4: two to a byte),
   plus one bf16 scale per factor column and per vector (the node's `powersgd_bits = 8` / `4`).
+- `powersgd:R/B[...]`: the transformer blocks' matrices at rank B, the embedding and head at R (the node's
+  `powersgd_block_rank = B`).
 - `diloco:H`: the dense pseudo-gradient once every H inner steps (bytes / H per step on average;
   the simulator runs the dense exchange with `WanConfig.sync_every = H`).
 
@@ -35,26 +37,32 @@ class Averaging:
     rank: int = 0  # powersgd: rank of the factors
     outer_steps: int = 1  # diloco: inner steps between two outer (averaging) steps
     bits: int = 16  # powersgd: bits of a factor value on the wire: 16 (bf16), 8 or 4 (codes with a bf16 scale per column)
+    block_rank: int = 0  # powersgd: rank of the transformer blocks' matrices (0: rank)
 
     @classmethod
     def parse(cls, text: str) -> Averaging:
-        """`dense`, `powersgd:<rank>[:int8|:int4]` or `diloco:<H>` (ValueError names the forms)."""
+        """`dense`, `powersgd:<rank>[/<block rank>][:int8|:int4]` or `diloco:<H>` (ValueError names the forms)."""
         mode, _, arg = text.partition(":")
-        rank, _, wire = arg.partition(":")
+        ranks, _, wire = arg.partition(":")
+        rank, slash, block = ranks.partition("/")
         try:
             if mode == "dense" and not arg:
                 return cls()
-            if mode == "powersgd" and int(rank) >= 1 and (wire == "" or wire in CODE_BITS):
-                return cls("powersgd", rank=int(rank), bits=CODE_BITS.get(wire, 16))
+            if (mode == "powersgd" and int(rank) >= 1 and (not slash or int(block) >= 1)
+                    and (wire == "" or wire in CODE_BITS)):
+                b = int(block) if slash and int(block) != int(rank) else 0
+                return cls("powersgd", rank=int(rank), bits=CODE_BITS.get(wire, 16), block_rank=b)
             if mode == "diloco" and int(arg) >= 1:
                 return cls("diloco", outer_steps=int(arg))
         except ValueError:
             pass
-        raise ValueError(f"averaging={text!r}: use dense, powersgd:<rank >= 1>[:int8|:int4] or diloco:<H >= 1>")
+        raise ValueError(f"averaging={text!r}: use dense, powersgd:<rank >= 1>[/<block rank >= 1>][:int8|:int4] or "
+                         "diloco:<H >= 1>")
 
     def label(self) -> str:
         """The option as `parse` reads it."""
-        return {"dense": "dense", "powersgd": f"powersgd:{self.rank}" + (f":int{self.bits}" if self.bits < 16 else ""),
+        ranks = f"{self.rank}/{self.block_rank}" if self.block_rank else str(self.rank)
+        return {"dense": "dense", "powersgd": f"powersgd:{ranks}" + (f":int{self.bits}" if self.bits < 16 else ""),
                 "diloco": f"diloco:{self.outer_steps}"}[self.mode]
 
 
@@ -81,10 +89,13 @@ def sync_bytes_per_step(config: Any, spec: Any, option: Averaging) -> float:
     if option.mode == "dense":
         return float(dense * BYTES_PER_ELEMENT)
     if option.mode == "powersgd":
-        low = sum(min(m * n, option.rank * (m + n)) for m, n in mats) + vectors
+        in_blocks = 4 * (spec.block_end - spec.block_start)  # stage_shapes lists the blocks' matrices first
+        ranks = [option.block_rank or option.rank if i < in_blocks else option.rank for i in range(len(mats))]
+        low = sum(min(m * n, r * (m + n)) for (m, n), r in zip(mats, ranks, strict=True)) + vectors
         if option.bits == 16:
             return float(low * BYTES_PER_ELEMENT)
-        scales = sum(2 * option.rank if option.rank * (m + n) < m * n else 1 for m, n in mats)  # a dense matrix: 1
+        scales = sum(2 * r if r * (m + n) < m * n else 1  # a dense matrix: 1
+                     for (m, n), r in zip(mats, ranks, strict=True))
         scales += vectors // config.d_model  # the norm-gain vectors (d_model each): one scale each
         return float(math.ceil(low * option.bits / 8) + scales * SCALE_BYTES)
     return float(dense * BYTES_PER_ELEMENT) / option.outer_steps

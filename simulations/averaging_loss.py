@@ -37,8 +37,9 @@ class AveragingLoss:
 
 def option_of(out: dict[str, Any]) -> str:
     """The averaging option (`simulations.averaging.Averaging.label`) a wan_averaging JSON line measured."""
-    bits = int(out.get("bits") or 16)
-    return f"powersgd:{int(out['rank'])}" + (f":int{bits}" if bits < 16 else "")
+    bits, block = int(out.get("bits") or 16), int(out.get("block_rank") or 0)
+    return (f"powersgd:{int(out['rank'])}" + (f"/{block}" if block and block != int(out["rank"]) else "")
+            + (f":int{bits}" if bits < 16 else ""))
 
 
 def records_from_outputs(outs: list[dict[str, Any]]) -> list[dict[str, Any]]:

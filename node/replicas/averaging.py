@@ -46,6 +46,7 @@ from sharding.gradcompress import (
     powersgd_decode,
     unpack_nibbles,
 )
+from sharding.optimizers import is_muon_param
 
 AVG_PROTOCOL = TProtocol("/pmn/avg/1.0.0")
 MAX_HEADER = 1 << 20  # bytes of one JSON message header a client accepts (a pull answer lists what it holds)
@@ -151,7 +152,9 @@ class ContributionCodec:
     """
 
     def __init__(self, shapes: list[tuple[int, ...]], method: str = "dense", rank: int = 4, seed: int = 0,
-                 bits: int = 16, iterations: int = 1) -> None:
+                 bits: int = 16, iterations: int = 1, ranks: list[int | None] | None = None) -> None:
+        """ranks: a PowerSGD rank per shape (None: `rank`), e.g. the spec's powersgd_block_rank for the blocks'
+        matrices (`for_module`)."""
         if method not in REPLICA_AVERAGING:
             raise AveragingError(f"replica_averaging={method!r}: use one of {', '.join(REPLICA_AVERAGING)}")
         if bits not in POWERSGD_BITS:
@@ -164,7 +167,7 @@ class ContributionCodec:
         self.encoder: PowerSGDEncoder | None = None
         if method == "powersgd":
             try:
-                self.layout = PowerSGDLayout.build(shapes, rank)
+                self.layout = PowerSGDLayout.build(shapes, rank, ranks)
             except GradCompressError as exc:
                 raise AveragingError(str(exc)) from exc
             try:
@@ -172,13 +175,15 @@ class ContributionCodec:
             except GradCompressError as exc:
                 raise AveragingError(f"powersgd_iterations: {exc}") from exc
             self.values = self.layout.wire_size  # factor values of one contribution
+            own = sorted({r for r in ranks or () if r is not None and r != rank})
+            name = f"powersgd-r{rank}" + "".join(f"+r{r}" for r in own)  # the ranks in use ride in the tag
             if bits in (8, 4):  # the codes (int4: two to a byte), then the bf16 scales
                 self.code_bytes = self.values if bits == 8 else (self.values + 1) // 2
                 self.words = (self.code_bytes + 2 * self.layout.scale_count + 3) // 4
-                self.tag = f"powersgd-r{rank}-int{bits}"  # rides in push headers and pull answers
+                self.tag = f"{name}-int{bits}"  # rides in push headers and pull answers
             else:
                 self.words = (self.values + 1) // 2  # bf16 values, two per word
-                self.tag = f"powersgd-r{rank}-bf16"
+                self.tag = f"{name}-bf16"
         elif method == "dense-bf16":
             self.values = self.size
             self.words = (self.size + 1) // 2  # bf16 values, two per word
@@ -189,9 +194,12 @@ class ContributionCodec:
 
     @classmethod
     def for_module(cls, module: torch.nn.Module, method: str = "dense", rank: int = 4,
-                   seed: int = 0, bits: int = 16, iterations: int = 1) -> ContributionCodec:
-        """The codec of a stage module's trainable parameters."""
-        return cls([tuple(p.shape) for p in trainable(module)], method, rank, seed, bits, iterations)
+                   seed: int = 0, bits: int = 16, iterations: int = 1, block_rank: int = 0) -> ContributionCodec:
+        """The codec of a stage module's trainable parameters; block_rank (> 0) is the PowerSGD rank of the
+        transformer blocks' matrices (`sharding.optimizers.is_muon_param`: Muon's under the muon recipe)."""
+        named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]  # trainable()'s order
+        ranks: list[int | None] = [block_rank if block_rank > 0 and is_muon_param(n, p) else None for n, p in named]
+        return cls([tuple(p.shape) for _, p in named], method, rank, seed, bits, iterations, ranks)
 
     @property
     def compressed(self) -> bool:

@@ -271,7 +271,8 @@ class ReplicatedRunner:
             worker = await trio.to_thread.run_sync(ctx.build_worker, stage, restore)
             ctx.worker = worker
             codec = ContributionCodec.for_module(worker.module, r.replica_averaging, r.powersgd_rank, seed=stage,
-                                                 bits=r.powersgd_bits, iterations=r.powersgd_iterations)
+                                                 bits=r.powersgd_bits, iterations=r.powersgd_iterations,
+                                                 block_rank=r.powersgd_block_rank)
             store = ContributionStore(codec.words, codec)  # contributions in the spec's replica_averaging encoding
             endpoint = ActEndpoint(
                 ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),

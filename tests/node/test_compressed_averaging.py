@@ -118,6 +118,7 @@ def test_bad_pushes_are_refused_counted_and_the_step_goes_on_without_them() -> N
     nan[10] = torch.tensor([0x7F80], dtype=torch.int16)  # +Inf in bf16
     nan = nan.view(torch.float32)
     rank2 = _codec(rank=2).encode(torch.randn(c.size))
+    blocks = ContributionCodec(SHAPES, "powersgd", 4, ranks=[8, None, 8, None])  # two matrices at a rank of their own
 
     async def main() -> None:
         async with running_host(141) as (server, _), running_host(142) as (client, _):
@@ -128,6 +129,8 @@ def test_bad_pushes_are_refused_counted_and_the_step_goes_on_without_them() -> N
                 (nan, c.tag, "non-finite"),  # Inf in a factor
                 (rank2, "powersgd-r2-bf16", "encoded as"),  # another rank, declared honestly
                 (rank2, c.tag, "bytes"),  # another rank under the spec's tag: the size gives it away
+                (blocks.encode(torch.randn(c.size)), blocks.tag, "encoded as"),  # another block rank, declared
+                (blocks.encode(torch.randn(c.size)), c.tag, "bytes"),  # ... and under the spec's tag
                 (good, "dense", "encoded as"),  # a dense push to a compressed stage (no tag = dense)
             ]
             await assert_pushes_refused(client, addr, svc, 5, cases)
@@ -230,3 +233,46 @@ def test_power_iterations_are_a_spec_option_that_keeps_the_wire_size() -> None:
     assert float((grad - d3).norm()) < float((grad - d1).norm())  # a closer fit of the same bytes
     with pytest.raises(AveragingError, match="powersgd_iterations"):
         ContributionCodec(shapes, "powersgd", 2, 0, 8, iterations=0)
+
+
+def test_the_blocks_matrices_may_travel_at_a_rank_of_their_own() -> None:
+    """powersgd_block_rank gives the blocks' matrices (Muon's) their own rank, the embedding keeps powersgd_rank;
+    the tag names both ranks, a block rank equal to the rank (or 0) is the plain codec, and it is a spec option that
+    leaves the hash of specs without it alone."""
+    from node.model import training_section
+    from sharding.optimizers import is_muon_param
+
+    model = PRESETS["tiny"]
+    stage = build_stage(model, partition(model, 2)[0])
+    base = ContributionCodec.for_module(stage, "powersgd", 2, bits=4)
+    mixed = ContributionCodec.for_module(stage, "powersgd", 2, bits=4, block_rank=4)
+    assert mixed.layout is not None and base.layout is not None
+    named = [(n, p) for n, p in stage.named_parameters() if p.requires_grad]
+    kinds = {is_muon_param(n, p) for (n, p), e in zip(named, mixed.layout.entries, strict=True) if e.compressed}
+    assert kinds == {True, False}  # the blocks' matrices and the embedding are both compressed here
+    for (n, p), e in zip(named, mixed.layout.entries, strict=True):
+        assert e.rank == (0 if not e.compressed else 4 if is_muon_param(n, p) else 2)
+    assert (base.tag, mixed.tag) == ("powersgd-r2-int4", "powersgd-r2+r4-int4") and mixed.words > base.words
+    same = ContributionCodec.for_module(stage, "powersgd", 2, bits=4, block_rank=2)
+    assert (same.tag, same.words) == (base.tag, base.words)
+    grad = torch.randn(mixed.size, generator=torch.Generator().manual_seed(3))
+    words = mixed.encode(grad)
+    mixed.check(words)
+    assert torch.isfinite(mixed.decode(words)).all()
+    # the spec option
+    plain = proposal_from_dict({"model": {"preset": "tiny"}, "training": {"replica_averaging": "powersgd"}})
+    zero = proposal_from_dict({"model": {"preset": "tiny"},
+                               "training": {"replica_averaging": "powersgd", "powersgd_block_rank": 0}})
+    assert zero.content_hash() == plain.content_hash() and b"powersgd_block_rank" not in plain.canonical_json()
+    twelve = proposal_from_dict({"model": {"preset": "tiny"},
+                                 "training": {"replica_averaging": "powersgd", "powersgd_block_rank": 12}})
+    assert b'"powersgd_block_rank":12' in twelve.canonical_json() and twelve.content_hash() != plain.content_hash()
+    for bad in (-1, 2.0, True):
+        with pytest.raises(Exception, match="powersgd_block_rank"):
+            proposal_from_dict({"model": {"preset": "tiny"}, "training": {"powersgd_block_rank": bad}})
+    cfg = NodeConfig()
+    cfg.runtime.replica_averaging, cfg.runtime.powersgd_block_rank = "powersgd", 12
+    assert training_section(cfg).powersgd_block_rank == 12  # what the node hashes against the registered spec
+    cfg.runtime.powersgd_block_rank = -1
+    with pytest.raises(ValueError, match="runtime.powersgd_block_rank"):
+        cfg.validate()

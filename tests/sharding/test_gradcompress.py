@@ -32,6 +32,31 @@ def test_layout_compresses_only_matrices_where_it_saves() -> None:
         PowerSGDLayout.build(SHAPES, 0)
 
 
+
+def test_a_matrix_may_have_a_rank_of_its_own() -> None:
+    """ranks gives the first matrix rank 3 and leaves the 3-d tensor at the layout's rank 1: its wire, its int8
+    scales and its warm start have 3 columns, a rank-3 gradient of it comes back exactly (and the rank-1 one of
+    the other), and ranks of the wrong length or value are refused."""
+    lay = PowerSGDLayout.build(SHAPES, 1, ranks=[3, None, None, 5])  # 5 (3 + 3) > 9: the 3x3 stays dense
+    assert [e.rank for e in lay.entries] == [3, 0, 1, 0]
+    assert lay.wire_size == 3 * (32 + 48) + 48 + (16 + 16) + 9
+    assert lay.scale_count == 2 * 3 + 1 + 2 * 1 + 1
+    g = torch.Generator().manual_seed(2)
+    parts = [(torch.randn(32, 3, generator=g) @ torch.randn(3, 48, generator=g)).reshape(-1),
+             torch.randn(48, generator=g),
+             torch.outer(torch.randn(16, generator=g), torch.randn(16, generator=g)).reshape(-1),
+             torch.randn(9, generator=g)]
+    grad = torch.cat(parts)
+    enc = PowerSGDEncoder(lay, error_feedback=False, iterations=3)
+    assert enc.q[0].shape == (48, 3) and enc.q[2].shape == (16, 1)
+    assert torch.allclose(powersgd_decode(lay, enc.encode(grad)), grad, atol=1e-4)
+    codes, scales = enc.encode_quantized(grad, 8)
+    assert codes.numel() == lay.wire_size and scales.numel() == lay.scale_count
+    for bad, match in (([3, None], "2 entries for 4"), ([0, None, None, None], "rank"), ([True] * 4, "rank")):
+        with pytest.raises(GradCompressError, match=match):
+            PowerSGDLayout.build(SHAPES, 1, ranks=bad)
+
+
 def test_rank_one_gradients_are_rebuilt_exactly_and_vectors_pass_dense() -> None:
     lay = PowerSGDLayout.build(SHAPES, 1)
     g = torch.Generator().manual_seed(1)

@@ -37,6 +37,9 @@ def test_records_group_seeds_by_setting_and_pick_prefers_the_async_recipes_optim
     longer = records_from_outputs([_line(0, 1.01), _line(1, 1.03), _line(2, 0.90), _line(0, 1.004, steps=600)])
     best = pick(longer, "powersgd:6:int4", "adamw")  # the longer run, one seed, over three seeds of a shorter one
     assert best is not None and best.ratio == pytest.approx(1.004) and "600 steps" in best.label
+    blocks = records_from_outputs([{**_line(0, 0.99, optimizer="muon"), "block_rank": 12},
+                                   {**_line(1, 1.01, optimizer="muon"), "block_rank": 6}])  # 6: no rank of its own
+    assert [r["averaging"] for r in blocks] == ["powersgd:6/12:int4", "powersgd:6:int4"]
     with pytest.raises(ValueError, match="wan_averaging"):
         records_from_outputs([{"utilisation": {}}])
 
@@ -72,7 +75,8 @@ def test_the_datacenter_comparison_takes_the_penalty_of_its_own_averaging_option
     # int8 at the wan.py record's rank 6: that record; at rank 4 nothing was measured, and nothing is taken from rank 6
     bench = {**cal["wan_benchmark"], "loss_ratio_compressed_avg": 1.03,
              "averaging": {"steps": 150, "model": "wide", "rank": 6, "bits": 8}}
-    six = run_vs_datacenter({**cal, "wan_benchmark": bench}, averaging="powersgd:6:int8", steps=2)
+    six = run_vs_datacenter({**cal, "wan_benchmark": bench}, averaging="powersgd:6:int8", steps=2,
+                            overlap_averaging=True)  # the node's exchange, as int4's (one contribution a microbatch)
     assert six["inputs"]["assumed"]["averaging_loss_ratio"] == 1.03
     four = run_vs_datacenter({**cal, "wan_benchmark": bench}, averaging="powersgd:4:int8", steps=2)
     assert four["inputs"]["assumed"]["averaging_loss_ratio"] == 1.0

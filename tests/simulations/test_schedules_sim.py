@@ -55,7 +55,13 @@ def test_averaging_bytes_model() -> None:
     r8h = Averaging.parse("powersgd:8:int4")  # int4: half a byte per value, the same scales
     assert r8h.label() == "powersgd:8:int4" and r8h.bits == 4
     assert sync_bytes_per_step(model, spec, r8h) == pytest.approx((low + 4 * 1024) / 2 + 2 * (2 * 8 * 4 * 2 + 4))
-    for bad in ("powersgd", "diloco:0", "topk:3", "dense:2", "powersgd:8:int2", "powersgd::int8"):
+    # the blocks' matrices at a rank of their own (the node's powersgd_block_rank): two blocks of 4 matrices at 16
+    r8b = Averaging.parse("powersgd:8/16:int4")
+    assert (r8b.label(), r8b.rank, r8b.block_rank) == ("powersgd:8/16:int4", 8, 16)
+    assert sync_bytes_per_step(model, spec, r8b) == pytest.approx((2 * low + 4 * 1024) / 2 + 2 * (2 * 16 * 4 * 2 + 4))
+    assert Averaging.parse("powersgd:8/8:int4") == r8h  # a block rank equal to the rank is no option of its own
+    for bad in ("powersgd", "diloco:0", "topk:3", "dense:2", "powersgd:8:int2", "powersgd::int8", "powersgd:8/0",
+                "powersgd:8/x:int4", "powersgd:/8"):
         with pytest.raises(ValueError, match="averaging"):
             Averaging.parse(bad)
 
