@@ -13,9 +13,34 @@ of the whole model, 4 microbatches per step): dense (fp32 or bf16), PowerSGD (ra
 against bytes (`compression` against fp32, `compression_vs_bf16` against a bf16 dense exchange).
 
     python benchmarks/wan_averaging.py [--quick] [--steps N] [--rank R] [--bits 16|8|4] [--iterations I] [--seed S]
-                                       [--dense dense-bf16|dense] [--lr LR] [--model wide|tiny]
+                                       [--dense dense-bf16|dense] [--lr LR] [--model wide|tiny] [--block-rank B]
+                                       [--optimizer adamw|muon]
     python benchmarks/wan_averaging.py --math [--steps N] [--model tiny|wide] [--methods ...] [--ranks R,..]
                                        [--iterations I] [--seed S]
+
+Measured here (session 22, 2 cores, wide model, Muon lr 1e-2, 600 steps = 307,200 tokens, 3 power iterations, int4
+factors, against `dense-bf16`): `--block-rank 12` (the spec's `powersgd_block_rank = 12`) sends the blocks' matrices,
+Muon's, at rank 12 and the embedding and head at rank 6:
+
+| seed | rank 6 / blocks 12: dense val, ratio (bytes) | rank 6: dense val, ratio (bytes) |
+|---|---|---|
+| 0 | 1.0938, 1.0010 (63.1x) | 1.0938, 1.0338 (121.4x; session 21) |
+| 1 | 1.0270, 1.0784 (62.8x) | 1.0270, 1.0776 (120.0x; session 21) |
+| 2 | 1.0993, 1.0324 (62.8x) | 1.0993, 1.0321 (119.6x) |
+| 3 | 1.0959, 0.9740 (62.9x) | 1.1207, 1.0327 (119.7x) |
+| median | 1.0167 | 1.0333 |
+
+Blocks at rank 12 did better on seeds 0 and 3 and the same on seeds 1 and 2: the median comes within 2 % at 63x,
+two of four seeds within it, so the Muon penalty shrinks but is not gone. Seed 3's two dense arms differ (1.0959,
+1.1207): the Muon swarm is not run-to-run deterministic (its compressed arms 1.0675 and 1.1573 differ more).
+
+Why the blocks: an in-process probe (ad-hoc, not kept: the `--math` loop with Muon, 2 replicas, 600 steps, seeds
+0-3, one thread per process) compressed one part of the model at a time. Loss over dense-bf16, seeds 0 / 1 / 2 / 3:
+everything at rank 6 int4 1.0170 / 1.0386 / 1.0051 / 1.0627 (median 1.028); only the blocks' matrices 1.0402 /
+1.0709 / 1.0029 / 1.0174 (1.029); only the embedding and head 0.9547 / 1.0372 / 0.9652 / 1.0432 (1.001); blocks at
+rank 12 and the rest at 6 0.9939 / 1.0540 / 0.9919 / 0.9986 (0.996, 63.6x). The penalty lives in the matrices Muon
+orthogonalises; single runs scatter by several per cent (one process gave 1.4496 and another 1.4158 for the same
+60-step dense run at 2 threads against 1), so only medians over seeds say anything.
 
 Measured here (session 21, 2 cores, wide model, 150 steps, 3 power iterations, against `dense-bf16`; int4 factors,
 `--bits 4`, two 4-bit codes to a byte with the same bf16 column scales; `python -m simulations.averaging_loss`

@@ -4,8 +4,8 @@
 compressed exchange, and ends with a JSON line. `python -m simulations.averaging_loss OUTPUT... [--write]` reads
 those lines (several seeds of one setting, or several settings), prints one row per setting, and with `--write`
 stores them under `averaging_loss` in the calibration file: one record per setting (averaging option, optimiser,
-lr, power iterations, steps, model, dense baseline) holding each seed's ratio; a stored record of the same setting
-is replaced, others are kept. `pmn simulate wan --vs datacenter` takes the record of its own averaging option
+lr, power iterations, steps, model, dense baseline) holding each seed's ratio; new seeds join the stored record of
+their setting (seeds gather across sessions), a seed run again replaces its own, other settings are kept. `pmn simulate wan --vs datacenter` takes the record of its own averaging option
 (rank and factor bits), measured with the optimiser of the async penalty it uses where there is one and over the
 longest training (nearest the target run's thousands of steps, as `simulations.async_loss` does), and uses the
 median over its seeds, naming every seed's ratio. The median, not the mean: single 150-step runs of the Muon recipe
@@ -60,9 +60,17 @@ def records_from_outputs(outs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def merge_records(stored: list[dict[str, Any]] | None, new: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """`stored` with each record of `new` replacing the stored record of the same setting (or added)."""
-    fresh = {_setting(r) for r in new}
-    return [r for r in stored or [] if _setting(r) not in fresh] + list(new)
+    """`stored` with the records of `new` added; a setting already stored keeps its other seeds, and a seed run
+    again takes the new run's ratio and compression (seeds gather across sessions)."""
+    old = {_setting(r): r for r in stored or []}
+    merged = []
+    for r in new:
+        before = old.pop(_setting(r), None)
+        if before is not None:
+            r = {**r, "ratios": {**before.get("ratios", {}), **r["ratios"]},
+                 "compression": {**before.get("compression", {}), **r["compression"]}}
+        merged.append(r)
+    return list(old.values()) + merged
 
 
 def _setting(record: dict[str, Any]) -> tuple[Any, ...]:

@@ -44,13 +44,14 @@ def test_records_group_seeds_by_setting_and_pick_prefers_the_async_recipes_optim
         records_from_outputs([{"utilisation": {}}])
 
 
-def test_a_new_record_replaces_the_stored_one_of_its_setting_and_keeps_the_rest(tmp_path: Path,
-                                                                               capsys: pytest.CaptureFixture[str]) -> None:
-    old = records_from_outputs([_line(0, 1.2), _line(0, 1.04, bits=8)])
+def test_new_seeds_join_the_stored_record_of_their_setting_and_a_rerun_seed_replaces_its_own(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    old = records_from_outputs([_line(0, 1.2), _line(2, 1.05), _line(0, 1.04, bits=8)])
     new = records_from_outputs([_line(0, 1.01), _line(1, 1.03)])
     merged = merge_records(old, new)
     assert sorted((r["averaging"], tuple(sorted(r["ratios"].items()))) for r in merged) == [
-        ("powersgd:6:int4", (("0", 1.01), ("1", 1.03))), ("powersgd:6:int8", (("0", 1.04),))]
+        ("powersgd:6:int4", (("0", 1.01), ("1", 1.03), ("2", 1.05))), ("powersgd:6:int8", (("0", 1.04),))]
+    assert sorted(next(r for r in merged if r["averaging"] == "powersgd:6:int4")["compression"]) == ["0", "1", "2"]
     cal = tmp_path / "calibration.json"
     cal.write_text(json.dumps({"kept": 1, "averaging_loss": old}))
     outs = []
