@@ -37,7 +37,7 @@ def cmd_wan(args: argparse.Namespace) -> int:
     if getattr(args, "vs", None) == "datacenter":
         from pmn.errors import CLIError
         from simulations.calibrate import DEFAULT_PATH, load_calibration
-        from simulations.datacenter import run_vs_datacenter
+        from simulations.datacenter import MICROBATCH_SEQS, run_vs_datacenter
 
         if args.preset != "protocolnanogpt":
             raise CLIError(f"--vs datacenter compares the protocolnanogpt model; got --preset {args.preset}")
@@ -46,7 +46,7 @@ def cmd_wan(args: argparse.Namespace) -> int:
                                        max_staleness=args.max_staleness, averaging=args.averaging,
                                        overlap_averaging=_overlap(args),
                                        contributions=getattr(args, "contributions", "microbatch"),
-                                       microbatch_seqs=getattr(args, "microbatch_seqs", 2),
+                                       microbatch_seqs=getattr(args, "microbatch_seqs", MICROBATCH_SEQS),
                                        async_loss_ratio=args.async_loss_ratio,
                                        averaging_loss_ratio=args.averaging_loss_ratio)
         except ValueError as exc:

@@ -50,8 +50,8 @@ class Averaging:
                 return cls()
             if (mode == "powersgd" and int(rank) >= 1 and (not slash or int(block) >= 1)
                     and (wire == "" or wire in CODE_BITS)):
-                b = int(block) if slash and int(block) != int(rank) else 0
-                return cls("powersgd", rank=int(rank), bits=CODE_BITS.get(wire, 16), block_rank=b)
+                r, b = int(rank), int(block) if slash else 0
+                return cls("powersgd", rank=r, bits=CODE_BITS.get(wire, 16), block_rank=0 if b == r else b)
             if mode == "diloco" and int(arg) >= 1:
                 return cls("diloco", outer_steps=int(arg))
         except ValueError:
@@ -89,7 +89,7 @@ def sync_bytes_per_step(config: Any, spec: Any, option: Averaging) -> float:
     if option.mode == "dense":
         return float(dense * BYTES_PER_ELEMENT)
     if option.mode == "powersgd":
-        in_blocks = 4 * (spec.block_end - spec.block_start)  # stage_shapes lists the blocks' matrices first
+        in_blocks = len(mats) - spec.has_embedding - spec.has_lm_head  # stage_shapes lists the blocks' first
         ranks = [option.block_rank or option.rank if i < in_blocks else option.rank for i in range(len(mats))]
         low = sum(min(m * n, r * (m + n)) for (m, n), r in zip(mats, ranks, strict=True)) + vectors
         if option.bits == 16:

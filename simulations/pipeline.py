@@ -388,13 +388,14 @@ class PipelineSim:
         live, share, _ = self._sync_share(node.stage)
         if share and node.alive:
             per_node = -(-self.cfg.microbatches // len(live))  # microbatches a replica computes per step
+            nbytes = share / per_node
             if self.cfg.push_per_step:
                 node.bwd_unpushed += 1
                 if node.bwd_unpushed < per_node:
                     return
-                node.bwd_unpushed, per_node = 0, 1
+                node.bwd_unpushed, nbytes = 0, share
             bw = min(n.bw for n in live)
-            node.pushes.append(self.env.process(self._background_send(node, share / per_node, bw)))
+            node.pushes.append(self.env.process(self._background_send(node, nbytes, bw)))
 
     def _pushed(self, nodes: list[_Node]) -> Generator[simpy.Event, Any, None]:
         """sync_push: wait until the step's pushes of `nodes` are out and one latency later have arrived."""

@@ -175,7 +175,7 @@ class ContributionCodec:
             except GradCompressError as exc:
                 raise AveragingError(f"powersgd_iterations: {exc}") from exc
             self.values = self.layout.wire_size  # factor values of one contribution
-            own = sorted({r for r in ranks or () if r is not None and r != rank})
+            own = sorted({e.rank for e in self.layout.entries if e.compressed} - {rank})
             name = f"powersgd-r{rank}" + "".join(f"+r{r}" for r in own)  # the ranks in use ride in the tag
             if bits in (8, 4):  # the codes (int4: two to a byte), then the bf16 scales
                 self.code_bytes = self.values if bits == 8 else (self.values + 1) // 2
