@@ -295,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--contributions", choices=["microbatch", "step"], default="microbatch",
                    help="--vs, PowerSGD overlapped: factors per microbatch a replica computes (the node) or one per "
                         "replica and step after its last backward (a what-if: not built in the node)")
+    q.add_argument("--head", choices=["leader", "lanes"], default="leader",
+                   help="--vs: stage 0 on the WAN side: one head replica computes every microbatch while the others "
+                        "stand by (the node), or every head replica a share (a what-if: not built in the node)")
     q.add_argument("--microbatch-seqs", type=int, default=2,
                    help="--vs: sequences per WAN microbatch (512 per step; the datacenter keeps 2): fewer, larger "
                         "microbatches mean fewer per-microbatch contributions")

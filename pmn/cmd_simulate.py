@@ -47,6 +47,7 @@ def cmd_wan(args: argparse.Namespace) -> int:
                                        overlap_averaging=_overlap(args),
                                        contributions=getattr(args, "contributions", "microbatch"),
                                        microbatch_seqs=getattr(args, "microbatch_seqs", MICROBATCH_SEQS),
+                                       head=getattr(args, "head", "leader"),
                                        async_loss_ratio=args.async_loss_ratio,
                                        averaging_loss_ratio=args.averaging_loss_ratio)
         except ValueError as exc:

@@ -26,7 +26,10 @@ after its backward, behind frames, the update waiting for the last (`WanConfig.s
 comparison sent one contribution per replica and step, spread over its backwards: 16 times fewer bytes than the
 node moves. `--contributions step` is that exchange done right (one contribution after a replica's last backward
 of the step), a what-if the node does not have; `--microbatch-seqs` trades fewer contributions for fewer, larger
-microbatches on the WAN side (the datacenter keeps its layout). Without it averaging holds compute, over the faster of a ring all-reduce and
+microbatches on the WAN side (the datacenter keeps its layout). The WAN head stage runs as the node runs it
+(`--head leader`): one head replica leads, computes every microbatch of stage 0 and pushes each one's contribution
+to the 15 standbys, which compute nothing (until session 23 the comparison let all 16 head replicas share stage 0's
+microbatches; `--head lanes` is that layout, a what-if the node does not have). Without it averaging holds compute, over the faster of a ring all-reduce and
 direct pushes. `--async-loss-ratio` / `--averaging-loss-ratio` are what-ifs: loss penalties the caller gives
 instead of the calibration file's, labelled "given by the caller" in the output.
 """
@@ -76,14 +79,21 @@ CONTRIBUTIONS = {  # --contributions: how a WAN replica's PowerSGD factors leave
     "microbatch": "one per microbatch a replica computes, pushed after its backward (the node)",
     "step": "one per replica and step, pushed after its last backward (a what-if: not built in the node)",
 }
+HEADS = {  # --head: who computes stage 0 on the WAN side, as the output names it
+    "leader": "one head replica leads and computes every microbatch of stage 0, the 15 others stand by and receive "
+              "its contributions (the node)",
+    "lanes": "every head replica computes a share of stage 0's microbatches, as the other stages do (a what-if: not "
+             "built in the node)",
+}
 
 
 def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: LinkConfig, averaging: Averaging,
             max_staleness: int | None, steps: int, seed: int, overlap: bool = False,
             collective: str = "fastest", push: bool = False, per_step: bool = False,
-            microbatch_seqs: int = MICROBATCH_SEQS) -> WanConfig:
+            microbatch_seqs: int = MICROBATCH_SEQS, head_leader: bool = False) -> WanConfig:
     """push: the node's exchange, one contribution per microbatch a replica computes (per_step: one per replica and
-    step, after its last backward; not built in the node)."""
+    step, after its last backward; not built in the node). head_leader: stage 0 as the node runs it, one leader
+    computing every microbatch (and pushing each one's contribution) while the other head replicas stand by."""
     from sharding.partition import partition
 
     device = DeviceAssumption()
@@ -96,13 +106,14 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
                 for s in specs)
     fwd_b, bwd_b = _wire(model, codec) if codec == "subspace" else (model.d_model * 2 + 2, model.d_model * 2)
     # contributions a replica sends per step: the node pushes one per microbatch it computed
-    contributions = -(-microbatches // REPLICAS) if push and not per_step else 1
+    contributions = [(microbatches if head_leader and i == 0 else -(-microbatches // REPLICAS))
+                     if push and not per_step else 1 for i in range(STAGES)]
     return WanConfig(num_stages=STAGES, fwd_s=fwd, bwd_s=bwd, opt_s=opt, replicas=REPLICAS, microbatches=microbatches,
                      microbatch_tokens=tokens, steps=steps, schedule=schedule, fwd_bytes_per_token=float(fwd_b),
                      bwd_bytes_per_token=float(bwd_b),
                      grad_sync_bytes=tuple(int(sync_bytes_per_step(model, s, averaging) * averaging.outer_steps
-                                               * contributions) for s in specs),
-                     sync_every=averaging.outer_steps, overlap_sync=overlap,
+                                               * n) for s, n in zip(specs, contributions, strict=True)),
+                     sync_every=averaging.outer_steps, overlap_sync=overlap, head_leader=head_leader,
                      sync_collective=collective, sync_push=push, push_per_step=push and per_step,
                      link=link, max_staleness=max_staleness if schedule == "async" else None, seed=seed,
                      warmup_steps=max(1, steps // 2) if steps > 1 else 0)  # the steady second half
@@ -111,7 +122,7 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
 def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async", max_staleness: int = 4,
                       averaging: str = "powersgd:64", steps: int = SIMULATED_STEPS, seed: int = 0,
                       overlap_averaging: bool = False, contributions: str = "microbatch",
-                      microbatch_seqs: int = MICROBATCH_SEQS,
+                      microbatch_seqs: int = MICROBATCH_SEQS, head: str = "leader",
                       async_loss_ratio: float | None = None,
                       averaging_loss_ratio: float | None = None) -> dict[str, Any]:
     """Time to the target loss on home links over the same on 100 Gb/s; `slowdown_vs_datacenter` and its inputs.
@@ -123,6 +134,9 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     not built in the node, labelled so in the output).
     microbatch_seqs: sequences per WAN microbatch (a divisor of STEP_SEQS; the datacenter keeps MICROBATCH_SEQS):
     fewer, larger microbatches mean fewer per-microbatch contributions.
+    head: who computes stage 0 on the WAN side (`HEADS`): `leader` (the node: one head replica computes every
+    microbatch of stage 0 and pushes each one's contribution to the 15 standbys) or `lanes` (every head replica a
+    share: a what-if, not built in the node, labelled so in the output).
     async_loss_ratio / averaging_loss_ratio: loss penalties at equal tokens given by the caller (what-ifs; labelled
     so in the output) instead of the calibration file's."""
     avg = Averaging.parse(averaging)
@@ -138,13 +152,16 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                          f"leave every one of the {REPLICAS} replicas a microbatch (1 .. {STEP_SEQS // REPLICAS})")
     if contributions not in CONTRIBUTIONS:
         raise ValueError(f"contributions={contributions!r}: use one of {', '.join(CONTRIBUTIONS)}")
+    if head not in HEADS:
+        raise ValueError(f"head={head!r}: use one of {', '.join(HEADS)}")
     push = overlap_averaging and avg.mode == "powersgd"
     if contributions == "step" and not push:
         raise ValueError("contributions='step' sets when PowerSGD pushes go out: it needs averaging=powersgd:<R> "
                          "with overlap_averaging")
     wan_cfg = _config(calibration, "subspace", schedule, WAN_LINK, avg, max_staleness, steps, seed,
                       overlap=overlap_averaging and not push, collective="direct" if push else "fastest", push=push,
-                      per_step=contributions == "step", microbatch_seqs=microbatch_seqs)
+                      per_step=contributions == "step", microbatch_seqs=microbatch_seqs,
+                      head_leader=head == "leader")
     dc_cfg = _config(calibration, "dense", "1f1b", DATACENTER_LINK, Averaging(), None, steps, seed)
     wan, dc = simulate(wan_cfg), simulate(dc_cfg)
     wan_step = wan_cfg.tokens_per_step / (wan.steady_tokens_per_s or wan.tokens_per_s)
@@ -200,7 +217,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                 "averaging_overlapped": overlap_averaging, "averaging_collective": wan_cfg.sync_collective,
                 "contributions": (CONTRIBUTIONS[contributions] if push else
                                   "one exchange per step (the option's bytes per replica)"),
-                "codec": "subspace", "step_s": wan_step, "utilisation": wan.utilisation,
+                "head": HEADS[head], "codec": "subspace", "step_s": wan_step, "utilisation": wan.utilisation,
                 "bubble_fraction": wan.bubble_fraction, "steps_to_target": wan_steps, "time_to_target_s": wan_time,
                 "replica_bytes_per_step": [b / wan_cfg.sync_every for b in wan_cfg.grad_sync_bytes],
                 "link": "200 Mb/s, 50 ms one-way", "microbatches": wan_cfg.microbatches,

@@ -87,6 +87,9 @@ class WanConfig:
     # for the last share to arrive (a gradient is needed by the step it updates: PowerSGD, dense), not holding compute
     push_per_step: bool = False  # sync_push: a replica's averaging bytes of a step go out at once after its last
     # backward of the step (one contribution per replica and step) instead of a share after every backward
+    head_leader: bool = False  # the node's replicated head stage: the live stage-0 replica of lowest index leads and
+    # computes every microbatch of stage 0 (its averaging bytes: every microbatch's contribution, to each other replica);
+    # the others stand by, compute nothing and only receive. False: every stage-0 replica computes a share (data parallel)
     sync_collective: str = "ring"  # how replicas average: ring (all-reduce: 2 (r - 1) / r x bytes each, 2 (r - 1)
     # latencies), direct (each pushes its bytes to every other replica, as the node's /pmn/avg pushes: (r - 1) x bytes,
     # one latency; fits small compressed contributions) or fastest (whichever of the two takes less time)

@@ -212,9 +212,12 @@ class PipelineSim:
 
     # ------------------------------------------------------------------ building blocks
     def _pick(self, stage: int) -> Generator[simpy.Event, Any, _Node]:
-        """Least-loaded live replica of `stage`; waits for a joiner when the stage is empty."""
+        """Least-loaded live replica of `stage` (stage 0 with `head_leader`: the leader, the live replica of lowest
+        index); waits for a joiner when the stage is empty."""
         while True:
             live = [n for n in self.nodes[stage] if n.alive]
+            if live and stage == 0 and self.cfg.head_leader:
+                live = live[:1]
             if live:
                 node = min(
                     live,
@@ -387,7 +390,7 @@ class PipelineSim:
         (push_per_step: the whole step's after its last backward)."""
         live, share, _ = self._sync_share(node.stage)
         if share and node.alive:
-            per_node = -(-self.cfg.microbatches // len(live))  # microbatches a replica computes per step
+            per_node = self._per_node(node.stage, len(live))
             nbytes = share / per_node
             if self.cfg.push_per_step:
                 node.bwd_unpushed += 1
@@ -396,6 +399,12 @@ class PipelineSim:
                 node.bwd_unpushed, nbytes = 0, share
             bw = min(n.bw for n in live)
             node.pushes.append(self.env.process(self._background_send(node, nbytes, bw)))
+
+    def _per_node(self, stage: int, live: int) -> int:
+        """Microbatches a computing replica of `stage` runs per step among `live` replicas (the head leader: all)."""
+        if stage == 0 and self.cfg.head_leader:
+            return self.cfg.microbatches
+        return -(-self.cfg.microbatches // live)
 
     def _pushed(self, nodes: list[_Node]) -> Generator[simpy.Event, Any, None]:
         """sync_push: wait until the step's pushes of `nodes` are out and one latency later have arrived."""
@@ -433,8 +442,7 @@ class PipelineSim:
 
     def _maybe_async_opt(self, node: _Node) -> None:
         node.bwd_since_opt += 1
-        per_node = -(-self.cfg.microbatches // self.cfg.replicas)
-        if node.bwd_since_opt >= per_node:
+        if node.bwd_since_opt >= self._per_node(node.stage, self.cfg.replicas):
             node.bwd_since_opt = 0
             self.env.process(self._async_step_end(node))
 

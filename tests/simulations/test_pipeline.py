@@ -225,3 +225,23 @@ def test_a_step_pushed_at_once_goes_out_after_the_last_backward() -> None:
     assert once.bytes_sent == pytest.approx(spread.bytes_sent, rel=0.01)
     with pytest.raises(ValueError, match="push_per_step needs sync_push"):
         _replicated(push_per_step=True).validate()
+
+
+def test_a_head_leader_computes_every_stage_0_microbatch_and_its_standbys_none() -> None:
+    """head_leader (the node's replicated head stage): stage 0's forwards and backwards all run on replica 0 while
+    replica 1 stands by, so stage 0 does twice the compute of a data-parallel stage 0 per node and the run is
+    slower; the other stage keeps both replicas busy. With per-microbatch pushes the leader sends every
+    microbatch's share (8 of them a step), where each data-parallel replica sends its 4."""
+    shared = simulate(_replicated(), trace=True)
+    led = simulate(_replicated(head_leader=True), trace=True)
+    assert {e.replica for e in shared.trace if e.stage == 0 and e.kind in ("fwd", "bwd")} == {0, 1}
+    assert {e.replica for e in led.trace if e.stage == 0 and e.kind in ("fwd", "bwd")} == {0}
+    assert {e.replica for e in led.trace if e.stage == 1 and e.kind == "bwd"} == {0, 1}
+    assert led.sim_time_s > shared.sim_time_s * 1.5
+    assert led.forward_passes == shared.forward_passes  # every microbatch still passes stage 0 once
+    pushed = {flag: simulate(_replicated(grad_sync_bytes=(800_000, 0), sync_collective="direct", sync_push=True,
+                                         head_leader=flag)) for flag in (False, True)}
+    # a step: data parallel, each replica sends 800 kB to the other; led, the leader 8 pushes of 100 kB to its one
+    # standby, which sends nothing
+    extra = {flag: pushed[flag].bytes_sent - simulate(_replicated(head_leader=flag)).bytes_sent for flag in pushed}
+    assert extra[True] == pytest.approx(extra[False] / 2, rel=0.2)

@@ -87,21 +87,28 @@ def test_datacenter_comparison_reports_the_slowdown() -> None:
 @pytest.mark.timeout(300)
 def test_the_wan_replicas_push_one_contribution_per_microbatch_as_the_node_does() -> None:
     """The node pushes a PowerSGD contribution for every microbatch a replica computes (16 per replica and step
-    here), so the comparison's WAN bytes are 16 times one contribution; one contribution per replica and step (a
-    what-if, labelled as not built) and fewer, larger microbatches cut them; bad layouts are refused."""
+    here; its head leader computes all 256 of stage 0 and pushes each to its 15 standbys), so the comparison's WAN
+    bytes are 16 (stage 0: 256) times one contribution; one contribution per replica and step, fewer and larger
+    microbatches and a head stage whose replicas share the microbatches (what-ifs, labelled as not built) cut them,
+    and the head leader is the slower layout; bad layouts are refused."""
     cal = load_calibration(DEFAULT_PATH)
     model = protocolnanogpt_model(16)
     one = [sync_bytes_per_step(model, s, Averaging.parse("powersgd:6:int4")) for s in partition(model, 8)]
     runs = {name: run_vs_datacenter(cal, max_staleness=3, averaging="powersgd:6:int4", overlap_averaging=True,
                                     steps=4, **kw)
-            for name, kw in (("node", {}), ("step", {"contributions": "step"}), ("large", {"microbatch_seqs": 16}))}
-    for name, per in (("node", 16), ("step", 1), ("large", 2)):
+            for name, kw in (("node", {}), ("step", {"contributions": "step"}), ("large", {"microbatch_seqs": 16}),
+                             ("lanes", {"head": "lanes"}))}
+    for name, head, per in (("node", 256, 16), ("step", 1, 1), ("large", 32, 2), ("lanes", 16, 16)):
         wan = runs[name]["wan"]
-        assert wan["replica_bytes_per_step"] == pytest.approx([per * b for b in one], rel=1e-6)
-    assert "(the node)" in runs["node"]["wan"]["contributions"]
+        assert wan["replica_bytes_per_step"] == pytest.approx([head * one[0]] + [per * b for b in one[1:]], rel=1e-6)
+    assert "(the node)" in runs["node"]["wan"]["contributions"] and "(the node)" in runs["node"]["wan"]["head"]
     assert "not built in the node" in runs["step"]["wan"]["contributions"]
+    assert "not built in the node" in runs["lanes"]["wan"]["head"]
     assert runs["large"]["wan"]["microbatches"] == 32 and runs["node"]["wan"]["microbatches"] == 256
     assert runs["step"]["wan"]["step_s"] < runs["node"]["wan"]["step_s"]
+    assert runs["lanes"]["wan"]["step_s"] < runs["node"]["wan"]["step_s"]
+    with pytest.raises(ValueError, match="head="):
+        run_vs_datacenter(cal, steps=2, head="all")
     assert runs["large"]["datacenter"] == runs["node"]["datacenter"]  # the datacenter keeps its own layout
     for bad in (0, 3, 64, True):
         with pytest.raises(ValueError, match="microbatch_seqs"):
@@ -143,7 +150,7 @@ def test_cli_defaults_run_the_nodes_averaging_overlapped_and_dense_held() -> Non
     parse = build_parser().parse_args
     args = parse(["simulate", "wan", "--vs", "datacenter"])
     assert (args.averaging, args.max_staleness, _overlap(args)) == ("powersgd:6:int4", 3, True)
-    assert (args.contributions, args.microbatch_seqs) == ("microbatch", 2)  # the node as built, its layout
+    assert (args.contributions, args.microbatch_seqs, args.head) == ("microbatch", 2, "leader")  # the node as built
     assert _overlap(parse(["simulate", "wan", "--vs", "datacenter", "--averaging", "dense"])) is False
     assert _overlap(parse(["simulate", "wan", "--vs", "datacenter", "--no-overlap-averaging"])) is False
     assert _overlap(parse(["simulate", "wan", "--vs", "datacenter", "--averaging", "diloco:50"])) is True
