@@ -49,6 +49,7 @@ SHORT_FLAGS: dict[str, tuple[str, ...]] = {
     "runtime.powersgd_bits": ("--powersgd-bits",),
     "runtime.powersgd_iterations": ("--powersgd-iterations",),
     "runtime.powersgd_block_rank": ("--powersgd-block-rank",),
+    "runtime.replica_exchange": ("--replica-exchange",),
     "runtime.torch_threads": ("--threads",),
     "execution.precision": ("--precision",),
     "execution.activation_checkpointing": ("--activation-checkpointing",),

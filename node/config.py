@@ -8,7 +8,13 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # torch is imported when a policy is built, not with the config
     from sharding.device import ExecutionPolicy
 
-from protocol.modelspec import MAX_POWER_ITERATIONS, POWERSGD_BITS, REPLICA_AVERAGING, check_schedule
+from protocol.modelspec import (
+    MAX_POWER_ITERATIONS,
+    POWERSGD_BITS,
+    REPLICA_AVERAGING,
+    REPLICA_EXCHANGE,
+    check_schedule,
+)
 
 
 @dataclass
@@ -125,6 +131,9 @@ class RuntimeConfig:
     # the gradient for the same bytes (compute only: each replica encodes its own); part of the spec
     powersgd_block_rank: int = 0  # PowerSGD rank of the transformer blocks' matrices (0: powersgd_rank); part of the
     # spec like powersgd_rank
+    replica_exchange: str = "microbatch"  # when a replica's contributions leave: microbatch (each one, held by a
+    # second replica before its gradient goes upstream) or step (one per replica and step once the commit is known);
+    # part of the spec like replica_averaging
     frame_timeout_s: float = 120.0  # longest wait for the next frame from a neighbour within a step
     step_retries: int = 3  # times a failed step is retried (after re-dialling) before giving up
     redial_timeout_s: float = 30.0  # how long to look for a replacement neighbour before a retry
@@ -430,6 +439,9 @@ class NodeConfig:
         if type(r.powersgd_bits) is not int or r.powersgd_bits not in POWERSGD_BITS:
             raise ValueError(f"runtime.powersgd_bits must be 16 (bf16 factors), 8 (int8) or 4 (int4), "
                              f"got {r.powersgd_bits!r}")
+        if r.replica_exchange not in REPLICA_EXCHANGE:
+            raise ValueError(f"runtime.replica_exchange must be one of {', '.join(REPLICA_EXCHANGE)}, "
+                             f"got {r.replica_exchange!r}")
         if type(r.powersgd_block_rank) is not int or r.powersgd_block_rank < 0:
             raise ValueError(f"runtime.powersgd_block_rank must be an integer >= 1, or 0 for runtime.powersgd_rank, "
                              f"got {r.powersgd_block_rank!r}")

@@ -40,6 +40,7 @@ def training_section(cfg: NodeConfig) -> TrainingSection:
                            microbatch_size=r.microbatch_size, lr=lr, replica_averaging=r.replica_averaging,
                            powersgd_rank=r.powersgd_rank, powersgd_bits=r.powersgd_bits,
                            powersgd_iterations=r.powersgd_iterations, powersgd_block_rank=r.powersgd_block_rank,
+                           replica_exchange=r.replica_exchange,
                            pipeline_schedule=r.schedule,
                            max_staleness=r.max_staleness, async_lookahead=r.async_lookahead, **asdict(cfg.recipe))
 

@@ -97,7 +97,7 @@ def node_config(op: OperatorConfig, flags: dict[str, Any]) -> NodeConfig:
             r.steps = m.recipe.total_steps
         r.replica_averaging, r.powersgd_rank = m.recipe.replica_averaging, m.recipe.powersgd_rank
         r.powersgd_bits, r.powersgd_iterations = m.recipe.powersgd_bits, m.recipe.powersgd_iterations
-        r.powersgd_block_rank = m.recipe.powersgd_block_rank
+        r.powersgd_block_rank, r.replica_exchange = m.recipe.powersgd_block_rank, m.recipe.replica_exchange
         r.schedule, r.max_staleness = m.recipe.pipeline_schedule, m.recipe.max_staleness
         r.async_lookahead = m.recipe.async_lookahead
     if m.data is not None:  # the spec's dataset and tokenizer, hash-checked by the node at start

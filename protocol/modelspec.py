@@ -64,6 +64,10 @@ class TrainingSection:
     powersgd_block_rank: int = 0  # PowerSGD rank of the transformer blocks' matrices (Muon's under optimizer = muon);
     # 0: powersgd_rank like the other matrices. Muon orthogonalises its update, and a rank-6 fit of those matrices
     # cost it a few per cent of loss where the embedding and head at rank 6 cost nothing measurable
+    replica_exchange: str = "microbatch"  # when a replica's contributions leave: microbatch (one per microbatch it
+    # computes, held by a second replica before its gradient goes upstream: a lost replica loses nothing) or step (one
+    # per replica and step, the sum of its committed microbatches, once the commit is known: a step's worth of bytes
+    # fewer; a replica lost before its step's contribution went out costs the stage a re-fetch or a rollback)
     pipeline_schedule: str = "gpipe"  # pipeline schedule: gpipe, 1f1b (both exact) or async (delayed gradients)
     max_staleness: int = 0  # async: optimiser steps a gradient may lag the weights it updates (0 for gpipe/1f1b)
     async_lookahead: float = 1.0  # async: stashed weights extrapolated along the last update by this x max_staleness
@@ -104,6 +108,9 @@ class TrainingSection:
         if type(self.powersgd_bits) is not int or self.powersgd_bits not in POWERSGD_BITS:
             raise ValueError(f"training.powersgd_bits={self.powersgd_bits!r}: use 16 (bf16 factors), 8 (int8) or 4 "
                              f"(int4)")
+        if self.replica_exchange not in REPLICA_EXCHANGE:
+            raise ValueError(f"training.replica_exchange={self.replica_exchange!r}: use one of "
+                             f"{', '.join(REPLICA_EXCHANGE)}")
         if type(self.powersgd_block_rank) is not int or self.powersgd_block_rank < 0:
             raise ValueError(f"training.powersgd_block_rank={self.powersgd_block_rank!r}: use an integer >= 1, or 0 for "
                              "training.powersgd_rank")
@@ -150,12 +157,13 @@ TRAINING_DEFAULTS: dict[str, Any] = {
     "beta2": 0.95, "weight_decay": 0.1, "adam_eps": 1e-8, "grad_clip": 0.0, "batch_tokens": None,
     "replica_averaging": "dense", "powersgd_rank": 4, "pipeline_schedule": "gpipe", "max_staleness": 0,
     "powersgd_bits": 16, "powersgd_iterations": 1, "optimizer": "adamw", "muon_momentum": 0.95,
-    "async_lookahead": 1.0, "powersgd_block_rank": 0,
+    "async_lookahead": 1.0, "powersgd_block_rank": 0, "replica_exchange": "microbatch",
 }
 MAX_LOOKAHEAD = 8.0  # largest async look-ahead factor a spec may ask for
 MAX_POWER_ITERATIONS = 8  # most PowerSGD power iterations a spec may ask of every replica per contribution
 PIPELINE_SCHEDULES = ("gpipe", "1f1b", "async")  # pipeline schedules a spec may name
 REPLICA_AVERAGING = ("dense", "dense-bf16", "powersgd")  # replica exchanges a spec may name (fp32, bf16, PowerSGD)
+REPLICA_EXCHANGE = ("microbatch", "step")  # when replicas' contributions leave: per microbatch, or per replica and step
 POWERSGD_BITS = (16, 8, 4)  # PowerSGD factor widths a spec may name: bf16 factors, or int8 / int4 codes (two int4
 # codes to a byte) with bf16 column scales (sharding.gradcompress.CODE_MAX holds the codes' ranges)
 

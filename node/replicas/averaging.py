@@ -56,8 +56,9 @@ MAX_HEADER = 1 << 20  # bytes of one JSON message header a client accepts (a pul
 class AvgLimits:
     """Bounds of `/pmn/avg/1.0.0` as a node serves it (every refusal counts against the sender)."""
 
-    max_header_bytes: int = 4096  # largest request header, checked on its length prefix
-    max_depth: int = 2  # deepest JSON nesting of a request header
+    max_header_bytes: int = 1 << 16  # largest request header, checked on its length prefix (a head leader's step
+    # bundle lists every microbatch of the step with its loss)
+    max_depth: int = 3  # deepest JSON nesting of a request header (a bundle's pairs: a list of [mb, attempt] lists)
     idle_timeout_s: float = 10.0  # longest wait for the next bytes of a request
     max_pending_per_peer: int = 256  # contributions pushed by one peer and still held (more are refused); an
     # honest peer holds at most keep_steps x num_microbatches x attempts of them
@@ -101,27 +102,39 @@ def set_grads(module: torch.nn.Module, flat: torch.Tensor) -> None:
 
 
 def combine(vectors: list[torch.Tensor], num_microbatches: int, method: str = "mean",
-            codec: ContributionCodec | None = None) -> torch.Tensor:
-    """Combine one contribution per committed microbatch (each already scaled by 1/M).
+            codec: ContributionCodec | None = None, counts: list[int] | None = None) -> torch.Tensor:
+    """Combine the committed contributions of a step: one per microbatch, or (counts) bundles of counts[i]
+    microbatches each (every microbatch's gradient already scaled by 1/M).
 
-    Each contribution times M estimates the step's gradient; their aggregate (a plain mean by
-    default) equals the sum of the contributions when all M are present. Compressed contributions
-    are decoded first (the robust aggregate runs on the decoded low-rank gradients); one that fails
-    to decode is left out like a non-finite one.
+    Each contribution times M / count estimates the step's gradient; their aggregate (by default the mean weighted
+    by count, so the result is the sum of the contributions when every microbatch is covered: with one per
+    microbatch, a plain mean) is the update. The robust methods weigh every contribution's estimate alike.
+    Compressed contributions are decoded first (the robust aggregate runs on the decoded low-rank gradients); one
+    that fails to decode is left out like a non-finite one.
     """
     if not vectors:
         raise AveragingError("no contributions to combine")
+    counts = counts or [1] * len(vectors)
+    if len(counts) != len(vectors) or min(counts) < 1:
+        raise AveragingError(f"{len(vectors)} contributions with microbatch counts {counts}")
     if codec is not None and codec.compressed:
-        dense = []
-        for v in vectors:
+        dense, kept = [], []
+        for v, k in zip(vectors, counts, strict=True):
             try:
                 dense.append(codec.decode(v))
+                kept.append(k)
             except AveragingError:
                 continue
         if not dense:
             raise AveragingError("no contribution of the step decodes")
-        vectors = dense
-    updates = [v * num_microbatches for v in vectors]
+        vectors, counts = dense, kept
+    updates = [v * (num_microbatches / k) for v, k in zip(vectors, counts, strict=True)]
+    if method == "mean" and len(set(counts)) > 1:  # bundles of unequal size: weigh each estimate by its share
+        finite = [(u, k) for u, k in zip(updates, counts, strict=True) if bool(torch.isfinite(u).all())]
+        if not finite:
+            raise AveragingError("no finite contribution to combine")
+        total = sum(k for _, k in finite)
+        return sum((u * (k / total) for u, k in finite), torch.zeros_like(updates[0]))
     return aggregate(updates, AggregationConfig(method=method))
 
 
@@ -277,16 +290,54 @@ class ContributionCodec:
 # -- the store ---------------------------------------------------------------------------------------
 
 
-class ContributionStore:
-    """Contributions and commits of recent steps (this replica's and its stage peers')."""
+Pair = tuple[int, int]  # (microbatch, attempt)
 
-    def __init__(self, size: int, codec: ContributionCodec | None = None) -> None:
+
+@dataclass(frozen=True)
+class Held:
+    """One held contribution: the committed (mb, attempt) pairs it sums (one, or a replica's step bundle), its
+    words, and the tail loss of each pair (None off the tail)."""
+
+    covers: tuple[Pair, ...]  # sorted by microbatch; the first is its key in the store
+    vec: torch.Tensor  # its words (ContributionCodec.words of them)
+    losses: tuple[float | None, ...]  # one per covered pair
+
+
+MAX_COVERS = 1 << 12  # most pairs one bundle may cover (a step's microbatches are far fewer)
+
+
+def check_covers(covers: list[Pair]) -> tuple[Pair, ...]:
+    """`covers` as a bundle's pairs: non-empty, at most MAX_COVERS, integer (mb, attempt) pairs in range, one per
+    microbatch, sorted by microbatch (AveragingError naming what is wrong)."""
+    if not covers or len(covers) > MAX_COVERS:
+        raise AveragingError(f"a bundle covers 1 .. {MAX_COVERS} (mb, attempt) pairs, this one {len(covers)}")
+    out = []
+    for pair in covers:
+        if (not isinstance(pair, list | tuple) or len(pair) != 2
+                or any(isinstance(x, bool) or not isinstance(x, int) or not 0 <= x < 1 << 20 for x in pair)):
+            raise AveragingError(f"a bundle's pair must be [mb, attempt] integers in [0, 2^20), got {str(pair)[:40]}")
+        out.append((int(pair[0]), int(pair[1])))
+    mbs = [mb for mb, _ in out]
+    if mbs != sorted(set(mbs)):
+        raise AveragingError("a bundle's pairs must name distinct microbatches in increasing order")
+    return tuple(out)
+
+
+class ContributionStore:
+    """Contributions and commits of recent steps (this replica's and its stage peers').
+
+    A contribution covers one (mb, attempt) pair, or under `replica_exchange = "step"` a bundle of them (the sum of
+    one replica's committed microbatches of the step, `covers`); it is stored under its first pair."""
+
+    def __init__(self, size: int, codec: ContributionCodec | None = None, exchange: str = "microbatch") -> None:
         if codec is not None and codec.words != size:
             raise AveragingError(f"store of {size} words for a codec of {codec.words}")
         self.codec = codec or ContributionCodec([(size,)])  # how contributions travel (dense by default)
         self.size = size  # 4-byte words per contribution vector (dense: the stage's trainable parameters)
-        self.vecs: dict[int, dict[tuple[int, int], torch.Tensor]] = {}  # step -> (mb, attempt) -> vector
-        self.losses: dict[int, dict[tuple[int, int], float]] = {}  # step -> (mb, attempt) -> tail loss
+        self.exchange = exchange  # the spec's replica_exchange: "microbatch" or "step" (bundles accepted)
+        self.vecs: dict[int, dict[Pair, torch.Tensor]] = {}  # step -> first covered (mb, attempt) -> vector
+        self.covers: dict[int, dict[Pair, tuple[Pair, ...]]] = {}  # step -> key -> pairs it covers (bundles only)
+        self.losses: dict[int, dict[Pair, float]] = {}  # step -> covered (mb, attempt) -> tail loss
         self.commits: dict[int, dict[int, int]] = {}  # step -> mb -> committed attempt
         self.wire_bytes = 0  # /pmn/avg/1.0.0 bytes this node's server read and wrote for this store (pushes
         # received, pull requests and answers): every contribution crossing between replicas is counted once
@@ -296,14 +347,58 @@ class ContributionStore:
         self.changed.set()
         self.changed = trio.Event()
 
-    def add(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None = None) -> None:
-        """Keep one contribution (AveragingError on a wrong size; nothing stored then)."""
+    def _check(self, step: int, vec: torch.Tensor) -> None:
         if vec.numel() != self.size or vec.dim() != 1:
-            raise AveragingError(f"contribution of step {step} mb {mb} has {vec.numel()} values, expected {self.size}")
+            raise AveragingError(f"contribution of step {step} has {vec.numel()} values, expected {self.size}")
+
+    def add(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None = None) -> None:
+        """Keep one contribution of one pair (AveragingError on a wrong size; nothing stored then)."""
+        self._check(step, vec)
         self.vecs.setdefault(step, {})[(mb, attempt)] = vec
+        self.covers.get(step, {}).pop((mb, attempt), None)
         if loss is not None:
             self.losses.setdefault(step, {})[(mb, attempt)] = float(loss)
         self._poke()
+
+    def add_bundle(self, step: int, covers: list[Pair] | tuple[Pair, ...], vec: torch.Tensor,
+                   losses: list[float | None] | tuple[float | None, ...] | None = None) -> None:
+        """Keep one replica's step bundle (`replica_exchange = "step"`). AveragingError, nothing stored, when this
+        stage exchanges per microbatch, the pairs are malformed (`check_covers`), the losses do not match them, the
+        size is wrong, or it overlaps a held contribution of the step under another key (first come is kept)."""
+        if self.exchange != "step":
+            raise AveragingError("this stage exchanges one contribution per microbatch (replica_exchange = "
+                                 "microbatch): a bundle is refused")
+        pairs = check_covers(list(covers))
+        if losses is not None and len(losses) != len(pairs):
+            raise AveragingError(f"a bundle of {len(pairs)} pairs carries {len(losses)} losses")
+        self._check(step, vec)
+        key = pairs[0]
+        held = {p: k for k, ps in self.entries(step) for p in ps}
+        clash = sorted({held[p] for p in pairs if p in held} - {key})
+        if clash or (key in self.vecs.get(step, {}) and self._covers(step, key) != pairs):
+            raise AveragingError(f"bundle of step {step} covering {list(pairs)[:8]} overlaps a held contribution "
+                                 f"(key {clash[0] if clash else key})")
+        self.vecs.setdefault(step, {})[key] = vec
+        self.covers.setdefault(step, {})[key] = pairs
+        for p, loss in zip(pairs, losses or [None] * len(pairs), strict=True):
+            if loss is not None:
+                self.losses.setdefault(step, {})[p] = float(loss)
+        self._poke()
+
+    def _covers(self, step: int, key: Pair) -> tuple[Pair, ...]:
+        return self.covers.get(step, {}).get(key, (key,))
+
+    def entries(self, step: int) -> list[tuple[Pair, tuple[Pair, ...]]]:
+        """(key, covered pairs) of every contribution held for `step`, in key order."""
+        return [(k, self._covers(step, k)) for k in sorted(self.vecs.get(step, {}))]
+
+    def pairs(self, step: int) -> list[Pair]:
+        """Every (mb, attempt) pair a held contribution of `step` covers."""
+        return [p for _, ps in self.entries(step) for p in ps]
+
+    def attempts(self) -> list[int]:
+        """Attempt ids of every pair held, all steps."""
+        return [a for step in self.vecs for _, a in self.pairs(step)]
 
     def commit(self, step: int, commit: dict[int, int]) -> None:
         """Record the head's commit of `step` (first one wins; commits never change)."""
@@ -311,26 +406,37 @@ class ContributionStore:
             self.commits[step] = dict(commit)
             self._poke()
 
-    def missing(self, step: int) -> list[int]:
-        """Committed microbatches of `step` whose contribution is not here."""
-        have = self.vecs.get(step, {})
-        return sorted(mb for mb, a in self.commits.get(step, {}).items() if (mb, a) not in have)
-
-    def committed(self, step: int) -> list[tuple[int, int, torch.Tensor, float | None]]:
-        """(mb, attempt, vector, loss) of each committed contribution present, in microbatch order."""
-        have = self.vecs.get(step, {})
-        losses = self.losses.get(step, {})
+    def _chosen(self, step: int) -> list[Pair]:
+        """Keys of the contributions a committed step combines: those whose pairs are all committed, in key order,
+        each unless a pair of it is already covered (a duplicate pair; `add_bundle` refuses overlaps)."""
+        commit = self.commits.get(step, {})
+        taken: set[int] = set()
         out = []
-        for mb, a in sorted(self.commits.get(step, {}).items()):
-            if (mb, a) in have:
-                out.append((mb, a, have[(mb, a)], losses.get((mb, a))))
+        for key, ps in self.entries(step):
+            if all(commit.get(mb) == a for mb, a in ps) and not taken & {mb for mb, _ in ps}:
+                taken.update(mb for mb, _ in ps)
+                out.append(key)
+        return out
+
+    def missing(self, step: int) -> list[int]:
+        """Committed microbatches of `step` no held contribution covers."""
+        covered = {mb for k in self._chosen(step) for mb, _ in self._covers(step, k)}
+        return sorted(mb for mb in self.commits.get(step, {}) if mb not in covered)
+
+    def committed(self, step: int) -> list[Held]:
+        """Each committed contribution present, in microbatch order of its first pair."""
+        have, losses = self.vecs.get(step, {}), self.losses.get(step, {})
+        out = []
+        for key in self._chosen(step):
+            ps = self._covers(step, key)
+            out.append(Held(ps, have[key], tuple(losses.get(p) for p in ps)))
         return out
 
     def prune(self, keep_from: int) -> None:
         """Forget steps before `keep_from`."""
-        for d in (self.vecs, self.losses, self.commits):
+        for d in (self.vecs, self.covers, self.losses, self.commits):
             for s in [s for s in d if s < keep_from]:
-                del d[s]
+                del d[s]  # type: ignore[attr-defined]
 
 
 # -- wire messages -----------------------------------------------------------------------------------
@@ -494,6 +600,18 @@ class AveragingService:
             loss = header.get("loss")
             if loss is not None and (isinstance(loss, bool) or not isinstance(loss, int | float)):
                 raise AveragingError("field 'loss' must be a number or null")
+            covers = header.get("covers")
+            losses = header.get("losses")
+            if covers is not None:  # a step bundle: checked before its blob is read
+                pairs = check_covers(covers if isinstance(covers, list) else [])
+                if pairs[0] != (mb, attempt):
+                    raise AveragingError(f"a bundle's first pair {list(pairs[0])} is not its mb/attempt {[mb, attempt]}")
+                if not isinstance(losses, list) or len(losses) != len(pairs) or any(
+                        x is not None and (isinstance(x, bool) or not isinstance(x, int | float)) for x in losses):
+                    raise AveragingError("field 'losses' must list a number or null per covered pair")
+                if store.exchange != "step":
+                    raise AveragingError("this stage exchanges one contribution per microbatch (replica_exchange = "
+                                         "microbatch): a bundle is refused")
             enc = header.get("enc", "dense")
             if enc != store.codec.tag:
                 raise AveragingError(f"contribution encoded as {str(enc)[:40]!r}, this stage averages {store.codec.tag}")
@@ -505,7 +623,10 @@ class AveragingService:
             vec = bytes_vec(blob, store.size)
             if store.codec.compressed:
                 store.codec.check(vec)  # NaN/Inf in a factor: refused and counted, nothing stored
-            store.add(step, mb, attempt, vec, None if loss is None else float(loss))
+            if covers is not None:
+                store.add_bundle(step, pairs, vec, [None if x is None else float(x) for x in losses or []])
+            else:
+                store.add(step, mb, attempt, vec, None if loss is None else float(loss))
             self.pushed.setdefault(key, deque()).append((stage, step, mb, attempt))
             await write_msg(stream, {"ok": True})
         elif op == "pull":
@@ -528,11 +649,18 @@ class AveragingService:
             commit: list[list[int]] | None = sorted([mb, a] for mb, a in store.commits[step].items())
         else:  # no commit here yet: everything we hold for the step (the asker knows which attempts count)
             losses = store.losses.get(step, {})
-            items = [(mb, a, v, losses.get((mb, a))) for (mb, a), v in sorted(store.vecs.get(step, {}).items())]
+            items = []
+            for key, v in sorted(store.vecs.get(step, {}).items()):
+                ps = store.covers.get(step, {}).get(key, (key,))
+                items.append(Held(ps, v, tuple(losses.get(p) for p in ps)))
             commit = None
-        blob = b"".join(vec_bytes(v) for _, _, v, _ in items)
-        await write_msg(stream, {"commit": commit, "have": [[mb, a, loss] for mb, a, _, loss in items],
-                                 "enc": store.codec.tag}, blob)
+        blob = b"".join(vec_bytes(h.vec) for h in items)
+        answer: dict[str, Any] = {"commit": commit, "have": [[*h.covers[0], h.losses[0]] for h in items],
+                                  "enc": store.codec.tag}
+        if store.exchange == "step":  # each contribution's pairs and their losses
+            answer["covers"] = [[list(p) for p in h.covers] for h in items]
+            answer["losses"] = [list(h.losses) for h in items]
+        await write_msg(stream, answer, blob)
 
 
 async def _request(host: Any, addr: str, header: dict[str, Any], blob: bytes, max_blob: int,
@@ -555,10 +683,15 @@ async def _request(host: Any, addr: str, header: dict[str, Any], blob: bytes, ma
 
 
 async def push(host: Any, addr: str, spec_hash: str, stage: int, step: int, mb: int, attempt: int,
-               vec: torch.Tensor, loss: float | None, timeout_s: float, enc: str = "dense") -> None:
-    """Give one contribution (in encoding `enc`, the store codec's tag) to a stage peer."""
-    header = {"op": "push", "spec_hash": spec_hash, "stage": stage, "step": step, "mb": mb, "attempt": attempt,
-              "loss": loss}
+               vec: torch.Tensor, loss: float | None, timeout_s: float, enc: str = "dense",
+               bundle: Held | None = None) -> None:
+    """Give one contribution (in encoding `enc`, the store codec's tag) to a stage peer; `bundle`: a step bundle
+    (its first pair is mb, attempt)."""
+    header: dict[str, Any] = {"op": "push", "spec_hash": spec_hash, "stage": stage, "step": step, "mb": mb,
+                              "attempt": attempt, "loss": loss}
+    if bundle is not None:
+        header["covers"] = [list(p) for p in bundle.covers]
+        header["losses"] = list(bundle.losses)
     if enc != "dense":  # dense pushes keep the header they always had
         header["enc"] = enc
     await _request(host, addr, header, vec_bytes(vec), 0, timeout_s)
@@ -566,12 +699,12 @@ async def push(host: Any, addr: str, spec_hash: str, stage: int, step: int, mb: 
 
 async def pull(host: Any, addr: str, spec_hash: str, stage: int, step: int, size: int, wait_s: float,
                timeout_s: float, codec: ContributionCodec | None = None
-               ) -> tuple[dict[int, int] | None, list[tuple[int, int, torch.Tensor, float | None]]]:
+               ) -> tuple[dict[int, int] | None, list[Held]]:
     """A stage peer's commit of `step` (None if it has none within wait_s) and its contributions of the step
-    (the committed ones, or all it holds when it has no commit).
+    (the committed ones, or all it holds when it has no commit), each with the pairs it covers.
 
-    With `codec`, an answer in another encoding or holding a non-finite compressed contribution raises
-    AveragingError (the caller counts it against that peer) and nothing of it is kept."""
+    With `codec`, an answer in another encoding, with malformed bundle pairs or holding a non-finite compressed
+    contribution raises AveragingError (the caller counts it against that peer) and nothing of it is kept."""
     reply, data = await _request(host, addr, {"op": "pull", "spec_hash": spec_hash, "stage": stage, "step": step,
                                               "wait_s": wait_s}, b"", 4 * size * 1024, timeout_s + wait_s)
     commit = None if reply.get("commit") is None else {int(mb): int(a) for mb, a in reply["commit"]}
@@ -580,10 +713,22 @@ async def pull(host: Any, addr: str, spec_hash: str, stage: int, step: int, size
     have = reply.get("have", [])
     if len(data) != 4 * size * len(have):
         raise AveragingError(f"pull answer holds {len(data)} bytes for {len(have)} vectors of {size}")
+    covers, losses = reply.get("covers"), reply.get("losses")
+    if covers is not None and (not isinstance(covers, list) or not isinstance(losses, list)
+                               or len(covers) != len(have) or len(losses) != len(have)):
+        raise AveragingError("pull answer's 'covers' and 'losses' must list one entry per contribution")
     out = []
     for i, (mb, a, loss) in enumerate(have):
         vec = bytes_vec(data[4 * size * i: 4 * size * (i + 1)], size)
         if codec is not None and codec.compressed:
             codec.check(vec)
-        out.append((int(mb), int(a), vec, None if loss is None else float(loss)))
+        if covers is None:
+            out.append(Held(((int(mb), int(a)),), vec, (None if loss is None else float(loss),)))
+            continue
+        pairs = check_covers(covers[i] if isinstance(covers[i], list) else [])
+        ls = losses[i] if isinstance(losses, list) and isinstance(losses[i], list) and len(losses[i]) == len(pairs) \
+            else None
+        if ls is None or any(x is not None and (isinstance(x, bool) or not isinstance(x, int | float)) for x in ls):
+            raise AveragingError("pull answer's 'losses' must list a number or null per covered pair")
+        out.append(Held(pairs, vec, tuple(None if x is None else float(x) for x in ls)))
     return commit, out

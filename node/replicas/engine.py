@@ -136,6 +136,14 @@ class ReplicaEngine:
         self._had_up = False  # a replica of the previous stage had a channel open to this one at some point
         self._upless_since: float | None = None  # since when no channel from the previous stage is open
         self._last_up: str = ""  # the last previous-stage replica that had a channel open to this one
+        # replica_exchange = "step": one contribution per replica and step, the sum of the committed microbatches
+        # whose gradient the previous stage took from this replica (told in its COMMIT frame: `yours`)
+        self.per_step = cfg.runtime.replica_exchange == "step"
+        self._dense: dict[int, dict[tuple[int, int], tuple[torch.Tensor, float | None, str]]] = {}  # step ->
+        # (mb, attempt) -> (dense gradient, tail loss, the previous-stage peer that sent the activation)
+        self._accepted: dict[int, dict[int, str]] = {}  # step -> mb -> next-stage peer whose gradient this replica used
+        self._verdicts: dict[int, dict[str, set[int]]] = {}  # step -> previous-stage peer -> mbs it used ours for
+        self._owned: dict[int, list[list[int]]] = {}  # step -> the (mb, attempt) pairs this replica's bundle sums
 
     # -- channels ----------------------------------------------------------------------------------
 
@@ -252,8 +260,12 @@ class ReplicaEngine:
         out = fn(*args)
         return out, averaging.take_grads(self.worker.module)
 
-    async def _contribute(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> bool:
+    async def _contribute(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None,
+                          up: str = "") -> bool:
         """Keep our contribution and give it to the stage peers; True once it may be committed.
+
+        replica_exchange = "step": the dense gradient is only kept (with `up`, the previous-stage peer that sent the
+        activation) until the step's commit is known, then summed into this replica's bundle (`_bundle`); True.
 
         A contribution may be committed (its gradient sent upstream) only once a second replica of the stage
         holds it, or no other replica of the stage is alive to hold it: otherwise this replica dying right
@@ -261,12 +273,15 @@ class ReplicaEngine:
         and waited for (bounded by `avg_timeout_s`); peers in backoff are not waited for, but one background
         push per such peer probes it (`probe_loop`). When no peer took it that way, `_hold` keeps trying.
         """
-        if self.store.codec.compressed:  # the spec's replica_averaging encoding (torch work: off the event loop)
-            vec = await trio.to_thread.run_sync(self.store.codec.encode, vec)
-        self.store.add(step, mb, attempt, vec, loss)
         computed = self._computed.setdefault(step, [])
         if [mb, attempt] not in computed:  # an inner stage may get an attempt again after not committing it
             computed.append([mb, attempt])
+        if self.per_step:
+            self._dense.setdefault(step, {})[(mb, attempt)] = (vec, loss, up)
+            return True
+        if self.store.codec.compressed:  # the spec's replica_averaging encoding (torch work: off the event loop)
+            vec = await trio.to_thread.run_sync(self.store.codec.encode, vec)
+        self.store.add(step, mb, attempt, vec, loss)
         peers, backoff = self._split_stage_peers()
         for e in backoff:
             if e.peer_id not in self._probing:
@@ -296,11 +311,64 @@ class ReplicaEngine:
         return held > 0 or await self._hold(step, mb, attempt, vec, loss)
 
     async def _push(self, addr: str, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None,
-                    timeout_s: float) -> None:
+                    timeout_s: float, bundle: averaging.Held | None = None) -> None:
         if self.rc.debug_push_delay_s:  # TEST ONLY: a slow link to the stage peers
             await trio.sleep(self.rc.debug_push_delay_s)
         await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss, timeout_s,
-                             enc=self.store.codec.tag)
+                             enc=self.store.codec.tag, bundle=bundle)
+
+    def _held_entry(self, step: int, key: tuple[int, int]) -> averaging.Held:
+        """The held contribution of `step` stored under `key`, with the pairs it covers."""
+        covers = self.store.covers.get(step, {}).get(key, (key,))
+        losses = self.store.losses.get(step, {})
+        return averaging.Held(covers, self.store.vecs[step][key], tuple(losses.get(p) for p in covers))
+
+    async def _push_held(self, addr: str, step: int, key: tuple[int, int], timeout_s: float) -> None:
+        """Push the held contribution of `step` under `key` (a bundle as one) to a stage peer."""
+        h = self._held_entry(step, key)
+        await self._push(addr, step, key[0], key[1], h.vec, h.losses[0], timeout_s,
+                         bundle=h if self.per_step else None)
+
+    async def _bundle(self, step: int, owned: list[tuple[int, int]]) -> None:
+        """replica_exchange = "step": sum this replica's `owned` dense gradients of `step` into one contribution,
+        encode it once (the codec's error feedback runs per step), keep it and push it to every usable stage peer
+        (each bounded by `avg_timeout_s`; one that misses it pulls it). Nothing to send when it owns nothing."""
+        self._owned[step] = [list(p) for p in owned]
+        dense = self._dense.get(step, {})
+        if not owned:
+            return
+        total = torch.stack([dense[p][0] for p in owned]).sum(dim=0)
+        vec = await trio.to_thread.run_sync(self.store.codec.encode, total) if self.store.codec.compressed else total
+        self.store.add_bundle(step, owned, vec, [dense[p][1] for p in owned])
+
+        async def one(peer: str, addr: str) -> None:
+            try:
+                await self._push_held(addr, step, owned[0], self.rc.avg_timeout_s)
+                self._peer_failures.pop(peer, None)
+                self._unreachable.pop(peer, None)
+                self._holders.setdefault((step, *owned[0]), set()).add(peer)
+            except Exception:  # slow, refusing or gone: it pulls the bundle, or the stage recovers without it
+                self._peer_failed(peer)
+
+        with trio.move_on_after(self.rc.avg_timeout_s):
+            async with trio.open_nursery() as n:
+                for e in self._stage_peers():
+                    n.start_soon(one, e.peer_id, e.addrs[0])
+
+    async def _owned_pairs(self, step: int) -> list[tuple[int, int]]:
+        """replica_exchange = "step", below the head: the committed pairs this replica computed whose gradient the
+        previous stage took (its COMMIT frame's `yours`), waiting up to `avg_timeout_s` for the verdict of every
+        previous-stage peer that sent one of them. A pair whose verdict never came is left out (the stage then
+        lacks it and re-fetches the state or rolls back, as for a lost contribution)."""
+        commit = self.store.commits[step]
+        mine = {p: up for p, (_, _, up) in self._dense.get(step, {}).items() if commit.get(p[0]) == p[1]}
+        deadline = trio.current_time() + self.rc.avg_timeout_s
+        while any(up not in self._verdicts.get(step, {}) for up in mine.values()) and trio.current_time() < deadline:
+            self._take_commits()
+            if any(up not in self._verdicts.get(step, {}) for up in mine.values()):
+                await self._wait(min(0.1, max(0.0, deadline - trio.current_time())))
+        told = self._verdicts.get(step, {})
+        return sorted(p for p, up in mine.items() if p[0] in told.get(up, set()))
 
     async def _hold(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> bool:
         """Push to every announced stage peer, in backoff or not, until one holds the contribution (True).
@@ -463,10 +531,21 @@ class ReplicaEngine:
                 if r is None:
                     break
                 got.append((ch, r))
-            while ch.commits:
-                c = ch.commits.pop(0)
-                self.store.commit(c["step"], c["commit"])
+            self._take_commits_of(ch)
         return got
+
+    def _take_commits(self) -> None:
+        """Record the COMMIT frames every channel from the previous stage received."""
+        for ch in list(self.up.values()):
+            self._take_commits_of(ch)
+
+    def _take_commits_of(self, ch: ActChannel) -> None:
+        """Record the COMMIT frames `ch` received (and, replica_exchange = step, their `yours` verdicts)."""
+        while ch.commits:
+            c = ch.commits.pop(0)
+            self.store.commit(c["step"], c["commit"])
+            if c.get("yours") is not None:
+                self._verdicts.setdefault(c["step"], {})[ch.peer] = set(c["yours"])
 
     async def _on_activation(self, step: int, ch: ActChannel, r: Received) -> None:
         h = r.frame.header
@@ -479,7 +558,7 @@ class ReplicaEngine:
         if w.spec.is_last:
             (loss, vec) = await self._compute(self._grads_after, w.forward, h.step, key, window, h_in)
             grad = await self._compute(w.backward, h.step, key, None)
-            if not await self._contribute(h.step, h.microbatch, h.attempt, vec, float(loss)):
+            if not await self._contribute(h.step, h.microbatch, h.attempt, vec, float(loss), up=ch.peer):
                 return  # no stage peer could hold it: not committed, the upstream re-routes the microbatch
             try:
                 await ch.send_data(frames.Kind.GRADIENT, h.step, h.microbatch, grad, attempt=h.attempt)
@@ -497,10 +576,11 @@ class ReplicaEngine:
         if r.value is None or w is None or w.attempt != h.attempt or w.down != ch.peer or h.step != step:
             return  # late: the attempt was abandoned or re-routed
         del self._work[(h.step, h.microbatch)]
+        self._accepted.setdefault(h.step, {})[h.microbatch] = ch.peer
         self.router.answered(ch.peer, trio.current_time() - w.sent_at)
         key = self._key(h.microbatch, h.attempt)
         grad, vec = await self._compute(self._grads_after, self.worker.backward, h.step, key, r.value)
-        held = await self._contribute(h.step, h.microbatch, h.attempt, vec, None)
+        held = await self._contribute(h.step, h.microbatch, h.attempt, vec, None, up=w.up)
         while not held and self.worker.spec.is_first:  # a head replica: its own commit waits for a holder
             held = await self._hold(h.step, h.microbatch, h.attempt, vec, None)
         if not held:
@@ -543,7 +623,7 @@ class ReplicaEngine:
         head = self.leads
         standby = w.spec.is_first and not head
         # a leader adopts the commits of the step its held contributions prove (after a takeover, the old leader's)
-        self._committed = heads.held_commits(self.store.vecs.get(step, {})) if head else {}
+        self._committed = heads.held_commits(self.store.pairs(step)) if head else {}
         pending = deque(mb for mb in range(self.m) if mb not in self._committed)  # microbatches still to generate
         no_replica_since: float | None = None
         tick = min(0.25, self.rc.replica_timeout_s / 4, self.rc.commit_poll_s)
@@ -568,11 +648,14 @@ class ReplicaEngine:
                     await self._on_gradient(step, ch, r)
             if head and len(self._committed) == self.m:
                 if w.spec.is_first:
+                    if self.per_step and step not in self._owned:  # the leader's bundle: every microbatch it computed
+                        dense = self._dense.get(step, {})
+                        await self._bundle(step, sorted(p for p in self._committed.items() if p in dense))
                     await self._hand_to_standbys(step)
                 self.store.commit(step, self._committed)
                 break
             if standby and step not in self.store.commits:
-                held = heads.held_commits(self.store.vecs.get(step, {}))
+                held = heads.held_commits(self.store.pairs(step))
                 if len(held) == self.m:  # every microbatch's committed contribution is here: the leader's commit
                     self.store.commit(step, held)
             if not head and step in self.store.commits:
@@ -580,7 +663,7 @@ class ReplicaEngine:
             if standby and await self._leader_lost(step):
                 self._take_over(step)
                 head, standby = True, False
-                self._committed = heads.held_commits(self.store.vecs.get(step, {}))
+                self._committed = heads.held_commits(self.store.pairs(step))
                 pending = deque(mb for mb in range(self.m) if mb not in self._committed)
                 continue
             if head and w.spec.is_first:
@@ -680,15 +763,15 @@ class ReplicaEngine:
         committed contribution no push gave it yet (one that joined mid-step missed the earlier ones), so a
         standby never lacks a step the pipeline applied. Every announced standby is tried, even one in
         backoff (it may be back); one that fails or is slower than `avg_timeout_s` is skipped."""
+        keys = [k for k, covers in self.store.entries(step) if all(self._committed.get(mb) == a for mb, a in covers)]
         for e in self._head_peers():
             if not e.addrs:
                 continue
-            for mb, a in sorted(self._committed.items()):
-                vec = self.store.vecs.get(step, {}).get((mb, a))
-                if vec is None or e.peer_id in self._holders.get((step, mb, a), set()):
+            for mb, a in keys:
+                if e.peer_id in self._holders.get((step, mb, a), set()):
                     continue
                 try:
-                    await self._push(e.addrs[0], step, mb, a, vec, None, self.rc.avg_timeout_s)
+                    await self._push_held(e.addrs[0], step, (mb, a), self.rc.avg_timeout_s)
                 except trio.TooSlowError:
                     self._peer_failed(e.peer_id)
                     break
@@ -707,7 +790,7 @@ class ReplicaEngine:
             raise NodeError(f"stage 0 head replica at step {step}: cannot take over from peer "
                             f"{lost.peer_id if lost else 'unknown'}: stage 1 peer {ahead[0].peer_id} already applied "
                             f"step {step}, whose committed contributions this standby does not all hold")
-        attempts = [a for vecs in self.store.vecs.values() for _, a in vecs]
+        attempts = self.store.attempts()
         term = heads.next_term(self._terms_seen, attempts)
         try:
             heads.attempt_base(term)
@@ -718,7 +801,7 @@ class ReplicaEngine:
         self._terms_seen.add(term)
         self.discovery.update_me(head_term=term)
         self.events.append({"event": "takeover", "peer": lost.peer_id if lost else "", "term": term, "step": step,
-                            "adopted": len(heads.held_commits(self.store.vecs.get(step, {}))), "time": time.time()})
+                            "adopted": len(heads.held_commits(self.store.pairs(step))), "time": time.time()})
 
     def _check_upstream(self, step: int) -> None:
         """A non-head replica waiting for its step: UpstreamLostError once no replica of the previous stage has had
@@ -746,15 +829,19 @@ class ReplicaEngine:
     def _candidates_usable(self, now: float) -> bool:
         return any(not self.router.is_banned(p, now) for p in self._candidates())
 
-    async def _forward_commit(self, step: int) -> None:
+    async def _forward_commit(self, step: int, owned: set[int]) -> None:
+        """Send `step`'s commit to every next-stage replica; replica_exchange = step: with the microbatches of
+        `owned` (this replica's own) whose gradient it took from that replica (`yours`)."""
         if step in self._forwarded or self.worker.spec.is_last:
             return
         self._forwarded.add(step)
         commit = self.store.commits[step]
-        for ch in list(self.down.values()):
+        accepted = self._accepted.get(step, {})
+        for peer, ch in list(self.down.items()):
             if ch.failure is None:
+                yours = [mb for mb, d in accepted.items() if d == peer and mb in owned] if self.per_step else None
                 try:
-                    await ch.send_commit(step, commit)
+                    await ch.send_commit(step, commit, yours)
                 except NodeError:
                     pass
 
@@ -770,9 +857,12 @@ class ReplicaEngine:
             except Exception:  # unreachable / refusing peers are skipped
                 self._peer_failed(e.peer_id)
                 continue
-            for mb, a, vec, loss in items:
+            for h in items:
                 try:
-                    self.store.add(step, mb, a, vec, loss)
+                    if self.per_step:
+                        self.store.add_bundle(step, h.covers, h.vec, h.losses)
+                    else:
+                        self.store.add(step, *h.covers[0], h.vec, h.losses[0])
                 except AveragingError:
                     continue
             if commit is not None:
@@ -839,7 +929,15 @@ class ReplicaEngine:
 
     async def _finish(self, step: int, t0: float) -> StepOutcome:
         w = self.worker
-        await self._forward_commit(step)
+        commit = self.store.commits[step]
+        if self.per_step and step not in self._owned:
+            dense = self._dense.get(step, {})
+            owned = await self._owned_pairs(step) if not w.spec.is_first else \
+                sorted(p for p in dense if commit.get(p[0]) == p[1])
+            await self._forward_commit(step, {mb for mb, _ in owned})
+            await self._bundle(step, owned)
+        else:
+            await self._forward_commit(step, {mb for mb, _ in self._owned.get(step, [])})
         deadline = trio.current_time() + self.rc.avg_timeout_s
         while self.store.missing(step) and trio.current_time() < deadline:
             with trio.move_on_after(min(0.5, max(0.0, deadline - trio.current_time()))):
@@ -855,11 +953,11 @@ class ReplicaEngine:
                 await self._await_missing(step, since)
         dropped = self.store.missing(step)  # always empty: kept in the record for exactly-once checks
         items = self.store.committed(step)
-        commit = self.store.commits[step]
         async with self.lock:
             if items:
-                flat = await trio.to_thread.run_sync(averaging.combine, [v for _, _, v, _ in items], self.m,
-                                                     self.rc.aggregation, self.store.codec)
+                flat = await trio.to_thread.run_sync(averaging.combine, [h.vec for h in items], self.m,
+                                                     self.rc.aggregation, self.store.codec,
+                                                     [len(h.covers) for h in items])
             else:
                 flat = torch.zeros(self.store.size)
             w.abort_step()
@@ -871,9 +969,12 @@ class ReplicaEngine:
                 self.router.abandoned(v.down)
         self._work = {k: v for k, v in self._work.items() if k[0] > step}
         self._queue = deque(k for k in self._queue if k[0] > step)
-        losses = [loss for _, _, _, loss in items if loss is not None]
+        losses = [loss for h in items for loss in h.losses if loss is not None]
         computed = self._computed.pop(step, [])
-        mine = sorted(x for x in computed if commit.get(x[0]) == x[1])
+        mine = sorted(self._owned[step]) if self.per_step else sorted(x for x in computed if commit.get(x[0]) == x[1])
+        for d in (self._dense, self._accepted, self._verdicts, self._owned):
+            for old in [old for old in d if old <= step]:
+                del d[old]  # type: ignore[attr-defined]
         tokens = self.m * w.microbatch_size * w.config.seq_len
         mine_tokens = len(computed) * w.microbatch_size * w.config.seq_len
         if mine_tokens and self._compute_s > 0:
@@ -882,7 +983,7 @@ class ReplicaEngine:
         self._holders = {k: v for k, v in self._holders.items() if k[0] > step}
         return StepOutcome(
             step=step, loss=sum(losses) / len(losses) if losses and w.spec.is_last else None,
-            applied=sorted([mb, a] for mb, a, _, _ in items), mine=mine, computed=sorted(computed), dropped=dropped,
+            applied=sorted([mb, a] for h in items for mb, a in h.covers), mine=mine, computed=sorted(computed), dropped=dropped,
             rerouted=self._rerouted, seconds=time.perf_counter() - t0, compute_s=self._compute_s, tokens=tokens)
 
     def _live_stage_peers(self) -> list[Any]:

@@ -273,7 +273,8 @@ class ReplicatedRunner:
             codec = ContributionCodec.for_module(worker.module, r.replica_averaging, r.powersgd_rank, seed=stage,
                                                  bits=r.powersgd_bits, iterations=r.powersgd_iterations,
                                                  block_rank=r.powersgd_block_rank)
-            store = ContributionStore(codec.words, codec)  # contributions in the spec's replica_averaging encoding
+            # contributions in the spec's replica_averaging encoding, one per microbatch or per replica and step
+            store = ContributionStore(codec.words, codec, exchange=r.replica_exchange)
             endpoint = ActEndpoint(
                 ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
                 cfg=cfg.transport, receipts=ctx.receipts, step_fn=lambda w=worker: w.next_step,  # type: ignore[misc]

@@ -429,9 +429,14 @@ class ActChannel:
         except NodeError:
             pass
 
-    async def send_commit(self, step: int, commit: dict[int, int]) -> None:
-        """Tell a downstream replica which attempt of each microbatch of `step` the head committed."""
-        body = json.dumps({"step": step, "commit": sorted([mb, a] for mb, a in commit.items())}).encode()
+    async def send_commit(self, step: int, commit: dict[int, int], yours: list[int] | None = None) -> None:
+        """Tell a downstream replica which attempt of each microbatch of `step` the head committed; `yours`
+        (replica_exchange = step): the committed microbatches whose gradient this replica took from that one, so it
+        sums exactly those into its step bundle."""
+        info: dict[str, Any] = {"step": step, "commit": sorted([mb, a] for mb, a in commit.items())}
+        if yours is not None:
+            info["yours"] = sorted(yours)
+        body = json.dumps(info).encode()
         await self._write(frames.encode_frame(frames.Kind.COMMIT, self.local.spec_hash, self.local.stage, step, 0,
                                          payload=body))
 
@@ -693,9 +698,13 @@ class ActChannel:
             info = json.loads(fr.payload)
             commit = {int(mb): int(a) for mb, a in info["commit"]}
             step = int(info["step"])
+            yours = None if info.get("yours") is None else {int(mb) for mb in info["yours"]}
         except (ValueError, KeyError, TypeError) as exc:
             raise UnexpectedFrameError(f"malformed commit frame: {exc}") from exc
-        self.commits.append({"step": step, "commit": commit})
+        if yours is not None and not yours <= set(commit):
+            raise UnexpectedFrameError(f"malformed commit frame: 'yours' names microbatches {sorted(yours - set(commit))[:8]} "
+                                       "the commit does not hold")
+        self.commits.append({"step": step, "commit": commit, "yours": yours})
         self._notify()
 
     async def _accept_norm(self, fr: frames.Frame) -> None:

@@ -138,7 +138,7 @@ def test_bad_pushes_are_refused_counted_and_the_step_goes_on_without_them() -> N
             # the step goes on with what is good: mb 1 (whose push was refused) is dropped from the combine
             store.commit(5, {0: 0, 1: 0})
             assert store.missing(5) == [1]
-            flat = combine([v for _, _, v, _ in store.committed(5)], 2, "centered_clip", c)
+            flat = combine([h.vec for h in store.committed(5)], 2, "centered_clip", c)
             assert torch.isfinite(flat).all() and torch.allclose(flat, 2 * c.decode(good), atol=1e-5)
 
     trio.run(main)

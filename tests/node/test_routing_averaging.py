@@ -76,7 +76,7 @@ def test_combine_equals_the_sum_and_store_rejects_bad_sizes() -> None:
     store.commit(0, {0: 0, 1: 0})
     store.commit(0, {0: 5, 1: 5})  # commits never change
     assert store.missing(0) == [0]
-    assert [(mb, a) for mb, a, _, _ in store.committed(0)] == [(1, 0)]
+    assert [h.covers for h in store.committed(0)] == [((1, 0),)]
     store.add(0, 0, 3, vs[1])  # an uncommitted attempt is kept apart and not counted
     assert store.missing(0) == [0]
     store.prune(1)
