@@ -148,7 +148,7 @@ from safetensors.torch import load_file  # noqa: E402
 from node.observability.status import read_progress  # noqa: E402
 from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes  # noqa: E402
 from node.training.checkpoint import latest_checkpoint  # noqa: E402
-from protocol.modelspec import POWERSGD_BITS  # noqa: E402
+from protocol.modelspec import POWERSGD_BITS, REPLICA_EXCHANGE  # noqa: E402
 from sharding import PRESETS, ModelConfig, OptimConfig, build_model, build_stage, load_corpus, partition  # noqa: E402
 from sharding.data import Corpus  # noqa: E402
 from sharding.gradcompress import (  # noqa: E402
@@ -174,8 +174,9 @@ DENSE_BASELINES = ("dense-bf16", "dense")  # the swarm's dense arm: the node's b
 
 
 def _args(steps: int, averaging: str, rank: int, model: str, bits: int = 16, lr: float | None = None,
-          iterations: int = 1, data_seed: int = 0, optimizer: str = "adamw", block_rank: int = 0) -> list[str]:
-    return ["--powersgd-block-rank", str(block_rank), "--recipe-optimizer", optimizer, "--recipe-data-seed", str(data_seed), "--powersgd-iterations", str(iterations), "--model", model, *(["--lr", str(lr)] if lr is not None else []), "--powersgd-bits", str(bits), "--stages", str(STAGES), "--steps", str(steps), "--replicated", "--microbatches", str(M),
+          iterations: int = 1, data_seed: int = 0, optimizer: str = "adamw", block_rank: int = 0,
+          exchange: str = "microbatch") -> list[str]:
+    return ["--replica-exchange", exchange, "--powersgd-block-rank", str(block_rank), "--recipe-optimizer", optimizer, "--recipe-data-seed", str(data_seed), "--powersgd-iterations", str(iterations), "--model", model, *(["--lr", str(lr)] if lr is not None else []), "--powersgd-bits", str(bits), "--stages", str(STAGES), "--steps", str(steps), "--replicated", "--microbatches", str(M),
             "--microbatch-size", str(B), "--corpus", "synthetic", "--threads", "1", "--replica-timeout", "20",
             "--avg-timeout", "20", "--commit-poll", "0.3", "--checkpoint-every", "0", "--no-replica-timeout", "120",
             "--replica-averaging", averaging, "--powersgd-rank", str(rank)]
@@ -204,14 +205,16 @@ def _stage_weights(data_dir: Path, stage: int) -> dict[str, torch.Tensor]:
 
 def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: float,
               cfg: ModelConfig, bits: int = 16, lr: float | None = None, iterations: int = 1,
-              data_seed: int = 0, optimizer: str = "adamw", block_rank: int = 0) -> dict[str, Any]:
+              data_seed: int = 0, optimizer: str = "adamw", block_rank: int = 0,
+              exchange: str = "microbatch") -> dict[str, Any]:
     """One replicated run of model `cfg` (PowerSGD factors in `bits` from `iterations` power iterations, the
     node's default lr unless `lr`, the data order of `data_seed`, the recipe's `optimizer`); returns bytes per step between replicas, losses
     and the replica check."""
     root.mkdir(parents=True, exist_ok=True)
     model_file = root / "model.json"
     model_file.write_text(json.dumps(cfg.to_dict()))
-    args = _args(steps, averaging, rank, str(model_file), bits, lr, iterations, data_seed, optimizer, block_rank)
+    args = _args(steps, averaging, rank, str(model_file), bits, lr, iterations, data_seed, optimizer, block_rank,
+                 exchange)
     head = start_node(0, root / "head", args)
     boot = ["--bootstrap", head.ready["addrs"][0]]
     layout = [(1, "mid0"), (1, "mid1"), (2, "tail0"), (2, "tail1")]
@@ -261,10 +264,12 @@ def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: floa
 def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, root: Path | None = None,
                       model: str = "wide", bits: int = 16, lr: float | None = None,
                       dense: str = "dense-bf16", iterations: int = 1, data_seed: int = 0,
-                      optimizer: str = "adamw", block_rank: int = 0) -> dict[str, Any]:
+                      optimizer: str = "adamw", block_rank: int = 0, exchange: str = "microbatch") -> dict[str, Any]:
     """A dense baseline (`dense`: the node's `dense-bf16`, the fair one, or fp32 `dense`) vs PowerSGD rank `rank`
     (factors in `bits`: 16 bf16, 8 int8, 4 int4; `iterations` power iterations) on the replicated local swarm, same steps (equal tokens) and lr (None:
-    the node's default), both with the data order of `data_seed`.
+    the node's default), both with the data order of `data_seed` and the replica exchange `exchange` (the spec's
+    replica_exchange: one contribution per microbatch, or per replica and step, in both arms so that the ratio is the
+    encoding's).
 
     Returns `replica_compression` (dense / compressed replica bytes per step), `loss_ratio_compressed_avg`
     (compressed / dense validation loss) and both runs' figures (`dense`, `compressed`)."""
@@ -274,15 +279,15 @@ def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, 
     base = root or Path(tempfile.mkdtemp(prefix="pmn-wan-avg-"))
     try:
         base_run = run_swarm(base / "dense", steps, dense, rank, timeout_s, cfg, lr=lr, data_seed=data_seed,
-                             optimizer=optimizer)
+                             optimizer=optimizer, exchange=exchange)
         comp = run_swarm(base / "powersgd", steps, "powersgd", rank, timeout_s, cfg, bits, lr, iterations, data_seed,
-                         optimizer, block_rank)
+                         optimizer, block_rank, exchange)
     finally:
         if root is None:
             shutil.rmtree(base, ignore_errors=True)
     return {"replica_compression": base_run["replica_bytes_per_step"] / max(1.0, comp["replica_bytes_per_step"]),
             "loss_ratio_compressed_avg": comp["val_loss"] / base_run["val_loss"], "rank": rank, "bits": bits,
-            "block_rank": block_rank, "iterations": iterations, "data_seed": data_seed, "steps": steps, "model": model, "tokens": steps * M * B * cfg.seq_len, "dense_baseline": dense,
+            "block_rank": block_rank, "exchange": exchange, "iterations": iterations, "data_seed": data_seed, "steps": steps, "model": model, "tokens": steps * M * B * cfg.seq_len, "dense_baseline": dense,
             "dense": base_run, "compressed": comp}
 
 
@@ -447,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--block-rank", type=int, default=0,
                    help="swarm: PowerSGD rank of the transformer blocks' matrices (the spec's powersgd_block_rank; "
                         "0: --rank)")
+    p.add_argument("--exchange", choices=REPLICA_EXCHANGE, default=REPLICA_EXCHANGE[0],
+                   help="swarm: the spec's replica_exchange in both arms: one contribution per microbatch a replica "
+                        "computes, or one per replica and step")
     p.add_argument("--model", choices=sorted(MODELS), default=None, help="model (default: wide; --math: tiny)")
     p.add_argument("--math", action="store_true", help="compare the methods in one process instead of the swarm")
     p.add_argument("--inner", type=int, default=25, help="--math: DiLoCo inner steps per outer round (H)")
@@ -498,7 +506,7 @@ def main(argv: list[str] | None = None) -> int:
     steps = a.steps or (30 if a.quick else 150)
     res = compare_averaging(steps, a.rank, timeout_s=600 if a.quick else 3600, model=a.model or "wide", bits=a.bits,
                             lr=a.lr, dense=a.dense, iterations=a.iterations, data_seed=a.seed,
-                            optimizer=a.optimizer, block_rank=a.block_rank)
+                            optimizer=a.optimizer, block_rank=a.block_rank, exchange=a.exchange)
     print(f"{'averaging':12} {'steps':>5} {'replica B/step':>15} {'val loss':>9} {'train loss':>10} {'identical':>9} "
           f"{'wall s':>7}")
     for name, r in ((a.dense, res["dense"]), (f"powersgd r{a.rank}" + (f"/{a.block_rank}" if a.block_rank else "")
@@ -510,7 +518,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['loss_ratio_compressed_avg']:.4f} at {res['tokens']} tokens")
     print(json.dumps({"replica_compression": res["replica_compression"],
                       "loss_ratio_compressed_avg": res["loss_ratio_compressed_avg"], "rank": a.rank, "bits": a.bits,
-                      "block_rank": a.block_rank, "lr": a.lr, "optimizer": a.optimizer, "steps": steps, "dense_baseline": a.dense,
+                      "block_rank": a.block_rank, "exchange": a.exchange, "lr": a.lr, "optimizer": a.optimizer, "steps": steps, "dense_baseline": a.dense,
                       "iterations": a.iterations, "seed": a.seed,
                       "model": res["model"], "tokens": res["tokens"],
                       "dense_replica_bytes_per_step": res["dense"]["replica_bytes_per_step"],

@@ -24,7 +24,9 @@ from typing import Any
 
 from .calibrate import DEFAULT_PATH
 
-SETTING_KEYS = ("averaging", "optimizer", "lr", "iterations", "steps", "model", "dense_baseline")  # one record each
+SETTING_KEYS = ("averaging", "exchange", "optimizer", "lr", "iterations", "steps", "model", "dense_baseline")  # one
+# record each
+EXCHANGE_DEFAULT = "microbatch"  # the spec's replica_exchange of records stored before the field existed
 
 
 @dataclass(frozen=True)
@@ -49,7 +51,7 @@ def records_from_outputs(outs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for out in outs:
         if "loss_ratio_compressed_avg" not in out or "rank" not in out:
             raise ValueError("not a benchmarks/wan_averaging.py swarm line (no loss_ratio_compressed_avg or rank)")
-        setting = {"averaging": option_of(out), "optimizer": str(out.get("optimizer") or "adamw"),
+        setting = {"averaging": option_of(out), "exchange": str(out.get("exchange") or EXCHANGE_DEFAULT), "optimizer": str(out.get("optimizer") or "adamw"),
                    "lr": out.get("lr"), "iterations": int(out.get("iterations") or 1), "steps": int(out["steps"]),
                    "model": str(out.get("model")), "dense_baseline": str(out.get("dense_baseline") or "dense")}
         rec = records.setdefault(_setting(setting), {**setting, "ratios": {}, "compression": {}})
@@ -74,25 +76,30 @@ def merge_records(stored: list[dict[str, Any]] | None, new: list[dict[str, Any]]
 
 
 def _setting(record: dict[str, Any]) -> tuple[Any, ...]:
-    return tuple(record.get(k) for k in SETTING_KEYS)
+    return tuple(record.get(k) or EXCHANGE_DEFAULT if k == "exchange" else record.get(k) for k in SETTING_KEYS)
 
 
-def pick(records: Any, option: str, optimizer: str | None) -> AveragingLoss | None:
-    """The penalty measured for averaging `option`: among its records, those of `optimizer` first (the recipe whose
-    async penalty the comparison uses), then the longest run, then the most seeds; None when nothing was measured
-    for `option`."""
+def pick(records: Any, option: str, optimizer: str | None, exchange: str = EXCHANGE_DEFAULT) -> AveragingLoss | None:
+    """The penalty measured for averaging `option`: among its records, those of `exchange` (the spec's
+    replica_exchange) first, then of `optimizer` (the recipe whose async penalty the comparison uses), then the
+    longest run, then the most seeds; None when nothing was measured for `option`."""
     if not isinstance(records, list):
         return None
     found = [r for r in records if isinstance(r, dict) and r.get("averaging") == option and r.get("ratios")]
     if not found:
         return None
-    rec = max(found, key=lambda r: (r.get("optimizer") == optimizer, int(r.get("steps") or 0), len(r["ratios"])))
+    rec = max(found, key=lambda r: ((r.get("exchange") or EXCHANGE_DEFAULT) == exchange, r.get("optimizer") == optimizer,
+                                    int(r.get("steps") or 0), len(r["ratios"])))
     ratios = [float(v) for _, v in sorted(rec["ratios"].items(), key=lambda kv: int(kv[0]))]
     seeds = " / ".join(sorted(rec["ratios"], key=int))
     label = (f"measured: benchmarks/wan_averaging.py, {option}, {rec.get('optimizer')} lr {rec.get('lr')}, "
              f"{rec.get('iterations')} power iteration(s), against {rec.get('dense_baseline')}, {rec.get('model')} "
              f"model, {rec.get('steps')} steps; seeds {seeds}: " + " / ".join(f"{r:.4f}" for r in ratios)
              + ", median used")
+    measured_with = rec.get("exchange") or EXCHANGE_DEFAULT
+    label = label.replace("benchmarks/wan_averaging.py, ", f"benchmarks/wan_averaging.py, {measured_with} exchange, ")
+    if measured_with != exchange:
+        label += f"; measured with the {measured_with} exchange, the comparison runs the {exchange} one"
     if optimizer is not None and rec.get("optimizer") != optimizer:
         label += f"; measured with {rec.get('optimizer')}, the async penalty with {optimizer}"
     return AveragingLoss(ratio=statistics.median(ratios), label=label)

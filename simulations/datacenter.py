@@ -24,8 +24,10 @@ instead of holding their compute for it; with PowerSGD it runs the node's own ex
 factors (a whole rank-R contribution: 16 per replica and step in this layout) pushed to every other replica right
 after its backward, behind frames, the update waiting for the last (`WanConfig.sync_push`). Until session 22 the
 comparison sent one contribution per replica and step, spread over its backwards: 16 times fewer bytes than the
-node moves. `--contributions step` is that exchange done right (one contribution after a replica's last backward
-of the step), a what-if the node does not have; `--microbatch-seqs` trades fewer contributions for fewer, larger
+node moves. `--contributions step` is the node's `replica_exchange = "step"` (session 23): one contribution per
+replica and step, pushed here after the replica's last backward of the step, which is optimistic (the node's
+leaves once the step's commit has come down to its stage); its loss penalty is the one measured with that
+exchange where recorded; `--microbatch-seqs` trades fewer contributions for fewer, larger
 microbatches on the WAN side (the datacenter keeps its layout). The WAN head stage runs as the node runs it
 (`--head leader`): one head replica leads, computes every microbatch of stage 0 and pushes each one's contribution
 to the 15 standbys, which compute nothing (until session 23 the comparison let all 16 head replicas share stage 0's
@@ -76,8 +78,10 @@ ASSUMED_AVERAGING_SOURCE = ("no loss ratio of this averaging option recorded in 
 # by 8 % at staleness 3 with int8 factors)
 SIMULATED_STEPS = 16
 CONTRIBUTIONS = {  # --contributions: how a WAN replica's PowerSGD factors leave, as the output names it
-    "microbatch": "one per microbatch a replica computes, pushed after its backward (the node)",
-    "step": "one per replica and step, pushed after its last backward (a what-if: not built in the node)",
+    "microbatch": "one per microbatch a replica computes, pushed after its backward (the node's default, "
+                  "replica_exchange = microbatch)",
+    "step": "one per replica and step (the node's replica_exchange = step), pushed here after its last backward: "
+            "optimistic, the node's leaves once the step's commit reaches its stage",
 }
 HEADS = {  # --head: who computes stage 0 on the WAN side, as the output names it
     "leader": "one head replica leads and computes every microbatch of stage 0, the 15 others stand by and receive "
@@ -92,7 +96,7 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
             collective: str = "fastest", push: bool = False, per_step: bool = False,
             microbatch_seqs: int = MICROBATCH_SEQS, head_leader: bool = False) -> WanConfig:
     """push: the node's exchange, one contribution per microbatch a replica computes (per_step: one per replica and
-    step, after its last backward; not built in the node). head_leader: stage 0 as the node runs it, one leader
+    step, after its last backward: the node's replica_exchange = step, sent earlier than the node can). head_leader: stage 0 as the node runs it, one leader
     computing every microbatch (and pushing each one's contribution) while the other head replicas stand by."""
     from sharding.partition import partition
 
@@ -130,8 +134,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     overlap_averaging: the WAN replicas' averaging goes out on their uplinks while they compute (a DiLoCo outer step
     applied one round late; PowerSGD factors pushed during the step) instead of holding their compute.
     contributions: with PowerSGD overlapped, `microbatch` (the node: one contribution per microbatch a replica computes,
-    each pushed after its backward) or `step` (one per replica and step, pushed after its last backward: a what-if,
-    not built in the node, labelled so in the output).
+    each pushed after its backward) or `step` (the node's replica_exchange = step: one per replica and step, pushed
+    after its last backward, before the node's commit would be known: optimistic, labelled so in the output).
     microbatch_seqs: sequences per WAN microbatch (a divisor of STEP_SEQS; the datacenter keeps MICROBATCH_SEQS):
     fewer, larger microbatches mean fewer per-microbatch contributions.
     head: who computes stage 0 on the WAN side (`HEADS`): `leader` (the node: one head replica computes every
@@ -181,7 +185,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     avg_ratio, avg_source = ASSUMED_AVERAGING_LOSS_RATIO[avg.mode], ASSUMED_AVERAGING_SOURCE
     measured = bench.get("averaging") if isinstance(bench.get("averaging"), dict) else {}
     recipe = (calibration.get("async_loss") or {}).get("optimizer") if schedule == "async" else None
-    by_option = pick_averaging_loss(calibration.get("averaging_loss"), avg.label(), recipe)
+    by_option = pick_averaging_loss(calibration.get("averaging_loss"), avg.label(), recipe,
+                                    "step" if push and contributions == "step" else "microbatch")
     if by_option is not None:
         avg_ratio, avg_source = by_option.ratio, by_option.label
     elif (avg.mode == "powersgd" and bench.get("loss_ratio_compressed_avg") is not None and measured

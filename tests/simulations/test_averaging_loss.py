@@ -66,6 +66,22 @@ def test_new_seeds_join_the_stored_record_of_their_setting_and_a_rerun_seed_repl
     assert "0: 1.0100 (118.9x), 1: 1.0300 (118.9x)" in capsys.readouterr().out
 
 
+def test_the_exchange_is_part_of_a_setting_and_pick_prefers_the_one_asked_for() -> None:
+    """A run with one contribution per replica and step is its own record; lines and stored records from before the
+    field count as the per-microbatch exchange (they merge with new ones); pick takes the exchange asked for and
+    says so when only the other was measured."""
+    old = [{k: v for k, v in r.items() if k != "exchange"} for r in records_from_outputs([_line(0, 1.02)])]
+    recs = merge_records(old, records_from_outputs([_line(1, 1.04), {**_line(0, 1.001), "exchange": "step"}]))
+    assert sorted((r.get("exchange") or "microbatch", sorted(r["ratios"])) for r in recs) == [
+        ("microbatch", ["0", "1"]), ("step", ["0"])]
+    step = pick(recs, "powersgd:6:int4", "adamw", "step")
+    assert step is not None and step.ratio == pytest.approx(1.001) and "step exchange" in step.label
+    per_mb = pick(recs, "powersgd:6:int4", "adamw")
+    assert per_mb is not None and per_mb.ratio == pytest.approx(1.03) and "microbatch exchange" in per_mb.label
+    only = pick(records_from_outputs([_line(0, 1.02)]), "powersgd:6:int4", "adamw", "step")
+    assert only is not None and "measured with the microbatch exchange, the comparison runs the step one" in only.label
+
+
 def test_the_datacenter_comparison_takes_the_penalty_of_its_own_averaging_option() -> None:
     cal = load_calibration(DEFAULT_PATH)
     cal = {**cal, "averaging_loss": records_from_outputs([_line(0, 1.04), _line(1, 1.06)]),
