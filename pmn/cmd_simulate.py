@@ -21,6 +21,9 @@ def _print(result: dict[str, Any], title: str, as_json: bool) -> None:
             elif isinstance(value, dict) and all(isinstance(v, (int, float)) for v in value.values()):
                 for sub, v in value.items():
                     table.add_row(f"{key}.{sub}", f"{v:.4g}" if isinstance(v, float) else str(v))
+            elif isinstance(value, list) and all(isinstance(v, str) for v in value):
+                for i, v in enumerate(value):
+                    table.add_row(f"{key}[{i}]", v)
         Console().print(table)
     print(json.dumps(result, sort_keys=True, default=str))
 

@@ -209,6 +209,13 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     wan_steps = PUBLIC_DENSE_STEPS * mult["subspace"] * mult["async"] * mult["averaging"]
     wan_time, dc_time = wan_steps * wan_step, PUBLIC_DENSE_STEPS * dc_step
     slowdown = wan_time / dc_time
+    not_built = []  # what this WAN configuration runs that the node does not
+    if schedule == "async":
+        not_built.append("the async schedule with replicated stages (the node's runtime.schedule = async runs one "
+                         "peer per stage; replicated stages flush every step)")
+    if head == "lanes":
+        not_built.append("a data-parallel head stage (--head lanes; the node's head replicas stand by behind one "
+                         "leader)")
     # the datacenter's step with no pipeline bubble at all (its busiest stage's compute): a bound no synchronous
     # schedule reaches, reported beside the 1F1B comparison so the bubble's share of the gap is visible
     per_replica = -(-MICROBATCHES // REPLICAS)
@@ -218,6 +225,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
         "slowdown_vs_bubble_free_datacenter": wan_time / (PUBLIC_DENSE_STEPS * dc_floor),
         "goal_slowdown": SLOWDOWN_GOAL,
         "goal_met": slowdown <= SLOWDOWN_GOAL,
+        "node_as_built": not not_built,
+        "not_built": not_built,
         "wan": {"schedule": schedule, "max_staleness": wan_cfg.max_staleness, "averaging": avg.label(),
                 "averaging_overlapped": overlap_averaging, "averaging_collective": wan_cfg.sync_collective,
                 "contributions": (CONTRIBUTIONS[contributions] if push else

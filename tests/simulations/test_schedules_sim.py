@@ -110,6 +110,13 @@ def test_the_wan_replicas_push_one_contribution_per_microbatch_as_the_node_does(
     assert runs["lanes"]["wan"]["step_s"] < runs["node"]["wan"]["step_s"]
     with pytest.raises(ValueError, match="head="):
         run_vs_datacenter(cal, steps=2, head="all")
+    # what the node does not have is named: async with replicas, a data-parallel head
+    assert any("async schedule with replicated stages" in x for x in runs["node"]["not_built"])
+    assert any("data-parallel head" in x for x in runs["lanes"]["not_built"])
+    assert not any("head" in x for x in runs["node"]["not_built"])
+    built = run_vs_datacenter(cal, schedule="gpipe", averaging="powersgd:6:int4", overlap_averaging=True, steps=2,
+                              contributions="step")
+    assert built["node_as_built"] and built["not_built"] == [] and not runs["node"]["node_as_built"]
     assert runs["large"]["datacenter"] == runs["node"]["datacenter"]  # the datacenter keeps its own layout
     for bad in (0, 3, 64, True):
         with pytest.raises(ValueError, match="microbatch_seqs"):
