@@ -294,8 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "as the node does); default: on unless --averaging dense")
     q.add_argument("--contributions", choices=["microbatch", "step"], default="microbatch",
                    help="--vs, PowerSGD overlapped: factors per microbatch a replica computes (the node's default) or "
-                        "one per replica and step (the node's replica_exchange = step; sent here after the replica's "
-                        "last backward, before the node's commit would be known: optimistic)")
+                        "one per replica and step (the node's replica_exchange = step: sent once the step's commit "
+                        "reaches the replica's stage; under async after its last backward, which is optimistic)")
     q.add_argument("--head", choices=["leader", "lanes"], default="leader",
                    help="--vs: stage 0 on the WAN side: one head replica computes every microbatch while the others "
                         "stand by (the node), or every head replica a share (a what-if: not built in the node)")

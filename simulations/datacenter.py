@@ -25,8 +25,9 @@ factors (a whole rank-R contribution: 16 per replica and step in this layout) pu
 after its backward, behind frames, the update waiting for the last (`WanConfig.sync_push`). Until session 22 the
 comparison sent one contribution per replica and step, spread over its backwards: 16 times fewer bytes than the
 node moves. `--contributions step` is the node's `replica_exchange = "step"` (session 23): one contribution per
-replica and step, pushed here after the replica's last backward of the step, which is optimistic (the node's
-leaves once the step's commit has come down to its stage); its loss penalty is the one measured with that
+replica and step, pushed once the step's commit has come down to the replica's stage in the flushed schedules
+(the async schedule, which the node does not run with replicas, pushes it after the replica's last backward: an
+optimistic timing); its loss penalty is the one measured with that
 exchange where recorded; `--microbatch-seqs` trades fewer contributions for fewer, larger
 microbatches on the WAN side (the datacenter keeps its layout). The WAN head stage runs as the node runs it
 (`--head leader`): one head replica leads, computes every microbatch of stage 0 and pushes each one's contribution
@@ -80,8 +81,8 @@ SIMULATED_STEPS = 16
 CONTRIBUTIONS = {  # --contributions: how a WAN replica's PowerSGD factors leave, as the output names it
     "microbatch": "one per microbatch a replica computes, pushed after its backward (the node's default, "
                   "replica_exchange = microbatch)",
-    "step": "one per replica and step (the node's replica_exchange = step), pushed here after its last backward: "
-            "optimistic, the node's leaves once the step's commit reaches its stage",
+    "step": "one per replica and step (the node's replica_exchange = step), pushed once the step's commit reaches "
+            "its stage (flushed schedules; async: after its last backward, which is optimistic)",
 }
 HEADS = {  # --head: who computes stage 0 on the WAN side, as the output names it
     "leader": "one head replica leads and computes every microbatch of stage 0, the 15 others stand by and receive "
@@ -96,7 +97,7 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
             collective: str = "fastest", push: bool = False, per_step: bool = False,
             microbatch_seqs: int = MICROBATCH_SEQS, head_leader: bool = False) -> WanConfig:
     """push: the node's exchange, one contribution per microbatch a replica computes (per_step: one per replica and
-    step, after its last backward: the node's replica_exchange = step, sent earlier than the node can). head_leader: stage 0 as the node runs it, one leader
+    step: the node's replica_exchange = step, `WanConfig.push_per_step`). head_leader: stage 0 as the node runs it, one leader
     computing every microbatch (and pushing each one's contribution) while the other head replicas stand by."""
     from sharding.partition import partition
 
@@ -135,7 +136,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     applied one round late; PowerSGD factors pushed during the step) instead of holding their compute.
     contributions: with PowerSGD overlapped, `microbatch` (the node: one contribution per microbatch a replica computes,
     each pushed after its backward) or `step` (the node's replica_exchange = step: one per replica and step, pushed
-    after its last backward, before the node's commit would be known: optimistic, labelled so in the output).
+    once the step's commit reaches its stage; under async after its last backward, an optimistic timing).
     microbatch_seqs: sequences per WAN microbatch (a divisor of STEP_SEQS; the datacenter keeps MICROBATCH_SEQS):
     fewer, larger microbatches mean fewer per-microbatch contributions.
     head: who computes stage 0 on the WAN side (`HEADS`): `leader` (the node: one head replica computes every

@@ -309,7 +309,7 @@ class PipelineSim:
                     gnode, greq = gates.pop()
                     gnode.gate.release(greq)
                 if cfg.sync_push:
-                    self._push_share(node)
+                    self._push_share(node, mb // cfg.microbatches)
                 if cfg.schedule == "async":
                     self._maybe_async_opt(node)
                 if s > 0:
@@ -385,9 +385,11 @@ class PipelineSim:
                 late.append(n.syncs[0])
         return late
 
-    def _push_share(self, node: _Node) -> None:
+    def _push_share(self, node: _Node, step: int) -> None:
         """sync_push: one backward's share of the node's averaging bytes leaves on its uplink, behind frames
-        (push_per_step: the whole step's after its last backward)."""
+        (push_per_step: the whole step's after its last backward; in a flushed schedule, as the node's
+        replica_exchange = step, only once the step's commit has come down to the node's stage: every microbatch of
+        the step done, then one link latency per stage above it)."""
         live, share, _ = self._sync_share(node.stage)
         if share and node.alive:
             per_node = self._per_node(node.stage, len(live))
@@ -398,7 +400,19 @@ class PipelineSim:
                     return
                 node.bwd_unpushed, nbytes = 0, share
             bw = min(n.bw for n in live)
+            if self.cfg.push_per_step and self.cfg.schedule != "async" and step < len(self.step_done):
+                delay = node.stage * float(self.cfg.link.latency_ms) / 1e3
+                node.pushes.append(self.env.process(self._send_after(self.step_done[step], delay, node, nbytes, bw)))
+                return
             node.pushes.append(self.env.process(self._background_send(node, nbytes, bw)))
+
+    def _send_after(self, event: simpy.Event, delay: float, node: _Node, nbytes: float,
+                    bw: float) -> Generator[simpy.Event, Any, None]:
+        """A background send that starts `delay` seconds after `event` (a step's commit reaching a stage)."""
+        yield event
+        if delay > 0:
+            yield self.env.timeout(delay)
+        yield from self._background_send(node, nbytes, bw)
 
     def _per_node(self, stage: int, live: int) -> int:
         """Microbatches a computing replica of `stage` runs per step among `live` replicas (the head leader: all)."""

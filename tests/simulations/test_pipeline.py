@@ -215,7 +215,7 @@ def test_pushed_contributions_hide_behind_compute_and_the_update_waits_for_them(
 
 def test_a_step_pushed_at_once_goes_out_after_the_last_backward() -> None:
     """1F1B, 2 replicas, 4 MB a step on 1 MB/s uplinks: pushed a share after each of a node's 4 backwards, all but
-    the last share hide behind compute; pushed at once after the last backward (push_per_step), all 4 s wait in
+    the last share hide behind compute; pushed at once after the step (push_per_step), all 4 s wait in
     every step. The same bytes leave either way; push_per_step without sync_push is refused."""
     cfg = {"schedule": "1f1b", "max_staleness": None, "sync_collective": "direct", "sync_push": True,
            "grad_sync_bytes": (4_000_000,) * 2}
@@ -223,6 +223,10 @@ def test_a_step_pushed_at_once_goes_out_after_the_last_backward() -> None:
     once = simulate(_replicated(push_per_step=True, **cfg))
     assert once.sim_time_s > spread.sim_time_s + 6 * 2.0
     assert once.bytes_sent == pytest.approx(spread.bytes_sent, rel=0.01)
+    # a flushed schedule sends the bundle once the step's commit is known (every microbatch done, as the node's
+    # replica_exchange = step): each step is the step without averaging plus the whole 4 s on the uplink
+    bare = simulate(_replicated(schedule="1f1b", max_staleness=None))
+    assert once.step_times_s == pytest.approx([t + 4.0 for t in bare.step_times_s], rel=1e-6)
     with pytest.raises(ValueError, match="push_per_step needs sync_push"):
         _replicated(push_per_step=True).validate()
 

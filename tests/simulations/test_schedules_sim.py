@@ -103,7 +103,7 @@ def test_the_wan_replicas_push_one_contribution_per_microbatch_as_the_node_does(
         assert wan["replica_bytes_per_step"] == pytest.approx([head * one[0]] + [per * b for b in one[1:]], rel=1e-6)
     assert "(the node's default" in runs["node"]["wan"]["contributions"] and "(the node)" in runs["node"]["wan"]["head"]
     assert "replica_exchange = step" in runs["step"]["wan"]["contributions"]
-    assert "optimistic" in runs["step"]["wan"]["contributions"]
+    assert "commit reaches its stage" in runs["step"]["wan"]["contributions"]
     assert "not built in the node" in runs["lanes"]["wan"]["head"]
     assert runs["large"]["wan"]["microbatches"] == 32 and runs["node"]["wan"]["microbatches"] == 256
     assert runs["step"]["wan"]["step_s"] < runs["node"]["wan"]["step_s"]
