@@ -112,10 +112,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calibration", type=Path, default=DEFAULT_PATH)
     a = p.parse_args(argv)
     records = records_from_outputs([json.loads(path.read_text().strip().splitlines()[-1]) for path in a.outputs])
-    print(f"{'averaging':18} {'optimizer':>9} {'lr':>7} {'steps':>5}  seed: ratio (compression)")
+    print(f"{'averaging':18} {'exchange':>10} {'optimizer':>9} {'lr':>7} {'steps':>5}  seed: ratio (compression)")
     for r in records:
         per_seed = ", ".join(f"{s}: {r['ratios'][s]:.4f} ({r['compression'][s]:.1f}x)" for s in sorted(r["ratios"], key=int))
-        print(f"{r['averaging']:18} {r['optimizer']:>9} {r['lr']!s:>7} {r['steps']:>5}  {per_seed}")
+        print(f"{r['averaging']:18} {r['exchange']:>10} {r['optimizer']:>9} {r['lr']!s:>7} {r['steps']:>5}  {per_seed}")
     if a.write:
         stored = json.loads(a.calibration.read_text())
         stored["averaging_loss"] = merge_records(stored.get("averaging_loss"), records)
