@@ -30,7 +30,7 @@ def test_norm_payload_round_trip_and_bad_payloads() -> None:
 def test_recipe_section_has_every_training_field() -> None:
     runtime_fields = {"stages", "codec", "microbatches", "microbatch_size", "lr",  # from cfg.runtime:
                       "replica_averaging", "powersgd_rank", "powersgd_bits", "powersgd_iterations", "powersgd_block_rank",
-                      "pipeline_schedule", "max_staleness", "async_lookahead"}
+                      "pipeline_schedule", "max_staleness", "async_lookahead", "replica_exchange"}
     assert {f.name for f in dataclasses.fields(RecipeConfig)} | runtime_fields == {
         f.name for f in dataclasses.fields(TrainingSection)}
 
