@@ -21,7 +21,7 @@ counted against the sender.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -361,7 +361,7 @@ class ContributionStore:
         self._poke()
 
     def add_bundle(self, step: int, covers: list[Pair] | tuple[Pair, ...], vec: torch.Tensor,
-                   losses: list[float | None] | tuple[float | None, ...] | None = None) -> None:
+                   losses: Sequence[float | None] | None = None) -> None:
         """Keep one replica's step bundle (`replica_exchange = "step"`). AveragingError, nothing stored, when this
         stage exchanges per microbatch, the pairs are malformed (`check_covers`), the losses do not match them, the
         size is wrong, or it overlaps a held contribution of the step under another key (first come is kept)."""

@@ -339,7 +339,11 @@ class ReplicaEngine:
             return
         total = torch.stack([dense[p][0] for p in owned]).sum(dim=0)
         vec = await trio.to_thread.run_sync(self.store.codec.encode, total) if self.store.codec.compressed else total
-        self.store.add_bundle(step, owned, vec, [dense[p][1] for p in owned])
+        try:
+            self.store.add_bundle(step, owned, vec, [dense[p][1] for p in owned])
+        except AveragingError as exc:  # a peer's bundle already claims one of our pairs: kept, ours is not sent
+            self.events.append({"event": "bundle_conflict", "step": step, "error": str(exc), "time": time.time()})
+            return
 
         async def one(peer: str, addr: str) -> None:
             try:
@@ -359,9 +363,12 @@ class ReplicaEngine:
         """replica_exchange = "step", below the head: the committed pairs this replica computed whose gradient the
         previous stage took (its COMMIT frame's `yours`), waiting up to `avg_timeout_s` for the verdict of every
         previous-stage peer that sent one of them. A pair whose verdict never came is left out (the stage then
-        lacks it and re-fetches the state or rolls back, as for a lost contribution)."""
+        lacks it and re-fetches the state or rolls back, as for a lost contribution). A replica with no announced
+        peer of its stage owns every committed pair it computed: no other replica of the stage computed one."""
         commit = self.store.commits[step]
         mine = {p: up for p, (_, _, up) in self._dense.get(step, {}).items() if commit.get(p[0]) == p[1]}
+        if not self.discovery.stage_peers(self.stage):
+            return sorted(mine)
         deadline = trio.current_time() + self.rc.avg_timeout_s
         while any(up not in self._verdicts.get(step, {}) for up in mine.values()) and trio.current_time() < deadline:
             self._take_commits()
