@@ -85,12 +85,20 @@ def centered_clip(stacked: torch.Tensor, radius: float | None = None, iterations
     return v
 
 
-def aggregate(updates: list[torch.Tensor], config: AggregationConfig | None = None) -> torch.Tensor:
-    """Combine replica updates (same shape) into one, in the first update's shape and dtype."""
+def aggregate(updates: list[torch.Tensor], config: AggregationConfig | None = None,
+              weights: list[float] | None = None) -> torch.Tensor:
+    """Combine replica updates (same shape) into one, in the first update's shape and dtype.
+
+    weights: the mean's weight of each update (None: equal); the robust methods weigh every update alike."""
     config = (config or AggregationConfig()).validate()
-    stacked, _ = stack_finite(updates, config.min_finite)
+    if weights is not None and (len(weights) != len(updates) or min(weights, default=1.0) <= 0):
+        raise AggregationError("weights", f"{len(weights)} positive weights needed for {len(updates)} updates")
+    stacked, rejected = stack_finite(updates, config.min_finite)
     if config.method == "median":
         out = coordinate_median(stacked)
+    elif config.method == "mean" and weights is not None:
+        w = torch.tensor([x for i, x in enumerate(weights) if i not in rejected], dtype=stacked.dtype)
+        out = (stacked * (w / w.sum())[:, None]).sum(dim=0)
     elif config.method == "mean":
         out = stacked.mean(dim=0)
     else:

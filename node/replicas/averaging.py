@@ -129,13 +129,8 @@ def combine(vectors: list[torch.Tensor], num_microbatches: int, method: str = "m
             raise AveragingError("no contribution of the step decodes")
         vectors, counts = dense, kept
     updates = [v * (num_microbatches / k) for v, k in zip(vectors, counts, strict=True)]
-    if method == "mean" and len(set(counts)) > 1:  # bundles of unequal size: weigh each estimate by its share
-        finite = [(u, k) for u, k in zip(updates, counts, strict=True) if bool(torch.isfinite(u).all())]
-        if not finite:
-            raise AveragingError("no finite contribution to combine")
-        total = sum(k for _, k in finite)
-        return sum((u * (k / total) for u, k in finite), torch.zeros_like(updates[0]))
-    return aggregate(updates, AggregationConfig(method=method))
+    weights = [float(k) for k in counts] if len(set(counts)) > 1 else None  # bundles of unequal size: by share
+    return aggregate(updates, AggregationConfig(method=method), weights)
 
 
 # -- contribution encodings --------------------------------------------------------------------------
@@ -306,6 +301,14 @@ class Held:
 MAX_COVERS = 1 << 12  # most pairs one bundle may cover (a step's microbatches are far fewer)
 
 
+def check_losses(losses: Any, count: int) -> list[float | None]:
+    """`losses` as a bundle's tail losses: a list of `count` numbers or nulls (AveragingError otherwise)."""
+    if not isinstance(losses, list) or len(losses) != count or any(
+            x is not None and (isinstance(x, bool) or not isinstance(x, int | float)) for x in losses):
+        raise AveragingError(f"a bundle's 'losses' must list a number or null for each of its {count} pairs")
+    return [None if x is None else float(x) for x in losses]
+
+
 def check_covers(covers: list[Pair]) -> tuple[Pair, ...]:
     """`covers` as a bundle's pairs: non-empty, at most MAX_COVERS, integer (mb, attempt) pairs in range, one per
     microbatch, sorted by microbatch (AveragingError naming what is wrong)."""
@@ -369,8 +372,8 @@ class ContributionStore:
             raise AveragingError("this stage exchanges one contribution per microbatch (replica_exchange = "
                                  "microbatch): a bundle is refused")
         pairs = check_covers(list(covers))
-        if losses is not None and len(losses) != len(pairs):
-            raise AveragingError(f"a bundle of {len(pairs)} pairs carries {len(losses)} losses")
+        if losses is not None:
+            losses = check_losses(list(losses), len(pairs))
         self._check(step, vec)
         key = pairs[0]
         held = {p: k for k, ps in self.entries(step) for p in ps}
@@ -384,6 +387,19 @@ class ContributionStore:
             if loss is not None:
                 self.losses.setdefault(step, {})[p] = float(loss)
         self._poke()
+
+    def add_held(self, step: int, held: Held) -> None:
+        """Keep a pulled contribution: a bundle under replica_exchange = "step", else one pair's (`add`)."""
+        if self.exchange == "step":
+            self.add_bundle(step, held.covers, held.vec, held.losses)
+        else:
+            self.add(step, *held.covers[0], held.vec, held.losses[0])
+
+    def held(self, step: int, key: Pair) -> Held:
+        """The contribution of `step` held under `key`, with the pairs it covers and their losses."""
+        covers = self._covers(step, key)
+        losses = self.losses.get(step, {})
+        return Held(covers, self.vecs[step][key], tuple(losses.get(p) for p in covers))
 
     def _covers(self, step: int, key: Pair) -> tuple[Pair, ...]:
         return self.covers.get(step, {}).get(key, (key,))
@@ -425,12 +441,7 @@ class ContributionStore:
 
     def committed(self, step: int) -> list[Held]:
         """Each committed contribution present, in microbatch order of its first pair."""
-        have, losses = self.vecs.get(step, {}), self.losses.get(step, {})
-        out = []
-        for key in self._chosen(step):
-            ps = self._covers(step, key)
-            out.append(Held(ps, have[key], tuple(losses.get(p) for p in ps)))
-        return out
+        return [self.held(step, key) for key in self._chosen(step)]
 
     def prune(self, keep_from: int) -> None:
         """Forget steps before `keep_from`."""
@@ -606,9 +617,7 @@ class AveragingService:
                 pairs = check_covers(covers if isinstance(covers, list) else [])
                 if pairs[0] != (mb, attempt):
                     raise AveragingError(f"a bundle's first pair {list(pairs[0])} is not its mb/attempt {[mb, attempt]}")
-                if not isinstance(losses, list) or len(losses) != len(pairs) or any(
-                        x is not None and (isinstance(x, bool) or not isinstance(x, int | float)) for x in losses):
-                    raise AveragingError("field 'losses' must list a number or null per covered pair")
+                bundle_losses = check_losses(losses, len(pairs))
                 if store.exchange != "step":
                     raise AveragingError("this stage exchanges one contribution per microbatch (replica_exchange = "
                                          "microbatch): a bundle is refused")
@@ -624,7 +633,7 @@ class AveragingService:
             if store.codec.compressed:
                 store.codec.check(vec)  # NaN/Inf in a factor: refused and counted, nothing stored
             if covers is not None:
-                store.add_bundle(step, pairs, vec, [None if x is None else float(x) for x in losses or []])
+                store.add_bundle(step, pairs, vec, bundle_losses)
             else:
                 store.add(step, mb, attempt, vec, None if loss is None else float(loss))
             self.pushed.setdefault(key, deque()).append((stage, step, mb, attempt))
@@ -648,11 +657,7 @@ class AveragingService:
             items = store.committed(step)
             commit: list[list[int]] | None = sorted([mb, a] for mb, a in store.commits[step].items())
         else:  # no commit here yet: everything we hold for the step (the asker knows which attempts count)
-            losses = store.losses.get(step, {})
-            items = []
-            for key, v in sorted(store.vecs.get(step, {}).items()):
-                ps = store.covers.get(step, {}).get(key, (key,))
-                items.append(Held(ps, v, tuple(losses.get(p) for p in ps)))
+            items = [store.held(step, key) for key in sorted(store.vecs.get(step, {}))]
             commit = None
         blob = b"".join(vec_bytes(h.vec) for h in items)
         answer: dict[str, Any] = {"commit": commit, "have": [[*h.covers[0], h.losses[0]] for h in items],
@@ -726,9 +731,5 @@ async def pull(host: Any, addr: str, spec_hash: str, stage: int, step: int, size
             out.append(Held(((int(mb), int(a)),), vec, (None if loss is None else float(loss),)))
             continue
         pairs = check_covers(covers[i] if isinstance(covers[i], list) else [])
-        ls = losses[i] if isinstance(losses, list) and isinstance(losses[i], list) and len(losses[i]) == len(pairs) \
-            else None
-        if ls is None or any(x is not None and (isinstance(x, bool) or not isinstance(x, int | float)) for x in ls):
-            raise AveragingError("pull answer's 'losses' must list a number or null per covered pair")
-        out.append(Held(pairs, vec, tuple(None if x is None else float(x) for x in ls)))
+        out.append(Held(pairs, vec, tuple(check_losses(losses[i] if isinstance(losses, list) else None, len(pairs)))))
     return commit, out

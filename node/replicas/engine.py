@@ -317,15 +317,9 @@ class ReplicaEngine:
         await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss, timeout_s,
                              enc=self.store.codec.tag, bundle=bundle)
 
-    def _held_entry(self, step: int, key: tuple[int, int]) -> averaging.Held:
-        """The held contribution of `step` stored under `key`, with the pairs it covers."""
-        covers = self.store.covers.get(step, {}).get(key, (key,))
-        losses = self.store.losses.get(step, {})
-        return averaging.Held(covers, self.store.vecs[step][key], tuple(losses.get(p) for p in covers))
-
     async def _push_held(self, addr: str, step: int, key: tuple[int, int], timeout_s: float) -> None:
         """Push the held contribution of `step` under `key` (a bundle as one) to a stage peer."""
-        h = self._held_entry(step, key)
+        h = self.store.held(step, key)
         await self._push(addr, step, key[0], key[1], h.vec, h.losses[0], timeout_s,
                          bundle=h if self.per_step else None)
 
@@ -337,8 +331,7 @@ class ReplicaEngine:
         dense = self._dense.get(step, {})
         if not owned:
             return
-        total = torch.stack([dense[p][0] for p in owned]).sum(dim=0)
-        vec = await trio.to_thread.run_sync(self.store.codec.encode, total) if self.store.codec.compressed else total
+        vec = await trio.to_thread.run_sync(self._sum_and_encode, [dense[p][0] for p in owned])
         try:
             self.store.add_bundle(step, owned, vec, [dense[p][1] for p in owned])
         except AveragingError as exc:  # a peer's bundle already claims one of our pairs: kept, ours is not sent
@@ -359,6 +352,14 @@ class ReplicaEngine:
                 for e in self._stage_peers():
                     n.start_soon(one, e.peer_id, e.addrs[0])
 
+    def _sum_and_encode(self, grads: list[torch.Tensor]) -> torch.Tensor:
+        """One contribution's words from dense gradients: summed in place into the first (kept nowhere else), then
+        encoded (a worker thread's job: a whole stage's gradients)."""
+        total = grads[0]
+        for g in grads[1:]:
+            total.add_(g)
+        return self.store.codec.encode(total) if self.store.codec.compressed else total
+
     async def _owned_pairs(self, step: int) -> list[tuple[int, int]]:
         """replica_exchange = "step", below the head: the committed pairs this replica computed whose gradient the
         previous stage took (its COMMIT frame's `yours`), waiting up to `avg_timeout_s` for the verdict of every
@@ -370,11 +371,12 @@ class ReplicaEngine:
         if not self.discovery.stage_peers(self.stage):
             return sorted(mine)
         deadline = trio.current_time() + self.rc.avg_timeout_s
-        while any(up not in self._verdicts.get(step, {}) for up in mine.values()) and trio.current_time() < deadline:
+        while True:
             self._take_commits()
-            if any(up not in self._verdicts.get(step, {}) for up in mine.values()):
-                await self._wait(min(0.1, max(0.0, deadline - trio.current_time())))
-        told = self._verdicts.get(step, {})
+            told = self._verdicts.get(step, {})
+            if all(up in told for up in mine.values()) or trio.current_time() >= deadline:
+                break
+            await self._wait(min(0.1, deadline - trio.current_time()))
         return sorted(p for p, up in mine.items() if p[0] in told.get(up, set()))
 
     async def _hold(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> bool:
@@ -866,10 +868,7 @@ class ReplicaEngine:
                 continue
             for h in items:
                 try:
-                    if self.per_step:
-                        self.store.add_bundle(step, h.covers, h.vec, h.losses)
-                    else:
-                        self.store.add(step, *h.covers[0], h.vec, h.losses[0])
+                    self.store.add_held(step, h)
                 except AveragingError:
                     continue
             if commit is not None:

@@ -171,3 +171,16 @@ def test_sharded_stage_centered_clip_within_5_percent_and_mean_diverges(honest_s
     assert robust <= 1.05 * honest, (attackers, robust, honest)
     initial, plain = _train_stage("mean", attackers)
     assert not (plain < initial)  # worse than untrained (NaN counts as diverged)
+
+
+def test_weighted_mean_skips_rejected_updates_and_refuses_bad_weights():
+    """The mean weighs each update (a replica's bundle by its microbatch count); a non-finite update drops out with
+    its weight; weights that do not fit the updates are refused naming the field."""
+    mean = AggregationConfig(method="mean")
+    ups = [torch.tensor([3.0, 0.0]), torch.tensor([0.0, 6.0]), torch.tensor([float("nan"), 1.0])]
+    out = aggregate(ups, mean, weights=[2.0, 1.0, 5.0])
+    assert torch.allclose(out, torch.tensor([2.0, 2.0]))  # (2 x [3, 0] + 1 x [0, 6]) / 3
+    for bad in ([1.0], [1.0, 0.0, 1.0], [1.0, -1.0, 1.0]):
+        with pytest.raises(AggregationError) as err:
+            aggregate(ups, mean, weights=bad)
+        assert err.value.field == "weights"
