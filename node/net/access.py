@@ -123,7 +123,7 @@ class StagePeersPolicy:
         me = self.directory.me
         return {e.stage for e in self.directory.entries() if e.peer_id == peer and e.address
                 and e.spec_hash == me.spec_hash and e.num_stages == me.num_stages
-                and e.rollback_gen == me.rollback_gen}  # a replica of another rollback generation is a stranger
+                and e.generation() == me.generation()}  # a replica of another rollback generation is a stranger
 
     async def check(self, peer_id: ID, protocol: str, stage: int | None) -> None:
         if protocol == INFER and stage is None and INFER in self.protocols:

@@ -104,6 +104,11 @@ class Announcement:
     binding: str = ""  # hex node-key signature binding peer_id to address (`node.net.identity.bind`); "" without one
     signature: str = ""  # hex node-key EIP-712 signature over every field above (`sign`); "" = unsigned
 
+    def generation(self) -> tuple[int, int]:
+        """The rollback generation it trains in, as (number, rollback step): two replicas that started a rollback at
+        once may announce the same number with different steps, and those are different generations (strangers)."""
+        return self.rollback_gen, self.rollback_step
+
     def check_binding(self) -> None:
         """BindingError unless the address is empty or bound to the peer id by its node key."""
         if not self.address:
@@ -545,11 +550,11 @@ class Discovery:
                 await trio.sleep(self.cfg.announce_interval_s)
 
     def stage_peers(self, stage: int) -> list[Announcement]:
-        """Live peers announcing `stage` of our model in our rollback generation (`Announcement.rollback_gen`:
-        always 0 without a rollback), by peer id."""
+        """Live peers announcing `stage` of our model in our rollback generation (`Announcement.generation`:
+        always (0, -1) without a rollback), by peer id."""
         me = self.me
         return sorted((e for e in self.entries() if e.stage == stage and e.spec_hash == me.spec_hash
-                       and e.num_stages == me.num_stages and e.rollback_gen == me.rollback_gen),
+                       and e.num_stages == me.num_stages and e.generation() == me.generation()),
                       key=lambda e: e.peer_id)
 
     async def wait_for_stage(self, stage: int, timeout_s: float | None = None) -> Announcement:

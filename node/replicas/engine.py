@@ -175,14 +175,14 @@ class ReplicaEngine:
         a replica announces a new generation only after its old engine is closed)."""
         me = self.discovery.me
         for e in self.discovery.entries():
-            if e.peer_id == peer and e.rollback_gen != me.rollback_gen:
+            if e.peer_id == peer and e.generation() != me.generation():
                 return (f"stage {self.stage} at step {self.current_step} trains in rollback generation "
-                        f"{me.rollback_gen}, peer {peer} announces generation {e.rollback_gen}")
+                        f"{rollback.label(me)}, peer {peer} announces generation {rollback.label(e)}")
         return ""
 
     def check_rollback(self) -> None:
-        """RollbackError when a replica announces a higher rollback generation that this node follows (the swarm
-        rewinds): `follow_rollback`, set by the runner, judges it (`node.replicas.rollback.unjustified`)."""
+        """RollbackError when a replica announces a rollback generation ranked before ours (`rollback.rank`) that this
+        node follows (the swarm rewinds): `follow_rollback`, set by the runner, judges it (`rollback.unjustified`)."""
         if self.follow_rollback is not None and rollback.candidates(self.discovery.entries(), self.discovery.me):
             rb = self.follow_rollback()
             if rb is not None:

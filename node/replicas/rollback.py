@@ -17,7 +17,8 @@ The rule (see docs/ARCHITECTURE.md, "Replicated mode"):
   this node can restart from (a checkpoint it holds, or its live state). An unjustified or unfollowable
   announcement is ignored, logged once with the reason and counted against its sender (peer scores). Among the
   followable ones (`candidates`: the highest generation, then the lowest step, wins, so two replicas that start
-  a rollback at once agree) it stops its engine as for a re-sync, saves its live state when it is at R, moves its
+  a rollback at once agree; a generation is its number and its step, `Announcement.generation`, so two that
+  took the same number with different steps are strangers until the later one follows the earlier) it stops its engine as for a re-sync, saves its live state when it is at R, moves its
   checkpoints after R aside into `abandoned/gen<g>/` (`node.training.checkpoint.abandon_checkpoints_after`;
   nothing stored is deleted but the oldest abandoned generations beyond `runtime.abandoned_keep`), restores its
   checkpoint at R explicitly (`checkpoint_at`), announces the new generation and continues from R. The head, the
@@ -55,7 +56,7 @@ def choose_step(entries: Iterable[Any], me: Any, stage: int, mine: Iterable[int]
     held: list[set[int]] = [set() for _ in range(me.num_stages)]
     for e in entries:
         if (e.peer_id not in gone and e.spec_hash == me.spec_hash and e.num_stages == me.num_stages
-                and e.rollback_gen == me.rollback_gen and 0 <= e.stage < me.num_stages):
+                and e.generation() == me.generation() and 0 <= e.stage < me.num_stages):
             held[e.stage] |= holds(e)
     held[stage] |= set(mine)
     common = {r for r in set.intersection(*held) if r <= upto}
@@ -78,12 +79,25 @@ def invalid(e: Any) -> str:
     return ""
 
 
+def rank(e: Any) -> tuple[int, int]:
+    """Sort key of a rollback generation (`Announcement.generation`), the one to follow first: the highest number,
+    then the lowest rollback step."""
+    return -e.rollback_gen, e.rollback_step
+
+
+def label(e: Any) -> str:
+    """A rollback generation as logs name it: its number, and its step when it has one."""
+    return str(e.rollback_gen) if e.rollback_gen == 0 else f"{e.rollback_gen} (step {e.rollback_step})"
+
+
 def candidates(entries: Iterable[Any], me: Any) -> list[Any]:
-    """The announcements of our model of a higher rollback generation than ours, the one to follow first: the
-    highest generation, then the lowest step, then the lowest peer id (malformed ones, `invalid`, are skipped)."""
+    """The announcements of our model of a rollback generation that ranks before ours (`rank`), the one to follow
+    first: the highest generation, then the lowest step, then the lowest peer id (malformed ones, `invalid`, are
+    skipped). Two replicas that start a rollback at once both take the next number; when they chose different
+    steps, the one at the later step follows the other, so the swarm meets in one generation."""
     newer = [e for e in entries if e.spec_hash == me.spec_hash and e.num_stages == me.num_stages
-             and e.rollback_gen > me.rollback_gen and not invalid(e)]
-    return sorted(newer, key=lambda e: (-e.rollback_gen, e.rollback_step, e.peer_id))
+             and rank(e) < rank(me) and not invalid(e)]
+    return sorted(newer, key=lambda e: (*rank(e), e.peer_id))
 
 
 def pending(entries: Iterable[Any], me: Any) -> Any | None:
@@ -96,7 +110,7 @@ def holders(fresh: Iterable[Any], me: Any, stage: int, step: int, but: str = "")
     """The `fresh` announcements of our model and generation, other than `but`, serving `stage` at a step after
     `step`: replicas that still hold the stage's newer state, so it is not lost."""
     return [e for e in fresh if e.peer_id != but and e.stage == stage and e.next_step > step
-            and e.spec_hash == me.spec_hash and e.num_stages == me.num_stages and e.rollback_gen == me.rollback_gen]
+            and e.spec_hash == me.spec_hash and e.num_stages == me.num_stages and e.generation() == me.generation()]
 
 
 def unjustified(e: Any, fresh: Iterable[Any], me: Any, mine: Iterable[int], fresh_s: float) -> str:

@@ -209,7 +209,7 @@ class ReplicatedRunner:
         held = set(checkpoint_steps(ctx.data_dir, stage))
         for e in rollback.candidates(discovery.entries(), discovery.me):
             mine = held | ({e.rollback_step} if any(
-                p.stage == stage and p.rollback_gen == e.rollback_gen and p.spec_hash == e.spec_hash
+                p.stage == stage and p.generation() == e.generation() and p.spec_hash == e.spec_hash
                 and p.num_stages == e.num_stages for p in fresh) else set())
             why = rollback.unjustified(e, fresh, replace(discovery.me, stage=-1), mine, fresh_s)
             if not why:
@@ -411,7 +411,7 @@ class ReplicatedRunner:
         def someone_behind() -> bool:
             fresh = ctx.cfg.discovery.liveness_s()  # a peer that stopped answering is not waited for
             return any(e.next_step < steps for e in discovery.entries(max_age_s=fresh)
-                       if e.stage in (eng.stage, -1) and e.rollback_gen == discovery.me.rollback_gen
+                       if e.stage in (eng.stage, -1) and e.generation() == discovery.me.generation()
                        and e.spec_hash == discovery.me.spec_hash
                        and e.num_stages == discovery.me.num_stages)
 

@@ -85,6 +85,26 @@ def test_pending_rollback_highest_generation_then_lowest_step() -> None:
     assert rollback.next_gen([a, c], ME) == 3 and rollback.next_gen([], ME) == 1
 
 
+def test_two_rollbacks_started_at_once_to_different_steps_meet_in_the_lower_one() -> None:
+    """Two replicas that find a state lost at once both announce the next number; one chose step 3, the other
+    step 4. They are different generations (strangers), and the one at step 4 follows the one at step 3, never the
+    reverse, so the swarm meets in one generation instead of stalling split across two steps."""
+    low, high = _ann("b", 2, 3, (2, 3), gen=1, step=3, lost=2), _ann("a", 1, 4, (3, 4), gen=1, step=4, lost=1)
+    assert low.generation() != high.generation() and low.generation() == replace(high, rollback_step=3).generation()
+    assert rollback.candidates([low, high], high) == [low]  # the later step follows the earlier one
+    assert rollback.candidates([low, high], low) == []  # ... and not the reverse
+    assert rollback.candidates([low, high], ME) == [low, high]  # a generation-0 node follows the lower step first
+    assert rollback.label(high) == "1 (step 4)" and rollback.label(ME) == "0"
+    # the stage-1 replica at step 4 can restart from 3 and no fresh stage-2 replica of its generation is past 3
+    assert rollback.unjustified(low, [low, high], high, [3, 4], 1.0) == ""
+    # its own generation's peers are the only holders it counts: a stage-2 replica in (1, step 4) past step 3
+    # keeps the state of stage 2, so it does not follow
+    keeper = _ann("k", 2, 5, gen=1, step=4, lost=1)
+    assert "peer k of stage 2 announced step 5" in rollback.unjustified(low, [low, high, keeper], high, [3, 4], 1.0)
+    # and the rollback step is chosen from its own generation's announcements only
+    assert rollback.choose_step([_ann("h", 0, 4, (3, 4), gen=1, step=3), low], high, 1, [3, 4], [], 4)[0] is None
+
+
 class _StubHost:
     def set_stream_handler(self, protocol: object, handler: object) -> None:
         return None
@@ -116,6 +136,8 @@ def test_rollback_fields_are_signed_and_bounded_and_split_generations() -> None:
         assert d.stage_peers(1) == []  # generation 1: not a stage peer of this generation-0 node
         d.update_me(rollback_gen=1, rollback_step=2, rollback_stage=1)
         assert [e.peer_id for e in d.stage_peers(1)] == [a.peer_id.pretty()]
+        d.update_me(rollback_step=3)  # the same number, another step: another generation (two rollbacks at once)
+        assert d.stage_peers(1) == []
 
     trio.run(main)
     with pytest.raises(ValueError, match="field 'ckpt_steps' must be a list of at most 256 steps"):
