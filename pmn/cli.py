@@ -302,6 +302,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--microbatch-seqs", type=int, default=2,
                    help="--vs: sequences per WAN microbatch (512 per step; the datacenter keeps 2): fewer, larger "
                         "microbatches mean fewer per-microbatch contributions")
+    q.add_argument("--inflight-per-replica", type=int, default=None, metavar="N",
+                   help="--vs: microbatches a WAN sender may have outstanding at one downstream replica (the node's "
+                        "replicas.max_inflight; 0: no cap); default: 2, the node's, for the node as built (a flushed "
+                        "schedule, --head leader), no cap otherwise")
     q.add_argument("--async-loss-ratio", type=float, default=None,
                    help="--vs what-if: the async loss penalty at equal tokens (default: the calibration file's)")
     q.add_argument("--averaging-loss-ratio", type=float, default=None,

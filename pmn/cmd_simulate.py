@@ -52,7 +52,8 @@ def cmd_wan(args: argparse.Namespace) -> int:
                                        microbatch_seqs=getattr(args, "microbatch_seqs", MICROBATCH_SEQS),
                                        head=getattr(args, "head", "leader"),
                                        async_loss_ratio=args.async_loss_ratio,
-                                       averaging_loss_ratio=args.averaging_loss_ratio)
+                                       averaging_loss_ratio=args.averaging_loss_ratio,
+                                       inflight_per_replica=getattr(args, "inflight_per_replica", None))
         except ValueError as exc:
             raise CLIError(str(exc)) from None
         _print(result, "WAN vs datacenter: protocolnanogpt, 8 stages x 16 replicas", args.json)

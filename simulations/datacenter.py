@@ -33,7 +33,12 @@ microbatches on the WAN side (the datacenter keeps its layout). The WAN head sta
 (`--head leader`): one head replica leads, computes every microbatch of stage 0 and pushes each one's contribution
 to the 15 standbys, which compute nothing (until session 23 the comparison let all 16 head replicas share stage 0's
 microbatches; `--head lanes` is that layout, a what-if the node does not have). Without it averaging holds compute, over the faster of a ring all-reduce and
-direct pushes. `--async-loss-ratio` / `--averaging-loss-ratio` are what-ifs: loss penalties the caller gives
+direct pushes. The node as built (a flushed schedule, `--head leader`) also routes as the node does: a sender has at
+most `NODE_MAX_INFLIGHT` (2, the node's `replicas.max_inflight`) microbatches outstanding at one downstream replica
+and gpipe's every-forward-first barrier goes (`WanConfig.inflight_per_replica`; the head leader has 2 x 16 in flight
+to stage 1); before this cap the comparison ran the schedule's own rule (gpipe: every forward first; 1f1b: num_stages - stage
+per node). `--inflight-per-replica N` sets that cap for any configuration (0: none); the output's `inflight_cap`
+names the one used. `--async-loss-ratio` / `--averaging-loss-ratio` are what-ifs: loss penalties the caller gives
 instead of the calibration file's, labelled "given by the caller" in the output.
 """
 
@@ -78,6 +83,8 @@ ASSUMED_AVERAGING_SOURCE = ("no loss ratio of this averaging option recorded in 
 # second half's steady steps are what time to target uses (4 steps, the first left out, understated the WAN step
 # by 8 % at staleness 3 with int8 factors)
 SIMULATED_STEPS = 16
+NODE_MAX_INFLIGHT = 2  # node.config.ReplicaConfig.max_inflight's default: microbatches one sender may have outstanding
+# at one downstream replica (node.replicas.routing.Router.choose); the node-as-built comparison's in-flight cap
 CONTRIBUTIONS = {  # --contributions: how a WAN replica's PowerSGD factors leave, as the output names it
     "microbatch": "one per microbatch a replica computes, pushed after its backward (the node's default, "
                   "replica_exchange = microbatch)",
@@ -95,10 +102,12 @@ HEADS = {  # --head: who computes stage 0 on the WAN side, as the output names i
 def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: LinkConfig, averaging: Averaging,
             max_staleness: int | None, steps: int, seed: int, overlap: bool = False,
             collective: str = "fastest", push: bool = False, per_step: bool = False,
-            microbatch_seqs: int = MICROBATCH_SEQS, head_leader: bool = False) -> WanConfig:
+            microbatch_seqs: int = MICROBATCH_SEQS, head_leader: bool = False,
+            inflight_per_replica: int | None = None) -> WanConfig:
     """push: the node's exchange, one contribution per microbatch a replica computes (per_step: one per replica and
     step: the node's replica_exchange = step, `WanConfig.push_per_step`). head_leader: stage 0 as the node runs it, one leader
-    computing every microbatch (and pushing each one's contribution) while the other head replicas stand by."""
+    computing every microbatch (and pushing each one's contribution) while the other head replicas stand by.
+    inflight_per_replica: `WanConfig.inflight_per_replica` (None: the schedule's own rule)."""
     from sharding.partition import partition
 
     device = DeviceAssumption()
@@ -121,6 +130,7 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
                      sync_every=averaging.outer_steps, overlap_sync=overlap, head_leader=head_leader,
                      sync_collective=collective, sync_push=push, push_per_step=push and per_step,
                      link=link, max_staleness=max_staleness if schedule == "async" else None, seed=seed,
+                     inflight_per_replica=inflight_per_replica,
                      warmup_steps=max(1, steps // 2) if steps > 1 else 0)  # the steady second half
 
 
@@ -129,7 +139,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                       overlap_averaging: bool = False, contributions: str = "microbatch",
                       microbatch_seqs: int = MICROBATCH_SEQS, head: str = "leader",
                       async_loss_ratio: float | None = None,
-                      averaging_loss_ratio: float | None = None) -> dict[str, Any]:
+                      averaging_loss_ratio: float | None = None,
+                      inflight_per_replica: int | None = None) -> dict[str, Any]:
     """Time to the target loss on home links over the same on 100 Gb/s; `slowdown_vs_datacenter` and its inputs.
 
     overlap_averaging: the WAN replicas' averaging goes out on their uplinks while they compute (a DiLoCo outer step
@@ -143,7 +154,10 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     microbatch of stage 0 and pushes each one's contribution to the 15 standbys) or `lanes` (every head replica a
     share: a what-if, not built in the node, labelled so in the output).
     async_loss_ratio / averaging_loss_ratio: loss penalties at equal tokens given by the caller (what-ifs; labelled
-    so in the output) instead of the calibration file's."""
+    so in the output) instead of the calibration file's.
+    inflight_per_replica: microbatches a WAN sender may have outstanding at one downstream replica
+    (`WanConfig.inflight_per_replica`); None: the node's `NODE_MAX_INFLIGHT` when the configuration is the node as
+    built (a flushed schedule, head leader), no cap otherwise; 0: no cap. Named in the output's `inflight_cap`."""
     avg = Averaging.parse(averaging)
     for name, value in (("async_loss_ratio", async_loss_ratio), ("averaging_loss_ratio", averaging_loss_ratio)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -159,6 +173,27 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
         raise ValueError(f"contributions={contributions!r}: use one of {', '.join(CONTRIBUTIONS)}")
     if head not in HEADS:
         raise ValueError(f"head={head!r}: use one of {', '.join(HEADS)}")
+    if inflight_per_replica is not None and (isinstance(inflight_per_replica, bool) or
+                                             not isinstance(inflight_per_replica, int) or inflight_per_replica < 0):
+        raise ValueError(f"inflight_per_replica={inflight_per_replica!r}: must be an integer >= 1 (microbatches one "
+                         f"sender may have outstanding at one downstream replica) or 0 (no cap)")
+    not_built = []  # what this WAN configuration runs that the node does not
+    if schedule == "async":
+        not_built.append("the async schedule with replicated stages (the node's runtime.schedule = async runs one "
+                         "peer per stage; replicated stages flush every step)")
+    if head == "lanes":
+        not_built.append("a data-parallel head stage (--head lanes; the node's head replicas stand by behind one "
+                         "leader)")
+    if inflight_per_replica is None and not not_built:
+        cap: int | None = NODE_MAX_INFLIGHT
+        cap_label = (f"{cap} per sender and downstream replica: the node's replicas.max_inflight default (node as "
+                     f"built; gpipe without its every-forward-first barrier)")
+    elif inflight_per_replica:
+        cap, cap_label = inflight_per_replica, (f"{inflight_per_replica} per sender and downstream replica: given by "
+                                                f"the caller (--inflight-per-replica)")
+    else:
+        cap, cap_label = None, ("none: the schedule's own rule (gpipe: every forward first; 1f1b: num_stages - stage "
+                                "per node; async: its window)")
     push = overlap_averaging and avg.mode == "powersgd"
     if contributions == "step" and not push:
         raise ValueError("contributions='step' sets when PowerSGD pushes go out: it needs averaging=powersgd:<R> "
@@ -166,7 +201,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     wan_cfg = _config(calibration, "subspace", schedule, WAN_LINK, avg, max_staleness, steps, seed,
                       overlap=overlap_averaging and not push, collective="direct" if push else "fastest", push=push,
                       per_step=contributions == "step", microbatch_seqs=microbatch_seqs,
-                      head_leader=head == "leader")
+                      head_leader=head == "leader", inflight_per_replica=cap)
     dc_cfg = _config(calibration, "dense", "1f1b", DATACENTER_LINK, Averaging(), None, steps, seed)
     wan, dc = simulate(wan_cfg), simulate(dc_cfg)
     wan_step = wan_cfg.tokens_per_step / (wan.steady_tokens_per_s or wan.tokens_per_s)
@@ -210,13 +245,6 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     wan_steps = PUBLIC_DENSE_STEPS * mult["subspace"] * mult["async"] * mult["averaging"]
     wan_time, dc_time = wan_steps * wan_step, PUBLIC_DENSE_STEPS * dc_step
     slowdown = wan_time / dc_time
-    not_built = []  # what this WAN configuration runs that the node does not
-    if schedule == "async":
-        not_built.append("the async schedule with replicated stages (the node's runtime.schedule = async runs one "
-                         "peer per stage; replicated stages flush every step)")
-    if head == "lanes":
-        not_built.append("a data-parallel head stage (--head lanes; the node's head replicas stand by behind one "
-                         "leader)")
     # the datacenter's step with no pipeline bubble at all (its busiest stage's compute): a bound no synchronous
     # schedule reaches, reported beside the 1F1B comparison so the bubble's share of the gap is visible
     per_replica = -(-MICROBATCHES // REPLICAS)
@@ -228,6 +256,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
         "goal_met": slowdown <= SLOWDOWN_GOAL,
         "node_as_built": not not_built,
         "not_built": not_built,
+        "inflight_cap": cap_label,
         "wan": {"schedule": schedule, "max_staleness": wan_cfg.max_staleness, "averaging": avg.label(),
                 "averaging_overlapped": overlap_averaging, "averaging_collective": wan_cfg.sync_collective,
                 "contributions": (CONTRIBUTIONS[contributions] if push else
@@ -236,7 +265,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                 "bubble_fraction": wan.bubble_fraction, "steps_to_target": wan_steps, "time_to_target_s": wan_time,
                 "replica_bytes_per_step": [b / wan_cfg.sync_every for b in wan_cfg.grad_sync_bytes],
                 "link": "200 Mb/s, 50 ms one-way", "microbatches": wan_cfg.microbatches,
-                "microbatch_seqs": microbatch_seqs},
+                "microbatch_seqs": microbatch_seqs, "inflight_per_replica": cap},
         "datacenter": {"schedule": "1f1b", "averaging": "dense", "codec": "dense bf16", "step_s": dc_step,
                        "utilisation": dc.utilisation, "bubble_fraction": dc.bubble_fraction,
                        "bubble_free_step_s": dc_floor,

@@ -107,6 +107,11 @@ class WanConfig:
     cores_by_busy: tuple[float, ...] = ()  # with host_cores: cores the nodes get when n of them are busy
     # (entry n-1; the last entry holds for more); replaces host_cores/background_load when given
     in_flight_per_stage: int | None = None  # 1F1B/async warm-up depth cap; None = num_stages - stage
+    inflight_per_replica: int | None = None  # the node's routing rule (node.config.ReplicaConfig.max_inflight): the
+    # microbatches one sender may have outstanding at one downstream replica (sent, gradient not back yet); a sender
+    # with no live receiver under it waits for a gradient (the head computes a forward only once a receiver has room).
+    # gpipe: replaces the every-forward-first barrier (a backward runs when its gradient comes back, the step still
+    # flushes), the node's replicated engine; 1f1b/async: applies on top of their depth gates. None = no such cap
     max_staleness: int | None = None  # async: the head starts step k once update k - S - 1 is done (None: depth window only)
     max_sim_s: float = 1e9  # simulated-seconds bound; exceeding it raises DeadlockError
     seed: int = 0  # seed of every random draw (bandwidths, latencies, speeds, churn)
@@ -168,6 +173,10 @@ class WanConfig:
         _non_negative("WanConfig", "background_load", self.background_load)
         if self.in_flight_per_stage is not None:
             _count("WanConfig", "in_flight_per_stage", self.in_flight_per_stage)
+        if self.inflight_per_replica is not None and (isinstance(self.inflight_per_replica, bool) or not isinstance(
+                self.inflight_per_replica, int) or self.inflight_per_replica < 1):
+            raise ValueError(f"WanConfig.inflight_per_replica={self.inflight_per_replica!r}: must be None (no cap) or an "
+                             f"integer >= 1 (microbatches one sender may have outstanding at one downstream replica)")
         if self.max_staleness is not None and (isinstance(self.max_staleness, bool) or
                                                not isinstance(self.max_staleness, int) or self.max_staleness < 0):
             raise ValueError(f"WanConfig.max_staleness={self.max_staleness!r}: must be None or an integer >= 0")

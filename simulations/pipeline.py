@@ -3,7 +3,10 @@
 Each node has one compute slot (backward work has priority over forward work), one uplink that
 sends one frame at a time (bytes / min(sender, receiver bandwidth), then the link latency), and for
 1F1B/async a gate of `num_stages - stage` in-flight microbatches (the 1F1B warm-up depth). GPipe holds
-every backward until all of the step's forwards reached the tail. Async with `max_staleness` S (the
+every backward until all of the step's forwards reached the tail, unless `inflight_per_replica` N is set: then, as
+the node's replicated engine routes (`replicas.max_inflight`), a sender sends to a downstream replica only while
+fewer than N of its microbatches are outstanding there (its gradient not back yet), waits for a gradient otherwise
+(the head computes a forward only once a receiver has room), and backwards run as their gradients come back. Async with `max_staleness` S (the
 node's schedule) starts step k's microbatches once every microbatch of step k - S - 1 came back. A microbatch is routed to the
 least-loaded live replica of each stage and returns through the same nodes; if any of them left in
 the meantime the attempt is lost and the microbatch restarts from the head.
@@ -156,6 +159,7 @@ class _Node:
         self.pushes: list[simpy.Process] = []  # sync_push: this step's per-microbatch sends so far
         self.bwd_unpushed = 0  # push_per_step: backward passes of this step whose bytes have not gone out yet
         self.arrival: simpy.Process | None = None  # sync_push, async: the last step's pushes arriving
+        self.room = env.event()  # inflight_per_replica: fires when a microbatch this node sent comes back
 
 
 class PipelineSim:
@@ -201,6 +205,14 @@ class PipelineSim:
         self.step_left = [cfg.microbatches] * cfg.steps
         self.step_done = [self.env.event() for _ in range(cfg.steps)]
         self.gpipe_gate: simpy.Event | None = None
+        self.capped = cfg.inflight_per_replica is not None
+        # inflight_per_replica: microbatches outstanding per (sender, receiver); the most each pair ever held, by
+        # ((stage, replica), (stage, replica)); times a sender found no receiver under the cap; and, when tracing,
+        # every change as (time, sender, receiver, +1 sent / -1 gradient back or attempt lost)
+        self.outstanding: dict[tuple[_Node, _Node], int] = {}
+        self.pair_peak: dict[tuple[tuple[int, int], tuple[int, int]], int] = {}
+        self.cap_waits = 0
+        self.pair_trace: list[tuple[float, tuple[int, int], tuple[int, int], int]] = []
         self.tail_done: set[int] = set()
         self.churn_on = cfg.churn.mean_uptime_s is not None
         self.finished = False
@@ -219,14 +231,48 @@ class PipelineSim:
             if live and stage == 0 and self.cfg.head_leader:
                 live = live[:1]
             if live:
-                node = min(
-                    live,
-                    key=lambda n: ((n.pending + len(n.compute.queue) + len(n.compute.users) + 1) / n.speed, n.routed),
-                )
+                node = min(live, key=self._load)
                 node.pending += 1
                 node.routed += 1
                 return node
             yield self.stage_up[stage]
+
+    @staticmethod
+    def _load(n: _Node) -> tuple[float, int]:
+        return (n.pending + len(n.compute.queue) + len(n.compute.users) + 1) / n.speed, n.routed
+
+    def _pick_capped(self, sender: _Node, stage: int) -> Generator[simpy.Event, Any, _Node]:
+        """inflight_per_replica: the least-loaded live replica of `stage` holding fewer than the cap of `sender`'s
+        microbatches, counted as one more; waits for one of `sender`'s microbatches to come back (or a joiner) when
+        every live one is full, for a joiner when the stage is empty."""
+        cap = self.cfg.inflight_per_replica
+        assert cap is not None
+        while True:
+            live = [n for n in self.nodes[stage] if n.alive]
+            room = [n for n in live if self.outstanding.get((sender, n), 0) < cap]
+            if room:
+                node = min(room, key=self._load)
+                node.pending += 1
+                node.routed += 1
+                held = self.outstanding[(sender, node)] = self.outstanding.get((sender, node), 0) + 1
+                key = ((sender.stage, sender.replica), (node.stage, node.replica))
+                self.pair_peak[key] = max(self.pair_peak.get(key, 0), held)
+                if self.tracing:
+                    self.pair_trace.append((self.env.now, key[0], key[1], 1))
+                return node
+            if live:
+                self.cap_waits += 1
+                yield self.env.any_of([sender.room, self.stage_up[stage]])
+            else:
+                yield self.stage_up[stage]
+
+    def _came_back(self, sender: _Node, receiver: _Node) -> None:
+        """inflight_per_replica: one of `sender`'s microbatches at `receiver` is no longer outstanding."""
+        self.outstanding[(sender, receiver)] -= 1
+        if self.tracing:
+            self.pair_trace.append((self.env.now, (sender.stage, sender.replica), (receiver.stage, receiver.replica), -1))
+        room, sender.room = sender.room, self.env.event()
+        room.succeed()
 
     def _compute(self, node: _Node, seconds: float, kind: str, mb: int, attempt: int) -> Generator[simpy.Event, Any, bool]:
         """Run `seconds / speed` of work on `node`; False when the node left before or during it."""
@@ -274,6 +320,7 @@ class PipelineSim:
         path: list[_Node] = []
         generations: list[int] = []
         gates: list[tuple[_Node, Any]] = []
+        sent: list[tuple[_Node, _Node]] = []  # inflight_per_replica: (sender, receiver) pairs outstanding, in path order
         node = yield from self._pick(0)
         try:
             for s in range(s_n):
@@ -283,13 +330,21 @@ class PipelineSim:
                     yield greq
                 path.append(node)
                 generations.append(node.generation)
+                nxt: _Node | None = None
+                if self.capped and s == 0 and s_n > 1:  # the node's head computes a forward once a receiver has room
+                    nxt = yield from self._pick_capped(node, 1)
+                    sent.append((node, nxt))
                 ok = yield from self._compute(node, self.fwd[s], FWD, mb, attempt)
                 node.pending -= 1
                 if not ok:
                     return False
                 self.fwd_passes[s] += 1
                 if s < s_n - 1:
-                    nxt = yield from self._pick(s + 1)
+                    if nxt is None and self.capped:
+                        nxt = yield from self._pick_capped(node, s + 1)
+                        sent.append((node, nxt))
+                    elif nxt is None:
+                        nxt = yield from self._pick(s + 1)
                     yield from self._send(node, nxt, fwd_bytes)
                     node = nxt
             if self.gpipe_gate is not None:
@@ -314,10 +369,14 @@ class PipelineSim:
                     self._maybe_async_opt(node)
                 if s > 0:
                     yield from self._send(node, path[s - 1], bwd_bytes)
+                    if self.capped:  # the gradient is back at its sender
+                        self._came_back(*sent.pop())
             return True
         finally:
             for gnode, greq in gates:
                 gnode.gate.release(greq)
+            for pair in sent:  # the attempt is lost: the sender stops counting it (the node's abandoned())
+                self._came_back(*pair)
 
     def _microbatch(self, mb: int) -> Generator[simpy.Event, Any, None]:
         attempt = 0
@@ -517,7 +576,7 @@ class PipelineSim:
             yield self.env.timeout(cfg.startup_s)
         for step in range(cfg.steps):
             t0 = self.env.now
-            if cfg.schedule == "gpipe":
+            if cfg.schedule == "gpipe" and not self.capped:  # capped: backwards run as gradients come back
                 self.gpipe_gate = self.env.event()
                 self.tail_done = set()
             base = step * cfg.microbatches
