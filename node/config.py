@@ -199,6 +199,9 @@ class ReplicaConfig:
     commit_poll_s: float = 1.0  # idle time after which a replica asks its stage peers for the step's commit
     head_takeover_s: float = 3.0  # a standby head replica takes over the step authority once the leading head
     # has refused or failed every dial for this long (or its announcement expired); a slow leader is not replaced
+    head_delegation: bool = True  # replica_exchange = "step": the leading head replica hands microbatches to the
+    # other head replicas, which compute stage 0 and send the activations themselves (`node.replicas.delegation`);
+    # False, or the per-microbatch exchange: the standbys compute nothing
     catchup_poll_s: float = 0.01  # while behind and catching up, wait this long between pulls of missed steps
     keep_steps: int = 4  # steps of contributions kept in memory for stage peers that pull them (a replica
     # more steps behind than this re-fetches the stage state: keep it above state-transfer time / step time)

@@ -136,6 +136,10 @@ class AveragingError(NodeError):
     """A stage peer's contribution or commit could not be exchanged or combined."""
 
 
+class DelegationError(NodeError):
+    """A head replica's delegation link (`/pmn/delegate/1.0.0`) broke the protocol or could not be opened."""
+
+
 class StateSyncError(NodeError):
     """A joining replica could not fetch its stage's state from a peer."""
 

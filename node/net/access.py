@@ -5,6 +5,7 @@ Noise-authenticated id) may not use `protocol` for `stage`; handlers call it aft
 bounded header (to learn the stage) and before a body byte. What `stage` means per protocol:
 
 * `/pmn/state/1.0.0`, `/pmn/avg/1.0.0`: the stage whose state or contributions are asked for or pushed;
+* `/pmn/delegate/1.0.0`: 0 (a leading head replica hands microbatches to the other head replicas);
 * `/pmn/infer/1.0.0`: the stage of the node a hop is sent to (the sender must serve the stage before it);
   None for the head's `limits` / `generate` (paid requests from clients);
 * `/pmn/audit/1.0.0`: the stage of the node being audited; each request is then checked again with
@@ -38,6 +39,7 @@ INFER = "/pmn/infer/1.0.0"
 AUDIT = "/pmn/audit/1.0.0"
 ANNOUNCE = "/pmn/announce/1.0.0"
 ACT = "/pmn/act/1.0.0"
+DELEGATE = "/pmn/delegate/1.0.0"
 UNAVAILABLE = "chain_unavailable"  # NodeAccess.admit's reason when it could not decide (not the sender's fault)
 
 log = logging.getLogger("node.access")
@@ -108,13 +110,14 @@ class StagePeersPolicy:
     """Replicated off-chain mode: a protocol is open only to peers that discovery knows, from a verified
     announcement of our model bound to a node key, as serving the right stage in our rollback generation.
 
-    State and contributions (`/pmn/state`, `/pmn/avg`): the peer serves `stage` (or, for state, announces
-    -1: a replica joining or re-syncing, when `joining_may_fetch_state`). Inference hops: the peer serves
+    State, contributions and delegated head work (`/pmn/state`, `/pmn/avg`, `/pmn/delegate`): the peer serves
+    `stage` (or, for state, announces -1: a replica joining or re-syncing, when `joining_may_fetch_state`).
+    Inference hops: the peer serves
     `stage - 1` (a client's `generate` to the head, stage None, is left to the payment check). Other
     protocols are refused. An unknown peer is looked up once (`directory.learn`)."""
 
     def __init__(self, directory: PeerDirectory, joining_may_fetch_state: bool = True,
-                 protocols: Iterable[str] = (STATE, AVG)) -> None:
+                 protocols: Iterable[str] = (STATE, AVG, DELEGATE)) -> None:
         self.directory = directory
         self.joining_may_fetch_state = joining_may_fetch_state  # a stage -1 announcement may fetch state
         self.protocols = frozenset(protocols)  # protocols this policy opens at all

@@ -7,9 +7,10 @@
   attempt when that replica is lost or exceeds `replica_timeout_s`, and commits a microbatch when
   its gradient returns. The step's commit (mb -> attempt) travels downstream in COMMIT frames.
 * The head stage may have replicas (`node.replicas.heads`): one leads (the step authority above, with
-  attempt ids of its term), the others stand by, generate nothing, learn each step's commit from the
-  leader's contributions they hold, apply it, and take over (adopting the commits they hold, generating
-  only the rest) when the leader is gone for `head_takeover_s`.
+  attempt ids of its term), the others stand by, learn each step's commit from the leader's contributions they
+  hold, apply it, and take over (adopting the commits they hold, generating only the rest) when the leader is
+  gone for `head_takeover_s`. With the step exchange the leader hands microbatches to them over
+  `/pmn/delegate/1.0.0` links (`node.replicas.delegation`): they compute stage 0 of those and route them on.
 * Inner stages route the same way (keeping the head's attempt id) and send each gradient back to
   whoever sent the activation; late answers are discarded.
 * Each replica keeps the parameter gradient of every (step, mb, attempt) separately, pushes it to
@@ -45,7 +46,8 @@ from node.errors import (
     UpstreamLostError,
 )
 from node.net.discovery import Discovery
-from node.replicas import averaging, heads, rollback
+from node.replicas import averaging, delegation, heads, rollback
+from node.replicas.delegation import DelegateLink, Task
 from node.replicas.rebalance import Move, plan_move
 from node.replicas.routing import Router, ban_duration
 from node.training.worker import StageWorker, window_to_bytes
@@ -64,6 +66,8 @@ class _Work:
     up: str = ""  # peer that sent us the activation ("" at the head)
     down: str = ""  # replica it was sent to ("" while waiting for one)
     sent_at: float = 0.0  # trio clock when sent
+    delegated: bool = False  # leading head: handed to the head replica `down` as a task (nothing computed here)
+    task: bool = False  # a head replica: a task of the leader `up` (computed here, DONE goes to the leader)
 
 
 @dataclass
@@ -144,6 +148,18 @@ class ReplicaEngine:
         self._accepted: dict[int, dict[int, str]] = {}  # step -> mb -> next-stage peer whose gradient this replica used
         self._verdicts: dict[int, dict[str, set[int]]] = {}  # step -> previous-stage peer -> mbs it used ours for
         self._owned: dict[int, list[list[int]]] = {}  # step -> the (mb, attempt) pairs this replica's bundle sums
+        # delegated head work (`node.replicas.delegation`): on the leader, links to the other head replicas and a
+        # router for them; on the others, the links their leaders opened
+        self.delegating = self.per_step and self.rc.head_delegation and worker.spec.is_first \
+            and not worker.spec.is_last
+        self.delegate_limits = delegation.DelegateLimits()
+        self.delegates: dict[str, DelegateLink] = {}  # head replica -> our link to it (leading)
+        self.leaders: dict[str, DelegateLink] = {}  # leading head replica -> its link to us
+        self.delegate_router = Router(self.rc)
+        self._future_tasks: list[tuple[DelegateLink, Task]] = []  # tasks of later steps, taken when we get there
+        self._pending: deque[int] = deque()  # leading head: microbatches of the current step still to generate
+        self._next_attempt: dict[int, int] = {}  # leading head: mb -> attempt its next generation takes
+        self._delegated = 0  # leading head: microbatches of the current step committed from delegates' work
 
     # -- channels ----------------------------------------------------------------------------------
 
@@ -208,8 +224,57 @@ class ReplicaEngine:
                 ch.listeners.append(self.poke)
                 self.down[ann.peer_id] = ch
                 self.poke()
+            if self.delegating and self.leads:
+                await self._open_links(nursery, now)
             with trio.move_on_after(self.cfg.discovery.announce_interval_s):
                 await self.discovery.changed.wait()
+
+    async def _open_links(self, nursery: trio.Nursery, now: float) -> None:
+        """A leading head replica: keep a delegation link open to every other head replica of our generation."""
+        for ann in self._head_peers():
+            link = self.delegates.get(ann.peer_id)
+            if (link is not None and link.failure is None) or not ann.addrs or ann.head_term >= 0 \
+                    or self.delegate_router.is_banned(ann.peer_id, now):
+                continue
+            try:
+                link = await delegation.open_link(self.host, ann.addrs[0], self.spec_hash, self.m,
+                                                  self.delegate_limits, self.cfg.transport.dial_timeout_s,
+                                                  self._delegate_refused)
+            except Exception:  # refused (it does not see us lead yet) or unreachable: tried next round
+                continue
+            link.listeners.append(self.poke)
+            nursery.start_soon(link.run_reader)
+            self.delegates[ann.peer_id] = link
+            self.poke()
+
+    def accept_leader(self, link: DelegateLink) -> str:
+        """`DelegationService`: take the link a leading head replica opened to this one ("" = taken, else why not:
+        this node does not delegate, leads itself, or the dialler is not the leader it sees announced)."""
+        if not self.delegating:
+            return (f"this node serves stage {self.stage} without delegated head work (stage 0 of several, "
+                    "replicas.head_delegation and replica_exchange = step)")
+        if self.leads:
+            return f"this head replica leads in term {self.head_term} itself"
+        lead = heads.leader(self._head_peers())
+        if lead is None or lead.peer_id != link.peer:
+            return (f"peer {link.peer} is not the leader of stage 0 this replica sees announced "
+                    f"({'none' if lead is None else lead.peer_id})")
+        link.term = lead.head_term
+        old = self.leaders.pop(link.peer, None)
+        if old is not None:
+            old.failure = old.failure or NodeError("replaced by a new link")
+        link.listeners.append(self.poke)
+        self.leaders[link.peer] = link
+        self.poke()
+        return ""
+
+    def _delegate_refused(self, peer: str, reason: str) -> None:
+        """A delegate broke the delegation protocol: logged, and banned from tasks for a while."""
+        now = trio.current_time()
+        ev = self.delegate_router.ban(peer, reason, now)
+        self.events.append({"event": "ban", "peer": peer, "reason": reason, "count": ev.count,
+                            "duration_s": ev.duration_s, "step": self.current_step, "delegate": True,
+                            "time": time.time()})
 
     async def _drop_channel(self, ch: ActChannel) -> None:
         try:
@@ -218,27 +283,37 @@ class ReplicaEngine:
             pass
 
     async def close(self) -> None:
-        """Close every channel (orderly CLOSE first)."""
+        """Close every channel (orderly CLOSE first) and delegation link."""
         for ch in [*self.down.values(), *self.up.values()]:
             await ch.close()
+        for link in [*self.delegates.values(), *self.leaders.values()]:
+            await link.close()
         self.down.clear()
         self.up.clear()
+        self.delegates.clear()
+        self.leaders.clear()
 
     def decode(self, fr: frames.Frame) -> Any:
         """Channel decoder: activations via the worker; gradients against the attempt's stash (None if stale)."""
         h = fr.header
         if h.kind == frames.Kind.ACTIVATION:
             return self.worker.decode(fr)
-        ids = self.worker.stash_ids(h.step, self._key(h.microbatch, h.attempt))
+        ids = self.worker.stash_ids(h.step, self._key(h.microbatch, h.attempt, task=True)) \
+            if self.worker.spec.is_first else None  # a head replica's stash of a delegated task, if it is one
+        if ids is None:
+            ids = self.worker.stash_ids(h.step, self._key(h.microbatch, h.attempt))
         if ids is None:
             return None  # late answer for an abandoned attempt: dropped by the loop
         for obs in self.worker.observers:
             obs.on_frame(fr)
         return self.worker.codec.decode_gradient(fr.payload, ids)
 
-    def _key(self, mb: int, attempt: int) -> int:
-        """Stash key of a microbatch attempt (the head stashes one forward per microbatch)."""
-        return mb if self.worker.spec.is_first else mb + self.m * attempt
+    def _key(self, mb: int, attempt: int, task: bool = False) -> int:
+        """Stash key of a microbatch attempt (the head stashes one forward per microbatch it generates, and one per
+        attempt of a delegated task, above every microbatch index)."""
+        if self.worker.spec.is_first:
+            return mb + self.m * (attempt + 1) if task else mb
+        return mb + self.m * attempt
 
     # -- compute -----------------------------------------------------------------------------------
 
@@ -474,23 +549,34 @@ class ReplicaEngine:
     def _candidates(self) -> list[str]:
         return sorted(p for p, ch in self.down.items() if ch.failure is None)
 
+    def _live_delegates(self) -> list[str]:
+        return sorted(p for p, link in self.delegates.items() if link.failure is None)
+
     def _abandon(self, w: _Work, step: int, reason: str) -> None:
-        """The replica holding `w` was lost or timed out: ban it and queue `w` again."""
+        """The replica holding `w` was lost or timed out: ban it and queue `w` again (a delegated microbatch: the
+        leader generates it again, with a new attempt)."""
         now = trio.current_time()
+        router = self.delegate_router if w.delegated else self.router
         if w.down:
-            self.router.abandoned(w.down)
-            if not self.router.is_banned(w.down, now):
-                ev = self.router.ban(w.down, reason, now)
+            router.abandoned(w.down)
+            if not router.is_banned(w.down, now):
+                ev = router.ban(w.down, reason, now)
                 self.events.append({"event": "ban", "peer": ev.peer, "reason": reason, "count": ev.count,
-                                    "duration_s": ev.duration_s, "step": step, "time": time.time()})
-        if self.worker.spec.is_first:
+                                    "duration_s": ev.duration_s, "step": step, "delegate": w.delegated,
+                                    "time": time.time()})
+        if self.worker.spec.is_first and not w.task:  # a delegate keeps its leader's attempt, as an inner stage
             if heads.term_of(w.attempt + 1) != self.head_term:
                 raise NodeError(f"stage 0 head at step {step}: microbatch {w.mb} was re-sent "
                                 f"{heads.ATTEMPT_STRIDE} times (last to peer {w.down or 'none'}): giving up")
             w.attempt += 1  # a new attempt id; the old one's late answers are discarded
         w.down = ""
         self._rerouted += 1
-        self._queue.append((step, w.mb))
+        if w.delegated:
+            del self._work[(step, w.mb)]
+            self._next_attempt[w.mb] = w.attempt
+            self._pending.appendleft(w.mb)
+        else:
+            self._queue.append((step, w.mb))
 
     async def _dispatch(self, step: int) -> None:
         """Send queued work to replicas with room."""
@@ -518,7 +604,7 @@ class ReplicaEngine:
         for w in list(self._work.values()):
             if not w.down:
                 continue
-            ch = self.down.get(w.down)
+            ch = (self.delegates if w.delegated else self.down).get(w.down)
             if ch is None or ch.failure is not None:
                 self._abandon(w, step, "lost")
             elif now - w.sent_at > self.rc.replica_timeout_s:
@@ -544,11 +630,25 @@ class ReplicaEngine:
         return got
 
     def _take_commits(self) -> None:
-        """Record the COMMIT frames every channel from the previous stage received."""
-        for ch in list(self.up.values()):
+        """Record the COMMIT frames every channel from the previous stage (or link from a leader) received."""
+        for ch in self.up.values():
             self._take_commits_of(ch)
+        for link in self.leaders.values():
+            self._take_commits_of(link)
 
-    def _take_commits_of(self, ch: ActChannel) -> None:
+    def _take_tasks(self) -> list[tuple[DelegateLink, Task]]:
+        """Tasks (and COMMITs) from our leaders' links, or DONEs from our delegates' links, since the last call; a
+        link that ended is dropped once read out (its outstanding tasks are then re-generated: `_check_timeouts`)."""
+        got: list[tuple[DelegateLink, Task]] = []
+        for links in (self.delegates, self.leaders):
+            for peer, link in list(links.items()):
+                got.extend((link, t) for t in link.take())
+                self._take_commits_of(link)
+                if link.failure is not None:
+                    del links[peer]
+        return got
+
+    def _take_commits_of(self, ch: ActChannel | DelegateLink) -> None:
         """Record the COMMIT frames `ch` received (and, replica_exchange = step, their `yours` verdicts)."""
         while ch.commits:
             c = ch.commits.pop(0)
@@ -579,21 +679,94 @@ class ReplicaEngine:
         self._work[(h.step, h.microbatch)] = _Work(h.microbatch, h.attempt, out, r.frame.window, up=ch.peer)
         self._queue.append((h.step, h.microbatch))
 
+    async def _on_task(self, step: int, link: DelegateLink, t: Task) -> None:
+        """A head replica: its leader handed it microbatch `t` of the current step. It reads the window, runs stage 0
+        and queues the activation for stage 1 (a task it holds already is ignored)."""
+        if heads.term_of(t.attempt) != link.term:
+            self.events.append({"event": "delegation_refused", "peer": link.peer, "step": step, "time": time.time(),
+                                "error": f"task attempt {t.attempt} is not of the leader's term {link.term}"})
+            link.refuse(link.peer, "delegation_term")
+            await link.close()
+            return
+        w = self.worker
+        key = self._key(t.mb, t.attempt, task=True)
+        held = self._work.get((step, t.mb))
+        if w.stash_ids(step, key) is not None or (held is not None and held.attempt == t.attempt):
+            return
+        window = await self._compute(w.head_window, step, t.mb)
+        out = await self._compute(w.forward, step, key, window, None)
+        self._work[(step, t.mb)] = _Work(t.mb, t.attempt, out, window_to_bytes(window, w.id_bytes), up=link.peer,
+                                         task=True)
+        self._queue.append((step, t.mb))
+
+    async def _park_task(self, step: int, link: DelegateLink, t: Task) -> None:
+        """Keep a task of a later step until we get there (the leader starts a step once the bundles of the last
+        are in, so a delegate with no work in it can lag): up to `keep_steps` ahead, fewer than `num_microbatches`
+        per step. One further ahead is dropped (the leader generates it again after its timeout); more tasks of
+        one step than it has microbatches end the link, counted against the leader."""
+        if t.step > step + self.rc.keep_steps:
+            return
+        if sum(1 for _, f in self._future_tasks if f.step == t.step) < self.m:
+            self._future_tasks.append((link, t))
+            return
+        self.events.append({"event": "delegation_refused", "peer": link.peer, "step": step, "time": time.time(),
+                            "error": f"more than {self.m} tasks of step {t.step} while this replica is at step {step}"})
+        link.refuse(link.peer, "delegation_step")
+        await link.close()
+
+    async def _on_done(self, step: int, link: DelegateLink, t: Task) -> None:
+        """The leading head replica: a delegate finished task `t` (its gradient is kept there): committed, unless
+        the microbatch was generated again meanwhile."""
+        w = self._work.get((step, t.mb))
+        if w is None or not w.delegated or w.attempt != t.attempt or w.down != link.peer:
+            return  # late: the microbatch was handed to another replica or generated here since
+        del self._work[(step, t.mb)]
+        self._accepted.setdefault(step, {})[t.mb] = link.peer
+        self.delegate_router.answered(link.peer, trio.current_time() - w.sent_at)
+        self._committed[t.mb] = t.attempt
+        self._delegated += 1
+        if self.discovery.stage_peers(self.stage):  # TEST hook: a leader dies right after a commit
+            self._forwarded_one()
+
+    async def _delegate(self, step: int, mb: int, peer: str) -> None:
+        """The leading head replica hands microbatch `mb` to the head replica `peer` (not computed here)."""
+        w = _Work(mb, self._attempt_for(mb), b"", b"", down=peer, sent_at=trio.current_time(), delegated=True)
+        self._work[(step, mb)] = w
+        self.delegate_router.sent(peer)
+        try:
+            await self.delegates[peer].send_task(step, mb, w.attempt)
+        except NodeError:
+            self._abandon(w, step, "lost")
+
+    def _attempt_for(self, mb: int) -> int:
+        """The attempt the leader's next generation of `mb` takes (the term's first, or one past an abandoned one)."""
+        return self._next_attempt.get(mb, heads.attempt_base(self.head_term))
+
     async def _on_gradient(self, step: int, ch: ActChannel, r: Received) -> None:
         h = r.frame.header
         w = self._work.get((h.step, h.microbatch))
-        if r.value is None or w is None or w.attempt != h.attempt or w.down != ch.peer or h.step != step:
+        if r.value is None or w is None or w.attempt != h.attempt or w.down != ch.peer or h.step != step \
+                or w.delegated:
             return  # late: the attempt was abandoned or re-routed
         del self._work[(h.step, h.microbatch)]
         self._accepted.setdefault(h.step, {})[h.microbatch] = ch.peer
         self.router.answered(ch.peer, trio.current_time() - w.sent_at)
-        key = self._key(h.microbatch, h.attempt)
+        key = self._key(h.microbatch, h.attempt, task=w.task)
         grad, vec = await self._compute(self._grads_after, self.worker.backward, h.step, key, r.value)
         held = await self._contribute(h.step, h.microbatch, h.attempt, vec, None, up=w.up)
-        while not held and self.worker.spec.is_first:  # a head replica: its own commit waits for a holder
-            held = await self._hold(h.step, h.microbatch, h.attempt, vec, None)
+        while not held and self.worker.spec.is_first and not w.task:  # a head replica: its own commit waits for a
+            held = await self._hold(h.step, h.microbatch, h.attempt, vec, None)  # holder
         if not held:
             return  # not committed: the upstream re-routes the microbatch after its timeout
+        if w.task:  # a delegate: its leader commits the microbatch
+            link = self.leaders.get(w.up)
+            if link is not None and link.failure is None:
+                try:
+                    await link.send_done(h.step, h.microbatch, h.attempt)
+                except NodeError:
+                    pass
+            self._forwarded_one()
+            return
         if self.worker.spec.is_first:
             self._committed[h.microbatch] = h.attempt
             if self.discovery.stage_peers(self.stage):  # TEST hook: a leader dies right after a commit a standby holds
@@ -627,22 +800,32 @@ class ReplicaEngine:
         t0 = time.perf_counter()
         self._compute_s = 0.0
         self._rerouted = 0
+        self._delegated = 0
         self.current_step = step
         w = self.worker
         head = self.leads
         standby = w.spec.is_first and not head
         # a leader adopts the commits of the step its held contributions prove (after a takeover, the old leader's)
         self._committed = heads.held_commits(self.store.pairs(step)) if head else {}
-        pending = deque(mb for mb in range(self.m) if mb not in self._committed)  # microbatches still to generate
+        self._pending = deque(mb for mb in range(self.m) if mb not in self._committed)  # still to generate
+        self._next_attempt = {}
         no_replica_since: float | None = None
         tick = min(0.25, self.rc.replica_timeout_s / 4, self.rc.commit_poll_s)
-        # frames that arrived early for this step
+        # frames (and delegated tasks) that arrived early for this step
         early = [(ch, r) for ch, r in self._future if r.frame.header.step == step]
         self._future = [(ch, r) for ch, r in self._future if r.frame.header.step > step]
+        early_tasks = [(link, t) for link, t in self._future_tasks if t.step == step]
+        self._future_tasks = [(link, t) for link, t in self._future_tasks if t.step > step]
         while True:
             if self.fatal is not None:
                 raise self.fatal
             self.check_rollback()
+            for link, t in early_tasks + self._take_tasks():
+                if t.step == step:
+                    await (self._on_done if link.leading else self._on_task)(step, link, t)
+                elif t.step > step and not link.leading:  # the leader may be ahead while we finish a step
+                    await self._park_task(step, link, t)
+            early_tasks = []
             arrived = early + await self._take_frames()
             early = []
             for ch, r in arrived:
@@ -670,28 +853,41 @@ class ReplicaEngine:
             if not head and step in self.store.commits:
                 break
             if standby and await self._leader_lost(step):
+                if self.delegating:  # a head replica the lost leader's COMMIT reached may hold it: not lost then
+                    with trio.move_on_after(self.rc.avg_timeout_s):
+                        await self.pull_commit(step, 0.0, every_peer=True)
+                    if step in self.store.commits:
+                        continue
                 self._take_over(step)
+                for link in self.leaders.values():
+                    await link.close()
+                self.leaders.clear()
                 head, standby = True, False
                 self._committed = heads.held_commits(self.store.pairs(step))
-                pending = deque(mb for mb in range(self.m) if mb not in self._committed)
+                self._pending = deque(mb for mb in range(self.m) if mb not in self._committed)
+                self._next_attempt = {}
                 continue
             if head and w.spec.is_first:
                 self._check_rival(step)
             if not w.spec.is_last:
                 self._check_timeouts(step)
-                if head and pending and not self._queue:
+                if head and self._pending and not self._queue:
                     now = trio.current_time()
-                    if self.router.choose(self._candidates(), now) is not None:
-                        mb = pending.popleft()
+                    helper = self.delegate_router.choose(self._live_delegates(), now) if self.delegates else None
+                    if helper is not None:  # a head replica with room takes it (`node.replicas.delegation`)
+                        await self._delegate(step, self._pending.popleft(), helper)
+                        self.poke()
+                    elif self.router.choose(self._candidates(), now) is not None:
+                        mb = self._pending.popleft()
                         window = await self._compute(w.head_window, step, mb)
                         out = await self._compute(w.forward, step, mb, window, None)
-                        self._work[(step, mb)] = _Work(mb, heads.attempt_base(self.head_term), out,
+                        self._work[(step, mb)] = _Work(mb, self._attempt_for(mb), out,
                                                        window_to_bytes(window, w.id_bytes))
                         self._queue.append((step, mb))
                         self.poke()
                 await self._dispatch(step)
                 now = trio.current_time()
-                waiting = bool(self._queue) or (head and bool(pending))
+                waiting = bool(self._queue) or (head and bool(self._pending))
                 usable = self._candidates_usable(now)
                 self._had_next = self._had_next or usable
                 if waiting and not usable:
@@ -845,6 +1041,12 @@ class ReplicaEngine:
             return
         self._forwarded.add(step)
         commit = self.store.commits[step]
+        for link in list(self.delegates.values()):  # the head replicas that worked on it learn it first
+            if link.failure is None:
+                try:
+                    await link.send_commit(step, commit)
+                except NodeError:
+                    pass
         accepted = self._accepted.get(step, {})
         for peer, ch in list(self.down.items()):
             if ch.failure is None:
@@ -972,7 +1174,9 @@ class ReplicaEngine:
         # abandoned attempts of this step
         for k, v in self._work.items():
             if k[0] <= step and v.down:
-                self.router.abandoned(v.down)
+                (self.delegate_router if v.delegated else self.router).abandoned(v.down)
+        for link in self.delegates.values():
+            link.forget(step)
         self._work = {k: v for k, v in self._work.items() if k[0] > step}
         self._queue = deque(k for k in self._queue if k[0] > step)
         losses = [loss for h in items for loss in h.losses if loss is not None]
@@ -990,7 +1194,8 @@ class ReplicaEngine:
         return StepOutcome(
             step=step, loss=sum(losses) / len(losses) if losses and w.spec.is_last else None,
             applied=sorted([mb, a] for h in items for mb, a in h.covers), mine=mine, computed=sorted(computed), dropped=dropped,
-            rerouted=self._rerouted, seconds=time.perf_counter() - t0, compute_s=self._compute_s, tokens=tokens)
+            rerouted=self._rerouted, seconds=time.perf_counter() - t0, compute_s=self._compute_s, tokens=tokens,
+            extra={"delegated": self._delegated} if w.spec.is_first else {})
 
     def _live_stage_peers(self) -> list[Any]:
         """Stage peers of our generation that showed a sign of life within `discovery.liveness_s()` (their own

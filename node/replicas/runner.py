@@ -24,6 +24,7 @@ from node.net.peerscore import PeerScores
 from node.observability.steps import StepReport
 from node.replicas import rollback
 from node.replicas.averaging import AveragingService, ContributionCodec, ContributionStore
+from node.replicas.delegation import DelegateLink, DelegationService
 from node.replicas.engine import ReplicaEngine, StepOutcome
 from node.replicas.rebalance import Move
 from node.replicas.statesync import StateService, fetch_state, pack_state
@@ -58,6 +59,7 @@ def step_report(out: StepOutcome, eng: ReplicaEngine) -> StepReport:
     record["rollback_gen"] = eng.discovery.me.rollback_gen  # exactly-once holds per rollback generation
     if eng.stage == 0:
         record["head_term"] = eng.head_term  # the term it led the step in (-1: a standby head replica)
+        record["delegated"] = out.extra.get("delegated", 0)  # its microbatches computed by other head replicas
     return StepReport(out.step, eng.stage, out.loss, out.tokens, out.seconds, max(0.0, out.seconds - out.compute_s),
                       record=record, status={"bans": eng.events[-20:], "stage": eng.stage})
 
@@ -105,6 +107,8 @@ class ReplicatedRunner:
         AveragingService(ctx.host, spec_hex, self._avg_target, rc.avg_timeout_s, policy=policy, scores=scores)
         StateService(ctx.host, spec_hex, self._snapshot, rc.state_timeout_s, max_concurrent=rc.state_max_concurrent,
                      burst=rc.state_burst, refill_s=rc.state_refill_s, policy=policy, scores=scores)
+        DelegationService(ctx.host, spec_hex, self._take_link, lambda: self.engine.m if self.engine else 1,
+                          policy=policy, scores=scores)
         return self._stage
 
     def ready_fields(self) -> dict[str, Any]:
@@ -132,6 +136,12 @@ class ReplicatedRunner:
                 await self.engine.close()
 
     # -- protocol handlers -------------------------------------------------------------------------
+
+    def _take_link(self, link: DelegateLink) -> str:
+        """A leading head replica's delegation link: the engine of the stage served now takes it, or says why not."""
+        if self.engine is None or not self._serving:
+            return "this node serves no stage yet"
+        return self.engine.accept_leader(link)
 
     def _avg_target(self, stage: int) -> ContributionStore | None:
         """The newest contribution store of `stage` (a node that moved still answers for its old stage)."""

@@ -1,6 +1,6 @@
 """Fuzzing every protocol a node serves, over real libp2p hosts on 127.0.0.1 (seeded, bounded in time).
 
-A real node process (replicated mode, lingering) takes the announce, state and averaging fuzz: deep
+A real node process (replicated mode, lingering) takes the announce, state, averaging and delegation fuzz: deep
 nesting (100,000 levels), oversized length prefixes, random bytes, truncation, wrong types, 200 idle
 streams, slow-loris; it must stay up, its RSS must grow by less than `RSS_BOUND`, and an honest
 exchange must still be answered. The audit and inference services are fuzzed in-process the same way
@@ -39,6 +39,7 @@ from node.replicas.averaging import (
     push,
     vec_bytes,
 )
+from node.replicas.delegation import DELEGATE_PROTOCOL
 from node.replicas.statesync import STATE_PROTOCOL
 from node.services.audit import AUDIT_PROTOCOL, AuditConfig, AuditRecorder, AuditService
 from node.services.inference import (
@@ -172,7 +173,7 @@ def test_real_node_survives_announce_state_avg_floods(tmp_path: Path) -> None:
             if round_ == 1:
                 before = _rss(node.proc.pid)
                 report["first_round"] = before - start
-            for protocol in (ANNOUNCE_PROTOCOL, STATE_PROTOCOL, AVG_PROTOCOL):
+            for protocol in (ANNOUNCE_PROTOCOL, STATE_PROTOCOL, AVG_PROTOCOL, DELEGATE_PROTOCOL):
                 for case in _cases(rng):
                     seed += 1  # a fresh identity per message: bans do not hide the parser from the fuzz
                     async with _client(seed) as h:

@@ -148,8 +148,11 @@ def test_a_swarm_exchanging_per_step_applies_every_microbatch_once_and_keeps_rep
             assert ckpt is not None
             weights.append(load_file(str(ckpt / "model.safetensors")))
         assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
-    # a replica's bundle holds the committed microbatches it computed: over the run both middle replicas had work
-    assert all(any(r["mine"] for r in records(n).values()) for n in (mid_a, mid_b))
+    # a replica's bundle holds the committed microbatches it computed: over the run both middle replicas had work,
+    # and so did the standby head, which the leader handed microbatches to (`node.replicas.delegation`)
+    assert all(any(r["mine"] for r in records(n).values()) for n in (mid_a, mid_b, head_b))
+    assert sum(r["delegated"] for r in records(head_a).values()) == sum(len(r["mine"]) for r in records(head_b).values())
+    assert all(r["head_term"] == -1 and r["delegated"] == 0 for r in records(head_b).values())
     codec = ContributionCodec.for_module(build_stage(PRESETS["tiny"], partition(PRESETS["tiny"], 3)[1]),
                                          "powersgd", 2, bits=4)
     moved = sum(records(n)[STEPS - 1]["avg_wire_bytes"] for n in (mid_a, mid_b))
