@@ -1,8 +1,9 @@
 """Delegated head work, side by side: a replicated swarm on 127.0.0.1 with two head replicas, one middle replica
 and a tail (`replica_exchange = step`), once with `replicas.head_delegation` off (the leader computes every
 stage-0 microbatch, the standby idles) and once on (the leader hands microbatches to the standby). The head is made
-the slow stage with `--debug-delay-s` (a sleep per microbatch standing in for a slower GPU, so two cores suffice);
-the other stages get a shorter delay. Prints a table; the last line is one JSON object.
+the slow stage with `--debug-delay-s` (a sleep per compute call: window, forward, backward; it stands in for a
+slower GPU, so two cores suffice); the other stages get a shorter delay. Prints a table; the last line is one
+JSON object.
 
     python benchmarks/head_delegation.py [--quick] [--steps N] [--head-delay S] [--delay S]
 
@@ -73,8 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="short runs")
     p.add_argument("--steps", type=int, default=None, help="global steps per run (default 6 quick, 20)")
-    p.add_argument("--head-delay", type=float, default=0.2, help="seconds of debug delay per head microbatch")
-    p.add_argument("--delay", type=float, default=0.02, help="seconds of debug delay per microbatch elsewhere")
+    p.add_argument("--head-delay", type=float, default=0.2, help="seconds of debug delay per head compute call")
+    p.add_argument("--delay", type=float, default=0.02, help="seconds of debug delay per compute call elsewhere")
     a = p.parse_args(argv)
     steps = a.steps or (6 if a.quick else 20)
     if steps < 2:
