@@ -75,3 +75,17 @@ def check_exactly_once(stage_nodes: list[NodeProcess], steps: range | list[int],
         # every committed microbatch is one replica's own work (no microbatch computed into the step twice)
         mine = [tuple(x) for r in recs if s in r for x in r[s]["mine"]]
         assert len(mine) == len(set(mine)), f"step {s}: a committed attempt was claimed twice: {mine}"
+
+
+def check_rollback(survivors: list[NodeProcess], lost_step: int, steps: int) -> tuple[list[dict[int, dict[str, Any]]], int]:
+    """The survivors (one replica per stage) rolled back to a step no later than `lost_step` and trained rollback
+    generation 1 from there to the last step, each applying every microbatch exactly once; returns their
+    generation-1 records and the step they rolled back to."""
+    gen1 = [records(n, gen=1) for n in survivors]
+    assert all(gen1), "no rollback happened"
+    rolled_to = min(min(r) for r in gen1)
+    assert rolled_to <= lost_step, (rolled_to, lost_step)
+    assert all(sorted(r) == list(range(rolled_to, steps)) for r in gen1)
+    for n in survivors:
+        check_exactly_once([n], list(range(rolled_to, steps)), gen=1)
+    return gen1, rolled_to

@@ -25,7 +25,7 @@ from node.replicas.delegation import DelegateLimits, DelegateLink, DelegationSer
 from node.replicas.heads import attempt_base
 from node.testing.swarm import stop_nodes, wait_nodes
 from tests.node.conftest import running_host
-from tests.node.replica_swarm import M, check_exactly_once, launch, records
+from tests.node.replica_swarm import M, check_exactly_once, check_rollback, launch, records
 
 FULL = {0: 0, 1: 0, 2: 0, 3: 0}  # a commit of a 4-microbatch step
 
@@ -138,3 +138,28 @@ def test_a_leader_killed_mid_step_is_taken_over_by_its_delegate_exactly_once(tmp
         check_exactly_once(stage_nodes, range(steps))
     losses = [records(tail)[t]["loss"] for t in range(steps)]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+
+
+@pytest.mark.network
+@pytest.mark.timeout(600)
+def test_a_delegate_lost_after_its_done_costs_the_head_stage_a_rollback_not_a_wrong_update(tmp_path) -> None:
+    """The standby head dies right after its 3rd DONE (in step 1: the leader committed microbatches whose dense
+    gradients only the delegate held, its bundle not yet out). The leader never applies that step without them:
+    it finds stage 0's newer state lost and the swarm rolls back to a step every stage holds (a checkpoint every
+    step), then trains to the end with the leader computing stage 0 alone, exactly once per generation."""
+    steps = 6
+    flags = ["--replica-exchange", "step", "--checkpoint-every", "1", "--checkpoint-keep", "0",
+             "--debug-delay-s", "0.05", "--no-replica-timeout", "600"]
+    nodes = launch(tmp_path, [0, 0, 1, 2], steps, common=flags,
+                   extra={0: ["--no-replica-timeout", "8"], 1: ["--replicas-debug-exit-after-forwards", "3"]})
+    try:
+        codes = wait_nodes(nodes, 480)
+    finally:
+        stop_nodes(nodes)
+    lead, standby, mid, tail = nodes
+    assert codes[0] == 0 and codes[2:] == [0, 0] and codes[1] == -signal.SIGKILL, codes
+    lost_step = max(records(standby), default=-1) + 1  # the step the delegate died in
+    assert lost_step not in records(lead, gen=0)  # the leader never applied it without the lost gradients
+    gen1, rolled_to = check_rollback([lead, mid, tail], lost_step, steps)
+    check_exactly_once([lead, standby], list(range(rolled_to)), gen=0)
+    assert all(math.isfinite(gen1[2][t]["loss"]) for t in range(rolled_to, steps))

@@ -27,7 +27,7 @@ from pmn.spec import ModelProposal, TrainingRecipe, proposal_from_dict
 from sharding import PRESETS, build_stage, partition
 from tests.node.avg_pushes import serve
 from tests.node.conftest import running_host
-from tests.node.replica_swarm import M, check_exactly_once, launch, records
+from tests.node.replica_swarm import M, check_exactly_once, check_rollback, launch, records
 
 STEPS = 6
 
@@ -184,15 +184,8 @@ def test_a_replica_lost_before_its_step_bundle_costs_a_rollback_not_a_wrong_upda
     head, mid_a, mid_b, tail = nodes
     assert codes[0] == 0 and codes[2:] == [0, 0] and codes[1] != 0  # mid_a was killed by its test hook
     lost_step = max(records(mid_a)) + 1  # the step mid_a died in
-    gen1 = [records(n, gen=1) for n in (head, mid_b, tail)]
-    assert all(gen1), "no rollback happened"
-    rolled_to = min(min(r) for r in gen1)
-    assert rolled_to <= lost_step
-    assert all(sorted(r) == list(range(rolled_to, steps)) for r in gen1)
-    before = list(range(rolled_to))
-    check_exactly_once([mid_a, mid_b], before, gen=0)
-    for stage_nodes in ([head], [mid_b], [tail]):
-        check_exactly_once(stage_nodes, list(range(rolled_to, steps)), gen=1)
+    gen1, rolled_to = check_rollback([head, mid_b, tail], lost_step, steps)
+    check_exactly_once([mid_a, mid_b], list(range(rolled_to)), gen=0)
     # the survivor never applied the step whose bundle was lost in generation 0
     assert lost_step not in records(mid_b, gen=0)
     losses = [gen1[2][s]["loss"] for s in range(rolled_to, steps)]
