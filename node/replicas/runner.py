@@ -38,17 +38,19 @@ from node.training.worker import StageWorker
 from node.wire.channel import ActEndpoint
 
 
-def choose_replica_stage(entries: list[Announcement], spec_hash: str, num_stages: int) -> int:
-    """Replicated mode: stage 0 while nobody serves it (it is the step authority; standby head replicas are
-    added only on request, `--stage 0`, as they add no throughput), otherwise the other stage with the least
-    announced capacity (lowest index on ties)."""
+def choose_replica_stage(entries: list[Announcement], spec_hash: str, num_stages: int,
+                         head_works: bool = False) -> int:
+    """Replicated mode: stage 0 while nobody serves it (it is the step authority), otherwise the stage with the
+    least announced capacity (lowest index on ties): among all stages when more head replicas add throughput
+    (`head_works`: delegated head work, `node.replicas.delegation`), else among the others (a standby head
+    replica computes nothing; it is added only on request, `--stage 0`)."""
     load = [0] * num_stages
     for e in entries:
         if e.spec_hash == spec_hash and e.num_stages == num_stages and 0 <= e.stage < num_stages:
             load[e.stage] += e.capacity
     if load[0] == 0 or num_stages == 1:
         return 0
-    return min(range(1, num_stages), key=lambda s: (load[s], s))
+    return min(range(0 if head_works else 1, num_stages), key=lambda s: (load[s], s))
 
 
 def step_report(out: StepOutcome, eng: ReplicaEngine) -> StepReport:
@@ -83,8 +85,9 @@ class ReplicatedRunner:
         cfg, discovery = ctx.cfg, ctx.discovery
         await discovery.first_round()
         spec_hex = discovery.me.spec_hash
-        self._stage = choose_replica_stage(discovery.entries(), spec_hex, cfg.num_stages) if cfg.stage == "auto" \
-            else int(cfg.stage)
+        head_works = cfg.runtime.replica_exchange == "step" and cfg.replicas.head_delegation
+        self._stage = choose_replica_stage(discovery.entries(), spec_hex, cfg.num_stages, head_works) \
+            if cfg.stage == "auto" else int(cfg.stage)
         if self._stage == 0 and not any(e.stage == 0 or e.head_term >= 0 for e in discovery.entries()
                                         if e.spec_hash == spec_hex and e.num_stages == cfg.num_stages):
             discovery.update_me(head_term=0)  # the first head leads; announced before the ready line

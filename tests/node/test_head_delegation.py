@@ -18,11 +18,13 @@ import trio
 
 from node.errors import DelegationError
 from node.net import msgio
+from node.net.discovery import Announcement
 from node.net.host import full_addrs
 from node.net.peerscore import PeerGuardConfig
 from node.observability.status import node_status
 from node.replicas.delegation import DelegateLimits, DelegateLink, DelegationService, Task, open_link
 from node.replicas.heads import attempt_base
+from node.replicas.runner import choose_replica_stage
 from node.testing.swarm import stop_nodes, wait_nodes
 from tests.node.conftest import running_host
 from tests.node.replica_swarm import M, check_exactly_once, check_rollback, launch, records
@@ -163,3 +165,18 @@ def test_a_delegate_lost_after_its_done_costs_the_head_stage_a_rollback_not_a_wr
     gen1, rolled_to = check_rollback([lead, mid, tail], lost_step, steps)
     check_exactly_once([lead, standby], list(range(rolled_to)), gen=0)
     assert all(math.isfinite(gen1[2][t]["loss"]) for t in range(rolled_to, steps))
+
+
+def test_auto_placement_counts_the_head_stage_once_head_replicas_work() -> None:
+    """`--stage auto`: stage 0 first; then, where head replicas add throughput (delegation), the least-served stage
+    of all, else the least-served of the others (a standby head computes nothing)."""
+    def ann(pid: str, stage: int, capacity: int = 1) -> Announcement:
+        return Announcement(pid, (), "aa", 3, stage, capacity)
+
+    assert choose_replica_stage([], "aa", 3, head_works=True) == 0
+    served = [ann("a", 0), ann("b", 1), ann("c", 2)]
+    assert choose_replica_stage(served, "aa", 3, head_works=True) == 0  # ties: the lowest stage, the head
+    assert choose_replica_stage(served, "aa", 3, head_works=False) == 1  # never a standby head by itself
+    heavy_head = [ann("a", 0, 4), ann("b", 1), ann("c", 2, 2)]
+    assert choose_replica_stage(heavy_head, "aa", 3, head_works=True) == 1
+    assert choose_replica_stage([*heavy_head, ann("x", 0, 9)], "bb", 3, head_works=True) == 0  # another model's
