@@ -296,16 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--vs, PowerSGD overlapped: factors per microbatch a replica computes (the node's default) or "
                         "one per replica and step (the node's replica_exchange = step: sent once the step's commit "
                         "reaches the replica's stage; under async after its last backward, which is optimistic)")
-    q.add_argument("--head", choices=["leader", "lanes"], default="leader",
-                   help="--vs: stage 0 on the WAN side: one head replica computes every microbatch while the others "
-                        "stand by (the node), or every head replica a share (a what-if: not built in the node)")
+    q.add_argument("--head", choices=["leader", "delegated", "lanes"], default="leader",
+                   help="--vs: stage 0 on the WAN side: leader, one head replica computes every microbatch while the "
+                        "others stand by (the node with --contributions microbatch); delegated, the leader hands them "
+                        "to the others as tasks (the node's replicas.head_delegation with --contributions step; gpipe "
+                        "or 1f1b only); lanes, every head replica a share with no coordination (delegation's upper "
+                        "bound: a what-if, not built)")
     q.add_argument("--microbatch-seqs", type=int, default=2,
                    help="--vs: sequences per WAN microbatch (512 per step; the datacenter keeps 2): fewer, larger "
                         "microbatches mean fewer per-microbatch contributions")
     q.add_argument("--inflight-per-replica", type=int, default=None, metavar="N",
                    help="--vs: microbatches a WAN sender may have outstanding at one downstream replica (the node's "
-                        "replicas.max_inflight; 0: no cap); default: 2, the node's, for the node as built (a flushed "
-                        "schedule, --head leader), no cap otherwise")
+                        "replicas.max_inflight, also a head delegate's tasks; 0: no cap); default: 2, the node's, for "
+                        "the node as built (a flushed schedule, --head leader, or delegated with --contributions "
+                        "step), no cap otherwise")
     q.add_argument("--async-loss-ratio", type=float, default=None,
                    help="--vs what-if: the async loss penalty at equal tokens (default: the calibration file's)")
     q.add_argument("--averaging-loss-ratio", type=float, default=None,

@@ -29,15 +29,22 @@ replica and step, pushed once the step's commit has come down to the replica's s
 (the async schedule, which the node does not run with replicas, pushes it after the replica's last backward: an
 optimistic timing); its loss penalty is the one measured with that
 exchange where recorded; `--microbatch-seqs` trades fewer contributions for fewer, larger
-microbatches on the WAN side (the datacenter keeps its layout). The WAN head stage runs as the node runs it
-(`--head leader`): one head replica leads, computes every microbatch of stage 0 and pushes each one's contribution
-to the 15 standbys, which compute nothing (until session 23 the comparison let all 16 head replicas share stage 0's
-microbatches; `--head lanes` is that layout, a what-if the node does not have). Without it averaging holds compute, over the faster of a ring all-reduce and
-direct pushes. The node as built (a flushed schedule, `--head leader`) also routes as the node does: a sender has at
-most `NODE_MAX_INFLIGHT` (2, the node's `replicas.max_inflight`) microbatches outstanding at one downstream replica
-and gpipe's every-forward-first barrier goes (`WanConfig.inflight_per_replica`; the head leader has 2 x 16 in flight
-to stage 1); before this cap the comparison ran the schedule's own rule (gpipe: every forward first; 1f1b: num_stages - stage
-per node). `--inflight-per-replica N` sets that cap for any configuration (0: none); the output's `inflight_cap`
+microbatches on the WAN side (the datacenter keeps its layout). Without overlap averaging holds compute, over the
+faster of a ring all-reduce and direct pushes. The WAN head stage runs as the node runs it. `--head leader` (the node
+with `--contributions microbatch`, or with replicas.head_delegation = false): one head replica leads, computes every
+microbatch of stage 0 and pushes each one's contribution to the 15 standbys, which compute nothing. `--head
+delegated` (the node with `--contributions step`, replicas.head_delegation on; `WanConfig.head_delegation`): the
+leader hands each microbatch to a head replica with fewer than the in-flight cap's tasks outstanding (a TASK, one
+link latency), computes one itself only when none has room, and counts it done when the delegate's DONE is in (one
+latency after its backward); the delegates push their bundles once the leader's COMMIT reaches them (one latency
+after the step's last DONE). Flushed schedules only; with `--contributions microbatch` a what-if (the node then does
+not delegate). `--head lanes` (every head replica a share with no TASK, DONE or COMMIT: the comparison's layout until
+session 23) is delegation's uncoordinated upper bound, a what-if the node does not have. The node as built (a flushed
+schedule with `--head leader`, or `--head delegated` with `--contributions step`) also routes as the node does: a
+sender has at most `NODE_MAX_INFLIGHT` (2, the node's `replicas.max_inflight`) microbatches outstanding at one
+downstream replica, a delegate at most that many tasks, and gpipe's every-forward-first barrier goes
+(`WanConfig.inflight_per_replica`; the head leader has 2 x 16 in flight to stage 1); before this cap the comparison
+ran the schedule's own rule (gpipe: every forward first; 1f1b: num_stages - stage per node). `--inflight-per-replica N` sets that cap for any configuration (0: none); the output's `inflight_cap`
 names the one used. `--async-loss-ratio` / `--averaging-loss-ratio` are what-ifs: loss penalties the caller gives
 instead of the calibration file's, labelled "given by the caller" in the output.
 """
@@ -93,8 +100,14 @@ CONTRIBUTIONS = {  # --contributions: how a WAN replica's PowerSGD factors leave
 }
 HEADS = {  # --head: who computes stage 0 on the WAN side, as the output names it
     "leader": "one head replica leads and computes every microbatch of stage 0, the 15 others stand by and receive "
-              "its contributions (the node)",
-    "lanes": "every head replica computes a share of stage 0's microbatches, as the other stages do (a what-if: not "
+              "its contributions (the node); with replica_exchange = step only under replicas.head_delegation = false",
+    "delegated": "one head replica leads (the step authority) and hands each microbatch of stage 0 to another head "
+                 "replica with room (a TASK; at most the in-flight cap's tasks outstanding at each), computing one "
+                 "itself only when none has; the delegate sends its activation on its own uplink and reports DONE, "
+                 "and once every DONE is in the leader's COMMIT sets the delegates' bundles going (the node's "
+                 "replicas.head_delegation, with replica_exchange = step)",
+    "lanes": "every head replica computes a share of stage 0's microbatches, as the other stages do, with no "
+             "leader's TASK, DONE or COMMIT: the uncoordinated upper bound of delegated head work (a what-if: not "
              "built in the node)",
 }
 
@@ -102,11 +115,13 @@ HEADS = {  # --head: who computes stage 0 on the WAN side, as the output names i
 def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: LinkConfig, averaging: Averaging,
             max_staleness: int | None, steps: int, seed: int, overlap: bool = False,
             collective: str = "fastest", push: bool = False, per_step: bool = False,
-            microbatch_seqs: int = MICROBATCH_SEQS, head_leader: bool = False,
+            microbatch_seqs: int = MICROBATCH_SEQS, head_leader: bool = False, head_delegation: bool = False,
             inflight_per_replica: int | None = None) -> WanConfig:
     """push: the node's exchange, one contribution per microbatch a replica computes (per_step: one per replica and
     step: the node's replica_exchange = step, `WanConfig.push_per_step`). head_leader: stage 0 as the node runs it, one leader
-    computing every microbatch (and pushing each one's contribution) while the other head replicas stand by.
+    computing every microbatch (and pushing each one's contribution) while the other head replicas stand by;
+    head_delegation (with head_leader): the leader hands them out as tasks (`WanConfig.head_delegation`; per-microbatch
+    contributions are pushed by whoever computed the microbatch).
     inflight_per_replica: `WanConfig.inflight_per_replica` (None: the schedule's own rule)."""
     from sharding.partition import partition
 
@@ -128,6 +143,7 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
                      grad_sync_bytes=tuple(int(sync_bytes_per_step(model, s, averaging) * averaging.outer_steps
                                                * n) for s, n in zip(specs, contributions, strict=True)),
                      sync_every=averaging.outer_steps, overlap_sync=overlap, head_leader=head_leader,
+                     head_delegation=head_delegation,
                      sync_collective=collective, sync_push=push, push_per_step=push and per_step,
                      link=link, max_staleness=max_staleness if schedule == "async" else None, seed=seed,
                      inflight_per_replica=inflight_per_replica,
@@ -150,14 +166,18 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     once the step's commit reaches its stage; under async after its last backward, an optimistic timing).
     microbatch_seqs: sequences per WAN microbatch (a divisor of STEP_SEQS; the datacenter keeps MICROBATCH_SEQS):
     fewer, larger microbatches mean fewer per-microbatch contributions.
-    head: who computes stage 0 on the WAN side (`HEADS`): `leader` (the node: one head replica computes every
-    microbatch of stage 0 and pushes each one's contribution to the 15 standbys) or `lanes` (every head replica a
-    share: a what-if, not built in the node, labelled so in the output).
+    head: who computes stage 0 on the WAN side (`HEADS`): `leader` (the node with replica_exchange = microbatch: one
+    head replica computes every microbatch of stage 0 and pushes each one's contribution to the 15 standbys),
+    `delegated` (the node with replica_exchange = step: the leader hands the microbatches to the other head replicas
+    as tasks; flushed schedules only; with contributions = microbatch a what-if, labelled so) or `lanes` (every head
+    replica a share with no coordination, the upper bound of delegation: a what-if, not built in the node, labelled
+    so in the output).
     async_loss_ratio / averaging_loss_ratio: loss penalties at equal tokens given by the caller (what-ifs; labelled
     so in the output) instead of the calibration file's.
     inflight_per_replica: microbatches a WAN sender may have outstanding at one downstream replica
-    (`WanConfig.inflight_per_replica`); None: the node's `NODE_MAX_INFLIGHT` when the configuration is the node as
-    built (a flushed schedule, head leader), no cap otherwise; 0: no cap. Named in the output's `inflight_cap`."""
+    (`WanConfig.inflight_per_replica`; with head `delegated` also the tasks outstanding at one delegate); None: the
+    node's `NODE_MAX_INFLIGHT` when the configuration is the node as built (a flushed schedule, head leader, or
+    delegated with contributions = step), no cap otherwise; 0: no cap. Named in the output's `inflight_cap`."""
     avg = Averaging.parse(averaging)
     for name, value in (("async_loss_ratio", async_loss_ratio), ("averaging_loss_ratio", averaging_loss_ratio)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -173,6 +193,10 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
         raise ValueError(f"contributions={contributions!r}: use one of {', '.join(CONTRIBUTIONS)}")
     if head not in HEADS:
         raise ValueError(f"head={head!r}: use one of {', '.join(HEADS)}")
+    if head == "delegated" and schedule == "async":
+        raise ValueError("head='delegated' needs a flushed schedule (schedule gpipe or 1f1b): the leader commits a "
+                         "step's microbatches as their DONEs come in, then sends COMMIT; the node runs replicated "
+                         "stages flushed")
     if inflight_per_replica is not None and (isinstance(inflight_per_replica, bool) or
                                              not isinstance(inflight_per_replica, int) or inflight_per_replica < 0):
         raise ValueError(f"inflight_per_replica={inflight_per_replica!r}: must be an integer >= 1 (microbatches one "
@@ -182,12 +206,18 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
         not_built.append("the async schedule with replicated stages (the node's runtime.schedule = async runs one "
                          "peer per stage; replicated stages flush every step)")
     if head == "lanes":
-        not_built.append("a data-parallel head stage (--head lanes; the node's head replicas stand by behind one "
-                         "leader)")
+        not_built.append("a data-parallel head stage with no coordination (--head lanes; the node's head replicas "
+                         "take stage 0's microbatches from one leader: as tasks with replica_exchange = step, "
+                         "--head delegated, else all on the leader, --head leader)")
+    if head == "delegated" and contributions != "step":
+        not_built.append("delegated head work with per-microbatch contributions (--head delegated without "
+                         "--contributions step; the node delegates only with replica_exchange = step, and with "
+                         "microbatch its leader computes all of stage 0: --head leader)")
     if inflight_per_replica is None and not not_built:
         cap: int | None = NODE_MAX_INFLIGHT
         cap_label = (f"{cap} per sender and downstream replica: the node's replicas.max_inflight default (node as "
-                     f"built; gpipe without its every-forward-first barrier)")
+                     f"built; gpipe without its every-forward-first barrier"
+                     f"{'; also the tasks outstanding at each head delegate' if head == 'delegated' else ''})")
     elif inflight_per_replica:
         cap, cap_label = inflight_per_replica, (f"{inflight_per_replica} per sender and downstream replica: given by "
                                                 f"the caller (--inflight-per-replica)")
@@ -201,7 +231,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     wan_cfg = _config(calibration, "subspace", schedule, WAN_LINK, avg, max_staleness, steps, seed,
                       overlap=overlap_averaging and not push, collective="direct" if push else "fastest", push=push,
                       per_step=contributions == "step", microbatch_seqs=microbatch_seqs,
-                      head_leader=head == "leader", inflight_per_replica=cap)
+                      head_leader=head in ("leader", "delegated"), head_delegation=head == "delegated",
+                      inflight_per_replica=cap)
     dc_cfg = _config(calibration, "dense", "1f1b", DATACENTER_LINK, Averaging(), None, steps, seed)
     wan, dc = simulate(wan_cfg), simulate(dc_cfg)
     wan_step = wan_cfg.tokens_per_step / (wan.steady_tokens_per_s or wan.tokens_per_s)

@@ -90,6 +90,13 @@ class WanConfig:
     head_leader: bool = False  # the node's replicated head stage: the live stage-0 replica of lowest index leads and
     # computes every microbatch of stage 0 (its averaging bytes: every microbatch's contribution, to each other replica);
     # the others stand by, compute nothing and only receive. False: every stage-0 replica computes a share (data parallel)
+    head_delegation: bool = False  # with head_leader, the node's delegated head work (replicas.head_delegation): the
+    # leader hands each stage-0 microbatch to the other live head replica with the fewest tasks outstanding under
+    # inflight_per_replica (None: no limit; a TASK, one link latency before it starts) and computes one itself only
+    # when none has room (and its own last forward is done); the delegate computes stage 0 and sends on its own
+    # uplink, and the microbatch counts as committed one latency after its backward (the DONE reaching the leader);
+    # push_per_step: each head replica that computed one of the step's microbatches pushes one bundle once the
+    # step's COMMIT reaches it (the leader at once, a delegate one latency later). Flushed schedules only
     sync_collective: str = "ring"  # how replicas average: ring (all-reduce: 2 (r - 1) / r x bytes each, 2 (r - 1)
     # latencies), direct (each pushes its bytes to every other replica, as the node's /pmn/avg pushes: (r - 1) x bytes,
     # one latency; fits small compressed contributions) or fastest (whichever of the two takes less time)
@@ -171,6 +178,15 @@ class WanConfig:
             if self.shared_cpus is not None:
                 raise ValueError("WanConfig.host_cores and shared_cpus are two CPU models: set one of them")
         _non_negative("WanConfig", "background_load", self.background_load)
+        if not isinstance(self.head_leader, bool) or not isinstance(self.head_delegation, bool):
+            raise ValueError(f"WanConfig.head_leader={self.head_leader!r}, head_delegation={self.head_delegation!r}: "
+                             f"must be True or False")
+        if self.head_delegation and not self.head_leader:
+            raise ValueError("WanConfig.head_delegation needs head_leader=True: the leader (the step authority) hands "
+                             "out stage 0's microbatches; set both")
+        if self.head_delegation and self.schedule == "async":
+            raise ValueError("WanConfig.head_delegation needs a flushed schedule (gpipe or 1f1b): the leader commits a "
+                             "step's microbatches as their DONEs come in and then sends COMMIT")
         if self.in_flight_per_stage is not None:
             _count("WanConfig", "in_flight_per_stage", self.in_flight_per_stage)
         if self.inflight_per_replica is not None and (isinstance(self.inflight_per_replica, bool) or not isinstance(

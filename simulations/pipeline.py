@@ -9,7 +9,10 @@ fewer than N of its microbatches are outstanding there (its gradient not back ye
 (the head computes a forward only once a receiver has room), and backwards run as their gradients come back. Async with `max_staleness` S (the
 node's schedule) starts step k's microbatches once every microbatch of step k - S - 1 came back. A microbatch is routed to the
 least-loaded live replica of each stage and returns through the same nodes; if any of them left in
-the meantime the attempt is lost and the microbatch restarts from the head.
+the meantime the attempt is lost and the microbatch restarts from the head. `head_leader` puts stage 0 on one
+leader; `head_delegation` has that leader hand stage-0 microbatches to the other head replicas as tasks (a TASK
+and a DONE, one link latency each, around every delegated microbatch; at most `inflight_per_replica` tasks at a
+delegate), computing one itself only when no delegate has room.
 """
 
 from __future__ import annotations
@@ -160,6 +163,8 @@ class _Node:
         self.bwd_unpushed = 0  # push_per_step: backward passes of this step whose bytes have not gone out yet
         self.arrival: simpy.Process | None = None  # sync_push, async: the last step's pushes arriving
         self.room = env.event()  # inflight_per_replica: fires when a microbatch this node sent comes back
+        self.tasks = 0  # head_delegation: tasks the head leader has outstanding at this replica (DONE not back yet)
+        self.bundle_step = -1  # push_per_step, flushed: the last step this node's bundle went out for (one a step)
 
 
 class PipelineSim:
@@ -214,6 +219,14 @@ class PipelineSim:
         self.cap_waits = 0
         self.pair_trace: list[tuple[float, tuple[int, int], tuple[int, int], int]] = []
         self.tail_done: set[int] = set()
+        # head_delegation: fires when a delegate's task slot frees or a stage-0 forward ends (the leader may dispatch
+        # again); the most tasks each stage-0 replica held at once, by replica; stage-0 attempts delegated and taken
+        # by the leader itself
+        self.delegating = cfg.head_delegation
+        self.head_room = self.env.event()
+        self.task_peak: dict[int, int] = {}
+        self.delegated = 0
+        self.led = 0
         self.churn_on = cfg.churn.mean_uptime_s is not None
         self.finished = False
 
@@ -265,6 +278,52 @@ class PipelineSim:
                 yield self.env.any_of([sender.room, self.stage_up[stage]])
             else:
                 yield self.stage_up[stage]
+
+    def _has_room(self, sender: _Node, stage: int) -> bool:
+        """A live replica of `stage` would take a microbatch from `sender` now (under the cap when capped)."""
+        if stage >= self.cfg.num_stages:
+            return True
+        cap = self.cfg.inflight_per_replica
+        return any(n.alive and (cap is None or self.outstanding.get((sender, n), 0) < cap) for n in self.nodes[stage])
+
+    def _pick_head(self) -> Generator[simpy.Event, Any, tuple[_Node, bool]]:
+        """head_delegation: the leader (the live stage-0 replica of lowest index) hands the microbatch to the other
+        live stage-0 replica with the fewest tasks outstanding under the cap (`inflight_per_replica`; None: no
+        limit), counted as one more task; when none has room it takes the microbatch itself, once its own last
+        forward is done and a stage-1 replica has room for it; otherwise waits for a task to come back, a forward to
+        end, a stage-1 slot or a joiner. Returns the node and whether it is a delegate."""
+        cap = self.cfg.inflight_per_replica
+        while True:
+            live = [n for n in self.nodes[0] if n.alive]
+            if live:
+                leader, room = live[0], [n for n in live[1:] if cap is None or n.tasks < cap]
+                if room:
+                    node = min(room, key=lambda n: (n.tasks, self._load(n)))
+                    node.tasks += 1
+                    self.task_peak[node.replica] = max(self.task_peak.get(node.replica, 0), node.tasks)
+                    self.delegated += 1
+                elif leader.pending == 0 and self._has_room(leader, 1):
+                    node = leader
+                    self.led += 1
+                else:
+                    waits = [self.head_room, self.stage_up[0], leader.room]
+                    if self.cfg.num_stages > 1:
+                        waits.append(self.stage_up[1])
+                    yield self.env.any_of(waits)
+                    continue
+                node.pending += 1
+                node.routed += 1
+                return node, node is not leader
+            yield self.stage_up[0]
+
+    def _wake_head(self) -> None:
+        """head_delegation: the leader may dispatch again."""
+        event, self.head_room = self.head_room, self.env.event()
+        event.succeed()
+
+    def _head_latency(self) -> float:
+        """head_delegation: one-way seconds of a TASK, DONE or COMMIT between two head replicas (the median link)."""
+        return float(self.cfg.link.latency_ms) / 1e3
 
     def _came_back(self, sender: _Node, receiver: _Node) -> None:
         """inflight_per_replica: one of `sender`'s microbatches at `receiver` is no longer outstanding."""
@@ -321,8 +380,15 @@ class PipelineSim:
         generations: list[int] = []
         gates: list[tuple[_Node, Any]] = []
         sent: list[tuple[_Node, _Node]] = []  # inflight_per_replica: (sender, receiver) pairs outstanding, in path order
-        node = yield from self._pick(0)
+        task: _Node | None = None  # head_delegation: the delegate holding this attempt as a task, until its DONE is in
+        if self.delegating:
+            node, delegated = yield from self._pick_head()
+            task = node if delegated else None
+        else:
+            node = yield from self._pick(0)
         try:
+            if task is not None:  # the leader's TASK reaches the delegate
+                yield self.env.timeout(self._head_latency())
             for s in range(s_n):
                 if self.gated:
                     greq = node.gate.request()
@@ -336,6 +402,8 @@ class PipelineSim:
                     sent.append((node, nxt))
                 ok = yield from self._compute(node, self.fwd[s], FWD, mb, attempt)
                 node.pending -= 1
+                if self.delegating and s == 0:
+                    self._wake_head()
                 if not ok:
                     return False
                 self.fwd_passes[s] += 1
@@ -371,12 +439,17 @@ class PipelineSim:
                     yield from self._send(node, path[s - 1], bwd_bytes)
                     if self.capped:  # the gradient is back at its sender
                         self._came_back(*sent.pop())
+            if task is not None:  # the delegate's DONE reaches the leader, which commits the microbatch
+                yield self.env.timeout(self._head_latency())
             return True
         finally:
             for gnode, greq in gates:
                 gnode.gate.release(greq)
             for pair in sent:  # the attempt is lost: the sender stops counting it (the node's abandoned())
                 self._came_back(*pair)
+            if task is not None:  # DONE in, or the attempt lost: the delegate has room for another task
+                task.tasks -= 1
+                self._wake_head()
 
     def _microbatch(self, mb: int) -> Generator[simpy.Event, Any, None]:
         attempt = 0
@@ -448,19 +521,28 @@ class PipelineSim:
         """sync_push: one backward's share of the node's averaging bytes leaves on its uplink, behind frames
         (push_per_step: the whole step's after its last backward; in a flushed schedule, as the node's
         replica_exchange = step, only once the step's commit has come down to the node's stage: every microbatch of
-        the step done, then one link latency per stage above it)."""
+        the step done, then one link latency per stage above it; one bundle from every node that computed one of the
+        step's microbatches, however many; head_delegation: a head delegate's one latency after the step is done,
+        when the leader's COMMIT reaches it)."""
         live, share, _ = self._sync_share(node.stage)
         if share and node.alive:
             per_node = self._per_node(node.stage, len(live))
             nbytes = share / per_node
-            if self.cfg.push_per_step:
+            bundle = self.cfg.push_per_step and self.cfg.schedule != "async" and step < len(self.step_done)
+            if bundle:  # one bundle per replica and step, however many of the step's microbatches it computed
+                if node.bundle_step == step:
+                    return
+                node.bundle_step, nbytes = step, share
+            elif self.cfg.push_per_step:
                 node.bwd_unpushed += 1
                 if node.bwd_unpushed < per_node:
                     return
                 node.bwd_unpushed, nbytes = 0, share
             bw = min(n.bw for n in live)
-            if self.cfg.push_per_step and self.cfg.schedule != "async" and step < len(self.step_done):
+            if bundle:
                 delay = node.stage * float(self.cfg.link.latency_ms) / 1e3
+                if self.delegating and node.stage == 0 and node is not live[0]:  # a delegate: the leader's COMMIT
+                    delay = self._head_latency()
                 node.pushes.append(self.env.process(self._send_after(self.step_done[step], delay, node, nbytes, bw)))
                 return
             node.pushes.append(self.env.process(self._background_send(node, nbytes, bw)))
