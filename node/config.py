@@ -202,6 +202,9 @@ class ReplicaConfig:
     head_delegation: bool = True  # replica_exchange = "step": the leading head replica hands microbatches to the
     # other head replicas, which compute stage 0 and send the activations themselves (`node.replicas.delegation`);
     # False, or the per-microbatch exchange: the standbys compute nothing
+    max_tasks: int = 8  # delegated head work: microbatches one head replica may hold as the leader's tasks at once
+    # (a task stays out for a whole pipeline round trip; the leader gives the next microbatch to whoever of itself
+    # and the delegates has the fewest outstanding)
     catchup_poll_s: float = 0.01  # while behind and catching up, wait this long between pulls of missed steps
     keep_steps: int = 4  # steps of contributions kept in memory for stage peers that pull them (a replica
     # more steps behind than this re-fetches the stage state: keep it above state-transfer time / step time)
@@ -227,6 +230,8 @@ class ReplicaConfig:
         """Raise ValueError naming the bad field."""
         if self.max_inflight < 1:
             raise ValueError(f"replicas.max_inflight must be >= 1, got {self.max_inflight}")
+        if self.max_tasks < 1:
+            raise ValueError(f"replicas.max_tasks must be >= 1, got {self.max_tasks}")
         if not 0 < self.ewma_alpha <= 1:
             raise ValueError(f"replicas.ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
         for name in ("replica_timeout_s", "ban_base_s", "ban_max_s", "no_replica_timeout_s", "avg_timeout_s",

@@ -27,9 +27,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -155,11 +155,12 @@ class ReplicaEngine:
         self.delegate_limits = delegation.DelegateLimits()
         self.delegates: dict[str, DelegateLink] = {}  # head replica -> our link to it (leading)
         self.leaders: dict[str, DelegateLink] = {}  # leading head replica -> its link to us
-        self.delegate_router = Router(self.rc)
+        self.delegate_router = Router(replace(self.rc, max_inflight=self.rc.max_tasks))  # tasks per delegate
         self._future_tasks: list[tuple[DelegateLink, Task]] = []  # tasks of later steps, taken when we get there
         self._pending: deque[int] = deque()  # leading head: microbatches of the current step still to generate
         self._next_attempt: dict[int, int] = {}  # leading head: mb -> attempt its next generation takes
         self._delegated = 0  # leading head: microbatches of the current step committed from delegates' work
+        self._assigned: Counter[str] = Counter()  # leading head: microbatches of the current step handed to each delegate
 
     # -- channels ----------------------------------------------------------------------------------
 
@@ -733,10 +734,19 @@ class ReplicaEngine:
         w = _Work(mb, self._attempt_for(mb), b"", b"", down=peer, sent_at=trio.current_time(), delegated=True)
         self._work[(step, mb)] = w
         self.delegate_router.sent(peer)
+        self._assigned[peer] += 1
         try:
             await self.delegates[peer].send_task(step, mb, w.attempt)
         except NodeError:
             self._abandon(w, step, "lost")
+
+    def _helper(self, now: float, fair: bool) -> str | None:
+        """The delegate the leader's next microbatch goes to: one with fewer than `max_tasks` outstanding (the
+        router's choice among them) and, when the leader can compute it itself (`fair`), fewer microbatches of the
+        step so far than an even share among the leader and its delegates; None: the leader computes it."""
+        live = self._live_delegates()
+        share = -(-self.m // (len(live) + 1))
+        return self.delegate_router.choose([p for p in live if not fair or self._assigned[p] < share], now)
 
     def _attempt_for(self, mb: int) -> int:
         """The attempt the leader's next generation of `mb` takes (the term's first, or one past an abandoned one)."""
@@ -809,6 +819,7 @@ class ReplicaEngine:
         self._committed = heads.held_commits(self.store.pairs(step)) if head else {}
         self._pending = deque(mb for mb in range(self.m) if mb not in self._committed)  # still to generate
         self._next_attempt = {}
+        self._assigned = Counter()
         no_replica_since: float | None = None
         tick = min(0.25, self.rc.replica_timeout_s / 4, self.rc.commit_poll_s)
         # frames (and delegated tasks) that arrived early for this step
@@ -865,7 +876,7 @@ class ReplicaEngine:
                 head, standby = True, False
                 self._committed = heads.held_commits(self.store.pairs(step))
                 self._pending = deque(mb for mb in range(self.m) if mb not in self._committed)
-                self._next_attempt = {}
+                self._next_attempt, self._assigned = {}, Counter()
                 continue
             if head and w.spec.is_first:
                 self._check_rival(step)
@@ -873,11 +884,12 @@ class ReplicaEngine:
                 self._check_timeouts(step)
                 if head and self._pending and not self._queue:
                     now = trio.current_time()
-                    helper = self.delegate_router.choose(self._live_delegates(), now) if self.delegates else None
+                    here = self.router.choose(self._candidates(), now) is not None
+                    helper = self._helper(now, fair=here) if self.delegates else None
                     if helper is not None:  # a head replica with room takes it (`node.replicas.delegation`)
                         await self._delegate(step, self._pending.popleft(), helper)
                         self.poke()
-                    elif self.router.choose(self._candidates(), now) is not None:
+                    elif here:
                         mb = self._pending.popleft()
                         window = await self._compute(w.head_window, step, mb)
                         out = await self._compute(w.forward, step, mb, window, None)
