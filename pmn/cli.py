@@ -307,9 +307,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "microbatches mean fewer per-microbatch contributions")
     q.add_argument("--inflight-per-replica", type=int, default=None, metavar="N",
                    help="--vs: microbatches a WAN sender may have outstanding at one downstream replica (the node's "
-                        "replicas.max_inflight, also a head delegate's tasks; 0: no cap); default: 2, the node's, for "
-                        "the node as built (a flushed schedule, --head leader, or delegated with --contributions "
-                        "step), no cap otherwise")
+                        "replicas.max_inflight, the head leader's and its delegates' sends too; 0: no cap); default: 2, "
+                        "the node's, for the node as built (a flushed schedule, --head leader, or delegated with "
+                        "--contributions step), no cap otherwise")
+    q.add_argument("--tasks-per-delegate", type=int, default=None, metavar="N",
+                   help="--vs, --head delegated: the leader's tasks one head delegate may hold at once (the node's "
+                        "replicas.max_tasks; 0: no cap); default: 8, the node's, for the node as built (with "
+                        "--contributions step), no cap otherwise")
     q.add_argument("--async-loss-ratio", type=float, default=None,
                    help="--vs what-if: the async loss penalty at equal tokens (default: the calibration file's)")
     q.add_argument("--averaging-loss-ratio", type=float, default=None,

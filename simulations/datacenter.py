@@ -34,18 +34,23 @@ faster of a ring all-reduce and direct pushes. The WAN head stage runs as the no
 with `--contributions microbatch`, or with replicas.head_delegation = false): one head replica leads, computes every
 microbatch of stage 0 and pushes each one's contribution to the 15 standbys, which compute nothing. `--head
 delegated` (the node with `--contributions step`, replicas.head_delegation on; `WanConfig.head_delegation`): the
-leader hands each microbatch to a head replica with fewer than the in-flight cap's tasks outstanding (a TASK, one
-link latency), computes one itself only when none has room, and counts it done when the delegate's DONE is in (one
-latency after its backward); the delegates push their bundles once the leader's COMMIT reaches them (one latency
-after the step's last DONE). Flushed schedules only; with `--contributions microbatch` a what-if (the node then does
-not delegate). `--head lanes` (every head replica a share with no TASK, DONE or COMMIT: the comparison's layout until
-session 23) is delegation's uncoordinated upper bound, a what-if the node does not have. The node as built (a flushed
-schedule with `--head leader`, or `--head delegated` with `--contributions step`) also routes as the node does: a
-sender has at most `NODE_MAX_INFLIGHT` (2, the node's `replicas.max_inflight`) microbatches outstanding at one
-downstream replica, a delegate at most that many tasks, and gpipe's every-forward-first barrier goes
-(`WanConfig.inflight_per_replica`; the head leader has 2 x 16 in flight to stage 1); before this cap the comparison
-ran the schedule's own rule (gpipe: every forward first; 1f1b: num_stages - stage per node). `--inflight-per-replica N` sets that cap for any configuration (0: none); the output's `inflight_cap`
-names the one used. `--async-loss-ratio` / `--averaging-loss-ratio` are what-ifs: loss penalties the caller gives
+leader hands each microbatch to a head replica with fewer than `NODE_MAX_TASKS` (8, the node's `replicas.max_tasks`;
+`WanConfig.tasks_per_delegate`) tasks outstanding (a TASK, one link latency) and, while it could send one to stage 1
+itself, handed fewer than an even share of the step's microbatches (16 of 256 among 16 head replicas), computing the
+rest itself; with no stage-1 room of its own it hands one to any delegate under the task cap. It counts a microbatch
+done when the delegate's DONE is in (one latency after its backward); the delegates push their bundles once the
+leader's COMMIT reaches them (one latency after the step's last DONE). Flushed schedules only; with `--contributions
+microbatch` a what-if (the node then does not delegate). Before the node had replicas.max_tasks a delegate held at
+most the in-flight cap's 2 tasks with no share (`--tasks-per-delegate 2` gives that figure: the share never binds
+there). `--tasks-per-delegate N` sets the task cap (0: none); the output's `task_cap` names the one used. `--head
+lanes` (every head replica a share with no TASK, DONE or COMMIT: the comparison's layout until session 23) is
+delegation's uncoordinated upper bound, a what-if the node does not have. The node as built (a flushed schedule with
+`--head leader`, or `--head delegated` with `--contributions step`) also routes as the node does: a sender (the head
+leader and each delegate too) has at most `NODE_MAX_INFLIGHT` (2, the node's `replicas.max_inflight`) microbatches
+outstanding at one downstream replica, and gpipe's every-forward-first barrier goes (`WanConfig.inflight_per_replica`;
+the head leader has 2 x 16 in flight to stage 1); before this cap the comparison ran the schedule's own rule (gpipe:
+every forward first; 1f1b: num_stages - stage per node). `--inflight-per-replica N` sets that cap for any
+configuration (0: none); the output's `inflight_cap` names the one used. `--async-loss-ratio` / `--averaging-loss-ratio` are what-ifs: loss penalties the caller gives
 instead of the calibration file's, labelled "given by the caller" in the output.
 """
 
@@ -92,6 +97,8 @@ ASSUMED_AVERAGING_SOURCE = ("no loss ratio of this averaging option recorded in 
 SIMULATED_STEPS = 16
 NODE_MAX_INFLIGHT = 2  # node.config.ReplicaConfig.max_inflight's default: microbatches one sender may have outstanding
 # at one downstream replica (node.replicas.routing.Router.choose); the node-as-built comparison's in-flight cap
+NODE_MAX_TASKS = 8  # node.config.ReplicaConfig.max_tasks's default: the leader's tasks one head delegate may hold at
+# once (node.replicas.engine's delegate router); the node-as-built comparison's task cap with --head delegated
 CONTRIBUTIONS = {  # --contributions: how a WAN replica's PowerSGD factors leave, as the output names it
     "microbatch": "one per microbatch a replica computes, pushed after its backward (the node's default, "
                   "replica_exchange = microbatch)",
@@ -102,8 +109,9 @@ HEADS = {  # --head: who computes stage 0 on the WAN side, as the output names i
     "leader": "one head replica leads and computes every microbatch of stage 0, the 15 others stand by and receive "
               "its contributions (the node); with replica_exchange = step only under replicas.head_delegation = false",
     "delegated": "one head replica leads (the step authority) and hands each microbatch of stage 0 to another head "
-                 "replica with room (a TASK; at most the in-flight cap's tasks outstanding at each), computing one "
-                 "itself only when none has; the delegate sends its activation on its own uplink and reports DONE, "
+                 "replica with room (a TASK; at most the task cap's tasks outstanding at each and, while the leader "
+                 "could send one itself, at most an even share of the step's microbatches, the leader computing the "
+                 "rest); the delegate sends its activation on its own uplink and reports DONE, "
                  "and once every DONE is in the leader's COMMIT sets the delegates' bundles going (the node's "
                  "replicas.head_delegation, with replica_exchange = step)",
     "lanes": "every head replica computes a share of stage 0's microbatches, as the other stages do, with no "
@@ -116,13 +124,14 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
             max_staleness: int | None, steps: int, seed: int, overlap: bool = False,
             collective: str = "fastest", push: bool = False, per_step: bool = False,
             microbatch_seqs: int = MICROBATCH_SEQS, head_leader: bool = False, head_delegation: bool = False,
-            inflight_per_replica: int | None = None) -> WanConfig:
+            inflight_per_replica: int | None = None, tasks_per_delegate: int | None = None) -> WanConfig:
     """push: the node's exchange, one contribution per microbatch a replica computes (per_step: one per replica and
     step: the node's replica_exchange = step, `WanConfig.push_per_step`). head_leader: stage 0 as the node runs it, one leader
     computing every microbatch (and pushing each one's contribution) while the other head replicas stand by;
     head_delegation (with head_leader): the leader hands them out as tasks (`WanConfig.head_delegation`; per-microbatch
     contributions are pushed by whoever computed the microbatch).
-    inflight_per_replica: `WanConfig.inflight_per_replica` (None: the schedule's own rule)."""
+    inflight_per_replica: `WanConfig.inflight_per_replica` (None: the schedule's own rule). tasks_per_delegate:
+    `WanConfig.tasks_per_delegate` (head_delegation only; None: no cap)."""
     from sharding.partition import partition
 
     device = DeviceAssumption()
@@ -146,7 +155,7 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
                      head_delegation=head_delegation,
                      sync_collective=collective, sync_push=push, push_per_step=push and per_step,
                      link=link, max_staleness=max_staleness if schedule == "async" else None, seed=seed,
-                     inflight_per_replica=inflight_per_replica,
+                     inflight_per_replica=inflight_per_replica, tasks_per_delegate=tasks_per_delegate,
                      warmup_steps=max(1, steps // 2) if steps > 1 else 0)  # the steady second half
 
 
@@ -156,7 +165,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                       microbatch_seqs: int = MICROBATCH_SEQS, head: str = "leader",
                       async_loss_ratio: float | None = None,
                       averaging_loss_ratio: float | None = None,
-                      inflight_per_replica: int | None = None) -> dict[str, Any]:
+                      inflight_per_replica: int | None = None,
+                      tasks_per_delegate: int | None = None) -> dict[str, Any]:
     """Time to the target loss on home links over the same on 100 Gb/s; `slowdown_vs_datacenter` and its inputs.
 
     overlap_averaging: the WAN replicas' averaging goes out on their uplinks while they compute (a DiLoCo outer step
@@ -175,9 +185,12 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     async_loss_ratio / averaging_loss_ratio: loss penalties at equal tokens given by the caller (what-ifs; labelled
     so in the output) instead of the calibration file's.
     inflight_per_replica: microbatches a WAN sender may have outstanding at one downstream replica
-    (`WanConfig.inflight_per_replica`; with head `delegated` also the tasks outstanding at one delegate); None: the
-    node's `NODE_MAX_INFLIGHT` when the configuration is the node as built (a flushed schedule, head leader, or
-    delegated with contributions = step), no cap otherwise; 0: no cap. Named in the output's `inflight_cap`."""
+    (`WanConfig.inflight_per_replica`; the leader's and every delegate's own sends too); None: the node's
+    `NODE_MAX_INFLIGHT` when the configuration is the node as built (a flushed schedule, head leader, or delegated
+    with contributions = step), no cap otherwise; 0: no cap. Named in the output's `inflight_cap`.
+    tasks_per_delegate: head `delegated` only, the leader's tasks one delegate may hold at once
+    (`WanConfig.tasks_per_delegate`); None: the node's `NODE_MAX_TASKS` when the configuration is the node as built,
+    no cap otherwise; 0: no cap. Named in the output's `task_cap`."""
     avg = Averaging.parse(averaging)
     for name, value in (("async_loss_ratio", async_loss_ratio), ("averaging_loss_ratio", averaging_loss_ratio)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -201,6 +214,13 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                                              not isinstance(inflight_per_replica, int) or inflight_per_replica < 0):
         raise ValueError(f"inflight_per_replica={inflight_per_replica!r}: must be an integer >= 1 (microbatches one "
                          f"sender may have outstanding at one downstream replica) or 0 (no cap)")
+    if tasks_per_delegate is not None and (isinstance(tasks_per_delegate, bool) or
+                                           not isinstance(tasks_per_delegate, int) or tasks_per_delegate < 0):
+        raise ValueError(f"tasks_per_delegate={tasks_per_delegate!r}: must be an integer >= 1 (the leader's tasks one "
+                         f"head delegate may hold at once) or 0 (no cap)")
+    if tasks_per_delegate is not None and head != "delegated":
+        raise ValueError(f"tasks_per_delegate={tasks_per_delegate!r} caps the tasks of delegated head work: it needs "
+                         f"head='delegated' (got head={head!r})")
     not_built = []  # what this WAN configuration runs that the node does not
     if schedule == "async":
         not_built.append("the async schedule with replicated stages (the node's runtime.schedule = async runs one "
@@ -216,14 +236,27 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     if inflight_per_replica is None and not not_built:
         cap: int | None = NODE_MAX_INFLIGHT
         cap_label = (f"{cap} per sender and downstream replica: the node's replicas.max_inflight default (node as "
-                     f"built; gpipe without its every-forward-first barrier"
-                     f"{'; also the tasks outstanding at each head delegate' if head == 'delegated' else ''})")
+                     f"built; gpipe without its every-forward-first barrier)")
     elif inflight_per_replica:
         cap, cap_label = inflight_per_replica, (f"{inflight_per_replica} per sender and downstream replica: given by "
                                                 f"the caller (--inflight-per-replica)")
     else:
         cap, cap_label = None, ("none: the schedule's own rule (gpipe: every forward first; 1f1b: num_stages - stage "
                                 "per node; async: its window)")
+    tasks: int | None = None
+    if head != "delegated":
+        task_label = f"none: no tasks (head {head}; only --head delegated hands stage-0 microbatches out)"
+    elif tasks_per_delegate is None and not not_built:
+        tasks = NODE_MAX_TASKS
+        task_label = (f"{tasks} tasks per head delegate: the node's replicas.max_tasks default (node as built; a "
+                      f"delegate gets at most an even share of the step's microbatches while the leader could send "
+                      f"one itself)")
+    elif tasks_per_delegate:
+        tasks, task_label = tasks_per_delegate, (f"{tasks_per_delegate} tasks per head delegate: given by the caller "
+                                                 f"(--tasks-per-delegate)")
+    else:
+        task_label = ("none: a head delegate holds any number of tasks (an even share of the step's microbatches "
+                      "while the leader could send one itself)")
     push = overlap_averaging and avg.mode == "powersgd"
     if contributions == "step" and not push:
         raise ValueError("contributions='step' sets when PowerSGD pushes go out: it needs averaging=powersgd:<R> "
@@ -232,7 +265,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                       overlap=overlap_averaging and not push, collective="direct" if push else "fastest", push=push,
                       per_step=contributions == "step", microbatch_seqs=microbatch_seqs,
                       head_leader=head in ("leader", "delegated"), head_delegation=head == "delegated",
-                      inflight_per_replica=cap)
+                      inflight_per_replica=cap, tasks_per_delegate=tasks)
     dc_cfg = _config(calibration, "dense", "1f1b", DATACENTER_LINK, Averaging(), None, steps, seed)
     wan, dc = simulate(wan_cfg), simulate(dc_cfg)
     wan_step = wan_cfg.tokens_per_step / (wan.steady_tokens_per_s or wan.tokens_per_s)
@@ -288,6 +321,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
         "node_as_built": not not_built,
         "not_built": not_built,
         "inflight_cap": cap_label,
+        "task_cap": task_label,
         "wan": {"schedule": schedule, "max_staleness": wan_cfg.max_staleness, "averaging": avg.label(),
                 "averaging_overlapped": overlap_averaging, "averaging_collective": wan_cfg.sync_collective,
                 "contributions": (CONTRIBUTIONS[contributions] if push else
@@ -296,7 +330,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                 "bubble_fraction": wan.bubble_fraction, "steps_to_target": wan_steps, "time_to_target_s": wan_time,
                 "replica_bytes_per_step": [b / wan_cfg.sync_every for b in wan_cfg.grad_sync_bytes],
                 "link": "200 Mb/s, 50 ms one-way", "microbatches": wan_cfg.microbatches,
-                "microbatch_seqs": microbatch_seqs, "inflight_per_replica": cap},
+                "microbatch_seqs": microbatch_seqs, "inflight_per_replica": cap, "tasks_per_delegate": tasks},
         "datacenter": {"schedule": "1f1b", "averaging": "dense", "codec": "dense bf16", "step_s": dc_step,
                        "utilisation": dc.utilisation, "bubble_fraction": dc.bubble_fraction,
                        "bubble_free_step_s": dc_floor,

@@ -90,13 +90,18 @@ class WanConfig:
     head_leader: bool = False  # the node's replicated head stage: the live stage-0 replica of lowest index leads and
     # computes every microbatch of stage 0 (its averaging bytes: every microbatch's contribution, to each other replica);
     # the others stand by, compute nothing and only receive. False: every stage-0 replica computes a share (data parallel)
-    head_delegation: bool = False  # with head_leader, the node's delegated head work (replicas.head_delegation): the
-    # leader hands each stage-0 microbatch to the other live head replica with the fewest tasks outstanding under
-    # inflight_per_replica (None: no limit; a TASK, one link latency before it starts) and computes one itself only
-    # when none has room (and its own last forward is done); the delegate computes stage 0 and sends on its own
-    # uplink, and the microbatch counts as committed one latency after its backward (the DONE reaching the leader);
-    # push_per_step: each head replica that computed one of the step's microbatches pushes one bundle once the
-    # step's COMMIT reaches it (the leader at once, a delegate one latency later). Flushed schedules only
+    head_delegation: bool = False  # with head_leader, the node's delegated head work (replicas.head_delegation): for
+    # each stage-0 microbatch, while the leader could send one itself (a stage-1 replica under its
+    # inflight_per_replica), it hands it to the live head replica (not itself) with the fewest tasks outstanding
+    # among those under tasks_per_delegate that were handed fewer than an even share, ceil(microbatches / (live
+    # delegates + 1)), of the step's microbatches, else computes it itself (once its own last forward is done); while
+    # it could not, to any delegate under tasks_per_delegate (share ignored), else waits. A TASK takes one link
+    # latency before the delegate starts; the delegate computes stage 0 and sends on its own uplink (under
+    # inflight_per_replica), and the microbatch counts as committed one latency after its backward (the DONE
+    # reaching the leader); push_per_step: each head replica that computed one of the step's microbatches pushes one
+    # bundle once the step's COMMIT reaches it (the leader at once, a delegate one latency later). Flushed schedules
+    tasks_per_delegate: int | None = None  # head_delegation: the leader's tasks one delegate may hold at once (handed,
+    # DONE not back yet; the node's replicas.max_tasks, node.config.ReplicaConfig.max_tasks). None = no cap
     sync_collective: str = "ring"  # how replicas average: ring (all-reduce: 2 (r - 1) / r x bytes each, 2 (r - 1)
     # latencies), direct (each pushes its bytes to every other replica, as the node's /pmn/avg pushes: (r - 1) x bytes,
     # one latency; fits small compressed contributions) or fastest (whichever of the two takes less time)
@@ -187,6 +192,14 @@ class WanConfig:
         if self.head_delegation and self.schedule == "async":
             raise ValueError("WanConfig.head_delegation needs a flushed schedule (gpipe or 1f1b): the leader commits a "
                              "step's microbatches as their DONEs come in and then sends COMMIT")
+        if self.tasks_per_delegate is not None:
+            if (isinstance(self.tasks_per_delegate, bool) or not isinstance(self.tasks_per_delegate, int)
+                    or self.tasks_per_delegate < 1):
+                raise ValueError(f"WanConfig.tasks_per_delegate={self.tasks_per_delegate!r}: must be None (no cap) or an "
+                                 f"integer >= 1 (the leader's tasks one head delegate may hold at once)")
+            if not self.head_delegation:
+                raise ValueError("WanConfig.tasks_per_delegate caps the tasks of delegated head work: it needs "
+                                 "head_delegation=True (or leave it None)")
         if self.in_flight_per_stage is not None:
             _count("WanConfig", "in_flight_per_stage", self.in_flight_per_stage)
         if self.inflight_per_replica is not None and (isinstance(self.inflight_per_replica, bool) or not isinstance(

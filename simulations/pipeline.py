@@ -11,12 +11,14 @@ node's schedule) starts step k's microbatches once every microbatch of step k - 
 least-loaded live replica of each stage and returns through the same nodes; if any of them left in
 the meantime the attempt is lost and the microbatch restarts from the head. `head_leader` puts stage 0 on one
 leader; `head_delegation` has that leader hand stage-0 microbatches to the other head replicas as tasks (a TASK
-and a DONE, one link latency each, around every delegated microbatch; at most `inflight_per_replica` tasks at a
-delegate), computing one itself only when no delegate has room.
+and a DONE, one link latency each, around every delegated microbatch; at most `tasks_per_delegate` tasks at a
+delegate): while the leader could send a microbatch itself, a delegate gets at most an even share of the step's
+microbatches and the leader computes the rest; while it could not, any delegate with room takes one.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Generator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -221,12 +223,15 @@ class PipelineSim:
         self.tail_done: set[int] = set()
         # head_delegation: fires when a delegate's task slot frees or a stage-0 forward ends (the leader may dispatch
         # again); the most tasks each stage-0 replica held at once, by replica; stage-0 attempts delegated and taken
-        # by the leader itself
+        # by the leader itself; tasks handed to each delegate, by (step, replica) (the node's per-step _assigned);
+        # tasks handed past the even share because the leader had no stage-1 room itself
         self.delegating = cfg.head_delegation
         self.head_room = self.env.event()
         self.task_peak: dict[int, int] = {}
         self.delegated = 0
         self.led = 0
+        self.assigned: Counter[tuple[int, int]] = Counter()
+        self.past_share = 0
         self.churn_on = cfg.churn.mean_uptime_s is not None
         self.finished = False
 
@@ -286,23 +291,31 @@ class PipelineSim:
         cap = self.cfg.inflight_per_replica
         return any(n.alive and (cap is None or self.outstanding.get((sender, n), 0) < cap) for n in self.nodes[stage])
 
-    def _pick_head(self) -> Generator[simpy.Event, Any, tuple[_Node, bool]]:
-        """head_delegation: the leader (the live stage-0 replica of lowest index) hands the microbatch to the other
-        live stage-0 replica with the fewest tasks outstanding under the cap (`inflight_per_replica`; None: no
-        limit), counted as one more task; when none has room it takes the microbatch itself, once its own last
-        forward is done and a stage-1 replica has room for it; otherwise waits for a task to come back, a forward to
-        end, a stage-1 slot or a joiner. Returns the node and whether it is a delegate."""
-        cap = self.cfg.inflight_per_replica
+    def _pick_head(self, step: int) -> Generator[simpy.Event, Any, tuple[_Node, bool]]:
+        """head_delegation, a microbatch of `step`: the leader (the live stage-0 replica of lowest index) hands it to
+        the other live stage-0 replica with the fewest tasks outstanding among those under the task cap
+        (`tasks_per_delegate`; None: no limit) and, while the leader could send one itself (a stage-1 replica has
+        room for it), handed fewer than an even share of the step's microbatches (ceil(microbatches / live head
+        replicas), as the node's engine `_helper`); counted as one more task. When none qualifies the leader takes
+        it itself if it could send one, once its own last forward is done; otherwise waits for a task to come back,
+        a forward to end, a stage-1 slot or a joiner. Returns the node and whether it is a delegate."""
+        cap = self.cfg.tasks_per_delegate
         while True:
             live = [n for n in self.nodes[0] if n.alive]
             if live:
-                leader, room = live[0], [n for n in live[1:] if cap is None or n.tasks < cap]
+                leader = live[0]
+                here = self._has_room(leader, 1)  # the leader could send a microbatch itself now
+                share = -(-self.cfg.microbatches // len(live))
+                room = [n for n in live[1:] if (cap is None or n.tasks < cap)
+                        and (not here or self.assigned[(step, n.replica)] < share)]
                 if room:
                     node = min(room, key=lambda n: (n.tasks, self._load(n)))
                     node.tasks += 1
                     self.task_peak[node.replica] = max(self.task_peak.get(node.replica, 0), node.tasks)
                     self.delegated += 1
-                elif leader.pending == 0 and self._has_room(leader, 1):
+                    self.past_share += self.assigned[(step, node.replica)] >= share
+                    self.assigned[(step, node.replica)] += 1
+                elif here and leader.pending == 0:
                     node = leader
                     self.led += 1
                 else:
@@ -382,7 +395,7 @@ class PipelineSim:
         sent: list[tuple[_Node, _Node]] = []  # inflight_per_replica: (sender, receiver) pairs outstanding, in path order
         task: _Node | None = None  # head_delegation: the delegate holding this attempt as a task, until its DONE is in
         if self.delegating:
-            node, delegated = yield from self._pick_head()
+            node, delegated = yield from self._pick_head(mb // cfg.microbatches)
             task = node if delegated else None
         else:
             node = yield from self._pick(0)
