@@ -6,7 +6,9 @@ and `replica_exchange = "step"` the leader stays the step's only authority but t
 
 * The leader opens one `/pmn/delegate/1.0.0` stream to each head replica of its generation (`open_link`; the
   stage-peer policy admits only peers announcing stage 0). A head replica takes the link only from the
-  leader it sees announced, and only while it does not lead itself (`DelegationService`, `accept`).
+  leader it sees announced, and only while it does not lead itself (`DelegationService`, `accept`); such a
+  refusal is its own view (an announcement still on its way, delegation off there), so it is not counted against
+  the dialler, who dials that peer again after a growing backoff.
 * The leader sends a TASK (step, microbatch, attempt) where a delegate has room (`replicas.max_inflight`
   tasks at once, routed like microbatches to the next stage: `Router`), and computes a microbatch itself
   only when none has. Attempts come from the leader's term, as for its own microbatches.
@@ -283,8 +285,9 @@ class DelegationService:
                         link = DelegateLink(stream, peer.pretty(), False, self.num_microbatches(), self.limits,
                                             self.gate.refuse)
                         why = self.accept(link)
-                        if why:
-                            raise DelegationError(why)
+                        if why:  # our own view (not leading by our table, delegation off): not counted
+                            await self._refuse(stream, why)
+                            return
                         await msgio.write_json(stream, {"op": "ok"})
                 except (DelegationError, trio.TooSlowError) as exc:
                     self.gate.refuse(peer, type(exc).__name__)

@@ -156,6 +156,7 @@ class ReplicaEngine:
         self.delegates: dict[str, DelegateLink] = {}  # head replica -> our link to it (leading)
         self.leaders: dict[str, DelegateLink] = {}  # leading head replica -> its link to us
         self.delegate_router = Router(replace(self.rc, max_inflight=self.rc.max_tasks))  # tasks per delegate
+        self._linking: set[str] = set()  # head replicas a delegation link is being opened to
         self._future_tasks: list[tuple[DelegateLink, Task]] = []  # tasks of later steps, taken when we get there
         self._pending: deque[int] = deque()  # leading head: microbatches of the current step still to generate
         self._next_attempt: dict[int, int] = {}  # leading head: mb -> attempt its next generation takes
@@ -231,22 +232,34 @@ class ReplicaEngine:
                 await self.discovery.changed.wait()
 
     async def _open_links(self, nursery: trio.Nursery, now: float) -> None:
-        """A leading head replica: keep a delegation link open to every other head replica of our generation."""
+        """A leading head replica: keep a delegation link open to every other head replica of our generation (each
+        dialled in its own task; one that refuses or cannot be reached is dialled again after a growing backoff)."""
         for ann in self._head_peers():
             link = self.delegates.get(ann.peer_id)
             if (link is not None and link.failure is None) or not ann.addrs or ann.head_term >= 0 \
-                    or self.delegate_router.is_banned(ann.peer_id, now):
+                    or ann.peer_id in self._linking or self.delegate_router.is_banned(ann.peer_id, now):
                 continue
-            try:
-                link = await delegation.open_link(self.host, ann.addrs[0], self.spec_hash, self.m,
-                                                  self.delegate_limits, self.cfg.transport.dial_timeout_s,
-                                                  self._delegate_refused)
-            except Exception:  # refused (it does not see us lead yet) or unreachable: tried next round
-                continue
-            link.listeners.append(self.poke)
-            nursery.start_soon(link.run_reader)
-            self.delegates[ann.peer_id] = link
-            self.poke()
+            self._linking.add(ann.peer_id)
+            nursery.start_soon(self._open_link, nursery, ann.peer_id, ann.addrs[0])
+
+    async def _open_link(self, nursery: trio.Nursery, peer: str, addr: str) -> None:
+        try:
+            link = await delegation.open_link(self.host, addr, self.spec_hash, self.m, self.delegate_limits,
+                                              self.cfg.transport.dial_timeout_s, self._delegate_refused)
+        except Exception as exc:  # refused (it does not see us lead yet, or delegates nothing) or unreachable
+            self.delegate_router.ban(peer, "link_refused", trio.current_time())
+            self.events.append({"event": "delegation_link", "peer": peer, "error": str(exc)[:200],
+                                "time": time.time()})
+            return
+        finally:
+            self._linking.discard(peer)
+        if not self.leads:  # took too long: no longer the leader
+            await link.close()
+            return
+        link.listeners.append(self.poke)
+        nursery.start_soon(link.run_reader)
+        self.delegates[peer] = link
+        self.poke()
 
     def accept_leader(self, link: DelegateLink) -> str:
         """`DelegationService`: take the link a leading head replica opened to this one ("" = taken, else why not:
