@@ -308,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--inflight-per-replica", type=int, default=None, metavar="N",
                    help="--vs: microbatches a WAN sender may have outstanding at one downstream replica (the node's "
                         "replicas.max_inflight, the head leader's and its delegates' sends too; 0: no cap); default: 2, "
-                        "the node's, for the node as built (a flushed schedule, --head leader, or delegated with "
+                        "the node's, for the node as built (--schedule gpipe, --head leader, or delegated with "
                         "--contributions step), no cap otherwise")
     q.add_argument("--tasks-per-delegate", type=int, default=None, metavar="N",
                    help="--vs, --head delegated: the leader's tasks one head delegate may hold at once (the node's "

@@ -44,8 +44,9 @@ microbatch` a what-if (the node then does not delegate). Before the node had rep
 most the in-flight cap's 2 tasks with no share (`--tasks-per-delegate 2` gives that figure: the share never binds
 there). `--tasks-per-delegate N` sets the task cap (0: none); the output's `task_cap` names the one used. `--head
 lanes` (every head replica a share with no TASK, DONE or COMMIT: the comparison's layout until session 23) is
-delegation's uncoordinated upper bound, a what-if the node does not have. The node as built (a flushed schedule with
-`--head leader`, or `--head delegated` with `--contributions step`) also routes as the node does: a sender (the head
+delegation's uncoordinated upper bound, a what-if the node does not have. The node as built (`--schedule gpipe`:
+the node's replicated engine has no 1F1B gate, whatever runtime.schedule says; with `--head leader`, or `--head
+delegated` with `--contributions step`) also routes as the node does: a sender (the head
 leader and each delegate too) has at most `NODE_MAX_INFLIGHT` (2, the node's `replicas.max_inflight`) microbatches
 outstanding at one downstream replica, and gpipe's every-forward-first barrier goes (`WanConfig.inflight_per_replica`;
 the head leader has 2 x 16 in flight to stage 1); before this cap the comparison ran the schedule's own rule (gpipe:
@@ -186,7 +187,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     so in the output) instead of the calibration file's.
     inflight_per_replica: microbatches a WAN sender may have outstanding at one downstream replica
     (`WanConfig.inflight_per_replica`; the leader's and every delegate's own sends too); None: the node's
-    `NODE_MAX_INFLIGHT` when the configuration is the node as built (a flushed schedule, head leader, or delegated
+    `NODE_MAX_INFLIGHT` when the configuration is the node as built (schedule gpipe, head leader, or delegated
     with contributions = step), no cap otherwise; 0: no cap. Named in the output's `inflight_cap`.
     tasks_per_delegate: head `delegated` only, the leader's tasks one delegate may hold at once
     (`WanConfig.tasks_per_delegate`); None: the node's `NODE_MAX_TASKS` when the configuration is the node as built,
@@ -225,6 +226,10 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     if schedule == "async":
         not_built.append("the async schedule with replicated stages (the node's runtime.schedule = async runs one "
                          "peer per stage; replicated stages flush every step)")
+    if schedule == "1f1b":
+        not_built.append("1F1B's per-node gate with replicated stages (the node's replicated engine routes by its "
+                         "in-flight caps whatever runtime.schedule says: --schedule gpipe with the node's caps is "
+                         "what it runs)")
     if head == "lanes":
         not_built.append("a data-parallel head stage with no coordination (--head lanes; the node's head replicas "
                          "take stage 0's microbatches from one leader: as tasks with replica_exchange = step, "
