@@ -309,6 +309,24 @@ def check_losses(losses: Any, count: int) -> list[float | None]:
     return [None if x is None else float(x) for x in losses]
 
 
+def check_claim(claim: Any, covers: tuple[Pair, ...]) -> dict[int, int] | None:
+    """A bundle push's claimed commit (a leading head's: every microbatch of the step once, holding the bundle's
+    pairs), None when absent; AveragingError naming what is wrong."""
+    if claim is None:
+        return None
+    if not isinstance(claim, list) or not 0 < len(claim) <= MAX_COVERS:
+        raise AveragingError(f"field 'commit' must list 1 to {MAX_COVERS} [microbatch, attempt] pairs")
+    commit: dict[int, int] = {}
+    for p in claim:
+        if not (isinstance(p, list) and len(p) == 2 and all(type(x) is int and 0 <= x < 1 << 20 for x in p)
+                and p[0] not in commit):
+            raise AveragingError(f"malformed commit pair {str(p)[:40]}: [microbatch, attempt], each microbatch once")
+        commit[p[0]] = p[1]
+    if any(commit.get(mb) != a for mb, a in covers):
+        raise AveragingError("a bundle's pairs must be in the commit it claims")
+    return commit
+
+
 def check_covers(covers: list[Pair]) -> tuple[Pair, ...]:
     """`covers` as a bundle's pairs: non-empty, at most MAX_COVERS, integer (mb, attempt) pairs in range, one per
     microbatch, sorted by microbatch (AveragingError naming what is wrong)."""
@@ -342,6 +360,9 @@ class ContributionStore:
         self.covers: dict[int, dict[Pair, tuple[Pair, ...]]] = {}  # step -> key -> pairs it covers (bundles only)
         self.losses: dict[int, dict[Pair, float]] = {}  # step -> covered (mb, attempt) -> tail loss
         self.commits: dict[int, dict[int, int]] = {}  # step -> mb -> committed attempt
+        self.claims: dict[int, dict[str, dict[int, int]]] = {}  # step -> pushing peer -> the whole commit its
+        # bundle's push header claimed (a leading head's, so a standby knows the step's commit before the delegates'
+        # bundles come; the engine trusts only the leader's)
         self.wire_bytes = 0  # /pmn/avg/1.0.0 bytes this node's server read and wrote for this store (pushes
         # received, pull requests and answers): every contribution crossing between replicas is counted once
         self.changed = trio.Event()
@@ -443,9 +464,14 @@ class ContributionStore:
         """Each committed contribution present, in microbatch order of its first pair."""
         return [self.held(step, key) for key in self._chosen(step)]
 
+    def claim(self, step: int, peer: str, commit: dict[int, int]) -> None:
+        """Record the commit of `step` that `peer` claimed with a bundle it pushed."""
+        self.claims.setdefault(step, {})[peer] = dict(commit)
+        self._poke()
+
     def prune(self, keep_from: int) -> None:
         """Forget steps before `keep_from`."""
-        for d in (self.vecs, self.covers, self.losses, self.commits):
+        for d in (self.vecs, self.covers, self.losses, self.commits, self.claims):
             for s in [s for s in d if s < keep_from]:
                 del d[s]  # type: ignore[attr-defined]
 
@@ -618,6 +644,7 @@ class AveragingService:
                 if pairs[0] != (mb, attempt):
                     raise AveragingError(f"a bundle's first pair {list(pairs[0])} is not its mb/attempt {[mb, attempt]}")
                 bundle_losses = check_losses(losses, len(pairs))
+                claimed = check_claim(header.get("commit"), pairs)
                 if store.exchange != "step":
                     raise AveragingError("this stage exchanges one contribution per microbatch (replica_exchange = "
                                          "microbatch): a bundle is refused")
@@ -634,6 +661,8 @@ class AveragingService:
                 store.codec.check(vec)  # NaN/Inf in a factor: refused and counted, nothing stored
             if covers is not None:
                 store.add_bundle(step, pairs, vec, bundle_losses)
+                if claimed is not None:
+                    store.claim(step, key, claimed)
             else:
                 store.add(step, mb, attempt, vec, None if loss is None else float(loss))
             self.pushed.setdefault(key, deque()).append((stage, step, mb, attempt))
@@ -689,14 +718,16 @@ async def _request(host: Any, addr: str, header: dict[str, Any], blob: bytes, ma
 
 async def push(host: Any, addr: str, spec_hash: str, stage: int, step: int, mb: int, attempt: int,
                vec: torch.Tensor, loss: float | None, timeout_s: float, enc: str = "dense",
-               bundle: Held | None = None) -> None:
+               bundle: Held | None = None, claim: dict[int, int] | None = None) -> None:
     """Give one contribution (in encoding `enc`, the store codec's tag) to a stage peer; `bundle`: a step bundle
-    (its first pair is mb, attempt)."""
+    (its first pair is mb, attempt); `claim`: with a bundle, the whole commit of the step (a leading head's)."""
     header: dict[str, Any] = {"op": "push", "spec_hash": spec_hash, "stage": stage, "step": step, "mb": mb,
                               "attempt": attempt, "loss": loss}
     if bundle is not None:
         header["covers"] = [list(p) for p in bundle.covers]
         header["losses"] = list(bundle.losses)
+        if claim is not None:
+            header["commit"] = sorted([mb, a] for mb, a in claim.items())
     if enc != "dense":  # dense pushes keep the header they always had
         header["enc"] = enc
     await _request(host, addr, header, vec_bytes(vec), 0, timeout_s)

@@ -20,7 +20,9 @@ and `replica_exchange = "step"` the leader stays the step's only authority but t
 * The leader sends each step's COMMIT over the links. A delegate sums the committed pairs it computed into
   its step bundle (`ReplicaEngine._bundle`; an attempt is committed once, so no verdict is needed at the head),
   pushes it to every head replica and sends the commit downstream with its own `yours`, as the leader does.
-  Because a bundle only ever holds committed pairs, a standby's `heads.held_commits` stays the leader's commit.
+  Because a bundle only ever holds committed pairs, a standby's `heads.held_commits` stays the leader's commit;
+  and since the delegates' bundles come after the COMMIT, the leader's own bundle push claims the whole commit
+  (`ContributionStore.claims`), which a standby takes from the leader it sees announced.
 
 Messages are length-prefixed JSON objects (`node.net.msgio`): the dialler's `hello` (answered `ok` or with an
 `error`), then `task` and `commit` from the leader and `done` from the delegate. Anything malformed, out of

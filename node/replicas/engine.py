@@ -400,17 +400,31 @@ class ReplicaEngine:
         return held > 0 or await self._hold(step, mb, attempt, vec, loss)
 
     async def _push(self, addr: str, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None,
-                    timeout_s: float, bundle: averaging.Held | None = None) -> None:
+                    timeout_s: float, bundle: averaging.Held | None = None, claim: dict[int, int] | None = None) -> None:
         if self.rc.debug_push_delay_s:  # TEST ONLY: a slow link to the stage peers
             await trio.sleep(self.rc.debug_push_delay_s)
         await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss, timeout_s,
-                             enc=self.store.codec.tag, bundle=bundle)
+                             enc=self.store.codec.tag, bundle=bundle, claim=claim)
 
     async def _push_held(self, addr: str, step: int, key: tuple[int, int], timeout_s: float) -> None:
-        """Push the held contribution of `step` under `key` (a bundle as one) to a stage peer."""
+        """Push the held contribution of `step` under `key` (a bundle as one) to a stage peer; a leading head that
+        delegates claims the step's whole commit with it (`_claim`)."""
         h = self.store.held(step, key)
         await self._push(addr, step, key[0], key[1], h.vec, h.losses[0], timeout_s,
-                         bundle=h if self.per_step else None)
+                         bundle=h if self.per_step else None, claim=self._claim(step))
+
+    def _claim(self, step: int) -> dict[int, int] | None:
+        """The commit a leading head that delegates claims with the bundles it pushes once its step is complete (the
+        delegates' bundles come after its COMMIT, so a standby learns the commit from this one)."""
+        if self.delegating and self.leads and self.current_step == step and len(self._committed) == self.m:
+            return dict(self._committed)
+        return None
+
+    def _leader_claim(self, step: int) -> dict[int, int] | None:
+        """The whole commit of `step` the head leader this replica sees announced claimed with a bundle, if any."""
+        lead = heads.leader(self._head_peers())
+        claim = self.store.claims.get(step, {}).get(lead.peer_id) if lead is not None else None
+        return claim if claim is not None and sorted(claim) == list(range(self.m)) else None
 
     async def _bundle(self, step: int, owned: list[tuple[int, int]]) -> None:
         """replica_exchange = "step": sum this replica's `owned` dense gradients of `step` into one contribution,
@@ -872,7 +886,10 @@ class ReplicaEngine:
                 break
             if standby and step not in self.store.commits:
                 held = heads.held_commits(self.store.pairs(step))
-                if len(held) == self.m:  # every microbatch's committed contribution is here: the leader's commit
+                claim = self._leader_claim(step)
+                if claim is not None:  # the leader's complete commit, with its bundle (delegated head work)
+                    self.store.commit(step, claim)
+                elif len(held) == self.m:  # every microbatch's committed contribution is here: the leader's commit
                     self.store.commit(step, held)
             if not head and step in self.store.commits:
                 break

@@ -67,8 +67,9 @@ def test_bundles_cover_the_commit_exactly_once_and_combine_to_the_sum() -> None:
 
 
 def test_bad_bundles_are_refused_over_real_hosts_and_the_store_is_kept() -> None:
-    """A server whose stage exchanges per step takes a good bundle and refuses, counting each against the sender:
-    a bundle overlapping it, one whose first pair is not its mb/attempt, one with a loss per pair missing; a
+    """A server whose stage exchanges per step takes a good bundle (and the commit it claims, kept under its sender)
+    and refuses, counting each against the sender: a bundle overlapping it, one whose first pair is not its
+    mb/attempt, one with a loss per pair missing, one claiming a commit without its own pairs; a
     server whose stage exchanges per microbatch refuses any bundle. Nothing of a refused push is stored."""
     codec = ContributionCodec([(8,)])
     good = torch.arange(8, dtype=torch.float32)
@@ -85,14 +86,19 @@ def test_bad_bundles_are_refused_over_real_hosts_and_the_store_is_kept() -> None
                 cases = [(Held(((1, 0), (2, 0)), good, (None, None)), 1, 0, "overlaps"),
                          (Held(((3, 0), (4, 0)), good, (None, None)), 2, 0, "first pair"),
                          (Held(((5, 0), (6, 0)), good, (None,)), 5, 0, "losses")]
-                if exchange == "step":
-                    await push(client, addr, "aa", 0, 5, 0, 0, good, None, 5.0, bundle=bundles[0])
+                claims: list[dict[int, int] | None] = [None, None, None]
+                if exchange == "step":  # a leading head's bundle claims the step's whole commit
+                    await push(client, addr, "aa", 0, 5, 0, 0, good, None, 5.0, bundle=bundles[0],
+                               claim={0: 0, 1: 0, 2: 0, 3: 0})
+                    assert store.claims[5] == {me: {0: 0, 1: 0, 2: 0, 3: 0}}
+                    cases.append((Held(((7, 0), (8, 0)), good, (None, None)), 7, 0, "in the commit it claims"))
+                    claims.append({7: 0, 8: 1})  # a claim that does not hold the bundle's own pairs
                 else:
-                    cases = [(bundles[0], 0, 0, "per microbatch")]
-                for i, (h, mb, a, why) in enumerate(cases, start=1):
+                    cases, claims = [(bundles[0], 0, 0, "per microbatch")], [None]
+                for i, ((h, mb, a, why), claim) in enumerate(zip(cases, claims, strict=True), start=1):
                     before = svc.gate.scores.score(me)
                     with pytest.raises(Exception) as info:
-                        await push(client, addr, "aa", 0, 5, mb, a, h.vec, None, 5.0, bundle=h)
+                        await push(client, addr, "aa", 0, 5, mb, a, h.vec, None, 5.0, bundle=h, claim=claim)
                     assert isinstance(info.value, AveragingError) and why in str(info.value) or \
                         not isinstance(info.value, AveragingError)  # the server's reset may overtake its message
                     assert svc.gate.scores.score(me) < before
@@ -101,6 +107,7 @@ def test_bad_bundles_are_refused_over_real_hosts_and_the_store_is_kept() -> None
                 if exchange == "step":
                     assert store.covers[5][(0, 0)] == ((0, 0), (1, 0))
                     assert torch.equal(store.vecs[5][(0, 0)], good)
+                    assert store.claims[5] == {me: {0: 0, 1: 0, 2: 0, 3: 0}}  # the refused claim was not kept
 
     trio.run(main)
 
