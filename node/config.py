@@ -202,9 +202,9 @@ class ReplicaConfig:
     head_delegation: bool = True  # replica_exchange = "step": the leading head replica hands microbatches to the
     # other head replicas, which compute stage 0 and send the activations themselves (`node.replicas.delegation`);
     # False, or the per-microbatch exchange: the standbys compute nothing
-    max_tasks: int = 8  # delegated head work: microbatches one head replica may hold as the leader's tasks at once
-    # (a task stays out for a whole pipeline round trip; the leader gives the next microbatch to whoever of itself
-    # and the delegates has the fewest outstanding)
+    max_tasks: int = 16  # delegated head work: microbatches one head replica may hold as the leader's tasks at once
+    # (a task stays out for a whole pipeline round trip, so a delegate's even share of a step should fit; the share,
+    # ceil(microbatches / head replicas), caps what it gets while the leader can compute the rest itself)
     catchup_poll_s: float = 0.01  # while behind and catching up, wait this long between pulls of missed steps
     keep_steps: int = 4  # steps of contributions kept in memory for stage peers that pull them (a replica
     # more steps behind than this re-fetches the stage state: keep it above state-transfer time / step time)

@@ -312,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "--contributions step), no cap otherwise")
     q.add_argument("--tasks-per-delegate", type=int, default=None, metavar="N",
                    help="--vs, --head delegated: the leader's tasks one head delegate may hold at once (the node's "
-                        "replicas.max_tasks; 0: no cap); default: 8, the node's, for the node as built (with "
+                        "replicas.max_tasks; 0: no cap); default: 16, the node's, for the node as built (with "
                         "--contributions step), no cap otherwise")
     q.add_argument("--async-loss-ratio", type=float, default=None,
                    help="--vs what-if: the async loss penalty at equal tokens (default: the calibration file's)")

@@ -34,7 +34,7 @@ faster of a ring all-reduce and direct pushes. The WAN head stage runs as the no
 with `--contributions microbatch`, or with replicas.head_delegation = false): one head replica leads, computes every
 microbatch of stage 0 and pushes each one's contribution to the 15 standbys, which compute nothing. `--head
 delegated` (the node with `--contributions step`, replicas.head_delegation on; `WanConfig.head_delegation`): the
-leader hands each microbatch to a head replica with fewer than `NODE_MAX_TASKS` (8, the node's `replicas.max_tasks`;
+leader hands each microbatch to a head replica with fewer than `NODE_MAX_TASKS` (16, the node's `replicas.max_tasks`;
 `WanConfig.tasks_per_delegate`) tasks outstanding (a TASK, one link latency) and, while it could send one to stage 1
 itself, handed fewer than an even share of the step's microbatches (16 of 256 among 16 head replicas), computing the
 rest itself; with no stage-1 room of its own it hands one to any delegate under the task cap. It counts a microbatch
@@ -98,7 +98,7 @@ ASSUMED_AVERAGING_SOURCE = ("no loss ratio of this averaging option recorded in 
 SIMULATED_STEPS = 16
 NODE_MAX_INFLIGHT = 2  # node.config.ReplicaConfig.max_inflight's default: microbatches one sender may have outstanding
 # at one downstream replica (node.replicas.routing.Router.choose); the node-as-built comparison's in-flight cap
-NODE_MAX_TASKS = 8  # node.config.ReplicaConfig.max_tasks's default: the leader's tasks one head delegate may hold at
+NODE_MAX_TASKS = 16  # node.config.ReplicaConfig.max_tasks's default: the leader's tasks one head delegate may hold at
 # once (node.replicas.engine's delegate router); the node-as-built comparison's task cap with --head delegated
 CONTRIBUTIONS = {  # --contributions: how a WAN replica's PowerSGD factors leave, as the output names it
     "microbatch": "one per microbatch a replica computes, pushed after its backward (the node's default, "

@@ -255,7 +255,7 @@ def test_bad_task_caps_are_refused() -> None:
 
 def test_cli_takes_tasks_per_delegate() -> None:
     parser = build_parser()
-    assert parser.parse_args(["simulate", "wan"]).tasks_per_delegate is None  # the node's 8 for the node as built
+    assert parser.parse_args(["simulate", "wan"]).tasks_per_delegate is None  # the node's 16 for the node as built
     args = parser.parse_args(["simulate", "wan", "--vs", "datacenter", "--schedule", "gpipe", "--head", "delegated",
                               "--tasks-per-delegate", "4"])
     assert args.tasks_per_delegate == 4
