@@ -17,6 +17,10 @@ FAST = ["--replicated", "--microbatches", str(M), "--microbatch-size", str(B), "
         "--keep-steps", "32",
         # on a loaded shared machine a node may take minutes to start: the head waits that long for the first
         "--discovery-discovery-timeout-s", "180"]
+# the step exchange with a checkpoint every step (all kept) and a slowed compute: a replica lost before its bundle
+# costs a rollback, and a step is long enough for the test hook to kill it mid-step
+STEP_ROLLBACK = ["--replica-exchange", "step", "--checkpoint-every", "1", "--checkpoint-keep", "0", "--debug-delay-s",
+                 "0.05", "--no-replica-timeout", "600"]
 READY_TIMEOUT_S = 180.0  # a node's start (imports, keys, first discovery round) on a loaded shared machine
 
 

@@ -29,7 +29,7 @@ from node.replicas.heads import attempt_base
 from node.replicas.runner import choose_replica_stage
 from node.testing.swarm import stop_nodes, wait_nodes
 from tests.node.conftest import running_host
-from tests.node.replica_swarm import M, check_exactly_once, check_rollback, launch, records
+from tests.node.replica_swarm import STEP_ROLLBACK, M, check_exactly_once, check_rollback, launch, records
 
 FULL = {0: 0, 1: 0, 2: 0, 3: 0}  # a commit of a 4-microbatch step
 
@@ -156,9 +156,7 @@ def test_a_delegate_lost_after_its_done_costs_the_head_stage_a_rollback_not_a_wr
     it finds stage 0's newer state lost and the swarm rolls back to a step every stage holds (a checkpoint every
     step), then trains to the end with the leader computing stage 0 alone, exactly once per generation."""
     steps = 6
-    flags = ["--replica-exchange", "step", "--checkpoint-every", "1", "--checkpoint-keep", "0",
-             "--debug-delay-s", "0.05", "--no-replica-timeout", "600"]
-    nodes = launch(tmp_path, [0, 0, 1, 2], steps, common=flags,
+    nodes = launch(tmp_path, [0, 0, 1, 2], steps, common=STEP_ROLLBACK,
                    extra={0: ["--no-replica-timeout", "8"], 1: ["--replicas-debug-exit-after-forwards", "5"]})
     try:
         codes = wait_nodes(nodes, 480)

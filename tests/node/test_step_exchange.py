@@ -27,7 +27,7 @@ from pmn.spec import ModelProposal, TrainingRecipe, proposal_from_dict
 from sharding import PRESETS, build_stage, partition
 from tests.node.avg_pushes import serve
 from tests.node.conftest import running_host
-from tests.node.replica_swarm import M, check_exactly_once, check_rollback, launch, records
+from tests.node.replica_swarm import STEP_ROLLBACK, M, check_exactly_once, check_rollback, launch, records
 
 STEPS = 6
 
@@ -177,12 +177,10 @@ def test_a_replica_lost_before_its_step_bundle_costs_a_rollback_not_a_wrong_upda
     survivor, every microbatch applied once per stage in each generation. The tail, the only replica of its
     stage, owns the pairs the dead replica routed to it without waiting for its verdict: only the middle stage
     lost anything."""
-    flags = ["--replica-exchange", "step", "--checkpoint-every", "1", "--checkpoint-keep", "0",
-             "--debug-delay-s", "0.05", "--no-replica-timeout", "600"]
     steps = 8
     # mid_a dies right after its 7th gradient upstream (about 2 a step: in step 3, its bundle not yet out); mid_b
     # declares the state lost 8 s after the commit's contributions failed to come
-    nodes = launch(tmp_path, [0, 1, 1, 2], steps, common=flags,
+    nodes = launch(tmp_path, [0, 1, 1, 2], steps, common=STEP_ROLLBACK,
                    extra={1: ["--replicas-debug-exit-after-forwards", "7"], 2: ["--no-replica-timeout", "8"]})
     try:
         codes = wait_nodes(nodes, 600)
