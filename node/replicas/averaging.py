@@ -309,6 +309,19 @@ def check_losses(losses: Any, count: int) -> list[float | None]:
     return [None if x is None else float(x) for x in losses]
 
 
+def commit_pairs(pairs: list[Any], max_mb: int, max_attempt: int, error: type[Exception]) -> dict[int, int]:
+    """A wire commit, [[mb, attempt], ...], as mb -> attempt: integer pairs within range, each microbatch once;
+    `error` naming the first bad pair."""
+    commit: dict[int, int] = {}
+    for p in pairs:
+        if not (isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p)
+                and 0 <= p[0] <= max_mb and 0 <= p[1] <= max_attempt and p[0] not in commit):
+            raise error(f"malformed commit pair {str(p)[:40]}: [microbatch, attempt] within range, each microbatch "
+                        "once")
+        commit[p[0]] = p[1]
+    return commit
+
+
 def check_claim(claim: Any, covers: tuple[Pair, ...]) -> dict[int, int] | None:
     """A bundle push's claimed commit (a leading head's: every microbatch of the step once, holding the bundle's
     pairs), None when absent; AveragingError naming what is wrong."""
@@ -316,12 +329,7 @@ def check_claim(claim: Any, covers: tuple[Pair, ...]) -> dict[int, int] | None:
         return None
     if not isinstance(claim, list) or not 0 < len(claim) <= MAX_COVERS:
         raise AveragingError(f"field 'commit' must list 1 to {MAX_COVERS} [microbatch, attempt] pairs")
-    commit: dict[int, int] = {}
-    for p in claim:
-        if not (isinstance(p, list) and len(p) == 2 and all(type(x) is int and 0 <= x < 1 << 20 for x in p)
-                and p[0] not in commit):
-            raise AveragingError(f"malformed commit pair {str(p)[:40]}: [microbatch, attempt], each microbatch once")
-        commit[p[0]] = p[1]
+    commit = commit_pairs(claim, (1 << 20) - 1, (1 << 20) - 1, AveragingError)
     if any(commit.get(mb) != a for mb, a in covers):
         raise AveragingError("a bundle's pairs must be in the commit it claims")
     return commit

@@ -47,6 +47,7 @@ from node.net.gate import ProtocolGate, reset_quietly
 from node.net.host import parse_peer_addr
 from node.net.jsonbound import loads_bounded
 from node.net.peerscore import PeerGuardConfig, PeerScores
+from node.replicas.averaging import commit_pairs
 from node.replicas.heads import MAX_ATTEMPT
 
 DELEGATE_PROTOCOL = TProtocol(DELEGATE)
@@ -95,14 +96,7 @@ def parse_commit(msg: dict[str, Any], num_microbatches: int) -> tuple[int, dict[
     pairs = msg.get("commit")
     if not isinstance(pairs, list) or len(pairs) != num_microbatches:
         raise DelegationError(f"a commit lists every one of the step's {num_microbatches} microbatches once")
-    commit: dict[int, int] = {}
-    for p in pairs:
-        if not (isinstance(p, list) and len(p) == 2 and all(type(x) is int for x in p)
-                and 0 <= p[0] < num_microbatches and 0 <= p[1] <= MAX_ATTEMPT and p[0] not in commit):
-            raise DelegationError(f"malformed commit pair {str(p)[:40]}: [microbatch, attempt] within range, "
-                                  "each microbatch once")
-        commit[p[0]] = p[1]
-    return step, commit
+    return step, commit_pairs(pairs, num_microbatches - 1, MAX_ATTEMPT, DelegationError)
 
 
 class DelegateLink:
@@ -194,11 +188,7 @@ class DelegateLink:
 
     async def _tell(self, why: str) -> None:
         """Best effort: tell the peer why the link ends."""
-        try:
-            with trio.move_on_after(self.limits.idle_timeout_s):
-                await msgio.write_json(self.stream, {"error": why[:200]})
-        except Exception:
-            pass
+        await _say(self.stream, why, self.limits.idle_timeout_s)
 
     def _accept(self, msg: Any) -> None:
         if not isinstance(msg, dict):
@@ -306,11 +296,19 @@ class DelegationService:
 
     async def _refuse(self, stream: Any, why: str) -> None:
         """Tell the dialler why, then close the stream (a reset could overtake the message)."""
-        try:
-            with trio.move_on_after(self.limits.idle_timeout_s):
-                await msgio.write_json(stream, {"error": why[:200]})
-                await stream.close()
-                return
-        except Exception:
-            pass
+        if await _say(stream, why, self.limits.idle_timeout_s, close=True):
+            return
         await reset_quietly(stream)
+
+
+async def _say(stream: Any, why: str, timeout_s: float, close: bool = False) -> bool:
+    """Best effort: send `{"error": why}` (and close the stream when `close`); True once done within `timeout_s`."""
+    try:
+        with trio.move_on_after(timeout_s):
+            await msgio.write_json(stream, {"error": why[:200]})
+            if close:
+                await stream.close()
+            return True
+    except Exception:  # the peer is gone: nothing to tell
+        pass
+    return False

@@ -658,11 +658,10 @@ class ReplicaEngine:
         return got
 
     def _take_commits(self) -> None:
-        """Record the COMMIT frames every channel from the previous stage (or link from a leader) received."""
+        """Record the COMMIT frames every channel from the previous stage received (a head replica's links from
+        its leader are read by `_take_tasks`)."""
         for ch in self.up.values():
             self._take_commits_of(ch)
-        for link in self.leaders.values():
-            self._take_commits_of(link)
 
     def _take_tasks(self) -> list[tuple[DelegateLink, Task]]:
         """Tasks (and COMMITs) from our leaders' links, or DONEs from our delegates' links, since the last call; a
