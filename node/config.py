@@ -460,8 +460,10 @@ class NodeConfig:
             raise ValueError(f"runtime.eval_every must be >= 0 (0 = off), eval_batches >= 1 and eval_seed >= 0; got "
                              f"{r.eval_every}, {r.eval_batches}, {r.eval_seed}")
         check_schedule(r.schedule, r.max_staleness, r.async_lookahead)
-        if r.schedule == "async" and self.replicas.enabled:
-            raise ValueError("runtime.schedule = async runs one peer per stage: it does not combine with replicas.enabled")
+        if r.schedule == "async" and self.replicas.enabled and r.replica_exchange != "step":
+            raise ValueError("runtime.schedule = async with replicas.enabled needs runtime.replica_exchange = step (one "
+                             "contribution per replica and step, applied in step order while later steps run); got "
+                             f"{r.replica_exchange!r}")
         self.transport.validate()
         self.discovery.validate()
         self.replicas.validate()

@@ -46,6 +46,25 @@ class AsyncStageWorker(StageWorker):
         self.stash = WeightStash(self.module, self.optimizer, self.optim, max_staleness, first_step=self.next_step,
                                  lookahead=lookahead)
 
+    def stash_tensors(self) -> dict[str, torch.Tensor]:
+        return {f"{k}/{name}": t.detach().clone() for k, twin in self.stash.copies.items()
+                for name, t in twin.state_dict().items()}
+
+    def install_stash(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A state sync's copies (one per step `next_step` .. `next_step + max_staleness`, each a whole state dict of
+        the stage); none given: the stash starts again from the live weights. ValueError when they do not fit."""
+        self._start_stash(self.max_staleness, self.stash.lookahead)
+        if not tensors:
+            return
+        names = set(self.module.state_dict())
+        want = {f"{k}/{n}" for k in self.stash.copies for n in names}
+        if set(tensors) != want:
+            raise ValueError(f"stashed copies for steps {sorted({key.split('/')[0] for key in tensors})}, this stage "
+                             f"at step {self.next_step} with max_staleness {self.max_staleness} stashes steps "
+                             f"{sorted(self.stash.copies)}")
+        for k, twin in self.stash.copies.items():
+            twin.load_state_dict({n: tensors[f"{k}/{n}"] for n in names})
+
     def ready(self, step: int) -> bool:
         """Whether the weights of `step` are stashed (update step - S - 1 is applied)."""
         return self.stash.ready(step)

@@ -119,6 +119,7 @@ class ReplicaEngine:
         self._alone_checked = -float("inf")  # trio time of the last discovery round run because no stage peer was known
         self._probe_send, self._probe_recv = trio.open_memory_channel[tuple[Any, ...]](float("inf"))
         self._rerouted = 0
+        self._ahead = 0  # forwards of later steps run while the current step was not applied (the async window)
         self._forwards = 0  # gradients sent upstream (test hook)
         self._had_next = False  # a replica of the next stage was usable at some point
         self._ahead_peers: list[str] = []  # stage peers last seen ahead of this replica (named if the state is lost)
@@ -158,10 +159,16 @@ class ReplicaEngine:
         self.delegate_router = Router(replace(self.rc, max_inflight=self.rc.max_tasks))  # tasks per delegate
         self._linking: set[str] = set()  # head replicas a delegation link is being opened to
         self._future_tasks: list[tuple[DelegateLink, Task]] = []  # tasks of later steps, taken when we get there
-        self._pending: deque[int] = deque()  # leading head: microbatches of the current step still to generate
-        self._next_attempt: dict[int, int] = {}  # leading head: mb -> attempt its next generation takes
-        self._delegated = 0  # leading head: microbatches of the current step committed from delegates' work
-        self._assigned: Counter[str] = Counter()  # leading head: microbatches of the current step handed to each delegate
+        # runtime.schedule = "async": steps after the oldest unapplied one whose work runs now (their forwards and
+        # backwards use the worker's stashed weights, `AsyncStageWorker`); 0: one step at a time (gpipe, 1f1b)
+        self.window = cfg.runtime.max_staleness if cfg.runtime.schedule == "async" else 0
+        self._commits: dict[int, dict[int, int]] = {}  # leading head: step -> committed mb -> attempt
+        self._opened: set[int] = set()  # leading head: steps whose microbatches were queued for generation
+        self._pending: deque[tuple[int, int]] = deque()  # leading head: (step, mb) still to generate, oldest first
+        self._next_attempt: dict[tuple[int, int], int] = {}  # leading head: (step, mb) -> attempt its next
+        # generation takes
+        self._delegated: Counter[int] = Counter()  # leading head: step -> microbatches committed from delegates' work
+        self._assigned: Counter[tuple[int, str]] = Counter()  # leading head: (step, delegate) -> microbatches handed
 
     # -- channels ----------------------------------------------------------------------------------
 
@@ -345,9 +352,10 @@ class ReplicaEngine:
         self._compute_s += dt
         return out
 
-    def _grads_after(self, fn: Any, *args: Any) -> Any:
-        out = fn(*args)
-        return out, averaging.take_grads(self.worker.module)
+    def _grads_after(self, fn: Any, step: int, *args: Any) -> Any:
+        """`fn(step, *args)` and the parameter gradient it left on the weights `step` computes with."""
+        out = fn(step, *args)
+        return out, averaging.take_grads(self.worker.weights_for(step))
 
     async def _contribute(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None,
                           up: str = "") -> bool:
@@ -416,8 +424,9 @@ class ReplicaEngine:
     def _claim(self, step: int) -> dict[int, int] | None:
         """The commit a leading head that delegates claims with the bundles it pushes once its step is complete (the
         delegates' bundles come after its COMMIT, so a standby learns the commit from this one)."""
-        if self.delegating and self.leads and self.current_step == step and len(self._committed) == self.m:
-            return dict(self._committed)
+        committed = self._commits.get(step, {})
+        if self.delegating and self.leads and self.current_step == step and len(committed) == self.m:
+            return dict(committed)
         return None
 
     def _leader_claim(self, step: int) -> dict[int, int] | None:
@@ -601,13 +610,13 @@ class ReplicaEngine:
         self._rerouted += 1
         if w.delegated:
             del self._work[(step, w.mb)]
-            self._next_attempt[w.mb] = w.attempt
-            self._pending.appendleft(w.mb)
+            self._next_attempt[(step, w.mb)] = w.attempt
+            self._pending.appendleft((step, w.mb))
         else:
             self._queue.append((step, w.mb))
 
-    async def _dispatch(self, step: int) -> None:
-        """Send queued work to replicas with room."""
+    async def _dispatch(self) -> None:
+        """Send queued work to replicas with room (oldest step first)."""
         now = trio.current_time()
         while self._queue:
             key = self._queue[0]
@@ -623,13 +632,13 @@ class ReplicaEngine:
             self.router.sent(peer)
             ch = self.down[peer]
             try:
-                await ch.send_data(frames.Kind.ACTIVATION, step, w.mb, w.payload, w.window, attempt=w.attempt)
+                await ch.send_data(frames.Kind.ACTIVATION, key[0], w.mb, w.payload, w.window, attempt=w.attempt)
             except NodeError:
-                self._abandon(w, step, "lost")
+                self._abandon(w, key[0], "lost")
 
-    def _check_timeouts(self, step: int) -> None:
+    def _check_timeouts(self) -> None:
         now = trio.current_time()
-        for w in list(self._work.values()):
+        for (step, _), w in list(self._work.items()):
             if not w.down:
                 continue
             ch = (self.delegates if w.delegated else self.down).get(w.down)
@@ -693,6 +702,7 @@ class ReplicaEngine:
         window, h_in = r.value
         if w.spec.is_last:
             (loss, vec) = await self._compute(self._grads_after, w.forward, h.step, key, window, h_in)
+            self._ahead += h.step > self.current_step
             grad = await self._compute(w.backward, h.step, key, None)
             if not await self._contribute(h.step, h.microbatch, h.attempt, vec, float(loss), up=ch.peer):
                 return  # no stage peer could hold it: not committed, the upstream re-routes the microbatch
@@ -703,14 +713,16 @@ class ReplicaEngine:
             self._forwarded_one()
             return
         out = await self._compute(w.forward, h.step, key, window, h_in)
+        self._ahead += h.step > self.current_step
         self._work[(h.step, h.microbatch)] = _Work(h.microbatch, h.attempt, out, r.frame.window, up=ch.peer)
         self._queue.append((h.step, h.microbatch))
 
-    async def _on_task(self, step: int, link: DelegateLink, t: Task) -> None:
-        """A head replica: its leader handed it microbatch `t` of the current step. It reads the window, runs stage 0
-        and queues the activation for stage 1 (a task it holds already is ignored)."""
+    async def _on_task(self, link: DelegateLink, t: Task) -> None:
+        """A head replica: its leader handed it microbatch `t` of a step it works on. It reads the window, runs stage
+        0 and queues the activation for stage 1 (a task it holds already is ignored)."""
+        step = t.step
         if heads.term_of(t.attempt) != link.term:
-            self.events.append({"event": "delegation_refused", "peer": link.peer, "step": step, "time": time.time(),
+            self.events.append({"event": "delegation_refused", "peer": link.peer, "step": t.step, "time": time.time(),
                                 "error": f"task attempt {t.attempt} is not of the leader's term {link.term}"})
             link.refuse(link.peer, "delegation_term")
             await link.close()
@@ -722,6 +734,7 @@ class ReplicaEngine:
             return
         window = await self._compute(w.head_window, step, t.mb)
         out = await self._compute(w.forward, step, key, window, None)
+        self._ahead += step > self.current_step
         self._work[(step, t.mb)] = _Work(t.mb, t.attempt, out, window_to_bytes(window, w.id_bytes), up=link.peer,
                                          task=True)
         self._queue.append((step, t.mb))
@@ -731,7 +744,7 @@ class ReplicaEngine:
         are in, so a delegate with no work in it can lag): up to `keep_steps` ahead, fewer than `num_microbatches`
         per step. One further ahead is dropped (the leader generates it again after its timeout); more tasks of
         one step than it has microbatches end the link, counted against the leader."""
-        if t.step > step + self.rc.keep_steps:
+        if t.step > step + self.window + self.rc.keep_steps:
             return
         if sum(1 for _, f in self._future_tasks if f.step == t.step) < self.m:
             self._future_tasks.append((link, t))
@@ -741,48 +754,51 @@ class ReplicaEngine:
         link.refuse(link.peer, "delegation_step")
         await link.close()
 
-    async def _on_done(self, step: int, link: DelegateLink, t: Task) -> None:
+    async def _on_done(self, link: DelegateLink, t: Task) -> None:
         """The leading head replica: a delegate finished task `t` (its gradient is kept there): committed, unless
         the microbatch was generated again meanwhile."""
+        step = t.step
         w = self._work.get((step, t.mb))
         if w is None or not w.delegated or w.attempt != t.attempt or w.down != link.peer:
             return  # late: the microbatch was handed to another replica or generated here since
         del self._work[(step, t.mb)]
         self._accepted.setdefault(step, {})[t.mb] = link.peer
         self.delegate_router.answered(link.peer, trio.current_time() - w.sent_at)
-        self._committed[t.mb] = t.attempt
-        self._delegated += 1
+        self._commits.setdefault(step, {})[t.mb] = t.attempt
+        self._delegated[step] += 1
         if self.discovery.stage_peers(self.stage):  # TEST hook: a leader dies right after a commit
             self._forwarded_one()
 
     async def _delegate(self, step: int, mb: int, peer: str) -> None:
         """The leading head replica hands microbatch `mb` to the head replica `peer` (not computed here)."""
-        w = _Work(mb, self._attempt_for(mb), b"", b"", down=peer, sent_at=trio.current_time(), delegated=True)
+        w = _Work(mb, self._attempt_for(step, mb), b"", b"", down=peer, sent_at=trio.current_time(), delegated=True)
         self._work[(step, mb)] = w
         self.delegate_router.sent(peer)
-        self._assigned[peer] += 1
+        self._assigned[(step, peer)] += 1
         try:
             await self.delegates[peer].send_task(step, mb, w.attempt)
         except NodeError:
             self._abandon(w, step, "lost")
 
-    def _helper(self, now: float, fair: bool) -> str | None:
-        """The delegate the leader's next microbatch goes to: one with fewer than `max_tasks` outstanding (the
-        router's choice among them) and, when the leader can compute it itself (`fair`), fewer microbatches of the
-        step so far than an even share among the leader and its delegates; None: the leader computes it."""
+    def _helper(self, step: int, now: float, fair: bool) -> str | None:
+        """The delegate the leader's next microbatch (of `step`) goes to: one with fewer than `max_tasks`
+        outstanding (the router's choice among them) and, when the leader can compute it itself (`fair`), fewer
+        microbatches of the step so far than an even share among the leader and its delegates; None: the leader
+        computes it."""
         live = self._live_delegates()
         share = -(-self.m // (len(live) + 1))
-        return self.delegate_router.choose([p for p in live if not fair or self._assigned[p] < share], now)
+        return self.delegate_router.choose([p for p in live if not fair or self._assigned[(step, p)] < share], now)
 
-    def _attempt_for(self, mb: int) -> int:
-        """The attempt the leader's next generation of `mb` takes (the term's first, or one past an abandoned one)."""
-        return self._next_attempt.get(mb, heads.attempt_base(self.head_term))
+    def _attempt_for(self, step: int, mb: int) -> int:
+        """The attempt the leader's next generation of (`step`, `mb`) takes (the term's first, or one past an
+        abandoned one)."""
+        return self._next_attempt.get((step, mb), heads.attempt_base(self.head_term))
 
     async def _on_gradient(self, step: int, ch: ActChannel, r: Received) -> None:
         h = r.frame.header
         w = self._work.get((h.step, h.microbatch))
-        if r.value is None or w is None or w.attempt != h.attempt or w.down != ch.peer or h.step != step \
-                or w.delegated:
+        if r.value is None or w is None or w.attempt != h.attempt or w.down != ch.peer or w.delegated \
+                or not step <= h.step <= step + self.window:
             return  # late: the attempt was abandoned or re-routed
         del self._work[(h.step, h.microbatch)]
         self._accepted.setdefault(h.step, {})[h.microbatch] = ch.peer
@@ -804,7 +820,7 @@ class ReplicaEngine:
             self._forwarded_one()
             return
         if self.worker.spec.is_first:
-            self._committed[h.microbatch] = h.attempt
+            self._commits.setdefault(h.step, {})[h.microbatch] = h.attempt
             if self.discovery.stage_peers(self.stage):  # TEST hook: a leader dies right after a commit a standby holds
                 self._forwarded_one()
             return
@@ -836,38 +852,39 @@ class ReplicaEngine:
         t0 = time.perf_counter()
         self._compute_s = 0.0
         self._rerouted = 0
-        self._delegated = 0
+        self._ahead = 0
         self.current_step = step
+        last = step + self.window  # the newest step whose work runs now (the async schedule's window)
         w = self.worker
         head = self.leads
         standby = w.spec.is_first and not head
-        # a leader adopts the commits of the step its held contributions prove (after a takeover, the old leader's)
-        self._committed = heads.held_commits(self.store.pairs(step)) if head else {}
-        self._pending = deque(mb for mb in range(self.m) if mb not in self._committed)  # still to generate
-        self._next_attempt = {}
-        self._assigned = Counter()
+        if head:
+            # a leader adopts the commits of the step its held contributions prove (after a takeover, the old
+            # leader's); the steps of the window after it were opened by earlier calls (async) or are opened now
+            self._commits[step] = {**heads.held_commits(self.store.pairs(step)), **self._commits.get(step, {})}
+            self._open_steps(step)
         no_replica_since: float | None = None
         tick = min(0.25, self.rc.replica_timeout_s / 4, self.rc.commit_poll_s)
-        # frames (and delegated tasks) that arrived early for this step
-        early = [(ch, r) for ch, r in self._future if r.frame.header.step == step]
-        self._future = [(ch, r) for ch, r in self._future if r.frame.header.step > step]
-        early_tasks = [(link, t) for link, t in self._future_tasks if t.step == step]
-        self._future_tasks = [(link, t) for link, t in self._future_tasks if t.step > step]
+        # frames (and delegated tasks) that arrived early for the steps now in the window
+        early = [(ch, r) for ch, r in self._future if r.frame.header.step <= last]
+        self._future = [(ch, r) for ch, r in self._future if r.frame.header.step > last]
+        early_tasks = [(link, t) for link, t in self._future_tasks if t.step <= last]
+        self._future_tasks = [(link, t) for link, t in self._future_tasks if t.step > last]
         while True:
             if self.fatal is not None:
                 raise self.fatal
             self.check_rollback()
             for link, t in early_tasks + self._take_tasks():
-                if t.step == step:
-                    await (self._on_done if link.leading else self._on_task)(step, link, t)
-                elif t.step > step and not link.leading:  # the leader may be ahead while we finish a step
+                if step <= t.step <= last:
+                    await (self._on_done(link, t) if link.leading else self._on_task(link, t))
+                elif t.step > last and not link.leading:  # the leader may be ahead while we finish a step
                     await self._park_task(step, link, t)
             early_tasks = []
             arrived = early + await self._take_frames()
             early = []
             for ch, r in arrived:
                 h = r.frame.header
-                if h.step > step:
+                if h.step > last:
                     self._future.append((ch, r))
                 elif h.step < step:
                     continue
@@ -875,13 +892,13 @@ class ReplicaEngine:
                     await self._on_activation(step, ch, r)
                 else:
                     await self._on_gradient(step, ch, r)
-            if head and len(self._committed) == self.m:
+            if head and len(self._commits[step]) == self.m:
                 if w.spec.is_first:
                     if self.per_step and step not in self._owned:  # the leader's bundle: every microbatch it computed
                         dense = self._dense.get(step, {})
-                        await self._bundle(step, sorted(p for p in self._committed.items() if p in dense))
+                        await self._bundle(step, sorted(p for p in self._commits[step].items() if p in dense))
                     await self._hand_to_standbys(step)
-                self.store.commit(step, self._committed)
+                self.store.commit(step, self._commits[step])
                 break
             if standby and step not in self.store.commits:
                 held = heads.held_commits(self.store.pairs(step))
@@ -903,30 +920,33 @@ class ReplicaEngine:
                     await link.close()
                 self.leaders.clear()
                 head, standby = True, False
-                self._committed = heads.held_commits(self.store.pairs(step))
-                self._pending = deque(mb for mb in range(self.m) if mb not in self._committed)
-                self._next_attempt, self._assigned = {}, Counter()
+                self._commits = {step: heads.held_commits(self.store.pairs(step))}
+                self._opened, self._pending, self._next_attempt, self._assigned = set(), deque(), {}, Counter()
+                self._open_steps(step)
                 continue
             if head and w.spec.is_first:
                 self._check_rival(step)
             if not w.spec.is_last:
-                self._check_timeouts(step)
+                self._check_timeouts()
                 if head and self._pending and not self._queue:
                     now = trio.current_time()
+                    k, mb = self._pending[0]
                     here = self.router.choose(self._candidates(), now) is not None
-                    helper = self._helper(now, fair=here) if self.delegates else None
+                    helper = self._helper(k, now, fair=here) if self.delegates else None
                     if helper is not None:  # a head replica with room takes it (`node.replicas.delegation`)
-                        await self._delegate(step, self._pending.popleft(), helper)
+                        self._pending.popleft()
+                        await self._delegate(k, mb, helper)
                         self.poke()
                     elif here:
-                        mb = self._pending.popleft()
-                        window = await self._compute(w.head_window, step, mb)
-                        out = await self._compute(w.forward, step, mb, window, None)
-                        self._work[(step, mb)] = _Work(mb, self._attempt_for(mb), out,
-                                                       window_to_bytes(window, w.id_bytes))
-                        self._queue.append((step, mb))
+                        self._pending.popleft()
+                        window = await self._compute(w.head_window, k, mb)
+                        out = await self._compute(w.forward, k, mb, window, None)
+                        self._ahead += k > step
+                        self._work[(k, mb)] = _Work(mb, self._attempt_for(k, mb), out,
+                                                    window_to_bytes(window, w.id_bytes))
+                        self._queue.append((k, mb))
                         self.poke()
-                await self._dispatch(step)
+                await self._dispatch()
                 now = trio.current_time()
                 waiting = bool(self._queue) or (head and bool(self._pending))
                 usable = self._candidates_usable(now)
@@ -953,6 +973,15 @@ class ReplicaEngine:
                 continue
             await self._wait(tick)
         return await self._finish(step, t0)
+
+    def _open_steps(self, step: int) -> None:
+        """A leading head at `step`: queue for generation every microbatch not yet committed of each step of the
+        window not opened yet (the run's last step at most)."""
+        for k in range(step, min(step + self.window, self.cfg.runtime.steps - 1) + 1):
+            if k not in self._opened:
+                self._opened.add(k)
+                done = self._commits.setdefault(k, {})
+                self._pending.extend((k, mb) for mb in range(self.m) if mb not in done)
 
     @property
     def leads(self) -> bool:
@@ -1009,7 +1038,8 @@ class ReplicaEngine:
         committed contribution no push gave it yet (one that joined mid-step missed the earlier ones), so a
         standby never lacks a step the pipeline applied. Every announced standby is tried, even one in
         backoff (it may be back); one that fails or is slower than `avg_timeout_s` is skipped."""
-        keys = [k for k, covers in self.store.entries(step) if all(self._committed.get(mb) == a for mb, a in covers)]
+        committed = self._commits.get(step, {})
+        keys = [k for k, covers in self.store.entries(step) if all(committed.get(mb) == a for mb, a in covers)]
         for e in self._head_peers():
             if not e.addrs:
                 continue
@@ -1209,8 +1239,8 @@ class ReplicaEngine:
                                                      [len(h.covers) for h in items])
             else:
                 flat = torch.zeros(self.store.size)
-            w.abort_step()
-            averaging.set_grads(w.module, flat)
+            w.drop_step(step)  # forwards of abandoned attempts; the gradients were taken per microbatch
+            averaging.set_grads(w.weights_for(step), flat)
             await trio.to_thread.run_sync(w.step, step)
         # abandoned attempts of this step
         for k, v in self._work.items():
@@ -1220,6 +1250,11 @@ class ReplicaEngine:
             link.forget(step)
         self._work = {k: v for k, v in self._work.items() if k[0] > step}
         self._queue = deque(k for k in self._queue if k[0] > step)
+        self._pending = deque(k for k in self._pending if k[0] > step)
+        self._next_attempt = {k: v for k, v in self._next_attempt.items() if k[0] > step}
+        self._assigned = Counter({k: v for k, v in self._assigned.items() if k[0] > step})
+        self._opened = {k for k in self._opened if k > step}
+        self._commits.pop(step, None)
         losses = [loss for h in items for loss in h.losses if loss is not None]
         computed = self._computed.pop(step, [])
         mine = sorted(self._owned[step]) if self.per_step else sorted(x for x in computed if commit.get(x[0]) == x[1])
@@ -1236,7 +1271,7 @@ class ReplicaEngine:
             step=step, loss=sum(losses) / len(losses) if losses and w.spec.is_last else None,
             applied=sorted([mb, a] for h in items for mb, a in h.covers), mine=mine, computed=sorted(computed), dropped=dropped,
             rerouted=self._rerouted, seconds=time.perf_counter() - t0, compute_s=self._compute_s, tokens=tokens,
-            extra={"delegated": self._delegated} if w.spec.is_first else {})
+            extra={"ahead": self._ahead, **({"delegated": self._delegated.pop(step, 0)} if w.spec.is_first else {})})
 
     def _live_stage_peers(self) -> list[Any]:
         """Stage peers of our generation that showed a sign of life within `discovery.liveness_s()` (their own

@@ -22,6 +22,7 @@ from node.net.access import StagePeersPolicy
 from node.net.discovery import Announcement, Discovery
 from node.net.peerscore import PeerScores
 from node.observability.steps import StepReport
+from node.pipeline.asyncworker import AsyncStageWorker
 from node.replicas import rollback
 from node.replicas.averaging import AveragingService, ContributionCodec, ContributionStore
 from node.replicas.delegation import DelegateLink, DelegationService
@@ -59,6 +60,7 @@ def step_report(out: StepOutcome, eng: ReplicaEngine) -> StepReport:
               "rerouted": out.rerouted, "compute_s": out.compute_s, "throughput": eng.throughput,
               "avg_wire_bytes": eng.store.wire_bytes}  # cumulative /pmn/avg bytes served for this stage
     record["rollback_gen"] = eng.discovery.me.rollback_gen  # exactly-once holds per rollback generation
+    record["ahead"] = out.extra.get("ahead", 0)  # forwards of later steps run during this step (async schedule)
     if eng.stage == 0:
         record["head_term"] = eng.head_term  # the term it led the step in (-1: a standby head replica)
         record["delegated"] = out.extra.get("delegated", 0)  # its microbatches computed by other head replicas
@@ -282,6 +284,8 @@ class ReplicatedRunner:
                 if self._restore is not None and self._restore[0] == stage else None
             self._restore = None
             worker = await trio.to_thread.run_sync(ctx.build_worker, stage, restore)
+            if r.schedule == "async":  # later steps' work runs on stashed weights while a step is exchanged
+                worker = AsyncStageWorker.wrap(worker, r.max_staleness, r.async_lookahead)
             ctx.worker = worker
             codec = ContributionCodec.for_module(worker.module, r.replica_averaging, r.powersgd_rank, seed=stage,
                                                  bits=r.powersgd_bits, iterations=r.powersgd_iterations,

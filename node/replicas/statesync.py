@@ -29,18 +29,23 @@ REQUEST_LIMITS = msgio.MessageLimits(max_header_bytes=1024, max_body_bytes=0, ma
 
 def state_bound(worker: StageWorker) -> int:
     """Most bytes a packed state of `worker`'s stage can take: its tensors three times (weights and the two
-    AdamW moments) plus 1 MiB of safetensors headers; a peer declaring more is refused unread."""
+    AdamW moments), the async schedule's stashed copies, plus 1 MiB of safetensors headers; a peer declaring more
+    is refused unread."""
     n = sum(t.numel() * t.element_size() for t in worker.module.state_dict().values())
-    return 3 * n + (1 << 20)
+    stashed = sum(t.numel() * t.element_size() for t in worker.stash_tensors().values())
+    return 3 * n + stashed + (1 << 20)
 
 
 def pack_state(worker: StageWorker) -> tuple[dict[str, Any], bytes]:
-    """(header, blob) of the worker's weights, AdamW state and step counter."""
+    """(header, blob) of the worker's weights, AdamW state, step counter and (async schedule) the stashed weight
+    copies the steps in flight compute with."""
     weights, optim, param_groups = stage_tensors(worker)
-    wb, ob = st_save(weights), st_save(optim) if optim else b""
+    stash = worker.stash_tensors()
+    wb, ob, sb = st_save(weights), st_save(optim) if optim else b"", st_save(stash) if stash else b""
     header = {"stage": worker.spec.index, "next_step": worker.next_step, "param_groups": param_groups,
-              "weights_len": len(wb), "optim_len": len(ob), "spec_hash": worker.config.spec_hash().hex()}
-    return header, wb + ob
+              "weights_len": len(wb), "optim_len": len(ob), "stash_len": len(sb),
+              "spec_hash": worker.config.spec_hash().hex()}
+    return header, wb + ob + sb
 
 
 def unpack_state(worker: StageWorker, header: dict[str, Any], blob: bytes) -> int:
@@ -48,14 +53,16 @@ def unpack_state(worker: StageWorker, header: dict[str, Any], blob: bytes) -> in
     if header.get("spec_hash") != worker.config.spec_hash().hex() or header.get("stage") != worker.spec.index:
         raise StateSyncError(f"state is for stage {header.get('stage')} of model {str(header.get('spec_hash'))[:16]}, "
                              f"this replica serves stage {worker.spec.index}")
-    wl, ol = int(header["weights_len"]), int(header["optim_len"])
-    if wl + ol != len(blob):
-        raise StateSyncError(f"state blob of {len(blob)} bytes, header declares {wl + ol}")
+    wl, ol, sl = int(header["weights_len"]), int(header["optim_len"]), int(header.get("stash_len", 0))
+    if wl + ol + sl != len(blob):
+        raise StateSyncError(f"state blob of {len(blob)} bytes, header declares {wl + ol + sl}")
     try:
-        install_stage_tensors(worker, st_load(blob[:wl]), st_load(blob[wl:]) if ol else {}, header["param_groups"])
+        install_stage_tensors(worker, st_load(blob[:wl]), st_load(blob[wl:wl + ol]) if ol else {},
+                              header["param_groups"])
+        worker.next_step = int(header["next_step"])
+        worker.install_stash(st_load(blob[wl + ol:]) if sl else {})
     except (RuntimeError, ValueError, KeyError) as exc:
         raise StateSyncError(f"state does not fit stage {worker.spec.index}: {exc}") from exc
-    worker.next_step = int(header["next_step"])
     return worker.next_step
 
 

@@ -232,6 +232,25 @@ class StageWorker:
         losses = self._losses.pop(step, None)
         return sum(losses) / len(losses) if losses else None
 
+    def stash_tensors(self) -> dict[str, torch.Tensor]:
+        """Weight copies the steps in flight compute with, by "<step>/<parameter>" (the async schedule's; none here)."""
+        return {}
+
+    def install_stash(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Install `stash_tensors` of a peer of the stage (after its weights and `next_step`); none here: ValueError
+        for any."""
+        if tensors:
+            raise ValueError(f"stage {self.spec.index} runs no stashed weight copies; got {len(tensors)} tensors")
+
+    def drop_step(self, step: int) -> None:
+        """Drop what `step` left behind before its update is applied: the stashes of forwards whose backward never
+        ran (abandoned attempts), its losses and the gradients on the weights it computed with. Other steps in
+        flight (the async schedule's) keep theirs."""
+        for key in [k for k in self._stash if k[0] == step]:
+            del self._stash[key]
+        self._losses.pop(step, None)
+        self.weights_for(step).zero_grad(set_to_none=True)
+
     def abort_step(self) -> None:
         """Drop a partially run step (gradients and stashes) so it can be retried from scratch."""
         self._stash.clear()
