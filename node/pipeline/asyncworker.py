@@ -50,20 +50,31 @@ class AsyncStageWorker(StageWorker):
         return {f"{k}/{name}": t.detach().clone() for k, twin in self.stash.copies.items()
                 for name, t in twin.state_dict().items()}
 
-    def install_stash(self, tensors: dict[str, torch.Tensor]) -> None:
-        """A state sync's copies (one per step `next_step` .. `next_step + max_staleness`, each a whole state dict of
-        the stage); none given: the stash starts again from the live weights. ValueError when they do not fit."""
-        self._start_stash(self.max_staleness, self.stash.lookahead)
+    def check_stash(self, tensors: dict[str, torch.Tensor], next_step: int) -> None:
+        """ValueError unless `tensors` are copies (whole state dicts of this stage, by "<step>/<name>") of exactly the
+        steps `next_step` .. `next_step + max_staleness`, or none at all."""
         if not tensors:
             return
-        names = set(self.module.state_dict())
-        want = {f"{k}/{n}" for k in self.stash.copies for n in names}
-        if set(tensors) != want:
-            raise ValueError(f"stashed copies for steps {sorted({key.split('/')[0] for key in tensors})}, this stage "
-                             f"at step {self.next_step} with max_staleness {self.max_staleness} stashes steps "
-                             f"{sorted(self.stash.copies)}")
+        own = self.module.state_dict()
+        steps = range(next_step, next_step + self.max_staleness + 1)
+        if set(tensors) != {f"{k}/{n}" for k in steps for n in own}:
+            got = sorted({key.split("/")[0] for key in tensors})
+            raise ValueError(f"stashed copies of steps {got[:8]} ({len(tensors)} tensors) do not fit this stage at step "
+                             f"{next_step} with max_staleness {self.max_staleness}: it stashes steps {list(steps)}")
+        for key, t in tensors.items():
+            mine = own[key.split("/", 1)[1]]
+            if t.shape != mine.shape or t.dtype != mine.dtype:
+                raise ValueError(f"stashed copy {key}: {t.dtype} {tuple(t.shape)}, the stage holds {mine.dtype} "
+                                 f"{tuple(mine.shape)}")
+
+    def install_stash(self, tensors: dict[str, torch.Tensor]) -> None:
+        """A state sync's copies (checked with `check_stash` against `next_step`); none given: the stash starts again
+        from the live weights."""
+        self.check_stash(tensors, self.next_step)
+        self._start_stash(self.max_staleness, self.stash.lookahead)
         for k, twin in self.stash.copies.items():
-            twin.load_state_dict({n: tensors[f"{k}/{n}"] for n in names})
+            if tensors:
+                twin.load_state_dict({n: tensors[f"{k}/{n}"] for n in self.module.state_dict()})
 
     def ready(self, step: int) -> bool:
         """Whether the weights of `step` are stashed (update step - S - 1 is applied)."""

@@ -919,6 +919,11 @@ class ReplicaEngine:
                 for link in self.leaders.values():
                     await link.close()
                 self.leaders.clear()
+                for key, v in list(self._work.items()):  # the lost leader's tasks: never committed now
+                    if v.task:
+                        if v.down:
+                            self.router.abandoned(v.down)
+                        del self._work[key]
                 head, standby = True, False
                 self._commits = {step: heads.held_commits(self.store.pairs(step))}
                 self._opened, self._pending, self._next_attempt, self._assigned = set(), deque(), {}, Counter()

@@ -57,10 +57,12 @@ def unpack_state(worker: StageWorker, header: dict[str, Any], blob: bytes) -> in
     if wl + ol + sl != len(blob):
         raise StateSyncError(f"state blob of {len(blob)} bytes, header declares {wl + ol + sl}")
     try:
+        stash = st_load(blob[wl + ol:]) if sl else {}
+        worker.check_stash(stash, int(header["next_step"]))  # before anything is installed
         install_stage_tensors(worker, st_load(blob[:wl]), st_load(blob[wl:wl + ol]) if ol else {},
                               header["param_groups"])
         worker.next_step = int(header["next_step"])
-        worker.install_stash(st_load(blob[wl + ol:]) if sl else {})
+        worker.install_stash(stash)
     except (RuntimeError, ValueError, KeyError) as exc:
         raise StateSyncError(f"state does not fit stage {worker.spec.index}: {exc}") from exc
     return worker.next_step

@@ -236,11 +236,14 @@ class StageWorker:
         """Weight copies the steps in flight compute with, by "<step>/<parameter>" (the async schedule's; none here)."""
         return {}
 
-    def install_stash(self, tensors: dict[str, torch.Tensor]) -> None:
-        """Install `stash_tensors` of a peer of the stage (after its weights and `next_step`); none here: ValueError
-        for any."""
+    def check_stash(self, tensors: dict[str, torch.Tensor], next_step: int) -> None:
+        """ValueError unless `tensors` (a peer's `stash_tensors`) fit this worker at `next_step`: none here."""
         if tensors:
             raise ValueError(f"stage {self.spec.index} runs no stashed weight copies; got {len(tensors)} tensors")
+
+    def install_stash(self, tensors: dict[str, torch.Tensor]) -> None:
+        """Install `stash_tensors` of a peer of the stage (after its weights and `next_step`; `check_stash` first)."""
+        self.check_stash(tensors, self.next_step)
 
     def drop_step(self, step: int) -> None:
         """Drop what `step` left behind before its update is applied: the stashes of forwards whose backward never

@@ -62,9 +62,11 @@ def test_bad_schedules_are_refused(training: dict, match: str) -> None:
         cfg.validate()
 
 
-def test_async_does_not_combine_with_replicas() -> None:
+def test_async_combines_with_replicas_only_with_the_step_exchange() -> None:
     cfg = NodeConfig()
-    cfg.runtime.schedule, cfg.replicas.enabled = "async", True
-    with pytest.raises(ValueError, match="replicas"):
+    cfg.runtime.schedule, cfg.replicas.enabled, cfg.runtime.replica_exchange = "async", True, "microbatch"
+    with pytest.raises(ValueError, match="replicas.enabled needs runtime.replica_exchange = step"):
         cfg.validate()
+    cfg.runtime.replica_exchange = "step"
+    cfg.validate()
     assert ModelProposal(PRESETS["tiny"], TrainingRecipe(pipeline_schedule="1f1b")).validate().training.pipeline_schedule == "1f1b"

@@ -1,0 +1,169 @@
+"""The async schedule with replicated stages (`runtime.schedule = "async"`, `replica_exchange = "step"`), with real node
+processes on 127.0.0.1.
+
+Each replica works on the steps a .. a + S (a: its oldest unapplied step, S: `runtime.max_staleness`) on stashed
+weights while step a's commit and bundles travel, and applies the updates in step order. Step k's forward and
+backward use the weights after update k - S - 1 on every replica, so with dense averaging the run equals the
+single-process delayed-gradient reference (`sharding.delayed.train_delayed`) whatever the timing, also across a
+takeover of the head's step authority. A replica lost with its step's bundle still costs a rollback, after which
+training goes on exactly once per generation.
+"""
+
+from __future__ import annotations
+
+import math
+import signal
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from node.config import NodeConfig
+from node.errors import StateSyncError
+from node.observability.status import node_status
+from node.pipeline.asyncworker import AsyncStageWorker
+from node.replicas.heads import attempt_base
+from node.replicas.statesync import pack_state, state_bound, unpack_state
+from node.testing.swarm import stop_nodes, wait_nodes
+from node.training.checkpoint import latest_checkpoint
+from node.training.worker import StageWorker
+from sharding import PRESETS, OptimConfig, load_corpus, partition
+from sharding.delayed import train_delayed
+from tests.node.replica_swarm import STEP_ROLLBACK, B, M, check_exactly_once, check_rollback, launch, records
+
+S = 2  # runtime.max_staleness of these runs
+ASYNC = ["--replica-exchange", "step", "--schedule", "async", "--max-staleness", str(S)]
+
+
+def _reference(steps: int) -> list[float]:
+    torch.set_num_threads(1)
+    return train_delayed(PRESETS["tiny"], OptimConfig(), steps, M, B, load_corpus("synthetic"), S)
+
+
+def _worker(stage: int) -> AsyncStageWorker:
+    cfg = PRESETS["tiny"]
+    spec = partition(cfg, 3)[stage]
+    corpus = load_corpus("synthetic") if spec.is_first else None
+    base = StageWorker(cfg, spec, codec="dense", optim=OptimConfig(), num_microbatches=M, microbatch_size=B,
+                       corpus=corpus)
+    return AsyncStageWorker.wrap(base, S)
+
+
+def test_async_with_replicas_needs_the_step_exchange() -> None:
+    cfg = NodeConfig()
+    cfg.runtime.schedule, cfg.runtime.max_staleness, cfg.replicas.enabled = "async", S, True
+    cfg.runtime.replica_exchange = "microbatch"
+    with pytest.raises(ValueError, match="replica_exchange = step"):
+        cfg.validate()
+    cfg.runtime.replica_exchange = "step"
+    cfg.validate()
+
+
+def test_a_state_sync_carries_the_stashed_copies_and_refuses_ones_that_do_not_fit() -> None:
+    """A joining replica gets the copies its peers compute the steps in flight with (not the live weights), so it
+    computes the same gradients they would; copies of other steps or another staleness are refused, the joiner's
+    state untouched."""
+    torch.manual_seed(0)
+    src, dst = _worker(1), _worker(1)
+    for _ in range(S + 2):  # updates that make the copies differ from each other and from the live weights
+        k = src.next_step
+        for p in src.weights_for(k).parameters():
+            p.grad = torch.randn_like(p)
+        src.step(k)
+    header, blob = pack_state(src)
+    assert len(blob) <= state_bound(dst)
+    assert unpack_state(dst, header, blob) == src.next_step
+    for k in range(src.next_step, src.next_step + S + 1):
+        a, b = src.weights_for(k).state_dict(), dst.weights_for(k).state_dict()
+        assert all(torch.equal(a[n], b[n]) for n in a)
+    live = {n: t.clone() for n, t in dst.module.state_dict().items()}
+    assert not all(torch.equal(live[n], dst.weights_for(dst.next_step).state_dict()[n]) for n in live)
+    other = AsyncStageWorker.wrap(_worker(1), S + 1)  # stashes one step more: the copies sent do not fit
+    before = {n: t.clone() for n, t in other.module.state_dict().items()}
+    with pytest.raises(StateSyncError, match="stashed copies of steps"):
+        unpack_state(other, *pack_state(dst))
+    assert other.next_step == 0 and all(torch.equal(before[n], t) for n, t in other.module.state_dict().items())
+
+
+@pytest.mark.network
+@pytest.mark.timeout(600)
+def test_an_async_swarm_overlaps_steps_and_equals_the_delayed_reference(tmp_path) -> None:
+    """A leading and a delegate head, two middle replicas and a tail, S = 2: every replica ran forwards of later
+    steps while a step was unapplied, every step applies each microbatch exactly once per stage, the replicas of
+    each stage end bit-identical, and the tail's losses are the delayed-gradient reference's."""
+    steps = 8
+    nodes = launch(tmp_path, [0, 0, 1, 1, 2], steps, common=[*ASYNC, "--no-replica-timeout", "120",
+                                                              "--debug-delay-s", "0.02"])
+    try:
+        codes = wait_nodes(nodes, 420)
+    finally:
+        stop_nodes(nodes)
+    assert codes == [0] * 5
+    head_a, head_b, mid_a, mid_b, tail = nodes
+    for stage_nodes in ([head_a, head_b], [mid_a, mid_b], [tail]):
+        check_exactly_once(stage_nodes, range(steps))
+    for n in nodes:
+        assert sum(r["ahead"] for r in records(n).values()) > 0, n.stage  # the window overlapped steps
+    assert sum(r["delegated"] for r in records(head_a).values()) > 0  # the delegate head worked too
+    for pair in ((head_a, head_b), (mid_a, mid_b)):
+        weights = []
+        for n in pair:
+            ckpt = latest_checkpoint(n.data_dir, n.stage)
+            assert ckpt is not None
+            weights.append(load_file(str(ckpt / "model.safetensors")))
+        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    losses = [records(tail)[s]["loss"] for s in range(steps)]
+    assert losses == pytest.approx(_reference(steps), rel=1e-4)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(600)
+def test_an_async_leader_killed_mid_window_is_taken_over_and_the_run_stays_the_reference(tmp_path) -> None:
+    """The leader is SIGKILLed right after its 6th commit, with later steps of the window in flight. The delegate
+    takes over in term 1, generates the uncommitted microbatches of every open step again in its own attempts,
+    and the run goes on exactly once per stage with the same losses as the delayed-gradient reference (its
+    stashed copies are the dead leader's)."""
+    steps = 8
+    nodes = launch(tmp_path, [0, 0, 1, 2], steps, common=[*ASYNC, "--no-replica-timeout", "120"],
+                   extra={0: ["--replicas-debug-exit-after-forwards", "6"]})
+    lead, standby, mid, tail = nodes
+    try:
+        codes = wait_nodes(nodes, 420)
+    finally:
+        stop_nodes(nodes)
+    assert codes == [-signal.SIGKILL, 0, 0, 0], codes
+    lr, sr = records(lead), records(standby)
+    takeover = [e for e in node_status(standby.data_dir)["bans"] if e["event"] == "takeover"]
+    assert len(takeover) == 1 and takeover[0]["peer"] == lead.ready["peer_id"] and takeover[0]["term"] == 1
+    s = takeover[0]["step"]
+    assert s not in lr and s == (max(lr) + 1 if lr else 0)  # the leader never finished that step
+    for t in range(s, steps):
+        assert sr[t]["head_term"] == 1 and all(a >= attempt_base(1) for _, a in sr[t]["applied"])
+    for stage_nodes in ([lead, standby], [mid], [tail]):
+        check_exactly_once(stage_nodes, range(steps))
+    losses = [records(tail)[t]["loss"] for t in range(steps)]
+    assert losses == pytest.approx(_reference(steps), rel=1e-4)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(900)
+def test_an_async_replica_lost_before_its_bundle_costs_a_rollback_then_training_goes_on(tmp_path) -> None:
+    """A middle replica dies after its 7th gradient upstream, with its bundle of an open step never sent: its stage
+    peer never applies that step without it, the swarm rolls back to a step every stage holds (fresh stashes from
+    the checkpoint) and trains to the end with the survivors, every microbatch applied once per stage in each
+    generation."""
+    steps = 8
+    nodes = launch(tmp_path, [0, 1, 1, 2], steps, common=[*STEP_ROLLBACK, *ASYNC],
+                   extra={1: ["--replicas-debug-exit-after-forwards", "7"], 2: ["--no-replica-timeout", "8"]})
+    try:
+        codes = wait_nodes(nodes, 600)
+    finally:
+        stop_nodes(nodes)
+    head, mid_a, mid_b, tail = nodes
+    assert codes[0] == 0 and codes[2:] == [0, 0] and codes[1] != 0  # mid_a was killed by its test hook
+    lost_step = max(records(mid_a)) + 1 if records(mid_a) else 0  # the oldest step mid_a had not applied
+    gen1, rolled_to = check_rollback([head, mid_b, tail], lost_step, steps)
+    check_exactly_once([mid_a, mid_b], list(range(rolled_to)), gen=0)
+    assert lost_step not in records(mid_b, gen=0)
+    losses = [gen1[2][t]["loss"] for t in range(rolled_to, steps)]
+    assert all(math.isfinite(x) for x in losses)
