@@ -9,11 +9,13 @@ the activation protocol are the real ones and know nothing of it (needs root, ip
 links are checked before the runs: a 1-byte request/response round trip and a bulk TCP transfer between
 two processes in the namespace.
 
-Swarm: 3 stages, one node each. Replicas are not combined with the schedules here: the async schedule
-is a one-peer-per-stage runner (`replicas.enabled` is refused with it), so the table compares the
-schedules without replicas; replica averaging (dense vs PowerSGD on 3 stages with the middle and tail
-stages replicated) is measured by benchmarks/wan_averaging.py, run from here after the schedules
-(`--averaging-steps`, 0 skips it): its figures are `replica_compression` and `loss_ratio_compressed_avg`.
+Swarm: 3 stages, one node each by default. `--replicas R` runs R nodes per stage instead (3 R processes, the
+replicated runner with the step exchange, PowerSGD at `--averaging-rank` / `--averaging-bits` and delegated head
+work; async then is the replicated engine's window of `--max-staleness` steps, and 1f1b routes as gpipe does). Per
+node utilisation is its `compute_s` over the same window. Replica averaging's quality (dense vs PowerSGD on 3
+stages with the middle and tail stages replicated) is measured by benchmarks/wan_averaging.py, run from here after
+the schedules (`--averaging-steps`, 0 skips it): its figures are `replica_compression` and
+`loss_ratio_compressed_avg`.
 
 Utilisation of a stage = its compute seconds (forward, backward, optimiser, data; `busy_s` of the
 progress records) / the wall time between its first and last step ends (the first step, which holds
@@ -231,18 +233,20 @@ def check_links(lab: WanLab, nbytes: int) -> dict[str, float]:
 
 
 @contextmanager
-def wan_swarm(lab: WanLab, root: Path, args: list[str], ready_timeout_s: float) -> Iterator[list[NodeProcess]]:
-    """Stage i's node in namespace i; stages 1.. bootstrap from stage 0."""
+def wan_swarm(lab: WanLab, root: Path, args: list[str], ready_timeout_s: float,
+              replicas: int = 1) -> Iterator[list[NodeProcess]]:
+    """Node i serves stage i // replicas; the others bootstrap from node 0 (stage 0's first replica)."""
     nodes: list[NodeProcess] = []
 
     def spawn(i: int, extra: list[str]) -> NodeProcess:
         data_dir = root / f"node{i}"
         data_dir.mkdir(parents=True, exist_ok=True)
         argv = [*args, "--listen", f"/ip4/{lab.addr(i)}/tcp/0", *extra]
+        stage = i // replicas
         with (data_dir / "stderr.log").open("ab") as log:
-            proc = subprocess.Popen(lab.exec(i, node_command(i, data_dir, argv)), stdout=subprocess.PIPE, stderr=log,
-                                    env=node_env())
-        node = NodeProcess(stage=i, data_dir=data_dir, proc=proc)
+            proc = subprocess.Popen(lab.exec(i, node_command(stage, data_dir, argv)), stdout=subprocess.PIPE,
+                                    stderr=log, env=node_env())
+        node = NodeProcess(stage=stage, data_dir=data_dir, proc=proc)
         nodes.append(node)
         return node
 
@@ -316,7 +320,13 @@ class CpuSampler:
 
 
 def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
-    """Busiest-stage utilisation and the tail's tokens/s, first step (start-up) left out."""
+    """Busiest-stage utilisation and the tail's tokens/s, first step (start-up) left out. Keys are stages, or nodes
+    of a replicated run (ordered by stage: the last is a tail replica; a replicated record's compute is `compute_s`,
+    and every replica records every step it applied with the step's tokens)."""
+    for recs in progress.values():
+        for r in recs:
+            r.setdefault("busy_s", r.get("compute_s", 0.0))
+            r.setdefault("bytes_out", 0)
     util = {}
     for stage, recs in progress.items():
         recs = sorted(recs, key=lambda r: r["step"])
@@ -335,17 +345,24 @@ def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
 
 def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microbatches: int, mb_size: int,
                  model_path: Path, root: Path, lr: float, corpus: str, grad_clip: float = 0.0,
-                 optimizer: str = "adamw", lookahead: float = 1.0) -> dict[str, Any]:
-    """One swarm run of `schedule` over the emulated links; its summary."""
+                 optimizer: str = "adamw", lookahead: float = 1.0, replicas: int = 1,
+                 averaging: tuple[int, int] = (6, 4)) -> dict[str, Any]:
+    """One swarm run of `schedule` over the emulated links; its summary. replicas > 1: `lab.n // replicas` stages
+    of `replicas` nodes each, replicated mode with the step exchange and PowerSGD (`averaging` = rank, bits)."""
     args = ["--model", str(model_path), "--stages", str(lab.n), "--steps", str(steps), "--microbatches",
             str(microbatches), "--microbatch-size", str(mb_size), "--corpus", corpus, "--threads", "1", "--lr", str(lr),
             "--no-dht", "--checkpoint-every", "0", "--schedule", schedule, "--recipe-grad-clip", str(grad_clip),
             "--max-staleness", str(staleness if schedule == "async" else 0), "--recipe-optimizer", optimizer,
             "--async-lookahead", str(lookahead if schedule == "async" else 1.0),
             "--discovery-discovery-timeout-s", "600", "--runtime-frame-timeout-s", "600"]
+    if replicas > 1:
+        args[args.index("--stages") + 1] = str(lab.n // replicas)
+        args += ["--replicated", "--replica-exchange", "step", "--replica-averaging", "powersgd", "--powersgd-rank",
+                 str(averaging[0]), "--powersgd-bits", str(averaging[1]), "--replicas-start-quorum", str(lab.n - 1),
+                 "--no-replica-timeout", "600", "--replica-timeout", "120", "--avg-timeout", "60"]
     t0 = time.monotonic()
-    with wan_swarm(lab, root, args, ready_timeout_s=600) as nodes:
-        pids = {f"stage{n.stage}": n.proc.pid for n in nodes}
+    with wan_swarm(lab, root, args, ready_timeout_s=600, replicas=replicas) as nodes:
+        pids = {f"node{i}_stage{n.stage}": n.proc.pid for i, n in enumerate(nodes)}
         if lab.shaper is not None:
             pids["shaper"] = lab.shaper.pid
         with CpuSampler(pids) as cpu:
@@ -353,7 +370,7 @@ def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microba
     if any(codes):
         errs = {n.stage: (n.data_dir / "stderr.log").read_text()[-800:] for n in nodes}
         raise RuntimeError(f"{schedule}: exit codes {codes}: {errs}")
-    progress = {n.stage: read_progress(n.data_dir) for n in nodes}
+    progress = {i if replicas > 1 else n.stage: read_progress(n.data_dir) for i, n in enumerate(nodes)}
     out = summarise(progress)
     busiest = sorted(progress[out["busiest_stage"]], key=lambda r: r["step"])
     out["host_cpu"] = cpu.window(busiest[0]["end_time"], busiest[-1]["end_time"])  # the utilisation's window
@@ -412,6 +429,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--microbatches", type=int, default=8)
     p.add_argument("--microbatch-size", type=int, default=4)
     p.add_argument("--max-staleness", type=int, default=1, help="async: the staleness bound")
+    p.add_argument("--replicas", type=int, default=1,
+                   help="nodes per stage: above 1 the swarm runs replicated (step exchange, PowerSGD with "
+                        "--averaging-rank / --averaging-bits, head delegation); 1f1b then routes as gpipe does")
     p.add_argument("--loss-steps", type=int, default=None, help="steps of the loss comparison (default 300, quick 60)")
     p.add_argument("--schedules", default=",".join(SCHEDULES))
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
@@ -441,7 +461,9 @@ def main(argv: list[str] | None = None) -> None:
     schedules = [s for s in a.schedules.split(",") if s]
     link = WanLink(a.delay_ms, a.rate_mbit)
     results: dict[str, dict[str, Any]] = {}
-    with tempfile.TemporaryDirectory(prefix="pmn-bench-wan-") as tmp, WanLab(3, link) as lab:
+    if a.replicas < 1:
+        p.error(f"--replicas {a.replicas}: at least 1 node per stage")
+    with tempfile.TemporaryDirectory(prefix="pmn-bench-wan-") as tmp, WanLab(3 * a.replicas, link) as lab:
         check = check_links(lab, 4 << 20 if a.quick else 16 << 20)
         print(f"link check (node 0 -> node 1): 1-byte round trip {check['rtt_ms']:.1f} ms (want {2 * a.delay_ms:.0f}), "
               f"bulk {check['bulk_mbit_s']:.1f} Mbit/s (want {a.rate_mbit:.0f}) over {check['bulk_bytes']:,} bytes")
@@ -450,7 +472,8 @@ def main(argv: list[str] | None = None) -> None:
         for schedule in schedules:
             results[schedule] = run_schedule(lab, schedule, a.max_staleness, steps, a.microbatches,
                                              a.microbatch_size, model_path, Path(tmp) / schedule, a.lr, a.corpus,
-                                             a.grad_clip, a.optimizer, a.lookahead)
+                                             a.grad_clip, a.optimizer, a.lookahead, a.replicas,
+                                             (a.averaging_rank, a.averaging_bits))
             r = results[schedule]
             print(f"{schedule}: utilisation {r['utilisation']:.3f} (stage {r['busiest_stage']}), "
                   f"{r['tokens_per_s']:.0f} tokens/s", flush=True)
@@ -464,7 +487,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"replica averaging ({avg_steps} steps, {a.averaging_model} model, lr {a.lr:g}): {a.averaging_dense} vs PowerSGD "
               f"r{a.averaging_rank} {f'int{a.averaging_bits}' if a.averaging_bits < 16 else 'bf16'}: bytes per step "
               f"{averaging['replica_compression']:.1f}x less, val loss ratio {averaging['loss_ratio_compressed_avg']:.4f}")
-    print(f"model d={BENCH_MODEL.d_model} L={BENCH_MODEL.n_layers} T={BENCH_MODEL.seq_len}, 3 stages x 1 node, "
+    print(f"model d={BENCH_MODEL.d_model} L={BENCH_MODEL.n_layers} T={BENCH_MODEL.seq_len}, 3 stages x "
+          f"{a.replicas} node(s), "
           f"{a.microbatches}x{a.microbatch_size} microbatches, {steps} steps, netem {a.delay_ms:g} ms / "
           f"{a.rate_mbit:g} Mbit/s per uplink, async max_staleness {a.max_staleness} look-ahead {a.lookahead:g}, "
           f"{a.optimizer} lr {a.lr:g}, grad clip {a.grad_clip:g}")
@@ -501,7 +525,7 @@ def main(argv: list[str] | None = None) -> None:
                      "namespace: per connection direction, rate then delay (tc netem is not in this kernel)",
         "link_check": {k: round(v, 2) for k, v in check.items()},
         "host_cpu": {s: r["host_cpu"] for s, r in results.items()},
-        "delay_ms": a.delay_ms, "rate_mbit": a.rate_mbit, "stages": 3, "replicas": 1,
+        "delay_ms": a.delay_ms, "rate_mbit": a.rate_mbit, "stages": 3, "replicas": a.replicas,
         "max_staleness": a.max_staleness, "steps": steps, "microbatches": a.microbatches,
         "microbatch_size": a.microbatch_size, "model": BENCH_MODEL.to_dict(), "lr": a.lr, "corpus": a.corpus,
         "grad_clip": a.grad_clip, "optimizer": a.optimizer, "lookahead": a.lookahead,
