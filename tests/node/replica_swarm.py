@@ -5,8 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from node.observability.status import read_progress
+import torch
+from safetensors.torch import load_file
+
+from node.observability.status import node_status, read_progress
 from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes
+from node.training.checkpoint import latest_checkpoint
 
 M, B = 4, 2  # microbatches per step, sequences per microbatch
 FAST = ["--replicated", "--microbatches", str(M), "--microbatch-size", str(B), "--corpus", "synthetic",
@@ -93,3 +97,26 @@ def check_rollback(survivors: list[NodeProcess], lost_step: int, steps: int) -> 
     for n in survivors:
         check_exactly_once([n], list(range(rolled_to, steps)), gen=1)
     return gen1, rolled_to
+
+
+def check_identical_weights(groups: list[list[NodeProcess]]) -> None:
+    """The replicas of each group (one stage) ended with bit-identical weights (their newest checkpoints)."""
+    for group in groups:
+        weights = []
+        for n in group:
+            ckpt = latest_checkpoint(n.data_dir, n.stage)
+            assert ckpt is not None, f"no checkpoint of stage {n.stage} in {n.data_dir}"
+            weights.append(load_file(str(ckpt / "model.safetensors")))
+        assert all(w.keys() == weights[0].keys() for w in weights)
+        assert all(torch.equal(w[k], weights[0][k]) for w in weights[1:] for k in w), f"stage {group[0].stage}"
+
+
+def check_one_takeover(lead: NodeProcess, standby: NodeProcess) -> int:
+    """The standby head took the step authority over from `lead` exactly once, in term 1, at the step the leader
+    never finished; returns that step."""
+    takeover = [e for e in node_status(standby.data_dir)["bans"] if e["event"] == "takeover"]
+    assert len(takeover) == 1 and takeover[0]["peer"] == lead.ready["peer_id"] and takeover[0]["term"] == 1, takeover
+    s = int(takeover[0]["step"])
+    lr = records(lead)
+    assert s not in lr and s == (max(lr) + 1 if lr else 0)  # the leader never finished that step
+    return s

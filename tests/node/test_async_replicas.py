@@ -16,20 +16,27 @@ import signal
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from node.config import NodeConfig
 from node.errors import StateSyncError
-from node.observability.status import node_status
 from node.pipeline.asyncworker import AsyncStageWorker
 from node.replicas.heads import attempt_base
 from node.replicas.statesync import pack_state, state_bound, unpack_state
 from node.testing.swarm import stop_nodes, wait_nodes
-from node.training.checkpoint import latest_checkpoint
 from node.training.worker import StageWorker
 from sharding import PRESETS, OptimConfig, load_corpus, partition
 from sharding.delayed import train_delayed
-from tests.node.replica_swarm import STEP_ROLLBACK, B, M, check_exactly_once, check_rollback, launch, records
+from tests.node.replica_swarm import (
+    STEP_ROLLBACK,
+    B,
+    M,
+    check_exactly_once,
+    check_identical_weights,
+    check_one_takeover,
+    check_rollback,
+    launch,
+    records,
+)
 
 S = 2  # runtime.max_staleness of these runs
 ASYNC = ["--replica-exchange", "step", "--schedule", "async", "--max-staleness", str(S)]
@@ -105,13 +112,7 @@ def test_an_async_swarm_overlaps_steps_and_equals_the_delayed_reference(tmp_path
     for n in nodes:
         assert sum(r["ahead"] for r in records(n).values()) > 0, n.stage  # the window overlapped steps
     assert sum(r["delegated"] for r in records(head_a).values()) > 0  # the delegate head worked too
-    for pair in ((head_a, head_b), (mid_a, mid_b)):
-        weights = []
-        for n in pair:
-            ckpt = latest_checkpoint(n.data_dir, n.stage)
-            assert ckpt is not None
-            weights.append(load_file(str(ckpt / "model.safetensors")))
-        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    check_identical_weights([[head_a, head_b], [mid_a, mid_b]])
     losses = [records(tail)[s]["loss"] for s in range(steps)]
     assert losses == pytest.approx(_reference(steps), rel=1e-4)
 
@@ -132,11 +133,8 @@ def test_an_async_leader_killed_mid_window_is_taken_over_and_the_run_stays_the_r
     finally:
         stop_nodes(nodes)
     assert codes == [-signal.SIGKILL, 0, 0, 0], codes
-    lr, sr = records(lead), records(standby)
-    takeover = [e for e in node_status(standby.data_dir)["bans"] if e["event"] == "takeover"]
-    assert len(takeover) == 1 and takeover[0]["peer"] == lead.ready["peer_id"] and takeover[0]["term"] == 1
-    s = takeover[0]["step"]
-    assert s not in lr and s == (max(lr) + 1 if lr else 0)  # the leader never finished that step
+    sr = records(standby)
+    s = check_one_takeover(lead, standby)
     for t in range(s, steps):
         assert sr[t]["head_term"] == 1 and all(a >= attempt_base(1) for _, a in sr[t]["applied"])
     for stage_nodes in ([lead, standby], [mid], [tail]):

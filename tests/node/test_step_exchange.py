@@ -14,7 +14,6 @@ import math
 import pytest
 import torch
 import trio
-from safetensors.torch import load_file
 
 from node.config import NodeConfig
 from node.errors import AveragingError
@@ -22,12 +21,19 @@ from node.net.host import full_addrs
 from node.net.peerscore import PeerGuardConfig
 from node.replicas.averaging import ContributionCodec, ContributionStore, Held, combine, push
 from node.testing.swarm import stop_nodes, wait_nodes
-from node.training.checkpoint import latest_checkpoint
 from pmn.spec import ModelProposal, TrainingRecipe, proposal_from_dict
 from sharding import PRESETS, build_stage, partition
 from tests.node.avg_pushes import serve
 from tests.node.conftest import running_host
-from tests.node.replica_swarm import STEP_ROLLBACK, M, check_exactly_once, check_rollback, launch, records
+from tests.node.replica_swarm import (
+    STEP_ROLLBACK,
+    M,
+    check_exactly_once,
+    check_identical_weights,
+    check_rollback,
+    launch,
+    records,
+)
 
 STEPS = 6
 
@@ -148,13 +154,7 @@ def test_a_swarm_exchanging_per_step_applies_every_microbatch_once_and_keeps_rep
     check_exactly_once([head_a, head_b], range(STEPS))
     losses = [records(tail)[s]["loss"] for s in range(STEPS)]
     assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
-    for pair in ((head_a, head_b), (mid_a, mid_b)):
-        weights = []
-        for n in pair:
-            ckpt = latest_checkpoint(n.data_dir, n.stage)
-            assert ckpt is not None
-            weights.append(load_file(str(ckpt / "model.safetensors")))
-        assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])
+    check_identical_weights([[head_a, head_b], [mid_a, mid_b]])
     # a replica's bundle holds the committed microbatches it computed: over the run both middle replicas had work,
     # and so did the standby head, which the leader handed microbatches to (`node.replicas.delegation`)
     assert all(any(r["mine"] for r in records(n).values()) for n in (mid_a, mid_b, head_b))
