@@ -284,7 +284,9 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plots", type=Path, help="directory for PNG plots")
     q.add_argument("--vs", choices=["datacenter"], help="compare time to target with the same model on 100 Gb/s links")
     q.add_argument("--schedule", choices=["gpipe", "1f1b", "async"], help="pipeline schedule (--vs: default async)")
-    q.add_argument("--max-staleness", type=int, default=3, help="async: the staleness bound (--vs)")
+    q.add_argument("--max-staleness", type=int, default=3,
+                   help="async: the staleness bound (--vs; the node's runtime.max_staleness: with --contributions step "
+                        "a node runs the steps a .. a + S, a the updates it applied)")
     q.add_argument("--averaging", default="powersgd:6:int4",
                    help="replica averaging (--vs): dense, powersgd:R[:int8|:int4], diloco:H (default: the node's "
                         "PowerSGD rank 6 with int4 factors)")
@@ -295,21 +297,23 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--contributions", choices=["microbatch", "step"], default="microbatch",
                    help="--vs, PowerSGD overlapped: factors per microbatch a replica computes (the node's default) or "
                         "one per replica and step (the node's replica_exchange = step: sent once the step's commit "
-                        "reaches the replica's stage; under async after its last backward, which is optimistic)")
+                        "reaches the replica's stage; under async with --head leader or delegated when the replica "
+                        "finishes the step, as the node does; with --head lanes after its last backward, which is "
+                        "optimistic); async with replicas runs in the node only with step")
     q.add_argument("--head", choices=["leader", "delegated", "lanes"], default="leader",
                    help="--vs: stage 0 on the WAN side: leader, one head replica computes every microbatch while the "
                         "others stand by (the node with --contributions microbatch); delegated, the leader hands them "
-                        "to the others as tasks (the node's replicas.head_delegation with --contributions step; gpipe "
-                        "or 1f1b only); lanes, every head replica a share with no coordination (delegation's upper "
-                        "bound: a what-if, not built)")
+                        "to the others as tasks (the node's replicas.head_delegation with --contributions step, gpipe "
+                        "or async; under async only with step); lanes, every head replica a share with no "
+                        "coordination (delegation's upper bound: a what-if, not built)")
     q.add_argument("--microbatch-seqs", type=int, default=2,
                    help="--vs: sequences per WAN microbatch (512 per step; the datacenter keeps 2): fewer, larger "
                         "microbatches mean fewer per-microbatch contributions")
     q.add_argument("--inflight-per-replica", type=int, default=None, metavar="N",
                    help="--vs: microbatches a WAN sender may have outstanding at one downstream replica (the node's "
                         "replicas.max_inflight, the head leader's and its delegates' sends too; 0: no cap); default: 2, "
-                        "the node's, for the node as built (--schedule gpipe, --head leader, or delegated with "
-                        "--contributions step), no cap otherwise")
+                        "the node's, for the node as built (--schedule gpipe, or async with --contributions step; "
+                        "--head leader, or delegated with --contributions step), no cap otherwise")
     q.add_argument("--tasks-per-delegate", type=int, default=None, metavar="N",
                    help="--vs, --head delegated: the leader's tasks one head delegate may hold at once (the node's "
                         "replicas.max_tasks; 0: no cap); default: 16, the node's, for the node as built (with "

@@ -25,10 +25,10 @@ factors (a whole rank-R contribution: 16 per replica and step in this layout) pu
 after its backward, behind frames, the update waiting for the last (`WanConfig.sync_push`). Until session 22 the
 comparison sent one contribution per replica and step, spread over its backwards: 16 times fewer bytes than the
 node moves. `--contributions step` is the node's `replica_exchange = "step"` (session 23): one contribution per
-replica and step, pushed once the step's commit has come down to the replica's stage in the flushed schedules
-(the async schedule, which the node does not run with replicas, pushes it after the replica's last backward: an
-optimistic timing); its loss penalty is the one measured with that
-exchange where recorded; `--microbatch-seqs` trades fewer contributions for fewer, larger
+replica and step, pushed once the step's commit has come down to the replica's stage (in the flushed schedules; under
+async with `--head leader` or `delegated` when the replica finishes the step, as the node does, see below; async with
+`--head lanes` pushes it after the replica's last backward: an optimistic timing); its loss penalty is the one measured
+with that exchange where recorded; `--microbatch-seqs` trades fewer contributions for fewer, larger
 microbatches on the WAN side (the datacenter keeps its layout). Without overlap averaging holds compute, over the
 faster of a ring all-reduce and direct pushes. The WAN head stage runs as the node runs it. `--head leader` (the node
 with `--contributions microbatch`, or with replicas.head_delegation = false): one head replica leads, computes every
@@ -39,14 +39,24 @@ leader hands each microbatch to a head replica with fewer than `NODE_MAX_TASKS` 
 itself, handed fewer than an even share of the step's microbatches (16 of 256 among 16 head replicas), computing the
 rest itself; with no stage-1 room of its own it hands one to any delegate under the task cap. It counts a microbatch
 done when the delegate's DONE is in (one latency after its backward); the delegates push their bundles once the
-leader's COMMIT reaches them (one latency after the step's last DONE). Flushed schedules only; with `--contributions
-microbatch` a what-if (the node then does not delegate). Before the node had replicas.max_tasks a delegate held at
+leader's COMMIT reaches them (one latency after the step's last DONE). With `--contributions microbatch` a what-if
+under gpipe or 1f1b (the node then does not delegate) and refused under async (the node runs async with replicas only with
+runtime.replica_exchange = step). Before the node had replicas.max_tasks a delegate held at
 most the in-flight cap's 2 tasks with no share (`--tasks-per-delegate 2` gives that figure: the share never binds
 there). `--tasks-per-delegate N` sets the task cap (0: none); the output's `task_cap` names the one used. `--head
 lanes` (every head replica a share with no TASK, DONE or COMMIT: the comparison's layout until session 23) is
-delegation's uncoordinated upper bound, a what-if the node does not have. The node as built (`--schedule gpipe`:
-the node's replicated engine has no 1F1B gate, whatever runtime.schedule says; with `--head leader`, or `--head
-delegated` with `--contributions step`) also routes as the node does: a sender (the head
+delegation's uncoordinated upper bound, a what-if the node does not have.
+
+`--schedule async` with `--contributions step` and `--head leader` or `delegated` is the node's async schedule with
+replicated stages (runtime.schedule = async, runtime.max_staleness = `--max-staleness`; `WanConfig.replicated_async`):
+every node runs the work of steps a .. a + S only (a: the updates it applied), the leader hands out the microbatches
+of those steps oldest first as above, step k is committed once all its microbatches are back, and each node finishes
+step k (the COMMIT from upstream, every sender's verdict, its COMMIT on, its bundle to its 15 stage peers, theirs in,
+the update) in step order, computing and dispatching nothing while it does; its step time runs between the last
+node's successive updates. Other async runs (per-microbatch contributions, no PowerSGD pushes, `--head lanes`) are the
+earlier async model, each replica's update after its own last backward, labelled not built. The node as built
+(`--schedule gpipe`, the node's replicated engine having no 1F1B gate whatever runtime.schedule says, or the async
+above; with `--head leader`, or `--head delegated` with `--contributions step`) also routes as the node does: a sender (the head
 leader and each delegate too) has at most `NODE_MAX_INFLIGHT` (2, the node's `replicas.max_inflight`) microbatches
 outstanding at one downstream replica, and gpipe's every-forward-first barrier goes (`WanConfig.inflight_per_replica`;
 the head leader has 2 x 16 in flight to stage 1); before this cap the comparison ran the schedule's own rule (gpipe:
@@ -104,7 +114,8 @@ CONTRIBUTIONS = {  # --contributions: how a WAN replica's PowerSGD factors leave
     "microbatch": "one per microbatch a replica computes, pushed after its backward (the node's default, "
                   "replica_exchange = microbatch)",
     "step": "one per replica and step (the node's replica_exchange = step), pushed once the step's commit reaches "
-            "its stage (flushed schedules; async: after its last backward, which is optimistic)",
+            "its stage (flushed schedules; async with head leader or delegated: when the replica finishes the step, "
+            "blocked as the node's finish is; async with head lanes: after its last backward, which is optimistic)",
 }
 HEADS = {  # --head: who computes stage 0 on the WAN side, as the output names it
     "leader": "one head replica leads and computes every microbatch of stage 0, the 15 others stand by and receive "
@@ -114,7 +125,8 @@ HEADS = {  # --head: who computes stage 0 on the WAN side, as the output names i
                  "could send one itself, at most an even share of the step's microbatches, the leader computing the "
                  "rest); the delegate sends its activation on its own uplink and reports DONE, "
                  "and once every DONE is in the leader's COMMIT sets the delegates' bundles going (the node's "
-                 "replicas.head_delegation, with replica_exchange = step)",
+                 "replicas.head_delegation, with replica_exchange = step; async: the steps of the leader's window, "
+                 "oldest first)",
     "lanes": "every head replica computes a share of stage 0's microbatches, as the other stages do, with no "
              "leader's TASK, DONE or COMMIT: the uncoordinated upper bound of delegated head work (a what-if: not "
              "built in the node)",
@@ -174,21 +186,25 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     applied one round late; PowerSGD factors pushed during the step) instead of holding their compute.
     contributions: with PowerSGD overlapped, `microbatch` (the node: one contribution per microbatch a replica computes,
     each pushed after its backward) or `step` (the node's replica_exchange = step: one per replica and step, pushed
-    once the step's commit reaches its stage; under async after its last backward, an optimistic timing).
+    once the step's commit reaches its stage; under async with head leader or delegated when the replica finishes the
+    step, as the node's replicated async does (`WanConfig.replicated_async`); with head lanes after its last backward,
+    an optimistic timing).
     microbatch_seqs: sequences per WAN microbatch (a divisor of STEP_SEQS; the datacenter keeps MICROBATCH_SEQS):
     fewer, larger microbatches mean fewer per-microbatch contributions.
     head: who computes stage 0 on the WAN side (`HEADS`): `leader` (the node with replica_exchange = microbatch: one
     head replica computes every microbatch of stage 0 and pushes each one's contribution to the 15 standbys),
     `delegated` (the node with replica_exchange = step: the leader hands the microbatches to the other head replicas
-    as tasks; flushed schedules only; with contributions = microbatch a what-if, labelled so) or `lanes` (every head
+    as tasks; with contributions = microbatch a what-if under gpipe or 1f1b, labelled so, and refused under async:
+    the node's async with replicas needs replica_exchange = step) or `lanes` (every head
     replica a share with no coordination, the upper bound of delegation: a what-if, not built in the node, labelled
     so in the output).
     async_loss_ratio / averaging_loss_ratio: loss penalties at equal tokens given by the caller (what-ifs; labelled
     so in the output) instead of the calibration file's.
     inflight_per_replica: microbatches a WAN sender may have outstanding at one downstream replica
     (`WanConfig.inflight_per_replica`; the leader's and every delegate's own sends too); None: the node's
-    `NODE_MAX_INFLIGHT` when the configuration is the node as built (schedule gpipe, head leader, or delegated
-    with contributions = step), no cap otherwise; 0: no cap. Named in the output's `inflight_cap`.
+    `NODE_MAX_INFLIGHT` when the configuration is the node as built (schedule gpipe, or async with contributions =
+    step; head leader, or delegated with contributions = step), no cap otherwise; 0: no cap. Named in the output's
+    `inflight_cap`.
     tasks_per_delegate: head `delegated` only, the leader's tasks one delegate may hold at once
     (`WanConfig.tasks_per_delegate`); None: the node's `NODE_MAX_TASKS` when the configuration is the node as built,
     no cap otherwise; 0: no cap. Named in the output's `task_cap`."""
@@ -207,10 +223,6 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
         raise ValueError(f"contributions={contributions!r}: use one of {', '.join(CONTRIBUTIONS)}")
     if head not in HEADS:
         raise ValueError(f"head={head!r}: use one of {', '.join(HEADS)}")
-    if head == "delegated" and schedule == "async":
-        raise ValueError("head='delegated' needs a flushed schedule (schedule gpipe or 1f1b): the leader commits a "
-                         "step's microbatches as their DONEs come in, then sends COMMIT; the node runs replicated "
-                         "stages flushed")
     if inflight_per_replica is not None and (isinstance(inflight_per_replica, bool) or
                                              not isinstance(inflight_per_replica, int) or inflight_per_replica < 0):
         raise ValueError(f"inflight_per_replica={inflight_per_replica!r}: must be an integer >= 1 (microbatches one "
@@ -222,10 +234,19 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     if tasks_per_delegate is not None and head != "delegated":
         raise ValueError(f"tasks_per_delegate={tasks_per_delegate!r} caps the tasks of delegated head work: it needs "
                          f"head='delegated' (got head={head!r})")
+    push = overlap_averaging and avg.mode == "powersgd"
+    if contributions == "step" and not push:
+        raise ValueError("contributions='step' sets when PowerSGD pushes go out: it needs averaging=powersgd:<R> "
+                         "with overlap_averaging")
+    if schedule == "async" and head == "delegated" and contributions != "step":
+        raise ValueError("head='delegated' with schedule='async' needs contributions='step': the node runs "
+                         "runtime.schedule = async with replicas only with runtime.replica_exchange = step, and "
+                         "delegates head work only with it")
     not_built = []  # what this WAN configuration runs that the node does not
     if schedule == "async":
-        not_built.append("the async schedule with replicated stages (the node's runtime.schedule = async runs one "
-                         "peer per stage; replicated stages flush every step)")
+        what_if = _async_what_if(head, contributions == "step")
+        if what_if:
+            not_built.append(what_if)
     if schedule == "1f1b":
         not_built.append("1F1B's per-node gate with replicated stages (the node's replicated engine routes by its "
                          "in-flight caps whatever runtime.schedule says: --schedule gpipe with the node's caps is "
@@ -241,7 +262,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     if inflight_per_replica is None and not not_built:
         cap: int | None = NODE_MAX_INFLIGHT
         cap_label = (f"{cap} per sender and downstream replica: the node's replicas.max_inflight default (node as "
-                     f"built; gpipe without its every-forward-first barrier)")
+                     f"built; gpipe without its every-forward-first barrier, async within each node's window)")
     elif inflight_per_replica:
         cap, cap_label = inflight_per_replica, (f"{inflight_per_replica} per sender and downstream replica: given by "
                                                 f"the caller (--inflight-per-replica)")
@@ -262,10 +283,6 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     else:
         task_label = ("none: a head delegate holds any number of tasks (an even share of the step's microbatches "
                       "while the leader could send one itself)")
-    push = overlap_averaging and avg.mode == "powersgd"
-    if contributions == "step" and not push:
-        raise ValueError("contributions='step' sets when PowerSGD pushes go out: it needs averaging=powersgd:<R> "
-                         "with overlap_averaging")
     wan_cfg = _config(calibration, "subspace", schedule, WAN_LINK, avg, max_staleness, steps, seed,
                       overlap=overlap_averaging and not push, collective="direct" if push else "fastest", push=push,
                       per_step=contributions == "step", microbatch_seqs=microbatch_seqs,
@@ -350,6 +367,21 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                                          f"WAN {wan_cfg.microbatches} of {microbatch_seqs}"}},
         "stages": STAGES, "replicas": REPLICAS, "seed": seed,
     }
+
+
+def _async_what_if(head: str, step_exchange: bool) -> str:
+    """What an async WAN run models that the node does not run ('' for the node's async with replicated stages: head
+    leader or delegated with one contribution per replica and step, `WanConfig.replicated_async`)."""
+    if not step_exchange:
+        return ("the async schedule with replicated stages without the step exchange (the node runs "
+                "runtime.schedule = async with replicas only with runtime.replica_exchange = step: --contributions "
+                "step with PowerSGD overlapped; this run is the earlier async model, each replica's update after its "
+                "own last backward of a step, with no commit)")
+    if head == "lanes":
+        return ("the async schedule with no commit (--head lanes runs the earlier async model: each replica pushes "
+                "its bundle after its own last backward of a step and updates once its peers' are in, with no "
+                "COMMIT and no blocking finish; the node's async is --head delegated or leader)")
+    return ""
 
 
 def _no_gain(ratio: float, source: str) -> tuple[float, str]:

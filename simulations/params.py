@@ -74,7 +74,8 @@ class WanConfig:
     microbatches: int = 8  # microbatches per optimizer step, over all replicas
     microbatch_tokens: int = 1024  # tokens per microbatch (batch size x sequence length)
     steps: int = 4  # optimizer steps to simulate (async: steps x microbatches microbatches)
-    schedule: Schedule = "1f1b"  # gpipe (flush, all forwards first), 1f1b (flush), async (no flush)
+    schedule: Schedule = "1f1b"  # gpipe (flush, all forwards first), 1f1b (flush), async (no flush; with head_leader and
+    # push_per_step the node's async with replicated stages, `replicated_async`)
     fwd_bytes_per_token: float = 4096.0  # wire bytes per token of a forward activation (codec + token ids)
     bwd_bytes_per_token: float = 4096.0  # wire bytes per token of a backward gradient frame
     grad_sync_bytes: tuple[int, ...] = ()  # bytes each stage's replicas all-reduce per step (empty = 0)
@@ -99,7 +100,8 @@ class WanConfig:
     # latency before the delegate starts; the delegate computes stage 0 and sends on its own uplink (under
     # inflight_per_replica), and the microbatch counts as committed one latency after its backward (the DONE
     # reaching the leader); push_per_step: each head replica that computed one of the step's microbatches pushes one
-    # bundle once the step's COMMIT reaches it (the leader at once, a delegate one latency later). Flushed schedules
+    # bundle once the step's COMMIT reaches it (the leader at once, a delegate one latency later). Flushed schedules,
+    # or async with push_per_step (`replicated_async`: the node delegates only with replica_exchange = step)
     tasks_per_delegate: int | None = None  # head_delegation: the leader's tasks one delegate may hold at once (handed,
     # DONE not back yet; the node's replicas.max_tasks, node.config.ReplicaConfig.max_tasks). None = no cap
     sync_collective: str = "ring"  # how replicas average: ring (all-reduce: 2 (r - 1) / r x bytes each, 2 (r - 1)
@@ -118,13 +120,16 @@ class WanConfig:
     background_load: float = 0.0  # with host_cores: other runnable threads sharing them thread-fairly
     cores_by_busy: tuple[float, ...] = ()  # with host_cores: cores the nodes get when n of them are busy
     # (entry n-1; the last entry holds for more); replaces host_cores/background_load when given
-    in_flight_per_stage: int | None = None  # 1F1B/async warm-up depth cap; None = num_stages - stage
+    in_flight_per_stage: int | None = None  # 1F1B/async warm-up depth cap; None = num_stages - stage (not used by
+    # replicated_async: each node's window of max_staleness steps is its gate)
     inflight_per_replica: int | None = None  # the node's routing rule (node.config.ReplicaConfig.max_inflight): the
     # microbatches one sender may have outstanding at one downstream replica (sent, gradient not back yet); a sender
     # with no live receiver under it waits for a gradient (the head computes a forward only once a receiver has room).
     # gpipe: replaces the every-forward-first barrier (a backward runs when its gradient comes back, the step still
-    # flushes), the node's replicated engine; 1f1b/async: applies on top of their depth gates. None = no such cap
-    max_staleness: int | None = None  # async: the head starts step k once update k - S - 1 is done (None: depth window only)
+    # flushes), the node's replicated engine; 1f1b/async: applies on top of their depth gates (replicated_async: of
+    # the nodes' windows). None = no such cap
+    max_staleness: int | None = None  # async: the head starts step k once update k - S - 1 is done (None: depth window
+    # only); replicated_async: every node runs the work of steps a .. a + S only, a its updates applied (None: 0)
     max_sim_s: float = 1e9  # simulated-seconds bound; exceeding it raises DeadlockError
     seed: int = 0  # seed of every random draw (bandwidths, latencies, speeds, churn)
 
@@ -189,9 +194,13 @@ class WanConfig:
         if self.head_delegation and not self.head_leader:
             raise ValueError("WanConfig.head_delegation needs head_leader=True: the leader (the step authority) hands "
                              "out stage 0's microbatches; set both")
-        if self.head_delegation and self.schedule == "async":
-            raise ValueError("WanConfig.head_delegation needs a flushed schedule (gpipe or 1f1b): the leader commits a "
-                             "step's microbatches as their DONEs come in and then sends COMMIT")
+        if self.head_delegation and self.schedule == "async" and not self.push_per_step:
+            raise ValueError("WanConfig.head_delegation under the async schedule needs push_per_step (sync_push with one "
+                             "bundle per replica and step): the node runs async with replicated stages only with "
+                             "runtime.replica_exchange = step, and delegates head work only with it")
+        if self.replicated_async and self.churn.mean_uptime_s is not None:
+            raise ValueError("WanConfig.churn: the node's async schedule with replicated stages (schedule async, "
+                             "head_leader, push_per_step) is modelled without churn; set churn.mean_uptime_s=None")
         if self.tasks_per_delegate is not None:
             if (isinstance(self.tasks_per_delegate, bool) or not isinstance(self.tasks_per_delegate, int)
                     or self.tasks_per_delegate < 1):
@@ -214,6 +223,12 @@ class WanConfig:
         self.link.validate()
         self.churn.validate()
         return self
+
+    @property
+    def replicated_async(self) -> bool:
+        """The node's async schedule with replicated stages (runtime.schedule = async, replica_exchange = step): every
+        node applies the updates in step order itself, blocked while it finishes one (`simulations.pipeline`)."""
+        return self.schedule == "async" and self.head_leader and self.push_per_step
 
     @property
     def tokens_per_step(self) -> int:

@@ -14,6 +14,17 @@ leader; `head_delegation` has that leader hand stage-0 microbatches to the other
 and a DONE, one link latency each, around every delegated microbatch; at most `tasks_per_delegate` tasks at a
 delegate): while the leader could send a microbatch itself, a delegate gets at most an even share of the step's
 microbatches and the leader computes the rest; while it could not, any delegate with room takes one.
+
+Async with `head_leader` and `push_per_step` (`WanConfig.replicated_async`) is the node's async schedule with
+replicated stages (runtime.schedule = async, replica_exchange = step; node.replicas.engine): every node counts the
+updates it applied, a, and runs the forwards of steps a .. a + S only (S = `max_staleness`; later work waits at the
+node). The head leader hands out the microbatches of steps a .. a + S oldest first, as under gpipe (tasks to its
+delegates with `head_delegation`). Step k is committed at the leader once all its microbatches are back; a node
+finishes step k once it knows the commit (the leader: at once; a head replica: from the leader's COMMIT; below the
+head: from the first COMMIT of a previous-stage node) and has applied k - 1: it waits for the COMMIT of every
+previous-stage node that sent it one of the step's microbatches, sends its COMMIT on (the leader: after its bundle),
+pushes its one bundle to its stage peers (its uplink, then the push's round trip), waits for every stage peer's bundle
+and applies the update, holding its compute slot throughout: a finishing node computes and dispatches nothing.
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ from .params import WanConfig
 
 FWD, BWD, OPT = "fwd", "bwd", "opt"
 _PRIO = {BWD: 0, OPT: 0, FWD: 1}
+_FINISH_PRIO = -1  # replicated async: a node's finish takes its compute slot before any queued work
 
 
 @dataclass
@@ -56,7 +68,8 @@ class WanResult:
     utilisation: float  # mean over nodes of compute-busy time / sim time
     bubble_fraction: float  # idle fraction of the busiest stage (1 - its busy time / (replicas x sim time))
     mean_step_s: float  # mean seconds per optimizer step
-    step_times_s: list[float]  # seconds of each step (async: between every `microbatches` completions)
+    step_times_s: list[float]  # seconds of each step (async: between every `microbatches` completions; replicated
+    # async: between the times the last node applied two successive updates, the first from startup_s)
     microbatches_expected: int  # steps x microbatches
     microbatches_completed: int  # microbatches whose forward and backward both finished
     failed_attempts: int  # attempts lost to a departed node
@@ -167,6 +180,15 @@ class _Node:
         self.room = env.event()  # inflight_per_replica: fires when a microbatch this node sent comes back
         self.tasks = 0  # head_delegation: tasks the head leader has outstanding at this replica (DONE not back yet)
         self.bundle_step = -1  # push_per_step, flushed: the last step this node's bundle went out for (one a step)
+        self.applied = 0  # replicated async: updates this node applied (its oldest unapplied step)
+        self.advanced = env.event()  # replicated async: fires when this node applies an update (then replaced)
+        self.finishing: simpy.Event | None = None  # replicated async: while it finishes a step, fires when it is done
+        self.owned: Counter[int] = Counter()  # replicated async: step -> its microbatches this node computed
+        self.senders: dict[int, set[_Node]] = {}  # replicated async: step -> previous-stage nodes that sent it one
+        self.heard: dict[int, set[_Node]] = {}  # replicated async: step -> nodes whose COMMIT of it arrived here
+        self.told = env.event()  # replicated async: fires when a COMMIT arrives here (then replaced)
+        self.bundles: dict[int, simpy.Event] = {}  # replicated async: step -> fires once its bundle reached the peers
+        self.finishes: list[tuple[float, float]] = []  # replicated async: (start, update applied) of each step's finish
 
 
 class PipelineSim:
@@ -199,7 +221,9 @@ class PipelineSim:
         self.cpu = simpy.PriorityResource(self.env, capacity=cfg.shared_cpus) if cfg.shared_cpus else None
         self.host = _SharedHost(self.env, cfg.host_cores, cfg.background_load, cfg.cores_by_busy) if cfg.host_cores else None
         self.stage_up = [self.env.event() for _ in range(s_n)]
-        self.gated = cfg.schedule in ("1f1b", "async")
+        # the node's async with replicated stages: per-node windows and finishes replace the depth gate
+        self.node_async = cfg.replicated_async
+        self.gated = cfg.schedule in ("1f1b", "async") and not self.node_async
         self.completed = 0
         self.failed = 0
         self.departures = 0
@@ -232,6 +256,12 @@ class PipelineSim:
         self.led = 0
         self.assigned: Counter[tuple[int, int]] = Counter()
         self.past_share = 0
+        # the head's microbatches are handed out by `_pick_head` (delegated head work, or the replicated async driver)
+        self.head_picks = self.delegating or self.node_async
+        self.staleness = cfg.max_staleness or 0  # replicated async: steps past the oldest unapplied one a node runs
+        # replicated async: when the last node applied each step's update, and the nodes' finishing processes
+        self.last_apply = [0.0] * cfg.steps
+        self.finishers: list[simpy.Process] = []
         self.churn_on = cfg.churn.mean_uptime_s is not None
         self.finished = False
 
@@ -298,15 +328,20 @@ class PipelineSim:
         room for it), handed fewer than an even share of the step's microbatches (ceil(microbatches / live head
         replicas), as the node's engine `_helper`); counted as one more task. When none qualifies the leader takes
         it itself if it could send one, once its own last forward is done; otherwise waits for a task to come back,
-        a forward to end, a stage-1 slot or a joiner. Returns the node and whether it is a delegate."""
+        a forward to end, a stage-1 slot or a joiner. Without `head_delegation` (the replicated async driver's
+        leader alone) it never delegates; a finishing leader (replicated async) hands out nothing until it applied
+        its update. Returns the node and whether it is a delegate."""
         cap = self.cfg.tasks_per_delegate
         while True:
             live = [n for n in self.nodes[0] if n.alive]
+            if live and live[0].finishing is not None:
+                yield live[0].finishing
+                continue
             if live:
                 leader = live[0]
                 here = self._has_room(leader, 1)  # the leader could send a microbatch itself now
                 share = -(-self.cfg.microbatches // len(live))
-                room = [n for n in live[1:] if (cap is None or n.tasks < cap)
+                room = [n for n in live[1:] if self.delegating and (cap is None or n.tasks < cap)
                         and (not here or self.assigned[(step, n.replica)] < share)]
                 if room:
                     node = min(room, key=lambda n: (n.tasks, self._load(n)))
@@ -351,26 +386,32 @@ class PipelineSim:
         generation = node.generation
         with node.compute.request(priority=_PRIO[kind]) as req:
             yield req
-            cpu_req = None
-            if self.cpu is not None:
-                cpu_req = self.cpu.request(priority=_PRIO[kind])
-                yield cpu_req
-            try:
-                if not node.alive or node.generation != generation:
-                    return False
-                duration = seconds / node.speed
-                start = self.env.now
-                if self.host is not None:
-                    yield self.host.work(duration)
-                else:
-                    yield self.env.timeout(duration)
-                node.busy += self.env.now - start
-                if self.tracing:
-                    lost = not (node.alive and node.generation == generation)
-                    self.trace.append(TraceEvent(mb, attempt, node.stage, node.replica, kind, start, self.env.now, lost))
-            finally:
-                if cpu_req is not None and self.cpu is not None:
-                    self.cpu.release(cpu_req)
+            return (yield from self._held_work(node, seconds, kind, mb, attempt, generation))
+
+    def _held_work(self, node: _Node, seconds: float, kind: str, mb: int, attempt: int,
+                   generation: int) -> Generator[simpy.Event, Any, bool]:
+        """`_compute`'s work once the caller holds `node`'s compute slot (the shared CPUs or host still taken here);
+        False when the node left since `generation` or during the work."""
+        cpu_req = None
+        if self.cpu is not None:
+            cpu_req = self.cpu.request(priority=_PRIO[kind])
+            yield cpu_req
+        try:
+            if not node.alive or node.generation != generation:
+                return False
+            duration = seconds / node.speed
+            start = self.env.now
+            if self.host is not None:
+                yield self.host.work(duration)
+            else:
+                yield self.env.timeout(duration)
+            node.busy += self.env.now - start
+            if self.tracing:
+                lost = not (node.alive and node.generation == generation)
+                self.trace.append(TraceEvent(mb, attempt, node.stage, node.replica, kind, start, self.env.now, lost))
+        finally:
+            if cpu_req is not None and self.cpu is not None:
+                self.cpu.release(cpu_req)
         return node.alive and node.generation == generation
 
     def _send(self, src: _Node, dst: _Node, nbytes: float) -> Generator[simpy.Event, Any, None]:
@@ -384,8 +425,12 @@ class PipelineSim:
         yield self.env.timeout(float(self.latency[lo, a, b]))
 
     # ------------------------------------------------------------------ one microbatch
-    def _attempt(self, mb: int, attempt: int) -> Generator[simpy.Event, Any, bool]:
+    def _attempt(self, mb: int, attempt: int,
+                 head: tuple[_Node, bool] | None = None) -> Generator[simpy.Event, Any, bool]:
+        """One attempt of microbatch `mb` through every stage and back; False when a node of its path left. head: the
+        stage-0 node already picked for it and whether it is a delegate (the replicated async driver's pick)."""
         cfg = self.cfg
+        step = mb // cfg.microbatches
         s_n = cfg.num_stages
         fwd_bytes = cfg.fwd_bytes_per_token * cfg.microbatch_tokens
         bwd_bytes = cfg.bwd_bytes_per_token * cfg.microbatch_tokens
@@ -394,8 +439,8 @@ class PipelineSim:
         gates: list[tuple[_Node, Any]] = []
         sent: list[tuple[_Node, _Node]] = []  # inflight_per_replica: (sender, receiver) pairs outstanding, in path order
         task: _Node | None = None  # head_delegation: the delegate holding this attempt as a task, until its DONE is in
-        if self.delegating:
-            node, delegated = yield from self._pick_head(mb // cfg.microbatches)
+        if head is not None or self.head_picks:
+            node, delegated = head if head is not None else (yield from self._pick_head(step))
             task = node if delegated else None
         else:
             node = yield from self._pick(0)
@@ -407,6 +452,8 @@ class PipelineSim:
                     greq = node.gate.request()
                     gates.append((node, greq))
                     yield greq
+                if self.node_async:
+                    yield from self._in_window(node, step)
                 path.append(node)
                 generations.append(node.generation)
                 nxt: _Node | None = None
@@ -415,11 +462,13 @@ class PipelineSim:
                     sent.append((node, nxt))
                 ok = yield from self._compute(node, self.fwd[s], FWD, mb, attempt)
                 node.pending -= 1
-                if self.delegating and s == 0:
+                if self.head_picks and s == 0:
                     self._wake_head()
                 if not ok:
                     return False
                 self.fwd_passes[s] += 1
+                if s < s_n - 1 and node.finishing is not None:  # replicated async: dispatched once it is done
+                    yield node.finishing
                 if s < s_n - 1:
                     if nxt is None and self.capped:
                         nxt = yield from self._pick_capped(node, s + 1)
@@ -444,9 +493,9 @@ class PipelineSim:
                 if self.gated:
                     gnode, greq = gates.pop()
                     gnode.gate.release(greq)
-                if cfg.sync_push:
-                    self._push_share(node, mb // cfg.microbatches)
-                if cfg.schedule == "async":
+                if cfg.sync_push and not self.node_async:
+                    self._push_share(node, step)
+                if cfg.schedule == "async" and not self.node_async:
                     self._maybe_async_opt(node)
                 if s > 0:
                     yield from self._send(node, path[s - 1], bwd_bytes)
@@ -454,6 +503,8 @@ class PipelineSim:
                         self._came_back(*sent.pop())
             if task is not None:  # the delegate's DONE reaches the leader, which commits the microbatch
                 yield self.env.timeout(self._head_latency())
+            if self.node_async:
+                self._own(path, step)
             return True
         finally:
             for gnode, greq in gates:
@@ -464,10 +515,11 @@ class PipelineSim:
                 task.tasks -= 1
                 self._wake_head()
 
-    def _microbatch(self, mb: int) -> Generator[simpy.Event, Any, None]:
+    def _microbatch(self, mb: int, head: tuple[_Node, bool] | None = None) -> Generator[simpy.Event, Any, None]:
+        """Microbatch `mb` until an attempt completes (head: its first attempt's stage-0 pick, see `_attempt`)."""
         attempt = 0
         while True:
-            ok = yield from self._attempt(mb, attempt)
+            ok = yield from self._attempt(mb, attempt, head if attempt == 0 else None)
             if ok:
                 break
             self.failed += 1
@@ -664,6 +716,119 @@ class PipelineSim:
             self.stage_up[node.stage] = self.env.event()
             event.succeed()
 
+    # ------------------------------------------------------------------ the node's async with replicated stages
+    @property
+    def _leader(self) -> _Node:
+        """Replicated async: the head leader (modelled without churn: the head replica of index 0)."""
+        return self.nodes[0][0]
+
+    def _in_window(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
+        """Replicated async: until `step` is in `node`'s window, at most max_staleness past its oldest unapplied step
+        (the node parks work of later steps until it applied enough updates)."""
+        while step > node.applied + self.staleness:
+            yield node.advanced
+
+    def _own(self, path: list[_Node], step: int) -> None:
+        """Replicated async: a microbatch of `step` completed along `path`: every node on it computed one of the
+        step's microbatches (its bundle sums it); below the head, its sender's COMMIT carries the verdict on it."""
+        for s, node in enumerate(path):
+            node.owned[step] += 1
+            if s > 0:
+                node.senders.setdefault(step, set()).add(path[s - 1])
+
+    def _finisher(self, node: _Node) -> Generator[simpy.Event, Any, None]:
+        """Replicated async: `node` finishes the steps in order. Once it knows step k's commit and applied k - 1 it
+        takes its compute slot ahead of any queued work and holds it until update k is applied (the node's `_finish`
+        blocks its event loop: no frame is processed, nothing computed or dispatched), then its window moves on."""
+        for step in range(self.cfg.steps):
+            yield from self._await_commit(node, step)
+            with node.compute.request(priority=_FINISH_PRIO) as req:
+                yield req
+                start, node.finishing = self.env.now, self.env.event()
+                yield from self._finish(node, step)
+                node.finishes.append((start, self.env.now))
+                node.applied += 1
+                done, node.finishing = node.finishing, None
+                advanced, node.advanced = node.advanced, self.env.event()
+            done.succeed()
+            advanced.succeed()
+            self.last_apply[step] = self.env.now  # the last node's apply is the last write
+
+    def _await_commit(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
+        """Replicated async: until `node` knows step `step`'s commit: the leader once every microbatch of the step is
+        back (its own gradients, its delegates' DONEs), any other node once a COMMIT of the step reached it."""
+        if node is self._leader:
+            yield self.step_done[step]
+            return
+        while not node.heard.get(step):
+            yield node.told
+
+    def _finish(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
+        """Replicated async, `node` holding its compute slot: step `step`'s finish as the node's `_finish` runs it.
+        Below the head it waits for the COMMIT of every previous-stage node that sent it one of the step's
+        microbatches (their verdicts, `_owned_pairs`); the leader pushes its bundle and then sends its COMMIT (its
+        run_step), any other node sends its COMMIT on and then pushes its bundle; then it waits for the bundle of every
+        stage peer that computed one of the step's microbatches and applies the update."""
+        while not node.senders.get(step, set()) <= node.heard.get(step, set()):
+            yield node.told
+        if node is self._leader:
+            yield from self._push_bundle(node, step)
+            self._send_commit(node, step)
+        else:
+            self._send_commit(node, step)
+            yield from self._push_bundle(node, step)
+        peers = [self._bundle_event(n, step) for n in self.nodes[node.stage] if n is not node and n.owned[step]]
+        if peers:
+            yield self.env.all_of(peers)
+        if self.opt[node.stage] > 0:
+            yield from self._held_work(node, self.opt[node.stage], OPT, -1, 0, node.generation)
+
+    def _send_commit(self, node: _Node, step: int) -> None:
+        """Replicated async: `node`'s COMMIT of `step` leaves (a small frame: one link latency, no uplink time) for
+        every replica of the next stage and, from the leader, for every other head replica over its delegation links
+        (head_delegation; without it a standby head replica learns the commit from the leader's bundle)."""
+        if node is self._leader:
+            for other in self.nodes[0][1:]:
+                after = None if self.delegating else self._bundle_event(node, step)
+                self.env.process(self._tell(node, other, step, self._head_latency() if self.delegating else 0.0,
+                                            after))
+        if node.stage + 1 < self.cfg.num_stages:
+            for nxt in self.nodes[node.stage + 1]:
+                delay = float(self.latency[node.stage, node.replica, nxt.replica])
+                self.env.process(self._tell(node, nxt, step, delay))
+
+    def _tell(self, src: _Node, dst: _Node, step: int, delay: float,
+              after: simpy.Event | None = None) -> Generator[simpy.Event, Any, None]:
+        """Replicated async: `src`'s COMMIT of `step` reaches `dst` `delay` seconds after `after` (None: now)."""
+        if after is not None:
+            yield after
+        yield self.env.timeout(delay)
+        dst.heard.setdefault(step, set()).add(src)
+        told, dst.told = dst.told, self.env.event()
+        told.succeed()
+
+    def _bundle_event(self, node: _Node, step: int) -> simpy.Event:
+        """Replicated async: fires once `node`'s bundle of `step` reached its stage peers (at once when it has none)."""
+        if step not in node.bundles:
+            node.bundles[step] = self.env.event()
+        return node.bundles[step]
+
+    def _push_bundle(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
+        """Replicated async: `node` pushes its one bundle of `step` (the sum of the step's microbatches it computed) to
+        every stage peer as the node's `_bundle` does: (r - 1) x the bundle's bytes on its uplink behind its frames,
+        held by the peers one latency later, and awaited until the pushes' answers are back one more latency later.
+        Nothing to push when it computed none of them or the stage averages nothing."""
+        arrived = self._bundle_event(node, step)
+        live, share, _ = self._sync_share(node.stage)
+        if not node.owned[step] or not share:
+            arrived.succeed()
+            return
+        yield from self._background_send(node, share, min(n.bw for n in live))
+        latency = self._sync_latency(node.stage)
+        yield self.env.timeout(latency)
+        arrived.succeed()
+        yield self.env.timeout(latency)
+
     # ------------------------------------------------------------------ drivers
     def _sync_driver(self) -> Generator[simpy.Event, Any, None]:
         cfg = self.cfg
@@ -708,10 +873,34 @@ class PipelineSim:
         times = [cfg.startup_s] + [self.completion_times[i] for i in range(cfg.microbatches - 1, total, cfg.microbatches)]
         self.step_times = [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
 
+    def _replicated_async_driver(self) -> Generator[simpy.Event, Any, None]:
+        """Replicated async: the head leader hands the microbatches out oldest first, each of step k once k is in its
+        window and it could hand one out (`_pick_head`: to a delegate or itself); the run ends once every node
+        applied every update. A step's time runs from the last node's update of the step before to its own."""
+        cfg = self.cfg
+        if cfg.startup_s + cfg.first_step_extra_s > 0:
+            yield self.env.timeout(cfg.startup_s + cfg.first_step_extra_s)
+        self.finishers = [self.env.process(self._finisher(n)) for stage in self.nodes for n in stage]
+        procs = []
+        for mb in range(cfg.steps * cfg.microbatches):
+            step = mb // cfg.microbatches
+            yield from self._in_window(self._leader, step)
+            head = yield from self._pick_head(step)
+            procs.append(self.env.process(self._microbatch(mb, head)))
+        yield self.env.all_of(procs + self.finishers)
+        times = [cfg.startup_s] + self.last_apply
+        self.step_times = [b - a for a, b in zip(times[:-1], times[1:], strict=True)]
+
+    def _driver(self) -> Generator[simpy.Event, Any, None]:
+        """The schedule's driver."""
+        if self.node_async:
+            return self._replicated_async_driver()
+        return self._async_driver() if self.cfg.schedule == "async" else self._sync_driver()
+
     def run(self) -> WanResult:
         """Simulate every step; raise DeadlockError if the run does not finish within max_sim_s."""
         cfg = self.cfg
-        driver = self.env.process(self._async_driver() if cfg.schedule == "async" else self._sync_driver())
+        driver = self.env.process(self._driver())
         if self.churn_on:
             for stage in self.nodes:
                 for node in stage:

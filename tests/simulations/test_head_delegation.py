@@ -179,8 +179,9 @@ def test_delegates_push_their_bundle_one_commit_latency_after_the_step(schedule:
 def test_bad_delegation_configs_are_refused() -> None:
     with pytest.raises(ValueError, match=r"head_delegation needs head_leader=True"):
         _cfg("lanes", head_delegation=True).validate()
-    with pytest.raises(ValueError, match=r"head_delegation needs a flushed schedule \(gpipe or 1f1b\)"):
-        _cfg(schedule="async").validate()
+    with pytest.raises(ValueError, match=r"head_delegation under the async schedule needs push_per_step.*"
+                                         r"replica_exchange = step"):
+        _cfg(schedule="async").validate()  # the node's async with replicas runs only with the step exchange
     with pytest.raises(ValueError, match=r"head_delegation=1: must be True or False"):
         _cfg(head_delegation=1).validate()
     _cfg(replicas=1).validate()  # a lone head replica has no delegate: it computes everything
@@ -211,17 +212,18 @@ def test_the_comparison_labels_delegated_head_work() -> None:
     # the node's delegation beats its leader alone; the uncoordinated lanes stay the bound
     assert lanes["wan"]["step_s"] < built["wan"]["step_s"] < leader["wan"]["step_s"]
     assert built["datacenter"] == leader["datacenter"]
-    with pytest.raises(ValueError, match=r"head='delegated' needs a flushed schedule"):
+    with pytest.raises(ValueError, match=r"head='delegated' with schedule='async' needs contributions='step'.*"
+                                         r"replica_exchange = step"):
         run_vs_datacenter(cal, head="delegated", schedule="async", steps=2)
 
 
-def test_cli_takes_head_delegated_and_refuses_it_under_async_in_one_line() -> None:
+def test_cli_takes_head_delegated_and_refuses_it_under_async_without_the_step_exchange() -> None:
     parser = build_parser()
     assert parser.parse_args(["simulate", "wan"]).head == "leader"  # the default stays the leader
     args = parser.parse_args(["simulate", "wan", "--vs", "datacenter", "--head", "delegated"])
     assert args.head == "delegated"
-    with pytest.raises(CLIError, match="flushed schedule"):
-        cmd_wan(args)  # the comparison's default schedule is async
+    with pytest.raises(CLIError, match="replica_exchange = step"):
+        cmd_wan(args)  # the comparison's default schedule is async, its default contributions per microbatch
     with pytest.raises(SystemExit):
         parser.parse_args(["simulate", "wan", "--head", "delegates"])
 

@@ -1,0 +1,121 @@
+"""Simulator: the node's async schedule with replicated stages (`WanConfig.replicated_async`: runtime.schedule =
+async with replica_exchange = step) and the datacenter comparison's `--schedule async --head delegated`."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from simulations.calibrate import DEFAULT_PATH, load_calibration
+from simulations.datacenter import NODE_MAX_INFLIGHT, NODE_MAX_TASKS, run_vs_datacenter
+from simulations.params import ChurnConfig, LinkConfig, WanConfig
+from simulations.pipeline import PipelineSim, WanResult, simulate
+
+BUNDLE_PEERS, UPLINK_BPS = 2, 100e6 / 8  # a replica's stage peers in `_cfg`, and its uplink in bytes per second
+
+
+def _cfg(**kw: object) -> WanConfig:
+    """Four stages x 3 replicas, 12 microbatches a step of 10 ms forwards and 20 ms backwards behind 100 ms links:
+    the links, not compute, bound the step. The node's caps (2 in flight per sender and replica, 16 tasks per head
+    delegate), delegated head work and one 10 kB bundle per replica and step."""
+    base: dict[str, object] = dict(
+        num_stages=4, fwd_s=(0.01,) * 4, bwd_s=(0.02,) * 4, replicas=BUNDLE_PEERS + 1, microbatches=12, steps=8,
+        microbatch_tokens=128, fwd_bytes_per_token=16.0, bwd_bytes_per_token=16.0,
+        link=LinkConfig(bandwidth_mbps=100.0, latency_ms=100.0), schedule="async", max_staleness=2,
+        inflight_per_replica=2, head_leader=True, head_delegation=True, tasks_per_delegate=16,
+        sync_collective="direct", sync_push=True, push_per_step=True, grad_sync_bytes=(10_000,) * 4, warmup_steps=4)
+    base.update(kw)
+    return WanConfig(**base)  # type: ignore[arg-type]
+
+
+def _steady_step(res: WanResult, cfg: WanConfig) -> float:
+    """Mean seconds of the steps after the warm-up."""
+    return float(np.mean(res.step_times_s[cfg.warmup_steps:]))
+
+
+def test_the_node_s_async_with_delegated_head_work_is_the_node_as_built() -> None:
+    """`--schedule async --head delegated --contributions step` with the node's caps is what the node runs: no
+    what-if named, the node's in-flight and task caps, the async loss penalty applied, and the JSON holds the
+    slowdown; head lanes stays a what-if."""
+    cal = load_calibration(DEFAULT_PATH)
+    kw: dict[str, object] = dict(schedule="async", averaging="powersgd:12:int4", overlap_averaging=True,
+                                 contributions="step", max_staleness=1, steps=2)
+    built = run_vs_datacenter(cal, head="delegated", **kw)  # type: ignore[arg-type]
+    out = json.loads(json.dumps(built))
+    assert out["node_as_built"] is True and out["not_built"] == []
+    assert out["slowdown_vs_datacenter"] > 1.0 and out["wan"]["step_s"] > 0
+    assert out["wan"]["schedule"] == "async" and out["wan"]["max_staleness"] == 1
+    assert out["wan"]["inflight_per_replica"] == NODE_MAX_INFLIGHT and "replicas.max_inflight" in out["inflight_cap"]
+    assert out["wan"]["tasks_per_delegate"] == NODE_MAX_TASKS and "replicas.max_tasks" in out["task_cap"]
+    assert "staleness 1" in out["inputs"]["assumed"]["async_loss_source"]
+    assert "finishes the step" in out["wan"]["contributions"]
+    leader = run_vs_datacenter(cal, head="leader", **kw)  # type: ignore[arg-type]
+    assert leader["node_as_built"] and leader["wan"]["tasks_per_delegate"] is None
+    lanes = run_vs_datacenter(cal, head="lanes", **kw)  # type: ignore[arg-type]
+    assert not lanes["node_as_built"] and any("async schedule with no commit" in x for x in lanes["not_built"])
+    assert lanes["wan"]["inflight_per_replica"] is None
+
+
+def test_the_window_overlaps_the_per_step_flush_on_slow_links() -> None:
+    """100 ms links against 30 ms of compute a microbatch: gpipe waits for every step's commit and bundles before
+    the next step starts; with max_staleness S >= 1 the leader runs up to S steps ahead, so the step is shorter with
+    the same head, caps and bundles. S = 0 is the flush again (the node's gpipe is its window of 0)."""
+    gpipe_cfg = _cfg(schedule="gpipe", max_staleness=None)
+    gpipe = _steady_step(simulate(gpipe_cfg), gpipe_cfg)
+    for bound in (1, 2):
+        cfg = _cfg(max_staleness=bound)
+        assert _steady_step(simulate(cfg), cfg) < 0.8 * gpipe
+    flushed = _cfg(max_staleness=0)
+    assert _steady_step(simulate(flushed), flushed) > 0.9 * gpipe
+
+
+def test_every_node_runs_only_its_window_and_computes_nothing_while_it_finishes() -> None:
+    """Every node's forwards of step j start once it applied update j - S - 1, and no forward or backward runs on a
+    node between the start of its finish of a step and the update; every node applies every update, in order."""
+    cfg = _cfg(max_staleness=1)
+    sim = PipelineSim(cfg, trace=True)
+    res = sim.run()
+    assert res.microbatches_completed == cfg.steps * cfg.microbatches
+    for stage in sim.nodes:
+        for node in stage:
+            assert len(node.finishes) == cfg.steps and node.applied == cfg.steps
+            assert all(a[1] <= b[0] for a, b in zip(node.finishes[:-1], node.finishes[1:], strict=True))
+    for e in res.trace:
+        if e.kind == "opt":
+            continue
+        node = sim.nodes[e.stage][e.replica]
+        assert not any(e.start < end and e.end > start for start, end in node.finishes)
+        gate = e.mb // cfg.microbatches - 1 - 1  # the update step j's forward waits for, S = 1
+        if e.kind == "fwd" and gate >= 0:
+            assert e.start >= node.finishes[gate][1]
+
+
+def test_a_slow_bundle_exchange_blocks_the_finish_and_lengthens_the_step() -> None:
+    """A 6.25 MB bundle to each of 2 stage peers is 1 s of uplink a push. The leader pushes its bundle before its
+    COMMIT and the delegates push theirs once the COMMIT reaches them, each blocked until the pushes are in: the step
+    grows by at least 1.5 pushes over the 10 kB bundle's (a push the uplink could overlap with compute would cost at
+    most one)."""
+    fast_cfg, slow_cfg = _cfg(), _cfg(grad_sync_bytes=(6_250_000,) * 4)
+    fast, slow = _steady_step(simulate(fast_cfg), fast_cfg), _steady_step(simulate(slow_cfg), slow_cfg)
+    push_s = BUNDLE_PEERS * 6_250_000 / UPLINK_BPS
+    assert slow - fast >= 1.5 * push_s
+
+
+def test_async_without_the_step_exchange_is_refused_or_labelled_naming_replica_exchange() -> None:
+    """The node runs async with replicas only with runtime.replica_exchange = step: delegated head work under async
+    without it is refused (the simulator has no such model), in the comparison and in WanConfig; the head leader's
+    per-microbatch pushes under async stay the earlier model's what-if, labelled with the node's rule."""
+    cal = load_calibration(DEFAULT_PATH)
+    with pytest.raises(ValueError, match=r"schedule='async' needs contributions='step'.*replica_exchange = step"):
+        run_vs_datacenter(cal, schedule="async", head="delegated", contributions="microbatch",
+                          averaging="powersgd:12:int4", overlap_averaging=True, steps=2)
+    with pytest.raises(ValueError, match=r"needs push_per_step.*replica_exchange = step"):
+        _cfg(push_per_step=False).validate()
+    with pytest.raises(ValueError, match=r"churn.*modelled without churn"):
+        _cfg(churn=ChurnConfig(mean_uptime_s=100.0)).validate()
+    what_if = run_vs_datacenter(cal, schedule="async", head="leader", contributions="microbatch",
+                                averaging="powersgd:6:int4", overlap_averaging=True, steps=2)
+    assert not what_if["node_as_built"]
+    assert any("replica_exchange = step" in x for x in what_if["not_built"])
