@@ -190,7 +190,7 @@ def test_a_leader_hands_every_committed_contribution_a_standby_missed_before_the
             eng.head_term = 0  # this engine leads; the announced peer stands by
             for mb in range(M):
                 eng.store.add(3, mb, 0, torch.full((size,), float(mb)))
-            eng._committed = {0: 0, 1: 0}
+            eng._commits[3] = {0: 0, 1: 0}
             eng._holders[(3, 0, 0)] = {h1.get_id().pretty()}  # mb 0 reached it by push; mb 1 was committed before
             with trio.fail_after(20):
                 await eng._hand_to_standbys(3)
