@@ -52,8 +52,11 @@ replicated stages (runtime.schedule = async, runtime.max_staleness = `--max-stal
 every node runs the work of steps a .. a + S only (a: the updates it applied), the leader hands out the microbatches
 of those steps oldest first as above, step k is committed once all its microbatches are back, and each node finishes
 step k (the COMMIT from upstream, every sender's verdict, its COMMIT on, its bundle to its 15 stage peers, theirs in,
-the update) in step order, computing and dispatching nothing while it does; its step time runs between the last
-node's successive updates. Other async runs (per-microbatch contributions, no PowerSGD pushes, `--head lanes`) are the
+the update) in step order, as the node runs it since session 25: the finish runs beside its work (later steps of its
+window computed, dispatched and handed out meanwhile, its bundle on its uplink behind its frames) and only the update
+(the optimizer step's time) blocks it; `finish_blocks=True` (no CLI flag) is the node before that, computing and
+dispatching nothing while it finishes. Its step time runs between the last node's successive updates. Other async
+runs (per-microbatch contributions, no PowerSGD pushes, `--head lanes`) are the
 earlier async model, each replica's update after its own last backward, labelled not built. The node as built
 (`--schedule gpipe`, the node's replicated engine having no 1F1B gate whatever runtime.schedule says, or the async
 above; with `--head leader`, or `--head delegated` with `--contributions step`) also routes as the node does: a sender (the head
@@ -115,7 +118,8 @@ CONTRIBUTIONS = {  # --contributions: how a WAN replica's PowerSGD factors leave
                   "replica_exchange = microbatch)",
     "step": "one per replica and step (the node's replica_exchange = step), pushed once the step's commit reaches "
             "its stage (flushed schedules; async with head leader or delegated: when the replica finishes the step, "
-            "blocked as the node's finish is; async with head lanes: after its last backward, which is optimistic)",
+            "beside its work as the node's finish runs; async with head lanes: after its last backward, which is "
+            "optimistic)",
 }
 HEADS = {  # --head: who computes stage 0 on the WAN side, as the output names it
     "leader": "one head replica leads and computes every microbatch of stage 0, the 15 others stand by and receive "
@@ -137,14 +141,16 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
             max_staleness: int | None, steps: int, seed: int, overlap: bool = False,
             collective: str = "fastest", push: bool = False, per_step: bool = False,
             microbatch_seqs: int = MICROBATCH_SEQS, head_leader: bool = False, head_delegation: bool = False,
-            inflight_per_replica: int | None = None, tasks_per_delegate: int | None = None) -> WanConfig:
+            inflight_per_replica: int | None = None, tasks_per_delegate: int | None = None,
+            finish_blocks: bool = False) -> WanConfig:
     """push: the node's exchange, one contribution per microbatch a replica computes (per_step: one per replica and
     step: the node's replica_exchange = step, `WanConfig.push_per_step`). head_leader: stage 0 as the node runs it, one leader
     computing every microbatch (and pushing each one's contribution) while the other head replicas stand by;
     head_delegation (with head_leader): the leader hands them out as tasks (`WanConfig.head_delegation`; per-microbatch
     contributions are pushed by whoever computed the microbatch).
     inflight_per_replica: `WanConfig.inflight_per_replica` (None: the schedule's own rule). tasks_per_delegate:
-    `WanConfig.tasks_per_delegate` (head_delegation only; None: no cap)."""
+    `WanConfig.tasks_per_delegate` (head_delegation only; None: no cap). finish_blocks: `WanConfig.finish_blocks`
+    (replicated async: the node before session 25, blocked while it finishes a step)."""
     from sharding.partition import partition
 
     device = DeviceAssumption()
@@ -169,6 +175,7 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
                      sync_collective=collective, sync_push=push, push_per_step=push and per_step,
                      link=link, max_staleness=max_staleness if schedule == "async" else None, seed=seed,
                      inflight_per_replica=inflight_per_replica, tasks_per_delegate=tasks_per_delegate,
+                     finish_blocks=finish_blocks,
                      warmup_steps=max(1, steps // 2) if steps > 1 else 0)  # the steady second half
 
 
@@ -179,7 +186,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                       async_loss_ratio: float | None = None,
                       averaging_loss_ratio: float | None = None,
                       inflight_per_replica: int | None = None,
-                      tasks_per_delegate: int | None = None) -> dict[str, Any]:
+                      tasks_per_delegate: int | None = None,
+                      finish_blocks: bool = False) -> dict[str, Any]:
     """Time to the target loss on home links over the same on 100 Gb/s; `slowdown_vs_datacenter` and its inputs.
 
     overlap_averaging: the WAN replicas' averaging goes out on their uplinks while they compute (a DiLoCo outer step
@@ -207,7 +215,10 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     `inflight_cap`.
     tasks_per_delegate: head `delegated` only, the leader's tasks one delegate may hold at once
     (`WanConfig.tasks_per_delegate`); None: the node's `NODE_MAX_TASKS` when the configuration is the node as built,
-    no cap otherwise; 0: no cap. Named in the output's `task_cap`."""
+    no cap otherwise; 0: no cap. Named in the output's `task_cap`.
+    finish_blocks: async with head leader or delegated and contributions = step only, the node before session 25 (a
+    what-if, `WanConfig.finish_blocks`): each node's loop blocked throughout its finish of a step, not only for the
+    update; labelled not built."""
     avg = Averaging.parse(averaging)
     for name, value in (("async_loss_ratio", async_loss_ratio), ("averaging_loss_ratio", averaging_loss_ratio)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -243,6 +254,10 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                          "runtime.schedule = async with replicas only with runtime.replica_exchange = step, and "
                          "delegates head work only with it")
     not_built = []  # what this WAN configuration runs that the node does not
+    if finish_blocks and not (schedule == "async" and head in ("leader", "delegated") and contributions == "step"):
+        raise ValueError("finish_blocks blocks a node while it finishes a step of the node's async schedule with "
+                         "replicated stages: it needs schedule='async', head='leader' or 'delegated' and "
+                         "contributions='step'")
     if schedule == "async":
         what_if = _async_what_if(head, contributions == "step")
         if what_if:
@@ -283,11 +298,14 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     else:
         task_label = ("none: a head delegate holds any number of tasks (an even share of the step's microbatches "
                       "while the leader could send one itself)")
+    if finish_blocks:  # after the caps: the node's caps, with the finish the node had before session 25
+        not_built.append("the blocking finish (the node before session 25: its loop blocked from a step's finish to "
+                         "its update; the node now finishes a step beside its work, blocked only for the update)")
     wan_cfg = _config(calibration, "subspace", schedule, WAN_LINK, avg, max_staleness, steps, seed,
                       overlap=overlap_averaging and not push, collective="direct" if push else "fastest", push=push,
                       per_step=contributions == "step", microbatch_seqs=microbatch_seqs,
                       head_leader=head in ("leader", "delegated"), head_delegation=head == "delegated",
-                      inflight_per_replica=cap, tasks_per_delegate=tasks)
+                      inflight_per_replica=cap, tasks_per_delegate=tasks, finish_blocks=finish_blocks)
     dc_cfg = _config(calibration, "dense", "1f1b", DATACENTER_LINK, Averaging(), None, steps, seed)
     wan, dc = simulate(wan_cfg), simulate(dc_cfg)
     wan_step = wan_cfg.tokens_per_step / (wan.steady_tokens_per_s or wan.tokens_per_s)
@@ -380,7 +398,7 @@ def _async_what_if(head: str, step_exchange: bool) -> str:
     if head == "lanes":
         return ("the async schedule with no commit (--head lanes runs the earlier async model: each replica pushes "
                 "its bundle after its own last backward of a step and updates once its peers' are in, with no "
-                "COMMIT and no blocking finish; the node's async is --head delegated or leader)")
+                "COMMIT; the node's async is --head delegated or leader)")
     return ""
 
 

@@ -130,6 +130,10 @@ class WanConfig:
     # the nodes' windows). None = no such cap
     max_staleness: int | None = None  # async: the head starts step k once update k - S - 1 is done (None: depth window
     # only); replicated_async: every node runs the work of steps a .. a + S only, a its updates applied (None: 0)
+    finish_blocks: bool = False  # replicated_async: the node before session 25: its loop blocked while finishing (its
+    # compute slot held from the finish's start until the update is applied: nothing computed, dispatched or handed
+    # out). False: the node as built, the finish (COMMIT on, bundle pushed, the peers' bundles in) running beside the
+    # node's work, only the update blocking its loop
     max_sim_s: float = 1e9  # simulated-seconds bound; exceeding it raises DeadlockError
     seed: int = 0  # seed of every random draw (bandwidths, latencies, speeds, churn)
 
@@ -198,6 +202,8 @@ class WanConfig:
             raise ValueError("WanConfig.head_delegation under the async schedule needs push_per_step (sync_push with one "
                              "bundle per replica and step): the node runs async with replicated stages only with "
                              "runtime.replica_exchange = step, and delegates head work only with it")
+        if not isinstance(self.finish_blocks, bool):
+            raise ValueError(f"WanConfig.finish_blocks={self.finish_blocks!r}: must be True or False")
         if self.replicated_async and self.churn.mean_uptime_s is not None:
             raise ValueError("WanConfig.churn: the node's async schedule with replicated stages (schedule async, "
                              "head_leader, push_per_step) is modelled without churn; set churn.mean_uptime_s=None")
@@ -227,7 +233,8 @@ class WanConfig:
     @property
     def replicated_async(self) -> bool:
         """The node's async schedule with replicated stages (runtime.schedule = async, replica_exchange = step): every
-        node applies the updates in step order itself, blocked while it finishes one (`simulations.pipeline`)."""
+        node applies the updates in step order itself, finishing each beside its work and blocked only for the update
+        (`finish_blocks`: blocked throughout its finish; `simulations.pipeline`)."""
         return self.schedule == "async" and self.head_leader and self.push_per_step
 
     @property

@@ -23,8 +23,14 @@ delegates with `head_delegation`). Step k is committed at the leader once all it
 finishes step k once it knows the commit (the leader: at once; a head replica: from the leader's COMMIT; below the
 head: from the first COMMIT of a previous-stage node) and has applied k - 1: it waits for the COMMIT of every
 previous-stage node that sent it one of the step's microbatches, sends its COMMIT on (the leader: after its bundle),
-pushes its one bundle to its stage peers (its uplink, then the push's round trip), waits for every stage peer's bundle
-and applies the update, holding its compute slot throughout: a finishing node computes and dispatches nothing.
+pushes its one bundle to its stage peers (its uplink, behind the frames it sends, then the push's round trip), waits
+for every stage peer's bundle and applies the update. As the node runs it (its window's `_finish_in_window`), all of
+the finish but the update runs alongside the node's work: meanwhile it computes the forwards and backwards of the
+later steps of its window, dispatches them and (the leader) hands out microbatches; only the update (combining the
+bundles and the optimizer step, `opt_s`) runs in its loop: its loop is blocked from the end of the finish until the
+update is applied (nothing dispatched or handed out), and the update takes the compute slot ahead of any queued work
+once the running computation ends. `finish_blocks` (the node before session 25) holds the compute slot and blocks the
+loop from the finish's start: a finishing node then computes and dispatches nothing.
 """
 
 from __future__ import annotations
@@ -42,7 +48,8 @@ from .params import WanConfig
 
 FWD, BWD, OPT = "fwd", "bwd", "opt"
 _PRIO = {BWD: 0, OPT: 0, FWD: 1}
-_FINISH_PRIO = -1  # replicated async: a node's finish takes its compute slot before any queued work
+_FINISH_PRIO = -1  # replicated async: a node's update (finish_blocks: its whole finish) takes its compute slot
+# before any queued work
 
 
 @dataclass
@@ -182,13 +189,15 @@ class _Node:
         self.bundle_step = -1  # push_per_step, flushed: the last step this node's bundle went out for (one a step)
         self.applied = 0  # replicated async: updates this node applied (its oldest unapplied step)
         self.advanced = env.event()  # replicated async: fires when this node applies an update (then replaced)
-        self.finishing: simpy.Event | None = None  # replicated async: while it finishes a step, fires when it is done
+        self.blocked: simpy.Event | None = None  # replicated async: while its loop is blocked (from the end of a finish
+        # until the update is applied; finish_blocks: the whole finish), fires when the update is applied
         self.owned: Counter[int] = Counter()  # replicated async: step -> its microbatches this node computed
         self.senders: dict[int, set[_Node]] = {}  # replicated async: step -> previous-stage nodes that sent it one
         self.heard: dict[int, set[_Node]] = {}  # replicated async: step -> nodes whose COMMIT of it arrived here
         self.told = env.event()  # replicated async: fires when a COMMIT arrives here (then replaced)
         self.bundles: dict[int, simpy.Event] = {}  # replicated async: step -> fires once its bundle reached the peers
         self.finishes: list[tuple[float, float]] = []  # replicated async: (start, update applied) of each step's finish
+        self.blocks: list[tuple[float, float]] = []  # replicated async: (loop blocked, update applied) of each step
 
 
 class PipelineSim:
@@ -329,13 +338,14 @@ class PipelineSim:
         replicas), as the node's engine `_helper`); counted as one more task. When none qualifies the leader takes
         it itself if it could send one, once its own last forward is done; otherwise waits for a task to come back,
         a forward to end, a stage-1 slot or a joiner. Without `head_delegation` (the replicated async driver's
-        leader alone) it never delegates; a finishing leader (replicated async) hands out nothing until it applied
-        its update. Returns the node and whether it is a delegate."""
+        leader alone) it never delegates; a leader whose loop is blocked (replicated async: for its update, with
+        finish_blocks for its whole finish) hands out nothing until it applied the update. Returns the node and whether
+        it is a delegate."""
         cap = self.cfg.tasks_per_delegate
         while True:
             live = [n for n in self.nodes[0] if n.alive]
-            if live and live[0].finishing is not None:
-                yield live[0].finishing
+            if live and live[0].blocked is not None:
+                yield live[0].blocked
                 continue
             if live:
                 leader = live[0]
@@ -467,8 +477,8 @@ class PipelineSim:
                 if not ok:
                     return False
                 self.fwd_passes[s] += 1
-                if s < s_n - 1 and node.finishing is not None:  # replicated async: dispatched once it is done
-                    yield node.finishing
+                if s < s_n - 1 and node.blocked is not None:  # replicated async: dispatched once its loop runs
+                    yield node.blocked
                 if s < s_n - 1:
                     if nxt is None and self.capped:
                         nxt = yield from self._pick_capped(node, s + 1)
@@ -737,20 +747,35 @@ class PipelineSim:
                 node.senders.setdefault(step, set()).add(path[s - 1])
 
     def _finisher(self, node: _Node) -> Generator[simpy.Event, Any, None]:
-        """Replicated async: `node` finishes the steps in order. Once it knows step k's commit and applied k - 1 it
-        takes its compute slot ahead of any queued work and holds it until update k is applied (the node's `_finish`
-        blocks its event loop: no frame is processed, nothing computed or dispatched), then its window moves on."""
+        """Replicated async: `node` finishes the steps in order, step k's finish starting once it knows k's commit and
+        applied k - 1. As the node's async window runs it (`_finish_in_window`), the finish (`_prepare`) runs beside
+        the node's work, which goes on (later steps of its window computed, dispatched and handed out); once it is
+        done the node's loop blocks for the update (`_update`, the node's `_apply`), which takes the compute slot
+        ahead of any queued work once the running computation ends; then its window moves on. finish_blocks (the
+        node before session 25: its `_finish` blocked its event loop): the node takes its compute slot ahead of any
+        queued work when the finish starts and holds it until the update is applied, its loop blocked throughout (no
+        frame processed, nothing computed or dispatched)."""
+        blocking = self.cfg.finish_blocks
         for step in range(self.cfg.steps):
             yield from self._await_commit(node, step)
+            start = blocked_at = self.env.now
+            blocked = self.env.event()
+            if not blocking:
+                yield from self._prepare(node, step)
+                blocked_at, node.blocked = self.env.now, blocked
             with node.compute.request(priority=_FINISH_PRIO) as req:
                 yield req
-                start, node.finishing = self.env.now, self.env.event()
-                yield from self._finish(node, step)
+                if blocking:
+                    start = blocked_at = self.env.now
+                    node.blocked = blocked
+                    yield from self._prepare(node, step)
+                yield from self._update(node, step)
                 node.finishes.append((start, self.env.now))
+                node.blocks.append((blocked_at, self.env.now))
                 node.applied += 1
-                done, node.finishing = node.finishing, None
+                node.blocked = None
                 advanced, node.advanced = node.advanced, self.env.event()
-            done.succeed()
+            blocked.succeed()
             advanced.succeed()
             self.last_apply[step] = self.env.now  # the last node's apply is the last write
 
@@ -763,12 +788,12 @@ class PipelineSim:
         while not node.heard.get(step):
             yield node.told
 
-    def _finish(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
-        """Replicated async, `node` holding its compute slot: step `step`'s finish as the node's `_finish` runs it.
-        Below the head it waits for the COMMIT of every previous-stage node that sent it one of the step's
-        microbatches (their verdicts, `_owned_pairs`); the leader pushes its bundle and then sends its COMMIT (its
-        run_step), any other node sends its COMMIT on and then pushes its bundle; then it waits for the bundle of every
-        stage peer that computed one of the step's microbatches and applies the update."""
+    def _prepare(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
+        """Replicated async: all of step `step`'s finish at `node` but the update, as the node's `_prepare` (and the
+        leader's `_lead_commit`) run it. Below the head it waits for the COMMIT of every previous-stage node that sent
+        it one of the step's microbatches (their verdicts, `_owned_pairs`); the leader pushes its bundle and then sends
+        its COMMIT (its `_lead_commit`), any other node sends its COMMIT on and then pushes its bundle; then it waits
+        for the bundle of every stage peer that computed one of the step's microbatches."""
         while not node.senders.get(step, set()) <= node.heard.get(step, set()):
             yield node.told
         if node is self._leader:
@@ -780,6 +805,10 @@ class PipelineSim:
         peers = [self._bundle_event(n, step) for n in self.nodes[node.stage] if n is not node and n.owned[step]]
         if peers:
             yield self.env.all_of(peers)
+
+    def _update(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
+        """Replicated async, `node` holding its compute slot: step `step`'s update (the node's `_apply`: the bundles
+        combined and the optimizer step), costed as the stage's optimizer step (`opt_s`)."""
         if self.opt[node.stage] > 0:
             yield from self._held_work(node, self.opt[node.stage], OPT, -1, 0, node.generation)
 

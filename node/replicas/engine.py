@@ -488,7 +488,10 @@ class ReplicaEngine:
             told = self._verdicts.get(step, {})
             if all(up in told for up in mine.values()) or trio.current_time() >= deadline:
                 break
-            await self._wait(min(0.1, deadline - trio.current_time()))
+            if self.window:  # the step loop runs meanwhile and owns the wake event: poll
+                await trio.sleep(min(0.01, max(0.0, deadline - trio.current_time())))
+            else:
+                await self._wait(min(0.1, deadline - trio.current_time()))
         return sorted(p for p, up in mine.items() if p[0] in told.get(up, set()))
 
     async def _hold(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> bool:
@@ -870,113 +873,128 @@ class ReplicaEngine:
         self._future = [(ch, r) for ch, r in self._future if r.frame.header.step > last]
         early_tasks = [(link, t) for link, t in self._future_tasks if t.step <= last]
         self._future_tasks = [(link, t) for link, t in self._future_tasks if t.step > last]
-        while True:
-            if self.fatal is not None:
-                raise self.fatal
-            self.check_rollback()
-            for link, t in early_tasks + self._take_tasks():
-                if step <= t.step <= last:
-                    await (self._on_done(link, t) if link.leading else self._on_task(link, t))
-                elif t.step > last and not link.leading:  # the leader may be ahead while we finish a step
-                    await self._park_task(step, link, t)
-            early_tasks = []
-            arrived = early + await self._take_frames()
-            early = []
-            for ch, r in arrived:
-                h = r.frame.header
-                if h.step > last:
-                    self._future.append((ch, r))
-                elif h.step < step:
-                    continue
-                elif h.kind == frames.Kind.ACTIVATION:
-                    await self._on_activation(step, ch, r)
-                else:
-                    await self._on_gradient(step, ch, r)
-            if head and len(self._commits[step]) == self.m:
-                if w.spec.is_first:
-                    if self.per_step and step not in self._owned:  # the leader's bundle: every microbatch it computed
-                        dense = self._dense.get(step, {})
-                        await self._bundle(step, sorted(p for p in self._commits[step].items() if p in dense))
-                    await self._hand_to_standbys(step)
-                self.store.commit(step, self._commits[step])
-                break
-            if standby and step not in self.store.commits:
-                held = heads.held_commits(self.store.pairs(step))
-                claim = self._leader_claim(step)
-                if claim is not None:  # the leader's complete commit, with its bundle (delegated head work)
-                    self.store.commit(step, claim)
-                elif len(held) == self.m:  # every microbatch's committed contribution is here: the leader's commit
-                    self.store.commit(step, held)
-            if not head and step in self.store.commits:
-                break
-            if standby and await self._leader_lost(step):
-                if self.delegating:  # a head replica the lost leader's COMMIT reached may hold it: not lost then
-                    with trio.move_on_after(self.rc.avg_timeout_s):
-                        await self.pull_commit(step, 0.0, every_peer=True)
-                    if step in self.store.commits:
+        prep: trio.Event | None = None  # async window: set once the step's finish (all but the update) ran
+        failure: NodeError | None = None  # raised once the nursery is closed (no exception groups)
+        async with trio.open_nursery() as finishing:  # the async window keeps working while a step finishes
+            try:
+                while True:
+                    if self.fatal is not None:
+                        raise self.fatal
+                    self.check_rollback()
+                    for link, t in early_tasks + self._take_tasks():
+                        if step <= t.step <= last:
+                            await (self._on_done(link, t) if link.leading else self._on_task(link, t))
+                        elif t.step > last and not link.leading:  # the leader may be ahead while we finish a step
+                            await self._park_task(step, link, t)
+                    early_tasks = []
+                    arrived = early + await self._take_frames()
+                    early = []
+                    for ch, r in arrived:
+                        h = r.frame.header
+                        if h.step > last:
+                            self._future.append((ch, r))
+                        elif h.step < step:
+                            continue
+                        elif h.kind == frames.Kind.ACTIVATION:
+                            await self._on_activation(step, ch, r)
+                        else:
+                            await self._on_gradient(step, ch, r)
+                    if prep is not None:
+                        if prep.is_set():
+                            break
+                    elif head and len(self._commits[step]) == self.m:
+                        if not self.window:
+                            await self._lead_commit(step)
+                            break
+                        prep = trio.Event()
+                        finishing.start_soon(self._finish_in_window, step, prep)
+                    elif not head and step in self.store.commits and self.window:
+                        prep = trio.Event()
+                        finishing.start_soon(self._finish_in_window, step, prep)
+                    if standby and step not in self.store.commits:
+                        held = heads.held_commits(self.store.pairs(step))
+                        claim = self._leader_claim(step)
+                        if claim is not None:  # the leader's complete commit, with its bundle (delegated head work)
+                            self.store.commit(step, claim)
+                        elif len(held) == self.m:  # every microbatch's committed contribution is here: the leader's commit
+                            self.store.commit(step, held)
+                    if not head and step in self.store.commits and not self.window:
+                        break
+                    if standby and prep is None and await self._leader_lost(step):
+                        if self.delegating:  # a head replica the lost leader's COMMIT reached may hold it: not lost then
+                            with trio.move_on_after(self.rc.avg_timeout_s):
+                                await self.pull_commit(step, 0.0, every_peer=True)
+                            if step in self.store.commits:
+                                continue
+                        self._take_over(step)
+                        for link in self.leaders.values():
+                            await link.close()
+                        self.leaders.clear()
+                        for key, v in list(self._work.items()):  # the lost leader's tasks: never committed now
+                            if v.task:
+                                if v.down:
+                                    self.router.abandoned(v.down)
+                                del self._work[key]
+                        head, standby = True, False
+                        self._commits = {step: heads.held_commits(self.store.pairs(step))}
+                        self._opened, self._pending, self._next_attempt, self._assigned = set(), deque(), {}, Counter()
+                        self._open_steps(step)
                         continue
-                self._take_over(step)
-                for link in self.leaders.values():
-                    await link.close()
-                self.leaders.clear()
-                for key, v in list(self._work.items()):  # the lost leader's tasks: never committed now
-                    if v.task:
-                        if v.down:
-                            self.router.abandoned(v.down)
-                        del self._work[key]
-                head, standby = True, False
-                self._commits = {step: heads.held_commits(self.store.pairs(step))}
-                self._opened, self._pending, self._next_attempt, self._assigned = set(), deque(), {}, Counter()
-                self._open_steps(step)
-                continue
-            if head and w.spec.is_first:
-                self._check_rival(step)
-            if not w.spec.is_last:
-                self._check_timeouts()
-                if head and self._pending and not self._queue:
-                    now = trio.current_time()
-                    k, mb = self._pending[0]
-                    here = self.router.choose(self._candidates(), now) is not None
-                    helper = self._helper(k, now, fair=here) if self.delegates else None
-                    if helper is not None:  # a head replica with room takes it (`node.replicas.delegation`)
-                        self._pending.popleft()
-                        await self._delegate(k, mb, helper)
-                        self.poke()
-                    elif here:
-                        self._pending.popleft()
-                        window = await self._compute(w.head_window, k, mb)
-                        out = await self._compute(w.forward, k, mb, window, None)
-                        self._ahead += k > step
-                        self._work[(k, mb)] = _Work(mb, self._attempt_for(k, mb), out,
-                                                    window_to_bytes(window, w.id_bytes))
-                        self._queue.append((k, mb))
-                        self.poke()
-                await self._dispatch()
-                now = trio.current_time()
-                waiting = bool(self._queue) or (head and bool(self._pending))
-                usable = self._candidates_usable(now)
-                self._had_next = self._had_next or usable
-                if waiting and not usable:
-                    no_replica_since = no_replica_since if no_replica_since is not None else now
-                    # before any replica of the next stage was ever usable (a swarm starting on a loaded machine)
-                    # the wait is discovery's, for a peer serving a needed stage
-                    limit = self.rc.no_replica_timeout_s if self._had_next else \
-                        max(self.rc.no_replica_timeout_s, self.cfg.discovery.discovery_timeout_s)
-                    if now - no_replica_since > limit:
-                        lost = self.router.events[-1].peer if self.router.events else ""
-                        raise NoReplicaError(
-                            f"stage {self.stage}: no usable replica of stage {self.stage + 1} within "
-                            f"replicas.no_replica_timeout_s={self.rc.no_replica_timeout_s} (discovery.discovery_timeout_s="
-                            f"{self.cfg.discovery.discovery_timeout_s} before the first) at step {step}"
-                            + (f" (last lost: peer {lost})" if lost else ""), lost, self.stage + 1)
-                else:
-                    no_replica_since = None
-            if not w.spec.is_first:
-                self._check_upstream(step)
-            if self._wake.is_set():
-                self._wake = trio.Event()
-                continue
-            await self._wait(tick)
+                    if head and w.spec.is_first:
+                        self._check_rival(step)
+                    if not w.spec.is_last:
+                        self._check_timeouts()
+                        if head and self._pending and not self._queue:
+                            now = trio.current_time()
+                            k, mb = self._pending[0]
+                            here = self.router.choose(self._candidates(), now) is not None
+                            helper = self._helper(k, now, fair=here) if self.delegates else None
+                            if helper is not None:  # a head replica with room takes it (`node.replicas.delegation`)
+                                self._pending.popleft()
+                                await self._delegate(k, mb, helper)
+                                self.poke()
+                            elif here:
+                                self._pending.popleft()
+                                window = await self._compute(w.head_window, k, mb)
+                                out = await self._compute(w.forward, k, mb, window, None)
+                                self._ahead += k > step
+                                self._work[(k, mb)] = _Work(mb, self._attempt_for(k, mb), out,
+                                                            window_to_bytes(window, w.id_bytes))
+                                self._queue.append((k, mb))
+                                self.poke()
+                        await self._dispatch()
+                        now = trio.current_time()
+                        waiting = bool(self._queue) or (head and bool(self._pending))
+                        usable = self._candidates_usable(now)
+                        self._had_next = self._had_next or usable
+                        if waiting and not usable:
+                            no_replica_since = no_replica_since if no_replica_since is not None else now
+                            # before any replica of the next stage was ever usable (a swarm starting on a loaded machine)
+                            # the wait is discovery's, for a peer serving a needed stage
+                            limit = self.rc.no_replica_timeout_s if self._had_next else \
+                                max(self.rc.no_replica_timeout_s, self.cfg.discovery.discovery_timeout_s)
+                            if now - no_replica_since > limit:
+                                lost = self.router.events[-1].peer if self.router.events else ""
+                                raise NoReplicaError(
+                                    f"stage {self.stage}: no usable replica of stage {self.stage + 1} within "
+                                    f"replicas.no_replica_timeout_s={self.rc.no_replica_timeout_s} (discovery.discovery_timeout_s="
+                                    f"{self.cfg.discovery.discovery_timeout_s} before the first) at step {step}"
+                                    + (f" (last lost: peer {lost})" if lost else ""), lost, self.stage + 1)
+                        else:
+                            no_replica_since = None
+                    if not w.spec.is_first:
+                        self._check_upstream(step)
+                    if self._wake.is_set():
+                        self._wake = trio.Event()
+                        continue
+                    await self._wait(tick)
+            except NodeError as exc:
+                failure = exc
+                finishing.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        if self.window:
+            return await self._apply(step, t0)
         return await self._finish(step, t0)
 
     def _open_steps(self, step: int) -> None:
@@ -1211,7 +1229,36 @@ class ReplicaEngine:
                 self.poke()
                 return
 
+    async def _lead_commit(self, step: int) -> None:
+        """The leading head completed `step`: its bundle (every committed microbatch it computed) goes to the stage
+        peers and each standby gets what it lacks before the commit is recorded (and sent downstream)."""
+        if self.per_step and step not in self._owned:
+            dense = self._dense.get(step, {})
+            await self._bundle(step, sorted(p for p in self._commits[step].items() if p in dense))
+        await self._hand_to_standbys(step)
+        self.store.commit(step, self._commits[step])
+
+    async def _finish_in_window(self, step: int, done: trio.Event) -> None:
+        """The async window: finish `step` (the leader's commit, the COMMIT on, the bundle, every committed
+        contribution) alongside the work of later steps, then wake the step loop to apply the update."""
+        try:
+            if self.leads and step not in self.store.commits:
+                await self._lead_commit(step)
+            await self._prepare(step)
+        except NodeError as exc:  # the step loop raises it (a re-sync, a rollback, a lost state)
+            self.fatal = exc
+        else:
+            done.set()
+        self.poke()
+
     async def _finish(self, step: int, t0: float) -> StepOutcome:
+        """Finish `step` (`_prepare`) and apply its update (`_apply`)."""
+        await self._prepare(step)
+        return await self._apply(step, t0)
+
+    async def _prepare(self, step: int) -> None:
+        """Everything of finishing `step` but the update: the COMMIT on (with this replica's own pairs), this
+        replica's bundle, and every committed contribution of the stage here (else a re-sync or a rollback)."""
         w = self.worker
         commit = self.store.commits[step]
         if self.per_step and step not in self._owned:
@@ -1235,6 +1282,11 @@ class ReplicaEngine:
                                 "microbatches": self.store.missing(step), "time": time.time()})
             while self.store.missing(step):
                 await self._await_missing(step, since)
+
+    async def _apply(self, step: int, t0: float) -> StepOutcome:
+        """Apply `step`'s update from the committed contributions (`_prepare` ran) and drop what the step held."""
+        w = self.worker
+        commit = self.store.commits[step]
         dropped = self.store.missing(step)  # always empty: kept in the record for exactly-once checks
         items = self.store.committed(step)
         async with self.lock:

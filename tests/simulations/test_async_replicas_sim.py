@@ -4,6 +4,7 @@ async with replica_exchange = step) and the datacenter comparison's `--schedule 
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -38,7 +39,8 @@ def _steady_step(res: WanResult, cfg: WanConfig) -> float:
 def test_the_node_s_async_with_delegated_head_work_is_the_node_as_built() -> None:
     """`--schedule async --head delegated --contributions step` with the node's caps is what the node runs: no
     what-if named, the node's in-flight and task caps, the async loss penalty applied, and the JSON holds the
-    slowdown; head lanes stays a what-if."""
+    slowdown; head lanes stays a what-if, and so does the blocking finish (finish_blocks, the node before session 25),
+    run with the node's caps and refused outside the node's async with replicated stages."""
     cal = load_calibration(DEFAULT_PATH)
     kw: dict[str, object] = dict(schedule="async", averaging="powersgd:12:int4", overlap_averaging=True,
                                  contributions="step", max_staleness=1, steps=2)
@@ -53,6 +55,13 @@ def test_the_node_s_async_with_delegated_head_work_is_the_node_as_built() -> Non
     assert "finishes the step" in out["wan"]["contributions"]
     leader = run_vs_datacenter(cal, head="leader", **kw)  # type: ignore[arg-type]
     assert leader["node_as_built"] and leader["wan"]["tasks_per_delegate"] is None
+    blocking = run_vs_datacenter(cal, head="delegated", finish_blocks=True, **kw)  # type: ignore[arg-type]
+    assert not blocking["node_as_built"] and any("blocking finish" in x for x in blocking["not_built"])
+    assert blocking["wan"]["inflight_per_replica"] == NODE_MAX_INFLIGHT  # the node's caps, the old finish
+    assert blocking["wan"]["tasks_per_delegate"] == NODE_MAX_TASKS
+    with pytest.raises(ValueError, match="finish_blocks.*schedule='async'"):
+        run_vs_datacenter(cal, head="delegated", finish_blocks=True,  # type: ignore[arg-type]
+                          **{**kw, "schedule": "gpipe"})
     lanes = run_vs_datacenter(cal, head="lanes", **kw)  # type: ignore[arg-type]
     assert not lanes["node_as_built"] and any("async schedule with no commit" in x for x in lanes["not_built"])
     assert lanes["wan"]["inflight_per_replica"] is None
@@ -71,36 +80,83 @@ def test_the_window_overlaps_the_per_step_flush_on_slow_links() -> None:
     assert _steady_step(simulate(flushed), flushed) > 0.9 * gpipe
 
 
-def test_every_node_runs_only_its_window_and_computes_nothing_while_it_finishes() -> None:
-    """Every node's forwards of step j start once it applied update j - S - 1, and no forward or backward runs on a
-    node between the start of its finish of a step and the update; every node applies every update, in order."""
-    cfg = _cfg(max_staleness=1)
-    sim = PipelineSim(cfg, trace=True)
-    res = sim.run()
+def _check_windows_and_order(sim: PipelineSim, res: WanResult, cfg: WanConfig) -> None:
+    """Every node applies every update, in order (a step's finish starts once the step before is applied), and its
+    forwards of step j start once it applied update j - S - 1."""
     assert res.microbatches_completed == cfg.steps * cfg.microbatches
+    assert cfg.max_staleness is not None
     for stage in sim.nodes:
         for node in stage:
             assert len(node.finishes) == cfg.steps and node.applied == cfg.steps
             assert all(a[1] <= b[0] for a, b in zip(node.finishes[:-1], node.finishes[1:], strict=True))
+            for (start, end), (blocked, applied) in zip(node.finishes, node.blocks, strict=True):
+                assert start <= blocked <= end == applied  # its loop blocked from within the finish to the update
+    for e in res.trace:
+        node = sim.nodes[e.stage][e.replica]
+        gate = e.mb // cfg.microbatches - cfg.max_staleness - 1  # the update step j's forward waits for
+        if e.kind == "fwd" and gate >= 0:
+            assert e.start >= node.finishes[gate][1]
+
+
+def test_the_blocking_finish_runs_only_its_window_and_computes_nothing_while_it_finishes() -> None:
+    """finish_blocks (the node before session 25): every node's forwards of step j start once it applied update
+    j - S - 1, and no forward or backward runs on a node between the start of its finish of a step and the update;
+    every node applies every update, in order."""
+    cfg = _cfg(max_staleness=1, finish_blocks=True)
+    sim = PipelineSim(cfg, trace=True)
+    res = sim.run()
+    _check_windows_and_order(sim, res, cfg)
+    for stage in sim.nodes:
+        for node in stage:
+            assert node.blocks == node.finishes  # its loop blocked throughout each finish
     for e in res.trace:
         if e.kind == "opt":
             continue
         node = sim.nodes[e.stage][e.replica]
         assert not any(e.start < end and e.end > start for start, end in node.finishes)
-        gate = e.mb // cfg.microbatches - 1 - 1  # the update step j's forward waits for, S = 1
-        if e.kind == "fwd" and gate >= 0:
-            assert e.start >= node.finishes[gate][1]
 
 
-def test_a_slow_bundle_exchange_blocks_the_finish_and_lengthens_the_step() -> None:
+def test_a_node_computes_while_it_finishes_and_blocks_only_for_the_update() -> None:
+    """The node as built (finish_blocks False): a step's finish runs beside the node's work, so forwards and
+    backwards of later steps start on the nodes between a finish's start and its update (S = 2: on the head leader
+    too, forwards it computes and dispatches while its own finish runs; S = 1 leaves it none in this link-bound
+    layout, the next step all handed out before the finish starts); only the update blocks a node (no forward or
+    backward starts from the end of the finish until the update is applied); windows and order hold as before; and
+    on the same configuration the step is no longer than with the blocking finish."""
+    for bound in (1, 2):
+        cfg = _cfg(max_staleness=bound)
+        sim = PipelineSim(cfg, trace=True)
+        res = sim.run()
+        _check_windows_and_order(sim, res, cfg)
+        overlapped: Counter[tuple[int, int, str]] = Counter()  # (stage, replica, kind): started during a finish
+        for e in res.trace:
+            if e.kind == "opt":
+                continue
+            node = sim.nodes[e.stage][e.replica]
+            step = e.mb // cfg.microbatches
+            overlapped[(e.stage, e.replica, e.kind)] += any(start < e.start < end and step > k
+                                                            for k, (start, end) in enumerate(node.finishes))
+            assert not any(blocked < e.start < end for blocked, end in node.blocks)
+        assert sum(overlapped.values()) > cfg.microbatches
+        if bound == 2:
+            assert overlapped[(0, 0, "fwd")] > 0
+        assert all(end - blocked < end - start for (start, end), (blocked, _) in
+                   zip(sim.nodes[0][0].finishes, sim.nodes[0][0].blocks, strict=True))
+        blocking_cfg = _cfg(max_staleness=bound, finish_blocks=True)
+        assert _steady_step(res, cfg) <= _steady_step(simulate(blocking_cfg), blocking_cfg)
+
+
+def test_a_slow_bundle_exchange_lengthens_the_finish_and_the_step() -> None:
     """A 6.25 MB bundle to each of 2 stage peers is 1 s of uplink a push. The leader pushes its bundle before its
-    COMMIT and the delegates push theirs once the COMMIT reaches them, each blocked until the pushes are in: the step
-    grows by at least 1.5 pushes over the 10 kB bundle's (a push the uplink could overlap with compute would cost at
-    most one)."""
-    fast_cfg, slow_cfg = _cfg(), _cfg(grad_sync_bytes=(6_250_000,) * 4)
-    fast, slow = _steady_step(simulate(fast_cfg), fast_cfg), _steady_step(simulate(slow_cfg), slow_cfg)
+    COMMIT and the delegates push theirs once the COMMIT reaches them, and a node's finish waits until its peers'
+    pushes are in; the next step's finish starts only once this update is applied, so, whether the finish blocks the
+    node or runs beside its work, the step grows by at least 1.5 pushes over the 10 kB bundle's (a push the uplink
+    could overlap with the next one would cost at most one)."""
     push_s = BUNDLE_PEERS * 6_250_000 / UPLINK_BPS
-    assert slow - fast >= 1.5 * push_s
+    for blocks in (False, True):
+        fast_cfg, slow_cfg = _cfg(finish_blocks=blocks), _cfg(grad_sync_bytes=(6_250_000,) * 4, finish_blocks=blocks)
+        fast, slow = _steady_step(simulate(fast_cfg), fast_cfg), _steady_step(simulate(slow_cfg), slow_cfg)
+        assert slow - fast >= 1.5 * push_s
 
 
 def test_async_without_the_step_exchange_is_refused_or_labelled_naming_replica_exchange() -> None:
