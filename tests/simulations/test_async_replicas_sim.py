@@ -60,8 +60,8 @@ def test_the_node_s_async_with_delegated_head_work_is_the_node_as_built() -> Non
     assert blocking["wan"]["inflight_per_replica"] == NODE_MAX_INFLIGHT  # the node's caps, the old finish
     assert blocking["wan"]["tasks_per_delegate"] == NODE_MAX_TASKS
     with pytest.raises(ValueError, match="finish_blocks.*schedule='async'"):
-        run_vs_datacenter(cal, head="delegated", finish_blocks=True,  # type: ignore[arg-type]
-                          **{**kw, "schedule": "gpipe"})
+        run_vs_datacenter(cal, head="delegated", finish_blocks=True,
+                          **{**kw, "schedule": "gpipe"})  # type: ignore[arg-type]
     lanes = run_vs_datacenter(cal, head="lanes", **kw)  # type: ignore[arg-type]
     assert not lanes["node_as_built"] and any("async schedule with no commit" in x for x in lanes["not_built"])
     assert lanes["wan"]["inflight_per_replica"] is None
