@@ -204,7 +204,8 @@ class ReplicaConfig:
     # False, or the per-microbatch exchange: the standbys compute nothing
     max_tasks: int = 16  # delegated head work: microbatches one head replica may hold as the leader's tasks at once
     # (a task stays out for a whole pipeline round trip, so a delegate's even share of a step should fit; the share,
-    # ceil(microbatches / head replicas), caps what it gets while the leader can compute the rest itself)
+    # ceil(microbatches / head replicas), caps what it gets while the leader can compute the rest itself); the async
+    # schedule's window holds runtime.max_staleness + 1 steps, and so max_tasks for each of them
     catchup_poll_s: float = 0.01  # while behind and catching up, wait this long between pulls of missed steps
     keep_steps: int = 4  # steps of contributions kept in memory for stage peers that pull them (a replica
     # more steps behind than this re-fetches the stage state: keep it above state-transfer time / step time)

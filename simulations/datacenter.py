@@ -39,7 +39,8 @@ leader hands each microbatch to a head replica with fewer than `NODE_MAX_TASKS` 
 itself, handed fewer than an even share of the step's microbatches (16 of 256 among 16 head replicas), computing the
 rest itself; with no stage-1 room of its own it hands one to any delegate under the task cap. It counts a microbatch
 done when the delegate's DONE is in (one latency after its backward); the delegates push their bundles once the
-leader's COMMIT reaches them (one latency after the step's last DONE). With `--contributions microbatch` a what-if
+leader's COMMIT reaches them (one latency after the step's last DONE; under async, below, after the leader's first
+bundle push). With `--contributions microbatch` a what-if
 under gpipe or 1f1b (the node then does not delegate) and refused under async (the node runs async with replicas only with
 runtime.replica_exchange = step). Before the node had replicas.max_tasks a delegate held at
 most the in-flight cap's 2 tasks with no share (`--tasks-per-delegate 2` gives that figure: the share never binds
@@ -55,7 +56,14 @@ step k (the COMMIT from upstream, every sender's verdict, its COMMIT on, its bun
 the update) in step order, as the node runs it since session 25: the finish runs beside its work (later steps of its
 window computed, dispatched and handed out meanwhile, its bundle on its uplink behind its frames) and only the update
 (the optimizer step's time) blocks it; `finish_blocks=True` (no CLI flag) is the node before that, computing and
-dispatching nothing while it finishes. Its step time runs between the last node's successive updates. Other async
+dispatching nothing while it finishes. With `--head delegated` and `--max-staleness` >= 1 the leader's finish is
+ordered as the node's `_early_commit` (session 25): its bundle to one head peer, that push's answer, its COMMIT (to
+the delegates and downstream), then its bundle to the 14 other head peers while the delegates push theirs (the head's
+finish chain: one push and its round trip, the COMMIT's 50 ms, then the 14 or 15 pushes side by side). Otherwise
+the leader pushes its bundle to all 15 before its COMMIT (any delegates' pushes following the whole of it): the node
+as built with `--head leader` or at `--max-staleness 0`, and the node before session 25 (`finish_blocks`, or
+`WanConfig.leader_bundle_first` with the concurrent finish; no CLI flags). Its step time runs between the last node's
+successive updates. Other async
 runs (per-microbatch contributions, no PowerSGD pushes, `--head lanes`) are the
 earlier async model, each replica's update after its own last backward, labelled not built. The node as built
 (`--schedule gpipe`, the node's replicated engine having no 1F1B gate whatever runtime.schedule says, or the async
@@ -288,10 +296,11 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     if head != "delegated":
         task_label = f"none: no tasks (head {head}; only --head delegated hands stage-0 microbatches out)"
     elif tasks_per_delegate is None and not not_built:
-        tasks = NODE_MAX_TASKS
-        task_label = (f"{tasks} tasks per head delegate: the node's replicas.max_tasks default (node as built; a "
-                      f"delegate gets at most an even share of the step's microbatches while the leader could send "
-                      f"one itself)")
+        steps_held = max_staleness + 1 if schedule == "async" else 1  # the node's window holds max_staleness + 1
+        tasks = NODE_MAX_TASKS * steps_held
+        task_label = (f"{tasks} tasks per head delegate: the node's replicas.max_tasks default for each of the "
+                      f"{steps_held} step(s) its window holds (node as built; a delegate gets at most an even share "
+                      f"of a step's microbatches while the leader could send one itself)")
     elif tasks_per_delegate:
         tasks, task_label = tasks_per_delegate, (f"{tasks_per_delegate} tasks per head delegate: given by the caller "
                                                  f"(--tasks-per-delegate)")

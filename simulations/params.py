@@ -134,6 +134,11 @@ class WanConfig:
     # compute slot held from the finish's start until the update is applied: nothing computed, dispatched or handed
     # out). False: the node as built, the finish (COMMIT on, bundle pushed, the peers' bundles in) running beside the
     # node's work, only the update blocking its loop
+    leader_bundle_first: bool = False  # replicated_async with head_delegation, max_staleness >= 1 and the concurrent
+    # finish: the node before session 25: the async leader pushed its bundle to every head peer before its COMMIT
+    # (the delegates' bundles then went out one whole push of the leader's later). False: the node as built, the
+    # leader pushes its bundle to one head peer, sends its COMMIT once that push is answered, then pushes it to the
+    # other head peers beside the delegates' bundles (its `_lead_commit`, `_early_commit`, `_rest_of_bundle`)
     max_sim_s: float = 1e9  # simulated-seconds bound; exceeding it raises DeadlockError
     seed: int = 0  # seed of every random draw (bandwidths, latencies, speeds, churn)
 
@@ -204,6 +209,16 @@ class WanConfig:
                              "runtime.replica_exchange = step, and delegates head work only with it")
         if not isinstance(self.finish_blocks, bool):
             raise ValueError(f"WanConfig.finish_blocks={self.finish_blocks!r}: must be True or False")
+        if not isinstance(self.leader_bundle_first, bool):
+            raise ValueError(f"WanConfig.leader_bundle_first={self.leader_bundle_first!r}: must be True or False")
+        if self.leader_bundle_first and not (self.replicated_async and self.head_delegation
+                                             and (self.max_staleness or 0) >= 1 and not self.finish_blocks):
+            raise ValueError("WanConfig.leader_bundle_first keeps the old order of the async leader's finish (its bundle "
+                             "to every head peer before its COMMIT): it applies only where the node's leader sends its "
+                             "COMMIT once one head peer holds its bundle, the async schedule with replicated stages "
+                             "(schedule async, head_leader, push_per_step) with head_delegation, max_staleness >= 1 "
+                             "and finish_blocks=False (finish_blocks already has the old order; without delegation or "
+                             "with max_staleness 0 the node keeps it); leave it False")
         if self.replicated_async and self.churn.mean_uptime_s is not None:
             raise ValueError("WanConfig.churn: the node's async schedule with replicated stages (schedule async, "
                              "head_leader, push_per_step) is modelled without churn; set churn.mean_uptime_s=None")
@@ -236,6 +251,15 @@ class WanConfig:
         node applies the updates in step order itself, finishing each beside its work and blocked only for the update
         (`finish_blocks`: blocked throughout its finish; `simulations.pipeline`)."""
         return self.schedule == "async" and self.head_leader and self.push_per_step
+
+    @property
+    def leader_commits_early(self) -> bool:
+        """The node's async leader with delegated head work (its `_early_commit`): once a step is complete it pushes its
+        bundle to one head peer, sends its COMMIT once that push is answered and pushes the bundle to the other head
+        peers meanwhile, beside the delegates' own (`replicated_async` with head_delegation and max_staleness >= 1,
+        the concurrent finish, not `leader_bundle_first`). False: the bundle to every head peer before the COMMIT."""
+        return (self.replicated_async and self.head_delegation and (self.max_staleness or 0) >= 1
+                and not self.finish_blocks and not self.leader_bundle_first)
 
     @property
     def tokens_per_step(self) -> int:

@@ -22,14 +22,22 @@ node). The head leader hands out the microbatches of steps a .. a + S oldest fir
 delegates with `head_delegation`). Step k is committed at the leader once all its microbatches are back; a node
 finishes step k once it knows the commit (the leader: at once; a head replica: from the leader's COMMIT; below the
 head: from the first COMMIT of a previous-stage node) and has applied k - 1: it waits for the COMMIT of every
-previous-stage node that sent it one of the step's microbatches, sends its COMMIT on (the leader: after its bundle),
-pushes its one bundle to its stage peers (its uplink, behind the frames it sends, then the push's round trip), waits
-for every stage peer's bundle and applies the update. As the node runs it (its window's `_finish_in_window`), all of
-the finish but the update runs alongside the node's work: meanwhile it computes the forwards and backwards of the
-later steps of its window, dispatches them and (the leader) hands out microbatches; only the update (combining the
-bundles and the optimizer step, `opt_s`) runs in its loop: its loop is blocked from the end of the finish until the
-update is applied (nothing dispatched or handed out), and the update takes the compute slot ahead of any queued work
-once the running computation ends. `finish_blocks` (the node before session 25) holds the compute slot and blocks the
+previous-stage node that sent it one of the step's microbatches, sends its COMMIT on, pushes its one bundle to its
+stage peers (its uplink, behind the frames it sends, then the push's round trip), waits for every stage peer's bundle
+and applies the update. The leader orders its part of that finish (its `_lead_commit`) in one of two ways. With
+`head_delegation`, max_staleness >= 1 and the concurrent finish (`WanConfig.leader_commits_early`, the node's
+`_early_commit` since session 25) it pushes its bundle to one head peer and waits for that push's answer
+(`_bundle(first_holder=True)`), sends its COMMIT (to the delegates over their links and downstream), then pushes the
+bundle to the other head peers (`_rest_of_bundle`): the delegates, whose bundles go out once the COMMIT reaches them,
+push theirs beside the leader's rest, so the head's finish chain is one push and its round trip, the COMMIT's latency
+and then the longer of the two pushes to the other peers. Otherwise it pushes its bundle to every head peer and only
+then sends its COMMIT, so the delegates' pushes follow the whole of the leader's: the node as built without delegates
+or with max_staleness 0, and the node before session 25 (`finish_blocks`, or `leader_bundle_first` with the concurrent
+finish). As the node runs it (its window's `_finish_in_window`), all of the finish but the update runs alongside the
+node's work: meanwhile it computes the forwards and backwards of the later steps of its window, dispatches them and
+(the leader) hands out microbatches; only the update (combining the bundles and the optimizer step, `opt_s`) runs in
+its loop: its loop is blocked from the end of the finish until the update is applied (nothing dispatched or handed
+out), and the update takes the compute slot ahead of any queued work once the running computation ends. `finish_blocks` (the node before session 25) holds the compute slot and blocks the
 loop from the finish's start: a finishing node then computes and dispatches nothing.
 """
 
@@ -64,6 +72,19 @@ class TraceEvent:
     start: float  # simulated start time, seconds
     end: float  # simulated end time, seconds
     lost: bool = False  # the node left during this interval, so its result was lost
+
+
+@dataclass
+class BundlePush:
+    """Replicated async: one push of a node's bundle of a step to `peers` of its stage peers (always recorded)."""
+
+    step: int  # the step whose bundle it is
+    stage: int  # the pushing node's stage
+    replica: int  # the pushing node's replica index
+    peers: int  # stage peers it goes to (the async leader's early COMMIT: 1, then the others)
+    start: float  # simulated time the push began (its bytes queued on the uplink, behind frames)
+    sent: float  # its last byte left the uplink
+    answered: float  # the peers' answers back (one latency to them, one back)
 
 
 @dataclass
@@ -196,6 +217,8 @@ class _Node:
         self.heard: dict[int, set[_Node]] = {}  # replicated async: step -> nodes whose COMMIT of it arrived here
         self.told = env.event()  # replicated async: fires when a COMMIT arrives here (then replaced)
         self.bundles: dict[int, simpy.Event] = {}  # replicated async: step -> fires once its bundle reached the peers
+        self.first_held: dict[int, simpy.Event] = {}  # replicated async, the leader committing early: step -> fires
+        # once its bundle reached its first holder (`PipelineSim._first_holder`)
         self.finishes: list[tuple[float, float]] = []  # replicated async: (start, update applied) of each step's finish
         self.blocks: list[tuple[float, float]] = []  # replicated async: (loop blocked, update applied) of each step
 
@@ -271,6 +294,10 @@ class PipelineSim:
         # replicated async: when the last node applied each step's update, and the nodes' finishing processes
         self.last_apply = [0.0] * cfg.steps
         self.finishers: list[simpy.Process] = []
+        # replicated async: the leader commits once one head peer holds its bundle (`WanConfig.leader_commits_early`);
+        # every bundle push, in the order they were answered
+        self.early_commit = cfg.leader_commits_early
+        self.bundle_pushes: list[BundlePush] = []
         self.churn_on = cfg.churn.mean_uptime_s is not None
         self.finished = False
 
@@ -791,18 +818,28 @@ class PipelineSim:
     def _prepare(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
         """Replicated async: all of step `step`'s finish at `node` but the update, as the node's `_prepare` (and the
         leader's `_lead_commit`) run it. Below the head it waits for the COMMIT of every previous-stage node that sent
-        it one of the step's microbatches (their verdicts, `_owned_pairs`); the leader pushes its bundle and then sends
-        its COMMIT (its `_lead_commit`), any other node sends its COMMIT on and then pushes its bundle; then it waits
-        for the bundle of every stage peer that computed one of the step's microbatches."""
+        it one of the step's microbatches (their verdicts, `_owned_pairs`). The leader committing early (delegated
+        head work, max_staleness >= 1, the concurrent finish: `WanConfig.leader_commits_early`, the node's
+        `_early_commit`) pushes its bundle to one head peer (`_first_holder`) and waits for that push's answer
+        (`_bundle(first_holder=True)`), sends its COMMIT (to its delegates and downstream) and then pushes the bundle
+        to the other head peers (`_rest_of_bundle`), the delegates pushing theirs meanwhile; otherwise the leader
+        pushes its bundle to every head peer and then sends its COMMIT (its `_lead_commit` before session 25, and
+        still without delegates, with max_staleness 0 or with `leader_bundle_first`). Any other node sends its COMMIT
+        on and then pushes its bundle. Then it waits for the bundle of every stage peer that computed one of the
+        step's microbatches (the leader's first holder: only for the leader's first push)."""
         while not node.senders.get(step, set()) <= node.heard.get(step, set()):
             yield node.told
-        if node is self._leader:
+        if node is self._leader and self.early_commit:
+            yield from self._push_bundle(node, step, first=True)
+            self._send_commit(node, step)
+            yield from self._push_bundle(node, step, rest=True)
+        elif node is self._leader:
             yield from self._push_bundle(node, step)
             self._send_commit(node, step)
         else:
             self._send_commit(node, step)
             yield from self._push_bundle(node, step)
-        peers = [self._bundle_event(n, step) for n in self.nodes[node.stage] if n is not node and n.owned[step]]
+        peers = [self._held(n, node, step) for n in self.nodes[node.stage] if n is not node and n.owned[step]]
         if peers:
             yield self.env.all_of(peers)
 
@@ -842,21 +879,53 @@ class PipelineSim:
             node.bundles[step] = self.env.event()
         return node.bundles[step]
 
-    def _push_bundle(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
+    def _first_holder(self, node: _Node) -> _Node | None:
+        """Replicated async, the leader committing early: the head peer its bundle goes to first (the node's first
+        usable stage peer; modelled without churn: the head replica of index 1), None when it has no head peer."""
+        peers = [n for n in self.nodes[node.stage] if n is not node and n.alive]
+        return peers[0] if peers else None
+
+    def _first_event(self, node: _Node, step: int) -> simpy.Event:
+        """Replicated async, the leader committing early: fires once its bundle of `step` reached its first holder."""
+        if step not in node.first_held:
+            node.first_held[step] = self.env.event()
+        return node.first_held[step]
+
+    def _held(self, src: _Node, dst: _Node, step: int) -> simpy.Event:
+        """Replicated async: fires once `src`'s bundle of `step` reached `dst` (the leader committing early: its first
+        holder has it after the first push, the others after the rest)."""
+        if self.early_commit and src is self._leader and dst is self._first_holder(src):
+            return self._first_event(src, step)
+        return self._bundle_event(src, step)
+
+    def _push_bundle(self, node: _Node, step: int, first: bool = False,
+                     rest: bool = False) -> Generator[simpy.Event, Any, None]:
         """Replicated async: `node` pushes its one bundle of `step` (the sum of the step's microbatches it computed) to
         every stage peer as the node's `_bundle` does: (r - 1) x the bundle's bytes on its uplink behind its frames,
         held by the peers one latency later, and awaited until the pushes' answers are back one more latency later.
+        The leader committing early pushes it in two parts: `first`, to its first holder alone (one bundle's bytes,
+        its `_bundle(first_holder=True)`), then `rest`, to the other r - 2 peers at once (its `_rest_of_bundle`).
         Nothing to push when it computed none of them or the stage averages nothing."""
-        arrived = self._bundle_event(node, step)
+        arrived = self._first_event(node, step) if first else self._bundle_event(node, step)
         live, share, _ = self._sync_share(node.stage)
         if not node.owned[step] or not share:
             arrived.succeed()
             return
+        peers = len(live) - 1
+        if first or rest:
+            peers = 1 if first else peers - 1
+            share = share / (len(live) - 1) * peers
+        if not peers:  # the first holder was the only peer
+            arrived.succeed()
+            return
+        start = self.env.now
         yield from self._background_send(node, share, min(n.bw for n in live))
+        sent = self.env.now
         latency = self._sync_latency(node.stage)
         yield self.env.timeout(latency)
         arrived.succeed()
         yield self.env.timeout(latency)
+        self.bundle_pushes.append(BundlePush(step, node.stage, node.replica, peers, start, sent, self.env.now))
 
     # ------------------------------------------------------------------ drivers
     def _sync_driver(self) -> Generator[simpy.Event, Any, None]:

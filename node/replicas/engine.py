@@ -156,12 +156,13 @@ class ReplicaEngine:
         self.delegate_limits = delegation.DelegateLimits()
         self.delegates: dict[str, DelegateLink] = {}  # head replica -> our link to it (leading)
         self.leaders: dict[str, DelegateLink] = {}  # leading head replica -> its link to us
-        self.delegate_router = Router(replace(self.rc, max_inflight=self.rc.max_tasks))  # tasks per delegate
-        self._linking: set[str] = set()  # head replicas a delegation link is being opened to
-        self._future_tasks: list[tuple[DelegateLink, Task]] = []  # tasks of later steps, taken when we get there
         # runtime.schedule = "async": steps after the oldest unapplied one whose work runs now (their forwards and
         # backwards use the worker's stashed weights, `AsyncStageWorker`); 0: one step at a time (gpipe, 1f1b)
         self.window = cfg.runtime.max_staleness if cfg.runtime.schedule == "async" else 0
+        # tasks per delegate: max_tasks for each step of the window (a step's share is out for a round trip)
+        self.delegate_router = Router(replace(self.rc, max_inflight=self.rc.max_tasks * (self.window + 1)))
+        self._linking: set[str] = set()  # head replicas a delegation link is being opened to
+        self._future_tasks: list[tuple[DelegateLink, Task]] = []  # tasks of later steps, taken when we get there
         self._commits: dict[int, dict[int, int]] = {}  # leading head: step -> committed mb -> attempt
         self._opened: set[int] = set()  # leading head: steps whose microbatches were queued for generation
         self._pending: deque[tuple[int, int]] = deque()  # leading head: (step, mb) still to generate, oldest first
@@ -435,10 +436,13 @@ class ReplicaEngine:
         claim = self.store.claims.get(step, {}).get(lead.peer_id) if lead is not None else None
         return claim if claim is not None and sorted(claim) == list(range(self.m)) else None
 
-    async def _bundle(self, step: int, owned: list[tuple[int, int]]) -> None:
+    async def _bundle(self, step: int, owned: list[tuple[int, int]], first_holder: bool = False) -> None:
         """replica_exchange = "step": sum this replica's `owned` dense gradients of `step` into one contribution,
         encode it once (the codec's error feedback runs per step), keep it and push it to every usable stage peer
-        (each bounded by `avg_timeout_s`; one that misses it pulls it). Nothing to send when it owns nothing."""
+        (each bounded by `avg_timeout_s`; one that misses it pulls it). Nothing to send when it owns nothing.
+
+        first_holder: push it to one stage peer after the other until one holds it, and no further (the async
+        leader's: its COMMIT then goes on and `_rest_of_bundle` pushes to the others meanwhile)."""
         self._owned[step] = [list(p) for p in owned]
         dense = self._dense.get(step, {})
         if not owned:
@@ -449,19 +453,40 @@ class ReplicaEngine:
         except AveragingError as exc:  # a peer's bundle already claims one of our pairs: kept, ours is not sent
             self.events.append({"event": "bundle_conflict", "step": step, "error": str(exc), "time": time.time()})
             return
+        key = (owned[0][0], owned[0][1])
+        if not first_holder:
+            await self._push_bundle(step, key, self._stage_peers())
+            return
+        for e in self._stage_peers():
+            await self._push_bundle(step, key, [e])
+            if self._holders.get((step, *key)):
+                return
+
+    async def _rest_of_bundle(self, step: int) -> None:
+        """The async leader's bundle of `step` to every usable stage peer that does not hold it yet."""
+        owned = self._owned.get(step)
+        if not owned:
+            return
+        key = (owned[0][0], owned[0][1])
+        held = self._holders.get((step, *key), set())
+        await self._push_bundle(step, key, [e for e in self._stage_peers() if e.peer_id not in held])
+
+    async def _push_bundle(self, step: int, key: tuple[int, int], peers: list[Any]) -> None:
+        """Push the bundle of `step` held under `key` to `peers` at once (each bounded by `avg_timeout_s`; one that
+        misses it pulls it, or the stage recovers without it)."""
 
         async def one(peer: str, addr: str) -> None:
             try:
-                await self._push_held(addr, step, owned[0], self.rc.avg_timeout_s)
+                await self._push_held(addr, step, key, self.rc.avg_timeout_s)
                 self._peer_failures.pop(peer, None)
                 self._unreachable.pop(peer, None)
-                self._holders.setdefault((step, *owned[0]), set()).add(peer)
+                self._holders.setdefault((step, *key), set()).add(peer)
             except Exception:  # slow, refusing or gone: it pulls the bundle, or the stage recovers without it
                 self._peer_failed(peer)
 
         with trio.move_on_after(self.rc.avg_timeout_s):
             async with trio.open_nursery() as n:
-                for e in self._stage_peers():
+                for e in peers:
                     n.start_soon(one, e.peer_id, e.addrs[0])
 
     def _sum_and_encode(self, grads: list[torch.Tensor]) -> torch.Tensor:
@@ -1231,12 +1256,21 @@ class ReplicaEngine:
 
     async def _lead_commit(self, step: int) -> None:
         """The leading head completed `step`: its bundle (every committed microbatch it computed) goes to the stage
-        peers and each standby gets what it lacks before the commit is recorded (and sent downstream)."""
+        peers and each standby gets what it lacks before the commit is recorded (and sent downstream). In the async
+        window with delegated head work one head replica holding the bundle is enough before the COMMIT goes on (the
+        others learn the commit from its claim or the COMMIT over their link, and pull a bundle they lack): the rest
+        is pushed while the step finishes (`_prepare`), beside the delegates' own bundles."""
+        early = self._early_commit()
         if self.per_step and step not in self._owned:
             dense = self._dense.get(step, {})
-            await self._bundle(step, sorted(p for p in self._commits[step].items() if p in dense))
-        await self._hand_to_standbys(step)
+            await self._bundle(step, sorted(p for p in self._commits[step].items() if p in dense), first_holder=early)
+        if not early:
+            await self._hand_to_standbys(step)
         self.store.commit(step, self._commits[step])
+
+    def _early_commit(self) -> bool:
+        """Whether this leader sends its COMMIT on once one head replica holds its bundle (`_lead_commit`)."""
+        return self.window > 0 and self.delegating and self.leads
 
     async def _finish_in_window(self, step: int, done: trio.Event) -> None:
         """The async window: finish `step` (the leader's commit, the COMMIT on, the bundle, every committed
@@ -1269,6 +1303,8 @@ class ReplicaEngine:
             await self._bundle(step, owned)
         else:
             await self._forward_commit(step, {mb for mb, _ in self._owned.get(step, [])})
+        if self._early_commit():
+            await self._rest_of_bundle(step)
         deadline = trio.current_time() + self.rc.avg_timeout_s
         while self.store.missing(step) and trio.current_time() < deadline:
             with trio.move_on_after(min(0.5, max(0.0, deadline - trio.current_time()))):

@@ -134,7 +134,7 @@ def test_an_async_leader_killed_mid_window_is_taken_over_and_the_run_stays_the_r
         stop_nodes(nodes)
     assert codes == [-signal.SIGKILL, 0, 0, 0], codes
     sr = records(standby)
-    s = check_one_takeover(lead, standby)
+    s = check_one_takeover(lead, standby, window=S)
     for t in range(s, steps):
         assert sr[t]["head_term"] == 1 and all(a >= attempt_base(1) for _, a in sr[t]["applied"])
     for stage_nodes in ([lead, standby], [mid], [tail]):

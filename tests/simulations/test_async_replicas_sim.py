@@ -12,7 +12,7 @@ import pytest
 from simulations.calibrate import DEFAULT_PATH, load_calibration
 from simulations.datacenter import NODE_MAX_INFLIGHT, NODE_MAX_TASKS, run_vs_datacenter
 from simulations.params import ChurnConfig, LinkConfig, WanConfig
-from simulations.pipeline import PipelineSim, WanResult, simulate
+from simulations.pipeline import BundlePush, PipelineSim, WanResult, simulate
 
 BUNDLE_PEERS, UPLINK_BPS = 2, 100e6 / 8  # a replica's stage peers in `_cfg`, and its uplink in bytes per second
 
@@ -50,7 +50,7 @@ def test_the_node_s_async_with_delegated_head_work_is_the_node_as_built() -> Non
     assert out["slowdown_vs_datacenter"] > 1.0 and out["wan"]["step_s"] > 0
     assert out["wan"]["schedule"] == "async" and out["wan"]["max_staleness"] == 1
     assert out["wan"]["inflight_per_replica"] == NODE_MAX_INFLIGHT and "replicas.max_inflight" in out["inflight_cap"]
-    assert out["wan"]["tasks_per_delegate"] == NODE_MAX_TASKS and "replicas.max_tasks" in out["task_cap"]
+    assert out["wan"]["tasks_per_delegate"] == 2 * NODE_MAX_TASKS and "replicas.max_tasks" in out["task_cap"]
     assert "staleness 1" in out["inputs"]["assumed"]["async_loss_source"]
     assert "finishes the step" in out["wan"]["contributions"]
     leader = run_vs_datacenter(cal, head="leader", **kw)  # type: ignore[arg-type]
@@ -58,7 +58,7 @@ def test_the_node_s_async_with_delegated_head_work_is_the_node_as_built() -> Non
     blocking = run_vs_datacenter(cal, head="delegated", finish_blocks=True, **kw)  # type: ignore[arg-type]
     assert not blocking["node_as_built"] and any("blocking finish" in x for x in blocking["not_built"])
     assert blocking["wan"]["inflight_per_replica"] == NODE_MAX_INFLIGHT  # the node's caps, the old finish
-    assert blocking["wan"]["tasks_per_delegate"] == NODE_MAX_TASKS
+    assert blocking["wan"]["tasks_per_delegate"] == 2 * NODE_MAX_TASKS  # max_tasks for each of the window's 2 steps
     with pytest.raises(ValueError, match="finish_blocks.*schedule='async'"):
         run_vs_datacenter(cal, head="delegated", finish_blocks=True,
                           **{**kw, "schedule": "gpipe"})  # type: ignore[arg-type]
@@ -147,16 +147,87 @@ def test_a_node_computes_while_it_finishes_and_blocks_only_for_the_update() -> N
 
 
 def test_a_slow_bundle_exchange_lengthens_the_finish_and_the_step() -> None:
-    """A 6.25 MB bundle to each of 2 stage peers is 1 s of uplink a push. The leader pushes its bundle before its
-    COMMIT and the delegates push theirs once the COMMIT reaches them, and a node's finish waits until its peers'
-    pushes are in; the next step's finish starts only once this update is applied, so, whether the finish blocks the
-    node or runs beside its work, the step grows by at least 1.5 pushes over the 10 kB bundle's (a push the uplink
-    could overlap with the next one would cost at most one)."""
+    """A 6.25 MB bundle to each of 2 stage peers is 1 s of uplink a push (half of it a peer). A node's finish waits
+    until its peers' pushes are in and its next finish starts only once this update is applied, so the step holds the
+    head's finish chain: the leader's bundle before its COMMIT, its answer and the COMMIT's latency, then a delegate's
+    whole push. In the node before session 25 (the blocking finish, or leader_bundle_first with the concurrent one) the
+    leader pushes to both peers before its COMMIT: the step grows by at least 1.5 pushes over the 10 kB bundle's (a
+    push the uplink could overlap with the next one would cost at most one). The node as built pushes to one peer
+    before its COMMIT and to the other beside the delegates' pushes: it still grows by at least a push, and its slow
+    step is shorter than the old order's by about the half push it no longer waits for."""
     push_s = BUNDLE_PEERS * 6_250_000 / UPLINK_BPS
-    for blocks in (False, True):
-        fast_cfg, slow_cfg = _cfg(finish_blocks=blocks), _cfg(grad_sync_bytes=(6_250_000,) * 4, finish_blocks=blocks)
+    slow_s: dict[str, float] = {}
+    for name, kw in (("built", {}), ("bundle_first", {"leader_bundle_first": True}), ("blocks", {"finish_blocks": True})):
+        fast_cfg, slow_cfg = _cfg(**kw), _cfg(grad_sync_bytes=(6_250_000,) * 4, **kw)
         fast, slow = _steady_step(simulate(fast_cfg), fast_cfg), _steady_step(simulate(slow_cfg), slow_cfg)
-        assert slow - fast >= 1.5 * push_s
+        assert slow - fast >= (1.0 if name == "built" else 1.5) * push_s
+        slow_s[name] = slow
+    assert slow_s["built"] <= slow_s["bundle_first"] - 0.45 * push_s
+
+
+def _head_pushes(sim: PipelineSim, step: int) -> tuple[list[BundlePush], list[BundlePush]]:
+    """The head leader's bundle pushes of `step` and its delegates', each in the order they began."""
+    pushes = sorted((p for p in sim.bundle_pushes if p.step == step and p.stage == 0), key=lambda p: p.start)
+    return [p for p in pushes if p.replica == 0], [p for p in pushes if p.replica != 0]
+
+
+def test_the_delegating_leader_commits_after_one_push_and_the_head_chains_overlap() -> None:
+    """The node as built (async, delegated head work, max_staleness >= 1, the concurrent finish: its `_early_commit`):
+    once a step is complete the leader pushes its bundle to one head peer, sends its COMMIT once that push is answered
+    and then pushes to the other head peers, so the delegates' first push of the step (once the COMMIT reached them,
+    one latency later) starts before the leader's last push of the step has left its uplink; with leader_bundle_first
+    (the node before session 25) the leader's one push goes to every peer before its COMMIT and the delegates' pushes
+    start only after its answer and the COMMIT's latency. With 6.25 MB bundles (0.5 s a peer) and with 10 kB ones, at
+    S = 1 and 2, the step is no longer than with the old order."""
+    latency = 0.1  # `_cfg`'s links: a COMMIT reaches a delegate one latency after it leaves
+    for nbytes in (6_250_000, 10_000):
+        for bound in (1, 2):
+            cfg = _cfg(grad_sync_bytes=(nbytes,) * 4, max_staleness=bound)
+            old_cfg = _cfg(grad_sync_bytes=(nbytes,) * 4, max_staleness=bound, leader_bundle_first=True)
+            assert cfg.leader_commits_early and not old_cfg.leader_commits_early
+            sim, old = PipelineSim(cfg), PipelineSim(old_cfg)
+            res, old_res = sim.run(), old.run()
+            checked = 0
+            for step in range(cfg.steps):
+                lead, delegates = _head_pushes(sim, step)
+                if not sim.nodes[0][0].owned[step] or not old.nodes[0][0].owned[step]:
+                    continue  # the leader handed every microbatch of the step out: no bundle of its own
+                checked += 1
+                assert [p.peers for p in lead] == [1, BUNDLE_PEERS - 1]  # the first holder, then the others
+                first, rest = lead
+                assert rest.start == pytest.approx(first.answered)  # the COMMIT went on between the two
+                assert delegates and all(p.peers == BUNDLE_PEERS for p in delegates)
+                assert min(p.start for p in delegates) >= first.answered + latency - 1e-9
+                assert min(p.start for p in delegates) < (rest.sent if nbytes > 10_000 else rest.answered)
+                old_lead, old_delegates = _head_pushes(old, step)
+                assert [p.peers for p in old_lead] == [BUNDLE_PEERS]
+                assert min(p.start for p in old_delegates) >= old_lead[0].answered + latency - 1e-9
+            assert checked >= cfg.steps // 2
+            assert _steady_step(res, cfg) <= _steady_step(old_res, old_cfg) + 1e-9
+            if nbytes > 10_000:  # the leader's half push to its second peer runs beside the delegates' pushes
+                assert _steady_step(res, cfg) < _steady_step(old_res, old_cfg) - 0.4
+
+
+def test_the_leader_keeps_the_old_order_where_the_node_does_and_leader_bundle_first_is_refused_there() -> None:
+    """The leader pushes its bundle to every head peer before its COMMIT without delegates (head leader), at
+    max_staleness 0 and with the blocking finish (the node before session 25): one push a step, to every peer.
+    leader_bundle_first (the old order kept for comparison) is refused there, outside the node's async with replicated
+    stages, and when not a bool."""
+    for kw in ({"head_delegation": False, "tasks_per_delegate": None}, {"max_staleness": 0},
+               {"finish_blocks": True}):
+        cfg = _cfg(**kw)
+        assert not cfg.leader_commits_early
+        sim = PipelineSim(cfg)
+        sim.run()
+        for step in range(cfg.steps):
+            lead, _ = _head_pushes(sim, step)
+            assert [p.peers for p in lead] == ([BUNDLE_PEERS] if sim.nodes[0][0].owned[step] else [])
+        with pytest.raises(ValueError, match="leader_bundle_first keeps the old order.*leave it False"):
+            _cfg(leader_bundle_first=True, **kw).validate()
+    with pytest.raises(ValueError, match="leader_bundle_first keeps the old order"):
+        _cfg(leader_bundle_first=True, schedule="gpipe", max_staleness=None).validate()
+    with pytest.raises(ValueError, match="leader_bundle_first=1: must be True or False"):
+        _cfg(leader_bundle_first=1).validate()
 
 
 def test_async_without_the_step_exchange_is_refused_or_labelled_naming_replica_exchange() -> None:
