@@ -226,6 +226,9 @@ class ReplicaConfig:
     debug_exit_after_forwards: int = 0  # TEST ONLY: SIGKILL this node right after it sent its n-th gradient
     # upstream (0 = never): a crash at the exact point where a committed contribution may be held by it alone;
     # on a leading head, right after its n-th commit made while a standby head replica is announced
+    debug_exit_after_commits: int = 0  # TEST ONLY: a leader that sends its COMMIT early (the async window with
+    # delegated head work) SIGKILLs itself right after its n-th step COMMIT went on, before its bundle reached the
+    # other head replicas (0 = never)
 
     def validate(self) -> None:
         """Raise ValueError naming the bad field."""
@@ -248,8 +251,10 @@ class ReplicaConfig:
             raise ValueError(f"replicas.aggregation must be mean, median or centered_clip, got {self.aggregation!r}")
         if self.rebalance_period_s < 0 or self.rebalance_threshold <= 1:
             raise ValueError("replicas.rebalance_period_s must be >= 0 and rebalance_threshold > 1")
-        if self.debug_delay_s < 0 or self.debug_push_delay_s < 0 or self.debug_exit_after_forwards < 0:
-            raise ValueError("replicas.debug_delay_s, debug_push_delay_s and debug_exit_after_forwards must be >= 0")
+        if min(self.debug_delay_s, self.debug_push_delay_s, self.debug_exit_after_forwards,
+               self.debug_exit_after_commits) < 0:
+            raise ValueError("replicas.debug_delay_s, debug_push_delay_s, debug_exit_after_forwards and "
+                             "debug_exit_after_commits must be >= 0")
         if self.finish_grace_s < 0:
             raise ValueError(f"replicas.finish_grace_s must be >= 0, got {self.finish_grace_s}")
         if self.state_max_concurrent < 1:

@@ -120,7 +120,8 @@ class ReplicaEngine:
         self._probe_send, self._probe_recv = trio.open_memory_channel[tuple[Any, ...]](float("inf"))
         self._rerouted = 0
         self._ahead = 0  # forwards of later steps run while the current step was not applied (the async window)
-        self._forwards = 0  # gradients sent upstream (test hook)
+        self._forwards = 0
+        self._commits_sent = 0  # step COMMITs an early-committing leader sent on (test hook)  # gradients sent upstream (test hook)
         self._had_next = False  # a replica of the next stage was usable at some point
         self._ahead_peers: list[str] = []  # stage peers last seen ahead of this replica (named if the state is lost)
         self._compute_s = 0.0
@@ -1304,6 +1305,10 @@ class ReplicaEngine:
         else:
             await self._forward_commit(step, {mb for mb, _ in self._owned.get(step, [])})
         if self._early_commit():
+            self._commits_sent += 1
+            if self.rc.debug_exit_after_commits and self._commits_sent >= self.rc.debug_exit_after_commits:
+                time.sleep(0.2)  # TEST ONLY: the kernel sends the COMMIT frames, then the leader dies
+                os.kill(os.getpid(), signal.SIGKILL)
             await self._rest_of_bundle(step)
         deadline = trio.current_time() + self.rc.avg_timeout_s
         while self.store.missing(step) and trio.current_time() < deadline:

@@ -19,6 +19,7 @@ import torch
 
 from node.config import NodeConfig
 from node.errors import StateSyncError
+from node.observability.status import node_status
 from node.pipeline.asyncworker import AsyncStageWorker
 from node.replicas.heads import attempt_base
 from node.replicas.statesync import pack_state, state_bound, unpack_state
@@ -165,3 +166,31 @@ def test_an_async_replica_lost_before_its_bundle_costs_a_rollback_then_training_
     assert lost_step not in records(mid_b, gen=0)
     losses = [gen1[2][t]["loss"] for t in range(rolled_to, steps)]
     assert all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.network
+@pytest.mark.timeout(600)
+def test_an_async_leader_lost_right_after_its_early_commit_costs_no_rollback(tmp_path) -> None:
+    """The leader sends a step's COMMIT once one head replica holds its bundle, then pushes it to the others; here
+    it is SIGKILLed right after its 3rd COMMIT, before those pushes. The head replica that lacks its bundle pulls it
+    from the one that holds it, every stage applies the step, a delegate takes over in term 1 for the steps after,
+    no rollback happens, and the losses stay the delayed-gradient reference's."""
+    steps = 8
+    nodes = launch(tmp_path, [0, 0, 0, 1, 2], steps, common=[*ASYNC, "--no-replica-timeout", "120"],
+                   extra={0: ["--replicas-debug-exit-after-commits", "3"]})
+    lead, head_b, head_c, mid, tail = nodes
+    try:
+        codes = wait_nodes(nodes, 420)
+    finally:
+        stop_nodes(nodes)
+    assert codes == [-signal.SIGKILL, 0, 0, 0, 0], codes
+    assert all(r["rollback_gen"] == 0 for n in nodes[1:] for r in records(n).values())  # no rollback
+    for stage_nodes in ([lead, head_b, head_c], [mid], [tail]):
+        check_exactly_once(stage_nodes, range(steps))
+    committed = 2  # the 3rd COMMIT was step 2's: every survivor applied it with the dead leader's attempts
+    for n in (head_b, head_c, mid, tail):
+        assert all(a < attempt_base(1) for _, a in records(n)[committed]["applied"])
+    takeovers = [e for n in (head_b, head_c) for e in node_status(n.data_dir)["bans"] if e["event"] == "takeover"]
+    assert len(takeovers) == 1 and takeovers[0]["term"] == 1 and takeovers[0]["step"] > committed
+    losses = [records(tail)[t]["loss"] for t in range(steps)]
+    assert losses == pytest.approx(_reference(steps), rel=1e-4)
