@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from node.observability.status import node_status, read_progress
-from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes
+from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes, wait_nodes
 from node.training.checkpoint import latest_checkpoint
 
 M, B = 4, 2  # microbatches per step, sequences per microbatch
@@ -123,3 +123,15 @@ def check_one_takeover(lead: NodeProcess, standby: NodeProcess, window: int = 0)
     first = max(lr) + 1 if lr else 0  # the first step the leader did not apply
     assert s not in lr and first <= s <= first + window, (s, first)
     return s
+
+
+def run_to_end(root: Path, stages: list[int], steps: int, timeout_s: float, extra: dict[int, list[str]] | None = None,
+               common: list[str] | None = None) -> tuple[list[NodeProcess], list[int]]:
+    """`launch` the nodes, wait up to `timeout_s` for every one to exit (stopping any left either way); the nodes and
+    their exit codes."""
+    nodes = launch(root, stages, steps, extra=extra, common=common)
+    try:
+        codes = wait_nodes(nodes, timeout_s)
+    finally:
+        stop_nodes(nodes)
+    return nodes, codes

@@ -23,7 +23,6 @@ from node.observability.status import node_status
 from node.pipeline.asyncworker import AsyncStageWorker
 from node.replicas.heads import attempt_base
 from node.replicas.statesync import pack_state, state_bound, unpack_state
-from node.testing.swarm import stop_nodes, wait_nodes
 from node.training.worker import StageWorker
 from sharding import PRESETS, OptimConfig, load_corpus, partition
 from sharding.delayed import train_delayed
@@ -35,8 +34,8 @@ from tests.node.replica_swarm import (
     check_identical_weights,
     check_one_takeover,
     check_rollback,
-    launch,
     records,
+    run_to_end,
 )
 
 S = 2  # runtime.max_staleness of these runs
@@ -100,12 +99,8 @@ def test_an_async_swarm_overlaps_steps_and_equals_the_delayed_reference(tmp_path
     steps while a step was unapplied, every step applies each microbatch exactly once per stage, the replicas of
     each stage end bit-identical, and the tail's losses are the delayed-gradient reference's."""
     steps = 8
-    nodes = launch(tmp_path, [0, 0, 1, 1, 2], steps, common=[*ASYNC, "--no-replica-timeout", "120",
-                                                              "--debug-delay-s", "0.02"])
-    try:
-        codes = wait_nodes(nodes, 420)
-    finally:
-        stop_nodes(nodes)
+    nodes, codes = run_to_end(tmp_path, [0, 0, 1, 1, 2], steps, common=[*ASYNC, "--no-replica-timeout", "120",
+                              "--debug-delay-s", "0.02"], timeout_s=420)
     assert codes == [0] * 5
     head_a, head_b, mid_a, mid_b, tail = nodes
     for stage_nodes in ([head_a, head_b], [mid_a, mid_b], [tail]):
@@ -126,13 +121,9 @@ def test_an_async_leader_killed_mid_window_is_taken_over_and_the_run_stays_the_r
     and the run goes on exactly once per stage with the same losses as the delayed-gradient reference (its
     stashed copies are the dead leader's)."""
     steps = 8
-    nodes = launch(tmp_path, [0, 0, 1, 2], steps, common=[*ASYNC, "--no-replica-timeout", "120"],
-                   extra={0: ["--replicas-debug-exit-after-forwards", "6"]})
+    nodes, codes = run_to_end(tmp_path, [0, 0, 1, 2], steps, common=[*ASYNC, "--no-replica-timeout", "120"],
+                              extra={0: ["--replicas-debug-exit-after-forwards", "6"]}, timeout_s=420)
     lead, standby, mid, tail = nodes
-    try:
-        codes = wait_nodes(nodes, 420)
-    finally:
-        stop_nodes(nodes)
     assert codes == [-signal.SIGKILL, 0, 0, 0], codes
     sr = records(standby)
     s = check_one_takeover(lead, standby, window=S)
@@ -152,12 +143,9 @@ def test_an_async_replica_lost_before_its_bundle_costs_a_rollback_then_training_
     the checkpoint) and trains to the end with the survivors, every microbatch applied once per stage in each
     generation."""
     steps = 8
-    nodes = launch(tmp_path, [0, 1, 1, 2], steps, common=[*STEP_ROLLBACK, *ASYNC],
-                   extra={1: ["--replicas-debug-exit-after-forwards", "7"], 2: ["--no-replica-timeout", "8"]})
-    try:
-        codes = wait_nodes(nodes, 600)
-    finally:
-        stop_nodes(nodes)
+    nodes, codes = run_to_end(tmp_path, [0, 1, 1, 2], steps, common=[*STEP_ROLLBACK, *ASYNC],
+                              extra={1: ["--replicas-debug-exit-after-forwards", "7"], 2: ["--no-replica-timeout", "8"]},
+                              timeout_s=600)
     head, mid_a, mid_b, tail = nodes
     assert codes[0] == 0 and codes[2:] == [0, 0] and codes[1] != 0  # mid_a was killed by its test hook
     lost_step = max(records(mid_a)) + 1 if records(mid_a) else 0  # the oldest step mid_a had not applied
@@ -176,13 +164,9 @@ def test_an_async_leader_lost_right_after_its_early_commit_costs_no_rollback(tmp
     from the one that holds it, every stage applies the step, a delegate takes over in term 1 for the steps after,
     no rollback happens, and the losses stay the delayed-gradient reference's."""
     steps = 8
-    nodes = launch(tmp_path, [0, 0, 0, 1, 2], steps, common=[*ASYNC, "--no-replica-timeout", "120"],
-                   extra={0: ["--replicas-debug-exit-after-commits", "3"]})
+    nodes, codes = run_to_end(tmp_path, [0, 0, 0, 1, 2], steps, common=[*ASYNC, "--no-replica-timeout", "120"],
+                              extra={0: ["--replicas-debug-exit-after-commits", "3"]}, timeout_s=420)
     lead, head_b, head_c, mid, tail = nodes
-    try:
-        codes = wait_nodes(nodes, 420)
-    finally:
-        stop_nodes(nodes)
     assert codes == [-signal.SIGKILL, 0, 0, 0, 0], codes
     assert all(r["rollback_gen"] == 0 for n in nodes[1:] for r in records(n).values())  # no rollback
     for stage_nodes in ([lead, head_b, head_c], [mid], [tail]):

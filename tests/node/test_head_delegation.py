@@ -26,7 +26,6 @@ from node.net.peerscore import PeerGuardConfig
 from node.replicas.delegation import DelegateLimits, DelegateLink, DelegationService, Task, open_link
 from node.replicas.heads import attempt_base
 from node.replicas.runner import choose_replica_stage
-from node.testing.swarm import stop_nodes, wait_nodes
 from tests.node.conftest import running_host
 from tests.node.replica_swarm import (
     STEP_ROLLBACK,
@@ -34,8 +33,8 @@ from tests.node.replica_swarm import (
     check_exactly_once,
     check_one_takeover,
     check_rollback,
-    launch,
     records,
+    run_to_end,
 )
 
 FULL = {0: 0, 1: 0, 2: 0, 3: 0}  # a commit of a 4-microbatch step
@@ -130,13 +129,9 @@ def test_a_leader_killed_mid_step_is_taken_over_by_its_delegate_exactly_once(tmp
     end, every microbatch applied once per stage."""
     steps = 6
     flags = ["--replica-exchange", "step", "--no-replica-timeout", "120"]
-    nodes = launch(tmp_path, [0, 0, 1, 2], steps, common=flags,
-                   extra={0: ["--replicas-debug-exit-after-forwards", "6"]})
+    nodes, codes = run_to_end(tmp_path, [0, 0, 1, 2], steps, common=flags,
+                              extra={0: ["--replicas-debug-exit-after-forwards", "6"]}, timeout_s=420)
     lead, standby, mid, tail = nodes
-    try:
-        codes = wait_nodes(nodes, 420)
-    finally:
-        stop_nodes(nodes)
     assert codes == [-signal.SIGKILL, 0, 0, 0], codes
     lr, sr = records(lead), records(standby)
     assert sum(r["delegated"] for r in lr.values()) >= 1  # the leader had handed microbatches over
@@ -160,12 +155,9 @@ def test_a_delegate_lost_after_its_done_costs_the_head_stage_a_rollback_not_a_wr
     it finds stage 0's newer state lost and the swarm rolls back to a step every stage holds (a checkpoint every
     step), then trains to the end with the leader computing stage 0 alone, exactly once per generation."""
     steps = 6
-    nodes = launch(tmp_path, [0, 0, 1, 2], steps, common=STEP_ROLLBACK,
-                   extra={0: ["--no-replica-timeout", "8"], 1: ["--replicas-debug-exit-after-forwards", "5"]})
-    try:
-        codes = wait_nodes(nodes, 480)
-    finally:
-        stop_nodes(nodes)
+    nodes, codes = run_to_end(tmp_path, [0, 0, 1, 2], steps, common=STEP_ROLLBACK,
+                              extra={0: ["--no-replica-timeout", "8"], 1: ["--replicas-debug-exit-after-forwards", "5"]},
+                              timeout_s=480)
     lead, standby, mid, tail = nodes
     assert codes[0] == 0 and codes[2:] == [0, 0] and codes[1] == -signal.SIGKILL, codes
     lost_step = max(records(standby), default=-1) + 1  # the step the delegate died in

@@ -20,7 +20,6 @@ from node.errors import AveragingError
 from node.net.host import full_addrs
 from node.net.peerscore import PeerGuardConfig
 from node.replicas.averaging import ContributionCodec, ContributionStore, Held, combine, push
-from node.testing.swarm import stop_nodes, wait_nodes
 from pmn.spec import ModelProposal, TrainingRecipe, proposal_from_dict
 from sharding import PRESETS, build_stage, partition
 from tests.node.avg_pushes import serve
@@ -31,8 +30,8 @@ from tests.node.replica_swarm import (
     check_exactly_once,
     check_identical_weights,
     check_rollback,
-    launch,
     records,
+    run_to_end,
 )
 
 STEPS = 6
@@ -143,11 +142,7 @@ def test_a_swarm_exchanging_per_step_applies_every_microbatch_once_and_keeps_rep
     each of the M contributions of a step to the other replica)."""
     flags = ["--replica-averaging", "powersgd", "--powersgd-rank", "2", "--powersgd-bits", "4",
              "--replica-exchange", "step", "--no-replica-timeout", "120"]
-    nodes = launch(tmp_path, [0, 0, 1, 1, 2], STEPS, common=flags)
-    try:
-        codes = wait_nodes(nodes, 420)
-    finally:
-        stop_nodes(nodes)
+    nodes, codes = run_to_end(tmp_path, [0, 0, 1, 1, 2], STEPS, common=flags, timeout_s=420)
     assert codes == [0] * 5
     head_a, head_b, mid_a, mid_b, tail = nodes
     check_exactly_once([mid_a, mid_b], range(STEPS))
@@ -180,12 +175,9 @@ def test_a_replica_lost_before_its_step_bundle_costs_a_rollback_not_a_wrong_upda
     steps = 8
     # mid_a dies right after its 7th gradient upstream (about 2 a step: in step 3, its bundle not yet out); mid_b
     # declares the state lost 8 s after the commit's contributions failed to come
-    nodes = launch(tmp_path, [0, 1, 1, 2], steps, common=STEP_ROLLBACK,
-                   extra={1: ["--replicas-debug-exit-after-forwards", "7"], 2: ["--no-replica-timeout", "8"]})
-    try:
-        codes = wait_nodes(nodes, 600)
-    finally:
-        stop_nodes(nodes)
+    nodes, codes = run_to_end(tmp_path, [0, 1, 1, 2], steps, common=STEP_ROLLBACK,
+                              extra={1: ["--replicas-debug-exit-after-forwards", "7"], 2: ["--no-replica-timeout", "8"]},
+                              timeout_s=600)
     head, mid_a, mid_b, tail = nodes
     assert codes[0] == 0 and codes[2:] == [0, 0] and codes[1] != 0  # mid_a was killed by its test hook
     lost_step = max(records(mid_a)) + 1  # the step mid_a died in
