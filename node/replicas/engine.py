@@ -108,6 +108,7 @@ class ReplicaEngine:
         self.router = Router(self.rc)
         self.lock = trio.Lock()  # held while an optimizer step is applied (state snapshots wait on it)
         self._wake = trio.Event()
+        self._news = trio.Event()  # set (and replaced) on every poke: for waiters other than the step loop
         self._future: list[tuple[ActChannel, Received]] = []
         self._work: dict[tuple[int, int], _Work] = {}  # (step, mb) -> outstanding or waiting attempt
         self._queue: deque[tuple[int, int]] = deque()  # (step, mb) waiting for a replica
@@ -120,8 +121,8 @@ class ReplicaEngine:
         self._probe_send, self._probe_recv = trio.open_memory_channel[tuple[Any, ...]](float("inf"))
         self._rerouted = 0
         self._ahead = 0  # forwards of later steps run while the current step was not applied (the async window)
-        self._forwards = 0
-        self._commits_sent = 0  # step COMMITs an early-committing leader sent on (test hook)  # gradients sent upstream (test hook)
+        self._forwards = 0  # gradients sent upstream (test hook)
+        self._commits_sent = 0  # step COMMITs an early-committing leader sent on (test hook)
         self._had_next = False  # a replica of the next stage was usable at some point
         self._ahead_peers: list[str] = []  # stage peers last seen ahead of this replica (named if the state is lost)
         self._compute_s = 0.0
@@ -175,9 +176,11 @@ class ReplicaEngine:
     # -- channels ----------------------------------------------------------------------------------
 
     def poke(self) -> None:
-        """Wake the step loop."""
+        """Wake the step loop (and whoever waits on `_news`: a step finishing beside it)."""
         self._last_event = trio.current_time()
         self._wake.set()
+        self._news.set()
+        self._news = trio.Event()
 
     async def accept_loop(self) -> None:
         """Accept channels from replicas of the previous stage."""
@@ -510,14 +513,13 @@ class ReplicaEngine:
             return sorted(mine)
         deadline = trio.current_time() + self.rc.avg_timeout_s
         while True:
+            news = self._news  # a COMMIT frame pokes (the step loop may run meanwhile and owns `_wake`)
             self._take_commits()
             told = self._verdicts.get(step, {})
             if all(up in told for up in mine.values()) or trio.current_time() >= deadline:
                 break
-            if self.window:  # the step loop runs meanwhile and owns the wake event: poll
-                await trio.sleep(min(0.01, max(0.0, deadline - trio.current_time())))
-            else:
-                await self._wait(min(0.1, deadline - trio.current_time()))
+            with trio.move_on_after(min(0.1, deadline - trio.current_time())):
+                await news.wait()
         return sorted(p for p, up in mine.items() if p[0] in told.get(up, set()))
 
     async def _hold(self, step: int, mb: int, attempt: int, vec: torch.Tensor, loss: float | None) -> bool:
@@ -925,18 +927,6 @@ class ReplicaEngine:
                             await self._on_activation(step, ch, r)
                         else:
                             await self._on_gradient(step, ch, r)
-                    if prep is not None:
-                        if prep.is_set():
-                            break
-                    elif head and len(self._commits[step]) == self.m:
-                        if not self.window:
-                            await self._lead_commit(step)
-                            break
-                        prep = trio.Event()
-                        finishing.start_soon(self._finish_in_window, step, prep)
-                    elif not head and step in self.store.commits and self.window:
-                        prep = trio.Event()
-                        finishing.start_soon(self._finish_in_window, step, prep)
                     if standby and step not in self.store.commits:
                         held = heads.held_commits(self.store.pairs(step))
                         claim = self._leader_claim(step)
@@ -944,8 +934,16 @@ class ReplicaEngine:
                             self.store.commit(step, claim)
                         elif len(held) == self.m:  # every microbatch's committed contribution is here: the leader's commit
                             self.store.commit(step, held)
-                    if not head and step in self.store.commits and not self.window:
-                        break
+                    if prep is not None:  # the async window: the step finishes beside this loop
+                        if prep.is_set():
+                            break
+                    elif len(self._commits[step]) == self.m if head else step in self.store.commits:
+                        if not self.window:  # gpipe / 1f1b: the step finishes after the loop (`_finish`)
+                            if head:
+                                await self._lead_commit(step)
+                            break
+                        prep = trio.Event()
+                        finishing.start_soon(self._finish_in_window, step, prep)
                     if standby and prep is None and await self._leader_lost(step):
                         if self.delegating:  # a head replica the lost leader's COMMIT reached may hold it: not lost then
                             with trio.move_on_after(self.rc.avg_timeout_s):
