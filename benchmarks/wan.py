@@ -340,7 +340,14 @@ def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
     span = tail[-1]["end_time"] - tail[0]["end_time"]
     busy = {s: sum(r["busy_s"] for r in recs[1:]) / max(1, len(recs) - 1) for s, recs in progress.items()}
     out_bytes = {s: sum(r["bytes_out"] for r in recs[1:]) / max(1, len(recs) - 1) for s, recs in progress.items()}
-    return {"utilisation": max(util.values()), "busiest_stage": max(util, key=lambda s: util[s]),
+    replicated = {}
+    if all("update_s" in r for recs in progress.values() for r in recs):  # a replicated run: updates and bundles
+        replicated = {
+            "update_s_per_step": {s: sum(r["update_s"] for r in recs[1:]) / max(1, len(recs) - 1)
+                                  for s, recs in progress.items()},
+            "contribution_bytes": {s: recs[-1]["contribution_bytes"] for s, recs in progress.items()},
+            "stage_of_node": {s: recs[-1]["stage"] for s, recs in progress.items()}}
+    return {**replicated, "utilisation": max(util.values()), "busiest_stage": max(util, key=lambda s: util[s]),
             "busy_s_per_step": busy, "bytes_out_per_step": out_bytes,
             "stage_utilisation": util, "tokens_per_s": sum(r["tokens"] for r in tail[1:]) / span,
             "last_train_loss": tail[-1]["loss"],
@@ -515,6 +522,10 @@ def main(argv: list[str] | None = None) -> None:
         "busy_s_per_step": {s: {str(k): round(v, 5) for k, v in r["busy_s_per_step"].items()} for s, r in results.items()},
         "bytes_out_per_step": {s: {str(k): round(v) for k, v in r["bytes_out_per_step"].items()}
                                for s, r in results.items()},
+        "replicated": {s: {"update_s_per_step": {str(k): round(v, 5) for k, v in r["update_s_per_step"].items()},
+                           "contribution_bytes": {str(k): v for k, v in r["contribution_bytes"].items()},
+                           "stage_of_node": {str(k): v for k, v in r["stage_of_node"].items()}}
+                       for s, r in results.items() if "update_s_per_step" in r},
         "replica_compression": None if averaging is None else round(averaging["replica_compression"], 2),
         "loss_ratio_async": round(losses["loss_ratio_async"], 4),
         "loss_ratio_compressed_avg": None if averaging is None else round(averaging["loss_ratio_compressed_avg"], 4),

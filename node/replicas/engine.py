@@ -121,6 +121,8 @@ class ReplicaEngine:
         self._probe_send, self._probe_recv = trio.open_memory_channel[tuple[Any, ...]](float("inf"))
         self._rerouted = 0
         self._ahead = 0  # forwards of later steps run while the current step was not applied (the async window)
+        # activation-protocol bytes (read, written) of this node's endpoint when the last step was applied
+        self._wire_seen = (endpoint.totals.bytes_in, endpoint.totals.bytes_out)
         self._forwards = 0  # gradients sent upstream (test hook)
         self._commits_sent = 0  # step COMMITs an early-committing leader sent on (test hook)
         self._had_next = False  # a replica of the next stage was usable at some point
@@ -1328,6 +1330,7 @@ class ReplicaEngine:
         commit = self.store.commits[step]
         dropped = self.store.missing(step)  # always empty: kept in the record for exactly-once checks
         items = self.store.committed(step)
+        t_update = time.perf_counter()
         async with self.lock:
             if items:
                 flat = await trio.to_thread.run_sync(averaging.combine, [h.vec for h in items], self.m,
@@ -1338,6 +1341,7 @@ class ReplicaEngine:
             w.drop_step(step)  # forwards of abandoned attempts; the gradients were taken per microbatch
             averaging.set_grads(w.weights_for(step), flat)
             await trio.to_thread.run_sync(w.step, step)
+        update_s = time.perf_counter() - t_update
         # abandoned attempts of this step
         for k, v in self._work.items():
             if k[0] <= step and v.down:
@@ -1363,11 +1367,14 @@ class ReplicaEngine:
             self.throughput = mine_tokens / self._compute_s
         self.store.prune(step + 1 - self.rc.keep_steps)
         self._holders = {k: v for k, v in self._holders.items() if k[0] > step}
+        wire = self.endpoint.totals
+        bytes_in, bytes_out = wire.bytes_in - self._wire_seen[0], wire.bytes_out - self._wire_seen[1]
+        self._wire_seen = (wire.bytes_in, wire.bytes_out)
         return StepOutcome(
             step=step, loss=sum(losses) / len(losses) if losses and w.spec.is_last else None,
             applied=sorted([mb, a] for h in items for mb, a in h.covers), mine=mine, computed=sorted(computed), dropped=dropped,
             rerouted=self._rerouted, seconds=time.perf_counter() - t0, compute_s=self._compute_s, tokens=tokens,
-            extra={"ahead": self._ahead, **({"delegated": self._delegated.pop(step, 0)} if w.spec.is_first else {})})
+            extra={"ahead": self._ahead, "update_s": update_s, "bytes_in": bytes_in, "bytes_out": bytes_out, **({"delegated": self._delegated.pop(step, 0)} if w.spec.is_first else {})})
 
     def _live_stage_peers(self) -> list[Any]:
         """Stage peers of our generation that showed a sign of life within `discovery.liveness_s()` (their own

@@ -61,10 +61,13 @@ def step_report(out: StepOutcome, eng: ReplicaEngine) -> StepReport:
               "avg_wire_bytes": eng.store.wire_bytes}  # cumulative /pmn/avg bytes served for this stage
     record["rollback_gen"] = eng.discovery.me.rollback_gen  # exactly-once holds per rollback generation
     record["ahead"] = out.extra.get("ahead", 0)  # forwards of later steps run during this step (async schedule)
+    record["update_s"] = out.extra.get("update_s", 0.0)  # seconds of the step's update (combine, optimizer step)
+    record["contribution_bytes"] = 4 * eng.store.codec.words  # bytes of one contribution (a bundle) on /pmn/avg
     if eng.stage == 0:
         record["head_term"] = eng.head_term  # the term it led the step in (-1: a standby head replica)
         record["delegated"] = out.extra.get("delegated", 0)  # its microbatches computed by other head replicas
     return StepReport(out.step, eng.stage, out.loss, out.tokens, out.seconds, max(0.0, out.seconds - out.compute_s),
+                      bytes_in=out.extra.get("bytes_in", 0), bytes_out=out.extra.get("bytes_out", 0),
                       record=record, status={"bans": eng.events[-20:], "stage": eng.stage})
 
 

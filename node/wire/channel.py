@@ -282,6 +282,7 @@ class ActChannel:
         decoder: Callable[[frames.Frame], Any] | None = None,
         step_fn: Callable[[], int] | None = None,
         window_source: Callable[[int, int], bytes] | None = None,
+        totals: ChannelStats | None = None,
     ) -> None:
         self.stream = stream
         # (step, microbatch) -> token window bytes from this node's dataset: fills ACTIVATION frames that travel
@@ -297,6 +298,7 @@ class ActChannel:
         self.peer = stream.muxed_conn.peer_id.pretty()
         self.remote: Hello | None = None
         self.stats = ChannelStats()
+        self.totals = totals  # counters of every channel of an endpoint (ActEndpoint.totals) this one adds to too
         self._reader = _Reader(stream)
         self._write_lock = QuickLock(trio.Lock())  # taken without a scheduler turn when free
         self._inbox_send, self._inbox = trio.open_memory_channel[Received | BaseException](math.inf)
@@ -415,7 +417,14 @@ class ActChannel:
                                     self.peer, self.remote_stage)
                 self._fail(err)
                 raise err from exc
-        self.stats.bytes_out += len(raw) + sum(len(m) for m in more)
+        self._count_bytes(0, len(raw) + sum(len(m) for m in more))
+
+    def _count_bytes(self, read: int, written: int) -> None:
+        """Add bytes read and written to this channel's counters and to its endpoint's."""
+        for stats in (self.stats, self.totals):
+            if stats is not None:
+                stats.bytes_in += read
+                stats.bytes_out += written
 
     async def write_raw(self, raw: bytes) -> None:
         """Write arbitrary bytes (tests and benchmarks use this to inject frames)."""
@@ -659,7 +668,7 @@ class ActChannel:
             got = exc.args[0] if exc.args else 0
             raise TruncatedFrameError(
                 f"{h.kind.name.lower()} frame truncated: {got} of {h.body_len} body bytes arrived") from exc
-        self.stats.bytes_in += frames.HEADER_SIZE + h.body_len
+        self._count_bytes(frames.HEADER_SIZE + h.body_len, 0)
         fr = frames.Frame(header=h, window=window, payload=payload, signature=sig)
         if h.kind in DATA_KINDS:
             await self._accept_data(fr)
@@ -793,6 +802,7 @@ class ActEndpoint:
         self.receipts = receipts
         self.decoder = decoder
         self.scores = PeerScores(cfg)
+        self.totals = ChannelStats()  # bytes of every channel this endpoint accepted or opened, closed ones too
         self._incoming_send, self.incoming = trio.open_memory_channel[ActChannel](math.inf)
         self.handshake_failures: list[str] = []  # messages of refused inbound handshakes
         host.set_stream_handler(ACT_PROTOCOL, self._handle)
@@ -800,7 +810,7 @@ class ActEndpoint:
     def _channel(self, stream: INetStream) -> ActChannel:
         return ActChannel(stream, local=self.local, frame_spec=self.spec, cfg=self.cfg, scores=self.scores,
                           receipts=self.receipts, decoder=self.decoder, step_fn=self.step_fn,
-                          window_source=self.window_source)
+                          window_source=self.window_source, totals=self.totals)
 
     async def _handle(self, stream: INetStream) -> None:
         ch = self._channel(stream)

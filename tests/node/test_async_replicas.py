@@ -21,6 +21,7 @@ from node.config import NodeConfig
 from node.errors import StateSyncError
 from node.observability.status import node_status
 from node.pipeline.asyncworker import AsyncStageWorker
+from node.replicas.averaging import trainable
 from node.replicas.heads import attempt_base
 from node.replicas.statesync import pack_state, state_bound, unpack_state
 from node.training.worker import StageWorker
@@ -105,8 +106,13 @@ def test_an_async_swarm_overlaps_steps_and_equals_the_delayed_reference(tmp_path
     head_a, head_b, mid_a, mid_b, tail = nodes
     for stage_nodes in ([head_a, head_b], [mid_a, mid_b], [tail]):
         check_exactly_once(stage_nodes, range(steps))
+    dense_bytes = {s: 4 * sum(p.numel() for p in trainable(_worker(s).module)) for s in range(3)}  # fp32 contributions
     for n in nodes:
-        assert sum(r["ahead"] for r in records(n).values()) > 0, n.stage  # the window overlapped steps
+        recs = records(n).values()
+        assert sum(r["ahead"] for r in recs) > 0, n.stage  # the window overlapped steps
+        assert all(r["update_s"] > 0 for r in recs), n.stage  # every step's update was timed
+        assert {r["contribution_bytes"] for r in recs} == {dense_bytes[n.stage]}, n.stage
+        assert sum(r["bytes_out"] for r in recs) > 0 and sum(r["bytes_in"] for r in recs) > 0, n.stage  # its frames
     assert sum(r["delegated"] for r in records(head_a).values()) > 0  # the delegate head worked too
     check_identical_weights([[head_a, head_b], [mid_a, mid_b]])
     losses = [records(tail)[s]["loss"] for s in range(steps)]

@@ -58,6 +58,10 @@ def test_activation_frames_travel_without_the_window_and_the_receiver_reads_its_
             e = await inbound.recv_data(5)
             assert e.frame.header.window_len == FSPEC.window_len and e.frame.window == _window(9, 9)
             await ch.wait_acked()
+            # each endpoint's totals count its channel's bytes (what a replicated node's step record reports)
+            assert (recv_ep.totals.bytes_in, recv_ep.totals.bytes_out) == (inbound.stats.bytes_in, inbound.stats.bytes_out)
+            assert (send_ep.totals.bytes_in, send_ep.totals.bytes_out) == (ch.stats.bytes_in, ch.stats.bytes_out)
+            assert send_ep.totals.bytes_out > 2 * frames.HEADER_SIZE + FSPEC.payload_len
             nursery.cancel_scope.cancel()
 
     trio.run(main)
