@@ -323,6 +323,12 @@ class CpuSampler:
                 "cpu_per_wall": cpu, "seconds": round(tb - ta, 2)}
 
 
+def _mean_phases(recs: list[dict[str, Any]]) -> dict[str, float]:
+    """Mean seconds per step of each phase of a replicated node's finish (its records' `phases`)."""
+    names = sorted({k for r in recs for k in r.get("phases", {})})
+    return {k: round(sum(r.get("phases", {}).get(k, 0.0) for r in recs) / max(1, len(recs)), 4) for k in names}
+
+
 def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
     """Busiest-stage utilisation and the tail's tokens/s, first step (start-up) left out. Keys are stages, or nodes
     of a replicated run (ordered by stage: the last is a tail replica; a replicated record's compute is `compute_s`,
@@ -346,7 +352,8 @@ def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
             "update_s_per_step": {s: sum(r["update_s"] for r in recs[1:]) / max(1, len(recs) - 1)
                                   for s, recs in progress.items()},
             "contribution_bytes": {s: recs[-1]["contribution_bytes"] for s, recs in progress.items()},
-            "stage_of_node": {s: recs[-1]["stage"] for s, recs in progress.items()}}
+            "stage_of_node": {s: recs[-1]["stage"] for s, recs in progress.items()},
+            "phases_per_step": {s: _mean_phases(recs[1:]) for s, recs in progress.items()}}
     return {**replicated, "utilisation": max(util.values()), "busiest_stage": max(util, key=lambda s: util[s]),
             "busy_s_per_step": busy, "bytes_out_per_step": out_bytes,
             "stage_utilisation": util, "tokens_per_s": sum(r["tokens"] for r in tail[1:]) / span,
@@ -524,7 +531,8 @@ def main(argv: list[str] | None = None) -> None:
                                for s, r in results.items()},
         "replicated": {s: {"update_s_per_step": {str(k): round(v, 5) for k, v in r["update_s_per_step"].items()},
                            "contribution_bytes": {str(k): v for k, v in r["contribution_bytes"].items()},
-                           "stage_of_node": {str(k): v for k, v in r["stage_of_node"].items()}}
+                           "stage_of_node": {str(k): v for k, v in r["stage_of_node"].items()},
+                           "phases_per_step": {str(k): v for k, v in r["phases_per_step"].items()}}
                        for s, r in results.items() if "update_s_per_step" in r},
         "replica_compression": None if averaging is None else round(averaging["replica_compression"], 2),
         "loss_ratio_async": round(losses["loss_ratio_async"], 4),

@@ -11,9 +11,14 @@ held-out run's stage compute is its own measured one (on a shared machine the CP
 runs; the schedule and link model is what is validated), `--calibration-compute` uses the calibration
 run's for all.
 
+A `--replicas R` record (R nodes per stage, keyed by node) is simulated as the node's replicated engine as built
+(`replicated_config`: delegated head work, in-flight and task caps, one bundle per replica and step; the record's
+per-node compute, update seconds, contribution bytes and activation bytes), calibrated and validated the same way.
+
 `python -m simulations.wan_bench BENCH_OUTPUT [--write]` reads the last JSON line of a saved benchmark
 output, prints the table and a JSON line, and with `--write` stores the record under `wan_benchmark` in
-the calibration file (where `pmn simulate wan --vs datacenter` takes the measured async loss ratio).
+the calibration file (where `pmn simulate wan --vs datacenter` takes the measured async loss ratio; a replicated
+record under `wan_benchmark_replicated`).
 """
 
 from __future__ import annotations
@@ -48,6 +53,49 @@ def bench_config(bench: dict[str, Any], schedule: str, busy: dict[str, float], o
                      warmup_steps=1)
 
 
+def replicated_config(bench: dict[str, Any], schedule: str, busy: dict[str, float], overhead_s: float) -> WanConfig:
+    """The simulated counterpart of one `--replicas R` benchmark run of `schedule` (R nodes per stage, keyed by node in
+    the record): the node's replicated engine as `pmn simulate wan --vs datacenter` runs it as built (one head leader
+    handing stage-0 microbatches out as tasks, `NODE_MAX_TASKS` per step of the window; `NODE_MAX_INFLIGHT` per sender
+    and downstream replica; one bundle per replica and step pushed to its stage peers; async: each node's window).
+
+    From the record, per node: compute seconds per step (`busy`; a stage's forward and backward seconds per microbatch
+    are its replicas' sum over the microbatches, backward = 2 x forward), the update's seconds (`opt_s`, the stage's
+    mean), the contribution's bytes (`grad_sync_bytes`) and the activation bytes sent (forward frames per token from
+    stage 0's nodes, gradient frames from the last stage's)."""
+    from .datacenter import NODE_MAX_INFLIGHT, NODE_MAX_TASKS
+
+    rep = bench["replicated"][schedule]
+    m, stages, replicas = int(bench["microbatches"]), int(bench["stages"]), int(bench["replicas"])
+    nodes = {s: [k for k, v in rep["stage_of_node"].items() if int(v) == s] for s in range(stages)}
+    if sorted(len(v) for v in nodes.values()) != [replicas] * stages:
+        raise ValueError(f"replicated record: stages of its nodes {rep['stage_of_node']} are not {stages} x {replicas}")
+    per_mb = [sum(busy[k] for k in nodes[s]) / m for s in range(stages)]
+    opt = tuple(sum(float(rep["update_s_per_step"][k]) for k in nodes[s]) / replicas for s in range(stages))
+    tokens = int(bench["microbatch_size"]) * int(bench["model"]["seq_len"])
+    sent = bench["bytes_out_per_step"][schedule]
+    fwd_bytes = sum(float(sent[k]) for k in nodes[0]) / m / tokens
+    bwd_bytes = sum(float(sent[k]) for k in nodes[stages - 1]) / m / tokens
+    link = bench["link_check"]
+    staleness = int(bench["max_staleness"]) if schedule == "async" else None
+    return WanConfig(num_stages=stages, fwd_s=tuple(t / 3 for t in per_mb), bwd_s=tuple(2 * t / 3 for t in per_mb),
+                     opt_s=opt, replicas=replicas, microbatches=m, microbatch_tokens=tokens, steps=int(bench["steps"]),
+                     schedule=schedule,  # type: ignore[arg-type]
+                     fwd_bytes_per_token=fwd_bytes, bwd_bytes_per_token=bwd_bytes,
+                     grad_sync_bytes=tuple(int(rep["contribution_bytes"][nodes[s][0]]) for s in range(stages)),
+                     sync_collective="direct", sync_push=True, push_per_step=True, head_leader=True,
+                     head_delegation=True, tasks_per_delegate=NODE_MAX_TASKS * ((staleness or 0) + 1),
+                     inflight_per_replica=NODE_MAX_INFLIGHT, frame_overhead_s=overhead_s, max_staleness=staleness,
+                     link=LinkConfig(bandwidth_mbps=float(link["bulk_mbit_s"]), latency_ms=float(link["rtt_ms"]) / 2),
+                     warmup_steps=1)
+
+
+def _config(bench: dict[str, Any], schedule: str, busy: dict[str, float], overhead_s: float) -> WanConfig:
+    """`bench_config`, or `replicated_config` for a `--replicas R` (R > 1) record."""
+    replicated = int(bench.get("replicas", 1)) > 1
+    return (replicated_config if replicated else bench_config)(bench, schedule, busy, overhead_s)
+
+
 def _tokens_per_s(cfg: WanConfig) -> float:
     res = simulate(cfg)
     return res.steady_tokens_per_s or res.tokens_per_s
@@ -57,11 +105,11 @@ def fit_overhead(bench: dict[str, Any], schedule: str, busy: dict[str, float], i
     """Seconds per frame outside compute that make the simulated tokens/s of `schedule` the measured one."""
     want = float(bench["tokens_per_s"][schedule])
     lo, hi = 0.0, 0.5
-    if _tokens_per_s(bench_config(bench, schedule, busy, lo)) <= want:
+    if _tokens_per_s(_config(bench, schedule, busy, lo)) <= want:
         return 0.0
     for _ in range(iters):
         mid = (lo + hi) / 2
-        if _tokens_per_s(bench_config(bench, schedule, busy, mid)) > want:
+        if _tokens_per_s(_config(bench, schedule, busy, mid)) > want:
             lo = mid
         else:
             hi = mid
@@ -82,7 +130,7 @@ def validate(bench: dict[str, Any], calibrate_on: str = "gpipe", own_compute: bo
         mine = busy
         if own_compute and schedule in bench["busy_s_per_step"]:
             mine = {k: float(v) for k, v in bench["busy_s_per_step"][schedule].items()}
-        sim = _tokens_per_s(bench_config(bench, schedule, mine, overhead))
+        sim = _tokens_per_s(_config(bench, schedule, mine, overhead))
         rows[schedule] = {"measured_tokens_per_s": measured, "simulated_tokens_per_s": sim,
                           "error": abs(sim - measured) / measured, "held_out": schedule != calibrate_on}
     held = [r["error"] for r in rows.values() if r["held_out"]]
@@ -101,7 +149,7 @@ def async_utilisation(bench: dict[str, Any], busy: dict[str, float], overhead_s:
     `busy` x simulated steps per second, the first step left out as in benchmarks/wan.py."""
     out = {}
     for bound in bounds:
-        cfg = bench_config({**bench, "max_staleness": bound}, "async", busy, overhead_s)
+        cfg = _config({**bench, "max_staleness": bound}, "async", busy, overhead_s)
         steps_per_s = _tokens_per_s(cfg) / cfg.tokens_per_step
         out[str(bound)] = max(busy.values()) * steps_per_s
     return out
@@ -128,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         f"{b}: {u:.3f}" for b, u in out["async_utilisation_calibration_compute"].items()))
     if a.write:
         stored = json.loads(a.calibration.read_text())
-        stored["wan_benchmark"] = {"validation": out, "loss_ratio_async": bench.get("loss_ratio_async"),
+        key = "wan_benchmark_replicated" if int(bench.get("replicas", 1)) > 1 else "wan_benchmark"  # the loss ratios
+        # of `pmn simulate wan --vs datacenter` come from the unreplicated record
+        stored[key] = {"validation": out, "loss_ratio_async": bench.get("loss_ratio_async"),
                                    "loss_ratio_compressed_avg": bench.get("loss_ratio_compressed_avg"),
                                    "averaging": bench.get("averaging"), "replica_compression": bench.get("replica_compression"),
                                    "max_staleness": bench.get("max_staleness"),

@@ -2,11 +2,14 @@
 
 `Browser(profile_dir)` starts it with its own profile, `page.open(url)` loads a page, `page.text(css)`
 reads an element's text, `page.screenshot(path)` saves a PNG. Chromium as root (CI) needs --no-sandbox.
+Chromium puts its singleton socket in a directory under $TMPDIR that it does not remove: the browser gets
+`profile_dir/tmp` as its TMPDIR, so that goes with the profile and nothing is left in the system's /tmp.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -79,11 +82,14 @@ class Browser:
         if exe is None:
             raise AssertionError("chromium is not installed (apt-get install -y chromium)")
         profile_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir = profile_dir / "tmp"  # the browser's TMPDIR (its singleton socket's directory)
+        self.tmp_dir.mkdir(exist_ok=True)
         self.log = (profile_dir / "chromium.log").open("wb")
         self.proc = subprocess.Popen(
             [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
              "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1", f"--user-data-dir={profile_dir}",
-             f"--window-size={width},{height}", "about:blank"], stdout=self.log, stderr=subprocess.STDOUT)
+             f"--window-size={width},{height}", "about:blank"], stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "TMPDIR": str(self.tmp_dir)})
         try:
             port_file = profile_dir / "DevToolsActivePort"
             lines = wait_until(lambda: self._port_lines(port_file), START_TIMEOUT_S, "chromium's DevTools port")

@@ -121,6 +121,8 @@ class ReplicaEngine:
         self._probe_send, self._probe_recv = trio.open_memory_channel[tuple[Any, ...]](float("inf"))
         self._rerouted = 0
         self._ahead = 0  # forwards of later steps run while the current step was not applied (the async window)
+        # step -> seconds of its finish's phases (the progress record's "phases": where a step's time goes)
+        self._phases: dict[int, dict[str, float]] = {}
         # activation-protocol bytes (read, written) of this node's endpoint when the last step was applied
         self._wire_seen = (endpoint.totals.bytes_in, endpoint.totals.bytes_out)
         self._forwards = 0  # gradients sent upstream (test hook)
@@ -453,7 +455,9 @@ class ReplicaEngine:
         dense = self._dense.get(step, {})
         if not owned:
             return
+        t = time.perf_counter()
         vec = await trio.to_thread.run_sync(self._sum_and_encode, [dense[p][0] for p in owned])
+        self._phase(step, "encode_s", time.perf_counter() - t)
         try:
             self.store.add_bundle(step, owned, vec, [dense[p][1] for p in owned])
         except AveragingError as exc:  # a peer's bundle already claims one of our pairs: kept, ours is not sent
@@ -1019,6 +1023,8 @@ class ReplicaEngine:
                 finishing.cancel_scope.cancel()
         if failure is not None:
             raise failure
+        if not self.window:  # gpipe: the step's work, the leader's commit and the commit reaching this replica
+            self._phase(step, "loop_s", time.perf_counter() - t0)
         if self.window:
             return await self._apply(step, t0)
         return await self._finish(step, t0)
@@ -1296,14 +1302,18 @@ class ReplicaEngine:
         replica's bundle, and every committed contribution of the stage here (else a re-sync or a rollback)."""
         w = self.worker
         commit = self.store.commits[step]
+        t = time.perf_counter()
         if self.per_step and step not in self._owned:
             dense = self._dense.get(step, {})
             owned = await self._owned_pairs(step) if not w.spec.is_first else \
                 sorted(p for p in dense if commit.get(p[0]) == p[1])
+            self._phase(step, "verdicts_s", time.perf_counter() - t)
             await self._forward_commit(step, {mb for mb, _ in owned})
             await self._bundle(step, owned)
         else:
             await self._forward_commit(step, {mb for mb, _ in self._owned.get(step, [])})
+        self._phase(step, "bundle_s", time.perf_counter() - t)  # with the verdicts' wait and the encoding
+        t = time.perf_counter()
         if self._early_commit():
             self._commits_sent += 1
             if self.rc.debug_exit_after_commits and self._commits_sent >= self.rc.debug_exit_after_commits:
@@ -1323,6 +1333,13 @@ class ReplicaEngine:
                                 "microbatches": self.store.missing(step), "time": time.time()})
             while self.store.missing(step):
                 await self._await_missing(step, since)
+        self._phase(step, "contributions_s", time.perf_counter() - t)  # the rest of the leader's bundle, then the
+        # wait for every committed contribution of the stage
+
+    def _phase(self, step: int, name: str, seconds: float) -> None:
+        """Add `seconds` to phase `name` of `step` (its progress record's "phases")."""
+        phases = self._phases.setdefault(step, {})
+        phases[name] = phases.get(name, 0.0) + seconds
 
     async def _apply(self, step: int, t0: float) -> StepOutcome:
         """Apply `step`'s update from the committed contributions (`_prepare` ran) and drop what the step held."""
@@ -1342,6 +1359,8 @@ class ReplicaEngine:
             averaging.set_grads(w.weights_for(step), flat)
             await trio.to_thread.run_sync(w.step, step)
         update_s = time.perf_counter() - t_update
+        phases = {k: round(v, 4) for k, v in self._phases.pop(step, {}).items()}
+        self._phases = {k: v for k, v in self._phases.items() if k > step}
         # abandoned attempts of this step
         for k, v in self._work.items():
             if k[0] <= step and v.down:
@@ -1374,7 +1393,7 @@ class ReplicaEngine:
             step=step, loss=sum(losses) / len(losses) if losses and w.spec.is_last else None,
             applied=sorted([mb, a] for h in items for mb, a in h.covers), mine=mine, computed=sorted(computed), dropped=dropped,
             rerouted=self._rerouted, seconds=time.perf_counter() - t0, compute_s=self._compute_s, tokens=tokens,
-            extra={"ahead": self._ahead, "update_s": update_s, "bytes_in": bytes_in, "bytes_out": bytes_out, **({"delegated": self._delegated.pop(step, 0)} if w.spec.is_first else {})})
+            extra={"ahead": self._ahead, "update_s": update_s, "phases": phases, "bytes_in": bytes_in, "bytes_out": bytes_out, **({"delegated": self._delegated.pop(step, 0)} if w.spec.is_first else {})})
 
     def _live_stage_peers(self) -> list[Any]:
         """Stage peers of our generation that showed a sign of life within `discovery.liveness_s()` (their own

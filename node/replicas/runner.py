@@ -63,6 +63,8 @@ def step_report(out: StepOutcome, eng: ReplicaEngine) -> StepReport:
     record["ahead"] = out.extra.get("ahead", 0)  # forwards of later steps run during this step (async schedule)
     record["update_s"] = out.extra.get("update_s", 0.0)  # seconds of the step's update (combine, optimizer step)
     record["contribution_bytes"] = 4 * eng.store.codec.words  # bytes of one contribution (a bundle) on /pmn/avg
+    record["phases"] = out.extra.get("phases", {})  # seconds of the step's finish by phase (ReplicaEngine._phase):
+    # loop_s (gpipe: work until the commit is known), verdicts_s, encode_s, bundle_s, contributions_s
     if eng.stage == 0:
         record["head_term"] = eng.head_term  # the term it led the step in (-1: a standby head replica)
         record["delegated"] = out.extra.get("delegated", 0)  # its microbatches computed by other head replicas

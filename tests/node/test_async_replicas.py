@@ -111,6 +111,7 @@ def test_an_async_swarm_overlaps_steps_and_equals_the_delayed_reference(tmp_path
         recs = records(n).values()
         assert sum(r["ahead"] for r in recs) > 0, n.stage  # the window overlapped steps
         assert all(r["update_s"] > 0 for r in recs), n.stage  # every step's update was timed
+        assert all(r["phases"]["contributions_s"] >= 0 and r["phases"]["bundle_s"] >= 0 for r in recs), n.stage
         assert {r["contribution_bytes"] for r in recs} == {dense_bytes[n.stage]}, n.stage
         assert sum(r["bytes_out"] for r in recs) > 0 and sum(r["bytes_in"] for r in recs) > 0, n.stage  # its frames
     assert sum(r["delegated"] for r in records(head_a).values()) > 0  # the delegate head worked too
