@@ -206,6 +206,10 @@ class ReplicaConfig:
     # (a task stays out for a whole pipeline round trip, so a delegate's even share of a step should fit; the share,
     # ceil(microbatches / head replicas), caps what it gets while the leader can compute the rest itself); the async
     # schedule's window holds runtime.max_staleness + 1 steps, and so max_tasks for each of them
+    avg_keep_streams: int = 4  # /pmn/avg streams kept open to each stage peer between requests (a request on a
+    # kept stream costs one round trip, a new stream three: node.net.streampool); 0 = a new stream per request
+    avg_stream_idle_s: float = 20.0  # a kept /pmn/avg stream unused this long is closed (below the serving
+    # side's keep-alive, node.replicas.averaging.AvgLimits.keepalive_s, 30 s)
     catchup_poll_s: float = 0.01  # while behind and catching up, wait this long between pulls of missed steps
     keep_steps: int = 4  # steps of contributions kept in memory for stage peers that pull them (a replica
     # more steps behind than this re-fetches the stage state: keep it above state-transfer time / step time)
@@ -240,11 +244,13 @@ class ReplicaConfig:
             raise ValueError(f"replicas.ewma_alpha must be in (0, 1], got {self.ewma_alpha}")
         for name in ("replica_timeout_s", "ban_base_s", "ban_max_s", "no_replica_timeout_s", "avg_timeout_s",
                      "commit_poll_s", "catchup_poll_s", "state_timeout_s", "hold_retry_s", "head_takeover_s",
-                     "alone_recheck_s"):
+                     "alone_recheck_s", "avg_stream_idle_s"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"replicas.{name} must be > 0, got {getattr(self, name)}")
         if self.keep_steps < 1:
             raise ValueError(f"replicas.keep_steps must be >= 1, got {self.keep_steps}")
+        if self.avg_keep_streams < 0:
+            raise ValueError(f"replicas.avg_keep_streams must be >= 0, got {self.avg_keep_streams}")
         if self.start_quorum < 0:
             raise ValueError(f"replicas.start_quorum must be >= 0, got {self.start_quorum}")
         if self.aggregation not in ("mean", "median", "centered_clip"):

@@ -35,6 +35,7 @@ from node.net.access import AVG, AccessPolicy
 from node.net.gate import ProtocolGate, reset_quietly
 from node.net.host import parse_peer_addr
 from node.net.peerscore import PeerGuardConfig, PeerScores
+from node.net.streampool import StreamPool, request_once
 from protocol.aggregation import AggregationConfig, aggregate
 from protocol.modelspec import POWERSGD_BITS, REPLICA_AVERAGING
 from sharding.gradcompress import (
@@ -60,6 +61,8 @@ class AvgLimits:
     # bundle lists every microbatch of the step with its loss)
     max_depth: int = 3  # deepest JSON nesting of a request header (a bundle's pairs: a list of [mb, attempt] lists)
     idle_timeout_s: float = 10.0  # longest wait for the next bytes of a request
+    keepalive_s: float = 30.0  # longest wait for the next request on a stream after one was answered (a client's
+    # kept stream, `node.net.streampool`; its idle_s is below this)
     max_pending_per_peer: int = 256  # contributions pushed by one peer and still held (more are refused); an
     # honest peer holds at most keep_steps x num_microbatches x attempts of them
     max_pending_total: int = 2048  # contributions pushed by peers and still held, all peers together
@@ -536,11 +539,29 @@ class _Counted:
         self.stream = stream
         self.count = 0  # bytes read + written
         self.store: ContributionStore | None = None  # the store the request named, once known
+        self._first = b""  # the first byte of the next request, read while waiting for it
 
     async def read(self, n: int | None = None) -> bytes:
-        data = await self.stream.read(n)
+        if self._first:
+            data, self._first = self._first, b""
+        else:
+            data = bytes(await self.stream.read(n))
         self.count += len(data)
-        return bytes(data)
+        return data
+
+    async def next_request(self, keepalive_s: float) -> bool:
+        """Wait up to `keepalive_s` for the first byte of another request on this stream; False when none came
+        (idle) or the client ended the stream."""
+        with trio.move_on_after(keepalive_s):
+            try:
+                self._first = bytes(await self.stream.read(1))
+            except Exception:  # the client closed or reset it
+                return False
+        return bool(self._first)
+
+    def credited(self) -> None:
+        """Start counting the next request."""
+        self.count, self.store = 0, None
 
     async def write(self, data: bytes) -> None:
         await self.stream.write(data)
@@ -591,16 +612,25 @@ class AveragingService:
                 raise AveragingError("too many pushed contributions are held: retry later")
 
     async def _handle(self, stream: Any) -> None:
+        """Serve requests on one stream, each bounded by the exchange timeout, until the client ends it or sends
+        no next request within `AvgLimits.keepalive_s` (a client keeps streams open: `node.net.streampool`)."""
         try:
             async with self.gate.serve(stream) as peer:
                 try:
-                    with trio.fail_after(self.timeout_s + 5):
-                        counted = _Counted(stream)
-                        try:
-                            await self._exchange(counted, peer)
-                        finally:
-                            self._credit(counted)
-                        await stream.close()
+                    counted = _Counted(stream)
+                    while True:
+                        with trio.fail_after(self.timeout_s + 5):
+                            try:
+                                await self._exchange(counted, peer)
+                            finally:
+                                self._credit(counted)
+                                counted.credited()
+                        if not await counted.next_request(self.limits.keepalive_s):
+                            break
+                        if self.gate.scores.is_banned(peer.pretty()):  # banned since the stream was admitted
+                            await reset_quietly(stream)
+                            return
+                    await stream.close()
                 except (AveragingError, trio.TooSlowError) as exc:
                     self.gate.refuse(peer, type(exc).__name__)
                     try:
@@ -706,19 +736,20 @@ class AveragingService:
 
 
 async def _request(host: Any, addr: str, header: dict[str, Any], blob: bytes, max_blob: int,
-                   timeout_s: float) -> tuple[dict[str, Any], bytes]:
+                   timeout_s: float, pool: StreamPool | None = None) -> tuple[dict[str, Any], bytes]:
+    """One request and its answer, on a stream of `pool` (kept open for the next) or on one of its own."""
     info = parse_peer_addr(addr)
+
+    async def exchange(stream: Any) -> tuple[tuple[dict[str, Any], bytes], bool]:
+        await write_msg(stream, header, blob)
+        reply, data = await read_msg(stream, max_blob)
+        return (reply, data), "error" not in reply  # a refusing server resets the stream
+
     with trio.fail_after(timeout_s):
-        await host.connect(info)
-        stream = await host.new_stream(info.peer_id, [AVG_PROTOCOL])
-        try:
-            await write_msg(stream, header, blob)
-            reply, data = await read_msg(stream, max_blob)
-        finally:
-            try:
-                await stream.close()
-            except Exception:
-                pass
+        if pool is None:
+            reply, data = await request_once(host, info, AVG_PROTOCOL, exchange)
+        else:
+            reply, data = await pool.request(info, exchange)
     if "error" in reply:
         raise AveragingError(f"peer {info.peer_id.pretty()} refused: {reply['error']}")
     return reply, data
@@ -726,9 +757,10 @@ async def _request(host: Any, addr: str, header: dict[str, Any], blob: bytes, ma
 
 async def push(host: Any, addr: str, spec_hash: str, stage: int, step: int, mb: int, attempt: int,
                vec: torch.Tensor, loss: float | None, timeout_s: float, enc: str = "dense",
-               bundle: Held | None = None, claim: dict[int, int] | None = None) -> None:
+               bundle: Held | None = None, claim: dict[int, int] | None = None, pool: StreamPool | None = None) -> None:
     """Give one contribution (in encoding `enc`, the store codec's tag) to a stage peer; `bundle`: a step bundle
-    (its first pair is mb, attempt); `claim`: with a bundle, the whole commit of the step (a leading head's)."""
+    (its first pair is mb, attempt); `claim`: with a bundle, the whole commit of the step (a leading head's);
+    `pool`: on a kept stream (a push is idempotent: the same contribution again replaces itself)."""
     header: dict[str, Any] = {"op": "push", "spec_hash": spec_hash, "stage": stage, "step": step, "mb": mb,
                               "attempt": attempt, "loss": loss}
     if bundle is not None:
@@ -738,11 +770,11 @@ async def push(host: Any, addr: str, spec_hash: str, stage: int, step: int, mb: 
             header["commit"] = sorted([mb, a] for mb, a in claim.items())
     if enc != "dense":  # dense pushes keep the header they always had
         header["enc"] = enc
-    await _request(host, addr, header, vec_bytes(vec), 0, timeout_s)
+    await _request(host, addr, header, vec_bytes(vec), 0, timeout_s, pool)
 
 
 async def pull(host: Any, addr: str, spec_hash: str, stage: int, step: int, size: int, wait_s: float,
-               timeout_s: float, codec: ContributionCodec | None = None
+               timeout_s: float, codec: ContributionCodec | None = None, pool: StreamPool | None = None
                ) -> tuple[dict[int, int] | None, list[Held]]:
     """A stage peer's commit of `step` (None if it has none within wait_s) and its contributions of the step
     (the committed ones, or all it holds when it has no commit), each with the pairs it covers.
@@ -750,7 +782,7 @@ async def pull(host: Any, addr: str, spec_hash: str, stage: int, step: int, size
     With `codec`, an answer in another encoding, with malformed bundle pairs or holding a non-finite compressed
     contribution raises AveragingError (the caller counts it against that peer) and nothing of it is kept."""
     reply, data = await _request(host, addr, {"op": "pull", "spec_hash": spec_hash, "stage": stage, "step": step,
-                                              "wait_s": wait_s}, b"", 4 * size * 1024, timeout_s + wait_s)
+                                              "wait_s": wait_s}, b"", 4 * size * 1024, timeout_s + wait_s, pool)
     commit = None if reply.get("commit") is None else {int(mb): int(a) for mb, a in reply["commit"]}
     if codec is not None and reply.get("enc", "dense") != codec.tag:
         raise AveragingError(f"pull answer encoded as {str(reply.get('enc'))[:40]!r}, this stage averages {codec.tag}")

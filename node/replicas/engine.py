@@ -46,6 +46,7 @@ from node.errors import (
     UpstreamLostError,
 )
 from node.net.discovery import Discovery
+from node.net.streampool import StreamPool, StreamPoolConfig
 from node.replicas import averaging, delegation, heads, rollback
 from node.replicas.delegation import DelegateLink, Task
 from node.replicas.rebalance import Move, plan_move
@@ -106,6 +107,9 @@ class ReplicaEngine:
         self.up: dict[str, ActChannel] = {}
         self.down: dict[str, ActChannel] = {}
         self.router = Router(self.rc)
+        # /pmn/avg streams kept open to the stage peers between pushes and pulls (None: a new stream per request)
+        self.avg_streams = StreamPool(host, averaging.AVG_PROTOCOL, StreamPoolConfig(
+            self.rc.avg_keep_streams, self.rc.avg_stream_idle_s)) if self.rc.avg_keep_streams else None
         self.lock = trio.Lock()  # held while an optimizer step is applied (state snapshots wait on it)
         self._wake = trio.Event()
         self._news = trio.Event()  # set (and replaced) on every poke: for waiters other than the step loop
@@ -318,6 +322,8 @@ class ReplicaEngine:
             await ch.close()
         for link in [*self.delegates.values(), *self.leaders.values()]:
             await link.close()
+        if self.avg_streams is not None:
+            await self.avg_streams.close()
         self.down.clear()
         self.up.clear()
         self.delegates.clear()
@@ -421,7 +427,7 @@ class ReplicaEngine:
         if self.rc.debug_push_delay_s:  # TEST ONLY: a slow link to the stage peers
             await trio.sleep(self.rc.debug_push_delay_s)
         await averaging.push(self.host, addr, self.spec_hash, self.stage, step, mb, attempt, vec, loss, timeout_s,
-                             enc=self.store.codec.tag, bundle=bundle, claim=claim)
+                             enc=self.store.codec.tag, bundle=bundle, claim=claim, pool=self.avg_streams)
 
     async def _push_held(self, addr: str, step: int, key: tuple[int, int], timeout_s: float) -> None:
         """Push the held contribution of `step` under `key` (a bundle as one) to a stage peer; a leading head that
@@ -1073,7 +1079,7 @@ class ReplicaEngine:
         if lead is not None and lead.addrs:
             try:
                 await averaging.pull(self.host, lead.addrs[0], self.spec_hash, 0, heads.PING_STEP, self.store.size,
-                                     0.0, self.rc.avg_timeout_s, codec=self.store.codec)
+                                     0.0, self.rc.avg_timeout_s, codec=self.store.codec, pool=self.avg_streams)
             except (trio.TooSlowError, AveragingError):  # slow or refusing: alive
                 self._leader_down_since = None
                 return False
@@ -1190,7 +1196,8 @@ class ReplicaEngine:
         for e in peers:
             try:
                 commit, items = await averaging.pull(self.host, e.addrs[0], self.spec_hash, self.stage, step,
-                                             self.store.size, wait_s, self.rc.avg_timeout_s, codec=self.store.codec)
+                                             self.store.size, wait_s, self.rc.avg_timeout_s, codec=self.store.codec,
+                                             pool=self.avg_streams)
             except Exception:  # unreachable / refusing peers are skipped
                 self._peer_failed(e.peer_id)
                 continue
