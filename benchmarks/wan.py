@@ -83,6 +83,11 @@ Replicated (session 25, `--replicas 2 --schedules gpipe,async --max-staleness 2 
 --loss-steps 30`, 2 cores): link check 101.4 ms, 199.3 Mbit/s; gpipe 2481 tokens/s (busiest node 0.113), async
 3591 (0.273), host 0.42 / 0.67 busy; the first version of the replicated async window (its finish blocking the
 node's loop) gave 3057 against gpipe's 2355 with the host 0.91 busy.
+Session 26, same command with `--loss-steps 10`: before kept /pmn/avg streams, gpipe 2437 and 2508 tokens/s, async
+4844 and 4241 (two runs); a replica's finish (the JSON's `replicated` phases) spent 0.32-0.42 s pushing a 14 kB
+bundle (3.3 round trips: two of them a new stream's multistream-select) and `simulations.wan_bench` missed async by
+0.295. With kept streams (`node.net.streampool`): gpipe 4245 tokens/s (busiest node 0.194), async 5197 (0.380),
+host 0.60 / 0.81 busy; a bundle push 0.11-0.17 s, and the held-out async error 0.035.
 """
 
 from __future__ import annotations

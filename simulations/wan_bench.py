@@ -116,15 +116,10 @@ def fit_overhead(bench: dict[str, Any], schedule: str, busy: dict[str, float], i
     return (lo + hi) / 2
 
 
-def validate(bench: dict[str, Any], calibrate_on: str = "gpipe", own_compute: bool = True) -> dict[str, Any]:
-    """Fit on `calibrate_on`, predict the other schedules of the benchmark; errors per schedule.
-
-    own_compute: each held-out run's stage compute is its own measured `busy_s_per_step` (the machine's
-    speed is an input, as a calibration file's stage times are; what is predicted is what the schedule and
-    the links make of it); False: the calibration run's compute for every schedule.
-    """
-    busy = {k: float(v) for k, v in bench["busy_s_per_step"][calibrate_on].items()}
-    overhead = fit_overhead(bench, calibrate_on, busy)
+def _predict(bench: dict[str, Any], busy: dict[str, float], overhead: float, own_compute: bool,
+             calibrated: str | None) -> dict[str, dict[str, Any]]:
+    """Each schedule of `bench` simulated with the fitted `overhead`; `calibrated` names the one fitted on (not
+    held out)."""
     rows = {}
     for schedule, measured in bench["tokens_per_s"].items():
         mine = busy
@@ -132,10 +127,31 @@ def validate(bench: dict[str, Any], calibrate_on: str = "gpipe", own_compute: bo
             mine = {k: float(v) for k, v in bench["busy_s_per_step"][schedule].items()}
         sim = _tokens_per_s(_config(bench, schedule, mine, overhead))
         rows[schedule] = {"measured_tokens_per_s": measured, "simulated_tokens_per_s": sim,
-                          "error": abs(sim - measured) / measured, "held_out": schedule != calibrate_on}
-    held = [r["error"] for r in rows.values() if r["held_out"]]
+                          "error": abs(sim - measured) / measured, "held_out": schedule != calibrated}
+    return rows
+
+
+def validate(bench: dict[str, Any], calibrate_on: str = "gpipe", own_compute: bool = True,
+             held_out: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """Fit on `calibrate_on`, predict the other schedules of the benchmark, and every schedule of each `held_out`
+    record (other runs: another link, staleness or machine load; same swarm shape), without a refit; errors per
+    schedule.
+
+    own_compute: each held-out run's stage compute is its own measured `busy_s_per_step` (the machine's
+    speed is an input, as a calibration file's stage times are; what is predicted is what the schedule and
+    the links make of it); False: the calibration run's compute for every schedule of `bench` (a held-out record
+    always uses its own).
+    """
+    busy = {k: float(v) for k, v in bench["busy_s_per_step"][calibrate_on].items()}
+    overhead = fit_overhead(bench, calibrate_on, busy)
+    rows = _predict(bench, busy, overhead, own_compute, calibrate_on)
+    runs = [{"delay_ms": other.get("delay_ms"), "rate_mbit": other.get("rate_mbit"),
+             "max_staleness": other.get("max_staleness"), "replicas": other.get("replicas", 1),
+             "schedules": _predict(other, {}, overhead, True, None)} for other in held_out or []]
+    held = [r["error"] for r in rows.values() if r["held_out"]] + \
+        [r["error"] for run in runs for r in run["schedules"].values()]
     return {"calibrated_on": calibrate_on, "own_compute": own_compute, "frame_overhead_s": overhead, "schedules": rows,
-            "max_held_out_error": max(held) if held else None, "error_goal": ERROR_GOAL,
+            "held_out_runs": runs, "max_held_out_error": max(held) if held else None, "error_goal": ERROR_GOAL,
             "goal_met": bool(held) and max(held) <= ERROR_GOAL}
 
 
@@ -163,15 +179,26 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--calibration-compute", action="store_true",
                    help="predict every schedule with the calibration run's compute (not each run's own)")
     p.add_argument("--calibration", type=Path, default=DEFAULT_PATH)
+    p.add_argument("--held-out", type=Path, nargs="*", default=[],
+                   help="saved outputs of other benchmarks/wan.py runs (same swarm shape) to predict with the overhead "
+                        "fitted on BENCH_OUTPUT")
     a = p.parse_args(argv)
     bench = json.loads(a.bench_output.read_text().strip().splitlines()[-1])
-    out = validate(bench, a.calibrate_on, own_compute=not a.calibration_compute)
+    others = [json.loads(path.read_text().strip().splitlines()[-1]) for path in a.held_out]
+    out = validate(bench, a.calibrate_on, own_compute=not a.calibration_compute, held_out=others)
     busy = {k: float(v) for k, v in bench["busy_s_per_step"][a.calibrate_on].items()}
     out["async_utilisation_calibration_compute"] = async_utilisation(bench, busy, out["frame_overhead_s"])
     print(f"{'schedule':<10}{'measured':>10}{'simulated':>11}{'error':>8}  held out")
     for s, r in out["schedules"].items():
         print(f"{s:<10}{r['measured_tokens_per_s']:>10.0f}{r['simulated_tokens_per_s']:>11.0f}{r['error']:>8.3f}  "
               f"{r['held_out']}")
+    for path, run in zip(a.held_out, out["held_out_runs"], strict=True):
+        print(f"held-out run {path.name}: {run['delay_ms']} ms, {run['rate_mbit']} Mbit/s, staleness "
+              f"{run['max_staleness']}, {run['replicas']} node(s) per stage")
+        for s, r in run["schedules"].items():
+            print(f"{s:<10}{r['measured_tokens_per_s']:>10.0f}{r['simulated_tokens_per_s']:>11.0f}{r['error']:>8.3f}  "
+                  f"True")
+    print(f"largest held-out error {out['max_held_out_error']:.3f} (goal {ERROR_GOAL})")
     print("async utilisation with the calibration run's compute, by staleness bound: " + ", ".join(
         f"{b}: {u:.3f}" for b, u in out["async_utilisation_calibration_compute"].items()))
     if a.write:
