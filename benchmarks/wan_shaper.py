@@ -50,11 +50,10 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, dela
             if not data:
                 break
         await task
-    except (ConnectionError, OSError):
-        task.cancel()
     finally:
-        if not task.done():
+        if not task.done():  # this direction failed or was cancelled: its delivery goes too
             task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
 
 
 async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, delay_s: float,
@@ -73,11 +72,29 @@ async def _handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, de
         writer.close()
         return
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    await relay(reader, writer, r2, w2, delay_s, rate_bps)
+
+
+async def relay(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, r2: asyncio.StreamReader,
+                w2: asyncio.StreamWriter, delay_s: float, rate_bps: float) -> None:
+    """Relay one connection both ways (each direction a link) until both directions ended or one failed; closes
+    both sides. An orderly end (EOF) of one direction leaves the other running (a half-close); a failed direction
+    (a reset connection) ends the other too, rather than leaving it waiting on a socket nobody closes."""
+    pipes = [asyncio.create_task(_pipe(reader, w2, delay_s, rate_bps)),
+             asyncio.create_task(_pipe(r2, writer, delay_s, rate_bps))]
     try:
-        await asyncio.gather(_pipe(reader, w2, delay_s, rate_bps), _pipe(r2, writer, delay_s, rate_bps))
+        pending: set[asyncio.Task[None]] = set(pipes)
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            if any(t.exception() is not None for t in done):
+                break
     finally:
+        for t in pipes:
+            t.cancel()
+        await asyncio.gather(*pipes, return_exceptions=True)
         for w in (writer, w2):
             w.close()
+        await asyncio.gather(*(w.wait_closed() for w in (writer, w2)), return_exceptions=True)
 
 
 async def serve(port: int, delay_ms: float, rate_mbit: float) -> None:
