@@ -873,11 +873,15 @@ class PipelineSim:
         told, dst.told = dst.told, self.env.event()
         told.succeed()
 
+    def _step_event(self, table: dict[int, simpy.Event], step: int) -> simpy.Event:
+        """The event of `step` in `table`, made on first use (whoever waits and whoever fires it may come first)."""
+        if step not in table:
+            table[step] = self.env.event()
+        return table[step]
+
     def _bundle_event(self, node: _Node, step: int) -> simpy.Event:
         """Replicated async: fires once `node`'s bundle of `step` reached its stage peers (at once when it has none)."""
-        if step not in node.bundles:
-            node.bundles[step] = self.env.event()
-        return node.bundles[step]
+        return self._step_event(node.bundles, step)
 
     def _first_holder(self, node: _Node) -> _Node | None:
         """Replicated async, the leader committing early: the head peer its bundle goes to first (the node's first
@@ -887,9 +891,7 @@ class PipelineSim:
 
     def _first_event(self, node: _Node, step: int) -> simpy.Event:
         """Replicated async, the leader committing early: fires once its bundle of `step` reached its first holder."""
-        if step not in node.first_held:
-            node.first_held[step] = self.env.event()
-        return node.first_held[step]
+        return self._step_event(node.first_held, step)
 
     def _held(self, src: _Node, dst: _Node, step: int) -> simpy.Event:
         """Replicated async: fires once `src`'s bundle of `step` reached `dst` (the leader committing early: its first

@@ -50,7 +50,7 @@ from node.net.streampool import StreamPool, StreamPoolConfig
 from node.replicas import averaging, delegation, heads, rollback
 from node.replicas.delegation import DelegateLink, Task
 from node.replicas.rebalance import Move, plan_move
-from node.replicas.routing import Router, ban_duration
+from node.replicas.routing import Router, ban_duration, ewma, fastest_first
 from node.training.worker import StageWorker, window_to_bytes
 from node.wire import frames
 from node.wire.channel import ActChannel, ActEndpoint, Received
@@ -121,6 +121,7 @@ class ReplicaEngine:
         self._peer_failures: dict[str, tuple[int, float]] = {}  # stage peer -> (failed exchanges, skip until)
         self._unreachable: dict[str, float] = {}  # stage peer -> until when it counts as gone (refused or no dial)
         self._probing: set[str] = set()  # stage peers in backoff with a background push in flight
+        self._push_s: dict[str, float] = {}  # stage peer -> EWMA seconds of a bundle push it answered
         self._alone_checked = -float("inf")  # trio time of the last discovery round run because no stage peer was known
         self._probe_send, self._probe_recv = trio.open_memory_channel[tuple[Any, ...]](float("inf"))
         self._rerouted = 0
@@ -456,7 +457,8 @@ class ReplicaEngine:
         (each bounded by `avg_timeout_s`; one that misses it pulls it). Nothing to send when it owns nothing.
 
         first_holder: push it to one stage peer after the other until one holds it, and no further (the async
-        leader's: its COMMIT then goes on and `_rest_of_bundle` pushes to the others meanwhile)."""
+        leader's: its COMMIT then goes on and `_rest_of_bundle` pushes to the others meanwhile), the peers whose
+        pushes were answered fastest first (`fastest_first` on the pushes' EWMA seconds)."""
         self._owned[step] = [list(p) for p in owned]
         dense = self._dense.get(step, {})
         if not owned:
@@ -473,7 +475,7 @@ class ReplicaEngine:
         if not first_holder:
             await self._push_bundle(step, key, self._stage_peers())
             return
-        for e in self._stage_peers():
+        for e in fastest_first(self._stage_peers(), self._push_s):
             await self._push_bundle(step, key, [e])
             if self._holders.get((step, *key)):
                 return
@@ -493,7 +495,9 @@ class ReplicaEngine:
 
         async def one(peer: str, addr: str) -> None:
             try:
+                t = trio.current_time()
                 await self._push_held(addr, step, key, self.rc.avg_timeout_s)
+                self._push_s[peer] = ewma(self._push_s.get(peer), trio.current_time() - t, self.rc.ewma_alpha)
                 self._peer_failures.pop(peer, None)
                 self._unreachable.pop(peer, None)
                 self._holders.setdefault((step, *key), set()).add(peer)

@@ -9,7 +9,7 @@ from node.config import NodeConfig, ReplicaConfig
 from node.errors import AveragingError, StateSyncError
 from node.replicas.averaging import ContributionStore, combine, set_grads, take_grads
 from node.replicas.rebalance import plan_move, stage_throughputs
-from node.replicas.routing import Router, ban_duration, ewma
+from node.replicas.routing import Router, ban_duration, ewma, fastest_first
 from node.replicas.statesync import pack_state, unpack_state
 from node.training.worker import StageWorker
 from node.wire import frames
@@ -24,6 +24,16 @@ def test_ewma_and_ban_durations_double_up_to_the_cap() -> None:
     assert [ban_duration(n, 1.0, 5.0) for n in range(1, 6)] == [1.0, 2.0, 4.0, 5.0, 5.0]
     with pytest.raises(ValueError, match="ban count"):
         ban_duration(0, 1.0, 5.0)
+
+
+def test_a_bundles_first_holder_is_the_peer_whose_pushes_were_answered_fastest() -> None:
+    class Peer:
+        def __init__(self, peer_id: str) -> None:
+            self.peer_id = peer_id
+
+    a, b, c, d = (Peer(x) for x in "abcd")
+    assert [p.peer_id for p in fastest_first([a, b, c, d], {"c": 0.05, "a": 0.3})] == ["c", "a", "b", "d"]
+    assert [p.peer_id for p in fastest_first([b, a], {})] == ["b", "a"]  # none measured: the order given
 
 
 def test_router_prefers_low_latency_respects_inflight_and_bans() -> None:
