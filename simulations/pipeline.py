@@ -884,8 +884,10 @@ class PipelineSim:
         return self._step_event(node.bundles, step)
 
     def _first_holder(self, node: _Node) -> _Node | None:
-        """Replicated async, the leader committing early: the head peer its bundle goes to first (the node's first
-        usable stage peer; modelled without churn: the head replica of index 1), None when it has no head peer."""
+        """Replicated async, the leader committing early: the head peer its bundle goes to first (the node's: the stage
+        peer whose pushes were answered fastest; here every push of a stage runs at the stage's slowest uplink, so all
+        are alike and it is the first live one: modelled without churn, the head replica of index 1), None when it
+        has no head peer."""
         peers = [n for n in self.nodes[node.stage] if n is not node and n.alive]
         return peers[0] if peers else None
 
