@@ -18,6 +18,13 @@ against bytes (`compression` against fp32, `compression_vs_bf16` against a bf16 
     python benchmarks/wan_averaging.py --math [--steps N] [--model tiny|wide] [--methods ...] [--ranks R,..]
                                        [--iterations I] [--seed S]
 
+Measured here (session 26, 2 cores, wide model, AdamW lr 1e-3, 150 steps, 3 power iterations, int4 factors, against
+`dense-bf16`), the step exchange (`--exchange step`: one contribution per replica and step, what the async schedule
+with replicated stages needs): rank 6 seed 0 120.2x at 1.0467 (seeds 1-2 not run); rank 12 seeds 0 / 1 / 2 61.0x /
+74.2x / 61.5x at 1.0138 / 1.0316 / 1.0355, median 1.0316. With the per-microbatch exchange rank 6 gave 1.0099 (median,
+session 21, below): at the same total rank per step (2 replicas x 12 against 4 microbatches x 6) one compression
+per replica and step loses more than one per microbatch, so the step exchange misses the 2 % goal with AdamW too.
+
 Measured here (session 22, 2 cores, wide model, Muon lr 1e-2, 600 steps = 307,200 tokens, 3 power iterations, int4
 factors, against `dense-bf16`): `--block-rank 12` (the spec's `powersgd_block_rank = 12`) sends the blocks' matrices,
 Muon's, at rank 12 and the embedding and head at rank 6:
