@@ -91,15 +91,20 @@ class StreamPool:
         self.retried = 0  # requests retried on a new stream after their kept stream failed
 
     def _take(self, peer: str) -> tuple[Any | None, list[Any]]:
-        """The newest idle stream to `peer` still fresh enough to reuse (None: none), and the stale ones to close."""
-        kept = self._idle.get(peer, [])
+        """The newest idle stream to `peer` (None: none), and every stream idle longer than `idle_s`, to any peer
+        (peers that left included), to close."""
         now = trio.current_time()
-        stale = [s for t, s in kept if now - t > self.cfg.idle_s]
-        kept = [(t, s) for t, s in kept if now - t <= self.cfg.idle_s]
+        stale = []
+        for p in list(self._idle):
+            fresh = [(t, s) for t, s in self._idle[p] if now - t <= self.cfg.idle_s]
+            stale += [s for t, s in self._idle[p] if now - t > self.cfg.idle_s]
+            if fresh:
+                self._idle[p] = fresh
+            else:
+                del self._idle[p]
+        kept = self._idle.get(peer, [])
         stream = kept.pop()[1] if kept else None
-        if kept:
-            self._idle[peer] = kept
-        else:
+        if not kept:
             self._idle.pop(peer, None)
         return stream, stale
 
