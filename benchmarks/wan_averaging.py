@@ -23,7 +23,13 @@ Measured here (session 26, 2 cores, wide model, AdamW lr 1e-3, 150 steps, 3 powe
 with replicated stages needs): rank 6 seed 0 120.2x at 1.0467 (seeds 1-2 not run); rank 12 seeds 0 / 1 / 2 61.0x /
 74.2x / 61.5x at 1.0138 / 1.0316 / 1.0355, median 1.0316. With the per-microbatch exchange rank 6 gave 1.0099 (median,
 session 21, below): at the same total rank per step (2 replicas x 12 against 4 microbatches x 6) one compression
-per replica and step loses more than one per microbatch, so the step exchange misses the 2 % goal with AdamW too.
+per replica and step loses more than one per microbatch at 150 steps. Over 600 steps (307,200 tokens) the penalty is
+gone: rank 12 seeds 0 / 1 / 2 60.8x / 61.1x / 60.0x at 1.0047 / 0.9818 / 1.0147 (dense val 1.1101 / 1.1230 /
+1.0969), median 1.0047, every seed within 2 % and replicas bit-identical: with AdamW the step exchange meets the
+replica goal (>= 50x within 2 % at equal tokens). An in-process probe (not kept; 2 replicas x 4 microbatches, whole
+wide model, int4) agreed: per replica and step at rank 12 0.9919 / 0.9801 / 1.0021 over 600 steps (per microbatch
+at rank 6 1.0065 / 0.9876 / 1.0088), and at 150 steps 1.0181 / 1.0141 / 1.0550 (rank 6 per microbatch 1.0037 /
+1.0155 / 1.0146; rank 24 per replica and step 1.0160 / 1.0219 / 1.0284, no better than 12).
 
 Measured here (session 22, 2 cores, wide model, Muon lr 1e-2, 600 steps = 307,200 tokens, 3 power iterations, int4
 factors, against `dense-bf16`): `--block-rank 12` (the spec's `powersgd_block_rank = 12`) sends the blocks' matrices,
