@@ -87,7 +87,8 @@ Session 26, same command with `--loss-steps 10`: before kept /pmn/avg streams, g
 4844 and 4241 (two runs); a replica's finish (the JSON's `replicated` phases) spent 0.32-0.42 s pushing a 14 kB
 bundle (3.3 round trips: two of them a new stream's multistream-select) and `simulations.wan_bench` missed async by
 0.295. With kept streams (`node.net.streampool`): gpipe 4245 tokens/s (busiest node 0.194), async 5197 (0.380),
-host 0.60 / 0.81 busy; a bundle push 0.11-0.17 s, and the held-out async error 0.035.
+host 0.60 / 0.81 busy; a bundle push 0.11-0.17 s, and the held-out async error 0.035. A repeat: gpipe 3910, async
+4614 (0.211 / 0.378), predicted with the first run's fit within 0.009 and 0.069.
 """
 
 from __future__ import annotations
