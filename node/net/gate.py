@@ -28,6 +28,14 @@ async def reset_quietly(stream: Any) -> None:
         pass
 
 
+async def close_quietly(stream: Any) -> None:
+    """Close a stream (our side), ignoring one that is already gone."""
+    try:
+        await stream.close()
+    except Exception:  # a dead connection: nothing to close cleanly
+        pass
+
+
 class ProtocolGate:
     """One protocol's doorkeeper: refuses banned peers and streams over the caps, asks the policy, and
     counts every refusal against the peer (`PeerScores`, shareable between protocols)."""

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from node.net.gate import reset_quietly
+from node.net.gate import close_quietly, reset_quietly
 
 T = TypeVar("T")
 Exchange = Callable[[Any], Awaitable[tuple[T, bool]]]  # stream -> (result, whether the stream may be reused)
@@ -52,29 +52,29 @@ class StreamPoolConfig:
 DISCARD_TIMEOUT_S = 1.0  # bound on resetting a stream whose exchange was cancelled (shielded from the cancel)
 
 
-async def _close_quietly(stream: Any) -> None:
-    try:
-        await stream.close()
-    except Exception:  # already gone
-        pass
-
-
 async def _discard(stream: Any) -> None:
     """Reset a stream whose exchange failed or was cancelled (the reset itself shielded, and bounded)."""
     with trio.CancelScope(shield=True), trio.move_on_after(DISCARD_TIMEOUT_S):
         await reset_quietly(stream)
 
 
-async def request_once(host: Any, info: Any, protocol: Any, exchange: Exchange[T]) -> T:
-    """`exchange` on a new stream to `info`'s peer, closed afterwards (reset when the exchange failed)."""
+async def _on_new_stream(host: Any, info: Any, protocol: Any, exchange: Exchange[T]) -> tuple[T, bool, Any]:
+    """`exchange` on a new stream to `info`'s peer: its result, whether the stream may be reused, the stream (reset
+    when the exchange failed)."""
     await host.connect(info)
     stream = await host.new_stream(info.peer_id, [protocol])
     try:
-        result, _ = await exchange(stream)
+        result, reuse = await exchange(stream)
     except BaseException:
         await _discard(stream)
         raise
-    await _close_quietly(stream)
+    return result, reuse, stream
+
+
+async def request_once(host: Any, info: Any, protocol: Any, exchange: Exchange[T]) -> T:
+    """`exchange` on a new stream to `info`'s peer, closed afterwards (reset when the exchange failed)."""
+    result, _, stream = await _on_new_stream(host, info, protocol, exchange)
+    await close_quietly(stream)
     return result
 
 
@@ -86,7 +86,7 @@ class StreamPool:
         self.protocol = protocol
         self.cfg = (cfg or StreamPoolConfig()).validate()
         self._idle: dict[str, list[tuple[float, Any]]] = {}  # peer id -> (time it went idle, stream), oldest first
-        self.opened = 0  # streams this pool opened
+        self.opened = 0  # new streams this pool opened that answered their first request
         self.reused = 0  # requests that ran on a kept stream
         self.retried = 0  # requests retried on a new stream after their kept stream failed
 
@@ -108,19 +108,23 @@ class StreamPool:
             self._idle.pop(peer, None)
         return stream, stale
 
-    async def _put(self, peer: str, stream: Any) -> None:
+    async def _release(self, peer: str, stream: Any, reuse: bool) -> None:
+        """After a successful exchange: keep the stream for the next request (room and `reuse` permitting), else
+        close it (reset it when the exchange said it may not be reused: the server resets a refused request's)."""
         kept = self._idle.setdefault(peer, [])
-        if len(kept) < self.cfg.max_idle_per_peer:
+        if reuse and len(kept) < self.cfg.max_idle_per_peer:
             kept.append((trio.current_time(), stream))
-        else:
-            await _close_quietly(stream)
+            return
+        if not kept:
+            del self._idle[peer]
+        await (close_quietly(stream) if reuse else reset_quietly(stream))
 
     async def request(self, info: Any, exchange: Exchange[T]) -> T:
         """`exchange` on a kept stream to `info`'s peer, else (or after a kept stream failed) on a new one."""
         peer = info.peer_id.pretty()
         stream, stale = self._take(peer)
         for old in stale:
-            await _close_quietly(old)
+            await close_quietly(old)
         if stream is not None:
             try:
                 result, reuse = await exchange(stream)
@@ -132,17 +136,11 @@ class StreamPool:
                 raise
             else:
                 self.reused += 1
-                await (self._put(peer, stream) if reuse else reset_quietly(stream))
+                await self._release(peer, stream, reuse)
                 return result
-        await self.host.connect(info)
-        stream = await self.host.new_stream(info.peer_id, [self.protocol])
+        result, reuse, stream = await _on_new_stream(self.host, info, self.protocol, exchange)
         self.opened += 1
-        try:
-            result, reuse = await exchange(stream)
-        except BaseException:
-            await _discard(stream)
-            raise
-        await (self._put(peer, stream) if reuse else reset_quietly(stream))
+        await self._release(peer, stream, reuse)
         return result
 
     async def close(self) -> None:
@@ -150,4 +148,4 @@ class StreamPool:
         idle, self._idle = self._idle, {}
         for kept in idle.values():
             for _, stream in kept:
-                await _close_quietly(stream)
+                await close_quietly(stream)

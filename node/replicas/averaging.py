@@ -559,10 +559,6 @@ class _Counted:
                 return False
         return bool(self._first)
 
-    def credited(self) -> None:
-        """Start counting the next request."""
-        self.count, self.store = 0, None
-
     async def write(self, data: bytes) -> None:
         await self.stream.write(data)
         self.count += len(data)
@@ -624,7 +620,6 @@ class AveragingService:
                                 await self._exchange(counted, peer)
                             finally:
                                 self._credit(counted)
-                                counted.credited()
                         if not await counted.next_request(self.limits.keepalive_s):
                             break
                         if self.gate.scores.is_banned(peer.pretty()):  # banned since the stream was admitted
@@ -650,9 +645,11 @@ class AveragingService:
             await reset_quietly(stream)
 
     def _credit(self, counted: _Counted) -> None:
-        """Add an exchange's bytes to the store of the stage it named (if it got that far)."""
+        """Add an exchange's bytes to the store of the stage it named (if it got that far), and start counting the
+        stream's next request."""
         if counted.store is not None:
             counted.store.wire_bytes += counted.count
+        counted.count, counted.store = 0, None
 
     async def _exchange(self, stream: Any, peer: Any) -> None:
         """One request: header (bounded), authorization for its stage, then the blob only of a valid push."""

@@ -1033,10 +1033,10 @@ class ReplicaEngine:
                 finishing.cancel_scope.cancel()
         if failure is not None:
             raise failure
-        if not self.window:  # gpipe: the step's work, the leader's commit and the commit reaching this replica
-            self._phase(step, "loop_s", time.perf_counter() - t0)
         if self.window:
             return await self._apply(step, t0)
+        self._phase(step, "loop_s", time.perf_counter() - t0)  # gpipe: the step's work, the leader's commit and the
+        # commit reaching this replica
         return await self._finish(step, t0)
 
     def _open_steps(self, step: int) -> None:
@@ -1370,8 +1370,7 @@ class ReplicaEngine:
             averaging.set_grads(w.weights_for(step), flat)
             await trio.to_thread.run_sync(w.step, step)
         update_s = time.perf_counter() - t_update
-        phases = {k: round(v, 4) for k, v in self._phases.pop(step, {}).items()}
-        self._phases = {k: v for k, v in self._phases.items() if k > step}
+        phases = {k: round(v, 4) for k, v in self._phases.get(step, {}).items()}
         # abandoned attempts of this step
         for k, v in self._work.items():
             if k[0] <= step and v.down:
@@ -1388,7 +1387,7 @@ class ReplicaEngine:
         losses = [loss for h in items for loss in h.losses if loss is not None]
         computed = self._computed.pop(step, [])
         mine = sorted(self._owned[step]) if self.per_step else sorted(x for x in computed if commit.get(x[0]) == x[1])
-        for d in (self._dense, self._accepted, self._verdicts, self._owned):
+        for d in (self._dense, self._accepted, self._verdicts, self._owned, self._phases):
             for old in [old for old in d if old <= step]:
                 del d[old]  # type: ignore[attr-defined]
         tokens = self.m * w.microbatch_size * w.config.seq_len
@@ -1404,7 +1403,8 @@ class ReplicaEngine:
             step=step, loss=sum(losses) / len(losses) if losses and w.spec.is_last else None,
             applied=sorted([mb, a] for h in items for mb, a in h.covers), mine=mine, computed=sorted(computed), dropped=dropped,
             rerouted=self._rerouted, seconds=time.perf_counter() - t0, compute_s=self._compute_s, tokens=tokens,
-            extra={"ahead": self._ahead, "update_s": update_s, "phases": phases, "bytes_in": bytes_in, "bytes_out": bytes_out, **({"delegated": self._delegated.pop(step, 0)} if w.spec.is_first else {})})
+            extra={"ahead": self._ahead, "update_s": update_s, "phases": phases, "bytes_in": bytes_in,
+                   "bytes_out": bytes_out, **({"delegated": self._delegated.pop(step, 0)} if w.spec.is_first else {})})
 
     def _live_stage_peers(self) -> list[Any]:
         """Stage peers of our generation that showed a sign of life within `discovery.liveness_s()` (their own

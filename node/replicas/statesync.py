@@ -14,7 +14,7 @@ from safetensors.torch import save as st_save
 from node.errors import AveragingError, NotAuthorizedError, PeerRefusedError, StateSyncError
 from node.net import msgio
 from node.net.access import STATE, AccessPolicy
-from node.net.gate import ProtocolGate, reset_quietly
+from node.net.gate import ProtocolGate, close_quietly, reset_quietly
 from node.net.host import parse_peer_addr
 from node.net.peerscore import PeerGuardConfig, PeerScores
 from node.replicas.averaging import read_msg, read_msg_header, write_msg
@@ -183,10 +183,7 @@ async def fetch_state(host: Any, addr: str, worker: StageWorker, timeout_s: floa
             stream = await host.new_stream(info.peer_id, [STATE_PROTOCOL])
             await write_msg(stream, {"spec_hash": worker.config.spec_hash().hex(), "stage": worker.spec.index})
             header, blob = await read_msg(stream, min(MAX_STATE_BYTES, state_bound(worker)))
-            try:
-                await stream.close()
-            except Exception:
-                pass
+            await close_quietly(stream)
     except (AveragingError, trio.TooSlowError, OSError) as exc:
         raise StateSyncError(f"could not fetch stage {worker.spec.index} state from {info.peer_id.pretty()}: "
                              f"{exc!r}") from exc

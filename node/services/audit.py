@@ -49,7 +49,7 @@ from safetensors.torch import save as st_save
 from node.errors import BindingError, NodeError, NotAuthorizedError, PeerRefusedError
 from node.net import msgio
 from node.net.access import AUDIT, AccessPolicy, AuditRequest
-from node.net.gate import ProtocolGate, reset_quietly
+from node.net.gate import ProtocolGate, close_quietly, reset_quietly
 from node.net.identity import NodeIdentity, bind, identity_from_secret, verify_binding
 from node.net.peerscore import PeerGuardConfig, PeerScores
 from node.training.worker import window_to_bytes
@@ -322,10 +322,7 @@ class AuditService:
         except Exception:  # a reset stream: nothing to answer
             await reset_quietly(stream)
             return
-        try:
-            await stream.close()
-        except Exception:
-            pass
+        await close_quietly(stream)
 
     async def _serve(self, stream: Any, peer: Any) -> None:
         try:

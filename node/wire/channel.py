@@ -421,10 +421,11 @@ class ActChannel:
 
     def _count_bytes(self, read: int, written: int) -> None:
         """Add bytes read and written to this channel's counters and to its endpoint's."""
-        for stats in (self.stats, self.totals):
-            if stats is not None:
-                stats.bytes_in += read
-                stats.bytes_out += written
+        self.stats.bytes_in += read
+        self.stats.bytes_out += written
+        if self.totals is not None:
+            self.totals.bytes_in += read
+            self.totals.bytes_out += written
 
     async def write_raw(self, raw: bytes) -> None:
         """Write arbitrary bytes (tests and benchmarks use this to inject frames)."""

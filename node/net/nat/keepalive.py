@@ -32,6 +32,7 @@ from libp2p.peer.id import ID
 from libp2p.protocol_muxer.multiselect_client import MultiselectClient
 from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
 
+from node.net.gate import close_quietly
 from node.net.nat.paths import peer_conns
 
 MAX_CLOSED = 8  # "closed a connection" events kept for the status
@@ -56,10 +57,7 @@ async def ping_connection(conn: Any, timeout_s: float) -> None:
         finally:
             with trio.move_on_after(timeout_s) as scope:
                 scope.shield = True
-                try:
-                    await stream.close()
-                except Exception:  # a dead connection: nothing to close cleanly
-                    pass
+                await close_quietly(stream)
 
 
 def _why(exc: BaseException) -> str:
