@@ -329,6 +329,11 @@ class CpuSampler:
                 "cpu_per_wall": cpu, "seconds": round(tb - ta, 2)}
 
 
+def _per_step(recs: list[dict[str, Any]], key: str) -> float:
+    """Mean of a numeric record field over a node's steps, the first (start-up) left out."""
+    return sum(r[key] for r in recs[1:]) / max(1, len(recs) - 1)
+
+
 def _mean_phases(recs: list[dict[str, Any]]) -> dict[str, float]:
     """Mean seconds per step of each phase of a replicated node's finish (its records' `phases`)."""
     names = sorted({k for r in recs for k in r.get("phases", {})})
@@ -350,13 +355,12 @@ def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
         util[stage] = sum(r["busy_s"] for r in recs[1:]) / wall if wall > 0 else 0.0
     tail = sorted(progress[max(progress)], key=lambda r: r["step"])
     span = tail[-1]["end_time"] - tail[0]["end_time"]
-    busy = {s: sum(r["busy_s"] for r in recs[1:]) / max(1, len(recs) - 1) for s, recs in progress.items()}
-    out_bytes = {s: sum(r["bytes_out"] for r in recs[1:]) / max(1, len(recs) - 1) for s, recs in progress.items()}
+    busy = {s: _per_step(recs, "busy_s") for s, recs in progress.items()}
+    out_bytes = {s: _per_step(recs, "bytes_out") for s, recs in progress.items()}
     replicated = {}
     if all("update_s" in r for recs in progress.values() for r in recs):  # a replicated run: updates and bundles
         replicated = {
-            "update_s_per_step": {s: sum(r["update_s"] for r in recs[1:]) / max(1, len(recs) - 1)
-                                  for s, recs in progress.items()},
+            "update_s_per_step": {s: _per_step(recs, "update_s") for s, recs in progress.items()},
             "contribution_bytes": {s: recs[-1]["contribution_bytes"] for s, recs in progress.items()},
             "stage_of_node": {s: recs[-1]["stage"] for s, recs in progress.items()},
             "phases_per_step": {s: _mean_phases(recs[1:]) for s, recs in progress.items()}}
@@ -535,11 +539,9 @@ def main(argv: list[str] | None = None) -> None:
         "busy_s_per_step": {s: {str(k): round(v, 5) for k, v in r["busy_s_per_step"].items()} for s, r in results.items()},
         "bytes_out_per_step": {s: {str(k): round(v) for k, v in r["bytes_out_per_step"].items()}
                                for s, r in results.items()},
-        "replicated": {s: {"update_s_per_step": {str(k): round(v, 5) for k, v in r["update_s_per_step"].items()},
-                           "contribution_bytes": {str(k): v for k, v in r["contribution_bytes"].items()},
-                           "stage_of_node": {str(k): v for k, v in r["stage_of_node"].items()},
-                           "phases_per_step": {str(k): v for k, v in r["phases_per_step"].items()}}
-                       for s, r in results.items() if "update_s_per_step" in r},
+        "replicated": {s: {"update_s_per_step": {k: round(v, 5) for k, v in r["update_s_per_step"].items()},
+                           **{key: r[key] for key in ("contribution_bytes", "stage_of_node", "phases_per_step")}}
+                       for s, r in results.items() if "update_s_per_step" in r},  # node keys: JSON makes them strings
         "replica_compression": None if averaging is None else round(averaging["replica_compression"], 2),
         "loss_ratio_async": round(losses["loss_ratio_async"], 4),
         "loss_ratio_compressed_avg": None if averaging is None else round(averaging["loss_ratio_compressed_avg"], 4),

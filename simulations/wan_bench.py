@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -70,24 +71,20 @@ def replicated_config(bench: dict[str, Any], schedule: str, busy: dict[str, floa
     nodes = {s: [k for k, v in rep["stage_of_node"].items() if int(v) == s] for s in range(stages)}
     if sorted(len(v) for v in nodes.values()) != [replicas] * stages:
         raise ValueError(f"replicated record: stages of its nodes {rep['stage_of_node']} are not {stages} x {replicas}")
-    per_mb = [sum(busy[k] for k in nodes[s]) / m for s in range(stages)]
-    opt = tuple(sum(float(rep["update_s_per_step"][k]) for k in nodes[s]) / replicas for s in range(stages))
-    tokens = int(bench["microbatch_size"]) * int(bench["model"]["seq_len"])
+    base = bench_config(bench, schedule, {str(s): sum(busy[k] for k in nodes[s]) for s in range(stages)}, overhead_s)
     sent = bench["bytes_out_per_step"][schedule]
-    fwd_bytes = sum(float(sent[k]) for k in nodes[0]) / m / tokens
-    bwd_bytes = sum(float(sent[k]) for k in nodes[stages - 1]) / m / tokens
-    link = bench["link_check"]
-    staleness = int(bench["max_staleness"]) if schedule == "async" else None
-    return WanConfig(num_stages=stages, fwd_s=tuple(t / 3 for t in per_mb), bwd_s=tuple(2 * t / 3 for t in per_mb),
-                     opt_s=opt, replicas=replicas, microbatches=m, microbatch_tokens=tokens, steps=int(bench["steps"]),
-                     schedule=schedule,  # type: ignore[arg-type]
-                     fwd_bytes_per_token=fwd_bytes, bwd_bytes_per_token=bwd_bytes,
-                     grad_sync_bytes=tuple(int(rep["contribution_bytes"][nodes[s][0]]) for s in range(stages)),
-                     sync_collective="direct", sync_push=True, push_per_step=True, head_leader=True,
-                     head_delegation=True, tasks_per_delegate=NODE_MAX_TASKS * ((staleness or 0) + 1),
-                     inflight_per_replica=NODE_MAX_INFLIGHT, frame_overhead_s=overhead_s, max_staleness=staleness,
-                     link=LinkConfig(bandwidth_mbps=float(link["bulk_mbit_s"]), latency_ms=float(link["rtt_ms"]) / 2),
-                     warmup_steps=1)
+
+    def per_token(stage: int) -> float:  # activation-protocol bytes the stage's nodes sent per token
+        return sum(float(sent[k]) for k in nodes[stage]) / m / base.microbatch_tokens
+
+    staleness = base.max_staleness
+    return replace(base, opt_s=tuple(sum(float(rep["update_s_per_step"][k]) for k in nodes[s]) / replicas
+                                     for s in range(stages)),
+                   replicas=replicas, fwd_bytes_per_token=per_token(0), bwd_bytes_per_token=per_token(stages - 1),
+                   grad_sync_bytes=tuple(int(rep["contribution_bytes"][nodes[s][0]]) for s in range(stages)),
+                   sync_collective="direct", sync_push=True, push_per_step=True, head_leader=True,
+                   head_delegation=True, tasks_per_delegate=NODE_MAX_TASKS * ((staleness or 0) + 1),
+                   inflight_per_replica=NODE_MAX_INFLIGHT)
 
 
 def _config(bench: dict[str, Any], schedule: str, busy: dict[str, float], overhead_s: float) -> WanConfig:
@@ -205,12 +202,9 @@ def main(argv: list[str] | None = None) -> None:
         stored = json.loads(a.calibration.read_text())
         key = "wan_benchmark_replicated" if int(bench.get("replicas", 1)) > 1 else "wan_benchmark"  # the loss ratios
         # of `pmn simulate wan --vs datacenter` come from the unreplicated record
-        stored[key] = {"validation": out, "loss_ratio_async": bench.get("loss_ratio_async"),
-                                   "loss_ratio_compressed_avg": bench.get("loss_ratio_compressed_avg"),
-                                   "averaging": bench.get("averaging"), "replica_compression": bench.get("replica_compression"),
-                                   "max_staleness": bench.get("max_staleness"),
-                                   "loss_steps": (bench.get("val_loss") or {}).get("steps"), "utilisation": bench.get("utilisation"),
-                                   "tokens_per_s": bench.get("tokens_per_s")}
+        stored[key] = {"validation": out, **{k: bench.get(k) for k in (
+            "loss_ratio_async", "loss_ratio_compressed_avg", "averaging", "replica_compression", "max_staleness",
+            "utilisation", "tokens_per_s")}, "loss_steps": (bench.get("val_loss") or {}).get("steps")}
         a.calibration.write_text(json.dumps(stored, indent=1) + "\n")
     print(json.dumps(out, sort_keys=True))
 
