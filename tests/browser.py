@@ -2,8 +2,9 @@
 
 `Browser(profile_dir)` starts it with its own profile, `page.open(url)` loads a page, `page.text(css)`
 reads an element's text, `page.screenshot(path)` saves a PNG. Chromium as root (CI) needs --no-sandbox.
-Chromium puts its singleton socket in a directory under $TMPDIR that it does not remove: the browser gets
-`profile_dir/tmp` as its TMPDIR, so that goes with the profile and nothing is left in the system's /tmp.
+Chromium puts its singleton socket in a directory under $TMPDIR that it does not remove, and aborts when that
+socket's path is longer than a unix socket's 107 bytes (a pytest tmp_path easily is): the browser gets a short
+directory of its own under the system's temp directory as its TMPDIR, and `close()` removes it.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import json
 import os
 import shutil
 import subprocess
+import tempfile
 import time
 import urllib.request
 from contextlib import ExitStack
@@ -82,9 +84,10 @@ class Browser:
         if exe is None:
             raise AssertionError("chromium is not installed (apt-get install -y chromium)")
         profile_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir = profile_dir / "tmp"  # the browser's TMPDIR (its singleton socket's directory)
-        self.tmp_dir.mkdir(exist_ok=True)
-        self.log = (profile_dir / "chromium.log").open("wb")
+        # the browser's TMPDIR (its singleton socket's directory): short, so the socket's path fits
+        self.tmp_dir = Path(tempfile.mkdtemp(prefix="pmn-chromium-"))
+        self.log_path = profile_dir / "chromium.log"
+        self.log = self.log_path.open("wb")
         self.proc = subprocess.Popen(
             [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
              "--remote-debugging-port=0", "--remote-debugging-address=127.0.0.1", f"--user-data-dir={profile_dir}",
@@ -100,7 +103,9 @@ class Browser:
 
     def _port_lines(self, path: Path) -> list[str] | None:
         if self.proc.poll() is not None:
-            raise AssertionError(f"chromium exited with {self.proc.returncode}")
+            self.log.flush()
+            tail = self.log_path.read_text(errors="replace").strip().splitlines()[-3:]
+            raise AssertionError(f"chromium exited with {self.proc.returncode}: " + " | ".join(tail))
         lines = path.read_text().split() if path.exists() else []
         return lines if len(lines) >= 2 else None
 
@@ -119,3 +124,4 @@ class Browser:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)

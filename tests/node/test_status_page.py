@@ -49,7 +49,7 @@ def test_browser_shows_live_steps_and_loss_of_a_running_swarm(tmp_path: Path) ->
         with urllib.request.urlopen(url + "api/status", timeout=10) as r:
             assert json.load(r)["model"]["spec_hash"].startswith("0x")
         browser = Browser(tmp_path / "chromium")
-        # its temporary files (the singleton socket) are in the profile, not left in the system's /tmp
+        # its temporary files (the singleton socket) are in a directory of its own, removed on close (below)
         assert any(p.name.startswith("org.chromium.") for p in browser.tmp_dir.iterdir())
         tab = browser.page()
         try:
@@ -81,3 +81,4 @@ def test_browser_shows_live_steps_and_loss_of_a_running_swarm(tmp_path: Path) ->
         if browser is not None:
             browser.close()
         stop_nodes(nodes)
+    assert browser is not None and not browser.tmp_dir.exists()
