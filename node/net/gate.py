@@ -1,4 +1,8 @@
-"""Admission of streams on one protocol: bans, open-stream caps, the access policy, refusal accounting."""
+"""Admission of streams on one protocol: bans, open-stream caps, the access policy, refusal accounting.
+
+A ban ends the peer's admitted streams too, not only its new ones: a stream kept open (an averaging or delegation
+link, an inference session) is cancelled and reset as soon as its peer is banned, by any protocol sharing the scores.
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import trio
 from libp2p.peer.id import ID
 
 from node.errors import NotAuthorizedError, PeerRefusedError
@@ -49,6 +54,21 @@ class ProtocolGate:
         self.open: Counter[str] = Counter()  # peer id -> streams open now
         self.total = 0  # streams open now, all peers
         self.refused: Counter[str] = Counter()  # reason -> streams or messages refused
+        # peer id -> the cancel scope of each stream of it being served, with the task serving it
+        self._serving: dict[str, list[tuple[trio.CancelScope, trio.lowlevel.Task]]] = {}
+        self.scores.on_ban(self._cut)
+
+    def _cut(self, key: str) -> None:
+        """A ban of `key` (from any protocol sharing the scores): cancel every stream of it this gate is serving. The
+        stream whose handler issued the ban is left to that handler, which answers with its error and resets it."""
+        try:
+            me: trio.lowlevel.Task | None = trio.lowlevel.current_task()
+        except RuntimeError:  # banned outside trio (a test's penalize): no handler of ours is running
+            me = None
+        for scope, task in self._serving.get(key, []):
+            if task is not me and not scope.cancel_called:
+                scope.cancel()
+                self.refused["banned_while_open"] += 1
 
     def refuse(self, peer: ID | str, reason: str) -> bool:
         """Count one refusal against `peer`; True when that got it banned."""
@@ -75,13 +95,22 @@ class ProtocolGate:
             raise PeerRefusedError(f"{self.protocol}: stream refused ({reason})")
         self.open[key] += 1
         self.total += 1
+        entry = (trio.CancelScope(), trio.lowlevel.current_task())
+        self._serving.setdefault(key, []).append(entry)
         try:
-            yield peer
+            with entry[0]:  # cancelled by `_cut` when the peer is banned while its stream is open
+                yield peer
         finally:
             self.total -= 1
             self.open[key] -= 1
             if self.open[key] <= 0:
                 del self.open[key]
+            held = self._serving[key]
+            held.remove(entry)
+            if not held:
+                del self._serving[key]
+        if entry[0].cancelled_caught:  # the handler was cut off mid-stream: the peer learns it by a reset
+            await reset_quietly(stream)
 
     async def authorize(self, peer: ID, stage: int | None) -> None:
         """The policy's verdict; a NotAuthorizedError is counted against the peer (when it is at fault) and re-raised."""

@@ -2,7 +2,8 @@
 
 Each refused message (malformed, oversized, unauthorized, idle too long) costs the peer `penalty`;
 a peer whose score reaches `ban_score` is banned for `ban_base_s * 2**(n-1)` (capped at `ban_max_s`)
-on its n-th ban, and its score starts again from 0. Only `max_tracked_peers` peers are remembered
+on its n-th ban, and its score starts again from 0. Whoever must act on a ban at once (a protocol gate cutting the
+peer's open streams) registers with `on_ban`. Only `max_tracked_peers` peers are remembered
 (fresh identities cannot grow the table without bound: the unbanned peer seen longest ago goes first).
 """
 
@@ -61,6 +62,11 @@ class PeerScores:
         self.peers: OrderedDict[str, _Peer] = OrderedDict()  # least recently penalized first
         self.reasons: Counter[str] = Counter()  # refusal reason -> count (all peers)
         self.banned = 0  # bans issued so far
+        self._ban_listeners: list[Callable[[str], None]] = []  # called with the peer id of every new ban
+
+    def on_ban(self, listener: Callable[[str], None]) -> None:
+        """Call `listener(peer)` each time a peer is banned (synchronously, from `penalize`)."""
+        self._ban_listeners.append(listener)
 
     def is_banned(self, peer: str) -> bool:
         """True while the peer's current ban lasts."""
@@ -84,6 +90,8 @@ class PeerScores:
             p.score = 0.0
             p.banned_until = now + ban_duration(p.bans, self.cfg.ban_base_s, self.cfg.ban_max_s)
             self.banned += 1
+            for listener in self._ban_listeners:
+                listener(peer)
         while len(self.peers) > self.cfg.max_tracked_peers:
             victim = next((k for k, v in self.peers.items() if v.banned_until <= now), None)
             if victim is None:

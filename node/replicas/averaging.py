@@ -621,10 +621,7 @@ class AveragingService:
                             finally:
                                 self._credit(counted)
                         if not await counted.next_request(self.limits.keepalive_s):
-                            break
-                        if self.gate.scores.is_banned(peer.pretty()):  # banned since the stream was admitted
-                            await reset_quietly(stream)
-                            return
+                            break  # (a peer banned meanwhile: the gate cancels this loop and resets the stream)
                     await stream.close()
                 except (AveragingError, trio.TooSlowError) as exc:
                     self.gate.refuse(peer, type(exc).__name__)
