@@ -14,6 +14,11 @@ synchronous schedule reaches (1F1B idles through its bubble; an interleaved sche
 the one measured at the WAN's staleness bound over the training length nearest the target's steps
 (`simulations.async_loss`, from `benchmarks/async_recipe.py`); failing that, `benchmarks/wan.py`'s.
 
+For the node's async with replicated stages, `floors` gives the WAN step's lower bounds (`simulations.bounds`: the
+busiest replica's compute, its uplink, and the node's window rule) and the slowdown each floor would give with the
+same loss penalties: `as_built` with the bundles pushed directly, `sharded_exchange` with a reduce-scatter and
+all-gather of them (not built in the node). A goal below a floor's slowdown needs more than a faster finish.
+
 The averaging penalty is the one measured for the WAN's own averaging option (rank and factor bits):
 from `simulations.averaging_loss` (`benchmarks/wan_averaging.py` runs, the median over seeds, with the async
 penalty's optimiser where measured), else `benchmarks/wan.py`'s when it ran that option.
@@ -84,6 +89,7 @@ from typing import Any
 from .async_loss import pick as pick_async_loss
 from .averaging import Averaging, sync_bytes_per_step
 from .averaging_loss import pick as pick_averaging_loss
+from .bounds import step_floors
 from .params import LinkConfig, Schedule, WanConfig
 from .pipeline import simulate
 from .presets import (
@@ -362,6 +368,12 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     # schedule reaches, reported beside the 1F1B comparison so the bubble's share of the gap is visible
     per_replica = -(-MICROBATCHES // REPLICAS)
     dc_floor = max(per_replica * (f + b) + o for f, b, o in zip(dc_cfg.fwd_s, dc_cfg.bwd_s, dc_cfg.opt_s, strict=True))
+    steps_factor = mult["subspace"] * mult["async"] * mult["averaging"]
+    floors: dict[str, Any] = {}
+    if wan_cfg.replicated_async:  # what no finish of the node's async could beat, and with a sharded exchange
+        for name, collective in (("as_built", None), ("sharded_exchange", "ring")):
+            f = step_floors(wan_cfg, collective)
+            floors[name] = {**f.to_dict(), "slowdown": f.step_s * steps_factor / dc_step}
     return {
         "slowdown_vs_datacenter": slowdown,
         "slowdown_vs_bubble_free_datacenter": wan_time / (PUBLIC_DENSE_STEPS * dc_floor),
@@ -386,6 +398,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                        "steps_to_target": float(PUBLIC_DENSE_STEPS), "time_to_target_s": dc_time,
                        "replica_bytes_per_step": list(dc_cfg.grad_sync_bytes), "link": "100 Gb/s, 0.01 ms"},
         "steps_multipliers": mult,
+        "floors": floors,
+        "slowdown_floor": {name: f["slowdown"] for name, f in floors.items()},
         "inputs": {"assumed": {"subspace_loss_ratio": ASSUMED_SUBSPACE_LOSS_RATIO, "async_loss_ratio": async_ratio,
                                "async_loss_source": async_source, "averaging_loss_ratio": avg_ratio,
                                "averaging_loss_source": avg_source, "device": DeviceAssumption().name,
