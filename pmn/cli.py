@@ -318,6 +318,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--vs, --head delegated: the leader's tasks one head delegate may hold at once (the node's "
                         "replicas.max_tasks; 0: no cap); default: 16, the node's, for the node as built (with "
                         "--contributions step), no cap otherwise")
+    q.add_argument("--collective", choices=["direct", "sharded"], default="direct",
+                   help="--vs, async with --head leader or delegated and --contributions step: how a step's bundles "
+                        "reach the stage peers: direct, each replica pushes its bundle to every peer (the node); "
+                        "sharded, each sends every peer the share of its bundle that peer owns and the owners send "
+                        "their summed share to all (a reduce-scatter and all-gather: 2 (r - 1) / r of a bundle on each "
+                        "uplink instead of r - 1 bundles; a what-if, not built)")
     q.add_argument("--async-loss-ratio", type=float, default=None,
                    help="--vs what-if: the async loss penalty at equal tokens (default: the calibration file's)")
     q.add_argument("--averaging-loss-ratio", type=float, default=None,

@@ -54,7 +54,8 @@ def cmd_wan(args: argparse.Namespace) -> int:
                                        async_loss_ratio=args.async_loss_ratio,
                                        averaging_loss_ratio=args.averaging_loss_ratio,
                                        inflight_per_replica=getattr(args, "inflight_per_replica", None),
-                                       tasks_per_delegate=getattr(args, "tasks_per_delegate", None))
+                                       tasks_per_delegate=getattr(args, "tasks_per_delegate", None),
+                                       collective=getattr(args, "collective", "direct"))
         except ValueError as exc:
             raise CLIError(str(exc)) from None
         _print(result, "WAN vs datacenter: protocolnanogpt, 8 stages x 16 replicas", args.json)

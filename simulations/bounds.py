@@ -59,14 +59,14 @@ def microbatches_per_replica(cfg: WanConfig, stage: int) -> int:
 
 def bundle_bytes(cfg: WanConfig, stage: int, collective: str | None = None) -> float:
     """Bytes one replica of `stage` puts on its uplink per step to average with its peers, as `collective` (None:
-    the config's `sync_collective`) sends them: direct, (r - 1) bundles; ring, a reduce-scatter and all-gather of
-    one, 2 (r - 1) / r of it; fastest, the fewer."""
+    the config's `sync_collective`) sends them: direct, (r - 1) bundles; ring or sharded, a reduce-scatter and
+    all-gather of one, 2 (r - 1) / r of it; fastest, the fewer."""
     r = cfg.replicas
     if r < 2 or not cfg.grad_sync_bytes:
         return 0.0
     b = cfg.grad_sync_bytes[stage] / cfg.sync_every
     direct, ring = (r - 1) * b, 2.0 * (r - 1) / r * b
-    return {"direct": direct, "ring": ring}.get(collective or cfg.sync_collective, min(direct, ring))
+    return {"direct": direct, "ring": ring, "sharded": ring}.get(collective or cfg.sync_collective, min(direct, ring))
 
 
 def step_floors(cfg: WanConfig, collective: str | None = None) -> StepFloors:

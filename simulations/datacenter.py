@@ -16,8 +16,8 @@ the one measured at the WAN's staleness bound over the training length nearest t
 
 For the node's async with replicated stages, `floors` gives the WAN step's lower bounds (`simulations.bounds`: the
 busiest replica's compute, its uplink, and the node's window rule) and the slowdown each floor would give with the
-same loss penalties: `as_built` with the bundles pushed directly, `sharded_exchange` with a reduce-scatter and
-all-gather of them (not built in the node). A goal below a floor's slowdown needs more than a faster finish.
+same loss penalties: `as_run` with the run's exchange (the node's: bundles pushed directly), `sharded_exchange` with
+a reduce-scatter and all-gather of them (`--collective sharded`, a what-if: not built in the node). A goal below a floor's slowdown needs more than a faster finish.
 
 The averaging penalty is the one measured for the WAN's own averaging option (rank and factor bits):
 from `simulations.averaging_loss` (`benchmarks/wan_averaging.py` runs, the median over seeds, with the async
@@ -201,7 +201,7 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                       averaging_loss_ratio: float | None = None,
                       inflight_per_replica: int | None = None,
                       tasks_per_delegate: int | None = None,
-                      finish_blocks: bool = False) -> dict[str, Any]:
+                      finish_blocks: bool = False, collective: str = "direct") -> dict[str, Any]:
     """Time to the target loss on home links over the same on 100 Gb/s; `slowdown_vs_datacenter` and its inputs.
 
     overlap_averaging: the WAN replicas' averaging goes out on their uplinks while they compute (a DiLoCo outer step
@@ -232,7 +232,11 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     no cap otherwise; 0: no cap. Named in the output's `task_cap`.
     finish_blocks: async with head leader or delegated and contributions = step only, the node before session 25 (a
     what-if, `WanConfig.finish_blocks`): each node's loop blocked throughout its finish of a step, not only for the
-    update; labelled not built."""
+    update; labelled not built.
+    collective: how the WAN replicas' bundles reach their stage peers under the node's async with replicated stages
+    (schedule async, head leader or delegated, contributions step): `direct` (the node: each pushes its bundle to every
+    peer) or `sharded` (a what-if, not built: a reduce-scatter to shard owners, then an all-gather of the sums;
+    `WanConfig.sync_collective`)."""
     avg = Averaging.parse(averaging)
     for name, value in (("async_loss_ratio", async_loss_ratio), ("averaging_loss_ratio", averaging_loss_ratio)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -272,6 +276,13 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
         raise ValueError("finish_blocks blocks a node while it finishes a step of the node's async schedule with "
                          "replicated stages: it needs schedule='async', head='leader' or 'delegated' and "
                          "contributions='step'")
+    if collective not in ("direct", "sharded"):
+        raise ValueError(f"collective={collective!r}: use direct (the node) or sharded (a what-if)")
+    if collective == "sharded":
+        if not (schedule == "async" and head in ("leader", "delegated") and contributions == "step" and push):
+            raise ValueError("collective='sharded' exchanges the bundles of the node's async with replicated stages: "
+                             "it needs schedule='async', head='leader' or 'delegated', contributions='step' and "
+                             "averaging=powersgd:<R> with overlap_averaging")
     if schedule == "async":
         what_if = _async_what_if(head, contributions == "step")
         if what_if:
@@ -313,11 +324,15 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     else:
         task_label = ("none: a head delegate holds any number of tasks (an even share of the step's microbatches "
                       "while the leader could send one itself)")
+    if collective == "sharded":  # after the caps: the node's caps, with an exchange it does not have
+        not_built.append("a sharded exchange of the replicas' bundles (--collective sharded: a reduce-scatter to "
+                         "shard owners and an all-gather of their sums; the node pushes each bundle to every stage "
+                         "peer)")
     if finish_blocks:  # after the caps: the node's caps, with the finish the node had before session 25
         not_built.append("the blocking finish (the node before session 25: its loop blocked from a step's finish to "
                          "its update; the node now finishes a step beside its work, blocked only for the update)")
     wan_cfg = _config(calibration, "subspace", schedule, WAN_LINK, avg, max_staleness, steps, seed,
-                      overlap=overlap_averaging and not push, collective="direct" if push else "fastest", push=push,
+                      overlap=overlap_averaging and not push, collective=collective if push else "fastest", push=push,
                       per_step=contributions == "step", microbatch_seqs=microbatch_seqs,
                       head_leader=head in ("leader", "delegated"), head_delegation=head == "delegated",
                       inflight_per_replica=cap, tasks_per_delegate=tasks, finish_blocks=finish_blocks)
@@ -371,8 +386,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     steps_factor = mult["subspace"] * mult["async"] * mult["averaging"]
     floors: dict[str, Any] = {}
     if wan_cfg.replicated_async:  # what no finish of the node's async could beat, and with a sharded exchange
-        for name, collective in (("as_built", None), ("sharded_exchange", "ring")):
-            f = step_floors(wan_cfg, collective)
+        for name, exchange in (("as_run", None), ("sharded_exchange", "sharded")):
+            f = step_floors(wan_cfg, exchange)
             floors[name] = {**f.to_dict(), "slowdown": f.step_s * steps_factor / dc_step}
     return {
         "slowdown_vs_datacenter": slowdown,

@@ -8,7 +8,7 @@ from typing import Literal
 
 Schedule = Literal["gpipe", "1f1b", "async"]
 SCHEDULES: tuple[Schedule, ...] = ("gpipe", "1f1b", "async")
-SYNC_COLLECTIVES = ("ring", "direct", "fastest")  # WanConfig.sync_collective values
+SYNC_COLLECTIVES = ("ring", "direct", "fastest", "sharded")  # WanConfig.sync_collective values
 
 
 def _positive(owner: str, name: str, value: float) -> None:
@@ -106,7 +106,9 @@ class WanConfig:
     # DONE not back yet; the node's replicas.max_tasks, node.config.ReplicaConfig.max_tasks). None = no cap
     sync_collective: str = "ring"  # how replicas average: ring (all-reduce: 2 (r - 1) / r x bytes each, 2 (r - 1)
     # latencies), direct (each pushes its bytes to every other replica, as the node's /pmn/avg pushes: (r - 1) x bytes,
-    # one latency; fits small compressed contributions) or fastest (whichever of the two takes less time)
+    # one latency; fits small compressed contributions) or fastest (whichever of the two takes less time); sharded
+    # (replicated_async only, a what-if not built in the node: each replica sends every other the share of its bundle
+    # that one owns, the owners sum their share and send it to every replica: 2 (r - 1) / r x bytes, two latencies)
     frame_overhead_s: float = 0.0  # runtime seconds per forward/backward frame on a node's compute slot (framing, receipts, acks)
     step_overhead_s: float = 0.0  # fixed seconds each stage spends at every step boundary (barrier, bookkeeping)
     startup_s: float = 0.0  # seconds before the first step starts (process start, model build, connects)
@@ -172,10 +174,14 @@ class WanConfig:
             raise ValueError(f"WanConfig.sync_collective={self.sync_collective!r}: use one of {list(SYNC_COLLECTIVES)}")
         if self.push_per_step and not self.sync_push:
             raise ValueError("WanConfig.push_per_step needs sync_push (it says when a replica's pushes go out)")
-        if self.sync_push and (self.overlap_sync or self.sync_every != 1 or self.sync_collective != "direct"):
-            raise ValueError(f"WanConfig.sync_push needs sync_every = 1, sync_collective = 'direct' and no overlap_sync "
-                             f"(got {self.sync_every}, {self.sync_collective!r}, {self.overlap_sync}): pushes carry one "
-                             f"step's gradients to every replica")
+        sharded = self.sync_collective == "sharded"
+        if self.sync_push and (self.overlap_sync or self.sync_every != 1 or self.sync_collective not in ("direct", "sharded")):
+            raise ValueError(f"WanConfig.sync_push needs sync_every = 1, sync_collective = 'direct' (or 'sharded') and "
+                             f"no overlap_sync (got {self.sync_every}, {self.sync_collective!r}, {self.overlap_sync}): "
+                             f"pushes carry one step's gradients to every replica")
+        if sharded and not (self.schedule == "async" and self.head_leader and self.push_per_step):
+            raise ValueError("WanConfig.sync_collective='sharded' exchanges the bundles of the node's async with "
+                             "replicated stages (schedule async, head_leader, sync_push, push_per_step)")
         _non_negative("WanConfig", "fwd_bytes_per_token", self.fwd_bytes_per_token)
         _non_negative("WanConfig", "bwd_bytes_per_token", self.bwd_bytes_per_token)
         _non_negative("WanConfig", "speed_sigma", self.speed_sigma)

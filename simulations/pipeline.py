@@ -219,6 +219,8 @@ class _Node:
         self.bundles: dict[int, simpy.Event] = {}  # replicated async: step -> fires once its bundle reached the peers
         self.first_held: dict[int, simpy.Event] = {}  # replicated async, the leader committing early: step -> fires
         # once its bundle reached its first holder (`PipelineSim._first_holder`)
+        self.gathered: dict[int, simpy.Event] = {}  # replicated async, sync_collective sharded: step -> fires once
+        # this node's summed share of the step reached every stage peer (the all-gather)
         self.finishes: list[tuple[float, float]] = []  # replicated async: (start, update applied) of each step's finish
         self.blocks: list[tuple[float, float]] = []  # replicated async: (loop blocked, update applied) of each step
 
@@ -298,6 +300,11 @@ class PipelineSim:
         # every bundle push, in the order they were answered
         self.early_commit = cfg.leader_commits_early
         self.bundle_pushes: list[BundlePush] = []
+        # sync_collective sharded (a what-if): per (stage, step), the stage's nodes whose scattered shares all reached
+        # their owners, and the event that fires once every node of the stage is in
+        self.sharded = cfg.sync_collective == "sharded"
+        self.scattered: dict[tuple[int, int], int] = {}
+        self.scatter_done: dict[tuple[int, int], simpy.Event] = {}
         self.churn_on = cfg.churn.mean_uptime_s is not None
         self.finished = False
 
@@ -585,7 +592,8 @@ class PipelineSim:
         b, every = self.sync_bytes[stage], self.cfg.sync_every
         ring = (2.0 * (r - 1) / r * b / every, 2.0 * (r - 1) / every)
         direct = ((r - 1) * b / every, 1.0 / every)
-        choice = {"ring": ring, "direct": direct}.get(self.cfg.sync_collective)
+        sharded = (2.0 * (r - 1) / r * b, 2.0)
+        choice = {"ring": ring, "direct": direct, "sharded": sharded}.get(self.cfg.sync_collective)
         if choice is None:  # fastest
             bw, lat = min(n.bw for n in live), self._sync_latency(stage)
             choice = min(ring, direct, key=lambda c: c[0] / bw + c[1] * lat)
@@ -839,7 +847,8 @@ class PipelineSim:
         else:
             self._send_commit(node, step)
             yield from self._push_bundle(node, step)
-        peers = [self._held(n, node, step) for n in self.nodes[node.stage] if n is not node and n.owned[step]]
+        peers = [self._held(n, node, step) for n in self.nodes[node.stage]
+                 if n is not node and (n.owned[step] or self.sharded)]
         if peers:
             yield self.env.all_of(peers)
 
@@ -898,6 +907,8 @@ class PipelineSim:
     def _held(self, src: _Node, dst: _Node, step: int) -> simpy.Event:
         """Replicated async: fires once `src`'s bundle of `step` reached `dst` (the leader committing early: its first
         holder has it after the first push, the others after the rest)."""
+        if self.sharded:  # the update needs every owner's summed share, the leader's first holder's too
+            return self._step_event(src.gathered, step)
         if self.early_commit and src is self._leader and dst is self._first_holder(src):
             return self._first_event(src, step)
         return self._bundle_event(src, step)
@@ -910,8 +921,13 @@ class PipelineSim:
         The leader committing early pushes it in two parts: `first`, to its first holder alone (one bundle's bytes,
         its `_bundle(first_holder=True)`), then `rest`, to the other r - 2 peers at once (its `_rest_of_bundle`).
         Nothing to push when it computed none of them or the stage averages nothing."""
+        if self.sharded and not first:
+            yield from self._sharded_exchange(node, step)
+            return
         arrived = self._first_event(node, step) if first else self._bundle_event(node, step)
         live, share, _ = self._sync_share(node.stage)
+        if self.sharded:  # the leader's first holder gets the whole bundle (it keeps it), not a share
+            share = float(self.sync_bytes[node.stage]) * (len(live) - 1)
         if not node.owned[step] or not share:
             arrived.succeed()
             return
@@ -930,6 +946,34 @@ class PipelineSim:
         arrived.succeed()
         yield self.env.timeout(latency)
         self.bundle_pushes.append(BundlePush(step, node.stage, node.replica, peers, start, sent, self.env.now))
+
+    def _sharded_exchange(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
+        """Replicated async, sync_collective sharded (a what-if, not built in the node): `node` sends each stage peer
+        the share of its bundle that peer owns ((r - 1) / r of it on its uplink; nothing when it computed none of the
+        step's microbatches), and once every node's shares reached their owners (one latency after the last was
+        sent) it sends its own summed share to every peer ((r - 1) / r again), held one latency later."""
+        stage, live = node.stage, [n for n in self.nodes[node.stage] if n.alive]
+        key = (stage, step)
+        if key not in self.scatter_done:
+            self.scatter_done[key] = self.env.event()
+        done = self.scatter_done[key]
+        piece = float(self.sync_bytes[stage]) * (len(live) - 1) / len(live)
+        bw = min(n.bw for n in live)
+        start = self.env.now
+        if node.owned[step] and piece > 0:
+            yield from self._background_send(node, piece, bw)
+        yield self.env.timeout(self._sync_latency(stage))
+        self.scattered[key] = self.scattered.get(key, 0) + 1
+        if self.scattered[key] >= len(live):
+            done.succeed()
+        yield done
+        if piece > 0:
+            yield from self._background_send(node, piece, bw)
+        sent = self.env.now
+        yield self.env.timeout(self._sync_latency(stage))
+        self._step_event(node.gathered, step).succeed()
+        self._bundle_event(node, step).succeed()
+        self.bundle_pushes.append(BundlePush(step, stage, node.replica, len(live) - 1, start, sent, self.env.now))
 
     # ------------------------------------------------------------------ drivers
     def _sync_driver(self) -> Generator[simpy.Event, Any, None]:
