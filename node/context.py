@@ -8,7 +8,7 @@ The lifecycle owns identity, host, discovery, status files, signals and shutdown
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +19,7 @@ from node.config import NodeConfig
 from node.net.access import NodeAccess
 from node.net.discovery import Discovery
 from node.net.identity import NodeIdentity
+from node.net.peerscore import PeerScores
 from node.observability.steps import NodeLog
 from node.training.checkpoint import latest_checkpoint, load_checkpoint
 from node.training.worker import StageWorker
@@ -46,6 +47,9 @@ class NodeContext:
     access: NodeAccess | None = None  # on-chain mode: who may use which protocol (None: off-chain defaults)
     data: DataSpec | None = None  # the spec's [data] section (None: byte-level `cfg.corpus`, not in the spec hash)
     corpus: Corpus | None = None  # its prepared, hash-checked token files (every stage reads its windows)
+    # refusal scores and bans of every protocol the node serves (`node.wire.channel.peer_scores`): a peer banned by one
+    # is banned by all, and its open streams on the others are cut (`node.net.gate`)
+    scores: PeerScores = field(default_factory=PeerScores)
 
     @property
     def local_windows(self) -> bool:

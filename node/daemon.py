@@ -43,7 +43,7 @@ from node.services.base import AccessProvider, NodeService
 from node.services.nat import NatService
 from node.services.spec_exchange import serve_own_spec
 from node.services.status_page import StatusPageService
-from node.wire.channel import ReceiptHook
+from node.wire.channel import ReceiptHook, peer_scores
 from sharding import Corpus, ModelConfig, OptimConfig
 from sharding.dataset import DataSpec, load_data_spec, load_prepared
 from sharding.errors import DataError
@@ -174,13 +174,15 @@ class NodeDaemon:
             d = cfg.discovery
             dht = ModelDht(host, spec_hex, d.dht) if d.dht.enabled else None
             access = self.access
+            scores = peer_scores(cfg.transport)  # one table for every protocol this node serves
             discovery = self.discovery = Discovery(host, me, d, cfg.bootstrap, dht, identity=self.identity,
-                                                   policy=access, admit=None if access is None else access.admit)
+                                                   policy=access, admit=None if access is None else access.admit,
+                                                   scores=scores)
             if access is not None:
                 access.attach(discovery)
             ctx = self.context = NodeContext(cfg, self.model, self.optim, self.identity, self.binding, self.data_dir,
                                              host, discovery, nursery, log, self.receipts, access=access,
-                                             data=self.data, corpus=self.corpus)
+                                             data=self.data, corpus=self.corpus, scores=scores)
             stage = await runner.prepare(ctx)
             nursery.start_soon(discovery.run)
             for service in self.services:

@@ -66,7 +66,7 @@ class PipelineRunner:
         self._endpoint = ActEndpoint(
             ctx.host, local=ctx.local_info(stage, plan), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
             cfg=cfg.transport, receipts=ctx.receipts, decoder=worker.decode, step_fn=lambda: worker.next_step,
-            policy=ctx.access, window_source=worker.local_window if worker.local_windows else None)
+            policy=ctx.access, window_source=worker.local_window if worker.local_windows else None, scores=ctx.scores)
         return stage
 
     def make_worker(self, ctx: NodeContext, stage: int) -> StageWorker:

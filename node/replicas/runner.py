@@ -20,7 +20,6 @@ from node.context import NodeContext
 from node.errors import NodeError, ResyncNeededError, RollbackError, StateLostError
 from node.net.access import StagePeersPolicy
 from node.net.discovery import Announcement, Discovery
-from node.net.peerscore import PeerScores
 from node.observability.steps import StepReport
 from node.pipeline.asyncworker import AsyncStageWorker
 from node.replicas import rollback
@@ -111,9 +110,9 @@ class ReplicatedRunner:
         self._announce_checkpoints(ctx, self._stage)
         rc = cfg.replicas
         # state and contributions only for peers allowed by the chain (on-chain mode) or, off chain, known to
-        # discovery (verified announcements) as serving the stage; one score table for both protocols
+        # discovery (verified announcements) as serving the stage; the node's one score table (every protocol)
         policy = ctx.access if ctx.access is not None else StagePeersPolicy(discovery)
-        scores = PeerScores()
+        scores = ctx.scores
         AveragingService(ctx.host, spec_hex, self._avg_target, rc.avg_timeout_s, policy=policy, scores=scores)
         StateService(ctx.host, spec_hex, self._snapshot, rc.state_timeout_s, max_concurrent=rc.state_max_concurrent,
                      burst=rc.state_burst, refill_s=rc.state_refill_s, policy=policy, scores=scores)
@@ -300,7 +299,7 @@ class ReplicatedRunner:
             endpoint = ActEndpoint(
                 ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
                 cfg=cfg.transport, receipts=ctx.receipts, step_fn=lambda w=worker: w.next_step,  # type: ignore[misc]
-                window_source=worker.local_window if worker.local_windows else None)
+                window_source=worker.local_window if worker.local_windows else None, scores=ctx.scores)
             eng = ReplicaEngine(cfg, worker, endpoint, discovery, ctx.host, store)
             eng.head_term = discovery.me.head_term if stage == 0 else -1  # kept across re-syncs (and takeovers)
             eng.follow_rollback = lambda s=stage, w=worker: self._follow(ctx, s, w)  # type: ignore[misc]

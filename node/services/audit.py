@@ -360,12 +360,14 @@ class AuditService:
 
 def install_audit(host: Any, worker: Any, identity: NodeIdentity, data_dir: Path, model_id: int, epoch_length: int,
                   receipts: Callable[[int], list[SignedReceipt]] | None = None,
-                  config: AuditConfig | None = None, policy: AccessPolicy | None = None) -> AuditService:
+                  config: AuditConfig | None = None, policy: AccessPolicy | None = None,
+                  scores: PeerScores | None = None) -> AuditService:
     """Attach a recorder to `worker` (records under `data_dir`) and serve `/pmn/audit/1.0.0` on `host`
-    (`policy`: who may audit which hops; default OpenPolicy)."""
+    (`policy`: who may audit which hops, default OpenPolicy; `scores`: the node's refusal scores, default its own)."""
     recorder = AuditRecorder(data_dir, epoch_length, config)
     worker.observers.append(recorder)
-    service = AuditService(recorder, worker, model_id, receipts, config, identity=identity, policy=policy)
+    service = AuditService(recorder, worker, model_id, receipts, config, identity=identity, policy=policy,
+                           scores=scores)
     host.set_stream_handler(AUDIT_PROTOCOL, service.handle)
     return service
 

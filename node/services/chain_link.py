@@ -130,10 +130,10 @@ class ChainLinkService:
 
         # hops only from node keys the chain has on the stage before ours
         self.inference = InferenceService(ctx.model, spec, worker.module, worker.codec, link.payments, next_hop,
-                                          policy=self.access)
+                                          policy=self.access, scores=ctx.scores)
         host.set_stream_handler(INFER_PROTOCOL, self.inference.handle)
         self.audit = install_audit(host, worker, ctx.identity, ctx.data_dir, self.model_id, link.epoch_length,
-                                   self.epoch_receipts, self.audit_cfg, policy=self.access)
+                                   self.epoch_receipts, self.audit_cfg, policy=self.access, scores=ctx.scores)
         log = ctx.log
 
         async def snapshot(stage: int) -> tuple[dict[str, Any], bytes] | None:
@@ -144,7 +144,7 @@ class ChainLinkService:
 
         # a replica of our stage (same stage on chain) may fetch the stage's state
         self.state = StateService(host, ctx.model.spec_hash().hex(), snapshot, self.state_timeout_s,
-                                  policy=self.access)
+                                  policy=self.access, scores=ctx.scores)
 
 
 def chain_services(data_dir: str | Path, account: Any, microbatch_size: int, seq_len: int, rpc_url: str,

@@ -49,6 +49,7 @@ from node.errors import (
 from node.net.access import ACT, AccessPolicy
 from node.net.chunks import take_chunks
 from node.net.identity import NodeIdentity, bind, verify_binding
+from node.net.peerscore import PeerGuardConfig, PeerScores
 from node.net.transport.io import grow_receive_window, read_some, write_gather
 from node.net.transport.locks import QuickLock
 from node.wire import frames
@@ -149,27 +150,11 @@ class NullReceipts:
         return None
 
 
-class PeerScores:
-    """Per-peer score: starts at 0, drops by `reject_penalty` on each rejected frame."""
-
-    def __init__(self, cfg: TransportConfig) -> None:
-        self.cfg = cfg
-        self.scores: dict[str, float] = {}  # peer id -> score
-        self.rejections: dict[str, list[str]] = {}  # peer id -> reasons of rejected frames
-
-    def penalize(self, peer: str, reason: str) -> float:
-        """Record a rejection; returns the new score."""
-        self.scores[peer] = self.scores.get(peer, 0.0) - self.cfg.reject_penalty
-        self.rejections.setdefault(peer, []).append(reason)
-        return self.scores[peer]
-
-    def score(self, peer: str) -> float:
-        """Current score (0 for unknown peers)."""
-        return self.scores.get(peer, 0.0)
-
-    def is_banned(self, peer: str) -> bool:
-        """True once the score reached the ban threshold."""
-        return self.score(peer) <= self.cfg.ban_score
+def peer_scores(cfg: TransportConfig) -> PeerScores:
+    """A node's refusal scores (`node.net.peerscore`): each rejected frame or refused request costs the peer
+    `cfg.reject_penalty`, and at `cfg.ban_score` it is banned, for a time that backs off with each ban. One instance
+    serves every protocol of a node (the lifecycle's `NodeContext.scores`), so a ban on one is a ban on all."""
+    return PeerScores(PeerGuardConfig(penalty=cfg.reject_penalty, ban_score=cfg.ban_score))
 
 
 @dataclass(frozen=True)
@@ -790,6 +775,7 @@ class ActEndpoint:
         step_fn: Callable[[], int] | None = None,
         policy: AccessPolicy | None = None,
         window_source: Callable[[int, int], bytes] | None = None,
+        scores: PeerScores | None = None,
     ) -> None:
         self.host = host
         self.window_source = window_source  # token windows from this node's dataset (FrameSpec.local_windows)
@@ -802,7 +788,7 @@ class ActEndpoint:
         self.cfg = cfg
         self.receipts = receipts
         self.decoder = decoder
-        self.scores = PeerScores(cfg)
+        self.scores = scores if scores is not None else peer_scores(cfg)  # shared with the node's other protocols
         self.totals = ChannelStats()  # bytes of every channel this endpoint accepted or opened, closed ones too
         self._incoming_send, self.incoming = trio.open_memory_channel[ActChannel](math.inf)
         self.handshake_failures: list[str] = []  # messages of refused inbound handshakes
@@ -816,7 +802,7 @@ class ActEndpoint:
     async def _handle(self, stream: INetStream) -> None:
         ch = self._channel(stream)
         if self.scores.is_banned(ch.peer):
-            await ch.send_error(f"peer {ch.peer} is banned (score {self.scores.score(ch.peer)})")
+            await ch.send_error(f"peer {ch.peer} is banned (too many rejected frames or refused requests)")
             await ch.linger_and_reset()
             return
         try:

@@ -16,10 +16,12 @@ from libp2p.exceptions import BaseLibp2pError
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
+from node.config import TransportConfig
 from node.errors import PeerRefusedError
 from node.net.gate import ProtocolGate, reset_quietly
 from node.net.host import full_addrs
 from node.net.peerscore import PeerGuardConfig, PeerScores
+from node.wire.channel import peer_scores
 from tests.node.conftest import running_host
 
 HOLD = TProtocol("/pmn-test/hold/1")
@@ -135,3 +137,37 @@ def test_the_stream_whose_refusal_bans_the_peer_is_answered_and_its_other_stream
             await reset_quietly(s)
 
     _run(body)
+
+
+def test_frames_rejected_on_the_activation_channel_ban_the_peer_on_every_protocol_of_the_node() -> None:
+    """The node's one score table (`peer_scores`, `NodeContext.scores`): bad activation frames from a peer get it
+    banned, and the gate of another protocol cuts the stream it holds open there."""
+    from tests.node.test_channel import _bad_frames, _endpoint
+
+    async def main() -> None:
+        async with running_host(83) as (server, ident), running_host(84) as (client, cident):
+            scores = peer_scores(TransportConfig(ban_score=-2.0))
+            assert scores.cfg.ban_score == -2.0 and scores.cfg.penalty == TransportConfig().reject_penalty
+            gate = ProtocolGate(HOLD, cfg=GUARD, scores=scores)
+            finished: list[str] = []
+            server.set_stream_handler(HOLD, _serve(gate, finished))
+            recv_ep = _endpoint(server, ident, stage=1, scores=scores)  # as the lifecycle passes NodeContext.scores
+            assert recv_ep.scores is scores
+            bad_ep = _endpoint(client, cident, stage=0)
+            addr = full_addrs(server)[0]
+            info = info_from_p2p_addr(Multiaddr(addr))
+            await client.connect(info)
+            held = await client.new_stream(info.peer_id, [HOLD])
+            assert await _ask(held, b"hi") == b"ok:hi"
+            for raw, half_close, _ in list(_bad_frames().values())[:2]:
+                ch = await bad_ep.open(addr)
+                await ch.write_raw(raw)
+                if half_close:
+                    await ch.stream.close()
+                await ch.run_reader()  # ends once the server rejected the frame (counted before its ERROR)
+            assert scores.is_banned(client.get_id().pretty())
+            assert await _cut(held)  # the activation protocol's ban cut the stream on the other protocol
+            assert gate.refused["banned_while_open"] == 1
+            await reset_quietly(held)
+
+    trio.run(main)

@@ -8,14 +8,14 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from node.config import RuntimeConfig, TransportConfig
+from node.config import RuntimeConfig
 from node.errors import UnexpectedFrameError
+from node.net.peerscore import PeerGuardConfig, PeerScores
 from node.pipeline.asyncrun import AsyncPipelineRuntime
 from node.pipeline.asyncworker import STALE, AsyncStageWorker
 from node.testing.swarm import run_local_swarm
 from node.training.worker import StageWorker
 from node.wire import frames
-from node.wire.channel import PeerScores
 from sharding import PRESETS, OptimConfig, load_corpus, partition, train_reference
 from sharding.delayed import train_delayed
 
@@ -123,11 +123,11 @@ def test_stale_gradients_decode_to_stale_and_are_counted_against_the_sender() ->
     with pytest.raises(UnexpectedFrameError, match="never sent"):
         w.decode(_grad_frame(7, 0))
     # the runtime counts it against the sender, then bans a sender that keeps doing it
-    cfg = TransportConfig(reject_penalty=1.0, ban_score=-2.0)
-    ch = SimpleNamespace(scores=PeerScores(cfg), peer="peerX", remote_stage=1)
+    guard = PeerGuardConfig(penalty=1.0, ban_score=-2.0)
+    ch = SimpleNamespace(scores=PeerScores(guard, clock=lambda: 0.0), peer="peerX", remote_stage=1)
     rt = AsyncPipelineRuntime(w, RuntimeConfig(), None, None)
     rt._reject(ch, _grad_frame(0, 1).header)  # type: ignore[arg-type]
     assert rt.stale_rejected == 1 and ch.scores.score("peerX") == -1.0
-    assert ch.scores.rejections["peerX"] == ["stale-gradient"]
+    assert ch.scores.reasons == {"stale-gradient": 1}
     with pytest.raises(UnexpectedFrameError, match="banned"):
         rt._reject(ch, _grad_frame(0, 0).header)  # type: ignore[arg-type]
