@@ -13,6 +13,17 @@ Per optimizer step, for one `WanConfig` with `replicated_async` (links at their 
   So (S + 1) steps take at least 2 P latencies plus the busiest replica's compute.
 
 The step cannot be shorter than the largest of the three; `binding` names it.
+
+The node's own finish protocol adds to the window (`window_as_built_s`): its leader applies step k only after its
+finish, whose parts follow each other. With the early COMMIT (delegated head work, max_staleness >= 1), the finish is:
+1. its bundle to its first holder and the answer back: a bundle's bytes and two latencies;
+2. the COMMIT to the other head replicas: one latency;
+3. their bundles to it: direct, r - 1 bundles' bytes on each one's uplink and one latency; sharded, 2 (r - 1) / r of
+   a bundle and two latencies;
+4. its update.
+Otherwise it pushes its bundle to every peer (answered), then COMMITs, then waits for theirs. Sharded, it COMMITs
+and then takes part in the exchange. So (S + 1) steps take at least 2 (P - 1) latencies, the busiest compute and that
+finish: a floor for the node as designed (`step_as_built_s`), not for any design.
 """
 
 from __future__ import annotations
@@ -32,6 +43,8 @@ class StepFloors:
     window_s: float  # the node's window rule: (2 P latencies + the busiest compute) / (max_staleness + 1)
     busiest_stage: int  # the stage whose replica the compute floor is
     uplink_stage: int  # the stage whose replica the uplink floor is
+    leader_finish_s: float = 0.0  # the node's head leader's finish of a step, its parts one after another
+    window_as_built_s: float = 0.0  # (2 (P - 1) latencies + the busiest compute + leader_finish_s) / (S + 1)
 
     @property
     def step_s(self) -> float:
@@ -44,9 +57,14 @@ class StepFloors:
         floors = {"compute": self.compute_s, "uplink": self.uplink_s, "window": self.window_s}
         return max(floors, key=lambda k: floors[k])
 
+    @property
+    def step_as_built_s(self) -> float:
+        """The floor of the node as designed: compute, uplink or its own finish protocol's window."""
+        return max(self.compute_s, self.uplink_s, self.window_as_built_s)
+
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready, with the floor and its binding."""
-        return {**asdict(self), "step_s": self.step_s, "binding": self.binding}
+        """JSON-ready, with the floors and the binding one."""
+        return {**asdict(self), "step_s": self.step_s, "binding": self.binding, "step_as_built_s": self.step_as_built_s}
 
 
 def microbatches_per_replica(cfg: WanConfig, stage: int) -> int:
@@ -89,6 +107,27 @@ def step_floors(cfg: WanConfig, collective: str | None = None) -> StepFloors:
     busiest = max(stages, key=lambda s: compute[s])
     widest = max(stages, key=lambda s: uplink[s])
     latency = cfg.link.latency_ms / 1e3
-    window = (2 * cfg.num_stages * latency + compute[busiest]) / ((cfg.max_staleness or 0) + 1)
+    ahead = (cfg.max_staleness or 0) + 1
+    window = (2 * cfg.num_stages * latency + compute[busiest]) / ahead
+    finish = leader_finish_s(cfg, collective)
+    as_built = (2 * (cfg.num_stages - 1) * latency + compute[busiest] + finish) / ahead
     return StepFloors(compute_s=compute[busiest], uplink_s=uplink[widest], window_s=window, busiest_stage=busiest,
-                      uplink_stage=widest)
+                      uplink_stage=widest, leader_finish_s=finish, window_as_built_s=as_built)
+
+
+def leader_finish_s(cfg: WanConfig, collective: str | None = None) -> float:
+    """The node's head leader's finish of one step, its parts one after another (see the module docstring), with no
+    queueing: the early COMMIT's first-holder round trip, the COMMIT, the head replicas' exchange, the update."""
+    opt = (cfg.opt_s or (0.0,))[0]
+    r, bundle = cfg.replicas, (cfg.grad_sync_bytes[0] / cfg.sync_every if cfg.grad_sync_bytes else 0.0)
+    if r < 2 or bundle <= 0:
+        return opt
+    bw, latency = cfg.link.bandwidth_mbps * 1e6 / 8.0, cfg.link.latency_ms / 1e3
+    sharded = (collective or cfg.sync_collective) in ("sharded", "ring")
+    exchange = bundle_bytes(cfg, 0, collective) / bw + (2 if sharded else 1) * latency
+    if sharded:  # COMMIT, then every head replica's part in the exchange (after the first holder's copy, if early)
+        first = bundle / bw + 2 * latency if cfg.leader_commits_early else 0.0
+        return first + latency + exchange + opt
+    if cfg.leader_commits_early:
+        return bundle / bw + 2 * latency + latency + exchange + opt
+    return (r - 1) * bundle / bw + 2 * latency + latency + exchange + opt

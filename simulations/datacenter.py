@@ -17,7 +17,9 @@ the one measured at the WAN's staleness bound over the training length nearest t
 For the node's async with replicated stages, `floors` gives the WAN step's lower bounds (`simulations.bounds`: the
 busiest replica's compute, its uplink, and the node's window rule) and the slowdown each floor would give with the
 same loss penalties: `as_run` with the run's exchange (the node's: bundles pushed directly), `sharded_exchange` with
-a reduce-scatter and all-gather of them (`--collective sharded`, a what-if: not built in the node). A goal below a floor's slowdown needs more than a faster finish.
+a reduce-scatter and all-gather of them (`--collective sharded`, a what-if: not built in the node). Each also gives the
+floor of the node's own finish protocol (`step_as_built_s`, `slowdown_as_built`; `slowdown_floor` keys ending in
+`_node_finish`): its leader's early COMMIT and the exchange, one after another, in the window. A goal below a floor's slowdown needs more than a faster finish.
 
 The averaging penalty is the one measured for the WAN's own averaging option (rank and factor bits):
 from `simulations.averaging_loss` (`benchmarks/wan_averaging.py` runs, the median over seeds, with the async
@@ -388,7 +390,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     if wan_cfg.replicated_async:  # what no finish of the node's async could beat, and with a sharded exchange
         for name, exchange in (("as_run", None), ("sharded_exchange", "sharded")):
             f = step_floors(wan_cfg, exchange)
-            floors[name] = {**f.to_dict(), "slowdown": f.step_s * steps_factor / dc_step}
+            floors[name] = {**f.to_dict(), "slowdown": f.step_s * steps_factor / dc_step,
+                            "slowdown_as_built": f.step_as_built_s * steps_factor / dc_step}
     return {
         "slowdown_vs_datacenter": slowdown,
         "slowdown_vs_bubble_free_datacenter": wan_time / (PUBLIC_DENSE_STEPS * dc_floor),
@@ -414,7 +417,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                        "replica_bytes_per_step": list(dc_cfg.grad_sync_bytes), "link": "100 Gb/s, 0.01 ms"},
         "steps_multipliers": mult,
         "floors": floors,
-        "slowdown_floor": {name: f["slowdown"] for name, f in floors.items()},
+        "slowdown_floor": {**{name: f["slowdown"] for name, f in floors.items()},
+                           **{f"{name}_node_finish": f["slowdown_as_built"] for name, f in floors.items()}},
         "inputs": {"assumed": {"subspace_loss_ratio": ASSUMED_SUBSPACE_LOSS_RATIO, "async_loss_ratio": async_ratio,
                                "async_loss_source": async_source, "averaging_loss_ratio": avg_ratio,
                                "averaging_loss_source": avg_source, "device": DeviceAssumption().name,

@@ -841,6 +841,9 @@ class PipelineSim:
             yield from self._push_bundle(node, step, first=True)
             self._send_commit(node, step)
             yield from self._push_bundle(node, step, rest=True)
+        elif node is self._leader and self.sharded:  # every replica takes part in the exchange: COMMIT first
+            self._send_commit(node, step)
+            yield from self._push_bundle(node, step)
         elif node is self._leader:
             yield from self._push_bundle(node, step)
             self._send_commit(node, step)
@@ -861,12 +864,13 @@ class PipelineSim:
     def _send_commit(self, node: _Node, step: int) -> None:
         """Replicated async: `node`'s COMMIT of `step` leaves (a small frame: one link latency, no uplink time) for
         every replica of the next stage and, from the leader, for every other head replica over its delegation links
-        (head_delegation; without it a standby head replica learns the commit from the leader's bundle)."""
+        (head_delegation, or sync_collective sharded; without either a standby head replica learns the commit from the
+        leader's bundle)."""
         if node is self._leader:
+            told = self.delegating or self.sharded  # by a COMMIT message, not by the leader's bundle
             for other in self.nodes[0][1:]:
-                after = None if self.delegating else self._bundle_event(node, step)
-                self.env.process(self._tell(node, other, step, self._head_latency() if self.delegating else 0.0,
-                                            after))
+                after = None if told else self._bundle_event(node, step)
+                self.env.process(self._tell(node, other, step, self._head_latency() if told else 0.0, after))
         if node.stage + 1 < self.cfg.num_stages:
             for nxt in self.nodes[node.stage + 1]:
                 delay = float(self.latency[node.stage, node.replica, nxt.replica])

@@ -44,6 +44,12 @@ def test_the_floors_are_the_busiest_compute_the_widest_uplink_and_the_window_rul
     # (2 x 3 stages x 60 ms + the busiest compute) over max_staleness + 1 = 2 steps
     assert f.window_s == pytest.approx((6 * 0.06 + f.compute_s) / 2)
     assert f.step_s == max(f.compute_s, f.uplink_s, f.window_s) and f.binding == "window"
+    # the node's finish: the bundle to its first holder and back (40 kB at 50 Mb/s, two latencies), the COMMIT (one),
+    # the other head replica's bundle (one bundle, one latency), the update
+    bundle_s = 40_000 / (50e6 / 8)
+    assert f.leader_finish_s == pytest.approx(bundle_s + 2 * 0.06 + 0.06 + bundle_s + 0.06 + 0.005)
+    assert f.window_as_built_s == pytest.approx((4 * 0.06 + f.compute_s + f.leader_finish_s) / 2)
+    assert f.step_as_built_s == max(f.compute_s, f.uplink_s, f.window_as_built_s) >= f.step_s
     assert json.loads(json.dumps(f.to_dict()))["binding"] == "window"
     # a deeper window leaves the compute floor binding; a thin link the uplink
     assert step_floors(_cfg(max_staleness=4)).binding == "compute"
@@ -71,15 +77,20 @@ def test_other_schedules_have_no_window_floor() -> None:
     {"link": LinkConfig(bandwidth_mbps=1.0, latency_ms=60.0)},
     {"link": LinkConfig(bandwidth_mbps=50.0, latency_ms=20.0), "replicas": 3, "microbatches": 12},
     {"sync_collective": "sharded", "replicas": 4, "microbatches": 16, "link": LinkConfig(1.0, latency_ms=20.0)},
-], ids=["base", "no-staleness", "deep-window", "thin-link", "near-links", "sharded-thin-link"])
+    {"sync_collective": "sharded", "max_staleness": 0},
+    {"sync_collective": "sharded", "head_delegation": False, "tasks_per_delegate": None},
+], ids=["base", "no-staleness", "deep-window", "thin-link", "near-links", "sharded-thin-link", "sharded-no-staleness",
+        "sharded-head-leader"])
 def test_the_simulator_never_beats_the_floor(kw: dict[str, object]) -> None:
     """Over a run, not a few steps: work of up to max_staleness + 1 steps runs ahead of their updates, so a short
     stretch of steps may be quicker than the floor; N steps take at least N - max_staleness - 1 floors."""
     cfg = _cfg(**kw)
     res = simulate(cfg)
-    floor = step_floors(cfg).step_s
+    floors = step_floors(cfg)
+    floor = floors.step_s
     ahead = (cfg.max_staleness or 0) + 1
-    assert res.sim_time_s >= (cfg.steps - ahead) * floor, (res.sim_time_s, floor)
+    assert res.sim_time_s >= (cfg.steps - ahead) * floors.step_as_built_s >= (cfg.steps - ahead) * floor, \
+        (res.sim_time_s, floors)
     steady = float(np.mean(res.step_times_s[cfg.warmup_steps:]))
     assert steady < 10 * floor  # and the floor is of the right size
 
@@ -90,6 +101,8 @@ def test_the_datacenter_comparison_reports_the_floors_of_the_node_s_async() -> N
                             contributions="step", head="delegated", max_staleness=2, steps=2)
     floors = out["floors"]
     assert set(floors) == {"as_run", "sharded_exchange"} and out["slowdown_floor"]["as_run"] > 1.0
+    assert out["slowdown_floor"]["as_run_node_finish"] >= out["slowdown_floor"]["as_run"]
+    assert floors["as_run"]["slowdown_as_built"] <= out["slowdown_vs_datacenter"]
     # the simulated node is no faster than its floor; a sharded exchange lowers only the uplink's
     assert floors["as_run"]["step_s"] <= out["wan"]["step_s"]
     assert floors["as_run"]["slowdown"] <= out["slowdown_vs_datacenter"]
