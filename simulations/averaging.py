@@ -99,3 +99,18 @@ def sync_bytes_per_step(config: Any, spec: Any, option: Averaging) -> float:
         scales += vectors // config.d_model  # the norm-gain vectors (d_model each): one scale each
         return float(math.ceil(low * option.bits / 8) + scales * SCALE_BYTES)
     return float(dense * BYTES_PER_ELEMENT) / option.outer_steps
+
+
+def exchange_cost(replicas: int, bundle: float, collective: str, bw: float = 1.0,
+                  latency: float = 0.0) -> tuple[float, float]:
+    """(bytes on each replica's uplink, latencies waited) for `replicas` to average `bundle` bytes each
+    (`WanConfig.sync_collective`): ring, an all-reduce, 2 (r - 1) / r of it over 2 (r - 1) latencies; direct, a push
+    to every other replica, (r - 1) bundles over one; sharded, a reduce-scatter to shard owners and an all-gather of
+    their sums, 2 (r - 1) / r over two; fastest, whichever of ring and direct takes less time at `bw` bytes/s and
+    `latency` seconds."""
+    r = replicas
+    costs = {"ring": (2.0 * (r - 1) / r * bundle, 2.0 * (r - 1)), "direct": ((r - 1) * bundle, 1.0),
+             "sharded": (2.0 * (r - 1) / r * bundle, 2.0)}
+    if collective == "fastest":
+        return min(costs["ring"], costs["direct"], key=lambda c: c[0] / bw + c[1] * latency)
+    return costs[collective]

@@ -31,6 +31,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from .averaging import exchange_cost
 from .params import WanConfig
 
 
@@ -78,13 +79,16 @@ def microbatches_per_replica(cfg: WanConfig, stage: int) -> int:
 def bundle_bytes(cfg: WanConfig, stage: int, collective: str | None = None) -> float:
     """Bytes one replica of `stage` puts on its uplink per step to average with its peers, as `collective` (None:
     the config's `sync_collective`) sends them: direct, (r - 1) bundles; ring or sharded, a reduce-scatter and
-    all-gather of one, 2 (r - 1) / r of it; fastest, the fewer."""
-    r = cfg.replicas
-    if r < 2 or not cfg.grad_sync_bytes:
+    all-gather of one, 2 (r - 1) / r of it; fastest, the quicker of direct and ring."""
+    if cfg.replicas < 2 or not cfg.grad_sync_bytes:
         return 0.0
-    b = cfg.grad_sync_bytes[stage] / cfg.sync_every
-    direct, ring = (r - 1) * b, 2.0 * (r - 1) / r * b
-    return {"direct": direct, "ring": ring, "sharded": ring}.get(collective or cfg.sync_collective, min(direct, ring))
+    bundle = cfg.grad_sync_bytes[stage] / cfg.sync_every
+    return exchange_cost(cfg.replicas, bundle, collective or cfg.sync_collective, *_link(cfg))[0]
+
+
+def _link(cfg: WanConfig) -> tuple[float, float]:
+    """A node's uplink bytes per second and a link's one-way seconds, at their medians."""
+    return cfg.link.bandwidth_mbps * 1e6 / 8.0, cfg.link.latency_ms / 1e3
 
 
 def step_floors(cfg: WanConfig, collective: str | None = None) -> StepFloors:
@@ -97,7 +101,7 @@ def step_floors(cfg: WanConfig, collective: str | None = None) -> StepFloors:
     stages = range(cfg.num_stages)
     opt = cfg.opt_s or (0.0,) * cfg.num_stages
     compute = [microbatches_per_replica(cfg, s) * (cfg.fwd_s[s] + cfg.bwd_s[s]) + opt[s] for s in stages]
-    bw = cfg.link.bandwidth_mbps * 1e6 / 8.0
+    bw, latency = _link(cfg)
     uplink = []
     for s in stages:
         frames = microbatches_per_replica(cfg, s) * cfg.microbatch_tokens * (
@@ -106,7 +110,6 @@ def step_floors(cfg: WanConfig, collective: str | None = None) -> StepFloors:
         uplink.append((frames + bundle_bytes(cfg, s, collective)) / bw)
     busiest = max(stages, key=lambda s: compute[s])
     widest = max(stages, key=lambda s: uplink[s])
-    latency = cfg.link.latency_ms / 1e3
     ahead = (cfg.max_staleness or 0) + 1
     window = (2 * cfg.num_stages * latency + compute[busiest]) / ahead
     finish = leader_finish_s(cfg, collective)
@@ -122,12 +125,11 @@ def leader_finish_s(cfg: WanConfig, collective: str | None = None) -> float:
     r, bundle = cfg.replicas, (cfg.grad_sync_bytes[0] / cfg.sync_every if cfg.grad_sync_bytes else 0.0)
     if r < 2 or bundle <= 0:
         return opt
-    bw, latency = cfg.link.bandwidth_mbps * 1e6 / 8.0, cfg.link.latency_ms / 1e3
-    sharded = (collective or cfg.sync_collective) in ("sharded", "ring")
-    exchange = bundle_bytes(cfg, 0, collective) / bw + (2 if sharded else 1) * latency
-    if sharded:  # COMMIT, then every head replica's part in the exchange (after the first holder's copy, if early)
-        first = bundle / bw + 2 * latency if cfg.leader_commits_early else 0.0
-        return first + latency + exchange + opt
-    if cfg.leader_commits_early:
-        return bundle / bw + 2 * latency + latency + exchange + opt
-    return (r - 1) * bundle / bw + 2 * latency + latency + exchange + opt
+    bw, latency = _link(cfg)
+    collective = collective or cfg.sync_collective
+    nbytes, hops = exchange_cost(r, bundle, collective, bw, latency)
+    # before the COMMIT: the early COMMIT's copy to the first holder, answered; else, pushing directly, the bundle to
+    # every peer, answered (sharded: nothing, every head replica takes part in the exchange after the COMMIT)
+    copies = 1 if cfg.leader_commits_early else 0 if collective in ("sharded", "ring") else r - 1
+    first = copies * bundle / bw + 2 * latency if copies else 0.0
+    return first + latency + nbytes / bw + hops * latency + opt

@@ -19,7 +19,8 @@ busiest replica's compute, its uplink, and the node's window rule) and the slowd
 same loss penalties: `as_run` with the run's exchange (the node's: bundles pushed directly), `sharded_exchange` with
 a reduce-scatter and all-gather of them (`--collective sharded`, a what-if: not built in the node). Each also gives the
 floor of the node's own finish protocol (`step_as_built_s`, `slowdown_as_built`; `slowdown_floor` keys ending in
-`_node_finish`): its leader's early COMMIT and the exchange, one after another, in the window. A goal below a floor's slowdown needs more than a faster finish.
+`_node_finish`): its leader's early COMMIT and the exchange, one after another, in the window. A goal below a
+floor's slowdown needs more than a faster finish.
 
 The averaging penalty is the one measured for the WAN's own averaging option (rank and factor bits):
 from `simulations.averaging_loss` (`benchmarks/wan_averaging.py` runs, the median over seeds, with the async
@@ -378,14 +379,14 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     avg_ratio, avg_source = _no_gain(avg_ratio, avg_source)
     mult = {"subspace": steps_multiplier(ASSUMED_SUBSPACE_LOSS_RATIO), "async": steps_multiplier(async_ratio),
             "averaging": steps_multiplier(avg_ratio)}
-    wan_steps = PUBLIC_DENSE_STEPS * mult["subspace"] * mult["async"] * mult["averaging"]
+    steps_factor = mult["subspace"] * mult["async"] * mult["averaging"]
+    wan_steps = PUBLIC_DENSE_STEPS * steps_factor
     wan_time, dc_time = wan_steps * wan_step, PUBLIC_DENSE_STEPS * dc_step
     slowdown = wan_time / dc_time
     # the datacenter's step with no pipeline bubble at all (its busiest stage's compute): a bound no synchronous
     # schedule reaches, reported beside the 1F1B comparison so the bubble's share of the gap is visible
     per_replica = -(-MICROBATCHES // REPLICAS)
     dc_floor = max(per_replica * (f + b) + o for f, b, o in zip(dc_cfg.fwd_s, dc_cfg.bwd_s, dc_cfg.opt_s, strict=True))
-    steps_factor = mult["subspace"] * mult["async"] * mult["averaging"]
     floors: dict[str, Any] = {}
     if wan_cfg.replicated_async:  # what no finish of the node's async could beat, and with a sharded exchange
         for name, exchange in (("as_run", None), ("sharded_exchange", "sharded")):

@@ -174,12 +174,11 @@ class WanConfig:
             raise ValueError(f"WanConfig.sync_collective={self.sync_collective!r}: use one of {list(SYNC_COLLECTIVES)}")
         if self.push_per_step and not self.sync_push:
             raise ValueError("WanConfig.push_per_step needs sync_push (it says when a replica's pushes go out)")
-        sharded = self.sync_collective == "sharded"
         if self.sync_push and (self.overlap_sync or self.sync_every != 1 or self.sync_collective not in ("direct", "sharded")):
             raise ValueError(f"WanConfig.sync_push needs sync_every = 1, sync_collective = 'direct' (or 'sharded') and "
                              f"no overlap_sync (got {self.sync_every}, {self.sync_collective!r}, {self.overlap_sync}): "
                              f"pushes carry one step's gradients to every replica")
-        if sharded and not (self.schedule == "async" and self.head_leader and self.push_per_step):
+        if self.sync_collective == "sharded" and not (self.schedule == "async" and self.head_leader and self.push_per_step):
             raise ValueError("WanConfig.sync_collective='sharded' exchanges the bundles of the node's async with "
                              "replicated stages (schedule async, head_leader, sync_push, push_per_step)")
         _non_negative("WanConfig", "fwd_bytes_per_token", self.fwd_bytes_per_token)

@@ -51,6 +51,7 @@ from typing import Any
 import numpy as np
 import simpy
 
+from .averaging import exchange_cost
 from .errors import DeadlockError
 from .params import WanConfig
 
@@ -219,8 +220,10 @@ class _Node:
         self.bundles: dict[int, simpy.Event] = {}  # replicated async: step -> fires once its bundle reached the peers
         self.first_held: dict[int, simpy.Event] = {}  # replicated async, the leader committing early: step -> fires
         # once its bundle reached its first holder (`PipelineSim._first_holder`)
-        self.gathered: dict[int, simpy.Event] = {}  # replicated async, sync_collective sharded: step -> fires once
-        # this node's summed share of the step reached every stage peer (the all-gather)
+        self.scattered: dict[int, simpy.Event] = {}  # replicated async, sync_collective sharded: step -> fires once
+        # this node's shares of its bundle reached their owners (the reduce-scatter)
+        self.gathered: dict[int, simpy.Event] = {}  # the same: step -> fires once this node's summed share of the
+        # step reached every stage peer (the all-gather)
         self.finishes: list[tuple[float, float]] = []  # replicated async: (start, update applied) of each step's finish
         self.blocks: list[tuple[float, float]] = []  # replicated async: (loop blocked, update applied) of each step
 
@@ -300,11 +303,7 @@ class PipelineSim:
         # every bundle push, in the order they were answered
         self.early_commit = cfg.leader_commits_early
         self.bundle_pushes: list[BundlePush] = []
-        # sync_collective sharded (a what-if): per (stage, step), the stage's nodes whose scattered shares all reached
-        # their owners, and the event that fires once every node of the stage is in
-        self.sharded = cfg.sync_collective == "sharded"
-        self.scattered: dict[tuple[int, int], int] = {}
-        self.scatter_done: dict[tuple[int, int], simpy.Event] = {}
+        self.sharded = cfg.sync_collective == "sharded"  # the bundles' sharded exchange (a what-if)
         self.churn_on = cfg.churn.mean_uptime_s is not None
         self.finished = False
 
@@ -582,22 +581,16 @@ class PipelineSim:
 
     def _sync_share(self, stage: int) -> tuple[list[_Node], float, float]:
         """The live replicas of a stage, the bytes each sends per step of its averaging and the latencies the
-        exchange waits, per step (both 0 with fewer than 2 replicas or nothing to average): a ring all-reduce
-        sends 2 (r - 1) / r x bytes over 2 (r - 1) latencies, direct pushes (r - 1) x bytes over one (see
-        `WanConfig.sync_collective`); spread over `sync_every` steps."""
+        exchange waits, per step (both 0 with fewer than 2 replicas or nothing to average), as the collective sends
+        them (`simulations.averaging.exchange_cost`, `WanConfig.sync_collective`); spread over `sync_every` steps."""
         live = [n for n in self.nodes[stage] if n.alive]
         r = len(live)
         if r < 2 or self.sync_bytes[stage] <= 0:
             return live, 0.0, 0.0
-        b, every = self.sync_bytes[stage], self.cfg.sync_every
-        ring = (2.0 * (r - 1) / r * b / every, 2.0 * (r - 1) / every)
-        direct = ((r - 1) * b / every, 1.0 / every)
-        sharded = (2.0 * (r - 1) / r * b, 2.0)
-        choice = {"ring": ring, "direct": direct, "sharded": sharded}.get(self.cfg.sync_collective)
-        if choice is None:  # fastest
-            bw, lat = min(n.bw for n in live), self._sync_latency(stage)
-            choice = min(ring, direct, key=lambda c: c[0] / bw + c[1] * lat)
-        return live, choice[0], choice[1]
+        every = self.cfg.sync_every
+        nbytes, hops = exchange_cost(r, self.sync_bytes[stage], self.cfg.sync_collective, min(n.bw for n in live),
+                                     self._sync_latency(stage))
+        return live, nbytes / every, hops / every
 
     def _sync_latency(self, stage: int) -> float:
         """One-way latency an averaging message of `stage` waits (the stage's slowest link)."""
@@ -929,21 +922,14 @@ class PipelineSim:
             yield from self._sharded_exchange(node, step)
             return
         arrived = self._first_event(node, step) if first else self._bundle_event(node, step)
-        live, share, _ = self._sync_share(node.stage)
-        if self.sharded:  # the leader's first holder gets the whole bundle (it keeps it), not a share
-            share = float(self.sync_bytes[node.stage]) * (len(live) - 1)
-        if not node.owned[step] or not share:
-            arrived.succeed()
-            return
-        peers = len(live) - 1
-        if first or rest:
-            peers = 1 if first else peers - 1
-            share = share / (len(live) - 1) * peers
-        if not peers:  # the first holder was the only peer
+        live = [n for n in self.nodes[node.stage] if n.alive]
+        bundle = float(self.sync_bytes[node.stage])  # one step's (sync_push: sync_every 1), a whole one to each peer
+        peers = 1 if first else len(live) - (2 if rest else 1)
+        if not node.owned[step] or bundle <= 0 or peers < 1:  # nothing to push, or the first holder was the only peer
             arrived.succeed()
             return
         start = self.env.now
-        yield from self._background_send(node, share, min(n.bw for n in live))
+        yield from self._background_send(node, bundle * peers, min(n.bw for n in live))
         sent = self.env.now
         latency = self._sync_latency(node.stage)
         yield self.env.timeout(latency)
@@ -957,20 +943,14 @@ class PipelineSim:
         step's microbatches), and once every node's shares reached their owners (one latency after the last was
         sent) it sends its own summed share to every peer ((r - 1) / r again), held one latency later."""
         stage, live = node.stage, [n for n in self.nodes[node.stage] if n.alive]
-        key = (stage, step)
-        if key not in self.scatter_done:
-            self.scatter_done[key] = self.env.event()
-        done = self.scatter_done[key]
         piece = float(self.sync_bytes[stage]) * (len(live) - 1) / len(live)
         bw = min(n.bw for n in live)
         start = self.env.now
         if node.owned[step] and piece > 0:
             yield from self._background_send(node, piece, bw)
         yield self.env.timeout(self._sync_latency(stage))
-        self.scattered[key] = self.scattered.get(key, 0) + 1
-        if self.scattered[key] >= len(live):
-            done.succeed()
-        yield done
+        self._step_event(node.scattered, step).succeed()
+        yield self.env.all_of([self._step_event(n.scattered, step) for n in live])
         if piece > 0:
             yield from self._background_send(node, piece, bw)
         sent = self.env.now
