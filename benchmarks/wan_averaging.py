@@ -10,13 +10,17 @@ validation batches) and whether the replicas of a stage ended bit-identical.
 `--math` instead compares the methods of `sharding.gradcompress` in one process (2 simulated replicas
 of the whole model, 4 microbatches per step): dense (fp32 or bf16), PowerSGD (rank r, bf16, int8 or int4 factors,
 `--iterations` power iterations), top-k and DiLoCo (H inner steps, outer Nesterov), loss at equal tokens
-against bytes (`compression` against fp32, `compression_vs_bf16` against a bf16 dense exchange).
+against bytes (`compression` against fp32, `compression_vs_bf16` against a bf16 dense exchange). With
+`--exchange step` each replica sends one contribution per step (the node's `replica_exchange = "step"`), and
+`powersgd-shared` / `powersgd-shared-int4` run the code that is linear across replicas (`sharding.sharedpowersgd`,
+what a sharded exchange needs) at the same bytes per replica as the node's PowerSGD.
 
     python benchmarks/wan_averaging.py [--quick] [--steps N] [--rank R] [--bits 16|8|4] [--iterations I] [--seed S]
                                        [--dense dense-bf16|dense] [--lr LR] [--model wide|tiny] [--block-rank B]
                                        [--optimizer adamw|muon]
     python benchmarks/wan_averaging.py --math [--steps N] [--model tiny|wide] [--methods ...] [--ranks R,..]
-                                       [--iterations I] [--seed S]
+                                       [--iterations I] [--seed S] [--exchange microbatch|step]
+                                       [--optimizer adamw|muon] [--lr LR]
 
 Measured here (session 26, 2 cores, wide model, AdamW lr 1e-3, 150 steps, 3 power iterations, int4 factors, against
 `dense-bf16`), the step exchange (`--exchange step`: one contribution per replica and step, what the async schedule
@@ -174,6 +178,7 @@ from sharding.gradcompress import (  # noqa: E402
     topk_decode,
 )
 from sharding.optimconfig import OPTIMIZERS  # noqa: E402
+from sharding.sharedpowersgd import SharedPowerSGD  # noqa: E402
 from sharding.train import make_optimizer, optimizer_step  # noqa: E402
 
 M, B, STAGES = 4, 2, 3  # microbatches per step, sequences per microbatch, pipeline stages
@@ -332,7 +337,8 @@ def _install(model: torch.nn.Module, flat: torch.Tensor, grads: bool) -> None:
 
 def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inner: int = 25,
              replicas: int = 2, half: bool = True, model_name: str = "tiny", bits: int = 16,
-             lr: float | None = None, seed: int = 0, iterations: int = 1) -> dict[str, Any]:
+             lr: float | None = None, seed: int = 0, iterations: int = 1, exchange: str = "microbatch",
+             optimizer: str = "adamw") -> dict[str, Any]:
     """Train the whole model `steps` steps of M microbatches, microbatch i computed by replica i % replicas.
 
     dense / powersgd / topk: each microbatch gradient travels (encoded by its replica, error feedback
@@ -342,12 +348,18 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
     outer step of round r arrives at the end of round r + 1 (its exchange overlapped with that round's compute)
     and each replica then sits at the new global weights plus its own progress of round r + 1 (the final model
     applies the last round's step). powersgd `bits` 8: int8 factors with a bf16 scale per column (the
-    error feedback absorbs the rounding). lr: MATH_LR[model_name] unless given; seed: initial weights and
-    data order. Returns the validation loss and the dense / method bytes ratio."""
+    error feedback absorbs the rounding). exchange "step" (dense and powersgd): each replica sends one
+    contribution per step, the sum of its microbatches' gradients, as the node's `replica_exchange = "step"` does.
+    powersgd-shared (step exchange only): the code linear across replicas (`sharding.sharedpowersgd`, two rounds
+    per step, the same bytes per replica as one powersgd contribution). lr: MATH_LR[model_name] unless given;
+    optimizer: the recipe's (adamw or muon); seed: initial weights and data order. Returns the validation loss and
+    the dense / method bytes ratio per contribution."""
     torch.manual_seed(seed)
     cfg = MODELS[model_name]
     corpus = load_corpus("synthetic")
-    optim = OptimConfig(lr=MATH_LR[model_name] if lr is None else lr, warmup_steps=10)
+    if method == "powersgd-shared" and exchange != "step":
+        raise ValueError("powersgd-shared sends one contribution per replica and step: use exchange 'step'")
+    optim = OptimConfig(lr=MATH_LR[model_name] if lr is None else lr, warmup_steps=10, optimizer=optimizer)
     model = build_model(cfg)
     shapes = [tuple(p.shape) for p in model.parameters() if p.requires_grad]
     size = sum(math.prod(s) for s in shapes)
@@ -391,9 +403,10 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
                 "compression": dense_bytes / max(1, sent), "compression_vs_bf16": dense_bytes / 2 / max(1, sent)}
     opt = make_optimizer(model, optim)
     wire_dtype = torch.bfloat16 if half else torch.float32
-    if method == "powersgd":
+    if method in ("powersgd", "powersgd-shared"):
         lay = PowerSGDLayout.build(shapes, rank)
         pencs = [PowerSGDEncoder(lay, seed=r, wire_dtype=wire_dtype, iterations=iterations) for r in range(replicas)]
+        shared = SharedPowerSGD(lay, replicas, seed=seed, bits=bits)
         per = (lay.wire_size * bits // 8 + 2 * lay.scale_count if bits in (8, 4)
                else lay.wire_size * (2 if half else 4))
     elif method == "topk":
@@ -403,27 +416,39 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
         per = 2 * size
     else:
         per = 4 * size
+
+    def decoded(v: torch.Tensor, r: int) -> torch.Tensor:  # replica r's contribution `v` as every replica decodes it
+        if method == "powersgd" and bits in (8, 4):
+            codes, scales = pencs[r].encode_quantized(v, bits)
+            return powersgd_decode(lay, dequantize_factors(lay, codes, scales, bits))
+        if method == "powersgd":
+            return powersgd_decode(lay, pencs[r].encode(v))
+        if method == "topk":
+            return topk_decode(tencs[r].encode(v), size, fraction)
+        if method == "dense-bf16":  # the node's dense-bf16 exchange: every value rounded once
+            return v.to(torch.bfloat16).float()
+        return v
+
     for step in range(steps):
         vecs = []
+        sums = [torch.zeros(size) for _ in range(replicas)]  # exchange step: each replica's sum of its microbatches
         for mb in range(M):
             w = corpus.batch("train", step, mb, B, cfg.seq_len, seed)
             (model(w[:, :-1], targets=w[:, 1:]) / M).backward()
             v = _flat(model, True)
-            if method == "powersgd" and bits in (8, 4):
-                codes, scales = pencs[mb % replicas].encode_quantized(v, bits)
-                v = powersgd_decode(lay, dequantize_factors(lay, codes, scales, bits))
-            elif method == "powersgd":
-                v = powersgd_decode(lay, pencs[mb % replicas].encode(v))
-            elif method == "topk":
-                v = topk_decode(tencs[mb % replicas].encode(v), size, fraction)
-            elif method == "dense-bf16":  # the node's dense-bf16 exchange: every value rounded once
-                v = v.to(torch.bfloat16).float()
-            vecs.append(v)
+            if exchange == "step":
+                sums[mb % replicas] += v
+            else:
+                vecs.append(decoded(v, mb % replicas))
+        if method == "powersgd-shared":
+            vecs = [shared.step(sums) * replicas]
+        elif exchange == "step":
+            vecs = [decoded(v, r) for r, v in enumerate(sums)]
         _install(model, torch.stack(vecs).sum(0), True)
         optimizer_step(model, opt, step, optim)
-    out: dict[str, Any] = {"method": method, "val_loss": val_loss([model], corpus, cfg),
-                           "compression": 4 * size / per, "compression_vs_bf16": 2 * size / per}
-    if method == "powersgd":
+    out: dict[str, Any] = {"method": method, "val_loss": val_loss([model], corpus, cfg), "exchange": exchange,
+                           "optimizer": optimizer, "compression": 4 * size / per, "compression_vs_bf16": 2 * size / per}
+    if method in ("powersgd", "powersgd-shared"):
         out["rank"], out["bits"], out["iterations"] = rank, bits, iterations
     if method == "topk":
         out["fraction"] = fraction
@@ -440,21 +465,33 @@ class MathArgs:
     seed: int  # initial weights and data order
     ranks: tuple[int, ...] | None  # PowerSGD ranks (None: each powersgd arm's own)
     iterations: int  # PowerSGD power iterations per contribution
+    exchange: str = "microbatch"  # dense, powersgd and top-k arms: one contribution per microbatch, or per replica and step
+    optimizer: str = "adamw"  # the recipe's optimiser in every arm
+    lr: float | None = None  # peak lr of every arm (None: MATH_LR of the model)
+
+    def kw(self, exchange: bool = True) -> dict[str, Any]:
+        """simulate()'s keywords every arm shares (`exchange`: the arm has contributions to send)."""
+        return {"model_name": self.model, "seed": self.seed, "optimizer": self.optimizer, "lr": self.lr,
+                **({"exchange": self.exchange} if exchange else {})}
 
 
 MATH_METHODS: dict[str, Callable[[MathArgs], list[dict[str, Any]]]] = {  # --math arms
-    "dense": lambda a: [simulate("dense", a.steps, model_name=a.model, seed=a.seed)],
-    "dense-bf16": lambda a: [simulate("dense-bf16", a.steps, model_name=a.model, seed=a.seed)],
-    "powersgd": lambda a: [simulate("powersgd", a.steps, rank=r, model_name=a.model, seed=a.seed,
-                                    iterations=a.iterations) for r in a.ranks or (2, 4)],
-    "powersgd-int8": lambda a: [simulate("powersgd", a.steps, rank=r, bits=8, model_name=a.model, seed=a.seed,
-                                         iterations=a.iterations) for r in a.ranks or (4, 8)],
-    "powersgd-int4": lambda a: [simulate("powersgd", a.steps, rank=r, bits=4, model_name=a.model, seed=a.seed,
-                                         iterations=a.iterations) for r in a.ranks or (6, 8)],
-    "topk": lambda a: [simulate("topk", a.steps, fraction=0.01, model_name=a.model, seed=a.seed)],
-    "diloco": lambda a: [simulate("diloco", a.steps, inner=a.inner, model_name=a.model, seed=a.seed)],
-    "diloco-delayed": lambda a: [simulate("diloco-delayed", a.steps, inner=a.inner, model_name=a.model, seed=a.seed)],
+    "dense": lambda a: [simulate("dense", a.steps, **a.kw())],
+    "dense-bf16": lambda a: [simulate("dense-bf16", a.steps, **a.kw())],
+    "powersgd": lambda a: [simulate("powersgd", a.steps, rank=r, iterations=a.iterations, **a.kw())
+                           for r in a.ranks or (2, 4)],
+    "powersgd-int8": lambda a: [simulate("powersgd", a.steps, rank=r, bits=8, iterations=a.iterations, **a.kw())
+                                for r in a.ranks or (4, 8)],
+    "powersgd-int4": lambda a: [simulate("powersgd", a.steps, rank=r, bits=4, iterations=a.iterations, **a.kw())
+                                for r in a.ranks or (6, 8)],
+    "powersgd-shared": lambda a: [simulate("powersgd-shared", a.steps, rank=r, **a.kw()) for r in a.ranks or (4, 8)],
+    "powersgd-shared-int4": lambda a: [simulate("powersgd-shared", a.steps, rank=r, bits=4, **a.kw())
+                                       for r in a.ranks or (6, 12)],
+    "topk": lambda a: [simulate("topk", a.steps, fraction=0.01, **a.kw())],
+    "diloco": lambda a: [simulate("diloco", a.steps, inner=a.inner, **a.kw(False))],
+    "diloco-delayed": lambda a: [simulate("diloco-delayed", a.steps, inner=a.inner, **a.kw(False))],
 }
+SHARED_METHODS = ("powersgd-shared", "powersgd-shared-int4")  # --math arms that need --exchange step
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -466,8 +503,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="swarm: PowerSGD rank of the transformer blocks' matrices (the spec's powersgd_block_rank; "
                         "0: --rank)")
     p.add_argument("--exchange", choices=REPLICA_EXCHANGE, default=REPLICA_EXCHANGE[0],
-                   help="swarm: the spec's replica_exchange in both arms: one contribution per microbatch a replica "
-                        "computes, or one per replica and step")
+                   help="the spec's replica_exchange in every arm (--math: dense, powersgd and top-k): one "
+                        "contribution per microbatch a replica computes, or one per replica and step")
     p.add_argument("--model", choices=sorted(MODELS), default=None, help="model (default: wide; --math: tiny)")
     p.add_argument("--math", action="store_true", help="compare the methods in one process instead of the swarm")
     p.add_argument("--inner", type=int, default=25, help="--math: DiLoCo inner steps per outer round (H)")
@@ -482,9 +519,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="swarm: the dense arm, the node's dense-bf16 exchange (the fair baseline) or fp32 dense")
     p.add_argument("--bits", type=int, choices=POWERSGD_BITS, default=16,
                    help="PowerSGD factors in bf16, int8 or int4 (codes with a bf16 scale per column)")
-    p.add_argument("--lr", type=float, default=None, help="swarm: the nodes' peak lr (default: the node's, 3e-3)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak lr (default: swarm, the node's 3e-3; --math, the model's MATH_LR)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
-                   help="swarm: the recipe's optimiser in both arms (recipe.optimizer)")
+                   help="the recipe's optimiser in every arm (recipe.optimizer)")
     a = p.parse_args(argv)
     if a.block_rank < 0:
         p.error(f"--block-rank {a.block_rank}: a rank >= 1, or 0 for --rank")
@@ -503,7 +541,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error(f"--ranks {a.ranks!r}: comma-separated integers >= 1")
         if ranks is not None and min(ranks) < 1:
             p.error(f"--ranks {a.ranks!r}: comma-separated integers >= 1")
-        margs = MathArgs(steps, a.inner, mod, a.seed, ranks, a.iterations)
+        if set(methods) & set(SHARED_METHODS) and a.exchange != "step":
+            p.error(f"--methods {a.methods!r}: {', '.join(SHARED_METHODS)} send one contribution per replica and "
+                    "step: add --exchange step")
+        margs = MathArgs(steps, a.inner, mod, a.seed, ranks, a.iterations, a.exchange, a.optimizer, a.lr)
         runs = [run for m in MATH_METHODS if m in methods for run in MATH_METHODS[m](margs)]
         dense = runs[0]["val_loss"]
         print(f"{'method':22} {'vs fp32':>8} {'vs bf16':>8} {'val loss':>9} {'vs dense':>9}")
@@ -514,7 +555,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:22} {r['compression']:>7.1f}x {r['compression_vs_bf16']:>7.1f}x {r['val_loss']:>9.4f} "
                   f"{r['val_loss'] / dense:>9.4f}")
         print(json.dumps({"steps": steps, "model": mod, "tokens": steps * M * B * MODELS[mod].seq_len,
-                          "lr": MATH_LR[mod], "seed": a.seed, "runs": runs}))
+                          "lr": MATH_LR[mod] if a.lr is None else a.lr, "seed": a.seed, "exchange": a.exchange,
+                          "optimizer": a.optimizer, "runs": runs}))
         return 0
     steps = a.steps or (30 if a.quick else 150)
     res = compare_averaging(steps, a.rank, timeout_s=600 if a.quick else 3600, model=a.model or "wide", bits=a.bits,

@@ -62,3 +62,28 @@ def test_bf16_dense_arm_sends_half_and_ranks_choose_the_powersgd_arms() -> None:
     assert low["compression"] == pytest.approx(2 * low["compression_vs_bf16"])
     bad = _run("--steps", "2", "--methods", "dense,powersgd", "--ranks", "0")
     assert bad.returncode != 0 and "--ranks '0'" in bad.stderr
+
+
+def test_step_exchange_and_the_shared_code_send_the_same_bytes_as_the_nodes_powersgd() -> None:
+    proc = _run("--steps", "3", "--exchange", "step", "--ranks", "6",
+                "--methods", "dense,powersgd-int4,powersgd-shared-int4")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["exchange"] == "step" and out["optimizer"] == "adamw"
+    runs = {r["method"]: r for r in out["runs"]}
+    assert sorted(runs) == ["dense", "powersgd", "powersgd-shared"]
+    assert all(r["exchange"] == "step" for r in runs.values())
+    node, shared = runs["powersgd"], runs["powersgd-shared"]
+    assert (shared["rank"], shared["bits"]) == (node["rank"], node["bits"]) == (6, 4)
+    assert shared["compression"] == node["compression"] > 50  # one wire vector per replica and step, in two rounds
+    assert shared["val_loss"] != node["val_loss"]  # another code: a common Q, errors against the mean
+    # per microbatch, the node's arm trains differently from its step exchange
+    micro = _run("--steps", "3", "--ranks", "6", "--methods", "dense,powersgd-int4")
+    assert micro.returncode == 0, micro.stderr[-2000:]
+    per_mb = {r["method"]: r for r in json.loads(micro.stdout.strip().splitlines()[-1])["runs"]}
+    assert per_mb["powersgd"]["exchange"] == "microbatch" and per_mb["powersgd"]["val_loss"] != node["val_loss"]
+
+
+def test_the_shared_code_needs_the_step_exchange() -> None:
+    proc = _run("--steps", "2", "--methods", "dense,powersgd-shared")
+    assert proc.returncode != 0 and "add --exchange step" in proc.stderr
