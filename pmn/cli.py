@@ -323,7 +323,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "reach the stage peers: direct, each replica pushes its bundle to every peer (the node); "
                         "sharded, each sends every peer the share of its bundle that peer owns and the owners send "
                         "their summed share to all (a reduce-scatter and all-gather: 2 (r - 1) / r of a bundle on each "
-                        "uplink instead of r - 1 bundles; a what-if, not built)")
+                        "uplink instead of r - 1 bundles, in the two rounds, P then Q, of PowerSGD with a common Q, "
+                        "the code linear across replicas it needs; a what-if, not built; its loss penalty: "
+                        "--averaging-loss-ratio)")
     q.add_argument("--async-loss-ratio", type=float, default=None,
                    help="--vs what-if: the async loss penalty at equal tokens (default: the calibration file's)")
     q.add_argument("--averaging-loss-ratio", type=float, default=None,

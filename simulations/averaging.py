@@ -27,6 +27,8 @@ from protocol.modelspec import POWERSGD_BITS
 BYTES_PER_ELEMENT = 2  # bf16 on the wire
 SCALE_BYTES = 2  # powersgd int8 / int4: bytes of a column's bf16 scale
 CODE_BITS = {f"int{b}": b for b in POWERSGD_BITS if b < 16}  # powersgd wire suffix -> bits of a factor code
+SHARDED_ROUNDS = 2  # sync_collective sharded: rounds of the linear code per step (P, then Q), each a reduce-scatter
+# and an all-gather
 
 
 @dataclass(frozen=True)
@@ -106,11 +108,16 @@ def exchange_cost(replicas: int, bundle: float, collective: str, bw: float = 1.0
     """(bytes on each replica's uplink, latencies waited) for `replicas` to average `bundle` bytes each
     (`WanConfig.sync_collective`): ring, an all-reduce, 2 (r - 1) / r of it over 2 (r - 1) latencies; direct, a push
     to every other replica, (r - 1) bundles over one; sharded, a reduce-scatter to shard owners and an all-gather of
-    their sums, 2 (r - 1) / r over two; fastest, whichever of ring and direct takes less time at `bw` bytes/s and
-    `latency` seconds."""
+    their sums in each of `SHARDED_ROUNDS` rounds, 2 (r - 1) / r over four; fastest, whichever of ring and direct takes
+    less time at `bw` bytes/s and `latency` seconds.
+
+    Ring and sharded sum contributions on the way, which needs a code that is linear across replicas: dense, or
+    PowerSGD with a common Q (`sharding.sharedpowersgd`), whose P and Q travel in two rounds (P, then Q = M^T P^ once
+    every replica has the summed P). The node's PowerSGD factorises each replica's gradient on its own; a sum of
+    its contributions is no contribution, so it pushes them directly."""
     r = replicas
     costs = {"ring": (2.0 * (r - 1) / r * bundle, 2.0 * (r - 1)), "direct": ((r - 1) * bundle, 1.0),
-             "sharded": (2.0 * (r - 1) / r * bundle, 2.0)}
+             "sharded": (2.0 * (r - 1) / r * bundle, 2.0 * SHARDED_ROUNDS)}
     if collective == "fastest":
         return min(costs["ring"], costs["direct"], key=lambda c: c[0] / bw + c[1] * latency)
     return costs[collective]

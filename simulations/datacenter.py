@@ -17,7 +17,8 @@ the one measured at the WAN's staleness bound over the training length nearest t
 For the node's async with replicated stages, `floors` gives the WAN step's lower bounds (`simulations.bounds`: the
 busiest replica's compute, its uplink, and the node's window rule) and the slowdown each floor would give with the
 same loss penalties: `as_run` with the run's exchange (the node's: bundles pushed directly), `sharded_exchange` with
-a reduce-scatter and all-gather of them (`--collective sharded`, a what-if: not built in the node). Each also gives the
+a reduce-scatter and all-gather of them in the two rounds of a code linear across replicas (`--collective sharded`, a
+what-if: not built in the node, whose PowerSGD is not linear; `sharding.sharedpowersgd`). Each also gives the
 floor of the node's own finish protocol (`step_as_built_s`, `slowdown_as_built`; `slowdown_floor` keys ending in
 `_node_finish`): its leader's early COMMIT and the exchange, one after another, in the window. A goal below a
 floor's slowdown needs more than a faster finish.
@@ -238,8 +239,9 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     update; labelled not built.
     collective: how the WAN replicas' bundles reach their stage peers under the node's async with replicated stages
     (schedule async, head leader or delegated, contributions step): `direct` (the node: each pushes its bundle to every
-    peer) or `sharded` (a what-if, not built: a reduce-scatter to shard owners, then an all-gather of the sums;
-    `WanConfig.sync_collective`)."""
+    peer) or `sharded` (a what-if, not built: a reduce-scatter to shard owners, then an all-gather of the sums, in the
+    two rounds of a code linear across replicas, `sharding.sharedpowersgd`; `WanConfig.sync_collective`; the loss
+    penalty stays the node's PowerSGD's unless `averaging_loss_ratio` gives the linear code's)."""
     avg = Averaging.parse(averaging)
     for name, value in (("async_loss_ratio", async_loss_ratio), ("averaging_loss_ratio", averaging_loss_ratio)):
         if value is not None and not (math.isfinite(value) and value > 0):
@@ -329,8 +331,10 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                       "while the leader could send one itself)")
     if collective == "sharded":  # after the caps: the node's caps, with an exchange it does not have
         not_built.append("a sharded exchange of the replicas' bundles (--collective sharded: a reduce-scatter to "
-                         "shard owners and an all-gather of their sums; the node pushes each bundle to every stage "
-                         "peer)")
+                         "shard owners and an all-gather of their sums, in the two rounds of PowerSGD with a common Q, "
+                         "sharding.sharedpowersgd, the code it needs; the node factorises each replica's gradient on "
+                         "its own, which sums to no contribution, and pushes each bundle to every stage peer; the "
+                         "averaging loss penalty is the node's code's unless --averaging-loss-ratio gives another)")
     if finish_blocks:  # after the caps: the node's caps, with the finish the node had before session 25
         not_built.append("the blocking finish (the node before session 25: its loop blocked from a step's finish to "
                          "its update; the node now finishes a step beside its work, blocked only for the update)")

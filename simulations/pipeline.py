@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import simpy
 
-from .averaging import exchange_cost
+from .averaging import SHARDED_ROUNDS, exchange_cost
 from .errors import DeadlockError
 from .params import WanConfig
 
@@ -220,8 +220,10 @@ class _Node:
         self.bundles: dict[int, simpy.Event] = {}  # replicated async: step -> fires once its bundle reached the peers
         self.first_held: dict[int, simpy.Event] = {}  # replicated async, the leader committing early: step -> fires
         # once its bundle reached its first holder (`PipelineSim._first_holder`)
-        self.scattered: dict[int, simpy.Event] = {}  # replicated async, sync_collective sharded: step -> fires once
-        # this node's shares of its bundle reached their owners (the reduce-scatter)
+        self.scattered: dict[int, simpy.Event] = {}  # replicated async, sync_collective sharded: step x SHARDED_ROUNDS
+        # + round -> fires once this node's parts of the round reached their owners (the reduce-scatter)
+        self.round_done: dict[int, simpy.Event] = {}  # the same keys: fires once this node's summed part of the round
+        # reached every stage peer (the round's all-gather)
         self.gathered: dict[int, simpy.Event] = {}  # the same: step -> fires once this node's summed share of the
         # step reached every stage peer (the all-gather)
         self.finishes: list[tuple[float, float]] = []  # replicated async: (start, update applied) of each step's finish
@@ -938,23 +940,31 @@ class PipelineSim:
         self.bundle_pushes.append(BundlePush(step, node.stage, node.replica, peers, start, sent, self.env.now))
 
     def _sharded_exchange(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
-        """Replicated async, sync_collective sharded (a what-if, not built in the node): `node` sends each stage peer
-        the share of its bundle that peer owns ((r - 1) / r of it on its uplink; nothing when it computed none of the
-        step's microbatches), and once every node's shares reached their owners (one latency after the last was
-        sent) it sends its own summed share to every peer ((r - 1) / r again), held one latency later."""
+        """Replicated async, sync_collective sharded (a what-if, not built in the node): the linear code's
+        `SHARDED_ROUNDS` rounds (P, then Q; `sharding.sharedpowersgd`), each carrying its share of the bundle. In each
+        round `node` sends each stage peer the part it owns ((r - 1) / r of the round's bytes on its uplink; nothing
+        when it computed none of the step's microbatches), and once every node's parts reached their owners (one
+        latency after the last was sent) it sends its own summed part to every peer ((r - 1) / r again), held one
+        latency later. A round starts once the one before reached every node. How the bytes split between the rounds
+        changes nothing (no round overlaps another): each gets an equal share."""
         stage, live = node.stage, [n for n in self.nodes[node.stage] if n.alive]
-        piece = float(self.sync_bytes[stage]) * (len(live) - 1) / len(live)
+        piece = float(self.sync_bytes[stage]) * (len(live) - 1) / len(live) / SHARDED_ROUNDS
         bw = min(n.bw for n in live)
         start = self.env.now
-        if node.owned[step] and piece > 0:
-            yield from self._background_send(node, piece, bw)
-        yield self.env.timeout(self._sync_latency(stage))
-        self._step_event(node.scattered, step).succeed()
-        yield self.env.all_of([self._step_event(n.scattered, step) for n in live])
-        if piece > 0:
-            yield from self._background_send(node, piece, bw)
-        sent = self.env.now
-        yield self.env.timeout(self._sync_latency(stage))
+        for k in range(SHARDED_ROUNDS):
+            key = step * SHARDED_ROUNDS + k
+            if k:  # the next round needs the summed parts of the last from every owner
+                yield self.env.all_of([self._step_event(n.round_done, key - 1) for n in live])
+            if node.owned[step] and piece > 0:
+                yield from self._background_send(node, piece, bw)
+            yield self.env.timeout(self._sync_latency(stage))
+            self._step_event(node.scattered, key).succeed()
+            yield self.env.all_of([self._step_event(n.scattered, key) for n in live])
+            if piece > 0:
+                yield from self._background_send(node, piece, bw)
+            sent = self.env.now
+            yield self.env.timeout(self._sync_latency(stage))
+            self._step_event(node.round_done, key).succeed()
         self._step_event(node.gathered, step).succeed()
         self._bundle_event(node, step).succeed()
         self.bundle_pushes.append(BundlePush(step, stage, node.replica, len(live) - 1, start, sent, self.env.now))

@@ -13,6 +13,7 @@ import pytest
 from pmn.cli import build_parser
 from pmn.cmd_simulate import cmd_wan
 from pmn.errors import CLIError
+from simulations.averaging import SHARDED_ROUNDS
 from simulations.bounds import bundle_bytes, microbatches_per_replica, step_floors
 from simulations.calibrate import DEFAULT_PATH, load_calibration
 from simulations.datacenter import run_vs_datacenter
@@ -129,14 +130,30 @@ def test_a_sharded_exchange_sends_a_fraction_of_the_bundles_and_every_update_wai
         if p.peers == 3:
             counts[(p.stage, p.step)] = counts.get((p.stage, p.step), 0) + 1
     assert set(counts.values()) == {4} and len(counts) == 3 * 10
-    # a step's all-gather starts only once every node of the stage scattered its shares: no node of a stage sends its
-    # summed share before the last of the stage's scatters arrived (one latency after it was sent)
+    # the linear code's two rounds (P, then Q), each a reduce-scatter and an all-gather, one after another: a round's
+    # all-gather starts only once every node of the stage scattered its parts, and the next round only once every
+    # summed part of the last reached every node; so no node's exchange ends before four latencies after the last
+    # node's exchange began
+    assert SHARDED_ROUNDS == 2
     for stage in range(3):
         for step in range(10):
             pushes = [p for p in sharded.bundle_pushes if (p.stage, p.step) == (stage, step) and p.peers == 3]
-            assert min(p.answered for p in pushes) >= max(p.start for p in pushes) + 2 * 0.02 - 1e-9
+            assert min(p.answered for p in pushes) >= max(p.start for p in pushes) + 4 * 0.02 - 1e-9
     # every node applied every step, in order
     assert all(n.applied == 10 for stage in sharded.nodes for n in stage)
+
+
+def test_the_sharded_exchange_takes_the_linear_code_s_two_rounds_of_two_latencies() -> None:
+    """On links where the bytes take no time, a node's exchange of a step lasts four latencies from the moment the
+    stage's last node began it: P's reduce-scatter and all-gather, then Q's."""
+    sim = PipelineSim(_cfg(replicas=4, microbatches=16, link=LinkConfig(bandwidth_mbps=1e6, latency_ms=20.0),
+                           sync_collective="sharded"))
+    sim.run()
+    for stage in range(3):
+        for step in range(10):
+            pushes = [p for p in sim.bundle_pushes if (p.stage, p.step) == (stage, step) and p.peers == 3]
+            last = max(p.start for p in pushes)
+            assert min(p.answered for p in pushes) - last == pytest.approx(2 * SHARDED_ROUNDS * 0.02, abs=1e-3)
 
 
 def test_the_sharded_exchange_is_refused_outside_the_node_s_async_with_replicated_stages() -> None:
