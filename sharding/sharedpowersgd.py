@@ -13,10 +13,16 @@ Q, so what the replicas send is linear in their gradients and a sum of contribut
              Q'  = mean_i Q_i      (an all-reduce: linear)
     result   P^ Q'^T, the same on every replica; Q' warm-starts the next step's Q
 
-Vectors (norm gains) travel dense in round 1. Each replica's error feedback keeps M_i - P^ Q'^T (as PyTorch's
-`powerSGD_hook` does). The bytes per replica are one wire vector of the layout, split over two rounds (P and the
-dense values, then Q); what each round sends is rounded as a contribution is (bf16, or int8 / int4 codes with a
-bf16 scale per column), and the mean once more, as a shard owner would send it back.
+Vectors (norm gains) travel dense in round 1. Each replica's error feedback keeps what its own share missed:
+M_i - P^ Q_i^T as it sent Q_i (and, for a vector, its values less what it sent), so the replicas' errors average to
+what the step missed of the mean gradient. Keeping M_i - P^ Q'^T instead (the mean's approximation, as PyTorch's
+`powerSGD_hook` does) puts each replica's distance from the mean into its error too; measured here with Muon
+(`benchmarks/wan_averaging.py --math`, wide model, 600 steps, rank 12 int4, seed 0) it trained to 1.2916 where
+the replica's own share gave 1.1510 (the node's PowerSGD 1.1208, dense bf16 1.0987).
+
+The bytes per replica are one wire vector of the layout, split over two rounds (P and the dense values, then Q);
+what each round sends is rounded as a contribution is (bf16, or int8 / int4 codes with a bf16 scale per column),
+and the mean once more, as a shard owner would send it back.
 
 Two things the node's form does not need: two round trips per step instead of one push, and a Q every replica
 agrees on (from a shared seed, then the previous step's Q'). The math is here so that its loss can be measured
@@ -51,12 +57,6 @@ def round_trip(layout: PowerSGDLayout, wire: torch.Tensor, bits: int) -> torch.T
     return dequantize_factors(layout, codes, scales, bits)
 
 
-def all_reduce_mean(layout: PowerSGDLayout, wires: Sequence[torch.Tensor], bits: int) -> torch.Tensor:
-    """The mean of the replicas' `wires` as every replica ends up with it: each rounded as it is sent, the mean
-    rounded again as its owner sends it back."""
-    return round_trip(layout, torch.stack([round_trip(layout, w, bits) for w in wires]).mean(0), bits)
-
-
 class SharedPowerSGD:
     """One replica group's shared PowerSGD state: the common warm-start Q of each matrix and every replica's
     error-feedback buffer (in one process, for measuring; a node would hold its own buffer and the common Q)."""
@@ -89,21 +89,31 @@ class SharedPowerSGD:
             if g.dim() != 1 or g.numel() != lay.size:
                 raise GradCompressError(f"replica {i}'s gradient has shape {tuple(g.shape)}, expected ({lay.size},)")
             ms.append(g.detach().to(torch.float32) + self.errors[i])
-        first = all_reduce_mean(lay, [self._project(m) for m in ms], self.bits)  # P and the dense values
+        firsts = [round_trip(lay, self._project(m), self.bits) for m in ms]  # P_i and the vectors, as sent
+        first = round_trip(lay, torch.stack(firsts).mean(0), self.bits)  # their mean, as its owners send it back
         p_hat = {i: orthonormalize(self._p(first, i)) for i in self.q}
-        second = all_reduce_mean(lay, [self._back_project(m, p_hat) for m in ms], self.bits)  # Q'
-        out = first.clone()
+        seconds = [round_trip(lay, self._back_project(m, p_hat), self.bits) for m in ms]  # Q_i, as sent
+        second = round_trip(lay, torch.stack(seconds).mean(0), self.bits)  # Q'
+        mean = powersgd_decode(lay, self._assemble(first, p_hat, second))
+        self.errors = [m - powersgd_decode(lay, self._assemble(f, p_hat, q)) for m, f, q in zip(ms, firsts, seconds,
+                                                                                                 strict=True)]
         for i, e in enumerate(lay.entries):
+            if e.compressed:
+                q0 = e.wire_offset + e.rows * e.rank
+                q = second[q0: q0 + e.cols * e.rank].reshape(e.cols, e.rank)
+                if float(q.norm()) > 0:
+                    self.q[i] = q.clone()  # the next step's common warm start
+        return mean
+
+    def _assemble(self, first: torch.Tensor, p_hat: dict[int, torch.Tensor], second: torch.Tensor) -> torch.Tensor:
+        """The wire vector P^ and Q of each matrix (Q from round 2's `second`), the vectors from round 1's `first`."""
+        out = first.clone()
+        for i, e in enumerate(self.layout.entries):
             if e.compressed:
                 p0, q0 = e.wire_offset, e.wire_offset + e.rows * e.rank
                 out[p0: q0] = p_hat[i].reshape(-1)
                 out[q0: q0 + e.cols * e.rank] = second[q0: q0 + e.cols * e.rank]
-                q = second[q0: q0 + e.cols * e.rank].reshape(e.cols, e.rank)
-                if float(q.norm()) > 0:
-                    self.q[i] = q.clone()  # the next step's common warm start
-        mean = powersgd_decode(lay, out)
-        self.errors = [m - mean for m in ms]
-        return mean
+        return out
 
     def _p(self, wire: torch.Tensor, i: int) -> torch.Tensor:
         """Entry `i`'s P block (rows x rank) of a wire vector."""
