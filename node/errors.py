@@ -192,6 +192,13 @@ class ChainUnavailableError(NotAuthorizedError):
     peer_at_fault = False
 
 
+class OtherGenerationError(NotAuthorizedError):
+    """The peer is a replica of our model and stage in another rollback generation: refused until one of the two
+    follows the other, and not counted against it (an honest replica is in another generation for a moment)."""
+
+    peer_at_fault = False
+
+
 class MessageRejectedError(NodeError):
     """A protocol message was refused before or while it was parsed (size, nesting, type, timeout)."""
 

@@ -31,7 +31,7 @@ from typing import Any, Protocol
 
 from libp2p.peer.id import ID
 
-from node.errors import NotAuthorizedError
+from node.errors import NotAuthorizedError, OtherGenerationError
 
 STATE = "/pmn/state/1.0.0"
 AVG = "/pmn/avg/1.0.0"
@@ -113,20 +113,25 @@ class StagePeersPolicy:
     State, contributions and delegated head work (`/pmn/state`, `/pmn/avg`, `/pmn/delegate`): the peer serves
     `stage` (or, for state, announces -1: a replica joining or re-syncing, when `joining_may_fetch_state`).
     Inference hops: the peer serves
-    `stage - 1` (a client's `generate` to the head, stage None, is left to the payment check). Other
+    `stage - 1` (a client's `generate` to the head, stage None, is left to the payment check). Activations
+    (`/pmn/act`, when opened): the stage the peer claimed in its HELLO is next to ours (one before or one
+    after) and the peer serves it, so a stranger claiming to be an upstream replica feeds nothing in. Other
     protocols are refused. An unknown peer is looked up once (`directory.learn`)."""
 
     def __init__(self, directory: PeerDirectory, joining_may_fetch_state: bool = True,
-                 protocols: Iterable[str] = (STATE, AVG, DELEGATE)) -> None:
+                 protocols: Iterable[str] = (STATE, AVG, DELEGATE), act_stage: int | None = None) -> None:
         self.directory = directory
         self.joining_may_fetch_state = joining_may_fetch_state  # a stage -1 announcement may fetch state
         self.protocols = frozenset(protocols)  # protocols this policy opens at all
+        self.act_stage = act_stage  # /pmn/act: the stage of the endpoint whose neighbours may use it (None: the
+        # stage our announcement names)
 
-    def _stages(self, peer: str) -> set[int]:
+    def _stages(self, peer: str, other_generation: bool = False) -> set[int]:
+        """Stages `peer` announces for our model in our rollback generation (`other_generation`: in another)."""
         me = self.directory.me
         return {e.stage for e in self.directory.entries() if e.peer_id == peer and e.address
                 and e.spec_hash == me.spec_hash and e.num_stages == me.num_stages
-                and e.generation() == me.generation()}  # a replica of another rollback generation is a stranger
+                and (e.generation() != me.generation()) == other_generation}
 
     async def check(self, peer_id: ID, protocol: str, stage: int | None) -> None:
         if protocol == INFER and stage is None and INFER in self.protocols:
@@ -134,11 +139,16 @@ class StagePeersPolicy:
         if protocol not in self.protocols or stage is None:
             raise NotAuthorizedError(f"{protocol} is not open to this peer")
         allowed = {stage - 1} if protocol == INFER else {stage}
+        ours = self.directory.me.stage if self.act_stage is None else self.act_stage
+        if protocol == ACT and abs(stage - ours) != 1:
+            raise NotAuthorizedError(f"{protocol} is open only to the stages next to ours ({ours}), not to stage {stage}")
         if protocol == STATE and self.joining_may_fetch_state:
             allowed.add(-1)
         peer = peer_id.pretty()
         if not self._stages(peer) & allowed:
             await self.directory.learn(peer_id)
+            if self._stages(peer, other_generation=True) & allowed and not self._stages(peer) & allowed:
+                raise OtherGenerationError(f"peer {peer} serves the requested stage in another rollback generation")
             if not self._stages(peer) & allowed:
                 raise NotAuthorizedError(f"peer {peer} is not known as a peer of the requested stage")
 

@@ -18,7 +18,7 @@ import trio
 
 from node.context import NodeContext
 from node.errors import NodeError, ResyncNeededError, RollbackError, StateLostError
-from node.net.access import StagePeersPolicy
+from node.net.access import ACT, StagePeersPolicy
 from node.net.discovery import Announcement, Discovery
 from node.observability.steps import StepReport
 from node.pipeline.asyncworker import AsyncStageWorker
@@ -296,10 +296,14 @@ class ReplicatedRunner:
                                                  block_rank=r.powersgd_block_rank)
             # contributions in the spec's replica_averaging encoding, one per microbatch or per replica and step
             store = ContributionStore(codec.words, codec, exchange=r.replica_exchange)
+            # activations only from replicas of the stages next to this one that discovery knows
+            neighbours = ctx.access if ctx.access is not None else StagePeersPolicy(discovery, protocols=(ACT,),
+                                                                                    act_stage=stage)
             endpoint = ActEndpoint(
                 ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
                 cfg=cfg.transport, receipts=ctx.receipts, step_fn=lambda w=worker: w.next_step,  # type: ignore[misc]
-                window_source=worker.local_window if worker.local_windows else None, scores=ctx.scores)
+                window_source=worker.local_window if worker.local_windows else None, scores=ctx.scores,
+                policy=neighbours)
             eng = ReplicaEngine(cfg, worker, endpoint, discovery, ctx.host, store)
             eng.head_term = discovery.me.head_term if stage == 0 else -1  # kept across re-syncs (and takeovers)
             eng.follow_rollback = lambda s=stage, w=worker: self._follow(ctx, s, w)  # type: ignore[misc]
