@@ -22,6 +22,31 @@ what a sharded exchange needs) at the same bytes per replica as the node's Power
                                        [--iterations I] [--seed S] [--exchange microbatch|step]
                                        [--optimizer adamw|muon] [--lr LR]
 
+Measured here (session 28, 2 cores, one thread per process, `--math --model wide --steps 600 --exchange step --ranks 12
+--iterations 3`, int4 factors, 61.2x against bf16 for both codes; loss over `dense-bf16` at equal tokens): the node's
+PowerSGD (each replica its own Q, 3 power iterations) against the code linear across replicas that a sharded exchange
+needs (`powersgd-shared-int4`: a common Q, one power iteration, two rounds):
+
+| optimiser | seed | dense-bf16 val | node's PowerSGD | linear (shared Q) | linear / node |
+|---|---|---|---|---|---|
+| Muon lr 1e-2 | 0 | 1.0987 | 1.0202 | 1.0476 | 1.027 |
+| | 1 | 1.0695 | 1.0277 | 1.1449 | 1.114 |
+| | 2 | 1.1312 | 0.9951 | 1.0587 | 1.064 |
+| | 3 | 1.0610 | 1.0659 | 1.1597 | 1.088 |
+| | median | | 1.0239 | 1.1018 | 1.076 |
+| AdamW lr 1e-3 | 0 | 1.1146 | 0.9857 | 0.9993 | 1.014 |
+| | 1 | 1.1079 | 0.9899 | 1.0353 | 1.046 |
+| | 2 | 1.1022 | 1.0037 | 1.0295 | 1.026 |
+| | median | | 0.9899 | 1.0295 | 1.026 |
+
+The linear code is worse on every seed. More rank does not rescue it (Muon, seed 0: rank 24 1.1491, 1.0459 of
+bf16; rank 48 1.2989, 1.1822; seed 1: rank 24 1.1961, 1.1184; rank 48 1.1588, 1.0835, against rank 12's 1.1448
+and the node's 1.0277). With each replica's error against the mean's approximation (PyTorch's
+`powerSGD_hook`) instead of its own share it was worse still (Muon seed 0: 1.2916, 1.1756). The dense arms scatter
+by several per cent with Muon (seed 3: fp32 1.1154, bf16 1.0610), so only the every-seed direction and the medians
+mean much. With 2 replicas both codes send one bundle per uplink; at 16 the linear code's sharded exchange would
+send 1.9 bundles where the node sends 15, which is what it would have to pay for.
+
 Measured here (session 26, 2 cores, wide model, AdamW lr 1e-3, 150 steps, 3 power iterations, int4 factors, against
 `dense-bf16`), the step exchange (`--exchange step`: one contribution per replica and step, what the async schedule
 with replicated stages needs): rank 6 seed 0 120.2x at 1.0467 (seeds 1-2 not run); rank 12 seeds 0 / 1 / 2 61.0x /
