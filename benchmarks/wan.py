@@ -374,9 +374,10 @@ def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
 def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microbatches: int, mb_size: int,
                  model_path: Path, root: Path, lr: float, corpus: str, grad_clip: float = 0.0,
                  optimizer: str = "adamw", lookahead: float = 1.0, replicas: int = 1,
-                 averaging: tuple[int, int] = (6, 4)) -> dict[str, Any]:
+                 averaging: tuple[int, int] = (6, 4), max_inflight: int | None = None) -> dict[str, Any]:
     """One swarm run of `schedule` over the emulated links; its summary. replicas > 1: `lab.n // replicas` stages
-    of `replicas` nodes each, replicated mode with the step exchange and PowerSGD (`averaging` = rank, bits)."""
+    of `replicas` nodes each, replicated mode with the step exchange and PowerSGD (`averaging` = rank, bits), each
+    sender keeping at most `max_inflight` microbatches at one downstream replica (None: the node's default)."""
     args = ["--model", str(model_path), "--stages", str(lab.n), "--steps", str(steps), "--microbatches",
             str(microbatches), "--microbatch-size", str(mb_size), "--corpus", corpus, "--threads", "1", "--lr", str(lr),
             "--no-dht", "--checkpoint-every", "0", "--schedule", schedule, "--recipe-grad-clip", str(grad_clip),
@@ -388,6 +389,8 @@ def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microba
         args += ["--replicated", "--replica-exchange", "step", "--replica-averaging", "powersgd", "--powersgd-rank",
                  str(averaging[0]), "--powersgd-bits", str(averaging[1]), "--replicas-start-quorum", str(lab.n - 1),
                  "--no-replica-timeout", "600", "--replica-timeout", "120", "--avg-timeout", "60"]
+        if max_inflight is not None:
+            args += ["--replicas-max-inflight", str(max_inflight)]
     t0 = time.monotonic()
     with wan_swarm(lab, root, args, ready_timeout_s=600, replicas=replicas) as nodes:
         pids = {f"node{i}_stage{n.stage}": n.proc.pid for i, n in enumerate(nodes)}
@@ -462,6 +465,9 @@ def main(argv: list[str] | None = None) -> None:
                         "--averaging-rank / --averaging-bits, head delegation); 1f1b then routes as gpipe does")
     p.add_argument("--loss-steps", type=int, default=None, help="steps of the loss comparison (default 300, quick 60)")
     p.add_argument("--schedules", default=",".join(SCHEDULES))
+    p.add_argument("--max-inflight", type=int, default=None,
+                   help="--replicas R > 1: microbatches a sender may keep at one downstream replica (the node's "
+                        "replicas.max_inflight; default: the node's)")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="the recipe's optimiser, every schedule and both loss arms (recipe.optimizer)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the recipe's lr)")
@@ -491,6 +497,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[str, dict[str, Any]] = {}
     if a.replicas < 1:
         p.error(f"--replicas {a.replicas}: at least 1 node per stage")
+    if a.max_inflight is not None and (a.replicas < 2 or a.max_inflight < 1):
+        p.error(f"--max-inflight {a.max_inflight}: a count >= 1, with --replicas 2 or more (replicated mode's cap)")
     with tempfile.TemporaryDirectory(prefix="pmn-bench-wan-") as tmp, WanLab(3 * a.replicas, link) as lab:
         check = check_links(lab, 4 << 20 if a.quick else 16 << 20)
         print(f"link check (node 0 -> node 1): 1-byte round trip {check['rtt_ms']:.1f} ms (want {2 * a.delay_ms:.0f}), "
@@ -501,7 +509,7 @@ def main(argv: list[str] | None = None) -> None:
             results[schedule] = run_schedule(lab, schedule, a.max_staleness, steps, a.microbatches,
                                              a.microbatch_size, model_path, Path(tmp) / schedule, a.lr, a.corpus,
                                              a.grad_clip, a.optimizer, a.lookahead, a.replicas,
-                                             (a.averaging_rank, a.averaging_bits))
+                                             (a.averaging_rank, a.averaging_bits), a.max_inflight)
             r = results[schedule]
             print(f"{schedule}: utilisation {r['utilisation']:.3f} (stage {r['busiest_stage']}), "
                   f"{r['tokens_per_s']:.0f} tokens/s", flush=True)
@@ -557,6 +565,7 @@ def main(argv: list[str] | None = None) -> None:
         "link_check": {k: round(v, 2) for k, v in check.items()},
         "host_cpu": {s: r["host_cpu"] for s, r in results.items()},
         "delay_ms": a.delay_ms, "rate_mbit": a.rate_mbit, "stages": 3, "replicas": a.replicas,
+        "max_inflight": a.max_inflight,
         "max_staleness": a.max_staleness, "steps": steps, "microbatches": a.microbatches,
         "microbatch_size": a.microbatch_size, "model": BENCH_MODEL.to_dict(), "lr": a.lr, "corpus": a.corpus,
         "grad_clip": a.grad_clip, "optimizer": a.optimizer, "lookahead": a.lookahead,

@@ -58,3 +58,9 @@ def test_sampler_tells_a_busy_process_from_a_sleeping_one() -> None:
 def test_a_replica_comparison_without_a_power_iteration_is_refused_before_anything_starts() -> None:
     proc = run_script("wan.py", "--averaging-iterations", "0")
     assert proc.returncode == 2 and "--averaging-iterations 0" in proc.stderr and "at least 1" in proc.stderr
+
+
+def test_an_in_flight_cap_without_replicas_is_refused_before_anything_starts() -> None:
+    for args in (["--max-inflight", "4"], ["--replicas", "2", "--max-inflight", "0"]):
+        proc = run_script("wan.py", *args)
+        assert proc.returncode == 2 and "--max-inflight" in proc.stderr and "replicated mode's cap" in proc.stderr
