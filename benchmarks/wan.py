@@ -89,6 +89,13 @@ bundle (3.3 round trips: two of them a new stream's multistream-select) and `sim
 0.295. With kept streams (`node.net.streampool`): gpipe 4245 tokens/s (busiest node 0.194), async 5197 (0.380),
 host 0.60 / 0.81 busy; a bundle push 0.11-0.17 s, and the held-out async error 0.035. A repeat: gpipe 3910, async
 4614 (0.211 / 0.378), predicted with the first run's fit within 0.009 and 0.069.
+Session 28, `--replicas 2 --schedules async --max-staleness 2 --steps 16 --averaging-steps 0 --loss-steps 10`, runs
+alternated (link checks 101.4-102.0 ms, 199.3-200.1 Mbit/s): `--max-inflight 2` (the node's default then) 7713 / 8137
+/ 8764 tokens/s (busiest node 0.305 / 0.262 / 0.231, host 0.81 / 0.75 / 0.73 busy), `--max-inflight 4` 9617 / 9202 /
+9539 (0.436 / 0.420 / 0.448, host 0.90 / 0.93 / 0.91): 17 % more tokens/s at the median, and the host's two cores
+nearly full. With 2, a sender keeps at most 4 microbatches at the next stage's 2 replicas while a round trip through
+3 stages takes at least 0.2 s, which the simulator showed binding before the window (`simulations.wan_bench`); the
+node's `replicas.max_inflight` default is now 4 (the transport's credits).
 """
 
 from __future__ import annotations
@@ -109,6 +116,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from node.config import ReplicaConfig  # noqa: E402
 from node.observability.status import read_progress  # noqa: E402
 from node.testing.swarm import NodeProcess, await_ready, node_command, node_env, stop_nodes, wait_nodes  # noqa: E402
 from protocol.modelspec import POWERSGD_BITS  # noqa: E402
@@ -565,7 +573,7 @@ def main(argv: list[str] | None = None) -> None:
         "link_check": {k: round(v, 2) for k, v in check.items()},
         "host_cpu": {s: r["host_cpu"] for s, r in results.items()},
         "delay_ms": a.delay_ms, "rate_mbit": a.rate_mbit, "stages": 3, "replicas": a.replicas,
-        "max_inflight": a.max_inflight,
+        "max_inflight": (a.max_inflight or ReplicaConfig().max_inflight) if a.replicas > 1 else None,
         "max_staleness": a.max_staleness, "steps": steps, "microbatches": a.microbatches,
         "microbatch_size": a.microbatch_size, "model": BENCH_MODEL.to_dict(), "lr": a.lr, "corpus": a.corpus,
         "grad_clip": a.grad_clip, "optimizer": a.optimizer, "lookahead": a.lookahead,

@@ -182,7 +182,8 @@ class ReplicaConfig:
     """Stage replicas: routing, failover, bans, averaging inside a stage, joining, rebalancing."""
 
     enabled: bool = False  # replicated mode (several nodes per stage); False = the one-peer-per-stage runtime
-    max_inflight: int = 2  # microbatches one downstream replica may hold at once (<= transport.credits)
+    max_inflight: int = 4  # microbatches one downstream replica may hold at once (<= transport.credits): enough to
+    # cover a WAN round trip (with 2, three stages at 50 ms took at most 4 microbatches per 0.2 s; benchmarks/wan.py)
     ewma_alpha: float = 0.3  # weight of the newest round-trip latency in a peer's EWMA
     replica_timeout_s: float = 10.0  # round trip allowed for one attempt before it is re-routed and the peer banned
     ban_base_s: float = 1.0  # first ban of a peer; the n-th ban lasts ban_base_s * 2**(n-1)

@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "microbatches mean fewer per-microbatch contributions")
     q.add_argument("--inflight-per-replica", type=int, default=None, metavar="N",
                    help="--vs: microbatches a WAN sender may have outstanding at one downstream replica (the node's "
-                        "replicas.max_inflight, the head leader's and its delegates' sends too; 0: no cap); default: 2, "
+                        "replicas.max_inflight, the head leader's and its delegates' sends too; 0: no cap); default: 4, "
                         "the node's, for the node as built (--schedule gpipe, or async with --contributions step; "
                         "--head leader, or delegated with --contributions step), no cap otherwise")
     q.add_argument("--tasks-per-delegate", type=int, default=None, metavar="N",

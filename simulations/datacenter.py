@@ -77,7 +77,7 @@ runs (per-microbatch contributions, no PowerSGD pushes, `--head lanes`) are the
 earlier async model, each replica's update after its own last backward, labelled not built. The node as built
 (`--schedule gpipe`, the node's replicated engine having no 1F1B gate whatever runtime.schedule says, or the async
 above; with `--head leader`, or `--head delegated` with `--contributions step`) also routes as the node does: a sender (the head
-leader and each delegate too) has at most `NODE_MAX_INFLIGHT` (2, the node's `replicas.max_inflight`) microbatches
+leader and each delegate too) has at most `NODE_MAX_INFLIGHT` (4, the node's `replicas.max_inflight`) microbatches
 outstanding at one downstream replica, and gpipe's every-forward-first barrier goes (`WanConfig.inflight_per_replica`;
 the head leader has 2 x 16 in flight to stage 1); before this cap the comparison ran the schedule's own rule (gpipe:
 every forward first; 1f1b: num_stages - stage per node). `--inflight-per-replica N` sets that cap for any
@@ -127,7 +127,7 @@ ASSUMED_AVERAGING_SOURCE = ("no loss ratio of this averaging option recorded in 
 # second half's steady steps are what time to target uses (4 steps, the first left out, understated the WAN step
 # by 8 % at staleness 3 with int8 factors)
 SIMULATED_STEPS = 16
-NODE_MAX_INFLIGHT = 2  # node.config.ReplicaConfig.max_inflight's default: microbatches one sender may have outstanding
+NODE_MAX_INFLIGHT = 4  # node.config.ReplicaConfig.max_inflight's default: microbatches one sender may have outstanding
 # at one downstream replica (node.replicas.routing.Router.choose); the node-as-built comparison's in-flight cap
 NODE_MAX_TASKS = 16  # node.config.ReplicaConfig.max_tasks's default: the leader's tasks one head delegate may hold at
 # once (node.replicas.engine's delegate router); the node-as-built comparison's task cap with --head delegated

@@ -34,6 +34,8 @@ from .params import LinkConfig, WanConfig
 from .pipeline import simulate
 
 ERROR_GOAL = 0.15  # issue 19: simulator error on held-out settings
+RECORD_MAX_INFLIGHT = 2  # the in-flight cap of replicated records that do not name one (`max_inflight`): the node's
+# default before session 28
 
 
 def bench_config(bench: dict[str, Any], schedule: str, busy: dict[str, float], overhead_s: float) -> WanConfig:
@@ -57,14 +59,14 @@ def bench_config(bench: dict[str, Any], schedule: str, busy: dict[str, float], o
 def replicated_config(bench: dict[str, Any], schedule: str, busy: dict[str, float], overhead_s: float) -> WanConfig:
     """The simulated counterpart of one `--replicas R` benchmark run of `schedule` (R nodes per stage, keyed by node in
     the record): the node's replicated engine as `pmn simulate wan --vs datacenter` runs it as built (one head leader
-    handing stage-0 microbatches out as tasks, `NODE_MAX_TASKS` per step of the window; `NODE_MAX_INFLIGHT` per sender
-    and downstream replica; one bundle per replica and step pushed to its stage peers; async: each node's window).
+    handing stage-0 microbatches out as tasks, `NODE_MAX_TASKS` per step of the window; the record's `max_inflight`
+    per sender and downstream replica (`RECORD_MAX_INFLIGHT` when it names none); one bundle per replica and step pushed to its stage peers; async: each node's window).
 
     From the record, per node: compute seconds per step (`busy`; a stage's forward and backward seconds per microbatch
     are its replicas' sum over the microbatches, backward = 2 x forward), the update's seconds (`opt_s`, the stage's
     mean), the contribution's bytes (`grad_sync_bytes`) and the activation bytes sent (forward frames per token from
     stage 0's nodes, gradient frames from the last stage's)."""
-    from .datacenter import NODE_MAX_INFLIGHT, NODE_MAX_TASKS
+    from .datacenter import NODE_MAX_TASKS
 
     rep = bench["replicated"][schedule]
     m, stages, replicas = int(bench["microbatches"]), int(bench["stages"]), int(bench["replicas"])
@@ -84,7 +86,7 @@ def replicated_config(bench: dict[str, Any], schedule: str, busy: dict[str, floa
                    grad_sync_bytes=tuple(int(rep["contribution_bytes"][nodes[s][0]]) for s in range(stages)),
                    sync_collective="direct", sync_push=True, push_per_step=True, head_leader=True,
                    head_delegation=True, tasks_per_delegate=NODE_MAX_TASKS * ((staleness or 0) + 1),
-                   inflight_per_replica=NODE_MAX_INFLIGHT)
+                   inflight_per_replica=int(bench.get("max_inflight") or RECORD_MAX_INFLIGHT))
 
 
 def _config(bench: dict[str, Any], schedule: str, busy: dict[str, float], overhead_s: float) -> WanConfig:
