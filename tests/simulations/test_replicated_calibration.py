@@ -56,3 +56,14 @@ def test_a_record_whose_nodes_do_not_fill_the_stages_is_refused() -> None:
     bench["replicated"]["gpipe"] = {**bench["replicated"]["gpipe"], "stage_of_node": {**NODES, "5": 1}}
     with pytest.raises(ValueError, match="are not 3 x 2"):
         validate(bench)
+
+
+def test_a_record_is_simulated_at_the_in_flight_cap_it_ran_with() -> None:
+    busy = {k: 0.08 for k in NODES}
+    older = _record()  # records before session 28 name no cap: they ran at the node's default then, 2
+    assert "max_inflight" not in older and replicated_config(older, "async", busy, 0.0).inflight_per_replica == 2
+    newer = {**older, "max_inflight": 4}
+    assert replicated_config(newer, "async", busy, 0.0).inflight_per_replica == 4
+    # on the bench's links the cap binds: 4 at each of 2 replicas per 0.2 s round trip is more than 2
+    assert _tokens_per_s(replicated_config(newer, "async", busy, 0.004)) > \
+        1.2 * _tokens_per_s(replicated_config(older, "async", busy, 0.004))
