@@ -95,7 +95,9 @@ alternated (link checks 101.4-102.0 ms, 199.3-200.1 Mbit/s): `--max-inflight 2` 
 9539 (0.436 / 0.420 / 0.448, host 0.90 / 0.93 / 0.91): 17 % more tokens/s at the median, and the host's two cores
 nearly full. With 2, a sender keeps at most 4 microbatches at the next stage's 2 replicas while a round trip through
 3 stages takes at least 0.2 s, which the simulator showed binding before the window (`simulations.wan_bench`); the
-node's `replicas.max_inflight` default is now 4 (the transport's credits).
+node's `replicas.max_inflight` default is now 4 (the transport's credits). `simulations.wan_bench` fitted on the second
+cap-2 run (`--calibrate-on async`) predicts the other two within 0.011 and 0.026 but the cap-4 runs 26-32 % too fast
+(12029-12390 tokens/s): it gives every node a core of its own, and at cap 4 this host's two cores were 0.90-0.93 busy.
 """
 
 from __future__ import annotations
