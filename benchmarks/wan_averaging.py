@@ -428,10 +428,12 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
                 "compression": dense_bytes / max(1, sent), "compression_vs_bf16": dense_bytes / 2 / max(1, sent)}
     opt = make_optimizer(model, optim)
     wire_dtype = torch.bfloat16 if half else torch.float32
+    shared: SharedPowerSGD | None = None  # powersgd-shared: the replica group's code
     if method in ("powersgd", "powersgd-shared"):
         lay = PowerSGDLayout.build(shapes, rank)
-        pencs = [PowerSGDEncoder(lay, seed=r, wire_dtype=wire_dtype, iterations=iterations) for r in range(replicas)]
-        shared = SharedPowerSGD(lay, replicas, seed=seed, bits=bits)
+        pencs = [PowerSGDEncoder(lay, seed=r, wire_dtype=wire_dtype, iterations=iterations)
+                 for r in range(replicas if method == "powersgd" else 0)]
+        shared = SharedPowerSGD(lay, replicas, seed=seed, bits=bits) if method == "powersgd-shared" else None
         per = (lay.wire_size * bits // 8 + 2 * lay.scale_count if bits in (8, 4)
                else lay.wire_size * (2 if half else 4))
     elif method == "topk":
@@ -456,7 +458,8 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
 
     for step in range(steps):
         vecs = []
-        sums = [torch.zeros(size) for _ in range(replicas)]  # exchange step: each replica's sum of its microbatches
+        # exchange step: each replica's sum of its microbatches
+        sums = [torch.zeros(size) for _ in range(replicas)] if exchange == "step" else []
         for mb in range(M):
             w = corpus.batch("train", step, mb, B, cfg.seq_len, seed)
             (model(w[:, :-1], targets=w[:, 1:]) / M).backward()
@@ -465,7 +468,7 @@ def simulate(method: str, steps: int, rank: int = 4, fraction: float = 0.01, inn
                 sums[mb % replicas] += v
             else:
                 vecs.append(decoded(v, mb % replicas))
-        if method == "powersgd-shared":
+        if shared is not None:
             vecs = [shared.step(sums) * replicas]
         elif exchange == "step":
             vecs = [decoded(v, r) for r, v in enumerate(sums)]

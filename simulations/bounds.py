@@ -18,8 +18,8 @@ The node's own finish protocol adds to the window (`window_as_built_s`): its lea
 finish, whose parts follow each other. With the early COMMIT (delegated head work, max_staleness >= 1), the finish is:
 1. its bundle to its first holder and the answer back: a bundle's bytes and two latencies;
 2. the COMMIT to the other head replicas: one latency;
-3. their bundles to it: direct, r - 1 bundles' bytes on each one's uplink and one latency; sharded, 2 (r - 1) / r of
-   a bundle and two latencies;
+3. their bundles to it (`simulations.averaging.exchange_cost`): direct, r - 1 bundles' bytes on each one's uplink and
+   one latency; sharded, 2 (r - 1) / r of a bundle and two latencies in each of the linear code's two rounds;
 4. its update.
 Otherwise it pushes its bundle to every peer (answered), then COMMITs, then waits for theirs. Sharded, it COMMITs
 and then takes part in the exchange. So (S + 1) steps take at least 2 (P - 1) latencies, the busiest compute and that

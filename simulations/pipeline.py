@@ -223,9 +223,7 @@ class _Node:
         self.scattered: dict[int, simpy.Event] = {}  # replicated async, sync_collective sharded: step x SHARDED_ROUNDS
         # + round -> fires once this node's parts of the round reached their owners (the reduce-scatter)
         self.round_done: dict[int, simpy.Event] = {}  # the same keys: fires once this node's summed part of the round
-        # reached every stage peer (the round's all-gather)
-        self.gathered: dict[int, simpy.Event] = {}  # the same: step -> fires once this node's summed share of the
-        # step reached every stage peer (the all-gather)
+        # reached every stage peer (the round's all-gather); after the last round `bundles` fires
         self.finishes: list[tuple[float, float]] = []  # replicated async: (start, update applied) of each step's finish
         self.blocks: list[tuple[float, float]] = []  # replicated async: (loop blocked, update applied) of each step
 
@@ -907,7 +905,7 @@ class PipelineSim:
         """Replicated async: fires once `src`'s bundle of `step` reached `dst` (the leader committing early: its first
         holder has it after the first push, the others after the rest)."""
         if self.sharded:  # the update needs every owner's summed share, the leader's first holder's too
-            return self._step_event(src.gathered, step)
+            return self._bundle_event(src, step)
         if self.early_commit and src is self._leader and dst is self._first_holder(src):
             return self._first_event(src, step)
         return self._bundle_event(src, step)
@@ -965,7 +963,6 @@ class PipelineSim:
             sent = self.env.now
             yield self.env.timeout(self._sync_latency(stage))
             self._step_event(node.round_done, key).succeed()
-        self._step_event(node.gathered, step).succeed()
         self._bundle_event(node, step).succeed()
         self.bundle_pushes.append(BundlePush(step, stage, node.replica, len(live) - 1, start, sent, self.env.now))
 

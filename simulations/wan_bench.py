@@ -60,7 +60,8 @@ def replicated_config(bench: dict[str, Any], schedule: str, busy: dict[str, floa
     """The simulated counterpart of one `--replicas R` benchmark run of `schedule` (R nodes per stage, keyed by node in
     the record): the node's replicated engine as `pmn simulate wan --vs datacenter` runs it as built (one head leader
     handing stage-0 microbatches out as tasks, `NODE_MAX_TASKS` per step of the window; the record's `max_inflight`
-    per sender and downstream replica (`RECORD_MAX_INFLIGHT` when it names none); one bundle per replica and step pushed to its stage peers; async: each node's window).
+    per sender and downstream replica (`RECORD_MAX_INFLIGHT` when it names none); one bundle per replica and step
+    pushed to its stage peers; async: each node's window).
 
     From the record, per node: compute seconds per step (`busy`; a stage's forward and backward seconds per microbatch
     are its replicas' sum over the microbatches, backward = 2 x forward), the update's seconds (`opt_s`, the stage's

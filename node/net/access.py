@@ -145,12 +145,14 @@ class StagePeersPolicy:
         if protocol == STATE and self.joining_may_fetch_state:
             allowed.add(-1)
         peer = peer_id.pretty()
-        if not self._stages(peer) & allowed:
-            await self.directory.learn(peer_id)
-            if self._stages(peer, other_generation=True) & allowed and not self._stages(peer) & allowed:
-                raise OtherGenerationError(f"peer {peer} serves the requested stage in another rollback generation")
-            if not self._stages(peer) & allowed:
-                raise NotAuthorizedError(f"peer {peer} is not known as a peer of the requested stage")
+        if self._stages(peer) & allowed:
+            return
+        await self.directory.learn(peer_id)
+        if self._stages(peer) & allowed:
+            return
+        if self._stages(peer, other_generation=True) & allowed:
+            raise OtherGenerationError(f"peer {peer} serves the requested stage in another rollback generation")
+        raise NotAuthorizedError(f"peer {peer} is not known as a peer of the requested stage")
 
     async def check_audit(self, peer_id: ID, request: AuditRequest) -> None:
         raise NotAuthorizedError("audits are not open to stage peers")

@@ -45,3 +45,19 @@ async def running_host(seed: int, config: TransportConfig | None = None) -> Asyn
     host = make_host(ident, config=config)
     async with run_host(host, LISTEN):
         yield host, ident
+
+
+class FixedDirectory:
+    """A discovery table holding fixed signed announcements, and our own (what `StagePeersPolicy` reads); `learned`
+    lists the peers it was asked to look up."""
+
+    def __init__(self, me: Any, entries: list[Any]) -> None:
+        self.me = me  # our own announcement
+        self._entries = entries  # the others' verified announcements
+        self.learned: list[str] = []
+
+    def entries(self, max_age_s: float | None = None) -> list[Any]:
+        return list(self._entries)
+
+    async def learn(self, peer_id: Any) -> None:
+        self.learned.append(peer_id.pretty())

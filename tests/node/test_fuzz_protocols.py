@@ -55,6 +55,7 @@ from node.testing.swarm import start_node, stop_nodes
 from sharding import PRESETS, OptimConfig, partition
 from sharding.codecs import get_codec
 from sharding.stage import build_stage
+from tests.node.conftest import FixedDirectory
 
 pytestmark = [pytest.mark.network]
 
@@ -360,21 +361,6 @@ def test_audit_and_inference_survive_fuzz_and_keep_serving(tmp_path: Path) -> No
     trio.run(_bounded, main, 160)
 
 
-class _Directory:
-    """A discovery table holding fixed signed announcements (what StagePeersPolicy reads)."""
-
-    def __init__(self, me: Announcement, entries: list[Announcement]) -> None:
-        self.me = me
-        self._entries = entries
-        self.learned: list[str] = []
-
-    def entries(self, max_age_s: float | None = None) -> list[Announcement]:
-        return list(self._entries)
-
-    async def learn(self, peer_id: Any) -> None:
-        self.learned.append(peer_id.pretty())
-
-
 @pytest.mark.timeout(120)
 def test_replayed_payment_and_direct_hop_to_the_tail_buy_nothing() -> None:
     specs = partition(CONFIG, 3)
@@ -393,7 +379,7 @@ def test_replayed_payment_and_direct_hop_to_the_tail_buy_nothing() -> None:
                     for i, h in enumerate(hosts[:3])]
             services = []
             for i, spec in enumerate(specs):
-                policy = StagePeersPolicy(_Directory(anns[i], anns), protocols=(INFER,))
+                policy = StagePeersPolicy(FixedDirectory(anns[i], anns), protocols=(INFER,))
                 nxt = None
                 if i + 1 < 3:
                     info = parse_peer_addr(addrs[i + 1])
@@ -443,7 +429,7 @@ def test_replayed_payment_and_direct_hop_to_the_tail_buy_nothing() -> None:
                 assert reply["type"] == "error" and "already served" in reply["message"]
             assert [s.tokens_served for s in services] == [4, 4, 4]
             with pytest.raises(NotAuthorizedError):
-                await StagePeersPolicy(_Directory(anns[2], anns), protocols=(INFER,)).check(
+                await StagePeersPolicy(FixedDirectory(anns[2], anns), protocols=(INFER,)).check(
                     attacker.get_id(), INFER, 2)
 
     trio.run(_bounded, main, 100)

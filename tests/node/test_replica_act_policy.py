@@ -15,25 +15,10 @@ from node.net.access import ACT, AVG, StagePeersPolicy
 from node.net.discovery import Announcement
 from node.net.host import full_addrs
 from node.net.identity import NodeIdentity
-from tests.node.conftest import SPEC_HASH, running_host
+from tests.node.conftest import SPEC_HASH, FixedDirectory, running_host
 from tests.node.test_channel import _endpoint
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(60)]
-
-
-class _Directory:
-    """Discovery as the policy reads it: our announcement and the verified ones of others."""
-
-    def __init__(self, me: Announcement) -> None:
-        self.me = me
-        self.table: list[Announcement] = []
-        self.learned: list[str] = []
-
-    def entries(self, max_age_s: float | None = None) -> list[Announcement]:
-        return list(self.table)
-
-    async def learn(self, peer_id: Any) -> None:
-        self.learned.append(peer_id.pretty())
 
 
 def _ann(host: Any, ident: NodeIdentity, stage: int, gen: int = 0) -> Announcement:
@@ -46,8 +31,7 @@ def test_only_known_neighbour_replicas_may_open_activation_channels() -> None:
     async def main() -> None:
         async with running_host(41) as (h1, i1), running_host(42) as (up, iu), running_host(43) as (stranger, i_s), \
                 running_host(44) as (peer, ip), running_host(45) as (old, io), trio.open_nursery() as nursery:
-            directory = _Directory(_ann(h1, i1, 1))
-            directory.table = [_ann(up, iu, 0), _ann(peer, ip, 1), _ann(old, io, 0, gen=1)]
+            directory = FixedDirectory(_ann(h1, i1, 1), [_ann(up, iu, 0), _ann(peer, ip, 1), _ann(old, io, 0, gen=1)])
             ep = _endpoint(h1, i1, stage=1)
             ep.policy = StagePeersPolicy(directory, protocols=(ACT,), act_stage=1)
             addr = full_addrs(h1)[0]
@@ -83,8 +67,7 @@ def test_only_known_neighbour_replicas_may_open_activation_channels() -> None:
 def test_the_policy_names_why_a_peer_is_refused() -> None:
     async def main() -> None:
         async with running_host(46) as (h1, i1), running_host(47) as (up, iu), running_host(48) as (old, io):
-            directory = _Directory(_ann(h1, i1, 1))
-            directory.table = [_ann(up, iu, 0), _ann(old, io, 0, gen=1)]
+            directory = FixedDirectory(_ann(h1, i1, 1), [_ann(up, iu, 0), _ann(old, io, 0, gen=1)])
             acts = StagePeersPolicy(directory, protocols=(ACT,), act_stage=1)
             await acts.check(up.get_id(), ACT, 0)  # the neighbour
             with pytest.raises(NotAuthorizedError, match="next to ours \\(1\\), not to stage 3"):
