@@ -477,6 +477,10 @@ class NodeConfig:
             raise ValueError("runtime.schedule = async with replicas.enabled needs runtime.replica_exchange = step (one "
                              "contribution per replica and step, applied in step order while later steps run); got "
                              f"{r.replica_exchange!r}")
+        if self.chain.rpc_url and self.replicas.enabled and (self.stage == "auto" or self.replicas.rebalance_period_s):
+            raise ValueError("replicas on chain serve the stage the chain assigned them: set stage to it (--stage N) "
+                             "and keep replicas.rebalance_period_s = 0 (a move is not assigned on chain, so the new "
+                             "stage's peers would refuse the node and its audits would name the wrong stage)")
         self.transport.validate()
         self.discovery.validate()
         self.replicas.validate()

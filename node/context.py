@@ -8,6 +8,7 @@ The lifecycle owns identity, host, discovery, status files, signals and shutdown
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -50,6 +51,15 @@ class NodeContext:
     # refusal scores and bans of every protocol the node serves (`node.wire.channel.peer_scores`): a peer banned by one
     # is banned by all, and its open streams on the others are cut (`node.net.gate`)
     scores: PeerScores = field(default_factory=PeerScores)
+    # called with each worker a runner starts serving after the services started (`set_worker`): a replicated runner
+    # builds its worker only once it runs, and a new one on every move, re-sync and rollback
+    worker_listeners: list[Callable[[StageWorker], None]] = field(default_factory=list)
+
+    def set_worker(self, worker: StageWorker) -> None:
+        """Serve `worker` from now on, and tell the listeners (the chain services' audit and inference)."""
+        self.worker = worker
+        for listener in self.worker_listeners:
+            listener(worker)
 
     @property
     def local_windows(self) -> bool:

@@ -290,7 +290,7 @@ class ReplicatedRunner:
             worker = await trio.to_thread.run_sync(ctx.build_worker, stage, restore)
             if r.schedule == "async":  # later steps' work runs on stashed weights while a step is exchanged
                 worker = AsyncStageWorker.wrap(worker, r.max_staleness, r.async_lookahead)
-            ctx.worker = worker
+            ctx.set_worker(worker)
             codec = ContributionCodec.for_module(worker.module, r.replica_averaging, r.powersgd_rank, seed=stage,
                                                  bits=r.powersgd_bits, iterations=r.powersgd_iterations,
                                                  block_rank=r.powersgd_block_rank)

@@ -6,8 +6,8 @@ discovery, of its activation-protocol HELLO (`note_binding`), or, for attesters,
 audit request. The chain (NodeRegistry, ValidatorQuorum, ContributionLedger through `protocol.payments.ChainLink`)
 then decides:
 
-* `/pmn/state/1.0.0`, `/pmn/avg/1.0.0`: the peer's node key serves the same model *and* stage
-  (`servesStage`: assigned, active, stake covering every stage it holds);
+* `/pmn/state/1.0.0`, `/pmn/avg/1.0.0`, `/pmn/delegate/1.0.0` (replicated mode): the peer's node key serves the
+  same model *and* stage (`servesStage`: assigned, active, stake covering every stage it holds);
 * `/pmn/act/1.0.0`: the peer claims the stage before or after ours and its node key serves that stage;
 * `/pmn/infer/1.0.0`: a hop to stage s comes from a node key serving s - 1 (a client's request to the head is
   left to the payment check);
@@ -41,7 +41,18 @@ from eth_utils import to_checksum_address
 from libp2p.peer.id import ID
 
 from node.errors import BindingError, ChainUnavailableError, NotAuthorizedError
-from node.net.access import ACT, ANNOUNCE, AUDIT, AVG, INFER, STATE, UNAVAILABLE, AuditRequest, PeerDirectory
+from node.net.access import (
+    ACT,
+    ANNOUNCE,
+    AUDIT,
+    AVG,
+    DELEGATE,
+    INFER,
+    STATE,
+    UNAVAILABLE,
+    AuditRequest,
+    PeerDirectory,
+)
 from node.net.identity import verify_binding
 from protocol.audit_sampling import AuditRule, may_request, seed_from_chain
 from protocol.errors import AuditSamplingError
@@ -226,7 +237,7 @@ class ChainAccessPolicy:
             return  # a client's paid request to the head: the payment decides
         if stage is None or isinstance(stage, bool) or not 0 <= stage < self.num_stages:
             raise self._refuse("bad_stage")
-        if protocol in (STATE, AVG):
+        if protocol in (STATE, AVG, DELEGATE):
             wanted = stage
         elif protocol == INFER:
             wanted = stage - 1

@@ -113,10 +113,18 @@ class ChainLinkService:
             print(json.dumps({"event": "error", "error": str(exc), "type": type(exc).__name__}), flush=True)
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise
-        worker = ctx.worker
-        if worker is None:
-            raise NodeError("chain services (--rpc-url) need a stage worker when the node starts: the replicated "
-                            "runner does not support them")
+        if ctx.worker is not None:
+            self._serve(ctx, ctx.worker)
+        elif ctx.cfg.replicas.enabled:
+            # the replicated runner builds its worker once it runs, and a new one on every move, re-sync and
+            # rollback: inference and audits follow it; it serves /pmn/state itself, under this policy (ctx.access)
+            ctx.worker_listeners.append(lambda w: self._serve(ctx, w, state=False))
+        else:
+            raise NodeError("chain services (--rpc-url) need a stage worker when the node starts")
+
+    def _serve(self, ctx: NodeContext, worker: Any, state: bool = True) -> None:
+        """Serve paid inference and audits for `worker` (replacing the handlers of an earlier one), and with `state`
+        the stage's state to replicas of our stage once training is done."""
         spec, host, discovery = worker.spec, ctx.host, ctx.discovery
         next_hop = None
         if not spec.is_last:
@@ -129,11 +137,13 @@ class ChainLinkService:
                 return await host.new_stream(info.peer_id, [INFER_PROTOCOL])
 
         # hops only from node keys the chain has on the stage before ours
-        self.inference = InferenceService(ctx.model, spec, worker.module, worker.codec, link.payments, next_hop,
+        self.inference = InferenceService(ctx.model, spec, worker.module, worker.codec, self.link.payments, next_hop,
                                           policy=self.access, scores=ctx.scores)
         host.set_stream_handler(INFER_PROTOCOL, self.inference.handle)
-        self.audit = install_audit(host, worker, ctx.identity, ctx.data_dir, self.model_id, link.epoch_length,
+        self.audit = install_audit(host, worker, ctx.identity, ctx.data_dir, self.model_id, self.link.epoch_length,
                                    self.epoch_receipts, self.audit_cfg, policy=self.access, scores=ctx.scores)
+        if not state:
+            return
         log = ctx.log
 
         async def snapshot(stage: int) -> tuple[dict[str, Any], bytes] | None:

@@ -10,19 +10,13 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 from libp2p.custom_types import TProtocol
 
-from contracts.chain import advance_time, connect, test_accounts
-from contracts.client import ProtocolContracts
-from contracts.deploy import deploy_all
-from contracts.embedded import serve_embedded
-from node.net.identity import load_or_create_identity
-from node.observability.status import node_status
+from contracts.chain import advance_time
 from node.services.audit import (
     AuditError,
     AuditRecorder,
@@ -44,7 +38,7 @@ from protocol.spotcheck import SpotCheckConfig
 from sharding.config import PRESETS
 from sharding.partition import partition
 from sharding.train import OptimConfig
-from tests.waiting import wait_until
+from tests.node.chain_swarm import Chain, assign, deployed_chain, register, wait_serving
 
 pytestmark = [pytest.mark.network, pytest.mark.timeout(300)]
 
@@ -61,30 +55,9 @@ def training(lr: float = LR) -> dict[str, Any]:
             "warmup_steps": o.warmup_steps, "data_seed": o.data_seed}
 
 
-@dataclass
-class Chain:
-    w3: Any
-    rpc_url: str
-    client: ProtocolContracts
-    deployment: Path
-    researcher: Any
-    validators: list[Any]
-    funder: Any
-
-
 @pytest.fixture
 def chain(tmp_path: Path) -> Iterator[Chain]:
-    w3 = connect(None)
-    rpc_url, stop = serve_embedded(w3)
-    try:
-        accounts = test_accounts(w3)
-        validators = accounts[3:6]  # three attesters: each audits one of the three stages per window
-        deployment = deploy_all(w3, accounts[0], [v.address for v in validators], 2)
-        path = tmp_path / "deployment.json"
-        deployment.save(path)
-        yield Chain(w3, rpc_url, ProtocolContracts(w3, deployment), path, accounts[1], validators, accounts[6])
-    finally:
-        stop()
+    yield from deployed_chain(tmp_path)
 
 
 def propose(c: Chain, lr: float = LR) -> int:
@@ -94,32 +67,11 @@ def propose(c: Chain, lr: float = LR) -> int:
     return model_id
 
 
-def register(c: Chain, data_dir: Path) -> Any:
-    ident = load_or_create_identity(data_dir)
-    c.client.tx.transact(c.funder, to=ident.address, value=10**18)
-    c.client.register_node(ident.account, ident.account, 1, c.client.stake_required(1))
-    return ident
-
-
-def assign(c: Chain, ident: Any, model_id: int, stage: int) -> None:
-    c.client.assign_stage(ident.account, ident.address, model_id, stage)
-
-
 def node_args(c: Chain, model_id: int) -> list[str]:
     return ["--model", MODEL, "--codec", CODEC, "--stages", str(STAGES), "--steps", str(STEPS), "--microbatches",
             str(MICROBATCHES), "--microbatch-size", str(MB_SIZE), "--lr", str(LR), "--threads", "1",
             "--checkpoint-every", "0", "--rpc-url", c.rpc_url, "--deployment", str(c.deployment), "--model-id",
             str(model_id), "--linger"]
-
-
-def wait_serving(nodes: list[NodeProcess], timeout_s: float = 180.0) -> None:
-    def serving() -> bool:
-        for n in nodes:
-            assert n.proc.poll() is None, (n.data_dir / "stderr.log").read_text()[-2000:]
-        return all(node_status(n.data_dir).get("state") == "serving" for n in nodes)
-
-    wait_until(serving, timeout_s, "every node serving",
-               detail=lambda: [node_status(n.data_dir).get("state") for n in nodes])
 
 
 def test_lazy_node_caught_and_slashed_inflator_credited_only_cosigned(chain: Chain, tmp_path: Path) -> None:

@@ -81,3 +81,13 @@ def test_a_negative_start_quorum_is_refused_by_name() -> None:
     with pytest.raises(ValueError, match="replicas.start_quorum must be >= 0, got -1"):
         cfg.validate()
     parse_config(["--replicas-start-quorum", "3"], {}).validate()
+
+
+def test_replicas_on_chain_need_their_assigned_stage_and_no_rebalancing() -> None:
+    chain = ["--replicated", "--rpc-url", "http://127.0.0.1:1", "--deployment", "d.json", "--model-id", "1"]
+    for argv, why in ((chain, "set stage to it"), ([*chain, "--stage", "1", "--rebalance-period", "30"],
+                                                   "rebalance_period_s = 0")):
+        with pytest.raises(ValueError, match=why):
+            parse_config(argv, {}).validate()
+    parse_config([*chain, "--stage", "1"], {}).validate()
+    parse_config(["--replicated", "--rebalance-period", "30"], {}).validate()  # off chain a node may move
