@@ -74,6 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="demo TOML file overriding DemoConfig fields")
     p.add_argument("--steps", type=int, help="training steps (default: the demo config's)")
     p.add_argument("--stages", type=int, help="pipeline stages (default: the demo config's)")
+    p.add_argument("--replicas", type=int, help="node processes per stage (default: the demo config's, 1); above 1 "
+                   "the stages are replicated: PowerSGD int4 between replicas, the async schedule, head work delegated")
     p.add_argument("--data-dir", type=Path, help="where the demo keeps node data (default: a temporary dir)")
     p.add_argument("--device", help="compute device of the node processes: auto, cpu, cuda, cuda:N, mps "
                                     "(default: the demo config's)")

@@ -38,7 +38,7 @@ from node.observability.web.server import PageThread
 from node.observability.web.snapshot import node_part, page
 from node.services.audit import attester_role, spot_check, submit_frauds
 from node.services.inference import Sampling, generate, head_stream_opener
-from node.testing.swarm import NodeProcess, launch_swarm, stop_nodes
+from node.testing.swarm import NodeProcess, launch_replicas, launch_swarm, stop_nodes
 from pmn.cmd_data import local_bpe_data
 from pmn.errors import CLIError
 from pmn.spec import ModelProposal, ProposalTerms, TrainingRecipe
@@ -63,7 +63,13 @@ class DemoConfig:
     """Everything the demo does, small enough for a 2-core machine in well under 5 minutes."""
 
     preset: str = "tiny-subspace"  # sharding preset of the proposed model
-    stages: int = 3  # pipeline stages, one node process each
+    stages: int = 3  # pipeline stages
+    replicas: int = 1  # node processes per stage, each its own operator; above 1 the stages are replicated (below)
+    replica_averaging: str = "powersgd"  # replicated: what a stage's replicas exchange (dense, dense-bf16, powersgd)
+    powersgd_rank: int = 4  # replicated: rank of the PowerSGD contributions
+    powersgd_bits: int = 4  # replicated: their factors' width (16 bf16, 8 int8, 4 int4)
+    replica_schedule: str = "async"  # replicated: pipeline schedule (async: later steps run while one is exchanged)
+    max_staleness: int = 1  # replicated, async: steps a gradient may lag the weights it updates
     codec: str = "subspace"  # boundary codec (subspace: only z and token ids cross)
     steps: int = 300  # global training steps (enough for the byte-level model to write Python-looking text)
     epoch_length: int = 150  # steps per accounting epoch (so steps / epoch_length epochs settle)
@@ -184,15 +190,31 @@ class Demo:
             raise CLIError(str(exc)) from None
         return [self.outbox.result(k) for k in keys]
 
+    @property
+    def layout(self) -> list[int]:
+        """The stage of each node process (node i serves layout[i]; stage 0's first node leads)."""
+        return [s for s in range(self.cfg.stages) for _ in range(self.cfg.replicas)]
+
+    def recipe(self) -> TrainingRecipe:
+        """The proposal's training section: what the nodes run (replicated: the exchange and schedule too)."""
+        cfg = self.cfg
+        recipe = TrainingRecipe(stages=cfg.stages, codec=cfg.codec, microbatches=cfg.microbatches,
+                                microbatch_size=cfg.microbatch_size, lr=cfg.lr, warmup_steps=OptimConfig().warmup_steps)
+        if cfg.replicas == 1:
+            return recipe
+        # one contribution per replica and step: what the async schedule with replicas exchanges, and what lets the
+        # leading head hand stage-0 microbatches to the other head replicas
+        return replace(recipe, replica_averaging=cfg.replica_averaging, powersgd_rank=cfg.powersgd_rank,
+                       powersgd_bits=cfg.powersgd_bits, replica_exchange="step",
+                       pipeline_schedule=cfg.replica_schedule, max_staleness=cfg.max_staleness)
+
     def propose(self) -> None:
         cfg = self.cfg
         model, data = PRESETS[cfg.preset], self.prepare_data()
         if data.tokenizer == "bpe":
             model = replace(model, vocab_size=cfg.bpe_vocab_size)
         self.proposal = ModelProposal(
-            model, TrainingRecipe(stages=cfg.stages, codec=cfg.codec, microbatches=cfg.microbatches,
-                                  microbatch_size=cfg.microbatch_size, lr=cfg.lr,
-                                  warmup_steps=OptimConfig().warmup_steps),  # what the nodes run
+            model, self.recipe(),
             ProposalTerms(metadata_uri=f"pmn-demo:{cfg.preset}", epoch_length=cfg.epoch_length,
                           challenge_window_s=cfg.challenge_window_s, audit_rate=cfg.audit_rate,
                           inference_fee_wei=cfg.inference_fee_wei), data).validate()
@@ -204,7 +226,7 @@ class Demo:
             t.epoch_length, t.challenge_window_s, self.proposal.audit_rate_bps, t.inference_fee_wei)
         self.client.start_training(self.researcher, self.model_id)
         self.specs = partition(model, cfg.stages)
-        self.say(f"[bold]researcher[/] proposed model {self.model_id} ({cfg.preset}, {cfg.stages} stages, "
+        self.say(f"[bold]researcher[/] proposed model {self.model_id} ({cfg.preset}, {self._shape()}, "
                  f"spec 0x{self.proposal.content_hash().hex()[:16]}…) and started training")
 
     def prepare_data(self) -> DataSpec:
@@ -224,10 +246,14 @@ class Demo:
                  f"(0x{self.tokenizer.content_hash[:16]}…), tokenized in {time.perf_counter() - start:.1f} s")
         return data
 
+    def _shape(self) -> str:
+        r = self.cfg.replicas
+        return f"{self.cfg.stages} stages" + (f" x {r} replicas" if r > 1 else "")
+
     def register_nodes(self) -> None:
         self.identities = []
-        for s in range(self.cfg.stages):
-            ident = load_or_create_identity(self.root / f"node{s}")
+        for i, s in enumerate(self.layout):
+            ident = load_or_create_identity(self.root / f"node{i}")
             self.identities.append(ident)
             assert self.outbox is not None
             self.outbox.add_signer(ident.account)  # each node claims its own revenue
@@ -235,8 +261,9 @@ class Demo:
             stake = self.client.stake_required(1)
             self.client.register_node(ident.account, ident.account, 1, stake)
             self.client.assign_stage(ident.account, ident.address, self.model_id, s)  # + stakePerStage
-        self.say(f"[bold]operators[/] registered {self.cfg.stages} node keys with stake (node-key signatures checked on chain)"
-                 f" and assigned each its stage (one stage per operator, {self.client.stake_per_stage()} wei per stage)")
+        self.say(f"[bold]operators[/] registered {len(self.layout)} node keys with stake (node-key signatures checked "
+                 f"on chain) and assigned each its stage ({self._shape()}, one stage per operator, "
+                 f"{self.client.stake_per_stage()} wei per stage)")
 
     # -- swarm -------------------------------------------------------------------------------------
 
@@ -248,8 +275,16 @@ class Demo:
                 str(self.model_id), "--linger", "--checkpoint-every", "0", "--device", cfg.device,
                 "--eval-every", str(cfg.eval_every), "--eval-batches", str(cfg.eval_batches),
                 "--discovery-discovery-timeout-s", str(cfg.discovery_timeout_s)]
-        self.nodes = launch_swarm(self.root, cfg.stages, args, ready_timeout_s=cfg.node_ready_timeout_s,
-                                  threads=[cfg.threads_per_node] * cfg.stages)
+        if cfg.replicas == 1:
+            self.nodes = launch_swarm(self.root, cfg.stages, args, ready_timeout_s=cfg.node_ready_timeout_s,
+                                      threads=[cfg.threads_per_node] * cfg.stages)
+        else:  # the recipe's exchange and schedule; the replicated runner does not evaluate (no validation loss)
+            r = self.proposal.training
+            args += ["--replica-averaging", r.replica_averaging, "--powersgd-rank", str(r.powersgd_rank),
+                     "--powersgd-bits", str(r.powersgd_bits), "--replica-exchange", r.replica_exchange,
+                     "--schedule", r.pipeline_schedule, "--max-staleness", str(r.max_staleness), "--eval-every", "0"]
+            self.nodes = launch_replicas(self.root, self.layout, args, ready_timeout_s=cfg.node_ready_timeout_s,
+                                         threads=cfg.threads_per_node)
         for n in self.nodes:
             self.say(f"[bold]node[/] stage {n.ready['stage']} peer {n.ready['peer_id'][:16]}… "
                      f"address {n.ready['address']} at {n.ready['addrs'][0]}")
@@ -286,7 +321,7 @@ class Demo:
         return sum(losses[:k]) / k, sum(losses[-k:]) / k
 
     def _table(self) -> Table:
-        table = Table(title=f"training model {getattr(self, 'model_id', '?')} — {self.cfg.stages} stages over libp2p")
+        table = Table(title=f"training model {getattr(self, 'model_id', '?')} — {self._shape()} over libp2p")
         for col in ("stage", "step", "epoch", "loss", "tokens/s", "receipts", "compute (co-signed)"):
             table.add_column(col, justify="right")
         per_unit = {s.index: self._units_per_hop(s.index) for s in self.specs}
@@ -441,7 +476,7 @@ class Demo:
             return parts
 
         parts = await trio.to_thread.run_sync(read)
-        return page(f"pmn demo · model {self.page_model.get('model_id', '?')} · {self.cfg.stages} stages",
+        return page(f"pmn demo · model {self.page_model.get('model_id', '?')} · {self._shape()}",
                     dict(self.page_model), parts)
 
     def update_page_chain(self) -> None:
@@ -530,14 +565,16 @@ class Demo:
             password.write_text(os.urandom(12).hex())
             password.chmod(0o600)
         pw = password.read_text().strip()
-        for ident in self.identities:
-            path = keys / f"stage{self.identities.index(ident)}.json"
-            path.write_text(json.dumps(Account.encrypt(ident.account.key, pw)))
-            path.chmod(0o600)
+        files = []
+        for i, (ident, stage) in enumerate(zip(self.identities, self.layout, strict=True)):
+            name = f"stage{stage}" + (f"-replica{i % self.cfg.replicas}" if self.cfg.replicas > 1 else "")
+            files.append(keys / f"{name}.json")
+            files[-1].write_text(json.dumps(Account.encrypt(ident.account.key, pw)))
+            files[-1].chmod(0o600)
         chain = f"--rpc-url {self.rpc_url} --deployment {self.deployment_path}"
         holder = self.identities[0].address
         commands = [f"pmn shares --model {self.model_id} --holder {holder} {chain}",
-                    f"pmn claim --model {self.model_id} --keystore {keys / 'stage0.json'} --password-file {password} "
+                    f"pmn claim --model {self.model_id} --keystore {files[0]} --password-file {password} "
                     f"--outbox-dir {self.root / 'holder-outbox'} {chain}"]
         commands += [f"pmn ledger verify --model {self.model_id} --epoch {e['epoch']} --receipts {e['file']} {chain}"
                      for e in epochs[:1]]
@@ -627,8 +664,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if getattr(args, "device", None) is not None:
         cfg = replace(cfg, device=args.device)
     _check_device(cfg.device)
+    if getattr(args, "replicas", None) is not None:
+        cfg = replace(cfg, replicas=args.replicas)
     if cfg.stages < 3:
         raise CLIError("the demo needs at least 3 stages: pass --stages 3 or more")
+    if cfg.replicas < 1:
+        raise CLIError(f"--replicas must be >= 1 (node processes per stage), got {cfg.replicas}")
     console = None if args.json else Console()
     serve = bool(getattr(args, "serve", False))
     keep_dir = getattr(args, "keep", None)

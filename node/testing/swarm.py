@@ -157,6 +157,31 @@ def launch_swarm(root: Path, stages: int, node_args: list[str], ready_timeout_s:
     return nodes
 
 
+def launch_replicas(root: Path, layout: list[int], node_args: list[str], ready_timeout_s: float = 60.0,
+                    threads: int | None = None, extra: dict[int, list[str]] | None = None) -> list[NodeProcess]:
+    """Start replicated nodes (`--replicated` is added): node i serves stage layout[i] from `root/node<i>`, with
+    `extra[i]` after the common flags. Node 0 (stage 0, the leading head) starts first and waits for every other
+    node before its first step (`replicas.start_quorum`: on a loaded machine a node may be ready seconds after its
+    stage peer, and a short run would end before it got work); the rest bootstrap from it together. A node that
+    fails to start stops them all."""
+    if not layout or layout[0] != 0 or sorted(set(layout)) != list(range(max(layout) + 1)):
+        raise ValueError(f"layout {layout}: node 0 must serve stage 0, and every stage up to the last needs a node")
+    args = ["--replicated", "--stages", str(max(layout) + 1), "--replicas-start-quorum", str(len(layout) - 1),
+            *(["--threads", str(threads)] if threads else []), *node_args]
+    extra = extra or {}
+    nodes = [start_node(0, root / "node0", args + extra.get(0, []), ready_timeout_s)]
+    boot = ["--bootstrap", nodes[0].ready["addrs"][0]]
+    rest = [spawn_node(s, root / f"node{i}", args + boot + extra.get(i, [])) for i, s in enumerate(layout) if i]
+    nodes += rest
+    try:
+        for n in rest:
+            await_ready(n, ready_timeout_s)
+    except BaseException:
+        stop_nodes(nodes)
+        raise
+    return nodes
+
+
 DESCRIBE_STDERR_LINES = 5  # stderr lines of a stuck node quoted in a timeout's error
 
 

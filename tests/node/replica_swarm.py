@@ -9,7 +9,13 @@ import torch
 from safetensors.torch import load_file
 
 from node.observability.status import node_status, read_progress
-from node.testing.swarm import NodeProcess, await_ready, spawn_node, start_node, stop_nodes, wait_nodes
+from node.testing.swarm import (
+    NodeProcess,
+    launch_replicas,
+    start_node,
+    stop_nodes,
+    wait_nodes,
+)
 from node.training.checkpoint import latest_checkpoint
 
 M, B = 4, 2  # microbatches per step, sequences per microbatch
@@ -30,23 +36,9 @@ READY_TIMEOUT_S = 180.0  # a node's start (imports, keys, first discovery round)
 
 def launch(root: Path, stages: list[int], steps: int, extra: dict[int, list[str]] | None = None,
            common: list[str] | None = None) -> list[NodeProcess]:
-    """Node i serves stages[i]; node 0 (stage 0) starts first, the rest bootstrap from it together."""
-    extra = extra or {}
-    # the leading head starts once every other node launched here is announced: on a loaded machine a node may
-    # be ready seconds after its stage peer, and a run of a few steps would then end before it got any work
-    quorum = ["--replicas-start-quorum", str(len(stages) - 1)]
-    args = ["--stages", str(max(stages) + 1), "--steps", str(steps), *FAST, *quorum, *(common or [])]
-    nodes = [start_node(stages[0], root / "node0", args + extra.get(0, []), READY_TIMEOUT_S)]
-    boot = ["--bootstrap", nodes[0].ready["addrs"][0]]
-    rest = [spawn_node(s, root / f"node{i}", args + boot + extra.get(i, [])) for i, s in enumerate(stages) if i]
-    nodes += rest
-    try:
-        for n in rest:
-            await_ready(n, READY_TIMEOUT_S)
-    except BaseException:
-        stop_nodes(nodes)  # a node that failed to start must not leave the others running
-        raise
-    return nodes
+    """Node i serves stages[i] (`extra[i]`: its own flags); node 0 (stage 0) starts first, the rest bootstrap from it
+    together (`node.testing.swarm.launch_replicas`)."""
+    return launch_replicas(root, stages, ["--steps", str(steps), *FAST, *(common or [])], READY_TIMEOUT_S, extra=extra)
 
 
 def join(root: Path, name: str, stage: int, steps: int, boot: NodeProcess, num_stages: int,

@@ -36,11 +36,12 @@ def _demo(tmp_path: Path, *extra: str) -> dict[str, Any]:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _check(out: dict[str, Any], left_to_claim: int = 0) -> None:
-    """left_to_claim: the stage whose revenue the demo left for the holder's own `pmn claim` (kept runs)."""
+def _check(out: dict[str, Any], left_to_claim: int = 0, replicas: int = 1, epochs: int = 2) -> None:
+    """left_to_claim: the stage whose revenue the demo left for the holder's own `pmn claim` (kept runs);
+    replicas: node processes per stage; epochs: epochs settled."""
     nodes = out["nodes"]
-    assert len(nodes) == 3
-    assert out["epochs_settled"] == 2
+    assert [n["stage"] for n in nodes] == [s for s in range(3) for _ in range(replicas)]
+    assert out["epochs_settled"] == epochs
     for n in nodes:
         assert n["compute_units"] > 0
         assert n["shares"] == n["compute_units"]  # one share per verified compute unit, exactly
@@ -56,7 +57,8 @@ def _check(out: dict[str, Any], left_to_claim: int = 0) -> None:
         assert nodes[0]["revenue_claimed_wei"] == 0
     assert abs(out["revenue_deposited_wei"] - claimed - unclaimed) <= len(nodes)  # rounding dust only
     assert out["loss_end"] < out["loss_start"]
-    assert 0 < out["val_loss"] < out["loss_start"]  # the last evaluation (after step 8) of the validation split
+    if replicas == 1:  # the last evaluation (after step 8) of the validation split (the replicated runner has none)
+        assert 0 < out["val_loss"] < out["loss_start"]
     assert len(out["inference_text"]) > 0
     # attesters re-executed a sample of hops fetched over /pmn/audit/1.0.0; honest nodes pass every one
     assert out["spot_checks"]["checked"] > 0 and out["spot_checks"]["failed"] == 0
@@ -68,6 +70,16 @@ def test_demo_json_on_embedded_chain(tmp_path: Path) -> None:
     # the published receipts files are what `pmn ledger verify` recomputes roots from
     for f in out["receipts_files"]:
         assert Path(f).exists() and json.loads(Path(f).read_bytes())
+
+
+def test_demo_with_replicated_stages_credits_every_replica(tmp_path: Path) -> None:
+    # 3 stages x 2 replicas: PowerSGD int4 between replicas, the async schedule, stage-0 work delegated; every
+    # replica signs and countersigns its hops, is spot-checked and is minted shares for its verified compute
+    # (16 steps: a tail replica's loss is the mean of its own microbatches, one of the step's two, so a short run's
+    # start and end are far apart only once the learning rate has warmed up)
+    out = _demo(tmp_path, "--replicas", "2", "--steps", "16")
+    _check(out, replicas=2, epochs=4)
+    assert len({n["address"] for n in out["nodes"]}) == 6 and out["val_loss"] is None
 
 
 def test_demo_on_anvil_then_holder_commands(tmp_path: Path) -> None:
