@@ -218,8 +218,8 @@ DENSE_BASELINES = ("dense-bf16", "dense")  # the swarm's dense arm: the node's b
 
 def _args(steps: int, averaging: str, rank: int, model: str, bits: int = 16, lr: float | None = None,
           iterations: int = 1, data_seed: int = 0, optimizer: str = "adamw", block_rank: int = 0,
-          exchange: str = "microbatch") -> list[str]:
-    return ["--replica-exchange", exchange, "--powersgd-block-rank", str(block_rank), "--recipe-optimizer", optimizer, "--recipe-data-seed", str(data_seed), "--powersgd-iterations", str(iterations), "--model", model, *(["--lr", str(lr)] if lr is not None else []), "--powersgd-bits", str(bits), "--stages", str(STAGES), "--steps", str(steps), "--replicated", "--microbatches", str(M),
+          exchange: str = "microbatch", schedule: str = "gpipe", max_staleness: int = 0) -> list[str]:
+    return ["--schedule", schedule, "--max-staleness", str(max_staleness), "--replica-exchange", exchange, "--powersgd-block-rank", str(block_rank), "--recipe-optimizer", optimizer, "--recipe-data-seed", str(data_seed), "--powersgd-iterations", str(iterations), "--model", model, *(["--lr", str(lr)] if lr is not None else []), "--powersgd-bits", str(bits), "--stages", str(STAGES), "--steps", str(steps), "--replicated", "--microbatches", str(M),
             "--microbatch-size", str(B), "--corpus", "synthetic", "--threads", "1", "--replica-timeout", "20",
             "--avg-timeout", "20", "--commit-poll", "0.3", "--checkpoint-every", "0", "--no-replica-timeout", "120",
             "--replica-averaging", averaging, "--powersgd-rank", str(rank)]
@@ -249,15 +249,15 @@ def _stage_weights(data_dir: Path, stage: int) -> dict[str, torch.Tensor]:
 def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: float,
               cfg: ModelConfig, bits: int = 16, lr: float | None = None, iterations: int = 1,
               data_seed: int = 0, optimizer: str = "adamw", block_rank: int = 0,
-              exchange: str = "microbatch") -> dict[str, Any]:
+              exchange: str = "microbatch", schedule: str = "gpipe", max_staleness: int = 0) -> dict[str, Any]:
     """One replicated run of model `cfg` (PowerSGD factors in `bits` from `iterations` power iterations, the
-    node's default lr unless `lr`, the data order of `data_seed`, the recipe's `optimizer`); returns bytes per step between replicas, losses
-    and the replica check."""
+    node's default lr unless `lr`, the data order of `data_seed`, the recipe's `optimizer`, the pipeline `schedule`
+    with `max_staleness`); returns bytes per step between replicas, losses and the replica check."""
     root.mkdir(parents=True, exist_ok=True)
     model_file = root / "model.json"
     model_file.write_text(json.dumps(cfg.to_dict()))
     args = _args(steps, averaging, rank, str(model_file), bits, lr, iterations, data_seed, optimizer, block_rank,
-                 exchange)
+                 exchange, schedule, max_staleness)
     head = start_node(0, root / "head", args)
     boot = ["--bootstrap", head.ready["addrs"][0]]
     layout = [(1, "mid0"), (1, "mid1"), (2, "tail0"), (2, "tail1")]
@@ -307,12 +307,13 @@ def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: floa
 def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, root: Path | None = None,
                       model: str = "wide", bits: int = 16, lr: float | None = None,
                       dense: str = "dense-bf16", iterations: int = 1, data_seed: int = 0,
-                      optimizer: str = "adamw", block_rank: int = 0, exchange: str = "microbatch") -> dict[str, Any]:
+                      optimizer: str = "adamw", block_rank: int = 0, exchange: str = "microbatch",
+                      schedule: str = "gpipe", max_staleness: int = 0) -> dict[str, Any]:
     """A dense baseline (`dense`: the node's `dense-bf16`, the fair one, or fp32 `dense`) vs PowerSGD rank `rank`
     (factors in `bits`: 16 bf16, 8 int8, 4 int4; `iterations` power iterations) on the replicated local swarm, same steps (equal tokens) and lr (None:
     the node's default), both with the data order of `data_seed` and the replica exchange `exchange` (the spec's
     replica_exchange: one contribution per microbatch, or per replica and step, in both arms so that the ratio is the
-    encoding's).
+    encoding's) and the pipeline `schedule` (async: `max_staleness`, which needs the step exchange).
 
     Returns `replica_compression` (dense / compressed replica bytes per step), `loss_ratio_compressed_avg`
     (compressed / dense validation loss) and both runs' figures (`dense`, `compressed`)."""
@@ -322,15 +323,16 @@ def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, 
     base = root or Path(tempfile.mkdtemp(prefix="pmn-wan-avg-"))
     try:
         base_run = run_swarm(base / "dense", steps, dense, rank, timeout_s, cfg, lr=lr, data_seed=data_seed,
-                             optimizer=optimizer, exchange=exchange)
+                             optimizer=optimizer, exchange=exchange, schedule=schedule, max_staleness=max_staleness)
         comp = run_swarm(base / "powersgd", steps, "powersgd", rank, timeout_s, cfg, bits, lr, iterations, data_seed,
-                         optimizer, block_rank, exchange)
+                         optimizer, block_rank, exchange, schedule, max_staleness)
     finally:
         if root is None:
             shutil.rmtree(base, ignore_errors=True)
     return {"replica_compression": base_run["replica_bytes_per_step"] / max(1.0, comp["replica_bytes_per_step"]),
             "loss_ratio_compressed_avg": comp["val_loss"] / base_run["val_loss"], "rank": rank, "bits": bits,
-            "block_rank": block_rank, "exchange": exchange, "iterations": iterations, "data_seed": data_seed, "steps": steps, "model": model, "tokens": steps * M * B * cfg.seq_len, "dense_baseline": dense,
+            "block_rank": block_rank, "exchange": exchange, "schedule": schedule, "max_staleness": max_staleness,
+            "iterations": iterations, "data_seed": data_seed, "steps": steps, "model": model, "tokens": steps * M * B * cfg.seq_len, "dense_baseline": dense,
             "dense": base_run, "compressed": comp}
 
 
@@ -549,6 +551,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="PowerSGD factors in bf16, int8 or int4 (codes with a bf16 scale per column)")
     p.add_argument("--lr", type=float, default=None,
                    help="peak lr (default: swarm, the node's 3e-3; --math, the model's MATH_LR)")
+    p.add_argument("--schedule", choices=("gpipe", "async"), default="gpipe",
+                   help="swarm: the pipeline schedule of both arms (async needs --exchange step)")
+    p.add_argument("--max-staleness", type=int, default=1, help="swarm, --schedule async: the staleness bound")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="the recipe's optimiser in every arm (recipe.optimizer)")
     a = p.parse_args(argv)
@@ -587,9 +592,13 @@ def main(argv: list[str] | None = None) -> int:
                           "optimizer": a.optimizer, "runs": runs}))
         return 0
     steps = a.steps or (30 if a.quick else 150)
+    if a.schedule == "async" and a.exchange != "step":
+        p.error("--schedule async with replicated stages needs --exchange step (the node's rule)")
+    staleness = a.max_staleness if a.schedule == "async" else 0
     res = compare_averaging(steps, a.rank, timeout_s=600 if a.quick else 3600, model=a.model or "wide", bits=a.bits,
                             lr=a.lr, dense=a.dense, iterations=a.iterations, data_seed=a.seed,
-                            optimizer=a.optimizer, block_rank=a.block_rank, exchange=a.exchange)
+                            optimizer=a.optimizer, block_rank=a.block_rank, exchange=a.exchange, schedule=a.schedule,
+                            max_staleness=staleness)
     print(f"{'averaging':12} {'steps':>5} {'replica B/step':>15} {'val loss':>9} {'train loss':>10} {'identical':>9} "
           f"{'wall s':>7}")
     for name, r in ((a.dense, res["dense"]), (f"powersgd r{a.rank}" + (f"/{a.block_rank}" if a.block_rank else "")
@@ -601,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
           f"{res['loss_ratio_compressed_avg']:.4f} at {res['tokens']} tokens")
     print(json.dumps({"replica_compression": res["replica_compression"],
                       "loss_ratio_compressed_avg": res["loss_ratio_compressed_avg"], "rank": a.rank, "bits": a.bits,
-                      "block_rank": a.block_rank, "exchange": a.exchange, "lr": a.lr, "optimizer": a.optimizer, "steps": steps, "dense_baseline": a.dense,
+                      "block_rank": a.block_rank, "exchange": a.exchange, "schedule": a.schedule,
+                      "max_staleness": staleness, "lr": a.lr, "optimizer": a.optimizer, "steps": steps, "dense_baseline": a.dense,
                       "iterations": a.iterations, "seed": a.seed,
                       "model": res["model"], "tokens": res["tokens"],
                       "dense_replica_bytes_per_step": res["dense"]["replica_bytes_per_step"],

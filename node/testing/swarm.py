@@ -147,10 +147,8 @@ def launch_swarm(root: Path, stages: int, node_args: list[str], ready_timeout_s:
             for s in range(1, stages):
                 nodes.append(start_node("auto", root / f"node{s}", args_for(s), ready_timeout_s))
         else:
-            rest = [spawn_node(s, root / f"node{s}", args_for(s)) for s in range(1, stages)]
-            nodes.extend(rest)
-            for n in rest:
-                await_ready(n, ready_timeout_s)
+            _join_together(nodes, [spawn_node(s, root / f"node{s}", args_for(s)) for s in range(1, stages)],
+                           ready_timeout_s)
     except BaseException:
         stop_nodes(nodes)
         raise
@@ -171,8 +169,14 @@ def launch_replicas(root: Path, layout: list[int], node_args: list[str], ready_t
     extra = extra or {}
     nodes = [start_node(0, root / "node0", args + extra.get(0, []), ready_timeout_s)]
     boot = ["--bootstrap", nodes[0].ready["addrs"][0]]
-    rest = [spawn_node(s, root / f"node{i}", args + boot + extra.get(i, [])) for i, s in enumerate(layout) if i]
-    nodes += rest
+    return _join_together(nodes, [spawn_node(s, root / f"node{i}", args + boot + extra.get(i, []))
+                                  for i, s in enumerate(layout) if i], ready_timeout_s)
+
+
+def _join_together(nodes: list[NodeProcess], rest: list[NodeProcess], ready_timeout_s: float) -> list[NodeProcess]:
+    """Add `rest` (just spawned, starting side by side) to `nodes` and wait for each one's ready line; one that fails
+    to start stops them all."""
+    nodes.extend(rest)
     try:
         for n in rest:
             await_ready(n, ready_timeout_s)
