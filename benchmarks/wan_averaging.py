@@ -17,7 +17,7 @@ what a sharded exchange needs) at the same bytes per replica as the node's Power
 
     python benchmarks/wan_averaging.py [--quick] [--steps N] [--rank R] [--bits 16|8|4] [--iterations I] [--seed S]
                                        [--dense dense-bf16|dense] [--lr LR] [--model wide|tiny] [--block-rank B]
-                                       [--optimizer adamw|muon]
+                                       [--optimizer adamw|muon] [--schedule gpipe|async --max-staleness S]
     python benchmarks/wan_averaging.py --math [--steps N] [--model tiny|wide] [--methods ...] [--ranks R,..]
                                        [--iterations I] [--seed S] [--exchange microbatch|step]
                                        [--optimizer adamw|muon] [--lr LR]

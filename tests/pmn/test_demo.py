@@ -147,6 +147,7 @@ def test_commands_with_the_rpc_down_or_bad_input(tmp_path: Path) -> None:
     bad_spec.write_text("[model\n")
     assert_clean_error(run_pmn("propose", str(bad_spec), "--dry-run"), "not valid TOML")
     assert_clean_error(run_pmn("demo", "--stages", "2"), "at least 3 stages")
+    assert_clean_error(run_pmn("demo", "--replicas", "0"), "--replicas must be >= 1")
 
 
 def test_summary_fits_100_columns_with_a_loss_chart_and_readable_units() -> None:
