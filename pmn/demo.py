@@ -70,6 +70,8 @@ class DemoConfig:
     powersgd_bits: int = 4  # replicated: their factors' width (16 bf16, 8 int8, 4 int4)
     replica_schedule: str = "async"  # replicated: pipeline schedule (async: later steps run while one is exchanged)
     max_staleness: int = 1  # replicated, async: steps a gradient may lag the weights it updates
+    replica_max_inflight: int = 4  # replicated: microbatches a sender may keep at one downstream replica (the node's
+    # replicas.max_inflight; 1 spreads a step's microbatches over every replica)
     codec: str = "subspace"  # boundary codec (subspace: only z and token ids cross)
     steps: int = 300  # global training steps (enough for the byte-level model to write Python-looking text)
     epoch_length: int = 150  # steps per accounting epoch (so steps / epoch_length epochs settle)
@@ -282,7 +284,8 @@ class Demo:
             r = self.proposal.training
             args += ["--replica-averaging", r.replica_averaging, "--powersgd-rank", str(r.powersgd_rank),
                      "--powersgd-bits", str(r.powersgd_bits), "--replica-exchange", r.replica_exchange,
-                     "--schedule", r.pipeline_schedule, "--max-staleness", str(r.max_staleness), "--eval-every", "0"]
+                     "--schedule", r.pipeline_schedule, "--max-staleness", str(r.max_staleness), "--eval-every", "0",
+                     "--max-inflight", str(cfg.replica_max_inflight)]
             self.nodes = launch_replicas(self.root, self.layout, args, ready_timeout_s=cfg.node_ready_timeout_s,
                                          threads=cfg.threads_per_node)
         for n in self.nodes:

@@ -60,8 +60,10 @@ def test_every_replica_is_credited_for_the_hops_it_computed_and_audited(chain: C
     for ident, stage in zip(idents, LAYOUT, strict=True):
         assign(c, ident, model_id, stage)
     # a generous replica timeout: no microbatch re-sent to another replica on a loaded machine, so that each
-    # credited hop is the one attempt its sender computed
-    on_chain = [*REPLICATED, "--replica-timeout", "30", "--rpc-url", c.rpc_url, "--deployment", str(c.deployment), "--model-id", str(model_id),
+    # credited hop is the one attempt its sender computed; one microbatch in flight per sender and downstream
+    # replica, so that the leader's second microbatch in flight goes to the other tail replica and, with both
+    # full, stage-0 work to the delegate: every replica computes
+    on_chain = [*REPLICATED, "--replica-timeout", "30", "--max-inflight", "1", "--rpc-url", c.rpc_url, "--deployment", str(c.deployment), "--model-id", str(model_id),
                 "--linger"]
     nodes: list[NodeProcess] = []
     try:

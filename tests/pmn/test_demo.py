@@ -28,9 +28,9 @@ eval_batches = 2
 """
 
 
-def _demo(tmp_path: Path, *extra: str) -> dict[str, Any]:
+def _demo(tmp_path: Path, *extra: str, config: str = "") -> dict[str, Any]:
     cfg = tmp_path / "demo.toml"
-    cfg.write_text(SHORT)
+    cfg.write_text(SHORT + config)
     proc = run_pmn("demo", "--json", "--config", str(cfg), "--data-dir", str(tmp_path / "run"), *extra, timeout=360)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -77,7 +77,8 @@ def test_demo_with_replicated_stages_credits_every_replica(tmp_path: Path) -> No
     # replica signs and countersigns its hops, is spot-checked and is minted shares for its verified compute
     # (16 steps: a tail replica's loss is the mean of its own microbatches, one of the step's two, so a short run's
     # start and end are far apart only once the learning rate has warmed up)
-    out = _demo(tmp_path, "--replicas", "2", "--steps", "16")
+    # (one microbatch in flight per sender and downstream replica: every replica gets work, and so is credited)
+    out = _demo(tmp_path, "--replicas", "2", "--steps", "16", config="replica_max_inflight = 1\n")
     _check(out, replicas=2, epochs=4)
     assert len({n["address"] for n in out["nodes"]}) == 6 and out["val_loss"] is None
 
