@@ -34,7 +34,19 @@ gpipe, validation loss at equal tokens:
 | 2 | 1.1024 | 1.1274 | 1.1775 | 1.1442 | 1.0379 |
 | median ratio | | 0.9931 of dense | 1.0681 of gpipe's | 1.0272 of gpipe's | **1.0231** |
 
-The whole replicated-async recipe (staleness 1, PowerSGD int4 once per replica and step) ends 2.3 % above the
+With the Muon recipe (`--optimizer muon --lr 1e-2`, the node's default async look-ahead; same settings otherwise):
+
+| seed | gpipe dense-bf16 | gpipe PowerSGD | async dense-bf16 | async PowerSGD | async PowerSGD / gpipe dense-bf16 |
+|---|---|---|---|---|---|
+| 0 | 1.0886 | 1.1160 | 1.1645 | 1.1713 | 1.0760 |
+| 1 | 1.0361 | 1.1567 | 1.1505 | 1.1407 | 1.1009 |
+| 2 | 1.1039 | 1.1550 | 1.1405 | 1.1835 | 1.0720 |
+| median ratio | | 1.0462 of dense | 1.0697 of gpipe's | 1.0247 of gpipe's | **1.0760** |
+
+(PowerSGD against dense under gpipe with Muon: 1.0462, against session 24's 1.036; Muon's async penalty fades only
+over far longer runs, 0.991 over 3000 steps in benchmarks/async_recipe.py.)
+
+With AdamW, the whole replicated-async recipe (staleness 1, PowerSGD int4 once per replica and step) ends 2.3 % above the
 synchronous dense run at the median, just outside the 2 % goal at this length with AdamW; with dense averaging the
 async penalty is larger (1.068). PowerSGD itself stays within 2 % of dense under gpipe (0.9931). Replica traffic: 61x
 below dense-bf16 per exchange (seed 0's gpipe dense arm moved 4.85 MB per step instead of 6.55 MB, so its ratio read
