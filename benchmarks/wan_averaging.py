@@ -49,9 +49,11 @@ over far longer runs, 0.991 over 3000 steps in benchmarks/async_recipe.py.)
 With AdamW, the whole replicated-async recipe (staleness 1, PowerSGD int4 once per replica and step) ends 2.3 % above the
 synchronous dense run at the median, just outside the 2 % goal at this length with AdamW; with dense averaging the
 async penalty is larger (1.068). PowerSGD itself stays within 2 % of dense under gpipe (0.9931). Replica traffic: 61x
-below dense-bf16 per exchange (seed 0's gpipe dense arm moved 4.85 MB per step instead of 6.55 MB, so its ratio read
-45.5x: with `replicas.max_inflight` 4 the head sometimes sent all 4 microbatches of a step to one replica, and a
-replica that computed nothing in a step pushes nothing; seed 2's async PowerSGD arm, likewise, 66.3x).
+below dense-bf16 per exchange. Seed 0's gpipe dense arm read 4.85 MB per step instead of 6.55 MB (45.5x), and seed 2's
+async PowerSGD arm 98 KB instead of 107 KB (66.3x). The cause is not established. Either the routing left a replica
+without work in some steps (a replica that computed nothing pushes nothing), or this script's reading of each node's
+cumulative `avg_wire_bytes` from its last progress record is off: 6-step async runs read 0 dense bytes in 2 of 10
+tries, so the swarm mode's byte counts of short runs are not to be trusted until that is found.
 
 Measured here (session 28, 2 cores, one thread per process, `--math --model wide --steps 600 --exchange step --ranks 12
 --iterations 3`, int4 factors, 61.2x against bf16 for both codes; loss over `dense-bf16` at equal tokens): the node's
