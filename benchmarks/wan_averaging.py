@@ -23,25 +23,22 @@ what a sharded exchange needs) at the same bytes per replica as the node's Power
                                        [--optimizer adamw|muon] [--lr LR]
 
 Measured here (session 29, 2 cores, swarm mode: stage 0 single, stages 1 and 2 with 2 replicas each; wide model,
-AdamW lr 1e-3, 600 steps = 307,200 tokens, `--exchange step --rank 12 --bits 4 --iterations 3`, each schedule's
+600 steps = 307,200 tokens, `--exchange step --rank 12 --bits 4 --iterations 3`, each schedule's
 dense-bf16 and PowerSGD arms; async at `--max-staleness 1`), the async schedule with replicated stages against
 gpipe, validation loss at equal tokens:
 
-| seed | gpipe dense-bf16 | gpipe PowerSGD | async dense-bf16 | async PowerSGD | async PowerSGD / gpipe dense-bf16 |
-|---|---|---|---|---|---|
-| 0 | 1.1101 | 1.1025 | 1.2218 | 1.1324 | 1.0201 |
-| 1 | 1.1310 | 1.1060 | 1.1377 | 1.1572 | 1.0231 |
-| 2 | 1.1024 | 1.1274 | 1.1775 | 1.1442 | 1.0379 |
-| median ratio | | 0.9931 of dense | 1.0681 of gpipe's | 1.0272 of gpipe's | **1.0231** |
+AdamW lr 1e-3 and the Muon recipe (`--optimizer muon --lr 1e-2`, the node's default async look-ahead):
 
-With the Muon recipe (`--optimizer muon --lr 1e-2`, the node's default async look-ahead; same settings otherwise):
-
-| seed | gpipe dense-bf16 | gpipe PowerSGD | async dense-bf16 | async PowerSGD | async PowerSGD / gpipe dense-bf16 |
-|---|---|---|---|---|---|
-| 0 | 1.0886 | 1.1160 | 1.1645 | 1.1713 | 1.0760 |
-| 1 | 1.0361 | 1.1567 | 1.1505 | 1.1407 | 1.1009 |
-| 2 | 1.1039 | 1.1550 | 1.1405 | 1.1835 | 1.0720 |
-| median ratio | | 1.0462 of dense | 1.0697 of gpipe's | 1.0247 of gpipe's | **1.0760** |
+| optimiser | seed | gpipe dense-bf16 | gpipe PowerSGD | async dense-bf16 | async PowerSGD | async PowerSGD / gpipe dense |
+|---|---|---|---|---|---|---|
+| AdamW | 0 | 1.1101 | 1.1025 | 1.2218 | 1.1324 | 1.0201 |
+| | 1 | 1.1310 | 1.1060 | 1.1377 | 1.1572 | 1.0231 |
+| | 2 | 1.1024 | 1.1274 | 1.1775 | 1.1442 | 1.0379 |
+| | median ratio | | 0.9931 of dense | 1.0681 of gpipe's | 1.0272 of gpipe's | **1.0231** |
+| Muon | 0 | 1.0886 | 1.1160 | 1.1645 | 1.1713 | 1.0760 |
+| | 1 | 1.0361 | 1.1567 | 1.1505 | 1.1407 | 1.1009 |
+| | 2 | 1.1039 | 1.1550 | 1.1405 | 1.1835 | 1.0720 |
+| | median ratio | | 1.0462 of dense | 1.0697 of gpipe's | 1.0247 of gpipe's | **1.0760** |
 
 (PowerSGD against dense under gpipe with Muon: 1.0462, against session 24's 1.036; Muon's async penalty fades only
 over far longer runs, 0.991 over 3000 steps in benchmarks/async_recipe.py.)
