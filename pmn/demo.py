@@ -36,7 +36,7 @@ from node.observability.status import node_status, read_progress
 from node.observability.web.app import make_app
 from node.observability.web.server import PageThread
 from node.observability.web.snapshot import node_part, page
-from node.services.audit import attester_role, spot_check, submit_frauds
+from node.services.audit import attester_role, hop_id, spot_check, submit_frauds
 from node.services.inference import Sampling, generate, head_stream_opener
 from node.testing.swarm import NodeProcess, launch_replicas, launch_swarm, stop_nodes
 from pmn.cmd_data import local_bpe_data
@@ -371,7 +371,7 @@ class Demo:
             store = ReceiptStore(StoreConfig(data_dir=n.data_dir), self.domain, registry)
             try:
                 for r in store.epoch_receipts(self.model_id, epoch, cosigned_only=True):
-                    seen.setdefault(r.receipt.key, r)
+                    seen.setdefault(hop_id(r), r)
             finally:
                 store.close()
         return list(seen.values())

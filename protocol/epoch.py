@@ -181,9 +181,12 @@ class EpochResult:
 def select_receipts(
     candidates: Iterable[SignedReceipt], context: EpochContext, registry: KeyRegistry
 ) -> tuple[list[SignedReceipt], list[tuple[dict[str, Any], str]]]:
-    """Verify gathered receipts; drop invalid ones, merge identical copies, drop keys with conflicting copies."""
-    accepted: dict[tuple[int, ...], SignedReceipt] = {}
-    conflicted: set[tuple[int, ...]] = set()
+    """Verify gathered receipts; drop invalid ones, merge identical copies, drop keys with conflicting copies.
+
+    Copies of one key from different rollback generations (a hop re-run by another replica after a rollback,
+    `Receipt.generation`) are not a conflict: the earliest generation's copy is credited, the later ones are
+    rejected as superseded. Conflicting copies within one generation drop the key."""
+    by_key: dict[tuple[int, ...], dict[tuple[int, int], list[SignedReceipt]]] = {}
     rejected: list[tuple[dict[str, Any], str]] = []
     for s in candidates:
         r = s.receipt
@@ -198,17 +201,22 @@ def select_receipts(
         except ProtocolError as exc:
             rejected.append((s.to_json(), str(exc)))
             continue
-        previous = accepted.get(r.key)
-        if previous is None and r.key not in conflicted:
-            accepted[r.key] = s
-        elif previous is not None and previous != s:
-            conflicted.add(r.key)
-            del accepted[r.key]
-            rejected.append((s.to_json(), "receipt: conflicting co-signed copies of this key; key dropped"))
-            rejected.append((previous.to_json(), "receipt: conflicting co-signed copies of this key; key dropped"))
-        elif r.key in conflicted:
-            rejected.append((s.to_json(), "receipt: conflicting co-signed copies of this key; key dropped"))
-    return [accepted[k] for k in sorted(accepted)], rejected
+        copies = by_key.setdefault(r.key, {}).setdefault(r.generation, [])
+        if s not in copies:
+            copies.append(s)
+    accepted: list[SignedReceipt] = []
+    for key in sorted(by_key):
+        generations = by_key[key]
+        first = min(generations)
+        for gen in sorted(generations)[1:]:
+            rejected += [(s.to_json(), f"receipt: superseded by the copy of rollback generation {first} of this key")
+                         for s in generations[gen]]
+        copies = generations[first]
+        if len(copies) == 1:
+            accepted.append(copies[0])
+        else:
+            rejected += [(s.to_json(), "receipt: conflicting co-signed copies of this key; key dropped") for s in copies]
+    return accepted, rejected
 
 
 def receipts_file(context: EpochContext, receipts: list[SignedReceipt]) -> bytes:

@@ -2,7 +2,8 @@
 
 Type and domain are fixed by docs/ARCHITECTURE.md:
 ``Receipt(uint256 modelId,uint64 epoch,uint64 step,uint32 microbatch,uint16 stage,uint8 direction,
-address sender,address receiver,bytes32 payloadDigest,uint32 tokens)`` under the domain
+address sender,address receiver,bytes32 payloadDigest,uint32 tokens,uint32 rollbackGen,uint64 rollbackStep)`` under the
+domain
 ``name="PMN ContributionLedger", version="1", chainId, verifyingContract``.
 """
 
@@ -46,6 +47,8 @@ RECEIPT_TYPES: dict[str, list[dict[str, str]]] = {
         {"name": "receiver", "type": "address"},
         {"name": "payloadDigest", "type": "bytes32"},
         {"name": "tokens", "type": "uint32"},
+        {"name": "rollbackGen", "type": "uint32"},
+        {"name": "rollbackStep", "type": "uint64"},
     ]
 }
 
@@ -57,6 +60,8 @@ _UINT_FIELDS = {  # attribute -> (EIP-712 field name, bit width)
     "stage": ("stage", 16),
     "direction": ("direction", 8),
     "tokens": ("tokens", 32),
+    "rollback_gen": ("rollbackGen", 32),
+    "rollback_step": ("rollbackStep", 64),
 }
 
 
@@ -275,6 +280,11 @@ class Receipt:
     receiver: str  # node key address of the receiving stage
     payload_digest: bytes  # BLAKE3 of the token window + payload bytes (activation or gradient), see payload_digest
     tokens: int  # tokens in the microbatch
+    # the rollback generation the hop was computed in (replicated mode, `node.replicas.rollback`): its number and the
+    # step it rewound to (0, 0 for generation 0). Steps >= rollbackStep are numbered again after a rollback: the
+    # generation tells an attester which run's records (parameters, received frames) the hop must be checked against
+    rollback_gen: int = 0
+    rollback_step: int = 0
 
     def __post_init__(self) -> None:
         for name, (field, bits) in _UINT_FIELDS.items():
@@ -290,11 +300,18 @@ class Receipt:
         object.__setattr__(self, "payload_digest", check_bytes32("payloadDigest", self.payload_digest))
         if self.tokens == 0:
             raise ReceiptError("tokens", "a hop carries at least one token")
+        if self.rollback_gen == 0 and self.rollback_step != 0:
+            raise ReceiptError("rollbackStep", f"generation 0 rewound to no step, got {self.rollback_step}")
 
     @property
     def key(self) -> tuple[int, int, int, int, int, int]:
         """The replay key: (modelId, epoch, step, microbatch, stage, direction)."""
         return (self.model_id, self.epoch, self.step, self.microbatch, self.stage, self.direction)
+
+    @property
+    def generation(self) -> tuple[int, int]:
+        """(rollbackGen, rollbackStep): the run of the swarm the hop belongs to."""
+        return (self.rollback_gen, self.rollback_step)
 
     @property
     def receiver_stage(self) -> int:
@@ -314,6 +331,8 @@ class Receipt:
             "receiver": self.receiver,
             "payloadDigest": self.payload_digest,
             "tokens": self.tokens,
+            "rollbackGen": self.rollback_gen,
+            "rollbackStep": self.rollback_step,
         }
 
     def digest(self, domain: Domain) -> bytes:
@@ -351,6 +370,8 @@ class Receipt:
             receiver=data["receiver"],
             payload_digest=_hex_bytes("payloadDigest", data["payloadDigest"]),
             tokens=data["tokens"],
+            rollback_gen=data["rollbackGen"],
+            rollback_step=data["rollbackStep"],
         )
 
 

@@ -1,7 +1,8 @@
 """Durable receipt store: one sqlite file (WAL) in the node's data dir.
 
 Each insert is one transaction. A receipt is verified before it is written, so a rejected input
-changes nothing; a second receipt with the same replay key raises `ReplayError`.
+changes nothing; a second receipt with the same replay key raises `ReplayError`. The replay key carries no
+rollback generation: a hop this node re-runs after a rollback is refused, and its first run's receipt (and credit) kept.
 """
 
 from __future__ import annotations
@@ -35,6 +36,8 @@ CREATE TABLE IF NOT EXISTS receipts (
     verifying_contract TEXT NOT NULL,
     sender_signature BLOB NOT NULL,
     receiver_signature BLOB,
+    rollback_gen INTEGER NOT NULL,
+    rollback_step INTEGER NOT NULL,
     PRIMARY KEY (model_id, epoch, step, microbatch, stage, direction)
 )
 """
@@ -95,11 +98,11 @@ class ReceiptStore:
         r = signed.receipt
         try:
             self._db.execute(
-                "INSERT INTO receipts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                "INSERT INTO receipts VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     str(r.model_id), r.epoch, r.step, r.microbatch, r.stage, r.direction, r.sender, r.receiver,
                     r.payload_digest, r.tokens, str(signed.domain.chain_id), signed.domain.verifying_contract,
-                    signed.sender_signature, signed.receiver_signature,
+                    signed.sender_signature, signed.receiver_signature, r.rollback_gen, r.rollback_step,
                 ),
             )
         except sqlite3.IntegrityError as exc:
@@ -150,13 +153,14 @@ class ReceiptStore:
     def _select(self, where: str, args: tuple[object, ...]) -> list[SignedReceipt]:
         rows = self._db.execute(
             "SELECT model_id, epoch, step, microbatch, stage, direction, sender, receiver, payload_digest, tokens, "
-            "chain_id, verifying_contract, sender_signature, receiver_signature FROM receipts " + where,
+            "chain_id, verifying_contract, sender_signature, receiver_signature, rollback_gen, rollback_step FROM receipts "
+            + where,
             args,
         ).fetchall()
         out = []
         for row in rows:
             receipt = Receipt(int(row[0]), row[1], row[2], row[3], row[4], row[5], row[6], row[7], bytes(row[8]),
-                              row[9])
+                              row[9], row[14], row[15])
             out.append(
                 SignedReceipt(
                     receipt,

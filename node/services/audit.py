@@ -3,12 +3,16 @@
 A node records, through the worker's observer hook, its stage parameters before each optimizer step
 (the parameters every hop of that step was computed with) and every data frame it received (token
 window + codec payload), under `<data_dir>/audit/epoch<E>/`, and keeps them while the epoch may
-still be challenged. It serves them on `/pmn/audit/1.0.0`.
+still be challenged. It serves them on `/pmn/audit/1.0.0`. Records are kept per rollback generation
+(`protocol.receipts.Receipt.generation`; replicated mode, `node.replicas.rollback`): after a rollback the
+steps from the rewound-to step on run again, and the first run's records stay beside the re-run's, so a hop
+is always checked against the run its receipt names.
 
 Messages (both ways): 4-byte big-endian header length, UTF-8 JSON header, 4-byte body length, body;
 both lengths are checked against `AuditConfig.max_message_bytes` before anything is read. Requests:
 
-- `{"type": "hop", "model_id", "step", "microbatch", "direction"}`: the parameters at `step`
+- `{"type": "hop", "model_id", "step", "microbatch", "direction"}` (and optionally `"rollback_gen"`,
+  `"rollback_step"`: the receipt's generation, default 0, 0): the parameters at `step`
   (safetensors bytes) and the activation the node received for (step, microbatch) (at the head: the
   data window and no payload). Reply header `{"type": "hop", "stage", "state_bytes", "window_bytes"}`,
   body = state + window + payload.
@@ -166,7 +170,8 @@ class AuditRecorder:
     """Worker observer: parameters before each optimizer step and every received data frame, on disk."""
 
     def __init__(self, data_dir: str | Path, epoch_length: int, config: AuditConfig | None = None,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 generation: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> None:
         if epoch_length < 1:
             raise ValueError(f"epoch_length={epoch_length!r}: must be >= 1")
         self.root = Path(data_dir).expanduser() / "audit"
@@ -174,6 +179,7 @@ class AuditRecorder:
         self.epoch_length = epoch_length  # optimizer steps per accounting epoch
         self.config = (config or AuditConfig()).validate()
         self.clock = clock
+        self.generation = generation  # the rollback generation the node trains in now: what a record is filed under
         self._lock = threading.Lock()
         self._written: dict[int, float] = {}  # epoch -> clock time of its last record in this process
 
@@ -187,15 +193,24 @@ class AuditRecorder:
         tmp.write_bytes(data)
         os.replace(tmp, path)
 
-    def _recv_path(self, direction: int, step: int, mb: int) -> Path:
-        return self._dir(step) / f"recv-{'fwd' if direction == FORWARD else 'bwd'}-{step}-{mb}.bin"
+    @staticmethod
+    def _suffix(generation: tuple[int, int]) -> str:
+        """File-name suffix of a generation's records ("" for generation 0)."""
+        return "" if generation == (0, 0) else f"-g{generation[0]}r{generation[1]}"
+
+    def _state_path(self, step: int, generation: tuple[int, int]) -> Path:
+        return self._dir(step) / f"state-{step}{self._suffix(generation)}.safetensors"
+
+    def _recv_path(self, direction: int, step: int, mb: int, generation: tuple[int, int]) -> Path:
+        kind = "fwd" if direction == FORWARD else "bwd"
+        return self._dir(step) / f"recv-{kind}-{step}-{mb}{self._suffix(generation)}.bin"
 
     def on_frame(self, fr: frames.Frame) -> None:
         """Keep a received data frame's window and payload (called off the event loop)."""
         h = fr.header
         direction = FORWARD if h.kind == frames.Kind.ACTIVATION else BACKWARD
         with self._lock:
-            self._write(self._recv_path(direction, h.step, h.microbatch),
+            self._write(self._recv_path(direction, h.step, h.microbatch, self.generation()),
                         _LEN.pack(len(fr.window)) + fr.window + fr.payload)
             self._written[h.step // self.epoch_length] = self.clock()
 
@@ -204,7 +219,7 @@ class AuditRecorder:
         # a copy in host memory (no second copy on the GPU); attesters re-execute from it on CPU
         state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in module.state_dict().items()}
         with self._lock:
-            self._write(self._dir(step) / f"state-{step}.safetensors", st_save(state))
+            self._write(self._state_path(step, self.generation()), st_save(state))
             self._written[step // self.epoch_length] = self.clock()
             self._prune(step // self.epoch_length)
 
@@ -224,22 +239,42 @@ class AuditRecorder:
         """Epochs whose records are still kept."""
         return sorted(int(d.name.removeprefix("epoch")) for d in self.root.glob("epoch*") if d.is_dir())
 
-    def state_bytes(self, step: int) -> bytes:
-        """Safetensors bytes of the parameters at `step` (AuditError if not kept)."""
-        path = self._dir(step) / f"state-{step}.safetensors"
+    def state_bytes(self, step: int, generation: tuple[int, int] = (0, 0)) -> bytes:
+        """Safetensors bytes of the parameters at `step` in rollback `generation` (AuditError if not kept)."""
+        path = self._state_path(step, generation)
         if not path.exists():
-            raise AuditError(f"no parameters kept for step {step} (kept epochs: {self.epochs()})")
+            raise AuditError(f"no parameters kept for step {step}{_gen_text(generation)} (kept epochs: "
+                             f"{self.epochs()})")
         return path.read_bytes()
 
-    def received(self, direction: int, step: int, mb: int) -> tuple[bytes, bytes]:
-        """(window, payload) of the frame of `direction` received for (step, mb) (AuditError if not kept)."""
-        path = self._recv_path(direction, step, mb)
+    def received(self, direction: int, step: int, mb: int, generation: tuple[int, int] = (0, 0)) -> tuple[bytes, bytes]:
+        """(window, payload) of the frame of `direction` received for (step, mb) in rollback `generation` (AuditError
+        if not kept)."""
+        path = self._recv_path(direction, step, mb, generation)
         if not path.exists():
             name = "activation" if direction == FORWARD else "gradient"
-            raise AuditError(f"no {name} received for step {step} microbatch {mb} is kept")
+            raise AuditError(f"no {name} received for step {step} microbatch {mb}{_gen_text(generation)} is kept")
         raw = path.read_bytes()
         (wlen,) = _LEN.unpack(raw[:4])
         return raw[4:4 + wlen], raw[4 + wlen:]
+
+
+def _gen_text(generation: tuple[int, int]) -> str:
+    return "" if generation == (0, 0) else f" of rollback generation {generation[0]} (from step {generation[1]})"
+
+
+def _generation(header: dict[str, Any]) -> tuple[int, int]:
+    """The rollback generation a hop request names ((0, 0) when it names none); AuditError naming a bad field."""
+    gen = _uint(header, "rollback_gen", 1 << 32) if "rollback_gen" in header else 0
+    step = _uint(header, "rollback_step", 1 << 64) if "rollback_step" in header else 0
+    if gen == 0 and step != 0:
+        raise AuditError(f"field 'rollback_step' must be 0 in generation 0, got {step}")
+    return gen, step
+
+
+def _generation_fields(generation: tuple[int, int]) -> dict[str, int]:
+    """The request fields naming a rollback generation (none for generation 0)."""
+    return {} if generation == (0, 0) else {"rollback_gen": generation[0], "rollback_step": generation[1]}
 
 
 # -- serving ----------------------------------------------------------------------------------------
@@ -277,6 +312,7 @@ class AuditService:
         step = _uint(header, "step")
         mb = _uint(header, "microbatch", self.worker.num_microbatches)
         direction = _uint(header, "direction", 2)
+        _generation(header)
         mine = self.worker.spec.index
         # the hop's key names its sender's stage: ours for "hop", the neighbour that sent what we received otherwise
         stage = mine if kind == "hop" else mine - 1 if direction == FORWARD else mine + 1
@@ -296,15 +332,16 @@ class AuditService:
         step = _uint(header, "step")
         mb = _uint(header, "microbatch", self.worker.num_microbatches)
         direction = _uint(header, "direction", 2)
+        generation = _generation(header)
         if kind == "received":
-            window, payload = self.recorder.received(direction, step, mb)
+            window, payload = self.recorder.received(direction, step, mb, generation)
             return {"type": "received", "window_bytes": len(window)}, window + payload
-        state = self.recorder.state_bytes(step)
+        state = self.recorder.state_bytes(step, generation)
         if self.worker.spec.is_first:
             window = window_to_bytes(self.worker.head_window(step, mb), self.worker.id_bytes)
             payload = b""
         else:
-            window, payload = self.recorder.received(FORWARD, step, mb)
+            window, payload = self.recorder.received(FORWARD, step, mb, generation)
         return ({"type": "hop", "stage": self.worker.spec.index, "state_bytes": len(state),
                  "window_bytes": len(window)}, state + window + payload)
 
@@ -361,10 +398,12 @@ class AuditService:
 def install_audit(host: Any, worker: Any, identity: NodeIdentity, data_dir: Path, model_id: int, epoch_length: int,
                   receipts: Callable[[int], list[SignedReceipt]] | None = None,
                   config: AuditConfig | None = None, policy: AccessPolicy | None = None,
-                  scores: PeerScores | None = None) -> AuditService:
-    """Attach a recorder to `worker` (records under `data_dir`) and serve `/pmn/audit/1.0.0` on `host`
-    (`policy`: who may audit which hops, default OpenPolicy; `scores`: the node's refusal scores, default its own)."""
-    recorder = AuditRecorder(data_dir, epoch_length, config)
+                  scores: PeerScores | None = None,
+                  generation: Callable[[], tuple[int, int]] = lambda: (0, 0)) -> AuditService:
+    """Attach a recorder to `worker` (records under `data_dir`, filed under the rollback `generation` the node trains
+    in when each is made) and serve `/pmn/audit/1.0.0` on `host` (`policy`: who may audit which hops, default
+    OpenPolicy; `scores`: the node's refusal scores, default its own)."""
+    recorder = AuditRecorder(data_dir, epoch_length, config, generation=generation)
     worker.observers.append(recorder)
     service = AuditService(recorder, worker, model_id, receipts, config, identity=identity, policy=policy,
                            scores=scores)
@@ -438,11 +477,12 @@ class AuditClient:
             raise AuditError(f"{addr}: expected a {header['type']!r} reply, got {reply['type']!r}")
         return reply, body
 
-    async def hop(self, addr: str, step: int, mb: int, direction: int, node: str | None = None
-                  ) -> tuple[dict[str, torch.Tensor], bytes, bytes]:
-        """(state_dict, window, input payload) of a hop the node at `addr` (node key `node`, if given) sent."""
-        reply, body = await self.request(addr, {"type": "hop", "step": step, "microbatch": mb, "direction": direction},
-                                         node)
+    async def hop(self, addr: str, step: int, mb: int, direction: int, node: str | None = None,
+                  generation: tuple[int, int] = (0, 0)) -> tuple[dict[str, torch.Tensor], bytes, bytes]:
+        """(state_dict, window, input payload) of a hop the node at `addr` (node key `node`, if given) sent in rollback
+        `generation`."""
+        reply, body = await self.request(addr, {"type": "hop", "step": step, "microbatch": mb, "direction": direction,
+                                                **_generation_fields(generation)}, node)
         n, w = int(reply["state_bytes"]), int(reply["window_bytes"])
         if n + w > len(body):
             raise AuditError(f"{addr}: hop reply declares {n + w} bytes of state and window, body has {len(body)}")
@@ -452,12 +492,12 @@ class AuditClient:
             raise AuditError(f"{addr}: the parameters of step {step} do not parse: {exc}") from exc
         return state, body[n:n + w], body[n + w:]
 
-    async def received(self, addr: str, step: int, mb: int, direction: int, node: str | None = None
-                       ) -> tuple[bytes, bytes]:
+    async def received(self, addr: str, step: int, mb: int, direction: int, node: str | None = None,
+                       generation: tuple[int, int] = (0, 0)) -> tuple[bytes, bytes]:
         """(window, payload) of the frame the node at `addr` (node key `node`, if given) received for (step, mb,
-        direction)."""
+        direction) in rollback `generation`."""
         reply, body = await self.request(addr, {"type": "received", "step": step, "microbatch": mb,
-                                                "direction": direction}, node)
+                                                "direction": direction, **_generation_fields(generation)}, node)
         w = int(reply["window_bytes"])
         if w > len(body):
             raise AuditError(f"{addr}: received reply declares {w} window bytes, body has {len(body)}")
@@ -488,6 +528,11 @@ class AuditReport:
     def to_json(self) -> dict[str, int]:
         """The counts the demo reports."""
         return {"checked": self.checked, "failed": self.failed}
+
+
+def hop_id(signed: SignedReceipt) -> tuple[int, ...]:
+    """A hop's replay key and its rollback generation: after a rollback one key may have a receipt per generation."""
+    return (*signed.receipt.key, *signed.receipt.generation)
 
 
 def checkable(signed: SignedReceipt, num_stages: int) -> bool:
@@ -559,7 +604,7 @@ class Attester:
         """Fetch and re-execute one hop; `upstream` is the co-signed receipt of the activation the sender received."""
         r = signed.receipt
         state, in_window, in_payload = await self.client.hop(self._addr(r.sender), r.step, r.microbatch, r.direction,
-                                                             node=r.sender)
+                                                             node=r.sender, generation=r.generation)
         spec = self.specs[r.stage]
         if not spec.is_first:
             if upstream is None:
@@ -567,7 +612,7 @@ class Attester:
             if payload_digest(in_payload, in_window) != upstream.receipt.payload_digest:
                 raise SpotCheckError("input_payload", "the input the node served is not the one it countersigned")
         sent_window, sent = await self.client.received(self._addr(r.receiver), r.step, r.microbatch, r.direction,
-                                                       node=r.receiver)
+                                                       node=r.receiver, generation=r.generation)
         window_raw = sent_window if r.direction == FORWARD else in_window
         window = _window_tensor(window_raw, self.model, len(in_window))
         hop = HopInput(signed, sent, window, state, None if spec.is_first else in_payload)
@@ -576,17 +621,20 @@ class Attester:
 
     async def audit(self, receipts: Sequence[SignedReceipt], exclude: Callable[[SignedReceipt], bool] | None = None
                     ) -> AuditReport:
-        """Spot-check the epoch's co-signed `receipts` at the audit rate (one hop at a time)."""
-        unique = {s.receipt.key: s for s in receipts if s.cosigned}
+        """Spot-check the epoch's co-signed `receipts` at the audit rate (one hop at a time). A hop key sampled is
+        checked in every rollback generation it has a receipt of, each against that generation's records and
+        upstream receipt."""
+        unique = {hop_id(s): s for s in receipts if s.cosigned}
         n = len(self.specs)
-        sampled = [s for s in sample_hops([unique[k] for k in sorted(unique)], self.check) if checkable(s, n)] \
-            if self.role is None else self.assigned([unique[k] for k in sorted(unique)])
+        ordered = [unique[k] for k in sorted(unique)]
+        sampled = [s for s in sample_hops(ordered, self.check) if checkable(s, n)] \
+            if self.role is None else self.assigned(ordered)
         report = AuditReport()
         for signed in sampled:
             if exclude is not None and exclude(signed):
                 continue
             r = signed.receipt
-            upstream = unique.get((r.model_id, r.epoch, r.step, r.microbatch, r.stage - 1, FORWARD))
+            upstream = unique.get((r.model_id, r.epoch, r.step, r.microbatch, r.stage - 1, FORWARD, *r.generation))
             report.checked += 1
             try:
                 result = await self.check_receipt(signed, upstream)
@@ -659,15 +707,15 @@ def _ledger_domain(client: Any) -> Any:
 async def gather_receipts(client: AuditClient, addrs: Sequence[str], epoch: int) -> list[SignedReceipt]:
     """An attester collects an epoch's receipts from every node over the audit protocol.
 
-    One receipt per hop key, a co-signed copy preferred; uncountersigned claims are kept so that
-    `protocol.epoch.build_epoch` can refuse them.
+    One receipt per hop key and rollback generation (`hop_id`), a co-signed copy preferred; uncountersigned claims
+    are kept so that `protocol.epoch.build_epoch` can refuse them.
     """
     seen: dict[tuple[int, ...], SignedReceipt] = {}
     for addr in addrs:
         for s in await client.receipts(addr, epoch):
-            old = seen.get(s.receipt.key)
+            old = seen.get(hop_id(s))
             if old is None or (s.cosigned and not old.cosigned):
-                seen[s.receipt.key] = s
+                seen[hop_id(s)] = s
     return list(seen.values())
 
 

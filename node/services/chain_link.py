@@ -72,6 +72,13 @@ class StoredReceipts(EIP712Receipts):
         return counter
 
 
+def receipt_generation(ctx: NodeContext) -> tuple[int, int]:
+    """The rollback generation the node trains in now, as receipts and audit records name it (`Receipt.generation`:
+    (0, 0) before any rollback, else its number and the step it rewound to)."""
+    me = ctx.discovery.me
+    return (me.rollback_gen, me.rollback_step) if me.rollback_gen else (0, 0)
+
+
 def training_section(cfg: NodeConfig, optim: OptimConfig) -> TrainingSection:
     """The proposal `training` section a node with this config actually runs (stages, codec, schedule, optimiser)."""
     section = node_training_section(cfg)
@@ -113,6 +120,8 @@ class ChainLinkService:
             print(json.dumps({"event": "error", "error": str(exc), "type": type(exc).__name__}), flush=True)
             print(f"error: {exc}", file=sys.stderr, flush=True)
             raise
+        if isinstance(ctx.receipts, EIP712Receipts):
+            ctx.receipts.generation = lambda: receipt_generation(ctx)  # hops are signed for the generation they run in
         if ctx.worker is not None:
             self._serve(ctx, ctx.worker)
         elif ctx.cfg.replicas.enabled:
@@ -141,7 +150,8 @@ class ChainLinkService:
                                           policy=self.access, scores=ctx.scores)
         host.set_stream_handler(INFER_PROTOCOL, self.inference.handle)
         self.audit = install_audit(host, worker, ctx.identity, ctx.data_dir, self.model_id, self.link.epoch_length,
-                                   self.epoch_receipts, self.audit_cfg, policy=self.access, scores=ctx.scores)
+                                   self.epoch_receipts, self.audit_cfg, policy=self.access, scores=ctx.scores,
+                                   generation=lambda: receipt_generation(ctx))
         if not state:
             return
         log = ctx.log

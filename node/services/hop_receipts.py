@@ -39,6 +39,7 @@ class EIP712Receipts:
         tokens_per_microbatch: int,
         epoch_of_step: Callable[[int], int] = lambda step: 0,
         on_cosigned: Callable[[SignedReceipt], None] | None = None,
+        generation: Callable[[], tuple[int, int]] = lambda: (0, 0),
     ) -> None:
         self.account = account  # the node key (its address is the receipt sender/receiver)
         self.domain = domain  # ContributionLedger EIP-712 domain
@@ -46,15 +47,20 @@ class EIP712Receipts:
         self.tokens = tokens_per_microbatch  # tokens each hop carries
         self.epoch_of_step = epoch_of_step  # accounting epoch of a global step
         self.on_cosigned = on_cosigned  # called with each receipt once both signatures are in
+        # the rollback generation (number, step) the node trains in now (`Receipt.generation`): both ends of a hop
+        # are in the same one (a channel from a peer of another generation is refused), so both sign the same receipt
+        self.generation = generation
         self.sent: dict[tuple[int, int, int, bytes], SignedReceipt] = {}  # awaiting countersignature
         self.cosigned: list[SignedReceipt] = []  # receipts we sent, countersigned by the receiver
         self.received: list[SignedReceipt] = []  # receipts we countersigned as the receiver
 
     def _receipt(self, header: frames.FrameHeader, sender: str, receiver: str) -> Receipt:
         direction = FORWARD if header.kind == frames.Kind.ACTIVATION else BACKWARD
+        gen, rewound_to = self.generation()
         return Receipt(model_id=self.model_id, epoch=self.epoch_of_step(header.step), step=header.step,
                        microbatch=header.microbatch, stage=header.stage, direction=direction, sender=sender,
-                       receiver=receiver, payload_digest=header.digest, tokens=self.tokens)
+                       receiver=receiver, payload_digest=header.digest, tokens=self.tokens, rollback_gen=gen,
+                       rollback_step=rewound_to)
 
     def sign(self, header: frames.FrameHeader, peer_address: str) -> bytes:
         signed = sign_receipt(self._receipt(header, self.account.address, peer_address), self.domain, self.account)

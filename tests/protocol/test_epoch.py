@@ -155,3 +155,31 @@ def test_epoch_root_quorum(domain, keys, registry):
     wrong_epoch = dict(message, epoch=1)
     with pytest.raises(UnregisteredKeyError):  # recovers to some unrelated address
         check_quorum(domain, wrong_epoch, sigs, attester_registry, 2)
+
+
+def _regenerated(s, domain, sender, receiver, generation, digest=b"rerun"):
+    """The same hop key re-run after a rollback: another payload, signed in `generation`."""
+    from protocol.receipts import countersign, payload_digest, sign_receipt
+
+    r = dataclasses.replace(s.receipt, sender=sender.address, receiver=receiver.address,
+                            payload_digest=payload_digest(digest), rollback_gen=generation[0],
+                            rollback_step=generation[1])
+    return countersign(sign_receipt(r, domain, sender), receiver)
+
+
+def test_a_hop_rerun_after_a_rollback_is_credited_once_to_its_first_generation(domain, keys, registry):
+    nodes, other = keys[:3], keys[3]  # `other`: a second stage-0 replica that re-ran the hop in generation 1
+    first = _epoch_receipts(domain, nodes, steps=1, mbs=1)
+    fwd0 = next(s for s in first if s.receipt.key[4:] == (0, 0))
+    rerun = _regenerated(fwd0, domain, other, nodes[1], (1, 0))
+    reg = StaticKeyRegistry([k.address for k in keys])
+    result = build_epoch([rerun, *first], _context(domain), reg)  # gathered in any order
+    assert result.receipts == build_epoch(first, _context(domain), reg).receipts
+    assert other.address not in result.totals
+    assert [(s, reason) for s, reason in result.rejected] == [
+        (rerun.to_json(), "receipt: superseded by the copy of rollback generation (0, 0) of this key")]
+    # two copies of one key within a generation still conflict (the key is dropped), whatever later copies exist
+    twin = _regenerated(fwd0, domain, other, nodes[1], (0, 0), digest=b"twin")
+    dropped = build_epoch([*first, twin, rerun], _context(domain), reg)
+    assert fwd0 not in dropped.receipts and rerun not in dropped.receipts and other.address not in dropped.totals
+    assert sum("conflicting" in reason for _, reason in dropped.rejected) == 2

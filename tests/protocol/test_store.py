@@ -78,3 +78,15 @@ def test_countersignature_attached_once(tmp_path, keys, domain, registry):
 def test_bad_config_is_value_error(tmp_path, domain, registry):
     with pytest.raises(ValueError, match="busy_timeout_s"):
         ReceiptStore(StoreConfig(tmp_path, busy_timeout_s=0), domain, registry)
+
+
+def test_the_rollback_generation_is_kept_and_a_rerun_of_a_stored_key_is_a_replay(tmp_path, keys, domain, registry):
+    config = StoreConfig(tmp_path)
+    rerun = _signed(keys, domain, 0, rollback_gen=2, rollback_step=5)
+    with ReceiptStore(config, domain, registry) as store:
+        store.add(rerun)
+        with pytest.raises(ReplayError):  # the replay key carries no generation: the first run's credit is kept
+            store.add(_signed(keys, domain, 0, rollback_gen=3, rollback_step=4))
+    with ReceiptStore(config, domain, registry) as store:
+        kept = store.get(rerun.receipt.key)
+        assert kept is not None and kept == rerun and kept.receipt.generation == (2, 5)
