@@ -14,8 +14,8 @@ replicated runner with the step exchange, PowerSGD at `--averaging-rank` / `--av
 work; async then is the replicated engine's window of `--max-staleness` steps, and 1f1b routes as gpipe does). Per
 node utilisation is its `compute_s` over the same window. Replica averaging's quality (dense vs PowerSGD on 3
 stages with the middle and tail stages replicated) is measured by benchmarks/wan_averaging.py, run from here after
-the schedules (`--averaging-steps`, 0 skips it): its figures are `replica_compression` and
-`loss_ratio_compressed_avg`.
+the schedules (`--averaging-steps`, 0 skips it): its figures are `replica_compression` (dense / compressed bytes of
+a full step, every replica computing, from the measured bytes per contribution) and `loss_ratio_compressed_avg`.
 
 Utilisation of a stage = its compute seconds (forward, backward, optimiser, data; `busy_s` of the
 progress records) / the wall time between its first and last step ends (the first step, which holds
@@ -531,7 +531,7 @@ def main(argv: list[str] | None = None) -> None:
         if avg_steps > 0 else None
     if averaging is not None:
         print(f"replica averaging ({avg_steps} steps, {a.averaging_model} model, lr {a.lr:g}): {a.averaging_dense} vs PowerSGD "
-              f"r{a.averaging_rank} {f'int{a.averaging_bits}' if a.averaging_bits < 16 else 'bf16'}: bytes per step "
+              f"r{a.averaging_rank} {f'int{a.averaging_bits}' if a.averaging_bits < 16 else 'bf16'}: bytes of a full step "
               f"{averaging['replica_compression']:.1f}x less, val loss ratio {averaging['loss_ratio_compressed_avg']:.4f}")
     print(f"model d={BENCH_MODEL.d_model} L={BENCH_MODEL.n_layers} T={BENCH_MODEL.seq_len}, 3 stages x "
           f"{a.replicas} node(s), "

@@ -46,11 +46,16 @@ over far longer runs, 0.991 over 3000 steps in benchmarks/async_recipe.py.)
 With AdamW, the whole replicated-async recipe (staleness 1, PowerSGD int4 once per replica and step) ends 2.3 % above the
 synchronous dense run at the median, just outside the 2 % goal at this length with AdamW; with dense averaging the
 async penalty is larger (1.068). PowerSGD itself stays within 2 % of dense under gpipe (0.9931). Replica traffic: 61x
-below dense-bf16 per exchange. Seed 0's gpipe dense arm read 4.85 MB per step instead of 6.55 MB (45.5x), and seed 2's
-async PowerSGD arm 98 KB instead of 107 KB (66.3x). The cause is not established. Either the routing left a replica
-without work in some steps (a replica that computed nothing pushes nothing), or this script's reading of each node's
-cumulative `avg_wire_bytes` from its last progress record is off: 6-step async runs read 0 dense bytes in 2 of 10
-tries, so the swarm mode's byte counts of short runs are not to be trusted until that is found.
+below dense-bf16 per exchange (session 29's figures were measured bytes per step: seed 0's gpipe dense arm read 45.5x,
+seed 2's async PowerSGD arm 66.3x).
+
+Bytes per step follow the routing (found in session 30): a replica that computed nothing in a step pushes nothing,
+and a replica that missed a push pulls it later, so the measured bytes per step of one arm depend on how many replicas
+got work, not only on the encoding. `replica_compression` is therefore the ratio of a *full step* (every replica
+computes): each replicated stage's measured push bytes per contribution received (`avg_push_bytes` /
+`avg_pushes_in`, both counted by the receiving node's server), times the contributions a full step sends. The measured
+bytes per step stay in the table and the JSON (`*_replica_bytes_per_step`). Three 6-step async runs here (`--rank 4
+--bits 4`): bytes per step 5.23-6.56 MB dense and 27-36 KB PowerSGD, the full-step ratio 174.7-174.9x.
 
 Measured here (session 28, 2 cores, one thread per process, `--math --model wide --steps 600 --exchange step --ranks 12
 --iterations 3`, int4 factors, 61.2x against bf16 for both codes; loss over `dense-bf16` at equal tokens): the node's
@@ -317,6 +322,23 @@ def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: floa
     # a replica that missed a step's contributions past avg_timeout fetches the state instead (no record of it)
     synced = {name: steps - len(r) for name, r in recs.items() if len(r) < steps}
     wire = {name: int(r[max(r)].get("avg_wire_bytes", 0)) if r else 0 for name, r in recs.items()}
+    # contributions that crossed between the replicas, counted by each receiving node with its bytes (a replica that
+    # computed nothing in a step sends nothing, so bytes per step follow the routing; bytes per contribution follow the
+    # encoding): per replicated stage, bytes per contribution, and what a step moves when every replica computes
+    pushes = {name: int(r[max(r)].get("avg_pushes_in", 0)) if r else 0 for name, r in recs.items()}
+    push_bytes = {name: int(r[max(r)].get("avg_push_bytes", 0)) if r else 0 for name, r in recs.items()}
+    per_contribution: dict[int, float] = {}
+    for s_, names in stages.items():
+        if len(names) > 1:
+            n_in = sum(pushes[n] for n in names)
+            if not n_in:
+                raise RuntimeError(f"{averaging}: no contribution reached a replica of stage {s_} (avg_pushes_in of "
+                                   f"each node's last record: {pushes}, bytes: {wire})")
+            per_contribution[s_] = sum(push_bytes[n] for n in names) / n_in  # pulls of missed ones not included
+    # a full step: every replica's bundle to each other replica (step exchange), or each of the M microbatches'
+    # contribution to each other replica (microbatch exchange)
+    full_step = sum(c * (len(stages[s_]) if exchange == "step" else M) * (len(stages[s_]) - 1)
+                    for s_, c in per_contribution.items())
     corpus = load_corpus("synthetic")
     modules: list[torch.nn.Module] = []
     for stage, name in ((0, "head"), (1, "mid0"), (2, "tail0")):
@@ -330,7 +352,8 @@ def run_swarm(root: Path, steps: int, averaging: str, rank: int, timeout_s: floa
                      (_stage_weights(root / "tail0", 2), _stage_weights(root / "tail1", 2))))
     tail_losses = [next(recs[n][s] for n in stages[2] if s in recs[n]).get("loss") for s in done]
     return {"steps": steps, "wall_s": wall, "replica_bytes_per_step": sum(wire.values()) / steps,
-            "bytes_by_node": wire, "val_loss": val_loss(modules, corpus, cfg),
+            "replica_bytes_per_full_step": full_step, "replica_bytes_per_contribution": per_contribution,
+            "bytes_by_node": wire, "contributions_by_node": pushes, "val_loss": val_loss(modules, corpus, cfg),
             "final_train_loss": tail_losses[-1], "replicas_identical": identical, "steps_fetched_by_node": synced}
 
 
@@ -345,7 +368,9 @@ def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, 
     replica_exchange: one contribution per microbatch, or per replica and step, in both arms so that the ratio is the
     encoding's) and the pipeline `schedule` (async: `max_staleness`, which needs the step exchange).
 
-    Returns `replica_compression` (dense / compressed replica bytes per step), `loss_ratio_compressed_avg`
+    Returns `replica_compression` (dense / compressed replica bytes of a step in which every replica computes: each
+    stage's measured bytes per contribution received, times the contributions such a step sends; the routing does not
+    change it, where the measured bytes per step also count how many replicas got work), `loss_ratio_compressed_avg`
     (compressed / dense validation loss) and both runs' figures (`dense`, `compressed`)."""
     if dense not in DENSE_BASELINES:
         raise ValueError(f"dense baseline {dense!r}: use one of {', '.join(DENSE_BASELINES)}")
@@ -359,7 +384,7 @@ def compare_averaging(steps: int = 40, rank: int = 4, timeout_s: float = 900.0, 
     finally:
         if root is None:
             shutil.rmtree(base, ignore_errors=True)
-    return {"replica_compression": base_run["replica_bytes_per_step"] / max(1.0, comp["replica_bytes_per_step"]),
+    return {"replica_compression": base_run["replica_bytes_per_full_step"] / max(1.0, comp["replica_bytes_per_full_step"]),
             "loss_ratio_compressed_avg": comp["val_loss"] / base_run["val_loss"], "rank": rank, "bits": bits,
             "block_rank": block_rank, "exchange": exchange, "schedule": schedule, "max_staleness": max_staleness,
             "iterations": iterations, "data_seed": data_seed, "steps": steps, "model": model, "tokens": steps * M * B * cfg.seq_len, "dense_baseline": dense,
@@ -629,12 +654,13 @@ def main(argv: list[str] | None = None) -> int:
                             lr=a.lr, dense=a.dense, iterations=a.iterations, data_seed=a.seed,
                             optimizer=a.optimizer, block_rank=a.block_rank, exchange=a.exchange, schedule=a.schedule,
                             max_staleness=staleness)
-    print(f"{'averaging':12} {'steps':>5} {'replica B/step':>15} {'val loss':>9} {'train loss':>10} {'identical':>9} "
-          f"{'wall s':>7}")
+    print(f"{'averaging':12} {'steps':>5} {'replica B/step':>15} {'B/full step':>15} {'val loss':>9} "
+          f"{'train loss':>10} {'identical':>9} {'wall s':>7}")
     for name, r in ((a.dense, res["dense"]), (f"powersgd r{a.rank}" + (f"/{a.block_rank}" if a.block_rank else "")
                                               + (f" int{a.bits}" if a.bits < 16 else ""),
                                               res["compressed"])):
-        print(f"{name:12} {r['steps']:>5} {r['replica_bytes_per_step']:>15.0f} {r['val_loss']:>9.4f} "
+        print(f"{name:12} {r['steps']:>5} {r['replica_bytes_per_step']:>15.0f} "
+              f"{r['replica_bytes_per_full_step']:>15.0f} {r['val_loss']:>9.4f} "
               f"{r['final_train_loss']:>10.4f} {str(r['replicas_identical']):>9} {r['wall_s']:>7.1f}")
     print(f"replica traffic {res['replica_compression']:.1f}x smaller, validation loss ratio "
           f"{res['loss_ratio_compressed_avg']:.4f} at {res['tokens']} tokens")
@@ -646,6 +672,8 @@ def main(argv: list[str] | None = None) -> int:
                       "model": res["model"], "tokens": res["tokens"],
                       "dense_replica_bytes_per_step": res["dense"]["replica_bytes_per_step"],
                       "compressed_replica_bytes_per_step": res["compressed"]["replica_bytes_per_step"],
+                      "dense_replica_bytes_per_full_step": res["dense"]["replica_bytes_per_full_step"],
+                      "compressed_replica_bytes_per_full_step": res["compressed"]["replica_bytes_per_full_step"],
                       "dense_val_loss": res["dense"]["val_loss"], "compressed_val_loss": res["compressed"]["val_loss"],
                       "replicas_identical": res["dense"]["replicas_identical"] and
                       res["compressed"]["replicas_identical"]}))

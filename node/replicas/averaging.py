@@ -376,6 +376,8 @@ class ContributionStore:
         # bundles come; the engine trusts only the leader's)
         self.wire_bytes = 0  # /pmn/avg/1.0.0 bytes this node's server read and wrote for this store (pushes
         # received, pull requests and answers): every contribution crossing between replicas is counted once
+        self.pushes_in = 0  # contributions (a microbatch's, or a replica's step bundle) pushed to us and stored
+        self.push_wire_bytes = 0  # the part of wire_bytes those pushes moved (request, blob and answer)
         self.changed = trio.Event()
 
     def _poke(self) -> None:
@@ -539,6 +541,7 @@ class _Counted:
         self.stream = stream
         self.count = 0  # bytes read + written
         self.store: ContributionStore | None = None  # the store the request named, once known
+        self.stored = False  # the request was a push whose contribution was stored
         self._first = b""  # the first byte of the next request, read while waiting for it
 
     async def read(self, n: int | None = None) -> bytes:
@@ -646,7 +649,10 @@ class AveragingService:
         stream's next request."""
         if counted.store is not None:
             counted.store.wire_bytes += counted.count
-        counted.count, counted.store = 0, None
+            if counted.stored:
+                counted.store.pushes_in += 1
+                counted.store.push_wire_bytes += counted.count
+        counted.count, counted.store, counted.stored = 0, None, False
 
     async def _exchange(self, stream: Any, peer: Any) -> None:
         """One request: header (bounded), authorization for its stage, then the blob only of a valid push."""
@@ -699,6 +705,8 @@ class AveragingService:
                 store.add(step, mb, attempt, vec, None if loss is None else float(loss))
             self.pushed.setdefault(key, deque()).append((stage, step, mb, attempt))
             await write_msg(stream, {"ok": True})
+            if isinstance(stream, _Counted):
+                stream.stored = True
         elif op == "pull":
             if size:
                 raise AveragingError(f"a pull carries no blob, this one declares {size} bytes")

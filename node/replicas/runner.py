@@ -57,7 +57,9 @@ def step_report(out: StepOutcome, eng: ReplicaEngine) -> StepReport:
     """The node-level report of one replicated step."""
     record = {"applied": out.applied, "mine": out.mine, "computed": out.computed, "dropped": out.dropped,
               "rerouted": out.rerouted, "compute_s": out.compute_s, "throughput": eng.throughput,
-              "avg_wire_bytes": eng.store.wire_bytes}  # cumulative /pmn/avg bytes served for this stage
+              "avg_wire_bytes": eng.store.wire_bytes,  # cumulative /pmn/avg bytes served for this stage
+              "avg_pushes_in": eng.store.pushes_in,  # cumulative contributions pushed to us for this stage
+              "avg_push_bytes": eng.store.push_wire_bytes}  # the part of avg_wire_bytes those pushes moved
     record["rollback_gen"] = eng.discovery.me.rollback_gen  # exactly-once holds per rollback generation
     record["ahead"] = out.extra.get("ahead", 0)  # forwards of later steps run during this step (async schedule)
     record["update_s"] = out.extra.get("update_s", 0.0)  # seconds of the step's update (combine, optimizer step)

@@ -160,6 +160,12 @@ def test_a_swarm_exchanging_per_step_applies_every_microbatch_once_and_keeps_rep
     moved = sum(records(n)[STEPS - 1]["avg_wire_bytes"] for n in (mid_a, mid_b))
     assert moved >= 4 * codec.words  # at least one bundle crossed
     assert moved < STEPS * M * 4 * codec.words
+    # each push the middle servers stored is counted with its bytes: one bundle of the codec's size plus framing
+    for n in (mid_a, mid_b):
+        last = records(n)[STEPS - 1]
+        assert 0 < last["avg_pushes_in"] <= STEPS and last["avg_push_bytes"] <= last["avg_wire_bytes"], last
+        per_push = last["avg_push_bytes"] / last["avg_pushes_in"]
+        assert 4 * codec.words < per_push < 4 * codec.words + 4096, (per_push, 4 * codec.words)
 
 
 @pytest.mark.network
