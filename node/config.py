@@ -151,7 +151,8 @@ class RuntimeConfig:
     # max_staleness updates (the delay correction, sharding.delayed.WeightStash; 0 = plain weight stashing)
     eval_every: int = 50  # after the update of every this many steps, the pipeline forwards the validation
     # microbatches (forward only, no weight change) and the tail records val_loss; 0 = off. gpipe and 1f1b
-    # one-peer-per-stage runs only (async and replicated runs do not evaluate); neighbours must agree
+    # one-peer-per-stage runs and replicated runs (node.replicas.evaluation: the leading head records it); the
+    # one-peer-per-stage async schedule does not evaluate; neighbours must agree
     eval_batches: int = 4  # validation microbatches (of microbatch_size sequences) per evaluation: a fixed set
     eval_seed: int = 1234  # seed of the validation windows (the corpus's val split, never train)
 
@@ -217,6 +218,10 @@ class ReplicaConfig:
     aggregation: str = "mean"  # protocol.aggregation method combining per-microbatch contributions
     state_timeout_s: float = 30.0  # time allowed to fetch a stage's state from a peer when joining
     finish_grace_s: float = 15.0  # after the last step, keep serving this long while a stage peer is still behind
+    # (or, when an evaluation follows the last step, while the leading head has not recorded it)
+    eval_timeout_s: float = 60.0  # bound on one stage's part of an evaluation (/pmn/eval: waiting for its weights
+    # after the update, its forward, the rest of the chain); the leading head allows num_stages times this
+    eval_keep: int = 2  # copies of the stage weights after evaluated updates a replica keeps for late evaluations
     state_max_concurrent: int = 2  # state transfers one node serves at once; more are refused as busy
     state_burst: int = 8  # state transfers one peer may take back to back (a lagging replica re-syncing)
     state_refill_s: float = 2.0  # beyond the burst, one more transfer per peer per this many seconds
@@ -264,6 +269,9 @@ class ReplicaConfig:
                              "debug_exit_after_commits must be >= 0")
         if self.finish_grace_s < 0:
             raise ValueError(f"replicas.finish_grace_s must be >= 0, got {self.finish_grace_s}")
+        if not self.eval_timeout_s > 0 or self.eval_keep < 1:
+            raise ValueError(f"replicas.eval_timeout_s must be > 0 and replicas.eval_keep >= 1, got "
+                             f"{self.eval_timeout_s} and {self.eval_keep}")
         if self.state_max_concurrent < 1:
             raise ValueError(f"replicas.state_max_concurrent must be >= 1, got {self.state_max_concurrent}")
         if self.state_burst < 1:

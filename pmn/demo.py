@@ -136,7 +136,7 @@ class Demo:
         self.page: PageThread | None = None  # the status page of every stage (`start_page`)
         self.page_model: dict[str, Any] = {"name": cfg.preset, "stages": cfg.stages}  # model facts it shows
         self.page_chain: dict[str, dict[str, Any]] = {}  # node address -> on-chain figures it shows
-        self.val_loss: float | None = None  # the tail's last validation loss (`train`; None before an evaluation)
+        self.val_loss: float | None = None  # the last validation loss (`train`; None before an evaluation)
         self.outbox: ChainOutbox | None = None  # every chain write of the settlement, inference and claims
 
     def say(self, text: str) -> None:
@@ -280,11 +280,11 @@ class Demo:
         if cfg.replicas == 1:
             self.nodes = launch_swarm(self.root, cfg.stages, args, ready_timeout_s=cfg.node_ready_timeout_s,
                                       threads=[cfg.threads_per_node] * cfg.stages)
-        else:  # the recipe's exchange and schedule; the replicated runner does not evaluate (no validation loss)
+        else:  # the recipe's exchange and schedule; the leading head (node 0) records the validation loss
             r = self.proposal.training
             args += ["--replica-averaging", r.replica_averaging, "--powersgd-rank", str(r.powersgd_rank),
                      "--powersgd-bits", str(r.powersgd_bits), "--replica-exchange", r.replica_exchange,
-                     "--schedule", r.pipeline_schedule, "--max-staleness", str(r.max_staleness), "--eval-every", "0",
+                     "--schedule", r.pipeline_schedule, "--max-staleness", str(r.max_staleness),
                      "--max-inflight", str(cfg.replica_max_inflight)]
             self.nodes = launch_replicas(self.root, self.layout, args, ready_timeout_s=cfg.node_ready_timeout_s,
                                          threads=cfg.threads_per_node)
@@ -318,8 +318,11 @@ class Demo:
         if len(losses) < 2:
             raise CLIError("the tail stage reported fewer than two losses")
         self.losses = losses
-        vals = [float(r["val_loss"]) for r in sorted(tail, key=lambda r: r["step"]) if r.get("val_loss") is not None]
-        self.val_loss = vals[-1] if vals else None  # the last evaluation's mean validation loss
+        # the last evaluation's mean validation loss: the tail records it, or in replicated mode the leading head
+        evaluator = tail if cfg.replicas == 1 else read_progress(self.nodes[0].data_dir)
+        vals = [float(r["val_loss"]) for r in sorted(evaluator, key=lambda r: r["step"])
+                if r.get("val_loss") is not None]
+        self.val_loss = vals[-1] if vals else None
         k = min(3, len(losses) // 2)
         return sum(losses[:k]) / k, sum(losses[-k:]) / k
 

@@ -12,6 +12,7 @@ bounded header (to learn the stage) and before a body byte. What `stage` means p
   `check_audit` (which step, microbatch and epoch the asker may fetch);
 * `/pmn/announce/1.0.0`: None;
 * `/pmn/act/1.0.0`: the stage the peer claimed in its HELLO (checked after the handshake, before any data frame).
+* `/pmn/eval/1.0.0`: the stage of the node an evaluation is sent to (the sender must serve the stage before it).
 
 `note_binding(peer_id, address, binding)` hands the policy a peer's node-key binding that a handshake
 verified (the activation protocol's HELLO); policies that ignore node keys do nothing with it.
@@ -40,6 +41,7 @@ AUDIT = "/pmn/audit/1.0.0"
 ANNOUNCE = "/pmn/announce/1.0.0"
 ACT = "/pmn/act/1.0.0"
 DELEGATE = "/pmn/delegate/1.0.0"
+EVAL = "/pmn/eval/1.0.0"
 UNAVAILABLE = "chain_unavailable"  # NodeAccess.admit's reason when it could not decide (not the sender's fault)
 
 log = logging.getLogger("node.access")
@@ -138,7 +140,7 @@ class StagePeersPolicy:
             return  # a client's paid request to the head: the payment decides
         if protocol not in self.protocols or stage is None:
             raise NotAuthorizedError(f"{protocol} is not open to this peer")
-        allowed = {stage - 1} if protocol == INFER else {stage}
+        allowed = {stage - 1} if protocol in (INFER, EVAL) else {stage}
         ours = self.directory.me.stage if self.act_stage is None else self.act_stage
         if protocol == ACT and abs(stage - ours) != 1:
             raise NotAuthorizedError(f"{protocol} is open only to the stages next to ours ({ours}), not to stage {stage}")

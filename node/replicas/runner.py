@@ -5,7 +5,9 @@ with `--stage 0` while a head is announced becomes a standby head replica that a
 over when the leader dies (`node.replicas.heads`). A joining node fetches its stage's state from the most
 advanced live peer, serves the stage with a `ReplicaEngine` until the run ends or a rebalancing move is
 due, then re-joins at the new stage. When every holder of a stage's newer state is gone the swarm rolls back to
-the newest step every stage holds (`node.replicas.rollback`).
+the newest step every stage holds (`node.replicas.rollback`). Every `runtime.eval_every` steps the leading head
+evaluates the validation microbatches through one replica per stage (`node.replicas.evaluation`) and records
+`val_loss`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ import trio
 
 from node.context import NodeContext
 from node.errors import NodeError, ResyncNeededError, RollbackError, StateLostError
-from node.net.access import ACT, StagePeersPolicy
+from node.net.access import ACT, EVAL, StagePeersPolicy
 from node.net.discovery import Announcement, Discovery
 from node.observability.steps import StepReport
 from node.pipeline.asyncworker import AsyncStageWorker
@@ -26,6 +28,7 @@ from node.replicas import rollback
 from node.replicas.averaging import AveragingService, ContributionCodec, ContributionStore
 from node.replicas.delegation import DelegateLink, DelegationService
 from node.replicas.engine import ReplicaEngine, StepOutcome
+from node.replicas.evaluation import EvalService, Evaluation
 from node.replicas.rebalance import Move
 from node.replicas.statesync import StateService, fetch_state, pack_state
 from node.training.checkpoint import (
@@ -81,6 +84,8 @@ class ReplicatedRunner:
 
     def __init__(self) -> None:
         self.engine: ReplicaEngine | None = None  # the engine of the stage served now
+        self.evaluation: Evaluation | None = None  # the evaluation of the worker served now (weight copies, results)
+        self._eval: EvalService | None = None  # /pmn/eval/1.0.0 (set up in prepare)
         self._stage = -1
         self._serving = False  # state may be handed to joining peers
         self._stores: dict[int, ContributionStore] = {}  # newest contribution store per stage
@@ -120,6 +125,11 @@ class ReplicatedRunner:
                      burst=rc.state_burst, refill_s=rc.state_refill_s, policy=policy, scores=scores)
         DelegationService(ctx.host, spec_hex, self._take_link, lambda: self.engine.m if self.engine else 1,
                           policy=policy, scores=scores)
+        # evaluations only from a peer of the stage before ours (the chain's rule, or discovery's off chain)
+        self._eval = EvalService(ctx.host, lambda: self.evaluation, discovery.stage_peers, rc.eval_timeout_s,
+                                 cfg.transport.max_frame_bytes,
+                                 policy=ctx.access if ctx.access is not None else StagePeersPolicy(
+                                     discovery, protocols=(EVAL,)), scores=scores)
         return self._stage
 
     def ready_fields(self) -> dict[str, Any]:
@@ -292,6 +302,9 @@ class ReplicatedRunner:
             worker = await trio.to_thread.run_sync(ctx.build_worker, stage, restore)
             if r.schedule == "async":  # later steps' work runs on stashed weights while a step is exchanged
                 worker = AsyncStageWorker.wrap(worker, r.max_staleness, r.async_lookahead)
+            if r.eval_every:  # the validation microbatches (/pmn/eval; never on /pmn/act, whose frame spec refuses them)
+                worker.eval_batches, worker.eval_seed = r.eval_batches, r.eval_seed
+            self.evaluation = Evaluation(worker, cfg.num_stages, r.eval_every, cfg.replicas.eval_keep)
             ctx.set_worker(worker)
             codec = ContributionCodec.for_module(worker.module, r.replica_averaging, r.powersgd_rank, seed=stage,
                                                  bits=r.powersgd_bits, iterations=r.powersgd_iterations,
@@ -302,7 +315,8 @@ class ReplicatedRunner:
             neighbours = ctx.access if ctx.access is not None else StagePeersPolicy(discovery, protocols=(ACT,),
                                                                                     act_stage=stage)
             endpoint = ActEndpoint(
-                ctx.host, local=ctx.local_info(stage), frame_spec=worker.frame_spec(cfg.transport.max_frame_bytes),
+                ctx.host, local=ctx.local_info(stage),
+                frame_spec=replace(worker.frame_spec(cfg.transport.max_frame_bytes), eval_batches=0),
                 cfg=cfg.transport, receipts=ctx.receipts, step_fn=lambda w=worker: w.next_step,  # type: ignore[misc]
                 window_source=worker.local_window if worker.local_windows else None, scores=ctx.scores,
                 policy=neighbours)
@@ -356,7 +370,7 @@ class ReplicatedRunner:
                     en.start_soon(eng.commit_poller)
                     en.start_soon(eng.probe_loop)
                     try:
-                        move = await self._serve_stage(ctx, eng, worker)
+                        move = await self._serve_stage(ctx, eng, worker, en)
                     except NodeError as exc:
                         outcome = exc
                     if isinstance(outcome, StateLostError):  # every holder of the newer state is gone: rewind
@@ -390,15 +404,19 @@ class ReplicatedRunner:
             print(json.dumps({"event": "move", "from_stage": move.from_stage, "to_stage": move.to_stage,
                               "step": worker.next_step}), flush=True)
 
-    async def _serve_stage(self, ctx: NodeContext, eng: ReplicaEngine, worker: StageWorker) -> Move | None:
-        """Steps until the run is done (None) or a rebalancing move is due (the move)."""
+    async def _serve_stage(self, ctx: NodeContext, eng: ReplicaEngine, worker: StageWorker,
+                           nursery: trio.Nursery) -> Move | None:
+        """Steps until the run is done (None) or a rebalancing move is due (the move); the leading head's
+        evaluations run in `nursery` (the engine's)."""
         r, rc, discovery = ctx.cfg.runtime, ctx.cfg.replicas, ctx.discovery
         last_plan = trio.current_time()
         if eng.leads and worker.next_step == 0 and rc.start_quorum:
             await self._await_quorum(ctx, rc.start_quorum)
         while worker.next_step < r.steps:
             out = await eng.run_step(worker.next_step)
-            ctx.log.step(step_report(out, eng))
+            report = step_report(out, eng)
+            report.record.update(await self._evaluate(ctx, eng, out.step, nursery))
+            ctx.log.step(report)
             discovery.update_me(next_step=worker.next_step, throughput=eng.throughput)
             if r.checkpoint_every and worker.next_step % r.checkpoint_every == 0:
                 await self._save(ctx, worker)
@@ -410,6 +428,24 @@ class ReplicatedRunner:
                     return move
         await self._finish_grace(ctx, eng, discovery)
         return None
+
+    async def _evaluate(self, ctx: NodeContext, eng: ReplicaEngine, step: int, nursery: trio.Nursery) -> dict[str, Any]:
+        """After the update of `step`: keep the weights when an evaluation follows it; the leading head starts it
+        (and, after the run's last step, waits for it). Returns the progress-record fields of the newest
+        evaluation finished since the last record ({} when none)."""
+        ev, rc = self.evaluation, ctx.cfg.replicas
+        if ev is None or self._eval is None:
+            return {}
+        await ev.keep_weights(step)
+        if ev.due(step) and eng.stage == 0 and eng.leads:
+            nursery.start_soon(self._eval.evaluate, ev, step)
+            if step == ctx.cfg.runtime.steps - 1:
+                await ev.settle(step, rc.eval_timeout_s * ctx.cfg.num_stages)
+        if ev.errors:
+            last = max(ev.errors)
+            ctx.log.status(last_eval_error=f"evaluation after step {last}: {ev.errors[last]}")
+            ev.errors.clear()
+        return ev.take()
 
     async def _await_quorum(self, ctx: NodeContext, quorum: int) -> None:
         """Before the run's first step: wait until `quorum` other nodes (standby head replicas included) are
@@ -435,10 +471,14 @@ class ReplicatedRunner:
         steps, rc = ctx.cfg.runtime.steps, ctx.cfg.replicas
         deadline = trio.current_time() + rc.finish_grace_s
 
+        # an evaluation follows the last step: the leading head records the run's end only once it came back
+        last_eval = self.evaluation is not None and self.evaluation.due(steps - 1) and eng.stage > 0
+
         def someone_behind() -> bool:
             fresh = ctx.cfg.discovery.liveness_s()  # a peer that stopped answering is not waited for
             return any(e.next_step < steps for e in discovery.entries(max_age_s=fresh)
-                       if e.stage in (eng.stage, -1) and e.generation() == discovery.me.generation()
+                       if (e.stage in (eng.stage, -1) or (last_eval and e.stage == 0))
+                       and e.generation() == discovery.me.generation()
                        and e.spec_hash == discovery.me.spec_hash
                        and e.num_stages == discovery.me.num_stages)
 

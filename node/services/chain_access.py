@@ -47,6 +47,7 @@ from node.net.access import (
     AUDIT,
     AVG,
     DELEGATE,
+    EVAL,
     INFER,
     STATE,
     UNAVAILABLE,
@@ -239,7 +240,7 @@ class ChainAccessPolicy:
             raise self._refuse("bad_stage")
         if protocol in (STATE, AVG, DELEGATE):
             wanted = stage
-        elif protocol == INFER:
+        elif protocol in (INFER, EVAL):
             wanted = stage - 1
         elif protocol == ACT:
             mine = self._my_stage()

@@ -166,15 +166,18 @@ class StageWorker:
             raise ValueError(f"validation microbatch {index} out of range: evaluations have {self.eval_batches}")
         return self.corpus.batch("val", 0, index, self.microbatch_size, self.config.seq_len, self.eval_seed)
 
-    def forward_eval(self, window: torch.Tensor, h_in: torch.Tensor | None) -> bytes | float:
-        """Forward only, with the live weights and no graph: non-tail returns the encoded activation, the tail
-        the microbatch's loss. Nothing is stashed and no gradient, weight or optimiser state changes."""
+    def forward_eval(self, window: torch.Tensor, h_in: torch.Tensor | None,
+                     module: torch.nn.Module | None = None) -> bytes | float:
+        """Forward only, with the live weights (or `module`: a copy of this stage's, e.g. kept after an update) and
+        no graph: non-tail returns the encoded activation, the tail the microbatch's loss. Nothing is stashed and no
+        gradient, weight or optimiser state changes."""
         window = window.to(self.device)
         ids, targets = window[:, :-1], window[:, 1:]
+        run = self._run if module is None else module
         with torch.no_grad(), self.policy.autocast():
             if self.spec.is_last:
-                return float(self._run(ids, None if h_in is None else h_in.to(self.device), targets))
-            out = self._run(ids, None if h_in is None else h_in.to(self.device))
+                return float(run(ids, None if h_in is None else h_in.to(self.device), targets))
+            out = run(ids, None if h_in is None else h_in.to(self.device))
         return self.codec.encode_activation(out, ids)
 
     def weights_for(self, step: int) -> torch.nn.Module:

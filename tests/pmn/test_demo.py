@@ -57,8 +57,8 @@ def _check(out: dict[str, Any], left_to_claim: int = 0, replicas: int = 1, epoch
         assert nodes[0]["revenue_claimed_wei"] == 0
     assert abs(out["revenue_deposited_wei"] - claimed - unclaimed) <= len(nodes)  # rounding dust only
     assert out["loss_end"] < out["loss_start"]
-    if replicas == 1:  # the last evaluation (after step 8) of the validation split (the replicated runner has none)
-        assert 0 < out["val_loss"] < out["loss_start"]
+    # the last evaluation of the validation split (after the last step): the tail's, or the leading head's record of it
+    assert 0 < out["val_loss"] < out["loss_start"]
     assert len(out["inference_text"]) > 0
     # attesters re-executed a sample of hops fetched over /pmn/audit/1.0.0; honest nodes pass every one
     assert out["spot_checks"]["checked"] > 0 and out["spot_checks"]["failed"] == 0
@@ -80,7 +80,7 @@ def test_demo_with_replicated_stages_credits_every_replica(tmp_path: Path) -> No
     # (one microbatch in flight per sender and downstream replica: every replica gets work, and so is credited)
     out = _demo(tmp_path, "--replicas", "2", "--steps", "16", config="replica_max_inflight = 1\n")
     _check(out, replicas=2, epochs=4)
-    assert len({n["address"] for n in out["nodes"]}) == 6 and out["val_loss"] is None
+    assert len({n["address"] for n in out["nodes"]}) == 6
 
 
 def test_demo_on_anvil_then_holder_commands(tmp_path: Path) -> None:
