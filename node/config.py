@@ -219,8 +219,8 @@ class ReplicaConfig:
     state_timeout_s: float = 30.0  # time allowed to fetch a stage's state from a peer when joining
     finish_grace_s: float = 15.0  # after the last step, keep serving this long while a stage peer is still behind
     # (or, when an evaluation follows the last step, while the leading head has not recorded it)
-    eval_timeout_s: float = 60.0  # bound on one stage's part of an evaluation (/pmn/eval: waiting for its weights
-    # after the update, its forward, the rest of the chain); the leading head allows num_stages times this
+    eval_timeout_s: float = 60.0  # bound per stage on an evaluation (/pmn/eval): stage k allows (num_stages - k)
+    # times this for its part (waiting for its weights after the update, its forward) and the rest of the chain
     eval_keep: int = 2  # copies of the stage weights after evaluated updates a replica keeps for late evaluations
     state_max_concurrent: int = 2  # state transfers one node serves at once; more are refused as busy
     state_burst: int = 8  # state transfers one peer may take back to back (a lagging replica re-syncing)

@@ -171,7 +171,8 @@ class EvalService:
         self.host = host
         self.current = current  # the evaluation of the worker served now (None while none is)
         self.next_stage = next_stage  # stage -> its live replicas' announcements (ours tried in that order)
-        self.timeout_s = timeout_s  # bound on one stage's part: its weights, its forward, the rest of the chain
+        self.timeout_s = timeout_s  # bound per stage: stage k allows (num_stages - k) times this for its part (its
+        # weights, its forward) and the rest of the chain
         self.max_frame_bytes = max_frame_bytes  # the transport's frame limit (each EVAL frame is checked against it)
         self.idle_timeout_s = idle_timeout_s  # a request that sends nothing for this long is dropped
         self.served = 0  # evaluations answered without error
@@ -190,13 +191,13 @@ class EvalService:
                     if ev is None or ev.stage == 0:
                         raise NotAuthorizedError("this node evaluates no stage that takes evaluations now")
                     await self.gate.authorize(peer, ev.stage)
-                    with trio.fail_after(self.timeout_s):
+                    with trio.fail_after(self.timeout_s * (ev.num_stages - ev.stage)):
                         reply = await self._serve(stream, peer, ev)
                 except NotAuthorizedError:
                     reply = {"type": "error", "message": "not authorized"}
                 except (EvalError, trio.TooSlowError) as exc:
                     reply = {"type": "error", "message": str(exc) or "evaluation timed out at stage "
-                             f"{ev.stage if ev else '?'} (replicas.eval_timeout_s={self.timeout_s})"}
+                             f"{ev.stage if ev else '?'} (replicas.eval_timeout_s={self.timeout_s} per stage)"}
                 await msgio.write_message(stream, reply)
                 if reply["type"] != "error":
                     self.served += 1
@@ -270,7 +271,7 @@ class EvalService:
         for entry in self.next_stage(ev.stage + 1):
             try:
                 info = parse_peer_addr(entry.addrs[0])
-                with trio.fail_after(self.timeout_s):
+                with trio.fail_after(self.timeout_s * (ev.num_stages - ev.stage - 1)):  # the rest of the chain's part
                     await self.host.connect(info)
                     stream = await self.host.new_stream(info.peer_id, [EVAL_PROTOCOL])
                     try:

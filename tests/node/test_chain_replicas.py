@@ -111,7 +111,7 @@ def test_every_replica_is_credited_for_the_hops_it_computed_and_audited(chain: C
         advance_time(c.w3, WINDOW_S + 1)
         for result in results:
             claim_all(c.client, c.validators[0], result)
-        for a in address:
-            assert c.client.balance_of(model_id, a) == sum(r.totals[a] for r in results) > 0
+        for a in address:  # (a replica may have computed nothing in one of the epochs: no leaf there)
+            assert c.client.balance_of(model_id, a) == sum(r.totals.get(a, 0) for r in results) > 0
     finally:
         stop_nodes(nodes)
