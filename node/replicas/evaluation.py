@@ -230,6 +230,10 @@ class EvalService:
         batches = msgio.int_field(header, "batches", 1, 1 << 16, EvalError)
         if batches != ev.worker.eval_batches:
             raise EvalError(f"an evaluation of {batches} microbatches; this model evaluates {ev.worker.eval_batches}")
+        spec = ev.worker.frame_spec(self.max_frame_bytes)
+        expected = batches * (frames.HEADER_SIZE + spec.window_len + spec.payload_len)  # unsigned, window carried
+        if size != expected:  # refused unread: what a stage may send is exactly known
+            raise EvalError(f"an evaluation body of {size} bytes; {batches} eval frames of this model take {expected}")
         return step, await msgio.read_body(stream, size, limits, EvalError)
 
     def _decode(self, ev: Evaluation, step: int, body: bytes) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -22,6 +22,7 @@ from node.net import msgio
 from node.net.access import EVAL, OpenPolicy
 from node.net.host import full_addrs, make_host, parse_peer_addr
 from node.net.identity import identity_from_secret
+from node.net.peerscore import PeerGuardConfig, PeerScores
 from node.net.running import run_host
 from node.observability.status import node_status
 from node.replicas.evaluation import EVAL_PROTOCOL, EvalService, Evaluation, head_outputs
@@ -107,7 +108,10 @@ def test_a_replicas_evaluation_service_refuses_bad_input_and_answers_with_its_co
         listen = [multiaddr.Multiaddr("/ip4/127.0.0.1/tcp/0")]
         server, client = make_host(identity_from_secret(b"\x21" * 32)), make_host(identity_from_secret(b"\x22" * 32))
         async with run_host(server, listen), run_host(client, listen):
-            service = EvalService(server, lambda: tail_ev, lambda s: [], 10.0, FRAME_LIMIT, policy=OpenPolicy(EVAL))
+            # a peer is banned after 6 refusals here (the node's default is 5), so that each refusal can be shown
+            scores = PeerScores(PeerGuardConfig(ban_score=-6.0))
+            service = EvalService(server, lambda: tail_ev, lambda s: [], 10.0, FRAME_LIMIT, policy=OpenPolicy(EVAL),
+                                  scores=scores)
             await client.connect(parse_peer_addr(full_addrs(server)[0]))
             await tail_ev.keep_weights(4)  # the tail applied step 4: its copy is what an evaluation of 4 uses
             await head_ev.keep_weights(4)
@@ -123,8 +127,12 @@ def test_a_replicas_evaluation_service_refuses_bad_input_and_answers_with_its_co
             req = {"type": "eval", "step": 4, "batches": EVAL_BATCHES}
             reply = await ask({**req, "batches": 3}, good)
             assert reply["type"] == "error" and "3 microbatches; this model evaluates 2" in reply["message"], reply
-            reply = await ask(req, good[:-7])
-            assert reply["type"] == "error" and "frame 1" in reply["message"], reply
+            reply = await ask(req, good[:-7])  # a body that is not the frames' exact size: refused unread
+            assert reply["type"] == "error" and f"body of {len(good) - 7} bytes" in reply["message"], reply
+            h1 = frames.decode_header(good[:frames.HEADER_SIZE], FRAME_LIMIT)  # a frame's payload cut and padded
+            cut = good[:frames.HEADER_SIZE + h1.body_len - 7] + b"\0" * 7 + good[frames.HEADER_SIZE + h1.body_len:]
+            reply = await ask(req, cut)
+            assert reply["type"] == "error" and "checksum mismatch" in reply["message"], reply
             # NaN in an activation: the payload is rebuilt with a NaN and its digest recomputed, so only the codec's
             # (or our) finiteness check can catch it
             h0 = frames.decode_header(good[:frames.HEADER_SIZE], FRAME_LIMIT)
@@ -138,17 +146,20 @@ def test_a_replicas_evaluation_service_refuses_bad_input_and_answers_with_its_co
             assert reply["type"] == "error" and ("NaN" in reply["message"] or "finite" in reply["message"]), reply
             reply = await ask({**req, "step": 6}, good)  # frames that name another step than the request
             assert reply["type"] == "error" and "expected the eval frame of stage 0 step 6" in reply["message"], reply
-            assert service.gate.refused["malformed"] == 4
+            assert service.gate.refused["malformed"] == 5
             # an evaluation of a step this replica applied and did not keep (it would wait for a later one)
             reply = await ask({**req, "step": 2}, head_ev.encode(2, head_outputs(head, head_ev.snapshots.copies[4]),
                                                                  FRAME_LIMIT))
             assert reply["type"] == "error" and "keeps no weights of step 2 to evaluate (kept: [4])" in \
                 reply["message"], reply
-            assert service.gate.refused["malformed"] == 4  # weights we lack are not the sender's fault
+            assert service.gate.refused["malformed"] == 5  # weights we lack are not the sender's fault
             reply = await ask(req, good)
             assert reply["type"] == "result" and reply["stage"] == 1, reply
             assert reply["val_loss"] == pytest.approx(_val_loss2(head, tail), abs=1e-6)
             assert service.served == 1
+            reply = await ask({**req, "type": "evaluate"}, good)  # a sixth malformed request: banned
+            assert reply["type"] == "error" and "unknown request type" in reply["message"], reply
+            assert scores.is_banned(client.get_id().pretty())
 
     trio.run(main)
 
