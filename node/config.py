@@ -151,10 +151,14 @@ class RuntimeConfig:
     # max_staleness updates (the delay correction, sharding.delayed.WeightStash; 0 = plain weight stashing)
     eval_every: int = 50  # after the update of every this many steps, the pipeline forwards the validation
     # microbatches (forward only, no weight change) and the tail records val_loss; 0 = off. gpipe and 1f1b
-    # one-peer-per-stage runs and replicated runs (node.replicas.evaluation: the leading head records it); the
-    # one-peer-per-stage async schedule does not evaluate; neighbours must agree
+    # one-peer-per-stage runs on /pmn/act; async and replicated runs on /pmn/eval (node.pipeline.evaluation:
+    # the head records it); neighbours must agree
     eval_batches: int = 4  # validation microbatches (of microbatch_size sequences) per evaluation: a fixed set
     eval_seed: int = 1234  # seed of the validation windows (the corpus's val split, never train)
+    eval_timeout_s: float = 60.0  # async and replicated runs (/pmn/eval, node.pipeline.evaluation): bound per stage on
+    # an evaluation; stage k allows (num_stages - k) times this for its part (waiting for its weights after the
+    # update, its forward) and the rest of the chain
+    eval_keep: int = 2  # async and replicated runs: copies of the stage weights after evaluated updates a node keeps
 
 
 @dataclass
@@ -219,9 +223,6 @@ class ReplicaConfig:
     state_timeout_s: float = 30.0  # time allowed to fetch a stage's state from a peer when joining
     finish_grace_s: float = 15.0  # after the last step, keep serving this long while a stage peer is still behind
     # (or, when an evaluation follows the last step, while the leading head has not recorded it)
-    eval_timeout_s: float = 60.0  # bound per stage on an evaluation (/pmn/eval): stage k allows (num_stages - k)
-    # times this for its part (waiting for its weights after the update, its forward) and the rest of the chain
-    eval_keep: int = 2  # copies of the stage weights after evaluated updates a replica keeps for late evaluations
     state_max_concurrent: int = 2  # state transfers one node serves at once; more are refused as busy
     state_burst: int = 8  # state transfers one peer may take back to back (a lagging replica re-syncing)
     state_refill_s: float = 2.0  # beyond the burst, one more transfer per peer per this many seconds
@@ -269,9 +270,6 @@ class ReplicaConfig:
                              "debug_exit_after_commits must be >= 0")
         if self.finish_grace_s < 0:
             raise ValueError(f"replicas.finish_grace_s must be >= 0, got {self.finish_grace_s}")
-        if not self.eval_timeout_s > 0 or self.eval_keep < 1:
-            raise ValueError(f"replicas.eval_timeout_s must be > 0 and replicas.eval_keep >= 1, got "
-                             f"{self.eval_timeout_s} and {self.eval_keep}")
         if self.state_max_concurrent < 1:
             raise ValueError(f"replicas.state_max_concurrent must be >= 1, got {self.state_max_concurrent}")
         if self.state_burst < 1:
@@ -477,6 +475,9 @@ class NodeConfig:
         if type(r.powersgd_iterations) is not int or not 1 <= r.powersgd_iterations <= MAX_POWER_ITERATIONS:
             raise ValueError(f"runtime.powersgd_iterations must be an integer from 1 to {MAX_POWER_ITERATIONS}, "
                              f"got {r.powersgd_iterations!r}")
+        if not r.eval_timeout_s > 0 or r.eval_keep < 1:
+            raise ValueError(f"runtime.eval_timeout_s must be > 0 and runtime.eval_keep >= 1, got {r.eval_timeout_s} "
+                             f"and {r.eval_keep}")
         if r.eval_every < 0 or r.eval_batches < 1 or r.eval_seed < 0:
             raise ValueError(f"runtime.eval_every must be >= 0 (0 = off), eval_batches >= 1 and eval_seed >= 0; got "
                              f"{r.eval_every}, {r.eval_batches}, {r.eval_seed}")

@@ -318,11 +318,11 @@ class Demo:
         if len(losses) < 2:
             raise CLIError("the tail stage reported fewer than two losses")
         self.losses = losses
-        # the last evaluation's mean validation loss: the tail records it, or in replicated mode the leading head
-        evaluator = tail if cfg.replicas == 1 else read_progress(self.nodes[0].data_dir)
-        vals = [float(r["val_loss"]) for r in sorted(evaluator, key=lambda r: r["step"])
-                if r.get("val_loss") is not None]
-        self.val_loss = vals[-1] if vals else None
+        # the last evaluation's mean validation loss: the tail records it (gpipe, 1f1b), the head in async and
+        # replicated runs (`val_step`: the step it followed)
+        vals = sorted((int(r.get("val_step", r["step"])), float(r["val_loss"])) for n in self.nodes
+                      for r in read_progress(n.data_dir) if r.get("val_loss") is not None)
+        self.val_loss = vals[-1][1] if vals else None
         k = min(3, len(losses) // 2)
         return sum(losses[:k]) / k, sum(losses[-k:]) / k
 

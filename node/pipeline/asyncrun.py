@@ -24,6 +24,11 @@ ran) is rejected without failing the link: counted against the sender in the cha
 countersigned and acknowledged by the channel as in the synchronous schedules, so hop receipts cover
 every microbatch; the audit recorder gets, for each step, the stashed weights that step's hops used.
 
+Evaluation (`runtime.eval_every`): there is no flush to evaluate at on `/pmn/act`, so the stages keep a copy of
+their weights after each evaluated update and the head sends the validation microbatches through those copies on
+`/pmn/eval/1.0.0` (`node.pipeline.evaluation`, as the replicated runner does); the head records `val_loss`, the run's
+last record once the last evaluation is back, and the stages after it stay up until it passed through them.
+
 Failures are not retried inside a run (steps of several ages are in flight): the node fails with the
 error, keeps its last checkpoint, and a restart resumes from the last applied step with fresh stashes
 (so a resumed run is not bit-identical to an uninterrupted one).
@@ -40,7 +45,9 @@ import trio
 from node.config import RuntimeConfig
 from node.context import NodeContext
 from node.errors import NodeError, PeerLostError, UnexpectedFrameError
+from node.observability.steps import StepReport
 from node.pipeline.asyncworker import STALE, AsyncStageWorker
+from node.pipeline.evaluation import EvalService, Evaluation
 from node.pipeline.runner import PipelineRunner, step_report
 from node.pipeline.runtime import ChannelLoop, StepResult, _Sender
 from node.training.checkpoint import save_checkpoint
@@ -204,33 +211,80 @@ class AsyncPipelineRunner(PipelineRunner):
 
     label = " (async)"
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.evaluation: Evaluation | None = None  # weight copies after evaluated updates; the head's results
+        self._eval: EvalService | None = None  # /pmn/eval/1.0.0 (set up in prepare)
+
+    async def prepare(self, ctx: NodeContext) -> int:
+        stage = await super().prepare(ctx)
+        cfg, r, worker = ctx.cfg, ctx.cfg.runtime, self._worker
+        assert worker is not None
+        if r.eval_every:  # the validation microbatches travel on /pmn/eval (the /pmn/act spec, built above, refuses them)
+            worker.eval_batches, worker.eval_seed = r.eval_batches, r.eval_seed
+        self.evaluation = Evaluation(worker, cfg.num_stages, r.eval_every, r.eval_keep)
+        # evaluations only from the stage before ours (the chain's rule on chain; off chain, like /pmn/act, anyone)
+        self._eval = EvalService(ctx.host, lambda: self.evaluation, ctx.discovery.stage_peers, r.eval_timeout_s,
+                                 cfg.transport.max_frame_bytes, policy=ctx.access, scores=ctx.scores)
+        return stage
+
     def make_worker(self, ctx: NodeContext, stage: int) -> StageWorker:
         r = ctx.cfg.runtime
         return AsyncStageWorker.wrap(ctx.build_worker(stage), r.max_staleness, r.async_lookahead)
 
     def eval_plan(self, ctx: NodeContext) -> tuple[int, int]:
-        """The asynchronous schedule does not evaluate (no flush between steps to evaluate at)."""
+        """No evaluation on /pmn/act (no flush between steps to evaluate at): it runs on /pmn/eval (module doc)."""
         return (0, 0)
 
     async def run(self, ctx: NodeContext) -> None:
         assert isinstance(self._worker, AsyncStageWorker) and self._endpoint is not None
-        worker, r = self._worker, ctx.cfg.runtime
+        assert self.evaluation is not None and self._eval is not None
+        worker, r, ev, service = self._worker, ctx.cfg.runtime, self.evaluation, self._eval
         if worker.next_step >= r.steps:
             return
+        stage, last = worker.spec.index, r.steps - 1
+        bound = r.eval_timeout_s * ctx.cfg.num_stages  # the whole chain of one evaluation
+        failure: NodeError | None = None  # raised outside the nursery (no exception groups)
         with ctx.log.progress_line(ctx.cfg.progress, r.steps, worker.next_step, worker.spec.index):
             await self._ensure_links(ctx, self._endpoint, first=True)
             runtime = AsyncPipelineRuntime(worker, r, self.links.up, self.links.down)
             peers = len(ctx.host.get_connected_peers())
+            held: list[StepReport] = []  # the head's last record, written once the last evaluation is back
+            async with trio.open_nursery() as evaluations:
 
-            def on_step(res: StepResult) -> None:
-                ctx.log.step(step_report(res, peers))
-                if r.checkpoint_every and worker.next_step % r.checkpoint_every == 0:
-                    save_checkpoint(worker, ctx.data_dir)  # live weights, optimiser, next step (not the stash)
+                def on_step(res: StepResult) -> None:
+                    if ev.due(res.step):  # the live weights are those after update res.step until the next update
+                        ev.snapshots.add(res.step, worker.module)
+                        ev.snapshots.poke()
+                        if stage == 0:
+                            ev.launch(evaluations, service, res.step)
+                    report = step_report(res, peers)
+                    if stage == 0 and res.step == last and ev.eval_every:
+                        held.append(report)  # its evaluation fields once every evaluation is back (below)
+                    else:
+                        report.record.update(ev.take())
+                        ctx.log.step(report)
+                    if r.checkpoint_every and worker.next_step % r.checkpoint_every == 0:
+                        save_checkpoint(worker, ctx.data_dir)  # live weights, optimiser, next step (not the stash)
 
-            try:
-                await runtime.run(r.steps, on_step)
-            except NodeError:
-                worker.abort_step()
-                raise
-            finally:
-                runtime.detach()
+                try:
+                    await runtime.run(r.steps, on_step)
+                except NodeError as exc:
+                    worker.abort_step()
+                    failure = exc
+                finally:
+                    runtime.detach()
+                if failure is None and held:  # the head: every evaluation still out, then the last record
+                    await ev.settle(bound)
+                    held[0].record.update(ev.take())
+                    ctx.log.step(held[0])
+                elif failure is None and stage > 0 and ev.eval_every:  # later stages: until the last one passed
+                    due = [s for s in range(r.steps) if ev.due(s)]
+                    if due:
+                        await ev.wait_served(due[-1], bound)
+                if ev.errors:
+                    step = max(ev.errors)
+                    ctx.log.status(last_eval_error=f"evaluation after step {step}: {ev.errors[step]}")
+                evaluations.cancel_scope.cancel()  # an evaluation still out is abandoned with the run
+        if failure is not None:
+            raise failure

@@ -6,7 +6,7 @@ over when the leader dies (`node.replicas.heads`). A joining node fetches its st
 advanced live peer, serves the stage with a `ReplicaEngine` until the run ends or a rebalancing move is
 due, then re-joins at the new stage. When every holder of a stage's newer state is gone the swarm rolls back to
 the newest step every stage holds (`node.replicas.rollback`). Every `runtime.eval_every` steps the leading head
-evaluates the validation microbatches through one replica per stage (`node.replicas.evaluation`) and records
+evaluates the validation microbatches through one replica per stage (`node.pipeline.evaluation`) and records
 `val_loss`.
 """
 
@@ -24,11 +24,11 @@ from node.net.access import ACT, EVAL, StagePeersPolicy
 from node.net.discovery import Announcement, Discovery
 from node.observability.steps import StepReport
 from node.pipeline.asyncworker import AsyncStageWorker
+from node.pipeline.evaluation import EvalService, Evaluation
 from node.replicas import rollback
 from node.replicas.averaging import AveragingService, ContributionCodec, ContributionStore
 from node.replicas.delegation import DelegateLink, DelegationService
 from node.replicas.engine import ReplicaEngine, StepOutcome
-from node.replicas.evaluation import EvalService, Evaluation
 from node.replicas.rebalance import Move
 from node.replicas.statesync import StateService, fetch_state, pack_state
 from node.training.checkpoint import (
@@ -126,7 +126,7 @@ class ReplicatedRunner:
         DelegationService(ctx.host, spec_hex, self._take_link, lambda: self.engine.m if self.engine else 1,
                           policy=policy, scores=scores)
         # evaluations only from a peer of the stage before ours (the chain's rule, or discovery's off chain)
-        self._eval = EvalService(ctx.host, lambda: self.evaluation, discovery.stage_peers, rc.eval_timeout_s,
+        self._eval = EvalService(ctx.host, lambda: self.evaluation, discovery.stage_peers, cfg.runtime.eval_timeout_s,
                                  cfg.transport.max_frame_bytes,
                                  policy=ctx.access if ctx.access is not None else StagePeersPolicy(
                                      discovery, protocols=(EVAL,)), scores=scores)
@@ -304,7 +304,7 @@ class ReplicatedRunner:
                 worker = AsyncStageWorker.wrap(worker, r.max_staleness, r.async_lookahead)
             if r.eval_every:  # the validation microbatches (/pmn/eval; never on /pmn/act, whose frame spec refuses them)
                 worker.eval_batches, worker.eval_seed = r.eval_batches, r.eval_seed
-            self.evaluation = Evaluation(worker, cfg.num_stages, r.eval_every, cfg.replicas.eval_keep)
+            self.evaluation = Evaluation(worker, cfg.num_stages, r.eval_every, r.eval_keep)
             ctx.set_worker(worker)
             codec = ContributionCodec.for_module(worker.module, r.replica_averaging, r.powersgd_rank, seed=stage,
                                                  bits=r.powersgd_bits, iterations=r.powersgd_iterations,
@@ -433,14 +433,14 @@ class ReplicatedRunner:
         """After the update of `step`: keep the weights when an evaluation follows it; the leading head starts it
         (and, after the run's last step, waits for it). Returns the progress-record fields of the newest
         evaluation finished since the last record ({} when none)."""
-        ev, rc = self.evaluation, ctx.cfg.replicas
+        ev = self.evaluation
         if ev is None or self._eval is None:
             return {}
         await ev.keep_weights(step)
         if ev.due(step) and eng.stage == 0 and eng.leads:
-            nursery.start_soon(self._eval.evaluate, ev, step)
-            if step == ctx.cfg.runtime.steps - 1:
-                await ev.settle(step, rc.eval_timeout_s * ctx.cfg.num_stages)
+            ev.launch(nursery, self._eval, step)
+        if step == ctx.cfg.runtime.steps - 1 and ev.pending:  # the run's last record waits for every evaluation
+            await ev.settle(ctx.cfg.runtime.eval_timeout_s * ctx.cfg.num_stages)
         if ev.errors:
             last = max(ev.errors)
             ctx.log.status(last_eval_error=f"evaluation after step {last}: {ev.errors[last]}")
@@ -471,8 +471,8 @@ class ReplicatedRunner:
         steps, rc = ctx.cfg.runtime.steps, ctx.cfg.replicas
         deadline = trio.current_time() + rc.finish_grace_s
 
-        # an evaluation follows the last step: the leading head records the run's end only once it came back
-        last_eval = self.evaluation is not None and self.evaluation.due(steps - 1) and eng.stage > 0
+        # evaluations run: the leading head records the run's end only once every one came back (they pass through us)
+        last_eval = self.evaluation is not None and self.evaluation.eval_every > 0 and eng.stage > 0
 
         def someone_behind() -> bool:
             fresh = ctx.cfg.discovery.liveness_s()  # a peer that stopped answering is not waited for

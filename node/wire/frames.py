@@ -347,7 +347,7 @@ def check_eval_header(h: FrameHeader, spec: FrameSpec) -> None:
     """An EVAL frame is taken only by a node that evaluates, within its validation microbatches, unsigned."""
     if spec.eval_batches < 1:
         raise UnexpectedFrameError("eval frame refused: this node runs no evaluation (runtime.eval_every = 0, "
-                                   "or a schedule that does not evaluate)")
+                                   "or a schedule that evaluates on /pmn/eval)")
     if h.microbatch >= spec.eval_batches:
         raise UnexpectedFrameError(f"eval frame for validation microbatch {h.microbatch}; evaluations have "
                                    f"{spec.eval_batches}")

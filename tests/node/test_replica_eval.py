@@ -1,4 +1,4 @@
-"""Validation loss in replicated mode (`node.replicas.evaluation`, `/pmn/eval/1.0.0`).
+"""Validation loss in replicated mode (`node.pipeline.evaluation`, `/pmn/eval/1.0.0`).
 
 A swarm of real node processes (a head, two middle and two tail replicas, async with PowerSGD once per replica and
 step) evaluates after every second step: the leading head records the validation loss of the weights after each
@@ -25,7 +25,7 @@ from node.net.identity import identity_from_secret
 from node.net.peerscore import PeerGuardConfig, PeerScores
 from node.net.running import run_host
 from node.observability.status import node_status
-from node.replicas.evaluation import EVAL_PROTOCOL, EvalService, Evaluation, head_outputs
+from node.pipeline.evaluation import EVAL_PROTOCOL, EvalService, Evaluation, head_outputs
 from node.training.checkpoint import latest_checkpoint
 from node.training.worker import StageWorker
 from node.wire import frames

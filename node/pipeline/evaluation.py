@@ -9,9 +9,11 @@ stage 1 on one `/pmn/eval/1.0.0` stream. That replica forwards them through its 
 passes them on to a replica of the next stage, and so on; the tail computes the mean loss and the answer travels
 back along the streams. The head records it as `val_loss` (with `val_step`, the step it follows) in its next
 progress record (`val_losses` lists every evaluation finished since the record before, when steps are shorter than
-an evaluation), or in the record of the run's last step, which waits for it (bounded by `replicas.eval_timeout_s`). Training never waits for an evaluation but at the last step, and a failed one is
+an evaluation), or in the record of the run's last step, which waits for it (bounded by `runtime.eval_timeout_s`). Training never waits for an evaluation but at the last step, and a failed one is
 reported in the status file (`last_eval_error`) and skipped. The async schedule is evaluated the same way: the copy
-is the live weights after the update, not the stashed ones later steps' work runs on.
+is the live weights after the update, not the stashed ones later steps' work runs on; the one-peer-per-stage async
+runner (`node.pipeline.asyncrun`) uses this protocol too (its stages after the head stay up after their last step
+until the last evaluation passed through them).
 
 Messages: one request per stream, a msgio header `{"type": "eval", "step", "batches"}` whose body is the
 `batches` EVAL frames back to back (each header checked against the model's frame spec before its body is read:
@@ -95,6 +97,9 @@ class Evaluation:
         self.results: dict[int, float] = {}  # step -> validation loss (leading head: evaluations done)
         self.errors: dict[int, str] = {}  # step -> why its evaluation failed (leading head)
         self.done = trio.Event()  # set (and replaced) whenever an evaluation finished, well or not
+        self.pending: set[int] = set()  # steps whose evaluation the leading head started and that did not finish
+        self.served: set[int] = set()  # steps whose evaluation passed through this stage (stages after the head)
+        self.passed = trio.Event()  # set (and replaced) whenever one did
 
     def due(self, step: int) -> bool:
         """Whether an evaluation follows the update of `step`."""
@@ -107,6 +112,7 @@ class Evaluation:
             self.snapshots.poke()
 
     def finished(self, step: int, loss: float | None, error: str | None) -> None:
+        self.pending.discard(step)
         if loss is not None:
             self.results[step] = loss
         if error is not None:
@@ -125,10 +131,27 @@ class Evaluation:
         self.results.clear()
         return fields
 
-    async def settle(self, step: int, timeout_s: float) -> None:
-        """Wait up to `timeout_s` until the evaluation of `step` finished (well or not)."""
+    def note_served(self, step: int) -> None:
+        self.served.add(step)
+        self.passed.set()
+        self.passed = trio.Event()
+
+    async def wait_served(self, step: int, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` until the evaluation of `step` passed through this stage; whether it did."""
         with trio.move_on_after(timeout_s):
-            while step not in self.results and step not in self.errors:
+            while step not in self.served:
+                await self.passed.wait()
+        return step in self.served
+
+    def launch(self, nursery: trio.Nursery, service: EvalService, step: int) -> None:
+        """The leading head: start the evaluation after update `step` in `nursery` (pending until it finished)."""
+        self.pending.add(step)
+        nursery.start_soon(service.evaluate, self, step)
+
+    async def settle(self, timeout_s: float) -> None:
+        """Wait up to `timeout_s` until every evaluation started finished (well or not)."""
+        with trio.move_on_after(timeout_s):
+            while self.pending:
                 await self.done.wait()
 
     def encode(self, step: int, outputs: Sequence[tuple[bytes, bytes]], max_frame_bytes: int) -> bytes:
@@ -197,7 +220,7 @@ class EvalService:
                     reply = {"type": "error", "message": "not authorized"}
                 except (EvalError, trio.TooSlowError) as exc:
                     reply = {"type": "error", "message": str(exc) or "evaluation timed out at stage "
-                             f"{ev.stage if ev else '?'} (replicas.eval_timeout_s={self.timeout_s} per stage)"}
+                             f"{ev.stage if ev else '?'} (runtime.eval_timeout_s={self.timeout_s} per stage)"}
                 await msgio.write_message(stream, reply)
                 if reply["type"] != "error":
                     self.served += 1
@@ -218,8 +241,11 @@ class EvalService:
         module = await ev.snapshots.wait(step, self.timeout_s)
         out = await trio.to_thread.run_sync(stage_outputs, ev.worker, module, decoded)
         if isinstance(out, float):
+            ev.note_served(step)
             return {"type": "result", "val_loss": out, "stage": ev.stage}
-        return await self.send(ev, step, ev.encode(step, out, self.max_frame_bytes))
+        reply = await self.send(ev, step, ev.encode(step, out, self.max_frame_bytes))
+        ev.note_served(step)
+        return reply
 
     async def _read(self, stream: Any, ev: Evaluation) -> tuple[int, bytes]:
         limits = self._limits(ev)
