@@ -54,8 +54,9 @@ and a replica that missed a push pulls it later, so the measured bytes per step 
 got work, not only on the encoding. `replica_compression` is therefore the ratio of a *full step* (every replica
 computes): each replicated stage's measured push bytes per contribution received (`avg_push_bytes` /
 `avg_pushes_in`, both counted by the receiving node's server), times the contributions a full step sends. The measured
-bytes per step stay in the table and the JSON (`*_replica_bytes_per_step`). Three 6-step async runs here (`--rank 4
---bits 4`): bytes per step 5.23-6.56 MB dense and 27-36 KB PowerSGD, the full-step ratio 174.7-174.9x.
+bytes per step stay in the table and the JSON (`*_replica_bytes_per_step`). Thirteen 6-step async runs here (`--rank 4
+--bits 4`, ten of them two at a time): bytes per step 5.23-6.56 MB dense and 27-36 KB PowerSGD, the full-step ratio
+174.7-175.0x.
 
 Measured here (session 28, 2 cores, one thread per process, `--math --model wide --steps 600 --exchange step --ranks 12
 --iterations 3`, int4 factors, 61.2x against bf16 for both codes; loss over `dense-bf16` at equal tokens): the node's

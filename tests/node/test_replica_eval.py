@@ -1,22 +1,18 @@
-"""Validation loss in replicated mode (`node.pipeline.evaluation`, `/pmn/eval/1.0.0`).
+"""The evaluation protocol of async and replicated runs (`node.pipeline.evaluation`, `/pmn/eval/1.0.0`).
 
-A swarm of real node processes (a head, two middle and two tail replicas, async with PowerSGD once per replica and
-step) evaluates after every second step: the leading head records the validation loss of the weights after each
-evaluated update, and the last one equals the loss of the replicas' final weights recomputed here. One replica's
-evaluation service, served over real libp2p streams, refuses a stranger, malformed frames, a wrong microbatch count
-and NaN activations (each counted against the sender) and answers a valid request with the loss of its copy.
+One stage's evaluation service, served over real libp2p streams, refuses a wrong microbatch count, a body of the wrong
+size, a cut frame, NaN activations and frames of another step (each counted against the sender, the sixth refusal a
+ban), answers an evaluation of weights it no longer keeps by name (not counted), and a valid request with the loss of
+its copy. Swarms of node processes evaluate in `tests/node/test_step_exchange.py` (replicated) and
+`tests/node/test_schedules.py` (async): the head records the validation loss of the final weights.
 """
 
 from __future__ import annotations
-
-import math
-from pathlib import Path
 
 import multiaddr
 import pytest
 import torch
 import trio
-from safetensors.torch import load_file
 
 from node.net import msgio
 from node.net.access import EVAL, OpenPolicy
@@ -24,73 +20,14 @@ from node.net.host import full_addrs, make_host, parse_peer_addr
 from node.net.identity import identity_from_secret
 from node.net.peerscore import PeerGuardConfig, PeerScores
 from node.net.running import run_host
-from node.observability.status import node_status
 from node.pipeline.evaluation import EVAL_PROTOCOL, EvalService, Evaluation, head_outputs
-from node.training.checkpoint import latest_checkpoint
 from node.training.worker import StageWorker
 from node.wire import frames
 from sharding import PRESETS, OptimConfig, load_corpus, partition
-from tests.node.replica_swarm import B, M, check_identical_weights, records, run_to_end
+from tests.node.replica_swarm import B, M
 
-STEPS, EVAL_EVERY, EVAL_BATCHES = 4, 2, 2
+EVAL_BATCHES = 2
 FRAME_LIMIT = 1 << 20
-
-
-def _workers(weights: list[dict[str, torch.Tensor]] | None = None) -> list[StageWorker]:
-    """The three stages' workers as a node builds them (eval microbatches set), with `weights` if given."""
-    cfg = PRESETS["tiny"]
-    out = []
-    for spec in partition(cfg, 3):
-        w = StageWorker(cfg, spec, codec="dense", optim=OptimConfig(), num_microbatches=M, microbatch_size=B,
-                        corpus=load_corpus("synthetic") if spec.is_first else None)
-        w.eval_batches, w.eval_seed = EVAL_BATCHES, 1234
-        if weights is not None:
-            w.module.load_state_dict(weights[spec.index])
-        out.append(w)
-    return out
-
-
-def _val_loss(workers: list[StageWorker]) -> float:
-    """The validation loss through the stages' live weights, activations through the codec as on the wire."""
-    head, mid, tail = workers
-    losses = []
-    for i in range(EVAL_BATCHES):
-        window = head.eval_window(i)
-        ids = window[:, :-1]
-        h: torch.Tensor | None = None
-        for w in (head, mid):
-            out = w.forward_eval(window, h)
-            assert isinstance(out, bytes)
-            h = w.codec.decode_activation(out, ids, torch.device("cpu"))
-        losses.append(float(tail.forward_eval(window, h)))
-    return sum(losses) / len(losses)
-
-
-@pytest.mark.network
-@pytest.mark.timeout(540)
-def test_the_leading_head_records_the_validation_loss_of_the_weights_after_each_evaluated_step(tmp_path: Path) -> None:
-    flags = ["--replica-averaging", "powersgd", "--powersgd-rank", "2", "--powersgd-bits", "4",
-             "--replica-exchange", "step", "--schedule", "async", "--max-staleness", "1",
-             "--eval-every", str(EVAL_EVERY), "--eval-batches", str(EVAL_BATCHES)]
-    nodes, codes = run_to_end(tmp_path, [0, 1, 1, 2, 2], STEPS, timeout_s=420, common=flags)
-    assert codes == [0] * 5
-    head, mid_a, mid_b, tail_a, tail_b = nodes
-    check_identical_weights([[mid_a, mid_b], [tail_a, tail_b]])
-    recs = records(head)
-    evals = {int(s): v for r in recs.values() for s, v in r.get("val_losses", [])}
-    assert set(evals) == {EVAL_EVERY - 1, STEPS - 1}, evals  # every evaluation came back and was recorded once
-    assert all(r["val_loss"] == evals[r["val_step"]] for r in recs.values() if "val_loss" in r)
-    assert sum(len(r.get("val_losses", [])) for r in recs.values()) == 2
-    assert recs[STEPS - 1].get("val_step") == STEPS - 1  # the last record waited for the last evaluation
-    assert "last_eval_error" not in node_status(head.data_dir), node_status(head.data_dir)
-    assert all("val_loss" not in r for n in nodes[1:] for r in records(n).values())  # only the head records it
-    weights = []
-    for n in (head, mid_a, tail_a):
-        ckpt = latest_checkpoint(n.data_dir, n.stage)
-        assert ckpt is not None
-        weights.append(load_file(str(ckpt / "model.safetensors")))
-    expected = _val_loss(_workers(weights))
-    assert math.isfinite(expected) and evals[STEPS - 1] == pytest.approx(expected, abs=1e-4)
 
 
 def test_a_replicas_evaluation_service_refuses_bad_input_and_answers_with_its_copys_loss() -> None:

@@ -18,6 +18,7 @@ from node.training.worker import StageWorker
 from node.wire import frames
 from sharding import PRESETS, OptimConfig, load_corpus, partition, train_reference
 from sharding.delayed import train_delayed
+from tests.node.eval_check import checkpoint_val_loss
 
 M, B = 2, 2
 SLOW_START = ["--discovery-discovery-timeout-s", "180"]
@@ -56,7 +57,8 @@ def test_async_equals_the_delayed_gradient_reference(tmp_path, optimizer: str, l
     head = {int(r["step"]): r for r in res.steps[0]}
     evals = {int(s): v for r in head.values() for s, v in r.get("val_losses", [])}
     assert set(evals) == {1, 3} and head[3]["val_step"] == 3, head
-    assert evals[3] == pytest.approx(_val_loss_of_checkpoints(tmp_path, optim), abs=1e-4)
+    assert evals[3] == pytest.approx(checkpoint_val_loss([tmp_path / f"node{k}" for k in range(3)], optim, B, 2),
+                                     abs=1e-4)
     assert res.losses != pytest.approx(train_reference(PRESETS["tiny"], optim, 4, M, B,
                                                        load_corpus("synthetic")), abs=1e-4)
     if lookahead != 1.0:  # the spec's look-ahead, not the default, corrected the delay
@@ -81,33 +83,6 @@ def test_async_with_global_norm_clipping_equals_the_clipped_delayed_reference(tm
     for records in res.steps.values():
         assert [r["step"] for r in records] == [0, 1, 2, 3, 4]
         assert all(r["stale_rejected"] == 0 for r in records)
-
-
-def _val_loss_of_checkpoints(root, optim: OptimConfig) -> float:
-    """The mean loss of the 2 validation microbatches through the three nodes' final checkpoints, activations through
-    the dense codec as on the wire."""
-    from safetensors.torch import load_file
-
-    from node.training.checkpoint import latest_checkpoint
-
-    workers = []
-    for spec in partition(PRESETS["tiny"], 3):
-        w = StageWorker(PRESETS["tiny"], spec, codec="dense", optim=optim, num_microbatches=M, microbatch_size=B,
-                        corpus=load_corpus("synthetic") if spec.is_first else None, eval_batches=2)
-        ckpt = latest_checkpoint(root / f"node{spec.index}", spec.index)
-        assert ckpt is not None
-        w.module.load_state_dict(load_file(str(ckpt / "model.safetensors")))
-        workers.append(w)
-    losses = []
-    for i in range(2):
-        window = workers[0].eval_window(i)
-        h = None
-        for w in workers[:2]:
-            out = w.forward_eval(window, h)
-            assert isinstance(out, bytes)
-            h = w.codec.decode_activation(out, window[:, :-1], torch.device("cpu"))
-        losses.append(float(workers[2].forward_eval(window, h)))
-    return sum(losses) / len(losses)
 
 
 def _head(staleness: int) -> AsyncStageWorker:

@@ -21,11 +21,13 @@ from node.net.host import full_addrs
 from node.net.peerscore import PeerGuardConfig
 from node.replicas.averaging import ContributionCodec, ContributionStore, Held, combine, push
 from pmn.spec import ModelProposal, TrainingRecipe, proposal_from_dict
-from sharding import PRESETS, build_stage, partition
+from sharding import PRESETS, OptimConfig, build_stage, partition
 from tests.node.avg_pushes import serve
 from tests.node.conftest import running_host
+from tests.node.eval_check import checkpoint_val_loss
 from tests.node.replica_swarm import (
     STEP_ROLLBACK,
+    B,
     M,
     check_exactly_once,
     check_identical_weights,
@@ -139,9 +141,10 @@ def test_a_swarm_exchanging_per_step_applies_every_microbatch_once_and_keeps_rep
     and step: every step applies each microbatch exactly once per stage, no committed microbatch is claimed by two
     replicas, the two replicas of each replicated stage end bit-identical, the loss falls, and the middle stage's
     averaging server moved less than one contribution per microbatch would (the per-microbatch exchange pushes
-    each of the M contributions of a step to the other replica)."""
+    each of the M contributions of a step to the other replica). The leading head records the validation loss of
+    every third step's weights."""
     flags = ["--replica-averaging", "powersgd", "--powersgd-rank", "2", "--powersgd-bits", "4",
-             "--replica-exchange", "step", "--no-replica-timeout", "120"]
+             "--replica-exchange", "step", "--no-replica-timeout", "120", "--eval-every", "3", "--eval-batches", "2"]
     nodes, codes = run_to_end(tmp_path, [0, 0, 1, 1, 2], STEPS, common=flags, timeout_s=420)
     assert codes == [0] * 5
     head_a, head_b, mid_a, mid_b, tail = nodes
@@ -160,6 +163,15 @@ def test_a_swarm_exchanging_per_step_applies_every_microbatch_once_and_keeps_rep
     moved = sum(records(n)[STEPS - 1]["avg_wire_bytes"] for n in (mid_a, mid_b))
     assert moved >= 4 * codec.words  # at least one bundle crossed
     assert moved < STEPS * M * 4 * codec.words
+    # evaluated after steps 2 and 5 on /pmn/eval through one replica per stage (node.pipeline.evaluation): the
+    # leading head recorded both, the last in the run's last record, and it is the final weights' validation loss
+    lead = records(head_a)
+    evals = {int(s): v for r in lead.values() for s, v in r.get("val_losses", [])}
+    assert set(evals) == {2, 5} and lead[STEPS - 1]["val_step"] == 5, lead
+    assert sum(len(r.get("val_losses", [])) for r in lead.values()) == 2
+    assert all("val_loss" not in r for n in nodes[1:] for r in records(n).values())  # only the leader records it
+    assert evals[5] == pytest.approx(checkpoint_val_loss([head_a.data_dir, mid_a.data_dir, tail.data_dir],
+                                                         OptimConfig(), B, 2), abs=1e-4)
     # each push the middle servers stored is counted with its bytes: one bundle of the codec's size plus framing
     for n in (mid_a, mid_b):
         last = records(n)[STEPS - 1]
