@@ -282,9 +282,9 @@ class AsyncPipelineRunner(PipelineRunner):
                     due = [s for s in range(r.steps) if ev.due(s)]
                     if due:
                         await ev.wait_served(due[-1], bound)
-                if ev.errors:
-                    step = max(ev.errors)
-                    ctx.log.status(last_eval_error=f"evaluation after step {step}: {ev.errors[step]}")
+                error = ev.take_error()
+                if error is not None:
+                    ctx.log.status(last_eval_error=error)
                 evaluations.cancel_scope.cancel()  # an evaluation still out is abandoned with the run
         if failure is not None:
             raise failure

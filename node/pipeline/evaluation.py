@@ -96,10 +96,9 @@ class Evaluation:
         self.snapshots = EvalSnapshots(keep)
         self.results: dict[int, float] = {}  # step -> validation loss (leading head: evaluations done)
         self.errors: dict[int, str] = {}  # step -> why its evaluation failed (leading head)
-        self.done = trio.Event()  # set (and replaced) whenever an evaluation finished, well or not
         self.pending: set[int] = set()  # steps whose evaluation the leading head started and that did not finish
         self.served: set[int] = set()  # steps whose evaluation passed through this stage (stages after the head)
-        self.passed = trio.Event()  # set (and replaced) whenever one did
+        self.changed = trio.Event()  # set (and replaced) whenever one finished (head) or passed through (others)
 
     def due(self, step: int) -> bool:
         """Whether an evaluation follows the update of `step`."""
@@ -117,8 +116,20 @@ class Evaluation:
             self.results[step] = loss
         if error is not None:
             self.errors[step] = error
-        self.done.set()
-        self.done = trio.Event()
+        self._poke()
+
+    def _poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    def take_error(self) -> str | None:
+        """The status line of the newest failed evaluation since the last call (None when none failed)."""
+        if not self.errors:
+            return None
+        step = max(self.errors)
+        line = f"evaluation after step {step}: {self.errors[step]}"
+        self.errors.clear()
+        return line
 
     def take(self) -> dict[str, Any]:
         """Progress-record fields of the evaluations finished since the last call ({} when none): the newest one's
@@ -133,14 +144,13 @@ class Evaluation:
 
     def note_served(self, step: int) -> None:
         self.served.add(step)
-        self.passed.set()
-        self.passed = trio.Event()
+        self._poke()
 
     async def wait_served(self, step: int, timeout_s: float) -> bool:
         """Wait up to `timeout_s` until the evaluation of `step` passed through this stage; whether it did."""
         with trio.move_on_after(timeout_s):
             while step not in self.served:
-                await self.passed.wait()
+                await self.changed.wait()
         return step in self.served
 
     def launch(self, nursery: trio.Nursery, service: EvalService, step: int) -> None:
@@ -152,7 +162,7 @@ class Evaluation:
         """Wait up to `timeout_s` until every evaluation started finished (well or not)."""
         with trio.move_on_after(timeout_s):
             while self.pending:
-                await self.done.wait()
+                await self.changed.wait()
 
     def encode(self, step: int, outputs: Sequence[tuple[bytes, bytes]], max_frame_bytes: int) -> bytes:
         """The EVAL frames of (payload, window bytes) `outputs`, as this stage sends them."""

@@ -441,10 +441,9 @@ class ReplicatedRunner:
             ev.launch(nursery, self._eval, step)
         if step == ctx.cfg.runtime.steps - 1 and ev.pending:  # the run's last record waits for every evaluation
             await ev.settle(ctx.cfg.runtime.eval_timeout_s * ctx.cfg.num_stages)
-        if ev.errors:
-            last = max(ev.errors)
-            ctx.log.status(last_eval_error=f"evaluation after step {last}: {ev.errors[last]}")
-            ev.errors.clear()
+        error = ev.take_error()
+        if error is not None:
+            ctx.log.status(last_eval_error=error)
         return ev.take()
 
     async def _await_quorum(self, ctx: NodeContext, quorum: int) -> None:
