@@ -286,28 +286,31 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plots", type=Path, help="directory for PNG plots")
     q.add_argument("--vs", choices=["datacenter"], help="compare time to target with the same model on 100 Gb/s links")
     q.add_argument("--schedule", choices=["gpipe", "1f1b", "async"], help="pipeline schedule (--vs: default async)")
-    q.add_argument("--max-staleness", type=int, default=3,
+    q.add_argument("--max-staleness", type=int, default=2,
                    help="async: the staleness bound (--vs; the node's runtime.max_staleness: with --contributions step "
-                        "a node runs the steps a .. a + S, a the updates it applied)")
-    q.add_argument("--averaging", default="powersgd:6:int4",
+                        "a node runs the steps a .. a + S, a the updates it applied; default 2, the node's fastest "
+                        "to the target loss here)")
+    q.add_argument("--averaging", default="powersgd:12:int4",
                    help="replica averaging (--vs): dense, powersgd:R[:int8|:int4], diloco:H (default: the node's "
-                        "PowerSGD rank 6 with int4 factors)")
+                        "PowerSGD rank 12 with int4 factors, the rank with the smallest measured loss penalty)")
     q.add_argument("--overlap-averaging", action=argparse.BooleanOptionalAction, default=None,
                    help="--vs: averaging on the uplinks while compute goes on (DiLoCo: outer step one round late; "
                         "PowerSGD: each microbatch's factors pushed after its backward, the update waiting for them, "
                         "as the node does); default: on unless --averaging dense")
-    q.add_argument("--contributions", choices=["microbatch", "step"], default="microbatch",
+    q.add_argument("--contributions", choices=["microbatch", "step"], default=None,
                    help="--vs, PowerSGD overlapped: factors per microbatch a replica computes (the node's default) or "
                         "one per replica and step (the node's replica_exchange = step: sent once the step's commit "
                         "reaches the replica's stage; under async with --head leader or delegated when the replica "
                         "finishes the step, as the node does; with --head lanes after its last backward, which is "
-                        "optimistic); async with replicas runs in the node only with step")
-    q.add_argument("--head", choices=["leader", "delegated", "lanes"], default="leader",
+                        "optimistic); async with replicas runs in the node only with step (default: step under "
+                        "--schedule async with PowerSGD overlapped, the node as built; microbatch otherwise)")
+    q.add_argument("--head", choices=["leader", "delegated", "lanes"], default=None,
                    help="--vs: stage 0 on the WAN side: leader, one head replica computes every microbatch while the "
                         "others stand by (the node with --contributions microbatch); delegated, the leader hands them "
                         "to the others as tasks (the node's replicas.head_delegation with --contributions step, gpipe "
                         "or async; under async only with step); lanes, every head replica a share with no "
-                        "coordination (delegation's upper bound: a what-if, not built)")
+                        "coordination (delegation's upper bound: a what-if, not built; default: delegated with "
+                        "--contributions step, the node as built, leader otherwise)")
     q.add_argument("--microbatch-seqs", type=int, default=2,
                    help="--vs: sequences per WAN microbatch (512 per step; the datacenter keeps 2): fewer, larger "
                         "microbatches mean fewer per-microbatch contributions")

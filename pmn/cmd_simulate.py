@@ -34,6 +34,19 @@ def _overlap(args: argparse.Namespace) -> bool:
     return bool(given) if given is not None else not str(args.averaging).startswith("dense")
 
 
+def _node_as_built(args: argparse.Namespace, schedule: str) -> tuple[str, str]:
+    """--contributions and --head as given, else the node as built: async with replicas runs only with the step
+    exchange and its delegated head (`NodeConfig`: replica_exchange = step, replicas.head_delegation)."""
+    contributions = getattr(args, "contributions", None)
+    if contributions is None:
+        contributions = "step" if schedule == "async" and _overlap(args) and \
+            str(args.averaging).startswith("powersgd") else "microbatch"
+    head = getattr(args, "head", None)
+    if head is None:
+        head = "delegated" if contributions == "step" else "leader"
+    return contributions, head
+
+
 def cmd_wan(args: argparse.Namespace) -> int:
     from simulations.wan import run_wan
 
@@ -44,13 +57,15 @@ def cmd_wan(args: argparse.Namespace) -> int:
 
         if args.preset != "protocolnanogpt":
             raise CLIError(f"--vs datacenter compares the protocolnanogpt model; got --preset {args.preset}")
+        schedule = args.schedule or "async"
+        contributions, head = _node_as_built(args, schedule)
         try:
-            result = run_vs_datacenter(load_calibration(DEFAULT_PATH), schedule=args.schedule or "async",
+            result = run_vs_datacenter(load_calibration(DEFAULT_PATH), schedule=schedule,
                                        max_staleness=args.max_staleness, averaging=args.averaging,
                                        overlap_averaging=_overlap(args),
-                                       contributions=getattr(args, "contributions", "microbatch"),
+                                       contributions=contributions,
                                        microbatch_seqs=getattr(args, "microbatch_seqs", MICROBATCH_SEQS),
-                                       head=getattr(args, "head", "leader"),
+                                       head=head,
                                        async_loss_ratio=args.async_loss_ratio,
                                        averaging_loss_ratio=args.averaging_loss_ratio,
                                        inflight_per_replica=getattr(args, "inflight_per_replica", None),

@@ -153,3 +153,24 @@ def test_node_as_built_uses_the_node_cap_and_names_it() -> None:
     assert given["wan"]["step_s"] < built["wan"]["step_s"]
     lanes = run_vs_datacenter(cal, head="lanes", **kw)  # type: ignore[arg-type]
     assert not lanes["node_as_built"] and lanes["wan"]["inflight_per_replica"] is None
+
+
+def test_cli_defaults_compare_the_node_as_built() -> None:
+    from pmn.cmd_simulate import _node_as_built
+
+    parser = build_parser()
+    args = parser.parse_args(["simulate", "wan", "--vs", "datacenter"])
+    contributions, head = _node_as_built(args, args.schedule or "async")
+    assert (contributions, head) == ("step", "delegated")  # async with replicas runs only with the step exchange
+    out = run_vs_datacenter(load_calibration(DEFAULT_PATH), schedule="async", max_staleness=args.max_staleness,
+                            averaging=args.averaging, overlap_averaging=True, contributions=contributions,
+                            head=head, steps=2)
+    assert out["node_as_built"] and out["not_built"] == []
+    # a flag given is kept; the head follows the contributions unless it is given too
+    gpipe = parser.parse_args(["simulate", "wan", "--vs", "datacenter", "--schedule", "gpipe"])
+    assert _node_as_built(gpipe, "gpipe") == ("microbatch", "leader")
+    given = parser.parse_args(["simulate", "wan", "--vs", "datacenter", "--contributions", "microbatch",
+                               "--head", "lanes"])
+    assert _node_as_built(given, "async") == ("microbatch", "lanes")
+    dense = parser.parse_args(["simulate", "wan", "--vs", "datacenter", "--averaging", "dense"])
+    assert _node_as_built(dense, "async") == ("microbatch", "leader")
