@@ -54,10 +54,11 @@ def cmd_wan(args: argparse.Namespace) -> int:
         from pmn.errors import CLIError
         from simulations.calibrate import DEFAULT_PATH, load_calibration
         from simulations.datacenter import MICROBATCH_SEQS, run_vs_datacenter
+        from simulations.params import Schedule
 
         if args.preset != "protocolnanogpt":
             raise CLIError(f"--vs datacenter compares the protocolnanogpt model; got --preset {args.preset}")
-        schedule = args.schedule or "async"
+        schedule: Schedule = args.schedule or "async"
         contributions, head = _node_as_built(args, schedule)
         try:
             result = run_vs_datacenter(load_calibration(DEFAULT_PATH), schedule=schedule,
