@@ -158,6 +158,7 @@ class RuntimeConfig:
     eval_timeout_s: float = 60.0  # async and replicated runs (/pmn/eval, node.pipeline.evaluation): bound per stage on
     # an evaluation; stage k allows (num_stages - k) times this for its part (waiting for its weights after the
     # update, its forward) and the rest of the chain
+    eval_idle_timeout_s: float = 30.0  # /pmn/eval: a request stream that sends nothing for this long is dropped
     eval_keep: int = 2  # async and replicated runs: copies of the stage weights after evaluated updates a node keeps
 
 
@@ -475,8 +476,9 @@ class NodeConfig:
         if type(r.powersgd_iterations) is not int or not 1 <= r.powersgd_iterations <= MAX_POWER_ITERATIONS:
             raise ValueError(f"runtime.powersgd_iterations must be an integer from 1 to {MAX_POWER_ITERATIONS}, "
                              f"got {r.powersgd_iterations!r}")
-        if not r.eval_timeout_s > 0 or r.eval_keep < 1:
-            raise ValueError(f"runtime.eval_timeout_s must be > 0 and runtime.eval_keep >= 1, got {r.eval_timeout_s} "
+        if not r.eval_timeout_s > 0 or not r.eval_idle_timeout_s > 0 or r.eval_keep < 1:
+            raise ValueError(f"runtime.eval_timeout_s and eval_idle_timeout_s must be > 0 and runtime.eval_keep >= 1, "
+                             f"got {r.eval_timeout_s}, {r.eval_idle_timeout_s} "
                              f"and {r.eval_keep}")
         if r.eval_every < 0 or r.eval_batches < 1 or r.eval_seed < 0:
             raise ValueError(f"runtime.eval_every must be >= 0 (0 = off), eval_batches >= 1 and eval_seed >= 0; got "

@@ -225,7 +225,8 @@ class AsyncPipelineRunner(PipelineRunner):
         self.evaluation = Evaluation(worker, cfg.num_stages, r.eval_every, r.eval_keep)
         # evaluations only from the stage before ours (the chain's rule on chain; off chain, like /pmn/act, anyone)
         self._eval = EvalService(ctx.host, lambda: self.evaluation, ctx.discovery.stage_peers, r.eval_timeout_s,
-                                 cfg.transport.max_frame_bytes, policy=ctx.access, scores=ctx.scores)
+                                 cfg.transport.max_frame_bytes, policy=ctx.access, scores=ctx.scores,
+                                 idle_timeout_s=r.eval_idle_timeout_s)
         return stage
 
     def make_worker(self, ctx: NodeContext, stage: int) -> StageWorker:

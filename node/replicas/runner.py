@@ -129,7 +129,8 @@ class ReplicatedRunner:
         self._eval = EvalService(ctx.host, lambda: self.evaluation, discovery.stage_peers, cfg.runtime.eval_timeout_s,
                                  cfg.transport.max_frame_bytes,
                                  policy=ctx.access if ctx.access is not None else StagePeersPolicy(
-                                     discovery, protocols=(EVAL,)), scores=scores)
+                                     discovery, protocols=(EVAL,)), scores=scores,
+                                 idle_timeout_s=cfg.runtime.eval_idle_timeout_s)
         return self._stage
 
     def ready_fields(self) -> dict[str, Any]:
