@@ -6,7 +6,7 @@ from __future__ import annotations
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
@@ -17,8 +17,10 @@ from node.observability.web.server import serve_page
 from node.observability.web.snapshot import SnapshotLimits, node_part, page
 from node.services.base import NodeService
 from protocol.accounting import compute_units
-from protocol.payments import ChainLink
 from sharding import param_count
+
+if TYPE_CHECKING:  # at run time only through a chain link already built: an off-chain node never loads web3
+    from protocol.payments import ChainLink
 
 
 class ChainFigures:
@@ -71,7 +73,10 @@ class StatusPageService:
     def __init__(self, cfg: WebConfig, services: Sequence[NodeService] = ()) -> None:
         self.cfg = cfg
         links = [getattr(s, "link", None) for s in services]
-        self.link: ChainLink | None = next((x for x in links if isinstance(x, ChainLink)), None)
+        # a ChainLink exists only once protocol.payments was imported (by the chain link service that holds it)
+        payments = sys.modules.get("protocol.payments")
+        self.link: ChainLink | None = None if payments is None else next(
+            (x for x in links if isinstance(x, payments.ChainLink)), None)
         self.url = ""
 
     async def start(self, ctx: NodeContext) -> None:

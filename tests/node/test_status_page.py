@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import json
 import math
+import subprocess
+import sys
 import urllib.request
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
+from node.config import WebConfig
 from node.observability.status import append_progress, write_status
 from node.observability.web.snapshot import node_part, page
+from node.services.status_page import StatusPageService
 from node.testing.swarm import launch_swarm, stop_nodes
 from tests.browser import Browser
 from tests.ports import free_port_run
@@ -82,3 +88,18 @@ def test_browser_shows_live_steps_and_loss_of_a_running_swarm(tmp_path: Path) ->
             browser.close()
         stop_nodes(nodes)
     assert browser is not None and not browser.tmp_dir.exists()
+
+
+def test_an_off_chain_node_never_loads_web3_and_the_page_finds_a_chain_link() -> None:
+    # the node's imports leave web3 out (about a second of every node start); the page finds the link it needs
+    code = "import sys, node.daemon; print(sorted(m for m in ('web3', 'protocol.payments') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
+    assert out.stdout.strip() == "[]"
+    from protocol.payments import ChainLink
+
+    fields: dict[str, Any] = dict(client=None, model_id=1, chain_id=1, ledger="0x0", epoch_length=4,
+                                  inference_fee_wei=0, spec_hash=b"", keys=None, payments=None)
+    link = ChainLink(**fields)
+    services: Any = [SimpleNamespace(link="not a chain link"), SimpleNamespace(link=link)]
+    assert StatusPageService(WebConfig(port=1), services).link is link
+    assert StatusPageService(WebConfig(port=1), services[:1]).link is None
