@@ -6,8 +6,10 @@ horizon is the headline run, and a bad horizon is refused with a line naming it.
 
 from __future__ import annotations
 
+import functools
 import json
 import subprocess
+from typing import Any
 
 import pytest
 
@@ -18,6 +20,19 @@ pytestmark = pytest.mark.timeout(300)
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return run_script("async_recipe.py", *args)
+
+
+@functools.cache
+def _default_recipe() -> str:
+    """The JSON line of the default recipe (AdamW, constant rate) at 12 steps: one run shared by the tests that
+    compare another recipe with it."""
+    proc = _run("--quick", "--steps", "12", "--workers", "1")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout.strip().splitlines()[-1]
+
+
+def _default() -> dict[str, Any]:
+    return json.loads(_default_recipe())
 
 
 def test_quick_horizons_give_one_ratio_per_horizon_and_bound() -> None:
@@ -45,7 +60,7 @@ def test_a_bad_horizon_or_bound_is_refused_naming_it() -> None:
 
 
 def test_cosine_schedule_decays_both_arms_over_the_run_and_is_recorded() -> None:
-    constant = json.loads(_run("--quick", "--steps", "12", "--workers", "1").stdout.strip().splitlines()[-1])
+    constant = _default()
     proc = _run("--quick", "--steps", "12", "--workers", "1", "--schedule", "cosine")
     assert proc.returncode == 0, proc.stderr[-2000:]
     cosine = json.loads(proc.stdout.strip().splitlines()[-1])
@@ -57,7 +72,7 @@ def test_cosine_schedule_decays_both_arms_over_the_run_and_is_recorded() -> None
 
 
 def test_the_muon_recipe_runs_both_arms_and_is_recorded() -> None:
-    adamw = json.loads(_run("--quick", "--steps", "12", "--workers", "1").stdout.strip().splitlines()[-1])
+    adamw = _default()
     proc = _run("--quick", "--steps", "12", "--workers", "2", "--optimizer", "muon", "--staleness", "1,2",
                 "--lookahead", "2,1.5")
     assert proc.returncode == 0, proc.stderr[-2000:]
