@@ -153,6 +153,11 @@ async def _send(host: Any, addr: str, protocol: str, data: bytes, read_s: float 
     return got
 
 
+async def _fuzz_one(seed: int, addr: str, protocol: str, case: bytes) -> None:
+    async with _client(seed) as h:
+        await _send(h, addr, protocol, case, read_s=1.0)
+
+
 @pytest.mark.timeout(240)
 def test_real_node_survives_announce_state_avg_floods(tmp_path: Path) -> None:
     node = start_node(0, tmp_path / "node", ["--stages", "1", "--replicated", "--steps", "1", "--linger",
@@ -175,11 +180,11 @@ def test_real_node_survives_announce_state_avg_floods(tmp_path: Path) -> None:
                 before = _rss(node.proc.pid)
                 report["first_round"] = before - start
             for protocol in (ANNOUNCE_PROTOCOL, STATE_PROTOCOL, AVG_PROTOCOL, DELEGATE_PROTOCOL):
-                for case in _cases(rng):
-                    seed += 1  # a fresh identity per message: bans do not hide the parser from the fuzz
-                    async with _client(seed) as h:
-                        await _send(h, addr, protocol, case, read_s=1.0)
-                    assert node.proc.poll() is None, f"node died on {protocol} case {case[:40]!r}"
+                async with trio.open_nursery() as cases:  # a protocol's cases at once, each from its own peer
+                    for case in _cases(rng):
+                        seed += 1  # a fresh identity per message: bans do not hide the parser from the fuzz
+                        cases.start_soon(_fuzz_one, seed, addr, protocol, case)
+                assert node.proc.poll() is None, f"node died on a {protocol} case"
         report["after_fuzz"] = _rss(node.proc.pid) - before
         # twelve 64 MiB bodies declared in parallel, each followed by 1 MiB of it: refused unread
         async with _client(5000) as h, trio.open_nursery() as n:
