@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import trio
@@ -68,11 +69,13 @@ class AsyncPipelineRuntime(ChannelLoop):
         self._inbox: deque[Received] = deque()  # activations received, waiting for their step's weights
         self._norm_sums: dict[int, float] = {}  # step -> squared norm over stages >= this one, once sent upstream
 
-    async def run(self, last: int, on_step: Any) -> None:
-        """Train until update `last - 1` is applied; `on_step(StepResult)` after every update."""
+    async def run(self, last: int, on_step: Callable[[StepResult], Awaitable[None]]) -> None:
+        """Train until update `last - 1` is applied; `await on_step(StepResult)` after every update (the loop computes
+        nothing meanwhile, so the weights are those after that update)."""
         await self._with_senders(lambda up_tx, down_tx: self._loop(last, up_tx, down_tx, on_step))
 
-    async def _loop(self, last: int, up_tx: _Sender | None, down_tx: _Sender | None, on_step: Any) -> None:
+    async def _loop(self, last: int, up_tx: _Sender | None, down_tx: _Sender | None,
+                    on_step: Callable[[StepResult], Awaitable[None]]) -> None:
         w = self.worker
         m = w.num_microbatches
         tokens = m * w.microbatch_size * w.config.seq_len
@@ -111,10 +114,11 @@ class AsyncPipelineRuntime(ChannelLoop):
                     down_tx.put_norm(k, frames.NORM_DOWN, total)  # ahead of step k+S+1's activations
                 done.pop(k)
                 now, b_now = time.perf_counter(), self._stats()
-                on_step(StepResult(step=k, stage=self.stage, loss=loss, tokens=tokens, seconds=now - t_last,
-                                   comm_wait_s=waited, bytes_in=b_now[0] - b_last[0], bytes_out=b_now[1] - b_last[1],
-                                   busy_s=busy, extra={"stale_rejected": self.stale_rejected,
-                                                       "max_staleness": w.max_staleness}))
+                await on_step(StepResult(step=k, stage=self.stage, loss=loss, tokens=tokens, seconds=now - t_last,
+                                         comm_wait_s=waited, bytes_in=b_now[0] - b_last[0],
+                                         bytes_out=b_now[1] - b_last[1], busy_s=busy,
+                                         extra={"stale_rejected": self.stale_rejected,
+                                                "max_staleness": w.max_staleness}))
                 t_last, b_last, busy, waited = now, b_now, 0.0, 0.0
                 continue
             r = await self.downstream.try_recv() if self.downstream is not None else None
@@ -253,9 +257,11 @@ class AsyncPipelineRunner(PipelineRunner):
             held: list[StepReport] = []  # the head's last record, written once the last evaluation is back
             async with trio.open_nursery() as evaluations:
 
-                def on_step(res: StepResult) -> None:
-                    if ev.due(res.step):  # the live weights are those after update res.step until the next update
-                        ev.snapshots.add(res.step, worker.module)
+                async def on_step(res: StepResult) -> None:
+                    # the copy and the checkpoint in threads: channel tasks go on; the loop waits, so the live weights
+                    # stay those after update res.step meanwhile
+                    if ev.due(res.step):
+                        await trio.to_thread.run_sync(ev.snapshots.add, res.step, worker.module)
                         ev.snapshots.poke()
                         if stage == 0:
                             ev.launch(evaluations, service, res.step)
@@ -266,7 +272,8 @@ class AsyncPipelineRunner(PipelineRunner):
                         report.record.update(ev.take())
                         ctx.log.step(report)
                     if r.checkpoint_every and worker.next_step % r.checkpoint_every == 0:
-                        save_checkpoint(worker, ctx.data_dir)  # live weights, optimiser, next step (not the stash)
+                        # live weights, optimiser, next step (not the stash)
+                        await trio.to_thread.run_sync(save_checkpoint, worker, ctx.data_dir)
 
                 try:
                     await runtime.run(r.steps, on_step)
