@@ -178,7 +178,8 @@ def test_the_comparison_runs_the_sharded_what_if_labelled_and_from_the_cli() -> 
     assert sharded["wan"]["inflight_per_replica"] == direct["wan"]["inflight_per_replica"]  # the node's caps
     assert sharded["wan"]["step_s"] < direct["wan"]["step_s"]
     assert sharded["floors"]["as_run"]["uplink_s"] == direct["floors"]["sharded_exchange"]["uplink_s"]
-    args = build_parser().parse_args(["simulate", "wan", "--vs", "datacenter", "--collective", "sharded"])
+    args = build_parser().parse_args(["simulate", "wan", "--vs", "datacenter", "--collective", "sharded",
+                                      "--contributions", "microbatch"])
     assert args.collective == "sharded" and build_parser().parse_args(["simulate", "wan"]).collective == "direct"
     with pytest.raises(CLIError, match="collective='sharded'"):
-        cmd_wan(args)  # the default --contributions microbatch has no bundles to shard
+        cmd_wan(args)  # per-microbatch contributions have no bundles to shard

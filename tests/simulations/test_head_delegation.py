@@ -219,11 +219,12 @@ def test_the_comparison_labels_delegated_head_work() -> None:
 
 def test_cli_takes_head_delegated_and_refuses_it_under_async_without_the_step_exchange() -> None:
     parser = build_parser()
-    assert parser.parse_args(["simulate", "wan"]).head == "leader"  # the default stays the leader
-    args = parser.parse_args(["simulate", "wan", "--vs", "datacenter", "--head", "delegated"])
+    assert parser.parse_args(["simulate", "wan"]).head is None  # resolved per schedule and contributions
+    args = parser.parse_args(["simulate", "wan", "--vs", "datacenter", "--head", "delegated", "--contributions",
+                              "microbatch"])
     assert args.head == "delegated"
     with pytest.raises(CLIError, match="replica_exchange = step"):
-        cmd_wan(args)  # the comparison's default schedule is async, its default contributions per microbatch
+        cmd_wan(args)  # the comparison's default schedule is async
     with pytest.raises(SystemExit):
         parser.parse_args(["simulate", "wan", "--head", "delegates"])
 
