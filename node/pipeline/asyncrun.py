@@ -260,11 +260,9 @@ class AsyncPipelineRunner(PipelineRunner):
                 async def on_step(res: StepResult) -> None:
                     # the copy and the checkpoint in threads: channel tasks go on; the loop waits, so the live weights
                     # stay those after update res.step meanwhile
-                    if ev.due(res.step):
-                        await trio.to_thread.run_sync(ev.snapshots.add, res.step, worker.module)
-                        ev.snapshots.poke()
-                        if stage == 0:
-                            ev.launch(evaluations, service, res.step)
+                    await ev.keep_weights(res.step)
+                    if stage == 0 and ev.due(res.step):
+                        ev.launch(evaluations, service, res.step)
                     report = step_report(res, peers)
                     if stage == 0 and res.step == last and ev.eval_every:
                         held.append(report)  # its evaluation fields once every evaluation is back (below)
