@@ -371,6 +371,9 @@ def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
     if all("update_s" in r for recs in progress.values() for r in recs):  # a replicated run: updates and bundles
         replicated = {
             "update_s_per_step": {s: _per_step(recs, "update_s") for s, recs in progress.items()},
+            **({"compute_cpu_s_per_step": {s: _per_step(recs, "compute_cpu_s") for s, recs in progress.items()},
+                "update_cpu_s_per_step": {s: _per_step(recs, "update_cpu_s") for s, recs in progress.items()}}
+               if all("compute_cpu_s" in r for recs in progress.values() for r in recs) else {}),
             "contribution_bytes": {s: recs[-1]["contribution_bytes"] for s, recs in progress.items()},
             "stage_of_node": {s: recs[-1]["stage"] for s, recs in progress.items()},
             "phases_per_step": {s: _mean_phases(recs[1:]) for s, recs in progress.items()}}
@@ -384,10 +387,12 @@ def summarise(progress: dict[int, list[dict[str, Any]]]) -> dict[str, Any]:
 def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microbatches: int, mb_size: int,
                  model_path: Path, root: Path, lr: float, corpus: str, grad_clip: float = 0.0,
                  optimizer: str = "adamw", lookahead: float = 1.0, replicas: int = 1,
-                 averaging: tuple[int, int] = (6, 4), max_inflight: int | None = None) -> dict[str, Any]:
+                 averaging: tuple[int, int] = (6, 4), max_inflight: int | None = None,
+                 pipelined_finish: bool = True) -> dict[str, Any]:
     """One swarm run of `schedule` over the emulated links; its summary. replicas > 1: `lab.n // replicas` stages
     of `replicas` nodes each, replicated mode with the step exchange and PowerSGD (`averaging` = rank, bits), each
-    sender keeping at most `max_inflight` microbatches at one downstream replica (None: the node's default)."""
+    sender keeping at most `max_inflight` microbatches at one downstream replica (None: the node's default), and
+    async steps finishing side by side (`pipelined_finish`, the node's replicas.pipelined_finish) or one at a time."""
     args = ["--model", str(model_path), "--stages", str(lab.n), "--steps", str(steps), "--microbatches",
             str(microbatches), "--microbatch-size", str(mb_size), "--corpus", corpus, "--threads", "1", "--lr", str(lr),
             "--no-dht", "--checkpoint-every", "0", "--schedule", schedule, "--recipe-grad-clip", str(grad_clip),
@@ -401,6 +406,8 @@ def run_schedule(lab: WanLab, schedule: str, staleness: int, steps: int, microba
                  "--no-replica-timeout", "600", "--replica-timeout", "120", "--avg-timeout", "60"]
         if max_inflight is not None:
             args += ["--replicas-max-inflight", str(max_inflight)]
+        if not pipelined_finish:
+            args += ["--no-replicas-pipelined-finish"]
     t0 = time.monotonic()
     with wan_swarm(lab, root, args, ready_timeout_s=600, replicas=replicas) as nodes:
         pids = {f"node{i}_stage{n.stage}": n.proc.pid for i, n in enumerate(nodes)}
@@ -478,6 +485,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-inflight", type=int, default=None,
                    help="--replicas R > 1: microbatches a sender may keep at one downstream replica (the node's "
                         "replicas.max_inflight; default: the node's)")
+    p.add_argument("--serial-finish", action="store_true",
+                   help="--replicas R > 1, async: each node finishes one step at a time (the node before session 32, "
+                        "--no-replicas-pipelined-finish), not a later step's beside an earlier one's")
     p.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw",
                    help="the recipe's optimiser, every schedule and both loss arms (recipe.optimizer)")
     p.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (the recipe's lr)")
@@ -519,7 +529,8 @@ def main(argv: list[str] | None = None) -> None:
             results[schedule] = run_schedule(lab, schedule, a.max_staleness, steps, a.microbatches,
                                              a.microbatch_size, model_path, Path(tmp) / schedule, a.lr, a.corpus,
                                              a.grad_clip, a.optimizer, a.lookahead, a.replicas,
-                                             (a.averaging_rank, a.averaging_bits), a.max_inflight)
+                                             (a.averaging_rank, a.averaging_bits), a.max_inflight,
+                                             not a.serial_finish)
             r = results[schedule]
             print(f"{schedule}: utilisation {r['utilisation']:.3f} (stage {r['busiest_stage']}), "
                   f"{r['tokens_per_s']:.0f} tokens/s", flush=True)
@@ -557,7 +568,8 @@ def main(argv: list[str] | None = None) -> None:
         "busy_s_per_step": {s: {str(k): round(v, 5) for k, v in r["busy_s_per_step"].items()} for s, r in results.items()},
         "bytes_out_per_step": {s: {str(k): round(v) for k, v in r["bytes_out_per_step"].items()}
                                for s, r in results.items()},
-        "replicated": {s: {"update_s_per_step": {k: round(v, 5) for k, v in r["update_s_per_step"].items()},
+        "replicated": {s: {**{key: {k: round(v, 5) for k, v in r[key].items()} for key in (
+                               "update_s_per_step", "compute_cpu_s_per_step", "update_cpu_s_per_step") if key in r},
                            **{key: r[key] for key in ("contribution_bytes", "stage_of_node", "phases_per_step")}}
                        for s, r in results.items() if "update_s_per_step" in r},  # node keys: JSON makes them strings
         "replica_compression": None if averaging is None else round(averaging["replica_compression"], 2),
@@ -576,6 +588,7 @@ def main(argv: list[str] | None = None) -> None:
         "host_cpu": {s: r["host_cpu"] for s, r in results.items()},
         "delay_ms": a.delay_ms, "rate_mbit": a.rate_mbit, "stages": 3, "replicas": a.replicas,
         "max_inflight": (a.max_inflight or ReplicaConfig().max_inflight) if a.replicas > 1 else None,
+        "pipelined_finish": not a.serial_finish if a.replicas > 1 else None,
         "max_staleness": a.max_staleness, "steps": steps, "microbatches": a.microbatches,
         "microbatch_size": a.microbatch_size, "model": BENCH_MODEL.to_dict(), "lr": a.lr, "corpus": a.corpus,
         "grad_clip": a.grad_clip, "optimizer": a.optimizer, "lookahead": a.lookahead,

@@ -209,6 +209,9 @@ class ReplicaConfig:
     head_delegation: bool = True  # replica_exchange = "step": the leading head replica hands microbatches to the
     # other head replicas, which compute stage 0 and send the activations themselves (`node.replicas.delegation`);
     # False, or the per-microbatch exchange: the standbys compute nothing
+    pipelined_finish: bool = True  # the async window: a step's finish (its COMMIT on, its bundle out, the stage
+    # peers' contributions in) starts as soon as its commit is known here, beside the finishes of earlier steps still
+    # running, instead of once the step before it is applied (the updates stay in step order). False: one at a time
     max_tasks: int = 16  # delegated head work: microbatches one head replica may hold as the leader's tasks at once
     # (a task stays out for a whole pipeline round trip, so a delegate's even share of a step should fit; the share,
     # ceil(microbatches / head replicas), caps what it gets while the leader can compute the rest itself); the async

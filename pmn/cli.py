@@ -286,10 +286,10 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("--plots", type=Path, help="directory for PNG plots")
     q.add_argument("--vs", choices=["datacenter"], help="compare time to target with the same model on 100 Gb/s links")
     q.add_argument("--schedule", choices=["gpipe", "1f1b", "async"], help="pipeline schedule (--vs: default async)")
-    q.add_argument("--max-staleness", type=int, default=2,
+    q.add_argument("--max-staleness", type=int, default=3,
                    help="async: the staleness bound (--vs; the node's runtime.max_staleness: with --contributions step "
-                        "a node runs the steps a .. a + S, a the updates it applied; default 2, the node's fastest "
-                        "to the target loss here)")
+                        "a node runs the steps a .. a + S, a the updates it applied; default 3, the node's fastest "
+                        "to the target loss here since its finishes run side by side)")
     q.add_argument("--averaging", default="powersgd:12:int4",
                    help="replica averaging (--vs): dense, powersgd:R[:int8|:int4], diloco:H (default: the node's "
                         "PowerSGD rank 12 with int4 factors, the rank with the smallest measured loss penalty)")

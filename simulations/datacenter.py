@@ -62,9 +62,12 @@ replicated stages (runtime.schedule = async, runtime.max_staleness = `--max-stal
 every node runs the work of steps a .. a + S only (a: the updates it applied), the leader hands out the microbatches
 of those steps oldest first as above, step k is committed once all its microbatches are back, and each node finishes
 step k (the COMMIT from upstream, every sender's verdict, its COMMIT on, its bundle to its 15 stage peers, theirs in,
-the update) in step order, as the node runs it since session 25: the finish runs beside its work (later steps of its
-window computed, dispatched and handed out meanwhile, its bundle on its uplink behind its frames) and only the update
-(the optimizer step's time) blocks it; `finish_blocks=True` (no CLI flag) is the node before that, computing and
+the update), the updates in step order, as the node runs it since session 25: the finish runs beside its work (later
+steps of its window computed, dispatched and handed out meanwhile, its bundle on its uplink behind its frames) and
+only the update (the optimizer step's time) blocks it; since session 32 a node starts a step's finish as soon as it
+knows the step's commit, beside the finishes of earlier steps still running (`WanConfig.pipelined_finish`; the
+standby head replicas still one at a time), where before it waited for the update of the step before
+(`serial_finish=True`, no CLI flag); `finish_blocks=True` (no CLI flag) is the node before session 25, computing and
 dispatching nothing while it finishes. With `--head delegated` and `--max-staleness` >= 1 the leader's finish is
 ordered as the node's `_early_commit` (session 25): its bundle to one head peer, that push's answer, its COMMIT (to
 the delegates and downstream), then its bundle to the 14 other head peers while the delegates push theirs (the head's
@@ -160,7 +163,7 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
             collective: str = "fastest", push: bool = False, per_step: bool = False,
             microbatch_seqs: int = MICROBATCH_SEQS, head_leader: bool = False, head_delegation: bool = False,
             inflight_per_replica: int | None = None, tasks_per_delegate: int | None = None,
-            finish_blocks: bool = False) -> WanConfig:
+            finish_blocks: bool = False, serial_finish: bool = False) -> WanConfig:
     """push: the node's exchange, one contribution per microbatch a replica computes (per_step: one per replica and
     step: the node's replica_exchange = step, `WanConfig.push_per_step`). head_leader: stage 0 as the node runs it, one leader
     computing every microbatch (and pushing each one's contribution) while the other head replicas stand by;
@@ -168,7 +171,8 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
     contributions are pushed by whoever computed the microbatch).
     inflight_per_replica: `WanConfig.inflight_per_replica` (None: the schedule's own rule). tasks_per_delegate:
     `WanConfig.tasks_per_delegate` (head_delegation only; None: no cap). finish_blocks: `WanConfig.finish_blocks`
-    (replicated async: the node before session 25, blocked while it finishes a step)."""
+    (replicated async: the node before session 25, blocked while it finishes a step). serial_finish: replicated async
+    without `WanConfig.pipelined_finish` (the node before session 32: one step's finish at a time)."""
     from sharding.partition import partition
 
     device = DeviceAssumption()
@@ -193,7 +197,7 @@ def _config(calibration: dict[str, Any], codec: str, schedule: Schedule, link: L
                      sync_collective=collective, sync_push=push, push_per_step=push and per_step,
                      link=link, max_staleness=max_staleness if schedule == "async" else None, seed=seed,
                      inflight_per_replica=inflight_per_replica, tasks_per_delegate=tasks_per_delegate,
-                     finish_blocks=finish_blocks,
+                     finish_blocks=finish_blocks, pipelined_finish=not (finish_blocks or serial_finish),
                      warmup_steps=max(1, steps // 2) if steps > 1 else 0)  # the steady second half
 
 
@@ -205,7 +209,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                       averaging_loss_ratio: float | None = None,
                       inflight_per_replica: int | None = None,
                       tasks_per_delegate: int | None = None,
-                      finish_blocks: bool = False, collective: str = "direct") -> dict[str, Any]:
+                      finish_blocks: bool = False, collective: str = "direct",
+                      serial_finish: bool = False) -> dict[str, Any]:
     """Time to the target loss on home links over the same on 100 Gb/s; `slowdown_vs_datacenter` and its inputs.
 
     overlap_averaging: the WAN replicas' averaging goes out on their uplinks while they compute (a DiLoCo outer step
@@ -237,6 +242,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
     finish_blocks: async with head leader or delegated and contributions = step only, the node before session 25 (a
     what-if, `WanConfig.finish_blocks`): each node's loop blocked throughout its finish of a step, not only for the
     update; labelled not built.
+    serial_finish: the same configurations only, the node before session 32 (a what-if, `WanConfig.pipelined_finish`
+    off): each node starts a step's finish only once it applied the step before; labelled not built.
     collective: how the WAN replicas' bundles reach their stage peers under the node's async with replicated stages
     (schedule async, head leader or delegated, contributions step): `direct` (the node: each pushes its bundle to every
     peer) or `sharded` (a what-if, not built: a reduce-scatter to shard owners, then an all-gather of the sums, in the
@@ -277,6 +284,9 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                          "runtime.schedule = async with replicas only with runtime.replica_exchange = step, and "
                          "delegates head work only with it")
     not_built = []  # what this WAN configuration runs that the node does not
+    if serial_finish and not (schedule == "async" and head in ("leader", "delegated") and contributions == "step"):
+        raise ValueError("serial_finish finishes the steps of the node's async schedule with replicated stages one at "
+                         "a time: it needs schedule async, head leader or delegated and contributions step")
     if finish_blocks and not (schedule == "async" and head in ("leader", "delegated") and contributions == "step"):
         raise ValueError("finish_blocks blocks a node while it finishes a step of the node's async schedule with "
                          "replicated stages: it needs schedule='async', head='leader' or 'delegated' and "
@@ -335,6 +345,9 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                          "sharding.sharedpowersgd, the code it needs; the node factorises each replica's gradient on "
                          "its own, which sums to no contribution, and pushes each bundle to every stage peer; the "
                          "averaging loss penalty is the node's code's unless --averaging-loss-ratio gives another)")
+    if serial_finish and not finish_blocks:
+        not_built.append("the serial finish (the node before session 32: a step's finish started only once the step "
+                         "before it was applied; the node now starts it once the step's commit is known)")
     if finish_blocks:  # after the caps: the node's caps, with the finish the node had before session 25
         not_built.append("the blocking finish (the node before session 25: its loop blocked from a step's finish to "
                          "its update; the node now finishes a step beside its work, blocked only for the update)")
@@ -342,7 +355,8 @@ def run_vs_datacenter(calibration: dict[str, Any], schedule: Schedule = "async",
                       overlap=overlap_averaging and not push, collective=collective if push else "fastest", push=push,
                       per_step=contributions == "step", microbatch_seqs=microbatch_seqs,
                       head_leader=head in ("leader", "delegated"), head_delegation=head == "delegated",
-                      inflight_per_replica=cap, tasks_per_delegate=tasks, finish_blocks=finish_blocks)
+                      inflight_per_replica=cap, tasks_per_delegate=tasks, finish_blocks=finish_blocks,
+                      serial_finish=serial_finish)
     dc_cfg = _config(calibration, "dense", "1f1b", DATACENTER_LINK, Averaging(), None, steps, seed)
     wan, dc = simulate(wan_cfg), simulate(dc_cfg)
     wan_step = wan_cfg.tokens_per_step / (wan.steady_tokens_per_s or wan.tokens_per_s)

@@ -136,6 +136,9 @@ class WanConfig:
     # compute slot held from the finish's start until the update is applied: nothing computed, dispatched or handed
     # out). False: the node as built, the finish (COMMIT on, bundle pushed, the peers' bundles in) running beside the
     # node's work, only the update blocking its loop
+    pipelined_finish: bool = False  # replicated_async: a node's finish of step k (`_prepare`: COMMIT on, bundle
+    # pushed, the peers' bundles in) starts once it knows k's commit, beside the finishes of earlier steps still
+    # running (the updates stay in step order). False: it starts only once update k - 1 is applied
     leader_bundle_first: bool = False  # replicated_async with head_delegation, max_staleness >= 1 and the concurrent
     # finish: the node before session 25: the async leader pushed its bundle to every head peer before its COMMIT
     # (the delegates' bundles then went out one whole push of the leader's later). False: the node as built, the

@@ -217,6 +217,8 @@ class _Node:
         self.senders: dict[int, set[_Node]] = {}  # replicated async: step -> previous-stage nodes that sent it one
         self.heard: dict[int, set[_Node]] = {}  # replicated async: step -> nodes whose COMMIT of it arrived here
         self.told = env.event()  # replicated async: fires when a COMMIT arrives here (then replaced)
+        self.prepared: dict[int, simpy.Event] = {}  # replicated async, pipelined_finish: step -> fires once this
+        # node's finish of it but the update ran
         self.bundles: dict[int, simpy.Event] = {}  # replicated async: step -> fires once its bundle reached the peers
         self.first_held: dict[int, simpy.Event] = {}  # replicated async, the leader committing early: step -> fires
         # once its bundle reached its first holder (`PipelineSim._first_holder`)
@@ -782,14 +784,27 @@ class PipelineSim:
         ahead of any queued work once the running computation ends; then its window moves on. finish_blocks (the
         node before session 25: its `_finish` blocked its event loop): the node takes its compute slot ahead of any
         queued work when the finish starts and holds it until the update is applied, its loop blocked throughout (no
-        frame processed, nothing computed or dispatched)."""
+        frame processed, nothing computed or dispatched). pipelined_finish (the node since session 32, its
+        `replicas.pipelined_finish`): the finish of step k starts once the node knows k's commit (`_preparer`), beside
+        the finishes of earlier steps still running, and only the updates wait for each other; a head replica that is
+        not the leader still finishes one step at a time."""
         blocking = self.cfg.finish_blocks
+        # pipelined_finish: a head replica other than the leader (a standby that may take over) finishes one at a time
+        pipelined = self.cfg.pipelined_finish and not blocking and (node.stage > 0 or node is self._leader)
+        if pipelined:
+            self.env.process(self._preparer(node))
         for step in range(self.cfg.steps):
-            yield from self._await_commit(node, step)
-            start = blocked_at = self.env.now
+            start = self.env.now
+            if pipelined:
+                yield self._step_event(node.prepared, step)
+            else:
+                yield from self._await_commit(node, step)
+                start = self.env.now
+            blocked_at = self.env.now
             blocked = self.env.event()
-            if not blocking:
+            if not blocking and not pipelined:
                 yield from self._prepare(node, step)
+            if not blocking:
                 blocked_at, node.blocked = self.env.now, blocked
             with node.compute.request(priority=_FINISH_PRIO) as req:
                 yield req
@@ -806,6 +821,17 @@ class PipelineSim:
             blocked.succeed()
             advanced.succeed()
             self.last_apply[step] = self.env.now  # the last node's apply is the last write
+
+    def _preparer(self, node: _Node) -> Generator[simpy.Event, Any, None]:
+        """Replicated async, pipelined_finish: starts `node`'s finish of each step (`_prepare`) once it knows the
+        step's commit, in step order, without waiting for the earlier steps' finishes or updates."""
+        for step in range(self.cfg.steps):
+            yield from self._await_commit(node, step)
+            self.env.process(self._prepare_step(node, step))
+
+    def _prepare_step(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
+        yield from self._prepare(node, step)
+        self._step_event(node.prepared, step).succeed()
 
     def _await_commit(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
         """Replicated async: until `node` knows step `step`'s commit: the leader once every microbatch of the step is

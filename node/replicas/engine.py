@@ -71,6 +71,14 @@ class _Work:
     task: bool = False  # a head replica: a task of the leader `up` (computed here, DONE goes to the leader)
 
 
+def thread_cpu(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    """`fn(*args)` and the CPU seconds the calling thread spent in it (`time.thread_time`: the stage's torch work
+    runs in that thread with the node's one intra-op thread; more intra-op threads' CPU is not counted)."""
+    c0 = time.thread_time()
+    out = fn(*args)
+    return out, time.thread_time() - c0
+
+
 @dataclass
 class StepOutcome:
     """What one replica did in one step (progress record fields)."""
@@ -86,6 +94,8 @@ class StepOutcome:
     seconds: float  # wall time of the step
     compute_s: float  # seconds spent computing (forward/backward, debug delay)
     tokens: int  # tokens of the step
+    compute_cpu_s: float = 0.0  # CPU seconds of that computing (its thread's; what a shared host's cores gave it)
+    update_cpu_s: float = 0.0  # CPU seconds of the step's update (combining the bundles, the optimizer step)
     extra: dict[str, Any] = field(default_factory=dict)  # free-form additions
 
 
@@ -134,7 +144,14 @@ class ReplicaEngine:
         self._commits_sent = 0  # step COMMITs an early-committing leader sent on (test hook)
         self._had_next = False  # a replica of the next stage was usable at some point
         self._ahead_peers: list[str] = []  # stage peers last seen ahead of this replica (named if the state is lost)
-        self._compute_s = 0.0
+        self._compute_s = 0.0  # wall seconds of this step's compute (its worker threads)
+        self.finishing: trio.Nursery | None = None  # the engine's nursery (the runner's), where the finishes of later
+        # steps start while the current one finishes (`replicas.pipelined_finish`); None: each waits for its run_step
+        self._early: dict[int, trio.Event] = {}  # later steps whose finish started early -> set once it ran
+        self._bundled_through = worker.next_step - 1  # the newest step whose bundle was encoded (or had none): the
+        # codec's state (error feedback, warm-started Q) takes the steps in order
+        self._bundle_turn = trio.Event()  # set (and replaced) whenever `_bundled_through` moves
+        self._compute_cpu_s = 0.0  # CPU seconds of the same compute
         self._last_event = trio.current_time()
         self.current_step = worker.next_step
         self.throughput = 0.0  # tokens/s of compute over the last step with work
@@ -359,13 +376,14 @@ class ReplicaEngine:
 
         def run() -> Any:
             t0 = time.perf_counter()
-            out = fn(*args)
+            out, cpu = thread_cpu(fn, *args)
             if delay:
                 time.sleep(delay)
-            return out, time.perf_counter() - t0
+            return out, time.perf_counter() - t0, cpu
 
-        out, dt = await trio.to_thread.run_sync(run)
+        out, dt, cpu = await trio.to_thread.run_sync(run)
         self._compute_s += dt
+        self._compute_cpu_s += cpu
         return out
 
     def _grads_after(self, fn: Any, step: int, *args: Any) -> Any:
@@ -441,7 +459,7 @@ class ReplicaEngine:
         """The commit a leading head that delegates claims with the bundles it pushes once its step is complete (the
         delegates' bundles come after its COMMIT, so a standby learns the commit from this one)."""
         committed = self._commits.get(step, {})
-        if self.delegating and self.leads and self.current_step == step and len(committed) == self.m:
+        if self.delegating and self.leads and step >= self.current_step and len(committed) == self.m:
             return dict(committed)
         return None
 
@@ -459,12 +477,18 @@ class ReplicaEngine:
         first_holder: push it to one stage peer after the other until one holds it, and no further (the async
         leader's: its COMMIT then goes on and `_rest_of_bundle` pushes to the others meanwhile), the peers whose
         pushes were answered fastest first (`fastest_first` on the pushes' EWMA seconds)."""
+        while self.current_step <= step - 1 and self._bundled_through < step - 1:  # an early finish: the steps
+            await self._bundle_turn.wait()  # before it encode first (the codec's state runs in step order)
         self._owned[step] = [list(p) for p in owned]
         dense = self._dense.get(step, {})
         if not owned:
+            self._bundled(step)
             return
         t = time.perf_counter()
-        vec = await trio.to_thread.run_sync(self._sum_and_encode, [dense[p][0] for p in owned])
+        try:
+            vec = await trio.to_thread.run_sync(self._sum_and_encode, [dense[p][0] for p in owned])
+        finally:
+            self._bundled(step)
         self._phase(step, "encode_s", time.perf_counter() - t)
         try:
             self.store.add_bundle(step, owned, vec, [dense[p][1] for p in owned])
@@ -479,6 +503,12 @@ class ReplicaEngine:
             await self._push_bundle(step, key, [e])
             if self._holders.get((step, *key)):
                 return
+
+    def _bundled(self, step: int) -> None:
+        """`step`'s bundle is encoded (or it had none): a later step's early finish may encode its own."""
+        self._bundled_through = max(self._bundled_through, step)
+        self._bundle_turn.set()
+        self._bundle_turn = trio.Event()
 
     async def _rest_of_bundle(self, step: int) -> None:
         """The async leader's bundle of `step` to every usable stage peer that does not hold it yet."""
@@ -898,6 +928,7 @@ class ReplicaEngine:
         """Run global step `step` on this replica until its commit is applied."""
         t0 = time.perf_counter()
         self._compute_s = 0.0
+        self._compute_cpu_s = 0.0
         self._rerouted = 0
         self._ahead = 0
         self.current_step = step
@@ -917,7 +948,9 @@ class ReplicaEngine:
         self._future = [(ch, r) for ch, r in self._future if r.frame.header.step > last]
         early_tasks = [(link, t) for link, t in self._future_tasks if t.step <= last]
         self._future_tasks = [(link, t) for link, t in self._future_tasks if t.step > last]
-        prep: trio.Event | None = None  # async window: set once the step's finish (all but the update) ran
+        prep = self._early.pop(step, None)  # async window: set once the step's finish (all but the update) ran;
+        # started already when a finish of earlier steps ran beside it (`_finish_early`)
+        started_early = prep is not None
         failure: NodeError | None = None  # raised once the nursery is closed (no exception groups)
         async with trio.open_nursery() as finishing:  # the async window keeps working while a step finishes
             try:
@@ -951,6 +984,8 @@ class ReplicaEngine:
                         elif len(held) == self.m:  # every microbatch's committed contribution is here: the leader's commit
                             self.store.commit(step, held)
                     if prep is not None:  # the async window: the step finishes beside this loop
+                        if not standby:
+                            self._finish_early(step, last)
                         if prep.is_set():
                             break
                     elif len(self._commits[step]) == self.m if head else step in self.store.commits:
@@ -1034,10 +1069,30 @@ class ReplicaEngine:
         if failure is not None:
             raise failure
         if self.window:
-            return await self._apply(step, t0)
+            out = await self._apply(step, t0)
+            out.extra["finished_early"] = started_early
+            return out
         self._phase(step, "loop_s", time.perf_counter() - t0)  # gpipe: the step's work, the leader's commit and the
         # commit reaching this replica
         return await self._finish(step, t0)
+
+    def _finish_early(self, step: int, last: int) -> None:
+        """`replicas.pipelined_finish`, the async window while `step` finishes: start the finish of each later step of
+        the window (up to `last`) whose commit is known here, in step order, in the engine's nursery: its COMMIT, bundle
+        and the peers' contributions then travel while the steps before it finish. The updates stay in step order (each
+        step's run_step applies it); a standby head replica never starts one (it may take over)."""
+        if not self.rc.pipelined_finish or self.finishing is None:
+            return
+        k = max([step, *self._early]) + 1
+        while k <= min(last, self.cfg.runtime.steps - 1) and self._commit_known(k):
+            done = self._early[k] = trio.Event()
+            self.finishing.start_soon(self._finish_in_window, k, done)
+            k += 1
+
+    def _commit_known(self, step: int) -> bool:
+        """Whether this replica knows `step`'s commit: the leader once every microbatch is committed, any other
+        replica once the commit reached its store."""
+        return len(self._commits.get(step, {})) == self.m if self.leads else step in self.store.commits
 
     def _open_steps(self, step: int) -> None:
         """A leading head at `step`: queue for generation every microbatch not yet committed of each step of the
@@ -1359,16 +1414,18 @@ class ReplicaEngine:
         dropped = self.store.missing(step)  # always empty: kept in the record for exactly-once checks
         items = self.store.committed(step)
         t_update = time.perf_counter()
+        update_cpu_s = 0.0
         async with self.lock:
             if items:
-                flat = await trio.to_thread.run_sync(averaging.combine, [h.vec for h in items], self.m,
-                                                     self.rc.aggregation, self.store.codec,
-                                                     [len(h.covers) for h in items])
+                flat, update_cpu_s = await trio.to_thread.run_sync(
+                    thread_cpu, averaging.combine, [h.vec for h in items], self.m, self.rc.aggregation,
+                    self.store.codec, [len(h.covers) for h in items])
             else:
                 flat = torch.zeros(self.store.size)
             w.drop_step(step)  # forwards of abandoned attempts; the gradients were taken per microbatch
             averaging.set_grads(w.weights_for(step), flat)
-            await trio.to_thread.run_sync(w.step, step)
+            _, opt_cpu_s = await trio.to_thread.run_sync(thread_cpu, w.step, step)
+            update_cpu_s += opt_cpu_s
         update_s = time.perf_counter() - t_update
         phases = {k: round(v, 4) for k, v in self._phases.get(step, {}).items()}
         # abandoned attempts of this step
@@ -1395,6 +1452,7 @@ class ReplicaEngine:
         if mine_tokens and self._compute_s > 0:
             self.throughput = mine_tokens / self._compute_s
         self.store.prune(step + 1 - self.rc.keep_steps)
+        self._bundled(step)  # applied: its bundle is long done (an early finish of the next step may encode now)
         self._holders = {k: v for k, v in self._holders.items() if k[0] > step}
         wire = self.endpoint.totals
         bytes_in, bytes_out = wire.bytes_in - self._wire_seen[0], wire.bytes_out - self._wire_seen[1]
@@ -1403,6 +1461,7 @@ class ReplicaEngine:
             step=step, loss=sum(losses) / len(losses) if losses and w.spec.is_last else None,
             applied=sorted([mb, a] for h in items for mb, a in h.covers), mine=mine, computed=sorted(computed), dropped=dropped,
             rerouted=self._rerouted, seconds=time.perf_counter() - t0, compute_s=self._compute_s, tokens=tokens,
+            compute_cpu_s=self._compute_cpu_s, update_cpu_s=update_cpu_s,
             extra={"ahead": self._ahead, "update_s": update_s, "phases": phases, "bytes_in": bytes_in,
                    "bytes_out": bytes_out, **({"delegated": self._delegated.pop(step, 0)} if w.spec.is_first else {})})
 

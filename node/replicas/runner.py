@@ -66,6 +66,10 @@ def step_report(out: StepOutcome, eng: ReplicaEngine) -> StepReport:
     record["rollback_gen"] = eng.discovery.me.rollback_gen  # exactly-once holds per rollback generation
     record["ahead"] = out.extra.get("ahead", 0)  # forwards of later steps run during this step (async schedule)
     record["update_s"] = out.extra.get("update_s", 0.0)  # seconds of the step's update (combine, optimizer step)
+    record["finished_early"] = out.extra.get("finished_early", False)  # its finish started while an earlier step
+    # finished (replicas.pipelined_finish)
+    record["compute_cpu_s"] = out.compute_cpu_s  # CPU seconds of compute_s (on a shared host: what its cores gave)
+    record["update_cpu_s"] = out.update_cpu_s  # CPU seconds of update_s
     record["contribution_bytes"] = 4 * eng.store.codec.words  # bytes of one contribution (a bundle) on /pmn/avg
     record["phases"] = out.extra.get("phases", {})  # seconds of the step's finish by phase (ReplicaEngine._phase):
     # loop_s (gpipe: work until the commit is known), verdicts_s, encode_s, bundle_s, contributions_s
@@ -370,6 +374,7 @@ class ReplicatedRunner:
                     en.start_soon(eng.dial_loop, en)
                     en.start_soon(eng.commit_poller)
                     en.start_soon(eng.probe_loop)
+                    eng.finishing = en  # later steps' finishes start beside the current one's (pipelined_finish)
                     try:
                         move = await self._serve_stage(ctx, eng, worker, en)
                     except NodeError as exc:

@@ -101,7 +101,7 @@ def test_an_async_swarm_overlaps_steps_and_equals_the_delayed_reference(tmp_path
     each stage end bit-identical, and the tail's losses are the delayed-gradient reference's."""
     steps = 8
     nodes, codes = run_to_end(tmp_path, [0, 0, 1, 1, 2], steps, common=[*ASYNC, "--no-replica-timeout", "120",
-                              "--debug-delay-s", "0.02"], timeout_s=420)
+                              "--debug-delay-s", "0.02", "--replicas-debug-push-delay-s", "0.5"], timeout_s=420)
     assert codes == [0] * 5
     head_a, head_b, mid_a, mid_b, tail = nodes
     for stage_nodes in ([head_a, head_b], [mid_a, mid_b], [tail]):
@@ -111,10 +111,21 @@ def test_an_async_swarm_overlaps_steps_and_equals_the_delayed_reference(tmp_path
         recs = records(n).values()
         assert sum(r["ahead"] for r in recs) > 0, n.stage  # the window overlapped steps
         assert all(r["update_s"] > 0 for r in recs), n.stage  # every step's update was timed
+        assert all(0 < r["update_cpu_s"] <= r["update_s"] + 1e-3 for r in recs), n.stage  # and its CPU time
+        # its compute thread's CPU time: less than the compute's wall time, which holds the debug delay's sleep too
+        timed = [r for r in recs if r["compute_s"] > 0]
+        assert timed and all(0 < r["compute_cpu_s"] < r["compute_s"] for r in timed), n.stage
+        assert all(r["compute_cpu_s"] == 0 for r in recs if r["compute_s"] == 0), n.stage
         assert all(r["phases"]["contributions_s"] >= 0 and r["phases"]["bundle_s"] >= 0 for r in recs), n.stage
         assert {r["contribution_bytes"] for r in recs} == {dense_bytes[n.stage]}, n.stage
         assert sum(r["bytes_out"] for r in recs) > 0 and sum(r["bytes_in"] for r in recs) > 0, n.stage  # its frames
     assert sum(r["delegated"] for r in records(head_a).values()) > 0  # the delegate head worked too
+    # pipelined finishes: on every replica some step's finish started while an earlier step still finished
+    # pipelined finishes: a slow link between replicas (each bundle push 0.5 s late) holds each step's finish long
+    # enough for later steps' commits to be known; the leader and the middle replicas then started some step's finish
+    # while an earlier step still finished, the delegate head never (a standby: it may take over)
+    early = [sorted(s for s, r in records(n).items() if r["finished_early"]) for n in nodes]
+    assert early[0] and early[2] and early[3] and not early[1], early
     check_identical_weights([[head_a, head_b], [mid_a, mid_b]])
     losses = [records(tail)[s]["loss"] for s in range(steps)]
     assert losses == pytest.approx(_reference(steps), rel=1e-4)

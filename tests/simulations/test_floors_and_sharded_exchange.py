@@ -99,7 +99,7 @@ def test_the_simulator_never_beats_the_floor(kw: dict[str, object]) -> None:
 def test_the_datacenter_comparison_reports_the_floors_of_the_node_s_async() -> None:
     cal = load_calibration(DEFAULT_PATH)
     out = run_vs_datacenter(cal, schedule="async", averaging="powersgd:12:int4", overlap_averaging=True,
-                            contributions="step", head="delegated", max_staleness=2, steps=2)
+                            contributions="step", head="delegated", max_staleness=2, steps=8)
     floors = out["floors"]
     assert set(floors) == {"as_run", "sharded_exchange"} and out["slowdown_floor"]["as_run"] > 1.0
     assert out["slowdown_floor"]["as_run_node_finish"] >= out["slowdown_floor"]["as_run"]
@@ -169,7 +169,7 @@ def test_the_sharded_exchange_is_refused_outside_the_node_s_async_with_replicate
 
 def test_the_comparison_runs_the_sharded_what_if_labelled_and_from_the_cli() -> None:
     kw: dict[str, Any] = dict(schedule="async", averaging="powersgd:12:int4", overlap_averaging=True,
-                              contributions="step", head="delegated", max_staleness=3, steps=6)
+                              contributions="step", head="delegated", max_staleness=3)  # SIMULATED_STEPS: steady state
     cal = load_calibration(DEFAULT_PATH)
     direct, sharded = run_vs_datacenter(cal, **kw), run_vs_datacenter(cal, collective="sharded", **kw)
     assert direct["node_as_built"] and direct["wan"]["averaging_collective"] == "direct"
@@ -183,3 +183,24 @@ def test_the_comparison_runs_the_sharded_what_if_labelled_and_from_the_cli() -> 
     assert args.collective == "sharded" and build_parser().parse_args(["simulate", "wan"]).collective == "direct"
     with pytest.raises(CLIError, match="collective='sharded'"):
         cmd_wan(args)  # per-microbatch contributions have no bundles to shard
+
+
+def test_pipelined_finishes_beat_the_one_at_a_time_chain_and_keep_the_updates_in_order() -> None:
+    """Behind 100 ms links, with room in flight and S = 3, the leader's finish (its bundle's first holder, the COMMIT,
+    the head's exchange, the update) is longer than the work of a step: finished one at a time, a step takes at least
+    that chain; finished side by side (`pipelined_finish`, the node since session 32) it takes less, still no less
+    than the node's floor, and every node applies every update, in step order."""
+    kw: dict[str, object] = dict(max_staleness=3, steps=24, warmup_steps=8, inflight_per_replica=8,
+                                 link=LinkConfig(bandwidth_mbps=50.0, latency_ms=100.0))
+    floors = step_floors(_cfg(**kw))
+    steady = {}
+    for pipelined in (False, True):
+        sim = PipelineSim(_cfg(pipelined_finish=pipelined, **kw))
+        res = sim.run()
+        steady[pipelined] = float(np.mean(res.step_times_s[8:]))
+        assert all(n.applied == 24 for stage in sim.nodes for n in stage)
+        applies = [sim.last_apply[k] for k in range(24)]
+        assert applies == sorted(applies)
+    assert steady[False] >= 0.98 * floors.leader_finish_s > floors.step_as_built_s
+    assert steady[True] < 0.9 * steady[False] and steady[True] < floors.leader_finish_s
+    assert steady[True] >= floors.step_as_built_s

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -67,3 +68,49 @@ def test_a_record_is_simulated_at_the_in_flight_cap_it_ran_with() -> None:
     # on the bench's links the cap binds: 4 at each of 2 replicas per 0.2 s round trip is more than 2
     assert _tokens_per_s(replicated_config(newer, "async", busy, 0.004)) > \
         1.2 * _tokens_per_s(replicated_config(older, "async", busy, 0.004))
+
+
+def _on_a_shared_host(bench: dict, cpu_s: float = 0.05, cores: int = 2) -> dict:
+    """`bench` with the nodes' compute and update CPU seconds and the host's cores, as wan.py records them since
+    session 32 (every node computed `cpu_s` CPU seconds per step)."""
+    rep = {**bench["replicated"]["async"], "compute_cpu_s_per_step": {k: cpu_s for k in NODES},
+           "update_cpu_s_per_step": {k: 0.01 for k in NODES}}
+    return {**bench, "replicated": {**bench["replicated"], "async": rep},
+            "host_cpu": {"async": {"cores": cores, "cpu_per_wall": {"shaper": 0.05}}}}
+
+
+def test_a_record_with_cpu_seconds_is_simulated_on_its_shared_host() -> None:
+    from simulations.wan_bench import compute_of, shared_host
+
+    bench = _on_a_shared_host(_record())
+    assert shared_host(bench, "async") and not shared_host(bench, "gpipe")  # gpipe's run carries no CPU seconds
+    assert not shared_host(_record(), "async")  # records before session 32
+    cpu = compute_of(bench, "async", True)
+    assert cpu == {k: 0.05 for k in NODES} and compute_of(bench, "async", False) == {k: 0.08 for k in NODES}
+    cfg = replicated_config(bench, "async", cpu, 0.004, host=True)
+    assert cfg.host_cores == 2.0 and cfg.background_load == pytest.approx(0.05)
+    assert cfg.fwd_s == pytest.approx((0.10 / 8 / 3,) * 3)  # a stage's two replicas' CPU seconds per microbatch
+    assert cfg.opt_s == pytest.approx((0.01,) * 3)  # the updates' CPU seconds, not their wall seconds
+    alone = replicated_config(bench, "async", cpu, 0.004)
+    assert alone.host_cores is None and alone.opt_s == pytest.approx((0.02,) * 3)
+    # six busy nodes on two cores: the same CPU seconds take longer than with a core each
+    busy = _on_a_shared_host(_record(), cpu_s=0.4)
+    heavy = replicated_config(busy, "async", compute_of(busy, "async", True), 0.004, host=True)
+    assert _tokens_per_s(heavy) < 0.8 * _tokens_per_s(replace(heavy, host_cores=None, background_load=0.0))
+
+
+def test_on_a_shared_host_the_overhead_is_recovered_and_another_cap_predicted() -> None:
+    """Records whose tokens/s are the shared-host simulation's own at a known per-frame overhead: the fit finds the
+    overhead on one and predicts a run at another in-flight cap; by default each node has a core of its own."""
+    def measured(cap: int) -> dict:
+        bench = {**_on_a_shared_host(_record()), "max_inflight": cap}
+        cpu = {k: 0.05 for k in NODES}
+        bench["tokens_per_s"] = {"async": _tokens_per_s(replicated_config(bench, "async", cpu, 0.004, host=True))}
+        return bench
+
+    out = validate(measured(2), calibrate_on="async", held_out=[measured(4)], host=True)
+    assert out["shared_host"] and out["frame_overhead_s"] == pytest.approx(0.004, abs=5e-4)
+    assert out["max_held_out_error"] < 0.03 and out["goal_met"]
+    assert out["held_out_runs"][0]["max_inflight"] == 4 and out["held_out_runs"][0]["schedules"]["async"]["shared_host"]
+    json.dumps(out)
+    assert not validate(measured(2), calibrate_on="async", held_out=[measured(4)])["shared_host"]  # the default

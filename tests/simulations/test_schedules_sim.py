@@ -151,14 +151,14 @@ def test_overlapped_averaging_and_what_if_penalties_are_labelled() -> None:
 
 def test_cli_defaults_run_the_nodes_averaging_overlapped_and_dense_held() -> None:
     """Unless told otherwise the comparison runs what the node runs: PowerSGD rank 12 int4 pushed during the step
-    at staleness 2, one contribution per replica and step, the head's work delegated; dense averaging is a held
+    at staleness 3, one contribution per replica and step, the head's work delegated; dense averaging is a held
     all-reduce; an explicit flag wins."""
     from pmn.cli import build_parser
     from pmn.cmd_simulate import _node_as_built, _overlap
 
     parse = build_parser().parse_args
     args = parse(["simulate", "wan", "--vs", "datacenter"])
-    assert (args.averaging, args.max_staleness, _overlap(args)) == ("powersgd:12:int4", 2, True)
+    assert (args.averaging, args.max_staleness, _overlap(args)) == ("powersgd:12:int4", 3, True)
     assert (args.contributions, args.microbatch_seqs, args.head) == (None, 2, None)  # resolved per schedule:
     assert _node_as_built(args, "async") == ("step", "delegated")  # the node as built
     assert _overlap(parse(["simulate", "wan", "--vs", "datacenter", "--averaging", "dense"])) is False
