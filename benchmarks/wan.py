@@ -98,6 +98,19 @@ nearly full. With 2, a sender keeps at most 4 microbatches at the next stage's 2
 node's `replicas.max_inflight` default is now 4 (the transport's credits). `simulations.wan_bench` fitted on the second
 cap-2 run (`--calibrate-on async`) predicts the other two within 0.011 and 0.026 but the cap-4 runs 26-32 % too fast
 (12029-12390 tokens/s): it gives every node a core of its own, and at cap 4 this host's two cores were 0.90-0.93 busy.
+Session 32: each node now records its compute and update *CPU* seconds (`compute_cpu_s_per_step`,
+`update_cpu_s_per_step` under `replicated`). At cap 4 and staleness 2 (`--steps 40`) a node's compute took 0.057-0.064
+CPU seconds per step against 0.125-0.140 wall seconds in its compute thread (at cap 2, `--steps 16`: 0.043-0.079
+against 0.066-0.114): on this host more than half of the busy time the utilisation counts at cap 4 is waiting for a
+core. A py-spy profile of the six nodes (cap 4, staleness 2) put
+about 60 % of their active samples in the compute threads (torch) and 34 % on the event loop (Noise and yamux reads
+and writes, the streams' handlers, the averaging server's checks, discovery's signature checks of each peer's new
+announcement: about a tenth of the loop's samples). `--serial-finish` runs the nodes as before session 32 (a step's
+finish only after the step before was applied, `--no-replicas-pipelined-finish`); alternated with the default,
+3 runs each, `--steps 24`: staleness 2, pipelined 8737 / 9179 / 9953 tokens/s against serial 9679 / 10083 / 8333;
+staleness 3, pipelined 11140 / 9924 / 9307 against serial 10847 / 8729 / 8878, the host 0.9 busy throughout: no
+difference this host can resolve (the simulator on the same runs: +0-2 % on the shared host, +11 % at staleness 3
+with a core per node; run-to-run scatter here is up to 20 %).
 """
 
 from __future__ import annotations

@@ -1423,8 +1423,7 @@ class ReplicaEngine:
             else:
                 flat = torch.zeros(self.store.size)
             w.drop_step(step)  # forwards of abandoned attempts; the gradients were taken per microbatch
-            averaging.set_grads(w.weights_for(step), flat)
-            _, opt_cpu_s = await trio.to_thread.run_sync(thread_cpu, w.step, step)
+            _, opt_cpu_s = await trio.to_thread.run_sync(thread_cpu, self._install_and_step, step, flat)
             update_cpu_s += opt_cpu_s
         update_s = time.perf_counter() - t_update
         phases = {k: round(v, 4) for k, v in self._phases.get(step, {}).items()}
@@ -1464,6 +1463,12 @@ class ReplicaEngine:
             compute_cpu_s=self._compute_cpu_s, update_cpu_s=update_cpu_s,
             extra={"ahead": self._ahead, "update_s": update_s, "phases": phases, "bytes_in": bytes_in,
                    "bytes_out": bytes_out, **({"delegated": self._delegated.pop(step, 0)} if w.spec.is_first else {})})
+
+    def _install_and_step(self, step: int, flat: torch.Tensor) -> None:
+        """The combined gradient installed on the weights `step` computed with, and the optimizer step (a worker
+        thread's job: a whole stage's parameters twice over)."""
+        averaging.set_grads(self.worker.weights_for(step), flat)
+        self.worker.step(step)
 
     def _live_stage_peers(self) -> list[Any]:
         """Stage peers of our generation that showed a sign of life within `discovery.liveness_s()` (their own
