@@ -148,8 +148,8 @@ class ReplicaEngine:
         self.finishing: trio.Nursery | None = None  # the engine's nursery (the runner's), where the finishes of later
         # steps start while the current one finishes (`replicas.pipelined_finish`); None: each waits for its run_step
         self._early: dict[int, trio.Event] = {}  # later steps whose finish started early -> set once it ran
-        self._bundled_through = worker.next_step - 1  # the newest step whose bundle was encoded (or had none): the
-        # codec's state (error feedback, warm-started Q) takes the steps in order
+        self._bundled_through = -1  # the newest step whose bundle was encoded (or had none, or that was applied):
+        # the codec's state (error feedback, warm-started Q) takes the steps in order
         self._bundle_turn = trio.Event()  # set (and replaced) whenever `_bundled_through` moves
         self._compute_cpu_s = 0.0  # CPU seconds of the same compute
         self._last_event = trio.current_time()
@@ -477,8 +477,8 @@ class ReplicaEngine:
         first_holder: push it to one stage peer after the other until one holds it, and no further (the async
         leader's: its COMMIT then goes on and `_rest_of_bundle` pushes to the others meanwhile), the peers whose
         pushes were answered fastest first (`fastest_first` on the pushes' EWMA seconds)."""
-        while self.current_step <= step - 1 and self._bundled_through < step - 1:  # an early finish: the steps
-            await self._bundle_turn.wait()  # before it encode first (the codec's state runs in step order)
+        while self._bundled_through < step - 1:  # an early finish: the steps before it encode first (the codec's
+            await self._bundle_turn.wait()  # state runs in step order)
         self._owned[step] = [list(p) for p in owned]
         dense = self._dense.get(step, {})
         if not owned:
@@ -932,6 +932,7 @@ class ReplicaEngine:
         self._rerouted = 0
         self._ahead = 0
         self.current_step = step
+        self._bundled(step - 1)  # the steps before this one are applied (or were fetched): their bundles are done
         last = step + self.window  # the newest step whose work runs now (the async schedule's window)
         w = self.worker
         head = self.leads
@@ -988,7 +989,7 @@ class ReplicaEngine:
                             self._finish_early(step, last)
                         if prep.is_set():
                             break
-                    elif len(self._commits[step]) == self.m if head else step in self.store.commits:
+                    elif self._commit_known(step):
                         if not self.window:  # gpipe / 1f1b: the step finishes after the loop (`_finish`)
                             if head:
                                 await self._lead_commit(step)
@@ -1083,7 +1084,7 @@ class ReplicaEngine:
         step's run_step applies it); a standby head replica never starts one (it may take over)."""
         if not self.rc.pipelined_finish or self.finishing is None:
             return
-        k = max([step, *self._early]) + 1
+        k = max(self._early, default=step) + 1  # the steps it holds are all after `step`
         while k <= min(last, self.cfg.runtime.steps - 1) and self._commit_known(k):
             done = self._early[k] = trio.Event()
             self.finishing.start_soon(self._finish_in_window, k, done)
@@ -1451,7 +1452,6 @@ class ReplicaEngine:
         if mine_tokens and self._compute_s > 0:
             self.throughput = mine_tokens / self._compute_s
         self.store.prune(step + 1 - self.rc.keep_steps)
-        self._bundled(step)  # applied: its bundle is long done (an early finish of the next step may encode now)
         self._holders = {k: v for k, v in self._holders.items() if k[0] > step}
         wire = self.endpoint.totals
         bytes_in, bytes_out = wire.bytes_in - self._wire_seen[0], wire.bytes_out - self._wire_seen[1]
