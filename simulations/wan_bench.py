@@ -61,12 +61,17 @@ def shared_host(bench: dict[str, Any], schedule: str) -> bool:
     return "compute_cpu_s_per_step" in rep and "update_cpu_s_per_step" in rep and bool(host.get("cores"))
 
 
-def compute_of(bench: dict[str, Any], schedule: str, cpu: bool) -> dict[str, float]:
-    """Per-node (or per-stage) compute seconds per step of `schedule`'s run: the CPU seconds of a replicated record
-    when `cpu` (see `shared_host`), else the wall seconds (`busy_s_per_step`)."""
-    if cpu:
-        return {k: float(v) for k, v in bench["replicated"][schedule]["compute_cpu_s_per_step"].items()}
-    return {k: float(v) for k, v in bench["busy_s_per_step"][schedule].items()}
+def on_shared_host(bench: dict[str, Any]) -> dict[str, Any]:
+    """`bench` as its shared host ran it: each schedule that can be (`shared_host`) has its nodes' CPU seconds as its
+    compute and update seconds, and names the host's cores and the shaper's CPU per wall second (`host_cores`,
+    `background_load` under `replicated`), which `replicated_config` then simulates under processor sharing."""
+    busy, rep = dict(bench["busy_s_per_step"]), dict(bench.get("replicated") or {})
+    for schedule in [s for s in rep if shared_host(bench, s)]:
+        r, cpu = rep[schedule], bench["host_cpu"][schedule]
+        busy[schedule] = r["compute_cpu_s_per_step"]
+        rep[schedule] = {**r, "update_s_per_step": r["update_cpu_s_per_step"], "host_cores": float(cpu["cores"]),
+                         "background_load": float(cpu.get("cpu_per_wall", {}).get("shaper", 0.0))}
+    return {**bench, "busy_s_per_step": busy, "replicated": rep}
 
 
 def bench_config(bench: dict[str, Any], schedule: str, busy: dict[str, float], overhead_s: float) -> WanConfig:
@@ -87,8 +92,7 @@ def bench_config(bench: dict[str, Any], schedule: str, busy: dict[str, float], o
                      warmup_steps=1)
 
 
-def replicated_config(bench: dict[str, Any], schedule: str, busy: dict[str, float], overhead_s: float,
-                      host: bool = False) -> WanConfig:
+def replicated_config(bench: dict[str, Any], schedule: str, busy: dict[str, float], overhead_s: float) -> WanConfig:
     """The simulated counterpart of one `--replicas R` benchmark run of `schedule` (R nodes per stage, keyed by node in
     the record): the node's replicated engine as `pmn simulate wan --vs datacenter` runs it as built (one head leader
     handing stage-0 microbatches out as tasks, `NODE_MAX_TASKS` per step of the window; the record's `max_inflight`
@@ -100,9 +104,7 @@ def replicated_config(bench: dict[str, Any], schedule: str, busy: dict[str, floa
     are its replicas' sum over the microbatches, backward = 2 x forward), the update's seconds (`opt_s`, the stage's
     mean), the contribution's bytes (`grad_sync_bytes`) and the activation bytes sent (forward frames per token from
     stage 0's nodes, gradient frames from the last stage's).
-
-    host: `busy` holds CPU seconds and the run is simulated on the record's shared host (`shared_host`): the updates
-    are their CPU seconds too, every node's work shares the host's cores, and the shaper's CPU per wall second is
+    A record rewritten by `on_shared_host` (its `host_cores`) is simulated on that many cores, shared, with its
     background load."""
     from .datacenter import NODE_MAX_TASKS
 
@@ -118,11 +120,9 @@ def replicated_config(bench: dict[str, Any], schedule: str, busy: dict[str, floa
         return sum(float(sent[k]) for k in nodes[stage]) / m / base.microbatch_tokens
 
     staleness = base.max_staleness
-    update = rep["update_cpu_s_per_step" if host else "update_s_per_step"]
-    cpu = bench["host_cpu"][schedule] if host else {}
-    return replace(base, opt_s=tuple(sum(float(update[k]) for k in nodes[s]) / replicas for s in range(stages)),
-                   host_cores=float(cpu["cores"]) if host else None,
-                   background_load=float(cpu.get("cpu_per_wall", {}).get("shaper", 0.0)) if host else 0.0,
+    return replace(base, opt_s=tuple(sum(float(rep["update_s_per_step"][k]) for k in nodes[s]) / replicas
+                                     for s in range(stages)),
+                   host_cores=rep.get("host_cores"), background_load=float(rep.get("background_load", 0.0)),
                    replicas=replicas, fwd_bytes_per_token=per_token(0), bwd_bytes_per_token=per_token(stages - 1),
                    grad_sync_bytes=tuple(int(rep["contribution_bytes"][nodes[s][0]]) for s in range(stages)),
                    sync_collective="direct", sync_push=True, push_per_step=True, head_leader=True,
@@ -131,12 +131,10 @@ def replicated_config(bench: dict[str, Any], schedule: str, busy: dict[str, floa
                    pipelined_finish=bool(bench.get("pipelined_finish")))  # records before session 32: one at a time
 
 
-def _config(bench: dict[str, Any], schedule: str, busy: dict[str, float], overhead_s: float,
-            host: bool = False) -> WanConfig:
-    """`bench_config`, or `replicated_config` for a `--replicas R` (R > 1) record (on its shared host with `host`)."""
-    if int(bench.get("replicas", 1)) > 1:
-        return replicated_config(bench, schedule, busy, overhead_s, host)
-    return bench_config(bench, schedule, busy, overhead_s)
+def _config(bench: dict[str, Any], schedule: str, busy: dict[str, float], overhead_s: float) -> WanConfig:
+    """`bench_config`, or `replicated_config` for a `--replicas R` (R > 1) record."""
+    replicated = int(bench.get("replicas", 1)) > 1
+    return (replicated_config if replicated else bench_config)(bench, schedule, busy, overhead_s)
 
 
 def _tokens_per_s(cfg: WanConfig) -> float:
@@ -144,17 +142,16 @@ def _tokens_per_s(cfg: WanConfig) -> float:
     return res.steady_tokens_per_s or res.tokens_per_s
 
 
-def fit_overhead(bench: dict[str, Any], schedule: str, busy: dict[str, float], iters: int = 30,
-                 host: bool = False) -> float:
-    """Seconds per frame outside compute that make the simulated tokens/s of `schedule` the measured one (with
-    `host`, on the record's shared host: core-seconds shared as the compute is)."""
+def fit_overhead(bench: dict[str, Any], schedule: str, busy: dict[str, float], iters: int = 30) -> float:
+    """Seconds per frame outside compute that make the simulated tokens/s of `schedule` the measured one (on a shared
+    host, `on_shared_host`: core-seconds shared as the compute is)."""
     want = float(bench["tokens_per_s"][schedule])
     lo, hi = 0.0, 0.5
-    if _tokens_per_s(_config(bench, schedule, busy, lo, host)) <= want:
+    if _tokens_per_s(_config(bench, schedule, busy, lo)) <= want:
         return 0.0
     for _ in range(iters):
         mid = (lo + hi) / 2
-        if _tokens_per_s(_config(bench, schedule, busy, mid, host)) > want:
+        if _tokens_per_s(_config(bench, schedule, busy, mid)) > want:
             lo = mid
         else:
             hi = mid
@@ -162,19 +159,18 @@ def fit_overhead(bench: dict[str, Any], schedule: str, busy: dict[str, float], i
 
 
 def _predict(bench: dict[str, Any], busy: dict[str, float], overhead: float, own_compute: bool,
-             calibrated: str | None, host: bool = False) -> dict[str, dict[str, Any]]:
+             calibrated: str | None) -> dict[str, dict[str, Any]]:
     """Each schedule of `bench` simulated with the fitted `overhead`; `calibrated` names the one fitted on (not
-    held out). host: each schedule's run on its shared host where the record allows it (`shared_host`)."""
+    held out)."""
     rows = {}
     for schedule, measured in bench["tokens_per_s"].items():
-        shared = host and shared_host(bench, schedule)
         mine = busy
         if own_compute and schedule in bench["busy_s_per_step"]:
-            mine = compute_of(bench, schedule, shared)
-        sim = _tokens_per_s(_config(bench, schedule, mine, overhead, shared))
+            mine = {k: float(v) for k, v in bench["busy_s_per_step"][schedule].items()}
+        sim = _tokens_per_s(_config(bench, schedule, mine, overhead))
         rows[schedule] = {"measured_tokens_per_s": measured, "simulated_tokens_per_s": sim,
                           "error": abs(sim - measured) / measured, "held_out": schedule != calibrated,
-                          "shared_host": shared}
+                          "shared_host": "host_cores" in (bench.get("replicated") or {}).get(schedule, {})}
     return rows
 
 
@@ -188,20 +184,22 @@ def validate(bench: dict[str, Any], calibrate_on: str = "gpipe", own_compute: bo
     speed is an input, as a calibration file's stage times are; what is predicted is what the schedule and
     the links make of it); False: the calibration run's compute for every schedule of `bench` (a held-out record
     always uses its own).
-    host: simulate each run on its shared host where its record allows it (`shared_host`; the calibration run's
-    record decides the fit's); False (the default): every node on a core of its own with its wall compute seconds.
+    host: simulate each run on its shared host where its record allows it (`on_shared_host`); False (the default):
+    every node on a core of its own with its wall compute seconds.
     """
-    shared = host and shared_host(bench, calibrate_on)
-    busy = compute_of(bench, calibrate_on, shared)
-    overhead = fit_overhead(bench, calibrate_on, busy, host=shared)
-    rows = _predict(bench, busy, overhead, own_compute, calibrate_on, shared)
+    if host:
+        bench, held_out = on_shared_host(bench), [on_shared_host(o) for o in held_out or []]
+    busy = {k: float(v) for k, v in bench["busy_s_per_step"][calibrate_on].items()}
+    overhead = fit_overhead(bench, calibrate_on, busy)
+    rows = _predict(bench, busy, overhead, own_compute, calibrate_on)
     runs = [{"delay_ms": other.get("delay_ms"), "rate_mbit": other.get("rate_mbit"),
              "max_staleness": other.get("max_staleness"), "replicas": other.get("replicas", 1),
              "max_inflight": other.get("max_inflight"),
-             "schedules": _predict(other, {}, overhead, True, None, shared)} for other in held_out or []]
+             "schedules": _predict(other, {}, overhead, True, None)} for other in held_out or []]
     held = [r["error"] for r in rows.values() if r["held_out"]] + \
         [r["error"] for run in runs for r in run["schedules"].values()]
-    return {"calibrated_on": calibrate_on, "own_compute": own_compute, "shared_host": shared,
+    return {"calibrated_on": calibrate_on, "own_compute": own_compute,
+            "shared_host": rows[calibrate_on]["shared_host"],
             "frame_overhead_s": overhead, "schedules": rows,
             "held_out_runs": runs, "max_held_out_error": max(held) if held else None, "error_goal": ERROR_GOAL,
             "goal_met": bool(held) and max(held) <= ERROR_GOAL}
@@ -242,7 +240,8 @@ def main(argv: list[str] | None = None) -> None:
     others = [json.loads(path.read_text().strip().splitlines()[-1]) for path in a.held_out]
     out = validate(bench, a.calibrate_on, own_compute=not a.calibration_compute, held_out=others,
                    host=a.shared_host)
-    busy = compute_of(bench, a.calibrate_on, out["shared_host"])
+    busy = {k: float(v) for k, v in (on_shared_host(bench) if a.shared_host else bench)["busy_s_per_step"][
+        a.calibrate_on].items()}
     out["async_utilisation_calibration_compute"] = async_utilisation(bench, busy, out["frame_overhead_s"])
     print(f"{'schedule':<10}{'measured':>10}{'simulated':>11}{'error':>8}  held out")
     for s, r in out["schedules"].items():

@@ -80,14 +80,16 @@ def _on_a_shared_host(bench: dict, cpu_s: float = 0.05, cores: int = 2) -> dict:
 
 
 def test_a_record_with_cpu_seconds_is_simulated_on_its_shared_host() -> None:
-    from simulations.wan_bench import compute_of, shared_host
+    from simulations.wan_bench import on_shared_host, shared_host
 
     bench = _on_a_shared_host(_record())
     assert shared_host(bench, "async") and not shared_host(bench, "gpipe")  # gpipe's run carries no CPU seconds
     assert not shared_host(_record(), "async")  # records before session 32
-    cpu = compute_of(bench, "async", True)
-    assert cpu == {k: 0.05 for k in NODES} and compute_of(bench, "async", False) == {k: 0.08 for k in NODES}
-    cfg = replicated_config(bench, "async", cpu, 0.004, host=True)
+    shared = on_shared_host(bench)
+    cpu = shared["busy_s_per_step"]["async"]
+    assert cpu == {k: 0.05 for k in NODES} and bench["busy_s_per_step"]["async"] == {k: 0.08 for k in NODES}
+    assert shared["busy_s_per_step"]["gpipe"] == {k: 0.08 for k in NODES}  # a run without CPU seconds is kept
+    cfg = replicated_config(shared, "async", cpu, 0.004)
     assert cfg.host_cores == 2.0 and cfg.background_load == pytest.approx(0.05)
     assert cfg.fwd_s == pytest.approx((0.10 / 8 / 3,) * 3)  # a stage's two replicas' CPU seconds per microbatch
     assert cfg.opt_s == pytest.approx((0.01,) * 3)  # the updates' CPU seconds, not their wall seconds
@@ -95,17 +97,20 @@ def test_a_record_with_cpu_seconds_is_simulated_on_its_shared_host() -> None:
     assert alone.host_cores is None and alone.opt_s == pytest.approx((0.02,) * 3)
     # six busy nodes on two cores: the same CPU seconds take longer than with a core each
     busy = _on_a_shared_host(_record(), cpu_s=0.4)
-    heavy = replicated_config(busy, "async", compute_of(busy, "async", True), 0.004, host=True)
+    busy = on_shared_host(busy)
+    heavy = replicated_config(busy, "async", busy["busy_s_per_step"]["async"], 0.004)
     assert _tokens_per_s(heavy) < 0.8 * _tokens_per_s(replace(heavy, host_cores=None, background_load=0.0))
 
 
 def test_on_a_shared_host_the_overhead_is_recovered_and_another_cap_predicted() -> None:
     """Records whose tokens/s are the shared-host simulation's own at a known per-frame overhead: the fit finds the
     overhead on one and predicts a run at another in-flight cap; by default each node has a core of its own."""
+    from simulations.wan_bench import on_shared_host
+
     def measured(cap: int) -> dict:
         bench = {**_on_a_shared_host(_record()), "max_inflight": cap}
         cpu = {k: 0.05 for k in NODES}
-        bench["tokens_per_s"] = {"async": _tokens_per_s(replicated_config(bench, "async", cpu, 0.004, host=True))}
+        bench["tokens_per_s"] = {"async": _tokens_per_s(replicated_config(on_shared_host(bench), "async", cpu, 0.004))}
         return bench
 
     out = validate(measured(2), calibrate_on="async", held_out=[measured(4)], host=True)
