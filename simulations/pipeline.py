@@ -219,6 +219,7 @@ class _Node:
         self.told = env.event()  # replicated async: fires when a COMMIT arrives here (then replaced)
         self.prepared: dict[int, simpy.Event] = {}  # replicated async, pipelined_finish: step -> fires once this
         # node's finish of it but the update ran
+        self.prepare_start: dict[int, float] = {}  # the same steps: when that finish started
         self.bundles: dict[int, simpy.Event] = {}  # replicated async: step -> fires once its bundle reached the peers
         self.first_held: dict[int, simpy.Event] = {}  # replicated async, the leader committing early: step -> fires
         # once its bundle reached its first holder (`PipelineSim._first_holder`)
@@ -794,9 +795,9 @@ class PipelineSim:
         if pipelined:
             self.env.process(self._preparer(node))
         for step in range(self.cfg.steps):
-            start = self.env.now
             if pipelined:
                 yield self._step_event(node.prepared, step)
+                start = node.prepare_start.pop(step)  # finishes overlap: each from its own start
             else:
                 yield from self._await_commit(node, step)
                 start = self.env.now
@@ -830,6 +831,7 @@ class PipelineSim:
             self.env.process(self._prepare_step(node, step))
 
     def _prepare_step(self, node: _Node, step: int) -> Generator[simpy.Event, Any, None]:
+        node.prepare_start[step] = self.env.now
         yield from self._prepare(node, step)
         self._step_event(node.prepared, step).succeed()
 

@@ -201,6 +201,8 @@ def test_pipelined_finishes_beat_the_one_at_a_time_chain_and_keep_the_updates_in
         assert all(n.applied == 24 for stage in sim.nodes for n in stage)
         applies = [sim.last_apply[k] for k in range(24)]
         assert applies == sorted(applies)
+        overlap = any(b[0] < a[1] for n in sim.nodes[1] for a, b in zip(n.finishes[:-1], n.finishes[1:], strict=True))
+        assert overlap == pipelined  # a finish started before the one before it ended only side by side
     assert steady[False] >= 0.98 * floors.leader_finish_s > floors.step_as_built_s
     assert steady[True] < 0.9 * steady[False] and steady[True] < floors.leader_finish_s
     assert steady[True] >= floors.step_as_built_s
